@@ -1,0 +1,1 @@
+"""The operator CLI: one module per noun; ``main`` only assembles them."""

@@ -1,0 +1,53 @@
+"""What every command shares: the Context on the Typer context, console output, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from notifyctl.context import Context
+
+# Wide enough for the delivery tables when output goes to a pipe or a CI log.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, highlight=False)
+
+
+def get_ctx(ctx: typer.Context) -> Context:
+    root = ctx.find_root()
+    obj = root.obj
+    if obj is None:
+        from notifyctl.settings import load_settings
+
+        obj = root.obj = Context(load_settings())
+    return obj
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, datetime):
+        return o.isoformat().replace("+00:00", "Z")
+    if hasattr(o, "model_dump"):
+        return o.model_dump()
+    return str(o)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=_default, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def fmt_time(dt: datetime | None) -> str:
+    return dt.strftime("%Y-%m-%d %H:%M:%S") if dt else ""
+
+
+def short(text: str | None, n: int = 24) -> str:
+    if not text:
+        return ""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")

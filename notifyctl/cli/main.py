@@ -1,0 +1,110 @@
+"""``notifyctl``: assembles the nouns. Errors become one line on stderr and an exit code:
+2 bad input, 3 configuration/environment, 4 not found, 1 anything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from notifyctl.cli import events, prefs, send, server, status, templates, tokens, users, worker
+from notifyctl.cli.common import err_console
+from notifyctl.errors import ConfigError, NotifyError
+
+
+def _translate(exc: BaseException) -> NotifyError | None:
+    if isinstance(exc, NotifyError):
+        return exc
+    import redis
+    from pydantic import ValidationError
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return ConfigError(f"Redis unreachable: {exc}")
+    if isinstance(exc, OperationalError):
+        return ConfigError(f"database error: {str(exc.orig).splitlines()[0]}")
+    if isinstance(exc, ValidationError):
+        from notifyctl.intake import validation_message
+
+        return ConfigError(f"bad setting: {validation_message(exc)}")
+    return None
+
+
+class NotifyGroup(TyperGroup):
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error a user can cause ends as one line
+            err = _translate(exc)
+            if err is None:
+                raise
+            err_console.print(f"[red]error:[/red] {err}", soft_wrap=True, markup=True, highlight=False)
+            raise typer.Exit(err.exit_code) from None
+
+
+app = typer.Typer(
+    cls=NotifyGroup,
+    help="notifyctl: send push, email and SMS notifications, run the workers, inspect what happened.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    home: Path | None = typer.Option(
+        None, "--home", envvar="NOTIFY_HOME", help="Data directory (default ~/.notifyctl)."
+    ),
+    redis_url: str | None = typer.Option(
+        None, "--redis-url", envvar="NOTIFY_REDIS_URL", help="External Redis; unset = embedded server under home."
+    ),
+    database_url: str | None = typer.Option(
+        None, "--database-url", envvar="NOTIFY_DATABASE_URL", help="SQL database URL; unset = SQLite under home."
+    ),
+) -> None:
+    """Settings come from NOTIFY_* variables and $NOTIFY_HOME/config.toml; these flags override them."""
+    from notifyctl.context import Context
+    from notifyctl.settings import load_settings
+
+    overrides: dict[str, Any] = {}
+    if home:
+        overrides["home"] = home
+    if redis_url:
+        overrides["redis_url"] = redis_url
+    if database_url:
+        overrides["database_url"] = database_url
+    try:
+        ctx.obj = Context(load_settings(**overrides))
+    except Exception as exc:
+        err = _translate(exc)
+        if err is None:
+            raise
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(err.exit_code) from None
+
+
+app.command("send")(send.send)
+app.command("worker")(worker.worker)
+app.command("reconcile")(worker.reconcile_cmd)
+app.command("events")(events.events)
+app.command("status")(status.status)
+app.command("demo")(worker.demo)
+app.add_typer(users.app, name="users")
+app.add_typer(tokens.app, name="tokens")
+app.add_typer(prefs.app, name="prefs")
+app.add_typer(templates.app, name="templates")
+app.add_typer(server.app, name="redis")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

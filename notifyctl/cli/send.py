@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
+from notifyctl.errors import InputError
+
+
+def _parse_data(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--data: expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise InputError(f"--data: empty key in {item!r}")
+        out[k] = v
+    return out
+
+
+def send(
+    ctx: typer.Context,
+    recipient: str | None = typer.Argument(None, help="recipient_id (a user id), unless given in --file."),
+    template: str | None = typer.Option(None, "--template", "-t", help="template_id, e.g. order_shipped_v2."),
+    channel: list[str] = typer.Option(
+        [], "--channel", "-c", help="push, email, sms or all; repeat or comma-separate. Default: all."
+    ),
+    priority: str | None = typer.Option(
+        None, "--priority", "-p", help="high | normal | low (default: the template's)."
+    ),
+    data: list[str] = typer.Option([], "--data", "-d", help="Template data KEY=VALUE; repeatable."),
+    data_json: str | None = typer.Option(None, "--data-json", help="Template data as a JSON object."),
+    dedup_key: str | None = typer.Option(None, "--dedup-key", "-k", help="Idempotency key (24 h window)."),
+    type_: str | None = typer.Option(None, "--type", help="Notification type (default: the template id)."),
+    file: str | None = typer.Option(
+        None, "--file", "-f", help="Read the request JSON (the POST /v1/notify body) from a file, or - for stdin."
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Submit one notification. Prints its id and `queued`, or `suppressed: <reason>`.
+
+    \b
+    Examples:
+      notifyctl send alice -t order_shipped_v2 -c push,email -d order_id=ORD-456 -d tracking_url=https://t.example/1
+      notifyctl send alice -t otp_code -p high -c sms -d code=123456 -d minutes=10 -k otp:alice:1
+      echo '{"recipient_id":"alice","template_id":"otp_code","data":{"code":"1","minutes":5}}' | notifyctl send -f -
+    """
+    from notifyctl.intake import parse_request, submit
+
+    payload: dict[str, Any] = {}
+    if file is not None:
+        if file == "-":
+            raw = sys.stdin.read()
+        else:
+            try:
+                raw = Path(file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"--file: cannot read {file}: {exc}") from None
+        try:
+            payload = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"request: malformed JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise InputError("request: expected a JSON object")
+    if recipient is not None:
+        payload["recipient_id"] = recipient
+    if template is not None:
+        payload["template_id"] = template
+    if channel:
+        payload["channels"] = [c.strip() for item in channel for c in item.split(",") if c.strip()]
+    if priority is not None:
+        payload["priority"] = priority
+    if type_ is not None:
+        payload["type"] = type_
+    if dedup_key is not None:
+        payload["dedup_key"] = dedup_key
+    if data_json is not None:
+        try:
+            extra = json.loads(data_json)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--data-json: malformed JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise InputError("--data-json: expected a JSON object")
+        payload["data"] = {**payload.get("data", {}), **extra}
+    if data:
+        base = payload.get("data", {})
+        if not isinstance(base, dict):
+            raise InputError("data: expected a JSON object")
+        payload["data"] = {**base, **_parse_data(data)}
+    if "recipient_id" not in payload:
+        raise InputError("recipient_id: missing (give RECIPIENT or a --file with recipient_id)")
+    if "template_id" not in payload:
+        raise InputError("template_id: missing (give --template or a --file with template_id)")
+
+    req = parse_request(payload)
+    result = submit(get_ctx(ctx), req)
+    if as_json:
+        print_json(result.to_dict())
+    elif result.status == "queued":
+        console.print(f"{result.notification_id} queued")
+    else:
+        console.print(f"{result.notification_id} suppressed: {result.reason}")

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
+from notifyctl.errors import InputError
+from notifyctl.settings import PRIORITIES
+
+
+def _queues(text: str) -> list[str]:
+    qs = [q.strip() for q in text.split(",") if q.strip()]
+    bad = [q for q in qs if q not in PRIORITIES]
+    if bad or not qs:
+        raise InputError(f"--queues: unknown queue {', '.join(bad) or '(none)'} (use high, normal, low)")
+    return qs
+
+
+def worker(
+    ctx: typer.Context,
+    queues: str = typer.Option("high,normal,low", "--queues", "-q", help="Priority queues to serve, comma-separated."),
+    burst: bool = typer.Option(False, "--burst", "-b", help="Drain the queues (and due retries), then exit."),
+    pool: int = typer.Option(1, "--pool", "-n", min=1, max=64, help="Number of worker processes."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each job."),
+) -> None:
+    """Run the RQ worker pool: enrich, apply opt-outs and rate limits, send, track.
+
+    Workers never fork per job. With --pool 2 or more, one worker serves only the high queue,
+    so OTPs never wait behind marketing. A supervisor restarts dead workers and, every second,
+    queues due retries and recovers the work of killed workers.
+    """
+    from worker.pool import Pool, run_worker
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    app_ctx = get_ctx(ctx)
+    qs = _queues(queues)
+    app_ctx.redis  # noqa: B018 - start/verify Redis and the database before forking
+    app_ctx.engine  # noqa: B018
+    if burst and pool == 1:
+        run_worker(app_ctx.settings, qs, burst=True, reconcile=True)
+        return
+    if not burst:
+        console.print(f"notifyctl worker: {pool} process(es) on queues {', '.join(qs)}; Ctrl-C to stop")
+    Pool(app_ctx.settings, qs, pool, burst=burst).run()
+    if burst:
+        from worker.reconciler import reconcile
+
+        res = reconcile(app_ctx, force=True)
+        if res.retries_queued or res.recovered:
+            run_worker(app_ctx.settings, qs, burst=True, reconcile=True)
+
+
+def reconcile_cmd(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
+    """Run one reconciliation round now: queue due retries and recover lost jobs."""
+    from worker.reconciler import reconcile
+
+    res = reconcile(get_ctx(ctx), force=True)
+    if as_json:
+        print_json(res.__dict__)
+    else:
+        console.print(
+            f"retries queued: {res.retries_queued}  recovered: {res.recovered}  jobs checked: {res.checked_jobs}"
+        )
+
+
+def demo(
+    ctx: typer.Context,
+    keep: bool = typer.Option(False, "--keep", help="Keep the previous demo data instead of starting afresh."),
+) -> None:
+    """Load demo users, devices and templates, send a handful of notifications (one duplicate,
+    one opted out, one over the rate limit), run the workers and print the delivery table."""
+    from notifyctl.demo import run_demo
+
+    run_demo(get_ctx(ctx), keep=keep)

@@ -1,0 +1,54 @@
+"""The process-wide context: settings plus the connections built from them, created lazily."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from notifyctl.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    import redis
+    from rq import Queue
+    from sqlalchemy.engine import Engine
+
+    from notifyctl.templates import TemplateStore
+
+
+class Context:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        from notifyctl.redisconn import connect
+
+        return connect(self.settings)
+
+    @cached_property
+    def engine(self) -> Engine:
+        from notifyctl.db import engine_for
+
+        return engine_for(self.settings)
+
+    @cached_property
+    def templates(self) -> TemplateStore:
+        from notifyctl.templates import TemplateStore
+
+        return TemplateStore.from_settings(self.settings)
+
+    def queue(self, priority: str) -> Queue:
+        from rq import Queue
+
+        from notifyctl.keys import queue_name
+
+        cache = self.__dict__.setdefault("_queues", {})
+        q = cache.get(priority)
+        if q is None:
+            q = cache[priority] = Queue(queue_name(priority), connection=self.redis)
+        return q
+
+    def close(self) -> None:
+        r = self.__dict__.pop("redis", None)
+        if r is not None:
+            r.close()

@@ -1,0 +1,59 @@
+"""The one place that owns the SQL engine. SQLite (WAL, busy timeout) by default, any
+SQLAlchemy URL (PostgreSQL in production) when ``NOTIFY_DATABASE_URL`` is set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlmodel import SQLModel, create_engine
+
+from notifyctl import models  # noqa: F401  (registers the tables)
+from notifyctl.errors import ConfigError
+
+_engines: dict[str, Engine] = {}
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigError(f"bad database URL: {exc}") from None
+    except ImportError as exc:
+        raise ConfigError(f"database driver missing: {exc} (pip install 'notifyctl[postgres]')") from None
+    return engine
+
+
+def engine_for(settings: Any) -> Engine:
+    """The (cached, per-process) engine for these settings, with the schema created."""
+    url = settings.effective_database_url()
+    engine = _engines.get(url)
+    if engine is None:
+        engine = make_engine(url)
+        try:
+            SQLModel.metadata.create_all(engine)
+        except OperationalError as exc:
+            raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
+        _engines[url] = engine
+    return engine
+
+
+def dispose_all(close: bool = True) -> None:
+    for engine in _engines.values():
+        engine.dispose(close=close)
+    _engines.clear()

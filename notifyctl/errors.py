@@ -1,0 +1,28 @@
+"""notifyctl's errors.
+
+NotifyError                 base; ``str(e)`` is a one-line message fit for a user
+├── InputError              bad input (flag, JSON, CSV row, template data): CLI exit 2, HTTP 4xx
+│   └── TemplateError       unknown template, missing variable, syntax error
+├── ConfigError             settings or environment unusable (Redis unreachable, bad URL): exit 3
+└── NotFound                a named thing does not exist: exit 4 (HTTP 404)
+"""
+
+
+class NotifyError(Exception):
+    exit_code = 1
+
+
+class InputError(NotifyError):
+    exit_code = 2
+
+
+class TemplateError(InputError):
+    pass
+
+
+class ConfigError(NotifyError):
+    exit_code = 3
+
+
+class NotFound(NotifyError):
+    exit_code = 4

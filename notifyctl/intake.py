@@ -1,0 +1,203 @@
+"""Intake: validate a notify request, dedup it, record it in SQL, queue it.
+
+Order matters for "nothing lost, nothing twice":
+
+1. everything that can be rejected is checked first (request shape, template, recipient,
+   channels, template data) — a rejected request leaves nothing behind;
+2. the dedup key is claimed in Redis (``SET NX``, value = the notification id), and the SQL
+   record is checked too, in case Redis lost the key;
+3. the notification row is committed (status ``queued``, with the id of the RQ job to come);
+4. the RQ job is enqueued. If the process dies between 3 and 4, the reconciler finds the
+   row with no job behind it and queues it: the answer ``queued`` is only given after 3.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import select
+from sqlmodel import Session
+
+from notifyctl import keys
+from notifyctl.context import Context
+from notifyctl.errors import InputError
+from notifyctl.models import Notification, NotificationStatus, OptOut, User, new_id, utcnow
+from notifyctl.settings import CHANNELS
+
+JOB_FUNC = "worker.jobs.process"
+
+
+class NotifyRequest(BaseModel):
+    """The seed's ``POST /v1/notify`` body; ``notifyctl send`` takes the same."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    recipient_id: str = Field(min_length=1, max_length=255)
+    template_id: str = Field(min_length=1, max_length=128)
+    type: str | None = Field(None, max_length=128)
+    priority: Literal["high", "normal", "low"] | None = None
+    channels: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
+    data: dict[str, Any] = Field(default_factory=dict)
+    dedup_key: str | None = Field(None, min_length=1, max_length=255)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: list[str]) -> list[str]:
+        for c in v:
+            if c != "all" and c not in CHANNELS:
+                raise ValueError(f"unknown channel {c!r} (use push, email, sms or all)")
+        if "all" in v and len(v) > 1:
+            raise ValueError("'all' cannot be combined with other channels")
+        return list(dict.fromkeys(v))
+
+
+def validation_message(exc: ValidationError) -> str:
+    """One line naming the first bad field."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "request"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{loc}: {msg}{more}"
+
+
+def parse_request(payload: Any) -> NotifyRequest:
+    if isinstance(payload, (str, bytes)):
+        try:
+            payload = json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"request: malformed JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InputError("request: expected a JSON object")
+    try:
+        return NotifyRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise InputError(validation_message(exc)) from None
+
+
+@dataclass
+class SubmitResult:
+    notification_id: str
+    status: str  # queued | suppressed
+    reason: str | None = None
+    priority: str | None = None
+    channels: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def blocked_by(opt_outs: set[tuple[str, str]], channel: str, category: str) -> str | None:
+    """The opt-out that forbids ``channel`` × ``category``, as ``channel:category``, or None."""
+    for c in (channel, "*"):
+        for k in (category, "*"):
+            if (c, k) in opt_outs:
+                return f"{c}:{k}"
+    return None
+
+
+def enqueue(ctx: Context, priority: str, notification_ids: list[str], job_id: str, as_of: float | None = None) -> None:
+    ctx.queue(priority).enqueue(
+        JOB_FUNC,
+        args=(notification_ids,),
+        kwargs={"as_of": as_of} if as_of is not None else {},
+        job_id=job_id,
+        job_timeout=ctx.settings.job_timeout,
+        result_ttl=300,
+        failure_ttl=7 * 86400,
+        description=f"process {len(notification_ids)} notification(s)",
+    )
+
+
+def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
+    template = ctx.templates.get(req.template_id)
+    category = template.category
+    priority = req.priority or template.priority
+    with Session(ctx.engine) as session:
+        user = session.get(User, req.recipient_id)
+        if user is None:
+            raise InputError(f"recipient_id: unknown user {req.recipient_id!r}")
+        opt_outs = {
+            (o.channel, o.category) for o in session.execute(select(OptOut).where(OptOut.user_id == user.id)).scalars()
+        }
+
+    if req.channels == ["all"]:
+        channels = template.channels
+    else:
+        missing = [c for c in req.channels if c not in template.parts]
+        if missing:
+            raise InputError(
+                f"channels: template {template.id!r} has no {', '.join(missing)} part "
+                f"(it has: {', '.join(template.channels)})"
+            )
+        channels = req.channels
+    data = dict(req.data)
+    for channel in channels:
+        template.render(channel, {**data, "user": _user_vars(user)})
+
+    nid = new_id("n")
+    now = utcnow()
+    status = NotificationStatus.queued
+    reason: str | None = None
+    if all(blocked_by(opt_outs, c, category) for c in channels):
+        status, reason = NotificationStatus.suppressed, "opted_out"
+
+    r = ctx.redis
+    dkey = keys.dedup(req.dedup_key) if req.dedup_key else None
+    if dkey:
+        if not r.set(dkey, nid, nx=True, ex=ctx.settings.dedup_ttl):
+            holder = r.get(dkey)
+            return SubmitResult(holder.decode() if holder else nid, "suppressed", "duplicate", priority, channels)
+    job_id = f"job_{nid}"
+    try:
+        with Session(ctx.engine) as session:
+            if req.dedup_key:
+                # Redis may have lost the key (crash without persistence): the SQL record decides.
+                since = now - timedelta(seconds=ctx.settings.dedup_ttl)
+                prior = session.execute(
+                    select(Notification.id).where(
+                        Notification.dedup_key == req.dedup_key, Notification.created_at > since
+                    )
+                ).first()
+                if prior is not None:
+                    r.set(dkey, prior[0], ex=ctx.settings.dedup_ttl)  # type: ignore[arg-type]
+                    return SubmitResult(prior[0], "suppressed", "duplicate", priority, channels)
+            session.add(
+                Notification(
+                    id=nid,
+                    recipient_id=user.id,
+                    type=req.type or template.id,
+                    template_id=template.id,
+                    category=category,
+                    priority=priority,
+                    channels=channels,
+                    data=data,
+                    dedup_key=req.dedup_key,
+                    status=status,
+                    reason=reason,
+                    job_id=job_id if status == NotificationStatus.queued else None,
+                    due_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            session.commit()
+    except BaseException:
+        if dkey:
+            r.delete(dkey)
+        raise
+    if status == NotificationStatus.queued:
+        enqueue(ctx, priority, [nid], job_id)
+        return SubmitResult(nid, "queued", None, priority, channels)
+    return SubmitResult(nid, "suppressed", reason, priority, channels)
+
+
+def _user_vars(user: User) -> dict[str, Any]:
+    return {"id": user.id, "email": user.email, "locale": user.locale, "timezone": user.timezone, **user.attributes}

@@ -1,0 +1,32 @@
+"""Every Redis key notifyctl uses, in one place. All live under the ``notif:`` prefix, except
+RQ's own (``rq:``), which stay compatible with ``rq info`` and rq-dashboard."""
+
+PREFIX = "notif:"
+
+
+def dedup(key: str) -> str:
+    """Intake dedup (layer 1): value = the notification id that holds the key."""
+    return f"{PREFIX}dedup:{key}"
+
+
+def sent(delivery_id: str) -> str:
+    """Per-delivery send record (layer 3): ``claim:<worker>`` while sending, ``sent:<provider id>`` after."""
+    return f"{PREFIX}sent:{delivery_id}"
+
+
+def rate(user_id: str, rule_key: str) -> str:
+    """Sliding window (sorted set of send timestamps) for one user and one rate rule."""
+    return f"{PREFIX}rate:{user_id}:{rule_key}"
+
+
+def alive(worker_name: str) -> str:
+    """Worker liveness, refreshed every few seconds by each worker process."""
+    return f"{PREFIX}alive:{worker_name}"
+
+
+RECONCILE_LOCK = f"{PREFIX}reconciler:lock"
+
+
+def queue_name(priority: str) -> str:
+    """RQ queue per priority tier."""
+    return f"notify-{priority}"

@@ -1,0 +1,169 @@
+"""The SQL record. It is the source of truth: Redis holds queues, dedup keys, rate-limit windows
+and sent markers, all of which can be rebuilt from here (see ``worker.reconciler``).
+
+Delivery status moves forward only::
+
+    queued ──► sent ──► delivered ──► opened
+      │  ▲
+      ▼  │
+    retrying          failed (reason; dead-lettered unless the address is dead)
+                      suppressed (reason: opted_out, rate_limited, no_address, duplicate, ...)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+_B32 = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_id(prefix: str) -> str:
+    """Time-ordered id: prefix + 10 chars of milliseconds + 10 random chars (Crockford base32)."""
+    ms = int(time.time() * 1000)
+    rnd = int.from_bytes(os.urandom(7), "big")
+    out = []
+    for _ in range(10):
+        out.append(_B32[ms & 31])
+        ms >>= 5
+    t = "".join(reversed(out))
+    r = []
+    for _ in range(10):
+        r.append(_B32[rnd & 31])
+        rnd >>= 5
+    return f"{prefix}_{t}{''.join(r)}"
+
+
+class DeliveryStatus(StrEnum):
+    queued = "queued"
+    retrying = "retrying"
+    sent = "sent"
+    delivered = "delivered"
+    opened = "opened"
+    failed = "failed"
+    suppressed = "suppressed"
+
+
+FINAL_STATUSES = frozenset(
+    {
+        DeliveryStatus.sent,
+        DeliveryStatus.delivered,
+        DeliveryStatus.opened,
+        DeliveryStatus.failed,
+        DeliveryStatus.suppressed,
+    }
+)
+# Forward-only ordering for tracking updates (webhooks arrive late and out of order).
+STATUS_RANK = {"queued": 0, "retrying": 1, "sent": 2, "delivered": 3, "opened": 4, "failed": 2, "suppressed": 2}
+
+
+class NotificationStatus(StrEnum):
+    queued = "queued"  # a job is (or should be) in a queue for it
+    retrying = "retrying"  # some deliveries wait for their next attempt at due_at
+    done = "done"  # every delivery is final
+    suppressed = "suppressed"
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+    id: str = Field(primary_key=True, max_length=255)
+    email: str | None = Field(default=None, max_length=320)
+    phone: str | None = Field(default=None, max_length=16)
+    timezone: str = Field(default="UTC", max_length=64)
+    locale: str = Field(default="en", max_length=16)
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class OptOut(SQLModel, table=True):
+    """One opt-out: ``channel`` (push/email/sms or ``*``) × ``category`` (or ``*``)."""
+
+    __tablename__ = "opt_outs"
+    user_id: str = Field(primary_key=True, max_length=255)
+    channel: str = Field(primary_key=True, max_length=16)
+    category: str = Field(primary_key=True, max_length=32)
+    reason: str = Field(default="user", max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class DeviceToken(SQLModel, table=True):
+    __tablename__ = "device_tokens"
+    token: str = Field(primary_key=True, max_length=512)
+    user_id: str = Field(index=True, max_length=255)
+    platform: str = Field(max_length=16)  # ios | android
+    created_at: datetime = Field(default_factory=utcnow)
+    last_success_at: datetime | None = None
+    removed_at: datetime | None = Field(default=None, index=True)
+    removed_reason: str | None = Field(default=None, max_length=255)
+
+
+class Notification(SQLModel, table=True):
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_status_due", "status", "due_at"),)
+    id: str = Field(primary_key=True, max_length=32)
+    recipient_id: str = Field(index=True, max_length=255)
+    type: str = Field(max_length=128)
+    template_id: str = Field(max_length=128)
+    category: str = Field(max_length=32)
+    priority: str = Field(max_length=8)
+    channels: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    dedup_key: str | None = Field(default=None, index=True, max_length=255)
+    campaign_id: str | None = Field(default=None, index=True, max_length=64)
+    status: str = Field(default=NotificationStatus.queued, max_length=16)
+    reason: str | None = Field(default=None, max_length=255)
+    job_id: str | None = Field(default=None, max_length=64)
+    due_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Delivery(SQLModel, table=True):
+    """One notification × channel × address (device token, email address, phone number)."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("notification_id", "channel", "address", name="uq_delivery"),)
+    id: str = Field(primary_key=True, max_length=32)
+    notification_id: str = Field(index=True, max_length=32)
+    user_id: str = Field(max_length=255)
+    channel: str = Field(max_length=16)
+    route: str = Field(max_length=16)  # push.ios, push.android, email, sms
+    address: str = Field(max_length=512)
+    status: str = Field(default=DeliveryStatus.queued, index=True, max_length=16)
+    reason: str | None = Field(default=None, max_length=512)
+    provider: str | None = Field(default=None, max_length=32)
+    provider_message_id: str | None = Field(default=None, index=True, max_length=255)
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    dead_lettered: bool = Field(default=False, index=True)
+    queued_at: datetime = Field(default_factory=utcnow)
+    sent_at: datetime | None = None
+    delivered_at: datetime | None = None
+    opened_at: datetime | None = None
+    failed_at: datetime | None = None
+    suppressed_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class DeliveryEvent(SQLModel, table=True):
+    """The timeline: one row per transition of a delivery (the seed's ``notification_events``)."""
+
+    __tablename__ = "delivery_events"
+    id: int | None = Field(default=None, primary_key=True)
+    notification_id: str = Field(index=True, max_length=32)
+    delivery_id: str | None = Field(default=None, index=True, max_length=32)
+    status: str = Field(max_length=16)
+    detail: str | None = Field(default=None, max_length=1024)
+    at: datetime = Field(default_factory=utcnow)

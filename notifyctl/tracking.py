@@ -1,0 +1,120 @@
+"""Reading the tracking record: a notification's timeline, and the system's status."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from notifyctl.context import Context
+from notifyctl.errors import NotFound
+from notifyctl.models import Delivery, DeliveryEvent, Notification
+from notifyctl.settings import PRIORITIES
+
+
+def find_notification(session: Session, ref: str) -> Notification:
+    n = session.get(Notification, ref)
+    if n is None:
+        n = (
+            session.execute(
+                select(Notification).where(Notification.dedup_key == ref).order_by(Notification.created_at.desc())  # type: ignore[attr-defined]
+            )
+            .scalars()
+            .first()
+        )
+    if n is None:
+        raise NotFound(f"no notification with id or dedup key {ref!r}")
+    return n
+
+
+def timeline(ctx: Context, ref: str) -> dict[str, Any]:
+    with Session(ctx.engine) as session:
+        n = find_notification(session, ref)
+        deliveries = (
+            session.execute(
+                select(Delivery).where(Delivery.notification_id == n.id).order_by(Delivery.channel, Delivery.queued_at)
+            )
+            .scalars()
+            .all()
+        )
+        events = (
+            session.execute(
+                select(DeliveryEvent).where(DeliveryEvent.notification_id == n.id).order_by(DeliveryEvent.id)
+            )
+            .scalars()
+            .all()
+        )
+        return {
+            "notification": n.model_dump(),
+            "deliveries": [d.model_dump() for d in deliveries],
+            "events": [e.model_dump() for e in events],
+        }
+
+
+def status_report(ctx: Context) -> dict[str, Any]:
+    from rq import Worker
+
+    r = ctx.redis
+    now = time.time()
+    queues = []
+    for p in PRIORITIES:
+        q = ctx.queue(p)
+        pipe = r.pipeline(transaction=False)
+        pipe.llen(q.key)
+        pipe.lindex(q.key, 0)
+        pipe.zcard(q.started_job_registry.key)
+        pipe.zcard(q.failed_job_registry.key)
+        depth, head, started, failed = pipe.execute()
+        oldest = None
+        if head:
+            enq = r.hget(f"rq:job:{head.decode()}", "enqueued_at")
+            if enq:
+                from datetime import datetime
+
+                ts = datetime.fromisoformat(enq.decode().replace("Z", "+00:00")).timestamp()
+                oldest = round(max(0.0, now - ts), 3)
+        queues.append(
+            {
+                "queue": q.name,
+                "priority": p,
+                "depth": depth,
+                "oldest_age_s": oldest,
+                "started": started,
+                "failed_jobs": failed,
+            }
+        )
+    workers = [
+        {
+            "name": w.name,
+            "state": str(w.get_state()),
+            "queues": [q.name for q in w.queues],
+            "current_job": w.get_current_job_id(),
+        }
+        for w in Worker.all(connection=r)
+    ]
+    with Session(ctx.engine) as session:
+        n_status = dict(session.execute(select(Notification.status, func.count()).group_by(Notification.status)).all())
+        d_status = dict(session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
+        dlq = session.execute(
+            select(func.count()).select_from(Delivery).where(Delivery.dead_lettered.is_(True))  # type: ignore[attr-defined]
+        ).scalar_one()
+    return {
+        "queues": queues,
+        "workers": workers,
+        "dlq_depth": dlq,
+        "notifications": n_status,
+        "deliveries": d_status,
+    }
+
+
+def recent_deliveries(ctx: Context, limit: int = 50) -> list[dict[str, Any]]:
+    with Session(ctx.engine) as session:
+        rows = session.execute(
+            select(Delivery, Notification.template_id, Notification.priority)
+            .join(Notification, Notification.id == Delivery.notification_id)
+            .order_by(Delivery.queued_at.desc(), Delivery.id.desc())  # type: ignore[attr-defined]
+            .limit(limit)
+        ).all()
+        return [{**d.model_dump(), "template_id": t, "priority": p} for d, t, p in rows]

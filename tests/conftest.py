@@ -1,0 +1,136 @@
+"""Test fixtures: a private real redis-server per test session (flushed per test), a fresh SQLite
+database per test, and PostgreSQL when 127.0.0.1:5432 answers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from notifyctl.context import Context
+from notifyctl.db import dispose_all
+from notifyctl.redisconn import ensure_server, stop_server
+from notifyctl.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get("NOTIFY_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+PG_AVAILABLE = _port_open("127.0.0.1", 5432)
+
+
+@pytest.fixture(scope="session")
+def redis_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    d = tmp_path_factory.mktemp("redis")
+    ensure_server(d)
+    yield d
+    stop_server(d)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_dir: Path) -> str:
+    return f"unix://{redis_dir / 'redis.sock'}"
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+def make_settings(home: Path, redis_url: str, **kw: object) -> Settings:
+    base: dict[str, object] = {"home": home, "redis_url": redis_url, "recovery_grace": 1}
+    base.update(kw)
+    return load_settings(**base)
+
+
+@pytest.fixture
+def settings(home: Path, redis_url: str, rclient: redis.Redis) -> Settings:
+    return make_settings(home, redis_url)
+
+
+@pytest.fixture
+def ctx(settings: Settings) -> Iterator[Context]:
+    c = Context(settings)
+    yield c
+    c.close()
+    dispose_all()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_ctx(request: pytest.FixtureRequest, home: Path, redis_url: str, rclient: redis.Redis) -> Iterator[Context]:
+    """A context on SQLite, and again on PostgreSQL when the server answers."""
+    if request.param == "postgresql":
+        if not PG_AVAILABLE:
+            pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
+        pytest.importorskip("psycopg2")
+        from sqlalchemy import create_engine, text
+
+        schema = "t_" + uuid.uuid4().hex[:10]
+        admin = create_engine(PG_URL)
+        with admin.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+        c = Context(make_settings(home, redis_url, database_url=url))
+        yield c
+        c.close()
+        dispose_all()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+    else:
+        c = Context(make_settings(home, redis_url))
+        yield c
+        c.close()
+        dispose_all()
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
+    env["NOTIFY_HOME"] = str(settings.home)
+    if settings.redis_url:
+        env["NOTIFY_REDIS_URL"] = settings.redis_url
+    if settings.database_url:
+        env["NOTIFY_DATABASE_URL"] = settings.database_url
+    env["NOTIFY_RECOVERY_GRACE"] = str(settings.recovery_grace)
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    settings: Settings, *args: str, input: str | None = None, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``notifyctl`` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "notifyctl.cli.main", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(settings, **env),
+        cwd=ROOT,
+    )

@@ -1,0 +1,257 @@
+"""The CLI as users run it: real subprocesses for the main path, CliRunner for the many bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from notifyctl.cli.main import app
+from notifyctl.context import Context
+from notifyctl.settings import Settings
+from tests.conftest import cli_env, run_cli
+from tests.util import count_notifications, queue_depths, seed
+
+runner = CliRunner()
+
+
+def invoke(settings: Settings, *args: str, input: str | None = None):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, list(args), input=input, env=cli_env(settings))
+
+
+def test_send_worker_events_as_subprocesses(settings: Settings, tmp_path: Path) -> None:
+    users = tmp_path / "users.csv"
+    users.write_text("user_id,email,phone,timezone,locale\nu1,u1@example.com,+14155550199,Europe/Paris,fr\n")
+    r = run_cli(settings, "users", "import", str(users))
+    assert r.returncode == 0, r.stderr
+    assert "imported 1 user" in r.stdout
+    r = run_cli(settings, "tokens", "register", "u1", "ef" * 32, "--platform", "ios")
+    assert r.returncode == 0, r.stderr
+    r = run_cli(
+        settings,
+        "send",
+        "u1",
+        "-t",
+        "order_shipped_v2",
+        "-c",
+        "push,email",
+        "-d",
+        "order_id=O-7",
+        "-d",
+        "tracking_url=https://t/7",
+        "-k",
+        "order:O-7",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["status"] == "queued" and out["channels"] == ["push", "email"]
+    nid = out["notification_id"]
+    r = run_cli(
+        settings,
+        "send",
+        "u1",
+        "-t",
+        "order_shipped_v2",
+        "-d",
+        "order_id=O-7",
+        "-d",
+        "tracking_url=x",
+        "-k",
+        "order:O-7",
+    )
+    assert r.returncode == 0 and r.stdout.strip() == f"{nid} suppressed: duplicate"
+    r = run_cli(settings, "worker", "--burst")
+    assert r.returncode == 0, r.stderr
+    r = run_cli(settings, "events", "order:O-7", "--json")
+    assert r.returncode == 0, r.stderr
+    t = json.loads(r.stdout)
+    assert t["notification"]["id"] == nid and t["notification"]["status"] == "done"
+    assert sorted(d["status"] for d in t["deliveries"]) == ["sent", "sent"]
+    assert [e["status"] for e in t["events"]].count("sent") == 2
+    r = run_cli(settings, "events", nid)
+    assert r.returncode == 0 and "Timeline" in r.stdout and "outbox" in r.stdout
+    r = run_cli(settings, "status", "--json")
+    st = json.loads(r.stdout)
+    assert st["deliveries"] == {"sent": 2} and st["dlq_depth"] == 0
+    assert [q["depth"] for q in st["queues"]] == [0, 0, 0]
+
+
+def test_send_reads_request_json_from_stdin(ctx: Context, settings: Settings) -> None:
+    seed(ctx)
+    req = {
+        "recipient_id": "dave",
+        "template_id": "otp_code",
+        "priority": "high",
+        "channels": ["sms"],
+        "data": {"code": "123456", "minutes": 5},
+        "dedup_key": "otp:1",
+    }
+    r = invoke(settings, "send", "-f", "-", "--json", input=json.dumps(req))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["priority"] == "high"
+    assert queue_depths(ctx) == {"high": 1, "normal": 0, "low": 0}
+
+
+BAD = [
+    (["send", "alice", "-t", "nope"], "template_id: unknown template 'nope'"),
+    (
+        ["send", "alice", "-t", "otp_code", "-c", "fax", "-d", "code=1", "-d", "minutes=1"],
+        "channels: unknown channel 'fax'",
+    ),
+    (
+        ["send", "alice", "-t", "otp_code", "-p", "urgent", "-d", "code=1", "-d", "minutes=1"],
+        "priority: Input should be",
+    ),
+    (["send", "alice", "-t", "otp_code"], "data is missing variable 'code'"),
+    (["send", "alice", "-t", "otp_code", "-d", "code"], "--data: expected KEY=VALUE"),
+    (["send", "nobody", "-t", "otp_code", "-d", "code=1", "-d", "minutes=1"], "recipient_id: unknown user 'nobody'"),
+    (["send", "alice", "-t", "otp_code", "-c", "all,sms", "-d", "code=1"], "'all' cannot be combined"),
+    (["send", "alice", "-t", "otp_code", "--data-json", "[1]"], "--data-json: expected a JSON object"),
+    (["send", "alice", "-t", "otp_code", "--data-json", "{bad"], "--data-json: malformed JSON"),
+    (["send", "-t", "otp_code"], "recipient_id: missing"),
+    (["send", "alice"], "template_id: missing"),
+    (["send", "alice", "-t", "../../etc/passwd"], "template_id: unknown template"),
+    (
+        ["send", "alice", "-t", "otp_code", "-k", "x" * 300, "-d", "code=1", "-d", "minutes=1"],
+        "dedup_key: String should have at most 255",
+    ),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(BAD)])
+def test_bad_send_input_is_one_line_exit_2_and_nothing_queued(
+    ctx: Context, settings: Settings, args: list[str], message: str
+) -> None:
+    seed(ctx)
+    r = invoke(settings, *args)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.output
+    assert count_notifications(ctx) == 0 and sum(queue_depths(ctx).values()) == 0
+    assert ctx.redis.keys("notif:dedup:*") == []
+
+
+BAD_JSON = [
+    ("{not json", "request: malformed JSON"),
+    ("[]", "request: expected a JSON object"),
+    (
+        '{"recipient_id": "alice", "template_id": "otp_code", "data": {"code": 1, "minutes": 2}, "extra": 1}',
+        "extra: unknown field",
+    ),
+    ('{"recipient_id": "alice", "template_id": "otp_code", "data": "x"}', "data: Input should be a valid dictionary"),
+    (
+        '{"recipient_id": "alice", "template_id": "otp_code", "channels": [], "data": {}}',
+        "channels: List should have at least 1",
+    ),
+    (
+        '{"recipient_id": "alice", "template_id": "weekly_promo", "channels": ["email"], "data": {"first_name": "A", "discount": 1}}',
+        "weekly_promo' email.html: data is missing variable 'code'",
+    ),
+    ('{"recipient_id": 5, "template_id": "otp_code"}', "recipient_id: Input should be a valid string"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD_JSON)
+def test_bad_request_json(ctx: Context, settings: Settings, body: str, message: str) -> None:
+    seed(ctx)
+    r = invoke(settings, "send", "-f", "-", input=body)
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert count_notifications(ctx) == 0 and sum(queue_depths(ctx).values()) == 0
+
+
+def test_unknown_flag_is_usage_error(settings: Settings) -> None:
+    r = invoke(settings, "send", "--bogus")
+    assert r.exit_code == 2 and "No such option" in r.output
+
+
+def test_missing_file_is_exit_2(settings: Settings, tmp_path: Path) -> None:
+    r = invoke(settings, "send", "-f", str(tmp_path / "nope.json"))
+    assert r.exit_code == 2 and "--file: cannot read" in r.stderr
+
+
+def test_events_unknown_is_exit_4(ctx: Context, settings: Settings) -> None:
+    r = invoke(settings, "events", "n_missing")
+    assert r.exit_code == 4 and "no notification with id or dedup key 'n_missing'" in r.stderr
+
+
+def test_unreachable_redis_is_one_line_exit_3(settings: Settings, tmp_path: Path) -> None:
+    env = cli_env(settings, NOTIFY_REDIS_URL=f"unix://{tmp_path}/no.sock")
+    r = runner.invoke(app, ["status"], env=env)
+    assert r.exit_code == 3 and r.stderr.startswith("error: cannot reach Redis") and "Traceback" not in r.output
+
+
+def test_bad_setting_is_one_line_exit_3(settings: Settings) -> None:
+    r = runner.invoke(app, ["status"], env=cli_env(settings, NOTIFY_RATE_LIMITS='["push:*:3/1y"]'))
+    assert r.exit_code == 3 and "bad setting: rate_limits" in r.stderr
+
+
+def test_users_import_reports_bad_rows_and_keeps_good_ones(ctx: Context, settings: Settings, tmp_path: Path) -> None:
+    f = tmp_path / "u.csv"
+    f.write_text(
+        "user_id,email,phone,timezone,locale,plan\n"
+        "ok1,ok1@example.com,(415) 555-0123,America/New_York,en,gold\n"
+        ",x@example.com,,,,\n"
+        "bad-phone,,12,UTC,en,\n"
+        "bad-tz,,,Mars/Olympus,en,\n"
+        "bad-mail,not-an-email,,,,\n"
+        "extra,a@b.co,,UTC,en,x,y\n"
+        "ok2,,+33 6 12 34 56 78,,,\n"
+    )
+    r = invoke(settings, "users", "import", str(f), "--json")
+    assert r.exit_code == 1
+    rep = json.loads(r.stdout)
+    assert rep["imported"] == 2
+    assert [e["line"] for e in rep["errors"]] == [3, 4, 5, 6, 7]
+    assert "Mars/Olympus" in rep["errors"][2]["error"]
+    r = invoke(settings, "users", "show", "ok1", "--json")
+    u = json.loads(r.stdout)["user"]
+    assert u["phone"] == "+14155550123" and u["attributes"] == {"plan": "gold"}
+    r = invoke(settings, "users", "show", "ok2", "--json")
+    assert json.loads(r.stdout)["user"]["phone"] == "+33612345678"
+
+
+def test_users_import_without_user_id_column_is_exit_2(ctx: Context, settings: Settings, tmp_path: Path) -> None:
+    f = tmp_path / "u.csv"
+    f.write_text("id,email\n1,a@b.co\n")
+    r = invoke(settings, "users", "import", str(f))
+    assert r.exit_code == 2 and "lacks column user_id" in r.stderr
+
+
+def test_prefs_and_tokens_commands(ctx: Context, settings: Settings) -> None:
+    seed(ctx)
+    r = invoke(settings, "prefs", "set", "alice", "--off", "marketing", "--off", "sms", "--json")
+    assert json.loads(r.stdout)["opt_outs"] == [
+        {"channel": "*", "category": "marketing"},
+        {"channel": "sms", "category": "*"},
+    ]
+    r = invoke(settings, "prefs", "set", "alice", "--on", "sms")
+    assert "*:marketing" in r.stdout and "sms:*" not in r.stdout
+    r = invoke(settings, "prefs", "set", "alice", "--off", "pigeon")
+    assert r.exit_code == 2 and "preference 'pigeon'" in r.stderr
+    r = invoke(settings, "tokens", "register", "alice", "zz-not-hex", "--platform", "ios")
+    assert r.exit_code == 2 and "hexadecimal" in r.stderr
+    r = invoke(settings, "tokens", "register", "alice", "abcd", "--platform", "windows")
+    assert r.exit_code == 2
+    r = invoke(settings, "tokens", "list", "--json")
+    assert sorted(t["user_id"] for t in json.loads(r.stdout)) == ["alice", "bob"]
+    r = invoke(settings, "tokens", "revoke", "android-token-bob")
+    assert r.exit_code == 0
+    r = invoke(settings, "tokens", "list", "--json")
+    assert [t["user_id"] for t in json.loads(r.stdout)] == ["alice"]
+
+
+def test_templates_commands(settings: Settings) -> None:
+    r = invoke(settings, "templates", "list", "--json")
+    ids = {t["id"] for t in json.loads(r.stdout)}
+    assert {"order_shipped_v2", "otp_code", "security_alert", "weekly_promo"} <= ids
+    r = invoke(settings, "templates", "validate")
+    assert r.exit_code == 0
+    r = invoke(settings, "templates", "render", "otp_code", "--data", '{"code": "9", "minutes": 3}', "--json")
+    assert json.loads(r.stdout)["sms"]["text"].startswith("9 is your sign-in code")
+    r = invoke(settings, "templates", "render", "otp_code", "--data", '{"code": "9"}')
+    assert r.exit_code == 2 and "missing variable 'minutes'" in r.stderr

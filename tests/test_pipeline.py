@@ -1,0 +1,239 @@
+"""The whole path in-process: intake → RQ queue → burst worker → outbox, tracked in SQL."""
+
+from __future__ import annotations
+
+import time
+
+from notifyctl.context import Context
+from notifyctl.directory import set_prefs
+from notifyctl.models import DeliveryStatus
+from tests.util import IOS_TOKEN, count_notifications, deliveries, events, notification, queue_depths, seed, send
+from worker.pool import run_worker
+from worker.providers.outbox import read_outbox
+
+
+def drain(ctx: Context) -> None:
+    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=True)
+
+
+def test_send_to_outbox_tracked_end_to_end(any_db_ctx: Context) -> None:
+    ctx = any_db_ctx
+    seed(ctx)
+    res = send(ctx, channels=["all"], dedup_key="order_shipped:ORD-1")
+    assert res.status == "queued" and res.channels == ["push", "email", "sms"]
+    assert queue_depths(ctx)["normal"] == 1
+    drain(ctx)
+    ds = deliveries(ctx, res.notification_id)
+    assert sorted((d.route, d.address, d.status) for d in ds) == [
+        ("email", "alice@example.com", "sent"),
+        ("push.ios", IOS_TOKEN, "sent"),
+        ("sms", "+14155550101", "sent"),
+    ]
+    assert all(d.provider == "outbox" and d.provider_message_id and d.sent_at for d in ds)
+    assert notification(ctx, res.notification_id).status == "done"
+    # every delivery's history: queued then sent
+    ev = events(ctx, res.notification_id)
+    for d in ds:
+        assert [s for did, s in ev if did == d.id] == ["queued", "sent"]
+    # the outbox holds the rendered messages
+    box = {r["delivery_id"]: r for r in read_outbox(ctx.settings.outbox_dir)}
+    email = next(d for d in ds if d.channel == "email")
+    assert box[email.id]["content"]["subject"] == "Order ORD-1 has shipped"
+    assert "https://t.example/1" in box[email.id]["content"]["text"]
+    assert box[email.id]["provider_message_id"] == email.provider_message_id
+    sms = next(d for d in ds if d.channel == "sms")
+    assert box[sms.id]["content"]["text"].startswith("Order ORD-1 has shipped")
+
+
+def test_email_html_is_autoescaped_and_text_is_not(ctx: Context) -> None:
+    seed(ctx)
+    res = send(ctx, channels=["email"], data={"order_id": "<b>x</b>", "tracking_url": "https://t/?a=1&b=2"})
+    drain(ctx)
+    d = deliveries(ctx, res.notification_id)[0]
+    rec = next(r for r in read_outbox(ctx.settings.outbox_dir) if r["delivery_id"] == d.id)
+    assert "&lt;b&gt;x&lt;/b&gt;" in rec["content"]["html"]
+    assert "a=1&amp;b=2" in rec["content"]["html"]
+    assert "<b>x</b>" in rec["content"]["text"]
+
+
+def test_opt_out_per_channel(ctx: Context) -> None:
+    seed(ctx)
+    set_prefs(ctx, "alice", off=["email"], on=[])
+    res = send(ctx, channels=["push", "email"])
+    assert res.status == "queued"
+    drain(ctx)
+    by = {d.channel: d for d in deliveries(ctx, res.notification_id)}
+    assert by["push"].status == "sent"
+    assert by["email"].status == "suppressed" and by["email"].reason == "opted_out:email:*"
+    assert not any(r["route"] == "email" for r in read_outbox(ctx.settings.outbox_dir))
+
+
+def test_opt_out_per_category_spares_other_categories(ctx: Context) -> None:
+    seed(ctx)
+    set_prefs(ctx, "alice", off=["marketing"], on=[])
+    promo = send(
+        ctx,
+        template_id="weekly_promo",
+        channels=["email", "push"],
+        data={"first_name": "A", "discount": 5, "code": "C"},
+    )
+    assert (promo.status, promo.reason) == ("suppressed", "opted_out")
+    assert notification(ctx, promo.notification_id).status == "suppressed"
+    order = send(ctx, channels=["email"])
+    assert order.status == "queued"
+    drain(ctx)
+    assert [d.status for d in deliveries(ctx, order.notification_id)] == ["sent"]
+    assert deliveries(ctx, promo.notification_id) == []
+
+
+def test_opt_out_channel_and_category_combined(ctx: Context) -> None:
+    seed(ctx)
+    set_prefs(ctx, "alice", off=["sms:marketing"], on=[])
+    res = send(
+        ctx, template_id="weekly_promo", channels=["sms", "email"], data={"first_name": "A", "discount": 5, "code": "C"}
+    )
+    drain(ctx)
+    by = {d.channel: d for d in deliveries(ctx, res.notification_id)}
+    assert by["sms"].status == "suppressed" and by["sms"].reason == "opted_out:sms:marketing"
+    assert by["email"].status == "sent"
+
+
+def test_opt_out_set_after_queueing_still_applies(ctx: Context) -> None:
+    seed(ctx)
+    res = send(ctx, channels=["sms"])
+    set_prefs(ctx, "alice", off=["sms"], on=[])
+    drain(ctx)
+    assert [(d.status, d.reason) for d in deliveries(ctx, res.notification_id)] == [("suppressed", "opted_out:sms:*")]
+
+
+def test_dedup_key_suppresses_repeat_at_once(ctx: Context) -> None:
+    seed(ctx)
+    a = send(ctx, dedup_key="order_shipped:ORD-9")
+    b = send(ctx, dedup_key="order_shipped:ORD-9")
+    assert a.status == "queued"
+    assert (b.status, b.reason, b.notification_id) == ("suppressed", "duplicate", a.notification_id)
+    assert count_notifications(ctx) == 1
+    assert sum(queue_depths(ctx).values()) == 1
+
+
+def test_dedup_survives_loss_of_the_redis_key(ctx: Context) -> None:
+    """Layer 1 in Redis can be lost (crash without fsync); the SQL record still decides."""
+    seed(ctx)
+    a = send(ctx, dedup_key="k-lost")
+    ctx.redis.delete("notif:dedup:k-lost")
+    b = send(ctx, dedup_key="k-lost")
+    assert (b.status, b.reason, b.notification_id) == ("suppressed", "duplicate", a.notification_id)
+
+
+def test_dedup_window_expires(home, redis_url, rclient) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import make_settings
+
+    ctx = Context(make_settings(home, redis_url, dedup_ttl=1))
+    seed(ctx)
+    a = send(ctx, dedup_key="short")
+    time.sleep(1.3)
+    b = send(ctx, dedup_key="short")
+    assert a.status == b.status == "queued" and a.notification_id != b.notification_id
+
+
+def test_rate_limit_suppresses_over_the_window(ctx: Context) -> None:
+    seed(ctx)
+    promo = {
+        "template_id": "weekly_promo",
+        "channels": ["email"],
+        "data": {"first_name": "A", "discount": 5, "code": "C"},
+    }
+    first = send(ctx, **promo)
+    second = send(ctx, **promo)
+    drain(ctx)
+    assert [d.status for d in deliveries(ctx, first.notification_id)] == ["sent"]
+    d2 = deliveries(ctx, second.notification_id)
+    assert [(d.status, d.reason) for d in d2] == [("suppressed", "rate_limited:email")]
+    # transactional email is not under the marketing email rule
+    order = send(ctx, channels=["email"])
+    drain(ctx)
+    assert [d.status for d in deliveries(ctx, order.notification_id)] == ["sent"]
+
+
+def test_push_limit_counts_per_notification_not_per_device(ctx: Context) -> None:
+    from notifyctl.directory import register_token
+
+    seed(ctx)
+    register_token(ctx, "alice", "cd" * 32, "ios")  # two devices
+    ids = [
+        send(ctx, channels=["push"], data={"order_id": f"O{i}", "tracking_url": "u"}).notification_id for i in range(4)
+    ]
+    drain(ctx)
+    statuses = [sorted(d.status for d in deliveries(ctx, n)) for n in ids]
+    assert statuses[:3] == [["sent", "sent"]] * 3
+    assert statuses[3] == ["suppressed"]
+
+
+def test_high_priority_is_never_held_back_but_is_counted(ctx: Context) -> None:
+    seed(ctx)
+    otp = {"template_id": "otp_code", "channels": ["push"], "data": {"code": "1", "minutes": 5}}
+    ids = [send(ctx, **otp).notification_id for _ in range(4)]  # 4 > push limit 3/h
+    drain(ctx)
+    assert all(deliveries(ctx, n)[0].status == "sent" for n in ids)
+    normal = send(ctx, channels=["push"])
+    drain(ctx)
+    assert deliveries(ctx, normal.notification_id)[0].reason == "rate_limited:push"
+
+
+def test_priority_order_high_before_normal_before_low(ctx: Context) -> None:
+    seed(ctx)
+    low = send(ctx, template_id="weekly_promo", channels=["sms"], data={"first_name": "A", "discount": 1, "code": "c"})
+    normal = send(ctx, channels=["sms"], recipient_id="carol")
+    high = send(ctx, template_id="otp_code", channels=["sms"], recipient_id="dave", data={"code": "1", "minutes": 1})
+    drain(ctx)
+    order = [r["notification_id"] for r in read_outbox(ctx.settings.outbox_dir, "sms")]
+    assert order == [high.notification_id, normal.notification_id, low.notification_id]
+
+
+def test_no_address_and_unknown_channel_content(ctx: Context) -> None:
+    seed(ctx)
+    res = send(ctx, recipient_id="dave", channels=["push", "email", "sms"])
+    drain(ctx)
+    by = {d.channel: (d.status, d.reason) for d in deliveries(ctx, res.notification_id)}
+    assert by == {
+        "push": ("suppressed", "no_address:push"),
+        "email": ("suppressed", "no_address:email"),
+        "sms": ("sent", None),
+    }
+
+
+def test_processing_twice_sends_once(ctx: Context) -> None:
+    """A duplicate job (recovery, retry) for the same notification sends nothing again."""
+    from worker.pipeline import Runtime, process
+
+    seed(ctx)
+    res = send(ctx, channels=["email", "sms"])
+    rt = Runtime(ctx, "w-test")
+    s1 = process(rt, [res.notification_id])
+    s2 = process(rt, [res.notification_id])
+    assert s1.sent == 2 and s2.sent == 0 and s2.notifications == 0
+    assert len(read_outbox(ctx.settings.outbox_dir)) == 2
+
+
+def test_send_record_recovers_sql_state_without_resending(ctx: Context) -> None:
+    """Crash after the provider accepted but before SQL commit: the Redis send record prevents a resend."""
+    from sqlalchemy import update
+    from sqlmodel import Session
+
+    from notifyctl.models import Delivery, Notification
+    from worker.pipeline import Runtime, process
+
+    seed(ctx)
+    res = send(ctx, channels=["email"])
+    rt = Runtime(ctx, "w-test")
+    process(rt, [res.notification_id])
+    d = deliveries(ctx, res.notification_id)[0]
+    with Session(ctx.engine) as s:  # roll the SQL record back as if the commit never happened
+        s.execute(update(Delivery).where(Delivery.id == d.id).values(status="queued", provider_message_id=None))
+        s.execute(update(Notification).where(Notification.id == res.notification_id).values(status="queued"))
+        s.commit()
+    stats = process(rt, [res.notification_id])
+    assert stats.sent == 0 and stats.skipped == 1
+    d2 = deliveries(ctx, res.notification_id)[0]
+    assert d2.status == DeliveryStatus.sent and d2.provider_message_id == d.provider_message_id
+    assert len(read_outbox(ctx.settings.outbox_dir)) == 1

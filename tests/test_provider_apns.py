@@ -1,0 +1,349 @@
+"""APNs provider against the local HTTP/2 + TLS sandbox, over real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import ssl
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from notifyctl.settings import Settings
+from worker.providers.apns import Provider, apns_id_for, collapse_id_for
+from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
+from worker.sandbox.apns import ApnsSandbox
+
+KEY_ID = "ABC123DEFG"
+TEAM_ID = "TEAM123456"
+TOPIC = "com.example.app"
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+@pytest.fixture(scope="module")
+def p8() -> str:
+    return _pem(ec.generate_private_key(ec.SECP256R1()))
+
+
+@pytest.fixture
+def sandbox(p8: str) -> Iterator[ApnsSandbox]:
+    with ApnsSandbox({KEY_ID: p8}, topic=TOPIC, team_id=TEAM_ID) as sb:
+        yield sb
+
+
+@pytest.fixture
+def make(sandbox: ApnsSandbox, p8: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    for var in ("KEY", "KEY_FILE", "KEY_ID", "TEAM_ID", "TOPIC", "BASE_URL", "TOKEN_TTL", "CONNECTIONS"):
+        monkeypatch.delenv("NOTIFY_APNS_" + var, raising=False)
+    made: list[Provider] = []
+
+    def factory(**options: Any) -> Provider:
+        opts = {
+            "key": p8,
+            "key_id": KEY_ID,
+            "team_id": TEAM_ID,
+            "topic": TOPIC,
+            "base_url": sandbox.url,
+            "ca_file": str(sandbox.ca_file),
+            "timeout": 5,
+            **options,
+        }
+        p = Provider(Settings(home=tmp_path, provider_options={"apns": opts}))
+        made.append(p)
+        return p
+
+    yield factory
+    for p in made:
+        p.close()
+
+
+def token(i: int) -> str:
+    return hashlib.sha256(str(i).encode()).hexdigest()  # 64 hex chars, like a real device token
+
+
+def msg(i: int, **kw: Any) -> Message:
+    base: dict[str, Any] = {
+        "delivery_id": f"d-{i}",
+        "notification_id": f"n-{i}",
+        "channel": "push",
+        "route": "push.ios",
+        "address": token(i),
+        "content": {"title": f"Hello {i}", "body": "World"},
+        "category": "transactional",
+        "priority": "normal",
+    }
+    base.update(kw)
+    return Message(**base)
+
+
+def test_success_headers_and_payload_checked_at_the_sandbox(make: Any, sandbox: ApnsSandbox) -> None:
+    p = make()
+    msgs = [
+        msg(1, dedup_key="order-42", data={"order": "42"}),
+        msg(2, priority="low"),
+        msg(3, priority="high"),
+    ]
+    before = int(time.time())
+    out = p.send(msgs)
+    assert out == [Sent(apns_id_for(m.delivery_id)) for m in msgs]
+    rec = {r["token"]: r for r in sandbox.recorder.all()}
+    assert set(rec) == {token(1), token(2), token(3)}
+    r1 = rec[token(1)]
+    assert r1["topic"] == TOPIC and r1["push_type"] == "alert"
+    assert r1["apns_id"] == apns_id_for("d-1")
+    assert r1["collapse_id"] == "order-42"
+    assert r1["payload"] == {"aps": {"alert": {"title": "Hello 1", "body": "World"}, "sound": "default"}, "order": "42"}
+    assert before + 86400 <= int(r1["expiration"]) <= int(time.time()) + 86400
+    assert [rec[token(i)]["priority"] for i in (1, 2, 3)] == ["10", "5", "10"]
+    assert rec[token(2)]["collapse_id"] is None
+    # the same delivery retried carries the same apns-id
+    assert p.send([msg(1)]) == [Sent(apns_id_for("d-1"))]
+    assert apns_id_for("d-1") != apns_id_for("d-2")
+
+
+REASONS = [
+    # (status, reason, response headers, expected outcome)
+    (410, "Unregistered", {}, InvalidAddress("Unregistered")),
+    (410, "ExpiredToken", {}, InvalidAddress("ExpiredToken")),
+    (400, "BadDeviceToken", {}, InvalidAddress("BadDeviceToken")),
+    (400, "DeviceTokenNotForTopic", {}, Permanent("DeviceTokenNotForTopic")),
+    (400, "BadCollapseId", {}, Permanent("BadCollapseId")),
+    (400, "TopicDisallowed", {}, Permanent("TopicDisallowed")),
+    (413, "PayloadTooLarge", {}, Permanent("PayloadTooLarge")),
+    (403, "InvalidProviderToken", {}, Permanent("InvalidProviderToken")),
+    (403, "MissingProviderToken", {}, Permanent("MissingProviderToken")),
+    (404, "BadPath", {}, Permanent("BadPath")),
+    (429, "TooManyRequests", {"retry-after": "7"}, Retry("TooManyRequests", 7.0)),
+    (429, "TooManyProviderTokenUpdates", {}, Retry("TooManyProviderTokenUpdates", None)),
+    (500, "InternalServerError", {}, Retry("InternalServerError", None)),
+    (503, "ServiceUnavailable", {"retry-after": "30"}, Retry("ServiceUnavailable", 30.0)),
+    (503, "Shutdown", {}, Retry("Shutdown", None)),
+]
+
+
+@pytest.mark.parametrize(("status", "reason", "headers", "expected"), REASONS, ids=[r[1] for r in REASONS])
+def test_reason_table(make: Any, sandbox: ApnsSandbox, status: int, reason: str, headers: dict, expected: Any) -> None:
+    p = make()
+    sandbox.faults.add({"status": status, "reason": reason, "headers": headers, "match": token(7)})
+    out = p.send([msg(6), msg(7), msg(8)])
+    assert out[1] == expected
+    assert out[0] == Sent(apns_id_for("d-6")) and out[2] == Sent(apns_id_for("d-8"))
+    assert sandbox.requests.count(f"/3/device/{token(7)}") == 1  # answered: never resent
+
+
+def test_real_checks_of_the_sandbox(make: Any, sandbox: ApnsSandbox) -> None:
+    sandbox.unregistered.add(token(2))
+    out = make().send([msg(1), msg(2)])
+    assert out == [Sent(apns_id_for("d-1")), InvalidAddress("Unregistered")]
+    assert make(topic="com.other.app").send([msg(3)]) == [Permanent("TopicDisallowed")]
+    other = _pem(ec.generate_private_key(ec.SECP256R1()))
+    assert make(key=other).send([msg(4)]) == [Permanent("InvalidProviderToken")]
+    assert make(team_id="OTHERTEAM1").send([msg(5)]) == [Permanent("InvalidProviderToken")]
+    assert make(key_id="UNKNOWNKID").send([msg(6)]) == [Permanent("InvalidProviderToken")]
+    assert [r["token"] for r in sandbox.recorder.all()] == [token(1)]
+
+
+def test_sandbox_speaks_apns_to_a_foreign_http2_client(sandbox: ApnsSandbox, p8: str) -> None:
+    key = serialization.load_pem_private_key(p8.encode(), None)
+
+    def bearer(iat: float, team: str = TEAM_ID) -> dict[str, str]:
+        tok = jwt.encode({"iss": team, "iat": int(iat)}, key, algorithm="ES256", headers={"kid": KEY_ID})
+        return {"authorization": f"bearer {tok}"}
+
+    base = {"apns-topic": TOPIC, "apns-push-type": "alert"}
+    body = b'{"aps":{"alert":"hi"}}'
+    with httpx.Client(http2=True, verify=ssl.create_default_context(cafile=sandbox.ca_file), base_url=sandbox.url) as c:
+        r = c.post(f"/3/device/{token(1)}", headers={**base, **bearer(time.time())}, content=body)
+        assert r.http_version == "HTTP/2" and r.status_code == 200 and r.headers["apns-id"] and r.content == b""
+        cases = [
+            ({**base}, token(1), body, 403, "MissingProviderToken"),
+            ({**base, **bearer(time.time() - 3700)}, token(1), body, 403, "ExpiredProviderToken"),
+            ({**base, "authorization": "bearer not.a.jwt"}, token(1), body, 403, "InvalidProviderToken"),
+            ({**base, **bearer(time.time())}, "xyz", body, 400, "BadDeviceToken"),
+            ({"apns-push-type": "alert", **bearer(time.time())}, token(1), body, 400, "MissingTopic"),
+            ({**base, **bearer(time.time()), "apns-collapse-id": "x" * 65}, token(1), body, 400, "BadCollapseId"),
+            ({**base, **bearer(time.time())}, token(1), b"x" * 4097, 413, "PayloadTooLarge"),
+        ]
+        for headers, tok, data, status, reason in cases:
+            r = c.post(f"/3/device/{tok}", headers=headers, content=data)
+            assert (r.status_code, r.json()["reason"]) == (status, reason)
+        sandbox.unregistered.add(token(9))
+        r = c.post(f"/3/device/{token(9)}", headers={**base, **bearer(time.time())}, content=body)
+        assert r.status_code == 410 and r.json()["reason"] == "Unregistered" and r.json()["timestamp"] > 0
+    assert len(sandbox.recorder) == 1
+
+
+def test_invalid_token_and_oversized_payload_are_never_sent(make: Any, sandbox: ApnsSandbox) -> None:
+    out = make().send([msg(1, address="not-a-token"), msg(2, content={"title": "t", "body": "x" * 5000}), msg(3)])
+    assert out == [InvalidAddress("BadDeviceToken"), Permanent("PayloadTooLarge"), Sent(apns_id_for("d-3"))]
+    assert sandbox.requests == [f"/3/device/{token(3)}"]
+
+
+def test_jwt_is_reused_across_sends(make: Any, sandbox: ApnsSandbox) -> None:
+    p = make()
+    for i in range(3):
+        assert p.send([msg(i), msg(i + 10)]) == [Sent(apns_id_for(f"d-{i}")), Sent(apns_id_for(f"d-{i + 10}"))]
+    assert len(sandbox.tokens_seen) == 1
+
+
+def test_jwt_is_refreshed_after_token_ttl(make: Any, sandbox: ApnsSandbox) -> None:
+    p = make(token_ttl=0.05)
+    assert p.send([msg(1)]) == [Sent(apns_id_for("d-1"))]
+    time.sleep(0.1)  # the TTL is wall-clock time: nothing to await
+    assert p.send([msg(2)]) == [Sent(apns_id_for("d-2"))]
+    assert len(sandbox.tokens_seen) == 2
+
+
+def test_expired_provider_token_mints_a_new_one_and_resends_once(make: Any, sandbox: ApnsSandbox) -> None:
+    p = make()
+    sandbox.faults.add({"status": 403, "reason": "ExpiredProviderToken", "match": token(1)})
+    assert p.send([msg(1)]) == [Sent(apns_id_for("d-1"))]
+    assert sandbox.requests.count(f"/3/device/{token(1)}") == 2
+    first, second = sandbox.request_auth
+    assert first != second  # a fresh JWT on the resend
+    assert p.send([msg(3)]) == [Sent(apns_id_for("d-3"))]
+    assert sandbox.request_auth[-1] == second  # ... which is kept
+    # again on the resend: Retry, not a third attempt
+    sandbox.faults.add({"status": 403, "reason": "ExpiredProviderToken", "match": token(2), "count": 2})
+    assert p.send([msg(2)]) == [Retry("ExpiredProviderToken")]
+    assert sandbox.requests.count(f"/3/device/{token(2)}") == 2
+
+
+@pytest.mark.parametrize("fault", [{"drop": True}, {"goaway": "Shutdown"}], ids=["drop", "goaway"])
+def test_connection_lost_mid_batch_resends_only_unanswered(make: Any, sandbox: ApnsSandbox, fault: dict) -> None:
+    p = make(connections=1)
+    msgs = [msg(i) for i in range(40)]
+    sandbox.faults.add({**fault, "match": token(20)})
+    out = p.send(msgs)
+    assert out == [Sent(apns_id_for(m.delivery_id)) for m in msgs]
+    counts = Counter(r["token"] for r in sandbox.recorder.all())
+    assert counts == Counter(token(i) for i in range(40))  # every push accepted exactly once
+    assert p.connects == 2
+    resent = [t for t, n in Counter(sandbox.requests).items() if n > 1]
+    assert f"/3/device/{token(20)}" in resent and len(resent) < 40
+
+
+def test_connection_lost_twice_gives_retry(make: Any, sandbox: ApnsSandbox) -> None:
+    p = make(connections=1)
+    sandbox.faults.add({"drop": True, "match": token(1), "count": -1})
+    out = p.send([msg(1)])
+    assert isinstance(out[0], Retry) and out[0].reason.startswith("connection")
+    assert sandbox.requests.count(f"/3/device/{token(1)}") == 2
+    sandbox.faults.clear()
+    assert p.send([msg(1)]) == [Sent(apns_id_for("d-1"))]
+
+
+def test_idle_connections_cut_by_the_server_are_reopened(make: Any, sandbox: ApnsSandbox) -> None:
+    p = make(connections=2)
+    assert p.send([msg(i) for i in range(10)]) == [Sent(apns_id_for(f"d-{i}")) for i in range(10)]
+    assert p.connects == 2
+    sandbox.drop_connections()
+    assert p.send([msg(i) for i in range(10, 20)]) == [Sent(apns_id_for(f"d-{i}")) for i in range(10, 20)]
+    assert p.connects == 4
+    assert len(sandbox.recorder) == 20
+
+
+def test_timeout_gives_retry_without_resend(make: Any, sandbox: ApnsSandbox) -> None:
+    p = make(timeout=0.2)
+    sandbox.faults.add({"delay": 1.0, "match": token(1)})
+    assert p.send([msg(1), msg(2)]) == [Retry("timeout waiting for APNs"), Sent(apns_id_for("d-2"))]
+    assert sandbox.requests.count(f"/3/device/{token(1)}") == 1
+
+
+def test_collapse_id_is_at_most_64_bytes(make: Any, sandbox: ApnsSandbox) -> None:
+    keys = ["k" * 64, "k" * 65, "é" * 40]
+    out = make().send([msg(i, dedup_key=k) for i, k in enumerate(keys)])
+    assert all(isinstance(o, Sent) for o in out)
+    got = {r["token"]: r["collapse_id"] for r in sandbox.recorder.all()}
+    assert got[token(0)] == "k" * 64
+    assert got[token(1)] == hashlib.sha256(b"k" * 65).hexdigest() == collapse_id_for("k" * 65)
+    assert len(got[token(2)].encode()) == 64 and got[token(2)] != "é" * 40
+
+
+def test_200_concurrent_pushes_in_one_send_are_fast(make: Any, sandbox: ApnsSandbox) -> None:
+    p = make(connections=2)
+    msgs = [msg(i) for i in range(200)]
+    # every answer takes 0.3 s: one at a time would take a minute
+    sandbox.faults.add({"delay": 0.3, "count": -1})
+    t0 = time.monotonic()
+    out = p.send(msgs)
+    elapsed = time.monotonic() - t0
+    assert out == [Sent(apns_id_for(m.delivery_id)) for m in msgs]
+    assert elapsed < 2.0
+    assert len(sandbox.recorder) == 200 and p.connects == 2
+
+
+def test_stream_limit_and_flow_control_are_respected(p8: str, make: Any, tmp_path: Path) -> None:
+    with ApnsSandbox({KEY_ID: p8}, topic=TOPIC, max_streams=3) as small:
+        p = make(base_url=small.url, ca_file=str(small.ca_file), connections=1)
+        big = "x" * 3900  # 100 x ~4 KB > the 64 KB connection window
+        msgs = [msg(i, content={"title": "t", "body": big}) for i in range(100)]
+        assert p.send(msgs) == [Sent(apns_id_for(m.delivery_id)) for m in msgs]
+        assert len(small.recorder) == 100
+
+
+def test_control_api_on_the_side_port(make: Any, sandbox: ApnsSandbox) -> None:
+    with httpx.Client(base_url=sandbox.control_url) as c:
+        assert c.post("/_sandbox/unregistered", content=json.dumps([token(1)])).status_code == 204
+        fault = {"status": 429, "reason": "TooManyRequests", "headers": {"Retry-After": "5"}, "match": token(2)}
+        assert c.post("/_sandbox/faults", json=fault).status_code == 204
+        out = make().send([msg(1), msg(2), msg(3)])
+        assert out == [InvalidAddress("Unregistered"), Retry("TooManyRequests", 5.0), Sent(apns_id_for("d-3"))]
+        assert [m["token"] for m in c.get("/_sandbox/messages").json()] == [token(3)]
+        assert c.delete("/_sandbox/unregistered").status_code == 204
+        assert make().send([msg(1)]) == [Sent(apns_id_for("d-1"))]
+
+
+def test_check_describe_and_secrets(make: Any, sandbox: ApnsSandbox, p8: str, tmp_path: Path) -> None:
+    p = make()
+    assert p.check() is None
+    assert sandbox.requests == []  # check() sends nothing
+    d = p.describe()
+    assert d["base_url"] == sandbox.url and d["key"] == "(set)" and d["key_id"] == KEY_ID
+    body = p8.splitlines()[1]
+    assert body not in json.dumps(d) and body not in repr(p.config) and body not in str(p.config)
+    dead = make(base_url="https://127.0.0.1:1")
+    problem = dead.check()
+    assert problem and problem.startswith("cannot connect") and "\n" not in problem
+    assert isinstance(dead.send([msg(1)])[0], Retry)
+
+
+def test_key_file_and_sandbox_switch(make: Any, p8: str, tmp_path: Path) -> None:
+    f = tmp_path / "AuthKey.p8"
+    f.write_text(p8)
+    p = make(key=None, key_file=str(f))
+    assert p.send([msg(1)]) == [Sent(apns_id_for("d-1"))]
+    assert p.describe()["key"] == f"file {f}"
+    q = make(base_url="https://api.push.apple.com", use_sandbox=True)
+    assert q.base_url == "https://api.sandbox.push.apple.com"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"key": None},
+        {"key": "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n"},
+        {"topic": ""},
+        {"token_ttl": 7200},
+        {"base_url": "http://api.push.apple.com"},
+        {"key": None, "key_file": "/nonexistent/AuthKey.p8"},
+    ],
+    ids=["no-key", "bad-pem", "no-topic", "ttl-over-1h", "not-https", "missing-file"],
+)
+def test_misconfigured(make: Any, options: dict) -> None:
+    with pytest.raises(Misconfigured) as exc:
+        make(**options)
+    assert "PRIVATE KEY" not in str(exc.value)

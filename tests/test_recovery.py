@@ -1,0 +1,100 @@
+"""Nothing accepted is lost: the reconciler finds work whose job vanished, and recovery never
+sends twice."""
+
+from __future__ import annotations
+
+import time
+
+from notifyctl.context import Context
+from tests.util import deliveries, notification, queue_depths, seed, send
+from worker.pool import queue_sets, run_worker
+from worker.providers.outbox import read_outbox
+from worker.reconciler import reconcile
+
+
+def drain(ctx: Context) -> None:
+    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
+
+
+def test_notification_whose_enqueue_never_happened_is_recovered(ctx: Context) -> None:
+    """The CLI died after the SQL commit and before the enqueue: the row has no job behind it."""
+    seed(ctx)
+    res = send(ctx, channels=["email"])
+    job_id = notification(ctx, res.notification_id).job_id
+    ctx.redis.delete(ctx.queue("normal").key, f"rq:job:{job_id}")
+    assert reconcile(ctx, force=True).recovered == 0  # still within the grace period
+    out = reconcile(ctx, now=time.time() + 2, force=True)
+    assert out.recovered == 1 and queue_depths(ctx)["normal"] == 1
+    drain(ctx)
+    assert [d.status for d in deliveries(ctx, res.notification_id)] == ["sent"]
+    assert len(read_outbox(ctx.settings.outbox_dir)) == 1
+
+
+def test_job_popped_by_a_worker_that_died_is_recovered(ctx: Context) -> None:
+    """A worker on several queues pops with LPOP; killed before it registers the job, the job is in no list."""
+    seed(ctx)
+    res = send(ctx, channels=["sms"], recipient_id="dave")
+    assert ctx.redis.lpop(ctx.queue("normal").key) is not None
+    out = reconcile(ctx, now=time.time() + 2, force=True)
+    assert out.recovered == 1
+    drain(ctx)
+    assert [d.status for d in deliveries(ctx, res.notification_id)] == ["sent"]
+
+
+def test_job_started_by_a_dead_worker_is_recovered_and_sent_once(ctx: Context) -> None:
+    seed(ctx)
+    res = send(ctx, channels=["email"])
+    job_id = notification(ctx, res.notification_id).job_id
+    # As RQ leaves a job whose worker was killed -9: popped, marked started, worker gone.
+    ctx.redis.lpop(ctx.queue("normal").key)
+    ctx.redis.hset(f"rq:job:{job_id}", mapping={"status": "started", "worker_name": "dead-worker"})
+    assert reconcile(ctx, now=time.time() + 2, force=True).recovered == 1
+    drain(ctx)
+    assert [d.status for d in deliveries(ctx, res.notification_id)] == ["sent"]
+
+
+def test_job_of_a_live_worker_is_left_alone(ctx: Context) -> None:
+    seed(ctx)
+    res = send(ctx, channels=["email"])
+    job_id = notification(ctx, res.notification_id).job_id
+    ctx.redis.lpop(ctx.queue("normal").key)
+    ctx.redis.hset(f"rq:job:{job_id}", mapping={"status": "started", "worker_name": "busy-worker"})
+    ctx.redis.set("notif:alive:busy-worker", "1", ex=10)
+    assert reconcile(ctx, now=time.time() + 2, force=True).recovered == 0
+    # waiting jobs in their queue are not touched either
+    res2 = send(ctx, channels=["email"], recipient_id="bob")
+    assert reconcile(ctx, now=time.time() + 2, force=True).recovered == 0
+    assert queue_depths(ctx)["normal"] == 1
+    assert notification(ctx, res2.notification_id).status == "queued"
+
+
+def test_claim_of_a_dead_worker_is_taken_over(ctx: Context) -> None:
+    """A worker killed mid-send leaves its claim; the next worker takes it instead of waiting for the TTL."""
+    from worker.pipeline import Runtime, process
+
+    seed(ctx)
+    res = send(ctx, channels=["email"])
+    rt = Runtime(ctx, "w2")
+    process(rt, [res.notification_id])  # creates the delivery row and sends it
+    d = deliveries(ctx, res.notification_id)[0]
+    # a live worker's claim blocks; a dead one's does not
+    from worker.claims import Claims
+
+    live = Claims(ctx.redis, "w-live", 60, 60)
+    ctx.redis.set("notif:alive:w-live", "1")
+    ctx.redis.delete(f"notif:sent:{d.id}")
+    assert live.take([d.id]) == ["ok"]
+    assert Claims(ctx.redis, "w-other", 60, 60).take([d.id]) == ["busy"]
+    ctx.redis.delete("notif:alive:w-live")
+    assert Claims(ctx.redis, "w-other", 60, 60).take([d.id]) == ["ok"]
+
+
+def test_reconciler_runs_one_at_a_time(ctx: Context) -> None:
+    assert not reconcile(ctx).skipped_locked
+    assert reconcile(ctx).skipped_locked
+
+
+def test_pool_dedicates_a_worker_to_high() -> None:
+    assert queue_sets(["high", "normal", "low"], 1) == [["high", "normal", "low"]]
+    assert queue_sets(["low", "high", "normal"], 3) == [["high"], ["high", "normal", "low"], ["high", "normal", "low"]]
+    assert queue_sets(["low"], 2) == [["low"], ["low"]]

@@ -1,0 +1,70 @@
+"""Small helpers shared by the tests (no fixtures here)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from notifyctl.context import Context
+from notifyctl.directory import import_users, register_token
+from notifyctl.intake import SubmitResult, parse_request, submit
+from notifyctl.models import Delivery, DeliveryEvent, Notification
+
+USERS = """user_id,email,phone,timezone,locale,first_name
+alice,alice@example.com,+14155550101,America/Los_Angeles,en,Alice
+bob,bob@example.com,+447911123456,Europe/London,en,Bob
+carol,carol@example.com,+33612345678,Europe/Paris,fr,Carol
+dave,,+919876543210,Asia/Kolkata,en,Dave
+"""
+
+IOS_TOKEN = "ab" * 32
+
+
+def seed(ctx: Context) -> None:
+    rep = import_users(ctx, io.StringIO(USERS))
+    assert rep.errors == [] and rep.imported == 4
+    register_token(ctx, "alice", IOS_TOKEN, "ios")
+    register_token(ctx, "bob", "android-token-bob", "android")
+
+
+def send(ctx: Context, **payload: Any) -> SubmitResult:
+    payload.setdefault("recipient_id", "alice")
+    payload.setdefault("template_id", "order_shipped_v2")
+    if payload["template_id"] == "order_shipped_v2":
+        payload.setdefault("data", {"order_id": "ORD-1", "tracking_url": "https://t.example/1"})
+    return submit(ctx, parse_request(payload))
+
+
+def deliveries(ctx: Context, notification_id: str | None = None) -> list[Delivery]:
+    with Session(ctx.engine) as s:
+        q = select(Delivery).order_by(Delivery.queued_at, Delivery.id)
+        if notification_id:
+            q = q.where(Delivery.notification_id == notification_id)
+        return list(s.execute(q).scalars())
+
+
+def notification(ctx: Context, nid: str) -> Notification:
+    with Session(ctx.engine) as s:
+        n = s.get(Notification, nid)
+        assert n is not None
+        return n
+
+
+def events(ctx: Context, nid: str) -> list[tuple[str | None, str]]:
+    with Session(ctx.engine) as s:
+        rows = s.execute(
+            select(DeliveryEvent).where(DeliveryEvent.notification_id == nid).order_by(DeliveryEvent.id)
+        ).scalars()
+        return [(e.delivery_id, e.status) for e in rows]
+
+
+def count_notifications(ctx: Context) -> int:
+    with Session(ctx.engine) as s:
+        return len(list(s.execute(select(Notification.id)).all()))
+
+
+def queue_depths(ctx: Context) -> dict[str, int]:
+    return {p: ctx.redis.llen(ctx.queue(p).key) for p in ("high", "normal", "low")}

@@ -1,0 +1,1 @@
+"""The RQ side of notifyctl: jobs, pipeline stages, the pool, and providers."""

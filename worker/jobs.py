@@ -1,0 +1,35 @@
+"""RQ jobs: thin, importable functions taking ids. The logic lives in ``worker.pipeline``.
+
+The per-process runtime (connections, providers) is built once, on the first job, from the
+settings the worker process was configured with (``configure``) or from the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from notifyctl.context import Context
+from worker.pipeline import Runtime
+from worker.pipeline import process as _process
+
+_runtime: Runtime | None = None
+
+
+def configure(ctx: Context, worker_name: str | None = None) -> Runtime:
+    global _runtime
+    if _runtime is not None:
+        _runtime.close()
+    _runtime = Runtime(ctx, worker_name)
+    return _runtime
+
+
+def runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(Context())
+    return _runtime
+
+
+def process(notification_ids: list[str], as_of: float | None = None) -> dict[str, Any]:
+    """Enrich, rate-limit and send a batch of notifications (idempotent)."""
+    return _process(runtime(), notification_ids, as_of).to_dict()

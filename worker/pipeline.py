@@ -1,0 +1,550 @@
+"""The worker's pipeline for a batch of notifications: enrich → fan out → rate limit → claim →
+send → record. Every stage works on the whole batch: a fixed number of SQL statements and
+Redis round trips per batch, whatever its size.
+
+``process`` is idempotent: it can run again on the same notifications (a retry, a job
+recovered from a dead worker, a duplicate job) and sends nothing twice — deliveries already
+``sent`` are skipped, and the Redis send record (``worker.claims``) is checked before sending.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from notifyctl import keys
+from notifyctl.context import Context
+from notifyctl.errors import TemplateError
+from notifyctl.intake import _user_vars, blocked_by
+from notifyctl.models import (
+    FINAL_STATUSES,
+    Delivery,
+    DeliveryEvent,
+    DeliveryStatus,
+    DeviceToken,
+    Notification,
+    NotificationStatus,
+    OptOut,
+    User,
+    new_id,
+    utcnow,
+)
+from notifyctl.templates import Template
+from worker.claims import OK, Claims
+from worker.providers import (
+    InvalidAddress,
+    Message,
+    Misconfigured,
+    Outcome,
+    Permanent,
+    Provider,
+    Retry,
+    Sent,
+    load_provider,
+)
+from worker.ratelimit import Check, RateLimiter
+
+log = logging.getLogger("notifyctl.worker")
+
+
+class Runtime:
+    """Per-process worker state: connections, limiter, claims and provider instances."""
+
+    def __init__(self, ctx: Context, worker_name: str | None = None) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.worker_name = worker_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.limiter = RateLimiter(ctx.redis, self.settings.rules, self.settings.rate_limit_bypass_high)
+        self.claims = Claims(ctx.redis, self.worker_name, self.settings.claim_ttl, self.settings.sent_marker_ttl)
+        self._providers: dict[str, Provider] = {}
+
+    def provider(self, name: str) -> Provider:
+        p = self._providers.get(name)
+        if p is None:
+            p = self._providers[name] = load_provider(name, self.settings)
+        return p
+
+    def close(self) -> None:
+        for p in self._providers.values():
+            try:
+                p.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.exception("closing provider %s", p.name)
+        self._providers.clear()
+
+
+@dataclass
+class Stats:
+    notifications: int = 0
+    created: int = 0
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    skipped: int = 0
+    by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "by_reason"}
+        d["by_reason"] = dict(self.by_reason)
+        return d
+
+
+def _route_addresses(channel: str, user: User, tokens: list[DeviceToken]) -> list[tuple[str, str]]:
+    if channel == "push":
+        return [(f"push.{t.platform}", t.token) for t in tokens]
+    if channel == "email":
+        return [("email", user.email)] if user.email else []
+    if channel == "sms":
+        return [("sms", user.phone)] if user.phone else []
+    return []
+
+
+def retry_delay(settings: Any, attempts: int, retry_after: float | None) -> float | None:
+    """Seconds until the next attempt after ``attempts`` tries, or None when retries are exhausted.
+
+    The schedule (default 30 s, 5 min, 30 min) is a floor; a provider's Retry-After can only lengthen it.
+    """
+    if attempts >= settings.max_attempts:
+        return None
+    base = float(settings.retry_delays[attempts - 1])
+    return max(base, float(retry_after or 0))
+
+
+class _Batch:
+    """The rows a batch touches, loaded with one query per table."""
+
+    def __init__(self, session: Session, ids: list[str]) -> None:
+        self.notifications: list[Notification] = list(
+            session.execute(
+                select(Notification).where(
+                    Notification.id.in_(ids),  # type: ignore[attr-defined]
+                    Notification.status.in_([NotificationStatus.queued, NotificationStatus.retrying]),  # type: ignore[attr-defined]
+                )
+            ).scalars()
+        )
+        user_ids = {n.recipient_id for n in self.notifications}
+        self.users = {
+            u.id: u
+            for u in session.execute(select(User).where(User.id.in_(user_ids))).scalars()  # type: ignore[attr-defined]
+        }
+        self.opt_outs: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        for o in session.execute(select(OptOut).where(OptOut.user_id.in_(user_ids))).scalars():  # type: ignore[attr-defined]
+            self.opt_outs[o.user_id].add((o.channel, o.category))
+        self.tokens: dict[str, list[DeviceToken]] = defaultdict(list)
+        for t in session.execute(
+            select(DeviceToken)
+            .where(DeviceToken.user_id.in_(user_ids), DeviceToken.removed_at.is_(None))  # type: ignore[attr-defined,union-attr]
+            .order_by(DeviceToken.created_at)
+        ).scalars():
+            self.tokens[t.user_id].append(t)
+        self.deliveries: dict[str, list[Delivery]] = defaultdict(list)
+        nids = [n.id for n in self.notifications]
+        if nids:
+            for d in session.execute(select(Delivery).where(Delivery.notification_id.in_(nids))).scalars():  # type: ignore[attr-defined]
+                self.deliveries[d.notification_id].append(d)
+
+
+def process(rt: Runtime, notification_ids: Iterable[str], as_of: float | None = None) -> Stats:
+    """Process a batch; ``as_of`` (epoch s) is the time up to which scheduled retries are due."""
+    ids = list(dict.fromkeys(notification_ids))
+    stats = Stats()
+    rt.ctx.redis.set(keys.alive(rt.worker_name), "1", ex=rt.settings.worker_alive_ttl)
+    for attempt in range(3):
+        try:
+            return _process(rt, ids, as_of, stats)
+        except IntegrityError:
+            # Another worker fanned out the same fresh notification at the same moment: reload and go on.
+            if attempt == 2:
+                raise
+            stats = Stats()
+    return stats
+
+
+def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> Stats:
+    settings = rt.settings
+    now = utcnow()
+    due_by = datetime.fromtimestamp(as_of, UTC) if as_of is not None else now
+    templates: dict[str, Template | TemplateError] = {}
+    rendered: dict[tuple[str, str], dict[str, str] | str] = {}  # (notification id, channel) → content or error
+
+    def template_for(tid: str) -> Template | TemplateError:
+        t = templates.get(tid)
+        if t is None:
+            try:
+                t = rt.ctx.templates.get(tid)
+            except TemplateError as exc:
+                t = exc
+            templates[tid] = t
+        return t
+
+    def render(n: Notification, channel: str, user: User) -> dict[str, str] | str:
+        key = (n.id, channel)
+        out = rendered.get(key)
+        if out is None:
+            t = template_for(n.template_id)
+            if isinstance(t, TemplateError):
+                out = f"template_error: {t}"
+            else:
+                try:
+                    out = t.render(channel, {**n.data, "user": _user_vars(user)})
+                except TemplateError as exc:
+                    out = f"template_error: {exc}"
+            rendered[key] = out
+        return out
+
+    with Session(rt.ctx.engine, expire_on_commit=False) as session:
+        batch = _Batch(session, ids)
+        stats.notifications = len(batch.notifications)
+        if not batch.notifications:
+            return stats
+        new_rows: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+
+        def add_delivery(
+            n: Notification, channel: str, route: str, address: str, status: str, reason: str | None = None
+        ) -> None:
+            row = {
+                "id": new_id("d"),
+                "notification_id": n.id,
+                "user_id": n.recipient_id,
+                "channel": channel,
+                "route": route,
+                "address": address,
+                "status": status,
+                "reason": reason,
+                "attempts": 0,
+                "dead_lettered": False,
+                "queued_at": now,
+                "updated_at": now,
+                "suppressed_at": now if status == DeliveryStatus.suppressed else None,
+                "failed_at": now if status == DeliveryStatus.failed else None,
+            }
+            new_rows.append(row)
+            events.append(
+                {"notification_id": n.id, "delivery_id": row["id"], "status": status, "detail": reason, "at": now}
+            )
+            if status == DeliveryStatus.suppressed:
+                stats.suppressed += 1
+                stats.by_reason[(reason or "").split(":")[0]] += 1
+            elif status == DeliveryStatus.failed:
+                stats.failed += 1
+
+        # 1. Fan out notifications seen for the first time: opt-outs, addresses, rate limits.
+        checks: list[Check] = []
+        pending: list[tuple[Notification, str, list[tuple[str, str]]]] = []
+        for n in batch.notifications:
+            if batch.deliveries.get(n.id):
+                continue
+            user = batch.users.get(n.recipient_id)
+            if user is None:
+                for channel in n.channels:
+                    add_delivery(n, channel, channel, "-", DeliveryStatus.suppressed, "unknown_user")
+                continue
+            for channel in n.channels:
+                addrs = _route_addresses(channel, user, batch.tokens.get(user.id, []))
+                first = addrs[0][1] if addrs else "-"
+                route0 = addrs[0][0] if addrs else channel
+                block = blocked_by(batch.opt_outs.get(user.id, set()), channel, n.category)
+                if block:
+                    add_delivery(n, channel, route0, first, DeliveryStatus.suppressed, f"opted_out:{block}")
+                elif not addrs:
+                    add_delivery(n, channel, channel, "-", DeliveryStatus.suppressed, f"no_address:{channel}")
+                else:
+                    content = render(n, channel, user)
+                    if isinstance(content, str):
+                        for route, addr in addrs:
+                            add_delivery(n, channel, route, addr, DeliveryStatus.failed, content)
+                        continue
+                    checks.append(Check(user.id, channel, n.category, f"{n.id}:{channel}", n.priority == "high"))
+                    pending.append((n, channel, addrs))
+        if checks:
+            admitted = rt.limiter.check_many(checks, int(time.time() * 1000))
+            for (n, channel, addrs), ok in zip(pending, admitted, strict=True):
+                for route, addr in addrs if ok else addrs[:1]:
+                    if ok:
+                        add_delivery(n, channel, route, addr, DeliveryStatus.queued)
+                    else:
+                        add_delivery(n, channel, route, addr, DeliveryStatus.suppressed, f"rate_limited:{channel}")
+        if new_rows:
+            session.execute(insert(Delivery), new_rows)
+            session.execute(insert(DeliveryEvent), events)
+            session.commit()
+            stats.created = len(new_rows)
+            for row in new_rows:
+                batch.deliveries[row["notification_id"]].append(Delivery.model_validate(row))
+        events = []
+
+        # 2. Deliveries due now: claim, send per route, record.
+        by_id = {n.id: n for n in batch.notifications}
+        due = [
+            d
+            for n in batch.notifications
+            for d in batch.deliveries.get(n.id, [])
+            if d.status in (DeliveryStatus.queued, DeliveryStatus.retrying)
+            and (d.next_attempt_at is None or d.next_attempt_at <= due_by)
+        ]
+        updates: list[dict[str, Any]] = []
+        sent_marks: dict[str, str] = {}
+        released: list[str] = []
+        token_success: list[str] = []
+        removed_tokens: dict[str, str] = {}
+        sms_stops: set[str] = set()
+        if due:
+            claims = rt.claims.take([d.id for d in due])
+            to_send: dict[str, list[tuple[Delivery, Message]]] = defaultdict(list)
+            for d, claim in zip(due, claims, strict=True):
+                if claim.startswith("sent:"):
+                    # Sent before, but the SQL record was lost (crash between provider and commit).
+                    _mark(
+                        d,
+                        updates,
+                        events,
+                        DeliveryStatus.sent,
+                        now,
+                        provider_message_id=claim[5:],
+                        detail="recovered from send record",
+                    )
+                    stats.skipped += 1
+                    continue
+                if claim != OK:
+                    stats.skipped += 1
+                    continue
+                n = by_id[d.notification_id]
+                user = batch.users.get(d.user_id)
+                content = render(n, d.channel, user) if user else "unknown_user"
+                if isinstance(content, str):
+                    _mark(d, updates, events, DeliveryStatus.failed, now, reason=content, dead=True)
+                    released.append(d.id)
+                    stats.failed += 1
+                    continue
+                msg = Message(
+                    delivery_id=d.id,
+                    notification_id=n.id,
+                    channel=d.channel,
+                    route=d.route,
+                    address=d.address,
+                    content=content,
+                    category=n.category,
+                    priority=n.priority,
+                    dedup_key=n.dedup_key or n.id,
+                    data={"notification_id": n.id, "type": n.type},
+                    user_id=d.user_id,
+                )
+                to_send[d.route].append((d, msg))
+
+            for route, items in to_send.items():
+                provider_name, outcomes = _send_route(rt, route, [m for _, m in items])
+                for (d, _m), outcome in zip(items, outcomes, strict=True):
+                    attempts = d.attempts + 1
+                    if isinstance(outcome, Sent):
+                        _mark(
+                            d,
+                            updates,
+                            events,
+                            DeliveryStatus.sent,
+                            now,
+                            attempts=attempts,
+                            provider=provider_name,
+                            provider_message_id=outcome.provider_message_id,
+                        )
+                        sent_marks[d.id] = outcome.provider_message_id
+                        if d.channel == "push":
+                            token_success.append(d.address)
+                        stats.sent += 1
+                    elif isinstance(outcome, Retry):
+                        delay = retry_delay(settings, attempts, outcome.retry_after)
+                        if delay is None:
+                            _mark(
+                                d,
+                                updates,
+                                events,
+                                DeliveryStatus.failed,
+                                now,
+                                attempts=attempts,
+                                provider=provider_name,
+                                reason=f"retries exhausted: {outcome.reason}",
+                                dead=True,
+                            )
+                            stats.failed += 1
+                        else:
+                            _mark(
+                                d,
+                                updates,
+                                events,
+                                DeliveryStatus.retrying,
+                                now,
+                                attempts=attempts,
+                                provider=provider_name,
+                                reason=outcome.reason,
+                                next_attempt_at=now + timedelta(seconds=delay),
+                                detail=f"attempt {attempts} failed: {outcome.reason}; next in {delay:g}s",
+                            )
+                            stats.retrying += 1
+                        released.append(d.id)
+                    elif isinstance(outcome, InvalidAddress):
+                        _mark(
+                            d,
+                            updates,
+                            events,
+                            DeliveryStatus.failed,
+                            now,
+                            attempts=attempts,
+                            provider=provider_name,
+                            reason=f"invalid_address: {outcome.reason}",
+                        )
+                        if d.channel == "push":
+                            removed_tokens[d.address] = f"{provider_name}: {outcome.reason}"
+                        elif d.channel == "sms" and "21610" in outcome.reason:
+                            sms_stops.add(d.user_id)
+                        released.append(d.id)
+                        stats.failed += 1
+                    else:
+                        assert isinstance(outcome, Permanent)
+                        _mark(
+                            d,
+                            updates,
+                            events,
+                            DeliveryStatus.failed,
+                            now,
+                            attempts=attempts,
+                            provider=provider_name,
+                            reason=outcome.reason,
+                            dead=True,
+                        )
+                        released.append(d.id)
+                        stats.failed += 1
+
+        # 3. Record: Redis send records first (they survive a crash before the commit), then SQL.
+        rt.claims.settle(sent_marks, released)
+        if updates:
+            session.execute(update(Delivery), updates)
+        if events:
+            session.execute(insert(DeliveryEvent), events)
+        if token_success:
+            session.execute(
+                update(DeviceToken).where(DeviceToken.token.in_(token_success)).values(last_success_at=now)  # type: ignore[attr-defined]
+            )
+        if removed_tokens:
+            for token, reason in removed_tokens.items():
+                session.execute(
+                    update(DeviceToken)
+                    .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
+                    .values(removed_at=now, removed_reason=reason)
+                )
+        for user_id in sms_stops:
+            session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
+        _settle_notifications(session, batch, now)
+        session.commit()
+    return stats
+
+
+def _mark(
+    d: Delivery,
+    updates: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    status: str,
+    now: datetime,
+    *,
+    reason: str | None = None,
+    attempts: int | None = None,
+    provider: str | None = None,
+    provider_message_id: str | None = None,
+    next_attempt_at: datetime | None = None,
+    dead: bool = False,
+    detail: str | None = None,
+) -> None:
+    row: dict[str, Any] = {"id": d.id, "status": status, "updated_at": now}
+    d.status = status
+    if attempts is not None:
+        row["attempts"] = d.attempts = attempts
+    if provider is not None:
+        row["provider"] = d.provider = provider
+    if reason is not None:
+        row["reason"] = d.reason = reason
+    if provider_message_id is not None:
+        row["provider_message_id"] = d.provider_message_id = provider_message_id
+    row["next_attempt_at"] = d.next_attempt_at = next_attempt_at
+    if status == DeliveryStatus.sent:
+        row["sent_at"] = now
+    elif status == DeliveryStatus.failed:
+        row["failed_at"] = now
+        row["dead_lettered"] = d.dead_lettered = dead
+    updates.append(row)
+    events.append(
+        {
+            "notification_id": d.notification_id,
+            "delivery_id": d.id,
+            "status": status,
+            "detail": detail or reason or (f"{provider}: {provider_message_id}" if provider_message_id else None),
+            "at": now,
+        }
+    )
+
+
+def _send_route(rt: Runtime, route: str, messages: list[Message]) -> tuple[str, list[Outcome]]:
+    names = rt.settings.providers_for(route)
+    name = names[0] if names else "outbox"
+    try:
+        provider = rt.provider(name)
+    except Misconfigured as exc:
+        return name, [Retry(f"{name} misconfigured: {exc}") for _ in messages]
+    try:
+        outcomes = provider.send(messages)
+    except Exception as exc:  # noqa: BLE001 - a provider bug must not lose the batch: retry it
+        log.exception("provider %s failed on a batch of %d", name, len(messages))
+        return name, [Retry(f"{name} error: {type(exc).__name__}: {exc}") for _ in messages]
+    if len(outcomes) != len(messages):
+        return name, [Retry(f"{name} answered {len(outcomes)} outcomes for {len(messages)}") for _ in messages]
+    return name, outcomes
+
+
+def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> None:
+    rows: list[dict[str, Any]] = []
+    for n in batch.notifications:
+        ds = batch.deliveries.get(n.id, [])
+        if not ds:
+            rows.append(
+                {
+                    "id": n.id,
+                    "status": NotificationStatus.done,
+                    "reason": "no deliveries",
+                    "job_id": None,
+                    "updated_at": now,
+                }
+            )
+            continue
+        open_ = [d for d in ds if d.status not in FINAL_STATUSES]
+        if not open_:
+            all_suppressed = all(d.status == DeliveryStatus.suppressed for d in ds)
+            status = NotificationStatus.suppressed if all_suppressed else NotificationStatus.done
+            reason = ds[0].reason if all_suppressed else None
+            rows.append({"id": n.id, "status": status, "reason": reason, "job_id": None, "updated_at": now})
+        else:
+            waits = [d.next_attempt_at for d in open_ if d.status == DeliveryStatus.retrying and d.next_attempt_at]
+            if waits and len(waits) == len(open_):
+                rows.append(
+                    {
+                        "id": n.id,
+                        "status": NotificationStatus.retrying,
+                        "due_at": min(waits),
+                        "job_id": None,
+                        "updated_at": now,
+                    }
+                )
+            else:
+                # Something is held by another live worker: the reconciler looks again after its grace.
+                rows.append({"id": n.id, "status": NotificationStatus.queued, "due_at": now, "updated_at": now})
+    if rows:
+        session.execute(update(Notification), rows)

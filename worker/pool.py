@@ -1,0 +1,179 @@
+"""The worker pool: N non-forking RQ workers (``SimpleWorker``: no fork per job), a supervisor
+that restarts the ones that die, and the reconciler loop.
+
+Queue layout: workers take queues in priority order (high, normal, low). With two or more
+workers, the first listens to ``high`` alone, so an OTP never waits behind a marketing batch
+(and that worker gets RQ's crash-safe single-queue dequeue). Every worker refreshes a liveness
+key every ``worker_heartbeat`` seconds; the reconciler treats a job whose worker went silent
+for ``worker_alive_ttl`` seconds as abandoned and queues its notifications again.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from notifyctl import keys
+from notifyctl.context import Context
+from notifyctl.settings import PRIORITIES, Settings
+
+log = logging.getLogger("notifyctl.worker")
+
+
+def queue_sets(queues: list[str], pool: int) -> list[list[str]]:
+    """Which queues each of ``pool`` workers listens to, in priority order."""
+    ordered = [p for p in PRIORITIES if p in queues]
+    if pool >= 2 and "high" in ordered and len(ordered) > 1:
+        return [["high"]] + [ordered for _ in range(pool - 1)]
+    return [ordered for _ in range(pool)]
+
+
+def _heartbeat(ctx: Context, name: str, stop: threading.Event) -> None:
+    s = ctx.settings
+    while not stop.is_set():
+        try:
+            ctx.redis.set(keys.alive(name), "1", ex=s.worker_alive_ttl)
+        except Exception:  # noqa: BLE001 - keep beating through a Redis blip
+            log.warning("heartbeat to Redis failed", exc_info=True)
+        stop.wait(s.worker_heartbeat)
+
+
+def _worker_class() -> type:
+    from rq import SimpleWorker
+
+    class NotifyWorker(SimpleWorker):
+        """SimpleWorker (no fork per job) whose command channel wakes often, so that stopping
+        takes milliseconds instead of RQ's one-second join; burst workers take no commands."""
+
+        burst_mode = False
+
+        def subscribe(self) -> None:
+            if self.burst_mode:
+                self.pubsub_thread = None
+                return
+            self.pubsub = self.connection.pubsub()
+            self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+            self.pubsub_thread = self.pubsub.run_in_thread(
+                sleep_time=0.2, daemon=True, exception_handler=self._pubsub_exception_handler
+            )
+
+    return NotifyWorker
+
+
+def run_worker(
+    settings: Settings, priorities: list[str], burst: bool, name: str | None = None, reconcile: bool = False
+) -> int:
+    """Run one worker in this process until stopped (or, with ``burst``, until the queues are empty)."""
+    from notifyctl.db import dispose_all
+    from worker import jobs
+    from worker.reconciler import reconcile as do_reconcile
+
+    dispose_all(close=False)  # never use a parent's SQL connections after fork
+    ctx = Context(settings)
+    name = name or f"notify-{socket.gethostname()}-{os.getpid()}"
+    queues = [ctx.queue(p) for p in priorities]
+    w = _worker_class()(queues, connection=ctx.redis, name=name)
+    w.burst_mode = burst
+    jobs.configure(ctx, worker_name=name)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(ctx, name, stop), daemon=True)
+    beat.start()
+    try:
+        if not burst:
+            w.work(logging_level="WARNING")
+            return 0
+        # Burst: drain, let the reconciler queue whatever is due or lost, drain again.
+        processed = 0
+        while True:
+            if reconcile:
+                res = do_reconcile(ctx, force=True)
+                if res.retries_queued or res.recovered:
+                    log.info("reconciler queued %d retries, recovered %d", res.retries_queued, res.recovered)
+            did = w.work(burst=True, logging_level="WARNING")
+            processed += int(did)
+            if not did:
+                return 0
+    finally:
+        stop.set()
+        ctx.redis.delete(keys.alive(name))
+        jobs.runtime().close()
+
+
+def _child(settings: Settings, priorities: list[str], burst: bool, name: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM = warm shutdown
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise SystemExit(run_worker(settings, priorities, burst, name))
+
+
+class Pool:
+    def __init__(self, settings: Settings, queues: list[str], size: int, burst: bool = False) -> None:
+        self.settings = settings
+        self.sets = queue_sets(queues, size)
+        self.burst = burst
+        self.procs: list[Any] = [None] * size
+        self.names = [f"notify-{socket.gethostname()}-{os.getpid()}-{i}" for i in range(size)]
+        self._stopping = False
+        self._mp = mp.get_context("fork")  # the child inherits the Settings object, secrets included
+        self.restarts = 0
+
+    def _start(self, i: int) -> None:
+        p = self._mp.Process(
+            target=_child,
+            args=(self.settings, self.sets[i], self.burst, f"{self.names[i]}.{self.restarts}"),
+            name=self.names[i],
+            daemon=False,
+        )
+        p.start()
+        self.procs[i] = p
+
+    def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
+        from worker.reconciler import reconcile
+
+        ctx = Context(self.settings)
+        for i in range(len(self.procs)):
+            self._start(i)
+
+        def _stop(signum: int, _frame: Any) -> None:
+            self._stopping = True
+
+        old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            next_reconcile = 0.0
+            while not self._stopping:
+                alive = 0
+                for i, p in enumerate(self.procs):
+                    if p.is_alive():
+                        alive += 1
+                    elif not self.burst:
+                        log.warning("worker %s exited with %s; restarting", p.name, p.exitcode)
+                        self.restarts += 1
+                        self._start(i)
+                        alive += 1
+                if self.burst and alive == 0:
+                    break
+                if time.monotonic() >= next_reconcile:
+                    try:
+                        reconcile(ctx)
+                    except Exception:  # noqa: BLE001 - keep supervising through a blip
+                        log.warning("reconciler round failed", exc_info=True)
+                    next_reconcile = time.monotonic() + reconcile_every
+                if on_tick:
+                    on_tick(self)
+                time.sleep(0.2)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            for p in self.procs:
+                if p is not None and p.is_alive():
+                    p.terminate()  # SIGTERM: RQ finishes the current job, then exits
+            for p in self.procs:
+                if p is not None:
+                    p.join(timeout=self.settings.job_timeout)
+            ctx.close()
+        return 0

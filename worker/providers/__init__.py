@@ -1,0 +1,53 @@
+"""Provider registry: name → module under ``worker.providers`` exporting ``Provider``.
+
+Modules are imported lazily so that ``notifyctl --help`` never pays for SDK imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from worker.providers.base import (
+    InvalidAddress,
+    Message,
+    Misconfigured,
+    Outcome,
+    Permanent,
+    Provider,
+    Retry,
+    Sent,
+)
+
+__all__ = [
+    "REGISTRY",
+    "InvalidAddress",
+    "Message",
+    "Misconfigured",
+    "Outcome",
+    "Permanent",
+    "Provider",
+    "Retry",
+    "Sent",
+    "load_provider",
+]
+
+REGISTRY: dict[str, str] = {
+    "outbox": "worker.providers.outbox",
+    "apns": "worker.providers.apns",
+    "fcm": "worker.providers.fcm",
+    "sendgrid": "worker.providers.sendgrid",
+    "ses": "worker.providers.ses",
+    "smtp": "worker.providers.smtp",
+    "twilio": "worker.providers.twilio_sms",
+    "sns": "worker.providers.sns",
+}
+
+
+def load_provider(name: str, settings: Any) -> Provider:
+    try:
+        module_name = REGISTRY[name]
+    except KeyError:
+        raise Misconfigured(f"unknown provider {name!r} (known: {', '.join(sorted(REGISTRY))})") from None
+    module = importlib.import_module(module_name)
+    return module.Provider(settings)

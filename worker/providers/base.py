@@ -1,0 +1,88 @@
+"""The provider contract.
+
+A provider takes a batch of rendered messages for one route (``push.ios``, ``push.android``,
+``email``, ``sms``) and answers one typed outcome per message, in the same order::
+
+    Outcome
+    ├── Sent(provider_message_id)          accepted by the provider
+    ├── Retry(reason, retry_after=None)    transient: try again later (429, 5xx, timeouts)
+    ├── Permanent(reason)                  will never succeed as is: failed, dead-lettered
+    └── InvalidAddress(reason)             the token/number/address is dead: failed, and cleaned up
+
+The worker maps each outcome to a delivery status, a retry, or the DLQ in one place
+(``worker.pipeline``). Providers never raise for a per-message problem; an exception out of
+``send`` is treated as ``Retry`` for the whole batch. ``Misconfigured`` is raised at construction
+when settings are missing or invalid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+
+@dataclass(slots=True)
+class Message:
+    """One delivery, rendered. ``content`` keys by channel:
+
+    - push:  ``title``, ``body`` (and ``data``: str → str payload for the app)
+    - email: ``subject``, ``html``, ``text``
+    - sms:   ``text``
+    """
+
+    delivery_id: str
+    notification_id: str
+    channel: str
+    route: str
+    address: str
+    content: dict[str, str]
+    category: str
+    priority: str
+    dedup_key: str | None = None
+    data: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    user_id: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Sent:
+    provider_message_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class Retry:
+    reason: str
+    retry_after: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Permanent:
+    reason: str
+
+
+@dataclass(slots=True, frozen=True)
+class InvalidAddress:
+    reason: str
+
+
+Outcome = Sent | Retry | Permanent | InvalidAddress
+
+
+class Misconfigured(Exception):
+    """The provider cannot work with the settings given (missing key, bad URL...)."""
+
+
+class Provider(Protocol):
+    """What every provider module exports as ``Provider`` (constructed with the Settings)."""
+
+    name: ClassVar[str]
+    routes: ClassVar[frozenset[str]]
+
+    def __init__(self, settings: Any) -> None: ...
+
+    def send(self, messages: Sequence[Message]) -> list[Outcome]:
+        """Send a batch; return exactly one outcome per message, in order."""
+        ...
+
+    def close(self) -> None: ...

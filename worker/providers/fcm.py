@@ -1,0 +1,454 @@
+"""Firebase Cloud Messaging, HTTP v1 API (route ``push.android``).
+
+One ``POST {base_url}/v1/projects/{project_id}/messages:send`` per message (the v1 API has no
+batch endpoint); a batch is sent concurrently over a pooled ``httpx.Client`` (HTTP/2 when the
+server offers it) from a small thread pool owned by the provider.
+
+Auth is OAuth2 with a service account: an RS256 JWT grant signed with the account's private key
+is exchanged at ``token_uri`` for an access token, cached until shortly before it expires. A 401
+from a send refreshes the token once (only one thread refreshes) and resends.
+
+Outcomes, from ``error.details[].errorCode`` (``google.firebase.fcm.v1.FcmError``), else
+``error.status``, else the HTTP status:
+
+- ``UNREGISTERED`` → InvalidAddress
+- ``INVALID_ARGUMENT``, ``SENDER_ID_MISMATCH``, ``THIRD_PARTY_AUTH_ERROR`` → Permanent
+- ``QUOTA_EXCEEDED`` → Retry after max(60 s, Retry-After)
+- ``UNAVAILABLE``, ``INTERNAL`` → Retry (Retry-After honoured)
+- our own auth failing (token endpoint down/refusing, 401 after a refresh, 403 PERMISSION_DENIED,
+  404 without an FCM code) → Retry: the message is fine, the configuration is not
+- network errors and timeouts → Retry
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from notifyctl.settings import provider_config
+from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent
+
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+JWT_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+ANDROID_TTL = "86400s"
+QUOTA_BACKOFF = 60.0
+# Refresh an access token this long before it expires (tokens last ~1 h).
+TOKEN_REFRESH_MARGIN = 60.0
+RESERVED_DATA_KEYS = frozenset({"from", "message_type"})
+RESERVED_DATA_PREFIXES = ("google.", "gcm.")
+_COLLAPSE_OK = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NOTIFY_FCM_", extra="ignore")
+
+    service_account_file: Path | None = None
+    service_account_json: SecretStr | None = None
+    project_id: str | None = None
+    base_url: str = "https://fcm.googleapis.com"
+    token_url: str | None = None
+    timeout: float = 10.0
+    concurrency: int = 32
+    ca_file: Path | None = None
+    http2: bool = True
+
+
+class _AuthError(Exception):
+    """Could not obtain an access token; every message of the batch is retried."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def _mask(value: str) -> str:
+    return "****" + value[-4:] if len(value) > 8 else "(set)"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def collapse_key_for(dedup_key: str) -> str:
+    """A collapse key derived from the dedup key: the key itself when short and plain, else a hash."""
+    if _COLLAPSE_OK.match(dedup_key):
+        return dedup_key
+    return "k" + hashlib.sha256(dedup_key.encode()).hexdigest()[:40]
+
+
+def _as_data_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def build_message(m: Message) -> dict[str, Any]:
+    """The ``message`` object for one delivery. Raises ValueError for data FCM would refuse."""
+    data: dict[str, str] = {}
+    for key, value in (m.data or {}).items():
+        k = str(key)
+        if k in RESERVED_DATA_KEYS or k.startswith(RESERVED_DATA_PREFIXES):
+            raise ValueError(f"data key {k!r} is reserved by FCM")
+        if value is None:
+            continue
+        data[k] = _as_data_value(value)
+    data["delivery_id"] = m.delivery_id
+    message: dict[str, Any] = {"token": m.address}
+    notification = {k: str(m.content[k]) for k in ("title", "body", "image") if m.content.get(k)}
+    if notification:
+        message["notification"] = notification
+    message["data"] = data
+    android: dict[str, Any] = {"priority": "high" if m.priority == "high" else "normal", "ttl": ANDROID_TTL}
+    if m.dedup_key:
+        android["collapse_key"] = collapse_key_for(m.dedup_key)
+    message["android"] = android
+    return message
+
+
+def _error_info(resp: Any) -> tuple[str | None, str]:
+    """(FCM error code or RPC status, message) from an error response."""
+    try:
+        err = resp.json().get("error")
+    except ValueError:
+        err = None
+    if not isinstance(err, dict):
+        return None, f"HTTP {resp.status_code}"
+    message = str(err.get("message") or f"HTTP {resp.status_code}")[:200]
+    for detail in err.get("details") or []:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith(
+            "google.firebase.fcm.v1.FcmError"
+        ):
+            if detail.get("errorCode"):
+                return str(detail["errorCode"]), message
+    status = err.get("status")
+    return (str(status) if status else None), message
+
+
+def classify(status_code: int, code: str | None, message: str, retry_after: float | None) -> Outcome:
+    """Map an FCM error to an outcome (see the module docstring)."""
+    what = f"{code or 'HTTP ' + str(status_code)}: {message}"
+    if code == "UNREGISTERED":
+        return InvalidAddress(what)
+    if code in ("INVALID_ARGUMENT", "SENDER_ID_MISMATCH", "THIRD_PARTY_AUTH_ERROR", "FAILED_PRECONDITION"):
+        return Permanent(what)
+    if code in ("QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED") or (code is None and status_code == 429):
+        return Retry(what, max(QUOTA_BACKOFF, retry_after or 0.0))
+    if code in ("UNAVAILABLE", "INTERNAL", "UNSPECIFIED_ERROR", "DEADLINE_EXCEEDED", "ABORTED", "UNKNOWN"):
+        return Retry(what, retry_after)
+    if status_code >= 500 or status_code in (401, 403, 404, 408):
+        # 401/403/404 without an FCM code: credentials, permissions or project_id are wrong.
+        return Retry(what, retry_after)
+    return Permanent(what)
+
+
+class _ServiceAccount:
+    """What we need from the service account JSON. The private key is held as a key object only."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        if not isinstance(info, dict):
+            raise Misconfigured("fcm: the service account JSON must be an object")
+        if info.get("type", "service_account") != "service_account":
+            raise Misconfigured(f"fcm: credentials of type {info.get('type')!r}, expected 'service_account'")
+        missing = [k for k in ("client_email", "private_key") if not info.get(k)]
+        if missing:
+            raise Misconfigured(f"fcm: the service account JSON lacks {', '.join(missing)}")
+        self.client_email = str(info["client_email"])
+        self.private_key_id = str(info.get("private_key_id") or "")
+        self.project_id = str(info.get("project_id") or "") or None
+        self.token_uri = str(info.get("token_uri") or GOOGLE_TOKEN_URI)
+        try:
+            key = load_pem_private_key(str(info["private_key"]).encode(), password=None)
+        except (ValueError, TypeError):
+            raise Misconfigured("fcm: the service account private_key is not a readable PEM key") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise Misconfigured("fcm: the service account private_key is not an RSA key")
+        self.key = key
+
+    def assertion(self, now: float) -> str:
+        import jwt
+
+        iat = int(now)
+        claims = {
+            "iss": self.client_email,
+            "scope": FCM_SCOPE,
+            "aud": self.token_uri,
+            "iat": iat,
+            "exp": iat + 3600,
+        }
+        headers = {"kid": self.private_key_id} if self.private_key_id else None
+        return jwt.encode(claims, self.key, algorithm="RS256", headers=headers)
+
+
+class _TokenSource:
+    """Thread-safe cache of the OAuth2 access token."""
+
+    def __init__(self, account: _ServiceAccount, token_url: str, client: Any) -> None:
+        self.account = account
+        self.token_url = token_url
+        self.client = client
+        self._lock = threading.Lock()
+        # (token, monotonic time to refresh at), replaced as a whole so readers need no lock.
+        self._state: tuple[str, float] | None = None
+        self.fetches = 0
+
+    def _valid(self) -> str | None:
+        state = self._state
+        if state is not None and time.monotonic() < state[1]:
+            return state[0]
+        return None
+
+    def get(self) -> str:
+        token = self._valid()
+        if token is not None:
+            return token
+        with self._lock:
+            return self._valid() or self._fetch()
+
+    def refresh(self, stale: str) -> str:
+        """A new token after ``stale`` was refused; concurrent callers share one refresh."""
+        with self._lock:
+            state = self._state
+            if state is not None and state[0] != stale:
+                return state[0]
+            return self._fetch()
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._state = None
+
+    def _fetch(self) -> str:
+        import httpx
+
+        self._state = None
+        try:
+            resp = self.client.post(
+                self.token_url,
+                data={"grant_type": JWT_GRANT_TYPE, "assertion": self.account.assertion(time.time())},
+                headers={"Accept": "application/json"},
+            )
+        except httpx.TransportError as exc:
+            raise _AuthError(f"oauth token endpoint unreachable: {type(exc).__name__}") from None
+        self.fetches += 1
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
+        if resp.status_code != 200 or not isinstance(body, dict) or not body.get("access_token"):
+            err = body.get("error", "") if isinstance(body, dict) else ""
+            desc = body.get("error_description", "") if isinstance(body, dict) else ""
+            detail = f"{err}: {desc}" if err else f"HTTP {resp.status_code}"
+            raise _AuthError(
+                f"oauth token refused ({detail[:200]})", parse_retry_after(resp.headers.get("Retry-After"))
+            )
+        try:
+            expires_in = float(body.get("expires_in", 3600))
+        except (TypeError, ValueError):
+            expires_in = 3600.0
+        token = str(body["access_token"])
+        self._state = (token, time.monotonic() + expires_in - TOKEN_REFRESH_MARGIN)
+        return token
+
+
+def _load_account_info(cfg: Config) -> dict[str, Any]:
+    if cfg.service_account_json is not None and cfg.service_account_json.get_secret_value().strip():
+        raw = cfg.service_account_json.get_secret_value()
+        source = "service_account_json"
+    elif cfg.service_account_file is not None:
+        try:
+            raw = Path(cfg.service_account_file).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise Misconfigured(
+                f"fcm: cannot read service account file {cfg.service_account_file}: {exc.strerror}"
+            ) from None
+        source = str(cfg.service_account_file)
+    else:
+        raise Misconfigured("fcm: set NOTIFY_FCM_SERVICE_ACCOUNT_FILE or NOTIFY_FCM_SERVICE_ACCOUNT_JSON")
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        raise Misconfigured(f"fcm: {source} is not valid JSON") from None
+    return info
+
+
+class Provider:
+    name: ClassVar[str] = "fcm"
+    routes: ClassVar[frozenset[str]] = frozenset({"push.android"})
+
+    def __init__(self, settings: Any) -> None:
+        import httpx
+
+        self.config: Config = provider_config(Config, "fcm", settings)
+        cfg = self.config
+        self.account = _ServiceAccount(_load_account_info(cfg))
+        self.project_id = cfg.project_id or self.account.project_id
+        if not self.project_id:
+            raise Misconfigured("fcm: no project_id in the service account JSON; set NOTIFY_FCM_PROJECT_ID")
+        if not cfg.base_url.startswith(("http://", "https://")):
+            raise Misconfigured(f"fcm: base_url {cfg.base_url!r} is not an http(s) URL")
+        if cfg.concurrency < 1 or cfg.timeout <= 0:
+            raise Misconfigured("fcm: concurrency must be >= 1 and timeout > 0")
+        self.token_url = cfg.token_url or self.account.token_uri
+        self.send_url = f"{cfg.base_url.rstrip('/')}/v1/projects/{self.project_id}/messages:send"
+
+        verify: Any = True
+        if cfg.ca_file is not None:
+            import ssl
+
+            try:
+                verify = ssl.create_default_context(cafile=str(cfg.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise Misconfigured(f"fcm: cannot load ca_file {cfg.ca_file}: {exc}") from None
+        http2 = cfg.http2
+        if http2:
+            try:
+                import h2  # noqa: F401
+            except ImportError:
+                http2 = False
+        self._client = httpx.Client(
+            timeout=cfg.timeout,
+            verify=verify,
+            http2=http2,
+            limits=httpx.Limits(
+                max_connections=cfg.concurrency + 2, max_keepalive_connections=cfg.concurrency + 2
+            ),
+            headers={"User-Agent": "notifyctl-fcm/0.1"},
+        )
+        self.tokens = _TokenSource(self.account, self.token_url, self._client)
+        self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="fcm-send")
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, messages: Sequence[Message]) -> list[Outcome]:
+        if not messages:
+            return []
+        try:
+            token = self.tokens.get()
+        except _AuthError as exc:
+            return [Retry(exc.reason, exc.retry_after) for _ in messages]
+        if len(messages) == 1:
+            return [self._send_one(messages[0], token)]
+        return list(self._pool.map(lambda m: self._send_one(m, token), messages))
+
+    def _send_one(self, m: Message, token: str) -> Outcome:
+        import httpx
+
+        try:
+            body = json.dumps(
+                {"message": build_message(m)}, separators=(",", ":"), ensure_ascii=False
+            ).encode()
+        except ValueError as exc:
+            return Permanent(f"INVALID_ARGUMENT (local): {exc}")
+        for attempt in (0, 1):
+            try:
+                resp = self._client.post(
+                    self.send_url,
+                    content=body,
+                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json; UTF-8"},
+                )
+            except httpx.TimeoutException as exc:
+                return Retry(f"timeout: {type(exc).__name__}")
+            except httpx.TransportError as exc:
+                return Retry(f"network error: {type(exc).__name__}")
+            if resp.status_code == 200:
+                try:
+                    name = resp.json().get("name")
+                except (ValueError, AttributeError):
+                    name = None
+                return Sent(str(name) if name else "fcm:unnamed")
+            code, text = _error_info(resp)
+            if resp.status_code == 401 and code != "THIRD_PARTY_AUTH_ERROR" and attempt == 0:
+                try:
+                    token = self.tokens.refresh(token)
+                except _AuthError as exc:
+                    return Retry(exc.reason, exc.retry_after)
+                continue
+            return classify(resp.status_code, code, text, parse_retry_after(resp.headers.get("Retry-After")))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- admin -------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, str]:
+        cfg = self.config
+        return {
+            "service_account": (
+                "(set, inline JSON)"
+                if cfg.service_account_json is not None
+                and cfg.service_account_json.get_secret_value().strip()
+                else str(cfg.service_account_file)
+            ),
+            "client_email": self.account.client_email,
+            "private_key_id": _mask(self.account.private_key_id) if self.account.private_key_id else "(none)",
+            "project_id": str(self.project_id),
+            "base_url": cfg.base_url,
+            "token_url": self.token_url,
+            "timeout": str(cfg.timeout),
+            "concurrency": str(cfg.concurrency),
+            "ca_file": str(cfg.ca_file) if cfg.ca_file else "(system)",
+            "http2": str(cfg.http2),
+        }
+
+    def check(self) -> str | None:
+        """Fetch a fresh token, then ask FCM to *validate* (not send) a message to a dummy token:
+        a 200 or a 400 about the token means the credentials may send to this project."""
+        import httpx
+
+        self.tokens.invalidate()
+        try:
+            token = self.tokens.get()
+        except _AuthError as exc:
+            return exc.reason
+        body = {
+            "validate_only": True,
+            "message": {
+                "token": "notifyctl-check",
+                "data": {"check": "1"},
+                "android": {"priority": "normal"},
+            },
+        }
+        try:
+            resp = self._client.post(self.send_url, json=body, headers={"Authorization": f"Bearer {token}"})
+        except httpx.TransportError as exc:
+            return f"FCM unreachable at {self.config.base_url}: {type(exc).__name__}"
+        if resp.status_code == 200:
+            return None
+        code, text = _error_info(resp)
+        if resp.status_code == 400 or code in ("INVALID_ARGUMENT", "UNREGISTERED"):
+            return None
+        return f"FCM refused a validate_only request: {code or 'HTTP ' + str(resp.status_code)}: {text}"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._client.close()

@@ -1,0 +1,83 @@
+"""The outbox provider: every route, no network. Each message becomes one JSON line in
+``$NOTIFY_HOME/outbox/<route>.jsonl`` — the default when no real provider is configured,
+and a way to see exactly what would have been sent.
+
+A batch is written with one ``write()`` on a file opened with ``O_APPEND``, so lines from
+concurrent worker processes never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from worker.providers.base import Message, Outcome, Sent
+
+
+class Provider:
+    name: ClassVar[str] = "outbox"
+    routes: ClassVar[frozenset[str]] = frozenset({"push.ios", "push.android", "email", "sms"})
+
+    def __init__(self, settings: Any) -> None:
+        self.dir = settings.outbox_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, route: str) -> int:
+        fd = self._fds.get(route)
+        if fd is None:
+            path = self.dir / f"{route}.jsonl"
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fds[route] = fd
+        return fd
+
+    def send(self, messages: Sequence[Message]) -> list[Outcome]:
+        now = time.time()
+        by_route: dict[str, list[str]] = {}
+        outcomes: list[Outcome] = []
+        for m in messages:
+            mid = "outbox-" + uuid.uuid4().hex
+            record = {
+                "provider_message_id": mid,
+                "delivery_id": m.delivery_id,
+                "notification_id": m.notification_id,
+                "route": m.route,
+                "to": m.address,
+                "category": m.category,
+                "priority": m.priority,
+                "content": m.content,
+                "data": m.data,
+                "headers": m.headers,
+                "collapse_id": m.dedup_key,
+                "at": now,
+            }
+            by_route.setdefault(m.route, []).append(json.dumps(record, separators=(",", ":")))
+            outcomes.append(Sent(mid))
+        for route, lines in by_route.items():
+            data = ("\n".join(lines) + "\n").encode()
+            fd = self._fd(route)
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        return outcomes
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def read_outbox(outbox_dir: Any, route: str | None = None) -> list[dict[str, Any]]:
+    """All records in the outbox (optionally one route), oldest first."""
+    records: list[dict[str, Any]] = []
+    paths = sorted(outbox_dir.glob("*.jsonl")) if route is None else [outbox_dir / f"{route}.jsonl"]
+    for path in paths:
+        if path.exists():
+            with open(path, encoding="utf-8") as fh:
+                records.extend(json.loads(line) for line in fh if line.strip())
+    return records

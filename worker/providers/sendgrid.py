@@ -1,0 +1,307 @@
+"""SendGrid v3 Mail Send (route ``email``).
+
+One ``POST /v3/mail/send`` carries up to 1000 personalizations. Our messages are rendered per
+user, so each message is one personalization (its own ``to``, ``subject``, ``headers`` such as
+``List-Unsubscribe``, and ``custom_args`` with our ``delivery_id``/``notification_id`` so the
+Event Webhook can be matched back). Messages whose bodies are identical (same text, html and
+category) share a request; everything else gets its own. Requests of one ``send()`` run
+concurrently over one pooled ``httpx.Client``.
+
+Answers: 202 → ``Sent(X-Message-Id)`` (the same id for every personalization of a request: the
+webhook events carry our custom_args, and their ``sg_message_id`` starts with it);
+400 → ``Permanent`` with SendGrid's message (when the errors point at single personalizations,
+those fail, as ``InvalidAddress`` for a bad recipient, and the rest are sent again);
+401/403 → ``Permanent`` (configuration); 413 → split in halves and send again, ``Permanent`` for a
+single message; 429 → ``Retry`` with ``retry_after`` from ``Retry-After`` or ``X-RateLimit-Reset``;
+5xx and network errors → ``Retry``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from notifyctl.settings import provider_config
+from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent
+
+log = logging.getLogger(__name__)
+
+MAX_PERSONALIZATIONS = 1000
+_PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)(?:\.(\w+))?")
+
+
+class Config(BaseSettings):
+    """SendGrid settings: environment ``NOTIFY_SENDGRID_*`` or ``[provider_options.sendgrid]``."""
+
+    model_config = SettingsConfigDict(env_prefix="NOTIFY_SENDGRID_", extra="ignore")
+
+    api_key: SecretStr | None = Field(None, description="API key with the mail.send scope (SG....)")
+    base_url: str = Field("https://api.sendgrid.com", description="API base URL (a sandbox URL in tests)")
+    from_address: str | None = Field(None, description="sender address; unset = the main email_from")
+    from_name: str | None = Field(None, description="sender display name")
+    timeout: float = Field(10.0, gt=0, description="HTTP timeout per request, seconds")
+    concurrency: int = Field(8, ge=1, le=256, description="parallel requests within one send()")
+    max_personalizations: int = Field(
+        MAX_PERSONALIZATIONS, ge=1, le=MAX_PERSONALIZATIONS, description="personalizations per request"
+    )
+
+
+def _mask(secret: SecretStr | None) -> str:
+    if secret is None or not secret.get_secret_value():
+        return "(not set)"
+    value = secret.get_secret_value()
+    return "****" + value[-4:] if len(value) >= 16 else "(set)"
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds or HTTP date) or ``X-RateLimit-Reset`` (epoch)."""
+    value = headers.get("Retry-After")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    reset = headers.get("X-RateLimit-Reset")
+    if reset:
+        try:
+            return max(0.0, float(reset) - time.time())
+        except ValueError:
+            pass
+    return None
+
+
+def _errors(response: Any) -> list[dict[str, Any]]:
+    try:
+        payload = response.json()
+    except ValueError:
+        return []
+    errors = payload.get("errors") if isinstance(payload, dict) else None
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+
+
+def _describe_errors(response: Any) -> str:
+    errors = _errors(response)
+    if not errors:
+        text = response.text.strip()
+        return text[:200] if text else response.reason_phrase
+    parts = []
+    for e in errors[:5]:
+        msg = str(e.get("message") or "error")
+        parts.append(f"{e['field']}: {msg}" if e.get("field") else msg)
+    return "; ".join(parts)
+
+
+class Provider:
+    name: ClassVar[str] = "sendgrid"
+    routes: ClassVar[frozenset[str]] = frozenset({"email"})
+
+    def __init__(self, settings: Any) -> None:
+        import httpx
+
+        try:
+            self.config: Config = provider_config(Config, "sendgrid", settings)
+        except ValidationError as exc:
+            raise Misconfigured(f"sendgrid: invalid settings: {exc.errors(include_input=False)}") from None
+        cfg = self.config
+        if cfg.api_key is None or not cfg.api_key.get_secret_value().strip():
+            raise Misconfigured("sendgrid: api_key is not set (NOTIFY_SENDGRID_API_KEY)")
+        if not cfg.base_url.startswith(("http://", "https://")):
+            raise Misconfigured(f"sendgrid: base_url must be an http(s) URL, got {cfg.base_url!r}")
+        self.from_address: str = cfg.from_address or settings.email_from
+        if "@" not in self.from_address:
+            raise Misconfigured(f"sendgrid: from address {self.from_address!r} is not an email address")
+        self._httpx = httpx
+        self._client = httpx.Client(
+            base_url=cfg.base_url.rstrip("/"),
+            headers={
+                "Authorization": f"Bearer {cfg.api_key.get_secret_value().strip()}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": "notifyctl-sendgrid/1",
+            },
+            timeout=cfg.timeout,
+            limits=httpx.Limits(
+                max_connections=cfg.concurrency,
+                max_keepalive_connections=cfg.concurrency,
+                keepalive_expiry=60,
+            ),
+        )
+        self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="sendgrid")
+
+    # ------------------------------------------------------------------ display / checks
+
+    def describe(self) -> dict[str, str]:
+        cfg = self.config
+        return {
+            "api_key": _mask(cfg.api_key),
+            "base_url": cfg.base_url,
+            "from_address": self.from_address,
+            "from_name": cfg.from_name or "",
+            "timeout": f"{cfg.timeout:g}s",
+            "concurrency": str(cfg.concurrency),
+            "max_personalizations": str(cfg.max_personalizations),
+        }
+
+    def check(self) -> str | None:
+        """``GET /v3/scopes``: the key is valid and may send mail. Sends nothing."""
+        try:
+            resp = self._client.get("/v3/scopes")
+        except self._httpx.HTTPError as exc:
+            return f"sendgrid: cannot reach {self.config.base_url}: {type(exc).__name__}: {exc}"
+        if resp.status_code in (401, 403):
+            return f"sendgrid: API key rejected ({resp.status_code}): {_describe_errors(resp)}"
+        if resp.status_code != 200:
+            return f"sendgrid: GET /v3/scopes answered HTTP {resp.status_code}: {_describe_errors(resp)}"
+        try:
+            scopes = resp.json().get("scopes") or []
+        except (ValueError, AttributeError):
+            return "sendgrid: GET /v3/scopes answered something that is not JSON"
+        if "mail.send" not in scopes:
+            return "sendgrid: the API key lacks the mail.send scope"
+        return None
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, messages: Sequence[Message]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        groups: dict[tuple[str, str, str], list[int]] = {}
+        for i, m in enumerate(messages):
+            problem = self._precheck(m)
+            if problem is not None:
+                outcomes[i] = problem
+                continue
+            key = (m.content.get("text") or "", m.content.get("html") or "", m.category)
+            groups.setdefault(key, []).append(i)
+
+        size = self.config.max_personalizations
+        chunks = [idxs[j : j + size] for idxs in groups.values() for j in range(0, len(idxs), size)]
+        if len(chunks) == 1:
+            results = [self._send_safely(messages, chunks[0])]
+        else:
+            futures = [self._pool.submit(self._send_safely, messages, chunk) for chunk in chunks]
+            results = [f.result() for f in futures]
+        for chunk, chunk_outcomes in zip(chunks, results, strict=True):
+            for i, outcome in zip(chunk, chunk_outcomes, strict=True):
+                outcomes[i] = outcome
+        return [o if o is not None else Retry("sendgrid: no outcome") for o in outcomes]
+
+    def _precheck(self, m: Message) -> Outcome | None:
+        if m.route != "email":
+            return Permanent(f"sendgrid cannot send route {m.route!r}")
+        addr = m.address.strip()
+        if (
+            addr.count("@") != 1
+            or addr.startswith("@")
+            or addr.endswith("@")
+            or any(c.isspace() for c in addr)
+        ):
+            return InvalidAddress(f"not an email address: {m.address!r}")
+        if not (m.content.get("subject") or "").strip():
+            return Permanent("email has no subject")
+        if not (m.content.get("text") or m.content.get("html")):
+            return Permanent("email has neither a text nor an html body")
+        return None
+
+    def _send_safely(self, messages: Sequence[Message], idxs: list[int]) -> list[Outcome]:
+        try:
+            return self._send_chunk(messages, idxs)
+        except Exception as exc:  # one request's surprise must not lose the other requests' outcomes
+            log.exception("sendgrid: unexpected error sending %d message(s)", len(idxs))
+            return [Retry(f"sendgrid: unexpected {type(exc).__name__}")] * len(idxs)
+
+    def _body(self, batch: list[Message]) -> dict[str, Any]:
+        first = batch[0]
+        sender: dict[str, str] = {"email": self.from_address}
+        if self.config.from_name:
+            sender["name"] = self.config.from_name
+        content = []
+        if first.content.get("text"):
+            content.append({"type": "text/plain", "value": first.content["text"]})
+        if first.content.get("html"):
+            content.append({"type": "text/html", "value": first.content["html"]})
+        personalizations = []
+        for m in batch:
+            p: dict[str, Any] = {
+                "to": [{"email": m.address.strip()}],
+                "subject": m.content["subject"],
+                "custom_args": {"delivery_id": str(m.delivery_id), "notification_id": str(m.notification_id)},
+            }
+            if m.headers:
+                p["headers"] = {str(k): str(v) for k, v in m.headers.items()}
+            personalizations.append(p)
+        body: dict[str, Any] = {"personalizations": personalizations, "from": sender, "content": content}
+        if first.category:
+            body["categories"] = [first.category]
+        return body
+
+    def _send_chunk(self, messages: Sequence[Message], idxs: list[int]) -> list[Outcome]:
+        """Send ``messages[idxs]`` as one request; one outcome per index."""
+        batch = [messages[i] for i in idxs]
+        payload = json.dumps(self._body(batch), separators=(",", ":"), ensure_ascii=False).encode()
+        n = len(batch)
+        try:
+            resp = self._client.post("/v3/mail/send", content=payload)
+        except self._httpx.TimeoutException as exc:
+            return [Retry(f"sendgrid: timeout ({type(exc).__name__})")] * n
+        except self._httpx.TransportError as exc:
+            return [Retry(f"sendgrid: network error: {type(exc).__name__}: {exc}")] * n
+
+        status = resp.status_code
+        if 200 <= status < 300:
+            mid = resp.headers.get("X-Message-Id") or ""
+            return [Sent(mid or f"sendgrid:{m.delivery_id}") for m in batch]
+        if status == 400:
+            return self._bad_request(messages, idxs, resp)
+        if status in (401, 403):
+            return [Permanent(f"sendgrid: API key rejected ({status}): {_describe_errors(resp)}")] * n
+        if status == 413:
+            if n == 1:
+                return [Permanent("sendgrid: message too large (413)")]
+            half = n // 2
+            return self._send_chunk(messages, idxs[:half]) + self._send_chunk(messages, idxs[half:])
+        if status == 429:
+            return [Retry("sendgrid: rate limited (429)", _retry_after(resp.headers))] * n
+        if status >= 500:
+            return [Retry(f"sendgrid: server error {status}", _retry_after(resp.headers))] * n
+        return [Permanent(f"sendgrid: HTTP {status}: {_describe_errors(resp)}")] * n
+
+    def _bad_request(self, messages: Sequence[Message], idxs: list[int], resp: Any) -> list[Outcome]:
+        """400: when every error names a personalization, fail only those and resend the others."""
+        n = len(idxs)
+        errors = _errors(resp)
+        bad: dict[int, Outcome] = {}
+        for e in errors:
+            m = _PERSONALIZATION_FIELD.match(str(e.get("field") or ""))
+            if not m or int(m.group(1)) >= n:
+                bad = {}
+                break
+            pos = int(m.group(1))
+            reason = f"sendgrid: {e.get('field')}: {e.get('message') or 'invalid'}"
+            if m.group(2) == "to":
+                bad[pos] = InvalidAddress(reason)
+            elif pos not in bad:
+                bad[pos] = Permanent(reason)
+        if not bad:
+            return [Permanent(f"sendgrid: bad request: {_describe_errors(resp)}")] * n
+        outcomes: list[Outcome | None] = [bad.get(pos) for pos in range(n)]
+        rest = [pos for pos in range(n) if pos not in bad]
+        if rest:
+            for pos, outcome in zip(rest, self._send_chunk(messages, [idxs[p] for p in rest]), strict=True):
+                outcomes[pos] = outcome
+        return [o if o is not None else Permanent("sendgrid: bad request") for o in outcomes]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._client.close()

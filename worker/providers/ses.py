@@ -1,0 +1,395 @@
+"""Amazon SES v2 (email) through boto3's ``sesv2`` client.
+
+One ``SendEmail`` call per message (``Content.Simple``: subject, text/html body, extra headers such
+as List-Unsubscribe), sent concurrently from a thread pool over one shared, thread-safe boto3
+client (its connection pool is sized to the concurrency). ``EmailTags`` carry our ``delivery_id``
+so SES event records (through a configuration set) can be joined back to the delivery.
+
+botocore's own retries are kept low (``max_attempts`` 1 by default): the pipeline owns retries.
+
+Settings (env ``NOTIFY_SES_*`` or ``[provider_options.ses]``): see :class:`Config`.
+The module also holds the AWS helpers shared with :mod:`worker.providers.sns`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from email.header import Header
+from typing import Any, ClassVar
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from notifyctl.settings import provider_config
+from worker.providers.base import (
+    InvalidAddress,
+    Message,
+    Misconfigured,
+    Outcome,
+    Permanent,
+    Retry,
+    Sent,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared AWS plumbing (also used by the SNS provider)
+# ---------------------------------------------------------------------------------------------
+
+#: Error codes that mean "try again later", across AWS protocols (rest-json and query).
+RETRY_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "Throttled",
+        "TooManyRequestsException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "LimitExceededException",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "InternalFailure",
+        "InternalError",
+        "InternalServerError",
+        "InternalServerException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "KMSThrottling",
+    }
+)
+
+#: Credentials / signing problems: the same request will never succeed.
+AUTH_CODES = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "IncompleteSignatureException",
+        "MissingAuthenticationToken",
+        "MissingAuthenticationTokenException",
+        "AccessDenied",
+        "AccessDeniedException",
+        "AuthorizationError",
+        "InvalidSecurity",
+        "ExpiredToken",
+        "ExpiredTokenException",
+    }
+)
+
+
+class AwsConfig(BaseSettings):
+    """Settings common to the AWS providers (each provider subclasses it with its own env prefix)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    region: str = Field("us-east-1", description="AWS region")
+    endpoint_url: str | None = Field(
+        None, description="API endpoint (a local sandbox); unset = AWS (or boto3's AWS_ENDPOINT_URL_*)"
+    )
+    access_key_id: str | None = Field(None, description="access key id; unset = boto3 default chain")
+    secret_access_key: SecretStr | None = Field(None, description="secret access key")
+    session_token: SecretStr | None = Field(None, description="session token for temporary credentials")
+    concurrency: int = Field(16, ge=1, le=512, description="parallel API calls within one batch")
+    max_pool_connections: int | None = Field(
+        None, ge=1, description="HTTP connection pool size; unset = concurrency"
+    )
+    timeout: float = Field(10.0, gt=0, description="connect and read timeout, seconds")
+    max_attempts: int = Field(1, ge=1, le=10, description="botocore attempts per call (1 = pipeline retries)")
+
+
+def build_config(config_cls: type[AwsConfig], name: str, settings: Any) -> Any:
+    try:
+        config = provider_config(config_cls, name, settings)
+    except ValidationError as exc:
+        raise Misconfigured(f"{name}: invalid settings: {_validation_summary(exc)}") from None
+    if bool(config.access_key_id) != bool(config.secret_access_key):
+        raise Misconfigured(f"{name}: set both access_key_id and secret_access_key, or neither")
+    if config.endpoint_url and not re.match(r"^https?://[^/\s]+", config.endpoint_url):
+        raise Misconfigured(f"{name}: endpoint_url must be an http(s) URL, got {config.endpoint_url!r}")
+    return config
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    # Never echo input values (they may be secrets): field names and messages only.
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
+def make_client(service: str, config: AwsConfig) -> Any:
+    """One boto3 client (thread-safe) with low retries, timeouts and a pool sized for ``concurrency``."""
+    boto_config = BotoConfig(
+        region_name=config.region,
+        connect_timeout=config.timeout,
+        read_timeout=config.timeout,
+        max_pool_connections=config.max_pool_connections or config.concurrency,
+        retries={"total_max_attempts": config.max_attempts, "mode": "standard"},
+    )
+    kwargs: dict[str, Any] = {"config": boto_config, "region_name": config.region}
+    if config.endpoint_url:
+        kwargs["endpoint_url"] = config.endpoint_url
+    if config.access_key_id and config.secret_access_key:
+        kwargs["aws_access_key_id"] = config.access_key_id
+        kwargs["aws_secret_access_key"] = config.secret_access_key.get_secret_value()
+        if config.session_token:
+            kwargs["aws_session_token"] = config.session_token.get_secret_value()
+    session = boto3.session.Session()
+    return session.client(service, **kwargs)
+
+
+def mask(value: str | None) -> str:
+    if not value:
+        return "(unset)"
+    return "****" + value[-4:] if len(value) > 8 else "(set)"
+
+
+def describe_common(config: AwsConfig) -> dict[str, str]:
+    return {
+        "region": config.region,
+        "endpoint_url": config.endpoint_url or "(AWS default)",
+        "access_key_id": mask(config.access_key_id) if config.access_key_id else "(default chain)",
+        "secret_access_key": "(set)" if config.secret_access_key else "(default chain)",
+        "session_token": "(set)" if config.session_token else "(unset)",
+        "concurrency": str(config.concurrency),
+        "timeout": str(config.timeout),
+        "max_attempts": str(config.max_attempts),
+    }
+
+
+def error_parts(exc: ClientError) -> tuple[str, str, int, float | None]:
+    """(code, message, http status, Retry-After seconds or None) of a botocore ClientError."""
+    resp = exc.response or {}
+    err = resp.get("Error") or {}
+    meta = resp.get("ResponseMetadata") or {}
+    code = str(err.get("Code") or "")
+    message = str(err.get("Message") or "")
+    status = int(meta.get("HTTPStatusCode") or 0)
+    retry_after: float | None = None
+    raw = (meta.get("HTTPHeaders") or {}).get("retry-after")
+    if raw:
+        try:
+            retry_after = max(0.0, float(raw))
+        except ValueError:
+            retry_after = None
+    return code, message, status, retry_after
+
+
+def transport_outcome(exc: Exception) -> Outcome:
+    """Outcome for a non-ClientError failure of one call (network, credentials, parameters)."""
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return Permanent(f"no usable AWS credentials: {type(exc).__name__}")
+    if isinstance(exc, ParamValidationError):
+        return Permanent(f"request rejected by botocore validation: {exc}")
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return Retry(f"network error: {type(exc).__name__}")
+    if isinstance(exc, BotoCoreError):
+        return Retry(f"AWS client error: {type(exc).__name__}")
+    return Retry(f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+def generic_outcome(code: str, message: str, status: int, retry_after: float | None) -> Outcome:
+    reason = f"{code or status}: {message}".strip()
+    if code in RETRY_CODES or status == 429 or status >= 500:
+        return Retry(reason, retry_after)
+    if code in AUTH_CODES or status in (401, 403):
+        return Permanent(f"AWS rejected the credentials: {reason}")
+    return Permanent(reason)
+
+
+def run_batch(pool: ThreadPoolExecutor, fn: Any, messages: Sequence[Message]) -> list[Outcome]:
+    """Apply ``fn`` to each message, concurrently when there is more than one; never raises per message."""
+
+    def guarded(m: Message) -> Outcome:
+        try:
+            return fn(m)
+        except Exception as exc:  # noqa: BLE001 - one message's failure must not sink the batch
+            log.warning("unexpected error sending %s: %s", m.delivery_id, type(exc).__name__)
+            return Retry(f"unexpected error: {type(exc).__name__}")
+
+    if not messages:
+        return []
+    if len(messages) == 1:
+        return [guarded(messages[0])]
+    return list(pool.map(guarded, messages))
+
+
+# ---------------------------------------------------------------------------------------------
+# SES
+# ---------------------------------------------------------------------------------------------
+
+
+class Config(AwsConfig):
+    model_config = SettingsConfigDict(env_prefix="NOTIFY_SES_", extra="ignore")
+
+    from_address: str | None = Field(None, description="From address; unset = main settings email_from")
+    configuration_set: str | None = Field(None, description="SES configuration set (event publishing)")
+
+
+#: SES says an address (a recipient, in practice) cannot be parsed.
+_BAD_ADDRESS_RE = re.compile(
+    r"illegal address|invalid email address|missing final '@domain'|missing domain|"
+    r"domain contains|local address contains|domain ends with|domain starts with|"
+    r"address contains|local part",
+    re.IGNORECASE,
+)
+_TAG_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,126}$")
+_PERMANENT_CODES = frozenset(
+    {
+        "MessageRejected",
+        "MailFromDomainNotVerifiedException",
+        "MailFromDomainNotVerified",
+        "BadRequestException",
+        "InvalidParameterValue",
+        "AccountSuspendedException",
+        "SendingPausedException",
+        "NotFoundException",
+        "ConfigurationSetDoesNotExist",
+        "ConfigurationSetSendingPausedException",
+        "AccountSendingPausedException",
+    }
+)
+
+
+def tag_value(value: str) -> str:
+    """SES tag values allow only ASCII letters, digits, ``_`` and ``-`` (1..256 chars)."""
+    return (_TAG_BAD_CHARS.sub("_", value) or "_")[:256]
+
+
+def header_value(value: str) -> str:
+    """SES header values must be printable ASCII: strip line breaks, RFC 2047-encode anything else."""
+    value = " ".join(str(value).split())
+    if value.isascii() and value.isprintable():
+        return value
+    return Header(value, "utf-8", maxlinelen=0).encode()
+
+
+class Provider:
+    name: ClassVar[str] = "ses"
+    routes: ClassVar[frozenset[str]] = frozenset({"email"})
+
+    def __init__(self, settings: Any) -> None:
+        self.config: Config = build_config(Config, "ses", settings)
+        self.from_address = self.config.from_address or settings.email_from
+        if not self.from_address or "@" not in self.from_address:
+            raise Misconfigured(f"ses: from_address {self.from_address!r} is not an email address")
+        self.client = make_client("sesv2", self.config)
+        self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="ses")
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, messages: Sequence[Message]) -> list[Outcome]:
+        return run_batch(self._pool, self._send_one, messages)
+
+    def _request(self, m: Message) -> dict[str, Any] | Outcome:
+        body: dict[str, Any] = {}
+        if m.content.get("text"):
+            body["Text"] = {"Data": m.content["text"], "Charset": "UTF-8"}
+        if m.content.get("html"):
+            body["Html"] = {"Data": m.content["html"], "Charset": "UTF-8"}
+        if not body:
+            return Permanent("email has neither a text nor an html body")
+        headers = []
+        for name, value in m.headers.items():
+            if not _HEADER_NAME_RE.match(name):
+                return Permanent(f"header name {name!r} is not allowed by SES")
+            encoded = header_value(value)
+            if len(encoded) > 995:
+                return Permanent(f"header {name} is longer than SES allows (995)")
+            headers.append({"Name": name, "Value": encoded})
+        simple: dict[str, Any] = {
+            "Subject": {"Data": m.content.get("subject", ""), "Charset": "UTF-8"},
+            "Body": body,
+        }
+        if headers:
+            simple["Headers"] = headers
+        request: dict[str, Any] = {
+            "FromEmailAddress": self.from_address,
+            "Destination": {"ToAddresses": [m.address]},
+            "Content": {"Simple": simple},
+            "EmailTags": [
+                {"Name": "delivery_id", "Value": tag_value(m.delivery_id)},
+                {"Name": "notification_id", "Value": tag_value(m.notification_id)},
+                {"Name": "category", "Value": tag_value(m.category)},
+            ],
+        }
+        if self.config.configuration_set:
+            request["ConfigurationSetName"] = self.config.configuration_set
+        return request
+
+    def _send_one(self, m: Message) -> Outcome:
+        request = self._request(m)
+        if not isinstance(request, dict):
+            return request
+        try:
+            resp = self.client.send_email(**request)
+        except ClientError as exc:
+            return self.classify(*error_parts(exc))
+        except Exception as exc:  # noqa: BLE001
+            return transport_outcome(exc)
+        return Sent(str(resp["MessageId"]))
+
+    def classify(self, code: str, message: str, status: int, retry_after: float | None) -> Outcome:
+        """Map an SES error to an outcome."""
+        reason = f"{code or status}: {message}".strip()
+        if code in ("BadRequestException", "InvalidParameterValue") and _BAD_ADDRESS_RE.search(message):
+            if self.from_address.lower() not in message.lower():
+                return InvalidAddress(reason)
+        if "daily message quota exceeded" in message.lower():
+            return Retry(reason, retry_after if retry_after is not None else 3600.0)
+        if code == "NotFoundException":
+            return Permanent(f"{reason} (configuration set {self.config.configuration_set!r}?)")
+        if code in _PERMANENT_CODES:
+            return Permanent(reason)
+        return generic_outcome(code, message, status, retry_after)
+
+    # -- operations --------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "provider": self.name,
+            **describe_common(self.config),
+            "from_address": self.from_address,
+            "configuration_set": self.config.configuration_set or "(none)",
+        }
+
+    def check(self) -> str | None:
+        """Credentials work and the From address (or its domain) is a verified identity; sends nothing."""
+        address = self.from_address.rsplit("<", 1)[-1].rstrip(">").strip()
+        domain = address.rsplit("@", 1)[-1]
+        for identity in (address, domain):
+            try:
+                resp = self.client.get_email_identity(EmailIdentity=identity)
+            except ClientError as exc:
+                code, message, status, _ = error_parts(exc)
+                if code == "NotFoundException":
+                    continue
+                return f"SES refused GetEmailIdentity: {code or status}: {message}"
+            except Exception as exc:  # noqa: BLE001
+                where = self.config.endpoint_url or self.config.region
+                return f"cannot reach SES ({where}): {type(exc).__name__}"
+            if resp.get("VerifiedForSendingStatus") or resp.get("VerificationStatus") == "SUCCESS":
+                return None
+            return f"SES identity {identity} is not verified (status {resp.get('VerificationStatus')})"
+        return f"from address {address} is not an SES identity (neither the address nor {domain})"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.client.close()

@@ -1,0 +1,309 @@
+"""Twilio Programmable Messaging (route ``sms``) and Voice (route ``voice``, an OTP fallback).
+
+Uses the official ``twilio`` SDK so its real request building and error parsing run. The SDK
+hardcodes ``https://api.twilio.com``; ``RoutedHttpClient`` (a ``twilio.http.HttpClient``) rewrites
+that origin to ``base_url`` (the sandbox in tests) and keeps one pooled ``requests`` session, so
+connections are reused across messages. Twilio has no batch send: a batch is sent concurrently
+on a thread pool (``concurrency``, default 16).
+
+SMS: ``messages.create(to, from_ | messaging_service_sid, body, status_callback)`` → ``Sent(SM...)``.
+Voice: ``calls.create(to, from_, twiml="<Response><Say>…</Say></Response>")`` → ``Sent(CA...)``;
+digits in the text are spoken one by one (an OTP "482913" is read "4 8 2 9 1 3").
+
+Errors (``TwilioRestException.code``): 21211/21614 (invalid / not a mobile number) and 21610
+(recipient replied STOP: unsubscribed) → ``InvalidAddress``; 20429 or HTTP 429 and 5xx → ``Retry``
+honouring ``Retry-After``; 30003/30005/30006 → ``Permanent``; other 4xx → ``Permanent``;
+network errors → ``Retry``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from xml.sax.saxutils import escape
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from notifyctl.settings import provider_config
+from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.twilio.com"
+_TWILIO_API_ORIGIN = re.compile(r"^https://api(?:\.[a-z0-9-]+)*\.twilio\.com(?=/|$)", re.IGNORECASE)
+_ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+_INVALID_ADDRESS_CODES = {
+    21211: "invalid 'To' phone number",
+    21614: "'To' number is not a valid mobile number",
+}
+_UNDELIVERABLE_CODES = {
+    30003: "unreachable handset",
+    30005: "unknown destination",
+    30006: "landline or unreachable",
+}
+
+
+class Config(BaseSettings):
+    """Twilio settings: environment ``NOTIFY_TWILIO_*`` or ``[provider_options.twilio]``."""
+
+    model_config = SettingsConfigDict(env_prefix="NOTIFY_TWILIO_", extra="ignore")
+
+    account_sid: str | None = Field(None, description="Account SID (AC...)")
+    auth_token: SecretStr | None = Field(None, description="Auth token")
+    from_number: str | None = Field(None, description="sender number, E.164 (needed for voice)")
+    messaging_service_sid: str | None = Field(
+        None, description="Messaging Service SID (MG...), preferred for SMS"
+    )
+    status_callback_url: str | None = Field(None, description="status callback URL (delivery_id is appended)")
+    base_url: str = Field(DEFAULT_BASE_URL, description="API origin (a sandbox URL in tests)")
+    timeout: float = Field(10.0, gt=0, description="HTTP timeout per request, seconds")
+    concurrency: int = Field(16, ge=1, le=256, description="parallel requests within one send()")
+
+
+def _mask(secret: SecretStr | None) -> str:
+    if secret is None or not secret.get_secret_value():
+        return "(not set)"
+    value = secret.get_secret_value()
+    return "****" + value[-4:] if len(value) >= 16 else "(set)"
+
+
+def _retry_after(headers: Any) -> float | None:
+    if not headers:
+        return None
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _with_query(url: str, **params: str) -> str:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def voice_twiml(text: str) -> str:
+    """TwiML that reads ``text`` aloud; digit runs are spaced so codes are read digit by digit."""
+    spoken = re.sub(r"(?<=\d)(?=\d)", " ", text)
+    return f"<Response><Say>{escape(spoken)}</Say></Response>"
+
+
+def _make_http_client(base_url: str, timeout: float, pool_size: int) -> Any:
+    import requests
+    from requests.adapters import HTTPAdapter
+    from twilio.http import HttpClient
+    from twilio.http.response import Response
+
+    class RoutedHttpClient(HttpClient):
+        """A ``twilio.http.HttpClient``: pooled ``requests`` session, Twilio's API origin rewritten to
+        ``base_url``, and the last response's headers kept per thread (for ``Retry-After``)."""
+
+        def __init__(self) -> None:
+            super().__init__(logging.getLogger("worker.providers.twilio.http"), False, timeout)
+            self.base_url = base_url.rstrip("/")
+            self.session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0, pool_block=False)
+            self.session.mount("https://", adapter)
+            self.session.mount("http://", adapter)
+            self._local = threading.local()
+
+        def route(self, url: str) -> str:
+            if self.base_url == DEFAULT_BASE_URL:
+                return url
+            return _TWILIO_API_ORIGIN.sub(self.base_url, url, count=1)
+
+        def request(
+            self,
+            method: str,
+            uri: str,
+            params: dict[str, object] | None = None,
+            data: dict[str, object] | None = None,
+            headers: dict[str, str] | None = None,
+            auth: tuple[str, str] | None = None,
+            timeout: float | None = None,
+            allow_redirects: bool = False,
+        ) -> Response:
+            self._local.headers = None
+            kwargs: dict[str, Any] = {}
+            if headers and headers.get("Content-Type") in ("application/json", "application/scim+json"):
+                kwargs["json"] = data
+            else:
+                kwargs["data"] = data
+            resp = self.session.request(
+                method.upper(),
+                self.route(uri),
+                params=params,
+                headers=headers,
+                auth=auth,
+                timeout=timeout if timeout is not None else self.timeout,
+                allow_redirects=allow_redirects,
+                **kwargs,
+            )
+            self._local.headers = resp.headers
+            return Response(int(resp.status_code), resp.text, resp.headers)
+
+        def last_headers(self) -> Any:
+            """Headers of the last response received by the calling thread."""
+            return getattr(self._local, "headers", None)
+
+        def close(self) -> None:
+            self.session.close()
+
+    return RoutedHttpClient()
+
+
+class Provider:
+    name: ClassVar[str] = "twilio"
+    routes: ClassVar[frozenset[str]] = frozenset({"sms", "voice"})
+
+    def __init__(self, settings: Any) -> None:
+        import requests
+        from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+        from twilio.rest import Client
+
+        try:
+            self.config: Config = provider_config(Config, "twilio", settings)
+        except ValidationError as exc:
+            raise Misconfigured(f"twilio: invalid settings: {exc.errors(include_input=False)}") from None
+        cfg = self.config
+        if not cfg.account_sid or not _ACCOUNT_SID.match(cfg.account_sid):
+            raise Misconfigured(
+                "twilio: account_sid must be an Account SID, AC + 32 hex (NOTIFY_TWILIO_ACCOUNT_SID)"
+            )
+        if cfg.auth_token is None or not cfg.auth_token.get_secret_value():
+            raise Misconfigured("twilio: auth_token is not set (NOTIFY_TWILIO_AUTH_TOKEN)")
+        if not cfg.from_number and not cfg.messaging_service_sid:
+            raise Misconfigured(
+                "twilio: set from_number or messaging_service_sid (NOTIFY_TWILIO_FROM_NUMBER)"
+            )
+        if not cfg.base_url.startswith(("http://", "https://")):
+            raise Misconfigured(f"twilio: base_url must be an http(s) URL, got {cfg.base_url!r}")
+        self._rest_errors = (TwilioRestException, TwilioServiceException)
+        self._network_errors = (requests.RequestException,)
+        self._http = _make_http_client(cfg.base_url, cfg.timeout, cfg.concurrency)
+        self._client = Client(
+            username=cfg.account_sid,
+            password=cfg.auth_token.get_secret_value(),
+            account_sid=cfg.account_sid,
+            http_client=self._http,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="twilio")
+
+    # ------------------------------------------------------------------ display / checks
+
+    def describe(self) -> dict[str, str]:
+        cfg = self.config
+        return {
+            "account_sid": cfg.account_sid or "",
+            "auth_token": _mask(cfg.auth_token),
+            "from_number": cfg.from_number or "",
+            "messaging_service_sid": cfg.messaging_service_sid or "",
+            "status_callback_url": cfg.status_callback_url or "",
+            "base_url": cfg.base_url,
+            "timeout": f"{cfg.timeout:g}s",
+            "concurrency": str(cfg.concurrency),
+        }
+
+    def check(self) -> str | None:
+        """Fetch the account (``GET /2010-04-01/Accounts/{sid}.json``): credentials valid, account active."""
+        try:
+            account = self._client.api.v2010.accounts(self.config.account_sid).fetch()
+        except self._rest_errors as exc:
+            if exc.status in (401, 403):
+                return f"twilio: credentials rejected ({exc.status}, code {exc.code})"
+            return f"twilio: account check failed: HTTP {exc.status}, code {exc.code}"
+        except self._network_errors as exc:
+            return f"twilio: cannot reach {self.config.base_url}: {type(exc).__name__}"
+        if account.status != "active":
+            return f"twilio: account is {account.status}"
+        return None
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, messages: Sequence[Message]) -> list[Outcome]:
+        if len(messages) <= 1:
+            return [self._send_one(m) for m in messages]
+        return list(self._pool.map(self._send_one, messages))
+
+    def _send_one(self, m: Message) -> Outcome:
+        try:
+            return self._create(m)
+        except self._rest_errors as exc:
+            return self._map_error(exc)
+        except self._network_errors as exc:
+            return Retry(f"twilio: network error: {type(exc).__name__}")
+        except Exception as exc:  # one message's surprise must not lose the batch's other outcomes
+            log.exception("twilio: unexpected error sending delivery %s", m.delivery_id)
+            return Retry(f"twilio: unexpected {type(exc).__name__}")
+
+    def _create(self, m: Message) -> Outcome:
+        cfg = self.config
+        text = (m.content.get("text") or "").strip()
+        if not text:
+            return Permanent("twilio: message has no text")
+        callback = (
+            _with_query(cfg.status_callback_url, delivery_id=m.delivery_id)
+            if cfg.status_callback_url
+            else None
+        )
+        if m.route == "sms":
+            kwargs: dict[str, Any] = {"to": m.address, "body": text}
+            if cfg.messaging_service_sid:
+                kwargs["messaging_service_sid"] = cfg.messaging_service_sid
+            else:
+                kwargs["from_"] = cfg.from_number
+            if callback:
+                kwargs["status_callback"] = callback
+            return Sent(self._client.messages.create(**kwargs).sid)
+        if m.route == "voice":
+            if not cfg.from_number:
+                return Permanent("twilio: voice calls need from_number (NOTIFY_TWILIO_FROM_NUMBER)")
+            kwargs = {"to": m.address, "from_": cfg.from_number, "twiml": voice_twiml(text)}
+            if callback:
+                kwargs["status_callback"] = callback
+            return Sent(self._client.calls.create(**kwargs).sid)
+        return Permanent(f"twilio cannot send route {m.route!r}")
+
+    def _map_error(self, exc: Any) -> Outcome:
+        status = int(getattr(exc, "status", 0) or 0)
+        code = getattr(exc, "code", None)
+        try:
+            code = int(code) if code is not None else None
+        except (TypeError, ValueError):
+            code = None
+        detail = str(
+            getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", "") or ""
+        )
+        if code == 21610:
+            return InvalidAddress(f"twilio 21610: recipient unsubscribed (replied STOP): {detail}")
+        if code in _INVALID_ADDRESS_CODES:
+            return InvalidAddress(f"twilio {code}: {_INVALID_ADDRESS_CODES[code]}: {detail}")
+        if code == 20429 or status == 429:
+            return Retry(f"twilio {code}: too many requests", _retry_after(self._http.last_headers()))
+        if status >= 500:
+            return Retry(
+                f"twilio: server error {status} (code {code})", _retry_after(self._http.last_headers())
+            )
+        if code in _UNDELIVERABLE_CODES:
+            return Permanent(f"twilio {code}: {_UNDELIVERABLE_CODES[code]}: {detail}")
+        if status in (401, 403):
+            return Permanent(f"twilio {code}: credentials rejected (HTTP {status})")
+        return Permanent(f"twilio {code} (HTTP {status}): {detail}")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._http.close()

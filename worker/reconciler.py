@@ -1,0 +1,152 @@
+"""The reconciler: makes the SQL record and the queues agree, so that nothing accepted is lost.
+
+It runs every second in each worker pool (one at a time, under a Redis lock) and once per
+``notifyctl worker --burst`` round. Two duties:
+
+1. **Due retries.** Notifications in ``retrying`` whose ``due_at`` has come are queued again
+   (in batches), with ``as_of`` set so the worker sends exactly what is due. SQL holds the
+   schedule, so retries survive the loss of Redis.
+2. **Lost work.** A notification still ``queued`` ``recovery_grace`` seconds after it was due
+   has its RQ job looked at (one pipeline for all of them). The job is lost, and the
+   notification is queued again under a new job, when the job:
+   - is missing (the CLI died between the SQL commit and the enqueue, or Redis lost it);
+   - has ended (finished, failed, stopped, canceled) without finishing the notification;
+   - was started by a worker whose liveness key has expired (killed with -9);
+   - is marked queued but is no longer in its queue (popped by a worker that then died —
+     RQ's dequeue from several queues is not crash-safe).
+
+Requeueing can at worst process a notification twice, and processing is idempotent
+(``worker.pipeline``), so recovery never sends twice what was sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlmodel import Session
+
+from notifyctl import keys
+from notifyctl.context import Context
+from notifyctl.intake import enqueue
+from notifyctl.models import Notification, NotificationStatus, new_id
+
+_LIVE_STATES = {"scheduled", "deferred"}
+
+
+@dataclass
+class ReconcileResult:
+    retries_queued: int = 0
+    recovered: int = 0
+    checked_jobs: int = 0
+    skipped_locked: bool = False
+
+
+def _naive(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def reconcile(ctx: Context, now: float | None = None, limit: int = 5000, force: bool = False) -> ReconcileResult:
+    """One reconciliation round. ``now`` (epoch s) can be given to act as of another time."""
+    result = ReconcileResult()
+    r = ctx.redis
+    if not force and not r.set(keys.RECONCILE_LOCK, "1", nx=True, px=900):
+        result.skipped_locked = True
+        return result
+    now = time.time() if now is None else now
+    settings = ctx.settings
+    batch_size = max(1, settings.batch_size)
+    with Session(ctx.engine) as session:
+        # 1. due retries
+        due = session.execute(
+            select(Notification.id, Notification.priority)
+            .where(Notification.status == NotificationStatus.retrying, Notification.due_at <= _naive(now))
+            .order_by(Notification.due_at)
+            .limit(limit)
+        ).all()
+        by_prio: dict[str, list[str]] = defaultdict(list)
+        for nid, prio in due:
+            by_prio[prio].append(nid)
+        result.retries_queued = _requeue(ctx, session, by_prio, batch_size, now, NotificationStatus.retrying)
+
+        # 2. lost work
+        stale = session.execute(
+            select(Notification.id, Notification.priority, Notification.job_id)
+            .where(
+                Notification.status == NotificationStatus.queued,
+                Notification.due_at <= _naive(now) - timedelta(seconds=settings.recovery_grace),
+            )
+            .order_by(Notification.due_at)
+            .limit(limit)
+        ).all()
+        if stale:
+            jobs: dict[str | None, list[tuple[str, str]]] = defaultdict(list)
+            for nid, prio, job_id in stale:
+                jobs[job_id].append((nid, prio))
+            job_ids = [j for j in jobs if j]
+            result.checked_jobs = len(job_ids)
+            lost = set(_lost_jobs(ctx, job_ids))
+            lost_by_prio: dict[str, list[str]] = defaultdict(list)
+            for job_id, items in jobs.items():
+                if job_id is None or job_id in lost:
+                    for nid, prio in items:
+                        lost_by_prio[prio].append(nid)
+            result.recovered = _requeue(ctx, session, lost_by_prio, batch_size, now, NotificationStatus.queued)
+    return result
+
+
+def _lost_jobs(ctx: Context, job_ids: list[str]) -> list[str]:
+    if not job_ids:
+        return []
+    r = ctx.redis
+    pipe = r.pipeline(transaction=False)
+    for j in job_ids:
+        pipe.hmget(f"rq:job:{j}", "status", "worker_name", "origin")
+    rows = pipe.execute()
+    lost: list[str] = []
+    checks: list[tuple[str, str, str]] = []  # (job id, kind, arg)
+    for j, (status, worker_name, origin) in zip(job_ids, rows, strict=True):
+        status = status.decode() if status else None
+        if status is None or status in ("finished", "failed", "stopped", "canceled"):
+            lost.append(j)
+        elif status == "started":
+            checks.append((j, "alive", worker_name.decode() if worker_name else ""))
+        elif status == "queued":
+            checks.append((j, "inqueue", origin.decode() if origin else ""))
+        elif status not in _LIVE_STATES:
+            lost.append(j)
+    if checks:
+        pipe = r.pipeline(transaction=False)
+        for j, kind, arg in checks:
+            if kind == "alive":
+                pipe.exists(keys.alive(arg))
+            else:
+                pipe.lpos(f"rq:queue:{arg}", j)
+        for (j, kind, _arg), res in zip(checks, pipe.execute(), strict=True):
+            if (kind == "alive" and not res) or (kind == "inqueue" and res is None):
+                lost.append(j)
+    return lost
+
+
+def _requeue(
+    ctx: Context, session: Session, by_prio: dict[str, list[str]], batch_size: int, now: float, from_status: str
+) -> int:
+    count = 0
+    for prio, nids in by_prio.items():
+        for i in range(0, len(nids), batch_size):
+            chunk = nids[i : i + batch_size]
+            job_id = "job_" + new_id("r")
+            res = session.execute(
+                update(Notification)
+                .where(Notification.id.in_(chunk), Notification.status == from_status)  # type: ignore[attr-defined]
+                .values(status=NotificationStatus.queued, job_id=job_id, due_at=_naive(now))
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+            if res.rowcount:
+                enqueue(ctx, prio, chunk, job_id, as_of=now)
+                count += len(chunk)
+    return count

@@ -1,0 +1,587 @@
+"""A local APNs: the HTTP/2 provider API over TLS on 127.0.0.1, speaking Apple's wire protocol.
+
+``POST /3/device/<hex token>`` with ``authorization: bearer <ES256 JWT>``, ``apns-topic``,
+``apns-push-type``, ``apns-priority``, ``apns-expiration``, ``apns-collapse-id``, ``apns-id``.
+Success is ``200`` with an empty body and the ``apns-id`` header; failures are
+``{"reason": ...}`` (plus ``timestamp`` in ms on 410), exactly like api.push.apple.com.
+
+The JWT is verified with the public key of the ``.p8`` for its ``kid`` (``keys``), its ``iss``
+must be the team id (when given), and a token whose ``iat`` is older than one hour is answered
+``403 ExpiredProviderToken``. A certificate for 127.0.0.1/localhost is made at startup by a
+throwaway CA whose PEM is written to ``.ca_file`` (give it to the provider as ``ca_file``).
+
+Faults (``FaultPlan`` from :mod:`worker.sandbox.base`, matched against path + body, so a device
+token works as ``match``):
+
+- ``{"status": 410, "reason": "Unregistered"}``: answer this status with that reason
+  (``headers`` such as ``{"retry-after": "3"}`` are added, ``body`` replaces the JSON)
+- ``{"delay": 0.5}``: answer that much later (other streams keep flowing)
+- ``{"drop": true}``: the server vanishes: answers already written still arrive, then the
+  connection ends (FIN, no GOAWAY, no TLS close_notify); this and later streams get no answer.
+  ``{"drop": "reset"}``: a TCP reset instead (answers in flight may be lost, as on a real network)
+- ``{"goaway": "Shutdown"}``: GOAWAY (last stream = the last one answered, the reason as JSON
+  debug data, like Apple), then close
+
+``unregistered`` tokens are always answered ``410 Unregistered``. Accepted pushes are recorded
+in ``recorder``. The control API of :class:`~worker.sandbox.base.HttpSandbox` runs on a plain
+HTTP side port (``control_url``), with one more endpoint: ``POST /_sandbox/unregistered``
+(JSON list of tokens) / ``DELETE /_sandbox/unregistered``.
+
+Run it: ``ApnsSandbox(keys={key_id: p8_pem}, topic="com.example.app").start()`` or
+``python -m worker.sandbox.apns --key-file AuthKey_ABC123DEFG.p8 --key-id ABC123DEFG``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import json
+import re
+import socket
+import ssl
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from worker.sandbox.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+
+_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}$")
+_PUSH_TYPES = {"alert", "background", "location", "voip", "complication", "fileprovider", "mdm", "liveactivity"}
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+TOKEN_MAX_AGE = 3600  # Apple: a provider token older than one hour is rejected
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost: (ca_file, cert_file, key_file)."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "notifyctl APNs sandbox CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, cert_file, key_file = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_file.chmod(0o600)
+    return ca_file, cert_file, key_file
+
+
+def _public_key(key: Any) -> Any:
+    """A verifying key from a PEM (private .p8 or public), bytes or str, or a key object."""
+    if isinstance(key, str):
+        key = key.encode()
+    if isinstance(key, bytes):
+        if b"PRIVATE KEY" in key:
+            key = serialization.load_pem_private_key(key, password=None)
+        else:
+            key = serialization.load_pem_public_key(key)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        key = key.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError("APNs keys are P-256 EC keys")
+    return key
+
+
+class _ControlHandler(SandboxHandler):
+    """The control API (base endpoints + ``/_sandbox/unregistered``); the push API is HTTP/2 only."""
+
+    def _control(self, method: str, body: bytes) -> None:
+        path = self.path.split("?")[0]
+        apns: ApnsSandbox = self.sandbox.apns  # type: ignore[attr-defined]
+        if path == "/_sandbox/unregistered":
+            if method == "POST":
+                try:
+                    tokens = json.loads(body or b"[]")
+                    apns.unregistered.update(str(t).lower() for t in tokens)
+                except (ValueError, TypeError) as exc:
+                    self._reply(400, {"Content-Type": "text/plain"}, f"bad token list: {exc}".encode())
+                    return
+                self._reply(204, {}, b"")
+            elif method == "DELETE":
+                apns.unregistered.clear()
+                self._reply(204, {}, b"")
+            else:
+                body = json.dumps(sorted(apns.unregistered)).encode()
+                self._reply(200, {"Content-Type": "application/json"}, body)
+            return
+        super()._control(method, body)
+
+    def handle_api(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        return 404, {"Content-Type": "application/json"}, b'{"reason":"BadPath"}'
+
+
+class _ControlSandbox(HttpSandbox):
+    handler_cls = _ControlHandler
+
+    def __init__(self, apns: ApnsSandbox, port: int = 0) -> None:
+        super().__init__(port)
+        self.apns = apns
+
+    def start(self) -> _ControlSandbox:
+        # a short poll interval so stop() returns quickly
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+
+class _ServerConn(asyncio.Protocol):
+    """One client connection: an h2 server state machine fed from the socket."""
+
+    def __init__(self, sandbox: ApnsSandbox) -> None:
+        self.sb = sandbox
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, tuple[dict[str, str], bytearray]] = {}
+        self.closed = False
+        self.last_answered = 0
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.sb._conns.add(self)
+        self.h2.initiate_connection()
+        self.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.sb.max_streams})
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.sb._conns.discard(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def _flush(self) -> None:
+        if not self.closed and self.transport is not None:
+            data = self.h2.data_to_send()
+            if data:
+                self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self._flush()
+            self.abort()
+            return
+        for ev in events:
+            if self.closed:
+                return
+            if isinstance(ev, h2.events.RequestReceived):
+                self.streams[ev.stream_id] = (dict(ev.headers or []), bytearray())  # type: ignore[arg-type]
+            elif isinstance(ev, h2.events.DataReceived):
+                entry = self.streams.get(ev.stream_id)
+                if entry is not None:
+                    entry[1].extend(ev.data or b"")
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded):
+                entry = self.streams.pop(ev.stream_id, None)
+                if entry is not None:
+                    self._request(ev.stream_id, entry[0], bytes(entry[1]))
+            elif isinstance(ev, h2.events.StreamReset):
+                self.streams.pop(ev.stream_id, None)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self.closed = True
+                if self.transport:
+                    self.transport.close()
+                return
+        self._flush()
+
+    def abort(self) -> None:
+        """TCP reset: answers still in flight may be lost, as on a real network."""
+        self._flush()
+        self.closed = True
+        if self.transport:
+            self.transport.abort()
+
+    def cut(self) -> None:
+        """The server goes away: what it already wrote still arrives, then FIN (no GOAWAY, no
+        TLS close_notify) and nothing more is read or answered."""
+        self._flush()
+        self.closed = True
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.transport.abort()
+            return
+        asyncio.get_running_loop().call_later(2.0, self.transport.abort)  # if the peer never closes
+
+    def goaway(self, reason: str) -> None:
+        self.h2.close_connection(
+            last_stream_id=self.last_answered, additional_data=json.dumps({"reason": reason}).encode()
+        )
+        self.cut()
+
+    def _request(self, stream_id: int, headers: dict[str, str], body: bytes) -> None:
+        self.sb.requests.append(headers.get(":path", ""))
+        self.sb.request_auth.append(headers.get("authorization", ""))
+        fault = self.sb.faults.take(headers.get(":path", "") + body.decode("utf-8", "replace"))
+        if fault and fault.get("delay"):
+            asyncio.get_running_loop().call_later(
+                float(fault["delay"]), self._answer_later, stream_id, headers, body, fault
+            )
+            return
+        self._answer(stream_id, headers, body, fault)
+
+    def _answer_later(self, stream_id: int, headers: dict[str, str], body: bytes, fault: Any) -> None:
+        if not self.closed:
+            self._answer(stream_id, headers, body, fault)
+            self._flush()
+
+    def _answer(self, stream_id: int, headers: dict[str, str], body: bytes, fault: dict[str, Any] | None) -> None:
+        if fault and fault.get("drop"):
+            if fault["drop"] == "reset":
+                self.abort()
+            else:
+                self.cut()
+            return
+        if fault and fault.get("goaway"):
+            reason = fault["goaway"] if isinstance(fault["goaway"], str) else "Shutdown"
+            self.goaway(reason)
+            return
+        extra: dict[str, str] = {}
+        if fault and fault.get("status"):
+            status, reason = int(fault["status"]), str(fault.get("reason") or "InternalServerError")
+            extra = {str(k).lower(): str(v) for k, v in (fault.get("headers") or {}).items()}
+            fbody = fault.get("body")
+            if fbody is not None:
+                raw = fbody.encode() if isinstance(fbody, str) else json.dumps(fbody).encode()
+                self._respond(stream_id, status, headers, raw, extra)
+                return
+        else:
+            status, reason = self.sb._check(headers, body)
+        if status == 200:
+            apns_id = headers.get("apns-id") or str(uuid.uuid4()).upper()
+            self.sb._record(headers, body, apns_id)
+            self._respond(stream_id, 200, headers, b"", {"apns-id": apns_id, **extra})
+            return
+        err: dict[str, Any] = {"reason": reason}
+        if status == 410:
+            err["timestamp"] = int(time.time() * 1000)
+        self._respond(stream_id, status, headers, json.dumps(err).encode(), extra)
+
+    def _respond(self, stream_id: int, status: int, req: dict[str, str], body: bytes, extra: dict[str, str]) -> None:
+        out = [(":status", str(status))]
+        if "apns-id" not in extra:
+            out.append(("apns-id", req.get("apns-id") or str(uuid.uuid4()).upper()))
+        out += list(extra.items())
+        if body:
+            out += [("content-type", "application/json; charset=utf-8"), ("content-length", str(len(body)))]
+        try:
+            self.h2.send_headers(stream_id, out, end_stream=not body)
+            if body:
+                self.h2.send_data(stream_id, body, end_stream=True)
+        except h2.exceptions.ProtocolError:
+            return  # the client reset that stream meanwhile
+        self.last_answered = max(self.last_answered, stream_id)
+
+
+class ApnsSandbox:
+    """The local APNs. ``keys``: key id -> P-256 key (the .p8 PEM, a public PEM or a key object).
+
+    ``url`` is the base URL for the provider's ``base_url``; ``ca_file`` the CA to trust;
+    ``control_url`` the plain-HTTP control API.
+    """
+
+    def __init__(
+        self,
+        keys: dict[str, Any] | None = None,
+        *,
+        topic: str | None = "com.example.app",
+        team_id: str | None = None,
+        port: int = 0,
+        control_port: int = 0,
+        max_payload: int = 4096,
+        max_streams: int = 1000,
+    ) -> None:
+        self.keys = {kid: _public_key(k) for kid, k in (keys or {}).items()}
+        self.topics = {topic} if topic else set()
+        self.team_id = team_id
+        self.max_payload = max_payload
+        self.max_streams = max_streams
+        self.unregistered: set[str] = set()
+        self._control = _ControlSandbox(self, control_port)
+        self.faults: FaultPlan = self._control.faults
+        self.recorder: Recorder = self._control.recorder
+        self.requests: list[str] = []  # path of every push request received (answered or not)
+        self.request_auth: list[str] = []  # and its authorization header
+        self.tokens_seen: list[str] = []  # distinct provider tokens, in the order first seen
+        self._tokens_lock = threading.Lock()
+        self._tmp = tempfile.TemporaryDirectory(prefix="apns-sandbox-")
+        self.ca_file, cert_file, key_file = make_certificates(Path(self._tmp.name))
+        self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._ssl.load_cert_chain(cert_file, key_file)
+        self._ssl.set_alpn_protocols(["h2"])
+        self._port = port
+        self._conns: set[_ServerConn] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> ApnsSandbox:
+        started = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                self._server = loop.run_until_complete(
+                    loop.create_server(lambda: _ServerConn(self), "127.0.0.1", self._port, ssl=self._ssl)
+                )
+            except BaseException as exc:  # noqa: BLE001 - reported to start()
+                errors.append(exc)
+                started.set()
+                loop.close()
+                return
+            started.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="apns-sandbox", daemon=True)
+        self._thread.start()
+        started.wait()
+        if errors:
+            raise errors[0]
+        self._control.start()
+        return self
+
+    def stop(self) -> None:
+        loop, server = self._loop, self._server
+        if loop is not None and server is not None and not loop.is_closed():
+
+            async def shutdown() -> None:
+                server.close()
+                conns = list(self._conns)
+                for c in conns:
+                    c.abort()
+                if conns:
+                    await asyncio.wait([c.lost for c in conns], timeout=2)
+                await server.wait_closed()
+                loop.stop()
+
+            asyncio.run_coroutine_threadsafe(shutdown(), loop)
+            if self._thread:
+                self._thread.join(timeout=5)
+        self._control.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> ApnsSandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def control_url(self) -> str:
+        return self._control.url
+
+    def add_key(self, key_id: str, key: Any) -> None:
+        self.keys[key_id] = _public_key(key)
+
+    def drop_connections(self) -> None:
+        """Cut every open client connection (as a network failure would)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        async def cut_all() -> None:
+            conns = list(self._conns)
+            for c in conns:
+                c.abort()
+            if conns:
+                await asyncio.wait([c.lost for c in conns], timeout=2)
+
+        asyncio.run_coroutine_threadsafe(cut_all(), loop).result(timeout=5)
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    # -- the API -------------------------------------------------------------------------------
+
+    def _check(self, headers: dict[str, str], body: bytes) -> tuple[int, str]:
+        """Validate one request like APNs does: (status, reason); 200 means accept."""
+        if headers.get(":method") != "POST":
+            return 405, "MethodNotAllowed"
+        path = headers.get(":path", "")
+        if not path.startswith("/3/device/"):
+            return 404, "BadPath"
+        auth = self._check_auth(headers.get("authorization"))
+        if auth:
+            return 403, auth
+        topic = headers.get("apns-topic")
+        if not topic:
+            return 400, "MissingTopic"
+        if self.topics and topic not in self.topics:
+            return 400, "TopicDisallowed"
+        token = path[len("/3/device/") :]
+        if not _TOKEN_RE.match(token):
+            return 400, "BadDeviceToken"
+        push_type = headers.get("apns-push-type", "alert")
+        if push_type not in _PUSH_TYPES:
+            return 400, "InvalidPushType"
+        if headers.get("apns-priority", "10") not in ("1", "5", "10"):
+            return 400, "BadPriority"
+        if not headers.get("apns-expiration", "0").isdigit():
+            return 400, "BadExpirationDate"
+        if len(headers.get("apns-collapse-id", "").encode()) > 64:
+            return 400, "BadCollapseId"
+        if "apns-id" in headers and not _UUID_RE.match(headers["apns-id"]):
+            return 400, "BadMessageId"
+        if not body:
+            return 400, "PayloadEmpty"
+        if len(body) > (5120 if push_type == "voip" else self.max_payload):
+            return 413, "PayloadTooLarge"
+        if token.lower() in self.unregistered:
+            return 410, "Unregistered"
+        return 200, ""
+
+    def _check_auth(self, header: str | None) -> str | None:
+        if not header:
+            return "MissingProviderToken"
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return "MissingProviderToken"
+        try:
+            head = jwt.get_unverified_header(token)
+            key = self.keys.get(head.get("kid", ""))
+            if key is None or head.get("alg") != "ES256":
+                return "InvalidProviderToken"
+            claims = jwt.decode(
+                token, key, algorithms=["ES256"], options={"require": ["iat", "iss"], "verify_iat": False}
+            )
+        except jwt.PyJWTError:
+            return "InvalidProviderToken"
+        if self.team_id and claims.get("iss") != self.team_id:
+            return "InvalidProviderToken"
+        iat = claims.get("iat")
+        if not isinstance(iat, int | float) or iat > time.time() + 60:
+            return "InvalidProviderToken"
+        if time.time() - iat > TOKEN_MAX_AGE:
+            return "ExpiredProviderToken"
+        with self._tokens_lock:
+            if not self.tokens_seen or self.tokens_seen[-1] != token:
+                if token not in self.tokens_seen:
+                    self.tokens_seen.append(token)
+        return None
+
+    def _record(self, headers: dict[str, str], body: bytes, apns_id: str) -> None:
+        try:
+            payload: Any = json.loads(body)
+        except ValueError:
+            payload = body.decode("utf-8", "replace")
+        self.recorder.add(
+            {
+                "token": headers.get(":path", "")[len("/3/device/") :],
+                "apns_id": apns_id,
+                "topic": headers.get("apns-topic"),
+                "push_type": headers.get("apns-push-type"),
+                "priority": headers.get("apns-priority"),
+                "expiration": headers.get("apns-expiration"),
+                "collapse_id": headers.get("apns-collapse-id"),
+                "payload": payload,
+                "at": time.time(),
+            }
+        )
+
+
+def main(port: int = 2197, control_port: int = 0, argv: list[str] | None = None) -> None:
+    """Run the sandbox in the foreground until Ctrl-C."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="local APNs sandbox (HTTP/2 + TLS)")
+    ap.add_argument("--port", type=int, default=port)
+    ap.add_argument("--control-port", type=int, default=control_port)
+    ap.add_argument("--key-file", type=Path, help=".p8 key (or public key PEM) to verify JWTs with")
+    ap.add_argument("--key-id", help="the key id (kid) of --key-file")
+    ap.add_argument("--team-id")
+    ap.add_argument("--topic", default="com.example.app")
+    args = ap.parse_args(argv)
+    keys = {args.key_id: args.key_file.read_bytes()} if args.key_file and args.key_id else {}
+    sb = ApnsSandbox(keys, topic=args.topic, team_id=args.team_id, port=args.port, control_port=args.control_port)
+    with sb:
+        print(f"APNs sandbox on {sb.url} (CA: {sb.ca_file}); control API on {sb.control_url}", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

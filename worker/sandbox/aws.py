@@ -1,0 +1,363 @@
+"""AWS sandbox: moto's server (SES v2 and SNS, real wire protocols) behind a small fault proxy.
+
+::
+
+    boto3 client ──► AwsSandbox proxy (127.0.0.1:port) ──► moto ThreadedMotoServer (127.0.0.1:any)
+                     verifies SigV4 like AWS,
+                     injects faults (FaultPlan),
+                     records accepted sends (Recorder)
+
+Point the providers at ``sandbox.url`` (``NOTIFY_SES_ENDPOINT_URL`` / ``NOTIFY_SNS_ENDPOINT_URL``)
+with the sandbox's access key pair. moto requires a verified sender for SES:
+``sandbox.verify_identity("notifications@example.com")`` (an address or a whole domain).
+
+Faults (``sandbox.faults.add(...)`` or ``POST /_sandbox/faults``) take the keys of
+:mod:`worker.sandbox.base` plus ``code`` and ``message``: with a ``code`` the proxy answers the
+service's own error shape with ``status`` (default 400), i.e. for SES v2 (rest-json)
+``x-amzn-ErrorType: <code>`` and ``{"__type": code, "message": ...}``, and for SNS (query) an
+``<ErrorResponse><Error><Type>Sender|Receiver</Type><Code>..</Code><Message>..</Message></Error>``
+XML document. Without a ``code`` the fault's raw ``body`` is sent as in the base sandbox.
+
+What was sent: ``sandbox.recorder`` / ``GET /_sandbox/messages`` hold every accepted send as the
+client sent it (headers, tags, SMS attributes included, which moto does not keep), and
+``sent_emails()`` / ``sent_sms()`` read moto's own record through ``/moto-api/data.json``.
+
+moto's state lives in the process: two sandboxes in one process share it (and ``reset_moto()``
+clears it for both).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from typing import Any
+from urllib.parse import parse_qs, quote
+from xml.sax.saxutils import escape
+
+import urllib3
+
+from worker.sandbox.base import HttpSandbox, SandboxHandler
+
+SES_SEND_PATH = "/v2/email/outbound-emails"
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "te"}
+_AUTH_RE = re.compile(
+    r"^AWS4-HMAC-SHA256\s+Credential=(?P<cred>[^,\s]+),\s*SignedHeaders=(?P<signed>[^,\s]+),"
+    r"\s*Signature=(?P<sig>[0-9a-f]+)$"
+)
+_SIGNATURE_MISMATCH = (
+    "The request signature we calculated does not match the signature you provided. "
+    "Check your AWS Secret Access Key and signing method. Consult the service documentation for details."
+)
+
+
+def _is_rest_json(path: str) -> bool:
+    return path.startswith("/v2/")
+
+
+def aws_error(path: str, status: int, code: str, message: str) -> tuple[int, dict[str, str], bytes]:
+    """The error response AWS would send for a request to ``path`` (SES v2 rest-json or SNS query)."""
+    request_id = str(uuid.uuid4())
+    if _is_rest_json(path):
+        body = json.dumps({"__type": code, "message": message}).encode()
+        return (
+            status,
+            {"Content-Type": "application/json", "x-amzn-ErrorType": code, "x-amzn-RequestId": request_id},
+            body,
+        )
+    kind = "Receiver" if status >= 500 else "Sender"
+    xml = (
+        '<ErrorResponse xmlns="http://sns.amazonaws.com/doc/2010-03-31/">'
+        f"<Error><Type>{kind}</Type><Code>{escape(code)}</Code><Message>{escape(message)}</Message></Error>"
+        f"<RequestId>{request_id}</RequestId></ErrorResponse>"
+    )
+    return status, {"Content-Type": "text/xml", "x-amzn-RequestId": request_id}, xml.encode()
+
+
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
+def sigv4_problem(
+    method: str, raw_path: str, headers: Any, body: bytes, access_key_id: str, secret_access_key: str
+) -> tuple[int, str, str] | None:
+    """Verify an AWS Signature Version 4 header as AWS does: None if valid, else (status, code, message)."""
+    rest_json = _is_rest_json(raw_path)
+    auth = headers.get("Authorization")
+    if not auth:
+        code = "MissingAuthenticationTokenException" if rest_json else "MissingAuthenticationToken"
+        return 403, code, "Missing Authentication Token"
+    m = _AUTH_RE.match(auth.strip())
+    if not m:
+        code = "IncompleteSignatureException" if rest_json else "IncompleteSignature"
+        return 400, code, "Authorization header requires Credential, SignedHeaders and Signature."
+    cred = m["cred"].split("/")
+    if len(cred) != 5 or cred[4] != "aws4_request":
+        code = "IncompleteSignatureException" if rest_json else "IncompleteSignature"
+        return 400, code, "Credential should be scoped to a valid region and service."
+    if cred[0] != access_key_id:
+        code = "UnrecognizedClientException" if rest_json else "InvalidClientTokenId"
+        return 403, code, "The security token included in the request is invalid."
+    amz_date = headers.get("X-Amz-Date", "")
+    path, _, query = raw_path.partition("?")
+    pairs = sorted(tuple(p.split("=", 1)) if "=" in p else (p, "") for p in query.split("&") if p)
+    canonical_query = "&".join(f"{k}={v}" for k, v in pairs)
+    signed = m["signed"].split(";")
+    canonical_headers = "".join(f"{h}:{' '.join((headers.get(h) or '').split())}\n" for h in signed)
+    payload_hash = headers.get("X-Amz-Content-SHA256") or hashlib.sha256(body).hexdigest()
+    canonical = "\n".join(
+        [method, quote(path, safe="/~"), canonical_query, canonical_headers, m["signed"], payload_hash]
+    )
+    scope = "/".join(cred[1:])
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + secret_access_key).encode()
+    for part in cred[1:]:
+        key = _hmac(key, part)
+    expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, m["sig"]):
+        return 403, "SignatureDoesNotMatch", _SIGNATURE_MISMATCH
+    return None
+
+
+class AwsProxyHandler(SandboxHandler):
+    sandbox: AwsSandbox
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._dispatch("PATCH")
+
+    def _dispatch(self, method: str) -> None:
+        if self.path.startswith("/_sandbox/"):
+            super()._dispatch(method)
+            return
+        sb = self.sandbox
+        body = self._read_body()
+        sb._enter()
+        try:
+            fault = sb.faults.take(self.path + body.decode("utf-8", "replace"))
+            if fault:
+                if fault.get("delay"):
+                    time.sleep(float(fault["delay"]))
+                if fault.get("drop"):
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault.get("code"):
+                    status, headers, out = aws_error(
+                        self.path,
+                        int(fault.get("status") or 400),
+                        str(fault["code"]),
+                        fault.get("message", ""),
+                    )
+                    self._reply(status, {**headers, **fault.get("headers", {})}, out)
+                    return
+                if fault.get("status"):
+                    fbody = fault.get("body", "")
+                    raw = fbody.encode() if isinstance(fbody, str) else json.dumps(fbody).encode()
+                    self._reply(
+                        int(fault["status"]),
+                        {"Content-Type": "application/json", **fault.get("headers", {})},
+                        raw,
+                    )
+                    return
+            status, headers, out = self.handle_api(method, self.path, body)
+            self._reply(status, headers, out)
+        finally:
+            sb._leave()
+
+    def handle_api(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        sb = self.sandbox
+        if sb.verify_auth and not path.startswith("/moto-api/"):
+            problem = sigv4_problem(method, path, self.headers, body, sb.access_key_id, sb.secret_access_key)
+            if problem:
+                return aws_error(path, *problem)
+        fwd = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+        resp = sb._upstream.request(method, path, body=body or None, headers=fwd, redirect=False)
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+        if 200 <= resp.status < 300:
+            sb._record(method, path, body, resp.data)
+        return resp.status, out_headers, resp.data
+
+
+class AwsSandbox(HttpSandbox):
+    """moto (SES v2 + SNS) behind a SigV4-checking, fault-injecting, recording proxy.
+
+    ``AwsSandbox(port=0, access_key_id="testing", secret_access_key="testing", region="us-east-1")``;
+    ``url`` is the endpoint for the providers. ``moto_url`` is moto itself (no faults, no auth check).
+    """
+
+    handler_cls = AwsProxyHandler
+
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        *,
+        access_key_id: str = "testing",
+        secret_access_key: str = "testing",
+        region: str = "us-east-1",
+        moto_port: int = 0,
+        verify_auth: bool = True,
+    ) -> None:
+        super().__init__(port, host)
+        self._server.socket.listen(128)  # the base server's backlog (5) is too small for bursts
+        self.access_key_id = access_key_id
+        self.secret_access_key = secret_access_key
+        self.region = region
+        self.verify_auth = verify_auth
+        self._moto_port = moto_port
+        self._moto: Any = None
+        self._upstream: Any = None
+        self._gauge = threading.Lock()
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> AwsSandbox:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
+        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self._moto_port, verbose=False)
+        self._moto.start()
+        _, moto_port = self._moto.get_host_and_port()
+        self.moto_url = f"http://127.0.0.1:{moto_port}"
+        self._upstream = urllib3.HTTPConnectionPool(
+            "127.0.0.1", moto_port, maxsize=64, block=False, retries=False, timeout=30.0
+        )
+        super().start()
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        if self._upstream is not None:
+            self._upstream.close()
+        if self._moto is not None:
+            self._moto.stop()
+            self._moto = None
+
+    def __enter__(self) -> AwsSandbox:
+        return self.start()
+
+    # -- concurrency gauge -------------------------------------------------------------------
+
+    def _enter(self) -> None:
+        with self._gauge:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._gauge:
+            self.in_flight -= 1
+
+    def reset_peak(self) -> None:
+        with self._gauge:
+            self.peak_in_flight = self.in_flight
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def _record(self, method: str, path: str, body: bytes, response: bytes) -> None:
+        if method == "POST" and path.split("?")[0] == SES_SEND_PATH:
+            req = json.loads(body or b"{}")
+            simple = (req.get("Content") or {}).get("Simple") or {}
+            dest = req.get("Destination") or {}
+            self.recorder.add(
+                {
+                    "service": "ses",
+                    "message_id": json.loads(response or b"{}").get("MessageId"),
+                    "from": req.get("FromEmailAddress"),
+                    "to": dest.get("ToAddresses", []),
+                    "cc": dest.get("CcAddresses", []),
+                    "bcc": dest.get("BccAddresses", []),
+                    "subject": (simple.get("Subject") or {}).get("Data"),
+                    "text": ((simple.get("Body") or {}).get("Text") or {}).get("Data"),
+                    "html": ((simple.get("Body") or {}).get("Html") or {}).get("Data"),
+                    "headers": {h["Name"]: h["Value"] for h in simple.get("Headers", [])},
+                    "tags": {t["Name"]: t["Value"] for t in req.get("EmailTags", [])},
+                    "configuration_set": req.get("ConfigurationSetName"),
+                    "raw": "Raw" in (req.get("Content") or {}),
+                }
+            )
+            return
+        if method == "POST" and path.split("?")[0] == "/":
+            form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+            if form.get("Action") != "Publish" or not form.get("PhoneNumber"):
+                return
+            attributes: dict[str, str] = {}
+            n = 1
+            while f"MessageAttributes.entry.{n}.Name" in form:
+                prefix = f"MessageAttributes.entry.{n}.Value."
+                attributes[form[f"MessageAttributes.entry.{n}.Name"]] = form.get(
+                    prefix + "StringValue", form.get(prefix + "BinaryValue", "")
+                )
+                n += 1
+            found = re.search(rb"<MessageId>([^<]+)</MessageId>", response)
+            self.recorder.add(
+                {
+                    "service": "sns",
+                    "message_id": found.group(1).decode() if found else None,
+                    "phone": form["PhoneNumber"],
+                    "text": form.get("Message"),
+                    "attributes": attributes,
+                }
+            )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def client(self, service: str) -> Any:
+        """A boto3 client talking to moto directly (setup only: no faults, no recording)."""
+        import boto3
+
+        return boto3.session.Session().client(
+            service,
+            region_name=self.region,
+            endpoint_url=self.moto_url,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+        )
+
+    def verify_identity(self, identity: str) -> None:
+        """Make an address or a domain a verified SES sender (moto verifies it at once)."""
+        ses = self.client("sesv2")
+        try:
+            ses.create_email_identity(EmailIdentity=identity)
+        finally:
+            ses.close()
+
+    def _moto_data(self) -> dict[str, Any]:
+        resp = self._upstream.request("GET", "/moto-api/data.json")
+        return json.loads(resp.data)
+
+    def sent_emails(self) -> list[dict[str, Any]]:
+        """Emails moto accepted: ``id``, ``source``, ``subject``, ``destinations`` and ``body``
+        (the html part, else the text)."""
+        return list(self._moto_data().get("ses", {}).get("Message", []))
+
+    def sent_sms(self) -> list[dict[str, Any]]:
+        """SMS moto accepted: ``message_id``, ``phone_number``, ``message``."""
+        return list(self._moto_data().get("sns", {}).get("SMS", []))
+
+    def reset_moto(self) -> None:
+        """Forget all moto state (identities included) in this process."""
+        self._upstream.request("POST", "/moto-api/reset")
+
+
+def main(port: int = 4566, identities: tuple[str, ...] = ("notifications@example.com",)) -> None:
+    """Run the AWS sandbox in the foreground until interrupted (``notifyctl sandbox aws``)."""
+    sandbox = AwsSandbox(port).start()
+    for identity in identities:
+        sandbox.verify_identity(identity)
+    print(f"AWS sandbox (SES v2 + SNS) on {sandbox.url}  access key: testing / testing  region: us-east-1")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sandbox.stop()

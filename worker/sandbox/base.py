@@ -1,0 +1,209 @@
+"""Shared plumbing for the HTTP sandboxes: a threaded server on 127.0.0.1, a record of every
+accepted message, and a fault plan.
+
+Faults are consumed in order. A fault is a dict with any of:
+
+- ``status`` (int) and ``body`` (str or JSON-able) and ``headers`` (dict): answer this instead
+- ``delay`` (float seconds): sleep before answering (with or without a status)
+- ``drop`` (bool): close the connection without answering
+- ``count`` (int, default 1): how many requests it applies to; ``-1`` = until cleared
+- ``match`` (str): only requests whose path or body contains this substring
+
+Every sandbox also serves a small control API on its own port, so another process
+(``notifyctl sandbox``, the chaos suite) can drive it:
+
+- ``GET /_sandbox/messages`` → JSON list of accepted messages
+- ``DELETE /_sandbox/messages`` → forget them
+- ``POST /_sandbox/faults`` with a JSON fault (or list of faults) → queue them
+- ``DELETE /_sandbox/faults`` → clear all faults
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class FaultPlan:
+    def __init__(self) -> None:
+        self._faults: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def add(self, fault: dict[str, Any] | list[dict[str, Any]]) -> None:
+        faults = fault if isinstance(fault, list) else [fault]
+        with self._lock:
+            for f in faults:
+                self._faults.append({"count": 1, **f})
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def take(self, text: str = "") -> dict[str, Any] | None:
+        """The next fault that applies to a request whose path+body is ``text``, consuming one use."""
+        with self._lock:
+            for i, f in enumerate(self._faults):
+                if f.get("match") and f["match"] not in text:
+                    continue
+                if f["count"] > 0:
+                    f["count"] -= 1
+                    if f["count"] == 0:
+                        del self._faults[i]
+                return dict(f)
+        return None
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self._items: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def add(self, item: dict[str, Any]) -> None:
+        with self._lock:
+            self._items.append(item)
+
+    def all(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class SandboxHandler(BaseHTTPRequestHandler):
+    """Base handler: answers the control API; subclasses implement ``handle_api(method, path, body)``
+    returning ``(status, headers, body_bytes)``."""
+
+    protocol_version = "HTTP/1.1"
+    sandbox: HttpSandbox  # set on the subclass by HttpSandbox
+
+    def setup(self) -> None:
+        super().setup()
+        # Without this, each keep-alive answer waits ~40 ms for the client's delayed ACK.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
+        pass
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _dispatch(self, method: str) -> None:
+        body = self._read_body()
+        if self.path.startswith("/_sandbox/"):
+            self._control(method, body)
+            return
+        fault = self.sandbox.faults.take(self.path + body.decode("utf-8", "replace"))
+        if fault:
+            if fault.get("delay"):
+                time.sleep(float(fault["delay"]))
+            if fault.get("drop"):
+                self.close_connection = True
+                self.connection.close()
+                return
+            if fault.get("status"):
+                fbody = fault.get("body", "")
+                raw = fbody.encode() if isinstance(fbody, str) else json.dumps(fbody).encode()
+                headers = {"Content-Type": "application/json", **fault.get("headers", {})}
+                self._reply(int(fault["status"]), headers, raw)
+                return
+        status, headers, out = self.handle_api(method, self.path, body)
+        self._reply(status, headers, out)
+
+    def _control(self, method: str, body: bytes) -> None:
+        sb = self.sandbox
+        path = self.path.split("?")[0]
+        if path == "/_sandbox/messages" and method == "GET":
+            self._reply(200, {"Content-Type": "application/json"}, json.dumps(sb.recorder.all()).encode())
+        elif path == "/_sandbox/messages" and method == "DELETE":
+            sb.recorder.clear()
+            self._reply(204, {}, b"")
+        elif path == "/_sandbox/faults" and method == "POST":
+            try:
+                sb.faults.add(json.loads(body or b"null"))
+            except (ValueError, TypeError, AttributeError) as exc:
+                self._reply(400, {"Content-Type": "text/plain"}, f"bad fault: {exc}".encode())
+                return
+            self._reply(204, {}, b"")
+        elif path == "/_sandbox/faults" and method == "DELETE":
+            sb.faults.clear()
+            self._reply(204, {}, b"")
+        else:
+            self._reply(404, {}, b"")
+
+    def handle_api(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        return 404, {}, b""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch("DELETE")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256  # load tests open many connections at once
+
+
+class HttpSandbox:
+    """Run ``handler_cls`` on ``127.0.0.1:port`` (0 = any free port) in a background thread.
+
+    Use as a context manager, or ``start()``/``stop()``. ``url`` is the base URL.
+    """
+
+    handler_cls: type[SandboxHandler] = SandboxHandler
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.faults = FaultPlan()
+        self.recorder = Recorder()
+        handler = type(self.handler_cls.__name__, (self.handler_cls,), {"sandbox": self})
+        self._server = _Server((host, port), handler)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> HttpSandbox:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> HttpSandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
