@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     claim_ttl: int = Field(120, description="how long a worker holds a delivery while sending it, seconds")
     sent_marker_ttl: int = Field(7 * 86400, description="how long Redis remembers a sent delivery, seconds")
     recovery_grace: int = Field(5, description="seconds before an unfinished notification is checked")
-    worker_heartbeat: int = Field(2, description="worker liveness refresh, seconds")
+    worker_heartbeat: float = Field(2.0, description="worker liveness refresh, seconds")
     worker_alive_ttl: int = Field(10, description="a worker silent this long is dead, seconds")
     default_timezone: str = "UTC"
     default_region: str = Field("US", description="region for phone numbers written without +country code")

@@ -520,7 +520,6 @@ def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> Non
                     "id": n.id,
                     "status": NotificationStatus.done,
                     "reason": "no deliveries",
-                    "job_id": None,
                     "updated_at": now,
                 }
             )
@@ -530,7 +529,7 @@ def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> Non
             all_suppressed = all(d.status == DeliveryStatus.suppressed for d in ds)
             status = NotificationStatus.suppressed if all_suppressed else NotificationStatus.done
             reason = ds[0].reason if all_suppressed else None
-            rows.append({"id": n.id, "status": status, "reason": reason, "job_id": None, "updated_at": now})
+            rows.append({"id": n.id, "status": status, "reason": reason, "updated_at": now})
         else:
             waits = [d.next_attempt_at for d in open_ if d.status == DeliveryStatus.retrying and d.next_attempt_at]
             if waits and len(waits) == len(open_):

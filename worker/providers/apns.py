@@ -75,6 +75,7 @@ class Config(BaseSettings):
     timeout: float = Field(10.0, gt=0, description="seconds to wait for one answer")
     connect_timeout: float = Field(10.0, gt=0, description="seconds to open a connection")
     connections: int = Field(2, ge=1, le=64, description="HTTP/2 connections kept open")
+    max_streams: int = Field(500, ge=1, description="concurrent streams per connection (and <= the server's)")
     token_ttl: float = Field(3000.0, gt=0, le=3600, description="reuse one JWT this long, seconds (20-60 min)")
     push_type: str = Field("alert", description="apns-push-type")
     ttl: int = Field(86400, ge=0, description="apns-expiration = now + ttl; 0 = deliver now or never")
@@ -96,12 +97,14 @@ class _ConnectionLost(Exception):
 class _Conn(asyncio.Protocol):
     """One HTTP/2 client connection: h2 state machine + a future per open stream."""
 
-    def __init__(self, authority: str) -> None:
+    def __init__(self, authority: str, max_streams: int) -> None:
         import h2.config
         import h2.connection
 
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.authority = authority
+        self.max_streams = max_streams
+        self._flush_pending = False
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, tuple[asyncio.Future[tuple[int, dict[str, str], bytes]], list[Any]]] = {}
         self.changed = asyncio.Event()  # set on window updates, closed streams, settings
@@ -207,6 +210,16 @@ class _Conn(asyncio.Protocol):
             if data:
                 self.transport.write(data)
 
+    def _flush_soon(self) -> None:
+        """Coalesce the frames of all streams started in this loop iteration into one write."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_pending = False
+        self._flush()
+
     def close(self) -> None:
         if not self.dead:
             self.dead = True
@@ -227,7 +240,8 @@ class _Conn(asyncio.Protocol):
         while True:
             if self.dead:
                 raise _ConnectionLost(self.goaway_reason or "connection closed")
-            if self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams:
+            # len(pending) = our open streams (h2's open_outbound_streams is O(streams))
+            if len(self.pending) < min(self.max_streams, self.h2.remote_settings.max_concurrent_streams):
                 break
             self.changed.clear()
             await self.changed.wait()
@@ -252,12 +266,15 @@ class _Conn(asyncio.Protocol):
                     continue
                 self.h2.send_data(sid, bytes(view[:window]))
                 view = view[window:]
-            if not self.dead and not fut.done():
-                self.h2.end_stream(sid)
+            if not self.dead:
+                if not fut.done():
+                    self.h2.end_stream(sid)
+                elif self.h2.streams.get(sid) is not None and not self.h2.streams[sid].closed:
+                    self.h2.reset_stream(sid)  # answered before we finished: close our side too
         except h2.exceptions.ProtocolError as exc:
             self.pending.pop(sid, None)
             raise _ConnectionLost(f"protocol error: {exc}") from exc
-        self._flush()
+        self._flush_soon()
         try:
             return await fut
         except asyncio.CancelledError:  # timeout: free the stream, keep the connection
@@ -468,7 +485,12 @@ class Provider:
                 self._thread = threading.Thread(target=run, name="apns-provider", daemon=True)
                 self._thread.start()
                 self._loop = loop
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout=timeout)
+        except BaseException:
+            fut.cancel()  # don't leave it running behind our back
+            raise
 
     async def _get_conn(self, slot: int) -> _Conn:
         conn = self._conns[slot]
@@ -491,7 +513,11 @@ class Provider:
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 transport, conn = await loop.create_connection(
-                    lambda: _Conn(self._authority), self._host, self._port, ssl=self._ssl, server_hostname=self._host
+                    lambda: _Conn(self._authority, self.config.max_streams),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host,
                 )
                 ssl_obj = transport.get_extra_info("ssl_object")
                 if ssl_obj is None or ssl_obj.selected_alpn_protocol() != "h2":
@@ -558,8 +584,10 @@ class Provider:
         path = f"/3/device/{token}"
         resent_for_conn = resent_for_token = False
         jwt_token = self._tokens.current()
+        slot = next(self._rr) % len(self._conns)
         while True:
-            slot = next(self._rr) % len(self._conns)
+            # a resend stays on its slot: that connection is known dead, so it gets a fresh one
+            # (another slot may be just as stale without knowing it yet)
             try:
                 conn = await self._get_conn(slot)
                 async with asyncio.timeout(self.config.timeout):

@@ -367,7 +367,8 @@ class ApnsSandbox:
         self.recorder: Recorder = self._control.recorder
         self.requests: list[str] = []  # path of every push request received (answered or not)
         self.request_auth: list[str] = []  # and its authorization header
-        self.tokens_seen: list[str] = []  # distinct provider tokens, in the order first seen
+        self.tokens_seen: list[str] = []  # distinct valid provider tokens, in the order first seen
+        self._verified: dict[str, dict[str, Any]] = {}
         self._tokens_lock = threading.Lock()
         self._tmp = tempfile.TemporaryDirectory(prefix="apns-sandbox-")
         self.ca_file, cert_file, key_file = make_certificates(Path(self._tmp.name))
@@ -518,6 +519,24 @@ class ApnsSandbox:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return "MissingProviderToken"
+        claims = self._verified.get(token)
+        if claims is None:
+            claims_or_reason = self._verify(token)
+            if isinstance(claims_or_reason, str):
+                return claims_or_reason
+            claims = claims_or_reason
+            with self._tokens_lock:
+                if len(self._verified) > 1000:
+                    self._verified.clear()
+                self._verified[token] = claims
+                self.tokens_seen.append(token)
+        iat = claims["iat"]
+        if time.time() - iat > TOKEN_MAX_AGE:
+            return "ExpiredProviderToken"
+        return None
+
+    def _verify(self, token: str) -> dict[str, Any] | str:
+        """The claims of a well-signed provider token, else the 403 reason."""
         try:
             head = jwt.get_unverified_header(token)
             key = self.keys.get(head.get("kid", ""))
@@ -533,13 +552,7 @@ class ApnsSandbox:
         iat = claims.get("iat")
         if not isinstance(iat, int | float) or iat > time.time() + 60:
             return "InvalidProviderToken"
-        if time.time() - iat > TOKEN_MAX_AGE:
-            return "ExpiredProviderToken"
-        with self._tokens_lock:
-            if not self.tokens_seen or self.tokens_seen[-1] != token:
-                if token not in self.tokens_seen:
-                    self.tokens_seen.append(token)
-        return None
+        return claims
 
     def _record(self, headers: dict[str, str], body: bytes, apns_id: str) -> None:
         try:

@@ -1,0 +1,147 @@
+"""Settings, the embedded Redis, templates and the rate limiter on their own."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import redis
+
+from notifyctl.errors import TemplateError
+from notifyctl.redisconn import ensure_server, stop_server
+from notifyctl.settings import RateRule, Settings, load_settings
+from notifyctl.templates import TemplateStore, parse_template
+from tests.conftest import run_cli
+from worker.ratelimit import Check, RateLimiter
+
+# --- settings -----------------------------------------------------------------------------
+
+
+def test_settings_from_config_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(os.environ):
+        if k.startswith("NOTIFY_"):
+            monkeypatch.delenv(k)
+    (tmp_path / "config.toml").write_text('dedup_ttl = 60\nrate_limits = ["sms:*:2/1h"]\nbatch_size = 7\n')
+    monkeypatch.setenv("NOTIFY_HOME", str(tmp_path))
+    monkeypatch.setenv("NOTIFY_BATCH_SIZE", "9")
+    s = Settings()
+    assert s.dedup_ttl == 60 and s.batch_size == 9  # env beats the file
+    assert s.rules == [RateRule(channel="sms", category="*", limit=2, window=3600)]
+
+
+def test_rate_rule_parsing() -> None:
+    assert RateRule.parse("email:marketing:1/1d").window == 86400
+    assert RateRule.parse("push:*:3/h").window == 3600
+    with pytest.raises(ValueError, match="bad rate limit rule"):
+        RateRule.parse("fax:*:1/1d")
+
+
+# --- embedded redis -------------------------------------------------------------------------
+
+
+def test_embedded_redis_is_shared_persistent_and_reused(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    env = {"NOTIFY_REDIS_URL": ""}
+    s = load_settings(home=home)
+    try:
+        r1 = run_cli(s, "redis", "url", **env)
+        assert r1.returncode == 0, r1.stderr
+        assert r1.stdout.strip() == f"unix://{home / 'redis' / 'redis.sock'}"
+        pid = (home / "redis" / "redis.pid").read_text()
+        # a second process reuses the same server
+        r2 = run_cli(s, "status", "--json", **env)
+        assert r2.returncode == 0, r2.stderr
+        assert (home / "redis" / "redis.pid").read_text() == pid
+        client = redis.Redis(unix_socket_path=str(home / "redis" / "redis.sock"))
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        client.set("k", "v")
+        client.close()
+        # stopped and started again: the data is still there
+        assert run_cli(s, "redis", "stop", **env).stdout.strip() == "stopped"
+        url = ensure_server(home / "redis")
+        client = redis.Redis.from_url(url)
+        assert client.get("k") == b"v"
+        client.close()
+    finally:
+        stop_server(home / "redis")
+
+
+# --- templates ------------------------------------------------------------------------------
+
+
+def test_missing_variable_is_an_error_never_empty() -> None:
+    t = TemplateStore([Path(__file__).parent.parent / "notifyctl" / "templates"]).get("order_shipped_v2")
+    with pytest.raises(TemplateError, match="data is missing variable 'tracking_url'"):
+        t.render("sms", {"order_id": "1"})
+    with pytest.raises(TemplateError, match="has no fax part|has no"):
+        t.render("fax", {})
+
+
+def test_templates_are_sandboxed(tmp_path: Path) -> None:
+    p = tmp_path / "evil.toml"
+    p.write_text('category = "alerts"\n[sms]\ntext = "{{ x.__class__.__mro__ }}"\n')
+    t = parse_template(p)
+    with pytest.raises(TemplateError, match="unsafe|cannot render|missing"):
+        t.render("sms", {"x": 1})
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ('category = "spam"\n[sms]\ntext = "x"\n', "category must be one of"),
+        ('category = "alerts"\n', "no channel part"),
+        ('category = "alerts"\n[email]\nsubject = "s"\n', "[email] needs html, text"),
+        ("category = ", "not valid TOML"),
+        ('category = "alerts"\npriority = "asap"\n[sms]\ntext = "x"\n', "priority must be one of"),
+    ],
+)
+def test_bad_template_files(tmp_path: Path, body: str, message: str) -> None:
+    p = tmp_path / "t.toml"
+    p.write_text(body)
+    with pytest.raises(TemplateError) as exc:
+        parse_template(p)
+    assert message in str(exc.value)
+
+
+def test_user_templates_override_shipped(tmp_path: Path) -> None:
+    (tmp_path / "otp_code.toml").write_text(
+        'category = "transactional"\npriority = "high"\n[sms]\ntext = "code {{ code }}"\n'
+    )
+    store = TemplateStore([tmp_path, Path(__file__).parent.parent / "notifyctl" / "templates"])
+    assert store.get("otp_code").render("sms", {"code": "7"}) == {"text": "code 7"}
+    assert "weekly_promo" in store.ids()
+
+
+# --- rate limiter window edges ----------------------------------------------------------------
+
+
+def test_sliding_window_edges(rclient: redis.Redis) -> None:
+    rl = RateLimiter(rclient, [RateRule.parse("push:*:3/1h")])
+    t0 = 1_000_000_000
+    checks = [Check("u", "push", "transactional", f"n{i}:push") for i in range(4)]
+    assert [rl.check_many([c], t0 + i * 1000)[0] for i, c in enumerate(checks[:3])] == [True, True, True]
+    assert rl.check_many([checks[3]], t0 + 3_599_999) == [False]  # 1 ms before the first leaves the window
+    assert rl.check_many([checks[3]], t0 + 3_600_000) == [True]  # the first has left it
+    assert rl.check_many([Check("u", "push", "transactional", "n5:push")], t0 + 3_600_001) == [False]
+    # other users and channels are not affected
+    assert rl.check_many([Check("v", "push", "marketing", "x:push"), Check("u", "email", "transactional", "y")],
+                         t0 + 3_600_001) == [True, True]  # fmt: skip
+
+
+def test_rate_check_is_idempotent_per_notification(rclient: redis.Redis) -> None:
+    rl = RateLimiter(rclient, [RateRule.parse("sms:*:1/1d")])
+    c = Check("u", "sms", "marketing", "n1:sms")
+    assert rl.check_many([c], 1000) == [True]
+    assert rl.check_many([c], 2000) == [True]  # the same notification re-checked after a crash
+    assert rl.check_many([Check("u", "sms", "marketing", "n2:sms")], 3000) == [False]
+
+
+def test_rate_rules_combine_and_high_bypasses(rclient: redis.Redis) -> None:
+    rl = RateLimiter(rclient, [RateRule.parse("email:*:2/1h"), RateRule.parse("email:marketing:1/1d")])
+    m = [Check("u", "email", "marketing", f"m{i}") for i in range(2)]
+    assert rl.check_many(m, 1000) == [True, False]
+    assert rl.check_many([Check("u", "email", "transactional", "t1")], 1000) == [True]
+    assert rl.check_many([Check("u", "email", "transactional", "t2")], 1000) == [False]  # 2/h used
+    assert rl.check_many([Check("u", "email", "transactional", "otp", high=True)], 1000) == [True]
+    assert rclient.zcard("notif:rate:u:email:*:3600") == 3  # the bypass was still counted
