@@ -11,6 +11,15 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlmodel import SQLModel, create_engine
 
 from notifyctl import models  # noqa: F401  (registers the tables)
+
+try:  # tables of optional parts register themselves when their package is importable
+    import campaigns.models  # noqa: F401
+except ImportError:
+    pass
+try:
+    import notifyctl.api.models  # noqa: F401
+except ImportError:
+    pass
 from notifyctl.errors import ConfigError
 
 _engines: dict[str, Engine] = {}

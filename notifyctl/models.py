@@ -69,6 +69,9 @@ STATUS_RANK = {"queued": 0, "retrying": 1, "sent": 2, "delivered": 3, "opened": 
 
 
 class NotificationStatus(StrEnum):
+    scheduled = "scheduled"  # not before due_at (campaign waves, --send-at); the reconciler queues it then
+    paused = "paused"  # a paused campaign's scheduled notification
+    canceled = "canceled"  # a canceled campaign's notification that was never queued
     queued = "queued"  # a job is (or should be) in a queue for it
     retrying = "retrying"  # some deliveries wait for their next attempt at due_at
     done = "done"  # every delivery is final
@@ -111,7 +114,11 @@ class DeviceToken(SQLModel, table=True):
 
 class Notification(SQLModel, table=True):
     __tablename__ = "notifications"
-    __table_args__ = (Index("ix_notifications_status_due", "status", "due_at"),)
+    __table_args__ = (
+        Index("ix_notifications_status_due", "status", "due_at"),
+        # one notification per recipient per campaign: a relaunched campaign skips who it already has
+        Index("uq_notifications_campaign_recipient", "campaign_id", "recipient_id", unique=True),
+    )
     id: str = Field(primary_key=True, max_length=32)
     recipient_id: str = Field(index=True, max_length=255)
     type: str = Field(max_length=128)

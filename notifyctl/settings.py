@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         default_factory=dict, description="per-provider settings from the config file's [provider_options.NAME]"
     )
 
+    public_url: str | None = Field(
+        None, description="where `notifyctl serve` is reachable from outside (unsubscribe links, webhooks)"
+    )
+    postal_address: str | None = Field(None, description="sender's postal address, added to marketing email (CAN-SPAM)")
+
     email_from: str = "notifications@example.com"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25

@@ -3,9 +3,9 @@
 It runs every second in each worker pool (one at a time, under a Redis lock) and once per
 ``notifyctl worker --burst`` round. Two duties:
 
-1. **Due retries.** Notifications in ``retrying`` whose ``due_at`` has come are queued again
-   (in batches), with ``as_of`` set so the worker sends exactly what is due. SQL holds the
-   schedule, so retries survive the loss of Redis.
+1. **Due work.** Notifications in ``retrying`` or ``scheduled`` whose ``due_at`` has come are
+   queued (in batches), with ``as_of`` set so the worker sends exactly what is due. SQL holds
+   the schedule, so retries and scheduled sends (campaign waves) survive the loss of Redis.
 2. **Lost work.** A notification still ``queued`` ``recovery_grace`` seconds after it was due
    has its RQ job looked at (one pipeline for all of them). The job is lost, and the
    notification is queued again under a new job, when the job:
@@ -60,17 +60,22 @@ def reconcile(ctx: Context, now: float | None = None, limit: int = 5000, force: 
     settings = ctx.settings
     batch_size = max(1, settings.batch_size)
     with Session(ctx.engine) as session:
-        # 1. due retries
+        # 1. due retries and scheduled sends
         due = session.execute(
             select(Notification.id, Notification.priority)
-            .where(Notification.status == NotificationStatus.retrying, Notification.due_at <= _naive(now))
+            .where(
+                Notification.status.in_([NotificationStatus.retrying, NotificationStatus.scheduled]),  # type: ignore[attr-defined]
+                Notification.due_at <= _naive(now),
+            )
             .order_by(Notification.due_at)
             .limit(limit)
         ).all()
         by_prio: dict[str, list[str]] = defaultdict(list)
         for nid, prio in due:
             by_prio[prio].append(nid)
-        result.retries_queued = _requeue(ctx, session, by_prio, batch_size, now, NotificationStatus.retrying)
+        result.retries_queued = _requeue(
+            ctx, session, by_prio, batch_size, now, [NotificationStatus.retrying, NotificationStatus.scheduled]
+        )
 
         # 2. lost work
         stale = session.execute(
@@ -94,7 +99,7 @@ def reconcile(ctx: Context, now: float | None = None, limit: int = 5000, force: 
                 if job_id is None or job_id in lost:
                     for nid, prio in items:
                         lost_by_prio[prio].append(nid)
-            result.recovered = _requeue(ctx, session, lost_by_prio, batch_size, now, NotificationStatus.queued)
+            result.recovered = _requeue(ctx, session, lost_by_prio, batch_size, now, [NotificationStatus.queued])
     return result
 
 
@@ -132,7 +137,7 @@ def _lost_jobs(ctx: Context, job_ids: list[str]) -> list[str]:
 
 
 def _requeue(
-    ctx: Context, session: Session, by_prio: dict[str, list[str]], batch_size: int, now: float, from_status: str
+    ctx: Context, session: Session, by_prio: dict[str, list[str]], batch_size: int, now: float, from_status: list[str]
 ) -> int:
     count = 0
     for prio, nids in by_prio.items():
@@ -141,7 +146,7 @@ def _requeue(
             job_id = "job_" + new_id("r")
             res = session.execute(
                 update(Notification)
-                .where(Notification.id.in_(chunk), Notification.status == from_status)  # type: ignore[attr-defined]
+                .where(Notification.id.in_(chunk), Notification.status.in_(from_status))  # type: ignore[attr-defined]
                 .values(status=NotificationStatus.queued, job_id=job_id, due_at=_naive(now))
                 .execution_options(synchronize_session=False)
             )

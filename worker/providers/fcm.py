@@ -145,9 +145,7 @@ def _error_info(resp: Any) -> tuple[str | None, str]:
         return None, f"HTTP {resp.status_code}"
     message = str(err.get("message") or f"HTTP {resp.status_code}")[:200]
     for detail in err.get("details") or []:
-        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith(
-            "google.firebase.fcm.v1.FcmError"
-        ):
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.firebase.fcm.v1.FcmError"):
             if detail.get("errorCode"):
                 return str(detail["errorCode"]), message
     status = err.get("status")
@@ -341,9 +339,7 @@ class Provider:
             timeout=cfg.timeout,
             verify=verify,
             http2=http2,
-            limits=httpx.Limits(
-                max_connections=cfg.concurrency + 2, max_keepalive_connections=cfg.concurrency + 2
-            ),
+            limits=httpx.Limits(max_connections=cfg.concurrency + 2, max_keepalive_connections=cfg.concurrency + 2),
             headers={"User-Agent": "notifyctl-fcm/0.1"},
         )
         self.tokens = _TokenSource(self.account, self.token_url, self._client)
@@ -366,9 +362,7 @@ class Provider:
         import httpx
 
         try:
-            body = json.dumps(
-                {"message": build_message(m)}, separators=(",", ":"), ensure_ascii=False
-            ).encode()
+            body = json.dumps({"message": build_message(m)}, separators=(",", ":"), ensure_ascii=False).encode()
         except ValueError as exc:
             return Permanent(f"INVALID_ARGUMENT (local): {exc}")
         for attempt in (0, 1):
@@ -405,8 +399,7 @@ class Provider:
         return {
             "service_account": (
                 "(set, inline JSON)"
-                if cfg.service_account_json is not None
-                and cfg.service_account_json.get_secret_value().strip()
+                if cfg.service_account_json is not None and cfg.service_account_json.get_secret_value().strip()
                 else str(cfg.service_account_file)
             ),
             "client_email": self.account.client_email,

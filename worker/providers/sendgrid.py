@@ -201,12 +201,7 @@ class Provider:
         if m.route != "email":
             return Permanent(f"sendgrid cannot send route {m.route!r}")
         addr = m.address.strip()
-        if (
-            addr.count("@") != 1
-            or addr.startswith("@")
-            or addr.endswith("@")
-            or any(c.isspace() for c in addr)
-        ):
+        if addr.count("@") != 1 or addr.startswith("@") or addr.endswith("@") or any(c.isspace() for c in addr):
             return InvalidAddress(f"not an email address: {m.address!r}")
         if not (m.content.get("subject") or "").strip():
             return Permanent("email has no subject")

@@ -109,9 +109,7 @@ class AwsConfig(BaseSettings):
     secret_access_key: SecretStr | None = Field(None, description="secret access key")
     session_token: SecretStr | None = Field(None, description="session token for temporary credentials")
     concurrency: int = Field(16, ge=1, le=512, description="parallel API calls within one batch")
-    max_pool_connections: int | None = Field(
-        None, ge=1, description="HTTP connection pool size; unset = concurrency"
-    )
+    max_pool_connections: int | None = Field(None, ge=1, description="HTTP connection pool size; unset = concurrency")
     timeout: float = Field(10.0, gt=0, description="connect and read timeout, seconds")
     max_attempts: int = Field(1, ge=1, le=10, description="botocore attempts per call (1 = pipeline retries)")
 

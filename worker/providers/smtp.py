@@ -152,9 +152,7 @@ def _part(body: str, subtype: str) -> bytes:
         cte, data = b"7bit", raw
     else:
         cte, data = b"quoted-printable", binascii.b2a_qp(raw, istext=True)
-    head = (
-        b"Content-Type: text/" + subtype.encode() + b'; charset="utf-8"\r\nContent-Transfer-Encoding: ' + cte
-    )
+    head = b"Content-Type: text/" + subtype.encode() + b'; charset="utf-8"\r\nContent-Transfer-Encoding: ' + cte
     return head + b"\r\n\r\n" + data.replace(b"\n", b"\r\n")
 
 
@@ -202,10 +200,7 @@ def _check_address(addr: str) -> tuple[str, bool] | None:
         ascii_domain = domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError:
         return None
-    if any(
-        not lbl or len(lbl) > 63 or lbl.startswith("-") or lbl.endswith("-")
-        for lbl in ascii_domain.split(".")
-    ):
+    if any(not lbl or len(lbl) > 63 or lbl.startswith("-") or lbl.endswith("-") for lbl in ascii_domain.split(".")):
         return None
     return f"{local}@{ascii_domain}", not local.isascii()
 
@@ -223,9 +218,7 @@ class Provider:
         self.port: int = int(cfg.port or main_port or 25)
         self.username: str | None = cfg.username or getattr(settings, "smtp_username", None)
         pw = cfg.password if cfg.password is not None else getattr(settings, "smtp_password", None)
-        self._password: SecretStr | None = (
-            pw if isinstance(pw, SecretStr) or pw is None else SecretStr(str(pw))
-        )
+        self._password: SecretStr | None = pw if isinstance(pw, SecretStr) or pw is None else SecretStr(str(pw))
         self.starttls: bool = bool(
             cfg.starttls if cfg.starttls is not None else getattr(settings, "smtp_starttls", False)
         )
@@ -292,9 +285,7 @@ class Provider:
         try:
             code, resp = conn.smtp.mail(self.envelope_from)
             if code != 250:
-                return (
-                    f"{self.host}:{self.port} refuses sender {self.envelope_from}: SMTP {code} {_text(resp)}"
-                )
+                return f"{self.host}:{self.port} refuses sender {self.envelope_from}: SMTP {code} {_text(resp)}"
             conn.smtp.rset()
             return None
         except (smtplib.SMTPException, OSError) as exc:
@@ -329,8 +320,7 @@ class Provider:
             return _Conn(smtp)
         except smtplib.SMTPAuthenticationError as exc:
             reason = (
-                f"SMTP authentication as {self.username!r} failed at {where}: "
-                f"{exc.smtp_code} {_text(exc.smtp_error)}"
+                f"SMTP authentication as {self.username!r} failed at {where}: {exc.smtp_code} {_text(exc.smtp_error)}"
             )
         except smtplib.SMTPResponseException as exc:
             reason = f"SMTP server {where} refused the session: {exc.smtp_code} {_text(exc.smtp_error)}"
@@ -406,12 +396,7 @@ class Provider:
         if html and text:
             parts = [_part(text, "plain"), _part(html, "html")]
             boundary = b"=_notify_" + uuid.uuid4().hex.encode()
-            body = (
-                b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts)
-                + b"--"
-                + boundary
-                + b"--\r\n"
-            )
+            body = b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary + b"--\r\n"
             return head + b'Content-Type: multipart/alternative; boundary="' + boundary + b'"\r\n\r\n' + body
         return head + (_part(html, "html") if html else _part(text or "", "plain"))
 
@@ -446,9 +431,7 @@ class Provider:
             conn.broken = True
             if stage == "mail" and reused:
                 raise _Stale from None
-            return Retry(
-                f"SMTP connection lost during {stage.upper()}: {_text(str(exc)) or exc.__class__.__name__}"
-            )
+            return Retry(f"SMTP connection lost during {stage.upper()}: {_text(str(exc)) or exc.__class__.__name__}")
 
     def _rejected(self, conn: _Conn, stage: str, code: int, resp: bytes) -> Outcome:
         if code == 421:

@@ -43,12 +43,8 @@ _BAD_PARAMETER_CODES = frozenset({"InvalidParameter", "ParameterValueInvalid", "
 class Config(AwsConfig):
     model_config = SettingsConfigDict(env_prefix="NOTIFY_SNS_", extra="ignore")
 
-    sender_id: str | None = Field(
-        None, description="alphanumeric sender id (1-11 chars, countries that allow it)"
-    )
-    origination_number: str | None = Field(
-        None, description="E.164 long code / toll-free number to send from"
-    )
+    sender_id: str | None = Field(None, description="alphanumeric sender id (1-11 chars, countries that allow it)")
+    origination_number: str | None = Field(None, description="E.164 long code / toll-free number to send from")
     max_price: str | None = Field(None, description="max USD price per message (AWS.SNS.SMS.MaxPrice)")
 
     @field_validator("sender_id")
@@ -103,9 +99,7 @@ class Provider:
         if not text:
             return Permanent("sms has no text")
         try:
-            resp = self.client.publish(
-                PhoneNumber=m.address, Message=text, MessageAttributes=self._attributes(m)
-            )
+            resp = self.client.publish(PhoneNumber=m.address, Message=text, MessageAttributes=self._attributes(m))
         except ClientError as exc:
             return classify(*error_parts(exc))
         except Exception as exc:  # noqa: BLE001
@@ -129,9 +123,7 @@ class Provider:
             code, message, status, _ = error_parts(exc)
             return f"SNS refused GetSMSAttributes: {code or status}: {message}"
         except Exception as exc:  # noqa: BLE001
-            return (
-                f"cannot reach SNS ({self.config.endpoint_url or self.config.region}): {type(exc).__name__}"
-            )
+            return f"cannot reach SNS ({self.config.endpoint_url or self.config.region}): {type(exc).__name__}"
         return None
 
     def close(self) -> None:

@@ -59,9 +59,7 @@ class Config(BaseSettings):
     account_sid: str | None = Field(None, description="Account SID (AC...)")
     auth_token: SecretStr | None = Field(None, description="Auth token")
     from_number: str | None = Field(None, description="sender number, E.164 (needed for voice)")
-    messaging_service_sid: str | None = Field(
-        None, description="Messaging Service SID (MG...), preferred for SMS"
-    )
+    messaging_service_sid: str | None = Field(None, description="Messaging Service SID (MG...), preferred for SMS")
     status_callback_url: str | None = Field(None, description="status callback URL (delivery_id is appended)")
     base_url: str = Field(DEFAULT_BASE_URL, description="API origin (a sandbox URL in tests)")
     timeout: float = Field(10.0, gt=0, description="HTTP timeout per request, seconds")
@@ -181,15 +179,11 @@ class Provider:
             raise Misconfigured(f"twilio: invalid settings: {exc.errors(include_input=False)}") from None
         cfg = self.config
         if not cfg.account_sid or not _ACCOUNT_SID.match(cfg.account_sid):
-            raise Misconfigured(
-                "twilio: account_sid must be an Account SID, AC + 32 hex (NOTIFY_TWILIO_ACCOUNT_SID)"
-            )
+            raise Misconfigured("twilio: account_sid must be an Account SID, AC + 32 hex (NOTIFY_TWILIO_ACCOUNT_SID)")
         if cfg.auth_token is None or not cfg.auth_token.get_secret_value():
             raise Misconfigured("twilio: auth_token is not set (NOTIFY_TWILIO_AUTH_TOKEN)")
         if not cfg.from_number and not cfg.messaging_service_sid:
-            raise Misconfigured(
-                "twilio: set from_number or messaging_service_sid (NOTIFY_TWILIO_FROM_NUMBER)"
-            )
+            raise Misconfigured("twilio: set from_number or messaging_service_sid (NOTIFY_TWILIO_FROM_NUMBER)")
         if not cfg.base_url.startswith(("http://", "https://")):
             raise Misconfigured(f"twilio: base_url must be an http(s) URL, got {cfg.base_url!r}")
         self._rest_errors = (TwilioRestException, TwilioServiceException)
@@ -255,11 +249,7 @@ class Provider:
         text = (m.content.get("text") or "").strip()
         if not text:
             return Permanent("twilio: message has no text")
-        callback = (
-            _with_query(cfg.status_callback_url, delivery_id=m.delivery_id)
-            if cfg.status_callback_url
-            else None
-        )
+        callback = _with_query(cfg.status_callback_url, delivery_id=m.delivery_id) if cfg.status_callback_url else None
         if m.route == "sms":
             kwargs: dict[str, Any] = {"to": m.address, "body": text}
             if cfg.messaging_service_sid:
@@ -285,9 +275,7 @@ class Provider:
             code = int(code) if code is not None else None
         except (TypeError, ValueError):
             code = None
-        detail = str(
-            getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", "") or ""
-        )
+        detail = str(getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", "") or "")
         if code == 21610:
             return InvalidAddress(f"twilio 21610: recipient unsubscribed (replied STOP): {detail}")
         if code in _INVALID_ADDRESS_CODES:
@@ -295,9 +283,7 @@ class Provider:
         if code == 20429 or status == 429:
             return Retry(f"twilio {code}: too many requests", _retry_after(self._http.last_headers()))
         if status >= 500:
-            return Retry(
-                f"twilio: server error {status} (code {code})", _retry_after(self._http.last_headers())
-            )
+            return Retry(f"twilio: server error {status} (code {code})", _retry_after(self._http.last_headers()))
         if code in _UNDELIVERABLE_CODES:
             return Permanent(f"twilio {code}: {_UNDELIVERABLE_CODES[code]}: {detail}")
         if status in (401, 403):

@@ -98,9 +98,7 @@ def error_body(
     if fcm_code:
         details.append({"@type": FCM_ERROR_TYPE, "errorCode": fcm_code})
     if field:
-        details.append(
-            {"@type": BAD_REQUEST_TYPE, "fieldViolations": [{"field": field, "description": message}]}
-        )
+        details.append({"@type": BAD_REQUEST_TYPE, "fieldViolations": [{"field": field, "description": message}]})
     err: dict[str, Any] = {"code": http_status, "message": message, "status": status}
     if details:
         err["details"] = details
@@ -176,9 +174,7 @@ def _short(value: Any) -> str:
 
 
 def _unknown(name: str, where: str) -> _Invalid:
-    return _Invalid(
-        f"Invalid JSON payload received. Unknown name \"{name}\" at '{where}': Cannot find field."
-    )
+    return _Invalid(f"Invalid JSON payload received. Unknown name \"{name}\" at '{where}': Cannot find field.")
 
 
 def validate_message(msg: Any) -> None:
@@ -192,17 +188,13 @@ def validate_message(msg: Any) -> None:
     if not targets:
         raise _Invalid("Recipient of the message is not set.", None, "INVALID_ARGUMENT")
     if len(targets) > 1:
-        raise _Invalid(
-            f"Invalid JSON payload received. Oneof field 'target' is already set. Cannot set '{targets[1]}'"
-        )
+        raise _Invalid(f"Invalid JSON payload received. Oneof field 'target' is already set. Cannot set '{targets[1]}'")
     if "token" in msg and (not isinstance(msg["token"], str) or not msg["token"].strip()):
         raise _Invalid(FCM_ERRORS["INVALID_ARGUMENT"][2], "message.token", "INVALID_ARGUMENT")
 
     data = msg.get("data", {})
     if not isinstance(data, dict):
-        raise _Invalid(
-            "Invalid value at 'message.data' (type.googleapis.com/google.protobuf.Map)", "message.data"
-        )
+        raise _Invalid("Invalid value at 'message.data' (type.googleapis.com/google.protobuf.Map)", "message.data")
     for i, (key, value) in enumerate(data.items()):
         if not isinstance(value, str):
             text = f"Invalid value at 'message.data[{i}].value' (TYPE_STRING), {_short(value)}"
@@ -239,8 +231,7 @@ def validate_message(msg: Any) -> None:
     if ttl is not None:
         if not isinstance(ttl, str) or not _DURATION.match(ttl):
             raise _Invalid(
-                "Invalid value at 'message.android.ttl' "
-                f"(type.googleapis.com/google.protobuf.Duration), {_short(ttl)}",
+                f"Invalid value at 'message.android.ttl' (type.googleapis.com/google.protobuf.Duration), {_short(ttl)}",
                 "message.android.ttl",
             )
         if float(ttl[:-1]) > MAX_TTL:
@@ -298,8 +289,7 @@ class FcmHandler(SandboxHandler):
         return (
             404,
             {"Content-Type": "text/html; charset=UTF-8"},
-            b"<!DOCTYPE html><title>Error 404 (Not Found)!!1</title>"
-            b"<p>The requested URL was not found on this server.",
+            b"<!DOCTYPE html><title>Error 404 (Not Found)!!1</title><p>The requested URL was not found on this server.",
         )
 
 
@@ -383,9 +373,7 @@ class FcmSandbox(HttpSandbox):
         form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
         grant = form.get("grant_type", "")
         if grant != JWT_GRANT_TYPE:
-            return _json(
-                400, {"error": "unsupported_grant_type", "error_description": f"Invalid grant_type: {grant}"}
-            )
+            return _json(400, {"error": "unsupported_grant_type", "error_description": f"Invalid grant_type: {grant}"})
         assertion = form.get("assertion")
         if not assertion:
             return _json(
@@ -439,15 +427,11 @@ class FcmSandbox(HttpSandbox):
         with self._lock:
             self._tokens[token] = (time.time() + self.token_expires_in, scopes)
             self.token_requests += 1
-        return _json(
-            200, {"access_token": token, "expires_in": self.token_expires_in, "token_type": "Bearer"}
-        )
+        return _json(200, {"access_token": token, "expires_in": self.token_expires_in, "token_type": "Bearer"})
 
     # -- messages:send ------------------------------------------------------------------------
 
-    def _send(
-        self, project: str, authorization: str | None, body: bytes
-    ) -> tuple[int, dict[str, str], bytes]:
+    def _send(self, project: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
             self.send_requests += 1
         challenge = {"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/", error="invalid_token"'}
@@ -458,9 +442,7 @@ class FcmSandbox(HttpSandbox):
         if entry is None or entry[0] <= time.time():
             return _json(401, error_body(401, "UNAUTHENTICATED", _UNAUTHENTICATED_MSG), challenge)
         if not entry[1] & FCM_SCOPES:
-            return _json(
-                403, error_body(403, "PERMISSION_DENIED", "Request had insufficient authentication scopes.")
-            )
+            return _json(403, error_body(403, "PERMISSION_DENIED", "Request had insufficient authentication scopes."))
         if project != self.project_id:
             text = (
                 "Permission 'cloudmessaging.messages.create' denied on resource "
@@ -477,9 +459,7 @@ class FcmSandbox(HttpSandbox):
                 raise _Invalid("Invalid JSON payload received. Expected an object.")
             for name in req:
                 if name not in ("message", "validate_only", "validateOnly"):
-                    raise _Invalid(
-                        f'Invalid JSON payload received. Unknown name "{name}": Cannot find field.'
-                    )
+                    raise _Invalid(f'Invalid JSON payload received. Unknown name "{name}": Cannot find field.')
             if "message" not in req:
                 raise _Invalid("Message is not set.", "message", "INVALID_ARGUMENT")
             validate_message(req["message"])
@@ -495,9 +475,7 @@ class FcmSandbox(HttpSandbox):
         return _json(200, {"name": name})
 
 
-def main(
-    port: int = 8792, service_account_file: str | None = None, project_id: str = "notifyctl-sandbox"
-) -> None:
+def main(port: int = 8792, service_account_file: str | None = None, project_id: str = "notifyctl-sandbox") -> None:
     """Run the sandbox in the foreground; writes the service account JSON for the worker to use."""
     sandbox = FcmSandbox(port, project_id=project_id)
     path = sandbox.write_service_account(service_account_file or f"fcm-sandbox-{project_id}.json")

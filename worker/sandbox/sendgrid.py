@@ -35,9 +35,7 @@ def _err(message: str, field: str | None = None, help_anchor: str | None = None)
 def _type_name(v: Any) -> str:
     if v is None:
         return "null"
-    return {bool: "boolean", int: "integer", float: "number", list: "array", dict: "object"}.get(
-        type(v), "string"
-    )
+    return {bool: "boolean", int: "integer", float: "number", list: "array", dict: "object"}.get(type(v), "string")
 
 
 class SendgridHandler(SandboxHandler):
@@ -81,9 +79,7 @@ class SendgridSandbox(HttpSandbox):
 
     def start(self) -> SendgridSandbox:
         """As ``HttpSandbox.start``, polling for shutdown every 50 ms so ``stop()`` returns quickly."""
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -106,9 +102,7 @@ class SendgridSandbox(HttpSandbox):
     # ----------------------------------------------------------------- API
 
     @staticmethod
-    def _json(
-        status: int, payload: Any, headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, str], bytes]:
+    def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         return status, {"Content-Type": "application/json", **(headers or {})}, json.dumps(payload).encode()
 
     def _auth(self, headers: dict[str, str], scope: str | None) -> tuple[int, dict[str, str], bytes] | None:
@@ -116,9 +110,7 @@ class SendgridSandbox(HttpSandbox):
         if not value:
             return self._json(401, {"errors": [_err("authorization required")]})
         scheme, _, key = value.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            key.strip().encode(), self.api_key.encode()
-        ):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.api_key.encode()):
             return self._json(
                 401, {"errors": [_err("The provided authorization grant is invalid, expired, or revoked")]}
             )
@@ -126,9 +118,7 @@ class SendgridSandbox(HttpSandbox):
             return self._json(403, {"errors": [_err("access forbidden")]})
         return None
 
-    def api(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, dict[str, str], bytes]:
+    def api(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         route = path.split("?")[0].rstrip("/")
         if route == "/v3/mail/send" and method == "POST":
             return self._auth(headers, "mail.send") or self._mail_send(headers, body)
@@ -149,9 +139,7 @@ class SendgridSandbox(HttpSandbox):
         except ValueError:
             return self._json(400, {"errors": [_err("Bad Request")]})
         if not isinstance(mail, dict):
-            return self._json(
-                400, {"errors": [_err("Invalid type. Expected: object, given: " + _type_name(mail))]}
-            )
+            return self._json(400, {"errors": [_err("Invalid type. Expected: object, given: " + _type_name(mail))]})
         errors = validate_mail(mail)
         if errors:
             return self._json(400, {"errors": errors})
@@ -219,9 +207,7 @@ def validate_mail(mail: dict[str, Any]) -> list[dict[str, Any]]:
     every_has_subject = bool(ps)
     for i, p in enumerate(ps[:1001]):
         if not isinstance(p, dict):
-            errors.append(
-                _err(f"Invalid type. Expected: object, given: {_type_name(p)}.", f"personalizations.{i}")
-            )
+            errors.append(_err(f"Invalid type. Expected: object, given: {_type_name(p)}.", f"personalizations.{i}"))
             every_has_subject = False
             continue
         to = p.get("to")
@@ -259,9 +245,7 @@ def validate_mail(mail: dict[str, Any]) -> list[dict[str, Any]]:
                 recipients += len(p[kind])
         if not (isinstance(p.get("subject"), str) and p["subject"]):
             every_has_subject = False
-        errors += _string_map(
-            p.get("custom_args"), f"personalizations.{i}.custom_args", "personalizations.custom_args"
-        )
+        errors += _string_map(p.get("custom_args"), f"personalizations.{i}.custom_args", "personalizations.custom_args")
         errors += _string_map(p.get("headers"), f"personalizations.{i}.headers", "personalizations.headers")
     if recipients > 1000:
         errors.append(
@@ -333,9 +317,7 @@ def validate_mail(mail: dict[str, Any]) -> list[dict[str, Any]]:
             )
     categories = mail.get("categories")
     if categories is not None and (
-        not isinstance(categories, list)
-        or len(categories) > 10
-        or not all(isinstance(c, str) for c in categories)
+        not isinstance(categories, list) or len(categories) > 10 or not all(isinstance(c, str) for c in categories)
     ):
         errors.append(_err("Categories must be a list of at most 10 strings.", "categories", "categories"))
     errors += _string_map(mail.get("custom_args"), "custom_args", "custom_args")
@@ -346,9 +328,7 @@ def validate_mail(mail: dict[str, Any]) -> list[dict[str, Any]]:
 def serve(port: int = 0, host: str = "127.0.0.1", api_key: str = DEFAULT_API_KEY) -> None:
     """Run the sandbox in the foreground until interrupted."""
     sb = SendgridSandbox(port=port, host=host, api_key=api_key).start()
-    print(
-        f"sendgrid sandbox on {sb.url} (NOTIFY_SENDGRID_BASE_URL={sb.url}, NOTIFY_SENDGRID_API_KEY={api_key})"
-    )
+    print(f"sendgrid sandbox on {sb.url} (NOTIFY_SENDGRID_BASE_URL={sb.url}, NOTIFY_SENDGRID_API_KEY={api_key})")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -336,9 +336,7 @@ class SmtpSandbox:
             self._open.discard(proto)
 
     # -- aiosmtpd glue ---------------------------------------------------------------------
-    def _authenticate(
-        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
-    ) -> AuthResult:
+    def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
         if self.auth and isinstance(data, LoginPassword):
             user_ok = hmac.compare_digest(data.login, self.auth[0].encode())
             pass_ok = hmac.compare_digest(data.password, self.auth[1].encode())

@@ -121,9 +121,7 @@ class TwilioSandbox(HttpSandbox):
 
     def start(self) -> TwilioSandbox:
         """As ``HttpSandbox.start``, polling for shutdown every 50 ms so ``stop()`` returns quickly."""
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -158,9 +156,7 @@ class TwilioSandbox(HttpSandbox):
             password.encode(), self.auth_token.encode()
         )
 
-    def api(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, dict[str, str], bytes]:
+    def api(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         route = path.split("?")[0]
         match = _PATH.match(route)
         if not self._authenticated(headers):
@@ -172,9 +168,7 @@ class TwilioSandbox(HttpSandbox):
         if resource is None and method == "GET":
             return self._account()
         if resource and method == "POST":
-            params = {
-                k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()
-            }
+            params = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
             return self._create_message(params) if resource == "Messages" else self._create_call(params)
         return _error(405, 20004, "Method not allowed")
 
