@@ -20,7 +20,10 @@ from notifyctl.models import DeviceToken, OptOut, User, utcnow
 from notifyctl.settings import CATEGORIES, CHANNELS
 
 REQUIRED_COLUMNS = ("user_id",)
-KNOWN_COLUMNS = ("user_id", "email", "phone", "timezone", "locale")
+KNOWN_COLUMNS = ("user_id", "email", "phone", "timezone", "locale", "sms_opt_in")
+USER_UPDATE_COLS = ["email", "phone", "timezone", "locale", "sms_opt_in", "attributes", "updated_at"]
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"", "0", "false", "no", "n", "off"}
 PLATFORMS = ("ios", "android")
 
 
@@ -64,6 +67,9 @@ def build_user_row(raw: dict[str, str | None], region: str, default_tz: str) -> 
     locale = (raw.get("locale") or "").strip() or "en"
     if len(locale) > 16:
         raise InputError(f"locale {locale!r}: too long")
+    opt_in_raw = (raw.get("sms_opt_in") or "").strip().lower()
+    if opt_in_raw not in _TRUE | _FALSE:
+        raise InputError(f"sms_opt_in {opt_in_raw!r}: use true or false")
     attrs = {k: v for k, v in raw.items() if k not in KNOWN_COLUMNS and k and v not in (None, "")}
     now = utcnow()
     return {
@@ -72,6 +78,7 @@ def build_user_row(raw: dict[str, str | None], region: str, default_tz: str) -> 
         "phone": phone,
         "timezone": tz,
         "locale": locale,
+        "sms_opt_in": opt_in_raw in _TRUE,
         "attributes": attrs,
         "created_at": now,
         "updated_at": now,
@@ -132,7 +139,7 @@ def import_users(ctx: Context, stream: Any, batch: int = 1000) -> ImportReport:
                         User,
                         list(rows.values()),
                         ["id"],
-                        ["email", "phone", "timezone", "locale", "attributes", "updated_at"],
+                        USER_UPDATE_COLS,
                     )
                     report.imported += len(rows)
                     rows.clear()
@@ -145,7 +152,7 @@ def import_users(ctx: Context, stream: Any, batch: int = 1000) -> ImportReport:
             User,
             list(rows.values()),
             ["id"],
-            ["email", "phone", "timezone", "locale", "attributes", "updated_at"],
+            USER_UPDATE_COLS,
         )
         report.imported += len(rows)
         session.commit()

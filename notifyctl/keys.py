@@ -30,3 +30,8 @@ RECONCILE_LOCK = f"{PREFIX}reconciler:lock"
 def queue_name(priority: str) -> str:
     """RQ queue per priority tier."""
     return f"notify-{priority}"
+
+
+def circuit(provider: str) -> str:
+    """Circuit breaker state of one provider (shared by all workers)."""
+    return f"{PREFIX}circuit:{provider}"

@@ -85,6 +85,7 @@ class User(SQLModel, table=True):
     phone: str | None = Field(default=None, max_length=16)
     timezone: str = Field(default="UTC", max_length=64)
     locale: str = Field(default="en", max_length=16)
+    sms_opt_in: bool = Field(default=False, description="explicit consent to marketing SMS")
     attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     providers_push_android: list[str] = Field(default_factory=lambda: ["outbox"])
     providers_email: list[str] = Field(default_factory=lambda: ["outbox"])
     providers_sms: list[str] = Field(default_factory=lambda: ["outbox"])
+    providers_voice: list[str] = Field(
+        default_factory=list, description="voice-call fallback for OTPs when every SMS provider failed"
+    )
+    circuit_threshold: int = Field(5, description="failing batches in a row that open a provider's circuit")
+    circuit_cooldown: float = Field(30.0, description="seconds a circuit stays open before a trial batch")
 
     provider_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-provider settings from the config file's [provider_options.NAME]"

@@ -237,3 +237,43 @@ def test_send_record_recovers_sql_state_without_resending(ctx: Context) -> None:
     d2 = deliveries(ctx, res.notification_id)[0]
     assert d2.status == DeliveryStatus.sent and d2.provider_message_id == d.provider_message_id
     assert len(read_outbox(ctx.settings.outbox_dir)) == 1
+
+
+def test_marketing_sms_needs_opt_in_transactional_does_not(ctx: Context) -> None:
+    seed(ctx)
+    promo = {
+        "template_id": "weekly_promo",
+        "channels": ["sms"],
+        "data": {"first_name": "B", "discount": 5, "code": "C"},
+    }
+    bob_promo = send(ctx, recipient_id="bob", **promo)
+    alice_promo = send(ctx, recipient_id="alice", **promo)
+    bob_order = send(ctx, recipient_id="bob", channels=["sms"])
+    drain(ctx)
+    assert [(d.status, d.reason) for d in deliveries(ctx, bob_promo.notification_id)] == [
+        ("suppressed", "no_sms_opt_in")
+    ]
+    assert [d.status for d in deliveries(ctx, alice_promo.notification_id)] == ["sent"]
+    assert [d.status for d in deliveries(ctx, bob_order.notification_id)] == ["sent"]
+
+
+def test_marketing_email_carries_one_click_unsubscribe(home, redis_url, rclient) -> None:  # type: ignore[no-untyped-def]
+    from notifyctl.unsubscribe import secret_key, verify_token
+    from tests.conftest import make_settings
+
+    ctx = Context(make_settings(home, redis_url, public_url="https://notify.example.com", postal_address="1 Main St"))
+    seed(ctx)
+    promo = send(ctx, template_id="weekly_promo", channels=["email"],
+                 data={"first_name": "A", "discount": 5, "code": "C"})  # fmt: skip
+    order = send(ctx, channels=["email"], recipient_id="bob")
+    drain(ctx)
+    box = {r["notification_id"]: r for r in read_outbox(ctx.settings.outbox_dir, "email")}
+    h = box[promo.notification_id]["headers"]
+    assert h["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    url = h["List-Unsubscribe"].strip("<>")
+    assert url.startswith("https://notify.example.com/u/")
+    assert verify_token(secret_key(ctx.settings), url.rsplit("/", 1)[1]) == ("alice", "marketing")
+    assert "1 Main St" in box[promo.notification_id]["content"]["text"]
+    assert url in box[promo.notification_id]["content"]["text"]
+    # transactional mail is exempt
+    assert box[order.notification_id]["headers"] == {}

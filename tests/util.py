@@ -13,11 +13,11 @@ from notifyctl.directory import import_users, register_token
 from notifyctl.intake import SubmitResult, parse_request, submit
 from notifyctl.models import Delivery, DeliveryEvent, Notification
 
-USERS = """user_id,email,phone,timezone,locale,first_name
-alice,alice@example.com,+14155550101,America/Los_Angeles,en,Alice
-bob,bob@example.com,+447911123456,Europe/London,en,Bob
-carol,carol@example.com,+33612345678,Europe/Paris,fr,Carol
-dave,,+919876543210,Asia/Kolkata,en,Dave
+USERS = """user_id,email,phone,timezone,locale,sms_opt_in,first_name
+alice,alice@example.com,+14155550101,America/Los_Angeles,en,true,Alice
+bob,bob@example.com,+447911123456,Europe/London,en,,Bob
+carol,carol@example.com,+33612345678,Europe/Paris,fr,no,Carol
+dave,,+919876543210,Asia/Kolkata,en,false,Dave
 """
 
 IOS_TOKEN = "ab" * 32

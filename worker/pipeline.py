@@ -9,6 +9,7 @@ recovered from a dead worker, a duplicate job) and sends nothing twice — deliv
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 import socket
@@ -41,6 +42,8 @@ from notifyctl.models import (
     utcnow,
 )
 from notifyctl.templates import Template
+from notifyctl.unsubscribe import secret_key, unsubscribe_url
+from worker.circuit import OPEN, Circuits
 from worker.claims import OK, Claims
 from worker.providers import (
     InvalidAddress,
@@ -67,7 +70,15 @@ class Runtime:
         self.worker_name = worker_name or f"{socket.gethostname()}-{os.getpid()}"
         self.limiter = RateLimiter(ctx.redis, self.settings.rules, self.settings.rate_limit_bypass_high)
         self.claims = Claims(ctx.redis, self.worker_name, self.settings.claim_ttl, self.settings.sent_marker_ttl)
+        self.circuits = Circuits(ctx.redis, self.settings.circuit_threshold, self.settings.circuit_cooldown)
         self._providers: dict[str, Provider] = {}
+        self._unsub_key: bytes | None = None
+
+    @property
+    def unsub_key(self) -> bytes:
+        if self._unsub_key is None:
+            self._unsub_key = secret_key(self.settings)
+        return self._unsub_key
 
     def provider(self, name: str) -> Provider:
         p = self._providers.get(name)
@@ -261,6 +272,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     add_delivery(n, channel, route0, first, DeliveryStatus.suppressed, f"opted_out:{block}")
                 elif not addrs:
                     add_delivery(n, channel, channel, "-", DeliveryStatus.suppressed, f"no_address:{channel}")
+                elif channel == "sms" and n.category == "marketing" and not user.sms_opt_in:
+                    # SMS costs money and consent is the law (TCPA): marketing SMS needs an explicit opt-in.
+                    add_delivery(n, channel, route0, first, DeliveryStatus.suppressed, "no_sms_opt_in")
                 else:
                     content = render(n, channel, user)
                     if isinstance(content, str):
@@ -329,6 +343,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     released.append(d.id)
                     stats.failed += 1
                     continue
+                headers: dict[str, str] = {}
+                if d.channel == "email" and n.category == "marketing":
+                    content, headers = _marketing_email(rt, content, d.user_id)
                 msg = Message(
                     delivery_id=d.id,
                     notification_id=n.id,
@@ -340,13 +357,14 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     priority=n.priority,
                     dedup_key=n.dedup_key or n.id,
                     data={"notification_id": n.id, "type": n.type},
+                    headers=headers,
                     user_id=d.user_id,
                 )
                 to_send[d.route].append((d, msg))
 
             for route, items in to_send.items():
-                provider_name, outcomes = _send_route(rt, route, [m for _, m in items])
-                for (d, _m), outcome in zip(items, outcomes, strict=True):
+                results = _send_route(rt, route, [m for _, m in items])
+                for (d, _m), (provider_name, outcome) in zip(items, results, strict=True):
                     attempts = d.attempts + 1
                     if isinstance(outcome, Sent):
                         _mark(
@@ -493,21 +511,86 @@ def _mark(
     )
 
 
-def _send_route(rt: Runtime, route: str, messages: list[Message]) -> tuple[str, list[Outcome]]:
-    names = rt.settings.providers_for(route)
-    name = names[0] if names else "outbox"
+def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[str, Outcome]]:
+    """Send through the route's providers in order, skipping open circuits: what one provider
+    answers "retry later" goes to the next. An OTP that every SMS provider failed becomes a
+    voice call when a voice provider is configured. Returns (provider, outcome) per message."""
+    names = rt.settings.providers_for(route) or ["outbox"]
+    states = rt.circuits.states(names)
+    usable = [n for n in names if states[n][0] != OPEN]
+    results: list[tuple[str, Outcome] | None] = [None] * len(messages)
+    if not usable:
+        wait = max(1.0, min(until for _, until in states.values()) - time.time())
+        return [(names[0], Retry(f"every {route} provider's circuit is open", retry_after=wait)) for _ in messages]
+    pending = list(range(len(messages)))
+    for name in usable:
+        outcomes = _call_provider(rt, name, [messages[i] for i in pending])
+        accepted = any(isinstance(o, Sent) for o in outcomes)
+        provider_down = not accepted and all(isinstance(o, Retry) for o in outcomes)
+        rt.circuits.record(name, ok=not provider_down, was=states[name][0])
+        still: list[int] = []
+        for i, o in zip(pending, outcomes, strict=True):
+            results[i] = (name, o)
+            if isinstance(o, Retry):
+                still.append(i)
+        pending = still
+        if not pending:
+            break
+    if pending and route == "sms" and rt.settings.providers_voice:
+        otps = [i for i in pending if messages[i].priority == "high" and messages[i].category == "transactional"]
+        for i, (name, o) in zip(otps, _send_voice(rt, [messages[i] for i in otps]), strict=True):
+            if isinstance(o, Sent):
+                results[i] = (f"{name}:voice", o)
+    return [r for r in results if r is not None]
+
+
+def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome]]:
+    if not messages:
+        return []
+    name = rt.settings.providers_voice[0]
+    calls = [
+        Message(delivery_id=m.delivery_id, notification_id=m.notification_id, channel="sms", route="voice",
+                address=m.address, content=m.content, category=m.category, priority=m.priority,
+                dedup_key=m.dedup_key, user_id=m.user_id)
+        for m in messages
+    ]  # fmt: skip
+    return [(name, o) for o in _call_provider(rt, name, calls)]
+
+
+def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outcome]:
     try:
         provider = rt.provider(name)
     except Misconfigured as exc:
-        return name, [Retry(f"{name} misconfigured: {exc}") for _ in messages]
+        return [Retry(f"{name} misconfigured: {exc}") for _ in messages]
     try:
         outcomes = provider.send(messages)
     except Exception as exc:  # noqa: BLE001 - a provider bug must not lose the batch: retry it
         log.exception("provider %s failed on a batch of %d", name, len(messages))
-        return name, [Retry(f"{name} error: {type(exc).__name__}: {exc}") for _ in messages]
+        return [Retry(f"{name} error: {type(exc).__name__}: {exc}") for _ in messages]
     if len(outcomes) != len(messages):
-        return name, [Retry(f"{name} answered {len(outcomes)} outcomes for {len(messages)}") for _ in messages]
-    return name, outcomes
+        return [Retry(f"{name} answered {len(outcomes)} outcomes for {len(messages)}") for _ in messages]
+    return outcomes
+
+
+def _marketing_email(rt: Runtime, content: dict[str, str], user_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """RFC 8058 one-click unsubscribe headers and a footer (unsubscribe link, postal address) for bulk mail."""
+    url = unsubscribe_url(rt.settings, rt.unsub_key, user_id, "marketing")
+    headers: dict[str, str] = {}
+    text_footer: list[str] = []
+    html_footer: list[str] = []
+    if url:
+        headers = {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+        text_footer.append(f"Unsubscribe: {url}")
+        html_footer.append(f'<a href="{html.escape(url)}">Unsubscribe</a>')
+    if rt.settings.postal_address:
+        text_footer.append(rt.settings.postal_address)
+        html_footer.append(html.escape(rt.settings.postal_address))
+    if not text_footer:
+        return content, headers
+    out = dict(content)
+    out["text"] = content["text"] + "\n\n--\n" + "\n".join(text_footer)
+    out["html"] = content["html"] + '\n<p style="font-size:small;color:#666">' + " · ".join(html_footer) + "</p>"
+    return out, headers
 
 
 def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> None:

@@ -1,0 +1,99 @@
+"""Creating, listing, revoking and checking API keys.
+
+Requests authenticate with ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. A key is
+looked up by its SHA-256 (one indexed query); revocation takes effect on the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlmodel import Session
+
+from notifyctl.api.models import ApiKey
+from notifyctl.errors import InputError, NotFound
+from notifyctl.models import new_id, utcnow
+
+KEY_PREFIX = "nk_"
+DISPLAY_CHARS = 10
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class CreatedKey:
+    id: str
+    name: str
+    key: str  # the only time the clear key exists outside the client
+    prefix: str
+
+
+def create_key(ctx: Any, name: str) -> CreatedKey:
+    name = name.strip()
+    if not name or len(name) > 128:
+        raise InputError("name: must be 1-128 characters")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(id=new_id("key"), name=name, key_hash=hash_key(key), prefix=key[:DISPLAY_CHARS])
+    with Session(ctx.engine) as session:
+        session.add(row)
+        session.commit()
+    return CreatedKey(id=row.id, name=name, key=key, prefix=row.prefix)
+
+
+def list_keys(ctx: Any, include_revoked: bool = True) -> list[ApiKey]:
+    with Session(ctx.engine) as session:
+        q = select(ApiKey).order_by(ApiKey.created_at)
+        if not include_revoked:
+            q = q.where(ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
+        return list(session.execute(q).scalars())
+
+
+def revoke_key(ctx: Any, ref: str) -> ApiKey:
+    """Revoke by id or by the displayed prefix (which must then name exactly one live key)."""
+    ref = ref.strip()
+    if not ref:
+        raise InputError("key: give a key id or prefix")
+    with Session(ctx.engine, expire_on_commit=False) as session:
+        rows = list(
+            session.execute(
+                select(ApiKey).where(
+                    ApiKey.revoked_at.is_(None),  # type: ignore[union-attr]
+                    or_(ApiKey.id == ref, ApiKey.prefix == ref),
+                )
+            ).scalars()
+        )
+        if not rows:
+            raise NotFound(f"no live API key {ref!r}")
+        if len(rows) > 1:
+            raise InputError(f"{ref!r} matches {len(rows)} keys: give the key id")
+        row = rows[0]
+        row.revoked_at = utcnow()
+        session.execute(update(ApiKey).where(ApiKey.id == row.id).values(revoked_at=row.revoked_at))
+        session.commit()
+        return row
+
+
+def check_key(ctx: Any, key: str | None) -> ApiKey | None:
+    """The live key row for a presented key, or None."""
+    if not key or not key.startswith(KEY_PREFIX) or len(key) > 128:
+        return None
+    with Session(ctx.engine) as session:
+        return session.execute(
+            select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
+        ).scalar_one_or_none()
+
+
+def presented_key(headers: Any) -> str | None:
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    key = headers.get("x-api-key")
+    return key.strip() if key else None

@@ -1,0 +1,270 @@
+"""``notifyctl providers``: what each route sends through, and whether those providers work.
+
+``list`` shows, per route (``push.ios``, ``push.android``, ``email``, ``sms``, and ``voice`` when the
+settings have it), the ordered provider list and each provider's settings with secrets masked.
+``check`` asks every configured provider to validate its keys and reach its API without sending
+anything. A provider whose settings are incomplete is shown as ``not configured: <why>``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
+
+app = typer.Typer(help="Delivery providers: what is configured per route, and whether it works.", no_args_is_help=True)
+
+BASE_ROUTES = ("push.ios", "push.android", "email", "sms")
+MASK = "****"
+# Settings names that hold secrets (key_id / access_key_id / private_key_id are identifiers, not secrets).
+_SECRET_NAME = re.compile(r"(^|_)(key|secret|token|password|json|secret_access_key|auth_token|api_key)$", re.I)
+_NOT_SECRET_NAME = re.compile(r"(key_id|key_file|token_url|token_ttl|_file|_url)$", re.I)
+
+
+def routes_of(settings: Any) -> list[str]:
+    """The routes to show: the four channels' routes, plus ``voice`` when the settings define it."""
+    routes = list(BASE_ROUTES)
+    if getattr(settings, "providers_voice", None):
+        routes.append("voice")
+    return routes
+
+
+def _providers_for(settings: Any, route: str) -> list[str]:
+    return list(getattr(settings, "providers_" + route.replace(".", "_"), None) or [])
+
+
+@dataclass
+class Loaded:
+    """One provider as loaded from the settings: the instance, or the one-line reason it is not usable."""
+
+    name: str
+    routes: list[str] = field(default_factory=list)
+    provider: Any = None
+    problem: str | None = None
+
+
+def _secret_values(settings: Any, providers: Iterable[Any]) -> list[str]:
+    """Every secret value the output could echo: secret-named provider options (config file and
+    ``NOTIFY_<NAME>_*`` environment), SecretStr fields of loaded provider configs, the SMTP password."""
+    from pydantic import SecretStr
+
+    values: set[str] = set()
+
+    def consider(key: str, value: Any) -> None:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, dict):
+            import json
+
+            value = json.dumps(value)
+        if isinstance(value, str) and len(value) >= 4 and _SECRET_NAME.search(key) and not _NOT_SECRET_NAME.search(key):
+            values.add(value)
+
+    for options in (getattr(settings, "provider_options", None) or {}).values():
+        for key, value in (options or {}).items():
+            consider(str(key), value)
+    for key, value in os.environ.items():
+        if key.startswith("NOTIFY_") and not key.startswith("NOTIFY_PROVIDERS_"):
+            consider(key.lower(), value)
+    smtp_password = getattr(settings, "smtp_password", None)
+    if isinstance(smtp_password, SecretStr) and smtp_password.get_secret_value():
+        values.add(smtp_password.get_secret_value())
+    for p in providers:
+        config = getattr(p, "config", None)
+        if config is None or not hasattr(type(config), "model_fields"):
+            continue
+        for name in type(config).model_fields:
+            value = getattr(config, name, None)
+            if isinstance(value, SecretStr) and len(value.get_secret_value()) >= 4:
+                values.add(value.get_secret_value())
+    # longest first, so that a secret containing another is masked whole
+    return sorted(values, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        if s in text:
+            text = text.replace(s, MASK)
+    return text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:300]
+
+
+def load_all(settings: Any) -> tuple[list[str], dict[str, list[str]], dict[str, Loaded]]:
+    """(routes, route -> ordered provider names, name -> Loaded) for the current settings."""
+    from pydantic import ValidationError
+
+    from worker.providers import REGISTRY, Misconfigured, load_provider
+
+    routes = routes_of(settings)
+    by_route = {r: _providers_for(settings, r) for r in routes}
+    loaded: dict[str, Loaded] = {}
+    for route in routes:
+        for name in by_route[route]:
+            entry = loaded.get(name)
+            if entry is None:
+                entry = loaded[name] = Loaded(name)
+                if name not in REGISTRY:
+                    entry.problem = f"unknown provider {name!r} (known: {', '.join(sorted(REGISTRY))})"
+                else:
+                    try:
+                        entry.provider = load_provider(name, settings)
+                    except Misconfigured as exc:
+                        entry.problem = _one_line(str(exc))
+                    except ValidationError as exc:
+                        # field names and messages only: the input values may be secrets
+                        errs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                        entry.problem = _one_line(f"{name}: invalid settings: {errs}")
+                    except Exception as exc:  # noqa: BLE001 - one line per provider, never a traceback
+                        entry.problem = f"{name}: cannot load: {type(exc).__name__}"
+            entry.routes.append(route)
+    for entry in loaded.values():
+        served = getattr(type(entry.provider), "routes", None) if entry.provider is not None else None
+        if served is not None:
+            wrong = [r for r in entry.routes if r not in served]
+            if wrong:
+                entry.problem = f"{entry.name} does not serve {', '.join(wrong)} (it serves {', '.join(sorted(served))})"
+    return routes, by_route, loaded
+
+
+def describe(entry: Loaded, settings: Any) -> dict[str, str]:
+    p = entry.provider
+    if p is None:
+        return {}
+    if hasattr(p, "describe"):
+        return {str(k): str(v) for k, v in p.describe().items()}
+    if entry.name == "outbox":
+        return {"dir": str(settings.outbox_dir)}
+    return {}
+
+
+def check_one(entry: Loaded, settings: Any) -> str | None:
+    """None when the provider works, else a one-line problem. Sends nothing."""
+    if entry.problem is not None:
+        return f"not configured: {entry.problem}"
+    p = entry.provider
+    if hasattr(p, "check"):
+        try:
+            problem = p.check()
+        except Exception as exc:  # noqa: BLE001 - a check that crashes is a failed check
+            return f"check crashed: {type(exc).__name__}"
+        return _one_line(problem) if problem else None
+    if entry.name == "outbox":
+        d = settings.outbox_dir
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot create {d}: {exc.strerror}"
+        return None if os.access(d, os.W_OK) else f"{d} is not writable"
+    return None
+
+
+def _close(loaded: dict[str, Loaded]) -> None:
+    for entry in loaded.values():
+        if entry.provider is not None and hasattr(entry.provider, "close"):
+            try:
+                entry.provider.close()
+            except Exception:  # noqa: BLE001, S110 - closing is best effort
+                pass
+
+
+@app.command("list")
+def list_(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
+    """Per route, the ordered provider list and each provider's settings (secrets masked)."""
+    settings = get_ctx(ctx).settings
+    routes, by_route, loaded = load_all(settings)
+    try:
+        secrets = _secret_values(settings, [e.provider for e in loaded.values() if e.provider is not None])
+        rows: list[dict[str, Any]] = []
+        for route in routes:
+            for order, name in enumerate(by_route[route], start=1):
+                entry = loaded[name]
+                configured = entry.problem is None
+                rows.append(
+                    {
+                        "route": route,
+                        "order": order,
+                        "provider": name,
+                        "configured": configured,
+                        "problem": None if configured else scrub(f"not configured: {entry.problem}", secrets),
+                        "settings": {k: scrub(v, secrets) for k, v in describe(entry, settings).items()},
+                    }
+                )
+    finally:
+        _close(loaded)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="Providers per route (first = primary, then fallbacks)")
+    for col in ("route", "#", "provider", "settings"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        if r["configured"]:
+            detail = escape("\n".join(f"{k}: {v}" for k, v in r["settings"].items()))
+        else:
+            detail = f"[yellow]{escape(r['problem'])}[/yellow]"
+        table.add_row(r["route"], str(r["order"]), r["provider"], detail)
+    if not rows:
+        console.print("no providers configured")
+        return
+    console.print(table)
+
+
+@app.command("check")
+def check(
+    ctx: typer.Context,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Validate each configured provider's keys and reachability without sending anything.
+    Exits 1 when any provider fails (or is listed for a route but not configured)."""
+    settings = get_ctx(ctx).settings
+    _, _, loaded = load_all(settings)
+    entries = list(loaded.values())
+    try:
+
+        def timed(entry: Loaded) -> tuple[str | None, float]:
+            t0 = time.monotonic()
+            problem = check_one(entry, settings)
+            return problem, time.monotonic() - t0
+
+        with ThreadPoolExecutor(max_workers=max(1, len(entries))) as pool:
+            results = list(pool.map(timed, entries))
+        secrets = _secret_values(settings, [e.provider for e in entries if e.provider is not None])
+    finally:
+        _close(loaded)
+    rows = [
+        {
+            "provider": e.name,
+            "routes": e.routes,
+            "ok": problem is None,
+            "problem": scrub(problem, secrets) if problem else None,
+            "seconds": round(elapsed, 3),
+        }
+        for e, (problem, elapsed) in zip(entries, results, strict=True)
+    ]
+    failed = [r for r in rows if not r["ok"]]
+    if as_json:
+        print_json(rows)
+    else:
+        table = Table(title="Provider checks (nothing was sent)")
+        for col in ("provider", "routes", "result", "time"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            result = "[green]ok[/green]" if r["ok"] else f"[red]FAIL[/red] {escape(r['problem'])}"
+            table.add_row(r["provider"], ", ".join(r["routes"]), result, f"{r['seconds']:.2f}s")
+        console.print(table)
+        console.print(f"{len(rows) - len(failed)} ok, {len(failed)} failed")
+    if failed:
+        raise typer.Exit(1)

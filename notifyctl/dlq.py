@@ -1,0 +1,588 @@
+"""The dead-letter queue: deliveries that failed for good (``status = failed``, ``dead_lettered``).
+
+SQL is the DLQ: nothing lives in Redis but the per-delivery send records the worker writes
+(``notif:sent:<delivery id>``), which replay reads to never send twice.
+
+- ``list_entries`` / ``count_entries`` / ``show_entry``: read, filtered by :class:`DlqFilter`.
+- ``replay``: back to ``retrying`` (attempts 0, due now) and the notification to ``retrying`` with
+  ``due_at`` now, so the worker pool's reconciler queues it — crash-safe, nothing is sent here.
+  Entries whose send record says ``sent:`` were sent meanwhile: they are skipped (and recorded
+  as sent). Batched: per chunk one MGET, one UPDATE … RETURNING, one INSERT of events.
+- ``purge``: out of the DLQ (``dead_lettered`` false, event ``purged``); status and history stay.
+- ``stats`` (depth, growth per minute) and ``check_dlq_alert`` (log line + optional webhook).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy.sql.elements import ColumnElement
+from sqlmodel import Session
+
+from notifyctl import keys
+from notifyctl.context import Context
+from notifyctl.errors import InputError, NotFound
+from notifyctl.models import Delivery, DeliveryEvent, DeliveryStatus, Notification, NotificationStatus, utcnow
+from notifyctl.settings import CHANNELS
+
+log = logging.getLogger("notifyctl.dlq")
+
+CHUNK = 500
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+ALERT_KEY = f"{keys.PREFIX}dlq:alert"
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """``30m`` / ``2h`` / ``7d`` / ``45s`` / ``1w`` → seconds; InputError naming the flag otherwise."""
+    m = _DURATION_RE.match(text or "")
+    if not m or float(m.group(1)) <= 0:
+        raise InputError(f"{flag}: expected a duration such as 30m, 2h or 7d, got {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def mask_address(address: str | None) -> str:
+    """Enough to recognise an address, not enough to reuse it."""
+    if not address or address == "-":
+        return address or ""
+    if "@" in address:
+        local, _, domain = address.partition("@")
+        return f"{local[:1]}***@{domain}"
+    if address.startswith("+") and address[1:].isdigit():
+        return address[:4] + "*" * max(0, len(address) - 6) + address[-2:]
+    return address[:8] + "…" if len(address) > 8 else address[:2] + "…"
+
+
+@dataclass
+class DlqFilter:
+    channel: str | None = None
+    provider: str | None = None
+    error: str | None = None
+    template: str | None = None
+    older_than: float | None = None  # seconds
+    newer_than: float | None = None  # seconds
+    ids: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        channel: str | None = None,
+        provider: str | None = None,
+        error: str | None = None,
+        template: str | None = None,
+        older_than: str | None = None,
+        newer_than: str | None = None,
+        ids: Sequence[str] = (),
+    ) -> DlqFilter:
+        """Validate the CLI's/API's raw values; InputError names the bad flag."""
+        if channel is not None and channel not in CHANNELS:
+            raise InputError(f"--channel: unknown channel {channel!r} (use {', '.join(CHANNELS)})")
+        if provider is not None:
+            from worker.providers import REGISTRY
+
+            if provider not in REGISTRY:
+                raise InputError(f"--provider: unknown provider {provider!r} (known: {', '.join(sorted(REGISTRY))})")
+        if error is not None and not error.strip():
+            raise InputError("--error: empty text")
+        if template is not None and not template.strip():
+            raise InputError("--template: empty template id")
+        older = parse_duration(older_than, "--older-than") if older_than is not None else None
+        newer = parse_duration(newer_than, "--newer-than") if newer_than is not None else None
+        if older is not None and newer is not None and newer <= older:
+            raise InputError("--newer-than must be longer than --older-than, or nothing can match")
+        return cls(channel, provider, error, template, older, newer, [i.strip() for i in ids if i.strip()])
+
+    @property
+    def empty(self) -> bool:
+        return not any(
+            (self.channel, self.provider, self.error, self.template, self.ids)
+        ) and (self.older_than is None and self.newer_than is None)
+
+    def where(self, now: datetime) -> list[ColumnElement[bool]]:
+        conds: list[ColumnElement[bool]] = [
+            Delivery.dead_lettered.is_(True),  # type: ignore[attr-defined]
+            Delivery.status == DeliveryStatus.failed,  # type: ignore[arg-type]
+        ]
+        if self.ids:
+            conds.append(Delivery.id.in_(self.ids))  # type: ignore[attr-defined]
+        if self.channel:
+            conds.append(Delivery.channel == self.channel)  # type: ignore[arg-type]
+        if self.provider:
+            conds.append(Delivery.provider == self.provider)  # type: ignore[arg-type]
+        if self.error:
+            esc = self.error.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            conds.append(Delivery.reason.ilike(f"%{esc}%", escape="\\"))  # type: ignore[union-attr]
+        if self.template:
+            conds.append(Notification.template_id == self.template)  # type: ignore[arg-type]
+        if self.older_than is not None:
+            conds.append(Delivery.failed_at <= now - timedelta(seconds=self.older_than))  # type: ignore[operator]
+        if self.newer_than is not None:
+            conds.append(Delivery.failed_at >= now - timedelta(seconds=self.newer_than))  # type: ignore[operator]
+        return conds
+
+
+def _entry(d: Delivery, template_id: str | None) -> dict[str, Any]:
+    return {
+        "delivery_id": d.id,
+        "notification_id": d.notification_id,
+        "template_id": template_id,
+        "user_id": d.user_id,
+        "channel": d.channel,
+        "route": d.route,
+        "address": mask_address(d.address),
+        "provider": d.provider,
+        "attempts": d.attempts,
+        "failed_at": d.failed_at,
+        "reason": d.reason,
+    }
+
+
+def _base_query(cols: Any, f: DlqFilter, now: datetime) -> Any:
+    return select(*cols).join(Notification, Notification.id == Delivery.notification_id).where(and_(*f.where(now)))
+
+
+def list_entries(ctx: Context, f: DlqFilter, limit: int | None = 50) -> list[dict[str, Any]]:
+    """DLQ entries, most recent failure first."""
+    with Session(ctx.engine) as session:
+        q = _base_query((Delivery, Notification.template_id), f, utcnow()).order_by(
+            Delivery.failed_at.desc(),  # type: ignore[union-attr]
+            Delivery.id.desc(),  # type: ignore[attr-defined]
+        )
+        if limit:
+            q = q.limit(limit)
+        return [_entry(d, t) for d, t in session.execute(q).all()]
+
+
+def count_entries(ctx: Context, f: DlqFilter) -> int:
+    with Session(ctx.engine) as session:
+        return int(session.execute(_base_query((func.count(Delivery.id),), f, utcnow())).scalar_one())
+
+
+def show_entry(ctx: Context, delivery_id: str) -> dict[str, Any]:
+    """One delivery (in the DLQ or not), its notification's summary and the delivery's timeline."""
+    with Session(ctx.engine) as session:
+        d = session.get(Delivery, delivery_id)
+        if d is None:
+            raise NotFound(f"no delivery {delivery_id!r}")
+        n = session.get(Notification, d.notification_id)
+        evs = session.execute(
+            select(DeliveryEvent).where(DeliveryEvent.delivery_id == d.id).order_by(DeliveryEvent.id)  # type: ignore[arg-type]
+        ).scalars()
+        delivery = d.model_dump()
+        delivery["address"] = mask_address(d.address)
+        return {
+            "delivery": delivery,
+            "in_dlq": bool(d.dead_lettered),
+            "notification": {
+                "id": d.notification_id,
+                "template_id": n.template_id if n else None,
+                "recipient_id": n.recipient_id if n else None,
+                "priority": n.priority if n else None,
+                "category": n.category if n else None,
+                "status": n.status if n else None,
+            },
+            "events": [{"at": e.at, "status": e.status, "detail": e.detail} for e in evs],
+        }
+
+
+def _pages(ctx: Context, f: DlqFilter, limit: int | None, now: datetime) -> Iterator[list[tuple[str, str, str | None]]]:
+    """Matching (delivery id, notification id, reason) in pages of CHUNK, keyset on the id.
+
+    Each page is read after the previous one was acted on, so a long replay neither loads every
+    id at once nor sees the rows it already moved out of the DLQ."""
+    last = ""
+    left = limit if limit else None
+    while left is None or left > 0:
+        size = CHUNK if left is None else min(CHUNK, left)
+        with Session(ctx.engine) as session:
+            rows = session.execute(
+                _base_query((Delivery.id, Delivery.notification_id, Delivery.reason), f, now)
+                .where(Delivery.id > last)  # type: ignore[arg-type]
+                .order_by(Delivery.id)
+                .limit(size)
+            ).all()
+        if not rows:
+            return
+        last = rows[-1][0]
+        if left is not None:
+            left -= len(rows)
+        yield [(r[0], r[1], r[2]) for r in rows]
+
+
+@dataclass
+class ReplayResult:
+    matched: int = 0
+    replayed: list[str] = field(default_factory=list)
+    skipped_sent: list[str] = field(default_factory=list)  # sent meanwhile (Redis send record)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "matched": self.matched,
+            "replayed": len(self.replayed),
+            "skipped_sent": len(self.skipped_sent),
+            "replayed_ids": self.replayed,
+            "skipped_sent_ids": self.skipped_sent,
+        }
+
+
+def _require_ids_found(ctx: Context, f: DlqFilter) -> None:
+    """Named ids must each be a delivery in the DLQ: say which one is not, before doing anything."""
+    if not f.ids:
+        return
+    with Session(ctx.engine) as session:
+        rows = dict(
+            session.execute(
+                select(Delivery.id, Delivery.dead_lettered).where(Delivery.id.in_(f.ids))  # type: ignore[attr-defined]
+            ).all()
+        )
+    for i in f.ids:
+        if i not in rows:
+            raise NotFound(f"no delivery {i!r}")
+        if not rows[i]:
+            raise NotFound(f"delivery {i!r} is not in the DLQ")
+
+
+def replay(
+    ctx: Context,
+    f: DlqFilter,
+    *,
+    limit: int | None = None,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ReplayResult:
+    """Send matching DLQ entries again, through the reconciler. ``progress(n)`` after each chunk."""
+    _require_ids_found(ctx, f)
+    res = ReplayResult(dry_run=dry_run)
+    now = utcnow()
+    r = ctx.redis
+    seen: set[str] = set()  # dry runs move nothing, so keyset paging alone ends them
+    for page in _pages(ctx, f, limit, now):
+        page = [p for p in page if p[0] not in seen]
+        if not page:
+            break
+        seen.update(p[0] for p in page)
+        res.matched += len(page)
+        records = r.mget([keys.sent(p[0]) for p in page])
+        sent: dict[str, str] = {}
+        todo: list[tuple[str, str, str | None]] = []
+        for p, rec in zip(page, records, strict=True):
+            val = rec.decode() if isinstance(rec, bytes) else rec
+            if val and val.startswith("sent:"):
+                sent[p[0]] = val[5:]
+            else:
+                todo.append(p)
+        if dry_run:
+            res.replayed += [p[0] for p in todo]
+            res.skipped_sent += list(sent)
+        else:
+            done, skipped = _replay_chunk(ctx, todo, sent)
+            res.replayed += done
+            res.skipped_sent += skipped
+        if progress:
+            progress(len(page))
+    return res
+
+
+def _replay_chunk(
+    ctx: Context, todo: list[tuple[str, str, str | None]], sent: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    now = utcnow()
+    replayed: list[str] = []
+    skipped: list[str] = []
+    events: list[dict[str, Any]] = []
+    notif_ids: set[str] = set()
+    reasons = {p[0]: p[2] for p in todo}
+    with Session(ctx.engine) as session:
+        if todo:
+            rows = session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id.in_([p[0] for p in todo]),  # type: ignore[attr-defined]
+                    Delivery.dead_lettered.is_(True),  # type: ignore[attr-defined]
+                    Delivery.status == DeliveryStatus.failed,  # type: ignore[arg-type]
+                )
+                .values(
+                    status=DeliveryStatus.retrying,
+                    attempts=0,
+                    next_attempt_at=now,
+                    dead_lettered=False,
+                    reason=None,
+                    updated_at=now,
+                )
+                .returning(Delivery.id, Delivery.notification_id)
+            ).all()
+            for did, nid in rows:
+                replayed.append(did)
+                notif_ids.add(nid)
+                was = reasons.get(did)
+                events.append(
+                    {
+                        "notification_id": nid,
+                        "delivery_id": did,
+                        "status": "replayed",
+                        "detail": f"replayed from the DLQ (was: {was})"[:1024] if was else "replayed from the DLQ",
+                        "at": now,
+                    }
+                )
+        if sent:
+            # Sent meanwhile: the send record is the proof. Record it, as the worker would, and leave the DLQ.
+            rows = session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(list(sent)), Delivery.dead_lettered.is_(True))  # type: ignore[attr-defined]
+                .values(status=DeliveryStatus.sent, dead_lettered=False, sent_at=now, updated_at=now)
+                .returning(Delivery.id, Delivery.notification_id)
+            ).all()
+            for did, nid in rows:
+                skipped.append(did)
+                session.execute(
+                    update(Delivery).where(Delivery.id == did).values(provider_message_id=sent[did])  # type: ignore[arg-type]
+                ) if sent[did] else None
+                events.append(
+                    {
+                        "notification_id": nid,
+                        "delivery_id": did,
+                        "status": DeliveryStatus.sent,
+                        "detail": f"replay skipped: already sent ({sent[did]}) per send record",
+                        "at": now,
+                    }
+                )
+        if events:
+            session.execute(insert(DeliveryEvent), events)
+        if notif_ids:
+            session.execute(
+                update(Notification)
+                .where(
+                    Notification.id.in_(notif_ids),  # type: ignore[attr-defined]
+                    Notification.status.notin_(  # type: ignore[attr-defined]
+                        [NotificationStatus.canceled, NotificationStatus.paused, NotificationStatus.scheduled]
+                    ),
+                )
+                .values(status=NotificationStatus.retrying, due_at=now, job_id=None, reason=None, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+        session.commit()
+    return replayed, skipped
+
+
+@dataclass
+class PurgeResult:
+    matched: int = 0
+    purged: int = 0
+    by_channel: dict[str, int] = field(default_factory=dict)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def purge(
+    ctx: Context,
+    f: DlqFilter,
+    *,
+    limit: int | None = None,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> PurgeResult:
+    """Take matching entries out of the DLQ for good; they stay ``failed``, with their history."""
+    _require_ids_found(ctx, f)
+    res = PurgeResult(dry_run=dry_run)
+    channels: Counter[str] = Counter()
+    now = utcnow()
+    seen: set[str] = set()
+    for page in _pages(ctx, f, limit, now):
+        page = [p for p in page if p[0] not in seen]
+        if not page:
+            break
+        seen.update(p[0] for p in page)
+        res.matched += len(page)
+        with Session(ctx.engine) as session:
+            if dry_run:
+                rows = session.execute(
+                    select(Delivery.id, Delivery.notification_id, Delivery.channel).where(
+                        Delivery.id.in_([p[0] for p in page])  # type: ignore[attr-defined]
+                    )
+                ).all()
+            else:
+                rows = session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_([p[0] for p in page]), Delivery.dead_lettered.is_(True))  # type: ignore[attr-defined]
+                    .values(dead_lettered=False, updated_at=utcnow())
+                    .returning(Delivery.id, Delivery.notification_id, Delivery.channel)
+                ).all()
+                if rows:
+                    session.execute(
+                        insert(DeliveryEvent),
+                        [
+                            {
+                                "notification_id": nid,
+                                "delivery_id": did,
+                                "status": "purged",
+                                "detail": "purged from the DLQ by an operator",
+                                "at": utcnow(),
+                            }
+                            for did, nid, _ch in rows
+                        ],
+                    )
+                session.commit()
+        res.purged += len(rows)
+        channels.update(ch for _d, _n, ch in rows)
+        if progress:
+            progress(len(page))
+    res.by_channel = dict(channels)
+    return res
+
+
+# ── depth, growth, alerts ─────────────────────────────────────────────────────────────────────
+
+
+def stats(ctx: Context, window_min: float = 5.0, now: datetime | None = None) -> dict[str, Any]:
+    """DLQ depth, and growth per minute over the last ``window_min`` minutes (by ``failed_at``)."""
+    if window_min <= 0:
+        raise InputError(f"--window: must be > 0 minutes, got {window_min:g}")
+    now = now or utcnow()
+    since = now - timedelta(minutes=window_min)
+    dead = and_(Delivery.dead_lettered.is_(True), Delivery.status == DeliveryStatus.failed)  # type: ignore[attr-defined,arg-type]
+    with Session(ctx.engine) as session:
+        by = session.execute(
+            select(
+                Delivery.channel,
+                Delivery.provider,
+                func.count(Delivery.id),
+                func.sum((Delivery.failed_at >= since).cast(Delivery.attempts.type)),  # type: ignore[operator,attr-defined]
+                func.min(Delivery.failed_at),
+            )
+            .where(dead)
+            .group_by(Delivery.channel, Delivery.provider)
+        ).all()
+    depth = sum(int(c) for _, _, c, _, _ in by)
+    recent = sum(int(n or 0) for _, _, _, n, _ in by)
+    oldest = min((o for *_, o in by if o is not None), default=None)
+    by_channel: Counter[str] = Counter()
+    by_provider: Counter[str] = Counter()
+    for ch, prov, c, _, _ in by:
+        by_channel[ch] += int(c)
+        by_provider[prov or "-"] += int(c)
+    return {
+        "depth": depth,
+        "window_min": window_min,
+        "entered_in_window": recent,
+        "growth_per_min": round(recent / window_min, 3),
+        "oldest_failed_at": oldest,
+        "by_channel": dict(by_channel),
+        "by_provider": dict(by_provider),
+        "at": now,
+    }
+
+
+class DlqConfig(BaseSettings):
+    """DLQ alert thresholds, from ``NOTIFY_DLQ_*`` variables. A threshold left unset is not checked."""
+
+    model_config = SettingsConfigDict(env_prefix="NOTIFY_DLQ_", extra="ignore")
+
+    alert_depth: int | None = Field(1000, description="alert when the DLQ holds at least this many entries")
+    alert_growth_per_min: float | None = Field(
+        50.0, description="alert when this many entries per minute entered over the window"
+    )
+    alert_window_min: float = Field(5.0, gt=0, description="window for the growth rate, minutes")
+    alert_webhook_url: SecretStr | None = Field(None, description="POST a JSON alert here (Slack, PagerDuty, ...)")
+    alert_repeat_s: int = Field(900, ge=0, description="while still firing, alert again after this many seconds")
+    alert_timeout_s: float = Field(5.0, gt=0, description="webhook request timeout, seconds")
+
+
+@dataclass
+class AlertResult:
+    firing: bool
+    reasons: list[str]
+    stats: dict[str, Any]
+    notified: bool = False  # a log line + webhook went out this time (not suppressed as a repeat)
+    resolved: bool = False  # it was firing and no longer is
+    webhook_status: int | None = None
+    webhook_error: str | None = None
+
+
+def _post(url: str, body: dict[str, Any], timeout: float) -> tuple[int | None, str | None]:
+    data = json.dumps(body, default=lambda o: o.isoformat() if isinstance(o, datetime) else str(o)).encode()
+    req = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json", "User-Agent": "notifyctl-dlq"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - an operator-configured URL
+            return resp.status, None
+    except urllib.error.HTTPError as exc:
+        return exc.code, f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return None, f"{type(exc).__name__}: {reason}"
+
+
+def check_dlq_alert(ctx: Context, config: DlqConfig | None = None, now: datetime | None = None) -> AlertResult:
+    """Compare DLQ depth and growth with the thresholds; on crossing, one warning log line and,
+    when ``alert_webhook_url`` is set, a JSON POST. Call it about once a minute (any process;
+    a Redis key keeps every caller from repeating an alert within ``alert_repeat_s``).
+    A webhook failure is logged, never raised."""
+    cfg = config or DlqConfig()
+    st = stats(ctx, cfg.alert_window_min, now)
+    reasons: list[str] = []
+    if cfg.alert_depth is not None and st["depth"] >= cfg.alert_depth:
+        reasons.append(f"depth {st['depth']} >= {cfg.alert_depth}")
+    if cfg.alert_growth_per_min is not None and st["growth_per_min"] >= cfg.alert_growth_per_min:
+        reasons.append(f"growth {st['growth_per_min']:g}/min >= {cfg.alert_growth_per_min:g}/min")
+    res = AlertResult(firing=bool(reasons), reasons=reasons, stats=st)
+    r = ctx.redis
+    if reasons:
+        res.notified = bool(r.set(ALERT_KEY, str(time.time()), nx=True, ex=max(1, cfg.alert_repeat_s) + 86400))
+        if not res.notified:
+            since = float(r.get(ALERT_KEY) or 0)
+            if time.time() - since >= cfg.alert_repeat_s:
+                r.set(ALERT_KEY, str(time.time()), ex=max(1, cfg.alert_repeat_s) + 86400)
+                res.notified = True
+        if res.notified:
+            log.warning(
+                "DLQ alert: %s (depth %d, growth %g/min over %g min)",
+                "; ".join(reasons),
+                st["depth"],
+                st["growth_per_min"],
+                cfg.alert_window_min,
+            )
+    elif r.delete(ALERT_KEY):
+        res.resolved = res.notified = True
+        log.warning("DLQ alert resolved: depth %d, growth %g/min", st["depth"], st["growth_per_min"])
+    if res.notified and cfg.alert_webhook_url is not None:
+        url = cfg.alert_webhook_url.get_secret_value()
+        body = {
+            "event": "dlq_alert" if reasons else "dlq_alert_resolved",
+            "firing": bool(reasons),
+            "reasons": reasons,
+            "depth": st["depth"],
+            "growth_per_min": st["growth_per_min"],
+            "window_min": cfg.alert_window_min,
+            "thresholds": {"depth": cfg.alert_depth, "growth_per_min": cfg.alert_growth_per_min},
+            "by_channel": st["by_channel"],
+            "by_provider": st["by_provider"],
+            "at": st["at"],
+        }
+        res.webhook_status, res.webhook_error = _post(url, body, cfg.alert_timeout_s)
+        if res.webhook_error:
+            host = urllib.parse.urlsplit(url).hostname or "?"  # never the full URL: it often holds a token
+            log.warning("DLQ alert webhook to %s failed: %s", host, res.webhook_error)
+    return res
+
+
+def naive_utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)

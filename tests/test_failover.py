@@ -1,0 +1,136 @@
+"""Failover across providers, circuit breakers, and the OTP voice escalation: Twilio and SNS
+sandboxes over real sockets, the real pipeline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from notifyctl.context import Context
+from notifyctl.db import dispose_all
+from tests.conftest import make_settings
+from tests.util import deliveries, events, seed, send
+from worker import jobs
+from worker.circuit import Circuits
+from worker.pool import run_worker
+from worker.sandbox.aws import AwsSandbox
+from worker.sandbox.twilio import TwilioSandbox
+
+SID = "AC" + os.urandom(16).hex()
+TOKEN = os.urandom(16).hex()
+AWS_KEY, AWS_SECRET = "AKIAFAILOVERTEST0001", os.urandom(12).hex()
+
+
+@pytest.fixture(scope="module")
+def aws() -> Iterator[AwsSandbox]:
+    sb = AwsSandbox(access_key_id=AWS_KEY, secret_access_key=AWS_SECRET).start()
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture
+def twilio() -> Iterator[TwilioSandbox]:
+    with TwilioSandbox(account_sid=SID, auth_token=TOKEN) as sb:
+        yield sb
+
+
+def make_ctx(home: Path, redis_url: str, twilio: TwilioSandbox, aws: AwsSandbox, **kw: Any) -> Context:
+    opts = {
+        "twilio": {"account_sid": SID, "auth_token": TOKEN, "from_number": "+15557650000", "base_url": twilio.url},
+        "sns": {"endpoint_url": aws.url, "access_key_id": AWS_KEY, "secret_access_key": AWS_SECRET},
+    }
+    base: dict[str, Any] = {"providers_sms": ["twilio", "sns"], "provider_options": opts}
+    base.update(kw)
+    ctx = Context(make_settings(home, redis_url, **base))
+    seed(ctx)
+    return ctx
+
+
+@pytest.fixture(autouse=True)
+def _cleanup(aws: AwsSandbox) -> Iterator[None]:
+    aws.recorder.clear()
+    aws.faults.clear()
+    yield
+    jobs.runtime().close()
+    dispose_all()
+
+
+def drain(ctx: Context) -> None:
+    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
+
+
+def otp(ctx: Context, user: str = "dave") -> str:
+    return send(ctx, template_id="otp_code", channels=["sms"], recipient_id=user,
+                data={"code": "482913", "minutes": 5}).notification_id  # fmt: skip
+
+
+def test_sms_outage_fails_over_to_sns_with_nothing_lost(
+    home: Path, redis_url: str, rclient: redis.Redis, twilio: TwilioSandbox, aws: AwsSandbox
+) -> None:
+    twilio.faults.add({"status": 503, "body": {"code": 20500, "message": "down", "status": 503}, "count": -1})
+    ctx = make_ctx(home, redis_url, twilio, aws)
+    ids = [send(ctx, channels=["sms"], recipient_id=u).notification_id for u in ("alice", "bob", "carol", "dave")]
+    drain(ctx)
+    ds = [d for n in ids for d in deliveries(ctx, n)]
+    assert [(d.status, d.provider) for d in ds] == [("sent", "sns")] * 4
+    assert len(twilio.recorder) == 0
+    assert sorted(m["phone"] for m in aws.recorder.all() if m["service"] == "sns") == sorted(d.address for d in ds)
+
+
+def test_circuit_opens_then_traffic_skips_the_failing_provider(
+    home: Path, redis_url: str, rclient: redis.Redis, twilio: TwilioSandbox, aws: AwsSandbox
+) -> None:
+    twilio.faults.add({"status": 503, "body": {"code": 20500, "message": "down", "status": 503}, "count": -1})
+    ctx = make_ctx(home, redis_url, twilio, aws, circuit_threshold=2, circuit_cooldown=60)
+    for _ in range(2):  # two failing batches open the circuit
+        send(ctx, channels=["sms"], recipient_id="alice")
+        drain(ctx)
+    calls_before = twilio.api_requests
+    assert Circuits(ctx.redis, 2, 60).states(["twilio"])["twilio"][0] == "open"
+    n = send(ctx, channels=["sms"], recipient_id="bob").notification_id
+    drain(ctx)
+    assert [(d.status, d.provider) for d in deliveries(ctx, n)] == [("sent", "sns")]
+    assert twilio.api_requests == calls_before  # the open circuit kept us away from Twilio
+    # the cooldown passes and Twilio is healthy again: one trial batch closes the circuit
+    twilio.faults.clear()
+    ctx.redis.hset("notif:circuit:twilio", "open_until", "1")
+    n2 = send(ctx, channels=["sms"], recipient_id="carol").notification_id
+    drain(ctx)
+    assert [(d.status, d.provider) for d in deliveries(ctx, n2)] == [("sent", "twilio")]
+    assert Circuits(ctx.redis, 2, 60).states(["twilio"])["twilio"][0] == "closed"
+
+
+def test_every_provider_down_retries_later(
+    home: Path, redis_url: str, rclient: redis.Redis, twilio: TwilioSandbox, aws: AwsSandbox
+) -> None:
+    twilio.faults.add({"status": 503, "body": {"code": 20500, "message": "down", "status": 503}, "count": -1})
+    aws.faults.add({"status": 503, "code": "InternalError", "message": "down", "count": -1})
+    ctx = make_ctx(home, redis_url, twilio, aws)
+    n = send(ctx, channels=["sms"], recipient_id="alice").notification_id
+    drain(ctx)
+    (d,) = deliveries(ctx, n)
+    assert d.status == "retrying" and d.attempts == 1
+
+
+def test_otp_escalates_to_a_voice_call_when_every_sms_provider_failed(
+    home: Path, redis_url: str, rclient: redis.Redis, twilio: TwilioSandbox, aws: AwsSandbox
+) -> None:
+    twilio.faults.add({"status": 503, "body": {"code": 20500, "message": "down", "status": 503}, "count": -1,
+                       "match": "Messages.json"})  # fmt: skip
+    aws.faults.add({"status": 503, "code": "InternalError", "message": "down", "count": -1})
+    ctx = make_ctx(home, redis_url, twilio, aws, providers_voice=["twilio"])
+    nid = otp(ctx)
+    normal = send(ctx, channels=["sms"], recipient_id="alice").notification_id
+    drain(ctx)
+    (d,) = deliveries(ctx, nid)
+    assert (d.status, d.provider) == ("sent", "twilio:voice")
+    calls = [m for m in twilio.recorder.all() if m["resource"] == "Call"]
+    assert len(calls) == 1 and calls[0]["to"] == "+919876543210" and "4 8 2 9 1 3" in calls[0]["twiml"]
+    assert [s for _, s in events(ctx, nid)] == ["queued", "sent"]
+    # only OTPs escalate; other SMS wait for a retry
+    assert deliveries(ctx, normal)[0].status == "retrying"
