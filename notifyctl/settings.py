@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     job_timeout: int = Field(600, description="RQ job timeout, seconds")
     claim_ttl: int = Field(120, description="how long a worker holds a delivery while sending it, seconds")
     sent_marker_ttl: int = Field(7 * 86400, description="how long Redis remembers a sent delivery, seconds")
+    reconcile_limit: int = Field(20000, description="notifications the reconciler queues or checks per round (1/s)")
     recovery_grace: int = Field(5, description="seconds before an unfinished notification is checked")
     worker_heartbeat: float = Field(2.0, description="worker liveness refresh, seconds")
     worker_alive_ttl: int = Field(10, description="a worker silent this long is dead, seconds")

@@ -35,6 +35,18 @@ end
 return out
 """
 
+_SETTLE = """
+local ttl = ARGV[1]
+local nsent = tonumber(ARGV[2])
+for i = 1, nsent do
+  redis.call('SET', KEYS[i], 'sent:' .. ARGV[2 + i], 'EX', ttl)
+end
+for i = nsent + 1, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+return #KEYS
+"""
+
 OK = "ok"
 BUSY = "busy"
 
@@ -46,6 +58,7 @@ class Claims:
         self.ttl = ttl
         self.sent_ttl = sent_ttl
         self._claim = client.register_script(_CLAIM)
+        self._settle = client.register_script(_SETTLE)
 
     def take(self, delivery_ids: Sequence[str]) -> list[str]:
         """Per delivery: ``ok`` (ours to send), ``busy`` (a live worker has it), or ``sent:<id>``."""
@@ -55,12 +68,8 @@ class Claims:
         return [r.decode() if isinstance(r, bytes) else r for r in res]
 
     def settle(self, sent: dict[str, str], released: Sequence[str]) -> None:
-        """Record accepted sends (delivery id → provider id) and release the others, in one pipeline."""
+        """Record accepted sends (delivery id → provider id) and release the others, in one call."""
         if not sent and not released:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for d, pid in sent.items():
-            pipe.set(keys.sent(d), f"sent:{pid}", ex=self.sent_ttl)
-        if released:
-            pipe.delete(*[keys.sent(d) for d in released])
-        pipe.execute()
+        ks = [keys.sent(d) for d in sent] + [keys.sent(d) for d in released]
+        self._settle(keys=ks, args=[self.sent_ttl, len(sent), *sent.values()])

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -112,7 +112,7 @@ class Stats:
         return d
 
 
-def _route_addresses(channel: str, user: User, tokens: list[DeviceToken]) -> list[tuple[str, str]]:
+def _route_addresses(channel: str, user: Any, tokens: list[Any]) -> list[tuple[str, str]]:
     if channel == "push":
         return [(f"push.{t.platform}", t.token) for t in tokens]
     if channel == "email":
@@ -133,38 +133,67 @@ def retry_delay(settings: Any, attempts: int, retry_after: float | None) -> floa
     return max(base, float(retry_after or 0))
 
 
+@dataclass(slots=True)
+class _D:
+    """A delivery as the pipeline works on it: a plain object, not an ORM instance (hot path)."""
+
+    id: str
+    notification_id: str
+    user_id: str
+    channel: str
+    route: str
+    address: str
+    status: str
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    provider: str | None = None
+    reason: str | None = None
+    provider_message_id: str | None = None
+    dead_lettered: bool = False
+
+
+_D_COLS = [getattr(Delivery.__table__.c, f) for f in _D.__slots__]  # type: ignore[attr-defined]
+_N = Notification.__table__  # type: ignore[attr-defined]
+_DT = Delivery.__table__  # type: ignore[attr-defined]
+_ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
+_U = User.__table__  # type: ignore[attr-defined]
+
+
 class _Batch:
-    """The rows a batch touches, loaded with one query per table."""
+    """The rows a batch touches, loaded with one Core query per table (rows, not ORM objects)."""
 
     def __init__(self, session: Session, ids: list[str]) -> None:
-        self.notifications: list[Notification] = list(
+        self.notifications: list[Any] = list(
             session.execute(
-                select(Notification).where(
-                    Notification.id.in_(ids),  # type: ignore[attr-defined]
-                    Notification.status.in_([NotificationStatus.queued, NotificationStatus.retrying]),  # type: ignore[attr-defined]
+                select(_N).where(
+                    _N.c.id.in_(ids), _N.c.status.in_([NotificationStatus.queued, NotificationStatus.retrying])
                 )
-            ).scalars()
+            )
         )
         user_ids = {n.recipient_id for n in self.notifications}
-        self.users = {
-            u.id: u
-            for u in session.execute(select(User).where(User.id.in_(user_ids))).scalars()  # type: ignore[attr-defined]
-        }
+        self.users: dict[str, Any] = {u.id: u for u in session.execute(select(_U).where(_U.c.id.in_(user_ids)))}
         self.opt_outs: dict[str, set[tuple[str, str]]] = defaultdict(set)
-        for o in session.execute(select(OptOut).where(OptOut.user_id.in_(user_ids))).scalars():  # type: ignore[attr-defined]
-            self.opt_outs[o.user_id].add((o.channel, o.category))
-        self.tokens: dict[str, list[DeviceToken]] = defaultdict(list)
-        for t in session.execute(
-            select(DeviceToken)
-            .where(DeviceToken.user_id.in_(user_ids), DeviceToken.removed_at.is_(None))  # type: ignore[attr-defined,union-attr]
-            .order_by(DeviceToken.created_at)
-        ).scalars():
-            self.tokens[t.user_id].append(t)
-        self.deliveries: dict[str, list[Delivery]] = defaultdict(list)
+        if user_ids:
+            o = OptOut.__table__.c  # type: ignore[attr-defined]
+            for uid, ch, cat in session.execute(
+                select(o.user_id, o.channel, o.category).where(o.user_id.in_(user_ids))
+            ):
+                self.opt_outs[uid].add((ch, cat))
+        self.tokens: dict[str, list[Any]] = defaultdict(list)
+        if user_ids:
+            t = DeviceToken.__table__.c  # type: ignore[attr-defined]
+            for row in session.execute(
+                select(t.user_id, t.platform, t.token)
+                .where(t.user_id.in_(user_ids), t.removed_at.is_(None))
+                .order_by(t.created_at)
+            ):
+                self.tokens[row.user_id].append(row)
+        self.deliveries: dict[str, list[_D]] = defaultdict(list)
         nids = [n.id for n in self.notifications]
         if nids:
-            for d in session.execute(select(Delivery).where(Delivery.notification_id.in_(nids))).scalars():  # type: ignore[attr-defined]
-                self.deliveries[d.notification_id].append(d)
+            dn = Delivery.__table__.c.notification_id  # type: ignore[attr-defined]
+            for row in session.execute(select(*_D_COLS).where(dn.in_(nids))):
+                self.deliveries[row.notification_id].append(_D(*row))
 
 
 def process(rt: Runtime, notification_ids: Iterable[str], as_of: float | None = None) -> Stats:
@@ -200,7 +229,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             templates[tid] = t
         return t
 
-    def render(n: Notification, channel: str, user: User) -> dict[str, str] | str:
+    def render(n: Any, channel: str, user: Any) -> dict[str, str] | str:
         key = (n.id, channel)
         out = rendered.get(key)
         if out is None:
@@ -224,7 +253,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         events: list[dict[str, Any]] = []
 
         def add_delivery(
-            n: Notification, channel: str, route: str, address: str, status: str, reason: str | None = None
+            n: Any, channel: str, route: str, address: str, status: str, reason: str | None = None
         ) -> None:
             row = {
                 "id": new_id("d"),
@@ -292,12 +321,12 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     else:
                         add_delivery(n, channel, route, addr, DeliveryStatus.suppressed, f"rate_limited:{channel}")
         if new_rows:
-            session.execute(insert(Delivery), new_rows)
-            session.execute(insert(DeliveryEvent), events)
+            session.execute(insert(_DT), new_rows)
+            session.execute(insert(_ET), events)
             session.commit()
             stats.created = len(new_rows)
             for row in new_rows:
-                batch.deliveries[row["notification_id"]].append(Delivery.model_validate(row))
+                batch.deliveries[row["notification_id"]].append(_D(**{k: row.get(k) for k in _D.__slots__}))
         events = []
 
         # 2. Deliveries due now: claim, send per route, record.
@@ -317,7 +346,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         sms_stops: set[str] = set()
         if due:
             claims = rt.claims.take([d.id for d in due])
-            to_send: dict[str, list[tuple[Delivery, Message]]] = defaultdict(list)
+            to_send: dict[str, list[tuple[_D, Message]]] = defaultdict(list)
             for d, claim in zip(due, claims, strict=True):
                 if claim.startswith("sent:"):
                     # Sent before, but the SQL record was lost (crash between provider and commit).
@@ -447,9 +476,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         # 3. Record: Redis send records first (they survive a crash before the commit), then SQL.
         rt.claims.settle(sent_marks, released)
         if updates:
-            session.execute(update(Delivery), updates)
+            _bulk_update(session, _DT, updates)
         if events:
-            session.execute(insert(DeliveryEvent), events)
+            session.execute(insert(_ET), events)
         if token_success:
             session.execute(
                 update(DeviceToken).where(DeviceToken.token.in_(token_success)).values(last_success_at=now)  # type: ignore[attr-defined]
@@ -468,8 +497,18 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
     return stats
 
 
+def _bulk_update(session: Session, table: Any, rows: list[dict[str, Any]]) -> None:
+    """UPDATE ... WHERE id = ? as Core executemany, one statement per distinct set of columns."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[tuple(sorted(r))].append(r)
+    for cols, items in groups.items():
+        stmt = update(table).where(table.c.id == bindparam("_id")).values({c: bindparam(c) for c in cols if c != "id"})
+        session.execute(stmt, [{**r, "_id": r["id"]} for r in items])
+
+
 def _mark(
-    d: Delivery,
+    d: _D,
     updates: list[dict[str, Any]],
     events: list[dict[str, Any]],
     status: str,
@@ -629,4 +668,4 @@ def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> Non
                 # Something is held by another live worker: the reconciler looks again after its grace.
                 rows.append({"id": n.id, "status": NotificationStatus.queued, "due_at": now, "updated_at": now})
     if rows:
-        session.execute(update(Notification), rows)
+        _bulk_update(session, _N, rows)

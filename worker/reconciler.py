@@ -49,7 +49,7 @@ def _naive(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def reconcile(ctx: Context, now: float | None = None, limit: int = 5000, force: bool = False) -> ReconcileResult:
+def reconcile(ctx: Context, now: float | None = None, limit: int | None = None, force: bool = False) -> ReconcileResult:
     """One reconciliation round. ``now`` (epoch s) can be given to act as of another time."""
     result = ReconcileResult()
     r = ctx.redis
@@ -58,6 +58,7 @@ def reconcile(ctx: Context, now: float | None = None, limit: int = 5000, force: 
         return result
     now = time.time() if now is None else now
     settings = ctx.settings
+    limit = limit or settings.reconcile_limit
     batch_size = max(1, settings.batch_size)
     with Session(ctx.engine) as session:
         # 1. due retries and scheduled sends
