@@ -24,12 +24,12 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, case, func, insert, select, update
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session
 
@@ -105,12 +105,6 @@ class DlqFilter:
         if older is not None and newer is not None and newer <= older:
             raise InputError("--newer-than must be longer than --older-than, or nothing can match")
         return cls(channel, provider, error, template, older, newer, [i.strip() for i in ids if i.strip()])
-
-    @property
-    def empty(self) -> bool:
-        return not any(
-            (self.channel, self.provider, self.error, self.template, self.ids)
-        ) and (self.older_than is None and self.newer_than is None)
 
     def where(self, now: datetime) -> list[ColumnElement[bool]]:
         conds: list[ColumnElement[bool]] = [
@@ -271,12 +265,7 @@ def replay(
     res = ReplayResult(dry_run=dry_run)
     now = utcnow()
     r = ctx.redis
-    seen: set[str] = set()  # dry runs move nothing, so keyset paging alone ends them
     for page in _pages(ctx, f, limit, now):
-        page = [p for p in page if p[0] not in seen]
-        if not page:
-            break
-        seen.update(p[0] for p in page)
         res.matched += len(page)
         records = r.mget([keys.sent(p[0]) for p in page])
         sent: dict[str, str] = {}
@@ -342,17 +331,29 @@ def _replay_chunk(
                 )
         if sent:
             # Sent meanwhile: the send record is the proof. Record it, as the worker would, and leave the DLQ.
-            rows = session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_(list(sent)), Delivery.dead_lettered.is_(True))  # type: ignore[attr-defined]
-                .values(status=DeliveryStatus.sent, dead_lettered=False, sent_at=now, updated_at=now)
-                .returning(Delivery.id, Delivery.notification_id)
+            still = session.execute(
+                select(Delivery.id, Delivery.notification_id).where(
+                    Delivery.id.in_(list(sent)),  # type: ignore[attr-defined]
+                    Delivery.dead_lettered.is_(True),  # type: ignore[attr-defined]
+                )
             ).all()
-            for did, nid in rows:
-                skipped.append(did)
+            if still:
                 session.execute(
-                    update(Delivery).where(Delivery.id == did).values(provider_message_id=sent[did])  # type: ignore[arg-type]
-                ) if sent[did] else None
+                    update(Delivery),
+                    [
+                        {
+                            "id": did,
+                            "status": DeliveryStatus.sent,
+                            "dead_lettered": False,
+                            "provider_message_id": sent[did] or None,
+                            "sent_at": now,
+                            "updated_at": now,
+                        }
+                        for did, _nid in still
+                    ],
+                )
+            for did, nid in still:
+                skipped.append(did)
                 events.append(
                     {
                         "notification_id": nid,
@@ -404,12 +405,7 @@ def purge(
     res = PurgeResult(dry_run=dry_run)
     channels: Counter[str] = Counter()
     now = utcnow()
-    seen: set[str] = set()
     for page in _pages(ctx, f, limit, now):
-        page = [p for p in page if p[0] not in seen]
-        if not page:
-            break
-        seen.update(p[0] for p in page)
         res.matched += len(page)
         with Session(ctx.engine) as session:
             if dry_run:
@@ -464,7 +460,7 @@ def stats(ctx: Context, window_min: float = 5.0, now: datetime | None = None) ->
                 Delivery.channel,
                 Delivery.provider,
                 func.count(Delivery.id),
-                func.sum((Delivery.failed_at >= since).cast(Delivery.attempts.type)),  # type: ignore[operator,attr-defined]
+                func.sum(case((Delivery.failed_at >= since, 1), else_=0)),  # type: ignore[operator]
                 func.min(Delivery.failed_at),
             )
             .where(dead)
@@ -546,12 +542,10 @@ def check_dlq_alert(ctx: Context, config: DlqConfig | None = None, now: datetime
     res = AlertResult(firing=bool(reasons), reasons=reasons, stats=st)
     r = ctx.redis
     if reasons:
-        res.notified = bool(r.set(ALERT_KEY, str(time.time()), nx=True, ex=max(1, cfg.alert_repeat_s) + 86400))
-        if not res.notified:
-            since = float(r.get(ALERT_KEY) or 0)
-            if time.time() - since >= cfg.alert_repeat_s:
-                r.set(ALERT_KEY, str(time.time()), ex=max(1, cfg.alert_repeat_s) + 86400)
-                res.notified = True
+        last = r.get(ALERT_KEY)
+        if last is None or time.time() - float(last) >= cfg.alert_repeat_s:
+            r.set(ALERT_KEY, str(time.time()), ex=cfg.alert_repeat_s + 86400)
+            res.notified = True
         if res.notified:
             log.warning(
                 "DLQ alert: %s (depth %d, growth %g/min over %g min)",
@@ -582,7 +576,3 @@ def check_dlq_alert(ctx: Context, config: DlqConfig | None = None, now: datetime
             host = urllib.parse.urlsplit(url).hostname or "?"  # never the full URL: it often holds a token
             log.warning("DLQ alert webhook to %s failed: %s", host, res.webhook_error)
     return res
-
-
-def naive_utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)

@@ -167,6 +167,8 @@ def test_bad_request_json(ctx: Context, settings: Settings, body: str, message: 
 def test_unknown_flag_is_usage_error(settings: Settings) -> None:
     r = invoke(settings, "send", "--bogus")
     assert r.exit_code == 2 and "No such option" in r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: No such option: --bogus"), r.stderr
 
 
 def test_missing_file_is_exit_2(settings: Settings, tmp_path: Path) -> None:

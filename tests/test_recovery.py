@@ -98,3 +98,27 @@ def test_pool_dedicates_a_worker_to_high() -> None:
     assert queue_sets(["high", "normal", "low"], 1) == [["high", "normal", "low"]]
     assert queue_sets(["low", "high", "normal"], 3) == [["high"], ["high", "normal", "low"], ["high", "normal", "low"]]
     assert queue_sets(["low"], 2) == [["low"], ["low"]]
+
+
+def test_reconciler_wakes_a_done_notification_with_an_open_delivery(ctx: Context) -> None:
+    """A DLQ replay racing a job: the job marks the notification done after the replay reopened a delivery."""
+    from sqlalchemy import update
+    from sqlmodel import Session
+
+    from notifyctl.models import Delivery
+
+    seed(ctx)
+    res = send(ctx, channels=["email"])
+    drain(ctx)
+    (d,) = deliveries(ctx, res.notification_id)
+    ctx.redis.delete(f"notif:sent:{d.id}")
+    with Session(ctx.engine) as s:  # the delivery reopened, the notification left 'done'
+        s.execute(update(Delivery).where(Delivery.id == d.id).values(status="retrying", next_attempt_at=None))
+        s.commit()
+    out = reconcile(ctx, force=True)
+    assert out.orphans_woken == 1
+    assert notification(ctx, res.notification_id).status == "retrying"
+    assert reconcile(ctx, force=True).retries_queued == 1
+    drain(ctx)
+    assert deliveries(ctx, res.notification_id)[0].status == "sent"
+    assert len(read_outbox(ctx.settings.outbox_dir)) == 2  # sent again only because its send record was removed

@@ -9,6 +9,8 @@ recovered from a dead worker, a duplicate job) and sends nothing twice — deliv
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import logging
 import os
@@ -38,7 +40,6 @@ from notifyctl.models import (
     NotificationStatus,
     OptOut,
     User,
-    new_id,
     utcnow,
 )
 from notifyctl.templates import Template
@@ -256,7 +257,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             n: Any, channel: str, route: str, address: str, status: str, reason: str | None = None
         ) -> None:
             row = {
-                "id": new_id("d"),
+                "id": delivery_id(n.id, channel, address),
                 "notification_id": n.id,
                 "user_id": n.recipient_id,
                 "channel": channel,
@@ -320,14 +321,13 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                         add_delivery(n, channel, route, addr, DeliveryStatus.queued)
                     else:
                         add_delivery(n, channel, route, addr, DeliveryStatus.suppressed, f"rate_limited:{channel}")
-        if new_rows:
-            session.execute(insert(_DT), new_rows)
-            session.execute(insert(_ET), events)
-            session.commit()
-            stats.created = len(new_rows)
-            for row in new_rows:
-                batch.deliveries[row["notification_id"]].append(_D(**{k: row.get(k) for k in _D.__slots__}))
-        events = []
+        # New delivery rows are written once, at the end, in their final state. Their ids are derived
+        # from (notification, channel, address), so a crash before that write is harmless: the rerun
+        # computes the same ids and finds their Redis send records.
+        fresh: dict[str, dict[str, Any]] = {row["id"]: row for row in new_rows}
+        stats.created = len(new_rows)
+        for row in new_rows:
+            batch.deliveries[row["notification_id"]].append(_D(**{k: row.get(k) for k in _D.__slots__}))
 
         # 2. Deliveries due now: claim, send per route, record.
         by_id = {n.id: n for n in batch.notifications}
@@ -338,7 +338,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             if d.status in (DeliveryStatus.queued, DeliveryStatus.retrying)
             and (d.next_attempt_at is None or d.next_attempt_at <= due_by)
         ]
-        updates: list[dict[str, Any]] = []
+        updates = _Updates(fresh)
         sent_marks: dict[str, str] = {}
         released: list[str] = []
         token_success: list[str] = []
@@ -475,8 +475,10 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
 
         # 3. Record: Redis send records first (they survive a crash before the commit), then SQL.
         rt.claims.settle(sent_marks, released)
-        if updates:
-            _bulk_update(session, _DT, updates)
+        if new_rows:
+            session.execute(insert(_DT), new_rows)
+        if updates.rows:
+            _bulk_update(session, _DT, updates.rows)
         if events:
             session.execute(insert(_ET), events)
         if token_success:
@@ -507,9 +509,30 @@ def _bulk_update(session: Session, table: Any, rows: list[dict[str, Any]]) -> No
         session.execute(stmt, [{**r, "_id": r["id"]} for r in items])
 
 
+class _Updates:
+    """Where delivery changes go: merged into a row not yet written, else an UPDATE."""
+
+    def __init__(self, fresh: dict[str, dict[str, Any]]) -> None:
+        self.fresh = fresh
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        new = self.fresh.get(row["id"])
+        if new is None:
+            self.rows.append(row)
+        else:
+            new.update(row)
+
+
+def delivery_id(notification_id: str, channel: str, address: str) -> str:
+    """Deterministic: the same notification, channel and address always give the same id."""
+    digest = hashlib.blake2b(f"{notification_id}\x00{channel}\x00{address}".encode(), digest_size=15).digest()
+    return "d_" + base64.b32encode(digest).decode().lower()
+
+
 def _mark(
     d: _D,
-    updates: list[dict[str, Any]],
+    updates: _Updates,
     events: list[dict[str, Any]],
     status: str,
     now: datetime,

@@ -133,9 +133,12 @@ class Pool:
         self.procs[i] = p
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
+        from notifyctl.dlq import DlqConfig, check_dlq_alert
         from worker.reconciler import reconcile
 
         ctx = Context(self.settings)
+        dlq_config = DlqConfig()
+        next_dlq_check = time.monotonic() + 5
         for i in range(len(self.procs)):
             self._start(i)
 
@@ -163,6 +166,12 @@ class Pool:
                     except Exception:  # noqa: BLE001 - keep supervising through a blip
                         log.warning("reconciler round failed", exc_info=True)
                     next_reconcile = time.monotonic() + reconcile_every
+                if time.monotonic() >= next_dlq_check:
+                    try:
+                        check_dlq_alert(ctx, dlq_config)
+                    except Exception:  # noqa: BLE001 - an alert must never stop the pool
+                        log.warning("DLQ alert check failed", exc_info=True)
+                    next_dlq_check = time.monotonic() + 60
                 if on_tick:
                     on_tick(self)
                 time.sleep(0.2)

@@ -26,13 +26,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlmodel import Session
 
 from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.intake import enqueue
-from notifyctl.models import Notification, NotificationStatus, new_id
+from notifyctl.models import Delivery, DeliveryStatus, Notification, NotificationStatus, new_id
 
 _LIVE_STATES = {"scheduled", "deferred"}
 
@@ -43,6 +43,7 @@ class ReconcileResult:
     recovered: int = 0
     checked_jobs: int = 0
     skipped_locked: bool = False
+    orphans_woken: int = 0
 
 
 def _naive(ts: float) -> datetime:
@@ -101,6 +102,28 @@ def reconcile(ctx: Context, now: float | None = None, limit: int | None = None, 
                     for nid, prio in items:
                         lost_by_prio[prio].append(nid)
             result.recovered = _requeue(ctx, session, lost_by_prio, batch_size, now, [NotificationStatus.queued])
+
+        # 3. orphans: a delivery put back to 'retrying' (DLQ replay) while a job that had already
+        # loaded its notification marked the notification done; wake the notification again.
+        orphans = session.execute(
+            select(Delivery.notification_id, func.min(Delivery.next_attempt_at))
+            .join(Notification, Notification.id == Delivery.notification_id)
+            .where(
+                Delivery.status.in_([DeliveryStatus.queued, DeliveryStatus.retrying]),  # type: ignore[attr-defined]
+                Notification.status.in_([NotificationStatus.done, NotificationStatus.suppressed]),  # type: ignore[attr-defined]
+            )
+            .group_by(Delivery.notification_id)
+            .limit(limit)
+        ).all()
+        for nid, next_at in orphans:
+            session.execute(
+                update(Notification)
+                .where(Notification.id == nid)
+                .values(status=NotificationStatus.retrying, due_at=next_at or _naive(now))
+            )
+        if orphans:
+            session.commit()
+        result.orphans_woken = len(orphans)
     return result
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer._click.exceptions import UsageError as _UsageError
 from typer.core import TyperGroup
 
-from notifyctl.cli import events, prefs, send, server, status, templates, tokens, users, worker
+from notifyctl.cli import dlq, events, prefs, send, server, status, templates, tokens, users, worker
 from notifyctl.cli.common import err_console
 from notifyctl.errors import ConfigError, NotifyError
 
@@ -36,6 +37,11 @@ class NotifyGroup(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except _UsageError as exc:
+            # one line, like every other error, instead of a box
+            where = exc.ctx.command_path if exc.ctx else "notifyctl"
+            err_console.print(f"[red]error:[/red] {exc.format_message()} (see `{where} --help`)", soft_wrap=True)
+            raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except Exception as exc:  # noqa: BLE001 - every error a user can cause ends as one line
@@ -97,6 +103,7 @@ app.command("status")(status.status)
 app.command("demo")(worker.demo)
 app.add_typer(users.app, name="users")
 app.add_typer(tokens.app, name="tokens")
+app.add_typer(dlq.app, name="dlq")
 app.add_typer(prefs.app, name="prefs")
 app.add_typer(templates.app, name="templates")
 app.add_typer(server.app, name="redis")

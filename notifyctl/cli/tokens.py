@@ -7,6 +7,8 @@ from notifyctl.cli.common import JsonOpt, console, fmt_time, get_ctx, print_json
 
 app = typer.Typer(help="Device tokens for push (APNs, FCM).", no_args_is_help=True)
 
+MAX_ROWS = 200
+
 
 @app.command("register")
 def register(
@@ -26,17 +28,19 @@ def register(
 def list_(
     ctx: typer.Context,
     user: str | None = typer.Option(None, "--user", help="Only this user's tokens."),
-    removed: bool = typer.Option(False, "--removed", help="Include removed tokens, with why."),
+    removed: bool = typer.Option(False, "--removed", help="Only removed tokens, with when and why."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """List live device tokens (and removed ones with --removed)."""
+    """List live device tokens (removed ones, with the reason, with --removed)."""
     from notifyctl.directory import list_tokens
 
     toks = list_tokens(get_ctx(ctx), user, removed)
+    if removed:
+        toks = sorted((t for t in toks if t.removed_at is not None), key=lambda t: t.removed_at)  # type: ignore[arg-type,return-value]
     if as_json:
         print_json([t.model_dump() for t in toks])
         return
-    table = Table(title=f"Device tokens ({len(toks)})")
+    table = Table(title=f"{'Removed d' if removed else 'D'}evice tokens ({len(toks)})")
     for col in ("user", "platform", "token", "created", "last success", "removed", "reason"):
         table.add_column(col)
     for t in toks:
@@ -59,3 +63,45 @@ def revoke(ctx: typer.Context, token: str) -> None:
 
     revoke_token(get_ctx(ctx), token)
     console.print("revoked")
+
+
+@app.command("cleanup")
+def cleanup(
+    ctx: typer.Context,
+    stale_days: int = typer.Option(
+        90, "--stale-days", help="Remove tokens without a successful push in this many days."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Remove stale device tokens (for cron): idempotent, batched, prints what it removed.
+
+    \b
+    Example crontab line (03:17 every night):
+      17 3 * * *  notifyctl tokens cleanup --stale-days 90 --json >> /var/log/notifyctl-tokens.log
+    """
+    from notifyctl.maintenance import cleanup_stale_tokens
+
+    res = cleanup_stale_tokens(get_ctx(ctx), stale_days, dry_run=dry_run)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {len(res.removed)} stale token(s) (no success since {fmt_time(res.cutoff)} UTC)")
+    if not res.removed:
+        return
+    shown = res.removed[:MAX_ROWS]
+    table = Table()
+    for col in ("user", "platform", "token", "created", "last success"):
+        table.add_column(col)
+    for t in shown:
+        table.add_row(
+            t["user_id"],
+            t["platform"],
+            t["token"][:16] + "…",
+            fmt_time(t["created_at"]),
+            fmt_time(t["last_success_at"]),
+        )
+    if len(res.removed) > len(shown):
+        table.caption = f"first {len(shown)} of {len(res.removed)}; --json lists all"
+    console.print(table)
