@@ -1,0 +1,651 @@
+"""Launching a campaign: read the segment, schedule every recipient, write one ``scheduled``
+notification per recipient. The worker pool's reconciler queues them (in batches, into the
+priority queue of the campaign) as their ``due_at`` comes.
+
+A launch reads the segment twice: a *plan* pass (resolves users and time zones, counts each
+wave, checks the template against the first recipient) and a *write* pass (bulk inserts, one
+statement per chunk). The campaign row is created between the two, with the plan and the
+reference time, so that a launcher killed mid-way can be relaunched (``resume_launch``): it
+reads the segment again, gives every recipient the same ``due_at`` as the first run would have,
+and skips, by the unique index on (campaign_id, recipient_id), those already written.
+Nobody is skipped, nobody is written twice.
+
+``dry_run`` does the plan pass with the full audience analysis (opt-outs, dedup, addresses,
+marketing-SMS consent, a peek at the rate-limit windows, SMS cost) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlmodel import Session
+
+from campaigns.config import CampaignConfig, campaign_config
+from campaigns.models import Campaign, CampaignStatus
+from campaigns.schedule import Schedule, Wave, parse_hhmm, parse_quiet_hours, parse_send_at, plan_waves
+from campaigns.segments import BadRows, CsvSegment, SegmentRow, SqlSegment, chunked
+from notifyctl import keys
+from notifyctl.context import Context
+from notifyctl.directory import upsert
+from notifyctl.errors import InputError, NotFound
+from notifyctl.intake import _user_vars, blocked_by
+from notifyctl.models import DeviceToken, Notification, NotificationStatus, OptOut, User, new_id, utcnow
+from notifyctl.settings import CHANNELS
+from notifyctl.templates import Template
+
+Progress = Callable[[str, int, int | None], None]  # (phase "plan" | "write", rows done, total or None)
+
+
+@dataclass
+class LaunchSpec:
+    """What `campaign launch` was asked (stored on the campaign for relaunches)."""
+
+    template_id: str
+    channels: list[str] | None = None  # None = every channel the template has
+    name: str | None = None
+    rate: float | None = None  # notifications/s; None = CampaignConfig.default_rate
+    send_at: str | None = None  # ISO 8601
+    stagger_tz: bool = False
+    local_time: str | None = None  # HH:MM, with stagger_tz
+    if_passed: str = "tomorrow"  # tomorrow | now
+    quiet_hours: str | None = None  # HH:MM-HH:MM; "off" disables CampaignConfig.default_quiet_hours
+    segment_csv: str | None = None
+    segment_sql: str | None = None
+    segment_db: str | None = None  # URL; None = the tracking database
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Resolved:
+    spec: dict[str, Any]  # normalized, JSON-able
+    template: Template
+    channels: list[str]
+    category: str
+    priority: str
+    rate: float
+    schedule: Schedule
+    segment: CsvSegment | SqlSegment
+    cfg: CampaignConfig
+
+
+def _resolve(ctx: Context, spec: LaunchSpec, now: datetime, cfg: CampaignConfig) -> _Resolved:
+    """Check every flag; InputError (exit 2) names the first bad one. Nothing is written."""
+    template = ctx.templates.get(spec.template_id)
+    if template.priority == "high" and template.category != "marketing":
+        raise InputError(
+            f"--template: {template.id!r} is a high-priority {template.category} template; campaigns run at "
+            "low/normal priority so that they never compete with transactional traffic"
+        )
+    priority = "low" if template.category == "marketing" else template.priority
+    if spec.channels:
+        bad = [c for c in spec.channels if c not in CHANNELS]
+        if bad:
+            raise InputError(f"--channels: unknown channel {bad[0]!r} (use {', '.join(CHANNELS)})")
+        missing = [c for c in spec.channels if c not in template.parts]
+        if missing:
+            raise InputError(
+                f"--channels: template {template.id!r} has no {', '.join(missing)} part "
+                f"(it has: {', '.join(template.channels)})"
+            )
+        channels = [c for c in CHANNELS if c in spec.channels]
+    else:
+        channels = template.channels
+    rate = cfg.default_rate if spec.rate is None else spec.rate
+    if not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        raise InputError(f"--rate: must be a positive number of notifications per second, got {spec.rate!r}")
+    if spec.if_passed not in ("tomorrow", "now"):
+        raise InputError(f"--if-passed: must be tomorrow or now, got {spec.if_passed!r}")
+    if spec.stagger_tz and not spec.local_time:
+        raise InputError("--stagger-tz: needs --local-time HH:MM (the wall-clock time in each recipient's zone)")
+    if spec.local_time and not spec.stagger_tz:
+        raise InputError("--local-time: only with --stagger-tz")
+    if spec.stagger_tz and spec.send_at:
+        raise InputError("--send-at: cannot be combined with --stagger-tz (use one or the other)")
+    local_time = parse_hhmm(spec.local_time, "--local-time") if spec.local_time else None
+    send_at = parse_send_at(spec.send_at, now) if spec.send_at else None
+    quiet_text = spec.quiet_hours
+    if quiet_text is None and template.category == "marketing":
+        quiet_text = cfg.default_quiet_hours
+    if quiet_text and quiet_text.strip().lower() in ("off", "none"):
+        quiet_text = None
+    quiet = parse_quiet_hours(quiet_text) if quiet_text else None
+    if spec.segment_csv and spec.segment_sql:
+        raise InputError("--segment-csv and --segment-sql: give one segment, not both")
+    if spec.segment_db and not spec.segment_sql:
+        raise InputError("--segment-db: only with --segment-sql")
+    segment: CsvSegment | SqlSegment
+    if spec.segment_csv:
+        segment = CsvSegment(spec.segment_csv)
+    elif spec.segment_sql:
+        if spec.segment_db:
+            segment = SqlSegment(spec.segment_sql, spec.segment_db, cfg.chunk_size)
+        else:
+            segment = SqlSegment(
+                spec.segment_sql, ctx.settings.effective_database_url(), cfg.chunk_size, label="tracking database"
+            )
+    else:
+        raise InputError("segment: give --segment-csv FILE or --segment-sql QUERY")
+    if not isinstance(spec.data, dict):
+        raise InputError("--data: expected key/value pairs")
+    schedule = Schedule(
+        now=now,
+        default_tz=ctx.settings.default_timezone,
+        send_at=send_at,
+        local_time=local_time,
+        if_passed=spec.if_passed,
+        quiet=quiet,
+    )
+    norm = {
+        "template_id": template.id,
+        "channels": channels,
+        "name": spec.name,
+        "rate": float(rate),
+        "send_at": send_at.isoformat() if send_at else None,
+        "stagger_tz": bool(spec.stagger_tz),
+        "local_time": local_time.strftime("%H:%M") if local_time else None,
+        "if_passed": spec.if_passed,
+        "quiet_hours": f"{quiet[0]:%H:%M}-{quiet[1]:%H:%M}" if quiet else None,
+        "segment_csv": str(segment.path) if isinstance(segment, CsvSegment) else None,
+        "segment_sql": segment.sql if isinstance(segment, SqlSegment) else None,
+        # a URL's password is never stored: a relaunch asks for --segment-db again
+        "segment_db": segment.label if isinstance(segment, SqlSegment) and spec.segment_db else None,
+        "segment_db_needs_password": bool(
+            isinstance(segment, SqlSegment) and spec.segment_db and segment.label != spec.segment_db
+        ),
+        "data": spec.data,
+    }
+    return _Resolved(norm, template, channels, template.category, priority, float(rate), schedule, segment, cfg)
+
+
+def _stream(res: _Resolved, bad: BadRows) -> Iterator[list[SegmentRow]]:
+    return chunked(res.segment.rows(bad), res.cfg.chunk_size)
+
+
+def _user_tz(session: Session, ids: list[str]) -> dict[str, str]:
+    return dict(session.execute(select(User.id, User.timezone).where(User.id.in_(ids))).all())  # type: ignore[attr-defined,arg-type]
+
+
+def _check_template(res: _Resolved, session: Session, row: SegmentRow) -> None:
+    """Render every channel for the first recipient: a missing variable stops the launch (exit 2)."""
+    user = session.get(User, row.user_id)
+    if user is None:
+        return
+    data = {**res.spec["data"], **row.extras, "user": _user_vars(user)}
+    for ch in res.channels:
+        res.template.render(ch, data)
+
+
+# ---------------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class _Plan:
+    rows: int = 0  # segment rows read (good and bad)
+    recipients: int = 0  # rows with a known user (duplicates included: each holds a schedule slot)
+    counts: dict[datetime, int] = field(default_factory=lambda: defaultdict(int))
+    zones: dict[datetime, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+
+def _plan(ctx: Context, res: _Resolved, bad: BadRows, progress: Progress | None) -> _Plan:
+    plan = _Plan()
+    checked = False
+    with Session(ctx.engine) as session:
+        for chunk in _stream(res, bad):
+            plan.rows += len(chunk)
+            tzs = _user_tz(session, list({r.user_id for r in chunk}))
+            for r in chunk:
+                tz = tzs.get(r.user_id)
+                if tz is None:
+                    bad.add(r.line, "unknown_user", f"unknown user {r.user_id!r}")
+                    continue
+                if not checked:
+                    _check_template(res, session, r)
+                    checked = True
+                instant, used = res.schedule.instant(tz)
+                plan.counts[instant] += 1
+                plan.zones[instant].add(used)
+                plan.recipients += 1
+            if progress:
+                progress("plan", plan.rows, None)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------------- launch
+
+
+def launch(
+    ctx: Context,
+    spec: LaunchSpec,
+    *,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Launch (or with ``dry_run``, analyse) a campaign; returns the summary."""
+    now = (now or utcnow()).astimezone(UTC)
+    cfg = campaign_config(ctx.settings)
+    res = _resolve(ctx, spec, now, cfg)
+    if dry_run:
+        return _dry_run(ctx, res, progress, campaign=None)
+    bad = BadRows(keep=cfg.max_reported_errors)
+    plan = _plan(ctx, res, bad, progress)
+    if plan.recipients == 0:
+        first = f"; first: line {bad.first[0]['line']}: {bad.first[0]['message']}" if bad.first else ""
+        raise InputError(f"segment: no recipient to send to ({bad.count} bad row(s){first})")
+    waves = plan_waves(plan.counts, plan.zones, res.rate)
+    cid = new_id("c")
+    camp = Campaign(
+        id=cid,
+        name=res.spec["name"] or f"{res.template.id} {now:%Y-%m-%d %H:%M}",
+        template_id=res.template.id,
+        category=res.category,
+        priority=res.priority,
+        channels=res.channels,
+        status=CampaignStatus.active,
+        spec=res.spec,
+        plan=[w.to_dict() for w in waves],
+        summary={"planned": plan.recipients},
+        reference_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+    with Session(ctx.engine) as session:
+        session.add(camp)
+        session.commit()
+    return _produce(ctx, cid, res, waves, plan.recipients, run_now=now, progress=progress)
+
+
+def find_campaign(session: Session, ref: str) -> Campaign:
+    c = session.get(Campaign, ref)
+    if c is None:
+        c = (
+            session.execute(select(Campaign).where(Campaign.name == ref).order_by(Campaign.created_at.desc()))  # type: ignore[attr-defined]
+            .scalars()
+            .first()
+        )
+    if c is None:
+        raise NotFound(f"no campaign with id or name {ref!r}")
+    return c
+
+
+def _reresolve(ctx: Context, camp: Campaign, segment_db: str | None) -> _Resolved:
+    s = dict(camp.spec)
+    if s.get("segment_db_needs_password") and not segment_db:
+        raise InputError(f"--segment-db: campaign {camp.id} reads a database with a password; give its URL again")
+    spec = LaunchSpec(
+        template_id=s["template_id"],
+        channels=s["channels"],
+        name=camp.name,
+        rate=s["rate"],
+        stagger_tz=s["stagger_tz"],
+        local_time=s["local_time"],
+        if_passed=s["if_passed"],
+        quiet_hours=s["quiet_hours"] or "off",
+        segment_csv=s["segment_csv"],
+        segment_sql=s["segment_sql"],
+        segment_db=segment_db or s.get("segment_db"),
+        data=s["data"],
+    )
+    ref = camp.reference_at if camp.reference_at.tzinfo else camp.reference_at.replace(tzinfo=UTC)
+    res = _resolve(ctx, spec, ref, campaign_config(ctx.settings))
+    if s.get("send_at"):  # not re-validated against the clock: it was valid at launch
+        res.schedule.send_at = datetime.fromisoformat(s["send_at"])
+        res.spec["send_at"] = s["send_at"]
+    res.spec["segment_db"] = s.get("segment_db")
+    res.spec["segment_db_needs_password"] = s.get("segment_db_needs_password", False)
+    return res
+
+
+def resume_launch(
+    ctx: Context,
+    ref: str,
+    *,
+    segment_db: str | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Relaunch an interrupted launch: writes whoever is missing, with the schedule of the first run."""
+    with Session(ctx.engine) as session:
+        camp = find_campaign(session, ref)
+    if camp.status == CampaignStatus.canceled:
+        raise InputError(f"campaign {camp.id} is canceled")
+    res = _reresolve(ctx, camp, segment_db)
+    if dry_run:
+        return _dry_run(ctx, res, progress, campaign=camp)
+    waves = [Wave.from_dict(w, res.rate) for w in camp.plan]
+    planned = int(camp.summary.get("planned") or sum(w.recipients for w in waves))
+    return _produce(ctx, camp.id, res, waves, planned, run_now=(now or utcnow()).astimezone(UTC), progress=progress)
+
+
+# ------------------------------------------------------------------------------------------------------ produce
+
+
+def _produce(
+    ctx: Context,
+    cid: str,
+    res: _Resolved,
+    waves: list[Wave],
+    planned: int,
+    *,
+    run_now: datetime,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    bad = BadRows(keep=res.cfg.max_reported_errors)
+    res.schedule.fallbacks = 0  # counted again by this pass
+    by_instant = {w.instant: w for w in waves}
+    slot: Counter[datetime] = Counter()
+    step = timedelta(seconds=1 / res.rate)
+    late = run_now  # rows whose slot passed while the launcher was down are spaced from now on
+    data0 = res.spec["data"]
+    written = skipped = seen_rows = 0
+    first_due: datetime | None = None
+    last_due: datetime | None = None
+    state = CampaignStatus.active
+    canceled = False
+    if progress:
+        progress("write", 0, planned)
+    with Session(ctx.engine) as session:
+        for chunk in _stream(res, bad):
+            current = session.execute(select(Campaign.status).where(Campaign.id == cid)).scalar_one()
+            if current != state:
+                state = current
+                _sync_rows(session, cid, state)
+            if state == CampaignStatus.canceled:
+                canceled = True
+                break
+            row_status = NotificationStatus.paused if state == CampaignStatus.paused else NotificationStatus.scheduled
+            ids = list({r.user_id for r in chunk})
+            tzs = _user_tz(session, ids)
+            existing = set(
+                session.execute(
+                    select(Notification.recipient_id).where(
+                        Notification.campaign_id == cid,
+                        Notification.recipient_id.in_(ids),  # type: ignore[attr-defined]
+                    )
+                ).scalars()
+            )
+            now = utcnow()
+            rows: list[dict[str, Any]] = []
+            for r in chunk:
+                tz = tzs.get(r.user_id)
+                if tz is None:
+                    bad.add(r.line, "unknown_user", f"unknown user {r.user_id!r}")
+                    continue
+                seen_rows += 1
+                instant, _used = res.schedule.instant(tz)
+                w = by_instant.get(instant)
+                if w is None:  # the segment changed since the plan: a wave of its own
+                    w = by_instant[instant] = Wave(instant, instant, 0, res.rate)
+                due = w.due(slot[instant])
+                slot[instant] += 1
+                if r.user_id in existing:
+                    skipped += 1
+                    continue
+                existing.add(r.user_id)
+                if due < run_now:
+                    late = max(late, run_now)
+                    due, late = late, late + step
+                first_due = due if first_due is None or due < first_due else first_due
+                last_due = due if last_due is None or due > last_due else last_due
+                rows.append(
+                    {
+                        "id": new_id("n"),
+                        "recipient_id": r.user_id,
+                        "type": res.template.id,
+                        "template_id": res.template.id,
+                        "category": res.category,
+                        "priority": res.priority,
+                        "channels": res.channels,
+                        "data": {**data0, **r.extras} if r.extras else data0,
+                        "dedup_key": f"campaign:{cid}:{r.user_id}",
+                        "campaign_id": cid,
+                        "status": row_status,
+                        "due_at": due,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+            if rows:
+                upsert(session, Notification, rows, ["campaign_id", "recipient_id"], [])
+            session.commit()
+            written += len(rows)
+            if progress:
+                progress("write", seen_rows, planned)
+        current = session.execute(select(Campaign.status).where(Campaign.id == cid)).scalar_one()
+        if current != state:
+            _sync_rows(session, cid, current)
+            canceled = canceled or current == CampaignStatus.canceled
+        summary = {
+            "campaign_id": cid,
+            "planned": planned,
+            "rows": seen_rows + bad.count,
+            "recipients": seen_rows,
+            "written": written,
+            "skipped_existing": skipped,
+            "bad_rows": bad.to_dict(),
+            "first_due": first_due.isoformat() if first_due else None,
+            "last_due": last_due.isoformat() if last_due else None,
+            "canceled": canceled,
+            "timezone_fallbacks": res.schedule.fallbacks,
+        }
+        finished = utcnow()
+        session.execute(
+            update(Campaign)
+            .where(Campaign.id == cid)
+            .values(launched_at=None if canceled else finished, summary=summary, updated_at=finished)
+        )
+        session.commit()
+        camp = session.get(Campaign, cid)
+        assert camp is not None
+        summary.update(
+            name=camp.name,
+            status=camp.status,
+            template_id=camp.template_id,
+            channels=camp.channels,
+            priority=camp.priority,
+            rate=res.rate,
+            waves=camp.plan,
+        )
+    return summary
+
+
+def _sync_rows(session: Session, cid: str, state: str) -> None:
+    """A pause/cancel that raced with the launcher: bring rows written meanwhile in line."""
+    if state == CampaignStatus.paused:
+        src, dst = [NotificationStatus.scheduled], NotificationStatus.paused
+    elif state == CampaignStatus.canceled:
+        src, dst = [NotificationStatus.scheduled, NotificationStatus.paused], NotificationStatus.canceled
+    else:
+        return
+    session.execute(
+        update(Notification)
+        .where(Notification.campaign_id == cid, Notification.status.in_(src))  # type: ignore[attr-defined]
+        .values(status=dst, updated_at=utcnow())
+    )
+    session.commit()
+
+
+# ------------------------------------------------------------------------------------------------------ dry run
+
+_GSM = set(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\x1bÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§"
+    "¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+_GSM_EXT = set("^{}\\[~]|€\f")
+
+
+def sms_segments(text: str) -> int:
+    """SMS segments for ``text``: GSM-7 (160, or 153 per part) else UCS-2 (70, or 67 per part)."""
+    if all(c in _GSM or c in _GSM_EXT for c in text):
+        n = sum(2 if c in _GSM_EXT else 1 for c in text)
+        return 1 if n <= 160 else math.ceil(n / 153)
+    n = len(text.encode("utf-16-le")) // 2
+    return 1 if n <= 70 else math.ceil(n / 67)
+
+
+@dataclass
+class _ChannelCount:
+    recipients: int = 0  # admitted users
+    deliveries: int = 0  # admitted addresses (what would be sent)
+    suppressed: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["suppressed"] = dict(self.suppressed)
+        d["failed"] = dict(self.failed)
+        return d
+
+
+def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: Campaign | None) -> dict[str, Any]:
+    """The audience after opt-outs, dedup, addresses and rate limits; nothing is written anywhere."""
+    settings = ctx.settings
+    bad = BadRows(keep=res.cfg.max_reported_errors)
+    plan = _Plan()
+    per_channel = {c: _ChannelCount() for c in res.channels}
+    wave_channels: dict[datetime, Counter[str]] = defaultdict(Counter)
+    seen: set[str] = set()  # exact in-segment dedup (the real launch leans on the unique index instead)
+    duplicates = already = audience = 0
+    sms_parts = sms_recipients = 0
+    rules = [r for r in settings.rules if any(r.applies(c, res.category) for c in res.channels)]
+    bypass = res.priority == "high" and settings.rate_limit_bypass_high
+    checked = False
+    r = ctx.redis
+    with Session(ctx.engine) as session:
+        for chunk in _stream(res, bad):
+            plan.rows += len(chunk)
+            ids = list({x.user_id for x in chunk})
+            users = {u.id: u for u in session.execute(select(User).where(User.id.in_(ids))).scalars()}  # type: ignore[attr-defined]
+            opt: dict[str, set[tuple[str, str]]] = defaultdict(set)
+            for o in session.execute(select(OptOut).where(OptOut.user_id.in_(ids))).scalars():  # type: ignore[attr-defined]
+                opt[o.user_id].add((o.channel, o.category))
+            tokens: Counter[str] = Counter()
+            if "push" in res.channels:
+                tokens.update(
+                    session.execute(
+                        select(DeviceToken.user_id).where(
+                            DeviceToken.user_id.in_(ids),  # type: ignore[attr-defined]
+                            DeviceToken.removed_at.is_(None),  # type: ignore[union-attr]
+                        )
+                    ).scalars()
+                )
+            existing: set[str] = set()
+            if campaign is not None:
+                existing = set(
+                    session.execute(
+                        select(Notification.recipient_id).where(
+                            Notification.campaign_id == campaign.id,
+                            Notification.recipient_id.in_(ids),  # type: ignore[attr-defined]
+                        )
+                    ).scalars()
+                )
+            # peek at the sliding windows (ZCOUNT over the window, nothing recorded): one pipeline per chunk
+            now_ms = int(utcnow().timestamp() * 1000)
+            window: dict[tuple[str, str], int] = {}
+            if rules:
+                known = [u for u in ids if u in users]
+                pipe = r.pipeline(transaction=False)
+                for uid in known:
+                    for rule in rules:
+                        pipe.zcount(keys.rate(uid, rule.key), f"({now_ms - rule.window * 1000}", "+inf")
+                for (uid, rule), n in zip(
+                    ((u, rl) for u in known for rl in rules), pipe.execute() if known else [], strict=True
+                ):
+                    window[(uid, rule.key)] = int(n)
+            for row in chunk:
+                user = users.get(row.user_id)
+                if user is None:
+                    bad.add(row.line, "unknown_user", f"unknown user {row.user_id!r}")
+                    continue
+                if not checked:
+                    _check_template(res, session, row)
+                    checked = True
+                plan.recipients += 1
+                instant, used = res.schedule.instant(user.timezone)
+                plan.counts[instant] += 1
+                plan.zones[instant].add(used)
+                if row.user_id in existing:
+                    already += 1
+                    continue
+                if row.user_id in seen:
+                    duplicates += 1
+                    continue
+                seen.add(row.user_id)
+                audience += 1
+                blocks = opt.get(user.id, set())
+                counts = {rule.key: window.get((user.id, rule.key), 0) for rule in rules}
+                data: dict[str, Any] | None = None
+                for ch in res.channels:
+                    cc = per_channel[ch]
+                    naddr = tokens[user.id] if ch == "push" else int(bool(user.email if ch == "email" else user.phone))
+                    block = blocked_by(blocks, ch, res.category)
+                    if block:
+                        cc.suppressed["opted_out"] += 1
+                        continue
+                    if not naddr:
+                        cc.suppressed["no_address"] += 1
+                        continue
+                    if ch == "sms" and res.category == "marketing" and not getattr(user, "sms_opt_in", True):
+                        cc.suppressed["no_sms_opt_in"] += 1
+                        continue
+                    if data is None:
+                        data = {**res.spec["data"], **row.extras, "user": _user_vars(user)}
+                    try:
+                        content = res.template.render(ch, data)
+                    except InputError:
+                        cc.failed["template_error"] += naddr
+                        continue
+                    applicable = [rl for rl in rules if rl.applies(ch, res.category)]
+                    if not bypass and any(counts[rl.key] >= rl.limit for rl in applicable):
+                        cc.suppressed["rate_limited"] += 1
+                        continue
+                    for rl in applicable:
+                        counts[rl.key] += 1
+                    cc.recipients += 1
+                    cc.deliveries += naddr
+                    wave_channels[instant][ch] += naddr
+                    if ch == "sms":
+                        sms_recipients += 1
+                        sms_parts += sms_segments(content["text"])
+            if progress:
+                progress("plan", plan.rows, None)
+    waves = plan_waves(plan.counts, plan.zones, res.rate)
+    wave_dicts = []
+    for w in waves:
+        d = w.to_dict()
+        d["channels"] = dict(wave_channels.get(w.instant, {}))
+        wave_dicts.append(d)
+    return {
+        "dry_run": True,
+        "campaign_id": campaign.id if campaign else None,
+        "name": res.spec["name"] or (campaign.name if campaign else None),
+        "template_id": res.template.id,
+        "category": res.category,
+        "priority": res.priority,
+        "channels": res.channels,
+        "rate": res.rate,
+        "segment": res.segment.describe(),
+        "rows": plan.rows + bad.by_kind["encoding"] + bad.by_kind["malformed"],
+        "bad_rows": bad.to_dict(),
+        "recipients": plan.recipients,
+        "duplicates": duplicates,
+        "already_in_campaign": already,
+        "audience": audience,
+        "per_channel": {c: v.to_dict() for c, v in per_channel.items()},
+        "waves": wave_dicts,
+        "timezone_fallbacks": res.schedule.fallbacks,
+        "sms_cost": {
+            "recipients": sms_recipients,
+            "segments": sms_parts,
+            "per_segment": res.cfg.sms_cost_per_segment,
+            "estimate": round(sms_parts * res.cfg.sms_cost_per_segment, 4),
+            "currency": res.cfg.currency,
+        },
+    }

@@ -1,0 +1,144 @@
+"""Campaign status and listing: SQL GROUP BY over the campaign's notifications and deliveries."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlmodel import Session
+
+from campaigns.launcher import find_campaign
+from campaigns.models import Campaign, CampaignStatus
+from notifyctl.context import Context
+from notifyctl.models import Delivery, DeliveryStatus, Notification, NotificationStatus
+
+_UNPRODUCED = {NotificationStatus.scheduled, NotificationStatus.paused, NotificationStatus.canceled}
+_SENT = {DeliveryStatus.sent, DeliveryStatus.delivered, DeliveryStatus.opened}
+
+
+def _state(camp: Campaign, by_status: dict[str, int]) -> str:
+    if camp.status != CampaignStatus.active:
+        return str(camp.status)
+    if camp.launched_at is None:
+        return "launching"
+    open_ = sum(by_status.get(s, 0) for s in ("scheduled", "queued", "retrying"))
+    return "sending" if open_ else "completed"
+
+
+def campaign_status(ctx: Context, ref: str) -> dict[str, Any]:
+    with Session(ctx.engine) as session:
+        camp = find_campaign(session, ref)
+        by_status: dict[str, int] = {
+            s: n
+            for s, n in session.execute(
+                select(Notification.status, func.count())
+                .where(Notification.campaign_id == camp.id)
+                .group_by(Notification.status)
+            ).all()
+        }
+        due = session.execute(
+            select(func.min(Notification.due_at), func.max(Notification.due_at)).where(
+                Notification.campaign_id == camp.id,
+                Notification.status.in_([NotificationStatus.scheduled, NotificationStatus.paused]),  # type: ignore[attr-defined]
+            )
+        ).one()
+        reason = case((Delivery.status == DeliveryStatus.suppressed, Delivery.reason), else_=None)
+        drows = session.execute(
+            select(Delivery.channel, Delivery.status, reason, func.count())
+            .join(Notification, Notification.id == Delivery.notification_id)
+            .where(Notification.campaign_id == camp.id)
+            .group_by(Delivery.channel, Delivery.status, reason)
+        ).all()
+    produced = sum(n for s, n in by_status.items() if s not in _UNPRODUCED)
+    channels: dict[str, dict[str, Any]] = {}
+    for ch in camp.channels:
+        channels[ch] = {
+            "produced": produced,
+            "pending": 0,
+            "sent": 0,
+            "delivered": 0,
+            "opened": 0,
+            "failed": 0,
+            "suppressed": 0,
+            "suppressed_by_reason": defaultdict(int),
+        }
+    for ch, status, why, n in drows:
+        c = channels.setdefault(
+            ch,
+            {"produced": produced, "pending": 0, "sent": 0, "delivered": 0, "opened": 0, "failed": 0, "suppressed": 0,
+             "suppressed_by_reason": defaultdict(int)},
+        )  # fmt: skip
+        if status in (DeliveryStatus.queued, DeliveryStatus.retrying):
+            c["pending"] += n
+        elif status in _SENT:
+            c["sent"] += n
+            if status in (DeliveryStatus.delivered, DeliveryStatus.opened):
+                c["delivered"] += n
+            if status == DeliveryStatus.opened:
+                c["opened"] += n
+        elif status == DeliveryStatus.failed:
+            c["failed"] += n
+        elif status == DeliveryStatus.suppressed:
+            c["suppressed"] += n
+            c["suppressed_by_reason"][(why or "unknown").split(":")[0]] += n
+    for c in channels.values():
+        c["suppressed_by_reason"] = dict(c["suppressed_by_reason"])
+    summary = camp.summary or {}
+    return {
+        "campaign_id": camp.id,
+        "name": camp.name,
+        "state": _state(camp, by_status),
+        "status": camp.status,
+        "template_id": camp.template_id,
+        "category": camp.category,
+        "priority": camp.priority,
+        "channels": camp.channels,
+        "rate": camp.spec.get("rate"),
+        "schedule": {k: camp.spec.get(k) for k in ("send_at", "stagger_tz", "local_time", "if_passed", "quiet_hours")},
+        "segment": camp.spec.get("segment_csv") or camp.spec.get("segment_sql"),
+        "created_at": camp.created_at,
+        "launched_at": camp.launched_at,
+        "recipients": sum(by_status.values()),
+        "planned": summary.get("planned"),
+        "bad_rows": (summary.get("bad_rows") or {}).get("count", 0),
+        "notifications": by_status,
+        "produced": produced,
+        "next_due": due[0],
+        "last_due": due[1],
+        "per_channel": channels,
+        "waves": camp.plan,
+    }
+
+
+def list_campaigns(ctx: Context, limit: int = 50) -> list[dict[str, Any]]:
+    with Session(ctx.engine) as session:
+        camps = list(
+            session.execute(select(Campaign).order_by(Campaign.created_at.desc()).limit(limit)).scalars()  # type: ignore[attr-defined]
+        )
+        counts: dict[str, dict[str, int]] = defaultdict(dict)
+        if camps:
+            for cid, status, n in session.execute(
+                select(Notification.campaign_id, Notification.status, func.count())
+                .where(Notification.campaign_id.in_([c.id for c in camps]))  # type: ignore[union-attr]
+                .group_by(Notification.campaign_id, Notification.status)
+            ).all():
+                counts[cid][status] = n
+    out = []
+    for c in camps:
+        by = counts.get(c.id, {})
+        out.append(
+            {
+                "campaign_id": c.id,
+                "name": c.name,
+                "template_id": c.template_id,
+                "state": _state(c, by),
+                "recipients": sum(by.values()),
+                "scheduled": by.get("scheduled", 0),
+                "paused": by.get("paused", 0),
+                "produced": sum(n for s, n in by.items() if s not in _UNPRODUCED),
+                "canceled": by.get("canceled", 0),
+                "created_at": c.created_at,
+            }
+        )
+    return out

@@ -1,0 +1,244 @@
+"""Segments: who a campaign goes to, streamed row by row (memory stays flat whatever the size).
+
+- ``CsvSegment``: a CSV file with a ``user_id`` column; every other column becomes template data
+  for that recipient. Read line by line from the raw bytes, so a line that is not UTF-8 is one
+  bad row, not the end of the file.
+- ``SqlSegment``: ``SELECT user_id, ... FROM ...`` against the tracking database or another URL,
+  through a server-side cursor (``stream_results``), in a read-only transaction (PostgreSQL
+  ``SET TRANSACTION READ ONLY``, SQLite ``PRAGMA query_only``) on a private engine. Anything but a
+  single SELECT is refused before it runs.
+
+Bad rows (malformed line, bad encoding, empty user_id; unknown users are found by the launcher)
+are recorded in ``BadRows`` with their line (CSV) or row (SQL) number and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from notifyctl.errors import InputError
+
+
+@dataclass(slots=True)
+class SegmentRow:
+    line: int  # CSV line number (1 = header) or SQL row number (1 = first row)
+    user_id: str
+    extras: dict[str, Any]
+
+
+@dataclass
+class BadRows:
+    keep: int = 100
+    count: int = 0
+    by_kind: Counter[str] = field(default_factory=Counter)
+    first: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, line: int, kind: str, message: str) -> None:
+        self.count += 1
+        self.by_kind[kind] += 1
+        if len(self.first) < self.keep:
+            self.first.append({"line": line, "kind": kind, "message": message})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "by_kind": dict(self.by_kind), "first": self.first}
+
+
+class CsvSegment:
+    kind = "csv"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().resolve()
+        if not self.path.is_file():
+            raise InputError(f"--segment-csv: no such file {str(path)!r}")
+        with self.path.open("rb") as f:
+            first = f.readline()
+        try:
+            header_line = first.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise InputError(f"--segment-csv: the header line of {self.path.name} is not UTF-8") from None
+        header = next(csv.reader([header_line]), [])
+        self.header = [h.strip() for h in header]
+        if "user_id" not in self.header:
+            has = ", ".join(h for h in self.header if h) or "nothing"
+            raise InputError(f"--segment-csv: header lacks a user_id column (has: {has})")
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def rows(self, bad: BadRows) -> Iterator[SegmentRow]:
+        uid_at = self.header.index("user_id")
+        width = len(self.header)
+        names = self.header
+        state = {"line": 0}
+
+        def lines(f: Iterable[bytes]) -> Iterator[str]:
+            for i, raw in enumerate(f, start=1):
+                state["line"] = i
+                if i == 1:
+                    continue  # the header, checked in __init__
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    bad.add(i, "encoding", f"not UTF-8 ({exc.reason} at byte {exc.start})")
+
+        with self.path.open("rb") as f:
+            reader = csv.reader(lines(f))
+            while True:
+                try:
+                    rec = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    bad.add(state["line"], "malformed", f"malformed CSV: {exc}")
+                    continue
+                line = state["line"]
+                if not rec or not any(v.strip() for v in rec):
+                    continue  # blank line
+                if len(rec) != width:
+                    bad.add(line, "malformed", f"{len(rec)} fields, the header has {width}")
+                    continue
+                uid = rec[uid_at].strip()
+                if not uid:
+                    bad.add(line, "malformed", "user_id is empty")
+                    continue
+                if len(uid) > 255:
+                    bad.add(line, "malformed", "user_id longer than 255 characters")
+                    continue
+                yield SegmentRow(line, uid, {k: v for k, v in zip(names, rec, strict=True) if k and k != "user_id"})
+
+
+_LITERALS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$\$.*?\$\$", re.S)
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
+
+
+def check_select(sql: str) -> str:
+    """The query without a trailing ``;``, or InputError unless it is one plain SELECT."""
+    text = (sql or "").strip()
+    if not text:
+        raise InputError("--segment-sql: empty query")
+    shape = _COMMENTS.sub(" ", _LITERALS.sub("''", text)).strip()
+    if shape.endswith(";"):
+        shape = shape.rstrip(";").rstrip()
+        text = text.rstrip().rstrip(";").rstrip()
+    if ";" in shape:
+        raise InputError("--segment-sql: one statement only (found ';' inside the query)")
+    if not re.match(r"(?i)^\(*\s*select\b", shape):
+        raise InputError("--segment-sql: only a SELECT is allowed (e.g. SELECT user_id, first_name FROM ...)")
+    if re.search(r"(?i)\binto\b", shape):
+        raise InputError("--segment-sql: SELECT ... INTO writes a table; only a plain SELECT is allowed")
+    if re.search(r"(?i)\bfor\s+(update|share|no\s+key\s+update|key\s+share)\b", shape):
+        raise InputError("--segment-sql: row locks (FOR UPDATE/SHARE) are not allowed")
+    return text
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    if isinstance(v, (datetime, date)):
+        return v.isoformat()
+    return str(v)
+
+
+def _mask(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for display
+        return "<unparsable URL>"
+
+
+class SqlSegment:
+    kind = "sql"
+
+    def __init__(self, sql: str, url: str, chunk: int = 1000, label: str | None = None) -> None:
+        self.sql = check_select(sql)
+        self.url = url
+        self.chunk = chunk
+        self.label = label or _mask(url)
+        if url.startswith("sqlite"):
+            from sqlalchemy.engine import make_url
+
+            try:
+                db = make_url(url).database
+            except Exception:  # noqa: BLE001
+                raise InputError("--segment-db: not a database URL") from None
+            if db and db != ":memory:" and not Path(db).is_file():
+                raise InputError(f"--segment-db: no SQLite database at {db!r}")
+
+    def describe(self) -> str:
+        return f"{self.label}: {self.sql}"
+
+    def rows(self, bad: BadRows) -> Iterator[SegmentRow]:
+        from sqlalchemy import text
+        from sqlalchemy.exc import ArgumentError, DBAPIError, StatementError
+
+        from notifyctl.db import make_engine
+        from notifyctl.errors import ConfigError
+
+        try:
+            engine = make_engine(self.url)
+        except ConfigError as exc:
+            raise InputError(f"--segment-db: {exc}") from None
+        try:
+            with engine.connect() as conn:
+                try:
+                    if engine.dialect.name == "postgresql":
+                        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                    elif engine.dialect.name == "sqlite":
+                        conn.exec_driver_sql("PRAGMA query_only = ON")
+                    result = conn.execution_options(stream_results=True, yield_per=self.chunk).execute(text(self.sql))
+                except (DBAPIError, StatementError, ArgumentError) as exc:
+                    raise InputError(f"--segment-sql: {_first_line(exc)}") from None
+                names = [str(k) for k in result.keys()]
+                if "user_id" not in names:
+                    result.close()
+                    raise InputError(f"--segment-sql: the query returns no user_id column (it has: {', '.join(names)})")
+                uid_at = names.index("user_id")
+                n = 0
+                try:
+                    for row in result:
+                        n += 1
+                        raw = row[uid_at]
+                        uid = "" if raw is None else str(raw).strip()
+                        if not uid:
+                            bad.add(n, "malformed", "user_id is empty")
+                            continue
+                        if len(uid) > 255:
+                            bad.add(n, "malformed", "user_id longer than 255 characters")
+                            continue
+                        extras = {names[i]: _jsonable(v) for i, v in enumerate(row) if i != uid_at}
+                        yield SegmentRow(n, uid, extras)
+                except DBAPIError as exc:
+                    raise InputError(f"--segment-sql: failed at row {n + 1}: {_first_line(exc)}") from None
+                finally:
+                    if engine.dialect.name == "postgresql":
+                        conn.rollback()
+        finally:
+            engine.dispose()
+
+
+def _first_line(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
+def chunked(rows: Iterable[SegmentRow], size: int) -> Iterator[list[SegmentRow]]:
+    buf: list[SegmentRow] = []
+    for r in rows:
+        buf.append(r)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
