@@ -134,3 +134,35 @@ def test_otp_escalates_to_a_voice_call_when_every_sms_provider_failed(
     assert [s for _, s in events(ctx, nid)] == ["queued", "sent"]
     # only OTPs escalate; other SMS wait for a retry
     assert deliveries(ctx, normal)[0].status == "retrying"
+
+
+def test_dlq_entries_of_an_outage_are_replayed_once_the_circuit_closes(
+    home: Path, redis_url: str, rclient: redis.Redis, twilio: TwilioSandbox, aws: AwsSandbox
+) -> None:
+    import time
+
+    from worker.pool import replay_after_outages
+    from worker.reconciler import reconcile
+
+    twilio.faults.add({"status": 503, "body": {"code": 20500, "message": "down", "status": 503}, "count": -1})
+    ctx = make_ctx(home, redis_url, twilio, aws, providers_sms=["twilio"], retry_delays=[1], circuit_threshold=1,
+                   circuit_cooldown=0.5)  # fmt: skip
+    ids = [send(ctx, channels=["sms"], recipient_id=u).notification_id for u in ("alice", "bob")]
+    drain(ctx)  # attempt 1 fails, the circuit opens
+    assert reconcile(ctx, now=time.time() + 2, force=True).retries_queued == 2
+    drain(ctx)  # attempt 2: circuit open, retries exhausted -> DLQ
+    ds = [d for n in ids for d in deliveries(ctx, n)]
+    assert [(d.status, d.dead_lettered, d.provider) for d in ds] == [("failed", True, "twilio")] * 2
+    assert replay_after_outages(ctx) == 0  # still down: nothing to replay
+    # Twilio recovers; after the cooldown one trial batch succeeds and closes the circuit
+    twilio.faults.clear()
+    time.sleep(0.6)
+    trial = send(ctx, channels=["sms"], recipient_id="carol").notification_id
+    drain(ctx)
+    assert deliveries(ctx, trial)[0].status == "sent"
+    assert replay_after_outages(ctx) == 2
+    assert replay_after_outages(ctx) == 0  # handed out once
+    reconcile(ctx, force=True)
+    drain(ctx)
+    assert [d.status for n in ids for d in deliveries(ctx, n)] == ["sent", "sent"]
+    assert sorted(m["to"] for m in twilio.recorder.all()) == ["+14155550101", "+33612345678", "+447911123456"]

@@ -45,15 +45,21 @@ class Circuits:
         now = time.time() if now is None else now
         key = keys.circuit(name)
         if ok:
-            if was != CLOSED or self.client.hget(key, "fails") not in (None, b"0"):
-                self.client.hset(key, mapping={"fails": 0, "open_until": ""})
+            if was != CLOSED:
+                # closed after an outage: mark it, so the pool replays what the outage dead-lettered
+                self.client.hset(key, mapping={"fails": 0, "open_until": "", "recovered_at": now})
+            elif self.client.hget(key, "fails") not in (None, b"0"):
+                self.client.hset(key, mapping={"fails": 0})
             return CLOSED
         pipe = self.client.pipeline(transaction=False)
         pipe.hincrby(key, "fails", 1)
         pipe.hset(key, "last_failure", now)
         fails = pipe.execute()[0]
         if was == HALF_OPEN or fails >= self.threshold:
-            self.client.hset(key, "open_until", now + self.cooldown)
+            mapping: dict[str, float] = {"open_until": now + self.cooldown}
+            if was == CLOSED:
+                mapping["opened_at"] = now
+            self.client.hset(key, mapping=mapping)
             return OPEN
         return was
 
@@ -70,3 +76,16 @@ class Circuits:
             out[n] = {"state": state, "failing_batches": int(h.get(b"fails") or 0),
                       "retry_in_s": round(max(0.0, until - now), 1)}  # fmt: skip
         return out
+
+
+def take_recoveries(client: redis.Redis, names: Sequence[str]) -> dict[str, float]:
+    """Providers whose circuit closed after an outage since the last call: ``name -> opened_at``.
+    Each recovery is handed out once, whichever pool asks first (HDEL decides)."""
+    pipe = client.pipeline(transaction=False)
+    for n in names:
+        pipe.hmget(keys.circuit(n), "recovered_at", "opened_at")
+    out: dict[str, float] = {}
+    for n, (rec, opened) in zip(names, pipe.execute(), strict=True):
+        if rec and client.hdel(keys.circuit(n), "recovered_at"):
+            out[n] = float(opened or rec)
+    return out

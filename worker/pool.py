@@ -111,6 +111,26 @@ def _child(settings: Settings, priorities: list[str], burst: bool, name: str) ->
     raise SystemExit(run_worker(settings, priorities, burst, name))
 
 
+def replay_after_outages(ctx: Context) -> int:
+    """Replay what a provider outage dead-lettered, once that provider's circuit has closed again.
+
+    Only transient failures ("retries exhausted") dead-lettered by that provider since the outage
+    began (less the longest retry schedule) are replayed; permanent failures stay for an operator.
+    """
+    from notifyctl.dlq import DlqFilter, replay
+    from worker.circuit import take_recoveries
+
+    s = ctx.settings
+    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)})
+    total = 0
+    for name, opened_at in take_recoveries(ctx.redis, names).items():
+        window = time.time() - opened_at + sum(s.retry_delays) + 60
+        res = replay(ctx, DlqFilter.build(provider=name, error="retries exhausted", newer_than=f"{int(window)}s"))
+        log.warning("provider %s recovered: replayed %d dead-lettered deliveries", name, len(res.replayed))
+        total += len(res.replayed)
+    return total
+
+
 class Pool:
     def __init__(self, settings: Settings, queues: list[str], size: int, burst: bool = False) -> None:
         self.settings = settings
@@ -168,10 +188,11 @@ class Pool:
                     next_reconcile = time.monotonic() + reconcile_every
                 if time.monotonic() >= next_dlq_check:
                     try:
+                        replay_after_outages(ctx)
                         check_dlq_alert(ctx, dlq_config)
                     except Exception:  # noqa: BLE001 - an alert must never stop the pool
-                        log.warning("DLQ alert check failed", exc_info=True)
-                    next_dlq_check = time.monotonic() + 60
+                        log.warning("DLQ check failed", exc_info=True)
+                    next_dlq_check = time.monotonic() + 10
                 if on_tick:
                     on_tick(self)
                 time.sleep(0.2)
