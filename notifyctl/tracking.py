@@ -94,7 +94,22 @@ def status_report(ctx: Context) -> dict[str, Any]:
         }
         for w in Worker.all(connection=r)
     ]
+    from datetime import timedelta
+
+    from notifyctl.models import utcnow
+    from worker.circuit import Circuits
+
+    s = ctx.settings
+    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
+                   | set(s.providers_voice))  # fmt: skip
+    circuits = Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names)
     with Session(ctx.engine) as session:
+        since = utcnow() - timedelta(seconds=60)
+        sent_last_min = dict(
+            session.execute(
+                select(Delivery.channel, func.count()).where(Delivery.sent_at >= since).group_by(Delivery.channel)  # type: ignore[operator]
+            ).all()
+        )
         n_status = dict(session.execute(select(Notification.status, func.count()).group_by(Notification.status)).all())
         d_status = dict(session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
         dlq = session.execute(
@@ -104,6 +119,8 @@ def status_report(ctx: Context) -> dict[str, Any]:
         "queues": queues,
         "workers": workers,
         "dlq_depth": dlq,
+        "sent_last_minute": sent_last_min,
+        "providers": circuits,
         "notifications": n_status,
         "deliveries": d_status,
     }

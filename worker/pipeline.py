@@ -29,6 +29,7 @@ from sqlmodel import Session
 from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.errors import TemplateError
+from notifyctl.inbound import pixel_url
 from notifyctl.intake import _user_vars, blocked_by
 from notifyctl.models import (
     FINAL_STATUSES,
@@ -373,8 +374,15 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     stats.failed += 1
                     continue
                 headers: dict[str, str] = {}
-                if d.channel == "email" and n.category == "marketing":
-                    content, headers = _marketing_email(rt, content, d.user_id)
+                if d.channel == "email":
+                    if n.category == "marketing":
+                        content, headers = _marketing_email(rt, content, d.user_id)
+                    pixel = pixel_url(rt.settings, rt.unsub_key, d.id)
+                    if pixel:  # open tracking
+                        content = {
+                            **content,
+                            "html": content["html"] + f'\n<img src="{pixel}" width="1" height="1" alt="">',
+                        }
                 msg = Message(
                     delivery_id=d.id,
                     notification_id=n.id,
@@ -478,7 +486,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         if new_rows:
             session.execute(insert(_DT), new_rows)
         if updates.rows:
-            _bulk_update(session, _DT, updates.rows)
+            # only from the states this job saw: a webhook may have moved a delivery on meanwhile
+            _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
         if events:
             session.execute(insert(_ET), events)
         if token_success:
@@ -499,7 +508,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
     return stats
 
 
-def _bulk_update(session: Session, table: Any, rows: list[dict[str, Any]]) -> None:
+def _bulk_update(session: Session, table: Any, rows: list[dict[str, Any]], only_from: list[str] | None = None) -> None:
     """UPDATE ... WHERE id = ? as Core executemany, one statement per distinct set of columns."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:

@@ -40,14 +40,14 @@ def create_key(ctx: Any, name: str) -> CreatedKey:
         raise InputError("name: must be 1-128 characters")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(id=new_id("key"), name=name, key_hash=hash_key(key), prefix=key[:DISPLAY_CHARS])
-    with Session(ctx.engine) as session:
+    with Session(ctx.engine, expire_on_commit=False) as session:
         session.add(row)
         session.commit()
     return CreatedKey(id=row.id, name=name, key=key, prefix=row.prefix)
 
 
 def list_keys(ctx: Any, include_revoked: bool = True) -> list[ApiKey]:
-    with Session(ctx.engine) as session:
+    with Session(ctx.engine, expire_on_commit=False) as session:
         q = select(ApiKey).order_by(ApiKey.created_at)
         if not include_revoked:
             q = q.where(ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]

@@ -10,7 +10,8 @@ import typer
 from typer._click.exceptions import UsageError as _UsageError
 from typer.core import TyperGroup
 
-from notifyctl.cli import campaign, dlq, events, prefs, send, server, status, templates, tokens, users, worker
+from notifyctl.cli import apikeys, campaign, dlq, events, prefs, send, server, status, templates, tokens, users, worker
+from notifyctl.cli import serve as serve_cmd
 from notifyctl.cli.common import err_console
 from notifyctl.errors import ConfigError, NotifyError
 
@@ -101,10 +102,12 @@ app.command("reconcile")(worker.reconcile_cmd)
 app.command("events")(events.events)
 app.command("status")(status.status)
 app.command("demo")(worker.demo)
+app.command("serve")(serve_cmd.serve)
 app.add_typer(users.app, name="users")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(campaign.app, name="campaign")
+app.add_typer(apikeys.app, name="apikeys")
 app.add_typer(prefs.app, name="prefs")
 app.add_typer(templates.app, name="templates")
 app.add_typer(server.app, name="redis")

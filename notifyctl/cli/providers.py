@@ -50,7 +50,25 @@ class Loaded:
     name: str
     routes: list[str] = field(default_factory=list)
     provider: Any = None
-    problem: str | None = None
+    problem: str | None = None  # could not be loaded
+    misrouted: list[str] = field(default_factory=list)  # routes it is listed for but does not serve
+
+    def misrouted_problem(self) -> str | None:
+        if not self.misrouted:
+            return None
+        served = getattr(type(self.provider), "routes", ())
+        return f"{self.name} does not serve {', '.join(self.misrouted)} (it serves {', '.join(sorted(served))})"
+
+    def problem_for(self, route: str | None = None) -> str | None:
+        """Why this provider cannot serve ``route`` (any of its routes when None), or None."""
+        if self.problem is not None:
+            return self.problem
+        if route is None:
+            return self.misrouted_problem()
+        if route in self.misrouted:
+            served = getattr(type(self.provider), "routes", ())
+            return f"{self.name} does not serve {route} (it serves {', '.join(sorted(served))})"
+        return None
 
 
 def _secret_values(settings: Any, providers: Iterable[Any]) -> list[str]:
@@ -129,13 +147,12 @@ def load_all(settings: Any) -> tuple[list[str], dict[str, list[str]], dict[str, 
                         entry.problem = _one_line(f"{name}: invalid settings: {errs}")
                     except Exception as exc:  # noqa: BLE001 - one line per provider, never a traceback
                         entry.problem = f"{name}: cannot load: {type(exc).__name__}"
-            entry.routes.append(route)
+            if route not in entry.routes:
+                entry.routes.append(route)
     for entry in loaded.values():
         served = getattr(type(entry.provider), "routes", None) if entry.provider is not None else None
         if served is not None:
-            wrong = [r for r in entry.routes if r not in served]
-            if wrong:
-                entry.problem = f"{entry.name} does not serve {', '.join(wrong)} (it serves {', '.join(sorted(served))})"
+            entry.misrouted = [r for r in entry.routes if r not in served]
     return routes, by_route, loaded
 
 
@@ -152,8 +169,9 @@ def describe(entry: Loaded, settings: Any) -> dict[str, str]:
 
 def check_one(entry: Loaded, settings: Any) -> str | None:
     """None when the provider works, else a one-line problem. Sends nothing."""
-    if entry.problem is not None:
-        return f"not configured: {entry.problem}"
+    problem = entry.problem_for()
+    if problem is not None:
+        return f"not configured: {problem}"
     p = entry.provider
     if hasattr(p, "check"):
         try:
@@ -191,15 +209,17 @@ def list_(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
         for route in routes:
             for order, name in enumerate(by_route[route], start=1):
                 entry = loaded[name]
-                configured = entry.problem is None
+                problem = entry.problem_for(route)
                 rows.append(
                     {
                         "route": route,
                         "order": order,
                         "provider": name,
-                        "configured": configured,
-                        "problem": None if configured else scrub(f"not configured: {entry.problem}", secrets),
-                        "settings": {k: scrub(v, secrets) for k, v in describe(entry, settings).items()},
+                        "configured": problem is None,
+                        "problem": None if problem is None else scrub(f"not configured: {problem}", secrets),
+                        "settings": {}
+                        if problem is not None
+                        else {k: scrub(v, secrets) for k, v in describe(entry, settings).items()},
                     }
                 )
     finally:

@@ -33,8 +33,15 @@ def _render(rep: dict) -> Group:  # type: ignore[type-arg]
     st.add_column("counts")
     st.add_row("notifications", "  ".join(f"{k}={v}" for k, v in sorted(rep["notifications"].items())) or "-")
     st.add_row("deliveries", "  ".join(f"{k}={v}" for k, v in sorted(rep["deliveries"].items())) or "-")
+    st.add_row("sent, last minute", "  ".join(f"{k}={v}" for k, v in sorted(rep["sent_last_minute"].items())) or "0")
     st.add_row("DLQ depth", str(rep["dlq_depth"]))
-    return Group(qt, wt, st)
+    pt = Table(title="Providers")
+    for col in ("provider", "circuit", "failing batches", "retry in (s)"):
+        pt.add_column(col)
+    for name, c in rep["providers"].items():
+        style = {"open": "red", "half_open": "yellow"}.get(str(c["state"]), "green")
+        pt.add_row(name, f"[{style}]{c['state']}[/{style}]", str(c["failing_batches"]), str(c["retry_in_s"] or ""))
+    return Group(qt, wt, st, pt)
 
 
 def status(

@@ -1,0 +1,459 @@
+"""The FastAPI application: ``create_app(ctx)``.
+
+Routes (all answers JSON; errors are ``{"error": "<one line>"}``):
+
+- ``POST /v1/notify`` — the seed's request (same validation and answers as ``notifyctl send``);
+  ``Idempotency-Key`` header = ``dedup_key`` when the body has none. 202 queued, 200 suppressed.
+- ``PUT|GET /v1/users/{id}``; ``POST /v1/users/{id}/tokens``, ``DELETE /v1/users/{id}/tokens/{token}``;
+  ``GET|POST /v1/users/{id}/preferences``; ``GET /v1/notifications/{id}`` (deliveries + timeline);
+  ``POST /v1/deliveries/{id}/opened`` (push opens reported by the app).
+- ``GET /o/{token}.gif`` (email open pixel), ``GET|POST /u/{token}`` (one-click unsubscribe),
+  ``/webhooks/...`` (see :mod:`notifyctl.api.webhooks`), ``GET /healthz``, ``/docs``.
+
+``/v1`` needs an API key (``Authorization: Bearer <key>`` or ``X-API-Key``); the others
+authenticate differently (provider signatures, signed tokens) or not at all (health, docs).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from notifyctl.errors import InputError, NotFound, NotifyError
+
+log = logging.getLogger("notifyctl.api")
+
+# 1×1 transparent GIF
+PIXEL = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+
+
+class ApiConfig(BaseSettings):
+    """``notifyctl serve`` settings: environment ``NOTIFY_API_*`` or the config file's ``[provider_options.api]``."""
+
+    model_config = SettingsConfigDict(env_prefix="NOTIFY_API_", extra="ignore")
+
+    public_url: str | None = Field(
+        None, description="external base URL (Twilio signs it); unset = the main public_url, else the request URL"
+    )
+    sendgrid_public_key: str | None = Field(
+        None, description="SendGrid Signed Event Webhook verification key (base64 DER, from the SendGrid console)"
+    )
+    sendgrid_max_age: int = Field(600, ge=1, description="accepted SendGrid timestamp skew, seconds (replay window)")
+    twilio_auth_token: SecretStr | None = Field(
+        None, description="Twilio auth token for X-Twilio-Signature; unset = the twilio provider's auth_token"
+    )
+    sns_topic_arns: list[str] = Field(default_factory=list, description="SNS topics whose messages are accepted")
+    sns_cert_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="SigningCertURL → PEM text or PEM file path (pinned certificates; tests use it to avoid network)",
+    )
+    sns_max_age: int = Field(3600, ge=1, description="oldest accepted SNS message Timestamp, seconds")
+    sns_auto_confirm: bool = Field(False, description="fetch the SubscribeURL of a verified SubscriptionConfirmation")
+    brand: str = Field("notifyctl", description="brand name in SMS HELP replies")
+    help_text: str = Field(
+        "Reply STOP to unsubscribe, START to resubscribe. Msg&data rates may apply.",
+        description="SMS HELP reply (add a contact: support URL or phone)",
+    )
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest accepted request body")
+
+
+def load_api_config(settings: Any) -> ApiConfig:
+    from notifyctl.settings import provider_config
+
+    try:
+        cfg: ApiConfig = provider_config(ApiConfig, "api", settings)
+    except ValidationError as exc:
+        from notifyctl.errors import ConfigError
+        from notifyctl.intake import validation_message
+
+        raise ConfigError(f"bad API setting: {validation_message(exc)}") from None
+    if not cfg.public_url and getattr(settings, "public_url", None):
+        cfg.public_url = settings.public_url
+    if cfg.twilio_auth_token is None:
+        try:
+            from worker.providers.twilio_sms import Config as TwilioConfig
+
+            cfg.twilio_auth_token = provider_config(TwilioConfig, "twilio", settings).auth_token
+        except (ImportError, ValidationError):
+            pass
+    return cfg
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def one_line(text: str, n: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
+
+
+def _validation_line(errors: list[Any]) -> str:
+    if not errors:
+        return "request: invalid"
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+    msg = str(err.get("msg", "invalid"))
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    elif err.get("type") == "json_invalid":
+        msg = "malformed JSON"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{'.'.join(loc) or 'request'}: {msg}{more}"
+
+
+# ---------------------------------------------------------------------------------- auth
+
+_bearer = HTTPBearer(auto_error=False, description="API key from `notifyctl apikeys create`")
+_header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (alternative header)")
+
+
+def require_key(
+    request: Request,
+    bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
+    header_key: str | None = Security(_header_key),
+) -> str:
+    from notifyctl.api.auth import check_key
+
+    key = (bearer.credentials if bearer else None) or header_key
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if not key:
+        raise ApiError(401, "missing API key (Authorization: Bearer <key> or X-API-Key)", challenge)
+    row = check_key(request.app.state.ctx, key.strip())
+    if row is None:
+        raise ApiError(401, "invalid or revoked API key", challenge)
+    return row.id
+
+
+# ---------------------------------------------------------------------------------- bodies
+
+
+class UserIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    email: str | None = Field(None, max_length=320)
+    phone: str | None = Field(None, max_length=32)
+    timezone: str | None = Field(None, max_length=64)
+    locale: str | None = Field(None, max_length=16)
+    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    token: str = Field(min_length=1, max_length=512)
+    platform: str = Field(description="ios or android")
+
+
+class PrefsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    off: list[str] = Field(default_factory=list, description="opt out of: email, marketing, sms:marketing, all ...")
+    on: list[str] = Field(default_factory=list, description="remove these opt-outs")
+
+
+def _ctx(request: Request) -> Any:
+    return request.app.state.ctx
+
+
+async def _json_body(request: Request) -> Any:
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, "request: empty body (expected a JSON object)")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request: malformed JSON: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------- the app
+
+
+def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
+    app = FastAPI(
+        title="notifyctl",
+        summary="Send push, email and SMS notifications; receive provider delivery events.",
+        version="1",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.ctx = ctx
+    app.state.api_config = config or load_api_config(ctx.settings)
+    _install_errors(app)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], tags=["api"])
+
+    notify_schema = _notify_schema()
+
+    @v1.post(
+        "/notify",
+        status_code=202,
+        summary="Submit one notification",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": notify_schema}}}},
+        responses={200: {"description": "suppressed (opted out, duplicate)"}, 202: {"description": "queued"}},
+    )
+    async def notify(request: Request) -> JSONResponse:
+        from notifyctl.intake import parse_request, submit
+
+        payload = await _json_body(request)
+        if not isinstance(payload, dict):
+            raise ApiError(400, "request: expected a JSON object")
+        idem = request.headers.get("idempotency-key")
+        if idem is not None and payload.get("dedup_key") in (None, ""):
+            payload["dedup_key"] = idem
+        req = parse_request(payload)
+        result = await run_in_threadpool(submit, _ctx(request), req)
+        return JSONResponse(result.to_dict(), status_code=202 if result.status == "queued" else 200)
+
+    @v1.put("/users/{user_id}", summary="Create or replace a user")
+    def put_user(user_id: str, body: UserIn, request: Request) -> dict[str, Any]:
+        from sqlmodel import Session
+
+        from notifyctl.directory import build_user_row, show_user, upsert
+        from notifyctl.models import User
+
+        c = _ctx(request)
+        s = c.settings
+        row = build_user_row(
+            {
+                "user_id": user_id,
+                "email": body.email,
+                "phone": body.phone,
+                "timezone": body.timezone,
+                "locale": body.locale,
+            },
+            s.default_region,
+            s.default_timezone,
+        )
+        row["attributes"] = dict(body.attributes)
+        with Session(c.engine) as session:
+            upsert(session, User, [row], ["id"], ["email", "phone", "timezone", "locale", "attributes", "updated_at"])
+            session.commit()
+        return show_user(c, row["id"])
+
+    @v1.get("/users/{user_id}", summary="A user with opt-outs and device tokens")
+    def get_user(user_id: str, request: Request) -> dict[str, Any]:
+        from notifyctl.directory import show_user
+
+        return show_user(_ctx(request), user_id)
+
+    @v1.post("/users/{user_id}/tokens", status_code=201, summary="Register (or re-activate) a device token")
+    def post_token(user_id: str, body: TokenIn, request: Request) -> dict[str, Any]:
+        from notifyctl.directory import register_token
+
+        t = register_token(_ctx(request), user_id, body.token, body.platform)
+        return {"user_id": t.user_id, "token": t.token, "platform": t.platform, "created_at": t.created_at}
+
+    @v1.delete("/users/{user_id}/tokens/{token}", summary="Remove a device token")
+    def delete_token(user_id: str, token: str, request: Request) -> dict[str, Any]:
+        from notifyctl.directory import list_tokens, revoke_token
+
+        c = _ctx(request)
+        if not any(t.token == token for t in list_tokens(c, user_id)):
+            raise NotFound(f"user {user_id!r} has no live token {token[:12]}…")
+        revoke_token(c, token, reason="removed through the API")
+        return {"user_id": user_id, "token": token, "removed": True}
+
+    @v1.get("/users/{user_id}/preferences", summary="A user's opt-outs")
+    def get_prefs(user_id: str, request: Request) -> dict[str, Any]:
+        from notifyctl.directory import show_user
+
+        u = show_user(_ctx(request), user_id)
+        return {"user_id": user_id, "opt_outs": [_opt(o) for o in u["opt_outs"]]}
+
+    @v1.post("/users/{user_id}/preferences", summary="Opt out of (off) / back into (on) channels and categories")
+    def set_prefs(user_id: str, body: PrefsIn, request: Request) -> dict[str, Any]:
+        from notifyctl.directory import set_prefs as _set
+        from notifyctl.directory import show_user
+
+        c = _ctx(request)
+        _set(c, user_id, body.off, body.on)
+        u = show_user(c, user_id)
+        return {"user_id": user_id, "opt_outs": [_opt(o) for o in u["opt_outs"]]}
+
+    @v1.get("/notifications/{ref}", summary="A notification, its deliveries and timeline (id or dedup key)")
+    def get_notification(ref: str, request: Request) -> dict[str, Any]:
+        from notifyctl.tracking import timeline
+
+        return timeline(_ctx(request), ref)
+
+    @v1.post("/deliveries/{delivery_id}/opened", summary="Report a push open from the app")
+    def delivery_opened(delivery_id: str, request: Request) -> dict[str, Any]:
+        from sqlmodel import Session
+
+        from notifyctl.inbound import Event, apply_events
+        from notifyctl.models import Delivery
+
+        c = _ctx(request)
+        with Session(c.engine) as session:
+            if session.get(Delivery, delivery_id) is None:
+                raise NotFound(f"no delivery {delivery_id!r}")
+        res = apply_events(c, [Event("app", "opened", delivery_id=delivery_id)])
+        with Session(c.engine) as session:
+            d = session.get(Delivery, delivery_id)
+            return {"delivery_id": delivery_id, "status": d.status if d else None, "changed": res.transitions > 0}
+
+    app.include_router(v1)
+
+    # -------------------------------------------------------------- public, token-authenticated
+
+    @app.get("/healthz", tags=["public"], summary="Liveness: SQL and Redis answer")
+    def healthz(request: Request) -> JSONResponse:
+        from sqlalchemy import text
+
+        c = _ctx(request)
+        try:
+            with c.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            c.redis.ping()
+        except Exception as exc:  # noqa: BLE001 - health reports, never raises
+            return _error(503, f"unhealthy: {type(exc).__name__}")
+        return JSONResponse({"ok": True})
+
+    @app.get("/o/{token}.gif", tags=["public"], summary="Email open tracking pixel", include_in_schema=True)
+    def open_pixel(token: str, request: Request) -> Response:
+        from notifyctl.inbound import Event, apply_events, verify_open_token
+        from notifyctl.unsubscribe import secret_key
+
+        c = _ctx(request)
+        delivery_id = _verified(verify_open_token, secret_key(c.settings), token)
+        apply_events(c, [Event("pixel", "opened", delivery_id=delivery_id)])
+        return Response(
+            PIXEL, media_type="image/gif", headers={"Cache-Control": "no-store, no-cache, must-revalidate, private"}
+        )
+
+    @app.get("/u/{token}", tags=["public"], response_class=HTMLResponse, summary="Unsubscribe confirmation page")
+    def unsubscribe_page(token: str, request: Request) -> HTMLResponse:
+        from notifyctl.unsubscribe import secret_key, verify_token
+
+        c = _ctx(request)
+        _user, scope = _verified(verify_token, secret_key(c.settings), token)
+        what = "all email" if scope == "all" else f"{scope} email"
+        cfg: ApiConfig = request.app.state.api_config
+        page = _PAGE.format(
+            brand=html.escape(cfg.brand),
+            body=(
+                f"<p>Stop receiving {html.escape(what)} from {html.escape(cfg.brand)}?</p>"
+                f'<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
+                f'<button type="submit">Unsubscribe</button></form>'
+            ),
+        )
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @app.post("/u/{token}", tags=["public"], response_class=HTMLResponse, summary="One-click unsubscribe (RFC 8058)")
+    async def unsubscribe_post(token: str, request: Request) -> HTMLResponse:
+        from notifyctl.inbound import unsubscribe
+        from notifyctl.unsubscribe import secret_key, verify_token
+
+        c = _ctx(request)
+        user_id, scope = _verified(verify_token, secret_key(c.settings), token)
+        body = await request.body()
+        try:
+            form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+        except (UnicodeDecodeError, ValueError):
+            form = {}
+        if form.get("List-Unsubscribe") != "One-Click":
+            raise ApiError(400, "expected the form body List-Unsubscribe=One-Click")
+        await run_in_threadpool(unsubscribe, c, user_id, scope)
+        cfg: ApiConfig = request.app.state.api_config
+        what = "all email" if scope == "all" else f"{scope} email"
+        page = _PAGE.format(brand=html.escape(cfg.brand), body=f"<p>You are unsubscribed from {html.escape(what)}.</p>")
+        return HTMLResponse(page)
+
+    from notifyctl.api.webhooks import router as webhooks_router
+
+    app.include_router(webhooks_router)
+    return app
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex"><title>{brand}: unsubscribe</title></head>
+<body style="font-family: sans-serif; max-width: 32rem; margin: 3rem auto;">
+<h1>{brand}</h1>
+{body}
+</body></html>
+"""
+
+
+def _verified(fn: Any, key: bytes, token: str) -> Any:
+    try:
+        return fn(key, token)
+    except InputError as exc:
+        raise ApiError(400 if "malformed" in str(exc) else 403, str(exc)) from None
+
+
+def _opt(o: dict[str, Any]) -> dict[str, Any]:
+    return {"channel": o["channel"], "category": o["category"], "reason": o["reason"], "created_at": o["created_at"]}
+
+
+def _notify_schema() -> dict[str, Any]:
+    from notifyctl.intake import NotifyRequest
+
+    schema = NotifyRequest.model_json_schema()
+    schema.pop("$defs", None)
+    return schema
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(InputError)
+    async def _input(_request: Request, exc: InputError) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.exception_handler(NotifyError)
+    async def _notify_error(_request: Request, exc: NotifyError) -> JSONResponse:
+        log.warning("request failed: %s", one_line(str(exc)))
+        return _error(503, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        status = 400 if errors and errors[0].get("type") == "json_invalid" else 422
+        return _error(status, _validation_line(errors))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return _error(exc.status_code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        import redis
+        from sqlalchemy.exc import OperationalError
+
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            return _error(503, "Redis unreachable")
+        if isinstance(exc, OperationalError):
+            return _error(503, f"database error: {str(exc.orig).splitlines()[0] if exc.orig else 'unavailable'}")
+        log.exception("unexpected error")
+        return _error(500, f"internal error ({type(exc).__name__})")

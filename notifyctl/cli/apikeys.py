@@ -1,0 +1,67 @@
+"""``notifyctl apikeys``: keys for the HTTP API (``notifyctl serve``), hashed at rest."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from notifyctl.cli.common import JsonOpt, console, err_console, fmt_time, get_ctx, print_json
+
+app = typer.Typer(help="API keys for `notifyctl serve` (stored hashed; shown once at creation).", no_args_is_help=True)
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="What the key is for, e.g. checkout-service."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Create a key and print it ONCE: it cannot be shown again.
+
+    \b
+    Use it as `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+    """
+    from notifyctl.api.auth import create_key
+
+    k = create_key(get_ctx(ctx), name)
+    if as_json:
+        print_json({"id": k.id, "name": k.name, "prefix": k.prefix, "key": k.key})
+        return
+    err_console.print(f"created API key {k.id} ({k.name}); copy it now, it is not stored and will not be shown again:")
+    print(k.key)
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    revoked: bool = typer.Option(True, "--revoked/--live", help="Include revoked keys (default) or live ones only."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List keys (id, name, prefix, dates); never the keys themselves."""
+    from notifyctl.api.auth import list_keys
+
+    keys = list_keys(get_ctx(ctx), include_revoked=revoked)
+    rows = [
+        {"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at}
+        for k in keys
+    ]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title=f"API keys ({len(rows)})")
+    for col in ("id", "name", "prefix", "created", "revoked"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], r["name"], r["prefix"] + "…", fmt_time(r["created_at"]), fmt_time(r["revoked_at"]))
+    console.print(table)
+
+
+@app.command("revoke")
+def revoke(
+    ctx: typer.Context, key: str = typer.Argument(..., help="Key id (key_...) or its displayed prefix.")
+) -> None:
+    """Revoke a key: requests with it get 401 from now on."""
+    from notifyctl.api.auth import revoke_key
+
+    row = revoke_key(get_ctx(ctx), key)
+    console.print(f"revoked {row.id} ({row.name})")
