@@ -24,6 +24,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run
 
+chaos: $(STAMP)
+	$(PY) -m chaos.run
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifyctl worker campaigns tests
 
