@@ -17,6 +17,7 @@ from sqlmodel import Session
 from notifyctl.context import Context
 from notifyctl.errors import InputError, NotFound
 from notifyctl.models import DeviceToken, OptOut, User, utcnow
+from notifyctl.prefs import invalidate
 from notifyctl.settings import CATEGORIES, CHANNELS
 
 REQUIRED_COLUMNS = ("user_id",)
@@ -207,6 +208,7 @@ def set_prefs(ctx: Context, user_id: str, off: list[str], on: list[str], reason:
             [],
         )
         session.commit()
+        invalidate(ctx.redis, [user_id])
         return [
             (o.channel, o.category)
             for o in session.execute(

@@ -37,6 +37,7 @@ from sqlmodel import Session
 from notifyctl.directory import upsert
 from notifyctl.errors import InputError
 from notifyctl.models import STATUS_RANK, Delivery, DeliveryEvent, DeliveryStatus, OptOut, User, utcnow
+from notifyctl.prefs import invalidate
 
 log = logging.getLogger("notifyctl.inbound")
 
@@ -242,6 +243,8 @@ def apply_events(ctx: Any, events: Sequence[Event], now: datetime | None = None)
             )
             result.opt_outs = len(opt_rows)
         session.commit()
+    if opt_rows:
+        invalidate(r, {u for (u, _c, _k) in opt_rows})
 
     # 5. Remember the applied event ids (after the commit: a failed commit lets the provider retry).
     if batch_keys:
@@ -294,6 +297,7 @@ def set_opt_out(ctx: Any, user_ids: Iterable[str], channel: str, category: str, 
     with Session(ctx.engine) as session:
         upsert(session, OptOut, rows, ["user_id", "channel", "category"], ["reason"])
         session.commit()
+    invalidate(ctx.redis, [row["user_id"] for row in rows])
     return len(rows)
 
 
@@ -310,7 +314,8 @@ def clear_opt_out(ctx: Any, user_ids: Iterable[str], channel: str, category: str
             )
         )
         session.commit()
-        return int(res.rowcount or 0)  # type: ignore[attr-defined]
+    invalidate(ctx.redis, ids)
+    return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def users_with_phone(ctx: Any, phone: str) -> list[str]:

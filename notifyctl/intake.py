@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import select
 from sqlmodel import Session
 
-from notifyctl import keys
+from notifyctl import keys, prefs
 from notifyctl.context import Context
 from notifyctl.errors import InputError
-from notifyctl.models import Notification, NotificationStatus, OptOut, User, new_id, utcnow
+from notifyctl.models import Notification, NotificationStatus, User, new_id, utcnow
 from notifyctl.settings import CHANNELS
 
 JOB_FUNC = "worker.jobs.process"
@@ -124,9 +124,7 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
         user = session.get(User, req.recipient_id)
         if user is None:
             raise InputError(f"recipient_id: unknown user {req.recipient_id!r}")
-        opt_outs = {
-            (o.channel, o.category) for o in session.execute(select(OptOut).where(OptOut.user_id == user.id)).scalars()
-        }
+        opt_outs = prefs.load(ctx.redis, session, [user.id])[user.id]
 
     if req.channels == ["all"]:
         channels = template.channels

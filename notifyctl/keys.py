@@ -35,3 +35,8 @@ def queue_name(priority: str) -> str:
 def circuit(provider: str) -> str:
     """Circuit breaker state of one provider (shared by all workers)."""
     return f"{PREFIX}circuit:{provider}"
+
+
+def prefs(user_id: str) -> str:
+    """Cached opt-outs of one user (see ``notifyctl.prefs``)."""
+    return f"{PREFIX}prefs:{user_id}"

@@ -26,7 +26,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from notifyctl import keys
+from notifyctl import keys, prefs
 from notifyctl.context import Context
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
@@ -164,7 +164,7 @@ _U = User.__table__  # type: ignore[attr-defined]
 class _Batch:
     """The rows a batch touches, loaded with one Core query per table (rows, not ORM objects)."""
 
-    def __init__(self, session: Session, ids: list[str]) -> None:
+    def __init__(self, session: Session, client: Any, ids: list[str]) -> None:
         self.notifications: list[Any] = list(
             session.execute(
                 select(_N).where(
@@ -174,13 +174,7 @@ class _Batch:
         )
         user_ids = {n.recipient_id for n in self.notifications}
         self.users: dict[str, Any] = {u.id: u for u in session.execute(select(_U).where(_U.c.id.in_(user_ids)))}
-        self.opt_outs: dict[str, set[tuple[str, str]]] = defaultdict(set)
-        if user_ids:
-            o = OptOut.__table__.c  # type: ignore[attr-defined]
-            for uid, ch, cat in session.execute(
-                select(o.user_id, o.channel, o.category).where(o.user_id.in_(user_ids))
-            ):
-                self.opt_outs[uid].add((ch, cat))
+        self.opt_outs = prefs.load(client, session, user_ids)
         self.tokens: dict[str, list[Any]] = defaultdict(list)
         if user_ids:
             t = DeviceToken.__table__.c  # type: ignore[attr-defined]
@@ -247,7 +241,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         return out
 
     with Session(rt.ctx.engine, expire_on_commit=False) as session:
-        batch = _Batch(session, ids)
+        batch = _Batch(session, rt.ctx.redis, ids)
         stats.notifications = len(batch.notifications)
         if not batch.notifications:
             return stats
@@ -505,6 +499,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
         _settle_notifications(session, batch, now)
         session.commit()
+        if sms_stops:
+            prefs.invalidate(rt.ctx.redis, sms_stops)
     return stats
 
 
