@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     recovery_grace: int = Field(5, description="seconds before an unfinished notification is checked")
     worker_heartbeat: float = Field(2.0, description="worker liveness refresh, seconds")
     worker_alive_ttl: int = Field(10, description="a worker silent this long is dead, seconds")
+    log_format: str = Field("text", description="text or json (one JSON object per line)")
+    log_level: str = Field("WARNING", description="DEBUG, INFO, WARNING or ERROR")
     default_timezone: str = "UTC"
     default_region: str = Field("US", description="region for phone numbers written without +country code")
 

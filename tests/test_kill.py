@@ -72,7 +72,8 @@ def test_worker_killed_mid_send_loses_nothing_and_sends_once(home: Path, redis_u
 
             victim = wait_for(stuck_worker, 20)
             assert victim is not None, "no worker picked up the first job"
-            time.sleep(0.3)  # it is now inside the stalled SMTP conversation
+            # kill it only once it is inside the stalled SMTP conversation (the fault has been taken)
+            assert wait_for(lambda: smtp.faults.pending() == 0, 20), "the first message never reached the sandbox"
             os.kill(victim.pid, signal.SIGKILL)
             killed_at = time.monotonic()
 
@@ -90,7 +91,9 @@ def test_worker_killed_mid_send_loses_nothing_and_sends_once(home: Path, redis_u
                 ds = [d for n in all_ids for d in deliveries(ctx, n)]
                 return len(ds) == len(all_ids) and all(d.status == "sent" for d in ds)
 
-            assert wait_for(all_sent, 30, 0.2), [(d.address, d.status) for n in all_ids for d in deliveries(ctx, n)]
+            assert wait_for(all_sent, 30, 0.2), [
+                (d.address, d.status, d.reason) for n in all_ids for d in deliveries(ctx, n)
+            ]
             recovered_after = time.monotonic() - killed_at
         finally:
             pool.send_signal(signal.SIGTERM)

@@ -10,7 +10,22 @@ import typer
 from typer._click.exceptions import UsageError as _UsageError
 from typer.core import TyperGroup
 
-from notifyctl.cli import apikeys, campaign, dlq, events, prefs, send, server, status, templates, tokens, users, worker
+from notifyctl.cli import (
+    apikeys,
+    campaign,
+    dlq,
+    events,
+    prefs,
+    providers,
+    sandbox,
+    send,
+    server,
+    status,
+    templates,
+    tokens,
+    users,
+    worker,
+)
 from notifyctl.cli import serve as serve_cmd
 from notifyctl.cli.common import err_console
 from notifyctl.errors import ConfigError, NotifyError
@@ -103,11 +118,13 @@ app.command("events")(events.events)
 app.command("status")(status.status)
 app.command("demo")(worker.demo)
 app.command("serve")(serve_cmd.serve)
+app.command("sandbox")(sandbox.sandbox)
 app.add_typer(users.app, name="users")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(campaign.app, name="campaign")
 app.add_typer(apikeys.app, name="apikeys")
+app.add_typer(providers.app, name="providers")
 app.add_typer(prefs.app, name="prefs")
 app.add_typer(templates.app, name="templates")
 app.add_typer(server.app, name="redis")

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import logging
-
 import typer
 
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
@@ -22,7 +20,10 @@ def worker(
     queues: str = typer.Option("high,normal,low", "--queues", "-q", help="Priority queues to serve, comma-separated."),
     burst: bool = typer.Option(False, "--burst", "-b", help="Drain the queues (and due retries), then exit."),
     pool: int = typer.Option(1, "--pool", "-n", min=1, max=64, help="Number of worker processes."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each job."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every delivery outcome (INFO)."),
+    log_json: bool = typer.Option(
+        False, "--log-json", help="Log one JSON object per line (or NOTIFY_LOG_FORMAT=json)."
+    ),
 ) -> None:
     """Run the RQ worker pool: enrich, apply opt-outs and rate limits, send, track.
 
@@ -30,10 +31,12 @@ def worker(
     so OTPs never wait behind marketing. A supervisor restarts dead workers and, every second,
     queues due retries and recovers the work of killed workers.
     """
+    from notifyctl import logs
     from worker.pool import Pool, run_worker
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     app_ctx = get_ctx(ctx)
+    s = app_ctx.settings
+    logs.setup("INFO" if verbose else s.log_level.upper(), json_lines=log_json or s.log_format == "json")
     qs = _queues(queues)
     app_ctx.redis  # noqa: B018 - start/verify Redis and the database before forking
     app_ctx.engine  # noqa: B018

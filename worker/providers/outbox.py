@@ -66,6 +66,19 @@ class Provider:
                 view = view[n:]
         return outcomes
 
+    def describe(self) -> dict[str, str]:
+        return {"directory": str(self.dir)}
+
+    def check(self) -> str | None:
+        """The directory must be writable; nothing is sent."""
+        probe = self.dir / ".check"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            return f"cannot write to {self.dir}: {exc.strerror}"
+        return None
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

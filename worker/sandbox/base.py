@@ -43,6 +43,11 @@ class FaultPlan:
         with self._lock:
             self._faults.clear()
 
+    def pending(self) -> int:
+        """Faults not yet (fully) consumed."""
+        with self._lock:
+            return len(self._faults)
+
     def take(self, text: str = "") -> dict[str, Any] | None:
         """The next fault that applies to a request whose path+body is ``text``, consuming one use."""
         with self._lock:
