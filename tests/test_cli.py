@@ -257,3 +257,29 @@ def test_templates_commands(settings: Settings) -> None:
     assert json.loads(r.stdout)["sms"]["text"].startswith("9 is your sign-in code")
     r = invoke(settings, "templates", "render", "otp_code", "--data", '{"code": "9"}')
     assert r.exit_code == 2 and "missing variable 'minutes'" in r.stderr
+
+
+def test_demo_on_embedded_defaults(tmp_path: Path) -> None:
+    """The newcomer's first command: embedded Redis (no URL), SQLite, outbox; whole pipeline."""
+    from notifyctl.redisconn import stop_server
+    from notifyctl.settings import load_settings
+
+    home = tmp_path / "demo"
+    s = load_settings(home=home)
+    try:
+        r = run_cli(s, "demo", NOTIFY_REDIS_URL="", timeout=120)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout
+        assert "suppressed: duplicate" in out and "suppressed: opted_out" in out
+        assert "rate_limited:email" in out
+        assert out.count(" sent ") >= 6
+        nid = out.split("events ")[-1].split()[0]
+        ev = run_cli(s, "events", nid, "--json", NOTIFY_REDIS_URL="")
+        t = json.loads(ev.stdout)
+        assert sorted(d["status"] for d in t["deliveries"]) == ["sent", "sent", "sent"]
+        assert (home / "redis" / "appendonly.aof").exists() or (home / "redis" / "appendonlydir").exists()
+        # run again: the demo resets its own home and gives the same picture
+        r2 = run_cli(s, "demo", NOTIFY_REDIS_URL="", timeout=120)
+        assert r2.returncode == 0 and "rate_limited:email" in r2.stdout
+    finally:
+        stop_server(home / "redis")
