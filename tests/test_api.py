@@ -400,3 +400,27 @@ def test_serve_command_smoke(ctx: Context) -> None:
         proc.terminate()
         _out, err = proc.communicate(timeout=10)
     assert "Traceback" not in err and key not in err
+
+
+def test_prometheus_metrics(ctx: Context, client: httpx.Client, anon: httpx.Client) -> None:
+    from notifyctl.directory import set_prefs
+    from tests.util import send
+    from worker.pool import run_worker
+
+    seed(ctx)
+    set_prefs(ctx, "bob", off=["email"], on=[])
+    send(ctx, channels=["email", "sms"])
+    send(ctx, recipient_id="bob", channels=["email", "sms"])
+    send(ctx, template_id="otp_code", channels=["sms"], recipient_id="dave", data={"code": "1", "minutes": 2})
+    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
+    assert anon.get("/metrics").status_code == 401
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    body = r.text
+    assert 'notify_deliveries_total{status="sent",channel="email",reason=""} 1' in body
+    assert 'notify_deliveries_total{status="sent",channel="sms",reason=""} 3' in body
+    assert 'notify_deliveries_total{status="suppressed",channel="email",reason="opted_out"} 1' in body
+    assert 'notify_queue_depth{priority="high"} 0' in body
+    assert 'notify_provider_latency_seconds_count{provider="outbox"} 4' in body
+    assert 'notify_provider_latency_seconds_bucket{provider="outbox",le="+Inf"} 4' in body
+    assert "notify_dlq_depth 0" in body

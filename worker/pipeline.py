@@ -26,7 +26,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from notifyctl import keys, prefs
+from notifyctl import keys, metrics, prefs
 from notifyctl.context import Context
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
@@ -75,6 +75,7 @@ class Runtime:
         self.circuits = Circuits(ctx.redis, self.settings.circuit_threshold, self.settings.circuit_cooldown)
         self._providers: dict[str, Provider] = {}
         self._unsub_key: bytes | None = None
+        self.metrics = metrics.Recorder()
 
     @property
     def unsub_key(self) -> bytes:
@@ -210,6 +211,7 @@ def process(rt: Runtime, notification_ids: Iterable[str], as_of: float | None = 
 
 def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> Stats:
     settings = rt.settings
+    rt.metrics = metrics.Recorder()
     now = utcnow()
     due_by = datetime.fromtimestamp(as_of, UTC) if as_of is not None else now
     templates: dict[str, Template | TemplateError] = {}
@@ -499,6 +501,14 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
         _settle_notifications(session, batch, now)
         session.commit()
+        for row in new_rows:
+            rt.metrics.outcome(row["status"], row["channel"], row.get("reason"))
+        channel_of = {d.id: d.channel for ds in batch.deliveries.values() for d in ds}
+        for row in updates.rows:
+            rt.metrics.outcome(row["status"], channel_of.get(row["id"], ""), row.get("reason"))
+        pipe = rt.ctx.redis.pipeline(transaction=False)
+        rt.metrics.flush(pipe)
+        pipe.execute()
         if sms_stops:
             prefs.invalidate(rt.ctx.redis, sms_stops)
     return stats
@@ -636,8 +646,10 @@ def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outc
         provider = rt.provider(name)
     except Misconfigured as exc:
         return [Retry(f"{name} misconfigured: {exc}") for _ in messages]
+    t0 = time.perf_counter()
     try:
         outcomes = provider.send(messages)
+        rt.metrics.latency(name, time.perf_counter() - t0, len(messages))
     except Exception as exc:  # noqa: BLE001 - a provider bug must not lose the batch: retry it
         log.exception("provider %s failed on a batch of %d", name, len(messages))
         return [Retry(f"{name} error: {type(exc).__name__}: {exc}") for _ in messages]

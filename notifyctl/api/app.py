@@ -317,6 +317,12 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
     app.include_router(v1)
 
+    @app.get("/metrics", tags=["api"], dependencies=[Depends(require_key)], summary="Prometheus metrics")
+    def metrics_endpoint(request: Request) -> Response:
+        from notifyctl.metrics import render
+
+        return Response(render(_ctx(request)), media_type="text/plain; version=0.0.4")
+
     # -------------------------------------------------------------- public, token-authenticated
 
     @app.get("/healthz", tags=["public"], summary="Liveness: SQL and Redis answer")
