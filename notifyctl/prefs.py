@@ -27,12 +27,19 @@ def invalidate(client: redis.Redis, user_ids: Iterable[str]) -> None:
         client.delete(*ks)
 
 
+CACHE_BELOW = 50  # batches of this many users or more read SQL directly: one IN query beats a key per user
+
+
 def load(client: redis.Redis, session: Session, user_ids: Iterable[str]) -> dict[str, set[tuple[str, str]]]:
-    """Opt-outs for each user: one MGET, then one SQL query for the misses (and one pipeline to cache them)."""
+    """Opt-outs for each user. Small batches (single sends: the latency-sensitive path) read through
+    the cache: one MGET, then one SQL query for the misses and one pipeline to cache them. Large
+    batches (campaign blasts, where each user comes once) read SQL in one query and cache nothing."""
     ids = list(dict.fromkeys(user_ids))
     out: dict[str, set[tuple[str, str]]] = {}
     if not ids:
         return out
+    if len(ids) >= CACHE_BELOW:
+        return _from_sql(session, ids)
     cached = client.mget([keys.prefs(u) for u in ids])
     misses: list[str] = []
     for uid, raw in zip(ids, cached, strict=True):
@@ -41,13 +48,18 @@ def load(client: redis.Redis, session: Session, user_ids: Iterable[str]) -> dict
         else:
             out[uid] = {tuple(item.split(":", 1)) for item in raw.decode().split(",") if item}  # type: ignore[misc]
     if misses:
-        o: Any = OptOut.__table__.c  # type: ignore[attr-defined]
-        found: dict[str, set[tuple[str, str]]] = {u: set() for u in misses}
-        for uid, ch, cat in session.execute(select(o.user_id, o.channel, o.category).where(o.user_id.in_(misses))):
-            found[uid].add((ch, cat))
+        found = _from_sql(session, misses)
         pipe = client.pipeline(transaction=False)
         for uid, items in found.items():
             pipe.set(keys.prefs(uid), ",".join(f"{c}:{k}" for c, k in sorted(items)), ex=PREFS_TTL)
         pipe.execute()
         out.update(found)
     return out
+
+
+def _from_sql(session: Session, ids: list[str]) -> dict[str, set[tuple[str, str]]]:
+    o: Any = OptOut.__table__.c  # type: ignore[attr-defined]
+    found: dict[str, set[tuple[str, str]]] = {u: set() for u in ids}
+    for uid, ch, cat in session.execute(select(o.user_id, o.channel, o.category).where(o.user_id.in_(ids))):
+        found[uid].add((ch, cat))
+    return found

@@ -277,3 +277,18 @@ def test_marketing_email_carries_one_click_unsubscribe(home, redis_url, rclient)
     assert url in box[promo.notification_id]["content"]["text"]
     # transactional mail is exempt
     assert box[order.notification_id]["headers"] == {}
+
+
+def test_preferences_cache_is_invalidated_on_change(ctx: Context) -> None:
+    from sqlmodel import Session
+
+    from notifyctl import prefs as prefs_cache
+
+    seed(ctx)
+    with Session(ctx.engine) as s:
+        assert prefs_cache.load(ctx.redis, s, ["alice"]) == {"alice": set()}
+    assert ctx.redis.get("notif:prefs:alice") == b""  # cached
+    set_prefs(ctx, "alice", off=["push"], on=[])
+    assert ctx.redis.get("notif:prefs:alice") is None  # invalidated by the change
+    with Session(ctx.engine) as s:
+        assert prefs_cache.load(ctx.redis, s, ["alice"]) == {"alice": {("push", "*")}}
