@@ -141,3 +141,25 @@ def test_retry_delay_schedule_and_retry_after(settings) -> None:  # type: ignore
     assert [retry_delay(settings, a, None) for a in (1, 2, 3, 4)] == [30, 300, 1800, None]
     assert retry_delay(settings, 1, 120) == 120  # Retry-After can lengthen the wait...
     assert retry_delay(settings, 2, 5) == 300  # ...never shorten it
+
+
+def test_one_batch_with_mixed_outcomes(mctx: Context, smtp: SmtpSandbox) -> None:
+    """Sent, retried, dead address and permanent failure in the same batch, first attempt."""
+    from worker.pipeline import Runtime, process
+
+    smtp.faults.add({"smtp_code": 451, "smtp_message": "4.3.0 try later", "match": "bob@"})
+    smtp.faults.add({"smtp_code": 550, "smtp_message": "5.1.1 user unknown", "match": "carol@"})
+    smtp.faults.add({"stage": "data", "smtp_code": 554, "smtp_message": "5.6.0 rejected", "match": "alice@"})
+    ids = [send(mctx, channels=["email", "sms"], recipient_id=u).notification_id for u in ("alice", "bob", "carol")]
+    ok = send(mctx, channels=["email"], recipient_id="alice", data={"order_id": "O-2", "tracking_url": "u"})
+    stats = process(Runtime(mctx, "w-mixed"), [*ids, ok.notification_id])
+    assert stats.notifications == 4
+    by = {(d.user_id, d.channel): d for n in ids for d in deliveries(mctx, n)}
+    assert by[("alice", "email")].status == "failed" and by[("alice", "email")].dead_lettered
+    assert by[("bob", "email")].status == "retrying"
+    assert by[("carol", "email")].status == "failed" and not by[("carol", "email")].dead_lettered
+    assert {by[(u, "sms")].status for u in ("alice", "bob", "carol")} == {"sent"}
+    assert all(by[(u, "sms")].provider_message_id and by[(u, "sms")].sent_at for u in ("alice", "bob", "carol"))
+    assert by[("bob", "email")].next_attempt_at is not None
+    (d_ok,) = deliveries(mctx, ok.notification_id)
+    assert d_ok.status == "sent" and d_ok.provider_message_id and d_ok.provider == "smtp"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -266,6 +267,11 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 "dead_lettered": False,
                 "queued_at": now,
                 "updated_at": now,
+                # every row carries every column an outcome may set: one executemany needs one shape
+                "provider": None,
+                "provider_message_id": None,
+                "next_attempt_at": None,
+                "sent_at": None,
                 "suppressed_at": now if status == DeliveryStatus.suppressed else None,
                 "failed_at": now if status == DeliveryStatus.failed else None,
             }
@@ -478,7 +484,13 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                         stats.failed += 1
 
         # 3. Record: Redis send records first (they survive a crash before the commit), then SQL.
-        rt.claims.settle(sent_marks, released)
+        try:
+            rt.claims.settle(sent_marks, released)
+            settle_error: Exception | None = None
+        except redis.RedisError as exc:
+            # Redis went away after the provider accepted: the SQL record of what was sent must still
+            # be written, or a rerun would find only a stale claim and send again.
+            settle_error = exc
         if new_rows:
             session.execute(insert(_DT), new_rows)
         if updates.rows:
@@ -501,16 +513,21 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
         _settle_notifications(session, batch, now)
         session.commit()
+        if sms_stops:
+            prefs.invalidate(rt.ctx.redis, sms_stops)
+        if settle_error is not None:
+            raise settle_error
         for row in new_rows:
             rt.metrics.outcome(row["status"], row["channel"], row.get("reason"))
         channel_of = {d.id: d.channel for ds in batch.deliveries.values() for d in ds}
         for row in updates.rows:
             rt.metrics.outcome(row["status"], channel_of.get(row["id"], ""), row.get("reason"))
-        pipe = rt.ctx.redis.pipeline(transaction=False)
-        rt.metrics.flush(pipe)
-        pipe.execute()
-        if sms_stops:
-            prefs.invalidate(rt.ctx.redis, sms_stops)
+        try:
+            pipe = rt.ctx.redis.pipeline(transaction=False)
+            rt.metrics.flush(pipe)
+            pipe.execute()
+        except redis.RedisError:
+            log.warning("metrics not recorded: Redis unavailable")
     return stats
 
 

@@ -105,9 +105,13 @@ def run_worker(
         jobs.runtime().close()
 
 
-def _child(settings: Settings, priorities: list[str], burst: bool, name: str) -> None:
+def _child(settings: Settings, priorities: list[str], burst: bool, name: str, nice: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM = warm shutdown
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if nice:
+        # Bulk workers yield the CPU to the dedicated high-priority worker: an OTP must not wait
+        # for a core while a blast keeps both busy.
+        os.nice(nice)
     raise SystemExit(run_worker(settings, priorities, burst, name))
 
 
@@ -141,16 +145,22 @@ class Pool:
         self._stopping = False
         self._mp = mp.get_context("fork")  # the child inherits the Settings object, secrets included
         self.restarts = 0
+        self._started_at = [0.0] * size
+        self._quick_deaths = [0] * size
+        self._restart_at: list[float | None] = [None] * size
 
     def _start(self, i: int) -> None:
+        dedicated = ["high"] in self.sets
+        nice = 10 if dedicated and self.sets[i] != ["high"] else 0
         p = self._mp.Process(
             target=_child,
-            args=(self.settings, self.sets[i], self.burst, f"{self.names[i]}.{self.restarts}"),
+            args=(self.settings, self.sets[i], self.burst, f"{self.names[i]}.{self.restarts}", nice),
             name=self.names[i],
             daemon=False,
         )
         p.start()
         self.procs[i] = p
+        self._started_at[i] = time.monotonic()
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
         from notifyctl.dlq import DlqConfig, check_dlq_alert
@@ -170,14 +180,24 @@ class Pool:
             next_reconcile = 0.0
             while not self._stopping:
                 alive = 0
+                now = time.monotonic()
                 for i, p in enumerate(self.procs):
                     if p.is_alive():
                         alive += 1
                     elif not self.burst:
-                        log.warning("worker %s exited with %s; restarting", p.name, p.exitcode)
-                        self.restarts += 1
-                        self._start(i)
                         alive += 1
+                        if self._restart_at[i] is None:
+                            # a worker that dies soon after starting (Redis down, say) is restarted
+                            # with growing delays, not in a tight loop
+                            quick = now - self._started_at[i] < 5
+                            self._quick_deaths[i] = self._quick_deaths[i] + 1 if quick else 0
+                            delay = min(10.0, 0.25 * 2 ** self._quick_deaths[i]) if quick else 0.0
+                            log.warning("worker %s exited with %s; restarting in %.1fs", p.name, p.exitcode, delay)
+                            self._restart_at[i] = now + delay
+                        if now >= self._restart_at[i]:
+                            self._restart_at[i] = None
+                            self.restarts += 1
+                            self._start(i)
                 if self.burst and alive == 0:
                     break
                 if time.monotonic() >= next_reconcile:

@@ -1,9 +1,9 @@
 """Per-user sliding-window rate limits in Redis.
 
 Each rule (``push:*:3/1h``) is a sorted set per user of the sends it admitted, scored by time
-in ms. A check for one (notification, channel) covers every rule that applies, atomically in
-one Lua call: all rules must have room, then the send is recorded in each. A whole batch of
-checks goes to Redis in one pipeline.
+in ms. A check for one (notification, channel) covers every rule that applies, atomically: all
+rules must have room, then the send is recorded in each. A whole batch of checks is one Lua
+call (one round trip, one command to pack).
 
 The member is ``<notification id>:<channel>``, so re-checking the same notification after a
 crash finds it already admitted instead of counting it twice. Priority ``high`` (OTPs,
@@ -20,27 +20,43 @@ import redis
 from notifyctl import keys
 from notifyctl.settings import RateRule
 
+# One call checks a whole batch. ARGV: now, number of checks, then per check: member, bypass flag,
+# rule count n, then n pairs (window ms, limit). KEYS: the rule keys of every check, in order.
 _SCRIPT = """
 local now = tonumber(ARGV[1])
-local member = ARGV[2]
-local bypass = ARGV[3] == '1'
-local n = #KEYS
-if redis.call('ZSCORE', KEYS[1], member) then return 1 end
-if not bypass then
-  for i = 1, n do
-    local window = tonumber(ARGV[2 + 2 * i])
-    local limit = tonumber(ARGV[3 + 2 * i])
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
-    if redis.call('ZCARD', KEYS[i]) >= limit then return 0 end
+local checks = tonumber(ARGV[2])
+local a = 3
+local k = 1
+local out = {}
+for c = 1, checks do
+  local member = ARGV[a]
+  local bypass = ARGV[a + 1] == '1'
+  local n = tonumber(ARGV[a + 2])
+  a = a + 3
+  local ok = 1
+  if redis.call('ZSCORE', KEYS[k], member) then
+    ok = 2  -- admitted before (a rerun after a crash): count nothing again
+  elseif not bypass then
+    for i = 0, n - 1 do
+      local window = tonumber(ARGV[a + 2 * i])
+      local limit = tonumber(ARGV[a + 2 * i + 1])
+      redis.call('ZREMRANGEBYSCORE', KEYS[k + i], '-inf', now - window)
+      if redis.call('ZCARD', KEYS[k + i]) >= limit then ok = 0; break end
+    end
   end
+  if ok == 1 then
+    for i = 0, n - 1 do
+      local window = tonumber(ARGV[a + 2 * i])
+      if bypass then redis.call('ZREMRANGEBYSCORE', KEYS[k + i], '-inf', now - window) end
+      redis.call('ZADD', KEYS[k + i], now, member)
+      redis.call('PEXPIRE', KEYS[k + i], window)
+    end
+  end
+  out[c] = ok > 0 and 1 or 0
+  a = a + 2 * n
+  k = k + n
 end
-for i = 1, n do
-  local window = tonumber(ARGV[2 + 2 * i])
-  if bypass then redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window) end
-  redis.call('ZADD', KEYS[i], now, member)
-  redis.call('PEXPIRE', KEYS[i], window)
-end
-return 1
+return out
 """
 
 
@@ -61,21 +77,22 @@ class RateLimiter:
         self._script = client.register_script(_SCRIPT)
 
     def check_many(self, checks: Sequence[Check], now_ms: int) -> list[bool]:
-        """Admit or refuse each check; one pipeline for the batch. Checks no rule covers pass."""
-        results: list[bool | None] = [None] * len(checks)
-        pipe = self.client.pipeline(transaction=False)
+        """Admit or refuse each check, in one Redis call for the whole batch. Checks no rule covers pass."""
+        results: list[bool] = [True] * len(checks)
+        ks: list[str] = []
+        args: list[int | str] = [now_ms, 0]
         pending: list[int] = []
         for i, c in enumerate(checks):
             rules = [r for r in self.rules if r.applies(c.channel, c.category)]
             if not rules:
-                results[i] = True
                 continue
-            args: list[int | str] = [now_ms, c.member, "1" if (c.high and self.bypass_high) else "0"]
+            args += [c.member, "1" if (c.high and self.bypass_high) else "0", len(rules)]
             for r in rules:
                 args += [r.window * 1000, r.limit]
-            self._script(keys=[keys.rate(c.user_id, r.key) for r in rules], args=args, client=pipe)
+                ks.append(keys.rate(c.user_id, r.key))
             pending.append(i)
         if pending:
-            for i, ok in zip(pending, pipe.execute(), strict=True):
+            args[1] = len(pending)
+            for i, ok in zip(pending, self._script(keys=ks, args=args), strict=True):
                 results[i] = bool(ok)
-        return [bool(r) for r in results]
+        return results
