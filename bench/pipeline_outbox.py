@@ -30,7 +30,10 @@ def run(users: int, pool: int, batch: int) -> dict[str, float]:
 
         def done() -> bool:
             with Session(env.ctx.engine) as s:
-                return s.execute(select(func.count()).select_from(Delivery).where(Delivery.status == "sent")).scalar_one() >= users
+                return (
+                    s.execute(select(func.count()).select_from(Delivery).where(Delivery.status == "sent")).scalar_one()
+                    >= users
+                )
 
         ok = wait_until(done, 600, 0.5)
         t_end = time.perf_counter()

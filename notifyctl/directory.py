@@ -104,6 +104,25 @@ class ImportReport:
     errors: list[tuple[int, str]] = field(default_factory=list)
 
 
+def decoded_lines(stream: Any, bad: dict[int, str]) -> Iterator[str]:
+    """Lines as text, with the csv module's universal newlines. A binary stream is decoded as
+    UTF-8 line by line: a line that is not UTF-8 is noted in ``bad`` (by line number) instead of
+    ending the file, and a byte-order mark (Excel's UTF-8) is dropped."""
+    if isinstance(stream, io.BufferedIOBase | io.RawIOBase):
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        for n, line in enumerate(text, 1):
+            try:
+                line.encode("utf-8")  # fails only on the surrogates that stand for undecodable bytes
+            except UnicodeEncodeError:
+                bad[n] = "not UTF-8 text"
+                line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            yield line
+        text.detach()
+        return
+    for n, line in enumerate(stream, 1):
+        yield line.lstrip("\ufeff") if n == 1 else line
+
+
 def iter_csv(stream: io.TextIOBase | Iterable[str]) -> Iterator[tuple[int, dict[str, str | None]]]:
     reader = csv.DictReader(stream)  # type: ignore[arg-type]
     if reader.fieldnames is None:
@@ -122,9 +141,16 @@ def import_users(ctx: Context, stream: Any, batch: int = 1000) -> ImportReport:
     s = ctx.settings
     report = ImportReport()
     rows: dict[str, dict[str, Any]] = {}
+    bad_lines: dict[int, str] = {}
+    previous = 1
     with Session(ctx.engine) as session:
         try:
-            for line, raw in iter_csv(stream):
+            for line, raw in iter_csv(decoded_lines(stream, bad_lines)):
+                first, previous = previous + 1, line
+                bad = next((bad_lines[n] for n in range(first, line + 1) if n in bad_lines), None)
+                if bad:
+                    report.errors.append((line, bad))
+                    continue
                 if None in raw:
                     report.errors.append((line, f"{len(raw[None]) if raw[None] else 0} more fields than the header"))  # type: ignore[index]
                     continue
@@ -144,8 +170,6 @@ def import_users(ctx: Context, stream: Any, batch: int = 1000) -> ImportReport:
                     )
                     report.imported += len(rows)
                     rows.clear()
-        except UnicodeDecodeError as exc:
-            report.errors.append((-1, f"not UTF-8 text: {exc.reason} at byte {exc.start}; rest of the file skipped"))
         except csv.Error as exc:
             report.errors.append((-1, f"malformed CSV: {exc}; rest of the file skipped"))
         upsert(

@@ -26,3 +26,9 @@ class ConfigError(NotifyError):
 
 class NotFound(NotifyError):
     exit_code = 4
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """A message fit for one line: every run of whitespace and line separators becomes one space."""
+    t = " ".join(str(text).split())
+    return t if len(t) <= limit else t[: limit - 1] + "…"

@@ -55,10 +55,15 @@ class NotifyRequest(BaseModel):
         return list(dict.fromkeys(v))
 
 
+def _field(p: object) -> str:
+    s = str(p)
+    return s if s and s.isprintable() and s.strip() == s else repr(s)
+
+
 def validation_message(exc: ValidationError) -> str:
     """One line naming the first bad field."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "request"
+    loc = ".".join(_field(p) for p in err["loc"]) or "request"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
@@ -68,12 +73,19 @@ def validation_message(exc: ValidationError) -> str:
     return f"{loc}: {msg}{more}"
 
 
+def load_json(raw: str | bytes, what: str) -> Any:
+    """json.loads with every way it can fail (syntax, encoding, huge integers, deep nesting) as one InputError."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise InputError(f"{what}: malformed JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int too large
+        raise InputError(f"{what}: malformed JSON: {str(exc).splitlines()[0][:200]}") from None
+
+
 def parse_request(payload: Any) -> NotifyRequest:
     if isinstance(payload, (str, bytes)):
-        try:
-            payload = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"request: malformed JSON: {exc}") from None
+        payload = load_json(payload, "request")
     if not isinstance(payload, dict):
         raise InputError("request: expected a JSON object")
     try:

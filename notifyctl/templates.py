@@ -136,6 +136,8 @@ def parse_template(path: Path) -> Template:
         table = raw.get(channel)
         if table is None:
             continue
+        if not isinstance(table, dict):
+            raise TemplateError(f"{path}: {channel} must be a table ([{channel}]), not a value")
         missing = [n for n in names if not isinstance(table.get(n), str)]
         if missing:
             raise TemplateError(f"{path}: [{channel}] needs {', '.join(missing)}")

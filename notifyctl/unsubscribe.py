@@ -69,7 +69,7 @@ def verify_token(key: bytes, token: str) -> tuple[str, str]:
         user_id = _unb64(uid_b64).decode()
     except (ValueError, UnicodeDecodeError):
         raise InputError("unsubscribe link: malformed") from None
-    if scope not in _SCOPES or not hmac.compare_digest(sig, _sign(key, user_id, scope)):
+    if scope not in _SCOPES or not sig.isascii() or not hmac.compare_digest(sig, _sign(key, user_id, scope)):
         raise InputError("unsubscribe link: invalid signature")
     return user_id, scope
 

@@ -166,3 +166,30 @@ def test_dlq_entries_of_an_outage_are_replayed_once_the_circuit_closes(
     drain(ctx)
     assert [d.status for n in ids for d in deliveries(ctx, n)] == ["sent", "sent"]
     assert sorted(m["to"] for m in twilio.recorder.all()) == ["+14155550101", "+33612345678", "+447911123456"]
+
+
+def test_provider_throttling_waits_without_using_attempts(
+    home: Path, redis_url: str, rclient: redis.Redis, twilio: TwilioSandbox, aws: AwsSandbox
+) -> None:
+    import time
+
+    from worker.reconciler import reconcile
+
+    body = {"code": 20429, "message": "Too Many Requests", "status": 429}
+    twilio.faults.add({"status": 429, "headers": {"Retry-After": "1"}, "body": body, "count": 6})
+    ctx = make_ctx(home, redis_url, twilio, aws, providers_sms=["twilio"], retry_delays=[1])  # 2 attempts only
+    ids = [send(ctx, channels=["sms"], recipient_id=u).notification_id for u in ("alice", "bob", "carol")]
+    rounds = 0
+    while rounds < 15:
+        drain(ctx)
+        ds = [d for n in ids for d in deliveries(ctx, n)]
+        if all(d.status == "sent" for d in ds):
+            break
+        assert not any(d.dead_lettered for d in ds), "a 429 alone must never dead-letter"
+        assert all(d.attempts <= 1 for d in ds)
+        rounds += 1
+        time.sleep(0.6)  # the provider's Retry-After holds every worker off it for a second
+        reconcile(ctx, now=time.time() + 3, force=True)
+    assert [d.status for n in ids for d in deliveries(ctx, n)] == ["sent"] * 3
+    assert rounds >= 2  # it really was throttled for a while
+    assert len(twilio.recorder) == 3

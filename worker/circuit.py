@@ -19,7 +19,7 @@ import redis
 
 from notifyctl import keys
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+CLOSED, OPEN, HALF_OPEN, THROTTLED = "closed", "open", "half_open", "throttled"
 
 
 class Circuits:
@@ -33,12 +33,21 @@ class Circuits:
         now = time.time() if now is None else now
         pipe = self.client.pipeline(transaction=False)
         for n in names:
-            pipe.hget(keys.circuit(n), "open_until")
+            pipe.hmget(keys.circuit(n), "open_until", "throttled_until")
         out: dict[str, tuple[str, float]] = {}
-        for n, raw in zip(names, pipe.execute(), strict=True):
+        for n, (raw, thr) in zip(names, pipe.execute(), strict=True):
             until = float(raw) if raw else 0.0
-            out[n] = ((OPEN if until > now else HALF_OPEN) if until else CLOSED, until)
+            throttled = float(thr) if thr else 0.0
+            if throttled > now and not until > now:
+                out[n] = (THROTTLED, throttled)
+            else:
+                out[n] = ((OPEN if until > now else HALF_OPEN) if until else CLOSED, until)
         return out
+
+    def throttle(self, name: str, seconds: float, now: float | None = None) -> None:
+        """The provider said "slow down" (429 + Retry-After): every worker holds off it that long."""
+        now = time.time() if now is None else now
+        self.client.hset(keys.circuit(name), "throttled_until", now + max(0.5, seconds))
 
     def record(self, name: str, ok: bool, was: str, now: float | None = None) -> str:
         """Record one batch's result; returns the new state."""
@@ -73,6 +82,9 @@ class Circuits:
         for n, h in zip(names, pipe.execute(), strict=True):
             until = float(h.get(b"open_until") or 0)
             state = (OPEN if until > now else HALF_OPEN) if until else CLOSED
+            throttled = float(h.get(b"throttled_until") or 0)
+            if state == CLOSED and throttled > now:
+                state, until = THROTTLED, throttled
             out[n] = {"state": state, "failing_batches": int(h.get(b"fails") or 0),
                       "retry_in_s": round(max(0.0, until - now), 1)}  # fmt: skip
         return out

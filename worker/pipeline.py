@@ -14,6 +14,7 @@ import hashlib
 import html
 import logging
 import os
+import random
 import socket
 import time
 from collections import defaultdict
@@ -46,7 +47,7 @@ from notifyctl.models import (
 )
 from notifyctl.templates import Template
 from notifyctl.unsubscribe import secret_key, unsubscribe_url
-from worker.circuit import OPEN, Circuits
+from worker.circuit import OPEN, THROTTLED, Circuits
 from worker.claims import OK, Claims
 from worker.providers import (
     InvalidAddress,
@@ -420,6 +421,23 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                         if d.channel == "push":
                             token_success.append(d.address)
                         stats.sent += 1
+                    elif isinstance(outcome, Retry) and outcome.throttled:
+                        # the provider asks us to slow down: wait as told (spread a little so the
+                        # batch does not come back as one burst) without using up an attempt
+                        wait = max(1.0, outcome.retry_after or 1.0) * (1 + random.random() / 2)
+                        _mark(
+                            d,
+                            updates,
+                            events,
+                            DeliveryStatus.retrying,
+                            now,
+                            provider=provider_name,
+                            reason=outcome.reason,
+                            next_attempt_at=now + timedelta(seconds=wait),
+                            detail=f"throttled: {outcome.reason}; next in {wait:.1f}s",
+                        )
+                        stats.retrying += 1
+                        released.append(d.id)
                     elif isinstance(outcome, Retry):
                         delay = retry_delay(settings, attempts, outcome.retry_after)
                         if delay is None:
@@ -618,17 +636,28 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
     voice call when a voice provider is configured. Returns (provider, outcome) per message."""
     names = rt.settings.providers_for(route) or ["outbox"]
     states = rt.circuits.states(names)
-    usable = [n for n in names if states[n][0] != OPEN]
+    usable = [n for n in names if states[n][0] not in (OPEN, THROTTLED)]
     results: list[tuple[str, Outcome] | None] = [None] * len(messages)
     if not usable:
         wait = max(1.0, min(until for _, until in states.values()) - time.time())
-        return [(names[0], Retry(f"every {route} provider's circuit is open", retry_after=wait)) for _ in messages]
+        if any(state == THROTTLED for state, _ in states.values()):
+            why, throttled = f"every {route} provider is throttling or down", True
+        else:
+            why, throttled = f"every {route} provider's circuit is open", False
+        return [(names[0], Retry(why, retry_after=wait, throttled=throttled)) for _ in messages]
     pending = list(range(len(messages)))
     for name in usable:
         outcomes = _call_provider(rt, name, [messages[i] for i in pending])
         accepted = any(isinstance(o, Sent) for o in outcomes)
-        provider_down = not accepted and all(isinstance(o, Retry) for o in outcomes)
-        rt.circuits.record(name, ok=not provider_down, was=states[name][0])
+        retries = [o for o in outcomes if isinstance(o, Retry)]
+        throttled = [o for o in retries if o.throttled]
+        provider_down = not accepted and len(retries) == len(outcomes) and not throttled
+        try:  # bookkeeping after the provider answered: a Redis failure here must not lose the answers
+            rt.circuits.record(name, ok=not provider_down, was=states[name][0])
+            if throttled and not accepted:
+                rt.circuits.throttle(name, max((o.retry_after or 1.0) for o in throttled))
+        except redis.RedisError:
+            log.warning("circuit state of %s not recorded: Redis unavailable", name)
         still: list[int] = []
         for i, o in zip(pending, outcomes, strict=True):
             results[i] = (name, o)

@@ -102,9 +102,7 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def one_line(text: str, n: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 1] + "…"
+from notifyctl.errors import one_line  # noqa: E402
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

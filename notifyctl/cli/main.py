@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from typer._click.exceptions import UsageError as _UsageError
 from typer.core import TyperGroup
 
@@ -28,7 +29,7 @@ from notifyctl.cli import (
 )
 from notifyctl.cli import serve as serve_cmd
 from notifyctl.cli.common import err_console
-from notifyctl.errors import ConfigError, NotifyError
+from notifyctl.errors import ConfigError, NotifyError, one_line
 
 
 def _translate(exc: BaseException) -> NotifyError | None:
@@ -56,7 +57,10 @@ class NotifyGroup(TyperGroup):
         except _UsageError as exc:
             # one line, like every other error, instead of a box
             where = exc.ctx.command_path if exc.ctx else "notifyctl"
-            err_console.print(f"[red]error:[/red] {exc.format_message()} (see `{where} --help`)", soft_wrap=True)
+            err_console.print(
+                f"[red]error:[/red] {escape(one_line(exc.format_message()))} (see `{escape(where)} --help`)",
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
@@ -64,7 +68,9 @@ class NotifyGroup(TyperGroup):
             err = _translate(exc)
             if err is None:
                 raise
-            err_console.print(f"[red]error:[/red] {err}", soft_wrap=True, markup=True, highlight=False)
+            err_console.print(
+                f"[red]error:[/red] {escape(one_line(err))}", soft_wrap=True, markup=True, highlight=False
+            )
             raise typer.Exit(err.exit_code) from None
 
 
@@ -107,7 +113,7 @@ def root(
         err = _translate(exc)
         if err is None:
             raise
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(one_line(err))}", soft_wrap=True)
         raise typer.Exit(err.exit_code) from None
 
 

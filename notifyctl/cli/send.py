@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ def send(
       notifyctl send alice -t otp_code -p high -c sms -d code=123456 -d minutes=10 -k otp:alice:1
       echo '{"recipient_id":"alice","template_id":"otp_code","data":{"code":"1","minutes":5}}' | notifyctl send -f -
     """
-    from notifyctl.intake import parse_request, submit
+    from notifyctl.intake import load_json, parse_request, submit
 
     payload: dict[str, Any] = {}
     if file is not None:
@@ -60,12 +59,10 @@ def send(
         else:
             try:
                 raw = Path(file).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise InputError(f"--file: cannot read {file}: {exc}") from None
-        try:
-            payload = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"request: malformed JSON: {exc}") from None
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+                raise InputError(f"--file: cannot read {file!r}: {why}") from None
+        payload = load_json(raw, "request")
         if not isinstance(payload, dict):
             raise InputError("request: expected a JSON object")
     if recipient is not None:
@@ -81,10 +78,7 @@ def send(
     if dedup_key is not None:
         payload["dedup_key"] = dedup_key
     if data_json is not None:
-        try:
-            extra = json.loads(data_json)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--data-json: malformed JSON: {exc}") from None
+        extra = load_json(data_json, "--data-json")
         if not isinstance(extra, dict):
             raise InputError("--data-json: expected a JSON object")
         payload["data"] = {**payload.get("data", {}), **extra}

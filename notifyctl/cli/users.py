@@ -25,12 +25,13 @@ def import_(
     from notifyctl.directory import import_users
 
     if csv_file == "-":
-        report = import_users(get_ctx(ctx), sys.stdin)
+        report = import_users(get_ctx(ctx), sys.stdin.buffer)
     else:
         try:
-            fh = open(Path(csv_file), encoding="utf-8", newline="")  # noqa: SIM115
-        except OSError as exc:
-            raise InputError(f"cannot read {csv_file}: {exc.strerror}") from None
+            fh = open(Path(csv_file), "rb")  # noqa: SIM115 - decoded line by line, see decoded_lines
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise InputError(f"cannot read {csv_file!r}: {why}") from None
         with fh:
             report = import_users(get_ctx(ctx), fh)
     if as_json:

@@ -626,6 +626,8 @@ def _outcome(status: int, reason: str, headers: dict[str, str], apns_id: str) ->
         return InvalidAddress(reason)
     if status == 403 and reason == "ExpiredProviderToken":
         return Retry(reason)
+    if status == 429 and reason == "TooManyRequests":
+        return Retry(reason, _retry_after(headers.get("retry-after")), throttled=True)
     if status == 429 or status >= 500:
         return Retry(reason, _retry_after(headers.get("retry-after")))
     if 400 <= status < 500:

@@ -5,7 +5,8 @@ A provider takes a batch of rendered messages for one route (``push.ios``, ``pus
 
     Outcome
     ├── Sent(provider_message_id)          accepted by the provider
-    ├── Retry(reason, retry_after=None)    transient: try again later (429, 5xx, timeouts)
+    ├── Retry(reason, retry_after=None,    transient: try again later (5xx, timeouts);
+    │         throttled=False)             throttled=True for 429s: waits without using an attempt
     ├── Permanent(reason)                  will never succeed as is: failed, dead-lettered
     └── InvalidAddress(reason)             the token/number/address is dead: failed, and cleaned up
 
@@ -52,8 +53,12 @@ class Sent:
 
 @dataclass(slots=True, frozen=True)
 class Retry:
+    """Transient. ``throttled``: the provider is rate-limiting us (HTTP 429 and the like) — the
+    message is fine and the provider healthy, so the wait does not use up one of its attempts."""
+
     reason: str
     retry_after: float | None = None
+    throttled: bool = False
 
 
 @dataclass(slots=True, frozen=True)

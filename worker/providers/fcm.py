@@ -160,7 +160,7 @@ def classify(status_code: int, code: str | None, message: str, retry_after: floa
     if code in ("INVALID_ARGUMENT", "SENDER_ID_MISMATCH", "THIRD_PARTY_AUTH_ERROR", "FAILED_PRECONDITION"):
         return Permanent(what)
     if code in ("QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED") or (code is None and status_code == 429):
-        return Retry(what, max(QUOTA_BACKOFF, retry_after or 0.0))
+        return Retry(what, max(QUOTA_BACKOFF, retry_after or 0.0), throttled=True)
     if code in ("UNAVAILABLE", "INTERNAL", "UNSPECIFIED_ERROR", "DEADLINE_EXCEEDED", "ABORTED", "UNKNOWN"):
         return Retry(what, retry_after)
     if status_code >= 500 or status_code in (401, 403, 404, 408):

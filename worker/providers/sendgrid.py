@@ -267,7 +267,7 @@ class Provider:
             half = n // 2
             return self._send_chunk(messages, idxs[:half]) + self._send_chunk(messages, idxs[half:])
         if status == 429:
-            return [Retry("sendgrid: rate limited (429)", _retry_after(resp.headers))] * n
+            return [Retry("sendgrid: rate limited (429)", _retry_after(resp.headers), throttled=True)] * n
         if status >= 500:
             return [Retry(f"sendgrid: server error {status}", _retry_after(resp.headers))] * n
         return [Permanent(f"sendgrid: HTTP {status}: {_describe_errors(resp)}")] * n

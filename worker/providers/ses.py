@@ -204,7 +204,9 @@ def transport_outcome(exc: Exception) -> Outcome:
 
 def generic_outcome(code: str, message: str, status: int, retry_after: float | None) -> Outcome:
     reason = f"{code or status}: {message}".strip()
-    if code in RETRY_CODES or status == 429 or status >= 500:
+    if status == 429 or "throttl" in code.lower() or code in ("TooManyRequestsException", "LimitExceededException"):
+        return Retry(reason, retry_after, throttled=True)
+    if code in RETRY_CODES or status >= 500:
         return Retry(reason, retry_after)
     if code in AUTH_CODES or status in (401, 403):
         return Permanent(f"AWS rejected the credentials: {reason}")

@@ -281,7 +281,7 @@ class Provider:
         if code in _INVALID_ADDRESS_CODES:
             return InvalidAddress(f"twilio {code}: {_INVALID_ADDRESS_CODES[code]}: {detail}")
         if code == 20429 or status == 429:
-            return Retry(f"twilio {code}: too many requests", _retry_after(self._http.last_headers()))
+            return Retry(f"twilio {code}: too many requests", _retry_after(self._http.last_headers()), throttled=True)
         if status >= 500:
             return Retry(f"twilio: server error {status} (code {code})", _retry_after(self._http.last_headers()))
         if code in _UNDELIVERABLE_CODES:

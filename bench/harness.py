@@ -1,0 +1,114 @@
+"""Bench helpers on top of bench.common: settings for worker subprocesses, bulk device tokens and
+phone users, waiting for workers, counting tracked rows, Redis command statistics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from typing import Any
+
+from sqlalchemy import func, insert, select
+
+from bench.common import Env
+from notifyctl import keys
+from notifyctl.models import Delivery, DeviceToken, User, utcnow
+
+
+def settings_env(overrides: dict[str, Any]) -> dict[str, str]:
+    """The same overrides as ``NOTIFY_*`` variables, for a worker pool subprocess."""
+    return {f"NOTIFY_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in overrides.items()}
+
+
+def phone_users(env: Env, n: int, prefix: str = "otp") -> list[str]:
+    ids = [f"{prefix}{i:07d}" for i in range(n)]
+    now = utcnow()
+    if ids:
+        with env.ctx.engine.begin() as conn:
+            conn.execute(
+                insert(User),
+                [
+                    {"id": uid, "email": None, "phone": f"+1415{i:07d}", "timezone": "UTC", "locale": "en",
+                     "sms_opt_in": False, "attributes": {"first_name": uid}, "created_at": now, "updated_at": now}
+                    for i, uid in enumerate(ids)
+                ],
+            )  # fmt: skip
+    return ids
+
+
+def ios_token(i: int) -> str:
+    return f"{i:064x}"
+
+
+def bulk_ios_tokens(env: Env, user_ids: list[str], chunk: int = 5000) -> list[str]:
+    tokens = [ios_token(i) for i in range(len(user_ids))]
+    now = utcnow()
+    with env.ctx.engine.begin() as conn:
+        for i in range(0, len(user_ids), chunk):
+            conn.execute(
+                insert(DeviceToken),
+                [
+                    {"token": t, "user_id": u, "platform": "ios", "created_at": now}
+                    for t, u in zip(tokens[i : i + chunk], user_ids[i : i + chunk], strict=True)
+                ],
+            )
+    return tokens
+
+
+def count_sent(env: Env, channel: str | None = None) -> int:
+    q = select(func.count()).select_from(Delivery).where(Delivery.status == "sent")
+    if channel:
+        q = q.where(Delivery.channel == channel)
+    with env.ctx.engine.connect() as conn:
+        return int(conn.execute(q).scalar_one())
+
+
+def wait_workers(env: Env, n: int, timeout: float = 60) -> float:
+    """Seconds until ``n`` workers have announced themselves alive."""
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    pattern = keys.alive("*")
+    while time.perf_counter() < deadline:
+        if len(list(env.ctx.redis.scan_iter(pattern))) >= n:
+            return time.perf_counter() - t0
+        time.sleep(0.05)
+    raise RuntimeError(f"{n} workers did not start within {timeout:g}s")
+
+
+def commandstats(env: Env) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in env.ctx.redis.info("commandstats").items()}
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    out = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
+def stop_pool(proc: subprocess.Popen[str], timeout: float = 60) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _out, err = proc.communicate()
+    return (err or "")[-2000:]
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def p256_key_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )

@@ -1,0 +1,354 @@
+"""``make bench``: every scenario of issue 7 in sequence, each in a fresh Env, then
+bench/RESULTS.md (figures beside targets, machine, date) and bench/results.json (raw figures).
+
+    python -m bench.run                 # full size (200k emails, 100k pushes, 1M-row segment)
+    python -m bench.run --scale 0.05    # a quick pass (~3 min)
+    python -m bench.run --only email,push --pool 3
+
+The block between ``<!-- notes -->`` and ``<!-- /notes -->`` in RESULTS.md is hand-written
+analysis and is kept across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.common import machine
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+RAW = HERE / "results.json"
+ALL = ("email", "push", "launcher", "cost", "apprise")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sizes(scale: float) -> dict[str, int]:
+    return {
+        "email": max(300, int(200_000 * scale)),
+        "otps": max(20, int(1000 * scale)),
+        "push": max(300, int(100_000 * scale)),
+        "launcher": max(1000, int(1_000_000 * scale)),
+        "cost": max(500, int(10_000 * scale)),
+        "apprise": max(100, int(2000 * scale)),
+    }
+
+
+def run_all(scale: float, pool: int, only: list[str]) -> dict[str, Any]:
+    sz = sizes(scale)
+    results: dict[str, Any] = {"scale": scale, "pool": pool, "sizes": sz}
+    jobs = {
+        "email": lambda: scenarios.email_blast(sz["email"], pool, otps=sz["otps"], log=log),
+        "push": lambda: scenarios.push_blast(sz["push"], pool, log=log),
+        "launcher": lambda: scenarios.launcher_memory(sz["launcher"], log=log),
+        "cost": lambda: scenarios.cost(sz["cost"], log=log),
+        "apprise": lambda: scenarios.apprise_vs_notifyctl(sz["apprise"], pool, log=log),
+    }
+    for name in only:
+        log(f"[{name}] ...")
+        t0 = time.perf_counter()
+        try:
+            results[name] = jobs[name]()
+        except Exception as exc:  # noqa: BLE001 - one broken scenario must not hide the others
+            traceback.print_exc()
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        results[name]["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+        log(f"[{name}] done in {results[name]['bench_wall_s']}s: {_headline(name, results[name])}")
+    return results
+
+
+def _headline(name: str, r: dict[str, Any]) -> str:
+    if r.get("error") and len(r) <= 2:
+        return str(r["error"])
+    keys = {
+        "email": ["notifications_per_s", "sent"],
+        "push": ["push_per_s", "bare_push_per_s", "ratio"],
+        "launcher": ["scheduled_rate_error_pct", "realized_rate_error_pct"],
+        "cost": [],
+        "apprise": ["notifyctl_per_s", "apprise_per_s", "ratio_notifyctl_over_apprise"],
+    }[name]
+    parts = [f"{k}={r.get(k)}" for k in keys]
+    if name == "email":
+        parts.append(f"otp={r.get('otp', {}).get('during_blast_ms')}")
+    if name == "launcher":
+        parts.append(f"rss={r.get('dry_run', {}).get('peak_rss_mb')}/{r.get('real', {}).get('peak_rss_mb')} MB")
+    if name == "cost":
+        for ch in ("email", "push"):
+            c = r.get(ch) or {}
+            parts.append(f"{ch}: {c.get('sql_statements_per_notification')} SQL, "
+                         f"{c.get('redis_commands_per_notification')} Redis /notification")  # fmt: skip
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "not measured"
+    if isinstance(v, float):
+        v = f"{v:,.1f}" if abs(v) >= 10 else f"{v:,.3g}"
+    elif isinstance(v, int):
+        v = f"{v:,}"
+    return f"{v}{unit}"
+
+
+def _met(ok: bool | None) -> str:
+    return "—" if ok is None else ("yes" if ok else "**no**")
+
+
+def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    rows: list[tuple[str, str, str, str, str]] = []
+    e = res.get("email") or {}
+    if e:
+        v = e.get("notifications_per_s") if not e.get("error") or e.get("sent") else None
+        rows.append(("1", f"Email blast, {_fmt(e.get('notifications'))} notifications → SendGrid sandbox",
+                     ">= 10,000/s", _fmt(v, "/s"), _met(None if v is None else v >= 10_000)))  # fmt: skip
+        o = (e.get("otp") or {}).get("during_blast_ms") or {}
+        p99 = o.get("p99")
+        rows.append(("3", f"OTP submit → accepted by Twilio sandbox during (1), n={o.get('n', 0)}",
+                     "p99 < 250 ms", f"p50 {_fmt(o.get('p50'))} / p99 {_fmt(p99)} / max {_fmt(o.get('max'))} ms",
+                     _met(None if p99 is None else p99 < 250)))  # fmt: skip
+    p = res.get("push") or {}
+    if p:
+        rows.append(("2", f"Push blast, {_fmt(p.get('pushes'))} iOS → APNs sandbox (TLS, HTTP/2)", "—",
+                     _fmt(p.get("push_per_s"), "/s"), "—"))  # fmt: skip
+        ratio = p.get("ratio")
+        rows.append(("2", "Push pipeline / bare HTTP/2 loop (ceiling " + _fmt(p.get("bare_push_per_s"), "/s") + ")",
+                     ">= 0.8", _fmt(ratio), _met(None if ratio is None else ratio >= 0.8)))  # fmt: skip
+    launcher = res.get("launcher") or {}
+    if launcher:
+        if launcher.get("error") and "dry_run" not in launcher:
+            rows.append(("4", "Launcher peak RSS", "< 150 MB", str(launcher["error"]), "—"))
+        else:
+            for key, label in (("dry_run", "--dry-run"), ("real", "real launch")):
+                r = launcher.get(key) or {}
+                small = launcher.get(key + "_small" if key == "dry_run" else "real_small") or {}
+                rss = r.get("peak_rss_mb")
+                val = f"{_fmt(rss)} MB ({_fmt(small.get('peak_rss_mb'))} MB at a tenth of the rows)"
+                if r.get("error"):
+                    val = f"failed: {r['error']}"
+                rows.append(("4", f"Launcher peak RSS, {label}, {_fmt(launcher.get('rows'))}-row CSV", "< 150 MB, flat",
+                             val, _met(None if rss is None or r.get("error") else rss < 150)))  # fmt: skip
+            err = launcher.get("scheduled_rate_error_pct")
+            rows.append(("4", f"Produce rate vs --rate {_fmt(launcher.get('rate'))}/s: scheduled (due_at spacing)", "—",
+                         f"{_fmt(launcher.get('scheduled_rate'))}/s, error {_fmt(err)} %", "—"))  # fmt: skip
+            rows.append(("4", "Produce rate: realized (reconciler rounds, 1/s, after the launch)", "—",
+                         f"{_fmt(launcher.get('realized_rate'))}/s, error {_fmt(launcher.get('realized_rate_error_pct'))} %",  # noqa: E501
+                         "—"))  # fmt: skip
+    c = res.get("cost") or {}
+    for ch in ("email", "push"):
+        cc = c.get(ch) or {}
+        if cc:
+            rows.append(("5", f"Cost per {ch} notification (process() in one process)", "—",
+                         f"{_fmt(cc.get('sql_statements_per_notification'))} SQL statements, "
+                         f"{_fmt(cc.get('redis_commands_per_notification'))} Redis commands", "—"))  # fmt: skip
+    for key, label in (("email", "(1)"), ("push", "(2)")):
+        r = res.get(key) or {}
+        if r.get("redis_commands_per_notification") is not None:
+            rows.append(("5", f"Redis commands per notification in {label}, whole pool incl. RQ + reconciler", "—",
+                         _fmt(r["redis_commands_per_notification"]), "—"))  # fmt: skip
+    a = res.get("apprise") or {}
+    if a:
+        rows.append(("6", f"{_fmt(a.get('emails'))} emails to an SMTP sink: notifyctl / Apprise", "—",
+                     f"{_fmt(a.get('notifyctl_per_s'))}/s vs {_fmt(a.get('apprise_per_s'))}/s = "
+                     f"{_fmt(a.get('ratio_notifyctl_over_apprise'))}x", "—"))  # fmt: skip
+    return rows
+
+
+def _details(res: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    e = res.get("email")
+    if e:
+        out += ["### 1 + 3. Email blast with OTPs", ""]
+        out += [f"- {e.get('notifications')} marketing emails (`weekly_promo`), pool of {e.get('pool')} "
+                f"(worker 1 on `high` only), batch {e.get('batch')}, rate limits kept at the defaults "
+                f"`{e.get('rate_limits')}`. Timed from the first bulk write of `scheduled` rows (workers already up) "
+                f"to the last `sent` row counted in SQL (polled every 0.25 s)."]  # fmt: skip
+        out += [f"- sent {_fmt(e.get('sent'))} in {_fmt(e.get('elapsed_s'))} s (bulk write {e.get('write_s')} s) "
+                f"= **{_fmt(e.get('notifications_per_s'))}/s**; SendGrid sandbox accepted {_fmt(e.get('sandbox_accepted_emails'))}."]  # noqa: E501  # fmt: skip
+        o = e.get("otp") or {}
+        out += [f"- OTPs: {o.get('submitted')} submitted through `intake.submit` from the bench process, "
+                f"{o.get('submitted_during_blast')} while the blast ran; accepted by the Twilio sandbox: "
+                f"{o.get('accepted_by_sandbox')}. During the blast: {o.get('during_blast_ms')}; all: {o.get('all_ms')}; "  # noqa: E501
+                f"the `submit()` call alone: {o.get('intake_submit_call_ms')}; idle, before the blast: "
+                f"{o.get('idle_ms')} (ms)."]  # fmt: skip
+        if e.get("error"):
+            out += [f"- error: {e['error']}"]
+        out += [f"- Redis commands during the blast: {_cmds(e.get('redis_commands'))}", ""]
+    p = res.get("push")
+    if p:
+        out += ["### 2. Push blast", ""]
+        out += [f"- {p.get('pushes')} iOS devices, one token each, pool of {p.get('pool')}, batch {p.get('batch')}; "
+                f"APNs sandbox in its own process (TLS, HTTP/2, ES256 JWT verified; P-256 key made at run time)."]  # noqa: E501  # fmt: skip
+        out += [
+            f"- pipeline: {_fmt(p.get('sent'))} sent in {_fmt(p.get('elapsed_s'))} s = **{_fmt(p.get('push_per_s'))}/s**."  # noqa: E501
+        ]
+        out += [f"- ceiling: `worker.providers.apns.Provider.send` on pre-built batches of {p.get('batch')} in a bare "
+                f"loop (one sender, no SQL/Redis), same sandbox, same run: {_fmt(p.get('bare_sent'))} sent, "
+                f"**{_fmt(p.get('bare_push_per_s'))}/s**; ratio **{_fmt(p.get('ratio'))}**."]  # fmt: skip
+        out += [f"- Redis commands during the blast: {_cmds(p.get('redis_commands'))}", ""]
+        if p.get("error"):
+            out += [f"- error: {p['error']}", ""]
+    lm = res.get("launcher")
+    if lm:
+        out += ["### 4. Launcher memory and produce rate", ""]
+        if lm.get("error") and "dry_run" not in lm:
+            out += [f"- {lm['error']}", ""]
+        else:
+            out += [f"- `campaigns.launcher.launch` in a subprocess (`bench/launcher_child.py`; the `campaign` CLI "
+                    f"noun calls the same function), CSV segment of {_fmt(lm.get('rows'))} user ids, --rate "
+                    f"{_fmt(lm.get('rate'))}. Peak RSS from `wait4` of that child. An interpreter that only imports "
+                    f"the launcher peaks at {_fmt(lm.get('baseline_rss_mb'))} MB."]  # fmt: skip
+            for key in ("dry_run_small", "dry_run", "real_small", "real"):
+                r = lm.get(key) or {}
+                out += [f"- {key}: peak {_fmt(r.get('peak_rss_mb'))} MB in {_fmt(r.get('elapsed_s'))} s"
+                        + (f", error: {r['error']}" if r.get("error") else "")
+                        + (f", written {_fmt((r.get('summary') or {}).get('written'))}" if key.startswith("real") else "")]  # noqa: E501  # fmt: skip
+            out += [
+                f"- reconciler rounds after the launch (notifications queued per 1 s round): {lm.get('reconciler_rounds')}",  # noqa: E501
+                "",
+            ]
+    c = res.get("cost")
+    if c:
+        out += ["### 5. Cost per notification (`worker.pipeline.process` in the bench process)", ""]
+        for ch in ("email", "push"):
+            cc = c.get(ch) or {}
+            if not cc:
+                continue
+            out += [f"- **{ch}**: {cc.get('notifications')} notifications in {cc.get('batches')} batches: "
+                    f"{_fmt(cc.get('per_s_one_process'))}/s in one process without profiler; "
+                    f"{cc.get('sql_statements_per_batch')} SQL statements per batch "
+                    f"({cc.get('sql_statements_per_notification')}/notification; executemany rows "
+                    f"{cc.get('sql_executemany_rows_per_notification')}/notification): {cc.get('sql_statements')}; "
+                    f"Redis {cc.get('redis_commands_per_notification')}/notification: {_cmds(cc.get('redis_commands'))}"]  # noqa: E501  # fmt: skip
+        out += [""]
+    a = res.get("apprise")
+    if a:
+        out += ["### 6. Apprise vs notifyctl (SMTP sink: aiosmtpd `SmtpSandbox` in its own process)", ""]
+        out += [f"- notifyctl, pool of {a.get('pool')}, providers_email=[\"smtp\"] (pooled connections): "
+                f"{_fmt(a.get('notifyctl_sent'))} in {_fmt(a.get('notifyctl_s'))} s = {_fmt(a.get('notifyctl_per_s'))}/s "  # noqa: E501
+                f"(first write to last tracked row)."]  # fmt: skip
+        out += [f"- Apprise {a.get('apprise_version', '')} (`mailto://` one `notify()` per recipient, the same rendered "  # noqa: E501
+                f"subject/text): {_fmt(a.get('apprise_sent'))} in {_fmt(a.get('apprise_s'))} s = {_fmt(a.get('apprise_per_s'))}/s. "  # noqa: E501
+                f"Sink accepted {_fmt(a.get('sink_accepted'))} in all."]  # fmt: skip
+        if a.get("error"):
+            out += [f"- {a['error']}"]
+        out += [""]
+    return out
+
+
+def _cmds(d: dict[str, int] | None, k: int = 8) -> str:
+    if not d:
+        return "—"
+    return ", ".join(f"{n} {c}" for c, n in list(d.items())[:k])
+
+
+def _where_time_goes(res: dict[str, Any]) -> list[str]:
+    c = res.get("cost") or {}
+    out = ["## Where the time goes (measured)", ""]
+    for ch in ("email", "push"):
+        cc = c.get(ch) or {}
+        if not cc.get("stages"):
+            continue
+        out += [f"`process()` stages for **{ch}** under cProfile ({cc.get('profiled_elapsed_s')} s profiled vs "
+                f"{cc.get('elapsed_s')} s plain; stages nest: SQL lines include the statements of the stages above):", "",  # noqa: E501
+                "| stage | cumulative s | share of process() |", "|---|---|---|"]  # fmt: skip
+        out += [f"| {s['stage']} | {s['cum_s']} | {s['share_pct']} % |" for s in cc["stages"]]
+        out += ["", "Top functions by own time:", "", "| function | calls | own s | cum s |", "|---|---|---|---|"]
+        out += [
+            f"| `{t['function']}` | {t['calls']} | {t['tottime_s']} | {t['cumtime_s']} |"
+            for t in cc.get("top_functions", [])
+        ]
+        out += [""]
+    e, p = res.get("email") or {}, res.get("push") or {}
+    one = (c.get("email") or {}).get("per_s_one_process")
+    if one and e.get("notifications_per_s"):
+        lows = max(1, int(e.get("pool", 3)) - 1)
+        out += [f"- One process runs `process()` at {_fmt(one)} emails/s; the pool has {lows} worker(s) on the low "
+                f"queue and reached {_fmt(e['notifications_per_s'])}/s on {res.get('machine_cores', '?')} cores. "
+                f"10,000/s needs ~{_fmt(10_000 / one)} such processes' worth of CPU."]  # fmt: skip
+    if p.get("bare_push_per_s"):
+        out += [f"- The bare HTTP/2 client sends {_fmt(p['bare_push_per_s'])} pushes/s to the sandbox from one process; "  # noqa: E501
+                f"the pipeline reached {_fmt(p.get('push_per_s'))}/s."]  # fmt: skip
+    out += [""]
+    return out
+
+
+def write_results(res: dict[str, Any], argv: str) -> None:
+    notes = ""
+    if RESULTS.exists():
+        text = RESULTS.read_text()
+        a, b = text.find("<!-- notes -->"), text.find("<!-- /notes -->")
+        if a >= 0 and b > a:
+            notes = text[a : b + len("<!-- /notes -->")]
+    if not notes:
+        notes = "<!-- notes -->\n<!-- /notes -->"
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- Date: {res['date']}",
+        f"- Machine: {res['machine']}",
+        f"- Command: `{argv}` (scale {res['scale']}, pool {res['pool']}); total {res['total_s']} s"
+        + (f" ({res['merged']})" if res.get("merged") else ""),
+        "- Every part real: redis-server, SQLite (WAL), provider sandboxes over sockets in their own processes, "
+        "the worker pool as `notifyctl worker --pool N`. Figures from a shared machine are noisy; "
+        "re-run `make bench` for the latest.",
+        "",
+        "## Figures against targets",
+        "",
+        "| # | Figure | Target | Measured | Met |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in summary_rows(res)]
+    lines += ["", "## Scenarios", ""]
+    lines += _details(res)
+    lines += _where_time_goes(res)
+    lines += ["## Notes", "", notes, ""]
+    RESULTS.write_text("\n".join(lines))
+    RAW.write_text(json.dumps(res, indent=1, default=str))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import os
+    import sys
+
+    ap = argparse.ArgumentParser(description="notifyctl benchmarks (issue 7)")
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink every size (0.05 = a quick pass)")
+    ap.add_argument("--pool", type=int, default=3, help="worker processes in the pool")
+    ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    ap.add_argument("--no-write", action="store_true", help="print, do not rewrite RESULTS.md")
+    ap.add_argument("--merge", action="store_true", help="keep the other scenarios' figures from results.json")
+    a = ap.parse_args(argv)
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in ALL]
+    if bad:
+        ap.error(f"--only: unknown scenario(s) {', '.join(bad)} (known: {', '.join(ALL)})")
+    t0 = time.perf_counter()
+    log(f"notifyctl bench on {machine()}, scale {a.scale}, pool {a.pool}")
+    res = run_all(a.scale, a.pool, only)
+    if a.merge and RAW.exists():
+        prev = json.loads(RAW.read_text())
+        res = {**prev, **{k: v for k, v in res.items() if k in only}}
+        res["merged"] = f"{', '.join(only)} re-run; the rest from {prev.get('date')}"
+    res["machine"] = machine()
+    res["machine_cores"] = os.cpu_count()
+    res["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    res["total_s"] = round(time.perf_counter() - t0, 1)
+    if not a.no_write:
+        write_results(res, "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv))
+        log(f"wrote {RESULTS} in {res['total_s']}s")
+
+
+if __name__ == "__main__":
+    main()

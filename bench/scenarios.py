@@ -1,0 +1,629 @@
+"""The benchmark scenarios of issue 7. Each runs in its own fresh ``Env`` (private redis-server,
+SQLite in a temp home), with the provider sandboxes in separate processes and the worker pool
+as a subprocess (``notifyctl worker --pool N``). Each returns a dict of measured figures."""
+
+from __future__ import annotations
+
+import cProfile
+import csv
+import json
+import pstats
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, update
+
+from bench.common import Env, bulk_notifications, bulk_users, start_pool
+from bench.harness import (
+    bulk_ios_tokens,
+    commandstats,
+    count_sent,
+    delta,
+    ios_token,
+    p256_key_pem,
+    percentile,
+    phone_users,
+    settings_env,
+    stop_pool,
+    wait_workers,
+)
+from bench.sandboxes import SandboxProcess
+
+PROMO = {"discount": 10, "code": "WEEK10", "first_name": "F"}
+KEY_ID, TEAM_ID, TOPIC = "BENCHKEY01", "BENCHTEAM1", "com.example.app"
+TWILIO_FROM = "+15005550006"
+
+Log = Any  # callable(str) -> None
+
+
+def _noop(_msg: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ 1 + 3
+
+
+def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 500, expect_rate: float = 2500.0,
+                log: Log = _noop, timeout: float = 1800) -> dict[str, Any]:  # fmt: skip
+    """(1) n marketing emails through the pool to the SendGrid sandbox; (3) during it, ``otps`` OTP
+    SMS submitted through intake at priority high, timed from submit to acceptance by the Twilio
+    sandbox. Rate limits: the defaults (email:marketing:1/1d etc.), so the limiter runs."""
+    from notifyctl.intake import parse_request, submit
+
+    sg = SandboxProcess("sendgrid")
+    tw = SandboxProcess("twilio")
+    overrides: dict[str, Any] = {
+        "providers_email": ["sendgrid"],
+        "providers_sms": ["twilio"],
+        "batch_size": batch,
+        "provider_options": {
+            "sendgrid": {"api_key": sg.info["api_key"], "base_url": sg.info["url"]},
+            "twilio": {"account_sid": tw.info["account_sid"], "auth_token": tw.info["auth_token"],
+                       "from_number": TWILIO_FROM, "base_url": tw.info["url"]},
+        },
+    }  # fmt: skip
+    env = Env(**overrides)
+    out: dict[str, Any] = {"notifications": n, "pool": pool, "batch": batch, "otps": otps,
+                           "rate_limits": list(env.settings.rate_limits)}  # fmt: skip
+    proc = None
+    sg_stats: dict[str, Any] = {}
+    tw_stats: dict[str, Any] = {}
+    submitted: dict[str, tuple[float, bool]] = {}  # code -> (submit time, during the blast)
+    idle_codes: dict[str, float] = {}
+    submit_s: list[float] = []
+    try:
+        t = time.perf_counter()
+        ids = bulk_users(env.ctx, n)
+        otp_ids = phone_users(env, otps)
+        log(f"  {n} users written in {time.perf_counter() - t:.1f}s")
+        proc = start_pool(env, pool, settings_env(overrides))
+        out["pool_start_s"] = round(wait_workers(env, pool), 2)
+        blast_running = threading.Event()
+        blast_running.set()
+        otp_errors: list[str] = []
+
+        def otp_loop(t_start: float, interval: float) -> None:
+            for i, uid in enumerate(otp_ids):
+                wait = t_start + i * interval - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                code = f"{i:06d}"
+                req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
+                                     "data": {"code": code, "minutes": 10}})  # fmt: skip
+                during = blast_running.is_set()
+                ts = time.time()
+                try:
+                    submit(env.ctx, req)
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    otp_errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                submit_s.append((time.time() - ts) * 1000)
+                submitted[code] = (ts, during)
+
+        # idle baseline: a few OTPs with nothing else running
+        for i in range(min(20, otps)):
+            code = f"9{i:05d}"
+            req = parse_request({"recipient_id": otp_ids[i], "template_id": "otp_code", "channels": ["sms"],
+                                 "data": {"code": code, "minutes": 10}})  # fmt: skip
+            idle_codes[code] = time.time()
+            submit(env.ctx, req)
+            time.sleep(0.05)
+        deadline = time.perf_counter() + 30
+        while count_sent(env, "sms") < len(idle_codes) and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        stats0 = commandstats(env)
+        t0 = time.perf_counter()
+        bulk_notifications(env.ctx, ids, "weekly_promo", ["email"], PROMO)
+        out["write_s"] = round(time.perf_counter() - t0, 2)
+        otp_thread = threading.Thread(target=otp_loop, args=(t0, (n / expect_rate) / max(1, otps)), daemon=True)
+        otp_thread.start()
+        last, last_t = -1, time.perf_counter()
+        while True:
+            sent = count_sent(env, "email")
+            now = time.perf_counter()
+            if sent >= n:
+                break
+            if sent != last:
+                last, last_t = sent, now
+            elif now - last_t > 60:
+                out["error"] = f"stalled at {sent}/{n} sent emails"
+                break
+            if now - t0 > timeout:
+                out["error"] = f"timeout at {sent}/{n} sent emails"
+                break
+            time.sleep(0.25)
+        t_end = time.perf_counter()
+        blast_running.clear()
+        stats1 = commandstats(env)
+        out["sent"] = sent
+        out["elapsed_s"] = round(t_end - t0, 2)
+        out["notifications_per_s"] = round(sent / (t_end - t0), 1)
+        otp_thread.join(timeout=120)
+        deadline = time.perf_counter() + 60
+        while count_sent(env, "sms") < len(submitted) + len(idle_codes) and time.perf_counter() < deadline:
+            time.sleep(0.1)
+        cmds = delta(stats0, stats1)
+        out["redis_commands"] = cmds
+        out["redis_commands_per_notification"] = round(sum(cmds.values()) / max(1, sent), 2)
+        if otp_errors:
+            out["otp_errors"] = otp_errors[:5]
+            out["otp_error_count"] = len(otp_errors)
+    finally:
+        if proc is not None:
+            err = stop_pool(proc)
+            if "Traceback" in err:
+                out["pool_stderr_tail"] = err[-800:]
+        sg_stats = sg.stop()
+        tw_stats = tw.stop()
+        env.close()
+    out["sandbox_accepted_emails"] = sg_stats.get("count")
+    stamps = tw_stats.get("stamps", {})
+    lat_all = [(stamps[c] - ts) * 1000 for c, (ts, _d) in submitted.items() if c in stamps]
+    lat = [(stamps[c] - ts) * 1000 for c, (ts, d) in submitted.items() if d and c in stamps]
+    out["otp"] = {
+        "submitted": len(submitted),
+        "submitted_during_blast": sum(1 for _ts, d in submitted.values() if d),
+        "accepted_by_sandbox": len(lat_all),
+        "during_blast_ms": _dist(lat),
+        "all_ms": _dist(lat_all),
+        "intake_submit_call_ms": _dist(submit_s),
+        "idle_ms": _dist([(stamps[c] - ts) * 1000 for c, ts in idle_codes.items() if c in stamps]),
+    }
+    return out
+
+
+def _dist(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "p50": round(percentile(values, 50), 1), "p99": round(percentile(values, 99), 1),
+            "max": round(max(values), 1)}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- 2
+
+
+def _apns_setup(tmp: Path) -> tuple[SandboxProcess, dict[str, Any]]:
+    pem = p256_key_pem()
+    key_file = tmp / f"AuthKey_{KEY_ID}.p8"
+    key_file.write_bytes(pem)
+    sb = SandboxProcess("apns", "--key-file", str(key_file), "--key-id", KEY_ID, "--team-id", TEAM_ID, "--topic", TOPIC)
+    opts = {"key": pem.decode(), "key_id": KEY_ID, "team_id": TEAM_ID, "topic": TOPIC,
+            "base_url": sb.info["url"], "ca_file": sb.info["ca_file"]}  # fmt: skip
+    return sb, opts
+
+
+def bare_apns_messages(n: int, tag: str = "bare") -> list[Any]:
+    from worker.providers import Message
+
+    t = {"title": "10% off this week", "body": "Hi F, use WEEK10 for 10% off."}
+    return [
+        Message(delivery_id=f"d_{tag}{i:07d}", notification_id=f"n_{tag}{i:07d}", channel="push", route="push.ios",
+                address=ios_token(i), content=dict(t), category="marketing", priority="low",
+                dedup_key=f"campaign:c_{tag}:u{i:07d}", data={"notification_id": f"n_{tag}{i:07d}", "type": "weekly_promo"},  # noqa: E501
+                user_id=f"u{i:07d}")
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def push_blast(n: int, pool: int = 3, batch: int = 500, log: Log = _noop, timeout: float = 1800) -> dict[str, Any]:
+    """(2) n iOS pushes through the pool to the APNs sandbox (TLS + HTTP/2), then the ceiling: the
+    same provider class sending pre-built batches of the same size in a bare loop, same sandbox."""
+    import tempfile
+
+    from worker.providers.apns import Provider as Apns
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-apns-"))
+    sb, opts = _apns_setup(tmp)
+    overrides = {"providers_push_ios": ["apns"], "batch_size": batch, "provider_options": {"apns": opts}}
+    env = Env(**overrides)
+    out: dict[str, Any] = {"pushes": n, "pool": pool, "batch": batch}
+    proc = None
+    try:
+        ids = bulk_users(env.ctx, n)
+        bulk_ios_tokens(env, ids)
+        proc = start_pool(env, pool, settings_env(overrides))
+        out["pool_start_s"] = round(wait_workers(env, pool), 2)
+        stats0 = commandstats(env)
+        t0 = time.perf_counter()
+        bulk_notifications(env.ctx, ids, "weekly_promo", ["push"], PROMO)
+        last, last_t = -1, t0
+        while True:
+            sent = count_sent(env, "push")
+            now = time.perf_counter()
+            if sent >= n:
+                break
+            if sent != last:
+                last, last_t = sent, now
+            elif now - last_t > 60 or now - t0 > timeout:
+                out["error"] = f"stalled at {sent}/{n} sent pushes"
+                break
+            time.sleep(0.25)
+        t_end = time.perf_counter()
+        stats1 = commandstats(env)
+        out["sent"] = sent
+        out["elapsed_s"] = round(t_end - t0, 2)
+        out["push_per_s"] = round(sent / (t_end - t0), 1)
+        cmds = delta(stats0, stats1)
+        out["redis_commands"] = cmds
+        out["redis_commands_per_notification"] = round(sum(cmds.values()) / max(1, sent), 2)
+        err = stop_pool(proc)
+        proc = None
+        if "Traceback" in err:
+            out["pool_stderr_tail"] = err[-800:]
+        log(f"  pipeline: {out['push_per_s']}/s; bare loop...")
+        # the ceiling: same HTTP/2 client, same batches, no pipeline (one sender, like one worker)
+        msgs = bare_apns_messages(n)
+        batches = [msgs[i : i + batch] for i in range(0, n, batch)]
+        provider = Apns(env.settings)
+        try:
+            provider.send(batches[0][:1])  # connect (the pool's workers were connected too)
+            t1 = time.perf_counter()
+            ok = 0
+            for b in batches:
+                ok += sum(1 for o in provider.send(b) if type(o).__name__ == "Sent")
+            t2 = time.perf_counter()
+        finally:
+            provider.close()
+        out["bare_sent"] = ok
+        out["bare_push_per_s"] = round(ok / (t2 - t1), 1)
+        out["ratio"] = round(out["push_per_s"] / out["bare_push_per_s"], 3) if ok else None
+    finally:
+        if proc is not None:
+            stop_pool(proc)
+        stats = sb.stop()
+        env.close()
+    out["sandbox_accepted"] = stats.get("count")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- 4
+
+
+def launcher_available() -> bool:
+    try:
+        from campaigns.launcher import LaunchSpec, launch  # noqa: F401
+    except Exception:  # noqa: BLE001 - anything means "not ready"
+        return False
+    return True
+
+
+def _run_launcher(env: Env, csv_path: Path, rate: float, dry_run: bool) -> dict[str, Any]:
+    """The launcher in a subprocess; peak RSS = the child's own VmHWM at its end."""
+    args = [sys.executable, "-m", "bench.launcher_child", str(csv_path), str(rate)] + (["--dry-run"] if dry_run else [])
+    t0 = time.perf_counter()
+    p = subprocess.Popen(args, env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_text, err_text = p.communicate()
+    elapsed = time.perf_counter() - t0
+    res: dict[str, Any] = {"elapsed_s": round(elapsed, 2)}
+    if p.returncode != 0:
+        res["error"] = (err_text.strip().splitlines() or ["exit " + str(p.returncode)])[-1][:300]
+        return res
+    res["summary"] = json.loads(out_text.strip().splitlines()[-1])
+    res["peak_rss_mb"] = round(res["summary"].pop("vm_hwm_kb") / 1024, 1)
+    return res
+
+
+def _baseline_rss(env: Env) -> float:
+    """Peak RSS of a child that only imports the launcher (the interpreter + libraries floor)."""
+    code = "import bench.launcher_child as c; print(c.vm_hwm_kb())"
+    out = subprocess.run([sys.executable, "-c", code], env=env.env(), capture_output=True, text=True, check=True)
+    return round(int(out.stdout.strip()) / 1024, 1)
+
+
+def launcher_memory(rows: int, log: Log = _noop, small_fraction: float = 0.1, rounds: int = 6,
+                    flat: bool = True) -> dict[str, Any]:  # fmt: skip
+    """(4) peak RSS of the launcher over a CSV segment of ``rows`` users (dry run and real), the same at
+    a tenth of the size (flatness), and the produce rate against --rate: scheduled (due_at span of the
+    written rows) and realized (notifications the reconciler queued per second after the launch)."""
+    if not launcher_available():
+        return {"error": "not measured: launcher not available"}
+    from worker.reconciler import reconcile
+
+    env = Env()
+    out: dict[str, Any] = {"rows": rows}
+    try:
+        t = time.perf_counter()
+        ids = bulk_users(env.ctx, rows)
+        log(f"  {rows} users written in {time.perf_counter() - t:.1f}s")
+        small = max(1, int(rows * small_fraction))
+        paths = {}
+        for label, k in (("small", small), ("full", rows)):
+            path = env.dir / f"segment_{label}.csv"
+            with path.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["user_id"])
+                w.writerows([u] for u in ids[:k])
+            paths[label] = path
+        rate = float(max(100, rows // 25))
+        out["rate"] = rate
+        out["baseline_rss_mb"] = _baseline_rss(env)
+        if flat:
+            out["dry_run_small"] = _run_launcher(env, paths["small"], rate, True)
+        out["dry_run"] = _run_launcher(env, paths["full"], rate, True)
+        log(f"  dry run: {out['dry_run'].get('peak_rss_mb')} MB; real launch...")
+        if flat:
+            out["real_small"] = _run_launcher(env, paths["small"], rate, False)
+        # the small campaign is due first: let its rows go before the measured one is queued
+        env.ctx.engine.dispose()
+        with env.ctx.engine.begin() as conn:
+            from notifyctl.models import Notification
+
+            conn.execute(update(Notification).where(Notification.status == "scheduled").values(status="canceled"))
+        out["real"] = _run_launcher(env, paths["full"], rate, False)
+        s = out["real"].get("summary") or {}
+        if s.get("first_due") and s.get("last_due") and s.get("written", 0) > 1:
+            from datetime import datetime
+
+            span = (datetime.fromisoformat(s["last_due"]) - datetime.fromisoformat(s["first_due"])).total_seconds()
+            sched = (s["written"] - 1) / span if span > 0 else float("inf")
+            out["scheduled_rate"] = round(sched, 1)
+            out["scheduled_rate_error_pct"] = round(abs(sched - rate) / rate * 100, 2)
+        # realized: reconcile once a second, as the pool does, and count what it queues
+        queued: list[int] = []
+        for _ in range(rounds):
+            t_round = time.perf_counter()
+            queued.append(reconcile(env.ctx).retries_queued)
+            time.sleep(max(0.0, 1.0 - (time.perf_counter() - t_round)))
+        out["reconciler_rounds"] = queued
+        steady = queued[1:]
+        if steady:
+            realized = sum(steady) / len(steady)
+            out["realized_rate"] = round(realized, 1)
+            out["realized_rate_error_pct"] = round(abs(realized - rate) / rate * 100, 2)
+    finally:
+        env.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- 5
+
+
+_STAGES = [
+    ("load batch (SQL)", "worker.pipeline", "_Batch.__init__"),
+    ("render (jinja)", "notifyctl.templates", "Template.render"),
+    ("unsubscribe links", "worker.pipeline", "_marketing_email"),
+    ("rate limit (Redis)", "worker.ratelimit", "RateLimiter.check_many"),
+    ("claim (Redis)", "worker.claims", "Claims.take"),
+    ("settle send records (Redis)", "worker.claims", "Claims.settle"),
+    ("provider send", "worker.pipeline", "_send_route"),
+    ("delivery ids", "worker.pipeline", "delivery_id"),
+    ("record outcomes (Python)", "worker.pipeline", "_mark"),
+    ("bulk UPDATEs (SQL)", "worker.pipeline", "_bulk_update"),
+    ("SQL: Session.execute (all)", "sqlalchemy.orm.session", "Session.execute"),
+    ("SQL: commit", "sqlalchemy.orm.session", "Session.commit"),
+]
+
+
+def _code_key(module: str, qual: str) -> tuple[str, int, str] | None:
+    import importlib
+
+    obj: Any = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    code = getattr(obj, "__code__", None)
+    if code is None:
+        return None
+    return (code.co_filename, code.co_firstlineno, code.co_name)
+
+
+def _stage_table(prof: cProfile.Profile, total_key: tuple[str, int, str] | None) -> list[dict[str, Any]]:
+    st = pstats.Stats(prof)
+    raw = st.stats  # type: ignore[attr-defined]
+    total = raw[total_key][3] if total_key and total_key in raw else None
+    rows = []
+    for label, module, qual in _STAGES:
+        key = _code_key(module, qual)
+        if key is None or key not in raw:
+            continue
+        cum = raw[key][3]
+        rows.append(
+            {"stage": label, "cum_s": round(cum, 3), "share_pct": round(cum / total * 100, 1) if total else None}
+        )
+    return rows
+
+
+def _top_functions(prof: cProfile.Profile, k: int = 12) -> list[dict[str, Any]]:
+    st = pstats.Stats(prof)
+    raw = st.stats  # type: ignore[attr-defined]
+    items = sorted(raw.items(), key=lambda kv: -kv[1][2])[:k]
+    out = []
+    for (fn, line, name), (_cc, nc, tt, ct, _callers) in items:
+        short = "/".join(Path(fn).parts[-2:]) if fn != "~" else "builtin"
+        out.append(
+            {"function": f"{short}:{line}({name})", "calls": nc, "tottime_s": round(tt, 3), "cumtime_s": round(ct, 3)}
+        )
+    return out
+
+
+def _process_in_process(env: Env, nids: list[str], batch: int, profile: bool) -> dict[str, Any]:
+    from worker.pipeline import Runtime, process
+
+    with env.ctx.engine.begin() as conn:
+        from notifyctl.models import Notification
+
+        for i in range(0, len(nids), 5000):
+            conn.execute(update(Notification).where(Notification.id.in_(nids[i : i + 5000])).values(status="queued"))
+    statements: Counter[str] = Counter()
+    rows_affected = {"executemany_rows": 0}
+
+    def on_exec(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, executemany: bool) -> None:
+        words = statement.split(None, 3)
+        verb = words[0].upper() if words else "?"
+        table = ""
+        if verb in ("SELECT",):
+            low = statement.lower()
+            j = low.find(" from ")
+            table = low[j + 6 :].split(None, 1)[0] if j >= 0 else ""
+        elif verb in ("INSERT", "UPDATE", "DELETE") and len(words) >= 3:
+            table = words[2] if verb != "UPDATE" else words[1]
+        statements[f"{verb} {table}".strip()] += 1
+        if executemany:
+            rows_affected["executemany_rows"] += len(params)
+
+    rt = Runtime(env.ctx, worker_name="bench-inproc")
+    stats0 = commandstats(env)
+    event.listen(env.ctx.engine, "before_cursor_execute", on_exec)
+    prof = cProfile.Profile() if profile else None
+    sent = 0
+    try:
+        t0 = time.perf_counter()
+        if prof:
+            prof.enable()
+        for i in range(0, len(nids), batch):
+            sent += process(rt, nids[i : i + batch]).sent
+        if prof:
+            prof.disable()
+        elapsed = time.perf_counter() - t0
+    finally:
+        event.remove(env.ctx.engine, "before_cursor_execute", on_exec)
+        rt.close()
+    cmds = delta(stats0, commandstats(env))
+    n = max(1, sent)
+    res: dict[str, Any] = {
+        "notifications": len(nids),
+        "sent": sent,
+        "batches": -(-len(nids) // batch),
+        "elapsed_s": round(elapsed, 3),
+        "per_s_one_process": round(sent / elapsed, 1),
+        "sql_statements": dict(statements.most_common()),
+        "sql_statements_per_notification": round(sum(statements.values()) / n, 4),
+        "sql_statements_per_batch": round(sum(statements.values()) / max(1, -(-len(nids) // batch)), 1),
+        "sql_executemany_rows_per_notification": round(rows_affected["executemany_rows"] / n, 2),
+        "redis_commands": cmds,
+        "redis_commands_per_notification": round(sum(cmds.values()) / n, 2),
+    }
+    if prof:
+        res["stages"] = _stage_table(prof, _code_key("worker.pipeline", "process"))
+        res["top_functions"] = _top_functions(prof)
+    return res
+
+
+def cost(n: int, batch: int = 500, log: Log = _noop) -> dict[str, Any]:
+    """(5) worker.pipeline.process in this process over batches: SQL statements (a
+    before_cursor_execute listener), Redis commands (INFO commandstats), and a cProfile summary,
+    for email (SendGrid sandbox) and push (APNs sandbox)."""
+    import tempfile
+
+    sg = SandboxProcess("sendgrid")
+    sb, opts = _apns_setup(Path(tempfile.mkdtemp(prefix="bench-apns-")))
+    overrides = {
+        "providers_email": ["sendgrid"],
+        "providers_push_ios": ["apns"],
+        "batch_size": batch,
+        "provider_options": {"sendgrid": {"api_key": sg.info["api_key"], "base_url": sg.info["url"]}, "apns": opts},
+    }
+    env = Env(**overrides)
+    out: dict[str, Any] = {"notifications": n, "batch": batch}
+    try:
+        ids = bulk_users(env.ctx, n)
+        bulk_ios_tokens(env, ids)
+        for label, channel in (("email", "email"), ("push", "push")):
+            plain = bulk_notifications(env.ctx, ids, "weekly_promo", [channel], PROMO)
+            env.ctx.redis.delete(*[k for k in env.ctx.redis.scan_iter("notif:rate:*")] or ["-"])
+            out[label] = _process_in_process(env, plain, batch, profile=False)
+            log(f"  {label}: {out[label]['per_s_one_process']}/s in one process (no profiler); profiling...")
+            profiled = bulk_notifications(env.ctx, ids, "weekly_promo", [channel], PROMO)
+            env.ctx.redis.delete(*[k for k in env.ctx.redis.scan_iter("notif:rate:*")] or ["-"])
+            prof = _process_in_process(env, profiled, batch, profile=True)
+            out[label]["profiled_elapsed_s"] = prof["elapsed_s"]
+            out[label]["stages"] = prof.get("stages")
+            out[label]["top_functions"] = prof.get("top_functions")
+    finally:
+        sg.stop()
+        sb.stop()
+        env.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- 6
+
+
+def apprise_available() -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import apprise  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def apprise_vs_notifyctl(n: int, pool: int = 3, batch: int = 500, log: Log = _noop) -> dict[str, Any]:
+    """(6) the same n emails to the same SMTP sink (aiosmtpd, separate process): Apprise (one
+    notify per recipient, as its API goes) vs notifyctl's pool with providers_email=["smtp"]."""
+    from notifyctl.models import User
+
+    smtp = SandboxProcess("smtp")
+    overrides = {
+        "providers_email": ["smtp"],
+        "batch_size": batch,
+        "rate_limits": [],
+        "provider_options": {"smtp": {"host": smtp.info["host"], "port": smtp.info["port"]}},
+    }
+    env = Env(**overrides)
+    out: dict[str, Any] = {"emails": n, "pool": pool}
+    proc = None
+    try:
+        ids = bulk_users(env.ctx, n)
+        # notifyctl: the whole pipeline, first write to last tracked row
+        proc = start_pool(env, pool, settings_env(overrides))
+        wait_workers(env, pool)
+        t0 = time.perf_counter()
+        bulk_notifications(env.ctx, ids, "weekly_promo", ["email"], PROMO)
+        while count_sent(env, "email") < n and time.perf_counter() - t0 < 600:
+            time.sleep(0.1)
+        el = time.perf_counter() - t0
+        sent = count_sent(env, "email")
+        out["notifyctl_sent"] = sent
+        out["notifyctl_s"] = round(el, 2)
+        out["notifyctl_per_s"] = round(sent / el, 1)
+        stop_pool(proc)
+        proc = None
+        if not apprise_available():
+            out["error"] = "apprise not installed: `pip install apprise` (the bench extra)"
+            return out
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import apprise
+
+        from notifyctl.intake import _user_vars
+
+        tpl = env.ctx.templates.get("weekly_promo")
+        mails = []
+        for uid in ids:
+            user = User(id=uid, email=f"{uid}@example.com", timezone="UTC", locale="en", attributes={"first_name": uid})
+            c = tpl.render("email", {**PROMO, "user": _user_vars(user)})
+            mails.append((user.email, c["subject"], c["text"]))
+        log(f"  notifyctl: {out['notifyctl_per_s']}/s; apprise...")
+        host, port = smtp.info["host"], smtp.info["port"]
+        ok = 0
+        with warnings.catch_warnings():
+            # apprise 2.x imports the deprecated imghdr on Python 3.11 (a DeprecationWarning under -W error)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            apprise.Apprise().add(f"mailto://{host}:{port}?from=notifications@example.com&to=warm@example.com")
+            t1 = time.perf_counter()
+            for to, subject, body in mails:
+                a = apprise.Apprise()
+                a.add(f"mailto://{host}:{port}?from=notifications@example.com&to={to}&secure=no")
+                ok += bool(a.notify(title=subject, body=body))
+            el2 = time.perf_counter() - t1
+        out["apprise_sent"] = ok
+        out["apprise_s"] = round(el2, 2)
+        out["apprise_per_s"] = round(ok / el2, 1)
+        out["apprise_version"] = apprise.__version__
+        out["ratio_notifyctl_over_apprise"] = round(out["notifyctl_per_s"] / out["apprise_per_s"], 2) if ok else None
+    finally:
+        if proc is not None:
+            stop_pool(proc)
+        stats = smtp.stop()
+        env.close()
+    out["sink_accepted"] = stats.get("count")
+    return out

@@ -1,0 +1,34 @@
+"""Every bench scenario at a tiny size, so the benches don't rot (called from tests/test_bench_smoke.py).
+
+Sizes are far too small for the figures to mean anything; this checks that each scenario runs end
+to end against the real parts and reports the figures RESULTS.md is built from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import run, scenarios
+
+
+def smoke(n: int = 300, pool: int = 2) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "email": scenarios.email_blast(n, pool, otps=5, timeout=60),
+        "push": scenarios.push_blast(n, pool, timeout=60),
+        "launcher": scenarios.launcher_memory(n * 2, rounds=2, flat=False),
+        "cost": scenarios.cost(n),
+        "apprise": scenarios.apprise_vs_notifyctl(30, pool),
+        "scale": 0, "pool": pool, "machine": "smoke", "date": "smoke", "total_s": 0,
+    }  # fmt: skip
+    res["summary_rows"] = run.summary_rows(res)
+    return res
+
+
+if __name__ == "__main__":
+    import json
+    import time
+
+    t = time.perf_counter()
+    out = smoke()
+    print(json.dumps(out, indent=1, default=str)[:4000])
+    print(f"{time.perf_counter() - t:.1f}s")

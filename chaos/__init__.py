@@ -1,0 +1,1 @@
+"""Fault-injection suite (issue 8): `python -m chaos.run`."""

@@ -1,0 +1,477 @@
+"""The six faults of issue 8. Each scenario builds its own ``World`` and returns a ``Result``: what
+the provider sandboxes accepted, counted by our delivery id (sent, lost, duplicated), plus notes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rq import Worker
+from sqlalchemy import func, select
+
+from chaos.common import ROOT, RateLimitPlan, Ticker, World, drain, tally, wait_until
+from notifyctl.intake import parse_request, submit
+from notifyctl.models import Delivery, Notification
+from notifyctl.redisconn import ensure_server
+from worker.circuit import Circuits
+from worker.pipeline import delivery_id
+
+POOL = 3
+
+
+@dataclass
+class Result:
+    fault: str
+    sent: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    expected: int = 0
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # findings: anything that must not happen
+    figures: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.duplicated == 0 and not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _apply(res: Result, t: Any) -> None:
+    res.sent, res.lost, res.duplicated, res.expected = t.sent, t.lost, t.duplicated, t.expected
+    if t.lost_ids:
+        res.figures["lost_examples"] = t.lost_ids
+    if t.dup_ids:
+        res.figures["duplicated_examples"] = t.dup_ids
+    if t.unexpected:
+        res.problems.append(f"{t.unexpected} accepted message(s) for deliveries nobody asked for")
+
+
+def _check_pool(world: World, res: Result) -> None:
+    if not world.pool_alive():
+        res.problems.append(f"the worker pool died (exit {world.pool.returncode if world.pool else None})")
+        res.figures["pool_log_tail"] = world.pool_tail()
+    tb = world.pool_tail(200000).count("Traceback")
+    if tb:
+        res.figures["pool_log_tracebacks"] = tb
+
+
+def _restarts(world: World) -> int:
+    return world.pool_tail(10**7).count("restarting")
+
+
+class OtpStream:
+    """Submits OTPs (priority high, SMS) through intake every ``every`` s until stopped."""
+
+    def __init__(self, world: World, users: list[str], every: float) -> None:
+        self.world, self.users, self.every = world, users, every
+        self.sent: dict[str, tuple[str, float]] = {}  # delivery id -> (notification id, submitted at)
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        with world.ctx.engine.connect() as conn:
+            from notifyctl.models import User
+
+            self.phones = dict(conn.execute(select(User.id, User.phone).where(User.id.in_(users))).all())  # type: ignore[attr-defined]
+
+    def one(self, uid: str, code: str) -> tuple[str, str]:
+        req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
+                             "data": {"code": code, "minutes": 5}})  # fmt: skip
+        r = submit(self.world.ctx, req)
+        did = delivery_id(r.notification_id, "sms", self.phones[uid])
+        self.sent[did] = (r.notification_id, time.time())
+        return r.notification_id, did
+
+    def _run(self) -> None:
+        for i, uid in enumerate(self.users):
+            if self._stop.wait(self.every):
+                return
+            try:
+                self.one(uid, f"{i:06d}")
+            except Exception:  # noqa: BLE001 - counted (e.g. Redis down: not accepted)
+                self.errors += 1
+
+    def start(self) -> OtpStream:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def latencies(self, world: World) -> list[float]:
+        first: dict[str, float] = {}
+        for m in world.tw.recorder.all():
+            first.setdefault(m["delivery_id"], m["t"])
+        return sorted(first[d] - t for d, (_n, t) in self.sent.items() if d in first)
+
+
+def _pct(xs: list[float], p: float) -> float:
+    return round(xs[min(len(xs) - 1, int(p * len(xs)))], 2) if xs else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- 1
+
+
+def workers_killed(quick: bool) -> Result:
+    res = Result("1. workers killed (kill -9)")
+    n, rate, every = (600, 120.0, 1.5) if quick else (5000, 125.0, 3.0)
+    world = World("workers")
+    try:
+        camp = world.users(n)
+        otp_users = world.users(400, prefix="p", phones=True, phone_prefix="+1415")
+        traps = world.users(40, prefix="t", phones=True, phone_prefix="+1416")
+        world.start_pool(POOL)
+        expected_map = world.campaign_rows(camp, rate)
+        expected = set(expected_map)
+        otps = OtpStream(world, otp_users, 0.25).start()
+        duration = n / rate
+        t0 = time.monotonic()
+        kills: list[dict[str, Any]] = []
+        trap_i = 0
+        while time.monotonic() - t0 < duration:
+            time.sleep(every)
+            if len(kills) % 2 == 0:
+                # a transactional job abandoned mid-send: stall one OTP at the sandbox, kill its worker
+                uid = traps[trap_i]
+                trap_i += 1
+                phone = otps.phones.get(uid) or f"+1416{trap_i - 1:07d}"
+                world.tw.faults.add({"match": phone[1:], "delay": 8, "drop": True})
+                otps.phones[uid] = phone
+                nid, did = otps.one(uid, f"9{trap_i:05d}")
+                with world.ctx.engine.connect() as conn:
+                    job = conn.execute(select(Notification.job_id).where(Notification.id == nid)).scalar_one()
+
+                def holder(job: str = job) -> Worker | None:
+                    for w in Worker.all(connection=world.ctx.redis):
+                        if w.get_current_job_id() == job and w.pid in world.worker_pids():
+                            return w
+                    return None
+
+                victim = wait_until(holder, 10, 0.05) and holder()
+                if not victim:
+                    res.notes.append("a trap OTP was not picked up within 10 s")
+                    continue
+                time.sleep(0.3)
+                os.kill(victim.pid, signal.SIGKILL)
+                kills.append({"kind": "otp", "at": time.time(), "delivery_id": did})
+            else:
+                pids = world.worker_pids()
+                if pids:
+                    os.kill(random.choice(pids), signal.SIGKILL)
+                    kills.append({"kind": "random", "at": time.time()})
+        otps.stop()
+        expected |= set(otps.sent)
+        ok = drain(world, expected, 180 if not quick else 40)
+        res.seconds = round(time.monotonic() - t0, 1)
+        _apply(res, tally(expected, world.accepted_ids()))
+        first: dict[str, float] = {}
+        for m in world.tw.recorder.all():
+            first.setdefault(m["delivery_id"], m["t"])
+        resumes = [round(first[k["delivery_id"]] - k["at"], 1) for k in kills if k["kind"] == "otp"
+                   and k["delivery_id"] in first]  # fmt: skip
+        lat = otps.latencies(world)
+        res.figures.update(
+            kills=len(kills), otp_kills=sum(1 for k in kills if k["kind"] == "otp"), restarts=_restarts(world),
+            abandoned_otp_resume_s=resumes, otps=len(otps.sent), otp_latency_p50_s=_pct(lat, 0.5),
+            otp_latency_p99_s=_pct(lat, 0.99), drained=ok,
+        )  # fmt: skip
+        worst = max(resumes) if resumes else None
+        res.notes.append(
+            f"{n} campaign emails (SendGrid) + {len(otps.sent)} OTPs (Twilio); {len(kills)} kill -9 every {every:g}s, "
+            f"{_restarts(world)} restarts; abandoned OTP jobs resumed in max {worst}s (target < 30s)"
+        )
+        if worst is None or worst >= 30:
+            res.problems.append(f"abandoned transactional jobs resumed in {worst}s (target < 30s)")
+        _check_pool(world, res)
+    finally:
+        world.close()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- 2
+
+
+def launcher_killed(quick: bool) -> Result:
+    from campaigns.models import Campaign
+
+    res = Result("2. campaign launcher killed")
+    n = 1500 if quick else 5000
+    world = World("launcher")
+    try:
+        users = world.users(n)
+        seg = world.dir / "segment.csv"
+        with open(seg, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["user_id"])
+            w.writerows([u] for u in users)
+        world.start_pool(POOL)
+        env = world.env(NOTIFY_CAMPAIGN_CHUNK_SIZE="50")
+        base = [sys.executable, "-m", "notifyctl.cli.main", "campaign", "launch"]
+        args = ["-t", "weekly_promo", "-c", "email", "--segment-csv", str(seg), "--rate", "400", "--quiet-hours",
+                "off", "-d", "first_name=F", "-d", "discount=10", "-d", "code=W", "--json"]  # fmt: skip
+        t0 = time.monotonic()
+        proc = subprocess.Popen(base + args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def written() -> int:
+            with world.ctx.engine.connect() as conn:
+                return int(conn.execute(select(func.count()).select_from(Notification)).scalar_one())
+
+        target = n // 3
+        wait_until(lambda: written() >= target or proc.poll() is not None, 60, 0.01)
+        killed = proc.poll() is None
+        if killed:
+            proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate()
+        at_kill = written()
+        with world.ctx.engine.connect() as conn:
+            cid = conn.execute(select(Campaign.id)).scalar_one()
+        if not killed:
+            res.problems.append(f"the launcher finished before it could be killed (exit {proc.returncode})")
+        r2 = subprocess.run(base + ["--resume", cid, "--json"], env=env, cwd=ROOT, capture_output=True, text=True)
+        if r2.returncode != 0:
+            res.problems.append(f"relaunch failed (exit {r2.returncode}): {r2.stderr.strip()[-300:]}")
+            summary: dict[str, Any] = {}
+        else:
+            summary = json.loads(r2.stdout)
+        with world.ctx.engine.connect() as conn:
+            rows = conn.execute(select(Notification.id, Notification.recipient_id)).all()
+        recipients = [r for _n, r in rows]
+        skipped = set(users) - set(recipients)
+        twice = len(recipients) - len(set(recipients))
+        if skipped or twice:
+            res.problems.append(f"after relaunch: {len(skipped)} recipient(s) skipped, {twice} written twice")
+        expected = {f"{u}@example.com" for u in users}
+        drain_ok = wait_until(lambda: expected <= {m["to"] for m in world.sg.recorder.all()}, 120 if not quick else 40)
+        time.sleep(2)
+        res.seconds = round(time.monotonic() - t0, 1)
+        _apply(res, tally(expected, [m["to"] for m in world.sg.recorder.all()]))
+        res.figures.update(
+            killed_after_rows=at_kill, relaunch_written=summary.get("written"),
+            relaunch_skipped_existing=summary.get("skipped_existing"), drained=drain_ok,
+        )  # fmt: skip
+        res.notes.append(
+            f"{n} recipients; launcher killed after {at_kill} rows, relaunch --resume wrote "
+            f"{summary.get('written')} and skipped {summary.get('skipped_existing')}; counted per address"
+        )
+        _check_pool(world, res)
+    finally:
+        world.close()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- 3
+
+
+def redis_killed(quick: bool) -> Result:
+    res = Result("3. redis-server killed")
+    n, rate, kill_at, down = (800, 150.0, 2.0, 2.0) if quick else (4000, 200.0, 6.0, 5.0)
+    world = World("redis")
+    try:
+        camp = world.users(n)
+        otp_users = world.users(200, prefix="p", phones=True)
+        world.start_pool(POOL)
+        expected = set(world.campaign_rows(camp, rate))
+        otps = OtpStream(world, otp_users, 0.1).start()
+        t0 = time.monotonic()
+        time.sleep(kill_at)
+        otps.stop()  # everything submitted so far was accepted (intake returned) before the crash
+        before = len(world.accepted())
+        os.kill(world.redis_pid(), signal.SIGKILL)
+        time.sleep(down)
+        pool_survived_outage = world.pool_alive()
+        ensure_server(world.redis_dir)
+        t_up = time.time()
+        expected |= set(otps.sent)
+        ok = drain(world, expected, 180 if not quick else 60)
+        res.seconds = round(time.monotonic() - t0, 1)
+        _apply(res, tally(expected, world.accepted_ids()))
+        after = [m["t"] for m in world.accepted() if m["t"] > t_up]
+        res.figures.update(
+            accepted_before_crash=before, otps=len(otps.sent), otp_submit_errors=otps.errors,
+            pool_survived_outage=pool_survived_outage, restarts=_restarts(world), drained=ok,
+            first_accept_after_restart_s=round(min(after) - t_up, 2) if after else None,
+        )  # fmt: skip
+        res.notes.append(
+            f"{n} emails + {len(otps.sent)} OTPs accepted; kill -9 at {kill_at:g}s ({before} already sent), "
+            f"down {down:g}s, restarted from AOF; {_restarts(world)} worker restarts"
+        )
+        _check_pool(world, res)
+    finally:
+        world.close()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- 4
+
+
+def provider_outage(quick: bool) -> Result:
+    res = Result("4. provider outage (503)")
+    n, rate, start, window = (300, 60.0, 1.0, 8.0) if quick else (1500, 25.0, 10.0, 120.0)
+    delays, cooldown = ([1, 2, 3], 2.0) if quick else ([5, 10, 20], 10.0)
+    world = World("outage", {"retry_delays": delays, "circuit_threshold": 3, "circuit_cooldown": cooldown})
+    try:
+        camp = world.users(n)
+        world.start_pool(POOL)
+        expected = set(world.campaign_rows(camp, rate))
+        circuits = Circuits(world.ctx.redis, 3, cooldown)
+        seen: dict[str, Any] = {"open": 0, "dlq_peak": 0}
+
+        def watch() -> None:
+            st = circuits.all_states(["sendgrid"])["sendgrid"]["state"]
+            if st == "open":
+                seen["open"] += 1
+            seen["dlq_peak"] = max(seen["dlq_peak"], world.dead_lettered())
+
+        ticker = Ticker(0.5, watch).start()
+        t0 = time.monotonic()
+        time.sleep(start)
+        world.sg.faults.add({"status": 503, "count": -1, "body": {"errors": [{"message": "service unavailable"}]}})
+        answered_503_from = world.sg.api_requests
+        time.sleep(window)
+        world.sg.faults.clear()
+        during = world.sg.api_requests - answered_503_from
+        t_rec = time.monotonic()
+        ok = drain(world, expected, 180 if not quick else 60)
+        recovered_in = round(time.monotonic() - t_rec, 1)
+        ticker.stop()
+        res.seconds = round(time.monotonic() - t0, 1)
+        _apply(res, tally(expected, world.accepted_ids()))
+        final = circuits.all_states(["sendgrid"])["sendgrid"]["state"]
+        with world.ctx.engine.connect() as conn:
+            max_attempts = conn.execute(select(func.max(Delivery.attempts))).scalar_one()
+        res.figures.update(
+            requests_answered_503=during, circuit_seen_open=seen["open"] > 0, circuit_final=final,
+            dlq_peak=seen["dlq_peak"], dlq_after=world.dead_lettered(), max_attempts=max_attempts,
+            all_delivered_after_recovery_s=recovered_in, drained=ok,
+        )  # fmt: skip
+        res.notes.append(
+            f"{n} emails; SendGrid 503 for {window:g}s ({during} requests refused), retries {delays}s; circuit "
+            f"{'opened' if seen['open'] else 'NEVER opened'} and is {final}; DLQ peaked at {seen['dlq_peak']}, "
+            f"{world.dead_lettered()} left after auto-replay; all sent {recovered_in}s after recovery"
+        )
+        if not seen["open"]:
+            res.problems.append("the circuit never opened during the outage")
+        if final != "closed":
+            res.problems.append(f"the circuit is {final} after recovery")
+        if world.dead_lettered():
+            res.problems.append(f"{world.dead_lettered()} deliveries still dead-lettered after recovery")
+        _check_pool(world, res)
+    finally:
+        world.close()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- 5
+
+
+def rate_limited(quick: bool) -> Result:
+    res = Result("5. provider rate limit (429)")
+    n, allowed = (300, 60.0) if quick else (800, 40.0)
+    delays = [1, 2, 4, 8, 16, 32]
+    world = World("ratelimit", {"retry_delays": delays, "circuit_threshold": 5, "circuit_cooldown": 3.0})
+    try:
+        camp = world.users(n)
+        plan = RateLimitPlan(allowed, burst=int(allowed // 4) or 1, retry_after=2)
+        world.sg.faults = plan
+        world.start_pool(POOL)
+        t0 = time.monotonic()
+        expected = set(world.campaign_rows(camp, 10000.0, personal=True))  # all due at once: demand >> allowed rate
+        ok = drain(world, expected, 150 if not quick else 50)
+        res.seconds = round(time.monotonic() - t0, 1)
+        _apply(res, tally(expected, world.accepted_ids()))
+        ts = sorted(m["t"] for m in world.sg.recorder.all())
+        span = (ts[-1] - ts[0]) if len(ts) > 1 else float("nan")
+        got_rate = round(len(ts) / span, 1) if span and span == span else float("nan")
+        with world.ctx.engine.connect() as conn:
+            attempts = dict(conn.execute(select(Delivery.attempts, func.count()).group_by(Delivery.attempts)).all())
+        dlq = world.dead_lettered()
+        res.figures.update(
+            allowed_per_s=allowed, accepted_per_s=got_rate, answered_429=plan.refused, dlq=dlq,
+            attempts_histogram={int(k): int(v) for k, v in attempts.items()}, drained=ok,
+        )  # fmt: skip
+        res.notes.append(
+            f"{n} emails due at once, SendGrid allows {allowed:g} req/s (429 Retry-After 2 beyond): accepted at "
+            f"{got_rate}/s, {plan.refused} answers were 429, DLQ {dlq}, max attempts {max(attempts or {0: 0})} of "
+            f"{len(delays) + 1} (retries {delays}s: each 429 uses an attempt, so a 429 storm longer than the retry "
+            f"budget, ~{sum(delays)}s here and ~35 min with the default 30s/5m/30m, would dead-letter)"
+        )
+        if dlq:
+            res.problems.append(f"{dlq} deliveries reached the DLQ for 429s alone")
+        _check_pool(world, res)
+    finally:
+        world.close()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- 6
+
+
+def hung_provider(quick: bool) -> Result:
+    res = Result("6. hung provider (timeouts)")
+    n, rate, start, window = (200, 100.0, 1.0, 5.0) if quick else (1000, 40.0, 3.0, 30.0)
+    delays = [1, 2, 3, 4, 5, 6] if quick else [2, 4, 8, 16, 32]
+    world = World("hung", {"retry_delays": delays, "circuit_threshold": 3, "circuit_cooldown": 3.0})
+    world.overrides["provider_options"]["sendgrid"]["timeout"] = 2.0
+    world.settings.provider_options["sendgrid"]["timeout"] = 2.0
+    try:
+        camp = world.users(n)
+        world.start_pool(POOL)
+        expected = set(world.campaign_rows(camp, rate))
+        seen = {"min_alive": POOL, "samples": 0}
+
+        def watch() -> None:
+            seen["min_alive"] = min(seen["min_alive"], world.alive_workers())
+            seen["samples"] += 1
+
+        t0 = time.monotonic()
+        time.sleep(start)
+        ticker = Ticker(0.5, watch).start()
+        # the provider stops answering: every request hangs 5s (timeout is 2s) and the connection drops
+        world.sg.faults.add({"delay": 5, "drop": True, "count": -1})
+        time.sleep(window)
+        world.sg.faults.clear()
+        t_rec = time.monotonic()
+        ok = drain(world, expected, 180 if not quick else 45)
+        recovered_in = round(time.monotonic() - t_rec, 1)
+        ticker.stop()
+        res.seconds = round(time.monotonic() - t0, 1)
+        _apply(res, tally(expected, world.accepted_ids()))
+        res.figures.update(
+            min_alive_workers_during=seen["min_alive"], restarts=_restarts(world), dlq=world.dead_lettered(),
+            all_delivered_after_recovery_s=recovered_in, drained=ok, queues_empty=world.queues_empty(),
+        )  # fmt: skip
+        res.notes.append(
+            f"{n} emails; SendGrid hangs 5s then drops (timeout 2s) for {window:g}s: workers alive throughout "
+            f"(min {seen['min_alive']}/{POOL} heartbeats), {_restarts(world)} restarts, all sent {recovered_in}s "
+            f"after recovery, DLQ {world.dead_lettered()}"
+        )
+        if seen["min_alive"] < POOL:
+            res.problems.append(f"a worker stopped heartbeating during the hang ({seen['min_alive']}/{POOL} alive)")
+        if not world.queues_empty():
+            res.problems.append("queues not empty after recovery")
+        _check_pool(world, res)
+    finally:
+        world.close()
+    return res
+
+
+SCENARIOS = {
+    "workers": workers_killed,
+    "launcher": launcher_killed,
+    "redis": redis_killed,
+    "outage": provider_outage,
+    "ratelimit": rate_limited,
+    "hung": hung_provider,
+}
