@@ -404,8 +404,8 @@ def rate_limited(quick: bool) -> Result:
         res.notes.append(
             f"{n} emails due at once, SendGrid allows {allowed:g} req/s (429 Retry-After 2 beyond): accepted at "
             f"{got_rate}/s, {plan.refused} answers were 429, DLQ {dlq}, max attempts {max(attempts or {0: 0})} of "
-            f"{len(delays) + 1} (retries {delays}s: each 429 uses an attempt, so a 429 storm longer than the retry "
-            f"budget, ~{sum(delays)}s here and ~35 min with the default 30s/5m/30m, would dead-letter)"
+            f"{len(delays) + 1} (a 429 is a throttle: the delivery waits the Retry-After without using an attempt, "
+            f"and every worker holds off the provider meanwhile, so a 429 storm never dead-letters)"
         )
         if dlq:
             res.problems.append(f"{dlq} deliveries reached the DLQ for 429s alone")
