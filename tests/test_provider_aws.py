@@ -345,7 +345,7 @@ def test_sns_retry_after_header_is_honoured(sandbox, sns_provider):
         {"code": "Throttled", "status": 429, "message": "slow down", "headers": {"Retry-After": "3"}}
     )
     [outcome] = sns_provider.send([sms()])
-    assert outcome == Retry("Throttled: slow down", 3.0)
+    assert outcome == Retry("Throttled: slow down", 3.0, throttled=True)
 
 
 def test_sns_non_e164_number_is_invalid_address_without_a_call(sandbox, sns_provider):

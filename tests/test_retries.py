@@ -150,8 +150,13 @@ def test_one_batch_with_mixed_outcomes(mctx: Context, smtp: SmtpSandbox) -> None
     smtp.faults.add({"smtp_code": 451, "smtp_message": "4.3.0 try later", "match": "bob@"})
     smtp.faults.add({"smtp_code": 550, "smtp_message": "5.1.1 user unknown", "match": "carol@"})
     smtp.faults.add({"stage": "data", "smtp_code": 554, "smtp_message": "5.6.0 rejected", "match": "alice@"})
+    import io
+
+    from notifyctl.directory import import_users
+
+    import_users(mctx, io.StringIO("user_id,email\nerin,erin@example.com\n"))
     ids = [send(mctx, channels=["email", "sms"], recipient_id=u).notification_id for u in ("alice", "bob", "carol")]
-    ok = send(mctx, channels=["email"], recipient_id="alice", data={"order_id": "O-2", "tracking_url": "u"})
+    ok = send(mctx, channels=["email"], recipient_id="erin")
     stats = process(Runtime(mctx, "w-mixed"), [*ids, ok.notification_id])
     assert stats.notifications == 4
     by = {(d.user_id, d.channel): d for n in ids for d in deliveries(mctx, n)}
