@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     smtp_starttls: bool = False
     smtp_timeout: float = 10.0
 
+    @field_validator("redis_url", "database_url", "redis_server_bin", "public_url", "postal_address", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
     @field_validator("rate_limits")
     @classmethod
     def _check_rules(cls, v: list[str]) -> list[str]:
