@@ -56,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=20000)
     ap.add_argument("--pool", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=1000)
     a = ap.parse_args()
     print(json.dumps(run(a.users, a.pool, a.batch)))
 

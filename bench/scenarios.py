@@ -49,7 +49,7 @@ def _noop(_msg: str) -> None:
 # ------------------------------------------------------------------------------------------------ 1 + 3
 
 
-def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 500, expect_rate: float = 2500.0,
+def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 1000, expect_rate: float = 2500.0,
                 log: Log = _noop, timeout: float = 1800) -> dict[str, Any]:  # fmt: skip
     """(1) n marketing emails through the pool to the SendGrid sandbox; (3) during it, ``otps`` OTP
     SMS submitted through intake at priority high, timed from submit to acceptance by the Twilio
@@ -211,7 +211,7 @@ def bare_apns_messages(n: int, tag: str = "bare") -> list[Any]:
     ]  # fmt: skip
 
 
-def push_blast(n: int, pool: int = 3, batch: int = 500, log: Log = _noop, timeout: float = 1800) -> dict[str, Any]:
+def push_blast(n: int, pool: int = 3, batch: int = 1000, log: Log = _noop, timeout: float = 1800) -> dict[str, Any]:
     """(2) n iOS pushes through the pool to the APNs sandbox (TLS + HTTP/2), then the ceiling: the
     same provider class sending pre-built batches of the same size in a bare loop, same sandbox."""
     import tempfile
@@ -506,7 +506,7 @@ def _process_in_process(env: Env, nids: list[str], batch: int, profile: bool) ->
     return res
 
 
-def cost(n: int, batch: int = 500, log: Log = _noop) -> dict[str, Any]:
+def cost(n: int, batch: int = 1000, log: Log = _noop) -> dict[str, Any]:
     """(5) worker.pipeline.process in this process over batches: SQL statements (a
     before_cursor_execute listener), Redis commands (INFO commandstats), and a cProfile summary,
     for email (SendGrid sandbox) and push (APNs sandbox)."""

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
         default_factory=lambda: [30, 300, 1800],
         description="seconds before attempts 2, 3, 4...; after the last, the delivery goes to the DLQ",
     )
-    batch_size: int = Field(500, description="notifications per RQ job for bulk traffic")
+    batch_size: int = Field(1000, description="notifications per RQ job for bulk traffic")
     job_timeout: int = Field(600, description="RQ job timeout, seconds")
     claim_ttl: int = Field(120, description="how long a worker holds a delivery while sending it, seconds")
     sent_marker_ttl: int = Field(7 * 86400, description="how long Redis remembers a sent delivery, seconds")

@@ -760,5 +760,11 @@ def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> Non
             else:
                 # Something is held by another live worker: the reconciler looks again after its grace.
                 rows.append({"id": n.id, "status": NotificationStatus.queued, "due_at": now, "updated_at": now})
-    if rows:
-        _bulk_update(session, _N, rows)
+    # Most rows of a batch get the same values (done, no reason): one UPDATE ... WHERE id IN (...)
+    # per distinct set of values, instead of one parameter set per row.
+    same: dict[tuple[tuple[str, Any], ...], list[str]] = defaultdict(list)
+    for r in rows:
+        same[tuple(sorted((k, v) for k, v in r.items() if k != "id"))].append(r["id"])
+    for values, ids in same.items():
+        for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+            session.execute(update(_N).where(_N.c.id.in_(ids[i : i + 900])).values(dict(values)))
