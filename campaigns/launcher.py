@@ -504,6 +504,35 @@ class _ChannelCount:
         return d
 
 
+class _SeenSet:
+    """An exact set of user ids that keeps memory flat whatever the segment size: a throwaway
+    SQLite table in a temporary file, asked and filled once per chunk."""
+
+    def __init__(self) -> None:
+        import sqlite3
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="notify-dryrun-")
+        self._db = sqlite3.connect(f"{self._dir.name}/seen.db")
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE seen (user_id TEXT PRIMARY KEY) WITHOUT ROWID")
+
+    def add_chunk(self, ids: list[str]) -> set[str]:
+        """Record ``ids``; return those that were already recorded by an earlier chunk."""
+        before: set[str] = set()
+        for i in range(0, len(ids), 900):
+            part = ids[i : i + 900]
+            q = f"SELECT user_id FROM seen WHERE user_id IN ({','.join('?' * len(part))})"
+            before.update(r[0] for r in self._db.execute(q, part))
+        self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", ((u,) for u in ids))
+        return before
+
+    def close(self) -> None:
+        self._db.close()
+        self._dir.cleanup()
+
+
 def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: Campaign | None) -> dict[str, Any]:
     """The audience after opt-outs, dedup, addresses and rate limits; nothing is written anywhere."""
     settings = ctx.settings
@@ -511,7 +540,7 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
     plan = _Plan()
     per_channel = {c: _ChannelCount() for c in res.channels}
     wave_channels: dict[datetime, Counter[str]] = defaultdict(Counter)
-    seen: set[str] = set()  # exact in-segment dedup (the real launch leans on the unique index instead)
+    seen = _SeenSet()  # exact in-segment dedup on disk (the real launch leans on the unique index instead)
     duplicates = already = audience = 0
     sms_parts = sms_recipients = 0
     rules = [r for r in settings.rules if any(r.applies(c, res.category) for c in res.channels)]
@@ -536,6 +565,8 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
                         )
                     ).scalars()
                 )
+            repeats = seen.add_chunk(ids)  # user ids of this chunk already seen in earlier chunks
+            in_chunk: set[str] = set()
             existing: set[str] = set()
             if campaign is not None:
                 existing = set(
@@ -574,10 +605,10 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
                 if row.user_id in existing:
                     already += 1
                     continue
-                if row.user_id in seen:
+                if row.user_id in repeats or row.user_id in in_chunk:
                     duplicates += 1
                     continue
-                seen.add(row.user_id)
+                in_chunk.add(row.user_id)
                 audience += 1
                 blocks = opt.get(user.id, set())
                 counts = {rule.key: window.get((user.id, rule.key), 0) for rule in rules}
@@ -622,6 +653,7 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
         d = w.to_dict()
         d["channels"] = dict(wave_channels.get(w.instant, {}))
         wave_dicts.append(d)
+    seen.close()
     return {
         "dry_run": True,
         "campaign_id": campaign.id if campaign else None,
