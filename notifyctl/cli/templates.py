@@ -38,6 +38,25 @@ def list_(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
     console.print(table)
 
 
+@app.command("show")
+def show(ctx: typer.Context, template_id: str, as_json: bool = JsonOpt) -> None:
+    """A template's category, priority, sample data and source text of every part."""
+    t = get_ctx(ctx).templates.get(template_id)
+    if as_json:
+        print_json({"id": t.id, "category": t.category, "priority": t.priority, "description": t.description,
+                    "channels": t.channels, "sample": t.sample, "parts": t.parts, "source": str(t.source)})  # fmt: skip
+        return
+    console.print(f"[bold]{t.id}[/bold]  {t.category}, priority {t.priority}  ({t.source})", highlight=False)
+    if t.description:
+        console.print(t.description)
+    console.print(f"sample data: {json.dumps(t.sample)}", markup=False)
+    for channel, parts in t.parts.items():
+        console.rule(channel)
+        for name, text in parts.items():
+            console.print(f"{name}:", style="bold")
+            console.print(text.strip(), markup=False, highlight=False)
+
+
 @app.command("render")
 def render(
     ctx: typer.Context,
