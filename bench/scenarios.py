@@ -340,7 +340,7 @@ def launcher_memory(rows: int, log: Log = _noop, small_fraction: float = 0.1, ro
                 w.writerow(["user_id"])
                 w.writerows([u] for u in ids[:k])
             paths[label] = path
-        rate = float(max(100, rows // 25))
+        rate = float(min(10_000, max(100, rows // 25)))  # at most the seed's peak, 10,000/s
         out["rate"] = rate
         out["baseline_rss_mb"] = _baseline_rss(env)
         if flat:
