@@ -30,6 +30,7 @@ def sandbox():
 def _clean(sandbox):
     sandbox.faults.clear()
     sandbox.recorder.clear()
+    sandbox.bulk_calls.clear()
     yield
     sandbox.faults.clear()
 
@@ -113,9 +114,7 @@ def test_ses_send_is_recorded_by_moto_with_subject_body_headers_tags(sandbox, se
 
 def test_ses_configuration_set_and_from_address_from_config(sandbox, tmp_path):
     p = ses.Provider(
-        make_settings(
-            tmp_path, "ses", sandbox, configuration_set="events", from_address="Acme <acme@example.com>"
-        )
+        make_settings(tmp_path, "ses", sandbox, configuration_set="events", from_address="Acme <acme@example.com>")
     )
     try:
         [outcome] = p.send([email()])
@@ -227,7 +226,8 @@ def test_ses_batch_is_concurrent_and_in_order(sandbox, ses_provider):
     n = 16
     sandbox.faults.add({"delay": 0.25, "count": n, "match": "outbound-emails"})  # slow, then pass through
     sandbox.reset_peak()
-    batch = [email(to=f"user{i}@example.org", delivery_id=f"d{i}") for i in range(n)]
+    # distinct content: each message goes through its own SendEmail call
+    batch = [email(to=f"user{i}@example.org", delivery_id=f"d{i}", subject=f"Receipt {i}") for i in range(n)]
     started = time.monotonic()
     outcomes = ses_provider.send(batch)
     elapsed = time.monotonic() - started
@@ -242,13 +242,16 @@ def test_ses_batch_is_concurrent_and_in_order(sandbox, ses_provider):
 
 
 def test_ses_batch_mixed_outcomes_keep_order(sandbox, ses_provider):
-    sandbox.faults.add(
-        {"code": "MessageRejected", "status": 400, "message": "nope", "match": "bad@example.org"}
-    )
+    sandbox.faults.add({"code": "MessageRejected", "status": 400, "message": "nope", "match": "bad@example.org"})
     outcomes = ses_provider.send(
-        [email(to="a@example.org"), email(to="bad@example.org"), email(to="c@example.org")]
+        [
+            email(to="a@example.org", subject="a"),
+            email(to="bad@example.org", subject="b"),
+            email(to="c@example.org", subject="c"),
+        ]
     )
     assert [type(o) for o in outcomes] == [Sent, Permanent, Sent]
+    assert sandbox.bulk_calls.all() == []
     assert sorted(r["to"][0] for r in sandbox.recorder.all()) == ["a@example.org", "c@example.org"]
 
 
@@ -268,6 +271,7 @@ def test_ses_describe_masks_secrets(ses_provider):
     assert shown["secret_access_key"] == "(set)"
     assert shown["endpoint_url"].startswith("http://127.0.0.1:")
     assert shown["from_address"] == FROM
+    assert shown["bulk"] == "on, 50/call"
 
 
 @pytest.mark.parametrize(
@@ -283,6 +287,245 @@ def test_ses_misconfigured(sandbox, tmp_path, options):
     with pytest.raises(Misconfigured) as info:
         ses.Provider(make_settings(tmp_path, "ses", sandbox, **options))
     assert SECRET not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# SES SendBulkEmail (identical content)
+# --------------------------------------------------------------------------------------------
+
+PROMO = {"subject": "Spring sale", "text": "20% off everything", "html": "<p>20% off everything</p>"}
+
+
+def promo(i: int, **content: str) -> Message:
+    """Identical content, per-user List-Unsubscribe URL (as the pipeline renders marketing mail)."""
+    m = email(to=f"user{i}@example.org", delivery_id=f"d{i}", **{**PROMO, **content})
+    m.category = "marketing"
+    m.headers = {
+        "List-Unsubscribe": f"<https://example.com/u/{i}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }
+    return m
+
+
+def test_ses_bulk_120_identical_messages_take_three_calls(sandbox, ses_provider):
+    outcomes = ses_provider.send([promo(i) for i in range(120)])
+
+    assert all(isinstance(o, Sent) for o in outcomes), outcomes
+    assert len({o.provider_message_id for o in outcomes}) == 120
+    calls = sandbox.bulk_calls.all()
+    assert sorted(c["entries"] for c in calls) == [20, 50, 50]
+    assert all(c["status"] == 200 for c in calls)
+    # the wire request: inline template content, shared header in the template, per-user one per entry
+    req = calls[0]["request"]
+    template = req["DefaultContent"]["Template"]
+    assert "TemplateName" not in template
+    assert template["TemplateContent"] == {"Subject": "Spring sale", "Text": PROMO["text"], "Html": PROMO["html"]}
+    assert template["Headers"] == [{"Name": "List-Unsubscribe-Post", "Value": "List-Unsubscribe=One-Click"}]
+    entry = req["BulkEmailEntries"][0]
+    assert [h["Name"] for h in entry["ReplacementHeaders"]] == ["List-Unsubscribe"]
+    assert req["FromEmailAddress"] == FROM
+    assert sandbox.recorder.all() and all(r["bulk"] for r in sandbox.recorder.all())
+    # each message went to its own recipient with its own headers and tags
+    by_id = {r["message_id"]: r for r in sandbox.recorder.all()}
+    assert len(by_id) == 120
+    for i, o in enumerate(outcomes):
+        rec = by_id[o.provider_message_id]
+        assert rec["to"] == [f"user{i}@example.org"]
+        assert rec["tags"] == {"delivery_id": f"d{i}", "notification_id": "n-1", "category": "marketing"}
+        assert rec["headers"] == {
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+            "List-Unsubscribe": f"<https://example.com/u/{i}>",
+        }
+        assert (rec["subject"], rec["text"], rec["html"]) == (PROMO["subject"], PROMO["text"], PROMO["html"])
+    moto = {e["id"]: e for e in sandbox.sent_emails()}
+    assert all(moto[o.provider_message_id]["subject"] == "Spring sale" for o in outcomes)
+
+
+#: (BulkEmailStatus, Error, outcome type, retry_after, throttled) — statuses from botocore's sesv2 model
+BULK_STATUSES = [
+    ("ACCOUNT_THROTTLED", "Maximum sending rate exceeded.", Retry, None, True),
+    ("ACCOUNT_DAILY_QUOTA_EXCEEDED", "Daily message quota exceeded.", Retry, 3600.0, False),
+    ("TRANSIENT_FAILURE", "Temporary failure", Retry, None, False),
+    ("FAILED", "Unknown failure", Retry, None, False),
+    ("MESSAGE_REJECTED", "Message contains a virus", Permanent, None, False),
+    ("MAIL_FROM_DOMAIN_NOT_VERIFIED", "Domain not verified", Permanent, None, False),
+    ("CONFIGURATION_SET_NOT_FOUND", "No such configuration set", Permanent, None, False),
+    ("TEMPLATE_NOT_FOUND", "No such template", Permanent, None, False),
+    ("ACCOUNT_SUSPENDED", "Account suspended", Permanent, None, False),
+    ("INVALID_SENDING_POOL_NAME", "No such pool", Permanent, None, False),
+    ("ACCOUNT_SENDING_PAUSED", "Sending paused", Permanent, None, False),
+    ("CONFIGURATION_SET_SENDING_PAUSED", "Sending paused for the set", Permanent, None, False),
+    ("INVALID_PARAMETER", "Illegal address", InvalidAddress, None, False),
+    ("INVALID_PARAMETER", "Invalid tag value", Permanent, None, False),
+]
+
+
+def test_ses_bulk_entry_results_map_to_outcomes_in_order(sandbox, ses_provider):
+    n = len(BULK_STATUSES)
+    for i, (status, error, *_) in enumerate(BULK_STATUSES):
+        sandbox.faults.add({"entry_status": status, "error": error, "match": f'"user{i}@example.org"'})
+    batch = [promo(i) for i in range(n)] + [promo(n), promo(0, text="x", html="")]
+    batch[-1].address = "not-an-address"  # moto refuses it: that entry alone is INVALID_PARAMETER
+    batch[-2].content = dict(batch[0].content)
+    batch[-1].content = dict(batch[0].content)
+    outcomes = ses_provider.send(batch)
+
+    assert [c["entries"] for c in sandbox.bulk_calls.all()] == [n + 2]  # one call, no fallback
+    for (status, error, kind, retry_after, throttled), outcome in zip(BULK_STATUSES, outcomes, strict=False):
+        assert type(outcome) is kind, (status, outcome)
+        assert status in outcome.reason and error in outcome.reason
+        if kind is Retry:
+            assert (outcome.retry_after, outcome.throttled) == (retry_after, throttled)
+    assert isinstance(outcomes[n], Sent)
+    assert isinstance(outcomes[n + 1], InvalidAddress) and "INVALID_PARAMETER" in outcomes[n + 1].reason
+    assert [r["to"] for r in sandbox.recorder.all()] == [[f"user{n}@example.org"]]
+    assert sandbox.faults.pending() == 0
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind"),
+    [
+        ({"code": "TooManyRequestsException", "status": 429, "message": "Too many requests"}, Retry),
+        ({"code": "InternalFailure", "status": 500, "message": "oops"}, Retry),
+        ({"code": "AccountSuspendedException", "status": 400, "message": "suspended"}, Permanent),
+        ({"drop": True}, Retry),
+    ],
+)
+def test_ses_bulk_whole_call_error_applies_to_every_entry(sandbox, ses_provider, fault, kind):
+    sandbox.faults.add({**fault, "match": "outbound-bulk-emails"})
+    outcomes = ses_provider.send([promo(i) for i in range(3)])
+    assert [type(o) for o in outcomes] == [kind] * 3
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    if fault.get("status") == 429:
+        assert outcomes[0].throttled
+    assert sandbox.recorder.all() == []
+
+
+def test_ses_bulk_call_refused_over_an_address_falls_back_to_one_by_one(sandbox, ses_provider):
+    sandbox.faults.add({"code": "BadRequestException", "message": "Illegal address", "match": "outbound-bulk-emails"})
+    batch = [promo(i) for i in range(3)]
+    batch[1].address = "not-an-address"
+    outcomes = ses_provider.send(batch)
+    assert [type(o) for o in outcomes] == [Sent, InvalidAddress, Sent]
+    recs = sandbox.recorder.all()
+    assert sorted(r["to"][0] for r in recs) == ["user0@example.org", "user2@example.org"]
+    assert not any(r["bulk"] for r in recs)
+
+
+def test_ses_bulk_unverified_sender_is_permanent(sandbox, tmp_path):
+    p = ses.Provider(make_settings(tmp_path, "ses", sandbox, from_address="x@unverified.test"))
+    try:
+        outcomes = p.send([promo(i) for i in range(2)])
+    finally:
+        p.close()
+    assert all(isinstance(o, Permanent) and "MessageRejected" in o.reason for o in outcomes)
+    assert [c["status"] for c in sandbox.bulk_calls.all()] == [400]
+
+
+def test_ses_mixed_batch_uses_bulk_and_single_sends(sandbox, ses_provider):
+    batch = [
+        promo(0),
+        email(to="solo1@example.org", subject="Only you"),
+        promo(1),
+        promo(2, subject="Other subject"),
+        promo(3),
+        email(to="curly@example.org", subject="{{not a var}}"),
+        promo(4),
+    ]
+    outcomes = ses_provider.send(batch)
+
+    assert all(isinstance(o, Sent) for o in outcomes), outcomes
+    [call] = sandbox.bulk_calls.all()
+    assert [e["Destination"]["ToAddresses"][0] for e in call["request"]["BulkEmailEntries"]] == [
+        f"user{i}@example.org" for i in (0, 1, 3, 4)
+    ]
+    by_id = {r["message_id"]: r for r in sandbox.recorder.all()}
+    assert [by_id[o.provider_message_id]["bulk"] for o in outcomes] == [True, False, True, False, True, False, True]
+    assert [by_id[o.provider_message_id]["to"][0] for o in outcomes] == [m.address for m in batch]
+    assert by_id[outcomes[5].provider_message_id]["subject"] == "{{not a var}}"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [{"text": "Hi {{name}}, welcome"}, {"html": "<p>{{#if x}}y{{/if}}</p>"}, {"subject": "Use {{code}}"}],
+)
+def test_ses_content_with_braces_falls_back_to_send_email(sandbox, ses_provider, content):
+    outcomes = ses_provider.send([promo(i, **content) for i in range(3)])
+
+    assert all(isinstance(o, Sent) for o in outcomes), outcomes
+    assert sandbox.bulk_calls.all() == []
+    recs = sandbox.recorder.all()
+    assert len(recs) == 3 and not any(r["bulk"] for r in recs)
+    for key, value in content.items():
+        assert all(r[key] == value for r in recs)  # verbatim: no template substitution happened
+
+
+def test_ses_header_with_braces_falls_back_to_send_email(sandbox, ses_provider):
+    batch = [promo(i) for i in range(2)]
+    batch[0].headers["X-Note"] = "{{x}}"
+    batch[1].headers["X-Note"] = "{{x}}"
+    assert all(isinstance(o, Sent) for o in ses_provider.send(batch))
+    assert sandbox.bulk_calls.all() == []
+
+
+def test_ses_bulk_off_and_bulk_size_settings(sandbox, tmp_path):
+    off = ses.Provider(make_settings(tmp_path, "ses", sandbox, bulk=False))
+    small = ses.Provider(make_settings(tmp_path, "ses", sandbox, bulk_size=10))
+    try:
+        assert all(isinstance(o, Sent) for o in off.send([promo(i) for i in range(4)]))
+        assert sandbox.bulk_calls.all() == [] and len(sandbox.recorder) == 4
+        assert off.describe()["bulk"] == "off"
+        assert all(isinstance(o, Sent) for o in small.send([promo(i) for i in range(25)]))
+    finally:
+        off.close()
+        small.close()
+    assert sorted(c["entries"] for c in sandbox.bulk_calls.all()) == [5, 10, 10]
+
+
+def test_sandbox_bulk_renders_templates_and_enforces_ses_limits(sandbox):
+    """The sandbox's SendBulkEmail does what SES does with templates, so the fallback above matters."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    client = boto3.session.Session().client(
+        "sesv2",
+        region_name="us-east-1",
+        endpoint_url=sandbox.url,
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+    )
+    try:
+        entry = {
+            "Destination": {"ToAddresses": ["a@example.org"]},
+            "ReplacementEmailContent": {"ReplacementTemplate": {"ReplacementTemplateData": '{"name": "Ann"}'}},
+        }
+        resp = client.send_bulk_email(
+            FromEmailAddress=FROM,
+            DefaultContent={
+                "Template": {
+                    "TemplateContent": {"Subject": "Hi {{name}}", "Text": "{{greeting}}!"},
+                    "TemplateData": '{"name": "you", "greeting": "Hello"}',
+                }
+            },
+            BulkEmailEntries=[entry],
+        )
+        [result] = resp["BulkEmailEntryResults"]
+        assert result["Status"] == "SUCCESS"
+        [rec] = sandbox.recorder.all()
+        assert (rec["subject"], rec["text"]) == ("Hi Ann", "Hello!")
+        problems = [
+            ({"TemplateContent": {"Subject": "s", "Text": "{{#if a}}b{{/if}}"}}, [entry], "unsupported operations"),
+            ({"TemplateContent": {"Subject": "s", "Text": "t"}}, [entry] * 51, "Too many entries"),
+            ({"TemplateName": "nope"}, [entry], "does not exist"),
+        ]
+        for template, entries, message in problems:
+            with pytest.raises(ClientError) as info:
+                client.send_bulk_email(
+                    FromEmailAddress=FROM, DefaultContent={"Template": template}, BulkEmailEntries=entries
+                )
+            assert message in str(info.value)
+    finally:
+        client.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,9 +584,7 @@ def test_sns_error_mapping(sandbox, sns_provider, code, status, message, kind):
 
 
 def test_sns_retry_after_header_is_honoured(sandbox, sns_provider):
-    sandbox.faults.add(
-        {"code": "Throttled", "status": 429, "message": "slow down", "headers": {"Retry-After": "3"}}
-    )
+    sandbox.faults.add({"code": "Throttled", "status": 429, "message": "slow down", "headers": {"Retry-After": "3"}})
     [outcome] = sns_provider.send([sms()])
     assert outcome == Retry("Throttled: slow down", 3.0, throttled=True)
 

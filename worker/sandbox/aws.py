@@ -18,8 +18,24 @@ service's own error shape with ``status`` (default 400), i.e. for SES v2 (rest-j
 ``<ErrorResponse><Error><Type>Sender|Receiver</Type><Code>..</Code><Message>..</Message></Error>``
 XML document. Without a ``code`` the fault's raw ``body`` is sent as in the base sandbox.
 
+SES v2 ``SendBulkEmail`` (``POST /v2/email/outbound-bulk-emails``), which moto does not implement, is
+answered by the proxy itself in the real wire shape (``{"BulkEmailEntryResults": [{"Status",
+"Error", "MessageId"}]}``): it accepts inline ``DefaultContent.Template.TemplateContent`` (or a
+``TemplateName`` it cannot resolve: ``NotFoundException``), at most 50 ``BulkEmailEntries``, rejects
+Handlebars block helpers like SES (``Template contains unsupported operations.``), renders the
+simple ``{{var}}`` substitutions from ``TemplateData`` + ``ReplacementTemplateData``, merges
+``Template.Headers`` with each entry's ``ReplacementHeaders`` and ``DefaultEmailTags`` with
+``ReplacementTags``, then forwards each rendered entry to moto's own ``SendEmail`` so moto checks
+the sender (an unverified sender fails the whole call with ``MessageRejected``) and the address
+(a bad one becomes that entry's ``INVALID_PARAMETER``), keeps the message, and gives its id.
+Per-entry faults: a fault with ``entry_status`` (a ``BulkEmailStatus`` such as ``ACCOUNT_THROTTLED``)
+and optional ``error`` is applied to the bulk entries whose JSON contains its ``match``, instead of
+to whole requests. Each ``SendBulkEmail`` call is logged in ``sandbox.bulk_calls`` (``status``,
+``entries``: their number, ``request``: the JSON request as sent).
+
 What was sent: ``sandbox.recorder`` / ``GET /_sandbox/messages`` hold every accepted send as the
-client sent it (headers, tags, SMS attributes included, which moto does not keep), and
+client sent it (headers, tags, SMS attributes included, which moto does not keep; bulk entries rendered, with
+``"bulk": True``), and
 ``sent_emails()`` / ``sent_sms()`` read moto's own record through ``/moto-api/data.json``.
 
 moto's state lives in the process: two sandboxes in one process share it (and ``reset_moto()``
@@ -42,9 +58,17 @@ from xml.sax.saxutils import escape
 
 import urllib3
 
-from worker.sandbox.base import HttpSandbox, SandboxHandler
+from worker.sandbox.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
 
 SES_SEND_PATH = "/v2/email/outbound-emails"
+SES_BULK_PATH = "/v2/email/outbound-bulk-emails"
+#: SES v2 accepts at most 50 entries per SendBulkEmail call.
+SES_BULK_MAX = 50
+#: Handlebars beyond simple ``{{var}}`` substitution, which SES refuses for inline template content.
+_UNSUPPORTED_TEMPLATE_RE = re.compile(r"\{\{\s*(?:[#/^>!&{~]|else\b)")
+_TEMPLATE_VAR_RE = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
+#: moto's messages for a recipient it cannot parse (SES itself: "Illegal address" and the like).
+_BAD_ADDRESS_RE = re.compile(r"illegal address|missing domain|missing final|invalid email|local address", re.I)
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "te"}
 _AUTH_RE = re.compile(
     r"^AWS4-HMAC-SHA256\s+Credential=(?P<cred>[^,\s]+),\s*SignedHeaders=(?P<signed>[^,\s]+),"
@@ -124,6 +148,49 @@ def sigv4_problem(
     return None
 
 
+class AwsFaultPlan(FaultPlan):
+    """The base fault plan, plus per-entry faults for SendBulkEmail (those with ``entry_status``),
+    which are never taken for a whole request."""
+
+    def take(self, text: str = "", entry: bool = False) -> dict[str, Any] | None:
+        with self._lock:
+            for i, f in enumerate(self._faults):
+                if bool(f.get("entry_status")) != entry:
+                    continue
+                if f.get("match") and f["match"] not in text:
+                    continue
+                if f["count"] > 0:
+                    f["count"] -= 1
+                    if f["count"] == 0:
+                        del self._faults[i]
+                return dict(f)
+        return None
+
+
+def _render(template: str, data: dict[str, Any]) -> str:
+    """SES's simple substitution: ``{{name}}`` -> the value (missing -> empty)."""
+
+    def value(m: re.Match[str]) -> str:
+        v = data.get(m.group(1), "")
+        return v if isinstance(v, str) else json.dumps(v)
+
+    return _TEMPLATE_VAR_RE.sub(value, template)
+
+
+def _merge(base: list[dict[str, str]], override: list[dict[str, str]], fold: bool) -> dict[str, str]:
+    """Name -> value of ``base`` overridden by ``override`` (header names compare case-insensitively)."""
+    out: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    for item in [*base, *override]:
+        name = str(item.get("Name", ""))
+        key = name.lower() if fold else name
+        if key in keys:
+            out.pop(keys[key])
+        keys[key] = name
+        out[name] = str(item.get("Value", ""))
+    return out
+
+
 class AwsProxyHandler(SandboxHandler):
     sandbox: AwsSandbox
 
@@ -178,6 +245,8 @@ class AwsProxyHandler(SandboxHandler):
             problem = sigv4_problem(method, path, self.headers, body, sb.access_key_id, sb.secret_access_key)
             if problem:
                 return aws_error(path, *problem)
+        if method == "POST" and path.split("?")[0] == SES_BULK_PATH:
+            return sb._send_bulk(self.headers, body)
         fwd = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
         resp = sb._upstream.request(method, path, body=body or None, headers=fwd, redirect=False)
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -218,6 +287,8 @@ class AwsSandbox(HttpSandbox):
         self._gauge = threading.Lock()
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.faults: AwsFaultPlan = AwsFaultPlan()
+        self.bulk_calls = Recorder()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -283,6 +354,7 @@ class AwsSandbox(HttpSandbox):
                     "tags": {t["Name"]: t["Value"] for t in req.get("EmailTags", [])},
                     "configuration_set": req.get("ConfigurationSetName"),
                     "raw": "Raw" in (req.get("Content") or {}),
+                    "bulk": False,
                 }
             )
             return
@@ -308,6 +380,123 @@ class AwsSandbox(HttpSandbox):
                     "attributes": attributes,
                 }
             )
+
+    # -- SendBulkEmail (not in moto) ---------------------------------------------------------
+
+    def _send_bulk(self, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Answer SES v2 SendBulkEmail (logged in ``bulk_calls``)."""
+        status, out_headers, out, entries = self._bulk_answer(headers, body)
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError:
+            request = None
+        self.bulk_calls.add({"status": status, "entries": entries, "request": request})
+        return status, out_headers, out
+
+    def _bulk_answer(self, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes, int]:
+        """SendBulkEmail's answer and its number of entries; each rendered entry goes through moto's SendEmail."""
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            return (*aws_error(SES_BULK_PATH, 400, "SerializationException", "Request body is not valid JSON"), 0)
+        template = (req.get("DefaultContent") or {}).get("Template") or {}
+        entries = req.get("BulkEmailEntries") or []
+
+        def fail(status: int, code: str, message: str) -> tuple[int, dict[str, str], bytes, int]:
+            return (*aws_error(SES_BULK_PATH, status, code, message), len(entries))
+
+        if not entries:
+            return fail(400, "BadRequestException", "BulkEmailEntries must contain at least 1 entry.")
+        if len(entries) > SES_BULK_MAX:
+            return fail(400, "BadRequestException", f"Too many entries: {len(entries)} (max {SES_BULK_MAX}).")
+        content = template.get("TemplateContent")
+        if not content:
+            name = template.get("TemplateName") or template.get("TemplateArn")
+            if name:
+                return fail(404, "NotFoundException", f"Template {name} does not exist.")
+            return fail(400, "BadRequestException", "Template content or name must be provided.")
+        parts = {k: str(content.get(k) or "") for k in ("Subject", "Text", "Html")}
+        if any(_UNSUPPORTED_TEMPLATE_RE.search(v) for v in parts.values()):
+            return fail(400, "BadRequestException", "Template contains unsupported operations.")
+        try:
+            default_data = json.loads(template.get("TemplateData") or "{}")
+            entry_data = [
+                json.loads(
+                    ((e.get("ReplacementEmailContent") or {}).get("ReplacementTemplate") or {}).get(
+                        "ReplacementTemplateData"
+                    )
+                    or "{}"
+                )
+                for e in entries
+            ]
+        except ValueError:
+            return fail(400, "BadRequestException", "The template data is invalid.")
+        forward = {
+            "Content-Type": "application/json",
+            "Authorization": headers.get("Authorization", ""),  # moto routes by the credential scope
+            "X-Amz-Date": headers.get("X-Amz-Date", ""),
+        }
+        results: list[dict[str, str]] = []
+        for entry, data in zip(entries, entry_data, strict=True):
+            fault = self.faults.take(json.dumps(entry), entry=True)
+            if fault:
+                result = {"Status": str(fault["entry_status"])}
+                if fault.get("error"):
+                    result["Error"] = str(fault["error"])
+                results.append(result)
+                continue
+            merged = {**default_data, **data}
+            rendered = {k: _render(v, merged) for k, v in parts.items()}
+            mail_headers = _merge(template.get("Headers") or [], entry.get("ReplacementHeaders") or [], fold=True)
+            tags = _merge(req.get("DefaultEmailTags") or [], entry.get("ReplacementTags") or [], fold=False)
+            simple: dict[str, Any] = {"Subject": {"Data": rendered["Subject"]}, "Body": {}}
+            for part in ("Text", "Html"):
+                if rendered[part]:
+                    simple["Body"][part] = {"Data": rendered[part]}
+            if mail_headers:
+                simple["Headers"] = [{"Name": k, "Value": v} for k, v in mail_headers.items()]
+            single = {
+                "FromEmailAddress": req.get("FromEmailAddress"),
+                "Destination": entry.get("Destination") or {},
+                "Content": {"Simple": simple},
+                "EmailTags": [{"Name": k, "Value": v} for k, v in tags.items()],
+            }
+            resp = self._upstream.request("POST", SES_SEND_PATH, body=json.dumps(single).encode(), headers=forward)
+            if resp.status == 200:
+                message_id = json.loads(resp.data).get("MessageId")
+                results.append({"Status": "SUCCESS", "MessageId": message_id})
+                dest = entry.get("Destination") or {}
+                self.recorder.add(
+                    {
+                        "service": "ses",
+                        "message_id": message_id,
+                        "from": req.get("FromEmailAddress"),
+                        "to": dest.get("ToAddresses", []),
+                        "cc": dest.get("CcAddresses", []),
+                        "bcc": dest.get("BccAddresses", []),
+                        "subject": rendered["Subject"],
+                        "text": rendered["Text"] or None,
+                        "html": rendered["Html"] or None,
+                        "headers": mail_headers,
+                        "tags": tags,
+                        "configuration_set": req.get("ConfigurationSetName"),
+                        "raw": False,
+                        "bulk": True,
+                    }
+                )
+                continue
+            try:
+                err = json.loads(resp.data)
+            except ValueError:
+                err = {}
+            code = resp.headers.get("x-amzn-ErrorType") or err.get("__type") or ""
+            message = str(err.get("Message") or err.get("message") or resp.status)
+            if code == "MessageRejected":  # the sender: SES fails the whole call
+                return fail(400, code, message)
+            status = "INVALID_PARAMETER" if _BAD_ADDRESS_RE.search(message) else "FAILED"
+            results.append({"Status": status, "Error": message})
+        out = json.dumps({"BulkEmailEntryResults": results}).encode()
+        return 200, {"Content-Type": "application/json", "x-amzn-RequestId": str(uuid.uuid4())}, out, len(entries)
 
     # -- helpers -----------------------------------------------------------------------------
 
