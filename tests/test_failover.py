@@ -193,3 +193,34 @@ def test_provider_throttling_waits_without_using_attempts(
     assert [d.status for n in ids for d in deliveries(ctx, n)] == ["sent"] * 3
     assert rounds >= 2  # it really was throttled for a while
     assert len(twilio.recorder) == 3
+
+
+def test_after_an_outage_with_no_traffic_left_a_probe_closes_the_circuit_and_replays(
+    home: Path, redis_url: str, rclient: redis.Redis, twilio: TwilioSandbox, aws: AwsSandbox
+) -> None:
+    """Everything was dead-lettered during the outage: no batch is left to try the provider with."""
+    import time
+
+    from worker.pool import probe_open_circuits, replay_after_outages
+    from worker.reconciler import reconcile
+
+    twilio.faults.add({"status": 503, "body": {"code": 20500, "message": "down", "status": 503}, "count": -1})
+    ctx = make_ctx(home, redis_url, twilio, aws, providers_sms=["twilio"], retry_delays=[1], circuit_threshold=1,
+                   circuit_cooldown=0.5)  # fmt: skip
+    ids = [send(ctx, channels=["sms"], recipient_id=u).notification_id for u in ("alice", "bob")]
+    drain(ctx)
+    reconcile(ctx, now=time.time() + 2, force=True)
+    drain(ctx)
+    assert all(d.dead_lettered for n in ids for d in deliveries(ctx, n))
+    probes: dict = {}
+    time.sleep(0.6)
+    assert probe_open_circuits(ctx, probes) == []  # still down: the probe fails, the circuit stays open
+    twilio.faults.clear()
+    time.sleep(0.6)
+    assert probe_open_circuits(ctx, probes) == ["twilio"]
+    assert replay_after_outages(ctx) == 2
+    reconcile(ctx, force=True)
+    drain(ctx)
+    assert [d.status for n in ids for d in deliveries(ctx, n)] == ["sent", "sent"]
+    for p in probes.values():
+        p.close()

@@ -135,6 +135,39 @@ def replay_after_outages(ctx: Context) -> int:
     return total
 
 
+def probe_open_circuits(ctx: Context, providers: dict[str, Any]) -> list[str]:
+    """Close the circuit of a provider that is healthy again even when no traffic would test it.
+
+    Without this, an outage that dead-letters everything leaves no batch to try the provider with:
+    the circuit would stay half-open and the automatic replay would never come. For each provider
+    past its cooldown, ``check()`` (keys and reachability, nothing sent) decides. Returns the
+    providers whose circuit it closed."""
+    from worker.circuit import HALF_OPEN, Circuits
+    from worker.providers import Misconfigured, load_provider
+
+    s = ctx.settings
+    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)})
+    circuits = Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown)
+    closed = []
+    for name, (state, _until) in circuits.states(names).items():
+        if state != HALF_OPEN:
+            continue
+        try:
+            provider = providers.get(name) or providers.setdefault(name, load_provider(name, s))
+            problem = provider.check() if hasattr(provider, "check") else None
+        except Misconfigured as exc:
+            problem = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a failed probe only means "not yet"
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is None:
+            circuits.record(name, ok=True, was=HALF_OPEN)
+            closed.append(name)
+            log.warning("provider %s answers again: circuit closed by probe", name)
+        else:
+            circuits.record(name, ok=False, was=HALF_OPEN)
+    return closed
+
+
 class Pool:
     def __init__(self, settings: Settings, queues: list[str], size: int, burst: bool = False) -> None:
         self.settings = settings
@@ -168,6 +201,7 @@ class Pool:
 
         ctx = Context(self.settings)
         dlq_config = DlqConfig()
+        probes: dict[str, Any] = {}
         next_dlq_check = time.monotonic() + 5
         for i in range(len(self.procs)):
             self._start(i)
@@ -208,6 +242,7 @@ class Pool:
                     next_reconcile = time.monotonic() + reconcile_every
                 if time.monotonic() >= next_dlq_check:
                     try:
+                        probe_open_circuits(ctx, probes)
                         replay_after_outages(ctx)
                         check_dlq_alert(ctx, dlq_config)
                     except Exception:  # noqa: BLE001 - an alert must never stop the pool
@@ -225,5 +260,7 @@ class Pool:
             for p in self.procs:
                 if p is not None:
                     p.join(timeout=self.settings.job_timeout)
+            for provider in probes.values():
+                provider.close()
             ctx.close()
         return 0
