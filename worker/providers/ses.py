@@ -39,6 +39,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from email.charset import BASE64, Charset
 from email.header import Header
 from typing import Any, ClassVar
 
@@ -320,7 +321,10 @@ def header_value(value: str) -> str:
     value = " ".join(str(value).split())
     if value.isascii() and value.isprintable():
         return value
-    return Header(value, "utf-8", maxlinelen=0).encode()
+    # An explicit charset: other libraries (apprise, Django) change the global utf-8 registration.
+    charset = Charset("utf-8")
+    charset.header_encoding = BASE64
+    return Header(value, charset, maxlinelen=0).encode()
 
 
 class Provider:
