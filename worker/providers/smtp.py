@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from email.charset import BASE64, Charset
 from email.header import Header
 from email.utils import format_datetime, formataddr, parseaddr
 from typing import Any, ClassVar
@@ -136,7 +137,9 @@ def _header(name: str, value: str, address: bool = False) -> str:
             return f"{name}: {value}\r\n"
     if value.isascii() and len(name) + len(value) < 76:
         return f"{name}: {value}\r\n"
-    charset = "us-ascii" if value.isascii() else "utf-8"
+    charset = Charset("us-ascii" if value.isascii() else "utf-8")
+    if not value.isascii():  # explicit: other libraries change the global utf-8 registration
+        charset.header_encoding = BASE64
     folded = Header(value, charset, header_name=name).encode(linesep="\r\n")
     if any(len(line) > 996 for line in folded.split("\r\n")):
         raise ValueError(f"header {name!r} is too long")
