@@ -126,7 +126,7 @@ def _pct(xs: list[float], p: float) -> float:
 
 def workers_killed(quick: bool) -> Result:
     res = Result("1. workers killed (kill -9)")
-    n, rate, every = (600, 120.0, 1.5) if quick else (5000, 125.0, 3.0)
+    n, rate, every = (600, 120.0, 1.5) if quick else (100_000, 2000.0, 3.0)
     world = World("workers")
     try:
         camp = world.users(n)

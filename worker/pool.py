@@ -212,6 +212,7 @@ class Pool:
         old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             next_reconcile = 0.0
+            rounds = -1
             while not self._stopping:
                 alive = 0
                 now = time.monotonic()
@@ -236,7 +237,10 @@ class Pool:
                     break
                 if time.monotonic() >= next_reconcile:
                     try:
-                        reconcile(ctx)
+                        # due work every second (campaign produce rate, retries); the search for lost
+                        # jobs every few seconds is plenty for the 30 s recovery target and costs less
+                        rounds += 1
+                        reconcile(ctx, check_lost=rounds % 3 == 0)
                     except Exception:  # noqa: BLE001 - keep supervising through a blip
                         log.warning("reconciler round failed", exc_info=True)
                     next_reconcile = time.monotonic() + reconcile_every

@@ -50,7 +50,9 @@ def _naive(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def reconcile(ctx: Context, now: float | None = None, limit: int | None = None, force: bool = False) -> ReconcileResult:
+def reconcile(
+    ctx: Context, now: float | None = None, limit: int | None = None, force: bool = False, check_lost: bool = True
+) -> ReconcileResult:
     """One reconciliation round. ``now`` (epoch s) can be given to act as of another time."""
     result = ReconcileResult()
     r = ctx.redis
@@ -78,6 +80,9 @@ def reconcile(ctx: Context, now: float | None = None, limit: int | None = None, 
         result.retries_queued = _requeue(
             ctx, session, by_prio, batch_size, now, [NotificationStatus.retrying, NotificationStatus.scheduled]
         )
+
+        if not check_lost:
+            return result
 
         # 2. lost work
         stale = session.execute(
