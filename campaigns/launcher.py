@@ -343,6 +343,7 @@ def _produce(
     slot: Counter[datetime] = Counter()
     step = timedelta(seconds=1 / res.rate)
     late = run_now  # rows whose slot passed while the launcher was down are spaced from now on
+    started = utcnow()
     data0 = res.spec["data"]
     written = skipped = seen_rows = 0
     first_due: datetime | None = None
@@ -389,8 +390,13 @@ def _produce(
                     skipped += 1
                     continue
                 existing.add(r.user_id)
-                if due < run_now:
-                    late = max(late, run_now)
+                # A slot that has already passed when its row is written (the launcher was down, or the
+                # segment was still being read) is spaced from now on at the campaign's rate, so the
+                # workers never get a backlog to produce faster than --rate.
+                # (the launch's clock: run_now may be injected; a second's slack is the reconciler's own period)
+                floor = run_now + (now - started) - timedelta(seconds=1)
+                if due < floor:
+                    late = max(late, floor + timedelta(seconds=1))
                     due, late = late, late + step
                 first_due = due if first_due is None or due < first_due else first_due
                 last_due = due if last_due is None or due > last_due else last_due
