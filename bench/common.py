@@ -38,18 +38,45 @@ class Env:
         self.dir = Path(tempfile.mkdtemp(prefix="notify-bench-"))
         self.redis_dir = self.dir / "redis"
         url = ensure_server(self.redis_dir)
+        # NOTIFY_BENCH_DATABASE_URL (set by `bench.run --database-url`): a fresh schema per run on that server
+        self._pg_schema: str | None = None
+        pg = os.environ.get("NOTIFY_BENCH_DATABASE_URL")
+        if pg and "database_url" not in settings:
+            import uuid
+
+            from sqlalchemy import create_engine, text
+
+            self._pg_base = pg
+            self._pg_schema = "bench_" + uuid.uuid4().hex[:10]
+            admin = create_engine(pg)
+            with admin.begin() as conn:
+                conn.execute(text(f"CREATE SCHEMA {self._pg_schema}"))
+            admin.dispose()
+            settings["database_url"] = f"{pg}?options=-csearch_path%3D{self._pg_schema}"
         self.settings = load_settings(home=self.dir / "home", redis_url=url, **settings)
         self.ctx = Context(self.settings)
 
     def env(self, **extra: str) -> dict[str, str]:
         e = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
         e.update({"NOTIFY_HOME": str(self.settings.home), "NOTIFY_REDIS_URL": str(self.settings.redis_url)})
+        if self.settings.database_url:
+            e["NOTIFY_DATABASE_URL"] = self.settings.database_url
         e.update(extra)
         return e
 
     def close(self) -> None:
         self.ctx.close()
         stop_server(self.redis_dir)
+        if self._pg_schema:
+            from sqlalchemy import create_engine, text
+
+            from notifyctl.db import dispose_all
+
+            dispose_all()
+            admin = create_engine(self._pg_base)
+            with admin.begin() as conn:
+                conn.execute(text(f"DROP SCHEMA {self._pg_schema} CASCADE"))
+            admin.dispose()
 
 
 def bulk_users(ctx: Context, n: int, prefix: str = "u", chunk: int = 5000) -> list[str]:

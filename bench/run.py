@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 import traceback
 from datetime import UTC, datetime
@@ -320,7 +321,6 @@ def write_results(res: dict[str, Any], argv: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import os
     import sys
 
     ap = argparse.ArgumentParser(description="notifyctl benchmarks (issue 7)")
@@ -329,13 +329,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     ap.add_argument("--no-write", action="store_true", help="print, do not rewrite RESULTS.md")
     ap.add_argument("--merge", action="store_true", help="keep the other scenarios' figures from results.json")
+    ap.add_argument(
+        "--database-url", help="run on this database server (a fresh schema per scenario) instead of SQLite"
+    )
     a = ap.parse_args(argv)
     only = [s.strip() for s in a.only.split(",") if s.strip()]
     bad = [s for s in only if s not in ALL]
     if bad:
         ap.error(f"--only: unknown scenario(s) {', '.join(bad)} (known: {', '.join(ALL)})")
+    if a.database_url:
+        os.environ["NOTIFY_BENCH_DATABASE_URL"] = a.database_url
     t0 = time.perf_counter()
-    log(f"notifyctl bench on {machine()}, scale {a.scale}, pool {a.pool}")
+    db = f"database {a.database_url}" if a.database_url else "SQLite"
+    log(f"notifyctl bench on {machine()}, scale {a.scale}, pool {a.pool}, {db}")
     res = run_all(a.scale, a.pool, only)
     if a.merge and RAW.exists():
         prev = json.loads(RAW.read_text())

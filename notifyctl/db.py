@@ -3,6 +3,10 @@ SQLAlchemy URL (PostgreSQL in production) when ``NOTIFY_DATABASE_URL`` is set.""
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -54,6 +58,32 @@ def make_engine(url: str) -> Engine:
     except ImportError as exc:
         raise ConfigError(f"database driver missing: {exc} (pip install 'notifyctl[postgres]')") from None
     return engine
+
+
+_lock_files: dict[tuple[int, str], Any] = {}
+
+
+@contextmanager
+def write_lock(engine: Engine) -> Iterator[None]:
+    """Serialise SQLite writers with a kernel file lock around their write transactions.
+
+    SQLite lets one writer in at a time and makes the others poll with growing sleeps (up to 100 ms
+    each), so under load writers — an OTP's intake among them — idle while the database is free.
+    A blocking ``flock`` wakes the next writer the moment the lock is released. Other databases
+    lock rows themselves: this is a no-op there.
+    """
+    if engine.dialect.name != "sqlite" or not engine.url.database or engine.url.database == ":memory:":
+        yield
+        return
+    key = (os.getpid(), engine.url.database)  # after fork, a child needs its own open file
+    fh = _lock_files.get(key)
+    if fh is None:
+        fh = _lock_files[key] = open(engine.url.database + ".writelock", "a")  # noqa: SIM115
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def engine_for(settings: Any) -> Engine:

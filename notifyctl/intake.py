@@ -24,6 +24,7 @@ from sqlmodel import Session
 
 from notifyctl import keys, prefs
 from notifyctl.context import Context
+from notifyctl.db import write_lock
 from notifyctl.errors import InputError
 from notifyctl.models import Notification, NotificationStatus, User, new_id, utcnow
 from notifyctl.settings import CHANNELS
@@ -167,7 +168,7 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
             return SubmitResult(holder.decode() if holder else nid, "suppressed", "duplicate", priority, channels)
     job_id = f"job_{nid}"
     try:
-        with Session(ctx.engine) as session:
+        with write_lock(ctx.engine), Session(ctx.engine) as session:
             if req.dedup_key:
                 # Redis may have lost the key (crash without persistence): the SQL record decides.
                 since = now - timedelta(seconds=ctx.settings.dedup_ttl)

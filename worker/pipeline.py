@@ -30,6 +30,7 @@ from sqlmodel import Session
 
 from notifyctl import keys, metrics, prefs
 from notifyctl.context import Context
+from notifyctl.db import write_lock
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
 from notifyctl.intake import _user_vars, blocked_by
@@ -509,28 +510,29 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             # Redis went away after the provider accepted: the SQL record of what was sent must still
             # be written, or a rerun would find only a stale claim and send again.
             settle_error = exc
-        if new_rows:
-            session.execute(insert(_DT), new_rows)
-        if updates.rows:
-            # only from the states this job saw: a webhook may have moved a delivery on meanwhile
-            _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
-        if events:
-            session.execute(insert(_ET), events)
-        if token_success:
-            session.execute(
-                update(DeviceToken).where(DeviceToken.token.in_(token_success)).values(last_success_at=now)  # type: ignore[attr-defined]
-            )
-        if removed_tokens:
-            for token, reason in removed_tokens.items():
+        with write_lock(rt.ctx.engine):  # one SQLite writer at a time, woken in order
+            if new_rows:
+                session.execute(insert(_DT), new_rows)
+            if updates.rows:
+                # only from the states this job saw: a webhook may have moved a delivery on meanwhile
+                _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
+            if events:
+                session.execute(insert(_ET), events)
+            if token_success:
                 session.execute(
-                    update(DeviceToken)
-                    .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
-                    .values(removed_at=now, removed_reason=reason)
+                    update(DeviceToken).where(DeviceToken.token.in_(token_success)).values(last_success_at=now)  # type: ignore[attr-defined]
                 )
-        for user_id in sms_stops:
-            session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
-        _settle_notifications(session, batch, now)
-        session.commit()
+            if removed_tokens:
+                for token, reason in removed_tokens.items():
+                    session.execute(
+                        update(DeviceToken)
+                        .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
+                        .values(removed_at=now, removed_reason=reason)
+                    )
+            for user_id in sms_stops:
+                session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
+            _settle_notifications(session, batch, now)
+            session.commit()
         if sms_stops:
             prefs.invalidate(rt.ctx.redis, sms_stops)
         if settle_error is not None:

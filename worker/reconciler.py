@@ -31,6 +31,7 @@ from sqlmodel import Session
 
 from notifyctl import keys
 from notifyctl.context import Context
+from notifyctl.db import write_lock
 from notifyctl.intake import enqueue
 from notifyctl.models import Delivery, DeliveryStatus, Notification, NotificationStatus, new_id
 
@@ -173,13 +174,14 @@ def _requeue(
         for i in range(0, len(nids), batch_size):
             chunk = nids[i : i + batch_size]
             job_id = "job_" + new_id("r")
-            res = session.execute(
-                update(Notification)
-                .where(Notification.id.in_(chunk), Notification.status.in_(from_status))  # type: ignore[attr-defined]
-                .values(status=NotificationStatus.queued, job_id=job_id, due_at=_naive(now))
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
+            with write_lock(ctx.engine):
+                res = session.execute(
+                    update(Notification)
+                    .where(Notification.id.in_(chunk), Notification.status.in_(from_status))  # type: ignore[attr-defined]
+                    .values(status=NotificationStatus.queued, job_id=job_id, due_at=_naive(now))
+                    .execution_options(synchronize_session=False)
+                )
+                session.commit()
             if res.rowcount:
                 enqueue(ctx, prio, chunk, job_id, as_of=now)
                 count += len(chunk)
