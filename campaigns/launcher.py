@@ -341,9 +341,8 @@ def _produce(
     res.schedule.fallbacks = 0  # counted again by this pass
     by_instant = {w.instant: w for w in waves}
     slot: Counter[datetime] = Counter()
-    step = timedelta(seconds=1 / res.rate)
-    late = run_now  # rows whose slot passed while the launcher was down are spaced from now on
     started = utcnow()
+    shift = timedelta(0)
     data0 = res.spec["data"]
     written = skipped = seen_rows = 0
     first_due: datetime | None = None
@@ -391,13 +390,14 @@ def _produce(
                     continue
                 existing.add(r.user_id)
                 # A slot that has already passed when its row is written (the launcher was down, or the
-                # segment was still being read) is spaced from now on at the campaign's rate, so the
-                # workers never get a backlog to produce faster than --rate.
-                # (the launch's clock: run_now may be injected; a second's slack is the reconciler's own period)
+                # segment was still being read) moves, with every row after it, by the same shift: the
+                # schedule keeps its spacing, so the workers never get a backlog to produce faster than
+                # --rate. (The launch's clock: run_now may be injected; a second's slack is the
+                # reconciler's own period.)
                 floor = run_now + (now - started) - timedelta(seconds=1)
-                if due < floor:
-                    late = max(late, floor + timedelta(seconds=1))
-                    due, late = late, late + step
+                if due + shift < floor:
+                    shift = floor + timedelta(seconds=1) - due
+                due = due + shift
                 first_due = due if first_due is None or due < first_due else first_due
                 last_due = due if last_due is None or due > last_due else last_due
                 rows.append(
