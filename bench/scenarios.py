@@ -364,11 +364,11 @@ def launcher_memory(rows: int, log: Log = _noop, small_fraction: float = 0.1, ro
             sched = (s["written"] - 1) / span if span > 0 else float("inf")
             out["scheduled_rate"] = round(sched, 1)
             out["scheduled_rate_error_pct"] = round(abs(sched - rate) / rate * 100, 2)
-        # realized: reconcile once a second, as the pool does, and count what it queues
+        # realized: reconcile once a second, paced, as the pool does, and count what it queues
         queued: list[int] = []
         for _ in range(rounds):
             t_round = time.perf_counter()
-            queued.append(reconcile(env.ctx).retries_queued)
+            queued.append(reconcile(env.ctx, paced=True).retries_queued)  # as the pool runs it
             time.sleep(max(0.0, 1.0 - (time.perf_counter() - t_round)))
         out["reconciler_rounds"] = queued
         steady = queued[1:]

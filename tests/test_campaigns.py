@@ -273,6 +273,22 @@ def test_produced_rate_stays_at_the_rate_asked(ctx: Context) -> None:
     assert ctx.redis.llen(ctx.queue("low").key) == sum(-(-k // ctx.settings.batch_size) for k in per_round)
 
 
+def test_a_campaign_behind_schedule_catches_up_at_its_rate_not_faster(ctx: Context) -> None:
+    """Workers were down for a minute: the backlog goes out at --rate per second, not in one burst."""
+    n, rate = 3000, 500.0
+    add_users(ctx, [f"b{i},b{i}@example.com,,UTC,false" for i in range(n)])
+    seg = ctx.settings.home / "b.csv"
+    seg.write_text("user_id\n" + "".join(f"b{i}\n" for i in range(n)))
+    s = launch(ctx, LaunchSpec("weekly_promo", channels=["email"], segment_csv=str(seg), rate=rate,
+                               data={**PROMO, "first_name": "B"}))  # fmt: skip
+    later = datetime.now(UTC).timestamp() + 60  # every slot is now a minute overdue
+    paced = [reconcile(ctx, now=later + i, force=True, paced=True).retries_queued for i in range(3)]
+    assert paced == [500, 500, 500]
+    # the unpaced call (an operator's `notifyctl reconcile`) takes everything due at once
+    assert reconcile(ctx, now=later + 3, force=True).retries_queued == n - 1500
+    assert campaign_status(ctx, s["campaign_id"])["notifications"].get("scheduled", 0) == 0
+
+
 # ----------------------------------------------------------------------------------------- dry run = real run
 
 

@@ -240,7 +240,7 @@ class Pool:
                         # due work every second (campaign produce rate, retries); the search for lost
                         # jobs every few seconds is plenty for the 30 s recovery target and costs less
                         rounds += 1
-                        reconcile(ctx, check_lost=rounds % 3 == 0)
+                        reconcile(ctx, check_lost=rounds % 3 == 0, paced=True)
                     except Exception:  # noqa: BLE001 - keep supervising through a blip
                         log.warning("reconciler round failed", exc_info=True)
                     next_reconcile = time.monotonic() + reconcile_every

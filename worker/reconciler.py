@@ -21,6 +21,7 @@ Requeueing can at worst process a notification twice, and processing is idempote
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -52,9 +53,17 @@ def _naive(ts: float) -> datetime:
 
 
 def reconcile(
-    ctx: Context, now: float | None = None, limit: int | None = None, force: bool = False, check_lost: bool = True
+    ctx: Context,
+    now: float | None = None,
+    limit: int | None = None,
+    force: bool = False,
+    check_lost: bool = True,
+    paced: bool = False,
 ) -> ReconcileResult:
-    """One reconciliation round. ``now`` (epoch s) can be given to act as of another time."""
+    """One reconciliation round. ``now`` (epoch s) can be given to act as of another time.
+
+    ``paced`` (the pool's once-a-second rounds): a campaign's due notifications are queued at most
+    at its ``--rate`` per round, so a campaign that fell behind catches up without a burst."""
     result = ReconcileResult()
     r = ctx.redis
     if not force and not r.set(keys.RECONCILE_LOCK, "1", nx=True, px=900):
@@ -66,15 +75,31 @@ def reconcile(
     batch_size = max(1, settings.batch_size)
     with Session(ctx.engine) as session:
         # 1. due retries and scheduled sends
-        due = session.execute(
-            select(Notification.id, Notification.priority)
-            .where(
-                Notification.status.in_([NotificationStatus.retrying, NotificationStatus.scheduled]),  # type: ignore[attr-defined]
-                Notification.due_at <= _naive(now),
+        rates = _campaign_rates(session) if paced else {}
+        q = select(Notification.id, Notification.priority).where(
+            Notification.status.in_([NotificationStatus.retrying, NotificationStatus.scheduled]),  # type: ignore[attr-defined]
+            Notification.due_at <= _naive(now),
+        )
+        if rates:  # paced campaigns are taken below, at their own rate
+            q = q.where(
+                (Notification.campaign_id.is_(None))  # type: ignore[union-attr]
+                | (Notification.status == NotificationStatus.retrying)
+                | Notification.campaign_id.not_in(list(rates))  # type: ignore[union-attr]
             )
-            .order_by(Notification.due_at)
-            .limit(limit)
-        ).all()
+        due = list(session.execute(q.order_by(Notification.due_at).limit(limit)).all())
+        for cid, rate in rates.items():
+            # A campaign behind its schedule (workers were down, the launcher was slow) catches up at
+            # its --rate, never faster: the pool reconciles once a second, so `rate` per round.
+            due += session.execute(
+                select(Notification.id, Notification.priority)
+                .where(
+                    Notification.campaign_id == cid,
+                    Notification.status == NotificationStatus.scheduled,
+                    Notification.due_at <= _naive(now),
+                )
+                .order_by(Notification.due_at)
+                .limit(max(1, math.ceil(rate)))
+            ).all()
         by_prio: dict[str, list[str]] = defaultdict(list)
         for nid, prio in due:
             by_prio[prio].append(nid)
@@ -131,6 +156,16 @@ def reconcile(
             session.commit()
         result.orphans_woken = len(orphans)
     return result
+
+
+def _campaign_rates(session: Session) -> dict[str, float]:
+    """Active campaigns and their --rate (empty when the campaigns package is not installed)."""
+    try:
+        from campaigns.models import Campaign
+    except ImportError:
+        return {}
+    rows = session.execute(select(Campaign.id, Campaign.spec).where(Campaign.status == "active")).all()
+    return {cid: float(spec.get("rate") or 0) for cid, spec in rows if float(spec.get("rate") or 0) > 0}
 
 
 def _lost_jobs(ctx: Context, job_ids: list[str]) -> list[str]:
