@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import Counter
 from typing import Any
 
-import uvicorn
 from sqlalchemy import func, select
 from sqlmodel import Session
 
@@ -42,34 +39,6 @@ def snapshot(ctx: Context) -> dict[str, Any]:
         "rq_jobs": sum(1 for _ in r.scan_iter("rq:job:*", count=1000)),
         "dedup_keys": sum(1 for _ in r.scan_iter("notif:dedup:*", count=1000)),
     }
-
-
-class ApiServer:
-    """``create_app(ctx)`` served by a real uvicorn on 127.0.0.1:<ephemeral port>, in a thread."""
-
-    def __init__(self, ctx: Context, **app_kwargs: Any) -> None:
-        from notifyctl.api.app import create_app
-
-        self.app = create_app(ctx, **app_kwargs)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="critical", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn-fuzz", daemon=True)
-        self.url = ""
-
-    def __enter__(self) -> ApiServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 class BigStr(str):

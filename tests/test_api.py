@@ -7,20 +7,16 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import select
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from notifyctl.api.app import create_app
 from notifyctl.api.auth import create_key
 from notifyctl.cli import apikeys
 from notifyctl.context import Context
@@ -30,7 +26,7 @@ from notifyctl.settings import Settings
 from notifyctl.tracking import timeline
 from notifyctl.unsubscribe import make_token, secret_key
 from tests.conftest import ROOT, cli_env, run_cli
-from tests.util import IOS_TOKEN, deliveries, seed
+from tests.util import IOS_TOKEN, ApiServer, deliveries, seed
 from worker.pool import run_worker
 
 ORDER = {"order_id": "ORD-1", "tracking_url": "https://t.example/1"}
@@ -43,32 +39,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith(("NOTIFY_API_", "NOTIFY_TWILIO_", "NOTIFY_SECRET_KEY")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("NOTIFY_CONFIG", str(tmp_path / "absent.toml"))
-
-
-class ApiServer:
-    """``create_app(ctx)`` served by a real uvicorn on an ephemeral port, in a background thread."""
-
-    def __init__(self, ctx: Context, **app_kwargs: Any) -> None:
-        self.app = create_app(ctx, **app_kwargs)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
-        self.url = ""
-
-    def __enter__(self) -> ApiServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def drain(settings: Settings) -> None:

@@ -39,7 +39,7 @@ from notifyctl.templates import SHIPPED, Template, parse_template
 from tests import fuzz_util
 from tests.conftest import cli_env
 from tests.fuzz_util import BigBytes, BigStr, count, snapshot
-from tests.util import seed
+from tests.util import ApiServer, seed
 
 FUZZ = settings(
     max_examples=50,
@@ -438,7 +438,7 @@ needs_api = pytest.mark.skipif(not HAVE_API, reason="notifyctl/api/app.py (creat
 
 
 @pytest.fixture
-def api(ctx: Context) -> Iterator[tuple[fuzz_util.ApiServer, httpx.Client]]:
+def api(ctx: Context) -> Iterator[tuple[ApiServer, httpx.Client]]:
     from notifyctl.api.app import ApiConfig
 
     cfg = ApiConfig(
@@ -446,7 +446,7 @@ def api(ctx: Context) -> Iterator[tuple[fuzz_util.ApiServer, httpx.Client]]:
         twilio_auth_token="twilio-fuzz-token",
         sns_topic_arns=["arn:aws:sns:us-east-1:123456789012:ses-events"],
     )
-    with fuzz_util.ApiServer(ctx, config=cfg) as server, httpx.Client(base_url=server.url, timeout=20) as c:
+    with ApiServer(ctx, config=cfg) as server, httpx.Client(base_url=server.url, timeout=20) as c:
         yield server, c
 
 
@@ -494,7 +494,7 @@ def _check_http(resp: httpx.Response) -> None:
 
 
 @needs_api
-def test_fuzz_http_notify(ctx: Context, api: tuple[fuzz_util.ApiServer, httpx.Client]) -> None:
+def test_fuzz_http_notify(ctx: Context, api: tuple[ApiServer, httpx.Client]) -> None:
     from notifyctl.api.auth import create_key
 
     seed(ctx)
@@ -591,7 +591,7 @@ sendgrid_like = st.lists(
 
 
 @needs_api
-def test_fuzz_http_webhooks(ctx: Context, api: tuple[fuzz_util.ApiServer, httpx.Client]) -> None:
+def test_fuzz_http_webhooks(ctx: Context, api: tuple[ApiServer, httpx.Client]) -> None:
     """Unsigned or forged webhook requests of any shape: a 4xx with a one-line JSON error, nothing applied."""
     seed(ctx)
     _server, client = api

@@ -301,7 +301,11 @@ def test_control_api_on_the_side_port(make: Any, sandbox: ApnsSandbox) -> None:
         fault = {"status": 429, "reason": "TooManyRequests", "headers": {"Retry-After": "5"}, "match": token(2)}
         assert c.post("/_sandbox/faults", json=fault).status_code == 204
         out = make().send([msg(1), msg(2), msg(3)])
-        assert out == [InvalidAddress("Unregistered"), Retry("TooManyRequests", 5.0, throttled=True), Sent(apns_id_for("d-3"))]
+        assert out == [
+            InvalidAddress("Unregistered"),
+            Retry("TooManyRequests", 5.0, throttled=True),
+            Sent(apns_id_for("d-3")),
+        ]
         assert [m["token"] for m in c.get("/_sandbox/messages").json()] == [token(3)]
         assert c.delete("/_sandbox/unregistered").status_code == 204
         assert make().send([msg(1)]) == [Sent(apns_id_for("d-1"))]

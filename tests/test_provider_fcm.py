@@ -36,9 +36,7 @@ def _sandbox() -> Iterator[FcmSandbox]:
 @pytest.fixture(scope="module")
 def rogue_account(_sandbox: FcmSandbox) -> dict[str, Any]:
     """Same client_email as the sandbox's account, different key: the signature check fails."""
-    return make_service_account(
-        _sandbox.token_url, PROJECT, client_email=_sandbox.service_account["client_email"]
-    )
+    return make_service_account(_sandbox.token_url, PROJECT, client_email=_sandbox.service_account["client_email"])
 
 
 @pytest.fixture
@@ -178,9 +176,7 @@ def test_sandbox_rejects_non_string_data_like_fcm(sandbox: FcmSandbox, make_prov
 
 
 @pytest.mark.parametrize("key", ["from", "google.sent_time", "gcm.n.e", "message_type"])
-def test_reserved_data_key_is_permanent_without_a_request(
-    sandbox: FcmSandbox, make_provider: Any, key: str
-) -> None:
+def test_reserved_data_key_is_permanent_without_a_request(sandbox: FcmSandbox, make_provider: Any, key: str) -> None:
     p = make_provider()
     out = p.send([msg(1, data={key: "v"}), msg(2)])
     assert isinstance(out[0], Permanent) and key in out[0].reason
@@ -273,9 +269,7 @@ def test_token_endpoint_unreachable_is_retry(sandbox: FcmSandbox, make_provider:
 def test_token_url_override_and_google_audience(sandbox: FcmSandbox, make_provider: Any) -> None:
     """A real-looking JSON (token_uri = Google) with the token endpoint pointed at the sandbox."""
     sa = {**sandbox.service_account, "token_uri": GOOGLE_TOKEN_URI}
-    p = make_provider(
-        service_account_file=None, service_account_json=json.dumps(sa), token_url=sandbox.token_url
-    )
+    p = make_provider(service_account_file=None, service_account_json=json.dumps(sa), token_url=sandbox.token_url)
     assert isinstance(p.send([msg(1)])[0], Sent)
     assert sandbox.token_requests == 1
 
@@ -329,9 +323,7 @@ def test_sandbox_send_auth_checks(sandbox: FcmSandbox, make_provider: Any) -> No
     r = httpx.post(url, json=body, headers={"Authorization": "Bearer ya29.forged"})
     assert r.status_code == 401 and "WWW-Authenticate" in r.headers
     token = make_provider().tokens.get()
-    r = httpx.post(
-        url.replace(PROJECT, "someone-else"), json=body, headers={"Authorization": f"Bearer {token}"}
-    )
+    r = httpx.post(url.replace(PROJECT, "someone-else"), json=body, headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 403 and r.json()["error"]["status"] == "PERMISSION_DENIED"
     r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200

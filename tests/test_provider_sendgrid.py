@@ -47,9 +47,7 @@ def provider(tmp_path: Path, sandbox: SendgridSandbox) -> Iterator[Provider]:
     p.close()
 
 
-def email(
-    i: int, *, html: str = "<p>Hello</p>", text: str = "Hello", subject: str | None = None, **kw: Any
-) -> Message:
+def email(i: int, *, html: str = "<p>Hello</p>", text: str = "Hello", subject: str | None = None, **kw: Any) -> Message:
     fields: dict[str, Any] = {
         "delivery_id": f"dlv-{i}",
         "notification_id": f"ntf-{i // 10}",
@@ -168,15 +166,11 @@ ERROR_TABLE = [
         id="403",
     ),
     pytest.param({"status": 404, "body": ""}, Permanent, None, "404", id="404"),
-    pytest.param(
-        {"status": 429, "headers": {"Retry-After": "7"}}, Retry, (7, 7), "429", id="429-retry-after"
-    ),
+    pytest.param({"status": 429, "headers": {"Retry-After": "7"}}, Retry, (7, 7), "429", id="429-retry-after"),
     pytest.param({"status": 429, "headers": "RESET30"}, Retry, (25, 30), "429", id="429-ratelimit-reset"),
     pytest.param({"status": 429}, Retry, None, "429", id="429-bare"),
     pytest.param({"status": 500}, Retry, None, "500", id="500"),
-    pytest.param(
-        {"status": 502, "headers": {"Retry-After": "3"}}, Retry, (3, 3), "502", id="502-retry-after"
-    ),
+    pytest.param({"status": 502, "headers": {"Retry-After": "3"}}, Retry, (3, 3), "502", id="502-retry-after"),
     pytest.param({"status": 503}, Retry, None, "503", id="503"),
     pytest.param({"drop": True}, Retry, None, "network", id="dropped-connection"),
 ]
@@ -330,15 +324,9 @@ def test_misconfigured(tmp_path: Path) -> None:
     with pytest.raises(Misconfigured, match="api_key"):
         Provider(Settings(home=tmp_path, provider_options={"sendgrid": {}}))
     with pytest.raises(Misconfigured, match="base_url"):
-        Provider(
-            Settings(
-                home=tmp_path, provider_options={"sendgrid": {"api_key": API_KEY, "base_url": "ftp://x"}}
-            )
-        )
+        Provider(Settings(home=tmp_path, provider_options={"sendgrid": {"api_key": API_KEY, "base_url": "ftp://x"}}))
     with pytest.raises(Misconfigured) as info:
-        Provider(
-            Settings(home=tmp_path, provider_options={"sendgrid": {"api_key": API_KEY, "concurrency": 0}})
-        )
+        Provider(Settings(home=tmp_path, provider_options={"sendgrid": {"api_key": API_KEY, "concurrency": 0}}))
     assert API_KEY not in str(info.value)
 
 
@@ -348,9 +336,7 @@ def test_env_overrides_config_file_options(
     monkeypatch.setenv("NOTIFY_SENDGRID_API_KEY", API_KEY)
     monkeypatch.setenv("NOTIFY_SENDGRID_BASE_URL", sandbox.url)
     p = Provider(
-        Settings(
-            home=tmp_path, email_from="main@notify.example", provider_options={"sendgrid": {"api_key": "x"}}
-        )
+        Settings(home=tmp_path, email_from="main@notify.example", provider_options={"sendgrid": {"api_key": "x"}})
     )
     try:
         assert p.describe()["from_address"] == "main@notify.example"

@@ -58,9 +58,7 @@ def make_provider(tmp_path: Path):
         if sb is not None:
             opts.update(host=sb.host, port=sb.port)
         opts.update(options)
-        settings = Settings(
-            home=tmp_path, email_from="Acme <noreply@acme.test>", provider_options={"smtp": opts}
-        )
+        settings = Settings(home=tmp_path, email_from="Acme <noreply@acme.test>", provider_options={"smtp": opts})
         p = Provider(settings)
         made.append(p)
         return p
@@ -174,9 +172,7 @@ def test_international_addresses(sandbox, make_provider):
     assert "SMTPUTF8" not in recs["dlv-2"]["mail_options"]
 
 
-@pytest.mark.parametrize(
-    "address", ["not-an-email", "a@b@c.com", "user@", "@example.com", "a b@c.com", "x@-bad-.com"]
-)
+@pytest.mark.parametrize("address", ["not-an-email", "a@b@c.com", "user@", "@example.com", "a b@c.com", "x@-bad-.com"])
 def test_malformed_address_is_invalid_without_connecting(sandbox, make_provider, address):
     p = make_provider(sandbox)
     [out] = p.send([msg(1, address=address)])
@@ -349,9 +345,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -359,9 +353,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cert_path, key_path = d / "cert.pem", d / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
 
@@ -484,9 +476,7 @@ def test_control_api_over_http(sandbox, make_provider):
     assert [m["delivery_id"] for m in messages] == ["dlv-2"]
     with urllib.request.urlopen(sandbox.control_url + "/_sandbox/stats") as r:
         assert json.loads(r.read())["connections"] == 1
-    bad = urllib.request.Request(
-        sandbox.control_url + "/_sandbox/faults", data=b'{"stage": "nope"}', method="POST"
-    )
+    bad = urllib.request.Request(sandbox.control_url + "/_sandbox/faults", data=b'{"stage": "nope"}', method="POST")
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(bad)
     assert exc.value.code == 400

@@ -36,9 +36,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture
 def sandbox() -> Iterator[TwilioSandbox]:
-    with TwilioSandbox(
-        account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, stopped={STOPPED}, landlines={LANDLINE}
-    ) as sb:
+    with TwilioSandbox(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, stopped={STOPPED}, landlines={LANDLINE}) as sb:
         yield sb
 
 
@@ -143,9 +141,7 @@ def test_voice_needs_a_from_number(tmp_path: Path, sandbox: TwilioSandbox) -> No
         pytest.param("+15005550003", Permanent, ("21408",), id="21408-region"),
     ],
 )
-def test_address_errors(
-    provider: Provider, sandbox: TwilioSandbox, to: str, kind: type, texts: tuple[str]
-) -> None:
+def test_address_errors(provider: Provider, sandbox: TwilioSandbox, to: str, kind: type, texts: tuple[str]) -> None:
     bad, good = provider.send([sms(1, to=to), sms(2)])
     assert type(bad) is kind
     for text in texts:
@@ -192,9 +188,7 @@ FAULTS = [
         "500",
         id="500",
     ),
-    pytest.param(
-        {"status": 503, "body": "", "headers": {"Retry-After": "4"}}, Retry, 4.0, "503", id="503-retry-after"
-    ),
+    pytest.param({"status": 503, "body": "", "headers": {"Retry-After": "4"}}, Retry, 4.0, "503", id="503-retry-after"),
     pytest.param({"drop": True}, Retry, None, "network", id="dropped-connection"),
     pytest.param(
         {"status": 400, "body": _twilio_error(400, 30003, "Unreachable destination handset")},
@@ -227,9 +221,7 @@ FAULTS = [
     pytest.param(
         {"status": 403, "body": _twilio_error(403, 20003, "Authenticate")}, Permanent, None, "20003", id="403"
     ),
-    pytest.param(
-        {"status": 404, "body": _twilio_error(404, 20404, "Not found")}, Permanent, None, "20404", id="404"
-    ),
+    pytest.param({"status": 404, "body": _twilio_error(404, 20404, "Not found")}, Permanent, None, "20404", id="404"),
 ]
 
 
@@ -369,8 +361,6 @@ def test_sandbox_wire_format(sandbox: TwilioSandbox) -> None:
         )
         assert msg["uri"] == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{msg['sid']}.json"
         other = "AC" + "f" * 32
-        r = c.post(
-            f"/2010-04-01/Accounts/{other}/Messages.json", data={"To": "+15550001111", "Body": "x"}, auth=auth
-        )
+        r = c.post(f"/2010-04-01/Accounts/{other}/Messages.json", data={"To": "+15550001111", "Body": "x"}, auth=auth)
         assert r.status_code == 404 and r.json()["code"] == 20404
     assert len(sandbox.messages) == 1

@@ -502,7 +502,7 @@ except ImportError:  # pragma: no cover - the API not written yet
 def test_every_api_route_but_public_ones_requires_a_key(ctx: Context) -> None:
     """Enumerates the app's routes, so a route added later without the key dependency fails here."""
     from notifyctl.api.auth import create_key, revoke_key
-    from tests.fuzz_util import ApiServer
+    from tests.util import ApiServer
 
     seed(ctx)
     public = ("/webhooks/", "/u/", "/o/", "/healthz", "/docs", "/openapi.json", "/redoc")

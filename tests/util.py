@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 from typing import Any
 
 from sqlalchemy import select
@@ -68,3 +70,33 @@ def count_notifications(ctx: Context) -> int:
 
 def queue_depths(ctx: Context) -> dict[str, int]:
     return {p: ctx.redis.llen(ctx.queue(p).key) for p in ("high", "normal", "low")}
+
+
+class ApiServer:
+    """``create_app(ctx)`` served by a real uvicorn on 127.0.0.1:<ephemeral port>, in a thread."""
+
+    def __init__(self, ctx: Context, **app_kwargs: Any) -> None:
+        import uvicorn
+
+        from notifyctl.api.app import create_app
+
+        self.app = create_app(ctx, **app_kwargs)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="critical", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> ApiServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
