@@ -152,19 +152,8 @@ class AwsFaultPlan(FaultPlan):
     """The base fault plan, plus per-entry faults for SendBulkEmail (those with ``entry_status``),
     which are never taken for a whole request."""
 
-    def take(self, text: str = "", entry: bool = False) -> dict[str, Any] | None:
-        with self._lock:
-            for i, f in enumerate(self._faults):
-                if bool(f.get("entry_status")) != entry:
-                    continue
-                if f.get("match") and f["match"] not in text:
-                    continue
-                if f["count"] > 0:
-                    f["count"] -= 1
-                    if f["count"] == 0:
-                        del self._faults[i]
-                return dict(f)
-        return None
+    def take(self, text: str = "", entry: bool = False) -> dict[str, Any] | None:  # type: ignore[override]
+        return super().take(text, where=lambda f: bool(f.get("entry_status")) == entry)
 
 
 def _render(template: str, data: dict[str, Any]) -> str:

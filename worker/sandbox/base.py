@@ -24,6 +24,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -48,10 +49,13 @@ class FaultPlan:
         with self._lock:
             return len(self._faults)
 
-    def take(self, text: str = "") -> dict[str, Any] | None:
-        """The next fault that applies to a request whose path+body is ``text``, consuming one use."""
+    def take(self, text: str = "", where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
+        """The next fault that applies to a request whose path+body is ``text`` (and that ``where``
+        accepts, for sandboxes whose faults have more dimensions), consuming one use."""
         with self._lock:
             for i, f in enumerate(self._faults):
+                if where is not None and not where(f):
+                    continue
                 if f.get("match") and f["match"] not in text:
                     continue
                 if f["count"] > 0:

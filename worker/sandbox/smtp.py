@@ -65,18 +65,7 @@ class SmtpFaultPlan(FaultPlan):
         super().add(faults)
 
     def take(self, text: str = "", stage: str = "rcpt") -> dict[str, Any] | None:  # type: ignore[override]
-        with self._lock:
-            for i, f in enumerate(self._faults):
-                if f.get("stage", "rcpt") != stage:
-                    continue
-                if f.get("match") and f["match"] not in text:
-                    continue
-                if f["count"] > 0:
-                    f["count"] -= 1
-                    if f["count"] == 0:
-                        del self._faults[i]
-                return dict(f)
-        return None
+        return super().take(text, where=lambda f: f.get("stage", "rcpt") == stage)
 
 
 def _reply_text(fault: dict[str, Any]) -> str:
