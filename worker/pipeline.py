@@ -614,13 +614,15 @@ def _mark(
         row["failed_at"] = now
         row["dead_lettered"] = d.dead_lettered = dead
     updates.append(row)
-    log.log(
-        logging.DEBUG if status == DeliveryStatus.sent else logging.INFO,
-        "delivery %s%s",
-        status,
-        f": {reason}" if reason else "",
-        extra={"notification_id": d.notification_id, "delivery_id": d.id, "provider": provider, "route": d.route},
-    )
+    level = logging.DEBUG if status == DeliveryStatus.sent else logging.INFO
+    if log.isEnabledFor(level):  # hot path: build the record only when someone reads it
+        log.log(
+            level,
+            "delivery %s%s",
+            status,
+            f": {reason}" if reason else "",
+            extra={"notification_id": d.notification_id, "delivery_id": d.id, "provider": provider, "route": d.route},
+        )
     events.append(
         {
             "notification_id": d.notification_id,
