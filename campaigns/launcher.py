@@ -34,7 +34,7 @@ from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.directory import upsert
 from notifyctl.errors import InputError, NotFound
-from notifyctl.intake import _user_vars, blocked_by
+from notifyctl.intake import user_vars, blocked_by
 from notifyctl.models import DeviceToken, Notification, NotificationStatus, OptOut, User, new_id, utcnow
 from notifyctl.settings import CHANNELS
 from notifyctl.templates import Template
@@ -176,7 +176,7 @@ def _check_template(res: _Resolved, session: Session, row: SegmentRow) -> None:
     user = session.get(User, row.user_id)
     if user is None:
         return
-    data = {**res.spec["data"], **row.extras, "user": _user_vars(user)}
+    data = {**res.spec["data"], **row.extras, "user": user_vars(user)}
     for ch in res.channels:
         res.template.render(ch, data)
 
@@ -633,7 +633,7 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
                         cc.suppressed["no_sms_opt_in"] += 1
                         continue
                     if data is None:
-                        data = {**res.spec["data"], **row.extras, "user": _user_vars(user)}
+                        data = {**res.spec["data"], **row.extras, "user": user_vars(user)}
                     try:
                         content = res.template.render(ch, data)
                     except InputError:

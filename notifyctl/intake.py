@@ -151,7 +151,7 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
         channels = req.channels
     data = dict(req.data)
     for channel in channels:
-        template.render(channel, {**data, "user": _user_vars(user)})
+        template.render(channel, {**data, "user": user_vars(user)})
 
     nid = new_id("n")
     now = utcnow()
@@ -210,5 +210,5 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
     return SubmitResult(nid, "suppressed", reason, priority, channels)
 
 
-def _user_vars(user: User) -> dict[str, Any]:
+def user_vars(user: User) -> dict[str, Any]:
     return {"id": user.id, "email": user.email, "locale": user.locale, "timezone": user.timezone, **user.attributes}

@@ -33,7 +33,7 @@ from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
-from notifyctl.intake import _user_vars, blocked_by
+from notifyctl.intake import user_vars, blocked_by
 from notifyctl.models import (
     FINAL_STATUSES,
     Delivery,
@@ -239,7 +239,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 out = f"template_error: {t}"
             else:
                 try:
-                    out = t.render(channel, {**n.data, "user": _user_vars(user)})
+                    out = t.render(channel, {**n.data, "user": user_vars(user)})
                 except TemplateError as exc:
                     out = f"template_error: {exc}"
             rendered[key] = out
