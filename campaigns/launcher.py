@@ -34,7 +34,7 @@ from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.directory import upsert
 from notifyctl.errors import InputError, NotFound
-from notifyctl.intake import user_vars, blocked_by
+from notifyctl.intake import blocked_by, user_vars
 from notifyctl.models import DeviceToken, Notification, NotificationStatus, OptOut, User, new_id, utcnow
 from notifyctl.settings import CHANNELS
 from notifyctl.templates import Template

@@ -33,7 +33,7 @@ from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
-from notifyctl.intake import user_vars, blocked_by
+from notifyctl.intake import blocked_by, user_vars
 from notifyctl.models import (
     FINAL_STATUSES,
     Delivery,
