@@ -594,13 +594,13 @@ def apprise_vs_notifyctl(n: int, pool: int = 3, batch: int = 500, log: Log = _no
             warnings.simplefilter("ignore", DeprecationWarning)
             import apprise
 
-        from notifyctl.intake import _user_vars
+        from notifyctl.intake import user_vars
 
         tpl = env.ctx.templates.get("weekly_promo")
         mails = []
         for uid in ids:
             user = User(id=uid, email=f"{uid}@example.com", timezone="UTC", locale="en", attributes={"first_name": uid})
-            c = tpl.render("email", {**PROMO, "user": _user_vars(user)})
+            c = tpl.render("email", {**PROMO, "user": user_vars(user)})
             mails.append((user.email, c["subject"], c["text"]))
         log(f"  notifyctl: {out['notifyctl_per_s']}/s; apprise...")
         host, port = smtp.info["host"], smtp.info["port"]
