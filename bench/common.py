@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import insert
 
 from notifyctl.context import Context
+from notifyctl.db import write_lock
 from notifyctl.models import Notification, User, new_id, utcnow
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import load_settings
@@ -101,16 +102,17 @@ def bulk_notifications(ctx: Context, user_ids: list[str], template_id: str, chan
     now = utcnow()
     campaign = new_id("c")
     nids: list[str] = []
-    with ctx.engine.begin() as conn:
-        for i in range(0, len(user_ids), chunk):
-            rows = []
-            for uid in user_ids[i : i + chunk]:
-                nid = new_id("n")
-                nids.append(nid)
-                rows.append({"id": nid, "recipient_id": uid, "type": template_id, "template_id": template_id,
-                             "category": category, "priority": priority, "channels": channels, "data": data,
-                             "dedup_key": f"campaign:{campaign}:{uid}", "campaign_id": campaign, "status": "scheduled",
-                             "due_at": now, "created_at": now, "updated_at": now})  # fmt: skip
+    for i in range(0, len(user_ids), chunk):
+        rows = []
+        for uid in user_ids[i : i + chunk]:
+            nid = new_id("n")
+            nids.append(nid)
+            rows.append({"id": nid, "recipient_id": uid, "type": template_id, "template_id": template_id,
+                         "category": category, "priority": priority, "channels": channels, "data": data,
+                         "dedup_key": f"campaign:{campaign}:{uid}", "campaign_id": campaign, "status": "scheduled",
+                         "due_at": now, "created_at": now, "updated_at": now})  # fmt: skip
+        # one transaction per chunk, under the SQLite writer lock, as the campaign launcher writes
+        with write_lock(ctx.engine), ctx.engine.begin() as conn:
             conn.execute(insert(Notification), rows)
     return nids
 

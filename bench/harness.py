@@ -112,3 +112,49 @@ def p256_key_pem() -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent by each part of a scenario between ``start()`` and
+    ``stop()``: the pool's supervisor and workers, redis-server, each sandbox, the bench itself.
+    Shows where a 2-core machine's CPU goes during a run."""
+
+    def __init__(self, parts: dict[str, int], pool_pid: int | None = None) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.parts = dict(parts)
+        self.pool_pid = pool_pid
+        self._t0: dict[int, float] = {}
+        self._wall0 = 0.0
+
+    def _pids(self) -> dict[str, int]:
+        pids = dict(self.parts)
+        if self.pool_pid is not None:
+            try:
+                sup = self._psutil.Process(self.pool_pid)
+                pids["pool supervisor (+ reconciler)"] = sup.pid
+                for i, child in enumerate(sorted(sup.children(recursive=True), key=lambda p: p.pid)):
+                    pids[f"pool worker {i + 1}"] = child.pid
+            except self._psutil.NoSuchProcess:
+                pass
+        return pids
+
+    def _cpu(self, pid: int) -> float:
+        try:
+            t = self._psutil.Process(pid).cpu_times()
+            return t.user + t.system
+        except self._psutil.NoSuchProcess:
+            return 0.0
+
+    def start(self) -> None:
+        self._labels = self._pids()
+        self._t0 = {pid: self._cpu(pid) for pid in self._labels.values()}
+        self._wall0 = time.perf_counter()
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self._wall0
+        used = {label: round(self._cpu(pid) - self._t0.get(pid, 0.0), 2) for label, pid in self._labels.items()}
+        total = sum(used.values())
+        return {"wall_s": round(wall, 2), "cpu_s": used, "cpu_total_s": round(total, 2),
+                "cores_busy": round(total / wall, 2) if wall else None}  # fmt: skip

@@ -177,7 +177,25 @@ def _details(res: dict[str, Any]) -> list[str]:
                 f"`{e.get('rate_limits')}`. Timed from the first bulk write of `scheduled` rows (workers already up) "
                 f"to the last `sent` row counted in SQL (polled every 0.25 s)."]  # fmt: skip
         out += [f"- sent {_fmt(e.get('sent'))} in {_fmt(e.get('elapsed_s'))} s (bulk write {e.get('write_s')} s) "
-                f"= **{_fmt(e.get('notifications_per_s'))}/s**; SendGrid sandbox accepted {_fmt(e.get('sandbox_accepted_emails'))}."]  # noqa: E501  # fmt: skip
+                f"= **{_fmt(e.get('notifications_per_s'))}/s**; SendGrid sandbox accepted "
+                f"{_fmt(e.get('sandbox_accepted_emails'))} in {_fmt(e.get('sandbox_requests'))} requests. "
+                "Each email carries its own unsubscribe link (RFC 8058 headers and footer), the postal address "
+                "and an open pixel; the per-recipient parts travel as "
+                f"SendGrid `substitutions`."]  # fmt: skip
+        cpu = e.get("cpu")
+        if cpu:
+            out += [f"- CPU during the blast ({cpu.get('wall_s')} s wall, {cpu.get('cores_busy')} of "
+                    f"{res.get('machine_cores', '?')} cores busy on average), seconds and µs per "
+                    "notification:"]  # fmt: skip
+            sent = max(1, int(e.get("sent") or 1))
+            out += [""]
+            out += ["  | part | CPU s | µs / notification |", "  |---|---|---|"]
+            for part, sec in sorted(cpu.get("cpu_s", {}).items(), key=lambda kv: -kv[1]):
+                out += [f"  | {part} | {sec} | {round(sec / sent * 1e6, 1)} |"]
+            out += [
+                f"  | **total** | {cpu.get('cpu_total_s')} | {round(cpu.get('cpu_total_s', 0) / sent * 1e6, 1)} |",
+                "",
+            ]
         o = e.get("otp") or {}
         out += [f"- OTPs: {o.get('submitted')} submitted through `intake.submit` from the bench process, "
                 f"{o.get('submitted_during_blast')} while the blast ran; accepted by the Twilio sandbox: "

@@ -103,6 +103,8 @@ def _child(argv: list[str]) -> None:
     out = rec.all()[0]
     if a.kind == "apns":
         out["requests"] = len(sb.requests)
+    elif a.kind == "sendgrid":
+        out["requests"] = len(sb.accepted_requests)
     print(json.dumps(out), flush=True)
     try:
         sb.stop()

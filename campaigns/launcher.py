@@ -32,6 +32,7 @@ from campaigns.schedule import Schedule, Wave, parse_hhmm, parse_quiet_hours, pa
 from campaigns.segments import BadRows, CsvSegment, SegmentRow, SqlSegment, chunked
 from notifyctl import keys
 from notifyctl.context import Context
+from notifyctl.db import write_lock
 from notifyctl.directory import upsert
 from notifyctl.errors import InputError, NotFound
 from notifyctl.intake import blocked_by, user_vars
@@ -418,9 +419,12 @@ def _produce(
                         "updated_at": now,
                     }
                 )
-            if rows:
-                upsert(session, Notification, rows, ["campaign_id", "recipient_id"], [])
-            session.commit()
+            # under the SQLite writer lock, so that a launch never makes the workers' and an OTP's
+            # writes wait on SQLite's busy-sleep
+            with write_lock(ctx.engine):
+                if rows:
+                    upsert(session, Notification, rows, ["campaign_id", "recipient_id"], [])
+                session.commit()
             written += len(rows)
             if progress:
                 progress("write", seen_rows, planned)

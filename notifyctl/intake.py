@@ -137,7 +137,7 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
         user = session.get(User, req.recipient_id)
         if user is None:
             raise InputError(f"recipient_id: unknown user {req.recipient_id!r}")
-        opt_outs = prefs.load(ctx.redis, session, [user.id])[user.id]
+        opt_outs = prefs.load(ctx.redis, session, [user.id]).get(user.id, set())
 
     if req.channels == ["all"]:
         channels = template.channels

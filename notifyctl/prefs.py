@@ -31,9 +31,11 @@ CACHE_BELOW = 50  # batches of this many users or more read SQL directly: one IN
 
 
 def load(client: redis.Redis, session: Session, user_ids: Iterable[str]) -> dict[str, set[tuple[str, str]]]:
-    """Opt-outs for each user. Small batches (single sends: the latency-sensitive path) read through
-    the cache: one MGET, then one SQL query for the misses and one pipeline to cache them. Large
-    batches (campaign blasts, where each user comes once) read SQL in one query and cache nothing."""
+    """Opt-outs per user (a user without any may be left out: read with ``.get(uid, set())``).
+
+    Small batches (single sends: the latency-sensitive path) read through the cache: one MGET,
+    then one SQL query for the misses and one pipeline to cache them. Large batches (campaign
+    blasts, where each user comes once) read SQL in one query and cache nothing."""
     ids = list(dict.fromkeys(user_ids))
     out: dict[str, set[tuple[str, str]]] = {}
     if not ids:
@@ -50,16 +52,18 @@ def load(client: redis.Redis, session: Session, user_ids: Iterable[str]) -> dict
     if misses:
         found = _from_sql(session, misses)
         pipe = client.pipeline(transaction=False)
-        for uid, items in found.items():
+        for uid in misses:
+            items = found.get(uid, set())
             pipe.set(keys.prefs(uid), ",".join(f"{c}:{k}" for c, k in sorted(items)), ex=PREFS_TTL)
+            out[uid] = items
         pipe.execute()
-        out.update(found)
     return out
 
 
 def _from_sql(session: Session, ids: list[str]) -> dict[str, set[tuple[str, str]]]:
+    """The users among ``ids`` that have opt-outs (a user without any is left out)."""
     o: Any = OptOut.__table__.c  # type: ignore[attr-defined]
-    found: dict[str, set[tuple[str, str]]] = {u: set() for u in ids}
+    found: dict[str, set[tuple[str, str]]] = {}
     for uid, ch, cat in session.execute(select(o.user_id, o.channel, o.category).where(o.user_id.in_(ids))):
-        found[uid].add((ch, cat))
+        found.setdefault(uid, set()).add((ch, cat))
     return found

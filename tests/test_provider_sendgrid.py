@@ -388,6 +388,16 @@ _DELETE = object()
             "personalizations.0.custom_args.delivery_id",
             id="custom-arg-int",
         ),
+        pytest.param(
+            _with("personalizations.0.substitutions", {"-name-": 7}),
+            "personalizations.0.substitutions.-name-",
+            id="substitution-int",
+        ),
+        pytest.param(
+            _with("personalizations.0.substitutions", {"-big-": "x" * 10_001}),
+            "personalizations.0.substitutions",
+            id="substitutions-over-10000-bytes",
+        ),
         pytest.param(_with("from", _DELETE), "from", id="no-from"),
         pytest.param(_with("subject", _DELETE), "subject", id="no-subject"),
         pytest.param(_with("content", _DELETE), "content", id="no-content"),

@@ -265,3 +265,68 @@ def test_sms_outage_moves_traffic_to_the_fallback_and_otp_escalates_to_voice(
     [call] = twilio.calls
     assert call["to"] == ALICE_PHONE and call["sid"] == d.provider_message_id
     assert "4 8 2 9 1 3" in call["twiml"]
+
+
+def test_marketing_batch_is_one_sendgrid_request_with_per_recipient_links(
+    sandboxes: SandboxSet, home: Path, redis_url: str, rclient: Any
+) -> None:
+    """Marketing email carries a per-recipient unsubscribe link and open pixel: they travel as
+    SendGrid substitutions, so the batch is still one request, and each recipient gets their own."""
+    from notifyctl.inbound import open_token
+    from notifyctl.unsubscribe import secret_key, verify_token
+    from worker.pipeline import Runtime, process
+
+    settings = make_settings(home, redis_url, rate_limits=[], provider_options=sandboxes.provider_options,
+                             providers_email=["sendgrid"], public_url="https://notify.example.com",
+                             postal_address="1 Main St, Springfield")  # fmt: skip
+    ctx = Context(settings)
+    try:
+        seed(ctx)
+        promo = {"template_id": "weekly_promo", "channels": ["email"], "data": {"first_name": "Friend",
+                 "discount": 15, "code": "FALL15"}}  # fmt: skip
+        nids = [send(ctx, recipient_id=u, **promo).notification_id for u in ("alice", "bob")]
+        sg = sandboxes.sandboxes["sendgrid"]
+        before = len(sg.accepted_requests)
+        stats = process(Runtime(ctx), nids)
+        assert stats.sent == 2
+        assert sg.accepted_requests[before:] == [2]  # one body for both, the links as substitutions
+        mails = {m["to"]: m for m in sg.recorder.all()}
+        key = secret_key(settings)
+        for user, nid in zip(("alice", "bob"), nids, strict=True):
+            mail = mails[f"{user}@example.com"]
+            text, body = mail["content"]["text/plain"], mail["content"]["text/html"]
+            assert "%%notifyctl:" not in text + body + mail["subject"]
+            url = mail["headers"]["List-Unsubscribe"].strip("<>")
+            assert verify_token(key, url.rsplit("/", 1)[1]) == (user, "marketing")
+            assert f"Unsubscribe: {url}" in text and f'<a href="{url}">Unsubscribe</a>' in body
+            assert "1 Main St, Springfield" in text
+            [d] = deliveries(ctx, nid)
+            assert f'<img src="https://notify.example.com/o/{open_token(key, d.id)}.gif"' in body
+            assert mail["custom_args"]["delivery_id"] == d.id
+    finally:
+        ctx.close()
+        dispose_all()
+
+
+def test_template_text_that_looks_like_a_token_is_sent_as_is(
+    sandboxes: SandboxSet, home: Path, redis_url: str, rclient: Any
+) -> None:
+    from worker.pipeline import Runtime, process
+
+    settings = make_settings(home, redis_url, rate_limits=[], provider_options=sandboxes.provider_options,
+                             providers_email=["sendgrid"], public_url="https://notify.example.com")  # fmt: skip
+    ctx = Context(settings)
+    try:
+        seed(ctx)
+        code = "%%notifyctl:unsubscribe%%"
+        nid = send(ctx, template_id="weekly_promo", channels=["email"],
+                   data={"first_name": "F", "discount": 5, "code": code}).notification_id  # fmt: skip
+        assert process(Runtime(ctx), [nid]).sent == 1
+        [mail] = sandboxes.sandboxes["sendgrid"].recorder.all()
+        url = mail["headers"]["List-Unsubscribe"].strip("<>")
+        text = mail["content"]["text/plain"]
+        assert f"use the code {code} at checkout" in text  # the user's data, untouched
+        assert f"Unsubscribe: {url}" in text
+    finally:
+        ctx.close()
+        dispose_all()

@@ -9,7 +9,6 @@ recovered from a dead worker, a duplicate job) and sends nothing twice — deliv
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import html
 import logging
@@ -24,13 +23,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from notifyctl import keys, metrics, prefs
 from notifyctl.context import Context
-from notifyctl.db import write_lock
+from notifyctl.db import prepare_insert, write_lock
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
 from notifyctl.intake import blocked_by, user_vars
@@ -163,6 +162,10 @@ _N = Notification.__table__  # type: ignore[attr-defined]
 _DT = Delivery.__table__  # type: ignore[attr-defined]
 _ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
 _U = User.__table__  # type: ignore[attr-defined]
+# only the columns the pipeline reads: every datetime or JSON column loaded is parsed, per row
+_N_COLS = [_N.c[c] for c in ("id", "recipient_id", "type", "template_id", "category", "priority", "channels", "data",
+                             "dedup_key")]  # fmt: skip
+_U_COLS = [_U.c[c] for c in ("id", "email", "phone", "timezone", "locale", "sms_opt_in", "attributes")]
 
 
 class _Batch:
@@ -171,13 +174,13 @@ class _Batch:
     def __init__(self, session: Session, client: Any, ids: list[str]) -> None:
         self.notifications: list[Any] = list(
             session.execute(
-                select(_N).where(
+                select(*_N_COLS).where(
                     _N.c.id.in_(ids), _N.c.status.in_([NotificationStatus.queued, NotificationStatus.retrying])
                 )
             )
         )
         user_ids = {n.recipient_id for n in self.notifications}
-        self.users: dict[str, Any] = {u.id: u for u in session.execute(select(_U).where(_U.c.id.in_(user_ids)))}
+        self.users: dict[str, Any] = {u.id: u for u in session.execute(select(*_U_COLS).where(_U.c.id.in_(user_ids)))}
         self.opt_outs = prefs.load(client, session, user_ids)
         self.tokens: dict[str, list[Any]] = defaultdict(list)
         if user_ids:
@@ -378,15 +381,10 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     stats.failed += 1
                     continue
                 headers: dict[str, str] = {}
+                shared: dict[str, str] | None = None
+                personal: dict[str, str] = {}
                 if d.channel == "email":
-                    if n.category == "marketing":
-                        content, headers = _marketing_email(rt, content, d.user_id)
-                    pixel = pixel_url(rt.settings, rt.unsub_key, d.id)
-                    if pixel:  # open tracking
-                        content = {
-                            **content,
-                            "html": content["html"] + f'\n<img src="{pixel}" width="1" height="1" alt="">',
-                        }
+                    content, shared, personal, headers = _email_extras(rt, content, d, n.category == "marketing")
                 msg = Message(
                     delivery_id=d.id,
                     notification_id=n.id,
@@ -400,6 +398,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     data={"notification_id": n.id, "type": n.type},
                     headers=headers,
                     user_id=d.user_id,
+                    shared=shared,
+                    personal=personal,
                 )
                 to_send[d.route].append((d, msg))
 
@@ -510,14 +510,16 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             # Redis went away after the provider accepted: the SQL record of what was sent must still
             # be written, or a rerun would find only a stale claim and send again.
             settle_error = exc
+        # parameters converted before the writer lock is taken: inside it, only the statements run
+        insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows)
+        insert_events = prepare_insert(rt.ctx.engine, _ET, events)
         with write_lock(rt.ctx.engine):  # one SQLite writer at a time, woken in order
-            if new_rows:
-                session.execute(insert(_DT), new_rows)
+            conn = session.connection()
+            insert_deliveries(conn)
             if updates.rows:
                 # only from the states this job saw: a webhook may have moved a delivery on meanwhile
                 _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
-            if events:
-                session.execute(insert(_ET), events)
+            insert_events(conn)
             if token_success:
                 session.execute(
                     update(DeviceToken).where(DeviceToken.token.in_(token_success)).values(last_success_at=now)  # type: ignore[attr-defined]
@@ -557,7 +559,10 @@ def _bulk_update(session: Session, table: Any, rows: list[dict[str, Any]], only_
     for r in rows:
         groups[tuple(sorted(r))].append(r)
     for cols, items in groups.items():
-        stmt = update(table).where(table.c.id == bindparam("_id")).values({c: bindparam(c) for c in cols if c != "id"})
+        stmt = update(table).where(table.c.id == bindparam("_id"))
+        if only_from:  # (an IN list is an "expanding" parameter, which executemany cannot take)
+            stmt = stmt.where(or_(*[table.c.status == literal(v) for v in only_from]))
+        stmt = stmt.values({c: bindparam(c) for c in cols if c != "id"})
         session.execute(stmt, [{**r, "_id": r["id"]} for r in items])
 
 
@@ -578,8 +583,8 @@ class _Updates:
 
 def delivery_id(notification_id: str, channel: str, address: str) -> str:
     """Deterministic: the same notification, channel and address always give the same id."""
-    digest = hashlib.blake2b(f"{notification_id}\x00{channel}\x00{address}".encode(), digest_size=15).digest()
-    return "d_" + base64.b32encode(digest).decode().lower()
+    # hex, not base32: base64.b32encode is pure Python and was 3-4 % of a worker's CPU
+    return "d_" + hashlib.blake2b(f"{notification_id}\x00{channel}\x00{address}".encode(), digest_size=14).hexdigest()
 
 
 def _mark(
@@ -708,25 +713,78 @@ def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outc
     return outcomes
 
 
-def _marketing_email(rt: Runtime, content: dict[str, str], user_id: str) -> tuple[dict[str, str], dict[str, str]]:
-    """RFC 8058 one-click unsubscribe headers and a footer (unsubscribe link, postal address) for bulk mail."""
-    url = unsubscribe_url(rt.settings, rt.unsub_key, user_id, "marketing")
+# Tokens for what differs per recipient in an email the pipeline completes (see Message.shared).
+TOKEN_PREFIX = "%%notifyctl:"
+UNSUBSCRIBE_TEXT = TOKEN_PREFIX + "unsubscribe%%"
+UNSUBSCRIBE_HTML = TOKEN_PREFIX + "unsubscribe_html%%"
+OPEN_PIXEL = TOKEN_PREFIX + "open_pixel%%"
+
+
+def _email_extras(
+    rt: Runtime, content: dict[str, str], d: _D, marketing: bool
+) -> tuple[dict[str, str], dict[str, str] | None, dict[str, str], dict[str, str]]:
+    """Complete a rendered email: for marketing, RFC 8058 one-click unsubscribe headers and a footer
+    (unsubscribe link, postal address — CAN-SPAM); the open-tracking pixel when a public URL is set.
+
+    Returns (content, shared, personal, headers): ``content`` as this recipient gets it, and — when
+    something differs per recipient — ``shared`` with tokens in its place and ``personal`` the
+    token values (``Message.shared``)."""
+    personal: dict[str, str] = {}
     headers: dict[str, str] = {}
     text_footer: list[str] = []
     html_footer: list[str] = []
-    if url:
-        headers = {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
-        text_footer.append(f"Unsubscribe: {url}")
-        html_footer.append(f'<a href="{html.escape(url)}">Unsubscribe</a>')
-    if rt.settings.postal_address:
-        text_footer.append(rt.settings.postal_address)
-        html_footer.append(html.escape(rt.settings.postal_address))
-    if not text_footer:
-        return content, headers
-    out = dict(content)
-    out["text"] = content["text"] + "\n\n--\n" + "\n".join(text_footer)
-    out["html"] = content["html"] + '\n<p style="font-size:small;color:#666">' + " · ".join(html_footer) + "</p>"
-    return out, headers
+    if marketing:
+        url = unsubscribe_url(rt.settings, rt.unsub_key, d.user_id, "marketing")
+        if url:
+            headers = {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+            personal[UNSUBSCRIBE_TEXT] = url
+            personal[UNSUBSCRIBE_HTML] = html.escape(url)
+            text_footer.append(f"Unsubscribe: {UNSUBSCRIBE_TEXT}")
+            html_footer.append(f'<a href="{UNSUBSCRIBE_HTML}">Unsubscribe</a>')
+        if rt.settings.postal_address:
+            text_footer.append(rt.settings.postal_address)
+            html_footer.append(html.escape(rt.settings.postal_address))
+    pixel = pixel_url(rt.settings, rt.unsub_key, d.id)
+    if not text_footer and not pixel:
+        return content, None, personal, headers
+    text, body = content.get("text", ""), content.get("html", "")
+    if text_footer:
+        text += "\n\n--\n" + "\n".join(text_footer)
+        body += '\n<p style="font-size:small;color:#666">' + " · ".join(html_footer) + "</p>"
+    if pixel:  # open tracking
+        personal[OPEN_PIXEL] = html.escape(pixel)
+        body += f'\n<img src="{OPEN_PIXEL}" width="1" height="1" alt="">'
+    shared = {**content, "text": text, "html": body}
+    for token, value in personal.items():
+        text = text.replace(token, value)
+        body = body.replace(token, value)
+    resolved = {**content, "text": text, "html": body}
+    # a template that happens to contain a token's text must not be rewritten by the provider
+    clash = TOKEN_PREFIX in content.get("text", "") or TOKEN_PREFIX in content.get("html", "")
+    if clash:
+        return _resolve_without_tokens(content, text_footer, html_footer, pixel, personal), None, {}, headers
+    return resolved, (shared if personal else None), personal, headers
+
+
+def _resolve_without_tokens(
+    content: dict[str, str], text_footer: list[str], html_footer: list[str], pixel: str | None, personal: dict[str, str]
+) -> dict[str, str]:
+    """The footer and pixel appended with their values directly (the template contains a token's text)."""
+    text, body = content.get("text", ""), content.get("html", "")
+    if text_footer:
+        text += "\n\n--\n" + "\n".join(_fill(x, personal) for x in text_footer)
+        body += (
+            '\n<p style="font-size:small;color:#666">' + " · ".join(_fill(x, personal) for x in html_footer) + "</p>"
+        )
+    if pixel:
+        body += f'\n<img src="{html.escape(pixel)}" width="1" height="1" alt="">'
+    return {**content, "text": text, "html": body}
+
+
+def _fill(piece: str, values: dict[str, str]) -> str:
+    for token, value in values.items():
+        piece = piece.replace(token, value)
+    return piece
 
 
 def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> None:

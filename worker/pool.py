@@ -196,6 +196,7 @@ class Pool:
         self._started_at[i] = time.monotonic()
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
+        from notifyctl.db import checkpoint
         from notifyctl.dlq import DlqConfig, check_dlq_alert
         from worker.reconciler import reconcile
 
@@ -243,6 +244,10 @@ class Pool:
                         reconcile(ctx, check_lost=rounds % 3 == 0, paced=True)
                     except Exception:  # noqa: BLE001 - keep supervising through a blip
                         log.warning("reconciler round failed", exc_info=True)
+                    try:
+                        checkpoint(ctx.engine)  # SQLite: the WAL goes back into the database here, not in a writer
+                    except Exception:  # noqa: BLE001 - a checkpoint can wait for the next round
+                        log.warning("SQLite checkpoint failed", exc_info=True)
                     next_reconcile = time.monotonic() + reconcile_every
                 if time.monotonic() >= next_dlq_check:
                     try:

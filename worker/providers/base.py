@@ -30,6 +30,12 @@ class Message:
     - push:  ``title``, ``body`` (and ``data``: str → str payload for the app)
     - email: ``subject``, ``html``, ``text``
     - sms:   ``text``
+
+    ``content`` is always what this recipient receives. A message may also carry ``shared``: the
+    same content with ``personal``'s tokens in place of the parts that differ per recipient (the
+    unsubscribe link, the open pixel), so that a provider with per-recipient substitutions
+    (SendGrid) sends one body for a whole batch: replacing each token of ``shared`` by its value
+    gives ``content`` exactly.
     """
 
     delivery_id: str
@@ -44,6 +50,8 @@ class Message:
     data: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     user_id: str | None = None
+    shared: dict[str, str] | None = None
+    personal: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True, frozen=True)

@@ -4,7 +4,9 @@ One ``POST /v3/mail/send`` carries up to 1000 personalizations. Our messages are
 user, so each message is one personalization (its own ``to``, ``subject``, ``headers`` such as
 ``List-Unsubscribe``, and ``custom_args`` with our ``delivery_id``/``notification_id`` so the
 Event Webhook can be matched back). Messages whose bodies are identical (same text, html and
-category) share a request; everything else gets its own. Requests of one ``send()`` run
+category) share a request; everything else gets its own. What the pipeline adds per recipient
+(unsubscribe link, open pixel) travels as ``substitutions`` of the personalization
+(``Message.shared``/``personal``), so a marketing batch is still one request. Requests of one ``send()`` run
 concurrently over one pooled ``httpx.Client``.
 
 Answers: 202 → ``Sent(X-Message-Id)`` (the same id for every personalization of a request: the
@@ -18,7 +20,6 @@ single message; 429 → ``Retry`` with ``retry_after`` from ``Retry-After`` or `
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
+import orjson
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -182,7 +184,8 @@ class Provider:
             if problem is not None:
                 outcomes[i] = problem
                 continue
-            key = (m.content.get("text") or "", m.content.get("html") or "", m.category)
+            body = m.shared or m.content  # per-recipient parts as substitutions: one body for the batch
+            key = (body.get("text") or "", body.get("html") or "", m.category)
             groups.setdefault(key, []).append(i)
 
         size = self.config.max_personalizations
@@ -221,11 +224,12 @@ class Provider:
         sender: dict[str, str] = {"email": self.from_address}
         if self.config.from_name:
             sender["name"] = self.config.from_name
+        shared = first.shared or first.content
         content = []
-        if first.content.get("text"):
-            content.append({"type": "text/plain", "value": first.content["text"]})
-        if first.content.get("html"):
-            content.append({"type": "text/html", "value": first.content["html"]})
+        if shared.get("text"):
+            content.append({"type": "text/plain", "value": shared["text"]})
+        if shared.get("html"):
+            content.append({"type": "text/html", "value": shared["html"]})
         personalizations = []
         for m in batch:
             p: dict[str, Any] = {
@@ -235,6 +239,8 @@ class Provider:
             }
             if m.headers:
                 p["headers"] = {str(k): str(v) for k, v in m.headers.items()}
+            if m.shared is not None and m.personal:
+                p["substitutions"] = dict(m.personal)
             personalizations.append(p)
         body: dict[str, Any] = {"personalizations": personalizations, "from": sender, "content": content}
         if first.category:
@@ -244,7 +250,7 @@ class Provider:
     def _send_chunk(self, messages: Sequence[Message], idxs: list[int]) -> list[Outcome]:
         """Send ``messages[idxs]`` as one request; one outcome per index."""
         batch = [messages[i] for i in idxs]
-        payload = json.dumps(self._body(batch), separators=(",", ":"), ensure_ascii=False).encode()
+        payload = orjson.dumps(self._body(batch))
         n = len(batch)
         try:
             resp = self._client.post("/v3/mail/send", content=payload)

@@ -3,9 +3,10 @@
 Checks ``Authorization: Bearer <key>`` like SendGrid (401 for a missing or unknown key, 403 when the
 key lacks the ``mail.send`` scope), validates the body the way the real API does (1..1000
 personalizations, recipients, ``from``, ``subject``, ``content`` or ``template_id``, string-only
-``custom_args`` and ``headers``, payload size) and answers errors in SendGrid's shape
+``custom_args``, ``headers`` and ``substitutions``, payload size) and answers errors in SendGrid's shape
 ``{"errors": [{"message", "field", "help"}]}``. An accepted request gets ``202`` with an
-``X-Message-Id`` header and an empty body, and each personalization is recorded as one message::
+``X-Message-Id`` header and an empty body, and each personalization is recorded as one message,
+with its ``substitutions`` applied to the subject and content::
 
     {"message_id", "to", "subject", "from", "custom_args", "headers", "categories", "content"}
 
@@ -153,21 +154,32 @@ class SendgridSandbox(HttpSandbox):
         top_headers = mail.get("headers") or {}
         personalizations = mail["personalizations"]
         for p in personalizations:
+            # substitutions apply to the content and the subject, per personalization, as SendGrid does
+            subs = p.get("substitutions") or {}
+            subject = _substitute(p.get("subject") or mail.get("subject"), subs)
             self.recorder.add(
                 {
                     "message_id": message_id,
                     "to": p["to"][0]["email"],
-                    "subject": p.get("subject") or mail.get("subject"),
+                    "subject": subject,
                     "from": mail["from"]["email"],
                     "custom_args": {**top_args, **(p.get("custom_args") or {})},
                     "headers": {**top_headers, **(p.get("headers") or {})},
                     "categories": list(mail.get("categories") or []),
-                    "content": content,
+                    "content": {k: _substitute(v, subs) for k, v in content.items()} if subs else content,
                     "template_id": mail.get("template_id"),
                 }
             )
         with self._stats_lock:
             self.accepted_requests.append(len(personalizations))
+
+
+def _substitute(text: Any, subs: dict[str, str]) -> Any:
+    if not isinstance(text, str):
+        return text
+    for key, value in subs.items():
+        text = text.replace(key, value)
+    return text
 
 
 def _string_map(value: Any, field: str, anchor: str) -> list[dict[str, Any]]:
@@ -247,6 +259,16 @@ def validate_mail(mail: dict[str, Any]) -> list[dict[str, Any]]:
             every_has_subject = False
         errors += _string_map(p.get("custom_args"), f"personalizations.{i}.custom_args", "personalizations.custom_args")
         errors += _string_map(p.get("headers"), f"personalizations.{i}.headers", "personalizations.headers")
+        subs = p.get("substitutions")
+        errors += _string_map(subs, f"personalizations.{i}.substitutions", "personalizations.substitutions")
+        if isinstance(subs, dict) and len(json.dumps(subs).encode()) > 10000:
+            errors.append(
+                _err(
+                    "The maximum size of substitutions for a personalization is 10000 bytes.",
+                    f"personalizations.{i}.substitutions",
+                    "personalizations.substitutions",
+                )
+            )
     if recipients > 1000:
         errors.append(
             _err(
