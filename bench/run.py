@@ -175,7 +175,8 @@ def _details(res: dict[str, Any]) -> list[str]:
         out += [f"- {e.get('notifications')} marketing emails (`weekly_promo`), pool of {e.get('pool')} "
                 f"(worker 1 on `high` only), batch {e.get('batch')}, rate limits kept at the defaults "
                 f"`{e.get('rate_limits')}`. Timed from the first bulk write of `scheduled` rows (workers already up) "
-                f"to the last `sent` row counted in SQL (polled every 0.25 s)."]  # fmt: skip
+                f"to the last `sent` row tracked: the workers' sent counter (bumped after each SQL commit) "
+                f"polled every 50 ms, then the `sent` rows counted in SQL."]  # fmt: skip
         out += [f"- sent {_fmt(e.get('sent'))} in {_fmt(e.get('elapsed_s'))} s (bulk write {e.get('write_s')} s) "
                 f"= **{_fmt(e.get('notifications_per_s'))}/s**; SendGrid sandbox accepted "
                 f"{_fmt(e.get('sandbox_accepted_emails'))} in {_fmt(e.get('sandbox_requests'))} requests. "

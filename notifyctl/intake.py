@@ -168,7 +168,7 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
             return SubmitResult(holder.decode() if holder else nid, "suppressed", "duplicate", priority, channels)
     job_id = f"job_{nid}"
     try:
-        with write_lock(ctx.engine), Session(ctx.engine) as session:
+        with write_lock(ctx.engine, urgent=priority == "high"), Session(ctx.engine) as session:
             if req.dedup_key:
                 # Redis may have lost the key (crash without persistence): the SQL record decides.
                 since = now - timedelta(seconds=ctx.settings.dedup_ttl)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
 from notifyctl.errors import TemplateError
@@ -47,6 +47,7 @@ class Template:
     source: Path | None = None
     _compiled: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
     _combined: dict[str, Any] = field(default_factory=dict, repr=False)
+    _names: dict[str, frozenset[str] | None] = field(default_factory=dict, repr=False)
 
     @property
     def channels(self) -> list[str]:
@@ -73,6 +74,20 @@ class Template:
             if len(pieces) == len(names):
                 return {name: piece.strip() for name, piece in zip(names, pieces, strict=True)}
         return self._render_parts(channel, data)
+
+    def variables(self, channel: str) -> frozenset[str] | None:
+        """The top-level names a channel's parts read (``user``, ``order_id``...), or None when
+        that cannot be told (a syntax error). A channel that does not read ``user`` renders the
+        same for every recipient of the same data, so a batch renders it once."""
+        if channel not in self._names:
+            names: set[str] = set()
+            try:
+                for src in self.parts.get(channel, {}).values():
+                    names |= meta.find_undeclared_variables(_text_env.parse(src))
+                self._names[channel] = frozenset(names)
+            except TemplateSyntaxError:
+                self._names[channel] = None
+        return self._names[channel]
 
     def _compile_combined(self, channel: str) -> Any:
         sources = []

@@ -145,3 +145,42 @@ def test_rate_rules_combine_and_high_bypasses(rclient: redis.Redis) -> None:
     assert rl.check_many([Check("u", "email", "transactional", "t2")], 1000) == [False]  # 2/h used
     assert rl.check_many([Check("u", "email", "transactional", "otp", high=True)], 1000) == [True]
     assert rclient.zcard("notif:rate:u:email:*:3600") == 3  # the bypass was still counted
+
+
+def test_urgent_sqlite_writer_is_not_starved_by_a_stream_of_bulk_writes(tmp_path: Path) -> None:
+    """OTPs ahead of marketing at the SQLite writer lock: a bulk writer that takes the lock again
+    the moment it lets go (a worker or reconciler writing batch after batch) would keep an OTP's
+    write waiting; an urgent writer gets in after the write in progress."""
+    import threading
+    import time
+
+    from notifyctl.db import make_engine, write_lock
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'lock.db'}")
+    order: list[str] = []
+    started = threading.Event()
+
+    def bulk() -> None:
+        for i in range(200):
+            with write_lock(engine):
+                started.set()
+                order.append(f"bulk{i}")
+                time.sleep(0.005)
+
+    def otp() -> None:
+        with write_lock(engine, urgent=True):
+            order.append("otp")
+
+    b = threading.Thread(target=bulk)
+    b.start()
+    assert started.wait(10)
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    o = threading.Thread(target=otp)
+    o.start()
+    o.join(10)
+    waited = time.perf_counter() - t0
+    b.join(10)
+    assert "otp" in order and order.index("otp") < 100, order.index("otp")  # not after the whole stream
+    assert waited < 0.5
+    engine.dispose()

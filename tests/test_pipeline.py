@@ -292,3 +292,34 @@ def test_preferences_cache_is_invalidated_on_change(ctx: Context) -> None:
     assert ctx.redis.get("notif:prefs:alice") is None  # invalidated by the change
     with Session(ctx.engine) as s:
         assert prefs_cache.load(ctx.redis, s, ["alice"]) == {"alice": {("push", "*")}}
+
+
+def test_batch_renders_per_recipient_only_what_reads_user(home, redis_url, rclient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A batch renders a channel once per distinct data when the template never reads ``user``;
+    one that does (``{{ user.first_name }}``) is rendered for each recipient."""
+    from notifyctl.templates import TemplateStore
+    from tests.conftest import make_settings
+    from worker.pipeline import Runtime, process
+
+    tdir = tmp_path / "tpl"
+    tdir.mkdir()
+    (tdir / "hello_user.toml").write_text(
+        'category = "marketing"\npriority = "low"\n[email]\nsubject = "Hi {{ user.first_name }}"\n'
+        'html = "<p>{{ offer }} for {{ user.first_name }}</p>"\ntext = "{{ offer }} for {{ user.first_name }}"\n'
+        '[push]\ntitle = "{{ offer }}"\nbody = "today only"\n'
+    )
+    ctx = Context(make_settings(home, redis_url, templates_dir=tdir, rate_limits=[]))
+    seed(ctx)
+    t = TemplateStore([tdir]).get("hello_user")
+    assert t.variables("email") == {"user", "offer"} and t.variables("push") == {"offer"}
+    nids = [send(ctx, recipient_id=u, template_id="hello_user", channels=["email", "push"],
+                 data={"offer": "2 for 1"}).notification_id for u in ("alice", "bob", "carol")]  # fmt: skip
+    stats = process(Runtime(ctx), nids)
+    assert stats.sent == 3 + 2  # carol has no device token
+    mails = {r["to"]: r["content"] for r in read_outbox(ctx.settings.outbox_dir, "email")}
+    assert mails["alice@example.com"]["subject"] == "Hi Alice"
+    assert mails["bob@example.com"]["subject"] == "Hi Bob"
+    assert mails["carol@example.com"]["text"] == "2 for 1 for Carol"
+    pushes = [r for r in read_outbox(ctx.settings.outbox_dir) if r["route"].startswith("push.")]
+    assert [p["content"]["title"] for p in pushes] == ["2 for 1", "2 for 1"]
+    ctx.close()

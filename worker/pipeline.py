@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import redis
 from sqlalchemy import bindparam, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -233,6 +234,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             templates[tid] = t
         return t
 
+    by_data: dict[tuple[str, str, bytes], dict[str, str] | str] = {}  # renders that do not read `user`
+
     def render(n: Any, channel: str, user: Any) -> dict[str, str] | str:
         key = (n.id, channel)
         out = rendered.get(key)
@@ -241,10 +244,20 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             if isinstance(t, TemplateError):
                 out = f"template_error: {t}"
             else:
-                try:
-                    out = t.render(channel, {**n.data, "user": user_vars(user)})
-                except TemplateError as exc:
-                    out = f"template_error: {exc}"
+                # A channel that never reads `user` gives the same result for the same data: a
+                # campaign batch (one data for all) renders it once.
+                names = t.variables(channel)
+                shared = None
+                if names is not None and "user" not in names:
+                    shared = (n.template_id, channel, orjson.dumps(n.data, option=orjson.OPT_SORT_KEYS))
+                    out = by_data.get(shared)
+                if out is None:
+                    try:
+                        out = t.render(channel, {**n.data, "user": user_vars(user)})
+                    except TemplateError as exc:
+                        out = f"template_error: {exc}"
+                    if shared is not None:
+                        by_data[shared] = out
             rendered[key] = out
         return out
 
@@ -513,7 +526,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         # parameters converted before the writer lock is taken: inside it, only the statements run
         insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows)
         insert_events = prepare_insert(rt.ctx.engine, _ET, events)
-        with write_lock(rt.ctx.engine):  # one SQLite writer at a time, woken in order
+        urgent = any(n.priority == "high" for n in batch.notifications)
+        with write_lock(rt.ctx.engine, urgent=urgent):  # one SQLite writer at a time; OTPs first
             conn = session.connection()
             insert_deliveries(conn)
             if updates.rows:
