@@ -172,7 +172,8 @@ def _details(res: dict[str, Any]) -> list[str]:
     e = res.get("email")
     if e:
         out += ["### 1 + 3. Email blast with OTPs", ""]
-        out += [f"- {e.get('notifications')} marketing emails (`weekly_promo`), pool of {e.get('pool')} "
+        out += [f"- {e.get('notifications')} marketing emails (`weekly_promo_personal`: each greets its recipient "
+                f"with `{{{{ user.first_name }}}}`), pool of {e.get('pool')} "
                 f"(worker 1 on `high` only), batch {e.get('batch')}, rate limits kept at the defaults "
                 f"`{e.get('rate_limits')}`. Timed from the first bulk write of `scheduled` rows (workers already up) "
                 f"to the last `sent` row tracked: the workers' sent counter (bumped after each SQL commit) "

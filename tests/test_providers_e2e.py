@@ -330,3 +330,59 @@ def test_template_text_that_looks_like_a_token_is_sent_as_is(
     finally:
         ctx.close()
         dispose_all()
+
+
+def test_personalised_template_is_one_sendgrid_request_with_each_recipients_values(
+    sandboxes: SandboxSet, home: Path, redis_url: str, rclient: Any, tmp_path: Path
+) -> None:
+    """``{{ user.first_name }}`` differs per recipient: it travels as a substitution (escaped for
+    the HTML part), so a personalised campaign batch is still one request. A template that does
+    more with a user's value than print it (a filter) is sent per recipient, still correct."""
+    from notifyctl.directory import import_users
+    from worker.pipeline import Runtime, process
+
+    tdir = tmp_path / "tpl"
+    tdir.mkdir()
+    (tdir / "hello.toml").write_text(
+        'category = "marketing"\npriority = "low"\n[email]\nsubject = "Hi {{ user.first_name }}"\n'
+        'html = "<p>Dear {{ user.first_name }}, {{ offer }}</p>"\ntext = "Dear {{ user.first_name }}, {{ offer }}"\n'
+    )
+    (tdir / "shout.toml").write_text(
+        'category = "marketing"\npriority = "low"\n[email]\nsubject = "Hi"\n'
+        'html = "<p>{{ user.first_name|upper }}</p>"\ntext = "{{ user.first_name|upper }}"\n'
+    )
+    settings = make_settings(home, redis_url, rate_limits=[], provider_options=sandboxes.provider_options,
+                             providers_email=["sendgrid"], templates_dir=tdir)  # fmt: skip
+    ctx = Context(settings)
+    try:
+        seed(ctx)
+        import io
+
+        rep = import_users(ctx, io.StringIO("user_id,email,first_name\ndan,dan@example.com,Dan & <Co>\n"))
+        assert rep.errors == []
+        users = ("alice", "bob", "dan")
+        sg = sandboxes.sandboxes["sendgrid"]
+        before = len(sg.accepted_requests)
+        nids = [send(ctx, recipient_id=u, template_id="hello", channels=["email"], data={"offer": "2 for 1"})
+                .notification_id for u in users]  # fmt: skip
+        assert process(Runtime(ctx), nids).sent == 3
+        assert sg.accepted_requests[before:] == [3]
+        mails = {m["to"]: m for m in sg.recorder.all()}
+        assert mails["alice@example.com"]["content"] == {"text/plain": "Dear Alice, 2 for 1",
+                                                         "text/html": "<p>Dear Alice, 2 for 1</p>"}  # fmt: skip
+        dan = mails["dan@example.com"]
+        assert dan["subject"] == "Hi Dan & <Co>"
+        assert dan["content"] == {"text/plain": "Dear Dan & <Co>, 2 for 1",
+                                  "text/html": "<p>Dear Dan &amp; &lt;Co&gt;, 2 for 1</p>"}  # fmt: skip
+
+        sg.recorder.clear()
+        before = len(sg.accepted_requests)
+        nids = [send(ctx, recipient_id=u, template_id="shout", channels=["email"]).notification_id for u in users]
+        assert process(Runtime(ctx), nids).sent == 3
+        assert sorted(sg.accepted_requests[before:]) == [1, 1, 1]
+        mails = {m["to"]: m for m in sg.recorder.all()}
+        assert mails["bob@example.com"]["content"]["text/plain"] == "BOB"
+        assert mails["dan@example.com"]["content"]["text/html"] == "<p>DAN &amp; &lt;CO&gt;</p>"
+    finally:
+        ctx.close()
+        dispose_all()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import markupsafe
 import orjson
 import redis
 from sqlalchemy import bindparam, literal, or_, select, update
@@ -261,6 +262,27 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             rendered[key] = out
         return out
 
+    probes: dict[tuple[str, str, bytes], dict[str, str] | None] = {}
+
+    def probe(n: Any, channel: str) -> dict[str, str] | None:
+        """The channel rendered with tokens for the recipient's variables (``_UserProbe``), once
+        per template and data: what a provider with substitutions sends to a whole batch."""
+        t = template_for(n.template_id)
+        if isinstance(t, TemplateError):
+            return None
+        names = t.variables(channel)
+        if names is None or "user" not in names:
+            return None
+        key = (n.template_id, channel, orjson.dumps(n.data, option=orjson.OPT_SORT_KEYS))
+        if key not in probes:
+            try:
+                text = t.render(channel, {**n.data, "user": _UserProbe("t")})
+                marked = t.render(channel, {**n.data, "user": _UserProbe("h")})
+                probes[key] = {**text, "html": marked.get("html", "")}
+            except TemplateError:
+                probes[key] = None
+        return probes[key]
+
     with Session(rt.ctx.engine, expire_on_commit=False) as session:
         batch = _Batch(session, rt.ctx.redis, ids)
         stats.notifications = len(batch.notifications)
@@ -397,7 +419,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 shared: dict[str, str] | None = None
                 personal: dict[str, str] = {}
                 if d.channel == "email":
-                    content, shared, personal, headers = _email_extras(rt, content, d, n.category == "marketing")
+                    pr = probe(n, d.channel)
+                    base = _personalised(pr, content, user_vars(user)) if pr is not None and user else None
+                    content, shared, personal, headers = _email_extras(rt, content, d, n.category == "marketing", base)
                 msg = Message(
                     delivery_id=d.id,
                     notification_id=n.id,
@@ -727,72 +751,111 @@ def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outc
     return outcomes
 
 
-# Tokens for what differs per recipient in an email the pipeline completes (see Message.shared).
+# Tokens for what differs per recipient in an email (see Message.shared): the recipient's
+# template variables (``%%notifyctl:t:first_name%%`` as text, ``h:`` as escaped HTML) and what the
+# pipeline adds (unsubscribe link, open pixel).
 TOKEN_PREFIX = "%%notifyctl:"
 UNSUBSCRIBE_TEXT = TOKEN_PREFIX + "unsubscribe%%"
 UNSUBSCRIBE_HTML = TOKEN_PREFIX + "unsubscribe_html%%"
 OPEN_PIXEL = TOKEN_PREFIX + "open_pixel%%"
 
 
+class _UserProbe(dict):  # type: ignore[type-arg]
+    """Stands in for ``user`` when a template is rendered once for a batch: any variable read from
+    it (``user.first_name``, ``user["plan"]``) renders as a token. Anything else a template does
+    with it (a filter, a test, a nested attribute) shows up as a mismatch in ``_personalised``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def __missing__(self, key: str) -> str:
+        return f"{TOKEN_PREFIX}{self.kind}:{key}%%"
+
+
+def _personalised(
+    probe: dict[str, str] | None, content: dict[str, str], user: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, str]] | None:
+    """(shared, personal) when ``content`` is exactly ``probe`` with each token replaced by this
+    recipient's value (escaped in the HTML part, as the template renders it), else None."""
+    if probe is None:
+        return None
+    personal: dict[str, str] = {}
+    for part in ("text", "html"):
+        kind = "h" if part == "html" else "t"
+        text = probe.get(part, "")
+        start = 0
+        while (i := text.find(TOKEN_PREFIX, start)) >= 0:
+            j = text.find("%%", i + len(TOKEN_PREFIX))
+            if j < 0:
+                return None
+            token = text[i : j + 2]
+            start = j + 2
+            if token in personal:
+                continue
+            k, _, name = token[len(TOKEN_PREFIX) : -2].partition(":")
+            if k != kind or name not in user:
+                return None
+            value = str(user[name])
+            personal[token] = str(markupsafe.escape(value)) if kind == "h" else value
+    if any(TOKEN_PREFIX in v for v in personal.values()):
+        return None  # a value that looks like a token would be substituted again by the provider
+    for part in ("text", "html"):
+        expected = probe.get(part, "")
+        for token, value in personal.items():
+            expected = expected.replace(token, value)
+        if expected != content.get(part, ""):
+            return None
+    return {**content, "text": probe.get("text", ""), "html": probe.get("html", "")}, personal
+
+
 def _email_extras(
-    rt: Runtime, content: dict[str, str], d: _D, marketing: bool
+    rt: Runtime,
+    content: dict[str, str],
+    d: _D,
+    marketing: bool,
+    base: tuple[dict[str, str], dict[str, str]] | None = None,
 ) -> tuple[dict[str, str], dict[str, str] | None, dict[str, str], dict[str, str]]:
     """Complete a rendered email: for marketing, RFC 8058 one-click unsubscribe headers and a footer
     (unsubscribe link, postal address — CAN-SPAM); the open-tracking pixel when a public URL is set.
 
     Returns (content, shared, personal, headers): ``content`` as this recipient gets it, and — when
     something differs per recipient — ``shared`` with tokens in its place and ``personal`` the
-    token values (``Message.shared``)."""
-    personal: dict[str, str] = {}
+    token values (``Message.shared``). ``base`` is the template's own (shared, personal), from
+    ``_personalised``."""
+    shared, personal = (dict(base[0]), dict(base[1])) if base else (dict(content), {})
     headers: dict[str, str] = {}
+    extra: dict[str, str] = {}  # the tokens this function adds
     text_footer: list[str] = []
     html_footer: list[str] = []
     if marketing:
         url = unsubscribe_url(rt.settings, rt.unsub_key, d.user_id, "marketing")
         if url:
             headers = {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
-            personal[UNSUBSCRIBE_TEXT] = url
-            personal[UNSUBSCRIBE_HTML] = html.escape(url)
+            extra[UNSUBSCRIBE_TEXT] = url
+            extra[UNSUBSCRIBE_HTML] = html.escape(url)
             text_footer.append(f"Unsubscribe: {UNSUBSCRIBE_TEXT}")
             html_footer.append(f'<a href="{UNSUBSCRIBE_HTML}">Unsubscribe</a>')
         if rt.settings.postal_address:
             text_footer.append(rt.settings.postal_address)
             html_footer.append(html.escape(rt.settings.postal_address))
     pixel = pixel_url(rt.settings, rt.unsub_key, d.id)
-    if not text_footer and not pixel:
-        return content, None, personal, headers
-    text, body = content.get("text", ""), content.get("html", "")
+    text_add = html_add = ""
     if text_footer:
-        text += "\n\n--\n" + "\n".join(text_footer)
-        body += '\n<p style="font-size:small;color:#666">' + " · ".join(html_footer) + "</p>"
+        text_add = "\n\n--\n" + "\n".join(text_footer)
+        html_add = '\n<p style="font-size:small;color:#666">' + " · ".join(html_footer) + "</p>"
     if pixel:  # open tracking
-        personal[OPEN_PIXEL] = html.escape(pixel)
-        body += f'\n<img src="{OPEN_PIXEL}" width="1" height="1" alt="">'
-    shared = {**content, "text": text, "html": body}
-    for token, value in personal.items():
-        text = text.replace(token, value)
-        body = body.replace(token, value)
-    resolved = {**content, "text": text, "html": body}
-    # a template that happens to contain a token's text must not be rewritten by the provider
-    clash = TOKEN_PREFIX in content.get("text", "") or TOKEN_PREFIX in content.get("html", "")
-    if clash:
-        return _resolve_without_tokens(content, text_footer, html_footer, pixel, personal), None, {}, headers
-    return resolved, (shared if personal else None), personal, headers
-
-
-def _resolve_without_tokens(
-    content: dict[str, str], text_footer: list[str], html_footer: list[str], pixel: str | None, personal: dict[str, str]
-) -> dict[str, str]:
-    """The footer and pixel appended with their values directly (the template contains a token's text)."""
-    text, body = content.get("text", ""), content.get("html", "")
-    if text_footer:
-        text += "\n\n--\n" + "\n".join(_fill(x, personal) for x in text_footer)
-        body += (
-            '\n<p style="font-size:small;color:#666">' + " · ".join(_fill(x, personal) for x in html_footer) + "</p>"
-        )
-    if pixel:
-        body += f'\n<img src="{html.escape(pixel)}" width="1" height="1" alt="">'
-    return {**content, "text": text, "html": body}
+        extra[OPEN_PIXEL] = html.escape(pixel)
+        html_add += f'\n<img src="{OPEN_PIXEL}" width="1" height="1" alt="">'
+    resolved = {**content, "text": content.get("text", "") + _fill(text_add, extra),
+                "html": content.get("html", "") + _fill(html_add, extra)}  # fmt: skip
+    personal.update(extra)
+    # a template whose output contains a token's text must not be rewritten by the provider
+    if not personal or TOKEN_PREFIX in content.get("subject", "") + content.get("text", "") + content.get("html", ""):
+        return resolved, None, {}, headers
+    shared["text"] = shared.get("text", "") + text_add
+    shared["html"] = shared.get("html", "") + html_add
+    return resolved, shared, personal, headers
 
 
 def _fill(piece: str, values: dict[str, str]) -> str:
