@@ -185,7 +185,7 @@ class _Batch:
         self.users: dict[str, Any] = {u.id: u for u in session.execute(select(*_U_COLS).where(_U.c.id.in_(user_ids)))}
         self.opt_outs = prefs.load(client, session, user_ids)
         self.tokens: dict[str, list[Any]] = defaultdict(list)
-        if user_ids:
+        if user_ids and any("push" in n.channels for n in self.notifications):  # device tokens: push only
             t = DeviceToken.__table__.c  # type: ignore[attr-defined]
             for row in session.execute(
                 select(t.user_id, t.platform, t.token)

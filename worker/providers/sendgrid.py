@@ -231,16 +231,16 @@ class Provider:
         if shared.get("html"):
             content.append({"type": "text/html", "value": shared["html"]})
         personalizations = []
-        for m in batch:
+        for m in batch:  # hot: one dict per recipient, serialised as is (orjson)
             p: dict[str, Any] = {
                 "to": [{"email": m.address.strip()}],
                 "subject": m.content["subject"],
-                "custom_args": {"delivery_id": str(m.delivery_id), "notification_id": str(m.notification_id)},
+                "custom_args": {"delivery_id": m.delivery_id, "notification_id": m.notification_id},
             }
             if m.headers:
-                p["headers"] = {str(k): str(v) for k, v in m.headers.items()}
+                p["headers"] = m.headers
             if m.shared is not None and m.personal:
-                p["substitutions"] = dict(m.personal)
+                p["substitutions"] = m.personal
             personalizations.append(p)
         body: dict[str, Any] = {"personalizations": personalizations, "from": sender, "content": content}
         if first.category:
