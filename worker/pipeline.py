@@ -823,8 +823,11 @@ def _email_extras(
     something differs per recipient — ``shared`` with tokens in its place and ``personal`` the
     token values (``Message.shared``). ``base`` is the template's own (shared, personal), from
     ``_personalised``."""
-    shared, personal = (dict(base[0]), dict(base[1])) if base else (dict(content), {})
     headers: dict[str, str] = {}
+    marketing = marketing and bool(rt.settings.public_url or rt.settings.postal_address)
+    if base is None and not marketing and not rt.settings.public_url:
+        return content, None, {}, headers  # nothing to add, nothing personal
+    shared, personal = (dict(base[0]), dict(base[1])) if base else (dict(content), {})
     extra: dict[str, str] = {}  # the tokens this function adds
     text_footer: list[str] = []
     html_footer: list[str] = []
