@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import insert
 
 from notifyctl.context import Context
-from notifyctl.db import write_lock
+from notifyctl.db import prepare_insert, write_lock
 from notifyctl.models import Notification, User, new_id, utcnow
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import load_settings
@@ -112,8 +112,9 @@ def bulk_notifications(ctx: Context, user_ids: list[str], template_id: str, chan
                          "dedup_key": f"campaign:{campaign}:{uid}", "campaign_id": campaign, "status": "scheduled",
                          "due_at": now, "created_at": now, "updated_at": now})  # fmt: skip
         # one transaction per chunk, under the SQLite writer lock, as the campaign launcher writes
+        insert_rows = prepare_insert(ctx.engine, Notification.__table__, rows, ["campaign_id", "recipient_id"])  # type: ignore[attr-defined]
         with write_lock(ctx.engine), ctx.engine.begin() as conn:
-            conn.execute(insert(Notification), rows)
+            insert_rows(conn)
     return nids
 
 

@@ -32,8 +32,7 @@ from campaigns.schedule import Schedule, Wave, parse_hhmm, parse_quiet_hours, pa
 from campaigns.segments import BadRows, CsvSegment, SegmentRow, SqlSegment, chunked
 from notifyctl import keys
 from notifyctl.context import Context
-from notifyctl.db import write_lock
-from notifyctl.directory import upsert
+from notifyctl.db import prepare_insert, write_lock
 from notifyctl.errors import InputError, NotFound
 from notifyctl.intake import blocked_by, user_vars
 from notifyctl.models import DeviceToken, Notification, NotificationStatus, OptOut, User, new_id, utcnow
@@ -41,6 +40,8 @@ from notifyctl.settings import CHANNELS
 from notifyctl.templates import Template
 
 Progress = Callable[[str, int, int | None], None]  # (phase "plan" | "write", rows done, total or None)
+
+_NT = Notification.__table__  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -421,9 +422,10 @@ def _produce(
                 )
             # under the SQLite writer lock, so that a launch never makes the workers' and an OTP's
             # writes wait on SQLite's busy-sleep
+            # parameters converted before the lock; a row the campaign already has is skipped
+            insert_rows = prepare_insert(ctx.engine, _NT, rows, skip_conflicts_on=["campaign_id", "recipient_id"])
             with write_lock(ctx.engine):
-                if rows:
-                    upsert(session, Notification, rows, ["campaign_id", "recipient_id"], [])
+                insert_rows(session.connection())
                 session.commit()
             written += len(rows)
             if progress:

@@ -120,7 +120,9 @@ def write_lock(engine: Engine, urgent: bool = False) -> Iterator[None]:
         fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def prepare_insert(engine: Engine, table: Table, rows: list[dict[str, Any]]) -> Callable[[Connection], None]:
+def prepare_insert(
+    engine: Engine, table: Table, rows: list[dict[str, Any]], skip_conflicts_on: list[str] | None = None
+) -> Callable[[Connection], None]:
     """An executemany INSERT of ``rows`` (all with the same keys), with the parameters converted
     to driver values now, so that the write itself — ``prepared(connection)`` inside the writer
     lock — only runs the statement.
@@ -129,13 +131,22 @@ def prepare_insert(engine: Engine, table: Table, rows: list[dict[str, Any]]) -> 
     through each column's own bind processor here (memoised for the datetimes and booleans that
     repeat across a batch) and the statement is run with ``exec_driver_sql``. Elsewhere, and when a
     row leaves out a column with a Python-side default, it is a plain Core ``insert``.
+
+    ``skip_conflicts_on``: rows that collide with an existing one on these columns (a unique
+    index) are skipped (``ON CONFLICT (...) DO NOTHING``), as a relaunched campaign needs.
     """
     if not rows:
         return lambda _conn: None
     cols = list(rows[0])
     defaulted = [c.name for c in table.c if c.default is not None and c.name not in cols]
     if engine.dialect.name != "sqlite" or defaulted:
-        return lambda conn: conn.execute(insert(table), rows) and None
+        stmt: Any = insert(table)
+        if skip_conflicts_on:
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            ins = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(table)
+            stmt = ins.on_conflict_do_nothing(index_elements=skip_conflicts_on)
+        return lambda conn: conn.execute(stmt, rows) and None
     dialect = engine.dialect
     procs = [table.c[c].type._cached_bind_processor(dialect) for c in cols]
     memo: dict[tuple[int, Any], Any] = {}
@@ -147,13 +158,17 @@ def prepare_insert(engine: Engine, table: Table, rows: list[dict[str, Any]]) -> 
             p = procs[i]
             if p is not None and v is not None:
                 if isinstance(v, datetime | bool):
-                    key = (i, v)
-                    out = memo.get(key, memo)
-                    if out is memo:
-                        out = memo[key] = p(v)
-                    v = out
+                    key: tuple[int, Any] = (i, v)
+                elif isinstance(v, dict | list):  # JSON: a campaign's rows share one data object
+                    key = (i, id(v))
                 else:
-                    v = p(v)
+                    key = (i, None)
+                out = memo.get(key, memo) if key[1] is not None else memo
+                if out is memo:
+                    out = p(v)
+                    if key[1] is not None:
+                        memo[key] = out
+                v = out
             vals.append(v)
         params.append(tuple(vals))
     q = dialect.identifier_preparer
@@ -161,6 +176,8 @@ def prepare_insert(engine: Engine, table: Table, rows: list[dict[str, Any]]) -> 
         f"INSERT INTO {q.format_table(table)} ({', '.join(q.quote(c) for c in cols)}) "
         f"VALUES ({', '.join('?' for _ in cols)})"
     )
+    if skip_conflicts_on:
+        sql += f" ON CONFLICT ({', '.join(q.quote(c) for c in skip_conflicts_on)}) DO NOTHING"
     return lambda conn: conn.exec_driver_sql(sql, params) and None
 
 

@@ -184,3 +184,45 @@ def test_urgent_sqlite_writer_is_not_starved_by_a_stream_of_bulk_writes(tmp_path
     assert "otp" in order and order.index("otp") < 100, order.index("otp")  # not after the whole stream
     assert waited < 0.5
     engine.dispose()
+
+
+def test_prepared_insert_stores_what_core_would_and_skips_conflicts(tmp_path: Path) -> None:
+    """``prepare_insert`` converts values itself on SQLite: the rows must read back exactly as the
+    ones Core inserts (datetimes compare in SQL, JSON and booleans round-trip)."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import insert, select
+    from sqlmodel import SQLModel
+
+    from notifyctl.db import make_engine, prepare_insert
+    from notifyctl.models import Notification
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    SQLModel.metadata.create_all(engine)
+    t = Notification.__table__  # type: ignore[attr-defined]
+    now = datetime(2026, 3, 29, 1, 30, 15, 123456, tzinfo=UTC)
+    data = {"code": "X", "n": [1, 2], "ü": "é"}
+
+    def row(i: int, campaign: str) -> dict[str, object]:
+        return {"id": f"n{i}", "recipient_id": f"u{i}", "type": "t", "template_id": "t", "category": "marketing",
+                "priority": "low", "channels": ["email"], "data": data, "dedup_key": None, "campaign_id": campaign,
+                "status": "scheduled", "due_at": now + timedelta(seconds=i), "created_at": now, "updated_at": now}  # fmt: skip
+
+    with engine.begin() as conn:
+        conn.execute(insert(t), [row(0, "core"), row(1, "core")])
+        prepare_insert(engine, t, [row(10, "fast"), row(11, "fast")], ["campaign_id", "recipient_id"])(conn)
+        # the same (campaign, recipient) again: skipped, not an error
+        dup = {**row(12, "fast"), "recipient_id": "u10"}
+        prepare_insert(engine, t, [dup, row(13, "fast")], ["campaign_id", "recipient_id"])(conn)
+    with engine.connect() as conn:
+        got = {r.id: r for r in conn.execute(select(t))}
+        raw = dict(conn.exec_driver_sql("SELECT id, due_at FROM notifications").all())
+        later = conn.execute(select(t.c.id).where(t.c.due_at > now + timedelta(seconds=10))).scalars().all()
+    assert sorted(got) == ["n0", "n1", "n10", "n11", "n13"]
+    for a, b in (("n0", "n10"), ("n1", "n11")):
+        ra, rb = got[a], got[b]
+        assert (ra.channels, ra.data, ra.created_at, ra.status) == (rb.channels, rb.data, rb.created_at, rb.status)
+    assert got["n10"].due_at == now + timedelta(seconds=10)
+    assert (raw["n0"], raw["n10"]) == ("2026-03-29 01:30:15.123456", "2026-03-29 01:30:25.123456")  # one format
+    assert sorted(later) == ["n11", "n13"]  # datetimes compare in SQL
+    engine.dispose()
