@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, event, insert
+from sqlalchemy import Table, event, insert, literal_column
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlmodel import SQLModel, create_engine
@@ -179,6 +179,14 @@ def prepare_insert(
     if skip_conflicts_on:
         sql += f" ON CONFLICT ({', '.join(q.quote(c) for c in skip_conflicts_on)}) DO NOTHING"
     return lambda conn: conn.exec_driver_sql(sql, params) and None
+
+
+def unindexed(column: Any) -> Any:
+    """``column || ''``: the same value, in an expression no index lookup can use. For
+    ``id IN (<a batch of 1,000>) AND status IN (...)`` SQLite (which keeps no statistics unless
+    ANALYZEd) otherwise picks the status index and walks every queued notification — measured
+    17.9 µs per row for the reconciler's UPDATE instead of 3.7 µs through the primary key."""
+    return column.op("||")(literal_column("''"))
 
 
 def checkpoint(engine: Engine) -> None:

@@ -323,3 +323,44 @@ def test_batch_renders_per_recipient_only_what_reads_user(home, redis_url, rclie
     pushes = [r for r in read_outbox(ctx.settings.outbox_dir) if r["route"].startswith("push.")]
     assert [p["content"]["title"] for p in pushes] == ["2 for 1", "2 for 1"]
     ctx.close()
+
+
+def test_batch_lookups_go_through_the_primary_key(ctx: Context) -> None:
+    """The worker loads a batch, and the reconciler marks one queued, by notification id. With a
+    thousand ids and a status condition, SQLite would rather walk the status index (every queued
+    notification); the statements must fetch by primary key (EXPLAIN QUERY PLAN of what they run)."""
+    from sqlalchemy import event, insert
+
+    from notifyctl.models import Notification, utcnow
+    from worker.pipeline import Runtime, process
+    from worker.reconciler import reconcile
+
+    seed(ctx)
+    now = utcnow()
+
+    def rows(prefix: str, status: str, n: int) -> list[dict[str, object]]:
+        return [{"id": f"{prefix}{i:05d}", "recipient_id": "carol", "type": "t", "template_id": "weekly_promo",
+                 "category": "marketing", "priority": "low", "channels": ["email"],
+                 "data": {"first_name": "C", "discount": 1, "code": "X"}, "status": status, "due_at": now,
+                 "created_at": now, "updated_at": now} for i in range(n)]  # fmt: skip
+
+    with ctx.engine.begin() as conn:
+        conn.execute(insert(Notification), rows("q", "queued", 3000) + rows("s", "scheduled", 1500))
+    seen: list[tuple[str, object]] = []
+
+    def capture(_conn, _cursor, statement, parameters, _context, _many) -> None:  # type: ignore[no-untyped-def]
+        if "notifications.id IN" in statement and "status" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(ctx.engine, "before_cursor_execute", capture)
+    try:
+        process(Runtime(ctx), [f"q{i:05d}" for i in range(1000)])
+        reconcile(ctx, force=True, check_lost=False)
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", capture)
+    kinds = {s.split()[0] for s, _ in seen}
+    assert kinds == {"SELECT", "UPDATE"}, kinds
+    with ctx.engine.connect() as conn:
+        for statement, params in seen:
+            plan = " ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params))
+            assert "sqlite_autoindex_notifications_1 (id=?)" in plan, (statement[:80], plan)

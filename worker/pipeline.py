@@ -31,7 +31,7 @@ from sqlmodel import Session
 
 from notifyctl import keys, metrics, prefs
 from notifyctl.context import Context
-from notifyctl.db import prepare_insert, write_lock
+from notifyctl.db import prepare_insert, unindexed, write_lock
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
 from notifyctl.intake import blocked_by, user_vars
@@ -177,7 +177,8 @@ class _Batch:
         self.notifications: list[Any] = list(
             session.execute(
                 select(*_N_COLS).where(
-                    _N.c.id.in_(ids), _N.c.status.in_([NotificationStatus.queued, NotificationStatus.retrying])
+                    _N.c.id.in_(ids),
+                    unindexed(_N.c.status).in_([NotificationStatus.queued, NotificationStatus.retrying]),
                 )
             )
         )

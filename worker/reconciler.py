@@ -32,7 +32,7 @@ from sqlmodel import Session
 
 from notifyctl import keys
 from notifyctl.context import Context
-from notifyctl.db import write_lock
+from notifyctl.db import unindexed, write_lock
 from notifyctl.intake import enqueue
 from notifyctl.models import Delivery, DeliveryStatus, Notification, NotificationStatus, new_id
 
@@ -212,7 +212,7 @@ def _requeue(
             with write_lock(ctx.engine):
                 res = session.execute(
                     update(Notification)
-                    .where(Notification.id.in_(chunk), Notification.status.in_(from_status))  # type: ignore[attr-defined]
+                    .where(Notification.id.in_(chunk), unindexed(Notification.status).in_(from_status))  # type: ignore[attr-defined]
                     .values(status=NotificationStatus.queued, job_id=job_id, due_at=_naive(now))
                     .execution_options(synchronize_session=False)
                 )
