@@ -325,18 +325,19 @@ def test_batch_renders_per_recipient_only_what_reads_user(home, redis_url, rclie
     ctx.close()
 
 
-def test_batch_lookups_go_through_the_primary_key(ctx: Context) -> None:
-    """The worker loads a batch, and the reconciler marks one queued, by notification id. With a
+def test_batch_lookups_go_through_the_batch_keys(ctx: Context) -> None:
+    """The worker loads a batch (and its device tokens), and the reconciler marks one queued, by id. With a
     thousand ids and a status condition, SQLite would rather walk the status index (every queued
     notification); the statements must fetch by primary key (EXPLAIN QUERY PLAN of what they run)."""
     from sqlalchemy import event, insert
 
-    from notifyctl.models import Notification, utcnow
+    from notifyctl.models import DeviceToken, Notification, utcnow
     from worker.pipeline import Runtime, process
     from worker.reconciler import reconcile
 
     seed(ctx)
     now = utcnow()
+    push = send(ctx, channels=["push"])  # alice has an iOS token: the batch loads device tokens
 
     def rows(prefix: str, status: str, n: int) -> list[dict[str, object]]:
         return [{"id": f"{prefix}{i:05d}", "recipient_id": "carol", "type": "t", "template_id": "weekly_promo",
@@ -349,18 +350,22 @@ def test_batch_lookups_go_through_the_primary_key(ctx: Context) -> None:
     seen: list[tuple[str, object]] = []
 
     def capture(_conn, _cursor, statement, parameters, _context, _many) -> None:  # type: ignore[no-untyped-def]
-        if "notifications.id IN" in statement and "status" in statement:
+        if ("notifications.id IN" in statement and "status" in statement) or "device_tokens.user_id IN" in statement:
             seen.append((statement, parameters))
 
     event.listen(ctx.engine, "before_cursor_execute", capture)
     try:
-        process(Runtime(ctx), [f"q{i:05d}" for i in range(1000)])
+        with ctx.engine.begin() as conn:  # live device tokens: 3,000 of them, two of the batch's users
+            conn.execute(insert(DeviceToken), [{"token": f"tok{i}", "user_id": f"other{i}", "platform": "ios",
+                                                "created_at": now} for i in range(3000)])  # fmt: skip
+        process(Runtime(ctx), [f"q{i:05d}" for i in range(1000)] + [push.notification_id])
         reconcile(ctx, force=True, check_lost=False)
     finally:
         event.remove(ctx.engine, "before_cursor_execute", capture)
-    kinds = {s.split()[0] for s, _ in seen}
-    assert kinds == {"SELECT", "UPDATE"}, kinds
+    kinds = {(s.split()[0], "device_tokens" in s) for s, _ in seen}
+    assert kinds == {("SELECT", False), ("UPDATE", False), ("SELECT", True)}, kinds
     with ctx.engine.connect() as conn:
         for statement, params in seen:
             plan = " ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params))
-            assert "sqlite_autoindex_notifications_1 (id=?)" in plan, (statement[:80], plan)
+            index = "ix_device_tokens_user_id (user_id=?)" if "device_tokens" in statement else "notifications_1 (id=?)"
+            assert index in plan, (statement[:80], plan)

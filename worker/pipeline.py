@@ -190,7 +190,7 @@ class _Batch:
             t = DeviceToken.__table__.c  # type: ignore[attr-defined]
             for row in session.execute(
                 select(t.user_id, t.platform, t.token)
-                .where(t.user_id.in_(user_ids), t.removed_at.is_(None))
+                .where(t.user_id.in_(user_ids), unindexed(t.removed_at).is_(None))
                 .order_by(t.created_at)
             ):
                 self.tokens[row.user_id].append(row)
