@@ -369,3 +369,30 @@ def test_batch_lookups_go_through_the_batch_keys(ctx: Context) -> None:
             plan = " ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params))
             index = "ix_device_tokens_user_id (user_id=?)" if "device_tokens" in statement else "notifications_1 (id=?)"
             assert index in plan, (statement[:80], plan)
+
+
+def test_reconciler_queues_scheduled_work_on_each_database(any_db_ctx: Context) -> None:
+    """The reconciler's UPDATE (by id, with an unindexable status test) and the batch loads, on
+    SQLite and on PostgreSQL: a scheduled notification due a minute ago is queued and sent."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from notifyctl.models import Notification, utcnow
+
+    ctx = any_db_ctx
+    seed(ctx)
+    later = send(ctx, recipient_id="bob", channels=["push", "email"])
+    with ctx.engine.begin() as conn:  # as a campaign row: scheduled, due a minute ago, no job
+        conn.execute(
+            update(Notification)
+            .where(Notification.id == later.notification_id)
+            .values(status="scheduled", job_id=None, due_at=utcnow() - timedelta(minutes=1))
+        )
+    drain(ctx)  # the burst worker's reconciler queues it, the worker sends it
+    assert sorted((d.route, d.status) for d in deliveries(ctx, later.notification_id)) == [
+        ("email", "sent"),
+        ("push.android", "sent"),
+    ]
+    n = notification(ctx, later.notification_id)
+    assert n.status == "done" and n.job_id and n.job_id.startswith("job_")
