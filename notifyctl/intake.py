@@ -45,6 +45,14 @@ class NotifyRequest(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     dedup_key: str | None = Field(None, min_length=1, max_length=255)
 
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: dict[str, Any]) -> dict[str, Any]:
+        problem = json_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @field_validator("channels")
     @classmethod
     def _channels(cls, v: list[str]) -> list[str]:
@@ -54,6 +62,26 @@ class NotifyRequest(BaseModel):
         if "all" in v and len(v) > 1:
             raise ValueError("'all' cannot be combined with other channels")
         return list(dict.fromkeys(v))
+
+
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what the JSON columns' serializer (orjson) stores
+
+
+def json_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be stored in a JSON column, or None. JSON itself allows integers of
+    any size; the database's JSON encoding keeps 64 bits."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int) and not _INT_MIN <= v <= _INT_MAX:
+            return "holds an integer beyond 64 bits, which cannot be stored (send it as a string)"
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
 
 
 def _field(p: object) -> str:

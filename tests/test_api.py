@@ -200,6 +200,7 @@ def test_users_tokens_and_preferences(ctx: Context, client: httpx.Client) -> Non
         ({"email": "not-an-email"}, "email"),
         ({"timezone": "Mars/Olympus"}, "timezone"),
         ({"nickname": "z"}, "nickname: unknown field"),
+        ({"attributes": {"n": 2**64}}, "integer beyond 64 bits"),
     ]:
         r = client.put("/v1/users/zoe", json=payload)
         assert r.status_code == 422 and needle in one_line_error(r), r.text

@@ -429,6 +429,8 @@ def test_cli_launch_status_and_bad_flags(ctx: Context, settings: Settings) -> No
         ([*base, "--quiet-hours", "21-8"], "--quiet-hours"),
         ([*base, "--rate", "0"], "--rate"),
         ([*base, "-c", "fax"], "--channels"),
+        ([*base, "--data-json", '{"n": 18446744073709551616}'], "--data-json: holds an integer beyond 64 bits"),
+        ([*base, "--data-json", "[" * 100_000], "--data-json: malformed JSON"),
         (["launch", "-t", "weekly_promo", "--segment-csv", str(settings.home / "missing.csv")], "no such file"),
         (["launch", "-t", "weekly_promo"], "segment"),
         (["launch", "-t", "otp_code", "--segment-csv", str(seg)], "high-priority"),

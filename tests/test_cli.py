@@ -111,6 +111,17 @@ BAD = [
     (["send", "alice", "-t", "otp_code", "-c", "all,sms", "-d", "code=1"], "'all' cannot be combined"),
     (["send", "alice", "-t", "otp_code", "--data-json", "[1]"], "--data-json: expected a JSON object"),
     (["send", "alice", "-t", "otp_code", "--data-json", "{bad"], "--data-json: malformed JSON"),
+    (  # JSON allows it; the JSON columns store 64 bits (found by the fuzzer)
+        [
+            "send",
+            "alice",
+            "-t",
+            "otp_code",
+            "--data-json",
+            '{"code": 1, "minutes": 2, "n": {"": -9223372036854775809}}',
+        ],
+        "data: holds an integer beyond 64 bits",
+    ),
     (["send", "-t", "otp_code"], "recipient_id: missing"),
     (["send", "alice"], "template_id: missing"),
     (["send", "alice", "-t", "../../etc/passwd"], "template_id: unknown template"),

@@ -195,6 +195,8 @@ def test_fuzz_cli_send(ctx: Context, settings: Settings) -> None:
     @example(case=(["send", "--file", "-"], '{"recipient_id": "alice", "template_id": "otp_code", "data": 5}'))
     @example(case=(["send", "--file", "-"], "[]"))
     @example(case=(["send", "nobody", "-t", "otp_code", "-d", "code=1", "-d", "minutes=2", "-k", "k1"], None))
+    @example(case=(["send", "alice", "-t", "order_shipped_v2", "-c", "push", "-p", "high", "--data-json",
+                    '{"order_id": "O", "tracking_url": "https://t", "": {"": -9223372036854775809}}'], None))  # fmt: skip
     def run(case: tuple[list[str], str | None]) -> None:
         count("cli: notifyctl send")
         argv, stdin = case

@@ -27,11 +27,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from notifyctl.errors import InputError, NotFound, NotifyError
+from notifyctl.intake import json_problem
 
 log = logging.getLogger("notifyctl.api")
 
@@ -158,6 +159,14 @@ class UserIn(BaseModel):
     timezone: str | None = Field(None, max_length=64)
     locale: str | None = Field(None, max_length=16)
     attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @field_validator("attributes")
+    @classmethod
+    def _storable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        problem = json_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class TokenIn(BaseModel):

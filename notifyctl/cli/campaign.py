@@ -3,7 +3,6 @@ and list, inspect, pause, resume or cancel them."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +13,7 @@ from rich.table import Table
 
 from notifyctl.cli.common import JsonOpt, console, err_console, fmt_time, get_ctx, print_json
 from notifyctl.errors import InputError
+from notifyctl.intake import json_problem, load_json
 
 app = typer.Typer(help="Marketing campaigns: segments, timezone waves, throttled sending.", no_args_is_help=True)
 
@@ -21,12 +21,12 @@ app = typer.Typer(help="Marketing campaigns: segments, timezone waves, throttled
 def _data(items: list[str], data_json: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if data_json is not None:
-        try:
-            extra = json.loads(data_json)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--data-json: malformed JSON: {exc}") from None
+        extra = load_json(data_json, "--data-json")
         if not isinstance(extra, dict):
             raise InputError("--data-json: expected a JSON object")
+        problem = json_problem(extra)
+        if problem:
+            raise InputError(f"--data-json: {problem}")
         out.update(extra)
     for item in items:
         if "=" not in item or not item.split("=", 1)[0].strip():
