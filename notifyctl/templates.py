@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
 from notifyctl.errors import TemplateError
@@ -48,6 +48,7 @@ class Template:
     _compiled: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
     _combined: dict[str, Any] = field(default_factory=dict, repr=False)
     _names: dict[str, frozenset[str] | None] = field(default_factory=dict, repr=False)
+    _direct: dict[str, frozenset[str] | None] = field(default_factory=dict, repr=False)
 
     @property
     def channels(self) -> list[str]:
@@ -88,6 +89,39 @@ class Template:
             except TemplateSyntaxError:
                 self._names[channel] = None
         return self._names[channel]
+
+    def direct_user_fields(self, channel: str) -> frozenset[str] | None:
+        """The ``user`` fields a channel prints, when printing them is all it does with ``user``
+        (``{{ user.first_name }}``, ``{{ user["plan"] }}``: no filter, test, condition or loop on
+        them), else None. Such a channel renders, for any recipient, as its rendering with a token
+        per field with the recipient's values put in."""
+        if channel not in self._direct:
+            found: set[str] | None = set()
+            try:
+                for src in self.parts.get(channel, {}).values():
+                    tree = _text_env.parse(src)
+                    direct: set[int] = set()
+                    for out in tree.find_all(nodes.Output):
+                        for node in out.nodes:
+                            if not (isinstance(node, nodes.Getattr | nodes.Getitem)
+                                    and isinstance(node.node, nodes.Name) and node.node.name == "user"):  # fmt: skip
+                                continue
+                            if isinstance(node, nodes.Getattr):
+                                name: Any = node.attr
+                            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                                name = node.arg.value
+                            else:
+                                continue
+                            direct.add(id(node.node))
+                            assert found is not None
+                            found.add(name)
+                    if any(n.name == "user" and id(n) not in direct for n in tree.find_all(nodes.Name)):
+                        found = None
+                        break
+            except TemplateSyntaxError:
+                found = None
+            self._direct[channel] = frozenset(found) if found is not None else None
+        return self._direct[channel]
 
     def _compile_combined(self, channel: str) -> Any:
         sources = []

@@ -396,3 +396,64 @@ def test_reconciler_queues_scheduled_work_on_each_database(any_db_ctx: Context) 
     ]
     n = notification(ctx, later.notification_id)
     assert n.status == "done" and n.job_id and n.job_id.startswith("job_")
+
+
+def test_printing_user_fields_renders_once_per_batch_exactly_as_jinja_would(home, redis_url, rclient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A channel that only prints ``user`` fields is rendered once per batch with tokens and each
+    recipient's values put in; the result must be exactly the template's own rendering, whatever
+    the values (HTML specials, unicode, numbers, None, edge whitespace, token look-alikes)."""
+    import io
+
+    from sqlalchemy import update
+
+    from notifyctl.directory import import_users
+    from notifyctl.intake import user_vars
+    from notifyctl.models import User
+    from notifyctl.templates import TemplateStore
+    from tests.conftest import make_settings
+    from worker.pipeline import Runtime, process
+
+    tdir = tmp_path / "tpl"
+    tdir.mkdir()
+    (tdir / "hi.toml").write_text(
+        'category = "marketing"\npriority = "low"\n'
+        '[email]\nsubject = "{{ user.first_name }}: {{ offer }}"\n'
+        'html = "<p>{{ user.first_name }} / {{ user[\'plan\'] }}</p>"\ntext = "{{ user.first_name }}"\n'
+        '[sms]\ntext = "{{ offer }} for {{ user.first_name }}"\n'
+    )
+    store = TemplateStore([tdir])
+    t = store.get("hi")
+    assert t.direct_user_fields("email") == {"first_name", "plan"}
+    for body, expect in [('"{{ user.first_name|upper }}"', None), ('"{% if user.vip %}x{% endif %}"', None),
+                         ('"{% for user in people %}{{ user.n }}{% endfor %}"', None), ('"{{ offer }}"', frozenset())]:  # fmt: skip
+        (tdir / "x.toml").write_text(f'category = "marketing"\npriority = "low"\n[sms]\ntext = {body}\n')
+        assert TemplateStore([tdir]).get("x").direct_user_fields("sms") == expect, body
+
+    ctx = Context(make_settings(home, redis_url, templates_dir=tdir, rate_limits=[], public_url="https://n.example"))
+    seed(ctx)
+    values = ['Dan & <Co> "q"', "Zoë 🎉", 42, None, True, "  padded ", "%%notifyctl:t:plan%%", "a\x1e\x1db"]
+    csv = "user_id,email,phone,sms_opt_in\n" + "".join(
+        f"v{i},v{i}@example.com,+1415555{i:04d},true\n" for i in range(len(values))
+    )
+    assert import_users(ctx, io.StringIO(csv)).errors == []
+    with ctx.engine.begin() as conn:
+        for i, v in enumerate(values):
+            conn.execute(update(User).where(User.id == f"v{i}").values(attributes={"first_name": v, "plan": "pro"}))
+    nids = [send(ctx, recipient_id=f"v{i}", template_id="hi", channels=["email", "sms"], data={"offer": "2 for 1"})
+            .notification_id for i in range(len(values))]  # fmt: skip
+    stats = process(Runtime(ctx), nids)
+    assert stats.sent == 2 * len(values)
+    box = {(r["route"], r["to"]): r["content"] for r in read_outbox(ctx.settings.outbox_dir)}
+    with ctx.engine.connect() as conn:
+        users = {u.id: u for u in conn.execute(User.__table__.select())}  # type: ignore[attr-defined]
+    for i in range(len(values)):
+        u = users[f"v{i}"]
+        for channel, route, to in (("email", "email", u.email), ("sms", "sms", u.phone)):
+            want = t.render(channel, {"offer": "2 for 1", "user": user_vars(u)})
+            got = dict(box[(route, to)])
+            if channel == "email":  # the pipeline appends the unsubscribe footer and the pixel
+                got = {
+                    k: v if k == "subject" else v.split("\n\n--\n")[0].split("\n<p style=")[0] for k, v in got.items()
+                }
+            assert got == want, (values[i], channel, got, want)
+    ctx.close()

@@ -253,6 +253,12 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 if names is not None and "user" not in names:
                     shared = (n.template_id, channel, orjson.dumps(n.data, option=orjson.OPT_SORT_KEYS))
                     out = by_data.get(shared)
+                elif user is not None:
+                    # A channel that only prints the recipient's variables ({{ user.first_name }}):
+                    # the batch's rendering with tokens, with this recipient's values put in.
+                    fast = _from_probe(probe(n, channel), t.direct_user_fields(channel), user_vars(user))
+                    if fast is not None:
+                        out, bases[key] = fast
                 if out is None:
                     try:
                         out = t.render(channel, {**n.data, "user": user_vars(user)})
@@ -262,6 +268,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                         by_data[shared] = out
             rendered[key] = out
         return out
+
+    bases: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}  # (shared, personal) per render
 
     probes: dict[tuple[str, str, bytes], dict[str, str] | None] = {}
 
@@ -276,10 +284,14 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             return None
         key = (n.template_id, channel, orjson.dumps(n.data, option=orjson.OPT_SORT_KEYS))
         if key not in probes:
+            if TOKEN_PREFIX.encode() in key[2] or any(TOKEN_PREFIX in src for src in t.parts[channel].values()):
+                probes[key] = None  # text that looks like a token: no substitutions for this one
+                return None
             try:
-                text = t.render(channel, {**n.data, "user": _UserProbe("t")})
-                marked = t.render(channel, {**n.data, "user": _UserProbe("h")})
-                probes[key] = {**text, "html": marked.get("html", "")}
+                parts = t.render(channel, {**n.data, "user": _UserProbe("t")})
+                if "html" in parts:
+                    parts["html"] = t.render(channel, {**n.data, "user": _UserProbe("h")})["html"]
+                probes[key] = parts
             except TemplateError:
                 probes[key] = None
         return probes[key]
@@ -420,8 +432,10 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 shared: dict[str, str] | None = None
                 personal: dict[str, str] = {}
                 if d.channel == "email":
-                    pr = probe(n, d.channel)
-                    base = _personalised(pr, content, user_vars(user)) if pr is not None and user else None
+                    base = bases.get((n.id, d.channel))
+                    if base is None:
+                        pr = probe(n, d.channel)
+                        base = _personalised(pr, content, user_vars(user)) if pr is not None and user else None
                     content, shared, personal, headers = _email_extras(rt, content, d, n.category == "marketing", base)
                 msg = Message(
                     delivery_id=d.id,
@@ -808,6 +822,27 @@ def _personalised(
         if expected != content.get(part, ""):
             return None
     return {**content, "text": probe.get("text", ""), "html": probe.get("html", "")}, personal
+
+
+def _from_probe(
+    probe: dict[str, str] | None, fields: frozenset[str] | None, user: dict[str, Any]
+) -> tuple[dict[str, str], tuple[dict[str, str], dict[str, str]]] | None:
+    """This recipient's content from the batch's rendering with tokens, when the template only
+    prints ``user`` fields (``Template.direct_user_fields``) and the recipient has them all:
+    (content, (shared, personal)). Exactly what rendering gives — Jinja prints ``str(value)``,
+    escaped in the HTML part, and each part is stripped — without running the template."""
+    if probe is None or fields is None or not all(f in user for f in fields):
+        return None
+    text = {f"{TOKEN_PREFIX}t:{f}%%": str(user[f]) for f in fields}
+    marked = {f"{TOKEN_PREFIX}h:{f}%%": str(markupsafe.escape(user[f])) for f in fields}
+    if any(TOKEN_PREFIX in v or v != v.strip() for v in text.values()):
+        # a value that looks like a token, or whose edge whitespace a part's strip() could eat:
+        # rendered the ordinary way
+        return None
+    content = {part: _fill(v, marked if part == "html" else text).strip() for part, v in probe.items()}
+    used = {t: v for t, v in (text | marked).items() if any(t in v2 for v2 in probe.values())}
+    shared = {**content, **{p: probe[p] for p in ("text", "html") if p in probe}}
+    return content, (shared, used)
 
 
 def _email_extras(
