@@ -157,18 +157,15 @@ def prepare_insert(
             v = r[c]
             p = procs[i]
             if p is not None and v is not None:
-                if isinstance(v, datetime | bool):
-                    key: tuple[int, Any] = (i, v)
-                elif isinstance(v, dict | list):  # JSON: a campaign's rows share one data object
-                    key = (i, id(v))
+                # memoised: datetimes and booleans by value, JSON by object (a campaign's rows share one)
+                key = (i, v) if isinstance(v, datetime | bool) else (i, id(v)) if isinstance(v, dict | list) else None
+                if key is None:
+                    v = p(v)
                 else:
-                    key = (i, None)
-                out = memo.get(key, memo) if key[1] is not None else memo
-                if out is memo:
-                    out = p(v)
-                    if key[1] is not None:
-                        memo[key] = out
-                v = out
+                    out = memo.get(key, memo)
+                    if out is memo:
+                        out = memo[key] = p(v)
+                    v = out
             vals.append(v)
         params.append(tuple(vals))
     q = dialect.identifier_preparer

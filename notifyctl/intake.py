@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import select
 from sqlmodel import Session
 
@@ -30,38 +30,6 @@ from notifyctl.models import Notification, NotificationStatus, User, new_id, utc
 from notifyctl.settings import CHANNELS
 
 JOB_FUNC = "worker.jobs.process"
-
-
-class NotifyRequest(BaseModel):
-    """The seed's ``POST /v1/notify`` body; ``notifyctl send`` takes the same."""
-
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-    recipient_id: str = Field(min_length=1, max_length=255)
-    template_id: str = Field(min_length=1, max_length=128)
-    type: str | None = Field(None, max_length=128)
-    priority: Literal["high", "normal", "low"] | None = None
-    channels: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
-    data: dict[str, Any] = Field(default_factory=dict)
-    dedup_key: str | None = Field(None, min_length=1, max_length=255)
-
-    @field_validator("data")
-    @classmethod
-    def _data(cls, v: dict[str, Any]) -> dict[str, Any]:
-        problem = json_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
-
-    @field_validator("channels")
-    @classmethod
-    def _channels(cls, v: list[str]) -> list[str]:
-        for c in v:
-            if c != "all" and c not in CHANNELS:
-                raise ValueError(f"unknown channel {c!r} (use push, email, sms or all)")
-        if "all" in v and len(v) > 1:
-            raise ValueError("'all' cannot be combined with other channels")
-        return list(dict.fromkeys(v))
 
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what the JSON columns' serializer (orjson) stores
@@ -82,6 +50,38 @@ def json_problem(value: Any) -> str | None:
         elif isinstance(v, list):
             stack.extend(v)
     return None
+
+
+def storable(value: Any) -> Any:
+    """Pydantic validator (``AfterValidator``) for fields stored in JSON columns."""
+    problem = json_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+class NotifyRequest(BaseModel):
+    """The seed's ``POST /v1/notify`` body; ``notifyctl send`` takes the same."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    recipient_id: str = Field(min_length=1, max_length=255)
+    template_id: str = Field(min_length=1, max_length=128)
+    type: str | None = Field(None, max_length=128)
+    priority: Literal["high", "normal", "low"] | None = None
+    channels: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
+    data: Annotated[dict[str, Any], AfterValidator(storable)] = Field(default_factory=dict)
+    dedup_key: str | None = Field(None, min_length=1, max_length=255)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: list[str]) -> list[str]:
+        for c in v:
+            if c != "all" and c not in CHANNELS:
+                raise ValueError(f"unknown channel {c!r} (use push, email, sms or all)")
+        if "all" in v and len(v) > 1:
+            raise ValueError("'all' cannot be combined with other channels")
+        return list(dict.fromkeys(v))
 
 
 def _field(p: object) -> str:

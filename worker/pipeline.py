@@ -432,10 +432,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 shared: dict[str, str] | None = None
                 personal: dict[str, str] = {}
                 if d.channel == "email":
-                    base = bases.get((n.id, d.channel))
-                    if base is None:
-                        pr = probe(n, d.channel)
-                        base = _personalised(pr, content, user_vars(user)) if pr is not None and user else None
+                    base = bases.get((n.id, d.channel))  # the template's own per-recipient parts, if any
                     content, shared, personal, headers = _email_extras(rt, content, d, n.category == "marketing", base)
                 msg = Message(
                     delivery_id=d.id,
@@ -777,8 +774,8 @@ OPEN_PIXEL = TOKEN_PREFIX + "open_pixel%%"
 
 class _UserProbe(dict):  # type: ignore[type-arg]
     """Stands in for ``user`` when a template is rendered once for a batch: any variable read from
-    it (``user.first_name``, ``user["plan"]``) renders as a token. Anything else a template does
-    with it (a filter, a test, a nested attribute) shows up as a mismatch in ``_personalised``."""
+    it (``user.first_name``, ``user["plan"]``) renders as a token. Used only for channels that do
+    nothing else with ``user`` (``Template.direct_user_fields``; see ``_from_probe``)."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -786,42 +783,6 @@ class _UserProbe(dict):  # type: ignore[type-arg]
 
     def __missing__(self, key: str) -> str:
         return f"{TOKEN_PREFIX}{self.kind}:{key}%%"
-
-
-def _personalised(
-    probe: dict[str, str] | None, content: dict[str, str], user: dict[str, Any]
-) -> tuple[dict[str, str], dict[str, str]] | None:
-    """(shared, personal) when ``content`` is exactly ``probe`` with each token replaced by this
-    recipient's value (escaped in the HTML part, as the template renders it), else None."""
-    if probe is None:
-        return None
-    personal: dict[str, str] = {}
-    for part in ("text", "html"):
-        kind = "h" if part == "html" else "t"
-        text = probe.get(part, "")
-        start = 0
-        while (i := text.find(TOKEN_PREFIX, start)) >= 0:
-            j = text.find("%%", i + len(TOKEN_PREFIX))
-            if j < 0:
-                return None
-            token = text[i : j + 2]
-            start = j + 2
-            if token in personal:
-                continue
-            k, _, name = token[len(TOKEN_PREFIX) : -2].partition(":")
-            if k != kind or name not in user:
-                return None
-            value = str(user[name])
-            personal[token] = str(markupsafe.escape(value)) if kind == "h" else value
-    if any(TOKEN_PREFIX in v for v in personal.values()):
-        return None  # a value that looks like a token would be substituted again by the provider
-    for part in ("text", "html"):
-        expected = probe.get(part, "")
-        for token, value in personal.items():
-            expected = expected.replace(token, value)
-        if expected != content.get(part, ""):
-            return None
-    return {**content, "text": probe.get("text", ""), "html": probe.get("html", "")}, personal
 
 
 def _from_probe(
@@ -858,7 +819,7 @@ def _email_extras(
     Returns (content, shared, personal, headers): ``content`` as this recipient gets it, and — when
     something differs per recipient — ``shared`` with tokens in its place and ``personal`` the
     token values (``Message.shared``). ``base`` is the template's own (shared, personal), from
-    ``_personalised``."""
+    ``_from_probe``."""
     headers: dict[str, str] = {}
     marketing = marketing and bool(rt.settings.public_url or rt.settings.postal_address)
     if base is None and not marketing and not rt.settings.public_url:

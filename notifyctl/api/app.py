@@ -19,7 +19,7 @@ from __future__ import annotations
 import html
 import json
 import logging
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Security
@@ -27,12 +27,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from notifyctl.errors import InputError, NotFound, NotifyError
-from notifyctl.intake import json_problem
+from notifyctl.intake import storable
 
 log = logging.getLogger("notifyctl.api")
 
@@ -158,15 +158,7 @@ class UserIn(BaseModel):
     phone: str | None = Field(None, max_length=32)
     timezone: str | None = Field(None, max_length=64)
     locale: str | None = Field(None, max_length=16)
-    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)
-
-    @field_validator("attributes")
-    @classmethod
-    def _storable(cls, v: dict[str, Any]) -> dict[str, Any]:
-        problem = json_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
+    attributes: Annotated[dict[str, str | int | float | bool], AfterValidator(storable)] = Field(default_factory=dict)
 
 
 class TokenIn(BaseModel):
