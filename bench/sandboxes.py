@@ -26,7 +26,11 @@ OTP_RE = re.compile(r"^(\d{6}) is your sign-in code")
 
 
 class LightRecorder:
-    """Drop-in for ``worker.sandbox.base.Recorder``: counts, and time-stamps OTPs."""
+    """Drop-in for ``worker.sandbox.base.Recorder``: counts, and time-stamps OTPs. ``counts_only``
+    tells the SendGrid sandbox not to build each recipient's rendered copy (it still validates the
+    whole request): a blast's copies would be thrown away here."""
+
+    counts_only = True
 
     def __init__(self) -> None:
         self.count = 0
@@ -41,6 +45,10 @@ class LightRecorder:
             self.count += 1
             if m:
                 self.stamps.setdefault(m.group(1), now)
+
+    def add_count(self, n: int) -> None:
+        with self._lock:
+            self.count += n
 
     def all(self) -> list[dict[str, Any]]:
         with self._lock:

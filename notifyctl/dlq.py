@@ -174,7 +174,9 @@ def show_entry(ctx: Context, delivery_id: str) -> dict[str, Any]:
             raise NotFound(f"no delivery {delivery_id!r}")
         n = session.get(Notification, d.notification_id)
         evs = session.execute(
-            select(DeliveryEvent).where(DeliveryEvent.delivery_id == d.id).order_by(DeliveryEvent.id)  # type: ignore[arg-type]
+            select(DeliveryEvent)
+            .where(DeliveryEvent.notification_id == d.notification_id, DeliveryEvent.delivery_id == d.id)
+            .order_by(DeliveryEvent.id)  # type: ignore[arg-type]
         ).scalars()
         delivery = d.model_dump()
         delivery["address"] = mask_address(d.address)

@@ -171,7 +171,10 @@ class DeliveryEvent(SQLModel, table=True):
     __tablename__ = "delivery_events"
     id: int | None = Field(default=None, primary_key=True)
     notification_id: str = Field(index=True, max_length=32)
-    delivery_id: str | None = Field(default=None, index=True, max_length=32)
+    # Not indexed: delivery ids are random, and an index on them cost as much as the rest of the
+    # row's insert (two events per delivery). A delivery's events are found through its
+    # notification's (a handful of rows), ``notification_id = ? AND delivery_id = ?``.
+    delivery_id: str | None = Field(default=None, max_length=32)
     status: str = Field(max_length=16)
     detail: str | None = Field(default=None, max_length=1024)
     at: datetime = Field(default_factory=utcnow)

@@ -145,6 +145,14 @@ def test_rate_rules_combine_and_high_bypasses(rclient: redis.Redis) -> None:
     assert rl.check_many([Check("u", "email", "transactional", "t2")], 1000) == [False]  # 2/h used
     assert rl.check_many([Check("u", "email", "transactional", "otp", high=True)], 1000) == [True]
     assert rclient.zcard("notif:rate:u:email:*:3600") == 3  # the bypass was still counted
+    # the first rule's window empty, a later one's full: still refused (the empty-window shortcut
+    # skips only the first rule's expiry and membership test)
+    rl = RateLimiter(rclient, [RateRule.parse("email:marketing:1/1d"), RateRule.parse("email:*:1/1h")])
+    assert rl.check_many([Check("w", "email", "transactional", "t1")], 1000) == [True]
+    assert rl.check_many([Check("w", "email", "marketing", "m1")], 2000) == [False]
+    assert rl.check_many([Check("w", "email", "marketing", "m1")], 1000 + 3_600_000) == [True]  # t1 left the hour
+    assert rl.check_many([Check("w", "email", "marketing", "m1")], 1000 + 3_600_001) == [True]  # a rerun: the same
+    assert rclient.zcard("notif:rate:w:email:marketing:86400") == 1
 
 
 def test_urgent_sqlite_writer_is_not_starved_by_a_stream_of_bulk_writes(tmp_path: Path) -> None:

@@ -18,9 +18,14 @@ _CLAIM = """
 local mine = 'claim:' .. ARGV[1]
 local out = {}
 for i, k in ipairs(KEYS) do
-  local v = redis.call('GET', k)
+  local v = nil
+  -- the usual case, a delivery nobody has touched: one SET NX; else read who holds it
+  if not redis.call('SET', k, mine, 'EX', ARGV[2], 'NX') then
+    v = redis.call('GET', k)
+    if not v then redis.call('SET', k, mine, 'EX', ARGV[2]) end
+  end
   if not v then
-    redis.call('SET', k, mine, 'EX', ARGV[2]); out[i] = 'ok'
+    out[i] = 'ok'
   elseif string.sub(v, 1, 5) == 'sent:' then
     out[i] = v
   else

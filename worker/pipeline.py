@@ -25,7 +25,7 @@ from typing import Any
 import markupsafe
 import orjson
 import redis
-from sqlalchemy import bindparam, literal, or_, select, update
+from sqlalchemy import Text, bindparam, cast, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -165,23 +165,50 @@ _DT = Delivery.__table__  # type: ignore[attr-defined]
 _ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
 _U = User.__table__  # type: ignore[attr-defined]
 # only the columns the pipeline reads: every datetime or JSON column loaded is parsed, per row
-_N_COLS = [_N.c[c] for c in ("id", "recipient_id", "type", "template_id", "category", "priority", "channels", "data",
-                             "dedup_key")]  # fmt: skip
+# The JSON columns come as text (one CAST, no per-row decoding by SQLAlchemy) and are parsed once per
+# distinct text: a campaign batch shares one `data` and one `channels`.
+_N_COLS = [*(_N.c[c] for c in ("id", "recipient_id", "type", "template_id", "category", "priority", "dedup_key")),
+           cast(_N.c.channels, Text), cast(_N.c.data, Text)]  # fmt: skip
 _U_COLS = [_U.c[c] for c in ("id", "email", "phone", "timezone", "locale", "sms_opt_in", "attributes")]
+
+
+@dataclass(slots=True)
+class _Note:
+    """A notification as the pipeline reads it (``data_key``: its data as stored, for caching renders)."""
+
+    id: str
+    recipient_id: str
+    type: str
+    template_id: str
+    category: str
+    priority: str
+    dedup_key: str | None
+    channels: list[str]
+    data: dict[str, Any]
+    data_key: str
 
 
 class _Batch:
     """The rows a batch touches, loaded with one Core query per table (rows, not ORM objects)."""
 
     def __init__(self, session: Session, client: Any, ids: list[str]) -> None:
-        self.notifications: list[Any] = list(
-            session.execute(
+        parsed: dict[str, Any] = {}
+
+        def load(text: str | None) -> Any:
+            value = parsed.get(text)  # type: ignore[arg-type]
+            if value is None:
+                value = parsed[text] = orjson.loads(text) if text is not None else None  # type: ignore[index]
+            return value
+
+        self.notifications: list[_Note] = [
+            _Note(*row[:7], load(row[7]) or [], load(row[8]) or {}, row[8] or "")
+            for row in session.execute(
                 select(*_N_COLS).where(
                     _N.c.id.in_(ids),
                     unindexed(_N.c.status).in_([NotificationStatus.queued, NotificationStatus.retrying]),
                 )
             )
-        )
+        ]
         user_ids = {n.recipient_id for n in self.notifications}
         self.users: dict[str, Any] = {u.id: u for u in session.execute(select(*_U_COLS).where(_U.c.id.in_(user_ids)))}
         self.opt_outs = prefs.load(client, session, user_ids)
@@ -236,7 +263,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             templates[tid] = t
         return t
 
-    by_data: dict[tuple[str, str, bytes], dict[str, str] | str] = {}  # renders that do not read `user`
+    by_data: dict[tuple[str, str, str], dict[str, str] | str] = {}  # renders that do not read `user`
+    # (notification id, channel) → (the batch's rendering with tokens, this recipient's token values)
+    probed: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}
 
     def render(n: Any, channel: str, user: Any) -> dict[str, str] | str:
         key = (n.id, channel)
@@ -251,14 +280,16 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 names = t.variables(channel)
                 shared = None
                 if names is not None and "user" not in names:
-                    shared = (n.template_id, channel, orjson.dumps(n.data, option=orjson.OPT_SORT_KEYS))
+                    shared = (n.template_id, channel, n.data_key)
                     out = by_data.get(shared)
                 elif user is not None:
                     # A channel that only prints the recipient's variables ({{ user.first_name }}):
                     # the batch's rendering with tokens, with this recipient's values put in.
-                    fast = _from_probe(probe(n, channel), t.direct_user_fields(channel), user_vars(user))
-                    if fast is not None:
-                        out, bases[key] = fast
+                    parts = probe(n, channel, t)
+                    values = _token_values(t.direct_user_fields(channel), user_vars(user)) if parts else None
+                    if values is not None:
+                        probed[key] = (parts, values)  # type: ignore[assignment]
+                        out = parts  # with tokens: the recipient's copy is made when sending
                 if out is None:
                     try:
                         out = t.render(channel, {**n.data, "user": user_vars(user)})
@@ -269,22 +300,14 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             rendered[key] = out
         return out
 
-    bases: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}  # (shared, personal) per render
+    probes: dict[tuple[str, str, str], dict[str, str] | None] = {}
 
-    probes: dict[tuple[str, str, bytes], dict[str, str] | None] = {}
-
-    def probe(n: Any, channel: str) -> dict[str, str] | None:
+    def probe(n: Any, channel: str, t: Template) -> dict[str, str] | None:
         """The channel rendered with tokens for the recipient's variables (``_UserProbe``), once
         per template and data: what a provider with substitutions sends to a whole batch."""
-        t = template_for(n.template_id)
-        if isinstance(t, TemplateError):
-            return None
-        names = t.variables(channel)
-        if names is None or "user" not in names:
-            return None
-        key = (n.template_id, channel, orjson.dumps(n.data, option=orjson.OPT_SORT_KEYS))
+        key = (n.template_id, channel, n.data_key)
         if key not in probes:
-            if TOKEN_PREFIX.encode() in key[2] or any(TOKEN_PREFIX in src for src in t.parts[channel].values()):
+            if TOKEN_PREFIX in n.data_key or any(TOKEN_PREFIX in src for src in t.parts[channel].values()):
                 probes[key] = None  # text that looks like a token: no substitutions for this one
                 return None
             try:
@@ -295,6 +318,16 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             except TemplateError:
                 probes[key] = None
         return probes[key]
+
+    plans: dict[tuple[int, bool], _EmailPlan] = {}
+
+    def email_plan(content: dict[str, str], tokens: tuple[str, ...], marketing: bool) -> _EmailPlan:
+        """One plan per distinct body in the batch (``content`` objects live as long as the batch)."""
+        key = (id(content), marketing)
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _EmailPlan(settings, content, tokens, marketing)
+        return plan
 
     with Session(rt.ctx.engine, expire_on_commit=False) as session:
         batch = _Batch(session, rt.ctx.redis, ids)
@@ -340,7 +373,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
 
         # 1. Fan out notifications seen for the first time: opt-outs, addresses, rate limits.
         checks: list[Check] = []
-        pending: list[tuple[Notification, str, list[tuple[str, str]]]] = []
+        pending: list[tuple[_Note, str, list[tuple[str, str]]]] = []
         for n in batch.notifications:
             if batch.deliveries.get(n.id):
                 continue
@@ -431,9 +464,12 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 headers: dict[str, str] = {}
                 shared: dict[str, str] | None = None
                 personal: dict[str, str] = {}
+                pv = probed.get((n.id, d.channel))  # the batch's rendering with tokens, this recipient's values
                 if d.channel == "email":
-                    base = bases.get((n.id, d.channel))  # the template's own per-recipient parts, if any
-                    content, shared, personal, headers = _email_extras(rt, content, d, n.category == "marketing", base)
+                    plan = email_plan(pv[0] if pv else content, tuple(pv[1]) if pv else (), n.category == "marketing")
+                    content, shared, personal, headers = plan.apply(rt, d, pv[1] if pv else None)
+                elif pv is not None:
+                    content = {part: _fill(v, pv[1]).strip() for part, v in pv[0].items()}
                 msg = Message(
                     delivery_id=d.id,
                     notification_id=n.id,
@@ -770,12 +806,13 @@ TOKEN_PREFIX = "%%notifyctl:"
 UNSUBSCRIBE_TEXT = TOKEN_PREFIX + "unsubscribe%%"
 UNSUBSCRIBE_HTML = TOKEN_PREFIX + "unsubscribe_html%%"
 OPEN_PIXEL = TOKEN_PREFIX + "open_pixel%%"
+_FOOTER_TOKENS = (UNSUBSCRIBE_TEXT, UNSUBSCRIBE_HTML, OPEN_PIXEL)
 
 
 class _UserProbe(dict):  # type: ignore[type-arg]
     """Stands in for ``user`` when a template is rendered once for a batch: any variable read from
     it (``user.first_name``, ``user["plan"]``) renders as a token. Used only for channels that do
-    nothing else with ``user`` (``Template.direct_user_fields``; see ``_from_probe``)."""
+    nothing else with ``user`` (``Template.direct_user_fields``; see ``_token_values``)."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -785,77 +822,92 @@ class _UserProbe(dict):  # type: ignore[type-arg]
         return f"{TOKEN_PREFIX}{self.kind}:{key}%%"
 
 
-def _from_probe(
-    probe: dict[str, str] | None, fields: frozenset[str] | None, user: dict[str, Any]
-) -> tuple[dict[str, str], tuple[dict[str, str], dict[str, str]]] | None:
-    """This recipient's content from the batch's rendering with tokens, when the template only
-    prints ``user`` fields (``Template.direct_user_fields``) and the recipient has them all:
-    (content, (shared, personal)). Exactly what rendering gives — Jinja prints ``str(value)``,
-    escaped in the HTML part, and each part is stripped — without running the template."""
-    if probe is None or fields is None or not all(f in user for f in fields):
+def _token_values(fields: frozenset[str] | None, user: dict[str, Any]) -> dict[str, str] | None:
+    """A recipient's values for the tokens of ``_UserProbe`` (``t:`` as text, ``h:`` escaped for
+    HTML), when the template only prints ``user`` fields (``Template.direct_user_fields``) and
+    the recipient has them all; else None (rendered the ordinary way). Putting them in the
+    probe's rendering and stripping each part is exactly what rendering gives: Jinja prints
+    ``str(value)``, escaped in the HTML part."""
+    if fields is None:
         return None
-    text = {f"{TOKEN_PREFIX}t:{f}%%": str(user[f]) for f in fields}
-    marked = {f"{TOKEN_PREFIX}h:{f}%%": str(markupsafe.escape(user[f])) for f in fields}
-    if any(TOKEN_PREFIX in v or v != v.strip() for v in text.values()):
-        # a value that looks like a token, or whose edge whitespace a part's strip() could eat:
-        # rendered the ordinary way
-        return None
-    content = {part: _fill(v, marked if part == "html" else text).strip() for part, v in probe.items()}
-    used = {t: v for t, v in (text | marked).items() if any(t in v2 for v2 in probe.values())}
-    shared = {**content, **{p: probe[p] for p in ("text", "html") if p in probe}}
-    return content, (shared, used)
+    values: dict[str, str] = {}
+    for f in fields:
+        if f not in user:
+            return None
+        v = user[f]
+        text = v if type(v) is str else str(v)
+        if TOKEN_PREFIX in text or text != text.strip():
+            # a value that looks like a token, or whose edge whitespace a part's strip() could eat
+            return None
+        values[f"{TOKEN_PREFIX}t:{f}%%"] = text
+        values[f"{TOKEN_PREFIX}h:{f}%%"] = str(markupsafe.escape(v))
+    return values
 
 
-def _email_extras(
-    rt: Runtime,
-    content: dict[str, str],
-    d: _D,
-    marketing: bool,
-    base: tuple[dict[str, str], dict[str, str]] | None = None,
-) -> tuple[dict[str, str], dict[str, str] | None, dict[str, str], dict[str, str]]:
-    """Complete a rendered email: for marketing, RFC 8058 one-click unsubscribe headers and a footer
-    (unsubscribe link, postal address — CAN-SPAM); the open-tracking pixel when a public URL is set.
+class _EmailPlan:
+    """What every recipient of one email body in a batch shares, worked out once: for marketing,
+    RFC 8058 one-click unsubscribe headers and a footer (unsubscribe link, postal address —
+    CAN-SPAM); the open-tracking pixel when a public URL is set; the body with tokens where each
+    recipient's parts go (``Message.shared``). ``apply`` then does only what differs per
+    recipient: the signed links, the token values, and the recipient's own copy of the body."""
 
-    Returns (content, shared, personal, headers): ``content`` as this recipient gets it, and — when
-    something differs per recipient — ``shared`` with tokens in its place and ``personal`` the
-    token values (``Message.shared``). ``base`` is the template's own (shared, personal), from
-    ``_from_probe``."""
-    headers: dict[str, str] = {}
-    marketing = marketing and bool(rt.settings.public_url or rt.settings.postal_address)
-    if base is None and not marketing and not rt.settings.public_url:
-        return content, None, {}, headers  # nothing to add, nothing personal
-    shared, personal = (dict(base[0]), dict(base[1])) if base else (dict(content), {})
-    extra: dict[str, str] = {}  # the tokens this function adds
-    text_footer: list[str] = []
-    html_footer: list[str] = []
-    if marketing:
-        url = unsubscribe_url(rt.settings, rt.unsub_key, d.user_id, "marketing")
-        if url:
-            headers = {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
-            extra[UNSUBSCRIBE_TEXT] = url
-            extra[UNSUBSCRIBE_HTML] = html.escape(url)
+    __slots__ = ("pieces", "shared", "tokens", "unsub", "pixel", "substitute")
+
+    def __init__(self, settings: Any, content: dict[str, str], tokens: tuple[str, ...], marketing: bool) -> None:
+        """``content``: the body, with ``tokens`` (from ``_token_values``) where the recipient's fields go."""
+        marketing = marketing and bool(settings.public_url or settings.postal_address)
+        self.unsub = marketing and bool(settings.public_url)
+        self.pixel = bool(settings.public_url)
+        text_footer: list[str] = []
+        html_footer: list[str] = []
+        if self.unsub:
             text_footer.append(f"Unsubscribe: {UNSUBSCRIBE_TEXT}")
             html_footer.append(f'<a href="{UNSUBSCRIBE_HTML}">Unsubscribe</a>')
-        if rt.settings.postal_address:
-            text_footer.append(rt.settings.postal_address)
-            html_footer.append(html.escape(rt.settings.postal_address))
-    pixel = pixel_url(rt.settings, rt.unsub_key, d.id)
-    text_add = html_add = ""
-    if text_footer:
-        text_add = "\n\n--\n" + "\n".join(text_footer)
-        html_add = '\n<p style="font-size:small;color:#666">' + " · ".join(html_footer) + "</p>"
-    if pixel:  # open tracking
-        extra[OPEN_PIXEL] = html.escape(pixel)
-        html_add += f'\n<img src="{OPEN_PIXEL}" width="1" height="1" alt="">'
-    resolved = {**content, "text": content.get("text", "") + _fill(text_add, extra),
-                "html": content.get("html", "") + _fill(html_add, extra)}  # fmt: skip
-    personal.update(extra)
-    # a template whose output contains a token's text must not be rewritten by the provider
-    if not personal or TOKEN_PREFIX in content.get("subject", "") + content.get("text", "") + content.get("html", ""):
-        return resolved, None, {}, headers
-    shared["text"] = shared.get("text", "") + text_add
-    shared["html"] = shared.get("html", "") + html_add
-    return resolved, shared, personal, headers
+        if marketing and settings.postal_address:
+            text_footer.append(settings.postal_address)
+            html_footer.append(html.escape(settings.postal_address))
+        text_add = html_add = ""
+        if text_footer:
+            text_add = "\n\n--\n" + "\n".join(text_footer)
+            html_add = '\n<p style="font-size:small;color:#666">' + " · ".join(html_footer) + "</p>"
+        if self.pixel:
+            html_add += f'\n<img src="{OPEN_PIXEL}" width="1" height="1" alt="">'
+        # a body whose own text looks like a token must not be rewritten: it goes as it is, in full
+        self.substitute = bool(tokens) or not any(TOKEN_PREFIX in v for v in content.values())
+        adds = {"text": text_add, "html": html_add} if (marketing or self.pixel) else {}
+        # per part: (the template's piece, its tokens, the footer's piece, its tokens)
+        self.pieces: dict[str, tuple[str, tuple[str, ...], str, tuple[str, ...]]] = {}
+        for part in {**content, **adds}:
+            piece, add = content.get(part, ""), adds.get(part, "")
+            own = tuple(t for t in tokens if t in piece)
+            self.pieces[part] = (piece, own, add, tuple(t for t in _FOOTER_TOKENS if t in add))
+        self.tokens = tuple(dict.fromkeys(t for p in self.pieces.values() for t in p[1] + p[3]))
+        self.shared = {part: piece + add for part, (piece, _o, add, _a) in self.pieces.items()}
+
+    def apply(
+        self, rt: Runtime, d: _D, values: dict[str, str] | None
+    ) -> tuple[dict[str, str], dict[str, str] | None, dict[str, str], dict[str, str]]:
+        """(content, shared, personal, headers) for one recipient: ``content`` as they get it and,
+        when something differs per recipient, ``shared`` with tokens and ``personal`` their values."""
+        personal = dict(values) if values else {}
+        headers: dict[str, str] = {}
+        if self.unsub:
+            url = unsubscribe_url(rt.settings, rt.unsub_key, d.user_id, "marketing") or ""
+            headers = {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+            personal[UNSUBSCRIBE_TEXT] = url
+            personal[UNSUBSCRIBE_HTML] = html.escape(url)
+        if self.pixel:
+            personal[OPEN_PIXEL] = html.escape(pixel_url(rt.settings, rt.unsub_key, d.id) or "")
+        content: dict[str, str] = {}
+        for part, (piece, own, add, extra) in self.pieces.items():
+            for t in own:
+                piece = piece.replace(t, personal[t])
+            for t in extra:
+                add = add.replace(t, personal[t])
+            content[part] = (piece.strip() if own else piece) + add
+        if not self.tokens or not self.substitute:
+            return content, None, {}, headers
+        return content, self.shared, {t: personal[t] for t in self.tokens}, headers
 
 
 def _fill(piece: str, values: dict[str, str]) -> str:
