@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -148,26 +149,30 @@ def prepare_insert(
             stmt = ins.on_conflict_do_nothing(index_elements=skip_conflicts_on)
         return lambda conn: conn.execute(stmt, rows) and None
     dialect = engine.dialect
-    procs = [table.c[c].type._cached_bind_processor(dialect) for c in cols]
+    get = itemgetter(*cols) if len(cols) > 1 else (lambda r: (r[cols[0]],))
+    # only the columns whose type converts values (datetimes, JSON...) are looked at one by one
+    procs = [(i, p) for i, c in enumerate(cols) if (p := table.c[c].type._cached_bind_processor(dialect)) is not None]
     memo: dict[tuple[int, Any], Any] = {}
-    params: list[tuple[Any, ...]] = []
+    params: list[Any] = []
     for r in rows:
-        vals = []
-        for i, c in enumerate(cols):
-            v = r[c]
-            p = procs[i]
-            if p is not None and v is not None:
+        vals = get(r)
+        if procs:
+            vals = list(vals)
+            for i, p in procs:
+                v = vals[i]
+                if v is None:
+                    continue
                 # memoised: datetimes and booleans by value, JSON by object (a campaign's rows share one)
                 key = (i, v) if isinstance(v, datetime | bool) else (i, id(v)) if isinstance(v, dict | list) else None
                 if key is None:
-                    v = p(v)
+                    vals[i] = p(v)
                 else:
                     out = memo.get(key, memo)
                     if out is memo:
                         out = memo[key] = p(v)
-                    v = out
-            vals.append(v)
-        params.append(tuple(vals))
+                    vals[i] = out
+            vals = tuple(vals)
+        params.append(vals)
     q = dialect.identifier_preparer
     sql = (
         f"INSERT INTO {q.format_table(table)} ({', '.join(q.quote(c) for c in cols)}) "

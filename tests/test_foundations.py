@@ -235,3 +235,25 @@ def test_prepared_insert_stores_what_core_would_and_skips_conflicts(tmp_path: Pa
     assert (raw["n0"], raw["n10"]) == ("2026-03-29 01:30:15.123456", "2026-03-29 01:30:25.123456")  # one format
     assert sorted(later) == ["n11", "n13"]  # datetimes compare in SQL
     engine.dispose()
+
+
+def test_ids_are_time_ordered_crockford_base32() -> None:
+    """Notification ids sort by creation time (the SQL primary key grows at its end) and carry
+    50 random bits; the time part is the millisecond clock in Crockford base32."""
+    import re
+    import time
+
+    from notifyctl.models import _B32, new_id
+
+    before = int(time.time() * 1000)
+    first = new_id("n")
+    time.sleep(0.003)
+    ids = [new_id("n") for _ in range(2000)]
+    after = int(time.time() * 1000)
+    assert all(re.fullmatch(r"n_[0-9a-hjkmnp-tv-z]{20}", i) for i in [first, *ids])
+    assert first < min(ids) and len(set(ids)) == len(ids)
+    ms = 0
+    for ch in first[2:12]:
+        ms = ms * 32 + _B32.index(ch)
+    assert before <= ms <= after
+    assert len({i[12:] for i in ids}) == len(ids)  # the random part differs even within one millisecond

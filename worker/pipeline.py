@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 import markupsafe
@@ -160,6 +161,7 @@ class _D:
 
 
 _D_COLS = [getattr(Delivery.__table__.c, f) for f in _D.__slots__]  # type: ignore[attr-defined]
+_D_FIELDS = itemgetter(*_D.__slots__)  # a new delivery row (every column) → _D's fields, in order
 _N = Notification.__table__  # type: ignore[attr-defined]
 _DT = Delivery.__table__  # type: ignore[attr-defined]
 _ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
@@ -416,7 +418,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         fresh: dict[str, dict[str, Any]] = {row["id"]: row for row in new_rows}
         stats.created = len(new_rows)
         for row in new_rows:
-            batch.deliveries[row["notification_id"]].append(_D(**{k: row.get(k) for k in _D.__slots__}))
+            batch.deliveries[row["notification_id"]].append(_D(*_D_FIELDS(row)))
 
         # 2. Deliveries due now: claim, send per route, record.
         by_id = {n.id: n for n in batch.notifications}
