@@ -183,6 +183,29 @@ def prepare_insert(
     return lambda conn: conn.exec_driver_sql(sql, params) and None
 
 
+def rows_where_in(
+    conn: Connection, select_sql: str, column: str, values: list[Any], and_sql: str = ""
+) -> list[tuple[Any, ...]]:
+    """``<select_sql> WHERE <column> IN (<values>) <and_sql>`` on the connection's own DBAPI cursor:
+    plain tuples, no per-row work by SQLAlchemy (for the worker's batch loads, a thousand rows at
+    a time, that work cost more than the query). Values come back as the driver gives them: cast
+    JSON and datetime columns in ``select_sql`` when both databases must agree. Chunks of 900
+    (SQLite's bound-parameter limit)."""
+    if not values:
+        return []
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    out: list[tuple[Any, ...]] = []
+    try:
+        for i in range(0, len(values), 900):
+            chunk = values[i : i + 900]
+            cur.execute(f"{select_sql} WHERE {column} IN ({', '.join([mark] * len(chunk))}) {and_sql}", chunk)
+            out += cur.fetchall()
+    finally:
+        cur.close()
+    return out
+
+
 def unindexed(column: Any) -> Any:
     """``column || ''``: the same value, in an expression no index lookup can use. For
     ``id IN (<a batch of 1,000>) AND status IN (...)`` SQLite (which keeps no statistics unless

@@ -347,13 +347,18 @@ def test_batch_lookups_go_through_the_batch_keys(ctx: Context) -> None:
 
     with ctx.engine.begin() as conn:
         conn.execute(insert(Notification), rows("q", "queued", 3000) + rows("s", "scheduled", 1500))
-    seen: list[tuple[str, object]] = []
+    seen: list[str] = []
 
-    def capture(_conn, _cursor, statement, parameters, _context, _many) -> None:  # type: ignore[no-untyped-def]
-        if ("notifications.id IN" in statement and "status" in statement) or "device_tokens.user_id IN" in statement:
-            seen.append((statement, parameters))
+    def capture(statement: str) -> None:  # what SQLite ran, parameters filled in (SQLAlchemy's or raw)
+        flat = " ".join(statement.split())
+        by_id = "notifications.id IN (" in flat or ("FROM notifications WHERE id IN (" in flat)
+        if (by_id and "status" in flat) or "device_tokens.user_id IN" in flat:
+            seen.append(flat)
 
-    event.listen(ctx.engine, "before_cursor_execute", capture)
+    def trace(dbapi_conn, _record, _proxy) -> None:  # type: ignore[no-untyped-def]
+        dbapi_conn.set_trace_callback(capture)
+
+    event.listen(ctx.engine, "checkout", trace)
     try:
         with ctx.engine.begin() as conn:  # live device tokens: 3,000 of them, two of the batch's users
             conn.execute(insert(DeviceToken), [{"token": f"tok{i}", "user_id": f"other{i}", "platform": "ios",
@@ -361,12 +366,13 @@ def test_batch_lookups_go_through_the_batch_keys(ctx: Context) -> None:
         process(Runtime(ctx), [f"q{i:05d}" for i in range(1000)] + [push.notification_id])
         reconcile(ctx, force=True, check_lost=False)
     finally:
-        event.remove(ctx.engine, "before_cursor_execute", capture)
-    kinds = {(s.split()[0], "device_tokens" in s) for s, _ in seen}
+        event.remove(ctx.engine, "checkout", trace)
+        ctx.engine.dispose()  # no traced connection stays in the pool
+    kinds = {(s.split()[0], "device_tokens" in s) for s in seen}
     assert kinds == {("SELECT", False), ("UPDATE", False), ("SELECT", True)}, kinds
     with ctx.engine.connect() as conn:
-        for statement, params in seen:
-            plan = " ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params))
+        for statement in seen:
+            plan = " ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement))
             index = "ix_device_tokens_user_id (user_id=?)" if "device_tokens" in statement else "notifications_1 (id=?)"
             assert index in plan, (statement[:80], plan)
 

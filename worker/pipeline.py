@@ -26,13 +26,13 @@ from typing import Any
 import markupsafe
 import orjson
 import redis
-from sqlalchemy import Text, bindparam, cast, literal, or_, select, update
+from sqlalchemy import bindparam, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from notifyctl import keys, metrics, prefs
 from notifyctl.context import Context
-from notifyctl.db import prepare_insert, unindexed, write_lock
+from notifyctl.db import prepare_insert, rows_where_in, unindexed, write_lock
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
 from notifyctl.intake import blocked_by, user_vars
@@ -167,11 +167,16 @@ _DT = Delivery.__table__  # type: ignore[attr-defined]
 _ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
 _U = User.__table__  # type: ignore[attr-defined]
 # only the columns the pipeline reads: every datetime or JSON column loaded is parsed, per row
-# The JSON columns come as text (one CAST, no per-row decoding by SQLAlchemy) and are parsed once per
-# distinct text: a campaign batch shares one `data` and one `channels`.
-_N_COLS = [*(_N.c[c] for c in ("id", "recipient_id", "type", "template_id", "category", "priority", "dedup_key")),
-           cast(_N.c.channels, Text), cast(_N.c.data, Text)]  # fmt: skip
-_U_COLS = [_U.c[c] for c in ("id", "email", "phone", "timezone", "locale", "sms_opt_in", "attributes")]
+# The batch loads run on the DBAPI cursor (``rows_where_in``): a thousand plain tuples. The JSON
+# columns come as text and are parsed once per distinct text: a campaign batch shares one `data`
+# and one `channels`.
+_N_SELECT = (
+    "SELECT id, recipient_id, type, template_id, category, priority, dedup_key, CAST(channels AS TEXT), "
+    "CAST(data AS TEXT) FROM notifications"
+)
+# `status || ''`: by primary key, never through the status index (see notifyctl.db.unindexed)
+_N_LOADABLE = f"AND status || '' IN ('{NotificationStatus.queued}', '{NotificationStatus.retrying}')"
+_U_SELECT = "SELECT id, email, phone, timezone, locale, sms_opt_in, CAST(attributes AS TEXT) FROM users"
 
 
 @dataclass(slots=True)
@@ -190,6 +195,19 @@ class _Note:
     data_key: str
 
 
+@dataclass(slots=True)
+class _User:
+    """A recipient as the pipeline reads it."""
+
+    id: str
+    email: str | None
+    phone: str | None
+    timezone: str
+    locale: str
+    sms_opt_in: bool
+    attributes: dict[str, Any]
+
+
 class _Batch:
     """The rows a batch touches, loaded with one Core query per table (rows, not ORM objects)."""
 
@@ -202,17 +220,16 @@ class _Batch:
                 value = parsed[text] = orjson.loads(text) if text is not None else None  # type: ignore[index]
             return value
 
+        conn = session.connection()
         self.notifications: list[_Note] = [
             _Note(*row[:7], load(row[7]) or [], load(row[8]) or {}, row[8] or "")
-            for row in session.execute(
-                select(*_N_COLS).where(
-                    _N.c.id.in_(ids),
-                    unindexed(_N.c.status).in_([NotificationStatus.queued, NotificationStatus.retrying]),
-                )
-            )
+            for row in rows_where_in(conn, _N_SELECT, "id", ids, _N_LOADABLE)
         ]
         user_ids = {n.recipient_id for n in self.notifications}
-        self.users: dict[str, Any] = {u.id: u for u in session.execute(select(*_U_COLS).where(_U.c.id.in_(user_ids)))}
+        self.users: dict[str, _User] = {
+            row[0]: _User(*row[:5], bool(row[5]), orjson.loads(row[6]) if row[6] else {})
+            for row in rows_where_in(conn, _U_SELECT, "id", list(user_ids))
+        }
         self.opt_outs = prefs.load(client, session, user_ids)
         self.tokens: dict[str, list[Any]] = defaultdict(list)
         if user_ids and any("push" in n.channels for n in self.notifications):  # device tokens: push only
@@ -919,45 +936,26 @@ def _fill(piece: str, values: dict[str, str]) -> str:
 
 
 def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> None:
-    rows: list[dict[str, Any]] = []
+    # Most rows of a batch get the same values (done, no reason): one UPDATE ... WHERE id IN (...)
+    # per distinct set of values, instead of one parameter set per row.
+    same: dict[tuple[tuple[str, Any], ...], list[str]] = defaultdict(list)
     for n in batch.notifications:
         ds = batch.deliveries.get(n.id, [])
         if not ds:
-            rows.append(
-                {
-                    "id": n.id,
-                    "status": NotificationStatus.done,
-                    "reason": "no deliveries",
-                    "updated_at": now,
-                }
-            )
+            same[(("status", NotificationStatus.done), ("reason", "no deliveries"))].append(n.id)
             continue
         open_ = [d for d in ds if d.status not in FINAL_STATUSES]
         if not open_:
             all_suppressed = all(d.status == DeliveryStatus.suppressed for d in ds)
             status = NotificationStatus.suppressed if all_suppressed else NotificationStatus.done
-            reason = ds[0].reason if all_suppressed else None
-            rows.append({"id": n.id, "status": status, "reason": reason, "updated_at": now})
+            same[(("status", status), ("reason", ds[0].reason if all_suppressed else None))].append(n.id)
         else:
             waits = [d.next_attempt_at for d in open_ if d.status == DeliveryStatus.retrying and d.next_attempt_at]
             if waits and len(waits) == len(open_):
-                rows.append(
-                    {
-                        "id": n.id,
-                        "status": NotificationStatus.retrying,
-                        "due_at": min(waits),
-                        "job_id": None,
-                        "updated_at": now,
-                    }
-                )
+                same[(("status", NotificationStatus.retrying), ("due_at", min(waits)), ("job_id", None))].append(n.id)
             else:
                 # Something is held by another live worker: the reconciler looks again after its grace.
-                rows.append({"id": n.id, "status": NotificationStatus.queued, "due_at": now, "updated_at": now})
-    # Most rows of a batch get the same values (done, no reason): one UPDATE ... WHERE id IN (...)
-    # per distinct set of values, instead of one parameter set per row.
-    same: dict[tuple[tuple[str, Any], ...], list[str]] = defaultdict(list)
-    for r in rows:
-        same[tuple(sorted((k, v) for k, v in r.items() if k != "id"))].append(r["id"])
+                same[(("status", NotificationStatus.queued), ("due_at", now))].append(n.id)
     for values, ids in same.items():
         for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
-            session.execute(update(_N).where(_N.c.id.in_(ids[i : i + 900])).values(dict(values)))
+            session.execute(update(_N).where(_N.c.id.in_(ids[i : i + 900])).values(updated_at=now, **dict(values)))

@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from notifyctl.settings import provider_config
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent
 
+_SPACE = re.compile(r"\s")  # the same characters as str.isspace
 log = logging.getLogger(__name__)
 
 MAX_PERSONALIZATIONS = 1000
@@ -204,7 +205,7 @@ class Provider:
         if m.route != "email":
             return Permanent(f"sendgrid cannot send route {m.route!r}")
         addr = m.address.strip()
-        if addr.count("@") != 1 or addr.startswith("@") or addr.endswith("@") or any(c.isspace() for c in addr):
+        if addr.count("@") != 1 or addr.startswith("@") or addr.endswith("@") or _SPACE.search(addr):
             return InvalidAddress(f"not an email address: {m.address!r}")
         if not (m.content.get("subject") or "").strip():
             return Permanent("email has no subject")
