@@ -926,7 +926,9 @@ class _EmailPlan:
             content[part] = (piece.strip() if own else piece) + add
         if not self.tokens or not self.substitute:
             return content, None, {}, headers
-        return content, self.shared, {t: personal[t] for t in self.tokens}, headers
+        if len(personal) != len(self.tokens):  # only the tokens the body has (tokens ⊆ personal)
+            personal = {t: personal[t] for t in self.tokens}
+        return content, self.shared, personal, headers
 
 
 def _fill(piece: str, values: dict[str, str]) -> str:

@@ -263,7 +263,9 @@ class Provider:
         status = resp.status_code
         if 200 <= status < 300:
             mid = resp.headers.get("X-Message-Id") or ""
-            return [Sent(mid or f"sendgrid:{m.delivery_id}") for m in batch]
+            if mid:  # one id for the whole request, as SendGrid gives it (outcomes are immutable)
+                return [Sent(mid)] * n
+            return [Sent(f"sendgrid:{m.delivery_id}") for m in batch]
         if status == 400:
             return self._bad_request(messages, idxs, resp)
         if status in (401, 403):
