@@ -186,23 +186,22 @@ def prepare_insert(
 def rows_where_in(
     conn: Connection, select_sql: str, column: str, values: list[Any], and_sql: str = ""
 ) -> list[tuple[Any, ...]]:
-    """``<select_sql> WHERE <column> IN (<values>) <and_sql>`` on the connection's own DBAPI cursor:
-    plain tuples, no per-row work by SQLAlchemy (for the worker's batch loads, a thousand rows at
-    a time, that work cost more than the query). Values come back as the driver gives them: cast
-    JSON and datetime columns in ``select_sql`` when both databases must agree. Chunks of 900
-    (SQLite's bound-parameter limit)."""
-    if not values:
-        return []
+    """``<select_sql> WHERE <column> IN (<values>) <and_sql>``, its rows read straight off the DBAPI
+    cursor: plain tuples, no per-row work by SQLAlchemy (for the worker's batch loads, a thousand
+    rows at a time, that work cost more than the query). The statement still runs through the
+    connection, so its events and statement counts see it. Values come back as the driver gives
+    them: cast JSON and datetime columns in ``select_sql`` when both databases must agree.
+    Chunks of 900 (SQLite's bound-parameter limit)."""
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     out: list[tuple[Any, ...]] = []
-    try:
-        for i in range(0, len(values), 900):
-            chunk = values[i : i + 900]
-            cur.execute(f"{select_sql} WHERE {column} IN ({', '.join([mark] * len(chunk))}) {and_sql}", chunk)
-            out += cur.fetchall()
-    finally:
-        cur.close()
+    for i in range(0, len(values), 900):
+        chunk = tuple(values[i : i + 900])
+        marks = ", ".join([mark] * len(chunk))
+        res = conn.exec_driver_sql(f"{select_sql} WHERE {column} IN ({marks}) {and_sql}", chunk)
+        try:
+            out += res.cursor.fetchall()  # type: ignore[union-attr]
+        finally:
+            res.close()
     return out
 
 
