@@ -45,11 +45,40 @@ def sizes(scale: float) -> dict[str, int]:
     }
 
 
-def run_all(scale: float, pool: int, only: list[str]) -> dict[str, Any]:
+def email_runs(n: int, runs: int, pool: int, otps: int) -> dict[str, Any]:
+    """The email blast ``runs`` times: the median run (by rate) with every run's headline beside it.
+    One run on a shared machine is not a figure: the same code measured 7,600–10,800/s here within
+    an hour, and redis-server's CPU for the same commands moved with it (``redis_us``, a gauge of
+    the machine's speed during each run)."""
+    done: list[dict[str, Any]] = []
+    for i in range(runs):
+        r = scenarios.email_blast(n, pool, otps=otps, log=log)
+        done.append(r)
+        if runs > 1:
+            log(f"  run {i + 1}/{runs}: {r.get('notifications_per_s')}/s")
+    ok = [r for r in done if r.get("notifications_per_s") and not r.get("error")]
+    ranked = sorted(ok or done, key=lambda r: r.get("notifications_per_s") or 0)
+    main = dict(ranked[len(ranked) // 2])
+    main["runs"] = []
+    for r in done:
+        sent = max(1, int(r.get("sent") or 1))
+        cpu = r.get("cpu") or {}
+        main["runs"].append({
+            "per_s": r.get("notifications_per_s"),
+            "cpu_us": round((cpu.get("cpu_total_s") or 0) / sent * 1e6, 1),
+            "redis_us": round(((cpu.get("cpu_s") or {}).get("redis-server") or 0) / sent * 1e6, 1),
+            "cores_busy": cpu.get("cores_busy"),
+            "otp_p99_ms": ((r.get("otp") or {}).get("during_blast_ms") or {}).get("p99"),
+            "error": r.get("error"),
+        })  # fmt: skip
+    return main
+
+
+def run_all(scale: float, pool: int, only: list[str], runs: int = 3) -> dict[str, Any]:
     sz = sizes(scale)
     results: dict[str, Any] = {"scale": scale, "pool": pool, "sizes": sz}
     jobs = {
-        "email": lambda: scenarios.email_blast(sz["email"], pool, otps=sz["otps"], log=log),
+        "email": lambda: email_runs(sz["email"], runs, pool, sz["otps"]),
         "push": lambda: scenarios.push_blast(sz["push"], pool, log=log),
         "launcher": lambda: scenarios.launcher_memory(sz["launcher"], log=log),
         "cost": lambda: scenarios.cost(sz["cost"], log=log),
@@ -113,13 +142,20 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     e = res.get("email") or {}
     if e:
         v = e.get("notifications_per_s") if not e.get("error") or e.get("sent") else None
+        runs = [r for r in e.get("runs") or [] if r.get("per_s")]
+        shown = _fmt(v, "/s")
+        if len(runs) > 1:
+            rates = sorted(r["per_s"] for r in runs)
+            shown = f"median {shown} of {len(runs)} runs ({_fmt(rates[0])}–{_fmt(rates[-1])}/s)"
         rows.append(("1", f"Email blast, {_fmt(e.get('notifications'))} notifications → SendGrid sandbox",
-                     ">= 10,000/s", _fmt(v, "/s"), _met(None if v is None else v >= 10_000)))  # fmt: skip
+                     ">= 10,000/s", shown, _met(None if v is None else v >= 10_000)))  # fmt: skip
         o = (e.get("otp") or {}).get("during_blast_ms") or {}
         p99 = o.get("p99")
+        worst = max([r["otp_p99_ms"] for r in runs if r.get("otp_p99_ms") is not None] or [p99 or 0])
         rows.append(("3", f"OTP submit → accepted by Twilio sandbox during (1), n={o.get('n', 0)}",
-                     "p99 < 250 ms", f"p50 {_fmt(o.get('p50'))} / p99 {_fmt(p99)} / max {_fmt(o.get('max'))} ms",
-                     _met(None if p99 is None else p99 < 250)))  # fmt: skip
+                     "p99 < 250 ms", f"p50 {_fmt(o.get('p50'))} / p99 {_fmt(p99)} / max {_fmt(o.get('max'))} ms"
+                     + (f"; worst run's p99 {_fmt(worst)} ms" if len(runs) > 1 else ""),
+                     _met(None if p99 is None else worst < 250)))  # fmt: skip
     p = res.get("push") or {}
     if p:
         rows.append(("2", f"Push blast, {_fmt(p.get('pushes'))} iOS → APNs sandbox (TLS, HTTP/2)", "—",
@@ -206,7 +242,16 @@ def _details(res: dict[str, Any]) -> list[str]:
                 f"{o.get('idle_ms')} (ms)."]  # fmt: skip
         if e.get("error"):
             out += [f"- error: {e['error']}"]
-        out += [f"- Redis commands during the blast: {_cmds(e.get('redis_commands'))}", ""]
+        out += [f"- Redis commands during the blast: {_cmds(e.get('redis_commands'))}"]
+        if len(e.get("runs") or []) > 1:
+            out += ["- Every run (the figures above are the median one's; `redis_us`, redis-server's CPU per "
+                    "notification for the same commands, shows how fast the machine was during each run):", "",
+                    "  | run | emails/s | CPU µs / notification | redis-server µs | cores busy | OTP p99 ms |",
+                    "  |---|---|---|---|---|---|"]  # fmt: skip
+            for i, r in enumerate(e["runs"], 1):
+                out += [f"  | {i} | {_fmt(r.get('per_s'))} | {r.get('cpu_us')} | {r.get('redis_us')} | "
+                        f"{r.get('cores_busy')} | {_fmt(r.get('otp_p99_ms'))} |"]  # fmt: skip
+        out += [""]
     p = res.get("push")
     if p:
         out += ["### 2. Push blast", ""]
@@ -346,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="notifyctl benchmarks (issue 7)")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink every size (0.05 = a quick pass)")
     ap.add_argument("--pool", type=int, default=3, help="worker processes in the pool")
+    ap.add_argument("--email-runs", type=int, default=3, help="email blasts to run; the median is reported")
     ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     ap.add_argument("--no-write", action="store_true", help="print, do not rewrite RESULTS.md")
     ap.add_argument("--merge", action="store_true", help="keep the other scenarios' figures from results.json")
@@ -362,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     db = f"database {a.database_url}" if a.database_url else "SQLite"
     log(f"notifyctl bench on {machine()}, scale {a.scale}, pool {a.pool}, {db}")
-    res = run_all(a.scale, a.pool, only)
+    res = run_all(a.scale, a.pool, only, max(1, a.email_runs))
     if a.merge and RAW.exists():
         prev = json.loads(RAW.read_text())
         res = {**prev, **{k: v for k, v in res.items() if k in only}}
