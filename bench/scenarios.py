@@ -435,7 +435,7 @@ def launcher_memory(rows: int, log: Log = _noop, small_fraction: float = 0.1, ro
 _STAGES = [
     ("load batch (SQL)", "worker.pipeline", "_Batch.__init__"),
     ("render (jinja)", "notifyctl.templates", "Template.render"),
-    ("unsubscribe links, pixel", "worker.pipeline", "_email_extras"),
+    ("email per recipient: signed links, pixel, own copy", "worker.pipeline", "_EmailPlan.apply"),
     ("rate limit (Redis)", "worker.ratelimit", "RateLimiter.check_many"),
     ("claim (Redis)", "worker.claims", "Claims.take"),
     ("settle send records (Redis)", "worker.claims", "Claims.settle"),
