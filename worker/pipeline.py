@@ -45,7 +45,6 @@ from notifyctl.models import (
     Notification,
     NotificationStatus,
     OptOut,
-    User,
     utcnow,
 )
 from notifyctl.templates import Template
@@ -165,11 +164,9 @@ _D_FIELDS = itemgetter(*_D.__slots__)  # a new delivery row (every column) → _
 _N = Notification.__table__  # type: ignore[attr-defined]
 _DT = Delivery.__table__  # type: ignore[attr-defined]
 _ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
-_U = User.__table__  # type: ignore[attr-defined]
-# only the columns the pipeline reads: every datetime or JSON column loaded is parsed, per row
-# The batch loads run on the DBAPI cursor (``rows_where_in``): a thousand plain tuples. The JSON
-# columns come as text and are parsed once per distinct text: a campaign batch shares one `data`
-# and one `channels`.
+# The batch loads: only the columns the pipeline reads, on the DBAPI cursor (``rows_where_in``): a
+# thousand plain tuples. The JSON columns come as text and are parsed once per distinct text: a
+# campaign batch shares one `data` and one `channels`.
 _N_SELECT = (
     "SELECT id, recipient_id, type, template_id, category, priority, dedup_key, CAST(channels AS TEXT), "
     "CAST(data AS TEXT) FROM notifications"
@@ -209,7 +206,7 @@ class _User:
 
 
 class _Batch:
-    """The rows a batch touches, loaded with one Core query per table (rows, not ORM objects)."""
+    """The rows a batch touches, loaded with one query per table (plain rows, not ORM objects)."""
 
     def __init__(self, session: Session, client: Any, ids: list[str]) -> None:
         parsed: dict[str, Any] = {}
