@@ -337,12 +337,13 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
 
     plans: dict[tuple[int, bool], _EmailPlan] = {}
 
-    def email_plan(content: dict[str, str], tokens: tuple[str, ...], marketing: bool) -> _EmailPlan:
-        """One plan per distinct body in the batch (``content`` objects live as long as the batch)."""
+    def email_plan(content: dict[str, str], values: dict[str, str] | None, marketing: bool) -> _EmailPlan:
+        """One plan per distinct body in the batch (``content`` objects live as long as the batch);
+        ``values``: a recipient's token values, when ``content`` is a rendering with tokens."""
         key = (id(content), marketing)
         plan = plans.get(key)
         if plan is None:
-            plan = plans[key] = _EmailPlan(settings, content, tokens, marketing)
+            plan = plans[key] = _EmailPlan(settings, content, tuple(values or ()), marketing)
         return plan
 
     with Session(rt.ctx.engine, expire_on_commit=False) as session:
@@ -482,8 +483,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 personal: dict[str, str] = {}
                 pv = probed.get((n.id, d.channel))  # the batch's rendering with tokens, this recipient's values
                 if d.channel == "email":
-                    plan = email_plan(pv[0] if pv else content, tuple(pv[1]) if pv else (), n.category == "marketing")
-                    content, shared, personal, headers = plan.apply(rt, d, pv[1] if pv else None)
+                    values = pv[1] if pv else None
+                    plan = email_plan(pv[0] if pv else content, values, n.category == "marketing")
+                    content, shared, personal, headers = plan.apply(rt, d, values)
                 elif pv is not None:
                     content = {part: _fill(v, pv[1]).strip() for part, v in pv[0].items()}
                 msg = Message(
