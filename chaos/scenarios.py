@@ -163,7 +163,11 @@ def workers_killed(quick: bool) -> Result:
                 if not victim:
                     res.notes.append("a trap OTP was not picked up within 10 s")
                     continue
-                time.sleep(0.3)
+                # killed while its request hangs at the sandbox (the trap taken), not before it was
+                # sent: else the resumed send would walk into the trap itself and wait out a retry
+                if not wait_until(lambda: world.tw.faults.pending() == 0, 5, 0.02):
+                    res.notes.append("a trap OTP did not reach the sandbox within 5 s")
+                time.sleep(0.1)
                 os.kill(victim.pid, signal.SIGKILL)
                 kills.append({"kind": "otp", "at": time.time(), "delivery_id": did})
             else:

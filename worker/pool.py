@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from notifyctl import keys
-from notifyctl.context import Context
+from notifyctl.context import Context, freeze_heap
 from notifyctl.settings import PRIORITIES, Settings
 
 log = logging.getLogger("notifyctl.worker")
@@ -81,6 +81,7 @@ def run_worker(
     w = _worker_class()(queues, connection=ctx.redis, name=name)
     w.burst_mode = burst
     jobs.configure(ctx, worker_name=name)
+    freeze_heap()
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(ctx, name, stop), daemon=True)
     beat.start()
@@ -204,6 +205,7 @@ class Pool:
         dlq_config = DlqConfig()
         probes: dict[str, Any] = {}
         next_dlq_check = time.monotonic() + 5
+        freeze_heap()  # before the fork: the workers inherit it frozen
         for i in range(len(self.procs)):
             self._start(i)
 
