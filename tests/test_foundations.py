@@ -257,3 +257,26 @@ def test_ids_are_time_ordered_crockford_base32() -> None:
         ms = ms * 32 + _B32.index(ch)
     assert before <= ms <= after
     assert len({i[12:] for i in ids}) == len(ids)  # the random part differs even within one millisecond
+
+
+def test_delivery_ids_are_deterministic_and_sort_with_their_notification() -> None:
+    """A delivery id is a function of (notification, channel, address) — a rerun after a crash finds
+    the same send record — and sorts in its notification's order, so a batch's new rows append to
+    the primary key's index; it fits the 32-character column; other notification ids are hashed."""
+    import re
+
+    from notifyctl.models import new_id
+    from worker.pipeline import delivery_id
+
+    nids = sorted(new_id("n") for _ in range(500))
+    addrs = [("email", "a@example.com"), ("email", "b@example.com"), ("sms", "+15551230000"), ("push", "tok")]
+    ids = [[delivery_id(n, c, a) for c, a in addrs] for n in nids]
+    flat = [i for row in ids for i in row]
+    assert len(set(flat)) == len(flat)
+    assert all(re.fullmatch(r"d_[0-9a-hjkmnp-tv-z]{28}", i) for i in flat)
+    assert [row[0] for row in ids] == sorted(row[0] for row in ids)  # the notifications' order
+    assert all(i[2:22] == n[2:] for n, row in zip(nids, ids, strict=True) for i in row)
+    assert ids[0] == [delivery_id(nids[0], c, a) for c, a in addrs]  # the same inputs, the same id
+    assert delivery_id(nids[0], "email", "a@example.com") != delivery_id(nids[0], "email", "a@example.co")
+    foreign = {delivery_id(n, "email", "x@example.com") for n in ("n1", "n2", "order-77")}
+    assert len(foreign) == 3 and all(re.fullmatch(r"d_[0-9a-f]{28}", i) for i in foreign)
