@@ -205,6 +205,39 @@ def rows_where_in(
     return out
 
 
+def update_where_in(
+    conn: Connection, table: Table, values: dict[str, Any], column: str, keys: list[Any], and_sql: str = ""
+) -> int:
+    """``UPDATE <table> SET <values> WHERE <column> IN (<keys>) <and_sql>`` on the DBAPI cursor, in
+    chunks of 900 (SQLite's bound-parameter limit): the values through their columns' bind
+    processors, and none of SQLAlchemy's per-call work on a thousand-element ``IN`` list (for the
+    worker's settle of a batch, that work cost as much as the UPDATE itself). Returns the rows
+    updated."""
+    dialect = conn.dialect
+    q = dialect.identifier_preparer
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    params: list[Any] = []
+    for name, v in values.items():
+        proc = table.c[name].type._cached_bind_processor(dialect)
+        params.append(proc(v) if proc is not None and v is not None else v)
+    sets = ", ".join(f"{q.quote(c)} = {mark}" for c in values)
+    head = f"UPDATE {q.format_table(table)} SET {sets} WHERE {q.quote(column)} IN "
+    count = 0
+    for i in range(0, len(keys), 900):
+        chunk = keys[i : i + 900]
+        res = conn.exec_driver_sql(f"{head}({', '.join([mark] * len(chunk))}) {and_sql}", (*params, *chunk))
+        count += res.rowcount
+    return count
+
+
+def unindexed_in(column: str, values: list[str]) -> str:
+    """``unindexed`` as SQL text, for the raw statements above: ``<column> || '' IN ('a', 'b')``.
+    ``values`` are the code's own constants (statuses), written in as literals."""
+    if not all(v.replace("_", "").isalnum() for v in values):
+        raise ValueError(f"not a plain constant: {values!r}")
+    return f"{column} || '' IN ({', '.join(repr(str(v)) for v in values)})"
+
+
 def unindexed(column: Any) -> Any:
     """``column || ''``: the same value, in an expression no index lookup can use. For
     ``id IN (<a batch of 1,000>) AND status IN (...)`` SQLite (which keeps no statistics unless

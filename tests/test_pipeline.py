@@ -351,8 +351,8 @@ def test_batch_lookups_go_through_the_batch_keys(ctx: Context) -> None:
 
     def capture(statement: str) -> None:  # what SQLite ran, parameters filled in (SQLAlchemy's or raw)
         flat = " ".join(statement.split())
-        by_id = "notifications.id IN (" in flat or ("FROM notifications WHERE id IN (" in flat)
-        if (by_id and "status" in flat) or "device_tokens.user_id IN" in flat or "deliveries.notification_id IN" in flat:
+        by_id = "notifications.id IN (" in flat or ("notifications" in flat and "WHERE id IN (" in flat)
+        if (by_id and "status" in flat) or "device_tokens.user_id IN" in flat or "WHERE notification_id IN" in flat:
             seen.append(flat)
 
     def trace(dbapi_conn, _record, _proxy) -> None:  # type: ignore[no-untyped-def]
@@ -369,7 +369,12 @@ def test_batch_lookups_go_through_the_batch_keys(ctx: Context) -> None:
         event.remove(ctx.engine, "checkout", trace)
         ctx.engine.dispose()  # no traced connection stays in the pool
     kinds = {(s.split()[0], s.split(" FROM ")[-1].split()[0] if s.startswith("SELECT") else "") for s in seen}
-    assert kinds == {("SELECT", "notifications"), ("UPDATE", ""), ("SELECT", "device_tokens"), ("SELECT", "deliveries")}, kinds
+    assert kinds == {
+        ("SELECT", "notifications"),
+        ("UPDATE", ""),
+        ("SELECT", "device_tokens"),
+        ("SELECT", "deliveries"),
+    }, kinds
     with ctx.engine.connect() as conn:
         for statement in seen:
             plan = " ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement))
@@ -468,3 +473,43 @@ def test_printing_user_fields_renders_once_per_batch_exactly_as_jinja_would(home
                 }
             assert got == want, (values[i], channel, got, want)
     ctx.close()
+
+
+def test_raw_batch_update_converts_values_and_keeps_its_condition(any_db_ctx: Context) -> None:
+    """``update_where_in`` (the settle and the reconciler's mark, on the DBAPI cursor): more keys than
+    one chunk of 900, datetimes stored as SQLAlchemy stores them (read back equal through the ORM),
+    the extra condition applied, the count of changed rows returned; ``unindexed_in`` writes only
+    the code's constants into SQL."""
+    from datetime import timedelta
+
+    import pytest
+    from sqlalchemy import insert, select
+
+    from notifyctl.db import unindexed_in, update_where_in
+    from notifyctl.models import Notification, utcnow
+
+    ctx = any_db_ctx
+    now = utcnow().replace(microsecond=0)
+    rows = [{"id": f"x{i:05d}", "recipient_id": "u", "type": "t", "template_id": "t", "category": "marketing",
+             "priority": "low", "channels": ["email"], "data": {}, "status": "scheduled" if i % 3 else "done",
+             "due_at": now, "created_at": now, "updated_at": now} for i in range(2000)]  # fmt: skip
+    with ctx.engine.begin() as conn:
+        conn.execute(insert(Notification), rows)
+    later = now + timedelta(hours=1)
+    with ctx.engine.begin() as conn:
+        changed = update_where_in(
+            conn, Notification.__table__, {"status": "queued", "job_id": "j1", "due_at": later}, "id",
+            [r["id"] for r in rows[:1500]], "AND " + unindexed_in("status", ["scheduled", "retrying"]),
+        )  # fmt: skip
+    assert changed == sum(1 for r in rows[:1500] if r["status"] == "scheduled") == 1000
+    with ctx.engine.connect() as conn:
+        got = {i: (s, j, d) for i, s, j, d in conn.execute(
+            select(Notification.id, Notification.status, Notification.job_id, Notification.due_at))}  # fmt: skip
+    for i, r in enumerate(rows):
+        status, job, due = got[r["id"]]
+        if i < 1500 and r["status"] == "scheduled":
+            assert (status, job, due.replace(tzinfo=None)) == ("queued", "j1", later.replace(tzinfo=None))
+        else:
+            assert (status, job) == (r["status"], None)
+    with pytest.raises(ValueError):
+        unindexed_in("status", ["done') OR ('1'='1"])

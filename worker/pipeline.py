@@ -31,7 +31,7 @@ from sqlmodel import Session
 
 from notifyctl import keys, metrics, prefs
 from notifyctl.context import Context
-from notifyctl.db import prepare_insert, rows_where_in, unindexed, write_lock
+from notifyctl.db import prepare_insert, rows_where_in, unindexed, unindexed_in, update_where_in, write_lock
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
 from notifyctl.intake import blocked_by, user_vars
@@ -159,7 +159,15 @@ class _D:
     dead_lettered: bool = False
 
 
-_D_COLS = [getattr(Delivery.__table__.c, f) for f in _D.__slots__]  # type: ignore[attr-defined]
+_D_SELECT = f"SELECT {', '.join(_D.__slots__)} FROM deliveries"  # a batch's deliveries, raw (rows_where_in)
+
+
+def _d_time(dialect: Any) -> Any:
+    """How the driver's value of ``next_attempt_at`` becomes a datetime (SQLite stores text), or None."""
+    col = Delivery.__table__.c.next_attempt_at  # type: ignore[attr-defined]
+    return col.type._cached_result_processor(dialect, None)
+
+
 _D_FIELDS = itemgetter(*_D.__slots__)  # a new delivery row (every column) → _D's fields, in order
 _N = Notification.__table__  # type: ignore[attr-defined]
 _DT = Delivery.__table__  # type: ignore[attr-defined]
@@ -171,8 +179,8 @@ _N_SELECT = (
     "SELECT id, recipient_id, type, template_id, category, priority, dedup_key, CAST(channels AS TEXT), "
     "CAST(data AS TEXT) FROM notifications"
 )
-# `status || ''`: by primary key, never through the status index (see notifyctl.db.unindexed)
-_N_LOADABLE = f"AND status || '' IN ('{NotificationStatus.queued}', '{NotificationStatus.retrying}')"
+# by primary key, never through the status index (see notifyctl.db.unindexed)
+_N_LOADABLE = "AND " + unindexed_in("status", [NotificationStatus.queued, NotificationStatus.retrying])
 _U_SELECT = "SELECT id, email, phone, timezone, locale, sms_opt_in, CAST(attributes AS TEXT) FROM users"
 
 
@@ -239,10 +247,14 @@ class _Batch:
                 self.tokens[row.user_id].append(row)
         self.deliveries: dict[str, list[_D]] = defaultdict(list)
         nids = [n.id for n in self.notifications]
-        if nids:
-            dn = Delivery.__table__.c.notification_id  # type: ignore[attr-defined]
-            for row in session.execute(select(*_D_COLS).where(dn.in_(nids))):
-                self.deliveries[row.notification_id].append(_D(*row))
+        if nids:  # (none, for a batch seen the first time)
+            at = _d_time(conn.dialect)
+            for row in rows_where_in(conn, _D_SELECT, "notification_id", nids):
+                d = _D(*row)
+                d.dead_lettered = bool(d.dead_lettered)
+                if at is not None and d.next_attempt_at is not None:
+                    d.next_attempt_at = at(d.next_attempt_at)
+                self.deliveries[d.notification_id].append(d)
 
 
 def process(rt: Runtime, notification_ids: Iterable[str], as_of: float | None = None) -> Stats:
@@ -957,6 +969,6 @@ def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> Non
             else:
                 # Something is held by another live worker: the reconciler looks again after its grace.
                 same[(("status", NotificationStatus.queued), ("due_at", now))].append(n.id)
+    conn = session.connection()
     for values, ids in same.items():
-        for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
-            session.execute(update(_N).where(_N.c.id.in_(ids[i : i + 900])).values(updated_at=now, **dict(values)))
+        update_where_in(conn, _N, {**dict(values), "updated_at": now}, "id", ids)

@@ -32,11 +32,12 @@ from sqlmodel import Session
 
 from notifyctl import keys
 from notifyctl.context import Context
-from notifyctl.db import unindexed, write_lock
+from notifyctl.db import unindexed_in, update_where_in, write_lock
 from notifyctl.intake import enqueue
 from notifyctl.models import Delivery, DeliveryStatus, Notification, NotificationStatus, new_id
 
 _LIVE_STATES = {"scheduled", "deferred"}
+_N = Notification.__table__  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -210,14 +211,17 @@ def _requeue(
             chunk = nids[i : i + batch_size]
             job_id = "job_" + new_id("r")
             with write_lock(ctx.engine):
-                res = session.execute(
-                    update(Notification)
-                    .where(Notification.id.in_(chunk), unindexed(Notification.status).in_(from_status))  # type: ignore[attr-defined]
-                    .values(status=NotificationStatus.queued, job_id=job_id, due_at=_naive(now))
-                    .execution_options(synchronize_session=False)
+                # by id, never through the status index (unindexed_in)
+                changed = update_where_in(
+                    session.connection(),
+                    _N,
+                    {"status": NotificationStatus.queued, "job_id": job_id, "due_at": _naive(now)},
+                    "id",
+                    chunk,
+                    "AND " + unindexed_in("status", from_status),
                 )
                 session.commit()
-            if res.rowcount:
+            if changed:
                 enqueue(ctx, prio, chunk, job_id, as_of=now)
                 count += len(chunk)
     return count
