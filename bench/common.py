@@ -119,12 +119,14 @@ def bulk_notifications(ctx: Context, user_ids: list[str], template_id: str, chan
 
 
 def wait_until(pred: Any, timeout: float, step: float = 0.2) -> bool:
+    """Poll ``pred`` every ``step`` seconds until it holds (True) or ``timeout`` passes (its last
+    answer). The bench's and the chaos suite's one waiting loop."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return True
         time.sleep(step)
-    return False
+    return bool(pred())
 
 
 def start_pool(env: Env, pool: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:

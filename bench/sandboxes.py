@@ -26,11 +26,9 @@ OTP_RE = re.compile(r"^(\d{6}) is your sign-in code")
 
 
 class LightRecorder:
-    """Drop-in for ``worker.sandbox.base.Recorder``: counts, and time-stamps OTPs. ``counts_only``
-    tells the SendGrid sandbox not to build each recipient's rendered copy (it still validates the
-    whole request): a blast's copies would be thrown away here."""
-
-    counts_only = True
+    """Drop-in for ``worker.sandbox.base.Recorder``: counts, and time-stamps OTPs. A SendGrid
+    request's recipients are only counted (``add_batch`` never builds their rendered copies, which
+    would be thrown away here; the sandbox still validates the whole request)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -46,7 +44,7 @@ class LightRecorder:
             if m:
                 self.stamps.setdefault(m.group(1), now)
 
-    def add_count(self, n: int) -> None:
+    def add_batch(self, n: int, build: Any) -> None:
         with self._lock:
             self.count += n
 

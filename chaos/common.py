@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, urlparse
 import psutil
 from sqlalchemy import func, insert, select
 
+from bench.common import wait_until
 from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
@@ -114,15 +115,6 @@ def tally(expected: set[str], accepted: list[str | None]) -> Tally:
         lost_ids=lost[:5],
         dup_ids=sorted(dups)[:5],
     )
-
-
-def wait_until(pred: Any, timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
 
 
 class World:
