@@ -513,3 +513,70 @@ def test_raw_batch_update_converts_values_and_keeps_its_condition(any_db_ctx: Co
             assert (status, job) == (r["status"], None)
     with pytest.raises(ValueError):
         unindexed_in("status", ["done') OR ('1'='1"])
+
+
+def test_prepared_insert_stores_what_an_insert_would(any_db_ctx: Context) -> None:
+    """``prepare_insert`` (SQLite: converted parameters; PostgreSQL: one COPY): text with tabs, new
+    lines, backslashes, a literal ``\\N`` and non-ASCII, NULLs, booleans, aware datetimes, JSON,
+    and a second insert of the same key raises SQLAlchemy's IntegrityError, the batch not half-written."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    import pytest
+    from sqlalchemy import select
+    from sqlalchemy.exc import IntegrityError
+
+    from notifyctl.db import prepare_insert
+    from notifyctl.models import Delivery, DeliveryEvent, Notification
+
+    ctx = any_db_ctx
+    at = datetime(2026, 11, 26, 1, 2, 3, 456789, tzinfo=timezone(timedelta(hours=5)))
+    odd = ["a\tb", "line\nnext\r\n", "back\\slash", "\\N", "Zoë 🎉 ‘q’", "", "x" * 500]
+    deliveries = [{"id": f"d{i}", "notification_id": "n1", "user_id": "u1", "channel": "email", "route": "email",
+                   "address": f"{i}@example.com", "status": "sent", "reason": text, "attempts": i,
+                   "dead_lettered": i % 2 == 0, "queued_at": at, "updated_at": at, "provider": None,
+                   "provider_message_id": None, "next_attempt_at": None if i % 2 else at + timedelta(seconds=i),
+                   "sent_at": at, "suppressed_at": None, "failed_at": None}
+                  for i, text in enumerate(odd)]  # fmt: skip
+    data = {"quote": 'say "hi"\tthen\\n', "nested": [1, None, {"ü": True}]}
+    note = {"id": "n1", "recipient_id": "u1", "type": "t", "template_id": "t", "category": "marketing",
+            "priority": "low", "channels": ["email", "sms"], "data": data, "dedup_key": None, "campaign_id": None,
+            "status": "done", "reason": None, "job_id": None, "due_at": at, "created_at": at, "updated_at": at}  # fmt: skip
+    events = [
+        {"notification_id": "n1", "delivery_id": f"d{i}", "status": "sent", "detail": t, "at": at}
+        for i, t in enumerate(odd)
+    ]
+    with ctx.engine.begin() as conn:
+        for table, rows in ((Notification.__table__, [note]), (Delivery.__table__, deliveries),
+                            (DeliveryEvent.__table__, events)):  # fmt: skip
+            prepare_insert(ctx.engine, table, rows)(conn)
+    with ctx.engine.connect() as conn:
+        got = {r.id: r for r in conn.execute(select(Delivery.__table__))}
+        n = conn.execute(select(Notification.__table__)).one()
+        details = [r.detail for r in conn.execute(select(DeliveryEvent.__table__).order_by(DeliveryEvent.id))]
+    for row in deliveries:
+        back = got[row["id"]]
+        assert back.reason == row["reason"] and back.attempts == row["attempts"]
+        assert back.dead_lettered is row["dead_lettered"] and back.provider is None
+        assert back.queued_at == at and back.queued_at.astimezone(UTC) == at.astimezone(UTC)
+        assert back.next_attempt_at == row["next_attempt_at"]
+    assert (n.data, n.channels, n.due_at) == (data, ["email", "sms"], at)
+    assert details == odd
+    again = [dict(deliveries[0], id="d_new"), deliveries[1]]  # the second one exists
+    with pytest.raises(IntegrityError), ctx.engine.begin() as conn:
+        prepare_insert(ctx.engine, Delivery.__table__, again)(conn)
+    with ctx.engine.connect() as conn:
+        assert conn.execute(select(Delivery.id).where(Delivery.id == "d_new")).first() is None
+    # a relaunched campaign's rows: those it already has are skipped (PostgreSQL: COPY to a staging
+    # table, then INSERT ... ON CONFLICT DO NOTHING), twice in one transaction
+    camp = [dict(note, id=f"c{i}", recipient_id=f"r{i}", campaign_id="camp") for i in range(3)]
+    for rows in (camp[:2], camp[1:]):
+        with ctx.engine.begin() as conn:
+            prepare_insert(ctx.engine, Notification.__table__, rows, skip_conflicts_on=["campaign_id", "recipient_id"])(
+                conn
+            )
+            prepare_insert(ctx.engine, Notification.__table__, rows, skip_conflicts_on=["campaign_id", "recipient_id"])(
+                conn
+            )
+    with ctx.engine.connect() as conn:
+        ids = conn.execute(select(Notification.id).where(Notification.campaign_id == "camp")).scalars().all()
+    assert sorted(ids) == ["c0", "c1", "c2"]
