@@ -129,14 +129,27 @@ class CpuMeter:
     ``stop()``: the pool's supervisor and workers, redis-server, each sandbox, the bench itself.
     Shows where a 2-core machine's CPU goes during a run."""
 
-    def __init__(self, parts: dict[str, int], pool_pid: int | None = None) -> None:
+    def __init__(
+        self, parts: dict[str, int], pool_pid: int | None = None, groups: dict[str, str] | None = None
+    ) -> None:
+        """``groups``: label → process name, for a server of many processes (PostgreSQL's backends):
+        every process of that name counts, those started during the run from zero."""
         import psutil
 
         self._psutil = psutil
         self.parts = dict(parts)
         self.pool_pid = pool_pid
+        self.groups = dict(groups or {})
         self._t0: dict[int, float] = {}
+        self._g0: dict[str, dict[int, float]] = {}
         self._wall0 = 0.0
+
+    def _group(self, name: str) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for p in self._psutil.process_iter(["name"]):
+            if p.info["name"] == name:
+                out[p.pid] = self._cpu(p.pid)
+        return out
 
     def _pids(self) -> dict[str, int]:
         pids = dict(self.parts)
@@ -160,11 +173,15 @@ class CpuMeter:
     def start(self) -> None:
         self._labels = self._pids()
         self._t0 = {pid: self._cpu(pid) for pid in self._labels.values()}
+        self._g0 = {label: self._group(name) for label, name in self.groups.items()}
         self._wall0 = time.perf_counter()
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._wall0
         used = {label: round(self._cpu(pid) - self._t0.get(pid, 0.0), 2) for label, pid in self._labels.items()}
+        for label, name in self.groups.items():
+            before = self._g0.get(label, {})
+            used[label] = round(sum(cpu - before.get(pid, 0.0) for pid, cpu in self._group(name).items()), 2)
         total = sum(used.values())
         return {"wall_s": round(wall, 2), "cpu_s": used, "cpu_total_s": round(total, 2),
                 "cores_busy": round(total / wall, 2) if wall else None}  # fmt: skip
