@@ -152,30 +152,7 @@ def prepare_insert(
             stmt = ins.on_conflict_do_nothing(index_elements=skip_conflicts_on)
         return lambda conn: conn.execute(stmt, rows) and None
     dialect = engine.dialect
-    get = itemgetter(*cols) if len(cols) > 1 else (lambda r: (r[cols[0]],))
-    # only the columns whose type converts values (datetimes, JSON...) are looked at one by one
-    procs = [(i, p) for i, c in enumerate(cols) if (p := table.c[c].type._cached_bind_processor(dialect)) is not None]
-    memo: dict[tuple[int, Any], Any] = {}
-    params: list[Any] = []
-    for r in rows:
-        vals = get(r)
-        if procs:
-            vals = list(vals)
-            for i, p in procs:
-                v = vals[i]
-                if v is None:
-                    continue
-                # memoised: datetimes and booleans by value, JSON by object (a campaign's rows share one)
-                key = (i, v) if isinstance(v, datetime | bool) else (i, id(v)) if isinstance(v, dict | list) else None
-                if key is None:
-                    vals[i] = p(v)
-                else:
-                    out = memo.get(key, memo)
-                    if out is memo:
-                        out = memo[key] = p(v)
-                    vals[i] = out
-            vals = tuple(vals)
-        params.append(vals)
+    params = _driver_rows(dialect, table, cols, rows)
     q = dialect.identifier_preparer
     sql = (
         f"INSERT INTO {q.format_table(table)} ({', '.join(q.quote(c) for c in cols)}) "
@@ -184,6 +161,35 @@ def prepare_insert(
     if skip_conflicts_on:
         sql += f" ON CONFLICT ({', '.join(q.quote(c) for c in skip_conflicts_on)}) DO NOTHING"
     return lambda conn: conn.exec_driver_sql(sql, params) and None
+
+
+def _driver_rows(dialect: Any, table: Table, cols: list[str], rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """``rows`` as the driver takes them: a tuple of ``cols`` each, through each column's own bind
+    processor, memoised for the values that repeat across a batch (datetimes and booleans by
+    value, JSON by object: a campaign's rows share one). Only the columns whose type converts
+    values are looked at one by one."""
+    get = itemgetter(*cols) if len(cols) > 1 else (lambda r: (r[cols[0]],))
+    procs = [(i, p) for i, c in enumerate(cols) if (p := table.c[c].type._cached_bind_processor(dialect)) is not None]
+    if not procs:
+        return [get(r) for r in rows]
+    memo: dict[tuple[int, Any], Any] = {}
+    out: list[tuple[Any, ...]] = []
+    for r in rows:
+        vals = list(get(r))
+        for i, p in procs:
+            v = vals[i]
+            if v is None:
+                continue
+            key = (i, v) if isinstance(v, datetime | bool) else (i, id(v)) if isinstance(v, dict | list) else None
+            if key is None:
+                vals[i] = p(v)
+            else:
+                done = memo.get(key, memo)
+                if done is memo:
+                    done = memo[key] = p(v)
+                vals[i] = done
+        out.append(tuple(vals))
+    return out
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -201,34 +207,26 @@ def _copy_in(
     import io
     import uuid
 
-    dialect = engine.dialect
-    procs = [table.c[c].type._cached_bind_processor(dialect) for c in cols]
-    memo: dict[tuple[int, Any], str] = {}
+    memo: dict[int, str] = {}  # a memoised driver value is one object: its text is made once
 
-    def literal(v: Any) -> str:  # a driver value as COPY's text format writes it
+    def text(v: Any) -> str:  # a driver value as COPY's text format writes it
+        if type(v) is str:
+            return v.translate(_COPY_ESCAPES)
         if v is None:
             return "\\N"
-        if isinstance(v, bool):
-            return "t" if v else "f"
-        if isinstance(v, datetime):
-            return v.isoformat()
-        return str(v).translate(_COPY_ESCAPES)
-
-    def text(i: int, v: Any) -> str:
-        if type(v) is str and procs[i] is None:  # the usual case: plain text
-            return v.translate(_COPY_ESCAPES)
-        # memoised: datetimes, booleans and numbers by value, JSON by object (a batch's rows share them)
-        key = (i, v) if isinstance(v, datetime | int) else (i, id(v)) if isinstance(v, dict | list) else None
-        out = memo.get(key) if key is not None else None
+        out = memo.get(id(v))
         if out is None:
-            out = literal(procs[i](v) if procs[i] is not None and v is not None else v)
-            if key is not None:
-                memo[key] = out
+            if isinstance(v, bool):
+                out = "t" if v else "f"
+            elif isinstance(v, datetime):
+                out = v.isoformat()
+            else:
+                out = str(v).translate(_COPY_ESCAPES)
+            memo[id(v)] = out
         return out
 
-    get = itemgetter(*cols) if len(cols) > 1 else (lambda r: (r[cols[0]],))
-    idx = range(len(cols))
-    data = "".join("\t".join([text(i, v) for i, v in zip(idx, get(r), strict=True)]) + "\n" for r in rows)
+    dialect = engine.dialect
+    data = "".join("\t".join([text(v) for v in vals]) + "\n" for vals in _driver_rows(dialect, table, cols, rows))
     q = dialect.identifier_preparer
     names = ", ".join(q.quote(c) for c in cols)
     target = q.format_table(table)
