@@ -1,16 +1,23 @@
 # notifyctl — `make demo` and `make test` work on a fresh clone with Python >= 3.11.
+#
+# Installs come from requirements.lock (exact versions with hashes, made by `make lock` with uv),
+# so `make demo`, `make test` and CI run the tested set whatever PyPI holds today. pyproject.toml
+# keeps compatible ranges for those who install notifyctl as a library; `make test-latest` runs
+# the suite against the newest releases within those ranges (not in CI: it tells us what breaks next).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
 DEMO_HOME ?= $(CURDIR)/.demo-home
+LATEST := .venv-latest
 
-.PHONY: install demo test lint chaos bench clean
+.PHONY: install demo test test-latest lock lint chaos bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,9 +34,25 @@ bench: $(STAMP)
 chaos: $(STAMP)
 	$(PY) -m chaos.run
 
+# The suite against the newest releases pyproject.toml allows, in a venv of its own.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet --upgrade -e '.[test,bench]'
+	$(LATEST)/bin/python -m pip list --format=freeze
+	$(LATEST)/bin/python -m pytest
+
+# Refresh the lock from pyproject.toml: the newest releases within its ranges, with hashes.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check 'uv>=0.9,<1'
+	.venv-lock/bin/uv pip compile pyproject.toml --extra test --extra bench --generate-hashes \
+	    --python-version 3.11 --universal --custom-compile-command "make lock" --upgrade -o $(LOCK)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifyctl worker campaigns tests
 
 clean:
 	-NOTIFY_HOME=$(DEMO_HOME) $(VENV)/bin/notifyctl redis stop 2>/dev/null
-	rm -rf $(VENV) $(DEMO_HOME) .pytest_cache
+	rm -rf $(VENV) $(LATEST) .venv-lock $(DEMO_HOME) .pytest_cache
