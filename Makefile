@@ -41,7 +41,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet --upgrade -e '.[test,bench]'
 	$(LATEST)/bin/python -m pip list --format=freeze
-	$(LATEST)/bin/python -m pytest
+	NOTIFY_TEST_UNLOCKED=1 $(LATEST)/bin/python -m pytest
 
 # Refresh the lock from pyproject.toml: the newest releases within its ranges, with hashes.
 lock:
