@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from notifyctl.home import ensure_home
+
 CHANNELS = ("push", "email", "sms")
 CATEGORIES = ("transactional", "marketing", "alerts")
 PRIORITIES = ("high", "normal", "low")
@@ -190,6 +192,8 @@ def provider_config(config_cls: type[BaseSettings], name: str, settings: Setting
 
 
 def load_settings(**overrides: Any) -> Settings:
+    """The settings, with the home created private (0700), or an existing one tightened
+    (``notifyctl.home.ensure_home``)."""
     s = Settings(**overrides)
-    s.home.mkdir(parents=True, exist_ok=True)
+    ensure_home(s.home)
     return s

@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import shlex
-import shutil
 import signal
 import string
 import sys
@@ -31,6 +30,7 @@ import typer
 
 from notifyctl.cli.common import console, get_ctx
 from notifyctl.errors import ConfigError, InputError
+from notifyctl.home import PRIVATE_DIR, private_dir, write_private
 
 #: provider name -> the sandbox that serves it
 PROVIDER_SANDBOX = {
@@ -103,14 +103,6 @@ def parse_fault(text: str) -> tuple[str, list[dict[str, Any]]]:
     return name, faults
 
 
-def _write_private(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
-    return path
-
-
 def _random_id(n: int) -> str:
     alphabet = string.ascii_uppercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(n))
@@ -149,8 +141,8 @@ class SandboxSet:
         return [s for s in SANDBOXES if any(PROVIDER_SANDBOX[p] == s for p in self.providers)]
 
     def start(self) -> SandboxSet:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.directory, 0o700)
+        private_dir(self.directory)
+        os.chmod(self.directory, PRIVATE_DIR)  # an existing one too: it holds keys
         try:
             for name in self.needed:
                 getattr(self, "_start_" + name)()
@@ -190,7 +182,7 @@ class SandboxSet:
             .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
             .decode()
         )
-        key_file = _write_private(self.directory / f"AuthKey_{key_id}.p8", pem.encode())
+        key_file = write_private(self.directory / f"AuthKey_{key_id}.p8", pem.encode())
         sb = ApnsSandbox(
             {key_id: pem},
             topic=APNS_TOPIC,
@@ -201,7 +193,7 @@ class SandboxSet:
         sb.start()
         self.sandboxes["apns"] = sb
         ca_file = self.directory / "apns-ca.pem"
-        shutil.copyfile(sb.ca_file, ca_file)
+        write_private(ca_file, Path(sb.ca_file).read_bytes())
         self.provider_options["apns"] = {
             "base_url": sb.url,
             "key_file": str(key_file),
@@ -383,7 +375,7 @@ def sandbox(
         lines = sbs.env_lines()
         if env_file is not None:
             try:
-                _write_private(env_file, ("\n".join(lines) + "\n").encode())
+                write_private(env_file, ("\n".join(lines) + "\n").encode())
             except OSError as exc:
                 raise InputError(f"--env-file {env_file}: {exc.strerror}") from None
         sys.stdout.write("# point notifyctl at the sandboxes (keys in " + str(sbs.directory) + "):\n")
