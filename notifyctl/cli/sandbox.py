@@ -8,7 +8,9 @@ and shows how many messages each one accepted until Ctrl-C.
 Ports: free ones by default; with ``--base-port N`` fixed ones, in this order: apns N, apns control
 N+1, fcm N+2, sendgrid N+3, twilio N+4, smtp N+5, smtp control N+6, aws (ses/sns) N+7. Every HTTP
 sandbox serves the control API (``/_sandbox/messages``, ``/_sandbox/faults``) on its own port; APNs
-and SMTP on their control port.
+and SMTP on their control port. The control API reads what was sent (staged OTPs) and injects
+faults: it needs ``Authorization: Bearer $NOTIFY_SANDBOX_TOKEN``, a token made at start, shared by
+every sandbox of the set and written with the other settings (env file 0600).
 
 :class:`SandboxSet` is the same thing as a library (the end-to-end tests use it).
 """
@@ -31,6 +33,7 @@ import typer
 from notifyctl.cli.common import console, get_ctx
 from notifyctl.errors import ConfigError, InputError
 from notifyctl.home import PRIVATE_DIR, private_dir, write_private
+from worker.sandbox.base import control_headers, new_control_token
 
 #: provider name -> the sandbox that serves it
 PROVIDER_SANDBOX = {
@@ -57,6 +60,7 @@ PORT_OFFSETS = {
 APNS_TOPIC = "com.example.app"
 TWILIO_FROM = "+15005550006"  # Twilio's "valid sender" test number
 AWS_REGION = "us-east-1"
+TOKEN_ENV = "NOTIFY_SANDBOX_TOKEN"  # the control API's token (Authorization: Bearer ...)
 
 
 def parse_only(text: str | None) -> list[str]:
@@ -113,7 +117,8 @@ class SandboxSet:
 
     After :meth:`start`: ``sandboxes`` (sandbox name -> server), ``provider_options`` (provider ->
     options for ``Settings.provider_options``), ``routes`` (route -> ordered provider list) and
-    :meth:`env` (the same as ``NOTIFY_*`` variables).
+    :meth:`env` (the same as ``NOTIFY_*`` variables). ``control_token`` / ``control_headers``:
+    what every sandbox's control API wants.
     """
 
     def __init__(
@@ -132,6 +137,11 @@ class SandboxSet:
         self.sandboxes: dict[str, Any] = {}
         self.provider_options: dict[str, dict[str, Any]] = {}
         self.routes: dict[str, list[str]] = {}
+        self.control_token = new_control_token()
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        return control_headers(self.control_token)
 
     def _port(self, what: str) -> int:
         return self.base_port + PORT_OFFSETS[what] if self.base_port else 0
@@ -146,6 +156,7 @@ class SandboxSet:
         try:
             for name in self.needed:
                 getattr(self, "_start_" + name)()
+                self.sandboxes[name].control_token = self.control_token
         except BaseException as exc:
             self.stop()
             if isinstance(exc, OSError):
@@ -284,6 +295,7 @@ class SandboxSet:
         for name in PROVIDERS:
             for key, value in self.provider_options.get(name, {}).items():
                 out[f"NOTIFY_{name.upper()}_{key.upper()}"] = str(value)
+        out[TOKEN_ENV] = self.control_token
         return out
 
     def env_lines(self) -> list[str]:

@@ -480,6 +480,7 @@ def main(port: int = 8792, service_account_file: str | None = None, project_id: 
     print(f"FCM sandbox on {sandbox.url} (project {project_id})")
     print(f"  NOTIFY_FCM_SERVICE_ACCOUNT_FILE={path.resolve()}")
     print(f"  NOTIFY_FCM_BASE_URL={sandbox.url}")
+    print(f"  control API token (Authorization: Bearer ...): {sandbox.control_token}")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
