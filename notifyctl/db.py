@@ -70,8 +70,14 @@ def _json_dumps(value: Any) -> str:
 
 def make_engine(url: str) -> Engine:
     # JSON columns (notification data, user attributes) are read for every notification: orjson
-    # parses them several times faster than the standard library.
-    json_opts: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
+    # parses them several times faster than the standard library. A statement's parameters
+    # (template data with its OTP codes, addresses) never go into an exception's text, hence never
+    # into a log line, a traceback or RQ's failed-job record.
+    json_opts: dict[str, Any] = {
+        "json_serializer": _json_dumps,
+        "json_deserializer": orjson.loads,
+        "hide_parameters": True,
+    }
     try:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **json_opts)
