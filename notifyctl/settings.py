@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     templates_dir: Path | None = Field(None, description="extra template directory (overrides shipped ones)")
 
     dedup_ttl: int = Field(86400, description="dedup window for dedup_key, seconds")
+    retention_days: int | None = Field(
+        None, ge=1, description="`notifyctl purge` deletes notifications older than this (days) when not told"
+    )
     rate_limits: list[str] = Field(
         default_factory=lambda: ["push:*:3/1h", "email:marketing:1/1d", "sms:*:5/1d"],
         description="per-user limits CHANNEL:CATEGORY:N/WINDOW",
