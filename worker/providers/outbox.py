@@ -4,6 +4,11 @@ and a way to see exactly what would have been sent.
 
 A batch is written with one ``write()`` on a file opened with ``O_APPEND``, so lines from
 concurrent worker processes never interleave.
+
+The outbox stands for the recipients' devices: it keeps what it delivered, secret template data
+(OTP codes) included, and nothing erases it — the erasure of ``notifyctl.secretdata`` is about
+notifyctl's own record. Its directory is 0700 and its files 0600 (``notifyctl.home``); it is a
+development and test provider, not one for production traffic.
 """
 
 from __future__ import annotations
