@@ -197,7 +197,7 @@ def parse_template(path: Path) -> Template:
         raise TemplateError(f"{path}: no channel part ([push], [email] or [sms])")
     secret = raw.get("secret", [])
     if not isinstance(secret, list) or not all(isinstance(s, str) and s.isidentifier() for s in secret):
-        raise TemplateError(f"{path}: secret must be a list of data field names, such as secret = [\"code\"]")
+        raise TemplateError(f'{path}: secret must be a list of data field names, such as secret = ["code"]')
     if "user" in secret:
         raise TemplateError(f"{path}: secret: 'user' is the recipient, not template data")
     return Template(
