@@ -29,6 +29,7 @@ try:
 except ImportError:
     pass
 from notifyctl.errors import ConfigError
+from notifyctl.home import create_private, open_private
 
 _engines: dict[str, Engine] = {}
 WAL_AUTOCHECKPOINT_PAGES = 16384
@@ -52,17 +53,35 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _create_private_sqlite(engine: Engine) -> None:
+    """Create the database file 0600 before SQLite does (it would make it 0644 under umask 022):
+    SQLite gives its ``-wal``, ``-shm`` and journal files the database file's own mode."""
+    database = engine.url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        try:
+            create_private(database)
+        except OSError:
+            pass  # SQLite reports it when it opens the file, in its own words
+
+
 def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
 def make_engine(url: str) -> Engine:
     # JSON columns (notification data, user attributes) are read for every notification: orjson
-    # parses them several times faster than the standard library.
-    json_opts: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
+    # parses them several times faster than the standard library. A statement's parameters
+    # (template data with its OTP codes, addresses) never go into an exception's text, hence never
+    # into a log line, a traceback or RQ's failed-job record.
+    json_opts: dict[str, Any] = {
+        "json_serializer": _json_dumps,
+        "json_deserializer": orjson.loads,
+        "hide_parameters": True,
+    }
     try:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **json_opts)
+            _create_private_sqlite(engine)
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, **json_opts)
@@ -83,7 +102,10 @@ def _lock_pair(database: str) -> tuple[Any, Any]:
     key = (os.getpid(), database)  # after fork, a child needs its own open files
     pair = files.get(key)
     if pair is None:
-        pair = files[key] = (open(database + ".writelock", "a"), open(database + ".writegate", "a"))  # noqa: SIM115
+        pair = files[key] = (
+            os.fdopen(open_private(database + ".writelock", os.O_WRONLY | os.O_APPEND), "a"),
+            os.fdopen(open_private(database + ".writegate", os.O_WRONLY | os.O_APPEND), "a"),
+        )
     return pair
 
 

@@ -13,6 +13,7 @@ from notifyctl.cli.common import console, short
 from notifyctl.context import Context
 from notifyctl.directory import import_users, register_token, set_prefs
 from notifyctl.errors import InputError
+from notifyctl.home import private_dir, write_private
 from notifyctl.intake import parse_request, submit
 from notifyctl.tracking import recent_deliveries
 
@@ -38,8 +39,8 @@ def _reset_home(ctx: Context) -> None:
     dispose_all()
     if (home / MARKER).exists():
         shutil.rmtree(home)
-    home.mkdir(parents=True, exist_ok=True)
-    (home / MARKER).write_text("this directory belongs to `notifyctl demo` and is reset by it\n")
+    private_dir(home)
+    write_private(home / MARKER, b"this directory belongs to `notifyctl demo` and is reset by it\n")
 
 
 def run_demo(ctx: Context, keep: bool = False) -> None:

@@ -27,6 +27,7 @@ from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.errors import InputError
 from notifyctl.models import Notification, NotificationStatus, User, new_id, utcnow
+from notifyctl.secretdata import erase
 from notifyctl.settings import CHANNELS
 
 JOB_FUNC = "worker.jobs.process"
@@ -187,6 +188,7 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
     reason: str | None = None
     if all(blocked_by(opt_outs, c, category) for c in channels):
         status, reason = NotificationStatus.suppressed, "opted_out"
+        data = erase(data, template.secret) or data  # never sent: its secret data is never kept
 
     r = ctx.redis
     dkey = keys.dedup(req.dedup_key) if req.dedup_key else None

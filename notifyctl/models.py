@@ -43,6 +43,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{t}{rnd}"
 
 
+def id_floor(prefix: str, at: datetime) -> str:
+    """The time part of every ``new_id(prefix)`` made at ``at``: ids made before it sort below it
+    (string order), ids made at or after it above. Lets a range of time be read by primary key."""
+    ms = int(at.timestamp() * 1000)
+    return f"{prefix}_" + "".join(_PAIRS[(ms >> shift) & 1023] for shift in (40, 30, 20, 10, 0))
+
+
 def derived_id(prefix: str, parent: str, *parts: str) -> str:
     """Deterministic id of what ``parent`` (a ``new_id``) fans out to, named by ``parts``: the
     parent's 20 time-ordered characters, then 40 bits of a hash of ``parts`` (8 base32 characters).

@@ -18,6 +18,7 @@ from pathlib import Path
 import redis
 
 from notifyctl.errors import ConfigError
+from notifyctl.home import PRIVATE_UMASK, open_private, private_dir
 
 MIN_VERSION = (6, 2, 0)
 
@@ -55,13 +56,16 @@ def _ping(sock: Path) -> bool:
 
 
 def ensure_server(data_dir: Path, binary: str | None = None, wait: float = 10.0) -> str:
-    """Start (or reuse) a persistent redis-server with its socket in ``data_dir``; return its URL."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """Start (or reuse) a persistent redis-server with its socket in ``data_dir``; return its URL.
+
+    ``data_dir`` is created 0700, and the server runs with a umask of 077: its append-only file,
+    snapshots, pid file and log are 0600 (they hold every queued job and cached key)."""
+    private_dir(data_dir)
     sock = data_dir / "redis.sock"
     url = f"unix://{sock}"
     if _ping(sock):
         return url
-    with open(data_dir / "start.lock", "w") as lock:
+    with os.fdopen(open_private(data_dir / "start.lock", os.O_WRONLY), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _ping(sock):
             return url
@@ -74,7 +78,7 @@ def ensure_server(data_dir: Path, binary: str | None = None, wait: float = 10.0)
             "--unixsocket",
             str(sock),
             "--unixsocketperm",
-            "700",
+            "600",
             "--dir",
             str(data_dir),
             "--daemonize",
@@ -92,7 +96,7 @@ def ensure_server(data_dir: Path, binary: str | None = None, wait: float = 10.0)
             "--maxmemory-policy",
             "noeviction",
         ]
-        proc = subprocess.run(args, capture_output=True, text=True)
+        proc = subprocess.run(args, capture_output=True, text=True, umask=PRIVATE_UMASK)
         if proc.returncode != 0:
             raise ConfigError(f"embedded redis-server failed to start: {proc.stderr.strip() or proc.stdout.strip()}")
         deadline = time.monotonic() + wait

@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from notifyctl.home import ensure_home
+
 CHANNELS = ("push", "email", "sms")
 CATEGORIES = ("transactional", "marketing", "alerts")
 PRIORITIES = ("high", "normal", "low")
@@ -76,6 +78,9 @@ class Settings(BaseSettings):
     templates_dir: Path | None = Field(None, description="extra template directory (overrides shipped ones)")
 
     dedup_ttl: int = Field(86400, description="dedup window for dedup_key, seconds")
+    retention_days: int | None = Field(
+        None, ge=1, description="`notifyctl purge` deletes notifications older than this (days) when not told"
+    )
     rate_limits: list[str] = Field(
         default_factory=lambda: ["push:*:3/1h", "email:marketing:1/1d", "sms:*:5/1d"],
         description="per-user limits CHANNEL:CATEGORY:N/WINDOW",
@@ -190,6 +195,8 @@ def provider_config(config_cls: type[BaseSettings], name: str, settings: Setting
 
 
 def load_settings(**overrides: Any) -> Settings:
+    """The settings, with the home created private (0700), or an existing one tightened
+    (``notifyctl.home.ensure_home``)."""
     s = Settings(**overrides)
-    s.home.mkdir(parents=True, exist_ok=True)
+    ensure_home(s.home)
     return s

@@ -4,6 +4,7 @@ and one table per channel::
     id = "order_shipped_v2"
     category = "transactional"          # transactional | marketing | alerts
     priority = "normal"                 # high | normal | low
+    secret = []                         # data fields never shown, erased once sent: ["code"] for an OTP
     [sample]                            # data used by `templates validate` and previews
     order_id = "ORD-456"
     [push]                              # title, body
@@ -45,6 +46,7 @@ class Template:
     sample: dict[str, Any] = field(default_factory=dict)
     parts: dict[str, dict[str, str]] = field(default_factory=dict)
     source: Path | None = None
+    secret: frozenset[str] = frozenset()  # data fields never shown, erased once sent (notifyctl.secretdata)
     _compiled: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
     _combined: dict[str, Any] = field(default_factory=dict, repr=False)
     _names: dict[str, frozenset[str] | None] = field(default_factory=dict, repr=False)
@@ -193,6 +195,11 @@ def parse_template(path: Path) -> Template:
         parts[channel] = {n: table[n] for n in names}
     if not parts:
         raise TemplateError(f"{path}: no channel part ([push], [email] or [sms])")
+    secret = raw.get("secret", [])
+    if not isinstance(secret, list) or not all(isinstance(s, str) and s.isidentifier() for s in secret):
+        raise TemplateError(f'{path}: secret must be a list of data field names, such as secret = ["code"]')
+    if "user" in secret:
+        raise TemplateError(f"{path}: secret: 'user' is the recipient, not template data")
     return Template(
         id=tid,
         category=category,
@@ -201,6 +208,7 @@ def parse_template(path: Path) -> Template:
         sample=raw.get("sample", {}),
         parts=parts,
         source=path,
+        secret=frozenset(secret),
     )
 
 

@@ -9,8 +9,9 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from notifyctl.context import Context
-from notifyctl.errors import NotFound
+from notifyctl.errors import NotFound, TemplateError
 from notifyctl.models import Delivery, DeliveryEvent, Notification
+from notifyctl.secretdata import redact
 from notifyctl.settings import PRIORITIES
 
 
@@ -29,7 +30,15 @@ def find_notification(session: Session, ref: str) -> Notification:
     return n
 
 
+def _secret_fields(ctx: Context, template_id: str) -> frozenset[str]:
+    try:
+        return ctx.templates.get(template_id).secret
+    except TemplateError:  # a template removed since: what was erased still reads "***"
+        return frozenset()
+
+
 def timeline(ctx: Context, ref: str) -> dict[str, Any]:
+    """A notification (its template's secret data shown as ``"***"``), its deliveries and events."""
     with Session(ctx.engine) as session:
         n = find_notification(session, ref)
         deliveries = (
@@ -46,8 +55,10 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
             .scalars()
             .all()
         )
+        notification = n.model_dump()
+        notification["data"] = redact(n.data, _secret_fields(ctx, n.template_id))
         return {
-            "notification": n.model_dump(),
+            "notification": notification,
             "deliveries": [d.model_dump() for d in deliveries],
             "events": [e.model_dump() for e in events],
         }

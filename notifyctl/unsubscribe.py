@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from notifyctl.errors import InputError
+from notifyctl.home import private_dir, write_private
 
 _SCOPES = ("marketing", "alerts", "transactional", "all")
 
@@ -41,13 +42,18 @@ def secret_key(settings: Any) -> bytes:
         return path.read_bytes().strip()
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     key = secrets.token_urlsafe(32).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # written whole under a name of its own, then linked into place: a process that starts at the
+    # same moment either links first (and this one reads its key) or finds the file complete
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    write_private(tmp, key)
     try:
-        os.write(fd, key)
+        os.link(tmp, path)
+    except FileExistsError:
+        key = path.read_bytes().strip()
     finally:
-        os.close(fd)
+        tmp.unlink()
     return key
 
 

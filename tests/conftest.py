@@ -58,7 +58,7 @@ def rclient(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     h = tmp_path / "home"
-    h.mkdir()
+    h.mkdir(mode=0o700)  # as notifyctl makes it (notifyctl.home)
     return h
 
 

@@ -296,7 +296,8 @@ def test_stream_limit_and_flow_control_are_respected(p8: str, make: Any, tmp_pat
 
 
 def test_control_api_on_the_side_port(make: Any, sandbox: ApnsSandbox) -> None:
-    with httpx.Client(base_url=sandbox.control_url) as c:
+    assert httpx.get(sandbox.control_url + "/_sandbox/messages").status_code == 401  # the token is needed
+    with httpx.Client(base_url=sandbox.control_url, headers=sandbox.control_headers) as c:
         assert c.post("/_sandbox/unregistered", content=json.dumps([token(1)])).status_code == 204
         fault = {"status": 429, "reason": "TooManyRequests", "headers": {"Retry-After": "5"}, "match": token(2)}
         assert c.post("/_sandbox/faults", json=fault).status_code == 204

@@ -539,8 +539,10 @@ def test_check_reports_bad_key_and_wrong_project(
 def test_control_api_unregistered_and_revoke(sandbox: FcmSandbox, make_provider: Any) -> None:
     p = make_provider()
     assert isinstance(p.send([msg(1)])[0], Sent)
-    assert httpx.post(f"{sandbox.url}/_sandbox/unregistered", json=["token-5"]).status_code == 204
-    assert httpx.post(f"{sandbox.url}/_sandbox/revoke-tokens").status_code == 204
+    auth = sandbox.control_headers
+    assert httpx.post(f"{sandbox.url}/_sandbox/unregistered", json=["token-5"]).status_code == 401
+    assert httpx.post(f"{sandbox.url}/_sandbox/unregistered", json=["token-5"], headers=auth).status_code == 204
+    assert httpx.post(f"{sandbox.url}/_sandbox/revoke-tokens", headers=auth).status_code == 204
     out = p.send([msg(5)])
     assert isinstance(out[0], InvalidAddress)
     assert sandbox.token_requests == 2

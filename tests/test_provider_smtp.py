@@ -466,17 +466,24 @@ def test_misconfigured(make_provider, options):
 def test_control_api_over_http(sandbox, make_provider):
     p = make_provider(sandbox, connections=1)
     fault = json.dumps({"smtp_code": 550, "smtp_message": "5.1.1 user unknown", "match": "user1@"}).encode()
-    req = urllib.request.Request(sandbox.control_url + "/_sandbox/faults", data=fault, method="POST")
+    auth = sandbox.control_headers
+
+    def get(path: str) -> urllib.request.Request:
+        return urllib.request.Request(sandbox.control_url + path, headers=auth)
+
+    req = urllib.request.Request(sandbox.control_url + "/_sandbox/faults", data=fault, method="POST", headers=auth)
     with urllib.request.urlopen(req) as r:
         assert r.status == 204
     out = p.send([msg(1), msg(2)])
     assert isinstance(out[0], InvalidAddress) and isinstance(out[1], Sent)
-    with urllib.request.urlopen(sandbox.control_url + "/_sandbox/messages") as r:
+    with urllib.request.urlopen(get("/_sandbox/messages")) as r:
         messages = json.loads(r.read())
     assert [m["delivery_id"] for m in messages] == ["dlv-2"]
-    with urllib.request.urlopen(sandbox.control_url + "/_sandbox/stats") as r:
+    with urllib.request.urlopen(get("/_sandbox/stats")) as r:
         assert json.loads(r.read())["connections"] == 1
-    bad = urllib.request.Request(sandbox.control_url + "/_sandbox/faults", data=b'{"stage": "nope"}', method="POST")
+    bad = urllib.request.Request(
+        sandbox.control_url + "/_sandbox/faults", data=b'{"stage": "nope"}', method="POST", headers=auth
+    )
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(bad)
     assert exc.value.code == 400

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -362,6 +363,11 @@ def test_sandbox_command_runs_until_interrupted(settings: Settings, tmp_path: Pa
         assert env["NOTIFY_PROVIDERS_SMS"] == '["twilio"]'
         assert env["NOTIFY_PROVIDERS_VOICE"] == '["twilio"]'
         assert "NOTIFY_PROVIDERS_PUSH_IOS" not in env and "NOTIFY_SES_ENDPOINT_URL" not in env
+        # the control API wants the token the env file carries (issue 14, E)
+        control = env["NOTIFY_SENDGRID_BASE_URL"] + "/_sandbox/messages"
+        assert httpx.get(control).status_code == 401
+        token = env["NOTIFY_SANDBOX_TOKEN"]
+        assert httpx.get(control, headers={"Authorization": f"Bearer {token}"}).status_code == 200
         # the preloaded fault answers the first request (a check), then the sandbox is healthy
         first = invoke(settings, "providers", "check", "--json", **env)
         assert first.exit_code == 1, first.output

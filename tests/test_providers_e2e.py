@@ -167,7 +167,9 @@ def test_apns_410_removes_the_token(sandboxes: SandboxSet, contexts: Any) -> Non
     seed(ctx)
     assert [t["token"] for t in tokens_json(ctx.settings, "--user", "alice")] == [IOS_TOKEN]
     # the device was uninstalled: APNs answers 410 Unregistered for this token (set over the control API)
-    r = httpx.post(sandboxes.control_url("apns") + "/_sandbox/unregistered", json=[IOS_TOKEN])
+    r = httpx.post(
+        sandboxes.control_url("apns") + "/_sandbox/unregistered", json=[IOS_TOKEN], headers=sandboxes.control_headers
+    )
     assert r.status_code < 300
     res = send(ctx, channels=["push"])
     drain(ctx)

@@ -16,7 +16,7 @@ import random
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
@@ -47,6 +47,7 @@ from notifyctl.models import (
     derived_id,
     utcnow,
 )
+from notifyctl.secretdata import ERASED_KEY, SECRET_ERASED, erase, erased_fields, erased_reason
 from notifyctl.templates import Template
 from notifyctl.unsubscribe import secret_key, unsubscribe_url
 from worker.circuit import OPEN, THROTTLED, Circuits
@@ -291,6 +292,10 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             templates[tid] = t
         return t
 
+    def secret_of(tid: str) -> frozenset[str]:
+        t = template_for(tid)
+        return frozenset() if isinstance(t, TemplateError) else t.secret
+
     by_data: dict[tuple[str, str, str], dict[str, str] | str] = {}  # renders that do not read `user`
     # (notification id, channel) → (the batch's rendering with tokens, this recipient's token values)
     probed: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}
@@ -302,6 +307,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             t = template_for(n.template_id)
             if isinstance(t, TemplateError):
                 out = f"template_error: {t}"
+            elif t.secret and ERASED_KEY in n.data:  # a DLQ replay after the code was erased
+                out = erased_reason(t.id, erased_fields(n.data))
             else:
                 # A channel that never reads `user` gives the same result for the same data: a
                 # campaign batch (one data for all) renders it once.
@@ -486,7 +493,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 user = batch.users.get(d.user_id)
                 content = render(n, d.channel, user) if user else "unknown_user"
                 if isinstance(content, str):
-                    _mark(d, updates, events, DeliveryStatus.failed, now, reason=content, dead=True)
+                    # not back to the DLQ what can never be sent: its secret data is gone
+                    dead = not content.startswith(SECRET_ERASED)
+                    _mark(d, updates, events, DeliveryStatus.failed, now, reason=content, dead=dead)
                     released.append(d.id)
                     stats.failed += 1
                     continue
@@ -649,7 +658,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     )
             for user_id in sms_stops:
                 session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
-            _settle_notifications(session, batch, now)
+            _settle_notifications(session, batch, now, secret_of)
             session.commit()
         if sms_stops:
             prefs.invalidate(rt.ctx.redis, sms_stops)
@@ -948,17 +957,27 @@ def _fill(piece: str, values: dict[str, str]) -> str:
     return piece
 
 
-def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> None:
+def _settle_notifications(
+    session: Session, batch: _Batch, now: datetime, secret_of: Callable[[str], frozenset[str]]
+) -> None:
+    """Each notification's status from its deliveries; a notification whose deliveries are all
+    final has its template's secret data erased (``notifyctl.secretdata``) in the same write."""
     # Most rows of a batch get the same values (done, no reason): one UPDATE ... WHERE id IN (...)
     # per distinct set of values, instead of one parameter set per row.
     same: dict[tuple[tuple[str, Any], ...], list[str]] = defaultdict(list)
+    erased: list[dict[str, Any]] = []
     for n in batch.notifications:
         ds = batch.deliveries.get(n.id, [])
-        if not ds:
-            same[(("status", NotificationStatus.done), ("reason", "no deliveries"))].append(n.id)
-            continue
         open_ = [d for d in ds if d.status not in FINAL_STATUSES]
         if not open_:
+            secret = secret_of(n.template_id)  # (empty for most templates: nothing more to do)
+            if secret:
+                data = erase(n.data, secret)
+                if data is not None:
+                    erased.append({"_id": n.id, "data": data})
+        if not ds:
+            same[(("status", NotificationStatus.done), ("reason", "no deliveries"))].append(n.id)
+        elif not open_:
             all_suppressed = all(d.status == DeliveryStatus.suppressed for d in ds)
             status = NotificationStatus.suppressed if all_suppressed else NotificationStatus.done
             same[(("status", status), ("reason", ds[0].reason if all_suppressed else None))].append(n.id)
@@ -972,3 +991,8 @@ def _settle_notifications(session: Session, batch: _Batch, now: datetime) -> Non
     conn = session.connection()
     for values, ids in same.items():
         update_where_in(conn, _N, {**dict(values), "updated_at": now}, "id", ids)
+    if erased:
+        session.execute(_ERASE, erased)
+
+
+_ERASE = update(_N).where(_N.c.id == bindparam("_id")).values(data=bindparam("data", type_=_N.c.data.type))

@@ -18,6 +18,7 @@ from notifyctl.cli import (
     events,
     prefs,
     providers,
+    purge,
     sandbox,
     send,
     server,
@@ -125,6 +126,7 @@ app.command("status")(status.status)
 app.command("demo")(worker.demo)
 app.command("serve")(serve_cmd.serve)
 app.command("sandbox")(sandbox.sandbox)
+app.command("purge")(purge.purge)
 app.add_typer(users.app, name="users")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(dlq.app, name="dlq")

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
+from notifyctl.home import private_dir
 
 app = typer.Typer(help="Delivery providers: what is configured per route, and whether it works.", no_args_is_help=True)
 
@@ -182,7 +183,7 @@ def check_one(entry: Loaded, settings: Any) -> str | None:
     if entry.name == "outbox":
         d = settings.outbox_dir
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)
         except OSError as exc:
             return f"cannot create {d}: {exc.strerror}"
         return None if os.access(d, os.W_OK) else f"{d} is not writable"

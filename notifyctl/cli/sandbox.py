@@ -8,7 +8,9 @@ and shows how many messages each one accepted until Ctrl-C.
 Ports: free ones by default; with ``--base-port N`` fixed ones, in this order: apns N, apns control
 N+1, fcm N+2, sendgrid N+3, twilio N+4, smtp N+5, smtp control N+6, aws (ses/sns) N+7. Every HTTP
 sandbox serves the control API (``/_sandbox/messages``, ``/_sandbox/faults``) on its own port; APNs
-and SMTP on their control port.
+and SMTP on their control port. The control API reads what was sent (staged OTPs) and injects
+faults: it needs ``Authorization: Bearer $NOTIFY_SANDBOX_TOKEN``, a token made at start, shared by
+every sandbox of the set and written with the other settings (env file 0600).
 
 :class:`SandboxSet` is the same thing as a library (the end-to-end tests use it).
 """
@@ -19,7 +21,6 @@ import json
 import os
 import secrets
 import shlex
-import shutil
 import signal
 import string
 import sys
@@ -31,6 +32,8 @@ import typer
 
 from notifyctl.cli.common import console, get_ctx
 from notifyctl.errors import ConfigError, InputError
+from notifyctl.home import PRIVATE_DIR, private_dir, write_private
+from worker.sandbox.base import control_headers, new_control_token
 
 #: provider name -> the sandbox that serves it
 PROVIDER_SANDBOX = {
@@ -57,6 +60,7 @@ PORT_OFFSETS = {
 APNS_TOPIC = "com.example.app"
 TWILIO_FROM = "+15005550006"  # Twilio's "valid sender" test number
 AWS_REGION = "us-east-1"
+TOKEN_ENV = "NOTIFY_SANDBOX_TOKEN"  # the control API's token (Authorization: Bearer ...)
 
 
 def parse_only(text: str | None) -> list[str]:
@@ -103,14 +107,6 @@ def parse_fault(text: str) -> tuple[str, list[dict[str, Any]]]:
     return name, faults
 
 
-def _write_private(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
-    return path
-
-
 def _random_id(n: int) -> str:
     alphabet = string.ascii_uppercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(n))
@@ -121,7 +117,8 @@ class SandboxSet:
 
     After :meth:`start`: ``sandboxes`` (sandbox name -> server), ``provider_options`` (provider ->
     options for ``Settings.provider_options``), ``routes`` (route -> ordered provider list) and
-    :meth:`env` (the same as ``NOTIFY_*`` variables).
+    :meth:`env` (the same as ``NOTIFY_*`` variables). ``control_token`` / ``control_headers``:
+    what every sandbox's control API wants.
     """
 
     def __init__(
@@ -140,6 +137,11 @@ class SandboxSet:
         self.sandboxes: dict[str, Any] = {}
         self.provider_options: dict[str, dict[str, Any]] = {}
         self.routes: dict[str, list[str]] = {}
+        self.control_token = new_control_token()
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        return control_headers(self.control_token)
 
     def _port(self, what: str) -> int:
         return self.base_port + PORT_OFFSETS[what] if self.base_port else 0
@@ -149,11 +151,12 @@ class SandboxSet:
         return [s for s in SANDBOXES if any(PROVIDER_SANDBOX[p] == s for p in self.providers)]
 
     def start(self) -> SandboxSet:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.directory, 0o700)
+        private_dir(self.directory)
+        os.chmod(self.directory, PRIVATE_DIR)  # an existing one too: it holds keys
         try:
             for name in self.needed:
                 getattr(self, "_start_" + name)()
+                self.sandboxes[name].control_token = self.control_token
         except BaseException as exc:
             self.stop()
             if isinstance(exc, OSError):
@@ -190,7 +193,7 @@ class SandboxSet:
             .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
             .decode()
         )
-        key_file = _write_private(self.directory / f"AuthKey_{key_id}.p8", pem.encode())
+        key_file = write_private(self.directory / f"AuthKey_{key_id}.p8", pem.encode())
         sb = ApnsSandbox(
             {key_id: pem},
             topic=APNS_TOPIC,
@@ -201,7 +204,7 @@ class SandboxSet:
         sb.start()
         self.sandboxes["apns"] = sb
         ca_file = self.directory / "apns-ca.pem"
-        shutil.copyfile(sb.ca_file, ca_file)
+        write_private(ca_file, Path(sb.ca_file).read_bytes())
         self.provider_options["apns"] = {
             "base_url": sb.url,
             "key_file": str(key_file),
@@ -292,6 +295,7 @@ class SandboxSet:
         for name in PROVIDERS:
             for key, value in self.provider_options.get(name, {}).items():
                 out[f"NOTIFY_{name.upper()}_{key.upper()}"] = str(value)
+        out[TOKEN_ENV] = self.control_token
         return out
 
     def env_lines(self) -> list[str]:
@@ -383,7 +387,7 @@ def sandbox(
         lines = sbs.env_lines()
         if env_file is not None:
             try:
-                _write_private(env_file, ("\n".join(lines) + "\n").encode())
+                write_private(env_file, ("\n".join(lines) + "\n").encode())
             except OSError as exc:
                 raise InputError(f"--env-file {env_file}: {exc.strerror}") from None
         sys.stdout.write("# point notifyctl at the sandboxes (keys in " + str(sbs.directory) + "):\n")

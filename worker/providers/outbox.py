@@ -4,6 +4,11 @@ and a way to see exactly what would have been sent.
 
 A batch is written with one ``write()`` on a file opened with ``O_APPEND``, so lines from
 concurrent worker processes never interleave.
+
+The outbox stands for the recipients' devices: it keeps what it delivered, secret template data
+(OTP codes) included, and nothing erases it — the erasure of ``notifyctl.secretdata`` is about
+notifyctl's own record. Its directory is 0700 and its files 0600 (``notifyctl.home``); it is a
+development and test provider, not one for production traffic.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from notifyctl.home import open_private, private_dir, write_private
 from worker.providers.base import Message, Outcome, Sent
 
 
@@ -23,15 +29,14 @@ class Provider:
     routes: ClassVar[frozenset[str]] = frozenset({"push.ios", "push.android", "email", "sms"})
 
     def __init__(self, settings: Any) -> None:
-        self.dir = settings.outbox_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = private_dir(settings.outbox_dir)
         self._fds: dict[str, int] = {}
 
     def _fd(self, route: str) -> int:
         fd = self._fds.get(route)
         if fd is None:
             path = self.dir / f"{route}.jsonl"
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = open_private(path, os.O_WRONLY | os.O_APPEND)
             self._fds[route] = fd
         return fd
 
@@ -73,7 +78,7 @@ class Provider:
         """The directory must be writable; nothing is sent."""
         probe = self.dir / ".check"
         try:
-            probe.write_text("ok")
+            write_private(probe, b"ok")
             probe.unlink()
         except OSError as exc:
             return f"cannot write to {self.dir}: {exc.strerror}"

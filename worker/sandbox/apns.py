@@ -452,6 +452,19 @@ class ApnsSandbox:
     def control_url(self) -> str:
         return self._control.url
 
+    @property
+    def control_token(self) -> str:
+        """The control API's token (see :mod:`worker.sandbox.base`)."""
+        return self._control.control_token
+
+    @control_token.setter
+    def control_token(self, token: str) -> None:
+        self._control.control_token = token
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        return self._control.control_headers
+
     def add_key(self, key_id: str, key: Any) -> None:
         self.keys[key_id] = _public_key(key)
 
@@ -590,6 +603,7 @@ def main(port: int = 2197, control_port: int = 0, argv: list[str] | None = None)
     sb = ApnsSandbox(keys, topic=args.topic, team_id=args.team_id, port=args.port, control_port=args.control_port)
     with sb:
         print(f"APNs sandbox on {sb.url} (CA: {sb.ca_file}); control API on {sb.control_url}", flush=True)
+        print(f"  control API token (Authorization: Bearer ...): {sb.control_token}", flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:

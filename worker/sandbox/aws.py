@@ -49,6 +49,7 @@ import hmac
 import json
 import logging
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -70,6 +71,25 @@ _TEMPLATE_VAR_RE = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
 #: moto's messages for a recipient it cannot parse (SES itself: "Illegal address" and the like).
 _BAD_ADDRESS_RE = re.compile(r"illegal address|missing domain|missing final|invalid email|local address", re.I)
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "te"}
+_UPSTREAM_HEADER = "X-Notifyctl-Sandbox-Upstream"
+
+
+class _OnlyWithSecret:
+    """moto's WSGI app, answering only requests with the header the proxy adds (its secret is
+    never shown): moto itself is listening on 127.0.0.1 for any local user otherwise."""
+
+    def __init__(self, app: Any, headers: dict[str, str]) -> None:
+        self.app = app
+        self.key = "HTTP_" + _UPSTREAM_HEADER.upper().replace("-", "_")
+        self.secret = headers[_UPSTREAM_HEADER].encode()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if not hmac.compare_digest(environ.get(self.key, "").encode("utf-8", "replace"), self.secret):
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [b"moto behind the AWS sandbox: only the sandbox's proxy may call it\n"]
+        return self.app(environ, start_response)
+
+
 _AUTH_RE = re.compile(
     r"^AWS4-HMAC-SHA256\s+Credential=(?P<cred>[^,\s]+),\s*SignedHeaders=(?P<signed>[^,\s]+),"
     r"\s*Signature=(?P<sig>[0-9a-f]+)$"
@@ -230,6 +250,9 @@ class AwsProxyHandler(SandboxHandler):
 
     def handle_api(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         sb = self.sandbox
+        if path.startswith("/moto-api/") and not self.control_authorized():
+            # moto's own control API (what it keeps, reset): the sandbox's control token, as /_sandbox/
+            return 401, {"Content-Type": "text/plain"}, b"moto-api: send Authorization: Bearer <the sandbox's token>\n"
         if sb.verify_auth and not path.startswith("/moto-api/"):
             problem = sigv4_problem(method, path, self.headers, body, sb.access_key_id, sb.secret_access_key)
             if problem:
@@ -237,6 +260,7 @@ class AwsProxyHandler(SandboxHandler):
         if method == "POST" and path.split("?")[0] == SES_BULK_PATH:
             return sb._send_bulk(self.headers, body)
         fwd = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+        fwd.update(sb._upstream_headers)
         resp = sb._upstream.request(method, path, body=body or None, headers=fwd, redirect=False)
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
         if 200 <= resp.status < 300:
@@ -272,7 +296,9 @@ class AwsSandbox(HttpSandbox):
         self.verify_auth = verify_auth
         self._moto_port = moto_port
         self._moto: Any = None
+        self._moto_thread: threading.Thread | None = None
         self._upstream: Any = None
+        self._upstream_headers = {_UPSTREAM_HEADER: secrets.token_urlsafe(24)}
         self._gauge = threading.Lock()
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -282,12 +308,17 @@ class AwsSandbox(HttpSandbox):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> AwsSandbox:
-        from moto.server import ThreadedMotoServer
+        from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
-        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self._moto_port, verbose=False)
-        self._moto.start()
-        _, moto_port = self._moto.get_host_and_port()
+        # moto keeps every message sent (OTPs included) and has no authentication of its own: it
+        # answers only requests carrying this sandbox's secret, which only the proxy sends.
+        app = _OnlyWithSecret(DomainDispatcherApplication(create_backend_app), self._upstream_headers)
+        self._moto = make_server("127.0.0.1", self._moto_port, app, threaded=True, request_handler=MotoRequestHandler)
+        self._moto_thread = threading.Thread(target=self._moto.serve_forever, name="aws-sandbox-moto", daemon=True)
+        self._moto_thread.start()
+        moto_port = self._moto.server_address[1]
         self.moto_url = f"http://127.0.0.1:{moto_port}"
         self._upstream = urllib3.HTTPConnectionPool(
             "127.0.0.1", moto_port, maxsize=64, block=False, retries=False, timeout=30.0
@@ -300,7 +331,9 @@ class AwsSandbox(HttpSandbox):
         if self._upstream is not None:
             self._upstream.close()
         if self._moto is not None:
-            self._moto.stop()
+            self._moto.shutdown()
+            self._moto.server_close()
+            self._moto_thread.join(timeout=5)
             self._moto = None
 
     def __enter__(self) -> AwsSandbox:
@@ -450,7 +483,9 @@ class AwsSandbox(HttpSandbox):
                 "Content": {"Simple": simple},
                 "EmailTags": [{"Name": k, "Value": v} for k, v in tags.items()],
             }
-            resp = self._upstream.request("POST", SES_SEND_PATH, body=json.dumps(single).encode(), headers=forward)
+            resp = self._upstream.request(
+                "POST", SES_SEND_PATH, body=json.dumps(single).encode(), headers={**forward, **self._upstream_headers}
+            )
             if resp.status == 200:
                 message_id = json.loads(resp.data).get("MessageId")
                 results.append({"Status": "SUCCESS", "MessageId": message_id})
@@ -493,13 +528,19 @@ class AwsSandbox(HttpSandbox):
         """A boto3 client talking to moto directly (setup only: no faults, no recording)."""
         import boto3
 
-        return boto3.session.Session().client(
+        client = boto3.session.Session().client(
             service,
             region_name=self.region,
             endpoint_url=self.moto_url,
             aws_access_key_id=self.access_key_id,
             aws_secret_access_key=self.secret_access_key,
         )
+
+        def add_secret(request: Any, **_kw: Any) -> None:
+            request.headers.update(self._upstream_headers)
+
+        client.meta.events.register("before-send", add_secret)
+        return client
 
     def verify_identity(self, identity: str) -> None:
         """Make an address or a domain a verified SES sender (moto verifies it at once)."""
@@ -510,7 +551,7 @@ class AwsSandbox(HttpSandbox):
             ses.close()
 
     def _moto_data(self) -> dict[str, Any]:
-        resp = self._upstream.request("GET", "/moto-api/data.json")
+        resp = self._upstream.request("GET", "/moto-api/data.json", headers=self._upstream_headers)
         return json.loads(resp.data)
 
     def sent_emails(self) -> list[dict[str, Any]]:
@@ -524,7 +565,7 @@ class AwsSandbox(HttpSandbox):
 
     def reset_moto(self) -> None:
         """Forget all moto state (identities included) in this process."""
-        self._upstream.request("POST", "/moto-api/reset")
+        self._upstream.request("POST", "/moto-api/reset", headers=self._upstream_headers)
 
 
 def main(port: int = 4566, identities: tuple[str, ...] = ("notifications@example.com",)) -> None:
@@ -533,6 +574,7 @@ def main(port: int = 4566, identities: tuple[str, ...] = ("notifications@example
     for identity in identities:
         sandbox.verify_identity(identity)
     print(f"AWS sandbox (SES v2 + SNS) on {sandbox.url}  access key: testing / testing  region: us-east-1")
+    print(f"  control API token (Authorization: Bearer ...): {sandbox.control_token}")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -16,17 +16,33 @@ Every sandbox also serves a small control API on its own port, so another proces
 - ``DELETE /_sandbox/messages`` → forget them
 - ``POST /_sandbox/faults`` with a JSON fault (or list of faults) → queue them
 - ``DELETE /_sandbox/faults`` → clear all faults
+
+The control API reads what was sent (OTPs included) and injects faults, so it needs the sandbox's
+token: ``Authorization: Bearer <token>``, else 401. Each sandbox makes its own at random
+(``control_token``; ``control_headers`` is the header to send); ``notifyctl sandbox`` gives all of
+its sandboxes one and writes it to its env file as ``NOTIFY_SANDBOX_TOKEN``. In-process users
+(tests, the chaos suite, the bench) can also use ``faults`` and ``recorder`` directly.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+
+def new_control_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def control_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 class FaultPlan:
@@ -124,7 +140,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         body = self._read_body()
         if self.path.startswith("/_sandbox/"):
-            self._control(method, body)
+            self._guarded_control(method, body)
             return
         fault = self.sandbox.faults.take(self.path + body.decode("utf-8", "replace"))
         if fault:
@@ -143,7 +159,24 @@ class SandboxHandler(BaseHTTPRequestHandler):
         status, headers, out = self.handle_api(method, self.path, body)
         self._reply(status, headers, out)
 
+    def control_authorized(self) -> bool:
+        """Whether the request carries the sandbox's control token (``Authorization: Bearer``)."""
+        got = (self.headers.get("Authorization") or "").encode("utf-8", "replace")
+        return hmac.compare_digest(got, f"Bearer {self.sandbox.control_token}".encode())
+
+    def _guarded_control(self, method: str, body: bytes) -> None:
+        """Every control request comes through here: without the token, 401 and nothing done."""
+        if not self.control_authorized():
+            self._reply(
+                401,
+                {"Content-Type": "text/plain", "WWW-Authenticate": 'Bearer realm="sandbox control"'},
+                b"sandbox control API: send Authorization: Bearer <the sandbox's token> (NOTIFY_SANDBOX_TOKEN)\n",
+            )
+            return
+        self._control(method, body)
+
     def _control(self, method: str, body: bytes) -> None:
+        """The control endpoints (the token was checked): subclasses add theirs, then call this."""
         sb = self.sandbox
         path = self.path.split("?")[0]
         if path == "/_sandbox/messages" and method == "GET":
@@ -194,6 +227,7 @@ class HttpSandbox:
     def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self.faults = FaultPlan()
         self.recorder = Recorder()
+        self.control_token = new_control_token()
         handler = type(self.handler_cls.__name__, (self.handler_cls,), {"sandbox": self})
         self._server = _Server((host, port), handler)
         self._thread: threading.Thread | None = None
@@ -205,6 +239,11 @@ class HttpSandbox:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """The header a control API request needs."""
+        return control_headers(self.control_token)
 
     def start(self) -> HttpSandbox:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

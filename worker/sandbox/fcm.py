@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from notifyctl.home import write_private
 from worker.sandbox.base import HttpSandbox, SandboxHandler
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
@@ -341,11 +342,7 @@ class FcmSandbox(HttpSandbox):
 
     def write_service_account(self, path: str | os.PathLike[str]) -> Path:
         """Write the service account JSON (mode 0600) for a provider in another process."""
-        p = Path(path)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(self.service_account, fh, indent=2)
-        return p
+        return write_private(path, json.dumps(self.service_account, indent=2).encode())
 
     def reset(self) -> None:
         """Forget messages, faults, unregistered tokens, issued tokens and counters."""
@@ -483,6 +480,7 @@ def main(port: int = 8792, service_account_file: str | None = None, project_id: 
     print(f"FCM sandbox on {sandbox.url} (project {project_id})")
     print(f"  NOTIFY_FCM_SERVICE_ACCOUNT_FILE={path.resolve()}")
     print(f"  NOTIFY_FCM_BASE_URL={sandbox.url}")
+    print(f"  control API token (Authorization: Bearer ...): {sandbox.control_token}")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -216,15 +216,18 @@ class _ControlHandler(SandboxHandler):
     sandbox: _ControlServer  # type: ignore[assignment]
 
     def _dispatch(self, method: str) -> None:
-        if self.path.split("?")[0] == "/_sandbox/stats" and method == "GET":
-            body = json.dumps(self.sandbox.smtp.stats()).encode()
-            self._read_body()
-            self._reply(200, {"Content-Type": "application/json"}, body)
-        elif self.path.startswith("/_sandbox/"):
-            self._control(method, self._read_body())
+        body = self._read_body()
+        if self.path.startswith("/_sandbox/"):
+            self._guarded_control(method, body)
         else:
-            self._read_body()
             self._reply(404, {"Content-Type": "text/plain"}, b"SMTP sandbox: control API only\n")
+
+    def _control(self, method: str, body: bytes) -> None:
+        if self.path.split("?")[0] == "/_sandbox/stats" and method == "GET":
+            out = json.dumps(self.sandbox.smtp.stats()).encode()
+            self._reply(200, {"Content-Type": "application/json"}, out)
+        else:
+            super()._control(method, body)
 
 
 class _ControlServer(HttpSandbox):
@@ -294,6 +297,19 @@ class SmtpSandbox:
     @property
     def control_url(self) -> str:
         return self._control.url
+
+    @property
+    def control_token(self) -> str:
+        """The control API's token (see :mod:`worker.sandbox.base`)."""
+        return self._control.control_token
+
+    @control_token.setter
+    def control_token(self, token: str) -> None:
+        self._control.control_token = token
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        return self._control.control_headers
 
     @property
     def connections(self) -> int:
@@ -417,6 +433,7 @@ def main(port: int = 2525, control_port: int = 8025, host: str = "127.0.0.1") ->
     """Run the SMTP sandbox in the foreground until interrupted."""
     with SmtpSandbox(port=port, host=host, control_port=control_port) as sb:
         print(f"SMTP sandbox on {sb.host}:{sb.port}, control API at {sb.control_url}/_sandbox/", flush=True)
+        print(f"  control API token (Authorization: Bearer ...): {sb.control_token}", flush=True)
         try:
             while True:
                 time.sleep(3600)
