@@ -75,23 +75,25 @@ def test_csv_segment_with_bad_rows(any_db_ctx: Context, tmp_path: Path) -> None:
                 f.write(b",Empty,gold\n")  # line 35
             if i == 40:
                 f.write(b"ghost,Nobody,gold\n")  # line 46: unknown user
-        f.write(b"u5,Again,gold\n")  # a duplicate: still one notification
+        f.write(b"u5,Again,gold\n")  # line 306: a duplicate of line 7, reported; the first row is kept
     now = datetime.now(UTC)
     s = launch(
         ctx, LaunchSpec("weekly_promo", channels=["email"], segment_csv=str(seg), rate=1000, data=PROMO), now=now
     )
-    assert s["written"] == 300 and s["recipients"] == 301 and s["skipped_existing"] == 1
+    assert s["written"] == 300 and s["recipients"] == 300 and s["skipped_existing"] == 0 and s["duplicates"] == 1
     bad = {(b["line"], b["kind"]) for b in s["bad_rows"]["first"]}
-    assert bad == {(13, "encoding"), (24, "malformed"), (35, "malformed"), (46, "unknown_user")}
+    assert bad == {(13, "encoding"), (24, "malformed"), (35, "malformed"), (46, "unknown_user"), (306, "duplicate")}
+    assert "also on line 7" in next(b["message"] for b in s["bad_rows"]["first"] if b["line"] == 306)
     rows = notifications(ctx, s["campaign_id"])
     assert len(rows) == 300 and len({n.recipient_id for n in rows}) == 300
+    assert next(n for n in rows if n.recipient_id == "u5").data["first_name"] == "Name5"
     n7 = next(n for n in rows if n.recipient_id == "u7")
     assert n7.data == {"discount": 15, "code": "SPRING", "first_name": "Name7", "tier": "gold"}
     assert n7.dedup_key == f"campaign:{s['campaign_id']}:u7"
     assert (n7.status, n7.category, n7.priority, n7.channels) == ("scheduled", "marketing", "low", ["email"])
     assert {n.status for n in rows} == {"scheduled"}
     st = campaign_status(ctx, s["campaign_id"])
-    assert st["recipients"] == 300 and st["bad_rows"] == 4 and st["notifications"] == {"scheduled": 300}
+    assert st["recipients"] == 300 and st["bad_rows"] == 5 and st["notifications"] == {"scheduled": 300}
 
 
 def test_sql_segment_streams_and_refuses_writes(any_db_ctx: Context) -> None:
@@ -327,12 +329,13 @@ def test_dry_run_counts_equal_what_a_real_run_sends(ctx: Context) -> None:
         assert s.execute(select(func.count()).select_from(Campaign)).scalar_one() == 0
         assert s.execute(select(func.count()).select_from(Notification)).scalar_one() == 1  # d4's email only
     assert redis_state() == before and any(b"notif:rate:d4:" in k for k in before)  # peeked, nothing recorded
-    assert dry["audience"] == 120 and dry["duplicates"] == 1 and dry["bad_rows"]["count"] == 1
+    assert dry["audience"] == 120 and dry["duplicates"] == 1 and dry["bad_rows"]["count"] == 2
+    assert {(b["line"], b["kind"]) for b in dry["bad_rows"]["first"]} == {(122, "duplicate"), (123, "unknown_user")}
     assert dry["per_channel"]["email"]["suppressed"]["rate_limited"] == 1
     assert sum(w["recipients"] for w in dry["waves"]) == 121
 
     real = launch(ctx, spec)
-    assert real["written"] == 120
+    assert real["written"] == 120 and real["duplicates"] == 1 and real["bad_rows"] == dry["bad_rows"]
     drain(ctx, far=datetime.now(UTC).timestamp() + 3 * 86400)
     with Session(ctx.engine) as s:
         got = s.execute(
@@ -377,18 +380,18 @@ def test_pause_resume_cancel(ctx: Context) -> None:
     # 100 become due and are produced; then pause holds the other 300
     assert reconcile(ctx, now=t0.timestamp() + 0.995, force=True).retries_queued == 100
     p = pause(ctx, "spring")
-    assert p == {"campaign_id": cid, "status": "paused", "paused": 300, "already_produced": 100}
+    assert p == {"campaign_id": cid, "name": "spring", "state": "paused", "paused": 300, "already_produced": 100}
     assert reconcile(ctx, now=t0.timestamp() + 3600, force=True).retries_queued == 0
     assert campaign_status(ctx, cid)["state"] == "paused"
     # resume an hour later: the 300 whose time passed are spaced from now at 100/s, none in a burst
     later = t0 + timedelta(hours=1)
     r = resume(ctx, cid, now=later)
-    assert r["resumed"] == 300 and r["rescheduled"] == 300
+    assert r["resumed"] == 300 and r["rescheduled"] == 300 and r["state"] == "sending"
     dues = sorted(utc(n.due_at) for n in notifications(ctx, cid) if n.status == "scheduled")
     assert dues[0] == later and dues[-1] == later + timedelta(seconds=2.99)
     assert reconcile(ctx, now=later.timestamp() + 0.995, force=True).retries_queued == 100
     c = cancel(ctx, cid)
-    assert c["canceled"] == 200 and c["already_produced"] == 200
+    assert c["canceled"] == 200 and c["already_produced"] == 200 and c["state"] == "canceled"
     assert reconcile(ctx, now=later.timestamp() + 3600, force=True).retries_queued == 0
     st = campaign_status(ctx, cid)
     assert st["notifications"] == {"queued": 200, "canceled": 200} and st["state"] == "canceled"
