@@ -155,13 +155,13 @@ def check_select(sql: str) -> str:
         raise InputError("--segment-sql: one statement only (found ';' inside the query)")
     if not re.match(r"(?i)^\(*\s*(select|with)\b", shape):
         raise InputError("--segment-sql: only a SELECT is allowed (e.g. SELECT user_id, first_name FROM ...)")
-    if re.search(r"(?i)\binto\b", shape):
-        raise InputError("--segment-sql: SELECT ... INTO writes a table; only a plain SELECT is allowed")
     if re.search(r"(?i)\bfor\s+(update|share|no\s+key\s+update|key\s+share)\b", shape):
         raise InputError("--segment-sql: row locks (FOR UPDATE/SHARE) are not allowed")
     found = _WRITES.search(shape)
     if found:
         raise InputError(f"--segment-sql: the query writes ({found.group(1).upper()}); only reading is allowed")
+    if re.search(r"(?i)\binto\b", shape):
+        raise InputError("--segment-sql: SELECT ... INTO writes a table; only a plain SELECT is allowed")
     return text
 
 

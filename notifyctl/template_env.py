@@ -34,7 +34,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from string import Formatter
 from time import monotonic
-from types import BuiltinMethodType
+from types import BuiltinMethodType, MethodType
 from typing import Any
 
 from jinja2 import StrictUndefined, nodes
@@ -173,7 +173,7 @@ def _too_big(value: Any, limit: int = MAX_TEXT) -> bool:
 
 def _checked(value: Any, what: str) -> Any:
     """``value`` once it is known not to be too big (and null as ``NullValue``)."""
-    if value is None:
+    if value is None or (type(value) is float and not math.isfinite(value)):
         return NullValue(hint=f"a value: {what} returned null")
     if isinstance(value, str):
         if len(value) > MAX_TEXT:
@@ -218,6 +218,12 @@ def _check_printf(fmt: str, args: Any, what: str) -> None:
     _check_args(values, what)
 
 
+def _check_digits(text: str, what: str) -> None:
+    for n in re.findall(r"\d+", text):
+        if len(n) > 7 or int(n) > MAX_TEXT:
+            raise RenderLimit(f"{what}: a width or precision of {n[:12]} is over the limit of {MAX_TEXT:,}")
+
+
 def _check_format(fmt: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """``fmt.format(...)``: no width or precision in a field's spec beyond ``MAX_TEXT``."""
     nested = False
@@ -226,18 +232,15 @@ def _check_format(fmt: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> No
     except ValueError:
         return  # malformed: str.format says so itself
     for _text, _name, spec, _conv in fields:
-        if not spec:
-            continue
-        if "{" in spec:
-            nested = True
-        for n in re.findall(r"\d+", spec):
-            if len(n) > 7 or int(n) > MAX_TEXT:
-                raise RenderLimit(f"format: a width or precision of {n[:12]} is over the limit of {MAX_TEXT:,}")
+        if spec:
+            nested = nested or "{" in spec
+            _check_digits(spec, "format")
     values = [*args, *kwargs.values()]
-    if nested:
-        for v in values:
-            _int_arg(v, "format: a width or precision of")
     _check_args(values, "format")
+    if nested:  # a spec made of arguments ('{:>{}}'): any of them may be the width, as text or a number
+        for v in values:
+            if isinstance(v, (str, int)) and not isinstance(v, bool):
+                _check_digits(str(v), "format")
 
 
 # ------------------------------------------------------------------------------- built-in methods (calls)
@@ -245,15 +248,15 @@ def _check_format(fmt: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> No
 Args = tuple[Any, ...]
 
 
-def _m_width(s: Any, args: Args, kwargs: dict[str, Any]) -> Args:
-    _int_arg(args[0] if args else kwargs.get("width"), "a width of")
+def _m_width(s: Any, name: str, args: Args, kwargs: dict[str, Any]) -> Args:
+    _int_arg(args[0] if args else kwargs.get("width"), f"{name}(): a width of")
     return args
 
 
-def _m_expandtabs(s: Any, args: Args, kwargs: dict[str, Any]) -> Args:
+def _m_expandtabs(s: Any, name: str, args: Args, kwargs: dict[str, Any]) -> Args:
     size = args[0] if args else kwargs.get("tabsize", 8)
     if isinstance(size, int):
-        _over(len(s) + s.count("\t" if isinstance(s, str) else b"\t") * size, "expandtabs")
+        _over(len(s) + s.count("\t" if isinstance(s, str) else b"\t") * size, f"{name}()")
     return args
 
 
@@ -266,34 +269,36 @@ def _replace_size(s: Any, old: Any, new: Any, count: Any) -> int:
     return len(s) + occurrences * (len(new) - len(old))
 
 
-def _m_replace(s: Any, args: Args, kwargs: dict[str, Any]) -> Args:
+def _m_replace(s: Any, name: str, args: Args, kwargs: dict[str, Any]) -> Args:
     if len(args) >= 2:
-        _over(_replace_size(s, args[0], args[1], args[2] if len(args) > 2 else kwargs.get("count", -1)), "replace")
+        count = args[2] if len(args) > 2 else kwargs.get("count", -1)
+        _over(_replace_size(s, args[0], args[1], count), f"{name}()")
     return args
 
 
-def _m_join(sep: Any, args: Args, kwargs: dict[str, Any]) -> Args:
+def _m_join(sep: Any, name: str, args: Args, kwargs: dict[str, Any]) -> Args:
     if not args:
         return args
     items = args[0] if isinstance(args[0], (list, tuple)) else list(args[0])
-    _over(len(sep) * max(len(items) - 1, 0) + sum(len(x) if isinstance(x, (str, bytes)) else 0 for x in items), "join")
+    size = len(sep) * max(len(items) - 1, 0) + sum(len(x) if isinstance(x, (str, bytes)) else 0 for x in items)
+    _over(size, f"{name}()")
     return (items, *args[1:])
 
 
-def _m_translate(s: Any, args: Args, kwargs: dict[str, Any]) -> Args:
+def _m_translate(s: Any, name: str, args: Args, kwargs: dict[str, Any]) -> Args:
     table = args[0] if args else None
     if isinstance(table, dict):
         longest = max((len(v) for v in table.values() if isinstance(v, str)), default=1)
-        _over(len(s) * max(longest, 1), "translate")
+        _over(len(s) * max(longest, 1), f"{name}()")
     return args
 
 
-def _m_to_bytes(n: Any, args: Args, kwargs: dict[str, Any]) -> Args:
-    _int_arg(args[0] if args else kwargs.get("length"), "to_bytes: a length of")
+def _m_to_bytes(n: Any, name: str, args: Args, kwargs: dict[str, Any]) -> Args:
+    _int_arg(args[0] if args else kwargs.get("length"), f"{name}(): a length of")
     return args
 
 
-_STR_METHODS: dict[str, Callable[[Any, Args, dict[str, Any]], Args]] = {
+_STR_METHODS: dict[str, Callable[[Any, str, Args, dict[str, Any]], Args]] = {
     "center": _m_width,
     "ljust": _m_width,
     "rjust": _m_width,
@@ -308,26 +313,36 @@ _STR_METHODS: dict[str, Callable[[Any, Args, dict[str, Any]], Args]] = {
 # ------------------------------------------------------------------------------------------------ filters
 
 
+def _text(value: Any, what: str) -> str:
+    """``str(value)``, as a filter converts its arguments, once it is known not to be too long."""
+    if isinstance(value, str):
+        return value
+    if _too_big(value):
+        raise RenderLimit(f"{what}: an argument is longer than {MAX_TEXT:,} characters printed")
+    return str(value)
+
+
 def _f_center(value: Any, width: Any = 80, *a: Any, **k: Any) -> None:
     _int_arg(width, "center: a width of")
 
 
 def _f_indent(s: Any, width: Any = 4, *a: Any, **k: Any) -> None:
-    if isinstance(s, str):
-        per_line = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
-        _over(len(s) + (s.count("\n") + 1) * per_line, "indent")
+    per_line = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+    _int_arg(per_line, "indent: a width of")
+    text = _text(s, "indent")
+    _over(len(text) + (text.count("\n") + 1) * per_line, "indent")
 
 
 def _f_format(value: Any, *args: Any, **kwargs: Any) -> None:
-    if isinstance(value, str):
-        _check_printf(value, kwargs or args, "format")
+    _check_printf(_text(value, "format"), kwargs or args, "format")
 
 
 def _f_join(value: Any, d: Any = "", attribute: Any = None) -> Any:
-    if isinstance(value, str) or not isinstance(d, str):
+    if isinstance(value, str):
         return None
+    sep = _text(d, "join")
     items = value if isinstance(value, (list, tuple)) else list(value)  # a range or generator: read once
-    size = len(d) * max(len(items) - 1, 0)
+    size = len(sep) * max(len(items) - 1, 0)
     for x in items:
         if isinstance(x, str):
             size += len(x)
@@ -340,8 +355,8 @@ def _f_join(value: Any, d: Any = "", attribute: Any = None) -> Any:
 
 
 def _f_replace(s: Any, old: Any = "", new: Any = "", count: Any = None) -> None:
-    if isinstance(s, str):
-        _over(_replace_size(s, old, new, count if count is not None else -1), "replace")
+    text = _text(s, "replace")
+    _over(_replace_size(text, _text(old, "replace"), _text(new, "replace"), -1 if count is None else count), "replace")
 
 
 def _f_wordwrap(s: Any, width: Any = 79, break_long_words: Any = True, wrapstring: Any = None, *a: Any) -> None:
@@ -354,7 +369,8 @@ def _f_batch(value: Any, linecount: Any = 1, fill_with: Any = None) -> None:
 
 
 def _f_slice(value: Any, slices: Any = 1, fill_with: Any = None) -> None:
-    _int_arg(slices, "slice: a count of")
+    if isinstance(slices, int) and slices > MAX_STEPS:  # one step of the filter's loop per slice
+        raise RenderLimit(f"slice: a count of {slices} is over the limit of {MAX_STEPS:,}")
 
 
 def _f_sum(iterable: Any, attribute: Any = None, start: Any = 0) -> None:
@@ -373,9 +389,9 @@ def _f_tojson(value: Any, indent: Any = None) -> None:
 
 def _f_urlize(value: Any, trim_url_limit: Any = None, nofollow: Any = False, target: Any = None,
               rel: Any = None, extra_schemes: Any = None) -> None:  # fmt: skip
-    if isinstance(value, str):
-        per_link = 60 + len(str(target or "")) + len(str(rel or ""))
-        _over(len(value) + (value.count(".") + value.count("@") + value.count(":")) * per_link, "urlize")
+    text = _text(value, "urlize")
+    per_link = 60 + len(_text(target or "", "urlize")) + len(_text(rel or "", "urlize"))
+    _over(len(text) + (text.count(".") + text.count("@") + text.count(":")) * per_link, "urlize")
 
 
 # the checks made before a filter runs, with the filter's own arguments (after any context);
@@ -641,13 +657,14 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         _tick(__context)
         kind = type(__obj)
-        if kind is BuiltinMethodType:
-            check = _STR_METHODS.get(__obj.__name__)
+        if kind is BuiltinMethodType or kind is MethodType:  # str.center, or Markup's wrapper of it
             owner = getattr(__obj, "__self__", None)
-            if check is not None and isinstance(owner, (str, bytes)):
-                args = check(owner, args, kwargs)
-            elif __obj.__name__ == "to_bytes" and isinstance(owner, int):
-                _m_to_bytes(owner, args, kwargs)
+            if isinstance(owner, (str, bytes)):
+                check = _STR_METHODS.get(__obj.__name__)
+                if check is not None:
+                    args = check(owner, __obj.__name__, args, kwargs)
+            elif isinstance(owner, int) and __obj.__name__ == "to_bytes":
+                _m_to_bytes(owner, "to_bytes", args, kwargs)
         elif kind is LoopContext and args:  # a recursive loop's loop(children)
             args = (__self.counted_loop(__context, args[0]), *args[1:])
         elif kind is Macro:

@@ -61,7 +61,7 @@ def list_(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
         console.print(table)
         for x in loaded:
             if x.error is not None:
-                err_console.print(f"error: {x.error}", markup=False, highlight=False)
+                err_console.print(f"error: {x.error}", markup=False, highlight=False, soft_wrap=True)
     if any(x.error is not None for x in loaded):
         raise typer.Exit(1)
 
@@ -147,6 +147,6 @@ def validate(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
             if r["ok"]:
                 console.print(f"ok     {r['id']}", markup=False)
             else:
-                err_console.print(f"error  {r['id']}: {r['error']}", markup=False, highlight=False)
+                err_console.print(f"error  {r['id']}: {r['error']}", markup=False, highlight=False, soft_wrap=True)
     if any(not r["ok"] for r in results):
         raise typer.Exit(1)
