@@ -137,8 +137,6 @@ def _resolve(ctx: Context, spec: LaunchSpec, now: datetime, cfg: CampaignConfig)
         raise InputError("segment: give --segment-csv FILE or --segment-sql QUERY")
     if not isinstance(spec.data, dict):
         raise InputError("--data: expected key/value pairs")
-    if spec.name is not None:
-        check_name(spec.name)
     schedule = Schedule(
         now=now,
         default_tz=ctx.settings.default_timezone,
@@ -248,6 +246,8 @@ def launch(
     """Launch (or with ``dry_run``, analyse) a campaign; returns the summary."""
     now = (now or utcnow()).astimezone(UTC)
     cfg = campaign_config(ctx.settings)
+    if spec.name is not None:
+        check_name(spec.name)  # a new name only: a relaunch keeps the campaign's, even from before names were checked
     res = _resolve(ctx, spec, now, cfg)
     if res.spec["name"]:
         with Session(ctx.engine) as session:

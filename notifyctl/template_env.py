@@ -22,8 +22,10 @@ The same holds for null fields (``user.first_name``), items, and what a method c
 - ``MAX_INT_BITS`` for integers made with ``*`` and ``**``.
 
 A limit that is hit raises ``RenderLimit`` (one line); ``notifyctl.templates`` names the template,
-channel and part. Ordinary templates pay nothing for this: loop-free ones compile exactly as
-before (the checks live in the operators, filters and calls that can grow, and in loops).
+channel and part. Ordinary templates pay nothing for this: the checks live in the operators,
+filters, calls and literals that can grow, and in loops; a template that only prints variables
+and fields (``{{ code }}``, ``{{ user.first_name | default('there') }}``) compiles to the code
+Jinja makes, and its field lookups are faster (no AttributeError raised and caught per lookup).
 """
 
 from __future__ import annotations

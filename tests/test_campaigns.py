@@ -15,7 +15,7 @@ from sqlalchemy import func, select, update
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from campaigns.launcher import LaunchSpec, launch
+from campaigns.launcher import LaunchSpec, launch, resume_launch
 from campaigns.models import Campaign
 from campaigns.report import campaign_status
 from campaigns.schedule import Schedule, local_instant, parse_hhmm
@@ -537,6 +537,8 @@ def test_campaign_references_id_name_or_unambiguous_prefix(ctx: Context, setting
         s.execute(update(Campaign).where(Campaign.id == c["campaign_id"]).values(name="weekly_promo 2026-12-01 18:47"))
         s.commit()
     assert campaign_status(ctx, "weekly_promo 2026-12-01")["campaign_id"] == c["campaign_id"]
+    again = resume_launch(ctx, "weekly_promo 2026-12-01")  # a relaunch keeps the old name
+    assert again["written"] == 0 and again["skipped_existing"] == 3 and again["name"] == "weekly_promo 2026-12-01 18:47"
 
 
 # ------------------------------------------------------------------------------- segment bounds and checks
