@@ -104,11 +104,13 @@ class Template:
             combined = self._combined[channel] = self._compile_combined(channel)
         if combined is not False:
             try:
-                pieces = _run(combined, data).split(_SEP)
+                text = _run(combined, data)
             except Exception:  # noqa: BLE001 - the part-by-part path reports it properly
-                pieces = []
+                return self._render_parts(channel, data)
+            pieces = text.split(_SEP)
             names = PARTS[channel]
-            if len(pieces) == len(names) and all(len(p) <= MAX_TEXT for p in pieces):
+            # (a part over the size limit: the part-by-part path names it)
+            if len(pieces) == len(names) and (len(text) <= MAX_TEXT or max(map(len, pieces)) <= MAX_TEXT):
                 return {name: piece.strip() for name, piece in zip(names, pieces, strict=True)}
         return self._render_parts(channel, data)
 
