@@ -223,11 +223,13 @@ def test_a_hung_template_fails_send_and_templates_render_with_one_line(ctx: Cont
     render` (as subprocesses here, with a timeout: on main they time out)."""
     seed(ctx)
     tdir = settings.home / "templates"
-    tdir.mkdir()
-    (tdir / "hang.toml").write_text(
+    tdir.mkdir(mode=0o700)  # private, as notifyctl keeps its home
+    hang = tdir / "hang.toml"
+    hang.write_text(
         'category = "transactional"\n[sms]\n'
         'text = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ code }}"\n'
     )
+    hang.chmod(0o600)
     before = snapshot(ctx)
     r = run_cli(settings, "send", "alice", "-t", "hang", "-c", "sms", "-d", "code=1", timeout=120)
     assert r.returncode == 2, r.stderr
