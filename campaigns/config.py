@@ -20,6 +20,12 @@ class CampaignConfig(BaseSettings):
     default_rate: float = Field(100.0, gt=0, description="notifications/s produced when --rate is not given")
     chunk_size: int = Field(1000, ge=1, le=10000, description="segment rows per SQL statement")
     max_reported_errors: int = Field(100, ge=0, description="bad rows listed (all are counted)")
+    segment_timeout: float = Field(
+        60.0, gt=0, description="seconds a --segment-sql query may work for one row (statement timeout)"
+    )
+    segment_max_value: int = Field(
+        1_000_000, ge=1000, description="longest value (bytes/characters) a --segment-sql query may return"
+    )
 
 
 def campaign_config(settings: Any) -> CampaignConfig:

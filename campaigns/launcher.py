@@ -28,12 +28,14 @@ from sqlmodel import Session
 
 from campaigns.config import CampaignConfig, campaign_config
 from campaigns.models import Campaign, CampaignStatus
+from campaigns.names import check_name, default_name, find_campaign, taken
+from campaigns.report import current_state
 from campaigns.schedule import Schedule, Wave, parse_hhmm, parse_quiet_hours, parse_send_at, plan_waves
 from campaigns.segments import BadRows, CsvSegment, SegmentRow, SqlSegment, chunked
 from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.db import prepare_insert, write_lock
-from notifyctl.errors import InputError, NotFound
+from notifyctl.errors import InputError
 from notifyctl.intake import blocked_by, user_vars
 from notifyctl.models import DeviceToken, Notification, NotificationStatus, OptOut, User, new_id, utcnow
 from notifyctl.settings import CHANNELS
@@ -125,12 +127,12 @@ def _resolve(ctx: Context, spec: LaunchSpec, now: datetime, cfg: CampaignConfig)
     if spec.segment_csv:
         segment = CsvSegment(spec.segment_csv)
     elif spec.segment_sql:
+        bounds = {"timeout": cfg.segment_timeout, "max_value": cfg.segment_max_value}
         if spec.segment_db:
-            segment = SqlSegment(spec.segment_sql, spec.segment_db, cfg.chunk_size)
+            segment = SqlSegment(spec.segment_sql, spec.segment_db, cfg.chunk_size, **bounds)
         else:
-            segment = SqlSegment(
-                spec.segment_sql, ctx.settings.effective_database_url(), cfg.chunk_size, label="tracking database"
-            )
+            url = ctx.settings.effective_database_url()
+            segment = SqlSegment(spec.segment_sql, url, cfg.chunk_size, label="tracking database", **bounds)
     else:
         raise InputError("segment: give --segment-csv FILE or --segment-sql QUERY")
     if not isinstance(spec.data, dict):
@@ -192,29 +194,41 @@ class _Plan:
     recipients: int = 0  # rows with a known user (duplicates included: each holds a schedule slot)
     counts: dict[datetime, int] = field(default_factory=lambda: defaultdict(int))
     zones: dict[datetime, set[str]] = field(default_factory=lambda: defaultdict(set))
+    duplicates: BadRows = field(default_factory=BadRows)  # rows of a user already in the segment
+
+
+def _duplicate(bad: BadRows, row: SegmentRow, first_line: int) -> None:
+    bad.add(row.line, "duplicate", f"user {row.user_id!r} is also on line {first_line}; that first row is kept")
 
 
 def _plan(ctx: Context, res: _Resolved, bad: BadRows, progress: Progress | None) -> _Plan:
-    plan = _Plan()
+    plan = _Plan(duplicates=BadRows(keep=bad.keep))
     checked = False
-    with Session(ctx.engine) as session:
-        for chunk in _stream(res, bad):
-            plan.rows += len(chunk)
-            tzs = _user_tz(session, list({r.user_id for r in chunk}))
-            for r in chunk:
-                tz = tzs.get(r.user_id)
-                if tz is None:
-                    bad.add(r.line, "unknown_user", f"unknown user {r.user_id!r}")
-                    continue
-                if not checked:
-                    _check_template(res, session, r)
-                    checked = True
-                instant, used = res.schedule.instant(tz)
-                plan.counts[instant] += 1
-                plan.zones[instant].add(used)
-                plan.recipients += 1
-            if progress:
-                progress("plan", plan.rows, None)
+    seen = _SeenSet()
+    try:
+        with Session(ctx.engine) as session:
+            for chunk in _stream(res, bad):
+                plan.rows += len(chunk)
+                tzs = _user_tz(session, list({r.user_id for r in chunk}))
+                repeats = seen.duplicates([r for r in chunk if r.user_id in tzs])
+                for r in chunk:
+                    tz = tzs.get(r.user_id)
+                    if tz is None:
+                        bad.add(r.line, "unknown_user", f"unknown user {r.user_id!r}")
+                        continue
+                    if id(r) in repeats:
+                        _duplicate(plan.duplicates, r, repeats[id(r)])
+                    elif not checked:
+                        _check_template(res, session, r)
+                        checked = True
+                    instant, used = res.schedule.instant(tz)
+                    plan.counts[instant] += 1
+                    plan.zones[instant].add(used)
+                    plan.recipients += 1
+                if progress:
+                    progress("plan", plan.rows, None)
+    finally:
+        seen.close()
     return plan
 
 
@@ -232,7 +246,14 @@ def launch(
     """Launch (or with ``dry_run``, analyse) a campaign; returns the summary."""
     now = (now or utcnow()).astimezone(UTC)
     cfg = campaign_config(ctx.settings)
+    if spec.name is not None:
+        check_name(spec.name)  # a new name only: a relaunch keeps the campaign's, even from before names were checked
     res = _resolve(ctx, spec, now, cfg)
+    if res.spec["name"]:
+        with Session(ctx.engine) as session:
+            other = taken(session, res.spec["name"])
+        if other is not None:
+            raise InputError(f"--name: campaign {other.id} is already named {other.name!r}; choose another name")
     if dry_run:
         return _dry_run(ctx, res, progress, campaign=None)
     bad = BadRows(keep=cfg.max_reported_errors)
@@ -242,9 +263,11 @@ def launch(
         raise InputError(f"segment: no recipient to send to ({bad.count} bad row(s){first})")
     waves = plan_waves(plan.counts, plan.zones, res.rate)
     cid = new_id("c")
+    with Session(ctx.engine) as session:
+        name = res.spec["name"] or default_name(session, res.template.id, now)
     camp = Campaign(
         id=cid,
-        name=res.spec["name"] or f"{res.template.id} {now:%Y-%m-%d %H:%M}",
+        name=name,
         template_id=res.template.id,
         category=res.category,
         priority=res.priority,
@@ -260,20 +283,7 @@ def launch(
     with Session(ctx.engine) as session:
         session.add(camp)
         session.commit()
-    return _produce(ctx, cid, res, waves, plan.recipients, run_now=now, progress=progress)
-
-
-def find_campaign(session: Session, ref: str) -> Campaign:
-    c = session.get(Campaign, ref)
-    if c is None:
-        c = (
-            session.execute(select(Campaign).where(Campaign.name == ref).order_by(Campaign.created_at.desc()))  # type: ignore[attr-defined]
-            .scalars()
-            .first()
-        )
-    if c is None:
-        raise NotFound(f"no campaign with id or name {ref!r}")
-    return c
+    return _produce(ctx, cid, res, waves, plan.recipients, run_now=now, progress=progress, duplicates=plan.duplicates)
 
 
 def _reresolve(ctx: Context, camp: Campaign, segment_db: str | None) -> _Resolved:
@@ -338,7 +348,10 @@ def _produce(
     *,
     run_now: datetime,
     progress: Progress | None,
+    duplicates: BadRows | None = None,
 ) -> dict[str, Any]:
+    """Write the recipients not written yet. ``duplicates``: the rows the plan pass found to repeat
+    a user (reported with the bad rows; like rows already written, they are skipped here)."""
     bad = BadRows(keep=res.cfg.max_reported_errors)
     res.schedule.fallbacks = 0  # counted again by this pass
     by_instant = {w.instant: w for w in waves}
@@ -434,13 +447,17 @@ def _produce(
         if current != state:
             _sync_rows(session, cid, current)
             canceled = canceled or current == CampaignStatus.canceled
+        dups = duplicates.count if duplicates is not None else 0
+        if duplicates is not None:
+            bad.merge(duplicates)
         summary = {
             "campaign_id": cid,
             "planned": planned,
-            "rows": seen_rows + bad.count,
-            "recipients": seen_rows,
+            "rows": seen_rows + bad.count - dups,
+            "recipients": seen_rows - dups,
             "written": written,
-            "skipped_existing": skipped,
+            "duplicates": dups,
+            "skipped_existing": skipped - dups,
             "bad_rows": bad.to_dict(),
             "first_due": first_due.isoformat() if first_due else None,
             "last_due": last_due.isoformat() if last_due else None,
@@ -458,7 +475,7 @@ def _produce(
         assert camp is not None
         summary.update(
             name=camp.name,
-            status=camp.status,
+            state=current_state(session, camp),
             template_id=camp.template_id,
             channels=camp.channels,
             priority=camp.priority,
@@ -517,28 +534,39 @@ class _ChannelCount:
 
 
 class _SeenSet:
-    """An exact set of user ids that keeps memory flat whatever the segment size: a throwaway
-    SQLite table in a temporary file, asked and filled once per chunk."""
+    """The user ids of a segment read so far, with the line each was first on: an exact set that
+    keeps memory flat whatever the segment size (a throwaway SQLite table in a temporary file,
+    asked and filled once per chunk)."""
 
     def __init__(self) -> None:
         import sqlite3
         import tempfile
 
-        self._dir = tempfile.TemporaryDirectory(prefix="notify-dryrun-")
+        self._dir = tempfile.TemporaryDirectory(prefix="notify-segment-")
         self._db = sqlite3.connect(f"{self._dir.name}/seen.db")
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("CREATE TABLE seen (user_id TEXT PRIMARY KEY) WITHOUT ROWID")
+        self._db.execute("CREATE TABLE seen (user_id TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
 
-    def add_chunk(self, ids: list[str]) -> set[str]:
-        """Record ``ids``; return those that were already recorded by an earlier chunk."""
-        before: set[str] = set()
+    def duplicates(self, rows: list[SegmentRow]) -> dict[int, int]:
+        """``{id(row): line of the user's first row}`` for the rows (of one chunk, in segment order)
+        whose user came earlier in the segment; records the others."""
+        ids = list({r.user_id for r in rows})
+        first: dict[str, int] = {}
         for i in range(0, len(ids), 900):
             part = ids[i : i + 900]
-            q = f"SELECT user_id FROM seen WHERE user_id IN ({','.join('?' * len(part))})"
-            before.update(r[0] for r in self._db.execute(q, part))
-        self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", ((u,) for u in ids))
-        return before
+            q = f"SELECT user_id, line FROM seen WHERE user_id IN ({','.join('?' * len(part))})"
+            first.update(self._db.execute(q, part))
+        out: dict[int, int] = {}
+        new: dict[str, int] = {}
+        for r in rows:
+            line = first.get(r.user_id) or new.get(r.user_id)
+            if line is None:
+                new[r.user_id] = r.line
+            else:
+                out[id(r)] = line
+        self._db.executemany("INSERT INTO seen VALUES (?, ?)", new.items())
+        return out
 
     def close(self) -> None:
         self._db.close()
@@ -552,7 +580,7 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
     plan = _Plan()
     per_channel = {c: _ChannelCount() for c in res.channels}
     wave_channels: dict[datetime, Counter[str]] = defaultdict(Counter)
-    seen = _SeenSet()  # exact in-segment dedup on disk (the real launch leans on the unique index instead)
+    seen = _SeenSet()  # exact in-segment dedup on disk
     duplicates = already = audience = 0
     sms_parts = sms_recipients = 0
     rules = [r for r in settings.rules if any(r.applies(c, res.category) for c in res.channels)]
@@ -577,8 +605,7 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
                         )
                     ).scalars()
                 )
-            repeats = seen.add_chunk(ids)  # user ids of this chunk already seen in earlier chunks
-            in_chunk: set[str] = set()
+            repeats = seen.duplicates([x for x in chunk if x.user_id in users])
             existing: set[str] = set()
             if campaign is not None:
                 existing = set(
@@ -617,10 +644,10 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
                 if row.user_id in existing:
                     already += 1
                     continue
-                if row.user_id in repeats or row.user_id in in_chunk:
+                if id(row) in repeats:
+                    _duplicate(bad, row, repeats[id(row)])
                     duplicates += 1
                     continue
-                in_chunk.add(row.user_id)
                 audience += 1
                 blocks = opt.get(user.id, set())
                 counts = {rule.key: window.get((user.id, rule.key), 0) for rule in rules}

@@ -1,4 +1,8 @@
-"""Campaign status and listing: SQL GROUP BY over the campaign's notifications and deliveries."""
+"""Campaign status and listing: SQL GROUP BY over the campaign's notifications and deliveries.
+
+Every command shows a campaign's *state*, one word from one vocabulary (``STATES``): launching
+(recipients still being written), sending (some not sent yet), paused, canceled, completed. The
+stored ``Campaign.status`` (active, paused, canceled) is the control flag it is derived from."""
 
 from __future__ import annotations
 
@@ -8,13 +12,16 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlmodel import Session
 
-from campaigns.launcher import find_campaign
 from campaigns.models import Campaign, CampaignStatus
+from campaigns.names import find_campaign
 from notifyctl.context import Context
 from notifyctl.models import Delivery, DeliveryStatus, Notification, NotificationStatus
 
 _UNPRODUCED = {NotificationStatus.scheduled, NotificationStatus.paused, NotificationStatus.canceled}
 _SENT = {DeliveryStatus.sent, DeliveryStatus.delivered, DeliveryStatus.opened}
+
+
+STATES = ("launching", "sending", "paused", "canceled", "completed")
 
 
 def _state(camp: Campaign, by_status: dict[str, int]) -> str:
@@ -26,17 +33,20 @@ def _state(camp: Campaign, by_status: dict[str, int]) -> str:
     return "sending" if open_ else "completed"
 
 
+def _counts(session: Session, cid: str) -> dict[str, int]:
+    q = select(Notification.status, func.count()).where(Notification.campaign_id == cid)
+    return dict(session.execute(q.group_by(Notification.status)).all())  # type: ignore[arg-type]
+
+
+def current_state(session: Session, camp: Campaign) -> str:
+    """The campaign's state (``STATES``) as of now."""
+    return _state(camp, _counts(session, camp.id))
+
+
 def campaign_status(ctx: Context, ref: str) -> dict[str, Any]:
     with Session(ctx.engine) as session:
         camp = find_campaign(session, ref)
-        by_status: dict[str, int] = {
-            s: n
-            for s, n in session.execute(
-                select(Notification.status, func.count())
-                .where(Notification.campaign_id == camp.id)
-                .group_by(Notification.status)
-            ).all()
-        }
+        by_status = _counts(session, camp.id)
         due = session.execute(
             select(func.min(Notification.due_at), func.max(Notification.due_at)).where(
                 Notification.campaign_id == camp.id,
@@ -89,7 +99,6 @@ def campaign_status(ctx: Context, ref: str) -> dict[str, Any]:
         "campaign_id": camp.id,
         "name": camp.name,
         "state": _state(camp, by_status),
-        "status": camp.status,
         "template_id": camp.template_id,
         "category": camp.category,
         "priority": camp.priority,

@@ -9,8 +9,9 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlmodel import Session
 
-from campaigns.launcher import find_campaign
 from campaigns.models import Campaign, CampaignStatus
+from campaigns.names import find_campaign
+from campaigns.report import current_state
 from notifyctl.context import Context
 from notifyctl.errors import InputError
 from notifyctl.models import Notification, NotificationStatus, utcnow
@@ -49,7 +50,8 @@ def pause(ctx: Context, ref: str) -> dict[str, Any]:
         session.commit()
         return {
             "campaign_id": camp.id,
-            "status": "paused",
+            "name": camp.name,
+            "state": current_state(session, camp),
             "paused": res.rowcount,  # type: ignore[attr-defined]
             "already_produced": _produced(session, camp.id),
         }
@@ -70,7 +72,8 @@ def cancel(ctx: Context, ref: str) -> dict[str, Any]:
         session.commit()
         return {
             "campaign_id": camp.id,
-            "status": "canceled",
+            "name": camp.name,
+            "state": current_state(session, camp),
             "canceled": res.rowcount,  # type: ignore[attr-defined]
             "already_produced": _produced(session, camp.id),
         }
@@ -120,7 +123,8 @@ def resume(ctx: Context, ref: str, now: datetime | None = None, page: int = 1000
         session.commit()
         return {
             "campaign_id": camp.id,
-            "status": "active",
+            "name": camp.name,
+            "state": current_state(session, camp),
             "resumed": res.rowcount + moved,  # type: ignore[attr-defined]
             "rescheduled": moved,
             "launch_incomplete": camp.launched_at is None,

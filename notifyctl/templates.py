@@ -7,13 +7,19 @@ and one table per channel::
     secret = []                         # data fields never shown, erased once sent: ["code"] for an OTP
     [sample]                            # data used by `templates validate` and previews
     order_id = "ORD-456"
+    [sample.user]                       # optional: the recipient's fields for previews
+    first_name = "Ada"
     [push]                              # title, body
     [email]                             # subject, html, text
     [sms]                               # text
 
-Rendering uses a sandboxed Jinja2 environment with ``StrictUndefined``: a missing variable is an
-error, never an empty string. Email HTML is autoescaped. Search order: ``NOTIFY_TEMPLATES_DIR``,
-``$NOTIFY_HOME/templates``, then the templates shipped with notifyctl.
+Rendering uses the sandboxed, bounded Jinja2 environment of ``notifyctl.template_env``: a missing
+or null variable is an error, never an empty string or "None"; rendering is bounded in time and
+size. Email HTML is autoescaped. Search order: ``NOTIFY_TEMPLATES_DIR``, ``$NOTIFY_HOME/templates``,
+then the templates shipped with notifyctl.
+
+``parse_template`` reads one file (each top-level key by its own small check, so a new key is a
+new check); ``TemplateStore`` finds and caches them, and lists them with the files that are broken.
 """
 
 from __future__ import annotations
@@ -23,18 +29,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2 import Template as JinjaTemplate
+from jinja2 import TemplateSyntaxError, UndefinedError, meta, nodes
+from jinja2.sandbox import SecurityError
 
-from notifyctl.errors import TemplateError
+from notifyctl.errors import TemplateError, one_line
 from notifyctl.settings import CATEGORIES, PRIORITIES
+from notifyctl.template_env import MAX_TEXT, BoundedEnvironment, RenderLimit
 
 SHIPPED = Path(__file__).parent / "templates"
 _SEP = "\x1e\x1d"  # between the parts of a channel in the combined template
 PARTS = {"push": ("title", "body"), "email": ("subject", "html", "text"), "sms": ("text",)}
 
-_text_env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
-_html_env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=True)
+_text_env = BoundedEnvironment(autoescape=False, keep_trailing_newline=False)
+_html_env = BoundedEnvironment(autoescape=True)
+
+
+_DEFAULT_FILTERS = ("default", "d")
+# the recipient `templates render` and `validate` use when the sample names none ([sample.user])
+SAMPLE_USER = {"id": "sample-user", "email": "sample@example.com", "locale": "en", "timezone": "UTC"}
+
+
+def _run(tmpl: JinjaTemplate, data: dict[str, Any]) -> str:
+    # Template.render without its copy of the data and traceback rewriting (we report messages)
+    return "".join(tmpl.root_render_func(tmpl.new_context(data)))  # type: ignore[attr-defined]
+
+
+def _parse(src: str) -> nodes.Template | None:
+    """A part's syntax tree, or None when it does not parse (rendering reports why)."""
+    try:
+        return _text_env.parse(src)
+    except (TemplateSyntaxError, RecursionError):
+        return None
+
+
+@dataclass(frozen=True)
+class Need:
+    """A variable a template reads from its data (not ``user``): ``required`` unless every use
+    of it has a fallback (``x | default(...)``, ``x is defined``)."""
+
+    name: str
+    required: bool
+    channels: tuple[str, ...]
 
 
 @dataclass
@@ -70,11 +106,13 @@ class Template:
             combined = self._combined[channel] = self._compile_combined(channel)
         if combined is not False:
             try:
-                pieces = combined.render(data).split(_SEP)
+                text = _run(combined, data)
             except Exception:  # noqa: BLE001 - the part-by-part path reports it properly
-                pieces = []
+                return self._render_parts(channel, data)
+            pieces = text.split(_SEP)
             names = PARTS[channel]
-            if len(pieces) == len(names):
+            # (a part over the size limit: the part-by-part path names it)
+            if len(pieces) == len(names) and (len(text) <= MAX_TEXT or max(map(len, pieces)) <= MAX_TEXT):
                 return {name: piece.strip() for name, piece in zip(names, pieces, strict=True)}
         return self._render_parts(channel, data)
 
@@ -83,47 +121,81 @@ class Template:
         that cannot be told (a syntax error). A channel that does not read ``user`` renders the
         same for every recipient of the same data, so a batch renders it once."""
         if channel not in self._names:
-            names: set[str] = set()
-            try:
-                for src in self.parts.get(channel, {}).values():
-                    names |= meta.find_undeclared_variables(_text_env.parse(src))
-                self._names[channel] = frozenset(names)
-            except TemplateSyntaxError:
-                self._names[channel] = None
+            names: set[str] | None = set()
+            for src in self.parts.get(channel, {}).values():
+                tree = _parse(src)
+                if tree is None:
+                    names = None
+                    break
+                names |= meta.find_undeclared_variables(tree)  # type: ignore[operator]
+            self._names[channel] = frozenset(names) if names is not None else None
         return self._names[channel]
 
     def direct_user_fields(self, channel: str) -> frozenset[str] | None:
         """The ``user`` fields a channel prints, when printing them is all it does with ``user``
-        (``{{ user.first_name }}``, ``{{ user["plan"] }}``: no filter, test, condition or loop on
-        them), else None. Such a channel renders, for any recipient, as its rendering with a token
-        per field with the recipient's values put in."""
+        (``{{ user.first_name }}``, ``{{ user["plan"] }}``, also with fallbacks:
+        ``{{ user.first_name | default("there") }}``, ``{{ name | default(user.first_name) }}``;
+        no other filter, test, condition or loop on them), else None. Such a channel renders,
+        for a recipient who has every such field (not null), as its rendering with a token per
+        field with the recipient's values put in."""
         if channel not in self._direct:
             found: set[str] | None = set()
-            try:
-                for src in self.parts.get(channel, {}).values():
-                    tree = _text_env.parse(src)
-                    direct: set[int] = set()
-                    for out in tree.find_all(nodes.Output):
-                        for node in out.nodes:
-                            if not (isinstance(node, nodes.Getattr | nodes.Getitem)
-                                    and isinstance(node.node, nodes.Name) and node.node.name == "user"):  # fmt: skip
-                                continue
-                            if isinstance(node, nodes.Getattr):
-                                name: Any = node.attr
-                            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-                                name = node.arg.value
-                            else:
-                                continue
-                            direct.add(id(node.node))
-                            assert found is not None
-                            found.add(name)
-                    if any(n.name == "user" and id(n) not in direct for n in tree.find_all(nodes.Name)):
-                        found = None
-                        break
-            except TemplateSyntaxError:
-                found = None
+            for src in self.parts.get(channel, {}).values():
+                tree = _parse(src)
+                if tree is None:
+                    found = None
+                    break
+                used: set[int] = set()  # the `user` names consumed by a direct print
+                for out in tree.find_all(nodes.Output):
+                    for node in out.nodes:
+                        fields = _printed_user_fields(node, used)
+                        if fields is not None:
+                            found |= fields  # type: ignore[operator]
+                if any(n.name == "user" and id(n) not in used for n in tree.find_all(nodes.Name)):
+                    found = None
+                    break
             self._direct[channel] = frozenset(found) if found is not None else None
         return self._direct[channel]
+
+    def needs(self) -> list[Need]:
+        """The data the template reads (every channel, ``user`` aside), required ones first."""
+        uses: dict[str, list[bool]] = {}  # name -> per use: has a fallback
+        where: dict[str, list[str]] = {}
+        for channel in self.channels:
+            for src in self.parts[channel].values():
+                tree = _parse(src)
+                if tree is None:
+                    continue
+                undeclared = meta.find_undeclared_variables(tree) - {"user"} - set(_text_env.globals)
+                guarded = _guarded_names(tree)
+                for n in tree.find_all(nodes.Name):
+                    if n.ctx == "load" and n.name in undeclared:
+                        uses.setdefault(n.name, []).append(id(n) in guarded)
+                        if channel not in where.setdefault(n.name, []):
+                            where[n.name].append(channel)
+        out = [Need(name, not all(u), tuple(where[name])) for name, u in uses.items()]
+        return sorted(out, key=lambda x: (not x.required, x.name))
+
+    def user_fields(self) -> list[str]:
+        """The recipient's fields the template reads (``user.first_name`` → ``first_name``)."""
+        fields: set[str] = set()
+        for parts in self.parts.values():
+            for src in parts.values():
+                tree = _parse(src)
+                for node in tree.find_all((nodes.Getattr, nodes.Getitem)) if tree is not None else ():
+                    if isinstance(node.node, nodes.Name) and node.node.name == "user":
+                        name = _field_name(node)
+                        if name is not None:
+                            fields.add(name)
+        return sorted(fields)
+
+    def preview_data(self, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The data ``templates render``/``validate`` use: ``data`` or the sample, with the sample's
+        recipient (``[sample.user]``) or a stand-in as ``user``."""
+        values = dict(self.sample if data is None else data)
+        given = values.get("user")
+        values["user"] = {**SAMPLE_USER, **self.sample.get("user", {}), **(given if isinstance(given, dict) else {})}
+        return values
 
     def _compile_combined(self, channel: str) -> Any:
         sources = []
@@ -136,7 +208,7 @@ class Template:
             )
         try:
             return _text_env.from_string(_SEP.join(sources))
-        except TemplateSyntaxError:
+        except (TemplateSyntaxError, RecursionError):
             return False
 
     def _render_parts(self, channel: str, data: dict[str, Any]) -> dict[str, str]:
@@ -149,17 +221,33 @@ class Template:
                 try:
                     tmpl = env.from_string(self.parts[channel][part])
                 except TemplateSyntaxError as exc:
-                    raise TemplateError(f"template {self.id!r} {channel}.{part}: syntax error: {exc.message}") from None
+                    msg = one_line(exc.message or "")
+                    raise TemplateError(f"template {self.id!r} {channel}.{part}: syntax error: {msg}") from None
+                except RecursionError:
+                    raise TemplateError(f"template {self.id!r} {channel}.{part}: nested too deeply") from None
                 self._compiled[key] = tmpl
+            where = f"template {self.id!r} {channel}.{part}"
             try:
-                out[part] = tmpl.render(data).strip()
+                text = _run(tmpl, data)
             except UndefinedError as exc:
-                raise TemplateError(f"template {self.id!r} {channel}.{part}: data is missing {_missing(exc)}") from None
+                raise TemplateError(f"{where}: data is missing {one_line(_missing(exc))}") from None
             except SecurityError as exc:
-                raise TemplateError(f"template {self.id!r} {channel}.{part}: unsafe template: {exc}") from None
-            except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
-                raise TemplateError(f"template {self.id!r} {channel}.{part}: cannot render: {exc}") from None
+                raise TemplateError(f"{where}: unsafe template: {one_line(exc)}") from None
+            except RenderLimit as exc:
+                raise TemplateError(f"{where}: {exc}") from None
+            except RecursionError:
+                raise TemplateError(f"{where}: nested too deeply") from None
+            except MemoryError:
+                raise TemplateError(f"{where}: out of memory") from None
+            except Exception as exc:  # noqa: BLE001 - whatever a template raises is the template's error
+                raise TemplateError(f"{where}: cannot render: {one_line(exc) or type(exc).__name__}") from None
+            if len(text) > MAX_TEXT:
+                raise TemplateError(f"{where}: renders {len(text):,} characters, over the limit of {MAX_TEXT:,}")
+            out[part] = text.strip()
         return out
+
+
+_NO_KEY = "'dict object' has no attribute "
 
 
 def _missing(exc: UndefinedError) -> str:
@@ -167,7 +255,68 @@ def _missing(exc: UndefinedError) -> str:
     # jinja2: "'order_id' is undefined" / "'dict object' has no attribute 'x'"
     if msg.endswith(" is undefined"):
         return f"variable {msg[: -len(' is undefined')]}"
+    if msg.startswith(_NO_KEY):
+        return f"field {msg[len(_NO_KEY) :]}"
     return msg
+
+
+def _field_name(node: nodes.Getattr | nodes.Getitem) -> str | None:
+    if isinstance(node, nodes.Getattr):
+        return node.attr
+    if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+        return node.arg.value
+    return None
+
+
+def _is_fallback(node: nodes.Node) -> bool:
+    """``x | default(...)`` with at most the default value (not ``boolean=true``: a token, or any
+    other stand-in, must be used exactly when the real value would be)."""
+    return (
+        isinstance(node, nodes.Filter)
+        and node.name in _DEFAULT_FILTERS
+        and node.node is not None
+        and len(node.args) <= 1
+        and not node.kwargs
+        and node.dyn_args is None
+        and node.dyn_kwargs is None
+    )
+
+
+def _printed_user_fields(node: nodes.Node, used: set[int]) -> set[str] | None:
+    """The user fields an output expression prints directly (see ``direct_user_fields``), adding
+    the ``user`` names it consumes to ``used``; None when it does something else with ``user``."""
+    if isinstance(node, (nodes.Getattr, nodes.Getitem)) and isinstance(node.node, nodes.Name):
+        if node.node.name == "user":
+            name = _field_name(node)
+            if name is None:
+                return None
+            used.add(id(node.node))
+            return {name}
+    if _is_fallback(node):
+        assert isinstance(node, nodes.Filter) and node.node is not None
+        fields: set[str] = set()
+        for sub in (node.node, *node.args):
+            found = _printed_user_fields(sub, used)
+            if found is not None:
+                fields |= found
+        return fields
+    if not any(n.name == "user" for n in node.find_all(nodes.Name)) and not (
+        isinstance(node, nodes.Name) and node.name == "user"
+    ):
+        return set()
+    return None
+
+
+def _guarded_names(tree: nodes.Template) -> set[int]:
+    """The ids of the ``Name`` nodes used with a fallback: ``x | default(...)``, ``x is defined``."""
+    guarded: set[int] = set()
+    for f in tree.find_all(nodes.Filter):
+        if f.name in _DEFAULT_FILTERS and isinstance(f.node, nodes.Name):
+            guarded.add(id(f.node))
+    for t in tree.find_all(nodes.Test):
+        if t.name in ("defined", "undefined", "none") and isinstance(t.node, nodes.Name):
+            guarded.add(id(t.node))
+    return guarded
 
 
 def parse_template(path: Path) -> Template:
@@ -205,11 +354,20 @@ def parse_template(path: Path) -> Template:
         category=category,
         priority=priority,
         description=raw.get("description", ""),
-        sample=raw.get("sample", {}),
+        sample=_sample(path, raw),
         parts=parts,
         source=path,
         secret=frozenset(secret),
     )
+
+
+def _sample(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    sample = raw.get("sample", {})
+    if not isinstance(sample, dict):
+        raise TemplateError(f"{path}: sample must be a table ([sample]), not a value")
+    if "user" in sample and not isinstance(sample["user"], dict):
+        raise TemplateError(f"{path}: sample.user must be a table ([sample.user]), not a value")
+    return sample
 
 
 class TemplateStore:
@@ -251,3 +409,26 @@ class TemplateStore:
 
     def all(self) -> list[Template]:
         return [self.get(i) for i in self.ids()]
+
+    def has(self, template_id: str) -> bool:
+        return self._path(template_id) is not None
+
+    def load_all(self) -> list[Loaded]:
+        """Every template id with its template, or the problem with its file (one bad file does
+        not hide the others)."""
+        out = []
+        for tid in self.ids():
+            path = self._path(tid)
+            try:
+                out.append(Loaded(tid, path, self.get(tid), None))
+            except TemplateError as exc:
+                out.append(Loaded(tid, path, None, str(exc)))
+        return out
+
+
+@dataclass(frozen=True)
+class Loaded:
+    id: str
+    path: Path | None
+    template: Template | None
+    error: str | None  # one line, naming the file

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import typer
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from campaigns.launcher import LaunchSpec, launch
+from campaigns.launcher import LaunchSpec, launch, resume_launch
 from campaigns.models import Campaign
 from campaigns.report import campaign_status
 from campaigns.schedule import Schedule, local_instant, parse_hhmm
@@ -25,10 +25,11 @@ from notifyctl.cli.main import NotifyGroup
 from notifyctl.context import Context
 from notifyctl.directory import import_users, register_token, set_prefs
 from notifyctl.errors import InputError
-from notifyctl.models import Delivery, Notification
+from notifyctl.models import Delivery, Notification, User
 from notifyctl.settings import Settings
 from tests.conftest import cli_env
 from worker.pool import run_worker
+from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
 
 PROMO = {"discount": 15, "code": "SPRING"}
@@ -75,23 +76,25 @@ def test_csv_segment_with_bad_rows(any_db_ctx: Context, tmp_path: Path) -> None:
                 f.write(b",Empty,gold\n")  # line 35
             if i == 40:
                 f.write(b"ghost,Nobody,gold\n")  # line 46: unknown user
-        f.write(b"u5,Again,gold\n")  # a duplicate: still one notification
+        f.write(b"u5,Again,gold\n")  # line 306: a duplicate of line 7, reported; the first row is kept
     now = datetime.now(UTC)
     s = launch(
         ctx, LaunchSpec("weekly_promo", channels=["email"], segment_csv=str(seg), rate=1000, data=PROMO), now=now
     )
-    assert s["written"] == 300 and s["recipients"] == 301 and s["skipped_existing"] == 1
+    assert s["written"] == 300 and s["recipients"] == 300 and s["skipped_existing"] == 0 and s["duplicates"] == 1
     bad = {(b["line"], b["kind"]) for b in s["bad_rows"]["first"]}
-    assert bad == {(13, "encoding"), (24, "malformed"), (35, "malformed"), (46, "unknown_user")}
+    assert bad == {(13, "encoding"), (24, "malformed"), (35, "malformed"), (46, "unknown_user"), (306, "duplicate")}
+    assert "also on line 7" in next(b["message"] for b in s["bad_rows"]["first"] if b["line"] == 306)
     rows = notifications(ctx, s["campaign_id"])
     assert len(rows) == 300 and len({n.recipient_id for n in rows}) == 300
+    assert next(n for n in rows if n.recipient_id == "u5").data["first_name"] == "Name5"
     n7 = next(n for n in rows if n.recipient_id == "u7")
     assert n7.data == {"discount": 15, "code": "SPRING", "first_name": "Name7", "tier": "gold"}
     assert n7.dedup_key == f"campaign:{s['campaign_id']}:u7"
     assert (n7.status, n7.category, n7.priority, n7.channels) == ("scheduled", "marketing", "low", ["email"])
     assert {n.status for n in rows} == {"scheduled"}
     st = campaign_status(ctx, s["campaign_id"])
-    assert st["recipients"] == 300 and st["bad_rows"] == 4 and st["notifications"] == {"scheduled": 300}
+    assert st["recipients"] == 300 and st["bad_rows"] == 5 and st["notifications"] == {"scheduled": 300}
 
 
 def test_sql_segment_streams_and_refuses_writes(any_db_ctx: Context) -> None:
@@ -327,12 +330,13 @@ def test_dry_run_counts_equal_what_a_real_run_sends(ctx: Context) -> None:
         assert s.execute(select(func.count()).select_from(Campaign)).scalar_one() == 0
         assert s.execute(select(func.count()).select_from(Notification)).scalar_one() == 1  # d4's email only
     assert redis_state() == before and any(b"notif:rate:d4:" in k for k in before)  # peeked, nothing recorded
-    assert dry["audience"] == 120 and dry["duplicates"] == 1 and dry["bad_rows"]["count"] == 1
+    assert dry["audience"] == 120 and dry["duplicates"] == 1 and dry["bad_rows"]["count"] == 2
+    assert {(b["line"], b["kind"]) for b in dry["bad_rows"]["first"]} == {(122, "duplicate"), (123, "unknown_user")}
     assert dry["per_channel"]["email"]["suppressed"]["rate_limited"] == 1
     assert sum(w["recipients"] for w in dry["waves"]) == 121
 
     real = launch(ctx, spec)
-    assert real["written"] == 120
+    assert real["written"] == 120 and real["duplicates"] == 1 and real["bad_rows"] == dry["bad_rows"]
     drain(ctx, far=datetime.now(UTC).timestamp() + 3 * 86400)
     with Session(ctx.engine) as s:
         got = s.execute(
@@ -377,18 +381,18 @@ def test_pause_resume_cancel(ctx: Context) -> None:
     # 100 become due and are produced; then pause holds the other 300
     assert reconcile(ctx, now=t0.timestamp() + 0.995, force=True).retries_queued == 100
     p = pause(ctx, "spring")
-    assert p == {"campaign_id": cid, "status": "paused", "paused": 300, "already_produced": 100}
+    assert p == {"campaign_id": cid, "name": "spring", "state": "paused", "paused": 300, "already_produced": 100}
     assert reconcile(ctx, now=t0.timestamp() + 3600, force=True).retries_queued == 0
     assert campaign_status(ctx, cid)["state"] == "paused"
     # resume an hour later: the 300 whose time passed are spaced from now at 100/s, none in a burst
     later = t0 + timedelta(hours=1)
     r = resume(ctx, cid, now=later)
-    assert r["resumed"] == 300 and r["rescheduled"] == 300
+    assert r["resumed"] == 300 and r["rescheduled"] == 300 and r["state"] == "sending"
     dues = sorted(utc(n.due_at) for n in notifications(ctx, cid) if n.status == "scheduled")
     assert dues[0] == later and dues[-1] == later + timedelta(seconds=2.99)
     assert reconcile(ctx, now=later.timestamp() + 0.995, force=True).retries_queued == 100
     c = cancel(ctx, cid)
-    assert c["canceled"] == 200 and c["already_produced"] == 200
+    assert c["canceled"] == 200 and c["already_produced"] == 200 and c["state"] == "canceled"
     assert reconcile(ctx, now=later.timestamp() + 3600, force=True).retries_queued == 0
     st = campaign_status(ctx, cid)
     assert st["notifications"] == {"queued": 200, "canceled": 200} and st["state"] == "canceled"
@@ -460,3 +464,145 @@ def test_cli_launch_status_and_bad_flags(ctx: Context, settings: Settings) -> No
         assert r.exit_code == 0 and word in r.stdout, r.output
     r = invoke(settings, "status", "cli")
     assert r.exit_code == 0 and "canceled 30" in r.stdout
+
+
+# ------------------------------------------------------------------------------- the README's own commands
+
+
+def test_readme_campaign_commands_work_as_written(ctx: Context, settings: Settings) -> None:
+    """The README launches weekly_promo from a segment of user ids (no first_name column) and
+    then asks `campaign status weekly_promo-<date>`: the template greets with the user's own
+    first_name or "there", the default name has no spaces, and the launch prints the state that
+    `campaign list` shows."""
+    import json
+
+    add_users(ctx, ["ann,ann@example.com,,Europe/Paris,false,Ann", "bo,bo@example.com,,UTC,false,"],
+              header="user_id,email,phone,timezone,sms_opt_in,first_name")  # fmt: skip
+    seg = settings.home / "segment.csv"
+    seg.write_text("user_id\nann\nbo\n")
+    common = ["launch", "-t", "weekly_promo", "-c", "email", "--segment-csv", str(seg), "-d", "discount=20",
+              "-d", "code=WEEK20", "--stagger-tz", "--local-time", "10:00"]  # fmt: skip
+    r = invoke(settings, *common, "--quiet-hours", "21:00-08:00", "--rate", "500", "--dry-run")
+    assert r.exit_code == 0, r.output
+    r = invoke(settings, *common, "--rate", "500", "--json")
+    assert r.exit_code == 0, r.output
+    launched = json.loads(r.stdout)
+    name = f"weekly_promo-{datetime.now(UTC):%Y-%m-%d}"
+    assert launched["name"] == name and launched["state"] == "sending" and launched["written"] == 2
+    r = invoke(settings, *common, "--rate", "500")
+    assert r.exit_code == 0 and f"{name}-2" in r.stdout and "state sending" in r.stdout, r.output
+    r = invoke(settings, "status", name)
+    assert r.exit_code == 0 and launched["campaign_id"] in r.stdout and ": sending" in r.stdout, r.output
+    listed = json.loads(invoke(settings, "list", "--json").stdout)
+    assert [(c["name"], c["state"]) for c in listed] == [(f"{name}-2", "sending"), (name, "sending")]
+    # the workers render it: the user's own first_name, else "there"
+    drain(ctx, far=datetime.now(UTC).timestamp() + 3 * 86400)
+    box = {r["to"]: r["content"] for r in read_outbox(settings.outbox_dir)}
+    assert box["ann@example.com"]["text"].startswith("This week: 20% off.\nHi Ann, use the code WEEK20")
+    assert "Hi there, use the code WEEK20" in box["bo@example.com"]["text"]
+
+
+def test_campaign_references_id_name_or_unambiguous_prefix(ctx: Context, settings: Settings) -> None:
+    add_users(ctx, [f"r{i},r{i}@example.com,,UTC,false" for i in range(3)])
+    seg = settings.home / "r.csv"
+    seg.write_text("user_id\nr0\nr1\nr2\n")
+    now = datetime.now(UTC)
+    spec = {"segment_csv": str(seg), "channels": ["email"], "data": {**PROMO, "first_name": "R"},
+            "send_at": (now + timedelta(hours=1)).isoformat()}  # fmt: skip
+    a = launch(ctx, LaunchSpec("weekly_promo", name="spring-sale", **spec))  # type: ignore[arg-type]
+    b = launch(ctx, LaunchSpec("weekly_promo", name="spring-sale-eu", **spec))  # type: ignore[arg-type]
+    c = launch(ctx, LaunchSpec("weekly_promo", **spec))  # type: ignore[arg-type]
+    assert c["name"] == f"weekly_promo-{now:%Y-%m-%d}"
+    assert campaign_status(ctx, "spring-sale")["campaign_id"] == a["campaign_id"]  # exact name beats prefix
+    assert campaign_status(ctx, "spring-sale-e")["campaign_id"] == b["campaign_id"]
+    assert campaign_status(ctx, "weekly")["campaign_id"] == c["campaign_id"]
+    assert campaign_status(ctx, b["campaign_id"])["name"] == "spring-sale-eu"
+    assert campaign_status(ctx, b["campaign_id"][:-3])["name"] == "spring-sale-eu"
+    with pytest.raises(InputError, match=r"'spring' is ambiguous: it matches spring-sale-eu \(c_.*\), spring-sale \("):
+        campaign_status(ctx, "spring")
+    r = invoke(settings, "pause", "spring")
+    assert r.exit_code == 2 and "ambiguous" in r.stderr
+    r = invoke(settings, "status", "autumn")
+    assert r.exit_code == 4 and "no campaign with id or name 'autumn'" in r.stderr
+    for bad in ("spring sale", "", "-x", "a/b"):
+        with pytest.raises(InputError, match="--name"):
+            launch(ctx, LaunchSpec("weekly_promo", name=bad, **spec))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=f"--name: campaign {a['campaign_id']} is already named 'spring-sale'"):
+        launch(ctx, LaunchSpec("weekly_promo", name="spring-sale", **spec))  # type: ignore[arg-type]
+    r = invoke(settings, "launch", "-t", "weekly_promo", "--segment-csv", str(seg), "--name", "spring sale",
+               "-d", "discount=1", "-d", "code=X")  # fmt: skip
+    assert r.exit_code == 2 and "--name: 'spring sale' has spaces" in r.stderr
+    # names from before this change (with spaces) are still found, quoted
+    with Session(ctx.engine) as s:
+        s.execute(update(Campaign).where(Campaign.id == c["campaign_id"]).values(name="weekly_promo 2026-12-01 18:47"))
+        s.commit()
+    assert campaign_status(ctx, "weekly_promo 2026-12-01")["campaign_id"] == c["campaign_id"]
+    again = resume_launch(ctx, "weekly_promo 2026-12-01")  # a relaunch keeps the old name
+    assert again["written"] == 0 and again["skipped_existing"] == 3 and again["name"] == "weekly_promo 2026-12-01 18:47"
+
+
+# ------------------------------------------------------------------------------- segment bounds and checks
+
+
+def test_csv_segment_refuses_a_duplicate_column(ctx: Context, tmp_path: Path) -> None:
+    add_users(ctx, ["u1,u1@example.com,,UTC,false"])
+    for header, col in (("user_id,user_id", "user_id"), ("user_id,first_name,tier,first_name", "first_name")):
+        seg = tmp_path / "dup.csv"
+        seg.write_text(f"{header}\n" + ",".join(["u1"] * len(header.split(","))) + "\n")
+        with pytest.raises(InputError, match=f"--segment-csv: column '{col}' appears 2 times in the header"):
+            launch(ctx, LaunchSpec("weekly_promo", segment_csv=str(seg), data=PROMO))
+    with Session(ctx.engine) as s:
+        assert s.execute(select(func.count()).select_from(Campaign)).scalar_one() == 0
+
+
+def test_sql_segment_accepts_read_only_ctes_and_refuses_writing_ones(any_db_ctx: Context) -> None:
+    ctx = any_db_ctx
+    add_users(ctx, [f"w{i},w{i}@example.com,,UTC,false" for i in range(20)])
+    sql = ("WITH recent AS (SELECT id, locale FROM users WHERE id LIKE 'w%') "
+           "SELECT id AS user_id, locale AS lang FROM recent ORDER BY id")  # fmt: skip
+    s = launch(ctx, LaunchSpec("weekly_promo", channels=["email"], segment_sql=sql, data={**PROMO, "first_name": "W"}))
+    assert s["written"] == 20
+    writes = "WITH gone AS (DELETE FROM users WHERE id = 'w1' RETURNING id) SELECT id AS user_id FROM gone"
+    for bad_sql, msg in [
+        (writes, r"the query writes \(DELETE\)"),
+        ("WITH x AS (UPDATE users SET locale = 'xx' RETURNING id) SELECT id AS user_id FROM x", r"writes \(UPDATE\)"),
+        ("with x as (insert into users (id) values ('evil') returning id) select id as user_id from x", "INSERT"),
+    ]:
+        with pytest.raises(InputError, match=msg):
+            launch(ctx, LaunchSpec("weekly_promo", segment_sql=bad_sql, data=PROMO))
+    # a keyword inside a literal or a quoted name is not a write
+    ok = "WITH x AS (SELECT id, 'update; delete' AS \"insert\" FROM users WHERE id = 'w3') SELECT id AS user_id FROM x"
+    dry = launch(ctx, LaunchSpec("weekly_promo", segment_sql=ok, data={**PROMO, "first_name": "W"}), dry_run=True)
+    assert dry["audience"] == 1
+    with Session(ctx.engine) as sess:
+        assert sess.execute(select(func.count()).select_from(User)).scalar_one() == 20
+
+
+def test_sql_segment_is_bounded_in_time_and_value_size(any_db_ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``randomblob(1000000000)`` hung the launcher at 1 GB; a query that never ends hung it for
+    ever. Both end in a one-line error naming the setting, nothing written."""
+    ctx = any_db_ctx
+    add_users(ctx, ["b1,b1@example.com,,UTC,false"])
+    monkeypatch.setenv("NOTIFY_CAMPAIGN_SEGMENT_TIMEOUT", "0.5")
+    pg = ctx.engine.dialect.name == "postgresql"
+    forever = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+               "SELECT 'b1' AS user_id, count(*) AS n FROM c")  # fmt: skip
+    huge = (
+        "SELECT 'b1' AS user_id, repeat('x', 2000000) AS blob"
+        if pg
+        else "SELECT 'b1' AS user_id, randomblob(1000000000) AS blob"
+    )
+    with pytest.raises(
+        InputError, match=r"--segment-sql: the query worked longer than 0.5 s for one row \(segment_timeout"
+    ):
+        launch(ctx, LaunchSpec("weekly_promo", segment_sql=forever, data=PROMO))
+    if pg:  # the server builds it (PostgreSQL bounds a value at 1 GB); the row is reported, not kept
+        s = launch(ctx, LaunchSpec("weekly_promo", segment_sql=huge, data=PROMO), dry_run=True)
+        assert s["bad_rows"]["first"] == [
+            {"line": 1, "kind": "too_long", "message": "blob is longer than 1,000,000 characters"}
+        ]
+    else:
+        with pytest.raises(InputError, match=r"makes a value longer than 1,000,000 bytes \(segment_max_value\)"):
+            launch(ctx, LaunchSpec("weekly_promo", segment_sql=huge, data=PROMO))
+    with Session(ctx.engine) as s:
+        assert s.execute(select(func.count()).select_from(Campaign)).scalar_one() == 0

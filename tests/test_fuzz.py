@@ -15,6 +15,7 @@ import base64
 import csv
 import io
 import json
+import math
 import re
 import string
 import time
@@ -358,6 +359,13 @@ def test_fuzz_users_import_bytes(raw: bytes, settings: Settings, tmp_path: Path)
 # ------------------------------------------------------------------------------ templates
 
 _TEMPLATE_CACHE = {t: parse_template(SHIPPED / f"{t}.toml") for t in TEMPLATES}
+# what JSON cannot say but a Python caller, a SQL segment or a JSON column can hand a template
+nulls = st.sampled_from([None, math.nan, math.inf, -math.inf])
+template_values = json_values | nulls | st.lists(nulls, max_size=3) | st.dictionaries(st.text(max_size=5), nulls)
+
+
+def _is_null(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and not math.isfinite(v))
 
 
 @fuzz(300)
@@ -365,14 +373,21 @@ _TEMPLATE_CACHE = {t: parse_template(SHIPPED / f"{t}.toml") for t in TEMPLATES}
     tid=st.sampled_from(TEMPLATES),
     channel=st.sampled_from(["push", "email", "sms", "voice", ""]),
     data=st.one_of(
-        st.dictionaries(st.text(max_size=12), json_values, max_size=5),
+        st.dictionaries(st.text(max_size=12), template_values, max_size=5),
         st.sampled_from(TEMPLATES).flatmap(
-            lambda t: st.dictionaries(st.sampled_from(sorted(SAMPLES[t]) or ["x"]), json_values, max_size=4)
+            lambda t: st.dictionaries(st.sampled_from(sorted(SAMPLES[t]) or ["x"]), template_values, max_size=4)
+        ),
+        st.sampled_from(TEMPLATES).flatmap(
+            lambda t: st.fixed_dictionaries({k: st.just(v) | nulls for k, v in SAMPLES[t].items() if k != "user"})
         ),
         st.sampled_from(TEMPLATES).map(lambda t: dict(SAMPLES[t])),
     ),
 )
+@example(tid="otp_code", channel="sms", data={"code": None, "minutes": 10})
+@example(tid="weekly_promo", channel="email", data={"discount": 5, "code": "X", "first_name": math.nan})
 def test_fuzz_template_render(tid: str, channel: str, data: dict[str, Any]) -> None:
+    """Any data, null, NaN and Infinity included: a rendering or a one-line TemplateError; a
+    variable the channel needs that is null is an error like a missing one, never "None"/"nan"."""
     count("Template.render (shipped templates)")
     tmpl: Template = _TEMPLATE_CACHE[tid]
     try:
@@ -381,6 +396,91 @@ def test_fuzz_template_render(tid: str, channel: str, data: dict[str, Any]) -> N
         assert str(exc) and "\n" not in str(exc)
         return
     assert isinstance(out, dict) and all(isinstance(v, str) for v in out.values())
+    for need in tmpl.needs():
+        if need.required and channel in need.channels:
+            assert need.name in data and not _is_null(data[need.name]), (need, data, out)
+
+
+# Hostile templates: pieces that grow (strings, lists, integers), loop, recurse or format with
+# huge widths, combined at random. Rendered in a child whose address space is capped.
+_N = st.sampled_from([0, 1, 3, 1000, 999_999, 10**6 + 1, 10**9, 2**31, -1])
+_atoms = st.one_of(
+    st.sampled_from(["'x'", "'ab'", "x", "none", "(1, 2)", "[1, 'a']", "{'a': 'b'}", "'%s'", "'{}'", "ns.s"]),
+    _N.map(str),
+    _N.map(lambda n: f"range({n})"),
+    _N.map(lambda n: f"lipsum(n={n})"),
+)
+
+
+def _grow(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.tuples(inner, st.sampled_from(["*", "**", "+", "~", "%"]), inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(
+            inner, _N, st.sampled_from(["center", "indent", "batch", "slice", "truncate", "wordwrap", "round"])
+        ).map(lambda t: f"({t[0]} | {t[2]}({t[1]}))"),
+        st.tuples(inner, inner, st.sampled_from(["join", "replace('', ", "format", "default"])).map(
+            lambda t: f"({t[0]} | {t[2]}({t[1]}))" if not t[2].endswith(" ") else f"({t[0]} | {t[2]}{t[1]}))"
+        ),
+        st.tuples(
+            inner, st.sampled_from(["list", "string", "tojson", "e", "forceescape", "upper", "sum", "pprint"])
+        ).map(lambda t: f"({t[0]} | {t[1]})"),
+        st.tuples(inner, _N, st.sampled_from(["ljust", "zfill", "center", "expandtabs"])).map(
+            lambda t: f"({t[0]}).{t[2]}({t[1]})"
+        ),
+        st.tuples(inner, inner).map(lambda t: f"'{{:>{{}}}}'.format({t[0]}, {t[1]})"),
+        st.tuples(inner, inner).map(lambda t: f"[{t[0]}, {t[1]}]"),
+    )
+
+
+_exprs = st.recursive(_atoms, _grow, max_leaves=6)
+
+
+@st.composite
+def hostile_template(draw: st.DrawFn) -> str:
+    body = "".join(f"{{{{ {e} }}}}" for e in draw(st.lists(_exprs, min_size=1, max_size=3)))
+    for _ in range(draw(st.integers(0, 2))):
+        kind = draw(st.sampled_from(["for", "set", "macro"]))
+        if kind == "for":
+            body = f"{{% for i in {draw(_exprs)} %}}{body}{{% endfor %}}"
+        elif kind == "set":
+            body = f"{{% for i in range({draw(_N)}) %}}{{% set ns.s = {draw(_exprs)} %}}{body}{{% endfor %}}"
+        else:
+            body = f"{{% macro m(n) %}}{body}{{{{ m(n) }}}}{{{{ m(n) }}}}{{% endmacro %}}{{{{ m(1) }}}}"
+    return "{% set ns = namespace(s='x') %}" + body
+
+
+def test_fuzz_template_resource_limits() -> None:
+    """Whatever a template does with sizes, loops and recursion: a rendering within the part limit
+    or a one-line TemplateError, in bounded time, and the process stays small."""
+    from notifyctl.template_env import MAX_TEXT
+    from tests.capped import CappedRenderer
+
+    with CappedRenderer() as child:
+
+        @fuzz(120)
+        @given(src=hostile_template(), x=template_values, html=st.booleans())
+        @example(src="{{ 'a' * 10**9 }}", x=None, html=False)
+        @example(
+            src="{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", x=None, html=True
+        )
+        @example(
+            src="{{ lipsum(n=10**7) }}{{ '%999999999d' | format(1) }}{{ '{:>999999999}'.format(1) }}", x=1, html=False
+        )
+        @example(src="{{ lipsum(n=1).center(10**9) }}{{ (x | e).ljust(2**31) }}", x="y", html=True)
+        def run(src: str, x: Any, html: bool) -> None:
+            count("Template.render (hostile templates, capped child)")
+            res = child.render(src, {"x": x}, html=html)
+            if res["max_rss_mb"] >= 300:
+                child.restart()  # so that the examples hypothesis tries next are judged on their own
+            if res["error"] is None:
+                assert res["length"] <= MAX_TEXT, (src, res)
+            else:
+                where = "email.html" if html else "sms.text"
+                assert res["error"].startswith(f"template 'bomb' {where}: ") and "\n" not in res["error"], res
+                assert "out of memory" not in res["error"], (src, res)
+            assert res["max_rss_mb"] < 300, (src, res)
+
+        run()
 
 
 toml_keys = st.sampled_from(["id", "category", "priority", "description", "sample", "push", "email", "sms"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import os
 import random
 import socket
@@ -871,9 +872,9 @@ def _token_values(fields: frozenset[str] | None, user: dict[str, Any]) -> dict[s
         return None
     values: dict[str, str] = {}
     for f in fields:
-        if f not in user:
-            return None
-        v = user[f]
+        v = user.get(f)
+        if v is None or (type(v) is float and not math.isfinite(v)):
+            return None  # missing or null (which templates treat as missing): rendered the ordinary way
         text = v if type(v) is str else str(v)
         if TOKEN_PREFIX in text or text != text.strip():
             # a value that looks like a token, or whose edge whitespace a part's strip() could eat

@@ -17,6 +17,8 @@ from notifyctl.intake import json_problem, load_json
 
 app = typer.Typer(help="Marketing campaigns: segments, timezone waves, throttled sending.", no_args_is_help=True)
 
+_REF_HELP = "Campaign id or name (e.g. weekly_promo-2026-11-25), or a prefix of either that only one campaign has."
+
 
 def _data(items: list[str], data_json: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -71,7 +73,11 @@ def launch(
     ctx: typer.Context,
     template: str | None = typer.Option(None, "--template", "-t", help="Template id, e.g. weekly_promo."),
     channels: list[str] = typer.Option([], "--channels", "-c", help="push, email, sms; comma-separate or repeat."),
-    name: str | None = typer.Option(None, "--name", help="Campaign name (default: template + date)."),
+    name: str | None = typer.Option(
+        None,
+        "--name",
+        help="Unique campaign name, no spaces (default: TEMPLATE-YYYY-MM-DD, e.g. weekly_promo-2026-11-25).",
+    ),
     segment_csv: str | None = typer.Option(None, "--segment-csv", help="CSV with a user_id column."),
     segment_sql: str | None = typer.Option(None, "--segment-sql", help='"SELECT user_id, ... FROM ..." (read-only).'),
     segment_db: str | None = typer.Option(None, "--segment-db", help="Database URL for --segment-sql."),
@@ -84,7 +90,7 @@ def launch(
     data: list[str] = typer.Option([], "--data", "-d", help="Template data KEY=VALUE; repeatable."),
     data_json: str | None = typer.Option(None, "--data-json", help="Template data as a JSON object."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the audience, waves and SMS cost; write nothing."),
-    resume: str | None = typer.Option(None, "--resume", help="Relaunch an interrupted launch (campaign id/name)."),
+    resume: str | None = typer.Option(None, "--resume", help="Relaunch an interrupted launch (campaign id or name)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Launch a campaign: one scheduled notification per recipient, sent by the workers at the rate asked.
@@ -193,9 +199,10 @@ def _print_dry(s: dict[str, Any]) -> None:
 
 def _print_launch(s: dict[str, Any]) -> None:
     verb = "canceled during launch" if s.get("canceled") else "launched"
-    console.print(f"campaign [bold]{s['campaign_id']}[/bold] ({s['name']}) {verb}: {s['status']}")
+    console.print(f"campaign [bold]{s['name']}[/bold] ({s['campaign_id']}) {verb}; state {s['state']}")
     console.print(
-        f"recipients {s['recipients']}: written {s['written']}, already written {s['skipped_existing']}; "
+        f"recipients {s['recipients']}: written {s['written']}, already written {s['skipped_existing']}, "
+        f"duplicate rows {s['duplicates']}; "
         f"{s['template_id']} to {', '.join(s['channels'])} at {s['rate']:g}/s"
     )
     if s.get("first_due"):
@@ -227,7 +234,7 @@ def list_cmd(ctx: typer.Context, limit: int = typer.Option(50, "--limit", min=1)
 
 @app.command("status")
 def status_cmd(
-    ctx: typer.Context, campaign: str = typer.Argument(..., help="Campaign id or name."), as_json: bool = JsonOpt
+    ctx: typer.Context, campaign: str = typer.Argument(..., help=_REF_HELP), as_json: bool = JsonOpt
 ) -> None:
     """Where every recipient stands: notifications by state, deliveries per channel, suppressions by reason."""
     from campaigns.report import campaign_status
@@ -236,7 +243,7 @@ def status_cmd(
     if as_json:
         print_json(s)
         return
-    console.print(f"campaign [bold]{s['campaign_id']}[/bold] ({s['name']}): {s['state']}")
+    console.print(f"campaign [bold]{s['name']}[/bold] ({s['campaign_id']}): {s['state']}")
     console.print(
         f"{s['template_id']} to {', '.join(s['channels'])} at {s['rate']:g}/s; recipients {s['recipients']}"
         f" (planned {s['planned']}, bad rows {s['bad_rows']}); produced {s['produced']}"
@@ -256,40 +263,41 @@ def status_cmd(
 
 
 @app.command("pause")
-def pause_cmd(
-    ctx: typer.Context, campaign: str = typer.Argument(..., help="Campaign id or name."), as_json: bool = JsonOpt
-) -> None:  # noqa: E501
+def pause_cmd(ctx: typer.Context, campaign: str = typer.Argument(..., help=_REF_HELP), as_json: bool = JsonOpt) -> None:  # noqa: E501
     """Hold every notification not yet produced."""
     from campaigns.state import pause
 
     r = pause(get_ctx(ctx), campaign)
     print_json(r) if as_json else console.print(
-        f"{r['campaign_id']} paused: {r['paused']} held, {r['already_produced']} already produced"
+        f"{r['name']} ({r['campaign_id']}) paused: {r['paused']} held, {r['already_produced']} already produced; "
+        f"state {r['state']}"
     )
 
 
 @app.command("resume")
 def resume_cmd(
-    ctx: typer.Context, campaign: str = typer.Argument(..., help="Campaign id or name."), as_json: bool = JsonOpt
+    ctx: typer.Context, campaign: str = typer.Argument(..., help=_REF_HELP), as_json: bool = JsonOpt
 ) -> None:  # noqa: E501
     """Release a paused campaign; notifications whose time passed are spaced from now at the campaign's rate."""
     from campaigns.state import resume
 
     r = resume(get_ctx(ctx), campaign)
     print_json(r) if as_json else console.print(
-        f"{r['campaign_id']} resumed: {r['resumed']} scheduled ({r['rescheduled']} moved to now onwards)"
+        f"{r['name']} ({r['campaign_id']}) resumed: {r['resumed']} scheduled "
+        f"({r['rescheduled']} moved to now onwards); state {r['state']}"
         + ("; the launch was interrupted: run `campaign launch --resume`" if r["launch_incomplete"] else "")
     )
 
 
 @app.command("cancel")
 def cancel_cmd(
-    ctx: typer.Context, campaign: str = typer.Argument(..., help="Campaign id or name."), as_json: bool = JsonOpt
+    ctx: typer.Context, campaign: str = typer.Argument(..., help=_REF_HELP), as_json: bool = JsonOpt
 ) -> None:  # noqa: E501
     """Cancel every notification not yet produced (those already queued still go out)."""
     from campaigns.state import cancel
 
     r = cancel(get_ctx(ctx), campaign)
     print_json(r) if as_json else console.print(
-        f"{r['campaign_id']} canceled: {r['canceled']} not sent, {r['already_produced']} already produced"
+        f"{r['name']} ({r['campaign_id']}) canceled: {r['canceled']} not sent, "
+        f"{r['already_produced']} already produced; state {r['state']}"
     )

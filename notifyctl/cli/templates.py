@@ -1,55 +1,94 @@
+"""``notifyctl templates``: list, show, render and validate the TOML + Jinja2 templates."""
+
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
-from notifyctl.errors import InputError
+from notifyctl.cli.common import JsonOpt, console, err_console, get_ctx, print_json
+from notifyctl.errors import InputError, NotFound, TemplateError
+from notifyctl.templates import Template, TemplateStore
 
 app = typer.Typer(help="Notification templates (TOML + Jinja2).", no_args_is_help=True)
 
 
+def _get(store: TemplateStore, template_id: str) -> Template:
+    if not store.has(template_id):
+        raise NotFound(f"no template {template_id!r} (see `notifyctl templates list`)")
+    return store.get(template_id)
+
+
+def _data_needed(t: Template) -> list[dict[str, Any]]:
+    return [
+        {"name": n.name, "required": n.required, "channels": list(n.channels), "sample": t.sample.get(n.name)}
+        for n in t.needs()
+    ]
+
+
 @app.command("list")
 def list_(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
-    """Every template id with its category, priority and channels."""
-    ts = get_ctx(ctx).templates.all()
+    """Every template id with its category, priority and channels. A file that cannot be read is
+    listed with its problem (exit code 1); the others are listed as usual."""
+    loaded = get_ctx(ctx).templates.load_all()
     if as_json:
         print_json(
             [
                 {
-                    "id": t.id,
-                    "category": t.category,
-                    "priority": t.priority,
-                    "channels": t.channels,
-                    "description": t.description,
-                    "source": str(t.source),
+                    "id": x.template.id,
+                    "category": x.template.category,
+                    "priority": x.template.priority,
+                    "channels": x.template.channels,
+                    "description": x.template.description,
+                    "source": str(x.template.source),
+                    "error": None,
                 }
-                for t in ts
+                if x.template is not None
+                else {"id": x.id, "source": str(x.path), "error": x.error}
+                for x in loaded
             ]
         )
-        return
-    table = Table(title="Templates")
-    for col in ("id", "category", "priority", "channels", "description"):
-        table.add_column(col)
-    for t in ts:
-        table.add_row(t.id, t.category, t.priority, ",".join(t.channels), t.description)
-    console.print(table)
+    else:
+        table = Table(title="Templates")
+        for col in ("id", "category", "priority", "channels", "description"):
+            table.add_column(col)
+        for x in loaded:
+            if x.template is not None:
+                t = x.template
+                table.add_row(t.id, t.category, t.priority, ",".join(t.channels), t.description)
+        console.print(table)
+        for x in loaded:
+            if x.error is not None:
+                err_console.print(f"error: {x.error}", markup=False, highlight=False, soft_wrap=True)
+    if any(x.error is not None for x in loaded):
+        raise typer.Exit(1)
 
 
 @app.command("show")
 def show(ctx: typer.Context, template_id: str, as_json: bool = JsonOpt) -> None:
-    """A template's category, priority, sample data and source text of every part."""
-    t = get_ctx(ctx).templates.get(template_id)
+    """A template's category, priority, the data it needs (required or with a fallback, and its
+    sample value), the recipient fields it reads, and the source text of every part."""
+    t = _get(get_ctx(ctx).templates, template_id)
+    data = _data_needed(t)
     if as_json:
         print_json({"id": t.id, "category": t.category, "priority": t.priority, "description": t.description,
-                    "channels": t.channels, "sample": t.sample, "parts": t.parts, "source": str(t.source)})  # fmt: skip
+                    "channels": t.channels, "data": data, "user_fields": t.user_fields(), "sample": t.sample,
+                    "parts": t.parts, "source": str(t.source)})  # fmt: skip
         return
     console.print(f"[bold]{t.id}[/bold]  {t.category}, priority {t.priority}  ({t.source})", highlight=False)
     if t.description:
         console.print(t.description)
-    console.print(f"sample data: {json.dumps(t.sample)}", markup=False)
+    table = Table(title="data it needs")
+    for col in ("name", "required", "channels", "sample"):
+        table.add_column(col)
+    for d in data:
+        sample = "" if d["sample"] is None else json.dumps(d["sample"])
+        table.add_row(d["name"], "yes" if d["required"] else "no (has a fallback)", ",".join(d["channels"]), sample)
+    console.print(table)
+    if t.user_fields():
+        console.print(f"recipient fields read: {', '.join('user.' + f for f in t.user_fields())}", markup=False)
     for channel, parts in t.parts.items():
         console.rule(channel)
         for name, text in parts.items():
@@ -64,18 +103,19 @@ def render(
     data: str | None = typer.Option(None, "--data", help="JSON object of template data (default: the sample)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Preview every channel of a template rendered with the given (or sample) data."""
-    t = get_ctx(ctx).templates.get(template_id)
-    if data is None:
-        values = t.sample
-    else:
+    """Preview every channel of a template rendered with the given (or sample) data; ``user`` is
+    the sample's recipient ([sample.user]) or a stand-in."""
+    t = _get(get_ctx(ctx).templates, template_id)
+    values: Any = None
+    if data is not None:
         try:
             values = json.loads(data)
         except json.JSONDecodeError as exc:
             raise InputError(f"--data: malformed JSON: {exc}") from None
         if not isinstance(values, dict):
             raise InputError("--data: expected a JSON object")
-    out = {c: t.render(c, values) for c in t.channels}
+    preview = t.preview_data(values)
+    out = {c: t.render(c, preview) for c in t.channels}
     if as_json:
         print_json(out)
         return
@@ -86,11 +126,27 @@ def render(
 
 
 @app.command("validate")
-def validate(ctx: typer.Context) -> None:
-    """Render every template with its sample data; exit 2 on the first that fails."""
-    store = get_ctx(ctx).templates
-    for tid in store.ids():
-        t = store.get(tid)
-        for c in t.channels:
-            t.render(c, t.sample)
-        console.print(f"ok  {tid}")
+def validate(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
+    """Read every template and render each channel with its sample data; each problem on one
+    line. Exit code 1 when any template fails."""
+    results = []
+    for x in get_ctx(ctx).templates.load_all():
+        error = x.error
+        if x.template is not None:
+            try:
+                preview = x.template.preview_data()
+                for c in x.template.channels:
+                    x.template.render(c, preview)
+            except TemplateError as exc:
+                error = str(exc)
+        results.append({"id": x.id, "source": str(x.path), "ok": error is None, "error": error})
+    if as_json:
+        print_json(results)
+    else:
+        for r in results:
+            if r["ok"]:
+                console.print(f"ok     {r['id']}", markup=False)
+            else:
+                err_console.print(f"error  {r['id']}: {r['error']}", markup=False, highlight=False, soft_wrap=True)
+    if any(not r["ok"] for r in results):
+        raise typer.Exit(1)
