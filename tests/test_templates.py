@@ -277,13 +277,16 @@ def test_templates_cli_show_validate_and_a_broken_file(settings: Settings) -> No
     r = invoke(settings, "templates", "show", "weekly_promo", "--json")
     shown = json.loads(r.stdout)
     assert shown["data"] == [
-        {"name": "code", "required": True, "channels": ["push", "email", "sms"], "sample": "WEEK20"},
-        {"name": "discount", "required": True, "channels": ["push", "email", "sms"], "sample": 20},
-        {"name": "first_name", "required": False, "channels": ["push", "email"], "sample": None},
+        {"name": "code", "required": True, "secret": False, "channels": ["push", "email", "sms"], "sample": "WEEK20"},
+        {"name": "discount", "required": True, "secret": False, "channels": ["push", "email", "sms"], "sample": 20},
+        {"name": "first_name", "required": False, "secret": False, "channels": ["push", "email"], "sample": None},
     ]
     assert shown["user_fields"] == ["first_name"]
     r = invoke(settings, "templates", "show", "weekly_promo")
     assert r.exit_code == 0 and "no (has a fallback)" in r.stdout and "user.first_name" in r.stdout
+    otp = json.loads(invoke(settings, "templates", "show", "otp_code", "--json").stdout)
+    assert [d["name"] for d in otp["data"] if d["secret"]] == ["code"]
+    assert "never shown" in invoke(settings, "templates", "show", "otp_code").stdout
     r = invoke(settings, "templates", "validate", "--json")
     assert r.exit_code == 0 and all(x["ok"] for x in json.loads(r.stdout))
 

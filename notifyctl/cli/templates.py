@@ -23,7 +23,13 @@ def _get(store: TemplateStore, template_id: str) -> Template:
 
 def _data_needed(t: Template) -> list[dict[str, Any]]:
     return [
-        {"name": n.name, "required": n.required, "channels": list(n.channels), "sample": t.sample.get(n.name)}
+        {
+            "name": n.name,
+            "required": n.required,
+            "secret": n.name in t.secret,
+            "channels": list(n.channels),
+            "sample": t.sample.get(n.name),
+        }
         for n in t.needs()
     ]
 
@@ -81,11 +87,17 @@ def show(ctx: typer.Context, template_id: str, as_json: bool = JsonOpt) -> None:
     if t.description:
         console.print(t.description)
     table = Table(title="data it needs")
-    for col in ("name", "required", "channels", "sample"):
+    for col in ("name", "required", "secret", "channels", "sample"):
         table.add_column(col)
     for d in data:
         sample = "" if d["sample"] is None else json.dumps(d["sample"])
-        table.add_row(d["name"], "yes" if d["required"] else "no (has a fallback)", ",".join(d["channels"]), sample)
+        table.add_row(
+            d["name"],
+            "yes" if d["required"] else "no (has a fallback)",
+            "yes (never shown, erased once sent)" if d["secret"] else "",
+            ",".join(d["channels"]),
+            sample,
+        )
     console.print(table)
     if t.user_fields():
         console.print(f"recipient fields read: {', '.join('user.' + f for f in t.user_fields())}", markup=False)
