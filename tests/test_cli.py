@@ -12,7 +12,7 @@ from notifyctl.cli.main import app
 from notifyctl.context import Context
 from notifyctl.settings import Settings
 from tests.conftest import cli_env, run_cli
-from tests.util import count_notifications, queue_depths, seed
+from tests.util import ANDROID_TOKEN, count_notifications, queue_depths, seed
 
 runner = CliRunner()
 
@@ -252,7 +252,7 @@ def test_prefs_and_tokens_commands(ctx: Context, settings: Settings) -> None:
     assert r.exit_code == 2
     r = invoke(settings, "tokens", "list", "--json")
     assert sorted(t["user_id"] for t in json.loads(r.stdout)) == ["alice", "bob"]
-    r = invoke(settings, "tokens", "revoke", "android-token-bob")
+    r = invoke(settings, "tokens", "revoke", ANDROID_TOKEN)
     assert r.exit_code == 0
     r = invoke(settings, "tokens", "list", "--json")
     assert [t["user_id"] for t in json.loads(r.stdout)] == ["alice"]
