@@ -418,6 +418,26 @@ def test_race_both_tokens_loaded_goes_to_the_device_once(
     assert got == sorted([(NEW, "sent", None), (OLD, "suppressed", "token_replaced")])
 
 
+def test_race_replacement_now_registered_to_someone_else_is_not_followed(
+    ctx: Context, settings: Settings, after_token_load: list
+) -> None:
+    """The device that had carol's OLD now has NEW, which dave registered meanwhile (a handed-down
+    phone): carol's notification goes to neither."""
+    seed(ctx)
+    register_token(ctx, "carol", OLD, "ios")
+    n = send(ctx, recipient_id="carol", channels=["push"])
+
+    def hand_down() -> None:
+        register_device(ctx, "carol", NEW, "ios", replaces=OLD)
+        register_device(ctx, "dave", NEW, "ios")
+
+    after_token_load.append(hand_down)
+    drain(settings)
+    assert outbox(settings) == []
+    [d] = deliveries(ctx, n.notification_id)
+    assert (d.address, d.status, d.reason) == (OLD, "suppressed", "token_replaced")
+
+
 KEY_ID, TEAM_ID, TOPIC = "ABC123DEFG", "TEAM123456", "com.example.app"
 
 

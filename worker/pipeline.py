@@ -745,7 +745,7 @@ def _follow_replaced_tokens(
     push = sorted({d.address for d in due if d.channel == "push"})
     if not push:
         return due
-    sql = "SELECT token, platform, removed_at, replaced_by FROM device_tokens"
+    sql = "SELECT token, platform, removed_at, replaced_by, user_id FROM device_tokens"
     known = {r[0]: r for r in rows_where_in(conn, sql, "token", push, "AND replaced_by IS NOT NULL")}
     if not known:
         return due
@@ -755,10 +755,10 @@ def _follow_replaced_tokens(
             break
         known.update({r[0]: r for r in rows_where_in(conn, sql, "token", ahead)})
 
-    def live_end(token: str) -> tuple[str, str] | None:  # (token, platform) of the device's live token
+    def live_end(token: str, user_id: str) -> tuple[str, str] | None:  # (token, platform): the device's live token
         for _ in range(_REPLACED_HOPS + 1):
             row = known.get(token)
-            if row is None:
+            if row is None or row[4] != user_id:  # a token since registered by someone else is not this device's
                 return None
             if row[2] is None:
                 return row[0], row[1]
@@ -773,7 +773,7 @@ def _follow_replaced_tokens(
         if row is None or row[3] is None or row[2] is None:  # not replaced (or live again)
             still.append(d)
             continue
-        end = live_end(row[3])
+        end = live_end(row[3], d.user_id)
         taken = {x.address for x in batch.deliveries.get(d.notification_id, ()) if x.channel == "push" and x is not d}
         if end is None or end[0] in taken:
             why = "no live token" if end is None else "the new token has its own delivery"
