@@ -33,15 +33,15 @@ from typer.testing import CliRunner
 from notifyctl.cli.main import app as cli_app
 from notifyctl.context import Context
 from notifyctl.errors import InputError, TemplateError
+from notifyctl.identifiers import check_token, refused_char
 from notifyctl.intake import NotifyRequest, parse_request
-from notifyctl.models import User
+from notifyctl.models import DeviceToken, User
 from notifyctl.settings import Settings
 from notifyctl.templates import SHIPPED, Template, parse_template
 from tests import fuzz_util
 from tests.conftest import cli_env
 from tests.fuzz_util import BigBytes, BigStr, count, snapshot
-from tests.util import IOS_TOKEN, ApiServer, seed
-from tests.util import fcm_token as tests_fcm_token
+from tests.util import IOS_TOKEN, ApiServer, fcm_token, seed
 
 FUZZ = settings(
     max_examples=50,
@@ -659,7 +659,7 @@ def push_token(draw: st.DrawFn) -> str:
         return draw(st.text(_HEXCHARS + _FCMCHARS, min_size=1, max_size=40))
     if kind == "junk":
         return draw(st.text(max_size=80)) or "x"
-    base = draw(st.sampled_from(["ab" * 32, tests_fcm_token("fuzz")]))
+    base = draw(st.sampled_from(["ab" * 32, fcm_token("fuzz")]))
     at = draw(st.integers(0, len(base)))
     return base[:at] + draw(st.sampled_from(_INVISIBLE)) + base[at:]
 
@@ -677,8 +677,6 @@ any_pair = st.tuples(maybe(st.sampled_from(["ios", "android"])), push_token())
 
 
 def _tokens(ctx: Context) -> dict[str, tuple[str, str, str | None]]:
-    from notifyctl.models import DeviceToken
-
     with Session(ctx.engine) as s:
         return {t.token: (t.user_id, t.platform, t.removed_reason) for t in s.query(DeviceToken)}
 
@@ -686,8 +684,6 @@ def _tokens(ctx: Context) -> dict[str, tuple[str, str, str | None]]:
 def test_fuzz_cli_tokens_register(ctx: Context, settings: Settings) -> None:
     """`tokens register` with any token, user and flags: exit 0 with the token stored in its
     normalised form, 2 (one line, nothing written) or 4 (unknown user, nothing written)."""
-    from notifyctl.identifiers import check_token
-
     seed(ctx)
     env = cli_env(settings)
     outcomes: dict[int, int] = {}
@@ -733,7 +729,6 @@ def test_fuzz_http_directory(ctx: Context, api: tuple[ApiServer, httpx.Client]) 
     """`PUT /v1/users/{id}` and `POST /v1/users/{id}/tokens` with any id, email and token: a 2xx,
     or a 4xx with a one-line error and nothing written."""
     from notifyctl.api.auth import create_key
-    from notifyctl.identifiers import refused_char
 
     seed(ctx)
     _server, client = api
