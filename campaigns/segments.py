@@ -32,6 +32,7 @@ from time import monotonic
 from typing import Any
 
 from notifyctl.errors import InputError
+from notifyctl.identifiers import check_user_id
 
 
 @dataclass(slots=True)
@@ -122,12 +123,10 @@ class CsvSegment:
                 if len(rec) != width:
                     bad.add(line, "malformed", f"{len(rec)} fields, the header has {width}")
                     continue
-                uid = rec[uid_at].strip()
-                if not uid:
-                    bad.add(line, "malformed", "user_id is empty")
-                    continue
-                if len(uid) > 255:
-                    bad.add(line, "malformed", "user_id longer than 255 characters")
+                try:
+                    uid = check_user_id(rec[uid_at])
+                except InputError as exc:
+                    bad.add(line, "malformed", str(exc))
                     continue
                 yield SegmentRow(line, uid, {k: v for k, v in zip(names, rec, strict=True) if k and k != "user_id"})
 
@@ -268,12 +267,10 @@ class SqlSegment:
                     for row in result:
                         n += 1
                         raw_uid = row[uid_at]
-                        uid = "" if raw_uid is None else str(raw_uid).strip()
-                        if not uid:
-                            bad.add(n, "malformed", "user_id is empty")
-                            continue
-                        if len(uid) > 255:
-                            bad.add(n, "malformed", "user_id longer than 255 characters")
+                        try:
+                            uid = check_user_id("" if raw_uid is None else str(raw_uid))
+                        except InputError as exc:
+                            bad.add(n, "malformed", str(exc))
                             continue
                         extras = {names[i]: _jsonable(v) for i, v in enumerate(row) if i != uid_at}
                         long = _too_long(extras, self.max_value)

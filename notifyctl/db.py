@@ -355,14 +355,80 @@ def checkpoint(engine: Engine) -> None:
         conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").all()
 
 
+def _existing_columns(conn: Connection) -> dict[str, set[str]]:
+    """Table name → its column names, in one query (this runs every time a process opens the database)."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        rows = conn.exec_driver_sql(
+            "SELECT m.name, p.name FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS p WHERE m.type = 'table'"
+        ).all()
+    elif dialect == "postgresql":
+        rows = conn.exec_driver_sql(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+        ).all()
+    else:
+        from sqlalchemy import inspect
+
+        insp = inspect(conn)
+        rows = [(t, c["name"]) for t in insp.get_table_names() for c in insp.get_columns(t)]
+    out: dict[str, set[str]] = {}
+    for table, column in rows:
+        out.setdefault(table, set()).add(column)
+    return out
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """The schema-upgrade step: add the model's columns that an existing table lacks.
+
+    ``create_all`` creates missing tables but never alters an existing one, so a database made by
+    an earlier release would lack a column added since (``device_tokens.device_id``). Only
+    nullable columns without a server default are added this way (``ALTER TABLE ... ADD COLUMN``,
+    instant on SQLite and PostgreSQL: existing rows read NULL); anything else is a ConfigError
+    naming the column. Idempotent, and safe when two processes upgrade at once (PostgreSQL ``IF NOT
+    EXISTS``; on SQLite the loser's duplicate-column error is ignored). Returns ``table.column`` of
+    each column added."""
+    added: list[str] = []
+    q = engine.dialect.identifier_preparer
+    with engine.begin() as conn:
+        existing = _existing_columns(conn)
+        for table in SQLModel.metadata.sorted_tables:
+            have = existing.get(table.name)
+            if not have:
+                continue  # not created here (another schema), or nothing to compare with
+            for col in table.columns:
+                if col.name in have:
+                    continue
+                if not col.nullable or col.primary_key or col.server_default is not None:
+                    raise ConfigError(
+                        f"database table {table.name} lacks column {col.name}, which cannot be added automatically"
+                    )
+                ddl = (
+                    f"ALTER TABLE {q.format_table(table)} ADD COLUMN"
+                    f"{' IF NOT EXISTS' if engine.dialect.name == 'postgresql' else ''} "
+                    f"{q.quote(col.name)} {col.type.compile(dialect=engine.dialect)}"
+                )
+                try:
+                    conn.exec_driver_sql(ddl)
+                except OperationalError as exc:  # SQLite: another process added it meanwhile
+                    if "duplicate column" not in str(exc.orig).lower():
+                        raise
+                added.append(f"{table.name}.{col.name}")
+            for index in table.indexes:
+                if any(c.name not in have for c in index.columns):
+                    index.create(conn, checkfirst=True)
+    return added
+
+
 def engine_for(settings: Any) -> Engine:
-    """The (cached, per-process) engine for these settings, with the schema created."""
+    """The (cached, per-process) engine for these settings, with the schema created and upgraded
+    (``add_missing_columns``)."""
     url = settings.effective_database_url()
     engine = _engines.get(url)
     if engine is None:
         engine = make_engine(url)
         try:
             SQLModel.metadata.create_all(engine)
+            add_missing_columns(engine)
         except OperationalError as exc:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
         _engines[url] = engine

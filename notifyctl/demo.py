@@ -60,7 +60,13 @@ def run_demo(ctx: Context, keep: bool = False) -> None:
     report = import_users(ctx, io.StringIO(USERS_CSV))
     console.print(f"imported {report.imported} users (phones normalised to E.164)")
     register_token(ctx, "demo-alice", "a1" * 32, "ios")
-    register_token(ctx, "demo-bob", "fcm-demo-token-bob-0001", "android")
+    register_token(  # a made-up FCM registration token, shaped like a real one
+        ctx,
+        "demo-bob",
+        "eDemoBob0001:APA91bcfdd601be826835d6a59c993254eb5786da08ee32379b680795ebe708f0060f9"
+        "cfdd601be826835d6a59c993254eb5786da08ee32379b680795ebe708f0060f9",
+        "android",
+    )
     set_prefs(ctx, "demo-bob", off=["marketing"], on=[])
     console.print("alice: iOS device · bob: Android device, opted out of marketing · dave: SMS only")
 

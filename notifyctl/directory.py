@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import phonenumbers
 import pytz
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from notifyctl.context import Context
+from notifyctl.db import write_lock
 from notifyctl.errors import InputError, NotFound
+from notifyctl.identifiers import check_email, check_platform, check_text_id, check_token, check_user_id
 from notifyctl.models import DeviceToken, OptOut, User, utcnow
 from notifyctl.prefs import invalidate
 from notifyctl.settings import CATEGORIES, CHANNELS
@@ -25,7 +27,6 @@ KNOWN_COLUMNS = ("user_id", "email", "phone", "timezone", "locale", "sms_opt_in"
 USER_UPDATE_COLS = ["email", "phone", "timezone", "locale", "sms_opt_in", "attributes", "updated_at"]
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"", "0", "false", "no", "n", "off"}
-PLATFORMS = ("ios", "android")
 
 
 def normalize_phone(raw: str, region: str) -> str:
@@ -45,22 +46,11 @@ def check_timezone(tz: str) -> str:
     return tz
 
 
-def _email_ok(e: str) -> bool:
-    if len(e) > 320 or e.count("@") != 1:
-        return False
-    local, domain = e.split("@")
-    return bool(local) and "." in domain and not any(c.isspace() for c in e)
-
-
 def build_user_row(raw: dict[str, str | None], region: str, default_tz: str) -> dict[str, Any]:
-    uid = (raw.get("user_id") or "").strip()
-    if not uid:
-        raise InputError("user_id is empty")
-    if len(uid) > 255:
-        raise InputError("user_id longer than 255 characters")
+    uid = check_user_id(raw.get("user_id") or "")
     email = (raw.get("email") or "").strip() or None
-    if email and not _email_ok(email):
-        raise InputError(f"email {email!r}: not an email address")
+    if email:
+        email = check_email(email)
     phone = (raw.get("phone") or "").strip() or None
     if phone:
         phone = normalize_phone(phone, region)
@@ -136,8 +126,11 @@ def iter_csv(stream: io.TextIOBase | Iterable[str]) -> Iterator[tuple[int, dict[
         yield reader.line_num, row
 
 
-def import_users(ctx: Context, stream: Any, batch: int = 1000) -> ImportReport:
-    """Upsert users from CSV; bad rows are reported with their line number and skipped."""
+def import_users(
+    ctx: Context, stream: Any, batch: int = 1000, progress: Callable[[int], None] | None = None
+) -> ImportReport:
+    """Upsert users from CSV; bad rows are reported with their line number and skipped.
+    ``progress(rows read so far)`` is called after each batch is written."""
     s = ctx.settings
     report = ImportReport()
     rows: dict[str, dict[str, Any]] = {}
@@ -170,6 +163,8 @@ def import_users(ctx: Context, stream: Any, batch: int = 1000) -> ImportReport:
                     )
                     report.imported += len(rows)
                     rows.clear()
+                    if progress is not None:
+                        progress(report.imported + len(report.errors))
         except csv.Error as exc:
             report.errors.append((-1, f"malformed CSV: {exc}; rest of the file skipped"))
         upsert(
@@ -181,6 +176,8 @@ def import_users(ctx: Context, stream: Any, batch: int = 1000) -> ImportReport:
         )
         report.imported += len(rows)
         session.commit()
+    if progress is not None:
+        progress(report.imported + len(report.errors))
     return report
 
 
@@ -253,24 +250,185 @@ def show_user(ctx: Context, user_id: str) -> dict[str, Any]:
         }
 
 
-def register_token(ctx: Context, user_id: str, token: str, platform: str) -> DeviceToken:
-    token = token.strip()
-    if platform not in PLATFORMS:
-        raise InputError(f"--platform: must be ios or android, got {platform!r}")
-    if not token or len(token) > 512 or any(c.isspace() for c in token):
-        raise InputError("token: must be 1-512 characters without spaces")
-    if platform == "ios" and not all(c in "0123456789abcdefABCDEF" for c in token):
-        raise InputError("token: an APNs device token is hexadecimal")
-    with Session(ctx.engine, expire_on_commit=False) as session:
-        get_user(session, user_id)
+MAX_LIST = 10000
+
+
+def list_users(
+    ctx: Context,
+    *,
+    after: str | None = None,
+    limit: int = 50,
+    search: str | None = None,
+    timezone: str | None = None,
+    locale: str | None = None,
+    push: bool | None = None,
+    opted_out: str | None = None,
+) -> list[dict[str, Any]]:
+    """Users in id order, a page at a time (``after``: the last id of the previous page), each with
+    its number of live push tokens and its opt-outs (``channel:category``).
+
+    Filters: ``search`` (part of the id or email, any case), ``timezone``, ``locale``, ``push``
+    (True: with a live push token, False: without), ``opted_out`` (a preference as ``prefs set``
+    takes it: ``marketing``, ``sms``, ``email:marketing``)."""
+    if not 1 <= limit <= MAX_LIST:
+        raise InputError(f"--limit: must be between 1 and {MAX_LIST}, got {limit}")
+    q = select(User).order_by(User.id).limit(limit)
+    if after is not None:
+        q = q.where(User.id > after)
+    if search:
+        pattern = "%" + search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        q = q.where(
+            or_(
+                func.lower(User.id).like(pattern, escape="\\"),
+                func.lower(func.coalesce(User.email, "")).like(pattern, escape="\\"),
+            )
+        )
+    if timezone:
+        q = q.where(User.timezone == check_timezone(timezone))
+    if locale:
+        q = q.where(User.locale == locale)
+    live_token = select(DeviceToken.user_id).where(DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
+    if push is True:
+        q = q.where(User.id.in_(live_token))  # type: ignore[attr-defined]
+    elif push is False:
+        q = q.where(User.id.not_in(live_token))  # type: ignore[attr-defined]
+    if opted_out:
+        ch, cat = parse_pref(opted_out)
+        q = q.where(
+            User.id.in_(select(OptOut.user_id).where(OptOut.channel == ch, OptOut.category == cat))  # type: ignore[attr-defined]
+        )
+    with Session(ctx.engine) as session:
+        users = list(session.execute(q).scalars())
+        ids = [u.id for u in users]
+        tokens: dict[str, int] = {}
+        opts: dict[str, list[str]] = {}
+        if ids:
+            tokens = dict(
+                session.execute(  # type: ignore[arg-type]
+                    select(DeviceToken.user_id, func.count())
+                    .where(DeviceToken.user_id.in_(ids), DeviceToken.removed_at.is_(None))  # type: ignore[attr-defined,union-attr]
+                    .group_by(DeviceToken.user_id)
+                ).all()
+            )
+            for o in session.execute(
+                select(OptOut.user_id, OptOut.channel, OptOut.category)
+                .where(OptOut.user_id.in_(ids))  # type: ignore[attr-defined]
+                .order_by(OptOut.user_id, OptOut.channel, OptOut.category)
+            ):
+                opts.setdefault(o.user_id, []).append(f"{o.channel}:{o.category}")
+        return [{**u.model_dump(), "push_tokens": tokens.get(u.id, 0), "opt_outs": opts.get(u.id, [])} for u in users]
+
+
+@dataclass
+class Registration:
+    """What ``register_device`` did: the live token, the tokens it retired as ``replaced``, and
+    whether ``replaces`` named a token never registered (then nothing was retired for it)."""
+
+    token: DeviceToken
+    replaced: list[str] = field(default_factory=list)
+    replaces_unknown: bool = False
+
+
+MAX_CHAIN = 16  # replaced_by hops followed: a device re-registering in a loop must not loop us
+
+
+def register_device(
+    ctx: Context,
+    user_id: str,
+    token: str,
+    platform: str,
+    *,
+    replaces: str | None = None,
+    device_id: str | None = None,
+) -> Registration:
+    """Register (or re-activate) a push token for a user, retiring what it replaces in the same
+    transaction, so a send loads either the old token or the new one, never both.
+
+    ``replaces``: the token this device had before (a reinstall, a restore, a rotation): it, and
+    whatever already replaced it, are retired with the reason ``replaced``. ``device_id``: the
+    app's own id for the device; every other live token of this user on that device is retired
+    the same way (a token that names what it replaces inherits that one's device id). Retired
+    tokens point at the new one (``replaced_by``): deliveries already fanned out to them go to it.
+
+    Checks, in order: the platform, the user (NotFound), the token's shape for its platform
+    (``identifiers.check_token``), ``replaces`` and ``device_id``; nothing is written unless all pass.
+    """
+    platform = check_platform(platform)
+    # Two registrations racing for one device must not each miss the other's new token: one per
+    # user at a time (PostgreSQL: the user's row locked; SQLite: the writer lock, reads included).
+    with write_lock(ctx.engine), Session(ctx.engine, expire_on_commit=False) as session:
+        if session.execute(select(User.id).where(User.id == user_id).with_for_update()).first() is None:
+            raise NotFound(f"no user {user_id!r}")
+        token = check_token(token, platform)
+        dev = check_text_id(device_id, "device_id") if device_id is not None else None
+        retire: set[str] = set()
+        replaces_unknown = False
+        if platform == "ios":  # the same APNs token stored in another case (as given, before): same device
+            for variant in session.execute(
+                select(DeviceToken).where(
+                    DeviceToken.user_id == user_id,
+                    func.lower(DeviceToken.token) == token,
+                    DeviceToken.token != token,
+                )
+            ).scalars():
+                retire.add(variant.token)
+                dev = dev or variant.device_id
+        if replaces is not None:
+            old_key = check_text_id(replaces, "replaces", max_len=512)
+            old = session.get(DeviceToken, old_key) or session.get(DeviceToken, old_key.lower())
+            if old is None:
+                replaces_unknown = True
+            else:
+                if old.token == token:
+                    raise InputError("replaces: names the token being registered")
+                if old.user_id != user_id:
+                    raise InputError(f"replaces: token {old.token[:12]}… is not one of {user_id!r}'s")
+                dev = dev or old.device_id
+                # the device may have changed tokens more than once: the live end of the chain goes too
+                for _ in range(MAX_CHAIN):
+                    if old.user_id == user_id and old.token != token:
+                        retire.add(old.token)
+                    nxt = session.get(DeviceToken, old.replaced_by) if old.replaced_by else None
+                    if nxt is None:
+                        break
+                    old = nxt
         t = session.get(DeviceToken, token)
         if t is None:
-            t = DeviceToken(token=token, user_id=user_id, platform=platform)
+            t = DeviceToken(token=token, user_id=user_id, platform=platform, device_id=dev)
             session.add(t)
         else:  # re-registration: the token moves to this user and is live again
-            t.user_id, t.platform, t.removed_at, t.removed_reason = user_id, platform, None, None
+            t.user_id, t.platform, t.removed_at, t.removed_reason, t.replaced_by = user_id, platform, None, None, None
+            t.device_id = dev or t.device_id
+        session.flush()
+        live = DeviceToken.removed_at.is_(None)  # type: ignore[union-attr]
+        now = utcnow()
+        retired: list[str] = []
+        if retire:
+            retired += session.execute(
+                update(DeviceToken)
+                .where(DeviceToken.token.in_(sorted(retire)), live)  # type: ignore[attr-defined]
+                .values(removed_at=now, removed_reason="replaced", replaced_by=token)
+                .returning(DeviceToken.token)
+            ).scalars()
+        if t.device_id:
+            retired += session.execute(
+                update(DeviceToken)
+                .where(
+                    DeviceToken.user_id == user_id,
+                    DeviceToken.device_id == t.device_id,
+                    DeviceToken.token != token,
+                    live,
+                )
+                .values(removed_at=now, removed_reason="replaced", replaced_by=token)
+                .returning(DeviceToken.token)
+            ).scalars()
         session.commit()
-        return t
+        return Registration(t, sorted(set(retired)), replaces_unknown)
+
+
+def register_token(ctx: Context, user_id: str, token: str, platform: str) -> DeviceToken:
+    """``register_device`` without a replacement: the registered token."""
+    return register_device(ctx, user_id, token, platform).token
 
 
 def list_tokens(ctx: Context, user_id: str | None = None, include_removed: bool = False) -> list[DeviceToken]:
@@ -284,10 +442,14 @@ def list_tokens(ctx: Context, user_id: str | None = None, include_removed: bool 
 
 
 def revoke_token(ctx: Context, token: str, reason: str = "revoked by operator") -> None:
+    token = token.strip()
     with Session(ctx.engine) as session:
         res = session.execute(
             update(DeviceToken)
-            .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
+            .where(
+                DeviceToken.token.in_({token, token.lower()}),  # type: ignore[attr-defined]  # APNs tokens are kept lower-case
+                DeviceToken.removed_at.is_(None),  # type: ignore[union-attr]
+            )
             .values(removed_at=utcnow(), removed_reason=reason)
         )
         session.commit()

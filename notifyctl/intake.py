@@ -26,6 +26,7 @@ from notifyctl import keys, prefs
 from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.errors import InputError
+from notifyctl.identifiers import check_user_id
 from notifyctl.models import Notification, NotificationStatus, User, new_id, utcnow
 from notifyctl.secretdata import erase
 from notifyctl.settings import CHANNELS
@@ -61,12 +62,20 @@ def storable(value: Any) -> Any:
     return value
 
 
+def _user_id(value: str) -> str:
+    """Pydantic validator: ``identifiers.check_user_id`` (no control or invisible formatting characters)."""
+    try:
+        return check_user_id(value, "user id")
+    except InputError as exc:
+        raise ValueError(str(exc).removeprefix("user id: ")) from None
+
+
 class NotifyRequest(BaseModel):
     """The seed's ``POST /v1/notify`` body; ``notifyctl send`` takes the same."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    recipient_id: str = Field(min_length=1, max_length=255)
+    recipient_id: Annotated[str, AfterValidator(_user_id)] = Field(min_length=1, max_length=255)
     template_id: str = Field(min_length=1, max_length=128)
     type: str | None = Field(None, max_length=128)
     priority: Literal["high", "normal", "low"] | None = None

@@ -124,6 +124,14 @@ class OptOut(SQLModel, table=True):
 
 
 class DeviceToken(SQLModel, table=True):
+    """A push token. One row per token ever registered: a removed one keeps when and why
+    (``removed_reason``: the provider's answer, ``stale: ...``, ``replaced``...).
+
+    A device's token changes (reinstall, restore, rotation): a registration that names the token it
+    replaces, or carries the app's ``device_id`` (one live token per device per user), retires the
+    old token with the reason ``replaced`` and ``replaced_by`` pointing at the new one, which the
+    worker follows for deliveries already fanned out to the old token."""
+
     __tablename__ = "device_tokens"
     token: str = Field(primary_key=True, max_length=512)
     user_id: str = Field(index=True, max_length=255)
@@ -132,6 +140,10 @@ class DeviceToken(SQLModel, table=True):
     last_success_at: datetime | None = None
     removed_at: datetime | None = Field(default=None, index=True)
     removed_reason: str | None = Field(default=None, max_length=255)
+    # Added after the first release: nullable, so ``db.add_missing_columns`` can add them to an
+    # existing table.
+    device_id: str | None = Field(default=None, max_length=255)
+    replaced_by: str | None = Field(default=None, max_length=512)
 
 
 class Notification(SQLModel, table=True):

@@ -28,6 +28,7 @@ from notifyctl.errors import InputError
 from notifyctl.models import Delivery, Notification, User
 from notifyctl.settings import Settings
 from tests.conftest import cli_env
+from tests.util import fcm_token
 from worker.pool import run_worker
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
@@ -304,7 +305,7 @@ def test_dry_run_counts_equal_what_a_real_run_sends(ctx: Context) -> None:
         rows.append(f"d{i},{email},{phone},{tz},{'true' if i % 4 else 'false'}")
     add_users(ctx, rows)
     for i in range(0, 120, 5):
-        register_token(ctx, f"d{i}", f"android-{i}", "android")
+        register_token(ctx, f"d{i}", fcm_token(f"d{i}"), "android")
     register_token(ctx, "d0", "ab" * 32, "ios")  # two tokens: two push deliveries
     for i in range(3, 120, 11):
         set_prefs(ctx, f"d{i}", ["email:marketing"], [])

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import select
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import redis
+from sqlalchemy import select as sql_select
+from sqlmodel import Session
 from typer.testing import CliRunner
 
 from notifyctl.cli.main import app
 from notifyctl.context import Context
+from notifyctl.models import Notification
+from notifyctl.redisconn import redis_server_binary
 from notifyctl.settings import Settings
-from tests.conftest import cli_env, run_cli
-from tests.util import count_notifications, queue_depths, seed
+from tests.conftest import ROOT, cli_env, run_cli
+from tests.util import ANDROID_TOKEN, count_notifications, queue_depths, seed
 
 runner = CliRunner()
 
@@ -252,7 +265,7 @@ def test_prefs_and_tokens_commands(ctx: Context, settings: Settings) -> None:
     assert r.exit_code == 2
     r = invoke(settings, "tokens", "list", "--json")
     assert sorted(t["user_id"] for t in json.loads(r.stdout)) == ["alice", "bob"]
-    r = invoke(settings, "tokens", "revoke", "android-token-bob")
+    r = invoke(settings, "tokens", "revoke", ANDROID_TOKEN)
     assert r.exit_code == 0
     r = invoke(settings, "tokens", "list", "--json")
     assert [t["user_id"] for t in json.loads(r.stdout)] == ["alice"]
@@ -299,3 +312,252 @@ def test_demo_on_embedded_defaults(tmp_path: Path) -> None:
         assert r2.returncode == 0 and "rate_limited:email" in r2.stdout
     finally:
         stop_server(home / "redis")
+
+
+# ------------------------------------------------------------- send: flags against the file
+
+
+def _req(tmp_path: Path, **fields: object) -> str:
+    body = {"recipient_id": "carol", "template_id": "otp_code", "data": {"code": "1", "minutes": 5}, **fields}
+    f = tmp_path / "req.json"
+    f.write_text(json.dumps(body))
+    return str(f)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["bob"], "recipient_id: RECIPIENT says 'bob' but the file says 'carol'"),
+        (["-t", "security_alert"], "template_id: --template says 'security_alert' but the file says 'otp_code'"),
+        (["-p", "low"], "priority: --priority says 'low' but the file says 'high'"),
+        (["-c", "email"], 'channels: --channel says ["email"] but the file says ["sms"]'),
+        (["-k", "otp:2"], "dedup_key: --dedup-key says 'otp:2' but the file says 'otp:1'"),
+        (["-d", "code=2"], "data.code: --data says '2' but the file says '1'"),
+        (["--data-json", '{"minutes": 6}'], "data.minutes: --data-json says 6 but the file says 5"),
+    ],
+)
+def test_send_flag_conflicting_with_the_file_is_exit_2(
+    ctx: Context, settings: Settings, tmp_path: Path, args: list[str], message: str
+) -> None:
+    seed(ctx)
+    f = _req(tmp_path, priority="high", channels=["sms"], dedup_key="otp:1")
+    positional, flags = (args[:1], args[1:]) if args[0] == "bob" else ([], args)
+    r = invoke(settings, "send", *positional, "-f", f, *flags)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert count_notifications(ctx) == 0 and sum(queue_depths(ctx).values()) == 0
+    assert ctx.redis.keys("notif:dedup:*") == []
+
+
+def test_send_flags_agreeing_with_the_file_or_adding_to_it_are_fine(
+    ctx: Context, settings: Settings, tmp_path: Path
+) -> None:
+    seed(ctx)
+    f = _req(tmp_path, channels=["sms", "email"])
+    r = invoke(settings, "send", "carol", "-f", f, "-c", "email,sms", "-d", "minutes=5", "-k", "new", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["status"] == "queued" and sorted(out["channels"]) == ["email", "sms"]
+    with Session(ctx.engine) as s:
+        [n] = s.execute(sql_select(Notification)).scalars()
+    assert (n.recipient_id, n.dedup_key, n.data) == ("carol", "new", {"code": "1", "minutes": "5"})
+
+
+# ------------------------------------------------------------------ worker -v: every outcome
+
+
+def test_worker_verbose_logs_every_outcome_sent_included(ctx: Context, settings: Settings) -> None:
+    seed(ctx)
+    sent = invoke(settings, "send", "alice", "-t", "otp_code", "-c", "sms", "-d", "code=1", "-d", "minutes=2", "--json")
+    nid = json.loads(sent.stdout)["notification_id"]
+    opted = invoke(settings, "prefs", "set", "bob", "--off", "email")
+    assert opted.exit_code == 0
+    blocked = invoke(settings, "send", "bob", "-t", "otp_code", "-c", "email,sms", "-d", "code=1", "-d", "minutes=2")
+    assert blocked.exit_code == 0, blocked.output
+    quiet = run_cli(settings, "worker", "--burst")
+    assert quiet.returncode == 0 and "delivery" not in quiet.stderr, quiet.stderr  # default: problems only
+    sent2 = invoke(settings, "send", "alice", "-t", "otp_code", "-c", "sms", "-d", "code=2", "-d", "minutes=2")
+    nid2 = sent2.stdout.split()[0]
+    r = run_cli(settings, "worker", "--burst", "-v")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "delivery sent" in ln]
+    assert len(lines) == 1 and f"notification_id={nid2}" in lines[0] and "provider=outbox" in lines[0], r.stderr
+    assert nid not in r.stderr  # sent before, by the quiet run
+
+
+def test_worker_verbose_logs_suppressed_outcomes_too(ctx: Context, settings: Settings) -> None:
+    seed(ctx)
+    assert invoke(settings, "prefs", "set", "bob", "--off", "email").exit_code == 0
+    r = invoke(settings, "send", "bob", "-t", "otp_code", "-c", "email,sms", "-d", "code=1", "-d", "minutes=2")
+    assert r.exit_code == 0, r.output
+    w = run_cli(settings, "worker", "--burst", "-v")
+    assert "delivery suppressed: opted_out:email:*" in w.stderr and "delivery sent" in w.stderr, w.stderr
+
+
+# -------------------------------------------------------------------- users import, users list
+
+
+def _pty_run(settings: Settings, *args: str, timeout: float = 60) -> tuple[int, str]:
+    """Run notifyctl with stdout and stderr on a pseudo-terminal, as in an interactive shell."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "notifyctl.cli.main", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        env={**cli_env(settings), "TERM": "xterm-256color", "COLUMNS": "120"},
+        cwd=ROOT,
+    )
+    os.close(slave)
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(timeout), out.decode("utf-8", "replace")
+
+
+def test_users_import_shows_progress_on_a_terminal_only(ctx: Context, settings: Settings, tmp_path: Path) -> None:
+    f = tmp_path / "many.csv"
+    f.write_text("user_id,email\n" + "".join(f"u{i:05d},u{i}@example.com\n" for i in range(3000)))
+    code, out = _pty_run(settings, "users", "import", str(f))
+    assert code == 0, out
+    assert "importing users" in out and "3,000 rows" in out and "imported 3000 user(s)" in out, out
+    # not a terminal: the one line and nothing else
+    r = run_cli(settings, "users", "import", str(f))
+    assert r.returncode == 0 and r.stdout == "imported 3000 user(s)\n" and r.stderr == "", (r.stdout, r.stderr)
+    # --json on a terminal: only the JSON
+    code, out = _pty_run(settings, "users", "import", str(f), "--json")
+    assert code == 0 and json.loads(out) == {"imported": 3000, "errors": []}, out
+
+
+def test_users_list_filters_and_pages(ctx: Context, settings: Settings) -> None:
+    seed(ctx)
+    assert invoke(settings, "prefs", "set", "carol", "--off", "marketing").exit_code == 0
+
+    def ids(*args: str) -> list[str]:
+        r = invoke(settings, "users", "list", *args, "--json")
+        assert r.exit_code == 0, r.output
+        return [u["id"] for u in json.loads(r.stdout)]
+
+    assert ids() == ["alice", "bob", "carol", "dave"]
+    assert ids("--push") == ["alice", "bob"] and ids("--no-push") == ["carol", "dave"]
+    assert ids("--search", "EXAMPLE.com") == ["alice", "bob", "carol"] and ids("--search", "aro") == ["carol"]
+    assert ids("--search", "%") == [] and ids("--search", "_") == []  # literal, not SQL wildcards
+    assert ids("--timezone", "Europe/Paris") == ["carol"] and ids("--locale", "fr") == ["carol"]
+    assert ids("--opted-out", "marketing") == ["carol"] and ids("--opted-out", "email:marketing") == []
+    assert ids("--limit", "2") == ["alice", "bob"] and ids("--limit", "2", "--after", "bob") == ["carol", "dave"]
+    [alice] = json.loads(invoke(settings, "users", "list", "--limit", "1", "--json").stdout)
+    assert alice["email"] == "alice@example.com" and alice["push_tokens"] == 1 and alice["opt_outs"] == []
+    table = invoke(settings, "users", "list", "--limit", "2")
+    assert "Users (2 shown)" in table.stdout and "more may follow: --after bob" in table.stdout
+    for bad, message in [
+        (["--limit", "0"], "--limit: must be between 1 and 10000"),
+        (["--timezone", "Mars/Olympus"], "timezone 'Mars/Olympus'"),
+        (["--opted-out", "pigeon"], "preference 'pigeon'"),
+    ]:
+        r = invoke(settings, "users", "list", *bad)
+        assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ---------------------------------------------------------------------------- status --watch
+
+
+def test_status_watch_off_a_terminal_prints_a_snapshot_per_interval(ctx: Context, settings: Settings) -> None:
+    seed(ctx)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "notifyctl.cli.main", "status", "--watch"],  # every second, as a user runs it
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(settings),
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    out = b""
+    deadline = time.monotonic() + 30
+    try:
+        while out.count(b"\n--- ") < 2 and time.monotonic() < deadline:  # three snapshots begun
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    seen = out.decode().splitlines()
+    assert out.count(b"\n--- ") >= 2 and seen and seen[0].startswith("--- "), (out, proc.stderr.read())  # type: ignore[union-attr]
+    first = seen[: seen.index(next(ln for ln in seen[1:] if ln.startswith("--- ")), 1)]
+    assert "queue notify-high: depth=0 oldest=- running=0 failed_jobs=0" in first and "dlq depth: 0" in first, first
+    assert not any("\x1b" in ln or "┃" in ln for ln in seen)  # plain lines, no terminal codes or boxes
+
+    r = run_cli(settings, "status", "--watch", "--json", "--interval", "0.1", "--count", "2")
+    snaps = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert r.returncode == 0 and len(snaps) == 2 and all(s["dlq_depth"] == 0 for s in snaps), r.stdout
+
+
+# ------------------------------------------------------------------------------- redis url
+
+
+def test_redis_url_show_password_feeds_rq_info(settings: Settings, tmp_path: Path) -> None:
+    sock = tmp_path / "r.sock"
+    password = "s3cret-pw"
+    server = subprocess.Popen(
+        [redis_server_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--requirepass", password, "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"unix://:{password}@{sock}"
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.ConnectionError, FileNotFoundError):
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        seed(Context(settings))  # users in this test's database (the default Redis for that)
+        env = {"NOTIFY_REDIS_URL": url}
+        sent = run_cli(settings, "send", "alice", "-t", "otp_code", "-c", "sms", "-d", "code=1", "-d", "minutes=2",
+                       **env)  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+
+        masked = run_cli(settings, "redis", "url", **env)
+        assert masked.returncode == 0 and password not in masked.stdout and "***" in masked.stdout
+        shown = run_cli(settings, "redis", "url", "--show-password", **env)
+        assert shown.returncode == 0 and shown.stdout == url + "\n"
+        rq = str(Path(sys.executable).parent / "rq")
+        ok = subprocess.run([rq, "info", "--url", shown.stdout.strip()], capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0 and "notify-high" in ok.stdout, (ok.stdout, ok.stderr)
+        bad = subprocess.run([rq, "info", "--url", masked.stdout.strip()], capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0
+        assert "--show-password" in run_cli(settings, "redis", "url", "--help").stdout
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+# --------------------------------------------------------------- the README's token commands
+
+
+def test_readme_tokens_register_lines_work_as_written(ctx: Context, settings: Settings) -> None:
+    seed(ctx)
+    lines = [
+        ln.split("#")[0].strip()
+        for ln in (ROOT / "README.md").read_text().splitlines()
+        if re.match(r"\s*notifyctl tokens register ", ln)
+    ]
+    assert len(lines) >= 2, lines  # a plain registration and a replacement
+    for line in lines:
+        r = invoke(settings, *shlex.split(line)[1:])
+        assert r.exit_code == 0, (line, r.output)
+    assert "..." not in " ".join(lines)

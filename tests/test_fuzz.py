@@ -19,6 +19,7 @@ import math
 import re
 import string
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,15 @@ from typer.testing import CliRunner
 from notifyctl.cli.main import app as cli_app
 from notifyctl.context import Context
 from notifyctl.errors import InputError, TemplateError
+from notifyctl.identifiers import check_token, refused_char
 from notifyctl.intake import NotifyRequest, parse_request
-from notifyctl.models import User
+from notifyctl.models import DeviceToken, User
 from notifyctl.settings import Settings
 from notifyctl.templates import SHIPPED, Template, parse_template
 from tests import fuzz_util
 from tests.conftest import cli_env
 from tests.fuzz_util import BigBytes, BigStr, count, snapshot
-from tests.util import ApiServer, seed
+from tests.util import IOS_TOKEN, ApiServer, fcm_token, seed
 
 FUZZ = settings(
     max_examples=50,
@@ -255,12 +257,12 @@ def test_fuzz_parse_request(payload: Any) -> None:
 GOOD_PHONES = ["+14155550101", "+447911123456", "(415) 555-0102", ""]
 GOOD_TZ = ["Europe/Paris", "UTC", "Asia/Kolkata", ""]
 BAD_CELLS = {
-    "email": ["no-at-sign", "a@b@c.com", "x@nodot"],
+    "email": ["no-at-sign", "a@b@c.com", "x@nodot", "bidi\u202e@example.com", "nul\x00@example.com"],
     "phone": ["12", "+1 555", "not a phone"],
     "timezone": ["Mars/Olympus", "UTC+1"],
     "sms_opt_in": ["maybe", "2"],
     "locale": ["x" * 17],
-    "user_id": ["", "   ", "u" * 256],
+    "user_id": ["", "   ", "u" * 256, "a\x00b", "evil\u202etxt", "iso\u2066late\u2069", "zero\u200bwidth"],
 }
 
 
@@ -731,6 +733,130 @@ def test_fuzz_http_webhooks(ctx: Context, api: tuple[ApiServer, httpx.Client]) -
         _check_http(resp)
         assert 400 <= resp.status_code < 500, (path, resp.status_code, resp.text[:300])
         assert snapshot(ctx) == before
+
+    run()
+
+
+# ------------------------------------------------------------------------------ directory: tokens and ids
+
+_HEXCHARS = "0123456789abcdefABCDEF"
+_FCMCHARS = string.ascii_letters + string.digits + "_:-"
+_INVISIBLE = ["\x00", "\u202e", "\u2066", "\u200b", "\ufeff", "\n", "\x1b", "\u2028"]
+
+
+@st.composite
+def push_token(draw: st.DrawFn) -> str:
+    """Push tokens as apps, typos and attackers produce them: good APNs and FCM shapes, and each
+    bad shape the validator names (odd or short hex, wrong characters, hidden characters)."""
+    kind = draw(st.sampled_from(["apns", "apns_long", "fcm", "short", "odd", "junk", "hidden"]))
+    if kind in ("apns", "apns_long", "odd"):
+        n = 64 if kind == "apns" else draw(st.integers(32, 220))
+        tok = draw(st.text(_HEXCHARS, min_size=n, max_size=n))
+        return tok + ("a" if kind == "odd" and len(tok) % 2 == 0 else "")
+    if kind == "fcm":
+        return draw(st.text(_FCMCHARS, min_size=100, max_size=200))
+    if kind == "short":
+        return draw(st.text(_HEXCHARS + _FCMCHARS, min_size=1, max_size=40))
+    if kind == "junk":
+        return draw(st.text(max_size=80)) or "x"
+    base = draw(st.sampled_from(["ab" * 32, fcm_token("fuzz")]))
+    at = draw(st.integers(0, len(base)))
+    return base[:at] + draw(st.sampled_from(_INVISIBLE)) + base[at:]
+
+
+hidden_id = st.builds(
+    lambda a, c, b: a + c + b, st.text(string.ascii_letters, max_size=6), st.sampled_from(_INVISIBLE),
+    st.text(string.ascii_letters, max_size=6),
+)  # fmt: skip
+directory_id = st.one_of(st.sampled_from(USERS), hidden_id, st.text(max_size=20))
+good_pair = st.one_of(
+    st.text(_HEXCHARS, min_size=32, max_size=100).map(lambda h: ("ios", h + h)),
+    st.text(_FCMCHARS, min_size=100, max_size=180).map(lambda t: ("android", t)),
+)
+any_pair = st.tuples(maybe(st.sampled_from(["ios", "android"])), push_token())
+
+
+def _tokens(ctx: Context) -> dict[str, tuple[str, str, str | None]]:
+    with Session(ctx.engine) as s:
+        return {t.token: (t.user_id, t.platform, t.removed_reason) for t in s.query(DeviceToken)}
+
+
+def test_fuzz_cli_tokens_register(ctx: Context, settings: Settings) -> None:
+    """`tokens register` with any token, user and flags: exit 0 with the token stored in its
+    normalised form, 2 (one line, nothing written) or 4 (unknown user, nothing written)."""
+    seed(ctx)
+    env = cli_env(settings)
+    outcomes: dict[int, int] = {}
+
+    @fuzz(120)
+    @given(
+        user=maybe(st.sampled_from(USERS), directory_id),
+        pair=st.one_of(good_pair, any_pair),
+        replaces=st.none() | st.none() | push_token() | st.just(IOS_TOKEN),
+        device=st.none() | st.none() | directory_id,
+    )
+    @example(user="alice", pair=("ios", "abcd"), replaces=None, device=None)
+    @example(user="bob", pair=("android", "x"), replaces=None, device=None)
+    @example(user="bob", pair=("android", "ab\x00cd" * 20), replaces=None, device=None)
+    def run(user: str, pair: tuple[str, str], replaces: str | None, device: str | None) -> None:
+        count("cli: notifyctl tokens register")
+        platform, token = pair
+        argv = ["tokens", "register", user, token, "--platform", platform, "--json"]
+        if replaces is not None:
+            argv += ["--replaces", replaces]
+        if device is not None:
+            argv += ["--device-id", device]
+        before = _tokens(ctx)
+        result = runner.invoke(cli_app, argv, env=env)
+        _check_cli(result, (0, 2, 4))
+        outcomes[result.exit_code] = outcomes.get(result.exit_code, 0) + 1
+        if result.exit_code:
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+            assert lines[0].isprintable(), lines[0]  # no hidden character echoed back
+            assert _tokens(ctx) == before
+            return
+        out = json.loads(result.stdout)
+        assert out["token"] == check_token(token, platform) and _tokens(ctx)[out["token"]][:2] == (user, platform)
+        assert all(_tokens(ctx)[t][2] == "replaced" for t in out["replaced"])
+
+    run()
+    assert outcomes.get(0, 0) >= 5 and outcomes.get(2, 0) >= 5, outcomes
+
+
+@needs_api
+def test_fuzz_http_directory(ctx: Context, api: tuple[ApiServer, httpx.Client]) -> None:
+    """`PUT /v1/users/{id}` and `POST /v1/users/{id}/tokens` with any id, email and token: a 2xx,
+    or a 4xx with a one-line error and nothing written."""
+    from notifyctl.api.auth import create_key
+
+    seed(ctx)
+    _server, client = api
+    headers = {"Authorization": f"Bearer {create_key(ctx, 'fuzz').key}"}
+
+    @fuzz(120)
+    @given(
+        user=directory_id,
+        route=st.sampled_from(["user", "token"]),
+        email=st.none() | st.sampled_from(["z@example.com", "z\u202e@example.com", "z@ex\x00ample.com"]) | hidden_id,
+        pair=st.one_of(good_pair, any_pair),
+        device=st.none() | directory_id,
+    )
+    def run(user: str, route: str, email: str | None, pair: tuple[str, str], device: str | None) -> None:
+        count("http: PUT /v1/users/{id}, POST /v1/users/{id}/tokens")
+        platform, token = pair
+        path = "/v1/users/" + urllib.parse.quote(user, safe="")
+        before = (snapshot(ctx), _tokens(ctx))
+        if route == "user":
+            resp = client.put(path, json={"email": email} if email is not None else {}, headers=headers)
+        else:
+            body = {"token": token, "platform": platform, **({"device_id": device} if device is not None else {})}
+            resp = client.post(path + "/tokens", json=body, headers=headers)
+        _check_http(resp)
+        if resp.status_code >= 400:
+            assert (snapshot(ctx), _tokens(ctx)) == before, resp.text
+        if route == "user" and (refused_char(user.strip()) or refused_char((email or "").strip())):
+            assert resp.status_code in (404, 405, 422), (user, email, resp.status_code)
 
     run()
 

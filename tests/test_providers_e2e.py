@@ -24,11 +24,11 @@ from notifyctl.db import dispose_all
 from notifyctl.models import OptOut
 from notifyctl.settings import Settings
 from tests.conftest import cli_env, make_settings
-from tests.util import IOS_TOKEN, deliveries, notification, seed, send
+from tests.util import ANDROID_TOKEN, IOS_TOKEN, deliveries, notification, seed, send
 from worker.pool import run_worker
 
 ALICE_PHONE = "+14155550101"
-BOB_ANDROID = "android-token-bob"
+BOB_ANDROID = ANDROID_TOKEN
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from notifyctl.directory import register_token
 from notifyctl.maintenance import cleanup_stale_tokens
 from notifyctl.models import DeviceToken, utcnow
 from tests.conftest import cli_env, make_settings
-from tests.util import IOS_TOKEN, deliveries, seed, send
+from tests.util import ANDROID_TOKEN, IOS_TOKEN, deliveries, fcm_token, seed, send
 from worker.pool import run_worker
 from worker.sandbox.fcm import FcmSandbox
 
@@ -87,44 +87,49 @@ def test_register_list_revoke_still_work(ctx: Context) -> None:
     assert cli_json(ctx, "list", "--removed") == []
 
 
+F = {name: fcm_token(name) for name in ("c1", "c2", "d1", "d2", "d3")}
+
+
 def test_cleanup_removes_only_stale_tokens_idempotently(any_db_ctx: Context) -> None:
     seed(any_db_ctx)  # alice: IOS_TOKEN, bob: android-token-bob (both fresh)
     for user, tok in (("carol", "c1"), ("carol", "c2"), ("dave", "d1"), ("dave", "d2"), ("dave", "d3")):
-        register_token(any_db_ctx, user, tok, "android")
-    age(any_db_ctx, "c1", created_days=120, success_days=None)  # never worked, old: stale
-    age(any_db_ctx, "c2", created_days=400, success_days=91)  # last success 91 d ago: stale
-    age(any_db_ctx, "d1", created_days=400, success_days=10)  # old, but worked recently: kept
-    age(any_db_ctx, "d2", created_days=89, success_days=None)  # young enough: kept
-    age(any_db_ctx, "d3", created_days=300, success_days=200)  # stale, but already removed by the provider: untouched
+        register_token(any_db_ctx, user, F[tok], "android")
+    age(any_db_ctx, F["c1"], created_days=120, success_days=None)  # never worked, old: stale
+    age(any_db_ctx, F["c2"], created_days=400, success_days=91)  # last success 91 d ago: stale
+    age(any_db_ctx, F["d1"], created_days=400, success_days=10)  # old, but worked recently: kept
+    age(any_db_ctx, F["d2"], created_days=89, success_days=None)  # young enough: kept
+    age(
+        any_db_ctx, F["d3"], created_days=300, success_days=200
+    )  # stale, but already removed by the provider: untouched
     with Session(any_db_ctx.engine) as s:
         s.execute(
             update(DeviceToken)
-            .where(DeviceToken.token == "d3")  # type: ignore[arg-type]
+            .where(DeviceToken.token == F["d3"])  # type: ignore[arg-type]
             .values(removed_at=utcnow() - timedelta(days=3), removed_reason="fcm: UNREGISTERED")
         )
         s.commit()
 
     dry = cli_json(any_db_ctx, "cleanup", "--stale-days", "90", "--dry-run")
-    assert dry["dry_run"] is True and sorted(t["token"] for t in dry["removed"]) == ["c1", "c2"]
-    assert live(any_db_ctx) == {IOS_TOKEN, "android-token-bob", "c1", "c2", "d1", "d2"}
+    assert dry["dry_run"] is True and sorted(t["token"] for t in dry["removed"]) == [F["c1"], F["c2"]]
+    assert live(any_db_ctx) == {IOS_TOKEN, ANDROID_TOKEN, F["c1"], F["c2"], F["d1"], F["d2"]}
 
     res = cli_json(any_db_ctx, "cleanup", "--stale-days", "90")
-    assert res["removed_count"] == 2 and sorted(t["token"] for t in res["removed"]) == ["c1", "c2"]
+    assert res["removed_count"] == 2 and sorted(t["token"] for t in res["removed"]) == [F["c1"], F["c2"]]
     assert all(t["reason"] == "stale: no success in 90 days" for t in res["removed"])
-    assert live(any_db_ctx) == {IOS_TOKEN, "android-token-bob", "d1", "d2"}
+    assert live(any_db_ctx) == {IOS_TOKEN, ANDROID_TOKEN, F["d1"], F["d2"]}
 
     again = cli(any_db_ctx, "cleanup", "--stale-days", "90")
     assert again.exit_code == 0 and "removed 0 stale token(s)" in again.stdout
 
     reasons = {t["token"]: t["removed_reason"] for t in cli_json(any_db_ctx, "list", "--removed")}
     assert reasons == {
-        "c1": "stale: no success in 90 days",
-        "c2": "stale: no success in 90 days",
-        "d3": "fcm: UNREGISTERED",
+        F["c1"]: "stale: no success in 90 days",
+        F["c2"]: "stale: no success in 90 days",
+        F["d3"]: "fcm: UNREGISTERED",
     }
     # A shorter threshold reaches further; the text says which threshold removed it.
     res = cli_json(any_db_ctx, "cleanup", "--stale-days", "5")
-    assert [t["token"] for t in res["removed"]] == ["d1", "d2"]
+    assert [t["token"] for t in res["removed"]] == [F["d1"], F["d2"]]
     assert {t["reason"] for t in res["removed"]} == {"stale: no success in 5 days"}
 
 
@@ -142,7 +147,7 @@ def test_cleanup_is_batched_and_prints_what_it_removed(any_db_ctx: Context) -> N
     res = cleanup_stale_tokens(any_db_ctx, 90, progress=calls.append)
     took = time.perf_counter() - t0
     assert calls == [1000, 1000, 600] and len(res.removed) == 2600 and took < 5
-    assert live(any_db_ctx) == {IOS_TOKEN, "android-token-bob"}
+    assert live(any_db_ctx) == {IOS_TOKEN, ANDROID_TOKEN}
 
     with Session(any_db_ctx.engine) as s:
         s.execute(update(DeviceToken).values(removed_at=None, removed_reason=None))
@@ -200,24 +205,27 @@ def fctx(home: Path, redis_url: str, rclient: redis.Redis, fcm: FcmSandbox, tmp_
     dispose_all()
 
 
+BOB_2 = fcm_token("android-token-bob-2")
+
+
 def test_token_removed_by_provider_carries_its_reason_and_cleanup_leaves_it(fctx: Context, fcm: FcmSandbox) -> None:
-    register_token(fctx, "bob", "android-token-bob-2", "android")
-    fcm.unregistered.add("android-token-bob")
+    register_token(fctx, "bob", BOB_2, "android")
+    fcm.unregistered.add(ANDROID_TOKEN)
     send(fctx, recipient_id="bob", channels=["push"])
     run_worker(fctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
     by_addr = {d.address: d for d in deliveries(fctx)}
-    assert by_addr["android-token-bob-2"].status == "sent"
-    assert by_addr["android-token-bob"].status == "failed" and not by_addr["android-token-bob"].dead_lettered
+    assert by_addr[BOB_2].status == "sent"
+    assert by_addr[ANDROID_TOKEN].status == "failed" and not by_addr[ANDROID_TOKEN].dead_lettered
 
     [removed] = cli_json(fctx, "list", "--removed")
-    assert removed["token"] == "android-token-bob" and removed["removed_reason"].startswith("fcm: ")
+    assert removed["token"] == ANDROID_TOKEN and removed["removed_reason"].startswith("fcm: ")
     assert "UNREGISTERED" in removed["removed_reason"]
     provider_reason = removed["removed_reason"]
     # The successful token got last_success_at; cleanup with any threshold keeps it and the removed one's reason.
     with Session(fctx.engine) as s:
-        ok = s.get(DeviceToken, "android-token-bob-2")
+        ok = s.get(DeviceToken, BOB_2)
         assert ok is not None and ok.last_success_at is not None
-    age(fctx, "android-token-bob", created_days=500, success_days=None)
+    age(fctx, ANDROID_TOKEN, created_days=500, success_days=None)
     assert cli_json(fctx, "cleanup", "--stale-days", "1")["removed_count"] == 0
     [still] = cli_json(fctx, "list", "--removed")
     assert still["removed_reason"] == provider_reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 import time
@@ -25,11 +26,21 @@ dave,,+919876543210,Asia/Kolkata,en,false,Dave
 IOS_TOKEN = "ab" * 32
 
 
+def fcm_token(name: str) -> str:
+    """A made-up FCM registration token shaped like a real one (``<instance id>:APA91b...``, ~150
+    characters of ``[A-Za-z0-9_:-]``), distinct per ``name``."""
+    h = hashlib.sha256(name.encode()).hexdigest()
+    return f"{name}:APA91b{h}{h[:70]}"
+
+
+ANDROID_TOKEN = fcm_token("android-token-bob")
+
+
 def seed(ctx: Context) -> None:
     rep = import_users(ctx, io.StringIO(USERS))
     assert rep.errors == [] and rep.imported == 4
     register_token(ctx, "alice", IOS_TOKEN, "ios")
-    register_token(ctx, "bob", "android-token-bob", "android")
+    register_token(ctx, "bob", ANDROID_TOKEN, "android")
 
 
 def send(ctx: Context, **payload: Any) -> SubmitResult:

@@ -407,6 +407,13 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 stats.by_reason[(reason or "").split(":")[0]] += 1
             elif status == DeliveryStatus.failed:
                 stats.failed += 1
+            if status != DeliveryStatus.queued and log.isEnabledFor(logging.INFO):  # an outcome already
+                log.info(
+                    "delivery %s: %s",
+                    status,
+                    reason,
+                    extra={"notification_id": n.id, "delivery_id": row["id"], "provider": None, "route": route},
+                )
 
         # 1. Fan out notifications seen for the first time: opt-outs, addresses, rate limits.
         checks: list[Check] = []
@@ -465,6 +472,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             and (d.next_attempt_at is None or d.next_attempt_at <= due_by)
         ]
         updates = _Updates(fresh)
+        if due:  # a device whose token changed since the batch loaded it (or since a retry's fan-out)
+            due = _follow_replaced_tokens(session.connection(), batch, due, fresh, updates, events, now, stats)
         sent_marks: dict[str, str] = {}
         released: list[str] = []
         token_success: list[str] = []
@@ -698,13 +707,124 @@ class _Updates:
     def __init__(self, fresh: dict[str, dict[str, Any]]) -> None:
         self.fresh = fresh
         self.rows: list[dict[str, Any]] = []
+        self.amended: dict[str, dict[str, Any]] = {}
 
     def append(self, row: dict[str, Any]) -> None:
+        if self.amended and row["id"] in self.amended:
+            row.update(self.amended.pop(row["id"]))
         new = self.fresh.get(row["id"])
         if new is None:
             self.rows.append(row)
         else:
             new.update(row)
+
+    def amend(self, delivery_id: str, columns: dict[str, Any]) -> None:
+        """Columns that change with the delivery's next status change in this batch (its outcome)."""
+        new = self.fresh.get(delivery_id)
+        if new is None:
+            self.amended.setdefault(delivery_id, {}).update(columns)
+        else:
+            new.update(columns)
+
+
+_REPLACED_HOPS = 16  # as notifyctl.directory.MAX_CHAIN
+
+
+def _follow_replaced_tokens(
+    conn: Any,
+    batch: _Batch,
+    due: list[_D],
+    fresh: dict[str, dict[str, Any]],
+    updates: _Updates,
+    events: list[dict[str, Any]],
+    now: datetime,
+    stats: Stats,
+) -> list[_D]:
+    """Push deliveries due now whose token has been replaced (``tokens register --replaces`` or
+    ``--device-id`` retired it) go to the device's live token instead, so a send after the
+    replacement never reaches the old token, even when the old one was loaded by this batch (or
+    fanned out before a retry) just before the replacement committed.
+
+    One primary-key query per batch with push deliveries (rows only for replaced tokens: usually
+    none); chains of replacements are followed. A delivery keeps its identity where it has one:
+    a retried delivery (already in SQL) keeps its id and changes address; a fresh one takes the
+    id ``delivery_id`` derives from the new token, so a rerun after a crash, which fans out to
+    the new token, finds the same send record. When the notification already has a delivery to
+    that token, or the device has no live token left, the delivery is suppressed
+    (``token_replaced``): the device never gets it twice. Returns the deliveries still due."""
+    push = sorted({d.address for d in due if d.channel == "push"})
+    if not push:
+        return due
+    sql = "SELECT token, platform, removed_at, replaced_by, user_id FROM device_tokens"
+    known = {r[0]: r for r in rows_where_in(conn, sql, "token", push, "AND replaced_by IS NOT NULL")}
+    if not known:
+        return due
+    for _ in range(_REPLACED_HOPS):
+        ahead = sorted({r[3] for r in known.values() if r[3] and r[3] not in known})
+        if not ahead:
+            break
+        known.update({r[0]: r for r in rows_where_in(conn, sql, "token", ahead)})
+
+    def live_end(token: str, user_id: str) -> tuple[str, str] | None:  # (token, platform): the device's live token
+        for _ in range(_REPLACED_HOPS + 1):
+            row = known.get(token)
+            if row is None or row[4] != user_id:  # a token since registered by someone else is not this device's
+                return None
+            if row[2] is None:
+                return row[0], row[1]
+            if not row[3]:
+                return None
+            token = row[3]
+        return None
+
+    still: list[_D] = []
+    for d in due:
+        row = known.get(d.address) if d.channel == "push" else None
+        if row is None or row[3] is None or row[2] is None:  # not replaced (or live again)
+            still.append(d)
+            continue
+        end = live_end(row[3], d.user_id)
+        taken = {x.address for x in batch.deliveries.get(d.notification_id, ()) if x.channel == "push" and x is not d}
+        if end is None or end[0] in taken:
+            why = "no live token" if end is None else "the new token has its own delivery"
+            updates.amend(d.id, {"suppressed_at": now})
+            _mark(
+                d,
+                updates,
+                events,
+                DeliveryStatus.suppressed,
+                now,
+                reason="token_replaced",
+                detail=f"token replaced: {why}",
+            )
+            stats.suppressed += 1
+            stats.by_reason["token_replaced"] += 1
+            continue
+        token, platform = end
+        route = f"push.{platform}"
+        if d.id in fresh:
+            row_new = fresh.pop(d.id)
+            new_id = delivery_id(d.notification_id, d.channel, token)
+            for e in events:
+                if e["delivery_id"] == d.id:
+                    e["delivery_id"] = new_id
+            row_new.update(id=new_id, address=token, route=route)
+            fresh[new_id] = row_new
+            d.id = new_id
+        else:
+            updates.amend(d.id, {"address": token, "route": route})  # written with the send's outcome
+            events.append(
+                {
+                    "notification_id": d.notification_id,
+                    "delivery_id": d.id,
+                    "status": d.status,
+                    "detail": f"token replaced: now {token[:12]}…",
+                    "at": now,
+                }
+            )
+        d.address, d.route = token, route
+        still.append(d)
+    return still
 
 
 def delivery_id(notification_id: str, channel: str, address: str) -> str:
@@ -745,10 +865,10 @@ def _mark(
         row["failed_at"] = now
         row["dead_lettered"] = d.dead_lettered = dead
     updates.append(row)
-    level = logging.DEBUG if status == DeliveryStatus.sent else logging.INFO
-    if log.isEnabledFor(level):  # hot path: build the record only when someone reads it
-        log.log(
-            level,
+    # Every outcome, sent included, at INFO: `worker -v` shows them all. The hot path pays one
+    # cached level check when nobody reads them.
+    if log.isEnabledFor(logging.INFO):
+        log.info(
             "delivery %s%s",
             status,
             f": {reason}" if reason else "",

@@ -163,8 +163,14 @@ class UserIn(BaseModel):
 
 class TokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    token: str = Field(min_length=1, max_length=512)
+    token: str = Field(min_length=1, max_length=512, description="APNs: hexadecimal; FCM: the registration token")
     platform: str = Field(description="ios or android")
+    replaces: str | None = Field(
+        None, min_length=1, max_length=512, description="the token this device had before: retired at once"
+    )
+    device_id: str | None = Field(
+        None, min_length=1, max_length=255, description="the app's id for the device: one live token per device"
+    )
 
 
 class PrefsIn(BaseModel):
@@ -260,17 +266,27 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
     @v1.post("/users/{user_id}/tokens", status_code=201, summary="Register (or re-activate) a device token")
     def post_token(user_id: str, body: TokenIn, request: Request) -> dict[str, Any]:
-        from notifyctl.directory import register_token
+        from notifyctl.directory import register_device
 
-        t = register_token(_ctx(request), user_id, body.token, body.platform)
-        return {"user_id": t.user_id, "token": t.token, "platform": t.platform, "created_at": t.created_at}
+        reg = register_device(
+            _ctx(request), user_id, body.token, body.platform, replaces=body.replaces, device_id=body.device_id
+        )
+        t = reg.token
+        return {
+            "user_id": t.user_id,
+            "token": t.token,
+            "platform": t.platform,
+            "device_id": t.device_id,
+            "created_at": t.created_at,
+            "replaced": reg.replaced,
+        }
 
     @v1.delete("/users/{user_id}/tokens/{token}", summary="Remove a device token")
     def delete_token(user_id: str, token: str, request: Request) -> dict[str, Any]:
         from notifyctl.directory import list_tokens, revoke_token
 
         c = _ctx(request)
-        if not any(t.token == token for t in list_tokens(c, user_id)):
+        if not any(t.token in (token, token.lower()) for t in list_tokens(c, user_id)):
             raise NotFound(f"user {user_id!r} has no live token {token[:12]}…")
         revoke_token(c, token, reason="removed through the API")
         return {"user_id": user_id, "token": token, "removed": True}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,30 @@ def _parse_data(items: list[str]) -> dict[str, Any]:
             raise InputError(f"--data: empty key in {item!r}")
         out[k] = v
     return out
+
+
+def _shown(value: Any) -> str:
+    """A value for a one-line message: quoted and escaped, cut at 60 characters."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if len(text) > 60:
+        text = text[:59] + "…"
+    return repr(text) if isinstance(value, str) else text
+
+
+def _agree(key: str, in_file: Any, flag: Any) -> bool:
+    """A flag and the file's field name the same thing (channels in any order)."""
+    if key == "channels" and isinstance(in_file, list):
+        return sorted(set(map(str, in_file))) == sorted(set(flag))
+    if isinstance(in_file, str) and isinstance(flag, str):
+        return in_file.strip() == flag.strip()
+    return bool(in_file == flag)
+
+
+def _data_agree(in_file: Any, flag: Any, flag_is_text: bool) -> bool:
+    """``--data KEY=VALUE`` gives text: it agrees with the file's 5 when it reads "5"."""
+    if in_file == flag:
+        return True
+    return flag_is_text and not isinstance(in_file, str) and json.dumps(in_file) == flag
 
 
 def send(
@@ -65,28 +90,49 @@ def send(
         payload = load_json(raw, "request")
         if not isinstance(payload, dict):
             raise InputError("request: expected a JSON object")
-    if recipient is not None:
-        payload["recipient_id"] = recipient
-    if template is not None:
-        payload["template_id"] = template
-    if channel:
-        payload["channels"] = [c.strip() for item in channel for c in item.split(",") if c.strip()]
-    if priority is not None:
-        payload["priority"] = priority
-    if type_ is not None:
-        payload["type"] = type_
-    if dedup_key is not None:
-        payload["dedup_key"] = dedup_key
+    from_file = set(payload)
+    flags: dict[str, Any] = {
+        "recipient_id": recipient,
+        "template_id": template,
+        "channels": [c.strip() for item in channel for c in item.split(",") if c.strip()] if channel else None,
+        "priority": priority,
+        "type": type_,
+        "dedup_key": dedup_key,
+    }
+    names = {
+        "recipient_id": "RECIPIENT",
+        "template_id": "--template",
+        "channels": "--channel",
+        "priority": "--priority",
+        "type": "--type",
+        "dedup_key": "--dedup-key",
+    }
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in from_file and not _agree(key, payload[key], value):
+            raise InputError(
+                f"{key}: {names[key]} says {_shown(value)} but the file says {_shown(payload[key])} "
+                "(give one, or the same)"
+            )
+        payload[key] = value
+    extra: dict[str, Any] = {}
     if data_json is not None:
         extra = load_json(data_json, "--data-json")
         if not isinstance(extra, dict):
             raise InputError("--data-json: expected a JSON object")
-        payload["data"] = {**payload.get("data", {}), **extra}
-    if data:
+    kv = _parse_data(data)
+    if extra or kv:
         base = payload.get("data", {})
         if not isinstance(base, dict):
             raise InputError("data: expected a JSON object")
-        payload["data"] = {**base, **_parse_data(data)}
+        for flag, items in (("--data-json", extra), ("--data", kv)):
+            for k, v in items.items():
+                if k in base and "data" in from_file and not _data_agree(base[k], v, flag == "--data"):
+                    raise InputError(
+                        f"data.{k}: {flag} says {_shown(v)} but the file says {_shown(base[k])} (give one, or the same)"
+                    )
+        payload["data"] = {**base, **extra, **kv}
     if "recipient_id" not in payload:
         raise InputError("recipient_id: missing (give RECIPIENT or a --file with recipient_id)")
     if "template_id" not in payload:

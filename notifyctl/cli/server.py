@@ -18,8 +18,23 @@ def stop(ctx: typer.Context) -> None:
 
 
 @app.command("url")
-def url(ctx: typer.Context) -> None:
-    """Print the Redis URL in use (starting the embedded server if needed)."""
+def url(
+    ctx: typer.Context,
+    show_password: bool = typer.Option(
+        False,
+        "--show-password",
+        help='Print the URL with its password, e.g. for `rq info --url "$(notifyctl redis url --show-password)"`. '
+        "Masked (***) by default, so the output is safe to paste.",
+    ),
+) -> None:
+    """Print the Redis URL in use (starting the embedded server if needed); the password is
+    masked unless --show-password.
+
+    \b
+    Example (RQ's own tools on notifyctl's queues):
+      rq info --url "$(notifyctl redis url --show-password)"
+    """
     from notifyctl.redisconn import _safe, redis_url
 
-    console.print(_safe(redis_url(get_ctx(ctx).settings)))
+    real = redis_url(get_ctx(ctx).settings)
+    typer.echo(real if show_password else _safe(real))

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 
 import typer
@@ -44,23 +47,82 @@ def _render(rep: dict) -> Group:  # type: ignore[type-arg]
     return Group(qt, wt, st, pt)
 
 
+def plain_lines(rep: dict) -> list[str]:  # type: ignore[type-arg]
+    """The snapshot as plain text lines, for a pipe or a log file (``status --watch`` off a terminal)."""
+
+    def counts(d: dict) -> str:  # type: ignore[type-arg]
+        return " ".join(f"{k}={v}" for k, v in sorted(d.items())) or "-"
+
+    lines = [f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} status"]
+    for q in rep["queues"]:
+        age = "-" if q["oldest_age_s"] is None else f"{q['oldest_age_s']:.1f}s"
+        lines.append(
+            f"queue {q['queue']}: depth={q['depth']} oldest={age} running={q['started']} failed_jobs={q['failed_jobs']}"
+        )
+    lines.append(f"workers: {len(rep['workers'])}")
+    for w in rep["workers"]:
+        lines.append(f"worker {w['name']}: {w['state']} queues={','.join(w['queues'])} job={w['current_job'] or '-'}")
+    lines.append(f"notifications: {counts(rep['notifications'])}")
+    lines.append(f"deliveries: {counts(rep['deliveries'])}")
+    lines.append(f"sent last minute: {counts(rep['sent_last_minute'])}")
+    lines.append(f"dlq depth: {rep['dlq_depth']}")
+    for name, c in rep["providers"].items():
+        lines.append(
+            f"provider {name}: circuit={c['state']} failing_batches={c['failing_batches']} "
+            f"retry_in={c['retry_in_s'] or '-'}"
+        )
+    return lines
+
+
 def status(
     ctx: typer.Context,
     as_json: bool = JsonOpt,
-    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every second until Ctrl-C."),
+    watch: bool = typer.Option(
+        False,
+        "--watch",
+        "-w",
+        help="Refresh until Ctrl-C: in place on a terminal; otherwise one snapshot per interval "
+        "(plain lines, or one JSON object per line with --json).",
+    ),
+    interval: float = typer.Option(1.0, "--interval", "-i", min=0.1, help="Seconds between refreshes with --watch."),
+    count: int | None = typer.Option(None, "--count", min=1, help="With --watch: stop after this many snapshots."),
 ) -> None:
-    """Queue depth and oldest job age per priority, workers, delivery counts and DLQ depth."""
+    """Queue depth and oldest job age per priority, workers, delivery counts and DLQ depth.
+
+    \b
+    Examples:
+      notifyctl status --watch                         # a live view on a terminal
+      notifyctl status --watch --interval 10 >> status.log
+      notifyctl status --watch --json --interval 5 | jq .dlq_depth
+    """
     app_ctx = get_ctx(ctx)
-    if as_json:
-        print_json(status_report(app_ctx))
-        return
     if not watch:
-        console.print(_render(status_report(app_ctx)))
+        if as_json:
+            print_json(status_report(app_ctx))
+        else:
+            console.print(_render(status_report(app_ctx)))
         return
+    shown = 0
     try:
-        with Live(_render(status_report(app_ctx)), console=console, refresh_per_second=2) as live:
+        if as_json or not console.is_terminal:
             while True:
-                time.sleep(1)
+                rep = status_report(app_ctx)
+                if as_json:
+                    sys.stdout.write(json.dumps(rep, default=str, separators=(",", ":")) + "\n")
+                else:
+                    sys.stdout.write("\n".join(plain_lines(rep)) + "\n")
+                sys.stdout.flush()
+                shown += 1
+                if count is not None and shown >= count:
+                    return
+                time.sleep(interval)
+        with Live(_render(status_report(app_ctx)), console=console, refresh_per_second=2) as live:
+            shown = 1
+            while count is None or shown < count:
+                time.sleep(interval)
                 live.update(_render(status_report(app_ctx)))
+                shown += 1
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # `status --watch | head`: the reader is gone; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from notifyctl.cli.common import JsonOpt, console, fmt_time, get_ctx, print_json
+from notifyctl.cli.common import JsonOpt, console, err_console, fmt_time, get_ctx, print_json
 
 app = typer.Typer(help="Device tokens for push (APNs, FCM).", no_args_is_help=True)
 
@@ -14,14 +15,57 @@ MAX_ROWS = 200
 def register(
     ctx: typer.Context,
     user_id: str,
-    token: str,
-    platform: str = typer.Option(..., "--platform", help="ios or android."),
+    token: str = typer.Argument(
+        ...,
+        help="The device's push token: APNs, hexadecimal (64 digits today); "
+        "FCM, the registration token (~160 characters).",
+    ),
+    platform: str = typer.Option(..., "--platform", help="ios (APNs) or android (FCM)."),
+    replaces: str | None = typer.Option(
+        None, "--replaces", help="The token this device had before (reinstall, restore, rotation): retired at once."
+    ),
+    device_id: str | None = typer.Option(
+        None,
+        "--device-id",
+        help="The app's id for this device: the user's other live tokens on it are retired "
+        "(one live token per device).",
+    ),
+    as_json: bool = JsonOpt,
 ) -> None:
-    """Register (or re-activate) a device token for a user."""
-    from notifyctl.directory import register_token
+    """Register (or re-activate) a device token for a user.
 
-    t = register_token(get_ctx(ctx), user_id, token, platform)
-    console.print(f"registered {t.platform} token {t.token[:12]}… for {t.user_id}")
+    When a device gets a new token, name the old one (--replaces) or give the device's id
+    (--device-id): the old token is retired at once with the reason `replaced`, and a push is
+    never sent to both.
+
+    \b
+    Examples:
+      notifyctl tokens register alice 8a1f5c0e9b2d47f6a3c18e0d5b7f29c4e6a1d3b8f0c2e4a6b8d0f1e3a5c7b9d2 --platform ios
+      notifyctl tokens register alice NEW_TOKEN --platform ios --replaces OLD_TOKEN
+      notifyctl tokens register bob FCM_TOKEN --platform android --device-id pixel-7-bob
+    """
+    from notifyctl.directory import register_device
+
+    reg = register_device(get_ctx(ctx), user_id, token, platform, replaces=replaces, device_id=device_id)
+    t = reg.token
+    if as_json:
+        print_json(
+            {
+                "user_id": t.user_id,
+                "token": t.token,
+                "platform": t.platform,
+                "device_id": t.device_id,
+                "replaced": reg.replaced,
+                "replaces_unknown": reg.replaces_unknown,
+            }
+        )
+        return
+    device = f" (device {escape(t.device_id)})" if t.device_id else ""
+    console.print(f"registered {t.platform} token {t.token[:12]}… for {escape(t.user_id)}{device}")
+    for old in reg.replaced:
+        console.print(f"retired {old[:12]}…: replaced")
+    if reg.replaces_unknown:
+        err_console.print("note: --replaces names no registered token; nothing else was retired", markup=False)
 
 
 @app.command("list")
@@ -41,17 +85,21 @@ def list_(
         print_json([t.model_dump() for t in toks])
         return
     table = Table(title=f"{'Removed d' if removed else 'D'}evice tokens ({len(toks)})")
-    for col in ("user", "platform", "token", "created", "last success", "removed", "reason"):
+    for col in ("user", "platform", "token", "device", "created", "last success", "removed", "reason"):
         table.add_column(col)
     for t in toks:
+        reason = t.removed_reason or ""
+        if t.replaced_by:
+            reason += f" by {t.replaced_by[:12]}…"
         table.add_row(
-            t.user_id,
+            escape(t.user_id),
             t.platform,
-            t.token[:16] + "…",
+            escape(t.token[:16]) + "…",
+            escape(t.device_id or ""),
             fmt_time(t.created_at),
             fmt_time(t.last_success_at),
             fmt_time(t.removed_at),
-            t.removed_reason or "",
+            escape(reason),
         )
     console.print(table)
 
