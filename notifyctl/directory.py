@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,10 @@ def iter_csv(stream: io.TextIOBase | Iterable[str]) -> Iterator[tuple[int, dict[
         raise InputError("CSV is empty: expected a header line with user_id")
     fields = [f.strip() if f else f for f in reader.fieldnames]
     reader.fieldnames = fields
+    for name, n in Counter(f for f in fields if f).items():
+        if n > 1:
+            at = ", ".join(str(i) for i, f in enumerate(fields, start=1) if f == name)
+            raise InputError(f"CSV header: column {name!r} appears {n} times (columns {at})")
     missing = [c for c in REQUIRED_COLUMNS if c not in fields]
     if missing:
         raise InputError(f"CSV header lacks column {', '.join(missing)} (has: {', '.join(f for f in fields if f)})")
@@ -129,11 +134,14 @@ def iter_csv(stream: io.TextIOBase | Iterable[str]) -> Iterator[tuple[int, dict[
 def import_users(
     ctx: Context, stream: Any, batch: int = 1000, progress: Callable[[int], None] | None = None
 ) -> ImportReport:
-    """Upsert users from CSV; bad rows are reported with their line number and skipped.
+    """Upsert users from CSV; bad rows are reported with their line number and skipped. A user's
+    second row in the same file is such a bad row: the first one is kept (a file that names a
+    user twice is a mistake a careful user wants to hear about, not a silent last-wins).
     ``progress(rows read so far)`` is called after each batch is written."""
     s = ctx.settings
     report = ImportReport()
     rows: dict[str, dict[str, Any]] = {}
+    first_line: dict[str, int] = {}  # user id → the line that gave it
     bad_lines: dict[int, str] = {}
     previous = 1
     with Session(ctx.engine) as session:
@@ -151,6 +159,10 @@ def import_users(
                     row = build_user_row(raw, s.default_region, s.default_timezone)
                 except InputError as exc:
                     report.errors.append((line, str(exc)))
+                    continue
+                seen = first_line.setdefault(row["id"], line)
+                if seen != line:
+                    report.errors.append((line, f"user {row['id']!r} is also on line {seen}; that first row is kept"))
                     continue
                 rows[row["id"]] = row
                 if len(rows) >= batch:

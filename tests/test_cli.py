@@ -241,6 +241,27 @@ def test_users_import_reports_bad_rows_and_keeps_good_ones(ctx: Context, setting
     assert json.loads(r.stdout)["user"]["phone"] == "+33612345678"
 
 
+def test_users_import_reports_a_users_second_row_and_keeps_the_first(
+    ctx: Context, settings: Settings, tmp_path: Path
+) -> None:
+    f = tmp_path / "u.csv"
+    f.write_text("user_id,email\ndup,first@example.com\nother,o@example.com\ndup,second@example.com\n")
+    r = invoke(settings, "users", "import", str(f), "--json")
+    assert r.exit_code == 1
+    rep = json.loads(r.stdout)
+    assert rep["imported"] == 2
+    assert rep["errors"] == [{"line": 4, "error": "user 'dup' is also on line 2; that first row is kept"}]
+    assert json.loads(invoke(settings, "users", "show", "dup", "--json").stdout)["user"]["email"] == "first@example.com"
+
+
+def test_users_import_refuses_a_repeated_column(ctx: Context, settings: Settings, tmp_path: Path) -> None:
+    f = tmp_path / "u.csv"
+    f.write_text("user_id,email,user_id\na,a@example.com,b\n")
+    r = invoke(settings, "users", "import", str(f))
+    assert r.exit_code == 2 and "column 'user_id' appears 2 times (columns 1, 3)" in r.stderr
+    assert invoke(settings, "users", "show", "b").exit_code == 4
+
+
 def test_users_import_without_user_id_column_is_exit_2(ctx: Context, settings: Settings, tmp_path: Path) -> None:
     f = tmp_path / "u.csv"
     f.write_text("id,email\n1,a@b.co\n")
