@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from notifyctl.settings import Settings
-from worker.providers.apns import Provider, apns_id_for, collapse_id_for
+from worker.providers.apns import CHECK_TOKEN, Provider, apns_id_for, collapse_id_for
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
 from worker.sandbox.apns import ApnsSandbox
 
@@ -127,7 +127,8 @@ REASONS = [
     (403, "MissingProviderToken", {}, Permanent("MissingProviderToken")),
     (404, "BadPath", {}, Permanent("BadPath")),
     (429, "TooManyRequests", {"retry-after": "7"}, Retry("TooManyRequests", 7.0, throttled=True)),
-    (429, "TooManyProviderTokenUpdates", {}, Retry("TooManyProviderTokenUpdates", None)),
+    # issue 20: our token changes, not the message: a throttle (no attempt used, no circuit failure)
+    (429, "TooManyProviderTokenUpdates", {}, Retry("TooManyProviderTokenUpdates", 60.0, throttled=True)),
     (500, "InternalServerError", {}, Retry("InternalServerError", None)),
     (503, "ServiceUnavailable", {"retry-after": "30"}, Retry("ServiceUnavailable", 30.0)),
     (503, "Shutdown", {}, Retry("Shutdown", None)),
@@ -315,7 +316,8 @@ def test_control_api_on_the_side_port(make: Any, sandbox: ApnsSandbox) -> None:
 def test_check_describe_and_secrets(make: Any, sandbox: ApnsSandbox, p8: str, tmp_path: Path) -> None:
     p = make()
     assert p.check() is None
-    assert sandbox.requests == []  # check() sends nothing
+    # check() delivers nothing: one push to a token no device has (answered 400 BadDeviceToken)
+    assert sandbox.requests == [f"/3/device/{CHECK_TOKEN}"] and len(sandbox.recorder) == 0
     d = p.describe()
     assert d["base_url"] == sandbox.url and d["key"] == "(set)" and d["key_id"] == KEY_ID
     body = p8.splitlines()[1]
