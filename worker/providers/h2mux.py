@@ -93,7 +93,7 @@ class _Slot:
 class Mux:
     """See the module docstring. ``http2``: ``"required"`` (APNs: HTTP/2 over TLS only; an HTTP/1.1
     answer is a connection failure), ``"preferred"`` (FCM: HTTP/2 when the server offers it,
-    else HTTP/1.1 with up to ``connections`` connections)."""
+    else HTTP/1.1 with up to ``connections`` connections), ``"never"`` (HTTP/1.1)."""
 
     def __init__(
         self,
@@ -110,6 +110,11 @@ class Mux:
         self.timeout_ms = max(1, int(timeout * 1000))
         self.connect_timeout_ms = max(1, int(connect_timeout * 1000))
         self.http2_required = http2 == "required"
+        self.http_version = pycurl.CURL_HTTP_VERSION_1_1 if http2 == "never" else pycurl.CURL_HTTP_VERSION_2TLS
+        # "preferred": wait to learn whether the first connection multiplexes before opening more
+        # (HTTP/2: streams on few connections; HTTP/1.1: then up to ``connections``). "required"
+        # opens its ``connections`` at once, and spreads the streams over them.
+        self.pipewait = http2 == "preferred"
         self.user_agent = user_agent
         self.connects = 0
         self._lock = threading.Lock()
@@ -127,7 +132,9 @@ class Mux:
         c = pycurl.Curl()
         slot = _Slot(c)
         c.setopt(pycurl.NOSIGNAL, 1)
-        c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
+        c.setopt(pycurl.HTTP_VERSION, self.http_version)
+        if self.pipewait:
+            c.setopt(pycurl.PIPEWAIT, 1)
         if self.ca_file:
             c.setopt(pycurl.CAINFO, self.ca_file)
         c.setopt(pycurl.TIMEOUT_MS, self.timeout_ms)
