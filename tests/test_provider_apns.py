@@ -354,3 +354,37 @@ def test_misconfigured(make: Any, options: dict) -> None:
     with pytest.raises(Misconfigured) as exc:
         make(**options)
     assert "PRIVATE KEY" not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({}, None),
+        ({"key_id": "WRONGKEY01"}, "InvalidProviderToken"),
+        ({"team_id": "WRONGTEAM1"}, "InvalidProviderToken"),
+    ],
+    ids=["good", "wrong-key-id", "wrong-team-id"],
+)
+def test_providers_check_tells_a_wrong_key_id_or_team_id(
+    sandbox: ApnsSandbox, p8: str, settings: Settings, change: dict, problem: str | None
+) -> None:
+    """Issue 20: `providers check` used to report ok for a wrong key id (it only signed and
+    connected); the first real send then dead-lettered. Nothing is delivered either way."""
+    from typer.testing import CliRunner
+
+    from notifyctl.cli import providers
+    from tests.conftest import cli_env
+
+    opts = {"KEY": p8, "KEY_ID": KEY_ID, "TEAM_ID": TEAM_ID, "TOPIC": TOPIC, "BASE_URL": sandbox.url,
+            "CA_FILE": str(sandbox.ca_file)} | {k.upper(): v for k, v in change.items()}  # fmt: skip
+    env = cli_env(settings, NOTIFY_CONFIG="/nonexistent.toml", NOTIFY_PROVIDERS_PUSH_IOS='["apns"]',
+                  NOTIFY_PROVIDERS_PUSH_ANDROID="[]", NOTIFY_PROVIDERS_EMAIL="[]", NOTIFY_PROVIDERS_SMS="[]",
+                  **{f"NOTIFY_APNS_{k}": v for k, v in opts.items()})  # fmt: skip
+    res = CliRunner().invoke(providers.app, ["check", "--json"], env=env)
+    [row] = json.loads(res.stdout)
+    if problem is None:
+        assert res.exit_code == 0 and row["ok"], res.output
+    else:
+        assert res.exit_code == 1 and not row["ok"] and problem in row["problem"], res.output
+        assert (change.get("key_id") or change.get("team_id")) in row["problem"]
+    assert sandbox.requests == [f"/3/device/{CHECK_TOKEN}"] and len(sandbox.recorder) == 0
