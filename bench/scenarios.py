@@ -27,6 +27,7 @@ from bench.harness import (
     commandstats,
     count_sent,
     delta,
+    android_token,
     ios_token,
     p256_key_pem,
     percentile,
@@ -263,6 +264,19 @@ def bare_apns_messages(n: int, tag: str = "bare") -> list[Any]:
                 address=ios_token(i), content=dict(t), category="marketing", priority="low",
                 dedup_key=f"campaign:c_{tag}:u{i:07d}", data={"notification_id": f"n_{tag}{i:07d}", "type": "weekly_promo"},  # noqa: E501
                 user_id=f"u{i:07d}")
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def bare_fcm_messages(n: int, tag: str = "bare") -> list[Any]:
+    from worker.providers import Message
+
+    t = {"title": "10% off this week", "body": "Hi F, use WEEK10 for 10% off."}
+    return [
+        Message(delivery_id=f"d_{tag}{i:07d}", notification_id=f"n_{tag}{i:07d}", channel="push",
+                route="push.android", address=android_token(i), content=dict(t), category="marketing",
+                priority="low", dedup_key=f"campaign:c_{tag}:u{i:07d}",
+                data={"notification_id": f"n_{tag}{i:07d}", "type": "weekly_promo"}, user_id=f"u{i:07d}")
         for i in range(n)
     ]  # fmt: skip
 
