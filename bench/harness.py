@@ -57,7 +57,9 @@ def bulk_ios_tokens(env: Env, user_ids: list[str], chunk: int = 5000, platforms:
                 insert(DeviceToken),
                 [
                     {"token": t, "user_id": u, "platform": p, "created_at": now}
-                    for t, u, p in zip(tokens[i : i + chunk], user_ids[i : i + chunk], plats[i : i + chunk], strict=True)
+                    for t, u, p in zip(
+                        tokens[i : i + chunk], user_ids[i : i + chunk], plats[i : i + chunk], strict=True
+                    )
                 ],
             )
     return tokens

@@ -121,7 +121,8 @@ def run_h2(module: str, validate: bool, url: str, ca: str, n: int, batch: int) -
 
     class Conn(asyncio.Protocol):
         def __init__(self) -> None:
-            self.h2 = h2connection.H2Connection(h2config.H2Configuration(client_side=True, header_encoding="utf-8", **kw))
+            config = h2config.H2Configuration(client_side=True, header_encoding="utf-8", **kw)
+            self.h2 = h2connection.H2Connection(config)
             self.pending: dict[int, asyncio.Future[int]] = {}
             self.status: dict[int, int] = {}
             self.ready = asyncio.get_running_loop().create_future()

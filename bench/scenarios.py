@@ -23,11 +23,11 @@ from sqlalchemy import event, update
 from bench.common import Env, bulk_notifications, bulk_users, start_pool
 from bench.harness import (
     CpuMeter,
+    android_token,
     bulk_ios_tokens,
     commandstats,
     count_sent,
     delta,
-    android_token,
     ios_token,
     p256_key_pem,
     percentile,

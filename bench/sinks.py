@@ -58,7 +58,10 @@ http {{
 
 
 def _binary(name: str) -> str | None:
-    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+    found = shutil.which(name)
+    if found:
+        return found
+    return next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
 
 
 def missing() -> str | None:
