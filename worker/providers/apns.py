@@ -380,7 +380,7 @@ class Provider:
                 continue
             status = res.status
             if status == 200:
-                outcomes[item.index] = Sent(res.headers.get("apns-id") or item.apns_id)
+                outcomes[item.index] = Sent(res.header(b"apns-id") or item.apns_id)
                 continue
             reason = _reason(res.body)
             if status == 403 and reason == "ExpiredProviderToken" and not item.token_resent:

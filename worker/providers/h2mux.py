@@ -55,12 +55,40 @@ class Request:
     body: bytes
 
 
-@dataclass(slots=True)
 class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    http_version: int = 2
+    """The server's answer. ``headers`` (lower-case names) are parsed on first use: a push that
+    went through needs none of them but its ``apns-id``."""
+
+    __slots__ = ("status", "body", "http_version", "_raw", "_headers")
+
+    def __init__(self, status: int, raw: list[bytes] | dict[str, str], body: bytes, http_version: int = 2) -> None:
+        self.status, self.body, self.http_version = status, body, http_version
+        self._raw = raw if isinstance(raw, list) else []
+        self._headers = raw if isinstance(raw, dict) else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            headers: dict[str, str] = {}
+            for line in self._raw[1:]:  # after the status line
+                name, sep, value = line.partition(b":")
+                if sep:
+                    headers[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
+            self._headers = headers
+        return self._headers
+
+    def header(self, name: bytes) -> str | None:
+        """One header (``name`` lower-case, as bytes) without parsing the others."""
+        if self._headers is not None:
+            return self._headers.get(name.decode())
+        n = len(name)
+        for line in self._raw:
+            if line[n : n + 1] == b":" and line[:n].lower() == name:
+                return line[n + 1 :].decode("latin-1").strip()
+        return None
+
+    def __repr__(self) -> str:
+        return f"Answer({self.status}, {self.headers!r}, {self.body!r})"
 
 
 @dataclass(slots=True)
@@ -212,14 +240,9 @@ class Mux:
         version = c.getinfo(pycurl.INFO_HTTP_VERSION)
         if self.http2_required and version != pycurl.CURL_HTTP_VERSION_2_0:
             return Failure("connection", "server does not speak HTTP/2 (ALPN)")
-        headers: dict[str, str] = {}
-        for raw in slot.head[1:]:
-            name, sep, value = raw.partition(b":")
-            if sep:
-                headers[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
         return Answer(
             c.getinfo(pycurl.RESPONSE_CODE),
-            headers,
+            slot.head[:],
             b"".join(slot.body),
             2 if version == pycurl.CURL_HTTP_VERSION_2_0 else 1,
         )
