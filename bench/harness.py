@@ -38,7 +38,7 @@ def phone_users(env: Env, n: int, prefix: str = "otp") -> list[str]:
 
 
 def ios_token(i: int) -> str:
-    return f"{i:064x}"
+    return f"{i + 1:064x}"  # never all zeros: the APNs sandbox's token that no device has
 
 
 def android_token(i: int) -> str:
