@@ -265,13 +265,14 @@ def test_timeout_gives_retry_without_resend(make: Any, sandbox: ApnsSandbox) -> 
 
 
 def test_collapse_id_is_at_most_64_bytes(make: Any, sandbox: ApnsSandbox) -> None:
-    keys = ["k" * 64, "k" * 65, "é" * 40]
+    keys = ["k" * 64, "k" * 65, "é" * 40, "été-42"]
     out = make().send([msg(i, dedup_key=k) for i, k in enumerate(keys)])
     assert all(isinstance(o, Sent) for o in out)
     got = {r["token"]: r["collapse_id"] for r in sandbox.recorder.all()}
     assert got[token(0)] == "k" * 64
     assert got[token(1)] == hashlib.sha256(b"k" * 65).hexdigest() == collapse_id_for("k" * 65)
     assert len(got[token(2)].encode()) == 64 and got[token(2)] != "é" * 40
+    assert got[token(3)] == "été-42"  # short and not ASCII: sent as it is, UTF-8
 
 
 def test_200_concurrent_pushes_in_one_send_are_fast(make: Any, sandbox: ApnsSandbox) -> None:

@@ -157,7 +157,10 @@ class _Item:
 
     def __init__(self, index: int, apns_id: str, path: str, body: bytes, collapse: str | None, priority: str) -> None:
         self.index, self.apns_id, self.path, self.body = index, apns_id, path, body
-        self.collapse, self.priority = collapse, priority
+        # the header line: bytes when not ASCII (APNs takes any UTF-8 of at most 64 bytes)
+        line = f"apns-collapse-id: {collapse}" if collapse is not None else None
+        self.collapse: str | bytes | None = line if line is None or line.isascii() else line.encode()
+        self.priority = priority
         self.jwt = ""
         self.conn_resent = self.token_resent = False
 
@@ -352,7 +355,7 @@ class Provider:
             pair = fixed[item.jwt] = self._fixed_headers(item.jwt, expiration)
         headers = [*(pair[0] if item.priority == "5" else pair[1]), "apns-id: " + item.apns_id]
         if item.collapse is not None:
-            headers.append("apns-collapse-id: " + item.collapse)
+            headers.append(item.collapse)  # type: ignore[arg-type]
         return Request(item.path, headers, item.body)
 
     def _round(self, todo: list[_Item], outcomes: list[Outcome | None]) -> list[_Item]:
@@ -372,6 +375,8 @@ class Provider:
             if isinstance(res, Failure):
                 if res.kind == "timeout":
                     outcomes[item.index] = Retry("timeout waiting for APNs")
+                elif res.kind == "invalid":
+                    outcomes[item.index] = Permanent(f"cannot be sent: {res.detail}")
                 elif item.conn_resent:
                     outcomes[item.index] = Retry(f"connection: {res.detail}")
                 else:

@@ -367,6 +367,9 @@ class Provider:
             results = self._mux.run([Request(self.send_url, headers, body) for _, body in todo])
             again: list[tuple[int, bytes]] = []
             for (i, body), res in zip(todo, results, strict=True):
+                if isinstance(res, Failure) and res.kind == "invalid":
+                    outcomes[i] = Permanent(f"cannot be sent: {res.detail}")
+                    continue
                 if isinstance(res, Failure):
                     outcomes[i] = Retry(
                         f"timeout: {res.detail}" if res.kind == "timeout" else f"network error: {res.detail}"

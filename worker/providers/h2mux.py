@@ -13,6 +13,7 @@ What the providers build on:
 - an ``Answer`` (status, response headers with lower-case names, body) for every request the
   server answered, whatever the status;
 - a ``Failure`` otherwise, with ``kind``:
+  ``"invalid"`` — the request could not be framed (a header that is not text): never sent;
   ``"connection"`` — the connection could not be opened, or ended (reset, FIN, GOAWAY) before
   this stream was answered: the server never answered it, so it is safe to send again;
   ``"timeout"`` — no answer within ``timeout`` (the stream is reset, the connection kept): the
@@ -187,19 +188,25 @@ class Mux:
         multi = self._multi
         results: list[Result | None] = [None] * len(requests)
         by_curl: dict[int, _Slot] = {}
-        for i, r in enumerate(requests):
-            slot = self._slot()
-            slot.index = i
-            slot.head.clear()
-            slot.body.clear()
-            c = slot.curl
-            c.setopt(pycurl.URL, r.url)
-            c.setopt(pycurl.HTTPHEADER, r.headers)
-            c.setopt(pycurl.POSTFIELDS, r.body)
-            multi.add_handle(c)
-            by_curl[id(c)] = slot
-        left = len(requests)
+        left = 0
         try:
+            for i, r in enumerate(requests):
+                slot = self._slot()
+                slot.index = i
+                slot.head.clear()
+                slot.body.clear()
+                c = slot.curl
+                try:
+                    c.setopt(pycurl.URL, r.url)
+                    c.setopt(pycurl.HTTPHEADER, r.headers)
+                    c.setopt(pycurl.POSTFIELDS, r.body)
+                except (pycurl.error, TypeError, ValueError) as exc:  # one request we cannot frame
+                    results[i] = Failure("invalid", f"{type(exc).__name__}: {exc}")
+                    self._free.append(slot)
+                    continue
+                multi.add_handle(c)
+                by_curl[id(c)] = slot
+                left += 1
             while left:
                 _ret, running = multi.perform()
                 while True:
