@@ -389,3 +389,20 @@ def test_providers_check_tells_a_wrong_key_id_or_team_id(
         assert res.exit_code == 1 and not row["ok"] and problem in row["problem"], res.output
         assert (change.get("key_id") or change.get("team_id")) in row["problem"]
     assert sandbox.requests == [f"/3/device/{CHECK_TOKEN}"] and len(sandbox.recorder) == 0
+
+
+def test_without_ca_file_the_system_trust_store_is_used(make: Any) -> None:
+    """pycurl's bundled libcurl looks for Red Hat's CA bundle path, absent on Debian: without a
+    ``ca_file`` the providers must hand it the system's own, or TLS to the real APNs fails."""
+    from worker.providers.h2mux import Mux, system_ca
+
+    cafile, capath = system_ca()
+    assert (cafile and Path(cafile).is_file()) or (capath and Path(capath).is_dir())
+    mux = Mux()
+    try:
+        assert (mux.ca_file, mux.ca_path) == (cafile, capath)
+    finally:
+        mux.close()
+    p = make(ca_file=None)  # the sandbox's CA is not in the system store: refused, not trusted
+    out = p.send([msg(1)])
+    assert isinstance(out[0], Retry) and "connection" in out[0].reason

@@ -26,6 +26,8 @@ One ``Mux`` is used by one thread at a time (``run`` holds a lock); the provider
 
 from __future__ import annotations
 
+import os
+import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +47,25 @@ _CONNECT_ERRORS = frozenset(
 )
 _TIMEOUT = pycurl.E_OPERATION_TIMEDOUT
 _IDLE_REUSE_S = 3600  # keep idle connections (libcurl's default drops them after 118 s idle)
+
+
+def system_ca() -> tuple[str | None, str | None]:
+    """(CA bundle file, CA directory) of this system, as Python's ``ssl`` finds them: the trust
+    store for a real APNs or FCM. The libcurl in pycurl's wheels looks for a bundle where Red Hat
+    keeps it (``/etc/pki/tls/certs/ca-bundle.crt``), which Debian has not: it is told where."""
+    paths = ssl.get_default_verify_paths()
+    cafile = os.environ.get(paths.openssl_cafile_env) or paths.cafile
+    capath = os.environ.get(paths.openssl_capath_env) or paths.capath
+    cafile = cafile if cafile and os.path.isfile(cafile) else None
+    capath = capath if capath and os.path.isdir(capath) else None
+    if cafile is None and capath is None:
+        try:
+            import certifi
+
+            cafile = certifi.where()
+        except ImportError:
+            pass
+    return cafile, capath
 
 
 @dataclass(slots=True)
@@ -135,7 +156,8 @@ class Mux:
         http2: str = "required",
         user_agent: str | None = None,
     ) -> None:
-        self.ca_file = ca_file
+        # ``ca_file``: the only CA trusted (a local sandbox's); else the system's trust store
+        self.ca_file, self.ca_path = (ca_file, None) if ca_file else system_ca()
         self.timeout_ms = max(1, int(timeout * 1000))
         self.connect_timeout_ms = max(1, int(connect_timeout * 1000))
         self.http2_required = http2 == "required"
@@ -166,6 +188,8 @@ class Mux:
             c.setopt(pycurl.PIPEWAIT, 1)
         if self.ca_file:
             c.setopt(pycurl.CAINFO, self.ca_file)
+        if self.ca_path:
+            c.setopt(pycurl.CAPATH, self.ca_path)
         c.setopt(pycurl.TIMEOUT_MS, self.timeout_ms)
         c.setopt(pycurl.CONNECTTIMEOUT_MS, self.connect_timeout_ms)
         c.setopt(pycurl.MAXAGE_CONN, _IDLE_REUSE_S)
