@@ -6,6 +6,7 @@ import hashlib
 import json
 import ssl
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,9 @@ def test_success_headers_and_payload_checked_at_the_sandbox(make: Any, sandbox: 
     # the same delivery retried carries the same apns-id
     assert p.send([msg(1)]) == [Sent(apns_id_for("d-1"))]
     assert apns_id_for("d-1") != apns_id_for("d-2")
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/notifyctl/apns-id")
+    for d in ("d-1", "d_01m8a7xyz", "é-ü-42", ""):  # the same ids as every earlier version sent
+        assert apns_id_for(d) == str(uuid.uuid5(namespace, d)).upper()
 
 
 REASONS = [
