@@ -83,7 +83,7 @@ class Config(BaseSettings):
     topic: str = Field("", description="the app's bundle id (apns-topic)")
     base_url: str = Field(PRODUCTION_URL, description="APNs base URL")
     use_sandbox: bool = Field(False, description="use api.sandbox.push.apple.com (development builds)")
-    ca_file: Path | None = Field(None, description="extra CA certificate to trust (local sandbox)")
+    ca_file: Path | None = Field(None, description="the CA to trust instead of the system's (a local sandbox)")
     timeout: float = Field(10.0, gt=0, description="seconds to wait for one answer")
     connect_timeout: float = Field(10.0, gt=0, description="seconds to open a connection")
     connections: int = Field(2, ge=1, le=64, description="HTTP/2 connections kept open")
