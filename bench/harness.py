@@ -38,19 +38,28 @@ def phone_users(env: Env, n: int, prefix: str = "otp") -> list[str]:
 
 
 def ios_token(i: int) -> str:
-    return f"{i:064x}"
+    return f"{i + 1:064x}"  # never all zeros: the APNs sandbox's token that no device has
 
 
-def bulk_ios_tokens(env: Env, user_ids: list[str], chunk: int = 5000) -> list[str]:
-    tokens = [ios_token(i) for i in range(len(user_ids))]
+def android_token(i: int) -> str:
+    """Shaped like an FCM registration token (``<instance id>:APA91b...``)."""
+    return f"i{i:010d}:APA91b{i:0140x}"
+
+
+def bulk_ios_tokens(env: Env, user_ids: list[str], chunk: int = 5000, platforms: list[str] | None = None) -> list[str]:
+    """One device token per user: iOS, or per ``platforms[i]`` (``ios`` / ``android``)."""
+    plats = platforms or ["ios"] * len(user_ids)
+    tokens = [ios_token(i) if p == "ios" else android_token(i) for i, p in enumerate(plats)]
     now = utcnow()
     with env.ctx.engine.begin() as conn:
         for i in range(0, len(user_ids), chunk):
             conn.execute(
                 insert(DeviceToken),
                 [
-                    {"token": t, "user_id": u, "platform": "ios", "created_at": now}
-                    for t, u in zip(tokens[i : i + chunk], user_ids[i : i + chunk], strict=True)
+                    {"token": t, "user_id": u, "platform": p, "created_at": now}
+                    for t, u, p in zip(
+                        tokens[i : i + chunk], user_ids[i : i + chunk], plats[i : i + chunk], strict=True
+                    )
                 ],
             )
     return tokens

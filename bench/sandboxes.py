@@ -63,11 +63,13 @@ class LightRecorder:
 
 def _child(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["sendgrid", "twilio", "apns", "smtp"])
+    ap.add_argument("kind", choices=["sendgrid", "twilio", "apns", "fcm", "smtp"])
     ap.add_argument("--key-file", type=Path)
     ap.add_argument("--key-id", default="")
     ap.add_argument("--team-id", default="")
     ap.add_argument("--topic", default="com.example.app")
+    ap.add_argument("--token-update-interval", type=float, default=0.0,
+                    help="APNs: refuse a new provider token this soon after the last (strict: 1200)")
     a = ap.parse_args(argv)
     rec = LightRecorder()
     info: dict[str, Any]
@@ -90,10 +92,17 @@ def _child(argv: list[str]) -> None:
         from worker.sandbox.apns import ApnsSandbox
 
         keys = {a.key_id: a.key_file.read_bytes()} if a.key_file else {}
-        sb = ApnsSandbox(keys, topic=a.topic, team_id=a.team_id or None)
+        sb = ApnsSandbox(keys, topic=a.topic, team_id=a.team_id or None, token_update_interval=a.token_update_interval)
         sb.recorder = rec
         sb.start()
         info = {"url": sb.url, "ca_file": str(sb.ca_file)}
+    elif a.kind == "fcm":
+        from worker.sandbox.fcm import FcmSandbox
+
+        sb = FcmSandbox(port=0)
+        sb.recorder = rec
+        sb.start()
+        info = {"url": sb.url, "service_account": sb.service_account}
     else:
         from worker.sandbox.smtp import SmtpSandbox
 
@@ -109,6 +118,11 @@ def _child(argv: list[str]) -> None:
     out = rec.all()[0]
     if a.kind == "apns":
         out["requests"] = len(sb.requests)
+        out["tokens_seen"] = len(sb.tokens_seen)
+        out["token_updates_refused"] = sb.token_updates_refused
+    elif a.kind == "fcm":
+        out["requests"] = sb.send_requests
+        out["token_requests"] = sb.token_requests
     elif a.kind == "sendgrid":
         out["requests"] = len(sb.accepted_requests)
     print(json.dumps(out), flush=True)

@@ -40,3 +40,15 @@ def circuit(provider: str) -> str:
 def prefs(user_id: str) -> str:
     """Cached opt-outs of one user (see ``notifyctl.prefs``)."""
     return f"{PREFIX}prefs:{user_id}"
+
+
+def provider_token(provider: str, ident: str) -> str:
+    """A provider credential shared by every worker and host (``worker.providers.shared_token``):
+    the APNs JWT of one team, key id and key; the FCM access token of one service account.
+    Value ``renew_at|expires_at|token``, expiring with the token."""
+    return f"{PREFIX}ptoken:{provider}:{ident}"
+
+
+def provider_token_lock(provider: str, ident: str) -> str:
+    """Held by the one process minting ``provider_token(provider, ident)``."""
+    return f"{PREFIX}ptoken-lock:{provider}:{ident}"

@@ -20,10 +20,14 @@ def test_every_bench_scenario_runs_at_tiny_size():
     assert email["redis_commands"] and email["redis_commands_per_notification"] > 0
 
     push = res["push"]
-    assert "error" not in push, push.get("error")
-    assert push["sent"] == 300 and push["bare_sent"] == 300
-    assert push["sandbox_accepted"] >= 600  # pipeline + bare loop (+1 connect probe)
-    assert push["ratio"] > 0
+    if not push.get("sink_skipped"):  # nginx and h2load installed (bench.sinks.INSTALL_HINT)
+        mix = push["rows"]["mix"]
+        assert "error" not in mix, mix.get("error")
+        assert mix["sent"] == 300 and mix["push_per_s"] > 0 and mix["cpu_us_per_push_total"] > 0
+        assert mix["otp"]["accepted_by_sandbox"] == mix["otp"]["submitted"] > 0
+        clients = push["clients"]["candidates"]
+        assert clients["apns"]["per_s"] > 0 and clients["fcm"]["per_s"] > 0
+        assert push["h2load"]["succeeded"] == 20_000
 
     launcher = res["launcher"]
     assert "error" not in launcher, launcher.get("error")
@@ -44,4 +48,4 @@ def test_every_bench_scenario_runs_at_tiny_size():
         assert app["apprise_sent"] == 30 and app["sink_accepted"] == 60
 
     figures = {row[0] for row in res["summary_rows"]}
-    assert figures == {"1", "2", "3", "4", "5", "6"}
+    assert figures >= {"1", "3", "4", "5", "6"}

@@ -6,6 +6,7 @@ import hashlib
 import json
 import ssl
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from notifyctl.settings import Settings
-from worker.providers.apns import Provider, apns_id_for, collapse_id_for
+from worker.providers.apns import CHECK_TOKEN, Provider, apns_id_for, collapse_id_for
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
 from worker.sandbox.apns import ApnsSandbox
 
@@ -112,6 +113,9 @@ def test_success_headers_and_payload_checked_at_the_sandbox(make: Any, sandbox: 
     # the same delivery retried carries the same apns-id
     assert p.send([msg(1)]) == [Sent(apns_id_for("d-1"))]
     assert apns_id_for("d-1") != apns_id_for("d-2")
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/notifyctl/apns-id")
+    for d in ("d-1", "d_01m8a7xyz", "é-ü-42", ""):  # the same ids as every earlier version sent
+        assert apns_id_for(d) == str(uuid.uuid5(namespace, d)).upper()
 
 
 REASONS = [
@@ -127,7 +131,8 @@ REASONS = [
     (403, "MissingProviderToken", {}, Permanent("MissingProviderToken")),
     (404, "BadPath", {}, Permanent("BadPath")),
     (429, "TooManyRequests", {"retry-after": "7"}, Retry("TooManyRequests", 7.0, throttled=True)),
-    (429, "TooManyProviderTokenUpdates", {}, Retry("TooManyProviderTokenUpdates", None)),
+    # issue 20: our token changes, not the message: a throttle (no attempt used, no circuit failure)
+    (429, "TooManyProviderTokenUpdates", {}, Retry("TooManyProviderTokenUpdates", 60.0, throttled=True)),
     (500, "InternalServerError", {}, Retry("InternalServerError", None)),
     (503, "ServiceUnavailable", {"retry-after": "30"}, Retry("ServiceUnavailable", 30.0)),
     (503, "Shutdown", {}, Retry("Shutdown", None)),
@@ -264,13 +269,14 @@ def test_timeout_gives_retry_without_resend(make: Any, sandbox: ApnsSandbox) -> 
 
 
 def test_collapse_id_is_at_most_64_bytes(make: Any, sandbox: ApnsSandbox) -> None:
-    keys = ["k" * 64, "k" * 65, "é" * 40]
+    keys = ["k" * 64, "k" * 65, "é" * 40, "été-42"]
     out = make().send([msg(i, dedup_key=k) for i, k in enumerate(keys)])
     assert all(isinstance(o, Sent) for o in out)
     got = {r["token"]: r["collapse_id"] for r in sandbox.recorder.all()}
     assert got[token(0)] == "k" * 64
     assert got[token(1)] == hashlib.sha256(b"k" * 65).hexdigest() == collapse_id_for("k" * 65)
     assert len(got[token(2)].encode()) == 64 and got[token(2)] != "é" * 40
+    assert got[token(3)] == "été-42"  # short and not ASCII: sent as it is, UTF-8
 
 
 def test_200_concurrent_pushes_in_one_send_are_fast(make: Any, sandbox: ApnsSandbox) -> None:
@@ -315,7 +321,8 @@ def test_control_api_on_the_side_port(make: Any, sandbox: ApnsSandbox) -> None:
 def test_check_describe_and_secrets(make: Any, sandbox: ApnsSandbox, p8: str, tmp_path: Path) -> None:
     p = make()
     assert p.check() is None
-    assert sandbox.requests == []  # check() sends nothing
+    # check() delivers nothing: one push to a token no device has (answered 400 BadDeviceToken)
+    assert sandbox.requests == [f"/3/device/{CHECK_TOKEN}"] and len(sandbox.recorder) == 0
     d = p.describe()
     assert d["base_url"] == sandbox.url and d["key"] == "(set)" and d["key_id"] == KEY_ID
     body = p8.splitlines()[1]
@@ -352,3 +359,54 @@ def test_misconfigured(make: Any, options: dict) -> None:
     with pytest.raises(Misconfigured) as exc:
         make(**options)
     assert "PRIVATE KEY" not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({}, None),
+        ({"key_id": "WRONGKEY01"}, "InvalidProviderToken"),
+        ({"team_id": "WRONGTEAM1"}, "InvalidProviderToken"),
+    ],
+    ids=["good", "wrong-key-id", "wrong-team-id"],
+)
+def test_providers_check_tells_a_wrong_key_id_or_team_id(
+    sandbox: ApnsSandbox, p8: str, settings: Settings, change: dict, problem: str | None
+) -> None:
+    """Issue 20: `providers check` used to report ok for a wrong key id (it only signed and
+    connected); the first real send then dead-lettered. Nothing is delivered either way."""
+    from typer.testing import CliRunner
+
+    from notifyctl.cli import providers
+    from tests.conftest import cli_env
+
+    opts = {"KEY": p8, "KEY_ID": KEY_ID, "TEAM_ID": TEAM_ID, "TOPIC": TOPIC, "BASE_URL": sandbox.url,
+            "CA_FILE": str(sandbox.ca_file)} | {k.upper(): v for k, v in change.items()}  # fmt: skip
+    env = cli_env(settings, NOTIFY_CONFIG="/nonexistent.toml", NOTIFY_PROVIDERS_PUSH_IOS='["apns"]',
+                  NOTIFY_PROVIDERS_PUSH_ANDROID="[]", NOTIFY_PROVIDERS_EMAIL="[]", NOTIFY_PROVIDERS_SMS="[]",
+                  **{f"NOTIFY_APNS_{k}": v for k, v in opts.items()})  # fmt: skip
+    res = CliRunner().invoke(providers.app, ["check", "--json"], env=env)
+    [row] = json.loads(res.stdout)
+    if problem is None:
+        assert res.exit_code == 0 and row["ok"], res.output
+    else:
+        assert res.exit_code == 1 and not row["ok"] and problem in row["problem"], res.output
+        assert (change.get("key_id") or change.get("team_id")) in row["problem"]
+    assert sandbox.requests == [f"/3/device/{CHECK_TOKEN}"] and len(sandbox.recorder) == 0
+
+
+def test_without_ca_file_the_system_trust_store_is_used(make: Any) -> None:
+    """pycurl's bundled libcurl looks for Red Hat's CA bundle path, absent on Debian: without a
+    ``ca_file`` the providers must hand it the system's own, or TLS to the real APNs fails."""
+    from worker.providers.h2mux import Mux, system_ca
+
+    cafile, capath = system_ca()
+    assert (cafile and Path(cafile).is_file()) or (capath and Path(capath).is_dir())
+    mux = Mux()
+    try:
+        assert (mux.ca_file, mux.ca_path) == (cafile, capath)
+    finally:
+        mux.close()
+    p = make(ca_file=None)  # the sandbox's CA is not in the system store: refused, not trusted
+    out = p.send([msg(1)])
+    assert isinstance(out[0], Retry) and "connection" in out[0].reason

@@ -92,7 +92,7 @@ class Runtime:
     def provider(self, name: str) -> Provider:
         p = self._providers.get(name)
         if p is None:
-            p = self._providers[name] = load_provider(name, self.settings)
+            p = self._providers[name] = load_provider(name, self.settings, redis=self.ctx.redis)
         return p
 
     def close(self) -> None:

@@ -121,8 +121,10 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:300]
 
 
-def load_all(settings: Any) -> tuple[list[str], dict[str, list[str]], dict[str, Loaded]]:
-    """(routes, route -> ordered provider names, name -> Loaded) for the current settings."""
+def load_all(settings: Any, redis: Any | None = None) -> tuple[list[str], dict[str, list[str]], dict[str, Loaded]]:
+    """(routes, route -> ordered provider names, name -> Loaded) for the current settings.
+    ``redis``: for the provider tokens the workers share (a check then signs with the JWT the
+    workers use instead of minting one more, which a strict APNs counts as a token update)."""
     from pydantic import ValidationError
 
     from worker.providers import REGISTRY, Misconfigured, load_provider
@@ -139,7 +141,7 @@ def load_all(settings: Any) -> tuple[list[str], dict[str, list[str]], dict[str, 
                     entry.problem = f"unknown provider {name!r} (known: {', '.join(sorted(REGISTRY))})"
                 else:
                     try:
-                        entry.provider = load_provider(name, settings)
+                        entry.provider = load_provider(name, settings, redis=redis)
                     except Misconfigured as exc:
                         entry.problem = _one_line(str(exc))
                     except ValidationError as exc:
@@ -155,6 +157,16 @@ def load_all(settings: Any) -> tuple[list[str], dict[str, list[str]], dict[str, 
         if served is not None:
             entry.misrouted = [r for r in entry.routes if r not in served]
     return routes, by_route, loaded
+
+
+def _shared_state(context: Any) -> Any | None:
+    """The Redis client the workers share provider tokens through, when Redis answers."""
+    try:
+        client = context.redis
+        client.ping()
+    except Exception:  # noqa: BLE001 - no Redis for a check is no error: tokens are minted locally
+        return None
+    return client
 
 
 def describe(entry: Loaded, settings: Any) -> dict[str, str]:
@@ -248,10 +260,13 @@ def check(
     ctx: typer.Context,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Validate each configured provider's keys and reachability without sending anything.
-    Exits 1 when any provider fails (or is listed for a route but not configured)."""
-    settings = get_ctx(ctx).settings
-    _, _, loaded = load_all(settings)
+    """Validate each configured provider's keys and reachability without delivering anything
+    (APNs: a push to a device token no device has, which APNs refuses as BadDeviceToken only
+    once it took the key id, team id and key). Exits 1 when any provider fails (or is listed
+    for a route but not configured)."""
+    context = get_ctx(ctx)
+    settings = context.settings
+    _, _, loaded = load_all(settings, _shared_state(context))
     entries = list(loaded.values())
     try:
 

@@ -1,12 +1,18 @@
 """APNs (iOS push) over the HTTP/2 provider API, with token (``.p8`` / ES256 JWT) auth.
 
-A provider keeps ``connections`` long-lived HTTP/2 connections (Apple treats rapid
-connect/disconnect as abuse) on an asyncio loop in a background thread; ``send()`` spreads a
-batch over them as concurrent streams (up to the server's ``MAX_CONCURRENT_STREAMS`` each) and
-blocks until every message has an outcome.
+``send()`` puts a whole batch on the wire at once: one request per push, as concurrent streams over
+``connections`` long-lived HTTP/2 connections (Apple treats rapid connect/disconnect as abuse), up
+to ``max_streams`` and the server's ``MAX_CONCURRENT_STREAMS`` each (``worker.providers.h2mux``,
+libcurl underneath), and blocks until every push has an outcome. The header lines a batch shares
+are built once per batch.
 
-- The JWT is minted once and reused for ``token_ttl`` seconds (Apple: 20-60 min); a
-  ``403 ExpiredProviderToken`` mints a new one and resends the message once.
+- One JWT per team id, key id and key, shared by every worker process and host through Redis
+  (``worker.providers.shared_token``): minted once under a lock and reused for ``token_ttl``
+  seconds (Apple: 20-60 min; more often is answered ``TooManyProviderTokenUpdates``). A
+  ``403 ExpiredProviderToken`` replaces it (one refresh for everyone who saw it) and resends the
+  push once; ``403 InvalidProviderToken`` replaces it the same way (the push is ``Permanent``).
+  ``429 TooManyProviderTokenUpdates`` resends once with the shared token when ours was another,
+  else is a throttle (``Retry(throttled=True)``): it uses no attempt and never opens the circuit.
 - ``apns-id`` is a UUID derived from ``delivery_id``, so a retried delivery carries the same id;
   ``apns-collapse-id`` comes from ``dedup_key`` (SHA-256 hex when longer than 64 bytes).
 - A connection that dies (reset, GOAWAY) is reopened and only the streams it never answered
@@ -14,19 +20,16 @@ blocks until every message has an outcome.
   resent (APNs may have taken it).
 
 Outcomes: 200 ``Sent(apns-id)``; 410 and 400 ``BadDeviceToken`` ``InvalidAddress``; other
-400/403/404/405/413 ``Permanent``; 429 and 5xx ``Retry`` (with ``Retry-After`` when given).
+400/403/404/405/413 ``Permanent``; 429 and 5xx ``Retry`` (with ``Retry-After`` when given;
+``TooManyRequests`` and ``TooManyProviderTokenUpdates`` throttled).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import itertools
 import json
 import logging
 import re
-import ssl
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,9 +38,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+import orjson
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from notifyctl import keys
 from notifyctl.settings import provider_config
 from worker.providers.base import (
     InvalidAddress,
@@ -48,6 +53,8 @@ from worker.providers.base import (
     Retry,
     Sent,
 )
+from worker.providers.h2mux import Failure, Mux, Request
+from worker.providers.shared_token import Minted, SharedToken
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +62,13 @@ PRODUCTION_URL = "https://api.push.apple.com"
 SANDBOX_URL = "https://api.sandbox.push.apple.com"
 MAX_PAYLOAD = 4096
 _APNS_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/notifyctl/apns-id")
+_APNS_ID_NS_BYTES = _APNS_ID_NAMESPACE.bytes
 _TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}$")
 _INVALID_ADDRESS = {"BadDeviceToken", "Unregistered", "ExpiredToken"}
+JWT_MAX_AGE = 3600.0  # APNs refuses a provider token older than one hour
+TOKEN_UPDATES_BACKOFF = 60.0  # seconds to wait after TooManyProviderTokenUpdates
+# `providers check` pushes to this well-formed token, which no device has (APNs: BadDeviceToken)
+CHECK_TOKEN = "0" * 64
 
 
 class Config(BaseSettings):
@@ -71,7 +83,7 @@ class Config(BaseSettings):
     topic: str = Field("", description="the app's bundle id (apns-topic)")
     base_url: str = Field(PRODUCTION_URL, description="APNs base URL")
     use_sandbox: bool = Field(False, description="use api.sandbox.push.apple.com (development builds)")
-    ca_file: Path | None = Field(None, description="extra CA certificate to trust (local sandbox)")
+    ca_file: Path | None = Field(None, description="the CA to trust instead of the system's (a local sandbox)")
     timeout: float = Field(10.0, gt=0, description="seconds to wait for one answer")
     connect_timeout: float = Field(10.0, gt=0, description="seconds to open a connection")
     connections: int = Field(2, ge=1, le=64, description="HTTP/2 connections kept open")
@@ -90,240 +102,24 @@ class Config(BaseSettings):
         return v.rstrip("/")
 
 
-class _ConnectionLost(Exception):
-    """The connection ended before this stream was answered (safe to resend)."""
+def jwt_minter(key: Any, key_id: str, team_id: str, ttl: float) -> Any:
+    """``mint`` for a ``SharedToken``: a provider JWT, renewed after ``ttl`` s, valid for an hour."""
+    import jwt
+
+    def mint() -> Minted:
+        token = jwt.encode({"iss": team_id, "iat": int(time.time())}, key, algorithm="ES256", headers={"kid": key_id})
+        return Minted(token, ttl, JWT_MAX_AGE)
+
+    return mint
 
 
-class _Conn(asyncio.Protocol):
-    """One HTTP/2 client connection: h2 state machine + a future per open stream."""
+def _key_fingerprint(key: Any) -> str:
+    """Which key signs: part of the shared token's name, so that a process given another key (or a
+    wrong key id for the same key) never takes, or overwrites, a token it did not sign."""
+    from cryptography.hazmat.primitives import serialization
 
-    def __init__(self, authority: str, max_streams: int) -> None:
-        import h2.config
-        import h2.connection
-
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-        self.authority = authority
-        self.max_streams = max_streams
-        self._flush_pending = False
-        self.transport: asyncio.Transport | None = None
-        self.pending: dict[int, tuple[asyncio.Future[tuple[int, dict[str, str], bytes]], list[Any]]] = {}
-        self.changed = asyncio.Event()  # set on window updates, closed streams, settings
-        self.ready = asyncio.get_running_loop().create_future()
-        self.gone = asyncio.get_running_loop().create_future()  # done when the transport is closed
-        self.dead = False
-        self.goaway_reason: str | None = None
-
-    # -- asyncio.Protocol --
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.h2.initiate_connection()
-        self._flush()
-
-    def data_received(self, data: bytes) -> None:
-        import h2.events
-        import h2.exceptions
-
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self._die(f"protocol error: {exc}")
-            return
-        for ev in events:
-            if isinstance(ev, h2.events.RemoteSettingsChanged):
-                if not self.ready.done():
-                    self.ready.set_result(None)
-                self.changed.set()
-            elif isinstance(ev, h2.events.ResponseReceived):
-                entry = self.pending.get(ev.stream_id)
-                if entry:
-                    entry[1].append(dict(ev.headers or []))
-            elif isinstance(ev, h2.events.DataReceived):
-                entry = self.pending.get(ev.stream_id)
-                if entry:
-                    entry[1].append(ev.data or b"")
-                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, h2.events.StreamEnded):
-                entry = self.pending.pop(ev.stream_id, None)
-                if entry and not entry[0].done():
-                    parts = entry[1]
-                    headers = parts[0] if parts and isinstance(parts[0], dict) else {}
-                    body = b"".join(p for p in parts[1:] if isinstance(p, bytes))
-                    entry[0].set_result((int(headers.get(":status", 0)), headers, body))
-                self.changed.set()
-            elif isinstance(ev, h2.events.StreamReset):
-                entry = self.pending.pop(ev.stream_id, None)
-                if entry and not entry[0].done():
-                    entry[0].set_exception(_ConnectionLost(f"stream reset ({ev.error_code!r})"))
-                self.changed.set()
-            elif isinstance(ev, h2.events.WindowUpdated):
-                self.changed.set()
-            elif isinstance(ev, h2.events.ConnectionTerminated):
-                reason = None
-                if ev.additional_data:
-                    try:
-                        reason = json.loads(ev.additional_data).get("reason")
-                    except (ValueError, AttributeError):
-                        reason = None
-                self.goaway_reason = reason or f"GOAWAY {ev.error_code!r}"
-                self.dead = True
-                last = ev.last_stream_id or 0
-                # streams above last_stream_id were never processed; the rest may still be answered
-                for sid in [s for s in self.pending if s > last]:
-                    fut, _ = self.pending.pop(sid)
-                    if not fut.done():
-                        fut.set_exception(_ConnectionLost(self.goaway_reason))
-                if not self.pending:
-                    self._close()
-                self.changed.set()
-        self._flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.gone.done():
-            self.gone.set_result(None)
-        self._die(self.goaway_reason or f"connection lost: {exc or 'closed by peer'}")
-
-    def eof_received(self) -> bool | None:
-        return None  # close the transport
-
-    # -- helpers --
-
-    def _die(self, why: str) -> None:
-        self.dead = True
-        if not self.ready.done():
-            self.ready.set_exception(_ConnectionLost(why))
-            self.ready.exception()  # mark retrieved
-        for fut, _ in self.pending.values():
-            if not fut.done():
-                fut.set_exception(_ConnectionLost(why))
-        self.pending.clear()
-        self.changed.set()
-        self._close()
-
-    def _close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def _flush(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            data = self.h2.data_to_send()
-            if data:
-                self.transport.write(data)
-
-    def _flush_soon(self) -> None:
-        """Coalesce the frames of all streams started in this loop iteration into one write."""
-        if not self._flush_pending:
-            self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush_later)
-
-    def _flush_later(self) -> None:
-        self._flush_pending = False
-        self._flush()
-
-    def close(self) -> None:
-        if not self.dead:
-            self.dead = True
-            try:
-                self.h2.close_connection()
-                self._flush()
-            except Exception:  # noqa: BLE001 - best effort
-                pass
-        self._die("closed")
-
-    async def request(
-        self, path: str, headers: list[tuple[str, str]], body: bytes
-    ) -> tuple[int, dict[str, str], bytes]:
-        """Send one POST and wait for its answer. Raises _ConnectionLost if it never came."""
-        import h2.exceptions
-
-        # wait for a free stream slot (the server may allow only 1 until the first success)
-        while True:
-            if self.dead:
-                raise _ConnectionLost(self.goaway_reason or "connection closed")
-            # len(pending) = our open streams (h2's open_outbound_streams is O(streams))
-            if len(self.pending) < min(self.max_streams, self.h2.remote_settings.max_concurrent_streams):
-                break
-            self.changed.clear()
-            await self.changed.wait()
-        sid = self.h2.get_next_available_stream_id()
-        fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = asyncio.get_running_loop().create_future()
-        self.pending[sid] = (fut, [])
-        try:
-            self.h2.send_headers(
-                sid,
-                [(":method", "POST"), (":scheme", "https"), (":authority", self.authority), (":path", path)] + headers,
-                end_stream=False,
-            )
-            view = memoryview(body)
-            while view:
-                window = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
-                if window <= 0:
-                    self._flush()
-                    self.changed.clear()
-                    await self.changed.wait()
-                    if self.dead or fut.done():
-                        break
-                    continue
-                self.h2.send_data(sid, bytes(view[:window]))
-                view = view[window:]
-            if not self.dead:
-                if not fut.done():
-                    self.h2.end_stream(sid)
-                elif self.h2.streams.get(sid) is not None and not self.h2.streams[sid].closed:
-                    self.h2.reset_stream(sid)  # answered before we finished: close our side too
-        except h2.exceptions.ProtocolError as exc:
-            self.pending.pop(sid, None)
-            raise _ConnectionLost(f"protocol error: {exc}") from exc
-        self._flush_soon()
-        try:
-            return await fut
-        except asyncio.CancelledError:  # timeout: free the stream, keep the connection
-            self.pending.pop(sid, None)
-            if not self.dead:
-                try:
-                    self.h2.reset_stream(sid)
-                    self._flush()
-                except h2.exceptions.ProtocolError:
-                    pass
-            raise
-
-
-class _Tokens:
-    """The provider JWT: minted once, reused for ``ttl`` seconds."""
-
-    def __init__(self, key: Any, key_id: str, team_id: str, ttl: float) -> None:
-        self._key, self._key_id, self._team_id, self._ttl = key, key_id, team_id, ttl
-        self._lock = threading.Lock()
-        self._token: str | None = None
-        self._minted = 0.0
-        self.minted_count = 0
-
-    def current(self) -> str:
-        with self._lock:
-            if self._token is None or time.monotonic() - self._minted >= self._ttl:
-                self._mint()
-            assert self._token is not None
-            return self._token
-
-    def refresh(self, stale: str) -> str:
-        """A new token, unless another stream already replaced ``stale``."""
-        with self._lock:
-            if self._token == stale or self._token is None:
-                self._mint()
-            assert self._token is not None
-            return self._token
-
-    def _mint(self) -> None:
-        import jwt
-
-        self._token = jwt.encode(
-            {"iss": self._team_id, "iat": int(time.time())},
-            self._key,
-            algorithm="ES256",
-            headers={"kid": self._key_id},
-        )
-        self._minted = time.monotonic()
-        self.minted_count += 1
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()[:16]
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -340,8 +136,13 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def apns_id_for(delivery_id: str) -> str:
-    """The apns-id for a delivery: the same UUID on every attempt."""
-    return str(uuid.uuid5(_APNS_ID_NAMESPACE, delivery_id)).upper()
+    """The apns-id for a delivery: the same UUID on every attempt (``uuid5(namespace, delivery_id)``,
+    upper-case; spelled out here because ``uuid.uuid5`` costs twice as much, once per push)."""
+    h = bytearray(hashlib.sha1(_APNS_ID_NS_BYTES + delivery_id.encode()).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = h.hex().upper()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def collapse_id_for(dedup_key: str) -> str:
@@ -355,11 +156,27 @@ def _mask(value: str) -> str:
     return "****" + value[-4:] if len(value) > 8 else "(set)"
 
 
+class _Item:
+    """One message on its way: its request, and what has been tried."""
+
+    __slots__ = ("index", "apns_id", "path", "body", "collapse", "priority", "jwt", "conn_resent", "token_resent")
+
+    def __init__(self, index: int, apns_id: str, path: str, body: bytes, collapse: str | None, priority: str) -> None:
+        self.index, self.apns_id, self.path, self.body = index, apns_id, path, body
+        # the header line: bytes when not ASCII (APNs takes any UTF-8 of at most 64 bytes)
+        line = f"apns-collapse-id: {collapse}" if collapse is not None else None
+        self.collapse: str | bytes | None = line if line is None or line.isascii() else line.encode()
+        self.priority = priority
+        self.jwt = ""
+        self.conn_resent = self.token_resent = False
+
+
 class Provider:
     name: ClassVar[str] = "apns"
     routes: ClassVar[frozenset[str]] = frozenset({"push.ios"})
+    shares_state: ClassVar[bool] = True  # takes redis= (the shared provider token)
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:
         try:
             self.config: Config = provider_config(Config, "apns", settings)
         except ValidationError as exc:
@@ -375,24 +192,32 @@ class Provider:
         self.base_url = cfg.base_url
         if cfg.use_sandbox and self.base_url == PRODUCTION_URL:
             self.base_url = SANDBOX_URL
-        parts = urlsplit(self.base_url)
-        self._host = parts.hostname or ""
-        self._port = parts.port or 443
-        self._authority = parts.netloc
+        if cfg.ca_file is not None and not Path(cfg.ca_file).is_file():
+            raise Misconfigured(f"apns: cannot load ca_file {cfg.ca_file}: no such file")
         self._key = self._load_key()
-        self._tokens = _Tokens(self._key, cfg.key_id, cfg.team_id, cfg.token_ttl)
-        try:
-            self._ssl = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise Misconfigured(f"apns: cannot load ca_file: {exc.__class__.__name__}") from None
-        self._ssl.set_alpn_protocols(["h2"])
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-        self._conns: list[_Conn | None] = [None] * cfg.connections
-        self._connecting: list[asyncio.Future[_Conn] | None] = [None] * cfg.connections
-        self._rr = itertools.count()
-        self.connects = 0  # connections opened so far (for tests / stats)
+        ident = f"{cfg.team_id}:{cfg.key_id}:{_key_fingerprint(self._key)}"
+        self._tokens = SharedToken(
+            jwt_minter(self._key, cfg.key_id, cfg.team_id, cfg.token_ttl),
+            redis,
+            keys.provider_token("apns", ident),
+            keys.provider_token_lock("apns", ident),
+            name="apns",
+        )
+        self._mux = Mux(
+            ca_file=str(cfg.ca_file) if cfg.ca_file else None,
+            connections=cfg.connections,
+            max_streams=cfg.max_streams,
+            timeout=cfg.timeout,
+            connect_timeout=cfg.connect_timeout,
+            http2="required",
+        )
+        self._device_url = self.base_url + "/3/device/"
+        self._fixed: tuple[str, list[str], list[str]] | None = None  # (jwt, headers for priority 5, for 10)
+
+    @property
+    def connects(self) -> int:
+        """Connections opened so far (tests, stats)."""
+        return self._mux.connects
 
     def _load_key(self) -> Any:
         from cryptography.hazmat.primitives import serialization
@@ -430,108 +255,77 @@ class Provider:
         }
 
     def check(self) -> str | None:
-        """Key loads and signs, and an HTTP/2 connection to APNs opens. Sends nothing."""
+        """Do APNs take our provider token for this topic? One push to a well-formed device token
+        that no device has (``CHECK_TOKEN``): APNs answers ``400 BadDeviceToken`` when the key id,
+        team id, key and topic are right, ``403 InvalidProviderToken`` when the key id or team id
+        (or the key) is wrong, ``400 TopicDisallowed`` for a topic the key may not push to.
+        Nothing is delivered."""
         try:
-            self._tokens.current()
+            token = self._tokens.get()
         except Exception as exc:  # noqa: BLE001 - reported as one line
             return f"cannot sign a provider token: {exc.__class__.__name__}"
-        try:
-            self._run(self._get_conn(0), timeout=self.config.connect_timeout + 1)
-        except Exception as exc:  # noqa: BLE001
-            return f"cannot connect to {self.base_url}: {exc or exc.__class__.__name__}"
-        return None
+        probe = Message(
+            delivery_id="notifyctl-check", notification_id="notifyctl-check", channel="push", route="push.ios",
+            address=CHECK_TOKEN, content={"title": "notifyctl check", "body": "never delivered"},
+            category="transactional", priority="low",
+        )  # fmt: skip
+        item = self._item(0, probe)
+        assert not isinstance(item, InvalidAddress | Permanent)
+        item.jwt = token
+        [result] = self._mux.run([self._request(item, str(int(time.time()) + 60))])
+        if isinstance(result, Failure):
+            return f"cannot connect to {self.base_url}: {result.detail}"
+        reason = _reason(result.body) or f"HTTP {result.status}"
+        if result.status == 400 and reason == "BadDeviceToken":
+            return None  # the token, key id, team id and topic were taken; only the device is unknown
+        if result.status == 200:
+            return None  # accepted (a server that knows no devices): the credentials work
+        if result.status == 403:
+            return (f"APNs refused the provider token ({reason}): check key_id {self.config.key_id!r}, "
+                    f"team_id {self.config.team_id!r} and the key")  # fmt: skip
+        return f"APNs refused a check push: {result.status} {reason}"
 
     def send(self, messages: Sequence[Message]) -> list[Outcome]:
         if not messages:
             return []
-        # generous overall bound; each stream has its own timeout
-        budget = (self.config.timeout + self.config.connect_timeout) * 3 + 5
-        return self._run(self._send_all(list(messages)), timeout=budget)
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        todo: list[_Item] = []
+        for i, m in enumerate(messages):
+            item = self._item(i, m)
+            if isinstance(item, _Item):
+                todo.append(item)
+            else:
+                outcomes[i] = item
+        if todo:
+            try:
+                jwt_token = self._tokens.get()
+            except Exception as exc:  # noqa: BLE001 - cannot sign: nothing can go
+                log.warning("apns: cannot sign a provider token: %s", exc.__class__.__name__)
+                reason = f"cannot sign a provider token: {exc.__class__.__name__}"
+                for item in todo:
+                    outcomes[item.index] = Retry(reason)
+                todo = []
+            for item in todo:
+                item.jwt = jwt_token
+        while todo:
+            todo = self._round(todo, outcomes)
+        return outcomes  # type: ignore[return-value]
 
     def close(self) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-
-        async def shutdown() -> None:
-            conns = [c for c in self._conns if c is not None]
-            for c in conns:
-                c.close()
-            if conns:
-                await asyncio.wait([c.gone for c in conns], timeout=2)
-
-        try:
-            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=5)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            if self._thread:
-                self._thread.join(timeout=5)
-            self._loop = None
-
-    # -- loop plumbing ---------------------------------------------------------------------------
-
-    def _run(self, coro: Any, timeout: float) -> Any:
-        with self._start_lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-
-                def run() -> None:
-                    asyncio.set_event_loop(loop)
-                    try:
-                        loop.run_forever()
-                    finally:
-                        loop.close()
-
-                self._thread = threading.Thread(target=run, name="apns-provider", daemon=True)
-                self._thread.start()
-                self._loop = loop
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return fut.result(timeout=timeout)
-        except BaseException:
-            fut.cancel()  # don't leave it running behind our back
-            raise
-
-    async def _get_conn(self, slot: int) -> _Conn:
-        conn = self._conns[slot]
-        if conn is not None and not conn.dead:
-            return conn
-        pending = self._connecting[slot]
-        if pending is None:
-            pending = asyncio.ensure_future(self._connect())
-            self._connecting[slot] = pending
-        try:
-            conn = await asyncio.shield(pending)
-        finally:
-            if self._connecting[slot] is pending and pending.done():
-                self._connecting[slot] = None
-        self._conns[slot] = conn
-        return conn
-
-    async def _connect(self) -> _Conn:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                transport, conn = await loop.create_connection(
-                    lambda: _Conn(self._authority, self.config.max_streams),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host,
-                )
-                ssl_obj = transport.get_extra_info("ssl_object")
-                if ssl_obj is None or ssl_obj.selected_alpn_protocol() != "h2":
-                    transport.close()
-                    raise _ConnectionLost("server does not speak HTTP/2 (ALPN)")
-                await conn.ready  # the server's SETTINGS
-        except TimeoutError:
-            raise _ConnectionLost("connect timeout") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise _ConnectionLost(f"connect failed: {exc.__class__.__name__}: {exc}") from None
-        self.connects += 1
-        return conn
+        self._mux.close()
 
     # -- sending ---------------------------------------------------------------------------------
+
+    def _item(self, index: int, m: Message) -> _Item | InvalidAddress | Permanent:
+        token = m.address.strip()
+        if not _TOKEN_RE.match(token):
+            return InvalidAddress("BadDeviceToken")
+        body = self._payload(m)
+        if len(body) > MAX_PAYLOAD:
+            return Permanent("PayloadTooLarge")
+        priority = "5" if m.priority == "low" or self.config.push_type == "background" else "10"
+        collapse = collapse_id_for(m.dedup_key) if m.dedup_key else None
+        return _Item(index, apns_id_for(m.delivery_id), self._device_url + token, body, collapse, priority)
 
     def _payload(self, m: Message) -> bytes:
         aps: dict[str, Any]
@@ -543,70 +337,97 @@ class Provider:
             if self.config.sound:
                 aps["sound"] = self.config.sound
         data = {k: v for k, v in m.data.items() if k != "aps"}
-        return json.dumps({"aps": aps, **data}, separators=(",", ":"), ensure_ascii=False).encode()
+        return orjson.dumps({"aps": aps, **data})
 
-    def _headers(self, m: Message, apns_id: str) -> list[tuple[str, str]]:
+    def _fixed_headers(self, jwt_token: str, expiration: str) -> tuple[list[str], list[str]]:
+        """The header lines every request of a batch shares (per priority): built once per batch."""
         cfg = self.config
-        priority = "5" if m.priority == "low" or cfg.push_type == "background" else "10"
-        expiration = str(int(time.time()) + cfg.ttl) if cfg.ttl else "0"
-        headers = [
-            ("apns-topic", cfg.topic),
-            ("apns-push-type", cfg.push_type),
-            ("apns-priority", priority),
-            ("apns-expiration", expiration),
-            ("apns-id", apns_id),
-            ("content-type", "application/json"),
+        base = [
+            f"authorization: bearer {jwt_token}",
+            f"apns-topic: {cfg.topic}",
+            f"apns-push-type: {cfg.push_type}",
+            f"apns-expiration: {expiration}",
+            "content-type: application/json",
+            "accept:",  # libcurl's default "accept: */*": not sent
         ]
-        if m.dedup_key:
-            headers.append(("apns-collapse-id", collapse_id_for(m.dedup_key)))
-        return headers
+        return [*base, "apns-priority: 5"], [*base, "apns-priority: 10"]
 
-    async def _send_all(self, messages: list[Message]) -> list[Outcome]:
-        results = await asyncio.gather(*(self._send_one(m) for m in messages), return_exceptions=True)
-        outcomes: list[Outcome] = []
-        for r in results:
-            if isinstance(r, BaseException):
-                log.warning("apns: unexpected %s while sending", r.__class__.__name__)
-                outcomes.append(Retry(f"unexpected error: {r.__class__.__name__}"))
-            else:
-                outcomes.append(r)
-        return outcomes
+    def _request(
+        self, item: _Item, expiration: str, fixed: dict[str, tuple[list[str], list[str]]] | None = None
+    ) -> Request:
+        fixed = {} if fixed is None else fixed
+        pair = fixed.get(item.jwt)
+        if pair is None:
+            pair = fixed[item.jwt] = self._fixed_headers(item.jwt, expiration)
+        headers = [*(pair[0] if item.priority == "5" else pair[1]), "apns-id: " + item.apns_id]
+        if item.collapse is not None:
+            headers.append(item.collapse)  # type: ignore[arg-type]
+        return Request(item.path, headers, item.body)
 
-    async def _send_one(self, m: Message) -> Outcome:
-        token = m.address.strip()
-        if not _TOKEN_RE.match(token):
-            return InvalidAddress("BadDeviceToken")
-        body = self._payload(m)
-        if len(body) > MAX_PAYLOAD:
-            return Permanent("PayloadTooLarge")
-        apns_id = apns_id_for(m.delivery_id)
-        headers = self._headers(m, apns_id)
-        path = f"/3/device/{token}"
-        resent_for_conn = resent_for_token = False
-        jwt_token = self._tokens.current()
-        slot = next(self._rr) % len(self._conns)
-        while True:
-            # a resend stays on its slot: that connection is known dead, so it gets a fresh one
-            # (another slot may be just as stale without knowing it yet)
+    def _round(self, todo: list[_Item], outcomes: list[Outcome | None]) -> list[_Item]:
+        """Send ``todo`` once; settle what is final and answer what goes again (each once at most):
+        streams a dead connection never answered, and pushes refused for a token that has been
+        replaced since (``ExpiredProviderToken``; ``TooManyProviderTokenUpdates`` when the shared
+        token is another than ours)."""
+        cfg = self.config
+        expiration = str(int(time.time()) + cfg.ttl) if cfg.ttl else "0"
+        fixed: dict[str, tuple[list[str], list[str]]] = {}
+        results = self._mux.run([self._request(item, expiration, fixed) for item in todo])
+        again: list[_Item] = []
+        expired: list[_Item] = []
+        invalid: set[str] = set()
+        too_many: list[_Item] = []
+        for item, res in zip(todo, results, strict=True):
+            if isinstance(res, Failure):
+                if res.kind == "timeout":
+                    outcomes[item.index] = Retry("timeout waiting for APNs")
+                elif res.kind == "invalid":
+                    outcomes[item.index] = Permanent(f"cannot be sent: {res.detail}")
+                elif item.conn_resent:
+                    outcomes[item.index] = Retry(f"connection: {res.detail}")
+                else:
+                    item.conn_resent = True
+                    again.append(item)
+                continue
+            status = res.status
+            if status == 200:
+                outcomes[item.index] = Sent(res.header(b"apns-id") or item.apns_id)
+                continue
+            reason = _reason(res.body)
+            if status == 403 and reason == "ExpiredProviderToken" and not item.token_resent:
+                expired.append(item)
+                continue
+            if status == 403 and reason == "InvalidProviderToken":
+                invalid.add(item.jwt)
+            elif status == 429 and reason == "TooManyProviderTokenUpdates" and not item.token_resent:
+                too_many.append(item)
+                continue
+            outcomes[item.index] = _outcome(status, reason, res.headers, item.apns_id)
+        for stale in invalid | {i.jwt for i in expired}:
+            # refused: one new token, shared by every process (the others find it and take it)
             try:
-                conn = await self._get_conn(slot)
-                async with asyncio.timeout(self.config.timeout):
-                    status, rheaders, rbody = await conn.request(
-                        path, [("authorization", f"bearer {jwt_token}"), *headers], body
-                    )
-            except _ConnectionLost as exc:
-                if resent_for_conn:
-                    return Retry(f"connection: {exc}")
-                resent_for_conn = True
-                continue
-            except TimeoutError:
-                return Retry("timeout waiting for APNs")
-            reason = _reason(rbody)
-            if status == 403 and reason == "ExpiredProviderToken" and not resent_for_token:
-                resent_for_token = True
-                jwt_token = self._tokens.refresh(jwt_token)
-                continue
-            return _outcome(status, reason, rheaders, apns_id)
+                fresh = self._tokens.refresh(stale)
+            except Exception as exc:  # noqa: BLE001 - cannot sign
+                fresh = ""
+                log.warning("apns: cannot sign a provider token: %s", exc.__class__.__name__)
+            for item in expired:
+                if item.jwt == stale:
+                    if fresh:
+                        item.jwt, item.token_resent = fresh, True
+                        again.append(item)
+                    else:
+                        outcomes[item.index] = Retry("ExpiredProviderToken")
+        if too_many:
+            # We changed tokens too often: the shared token, when it is another than ours, goes;
+            # else wait without using an attempt or counting against the circuit.
+            shared = self._tokens.shared()
+            for item in too_many:
+                if shared and shared != item.jwt:
+                    item.jwt, item.token_resent = shared, True
+                    again.append(item)
+                else:
+                    outcomes[item.index] = Retry("TooManyProviderTokenUpdates", TOKEN_UPDATES_BACKOFF, throttled=True)
+        return again
 
 
 def _reason(body: bytes) -> str:
@@ -628,6 +449,9 @@ def _outcome(status: int, reason: str, headers: dict[str, str], apns_id: str) ->
         return Retry(reason)
     if status == 429 and reason == "TooManyRequests":
         return Retry(reason, _retry_after(headers.get("retry-after")), throttled=True)
+    if status == 429 and reason == "TooManyProviderTokenUpdates":
+        # our token changes, not the message or APNs' health: no attempt used, no circuit failure
+        return Retry(reason, _retry_after(headers.get("retry-after")) or TOKEN_UPDATES_BACKOFF, throttled=True)
     if status == 429 or status >= 500:
         return Retry(reason, _retry_after(headers.get("retry-after")))
     if 400 <= status < 500:

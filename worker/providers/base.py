@@ -91,6 +91,9 @@ class Provider(Protocol):
 
     name: ClassVar[str]
     routes: ClassVar[frozenset[str]]
+    # A provider whose state is shared by every worker (a provider token) sets ``shares_state =
+    # True`` and takes ``redis=`` (a Redis client, or None: keep it in this process); see
+    # ``worker.providers.load_provider`` and ``worker.providers.shared_token``.
 
     def __init__(self, settings: Any) -> None: ...
 

@@ -1,12 +1,15 @@
 """Firebase Cloud Messaging, HTTP v1 API (route ``push.android``).
 
 One ``POST {base_url}/v1/projects/{project_id}/messages:send`` per message (the v1 API has no
-batch endpoint); a batch is sent concurrently over a pooled ``httpx.Client`` (HTTP/2 when the
-server offers it) from a small thread pool owned by the provider.
+batch endpoint); a whole batch goes at once as concurrent HTTP/2 streams over a few connections
+(``worker.providers.h2mux``, libcurl underneath; HTTP/1.1 with up to ``concurrency`` connections
+when the server offers no HTTP/2). No thread per request.
 
 Auth is OAuth2 with a service account: an RS256 JWT grant signed with the account's private key
-is exchanged at ``token_uri`` for an access token, cached until shortly before it expires. A 401
-from a send refreshes the token once (only one thread refreshes) and resends.
+is exchanged at ``token_uri`` for an access token, kept until shortly before it expires, and
+shared by every worker process and host through Redis (``worker.providers.shared_token``: one
+per service account). A 401 from a send refreshes it once (one refresh for everyone who saw the
+401) and resends.
 
 Outcomes, from ``error.details[].errorCode`` (``google.firebase.fcm.v1.FcmError``), else
 ``error.status``, else the HTTP status:
@@ -26,18 +29,20 @@ import email.utils
 import hashlib
 import json
 import re
-import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
+import orjson
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from notifyctl import keys
 from notifyctl.settings import provider_config
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent
+from worker.providers.h2mux import Answer, Failure, Mux, Request
+from worker.providers.shared_token import Minted, SharedToken
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -47,6 +52,7 @@ ANDROID_TTL = "86400s"
 QUOTA_BACKOFF = 60.0
 # Refresh an access token this long before it expires (tokens last ~1 h).
 TOKEN_REFRESH_MARGIN = 60.0
+USER_AGENT = "notifyctl-fcm/0.1"
 RESERVED_DATA_KEYS = frozenset({"from", "message_type"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 _COLLAPSE_OK = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
@@ -61,7 +67,8 @@ class Config(BaseSettings):
     base_url: str = "https://fcm.googleapis.com"
     token_url: str | None = None
     timeout: float = 10.0
-    concurrency: int = 32
+    concurrency: int = 32  # connections at most (HTTP/1.1 needs one per request in flight)
+    max_streams: int = 1000  # concurrent HTTP/2 streams per connection (and <= the server's)
     ca_file: Path | None = None
     http2: bool = True
 
@@ -135,15 +142,15 @@ def build_message(m: Message) -> dict[str, Any]:
     return message
 
 
-def _error_info(resp: Any) -> tuple[str | None, str]:
+def _error_info(resp: Answer) -> tuple[str | None, str]:
     """(FCM error code or RPC status, message) from an error response."""
     try:
-        err = resp.json().get("error")
-    except ValueError:
+        err = orjson.loads(resp.body).get("error")
+    except (ValueError, AttributeError):
         err = None
     if not isinstance(err, dict):
-        return None, f"HTTP {resp.status_code}"
-    message = str(err.get("message") or f"HTTP {resp.status_code}")[:200]
+        return None, f"HTTP {resp.status}"
+    message = str(err.get("message") or f"HTTP {resp.status}")[:200]
     for detail in err.get("details") or []:
         if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.firebase.fcm.v1.FcmError"):
             if detail.get("errorCode"):
@@ -211,46 +218,39 @@ class _ServiceAccount:
 
 
 class _TokenSource:
-    """Thread-safe cache of the OAuth2 access token."""
+    """The OAuth2 access token of one service account, shared through Redis (``SharedToken``)."""
 
-    def __init__(self, account: _ServiceAccount, token_url: str, client: Any) -> None:
+    def __init__(self, account: _ServiceAccount, token_url: str, client: Any, redis: Any | None = None) -> None:
         self.account = account
         self.token_url = token_url
         self.client = client
-        self._lock = threading.Lock()
-        # (token, monotonic time to refresh at), replaced as a whole so readers need no lock.
-        self._state: tuple[str, float] | None = None
         self.fetches = 0
-
-    def _valid(self) -> str | None:
-        state = self._state
-        if state is not None and time.monotonic() < state[1]:
-            return state[0]
-        return None
+        ident = hashlib.sha256(f"{account.client_email}|{account.private_key_id}|{token_url}".encode()).hexdigest()
+        self._shared = SharedToken(
+            self._fetch,
+            redis,
+            keys.provider_token("fcm", ident[:32]),
+            keys.provider_token_lock("fcm", ident[:32]),
+            name="fcm",
+        )
 
     def get(self) -> str:
-        token = self._valid()
-        if token is not None:
-            return token
-        with self._lock:
-            return self._valid() or self._fetch()
+        return self._shared.get()
 
     def refresh(self, stale: str) -> str:
-        """A new token after ``stale`` was refused; concurrent callers share one refresh."""
-        with self._lock:
-            state = self._state
-            if state is not None and state[0] != stale:
-                return state[0]
-            return self._fetch()
+        """A new token after ``stale`` was refused; every process that saw the refusal shares one refresh."""
+        return self._shared.refresh(stale)
+
+    def fresh(self) -> str:
+        """A token fetched now for the caller alone (``check``: are the credentials good today?)."""
+        return self._shared.fresh()
 
     def invalidate(self) -> None:
-        with self._lock:
-            self._state = None
+        self._shared.forget()
 
-    def _fetch(self) -> str:
+    def _fetch(self) -> Minted:
         import httpx
 
-        self._state = None
         try:
             resp = self.client.post(
                 self.token_url,
@@ -275,9 +275,7 @@ class _TokenSource:
             expires_in = float(body.get("expires_in", 3600))
         except (TypeError, ValueError):
             expires_in = 3600.0
-        token = str(body["access_token"])
-        self._state = (token, time.monotonic() + expires_in - TOKEN_REFRESH_MARGIN)
-        return token
+        return Minted(str(body["access_token"]), expires_in - TOKEN_REFRESH_MARGIN, expires_in)
 
 
 def _load_account_info(cfg: Config) -> dict[str, Any]:
@@ -304,8 +302,9 @@ def _load_account_info(cfg: Config) -> dict[str, Any]:
 class Provider:
     name: ClassVar[str] = "fcm"
     routes: ClassVar[frozenset[str]] = frozenset({"push.android"})
+    shares_state: ClassVar[bool] = True  # takes redis= (the shared access token)
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:
         import httpx
 
         self.config: Config = provider_config(Config, "fcm", settings)
@@ -316,8 +315,8 @@ class Provider:
             raise Misconfigured("fcm: no project_id in the service account JSON; set NOTIFY_FCM_PROJECT_ID")
         if not cfg.base_url.startswith(("http://", "https://")):
             raise Misconfigured(f"fcm: base_url {cfg.base_url!r} is not an http(s) URL")
-        if cfg.concurrency < 1 or cfg.timeout <= 0:
-            raise Misconfigured("fcm: concurrency must be >= 1 and timeout > 0")
+        if cfg.concurrency < 1 or cfg.timeout <= 0 or cfg.max_streams < 1:
+            raise Misconfigured("fcm: concurrency and max_streams must be >= 1 and timeout > 0")
         self.token_url = cfg.token_url or self.account.token_uri
         self.send_url = f"{cfg.base_url.rstrip('/')}/v1/projects/{self.project_id}/messages:send"
 
@@ -329,23 +328,23 @@ class Provider:
                 verify = ssl.create_default_context(cafile=str(cfg.ca_file))
             except (OSError, ssl.SSLError) as exc:
                 raise Misconfigured(f"fcm: cannot load ca_file {cfg.ca_file}: {exc}") from None
-        http2 = cfg.http2
-        if http2:
-            try:
-                import h2  # noqa: F401
-            except ImportError:
-                http2 = False
-        self._client = httpx.Client(
+        # the token endpoint: one request an hour, over plain httpx
+        self._client = httpx.Client(timeout=cfg.timeout, verify=verify, headers={"User-Agent": USER_AGENT})
+        self.tokens = _TokenSource(self.account, self.token_url, self._client, redis)
+        self._mux = Mux(
+            ca_file=str(cfg.ca_file) if cfg.ca_file else None,
+            connections=cfg.concurrency,
+            max_streams=cfg.max_streams,
             timeout=cfg.timeout,
-            verify=verify,
-            http2=http2,
-            limits=httpx.Limits(max_connections=cfg.concurrency + 2, max_keepalive_connections=cfg.concurrency + 2),
-            headers={"User-Agent": "notifyctl-fcm/0.1"},
+            connect_timeout=cfg.timeout,
+            http2="preferred" if cfg.http2 else "never",
+            user_agent=USER_AGENT,
         )
-        self.tokens = _TokenSource(self.account, self.token_url, self._client)
-        self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="fcm-send")
 
     # -- sending -----------------------------------------------------------------------------
+
+    def _headers(self, token: str) -> list[str]:
+        return [f"authorization: Bearer {token}", "content-type: application/json; UTF-8", "accept:", "expect:"]
 
     def send(self, messages: Sequence[Message]) -> list[Outcome]:
         if not messages:
@@ -354,43 +353,49 @@ class Provider:
             token = self.tokens.get()
         except _AuthError as exc:
             return [Retry(exc.reason, exc.retry_after) for _ in messages]
-        if len(messages) == 1:
-            return [self._send_one(messages[0], token)]
-        return list(self._pool.map(lambda m: self._send_one(m, token), messages))
-
-    def _send_one(self, m: Message, token: str) -> Outcome:
-        import httpx
-
-        try:
-            body = json.dumps({"message": build_message(m)}, separators=(",", ":"), ensure_ascii=False).encode()
-        except ValueError as exc:
-            return Permanent(f"INVALID_ARGUMENT (local): {exc}")
-        for attempt in (0, 1):
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        todo: list[tuple[int, bytes]] = []
+        for i, m in enumerate(messages):
             try:
-                resp = self._client.post(
-                    self.send_url,
-                    content=body,
-                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json; UTF-8"},
-                )
-            except httpx.TimeoutException as exc:
-                return Retry(f"timeout: {type(exc).__name__}")
-            except httpx.TransportError as exc:
-                return Retry(f"network error: {type(exc).__name__}")
-            if resp.status_code == 200:
+                todo.append((i, orjson.dumps({"message": build_message(m)})))
+            except ValueError as exc:
+                outcomes[i] = Permanent(f"INVALID_ARGUMENT (local): {exc}")
+        for attempt in (0, 1):
+            if not todo:
+                break
+            headers = self._headers(token)
+            results = self._mux.run([Request(self.send_url, headers, body) for _, body in todo])
+            again: list[tuple[int, bytes]] = []
+            for (i, body), res in zip(todo, results, strict=True):
+                if isinstance(res, Failure) and res.kind == "invalid":
+                    outcomes[i] = Permanent(f"cannot be sent: {res.detail}")
+                    continue
+                if isinstance(res, Failure):
+                    outcomes[i] = Retry(
+                        f"timeout: {res.detail}" if res.kind == "timeout" else f"network error: {res.detail}"
+                    )
+                    continue
+                if res.status == 200:
+                    try:
+                        name = orjson.loads(res.body).get("name")
+                    except (ValueError, AttributeError):
+                        name = None
+                    outcomes[i] = Sent(str(name) if name else "fcm:unnamed")
+                    continue
+                code, text = _error_info(res)
+                if res.status == 401 and code != "THIRD_PARTY_AUTH_ERROR" and attempt == 0:
+                    again.append((i, body))
+                    continue
+                outcomes[i] = classify(res.status, code, text, parse_retry_after(res.headers.get("retry-after")))
+            todo = again
+            if todo:
                 try:
-                    name = resp.json().get("name")
-                except (ValueError, AttributeError):
-                    name = None
-                return Sent(str(name) if name else "fcm:unnamed")
-            code, text = _error_info(resp)
-            if resp.status_code == 401 and code != "THIRD_PARTY_AUTH_ERROR" and attempt == 0:
-                try:
-                    token = self.tokens.refresh(token)
+                    token = self.tokens.refresh(token)  # one refresh, shared by all that saw the 401
                 except _AuthError as exc:
-                    return Retry(exc.reason, exc.retry_after)
-                continue
-            return classify(resp.status_code, code, text, parse_retry_after(resp.headers.get("Retry-After")))
-        raise AssertionError("unreachable")  # pragma: no cover
+                    for i, _ in todo:
+                        outcomes[i] = Retry(exc.reason, exc.retry_after)
+                    todo = []
+        return outcomes  # type: ignore[return-value]
 
     # -- admin -------------------------------------------------------------------------------
 
@@ -416,11 +421,8 @@ class Provider:
     def check(self) -> str | None:
         """Fetch a fresh token, then ask FCM to *validate* (not send) a message to a dummy token:
         a 200 or a 400 about the token means the credentials may send to this project."""
-        import httpx
-
-        self.tokens.invalidate()
         try:
-            token = self.tokens.get()
+            token = self.tokens.fresh()
         except _AuthError as exc:
             return exc.reason
         body = {
@@ -431,17 +433,16 @@ class Provider:
                 "android": {"priority": "normal"},
             },
         }
-        try:
-            resp = self._client.post(self.send_url, json=body, headers={"Authorization": f"Bearer {token}"})
-        except httpx.TransportError as exc:
-            return f"FCM unreachable at {self.config.base_url}: {type(exc).__name__}"
-        if resp.status_code == 200:
+        [resp] = self._mux.run([Request(self.send_url, self._headers(token), orjson.dumps(body))])
+        if isinstance(resp, Failure):
+            return f"FCM unreachable at {self.config.base_url}: {resp.detail}"
+        if resp.status == 200:
             return None
         code, text = _error_info(resp)
-        if resp.status_code == 400 or code in ("INVALID_ARGUMENT", "UNREGISTERED"):
+        if resp.status == 400 or code in ("INVALID_ARGUMENT", "UNREGISTERED"):
             return None
-        return f"FCM refused a validate_only request: {code or 'HTTP ' + str(resp.status_code)}: {text}"
+        return f"FCM refused a validate_only request: {code or 'HTTP ' + str(resp.status)}: {text}"
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._mux.close()
         self._client.close()

@@ -22,7 +22,13 @@ token works as ``match``):
 - ``{"goaway": "Shutdown"}``: GOAWAY (last stream = the last one answered, the reason as JSON
   debug data, like Apple), then close
 
-``unregistered`` tokens are always answered ``410 Unregistered``. Accepted pushes are recorded
+``unregistered`` tokens are always answered ``410 Unregistered``; a device token no device has
+(``NO_DEVICE``, all zeros, or any token outside ``devices`` when given) ``400 BadDeviceToken`` —
+after the provider token was checked, as APNs does, so ``providers check`` can tell a wrong key
+id or team id (403 ``InvalidProviderToken``) from a good one without delivering anything. With
+``token_update_interval`` (Apple's is 1200 s), a new provider token of a team and key that comes
+sooner than that after the previous one is answered ``429 TooManyProviderTokenUpdates``
+(``tokens_seen`` lists every well-signed token presented). Accepted pushes are recorded
 in ``recorder``. The control API of :class:`~worker.sandbox.base.HttpSandbox` runs on a plain
 HTTP side port (``control_url``), with one more endpoint: ``POST /_sandbox/unregistered``
 (JSON list of tokens) / ``DELETE /_sandbox/unregistered``.
@@ -64,6 +70,7 @@ _TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}$")
 _PUSH_TYPES = {"alert", "background", "location", "voip", "complication", "fileprovider", "mdm", "liveactivity"}
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 TOKEN_MAX_AGE = 3600  # Apple: a provider token older than one hour is rejected
+NO_DEVICE = "0" * 64  # a well-formed device token that no device has
 
 
 def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -355,8 +362,18 @@ class ApnsSandbox:
         control_port: int = 0,
         max_payload: int = 4096,
         max_streams: int = 1000,
+        devices: set[str] | None = None,
+        token_update_interval: float = 0.0,
     ) -> None:
         self.keys = {kid: _public_key(k) for kid, k in (keys or {}).items()}
+        # Device tokens that exist (None: every well-formed one but NO_DEVICE); others are answered
+        # 400 BadDeviceToken, as APNs answers a token no device of this app and environment has.
+        self.devices = {d.lower() for d in devices} if devices is not None else None
+        # > 0: a strict APNs — a new provider token for a team and key within this many seconds of
+        # the previous new one is refused 429 TooManyProviderTokenUpdates (Apple: 20 min = 1200).
+        self.token_update_interval = token_update_interval
+        self.token_updates_refused = 0
+        self._last_update: dict[tuple[str, str], tuple[float, str]] = {}
         self.topics = {topic} if topic else set()
         self.team_id = team_id
         self.max_payload = max_payload
@@ -367,7 +384,7 @@ class ApnsSandbox:
         self.recorder: Recorder = self._control.recorder
         self.requests: list[str] = []  # path of every push request received (answered or not)
         self.request_auth: list[str] = []  # and its authorization header
-        self.tokens_seen: list[str] = []  # distinct valid provider tokens, in the order first seen
+        self.tokens_seen: list[str] = []  # distinct well-signed provider tokens, in the order first seen
         self._verified: dict[str, dict[str, Any]] = {}
         self._tokens_lock = threading.Lock()
         self._tmp = tempfile.TemporaryDirectory(prefix="apns-sandbox-")
@@ -498,14 +515,14 @@ class ApnsSandbox:
             return 404, "BadPath"
         auth = self._check_auth(headers.get("authorization"))
         if auth:
-            return 403, auth
+            return (429 if auth == "TooManyProviderTokenUpdates" else 403), auth
         topic = headers.get("apns-topic")
         if not topic:
             return 400, "MissingTopic"
         if self.topics and topic not in self.topics:
             return 400, "TopicDisallowed"
         token = path[len("/3/device/") :]
-        if not _TOKEN_RE.match(token):
+        if not _TOKEN_RE.match(token) or not self._has_device(token):
             return 400, "BadDeviceToken"
         push_type = headers.get("apns-push-type", "alert")
         if push_type not in _PUSH_TYPES:
@@ -526,6 +543,11 @@ class ApnsSandbox:
             return 410, "Unregistered"
         return 200, ""
 
+    def _has_device(self, token: str) -> bool:
+        if self.devices is not None:
+            return token.lower() in self.devices
+        return token.strip("0") != ""  # NO_DEVICE: all zeros, never a real device's
+
     def _check_auth(self, header: str | None) -> str | None:
         if not header:
             return "MissingProviderToken"
@@ -539,14 +561,31 @@ class ApnsSandbox:
                 return claims_or_reason
             claims = claims_or_reason
             with self._tokens_lock:
+                if token not in self.tokens_seen:
+                    self.tokens_seen.append(token)
+                if self._too_soon(token, claims):
+                    self.token_updates_refused += 1
+                    return "TooManyProviderTokenUpdates"
                 if len(self._verified) > 1000:
                     self._verified.clear()
                 self._verified[token] = claims
-                self.tokens_seen.append(token)
         iat = claims["iat"]
         if time.time() - iat > TOKEN_MAX_AGE:
             return "ExpiredProviderToken"
         return None
+
+    def _too_soon(self, token: str, claims: dict[str, Any]) -> bool:
+        """A strict APNs: is ``token`` an update too soon after the last new token of its team and key?"""
+        if self.token_update_interval <= 0:
+            return False
+        who = (str(claims.get("iss")), str(claims.get("_kid")))
+        now = time.time()
+        last = self._last_update.get(who)
+        if last is not None and last[1] != token and now - last[0] < self.token_update_interval:
+            return True
+        if last is None or last[1] != token:
+            self._last_update[who] = (now, token)
+        return False
 
     def _verify(self, token: str) -> dict[str, Any] | str:
         """The claims of a well-signed provider token, else the 403 reason."""
@@ -565,6 +604,7 @@ class ApnsSandbox:
         iat = claims.get("iat")
         if not isinstance(iat, int | float) or iat > time.time() + 60:
             return "InvalidProviderToken"
+        claims["_kid"] = head.get("kid", "")
         return claims
 
     def _record(self, headers: dict[str, str], body: bytes, apns_id: str) -> None:

@@ -1,0 +1,298 @@
+"""Many HTTP requests at once over a few multiplexed HTTP/2 connections, for the push providers.
+
+APNs and FCM v1 take one HTTP/2 request per message. ``Mux.run`` sends a whole batch of them
+concurrently as streams over at most ``connections`` long-lived connections (up to
+``max_streams`` streams each, and never more than the server's ``MAX_CONCURRENT_STREAMS``) and
+blocks until every request has an answer or has failed. No thread per request, no event loop:
+the work is done by libcurl (through ``pycurl``), which frames, HPACK-encodes, encrypts and
+multiplexes in C, with nghttp2. Chosen by measurement against a C HTTP/2 sink (nginx), side by
+side with h2, jh2, uvloop, pyreqwest and aioapns: see ``bench/RESULTS.md``.
+
+What the providers build on:
+
+- an ``Answer`` (status, response headers with lower-case names, body) for every request the
+  server answered, whatever the status;
+- a ``Failure`` otherwise, with ``kind``:
+  ``"invalid"`` — the request could not be framed (a header that is not text): never sent;
+  ``"connection"`` — the connection could not be opened, or ended (reset, FIN, GOAWAY) before
+  this stream was answered: the server never answered it, so it is safe to send again;
+  ``"timeout"`` — no answer within ``timeout`` (the stream is reset, the connection kept): the
+  server may have taken it, so it is not safe to send again.
+- ``connects``: connections opened so far (a connection cut while idle is reopened on the next
+  request; libcurl checks a connection is alive before reusing it).
+
+One ``Mux`` is used by one thread at a time (``run`` holds a lock); the providers own theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pycurl
+
+# libcurl's errors for a connection that could not be opened or died under the stream
+_CONNECT_ERRORS = frozenset(
+    {
+        pycurl.E_COULDNT_CONNECT,
+        pycurl.E_COULDNT_RESOLVE_HOST,
+        pycurl.E_SSL_CONNECT_ERROR,
+        pycurl.E_PEER_FAILED_VERIFICATION,
+        pycurl.E_SSL_CACERT_BADFILE,
+    }
+)
+_TIMEOUT = pycurl.E_OPERATION_TIMEDOUT
+_IDLE_REUSE_S = 3600  # keep idle connections (libcurl's default drops them after 118 s idle)
+
+
+def system_ca() -> tuple[str | None, str | None]:
+    """(CA bundle file, CA directory) of this system, as Python's ``ssl`` finds them: the trust
+    store for a real APNs or FCM. The libcurl in pycurl's wheels looks for a bundle where Red Hat
+    keeps it (``/etc/pki/tls/certs/ca-bundle.crt``), which Debian has not: it is told where."""
+    paths = ssl.get_default_verify_paths()
+    cafile = os.environ.get(paths.openssl_cafile_env) or paths.cafile
+    capath = os.environ.get(paths.openssl_capath_env) or paths.capath
+    cafile = cafile if cafile and os.path.isfile(cafile) else None
+    capath = capath if capath and os.path.isdir(capath) else None
+    if cafile is None and capath is None:
+        try:
+            import certifi
+
+            cafile = certifi.where()
+        except ImportError:
+            pass
+    return cafile, capath
+
+
+@dataclass(slots=True)
+class Request:
+    """One POST. ``headers``: ``"name: value"`` lines (lower-case names for HTTP/2)."""
+
+    url: str
+    headers: list[str]
+    body: bytes
+
+
+class Answer:
+    """The server's answer. ``headers`` (lower-case names) are parsed on first use: a push that
+    went through needs none of them but its ``apns-id``."""
+
+    __slots__ = ("status", "body", "http_version", "_raw", "_headers")
+
+    def __init__(self, status: int, raw: list[bytes] | dict[str, str], body: bytes, http_version: int = 2) -> None:
+        self.status, self.body, self.http_version = status, body, http_version
+        self._raw = raw if isinstance(raw, list) else []
+        self._headers = raw if isinstance(raw, dict) else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            headers: dict[str, str] = {}
+            for line in self._raw[1:]:  # after the status line
+                name, sep, value = line.partition(b":")
+                if sep:
+                    headers[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
+            self._headers = headers
+        return self._headers
+
+    def header(self, name: bytes) -> str | None:
+        """One header (``name`` lower-case, as bytes) without parsing the others."""
+        if self._headers is not None:
+            return self._headers.get(name.decode())
+        n = len(name)
+        for line in self._raw:
+            if line[n : n + 1] == b":" and line[:n].lower() == name:
+                return line[n + 1 :].decode("latin-1").strip()
+        return None
+
+    def __repr__(self) -> str:
+        return f"Answer({self.status}, {self.headers!r}, {self.body!r})"
+
+
+@dataclass(slots=True)
+class Failure:
+    kind: str  # "connection" | "timeout"
+    detail: str
+
+
+Result = Answer | Failure
+
+
+class _Slot:
+    """A reusable easy handle and what its current transfer has received."""
+
+    __slots__ = ("curl", "index", "head", "body")
+
+    def __init__(self, curl: Any) -> None:
+        self.curl = curl
+        self.index = 0
+        self.head: list[bytes] = []
+        self.body: list[bytes] = []
+
+    def on_header(self, line: bytes) -> None:
+        if line[:5] == b"HTTP/":  # a new response (a 1xx, or libcurl's own retry): start over
+            self.head.clear()
+            self.body.clear()
+        self.head.append(line)
+
+
+class Mux:
+    """See the module docstring. ``http2``: ``"required"`` (APNs: HTTP/2 over TLS only; an HTTP/1.1
+    answer is a connection failure), ``"preferred"`` (FCM: HTTP/2 when the server offers it,
+    else HTTP/1.1 with up to ``connections`` connections), ``"never"`` (HTTP/1.1)."""
+
+    def __init__(
+        self,
+        *,
+        ca_file: str | None = None,
+        connections: int = 2,
+        max_streams: int = 1000,
+        timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        http2: str = "required",
+        user_agent: str | None = None,
+    ) -> None:
+        # ``ca_file``: the only CA trusted (a local sandbox's); else the system's trust store
+        self.ca_file, self.ca_path = (ca_file, None) if ca_file else system_ca()
+        self.timeout_ms = max(1, int(timeout * 1000))
+        self.connect_timeout_ms = max(1, int(connect_timeout * 1000))
+        self.http2_required = http2 == "required"
+        self.http_version = pycurl.CURL_HTTP_VERSION_1_1 if http2 == "never" else pycurl.CURL_HTTP_VERSION_2TLS
+        # "preferred": wait to learn whether the first connection multiplexes before opening more
+        # (HTTP/2: streams on few connections; HTTP/1.1: then up to ``connections``). "required"
+        # opens its ``connections`` at once, and spreads the streams over them.
+        self.pipewait = http2 == "preferred"
+        self.user_agent = user_agent
+        self.connects = 0
+        self._lock = threading.Lock()
+        self._multi = pycurl.CurlMulti()
+        self._multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
+        self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, connections)
+        self._multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, max_streams)
+        self._free: list[_Slot] = []
+        self._all: list[_Slot] = []
+        self._closed = False
+
+    def _slot(self) -> _Slot:
+        if self._free:
+            return self._free.pop()
+        c = pycurl.Curl()
+        slot = _Slot(c)
+        c.setopt(pycurl.NOSIGNAL, 1)
+        c.setopt(pycurl.HTTP_VERSION, self.http_version)
+        if self.pipewait:
+            c.setopt(pycurl.PIPEWAIT, 1)
+        if self.ca_file:
+            c.setopt(pycurl.CAINFO, self.ca_file)
+        if self.ca_path:
+            c.setopt(pycurl.CAPATH, self.ca_path)
+        c.setopt(pycurl.TIMEOUT_MS, self.timeout_ms)
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, self.connect_timeout_ms)
+        c.setopt(pycurl.MAXAGE_CONN, _IDLE_REUSE_S)
+        c.setopt(pycurl.TCP_NODELAY, 1)
+        if self.user_agent:
+            c.setopt(pycurl.USERAGENT, self.user_agent)
+        c.setopt(pycurl.HEADERFUNCTION, slot.on_header)
+        c.setopt(pycurl.WRITEFUNCTION, slot.body.append)
+        self._all.append(slot)
+        return slot
+
+    def run(self, requests: Sequence[Request]) -> list[Result]:
+        """Send every request concurrently; one result per request, in order."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("closed")
+            return self._run(requests)
+
+    def _run(self, requests: Sequence[Request]) -> list[Result]:
+        multi = self._multi
+        results: list[Result | None] = [None] * len(requests)
+        by_curl: dict[int, _Slot] = {}
+        left = 0
+        try:
+            for i, r in enumerate(requests):
+                slot = self._slot()
+                slot.index = i
+                slot.head.clear()
+                slot.body.clear()
+                c = slot.curl
+                try:
+                    c.setopt(pycurl.URL, r.url)
+                    c.setopt(pycurl.HTTPHEADER, r.headers)
+                    c.setopt(pycurl.POSTFIELDS, r.body)
+                except (pycurl.error, TypeError, ValueError) as exc:  # one request we cannot frame
+                    results[i] = Failure("invalid", f"{type(exc).__name__}: {exc}")
+                    self._free.append(slot)
+                    continue
+                multi.add_handle(c)
+                by_curl[id(c)] = slot
+                left += 1
+            while left:
+                _ret, running = multi.perform()
+                while True:
+                    queued, done, failed = multi.info_read()
+                    for c in done:
+                        slot = by_curl[id(c)]
+                        results[slot.index] = self._answer(slot)
+                        left -= 1
+                        self._release(slot)
+                    for c, errno, message in failed:
+                        slot = by_curl[id(c)]
+                        results[slot.index] = self._failure(slot, errno, message)
+                        left -= 1
+                        self._release(slot)
+                    if not queued:
+                        break
+                if left and running:
+                    multi.select(1.0)
+        finally:
+            if left:  # interrupted (KeyboardInterrupt...): leave no transfer behind
+                for slot in list(by_curl.values()):
+                    if results[slot.index] is None:
+                        results[slot.index] = Failure("connection", "interrupted")
+                        self._release(slot)
+        return results  # type: ignore[return-value]
+
+    def _release(self, slot: _Slot) -> None:
+        c = slot.curl
+        try:
+            self.connects += c.getinfo(pycurl.NUM_CONNECTS)
+        except pycurl.error:
+            pass
+        self._multi.remove_handle(c)
+        self._free.append(slot)
+
+    def _answer(self, slot: _Slot) -> Result:
+        c = slot.curl
+        version = c.getinfo(pycurl.INFO_HTTP_VERSION)
+        if self.http2_required and version != pycurl.CURL_HTTP_VERSION_2_0:
+            return Failure("connection", "server does not speak HTTP/2 (ALPN)")
+        return Answer(
+            c.getinfo(pycurl.RESPONSE_CODE),
+            slot.head[:],
+            b"".join(slot.body),
+            2 if version == pycurl.CURL_HTTP_VERSION_2_0 else 1,
+        )
+
+    @staticmethod
+    def _failure(slot: _Slot, errno: int, message: str) -> Failure:
+        if errno == _TIMEOUT and not message.startswith(("Connection timed out", "Resolving timed out")):
+            return Failure("timeout", message)
+        if errno in _CONNECT_ERRORS or errno == _TIMEOUT:
+            return Failure("connection", f"connect failed: {message}")
+        return Failure("connection", message or f"libcurl error {errno}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for slot in self._all:
+                slot.curl.close()
+            self._all.clear()
+            self._free.clear()
+            self._multi.close()
