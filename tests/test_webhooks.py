@@ -644,6 +644,10 @@ def test_ses_rejects_forged_replayed_and_malformed(
     assert opt_outs(wctx) == set()
     assert ses_post(http, good).status_code == 200
     assert opt_outs(wctx) == {("alice", "email", "marketing", "complaint")}
+    # RFC 3339 allows a lower-case t and z: still dated, still fresh
+    lower = sns_message(complaint)
+    lower["Timestamp"] = lower["Timestamp"].lower()
+    assert ses_post(http, sns_sign(lower, key)).status_code == 200
 
     # subscription confirmation: verified, logged with its SubscribeURL, not fetched (no auto-confirm)
     sub_url = "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&TopicArn=x&Token=abc"
@@ -701,6 +705,7 @@ def test_sns_checks_everything_offline_before_any_fetch_and_bounds_fetches(wctx:
     seed(wctx)
     offline = [
         (_fresh_forgery(Timestamp="2020-01-01T00:00:00.000Z"), 401, "stale"),
+        (_fresh_forgery(Timestamp="yesterday"), 401, "malformed SNS Timestamp"),
         (_fresh_forgery(TopicArn="arn:aws:sns:us-east-1:123456789012:other"), 403, "topic"),
         (_fresh_forgery(SignatureVersion="3"), 400, "SignatureVersion"),
         (_fresh_forgery(Signature=base64.b64encode(b"short").decode()), 401, "malformed SNS Signature"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import re
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -32,6 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from notifyctl.api.limits import HeaderLimits, LimitedRoute
+from notifyctl.api.openapi import install as install_openapi
 from notifyctl.errors import BadJSON, InputError, NotFound, NotifyError
 from notifyctl.intake import storable
 
@@ -434,6 +436,7 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
     from notifyctl.api.webhooks import router as webhooks_router
 
     app.include_router(webhooks_router)
+    install_openapi(app, lambda: [t.id for t in ctx.templates.load_all() if t.error is None])
     return app
 
 
@@ -450,8 +453,32 @@ _PAGE = """<!doctype html>
 def _verified(fn: Any, key: bytes, token: str) -> Any:
     try:
         return fn(key, token)
-    except InputError as exc:
-        raise ApiError(400 if "malformed" in str(exc) else 403, str(exc)) from None
+    except InputError as exc:  # malformed or forged: either way not a link we made
+        raise ApiError(403, str(exc)) from None
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the API takes at this path, as its OpenAPI document lists them, plus the
+    undocumented routes' (``/docs``). (Starlette's 405 names only the first matching route's:
+    ``/v1/users/{id}`` is two routes, GET and PUT.)"""
+    from starlette.routing import Match, Route
+
+    app = request.app
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "path_methods", None)
+    if table is None:
+        table = []
+        for path, ops in app.openapi().get("paths", {}).items():
+            parts = re.split(r"(\{[^}/]+\})", path)
+            rx = "".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts)
+            table.append((re.compile(f"^{rx}$"), {m.upper() for m in ops}))
+        app.state.path_methods = table
+    path = request.url.path
+    methods = {m for rx, ms in table if rx.match(path) for m in ms}
+    scope = {**request.scope, "method": "GET"}
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
 def _opt(o: dict[str, Any]) -> dict[str, Any]:
@@ -491,9 +518,12 @@ def _install_errors(app: FastAPI) -> None:
         return _error(status, _validation_line(errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return _error(exc.status_code, detail, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return _error(exc.status_code, detail, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -89,8 +89,9 @@ def topic_region(arn: str) -> str | None:
 
 
 def parse_time(text: str) -> float | None:
+    """An ISO 8601 / RFC 3339 time (SNS writes ``2026-12-01T18:47:00.123Z``) as a Unix time, or None."""
     try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(text.strip().upper().replace("Z", "+00:00"))
     except (ValueError, TypeError, AttributeError):
         return None
     if dt.tzinfo is None:
@@ -128,8 +129,8 @@ def verify_sns(cfg: ApiConfig, certs: SnsCertificates, msg: dict[str, Any], now:
         raise _err(400, f"unsupported SNS SignatureVersion {version[:8]!r}")
     now = time.time() if now is None else now
     ts = parse_time(msg["Timestamp"])
-    if ts is None:
-        raise _err(400, "malformed SNS Timestamp")
+    if ts is None:  # a message we cannot date is one we cannot call fresh
+        raise _err(401, "malformed SNS Timestamp")
     if ts < now - cfg.sns_max_age or ts > now + FUTURE_SKEW:
         raise _err(401, "stale or future SNS Timestamp (replayed message?)")
     try:
