@@ -108,7 +108,7 @@ def load_json(raw: str | bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
     else:
         text = raw
     if too_deep(text, max_depth):
-        raise BadJSON(f"{what}: JSON nested deeper than {max_depth} levels")
+        raise BadJSON(f"{what}: malformed JSON: nested deeper than {max_depth} levels")
     try:
         value = _DECODER.decode(text)
     except _Refused as exc:

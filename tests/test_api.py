@@ -200,7 +200,7 @@ V1_BODY_ROUTES = [
 ]
 # JSON that Python's json module accepts or chokes on, and that the one loader refuses (issue 14 D)
 BAD_JSON = [
-    ("[" * 1000 + "]" * 1000, "JSON nested deeper than 32 levels"),  # was a 500 RecursionError
+    ("[" * 1000 + "]" * 1000, "malformed JSON: nested deeper than 32 levels"),  # was a 500 RecursionError
     ('{"recipient_id": "carol", "data": {"code": ' + "1" * 5000 + "}}", "a number of 5000 digits"),  # 500 ValueError
     ('{"recipient_id": "carol", "data": {"code": NaN, "minutes": 5}}', "NaN is not a JSON value"),
     ('{"recipient_id": "carol", "data": {"code": "1", "minutes": Infinity}}', "Infinity is not a JSON value"),

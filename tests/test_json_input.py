@@ -19,8 +19,8 @@ from tests.util import seed
 
 # text → what the one line says (Python's json module: a RecursionError, a ValueError, or accepted)
 REFUSED = [
-    ("[" * 1000 + "]" * 1000, f"JSON nested deeper than {MAX_DEPTH} levels"),
-    ("[" * 100_000, f"JSON nested deeper than {MAX_DEPTH} levels"),
+    ("[" * 1000 + "]" * 1000, f"malformed JSON: nested deeper than {MAX_DEPTH} levels"),
+    ("[" * 100_000, f"malformed JSON: nested deeper than {MAX_DEPTH} levels"),
     ('{"n": ' + "1" * 5000 + "}", "a number of 5000 digits (at most 100; send it as a string)"),
     ('{"n": 0.' + "1" * 200 + "}", "a number of 202 characters"),
     ('{"n": NaN}', "NaN is not a JSON value"),

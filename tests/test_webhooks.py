@@ -331,7 +331,7 @@ def test_sendgrid_rejects_forged_replayed_truncated_and_malformed(
 
 
 BAD_JSON = [
-    ("[" * 1000 + "]" * 1000, "JSON nested deeper than 32 levels"),  # was a 500 RecursionError
+    ("[" * 1000 + "]" * 1000, "malformed JSON: nested deeper than 32 levels"),  # was a 500 RecursionError
     ('[{"event": "open", "n": ' + "1" * 5000 + "}]", "a number of 5000 digits"),  # was a 500 ValueError
     ('[{"event": "open", "n": NaN}]', "NaN is not a JSON value"),
     ('[{"event": "open", "n": -Infinity}]', "-Infinity is not a JSON value"),
