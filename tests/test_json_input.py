@@ -90,3 +90,14 @@ def test_cli_entry_points_use_the_loader(ctx: Context, tmp_path: Path) -> None:
             assert len(lines) == 1 and lines[0].startswith("error: " + what), (args[:2], lines)
             assert needle.split(" (")[0] in lines[0], (args[:2], lines)
     assert snapshot(ctx) == before
+
+
+@pytest.mark.parametrize(("text", "needle"), REFUSED)
+def test_sandbox_fault_json_uses_the_loader(text: str, needle: str) -> None:
+    """`notifyctl sandbox --fault SANDBOX:JSON`: a 5,000-digit number was an AttributeError, deep
+    nesting a RecursionError."""
+    from notifyctl.cli.sandbox import parse_fault
+
+    with pytest.raises(InputError) as err:
+        parse_fault("apns:" + text)
+    assert str(err.value).startswith("--fault apns: ") and needle.split(" (")[0] in str(err.value)
