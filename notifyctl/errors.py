@@ -2,6 +2,7 @@
 
 NotifyError                 base; ``str(e)`` is a one-line message fit for a user
 ├── InputError              bad input (flag, JSON, CSV row, template data): CLI exit 2, HTTP 4xx
+│   ├── BadJSON             text that is not JSON we accept (``notifyctl.jsonload``): HTTP 400
 │   └── TemplateError       unknown template, missing variable, syntax error
 ├── ConfigError             settings or environment unusable (Redis unreachable, bad URL): exit 3
 └── NotFound                a named thing does not exist: exit 4 (HTTP 404)
@@ -14,6 +15,10 @@ class NotifyError(Exception):
 
 class InputError(NotifyError):
     exit_code = 2
+
+
+class BadJSON(InputError):
+    pass
 
 
 class TemplateError(InputError):

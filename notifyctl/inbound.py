@@ -25,6 +25,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -301,26 +302,71 @@ def set_opt_out(ctx: Any, user_ids: Iterable[str], channel: str, category: str, 
     return len(rows)
 
 
-def clear_opt_out(ctx: Any, user_ids: Iterable[str], channel: str, category: str = "*") -> int:
-    ids = list(dict.fromkeys(user_ids))
-    if not ids:
-        return 0
-    with Session(ctx.engine) as session:
-        res = session.execute(
-            delete(OptOut).where(
-                OptOut.user_id.in_(ids),  # type: ignore[attr-defined]
-                OptOut.channel == channel,
-                OptOut.category == category,
+KEYWORDS_KEPT = 50  # keyword SIDs remembered per phone number (a person sends a handful in a lifetime)
+
+
+@dataclass
+class KeywordResult:
+    fresh: bool  # False: this MessageSid was acted on before; nothing changed
+    users: int = 0  # users holding the number
+    changed: int = 0  # opt-outs set or removed
+
+
+def apply_sms_keyword(ctx: Any, sid: str, phone: str, action: str) -> KeywordResult:
+    """Act once on an inbound SMS keyword (``stop``: opt every user holding ``phone`` out of SMS;
+    ``start``: opt them back in; ``help``: nothing to store but the SID).
+
+    One transaction records the SID and changes the opt-outs, so a replayed or retried message
+    (same SID) changes nothing, and consent changes for a number apply in the order they are
+    received: the users' rows are locked first (PostgreSQL; SQLite has one writer), so of a STOP
+    and a START in flight together, the one that commits last is the one that stands."""
+    from sqlalchemy.exc import IntegrityError
+
+    from notifyctl.db import write_lock
+    from notifyctl.models import SmsKeyword
+
+    with write_lock(ctx.engine, urgent=True), Session(ctx.engine) as session:
+        q = select(User.id).where(User.phone == phone).order_by(User.id)
+        if session.get_bind().dialect.name == "postgresql":
+            q = q.with_for_update()
+        users = list(session.execute(q).scalars())
+        session.add(SmsKeyword(sid=sid, phone=phone, action=action, received_at=utcnow()))
+        try:
+            session.flush()
+        except IntegrityError:
+            session.rollback()
+            return KeywordResult(fresh=False, users=len(users))
+        changed = 0
+        if users and action == "stop":
+            now = utcnow()
+            rows = [
+                {"user_id": u, "channel": "sms", "category": "*", "reason": "stop_reply", "created_at": now}
+                for u in users
+            ]
+            upsert(session, OptOut, rows, ["user_id", "channel", "category"], ["reason"])
+            changed = len(rows)
+        elif users and action == "start":
+            res = session.execute(
+                delete(OptOut).where(
+                    OptOut.user_id.in_(users),  # type: ignore[attr-defined]
+                    OptOut.channel == "sms",
+                    OptOut.category == "*",
+                )
             )
+            changed = int(res.rowcount or 0)  # type: ignore[attr-defined]
+        kept = (
+            select(SmsKeyword.sid)
+            .where(SmsKeyword.phone == phone)
+            .order_by(SmsKeyword.received_at.desc())  # type: ignore[attr-defined]
+            .limit(KEYWORDS_KEPT)
+        )
+        session.execute(
+            delete(SmsKeyword).where(SmsKeyword.phone == phone, SmsKeyword.sid.not_in(kept))  # type: ignore[attr-defined]
         )
         session.commit()
-    invalidate(ctx.redis, ids)
-    return int(res.rowcount or 0)  # type: ignore[attr-defined]
-
-
-def users_with_phone(ctx: Any, phone: str) -> list[str]:
-    with Session(ctx.engine) as session:
-        return [u for (u,) in session.execute(select(User.id).where(User.phone == phone)).all()]
+    if changed:
+        invalidate(ctx.redis, users)
+    return KeywordResult(fresh=True, users=len(users), changed=changed)
 
 
 def unsubscribe(ctx: Any, user_id: str, scope: str) -> None:
@@ -329,6 +375,10 @@ def unsubscribe(ctx: Any, user_id: str, scope: str) -> None:
 
 
 # ------------------------------------------------------------------------------- open pixel
+
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")  # unpadded base64url: what open_token writes
+_MAX_OPEN_TOKEN = 256  # a delivery id is 32 characters
 
 
 def _b64(data: bytes) -> str:
@@ -349,9 +399,12 @@ def open_token(key: bytes, delivery_id: str) -> str:
 
 
 def verify_open_token(key: bytes, token: str) -> str:
-    """The delivery id of a genuine token; InputError ("malformed" / "invalid signature") otherwise."""
+    """The delivery id of a genuine token; InputError ("malformed" / "invalid signature") otherwise.
+    Anyone can request any token: whatever the text, this answers one of those three."""
+    did_b64, dot, sig = token.partition(".")
+    if not dot or len(token) > _MAX_OPEN_TOKEN or not _B64URL.fullmatch(did_b64) or not _B64URL.fullmatch(sig):
+        raise InputError("open pixel: malformed")
     try:
-        did_b64, sig = token.split(".")
         delivery_id = _unb64(did_b64).decode()
     except (ValueError, UnicodeDecodeError):
         raise InputError("open pixel: malformed") from None

@@ -13,7 +13,6 @@ Order matters for "nothing lost, nothing twice":
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -27,11 +26,13 @@ from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.errors import InputError
 from notifyctl.identifiers import check_user_id
+from notifyctl.jsonload import load_json  # the one JSON loader; callers also import it from here
 from notifyctl.models import Notification, NotificationStatus, User, new_id, utcnow
 from notifyctl.secretdata import erase
 from notifyctl.settings import CHANNELS
 
 JOB_FUNC = "worker.jobs.process"
+DEDUP_KEY_MAX = 255  # characters; the API's Idempotency-Key header names the same limit
 
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what the JSON columns' serializer (orjson) stores
@@ -81,7 +82,7 @@ class NotifyRequest(BaseModel):
     priority: Literal["high", "normal", "low"] | None = None
     channels: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
     data: Annotated[dict[str, Any], AfterValidator(storable)] = Field(default_factory=dict)
-    dedup_key: str | None = Field(None, min_length=1, max_length=255)
+    dedup_key: str | None = Field(None, min_length=1, max_length=DEDUP_KEY_MAX)
 
     @field_validator("channels")
     @classmethod
@@ -110,16 +111,6 @@ def validation_message(exc: ValidationError) -> str:
         msg = msg[len("Value error, ") :]
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{loc}: {msg}{more}"
-
-
-def load_json(raw: str | bytes, what: str) -> Any:
-    """json.loads with every way it can fail (syntax, encoding, huge integers, deep nesting) as one InputError."""
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise InputError(f"{what}: malformed JSON: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int too large
-        raise InputError(f"{what}: malformed JSON: {str(exc).splitlines()[0][:200]}") from None
 
 
 def parse_request(payload: Any) -> NotifyRequest:

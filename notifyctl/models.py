@@ -212,3 +212,16 @@ class DeliveryEvent(SQLModel, table=True):
     status: str = Field(max_length=16)
     detail: str | None = Field(default=None, max_length=1024)
     at: datetime = Field(default_factory=utcnow)
+
+
+class SmsKeyword(SQLModel, table=True):
+    """An inbound SMS keyword (STOP, START, HELP...) already acted on, by Twilio ``MessageSid``: a
+    replayed or retried message changes nothing (``notifyctl.inbound.apply_sms_keyword``). Twilio's
+    signature carries no time, so a captured request can be replayed years later: the record is kept
+    for each number's last ``inbound.KEYWORDS_KEPT`` keywords rather than for a while."""
+
+    __tablename__ = "sms_keywords"
+    sid: str = Field(primary_key=True, max_length=64)
+    phone: str = Field(index=True, max_length=32)
+    action: str = Field(max_length=8)  # stop | start | help
+    received_at: datetime = Field(default_factory=utcnow)

@@ -26,11 +26,14 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlmodel import Session
 from typer.testing import CliRunner
 
+from notifyctl.api.sns import SnsCertificates
 from notifyctl.cli.main import app as cli_app
 from notifyctl.context import Context
 from notifyctl.errors import InputError, TemplateError
@@ -548,19 +551,26 @@ def api(ctx: Context) -> Iterator[tuple[ApiServer, httpx.Client]]:
     from notifyctl.api.app import ApiConfig
 
     cfg = ApiConfig(
-        sendgrid_public_key=_ec_public_key(),
+        sendgrid_public_key=_ec_public_key(SG_FUZZ_KEY),
         twilio_auth_token="twilio-fuzz-token",
         sns_topic_arns=["arn:aws:sns:us-east-1:123456789012:ses-events"],
     )
     with ApiServer(ctx, config=cfg) as server, httpx.Client(base_url=server.url, timeout=20) as c:
+        # AWS's certificate host, unreachable: a fuzzed SNS message that passes every offline check
+        # reaches the (bounded) fetch deterministically, never the real network
+        server.app.state.sns_certs = SnsCertificates(httpx.Client(transport=httpx.MockTransport(_aws_unreachable)))
         yield server, c
 
 
-def _ec_public_key() -> str:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+def _aws_unreachable(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("no network in tests", request=request)
 
-    pub = ec.generate_private_key(ec.SECP256R1()).public_key()
+
+SG_FUZZ_KEY = ec.generate_private_key(ec.SECP256R1())  # signs the fuzzed SendGrid batches that must be parsed
+
+
+def _ec_public_key(key: ec.EllipticCurvePrivateKey) -> str:
+    pub = key.public_key()
     der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return base64.b64encode(der).decode()
 
@@ -579,6 +589,31 @@ content_types = st.sampled_from(
         "application/json; charset=latin-1",
         "",
     ]
+)
+class Hostile(bytes):
+    """A body that no route may accept (a 4xx whatever the route and headers), printed short."""
+
+    def __repr__(self) -> str:
+        return f"Hostile({bytes(self[:40])!r}... {len(self)} bytes)"
+
+
+# What Python's json module chokes on (RecursionError, ValueError: 500s before issue 14) or wrongly
+# accepts (NaN, Infinity, 1e999 → inf, unpaired surrogates), alone or inside a plausible body.
+hostile_json = st.one_of(
+    st.integers(33, 5000).map(lambda n: "[" * n + "]" * n),
+    st.integers(33, 3000).map(lambda n: '{"a": ' * n + "1" + "}" * n),
+    st.integers(101, 6000).map(lambda n: "1" * n),
+    st.integers(101, 400).map(lambda n: "0." + "1" * n),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e400", '"\\ud800"', '"x\\udfff"']),
+)
+hostile_bodies = st.one_of(
+    hostile_json,
+    hostile_json.map(lambda t: '{"recipient_id": "alice", "template_id": "otp_code", "data": {"code": ' + t + "}}"),
+    hostile_json.map(lambda t: '[{"event": "open", "email": "alice@example.com", "sg_event_id": ' + t + "}]"),
+    hostile_json.map(lambda t: '{"Type": "Notification", "MessageId": ' + t + ', "TopicArn": "arn:x"}'),
+).map(lambda t: Hostile(t.encode()))
+oversized = st.sampled_from([1, 2, 5]).map(
+    lambda mb: Hostile(b'{"recipient_id": "alice", "data": {"x": "' + b"x" * (mb * 1024 * 1024 + 1) + b'"}}')
 )
 bodies = st.one_of(
     st.binary(max_size=400),
@@ -662,17 +697,25 @@ def sns_like(draw: st.DrawFn) -> bytes:
         "MessageId": draw(st.text(max_size=10)),
         "TopicArn": draw(st.sampled_from(["arn:aws:sns:us-east-1:123456789012:ses-events", "arn:x"])),
         "Message": draw(json_values.map(json.dumps) | st.text(max_size=20)),
-        "Timestamp": draw(st.sampled_from(["2020-01-01T00:00:00.000Z", "now", ""])),
+        "Timestamp": draw(
+            st.sampled_from(["2020-01-01T00:00:00.000Z", "now", ""]) | st.builds(lambda: _iso(time.time()))
+        ),
         "SignatureVersion": draw(st.sampled_from(["1", "2", "3", ""])),
-        "Signature": draw(st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode())),
+        "Signature": draw(
+            (st.binary(max_size=64) | st.binary(min_size=256, max_size=256)).map(lambda b: base64.b64encode(b).decode())
+        ),
         "SigningCertURL": draw(
             st.sampled_from(
                 [
                     "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x.pem",
                     "https://evil.example/cert.pem",
                     "http://sns.us-east-1.amazonaws.com/x.pem",
+                    "https://sns.u.amazonaws.com/.pem",  # issue 19: made the server fetch, then answer 503
                     "",
                 ]
+            )
+            | st.text(string.ascii_lowercase, min_size=1, max_size=8).map(
+                lambda p: f"https://sns.us-east-1.amazonaws.com/{p}.pem"
             )
         ),
         "SubscribeURL": "https://evil.example/confirm",
@@ -696,6 +739,25 @@ sendgrid_like = st.lists(
 ).map(lambda v: json.dumps(v).encode())
 
 
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(t))
+
+
+# The body `test_fuzz_http_webhooks` drew when it failed CI at random (issue 19): unsigned, an allowed
+# topic, a certificate URL on an allowed-looking host. The server fetched first and answered 503.
+ISSUE_19_SNS_BODY = {
+    "Type": "Notification",
+    "MessageId": "0",
+    "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-events",
+    "Message": "null",
+    "Timestamp": "2020-01-01T00:00:00.000Z",
+    "SignatureVersion": "1",
+    "Signature": "AA==",
+    "SigningCertURL": "https://sns.u.amazonaws.com/.pem",
+    "SubscribeURL": "https://evil.example/confirm",
+}
+
+
 @needs_api
 def test_fuzz_http_webhooks(ctx: Context, api: tuple[ApiServer, httpx.Client]) -> None:
     """Unsigned or forged webhook requests of any shape: a 4xx with a one-line JSON error, nothing applied."""
@@ -707,6 +769,8 @@ def test_fuzz_http_webhooks(ctx: Context, api: tuple[ApiServer, httpx.Client]) -
         path=st.sampled_from(WEBHOOKS),
         body=st.one_of(
             bodies,
+            hostile_bodies,
+            oversized,
             sns_like(),
             sendgrid_like,
             st.dictionaries(
@@ -724,6 +788,13 @@ def test_fuzz_http_webhooks(ctx: Context, api: tuple[ApiServer, httpx.Client]) -
         ),
         extra=st.dictionaries(header_name, header_value, max_size=2),
     )
+    @example(
+        path="/webhooks/ses",
+        body=json.dumps(ISSUE_19_SNS_BODY).encode(),
+        content_type="text/plain",
+        sig={},
+        extra={},
+    )
     def run(path: str, body: bytes, content_type: str, sig: dict[str, str], extra: dict[str, str]) -> None:
         count("http: POST /webhooks/*")
         headers = {k: v for k, v in extra.items() if k.lower() not in ("content-length", "host", "transfer-encoding")}
@@ -735,6 +806,102 @@ def test_fuzz_http_webhooks(ctx: Context, api: tuple[ApiServer, httpx.Client]) -
         _check_http(resp)
         assert 400 <= resp.status_code < 500, (path, resp.status_code, resp.text[:300])
         assert snapshot(ctx) == before
+
+    run()
+
+
+@needs_api
+def test_fuzz_http_hostile_json(ctx: Context, api: tuple[ApiServer, httpx.Client]) -> None:
+    """Deep nesting, huge numbers, NaN/Infinity, lone surrogates and oversized bodies on every HTTP
+    entry point that reads JSON: a 400 or 413 naming the problem, nothing written (issue 14 D)."""
+    from notifyctl.api.auth import create_key
+
+    seed(ctx)
+    _server, client = api
+    auth = {"Authorization": f"Bearer {create_key(ctx, 'fuzz').key}"}
+    statuses: dict[int, int] = {}
+
+    @fuzz(120)
+    @given(
+        route=st.sampled_from(
+            [
+                ("POST", "/v1/notify"),
+                ("PUT", "/v1/users/zoe"),
+                ("POST", "/v1/users/alice/tokens"),
+                ("POST", "/v1/users/alice/preferences"),
+                ("POST", "/webhooks/ses"),
+                ("POST", "/webhooks/sendgrid"),
+            ]
+        ),
+        body=st.one_of(hostile_bodies, oversized),
+    )
+    @example(route=("POST", "/v1/notify"), body=Hostile(b"[" * 1000 + b"]" * 1000))
+    @example(route=("POST", "/webhooks/ses"), body=Hostile(b'{"Type": ' + b"1" * 5000 + b"}"))
+    def run(route: tuple[str, str], body: bytes) -> None:
+        count("http: hostile JSON on /v1 and /webhooks")
+        method, path = route
+        headers = {"Content-Type": "application/json", **(auth if path.startswith("/v1") else {})}
+        if path == "/webhooks/sendgrid":  # correctly signed: the body must be parsed to be refused
+            stamp = str(int(time.time()))
+            sig = SG_FUZZ_KEY.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+            headers["X-Twilio-Email-Event-Webhook-Signature"] = base64.b64encode(sig).decode()
+            headers["X-Twilio-Email-Event-Webhook-Timestamp"] = stamp
+        before = snapshot(ctx)
+        resp = client.request(method, path, content=body, headers=headers)
+        _check_http(resp)
+        statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+        assert resp.status_code in (400, 413), (path, body, resp.text)
+        assert snapshot(ctx) == before
+
+    run()
+    assert set(statuses) == {400, 413}, statuses
+
+
+@needs_api
+def test_fixed_bug_sns_unsigned_body_made_the_server_fetch(ctx: Context, api: tuple[ApiServer, httpx.Client]) -> None:
+    """Issue 19's CI flake, deterministically: that body (and the same with a fresh Timestamp) is a
+    4xx decided without any fetch."""
+    server, client = api
+    for body in (ISSUE_19_SNS_BODY, {**ISSUE_19_SNS_BODY, "Timestamp": _iso(time.time())}):
+        resp = client.post("/webhooks/ses", content=json.dumps(body).encode(), headers={"Content-Type": "text/plain"})
+        _check_http(resp)
+        assert 400 <= resp.status_code < 500, resp.text
+    assert server.app.state.sns_certs.fetches == 0
+
+
+_B64URL = string.ascii_letters + string.digits + "-_"
+pixel_part = st.one_of(
+    st.text(_B64URL, max_size=40),
+    st.text(max_size=20).map(lambda t: urllib.parse.quote(t, safe="")),
+    st.sampled_from(["%C3%A9", "%FF", "%00", "%%", "%2E", "%2F", "", "=", "..", "é"]),
+)
+
+
+@needs_api
+def test_fuzz_http_open_pixel(ctx: Context, api: tuple[ApiServer, httpx.Client]) -> None:
+    """`GET /o/<token>.gif` (no auth, what mail clients load) with any token: the pixel or a 404
+    for a path that is no pixel's, never a 5xx (a non-ASCII signature was a 500 TypeError)."""
+    from notifyctl.inbound import open_token
+    from notifyctl.unsubscribe import secret_key
+
+    seed(ctx)
+    _server, client = api
+    genuine = open_token(secret_key(ctx.settings), "d_nope")
+
+    @fuzz(150)
+    @given(parts=st.lists(pixel_part, min_size=1, max_size=4), mangle=st.booleans())
+    @example(parts=["ZF9hYmM", "%C3%A9"], mangle=False)
+    @example(parts=genuine.split("."), mangle=True)
+    def run(parts: list[str], mangle: bool) -> None:
+        count("http: GET /o/<token>.gif")
+        token = ".".join(parts)
+        if mangle:
+            token = token[:-1] + ("A" if token[-1:] != "A" else "B")
+        resp = client.get(f"/o/{token}.gif")
+        _check_http(resp)
+        assert resp.status_code in (200, 404), (token, resp.status_code)
+        if resp.status_code == 200:
+            assert resp.headers["content-type"] == "image/gif" and resp.content.startswith(b"GIF89a")
 
     run()
 

@@ -295,7 +295,7 @@ def test_sandbox_fixed_ports_and_port_in_use(settings: Settings) -> None:
         (["--only", "apns,pigeon"], "--only: unknown sandbox 'pigeon'"),
         (["--only", " , "], "--only: name at least one sandbox"),
         (["--fault", "apns"], "expected SANDBOX:JSON"),
-        (["--fault", "apns:{bad"], "--fault apns: not JSON"),
+        (["--fault", "apns:{bad"], "--fault apns: malformed JSON"),
         (["--fault", "nope:{}"], "--fault: unknown sandbox 'nope'"),
         (["--fault", "apns:[1]"], "expected a JSON object"),
         (["--fault", 'apns:{"count": 0}'], "count must be a positive integer or -1"),

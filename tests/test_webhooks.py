@@ -330,6 +330,52 @@ def test_sendgrid_rejects_forged_replayed_truncated_and_malformed(
         bare.close()
 
 
+BAD_JSON = [
+    ("[" * 1000 + "]" * 1000, "malformed JSON: nested deeper than 32 levels"),  # was a 500 RecursionError
+    ('[{"event": "open", "n": ' + "1" * 5000 + "}]", "a number of 5000 digits"),  # was a 500 ValueError
+    ('[{"event": "open", "n": NaN}]', "NaN is not a JSON value"),
+    ('[{"event": "open", "n": -Infinity}]', "-Infinity is not a JSON value"),
+    ('[{"event": "open", "email": "\\udfff"}]', "unpaired UTF-16 surrogate"),
+]
+
+
+def test_webhook_bodies_go_through_the_one_json_loader(
+    wctx: Context, http: httpx.Client, sg_key: Any, sns_key: tuple[rsa.RSAPrivateKey, Path]
+) -> None:
+    """Signed SendGrid batches, unauthenticated SES bodies and signed SES records: deep nesting,
+    huge numbers, NaN/Infinity and lone surrogates are a 400 naming the problem, never a 500."""
+    seed(wctx)
+    for body, needle in BAD_JSON:
+        r = sg_post(http, sg_key, None, body=body.encode())  # correctly signed
+        assert r.status_code == 400 and needle in one_line_error(r), (body[:40], r.text)
+        # unsigned: refused for the missing signature, before the body is parsed
+        r = http.post("/webhooks/sendgrid", content=body.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 401 and "missing" in one_line_error(r), r.text
+        obj = body[1:-1] if body.startswith("[{") else body  # one event: an object
+        r = http.post("/webhooks/ses", content=obj.encode())  # SNS-shaped, no signature
+        assert r.status_code == 400 and needle in one_line_error(r), (body[:40], r.text)
+        record = sns_sign(sns_message(obj), sns_key[0])  # a correctly signed, hostile SES record
+        r = ses_post(http, record)
+        assert r.status_code == 400 and needle in one_line_error(r) and "SES record" in one_line_error(r), r.text
+    assert opt_outs(wctx) == set()
+
+
+def test_sendgrid_batch_size_is_limited(wctx: Context, sg_key: Any) -> None:
+    from notifyctl.api.app import ApiConfig
+
+    seed(wctx)
+    cfg = ApiConfig(sendgrid_public_key=_der_b64(sg_key), max_webhook_body_bytes=64 * 1024)
+    with ApiServer(wctx, config=cfg) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        batch = [sg_event("spamreport", None, email="alice@example.com", pad="p" * 1000) for _ in range(80)]
+        r = sg_post(c, sg_key, batch)
+        assert r.status_code == 413 and one_line_error(r) == "request body larger than 65536 bytes"
+        assert opt_outs(wctx) == set()
+        assert sg_post(c, sg_key, batch[:40]).json()["opt_outs"] == 1
+        # the other webhooks take max_body_bytes (1 MiB by default)
+        r = c.post("/webhooks/ses", content=b"{" + b" " * (2 * 1024 * 1024) + b"}")
+        assert r.status_code == 413 and one_line_error(r) == "request body larger than 1048576 bytes"
+
+
 def test_sendgrid_suppression_paths(wctx: Context, http: httpx.Client, sg_key: Any) -> None:
     seed(wctx)
     # alice: hard bounce of a real delivery; bob: spam report; carol: unsubscribe (by address only)
@@ -598,6 +644,10 @@ def test_ses_rejects_forged_replayed_and_malformed(
     assert opt_outs(wctx) == set()
     assert ses_post(http, good).status_code == 200
     assert opt_outs(wctx) == {("alice", "email", "marketing", "complaint")}
+    # RFC 3339 allows a lower-case t and z: still dated, still fresh
+    lower = sns_message(complaint)
+    lower["Timestamp"] = lower["Timestamp"].lower()
+    assert ses_post(http, sns_sign(lower, key)).status_code == 200
 
     # subscription confirmation: verified, logged with its SubscribeURL, not fetched (no auto-confirm)
     sub_url = "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&TopicArn=x&Token=abc"
@@ -613,6 +663,123 @@ def test_ses_rejects_forged_replayed_and_malformed(
     assert sub_url in caplog.text
     forged_conf = sns_sign(conf, other_key, "1")
     assert ses_post(http, forged_conf).status_code == 403
+
+
+def _fresh_forgery(**extra: Any) -> dict[str, Any]:
+    """An unauthenticated SNS message that passes every check needing no network: allowed topic,
+    fresh Timestamp, a signature of an RSA key's length, a new certificate URL on the topic's
+    region. Only the certificate could tell it is forged."""
+    msg = sns_message(
+        {"notificationType": "Complaint", "mail": {"messageId": "m"}},
+        SigningCertURL=f"https://sns.us-east-1.amazonaws.com/SimpleNotificationService-{uuid.uuid4().hex}.pem",
+        SignatureVersion="2",
+        Signature=base64.b64encode(os.urandom(256)).decode(),
+    )
+    msg.update(extra)
+    return msg
+
+
+class FakeAwsCerts:
+    """AWS's certificate host, as an httpx transport: counts requests; answers each URL ``status``."""
+
+    def __init__(self, status: int = 404, pem: bytes = b"", gate: Any = None) -> None:
+        self.requests: list[str] = []
+        self.status, self.pem, self.gate = status, pem, gate
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(str(request.url))
+        if self.gate is not None:
+            self.gate.wait(10)
+        return httpx.Response(self.status, content=self.pem if self.status == 200 else b"<Error/>")
+
+
+def test_sns_checks_everything_offline_before_any_fetch_and_bounds_fetches(wctx: Context, server: ApiServer) -> None:
+    """Issue 14 E2: an unauthenticated body made the server fetch first and ask questions after.
+    Now nothing that fails an offline check is fetched for; a URL is fetched once; at most
+    ``new_urls_per_minute`` new URLs a minute; never a 5xx."""
+    from notifyctl.api.sns import SnsCertificates
+
+    aws = FakeAwsCerts(status=404)
+    certs = SnsCertificates(httpx.Client(transport=httpx.MockTransport(aws)), new_urls_per_minute=3)
+    server.app.state.sns_certs = certs
+    seed(wctx)
+    offline = [
+        (_fresh_forgery(Timestamp="2020-01-01T00:00:00.000Z"), 401, "stale"),
+        (_fresh_forgery(Timestamp="yesterday"), 401, "malformed SNS Timestamp"),
+        (_fresh_forgery(TopicArn="arn:aws:sns:us-east-1:123456789012:other"), 403, "topic"),
+        (_fresh_forgery(SignatureVersion="3"), 400, "SignatureVersion"),
+        (_fresh_forgery(Signature=base64.b64encode(b"short").decode()), 401, "malformed SNS Signature"),
+        (_fresh_forgery(SigningCertURL="https://sns.eu-west-1.amazonaws.com/x.pem"), 403, "sns.us-east-1"),
+        (_fresh_forgery(SigningCertURL="https://sns.u.amazonaws.com/.pem"), 403, "SigningCertURL"),
+        (_fresh_forgery(SigningCertURL="https://sns.us-east-1.amazonaws.com/x.pem?a=1"), 403, "SigningCertURL"),
+        (_fresh_forgery(SigningCertURL="https://sns.us-east-1.amazonaws.com:8443/x.pem"), 403, "SigningCertURL"),
+        (_fresh_forgery(SigningCertURL="https://u@sns.us-east-1.amazonaws.com/x.pem"), 403, "SigningCertURL"),
+        (_fresh_forgery(SigningCertURL="https://sns.us-east-1.amazonaws.com/x.txt"), 403, "SigningCertURL"),
+        (_fresh_forgery(Type="Bogus"), 400, "Type"),
+        ({k: v for k, v in _fresh_forgery().items() if k != "MessageId"}, 400, "MessageId"),
+    ]
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for msg, status, needle in offline:
+            r = ses_post(http, msg)
+            assert r.status_code == status and needle in one_line_error(r), (status, needle, r.text)
+        assert aws.requests == [] and certs.fetches == 0
+
+        # passes every offline check: one fetch; AWS says no such certificate; remembered (no refetch)
+        forged = _fresh_forgery()
+        for _ in range(3):
+            r = ses_post(http, forged)
+            assert r.status_code == 403 and "answered HTTP 404" in one_line_error(r), r.text
+        assert aws.requests == [forged["SigningCertURL"]]
+        # new URLs: at most 3 a minute here, then 429 with Retry-After and no fetch
+        answers = [ses_post(http, _fresh_forgery()) for _ in range(4)]
+        assert [a.status_code for a in answers] == [403, 403, 429, 429], [a.text for a in answers]
+        assert "too many new SNS certificate URLs" in one_line_error(answers[-1])
+        assert 1 <= int(answers[-1].headers["retry-after"]) <= 61
+        assert len(aws.requests) == 3 and certs.fetches == 3
+    assert opt_outs(wctx) == set()
+
+
+def test_sns_certificates_are_fetched_once_cached_and_bounded(sns_key: tuple[rsa.RSAPrivateKey, Path]) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from notifyctl.api.app import ApiConfig, ApiError
+    from notifyctl.api.sns import SnsCertificates
+
+    cfg = ApiConfig(sns_topic_arns=[TOPIC])
+    gate = threading.Event()
+    aws = FakeAwsCerts(status=200, pem=sns_key[1].read_bytes(), gate=gate)
+    certs = SnsCertificates(httpx.Client(transport=httpx.MockTransport(aws)), max_entries=2, new_urls_per_minute=10)
+    url = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-a.pem"
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(certs.get, cfg, url) for _ in range(6)]
+        while len(aws.requests) < 1:  # the first fetch has started; the other five are waiting on it
+            gate.wait(0.01)
+        gate.set()
+        got = {f.result().fingerprint(hashes.SHA256()) for f in futures}
+    assert len(got) == 1 and aws.requests == [url]  # six requests at once, one fetch
+    assert certs.get(cfg, url) is not None and aws.requests == [url]  # cached
+    for name in ("b", "c"):  # the cache holds 2: a third URL evicts the least recently used
+        certs.get(cfg, url.replace("-a.", f"-{name}."))
+    certs.get(cfg, url)
+    assert aws.requests.count(url) == 2 and len(certs._held) == 2
+    # expiry: past the ttl the certificate is fetched again
+    certs.ttl = 0.0
+    certs._held.clear()
+    certs.get(cfg, url, now=time.time())
+    certs.get(cfg, url, now=time.time() + 1)
+    assert aws.requests.count(url) == 4
+    # AWS unreachable: a 4xx (never a 5xx), remembered briefly
+    down = SnsCertificates(httpx.Client(transport=httpx.MockTransport(_unreachable)), new_urls_per_minute=10)
+    for _ in range(2):
+        with pytest.raises(ApiError) as err:
+            down.get(cfg, url)
+        assert err.value.status == 401 and "cannot fetch" in err.value.message
+    assert down.fetches == 1
+
+
+def _unreachable(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("unreachable", request=request)
 
 
 # ============================================================================================= Twilio
@@ -747,6 +914,77 @@ def test_twilio_inbound_stop_start_help(wctx: Context, http: httpx.Client, serve
     )
     assert r.status_code == 401
     assert tw_post(http, path, {"Body": "STOP"}).status_code == 400  # signed, no From
+
+
+def test_twilio_inbound_replayed_or_retried_messages_change_nothing(
+    wctx: Context, http: httpx.Client, server: ApiServer
+) -> None:
+    """Issue 14 E1: a correctly signed START replayed after a STOP undid the STOP. Twilio's signature
+    carries no time, so a captured request is good forever: each MessageSid is acted on once."""
+    seed(wctx)
+    path = "/webhooks/twilio/inbound"
+
+    def msg(body: str) -> dict[str, str]:
+        return {"MessageSid": "SM" + uuid.uuid4().hex, "From": "+14155550101", "To": "+15005550006", "Body": body}
+
+    start, stop = msg("START"), msg("STOP")
+    assert tw_post(http, path, start).status_code == 200
+    assert tw_post(http, path, stop).status_code == 200
+    assert opt_outs(wctx) == {("alice", "sms", "*", "stop_reply")}
+    replay = tw_post(http, path, start)  # the captured START, signed correctly, sent again
+    assert replay.status_code == 200 and replay.headers["content-type"].startswith("application/xml")
+    assert "<Response></Response>" in replay.text  # what Twilio expects: an empty TwiML answer
+    assert opt_outs(wctx) == {("alice", "sms", "*", "stop_reply")}
+    assert_suppressed_later(wctx, "alice", "sms", template="otp_code")
+
+    # a genuine new START re-subscribes; replaying the old STOP then changes nothing either
+    assert tw_post(http, path, msg("start")).status_code == 200
+    assert opt_outs(wctx) == set()
+    assert tw_post(http, path, stop).status_code == 200
+    assert opt_outs(wctx) == set()
+
+    # HELP is answered once per message: a retry of the same MessageSid gets no second reply SMS
+    help_msg = msg("HELP")
+    assert "<Message>Acme Shop: " in tw_post(http, path, help_msg).text
+    assert "<Message>" not in tw_post(http, path, help_msg).text
+    # a message without a MessageSid cannot be deduplicated: refused
+    no_sid = {k: v for k, v in msg("STOP").items() if k != "MessageSid"}
+    assert tw_post(http, path, no_sid).status_code == 400
+    assert opt_outs(wctx) == set()
+
+
+def test_sms_keywords_apply_in_order_and_stay_bounded(any_db_ctx: Context) -> None:
+    """Concurrent STOPs and STARTs for one number (SQLite and PostgreSQL): the one that came last
+    stands; replays change nothing; at most KEYWORDS_KEPT SIDs are kept per number."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from notifyctl.inbound import KEYWORDS_KEPT, apply_sms_keyword
+    from notifyctl.models import SmsKeyword
+
+    ctx = any_db_ctx
+    seed(ctx)
+    phone = "+14155550101"  # alice's
+    sids = [f"SM{i:032x}" for i in range(40)]
+    actions = ["stop" if i % 2 == 0 else "start" for i in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: apply_sms_keyword(ctx, sids[i], phone, actions[i]), range(40)))
+    assert all(r.fresh and r.users == 1 for r in results)
+    with Session(ctx.engine) as s:
+        rows = s.execute(select(SmsKeyword).where(SmsKeyword.phone == phone)).scalars().all()
+        last = max(rows, key=lambda r: r.received_at)
+    stands = ("alice", "sms", "*", "stop_reply") in opt_outs(ctx)
+    assert stands == (last.action == "stop"), (last.action, stands)
+    # replays, concurrent or not, change nothing
+    before = opt_outs(ctx)
+    with ThreadPoolExecutor(8) as pool:
+        replays = list(pool.map(lambda i: apply_sms_keyword(ctx, sids[i], phone, actions[i]), range(40)))
+    assert not any(r.fresh for r in replays) and opt_outs(ctx) == before
+    # bounded: the number's last KEYWORDS_KEPT keywords are remembered, older ones let go
+    for i in range(KEYWORDS_KEPT):
+        assert apply_sms_keyword(ctx, f"SMhelp{i:030x}", phone, "help").fresh
+    with Session(ctx.engine) as s:
+        kept = set(s.execute(select(SmsKeyword.sid).where(SmsKeyword.phone == phone)).scalars())
+    assert len(kept) == KEYWORDS_KEPT and all(k.startswith("SMhelp") for k in kept)
 
 
 def test_twilio_signature_uses_the_public_url(wctx: Context) -> None:

@@ -90,9 +90,12 @@ class ApiServer:
         import uvicorn
 
         from notifyctl.api.app import create_app
+        from notifyctl.api.limits import UVICORN_OPTIONS
 
         self.app = create_app(ctx, **app_kwargs)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="critical", lifespan="off")
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=0, log_level="critical", lifespan="off", **UVICORN_OPTIONS
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.url = ""

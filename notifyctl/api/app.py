@@ -19,6 +19,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import re
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -31,7 +32,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, Va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from notifyctl.errors import InputError, NotFound, NotifyError
+from notifyctl.api.limits import HeaderLimits, LimitedRoute
+from notifyctl.api.openapi import install as install_openapi
+from notifyctl.errors import BadJSON, InputError, NotFound, NotifyError
 from notifyctl.intake import storable
 
 log = logging.getLogger("notifyctl.api")
@@ -70,7 +73,12 @@ class ApiConfig(BaseSettings):
         "Reply STOP to unsubscribe, START to resubscribe. Msg&data rates may apply.",
         description="SMS HELP reply (add a contact: support URL or phone)",
     )
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest accepted request body, webhooks but SendGrid's included (413 above)"
+    )
+    max_webhook_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="largest accepted SendGrid event batch, bytes (verified before parsing)"
+    )
 
 
 def load_api_config(settings: Any) -> ApiConfig:
@@ -183,14 +191,18 @@ def _ctx(request: Request) -> Any:
     return request.app.state.ctx
 
 
-async def _json_body(request: Request) -> Any:
-    body = await request.body()
-    if not body.strip():
-        raise ApiError(400, "request: empty body (expected a JSON object)")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request: malformed JSON: {exc}") from None
+def _idempotency_key(request: Request) -> str | None:
+    from notifyctl.intake import DEDUP_KEY_MAX
+
+    idem = request.headers.get("idempotency-key")
+    if idem is None:
+        return None
+    idem = idem.strip()
+    if not idem:
+        raise ApiError(400, "Idempotency-Key: empty (omit the header, or give a key)")
+    if len(idem) > DEDUP_KEY_MAX:
+        raise ApiError(400, f"Idempotency-Key: {len(idem)} characters is too long (at most {DEDUP_KEY_MAX})")
+    return idem
 
 
 # ---------------------------------------------------------------------------------- the app
@@ -203,12 +215,17 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
         version="1",
         docs_url="/docs",
         redoc_url=None,
+        # `PUT /v1/users/a%2F` must not answer 307 to `/v1/users/a` (a client following it writes
+        # another user): a path no route takes is a 404
+        redirect_slashes=False,
     )
+    app.router.route_class = LimitedRoute
     app.state.ctx = ctx
     app.state.api_config = config or load_api_config(ctx.settings)
+    app.add_middleware(HeaderLimits)
     _install_errors(app)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], tags=["api"])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], tags=["api"], route_class=LimitedRoute)
 
     notify_schema = _notify_schema()
 
@@ -222,10 +239,10 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
     async def notify(request: Request) -> JSONResponse:
         from notifyctl.intake import parse_request, submit
 
-        payload = await _json_body(request)
+        payload = await request.json()
         if not isinstance(payload, dict):
             raise ApiError(400, "request: expected a JSON object")
-        idem = request.headers.get("idempotency-key")
+        idem = _idempotency_key(request)
         if idem is not None and payload.get("dedup_key") in (None, ""):
             payload["dedup_key"] = idem
         req = parse_request(payload)
@@ -323,8 +340,15 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
         c = _ctx(request)
         with Session(c.engine) as session:
-            if session.get(Delivery, delivery_id) is None:
+            found = session.get(Delivery, delivery_id)
+            if found is None:
                 raise NotFound(f"no delivery {delivery_id!r}")
+            if found.channel != "push":
+                raise ApiError(
+                    409,
+                    f"delivery {delivery_id!r} is {found.channel}, not push: the app reports push opens only "
+                    "(email opens come from the tracking pixel)",
+                )
         res = apply_events(c, [Event("app", "opened", delivery_id=delivery_id)])
         with Session(c.engine) as session:
             d = session.get(Delivery, delivery_id)
@@ -359,8 +383,14 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
         from notifyctl.unsubscribe import secret_key
 
         c = _ctx(request)
-        delivery_id = _verified(verify_open_token, secret_key(c.settings), token)
-        apply_events(c, [Event("pixel", "opened", delivery_id=delivery_id)])
+        try:
+            delivery_id = verify_open_token(secret_key(c.settings), token)
+        except InputError as exc:
+            # A mail client gets its image whatever the token (a broken-image icon helps nobody);
+            # only a genuine token is recorded.
+            log.debug("open pixel not recorded: %s", exc)
+        else:
+            apply_events(c, [Event("pixel", "opened", delivery_id=delivery_id)])
         return Response(
             PIXEL, media_type="image/gif", headers={"Cache-Control": "no-store, no-cache, must-revalidate, private"}
         )
@@ -406,6 +436,7 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
     from notifyctl.api.webhooks import router as webhooks_router
 
     app.include_router(webhooks_router)
+    install_openapi(app, lambda: [t.id for t in ctx.templates.load_all() if t.error is None])
     return app
 
 
@@ -422,8 +453,32 @@ _PAGE = """<!doctype html>
 def _verified(fn: Any, key: bytes, token: str) -> Any:
     try:
         return fn(key, token)
-    except InputError as exc:
-        raise ApiError(400 if "malformed" in str(exc) else 403, str(exc)) from None
+    except InputError as exc:  # malformed or forged: either way not a link we made
+        raise ApiError(403, str(exc)) from None
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the API takes at this path, as its OpenAPI document lists them, plus the
+    undocumented routes' (``/docs``). (Starlette's 405 names only the first matching route's:
+    ``/v1/users/{id}`` is two routes, GET and PUT.)"""
+    from starlette.routing import Match, Route
+
+    app = request.app
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "path_methods", None)
+    if table is None:
+        table = []
+        for path, ops in app.openapi().get("paths", {}).items():
+            parts = re.split(r"(\{[^}/]+\})", path)
+            rx = "".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts)
+            table.append((re.compile(f"^{rx}$"), {m.upper() for m in ops}))
+        app.state.path_methods = table
+    path = request.url.path
+    methods = {m for rx, ms in table if rx.match(path) for m in ms}
+    scope = {**request.scope, "method": "GET"}
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
 def _opt(o: dict[str, Any]) -> dict[str, Any]:
@@ -449,7 +504,7 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def _input(_request: Request, exc: InputError) -> JSONResponse:
-        return _error(422, str(exc))
+        return _error(400 if isinstance(exc, BadJSON) else 422, str(exc))
 
     @app.exception_handler(NotifyError)
     async def _notify_error(_request: Request, exc: NotifyError) -> JSONResponse:
@@ -463,9 +518,12 @@ def _install_errors(app: FastAPI) -> None:
         return _error(status, _validation_line(errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return _error(exc.status_code, detail, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return _error(exc.status_code, detail, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

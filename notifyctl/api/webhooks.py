@@ -4,49 +4,52 @@
   (headers ``X-Twilio-Email-Event-Webhook-Signature`` / ``-Timestamp``), the public key configured as
   base64 DER (``NOTIFY_API_SENDGRID_PUBLIC_KEY``); timestamps outside ``sendgrid_max_age`` are replays.
   A batch of any size is applied with a fixed number of SQL statements; ``sg_event_id`` dedupes.
-- ``POST /webhooks/ses`` — SES events through SNS: signature v1 (SHA1withRSA) and v2 (SHA256withRSA)
-  with the certificate from ``SigningCertURL`` (HTTPS on ``sns.<region>.amazonaws.com`` only, or pinned
-  in ``sns_cert_map``); ``TopicArn`` must be in ``sns_topic_arns``; ``Timestamp`` within ``sns_max_age``.
-  ``SubscriptionConfirmation``: logged with its SubscribeURL (fetched only with ``sns_auto_confirm``).
+- ``POST /webhooks/ses`` — SES events through SNS, verified by :mod:`notifyctl.api.sns` (everything
+  that needs no network first, then the certificate from ``SigningCertURL``: pinned, cached or fetched
+  within bounds). ``SubscriptionConfirmation``: logged with its SubscribeURL (fetched only with
+  ``sns_auto_confirm``).
 - ``POST /webhooks/twilio/status`` — status callbacks, ``X-Twilio-Signature`` checked with twilio's
   ``RequestValidator`` against the public URL (``public_url`` + path + query).
 - ``POST /webhooks/twilio/inbound`` — inbound SMS: STOP/STOPALL/UNSUBSCRIBE/CANCEL/END/QUIT opt the
   sender's users out of SMS, START/YES/UNSTOP opt them back in, HELP/INFO answers brand + help text (TwiML).
 
-Answers: 200 with a JSON summary (events for unknown messages are logged and answered 200);
-400 malformed, 401 unsigned/stale, 403 bad signature / topic / certificate URL; one-line errors.
+Bodies are read within ``max_body_bytes`` (SendGrid's batches: ``max_webhook_body_bytes``) and parsed
+by the project's JSON loader (:mod:`notifyctl.jsonload`). Answers: 200 with a JSON summary (events for
+unknown messages are logged and answered 200); 400 malformed, 401 unsigned/stale, 403 bad signature /
+topic / certificate URL, 413 too large, 429 too many new SNS certificate URLs; one-line errors. A
+request that could not be authenticated never gets a 5xx.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import re
 import threading
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 from xml.sax.saxutils import escape
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from notifyctl.inbound import Event, apply_events, clear_opt_out, set_opt_out, users_with_phone
+from notifyctl.api.limits import LimitedRoute, read_body
+from notifyctl.api.sns import FUTURE_SKEW, SnsCertificates, sns_url_ok, verify_sns
+from notifyctl.inbound import Event, apply_events, apply_sms_keyword
+from notifyctl.jsonload import load_json
 
 if TYPE_CHECKING:
     from notifyctl.api.app import ApiConfig
 
 log = logging.getLogger("notifyctl.webhooks")
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/webhooks", tags=["webhooks"], route_class=LimitedRoute)
 
 SG_SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
 SG_TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
-_FUTURE_SKEW = 300  # seconds a signed timestamp may be ahead of our clock
 
 
 def _err(status: int, message: str) -> Exception:
@@ -59,23 +62,19 @@ def _config(request: Request) -> ApiConfig:
     return request.app.state.api_config
 
 
-async def _body(request: Request) -> bytes:
-    cfg = _config(request)
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            if int(length) > cfg.max_body_bytes:
-                raise _err(413, f"request body larger than {cfg.max_body_bytes} bytes")
-        except ValueError:
-            raise _err(400, "malformed Content-Length") from None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cfg.max_body_bytes:
-            raise _err(413, f"request body larger than {cfg.max_body_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def sns_certificates(request: Request) -> SnsCertificates:
+    """The app's SNS certificate cache (made on first use; one per app, shared by its threads)."""
+    state = request.app.state
+    certs = getattr(state, "sns_certs", None)
+    if certs is None:
+        with _STATE_LOCK:
+            certs = getattr(state, "sns_certs", None)
+            if certs is None:
+                certs = state.sns_certs = SnsCertificates()
+    return certs
+
+
+_STATE_LOCK = threading.Lock()
 
 
 def _summary(provider: str, result: Any) -> JSONResponse:
@@ -127,7 +126,7 @@ def verify_sendgrid(cfg: ApiConfig, headers: Any, body: bytes, now: float | None
     if not ts.isdigit() or len(ts) > 12:
         raise _err(401, f"malformed {SG_TIMESTAMP}")
     now = time.time() if now is None else now
-    if int(ts) < now - cfg.sendgrid_max_age or int(ts) > now + _FUTURE_SKEW:
+    if int(ts) < now - cfg.sendgrid_max_age or int(ts) > now + FUTURE_SKEW:
         raise _err(401, "stale or future webhook timestamp (replayed request?)")
     try:
         sig = base64.b64decode(sig_b64.strip(), validate=True)
@@ -200,12 +199,9 @@ def sendgrid_events(items: list[Any]) -> list[Event]:
 @router.post("/sendgrid", summary="SendGrid Signed Event Webhook")
 async def sendgrid_webhook(request: Request) -> JSONResponse:
     cfg = _config(request)
-    body = await _body(request)
-    verify_sendgrid(cfg, request.headers, body)
-    try:
-        items = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _err(400, "malformed JSON body") from None
+    body = await read_body(request, cfg.max_webhook_body_bytes)
+    verify_sendgrid(cfg, request.headers, body)  # the raw bytes are what SendGrid signed: nothing parsed before
+    items = load_json(body, "body")
     if not isinstance(items, list):
         raise _err(400, "expected a JSON array of events")
     events = sendgrid_events(items)
@@ -215,125 +211,6 @@ async def sendgrid_webhook(request: Request) -> JSONResponse:
 
 
 # ============================================================================== SES via SNS
-
-_SNS_HOST = re.compile(r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
-_SNS_FIELDS = {
-    "Notification": ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"),
-    "SubscriptionConfirmation": ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type"),
-    "UnsubscribeConfirmation": ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type"),
-}
-_CERTS: dict[str, Any] = {}
-_CERTS_LOCK = threading.Lock()
-
-
-def sns_url_ok(url: str) -> bool:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return False
-    return parts.scheme == "https" and bool(_SNS_HOST.match(parts.hostname or "")) and parts.port in (None, 443)
-
-
-def _cert_for(cfg: ApiConfig, url: str) -> Any:
-    from cryptography import x509
-
-    if not sns_url_ok(url) or not urlsplit(url).path.endswith(".pem"):
-        raise _err(403, "SigningCertURL is not an https .pem URL on sns.<region>.amazonaws.com")
-    with _CERTS_LOCK:
-        cert = _CERTS.get(url)
-    if cert is not None:
-        return cert
-    pinned = cfg.sns_cert_map.get(url)
-    if pinned is not None:
-        pem = pinned.encode() if "-----BEGIN" in pinned else _read_pem(pinned)
-    else:
-        import httpx
-
-        try:
-            resp = httpx.get(url, timeout=5.0, follow_redirects=False)
-            resp.raise_for_status()
-            pem = resp.content
-        except httpx.HTTPError as exc:
-            log.warning("cannot fetch SNS signing certificate %s: %s", url, type(exc).__name__)
-            raise _err(503, "cannot fetch the SNS signing certificate; try again") from None
-    try:
-        cert = x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        raise _err(403, "SNS signing certificate is not a PEM certificate") from None
-    with _CERTS_LOCK:
-        _CERTS[url] = cert
-    return cert
-
-
-def _read_pem(path: str) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError:
-        log.error("sns_cert_map: cannot read %s", path)
-        raise _err(403, "pinned SNS certificate unreadable") from None
-
-
-def _parse_time(text: str) -> float | None:
-    try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except (ValueError, TypeError, AttributeError):
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
-
-
-def verify_sns(cfg: ApiConfig, msg: dict[str, Any], now: float | None = None) -> None:
-    """Raise 400/401/403 unless ``msg`` is a fresh, genuinely signed SNS message for an allowed topic."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
-    kind = msg.get("Type")
-    if kind not in _SNS_FIELDS:
-        raise _err(400, f"unknown SNS message Type {str(kind)[:40]!r}")
-    for name in ("MessageId", "TopicArn", "Timestamp", "Signature", "SignatureVersion", "SigningCertURL"):
-        if not isinstance(msg.get(name), str) or not msg.get(name):
-            raise _err(400, f"SNS message lacks {name}")
-    if msg["TopicArn"] not in cfg.sns_topic_arns:
-        raise _err(403, "SNS topic not allowed (add it to NOTIFY_API_SNS_TOPIC_ARNS)")
-    version = msg["SignatureVersion"]
-    if version not in ("1", "2"):
-        raise _err(400, f"unsupported SNS SignatureVersion {version[:8]!r}")
-    fields = _SNS_FIELDS[kind]
-    lines = []
-    for name in fields:
-        value = msg.get(name)
-        if value is None:
-            if name == "Subject":
-                continue
-            raise _err(400, f"SNS message lacks {name}")
-        if not isinstance(value, str):
-            raise _err(400, f"SNS message field {name} is not a string")
-        lines.append(f"{name}\n{value}\n")
-    to_sign = "".join(lines).encode()
-    try:
-        signature = base64.b64decode(msg["Signature"], validate=True)
-    except (binascii.Error, ValueError):
-        raise _err(401, "malformed SNS Signature") from None
-    cert = _cert_for(cfg, msg["SigningCertURL"])
-    now = time.time() if now is None else now
-    if not (cert.not_valid_before_utc.timestamp() <= now <= cert.not_valid_after_utc.timestamp()):
-        raise _err(403, "SNS signing certificate expired or not yet valid")
-    key = cert.public_key()
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise _err(403, "SNS signing certificate does not hold an RSA key")
-    try:
-        key.verify(signature, to_sign, padding.PKCS1v15(), hashes.SHA1() if version == "1" else hashes.SHA256())
-    except InvalidSignature:
-        raise _err(403, "SNS signature does not match") from None
-    ts = _parse_time(msg["Timestamp"])
-    if ts is None:
-        raise _err(400, "malformed SNS Timestamp")
-    if ts < now - cfg.sns_max_age or ts > now + _FUTURE_SKEW:
-        raise _err(401, "stale or future SNS Timestamp (replayed message?)")
-
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
@@ -397,17 +274,13 @@ def ses_events(record: dict[str, Any], sns_message_id: str) -> list[Event]:
 @router.post("/ses", summary="Amazon SES events through SNS")
 async def ses_webhook(request: Request) -> JSONResponse:
     cfg = _config(request)
-    body = await _body(request)
-    try:
-        msg = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _err(400, "malformed JSON body") from None
+    msg = load_json(await request.body(), "body")  # the signature is inside: the JSON must be read first
     if not isinstance(msg, dict):
         raise _err(400, "expected an SNS message (JSON object)")
     header_type = request.headers.get("x-amz-sns-message-type")
     if header_type and header_type != msg.get("Type"):
         raise _err(400, "x-amz-sns-message-type does not match the message Type")
-    await run_in_threadpool(verify_sns, cfg, msg)
+    await run_in_threadpool(verify_sns, cfg, sns_certificates(request), msg)
     kind = msg["Type"]
     if kind == "SubscriptionConfirmation":
         url = msg.get("SubscribeURL", "")
@@ -419,10 +292,7 @@ async def ses_webhook(request: Request) -> JSONResponse:
     if kind == "UnsubscribeConfirmation":
         log.warning("SNS unsubscribe confirmation for %s", msg["TopicArn"])
         return JSONResponse({"ok": True})
-    try:
-        record = json.loads(msg["Message"])
-    except (json.JSONDecodeError, TypeError):
-        raise _err(400, "SNS Message is not a JSON SES record") from None
+    record = load_json(msg["Message"], "SES record")
     if not isinstance(record, dict):
         raise _err(400, "SNS Message is not a JSON SES record")
     events = ses_events(record, msg["MessageId"])
@@ -466,7 +336,7 @@ async def _twilio_params(request: Request) -> dict[str, str]:
 
     cfg = _config(request)
     token = _twilio_token(cfg)
-    body = await _body(request)
+    body = await request.body()
     signature = request.headers.get("x-twilio-signature")
     if not signature:
         raise _err(401, "missing X-Twilio-Signature header")
@@ -544,23 +414,25 @@ def _twiml(message: str | None = None) -> Response:
 async def twilio_inbound(request: Request) -> Response:
     params = await _twilio_params(request)
     sender = params.get("From")
-    if not sender or "Body" not in params:
-        raise _err(400, "missing From or Body")
+    sid = params.get("MessageSid") or params.get("SmsSid")
+    if not sender or "Body" not in params or not sid:
+        raise _err(400, "missing From, Body or MessageSid")
+    if len(sid) > 64 or len(sender) > 32:
+        raise _err(400, "MessageSid or From too long")
     word = keyword(params["Body"])
-    ctx = request.app.state.ctx
-    if word in OPT_OUT_WORDS:
-        users = await run_in_threadpool(users_with_phone, ctx, sender)
-        n = await run_in_threadpool(set_opt_out, ctx, users, "sms", "*", "stop_reply")
-        log.info("SMS %s from %s: %d user(s) opted out of SMS", word, _mask_phone(sender), n)
-        return _twiml()
-    if word in OPT_IN_WORDS:
-        users = await run_in_threadpool(users_with_phone, ctx, sender)
-        n = await run_in_threadpool(clear_opt_out, ctx, users, "sms", "*")
-        log.info("SMS %s from %s: %d SMS opt-out(s) removed", word, _mask_phone(sender), n)
-        return _twiml()
-    if word in HELP_WORDS:
+    action = (
+        "stop" if word in OPT_OUT_WORDS else "start" if word in OPT_IN_WORDS else "help" if word in HELP_WORDS else None
+    )
+    if action is None:
+        return _twiml()  # not a keyword: nothing to do, nothing to remember
+    res = await run_in_threadpool(apply_sms_keyword, request.app.state.ctx, sid, sender, action)
+    if not res.fresh:
+        log.info("SMS %s from %s (%s) already handled: ignored", word, _mask_phone(sender), sid[:40])
+        return _twiml()  # answered when it first came; a replay changes nothing and says nothing
+    if action == "help":
         cfg = _config(request)
         return _twiml(f"{cfg.brand}: {cfg.help_text}")
+    log.info("SMS %s from %s: %d user(s), %d SMS opt-out(s) changed", word, _mask_phone(sender), res.users, res.changed)
     return _twiml()
 
 

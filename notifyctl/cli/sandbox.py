@@ -33,6 +33,7 @@ import typer
 from notifyctl.cli.common import console, get_ctx
 from notifyctl.errors import ConfigError, InputError
 from notifyctl.home import PRIVATE_DIR, private_dir, write_private
+from notifyctl.jsonload import load_json
 from worker.sandbox.base import control_headers, new_control_token
 
 #: provider name -> the sandbox that serves it
@@ -93,10 +94,7 @@ def parse_fault(text: str) -> tuple[str, list[dict[str, Any]]]:
         name = "aws"
     if name not in SANDBOXES:
         raise InputError(f"--fault: unknown sandbox {name!r} (known: {', '.join(SANDBOXES)})")
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise InputError(f"--fault {name}: not JSON: {exc.msg} at column {exc.colno}") from None
+    value = load_json(raw, f"--fault {name}")
     faults = value if isinstance(value, list) else [value]
     if not faults or not all(isinstance(f, dict) for f in faults):
         raise InputError(f"--fault {name}: expected a JSON object (or a list of objects)")

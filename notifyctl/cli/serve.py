@@ -30,6 +30,7 @@ def serve(
     import uvicorn
 
     from notifyctl.api.app import create_app
+    from notifyctl.api.limits import UVICORN_OPTIONS
 
     if not 0 <= port <= 65535:
         raise InputError(f"--port: {port} is not a TCP port")
@@ -50,4 +51,5 @@ def serve(
         forwarded_allow_ips=forwarded_allow_ips,
         server_header=False,
         access_log=log_level == "debug",
+        **UVICORN_OPTIONS,  # the HTTP parser and its header ceiling (see notifyctl.api.limits)
     )

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from notifyctl.cli.common import JsonOpt, console, err_console, get_ctx, print_json
 from notifyctl.errors import InputError, NotFound, TemplateError
+from notifyctl.jsonload import load_json
 from notifyctl.templates import Template, TemplateStore
 
 app = typer.Typer(help="Notification templates (TOML + Jinja2).", no_args_is_help=True)
@@ -120,10 +121,7 @@ def render(
     t = _get(get_ctx(ctx).templates, template_id)
     values: Any = None
     if data is not None:
-        try:
-            values = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--data: malformed JSON: {exc}") from None
+        values = load_json(data, "--data")
         if not isinstance(values, dict):
             raise InputError("--data: expected a JSON object")
     preview = t.preview_data(values)
