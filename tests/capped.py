@@ -16,8 +16,19 @@ from tests.conftest import ROOT
 ADDRESS_SPACE = 2 << 30
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from notifyctl.errors import TemplateError
+
+def peak_mb():
+    # VmHWM: this process's own peak RSS. Not getrusage's ru_maxrss, which on Linux keeps the
+    # high-water mark of the memory the process had before exec: the forked pytest process's,
+    # hundreds of MB late in a full run, whatever the child itself rendered.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
 from notifyctl.templates import Template
 for line in sys.stdin:
     req = json.loads(line)
@@ -33,7 +44,7 @@ for line in sys.stdin:
         out, err = None, str(exc)
     print(json.dumps({
         "error": err, "length": None if out is None else len(out), "seconds": time.perf_counter() - t0,
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "max_rss_mb": peak_mb(),
     }), flush=True)
 """
 
