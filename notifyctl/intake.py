@@ -87,12 +87,13 @@ class NotifyRequest(BaseModel):
     @field_validator("channels")
     @classmethod
     def _channels(cls, v: list[str]) -> list[str]:
+        v = list(dict.fromkeys(v))  # ["all", "all"] is ["all"], as the OpenAPI document allows
         for c in v:
             if c != "all" and c not in CHANNELS:
                 raise ValueError(f"unknown channel {c!r} (use push, email, sms or all)")
         if "all" in v and len(v) > 1:
             raise ValueError("'all' cannot be combined with other channels")
-        return list(dict.fromkeys(v))
+        return v
 
 
 def _field(p: object) -> str:

@@ -232,6 +232,28 @@ def test_bad_json_is_a_400_naming_the_problem_on_every_v1_route(ctx: Context, cl
     assert r.status_code == 202, r.text
 
 
+def test_every_v1_body_is_read_as_json_whatever_its_content_type(ctx: Context, client: httpx.Client) -> None:
+    """``curl -d`` (as in the README) labels the body a form: every /v1 route reads it as JSON, as
+    ``POST /v1/notify`` does, and bad JSON under any label is the same one-line 400."""
+    seed(ctx)
+    bodies = {
+        "/v1/notify": {**OTP, "dedup_key": "curl-d"},
+        "/v1/users/zoe": {"email": "zoe@example.com", "timezone": "Europe/Paris"},
+        "/v1/users/alice/tokens": {"platform": "android", "token": "f" * 140},
+        "/v1/users/alice/preferences": {"off": ["marketing"]},
+    }
+    labels = ("application/x-www-form-urlencoded", "text/plain", None, "Application/JSON; charset=utf-8")
+    for method, path in V1_BODY_ROUTES:
+        for ctype in labels:
+            headers = {"Content-Type": ctype} if ctype else {}
+            r = client.request(method, path, content=json.dumps(bodies[path]).encode(), headers=headers)
+            assert r.status_code in (200, 201, 202), (method, path, ctype, r.text)
+            bad = client.request(method, path, content=b"a=1&b=2", headers=headers)
+            assert bad.status_code == 400 and "JSON" in one_line_error(bad), (method, path, ctype, bad.text)
+    assert client.get("/v1/users/zoe").json()["user"]["timezone"] == "Europe/Paris"
+    assert [t["platform"] for t in client.get("/v1/users/alice").json()["tokens"] if t["token"] == "f" * 140]
+
+
 def test_v1_bodies_are_limited_in_size(ctx: Context, client: httpx.Client) -> None:
     from notifyctl.api.app import ApiConfig
     from tests.fuzz_util import snapshot

@@ -9,6 +9,8 @@ twilio's own ``RequestValidator``. Sends go through the SendGrid and Twilio sand
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -854,6 +856,15 @@ def test_twilio_status_callbacks(wctx: Context, http: httpx.Client, twilio: tupl
     )
     assert unsigned.status_code == 401 and "missing" in one_line_error(unsigned)
     assert tw_post(http, path, {"AccountSid": DEFAULT_ACCOUNT_SID}).status_code == 400  # signed but no MessageSid
+    # a repeated field: the signature is judged first (Twilio signs every value), 400 only once signed
+    pairs = [*base.items(), ("MessageStatus", "failed"), ("MessageStatus", "read")]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    signed_text = callback + "".join(k + v for k, v in sorted(pairs))
+    good = base64.b64encode(hmac.new(DEFAULT_AUTH_TOKEN.encode(), signed_text.encode(), hashlib.sha1).digest())
+    r = http.post(path, content=urlencode(pairs).encode(), headers={**form, "X-Twilio-Signature": "AAAA"})
+    assert r.status_code == 403, r.text
+    r = http.post(path, content=urlencode(pairs).encode(), headers={**form, "X-Twilio-Signature": good.decode()})
+    assert r.status_code == 400 and "repeated form field 'MessageStatus'" in one_line_error(r)
     r = http.post(path, content=b"\xff\xfe=%%", headers={"X-Twilio-Signature": "abc"})
     assert r.status_code == 400 and "malformed" in one_line_error(r)
     r = tw_post(http, "/webhooks/twilio/status", {"MessageSid": "SMunknown", "MessageStatus": "delivered"})

@@ -87,14 +87,28 @@ class LimitedRequest(Request):
         return self._json
 
 
+def is_json(content_type: str | None) -> bool:
+    """``application/json`` or an ``application/*+json`` type, whatever its parameters."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 class LimitedRoute(APIRoute):
     """The route class of every router: its handler sees a :class:`LimitedRequest`."""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handler = super().get_route_handler()
+        takes_json = self.body_field is not None
 
         async def limited(request: Request) -> Response:
-            return await handler(LimitedRequest(request.scope, request.receive))
+            scope = request.scope
+            if takes_json and not is_json(request.headers.get("content-type")):
+                # every /v1 body is JSON whatever its label, as POST /v1/notify reads it: `curl -d`
+                # labels it a form, and FastAPI would answer 422 about its shape. (Safe: /v1 takes
+                # an API key in a header, never a cookie, so no browser form can reach it.)
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+            return await handler(LimitedRequest(scope, request.receive))
 
         return limited
 

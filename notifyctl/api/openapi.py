@@ -74,7 +74,12 @@ ERRORS: dict[str, dict[int, str]] = {
     },
     "DELETE /v1/users/{user_id}/tokens/{token}": {404: "the user has no such live token"},
     "GET /v1/users/{user_id}/preferences": {404: "no such user"},
-    "POST /v1/users/{user_id}/preferences": {400: _JSON, 404: "no such user", 413: _BODY, 422: "a field is invalid"},
+    "POST /v1/users/{user_id}/preferences": {
+        400: _JSON,
+        404: "no such user",
+        413: _BODY,
+        422: "a field is invalid",
+    },
     "GET /v1/notifications/{ref}": {404: "no notification with that id or dedup key"},
     "POST /v1/deliveries/{delivery_id}/opened": {
         404: "no such delivery",
@@ -286,7 +291,7 @@ def notify_schema(template_ids: list[str]) -> dict[str, Any]:
                         "items": {"type": "string", "pattern": rf"^\s*(?:{'|'.join(CHANNELS)})\s*$"},
                     },
                 ],
-                "description": "default [\"all\"]: every channel the template has",
+                "description": 'default ["all"]: every channel the template has',
             },
             "data": {"type": "object", "description": "template data (null is missing)"},
             "dedup_key": _nullable({"type": "string", "pattern": stripped(255, 1)}),

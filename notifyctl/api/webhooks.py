@@ -331,6 +331,14 @@ def twilio_url(cfg: ApiConfig, request: Request) -> str:
     return f"{base}?{query}" if query else base
 
 
+class _MultiForm(dict[str, list[str]]):
+    """A form with every value of a repeated field, in the shape Twilio's validator reads
+    (``getall``, as Flask's MultiDict)."""
+
+    def getall(self, key: str) -> list[str]:
+        return self[key]
+
+
 async def _twilio_params(request: Request) -> dict[str, str]:
     from twilio import request_validator as rv
 
@@ -344,18 +352,21 @@ async def _twilio_params(request: Request) -> dict[str, str]:
         pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
     except (UnicodeDecodeError, ValueError):
         raise _err(400, "malformed form body") from None
-    params: dict[str, str] = {}
+    # the signature first, over every value as Twilio signs them (each of a repeated field's
+    # values): an unsigned request learns nothing about the form beyond that it is unsigned
+    signed = _MultiForm()
     for k, v in pairs:
-        if k in params:
-            raise _err(400, f"repeated form field {k[:40]!r}")
-        params[k] = v
+        signed.setdefault(k, []).append(v)
     get_algo = getattr(rv, "get_signature_algorithm", None)
     kwargs: dict[str, Any] = {}
     if get_algo is not None:
         kwargs["algorithm"] = get_algo(request.headers.get("x-twilio-webhooks-signature-settings"))
-    if not rv.RequestValidator(token).validate(twilio_url(cfg, request), params, signature, **kwargs):
+    if not rv.RequestValidator(token).validate(twilio_url(cfg, request), signed, signature, **kwargs):
         raise _err(403, "X-Twilio-Signature does not match")
-    return params
+    for k, values in signed.items():
+        if len(values) > 1:
+            raise _err(400, f"repeated form field {k[:40]!r}")
+    return {k: values[0] for k, values in signed.items()}
 
 
 _TWILIO_STATUS = {
