@@ -98,6 +98,14 @@ class Settings(BaseSettings):
     sent_marker_ttl: int = Field(7 * 86400, description="how long Redis remembers a sent delivery, seconds")
     reconcile_limit: int = Field(20000, description="notifications the reconciler queues or checks per round (1/s)")
     recovery_grace: int = Field(5, description="seconds before an unfinished notification is checked")
+    redis_socket_timeout: float = Field(
+        10.0, gt=0, description="seconds a Redis command (or connecting) may take before it fails"
+    )
+    worker_dequeue_timeout: int = Field(
+        60,
+        ge=1,
+        description="seconds an idle worker's blocking dequeue waits before it renews (its reads may take 10 s more)",
+    )
     worker_heartbeat: float = Field(2.0, description="worker liveness refresh, seconds")
     worker_alive_ttl: int = Field(10, description="a worker silent this long is dead, seconds")
     log_format: str = Field("text", description="text or json (one JSON object per line)")

@@ -44,14 +44,25 @@ def _heartbeat(ctx: Context, name: str, stop: threading.Event) -> None:
         stop.wait(s.worker_heartbeat)
 
 
-def _worker_class() -> type:
+def _worker_class(dequeue_timeout: int = 60) -> type:
     from rq import SimpleWorker
 
     class NotifyWorker(SimpleWorker):
         """SimpleWorker (no fork per job) whose command channel wakes often, so that stopping
-        takes milliseconds instead of RQ's one-second join; burst workers take no commands."""
+        takes milliseconds instead of RQ's one-second join; burst workers take no commands.
+
+        An idle worker blocks ``dequeue_timeout`` s in its dequeue (RQ's default, 405 s, is its
+        worker TTL less 15) and then renews it; its connection's reads may take 10 s more
+        (``notifyctl.redisconn.connect(dequeue=True)``). When Redis is unreachable it tries again
+        every second (RQ doubles the wait up to 60 s: a pool would sit a minute idle after Redis
+        came back)."""
 
         burst_mode = False
+        max_connection_wait_time = 1.0
+
+        @property
+        def dequeue_timeout(self) -> int:
+            return dequeue_timeout
 
         def subscribe(self) -> None:
             if self.burst_mode:
@@ -70,15 +81,20 @@ def run_worker(
     settings: Settings, priorities: list[str], burst: bool, name: str | None = None, reconcile: bool = False
 ) -> int:
     """Run one worker in this process until stopped (or, with ``burst``, until the queues are empty)."""
+    from rq import Queue
+
     from notifyctl.db import dispose_all
+    from notifyctl.redisconn import connect
     from worker import jobs
     from worker.reconciler import reconcile as do_reconcile
 
     dispose_all(close=False)  # never use a parent's SQL connections after fork
     ctx = Context(settings)
     name = name or f"notify-{socket.gethostname()}-{os.getpid()}"
-    queues = [ctx.queue(p) for p in priorities]
-    w = _worker_class()(queues, connection=ctx.redis, name=name)
+    # RQ's own connection, for its blocking dequeue (long reads); the jobs use ctx.redis (short ones)
+    rq_conn = connect(settings, dequeue=True)
+    queues = [Queue(keys.queue_name(p), connection=rq_conn) for p in priorities]
+    w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name)
     w.burst_mode = burst
     jobs.configure(ctx, worker_name=name)
     freeze_heap()
@@ -104,6 +120,7 @@ def run_worker(
         stop.set()
         ctx.redis.delete(keys.alive(name))
         jobs.runtime().close()
+        rq_conn.close()
 
 
 def _child(settings: Settings, priorities: list[str], burst: bool, name: str, nice: int = 0) -> None:
