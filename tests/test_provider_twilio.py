@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from notifyctl.settings import Settings
+from tests.net import ClosedPort
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
 from worker.providers.twilio_sms import Provider, voice_twiml
 from worker.sandbox.twilio import TwilioSandbox
@@ -326,9 +327,9 @@ def test_describe_masks_the_token(provider: Provider) -> None:
         pytest.param({"concurrency": 0}, "concurrency", id="bad-concurrency"),
     ],
 )
-def test_misconfigured(tmp_path: Path, options: dict[str, Any], text: str) -> None:
+def test_misconfigured(tmp_path: Path, options: dict[str, Any], text: str, closed_port: ClosedPort) -> None:
     with pytest.raises(Misconfigured, match=text) as info:
-        make_provider(tmp_path, "http://127.0.0.1:9", **options)
+        make_provider(tmp_path, closed_port.url(), **options)
     assert AUTH_TOKEN not in str(info.value)
 
 
