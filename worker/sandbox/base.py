@@ -139,6 +139,17 @@ class SandboxHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _dispatch(self, method: str) -> None:
+        sb = self.sandbox
+        with sb._active_lock:
+            sb.active += 1
+            sb.peak_active = max(sb.peak_active, sb.active)
+        try:
+            self._dispatch_counted(method)
+        finally:
+            with sb._active_lock:
+                sb.active -= 1
+
+    def _dispatch_counted(self, method: str) -> None:
         body = self._read_body()
         if self.path.startswith("/_sandbox/"):
             self._guarded_control(method, body)
@@ -237,6 +248,10 @@ class HttpSandbox:
         self.faults = FaultPlan()
         self.recorder = Recorder()
         self.control_token = new_control_token()
+        # requests being handled right now, and the most at once (how many a client had in flight)
+        self.active = 0
+        self.peak_active = 0
+        self._active_lock = threading.Lock()
         handler = type(self.handler_cls.__name__, (self.handler_cls,), {"sandbox": self})
         self._server = _Server((host, port), handler)
         self._thread: threading.Thread | None = None
