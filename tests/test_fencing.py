@@ -174,3 +174,41 @@ def test_a_delivery_left_in_flight_is_sent_again_and_recorded_in_doubt(
     finally:
         rt.close()
         ctx.close()
+
+
+def test_no_request_starts_that_could_outlast_the_lease(rclient: redis.Redis) -> None:
+    """Cut off from Redis, a worker's renewals fail: once a request (up to its timeout) could end
+    after the lease, the provider starts no more of them."""
+    c = Claims(rclient, "host-a-1", 0.6, 60)
+    try:
+        assert c.take(["d1"]) == [OK]
+        assert c.may_start(0.2) and c.may_start(5.0)  # a timeout as long as the lease is never judged
+        c.drop()  # renewals stop, as when Redis is unreachable
+        assert wait_for(lambda: not c.may_start(0.2), 5)
+        assert c.may_start(5.0)
+    finally:
+        c.close()
+
+
+def test_sendgrid_sends_nothing_once_the_lease_is_running_out(tmp_path: Path, sandbox: SendgridSandbox) -> None:
+    from notifyctl.settings import Settings
+    from worker.providers import Message
+    from worker.providers.base import Fenced
+    from worker.providers.sendgrid import Provider
+
+    opts = {"api_key": API_KEY, "base_url": sandbox.url, "from_address": "noreply@notify.example"}
+    p = Provider(Settings(home=tmp_path, provider_options={"sendgrid": opts}))
+    msgs = [
+        Message(delivery_id=f"d{i}", notification_id=f"n{i}", channel="email", route="email",
+                address=f"u{i}@example.com", content={"subject": "s", "text": f"hello {i}"}, category="transactional",
+                priority="normal")
+        for i in range(3)
+    ]  # fmt: skip
+    try:
+        p.may_start = lambda timeout: False  # type: ignore[attr-defined]
+        assert all(isinstance(o, Fenced) for o in p.send(msgs))
+        assert len(sandbox.recorder) == 0 and sandbox.api_requests == 0
+        p.may_start = lambda timeout: True  # type: ignore[attr-defined]
+        assert len(p.send(msgs)) == 3 and len(sandbox.recorder) == 3
+    finally:
+        p.close()

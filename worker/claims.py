@@ -33,12 +33,15 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import redis
 
 from notifyctl import keys
+from worker.providers.base import Fenced
+
+__all__ = ["BUSY", "DOUBT", "OK", "Claims", "Fenced"]
 
 log = logging.getLogger("notifyctl.worker")
 
@@ -121,14 +124,6 @@ BUSY = "busy"
 DOUBT = "doubt:"
 
 
-@dataclass(frozen=True, slots=True)
-class Fenced:
-    """The outcome of a message that was not sent because its lease is no longer this worker's
-    (expired, taken over, or Redis could not confirm it): another worker owns the delivery."""
-
-    reason: str = "lease lost"
-
-
 class Claims:
     """The leases of one worker. ``ttl``: the lease, seconds; ``sent_ttl``: how long a ``sent:``
     record (and a lease left by a dead holder) stays."""
@@ -149,6 +144,9 @@ class Claims:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.renewals = 0  # renewal rounds that reached Redis (for tests and the curious)
+        # (monotonic) until when the leases in hand surely hold: measured from before the last call
+        # that set their expiry, so never later than Redis's own
+        self.valid_until = 0.0
 
     @property
     def lease_ms(self) -> int:
@@ -162,12 +160,14 @@ class Claims:
             return []
         token = secrets.token_hex(8)
         ks = [keys.sent(d) for d in delivery_ids]
+        t0 = time.monotonic()
         res = self._take(keys=ks, args=[self.worker, token, self.lease_ms, self.sent_ttl])
         out = [r.decode() if isinstance(r, bytes) else r for r in res]
         held = [k for k, r in zip(ks, out, strict=True) if r == OK or r.startswith(DOUBT)]
         with self._lock:
             self.token = token
             self._held = held
+            self.valid_until = t0 + self.ttl
         if held:
             self._start_renewing()
         return out
@@ -178,6 +178,7 @@ class Claims:
         that cannot confirm its lease must not send."""
         if not delivery_ids:
             return []
+        t0 = time.monotonic()
         try:
             res = self._renew(
                 keys=[keys.sent(d) for d in delivery_ids], args=[self.worker, self.token, self.lease_ms, "f"]
@@ -185,7 +186,16 @@ class Claims:
         except redis.RedisError as exc:
             log.warning("lease check failed (%s): %d message(s) not sent", exc, len(delivery_ids))
             return [False] * len(delivery_ids)
-        return [bool(r) for r in res]
+        ours = [bool(r) for r in res]
+        if any(ours):
+            self.valid_until = max(self.valid_until, t0 + self.ttl)
+        return ours
+
+    def may_start(self, timeout: float) -> bool:
+        """Whether a provider request that may take ``timeout`` seconds ends before the leases in hand
+        could have run out: False once renewals have failed for long enough (cut off from Redis).
+        A timeout as long as the lease is never held back (the lease is then too short to judge)."""
+        return timeout >= self.ttl or time.monotonic() + timeout < self.valid_until
 
     def renew(self) -> int:
         """Extend every lease in hand (one call); returns how many are no longer ours."""
@@ -193,8 +203,13 @@ class Claims:
             held, token = list(self._held), self.token
         if not held:
             return 0
+        t0 = time.monotonic()
         res = self._renew(keys=held, args=[self.worker, token, self.lease_ms, ""])
         self.renewals += 1
+        if any(res):
+            with self._lock:
+                if self.token == token:
+                    self.valid_until = max(self.valid_until, t0 + self.ttl)
         lost = [k for k, r in zip(held, res, strict=True) if not r]
         if lost:
             log.warning("%d lease(s) lost to expiry or another worker", len(lost))

@@ -939,14 +939,14 @@ def _mark(
     )
 
 
-def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[str, Outcome | Fenced]]:
+def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[str, Outcome]]:
     """Send through the route's providers in order, skipping open circuits: what one provider
     answers "retry later" goes to the next. An OTP that every SMS provider failed becomes a
     voice call when a voice provider is configured. Returns (provider, outcome) per message."""
     names = rt.settings.providers_for(route) or ["outbox"]
     states = rt.circuits.states(names)
     usable = [n for n in names if states[n][0] not in (OPEN, THROTTLED)]
-    results: list[tuple[str, Outcome | Fenced] | None] = [None] * len(messages)
+    results: list[tuple[str, Outcome] | None] = [None] * len(messages)
     if not usable:
         wait = max(1.0, min(until for _, until in states.values()) - time.time())
         if any(state == THROTTLED for state, _ in states.values()):
@@ -985,7 +985,7 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
     return [r for r in results if r is not None]
 
 
-def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome | Fenced]]:
+def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome]]:
     if not messages:
         return []
     name = rt.settings.providers_voice[0]
@@ -998,7 +998,7 @@ def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome
     return [(name, o) for o in _call_provider(rt, name, calls)]
 
 
-def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outcome | Fenced]:
+def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outcome]:
     """The provider's outcomes, for the messages whose lease this worker still holds (checked and
     marked in flight in one Redis call right before the call: ``Claims.fence``); ``Fenced`` for
     the others, which are not sent."""
@@ -1009,7 +1009,7 @@ def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outc
     ours = rt.claims.fence([m.delivery_id for m in messages])
     if all(ours):
         return _provider_send(rt, provider, name, messages)  # type: ignore[return-value]
-    out: list[Outcome | Fenced] = [Fenced() for _ in messages]
+    out: list[Outcome] = [Fenced() for _ in messages]
     kept = [i for i, ok in enumerate(ours) if ok]
     if kept:
         for i, o in zip(kept, _provider_send(rt, provider, name, [messages[i] for i in kept]), strict=True):
@@ -1018,6 +1018,9 @@ def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outc
 
 
 def _provider_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> list[Outcome]:
+    # a provider that makes several requests per call asks before each whether the lease still
+    # covers one more (``worker.providers.base.lease_open``)
+    provider.may_start = rt.claims.may_start  # type: ignore[attr-defined]
     t0 = time.perf_counter()
     try:
         outcomes = provider.send(messages)

@@ -31,6 +31,7 @@ def serve(
 
     from notifyctl.api.app import create_app
     from notifyctl.api.limits import UVICORN_OPTIONS
+    from notifyctl.unsubscribe import check_at_start
 
     if not 0 <= port <= 65535:
         raise InputError(f"--port: {port} is not a TCP port")
@@ -40,6 +41,7 @@ def serve(
     c = get_ctx(ctx)
     c.engine  # noqa: B018 - fail now (one line) if the database is unusable, not on the first request
     c.redis.ping()
+    check_at_start(c.settings)  # a shared database: this host signs links with the others' key, or stops
     app = create_app(c)
     err_console.print(f"notifyctl API on http://{host}:{port} (docs: /docs, health: /healthz)")
     uvicorn.run(
