@@ -221,6 +221,7 @@ class Pool:
         self._started_at[i] = time.monotonic()
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
+        from notifyctl.analytics import compact
         from notifyctl.db import checkpoint
         from notifyctl.dlq import DlqConfig, check_dlq_alert
         from worker.reconciler import reconcile
@@ -274,6 +275,11 @@ class Pool:
                         checkpoint(ctx.engine)  # SQLite: the WAL goes back into the database here, not in a writer
                     except Exception:  # noqa: BLE001 - a checkpoint can wait for the next round
                         log.warning("SQLite checkpoint failed", exc_info=True)
+                    if rounds % 5 == 0:
+                        try:
+                            compact(ctx.engine)  # PostgreSQL: the analytics deltas into the hourly rollup
+                        except Exception:  # noqa: BLE001 - reports read the deltas meanwhile
+                            log.warning("analytics compaction failed", exc_info=True)
                     next_reconcile = time.monotonic() + reconcile_every
                 if time.monotonic() >= next_dlq_check:
                     try:
