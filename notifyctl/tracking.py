@@ -66,7 +66,7 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
 
 def status_report(ctx: Context) -> dict[str, Any]:
     from notifyctl import metrics
-    from worker.liveness import live_workers
+    from notifyctl.liveness import live_workers
 
     r = ctx.redis
     now = time.time()
