@@ -64,9 +64,8 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
         }
 
 
-def status_report(ctx: Context) -> dict[str, Any]:
-    from rq import Worker
-
+def queue_stats(ctx: Context) -> list[dict[str, Any]]:
+    """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis)."""
     r = ctx.redis
     now = time.time()
     queues = []
@@ -96,6 +95,14 @@ def status_report(ctx: Context) -> dict[str, Any]:
                 "failed_jobs": failed,
             }
         )
+    return queues
+
+
+def status_report(ctx: Context) -> dict[str, Any]:
+    from rq import Worker
+
+    r = ctx.redis
+    queues = queue_stats(ctx)
     workers = [
         {
             "name": w.name,
