@@ -227,6 +227,19 @@ class SmsKeyword(SQLModel, table=True):
     received_at: datetime = Field(default_factory=utcnow)
 
 
+class SharedSecret(SQLModel, table=True):
+    """A secret every host sharing the database must agree on, created once by the first host
+    (``notifyctl.unsubscribe.secret_key``: the key that signs unsubscribe links and open pixels).
+    ``value`` is empty when the hosts bring it themselves (``NOTIFY_SECRET_KEY``); ``fingerprint``
+    lets a host whose key differs find out at start, without the key being compared in clear."""
+
+    __tablename__ = "shared_secrets"
+    name: str = Field(primary_key=True, max_length=32)
+    value: str | None = Field(default=None, max_length=256)
+    fingerprint: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class AnalyticsHourly(SQLModel, table=True):
     """The delivery rollup (``notifyctl.analytics``): how many deliveries queued in ``hour`` (UTC,
     ``YYYY-MM-DD HH``) of a template × channel × campaign are now in ``status`` (with the kind of

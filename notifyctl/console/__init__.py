@@ -155,12 +155,11 @@ def _to_login(request: Request) -> RedirectResponse:
 
 def overview_data(ctx: Any) -> dict[str, Any]:
     """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries)."""
-    from rq import Worker
-
     from notifyctl.dlq import stats as dlq_stats
     from notifyctl.metrics import BUCKETS, LATENCY, SENT_PER_MIN
     from notifyctl.tracking import queue_stats
     from worker.circuit import Circuits
+    from worker.liveness import by_host, live_workers
 
     s = ctx.settings
     r = ctx.redis
@@ -199,9 +198,7 @@ def overview_data(ctx: Any) -> dict[str, Any]:
                 "p99": _quantile(h, BUCKETS, 0.99),
             }
         )
-    hosts: dict[str, int] = {}
-    for w in Worker.all(connection=r):
-        hosts[w.hostname or "?"] = hosts.get(w.hostname or "?", 0) + 1
+    hosts = {h: len(ws) for h, ws in by_host(live_workers(r)).items()}
     return {
         "queues": queues,
         "sent_per_min": minutes,
