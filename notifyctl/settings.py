@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     )
     circuit_threshold: int = Field(5, description="failing batches in a row that open a provider's circuit")
     circuit_cooldown: float = Field(30.0, description="seconds a circuit stays open before a trial batch")
+    pace_max_wait: float = Field(
+        2.0, ge=0, description="seconds a job waits for a provider's pace before it holds the rest of its batch"
+    )
 
     provider_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-provider settings from the config file's [provider_options.NAME]"

@@ -109,11 +109,14 @@ def status_report(ctx: Context) -> dict[str, Any]:
 
     from notifyctl.models import utcnow
     from worker.circuit import Circuits
+    from worker.pacing import Pacer
 
     s = ctx.settings
     names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
                    | set(s.providers_voice))  # fmt: skip
     circuits = Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names)
+    for name, rate in Pacer(r).rates(names).items():  # requests/s learned from its 429s; None = unpaced
+        circuits[name]["paced_at_per_s"] = round(rate, 1) if rate else None
     with Session(ctx.engine) as session:
         since = utcnow() - timedelta(seconds=60)
         sent_last_min = dict(
