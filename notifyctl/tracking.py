@@ -65,7 +65,8 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
 
 
 def status_report(ctx: Context) -> dict[str, Any]:
-    from rq import Worker
+    from notifyctl import metrics
+    from worker.liveness import live_workers
 
     r = ctx.redis
     now = time.time()
@@ -96,15 +97,10 @@ def status_report(ctx: Context) -> dict[str, Any]:
                 "failed_jobs": failed,
             }
         )
-    workers = [
-        {
-            "name": w.name,
-            "state": str(w.get_state()),
-            "queues": [q.name for q in w.queues],
-            "current_job": w.get_current_job_id(),
-        }
-        for w in Worker.all(connection=r)
-    ]
+    # from notifyctl's own liveness keys (not RQ's registry, which keeps a killed worker for
+    # minutes): a worker that stopped beating is gone within worker_alive_ttl, whatever host it ran on
+    workers = live_workers(r)
+    in_doubt = {k.decode(): int(v) for k, v in r.hgetall(metrics.IN_DOUBT).items()}
     from datetime import timedelta
 
     from notifyctl.models import utcnow
@@ -114,9 +110,11 @@ def status_report(ctx: Context) -> dict[str, Any]:
     s = ctx.settings
     names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
                    | set(s.providers_voice))  # fmt: skip
-    circuits = Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names)
-    for name, rate in Pacer(r).rates(names).items():  # requests/s learned from its 429s; None = unpaced
-        circuits[name]["paced_at_per_s"] = round(rate, 1) if rate else None
+    paced = Pacer(r).rates(names)  # requests/s learned from its 429s; None = unpaced
+    circuits: dict[str, dict[str, Any]] = {
+        name: {**c, "paced_at_per_s": round(paced[name] or 0.0, 1) or None}
+        for name, c in Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names).items()
+    }
     with Session(ctx.engine) as session:
         since = utcnow() - timedelta(seconds=60)
         sent_last_min = dict(
@@ -132,6 +130,8 @@ def status_report(ctx: Context) -> dict[str, Any]:
     return {
         "queues": queues,
         "workers": workers,
+        "hosts": sorted({w["host"] for w in workers}),
+        "in_doubt": in_doubt,
         "dlq_depth": dlq,
         "sent_last_minute": sent_last_min,
         "providers": circuits,

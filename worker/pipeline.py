@@ -30,7 +30,7 @@ from sqlalchemy import bindparam, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from notifyctl import keys, metrics, prefs
+from notifyctl import metrics, prefs
 from notifyctl.context import Context
 from notifyctl.db import prepare_insert, rows_where_in, unindexed, unindexed_in, update_where_in, write_lock
 from notifyctl.errors import TemplateError
@@ -52,7 +52,8 @@ from notifyctl.secretdata import ERASED_KEY, SECRET_ERASED, erase, erased_fields
 from notifyctl.templates import Template
 from notifyctl.unsubscribe import secret_key, unsubscribe_url
 from worker.circuit import OPEN, THROTTLED, Circuits
-from worker.claims import OK, Claims
+from worker.claims import DOUBT, OK, Claims, Fenced
+from worker.liveness import Liveness, unique_worker_name
 from worker.pacing import Pacer
 from worker.providers import (
     Held,
@@ -74,12 +75,15 @@ log = logging.getLogger("notifyctl.worker")
 class Runtime:
     """Per-process worker state: connections, limiter, claims and provider instances."""
 
-    def __init__(self, ctx: Context, worker_name: str | None = None) -> None:
+    def __init__(self, ctx: Context, worker_name: str | None = None, liveness: Liveness | None = None) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
-        self.worker_name = worker_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.worker_name = worker_name or unique_worker_name(f"{socket.gethostname()}-{os.getpid()}")
         self.limiter = RateLimiter(ctx.redis, self.settings.rules, self.settings.rate_limit_bypass_high)
         self.claims = Claims(ctx.redis, self.worker_name, self.settings.claim_ttl, self.settings.sent_marker_ttl)
+        self.liveness = liveness or Liveness(
+            ctx.redis, self.worker_name, self.settings.worker_alive_ttl, host=self.settings.host_name
+        )
         self.circuits = Circuits(ctx.redis, self.settings.circuit_threshold, self.settings.circuit_cooldown)
         self.pacer = Pacer(ctx.redis)
         self._providers: dict[str, Provider] = {}
@@ -99,6 +103,7 @@ class Runtime:
         return p
 
     def close(self) -> None:
+        self.claims.close()
         for p in self._providers.values():
             try:
                 p.close()
@@ -116,6 +121,8 @@ class Stats:
     failed: int = 0
     suppressed: int = 0
     skipped: int = 0
+    in_doubt: int = 0  # taken over from a holder that had begun sending them: sent again
+    fenced: int = 0  # not sent: the lease was no longer this worker's at the provider call
     by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,15 +273,18 @@ def process(rt: Runtime, notification_ids: Iterable[str], as_of: float | None = 
     """Process a batch; ``as_of`` (epoch s) is the time up to which scheduled retries are due."""
     ids = list(dict.fromkeys(notification_ids))
     stats = Stats()
-    rt.ctx.redis.set(keys.alive(rt.worker_name), "1", ex=rt.settings.worker_alive_ttl)
-    for attempt in range(3):
-        try:
-            return _process(rt, ids, as_of, stats)
-        except IntegrityError:
-            # Another worker fanned out the same fresh notification at the same moment: reload and go on.
-            if attempt == 2:
-                raise
-            stats = Stats()
+    rt.liveness.beat()
+    try:
+        for attempt in range(3):
+            try:
+                return _process(rt, ids, as_of, stats)
+            except IntegrityError:
+                # Another worker fanned out the same fresh notification at the same moment: reload and go on.
+                if attempt == 2:
+                    raise
+                stats = Stats()
+    finally:
+        rt.claims.drop()  # whatever happened, this batch's leases are no longer renewed
     return stats
 
 
@@ -484,9 +494,39 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         sms_stops: set[str] = set()
         if due:
             claims = rt.claims.take([d.id for d in due])
+            doubts = [d.id for d, c in zip(due, claims, strict=True) if c.startswith(DOUBT)]
+            # an in-doubt delivery's holder may have recorded its outcome in SQL after this batch loaded
+            settled = _settled_in_sql(session.connection(), doubts) if doubts else {}
             to_send: dict[str, list[tuple[_D, Message]]] = defaultdict(list)
             for d, claim in zip(due, claims, strict=True):
-                if claim.startswith("sent:"):
+                if d.id in settled:
+                    d.status, pmid = settled[d.id]
+                    if pmid and d.status in (DeliveryStatus.sent, DeliveryStatus.delivered, DeliveryStatus.opened):
+                        sent_marks[d.id] = pmid
+                    else:
+                        released.append(d.id)
+                    stats.skipped += 1
+                    continue
+                if claim.startswith(DOUBT):
+                    # Its previous holder died (or lost Redis for longer than its lease) with the provider
+                    # call under way: it may have been sent. At-least-once: sent again, and recorded.
+                    events.append(
+                        {
+                            "notification_id": d.notification_id,
+                            "delivery_id": d.id,
+                            "status": IN_DOUBT,
+                            "detail": f"worker {claim[len(DOUBT) :]} stopped with the provider call under way; "
+                            "sending again (it may arrive twice)",
+                            "at": now,
+                        }
+                    )
+                    log.warning(
+                        "delivery in doubt: sending again",
+                        extra={"notification_id": d.notification_id, "delivery_id": d.id, "route": d.route},
+                    )
+                    rt.metrics.in_doubt(d.channel)
+                    stats.in_doubt += 1
+                elif claim.startswith("sent:"):
                     # Sent before, but the SQL record was lost (crash between provider and commit).
                     _mark(
                         d,
@@ -499,7 +539,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     )
                     stats.skipped += 1
                     continue
-                if claim != OK:
+                elif claim != OK:
                     stats.skipped += 1
                     continue
                 n = by_id[d.notification_id]
@@ -544,6 +584,11 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 results = _send_route(rt, route, [m for _, m in items])
                 for (d, _m), (provider_name, outcome) in zip(items, results, strict=True):
                     attempts = d.attempts + 1
+                    if isinstance(outcome, Fenced):
+                        # not ours any more: whoever holds the lease now sends and records it
+                        stats.fenced += 1
+                        stats.skipped += 1
+                        continue
                     if isinstance(outcome, Sent):
                         _mark(
                             d,
@@ -846,6 +891,15 @@ def _follow_replaced_tokens(
     return still
 
 
+IN_DOUBT = "in_doubt"  # the event recorded for a delivery taken over in flight (``Claims.take``)
+
+
+def _settled_in_sql(conn: Any, ids: list[str]) -> dict[str, tuple[str, str | None]]:
+    """Of these deliveries, those whose outcome is already in SQL: id → (status, provider message id)."""
+    sql = "SELECT id, status, provider_message_id FROM deliveries"
+    return {r[0]: (r[1], r[2]) for r in rows_where_in(conn, sql, "id", ids, "AND status NOT IN ('queued', 'retrying')")}
+
+
 def delivery_id(notification_id: str, channel: str, address: str) -> str:
     """Deterministic: the same notification, channel and address always give the same id, and
     it sorts with its notification's (``derived_id``)."""
@@ -928,7 +982,7 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
     pending = list(range(len(messages)))
     for name in usable:
         outcomes = _call_provider(rt, name, [messages[i] for i in pending])
-        called = [o for o in outcomes if not isinstance(o, Held)]  # (held ones never reached it)
+        called = [o for o in outcomes if not isinstance(o, (Fenced, Held))]  # (these never reached it)
         accepted = any(isinstance(o, Sent) for o in called)
         retries = [o for o in called if isinstance(o, Retry)]
         throttled = [o for o in retries if o.throttled]
@@ -954,7 +1008,7 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
     if pending and route == "sms" and rt.settings.providers_voice:
         otps = [i for i in pending if messages[i].priority == "high" and messages[i].category == "transactional"]
         for i, (name, o) in zip(otps, _send_voice(rt, [messages[i] for i in otps]), strict=True):
-            if isinstance(o, Sent):
+            if isinstance(o, (Sent, Fenced)):
                 results[i] = (f"{name}:voice", o)
     return [r for r in results if r is not None]
 
@@ -975,7 +1029,8 @@ def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome
 def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outcome]:
     """Send through one provider at its pace (``worker.pacing``), request by request group: what
     the pace lets go now (after waiting at most ``pace_max_wait`` s in all), until the provider
-    throttles us; the rest is ``Held`` (no attempt used), spread over the time the pace needs."""
+    throttles us; the rest is ``Held`` (no attempt used), spread over the time the pace needs.
+    Each call is fenced (``_fenced_send``) right before it is made."""
     try:
         provider = rt.provider(name)
     except Misconfigured as exc:
@@ -995,7 +1050,7 @@ def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outc
         part = groups[pos : pos + granted]
         pos += granted
         idx = [i for g in part for i in g]
-        answers = _send_batch(rt, name, provider, [messages[i] for i in idx])
+        answers = _fenced_send(rt, provider, name, [messages[i] for i in idx])
         accepted = throttled = off = 0
         for g in part:
             first = answers[off]
@@ -1025,7 +1080,25 @@ def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outc
     return [o if o is not None else Retry(f"{name}: no outcome") for o in outcomes]
 
 
-def _send_batch(rt: Runtime, name: str, provider: Provider, messages: list[Message]) -> list[Outcome]:
+def _fenced_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> list[Outcome]:
+    """The provider's outcomes, for the messages whose lease this worker still holds (checked and
+    marked in flight in one Redis call right before the call: ``Claims.fence``); ``Fenced`` for
+    the others, which are not sent."""
+    ours = rt.claims.fence([m.delivery_id for m in messages])
+    if all(ours):
+        return _provider_send(rt, provider, name, messages)  # type: ignore[return-value]
+    out: list[Outcome] = [Fenced() for _ in messages]
+    kept = [i for i, ok in enumerate(ours) if ok]
+    if kept:
+        for i, o in zip(kept, _provider_send(rt, provider, name, [messages[i] for i in kept]), strict=True):
+            out[i] = o
+    return out
+
+
+def _provider_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> list[Outcome]:
+    # a provider that makes several requests per call asks before each whether the lease still
+    # covers one more (``worker.providers.base.lease_open``)
+    provider.may_start = rt.claims.may_start  # type: ignore[attr-defined]
     t0 = time.perf_counter()
     try:
         outcomes = provider.send(messages)
