@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from notifyctl.db import write_lock
 from notifyctl.errors import InputError
 
 VERSION = "v1"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
@@ -134,9 +135,10 @@ def _installed(conn: Connection) -> bool:
     return conn.exec_driver_sql(sql, TRIGGERS).scalar() == 2
 
 
-def install(engine: Engine) -> bool:
+def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManager[None]]) -> bool:
     """Create the triggers when missing, and fill the rollup from a full count in the same
-    transaction (a database made before analytics existed, or by an older definition). Writers
+    transaction (a database made before analytics existed, or by an older definition), under
+    ``write_lock`` (``notifyctl.db.write_lock``, passed in: db calls this, so no import cycle). Writers
     wait meanwhile (SQLite's write lock; PostgreSQL ``LOCK TABLE deliveries``), so no change is
     counted twice or missed. Returns whether it installed them. Other databases: nothing."""
     dialect = engine.dialect.name
