@@ -21,7 +21,8 @@ webhook events carry our custom_args, and their ``sg_message_id`` starts with it
 400 → ``Permanent`` with SendGrid's message (when the errors point at single personalizations,
 those fail, as ``InvalidAddress`` for a bad recipient, and the rest are sent again);
 401/403 → ``Permanent`` (configuration); 413 → split in halves and send again, ``Permanent`` for a
-single message; 429 → ``Retry`` with ``retry_after`` from ``Retry-After`` or ``X-RateLimit-Reset``;
+single message; 429 → ``Retry`` with ``retry_after`` from ``Retry-After`` or ``X-RateLimit-Reset``
+(throttled: no attempt used), and the batch's requests not made yet are not made (``Held``);
 5xx and network errors → ``Retry``.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +45,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from notifyctl.settings import provider_config
 from worker.providers.base import (
     Fenced,
+    Held,
     InvalidAddress,
     Message,
     Misconfigured,
@@ -168,6 +171,7 @@ class Provider:
         self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="sendgrid")
         #: recipients whose different body did not fit one request's substitutions (smaller groups)
         self.fallbacks = 0
+        self._planned: dict[tuple[str, ...], tuple[Any, Any]] = {}  # skeletons ``requests`` worked out
 
     # ------------------------------------------------------------------ display / checks
 
@@ -203,30 +207,83 @@ class Provider:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, messages: Sequence[Message]) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(messages)
+    def requests(self, messages: Sequence[Message]) -> list[list[int]]:
+        """How ``send`` groups ``messages`` into requests (indexes; a message that fails its
+        checks is a request of its own that is never made): the unit of the pace
+        (``worker.pacing``). ``send`` of a run of whole groups makes exactly these requests: the
+        skeletons worked out here are kept for it."""
+        plan = self._plan(messages)
+        self._planned = {
+            tuple(messages[i].delivery_id for i in group): (skel, subs) for group, skel, subs in plan if skel
+        }
+        return [group for group, _s, _v in plan]
+
+    def _plan(
+        self, messages: Sequence[Message], known: dict[tuple[str, ...], tuple[Any, Any]] | None = None
+    ) -> list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]]:
+        """(indexes, skeleton or None, substitutions or None) per request; ``known``: the groups
+        ``requests`` planned, used as they are where all their messages are here."""
+        plan: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
+        taken: set[int] = set()
+        if known:
+            at = {m.delivery_id: i for i, m in enumerate(messages)}
+            for ids, (skel, subs) in known.items():
+                group = [at.get(d, -1) for d in ids]
+                if -1 not in group:
+                    plan.append((group, skel, subs))
+                    taken.update(group)
         by_category: dict[str, list[int]] = {}
         for i, m in enumerate(messages):
-            problem = self._precheck(m)
-            if problem is not None:
-                outcomes[i] = problem
+            if i in taken:
+                continue
+            if self._precheck(m) is not None:
+                plan.append(([i], None, None))
                 continue
             by_category.setdefault(m.category, []).append(i)
         size = self.config.max_personalizations
-        chunks: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
         for idxs in by_category.values():
             for group, skel, subs in self._groups(messages, idxs):
                 for j in range(0, len(group), size):
-                    chunks.append((group[j : j + size], skel, subs[j : j + size] if subs is not None else None))
-        if len(chunks) == 1:
-            results = [self._send_safely(messages, *chunks[0])]
-        else:
-            futures = [self._pool.submit(self._send_safely, messages, *chunk) for chunk in chunks]
-            results = [f.result() for f in futures]
-        for (chunk, _s, _v), chunk_outcomes in zip(chunks, results, strict=True):
+                    plan.append((group[j : j + size], skel, subs[j : j + size] if subs is not None else None))
+        return plan
+
+    def send(self, messages: Sequence[Message]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        chunks: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
+        known, self._planned = self._planned, {}
+        for group, skel, subs in self._plan(messages, known):
+            problem = self._precheck(messages[group[0]]) if len(group) == 1 else None
+            if problem is not None:
+                outcomes[group[0]] = problem
+            else:
+                chunks.append((group, skel, subs))
+        for (chunk, _s, _v), chunk_outcomes in zip(chunks, self.send_until_throttled(messages, chunks), strict=True):
             for i, outcome in zip(chunk, chunk_outcomes, strict=True):
                 outcomes[i] = outcome
         return [o if o is not None else Retry("sendgrid: no outcome") for o in outcomes]
+
+    def send_until_throttled(
+        self,
+        messages: Sequence[Message],
+        chunks: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]],
+    ) -> list[list[Outcome]]:
+        """One request per chunk (indexes, skeleton, substitutions), ``concurrency`` at a time; once
+        SendGrid answers 429, the requests not yet made are not made (``Held``: SendGrid has said
+        how fast it goes, and hammering it only earns more 429s). One list of outcomes per chunk."""
+        if len(chunks) == 1:
+            return [self._send_safely(messages, *chunks[0])]
+        stop = threading.Event()
+
+        def one(chunk: tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]) -> list[Outcome]:
+            if stop.is_set():
+                return [Held("sendgrid: not sent after a 429 in the same batch")] * len(chunk[0])
+            out = self._send_safely(messages, *chunk)
+            if any(isinstance(o, Retry) and o.throttled for o in out):
+                stop.set()
+            return out
+
+        futures = [self._pool.submit(one, chunk) for chunk in chunks]
+        return [f.result() for f in futures]
 
     def _groups(
         self, messages: Sequence[Message], idxs: list[int]
