@@ -141,7 +141,8 @@ class World:
             "worker_heartbeat": 1,
             "recovery_grace": 2,
             "provider_options": {
-                "sendgrid": {"api_key": self.sg.api_key, "base_url": self.sg.url},
+                "sendgrid": {"api_key": self.sg.api_key, "base_url": self.sg.url,
+                             **(overrides or {}).pop("sendgrid_options", {})},
                 "twilio": {"account_sid": self.tw.account_sid, "auth_token": self.tw.auth_token,
                            "from_number": TWILIO_FROM, "base_url": self.tw.url, "status_callback_url": CALLBACK},
             },
@@ -259,8 +260,9 @@ class World:
         self, user_ids: list[str], rate: float, start_in: float = 0.0, personal: bool = False
     ) -> dict[str, str]:
         """Write a campaign as the launcher does (status scheduled), due at ``rate``/s from now + ``start_in``.
-        ``personal``: a first name per recipient, so that no two bodies are alike and each message is its own
-        provider request (identical bodies share one SendGrid request). Returns delivery id -> notification id."""
+        ``personal``: a first name per recipient, so that no two bodies are alike (SendGrid still sends
+        a batch of them as one request, unless the world's ``max_personalizations`` is 1).
+        Returns delivery id -> notification id."""
         t0 = utcnow() + timedelta(seconds=start_in)
         cid = new_id("c")
         expected: dict[str, str] = {}
