@@ -566,22 +566,22 @@ def skeleton(bodies: list[str], first_key: int = 0) -> tuple[str, list[str], lis
             break
         tail += 1
     middles = [ls[head : len(ls) - tail] for ls in lines]
-    # the skeleton as pieces: shared text (str), or a run of differing lines (list: per body, its lines)
-    pieces: list[str | list[list[str]]] = ["".join(lines[0][:head])]
+    # the skeleton as pieces: shared text (str), or a run of differing lines (list: its columns,
+    # each a tuple of one line per body)
+    pieces: list[str | list[tuple[str, ...]]] = ["".join(lines[0][:head])]
     if len({len(m) for m in middles}) == 1:
-        run: list[list[str]] | None = None
+        run: list[tuple[str, ...]] | None = None
         for column in zip(*middles, strict=True):
             if column.count(column[0]) == len(column):
                 run = None
                 pieces.append(column[0])
-                continue
-            if run is None:
-                run = [[] for _ in bodies]
+            elif run is None:
+                run = [column]
                 pieces.append(run)
-            for acc, line in zip(run, column, strict=True):
-                acc.append(line)
+            else:
+                run.append(column)
     else:
-        pieces.append(middles)
+        pieces.append([tuple("".join(m) for m in middles)])
     pieces.append("".join(lines[0][len(lines[0]) - tail :]) if tail else "")
     out: list[str] = []
     keys: list[str] = []
@@ -590,7 +590,7 @@ def skeleton(bodies: list[str], first_key: int = 0) -> tuple[str, list[str], lis
         if isinstance(piece, str):
             out.append(piece)
             continue
-        joined = ["".join(acc) for acc in piece]
+        joined = list(piece[0]) if len(piece) == 1 else ["".join(lines) for lines in zip(*piece, strict=True)]
         pre = _common_prefix(joined)
         rest = [v[pre:] for v in joined]
         post = _common_suffix(rest)
