@@ -152,3 +152,22 @@ def test_a_body_too_big_for_substitutions_goes_in_a_smaller_group(sandbox, provi
     result = send_and_rebuild(sandbox, provider, contents)
     assert sorted(result["requests"]) == [1, 2, 5]  # the two big ones share all but their last character
     assert provider.fallbacks - before == 3
+
+
+def test_send_of_whole_planned_groups_makes_exactly_those_requests(sandbox, provider) -> None:
+    """``requests`` is the unit of the pace (``worker.pacing``): sending a run of whole groups it
+    planned makes exactly those requests, with the skeletons it worked out."""
+    big = "y" * 12_000
+    contents = [{"subject": "s", "text": f"Hi {i}\nshared"} for i in range(6)]
+    contents += [{"subject": "s", "text": f"Hi {big}{i}\nshared\nmore"} for i in range(2)]
+    msgs = [message(i, c) for i, c in enumerate(contents)]
+    groups = provider.requests(msgs)
+    assert sorted(len(g) for g in groups) == [2, 6]
+    for group in groups:  # as the pace lets them go, one group at a time
+        sandbox.recorder.clear()
+        before = len(sandbox.accepted_requests)
+        out = provider.send([msgs[i] for i in group])
+        assert all(isinstance(o, Sent) for o in out)
+        assert sandbox.accepted_requests[before:] == [len(group)]
+        got = {m["to"]: m["content"]["text/plain"] for m in sandbox.recorder.all()}
+        assert got == {msgs[i].address: contents[i]["text"] for i in group}
