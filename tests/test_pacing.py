@@ -39,9 +39,11 @@ def test_the_pace_starts_at_the_first_throttle_and_drops_once_per_overshoot(rcli
     assert granted == 0 and 0 < wait <= 1 / rate + 1e-6
     assert p.record("sg", accepted=0, throttled=3) == rate  # the same overshoot answers together: one drop
     assert p.rates(["sg", "other"]) == {"sg": rate, "other": None}
+    t0 = time.monotonic()
     time.sleep(1 / rate + 0.01)
     granted, _ = p.take("sg", 100)
-    assert granted == 1  # refilled at the rate
+    slept = time.monotonic() - t0  # (a loaded machine oversleeps: the bucket refills meanwhile)
+    assert 1 <= granted <= int(slept * rate) + 1  # refilled at the rate, no faster
     assert rclient.ttl("notif:pace:sg") > 0  # forgotten after a while without 429s
 
 
