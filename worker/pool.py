@@ -22,6 +22,7 @@ from typing import Any
 from notifyctl import keys
 from notifyctl.context import Context, freeze_heap
 from notifyctl.settings import PRIORITIES, Settings
+from worker.liveness import Liveness, unique_worker_name
 
 log = logging.getLogger("notifyctl.worker")
 
@@ -34,14 +35,13 @@ def queue_sets(queues: list[str], pool: int) -> list[list[str]]:
     return [ordered for _ in range(pool)]
 
 
-def _heartbeat(ctx: Context, name: str, stop: threading.Event) -> None:
-    s = ctx.settings
+def _heartbeat(live: Liveness, every: float, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
-            ctx.redis.set(keys.alive(name), "1", ex=s.worker_alive_ttl)
+            live.beat()
         except Exception:  # noqa: BLE001 - keep beating through a Redis blip
             log.warning("heartbeat to Redis failed", exc_info=True)
-        stop.wait(s.worker_heartbeat)
+        stop.wait(every)
 
 
 def _worker_class(dequeue_timeout: int = 60) -> type:
@@ -90,16 +90,17 @@ def run_worker(
 
     dispose_all(close=False)  # never use a parent's SQL connections after fork
     ctx = Context(settings)
-    name = name or f"notify-{socket.gethostname()}-{os.getpid()}"
+    name = name or unique_worker_name(f"notify-{settings.host_name or socket.gethostname()}-{os.getpid()}")
     # RQ's own connection, for its blocking dequeue (long reads); the jobs use ctx.redis (short ones)
     rq_conn = connect(settings, dequeue=True)
     queues = [Queue(keys.queue_name(p), connection=rq_conn) for p in priorities]
     w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name)
     w.burst_mode = burst
-    jobs.configure(ctx, worker_name=name)
+    live = Liveness(ctx.redis, name, settings.worker_alive_ttl, [q.name for q in queues], host=settings.host_name)
+    jobs.configure(ctx, worker_name=name, liveness=live)
     freeze_heap()
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(ctx, name, stop), daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(live, settings.worker_heartbeat, stop), daemon=True)
     beat.start()
     try:
         if not burst:
@@ -118,7 +119,11 @@ def run_worker(
                 return 0
     finally:
         stop.set()
-        ctx.redis.delete(keys.alive(name))
+        beat.join(timeout=5)  # (a beat after the delete would bring the key back)
+        try:
+            live.clear()  # only our own key: never another worker's
+        except Exception:  # noqa: BLE001 - it expires on its own
+            log.warning("liveness key not cleared", exc_info=True)
         jobs.runtime().close()
         rq_conn.close()
 
@@ -192,7 +197,9 @@ class Pool:
         self.sets = queue_sets(queues, size)
         self.burst = burst
         self.procs: list[Any] = [None] * size
-        self.names = [f"notify-{socket.gethostname()}-{os.getpid()}-{i}" for i in range(size)]
+        host = settings.host_name or socket.gethostname()
+        # a random part per pool: two hosts with one hostname and the supervisor as PID 1 never clash
+        self.names = [unique_worker_name(f"notify-{host}-{os.getpid()}") + f"-{i}" for i in range(size)]
         self._stopping = False
         self._mp = mp.get_context("fork")  # the child inherits the Settings object, secrets included
         self.restarts = 0
@@ -214,6 +221,7 @@ class Pool:
         self._started_at[i] = time.monotonic()
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
+        from notifyctl.analytics import compact
         from notifyctl.db import checkpoint
         from notifyctl.dlq import DlqConfig, check_dlq_alert
         from worker.reconciler import reconcile
@@ -267,6 +275,11 @@ class Pool:
                         checkpoint(ctx.engine)  # SQLite: the WAL goes back into the database here, not in a writer
                     except Exception:  # noqa: BLE001 - a checkpoint can wait for the next round
                         log.warning("SQLite checkpoint failed", exc_info=True)
+                    if rounds % 5 == 0:
+                        try:
+                            compact(ctx.engine)  # PostgreSQL: the analytics deltas into the hourly rollup
+                        except Exception:  # noqa: BLE001 - reports read the deltas meanwhile
+                            log.warning("analytics compaction failed", exc_info=True)
                     next_reconcile = time.monotonic() + reconcile_every
                 if time.monotonic() >= next_dlq_check:
                     try:

@@ -91,7 +91,25 @@ class InvalidAddress:
     reason: str
 
 
-Outcome = Sent | Retry | Held | Permanent | InvalidAddress
+@dataclass(frozen=True, slots=True)
+class Fenced:
+    """Not sent, because this worker's lease on the delivery (``worker.claims``) is lost or about to
+    run out (it could not renew it: cut off from Redis): another worker sends it once the lease has
+    expired. The pipeline records nothing for it."""
+
+    reason: str = "lease lost"
+
+
+Outcome = Sent | Retry | Held | Permanent | InvalidAddress | Fenced
+
+
+def lease_open(provider: Any, timeout: float) -> bool:
+    """For a provider that makes several requests per ``send``: whether one more request, which may
+    take up to ``timeout`` seconds, still ends within this worker's lease on the batch. The
+    pipeline gives the provider ``may_start`` (``Claims.may_start``) before each call; a provider
+    used without it (tests, tools) is never held back."""
+    gate = getattr(provider, "may_start", None)
+    return gate is None or bool(gate(timeout))
 
 
 class Misconfigured(Exception):
