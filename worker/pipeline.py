@@ -26,13 +26,13 @@ from typing import Any
 import markupsafe
 import orjson
 import redis
-from sqlalchemy import bindparam, literal, or_, select, update
+from sqlalchemy import bindparam, literal, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from notifyctl import metrics, prefs
 from notifyctl.context import Context
-from notifyctl.db import prepare_insert, rows_where_in, unindexed, unindexed_in, update_where_in, write_lock
+from notifyctl.db import prepare_insert, rows_where_in, unindexed_in, update_where_in, write_lock
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
 from notifyctl.intake import blocked_by, user_vars
@@ -131,9 +131,12 @@ class Stats:
         return d
 
 
-def _route_addresses(channel: str, user: Any, tokens: list[Any]) -> list[tuple[str, str]]:
+_PUSH_ROUTES = {"ios": "push.ios", "android": "push.android"}
+
+
+def _route_addresses(channel: str, user: Any, tokens: list[tuple[str, str]]) -> list[tuple[str, str]]:
     if channel == "push":
-        return [(f"push.{t.platform}", t.token) for t in tokens]
+        return [(_PUSH_ROUTES.get(platform) or f"push.{platform}", token) for platform, token in tokens]
     if channel == "email":
         return [("email", user.email)] if user.email else []
     if channel == "sms":
@@ -184,6 +187,7 @@ _D_FIELDS = itemgetter(*_D.__slots__)  # a new delivery row (every column) → _
 _N = Notification.__table__  # type: ignore[attr-defined]
 _DT = Delivery.__table__  # type: ignore[attr-defined]
 _ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
+_TT = DeviceToken.__table__  # type: ignore[attr-defined]
 # The batch loads: only the columns the pipeline reads, on the DBAPI cursor (``rows_where_in``): a
 # thousand plain tuples. The JSON columns come as text and are parsed once per distinct text: a
 # campaign batch shares one `data` and one `channels`.
@@ -194,6 +198,10 @@ _N_SELECT = (
 # by primary key, never through the status index (see notifyctl.db.unindexed)
 _N_LOADABLE = "AND " + unindexed_in("status", [NotificationStatus.queued, NotificationStatus.retrying])
 _U_SELECT = "SELECT id, email, phone, timezone, locale, sms_opt_in, CAST(attributes AS TEXT) FROM users"
+# a batch's live device tokens (not through the removed_at index: every live token), oldest first
+# per user (a user's rows are in one chunk of ``rows_where_in``)
+_T_SELECT = "SELECT device_tokens.user_id, device_tokens.platform, device_tokens.token FROM device_tokens"
+_T_LIVE = "AND device_tokens.removed_at || '' IS NULL ORDER BY device_tokens.created_at"
 
 
 @dataclass(slots=True)
@@ -248,15 +256,13 @@ class _Batch:
             for row in rows_where_in(conn, _U_SELECT, "id", list(user_ids))
         }
         self.opt_outs = prefs.load(client, session, user_ids)
-        self.tokens: dict[str, list[Any]] = defaultdict(list)
-        if user_ids and any("push" in n.channels for n in self.notifications):  # device tokens: push only
-            t = DeviceToken.__table__.c  # type: ignore[attr-defined]
-            for row in session.execute(
-                select(t.user_id, t.platform, t.token)
-                .where(t.user_id.in_(user_ids), unindexed(t.removed_at).is_(None))
-                .order_by(t.created_at)
+        # a user's live device tokens, oldest first, as (platform, token): push only
+        self.tokens: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        if user_ids and any("push" in n.channels for n in self.notifications):
+            for uid, platform, token in rows_where_in(
+                conn, _T_SELECT, "device_tokens.user_id", list(user_ids), _T_LIVE
             ):
-                self.tokens[row.user_id].append(row)
+                self.tokens[uid].append((platform, token))
         self.deliveries: dict[str, list[_D]] = defaultdict(list)
         nids = [n.id for n in self.notifications]
         if nids:  # (none, for a batch seen the first time)
@@ -370,6 +376,16 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 probes[key] = None
         return probes[key]
 
+    fills: dict[int, list[tuple[str, str, tuple[str, ...]]]] = {}
+
+    def fill_plan(pv: tuple[dict[str, str], dict[str, str]]) -> list[tuple[str, str, tuple[str, ...]]]:
+        """Per part of a rendering with tokens: (part, text, the tokens it holds), once per rendering
+        (``pv[0]`` lives as long as the batch)."""
+        plan = fills.get(id(pv[0]))
+        if plan is None:
+            plan = fills[id(pv[0])] = [(part, v, tuple(t for t in pv[1] if t in v)) for part, v in pv[0].items()]
+        return plan
+
     plans: dict[tuple[int, bool], _EmailPlan] = {}
     footers: dict[bool, tuple[bool, bool, dict[str, str]]] = {}
 
@@ -446,11 +462,12 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 for channel in n.channels:
                     add_delivery(n, channel, channel, "-", DeliveryStatus.suppressed, "unknown_user")
                 continue
+            opt_outs = batch.opt_outs.get(user.id)  # (most users have none)
             for channel in n.channels:
                 addrs = _route_addresses(channel, user, batch.tokens.get(user.id, []))
                 first = addrs[0][1] if addrs else "-"
                 route0 = addrs[0][0] if addrs else channel
-                block = blocked_by(batch.opt_outs.get(user.id, set()), channel, n.category)
+                block = blocked_by(opt_outs, channel, n.category) if opt_outs else None
                 if block:
                     add_delivery(n, channel, route0, first, DeliveryStatus.suppressed, f"opted_out:{block}")
                 elif not addrs:
@@ -568,7 +585,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     plan = email_plan(pv[0] if pv else content, values, n.category == "marketing")
                     content, shared, personal, headers = plan.apply(rt, d, values)
                 elif pv is not None:
-                    content = {part: _fill(v, pv[1]).strip() for part, v in pv[0].items()}
+                    content = {part: _fill(piece, pv[1], tokens) for part, piece, tokens in fill_plan(pv)}
                 msg = Message(
                     delivery_id=d.id,
                     notification_id=n.id,
@@ -726,10 +743,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 # only from the states this job saw: a webhook may have moved a delivery on meanwhile
                 _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
             insert_events(conn)
-            if token_success:
-                session.execute(
-                    update(DeviceToken).where(DeviceToken.token.in_(token_success)).values(last_success_at=now)  # type: ignore[attr-defined]
-                )
+            if token_success:  # by primary key, raw: a thousand-value IN list costs SQLAlchemy more than SQLite
+                update_where_in(conn, _TT, {"last_success_at": now}, "token", token_success)
             if removed_tokens:
                 for token, reason in removed_tokens.items():
                     session.execute(
@@ -1245,10 +1260,11 @@ class _EmailPlan:
         return content, self.shared, personal, headers
 
 
-def _fill(piece: str, values: dict[str, str]) -> str:
-    for token, value in values.items():
-        piece = piece.replace(token, value)
-    return piece
+def _fill(piece: str, values: dict[str, str], tokens: tuple[str, ...]) -> str:
+    """``piece`` with the ``tokens`` it holds replaced by their ``values``, stripped as a rendering is."""
+    for token in tokens:
+        piece = piece.replace(token, values[token])
+    return piece.strip()
 
 
 def _settle_notifications(
