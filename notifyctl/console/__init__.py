@@ -100,15 +100,23 @@ def session_of(request: Request) -> dict[str, Any] | None:
     sess: dict[str, Any] = json.loads(raw)
     from sqlmodel import Session
 
+    from notifyctl.api.auth import allows, scope_of
     from notifyctl.api.models import ApiKey
 
     with Session(ctx.engine) as s:
         key = s.get(ApiKey, sess["key_id"])
-    if key is None or key.revoked_at is not None:
+    if key is None or key.revoked_at is not None or not allows(key, "read"):
         ctx.redis.delete(_sid_key(sid))
         return None
     sess["sid"] = sid
+    sess["scope"] = scope_of(key)
+    sess["can_operate"] = allows(key, "operate")
     return sess
+
+
+def _require_operate(sess: dict[str, Any]) -> None:
+    if not sess["can_operate"]:
+        raise Refused(403, f"this API key's scope ({sess['scope']}) does not allow this: it needs operate or admin")
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -287,7 +295,7 @@ def router() -> APIRouter:
 
     @r.post("/login")
     async def login(request: Request) -> Response:
-        from notifyctl.api.auth import check_key
+        from notifyctl.api.auth import allows, check_key, scope_of
 
         form = await _form(request)
         cookie = request.cookies.get(LOGIN_COOKIE, "")
@@ -295,13 +303,19 @@ def router() -> APIRouter:
             raise Refused(403, "missing or wrong CSRF token: reload the login page")
         ctx = request.app.state.ctx
         row = await run_in_threadpool(check_key, ctx, form.get("api_key", "").strip())
+        error = None
         if row is None:
+            status, error = 401, "invalid or revoked API key"
+        elif not allows(row, "read"):
+            status = 403
+            error = f"this API key's scope ({scope_of(row)}) cannot open the console: it needs read or more"
+        if error:
             token = secrets.token_urlsafe(24)
-            resp = _page(request, "login.html", None, 401, login_csrf=token, error="invalid or revoked API key")
+            resp = _page(request, "login.html", None, status, login_csrf=token, error=error)
             _set_cookie(request, resp, LOGIN_COOKIE, token, 600)
             return resp
         sid = secrets.token_urlsafe(32)
-        sess = {"key_id": row.id, "key_name": row.name, "csrf": secrets.token_urlsafe(32), "at": time.time()}
+        sess = {"key_id": row.id, "key_name": row.name, "csrf": secrets.token_urlsafe(32), "at": time.time()}  # type: ignore[union-attr]
         ctx.redis.set(_sid_key(sid), json.dumps(sess), ex=SESSION_TTL)
         resp = RedirectResponse("/console", status_code=303)
         _set_cookie(request, resp, COOKIE, sid, SESSION_TTL)
@@ -367,6 +381,7 @@ def router() -> APIRouter:
         if sess is None:
             return _to_login(request)
         form = await _checked_form(request, sess)
+        _require_operate(sess)
         if action not in ("replay", "purge"):
             raise NotFound(f"no DLQ action {action!r}")
         ctx = request.app.state.ctx
@@ -407,6 +422,7 @@ def router() -> APIRouter:
         if sess is None:
             return _to_login(request)
         await _checked_form(request, sess)
+        _require_operate(sess)
         fns = {"pause": state.pause, "resume": state.resume, "cancel": state.cancel}
         if action not in fns:
             raise NotFound(f"no campaign action {action!r}")
