@@ -50,7 +50,7 @@ def check_alerts(ctx: Any, config: Any = None) -> list[AlertEvent]:
     from notifyctl.tracking import queue_stats
     from worker.circuit import CLOSED, THROTTLED, Circuits
 
-    cfg = config or DlqConfig()
+    cfg = config or DlqConfig()  # type: ignore[call-arg]  # (pydantic-settings: from the environment)
     s = ctx.settings
     r = ctx.redis
     events: list[AlertEvent] = []

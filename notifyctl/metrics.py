@@ -151,7 +151,7 @@ def render(ctx: Any) -> bytes:
             return collect(ctx)
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Now())  # type: ignore[arg-type]
+    registry.register(_Now())
     return generate_latest(registry)
 
 

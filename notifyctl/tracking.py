@@ -80,7 +80,7 @@ def queue_stats(ctx: Context) -> list[dict[str, Any]]:
         oldest = None
         if head:
             enq = r.hget(f"rq:job:{head.decode()}", "enqueued_at")
-            if enq:
+            if isinstance(enq, bytes):
                 from datetime import datetime
 
                 ts = datetime.fromisoformat(enq.decode().replace("Z", "+00:00")).timestamp()

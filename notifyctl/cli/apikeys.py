@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.table import Table
 
@@ -52,7 +54,7 @@ def list_(
     from notifyctl.api.auth import list_keys, scope_of
 
     keys = list_keys(get_ctx(ctx), include_revoked=revoked)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": k.id,
             "name": k.name,

@@ -178,29 +178,29 @@ def overview_data(ctx: Any) -> dict[str, Any]:
     now = time.time()
     hours = [time.strftime("%Y%m%d%H", time.gmtime(now - 3600)), time.strftime("%Y%m%d%H", time.gmtime(now))]
     pipe = r.pipeline(transaction=False)
-    for h in hours:
-        pipe.hgetall(SENT_PER_MIN + h)
+    for hour in hours:
+        pipe.hgetall(SENT_PER_MIN + hour)
     names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
                    | set(s.providers_voice))  # fmt: skip
     for n in names:
         pipe.hgetall(LATENCY + n)
     res = pipe.execute()
     per_min: dict[str, int] = {}
-    for h, counts in zip(hours, res[:2], strict=True):
+    for hour, counts in zip(hours, res[:2], strict=True):
         for m, n in counts.items():
-            per_min[f"{h}{m.decode()}"] = int(n)
+            per_min[f"{hour}{m.decode()}"] = int(n)
     minutes = []
     for i in range(59, -1, -1):
         t = time.gmtime(now - i * 60)
         minutes.append((time.strftime("%H:%M", t), per_min.get(time.strftime("%Y%m%d%H%M", t), 0)))
     circuits = Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names)
     providers = []
-    for n, hist in zip(names, res[2:], strict=True):
+    for name, hist in zip(names, res[2:], strict=True):
         h = {k.decode(): float(v) for k, v in hist.items()}
         providers.append(
             {
-                "name": n,
-                "circuit": circuits.get(n, {}),
+                "name": name,
+                "circuit": circuits.get(name, {}),
                 "batches": int(h.get("count", 0)),
                 "p50": _quantile(h, BUCKETS, 0.5),
                 "p99": _quantile(h, BUCKETS, 0.99),
@@ -276,6 +276,15 @@ def funnel_svg(groups: list[dict[str, Any]], width: int = 720) -> str:
 # ── routes ────────────────────────────────────────────────────────────────────────────────────
 
 
+def _build_filter(args: dict[str, str | None], ids: list[str] | None = None) -> Any:
+    from notifyctl.dlq import DlqFilter
+
+    return DlqFilter.build(
+        args["channel"], args["provider"], args["error"], args["template"], args["older_than"], args["newer_than"],
+        ids or (),
+    )  # fmt: skip
+
+
 def _dlq_filter_args(q: dict[str, str]) -> dict[str, str | None]:
     keys = ("channel", "provider", "error", "template", "older_than", "newer_than")
     return {k: (q.get(k) or "").strip() or None for k in keys}
@@ -315,12 +324,13 @@ def router() -> APIRouter:
             _set_cookie(request, resp, LOGIN_COOKIE, token, 600)
             return resp
         sid = secrets.token_urlsafe(32)
-        sess = {"key_id": row.id, "key_name": row.name, "csrf": secrets.token_urlsafe(32), "at": time.time()}  # type: ignore[union-attr]
+        assert row is not None
+        sess = {"key_id": row.id, "key_name": row.name, "csrf": secrets.token_urlsafe(32), "at": time.time()}
         ctx.redis.set(_sid_key(sid), json.dumps(sess), ex=SESSION_TTL)
-        resp = RedirectResponse("/console", status_code=303)
-        _set_cookie(request, resp, COOKIE, sid, SESSION_TTL)
-        resp.delete_cookie(LOGIN_COOKIE, path="/console")
-        return resp
+        redirect = RedirectResponse("/console", status_code=303)
+        _set_cookie(request, redirect, COOKIE, sid, SESSION_TTL)
+        redirect.delete_cookie(LOGIN_COOKIE, path="/console")
+        return redirect
 
     @r.post("/logout")
     async def logout(request: Request) -> Response:
@@ -343,7 +353,7 @@ def router() -> APIRouter:
 
     @r.get("/dlq")
     def dlq_page(request: Request) -> Response:
-        from notifyctl.dlq import DlqFilter, count_entries, list_entries
+        from notifyctl.dlq import count_entries, list_entries
 
         sess = session_of(request)
         if sess is None:
@@ -354,7 +364,7 @@ def router() -> APIRouter:
         entries: list[dict[str, Any]] = []
         total = 0
         try:
-            f = DlqFilter.build(**args)
+            f = _build_filter(args)
             entries = list_entries(ctx, f, limit=100)
             total = count_entries(ctx, f)
         except InputError as exc:
@@ -375,7 +385,7 @@ def router() -> APIRouter:
     async def dlq_action(action: str, request: Request) -> Response:
         """replay | purge, of ``ids`` (one) or the filter (``all=1`` with no filter: everything).
         Without ``confirm=1``: a dry run, shown with a form to confirm the same selection."""
-        from notifyctl.dlq import DlqFilter, purge, replay
+        from notifyctl.dlq import purge, replay
 
         sess = session_of(request)
         if sess is None:
@@ -389,7 +399,7 @@ def router() -> APIRouter:
         ids = [i for i in form.get("ids", "").split(",") if i.strip()]
         if not ids and not any(args.values()) and form.get("all") != "1":
             raise InputError("choose entries: one id, a filter, or all")
-        f = DlqFilter.build(**args, ids=ids)
+        f = _build_filter(args, ids)
         confirm = form.get("confirm") == "1"
         fn = replay if action == "replay" else purge
         res = await run_in_threadpool(lambda: fn(ctx, f, dry_run=not confirm))
@@ -504,12 +514,12 @@ def wave_progress(ctx: Any, campaign_id: str, waves: list[dict[str, Any]]) -> li
             start = datetime.fromisoformat(w["start"])
             end = datetime.fromisoformat(w["end"])
             rows = s.execute(
-                select(Notification.status, func.count())
+                select(Notification.status, func.count())  # type: ignore[call-overload]
                 .where(Notification.campaign_id == campaign_id)
-                .where(Notification.due_at >= start, Notification.due_at <= end)  # type: ignore[operator]
+                .where(Notification.due_at >= start, Notification.due_at <= end)
                 .group_by(Notification.status)
             ).all()
-            out.append({**w, "by_status": {st: int(n) for st, n in rows}})
+            out.append({**w, "by_status": {str(st): int(str(n)) for st, n in rows}})
     return out
 
 
@@ -527,13 +537,14 @@ def lookup_timelines(ctx: Any, ref: str, limit: int = 20) -> list[dict[str, Any]
     except NotFound:
         pass
     with Session(ctx.engine) as s:
-        ids = s.execute(
-            select(Notification.id)
-            .where(Notification.recipient_id == ref)
-            .order_by(Notification.created_at.desc())  # type: ignore[attr-defined]
-            .limit(limit)
-        ).scalars()
-        ids = list(ids)
+        ids: list[str] = list(
+            s.execute(
+                select(Notification.id)  # type: ignore[call-overload]
+                .where(Notification.recipient_id == ref)
+                .order_by(Notification.created_at.desc())  # type: ignore[attr-defined]
+                .limit(limit)
+            ).scalars()
+        )
     return [timeline(ctx, i) for i in ids]
 
 
@@ -542,9 +553,11 @@ def install(app: Any) -> None:
     status and one-line message (the API's own handlers decide both), elsewhere JSON as before."""
     app.include_router(router())
 
-    @app.exception_handler(Refused)
-    async def _refused(request: Request, exc: Refused) -> HTMLResponse:
+    async def _refused(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Refused)
         return _page(request, "error.html", None, exc.status, message=exc.message)
+
+    app.add_exception_handler(Refused, _refused)
 
     for cls, handler in list(app.exception_handlers.items()):
         if cls in (Refused,) or not (isinstance(cls, type) and issubclass(cls, Exception)):
@@ -554,7 +567,7 @@ def install(app: Any) -> None:
 
 def _html_under_console(handler: Any) -> Any:
     async def wrapped(request: Request, exc: Exception) -> Response:
-        resp = await handler(request, exc)
+        resp: Response = await handler(request, exc)
         if not request.url.path.startswith("/console") or resp.media_type != "application/json":
             return resp
         try:
