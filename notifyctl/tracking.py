@@ -100,7 +100,7 @@ def queue_stats(ctx: Context) -> list[dict[str, Any]]:
 
 def status_report(ctx: Context) -> dict[str, Any]:
     from notifyctl import metrics
-    from worker.liveness import live_workers
+    from notifyctl.liveness import live_workers
 
     r = ctx.redis
     queues = queue_stats(ctx)

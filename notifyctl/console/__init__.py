@@ -164,10 +164,10 @@ def _to_login(request: Request) -> RedirectResponse:
 def overview_data(ctx: Any) -> dict[str, Any]:
     """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries)."""
     from notifyctl.dlq import stats as dlq_stats
+    from notifyctl.liveness import by_host, live_workers
     from notifyctl.metrics import BUCKETS, LATENCY, SENT_PER_MIN
     from notifyctl.tracking import queue_stats
     from worker.circuit import Circuits
-    from worker.liveness import by_host, live_workers
 
     s = ctx.settings
     r = ctx.redis
@@ -465,7 +465,7 @@ def router() -> APIRouter:
         import csv
         import io
 
-        from notifyctl.cli.report import csv_rows
+        from notifyctl.analytics import csv_rows
 
         if session_of(request) is None:
             return _to_login(request)
