@@ -47,8 +47,8 @@ def check_alerts(ctx: Any, config: Any = None) -> list[AlertEvent]:
     """Look at the high queue's lag and every configured provider's circuit; notify what started
     or ended. Returns what was notified."""
     from notifyctl.dlq import DlqConfig, _post
-    from notifyctl.tracking import queue_stats
-    from worker.circuit import CLOSED, THROTTLED, Circuits
+    from notifyctl.metrics import queue_stats
+    from notifyctl.tracking import provider_circuits
 
     cfg = config or DlqConfig()  # type: ignore[call-arg]  # (pydantic-settings: from the environment)
     s = ctx.settings
@@ -78,11 +78,9 @@ def check_alerts(ctx: Any, config: Any = None) -> list[AlertEvent]:
             )  # fmt: skip
         )
 
-    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
-                   | set(s.providers_voice))  # fmt: skip
-    for name, st in Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names).items():
+    for name, st in provider_circuits(ctx).items():
         state = str(st.get("state"))
-        opened = state not in (CLOSED, THROTTLED)  # open, or half-open waiting for its trial batch
+        opened = state not in ("closed", "throttled")  # open, or half-open waiting for its trial batch
         what = _transition(r, ALERT_KEY + f"circuit:{name}", opened, cfg.alert_repeat_s)
         details = {"provider": name, "state": state, "failing_batches": st.get("failing_batches")}
         if what == "fire":

@@ -13,6 +13,7 @@ from typing import Any
 import redis
 
 from notifyctl.keys import PREFIX
+from notifyctl.settings import PRIORITIES
 
 DELIVERIES = f"{PREFIX}metrics:deliveries"  # hash "status|channel|reason" -> count
 IN_DOUBT = f"{PREFIX}metrics:in_doubt"  # hash channel -> deliveries taken over in flight and sent again
@@ -67,6 +68,40 @@ class Recorder:
             pipe.hincrbyfloat(key, "sum", seconds * n)
 
 
+def queue_stats(ctx: Any) -> list[dict[str, Any]]:
+    """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis)."""
+    r = ctx.redis
+    now = time.time()
+    queues = []
+    for p in PRIORITIES:
+        q = ctx.queue(p)
+        pipe = r.pipeline(transaction=False)
+        pipe.llen(q.key)
+        pipe.lindex(q.key, 0)
+        pipe.zcard(q.started_job_registry.key)
+        pipe.zcard(q.failed_job_registry.key)
+        depth, head, started, failed = pipe.execute()
+        oldest = None
+        if head:
+            enq = r.hget(f"rq:job:{head.decode()}", "enqueued_at")
+            if isinstance(enq, bytes):
+                from datetime import datetime
+
+                ts = datetime.fromisoformat(enq.decode().replace("Z", "+00:00")).timestamp()
+                oldest = round(max(0.0, now - ts), 3)
+        queues.append(
+            {
+                "queue": q.name,
+                "priority": p,
+                "depth": depth,
+                "oldest_age_s": oldest,
+                "started": started,
+                "failed_jobs": failed,
+            }
+        )
+    return queues
+
+
 def collect(ctx: Any) -> list[Any]:
     """The metric families for ``GET /metrics``, read from Redis (the workers' counters and
     histograms, the queues) and one indexed SQL count (the DLQ), as ``prometheus_client`` objects."""
@@ -74,9 +109,8 @@ def collect(ctx: Any) -> list[Any]:
     from sqlalchemy import func, select
     from sqlmodel import Session
 
+    from notifyctl.keys import circuit as circuit_key
     from notifyctl.models import Delivery
-    from notifyctl.tracking import queue_stats
-    from worker.circuit import OPEN, Circuits
 
     r: redis.Redis = ctx.redis
     s = ctx.settings
@@ -127,11 +161,16 @@ def collect(ctx: Any) -> list[Any]:
         latency.add_metric([provider], buckets, float(h.get("sum", 0)))
     out.append(latency)
 
-    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
-                   | set(s.providers_voice))  # fmt: skip
+    routes = ("push.ios", "push.android", "email", "sms")
+    names = sorted({n for route in routes for n in s.providers_for(route)} | set(s.providers_voice))
     circuit = GaugeMetricFamily("notify_circuit_open", "1 while a provider's circuit is open.", labels=["provider"])
-    for name, st in Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names).items():
-        circuit.add_metric([name], 1.0 if st.get("state") == OPEN else 0.0)
+    pipe = r.pipeline(transaction=False)
+    for name in names:
+        pipe.hget(circuit_key(name), "open_until")
+    now = time.time()
+    for name, until in zip(names, pipe.execute(), strict=True):
+        # open while open_until is ahead (worker.circuit's OPEN; half-open after it, until a batch succeeds)
+        circuit.add_metric([name], 1.0 if until and float(until) > now else 0.0)
     out.append(circuit)
 
     with Session(ctx.engine) as session:

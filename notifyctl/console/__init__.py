@@ -165,8 +165,7 @@ def overview_data(ctx: Any) -> dict[str, Any]:
     """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries)."""
     from notifyctl.dlq import stats as dlq_stats
     from notifyctl.liveness import by_host, live_workers
-    from notifyctl.metrics import BUCKETS, LATENCY, SENT_PER_MIN
-    from notifyctl.tracking import queue_stats
+    from notifyctl.metrics import BUCKETS, LATENCY, SENT_PER_MIN, queue_stats
     from worker.circuit import Circuits
 
     s = ctx.settings
