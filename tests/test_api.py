@@ -566,11 +566,19 @@ def test_prometheus_metrics(ctx: Context, client: httpx.Client, anon: httpx.Clie
     assert anon.get("/metrics").status_code == 401
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    body = r.text
-    assert 'notify_deliveries_total{status="sent",channel="email",reason=""} 1' in body
-    assert 'notify_deliveries_total{status="sent",channel="sms",reason=""} 3' in body
-    assert 'notify_deliveries_total{status="suppressed",channel="email",reason="opted_out"} 1' in body
-    assert 'notify_queue_depth{priority="high"} 0' in body
-    assert 'notify_provider_latency_seconds_count{provider="outbox"} 4' in body
-    assert 'notify_provider_latency_seconds_bucket{provider="outbox",le="+Inf"} 4' in body
-    assert "notify_dlq_depth 0" in body
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+    }
+    assert samples[("notify_deliveries_total", (("channel", "email"), ("reason", ""), ("status", "sent")))] == 1
+    assert samples[("notify_deliveries_total", (("channel", "sms"), ("reason", ""), ("status", "sent")))] == 3
+    assert samples[("notify_deliveries_total", (("channel", "email"), ("reason", "opted_out"), ("status", "suppressed")))] == 1  # noqa: E501
+    assert samples[("notify_queue_depth", (("priority", "high"),))] == 0
+    assert samples[("notify_queue_lag_threshold_seconds", (("priority", "high"),))] == 1.0
+    assert samples[("notify_provider_latency_seconds_count", (("provider", "outbox"),))] == 4
+    assert samples[("notify_provider_latency_seconds_bucket", (("le", "+Inf"), ("provider", "outbox")))] == 4
+    assert samples[("notify_circuit_open", (("provider", "outbox"),))] == 0
+    assert samples[("notify_dlq_depth", ())] == 0

@@ -221,6 +221,7 @@ class Pool:
         self._started_at[i] = time.monotonic()
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
+        from notifyctl.alerts import check_alerts
         from notifyctl.analytics import compact
         from notifyctl.db import checkpoint
         from notifyctl.dlq import DlqConfig, check_dlq_alert
@@ -275,6 +276,10 @@ class Pool:
                         checkpoint(ctx.engine)  # SQLite: the WAL goes back into the database here, not in a writer
                     except Exception:  # noqa: BLE001 - a checkpoint can wait for the next round
                         log.warning("SQLite checkpoint failed", exc_info=True)
+                    try:
+                        check_alerts(ctx, dlq_config)  # high-priority lag over its threshold, circuits opening
+                    except Exception:  # noqa: BLE001 - an alert must never stop the pool
+                        log.warning("alert check failed", exc_info=True)
                     if rounds % 5 == 0:
                         try:
                             compact(ctx.engine)  # PostgreSQL: the analytics deltas into the hourly rollup
