@@ -128,7 +128,12 @@ def redis_url(settings) -> str:  # type: ignore[no-untyped-def]
 def connect(settings) -> redis.Redis:  # type: ignore[no-untyped-def]
     """A client for the configured Redis (starting the embedded one if needed), version-checked."""
     url = redis_url(settings)
-    client = redis.Redis.from_url(url, health_check_interval=30)
+    # No read timeout of the client's own: redis-py 8 gives TCP connections a 5 s one by default,
+    # and a connection made before RQ raises its worker's timeout (405 s blocking dequeues) keeps it,
+    # so a worker on redis://… logged "Timeout reading" every 5 s and backed off for up to a minute
+    # (its OTPs waiting). RQ sets the timeout its blocking calls need; keepalive finds dead peers.
+    tcp = {"socket_keepalive": True} if url.startswith(("redis://", "rediss://")) else {}
+    client = redis.Redis.from_url(url, health_check_interval=30, socket_timeout=None, **tcp)
     try:
         version = client.info("server")["redis_version"]
     except (redis.ConnectionError, OSError) as exc:
