@@ -48,10 +48,10 @@ from bench.common import wait_until
 from chaos.common import PROMO, ROOT, StampedRecorder, tally
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
+from notifyctl.liveness import running_key
 from notifyctl.models import DeliveryEvent, Notification, User, new_id, utcnow
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import load_settings
-from worker.liveness import running_key
 from worker.pipeline import delivery_id
 from worker.sandbox.sendgrid import SendgridSandbox
 

@@ -453,6 +453,9 @@ def engine_for(settings: Any) -> Engine:
             with _schema_lock(engine):
                 SQLModel.metadata.create_all(engine)
                 add_missing_columns(engine)
+                from notifyctl import analytics
+
+                analytics.install(engine, write_lock)
         except OperationalError as exc:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
         _engines[url] = engine

@@ -64,10 +64,8 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
         }
 
 
-def status_report(ctx: Context) -> dict[str, Any]:
-    from notifyctl import metrics
-    from worker.liveness import live_workers
-
+def queue_stats(ctx: Context) -> list[dict[str, Any]]:
+    """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis)."""
     r = ctx.redis
     now = time.time()
     queues = []
@@ -97,6 +95,15 @@ def status_report(ctx: Context) -> dict[str, Any]:
                 "failed_jobs": failed,
             }
         )
+    return queues
+
+
+def status_report(ctx: Context) -> dict[str, Any]:
+    from notifyctl import metrics
+    from notifyctl.liveness import live_workers
+
+    r = ctx.redis
+    queues = queue_stats(ctx)
     # from notifyctl's own liveness keys (not RQ's registry, which keeps a killed worker for
     # minutes): a worker that stopped beating is gone within worker_alive_ttl, whatever host it ran on
     workers = live_workers(r)

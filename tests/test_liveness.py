@@ -11,9 +11,9 @@ from rq import Worker
 
 from notifyctl import keys
 from notifyctl.context import Context
+from notifyctl.liveness import Liveness, live_workers, unique_worker_name
 from notifyctl.tracking import status_report
 from tests.conftest import run_cli
-from worker.liveness import Liveness, live_workers, unique_worker_name
 
 
 def test_names_differ_with_equal_hostnames_and_pids() -> None:
@@ -57,7 +57,7 @@ def test_status_lists_live_workers_per_host_and_no_dead_one(ctx: Context) -> Non
 
 
 def test_status_shows_the_job_a_live_worker_runs(ctx: Context) -> None:
-    from worker.liveness import running_key
+    from notifyctl.liveness import running_key
 
     Liveness(ctx.redis, "w-busy", 10, ["notify-low"], host="host-a").beat()
     ctx.redis.sadd(running_key("w-busy"), "job_r123:exec1")  # as RQ 2 records a running job

@@ -36,6 +36,7 @@ from notifyctl.db import prepare_insert, rows_where_in, unindexed, unindexed_in,
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
 from notifyctl.intake import blocked_by, user_vars
+from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.models import (
     FINAL_STATUSES,
     Delivery,
@@ -53,8 +54,8 @@ from notifyctl.templates import Template
 from notifyctl.unsubscribe import secret_key, unsubscribe_url
 from worker.circuit import OPEN, THROTTLED, Circuits
 from worker.claims import DOUBT, OK, Claims, Fenced
-from worker.liveness import Liveness, unique_worker_name
 from worker.providers import (
+    Held,
     InvalidAddress,
     Message,
     Misconfigured,
@@ -601,6 +602,22 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                         if d.channel == "push":
                             token_success.append(d.address)
                         stats.sent += 1
+                    elif isinstance(outcome, Held):
+                        # not offered to any provider (our pace, open circuits): no attempt used;
+                        # spread a little so that a held batch does not come back as one burst
+                        wait = max(0.5, outcome.retry_after) * (1 + random.random() / 4)
+                        _mark(
+                            d,
+                            updates,
+                            events,
+                            DeliveryStatus.retrying,
+                            now,
+                            reason=outcome.reason,
+                            next_attempt_at=now + timedelta(seconds=wait),
+                            detail=f"held: {outcome.reason}; next in {wait:.1f}s",
+                        )
+                        stats.retrying += 1
+                        released.append(d.id)
                     elif isinstance(outcome, Retry) and outcome.throttled:
                         # the provider asks us to slow down: wait as told (spread a little so the
                         # batch does not come back as one burst) without using up an attempt
@@ -976,12 +993,15 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
     usable = [n for n in names if states[n][0] not in (OPEN, THROTTLED)]
     results: list[tuple[str, Outcome] | None] = [None] * len(messages)
     if not usable:
+        # No provider is called: the delivery waits for the first circuit that may close (or
+        # throttle that ends) without using an attempt, or a long outage would drain its attempts
+        # with no call made.
         wait = max(1.0, min(until for _, until in states.values()) - time.time())
         if any(state == THROTTLED for state, _ in states.values()):
-            why, throttled = f"every {route} provider is throttling or down", True
+            why = f"every {route} provider is throttling or down"
         else:
-            why, throttled = f"every {route} provider's circuit is open", False
-        return [(names[0], Retry(why, retry_after=wait, throttled=throttled)) for _ in messages]
+            why = f"every {route} provider's circuit is open"
+        return [(names[0], Held(why, retry_after=wait)) for _ in messages]
     pending = list(range(len(messages)))
     for name in usable:
         outcomes = _call_provider(rt, name, [messages[i] for i in pending])

@@ -19,9 +19,10 @@ import threading
 import time
 from typing import Any
 
+from notifyctl import keys
 from notifyctl.context import Context, freeze_heap
+from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.settings import PRIORITIES, Settings
-from worker.liveness import Liveness, unique_worker_name
 
 log = logging.getLogger("notifyctl.worker")
 
@@ -43,14 +44,25 @@ def _heartbeat(live: Liveness, every: float, stop: threading.Event) -> None:
         stop.wait(every)
 
 
-def _worker_class() -> type:
+def _worker_class(dequeue_timeout: int = 60) -> type:
     from rq import SimpleWorker
 
     class NotifyWorker(SimpleWorker):
         """SimpleWorker (no fork per job) whose command channel wakes often, so that stopping
-        takes milliseconds instead of RQ's one-second join; burst workers take no commands."""
+        takes milliseconds instead of RQ's one-second join; burst workers take no commands.
+
+        An idle worker blocks ``dequeue_timeout`` s in its dequeue (RQ's default, 405 s, is its
+        worker TTL less 15) and then renews it; its connection's reads may take 10 s more
+        (``notifyctl.redisconn.connect(dequeue=True)``). When Redis is unreachable it tries again
+        every second (RQ doubles the wait up to 60 s: a pool would sit a minute idle after Redis
+        came back)."""
 
         burst_mode = False
+        max_connection_wait_time = 1.0
+
+        @property
+        def dequeue_timeout(self) -> int:
+            return dequeue_timeout
 
         def subscribe(self) -> None:
             if self.burst_mode:
@@ -69,15 +81,20 @@ def run_worker(
     settings: Settings, priorities: list[str], burst: bool, name: str | None = None, reconcile: bool = False
 ) -> int:
     """Run one worker in this process until stopped (or, with ``burst``, until the queues are empty)."""
+    from rq import Queue
+
     from notifyctl.db import dispose_all
+    from notifyctl.redisconn import connect
     from worker import jobs
     from worker.reconciler import reconcile as do_reconcile
 
     dispose_all(close=False)  # never use a parent's SQL connections after fork
     ctx = Context(settings)
     name = name or unique_worker_name(f"notify-{settings.host_name or socket.gethostname()}-{os.getpid()}")
-    queues = [ctx.queue(p) for p in priorities]
-    w = _worker_class()(queues, connection=ctx.redis, name=name)
+    # RQ's own connection, for its blocking dequeue (long reads); the jobs use ctx.redis (short ones)
+    rq_conn = connect(settings, dequeue=True)
+    queues = [Queue(keys.queue_name(p), connection=rq_conn) for p in priorities]
+    w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name)
     w.burst_mode = burst
     live = Liveness(ctx.redis, name, settings.worker_alive_ttl, [q.name for q in queues], host=settings.host_name)
     jobs.configure(ctx, worker_name=name, liveness=live)
@@ -108,6 +125,7 @@ def run_worker(
         except Exception:  # noqa: BLE001 - it expires on its own
             log.warning("liveness key not cleared", exc_info=True)
         jobs.runtime().close()
+        rq_conn.close()
 
 
 def _child(settings: Settings, priorities: list[str], burst: bool, name: str, nice: int = 0) -> None:
@@ -203,6 +221,7 @@ class Pool:
         self._started_at[i] = time.monotonic()
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
+        from notifyctl.analytics import compact
         from notifyctl.db import checkpoint
         from notifyctl.dlq import DlqConfig, check_dlq_alert
         from worker.reconciler import reconcile
@@ -256,6 +275,11 @@ class Pool:
                         checkpoint(ctx.engine)  # SQLite: the WAL goes back into the database here, not in a writer
                     except Exception:  # noqa: BLE001 - a checkpoint can wait for the next round
                         log.warning("SQLite checkpoint failed", exc_info=True)
+                    if rounds % 5 == 0:
+                        try:
+                            compact(ctx.engine)  # PostgreSQL: the analytics deltas into the hourly rollup
+                        except Exception:  # noqa: BLE001 - reports read the deltas meanwhile
+                            log.warning("analytics compaction failed", exc_info=True)
                     next_reconcile = time.monotonic() + reconcile_every
                 if time.monotonic() >= next_dlq_check:
                     try:

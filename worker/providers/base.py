@@ -7,6 +7,9 @@ A provider takes a batch of rendered messages for one route (``push.ios``, ``pus
     ├── Sent(provider_message_id)          accepted by the provider
     ├── Retry(reason, retry_after=None,    transient: try again later (5xx, timeouts);
     │         throttled=False)             throttled=True for 429s: waits without using an attempt
+    ├── Held(reason, retry_after)          not sent, and no attempt made: our own wait (the pace
+    │                                      said wait, every circuit of the route is open, a batch
+    │                                      stopped at its first 429); uses no attempt
     ├── Permanent(reason)                  will never succeed as is: failed, dead-lettered
     └── InvalidAddress(reason)             the token/number/address is dead: failed, and cleaned up
 
@@ -70,6 +73,15 @@ class Retry:
 
 
 @dataclass(slots=True, frozen=True)
+class Held:
+    """Not sent, and never offered to the provider: the message waits ``retry_after`` seconds
+    (the pace of the provider, an open circuit) without using one of its attempts."""
+
+    reason: str
+    retry_after: float = 1.0
+
+
+@dataclass(slots=True, frozen=True)
 class Permanent:
     reason: str
 
@@ -88,7 +100,7 @@ class Fenced:
     reason: str = "lease lost"
 
 
-Outcome = Sent | Retry | Permanent | InvalidAddress | Fenced
+Outcome = Sent | Retry | Held | Permanent | InvalidAddress | Fenced
 
 
 def lease_open(provider: Any, timeout: float) -> bool:
