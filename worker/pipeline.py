@@ -26,7 +26,7 @@ from typing import Any
 import markupsafe
 import orjson
 import redis
-from sqlalchemy import bindparam, literal, or_, update
+from sqlalchemy import bindparam, insert, literal, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -737,25 +737,33 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         insert_events = prepare_insert(rt.ctx.engine, _ET, events)
         urgent = any(n.priority == "high" for n in batch.notifications)
         with write_lock(rt.ctx.engine, urgent=urgent):  # one SQLite writer at a time; OTPs first
-            conn = session.connection()
-            insert_deliveries(conn)
-            if updates.rows:
-                # only from the states this job saw: a webhook may have moved a delivery on meanwhile
-                _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
-            insert_events(conn)
-            if token_success:  # by primary key, raw: a thousand-value IN list costs SQLAlchemy more than SQLite
-                update_where_in(conn, _TT, {"last_success_at": now}, "token", token_success)
-            if removed_tokens:
-                for token, reason in removed_tokens.items():
-                    session.execute(
-                        update(DeviceToken)
-                        .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
-                        .values(removed_at=now, removed_reason=reason)
-                    )
-            for user_id in sms_stops:
-                session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
-            _settle_notifications(session, batch, now, secret_of)
-            session.commit()
+            try:
+                conn = session.connection()
+                insert_deliveries(conn)
+                if updates.rows:
+                    # only from the states this job saw: a webhook may have moved a delivery on meanwhile
+                    _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
+                insert_events(conn)
+                if token_success:  # by primary key, raw: a thousand-value IN list costs SQLAlchemy more than SQLite
+                    update_where_in(conn, _TT, {"last_success_at": now}, "token", token_success)
+                if removed_tokens:
+                    for token, reason in removed_tokens.items():
+                        session.execute(
+                            update(DeviceToken)
+                            .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
+                            .values(removed_at=now, removed_reason=reason)
+                        )
+                for user_id in sms_stops:
+                    session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
+                _settle_notifications(session, batch, now, secret_of)
+                session.commit()
+            except IntegrityError:
+                # Another worker wrote these new deliveries first (a takeover while their first holder,
+                # cut off from Redis, was still sending): the caller reloads and goes on. What this
+                # attempt sent and took over in doubt must stay on record all the same.
+                session.rollback()
+                _keep_record(rt, events, sent_marks)
+                raise
         if sms_stops:
             prefs.invalidate(rt.ctx.redis, sms_stops)
         if settle_error is not None:
@@ -914,6 +922,26 @@ def _follow_replaced_tokens(
 
 
 IN_DOUBT = "in_doubt"  # the event recorded for a delivery taken over in flight (``Claims.take``)
+
+
+def _keep_record(rt: Runtime, events: list[dict[str, Any]], sent_marks: dict[str, str]) -> None:
+    """The events of an attempt whose writes are rolled back that must not be lost: its in-doubt
+    takeovers and its sends (the provider accepted them)."""
+    keep = [
+        {**e, "detail": f"{e['detail']} (also recorded by another worker)"} if e["status"] == DeliveryStatus.sent else e
+        for e in events
+        if e["status"] == IN_DOUBT or (e["status"] == DeliveryStatus.sent and e["delivery_id"] in sent_marks)
+    ]
+    if keep:
+        with rt.ctx.engine.begin() as conn:
+            conn.execute(insert(_ET), keep)
+        try:
+            pipe = rt.ctx.redis.pipeline(transaction=False)
+            rt.metrics.flush(pipe)  # (the in-doubt counts)
+            pipe.execute()
+        except redis.RedisError:
+            log.warning("metrics not recorded: Redis unavailable")
+        rt.metrics = metrics.Recorder()
 
 
 def _settled_in_sql(conn: Any, ids: list[str]) -> dict[str, tuple[str, str | None]]:
