@@ -22,9 +22,9 @@ import redis
 from typer.testing import CliRunner
 
 from notifyctl import analytics
+from notifyctl.analytics import csv_rows
 from notifyctl.api.auth import create_key, revoke_key
 from notifyctl.cli.main import app as cli_app
-from notifyctl.cli.report import csv_rows
 from notifyctl.context import Context
 from notifyctl.inbound import Event, apply_events
 from tests.conftest import cli_env, make_settings

@@ -439,7 +439,7 @@ def router() -> APIRouter:
         import csv
         import io
 
-        from notifyctl.cli.report import csv_rows
+        from notifyctl.analytics import csv_rows
 
         if session_of(request) is None:
             return _to_login(request)

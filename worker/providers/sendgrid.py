@@ -45,6 +45,7 @@ from worker.providers.base import (
     Permanent,
     Retry,
     Sent,
+    error_text,
     lease_open,
 )
 
@@ -110,13 +111,12 @@ def _errors(response: Any) -> list[dict[str, Any]]:
 def _describe_errors(response: Any) -> str:
     errors = _errors(response)
     if not errors:
-        text = response.text.strip()
-        return text[:200] if text else response.reason_phrase
+        return error_text(response.text) or response.reason_phrase
     parts = []
     for e in errors[:5]:
         msg = str(e.get("message") or "error")
         parts.append(f"{e['field']}: {msg}" if e.get("field") else msg)
-    return "; ".join(parts)
+    return error_text("; ".join(parts), 300)
 
 
 class Provider:
