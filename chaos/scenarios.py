@@ -434,9 +434,10 @@ def rate_limited(quick: bool) -> Result:
         )
         if dlq:
             res.problems.append(f"{dlq} deliveries reached the DLQ for 429s alone")
-        if not got_rate >= 0.8 * allowed:
+        # the pace's targets (issue 14 F); --quick sends 5 s worth, mostly spent learning the rate
+        if not quick and not got_rate >= 0.8 * allowed:
             res.problems.append(f"accepted {got_rate}/s, under 80 % of the {allowed:g}/s SendGrid allows")
-        if share_429 > 0.10:
+        if not quick and share_429 > 0.10:
             res.problems.append(f"{share_429:.1%} of requests were answered 429 (more than 10 %): not paced")
         _check_pool(world, res)
     finally:
