@@ -63,9 +63,15 @@ def _check_pool(world: World, res: Result) -> None:
     if not world.pool_alive():
         res.problems.append(f"the worker pool died (exit {world.pool.returncode if world.pool else None})")
         res.figures["pool_log_tail"] = world.pool_tail()
-    tb = world.pool_tail(200000).count("Traceback")
+    text = world.pool_tail(200000)
+    tb = text.count("Traceback")
     if tb:
         res.figures["pool_log_tracebacks"] = tb
+        at = text.rfind("\n", 0, text.index("Traceback"))
+        res.figures["pool_log_first_traceback"] = text[at + 1 : at + 1 + 2500]
+        res.figures["pool_log_problem_lines"] = sorted(
+            {ln[24:200] for ln in text.splitlines() if " ERROR " in ln or " CRITICAL " in ln}
+        )[:20]
 
 
 def _restarts(world: World) -> int:
@@ -308,10 +314,19 @@ def redis_killed(quick: bool) -> Result:
             pool_survived_outage=pool_survived_outage, restarts=_restarts(world), drained=ok,
             first_accept_after_restart_s=round(min(after) - t_up, 2) if after else None,
         )  # fmt: skip
+        log_text = world.pool_tail(10**7)
+        warned = [ln for ln in log_text.splitlines() if "Redis unreachable" in ln or "Redis answers again" in ln]
+        tracebacks = log_text.count("Traceback")
+        res.figures.update(pool_log_outage_lines=len(warned), pool_log_tracebacks=tracebacks)
         res.notes.append(
             f"{n} emails + {len(otps.sent)} OTPs accepted; kill -9 at {kill_at:g}s ({before} already sent), "
-            f"down {down:g}s, restarted from AOF; {_restarts(world)} worker restarts"
+            f"down {down:g}s, restarted from AOF; {_restarts(world)} worker restarts; the pool logged the outage "
+            f"in {len(warned)} lines, {tracebacks} tracebacks"
         )
+        if tracebacks:
+            res.problems.append(f"{tracebacks} tracebacks in the pool's log for a Redis outage it survived")
+        if len(warned) != 2:
+            res.problems.append(f"the outage took {len(warned)} warning lines in the pool's log, not 2 (start, end)")
         _check_pool(world, res)
     finally:
         world.close()
@@ -421,9 +436,10 @@ def rate_limited(quick: bool) -> Result:
         )
         if dlq:
             res.problems.append(f"{dlq} deliveries reached the DLQ for 429s alone")
-        if not got_rate >= 0.8 * allowed:
+        # the pace's targets (issue 14 F); --quick sends 5 s worth, mostly spent learning the rate
+        if not quick and not got_rate >= 0.8 * allowed:
             res.problems.append(f"accepted {got_rate}/s, under 80 % of the {allowed:g}/s SendGrid allows")
-        if share_429 > 0.10:
+        if not quick and share_429 > 0.10:
             res.problems.append(f"{share_429:.1%} of requests were answered 429 (more than 10 %): not paced")
         _check_pool(world, res)
     finally:
