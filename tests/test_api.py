@@ -131,7 +131,9 @@ def test_apikeys_cli_prints_the_key_once_and_stores_only_a_hash(ctx: Context, an
         rows = list(s.execute(select(ApiKey)).scalars())
     assert len(rows) == 1 and key.group(0) not in rows[0].model_dump_json()
     assert anon.get("/v1/users/nobody", headers={"X-API-Key": key.group(0)}).status_code == 404
-    bad = runner.invoke(apikeys.app, ["revoke", "key_nope"], env=env)
+    from notifyctl.cli.main import app as cli_app
+
+    bad = runner.invoke(cli_app, ["apikeys", "revoke", "key_nope"], env=env)  # as `notifyctl` runs it
     assert bad.exit_code == 4, bad.output  # the README: 4 not found
     assert "key_nope" in bad.stderr and "Traceback" not in bad.output
 
