@@ -274,8 +274,8 @@ def test_marketing_batch_is_one_sendgrid_request_with_per_recipient_links(
 ) -> None:
     """Marketing email carries a per-recipient unsubscribe link and open pixel: they travel as
     SendGrid substitutions, so the batch is still one request, and each recipient gets their own."""
-    from notifyctl.inbound import open_token
     from notifyctl.unsubscribe import secret_key, verify_token
+    from tests.util import pixel_token
     from worker.pipeline import Runtime, process
 
     settings = make_settings(home, redis_url, rate_limits=[], provider_options=sandboxes.provider_options,
@@ -303,7 +303,7 @@ def test_marketing_batch_is_one_sendgrid_request_with_per_recipient_links(
             assert f"Unsubscribe: {url}" in text and f'<a href="{url}">Unsubscribe</a>' in body
             assert "1 Main St, Springfield" in text
             [d] = deliveries(ctx, nid)
-            assert f'<img src="https://notify.example.com/o/{open_token(key, d.id)}.gif"' in body
+            assert f'<img src="https://notify.example.com/o/{pixel_token(key, d.id)}.gif"' in body
             assert mail["custom_args"]["delivery_id"] == d.id
     finally:
         ctx.close()
