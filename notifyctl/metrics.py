@@ -14,7 +14,9 @@ import redis
 from notifyctl.keys import PREFIX
 
 DELIVERIES = f"{PREFIX}metrics:deliveries"  # hash "status|channel|reason" -> count
+IN_DOUBT = f"{PREFIX}metrics:in_doubt"  # hash channel -> deliveries taken over in flight and sent again
 LATENCY = f"{PREFIX}metrics:latency:"  # + provider: hash bucket -> count, plus "sum", "count"
+SENT_PER_MIN = f"{PREFIX}metrics:sent_min:"  # + UTC hour YYYYmmddHH: hash minute (MM) -> deliveries sent
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -32,16 +34,30 @@ class Recorder:
     def __init__(self) -> None:
         self.outcomes: Counter[str] = Counter()
         self.latencies: list[tuple[str, float, int]] = []
+        self.sent = 0
+        self.doubts: Counter[str] = Counter()
+
+    def in_doubt(self, channel: str) -> None:
+        self.doubts[channel] += 1
 
     def outcome(self, status: str, channel: str, reason: str | None = None) -> None:
         self.outcomes[f"{status}|{channel}|{reason_label(reason)}"] += 1
+        if status == "sent":
+            self.sent += 1
 
     def latency(self, provider: str, seconds: float, messages: int) -> None:
         self.latencies.append((provider, seconds, messages))
 
     def flush(self, pipe: Any) -> None:
+        if self.sent:  # sent per minute, for the console's last hour (a hash per hour, kept two hours)
+            now = time.gmtime()
+            key = SENT_PER_MIN + time.strftime("%Y%m%d%H", now)
+            pipe.hincrby(key, f"{now.tm_min:02d}", self.sent)
+            pipe.expire(key, 7200)
         for field, n in self.outcomes.items():
             pipe.hincrby(DELIVERIES, field, n)
+        for channel, n in self.doubts.items():
+            pipe.hincrby(IN_DOUBT, channel, n)
         for provider, seconds, n in self.latencies:
             key = LATENCY + provider
             le = next((str(b) for b in BUCKETS if seconds <= b), "+Inf")
@@ -71,6 +87,11 @@ def render(ctx: Any) -> str:
         lines.append(
             f'notify_deliveries_total{{status="{_esc(status)}",channel="{_esc(channel)}",reason="{_esc(reason)}"}} {n}'
         )
+
+    lines += ["# HELP notify_in_doubt_total Deliveries whose worker stopped with the provider call under way, "
+              "sent again (they may have arrived twice).", "# TYPE notify_in_doubt_total counter"]  # fmt: skip
+    for channel, n in sorted((k.decode(), int(v)) for k, v in r.hgetall(IN_DOUBT).items()):
+        lines.append(f'notify_in_doubt_total{{channel="{_esc(channel)}"}} {n}')
 
     lines += ["# HELP notify_queue_depth Jobs waiting per priority queue.", "# TYPE notify_queue_depth gauge",
               "# HELP notify_queue_lag_seconds Age of the oldest waiting job per priority queue.",

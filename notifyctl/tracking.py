@@ -64,9 +64,8 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
         }
 
 
-def status_report(ctx: Context) -> dict[str, Any]:
-    from rq import Worker
-
+def queue_stats(ctx: Context) -> list[dict[str, Any]]:
+    """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis)."""
     r = ctx.redis
     now = time.time()
     queues = []
@@ -96,15 +95,19 @@ def status_report(ctx: Context) -> dict[str, Any]:
                 "failed_jobs": failed,
             }
         )
-    workers = [
-        {
-            "name": w.name,
-            "state": str(w.get_state()),
-            "queues": [q.name for q in w.queues],
-            "current_job": w.get_current_job_id(),
-        }
-        for w in Worker.all(connection=r)
-    ]
+    return queues
+
+
+def status_report(ctx: Context) -> dict[str, Any]:
+    from notifyctl import metrics
+    from notifyctl.liveness import live_workers
+
+    r = ctx.redis
+    queues = queue_stats(ctx)
+    # from notifyctl's own liveness keys (not RQ's registry, which keeps a killed worker for
+    # minutes): a worker that stopped beating is gone within worker_alive_ttl, whatever host it ran on
+    workers = live_workers(r)
+    in_doubt = {k.decode(): int(v) for k, v in r.hgetall(metrics.IN_DOUBT).items()}
     from datetime import timedelta
 
     from notifyctl.models import utcnow
@@ -129,6 +132,8 @@ def status_report(ctx: Context) -> dict[str, Any]:
     return {
         "queues": queues,
         "workers": workers,
+        "hosts": sorted({w["host"] for w in workers}),
+        "in_doubt": in_doubt,
         "dlq_depth": dlq,
         "sent_last_minute": sent_last_min,
         "providers": circuits,

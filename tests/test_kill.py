@@ -49,6 +49,7 @@ def test_worker_killed_mid_send_loses_nothing_and_sends_once(home: Path, redis_u
             NOTIFY_SMTP_PORT=str(smtp.port),
             NOTIFY_WORKER_ALIVE_TTL="2",
             NOTIFY_WORKER_HEARTBEAT="0.5",
+            NOTIFY_CLAIM_TTL="3",
         )
         pool = subprocess.Popen(
             [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "2"],

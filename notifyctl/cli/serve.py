@@ -32,6 +32,7 @@ def serve(
     from notifyctl import logs
     from notifyctl.api.app import create_app
     from notifyctl.api.limits import UVICORN_OPTIONS
+    from notifyctl.unsubscribe import check_at_start
 
     if not 0 <= port <= 65535:
         raise InputError(f"--port: {port} is not a TCP port")
@@ -44,6 +45,7 @@ def serve(
     logs.setup(log_level.upper(), json_lines=c.settings.log_format == "json")
     c.engine  # noqa: B018 - fail now (one line) if the database is unusable, not on the first request
     c.redis.ping()
+    check_at_start(c.settings)  # a shared database: this host signs links with the others' key, or stops
     app = create_app(c)
     err_console.print(f"notifyctl API on http://{host}:{port} (docs: /docs, health: /healthz)")
     uvicorn.run(
