@@ -16,6 +16,7 @@ from notifyctl.keys import PREFIX
 DELIVERIES = f"{PREFIX}metrics:deliveries"  # hash "status|channel|reason" -> count
 IN_DOUBT = f"{PREFIX}metrics:in_doubt"  # hash channel -> deliveries taken over in flight and sent again
 LATENCY = f"{PREFIX}metrics:latency:"  # + provider: hash bucket -> count, plus "sum", "count"
+SENT_PER_MIN = f"{PREFIX}metrics:sent_min:"  # + UTC hour YYYYmmddHH: hash minute (MM) -> deliveries sent
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -33,6 +34,7 @@ class Recorder:
     def __init__(self) -> None:
         self.outcomes: Counter[str] = Counter()
         self.latencies: list[tuple[str, float, int]] = []
+        self.sent = 0
         self.doubts: Counter[str] = Counter()
 
     def in_doubt(self, channel: str) -> None:
@@ -40,11 +42,18 @@ class Recorder:
 
     def outcome(self, status: str, channel: str, reason: str | None = None) -> None:
         self.outcomes[f"{status}|{channel}|{reason_label(reason)}"] += 1
+        if status == "sent":
+            self.sent += 1
 
     def latency(self, provider: str, seconds: float, messages: int) -> None:
         self.latencies.append((provider, seconds, messages))
 
     def flush(self, pipe: Any) -> None:
+        if self.sent:  # sent per minute, for the console's last hour (a hash per hour, kept two hours)
+            now = time.gmtime()
+            key = SENT_PER_MIN + time.strftime("%Y%m%d%H", now)
+            pipe.hincrby(key, f"{now.tm_min:02d}", self.sent)
+            pipe.expire(key, 7200)
         for field, n in self.outcomes.items():
             pipe.hincrby(DELIVERIES, field, n)
         for channel, n in self.doubts.items():

@@ -64,10 +64,8 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
         }
 
 
-def status_report(ctx: Context) -> dict[str, Any]:
-    from notifyctl import metrics
-    from worker.liveness import live_workers
-
+def queue_stats(ctx: Context) -> list[dict[str, Any]]:
+    """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis)."""
     r = ctx.redis
     now = time.time()
     queues = []
@@ -97,6 +95,15 @@ def status_report(ctx: Context) -> dict[str, Any]:
                 "failed_jobs": failed,
             }
         )
+    return queues
+
+
+def status_report(ctx: Context) -> dict[str, Any]:
+    from notifyctl import metrics
+    from notifyctl.liveness import live_workers
+
+    r = ctx.redis
+    queues = queue_stats(ctx)
     # from notifyctl's own liveness keys (not RQ's registry, which keeps a killed worker for
     # minutes): a worker that stopped beating is gone within worker_alive_ttl, whatever host it ran on
     workers = live_workers(r)
@@ -105,11 +112,16 @@ def status_report(ctx: Context) -> dict[str, Any]:
 
     from notifyctl.models import utcnow
     from worker.circuit import Circuits
+    from worker.pacing import Pacer
 
     s = ctx.settings
     names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
                    | set(s.providers_voice))  # fmt: skip
-    circuits = Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names)
+    paced = Pacer(r).rates(names)  # requests/s learned from its 429s; None = unpaced
+    circuits: dict[str, dict[str, Any]] = {
+        name: {**c, "paced_at_per_s": round(paced[name] or 0.0, 1) or None}
+        for name, c in Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names).items()
+    }
     with Session(ctx.engine) as session:
         since = utcnow() - timedelta(seconds=60)
         sent_last_min = dict(
