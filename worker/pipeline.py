@@ -102,6 +102,26 @@ class Runtime:
             p = self._providers[name] = load_provider(name, self.settings, redis=self.ctx.redis)
         return p
 
+    def warm(self) -> list[str]:
+        """Load every configured provider now (imports, SDK clients, their lazy parts: ``warm()``),
+        and open the SQL connection: a worker's first job, an OTP say, must not pay for them (the
+        Twilio SDK's imports alone took 0.3-4 s; each worker paid them on its first SMS). Nothing is
+        sent. A provider that cannot load is left for the send path to report; returns their names."""
+        s = self.settings
+        names = [n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)]
+        failed: list[str] = []
+        for name in dict.fromkeys([*names, *s.providers_voice]):
+            try:
+                p = self.provider(name)
+                warm = getattr(p, "warm", None)
+                if warm is not None:
+                    warm()
+            except Exception:  # noqa: BLE001 - reported when a send needs it
+                failed.append(name)
+        with self.ctx.engine.connect():
+            pass
+        return failed
+
     def close(self) -> None:
         self.claims.close()
         for p in self._providers.values():
