@@ -21,9 +21,8 @@ from typing import Any
 
 from notifyctl import keys
 from notifyctl.context import Context, freeze_heap
-from notifyctl.errors import ConfigError
 from notifyctl.liveness import Liveness, unique_worker_name
-from notifyctl.redisconn import UNREACHABLE, Outage, QuietWhileUnreachable, redis_url, unreachable
+from notifyctl.redisconn import UNREACHABLE, Outage, QuietWhileUnreachable, RedisUnreachable, redis_url, unreachable
 from notifyctl.settings import PRIORITIES, Settings
 
 log = logging.getLogger("notifyctl.worker")
@@ -155,7 +154,7 @@ def _child(settings: Settings, priorities: list[str], burst: bool, name: str, ni
     logging.getLogger("rq.worker").addFilter(QuietWhileUnreachable())
     try:
         code = run_worker(settings, priorities, burst, name)
-    except ConfigError as exc:  # Redis unreachable at start: the supervisor starts it again later
+    except RedisUnreachable as exc:  # Redis unreachable at start: the supervisor starts it again later
         log.debug("worker not started: %s", exc)
         code = EXIT_NO_REDIS
     except Exception as exc:
