@@ -18,13 +18,12 @@ from typing import Any
 from rq import Worker
 from sqlalchemy import func, select
 
-from chaos.common import ROOT, RateLimitPlan, Ticker, World, drain, tally, wait_until
+from chaos.common import ROOT, RateLimitPlan, Ticker, World, drain, expected_delivery_id, tally, wait_until
 from notifyctl.intake import parse_request, submit
-from notifyctl.models import Delivery, Notification
+from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.redisconn import ensure_server
 from worker.circuit import Circuits
 from worker.pacing import Pacer
-from worker.pipeline import delivery_id
 
 POOL = 3
 
@@ -96,7 +95,7 @@ class OtpStream:
         req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
                              "data": {"code": code, "minutes": 5}})  # fmt: skip
         r = submit(self.world.ctx, req)
-        did = delivery_id(r.notification_id, "sms", self.phones[uid])
+        did = expected_delivery_id(r.notification_id, "sms", self.phones[uid])
         self.sent[did] = (r.notification_id, time.time())
         return r.notification_id, did
 
@@ -339,7 +338,9 @@ def redis_killed(quick: bool) -> Result:
 def provider_outage(quick: bool) -> Result:
     res = Result("4. provider outage (503)")
     n, rate, start, window = (300, 60.0, 1.0, 8.0) if quick else (1500, 25.0, 10.0, 120.0)
-    delays, cooldown = ([1, 2, 3], 2.0) if quick else ([5, 10, 20], 10.0)
+    # quick: one retry, so that the half-open probes that fail during the window exhaust some
+    # deliveries' attempts: they reach the DLQ and the automatic replay after recovery is exercised
+    delays, cooldown = ([1], 2.0) if quick else ([5, 10, 20], 10.0)
     world = World("outage", {"retry_delays": delays, "circuit_threshold": 3, "circuit_cooldown": cooldown})
     try:
         camp = world.users(n)
@@ -371,9 +372,14 @@ def provider_outage(quick: bool) -> Result:
         final = circuits.all_states(["sendgrid"])["sendgrid"]["state"]
         with world.ctx.engine.connect() as conn:
             max_attempts = conn.execute(select(func.max(Delivery.attempts))).scalar_one()
+            replayed = conn.execute(
+                select(func.count()).select_from(DeliveryEvent)
+                .where(DeliveryEvent.detail.like("replayed from the DLQ%"))  # type: ignore[union-attr]
+            ).scalar_one()  # fmt: skip
         res.figures.update(
             requests_answered_503=during, circuit_seen_open=seen["open"] > 0, circuit_final=final,
-            dlq_peak=seen["dlq_peak"], dlq_after=world.dead_lettered(), max_attempts=max_attempts,
+            dlq_peak=seen["dlq_peak"], replayed_from_dlq=replayed, dlq_after=world.dead_lettered(),
+            max_attempts=max_attempts,
             all_delivered_after_recovery_s=recovered_in, drained=ok,
         )  # fmt: skip
         res.notes.append(
@@ -383,6 +389,10 @@ def provider_outage(quick: bool) -> Result:
         )
         if not seen["open"]:
             res.problems.append("the circuit never opened during the outage")
+        if not seen["dlq_peak"]:
+            res.problems.append("nothing reached the DLQ during the outage: the automatic replay was not exercised")
+        if not replayed:
+            res.problems.append("no delivery was replayed from the DLQ after recovery")
         if final != "closed":
             res.problems.append(f"the circuit is {final} after recovery")
         if world.dead_lettered():
@@ -400,7 +410,9 @@ def rate_limited(quick: bool) -> Result:
     res = Result("5. provider rate limit (429)")
     n, allowed = (300, 60.0) if quick else (800, 40.0)
     delays = [1, 2, 4, 8, 16, 32]
-    world = World("ratelimit", {"retry_delays": delays, "circuit_threshold": 5, "circuit_cooldown": 3.0})
+    # one email a request (different bodies would share one): the rate limit counts requests
+    world = World("ratelimit", {"retry_delays": delays, "circuit_threshold": 5, "circuit_cooldown": 3.0,
+                                "sendgrid_options": {"max_personalizations": 1}})  # fmt: skip
     try:
         camp = world.users(n)
         plan = RateLimitPlan(allowed, burst=int(allowed // 4) or 1, retry_after=2)

@@ -111,7 +111,8 @@ def run_worker(
     w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name)
     w.burst_mode = burst
     live = Liveness(ctx.redis, name, settings.worker_alive_ttl, [q.name for q in queues], host=settings.host_name)
-    jobs.configure(ctx, worker_name=name, liveness=live)
+    rt = jobs.configure(ctx, worker_name=name, liveness=live)
+    rt.warm()  # before the first job (an OTP must not wait for imports), and into the frozen heap
     freeze_heap()
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(live, settings.worker_heartbeat, stop), daemon=True)
@@ -143,13 +144,11 @@ def run_worker(
         rq_conn.close()
 
 
-def _child(settings: Settings, priorities: list[str], burst: bool, name: str, nice: int = 0) -> None:
+def _child(settings: Settings, priorities: list[str], burst: bool, name: str, bulk: bool = False) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM = warm shutdown
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if nice:
-        # Bulk workers yield the CPU to the dedicated high-priority worker: an OTP must not wait
-        # for a core while a blast keeps both busy.
-        os.nice(nice)
+    if bulk:
+        _batch_scheduling()
     # RQ's "could not connect ... retrying" every second of an outage: the supervisor reports it
     logging.getLogger("rq.worker").addFilter(QuietWhileUnreachable())
     try:
@@ -166,6 +165,19 @@ def _child(settings: Settings, priorities: list[str], burst: bool, name: str, ni
 
 
 EXIT_NO_REDIS = 75  # (EX_TEMPFAIL) a worker that could not reach Redis: restarted without a word
+
+
+def _batch_scheduling() -> None:
+    """A bulk worker (beside a dedicated high-priority one) runs as ``SCHED_BATCH``: CPU-bound work
+    that never preempts the others on waking, so the high worker, waking for an OTP, takes a core at
+    once. Not a higher nice value: a reniced bulk worker holding the SQLite writer lock (its batch's
+    write, ~40 ms of CPU) got a sliver of the CPU beside every nice-0 process on the machine, and the
+    OTP's own writes waited on it for seconds (priority inversion); a batch process keeps its full
+    share and releases the lock as soon as it would at nice 0."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: ordinary scheduling
+        pass
 
 
 def replay_after_outages(ctx: Context) -> int:
@@ -239,10 +251,10 @@ class Pool:
 
     def _start(self, i: int) -> None:
         dedicated = ["high"] in self.sets
-        nice = 10 if dedicated and self.sets[i] != ["high"] else 0
+        bulk = dedicated and self.sets[i] != ["high"]
         p = self._mp.Process(
             target=_child,
-            args=(self.settings, self.sets[i], self.burst, f"{self.names[i]}.{self.restarts}", nice),
+            args=(self.settings, self.sets[i], self.burst, f"{self.names[i]}.{self.restarts}", bulk),
             name=self.names[i],
             daemon=False,
         )
@@ -251,6 +263,7 @@ class Pool:
         self._started_at[i] = time.monotonic()
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
+        from notifyctl.alerts import check_alerts
         from notifyctl.analytics import compact
         from notifyctl.db import checkpoint
         from notifyctl.dlq import DlqConfig, check_dlq_alert
@@ -314,6 +327,10 @@ class Pool:
                         checkpoint(ctx.engine)  # SQLite: the WAL goes back into the database here, not in a writer
                     except Exception:  # noqa: BLE001 - a checkpoint can wait for the next round
                         log.warning("SQLite checkpoint failed", exc_info=True)
+                    try:
+                        check_alerts(ctx, dlq_config)  # high-priority lag over its threshold, circuits opening
+                    except Exception:  # noqa: BLE001 - an alert must never stop the pool
+                        log.warning("alert check failed", exc_info=True)
                     if rounds % 5 == 0:
                         try:
                             compact(ctx.engine)  # PostgreSQL: the analytics deltas into the hourly rollup
