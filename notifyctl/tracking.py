@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from sqlalchemy import func, select
@@ -10,9 +9,9 @@ from sqlmodel import Session
 
 from notifyctl.context import Context
 from notifyctl.errors import NotFound, TemplateError
+from notifyctl.metrics import queue_stats
 from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.secretdata import redact
-from notifyctl.settings import PRIORITIES
 
 
 def find_notification(session: Session, ref: str) -> Notification:
@@ -64,38 +63,18 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
         }
 
 
-def queue_stats(ctx: Context) -> list[dict[str, Any]]:
-    """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis)."""
-    r = ctx.redis
-    now = time.time()
-    queues = []
-    for p in PRIORITIES:
-        q = ctx.queue(p)
-        pipe = r.pipeline(transaction=False)
-        pipe.llen(q.key)
-        pipe.lindex(q.key, 0)
-        pipe.zcard(q.started_job_registry.key)
-        pipe.zcard(q.failed_job_registry.key)
-        depth, head, started, failed = pipe.execute()
-        oldest = None
-        if head:
-            enq = r.hget(f"rq:job:{head.decode()}", "enqueued_at")
-            if enq:
-                from datetime import datetime
+def provider_names(settings: Any) -> list[str]:
+    """Every provider a route is configured with (voice included), sorted."""
+    routes = ("push.ios", "push.android", "email", "sms")
+    return sorted({n for route in routes for n in settings.providers_for(route)} | set(settings.providers_voice))
 
-                ts = datetime.fromisoformat(enq.decode().replace("Z", "+00:00")).timestamp()
-                oldest = round(max(0.0, now - ts), 3)
-        queues.append(
-            {
-                "queue": q.name,
-                "priority": p,
-                "depth": depth,
-                "oldest_age_s": oldest,
-                "started": started,
-                "failed_jobs": failed,
-            }
-        )
-    return queues
+
+def provider_circuits(ctx: Context) -> dict[str, dict[str, str | float]]:
+    """Each configured provider's circuit: state, consecutive failing batches, seconds to a retrial."""
+    from worker.circuit import Circuits
+
+    s = ctx.settings
+    return Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown).all_states(provider_names(s))
 
 
 def status_report(ctx: Context) -> dict[str, Any]:

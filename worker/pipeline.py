@@ -16,7 +16,7 @@ import os
 import random
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,7 +26,7 @@ from typing import Any
 import markupsafe
 import orjson
 import redis
-from sqlalchemy import bindparam, literal, or_, update
+from sqlalchemy import bindparam, insert, literal, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -357,12 +357,13 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 if names is not None and "user" not in names:
                     shared = (n.template_id, channel, n.data_key)
                     out = by_data.get(shared)
-                elif user is not None:
+                elif user is not None and shared_data[n.data_key] > 1:
                     # A channel that only prints the recipient's variables ({{ user.first_name }}):
-                    # the batch's rendering with tokens, with this recipient's values put in.
-                    parts = probe(n, channel, t)
-                    values = _token_values(t.direct_user_fields(channel), user_vars(user)) if parts else None
-                    if values is not None:
+                    # the batch's rendering with tokens, with this recipient's values put in (for
+                    # data shared by several notifications of the batch: else one render is cheaper).
+                    values = _token_values(t.direct_user_fields(channel), user_vars(user))
+                    parts = probe(n, channel, t) if values is not None else None
+                    if parts is not None:
                         probed[key] = (parts, values)  # type: ignore[assignment]
                         out = parts  # with tokens: the recipient's copy is made when sending
                 if out is None:
@@ -376,6 +377,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         return out
 
     probes: dict[tuple[str, str, str], dict[str, str] | None] = {}
+    shared_data: Counter[str] = Counter()  # notifications of the batch per data (filled once loaded)
 
     def probe(n: Any, channel: str, t: Template) -> dict[str, str] | None:
         """The channel rendered with tokens for the recipient's variables (``_UserProbe``), once
@@ -405,6 +407,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         return plan
 
     plans: dict[tuple[int, bool], _EmailPlan] = {}
+    footers: dict[bool, tuple[bool, bool, dict[str, str]]] = {}
 
     def email_plan(content: dict[str, str], values: dict[str, str] | None, marketing: bool) -> _EmailPlan:
         """One plan per distinct body in the batch (``content`` objects live as long as the batch);
@@ -412,7 +415,10 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         key = (id(content), marketing)
         plan = plans.get(key)
         if plan is None:
-            plan = plans[key] = _EmailPlan(settings, content, tuple(values or ()), marketing)
+            footer = footers.get(marketing)
+            if footer is None:
+                footer = footers[marketing] = _EmailPlan.footer(settings, marketing)
+            plan = plans[key] = _EmailPlan(settings, content, tuple(values or ()), marketing, footer)
         return plan
 
     with Session(rt.ctx.engine, expire_on_commit=False) as session:
@@ -420,6 +426,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         stats.notifications = len(batch.notifications)
         if not batch.notifications:
             return stats
+        shared_data.update(n.data_key for n in batch.notifications)
         new_rows: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
 
@@ -750,25 +757,33 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         insert_events = prepare_insert(rt.ctx.engine, _ET, events)
         urgent = any(n.priority == "high" for n in batch.notifications)
         with write_lock(rt.ctx.engine, urgent=urgent):  # one SQLite writer at a time; OTPs first
-            conn = session.connection()
-            insert_deliveries(conn)
-            if updates.rows:
-                # only from the states this job saw: a webhook may have moved a delivery on meanwhile
-                _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
-            insert_events(conn)
-            if token_success:  # by primary key, raw: a thousand-value IN list costs SQLAlchemy more than SQLite
-                update_where_in(conn, _TT, {"last_success_at": now}, "token", token_success)
-            if removed_tokens:
-                for token, reason in removed_tokens.items():
-                    session.execute(
-                        update(DeviceToken)
-                        .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
-                        .values(removed_at=now, removed_reason=reason)
-                    )
-            for user_id in sms_stops:
-                session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
-            _settle_notifications(session, batch, now, secret_of)
-            session.commit()
+            try:
+                conn = session.connection()
+                insert_deliveries(conn)
+                if updates.rows:
+                    # only from the states this job saw: a webhook may have moved a delivery on meanwhile
+                    _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
+                insert_events(conn)
+                if token_success:  # by primary key, raw: a thousand-value IN list costs SQLAlchemy more than SQLite
+                    update_where_in(conn, _TT, {"last_success_at": now}, "token", token_success)
+                if removed_tokens:
+                    for token, reason in removed_tokens.items():
+                        session.execute(
+                            update(DeviceToken)
+                            .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
+                            .values(removed_at=now, removed_reason=reason)
+                        )
+                for user_id in sms_stops:
+                    session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
+                _settle_notifications(session, batch, now, secret_of)
+                session.commit()
+            except IntegrityError:
+                # Another worker wrote these new deliveries first (a takeover while their first holder,
+                # cut off from Redis, was still sending): the caller reloads and goes on. What this
+                # attempt sent and took over in doubt must stay on record all the same.
+                session.rollback()
+                _keep_record(rt, events, sent_marks)
+                raise
         if sms_stops:
             prefs.invalidate(rt.ctx.redis, sms_stops)
         if settle_error is not None:
@@ -927,6 +942,26 @@ def _follow_replaced_tokens(
 
 
 IN_DOUBT = "in_doubt"  # the event recorded for a delivery taken over in flight (``Claims.take``)
+
+
+def _keep_record(rt: Runtime, events: list[dict[str, Any]], sent_marks: dict[str, str]) -> None:
+    """The events of an attempt whose writes are rolled back that must not be lost: its in-doubt
+    takeovers and its sends (the provider accepted them)."""
+    keep = [
+        {**e, "detail": f"{e['detail']} (also recorded by another worker)"} if e["status"] == DeliveryStatus.sent else e
+        for e in events
+        if e["status"] == IN_DOUBT or (e["status"] == DeliveryStatus.sent and e["delivery_id"] in sent_marks)
+    ]
+    if keep:
+        with rt.ctx.engine.begin() as conn:
+            conn.execute(insert(_ET), keep)
+        try:
+            pipe = rt.ctx.redis.pipeline(transaction=False)
+            rt.metrics.flush(pipe)  # (the in-doubt counts)
+            pipe.execute()
+        except redis.RedisError:
+            log.warning("metrics not recorded: Redis unavailable")
+        rt.metrics = metrics.Recorder()
 
 
 def _settled_in_sql(conn: Any, ids: list[str]) -> dict[str, tuple[str, str | None]]:
@@ -1200,14 +1235,38 @@ class _EmailPlan:
 
     __slots__ = ("pieces", "shared", "tokens", "unsub", "pixel", "substitute")
 
-    def __init__(self, settings: Any, content: dict[str, str], tokens: tuple[str, ...], marketing: bool) -> None:
-        """``content``: the body, with ``tokens`` (from ``_token_values``) where the recipient's fields go."""
+    def __init__(
+        self,
+        settings: Any,
+        content: dict[str, str],
+        tokens: tuple[str, ...],
+        marketing: bool,
+        footer: tuple[bool, bool, dict[str, str]] | None = None,
+    ) -> None:
+        """``content``: the body, with ``tokens`` (from ``_token_values``) where the recipient's fields go.
+        ``footer``: ``_EmailPlan.footer(settings, marketing)``, when the caller keeps it for a batch."""
+        self.unsub, self.pixel, adds = footer or _EmailPlan.footer(settings, marketing)
+        # a body whose own text looks like a token must not be rewritten: it goes as it is, in full
+        self.substitute = bool(tokens) or not any(TOKEN_PREFIX in v for v in content.values())
+        # per part: (the template's piece, its tokens, the footer's piece, its tokens)
+        self.pieces: dict[str, tuple[str, tuple[str, ...], str, tuple[str, ...]]] = {}
+        for part in {**content, **adds}:
+            piece, add = content.get(part, ""), adds.get(part, "")
+            own = tuple(t for t in tokens if t in piece)
+            self.pieces[part] = (piece, own, add, tuple(t for t in _FOOTER_TOKENS if t in add))
+        self.tokens = tuple(dict.fromkeys(t for p in self.pieces.values() for t in p[1] + p[3]))
+        self.shared = {part: piece + add for part, (piece, _o, add, _a) in self.pieces.items()}
+
+    @staticmethod
+    def footer(settings: Any, marketing: bool) -> tuple[bool, bool, dict[str, str]]:
+        """(unsubscribe link?, open pixel?, what each part gets at its end, with tokens): the same
+        for every body of a batch."""
         marketing = marketing and bool(settings.public_url or settings.postal_address)
-        self.unsub = marketing and bool(settings.public_url)
-        self.pixel = bool(settings.public_url)
+        unsub = marketing and bool(settings.public_url)
+        pixel = bool(settings.public_url)
         text_footer: list[str] = []
         html_footer: list[str] = []
-        if self.unsub:
+        if unsub:
             text_footer.append(f"Unsubscribe: {UNSUBSCRIBE_TEXT}")
             html_footer.append(f'<a href="{UNSUBSCRIBE_HTML}">Unsubscribe</a>')
         if marketing and settings.postal_address:
@@ -1217,19 +1276,9 @@ class _EmailPlan:
         if text_footer:
             text_add = "\n\n--\n" + "\n".join(text_footer)
             html_add = '\n<p style="font-size:small;color:#666">' + " · ".join(html_footer) + "</p>"
-        if self.pixel:
+        if pixel:
             html_add += f'\n<img src="{OPEN_PIXEL}" width="1" height="1" alt="">'
-        # a body whose own text looks like a token must not be rewritten: it goes as it is, in full
-        self.substitute = bool(tokens) or not any(TOKEN_PREFIX in v for v in content.values())
-        adds = {"text": text_add, "html": html_add} if (marketing or self.pixel) else {}
-        # per part: (the template's piece, its tokens, the footer's piece, its tokens)
-        self.pieces: dict[str, tuple[str, tuple[str, ...], str, tuple[str, ...]]] = {}
-        for part in {**content, **adds}:
-            piece, add = content.get(part, ""), adds.get(part, "")
-            own = tuple(t for t in tokens if t in piece)
-            self.pieces[part] = (piece, own, add, tuple(t for t in _FOOTER_TOKENS if t in add))
-        self.tokens = tuple(dict.fromkeys(t for p in self.pieces.values() for t in p[1] + p[3]))
-        self.shared = {part: piece + add for part, (piece, _o, add, _a) in self.pieces.items()}
+        return unsub, pixel, ({"text": text_add, "html": html_add} if (marketing or pixel) else {})
 
     def apply(
         self, rt: Runtime, d: _D, values: dict[str, str] | None
