@@ -69,7 +69,8 @@ def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_
             nid = new_id("n")
             cid = camps[i % 4] if i % 4 < 2 else None
             at = now - timedelta(minutes=(n_notifs - i) % (60 * 24 * 14))  # two weeks of history
-            nrows.append({"id": nid, "recipient_id": f"u{i % 50_000:06d}", "type": "t", "template_id":
+            user = f"u{i % 50_000:06d}" if cid is None else f"c{i:07d}"  # one notification per campaign recipient
+            nrows.append({"id": nid, "recipient_id": user, "type": "t", "template_id":
                           TEMPLATES[i % len(TEMPLATES)] if cid is None else "weekly_promo",
                           "category": "marketing", "priority": "low", "channels": ["email", "sms"], "data": {},
                           "dedup_key": None, "campaign_id": cid, "status": "done", "reason": None,
@@ -81,7 +82,7 @@ def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_
                 did = derived_id("d", nid, ch, f"a{i}")
                 if dl and first_dead is None:
                     first_dead = did
-                drows.append({"id": did, "notification_id": nid, "user_id": f"u{i % 50_000:06d}", "channel": ch,
+                drows.append({"id": did, "notification_id": nid, "user_id": user, "channel": ch,
                               "route": ch,
                               "address": f"a{i}@example.com" if ch == "email" else f"+1415555{i % 10000:04d}",
                               "status": st, "reason": "SMTP 554 rejected" if st == "failed" else
