@@ -91,11 +91,16 @@ def status_report(ctx: Context) -> dict[str, Any]:
 
     from notifyctl.models import utcnow
     from worker.circuit import Circuits
+    from worker.pacing import Pacer
 
     s = ctx.settings
     names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
                    | set(s.providers_voice))  # fmt: skip
-    circuits = Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names)
+    paced = Pacer(r).rates(names)  # requests/s learned from its 429s; None = unpaced
+    circuits: dict[str, dict[str, Any]] = {
+        name: {**c, "paced_at_per_s": round(paced[name] or 0.0, 1) or None}
+        for name, c in Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names).items()
+    }
     with Session(ctx.engine) as session:
         since = utcnow() - timedelta(seconds=60)
         sent_last_min = dict(

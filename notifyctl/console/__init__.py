@@ -165,7 +165,7 @@ def overview_data(ctx: Any) -> dict[str, Any]:
     """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries)."""
     from notifyctl.dlq import stats as dlq_stats
     from notifyctl.liveness import by_host, live_workers
-    from notifyctl.metrics import BUCKETS, LATENCY, SENT_PER_MIN, queue_stats
+    from notifyctl.metrics import BUCKETS, IN_DOUBT, LATENCY, SENT_PER_MIN, queue_stats
     from worker.circuit import Circuits
 
     s = ctx.settings
@@ -179,12 +179,14 @@ def overview_data(ctx: Any) -> dict[str, Any]:
     pipe = r.pipeline(transaction=False)
     for hour in hours:
         pipe.hgetall(SENT_PER_MIN + hour)
+    pipe.hgetall(IN_DOUBT)
     names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
                    | set(s.providers_voice))  # fmt: skip
     for n in names:
         pipe.hgetall(LATENCY + n)
     res = pipe.execute()
     per_min: dict[str, int] = {}
+    in_doubt = {k.decode(): int(v) for k, v in res[2].items()}
     for hour, counts in zip(hours, res[:2], strict=True):
         for m, n in counts.items():
             per_min[f"{hour}{m.decode()}"] = int(n)
@@ -194,7 +196,7 @@ def overview_data(ctx: Any) -> dict[str, Any]:
         minutes.append((time.strftime("%H:%M", t), per_min.get(time.strftime("%Y%m%d%H%M", t), 0)))
     circuits = Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names)
     providers = []
-    for name, hist in zip(names, res[2:], strict=True):
+    for name, hist in zip(names, res[3:], strict=True):
         h = {k.decode(): float(v) for k, v in hist.items()}
         providers.append(
             {
@@ -213,6 +215,7 @@ def overview_data(ctx: Any) -> dict[str, Any]:
         "providers": providers,
         "dlq": dlq_stats(ctx),
         "hosts": hosts,
+        "in_doubt": in_doubt,
     }
 
 

@@ -52,6 +52,7 @@ from worker.providers.base import (
     Permanent,
     Retry,
     Sent,
+    error_text,
 )
 from worker.providers.h2mux import Failure, Mux, Request
 from worker.providers.shared_token import Minted, SharedToken
@@ -434,7 +435,7 @@ def _reason(body: bytes) -> str:
     if not body:
         return ""
     try:
-        return str(json.loads(body).get("reason") or "")
+        return error_text(json.loads(body).get("reason") or "")
     except (ValueError, AttributeError):
         return ""
 

@@ -42,6 +42,7 @@ from worker.providers.base import (
     Permanent,
     Retry,
     Sent,
+    error_text,
     lease_open,
 )
 
@@ -207,6 +208,10 @@ class Provider:
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="twilio")
 
+    def warm(self) -> None:
+        """The SDK's lazily imported parts that a send uses, imported now (nothing is sent)."""
+        _ = self._client.messages, self._client.calls
+
     # ------------------------------------------------------------------ display / checks
 
     def describe(self) -> dict[str, str]:
@@ -287,7 +292,7 @@ class Provider:
             code = int(code) if code is not None else None
         except (TypeError, ValueError):
             code = None
-        detail = str(getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", "") or "")
+        detail = error_text(getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", ""))
         if code == 21610:
             return InvalidAddress(f"twilio 21610: recipient unsubscribed (replied STOP): {detail}")
         if code in _INVALID_ADDRESS_CODES:
