@@ -27,7 +27,7 @@ except ImportError:
     pass
 from notifyctl.errors import ConfigError
 from notifyctl.home import create_private
-from notifyctl.sqllock import write_lock
+from notifyctl.sqllock import write_lock as write_lock  # (re-exported: most callers import it from here)
 
 _engines: dict[str, Engine] = {}
 WAL_AUTOCHECKPOINT_PAGES = 16384
