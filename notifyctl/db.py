@@ -90,8 +90,6 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-
-
 def prepare_insert(
     engine: Engine, table: Table, rows: list[dict[str, Any]], skip_conflicts_on: list[str] | None = None
 ) -> Callable[[Connection], None]:
