@@ -29,6 +29,10 @@ from notifyctl.home import PRIVATE_UMASK, open_private, private_dir
 MIN_VERSION = (6, 2, 0)
 
 
+class RedisUnreachable(ConfigError):
+    """Redis did not answer (``connect``): refused, reset or silent."""
+
+
 def redis_server_binary(explicit: str | None = None) -> str:
     if explicit:
         return explicit
@@ -260,13 +264,13 @@ def connect(settings, dequeue: bool = False) -> redis.Redis:  # type: ignore[no-
         client.close()
         su = parse_sentinel_url(url)
         where = ", ".join(f"{h}:{p}" for h, p in su.sentinels)
-        raise ConfigError(
+        raise RedisUnreachable(
             f"cannot reach Redis at {_safe(url)}: no sentinel ({where}) answered with a master for "
             f"service {su.service!r} (sentinels down or unreachable, or the service name unknown to them)"
         ) from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         client.close()
-        raise ConfigError(f"cannot reach Redis at {_safe(url)}: {one_line(exc)}") from None
+        raise RedisUnreachable(f"cannot reach Redis at {_safe(url)}: {one_line(exc)}") from None
     version = server["redis_version"]
     if tuple(int(x) for x in version.split(".")[:3]) < MIN_VERSION:
         client.close()

@@ -90,8 +90,8 @@ def status_report(ctx: Context) -> dict[str, Any]:
     from datetime import timedelta
 
     from notifyctl.models import utcnow
+    from notifyctl.pacing import Pacer
     from worker.circuit import Circuits
-    from worker.pacing import Pacer
 
     s = ctx.settings
     names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
