@@ -33,7 +33,6 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -53,6 +52,7 @@ from worker.providers.base import (
     Retry,
     Sent,
 )
+from worker.providers.base import retry_after as parse_retry_after
 from worker.providers.h2mux import Failure, Mux, Request
 from worker.providers.shared_token import Minted, SharedToken
 
@@ -122,19 +122,6 @@ def _key_fingerprint(key: Any) -> str:
     return hashlib.sha256(der).hexdigest()[:16]
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
 def apns_id_for(delivery_id: str) -> str:
     """The apns-id for a delivery: the same UUID on every attempt (``uuid5(namespace, delivery_id)``,
     upper-case; spelled out here because ``uuid.uuid5`` costs twice as much, once per push)."""
@@ -150,10 +137,6 @@ def collapse_id_for(dedup_key: str) -> str:
     if len(dedup_key.encode()) <= 64:
         return dedup_key
     return hashlib.sha256(dedup_key.encode()).hexdigest()
-
-
-def _mask(value: str) -> str:
-    return "****" + value[-4:] if len(value) > 8 else "(set)"
 
 
 class _Item:
@@ -448,12 +431,12 @@ def _outcome(status: int, reason: str, headers: dict[str, str], apns_id: str) ->
     if status == 403 and reason == "ExpiredProviderToken":
         return Retry(reason)
     if status == 429 and reason == "TooManyRequests":
-        return Retry(reason, _retry_after(headers.get("retry-after")), throttled=True)
+        return Retry(reason, parse_retry_after(headers.get("retry-after")), throttled=True)
     if status == 429 and reason == "TooManyProviderTokenUpdates":
         # our token changes, not the message or APNs' health: no attempt used, no circuit failure
-        return Retry(reason, _retry_after(headers.get("retry-after")) or TOKEN_UPDATES_BACKOFF, throttled=True)
+        return Retry(reason, parse_retry_after(headers.get("retry-after")) or TOKEN_UPDATES_BACKOFF, throttled=True)
     if status == 429 or status >= 500:
-        return Retry(reason, _retry_after(headers.get("retry-after")))
+        return Retry(reason, parse_retry_after(headers.get("retry-after")))
     if 400 <= status < 500:
         return Permanent(reason)
     return Retry(reason)

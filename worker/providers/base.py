@@ -18,8 +18,11 @@ when settings are missing or invalid.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Protocol
 
 
@@ -80,6 +83,22 @@ class InvalidAddress:
 
 
 Outcome = Sent | Retry | Permanent | InvalidAddress
+
+
+def retry_after(value: str | None) -> float | None:
+    """An HTTP ``Retry-After`` value as seconds to wait: delta-seconds or an HTTP date (seconds from
+    now, 0 when past). None when absent, unreadable or not finite."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 class Misconfigured(Exception):

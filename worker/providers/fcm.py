@@ -25,7 +25,6 @@ Outcomes, from ``error.details[].errorCode`` (``google.firebase.fcm.v1.FcmError`
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import re
@@ -39,8 +38,18 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from notifyctl import keys
+from notifyctl.masking import mask
 from notifyctl.settings import provider_config
-from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent
+from worker.providers.base import (
+    InvalidAddress,
+    Message,
+    Misconfigured,
+    Outcome,
+    Permanent,
+    Retry,
+    Sent,
+)
+from worker.providers.base import retry_after as parse_retry_after
 from worker.providers.h2mux import Answer, Failure, Mux, Request
 from worker.providers.shared_token import Minted, SharedToken
 
@@ -80,26 +89,6 @@ class _AuthError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
-
-
-def _mask(value: str) -> str:
-    return "****" + value[-4:] if len(value) > 8 else "(set)"
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def collapse_key_for(dedup_key: str) -> str:
@@ -408,7 +397,9 @@ class Provider:
                 else str(cfg.service_account_file)
             ),
             "client_email": self.account.client_email,
-            "private_key_id": _mask(self.account.private_key_id) if self.account.private_key_id else "(none)",
+            "private_key_id": (
+                mask(self.account.private_key_id, reveal_from=9) if self.account.private_key_id else "(none)"
+            ),
             "project_id": str(self.project_id),
             "base_url": cfg.base_url,
             "token_url": self.token_url,
