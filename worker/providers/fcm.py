@@ -40,15 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from notifyctl import keys
 from notifyctl.masking import mask
 from notifyctl.settings import provider_config
-from worker.providers.base import (
-    InvalidAddress,
-    Message,
-    Misconfigured,
-    Outcome,
-    Permanent,
-    Retry,
-    Sent,
-)
+from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent
 from worker.providers.base import retry_after as parse_retry_after
 from worker.providers.h2mux import Answer, Failure, Mux, Request
 from worker.providers.shared_token import Minted, SharedToken

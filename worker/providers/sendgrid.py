@@ -33,16 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from notifyctl.masking import mask
 from notifyctl.settings import provider_config
-from worker.providers.base import (
-    InvalidAddress,
-    Message,
-    Misconfigured,
-    Outcome,
-    Permanent,
-    Retry,
-    Sent,
-    retry_after,
-)
+from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent, retry_after
 
 _SPACE = re.compile(r"\s")  # the same characters as str.isspace
 log = logging.getLogger(__name__)
