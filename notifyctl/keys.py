@@ -1,5 +1,6 @@
 """Every Redis key notifyctl uses, in one place. All live under the ``notif:`` prefix, except
-RQ's own (``rq:``), which stay compatible with ``rq info`` and rq-dashboard."""
+RQ's own (``rq:``), which stay compatible with ``rq info`` and rq-dashboard (the ones we read
+directly are named at the end)."""
 
 PREFIX = "notif:"
 
@@ -52,3 +53,33 @@ def provider_token(provider: str, ident: str) -> str:
 def provider_token_lock(provider: str, ident: str) -> str:
     """Held by the one process minting ``provider_token(provider, ident)``."""
     return f"{PREFIX}ptoken-lock:{provider}:{ident}"
+
+
+def webhook_seen(provider: str, event_id: str) -> str:
+    """A provider event already applied (``notifyctl.inbound``), kept a while so a resent event is dropped."""
+    return f"{PREFIX}webhook:{provider}:{event_id}"
+
+
+DLQ_ALERT = f"{PREFIX}dlq:alert"
+"""When the dead-letter alert last fired (``notifyctl.dlq``)."""
+
+METRICS_DELIVERIES = f"{PREFIX}metrics:deliveries"
+"""Hash ``status|channel|reason`` → count (``notifyctl.metrics``)."""
+
+
+def metrics_latency(provider: str) -> str:
+    """Send latency histogram of one provider: hash bucket → count, plus ``sum`` and ``count``."""
+    return f"{PREFIX}metrics:latency:{provider}"
+
+
+METRICS_LATENCY_PATTERN = metrics_latency("*")
+
+
+def rq_job(job_id: str) -> str:
+    """RQ's hash of one job (status, worker_name, origin, enqueued_at...)."""
+    return f"rq:job:{job_id}"
+
+
+def rq_queue(name: str) -> str:
+    """RQ's list of the job ids waiting in one queue (``queue_name``)."""
+    return f"rq:queue:{name}"

@@ -11,10 +11,9 @@ from typing import Any
 
 import redis
 
-from notifyctl.keys import PREFIX
+from notifyctl import keys
 
-DELIVERIES = f"{PREFIX}metrics:deliveries"  # hash "status|channel|reason" -> count
-LATENCY = f"{PREFIX}metrics:latency:"  # + provider: hash bucket -> count, plus "sum", "count"
+DELIVERIES = keys.METRICS_DELIVERIES
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -43,7 +42,7 @@ class Recorder:
         for field, n in self.outcomes.items():
             pipe.hincrby(DELIVERIES, field, n)
         for provider, seconds, n in self.latencies:
-            key = LATENCY + provider
+            key = keys.metrics_latency(provider)
             le = next((str(b) for b in BUCKETS if seconds <= b), "+Inf")
             pipe.hincrby(key, le, n)
             pipe.hincrby(key, "count", n)
@@ -82,7 +81,7 @@ def render(ctx: Any) -> str:
         lag = 0.0
         head = r.lindex(q.key, 0)
         if head:
-            enq = r.hget(f"rq:job:{head.decode()}", "enqueued_at")
+            enq = r.hget(keys.rq_job(head.decode()), "enqueued_at")
             if enq:
                 from datetime import datetime
 
@@ -92,8 +91,9 @@ def render(ctx: Any) -> str:
 
     lines += ["# HELP notify_provider_latency_seconds Time a provider took to answer a batch, per message.",
               "# TYPE notify_provider_latency_seconds histogram"]  # fmt: skip
-    for key in sorted(k.decode() for k in r.scan_iter(match=LATENCY + "*", count=100)):
-        provider = key[len(LATENCY) :]
+    latency_prefix = keys.metrics_latency("")
+    for key in sorted(k.decode() for k in r.scan_iter(match=keys.METRICS_LATENCY_PATTERN, count=100)):
+        provider = key[len(latency_prefix) :]
         h = {k.decode(): v for k, v in r.hgetall(key).items()}
         cum = 0
         for b in (*(str(b) for b in BUCKETS), "+Inf"):

@@ -8,11 +8,12 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlmodel import Session
 
+from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.errors import NotFound, TemplateError
 from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.secretdata import redact
-from notifyctl.settings import PRIORITIES
+from notifyctl.vocabulary import PRIORITIES, ROUTES
 
 
 def find_notification(session: Session, ref: str) -> Notification:
@@ -80,7 +81,7 @@ def status_report(ctx: Context) -> dict[str, Any]:
         depth, head, started, failed = pipe.execute()
         oldest = None
         if head:
-            enq = r.hget(f"rq:job:{head.decode()}", "enqueued_at")
+            enq = r.hget(keys.rq_job(head.decode()), "enqueued_at")
             if enq:
                 from datetime import datetime
 
@@ -111,7 +112,7 @@ def status_report(ctx: Context) -> dict[str, Any]:
     from worker.circuit import Circuits
 
     s = ctx.settings
-    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
+    names = sorted({n for route in ROUTES for n in s.providers_for(route)}
                    | set(s.providers_voice))  # fmt: skip
     circuits = Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names)
     with Session(ctx.engine) as session:

@@ -28,7 +28,6 @@ UPWARD_ALLOWED = {
     ("notifyctl.db", "notifyctl.api.models"),
     ("notifyctl.demo", "notifyctl.cli.common"),
     ("notifyctl.demo", "worker.pool"),
-    ("notifyctl.dlq", "worker.providers"),
     ("notifyctl.retention", "campaigns.models"),
     ("notifyctl.tracking", "worker.circuit"),
     ("worker.reconciler", "campaigns.models"),

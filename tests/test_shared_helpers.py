@@ -1,4 +1,4 @@
-"""The helpers every provider shares (issue 16): the secret masker and the Retry-After parser."""
+"""What the modules share (issue 16): the secret masker, the Retry-After parser, the vocabulary."""
 
 from __future__ import annotations
 
@@ -28,3 +28,12 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after(formatdate(time.time() - 120, usegmt=True)) == 0.0
     for unreadable in (None, "", "soon", "inf", "nan", "Mon, 99 Foo 2026"):
         assert retry_after(unreadable) is None, unreadable
+
+
+def test_the_vocabulary_names_every_provider_and_route() -> None:
+    from notifyctl.settings import Settings
+    from notifyctl.vocabulary import PROVIDERS, ROUTES
+    from worker.providers import REGISTRY
+
+    assert tuple(REGISTRY) == PROVIDERS
+    assert all("providers_" + route.replace(".", "_") in Settings.model_fields for route in ROUTES)

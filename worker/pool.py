@@ -21,7 +21,8 @@ from typing import Any
 
 from notifyctl import keys
 from notifyctl.context import Context, freeze_heap
-from notifyctl.settings import PRIORITIES, Settings
+from notifyctl.settings import Settings
+from notifyctl.vocabulary import PRIORITIES, ROUTES
 
 log = logging.getLogger("notifyctl.worker")
 
@@ -126,7 +127,7 @@ def replay_after_outages(ctx: Context) -> int:
     from worker.circuit import take_recoveries
 
     s = ctx.settings
-    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)})
+    names = sorted({n for route in ROUTES for n in s.providers_for(route)})
     total = 0
     for name, opened_at in take_recoveries(ctx.redis, names).items():
         window = time.time() - opened_at + sum(s.retry_delays) + 60
@@ -147,7 +148,7 @@ def probe_open_circuits(ctx: Context, providers: dict[str, Any]) -> list[str]:
     from worker.providers import Misconfigured, load_provider
 
     s = ctx.settings
-    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)})
+    names = sorted({n for route in ROUTES for n in s.providers_for(route)})
     circuits = Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown)
     closed = []
     for name, (state, _until) in circuits.states(names).items():

@@ -175,7 +175,7 @@ def _lost_jobs(ctx: Context, job_ids: list[str]) -> list[str]:
     r = ctx.redis
     pipe = r.pipeline(transaction=False)
     for j in job_ids:
-        pipe.hmget(f"rq:job:{j}", "status", "worker_name", "origin")
+        pipe.hmget(keys.rq_job(j), "status", "worker_name", "origin")
     rows = pipe.execute()
     lost: list[str] = []
     checks: list[tuple[str, str, str]] = []  # (job id, kind, arg)
@@ -195,7 +195,7 @@ def _lost_jobs(ctx: Context, job_ids: list[str]) -> list[str]:
             if kind == "alive":
                 pipe.exists(keys.alive(arg))
             else:
-                pipe.lpos(f"rq:queue:{arg}", j)
+                pipe.lpos(keys.rq_queue(arg), j)
         for (j, kind, _arg), res in zip(checks, pipe.execute(), strict=True):
             if (kind == "alive" and not res) or (kind == "inqueue" and res is None):
                 lost.append(j)

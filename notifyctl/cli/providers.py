@@ -22,10 +22,10 @@ from rich.table import Table
 
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
 from notifyctl.home import private_dir
+from notifyctl.vocabulary import ROUTES, VOICE_ROUTE
 
 app = typer.Typer(help="Delivery providers: what is configured per route, and whether it works.", no_args_is_help=True)
 
-BASE_ROUTES = ("push.ios", "push.android", "email", "sms")
 MASK = "****"
 # Settings names that hold secrets (key_id / access_key_id / private_key_id are identifiers, not secrets).
 _SECRET_NAME = re.compile(r"(^|_)(key|secret|token|password|json|secret_access_key|auth_token|api_key)$", re.I)
@@ -34,9 +34,9 @@ _NOT_SECRET_NAME = re.compile(r"(key_id|key_file|token_url|token_ttl|_file|_url)
 
 def routes_of(settings: Any) -> list[str]:
     """The routes to show: the four channels' routes, plus ``voice`` when the settings define it."""
-    routes = list(BASE_ROUTES)
+    routes = list(ROUTES)
     if getattr(settings, "providers_voice", None):
-        routes.append("voice")
+        routes.append(VOICE_ROUTE)
     return routes
 
 

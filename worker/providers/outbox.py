@@ -21,12 +21,13 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from notifyctl.home import open_private, private_dir, write_private
+from notifyctl.vocabulary import ROUTES
 from worker.providers.base import Message, Outcome, Sent
 
 
 class Provider:
     name: ClassVar[str] = "outbox"
-    routes: ClassVar[frozenset[str]] = frozenset({"push.ios", "push.android", "email", "sms"})
+    routes: ClassVar[frozenset[str]] = frozenset(ROUTES)
 
     def __init__(self, settings: Any) -> None:
         self.dir = private_dir(settings.outbox_dir)
