@@ -137,6 +137,7 @@ class World:
             "providers_sms": ["twilio"],
             "batch_size": 100,
             "worker_alive_ttl": 3,
+            "claim_ttl": 5,  # the lease: above the longest provider call here (2 s timeouts)
             "worker_heartbeat": 1,
             "recovery_grace": 2,
             "provider_options": {

@@ -419,6 +419,29 @@ def add_missing_columns(engine: Engine) -> list[str]:
     return added
 
 
+_SCHEMA_LOCK = 0x6E6F7469  # PostgreSQL advisory lock id for schema creation ("noti")
+
+
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, one process at a time creates or upgrades the schema: hosts starting together
+    on a fresh database would otherwise race their CREATE TABLEs (one fails on the catalog's
+    unique index). SQLite is one host's file, serialised by SQLite itself."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK})
+            conn.commit()
+
+
 def engine_for(settings: Any) -> Engine:
     """The (cached, per-process) engine for these settings, with the schema created and upgraded
     (``add_missing_columns``)."""
@@ -427,8 +450,12 @@ def engine_for(settings: Any) -> Engine:
     if engine is None:
         engine = make_engine(url)
         try:
-            SQLModel.metadata.create_all(engine)
-            add_missing_columns(engine)
+            with _schema_lock(engine):
+                SQLModel.metadata.create_all(engine)
+                add_missing_columns(engine)
+                from notifyctl import analytics
+
+                analytics.install(engine)
         except OperationalError as exc:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
         _engines[url] = engine

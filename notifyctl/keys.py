@@ -66,6 +66,9 @@ DLQ_ALERT = f"{PREFIX}dlq:alert"
 METRICS_DELIVERIES = f"{PREFIX}metrics:deliveries"
 """Hash ``status|channel|reason`` → count (``notifyctl.metrics``)."""
 
+METRICS_IN_DOUBT = f"{PREFIX}metrics:in_doubt"
+"""Hash channel → deliveries taken over in flight and sent again."""
+
 
 def metrics_latency(provider: str) -> str:
     """Send latency histogram of one provider: hash bucket → count, plus ``sum`` and ``count``."""
@@ -78,6 +81,11 @@ METRICS_LATENCY_PATTERN = metrics_latency("*")
 def rq_job(job_id: str) -> str:
     """RQ's hash of one job (status, worker_name, origin, enqueued_at...)."""
     return f"rq:job:{job_id}"
+
+
+def rq_worker(name: str) -> str:
+    """RQ's hash of one worker (state, current_job, queues)."""
+    return f"rq:worker:{name}"
 
 
 def rq_queue(name: str) -> str:

@@ -14,6 +14,7 @@ import redis
 from notifyctl import keys
 
 DELIVERIES = keys.METRICS_DELIVERIES
+IN_DOUBT = keys.METRICS_IN_DOUBT
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -31,6 +32,10 @@ class Recorder:
     def __init__(self) -> None:
         self.outcomes: Counter[str] = Counter()
         self.latencies: list[tuple[str, float, int]] = []
+        self.doubts: Counter[str] = Counter()
+
+    def in_doubt(self, channel: str) -> None:
+        self.doubts[channel] += 1
 
     def outcome(self, status: str, channel: str, reason: str | None = None) -> None:
         self.outcomes[f"{status}|{channel}|{reason_label(reason)}"] += 1
@@ -41,6 +46,8 @@ class Recorder:
     def flush(self, pipe: Any) -> None:
         for field, n in self.outcomes.items():
             pipe.hincrby(DELIVERIES, field, n)
+        for channel, n in self.doubts.items():
+            pipe.hincrby(IN_DOUBT, channel, n)
         for provider, seconds, n in self.latencies:
             key = keys.metrics_latency(provider)
             le = next((str(b) for b in BUCKETS if seconds <= b), "+Inf")
@@ -70,6 +77,11 @@ def render(ctx: Any) -> str:
         lines.append(
             f'notify_deliveries_total{{status="{_esc(status)}",channel="{_esc(channel)}",reason="{_esc(reason)}"}} {n}'
         )
+
+    lines += ["# HELP notify_in_doubt_total Deliveries whose worker stopped with the provider call under way, "
+              "sent again (they may have arrived twice).", "# TYPE notify_in_doubt_total counter"]  # fmt: skip
+    for channel, n in sorted((k.decode(), int(v)) for k, v in r.hgetall(IN_DOUBT).items()):
+        lines.append(f'notify_in_doubt_total{{channel="{_esc(channel)}"}} {n}')
 
     lines += ["# HELP notify_queue_depth Jobs waiting per priority queue.", "# TYPE notify_queue_depth gauge",
               "# HELP notify_queue_lag_seconds Age of the oldest waiting job per priority queue.",

@@ -225,3 +225,49 @@ class SmsKeyword(SQLModel, table=True):
     phone: str = Field(index=True, max_length=32)
     action: str = Field(max_length=8)  # stop | start | help
     received_at: datetime = Field(default_factory=utcnow)
+
+
+class SharedSecret(SQLModel, table=True):
+    """A secret every host sharing the database must agree on, created once by the first host
+    (``notifyctl.unsubscribe.secret_key``: the key that signs unsubscribe links and open pixels).
+    ``value`` is empty when the hosts bring it themselves (``NOTIFY_SECRET_KEY``); ``fingerprint``
+    lets a host whose key differs find out at start, without the key being compared in clear."""
+
+    __tablename__ = "shared_secrets"
+    name: str = Field(primary_key=True, max_length=32)
+    value: str | None = Field(default=None, max_length=256)
+    fingerprint: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AnalyticsHourly(SQLModel, table=True):
+    """The delivery rollup (``notifyctl.analytics``): how many deliveries queued in ``hour`` (UTC,
+    ``YYYY-MM-DD HH``) of a template × channel × campaign are now in ``status`` (with the kind of
+    their ``reason`` when failed or suppressed). Kept up by triggers on ``deliveries``, in the
+    same transaction as every status change: a transition moves one count to another row."""
+
+    __tablename__ = "analytics_hourly"
+    hour: str = Field(primary_key=True, max_length=13)
+    template_id: str = Field(primary_key=True, max_length=128)
+    channel: str = Field(primary_key=True, max_length=16)
+    campaign_id: str = Field(primary_key=True, max_length=64)  # "" when none
+    status: str = Field(primary_key=True, max_length=16)
+    reason: str = Field(primary_key=True, max_length=64)  # "" unless failed or suppressed
+    n: int = 0
+
+
+class AnalyticsDelta(SQLModel, table=True):
+    """PostgreSQL: what each statement on ``deliveries`` changed in the rollup, appended (no row
+    lock shared between concurrent workers), folded into ``analytics_hourly`` by
+    ``analytics.compact``. Read together with it. Unused on SQLite (one writer at a time: its
+    triggers update the rollup directly)."""
+
+    __tablename__ = "analytics_delta"
+    id: int | None = Field(default=None, primary_key=True)
+    hour: str = Field(max_length=13)
+    template_id: str = Field(max_length=128)
+    channel: str = Field(max_length=16)
+    campaign_id: str = Field(max_length=64)
+    status: str = Field(max_length=16)
+    reason: str = Field(max_length=64)
+    n: int = 0

@@ -125,13 +125,24 @@ def redis_url(settings) -> str:  # type: ignore[no-untyped-def]
     return ensure_server(settings.home / "redis", settings.redis_server_bin)
 
 
-def connect(settings) -> redis.Redis:  # type: ignore[no-untyped-def]
-    """A client for the configured Redis (starting the embedded one if needed), version-checked."""
+def connect(settings, dequeue: bool = False) -> redis.Redis:  # type: ignore[no-untyped-def]
+    """A client for the configured Redis (starting the embedded one if needed), version-checked.
+
+    Every client has explicit timeouts, whatever redis-py's defaults of the day (redis-py 8 made
+    ``socket_timeout`` 5 s): an ordinary command or a connect fails after
+    ``redis_socket_timeout`` s. ``dequeue=True`` is the client of an RQ worker, which blocks
+    ``worker_dequeue_timeout`` s in its dequeue (BLMPOP/BLPOP): its reads may take that plus 10 s
+    (as RQ asks, ``Worker.connection_timeout``) so that an idle worker never times out of its own
+    wait. Keep the two apart: RQ raises the socket timeout of the client it is given."""
     url = redis_url(settings)
-    client = redis.Redis.from_url(url, health_check_interval=30)
+    timeout = float(settings.redis_socket_timeout)
+    read_timeout = float(settings.worker_dequeue_timeout + 10) if dequeue else timeout
+    client = redis.Redis.from_url(
+        url, health_check_interval=30, socket_timeout=read_timeout, socket_connect_timeout=timeout
+    )
     try:
         version = client.info("server")["redis_version"]
-    except (redis.ConnectionError, OSError) as exc:
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise ConfigError(f"cannot reach Redis at {_safe(url)}: {exc}") from None
     if tuple(int(x) for x in version.split(".")[:3]) < MIN_VERSION:
         raise ConfigError(f"Redis {version} at {_safe(url)} is too old: notifyctl needs >= 6.2")

@@ -93,12 +93,27 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(1000, description="notifications per RQ job for bulk traffic")
     job_timeout: int = Field(600, description="RQ job timeout, seconds")
-    claim_ttl: int = Field(120, description="how long a worker holds a delivery while sending it, seconds")
+    claim_ttl: float = Field(
+        20.0,
+        gt=0,
+        description="lease on a delivery while a worker sends it, seconds (renewed while the worker lives, "
+        "through the provider call; another worker takes it over only once expired). Keep it above the "
+        "longest provider call",
+    )
     sent_marker_ttl: int = Field(7 * 86400, description="how long Redis remembers a sent delivery, seconds")
     reconcile_limit: int = Field(20000, description="notifications the reconciler queues or checks per round (1/s)")
     recovery_grace: int = Field(5, description="seconds before an unfinished notification is checked")
+    redis_socket_timeout: float = Field(
+        10.0, gt=0, description="seconds a Redis command (or connecting) may take before it fails"
+    )
+    worker_dequeue_timeout: int = Field(
+        60,
+        ge=1,
+        description="seconds an idle worker's blocking dequeue waits before it renews (its reads may take 10 s more)",
+    )
     worker_heartbeat: float = Field(2.0, description="worker liveness refresh, seconds")
     worker_alive_ttl: int = Field(10, description="a worker silent this long is dead, seconds")
+    host_name: str | None = Field(None, description="this host's name in `status` (default: the hostname)")
     log_format: str = Field("text", description="text or json (one JSON object per line)")
     log_level: str = Field("WARNING", description="DEBUG, INFO, WARNING or ERROR")
     default_timezone: str = "UTC"
@@ -131,7 +146,9 @@ class Settings(BaseSettings):
     smtp_starttls: bool = False
     smtp_timeout: float = 10.0
 
-    @field_validator("redis_url", "database_url", "redis_server_bin", "public_url", "postal_address", mode="before")
+    @field_validator(
+        "redis_url", "database_url", "redis_server_bin", "public_url", "postal_address", "host_name", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v

@@ -66,7 +66,8 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
 
 
 def status_report(ctx: Context) -> dict[str, Any]:
-    from rq import Worker
+    from notifyctl import metrics
+    from worker.liveness import live_workers
 
     r = ctx.redis
     now = time.time()
@@ -97,15 +98,10 @@ def status_report(ctx: Context) -> dict[str, Any]:
                 "failed_jobs": failed,
             }
         )
-    workers = [
-        {
-            "name": w.name,
-            "state": str(w.get_state()),
-            "queues": [q.name for q in w.queues],
-            "current_job": w.get_current_job_id(),
-        }
-        for w in Worker.all(connection=r)
-    ]
+    # from notifyctl's own liveness keys (not RQ's registry, which keeps a killed worker for
+    # minutes): a worker that stopped beating is gone within worker_alive_ttl, whatever host it ran on
+    workers = live_workers(r)
+    in_doubt = {k.decode(): int(v) for k, v in r.hgetall(metrics.IN_DOUBT).items()}
     from datetime import timedelta
 
     from notifyctl.models import utcnow
@@ -130,6 +126,8 @@ def status_report(ctx: Context) -> dict[str, Any]:
     return {
         "queues": queues,
         "workers": workers,
+        "hosts": sorted({w["host"] for w in workers}),
+        "in_doubt": in_doubt,
         "dlq_depth": dlq,
         "sent_last_minute": sent_last_min,
         "providers": circuits,

@@ -18,6 +18,7 @@ from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import Settings, load_settings
+from tests.net import ClosedPort
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("NOTIFY_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -134,3 +135,10 @@ def run_cli(
         env=cli_env(settings, **env),
         cwd=ROOT,
     )
+
+
+@pytest.fixture
+def closed_port() -> Iterator[ClosedPort]:
+    """A 127.0.0.1 port this test holds bound but not listening: connecting to it is refused."""
+    with ClosedPort() as p:
+        yield p

@@ -7,8 +7,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +26,8 @@ from notifyctl.models import OptOut
 from notifyctl.settings import Settings
 from notifyctl.tracking import timeline
 from notifyctl.unsubscribe import make_token, secret_key
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import cli_env, run_cli
+from tests.net import ServeProcess
 from tests.util import IOS_TOKEN, ApiServer, deliveries, seed
 from worker.pool import run_worker
 
@@ -507,12 +506,6 @@ def _opt_outs(ctx: Context, user_id: str) -> set[tuple[str, str, str]]:
 # -------------------------------------------------------------------------- `notifyctl serve`
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _raw_post(port: int, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
     """POST over a bare socket, the head written in 1 KB pieces; the status and the JSON answer."""
     head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -534,28 +527,8 @@ def _raw_post(port: int, path: str, headers: dict[str, str], body: bytes) -> tup
 def test_serve_command_smoke(ctx: Context) -> None:
     seed(ctx)
     key = create_key(ctx, "smoke").key
-    port = _free_port()
-    from notifyctl.cli import main as cli_main
-
-    if any(c.name == "serve" for c in cli_main.app.registered_commands):
-        cmd = [sys.executable, "-m", "notifyctl.cli.main", "serve", "--port", str(port)]
-    else:  # not wired into main.py yet: the same command function under a bare Typer app
-        code = "import typer\nfrom notifyctl.cli.serve import serve\napp = typer.Typer()\napp.command()(serve)\napp()\n"
-        cmd = [sys.executable, "-c", code, "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd, env=cli_env(ctx.settings), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.1)
+    with ServeProcess(cli_env(ctx.settings)) as server:
+        url, port = server.url, server.port
         body = {
             "recipient_id": "carol",
             "template_id": "otp_code",
@@ -575,9 +548,7 @@ def test_serve_command_smoke(ctx: Context) -> None:
         ]:
             got_status, got = _raw_post(port, "/v1/notify", {"X-API-Key": key, **extra}, payload)
             assert got_status == status and set(got) == {"error"} and got["error"].startswith(needle), got
-    finally:
-        proc.terminate()
-        _out, err = proc.communicate(timeout=10)
+    err = server.stderr_text()
     assert "Traceback" not in err and key not in err
 
 

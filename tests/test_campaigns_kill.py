@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -26,16 +25,18 @@ from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
 
 N, RATE = 1500, 250.0
+KILL_AT = 400  # rows written when the launcher is killed
 
 LAUNCHER = """
-import sys, time
+import sys
 from campaigns.launcher import LaunchSpec, launch
 from notifyctl.context import Context
 
 def progress(phase, done, total):
     if phase == "write":
         print(done, flush=True)
-        time.sleep(0.05)  # a slow database: time enough to be killed mid-way
+        if done >= int(sys.argv[4]):
+            sys.stdin.readline()  # mid-way: wait here to be killed (the test never writes)
 
 spec = LaunchSpec("weekly_promo", channels=["email"], segment_csv=sys.argv[1], send_at=sys.argv[2], rate=float(sys.argv[3]),
                   name="killed", data={"discount": 5, "code": "K"})
@@ -57,22 +58,26 @@ def test_launcher_killed_mid_way_then_relaunched_writes_and_sends_everyone_once(
     t0 = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
     env = cli_env(ctx.settings, NOTIFY_CAMPAIGN_CHUNK_SIZE="50")
     proc = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(seg), t0.isoformat(), str(RATE)],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", LAUNCHER, str(seg), t0.isoformat(), str(RATE), str(KILL_AT)],
+        env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while count(ctx) < 400 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
+        assert proc.stdout is not None
+        reported: list[int] = []
+        for line in iter(proc.stdout.readline, ""):
+            reported.append(int(line))
+            if reported[-1] >= KILL_AT:
+                break  # the launcher now waits, mid-way, with that many rows written
+        partial = count(ctx)
         os.kill(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate(timeout=10)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, err
+    assert reported and reported[-1] >= KILL_AT, (reported, err[-2000:])
     assert "finished" not in out
-    partial = count(ctx)
-    assert 400 <= partial < N, partial
+    assert KILL_AT <= partial < N and count(ctx) == partial, partial
     assert campaign_status(ctx, "killed")["state"] == "launching"
 
     s = resume_launch(ctx, "killed")

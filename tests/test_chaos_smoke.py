@@ -38,8 +38,3 @@ def test_fault_loses_nothing_and_sends_once(report: dict, index: int) -> None:
     assert r["lost"] == 0, detail
     assert r["duplicated"] == 0, detail
     assert r["problems"] == [], detail
-
-
-def test_quick_suite_is_quick(report: dict) -> None:
-    assert report["quick"] is True
-    assert report["seconds"] < 150, report["seconds"]

@@ -64,6 +64,24 @@ def drain(ctx: Context) -> None:
     run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
+def dead_letter_through_trials(ctx: Context, ids: list[str], cooldown: float = 0.5) -> None:
+    """With one attempt left each and the provider still down: after each cooldown one trial
+    batch fails (its deliveries are dead-lettered, the circuit opens again) while the others wait
+    without using an attempt, until every delivery is dead-lettered."""
+    import time
+
+    from worker.reconciler import reconcile
+
+    for _ in range(len(ids) + 2):
+        time.sleep(cooldown + 0.1)
+        drain(ctx)
+        ds = [d for n in ids for d in deliveries(ctx, n)]
+        if all(d.dead_lettered for d in ds):
+            return
+        assert all(d.attempts == 1 for d in ds if not d.dead_lettered)
+        reconcile(ctx, now=time.time() + 2, force=True)
+
+
 def otp(ctx: Context, user: str = "dave") -> str:
     return send(ctx, template_id="otp_code", channels=["sms"], recipient_id=user,
                 data={"code": "482913", "minutes": 5}).notification_id  # fmt: skip
@@ -150,7 +168,7 @@ def test_dlq_entries_of_an_outage_are_replayed_once_the_circuit_closes(
     ids = [send(ctx, channels=["sms"], recipient_id=u).notification_id for u in ("alice", "bob")]
     drain(ctx)  # attempt 1 fails, the circuit opens
     assert reconcile(ctx, now=time.time() + 2, force=True).retries_queued == 2
-    drain(ctx)  # attempt 2: circuit open, retries exhausted -> DLQ
+    dead_letter_through_trials(ctx, ids)
     ds = [d for n in ids for d in deliveries(ctx, n)]
     assert [(d.status, d.dead_lettered, d.provider) for d in ds] == [("failed", True, "twilio")] * 2
     assert replay_after_outages(ctx) == 0  # still down: nothing to replay
@@ -210,7 +228,7 @@ def test_after_an_outage_with_no_traffic_left_a_probe_closes_the_circuit_and_rep
     ids = [send(ctx, channels=["sms"], recipient_id=u).notification_id for u in ("alice", "bob")]
     drain(ctx)
     reconcile(ctx, now=time.time() + 2, force=True)
-    drain(ctx)
+    dead_letter_through_trials(ctx, ids)
     assert all(d.dead_lettered for n in ids for d in deliveries(ctx, n))
     probes: dict = {}
     time.sleep(0.6)
@@ -224,3 +242,38 @@ def test_after_an_outage_with_no_traffic_left_a_probe_closes_the_circuit_and_rep
     assert [d.status for n in ids for d in deliveries(ctx, n)] == ["sent", "sent"]
     for p in probes.values():
         p.close()
+
+
+def test_an_open_circuit_holds_deliveries_without_using_attempts(
+    home: Path, redis_url: str, rclient: redis.Redis, twilio: TwilioSandbox, aws: AwsSandbox
+) -> None:
+    """Issue 14 F: while every provider circuit of the route is open, no provider is called, so
+    no attempt is used: the delivery waits for the circuit, however long the outage lasts."""
+    import time
+
+    from worker.reconciler import reconcile
+
+    twilio.faults.add({"status": 503, "body": {"code": 20500, "message": "down", "status": 503}, "count": 1})
+    ctx = make_ctx(home, redis_url, twilio, aws, providers_sms=["twilio"], retry_delays=[0, 0],  # 3 attempts
+                   circuit_threshold=1, circuit_cooldown=2.0)  # fmt: skip
+    nid = otp(ctx)
+    drain(ctx)  # the one 503: attempt 1, and the circuit opens
+    (d,) = deliveries(ctx, nid)
+    assert (d.status, d.attempts) == ("retrying", 1)
+    opened = time.monotonic()
+    rounds = 0
+    while time.monotonic() - opened < 1.5:  # more rounds than the delivery has attempts left
+        reconcile(ctx, now=time.time() + 5, force=True)
+        drain(ctx)
+        (d,) = deliveries(ctx, nid)
+        assert (d.status, d.attempts, d.dead_lettered) == ("retrying", 1, False), (d.reason, d.attempts)
+        assert "circuit is open" in (d.reason or "")
+        rounds += 1
+    assert rounds >= 3
+    assert len(twilio.recorder) == 0
+    time.sleep(max(0.0, 2.1 - (time.monotonic() - opened)))  # the cooldown is over: a trial batch
+    reconcile(ctx, now=time.time() + 5, force=True)
+    drain(ctx)
+    (d,) = deliveries(ctx, nid)
+    assert (d.status, d.attempts, d.provider) == ("sent", 2, "twilio")
+    assert len(twilio.recorder) == 1

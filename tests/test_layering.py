@@ -30,11 +30,13 @@ UPWARD_ALLOWED = {
     ("notifyctl.demo", "worker.pool"),
     ("notifyctl.retention", "campaigns.models"),
     ("notifyctl.tracking", "worker.circuit"),
+    ("notifyctl.tracking", "worker.liveness"),
     ("worker.reconciler", "campaigns.models"),
 }
 
 # Sets of modules that import each other (strongly connected components of the graph).
 CYCLES_ALLOWED = {
+    frozenset({"notifyctl.analytics", "notifyctl.db"}),
     frozenset({"notifyctl.api.app", "notifyctl.api.sns", "notifyctl.api.webhooks"}),
 }
 

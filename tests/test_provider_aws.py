@@ -3,7 +3,6 @@ SigV4-checking fault proxy, over real TCP. One sandbox for the whole module (mot
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -228,13 +227,10 @@ def test_ses_batch_is_concurrent_and_in_order(sandbox, ses_provider):
     sandbox.reset_peak()
     # distinct content: each message goes through its own SendEmail call
     batch = [email(to=f"user{i}@example.org", delivery_id=f"d{i}", subject=f"Receipt {i}") for i in range(n)]
-    started = time.monotonic()
     outcomes = ses_provider.send(batch)
-    elapsed = time.monotonic() - started
 
     assert all(isinstance(o, Sent) for o in outcomes)
-    assert sandbox.peak_in_flight >= 8
-    assert elapsed < n * 0.25 / 2  # sequential would take 4 s
+    assert sandbox.peak_in_flight >= 8  # counted at the sandbox: sequential calls would peak at 1
     by_id = {r["message_id"]: r for r in sandbox.recorder.all()}
     for i, o in enumerate(outcomes):
         assert by_id[o.provider_message_id]["to"] == [f"user{i}@example.org"]

@@ -108,13 +108,10 @@ def test_requests_run_concurrently_on_pooled_connections(tmp_path: Path, sandbox
     p = make_provider(tmp_path, sandbox, concurrency=4)
     try:
         sandbox.faults.add({"delay": 0.15, "count": -1, "match": "/v3/mail/send"})
-        started = time.monotonic()
         out = p.send([email(i, html=f"<p>{i}</p>") for i in range(12)])
-        elapsed = time.monotonic() - started
         sandbox.faults.clear()
         assert all(isinstance(o, Sent) for o in out)
-        assert sandbox.max_in_flight == 4
-        assert elapsed < 12 * 0.15 / 2
+        assert sandbox.max_in_flight == 4  # counted at the sandbox, not timed
         # a second batch reuses the same connections
         p.send([email(i, html=f"<i>{i}</i>") for i in range(8)])
         assert len(sandbox.connections) <= 4

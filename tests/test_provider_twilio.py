@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from notifyctl.settings import Settings
+from tests.net import ClosedPort
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
 from worker.providers.twilio_sms import Provider, voice_twiml
 from worker.sandbox.twilio import TwilioSandbox
@@ -286,16 +286,13 @@ def test_concurrency(tmp_path: Path, sandbox: TwilioSandbox, concurrency: int) -
     try:
         delay, n = 0.1, concurrency * 3
         sandbox.faults.add({"delay": delay, "count": -1})
-        started = time.monotonic()
         out = p.send([sms(i) for i in range(n)])
-        elapsed = time.monotonic() - started
         sandbox.faults.clear()
         assert all(isinstance(o, Sent) for o in out)
         # outcomes keep the order of the batch
         sids = {m["to"]: m["sid"] for m in sandbox.messages}
         assert [o.provider_message_id for o in out] == [sids[f"+1555300{i:04d}"] for i in range(n)]
-        assert sandbox.max_in_flight == concurrency
-        assert elapsed < n * delay / 2
+        assert sandbox.max_in_flight == concurrency  # counted at the sandbox, not timed
         # connections are pooled: never more than the concurrency, also over a second batch
         p.send([sms(i) for i in range(n, 2 * n)])
         assert len(sandbox.connections) <= concurrency
@@ -326,9 +323,9 @@ def test_describe_masks_the_token(provider: Provider) -> None:
         pytest.param({"concurrency": 0}, "concurrency", id="bad-concurrency"),
     ],
 )
-def test_misconfigured(tmp_path: Path, options: dict[str, Any], text: str) -> None:
+def test_misconfigured(tmp_path: Path, options: dict[str, Any], text: str, closed_port: ClosedPort) -> None:
     with pytest.raises(Misconfigured, match=text) as info:
-        make_provider(tmp_path, "http://127.0.0.1:9", **options)
+        make_provider(tmp_path, closed_port.url(), **options)
     assert AUTH_TOKEN not in str(info.value)
 
 

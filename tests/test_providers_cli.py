@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from notifyctl.cli.main import NotifyGroup
 from notifyctl.cli.sandbox import PORT_OFFSETS, SandboxSet, parse_fault, parse_only
 from notifyctl.settings import Settings
 from tests.conftest import ROOT, cli_env
+from tests.net import ClosedPort, ReservedPorts
 
 APNS_PEM_MARKER = "-----BEGIN PRIVATE KEY-----"
 
@@ -193,15 +195,19 @@ def test_check_all_up_then_all_down(settings: Settings, tmp_path: Path) -> None:
         assert sbs.counts() == dict.fromkeys(sbs.providers, 0)
         table = invoke(settings, "providers", "check", **env)
         assert table.exit_code == 0 and "7 ok, 0 failed" in table.stdout
-    # every sandbox is down now
-    t0 = time.monotonic()
-    res = invoke(settings, "providers", "check", "--json", **env)
+        ports = {str(sb.port) for sb in sbs.sandboxes.values()}
+    # every provider down: the same settings, each sandbox's port now one that refuses connections
+    with contextlib.ExitStack() as stack:
+        closed = {p: str(stack.enter_context(ClosedPort()).port) for p in ports}
+        down = {k: re.sub(r"(?<=127\.0\.0\.1:)\d+|^\d+$", lambda m: closed.get(m.group(), m.group()), v)
+                for k, v in env.items()}  # fmt: skip
+        assert down != env
+        res = invoke(settings, "providers", "check", "--json", **down)
     assert res.exit_code == 1, res.output
     rows = json.loads(res.stdout)
     assert [r["provider"] for r in rows if r["ok"]] == []
     for r in rows:
         assert r["problem"] and "\n" not in r["problem"], r
-    assert time.monotonic() - t0 < 15  # checks run side by side, a refused connection is quick
     for secret in (
         env["NOTIFY_SENDGRID_API_KEY"],
         env["NOTIFY_TWILIO_AUTH_TOKEN"],
@@ -210,13 +216,12 @@ def test_check_all_up_then_all_down(settings: Settings, tmp_path: Path) -> None:
         assert secret not in res.output
 
 
-def test_check_one_down_one_bad_key_others_ok(settings: Settings, sandboxes: SandboxSet) -> None:
+def test_check_one_down_one_bad_key_others_ok(
+    settings: Settings, sandboxes: SandboxSet, closed_port: ClosedPort
+) -> None:
     env = sandbox_env(sandboxes)
     env["NOTIFY_SENDGRID_API_KEY"] = "SG.wrong-key-value-1234"
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-    env["NOTIFY_TWILIO_BASE_URL"] = f"http://127.0.0.1:{dead}"
+    env["NOTIFY_TWILIO_BASE_URL"] = closed_port.url()
     res = invoke(settings, "providers", "check", "--json", **env)
     assert res.exit_code == 1, res.output
     rows = {r["provider"]: r for r in json.loads(res.stdout)}
@@ -269,15 +274,12 @@ def test_sandbox_set_writes_private_keys_and_complete_env(tmp_path: Path) -> Non
 
 
 def test_sandbox_fixed_ports_and_port_in_use(settings: Settings) -> None:
-    for _ in range(5):
-        base = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
-        try:
-            sbs = SandboxSet(settings.home / "sandbox", ["sendgrid", "twilio"], base_port=base).start()
-        except Exception:  # noqa: BLE001 - that range was taken: try another
-            continue
-        break
-    else:
-        pytest.skip("no free port range")
+    ports = ReservedPorts(max(PORT_OFFSETS.values()) + 1)  # held until the sandboxes listen on them
+    base = ports.base
+    try:
+        sbs = SandboxSet(settings.home / "sandbox", ["sendgrid", "twilio"], base_port=base).start()
+    finally:
+        ports.close()
     try:
         assert sbs.sandboxes["sendgrid"].port == base + PORT_OFFSETS["sendgrid"]
         assert sbs.sandboxes["twilio"].port == base + PORT_OFFSETS["twilio"]

@@ -13,6 +13,7 @@ import redis
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from tests.conftest import make_settings
+from tests.net import ClosedPort
 from tests.util import deliveries, events, notification, seed, send
 from worker.pipeline import retry_delay
 from worker.pool import run_worker
@@ -111,9 +112,10 @@ def test_dead_address_fails_without_dlq(mctx: Context, smtp: SmtpSandbox) -> Non
 
 
 def test_provider_down_retries_then_delivers_once(
-    home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox
+    home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox, closed_port: ClosedPort
 ) -> None:
-    ctx = Context(make_settings(home, redis_url, providers_email=["smtp"], smtp_host="127.0.0.1", smtp_port=1))
+    down = make_settings(home, redis_url, providers_email=["smtp"], smtp_host="127.0.0.1", smtp_port=closed_port.port)
+    ctx = Context(down)
     seed(ctx)
     ids = [send(ctx, channels=["email"], recipient_id=u).notification_id for u in ("alice", "bob", "carol")]
     drain(ctx)

@@ -32,6 +32,7 @@ from notifyctl.models import Delivery, DeliveryEvent, Notification, OptOut
 from notifyctl.settings import Settings
 from notifyctl.unsubscribe import _b64, make_token, verify_token
 from tests.conftest import cli_env, make_settings, run_cli
+from tests.net import ClosedPort
 from tests.util import seed
 from worker.pool import run_worker
 from worker.providers.outbox import read_outbox
@@ -100,7 +101,7 @@ def _sql_dump(ctx: Context) -> str:
 
 
 @pytest.fixture
-def secret_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+def secret_env(monkeypatch: pytest.MonkeyPatch, closed_port: ClosedPort) -> Iterator[dict[str, str]]:
     from worker.sandbox.sendgrid import SendgridSandbox
     from worker.sandbox.twilio import TwilioSandbox
 
@@ -115,9 +116,9 @@ def secret_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
             "NOTIFY_APNS_KEY_ID": "ABCDEFGHIJ",
             "NOTIFY_APNS_TEAM_ID": "ABCDEFGHIJ",
             "NOTIFY_APNS_TOPIC": "com.example.app",
-            "NOTIFY_APNS_BASE_URL": "https://127.0.0.1:9",
+            "NOTIFY_APNS_BASE_URL": closed_port.url("https"),
             "NOTIFY_SES_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE",
-            "NOTIFY_SES_ENDPOINT_URL": "http://127.0.0.1:9",
+            "NOTIFY_SES_ENDPOINT_URL": closed_port.url(),
             "NOTIFY_SES_TIMEOUT": "1",
             "NOTIFY_SMTP_USERNAME": "mailer",
             "NOTIFY_CONFIG": "/nonexistent/config.toml",

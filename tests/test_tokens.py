@@ -4,7 +4,6 @@ provider's answer (the real FCM provider against the FCM sandbox) carrying the p
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -143,10 +142,8 @@ def test_cleanup_is_batched_and_prints_what_it_removed(any_db_ctx: Context) -> N
         s.execute(insert(DeviceToken), rows)
         s.commit()
     calls: list[int] = []
-    t0 = time.perf_counter()
     res = cleanup_stale_tokens(any_db_ctx, 90, progress=calls.append)
-    took = time.perf_counter() - t0
-    assert calls == [1000, 1000, 600] and len(res.removed) == 2600 and took < 5
+    assert calls == [1000, 1000, 600] and len(res.removed) == 2600  # three batches, counted
     assert live(any_db_ctx) == {IOS_TOKEN, ANDROID_TOKEN}
 
     with Session(any_db_ctx.engine) as s:

@@ -455,20 +455,17 @@ def test_sendgrid_burst_is_applied_with_a_fixed_number_of_statements(
                 batch.append(sg_event("open", rec, delivery_id=ids[i]))
             batch.append(sg_event("spamreport", None, email="carol@example.com"))
             statements.clear()
-            started = time.perf_counter()
             r = sg_post(http, sg_key, batch)
-            elapsed = time.perf_counter() - started
             assert r.status_code == 200, r.text
             assert r.json()["transitions"] == 2 * n and r.json()["unmatched"] == 0
-            results[n] = (len(statements), elapsed)
+            results[n] = len(statements)
             with Session(wctx.engine) as s:
                 statuses = s.execute(select(Delivery.status).where(Delivery.id.in_(ids))).scalars().all()
             assert set(statuses) == {"opened"}
     finally:
         event.remove(wctx.engine, "before_cursor_execute", count)
-    # the same statements for 101 events as for 4001, and a burst of 4001 in well under the test budget
-    assert results[50][0] == results[2000][0] <= 12, results
-    assert results[2000][1] < 10, results
+    # the same statements for 101 events as for 4001: the burst's cost is counted, not timed
+    assert results[50] == results[2000] <= 12, results
 
 
 # ============================================================================================ SES / SNS

@@ -9,17 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from notifyctl.context import Context
+from worker.liveness import Liveness
 from worker.pipeline import Runtime
 from worker.pipeline import process as _process
 
 _runtime: Runtime | None = None
 
 
-def configure(ctx: Context, worker_name: str | None = None) -> Runtime:
+def configure(ctx: Context, worker_name: str | None = None, liveness: Liveness | None = None) -> Runtime:
     global _runtime
     if _runtime is not None:
         _runtime.close()
-    _runtime = Runtime(ctx, worker_name)
+    _runtime = Runtime(ctx, worker_name, liveness)
     return _runtime
 
 

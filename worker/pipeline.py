@@ -30,7 +30,7 @@ from sqlalchemy import bindparam, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from notifyctl import keys, metrics, prefs
+from notifyctl import metrics, prefs
 from notifyctl.context import Context
 from notifyctl.db import prepare_insert, rows_where_in, unindexed, unindexed_in, update_where_in, write_lock
 from notifyctl.errors import TemplateError
@@ -52,8 +52,10 @@ from notifyctl.secretdata import ERASED_KEY, SECRET_ERASED, erase, erased_fields
 from notifyctl.templates import Template
 from notifyctl.unsubscribe import secret_key, unsubscribe_url
 from worker.circuit import OPEN, THROTTLED, Circuits
-from worker.claims import OK, Claims
+from worker.claims import DOUBT, OK, Claims, Fenced
+from worker.liveness import Liveness, unique_worker_name
 from worker.providers import (
+    Held,
     InvalidAddress,
     Message,
     Misconfigured,
@@ -72,12 +74,15 @@ log = logging.getLogger("notifyctl.worker")
 class Runtime:
     """Per-process worker state: connections, limiter, claims and provider instances."""
 
-    def __init__(self, ctx: Context, worker_name: str | None = None) -> None:
+    def __init__(self, ctx: Context, worker_name: str | None = None, liveness: Liveness | None = None) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
-        self.worker_name = worker_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.worker_name = worker_name or unique_worker_name(f"{socket.gethostname()}-{os.getpid()}")
         self.limiter = RateLimiter(ctx.redis, self.settings.rules, self.settings.rate_limit_bypass_high)
         self.claims = Claims(ctx.redis, self.worker_name, self.settings.claim_ttl, self.settings.sent_marker_ttl)
+        self.liveness = liveness or Liveness(
+            ctx.redis, self.worker_name, self.settings.worker_alive_ttl, host=self.settings.host_name
+        )
         self.circuits = Circuits(ctx.redis, self.settings.circuit_threshold, self.settings.circuit_cooldown)
         self._providers: dict[str, Provider] = {}
         self._unsub_key: bytes | None = None
@@ -96,6 +101,7 @@ class Runtime:
         return p
 
     def close(self) -> None:
+        self.claims.close()
         for p in self._providers.values():
             try:
                 p.close()
@@ -113,6 +119,8 @@ class Stats:
     failed: int = 0
     suppressed: int = 0
     skipped: int = 0
+    in_doubt: int = 0  # taken over from a holder that had begun sending them: sent again
+    fenced: int = 0  # not sent: the lease was no longer this worker's at the provider call
     by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,15 +271,18 @@ def process(rt: Runtime, notification_ids: Iterable[str], as_of: float | None = 
     """Process a batch; ``as_of`` (epoch s) is the time up to which scheduled retries are due."""
     ids = list(dict.fromkeys(notification_ids))
     stats = Stats()
-    rt.ctx.redis.set(keys.alive(rt.worker_name), "1", ex=rt.settings.worker_alive_ttl)
-    for attempt in range(3):
-        try:
-            return _process(rt, ids, as_of, stats)
-        except IntegrityError:
-            # Another worker fanned out the same fresh notification at the same moment: reload and go on.
-            if attempt == 2:
-                raise
-            stats = Stats()
+    rt.liveness.beat()
+    try:
+        for attempt in range(3):
+            try:
+                return _process(rt, ids, as_of, stats)
+            except IntegrityError:
+                # Another worker fanned out the same fresh notification at the same moment: reload and go on.
+                if attempt == 2:
+                    raise
+                stats = Stats()
+    finally:
+        rt.claims.drop()  # whatever happened, this batch's leases are no longer renewed
     return stats
 
 
@@ -481,9 +492,39 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         sms_stops: set[str] = set()
         if due:
             claims = rt.claims.take([d.id for d in due])
+            doubts = [d.id for d, c in zip(due, claims, strict=True) if c.startswith(DOUBT)]
+            # an in-doubt delivery's holder may have recorded its outcome in SQL after this batch loaded
+            settled = _settled_in_sql(session.connection(), doubts) if doubts else {}
             to_send: dict[str, list[tuple[_D, Message]]] = defaultdict(list)
             for d, claim in zip(due, claims, strict=True):
-                if claim.startswith("sent:"):
+                if d.id in settled:
+                    d.status, pmid = settled[d.id]
+                    if pmid and d.status in (DeliveryStatus.sent, DeliveryStatus.delivered, DeliveryStatus.opened):
+                        sent_marks[d.id] = pmid
+                    else:
+                        released.append(d.id)
+                    stats.skipped += 1
+                    continue
+                if claim.startswith(DOUBT):
+                    # Its previous holder died (or lost Redis for longer than its lease) with the provider
+                    # call under way: it may have been sent. At-least-once: sent again, and recorded.
+                    events.append(
+                        {
+                            "notification_id": d.notification_id,
+                            "delivery_id": d.id,
+                            "status": IN_DOUBT,
+                            "detail": f"worker {claim[len(DOUBT) :]} stopped with the provider call under way; "
+                            "sending again (it may arrive twice)",
+                            "at": now,
+                        }
+                    )
+                    log.warning(
+                        "delivery in doubt: sending again",
+                        extra={"notification_id": d.notification_id, "delivery_id": d.id, "route": d.route},
+                    )
+                    rt.metrics.in_doubt(d.channel)
+                    stats.in_doubt += 1
+                elif claim.startswith("sent:"):
                     # Sent before, but the SQL record was lost (crash between provider and commit).
                     _mark(
                         d,
@@ -496,7 +537,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     )
                     stats.skipped += 1
                     continue
-                if claim != OK:
+                elif claim != OK:
                     stats.skipped += 1
                     continue
                 n = by_id[d.notification_id]
@@ -541,6 +582,11 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 results = _send_route(rt, route, [m for _, m in items])
                 for (d, _m), (provider_name, outcome) in zip(items, results, strict=True):
                     attempts = d.attempts + 1
+                    if isinstance(outcome, Fenced):
+                        # not ours any more: whoever holds the lease now sends and records it
+                        stats.fenced += 1
+                        stats.skipped += 1
+                        continue
                     if isinstance(outcome, Sent):
                         _mark(
                             d,
@@ -556,6 +602,22 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                         if d.channel == "push":
                             token_success.append(d.address)
                         stats.sent += 1
+                    elif isinstance(outcome, Held):
+                        # not offered to any provider (our pace, open circuits): no attempt used;
+                        # spread a little so that a held batch does not come back as one burst
+                        wait = max(0.5, outcome.retry_after) * (1 + random.random() / 4)
+                        _mark(
+                            d,
+                            updates,
+                            events,
+                            DeliveryStatus.retrying,
+                            now,
+                            reason=outcome.reason,
+                            next_attempt_at=now + timedelta(seconds=wait),
+                            detail=f"held: {outcome.reason}; next in {wait:.1f}s",
+                        )
+                        stats.retrying += 1
+                        released.append(d.id)
                     elif isinstance(outcome, Retry) and outcome.throttled:
                         # the provider asks us to slow down: wait as told (spread a little so the
                         # batch does not come back as one burst) without using up an attempt
@@ -827,6 +889,15 @@ def _follow_replaced_tokens(
     return still
 
 
+IN_DOUBT = "in_doubt"  # the event recorded for a delivery taken over in flight (``Claims.take``)
+
+
+def _settled_in_sql(conn: Any, ids: list[str]) -> dict[str, tuple[str, str | None]]:
+    """Of these deliveries, those whose outcome is already in SQL: id → (status, provider message id)."""
+    sql = "SELECT id, status, provider_message_id FROM deliveries"
+    return {r[0]: (r[1], r[2]) for r in rows_where_in(conn, sql, "id", ids, "AND status NOT IN ('queued', 'retrying')")}
+
+
 def delivery_id(notification_id: str, channel: str, address: str) -> str:
     """Deterministic: the same notification, channel and address always give the same id, and
     it sorts with its notification's (``derived_id``)."""
@@ -894,21 +965,26 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
     usable = [n for n in names if states[n][0] not in (OPEN, THROTTLED)]
     results: list[tuple[str, Outcome] | None] = [None] * len(messages)
     if not usable:
+        # No provider is called: the delivery waits for the first circuit that may close (or
+        # throttle that ends) without using an attempt, or a long outage would drain its attempts
+        # with no call made.
         wait = max(1.0, min(until for _, until in states.values()) - time.time())
         if any(state == THROTTLED for state, _ in states.values()):
-            why, throttled = f"every {route} provider is throttling or down", True
+            why = f"every {route} provider is throttling or down"
         else:
-            why, throttled = f"every {route} provider's circuit is open", False
-        return [(names[0], Retry(why, retry_after=wait, throttled=throttled)) for _ in messages]
+            why = f"every {route} provider's circuit is open"
+        return [(names[0], Held(why, retry_after=wait)) for _ in messages]
     pending = list(range(len(messages)))
     for name in usable:
         outcomes = _call_provider(rt, name, [messages[i] for i in pending])
-        accepted = any(isinstance(o, Sent) for o in outcomes)
-        retries = [o for o in outcomes if isinstance(o, Retry)]
+        called = [o for o in outcomes if not isinstance(o, Fenced)]
+        accepted = any(isinstance(o, Sent) for o in called)
+        retries = [o for o in called if isinstance(o, Retry)]
         throttled = [o for o in retries if o.throttled]
-        provider_down = not accepted and len(retries) == len(outcomes) and not throttled
+        provider_down = not accepted and len(retries) == len(called) and not throttled
         try:  # bookkeeping after the provider answered: a Redis failure here must not lose the answers
-            rt.circuits.record(name, ok=not provider_down, was=states[name][0])
+            if called:
+                rt.circuits.record(name, ok=not provider_down, was=states[name][0])
             if throttled and not accepted:
                 rt.circuits.throttle(name, max((o.retry_after or 1.0) for o in throttled))
         except redis.RedisError:
@@ -924,7 +1000,7 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
     if pending and route == "sms" and rt.settings.providers_voice:
         otps = [i for i in pending if messages[i].priority == "high" and messages[i].category == "transactional"]
         for i, (name, o) in zip(otps, _send_voice(rt, [messages[i] for i in otps]), strict=True):
-            if isinstance(o, Sent):
+            if isinstance(o, (Sent, Fenced)):
                 results[i] = (f"{name}:voice", o)
     return [r for r in results if r is not None]
 
@@ -943,10 +1019,28 @@ def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome
 
 
 def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outcome]:
+    """The provider's outcomes, for the messages whose lease this worker still holds (checked and
+    marked in flight in one Redis call right before the call: ``Claims.fence``); ``Fenced`` for
+    the others, which are not sent."""
     try:
         provider = rt.provider(name)
     except Misconfigured as exc:
         return [Retry(f"{name} misconfigured: {exc}") for _ in messages]
+    ours = rt.claims.fence([m.delivery_id for m in messages])
+    if all(ours):
+        return _provider_send(rt, provider, name, messages)  # type: ignore[return-value]
+    out: list[Outcome] = [Fenced() for _ in messages]
+    kept = [i for i, ok in enumerate(ours) if ok]
+    if kept:
+        for i, o in zip(kept, _provider_send(rt, provider, name, [messages[i] for i in kept]), strict=True):
+            out[i] = o
+    return out
+
+
+def _provider_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> list[Outcome]:
+    # a provider that makes several requests per call asks before each whether the lease still
+    # covers one more (``worker.providers.base.lease_open``)
+    provider.may_start = rt.claims.may_start  # type: ignore[attr-defined]
     t0 = time.perf_counter()
     try:
         outcomes = provider.send(messages)

@@ -23,6 +23,7 @@ from notifyctl import keys
 from notifyctl.context import Context, freeze_heap
 from notifyctl.settings import Settings
 from notifyctl.vocabulary import PRIORITIES, ROUTES
+from worker.liveness import Liveness, unique_worker_name
 
 log = logging.getLogger("notifyctl.worker")
 
@@ -35,24 +36,34 @@ def queue_sets(queues: list[str], pool: int) -> list[list[str]]:
     return [ordered for _ in range(pool)]
 
 
-def _heartbeat(ctx: Context, name: str, stop: threading.Event) -> None:
-    s = ctx.settings
+def _heartbeat(live: Liveness, every: float, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
-            ctx.redis.set(keys.alive(name), "1", ex=s.worker_alive_ttl)
+            live.beat()
         except Exception:  # noqa: BLE001 - keep beating through a Redis blip
             log.warning("heartbeat to Redis failed", exc_info=True)
-        stop.wait(s.worker_heartbeat)
+        stop.wait(every)
 
 
-def _worker_class() -> type:
+def _worker_class(dequeue_timeout: int = 60) -> type:
     from rq import SimpleWorker
 
     class NotifyWorker(SimpleWorker):
         """SimpleWorker (no fork per job) whose command channel wakes often, so that stopping
-        takes milliseconds instead of RQ's one-second join; burst workers take no commands."""
+        takes milliseconds instead of RQ's one-second join; burst workers take no commands.
+
+        An idle worker blocks ``dequeue_timeout`` s in its dequeue (RQ's default, 405 s, is its
+        worker TTL less 15) and then renews it; its connection's reads may take 10 s more
+        (``notifyctl.redisconn.connect(dequeue=True)``). When Redis is unreachable it tries again
+        every second (RQ doubles the wait up to 60 s: a pool would sit a minute idle after Redis
+        came back)."""
 
         burst_mode = False
+        max_connection_wait_time = 1.0
+
+        @property
+        def dequeue_timeout(self) -> int:
+            return dequeue_timeout
 
         def subscribe(self) -> None:
             if self.burst_mode:
@@ -71,20 +82,26 @@ def run_worker(
     settings: Settings, priorities: list[str], burst: bool, name: str | None = None, reconcile: bool = False
 ) -> int:
     """Run one worker in this process until stopped (or, with ``burst``, until the queues are empty)."""
+    from rq import Queue
+
     from notifyctl.db import dispose_all
+    from notifyctl.redisconn import connect
     from worker import jobs
     from worker.reconciler import reconcile as do_reconcile
 
     dispose_all(close=False)  # never use a parent's SQL connections after fork
     ctx = Context(settings)
-    name = name or f"notify-{socket.gethostname()}-{os.getpid()}"
-    queues = [ctx.queue(p) for p in priorities]
-    w = _worker_class()(queues, connection=ctx.redis, name=name)
+    name = name or unique_worker_name(f"notify-{settings.host_name or socket.gethostname()}-{os.getpid()}")
+    # RQ's own connection, for its blocking dequeue (long reads); the jobs use ctx.redis (short ones)
+    rq_conn = connect(settings, dequeue=True)
+    queues = [Queue(keys.queue_name(p), connection=rq_conn) for p in priorities]
+    w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name)
     w.burst_mode = burst
-    jobs.configure(ctx, worker_name=name)
+    live = Liveness(ctx.redis, name, settings.worker_alive_ttl, [q.name for q in queues], host=settings.host_name)
+    jobs.configure(ctx, worker_name=name, liveness=live)
     freeze_heap()
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(ctx, name, stop), daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(live, settings.worker_heartbeat, stop), daemon=True)
     beat.start()
     try:
         if not burst:
@@ -103,8 +120,13 @@ def run_worker(
                 return 0
     finally:
         stop.set()
-        ctx.redis.delete(keys.alive(name))
+        beat.join(timeout=5)  # (a beat after the delete would bring the key back)
+        try:
+            live.clear()  # only our own key: never another worker's
+        except Exception:  # noqa: BLE001 - it expires on its own
+            log.warning("liveness key not cleared", exc_info=True)
         jobs.runtime().close()
+        rq_conn.close()
 
 
 def _child(settings: Settings, priorities: list[str], burst: bool, name: str, nice: int = 0) -> None:
@@ -176,7 +198,9 @@ class Pool:
         self.sets = queue_sets(queues, size)
         self.burst = burst
         self.procs: list[Any] = [None] * size
-        self.names = [f"notify-{socket.gethostname()}-{os.getpid()}-{i}" for i in range(size)]
+        host = settings.host_name or socket.gethostname()
+        # a random part per pool: two hosts with one hostname and the supervisor as PID 1 never clash
+        self.names = [unique_worker_name(f"notify-{host}-{os.getpid()}") + f"-{i}" for i in range(size)]
         self._stopping = False
         self._mp = mp.get_context("fork")  # the child inherits the Settings object, secrets included
         self.restarts = 0
@@ -198,6 +222,7 @@ class Pool:
         self._started_at[i] = time.monotonic()
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
+        from notifyctl.analytics import compact
         from notifyctl.db import checkpoint
         from notifyctl.dlq import DlqConfig, check_dlq_alert
         from worker.reconciler import reconcile
@@ -251,6 +276,11 @@ class Pool:
                         checkpoint(ctx.engine)  # SQLite: the WAL goes back into the database here, not in a writer
                     except Exception:  # noqa: BLE001 - a checkpoint can wait for the next round
                         log.warning("SQLite checkpoint failed", exc_info=True)
+                    if rounds % 5 == 0:
+                        try:
+                            compact(ctx.engine)  # PostgreSQL: the analytics deltas into the hourly rollup
+                        except Exception:  # noqa: BLE001 - reports read the deltas meanwhile
+                            log.warning("analytics compaction failed", exc_info=True)
                     next_reconcile = time.monotonic() + reconcile_every
                 if time.monotonic() >= next_dlq_check:
                     try:

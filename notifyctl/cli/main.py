@@ -19,6 +19,7 @@ from notifyctl.cli import (
     prefs,
     providers,
     purge,
+    report,
     sandbox,
     send,
     server,
@@ -127,6 +128,7 @@ app.command("demo")(worker.demo)
 app.command("serve")(serve_cmd.serve)
 app.command("sandbox")(sandbox.sandbox)
 app.command("purge")(purge.purge)
+app.command("report")(report.report)
 app.add_typer(users.app, name="users")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(dlq.app, name="dlq")

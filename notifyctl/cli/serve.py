@@ -29,8 +29,10 @@ def serve(
     """
     import uvicorn
 
+    from notifyctl import logs
     from notifyctl.api.app import create_app
     from notifyctl.api.limits import UVICORN_OPTIONS
+    from notifyctl.unsubscribe import check_at_start
 
     if not 0 <= port <= 65535:
         raise InputError(f"--port: {port} is not a TCP port")
@@ -38,8 +40,12 @@ def serve(
     if log_level not in levels:
         raise InputError(f"--log-level: use one of {', '.join(levels)}")
     c = get_ctx(ctx)
+    # notifyctl's own lines (webhook events for unknown messages, SNS confirmations, ...) at the same
+    # level as uvicorn's; without this only warnings would reach stderr
+    logs.setup(log_level.upper(), json_lines=c.settings.log_format == "json")
     c.engine  # noqa: B018 - fail now (one line) if the database is unusable, not on the first request
     c.redis.ping()
+    check_at_start(c.settings)  # a shared database: this host signs links with the others' key, or stops
     app = create_app(c)
     err_console.print(f"notifyctl API on http://{host}:{port} (docs: /docs, health: /healthz)")
     uvicorn.run(

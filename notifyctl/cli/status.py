@@ -26,11 +26,11 @@ def _render(rep: dict) -> Group:  # type: ignore[type-arg]
             str(q["started"]),
             str(q["failed_jobs"]),
         )
-    wt = Table(title=f"Workers ({len(rep['workers'])})")
-    for col in ("name", "state", "queues", "job"):
+    wt = Table(title=f"Workers ({len(rep['workers'])} on {len(rep['hosts'])} host(s))")
+    for col in ("host", "name", "state", "queues", "job"):
         wt.add_column(col)
     for w in rep["workers"]:
-        wt.add_row(w["name"], w["state"], ",".join(w["queues"]), w["current_job"] or "")
+        wt.add_row(w["host"], w["name"], w["state"], ",".join(w["queues"]), w["current_job"] or "")
     st = Table(title="Tracking")
     st.add_column("what")
     st.add_column("counts")
@@ -38,6 +38,7 @@ def _render(rep: dict) -> Group:  # type: ignore[type-arg]
     st.add_row("deliveries", "  ".join(f"{k}={v}" for k, v in sorted(rep["deliveries"].items())) or "-")
     st.add_row("sent, last minute", "  ".join(f"{k}={v}" for k, v in sorted(rep["sent_last_minute"].items())) or "0")
     st.add_row("DLQ depth", str(rep["dlq_depth"]))
+    st.add_row("in doubt, sent again", "  ".join(f"{k}={v}" for k, v in sorted(rep["in_doubt"].items())) or "0")
     pt = Table(title="Providers")
     for col in ("provider", "circuit", "failing batches", "retry in (s)"):
         pt.add_column(col)
@@ -59,13 +60,17 @@ def plain_lines(rep: dict) -> list[str]:  # type: ignore[type-arg]
         lines.append(
             f"queue {q['queue']}: depth={q['depth']} oldest={age} running={q['started']} failed_jobs={q['failed_jobs']}"
         )
-    lines.append(f"workers: {len(rep['workers'])}")
+    lines.append(f"workers: {len(rep['workers'])} hosts: {len(rep['hosts'])}")
     for w in rep["workers"]:
-        lines.append(f"worker {w['name']}: {w['state']} queues={','.join(w['queues'])} job={w['current_job'] or '-'}")
+        lines.append(
+            f"worker {w['name']}: host={w['host']} {w['state']} queues={','.join(w['queues'])} "
+            f"job={w['current_job'] or '-'}"
+        )
     lines.append(f"notifications: {counts(rep['notifications'])}")
     lines.append(f"deliveries: {counts(rep['deliveries'])}")
     lines.append(f"sent last minute: {counts(rep['sent_last_minute'])}")
     lines.append(f"dlq depth: {rep['dlq_depth']}")
+    lines.append(f"in doubt (sent again): {counts(rep['in_doubt']) if rep['in_doubt'] else 0}")
     for name, c in rep["providers"].items():
         lines.append(
             f"provider {name}: circuit={c['state']} failing_batches={c['failing_batches']} "
@@ -87,7 +92,8 @@ def status(
     interval: float = typer.Option(1.0, "--interval", "-i", min=0.1, help="Seconds between refreshes with --watch."),
     count: int | None = typer.Option(None, "--count", min=1, help="With --watch: stop after this many snapshots."),
 ) -> None:
-    """Queue depth and oldest job age per priority, workers, delivery counts and DLQ depth.
+    """Queue depth and oldest job age per priority, live workers per host, delivery counts, DLQ
+    depth, and deliveries sent again because their worker died mid-send (in doubt).
 
     \b
     Examples:

@@ -32,6 +32,7 @@ def worker(
     queues due retries and recovers the work of killed workers.
     """
     from notifyctl import logs
+    from notifyctl.unsubscribe import check_at_start
     from worker.pool import Pool, run_worker
 
     app_ctx = get_ctx(ctx)
@@ -40,6 +41,7 @@ def worker(
     qs = _queues(queues)
     app_ctx.redis  # noqa: B018 - start/verify Redis and the database before forking
     app_ctx.engine  # noqa: B018
+    check_at_start(s)  # a shared database: this host signs links with the others' key, or stops
     if burst and pool == 1:
         run_worker(app_ctx.settings, qs, burst=True, reconcile=True)
         return

@@ -9,6 +9,7 @@ import importlib
 from typing import Any
 
 from worker.providers.base import (
+    Held,
     InvalidAddress,
     Message,
     Misconfigured,
@@ -21,6 +22,7 @@ from worker.providers.base import (
 
 __all__ = [
     "REGISTRY",
+    "Held",
     "InvalidAddress",
     "Message",
     "Misconfigured",

@@ -7,6 +7,9 @@ A provider takes a batch of rendered messages for one route (``push.ios``, ``pus
     ├── Sent(provider_message_id)          accepted by the provider
     ├── Retry(reason, retry_after=None,    transient: try again later (5xx, timeouts);
     │         throttled=False)             throttled=True for 429s: waits without using an attempt
+    ├── Held(reason, retry_after)          not sent, and no attempt made: our own wait (the pace
+    │                                      said wait, every circuit of the route is open, a batch
+    │                                      stopped at its first 429); uses no attempt
     ├── Permanent(reason)                  will never succeed as is: failed, dead-lettered
     └── InvalidAddress(reason)             the token/number/address is dead: failed, and cleaned up
 
@@ -73,6 +76,15 @@ class Retry:
 
 
 @dataclass(slots=True, frozen=True)
+class Held:
+    """Not sent, and never offered to the provider: the message waits ``retry_after`` seconds
+    (the pace of the provider, an open circuit) without using one of its attempts."""
+
+    reason: str
+    retry_after: float = 1.0
+
+
+@dataclass(slots=True, frozen=True)
 class Permanent:
     reason: str
 
@@ -82,7 +94,25 @@ class InvalidAddress:
     reason: str
 
 
-Outcome = Sent | Retry | Permanent | InvalidAddress
+@dataclass(frozen=True, slots=True)
+class Fenced:
+    """Not sent, because this worker's lease on the delivery (``worker.claims``) is lost or about to
+    run out (it could not renew it: cut off from Redis): another worker sends it once the lease has
+    expired. The pipeline records nothing for it."""
+
+    reason: str = "lease lost"
+
+
+Outcome = Sent | Retry | Held | Permanent | InvalidAddress | Fenced
+
+
+def lease_open(provider: Any, timeout: float) -> bool:
+    """For a provider that makes several requests per ``send``: whether one more request, which may
+    take up to ``timeout`` seconds, still ends within this worker's lease on the batch. The
+    pipeline gives the provider ``may_start`` (``Claims.may_start``) before each call; a provider
+    used without it (tests, tools) is never held back."""
+    gate = getattr(provider, "may_start", None)
+    return gate is None or bool(gate(timeout))
 
 
 def retry_after(value: str | None) -> float | None:

@@ -33,7 +33,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from notifyctl.masking import mask
 from notifyctl.settings import provider_config
-from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent, retry_after
+from worker.providers.base import (
+    Fenced,
+    InvalidAddress,
+    Message,
+    Misconfigured,
+    Outcome,
+    Permanent,
+    Retry,
+    Sent,
+    lease_open,
+    retry_after,
+)
 
 _SPACE = re.compile(r"\s")  # the same characters as str.isspace
 log = logging.getLogger(__name__)
@@ -238,8 +249,10 @@ class Provider:
     def _send_chunk(self, messages: Sequence[Message], idxs: list[int]) -> list[Outcome]:
         """Send ``messages[idxs]`` as one request; one outcome per index."""
         batch = [messages[i] for i in idxs]
-        payload = orjson.dumps(self._body(batch))
         n = len(batch)
+        if not lease_open(self, self.config.timeout):
+            return [Fenced("sendgrid: lease running out (Redis unreachable?): not sent")] * n
+        payload = orjson.dumps(self._body(batch))
         try:
             resp = self._client.post("/v3/mail/send", content=payload)
         except self._httpx.TimeoutException as exc:

@@ -32,7 +32,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from notifyctl.masking import mask
 from notifyctl.settings import provider_config
-from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent, retry_after
+from worker.providers.base import (
+    Fenced,
+    InvalidAddress,
+    Message,
+    Misconfigured,
+    Outcome,
+    Permanent,
+    Retry,
+    Sent,
+    lease_open,
+    retry_after,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +222,8 @@ class Provider:
         return list(self._pool.map(self._send_one, messages))
 
     def _send_one(self, m: Message) -> Outcome:
+        if not lease_open(self, self.config.timeout):
+            return Fenced("twilio: lease running out (Redis unreachable?): not sent")
         try:
             return self._create(m)
         except self._rest_errors as exc:

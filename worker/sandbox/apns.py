@@ -286,6 +286,8 @@ class _ServerConn(asyncio.Protocol):
         self.sb.request_auth.append(headers.get("authorization", ""))
         fault = self.sb.faults.take(headers.get(":path", "") + body.decode("utf-8", "replace"))
         if fault and fault.get("delay"):
+            self.sb.held += 1
+            self.sb.peak_held = max(self.sb.peak_held, self.sb.held)
             asyncio.get_running_loop().call_later(
                 float(fault["delay"]), self._answer_later, stream_id, headers, body, fault
             )
@@ -293,6 +295,7 @@ class _ServerConn(asyncio.Protocol):
         self._answer(stream_id, headers, body, fault)
 
     def _answer_later(self, stream_id: int, headers: dict[str, str], body: bytes, fault: Any) -> None:
+        self.sb.held -= 1
         if not self.closed:
             self._answer(stream_id, headers, body, fault)
             self._flush()
@@ -384,6 +387,10 @@ class ApnsSandbox:
         self.recorder: Recorder = self._control.recorder
         self.requests: list[str] = []  # path of every push request received (answered or not)
         self.request_auth: list[str] = []  # and its authorization header
+        # requests a "delay" fault holds right now, and the most it held at once: how many the
+        # client had in flight together (the loop's thread alone touches these)
+        self.held = 0
+        self.peak_held = 0
         self.tokens_seen: list[str] = []  # distinct well-signed provider tokens, in the order first seen
         self._verified: dict[str, dict[str, Any]] = {}
         self._tokens_lock = threading.Lock()

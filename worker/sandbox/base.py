@@ -30,6 +30,7 @@ import hmac
 import json
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -138,6 +139,17 @@ class SandboxHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _dispatch(self, method: str) -> None:
+        sb = self.sandbox
+        with sb._active_lock:
+            sb.active += 1
+            sb.peak_active = max(sb.peak_active, sb.active)
+        try:
+            self._dispatch_counted(method)
+        finally:
+            with sb._active_lock:
+                sb.active -= 1
+
+    def _dispatch_counted(self, method: str) -> None:
         body = self._read_body()
         if self.path.startswith("/_sandbox/"):
             self._guarded_control(method, body)
@@ -215,6 +227,14 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256  # load tests open many connections at once
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-request (a timeout, a dropped test, a load generator that
+        # stops) is routine for a sandbox: no traceback on stderr. Anything else is still shown.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
 
 class HttpSandbox:
     """Run ``handler_cls`` on ``127.0.0.1:port`` (0 = any free port) in a background thread.
@@ -228,6 +248,10 @@ class HttpSandbox:
         self.faults = FaultPlan()
         self.recorder = Recorder()
         self.control_token = new_control_token()
+        # requests being handled right now, and the most at once (how many a client had in flight)
+        self.active = 0
+        self.peak_active = 0
+        self._active_lock = threading.Lock()
         handler = type(self.handler_cls.__name__, (self.handler_cls,), {"sandbox": self})
         self._server = _Server((host, port), handler)
         self._thread: threading.Thread | None = None

@@ -1,0 +1,274 @@
+"""The analytics rollup equals a full count over the deliveries after everything that moves a
+status — a blast (the worker), retries (the reconciler), an outage into the DLQ and its replay,
+webhooks, a worker killed with SIGKILL mid-send and a process killed inside its SQL transaction —
+on SQLite and PostgreSQL; `notifyctl report` reads the same numbers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Worker
+from typer.testing import CliRunner, Result
+
+from notifyctl import analytics
+from notifyctl.cli.main import app
+from notifyctl.context import Context
+from notifyctl.dlq import DlqFilter, replay
+from notifyctl.inbound import Event, apply_events
+from tests.conftest import ROOT, cli_env, make_settings, run_cli
+from tests.util import deliveries, notification, seed, send
+from worker.pool import run_worker
+from worker.reconciler import reconcile
+from worker.sandbox.smtp import SmtpSandbox
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSandbox]:
+    with SmtpSandbox() as sb:
+        yield sb
+
+
+@pytest.fixture
+def actx(any_db_ctx: Context, smtp: SmtpSandbox) -> Iterator[Context]:
+    s = any_db_ctx.settings
+    ctx = Context(
+        make_settings(
+            s.home, s.redis_url or "", database_url=s.database_url,
+            providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port, smtp_timeout=5,
+            circuit_threshold=1000, worker_alive_ttl=2, worker_heartbeat=0.5, recovery_grace=1,
+        )
+    )  # fmt: skip
+    seed(ctx)
+    yield ctx
+    from worker import jobs
+
+    jobs.runtime().close()
+    ctx.close()
+
+
+runner = CliRunner()
+
+
+def cli(ctx: Context, *args: str) -> Result:
+    return runner.invoke(app, list(args), env=cli_env(ctx.settings))
+
+
+def drain(ctx: Context) -> None:
+    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
+
+
+def assert_rollup_exact(ctx: Context) -> dict[tuple[str, ...], int]:
+    full = analytics.full_counts(ctx.engine)
+    assert analytics.rollup_counts(ctx.engine) == full
+    return full
+
+
+def sql_status_counts(ctx: Context) -> Counter[str]:
+    return Counter(d.status for d in deliveries(ctx))
+
+
+def wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return None
+
+
+def email(ctx: Context, user: str, i: int) -> str:
+    return send(
+        ctx, recipient_id=user, channels=["email"], data={"order_id": f"O-{user}-{i}", "tracking_url": "u"}
+    ).notification_id
+
+
+def test_rollup_equals_full_count_through_every_kind_of_status_change(actx: Context, smtp: SmtpSandbox) -> None:
+    ctx = actx
+    # 1. A blast over every channel: sent, and suppressed (dave has no email address).
+    for i in range(3):
+        for user in ("alice", "bob", "carol", "dave"):
+            send(ctx, recipient_id=user, channels=["email", "sms", "push"],
+                 data={"order_id": f"B-{user}-{i}", "tracking_url": "u"})  # fmt: skip
+    drain(ctx)
+    full = assert_rollup_exact(ctx)
+    assert {k[4] for k in full} >= {"sent", "suppressed"}
+
+    # 2. Retries: two attempts fail (451), the reconciler brings them back, the third goes out.
+    smtp.faults.add({"smtp_code": 451, "smtp_message": "4.3.0 try later", "count": 2})
+    retried = [email(ctx, "alice", 10), email(ctx, "bob", 10)]
+    drain(ctx)
+    assert {d.status for n in retried for d in deliveries(ctx, n)} == {"retrying"}
+    assert_rollup_exact(ctx)
+    assert reconcile(ctx, now=time.time() + 3600, force=True).retries_queued == 2
+    drain(ctx)
+    assert {d.status for n in retried for d in deliveries(ctx, n)} == {"sent"}
+    assert_rollup_exact(ctx)
+
+    # 3. An outage dead-letters; the replay moves them back to retrying, then they are sent.
+    smtp.faults.add({"smtp_code": 554, "smtp_message": "5.3.0 outage", "stage": "data", "count": -1})
+    dead = [email(ctx, u, 20) for u in ("alice", "bob", "carol")]
+    drain(ctx)
+    assert {d.status for n in dead for d in deliveries(ctx, n)} == {"failed"}
+    full = assert_rollup_exact(ctx)
+    assert {k[5]: v for k, v in full.items() if k[4] == "failed"} == {"SMTP 554 5.3.0 outage": 3}  # kind of reason
+    analytics.compact(ctx.engine)  # PostgreSQL: folded into the rollup meanwhile; nothing changes
+    assert_rollup_exact(ctx)
+    smtp.faults.clear()
+    assert len(replay(ctx, DlqFilter.build(None, None, None, None, None, None, ())).replayed) == 3
+    assert_rollup_exact(ctx)
+    reconcile(ctx, force=True)
+    drain(ctx)
+    assert {d.status for n in dead for d in deliveries(ctx, n)} == {"sent"}
+    assert_rollup_exact(ctx)
+
+    # 4. Webhooks: delivered, opened, a bounce; an event repeated changes nothing more.
+    mails = [d for d in deliveries(ctx) if d.channel == "email" and d.status == "sent"]
+    evs = [Event("sendgrid", "delivered", delivery_id=d.id, event_id=f"dl-{d.id}") for d in mails[:4]]
+    evs += [Event("sendgrid", "opened", delivery_id=d.id, event_id=f"op-{d.id}") for d in mails[:2]]
+    evs += [Event("sendgrid", "failed", delivery_id=mails[5].id, event_id="bounce-1", detail="550 no such user")]
+    pushes = [d for d in deliveries(ctx) if d.channel == "push" and d.status == "sent"]
+    evs += [Event("app", "opened", delivery_id=pushes[0].id, event_id="app-open-1")]
+    assert apply_events(ctx, evs).transitions >= 7
+    apply_events(ctx, evs)
+    assert_rollup_exact(ctx)
+
+    # 5. A worker killed with SIGKILL in the middle of a send: its work is recovered and sent once.
+    smtp.faults.add({"stage": "rcpt", "delay": 30, "match": "alice@"})
+    env = cli_env(
+        ctx.settings, NOTIFY_PROVIDERS_EMAIL='["smtp"]', NOTIFY_SMTP_HOST=smtp.host,
+        NOTIFY_SMTP_PORT=str(smtp.port), NOTIFY_WORKER_ALIVE_TTL="2", NOTIFY_WORKER_HEARTBEAT="0.5",
+        NOTIFY_CIRCUIT_THRESHOLD="1000",
+    )  # fmt: skip
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "2"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        first = email(ctx, "alice", 30)
+        rest = [email(ctx, u, 30) for u in ("bob", "carol")]
+        job = notification(ctx, first).job_id
+
+        def stuck() -> Worker | None:
+            return next((w for w in Worker.all(connection=ctx.redis) if w.get_current_job_id() == job), None)
+
+        victim = wait_for(stuck, 20)
+        assert victim is not None, "no worker picked up the first job"
+        assert wait_for(lambda: smtp.faults.pending() == 0, 20), "the first message never reached the sandbox"
+        os.kill(victim.pid, signal.SIGKILL)
+        smtp.faults.clear()
+        ids = [first, *rest]
+        assert wait_for(lambda: {d.status for n in ids for d in deliveries(ctx, n)} == {"sent"}, 30, 0.2)
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        try:
+            pool.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+            pool.wait()
+    full = assert_rollup_exact(ctx)
+    # (the pool compacted the PostgreSQL deltas on its way: still exact, as checked)
+
+    # The report reads the same numbers as SQL counts over the deliveries, on the CLI too.
+    st = sql_status_counts(ctx)
+    total = analytics.funnel(ctx.engine, "channel")["total"]
+    assert total["sent"] == st["sent"] + st["delivered"] + st["opened"]
+    assert (total["delivered"], total["opened"]) == (st["delivered"] + st["opened"], st["opened"])
+    assert (total["failed"], total["suppressed"]) == (st["failed"], st["suppressed"])
+    assert total["total"] == sum(st.values()) == sum(full.values())
+    for by in ("template", "channel", "campaign", "day"):
+        r = cli(ctx, "report", "--by", by, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout) == json.loads(json.dumps(analytics.funnel(ctx.engine, by)))
+    by_channel = {g["key"]: g for g in analytics.funnel(ctx.engine, "channel")["groups"]}
+    assert by_channel["email"]["failed_by_reason"] == {"sendgrid": 1}  # the bounce, by its kind
+    assert by_channel["email"]["suppressed_by_reason"] == {"no_address": 3}
+
+
+def test_a_process_killed_inside_its_transaction_moves_no_count(any_db_ctx: Context, tmp_path: Path) -> None:
+    """A status change and its rollup change commit together: SIGKILL before the commit leaves both as they were."""
+    ctx = any_db_ctx
+    seed(ctx)
+    nid = send(ctx, channels=["email"]).notification_id
+    drain(ctx)
+    before = assert_rollup_exact(ctx)
+    ready = tmp_path / "ready"
+    script = f"""
+import time
+from notifyctl.cli.main import app
+from notifyctl.context import Context
+from notifyctl.settings import load_settings
+ctx = Context(load_settings())
+with ctx.engine.connect() as conn:
+    conn.exec_driver_sql("UPDATE deliveries SET status = 'opened' WHERE notification_id = '{nid}'")
+    open({str(ready)!r}, "w").close()
+    time.sleep(60)
+"""
+    p = subprocess.Popen([sys.executable, "-c", script], env=cli_env(ctx.settings), cwd=ROOT)
+    try:
+        assert wait_for(ready.exists, 30), "the child never ran its UPDATE"
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert assert_rollup_exact(ctx) == before
+    assert {d.status for d in deliveries(ctx, nid)} == {"sent"}
+
+
+def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> None:
+    ctx = any_db_ctx
+    seed(ctx)
+    send(ctx, channels=["email", "sms"])
+    drain(ctx)
+    expected = assert_rollup_exact(ctx)
+    with ctx.engine.begin() as conn:  # as a database made before analytics existed: no triggers, no rollup
+        for name in analytics.TRIGGERS:
+            conn.exec_driver_sql(
+                f"DROP TRIGGER {name}" + (" ON deliveries" if ctx.engine.dialect.name == "postgresql" else "")
+            )
+        conn.exec_driver_sql("DELETE FROM analytics_hourly")
+        conn.exec_driver_sql("DELETE FROM analytics_delta")
+    assert analytics.rollup_counts(ctx.engine) == {}
+    assert analytics.install(ctx.engine) is True
+    assert analytics.install(ctx.engine) is False
+    assert analytics.rollup_counts(ctx.engine) == expected
+    send(ctx, recipient_id="bob", channels=["email"])
+    drain(ctx)
+    assert_rollup_exact(ctx)
+
+
+def test_report_cli_table_csv_since_and_bad_input(ctx: Context, rclient: redis.Redis) -> None:
+    seed(ctx)
+    for user in ("alice", "bob", "dave"):
+        send(ctx, recipient_id=user, channels=["email"])
+    drain(ctx)
+    table = run_cli(ctx.settings, "report", "--by", "channel")
+    assert table.returncode == 0, table.stderr
+    assert "Delivery funnel by channel" in table.stdout and "email" in table.stdout
+    assert "suppressed by reason: no_address=1" in table.stdout
+    out = cli(ctx, "report", "--by", "template", "--csv", "--since", "24h")
+    rows = list(csv.reader(io.StringIO(out.stdout)))
+    assert rows[0][:4] == ["template", "total", "pending", "sent"]
+    assert rows[1][:4] == ["order_shipped_v2", "3", "0", "2"] and rows[-1][0] == "total"
+    future = cli(ctx, "report", "--since", "2999-01-01", "--json")
+    assert json.loads(future.stdout)["groups"] == []
+    for args, msg in (
+        (["--by", "user"], "--by: expected template, channel, campaign or day, got 'user'"),
+        (["--since", "yesterday"], "--since: expected a duration"),
+        (["--json", "--csv"], "--json and --csv: choose one"),
+    ):
+        bad = cli(ctx, "report", *args)
+        assert bad.exit_code == 2 and msg in bad.stderr and bad.stdout == "", bad.output

@@ -1,0 +1,164 @@
+"""Several hosts, one database (issue 18, item 2): the key that signs unsubscribe links and open
+pixels lives in the shared database, so a link mailed by one host works on every other; a host
+configured with a different key refuses to start. Hosts are real processes with homes of their
+own, on one PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import create_engine, select, text
+from sqlmodel import Session
+
+from notifyctl.context import Context
+from notifyctl.db import dispose_all
+from notifyctl.models import DeliveryEvent, OptOut
+from tests.conftest import PG_AVAILABLE, PG_URL, ROOT, cli_env, make_settings
+from tests.util import seed, send
+from worker.pool import run_worker
+from worker.providers.outbox import read_outbox
+
+pytestmark = pytest.mark.skipif(not PG_AVAILABLE, reason="PostgreSQL not reachable on 127.0.0.1:5432")
+PUBLIC = "https://notify.example.com"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    pytest.importorskip("psycopg2")
+    schema = "t_" + uuid.uuid4().hex[:10]
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    dispose_all()
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _no_key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SECRET_KEY", raising=False)
+
+
+def host_home(tmp_path: Path, name: str) -> Path:
+    h = tmp_path / name
+    h.mkdir(mode=0o700)
+    return h
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_worker(settings, **env: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--burst"],
+        env=cli_env(settings, **env), cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_link_signed_on_host_a_works_on_host_b(
+    tmp_path: Path, pg_url: str, redis_url: str, rclient: redis.Redis
+) -> None:
+    a = Context(make_settings(host_home(tmp_path, "a"), redis_url, database_url=pg_url, public_url=PUBLIC))
+    b_settings = make_settings(host_home(tmp_path, "b"), redis_url, database_url=pg_url, public_url=PUBLIC)
+    seed(a)
+    promo = send(
+        a, template_id="weekly_promo", channels=["email"], data={"first_name": "A", "discount": 5, "code": "C"}
+    )
+    run_worker(a.settings, ["high", "normal", "low"], burst=True)  # host A sends, signing with the shared key
+    (mail,) = [m for m in read_outbox(a.settings.outbox_dir, "email") if m["notification_id"] == promo.notification_id]
+    unsub = mail["headers"]["List-Unsubscribe"].strip("<>").removeprefix(PUBLIC)
+    pixel = re.search(r'<img src="' + re.escape(PUBLIC) + r'(/o/[^"]+)"', mail["content"]["html"]).group(1)  # type: ignore[union-attr]
+
+    port = free_port()
+    api = subprocess.Popen(
+        [sys.executable, "-m", "notifyctl.cli.main", "serve", "--port", str(port)],
+        env=cli_env(b_settings, NOTIFY_PUBLIC_URL=PUBLIC), cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert api.poll() is None and time.monotonic() < deadline, api.stderr.read() if api.stderr else ""
+            time.sleep(0.1)
+        assert httpx.get(base + pixel).status_code == 200
+        r = httpx.post(base + unsub, data={"List-Unsubscribe": "One-Click"})
+        assert r.status_code == 200, r.text
+    finally:
+        api.terminate()
+        api.wait(timeout=20)
+    with Session(a.engine) as s:
+        opted = s.execute(select(OptOut.channel, OptOut.category).where(OptOut.user_id == "alice")).all()
+        opened = s.execute(select(DeliveryEvent.status).where(DeliveryEvent.notification_id == promo.notification_id))
+        assert ("email", "marketing") in [tuple(o) for o in opted]
+        assert "opened" in list(opened.scalars())
+    assert not (b_settings.home / "secret.key").exists()  # host B made no key of its own
+    a.close()
+
+
+def test_first_hosts_race_to_one_key(tmp_path: Path, pg_url: str, redis_url: str, rclient: redis.Redis) -> None:
+    code = "from notifyctl.settings import load_settings; from notifyctl.unsubscribe import fingerprint, secret_key; "
+    code += "print(fingerprint(secret_key(load_settings())))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=cli_env(make_settings(host_home(tmp_path, f"h{i}"), redis_url, database_url=pg_url)),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(4)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _o, e in outs]
+    assert len({o.strip() for o, _e in outs}) == 1
+
+
+def test_a_host_with_another_key_refuses_to_start(
+    tmp_path: Path, pg_url: str, redis_url: str, rclient: redis.Redis
+) -> None:
+    first = make_settings(host_home(tmp_path, "a"), redis_url, database_url=pg_url)
+    assert start_worker(first).returncode == 0  # creates the key in the database
+    other = make_settings(host_home(tmp_path, "b"), redis_url, database_url=pg_url)
+    r = start_worker(other, NOTIFY_SECRET_KEY="not-the-shared-one")
+    assert r.returncode == 3, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "NOTIFY_SECRET_KEY differs" in lines[0] and "Traceback" not in r.stderr
+    assert "not-the-shared-one" not in r.stderr
+
+
+def test_hosts_bringing_their_own_key_must_bring_the_same(
+    tmp_path: Path, pg_url: str, redis_url: str, rclient: redis.Redis
+) -> None:
+    mk = lambda name: make_settings(host_home(tmp_path, name), redis_url, database_url=pg_url)  # noqa: E731
+    assert start_worker(mk("a"), NOTIFY_SECRET_KEY="k" * 40).returncode == 0
+    assert start_worker(mk("b"), NOTIFY_SECRET_KEY="k" * 40).returncode == 0
+    wrong = start_worker(mk("c"), NOTIFY_SECRET_KEY="j" * 40)
+    none = start_worker(mk("d"))
+    assert (wrong.returncode, none.returncode) == (3, 3)
+    assert "set the same NOTIFY_SECRET_KEY" in none.stderr
+    with create_engine(pg_url).connect() as conn:  # only a fingerprint is stored, never the key
+        assert conn.execute(text("SELECT value FROM shared_secrets")).scalar_one() is None
+    assert os.environ.get("NOTIFY_SECRET_KEY") is None
