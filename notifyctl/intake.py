@@ -24,7 +24,7 @@ from sqlmodel import Session
 from notifyctl import keys, prefs
 from notifyctl.context import Context
 from notifyctl.db import write_lock
-from notifyctl.errors import InputError
+from notifyctl.errors import InputError, validation_message
 from notifyctl.identifiers import check_user_id
 from notifyctl.jsonload import load_json  # the one JSON loader; callers also import it from here
 from notifyctl.models import Notification, NotificationStatus, User, new_id, utcnow
@@ -94,24 +94,6 @@ class NotifyRequest(BaseModel):
         if "all" in v and len(v) > 1:
             raise ValueError("'all' cannot be combined with other channels")
         return v
-
-
-def _field(p: object) -> str:
-    s = str(p)
-    return s if s and s.isprintable() and s.strip() == s else repr(s)
-
-
-def validation_message(exc: ValidationError) -> str:
-    """One line naming the first bad field."""
-    err = exc.errors()[0]
-    loc = ".".join(_field(p) for p in err["loc"]) or "request"
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{loc}: {msg}{more}"
 
 
 def parse_request(payload: Any) -> NotifyRequest:

@@ -1,13 +1,24 @@
-"""What the modules share (issue 16): the secret masker, the Retry-After parser, the vocabulary."""
+"""What the modules share (issue 16): the secret masker, the Retry-After parser, the vocabulary,
+the error tree and its one translation of foreign errors."""
 
 from __future__ import annotations
 
+import socket
 import time
 from email.utils import formatdate
+from pathlib import Path
 
-from pydantic import SecretStr
+import httpx
+import pytest
+import redis
+from pydantic import BaseModel, SecretStr, ValidationError
+from sqlalchemy import create_engine, text
 
+from notifyctl.errors import ApiError, BadJSON, ConfigError, InputError, NotFound, NotifyError, TemplateError, translate
 from notifyctl.masking import mask
+from notifyctl.settings import Settings
+from notifyctl.vocabulary import PROVIDERS, ROUTES
+from worker.providers import REGISTRY
 from worker.providers.base import retry_after
 
 
@@ -31,9 +42,61 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
 
 
 def test_the_vocabulary_names_every_provider_and_route() -> None:
-    from notifyctl.settings import Settings
-    from notifyctl.vocabulary import PROVIDERS, ROUTES
-    from worker.providers import REGISTRY
-
     assert tuple(REGISTRY) == PROVIDERS
     assert all("providers_" + route.replace(".", "_") in Settings.model_fields for route in ROUTES)
+
+
+# --- the error tree (notifyctl.errors) -------------------------------------------------------
+
+
+def test_each_error_knows_its_exit_code_and_http_status() -> None:
+    assert [(e.exit_code, e.http_status) for e in (InputError, BadJSON, TemplateError, ConfigError, NotFound)] == [
+        (2, 422),
+        (2, 400),
+        (2, 422),
+        (3, 503),
+        (4, 404),
+    ]
+    refused = ApiError(403, "bad signature", {"X-Why": "forged"})
+    assert isinstance(refused, NotifyError) and (refused.http_status, refused.exit_code) == (403, 2)
+    assert (refused.status, refused.message, refused.headers) == (403, "bad signature", {"X-Why": "forged"})
+    assert ApiError(502, "upstream").exit_code == 1
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nobody listens once it is closed
+
+
+def test_translate_turns_foreign_errors_into_one_line_ours(tmp_path: Path) -> None:
+    port = _closed_port()
+    with pytest.raises(redis.ConnectionError) as down:
+        redis.Redis(port=port, socket_connect_timeout=5).ping()
+    err = translate(down.value)
+    assert isinstance(err, ConfigError) and str(err).startswith("Redis unreachable: ") and err.exit_code == 3
+    assert err.public == "Redis unreachable" and str(port) not in err.public
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(Exception) as sql, engine.connect() as conn:
+        conn.execute(text("select * from no_such_table"))
+    err = translate(sql.value)
+    assert isinstance(err, ConfigError) and str(err) == "database error: no such table: no_such_table"
+    engine.dispose()
+
+    class Limits(BaseModel):
+        batch_size: int
+
+    with pytest.raises(ValidationError) as bad:
+        Limits(batch_size="many")  # type: ignore[arg-type]
+    err = translate(bad.value)
+    assert isinstance(err, ConfigError) and str(err).startswith("bad setting: batch_size: ")
+
+    with pytest.raises(httpx.ConnectError) as unreachable:
+        httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+    err = translate(unreachable.value)
+    assert isinstance(err, ConfigError) and str(err).startswith("network error: ") and "\n" not in str(err)
+
+    ours = InputError("--channel: unknown channel 'fax'")
+    assert translate(ours) is ours
+    assert translate(KeyError("a bug")) is None

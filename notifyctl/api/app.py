@@ -34,7 +34,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from notifyctl.api.limits import HeaderLimits, LimitedRoute
 from notifyctl.api.openapi import install as install_openapi
-from notifyctl.errors import BadJSON, InputError, NotFound, NotifyError
+from notifyctl.errors import (
+    ApiError,
+    ConfigError,
+    InputError,
+    NotFound,
+    NotifyError,
+    errors_line,
+    one_line,
+    translate,
+    validation_message,
+)
 from notifyctl.intake import storable
 
 log = logging.getLogger("notifyctl.api")
@@ -87,9 +97,6 @@ def load_api_config(settings: Any) -> ApiConfig:
     try:
         cfg: ApiConfig = provider_config(ApiConfig, "api", settings)
     except ValidationError as exc:
-        from notifyctl.errors import ConfigError
-        from notifyctl.intake import validation_message
-
         raise ConfigError(f"bad API setting: {validation_message(exc)}") from None
     if not cfg.public_url and getattr(settings, "public_url", None):
         cfg.public_url = settings.public_url
@@ -103,35 +110,8 @@ def load_api_config(settings: Any) -> ApiConfig:
     return cfg
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
-from notifyctl.errors import one_line  # noqa: E402
-
-
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
-
-
-def _validation_line(errors: list[Any]) -> str:
-    if not errors:
-        return "request: invalid"
-    err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-    msg = str(err.get("msg", "invalid"))
-    if err.get("type") == "extra_forbidden":
-        msg = "unknown field"
-    elif err.get("type") == "json_invalid":
-        msg = "malformed JSON"
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{'.'.join(loc) or 'request'}: {msg}{more}"
 
 
 # ---------------------------------------------------------------------------------- auth
@@ -494,28 +474,17 @@ def _notify_schema() -> dict[str, Any]:
 
 
 def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.headers)
-
-    @app.exception_handler(NotFound)
-    async def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
-        return _error(404, str(exc))
-
-    @app.exception_handler(InputError)
-    async def _input(_request: Request, exc: InputError) -> JSONResponse:
-        return _error(400 if isinstance(exc, BadJSON) else 422, str(exc))
-
     @app.exception_handler(NotifyError)
     async def _notify_error(_request: Request, exc: NotifyError) -> JSONResponse:
-        log.warning("request failed: %s", one_line(str(exc)))
-        return _error(503, str(exc))
+        if exc.http_status >= 500:
+            log.warning("request failed: %s", one_line(str(exc)))
+        return _error(exc.http_status, exc.public or str(exc), exc.headers if isinstance(exc, ApiError) else None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         status = 400 if errors and errors[0].get("type") == "json_invalid" else 422
-        return _error(status, _validation_line(errors))
+        return _error(status, errors_line(errors, skip=("body",)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -526,13 +495,10 @@ def _install_errors(app: FastAPI) -> None:
         return _error(exc.status_code, detail, headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        import redis
-        from sqlalchemy.exc import OperationalError
-
-        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-            return _error(503, "Redis unreachable")
-        if isinstance(exc, OperationalError):
-            return _error(503, f"database error: {str(exc.orig).splitlines()[0] if exc.orig else 'unavailable'}")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # a pydantic error escaping a request is a bug here, not a bad setting as on the CLI
+        err = None if isinstance(exc, ValidationError) else translate(exc)
+        if err is not None:
+            return await _notify_error(request, err)
         log.exception("unexpected error")
         return _error(500, f"internal error ({type(exc).__name__})")
