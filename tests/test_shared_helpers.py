@@ -19,7 +19,7 @@ from notifyctl.masking import mask
 from notifyctl.settings import Settings
 from notifyctl.vocabulary import PROVIDERS, ROUTES
 from worker.providers import REGISTRY
-from worker.providers.base import retry_after
+from worker.providers.base import InvalidAddress, retry_after
 
 
 def test_mask_shows_the_last_four_only_of_a_long_secret() -> None:
@@ -88,7 +88,7 @@ def test_translate_turns_foreign_errors_into_one_line_ours(tmp_path: Path) -> No
         batch_size: int
 
     with pytest.raises(ValidationError) as bad:
-        Limits(batch_size="many")  # type: ignore[arg-type]
+        Limits(batch_size="many")
     err = translate(bad.value)
     assert isinstance(err, ConfigError) and str(err).startswith("bad setting: batch_size: ")
 
@@ -100,3 +100,30 @@ def test_translate_turns_foreign_errors_into_one_line_ours(tmp_path: Path) -> No
     ours = InputError("--channel: unknown channel 'fax'")
     assert translate(ours) is ours
     assert translate(KeyError("a bug")) is None
+
+
+# --- the provider contract (worker.providers.base) -------------------------------------------
+
+
+def test_invalid_address_says_what_to_do_about_the_address() -> None:
+    from worker.providers import apns, fcm, sns
+
+    assert apns._outcome(410, "Unregistered", {}, "id").kind == "dead_token"
+    assert apns._outcome(400, "BadDeviceToken", {}, "id").kind == "dead_token"
+    assert fcm.classify(404, "UNREGISTERED", "gone", None).kind == "dead_token"
+    assert sns.classify("OptedOut", "Phone number is opted out", 400, None).kind == "stopped"
+    assert sns.classify("InvalidParameter", "Invalid parameter: PhoneNumber", 400, None).kind == "invalid"
+    assert InvalidAddress("x", kind="stopped") == InvalidAddress("x")  # the reason decides equality
+
+
+def test_every_provider_has_the_one_constructor_shape_and_the_whole_protocol() -> None:
+    import importlib
+    import inspect
+
+    for name, module in REGISTRY.items():
+        cls = importlib.import_module(module).Provider
+        params = list(inspect.signature(cls.__init__).parameters)
+        assert params[:3] == ["self", "settings", "redis"], (name, params)
+        assert inspect.signature(cls.__init__).parameters["redis"].default is None, name
+        for method in ("send", "check", "describe", "close"):
+            assert callable(getattr(cls, method, None)), (name, method)

@@ -676,9 +676,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                             provider=provider_name,
                             reason=f"invalid_address: {outcome.reason}",
                         )
-                        if d.channel == "push":
+                        if outcome.kind == "dead_token":
                             removed_tokens[d.address] = f"{provider_name}: {outcome.reason}"
-                        elif d.channel == "sms" and "21610" in outcome.reason:
+                        elif outcome.kind == "stopped" and d.channel == "sms":
                             sms_stops.add(d.user_id)
                         released.append(d.id)
                         stats.failed += 1

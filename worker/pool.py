@@ -178,7 +178,7 @@ def probe_open_circuits(ctx: Context, providers: dict[str, Any]) -> list[str]:
             continue
         try:
             provider = providers.get(name) or providers.setdefault(name, load_provider(name, s))
-            problem = provider.check() if hasattr(provider, "check") else None
+            problem = provider.check()
         except Misconfigured as exc:
             problem = str(exc)
         except Exception as exc:  # noqa: BLE001 - a failed probe only means "not yet"

@@ -157,7 +157,6 @@ class _Item:
 class Provider:
     name: ClassVar[str] = "apns"
     routes: ClassVar[frozenset[str]] = frozenset({"push.ios"})
-    shares_state: ClassVar[bool] = True  # takes redis= (the shared provider token)
 
     def __init__(self, settings: Any, redis: Any | None = None) -> None:
         try:
@@ -302,7 +301,7 @@ class Provider:
     def _item(self, index: int, m: Message) -> _Item | InvalidAddress | Permanent:
         token = m.address.strip()
         if not _TOKEN_RE.match(token):
-            return InvalidAddress("BadDeviceToken")
+            return InvalidAddress("BadDeviceToken", kind="dead_token")
         body = self._payload(m)
         if len(body) > MAX_PAYLOAD:
             return Permanent("PayloadTooLarge")
@@ -427,7 +426,7 @@ def _outcome(status: int, reason: str, headers: dict[str, str], apns_id: str) ->
         return Sent(headers.get("apns-id") or apns_id)
     reason = reason or f"HTTP {status}"
     if status == 410 or reason in _INVALID_ADDRESS:
-        return InvalidAddress(reason)
+        return InvalidAddress(reason, kind="dead_token")
     if status == 403 and reason == "ExpiredProviderToken":
         return Retry(reason)
     if status == 429 and reason == "TooManyRequests":

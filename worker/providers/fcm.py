@@ -144,7 +144,7 @@ def classify(status_code: int, code: str | None, message: str, retry_after: floa
     """Map an FCM error to an outcome (see the module docstring)."""
     what = f"{code or 'HTTP ' + str(status_code)}: {message}"
     if code == "UNREGISTERED":
-        return InvalidAddress(what)
+        return InvalidAddress(what, kind="dead_token")
     if code in ("INVALID_ARGUMENT", "SENDER_ID_MISMATCH", "THIRD_PARTY_AUTH_ERROR", "FAILED_PRECONDITION"):
         return Permanent(what)
     if code in ("QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED") or (code is None and status_code == 429):
@@ -283,7 +283,6 @@ def _load_account_info(cfg: Config) -> dict[str, Any]:
 class Provider:
     name: ClassVar[str] = "fcm"
     routes: ClassVar[frozenset[str]] = frozenset({"push.android"})
-    shares_state: ClassVar[bool] = True  # takes redis= (the shared access token)
 
     def __init__(self, settings: Any, redis: Any | None = None) -> None:
         import httpx

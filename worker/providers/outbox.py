@@ -29,7 +29,7 @@ class Provider:
     name: ClassVar[str] = "outbox"
     routes: ClassVar[frozenset[str]] = frozenset(ROUTES)
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
         self.dir = private_dir(settings.outbox_dir)
         self._fds: dict[str, int] = {}
 

@@ -108,7 +108,7 @@ class Provider:
     name: ClassVar[str] = "sendgrid"
     routes: ClassVar[frozenset[str]] = frozenset({"email"})
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
         import httpx
 
         try:

@@ -320,7 +320,7 @@ class Provider:
     name: ClassVar[str] = "ses"
     routes: ClassVar[frozenset[str]] = frozenset({"email"})
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
         self.config: Config = build_config(Config, "ses", settings)
         self.from_address = self.config.from_address or settings.email_from
         if not self.from_address or "@" not in self.from_address:

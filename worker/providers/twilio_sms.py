@@ -156,7 +156,7 @@ class Provider:
     name: ClassVar[str] = "twilio"
     routes: ClassVar[frozenset[str]] = frozenset({"sms", "voice"})
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
         import requests
         from twilio.base.exceptions import TwilioRestException, TwilioServiceException
         from twilio.rest import Client
@@ -271,7 +271,7 @@ class Provider:
             code = None
         detail = str(getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", "") or "")
         if code == 21610:
-            return InvalidAddress(f"twilio 21610: recipient unsubscribed (replied STOP): {detail}")
+            return InvalidAddress(f"twilio 21610: recipient unsubscribed (replied STOP): {detail}", kind="stopped")
         if code in _INVALID_ADDRESS_CODES:
             return InvalidAddress(f"twilio {code}: {_INVALID_ADDRESS_CODES[code]}: {detail}")
         if code == 20429 or status == 429:
