@@ -27,7 +27,6 @@ from sqlalchemy import select, update
 from sqlmodel import Session
 
 from campaigns.config import CampaignConfig, campaign_config
-from campaigns.models import Campaign, CampaignStatus
 from campaigns.names import check_name, default_name, find_campaign, taken
 from campaigns.report import current_state
 from campaigns.schedule import Schedule, Wave, parse_hhmm, parse_quiet_hours, parse_send_at, plan_waves
@@ -37,7 +36,17 @@ from notifyctl.context import Context
 from notifyctl.db import prepare_insert, write_lock
 from notifyctl.errors import InputError
 from notifyctl.intake import blocked_by, user_vars
-from notifyctl.models import DeviceToken, Notification, NotificationStatus, OptOut, User, new_id, utcnow
+from notifyctl.models import (
+    Campaign,
+    CampaignStatus,
+    DeviceToken,
+    Notification,
+    NotificationStatus,
+    OptOut,
+    User,
+    new_id,
+    utcnow,
+)
 from notifyctl.settings import CHANNELS
 from notifyctl.templates import Template
 

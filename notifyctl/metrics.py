@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -121,10 +120,3 @@ def render(ctx: Any) -> str:
     lines += ["# HELP notify_dlq_depth Dead-lettered deliveries.", "# TYPE notify_dlq_depth gauge",
               f"notify_dlq_depth {dlq}"]  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def outcomes_of(rows: Iterable[dict[str, Any]]) -> Recorder:
-    rec = Recorder()
-    for row in rows:
-        rec.outcome(row["status"], row["channel"], row.get("reason"))
-    return rec

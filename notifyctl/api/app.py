@@ -105,7 +105,7 @@ def load_api_config(settings: Any) -> ApiConfig:
             from worker.providers.twilio_sms import Config as TwilioConfig
 
             cfg.twilio_auth_token = provider_config(TwilioConfig, "twilio", settings).auth_token
-        except (ImportError, ValidationError):
+        except ValidationError:
             pass
     return cfg
 
