@@ -28,6 +28,7 @@ from notifyctl.errors import InputError, validation_message
 from notifyctl.identifiers import check_user_id
 from notifyctl.jsonload import load_json  # the one JSON loader; callers also import it from here
 from notifyctl.models import Notification, NotificationStatus, User, new_id, utcnow
+from notifyctl.policy import blocked_by
 from notifyctl.secretdata import erase
 from notifyctl.settings import CHANNELS
 
@@ -117,15 +118,6 @@ class SubmitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def blocked_by(opt_outs: set[tuple[str, str]], channel: str, category: str) -> str | None:
-    """The opt-out that forbids ``channel`` × ``category``, as ``channel:category``, or None."""
-    for c in (channel, "*"):
-        for k in (category, "*"):
-            if (c, k) in opt_outs:
-                return f"{c}:{k}"
-    return None
 
 
 def enqueue(ctx: Context, priority: str, notification_ids: list[str], job_id: str, as_of: float | None = None) -> None:

@@ -1,8 +1,11 @@
 """What the modules share (issue 16): the secret masker, the Retry-After parser, the vocabulary,
-the error tree and its one translation of foreign errors."""
+the error tree and its one translation of foreign errors, the provider contract, the eligibility
+policy and the rate limiter's read-only count."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import socket
 import time
 from email.utils import formatdate
@@ -16,10 +19,12 @@ from sqlalchemy import create_engine, text
 
 from notifyctl.errors import ApiError, BadJSON, ConfigError, InputError, NotFound, NotifyError, TemplateError, translate
 from notifyctl.masking import mask
-from notifyctl.settings import Settings
+from notifyctl.policy import refusal
+from notifyctl.settings import RateRule, Settings
 from notifyctl.vocabulary import PROVIDERS, ROUTES
-from worker.providers import REGISTRY
+from worker.providers import REGISTRY, apns, fcm, sns
 from worker.providers.base import InvalidAddress, retry_after
+from worker.ratelimit import Check, RateLimiter
 
 
 def test_mask_shows_the_last_four_only_of_a_long_secret() -> None:
@@ -106,8 +111,6 @@ def test_translate_turns_foreign_errors_into_one_line_ours(tmp_path: Path) -> No
 
 
 def test_invalid_address_says_what_to_do_about_the_address() -> None:
-    from worker.providers import apns, fcm, sns
-
     assert apns._outcome(410, "Unregistered", {}, "id").kind == "dead_token"
     assert apns._outcome(400, "BadDeviceToken", {}, "id").kind == "dead_token"
     assert fcm.classify(404, "UNREGISTERED", "gone", None).kind == "dead_token"
@@ -117,9 +120,6 @@ def test_invalid_address_says_what_to_do_about_the_address() -> None:
 
 
 def test_every_provider_has_the_one_constructor_shape_and_the_whole_protocol() -> None:
-    import importlib
-    import inspect
-
     for name, module in REGISTRY.items():
         cls = importlib.import_module(module).Provider
         params = list(inspect.signature(cls.__init__).parameters)
@@ -127,3 +127,34 @@ def test_every_provider_has_the_one_constructor_shape_and_the_whole_protocol() -
         assert inspect.signature(cls.__init__).parameters["redis"].default is None, name
         for method in ("send", "check", "describe", "close"):
             assert callable(getattr(cls, method, None)), (name, method)
+
+
+# --- who may receive what (notifyctl.policy) -------------------------------------------------
+
+
+def test_refusal_checks_opt_outs_then_address_then_sms_consent() -> None:
+    out = {("email", "marketing"), ("*", "alerts")}
+    assert refusal("email", "marketing", out, True, True).reason == "opted_out:email:marketing"
+    assert refusal("sms", "alerts", out, False, False).reason == "opted_out:*:alerts"
+    assert refusal("email", "transactional", out, False, True).reason == "no_address:email"
+    assert refusal("sms", "marketing", set(), True, False).reason == "no_sms_opt_in"
+    assert refusal("sms", "marketing", set(), True, True) is None
+    assert refusal("sms", "transactional", set(), True, False) is None  # consent is for marketing
+
+
+def test_rate_limit_counts_look_without_recording(rclient: redis.Redis) -> None:
+    daily, hourly = RateRule.parse("sms:*:2/1d"), RateRule.parse("sms:marketing:1/1h")
+    rl = RateLimiter(rclient, [daily, hourly])
+    now = 1_700_000_000_000
+    assert rl.counts(["u1", "u2"], [daily, hourly], now) == {
+        ("u1", daily.key): 0,
+        ("u1", hourly.key): 0,
+        ("u2", daily.key): 0,
+        ("u2", hourly.key): 0,
+    }
+    assert rl.check_many([Check("u1", "sms", "marketing", "n1:sms")], now) == [True]
+    for _ in range(3):  # looking records nothing
+        seen = rl.counts(["u1"], rl.rules_for("sms", "marketing"), now + 1000)
+    assert seen == {("u1", daily.key): 1, ("u1", hourly.key): 1}
+    assert rl.counts(["u1"], [hourly], now + 3600 * 1000) == {("u1", hourly.key): 0}  # the hour has passed
+    assert rl.check_many([Check("u1", "sms", "marketing", "n2:sms")], now + 2000) == [False]  # as counted: full

@@ -83,6 +83,21 @@ class RateLimiter:
         self.bypass_high = bypass_high
         self._script = client.register_script(_SCRIPT)
 
+    def rules_for(self, channel: str, category: str) -> list[RateRule]:
+        return [r for r in self.rules if r.applies(channel, category)]
+
+    def counts(self, user_ids: Sequence[str], rules: Sequence[RateRule], now_ms: int) -> dict[tuple[str, str], int]:
+        """Sends in each user's current window of each rule, ``(user id, rule key) → n``, as
+        ``check_many`` would count them; nothing is recorded (a dry run). One pipelined round trip."""
+        if not user_ids or not rules:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for uid in user_ids:
+            for rule in rules:
+                pipe.zcount(keys.rate(uid, rule.key), f"({now_ms - rule.window * 1000}", "+inf")
+        pairs = ((uid, rule.key) for uid in user_ids for rule in rules)
+        return {pair: int(n) for pair, n in zip(pairs, pipe.execute(), strict=True)}
+
     def check_many(self, checks: Sequence[Check], now_ms: int) -> list[bool]:
         """Admit or refuse each check, in one Redis call for the whole batch. Checks no rule covers pass."""
         results: list[bool] = [True] * len(checks)
@@ -90,7 +105,7 @@ class RateLimiter:
         args: list[int | str] = [now_ms, 0]
         pending: list[int] = []
         for i, c in enumerate(checks):
-            rules = [r for r in self.rules if r.applies(c.channel, c.category)]
+            rules = self.rules_for(c.channel, c.category)
             if not rules:
                 continue
             args += [c.member, "1" if (c.high and self.bypass_high) else "0", len(rules)]
