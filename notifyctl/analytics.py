@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from notifyctl.db import write_lock
 from notifyctl.errors import InputError
 
 VERSION = "v1"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
@@ -134,9 +135,10 @@ def _installed(conn: Connection) -> bool:
     return conn.exec_driver_sql(sql, TRIGGERS).scalar() == 2
 
 
-def install(engine: Engine) -> bool:
+def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManager[None]]) -> bool:
     """Create the triggers when missing, and fill the rollup from a full count in the same
-    transaction (a database made before analytics existed, or by an older definition). Writers
+    transaction (a database made before analytics existed, or by an older definition), under
+    ``write_lock`` (``notifyctl.db.write_lock``, passed in: db calls this, so no import cycle). Writers
     wait meanwhile (SQLite's write lock; PostgreSQL ``LOCK TABLE deliveries``), so no change is
     counted twice or missed. Returns whether it installed them. Other databases: nothing."""
     dialect = engine.dialect.name
@@ -335,3 +337,29 @@ def full_counts(engine: Engine) -> dict[tuple[str, ...], int]:
     with engine.connect() as conn:
         rows = conn.exec_driver_sql(full_count_sql(engine.dialect.name)).all()
     return {tuple(r[:6]): int(r[6]) for r in rows}
+
+
+CSV_COLUMNS = (
+    "key", "total", "pending", "sent", "delivered", "opened", "failed", "suppressed",
+    "delivery_rate", "open_rate", "failed_by_reason", "suppressed_by_reason",
+)  # fmt: skip
+
+
+def reasons_text(d: dict[str, int]) -> str:
+    return "; ".join(f"{k}={v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def csv_rows(rep: dict[str, Any]) -> list[list[Any]]:
+    """The report as CSV rows (header first, the total last): the console's export is the same."""
+    rows: list[list[Any]] = [[rep["by"], *CSV_COLUMNS[1:]]]
+    for g in [*rep["groups"], rep["total"]]:
+        rows.append(
+            [
+                *(g[c] for c in CSV_COLUMNS[:8]),
+                "" if g["delivery_rate"] is None else g["delivery_rate"],
+                "" if g["open_rate"] is None else g["open_rate"],
+                reasons_text(g["failed_by_reason"]),
+                reasons_text(g["suppressed_by_reason"]),
+            ]
+        )
+    return rows

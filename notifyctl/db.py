@@ -446,7 +446,7 @@ def engine_for(settings: Any) -> Engine:
                 add_missing_columns(engine)
                 from notifyctl import analytics
 
-                analytics.install(engine)
+                analytics.install(engine, write_lock)
         except OperationalError as exc:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
         _engines[url] = engine

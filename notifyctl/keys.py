@@ -78,6 +78,11 @@ def metrics_latency(provider: str) -> str:
 METRICS_LATENCY_PATTERN = metrics_latency("*")
 
 
+def metrics_sent_per_minute(hour: str) -> str:
+    """Deliveries sent, per minute of one UTC hour (``YYYYmmddHH``): hash minute (``MM``) → count."""
+    return f"{PREFIX}metrics:sent_min:{hour}"
+
+
 def rq_job(job_id: str) -> str:
     """RQ's hash of one job (status, worker_name, origin, enqueued_at...)."""
     return f"rq:job:{job_id}"

@@ -14,6 +14,8 @@ from notifyctl import keys
 
 DELIVERIES = keys.METRICS_DELIVERIES
 IN_DOUBT = keys.METRICS_IN_DOUBT
+LATENCY = keys.metrics_latency("")  # + provider
+SENT_PER_MIN = keys.metrics_sent_per_minute("")  # + UTC hour YYYYmmddHH
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -31,6 +33,7 @@ class Recorder:
     def __init__(self) -> None:
         self.outcomes: Counter[str] = Counter()
         self.latencies: list[tuple[str, float, int]] = []
+        self.sent = 0
         self.doubts: Counter[str] = Counter()
 
     def in_doubt(self, channel: str) -> None:
@@ -38,11 +41,18 @@ class Recorder:
 
     def outcome(self, status: str, channel: str, reason: str | None = None) -> None:
         self.outcomes[f"{status}|{channel}|{reason_label(reason)}"] += 1
+        if status == "sent":
+            self.sent += 1
 
     def latency(self, provider: str, seconds: float, messages: int) -> None:
         self.latencies.append((provider, seconds, messages))
 
     def flush(self, pipe: Any) -> None:
+        if self.sent:  # sent per minute, for the console's last hour (a hash per hour, kept two hours)
+            now = time.gmtime()
+            key = keys.metrics_sent_per_minute(time.strftime("%Y%m%d%H", now))
+            pipe.hincrby(key, f"{now.tm_min:02d}", self.sent)
+            pipe.expire(key, 7200)
         for field, n in self.outcomes.items():
             pipe.hincrby(DELIVERIES, field, n)
         for channel, n in self.doubts.items():
@@ -102,9 +112,8 @@ def render(ctx: Any) -> str:
 
     lines += ["# HELP notify_provider_latency_seconds Time a provider took to answer a batch, per message.",
               "# TYPE notify_provider_latency_seconds histogram"]  # fmt: skip
-    latency_prefix = keys.metrics_latency("")
     for key in sorted(k.decode() for k in r.scan_iter(match=keys.METRICS_LATENCY_PATTERN, count=100)):
-        provider = key[len(latency_prefix) :]
+        provider = key[len(LATENCY) :]
         h = {k.decode(): v for k, v in r.hgetall(key).items()}
         cum = 0
         for b in (*(str(b) for b in BUCKETS), "+Inf"):

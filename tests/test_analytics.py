@@ -25,6 +25,7 @@ from typer.testing import CliRunner, Result
 from notifyctl import analytics
 from notifyctl.cli.main import app
 from notifyctl.context import Context
+from notifyctl.db import write_lock
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
 from tests.conftest import ROOT, cli_env, make_settings, run_cli
@@ -242,8 +243,8 @@ def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> Non
         conn.exec_driver_sql("DELETE FROM analytics_hourly")
         conn.exec_driver_sql("DELETE FROM analytics_delta")
     assert analytics.rollup_counts(ctx.engine) == {}
-    assert analytics.install(ctx.engine) is True
-    assert analytics.install(ctx.engine) is False
+    assert analytics.install(ctx.engine, write_lock) is True
+    assert analytics.install(ctx.engine, write_lock) is False
     assert analytics.rollup_counts(ctx.engine) == expected
     send(ctx, recipient_id="bob", channels=["email"])
     drain(ctx)

@@ -11,8 +11,8 @@ from rq import Worker
 
 from notifyctl import keys
 from notifyctl.context import Context
+from notifyctl.liveness import Liveness, live_workers, unique_worker_name
 from tests.conftest import run_cli
-from worker.liveness import Liveness, live_workers, unique_worker_name
 from worker.status import status_report
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from notifyctl.context import Context
-from worker.liveness import Liveness
+from notifyctl.liveness import Liveness
 from worker.pipeline import Runtime
 from worker.pipeline import process as _process
 

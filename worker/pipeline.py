@@ -36,6 +36,7 @@ from notifyctl.db import prepare_insert, rows_where_in, unindexed, unindexed_in,
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
 from notifyctl.intake import user_vars
+from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.models import (
     FINAL_STATUSES,
     Delivery,
@@ -54,7 +55,6 @@ from notifyctl.templates import Template
 from notifyctl.unsubscribe import secret_key, unsubscribe_url
 from worker.circuit import OPEN, THROTTLED, Circuits
 from worker.claims import DOUBT, OK, Claims, Fenced
-from worker.liveness import Liveness, unique_worker_name
 from worker.providers import (
     Held,
     InvalidAddress,

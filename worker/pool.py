@@ -21,9 +21,9 @@ from typing import Any
 
 from notifyctl import keys
 from notifyctl.context import Context, freeze_heap
+from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.settings import Settings
 from notifyctl.vocabulary import PRIORITIES, ROUTES
-from worker.liveness import Liveness, unique_worker_name
 
 log = logging.getLogger("notifyctl.worker")
 

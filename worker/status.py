@@ -5,50 +5,25 @@ It lives in the worker layer because it reads the workers' own state (liveness k
 
 from __future__ import annotations
 
-import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlmodel import Session
 
-from notifyctl import keys, metrics
+from notifyctl import metrics
 from notifyctl.context import Context
+from notifyctl.liveness import live_workers
 from notifyctl.models import Delivery, Notification, utcnow
-from notifyctl.vocabulary import PRIORITIES, ROUTES
+from notifyctl.tracking import queue_stats
+from notifyctl.vocabulary import ROUTES
 from worker.circuit import Circuits
-from worker.liveness import live_workers
 
 
 def status_report(ctx: Context) -> dict[str, Any]:
     """Queues, live workers, circuits, counts: what ``notifyctl status`` shows."""
     r = ctx.redis
-    now = time.time()
-    queues = []
-    for p in PRIORITIES:
-        q = ctx.queue(p)
-        pipe = r.pipeline(transaction=False)
-        pipe.llen(q.key)
-        pipe.lindex(q.key, 0)
-        pipe.zcard(q.started_job_registry.key)
-        pipe.zcard(q.failed_job_registry.key)
-        depth, head, started, failed = pipe.execute()
-        oldest = None
-        if head:
-            enq = r.hget(keys.rq_job(head.decode()), "enqueued_at")
-            if enq:
-                ts = datetime.fromisoformat(enq.decode().replace("Z", "+00:00")).timestamp()
-                oldest = round(max(0.0, now - ts), 3)
-        queues.append(
-            {
-                "queue": q.name,
-                "priority": p,
-                "depth": depth,
-                "oldest_age_s": oldest,
-                "started": started,
-                "failed_jobs": failed,
-            }
-        )
+    queues = queue_stats(ctx)
     # from notifyctl's own liveness keys (not RQ's registry, which keeps a killed worker for
     # minutes): a worker that stopped beating is gone within worker_alive_ttl, whatever host it ran on
     workers = live_workers(r)

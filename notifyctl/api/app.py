@@ -416,6 +416,9 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
     from notifyctl.api.webhooks import router as webhooks_router
 
     app.include_router(webhooks_router)
+    from notifyctl.console import install as install_console
+
+    install_console(app)
     install_openapi(app, lambda: [t.id for t in ctx.templates.load_all() if t.error is None])
     return app
 

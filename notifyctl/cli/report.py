@@ -5,38 +5,13 @@ from __future__ import annotations
 
 import csv
 import sys
-from typing import Any
 
 import typer
 from rich.table import Table
 
+from notifyctl.analytics import csv_rows, reasons_text
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
 from notifyctl.errors import InputError
-
-CSV_COLUMNS = (
-    "key", "total", "pending", "sent", "delivered", "opened", "failed", "suppressed",
-    "delivery_rate", "open_rate", "failed_by_reason", "suppressed_by_reason",
-)  # fmt: skip
-
-
-def _reasons(d: dict[str, int]) -> str:
-    return "; ".join(f"{k}={v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def csv_rows(rep: dict[str, Any]) -> list[list[Any]]:
-    """The report as CSV rows (header first, the total last): the console's export is the same."""
-    rows: list[list[Any]] = [[rep["by"], *CSV_COLUMNS[1:]]]
-    for g in [*rep["groups"], rep["total"]]:
-        rows.append(
-            [
-                *(g[c] for c in CSV_COLUMNS[:8]),
-                "" if g["delivery_rate"] is None else g["delivery_rate"],
-                "" if g["open_rate"] is None else g["open_rate"],
-                _reasons(g["failed_by_reason"]),
-                _reasons(g["suppressed_by_reason"]),
-            ]
-        )
-    return rows
 
 
 def _pct(x: float | None) -> str:
@@ -99,4 +74,4 @@ def report(
     for kind in ("failed", "suppressed"):
         reasons = rep["total"][f"{kind}_by_reason"]
         if reasons:
-            console.print(f"{kind} by reason: {_reasons(reasons)}", soft_wrap=True)
+            console.print(f"{kind} by reason: {reasons_text(reasons)}", soft_wrap=True)

@@ -1,0 +1,358 @@
+"""The operator console in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven
+by Playwright, against `create_app` served by uvicorn, the SMTP sandbox, Redis and SQLite.
+A screenshot of every page is kept under each test's temporary directory."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from notifyctl import analytics
+from notifyctl.analytics import csv_rows
+from notifyctl.api.auth import create_key, revoke_key
+from notifyctl.cli.main import app as cli_app
+from notifyctl.context import Context
+from notifyctl.inbound import Event, apply_events
+from tests.conftest import cli_env, make_settings
+from tests.util import ApiServer, deliveries, seed, send
+from worker.pool import run_worker
+from worker.reconciler import reconcile
+from worker.sandbox.smtp import SmtpSandbox
+
+CHROMIUM = "/usr/bin/chromium"
+OUTAGE = {"smtp_code": 554, "smtp_message": "5.3.0 outage", "stage": "data", "count": -1}
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(
+            f"{CHROMIUM} missing: apt-get install -y chromium (Debian's package; Playwright's own download cannot work here)"
+        )
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSandbox]:
+    with SmtpSandbox() as sb:
+        yield sb
+
+
+@pytest.fixture
+def cctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) -> Iterator[Context]:
+    ctx = Context(
+        make_settings(
+            home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port, smtp_timeout=5,
+            circuit_threshold=1000,
+        )
+    )  # fmt: skip
+    seed(ctx)
+    yield ctx
+    from worker import jobs
+
+    jobs.runtime().close()
+    ctx.close()
+
+
+@pytest.fixture
+def server(cctx: Context) -> Iterator[ApiServer]:
+    with ApiServer(cctx) as s:
+        yield s
+
+
+@pytest.fixture
+def api_key(cctx: Context) -> str:
+    return create_key(cctx, "console-test").key
+
+
+def drain(ctx: Context) -> None:
+    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
+
+
+def login(browser: Any, server: ApiServer, key: str) -> Any:
+    page = browser.new_page()
+    page.goto(server.url + "/console")
+    assert page.url.endswith("/console/login")
+    page.fill("#api_key", key)
+    page.click("#login")
+    page.wait_for_url(server.url + "/console")
+    return page
+
+
+def shot(page: Any, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 1000
+
+
+def test_login_logout_and_cookie(browser: Any, server: ApiServer, api_key: str, cctx: Context, tmp_path: Path) -> None:
+    page = browser.new_page()
+    page.goto(server.url + "/console/dlq")
+    assert page.url.endswith("/console/login")  # not logged in: every page sends to the login
+    shot(page, tmp_path, "login")
+    page.fill("#api_key", "nk_wrong")
+    page.click("#login")
+    assert page.inner_text("#error") == "invalid or revoked API key"
+    page.fill("#api_key", api_key)
+    page.click("#login")
+    page.wait_for_url(server.url + "/console")
+    assert page.inner_text("h1") == "Overview"
+    (cookie,) = [c for c in page.context.cookies() if c["name"] == "notify_console"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]  # plain http here
+    assert api_key not in cookie["value"]
+    page.click("#logout")
+    page.wait_for_url(server.url + "/console/login")
+    page.goto(server.url + "/console")
+    assert page.url.endswith("/console/login")
+    # a revoked key ends its sessions
+    page = login(browser, server, api_key)
+    revoke_key(cctx, api_key[:10])
+    page.goto(server.url + "/console/analytics")
+    assert page.url.endswith("/console/login")
+
+
+@contextmanager
+def _session(server: ApiServer, key: str) -> Iterator[httpx.Client]:
+    """A logged-in HTTP client, through the login form like a browser."""
+    import re
+
+    with httpx.Client(base_url=server.url) as c:
+        form = c.get("/console/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
+        r = c.post("/console/login", data={"csrf": token, "api_key": key})
+        assert r.status_code == 303 and "notify_console" in c.cookies
+        yield c
+
+
+def test_posts_without_the_csrf_token_are_refused(
+    server: ApiServer, api_key: str, cctx: Context, smtp: SmtpSandbox
+) -> None:
+    smtp.faults.add(OUTAGE)
+    send(cctx, channels=["email"])
+    drain(cctx)
+    with _session(server, api_key) as c:
+        for path, data in (
+            ("/console/dlq/replay", {"all": "1", "confirm": "1"}),
+            ("/console/dlq/purge", {"all": "1", "confirm": "1", "csrf": "forged"}),
+            ("/console/logout", {}),
+        ):
+            r = c.post(path, data=data)
+            assert r.status_code == 403 and "CSRF" in r.text, (path, r.text)
+        assert c.get("/console").status_code == 200  # still logged in: the logout was refused
+    (d,) = deliveries(cctx)
+    assert d.dead_lettered  # nothing was replayed or purged
+    with httpx.Client(base_url=server.url) as anon:  # the login form has its own token
+        r = anon.post("/console/login", data={"api_key": api_key})
+        assert r.status_code == 403 and "notify_console" not in r.cookies
+
+
+def test_cookie_is_secure_behind_https(cctx: Context, api_key: str) -> None:
+    import re
+
+    s = make_settings(cctx.settings.home, cctx.settings.redis_url or "", public_url="https://notify.example.com")
+    with ApiServer(Context(s)) as srv, httpx.Client(base_url=srv.url) as c:
+        form = c.get("/console/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
+        # (a client on plain http does not send a Secure cookie back: give it by hand, as over https)
+        r = c.post(
+            "/console/login",
+            data={"csrf": token, "api_key": api_key},
+            headers={"Cookie": f"notify_console_login={token}"},
+        )
+        assert r.status_code == 303
+        session_cookie = next(v for v in r.headers.get_list("set-cookie") if v.startswith("notify_console="))
+        for attr in ("Secure", "HttpOnly", "SameSite=strict", "Path=/console"):
+            assert attr in session_cookie, session_cookie
+
+
+def test_dlq_flow_end_to_end(
+    browser: Any, server: ApiServer, api_key: str, cctx: Context, smtp: SmtpSandbox, tmp_path: Path
+) -> None:
+    # A provider outage dead-letters six emails.
+    smtp.faults.add(OUTAGE)
+    for user in ("alice", "bob", "carol"):
+        for i in range(2):
+            send(cctx, recipient_id=user, channels=["email"], data={"order_id": f"O-{user}-{i}", "tracking_url": "u"})
+    drain(cctx)
+    dead = deliveries(cctx)
+    assert len(dead) == 6 and all(d.dead_lettered for d in dead) and len(smtp.recorder) == 0
+    smtp.faults.clear()
+
+    page = login(browser, server, api_key)
+    shot(page, tmp_path, "overview")
+    assert page.inner_text("#dlq").startswith("depth 6")
+    page.goto(server.url + "/console/dlq?channel=email&error=outage")
+    assert page.inner_text("#count").startswith("6 entries")
+    assert len(page.query_selector_all("#entries tr")) == 7
+    shot(page, tmp_path, "dlq")
+    page.goto(server.url + "/console/dlq?channel=fax")
+    assert "--channel: unknown channel 'fax'" in page.inner_text("#error")
+
+    # One entry: its history, replayed alone (a dry run, then confirm).
+    one = dead[0].id
+    page.goto(server.url + f"/console/dlq/{one}")
+    assert "In the DLQ." in page.inner_text("main") and "5.3.0 outage" in page.inner_text("#history")
+    shot(page, tmp_path, "dlq_entry")
+    page.click("#replay-one")
+    assert page.inner_text("#result") == "Dry run: would replay 1 of 1."
+    assert all(d.dead_lettered for d in deliveries(cctx))  # the dry run changed nothing
+    page.click("#confirm")
+    assert page.inner_text("#result").startswith("Replayed 1.")
+
+    # The rest by the filter "all", once again a dry run first.
+    page.goto(server.url + "/console/dlq")
+    assert page.inner_text("#count").startswith("5 entries")
+    page.click("#replay-filter")
+    assert page.inner_text("#result") == "Dry run: would replay 5 of 5."
+    page.click("#confirm")
+    assert page.inner_text("#result").startswith("Replayed 5.")
+    page.goto(server.url + "/console/dlq")  # they left the DLQ at once, before being sent
+    assert page.inner_text("#count").startswith("0 entries") and page.query_selector("#replay-filter") is None
+
+    # The pool's reconciler and workers send them: each exactly once; the DLQ is empty.
+    reconcile(cctx, force=True)
+    drain(cctx)
+    assert Counter(m["delivery_id"] for m in smtp.recorder.all()) == {d.id: 1 for d in dead}
+    page.goto(server.url + "/console/dlq")
+    assert page.inner_text("#count").startswith("0 entries")
+    page.goto(server.url + f"/console/dlq/{one}")
+    assert "Not in the DLQ." in page.inner_text("main")
+    reconcile(cctx, now=time.time() + 3600, force=True)
+    drain(cctx)
+    assert len(smtp.recorder) == 6
+
+
+def test_purge_asks_first(server: ApiServer, api_key: str, cctx: Context, smtp: SmtpSandbox) -> None:
+    smtp.faults.add(OUTAGE)
+    send(cctx, channels=["email"])
+    drain(cctx)
+    import re
+
+    with _session(server, api_key) as c:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', c.get("/console/dlq").text).group(1)  # type: ignore[union-attr]
+        dry = c.post("/console/dlq/purge", data={"csrf": csrf, "all": "1"})
+        assert "Dry run: would purge 1" in dry.text and deliveries(cctx)[0].dead_lettered
+        done = c.post("/console/dlq/purge", data={"csrf": csrf, "all": "1", "confirm": "1"})
+        assert "Purged 1" in done.text
+        bad = c.post("/console/dlq/replay", data={"csrf": csrf})
+        assert bad.status_code == 422 and "choose entries" in bad.text and "<html" in bad.text
+    (d,) = deliveries(cctx)
+    assert d.status == "failed" and not d.dead_lettered
+
+
+def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cctx: Context, tmp_path: Path) -> None:
+    from campaigns.launcher import LaunchSpec, launch
+
+    later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    s = launch(
+        cctx,
+        LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users", send_at=later,
+                   data={"discount": 15, "code": "SPRING"}, name="spring-sale"),
+    )  # fmt: skip
+    cid = s["campaign_id"]
+    page = login(browser, server, api_key)
+    page.goto(server.url + "/console/campaigns")
+    section = f"#c-{cid}"
+    before = page.inner_text(f"{section} .state")
+    assert before != "paused" and f"scheduled={s['written']}" in page.inner_text(f"{section} .waves")
+    shot(page, tmp_path, "campaigns")
+    page.click(f"{section} button.pause")
+    page.wait_for_url(server.url + "/console/campaigns")
+    assert page.inner_text(f"{section} .state") == "paused"
+    from sqlalchemy import select
+    from sqlmodel import Session
+
+    from notifyctl.models import Notification
+
+    def states() -> set[str]:
+        with Session(cctx.engine) as ses:
+            return set(ses.execute(select(Notification.status).where(Notification.campaign_id == cid)).scalars())
+
+    assert states() == {"paused"}
+    page.click(f"{section} button.resume")
+    page.wait_for_url(server.url + "/console/campaigns")
+    assert page.inner_text(f"{section} .state") == before and states() == {"scheduled"}
+
+
+def test_funnel_equals_report_json_and_sql(
+    browser: Any, server: ApiServer, api_key: str, cctx: Context, smtp: SmtpSandbox, tmp_path: Path
+) -> None:
+    for user in ("alice", "bob", "carol", "dave"):
+        send(cctx, recipient_id=user, channels=["email", "sms"], data={"order_id": f"F-{user}", "tracking_url": "u"})
+    smtp.faults.add({"smtp_code": 554, "smtp_message": "5.1.1 rejected", "stage": "data", "count": 1})
+    drain(cctx)
+    mails = [d for d in deliveries(cctx) if d.channel == "email" and d.status == "sent"]
+    apply_events(cctx, [Event("sendgrid", "delivered", delivery_id=d.id) for d in mails])
+    apply_events(cctx, [Event("sendgrid", "opened", delivery_id=mails[0].id)])
+
+    runner = CliRunner()
+    page = login(browser, server, api_key)
+    for by in ("template", "channel", "day"):
+        page.goto(server.url + f"/console/analytics?by={by}")
+        cli = runner.invoke(cli_app, ["report", "--by", by, "--json"], env=cli_env(cctx.settings))
+        assert cli.exit_code == 0, cli.output
+        rep = json.loads(cli.stdout)
+        shown = {}
+        for tr in page.query_selector_all("#funnel tr[data-key]"):
+            cells = {
+                k: int(tr.query_selector(f"td.{k}").inner_text())
+                for k in ("total", "sent", "delivered", "opened", "failed", "suppressed", "pending")
+            }
+            shown[tr.get_attribute("data-key")] = cells
+        expected = {g["key"]: {k: g[k] for k in shown["total"]} for g in [*rep["groups"], rep["total"]]}
+        assert shown == expected
+        if by == "channel":
+            shot(page, tmp_path, "analytics")
+    # and to SQL counts over the deliveries
+    st = Counter(d.status for d in deliveries(cctx))
+    total = shown["total"]
+    assert total["sent"] == st["sent"] + st["delivered"] + st["opened"] and total["opened"] == st["opened"] == 1
+    assert total["delivered"] == st["delivered"] + st["opened"] and total["failed"] == st["failed"] == 1
+    assert total["suppressed"] == st["suppressed"] and total["total"] == len(deliveries(cctx))
+    # CSV export: the CLI's rows
+    with _session(server, api_key) as c:
+        r = c.get("/console/analytics.csv?by=channel")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+        assert list(csv.reader(io.StringIO(r.text))) == [
+            [str(v) for v in row] for row in csv_rows(analytics.funnel(cctx.engine, "channel"))
+        ]
+        assert c.get("/console/analytics?by=user").status_code == 422
+
+
+def test_lookup_by_id_dedup_key_and_user(
+    browser: Any, server: ApiServer, api_key: str, cctx: Context, tmp_path: Path
+) -> None:
+    a = send(cctx, channels=["email"], dedup_key="order-77").notification_id
+    b = send(cctx, channels=["email"], data={"order_id": "ORD-2", "tracking_url": "u"}).notification_id
+    drain(cctx)
+    page = login(browser, server, api_key)
+    for ref, expect in ((a, {a}), ("order-77", {a}), ("alice", {a, b})):
+        page.goto(server.url + "/console/lookup")
+        page.fill("#q", ref)
+        page.click("#find")
+        titles = {t.inner_text().split()[0] for t in page.query_selector_all("section.timeline h2")}
+        assert titles == expect, ref
+        assert "sent" in page.inner_text("main")
+    shot(page, tmp_path, "lookup")
+    page.goto(server.url + "/console")
+    assert int(page.inner_text("#sent-hour")) == 2  # the two emails, from the workers' per-minute counter
+    page.goto(server.url + "/console/lookup?q=nobody-here")
+    assert "nothing found for 'nobody-here'" in page.inner_text("#error")
