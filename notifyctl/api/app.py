@@ -28,22 +28,20 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from notifyctl.api.config import ApiConfig, load_api_config
 from notifyctl.api.limits import HeaderLimits, LimitedRoute
 from notifyctl.api.openapi import install as install_openapi
 from notifyctl.errors import (
     ApiError,
-    ConfigError,
     InputError,
     NotFound,
     NotifyError,
     errors_line,
     one_line,
     translate,
-    validation_message,
 )
 from notifyctl.intake import storable
 
@@ -54,60 +52,6 @@ PIXEL = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
     b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 )
-
-
-class ApiConfig(BaseSettings):
-    """``notifyctl serve`` settings: environment ``NOTIFY_API_*`` or the config file's ``[provider_options.api]``."""
-
-    model_config = SettingsConfigDict(env_prefix="NOTIFY_API_", extra="ignore")
-
-    public_url: str | None = Field(
-        None, description="external base URL (Twilio signs it); unset = the main public_url, else the request URL"
-    )
-    sendgrid_public_key: str | None = Field(
-        None, description="SendGrid Signed Event Webhook verification key (base64 DER, from the SendGrid console)"
-    )
-    sendgrid_max_age: int = Field(600, ge=1, description="accepted SendGrid timestamp skew, seconds (replay window)")
-    twilio_auth_token: SecretStr | None = Field(
-        None, description="Twilio auth token for X-Twilio-Signature; unset = the twilio provider's auth_token"
-    )
-    sns_topic_arns: list[str] = Field(default_factory=list, description="SNS topics whose messages are accepted")
-    sns_cert_map: dict[str, str] = Field(
-        default_factory=dict,
-        description="SigningCertURL → PEM text or PEM file path (pinned certificates; tests use it to avoid network)",
-    )
-    sns_max_age: int = Field(3600, ge=1, description="oldest accepted SNS message Timestamp, seconds")
-    sns_auto_confirm: bool = Field(False, description="fetch the SubscribeURL of a verified SubscriptionConfirmation")
-    brand: str = Field("notifyctl", description="brand name in SMS HELP replies")
-    help_text: str = Field(
-        "Reply STOP to unsubscribe, START to resubscribe. Msg&data rates may apply.",
-        description="SMS HELP reply (add a contact: support URL or phone)",
-    )
-    max_body_bytes: int = Field(
-        1024 * 1024, ge=1024, description="largest accepted request body, webhooks but SendGrid's included (413 above)"
-    )
-    max_webhook_body_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="largest accepted SendGrid event batch, bytes (verified before parsing)"
-    )
-
-
-def load_api_config(settings: Any) -> ApiConfig:
-    from notifyctl.settings import provider_config
-
-    try:
-        cfg: ApiConfig = provider_config(ApiConfig, "api", settings)
-    except ValidationError as exc:
-        raise ConfigError(f"bad API setting: {validation_message(exc)}") from None
-    if not cfg.public_url and getattr(settings, "public_url", None):
-        cfg.public_url = settings.public_url
-    if cfg.twilio_auth_token is None:
-        try:
-            from worker.providers.twilio_sms import Config as TwilioConfig
-
-            cfg.twilio_auth_token = provider_config(TwilioConfig, "twilio", settings).auth_token
-        except ValidationError:
-            pass
-    return cfg
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

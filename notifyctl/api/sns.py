@@ -41,7 +41,7 @@ from notifyctl.errors import ApiError
 if TYPE_CHECKING:
     from cryptography.x509 import Certificate
 
-    from notifyctl.api.app import ApiConfig
+    from notifyctl.api.config import ApiConfig
 
 log = logging.getLogger("notifyctl.webhooks")
 

@@ -43,7 +43,7 @@ from notifyctl.inbound import Event, apply_events, apply_sms_keyword
 from notifyctl.jsonload import load_json
 
 if TYPE_CHECKING:
-    from notifyctl.api.app import ApiConfig
+    from notifyctl.api.config import ApiConfig
 
 log = logging.getLogger("notifyctl.webhooks")
 
