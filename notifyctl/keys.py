@@ -83,6 +83,11 @@ def metrics_sent_per_minute(hour: str) -> str:
     return f"{PREFIX}metrics:sent_min:{hour}"
 
 
+def console_session(digest: str) -> str:
+    """One operator console session (``notifyctl.console``), by the SHA-256 of its cookie."""
+    return f"{PREFIX}console:session:{digest}"
+
+
 def rq_job(job_id: str) -> str:
     """RQ's hash of one job (status, worker_name, origin, enqueued_at...)."""
     return f"rq:job:{job_id}"

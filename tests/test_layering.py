@@ -157,3 +157,26 @@ def test_the_checks_catch_what_they_should():
     assert cycles(graph) == {frozenset({"worker.b", "worker.c"})}
     graph["worker.c"] = set()
     assert cycles(graph) == set()
+
+
+def redis_key_literals() -> list[str]:
+    """Where a module other than ``notifyctl.keys`` spells a Redis key (``notif:…``, ``rq:…``)."""
+    found = []
+    for name, path in modules().items():
+        if name == "notifyctl.keys" or name.startswith("worker.sandbox"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if node.value.startswith(("notif:", "rq:")) and " " not in node.value:
+                    found.append(f"{name}:{node.lineno}: {node.value!r}")
+            elif isinstance(node, ast.Attribute) and node.attr == "PREFIX":
+                if isinstance(node.value, ast.Name) and node.value.id == "keys":
+                    found.append(f"{name}:{node.lineno}: keys.PREFIX")
+            elif isinstance(node, ast.ImportFrom) and node.module == "notifyctl.keys":
+                if any(alias.name == "PREFIX" for alias in node.names):
+                    found.append(f"{name}:{node.lineno}: imports PREFIX")
+    return found
+
+
+def test_redis_key_names_live_in_keys_py():
+    assert redis_key_literals() == [], "name Redis keys in notifyctl/keys.py"
