@@ -23,6 +23,7 @@ from notifyctl.intake import parse_request, submit
 from notifyctl.models import Delivery, Notification
 from notifyctl.redisconn import ensure_server
 from worker.circuit import Circuits
+from worker.pacing import Pacer
 from worker.pipeline import delivery_id
 
 POOL = 3
@@ -401,18 +402,27 @@ def rate_limited(quick: bool) -> Result:
         with world.ctx.engine.connect() as conn:
             attempts = dict(conn.execute(select(Delivery.attempts, func.count()).group_by(Delivery.attempts)).all())
         dlq = world.dead_lettered()
+        requests = plan.allowed + plan.refused
+        share_429 = round(plan.refused / requests, 3) if requests else 0.0
+        paced_at = Pacer(world.ctx.redis).rate("sendgrid")
         res.figures.update(
-            allowed_per_s=allowed, accepted_per_s=got_rate, answered_429=plan.refused, dlq=dlq,
+            allowed_per_s=allowed, accepted_per_s=got_rate, requests=requests, answered_429=plan.refused,
+            share_429=share_429, paced_at_per_s=round(paced_at, 1) if paced_at else None, dlq=dlq,
             attempts_histogram={int(k): int(v) for k, v in attempts.items()}, drained=ok,
         )  # fmt: skip
         res.notes.append(
             f"{n} emails due at once, SendGrid allows {allowed:g} req/s (429 Retry-After 2 beyond): accepted at "
-            f"{got_rate}/s, {plan.refused} answers were 429, DLQ {dlq}, max attempts {max(attempts or {0: 0})} of "
-            f"{len(delays) + 1} (a 429 is a throttle: the delivery waits the Retry-After without using an attempt, "
-            f"and every worker holds off the provider meanwhile, so a 429 storm never dead-letters)"
+            f"{got_rate}/s, {plan.refused} of {requests} requests answered 429 ({share_429:.1%}), paced at "
+            f"{paced_at or 0:.1f}/s at the end, DLQ {dlq}, max attempts {max(attempts or {0: 0})} of {len(delays) + 1} "
+            f"(the pool paces itself to the rate learned from the 429s, shared by every worker; a 429 or a "
+            f"message held by the pace waits without using an attempt, so a 429 storm never dead-letters)"
         )
         if dlq:
             res.problems.append(f"{dlq} deliveries reached the DLQ for 429s alone")
+        if not got_rate >= 0.8 * allowed:
+            res.problems.append(f"accepted {got_rate}/s, under 80 % of the {allowed:g}/s SendGrid allows")
+        if share_429 > 0.10:
+            res.problems.append(f"{share_429:.1%} of requests were answered 429 (more than 10 %): not paced")
         _check_pool(world, res)
     finally:
         world.close()

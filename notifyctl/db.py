@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Table, event, insert, literal_column
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlmodel import SQLModel, create_engine
 
 from notifyctl import models  # noqa: F401  (registers every table)
@@ -442,8 +442,12 @@ def engine_for(settings: Any) -> Engine:
         engine = make_engine(url)
         try:
             with _schema_lock(engine):
+                with engine.connect() as conn:
+                    had = set(_existing_columns(conn))
                 SQLModel.metadata.create_all(engine)
                 add_missing_columns(engine)
+                if "notifications" in had and "dedup_keys" not in had:
+                    _backfill_dedup_keys(engine, settings.dedup_ttl)
                 from notifyctl import analytics
 
                 analytics.install(engine, write_lock)
@@ -451,6 +455,18 @@ def engine_for(settings: Any) -> Engine:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
         _engines[url] = engine
     return engine
+
+
+def _backfill_dedup_keys(engine: Engine, ttl: int) -> None:
+    """The upgrade of a database made before ``dedup_keys``: the keys its notifications hold now.
+    Two processes upgrading one SQLite file at once: the second one's rows collide, and are the same."""
+    from notifyctl import dedup
+
+    try:
+        with engine.begin() as conn:
+            dedup.backfill(conn, ttl)
+    except IntegrityError:
+        pass
 
 
 def dispose_all(close: bool = True) -> None:

@@ -4,8 +4,11 @@ Order matters for "nothing lost, nothing twice":
 
 1. everything that can be rejected is checked first (request shape, template, recipient,
    channels, template data) — a rejected request leaves nothing behind;
-2. the dedup key is claimed in Redis (``SET NX``, value = the notification id), and the SQL
-   record is checked too, in case Redis lost the key;
+2. the dedup key is claimed in Redis (``SET NX``, value ``?<notification id>`` while pending, the
+   id once committed: a committed holder answers ``duplicate`` at once), then in SQL
+   (``notifyctl.dedup``: a table whose primary key admits one holder per key), which decides when
+   Redis lost the key or holds a claim still pending — two intakes racing on one key cannot both
+   commit, on SQLite or PostgreSQL;
 3. the notification row is committed (status ``queued``, with the id of the RQ job to come);
 4. the RQ job is enqueued. If the process dies between 3 and 4, the reconciler finds the
    row with no job behind it and queues it: the answer ``queued`` is only given after 3.
@@ -14,14 +17,12 @@ Order matters for "nothing lost, nothing twice":
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import select
 from sqlmodel import Session
 
-from notifyctl import keys, prefs
+from notifyctl import dedup, keys, prefs
 from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.errors import InputError, validation_message
@@ -33,6 +34,7 @@ from notifyctl.secretdata import erase
 from notifyctl.settings import CHANNELS
 
 JOB_FUNC = "worker.jobs.process"
+PENDING = "?"  # a Redis dedup claim whose SQL commit is in flight: "?<notification id>"
 DEDUP_KEY_MAX = 255  # characters; the API's Idempotency-Key header names the same limit
 
 
@@ -166,25 +168,28 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
         data = erase(data, template.secret) or data  # never sent: its secret data is never kept
 
     r = ctx.redis
+    ttl = ctx.settings.dedup_ttl
     dkey = keys.dedup(req.dedup_key) if req.dedup_key else None
+    marker = PENDING + nid
     if dkey:
-        if not r.set(dkey, nid, nx=True, ex=ctx.settings.dedup_ttl):
-            holder = r.get(dkey)
-            return SubmitResult(holder.decode() if holder else nid, "suppressed", "duplicate", priority, channels)
+        # Layer 1, Redis: claim the key, marked pending until the SQL commit. A key that names a
+        # committed notification answers "duplicate" here, without a SQL statement.
+        if not r.set(dkey, marker, nx=True, ex=ttl):
+            held = r.get(dkey)
+            if held is not None and not held.startswith(PENDING.encode()):
+                return SubmitResult(held.decode(), "suppressed", "duplicate", priority, channels)
+            # pending (another intake is committing it, or died doing so) or just expired: SQL decides
     job_id = f"job_{nid}"
     try:
         with write_lock(ctx.engine, urgent=priority == "high"), Session(ctx.engine) as session:
             if req.dedup_key:
-                # Redis may have lost the key (crash without persistence): the SQL record decides.
-                since = now - timedelta(seconds=ctx.settings.dedup_ttl)
-                prior = session.execute(
-                    select(Notification.id).where(
-                        Notification.dedup_key == req.dedup_key, Notification.created_at > since
-                    )
-                ).first()
+                # Layer 2, SQL: one holder per key, enforced by the table's primary key. It decides
+                # whether Redis lost the key, or holds another intake's pending claim.
+                prior = dedup.claim(session, req.dedup_key, nid, now, ttl)
                 if prior is not None:
-                    r.set(dkey, prior[0], ex=ctx.settings.dedup_ttl)  # type: ignore[arg-type]
-                    return SubmitResult(prior[0], "suppressed", "duplicate", priority, channels)
+                    holder_id, until = prior
+                    r.set(dkey, holder_id, ex=max(1, int((until - now).total_seconds())))  # type: ignore[arg-type]
+                    return SubmitResult(holder_id, "suppressed", "duplicate", priority, channels)
             session.add(
                 Notification(
                     id=nid,
@@ -207,12 +212,22 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
             session.commit()
     except BaseException:
         if dkey:
-            r.delete(dkey)
+            _release(r, dkey, marker)
         raise
+    if dkey:
+        r.set(dkey, nid, ex=ttl)  # committed: repeats are answered by Redis alone from now on
     if status == NotificationStatus.queued:
         enqueue(ctx, priority, [nid], job_id)
         return SubmitResult(nid, "queued", None, priority, channels)
     return SubmitResult(nid, "suppressed", reason, priority, channels)
+
+
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def _release(r: Any, dkey: str, marker: str) -> None:
+    """Give up our pending claim of ``dkey`` (a failed commit), unless another intake holds it now."""
+    r.eval(_RELEASE, 1, dkey, marker)
 
 
 def user_vars(user: User) -> dict[str, Any]:

@@ -38,6 +38,12 @@ def circuit(provider: str) -> str:
     return f"{PREFIX}circuit:{provider}"
 
 
+def pace(provider: str) -> str:
+    """The pace of one provider, shared by all workers (``worker.pacing``): a hash with the rate
+    learned from its throttle answers, the token bucket, and the count of accepted requests."""
+    return f"{PREFIX}pace:{provider}"
+
+
 def prefs(user_id: str) -> str:
     """Cached opt-outs of one user (see ``notifyctl.prefs``)."""
     return f"{PREFIX}prefs:{user_id}"

@@ -171,6 +171,18 @@ class Notification(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class DedupKey(SQLModel, table=True):
+    """A dedup key held by the notification that took it, until ``expires_at`` (``NOTIFY_DEDUP_TTL``
+    after). The primary key makes the database itself refuse a second holder, whatever races at
+    intake (``notifyctl.dedup``); an expired key is taken over by the next request that names it,
+    and ``notifyctl purge`` deletes the expired ones."""
+
+    __tablename__ = "dedup_keys"
+    key: str = Field(primary_key=True, max_length=255)
+    notification_id: str = Field(max_length=32)
+    expires_at: datetime = Field(index=True)
+
+
 class Delivery(SQLModel, table=True):
     """One notification × channel × address (device token, email address, phone number)."""
 

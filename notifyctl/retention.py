@@ -17,7 +17,8 @@ time-ordered, so only the ids older than the cutoff are read), each deleted in o
 transaction — on SQLite under the writer lock (``notifyctl.db.write_lock``, not urgent: an OTP's
 write goes first), on PostgreSQL the same batches. The DELETE checks every condition again, so
 what changed since the page was read (a replay, a late retry) is kept. Redis holds nothing per
-notification that outlives it (dedup keys and send records expire on their own).
+notification that outlives it (dedup keys and send records expire on their own); the SQL record
+of dedup keys (``dedup_keys``) loses the holds whose window has ended.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class PurgeResult:
     deliveries: int = 0
     events: int = 0
     kept: int = 0  # old enough, but in flight, in the DLQ or of an unfinished campaign launch
+    dedup_keys: int = 0  # dedup holds whose window has ended (``notifyctl.dedup``)
     batches: int = 0
     longest_batch_ms: float = 0.0  # the longest delete transaction (on SQLite: the writer lock held)
 
@@ -148,6 +150,9 @@ def purge(
             _delete(ctx, ids, [*old, *over], res)
         if progress:
             progress(len(page))
+    from notifyctl.dedup import purge_expired
+
+    res.dedup_keys = purge_expired(engine, now or utcnow(), dry_run=dry_run)
     return res
 
 

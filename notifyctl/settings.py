@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     )
     circuit_threshold: int = Field(5, description="failing batches in a row that open a provider's circuit")
     circuit_cooldown: float = Field(30.0, description="seconds a circuit stays open before a trial batch")
+    pace_max_wait: float = Field(
+        2.0, ge=0, description="seconds a job waits for a provider's pace before it holds the rest of its batch"
+    )
     lag_alert_high: float = Field(1.0, gt=0, description="alert when the oldest high-priority job waits longer, s")
     lag_alert_normal: float = Field(60.0, gt=0, description="console threshold for the normal queue's lag, seconds")
     lag_alert_low: float = Field(600.0, gt=0, description="console threshold for the low queue's lag, seconds")

@@ -123,6 +123,8 @@ REASONS = [
     # (status, reason, response headers, expected outcome)
     (410, "Unregistered", {}, InvalidAddress("Unregistered")),
     (410, "ExpiredToken", {}, InvalidAddress("ExpiredToken")),
+    # 410 means "the token is no longer active" whatever the reason: one APNs adds later is still one
+    (410, "TokenGoneForAReasonNotYetDocumented", {}, InvalidAddress("TokenGoneForAReasonNotYetDocumented")),
     (400, "BadDeviceToken", {}, InvalidAddress("BadDeviceToken")),
     (400, "DeviceTokenNotForTopic", {}, Permanent("DeviceTokenNotForTopic")),
     (400, "BadCollapseId", {}, Permanent("BadCollapseId")),

@@ -55,6 +55,7 @@ from notifyctl.templates import Template
 from notifyctl.unsubscribe import secret_key, unsubscribe_url
 from worker.circuit import OPEN, THROTTLED, Circuits
 from worker.claims import DOUBT, OK, Claims, Fenced
+from worker.pacing import Pacer
 from worker.providers import (
     Held,
     InvalidAddress,
@@ -85,6 +86,7 @@ class Runtime:
             ctx.redis, self.worker_name, self.settings.worker_alive_ttl, host=self.settings.host_name
         )
         self.circuits = Circuits(ctx.redis, self.settings.circuit_threshold, self.settings.circuit_cooldown)
+        self.pacer = Pacer(ctx.redis)
         self._providers: dict[str, Provider] = {}
         self._unsub_key: bytes | None = None
         self.metrics = metrics.Recorder()
@@ -952,6 +954,9 @@ def _mark(
     )
 
 
+THROTTLE_HOLD = 5.0  # a throttle answer asking for this many seconds or more holds the provider
+
+
 def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[str, Outcome]]:
     """Send through the route's providers in order, skipping open circuits: what one provider
     answers "retry later" goes to the next. An OTP that every SMS provider failed becomes a
@@ -973,7 +978,7 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
     pending = list(range(len(messages)))
     for name in usable:
         outcomes = _call_provider(rt, name, [messages[i] for i in pending])
-        called = [o for o in outcomes if not isinstance(o, Fenced)]
+        called = [o for o in outcomes if not isinstance(o, (Fenced, Held))]  # (these never reached it)
         accepted = any(isinstance(o, Sent) for o in called)
         retries = [o for o in called if isinstance(o, Retry)]
         throttled = [o for o in retries if o.throttled]
@@ -981,8 +986,11 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
         try:  # bookkeeping after the provider answered: a Redis failure here must not lose the answers
             if called:
                 rt.circuits.record(name, ok=not provider_down, was=states[name][0])
-            if throttled and not accepted:
-                rt.circuits.throttle(name, max((o.retry_after or 1.0) for o in throttled))
+            longest = max((o.retry_after or 1.0) for o in throttled) if throttled else 0.0
+            if longest >= THROTTLE_HOLD and not accepted:
+                # a long wait is a quota, not a rate (APNs' token updates, a daily cap): every
+                # worker holds off the provider; a short one only lowers its pace (worker.pacing)
+                rt.circuits.throttle(name, longest)
         except redis.RedisError:
             log.warning("circuit state of %s not recorded: Redis unavailable", name)
         still: list[int] = []
@@ -1015,13 +1023,63 @@ def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome
 
 
 def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outcome]:
-    """The provider's outcomes, for the messages whose lease this worker still holds (checked and
-    marked in flight in one Redis call right before the call: ``Claims.fence``); ``Fenced`` for
-    the others, which are not sent."""
+    """Send through one provider at its pace (``worker.pacing``), request by request group: what
+    the pace lets go now (after waiting at most ``pace_max_wait`` s in all), until the provider
+    throttles us; the rest is ``Held`` (no attempt used), spread over the time the pace needs.
+    Each call is fenced (``_fenced_send``) right before it is made."""
     try:
         provider = rt.provider(name)
     except Misconfigured as exc:
         return [Retry(f"{name} misconfigured: {exc}") for _ in messages]
+    plan = getattr(provider, "requests", None)
+    groups: list[list[int]] = plan(messages) if plan is not None else [[i] for i in range(len(messages))]
+    outcomes: list[Outcome | None] = [None] * len(messages)
+    pos, slept, why = 0, 0.0, f"{name}: paced"
+    while pos < len(groups):
+        granted, wait = rt.pacer.take(name, len(groups) - pos)
+        if not granted:
+            if slept + wait > rt.settings.pace_max_wait:
+                break
+            time.sleep(wait)
+            slept += wait
+            continue
+        part = groups[pos : pos + granted]
+        pos += granted
+        idx = [i for g in part for i in g]
+        answers = _fenced_send(rt, provider, name, [messages[i] for i in idx])
+        accepted = throttled = off = 0
+        for g in part:
+            first = answers[off]
+            for i in g:
+                outcomes[i] = answers[off]
+                off += 1
+            if isinstance(first, Sent):
+                accepted += 1
+            elif isinstance(first, Retry) and first.throttled:
+                throttled += 1
+        try:
+            rt.pacer.record(name, accepted, throttled)
+        except redis.RedisError:
+            log.debug("pace of %s not recorded: Redis unavailable", name)
+        if throttled:  # stop at the first throttle answer: the rest waits for the (lowered) pace
+            why = f"{name}: paced (it throttled this batch)"
+            break
+    if pos < len(groups):
+        try:
+            rate = rt.pacer.rate(name) or 1.0
+        except redis.RedisError:
+            rate = 1.0
+        for k, g in enumerate(groups[pos:]):
+            held = Held(why, retry_after=(k + 1) / rate)
+            for i in g:
+                outcomes[i] = held
+    return [o if o is not None else Retry(f"{name}: no outcome") for o in outcomes]
+
+
+def _fenced_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> list[Outcome]:
+    """The provider's outcomes, for the messages whose lease this worker still holds (checked and
+    marked in flight in one Redis call right before the call: ``Claims.fence``); ``Fenced`` for
+    the others, which are not sent."""
     ours = rt.claims.fence([m.delivery_id for m in messages])
     if all(ours):
         return _provider_send(rt, provider, name, messages)  # type: ignore[return-value]

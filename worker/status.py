@@ -18,6 +18,7 @@ from notifyctl.models import Delivery, Notification, utcnow
 from notifyctl.tracking import queue_stats
 from notifyctl.vocabulary import ROUTES
 from worker.circuit import Circuits
+from worker.pacing import Pacer
 
 
 def status_report(ctx: Context) -> dict[str, Any]:
@@ -31,7 +32,11 @@ def status_report(ctx: Context) -> dict[str, Any]:
     s = ctx.settings
     names = sorted({n for route in ROUTES for n in s.providers_for(route)}
                    | set(s.providers_voice))  # fmt: skip
-    circuits = Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names)
+    paced = Pacer(r).rates(names)  # requests/s learned from its 429s; None = unpaced
+    circuits: dict[str, dict[str, Any]] = {
+        name: {**c, "paced_at_per_s": round(paced[name] or 0.0, 1) or None}
+        for name, c in Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names).items()
+    }
     with Session(ctx.engine) as session:
         since = utcnow() - timedelta(seconds=60)
         sent_last_min = dict(

@@ -56,5 +56,7 @@ def purge(
         f"{verb} {res.notifications} notification(s), {res.deliveries} deliveries, {res.events} events "
         f"created before {fmt_time(res.cutoff)} UTC"
     )
+    if res.dedup_keys:
+        console.print(f"{verb} {res.dedup_keys} expired dedup key(s)")
     if res.kept:
         console.print(f"kept {res.kept} as old: in flight or in the DLQ")

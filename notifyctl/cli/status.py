@@ -40,11 +40,17 @@ def _render(rep: dict) -> Group:  # type: ignore[type-arg]
     st.add_row("DLQ depth", str(rep["dlq_depth"]))
     st.add_row("in doubt, sent again", "  ".join(f"{k}={v}" for k, v in sorted(rep["in_doubt"].items())) or "0")
     pt = Table(title="Providers")
-    for col in ("provider", "circuit", "failing batches", "retry in (s)"):
+    for col in ("provider", "circuit", "failing batches", "retry in (s)", "paced at (req/s)"):
         pt.add_column(col)
     for name, c in rep["providers"].items():
         style = {"open": "red", "half_open": "yellow"}.get(str(c["state"]), "green")
-        pt.add_row(name, f"[{style}]{c['state']}[/{style}]", str(c["failing_batches"]), str(c["retry_in_s"] or ""))
+        pt.add_row(
+            name,
+            f"[{style}]{c['state']}[/{style}]",
+            str(c["failing_batches"]),
+            str(c["retry_in_s"] or ""),
+            "" if c.get("paced_at_per_s") is None else f"{c['paced_at_per_s']:g}",
+        )
     return Group(qt, wt, st, pt)
 
 
@@ -74,7 +80,7 @@ def plain_lines(rep: dict) -> list[str]:  # type: ignore[type-arg]
     for name, c in rep["providers"].items():
         lines.append(
             f"provider {name}: circuit={c['state']} failing_batches={c['failing_batches']} "
-            f"retry_in={c['retry_in_s'] or '-'}"
+            f"retry_in={c['retry_in_s'] or '-'} paced_at={c.get('paced_at_per_s') or '-'}"
         )
     return lines
 

@@ -51,6 +51,7 @@ from worker.providers.base import (
     Permanent,
     Retry,
     Sent,
+    error_text,
 )
 from worker.providers.base import retry_after as parse_retry_after
 from worker.providers.h2mux import Failure, Mux, Request
@@ -416,7 +417,7 @@ def _reason(body: bytes) -> str:
     if not body:
         return ""
     try:
-        return str(json.loads(body).get("reason") or "")
+        return error_text(json.loads(body).get("reason") or "")
     except (ValueError, AttributeError):
         return ""
 

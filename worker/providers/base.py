@@ -25,12 +25,30 @@ when settings are missing or invalid.
 
 from __future__ import annotations
 
+import html
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Literal, Protocol
+
+_HTML = re.compile(r"<(?:!doctype|html|head|body|title|h1|p|div|pre)\b", re.IGNORECASE)
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def error_text(text: Any, limit: int = 200) -> str:
+    """A provider's error answer as one short line, for a stored reason: an HTML page (a proxy's
+    or a gateway's 404/502) becomes its title (else its text without tags), whitespace and line
+    breaks collapse, and anything past ``limit`` characters is cut with "…"."""
+    s = text.decode("utf-8", "replace") if isinstance(text, bytes | bytearray) else str(text or "")
+    if "<" in s and _HTML.search(s):
+        title = _TITLE.search(s)
+        s = html.unescape(title.group(1) if title and title.group(1).strip() else _TAG.sub(" ", s))
+    s = " ".join(s.split())
+    return s if len(s) <= limit else s[: limit - 1].rstrip() + "…"
 
 
 @dataclass(slots=True)

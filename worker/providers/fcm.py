@@ -40,7 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from notifyctl import keys
 from notifyctl.masking import mask
 from notifyctl.settings import provider_config
-from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent
+from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent, error_text
 from worker.providers.base import retry_after as parse_retry_after
 from worker.providers.h2mux import Answer, Failure, Mux, Request
 from worker.providers.shared_token import Minted, SharedToken
@@ -131,7 +131,7 @@ def _error_info(resp: Answer) -> tuple[str | None, str]:
         err = None
     if not isinstance(err, dict):
         return None, f"HTTP {resp.status}"
-    message = str(err.get("message") or f"HTTP {resp.status}")[:200]
+    message = error_text(err.get("message") or f"HTTP {resp.status}")
     for detail in err.get("details") or []:
         if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.firebase.fcm.v1.FcmError"):
             if detail.get("errorCode"):
@@ -250,7 +250,7 @@ class _TokenSource:
             desc = body.get("error_description", "") if isinstance(body, dict) else ""
             detail = f"{err}: {desc}" if err else f"HTTP {resp.status_code}"
             raise _AuthError(
-                f"oauth token refused ({detail[:200]})", parse_retry_after(resp.headers.get("Retry-After"))
+                f"oauth token refused ({error_text(detail)})", parse_retry_after(resp.headers.get("Retry-After"))
             )
         try:
             expires_in = float(body.get("expires_in", 3600))

@@ -14,7 +14,8 @@ webhook events carry our custom_args, and their ``sg_message_id`` starts with it
 400 → ``Permanent`` with SendGrid's message (when the errors point at single personalizations,
 those fail, as ``InvalidAddress`` for a bad recipient, and the rest are sent again);
 401/403 → ``Permanent`` (configuration); 413 → split in halves and send again, ``Permanent`` for a
-single message; 429 → ``Retry`` with ``retry_after`` from ``Retry-After`` or ``X-RateLimit-Reset``;
+single message; 429 → ``Retry`` with ``retry_after`` from ``Retry-After`` or ``X-RateLimit-Reset``
+(throttled: no attempt used), and the batch's requests not made yet are not made (``Held``);
 5xx and network errors → ``Retry``.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +37,7 @@ from notifyctl.masking import mask
 from notifyctl.settings import provider_config
 from worker.providers.base import (
     Fenced,
+    Held,
     InvalidAddress,
     Message,
     Misconfigured,
@@ -42,6 +45,7 @@ from worker.providers.base import (
     Permanent,
     Retry,
     Sent,
+    error_text,
     lease_open,
     retry_after,
 )
@@ -95,13 +99,12 @@ def _errors(response: Any) -> list[dict[str, Any]]:
 def _describe_errors(response: Any) -> str:
     errors = _errors(response)
     if not errors:
-        text = response.text.strip()
-        return text[:200] if text else response.reason_phrase
+        return error_text(response.text) or response.reason_phrase
     parts = []
     for e in errors[:5]:
         msg = str(e.get("message") or "error")
         parts.append(f"{e['field']}: {msg}" if e.get("field") else msg)
-    return "; ".join(parts)
+    return error_text("; ".join(parts), 300)
 
 
 class Provider:
@@ -175,29 +178,54 @@ class Provider:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, messages: Sequence[Message]) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(messages)
+    def requests(self, messages: Sequence[Message]) -> list[list[int]]:
+        """How ``send`` groups ``messages`` into requests (indexes; a message that fails its
+        checks is a request of its own that is never made): the unit of the pace
+        (``worker.pacing``). ``send`` of a run of whole groups makes exactly these requests."""
         groups: dict[tuple[str, str, str], list[int]] = {}
+        alone: list[list[int]] = []
         for i, m in enumerate(messages):
-            problem = self._precheck(m)
-            if problem is not None:
-                outcomes[i] = problem
+            if self._precheck(m) is not None:
+                alone.append([i])
                 continue
             body = m.shared or m.content  # per-recipient parts as substitutions: one body for the batch
             key = (body.get("text") or "", body.get("html") or "", m.category)
             groups.setdefault(key, []).append(i)
-
         size = self.config.max_personalizations
-        chunks = [idxs[j : j + size] for idxs in groups.values() for j in range(0, len(idxs), size)]
-        if len(chunks) == 1:
-            results = [self._send_safely(messages, chunks[0])]
-        else:
-            futures = [self._pool.submit(self._send_safely, messages, chunk) for chunk in chunks]
-            results = [f.result() for f in futures]
-        for chunk, chunk_outcomes in zip(chunks, results, strict=True):
+        return alone + [idxs[j : j + size] for idxs in groups.values() for j in range(0, len(idxs), size)]
+
+    def send(self, messages: Sequence[Message]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        chunks: list[list[int]] = []
+        for group in self.requests(messages):
+            problem = self._precheck(messages[group[0]]) if len(group) == 1 else None
+            if problem is not None:
+                outcomes[group[0]] = problem
+            else:
+                chunks.append(group)
+        for chunk, chunk_outcomes in zip(chunks, self.send_until_throttled(messages, chunks), strict=True):
             for i, outcome in zip(chunk, chunk_outcomes, strict=True):
                 outcomes[i] = outcome
         return [o if o is not None else Retry("sendgrid: no outcome") for o in outcomes]
+
+    def send_until_throttled(self, messages: Sequence[Message], chunks: list[list[int]]) -> list[list[Outcome]]:
+        """One request per chunk, ``concurrency`` at a time; once SendGrid answers 429, the
+        requests not yet made are not made (``Held``: SendGrid has said how fast it goes, and
+        hammering it only earns more 429s). One list of outcomes per chunk."""
+        if len(chunks) == 1:
+            return [self._send_safely(messages, chunks[0])]
+        stop = threading.Event()
+
+        def one(chunk: list[int]) -> list[Outcome]:
+            if stop.is_set():
+                return [Held("sendgrid: not sent after a 429 in the same batch")] * len(chunk)
+            out = self._send_safely(messages, chunk)
+            if any(isinstance(o, Retry) and o.throttled for o in out):
+                stop.set()
+            return out
+
+        futures = [self._pool.submit(one, chunk) for chunk in chunks]
+        return [f.result() for f in futures]
 
     def _precheck(self, m: Message) -> Outcome | None:
         if m.route != "email":

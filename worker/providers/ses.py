@@ -13,7 +13,10 @@ Two paths, chosen per message within each batch:
   ``TRANSIENT_FAILURE``, ``FAILED`` and unknown statuses -> Retry; ``INVALID_PARAMETER`` naming a bad
   address -> InvalidAddress; the other statuses (rejected, unverified sender, paused or suspended
   sending, missing configuration set...) -> Permanent. An error for the whole call applies to all
-  its messages, except one that names a bad address, which sends that chunk again one by one.
+  its messages, except one that names a bad address, which sends that chunk again one by one, and
+  one that refuses the operation itself (an IAM policy without ``ses:SendBulkEmail``, an endpoint
+  such as moto without it: ``bulk_refused``): the chunk goes through ``SendEmail``, one warning is
+  logged per process, and bulk is not tried again for ``bulk_reprobe`` seconds (900).
 - ``SendEmail``, one call per message (``Content.Simple``: subject, text/html body, headers), for
   everything else: content no other message of the batch shares; content or a header value that
   contains ``{{`` (SES would read it as a template placeholder; bulk content is never escaped);
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from email.charset import BASE64, Charset
@@ -69,6 +73,7 @@ from worker.providers.base import (
     Permanent,
     Retry,
     Sent,
+    error_text,
 )
 from worker.providers.base import retry_after as parse_retry_after
 
@@ -196,7 +201,7 @@ def error_parts(exc: ClientError) -> tuple[str, str, int, float | None]:
     err = resp.get("Error") or {}
     meta = resp.get("ResponseMetadata") or {}
     code = str(err.get("Code") or "")
-    message = str(err.get("Message") or "")
+    message = error_text(err.get("Message") or "")
     status = int(meta.get("HTTPStatusCode") or 0)
     return code, message, status, parse_retry_after((meta.get("HTTPHeaders") or {}).get("retry-after"))
 
@@ -254,6 +259,9 @@ class Config(AwsConfig):
     configuration_set: str | None = Field(None, description="SES configuration set (event publishing)")
     bulk: bool = Field(True, description="send messages of a batch with identical content through SendBulkEmail")
     bulk_size: int = Field(50, ge=1, le=50, description="entries per SendBulkEmail call (SES allows 50)")
+    bulk_reprobe: float = Field(
+        900.0, gt=0, description="seconds before SendBulkEmail is tried again after the endpoint refused it"
+    )
 
 
 #: SES says an address (a recipient, in practice) cannot be parsed.
@@ -298,6 +306,23 @@ BULK_PERMANENT_STATUSES = frozenset(
 )
 #: SES allows at most 15 headers on a message.
 MAX_HEADERS = 15
+#: Answers meaning the endpoint or the credentials do not offer SendBulkEmail at all (an IAM policy
+#: without ses:SendBulkEmail, an SES-compatible endpoint such as moto without the operation).
+_UNKNOWN_OPERATION_CODES = frozenset({"UnknownOperationException", "InvalidAction", "NotImplemented", "404", "501"})
+_warned_bulk_refused = False  # one warning per process
+
+
+def bulk_refused(code: str, message: str, status: int) -> bool:
+    """Whether a SendBulkEmail error says the operation itself is refused (not this call's content)."""
+    if code in _UNKNOWN_OPERATION_CODES or status in (405, 501):
+        return True
+    if status == 404 and code != "NotFoundException":  # NotFoundException: a configuration set or template
+        return True
+    return code in AUTH_CODES and "sendbulkemail" in message.lower()
+
+
+class _BulkRefused(Retry):
+    """Internal: the chunk's SendBulkEmail call was refused; its messages go through SendEmail."""
 
 
 def tag_value(value: str) -> str:
@@ -333,11 +358,14 @@ class Provider:
         #: this botocore knows inline template content (SES, Nov 2024) and per-entry headers (2024)
         self.bulk_inline = "TemplateContent" in template
         self.bulk_headers = "Headers" in template and "ReplacementHeaders" in entry
+        #: monotonic time until which SendBulkEmail is not tried (the endpoint refused it)
+        self.bulk_refused_until = 0.0
 
     # -- sending -----------------------------------------------------------------------------
 
     def send(self, messages: Sequence[Message]) -> list[Outcome]:
-        if not self.config.bulk or not self.bulk_inline or len(messages) < 2:
+        bulk = self.config.bulk and self.bulk_inline and time.monotonic() >= self.bulk_refused_until
+        if not bulk or len(messages) < 2:
             return run_batch(self._pool, self._send_one, messages)
         outcomes: list[Outcome | None] = [None] * len(messages)
         singles: list[int] = []
@@ -378,8 +406,15 @@ class Provider:
             return result
 
         answers = [guarded(tasks[0])] if len(tasks) == 1 else list(self._pool.map(guarded, tasks))
+        refused: list[int] = []
         for (idxs, _), result in zip(tasks, answers, strict=True):
             for i, outcome in zip(idxs, result, strict=True):
+                outcomes[i] = outcome
+                if isinstance(outcome, _BulkRefused):
+                    refused.append(i)
+        if refused:  # SendBulkEmail refused: these go one by one, nothing dead-lettered for it
+            singly = run_batch(self._pool, self._send_one, [messages[i] for i in refused])
+            for i, outcome in zip(refused, singly, strict=True):
                 outcomes[i] = outcome
         return [o if o is not None else Retry("not sent") for o in outcomes]
 
@@ -450,7 +485,11 @@ class Provider:
         try:
             resp = self.client.send_bulk_email(**self._bulk_request(chunk, headers))
         except ClientError as exc:
-            outcome = self.classify(*error_parts(exc))
+            parts = error_parts(exc)
+            if bulk_refused(*parts[:3]):
+                self._bulk_refused(*parts[:3])
+                return [_BulkRefused("SendBulkEmail refused") for _ in chunk]
+            outcome = self.classify(*parts)
             if isinstance(outcome, InvalidAddress):
                 # SES refused the whole call over one address: find out which, one message at a time
                 return [self._send_one(m) for m in chunk]
@@ -462,6 +501,19 @@ class Provider:
         outcomes = [self.bulk_outcome(r) for r in results[: len(chunk)]]
         missing = len(chunk) - len(outcomes)
         return outcomes + [Retry("SES returned no result for this entry") for _ in range(missing)]
+
+    def _bulk_refused(self, code: str, message: str, status: int) -> None:
+        global _warned_bulk_refused
+        self.bulk_refused_until = time.monotonic() + self.config.bulk_reprobe
+        if not _warned_bulk_refused:
+            _warned_bulk_refused = True
+            log.warning(
+                "SES refused SendBulkEmail (%s: %s): sending through SendEmail, one call per message; "
+                "bulk is tried again every %gs (set [provider_options.ses] bulk = false to stop trying)",
+                code or status,
+                message,
+                self.config.bulk_reprobe,
+            )
 
     def bulk_outcome(self, result: dict[str, Any]) -> Outcome:
         """Map one ``BulkEmailEntryResult`` {Status, Error, MessageId} to an outcome."""

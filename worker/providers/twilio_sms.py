@@ -41,6 +41,7 @@ from worker.providers.base import (
     Permanent,
     Retry,
     Sent,
+    error_text,
     lease_open,
     retry_after,
 )
@@ -269,7 +270,7 @@ class Provider:
             code = int(code) if code is not None else None
         except (TypeError, ValueError):
             code = None
-        detail = str(getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", "") or "")
+        detail = error_text(getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", ""))
         if code == 21610:
             return InvalidAddress(f"twilio 21610: recipient unsubscribed (replied STOP): {detail}", kind="stopped")
         if code in _INVALID_ADDRESS_CODES:

@@ -1,0 +1,102 @@
+"""Pacing to what a provider allows (issue 14 F): a rate per provider shared through Redis,
+learned from its 429s; what the pace holds back waits without using an attempt."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import insert
+
+from chaos.common import RateLimitPlan
+from notifyctl.cli.status import plain_lines
+from notifyctl.context import Context
+from notifyctl.db import dispose_all
+from notifyctl.models import Notification, new_id, utcnow
+from tests.conftest import make_settings
+from tests.util import deliveries, seed
+from worker import jobs
+from worker.pacing import Pacer
+from worker.pool import run_worker
+from worker.sandbox.sendgrid import SendgridSandbox
+from worker.status import status_report
+
+API_KEY = "SG.pacing-test-key-0001"
+
+
+def test_the_pace_starts_at_the_first_throttle_and_drops_once_per_overshoot(rclient: redis.Redis) -> None:
+    p = Pacer(rclient)
+    assert p.rates(["sg"]) == {"sg": None}
+    assert p.take("sg", 100) == (100, 0.0)  # unpaced: nothing held back
+    assert p.record("sg", accepted=40, throttled=0) == 0.0
+    rate = p.record("sg", accepted=0, throttled=1)  # the first 429: paced at what it accepted
+    assert 0.9 * 40 <= rate <= 0.95 * 40 + 1e-9
+    granted, wait = p.take("sg", 100)  # the 429 emptied the bucket: the next request in 1/rate s
+    assert granted == 0 and 0 < wait <= 1 / rate + 1e-6
+    assert p.record("sg", accepted=0, throttled=3) == rate  # the same overshoot answers together: one drop
+    assert p.rates(["sg", "other"]) == {"sg": rate, "other": None}
+    time.sleep(1 / rate + 0.01)
+    granted, _ = p.take("sg", 100)
+    assert granted == 1  # refilled at the rate
+    assert rclient.ttl("notif:pace:sg") > 0  # forgotten after a while without 429s
+
+
+@pytest.fixture
+def sendgrid() -> Iterator[SendgridSandbox]:
+    with SendgridSandbox(api_key=API_KEY) as sb:
+        yield sb
+
+
+def test_a_rate_limited_provider_is_paced_not_hammered(
+    home: Path, redis_url: str, rclient: redis.Redis, sendgrid: SendgridSandbox
+) -> None:
+    allowed = 30.0
+    plan = RateLimitPlan(allowed, burst=8, retry_after=1)
+    sendgrid.faults = plan
+    opts = {"sendgrid": {"api_key": API_KEY, "base_url": sendgrid.url, "from_address": "n@notify.example"}}
+    ctx = Context(make_settings(home, redis_url, providers_email=["sendgrid"], provider_options=opts, rate_limits=[]))
+    seed(ctx)
+    users = ["alice", "bob", "carol"]
+    n = 100  # each body differs (its order id): one request per email
+    now = utcnow()
+    rows = [
+        {"id": new_id("n"), "recipient_id": users[i % 3], "type": "order_shipped", "template_id": "order_shipped_v2",
+         "category": "transactional", "priority": "normal", "channels": ["email"],
+         "data": {"order_id": f"O-{i}", "tracking_url": "https://t.example/1"}, "status": "scheduled",
+         "due_at": now, "created_at": now, "updated_at": now}
+        for i in range(n)
+    ]  # fmt: skip
+    with ctx.engine.begin() as conn:  # due at once, as a campaign's rows: the reconciler queues them in batches
+        conn.execute(insert(Notification), rows)
+    ids = [r["id"] for r in rows]
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=True)
+            ds = [d for nid in ids for d in deliveries(ctx, nid)]
+            if len(ds) == n and all(d.status == "sent" for d in ds):
+                break
+            time.sleep(0.2)
+        ds = [d for nid in ids for d in deliveries(ctx, nid)]
+        assert Counter(d.status for d in ds) == {"sent": n}
+        # neither a 429 nor the pace used an attempt
+        assert {d.attempts for d in ds} == {1}
+        got = Counter(r["custom_args"]["delivery_id"] for r in sendgrid.recorder.all())
+        assert len(got) == n and max(got.values()) == 1
+        # the provider was throttled, learned from, and paced: few requests refused
+        assert plan.refused >= 1
+        assert plan.refused <= 0.10 * (plan.allowed + plan.refused), (plan.refused, plan.allowed)
+        rate = Pacer(ctx.redis).rate("sendgrid")
+        assert rate is not None and 0.5 * allowed <= rate <= 1.5 * allowed
+        # `notifyctl status` shows it
+        rep = status_report(ctx)
+        assert rep["providers"]["sendgrid"]["paced_at_per_s"] == round(rate, 1)
+        assert f"paced_at={round(rate, 1)}" in " ".join(plain_lines(rep))
+    finally:
+        jobs.runtime().close()
+        ctx.close()
+        dispose_all()
