@@ -18,13 +18,12 @@ from typing import Any
 from rq import Worker
 from sqlalchemy import func, select
 
-from chaos.common import ROOT, RateLimitPlan, Ticker, World, drain, tally, wait_until
+from chaos.common import ROOT, RateLimitPlan, Ticker, World, drain, expected_delivery_id, tally, wait_until
 from notifyctl.intake import parse_request, submit
-from notifyctl.models import Delivery, Notification
+from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.redisconn import ensure_server
 from worker.circuit import Circuits
 from worker.pacing import Pacer
-from worker.pipeline import delivery_id
 
 POOL = 3
 
@@ -63,9 +62,15 @@ def _check_pool(world: World, res: Result) -> None:
     if not world.pool_alive():
         res.problems.append(f"the worker pool died (exit {world.pool.returncode if world.pool else None})")
         res.figures["pool_log_tail"] = world.pool_tail()
-    tb = world.pool_tail(200000).count("Traceback")
+    text = world.pool_tail(200000)
+    tb = text.count("Traceback")
     if tb:
         res.figures["pool_log_tracebacks"] = tb
+        at = text.rfind("\n", 0, text.index("Traceback"))
+        res.figures["pool_log_first_traceback"] = text[at + 1 : at + 1 + 2500]
+        res.figures["pool_log_problem_lines"] = sorted(
+            {ln[24:200] for ln in text.splitlines() if " ERROR " in ln or " CRITICAL " in ln}
+        )[:20]
 
 
 def _restarts(world: World) -> int:
@@ -90,7 +95,7 @@ class OtpStream:
         req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
                              "data": {"code": code, "minutes": 5}})  # fmt: skip
         r = submit(self.world.ctx, req)
-        did = delivery_id(r.notification_id, "sms", self.phones[uid])
+        did = expected_delivery_id(r.notification_id, "sms", self.phones[uid])
         self.sent[did] = (r.notification_id, time.time())
         return r.notification_id, did
 
@@ -308,10 +313,19 @@ def redis_killed(quick: bool) -> Result:
             pool_survived_outage=pool_survived_outage, restarts=_restarts(world), drained=ok,
             first_accept_after_restart_s=round(min(after) - t_up, 2) if after else None,
         )  # fmt: skip
+        log_text = world.pool_tail(10**7)
+        warned = [ln for ln in log_text.splitlines() if "Redis unreachable" in ln or "Redis answers again" in ln]
+        tracebacks = log_text.count("Traceback")
+        res.figures.update(pool_log_outage_lines=len(warned), pool_log_tracebacks=tracebacks)
         res.notes.append(
             f"{n} emails + {len(otps.sent)} OTPs accepted; kill -9 at {kill_at:g}s ({before} already sent), "
-            f"down {down:g}s, restarted from AOF; {_restarts(world)} worker restarts"
+            f"down {down:g}s, restarted from AOF; {_restarts(world)} worker restarts; the pool logged the outage "
+            f"in {len(warned)} lines, {tracebacks} tracebacks"
         )
+        if tracebacks:
+            res.problems.append(f"{tracebacks} tracebacks in the pool's log for a Redis outage it survived")
+        if len(warned) != 2:
+            res.problems.append(f"the outage took {len(warned)} warning lines in the pool's log, not 2 (start, end)")
         _check_pool(world, res)
     finally:
         world.close()
@@ -324,7 +338,9 @@ def redis_killed(quick: bool) -> Result:
 def provider_outage(quick: bool) -> Result:
     res = Result("4. provider outage (503)")
     n, rate, start, window = (300, 60.0, 1.0, 8.0) if quick else (1500, 25.0, 10.0, 120.0)
-    delays, cooldown = ([1, 2, 3], 2.0) if quick else ([5, 10, 20], 10.0)
+    # quick: one retry, so that the half-open probes that fail during the window exhaust some
+    # deliveries' attempts: they reach the DLQ and the automatic replay after recovery is exercised
+    delays, cooldown = ([1], 2.0) if quick else ([5, 10, 20], 10.0)
     world = World("outage", {"retry_delays": delays, "circuit_threshold": 3, "circuit_cooldown": cooldown})
     try:
         camp = world.users(n)
@@ -356,9 +372,14 @@ def provider_outage(quick: bool) -> Result:
         final = circuits.all_states(["sendgrid"])["sendgrid"]["state"]
         with world.ctx.engine.connect() as conn:
             max_attempts = conn.execute(select(func.max(Delivery.attempts))).scalar_one()
+            replayed = conn.execute(
+                select(func.count()).select_from(DeliveryEvent)
+                .where(DeliveryEvent.detail.like("replayed from the DLQ%"))  # type: ignore[union-attr]
+            ).scalar_one()  # fmt: skip
         res.figures.update(
             requests_answered_503=during, circuit_seen_open=seen["open"] > 0, circuit_final=final,
-            dlq_peak=seen["dlq_peak"], dlq_after=world.dead_lettered(), max_attempts=max_attempts,
+            dlq_peak=seen["dlq_peak"], replayed_from_dlq=replayed, dlq_after=world.dead_lettered(),
+            max_attempts=max_attempts,
             all_delivered_after_recovery_s=recovered_in, drained=ok,
         )  # fmt: skip
         res.notes.append(
@@ -368,6 +389,10 @@ def provider_outage(quick: bool) -> Result:
         )
         if not seen["open"]:
             res.problems.append("the circuit never opened during the outage")
+        if not seen["dlq_peak"]:
+            res.problems.append("nothing reached the DLQ during the outage: the automatic replay was not exercised")
+        if not replayed:
+            res.problems.append("no delivery was replayed from the DLQ after recovery")
         if final != "closed":
             res.problems.append(f"the circuit is {final} after recovery")
         if world.dead_lettered():
@@ -385,7 +410,9 @@ def rate_limited(quick: bool) -> Result:
     res = Result("5. provider rate limit (429)")
     n, allowed = (300, 60.0) if quick else (800, 40.0)
     delays = [1, 2, 4, 8, 16, 32]
-    world = World("ratelimit", {"retry_delays": delays, "circuit_threshold": 5, "circuit_cooldown": 3.0})
+    # one email a request (different bodies would share one): the rate limit counts requests
+    world = World("ratelimit", {"retry_delays": delays, "circuit_threshold": 5, "circuit_cooldown": 3.0,
+                                "sendgrid_options": {"max_personalizations": 1}})  # fmt: skip
     try:
         camp = world.users(n)
         plan = RateLimitPlan(allowed, burst=int(allowed // 4) or 1, retry_after=2)
@@ -419,9 +446,10 @@ def rate_limited(quick: bool) -> Result:
         )
         if dlq:
             res.problems.append(f"{dlq} deliveries reached the DLQ for 429s alone")
-        if not got_rate >= 0.8 * allowed:
+        # the pace's targets (issue 14 F); --quick sends 5 s worth, mostly spent learning the rate
+        if not quick and not got_rate >= 0.8 * allowed:
             res.problems.append(f"accepted {got_rate}/s, under 80 % of the {allowed:g}/s SendGrid allows")
-        if share_429 > 0.10:
+        if not quick and share_429 > 0.10:
             res.problems.append(f"{share_429:.1%} of requests were answered 429 (more than 10 %): not paced")
         _check_pool(world, res)
     finally:

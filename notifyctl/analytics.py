@@ -305,17 +305,17 @@ def funnel(
         f"GROUP BY {group}, status, reason"
     )
     with engine.connect() as conn:
-        rows = conn.exec_driver_sql(sql, tuple(params)).all()
+        rows: list[tuple[Any, ...]] = [tuple(r) for r in conn.exec_driver_sql(sql, tuple(params)).all()]
     groups: dict[str, Funnel] = defaultdict(lambda: Funnel(""))
     total = Funnel("total")
-    for k, status, reason, n in rows:
-        n = int(n)
+    for k, status, reason, count in rows:
+        n = int(count)
         if not n:
             continue
-        f = groups[k]
-        f.key = k
-        f.add(status, reason, n)
-        total.add(status, reason, n)
+        f = groups[str(k)]
+        f.key = str(k)
+        f.add(str(status), str(reason), n)
+        total.add(str(status), str(reason), n)
     return {
         "by": by,
         "since": since,

@@ -66,6 +66,12 @@ def webhook_seen(provider: str, event_id: str) -> str:
     return f"{PREFIX}webhook:{provider}:{event_id}"
 
 
+def alert(what: str) -> str:
+    """When the pool last alerted on ``what`` (``lag:high``, ``circuit:<provider>``), epoch seconds
+    (``notifyctl.alerts``)."""
+    return f"{PREFIX}alert:{what}"
+
+
 DLQ_ALERT = f"{PREFIX}dlq:alert"
 """When the dead-letter alert last fired (``notifyctl.dlq``)."""
 
@@ -102,6 +108,11 @@ def rq_job(job_id: str) -> str:
 def rq_worker(name: str) -> str:
     """RQ's hash of one worker (state, current_job, queues)."""
     return f"rq:worker:{name}"
+
+
+def rq_worker_executions(name: str) -> str:
+    """RQ 2's set of the executions one worker is running."""
+    return f"rq:worker:{name}:executions"
 
 
 def rq_queue(name: str) -> str:

@@ -65,6 +65,11 @@ class Liveness:
         return bool(self._delete(keys=[self.key], args=[self.value]))
 
 
+def running_key(name: str) -> str:
+    """RQ's set of the executions a worker is running (RQ >= 2)."""
+    return keys.rq_worker_executions(name)
+
+
 def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     """Every worker whose liveness key is there, with what RQ says it is doing (one SCAN, one
     pipelined read): name, host, pid, queues, state, current job, sorted by host then name."""
@@ -75,10 +80,13 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     for n in names:
         pipe.get(keys.alive(n))
         pipe.hmget(keys.rq_worker(n), "state", "current_job", "queues")
+        pipe.smembers(running_key(n))
     res = pipe.execute()
     out = []
     for i, n in enumerate(names):
-        raw, (state, job, queues) = res[2 * i], res[2 * i + 1]
+        raw, (state, job, queues), running = res[3 * i], res[3 * i + 1], res[3 * i + 2]
+        if running:  # RQ 2 keeps what a worker runs as executions "<job id>:<execution id>"
+            job = sorted(running)[0].split(b":", 1)[0]
         if raw is None:  # expired between the scan and the read
             continue
         try:

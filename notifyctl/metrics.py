@@ -1,6 +1,7 @@
 """Prometheus metrics. Workers add to counters and latency histograms in Redis (one pipeline per
-batch); ``render(ctx)`` turns them, queue lag per tier and DLQ depth into the text exposition
-format for ``GET /metrics`` on ``notifyctl serve``."""
+batch); ``collect(ctx)`` turns them, queue lag per tier, circuits and DLQ depth into
+``prometheus_client`` metric families, which ``render(ctx)`` exposes for ``GET /metrics`` on
+``notifyctl serve``. Alerting rules and a Grafana dashboard for these series: ``deploy/``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import redis
 
 from notifyctl import keys
+from notifyctl.vocabulary import PRIORITIES
 
 DELIVERIES = keys.METRICS_DELIVERIES
 IN_DOUBT = keys.METRICS_IN_DOUBT
@@ -65,67 +67,126 @@ class Recorder:
             pipe.hincrbyfloat(key, "sum", seconds * n)
 
 
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+def queue_stats(ctx: Any) -> list[dict[str, Any]]:
+    """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis)."""
+    r = ctx.redis
+    now = time.time()
+    queues = []
+    for p in PRIORITIES:
+        q = ctx.queue(p)
+        pipe = r.pipeline(transaction=False)
+        pipe.llen(q.key)
+        pipe.lindex(q.key, 0)
+        pipe.zcard(q.started_job_registry.key)
+        pipe.zcard(q.failed_job_registry.key)
+        depth, head, started, failed = pipe.execute()
+        oldest = None
+        if head:
+            enq = r.hget(keys.rq_job(head.decode()), "enqueued_at")
+            if isinstance(enq, bytes):
+                from datetime import datetime
+
+                ts = datetime.fromisoformat(enq.decode().replace("Z", "+00:00")).timestamp()
+                oldest = round(max(0.0, now - ts), 3)
+        queues.append(
+            {
+                "queue": q.name,
+                "priority": p,
+                "depth": depth,
+                "oldest_age_s": oldest,
+                "started": started,
+                "failed_jobs": failed,
+            }
+        )
+    return queues
 
 
-def render(ctx: Any) -> str:
+def collect(ctx: Any) -> list[Any]:
+    """The metric families for ``GET /metrics``, read from Redis (the workers' counters and
+    histograms, the queues) and one indexed SQL count (the DLQ), as ``prometheus_client`` objects."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from sqlalchemy import func, select
     from sqlmodel import Session
 
     from notifyctl.models import Delivery
-    from notifyctl.settings import PRIORITIES
 
     r: redis.Redis = ctx.redis
-    lines: list[str] = []
+    s = ctx.settings
+    out: list[Any] = []
 
-    lines += ["# HELP notify_deliveries_total Delivery outcomes by status, channel and reason.",
-              "# TYPE notify_deliveries_total counter"]  # fmt: skip
+    deliveries = CounterMetricFamily(
+        "notify_deliveries", "Delivery outcomes by status, channel and reason.", labels=["status", "channel", "reason"]
+    )
     for field, n in sorted((k.decode(), int(v)) for k, v in r.hgetall(DELIVERIES).items()):
         status, channel, reason = (field.split("|") + ["", ""])[:3]
-        lines.append(
-            f'notify_deliveries_total{{status="{_esc(status)}",channel="{_esc(channel)}",reason="{_esc(reason)}"}} {n}'
-        )
+        deliveries.add_metric([status, channel, reason], n)
+    out.append(deliveries)
 
-    lines += ["# HELP notify_in_doubt_total Deliveries whose worker stopped with the provider call under way, "
-              "sent again (they may have arrived twice).", "# TYPE notify_in_doubt_total counter"]  # fmt: skip
+    doubt = CounterMetricFamily(
+        "notify_in_doubt",
+        "Deliveries whose worker stopped with the provider call under way, sent again (they may have arrived twice).",
+        labels=["channel"],
+    )
     for channel, n in sorted((k.decode(), int(v)) for k, v in r.hgetall(IN_DOUBT).items()):
-        lines.append(f'notify_in_doubt_total{{channel="{_esc(channel)}"}} {n}')
+        doubt.add_metric([channel], n)
+    out.append(doubt)
 
-    lines += ["# HELP notify_queue_depth Jobs waiting per priority queue.", "# TYPE notify_queue_depth gauge",
-              "# HELP notify_queue_lag_seconds Age of the oldest waiting job per priority queue.",
-              "# TYPE notify_queue_lag_seconds gauge"]  # fmt: skip
-    now = time.time()
-    for p in PRIORITIES:
-        q = ctx.queue(p)
-        depth = r.llen(q.key)
-        lag = 0.0
-        head = r.lindex(q.key, 0)
-        if head:
-            enq = r.hget(keys.rq_job(head.decode()), "enqueued_at")
-            if enq:
-                from datetime import datetime
+    depth = GaugeMetricFamily("notify_queue_depth", "Jobs waiting per priority queue.", labels=["priority"])
+    lag = GaugeMetricFamily("notify_queue_lag_seconds", "Age of the oldest waiting job per priority queue.",
+                            labels=["priority"])  # fmt: skip
+    threshold = GaugeMetricFamily(
+        "notify_queue_lag_threshold_seconds",
+        "The lag each priority queue is held to (NOTIFY_LAG_ALERT_*): the pool alerts above the high one.",
+        labels=["priority"],
+    )
+    for q in queue_stats(ctx):
+        depth.add_metric([q["priority"]], q["depth"])
+        lag.add_metric([q["priority"]], round(q["oldest_age_s"] or 0.0, 3))
+        threshold.add_metric([q["priority"]], float(getattr(s, f"lag_alert_{q['priority']}")))
+    out += [depth, lag, threshold]
 
-                lag = max(0.0, now - datetime.fromisoformat(enq.decode().replace("Z", "+00:00")).timestamp())
-        lines.append(f'notify_queue_depth{{priority="{p}"}} {depth}')
-        lines.append(f'notify_queue_lag_seconds{{priority="{p}"}} {lag:.3f}')
-
-    lines += ["# HELP notify_provider_latency_seconds Time a provider took to answer a batch, per message.",
-              "# TYPE notify_provider_latency_seconds histogram"]  # fmt: skip
+    latency = HistogramMetricFamily(
+        "notify_provider_latency_seconds", "Time a provider took to answer a batch, per message.", labels=["provider"]
+    )
     for key in sorted(k.decode() for k in r.scan_iter(match=keys.METRICS_LATENCY_PATTERN, count=100)):
         provider = key[len(LATENCY) :]
         h = {k.decode(): v for k, v in r.hgetall(key).items()}
         cum = 0
+        buckets = []
         for b in (*(str(b) for b in BUCKETS), "+Inf"):
             cum += int(h.get(b, 0))
-            lines.append(f'notify_provider_latency_seconds_bucket{{provider="{_esc(provider)}",le="{b}"}} {cum}')
-        lines.append(f'notify_provider_latency_seconds_sum{{provider="{_esc(provider)}"}} {float(h.get("sum", 0))}')
-        lines.append(f'notify_provider_latency_seconds_count{{provider="{_esc(provider)}"}} {int(h.get("count", 0))}')
+            buckets.append((b, cum))
+        latency.add_metric([provider], buckets, float(h.get("sum", 0)))
+    out.append(latency)
+
+    routes = ("push.ios", "push.android", "email", "sms")
+    names = sorted({n for route in routes for n in s.providers_for(route)} | set(s.providers_voice))
+    circuit = GaugeMetricFamily("notify_circuit_open", "1 while a provider's circuit is open.", labels=["provider"])
+    pipe = r.pipeline(transaction=False)
+    for name in names:
+        pipe.hget(keys.circuit(name), "open_until")
+    now = time.time()
+    for name, until in zip(names, pipe.execute(), strict=True):
+        # open while open_until is ahead (worker.circuit's OPEN; half-open after it, until a batch succeeds)
+        circuit.add_metric([name], 1.0 if until and float(until) > now else 0.0)
+    out.append(circuit)
 
     with Session(ctx.engine) as session:
         dlq = session.execute(
             select(func.count()).select_from(Delivery).where(Delivery.dead_lettered.is_(True))  # type: ignore[attr-defined]
         ).scalar_one()
-    lines += ["# HELP notify_dlq_depth Dead-lettered deliveries.", "# TYPE notify_dlq_depth gauge",
-              f"notify_dlq_depth {dlq}"]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    out.append(GaugeMetricFamily("notify_dlq_depth", "Dead-lettered deliveries.", value=dlq))
+    return out
+
+
+def render(ctx: Any) -> bytes:
+    """The Prometheus text exposition of ``collect(ctx)`` (``prometheus_client.generate_latest``)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    class _Now:
+        def collect(self) -> list[Any]:
+            return collect(ctx)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Now())
+    return generate_latest(registry)

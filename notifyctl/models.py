@@ -333,3 +333,5 @@ class ApiKey(SQLModel, table=True):
     prefix: str = Field(max_length=16)  # first characters of the key, for display only
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
+    # Added with scopes: nullable so ``db.add_missing_columns`` adds it; a key made before (NULL) is admin.
+    scope: str | None = Field(default=None, max_length=16)

@@ -42,11 +42,11 @@ class Refusal:
 
 
 def refusal(
-    channel: str, category: str, opt_outs: set[tuple[str, str]], has_address: bool, sms_opt_in: bool
+    channel: str, category: str, opt_outs: set[tuple[str, str]] | None, has_address: bool, sms_opt_in: bool
 ) -> Refusal | None:
     """None when ``channel`` may carry a ``category`` notification to this user (see the module
-    docstring), else why not."""
-    block = blocked_by(opt_outs, channel, category)
+    docstring), else why not. ``opt_outs``: the user's, None or empty when there are none."""
+    block = blocked_by(opt_outs, channel, category) if opt_outs else None
     if block:
         return Refusal("opted_out", block)
     if not has_address:

@@ -9,6 +9,7 @@ starts it, under a file lock. ``notifyctl redis stop`` stops it.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import subprocess
@@ -152,3 +153,70 @@ def _safe(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+# What a Redis outage raises: redis-py's errors for a refused, reset or silent connection (and a
+# bare OSError from a socket call outside redis-py's wrapping).
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says that Redis cannot be reached."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, UNREACHABLE):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
+
+
+class Outage:
+    """Reports a Redis outage as two lines: one warning when it starts, one when it ends.
+
+    Whoever notices Redis missing calls ``down(exc)``; whoever reaches it calls ``up()``. The
+    worker pool's supervisor owns one (it tries Redis every second); its workers stay silent
+    about the same outage, waiting for Redis and trying again each second."""
+
+    def __init__(self, logger: logging.Logger, url: str = "") -> None:
+        self.log = logger
+        self.url = _safe(url) if url else "Redis"
+        self.since: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+    def down(self, exc: BaseException) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            self.log.warning("Redis unreachable at %s (%s): the pool waits for it; nothing is lost", self.url, reason)
+
+    def up(self) -> None:
+        if self.since is not None:
+            self.log.warning("Redis answers again after %.1fs: the pool goes on", time.monotonic() - self.since)
+            self.since = None
+
+
+class QuietWhileUnreachable(logging.Filter):
+    """For RQ's worker logger, during a Redis outage (which the pool's supervisor reports once):
+    drops its "could not connect to Redis instance ... retrying" lines (one per second per
+    worker) and the traceback of a worker that quits because Redis went away (``quit_unreachable``
+    is then set: the worker exits with a code that says so, and the supervisor starts it again).
+    Everything is kept when the logger is at DEBUG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quit_unreachable = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return True
+        if "could not connect to Redis instance" in str(record.msg):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and unreachable(exc):
+            self.quit_unreachable = self.quit_unreachable or "quitting" in str(record.msg)
+            return False
+        return True

@@ -1,21 +1,18 @@
-"""Reading the tracking record: a notification's timeline, the queues, the latest deliveries. (The
-system's status, which reads the workers' state too, is :func:`worker.status.status_report`.)"""
+"""Reading the tracking record: a notification's timeline, the configured providers and their
+circuits, the latest deliveries. (The system's status is :func:`worker.status.status_report`.)"""
 
 from __future__ import annotations
 
-import time
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlmodel import Session
 
-from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.errors import NotFound, TemplateError
 from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.secretdata import redact
-from notifyctl.vocabulary import PRIORITIES
+from notifyctl.vocabulary import ROUTES
 
 
 def find_notification(session: Session, ref: str) -> Notification:
@@ -67,36 +64,17 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
         }
 
 
-def queue_stats(ctx: Context) -> list[dict[str, Any]]:
-    """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis)."""
-    r = ctx.redis
-    now = time.time()
-    queues = []
-    for p in PRIORITIES:
-        q = ctx.queue(p)
-        pipe = r.pipeline(transaction=False)
-        pipe.llen(q.key)
-        pipe.lindex(q.key, 0)
-        pipe.zcard(q.started_job_registry.key)
-        pipe.zcard(q.failed_job_registry.key)
-        depth, head, started, failed = pipe.execute()
-        oldest = None
-        if head:
-            enq = r.hget(keys.rq_job(head.decode()), "enqueued_at")
-            if enq:
-                ts = datetime.fromisoformat(enq.decode().replace("Z", "+00:00")).timestamp()
-                oldest = round(max(0.0, now - ts), 3)
-        queues.append(
-            {
-                "queue": q.name,
-                "priority": p,
-                "depth": depth,
-                "oldest_age_s": oldest,
-                "started": started,
-                "failed_jobs": failed,
-            }
-        )
-    return queues
+def provider_names(settings: Any) -> list[str]:
+    """Every provider a route is configured with (voice included), sorted."""
+    return sorted({n for route in ROUTES for n in settings.providers_for(route)} | set(settings.providers_voice))
+
+
+def provider_circuits(ctx: Context) -> dict[str, dict[str, str | float]]:
+    """Each configured provider's circuit: state, consecutive failing batches, seconds to a retrial."""
+    from worker.circuit import Circuits
+
+    s = ctx.settings
+    return Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown).all_states(provider_names(s))
 
 
 def recent_deliveries(ctx: Context, limit: int = 50) -> list[dict[str, Any]]:

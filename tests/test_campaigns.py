@@ -138,21 +138,66 @@ def test_sql_segment_from_another_database_is_read_only(ctx: Context, tmp_path: 
     assert s["written"] == 50
     assert s["bad_rows"]["by_kind"] == {"malformed": 1, "unknown_user": 1}
     assert {b["line"] for b in s["bad_rows"]["first"]} == {51, 52}
-    # the transaction is read-only: a SELECT that writes (here, through a CTE upsert) is refused by SQLite
-    with pytest.raises(InputError, match="--segment-sql"):
-        launch(
-            ctx,
-            LaunchSpec(
-                "weekly_promo",
-                segment_sql="SELECT * FROM (SELECT 1) WHERE 0 = (SELECT count(*) FROM pragma_query_only WHERE query_only = 1)",
-                segment_db=f"sqlite:///{other}",
-            ),
-        )  # noqa: E501
+    # the query runs with SQLite's query_only on (no SELECT can write in SQLite itself: what it would
+    # take is a function with side effects, which the PostgreSQL test below has): the query reports it
+    s = launch(
+        ctx,
+        LaunchSpec("weekly_promo", channels=["email"],
+                   segment_sql="SELECT uid AS user_id, (SELECT query_only FROM pragma_query_only) AS ro FROM leads",
+                   segment_db=f"sqlite:///{other}", data={**PROMO, "first_name": "Lead"}),
+    )  # fmt: skip
+    assert s["written"] == 50
+    assert {n.data["ro"] for n in notifications(ctx, s["campaign_id"])} == {1}
     with pytest.raises(InputError, match="no SQLite database"):
         launch(
             ctx,
             LaunchSpec("weekly_promo", segment_sql="SELECT 1 AS user_id", segment_db=f"sqlite:///{tmp_path}/none.db"),
         )  # noqa: E501
+
+
+def test_sql_segment_from_postgresql_cannot_write_through_a_function(ctx: Context) -> None:
+    """A SELECT can write on PostgreSQL: a function it calls may INSERT, and nextval() writes a
+    sequence. check_select cannot see that; the read-only transaction refuses it."""
+    from tests.conftest import PG_AVAILABLE, PG_URL
+
+    if not PG_AVAILABLE:
+        pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    add_users(ctx, [f"p{i},p{i}@example.com,,UTC,false" for i in range(5)])
+    schema = "t_" + uuid.uuid4().hex[:10]
+    admin = create_engine(PG_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+            conn.execute(text(f"CREATE TABLE {schema}.leads (uid TEXT)"))
+            conn.execute(text(f"INSERT INTO {schema}.leads SELECT 'p' || g FROM generate_series(0, 4) AS g"))
+            conn.execute(text(f"CREATE TABLE {schema}.stolen (uid TEXT)"))
+            conn.execute(text(f"CREATE SEQUENCE {schema}.seq"))
+            conn.execute(
+                text(
+                    f"CREATE FUNCTION {schema}.grab(u TEXT) RETURNS TEXT LANGUAGE sql AS "
+                    f"$$ INSERT INTO {schema}.stolen VALUES (u) RETURNING u $$"
+                )
+            )
+        url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+        for sql in ["SELECT grab(uid) AS user_id FROM leads", "SELECT uid AS user_id, nextval('seq') AS n FROM leads"]:
+            with pytest.raises(InputError, match="read-only transaction"):
+                launch(ctx, LaunchSpec("weekly_promo", segment_sql=sql, segment_db=url, data=PROMO))
+        with admin.connect() as conn:
+            assert conn.execute(text(f"SELECT count(*) FROM {schema}.stolen")).scalar_one() == 0
+        s = launch(  # the same database, read: the launch goes ahead
+            ctx,
+            LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT uid AS user_id FROM leads",
+                       segment_db=url, data={**PROMO, "first_name": "P"}),
+        )  # fmt: skip
+        assert s["written"] == 5
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 # ---------------------------------------------------------------------------------------------- scheduling

@@ -170,7 +170,10 @@ def test_a_delivery_left_in_flight_is_sent_again_and_recorded_in_doubt(
         doubt = [e for e in events if e.status == "in_doubt"]
         assert len(doubt) == 1 and "host-a-dead" in (doubt[0].detail or "")
         assert status_report(ctx)["in_doubt"] == {"email": 1}
-        assert 'notify_in_doubt_total{channel="email"} 1' in metrics.render(ctx)
+        assert 'notify_in_doubt_total{channel="email"} 1.0' in metrics.render(ctx).decode()
+        from notifyctl.console import overview_data
+
+        assert overview_data(ctx)["in_doubt"] == {"email": 1}
     finally:
         rt.close()
         ctx.close()

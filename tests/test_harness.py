@@ -15,7 +15,8 @@ from worker.sandbox.base import HttpSandbox
 
 
 def _request_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if "process_request_thread" in t.name]
+    # alive only: a thread in the middle of start() is listed before it can be joined
+    return [t for t in threading.enumerate() if "process_request_thread" in t.name and t.is_alive()]
 
 
 def test_closed_port_refuses_and_cannot_be_taken() -> None:

@@ -54,3 +54,12 @@ def test_status_lists_live_workers_per_host_and_no_dead_one(ctx: Context) -> Non
     out = run_cli(ctx.settings, "status", "--json")
     assert out.returncode == 0, out.stderr
     assert [w["host"] for w in json.loads(out.stdout)["workers"]] == ["host-a", "host-a"]
+
+
+def test_status_shows_the_job_a_live_worker_runs(ctx: Context) -> None:
+    from notifyctl.liveness import running_key
+
+    Liveness(ctx.redis, "w-busy", 10, ["notify-low"], host="host-a").beat()
+    ctx.redis.sadd(running_key("w-busy"), "job_r123:exec1")  # as RQ 2 records a running job
+    (w,) = status_report(ctx)["workers"]
+    assert w["current_job"] == "job_r123"

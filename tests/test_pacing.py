@@ -39,9 +39,11 @@ def test_the_pace_starts_at_the_first_throttle_and_drops_once_per_overshoot(rcli
     assert granted == 0 and 0 < wait <= 1 / rate + 1e-6
     assert p.record("sg", accepted=0, throttled=3) == rate  # the same overshoot answers together: one drop
     assert p.rates(["sg", "other"]) == {"sg": rate, "other": None}
+    t0 = time.monotonic()
     time.sleep(1 / rate + 0.01)
     granted, _ = p.take("sg", 100)
-    assert granted == 1  # refilled at the rate
+    slept = time.monotonic() - t0  # (a loaded machine oversleeps: the bucket refills meanwhile)
+    assert 1 <= granted <= int(slept * rate) + 1  # refilled at the rate, no faster
     assert rclient.ttl("notif:pace:sg") > 0  # forgotten after a while without 429s
 
 
@@ -57,11 +59,13 @@ def test_a_rate_limited_provider_is_paced_not_hammered(
     allowed = 30.0
     plan = RateLimitPlan(allowed, burst=8, retry_after=1)
     sendgrid.faults = plan
-    opts = {"sendgrid": {"api_key": API_KEY, "base_url": sendgrid.url, "from_address": "n@notify.example"}}
+    # one personalization per request: one request per email (different bodies would share one)
+    opts = {"sendgrid": {"api_key": API_KEY, "base_url": sendgrid.url, "from_address": "n@notify.example",
+                         "max_personalizations": 1}}  # fmt: skip
     ctx = Context(make_settings(home, redis_url, providers_email=["sendgrid"], provider_options=opts, rate_limits=[]))
     seed(ctx)
     users = ["alice", "bob", "carol"]
-    n = 100  # each body differs (its order id): one request per email
+    n = 100
     now = utcnow()
     rows = [
         {"id": new_id("n"), "recipient_id": users[i % 3], "type": "order_shipped", "template_id": "order_shipped_v2",

@@ -71,7 +71,11 @@ def test_ses_on_moto_without_send_bulk_email_delivers_every_message_through_send
     import boto3
 
     moto = boto3.client(
-        "sesv2", region_name="us-east-1", endpoint_url=moto_server, aws_access_key_id="AKIAMOTO", aws_secret_access_key="x"
+        "sesv2",
+        region_name="us-east-1",
+        endpoint_url=moto_server,
+        aws_access_key_id="AKIAMOTO",
+        aws_secret_access_key="x",
     )
     moto.create_email_identity(EmailIdentity="example.com")
     settings = Settings(

@@ -290,8 +290,8 @@ def test_marketing_batch_is_one_sendgrid_request_with_per_recipient_links(
 ) -> None:
     """Marketing email carries a per-recipient unsubscribe link and open pixel: they travel as
     SendGrid substitutions, so the batch is still one request, and each recipient gets their own."""
-    from notifyctl.inbound import open_token
     from notifyctl.unsubscribe import secret_key, verify_token
+    from tests.util import pixel_token
     from worker.pipeline import Runtime, process
 
     settings = make_settings(home, redis_url, rate_limits=[], provider_options=sandboxes.provider_options,
@@ -319,7 +319,7 @@ def test_marketing_batch_is_one_sendgrid_request_with_per_recipient_links(
             assert f"Unsubscribe: {url}" in text and f'<a href="{url}">Unsubscribe</a>' in body
             assert "1 Main St, Springfield" in text
             [d] = deliveries(ctx, nid)
-            assert f'<img src="https://notify.example.com/o/{open_token(key, d.id)}.gif"' in body
+            assert f'<img src="https://notify.example.com/o/{pixel_token(key, d.id)}.gif"' in body
             assert mail["custom_args"]["delivery_id"] == d.id
     finally:
         ctx.close()
@@ -355,7 +355,8 @@ def test_personalised_template_is_one_sendgrid_request_with_each_recipients_valu
 ) -> None:
     """``{{ user.first_name }}`` differs per recipient: it travels as a substitution (escaped for
     the HTML part), so a personalised campaign batch is still one request. A template that does
-    more with a user's value than print it (a filter) is sent per recipient, still correct."""
+    more with a user's value than print it (a filter) is rendered per recipient, and still one
+    request: the bodies' shared skeleton with each one's own parts as substitutions."""
     from notifyctl.directory import import_users
     from worker.pipeline import Runtime, process
 
@@ -397,10 +398,52 @@ def test_personalised_template_is_one_sendgrid_request_with_each_recipients_valu
         before = len(sg.accepted_requests)
         nids = [send(ctx, recipient_id=u, template_id="shout", channels=["email"]).notification_id for u in users]
         assert process(Runtime(ctx), nids).sent == 3
-        assert sorted(sg.accepted_requests[before:]) == [1, 1, 1]
+        assert sg.accepted_requests[before:] == [3]  # different bodies, one skeleton (issue 15)
         mails = {m["to"]: m for m in sg.recorder.all()}
         assert mails["bob@example.com"]["content"]["text/plain"] == "BOB"
         assert mails["dan@example.com"]["content"]["text/html"] == "<p>DAN &amp; &lt;CO&gt;</p>"
+    finally:
+        ctx.close()
+        dispose_all()
+
+
+def test_segment_with_first_name_is_one_sendgrid_request_not_one_per_recipient(
+    sandboxes: SandboxSet, home: Path, redis_url: str, rclient: Any
+) -> None:
+    """Issue 15: 190 recipients whose data carries their own first_name and code (a segment's
+    columns), marketing (unsubscribe link, postal address, pixel): one request, and each gets
+    exactly what Jinja renders for them."""
+    import io
+
+    from notifyctl.directory import import_users
+    from worker.pipeline import Runtime, process
+
+    settings = make_settings(home, redis_url, rate_limits=[], provider_options=sandboxes.provider_options,
+                             providers_email=["sendgrid"], public_url="https://notify.example.com",
+                             postal_address="1 Main St, Springfield")  # fmt: skip
+    ctx = Context(settings)
+    try:
+        rows = "".join(f"u{i},u{i}@example.com\n" for i in range(190))
+        assert import_users(ctx, io.StringIO("user_id,email\n" + rows)).errors == []
+        names = [f"N{i} & <b>{'x' * (i % 7)}</b>" for i in range(190)]
+        nids = [send(ctx, recipient_id=f"u{i}", template_id="weekly_promo", channels=["email"],
+                     data={"first_name": names[i], "discount": 5 + i % 40, "code": f"C{i:04d}"}).notification_id
+                for i in range(190)]  # fmt: skip
+        sg = sandboxes.sandboxes["sendgrid"]
+        before = len(sg.accepted_requests)
+        assert process(Runtime(ctx), nids).sent == 190
+        assert sg.accepted_requests[before:] == [190]
+        template = ctx.templates.get("weekly_promo")
+        mails = {m["to"]: m for m in sg.recorder.all()}
+        for i in (0, 1, 77, 189):
+            mine = template.render("email", {"first_name": names[i], "discount": 5 + i % 40, "code": f"C{i:04d}",
+                                             "user": {}})  # fmt: skip
+            mail = mails[f"u{i}@example.com"]
+            assert mail["subject"] == mine["subject"]
+            url = mail["headers"]["List-Unsubscribe"].strip("<>")
+            assert mail["content"]["text/plain"] == mine["text"] + f"\n\n--\nUnsubscribe: {url}\n1 Main St, Springfield"
+            assert mail["content"]["text/html"].startswith(mine["html"] + "\n")
+            assert f'<a href="{url}">Unsubscribe</a>' in mail["content"]["text/html"]
     finally:
         ctx.close()
         dispose_all()

@@ -121,8 +121,8 @@ def test_status_watch_shows_queues_oldest_age_workers_sent_last_minute_and_circu
     ages = [float(a) for a in re.findall(r"^queue notify-normal: depth=1 oldest=([\d.]+)s ", out, re.M)]
     assert len(ages) == 2 and ages[0] <= ages[1], out
     assert started - after_send <= ages[0] <= finished - before_send
-    assert out.count("workers: 1\n") == 2
-    assert out.count(f"worker {worker.name}: ") == 2 and "queues=notify-low " in out
+    assert out.count("workers: 1 hosts: 1\n") == 2
+    assert out.count(f"worker {worker.name}: host=") == 2 and "queues=notify-low " in out
     assert out.count("sent last minute: email=1\n") == 2
     assert out.count("provider outbox: circuit=open failing_batches=5 ") == 2
     assert out.count("dlq depth: 0\n") == 2
@@ -183,7 +183,8 @@ def test_metrics_queue_lag_is_the_age_of_the_oldest_waiting_job(ctx: Context) ->
         body = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30).text
         answered = time.time()
     lag = {p: float(v) for p, v in re.findall(r'^notify_queue_lag_seconds\{priority="(\w+)"\} ([\d.]+)$', body, re.M)}
-    depth = {p: int(v) for p, v in re.findall(r'^notify_queue_depth\{priority="(\w+)"\} (\d+)$', body, re.M)}
+    # (prometheus_client writes every value as a float: 2.0)
+    depth = {p: int(float(v)) for p, v in re.findall(r'^notify_queue_depth\{priority="(\w+)"\} ([\d.]+)$', body, re.M)}
     assert depth == {"high": 0, "normal": 2, "low": 0}
     assert lag["high"] == 0 and lag["low"] == 0
     assert asked - after_send <= lag["normal"] <= answered - before_send + 0.001, (lag, asked - after_send)
@@ -357,20 +358,25 @@ def test_webhook_settings_from_environment_and_unknown_messages_logged(serve_env
 # ────────────────────────────────────────────────────────────── the 2 s liveness refresh
 
 
-def test_workers_refresh_their_liveness_key_every_2_seconds_by_default(ctx: Context, rclient: redis.Redis) -> None:
+def test_workers_refresh_their_liveness_key_every_2_seconds_by_default(ctx: Context, redis_url: str) -> None:
     assert "NOTIFY_WORKER_HEARTBEAT" not in cli_env(ctx.settings)  # the default, nothing else
     sets: list[tuple[float, str]] = []
-    with rclient.monitor() as mon, WorkerProcess(ctx.settings, "--pool", "1"):
-        deadline = time.monotonic() + 90
-        for cmd in mon.listen():
-            parts = cmd["command"].split()
-            if parts[:1] == ["SET"] and parts[1].startswith("notif:alive:"):
-                sets.append((cmd["time"], parts[1]))
-            if len(sets) >= 3 or time.monotonic() > deadline:
-                break
-    assert len(sets) >= 3, sets
+    # MONITOR on a connection of its own, which may wait long for a loaded machine to start the pool
+    watcher = redis.Redis.from_url(redis_url, socket_timeout=300)
+    try:
+        with watcher.monitor() as mon, WorkerProcess(ctx.settings, "--pool", "1"):
+            deadline = time.monotonic() + 180
+            for cmd in mon.listen():
+                parts = cmd["command"].split()
+                if parts[:1] == ["SET"] and parts[1].startswith("notif:alive:"):
+                    sets.append((cmd["time"], parts[1]))
+                if len(sets) >= 4 or time.monotonic() > deadline:
+                    break
+    finally:
+        watcher.close()
+    assert len(sets) >= 4, sets
     assert len({name for _t, name in sets}) == 1  # one worker, one key
     gaps = [b - a for (a, _), (b, _) in zip(sets, sets[1:], strict=False)]
-    # the server's own clock: each refresh waits its 2 s after the last one, and one of these
-    # two waits did not overrun by a whole second even on a loaded machine
+    # timed by the server's own clock: each refresh waits its 2 s after the last one, and at least
+    # one of these three waits did not overrun by more than a second, even on a loaded machine
     assert all(g >= 1.95 for g in gaps) and min(gaps) < 3.0, gaps

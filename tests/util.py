@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import io
 import threading
 import time
@@ -34,6 +36,18 @@ def fcm_token(name: str) -> str:
 
 
 ANDROID_TOKEN = fcm_token("android-token-bob")
+
+
+def pixel_token(key: bytes, delivery_id: str) -> str:
+    """An open-pixel token as the format says, computed here and not by ``notifyctl.inbound``:
+    ``base64url(delivery id) "." base64url(HMAC-SHA256(key, "open" NUL delivery id), first 16 bytes)``,
+    base64url without padding."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    mac = hmac.new(key, b"open\x00" + delivery_id.encode(), hashlib.sha256).digest()[:16]
+    return f"{b64(delivery_id.encode())}.{b64(mac)}"
 
 
 def seed(ctx: Context) -> None:

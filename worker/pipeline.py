@@ -16,7 +16,7 @@ import os
 import random
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,13 +26,13 @@ from typing import Any
 import markupsafe
 import orjson
 import redis
-from sqlalchemy import bindparam, literal, or_, select, update
+from sqlalchemy import bindparam, insert, literal, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from notifyctl import metrics, prefs
 from notifyctl.context import Context
-from notifyctl.db import prepare_insert, rows_where_in, unindexed, unindexed_in, update_where_in, write_lock
+from notifyctl.db import prepare_insert, rows_where_in, unindexed_in, update_where_in, write_lock
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
 from notifyctl.intake import user_vars
@@ -103,6 +103,26 @@ class Runtime:
             p = self._providers[name] = load_provider(name, self.settings, redis=self.ctx.redis)
         return p
 
+    def warm(self) -> list[str]:
+        """Load every configured provider now (imports, SDK clients, their lazy parts: ``warm()``),
+        and open the SQL connection: a worker's first job, an OTP say, must not pay for them (the
+        Twilio SDK's imports alone took 0.3-4 s; each worker paid them on its first SMS). Nothing is
+        sent. A provider that cannot load is left for the send path to report; returns their names."""
+        s = self.settings
+        names = [n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)]
+        failed: list[str] = []
+        for name in dict.fromkeys([*names, *s.providers_voice]):
+            try:
+                p = self.provider(name)
+                warm = getattr(p, "warm", None)
+                if warm is not None:
+                    warm()
+            except Exception:  # noqa: BLE001 - reported when a send needs it
+                failed.append(name)
+        with self.ctx.engine.connect():
+            pass
+        return failed
+
     def close(self) -> None:
         self.claims.close()
         for p in self._providers.values():
@@ -132,9 +152,12 @@ class Stats:
         return d
 
 
-def _route_addresses(channel: str, user: Any, tokens: list[Any]) -> list[tuple[str, str]]:
+_PUSH_ROUTES = {"ios": "push.ios", "android": "push.android"}
+
+
+def _route_addresses(channel: str, user: Any, tokens: list[tuple[str, str]]) -> list[tuple[str, str]]:
     if channel == "push":
-        return [(f"push.{t.platform}", t.token) for t in tokens]
+        return [(_PUSH_ROUTES.get(platform) or f"push.{platform}", token) for platform, token in tokens]
     if channel == "email":
         return [("email", user.email)] if user.email else []
     if channel == "sms":
@@ -185,6 +208,7 @@ _D_FIELDS = itemgetter(*_D.__slots__)  # a new delivery row (every column) → _
 _N = Notification.__table__  # type: ignore[attr-defined]
 _DT = Delivery.__table__  # type: ignore[attr-defined]
 _ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
+_TT = DeviceToken.__table__  # type: ignore[attr-defined]
 # The batch loads: only the columns the pipeline reads, on the DBAPI cursor (``rows_where_in``): a
 # thousand plain tuples. The JSON columns come as text and are parsed once per distinct text: a
 # campaign batch shares one `data` and one `channels`.
@@ -195,6 +219,10 @@ _N_SELECT = (
 # by primary key, never through the status index (see notifyctl.db.unindexed)
 _N_LOADABLE = "AND " + unindexed_in("status", [NotificationStatus.queued, NotificationStatus.retrying])
 _U_SELECT = "SELECT id, email, phone, timezone, locale, sms_opt_in, CAST(attributes AS TEXT) FROM users"
+# a batch's live device tokens (not through the removed_at index: every live token), oldest first
+# per user (a user's rows are in one chunk of ``rows_where_in``)
+_T_SELECT = "SELECT device_tokens.user_id, device_tokens.platform, device_tokens.token FROM device_tokens"
+_T_LIVE = "AND device_tokens.removed_at || '' IS NULL ORDER BY device_tokens.created_at"
 
 
 @dataclass(slots=True)
@@ -249,15 +277,13 @@ class _Batch:
             for row in rows_where_in(conn, _U_SELECT, "id", list(user_ids))
         }
         self.opt_outs = prefs.load(client, session, user_ids)
-        self.tokens: dict[str, list[Any]] = defaultdict(list)
-        if user_ids and any("push" in n.channels for n in self.notifications):  # device tokens: push only
-            t = DeviceToken.__table__.c  # type: ignore[attr-defined]
-            for row in session.execute(
-                select(t.user_id, t.platform, t.token)
-                .where(t.user_id.in_(user_ids), unindexed(t.removed_at).is_(None))
-                .order_by(t.created_at)
+        # a user's live device tokens, oldest first, as (platform, token): push only
+        self.tokens: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        if user_ids and any("push" in n.channels for n in self.notifications):
+            for uid, platform, token in rows_where_in(
+                conn, _T_SELECT, "device_tokens.user_id", list(user_ids), _T_LIVE
             ):
-                self.tokens[row.user_id].append(row)
+                self.tokens[uid].append((platform, token))
         self.deliveries: dict[str, list[_D]] = defaultdict(list)
         nids = [n.id for n in self.notifications]
         if nids:  # (none, for a batch seen the first time)
@@ -332,12 +358,13 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 if names is not None and "user" not in names:
                     shared = (n.template_id, channel, n.data_key)
                     out = by_data.get(shared)
-                elif user is not None:
+                elif user is not None and shared_data[n.data_key] > 1:
                     # A channel that only prints the recipient's variables ({{ user.first_name }}):
-                    # the batch's rendering with tokens, with this recipient's values put in.
-                    parts = probe(n, channel, t)
-                    values = _token_values(t.direct_user_fields(channel), user_vars(user)) if parts else None
-                    if values is not None:
+                    # the batch's rendering with tokens, with this recipient's values put in (for
+                    # data shared by several notifications of the batch: else one render is cheaper).
+                    values = _token_values(t.direct_user_fields(channel), user_vars(user))
+                    parts = probe(n, channel, t) if values is not None else None
+                    if parts is not None:
                         probed[key] = (parts, values)  # type: ignore[assignment]
                         out = parts  # with tokens: the recipient's copy is made when sending
                 if out is None:
@@ -351,6 +378,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         return out
 
     probes: dict[tuple[str, str, str], dict[str, str] | None] = {}
+    shared_data: Counter[str] = Counter()  # notifications of the batch per data (filled once loaded)
 
     def probe(n: Any, channel: str, t: Template) -> dict[str, str] | None:
         """The channel rendered with tokens for the recipient's variables (``_UserProbe``), once
@@ -369,7 +397,18 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 probes[key] = None
         return probes[key]
 
+    fills: dict[int, list[tuple[str, str, tuple[str, ...]]]] = {}
+
+    def fill_plan(pv: tuple[dict[str, str], dict[str, str]]) -> list[tuple[str, str, tuple[str, ...]]]:
+        """Per part of a rendering with tokens: (part, text, the tokens it holds), once per rendering
+        (``pv[0]`` lives as long as the batch)."""
+        plan = fills.get(id(pv[0]))
+        if plan is None:
+            plan = fills[id(pv[0])] = [(part, v, tuple(t for t in pv[1] if t in v)) for part, v in pv[0].items()]
+        return plan
+
     plans: dict[tuple[int, bool], _EmailPlan] = {}
+    footers: dict[bool, tuple[bool, bool, dict[str, str]]] = {}
 
     def email_plan(content: dict[str, str], values: dict[str, str] | None, marketing: bool) -> _EmailPlan:
         """One plan per distinct body in the batch (``content`` objects live as long as the batch);
@@ -377,7 +416,10 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         key = (id(content), marketing)
         plan = plans.get(key)
         if plan is None:
-            plan = plans[key] = _EmailPlan(settings, content, tuple(values or ()), marketing)
+            footer = footers.get(marketing)
+            if footer is None:
+                footer = footers[marketing] = _EmailPlan.footer(settings, marketing)
+            plan = plans[key] = _EmailPlan(settings, content, tuple(values or ()), marketing, footer)
         return plan
 
     with Session(rt.ctx.engine, expire_on_commit=False) as session:
@@ -385,6 +427,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         stats.notifications = len(batch.notifications)
         if not batch.notifications:
             return stats
+        shared_data.update(n.data_key for n in batch.notifications)
         new_rows: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
 
@@ -440,11 +483,12 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 for channel in n.channels:
                     add_delivery(n, channel, channel, "-", DeliveryStatus.suppressed, "unknown_user")
                 continue
+            opt_outs = batch.opt_outs.get(user.id)  # (most users have none)
             for channel in n.channels:
                 addrs = _route_addresses(channel, user, batch.tokens.get(user.id, []))
                 first = addrs[0][1] if addrs else "-"
                 route0 = addrs[0][0] if addrs else channel
-                no = refusal(channel, n.category, batch.opt_outs.get(user.id, set()), bool(addrs), user.sms_opt_in)
+                no = refusal(channel, n.category, opt_outs, bool(addrs), user.sms_opt_in)
                 if no is not None:
                     add_delivery(n, channel, route0, first, DeliveryStatus.suppressed, no.reason)
                 else:
@@ -557,7 +601,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     plan = email_plan(pv[0] if pv else content, values, n.category == "marketing")
                     content, shared, personal, headers = plan.apply(rt, d, values)
                 elif pv is not None:
-                    content = {part: _fill(v, pv[1]).strip() for part, v in pv[0].items()}
+                    content = {part: _fill(piece, pv[1], tokens) for part, piece, tokens in fill_plan(pv)}
                 msg = Message(
                     delivery_id=d.id,
                     notification_id=n.id,
@@ -709,27 +753,33 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
         insert_events = prepare_insert(rt.ctx.engine, _ET, events)
         urgent = any(n.priority == "high" for n in batch.notifications)
         with write_lock(rt.ctx.engine, urgent=urgent):  # one SQLite writer at a time; OTPs first
-            conn = session.connection()
-            insert_deliveries(conn)
-            if updates.rows:
-                # only from the states this job saw: a webhook may have moved a delivery on meanwhile
-                _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
-            insert_events(conn)
-            if token_success:
-                session.execute(
-                    update(DeviceToken).where(DeviceToken.token.in_(token_success)).values(last_success_at=now)  # type: ignore[attr-defined]
-                )
-            if removed_tokens:
-                for token, reason in removed_tokens.items():
-                    session.execute(
-                        update(DeviceToken)
-                        .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
-                        .values(removed_at=now, removed_reason=reason)
-                    )
-            for user_id in sms_stops:
-                session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
-            _settle_notifications(session, batch, now, secret_of)
-            session.commit()
+            try:
+                conn = session.connection()
+                insert_deliveries(conn)
+                if updates.rows:
+                    # only from the states this job saw: a webhook may have moved a delivery on meanwhile
+                    _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
+                insert_events(conn)
+                if token_success:  # by primary key, raw: a thousand-value IN list costs SQLAlchemy more than SQLite
+                    update_where_in(conn, _TT, {"last_success_at": now}, "token", token_success)
+                if removed_tokens:
+                    for token, reason in removed_tokens.items():
+                        session.execute(
+                            update(DeviceToken)
+                            .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
+                            .values(removed_at=now, removed_reason=reason)
+                        )
+                for user_id in sms_stops:
+                    session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
+                _settle_notifications(session, batch, now, secret_of)
+                session.commit()
+            except IntegrityError:
+                # Another worker wrote these new deliveries first (a takeover while their first holder,
+                # cut off from Redis, was still sending): the caller reloads and goes on. What this
+                # attempt sent and took over in doubt must stay on record all the same.
+                session.rollback()
+                _keep_record(rt, events, sent_marks)
+                raise
         if sms_stops:
             prefs.invalidate(rt.ctx.redis, sms_stops)
         if settle_error is not None:
@@ -888,6 +938,26 @@ def _follow_replaced_tokens(
 
 
 IN_DOUBT = "in_doubt"  # the event recorded for a delivery taken over in flight (``Claims.take``)
+
+
+def _keep_record(rt: Runtime, events: list[dict[str, Any]], sent_marks: dict[str, str]) -> None:
+    """The events of an attempt whose writes are rolled back that must not be lost: its in-doubt
+    takeovers and its sends (the provider accepted them)."""
+    keep = [
+        {**e, "detail": f"{e['detail']} (also recorded by another worker)"} if e["status"] == DeliveryStatus.sent else e
+        for e in events
+        if e["status"] == IN_DOUBT or (e["status"] == DeliveryStatus.sent and e["delivery_id"] in sent_marks)
+    ]
+    if keep:
+        with rt.ctx.engine.begin() as conn:
+            conn.execute(insert(_ET), keep)
+        try:
+            pipe = rt.ctx.redis.pipeline(transaction=False)
+            rt.metrics.flush(pipe)  # (the in-doubt counts)
+            pipe.execute()
+        except redis.RedisError:
+            log.warning("metrics not recorded: Redis unavailable")
+        rt.metrics = metrics.Recorder()
 
 
 def _settled_in_sql(conn: Any, ids: list[str]) -> dict[str, tuple[str, str | None]]:
@@ -1161,14 +1231,38 @@ class _EmailPlan:
 
     __slots__ = ("pieces", "shared", "tokens", "unsub", "pixel", "substitute")
 
-    def __init__(self, settings: Any, content: dict[str, str], tokens: tuple[str, ...], marketing: bool) -> None:
-        """``content``: the body, with ``tokens`` (from ``_token_values``) where the recipient's fields go."""
+    def __init__(
+        self,
+        settings: Any,
+        content: dict[str, str],
+        tokens: tuple[str, ...],
+        marketing: bool,
+        footer: tuple[bool, bool, dict[str, str]] | None = None,
+    ) -> None:
+        """``content``: the body, with ``tokens`` (from ``_token_values``) where the recipient's fields go.
+        ``footer``: ``_EmailPlan.footer(settings, marketing)``, when the caller keeps it for a batch."""
+        self.unsub, self.pixel, adds = footer or _EmailPlan.footer(settings, marketing)
+        # a body whose own text looks like a token must not be rewritten: it goes as it is, in full
+        self.substitute = bool(tokens) or not any(TOKEN_PREFIX in v for v in content.values())
+        # per part: (the template's piece, its tokens, the footer's piece, its tokens)
+        self.pieces: dict[str, tuple[str, tuple[str, ...], str, tuple[str, ...]]] = {}
+        for part in {**content, **adds}:
+            piece, add = content.get(part, ""), adds.get(part, "")
+            own = tuple(t for t in tokens if t in piece)
+            self.pieces[part] = (piece, own, add, tuple(t for t in _FOOTER_TOKENS if t in add))
+        self.tokens = tuple(dict.fromkeys(t for p in self.pieces.values() for t in p[1] + p[3]))
+        self.shared = {part: piece + add for part, (piece, _o, add, _a) in self.pieces.items()}
+
+    @staticmethod
+    def footer(settings: Any, marketing: bool) -> tuple[bool, bool, dict[str, str]]:
+        """(unsubscribe link?, open pixel?, what each part gets at its end, with tokens): the same
+        for every body of a batch."""
         marketing = marketing and bool(settings.public_url or settings.postal_address)
-        self.unsub = marketing and bool(settings.public_url)
-        self.pixel = bool(settings.public_url)
+        unsub = marketing and bool(settings.public_url)
+        pixel = bool(settings.public_url)
         text_footer: list[str] = []
         html_footer: list[str] = []
-        if self.unsub:
+        if unsub:
             text_footer.append(f"Unsubscribe: {UNSUBSCRIBE_TEXT}")
             html_footer.append(f'<a href="{UNSUBSCRIBE_HTML}">Unsubscribe</a>')
         if marketing and settings.postal_address:
@@ -1178,19 +1272,9 @@ class _EmailPlan:
         if text_footer:
             text_add = "\n\n--\n" + "\n".join(text_footer)
             html_add = '\n<p style="font-size:small;color:#666">' + " · ".join(html_footer) + "</p>"
-        if self.pixel:
+        if pixel:
             html_add += f'\n<img src="{OPEN_PIXEL}" width="1" height="1" alt="">'
-        # a body whose own text looks like a token must not be rewritten: it goes as it is, in full
-        self.substitute = bool(tokens) or not any(TOKEN_PREFIX in v for v in content.values())
-        adds = {"text": text_add, "html": html_add} if (marketing or self.pixel) else {}
-        # per part: (the template's piece, its tokens, the footer's piece, its tokens)
-        self.pieces: dict[str, tuple[str, tuple[str, ...], str, tuple[str, ...]]] = {}
-        for part in {**content, **adds}:
-            piece, add = content.get(part, ""), adds.get(part, "")
-            own = tuple(t for t in tokens if t in piece)
-            self.pieces[part] = (piece, own, add, tuple(t for t in _FOOTER_TOKENS if t in add))
-        self.tokens = tuple(dict.fromkeys(t for p in self.pieces.values() for t in p[1] + p[3]))
-        self.shared = {part: piece + add for part, (piece, _o, add, _a) in self.pieces.items()}
+        return unsub, pixel, ({"text": text_add, "html": html_add} if (marketing or pixel) else {})
 
     def apply(
         self, rt: Runtime, d: _D, values: dict[str, str] | None
@@ -1220,10 +1304,11 @@ class _EmailPlan:
         return content, self.shared, personal, headers
 
 
-def _fill(piece: str, values: dict[str, str]) -> str:
-    for token, value in values.items():
-        piece = piece.replace(token, value)
-    return piece
+def _fill(piece: str, values: dict[str, str], tokens: tuple[str, ...]) -> str:
+    """``piece`` with the ``tokens`` it holds replaced by their ``values``, stripped as a rendering is."""
+    for token in tokens:
+        piece = piece.replace(token, values[token])
+    return piece.strip()
 
 
 def _settle_notifications(

@@ -21,7 +21,9 @@ from typing import Any
 
 from notifyctl import keys
 from notifyctl.context import Context, freeze_heap
+from notifyctl.errors import ConfigError
 from notifyctl.liveness import Liveness, unique_worker_name
+from notifyctl.redisconn import UNREACHABLE, Outage, QuietWhileUnreachable, redis_url, unreachable
 from notifyctl.settings import Settings
 from notifyctl.vocabulary import PRIORITIES, ROUTES
 
@@ -40,8 +42,11 @@ def _heartbeat(live: Liveness, every: float, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             live.beat()
-        except Exception:  # noqa: BLE001 - keep beating through a Redis blip
-            log.warning("heartbeat to Redis failed", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - keep beating through a Redis blip
+            if unreachable(exc):  # an outage: the pool's supervisor reports it, once
+                log.debug("heartbeat: Redis unreachable: %s", exc)
+            else:
+                log.warning("heartbeat to Redis failed", exc_info=True)
         stop.wait(every)
 
 
@@ -64,6 +69,16 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
         @property
         def dequeue_timeout(self) -> int:
             return dequeue_timeout
+
+        def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+            # RQ refreshes its worker key outside its reconnect loop too (after a dequeue, after a
+            # job): a Redis gone at that moment would make the worker quit; the key can wait
+            try:
+                super().heartbeat(timeout, pipeline)
+            except UNREACHABLE:
+                if pipeline is not None:
+                    raise
+                log.debug("RQ heartbeat: Redis unreachable")
 
         def subscribe(self) -> None:
             if self.burst_mode:
@@ -98,15 +113,17 @@ def run_worker(
     w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name)
     w.burst_mode = burst
     live = Liveness(ctx.redis, name, settings.worker_alive_ttl, [q.name for q in queues], host=settings.host_name)
-    jobs.configure(ctx, worker_name=name, liveness=live)
+    rt = jobs.configure(ctx, worker_name=name, liveness=live)
+    rt.warm()  # before the first job (an OTP must not wait for imports), and into the frozen heap
     freeze_heap()
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(live, settings.worker_heartbeat, stop), daemon=True)
     beat.start()
+    quiet = next((f for f in logging.getLogger("rq.worker").filters if isinstance(f, QuietWhileUnreachable)), None)
     try:
         if not burst:
             w.work(logging_level="WARNING")
-            return 0
+            return EXIT_NO_REDIS if quiet is not None and quiet.quit_unreachable else 0
         # Burst: drain, let the reconciler queue whatever is due or lost, drain again.
         processed = 0
         while True:
@@ -123,20 +140,46 @@ def run_worker(
         beat.join(timeout=5)  # (a beat after the delete would bring the key back)
         try:
             live.clear()  # only our own key: never another worker's
-        except Exception:  # noqa: BLE001 - it expires on its own
-            log.warning("liveness key not cleared", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - it expires on its own
+            log.warning("liveness key not cleared: %s", exc, exc_info=not unreachable(exc))
         jobs.runtime().close()
         rq_conn.close()
 
 
-def _child(settings: Settings, priorities: list[str], burst: bool, name: str, nice: int = 0) -> None:
+def _child(settings: Settings, priorities: list[str], burst: bool, name: str, bulk: bool = False) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM = warm shutdown
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if nice:
-        # Bulk workers yield the CPU to the dedicated high-priority worker: an OTP must not wait
-        # for a core while a blast keeps both busy.
-        os.nice(nice)
-    raise SystemExit(run_worker(settings, priorities, burst, name))
+    if bulk:
+        _batch_scheduling()
+    # RQ's "could not connect ... retrying" every second of an outage: the supervisor reports it
+    logging.getLogger("rq.worker").addFilter(QuietWhileUnreachable())
+    try:
+        code = run_worker(settings, priorities, burst, name)
+    except ConfigError as exc:  # Redis unreachable at start: the supervisor starts it again later
+        log.debug("worker not started: %s", exc)
+        code = EXIT_NO_REDIS
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        log.debug("worker stopped: Redis unreachable: %s", exc)
+        code = EXIT_NO_REDIS
+    raise SystemExit(code)
+
+
+EXIT_NO_REDIS = 75  # (EX_TEMPFAIL) a worker that could not reach Redis: restarted without a word
+
+
+def _batch_scheduling() -> None:
+    """A bulk worker (beside a dedicated high-priority one) runs as ``SCHED_BATCH``: CPU-bound work
+    that never preempts the others on waking, so the high worker, waking for an OTP, takes a core at
+    once. Not a higher nice value: a reniced bulk worker holding the SQLite writer lock (its batch's
+    write, ~40 ms of CPU) got a sliver of the CPU beside every nice-0 process on the machine, and the
+    OTP's own writes waited on it for seconds (priority inversion); a batch process keeps its full
+    share and releases the lock as soon as it would at nice 0."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: ordinary scheduling
+        pass
 
 
 def replay_after_outages(ctx: Context) -> int:
@@ -210,10 +253,10 @@ class Pool:
 
     def _start(self, i: int) -> None:
         dedicated = ["high"] in self.sets
-        nice = 10 if dedicated and self.sets[i] != ["high"] else 0
+        bulk = dedicated and self.sets[i] != ["high"]
         p = self._mp.Process(
             target=_child,
-            args=(self.settings, self.sets[i], self.burst, f"{self.names[i]}.{self.restarts}", nice),
+            args=(self.settings, self.sets[i], self.burst, f"{self.names[i]}.{self.restarts}", bulk),
             name=self.names[i],
             daemon=False,
         )
@@ -222,12 +265,14 @@ class Pool:
         self._started_at[i] = time.monotonic()
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
+        from notifyctl.alerts import check_alerts
         from notifyctl.analytics import compact
         from notifyctl.db import checkpoint
         from notifyctl.dlq import DlqConfig, check_dlq_alert
         from worker.reconciler import reconcile
 
         ctx = Context(self.settings)
+        outage = Outage(log, redis_url(self.settings))
         dlq_config = DlqConfig()
         probes: dict[str, Any] = {}
         next_dlq_check = time.monotonic() + 5
@@ -256,7 +301,11 @@ class Pool:
                             quick = now - self._started_at[i] < 5
                             self._quick_deaths[i] = self._quick_deaths[i] + 1 if quick else 0
                             delay = min(10.0, 0.25 * 2 ** self._quick_deaths[i]) if quick else 0.0
-                            log.warning("worker %s exited with %s; restarting in %.1fs", p.name, p.exitcode, delay)
+                            if outage.active or p.exitcode == EXIT_NO_REDIS:
+                                delay = min(delay, 1.0)  # back as soon as Redis is: the outage is reported once
+                                log.debug("worker %s exited with %s; restarting in %.1fs", p.name, p.exitcode, delay)
+                            else:
+                                log.warning("worker %s exited with %s; restarting in %.1fs", p.name, p.exitcode, delay)
                             self._restart_at[i] = now + delay
                         if now >= self._restart_at[i]:
                             self._restart_at[i] = None
@@ -270,12 +319,20 @@ class Pool:
                         # jobs every few seconds is plenty for the 30 s recovery target and costs less
                         rounds += 1
                         reconcile(ctx, check_lost=rounds % 3 == 0, paced=True)
-                    except Exception:  # noqa: BLE001 - keep supervising through a blip
-                        log.warning("reconciler round failed", exc_info=True)
+                        outage.up()
+                    except Exception as exc:  # noqa: BLE001 - keep supervising through a blip
+                        if unreachable(exc):
+                            outage.down(exc)  # one warning for the whole outage, one when it ends
+                        else:
+                            log.warning("reconciler round failed", exc_info=True)
                     try:
                         checkpoint(ctx.engine)  # SQLite: the WAL goes back into the database here, not in a writer
                     except Exception:  # noqa: BLE001 - a checkpoint can wait for the next round
                         log.warning("SQLite checkpoint failed", exc_info=True)
+                    try:
+                        check_alerts(ctx, dlq_config)  # high-priority lag over its threshold, circuits opening
+                    except Exception:  # noqa: BLE001 - an alert must never stop the pool
+                        log.warning("alert check failed", exc_info=True)
                     if rounds % 5 == 0:
                         try:
                             compact(ctx.engine)  # PostgreSQL: the analytics deltas into the hourly rollup
@@ -287,8 +344,11 @@ class Pool:
                         probe_open_circuits(ctx, probes)
                         replay_after_outages(ctx)
                         check_dlq_alert(ctx, dlq_config)
-                    except Exception:  # noqa: BLE001 - an alert must never stop the pool
-                        log.warning("DLQ check failed", exc_info=True)
+                    except Exception as exc:  # noqa: BLE001 - an alert must never stop the pool
+                        if unreachable(exc):
+                            outage.down(exc)
+                        else:
+                            log.warning("DLQ check failed", exc_info=True)
                     next_dlq_check = time.monotonic() + 10
                 if on_tick:
                     on_tick(self)

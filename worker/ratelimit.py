@@ -82,6 +82,16 @@ class RateLimiter:
         self.rules = list(rules)
         self.bypass_high = bypass_high
         self._script = client.register_script(_SCRIPT)
+        # (channel, category) → (rule count, (window ms, limit) per rule, rule keys): worked out once
+        self._plans: dict[tuple[str, str], tuple[int, list[int], list[str]]] = {}
+
+    def _plan(self, channel: str, category: str) -> tuple[int, list[int], list[str]]:
+        plan = self._plans.get((channel, category))
+        if plan is None:
+            rules = self.rules_for(channel, category)
+            plan = (len(rules), [v for r in rules for v in (r.window * 1000, r.limit)], [r.key for r in rules])
+            self._plans[(channel, category)] = plan
+        return plan
 
     def rules_for(self, channel: str, category: str) -> list[RateRule]:
         return [r for r in self.rules if r.applies(channel, category)]
@@ -105,13 +115,11 @@ class RateLimiter:
         args: list[int | str] = [now_ms, 0]
         pending: list[int] = []
         for i, c in enumerate(checks):
-            rules = self.rules_for(c.channel, c.category)
-            if not rules:
+            n, limits, rule_keys = self._plan(c.channel, c.category)
+            if not n:
                 continue
-            args += [c.member, "1" if (c.high and self.bypass_high) else "0", len(rules)]
-            for r in rules:
-                args += [r.window * 1000, r.limit]
-                ks.append(keys.rate(c.user_id, r.key))
+            args += [c.member, "1" if (c.high and self.bypass_high) else "0", n, *limits]
+            ks += [keys.rate(c.user_id, k) for k in rule_keys]
             pending.append(i)
         if pending:
             args[1] = len(pending)

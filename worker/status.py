@@ -14,8 +14,8 @@ from sqlmodel import Session
 from notifyctl import metrics
 from notifyctl.context import Context
 from notifyctl.liveness import live_workers
+from notifyctl.metrics import queue_stats
 from notifyctl.models import Delivery, Notification, utcnow
-from notifyctl.tracking import queue_stats
 from notifyctl.vocabulary import ROUTES
 from worker.circuit import Circuits
 from worker.pacing import Pacer

@@ -69,7 +69,7 @@ def require_key(
     bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
     header_key: str | None = Security(_header_key),
 ) -> str:
-    from notifyctl.api.auth import check_key
+    from notifyctl.api.auth import allows, check_key, scope_of
 
     key = (bearer.credentials if bearer else None) or header_key
     challenge = {"WWW-Authenticate": "Bearer"}
@@ -78,6 +78,10 @@ def require_key(
     row = check_key(request.app.state.ctx, key.strip())
     if row is None:
         raise ApiError(401, "invalid or revoked API key", challenge)
+    # a key's scope: reading (GET) needs "read", every other /v1 method "send" (see auth.GRANTS)
+    need = "read" if request.method in ("GET", "HEAD") else "send"
+    if not allows(row, need):
+        raise ApiError(403, f"this API key's scope ({scope_of(row)}) does not allow {need}ing here")
     return row.id
 
 
@@ -282,9 +286,11 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["api"], dependencies=[Depends(require_key)], summary="Prometheus metrics")
     def metrics_endpoint(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
         from notifyctl.metrics import render
 
-        return Response(render(_ctx(request)), media_type="text/plain; version=0.0.4")
+        return Response(render(_ctx(request)), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -------------------------------------------------------------- public, token-authenticated
 

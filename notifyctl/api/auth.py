@@ -18,6 +18,27 @@ from notifyctl.errors import InputError, NotFound
 from notifyctl.models import ApiKey, new_id, utcnow
 
 KEY_PREFIX = "nk_"
+SCOPES = ("send", "read", "operate", "admin")
+# What each scope may do. send: submit notifications and keep the directory (users, tokens,
+# preferences, push opens); read: GET the API (notifications with their timelines, users,
+# /metrics) and the console's pages; operate: read, plus the console's actions (DLQ replay and
+# purge, campaign pause/resume/cancel); admin: everything.
+GRANTS = {
+    "send": frozenset({"send"}),
+    "read": frozenset({"read"}),
+    "operate": frozenset({"read", "operate"}),
+    "admin": frozenset({"send", "read", "operate", "admin"}),
+}
+
+
+def scope_of(row: ApiKey) -> str:
+    return row.scope or "admin"  # keys made before scopes existed keep what they could do
+
+
+def allows(row: ApiKey, permission: str) -> bool:
+    return permission in GRANTS.get(scope_of(row), frozenset())
+
+
 DISPLAY_CHARS = 10
 
 
@@ -31,18 +52,21 @@ class CreatedKey:
     name: str
     key: str  # the only time the clear key exists outside the client
     prefix: str
+    scope: str = "admin"
 
 
-def create_key(ctx: Any, name: str) -> CreatedKey:
+def create_key(ctx: Any, name: str, scope: str = "admin") -> CreatedKey:
     name = name.strip()
     if not name or len(name) > 128:
         raise InputError("name: must be 1-128 characters")
+    if scope not in SCOPES:
+        raise InputError(f"--scope: expected one of {', '.join(SCOPES)}, got {scope!r}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(id=new_id("key"), name=name, key_hash=hash_key(key), prefix=key[:DISPLAY_CHARS])
+    row = ApiKey(id=new_id("key"), name=name, key_hash=hash_key(key), prefix=key[:DISPLAY_CHARS], scope=scope)
     with Session(ctx.engine, expire_on_commit=False) as session:
         session.add(row)
         session.commit()
-    return CreatedKey(id=row.id, name=name, key=key, prefix=row.prefix)
+    return CreatedKey(id=row.id, name=name, key=key, prefix=row.prefix, scope=scope)
 
 
 def list_keys(ctx: Any, include_revoked: bool = True) -> list[ApiKey]:

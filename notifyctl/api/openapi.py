@@ -48,7 +48,8 @@ _BODY = "the body is larger than the limit (`max_body_bytes`, 1 MiB by default)"
 _JSON = "the body is not JSON we accept (syntax, nesting deeper than 32, numbers over 100 characters, NaN...)"
 _HEADERS = f"a request header is longer than {MAX_HEADER_BYTES} bytes, or all of them together too long"
 _DOWN = "the database or Redis cannot be reached"
-_V1 = {401: _AUTH, 431: _HEADERS, 503: _DOWN}
+_SCOPE = "the key's scope does not allow this: GET needs `read`, other methods `send` (`apikeys create --scope`)"
+_V1 = {401: _AUTH, 403: _SCOPE, 431: _HEADERS, 503: _DOWN}
 _PUBLIC = {431: _HEADERS, 503: _DOWN}
 
 # Every error each operation can answer, beyond those its router adds (_V1 or _PUBLIC).

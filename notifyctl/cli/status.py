@@ -66,7 +66,8 @@ def plain_lines(rep: dict) -> list[str]:  # type: ignore[type-arg]
         lines.append(
             f"queue {q['queue']}: depth={q['depth']} oldest={age} running={q['started']} failed_jobs={q['failed_jobs']}"
         )
-    lines.append(f"workers: {len(rep['workers'])} hosts: {len(rep['hosts'])}")
+    lines.append(f"workers: {len(rep['workers'])}")
+    lines.append(f"hosts: {len(rep['hosts'])} {' '.join(rep['hosts'])}".rstrip())
     for w in rep["workers"]:
         lines.append(
             f"worker {w['name']}: host={w['host']} {w['state']} queues={','.join(w['queues'])} "

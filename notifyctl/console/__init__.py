@@ -99,15 +99,23 @@ def session_of(request: Request) -> dict[str, Any] | None:
     sess: dict[str, Any] = json.loads(raw)
     from sqlmodel import Session
 
+    from notifyctl.api.auth import allows, scope_of
     from notifyctl.api.models import ApiKey
 
     with Session(ctx.engine) as s:
         key = s.get(ApiKey, sess["key_id"])
-    if key is None or key.revoked_at is not None:
+    if key is None or key.revoked_at is not None or not allows(key, "read"):
         ctx.redis.delete(_sid_key(sid))
         return None
     sess["sid"] = sid
+    sess["scope"] = scope_of(key)
+    sess["can_operate"] = allows(key, "operate")
     return sess
+
+
+def _require_operate(sess: dict[str, Any]) -> None:
+    if not sess["can_operate"]:
+        raise Refused(403, f"this API key's scope ({sess['scope']}) does not allow this: it needs operate or admin")
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -156,8 +164,7 @@ def overview_data(ctx: Any) -> dict[str, Any]:
     """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries)."""
     from notifyctl.dlq import stats as dlq_stats
     from notifyctl.liveness import by_host, live_workers
-    from notifyctl.metrics import BUCKETS, LATENCY, SENT_PER_MIN
-    from notifyctl.tracking import queue_stats
+    from notifyctl.metrics import BUCKETS, IN_DOUBT, LATENCY, SENT_PER_MIN, queue_stats
     from worker.circuit import Circuits
 
     s = ctx.settings
@@ -169,29 +176,31 @@ def overview_data(ctx: Any) -> dict[str, Any]:
     now = time.time()
     hours = [time.strftime("%Y%m%d%H", time.gmtime(now - 3600)), time.strftime("%Y%m%d%H", time.gmtime(now))]
     pipe = r.pipeline(transaction=False)
-    for h in hours:
-        pipe.hgetall(SENT_PER_MIN + h)
+    for hour in hours:
+        pipe.hgetall(SENT_PER_MIN + hour)
+    pipe.hgetall(IN_DOUBT)
     names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
                    | set(s.providers_voice))  # fmt: skip
     for n in names:
         pipe.hgetall(LATENCY + n)
     res = pipe.execute()
     per_min: dict[str, int] = {}
-    for h, counts in zip(hours, res[:2], strict=True):
+    in_doubt = {k.decode(): int(v) for k, v in res[2].items()}
+    for hour, counts in zip(hours, res[:2], strict=True):
         for m, n in counts.items():
-            per_min[f"{h}{m.decode()}"] = int(n)
+            per_min[f"{hour}{m.decode()}"] = int(n)
     minutes = []
     for i in range(59, -1, -1):
         t = time.gmtime(now - i * 60)
         minutes.append((time.strftime("%H:%M", t), per_min.get(time.strftime("%Y%m%d%H%M", t), 0)))
     circuits = Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names)
     providers = []
-    for n, hist in zip(names, res[2:], strict=True):
+    for name, hist in zip(names, res[3:], strict=True):
         h = {k.decode(): float(v) for k, v in hist.items()}
         providers.append(
             {
-                "name": n,
-                "circuit": circuits.get(n, {}),
+                "name": name,
+                "circuit": circuits.get(name, {}),
                 "batches": int(h.get("count", 0)),
                 "p50": _quantile(h, BUCKETS, 0.5),
                 "p99": _quantile(h, BUCKETS, 0.99),
@@ -205,6 +214,7 @@ def overview_data(ctx: Any) -> dict[str, Any]:
         "providers": providers,
         "dlq": dlq_stats(ctx),
         "hosts": hosts,
+        "in_doubt": in_doubt,
     }
 
 
@@ -267,6 +277,15 @@ def funnel_svg(groups: list[dict[str, Any]], width: int = 720) -> str:
 # ── routes ────────────────────────────────────────────────────────────────────────────────────
 
 
+def _build_filter(args: dict[str, str | None], ids: list[str] | None = None) -> Any:
+    from notifyctl.dlq import DlqFilter
+
+    return DlqFilter.build(
+        args["channel"], args["provider"], args["error"], args["template"], args["older_than"], args["newer_than"],
+        ids or (),
+    )  # fmt: skip
+
+
 def _dlq_filter_args(q: dict[str, str]) -> dict[str, str | None]:
     names = ("channel", "provider", "error", "template", "older_than", "newer_than")
     return {k: (q.get(k) or "").strip() or None for k in names}
@@ -286,7 +305,7 @@ def router() -> APIRouter:
 
     @r.post("/login")
     async def login(request: Request) -> Response:
-        from notifyctl.api.auth import check_key
+        from notifyctl.api.auth import allows, check_key, scope_of
 
         form = await _form(request)
         cookie = request.cookies.get(LOGIN_COOKIE, "")
@@ -294,18 +313,25 @@ def router() -> APIRouter:
             raise Refused(403, "missing or wrong CSRF token: reload the login page")
         ctx = request.app.state.ctx
         row = await run_in_threadpool(check_key, ctx, form.get("api_key", "").strip())
+        error = None
         if row is None:
+            status, error = 401, "invalid or revoked API key"
+        elif not allows(row, "read"):
+            status = 403
+            error = f"this API key's scope ({scope_of(row)}) cannot open the console: it needs read or more"
+        if error:
             token = secrets.token_urlsafe(24)
-            resp = _page(request, "login.html", None, 401, login_csrf=token, error="invalid or revoked API key")
+            resp = _page(request, "login.html", None, status, login_csrf=token, error=error)
             _set_cookie(request, resp, LOGIN_COOKIE, token, 600)
             return resp
         sid = secrets.token_urlsafe(32)
+        assert row is not None
         sess = {"key_id": row.id, "key_name": row.name, "csrf": secrets.token_urlsafe(32), "at": time.time()}
         ctx.redis.set(_sid_key(sid), json.dumps(sess), ex=SESSION_TTL)
-        resp = RedirectResponse("/console", status_code=303)
-        _set_cookie(request, resp, COOKIE, sid, SESSION_TTL)
-        resp.delete_cookie(LOGIN_COOKIE, path="/console")
-        return resp
+        redirect = RedirectResponse("/console", status_code=303)
+        _set_cookie(request, redirect, COOKIE, sid, SESSION_TTL)
+        redirect.delete_cookie(LOGIN_COOKIE, path="/console")
+        return redirect
 
     @r.post("/logout")
     async def logout(request: Request) -> Response:
@@ -328,7 +354,7 @@ def router() -> APIRouter:
 
     @r.get("/dlq")
     def dlq_page(request: Request) -> Response:
-        from notifyctl.dlq import DlqFilter, count_entries, list_entries
+        from notifyctl.dlq import count_entries, list_entries
 
         sess = session_of(request)
         if sess is None:
@@ -339,7 +365,7 @@ def router() -> APIRouter:
         entries: list[dict[str, Any]] = []
         total = 0
         try:
-            f = DlqFilter.build(**args)
+            f = _build_filter(args)
             entries = list_entries(ctx, f, limit=100)
             total = count_entries(ctx, f)
         except InputError as exc:
@@ -360,12 +386,13 @@ def router() -> APIRouter:
     async def dlq_action(action: str, request: Request) -> Response:
         """replay | purge, of ``ids`` (one) or the filter (``all=1`` with no filter: everything).
         Without ``confirm=1``: a dry run, shown with a form to confirm the same selection."""
-        from notifyctl.dlq import DlqFilter, purge, replay
+        from notifyctl.dlq import purge, replay
 
         sess = session_of(request)
         if sess is None:
             return _to_login(request)
         form = await _checked_form(request, sess)
+        _require_operate(sess)
         if action not in ("replay", "purge"):
             raise NotFound(f"no DLQ action {action!r}")
         ctx = request.app.state.ctx
@@ -373,7 +400,7 @@ def router() -> APIRouter:
         ids = [i for i in form.get("ids", "").split(",") if i.strip()]
         if not ids and not any(args.values()) and form.get("all") != "1":
             raise InputError("choose entries: one id, a filter, or all")
-        f = DlqFilter.build(**args, ids=ids)
+        f = _build_filter(args, ids)
         confirm = form.get("confirm") == "1"
         fn = replay if action == "replay" else purge
         res = await run_in_threadpool(lambda: fn(ctx, f, dry_run=not confirm))
@@ -406,6 +433,7 @@ def router() -> APIRouter:
         if sess is None:
             return _to_login(request)
         await _checked_form(request, sess)
+        _require_operate(sess)
         fns = {"pause": state.pause, "resume": state.resume, "cancel": state.cancel}
         if action not in fns:
             raise NotFound(f"no campaign action {action!r}")
@@ -487,12 +515,12 @@ def wave_progress(ctx: Any, campaign_id: str, waves: list[dict[str, Any]]) -> li
             start = datetime.fromisoformat(w["start"])
             end = datetime.fromisoformat(w["end"])
             rows = s.execute(
-                select(Notification.status, func.count())
+                select(Notification.status, func.count())  # type: ignore[call-overload]
                 .where(Notification.campaign_id == campaign_id)
-                .where(Notification.due_at >= start, Notification.due_at <= end)  # type: ignore[operator]
+                .where(Notification.due_at >= start, Notification.due_at <= end)
                 .group_by(Notification.status)
             ).all()
-            out.append({**w, "by_status": {st: int(n) for st, n in rows}})
+            out.append({**w, "by_status": {str(st): int(str(n)) for st, n in rows}})
     return out
 
 
@@ -510,13 +538,14 @@ def lookup_timelines(ctx: Any, ref: str, limit: int = 20) -> list[dict[str, Any]
     except NotFound:
         pass
     with Session(ctx.engine) as s:
-        ids = s.execute(
-            select(Notification.id)
-            .where(Notification.recipient_id == ref)
-            .order_by(Notification.created_at.desc())  # type: ignore[attr-defined]
-            .limit(limit)
-        ).scalars()
-        ids = list(ids)
+        ids: list[str] = list(
+            s.execute(
+                select(Notification.id)  # type: ignore[call-overload]
+                .where(Notification.recipient_id == ref)
+                .order_by(Notification.created_at.desc())  # type: ignore[attr-defined]
+                .limit(limit)
+            ).scalars()
+        )
     return [timeline(ctx, i) for i in ids]
 
 
@@ -525,9 +554,11 @@ def install(app: Any) -> None:
     status and one-line message (the API's own handlers decide both), elsewhere JSON as before."""
     app.include_router(router())
 
-    @app.exception_handler(Refused)
-    async def _refused(request: Request, exc: Refused) -> HTMLResponse:
+    async def _refused(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Refused)
         return _page(request, "error.html", None, exc.status, message=exc.message)
+
+    app.add_exception_handler(Refused, _refused)
 
     for cls, handler in list(app.exception_handlers.items()):
         if cls in (Refused,) or not (isinstance(cls, type) and issubclass(cls, Exception)):
@@ -537,7 +568,7 @@ def install(app: Any) -> None:
 
 def _html_under_console(handler: Any) -> Any:
     async def wrapped(request: Request, exc: Exception) -> Response:
-        resp = await handler(request, exc)
+        resp: Response = await handler(request, exc)
         if not request.url.path.startswith("/console") or resp.media_type != "application/json":
             return resp
         try:

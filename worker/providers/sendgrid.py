@@ -4,10 +4,17 @@ One ``POST /v3/mail/send`` carries up to 1000 personalizations. Our messages are
 user, so each message is one personalization (its own ``to``, ``subject``, ``headers`` such as
 ``List-Unsubscribe``, and ``custom_args`` with our ``delivery_id``/``notification_id`` so the
 Event Webhook can be matched back). Messages whose bodies are identical (same text, html and
-category) share a request; everything else gets its own. What the pipeline adds per recipient
-(unsubscribe link, open pixel) travels as ``substitutions`` of the personalization
-(``Message.shared``/``personal``), so a marketing batch is still one request. Requests of one ``send()`` run
-concurrently over one pooled ``httpx.Client``.
+category) share a request. What the pipeline adds per recipient (unsubscribe link, open pixel)
+travels as ``substitutions`` of the personalization (``Message.shared``/``personal``), so a
+marketing batch is still one request. Bodies that differ in more than that (segment columns,
+per-recipient data, loops and conditionals over it) are still one request for the batch
+(``skeleton``): the parts every body shares are sent once as the content, with a key such as
+``[%sg3%]`` where the bodies differ, and each recipient's own text for each key travels in their
+personalization's ``substitutions``, which SendGrid puts back in their copy. SendGrid allows
+10,000 bytes of substitutions per personalization: a recipient whose parts do not fit goes in a
+smaller group (bodies with the same line structure, then identical bodies), counted in
+``fallbacks`` and logged. Requests of one ``send()`` run concurrently over one pooled
+``httpx.Client``.
 
 Answers: 202 → ``Sent(X-Message-Id)`` (the same id for every personalization of a request: the
 webhook events carry our custom_args, and their ``sg_message_id`` starts with it);
@@ -21,6 +28,7 @@ single message; 429 → ``Retry`` with ``retry_after`` from ``Retry-After`` or `
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -54,6 +62,12 @@ _SPACE = re.compile(r"\s")  # the same characters as str.isspace
 log = logging.getLogger(__name__)
 
 MAX_PERSONALIZATIONS = 1000
+MAX_SUBSTITUTION_BYTES = 10_000  # per personalization, as JSON
+#: Keys of the substitutions that carry what differs per recipient: ``[%sg0%]``, ``[%sg1%]``...
+#: A body whose own text holds the opening ``[%sg`` is never cut into a skeleton (it goes as is):
+#: then no key can appear in a copy other than where it was put, whatever order SendGrid
+#: replaces them in.
+KEY_OPEN = "[%sg"
 _PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)(?:\.(\w+))?")
 
 
@@ -143,6 +157,9 @@ class Provider:
             ),
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="sendgrid")
+        #: recipients whose different body did not fit one request's substitutions (smaller groups)
+        self.fallbacks = 0
+        self._planned: dict[tuple[str, ...], tuple[Any, Any]] = {}  # skeletons ``requests`` worked out
 
     # ------------------------------------------------------------------ display / checks
 
@@ -181,51 +198,165 @@ class Provider:
     def requests(self, messages: Sequence[Message]) -> list[list[int]]:
         """How ``send`` groups ``messages`` into requests (indexes; a message that fails its
         checks is a request of its own that is never made): the unit of the pace
-        (``worker.pacing``). ``send`` of a run of whole groups makes exactly these requests."""
-        groups: dict[tuple[str, str, str], list[int]] = {}
-        alone: list[list[int]] = []
+        (``worker.pacing``). ``send`` of a run of whole groups makes exactly these requests: the
+        skeletons worked out here are kept for it."""
+        plan = self._plan(messages)
+        self._planned = {
+            tuple(messages[i].delivery_id for i in group): (skel, subs) for group, skel, subs in plan if skel
+        }
+        return [group for group, _s, _v in plan]
+
+    def _plan(
+        self, messages: Sequence[Message], known: dict[tuple[str, ...], tuple[Any, Any]] | None = None
+    ) -> list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]]:
+        """(indexes, skeleton or None, substitutions or None) per request; ``known``: the groups
+        ``requests`` planned, used as they are where all their messages are here."""
+        plan: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
+        taken: set[int] = set()
+        if known:
+            at = {m.delivery_id: i for i, m in enumerate(messages)}
+            for ids, (skel, subs) in known.items():
+                group = [at.get(d, -1) for d in ids]
+                if -1 not in group:
+                    plan.append((group, skel, subs))
+                    taken.update(group)
+        by_category: dict[str, list[int]] = {}
         for i, m in enumerate(messages):
-            if self._precheck(m) is not None:
-                alone.append([i])
+            if i in taken:
                 continue
-            body = m.shared or m.content  # per-recipient parts as substitutions: one body for the batch
-            key = (body.get("text") or "", body.get("html") or "", m.category)
-            groups.setdefault(key, []).append(i)
+            if self._precheck(m) is not None:
+                plan.append(([i], None, None))
+                continue
+            by_category.setdefault(m.category, []).append(i)
         size = self.config.max_personalizations
-        return alone + [idxs[j : j + size] for idxs in groups.values() for j in range(0, len(idxs), size)]
+        for idxs in by_category.values():
+            for group, skel, subs in self._groups(messages, idxs):
+                for j in range(0, len(group), size):
+                    plan.append((group[j : j + size], skel, subs[j : j + size] if subs is not None else None))
+        return plan
 
     def send(self, messages: Sequence[Message]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(messages)
-        chunks: list[list[int]] = []
-        for group in self.requests(messages):
+        chunks: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
+        known, self._planned = self._planned, {}
+        for group, skel, subs in self._plan(messages, known):
             problem = self._precheck(messages[group[0]]) if len(group) == 1 else None
             if problem is not None:
                 outcomes[group[0]] = problem
             else:
-                chunks.append(group)
-        for chunk, chunk_outcomes in zip(chunks, self.send_until_throttled(messages, chunks), strict=True):
+                chunks.append((group, skel, subs))
+        for (chunk, _s, _v), chunk_outcomes in zip(chunks, self.send_until_throttled(messages, chunks), strict=True):
             for i, outcome in zip(chunk, chunk_outcomes, strict=True):
                 outcomes[i] = outcome
         return [o if o is not None else Retry("sendgrid: no outcome") for o in outcomes]
 
-    def send_until_throttled(self, messages: Sequence[Message], chunks: list[list[int]]) -> list[list[Outcome]]:
-        """One request per chunk, ``concurrency`` at a time; once SendGrid answers 429, the
-        requests not yet made are not made (``Held``: SendGrid has said how fast it goes, and
-        hammering it only earns more 429s). One list of outcomes per chunk."""
+    def send_until_throttled(
+        self,
+        messages: Sequence[Message],
+        chunks: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]],
+    ) -> list[list[Outcome]]:
+        """One request per chunk (indexes, skeleton, substitutions), ``concurrency`` at a time; once
+        SendGrid answers 429, the requests not yet made are not made (``Held``: SendGrid has said
+        how fast it goes, and hammering it only earns more 429s). One list of outcomes per chunk."""
         if len(chunks) == 1:
-            return [self._send_safely(messages, chunks[0])]
+            return [self._send_safely(messages, *chunks[0])]
         stop = threading.Event()
 
-        def one(chunk: list[int]) -> list[Outcome]:
+        def one(chunk: tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]) -> list[Outcome]:
             if stop.is_set():
-                return [Held("sendgrid: not sent after a 429 in the same batch")] * len(chunk)
-            out = self._send_safely(messages, chunk)
+                return [Held("sendgrid: not sent after a 429 in the same batch")] * len(chunk[0])
+            out = self._send_safely(messages, *chunk)
             if any(isinstance(o, Retry) and o.throttled for o in out):
                 stop.set()
             return out
 
         futures = [self._pool.submit(one, chunk) for chunk in chunks]
         return [f.result() for f in futures]
+
+    def _groups(
+        self, messages: Sequence[Message], idxs: list[int]
+    ) -> list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]]:
+        """The requests for one category's messages: (indexes, skeleton content or None, each one's
+        substitutions or None). Identical bodies (``Message.shared`` when the pipeline gives it) go
+        as they are; different ones as one skeleton; what does not fit, in smaller groups."""
+        first = messages[idxs[0]].shared or messages[idxs[0]].content
+        text, html = first.get("text") or "", first.get("html") or ""
+        for i in idxs:  # (compared, not hashed: a difference shows in the first bytes, mostly)
+            body = messages[i].shared or messages[i].content
+            if (body.get("text") or "") != text or (body.get("html") or "") != html:
+                break
+        else:
+            return [(idxs, None, None)]
+        out: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
+        own: list[int] = []  # bodies that hold a key's opening: sent as they are
+        kinds: dict[tuple[bool, bool], list[int]] = {}  # a skeleton for bodies with the same parts
+        for i in idxs:
+            c = messages[i].content
+            text, html = c.get("text") or "", c.get("html") or ""
+            if KEY_OPEN in text or KEY_OPEN in html or KEY_OPEN in c["subject"]:
+                own.append(i)
+            else:
+                kinds.setdefault((bool(text), bool(html)), []).append(i)
+        left: list[int] = []
+        cut: list[int] = []
+        for kind in kinds.values():
+            cut += kind
+            left += self._skeleton_group(messages, kind, out) if len(kind) > 1 else kind
+        if left:  # smaller groups: bodies with the same line structure, then identical bodies
+            shapes: dict[tuple[int, int], list[int]] = {}  # (-1: no such part)
+            for i in left:
+                c = messages[i].content
+                text, html = c.get("text") or "", c.get("html") or ""
+                shape = (text.count("\n") if text else -1, html.count("\n") if html else -1)
+                shapes.setdefault(shape, []).append(i)
+            rest: list[int] = []
+            for group in shapes.values():
+                rest += self._skeleton_group(messages, group, out) if 1 < len(group) < len(cut) else group
+            self.fallbacks += len(left)
+            log.info(
+                "sendgrid: %d of %d different bodies did not fit one request's substitutions (%d bytes each)",
+                len(left),
+                len(cut),
+                MAX_SUBSTITUTION_BYTES,
+            )
+            own += rest
+        if own:
+            same: dict[tuple[str, str], list[int]] = {}
+            for i in own:
+                body = messages[i].shared or messages[i].content
+                same.setdefault((body.get("text") or "", body.get("html") or ""), []).append(i)
+            out += [(group, None, None) for group in same.values()]
+        return out
+
+    def _skeleton_group(
+        self,
+        messages: Sequence[Message],
+        idxs: list[int],
+        out: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]],
+    ) -> list[int]:
+        """Adds to ``out`` the request for those of ``idxs`` whose substitutions fit; returns the others."""
+        parts = [p for p in ("text", "html") if any(messages[i].content.get(p) for i in idxs)]
+        content: dict[str, str] = {}
+        subs: list[dict[str, str]] = [{} for _ in idxs]
+        used = 0
+        for part in parts:
+            skel, keys, values = skeleton([messages[i].content.get(part, "") for i in idxs], used)
+            used += len(keys)
+            content[part] = skel
+            for own, vals in zip(subs, values, strict=True):
+                own.update(zip(keys, vals, strict=True))
+        fit: list[int] = []
+        fit_subs: list[dict[str, str]] = []
+        left: list[int] = []
+        for i, own in zip(idxs, subs, strict=True):
+            if substitutions_fit(own):
+                fit.append(i)
+                fit_subs.append(own)
+            else:
+                left.append(i)
+        if fit:
+            out.append((fit, content, fit_subs))
+        return left
 
     def _precheck(self, m: Message) -> Outcome | None:
         if m.route != "email":
@@ -239,26 +370,34 @@ class Provider:
             return Permanent("email has neither a text nor an html body")
         return None
 
-    def _send_safely(self, messages: Sequence[Message], idxs: list[int]) -> list[Outcome]:
+    def _send_safely(
+        self,
+        messages: Sequence[Message],
+        idxs: list[int],
+        skel: dict[str, str] | None = None,
+        subs: list[dict[str, str]] | None = None,
+    ) -> list[Outcome]:
         try:
-            return self._send_chunk(messages, idxs)
+            return self._send_chunk(messages, idxs, skel, subs)
         except Exception as exc:  # one request's surprise must not lose the other requests' outcomes
             log.exception("sendgrid: unexpected error sending %d message(s)", len(idxs))
             return [Retry(f"sendgrid: unexpected {type(exc).__name__}")] * len(idxs)
 
-    def _body(self, batch: list[Message]) -> dict[str, Any]:
+    def _body(
+        self, batch: list[Message], skel: dict[str, str] | None = None, subs: list[dict[str, str]] | None = None
+    ) -> dict[str, Any]:
         first = batch[0]
         sender: dict[str, str] = {"email": self.from_address}
         if self.config.from_name:
             sender["name"] = self.config.from_name
-        shared = first.shared or first.content
+        shared = skel or first.shared or first.content
         content = []
         if shared.get("text"):
             content.append({"type": "text/plain", "value": shared["text"]})
         if shared.get("html"):
             content.append({"type": "text/html", "value": shared["html"]})
         personalizations = []
-        for m in batch:  # hot: one dict per recipient, serialised as is (orjson)
+        for k, m in enumerate(batch):  # hot: one dict per recipient, serialised as is (orjson)
             p: dict[str, Any] = {
                 "to": [{"email": m.address.strip()}],
                 "subject": m.content["subject"],
@@ -266,7 +405,10 @@ class Provider:
             }
             if m.headers:
                 p["headers"] = m.headers
-            if m.shared is not None and m.personal:
+            if subs is not None:
+                if subs[k]:
+                    p["substitutions"] = subs[k]
+            elif m.shared is not None and m.personal:
                 p["substitutions"] = m.personal
             personalizations.append(p)
         body: dict[str, Any] = {"personalizations": personalizations, "from": sender, "content": content}
@@ -274,13 +416,20 @@ class Provider:
             body["categories"] = [first.category]
         return body
 
-    def _send_chunk(self, messages: Sequence[Message], idxs: list[int]) -> list[Outcome]:
-        """Send ``messages[idxs]`` as one request; one outcome per index."""
+    def _send_chunk(
+        self,
+        messages: Sequence[Message],
+        idxs: list[int],
+        skel: dict[str, str] | None = None,
+        subs: list[dict[str, str]] | None = None,
+    ) -> list[Outcome]:
+        """Send ``messages[idxs]`` as one request (with ``skel`` as the content and ``subs[k]`` as
+        the k-th one's substitutions, when given); one outcome per index."""
         batch = [messages[i] for i in idxs]
         n = len(batch)
         if not lease_open(self, self.config.timeout):
             return [Fenced("sendgrid: lease running out (Redis unreachable?): not sent")] * n
-        payload = orjson.dumps(self._body(batch))
+        payload = orjson.dumps(self._body(batch, skel, subs))
         try:
             resp = self._client.post("/v3/mail/send", content=payload)
         except self._httpx.TimeoutException as exc:
@@ -295,21 +444,29 @@ class Provider:
                 return [Sent(mid)] * n
             return [Sent(f"sendgrid:{m.delivery_id}") for m in batch]
         if status == 400:
-            return self._bad_request(messages, idxs, resp)
+            return self._bad_request(messages, idxs, resp, skel, subs)
         if status in (401, 403):
             return [Permanent(f"sendgrid: API key rejected ({status}): {_describe_errors(resp)}")] * n
         if status == 413:
             if n == 1:
                 return [Permanent("sendgrid: message too large (413)")]
             half = n // 2
-            return self._send_chunk(messages, idxs[:half]) + self._send_chunk(messages, idxs[half:])
+            a, b = (subs[:half], subs[half:]) if subs is not None else (None, None)
+            return self._send_chunk(messages, idxs[:half], skel, a) + self._send_chunk(messages, idxs[half:], skel, b)
         if status == 429:
             return [Retry("sendgrid: rate limited (429)", _retry_after(resp.headers), throttled=True)] * n
         if status >= 500:
             return [Retry(f"sendgrid: server error {status}", _retry_after(resp.headers))] * n
         return [Permanent(f"sendgrid: HTTP {status}: {_describe_errors(resp)}")] * n
 
-    def _bad_request(self, messages: Sequence[Message], idxs: list[int], resp: Any) -> list[Outcome]:
+    def _bad_request(
+        self,
+        messages: Sequence[Message],
+        idxs: list[int],
+        resp: Any,
+        skel: dict[str, str] | None,
+        subs: list[dict[str, str]] | None,
+    ) -> list[Outcome]:
         """400: when every error names a personalization, fail only those and resend the others."""
         n = len(idxs)
         errors = _errors(resp)
@@ -330,10 +487,104 @@ class Provider:
         outcomes: list[Outcome | None] = [bad.get(pos) for pos in range(n)]
         rest = [pos for pos in range(n) if pos not in bad]
         if rest:
-            for pos, outcome in zip(rest, self._send_chunk(messages, [idxs[p] for p in rest]), strict=True):
+            again = self._send_chunk(
+                messages, [idxs[p] for p in rest], skel, [subs[p] for p in rest] if subs is not None else None
+            )
+            for pos, outcome in zip(rest, again, strict=True):
                 outcomes[pos] = outcome
         return [o if o is not None else Permanent("sendgrid: bad request") for o in outcomes]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._client.close()
+
+
+def substitutions_fit(subs: dict[str, str], limit: int = MAX_SUBSTITUTION_BYTES) -> bool:
+    """Whether ``subs`` is within SendGrid's limit as JSON (``json.dumps``, every non-ASCII character
+    escaped: the largest way to count). Serialised only when a cheap bound does not settle it."""
+    n = 2
+    for k, v in subs.items():
+        n += len(k) + len(v) + 8
+    if n > limit:
+        return False
+    if n * 12 <= limit:
+        return True
+    return len(json.dumps(subs)) <= limit
+
+
+def _common_prefix(values: list[str]) -> int:
+    lo, hi = min(values), max(values)  # every value's common prefix is that of these two
+    n = min(len(lo), len(hi))
+    if lo[:n] == hi[:n]:
+        return n
+    a, b = 0, n  # binary search on slices: C-speed comparisons, O(log n) of them
+    while a < b:
+        mid = (a + b + 1) // 2
+        if lo[:mid] == hi[:mid]:
+            a = mid
+        else:
+            b = mid - 1
+    return a
+
+
+def _common_suffix(values: list[str]) -> int:
+    return _common_prefix([v[::-1] for v in values])
+
+
+def skeleton(bodies: list[str], first_key: int = 0) -> tuple[str, list[str], list[list[str]]]:
+    """What ``bodies`` share, with a key where they differ: (skeleton, keys, each body's value per
+    key), such that replacing each key of the skeleton by a body's values gives that body back.
+
+    Linear in the total size: the bodies are compared line by line — the lines they share at the
+    start and the end, then, when their middles have as many lines, each line position (a run
+    of differing lines is one key) — and each key's values are trimmed of what they all start
+    and end with. Middles of different lengths (a loop over per-recipient items) are one key."""
+    if not bodies:
+        return "", [], []
+    lines = [b.splitlines(keepends=True) for b in bodies]  # joined back with "": exactly the body
+    shortest = min(len(ls) for ls in lines)
+    head = 0
+    for column in zip(*lines, strict=False):
+        if column.count(column[0]) != len(column):
+            break
+        head += 1
+    tail = 0
+    for column in zip(*[ls[::-1] for ls in lines], strict=False):
+        if tail >= shortest - head or column.count(column[0]) != len(column):
+            break
+        tail += 1
+    middles = [ls[head : len(ls) - tail] for ls in lines]
+    # the skeleton as pieces: shared text (str), or a run of differing lines (list: its columns,
+    # each a tuple of one line per body)
+    pieces: list[str | list[tuple[str, ...]]] = ["".join(lines[0][:head])]
+    if len({len(m) for m in middles}) == 1:
+        run: list[tuple[str, ...]] | None = None
+        for column in zip(*middles, strict=True):
+            if column.count(column[0]) == len(column):
+                run = None
+                pieces.append(column[0])
+            elif run is None:
+                run = [column]
+                pieces.append(run)
+            else:
+                run.append(column)
+    else:
+        pieces.append([tuple("".join(m) for m in middles)])
+    pieces.append("".join(lines[0][len(lines[0]) - tail :]) if tail else "")
+    out: list[str] = []
+    keys: list[str] = []
+    values: list[list[str]] = [[] for _ in bodies]
+    for piece in pieces:
+        if isinstance(piece, str):
+            out.append(piece)
+            continue
+        joined = list(piece[0]) if len(piece) == 1 else ["".join(lines) for lines in zip(*piece, strict=True)]
+        pre = _common_prefix(joined)
+        rest = [v[pre:] for v in joined]
+        post = _common_suffix(rest)
+        key = f"{KEY_OPEN}{first_key + len(keys)}%]"
+        keys.append(key)
+        out.append(joined[0][:pre] + key + rest[0][len(rest[0]) - post :])
+        for own, v in zip(values, rest, strict=True):
+            own.append(v[: len(v) - post])
+    return "".join(out), keys, values

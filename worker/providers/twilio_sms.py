@@ -186,6 +186,10 @@ class Provider:
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="twilio")
 
+    def warm(self) -> None:
+        """The SDK's lazily imported parts that a send uses, imported now (nothing is sent)."""
+        _ = self._client.messages, self._client.calls
+
     # ------------------------------------------------------------------ display / checks
 
     def describe(self) -> dict[str, str]:

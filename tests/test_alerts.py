@@ -1,0 +1,148 @@
+"""Alerts where operators look: the pool's log line + webhook when high-priority lag passes its
+threshold and when a provider's circuit opens (a real local HTTP server receives them); /metrics
+made by prometheus_client; the Prometheus rules (promtool) and the Grafana dashboard reference only
+series /metrics exposes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from notifyctl import metrics
+from notifyctl.alerts import check_alerts
+from notifyctl.context import Context
+from notifyctl.dlq import DlqConfig
+from notifyctl.tracking import queue_stats
+from tests.conftest import ROOT, cli_env, make_settings
+from tests.test_dlq import Hook
+from tests.util import seed, send
+from worker.circuit import CLOSED, OPEN, Circuits
+from worker.pool import run_worker
+
+DEPLOY = ROOT / "deploy"
+OTP = {"template_id": "otp_code", "channels": ["sms"], "recipient_id": "dave", "data": {"code": "1", "minutes": 5}}
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    h = Hook()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def actx(home: Path, redis_url: str, rclient: redis.Redis) -> Iterator[Context]:
+    ctx = Context(make_settings(home, redis_url, lag_alert_high=0.3, providers_email=["smtp"], circuit_threshold=2))
+    seed(ctx)
+    yield ctx
+    ctx.close()
+
+
+def wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return None
+
+
+def high_lag(ctx: Context) -> float:
+    return next(q for q in queue_stats(ctx) if q["priority"] == "high")["oldest_age_s"] or 0.0
+
+
+def test_high_priority_lag_alerts_once_then_resolves(
+    actx: Context, hook: Hook, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = DlqConfig(alert_webhook_url=hook.url, alert_repeat_s=3600)
+    send(actx, **OTP)  # no worker: it waits in the high queue
+    assert check_alerts(actx, cfg) == []  # not yet past 0.3 s
+    assert wait_for(lambda: high_lag(actx) > 0.3, 10)
+    with caplog.at_level(logging.WARNING, logger="notifyctl.alerts"):
+        (e,) = check_alerts(actx, cfg)
+    assert e.event == "lag_alert" and "high-priority lag" in caplog.text and "> 0.3s" in caplog.text
+    assert check_alerts(actx, cfg) == []  # still lagging: no repeat within alert_repeat_s
+    run_worker(actx.settings, ["high"], burst=True, reconcile=False)
+    (done,) = check_alerts(actx, cfg)
+    assert done.event == "lag_alert_resolved"
+    assert [(b["event"], b["subject"], b["firing"]) for b in hook.bodies] == [
+        ("lag_alert", "high", True),
+        ("lag_alert_resolved", "high", False),
+    ]
+    assert hook.bodies[0]["lag_s"] > 0.3 and hook.bodies[0]["threshold_s"] == 0.3 and hook.bodies[0]["depth"] == 1
+
+
+def test_circuit_opening_alerts_once_then_closing(actx: Context, hook: Hook) -> None:
+    cfg = DlqConfig(alert_webhook_url=hook.url, alert_repeat_s=3600)
+    circuits = Circuits(actx.redis, 2, 30)
+    assert circuits.record("smtp", ok=False, was=CLOSED) == CLOSED
+    assert check_alerts(actx, cfg) == []
+    assert circuits.record("smtp", ok=False, was=CLOSED) == OPEN
+    (e,) = check_alerts(actx, cfg)
+    assert (e.event, e.subject) == ("circuit_open", "smtp")
+    assert check_alerts(actx, cfg) == []
+    circuits.record("smtp", ok=True, was=OPEN)
+    (c,) = check_alerts(actx, cfg)
+    assert c.event == "circuit_closed"
+    assert [(b["event"], b["provider"]) for b in hook.bodies] == [("circuit_open", "smtp"), ("circuit_closed", "smtp")]
+
+
+def test_the_pool_alerts_by_itself(actx: Context, hook: Hook) -> None:
+    """A pool serving only normal and low: an OTP waits; the pool's own rounds send the alert."""
+    env = cli_env(actx.settings, NOTIFY_LAG_ALERT_HIGH="0.3", NOTIFY_DLQ_ALERT_WEBHOOK_URL=hook.url)
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "1", "--queues", "normal,low"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        send(actx, **OTP)
+        assert wait_for(lambda: hook.bodies, 30, 0.1), "the pool sent no alert"
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        _, err = pool.communicate(timeout=30)
+    assert hook.bodies[0]["event"] == "lag_alert"
+    assert "alert lag_alert: high-priority lag" in err
+
+
+def _exprs() -> list[str]:
+    rules = (DEPLOY / "prometheus" / "notifyctl.rules.yml").read_text()
+    dash = json.loads((DEPLOY / "grafana" / "notifyctl-dashboard.json").read_text())
+    out = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(out) >= 9
+    return out + re.findall(r"expr: \|?\s*(.+?)\n\s+for:", rules, re.S)
+
+
+def test_metrics_come_from_prometheus_client_and_cover_rules_and_dashboard(actx: Context) -> None:
+    send(actx, channels=["email"])
+    run_worker(actx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
+    body = metrics.render(actx).decode()
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    exposed = {f.name + x for f in families.values() for x in suffixes[f.type]}  # with samples or not yet
+    assert families["notify_deliveries"].type == "counter" and families["notify_queue_lag_seconds"].type == "gauge"
+    assert families["notify_provider_latency_seconds"].type == "histogram"
+    used = {m for e in _exprs() for m in re.findall(r"\bnotify_[a-z_]+", e)}
+    assert used and used <= exposed, used - exposed
+
+
+def test_rules_pass_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus): the rules are not checked")
+    r = subprocess.run([promtool, "check", "rules", str(DEPLOY / "prometheus" / "notifyctl.rules.yml")],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS: 6 rules found" in r.stdout

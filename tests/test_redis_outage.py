@@ -1,0 +1,95 @@
+"""A Redis outage the pool survives is two lines in its log (issue 14 F): one warning when it
+starts, one when it ends; no traceback, no ERROR, and the pool sends at once afterwards.
+
+A real ``notifyctl worker --pool 2`` (subprocess) on its own embedded Redis, which is killed
+with SIGKILL while the pool is idle and started again from its append-only file a few seconds
+later; then an OTP goes out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+from rq import Worker
+
+from notifyctl.context import Context
+from notifyctl.db import dispose_all
+from notifyctl.redisconn import ensure_server, stop_server
+from tests.conftest import ROOT, cli_env, make_settings
+from tests.util import deliveries, seed, send
+
+DOWN = 4.0  # longer than a heartbeat (0.5 s here), a reconciler round (1 s) and RQ's reconnect wait (1 s)
+
+
+def _wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            v = pred()
+        except (redis.ConnectionError, redis.TimeoutError):
+            v = None
+        if v:
+            return v
+        time.sleep(step)
+    return None
+
+
+def test_a_redis_outage_is_one_warning_when_it_starts_and_one_when_it_ends(
+    home: Path, tmp_path: Path, rclient: redis.Redis
+) -> None:
+    settings = make_settings(home, None, worker_heartbeat=0.5, redis_socket_timeout=2.0)
+    ctx = Context(settings)
+    seed(ctx)
+    redis_dir = home / "redis"
+    env = cli_env(settings, NOTIFY_WORKER_HEARTBEAT="0.5", NOTIFY_REDIS_SOCKET_TIMEOUT="2")
+    log_path = tmp_path / "pool.log"
+    with open(log_path, "w") as log:
+        pool = subprocess.Popen(
+            [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "2"],
+            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    try:
+        assert _wait_for(lambda: len([w for w in Worker.all(connection=ctx.redis) if w.state == "idle"]) == 2, 30), (
+            log_path.read_text()
+        )
+        before = send(ctx, template_id="otp_code", channels=["sms"], recipient_id="dave",
+                      data={"code": "1", "minutes": 5})  # fmt: skip
+        assert _wait_for(lambda: [d for d in deliveries(ctx, before.notification_id) if d.status == "sent"], 30)
+        time.sleep(1.5)  # the AOF (appendfsync everysec) has it
+
+        os.kill(int((redis_dir / "redis.pid").read_text()), signal.SIGKILL)
+        time.sleep(DOWN)
+        assert pool.poll() is None, log_path.read_text()
+        ensure_server(redis_dir)
+
+        after = send(ctx, template_id="otp_code", channels=["sms"], recipient_id="dave",
+                     data={"code": "2", "minutes": 5})  # fmt: skip
+        assert _wait_for(lambda: [d for d in deliveries(ctx, after.notification_id) if d.status == "sent"], 30), (
+            log_path.read_text()
+        )
+        # the pool has noticed that Redis is back (its supervisor checks every second)
+        assert _wait_for(lambda: "Redis answers again" in log_path.read_text(), 10), log_path.read_text()
+        assert pool.poll() is None, log_path.read_text()
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        try:
+            pool.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+            pool.wait()
+        ctx.close()
+        dispose_all()
+        stop_server(redis_dir)
+    lines = log_path.read_text().splitlines()
+    text = "\n".join(lines)
+    assert "Traceback" not in text, text
+    assert [ln for ln in lines if " ERROR " in ln] == [], text
+    assert len([ln for ln in lines if "Redis unreachable" in ln]) == 1, text
+    assert len([ln for ln in lines if "Redis answers again" in ln]) == 1, text
+    # nothing else: no worker died or was restarted over it
+    assert [ln for ln in lines if " WARNING " in ln and "Redis" not in ln] == [], text

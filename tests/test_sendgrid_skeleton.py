@@ -1,0 +1,173 @@
+"""Issue 15: emails whose bodies differ per recipient are one SendGrid request — the bodies' shared
+skeleton as the content, each recipient's own parts as their personalization's substitutions —
+and each recipient, as the SendGrid sandbox rebuilds their copy (substitutions applied as
+SendGrid does), gets exactly what Jinja renders for them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from notifyctl.settings import Settings
+from notifyctl.templates import TemplateStore
+from worker.providers import sendgrid
+from worker.providers.base import Message, Sent
+from worker.sandbox.sendgrid import DEFAULT_API_KEY, SendgridSandbox
+
+FROM = "notifications@example.com"
+SHIPPED = Path(sendgrid.__file__).resolve().parents[2] / "notifyctl" / "templates"
+
+_html = jinja2.Environment(autoescape=True)
+_text = jinja2.Environment(autoescape=False)
+HTML = _html.from_string(
+    "<h1>Hi {{ name }}</h1>\n{% if vip %}<p class=vip>VIP: {{ code }}</p>\n{% endif %}"
+    "<ul>\n{% for label, price in items %}<li>{{ label }} — {{ '%.2f'|format(price) }}</li>\n{% endfor %}</ul>\n"
+    "<p>{{ items|length }} item(s){% if not items %}: nothing yet{% endif %}.</p>\n"
+    "<p>Footer shared by everyone.</p>\n"
+)
+TEXT = _text.from_string(
+    "Hi {{ name }},\n{% for label, price in items %}- {{ label }}: {{ price }}\n{% endfor %}"
+    "{% if vip %}Your code: {{ code }}{% else %}No code this week{% endif %}\nBye"
+)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    sb = SendgridSandbox(api_key=DEFAULT_API_KEY).start()
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture(scope="module")
+def provider(sandbox, tmp_path_factory):
+    opts = {"api_key": DEFAULT_API_KEY, "base_url": sandbox.url}
+    p = sendgrid.Provider(
+        Settings(home=tmp_path_factory.mktemp("sg"), email_from=FROM, provider_options={"sendgrid": opts})
+    )
+    yield p
+    p.close()
+
+
+def message(i: int, content: dict[str, str], category: str = "marketing") -> Message:
+    return Message(
+        delivery_id=f"d-{i}",
+        notification_id=f"n-{i}",
+        channel="email",
+        route="email",
+        address=f"user{i}@example.org",
+        content=content,
+        category=category,
+        priority="low",
+    )
+
+
+def send_and_rebuild(sandbox: SendgridSandbox, provider: Any, contents: list[dict[str, str]]) -> dict[str, Any]:
+    sandbox.recorder.clear()
+    before = len(sandbox.accepted_requests)
+    out = provider.send([message(i, c) for i, c in enumerate(contents)])
+    assert all(isinstance(o, Sent) for o in out), out
+    got = {m["to"]: m for m in sandbox.recorder.all()}
+    for i, c in enumerate(contents):
+        mail = got[f"user{i}@example.org"]
+        assert mail["subject"] == c["subject"]
+        want = {"text/plain": c.get("text"), "text/html": c.get("html")}
+        assert mail["content"] == {k: v for k, v in want.items() if v}
+    return {"requests": sandbox.accepted_requests[before:]}
+
+
+words = st.text(alphabet=st.sampled_from("ab <>&\"'é€\n[%sg0]{}"), min_size=0, max_size=12)
+recipient = st.fixed_dictionaries(
+    {
+        "name": words,
+        "vip": st.booleans(),
+        "code": words,
+        "items": st.lists(st.tuples(words, st.floats(0, 1000, allow_nan=False)), max_size=4),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(recipient, min_size=2, max_size=25))
+def test_every_recipient_gets_what_jinja_renders(sandbox, provider, people: list[dict[str, Any]]) -> None:
+    contents = [
+        {"subject": f"Hello {p['name'][:3] or 'you'}", "text": TEXT.render(p), "html": HTML.render(p)} for p in people
+    ]
+    if len(people) % 3 == 0:  # bodies without an html part are never cut with those that have one
+        for c in contents[::2]:
+            del c["html"]
+    result = send_and_rebuild(sandbox, provider, contents)
+    # One request per set of parts, except for bodies whose own text holds a key's opening (sent
+    # as they are).
+    plain = [c for c in contents if not any(sendgrid.KEY_OPEN in v for v in c.values())]
+    if len(plain) == len(contents):
+        kinds: dict[tuple[str, ...], int] = {}
+        for c in contents:
+            kinds[tuple(sorted(c))] = kinds.get(tuple(sorted(c)), 0) + 1
+        assert sorted(result["requests"]) == sorted(kinds.values())
+
+
+@pytest.mark.parametrize("template_id", sorted(p.stem for p in SHIPPED.glob("*.toml")))
+def test_every_shipped_template_is_one_request_and_exact(sandbox, provider, template_id: str) -> None:
+    template = TemplateStore([SHIPPED]).get(template_id)
+    if "email" not in template.parts:
+        pytest.skip(f"{template_id} has no email")
+    sample = {k: v for k, v in template.sample.items() if k != "user"}
+    contents = []
+    for i in range(30):
+        data = {
+            k: (f"{v}-{i}<&>" if isinstance(v, str) else v + i if isinstance(v, int) else v) for k, v in sample.items()
+        }
+        data["first_name"] = f"Ann {i} & <Co>" if i % 3 else ""
+        data["user"] = {"first_name": f"U{i}", "email": f"user{i}@example.org"}
+        contents.append(template.render("email", data))
+    result = send_and_rebuild(sandbox, provider, contents)
+    assert result["requests"] == [30]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from("ab\n\r[%sg1]é"), max_size=30), min_size=1, max_size=8))
+def test_skeleton_rebuilds_each_body(bodies: list[str]) -> None:
+    skel, keys, values = sendgrid.skeleton(bodies)
+    for body, own in zip(bodies, values, strict=True):
+        if sendgrid.KEY_OPEN in body:
+            continue  # such bodies never go through a skeleton (the provider sends them as they are)
+        rebuilt = skel
+        for key, value in zip(keys, own, strict=True):
+            rebuilt = rebuilt.replace(key, value)
+        if not any(sendgrid.KEY_OPEN in b for b in bodies):
+            assert rebuilt == body
+
+
+def test_a_body_too_big_for_substitutions_goes_in_a_smaller_group(sandbox, provider) -> None:
+    big = "x" * 12_000
+    contents = [{"subject": "s", "text": f"line\n{i}\nshared"} for i in range(5)]
+    contents += [{"subject": "s", "text": f"line\n{big}{i}\nshared"} for i in range(2)]  # too big with the 5
+    contents += [{"subject": "s", "text": f"line\n{big}\n{big}\nshared\nmore"}]  # too big with anyone
+    before = provider.fallbacks
+    result = send_and_rebuild(sandbox, provider, contents)
+    assert sorted(result["requests"]) == [1, 2, 5]  # the two big ones share all but their last character
+    assert provider.fallbacks - before == 3
+
+
+def test_send_of_whole_planned_groups_makes_exactly_those_requests(sandbox, provider) -> None:
+    """``requests`` is the unit of the pace (``worker.pacing``): sending a run of whole groups it
+    planned makes exactly those requests, with the skeletons it worked out."""
+    big = "y" * 12_000
+    contents = [{"subject": "s", "text": f"Hi {i}\nshared"} for i in range(6)]
+    contents += [{"subject": "s", "text": f"Hi {big}{i}\nshared\nmore"} for i in range(2)]
+    msgs = [message(i, c) for i, c in enumerate(contents)]
+    groups = provider.requests(msgs)
+    assert sorted(len(g) for g in groups) == [2, 6]
+    for group in groups:  # as the pace lets them go, one group at a time
+        sandbox.recorder.clear()
+        before = len(sandbox.accepted_requests)
+        out = provider.send([msgs[i] for i in group])
+        assert all(isinstance(o, Sent) for o in out)
+        assert sandbox.accepted_requests[before:] == [len(group)]
+        got = {m["to"]: m["content"]["text/plain"] for m in sandbox.recorder.all()}
+        assert got == {msgs[i].address: contents[i]["text"] for i in group}
