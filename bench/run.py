@@ -21,13 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import console as console_bench
 from bench import scenarios
 from bench.common import machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 RAW = HERE / "results.json"
-ALL = ("email", "push", "launcher", "cost", "apprise")
+ALL = ("email", "push", "launcher", "cost", "apprise", "console")
 
 
 def log(msg: str) -> None:
@@ -42,6 +43,7 @@ def sizes(scale: float) -> dict[str, int]:
         "launcher": max(1000, int(1_000_000 * scale)),
         "cost": max(500, int(10_000 * scale)),
         "apprise": max(100, int(2000 * scale)),
+        "console": max(20_000, int(1_000_000 * scale)),
     }
 
 
@@ -86,6 +88,7 @@ def run_all(scale: float, pool: int, only: list[str], runs: int = 3) -> dict[str
         "launcher": lambda: scenarios.launcher_memory(sz["launcher"], log=log),
         "cost": lambda: scenarios.cost(sz["cost"], log=log),
         "apprise": lambda: scenarios.apprise_vs_notifyctl(sz["apprise"], pool, log=log),
+        "console": lambda: console_bench.console_pages(sz["console"], log=log),
     }
     for name in only:
         log(f"[{name}] ...")
@@ -109,6 +112,7 @@ def _headline(name: str, r: dict[str, Any]) -> str:
         "launcher": ["scheduled_rate_error_pct", "realized_rate_error_pct"],
         "cost": [],
         "apprise": ["notifyctl_per_s", "apprise_per_s", "ratio_notifyctl_over_apprise"],
+        "console": [],
     }[name]
     parts = [f"{k}={r.get(k)}" for k in keys]
     if name == "email":
@@ -120,6 +124,11 @@ def _headline(name: str, r: dict[str, Any]) -> str:
         parts.append(f"strict JWTs={(r.get('strict') or {}).get('apns_jwts_seen')}")
     if name == "launcher":
         parts.append(f"rss={r.get('dry_run', {}).get('peak_rss_mb')}/{r.get('real', {}).get('peak_rss_mb')} MB")
+    if name == "console":
+        for db in ("sqlite", "postgresql"):
+            d = r.get(db) or {}
+            worst = max((v["median"] for v in (d.get("pages_ms") or {}).values()), default=None)
+            parts.append(f"{db}: slowest page {worst} ms, funnel {d.get('funnel_ms')} {d.get('error') or ''}")
     if name == "cost":
         for ch in ("email", "push"):
             c = r.get(ch) or {}
@@ -199,6 +208,28 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         if r.get("redis_commands_per_notification") is not None:
             rows.append(("5", f"Redis commands per notification in {label}, whole pool incl. RQ + reconciler", "—",
                          _fmt(r["redis_commands_per_notification"]), "—"))  # fmt: skip
+    cons = res.get("console") or {}
+    for db, label in (("sqlite", "SQLite"), ("postgresql", "PostgreSQL")):
+        d = cons.get(db) or {}
+        if not d:
+            continue
+        n = _fmt(cons.get("deliveries"))
+        if d.get("error"):
+            rows.append(("17", f"Console pages, {n} deliveries, {label}", "< 300 ms each", str(d["error"]), "—"))
+            continue
+        pages = d.get("pages_ms") or {}
+        worst = max(pages.items(), key=lambda kv: kv[1]["median"]) if pages else None
+        shown = ", ".join(f"{k} {v['median']:g}" for k, v in pages.items())
+        rows.append(("17", f"Console pages (median of {cons.get('runs')}), {n} deliveries, {label}", "< 300 ms each",
+                     f"{shown} ms", _met(None if worst is None else worst[1]["median"] < 300)))  # fmt: skip
+        fun = d.get("funnel_ms") or {}
+        fworst = max((v["median"] for v in fun.values()), default=None)
+        rows.append(("17", f"Funnel query (analytics.funnel), {n} deliveries, {label}", "< 100 ms",
+                     ", ".join(f"by {k} {v['median']:g}" for k, v in fun.items()) + " ms",
+                     _met(None if fworst is None else fworst < 100)))  # fmt: skip
+        rows.append(("17", f"Writing deliveries with the analytics triggers on, {label}", "—",
+                     f"{_fmt(d.get('write_us_per_row'))} µs/row (prepare_insert, 10,000 a transaction)",
+                     "—"))  # fmt: skip
     a = res.get("apprise") or {}
     if a:
         rows.append(("6", f"{_fmt(a.get('emails'))} emails to an SMTP sink: notifyctl / Apprise", "—",

@@ -21,9 +21,9 @@ from sqlalchemy import func, select
 from chaos.common import ROOT, RateLimitPlan, Ticker, World, drain, expected_delivery_id, tally, wait_until
 from notifyctl.intake import parse_request, submit
 from notifyctl.models import Delivery, DeliveryEvent, Notification
+from notifyctl.pacing import Pacer
 from notifyctl.redisconn import ensure_server
 from worker.circuit import Circuits
-from worker.pacing import Pacer
 
 POOL = 3
 

@@ -20,7 +20,6 @@ from notifyctl import keys
 log = logging.getLogger("notifyctl.alerts")
 
 
-
 @dataclass
 class AlertEvent:
     event: str  # lag_alert | lag_alert_resolved | circuit_open | circuit_closed

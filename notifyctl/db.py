@@ -3,9 +3,6 @@ SQLAlchemy URL (PostgreSQL in production) when ``NOTIFY_DATABASE_URL`` is set.""
 
 from __future__ import annotations
 
-import fcntl
-import os
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -20,7 +17,8 @@ from sqlmodel import SQLModel, create_engine
 
 from notifyctl import models  # noqa: F401  (registers every table)
 from notifyctl.errors import ConfigError
-from notifyctl.home import create_private, open_private
+from notifyctl.home import create_private
+from notifyctl.sqllock import write_lock as write_lock  # (re-exported: most callers import it from here)
 
 _engines: dict[str, Engine] = {}
 WAL_AUTOCHECKPOINT_PAGES = 16384
@@ -81,57 +79,6 @@ def make_engine(url: str) -> Engine:
     except ImportError as exc:
         raise ConfigError(f"database driver missing: {exc} (pip install 'notifyctl[postgres]')") from None
     return engine
-
-
-_lock_files = threading.local()  # per thread: flock excludes open files, not threads sharing one
-
-
-def _lock_pair(database: str) -> tuple[Any, Any]:
-    files: dict[tuple[int, str], tuple[Any, Any]] | None = getattr(_lock_files, "files", None)
-    if files is None:
-        files = _lock_files.files = {}
-    key = (os.getpid(), database)  # after fork, a child needs its own open files
-    pair = files.get(key)
-    if pair is None:
-        pair = files[key] = (
-            os.fdopen(open_private(database + ".writelock", os.O_WRONLY | os.O_APPEND), "a"),
-            os.fdopen(open_private(database + ".writegate", os.O_WRONLY | os.O_APPEND), "a"),
-        )
-    return pair
-
-
-@contextmanager
-def write_lock(engine: Engine, urgent: bool = False) -> Iterator[None]:
-    """Serialise SQLite writers with a kernel file lock around their write transactions.
-
-    SQLite lets one writer in at a time and makes the others poll with growing sleeps (up to 100 ms
-    each), so under load writers — an OTP's intake among them — idle while the database is free.
-    A blocking ``flock`` wakes the next writer the moment the lock is released. Other databases
-    lock rows themselves: this is a no-op there.
-
-    ``urgent`` writers (high priority: an OTP's intake, the high worker's batch) go first: while
-    one waits it holds a shared lock on a second file, the gate, which every other writer must
-    pass (exclusively) before it queues for the database: an OTP waits for the writes already
-    queued when it came (at most one per other writer), never for a stream of campaign batches.
-    """
-    if engine.dialect.name != "sqlite" or not engine.url.database or engine.url.database == ":memory:":
-        yield
-        return
-    lock, gate = _lock_pair(engine.url.database)
-    if urgent:
-        fcntl.flock(gate, fcntl.LOCK_SH)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        finally:
-            fcntl.flock(gate, fcntl.LOCK_UN)
-    else:
-        fcntl.flock(gate, fcntl.LOCK_EX)  # waits while an urgent writer is waiting
-        fcntl.flock(gate, fcntl.LOCK_UN)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def prepare_insert(

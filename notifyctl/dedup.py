@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from notifyctl.models import DedupKey, utcnow
+from notifyctl.sqllock import write_lock
 
 _K = DedupKey.__table__  # type: ignore[attr-defined]
 CLAIM_TRIES = 5  # a holder that rolls back between our insert and our read: try again
@@ -56,7 +57,6 @@ def claim(session: Session, key: str, notification_id: str, now: datetime, ttl: 
 def purge_expired(engine: Engine, now: datetime | None = None, dry_run: bool = False, chunk: int = 5000) -> int:
     """Delete the holds that have ended (or count them, ``dry_run``), in short transactions of at most
     ``chunk`` rows (on SQLite under the writer lock, not urgent). Returns how many."""
-    from notifyctl.db import write_lock
 
     now = now or utcnow()
     if dry_run:

@@ -39,7 +39,7 @@ def circuit(provider: str) -> str:
 
 
 def pace(provider: str) -> str:
-    """The pace of one provider, shared by all workers (``worker.pacing``): a hash with the rate
+    """The pace of one provider, shared by all workers (``notifyctl.pacing``): a hash with the rate
     learned from its throttle answers, the token bucket, and the count of accepted requests."""
     return f"{PREFIX}pace:{provider}"
 

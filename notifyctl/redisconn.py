@@ -24,6 +24,10 @@ from notifyctl.home import PRIVATE_UMASK, open_private, private_dir
 MIN_VERSION = (6, 2, 0)
 
 
+class RedisUnreachable(ConfigError):
+    """Redis did not answer (``connect``): refused, reset or silent."""
+
+
 def redis_server_binary(explicit: str | None = None) -> str:
     if explicit:
         return explicit
@@ -141,7 +145,7 @@ def connect(settings, dequeue: bool = False) -> redis.Redis:  # type: ignore[no-
     try:
         version = client.info("server")["redis_version"]
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise ConfigError(f"cannot reach Redis at {_safe(url)}: {exc}") from None
+        raise RedisUnreachable(f"cannot reach Redis at {_safe(url)}: {exc}") from None
     if tuple(int(x) for x in version.split(".")[:3]) < MIN_VERSION:
         raise ConfigError(f"Redis {version} at {_safe(url)} is too old: notifyctl needs >= 6.2")
     return client

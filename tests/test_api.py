@@ -32,9 +32,7 @@ from worker.pool import run_worker
 
 ORDER = {"order_id": "ORD-1", "tracking_url": "https://t.example/1"}
 # the 43-byte transparent 1×1 GIF every tracking pixel serves, spelled out independently of the app
-PIXEL_GIF = bytes.fromhex(
-    "47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b"
-)
+PIXEL_GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
 PROMO = {"first_name": "Alice", "discount": 20, "code": "WEEK20"}
 
 
@@ -577,7 +575,10 @@ def test_prometheus_metrics(ctx: Context, client: httpx.Client, anon: httpx.Clie
     }
     assert samples[("notify_deliveries_total", (("channel", "email"), ("reason", ""), ("status", "sent")))] == 1
     assert samples[("notify_deliveries_total", (("channel", "sms"), ("reason", ""), ("status", "sent")))] == 3
-    assert samples[("notify_deliveries_total", (("channel", "email"), ("reason", "opted_out"), ("status", "suppressed")))] == 1  # noqa: E501
+    assert (
+        samples[("notify_deliveries_total", (("channel", "email"), ("reason", "opted_out"), ("status", "suppressed")))]
+        == 1
+    )  # noqa: E501
     assert samples[("notify_queue_depth", (("priority", "high"),))] == 0
     assert samples[("notify_queue_lag_threshold_seconds", (("priority", "high"),))] == 1.0
     assert samples[("notify_provider_latency_seconds_count", (("provider", "outbox"),))] == 4

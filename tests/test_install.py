@@ -63,7 +63,9 @@ def test_lock_agrees_with_pyproject_ranges() -> None:
         )
 
 
-@pytest.mark.skipif(bool(os.environ.get("NOTIFY_TEST_UNLOCKED")), reason="make test-latest: newest releases, not the lock")
+@pytest.mark.skipif(
+    bool(os.environ.get("NOTIFY_TEST_UNLOCKED")), reason="make test-latest: newest releases, not the lock"
+)
 def test_environment_is_the_locked_set() -> None:
     """What `make` installed is exactly the lock (on this platform), nothing newer."""
     mismatched = []
@@ -77,6 +79,6 @@ def test_environment_is_the_locked_set() -> None:
             continue
         if installed != version:
             mismatched.append(f"{name}: {installed} installed, lock {version}")
-    assert not mismatched, "the environment is not the locked set (run `make install` after `make lock`):\n" + "\n".join(
-        mismatched
+    assert not mismatched, (
+        "the environment is not the locked set (run `make install` after `make lock`):\n" + "\n".join(mismatched)
     )

@@ -17,10 +17,10 @@ from notifyctl.cli.status import plain_lines
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.models import Notification, new_id, utcnow
+from notifyctl.pacing import Pacer
 from tests.conftest import make_settings
 from tests.util import deliveries, seed
 from worker import jobs
-from worker.pacing import Pacer
 from worker.pool import run_worker
 from worker.sandbox.sendgrid import SendgridSandbox
 from worker.status import status_report

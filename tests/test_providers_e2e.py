@@ -214,7 +214,9 @@ def test_sns_opted_out_opts_the_user_out_of_sms(sandboxes: SandboxSet, contexts:
     ctx = contexts(sandboxes, sms=["sns"])
     seed(ctx)
     aws = sandboxes.sandboxes["aws"]
-    aws.faults.add({"code": "OptedOut", "status": 400, "message": "Phone number is opted out", "match": "Action=Publish"})
+    aws.faults.add(
+        {"code": "OptedOut", "status": 400, "message": "Phone number is opted out", "match": "Action=Publish"}
+    )
     res = send(ctx, channels=["sms"], data={"order_id": "ORD-O1", "tracking_url": "https://t/1"})
     drain(ctx)
     [d] = deliveries(ctx, res.notification_id)

@@ -155,7 +155,7 @@ def test_a_body_too_big_for_substitutions_goes_in_a_smaller_group(sandbox, provi
 
 
 def test_send_of_whole_planned_groups_makes_exactly_those_requests(sandbox, provider) -> None:
-    """``requests`` is the unit of the pace (``worker.pacing``): sending a run of whole groups it
+    """``requests`` is the unit of the pace (``notifyctl.pacing``): sending a run of whole groups it
     planned makes exactly those requests, with the skeletons it worked out."""
     big = "y" * 12_000
     contents = [{"subject": "s", "text": f"Hi {i}\nshared"} for i in range(6)]

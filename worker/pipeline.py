@@ -49,13 +49,13 @@ from notifyctl.models import (
     derived_id,
     utcnow,
 )
+from notifyctl.pacing import Pacer
 from notifyctl.policy import refusal
 from notifyctl.secretdata import ERASED_KEY, SECRET_ERASED, erase, erased_fields, erased_reason
 from notifyctl.templates import Template
 from notifyctl.unsubscribe import secret_key, unsubscribe_url
 from worker.circuit import OPEN, THROTTLED, Circuits
 from worker.claims import DOUBT, OK, Claims, Fenced
-from worker.pacing import Pacer
 from worker.providers import (
     Held,
     InvalidAddress,
@@ -1059,7 +1059,7 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
             longest = max((o.retry_after or 1.0) for o in throttled) if throttled else 0.0
             if longest >= THROTTLE_HOLD and not accepted:
                 # a long wait is a quota, not a rate (APNs' token updates, a daily cap): every
-                # worker holds off the provider; a short one only lowers its pace (worker.pacing)
+                # worker holds off the provider; a short one only lowers its pace (notifyctl.pacing)
                 rt.circuits.throttle(name, longest)
         except redis.RedisError:
             log.warning("circuit state of %s not recorded: Redis unavailable", name)
@@ -1093,7 +1093,7 @@ def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome
 
 
 def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outcome]:
-    """Send through one provider at its pace (``worker.pacing``), request by request group: what
+    """Send through one provider at its pace (``notifyctl.pacing``), request by request group: what
     the pace lets go now (after waiting at most ``pace_max_wait`` s in all), until the provider
     throttles us; the rest is ``Held`` (no attempt used), spread over the time the pace needs.
     Each call is fenced (``_fenced_send``) right before it is made."""

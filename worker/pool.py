@@ -21,9 +21,8 @@ from typing import Any
 
 from notifyctl import keys
 from notifyctl.context import Context, freeze_heap
-from notifyctl.errors import ConfigError
 from notifyctl.liveness import Liveness, unique_worker_name
-from notifyctl.redisconn import UNREACHABLE, Outage, QuietWhileUnreachable, redis_url, unreachable
+from notifyctl.redisconn import UNREACHABLE, Outage, QuietWhileUnreachable, RedisUnreachable, redis_url, unreachable
 from notifyctl.settings import Settings
 from notifyctl.vocabulary import PRIORITIES, ROUTES
 
@@ -155,7 +154,7 @@ def _child(settings: Settings, priorities: list[str], burst: bool, name: str, bu
     logging.getLogger("rq.worker").addFilter(QuietWhileUnreachable())
     try:
         code = run_worker(settings, priorities, burst, name)
-    except ConfigError as exc:  # Redis unreachable at start: the supervisor starts it again later
+    except RedisUnreachable as exc:  # Redis unreachable at start: the supervisor starts it again later
         log.debug("worker not started: %s", exc)
         code = EXIT_NO_REDIS
     except Exception as exc:
@@ -283,6 +282,12 @@ class Pool:
         def _stop(signum: int, _frame: Any) -> None:
             self._stopping = True
 
+        def failed(what: str, exc: Exception) -> None:
+            if unreachable(exc):
+                outage.down(exc)  # one warning for the whole outage, one when it ends
+            else:
+                log.warning("%s failed", what, exc_info=True)
+
         old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             next_reconcile = 0.0
@@ -321,23 +326,20 @@ class Pool:
                         reconcile(ctx, check_lost=rounds % 3 == 0, paced=True)
                         outage.up()
                     except Exception as exc:  # noqa: BLE001 - keep supervising through a blip
-                        if unreachable(exc):
-                            outage.down(exc)  # one warning for the whole outage, one when it ends
-                        else:
-                            log.warning("reconciler round failed", exc_info=True)
+                        failed("reconciler round", exc)
                     try:
                         checkpoint(ctx.engine)  # SQLite: the WAL goes back into the database here, not in a writer
-                    except Exception:  # noqa: BLE001 - a checkpoint can wait for the next round
-                        log.warning("SQLite checkpoint failed", exc_info=True)
+                    except Exception as exc:  # noqa: BLE001 - a checkpoint can wait for the next round
+                        failed("SQLite checkpoint", exc)
                     try:
                         check_alerts(ctx, dlq_config)  # high-priority lag over its threshold, circuits opening
-                    except Exception:  # noqa: BLE001 - an alert must never stop the pool
-                        log.warning("alert check failed", exc_info=True)
+                    except Exception as exc:  # noqa: BLE001 - an alert must never stop the pool
+                        failed("alert check", exc)
                     if rounds % 5 == 0:
                         try:
                             compact(ctx.engine)  # PostgreSQL: the analytics deltas into the hourly rollup
-                        except Exception:  # noqa: BLE001 - reports read the deltas meanwhile
-                            log.warning("analytics compaction failed", exc_info=True)
+                        except Exception as exc:  # noqa: BLE001 - reports read the deltas meanwhile
+                            failed("analytics compaction", exc)
                     next_reconcile = time.monotonic() + reconcile_every
                 if time.monotonic() >= next_dlq_check:
                     try:
@@ -345,10 +347,7 @@ class Pool:
                         replay_after_outages(ctx)
                         check_dlq_alert(ctx, dlq_config)
                     except Exception as exc:  # noqa: BLE001 - an alert must never stop the pool
-                        if unreachable(exc):
-                            outage.down(exc)
-                        else:
-                            log.warning("DLQ check failed", exc_info=True)
+                        failed("DLQ check", exc)
                     next_dlq_check = time.monotonic() + 10
                 if on_tick:
                     on_tick(self)

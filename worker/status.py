@@ -16,9 +16,9 @@ from notifyctl.context import Context
 from notifyctl.liveness import live_workers
 from notifyctl.metrics import queue_stats
 from notifyctl.models import Delivery, Notification, utcnow
+from notifyctl.pacing import Pacer
 from notifyctl.vocabulary import ROUTES
 from worker.circuit import Circuits
-from worker.pacing import Pacer
 
 
 def status_report(ctx: Context) -> dict[str, Any]:

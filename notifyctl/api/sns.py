@@ -280,13 +280,15 @@ class SnsCertificates:
         except httpx.HTTPError as exc:
             log.warning("cannot fetch SNS signing certificate %s: %s", url, type(exc).__name__)
             raise _FetchRefused(
-                401, f"cannot fetch the SNS signing certificate ({type(exc).__name__}); message not verified",
+                401,
+                f"cannot fetch the SNS signing certificate ({type(exc).__name__}); message not verified",
                 started + self.unreachable_for,
             ) from None
         if resp.status_code >= 500:
             log.warning("cannot fetch SNS signing certificate %s: HTTP %d", url, resp.status_code)
             raise _FetchRefused(
-                401, f"cannot fetch the SNS signing certificate (HTTP {resp.status_code}); message not verified",
+                401,
+                f"cannot fetch the SNS signing certificate (HTTP {resp.status_code}); message not verified",
                 started + self.unreachable_for,
             )
         if resp.status_code != 200:

@@ -211,6 +211,7 @@ async def sendgrid_webhook(request: Request) -> JSONResponse:
 
 # ============================================================================== SES via SNS
 
+
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 

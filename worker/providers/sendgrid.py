@@ -198,7 +198,7 @@ class Provider:
     def requests(self, messages: Sequence[Message]) -> list[list[int]]:
         """How ``send`` groups ``messages`` into requests (indexes; a message that fails its
         checks is a request of its own that is never made): the unit of the pace
-        (``worker.pacing``). ``send`` of a run of whole groups makes exactly these requests: the
+        (``notifyctl.pacing``). ``send`` of a run of whole groups makes exactly these requests: the
         skeletons worked out here are kept for it."""
         plan = self._plan(messages)
         self._planned = {

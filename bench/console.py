@@ -1,0 +1,203 @@
+"""Issue 17's targets: each console page in < 300 ms and the funnel query in < 100 ms with
+1,000,000 deliveries in the database, on SQLite and on PostgreSQL (when 127.0.0.1:5432 answers).
+
+The rows are written the way the system writes them (``prepare_insert``: the analytics triggers
+fire for every delivery, as in production), then the console is served by uvicorn in this
+process and every page is fetched over HTTP with a logged-in session, ``runs`` times; the figure
+is the median (and the worst) wall time from request to the last byte."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from bench.common import Env
+
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+TEMPLATES = ("order_shipped_v2", "weekly_promo", "otp_code", "password_reset", "welcome")
+# status mix of the deliveries: sent, delivered, opened, failed (1 in 20 of them dead-lettered), suppressed
+MIX = (("sent", 55), ("delivered", 20), ("opened", 12), ("failed", 6), ("suppressed", 7))
+
+
+def _pg_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_000) -> dict[str, Any]:
+    """``deliveries`` rows (two per notification: email and sms), two campaigns of a quarter of
+    them each with three time-zone waves, ~1 % of the failed ones dead-lettered."""
+    from campaigns.models import Campaign
+    from notifyctl.db import prepare_insert, write_lock
+    from notifyctl.models import Delivery, Notification, derived_id, new_id, utcnow
+
+    ctx = env.ctx
+    engine = ctx.engine
+    now = utcnow()
+    n_notifs = deliveries // 2
+    camps = [new_id("c"), new_id("c")]
+    plan = [
+        {"instant": (now + timedelta(hours=h)).isoformat(), "start": (now - timedelta(hours=2 - h)).isoformat(),
+         "end": (now - timedelta(hours=1 - h)).isoformat(), "recipients": n_notifs // 12, "timezones": [tz]}
+        for h, tz in enumerate(("Europe/Paris", "America/New_York", "Asia/Tokyo"))
+    ]  # fmt: skip
+    with engine.begin() as conn:
+        for i, cid in enumerate(camps):
+            conn.execute(Campaign.__table__.insert(), [{  # type: ignore[attr-defined]
+                "id": cid, "name": f"bench-{i}", "template_id": "weekly_promo", "category": "marketing",
+                "priority": "low", "channels": ["email", "sms"], "status": "active", "spec": {"rate": 1000},
+                "plan": plan, "summary": {}, "reference_at": now, "launched_at": now, "created_at": now,
+                "updated_at": now}])  # fmt: skip
+    statuses = [s for s, w in MIX for _ in range(w)]
+    t0 = time.perf_counter()
+    dead = 0
+    first_dead = None
+    for start in range(0, n_notifs, chunk):
+        nrows: list[dict[str, Any]] = []
+        drows: list[dict[str, Any]] = []
+        for i in range(start, min(n_notifs, start + chunk)):
+            nid = new_id("n")
+            cid = camps[i % 4] if i % 4 < 2 else None
+            at = now - timedelta(minutes=(n_notifs - i) % (60 * 24 * 14))  # two weeks of history
+            user = f"u{i % 50_000:06d}" if cid is None else f"c{i:07d}"  # one notification per campaign recipient
+            nrows.append({"id": nid, "recipient_id": user, "type": "t", "template_id":
+                          TEMPLATES[i % len(TEMPLATES)] if cid is None else "weekly_promo",
+                          "category": "marketing", "priority": "low", "channels": ["email", "sms"], "data": {},
+                          "dedup_key": None, "campaign_id": cid, "status": "done", "reason": None,
+                          "job_id": None, "due_at": at, "created_at": at, "updated_at": at})  # fmt: skip
+            for j, ch in enumerate(("email", "sms")):
+                st = statuses[(i * 7 + j * 3) % len(statuses)]
+                dl = st == "failed" and i % 5 == 0
+                dead += dl
+                did = derived_id("d", nid, ch, f"a{i}")
+                if dl and first_dead is None:
+                    first_dead = did
+                drows.append({"id": did, "notification_id": nid, "user_id": user, "channel": ch,
+                              "route": ch,
+                              "address": f"a{i}@example.com" if ch == "email" else f"+1415555{i % 10000:04d}",
+                              "status": st, "reason": "SMTP 554 rejected" if st == "failed" else
+                              ("opted_out" if st == "suppressed" else None), "provider": "smtp" if ch == "email"
+                              else "twilio", "provider_message_id": None, "attempts": 1, "next_attempt_at": None,
+                              "dead_lettered": dl, "queued_at": at, "sent_at": at if st in ("sent", "delivered",
+                              "opened") else None, "delivered_at": None, "opened_at": None,
+                              "failed_at": at if st == "failed" else None, "suppressed_at": None,
+                              "updated_at": at})  # fmt: skip
+        ins_n = prepare_insert(engine, Notification.__table__, nrows)  # type: ignore[attr-defined]
+        ins_d = prepare_insert(engine, Delivery.__table__, drows)  # type: ignore[attr-defined]
+        with write_lock(engine), engine.begin() as conn:
+            ins_n(conn)
+            ins_d(conn)
+    if engine.dialect.name == "postgresql":
+        from notifyctl.analytics import compact
+
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE")
+        compact(engine)
+    wrote = time.perf_counter() - t0
+    log(f"  {deliveries:,} deliveries written in {wrote:.1f}s ({wrote / deliveries * 1e6:.1f} µs/row, triggers on)")
+    return {"deliveries": deliveries, "dead_lettered": dead, "first_dead": first_dead, "write_s": round(wrote, 1),
+            "write_us_per_row": round(wrote / deliveries * 1e6, 1)}  # fmt: skip
+
+
+class _Server:
+    def __init__(self, ctx: Any) -> None:
+        import uvicorn
+
+        from notifyctl.api.app import create_app
+
+        self.server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=0, log_level="critical",
+                                                    lifespan="off"))  # fmt: skip
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def measure(env: Env, info: dict[str, Any], runs: int, log: Callable[[str], None]) -> dict[str, Any]:
+    import httpx
+
+    from notifyctl.analytics import funnel
+    from notifyctl.api.auth import create_key
+
+    key = create_key(env.ctx, "bench", "admin").key
+    pages = {
+        "overview": "/console",
+        "dlq": "/console/dlq",
+        "dlq_entry": f"/console/dlq/{info['first_dead']}",
+        "campaigns": "/console/campaigns",
+        "analytics_template": "/console/analytics?by=template",
+        "analytics_day": "/console/analytics?by=day",
+        "analytics_csv": "/console/analytics.csv?by=campaign",
+        "lookup_user": "/console/lookup?q=u000123",
+    }
+    out: dict[str, Any] = {"pages_ms": {}, "funnel_ms": {}}
+    with _Server(env.ctx) as url, httpx.Client(base_url=url, timeout=120) as c:
+        token = re.search(r'name="csrf" value="([^"]+)"', c.get("/console/login").text).group(1)  # type: ignore[union-attr]
+        assert c.post("/console/login", data={"csrf": token, "api_key": key}).status_code == 303
+        for name, path in pages.items():
+            times = []
+            for _ in range(runs + 1):  # the first warms caches (as an operator's second look would find them)
+                t = time.perf_counter()
+                r = c.get(path)
+                times.append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200, (path, r.status_code, r.text[:200])
+            times = times[1:]
+            out["pages_ms"][name] = {"median": round(statistics.median(times), 1), "max": round(max(times), 1)}
+            log(f"  {name}: median {out['pages_ms'][name]['median']} ms, max {out['pages_ms'][name]['max']} ms")
+    for by in ("template", "channel", "campaign", "day"):
+        times = []
+        for _ in range(runs + 1):
+            t = time.perf_counter()
+            funnel(env.ctx.engine, by)
+            times.append((time.perf_counter() - t) * 1000)
+        times = times[1:]
+        out["funnel_ms"][by] = {"median": round(statistics.median(times), 2), "max": round(max(times), 2)}
+    log(f"  funnel: {out['funnel_ms']}")
+    return out
+
+
+def console_pages(deliveries: int = 1_000_000, runs: int = 5, log: Callable[[str], None] = print) -> dict[str, Any]:
+    res: dict[str, Any] = {"deliveries": deliveries, "runs": runs}
+    for db in ("sqlite", "postgresql"):
+        if db == "postgresql" and not _pg_up():
+            res[db] = {"error": "PostgreSQL not reachable on 127.0.0.1:5432: not measured"}
+            continue
+        log(f"  [{db}]")
+        saved = os.environ.get("NOTIFY_BENCH_DATABASE_URL")
+        if db == "postgresql":
+            os.environ["NOTIFY_BENCH_DATABASE_URL"] = saved or PG_URL
+        else:
+            os.environ.pop("NOTIFY_BENCH_DATABASE_URL", None)
+        env = Env()
+        try:
+            info = fill(env, deliveries, log)
+            res[db] = {**info, **measure(env, info, runs, log)}
+        except Exception as exc:  # noqa: BLE001 - one database's failure must not hide the other's figures
+            import traceback
+
+            traceback.print_exc()
+            res[db] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            env.close()
+            if saved is None:
+                os.environ.pop("NOTIFY_BENCH_DATABASE_URL", None)
+            else:
+                os.environ["NOTIFY_BENCH_DATABASE_URL"] = saved
+    return res
