@@ -15,6 +15,8 @@ import httpx
 import pytest
 import redis
 from pydantic import BaseModel, SecretStr, ValidationError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import create_engine, text
 
 from notifyctl.errors import ApiError, BadJSON, ConfigError, InputError, NotFound, NotifyError, TemplateError, translate
@@ -77,7 +79,7 @@ def _closed_port() -> int:
 def test_translate_turns_foreign_errors_into_one_line_ours(tmp_path: Path) -> None:
     port = _closed_port()
     with pytest.raises(redis.ConnectionError) as down:
-        redis.Redis(port=port, socket_connect_timeout=5).ping()
+        redis.Redis(port=port, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)).ping()  # no retries: one refusal
     err = translate(down.value)
     assert isinstance(err, ConfigError) and str(err).startswith("Redis unreachable: ") and err.exit_code == 3
     assert err.public == "Redis unreachable" and str(port) not in err.public
