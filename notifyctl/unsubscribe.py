@@ -106,7 +106,7 @@ def _shared_key(settings: Any, configured: bytes | None) -> bytes:
         pass
     with engine.connect() as conn:
         row = conn.execute(select(t.c.value, t.c.fingerprint).where(t.c.name == SIGNING_KEY)).one()
-    value, stored_fp = row
+    value, stored_fp = str(row[0] or ""), str(row[1])
     if configured is not None:
         if fingerprint(configured) != stored_fp:
             raise ConfigError(

@@ -4,9 +4,14 @@ imports, 0.3-4 s, on every worker's first SMS). In a fresh interpreter, as a poo
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from notifyctl.settings import Settings
 
@@ -52,3 +57,39 @@ def test_a_provider_that_cannot_load_is_left_for_the_send_path(settings: Setting
     res = _warm(settings.home, redis_url, providers_sms=["twilio"], provider_options={"twilio": {}})
     assert res["failed"] == ["twilio"]  # misconfigured: reported by name, the worker still starts
     assert "twilio" not in res["loaded"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
+def test_bulk_workers_run_sched_batch_and_the_high_worker_does_not(settings: Settings) -> None:
+    """``--pool 3``: the worker on ``high`` alone keeps the ordinary policy; the bulk workers run
+    ``SCHED_BATCH`` at nice 0 (not reniced: a reniced worker holding the SQLite writer lock starved)."""
+    from rq import Worker
+
+    from notifyctl.context import Context
+    from tests.conftest import ROOT, cli_env
+
+    ctx = Context(settings)
+    pool = subprocess.Popen([sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "3"],
+                            env=cli_env(settings), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(Worker.all(connection=ctx.redis)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = Worker.all(connection=ctx.redis)
+        assert len(workers) == 3
+        seen = [
+            (tuple(w.queue_names()), os.sched_getscheduler(w.pid), os.getpriority(os.PRIO_PROCESS, w.pid))
+            for w in workers
+        ]
+        high = [(p, n) for q, p, n in seen if q == ("notify-high",)]
+        bulk = [(p, n) for q, p, n in seen if q != ("notify-high",)]
+        assert high == [(os.SCHED_OTHER, 0)], seen
+        assert bulk == [(os.SCHED_BATCH, 0)] * 2, seen
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        try:
+            pool.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+            pool.wait()
+        ctx.close()
