@@ -167,7 +167,7 @@ def collect(ctx: Any) -> list[Any]:
         pipe.hget(keys.circuit(name), "open_until")
     now = time.time()
     for name, until in zip(names, pipe.execute(), strict=True):
-        # open while open_until is ahead (worker.circuit's OPEN; half-open after it, until a batch succeeds)
+        # open while open_until is ahead (notifyctl.circuit's OPEN; half-open after it, until a batch succeeds)
         circuit.add_metric([name], 1.0 if until and float(until) > now else 0.0)
     out.append(circuit)
 

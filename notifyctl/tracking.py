@@ -71,7 +71,7 @@ def provider_names(settings: Any) -> list[str]:
 
 def provider_circuits(ctx: Context) -> dict[str, dict[str, str | float]]:
     """Each configured provider's circuit: state, consecutive failing batches, seconds to a retrial."""
-    from worker.circuit import Circuits
+    from notifyctl.circuit import Circuits
 
     s = ctx.settings
     return Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown).all_states(provider_names(s))

@@ -187,8 +187,8 @@ def replay_after_outages(ctx: Context) -> int:
     Only transient failures ("retries exhausted") dead-lettered by that provider since the outage
     began (less the longest retry schedule) are replayed; permanent failures stay for an operator.
     """
+    from notifyctl.circuit import take_recoveries
     from notifyctl.dlq import DlqFilter, replay
-    from worker.circuit import take_recoveries
 
     s = ctx.settings
     names = sorted({n for route in ROUTES for n in s.providers_for(route)})
@@ -208,7 +208,7 @@ def probe_open_circuits(ctx: Context, providers: dict[str, Any]) -> list[str]:
     the circuit would stay half-open and the automatic replay would never come. For each provider
     past its cooldown, ``check()`` (keys and reachability, nothing sent) decides. Returns the
     providers whose circuit it closed."""
-    from worker.circuit import HALF_OPEN, Circuits
+    from notifyctl.circuit import HALF_OPEN, Circuits
     from worker.providers import Misconfigured, load_provider
 
     s = ctx.settings

@@ -12,13 +12,13 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from notifyctl import metrics
+from notifyctl.circuit import Circuits
 from notifyctl.context import Context
 from notifyctl.liveness import live_workers
 from notifyctl.metrics import queue_stats
 from notifyctl.models import Delivery, Notification, utcnow
 from notifyctl.pacing import Pacer
 from notifyctl.vocabulary import ROUTES
-from worker.circuit import Circuits
 
 
 def status_report(ctx: Context) -> dict[str, Any]:

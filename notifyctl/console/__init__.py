@@ -162,10 +162,10 @@ def _to_login(request: Request) -> RedirectResponse:
 
 def overview_data(ctx: Any) -> dict[str, Any]:
     """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries)."""
+    from notifyctl.circuit import Circuits
     from notifyctl.dlq import stats as dlq_stats
     from notifyctl.liveness import by_host, live_workers
     from notifyctl.metrics import BUCKETS, IN_DOUBT, LATENCY, SENT_PER_MIN, queue_stats
-    from worker.circuit import Circuits
 
     s = ctx.settings
     r = ctx.redis
