@@ -11,14 +11,19 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
 
 import redis
+from redis.sentinel import MasterNotFoundError, Sentinel
 
-from notifyctl.errors import ConfigError
+from notifyctl.errors import ConfigError, one_line
 from notifyctl.home import PRIVATE_UMASK, open_private, private_dir
 
 MIN_VERSION = (6, 2, 0)
@@ -127,6 +132,109 @@ def redis_url(settings) -> str:  # type: ignore[no-untyped-def]
     return ensure_server(settings.home / "redis", settings.redis_server_bin)
 
 
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_PORT = 26379
+SENTINEL_FORM = "redis+sentinel://[:password@]host:26379[,host:26379...]/service_name[/db]"
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """A parsed ``redis+sentinel://`` (or ``rediss+sentinel://``, TLS to the sentinels and the
+    master) URL. The password (and user name) are the master's; the sentinels are asked without."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+
+def is_sentinel(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in SENTINEL_SCHEMES
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """``redis+sentinel://[[user]:password@]host1[:26379],host2[:26379]/service_name[/db]``; a
+    malformed one is a ConfigError naming what is wrong (and never showing the password)."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"bad Redis Sentinel URL {_safe(url)}: {what} (expected {SENTINEL_FORM})")
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+        raise bad(f"the scheme must be one of {', '.join(s + '://' for s in SENTINEL_SCHEMES)}")
+    if "?" in rest or "#" in rest:
+        raise bad("query parameters are not supported")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+    sentinels: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        item = item.strip()
+        if not item:
+            raise bad("a sentinel host is missing" if hostlist.strip() else "no sentinel host")
+        if item.startswith("["):  # [IPv6]:port
+            host, close, tail = item[1:].partition("]")
+            if not close or (tail and not tail.startswith(":")):
+                raise bad(f"bad sentinel address {item!r}")
+            port_text = tail[1:] if tail else ""
+        else:
+            host, _, port_text = item.partition(":")
+        if not host:
+            raise bad(f"bad sentinel address {item!r}")
+        try:
+            port = int(port_text) if port_text else SENTINEL_PORT
+        except ValueError:
+            raise bad(f"bad port in sentinel address {item!r}") from None
+        if not 0 < port < 65536:
+            raise bad(f"bad port in sentinel address {item!r}")
+        sentinels.append((host, port))
+    parts = path.split("/") if path else []
+    if parts and parts[-1] == "":
+        parts.pop()  # a trailing slash
+    if not parts or not parts[0]:
+        raise bad("the service name (the master's name in the sentinels' configuration) is missing")
+    if len(parts) > 2:
+        raise bad("too many path parts after the service name")
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise bad(f"the database number {parts[1]!r} is not a number")
+        db = int(parts[1])
+    return SentinelURL(tuple(sentinels), unquote(parts[0]), db, username, password, scheme.lower().startswith("rediss"))
+
+
+def _client(url: str, read_timeout: float, timeout: float) -> redis.Redis:
+    """A client for ``url``, not yet connected. For a Sentinel URL: the master of the service, as
+    the sentinels name it now, and again after each failover (redis-py's ``master_for``: a
+    connection that finds its server demoted reconnects to the new master)."""
+    opts: dict[str, Any] = {
+        "health_check_interval": 30,
+        "socket_timeout": read_timeout,
+        "socket_connect_timeout": timeout,
+    }
+    if not is_sentinel(url):
+        try:
+            return redis.Redis.from_url(url, **opts)
+        except ValueError as exc:
+            raise ConfigError(f"bad Redis URL {_safe(url)}: {one_line(exc)}") from None
+    su = parse_sentinel_url(url)
+    # the sentinels answer quick questions: both timeouts are the ordinary one
+    sentinel = Sentinel(
+        list(su.sentinels),
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout, "ssl": su.ssl},
+    )
+    client: redis.Redis = sentinel.master_for(
+        su.service, db=su.db, username=su.username, password=su.password, ssl=su.ssl, **opts
+    )
+    return client
+
+
 def connect(settings, dequeue: bool = False) -> redis.Redis:  # type: ignore[no-untyped-def]
     """A client for the configured Redis (starting the embedded one if needed), version-checked.
 
@@ -135,28 +243,55 @@ def connect(settings, dequeue: bool = False) -> redis.Redis:  # type: ignore[no-
     ``redis_socket_timeout`` s. ``dequeue=True`` is the client of an RQ worker, which blocks
     ``worker_dequeue_timeout`` s in its dequeue (BLMPOP/BLPOP): its reads may take that plus 10 s
     (as RQ asks, ``Worker.connection_timeout``) so that an idle worker never times out of its own
-    wait. Keep the two apart: RQ raises the socket timeout of the client it is given."""
+    wait. Keep the two apart: RQ raises the socket timeout of the client it is given.
+
+    ``redis+sentinel://`` URLs connect to the master that Redis Sentinel names. A Redis Cluster is
+    refused here, before anything is written anywhere: notifyctl's scripts and RQ's transactions
+    touch several keys of one user or job, which Cluster spreads over slots (CROSSSLOT)."""
     url = redis_url(settings)
     timeout = float(settings.redis_socket_timeout)
     read_timeout = float(settings.worker_dequeue_timeout + 10) if dequeue else timeout
-    client = redis.Redis.from_url(
-        url, health_check_interval=30, socket_timeout=read_timeout, socket_connect_timeout=timeout
-    )
+    client = _client(url, read_timeout, timeout)
     try:
-        version = client.info("server")["redis_version"]
+        with client.pipeline(transaction=False) as pipe:
+            pipe.info("server")
+            pipe.info("cluster")
+            server, cluster = pipe.execute()
+    except MasterNotFoundError:
+        client.close()
+        su = parse_sentinel_url(url)
+        where = ", ".join(f"{h}:{p}" for h, p in su.sentinels)
+        raise RedisUnreachable(
+            f"cannot reach Redis at {_safe(url)}: no sentinel ({where}) answered with a master for "
+            f"service {su.service!r} (sentinels down or unreachable, or the service name unknown to them)"
+        ) from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise RedisUnreachable(f"cannot reach Redis at {_safe(url)}: {exc}") from None
+        client.close()
+        raise RedisUnreachable(f"cannot reach Redis at {_safe(url)}: {one_line(exc)}") from None
+    version = server["redis_version"]
     if tuple(int(x) for x in version.split(".")[:3]) < MIN_VERSION:
+        client.close()
         raise ConfigError(f"Redis {version} at {_safe(url)} is too old: notifyctl needs >= 6.2")
+    if int(cluster.get("cluster_enabled", 0) or 0):
+        client.close()
+        raise ConfigError(
+            f"Redis at {_safe(url)} is a Redis Cluster node, which notifyctl does not support "
+            "(its keys of one user or job would span slots); for high availability use Redis Sentinel "
+            "(redis+sentinel://host:26379,host:26379/service_name)"
+        )
     return client
 
 
 def _safe(url: str) -> str:
-    """The URL without a password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    """The URL without a password (in its user part, or a ``password=`` query parameter)."""
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    tail = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", tail)
+    return f"{scheme}://{netloc}{slash}{tail}"
 
 
 # What a Redis outage raises: redis-py's errors for a refused, reset or silent connection (and a

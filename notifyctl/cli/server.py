@@ -28,7 +28,9 @@ def url(
     ),
 ) -> None:
     """Print the Redis URL in use (starting the embedded server if needed); the password is
-    masked unless --show-password.
+    masked unless --show-password. A redis+sentinel:// URL is printed as given (RQ's own tools do
+    not read that form: give them the current master, `redis-cli -p 26379 SENTINEL
+    get-master-addr-by-name SERVICE`).
 
     \b
     Example (RQ's own tools on notifyctl's queues):

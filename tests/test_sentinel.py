@@ -1,0 +1,283 @@
+"""Redis high availability: ``redis+sentinel://`` URLs against a real ``redis-sentinel`` (a private
+master, replica and sentinel on free ports), a failover between two sends, and a Redis Cluster
+node refused before anything is written."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from notifyctl.context import Context
+from notifyctl.db import dispose_all
+from notifyctl.errors import ConfigError
+from notifyctl.models import Notification
+from notifyctl.redisconn import SentinelURL, _safe, connect, parse_sentinel_url
+from tests.conftest import make_settings, run_cli
+from tests.net import ReservedPorts
+from tests.util import deliveries, seed, send
+from worker import jobs
+from worker.pool import run_worker
+from worker.providers.outbox import read_outbox
+
+SERVER = shutil.which("redis-server")
+SENTINEL = shutil.which("redis-sentinel")
+SERVICE = "notify-main"
+PASSWORD = "s3cret-pw"
+
+
+def wait_for(what: str, check, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except redis.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class SentinelSet:
+    """A master, one replica and one sentinel (quorum 1), each a real process on 127.0.0.1."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        with ReservedPorts(3) as ports:
+            self.master_port, self.replica_port, self.sentinel_port = ports.base, ports.base + 1, ports.base + 2
+            self._server("master", self.master_port)
+            self._server("replica", self.replica_port, "--replicaof", "127.0.0.1", str(self.master_port))
+            conf = root / "sentinel.conf"
+            conf.write_text(
+                f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {root}\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {self.master_port} 1\n"
+                f"sentinel auth-pass {SERVICE} {PASSWORD}\n"
+                f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                f"sentinel failover-timeout {SERVICE} 10000\n"
+                # named here, or the sentinel finds it only at its next INFO of the master (10 s)
+                f"sentinel known-replica {SERVICE} 127.0.0.1 {self.replica_port}\n"
+            )
+            self._start([str(SENTINEL), str(conf)], "sentinel")
+        self.sentinel = redis.Redis(port=self.sentinel_port, decode_responses=True)
+
+    def _server(self, name: str, port: int, *extra: str) -> None:
+        d = self.root / name
+        d.mkdir()
+        args = [str(SERVER), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", ""]
+        args += ["--requirepass", PASSWORD, "--masterauth", PASSWORD, *extra]
+        self._start(args, name)
+
+    def _start(self, args: list[str], name: str) -> None:
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - the process keeps it
+        self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
+
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, password=PASSWORD, decode_responses=True)
+
+    def url(self, password: str = PASSWORD) -> str:
+        return f"redis+sentinel://:{password}@127.0.0.1:{self.sentinel_port}/{SERVICE}/0"
+
+    def master_port_now(self) -> int:
+        return int(self.sentinel.sentinel_get_master_addr_by_name(SERVICE)[1])
+
+    def ready(self) -> None:
+        """Replica in sync, and the sentinel knows it as a healthy replica (a failover needs one)."""
+        wait_for(
+            "the replica's link",
+            lambda: self.client(self.replica_port).info("replication")["master_link_status"] == "up",
+        )
+
+        def known() -> bool:
+            reps = self.sentinel.sentinel_slaves(SERVICE)
+            return any(r["is_slave"] and not r["is_sdown"] and r["master-link-status"] == "ok" for r in reps)
+
+        wait_for("the sentinel to see the replica", known)
+
+    def kill_master(self) -> float:
+        """``kill -9`` the master; wait until the sentinel has promoted the replica. Returns the seconds
+        from the kill to the sentinel naming the new master."""
+        assert self.master_port_now() == self.master_port
+        self.procs[0].kill()
+        self.procs[0].wait()
+        t0 = time.monotonic()
+
+        def switched() -> bool:  # as redis-py's Sentinel.discover_master accepts it: no longer down
+            state = self.sentinel.sentinel_masters()[SERVICE]
+            return state["port"] == self.replica_port and not (state["is_sdown"] or state["is_odown"])
+
+        wait_for("the sentinel to switch to the new master", switched)
+        took = time.monotonic() - t0
+        wait_for("the new master", lambda: self.client(self.replica_port).info("replication")["role"] == "master")
+        return took
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
+    if not SERVER or not SENTINEL:
+        pytest.skip("redis-sentinel not installed (Debian package redis-sentinel): no Sentinel test")
+    s = SentinelSet(tmp_path / "ha")
+    try:
+        wait_for("the sentinel", lambda: s.sentinel.ping())
+        s.ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def outbox_counts(ctx: Context) -> Counter[str]:
+    return Counter(r["delivery_id"] for r in read_outbox(ctx.settings.outbox_dir))
+
+
+def test_sentinel_url_send_failover_send_nothing_lost_nothing_twice(sentinels: SentinelSet, home: Path) -> None:
+    settings = make_settings(home, sentinels.url())
+    ctx = Context(settings)
+    try:
+        seed(ctx)
+        # every client notifyctl makes goes to the master the sentinel names, with connect()'s timeouts
+        assert ctx.redis.info("server")["tcp_port"] == sentinels.master_port
+        rq_conn = connect(settings, dequeue=True)
+        kw = rq_conn.connection_pool.connection_kwargs
+        assert (kw["socket_timeout"], kw["socket_connect_timeout"]) == (settings.worker_dequeue_timeout + 10, 10.0)
+        assert ctx.redis.connection_pool.connection_kwargs["socket_timeout"] == 10.0
+        rq_conn.close()
+
+        a = send(ctx, channels=["email", "sms"])
+        run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=True)
+        jobs.runtime().close()
+        assert {d.status for d in deliveries(ctx, a.notification_id)} == {"sent"}
+
+        b = send(ctx, channels=["email", "sms"])  # queued on the old master, not yet sent
+        sentinels.kill_master()
+        c = send(ctx, channels=["email", "sms"])  # the same client, now on the new master
+        assert ctx.redis.info("server")["tcp_port"] == sentinels.replica_port
+
+        # a worker through the CLI, as an operator runs it: drains b and c from the new master
+        done = run_cli(settings, "worker", "--burst")
+        assert done.returncode == 0, done.stderr
+        ids = [a.notification_id, b.notification_id, c.notification_id]
+        ds = [d for n in ids for d in deliveries(ctx, n)]
+        assert len(ds) == 6 and {d.status for d in ds} == {"sent"}
+        counts = outbox_counts(ctx)
+        assert {d.id: counts[d.id] for d in ds} == {d.id: 1 for d in ds}  # nothing lost, nothing twice
+        assert sum(counts.values()) == 6
+
+        # `redis url` prints the URL as given, the password masked unless asked
+        shown = run_cli(settings, "redis", "url")
+        assert shown.returncode == 0 and shown.stdout.strip() == sentinels.url("***").replace(":***@", "***@")
+        assert PASSWORD not in shown.stdout
+        full = run_cli(settings, "redis", "url", "--show-password")
+        assert full.stdout.strip() == sentinels.url()
+    finally:
+        jobs.runtime().close()
+        ctx.close()
+        dispose_all()
+
+
+def test_sentinel_url_parsing() -> None:
+    assert parse_sentinel_url("redis+sentinel://:p%40ss@h1:26380,h2,[::1]:5000/mymaster/3") == SentinelURL(
+        (("h1", 26380), ("h2", 26379), ("::1", 5000)), "mymaster", 3, None, "p@ss", False
+    )
+    assert parse_sentinel_url("rediss+sentinel://u:pw@h1/m").ssl is True
+    assert parse_sentinel_url("redis+sentinel://h1/m/") == SentinelURL((("h1", 26379),), "m")
+    for url, what in [
+        ("redis+sentinel://h1:26379", "service name"),
+        ("redis+sentinel:///m", "sentinel host"),
+        ("redis+sentinel://h1,,h2/m", "sentinel host is missing"),
+        ("redis+sentinel://h1:port/m", "bad port"),
+        ("redis+sentinel://h1:70000/m", "bad port"),
+        ("redis+sentinel://h1/m/one", "database number"),
+        ("redis+sentinel://h1/m/1/2", "too many"),
+        ("redis+sentinel://:pw@h1/m?db=1", "query parameters"),
+    ]:
+        with pytest.raises(ConfigError, match=what) as err:
+            parse_sentinel_url(url)
+        assert "\n" not in str(err.value) and "pw@" not in str(err.value)
+    assert _safe("redis+sentinel://:a@b@h1:26379,h2/m") == "redis+sentinel://***@h1:26379,h2/m"
+    assert _safe("unix:///tmp/r.sock?db=0&password=hush") == "unix:///tmp/r.sock?db=0&password=***"
+
+
+def test_bad_redis_urls_are_one_line_exit_3(home: Path) -> None:
+    settings = make_settings(home, "redis+sentinel://:hush@h1:26379,h2:x/mymaster")
+    for url in (settings.redis_url, "memcached://h1:11211"):
+        r = run_cli(settings, "status", NOTIFY_REDIS_URL=str(url))
+        assert r.returncode == 3, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr and "hush" not in r.stderr
+        assert lines[0].startswith("error: bad Redis")
+
+
+@pytest.fixture
+def cluster_node(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server with cluster mode on (one node, no slots: INFO answers, keys do not)."""
+    if not SERVER:
+        pytest.skip("no redis-server binary on PATH")
+    d = tmp_path / "cluster"
+    d.mkdir()
+    with ReservedPorts(1) as ports:
+        port = ports.base
+        args = [SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", ""]
+        proc = subprocess.Popen([*args, "--cluster-enabled", "yes"], stdout=subprocess.DEVNULL)
+    try:
+        wait_for("the cluster node", lambda: redis.Redis(port=port).ping())
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_redis_cluster_refused_before_any_sql_row(
+    cluster_node: str, home: Path, redis_url: str, rclient: redis.Redis
+) -> None:
+    ctx = Context(make_settings(home, redis_url))  # the users, through an ordinary Redis
+    try:
+        seed(ctx)
+    finally:
+        ctx.close()
+        dispose_all()
+    settings = make_settings(home, cluster_node)
+    args = [
+        "send",
+        "alice",
+        "-t",
+        "order_shipped_v2",
+        "-c",
+        "email",
+        "-d",
+        "order_id=1",
+        "-d",
+        "tracking_url=https://t/1",
+    ]
+    r = run_cli(settings, *args)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Redis Cluster" in lines[0] and "not support" in lines[0] and "Sentinel" in lines[0]
+    w = run_cli(settings, "worker", "--burst")
+    assert w.returncode == 3 and "Redis Cluster" in w.stderr and "Traceback" not in w.stderr
+    ctx = Context(settings)
+    try:
+        with Session(ctx.engine) as s:
+            assert s.execute(select(func.count()).select_from(Notification)).scalar_one() == 0
+    finally:
+        ctx.close()
+        dispose_all()
