@@ -51,9 +51,11 @@ lock:
 	.venv-lock/bin/uv pip compile pyproject.toml --extra test --extra bench --generate-hashes \
 	    --python-version 3.11 --universal --custom-compile-command "make lock" --upgrade -o $(LOCK)
 
-# ruff, then mypy as a ratchet: no module may gain type errors (tests/typecheck.py, baseline beside it).
+# ruff (checks, then the tree as `ruff format` writes it), then mypy as a ratchet: no module may gain
+# type errors (tests/typecheck.py, baseline beside it).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifyctl worker campaigns tests
+	$(VENV)/bin/ruff format --check notifyctl worker campaigns tests
 	$(PY) tests/typecheck.py
 
 clean:

@@ -27,19 +27,29 @@ from sqlalchemy import select, update
 from sqlmodel import Session
 
 from campaigns.config import CampaignConfig, campaign_config
-from campaigns.models import Campaign, CampaignStatus
 from campaigns.names import check_name, default_name, find_campaign, taken
 from campaigns.report import current_state
 from campaigns.schedule import Schedule, Wave, parse_hhmm, parse_quiet_hours, parse_send_at, plan_waves
 from campaigns.segments import BadRows, CsvSegment, SegmentRow, SqlSegment, chunked
-from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.db import prepare_insert, write_lock
 from notifyctl.errors import InputError
-from notifyctl.intake import blocked_by, user_vars
-from notifyctl.models import DeviceToken, Notification, NotificationStatus, OptOut, User, new_id, utcnow
+from notifyctl.intake import user_vars
+from notifyctl.models import (
+    Campaign,
+    CampaignStatus,
+    DeviceToken,
+    Notification,
+    NotificationStatus,
+    OptOut,
+    User,
+    new_id,
+    utcnow,
+)
+from notifyctl.policy import refusal
 from notifyctl.settings import CHANNELS
 from notifyctl.templates import Template
+from worker.ratelimit import RateLimiter
 
 Progress = Callable[[str, int, int | None], None]  # (phase "plan" | "write", rows done, total or None)
 
@@ -583,10 +593,10 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
     seen = _SeenSet()  # exact in-segment dedup on disk
     duplicates = already = audience = 0
     sms_parts = sms_recipients = 0
+    limiter = RateLimiter(ctx.redis, settings.rules, settings.rate_limit_bypass_high)
     rules = [r for r in settings.rules if any(r.applies(c, res.category) for c in res.channels)]
-    bypass = res.priority == "high" and settings.rate_limit_bypass_high
+    bypass = res.priority == "high" and limiter.bypass_high
     checked = False
-    r = ctx.redis
     with Session(ctx.engine) as session:
         for chunk in _stream(res, bad):
             plan.rows += len(chunk)
@@ -616,19 +626,9 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
                         )
                     ).scalars()
                 )
-            # peek at the sliding windows (ZCOUNT over the window, nothing recorded): one pipeline per chunk
+            # the sliding windows as they stand (nothing recorded): one round trip per chunk
             now_ms = int(utcnow().timestamp() * 1000)
-            window: dict[tuple[str, str], int] = {}
-            if rules:
-                known = [u for u in ids if u in users]
-                pipe = r.pipeline(transaction=False)
-                for uid in known:
-                    for rule in rules:
-                        pipe.zcount(keys.rate(uid, rule.key), f"({now_ms - rule.window * 1000}", "+inf")
-                for (uid, rule), n in zip(
-                    ((u, rl) for u in known for rl in rules), pipe.execute() if known else [], strict=True
-                ):
-                    window[(uid, rule.key)] = int(n)
+            window = limiter.counts([u for u in ids if u in users], rules, now_ms)
             for row in chunk:
                 user = users.get(row.user_id)
                 if user is None:
@@ -655,15 +655,9 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
                 for ch in res.channels:
                     cc = per_channel[ch]
                     naddr = tokens[user.id] if ch == "push" else int(bool(user.email if ch == "email" else user.phone))
-                    block = blocked_by(blocks, ch, res.category)
-                    if block:
-                        cc.suppressed["opted_out"] += 1
-                        continue
-                    if not naddr:
-                        cc.suppressed["no_address"] += 1
-                        continue
-                    if ch == "sms" and res.category == "marketing" and not getattr(user, "sms_opt_in", True):
-                        cc.suppressed["no_sms_opt_in"] += 1
+                    no = refusal(ch, res.category, blocks, naddr > 0, user.sms_opt_in)
+                    if no is not None:
+                        cc.suppressed[no.kind] += 1
                         continue
                     if data is None:
                         data = {**res.spec["data"], **row.extras, "user": user_vars(user)}
@@ -672,7 +666,7 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
                     except InputError:
                         cc.failed["template_error"] += naddr
                         continue
-                    applicable = [rl for rl in rules if rl.applies(ch, res.category)]
+                    applicable = limiter.rules_for(ch, res.category)
                     if not bypass and any(counts[rl.key] >= rl.limit for rl in applicable):
                         cc.suppressed["rate_limited"] += 1
                         continue

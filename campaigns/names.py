@@ -14,8 +14,8 @@ from datetime import datetime
 from sqlalchemy import or_, select
 from sqlmodel import Session
 
-from campaigns.models import Campaign
 from notifyctl.errors import InputError, NotFound
+from notifyctl.models import Campaign
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 _SHOWN = 5  # candidates named in an "ambiguous" error

@@ -12,10 +12,9 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlmodel import Session
 
-from campaigns.models import Campaign, CampaignStatus
 from campaigns.names import find_campaign
 from notifyctl.context import Context
-from notifyctl.models import Delivery, DeliveryStatus, Notification, NotificationStatus
+from notifyctl.models import Campaign, CampaignStatus, Delivery, DeliveryStatus, Notification, NotificationStatus
 
 _UNPRODUCED = {NotificationStatus.scheduled, NotificationStatus.paused, NotificationStatus.canceled}
 _SENT = {DeliveryStatus.sent, DeliveryStatus.delivered, DeliveryStatus.opened}

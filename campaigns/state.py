@@ -9,12 +9,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlmodel import Session
 
-from campaigns.models import Campaign, CampaignStatus
 from campaigns.names import find_campaign
 from campaigns.report import current_state
 from notifyctl.context import Context
 from notifyctl.errors import InputError
-from notifyctl.models import Notification, NotificationStatus, utcnow
+from notifyctl.models import Campaign, CampaignStatus, Notification, NotificationStatus, utcnow
 
 _UNPRODUCED = (NotificationStatus.scheduled, NotificationStatus.paused, NotificationStatus.canceled)
 

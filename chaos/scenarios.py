@@ -214,7 +214,7 @@ def workers_killed(quick: bool) -> Result:
 
 
 def launcher_killed(quick: bool) -> Result:
-    from campaigns.models import Campaign
+    from notifyctl.models import Campaign
 
     res = Result("2. campaign launcher killed")
     n = 1500 if quick else 5000

@@ -15,11 +15,9 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from notifyctl.keys import PREFIX
+from notifyctl import keys
 
 log = logging.getLogger("notifyctl.alerts")
-
-ALERT_KEY = f"{PREFIX}alert:"  # + lag:high | circuit:<provider>: when it last notified (epoch s)
 
 
 @dataclass
@@ -58,7 +56,7 @@ def check_alerts(ctx: Any, config: Any = None) -> list[AlertEvent]:
     high = next(q for q in queue_stats(ctx) if q["priority"] == "high")
     lag = high["oldest_age_s"] or 0.0
     threshold = float(s.lag_alert_high)
-    what = _transition(r, ALERT_KEY + "lag:high", lag > threshold, cfg.alert_repeat_s)
+    what = _transition(r, keys.alert("lag:high"), lag > threshold, cfg.alert_repeat_s)
     if what == "fire":
         events.append(
             AlertEvent(
@@ -81,7 +79,7 @@ def check_alerts(ctx: Any, config: Any = None) -> list[AlertEvent]:
     for name, st in provider_circuits(ctx).items():
         state = str(st.get("state"))
         opened = state not in ("closed", "throttled")  # open, or half-open waiting for its trial batch
-        what = _transition(r, ALERT_KEY + f"circuit:{name}", opened, cfg.alert_repeat_s)
+        what = _transition(r, keys.alert(f"circuit:{name}"), opened, cfg.alert_repeat_s)
         details = {"provider": name, "state": state, "failing_batches": st.get("failing_batches")}
         if what == "fire":
             events.append(AlertEvent("circuit_open", name, f"provider {name}'s circuit is {state}", details))

@@ -16,16 +16,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModu
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel, create_engine
 
-from notifyctl import models  # noqa: F401  (registers the tables)
-
-try:  # tables of optional parts register themselves when their package is importable
-    import campaigns.models  # noqa: F401
-except ImportError:
-    pass
-try:
-    import notifyctl.api.models  # noqa: F401
-except ImportError:
-    pass
+from notifyctl import models  # noqa: F401  (registers every table)
 from notifyctl.errors import ConfigError
 from notifyctl.home import create_private
 from notifyctl.sqllock import write_lock as write_lock  # (re-exported: most callers import it from here)

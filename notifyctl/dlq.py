@@ -46,14 +46,13 @@ from notifyctl.models import (
     NotificationStatus,
     utcnow,
 )
-from notifyctl.settings import CHANNELS
+from notifyctl.vocabulary import CHANNELS, PROVIDERS
 
 log = logging.getLogger("notifyctl.dlq")
 
 CHUNK = 500
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-ALERT_KEY = f"{keys.PREFIX}dlq:alert"
 
 
 def parse_duration(text: str, flag: str) -> float:
@@ -101,10 +100,8 @@ class DlqFilter:
         if channel is not None and channel not in CHANNELS:
             raise InputError(f"--channel: unknown channel {channel!r} (use {', '.join(CHANNELS)})")
         if provider is not None:
-            from worker.providers import REGISTRY
-
-            if provider not in REGISTRY:
-                raise InputError(f"--provider: unknown provider {provider!r} (known: {', '.join(sorted(REGISTRY))})")
+            if provider not in PROVIDERS:
+                raise InputError(f"--provider: unknown provider {provider!r} (known: {', '.join(sorted(PROVIDERS))})")
         if error is not None and not error.strip():
             raise InputError("--error: empty text")
         if template is not None and not template.strip():
@@ -566,9 +563,9 @@ def check_dlq_alert(ctx: Context, config: DlqConfig | None = None, now: datetime
     res = AlertResult(firing=bool(reasons), reasons=reasons, stats=st)
     r = ctx.redis
     if reasons:
-        last = r.get(ALERT_KEY)
+        last = r.get(keys.DLQ_ALERT)
         if last is None or time.time() - float(last) >= cfg.alert_repeat_s:
-            r.set(ALERT_KEY, str(time.time()), ex=cfg.alert_repeat_s + 86400)
+            r.set(keys.DLQ_ALERT, str(time.time()), ex=cfg.alert_repeat_s + 86400)
             res.notified = True
         if res.notified:
             log.warning(
@@ -578,7 +575,7 @@ def check_dlq_alert(ctx: Context, config: DlqConfig | None = None, now: datetime
                 st["growth_per_min"],
                 cfg.alert_window_min,
             )
-    elif r.delete(ALERT_KEY):
+    elif r.delete(keys.DLQ_ALERT):
         res.resolved = res.notified = True
         log.warning("DLQ alert resolved: depth %d, growth %g/min", st["depth"], st["growth_per_min"])
     if res.notified and cfg.alert_webhook_url is not None:

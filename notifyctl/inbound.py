@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy import delete, func, or_, select, update
 from sqlmodel import Session
 
+from notifyctl import keys
 from notifyctl.directory import upsert
 from notifyctl.errors import InputError
 from notifyctl.models import STATUS_RANK, Delivery, DeliveryEvent, DeliveryStatus, OptOut, User, utcnow
@@ -82,10 +83,6 @@ class ApplyResult:
         }
 
 
-def seen_key(provider: str, event_id: str) -> str:
-    return f"notif:webhook:{provider}:{event_id}"
-
-
 def _chunks(items: Sequence[Any], n: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -120,7 +117,7 @@ def apply_events(ctx: Any, events: Sequence[Event], now: datetime | None = None)
 
     # 1. Dedupe on provider event ids (Redis first; within the batch too).
     r = ctx.redis
-    keyed = [(i, seen_key(e.provider, e.event_id)) for i, e in enumerate(events) if e.event_id]
+    keyed = [(i, keys.webhook_seen(e.provider, e.event_id)) for i, e in enumerate(events) if e.event_id]
     seen: set[str] = set()
     if keyed:
         pipe = r.pipeline(transaction=False)
@@ -131,7 +128,7 @@ def apply_events(ctx: Any, events: Sequence[Event], now: datetime | None = None)
     batch_keys: set[str] = set()
     for e in events:
         if e.event_id:
-            k = seen_key(e.provider, e.event_id)
+            k = keys.webhook_seen(e.provider, e.event_id)
             if k in seen or k in batch_keys:
                 result.duplicates += 1
                 continue

@@ -25,10 +25,11 @@ from sqlmodel import Session
 from notifyctl import dedup, keys, prefs
 from notifyctl.context import Context
 from notifyctl.db import write_lock
-from notifyctl.errors import InputError
+from notifyctl.errors import InputError, validation_message
 from notifyctl.identifiers import check_user_id
 from notifyctl.jsonload import load_json  # the one JSON loader; callers also import it from here
 from notifyctl.models import Notification, NotificationStatus, User, new_id, utcnow
+from notifyctl.policy import blocked_by
 from notifyctl.secretdata import erase
 from notifyctl.settings import CHANNELS
 
@@ -98,24 +99,6 @@ class NotifyRequest(BaseModel):
         return v
 
 
-def _field(p: object) -> str:
-    s = str(p)
-    return s if s and s.isprintable() and s.strip() == s else repr(s)
-
-
-def validation_message(exc: ValidationError) -> str:
-    """One line naming the first bad field."""
-    err = exc.errors()[0]
-    loc = ".".join(_field(p) for p in err["loc"]) or "request"
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{loc}: {msg}{more}"
-
-
 def parse_request(payload: Any) -> NotifyRequest:
     if isinstance(payload, (str, bytes)):
         payload = load_json(payload, "request")
@@ -137,15 +120,6 @@ class SubmitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def blocked_by(opt_outs: set[tuple[str, str]], channel: str, category: str) -> str | None:
-    """The opt-out that forbids ``channel`` × ``category``, as ``channel:category``, or None."""
-    for c in (channel, "*"):
-        for k in (category, "*"):
-            if (c, k) in opt_outs:
-                return f"{c}:{k}"
-    return None
 
 
 def enqueue(ctx: Context, priority: str, notification_ids: list[str], job_id: str, as_of: float | None = None) -> None:

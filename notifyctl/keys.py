@@ -1,5 +1,6 @@
 """Every Redis key notifyctl uses, in one place. All live under the ``notif:`` prefix, except
-RQ's own (``rq:``), which stay compatible with ``rq info`` and rq-dashboard."""
+RQ's own (``rq:``), which stay compatible with ``rq info`` and rq-dashboard (the ones we read
+directly are named at the end)."""
 
 PREFIX = "notif:"
 
@@ -58,3 +59,62 @@ def provider_token(provider: str, ident: str) -> str:
 def provider_token_lock(provider: str, ident: str) -> str:
     """Held by the one process minting ``provider_token(provider, ident)``."""
     return f"{PREFIX}ptoken-lock:{provider}:{ident}"
+
+
+def webhook_seen(provider: str, event_id: str) -> str:
+    """A provider event already applied (``notifyctl.inbound``), kept a while so a resent event is dropped."""
+    return f"{PREFIX}webhook:{provider}:{event_id}"
+
+
+def alert(what: str) -> str:
+    """When the pool last alerted on ``what`` (``lag:high``, ``circuit:<provider>``), epoch seconds
+    (``notifyctl.alerts``)."""
+    return f"{PREFIX}alert:{what}"
+
+
+DLQ_ALERT = f"{PREFIX}dlq:alert"
+"""When the dead-letter alert last fired (``notifyctl.dlq``)."""
+
+METRICS_DELIVERIES = f"{PREFIX}metrics:deliveries"
+"""Hash ``status|channel|reason`` → count (``notifyctl.metrics``)."""
+
+METRICS_IN_DOUBT = f"{PREFIX}metrics:in_doubt"
+"""Hash channel → deliveries taken over in flight and sent again."""
+
+
+def metrics_latency(provider: str) -> str:
+    """Send latency histogram of one provider: hash bucket → count, plus ``sum`` and ``count``."""
+    return f"{PREFIX}metrics:latency:{provider}"
+
+
+METRICS_LATENCY_PATTERN = metrics_latency("*")
+
+
+def metrics_sent_per_minute(hour: str) -> str:
+    """Deliveries sent, per minute of one UTC hour (``YYYYmmddHH``): hash minute (``MM``) → count."""
+    return f"{PREFIX}metrics:sent_min:{hour}"
+
+
+def console_session(digest: str) -> str:
+    """One operator console session (``notifyctl.console``), by the SHA-256 of its cookie."""
+    return f"{PREFIX}console:session:{digest}"
+
+
+def rq_job(job_id: str) -> str:
+    """RQ's hash of one job (status, worker_name, origin, enqueued_at...)."""
+    return f"rq:job:{job_id}"
+
+
+def rq_worker(name: str) -> str:
+    """RQ's hash of one worker (state, current_job, queues)."""
+    return f"rq:worker:{name}"
+
+
+def rq_worker_executions(name: str) -> str:
+    """RQ 2's set of the executions one worker is running."""
+    return f"rq:worker:{name}:executions"
+
+
+def rq_queue(name: str) -> str:
+    """RQ's list of the job ids waiting in one queue (``queue_name``)."""
+    return f"rq:queue:{name}"

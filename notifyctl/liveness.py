@@ -67,7 +67,7 @@ class Liveness:
 
 def running_key(name: str) -> str:
     """RQ's set of the executions a worker is running (RQ >= 2)."""
-    return f"rq:worker:{name}:executions"
+    return keys.rq_worker_executions(name)
 
 
 def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
@@ -79,7 +79,7 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     pipe = client.pipeline(transaction=False)
     for n in names:
         pipe.get(keys.alive(n))
-        pipe.hmget(f"rq:worker:{n}", "state", "current_job", "queues")
+        pipe.hmget(keys.rq_worker(n), "state", "current_job", "queues")
         pipe.smembers(running_key(n))
     res = pipe.execute()
     out = []

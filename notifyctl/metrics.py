@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import redis
 
-from notifyctl.keys import PREFIX
-from notifyctl.settings import PRIORITIES
+from notifyctl import keys
+from notifyctl.vocabulary import PRIORITIES
 
-DELIVERIES = f"{PREFIX}metrics:deliveries"  # hash "status|channel|reason" -> count
-IN_DOUBT = f"{PREFIX}metrics:in_doubt"  # hash channel -> deliveries taken over in flight and sent again
-LATENCY = f"{PREFIX}metrics:latency:"  # + provider: hash bucket -> count, plus "sum", "count"
-SENT_PER_MIN = f"{PREFIX}metrics:sent_min:"  # + UTC hour YYYYmmddHH: hash minute (MM) -> deliveries sent
+DELIVERIES = keys.METRICS_DELIVERIES
+IN_DOUBT = keys.METRICS_IN_DOUBT
+LATENCY = keys.metrics_latency("")  # + provider
+SENT_PER_MIN = keys.metrics_sent_per_minute("")  # + UTC hour YYYYmmddHH
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -53,7 +52,7 @@ class Recorder:
     def flush(self, pipe: Any) -> None:
         if self.sent:  # sent per minute, for the console's last hour (a hash per hour, kept two hours)
             now = time.gmtime()
-            key = SENT_PER_MIN + time.strftime("%Y%m%d%H", now)
+            key = keys.metrics_sent_per_minute(time.strftime("%Y%m%d%H", now))
             pipe.hincrby(key, f"{now.tm_min:02d}", self.sent)
             pipe.expire(key, 7200)
         for field, n in self.outcomes.items():
@@ -61,7 +60,7 @@ class Recorder:
         for channel, n in self.doubts.items():
             pipe.hincrby(IN_DOUBT, channel, n)
         for provider, seconds, n in self.latencies:
-            key = LATENCY + provider
+            key = keys.metrics_latency(provider)
             le = next((str(b) for b in BUCKETS if seconds <= b), "+Inf")
             pipe.hincrby(key, le, n)
             pipe.hincrby(key, "count", n)
@@ -83,7 +82,7 @@ def queue_stats(ctx: Any) -> list[dict[str, Any]]:
         depth, head, started, failed = pipe.execute()
         oldest = None
         if head:
-            enq = r.hget(f"rq:job:{head.decode()}", "enqueued_at")
+            enq = r.hget(keys.rq_job(head.decode()), "enqueued_at")
             if isinstance(enq, bytes):
                 from datetime import datetime
 
@@ -109,7 +108,6 @@ def collect(ctx: Any) -> list[Any]:
     from sqlalchemy import func, select
     from sqlmodel import Session
 
-    from notifyctl.keys import circuit as circuit_key
     from notifyctl.models import Delivery
 
     r: redis.Redis = ctx.redis
@@ -150,7 +148,7 @@ def collect(ctx: Any) -> list[Any]:
     latency = HistogramMetricFamily(
         "notify_provider_latency_seconds", "Time a provider took to answer a batch, per message.", labels=["provider"]
     )
-    for key in sorted(k.decode() for k in r.scan_iter(match=LATENCY + "*", count=100)):
+    for key in sorted(k.decode() for k in r.scan_iter(match=keys.METRICS_LATENCY_PATTERN, count=100)):
         provider = key[len(LATENCY) :]
         h = {k.decode(): v for k, v in r.hgetall(key).items()}
         cum = 0
@@ -166,10 +164,10 @@ def collect(ctx: Any) -> list[Any]:
     circuit = GaugeMetricFamily("notify_circuit_open", "1 while a provider's circuit is open.", labels=["provider"])
     pipe = r.pipeline(transaction=False)
     for name in names:
-        pipe.hget(circuit_key(name), "open_until")
+        pipe.hget(keys.circuit(name), "open_until")
     now = time.time()
     for name, until in zip(names, pipe.execute(), strict=True):
-        # open while open_until is ahead (worker.circuit's OPEN; half-open after it, until a batch succeeds)
+        # open while open_until is ahead (notifyctl.circuit's OPEN; half-open after it, until a batch succeeds)
         circuit.add_metric([name], 1.0 if until and float(until) > now else 0.0)
     out.append(circuit)
 
@@ -192,10 +190,3 @@ def render(ctx: Any) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Now())
     return generate_latest(registry)
-
-
-def outcomes_of(rows: Iterable[dict[str, Any]]) -> Recorder:
-    rec = Recorder()
-    for row in rows:
-        rec.outcome(row["status"], row["channel"], row.get("reason"))
-    return rec

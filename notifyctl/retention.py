@@ -36,6 +36,7 @@ from notifyctl.context import Context
 from notifyctl.db import unindexed, write_lock
 from notifyctl.errors import InputError
 from notifyctl.models import (
+    Campaign,
     Delivery,
     DeliveryEvent,
     DeliveryStatus,
@@ -89,10 +90,6 @@ def _over() -> list[Any]:
             or_(unindexed(_D.c.status).in_([DeliveryStatus.queued, DeliveryStatus.retrying]), _D.c.dead_lettered),
         ),
     ]
-    try:
-        from campaigns.models import Campaign
-    except ImportError:
-        return conds
     c = Campaign.__table__  # type: ignore[attr-defined]
     launching = select(c.c.id).where(c.c.launched_at.is_(None))
     conds.append(or_(_N.c.campaign_id.is_(None), _N.c.campaign_id.not_in(launching)))

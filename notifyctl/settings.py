@@ -22,10 +22,9 @@ from pydantic_settings import (
 )
 
 from notifyctl.home import ensure_home
+from notifyctl.vocabulary import CATEGORIES, CHANNELS, PRIORITIES
 
-CHANNELS = ("push", "email", "sms")
-CATEGORIES = ("transactional", "marketing", "alerts")
-PRIORITIES = ("high", "normal", "low")
+__all__ = ["CATEGORIES", "CHANNELS", "PRIORITIES"]  # re-exported: long imported from here
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _RULE_RE = re.compile(r"^(push|email|sms|\*):(transactional|marketing|alerts|\*):(\d+)/(\d*)([smhd])$")

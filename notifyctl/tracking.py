@@ -1,17 +1,18 @@
-"""Reading the tracking record: a notification's timeline, and the system's status."""
+"""Reading the tracking record: a notification's timeline, the configured providers and their
+circuits, the latest deliveries. (The system's status is :func:`worker.status.status_report`.)"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlmodel import Session
 
 from notifyctl.context import Context
 from notifyctl.errors import NotFound, TemplateError
-from notifyctl.metrics import queue_stats
 from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.secretdata import redact
+from notifyctl.vocabulary import ROUTES
 
 
 def find_notification(session: Session, ref: str) -> Notification:
@@ -65,65 +66,15 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
 
 def provider_names(settings: Any) -> list[str]:
     """Every provider a route is configured with (voice included), sorted."""
-    routes = ("push.ios", "push.android", "email", "sms")
-    return sorted({n for route in routes for n in settings.providers_for(route)} | set(settings.providers_voice))
+    return sorted({n for route in ROUTES for n in settings.providers_for(route)} | set(settings.providers_voice))
 
 
 def provider_circuits(ctx: Context) -> dict[str, dict[str, str | float]]:
     """Each configured provider's circuit: state, consecutive failing batches, seconds to a retrial."""
-    from worker.circuit import Circuits
+    from notifyctl.circuit import Circuits
 
     s = ctx.settings
     return Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown).all_states(provider_names(s))
-
-
-def status_report(ctx: Context) -> dict[str, Any]:
-    from notifyctl import metrics
-    from notifyctl.liveness import live_workers
-
-    r = ctx.redis
-    queues = queue_stats(ctx)
-    # from notifyctl's own liveness keys (not RQ's registry, which keeps a killed worker for
-    # minutes): a worker that stopped beating is gone within worker_alive_ttl, whatever host it ran on
-    workers = live_workers(r)
-    in_doubt = {k.decode(): int(v) for k, v in r.hgetall(metrics.IN_DOUBT).items()}
-    from datetime import timedelta
-
-    from notifyctl.models import utcnow
-    from notifyctl.pacing import Pacer
-    from worker.circuit import Circuits
-
-    s = ctx.settings
-    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
-                   | set(s.providers_voice))  # fmt: skip
-    paced = Pacer(r).rates(names)  # requests/s learned from its 429s; None = unpaced
-    circuits: dict[str, dict[str, Any]] = {
-        name: {**c, "paced_at_per_s": round(paced[name] or 0.0, 1) or None}
-        for name, c in Circuits(r, s.circuit_threshold, s.circuit_cooldown).all_states(names).items()
-    }
-    with Session(ctx.engine) as session:
-        since = utcnow() - timedelta(seconds=60)
-        sent_last_min = dict(
-            session.execute(
-                select(Delivery.channel, func.count()).where(Delivery.sent_at >= since).group_by(Delivery.channel)  # type: ignore[operator]
-            ).all()
-        )
-        n_status = dict(session.execute(select(Notification.status, func.count()).group_by(Notification.status)).all())
-        d_status = dict(session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
-        dlq = session.execute(
-            select(func.count()).select_from(Delivery).where(Delivery.dead_lettered.is_(True))  # type: ignore[attr-defined]
-        ).scalar_one()
-    return {
-        "queues": queues,
-        "workers": workers,
-        "hosts": sorted({w["host"] for w in workers}),
-        "in_doubt": in_doubt,
-        "dlq_depth": dlq,
-        "sent_last_minute": sent_last_min,
-        "providers": circuits,
-        "notifications": n_status,
-        "deliveries": d_status,
-    }
 
 
 def recent_deliveries(ctx: Context, limit: int = 50) -> list[dict[str, Any]]:

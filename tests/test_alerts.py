@@ -24,7 +24,7 @@ from notifyctl import metrics
 from notifyctl.alerts import check_alerts
 from notifyctl.context import Context
 from notifyctl.dlq import DlqConfig
-from notifyctl.tracking import queue_stats
+from notifyctl.metrics import queue_stats
 from tests.conftest import ROOT, cli_env, make_settings
 from tests.test_dlq import Hook
 from tests.util import seed, send

@@ -124,7 +124,7 @@ def test_apikeys_cli_prints_the_key_once_and_stores_only_a_hash(ctx: Context, an
     assert listed.exit_code == 0 and key.group(0) not in listed.output
     assert '"name": "checkout"' in listed.output and '"prefix": "nk_' in listed.output
     with Session(ctx.engine) as s:
-        from notifyctl.api.models import ApiKey
+        from notifyctl.models import ApiKey
 
         rows = list(s.execute(select(ApiKey)).scalars())
     assert len(rows) == 1 and key.group(0) not in rows[0].model_dump_json()

@@ -16,7 +16,6 @@ from sqlmodel import Session
 from typer.testing import CliRunner
 
 from campaigns.launcher import LaunchSpec, launch, resume_launch
-from campaigns.models import Campaign
 from campaigns.report import campaign_status
 from campaigns.schedule import Schedule, local_instant, parse_hhmm
 from campaigns.state import cancel, pause, resume
@@ -25,7 +24,7 @@ from notifyctl.cli.main import NotifyGroup
 from notifyctl.context import Context
 from notifyctl.directory import import_users, register_token, set_prefs
 from notifyctl.errors import InputError
-from notifyctl.models import Delivery, Notification, User
+from notifyctl.models import Campaign, Delivery, Notification, User
 from notifyctl.settings import Settings
 from tests.conftest import cli_env
 from tests.util import fcm_token

@@ -18,12 +18,12 @@ from sqlmodel import Session
 from notifyctl import keys, metrics
 from notifyctl.context import Context
 from notifyctl.models import DeliveryEvent
-from notifyctl.tracking import status_report
 from tests.conftest import make_settings
 from tests.util import deliveries, seed, send
 from worker.claims import BUSY, DOUBT, OK, Claims
 from worker.pipeline import Runtime, delivery_id, process
 from worker.sandbox.sendgrid import SendgridSandbox
+from worker.status import status_report
 
 API_KEY = "SG.fencing-test-key"
 

@@ -12,8 +12,8 @@ from rq import Worker
 from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.liveness import Liveness, live_workers, unique_worker_name
-from notifyctl.tracking import status_report
 from tests.conftest import run_cli
+from worker.status import status_report
 
 
 def test_names_differ_with_equal_hostnames_and_pids() -> None:

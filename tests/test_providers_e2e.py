@@ -208,6 +208,24 @@ def test_fcm_unregistered_removes_the_token(sandboxes: SandboxSet, contexts: Any
     assert sandboxes.counts()["fcm"] == 0
 
 
+def test_sns_opted_out_opts_the_user_out_of_sms(sandboxes: SandboxSet, contexts: Any) -> None:
+    """SNS refuses a number on its opt-out list (the user replied STOP to an SNS sender): the pipeline
+    reads the outcome's kind, not a vendor code, and records the opt-out as for Twilio's 21610."""
+    ctx = contexts(sandboxes, sms=["sns"])
+    seed(ctx)
+    aws = sandboxes.sandboxes["aws"]
+    aws.faults.add(
+        {"code": "OptedOut", "status": 400, "message": "Phone number is opted out", "match": "Action=Publish"}
+    )
+    res = send(ctx, channels=["sms"], data={"order_id": "ORD-O1", "tracking_url": "https://t/1"})
+    drain(ctx)
+    [d] = deliveries(ctx, res.notification_id)
+    assert (d.status, d.provider) == ("failed", "sns") and "OptedOut" in (d.reason or "")
+    with Session(ctx.engine) as s:
+        outs = list(s.execute(select(OptOut).where(OptOut.user_id == "alice")).scalars())
+    assert [(o.channel, o.category, o.reason) for o in outs] == [("sms", "*", "stop_reply")]
+
+
 def test_twilio_stop_opts_the_user_out_of_sms(sandboxes: SandboxSet, contexts: Any) -> None:
     ctx = contexts(sandboxes, sms=["twilio"])
     seed(ctx)

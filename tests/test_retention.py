@@ -138,7 +138,7 @@ def test_purge_deletes_what_is_over_and_keeps_what_must_stay(rctx: Context, smtp
 
 def test_an_unfinished_campaign_launch_keeps_its_rows(any_db_ctx: Context) -> None:
     """``campaign launch --resume`` skips the recipients it has by their rows: they stay until it is launched."""
-    from campaigns.models import Campaign
+    from notifyctl.models import Campaign
 
     ctx = any_db_ctx
     seed(ctx)

@@ -35,7 +35,7 @@ from notifyctl.context import Context
 from notifyctl.db import prepare_insert, rows_where_in, unindexed_in, update_where_in, write_lock
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
-from notifyctl.intake import blocked_by, user_vars
+from notifyctl.intake import user_vars
 from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.models import (
     FINAL_STATUSES,
@@ -50,6 +50,7 @@ from notifyctl.models import (
     utcnow,
 )
 from notifyctl.pacing import Pacer
+from notifyctl.policy import refusal
 from notifyctl.secretdata import ERASED_KEY, SECRET_ERASED, erase, erased_fields, erased_reason
 from notifyctl.templates import Template
 from notifyctl.unsubscribe import secret_key, unsubscribe_url
@@ -487,14 +488,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 addrs = _route_addresses(channel, user, batch.tokens.get(user.id, []))
                 first = addrs[0][1] if addrs else "-"
                 route0 = addrs[0][0] if addrs else channel
-                block = blocked_by(opt_outs, channel, n.category) if opt_outs else None
-                if block:
-                    add_delivery(n, channel, route0, first, DeliveryStatus.suppressed, f"opted_out:{block}")
-                elif not addrs:
-                    add_delivery(n, channel, channel, "-", DeliveryStatus.suppressed, f"no_address:{channel}")
-                elif channel == "sms" and n.category == "marketing" and not user.sms_opt_in:
-                    # SMS costs money and consent is the law (TCPA): marketing SMS needs an explicit opt-in.
-                    add_delivery(n, channel, route0, first, DeliveryStatus.suppressed, "no_sms_opt_in")
+                no = refusal(channel, n.category, opt_outs, bool(addrs), user.sms_opt_in)
+                if no is not None:
+                    add_delivery(n, channel, route0, first, DeliveryStatus.suppressed, no.reason)
                 else:
                     content = render(n, channel, user)
                     if isinstance(content, str):
@@ -722,9 +718,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                             provider=provider_name,
                             reason=f"invalid_address: {outcome.reason}",
                         )
-                        if d.channel == "push":
+                        if outcome.kind == "dead_token":
                             removed_tokens[d.address] = f"{provider_name}: {outcome.reason}"
-                        elif d.channel == "sms" and "21610" in outcome.reason:
+                        elif outcome.kind == "stopped" and d.channel == "sms":
                             sms_stops.add(d.user_id)
                         released.append(d.id)
                         stats.failed += 1

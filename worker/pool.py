@@ -23,7 +23,8 @@ from notifyctl import keys
 from notifyctl.context import Context, freeze_heap
 from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.redisconn import UNREACHABLE, Outage, QuietWhileUnreachable, RedisUnreachable, redis_url, unreachable
-from notifyctl.settings import PRIORITIES, Settings
+from notifyctl.settings import Settings
+from notifyctl.vocabulary import PRIORITIES, ROUTES
 
 log = logging.getLogger("notifyctl.worker")
 
@@ -186,11 +187,11 @@ def replay_after_outages(ctx: Context) -> int:
     Only transient failures ("retries exhausted") dead-lettered by that provider since the outage
     began (less the longest retry schedule) are replayed; permanent failures stay for an operator.
     """
+    from notifyctl.circuit import take_recoveries
     from notifyctl.dlq import DlqFilter, replay
-    from worker.circuit import take_recoveries
 
     s = ctx.settings
-    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)})
+    names = sorted({n for route in ROUTES for n in s.providers_for(route)})
     total = 0
     for name, opened_at in take_recoveries(ctx.redis, names).items():
         window = time.time() - opened_at + sum(s.retry_delays) + 60
@@ -207,11 +208,11 @@ def probe_open_circuits(ctx: Context, providers: dict[str, Any]) -> list[str]:
     the circuit would stay half-open and the automatic replay would never come. For each provider
     past its cooldown, ``check()`` (keys and reachability, nothing sent) decides. Returns the
     providers whose circuit it closed."""
-    from worker.circuit import HALF_OPEN, Circuits
+    from notifyctl.circuit import HALF_OPEN, Circuits
     from worker.providers import Misconfigured, load_provider
 
     s = ctx.settings
-    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)})
+    names = sorted({n for route in ROUTES for n in s.providers_for(route)})
     circuits = Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown)
     closed = []
     for name, (state, _until) in circuits.states(names).items():
@@ -219,7 +220,7 @@ def probe_open_circuits(ctx: Context, providers: dict[str, Any]) -> list[str]:
             continue
         try:
             provider = providers.get(name) or providers.setdefault(name, load_provider(name, s))
-            problem = provider.check() if hasattr(provider, "check") else None
+            problem = provider.check()
         except Misconfigured as exc:
             problem = str(exc)
         except Exception as exc:  # noqa: BLE001 - a failed probe only means "not yet"

@@ -88,10 +88,25 @@ class RateLimiter:
     def _plan(self, channel: str, category: str) -> tuple[int, list[int], list[str]]:
         plan = self._plans.get((channel, category))
         if plan is None:
-            rules = [r for r in self.rules if r.applies(channel, category)]
+            rules = self.rules_for(channel, category)
             plan = (len(rules), [v for r in rules for v in (r.window * 1000, r.limit)], [r.key for r in rules])
             self._plans[(channel, category)] = plan
         return plan
+
+    def rules_for(self, channel: str, category: str) -> list[RateRule]:
+        return [r for r in self.rules if r.applies(channel, category)]
+
+    def counts(self, user_ids: Sequence[str], rules: Sequence[RateRule], now_ms: int) -> dict[tuple[str, str], int]:
+        """Sends in each user's current window of each rule, ``(user id, rule key) → n``, as
+        ``check_many`` would count them; nothing is recorded (a dry run). One pipelined round trip."""
+        if not user_ids or not rules:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for uid in user_ids:
+            for rule in rules:
+                pipe.zcount(keys.rate(uid, rule.key), f"({now_ms - rule.window * 1000}", "+inf")
+        pairs = ((uid, rule.key) for uid in user_ids for rule in rules)
+        return {pair: int(n) for pair, n in zip(pairs, pipe.execute(), strict=True)}
 
     def check_many(self, checks: Sequence[Check], now_ms: int) -> list[bool]:
         """Admit or refuse each check, in one Redis call for the whole batch. Checks no rule covers pass."""

@@ -34,7 +34,7 @@ from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.db import unindexed_in, update_where_in, write_lock
 from notifyctl.intake import enqueue
-from notifyctl.models import Delivery, DeliveryStatus, Notification, NotificationStatus, new_id
+from notifyctl.models import Campaign, Delivery, DeliveryStatus, Notification, NotificationStatus, new_id
 
 _LIVE_STATES = {"scheduled", "deferred"}
 _N = Notification.__table__  # type: ignore[attr-defined]
@@ -160,11 +160,7 @@ def reconcile(
 
 
 def _campaign_rates(session: Session) -> dict[str, float]:
-    """Active campaigns and their --rate (empty when the campaigns package is not installed)."""
-    try:
-        from campaigns.models import Campaign
-    except ImportError:
-        return {}
+    """Active campaigns and their --rate."""
     rows = session.execute(select(Campaign.id, Campaign.spec).where(Campaign.status == "active")).all()
     return {cid: float(spec.get("rate") or 0) for cid, spec in rows if float(spec.get("rate") or 0) > 0}
 
@@ -175,7 +171,7 @@ def _lost_jobs(ctx: Context, job_ids: list[str]) -> list[str]:
     r = ctx.redis
     pipe = r.pipeline(transaction=False)
     for j in job_ids:
-        pipe.hmget(f"rq:job:{j}", "status", "worker_name", "origin")
+        pipe.hmget(keys.rq_job(j), "status", "worker_name", "origin")
     rows = pipe.execute()
     lost: list[str] = []
     checks: list[tuple[str, str, str]] = []  # (job id, kind, arg)
@@ -195,7 +191,7 @@ def _lost_jobs(ctx: Context, job_ids: list[str]) -> list[str]:
             if kind == "alive":
                 pipe.exists(keys.alive(arg))
             else:
-                pipe.lpos(f"rq:queue:{arg}", j)
+                pipe.lpos(keys.rq_queue(arg), j)
         for (j, kind, _arg), res in zip(checks, pipe.execute(), strict=True):
             if (kind == "alive" and not res) or (kind == "inqueue" and res is None):
                 lost.append(j)

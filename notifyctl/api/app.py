@@ -28,13 +28,21 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from notifyctl.api.config import ApiConfig, load_api_config
 from notifyctl.api.limits import HeaderLimits, LimitedRoute
 from notifyctl.api.openapi import install as install_openapi
-from notifyctl.errors import BadJSON, InputError, NotFound, NotifyError
+from notifyctl.errors import (
+    ApiError,
+    InputError,
+    NotFound,
+    NotifyError,
+    errors_line,
+    one_line,
+    translate,
+)
 from notifyctl.intake import storable
 
 log = logging.getLogger("notifyctl.api")
@@ -46,92 +54,8 @@ PIXEL = (
 )
 
 
-class ApiConfig(BaseSettings):
-    """``notifyctl serve`` settings: environment ``NOTIFY_API_*`` or the config file's ``[provider_options.api]``."""
-
-    model_config = SettingsConfigDict(env_prefix="NOTIFY_API_", extra="ignore")
-
-    public_url: str | None = Field(
-        None, description="external base URL (Twilio signs it); unset = the main public_url, else the request URL"
-    )
-    sendgrid_public_key: str | None = Field(
-        None, description="SendGrid Signed Event Webhook verification key (base64 DER, from the SendGrid console)"
-    )
-    sendgrid_max_age: int = Field(600, ge=1, description="accepted SendGrid timestamp skew, seconds (replay window)")
-    twilio_auth_token: SecretStr | None = Field(
-        None, description="Twilio auth token for X-Twilio-Signature; unset = the twilio provider's auth_token"
-    )
-    sns_topic_arns: list[str] = Field(default_factory=list, description="SNS topics whose messages are accepted")
-    sns_cert_map: dict[str, str] = Field(
-        default_factory=dict,
-        description="SigningCertURL → PEM text or PEM file path (pinned certificates; tests use it to avoid network)",
-    )
-    sns_max_age: int = Field(3600, ge=1, description="oldest accepted SNS message Timestamp, seconds")
-    sns_auto_confirm: bool = Field(False, description="fetch the SubscribeURL of a verified SubscriptionConfirmation")
-    brand: str = Field("notifyctl", description="brand name in SMS HELP replies")
-    help_text: str = Field(
-        "Reply STOP to unsubscribe, START to resubscribe. Msg&data rates may apply.",
-        description="SMS HELP reply (add a contact: support URL or phone)",
-    )
-    max_body_bytes: int = Field(
-        1024 * 1024, ge=1024, description="largest accepted request body, webhooks but SendGrid's included (413 above)"
-    )
-    max_webhook_body_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="largest accepted SendGrid event batch, bytes (verified before parsing)"
-    )
-
-
-def load_api_config(settings: Any) -> ApiConfig:
-    from notifyctl.settings import provider_config
-
-    try:
-        cfg: ApiConfig = provider_config(ApiConfig, "api", settings)
-    except ValidationError as exc:
-        from notifyctl.errors import ConfigError
-        from notifyctl.intake import validation_message
-
-        raise ConfigError(f"bad API setting: {validation_message(exc)}") from None
-    if not cfg.public_url and getattr(settings, "public_url", None):
-        cfg.public_url = settings.public_url
-    if cfg.twilio_auth_token is None:
-        try:
-            from worker.providers.twilio_sms import Config as TwilioConfig
-
-            cfg.twilio_auth_token = provider_config(TwilioConfig, "twilio", settings).auth_token
-        except (ImportError, ValidationError):
-            pass
-    return cfg
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
-from notifyctl.errors import one_line  # noqa: E402
-
-
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
-
-
-def _validation_line(errors: list[Any]) -> str:
-    if not errors:
-        return "request: invalid"
-    err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-    msg = str(err.get("msg", "invalid"))
-    if err.get("type") == "extra_forbidden":
-        msg = "unknown field"
-    elif err.get("type") == "json_invalid":
-        msg = "malformed JSON"
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{'.'.join(loc) or 'request'}: {msg}{more}"
 
 
 # ---------------------------------------------------------------------------------- auth
@@ -503,28 +427,17 @@ def _notify_schema() -> dict[str, Any]:
 
 
 def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.headers)
-
-    @app.exception_handler(NotFound)
-    async def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
-        return _error(404, str(exc))
-
-    @app.exception_handler(InputError)
-    async def _input(_request: Request, exc: InputError) -> JSONResponse:
-        return _error(400 if isinstance(exc, BadJSON) else 422, str(exc))
-
     @app.exception_handler(NotifyError)
     async def _notify_error(_request: Request, exc: NotifyError) -> JSONResponse:
-        log.warning("request failed: %s", one_line(str(exc)))
-        return _error(503, str(exc))
+        if exc.http_status >= 500:
+            log.warning("request failed: %s", one_line(str(exc)))
+        return _error(exc.http_status, exc.public or str(exc), exc.headers if isinstance(exc, ApiError) else None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         status = 400 if errors and errors[0].get("type") == "json_invalid" else 422
-        return _error(status, _validation_line(errors))
+        return _error(status, errors_line(errors, skip=("body",)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -535,13 +448,10 @@ def _install_errors(app: FastAPI) -> None:
         return _error(exc.status_code, detail, headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        import redis
-        from sqlalchemy.exc import OperationalError
-
-        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-            return _error(503, "Redis unreachable")
-        if isinstance(exc, OperationalError):
-            return _error(503, f"database error: {str(exc.orig).splitlines()[0] if exc.orig else 'unavailable'}")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # a pydantic error escaping a request is a bug here, not a bad setting as on the CLI
+        err = None if isinstance(exc, ValidationError) else translate(exc)
+        if err is not None:
+            return await _notify_error(request, err)
         log.exception("unexpected error")
         return _error(500, f"internal error ({type(exc).__name__})")

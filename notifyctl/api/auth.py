@@ -14,9 +14,8 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlmodel import Session
 
-from notifyctl.api.models import ApiKey
 from notifyctl.errors import InputError, NotFound
-from notifyctl.models import new_id, utcnow
+from notifyctl.models import ApiKey, new_id, utcnow
 
 KEY_PREFIX = "nk_"
 SCOPES = ("send", "read", "operate", "admin")
@@ -111,13 +110,3 @@ def check_key(ctx: Any, key: str | None) -> ApiKey | None:
         return session.execute(
             select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
         ).scalar_one_or_none()
-
-
-def presented_key(headers: Any) -> str | None:
-    auth = headers.get("authorization")
-    if auth:
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    key = headers.get("x-api-key")
-    return key.strip() if key else None

@@ -36,10 +36,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from notifyctl.errors import ApiError
+
 if TYPE_CHECKING:
     from cryptography.x509 import Certificate
 
-    from notifyctl.api.app import ApiConfig
+    from notifyctl.api.config import ApiConfig
 
 log = logging.getLogger("notifyctl.webhooks")
 
@@ -54,8 +56,6 @@ _SIGNATURE_BYTES = (128, 512)  # RSA keys of 1,024 to 4,096 bits (SNS signs with
 
 
 def _err(status: int, message: str, headers: dict[str, str] | None = None) -> Exception:
-    from notifyctl.api.app import ApiError
-
     return ApiError(status, message, headers)
 
 

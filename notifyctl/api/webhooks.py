@@ -38,11 +38,12 @@ from fastapi.responses import JSONResponse, Response
 
 from notifyctl.api.limits import LimitedRoute, read_body
 from notifyctl.api.sns import FUTURE_SKEW, SnsCertificates, sns_url_ok, verify_sns
+from notifyctl.errors import ApiError
 from notifyctl.inbound import Event, apply_events, apply_sms_keyword
 from notifyctl.jsonload import load_json
 
 if TYPE_CHECKING:
-    from notifyctl.api.app import ApiConfig
+    from notifyctl.api.config import ApiConfig
 
 log = logging.getLogger("notifyctl.webhooks")
 
@@ -53,8 +54,6 @@ SG_TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
 
 
 def _err(status: int, message: str) -> Exception:
-    from notifyctl.api.app import ApiError
-
     return ApiError(status, message)
 
 

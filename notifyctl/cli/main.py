@@ -31,25 +31,7 @@ from notifyctl.cli import (
 )
 from notifyctl.cli import serve as serve_cmd
 from notifyctl.cli.common import err_console
-from notifyctl.errors import ConfigError, NotifyError, one_line
-
-
-def _translate(exc: BaseException) -> NotifyError | None:
-    if isinstance(exc, NotifyError):
-        return exc
-    import redis
-    from pydantic import ValidationError
-    from sqlalchemy.exc import OperationalError
-
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-        return ConfigError(f"Redis unreachable: {exc}")
-    if isinstance(exc, OperationalError):
-        return ConfigError(f"database error: {str(exc.orig).splitlines()[0]}")
-    if isinstance(exc, ValidationError):
-        from notifyctl.intake import validation_message
-
-        return ConfigError(f"bad setting: {validation_message(exc)}")
-    return None
+from notifyctl.errors import one_line, translate
 
 
 class NotifyGroup(TyperGroup):
@@ -67,7 +49,7 @@ class NotifyGroup(TyperGroup):
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except Exception as exc:  # noqa: BLE001 - every error a user can cause ends as one line
-            err = _translate(exc)
+            err = translate(exc)
             if err is None:
                 raise
             err_console.print(
@@ -112,7 +94,7 @@ def root(
     try:
         ctx.obj = Context(load_settings(**overrides))
     except Exception as exc:
-        err = _translate(exc)
+        err = translate(exc)
         if err is None:
             raise
         err_console.print(f"[red]error:[/red] {escape(one_line(err))}", soft_wrap=True)

@@ -21,11 +21,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
-from notifyctl.home import private_dir
+from notifyctl.vocabulary import ROUTES, VOICE_ROUTE
 
 app = typer.Typer(help="Delivery providers: what is configured per route, and whether it works.", no_args_is_help=True)
 
-BASE_ROUTES = ("push.ios", "push.android", "email", "sms")
 MASK = "****"
 # Settings names that hold secrets (key_id / access_key_id / private_key_id are identifiers, not secrets).
 _SECRET_NAME = re.compile(r"(^|_)(key|secret|token|password|json|secret_access_key|auth_token|api_key)$", re.I)
@@ -34,9 +33,9 @@ _NOT_SECRET_NAME = re.compile(r"(key_id|key_file|token_url|token_ttl|_file|_url)
 
 def routes_of(settings: Any) -> list[str]:
     """The routes to show: the four channels' routes, plus ``voice`` when the settings define it."""
-    routes = list(BASE_ROUTES)
+    routes = list(ROUTES)
     if getattr(settings, "providers_voice", None):
-        routes.append("voice")
+        routes.append(VOICE_ROUTE)
     return routes
 
 
@@ -169,42 +168,28 @@ def _shared_state(context: Any) -> Any | None:
     return client
 
 
-def describe(entry: Loaded, settings: Any) -> dict[str, str]:
+def describe(entry: Loaded) -> dict[str, str]:
     p = entry.provider
     if p is None:
         return {}
-    if hasattr(p, "describe"):
-        return {str(k): str(v) for k, v in p.describe().items()}
-    if entry.name == "outbox":
-        return {"dir": str(settings.outbox_dir)}
-    return {}
+    return {str(k): str(v) for k, v in p.describe().items()}
 
 
-def check_one(entry: Loaded, settings: Any) -> str | None:
+def check_one(entry: Loaded) -> str | None:
     """None when the provider works, else a one-line problem. Sends nothing."""
     problem = entry.problem_for()
     if problem is not None:
         return f"not configured: {problem}"
-    p = entry.provider
-    if hasattr(p, "check"):
-        try:
-            problem = p.check()
-        except Exception as exc:  # noqa: BLE001 - a check that crashes is a failed check
-            return f"check crashed: {type(exc).__name__}"
-        return _one_line(problem) if problem else None
-    if entry.name == "outbox":
-        d = settings.outbox_dir
-        try:
-            private_dir(d)
-        except OSError as exc:
-            return f"cannot create {d}: {exc.strerror}"
-        return None if os.access(d, os.W_OK) else f"{d} is not writable"
-    return None
+    try:
+        problem = entry.provider.check()
+    except Exception as exc:  # noqa: BLE001 - a check that crashes is a failed check
+        return f"check crashed: {type(exc).__name__}"
+    return _one_line(problem) if problem else None
 
 
 def _close(loaded: dict[str, Loaded]) -> None:
     for entry in loaded.values():
-        if entry.provider is not None and hasattr(entry.provider, "close"):
+        if entry.provider is not None:
             try:
                 entry.provider.close()
             except Exception:  # noqa: BLE001, S110 - closing is best effort
@@ -232,7 +217,7 @@ def list_(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
                         "problem": None if problem is None else scrub(f"not configured: {problem}", secrets),
                         "settings": {}
                         if problem is not None
-                        else {k: scrub(v, secrets) for k, v in describe(entry, settings).items()},
+                        else {k: scrub(v, secrets) for k, v in describe(entry).items()},
                     }
                 )
     finally:
@@ -272,7 +257,7 @@ def check(
 
         def timed(entry: Loaded) -> tuple[str | None, float]:
             t0 = time.monotonic()
-            problem = check_one(entry, settings)
+            problem = check_one(entry)
             return problem, time.monotonic() - t0
 
         with ThreadPoolExecutor(max_workers=max(1, len(entries))) as pool:

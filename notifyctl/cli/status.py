@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
-from notifyctl.tracking import status_report
+from worker.status import status_report
 
 
 def _render(rep: dict) -> Group:  # type: ignore[type-arg]

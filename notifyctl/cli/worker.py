@@ -75,6 +75,6 @@ def demo(
 ) -> None:
     """Load demo users, devices and templates, send a handful of notifications (one duplicate,
     one opted out, one over the rate limit), run the workers and print the delivery table."""
-    from notifyctl.demo import run_demo
+    from notifyctl.cli.demo import run_demo
 
     run_demo(get_ctx(ctx), keep=keep)

@@ -28,13 +28,12 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from notifyctl import keys
 from notifyctl.errors import InputError, NotFound, NotifyError, one_line
-from notifyctl.keys import PREFIX
 
 COOKIE = "notify_console"
 LOGIN_COOKIE = "notify_console_login"
 SESSION_TTL = 8 * 3600
-SESSION_KEY = f"{PREFIX}console:session:"
 MAX_FORM_BYTES = 64 * 1024
 LAG_THRESHOLDS = ("lag_alert_high", "lag_alert_normal", "lag_alert_low")
 
@@ -74,7 +73,7 @@ class Refused(Exception):
 
 
 def _sid_key(sid: str) -> str:
-    return SESSION_KEY + hashlib.sha256(sid.encode()).hexdigest()
+    return keys.console_session(hashlib.sha256(sid.encode()).hexdigest())
 
 
 def _secure(request: Request) -> bool:
@@ -163,10 +162,10 @@ def _to_login(request: Request) -> RedirectResponse:
 
 def overview_data(ctx: Any) -> dict[str, Any]:
     """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries)."""
+    from notifyctl.circuit import Circuits
     from notifyctl.dlq import stats as dlq_stats
     from notifyctl.liveness import by_host, live_workers
     from notifyctl.metrics import BUCKETS, IN_DOUBT, LATENCY, SENT_PER_MIN, queue_stats
-    from worker.circuit import Circuits
 
     s = ctx.settings
     r = ctx.redis
@@ -288,8 +287,8 @@ def _build_filter(args: dict[str, str | None], ids: list[str] | None = None) -> 
 
 
 def _dlq_filter_args(q: dict[str, str]) -> dict[str, str | None]:
-    keys = ("channel", "provider", "error", "template", "older_than", "newer_than")
-    return {k: (q.get(k) or "").strip() or None for k in keys}
+    names = ("channel", "provider", "error", "template", "older_than", "newer_than")
+    return {k: (q.get(k) or "").strip() or None for k in names}
 
 
 def router() -> APIRouter:

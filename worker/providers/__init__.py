@@ -48,13 +48,11 @@ REGISTRY: dict[str, str] = {
 
 def load_provider(name: str, settings: Any, redis: Any | None = None) -> Provider:
     """An instance of provider ``name``. ``redis``: the client for state the provider shares with
-    every other worker (the APNs JWT, the FCM access token), given to providers that declare
-    ``shares_state``; None keeps that state in this process."""
+    every other worker (the APNs JWT, the FCM access token); None keeps that state in this process."""
     try:
         module_name = REGISTRY[name]
     except KeyError:
         raise Misconfigured(f"unknown provider {name!r} (known: {', '.join(sorted(REGISTRY))})") from None
     module = importlib.import_module(module_name)
-    if getattr(module.Provider, "shares_state", False):
-        return module.Provider(settings, redis=redis)
-    return module.Provider(settings)
+    provider: Provider = module.Provider(settings, redis=redis)
+    return provider

@@ -33,7 +33,6 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -54,6 +53,7 @@ from worker.providers.base import (
     Sent,
     error_text,
 )
+from worker.providers.base import retry_after as parse_retry_after
 from worker.providers.h2mux import Failure, Mux, Request
 from worker.providers.shared_token import Minted, SharedToken
 
@@ -123,19 +123,6 @@ def _key_fingerprint(key: Any) -> str:
     return hashlib.sha256(der).hexdigest()[:16]
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
 def apns_id_for(delivery_id: str) -> str:
     """The apns-id for a delivery: the same UUID on every attempt (``uuid5(namespace, delivery_id)``,
     upper-case; spelled out here because ``uuid.uuid5`` costs twice as much, once per push)."""
@@ -151,10 +138,6 @@ def collapse_id_for(dedup_key: str) -> str:
     if len(dedup_key.encode()) <= 64:
         return dedup_key
     return hashlib.sha256(dedup_key.encode()).hexdigest()
-
-
-def _mask(value: str) -> str:
-    return "****" + value[-4:] if len(value) > 8 else "(set)"
 
 
 class _Item:
@@ -175,7 +158,6 @@ class _Item:
 class Provider:
     name: ClassVar[str] = "apns"
     routes: ClassVar[frozenset[str]] = frozenset({"push.ios"})
-    shares_state: ClassVar[bool] = True  # takes redis= (the shared provider token)
 
     def __init__(self, settings: Any, redis: Any | None = None) -> None:
         try:
@@ -320,7 +302,7 @@ class Provider:
     def _item(self, index: int, m: Message) -> _Item | InvalidAddress | Permanent:
         token = m.address.strip()
         if not _TOKEN_RE.match(token):
-            return InvalidAddress("BadDeviceToken")
+            return InvalidAddress("BadDeviceToken", kind="dead_token")
         body = self._payload(m)
         if len(body) > MAX_PAYLOAD:
             return Permanent("PayloadTooLarge")
@@ -445,16 +427,16 @@ def _outcome(status: int, reason: str, headers: dict[str, str], apns_id: str) ->
         return Sent(headers.get("apns-id") or apns_id)
     reason = reason or f"HTTP {status}"
     if status == 410 or reason in _INVALID_ADDRESS:
-        return InvalidAddress(reason)
+        return InvalidAddress(reason, kind="dead_token")
     if status == 403 and reason == "ExpiredProviderToken":
         return Retry(reason)
     if status == 429 and reason == "TooManyRequests":
-        return Retry(reason, _retry_after(headers.get("retry-after")), throttled=True)
+        return Retry(reason, parse_retry_after(headers.get("retry-after")), throttled=True)
     if status == 429 and reason == "TooManyProviderTokenUpdates":
         # our token changes, not the message or APNs' health: no attempt used, no circuit failure
-        return Retry(reason, _retry_after(headers.get("retry-after")) or TOKEN_UPDATES_BACKOFF, throttled=True)
+        return Retry(reason, parse_retry_after(headers.get("retry-after")) or TOKEN_UPDATES_BACKOFF, throttled=True)
     if status == 429 or status >= 500:
-        return Retry(reason, _retry_after(headers.get("retry-after")))
+        return Retry(reason, parse_retry_after(headers.get("retry-after")))
     if 400 <= status < 500:
         return Permanent(reason)
     return Retry(reason)

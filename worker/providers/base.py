@@ -11,7 +11,11 @@ A provider takes a batch of rendered messages for one route (``push.ios``, ``pus
     │                                      said wait, every circuit of the route is open, a batch
     │                                      stopped at its first 429); uses no attempt
     ├── Permanent(reason)                  will never succeed as is: failed, dead-lettered
-    └── InvalidAddress(reason)             the token/number/address is dead: failed, and cleaned up
+    └── InvalidAddress(reason, kind)       the token/number/address is dead: failed, and cleaned up:
+                                           kind "dead_token" (push: the token is removed),
+                                           "stopped" (the recipient opted out, e.g. replied STOP:
+                                           an SMS opt-out is recorded) or "invalid" (malformed,
+                                           unknown, bounced)
 
 The worker maps each outcome to a delivery status, a retry, or the DLQ in one place
 (``worker.pipeline``). Providers never raise for a per-message problem; an exception out of
@@ -22,10 +26,13 @@ when settings are missing or invalid.
 from __future__ import annotations
 
 import html
+import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, Literal, Protocol
 
 _HTML = re.compile(r"<(?:!doctype|html|head|body|title|h1|p|div|pre)\b", re.IGNORECASE)
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -104,9 +111,16 @@ class Permanent:
     reason: str
 
 
+AddressKind = Literal["dead_token", "stopped", "invalid"]
+
+
 @dataclass(slots=True, frozen=True)
 class InvalidAddress:
+    """``kind`` says what to do about the address (see the module docstring); it follows from the
+    reason, so two outcomes with the same reason are equal whatever their kind."""
+
     reason: str
+    kind: AddressKind = field(default="invalid", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,23 +144,51 @@ def lease_open(provider: Any, timeout: float) -> bool:
     return gate is None or bool(gate(timeout))
 
 
+def retry_after(value: str | None) -> float | None:
+    """An HTTP ``Retry-After`` value as seconds to wait: delta-seconds or an HTTP date (seconds from
+    now, 0 when past). None when absent, unreadable or not finite."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
 class Misconfigured(Exception):
     """The provider cannot work with the settings given (missing key, bad URL...)."""
 
 
 class Provider(Protocol):
-    """What every provider module exports as ``Provider`` (constructed with the Settings)."""
+    """What every provider module exports as ``Provider``.
+
+    One constructor shape: ``Provider(settings, redis=None)``. ``redis`` is the client for state
+    every worker shares (the APNs JWT, the FCM access token: ``worker.providers.shared_token``);
+    None keeps that state in this process, and providers without such state ignore it."""
 
     name: ClassVar[str]
     routes: ClassVar[frozenset[str]]
-    # A provider whose state is shared by every worker (a provider token) sets ``shares_state =
-    # True`` and takes ``redis=`` (a Redis client, or None: keep it in this process); see
-    # ``worker.providers.load_provider`` and ``worker.providers.shared_token``.
 
-    def __init__(self, settings: Any) -> None: ...
+    def __init__(self, settings: Any, redis: Any | None = None) -> None: ...
 
     def send(self, messages: Sequence[Message]) -> list[Outcome]:
         """Send a batch; return exactly one outcome per message, in order."""
         ...
 
-    def close(self) -> None: ...
+    def check(self) -> str | None:
+        """Whether the provider works, sending nothing to anyone: None, or a one-line problem
+        (``notifyctl providers check``, and the probe that closes a half-open circuit)."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """The settings in use, secrets masked (``notifyctl.masking``), for ``notifyctl providers``."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and threads; the provider is not used again."""
+        ...

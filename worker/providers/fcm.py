@@ -25,7 +25,6 @@ Outcomes, from ``error.details[].errorCode`` (``google.firebase.fcm.v1.FcmError`
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import re
@@ -39,17 +38,10 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from notifyctl import keys
+from notifyctl.masking import mask
 from notifyctl.settings import provider_config
-from worker.providers.base import (
-    InvalidAddress,
-    Message,
-    Misconfigured,
-    Outcome,
-    Permanent,
-    Retry,
-    Sent,
-    error_text,
-)
+from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent, error_text
+from worker.providers.base import retry_after as parse_retry_after
 from worker.providers.h2mux import Answer, Failure, Mux, Request
 from worker.providers.shared_token import Minted, SharedToken
 
@@ -89,26 +81,6 @@ class _AuthError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
-
-
-def _mask(value: str) -> str:
-    return "****" + value[-4:] if len(value) > 8 else "(set)"
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def collapse_key_for(dedup_key: str) -> str:
@@ -172,7 +144,7 @@ def classify(status_code: int, code: str | None, message: str, retry_after: floa
     """Map an FCM error to an outcome (see the module docstring)."""
     what = f"{code or 'HTTP ' + str(status_code)}: {message}"
     if code == "UNREGISTERED":
-        return InvalidAddress(what)
+        return InvalidAddress(what, kind="dead_token")
     if code in ("INVALID_ARGUMENT", "SENDER_ID_MISMATCH", "THIRD_PARTY_AUTH_ERROR", "FAILED_PRECONDITION"):
         return Permanent(what)
     if code in ("QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED") or (code is None and status_code == 429):
@@ -311,7 +283,6 @@ def _load_account_info(cfg: Config) -> dict[str, Any]:
 class Provider:
     name: ClassVar[str] = "fcm"
     routes: ClassVar[frozenset[str]] = frozenset({"push.android"})
-    shares_state: ClassVar[bool] = True  # takes redis= (the shared access token)
 
     def __init__(self, settings: Any, redis: Any | None = None) -> None:
         import httpx
@@ -417,7 +388,9 @@ class Provider:
                 else str(cfg.service_account_file)
             ),
             "client_email": self.account.client_email,
-            "private_key_id": _mask(self.account.private_key_id) if self.account.private_key_id else "(none)",
+            "private_key_id": (
+                mask(self.account.private_key_id, reveal_from=9) if self.account.private_key_id else "(none)"
+            ),
             "project_id": str(self.project_id),
             "base_url": cfg.base_url,
             "token_url": self.token_url,

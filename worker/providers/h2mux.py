@@ -59,12 +59,9 @@ def system_ca() -> tuple[str | None, str | None]:
     cafile = cafile if cafile and os.path.isfile(cafile) else None
     capath = capath if capath and os.path.isdir(capath) else None
     if cafile is None and capath is None:
-        try:
-            import certifi
+        import certifi  # installed with httpx, which requires it
 
-            cafile = certifi.where()
-        except ImportError:
-            pass
+        cafile = certifi.where()
     return cafile, capath
 
 

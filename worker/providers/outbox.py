@@ -21,14 +21,15 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from notifyctl.home import open_private, private_dir, write_private
+from notifyctl.vocabulary import ROUTES
 from worker.providers.base import Message, Outcome, Sent
 
 
 class Provider:
     name: ClassVar[str] = "outbox"
-    routes: ClassVar[frozenset[str]] = frozenset({"push.ios", "push.android", "email", "sms"})
+    routes: ClassVar[frozenset[str]] = frozenset(ROUTES)
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
         self.dir = private_dir(settings.outbox_dir)
         self._fds: dict[str, int] = {}
 

@@ -35,13 +35,13 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 import orjson
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from notifyctl.masking import mask
 from notifyctl.settings import provider_config
 from worker.providers.base import (
     Fenced,
@@ -55,6 +55,7 @@ from worker.providers.base import (
     Sent,
     error_text,
     lease_open,
+    retry_after,
 )
 
 _SPACE = re.compile(r"\s")  # the same characters as str.isspace
@@ -86,24 +87,11 @@ class Config(BaseSettings):
     )
 
 
-def _mask(secret: SecretStr | None) -> str:
-    if secret is None or not secret.get_secret_value():
-        return "(not set)"
-    value = secret.get_secret_value()
-    return "****" + value[-4:] if len(value) >= 16 else "(set)"
-
-
 def _retry_after(headers: Any) -> float | None:
     """Seconds to wait from ``Retry-After`` (seconds or HTTP date) or ``X-RateLimit-Reset`` (epoch)."""
-    value = headers.get("Retry-After")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-            except (TypeError, ValueError):
-                pass
+    seconds = retry_after(headers.get("Retry-After"))
+    if seconds is not None:
+        return seconds
     reset = headers.get("X-RateLimit-Reset")
     if reset:
         try:
@@ -137,7 +125,7 @@ class Provider:
     name: ClassVar[str] = "sendgrid"
     routes: ClassVar[frozenset[str]] = frozenset({"email"})
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
         import httpx
 
         try:
@@ -178,7 +166,7 @@ class Provider:
     def describe(self) -> dict[str, str]:
         cfg = self.config
         return {
-            "api_key": _mask(cfg.api_key),
+            "api_key": mask(cfg.api_key),
             "base_url": cfg.base_url,
             "from_address": self.from_address,
             "from_name": cfg.from_name or "",

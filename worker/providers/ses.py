@@ -63,6 +63,7 @@ from botocore.exceptions import (
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from notifyctl.masking import mask
 from notifyctl.settings import provider_config
 from worker.providers.base import (
     InvalidAddress,
@@ -74,6 +75,7 @@ from worker.providers.base import (
     Sent,
     error_text,
 )
+from worker.providers.base import retry_after as parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +182,11 @@ def make_client(service: str, config: AwsConfig) -> Any:
     return session.client(service, **kwargs)
 
 
-def mask(value: str | None) -> str:
-    if not value:
-        return "(unset)"
-    return "****" + value[-4:] if len(value) > 8 else "(set)"
-
-
 def describe_common(config: AwsConfig) -> dict[str, str]:
     return {
         "region": config.region,
         "endpoint_url": config.endpoint_url or "(AWS default)",
-        "access_key_id": mask(config.access_key_id) if config.access_key_id else "(default chain)",
+        "access_key_id": mask(config.access_key_id, reveal_from=9) if config.access_key_id else "(default chain)",
         "secret_access_key": "(set)" if config.secret_access_key else "(default chain)",
         "session_token": "(set)" if config.session_token else "(unset)",
         "concurrency": str(config.concurrency),
@@ -207,14 +203,7 @@ def error_parts(exc: ClientError) -> tuple[str, str, int, float | None]:
     code = str(err.get("Code") or "")
     message = error_text(err.get("Message") or "")
     status = int(meta.get("HTTPStatusCode") or 0)
-    retry_after: float | None = None
-    raw = (meta.get("HTTPHeaders") or {}).get("retry-after")
-    if raw:
-        try:
-            retry_after = max(0.0, float(raw))
-        except ValueError:
-            retry_after = None
-    return code, message, status, retry_after
+    return code, message, status, parse_retry_after((meta.get("HTTPHeaders") or {}).get("retry-after"))
 
 
 def transport_outcome(exc: Exception) -> Outcome:
@@ -356,7 +345,7 @@ class Provider:
     name: ClassVar[str] = "ses"
     routes: ClassVar[frozenset[str]] = frozenset({"email"})
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
         self.config: Config = build_config(Config, "ses", settings)
         self.from_address = self.config.from_address or settings.email_from
         if not self.from_address or "@" not in self.from_address:

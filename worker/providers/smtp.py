@@ -212,7 +212,7 @@ class Provider:
     name: ClassVar[str] = "smtp"
     routes: ClassVar[frozenset[str]] = frozenset({"email"})
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
         self.config = cfg = provider_config(Config, "smtp", settings)
         self.host: str = cfg.host or getattr(settings, "smtp_host", None) or ""
         main_port = getattr(settings, "smtp_port", None)

@@ -74,7 +74,7 @@ class Provider:
     name: ClassVar[str] = "sns"
     routes: ClassVar[frozenset[str]] = frozenset({"sms"})
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
         self.config: Config = build_config(Config, "sns", settings)
         self.client = make_client("sns", self.config)
         self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="sns")
@@ -136,7 +136,7 @@ def classify(code: str, message: str, status: int, retry_after: float | None) ->
     reason = f"{code or status}: {message}".strip()
     lowered = message.lower()
     if code == "OptedOut" or "opted out" in lowered or "opted-out" in lowered:
-        return InvalidAddress(f"phone number opted out ({reason})")
+        return InvalidAddress(f"phone number opted out ({reason})", kind="stopped")
     if code in _BAD_PARAMETER_CODES:
         if "phone" in lowered:
             return InvalidAddress(reason)

@@ -21,10 +21,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from xml.sax.saxutils import escape
@@ -32,6 +30,7 @@ from xml.sax.saxutils import escape
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from notifyctl.masking import mask
 from notifyctl.settings import provider_config
 from worker.providers.base import (
     Fenced,
@@ -44,6 +43,7 @@ from worker.providers.base import (
     Sent,
     error_text,
     lease_open,
+    retry_after,
 )
 
 log = logging.getLogger(__name__)
@@ -75,28 +75,6 @@ class Config(BaseSettings):
     base_url: str = Field(DEFAULT_BASE_URL, description="API origin (a sandbox URL in tests)")
     timeout: float = Field(10.0, gt=0, description="HTTP timeout per request, seconds")
     concurrency: int = Field(16, ge=1, le=256, description="parallel requests within one send()")
-
-
-def _mask(secret: SecretStr | None) -> str:
-    if secret is None or not secret.get_secret_value():
-        return "(not set)"
-    value = secret.get_secret_value()
-    return "****" + value[-4:] if len(value) >= 16 else "(set)"
-
-
-def _retry_after(headers: Any) -> float | None:
-    if not headers:
-        return None
-    value = headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 def _with_query(url: str, **params: str) -> str:
@@ -179,7 +157,7 @@ class Provider:
     name: ClassVar[str] = "twilio"
     routes: ClassVar[frozenset[str]] = frozenset({"sms", "voice"})
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
         import requests
         from twilio.base.exceptions import TwilioRestException, TwilioServiceException
         from twilio.rest import Client
@@ -218,7 +196,7 @@ class Provider:
         cfg = self.config
         return {
             "account_sid": cfg.account_sid or "",
-            "auth_token": _mask(cfg.auth_token),
+            "auth_token": mask(cfg.auth_token),
             "from_number": cfg.from_number or "",
             "messaging_service_sid": cfg.messaging_service_sid or "",
             "status_callback_url": cfg.status_callback_url or "",
@@ -285,6 +263,10 @@ class Provider:
             return Sent(self._client.calls.create(**kwargs).sid)
         return Permanent(f"twilio cannot send route {m.route!r}")
 
+    def _retry_after(self) -> float | None:
+        headers = self._http.last_headers()
+        return retry_after(headers.get("Retry-After")) if headers else None
+
     def _map_error(self, exc: Any) -> Outcome:
         status = int(getattr(exc, "status", 0) or 0)
         code = getattr(exc, "code", None)
@@ -294,13 +276,13 @@ class Provider:
             code = None
         detail = error_text(getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", ""))
         if code == 21610:
-            return InvalidAddress(f"twilio 21610: recipient unsubscribed (replied STOP): {detail}")
+            return InvalidAddress(f"twilio 21610: recipient unsubscribed (replied STOP): {detail}", kind="stopped")
         if code in _INVALID_ADDRESS_CODES:
             return InvalidAddress(f"twilio {code}: {_INVALID_ADDRESS_CODES[code]}: {detail}")
         if code == 20429 or status == 429:
-            return Retry(f"twilio {code}: too many requests", _retry_after(self._http.last_headers()), throttled=True)
+            return Retry(f"twilio {code}: too many requests", self._retry_after(), throttled=True)
         if status >= 500:
-            return Retry(f"twilio: server error {status} (code {code})", _retry_after(self._http.last_headers()))
+            return Retry(f"twilio: server error {status} (code {code})", self._retry_after())
         if code in _UNDELIVERABLE_CODES:
             return Permanent(f"twilio {code}: {_UNDELIVERABLE_CODES[code]}: {detail}")
         if status in (401, 403):
