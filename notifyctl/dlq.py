@@ -35,7 +35,6 @@ from sqlmodel import Session
 
 from notifyctl import keys
 from notifyctl.context import Context
-from notifyctl.db import unindexed
 from notifyctl.errors import InputError, NotFound
 from notifyctl.models import (
     DLQ_WHERE,
@@ -113,10 +112,7 @@ class DlqFilter:
         return cls(channel, provider, error, template, older, newer, [i.strip() for i in ids if i.strip()])
 
     def where(self, now: datetime) -> list[ColumnElement[bool]]:
-        conds: list[ColumnElement[bool]] = [
-            DLQ_WHERE,  # the partial index ix_deliveries_dlq's WHERE; it holds the status too
-            unindexed(Delivery.status) == DeliveryStatus.failed,  # not the status index (~all failed rows)
-        ]
+        conds: list[ColumnElement[bool]] = [DLQ_WHERE]  # failed and dead-lettered: ix_deliveries_dlq
         if self.ids:
             conds.append(Delivery.id.in_(self.ids))  # type: ignore[attr-defined]
         if self.channel:
@@ -474,7 +470,7 @@ def stats(ctx: Context, window_min: float = 5.0, now: datetime | None = None) ->
         raise InputError(f"--window: must be > 0 minutes, got {window_min:g}")
     now = now or utcnow()
     since = now - timedelta(minutes=window_min)
-    dead = and_(DLQ_WHERE, unindexed(Delivery.status) == DeliveryStatus.failed)  # from ix_deliveries_dlq alone
+    dead = DLQ_WHERE  # read from ix_deliveries_dlq alone (it holds channel, provider, failed_at)
     with Session(ctx.engine) as session:
         by = session.execute(
             select(

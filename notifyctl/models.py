@@ -19,7 +19,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, String, UniqueConstraint, and_, literal_column
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 from sqlmodel import Field, SQLModel
 
 
@@ -211,13 +213,39 @@ class Delivery(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class sqlite_unindexed(FunctionElement[str]):
+    """The column itself, written ``column || ''`` on SQLite: the same value, in a term no index
+    lookup can use (see ``db.unindexed``), where SQLite's planner, without statistics, would pick a
+    column's index over a better one. PostgreSQL plans from statistics: the plain column."""
+
+    type = String()
+    name = "sqlite_unindexed"
+    inherit_cache = True
+
+
+@compiles(sqlite_unindexed)
+def _plain_column(element: sqlite_unindexed, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(list(element.clauses)[0], **kw))
+
+
+@compiles(sqlite_unindexed, "sqlite")
+def _sqlite_unindexed(element: sqlite_unindexed, compiler: Any, **kw: Any) -> str:
+    return f"({compiler.process(list(element.clauses)[0], **kw)} || '')"
+
+
 # The dead-letter queue's own index: partial, so it holds only the dead-lettered rows (a sliver of
 # the table; inserts and status changes of the other rows never touch it). ``dlq list`` and the
 # console read the latest entries backwards along (failed_at, id); the depth, the counts by
 # channel or provider and ``dlq.stats`` come from the index alone. It replaced a plain index on
 # dead_lettered (dropped by ``db.add_missing_columns``, with ``RETIRED_INDEXES``), which SQLite's
-# planner preferred, and then sorted every entry. A query must carry ``DLQ_WHERE`` as is.
-DLQ_WHERE = Delivery.dead_lettered.is_(True)  # type: ignore[attr-defined]
+# planner preferred, to then sort every entry. A DLQ query carries ``DLQ_WHERE`` as is: on SQLite
+# its status term is kept away from the status index (which the planner would otherwise pick);
+# on PostgreSQL the index's WHERE holds both terms, so the planner counts the index's rows.
+_FAILED = literal_column("'failed'")
+DLQ_WHERE = and_(
+    Delivery.dead_lettered.is_(True),  # type: ignore[attr-defined]
+    sqlite_unindexed(Delivery.status) == _FAILED,
+)
 Index(
     "ix_deliveries_dlq",
     Delivery.failed_at,  # type: ignore[arg-type]
@@ -225,8 +253,8 @@ Index(
     Delivery.channel,  # type: ignore[arg-type]
     Delivery.provider,  # type: ignore[arg-type]
     Delivery.status,  # type: ignore[arg-type]
-    sqlite_where=DLQ_WHERE,
-    postgresql_where=DLQ_WHERE,
+    sqlite_where=Delivery.dead_lettered.is_(True),  # type: ignore[attr-defined]
+    postgresql_where=and_(Delivery.dead_lettered.is_(True), Delivery.status == _FAILED),  # type: ignore[attr-defined]
 )
 RETIRED_INDEXES = ("ix_deliveries_dead_lettered",)
 
