@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, Index, String, UniqueConstraint, and_, literal_column
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
 from sqlmodel import Field, SQLModel
 
@@ -241,20 +242,19 @@ def _sqlite_unindexed(element: sqlite_unindexed, compiler: Any, **kw: Any) -> st
 # planner preferred, to then sort every entry. A DLQ query carries ``DLQ_WHERE`` as is: on SQLite
 # its status term is kept away from the status index (which the planner would otherwise pick);
 # on PostgreSQL the index's WHERE holds both terms, so the planner counts the index's rows.
-_FAILED = literal_column("'failed'")
-DLQ_WHERE = and_(
-    Delivery.dead_lettered.is_(True),  # type: ignore[attr-defined]
-    sqlite_unindexed(Delivery.status) == _FAILED,
-)
+_FAILED: ColumnElement[str] = literal_column("'failed'")
+_DEAD: ColumnElement[bool] = Delivery.dead_lettered.is_(True)  # type: ignore[attr-defined]
+DLQ_WHERE = and_(_DEAD, sqlite_unindexed(Delivery.status) == _FAILED)
 Index(
     "ix_deliveries_dlq",
-    Delivery.failed_at,  # type: ignore[arg-type]
-    Delivery.id,  # type: ignore[arg-type]
-    Delivery.channel,  # type: ignore[arg-type]
-    Delivery.provider,  # type: ignore[arg-type]
-    Delivery.status,  # type: ignore[arg-type]
-    sqlite_where=Delivery.dead_lettered.is_(True),  # type: ignore[attr-defined]
-    postgresql_where=and_(Delivery.dead_lettered.is_(True), Delivery.status == _FAILED),  # type: ignore[attr-defined]
+    "failed_at",
+    "id",
+    "channel",
+    "provider",
+    "status",
+    _table=Delivery.__table__,  # type: ignore[attr-defined]
+    sqlite_where=_DEAD,
+    postgresql_where=and_(_DEAD, literal_column("status") == _FAILED),
 )
 RETIRED_INDEXES = ("ix_deliveries_dead_lettered",)
 
