@@ -201,7 +201,7 @@ class Delivery(SQLModel, table=True):
     provider_message_id: str | None = Field(default=None, index=True, max_length=255)
     attempts: int = 0
     next_attempt_at: datetime | None = None
-    dead_lettered: bool = Field(default=False, index=True)
+    dead_lettered: bool = False  # indexed by ix_deliveries_dlq below (partial: only the true ones)
     queued_at: datetime = Field(default_factory=utcnow)
     sent_at: datetime | None = None
     delivered_at: datetime | None = None
@@ -209,6 +209,26 @@ class Delivery(SQLModel, table=True):
     failed_at: datetime | None = None
     suppressed_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+# The dead-letter queue's own index: partial, so it holds only the dead-lettered rows (a sliver of
+# the table; inserts and status changes of the other rows never touch it). ``dlq list`` and the
+# console read the latest entries backwards along (failed_at, id); the depth, the counts by
+# channel or provider and ``dlq.stats`` come from the index alone. It replaced a plain index on
+# dead_lettered (dropped by ``db.add_missing_columns``, with ``RETIRED_INDEXES``), which SQLite's
+# planner preferred, and then sorted every entry. A query must carry ``DLQ_WHERE`` as is.
+DLQ_WHERE = Delivery.dead_lettered.is_(True)  # type: ignore[attr-defined]
+Index(
+    "ix_deliveries_dlq",
+    Delivery.failed_at,  # type: ignore[arg-type]
+    Delivery.id,  # type: ignore[arg-type]
+    Delivery.channel,  # type: ignore[arg-type]
+    Delivery.provider,  # type: ignore[arg-type]
+    Delivery.status,  # type: ignore[arg-type]
+    sqlite_where=DLQ_WHERE,
+    postgresql_where=DLQ_WHERE,
+)
+RETIRED_INDEXES = ("ix_deliveries_dead_lettered",)
 
 
 class DeliveryEvent(SQLModel, table=True):
