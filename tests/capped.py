@@ -77,7 +77,9 @@ class CappedRenderer:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps({"src": src, "data": data or {}, "html": html}) + "\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        poll = select.poll()  # (not select(): a long session's descriptors may be numbered past 1023)
+        poll.register(self.proc.stdout, select.POLLIN)
+        ready = poll.poll(self.timeout * 1000)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
             self.proc.kill()
