@@ -210,3 +210,22 @@ def test_delivery_held_by_a_live_worker_waits_while_its_lease_is_renewed(ctx: Co
     finally:
         rt.close()
         live.close()
+
+
+def test_high_priority_lost_job_is_found_behind_a_backlog(ctx: Context) -> None:
+    """A campaign's backlog (queued, older than the OTP, more than the search takes per round) must
+    not hide a dead worker's OTP: high priority is searched on its own, every round."""
+    seed(ctx)
+    backlog = [send(ctx, channels=["email"], recipient_id=u) for u in ("alice", "bob", "carol")]
+    jobs = {r.notification_id: notification(ctx, r.notification_id).job_id for r in backlog}
+    otp = send(ctx, channels=["email"], priority="high")
+    job_id = notification(ctx, otp.notification_id).job_id
+    ctx.redis.lrem(ctx.queue("high").key, 0, job_id)
+    ctx.redis.hset(f"rq:job:{job_id}", mapping={"status": "started", "worker_name": "killed-worker"})
+    later = time.time() + 2
+    out = reconcile(ctx, now=later, limit=2, force=True, check_lost=False)  # a round between full searches
+    assert out.recovered == 1 and out.checked_jobs == 1
+    assert notification(ctx, otp.notification_id).job_id != job_id
+    assert {n: notification(ctx, n).job_id for n in jobs} == jobs  # the backlog, alive in its queue, untouched
+    drain(ctx)
+    assert [d.status for d in deliveries(ctx, otp.notification_id)] == ["sent"]
