@@ -9,7 +9,8 @@ on Redis's clock (``TIME``: no host's clock matters), ``phase`` is ``c`` (claime
 - **take** (one script call per batch): a delivery nobody holds is leased; one whose lease has
   *expired* is taken over — never earlier, whether or not its holder's liveness key is still
   there; a ``busy`` delivery comes with how long its lease has left (``busy_left``), so the
-  pipeline makes it due again right then (a killed holder's OTP is resent as soon as it may be). A lease taken over in phase ``f`` comes back as ``doubt:<previous holder>``: the previous
+  pipeline makes it due again right then (a killed holder's OTP is resent as soon as it may be).
+  A lease taken over in phase ``f`` comes back as ``doubt:<previous holder>``: the previous
   holder may have reached the provider before it died, so the delivery is **in doubt** (it is sent
   again — at-least-once — and the pipeline records that).
 - **fence** (one script call per provider call): right before calling a provider, the batch's
