@@ -13,6 +13,7 @@ import orjson
 from sqlalchemy import Table, event, insert, literal_column
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel, create_engine
 
 from notifyctl import models  # noqa: F401  (registers every table)
@@ -315,6 +316,20 @@ def _existing_columns(conn: Connection) -> dict[str, set[str]]:
     return out
 
 
+def _existing_indexes(conn: Connection) -> set[str]:
+    """The names of the indexes in the database (this schema's, on PostgreSQL), in one query."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        return {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    if dialect == "postgresql":
+        sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+        return {r[0] for r in conn.exec_driver_sql(sql)}
+    from sqlalchemy import inspect
+
+    insp = inspect(conn)
+    return {str(i["name"]) for t in insp.get_table_names() for i in insp.get_indexes(t) if i["name"]}
+
+
 def add_missing_columns(engine: Engine) -> list[str]:
     """The schema-upgrade step: add the model's columns that an existing table lacks.
 
@@ -323,12 +338,15 @@ def add_missing_columns(engine: Engine) -> list[str]:
     nullable columns without a server default are added this way (``ALTER TABLE ... ADD COLUMN``,
     instant on SQLite and PostgreSQL: existing rows read NULL); anything else is a ConfigError
     naming the column. Idempotent, and safe when two processes upgrade at once (PostgreSQL ``IF NOT
-    EXISTS``; on SQLite the loser's duplicate-column error is ignored). Returns ``table.column`` of
-    each column added."""
+    EXISTS``; on SQLite the loser's duplicate-column error is ignored). It also builds the model's
+    indexes an existing table lacks (``CREATE INDEX IF NOT EXISTS``: once, on the first start after
+    the upgrade) and drops those it retired (``models.RETIRED_INDEXES``).
+    Returns ``table.column`` of each column added."""
     added: list[str] = []
     q = engine.dialect.identifier_preparer
     with engine.begin() as conn:
         existing = _existing_columns(conn)
+        indexes = _existing_indexes(conn)
         for table in SQLModel.metadata.sorted_tables:
             have = existing.get(table.name)
             if not have:
@@ -352,8 +370,15 @@ def add_missing_columns(engine: Engine) -> list[str]:
                         raise
                 added.append(f"{table.name}.{col.name}")
             for index in table.indexes:
-                if any(c.name not in have for c in index.columns):
-                    index.create(conn, checkfirst=True)
+                # A model index the database lacks (``ix_deliveries_dlq`` came after the first
+                # release) is built now; a unique one only with its new column (existing rows
+                # could break it).
+                new_col = any(c.name not in have for c in index.columns)
+                if index.name not in indexes and (new_col or not index.unique):
+                    conn.execute(CreateIndex(index, if_not_exists=True))
+        for name in models.RETIRED_INDEXES:
+            if name in indexes:
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {q.quote(name)}")
     return added
 
 

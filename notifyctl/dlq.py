@@ -29,14 +29,22 @@ from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy import and_, case, func, insert, select, tuple_, update
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session
 
 from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.errors import InputError, NotFound
-from notifyctl.models import Delivery, DeliveryEvent, DeliveryStatus, Notification, NotificationStatus, utcnow
+from notifyctl.models import (
+    DLQ_WHERE,
+    Delivery,
+    DeliveryEvent,
+    DeliveryStatus,
+    Notification,
+    NotificationStatus,
+    utcnow,
+)
 from notifyctl.vocabulary import CHANNELS, PROVIDERS
 
 log = logging.getLogger("notifyctl.dlq")
@@ -104,10 +112,7 @@ class DlqFilter:
         return cls(channel, provider, error, template, older, newer, [i.strip() for i in ids if i.strip()])
 
     def where(self, now: datetime) -> list[ColumnElement[bool]]:
-        conds: list[ColumnElement[bool]] = [
-            Delivery.dead_lettered.is_(True),  # type: ignore[attr-defined]
-            Delivery.status == DeliveryStatus.failed,  # type: ignore[arg-type]
-        ]
+        conds: list[ColumnElement[bool]] = [DLQ_WHERE]  # failed and dead-lettered: ix_deliveries_dlq
         if self.ids:
             conds.append(Delivery.id.in_(self.ids))  # type: ignore[attr-defined]
         if self.channel:
@@ -142,25 +147,38 @@ def _entry(d: Delivery, template_id: str | None) -> dict[str, Any]:
     }
 
 
-def _base_query(cols: Any, f: DlqFilter, now: datetime) -> Any:
-    return select(*cols).join(Notification, Notification.id == Delivery.notification_id).where(and_(*f.where(now)))
+def _base_query(cols: Any, f: DlqFilter, now: datetime, join: bool = True) -> Any:
+    q = select(*cols).select_from(Delivery)
+    if join:
+        q = q.join(Notification, Notification.id == Delivery.notification_id)
+    return q.where(and_(*f.where(now)))
 
 
-def list_entries(ctx: Context, f: DlqFilter, limit: int | None = 50) -> list[dict[str, Any]]:
-    """DLQ entries, most recent failure first."""
+def list_entries(ctx: Context, f: DlqFilter, limit: int | None = 50, before: str | None = None) -> list[dict[str, Any]]:
+    """DLQ entries, most recent failure first: read backwards along ``ix_deliveries_dlq``, so the
+    first page costs ``limit`` rows whatever the DLQ's depth. ``before`` (a delivery id, the last
+    one of the previous page) continues after it: keyset pagination on (failed_at, id)."""
     with Session(ctx.engine) as session:
         q = _base_query((Delivery, Notification.template_id), f, utcnow()).order_by(
             Delivery.failed_at.desc(),  # type: ignore[union-attr]
             Delivery.id.desc(),  # type: ignore[attr-defined]
         )
+        if before is not None:
+            at = session.execute(select(Delivery.failed_at).where(Delivery.id == before)).first()  # type: ignore[arg-type]
+            if at is None or at[0] is None:
+                raise NotFound(f"no DLQ entry {before!r} to list from")
+            q = q.where(tuple_(Delivery.failed_at, Delivery.id) < tuple_(at[0], before))
         if limit:
             q = q.limit(limit)
         return [_entry(d, t) for d, t in session.execute(q).all()]
 
 
 def count_entries(ctx: Context, f: DlqFilter) -> int:
+    """How many entries match: counted in ``ix_deliveries_dlq`` alone (no join with the
+    notifications unless the filter names a template, nor any table read unless it needs the reason)."""
     with Session(ctx.engine) as session:
-        return int(session.execute(_base_query((func.count(Delivery.id),), f, utcnow())).scalar_one())
+        q = _base_query((func.count(),), f, utcnow(), join=f.template is not None)
+        return int(session.execute(q).scalar_one())
 
 
 def show_entry(ctx: Context, delivery_id: str) -> dict[str, Any]:
@@ -452,7 +470,7 @@ def stats(ctx: Context, window_min: float = 5.0, now: datetime | None = None) ->
         raise InputError(f"--window: must be > 0 minutes, got {window_min:g}")
     now = now or utcnow()
     since = now - timedelta(minutes=window_min)
-    dead = and_(Delivery.dead_lettered.is_(True), Delivery.status == DeliveryStatus.failed)  # type: ignore[attr-defined,arg-type]
+    dead = DLQ_WHERE  # read from ix_deliveries_dlq alone (it holds channel, provider, failed_at)
     with Session(ctx.engine) as session:
         by = session.execute(
             select(

@@ -19,7 +19,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, String, UniqueConstraint, and_, literal_column
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
 from sqlmodel import Field, SQLModel
 
 
@@ -201,7 +204,7 @@ class Delivery(SQLModel, table=True):
     provider_message_id: str | None = Field(default=None, index=True, max_length=255)
     attempts: int = 0
     next_attempt_at: datetime | None = None
-    dead_lettered: bool = Field(default=False, index=True)
+    dead_lettered: bool = False  # indexed by ix_deliveries_dlq below (partial: only the true ones)
     queued_at: datetime = Field(default_factory=utcnow)
     sent_at: datetime | None = None
     delivered_at: datetime | None = None
@@ -209,6 +212,51 @@ class Delivery(SQLModel, table=True):
     failed_at: datetime | None = None
     suppressed_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class sqlite_unindexed(FunctionElement[str]):
+    """The column itself, written ``column || ''`` on SQLite: the same value, in a term no index
+    lookup can use (see ``db.unindexed``), where SQLite's planner, without statistics, would pick a
+    column's index over a better one. PostgreSQL plans from statistics: the plain column."""
+
+    type = String()
+    name = "sqlite_unindexed"
+    inherit_cache = True
+
+
+@compiles(sqlite_unindexed)
+def _plain_column(element: sqlite_unindexed, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(list(element.clauses)[0], **kw))
+
+
+@compiles(sqlite_unindexed, "sqlite")
+def _sqlite_unindexed(element: sqlite_unindexed, compiler: Any, **kw: Any) -> str:
+    return f"({compiler.process(list(element.clauses)[0], **kw)} || '')"
+
+
+# The dead-letter queue's own index: partial, so it holds only the dead-lettered rows (a sliver of
+# the table; inserts and status changes of the other rows never touch it). ``dlq list`` and the
+# console read the latest entries backwards along (failed_at, id); the depth, the counts by
+# channel or provider and ``dlq.stats`` come from the index alone. It replaced a plain index on
+# dead_lettered (dropped by ``db.add_missing_columns``, with ``RETIRED_INDEXES``), which SQLite's
+# planner preferred, to then sort every entry. A DLQ query carries ``DLQ_WHERE`` as is: on SQLite
+# its status term is kept away from the status index (which the planner would otherwise pick);
+# on PostgreSQL the index's WHERE holds both terms, so the planner counts the index's rows.
+_FAILED: ColumnElement[str] = literal_column("'failed'")
+_DEAD: ColumnElement[bool] = Delivery.dead_lettered.is_(True)  # type: ignore[attr-defined]
+DLQ_WHERE = and_(_DEAD, sqlite_unindexed(Delivery.status) == _FAILED)
+Index(
+    "ix_deliveries_dlq",
+    "failed_at",
+    "id",
+    "channel",
+    "provider",
+    "status",
+    _table=Delivery.__table__,  # type: ignore[attr-defined]
+    sqlite_where=_DEAD,
+    postgresql_where=and_(_DEAD, literal_column("status") == _FAILED),
+)
+RETIRED_INDEXES = ("ix_deliveries_dead_lettered",)
 
 
 class DeliveryEvent(SQLModel, table=True):

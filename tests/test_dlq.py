@@ -480,3 +480,46 @@ def test_replay_is_batched_over_chunks(any_db_ctx: Context, rclient: redis.Redis
         n_status = Counter(s.execute(select(Notification.status)).scalars())
     assert statuses == {"retrying": 1202, "sent": 1} and len(replayed) == 1202
     assert n_status == {"retrying": 1202, "done": 1}
+
+
+def test_dlq_index_upgrade_and_keyset_pages(any_db_ctx: Context) -> None:
+    """A database made before ix_deliveries_dlq gets it (and loses the plain dead_lettered index) on
+    the schema upgrade; the list reads it (SQLite's plan names it), and keyset pages on (failed_at,
+    id) walk every entry once, in order, even through equal failed_at."""
+    from notifyctl.db import _existing_indexes, add_missing_columns
+    from notifyctl.dlq import count_entries, list_entries
+    from notifyctl.errors import NotFound
+
+    ctx = any_db_ctx
+    add_dead(ctx, 130, timedelta(minutes=1))  # one failed_at for all 130: the id breaks the ties
+    add_dead(ctx, 120, timedelta(hours=2), channel="email", provider="smtp")
+    with ctx.engine.begin() as conn:  # as an earlier release left it
+        conn.exec_driver_sql("DROP INDEX ix_deliveries_dlq")
+        conn.exec_driver_sql("CREATE INDEX ix_deliveries_dead_lettered ON deliveries (dead_lettered)")
+    add_missing_columns(ctx.engine)
+    with ctx.engine.connect() as conn:
+        names = _existing_indexes(conn)
+        assert "ix_deliveries_dlq" in names and "ix_deliveries_dead_lettered" not in names
+        if ctx.engine.dialect.name == "sqlite":
+            plan = conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN SELECT id FROM deliveries WHERE dead_lettered IS 1 AND (status || '') = 'failed'"
+                " ORDER BY failed_at DESC, id DESC LIMIT 100"
+            ).all()
+            assert "ix_deliveries_dlq" in str(plan) and "TEMP B-TREE" not in str(plan), plan
+    f = DlqFilter()
+    everything = [e["delivery_id"] for e in list_entries(ctx, f, limit=None)]
+    assert len(everything) == count_entries(ctx, f) == stats(ctx)["depth"] == 250
+    pages: list[list[str]] = []
+    before = None
+    while True:
+        page = [e["delivery_id"] for e in list_entries(ctx, f, limit=100, before=before)]
+        if not page:
+            break
+        pages.append(page)
+        before = page[-1]
+    assert [len(p) for p in pages] == [100, 100, 50] and sum(pages, []) == everything
+    sms = DlqFilter.build(channel="sms")
+    first = list_entries(ctx, sms, limit=100)
+    assert count_entries(ctx, sms) == 130 and len(list_entries(ctx, sms, 100, before=first[-1]["delivery_id"])) == 30
+    with pytest.raises(NotFound, match="no DLQ entry 'd_nope'"):
+        list_entries(ctx, f, 10, before="d_nope")

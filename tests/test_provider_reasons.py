@@ -61,6 +61,11 @@ def moto_server():
     server = ThreadedMotoServer(port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    # moto's backends are per process, not per server: start from none of the messages other
+    # tests of this session sent through moto
+    import httpx
+
+    httpx.post(f"http://{host}:{port}/moto-api/reset").raise_for_status()
     yield f"http://{host}:{port}"
     server.stop()
 

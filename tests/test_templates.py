@@ -187,7 +187,9 @@ def test_hostile_templates_end_in_one_line_errors_within_bounds() -> None:
         err = res["error"]
         assert err is not None, f"rendered: {src[:80]}"
         assert err.startswith("template 'bomb' sms.text: ") and "\n" not in err, err
-        assert want in err and "out of memory" not in err, (src[:80], err)
+        # work is bounded by a count and by time: on a loaded machine the clock may stop it first
+        stopped = want in err or (want == "too much work" and "took longer than 1 s" in err)
+        assert stopped and "out of memory" not in err, (src[:80], err)
     assert results[-1]["max_rss_mb"] < 300, results[-1]["max_rss_mb"]
 
 

@@ -364,14 +364,31 @@ def router() -> APIRouter:
         error = None
         entries: list[dict[str, Any]] = []
         total = 0
+        before = (request.query_params.get("before") or "").strip() or None
         try:
             f = _build_filter(args)
-            entries = list_entries(ctx, f, limit=100)
+            entries = list_entries(ctx, f, limit=100, before=before)  # keyset: the page after `before`
             total = count_entries(ctx, f)
-        except InputError as exc:
+        except (InputError, NotFound) as exc:
             error = one_line(exc)
         query = urlencode({k: v for k, v in args.items() if v})
-        return _page(request, "dlq.html", sess, entries=entries, total=total, args=args, error=error, query=query)
+        older = (
+            urlencode({**{k: v for k, v in args.items() if v}, "before": entries[-1]["delivery_id"]})
+            if len(entries) == 100
+            else None
+        )
+        return _page(
+            request,
+            "dlq.html",
+            sess,
+            entries=entries,
+            total=total,
+            args=args,
+            error=error,
+            query=query,
+            older=older,
+            paged=bool(before),
+        )
 
     @r.get("/dlq/{delivery_id}")
     def dlq_entry(delivery_id: str, request: Request) -> Response:
