@@ -123,6 +123,69 @@ class OtpStream:
         return sorted(first[d] - t for d, (_n, t) in self.sent.items() if d in first)
 
 
+class ResumeTrace:
+    """What became of one abandoned OTP after its worker was killed, polled every 0.1 s: when the
+    worker's liveness key went, when its lease ran out (and on whose clock), each requeue by the
+    reconciler, each job state, the first send. Seconds after the kill, for RESULTS.md."""
+
+    def __init__(self, world: World, worker: str, nid: str, did: str, killed_at: float) -> None:
+        self.world, self.worker, self.nid, self.did, self.t0 = world, worker, nid, did, killed_at
+        self.events: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _note(self, what: str) -> None:
+        self.events.append((round(time.time() - self.t0, 1), what))
+
+    def _run(self) -> None:
+        from notifyctl import keys
+
+        r = self.world.ctx.redis
+        seen: dict[str, Any] = {}
+        deadline = time.time() + 180
+        while not self._stop.wait(0.1) and time.time() < deadline:
+            try:
+                alive, lease = r.exists(keys.alive(self.worker)), r.get(keys.sent(self.did))
+                with self.world.ctx.engine.connect() as conn:
+                    row = conn.execute(
+                        select(Notification.status, Notification.job_id).where(Notification.id == self.nid)
+                    ).one()
+                job = row.job_id
+                js = r.hget(keys.rq_job(job), "status") if job else None
+            except Exception:  # noqa: BLE001 - a trace, best effort
+                continue
+            lease_s = lease.decode() if lease else ""
+            if not alive and seen.get("alive", True):
+                self._note("liveness key gone")
+            seen["alive"] = bool(alive)
+            parts = lease_s.split("|")
+            holder = parts[1] if lease_s.startswith("lease|") else lease_s[:5]
+            if holder != seen.get("holder"):
+                if lease_s.startswith("lease|"):
+                    exp = int(parts[3]) / 1000 - self.t0
+                    self._note(f"lease {'of the killed worker' if holder == self.worker else 'taken by ' + holder}"
+                               f" (expires at +{exp:.1f})")  # fmt: skip
+                else:
+                    self._note(f"send record {lease_s[:5] or 'gone'}")
+                seen["holder"] = holder
+            state = (row.status, job, js.decode() if js else None)
+            if state != seen.get("state"):
+                prev = seen.get("state")
+                if prev and prev[1] != job:
+                    self._note(f"requeued as {job}" if job else "job cleared: due again later")
+                self._note(f"notification {row.status}, job {state[2]}")
+                seen["state"] = state
+            if any(m["delivery_id"] == self.did for m in self.world.tw.recorder.all()):
+                self._note("sent")
+                return
+
+    def stop(self) -> list[tuple[float, str]]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.events
+
+
 def _pct(xs: list[float], p: float) -> float:
     return round(xs[min(len(xs) - 1, int(p * len(xs)))], 2) if xs else float("nan")
 
@@ -146,6 +209,7 @@ def workers_killed(quick: bool) -> Result:
         t0 = time.monotonic()
         kills: list[dict[str, Any]] = []
         trap_i = 0
+        traces: list[ResumeTrace] = []
         while time.monotonic() - t0 < duration:
             time.sleep(every)
             if len(kills) % 2 == 0:
@@ -176,6 +240,7 @@ def workers_killed(quick: bool) -> Result:
                 time.sleep(0.1)
                 os.kill(victim.pid, signal.SIGKILL)
                 kills.append({"kind": "otp", "at": time.time(), "delivery_id": did})
+                traces.append(ResumeTrace(world, victim.name, nid, did, kills[-1]["at"]))
             else:
                 pids = world.worker_pids()
                 if pids:
@@ -192,6 +257,7 @@ def workers_killed(quick: bool) -> Result:
         resumes = [round(first[k["delivery_id"]] - k["at"], 1) for k in kills if k["kind"] == "otp"
                    and k["delivery_id"] in first]  # fmt: skip
         lat = otps.latencies(world)
+        res.figures["abandoned_otp_traces"] = [t.stop() for t in traces]
         res.figures.update(
             kills=len(kills), otp_kills=sum(1 for k in kills if k["kind"] == "otp"), restarts=_restarts(world),
             abandoned_otp_resume_s=resumes, otps=len(otps.sent), otp_latency_p50_s=_pct(lat, 0.5),

@@ -4,9 +4,11 @@ sends twice."""
 from __future__ import annotations
 
 import time
+from datetime import UTC
 
 from notifyctl.context import Context
-from tests.util import deliveries, notification, queue_depths, seed, send
+from tests.util import deliveries, events, notification, queue_depths, seed, send
+from worker.claims import Claims
 from worker.pool import queue_sets, run_worker
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
@@ -124,3 +126,106 @@ def test_reconciler_wakes_a_done_notification_with_an_open_delivery(ctx: Context
     drain(ctx)
     assert deliveries(ctx, res.notification_id)[0].status == "sent"
     assert len(read_outbox(ctx.settings.outbox_dir)) == 2  # sent again only because its send record was removed
+
+
+def _reopen_with_lease(ctx: Context, holder: str, ttl: float) -> tuple[str, str, Claims, float]:
+    """An email sent once, then put back as a recovered job finds it: delivery and notification
+    queued, no send record, and ``holder``'s lease on it in flight (phase f). Returns the
+    notification id, the delivery id, the holder's Claims and the time before the lease was set."""
+    from sqlalchemy import update
+    from sqlmodel import Session
+
+    from notifyctl.models import Delivery, Notification
+
+    seed(ctx)
+    res = send(ctx, channels=["email"])
+    drain(ctx)
+    (d,) = deliveries(ctx, res.notification_id)
+    ctx.redis.delete(f"notif:sent:{d.id}")
+    with Session(ctx.engine) as s:
+        s.execute(update(Delivery).where(Delivery.id == d.id).values(status="queued", next_attempt_at=None))
+        s.execute(update(Notification).where(Notification.id == res.notification_id).values(status="queued"))
+        s.commit()
+    claims = Claims(ctx.redis, holder, ttl, 60)
+    before = time.time()
+    assert claims.take([d.id]) == ["ok"] and claims.fence([d.id]) == [True]
+    return res.notification_id, d.id, claims, before
+
+
+def _due(ctx: Context, nid: str) -> float:
+    due = notification(ctx, nid).due_at
+    return (due if due.tzinfo else due.replace(tzinfo=UTC)).timestamp()
+
+
+def test_delivery_held_by_a_killed_worker_is_due_again_when_its_lease_runs_out(ctx: Context) -> None:
+    """The reconciler requeues a dead worker's job once its liveness key has gone, which can be
+    before its lease runs out: the job finds the delivery busy. The notification is then due again
+    at the lease's expiry (the reconciler's due pass, every round) — not at the next search for
+    lost work after the grace — and taken over then, never earlier, in doubt."""
+    from worker.pipeline import Runtime, process
+
+    ttl = 1.5
+    nid, did, dead, before = _reopen_with_lease(ctx, "w-killed", ttl)
+    dead.close()  # killed: no more renewals; the lease runs out on its own
+    rt = Runtime(ctx, "w2")
+    try:
+        stats = process(rt, [nid])  # the recovered job, while the lease still holds
+        after = time.time()
+        assert stats.skipped == 1 and len(read_outbox(ctx.settings.outbox_dir)) == 1
+        n = notification(ctx, nid)
+        assert n.status == "retrying" and n.job_id is None
+        due = _due(ctx, nid)
+        assert before + ttl <= due <= after + ttl + 1  # at the lease's expiry, not before it
+        assert reconcile(ctx, now=due - 0.05, force=True).retries_queued == 0
+        while time.time() < due:
+            time.sleep(0.05)
+        assert reconcile(ctx, force=True).retries_queued == 1
+    finally:
+        rt.close()
+    drain(ctx)
+    assert deliveries(ctx, nid)[0].status == "sent"
+    assert len(read_outbox(ctx.settings.outbox_dir)) == 2  # its holder may have sent it: sent again,
+    assert "in_doubt" in [s for _d, s in events(ctx, nid)]  # and recorded as such
+    assert ctx.redis.get(f"notif:sent:{did}").startswith(b"sent:")
+
+
+def test_delivery_held_by_a_live_worker_waits_while_its_lease_is_renewed(ctx: Context) -> None:
+    """Fencing is unchanged: a holder that keeps renewing is never overtaken, however often the
+    notification comes due again."""
+    from worker.pipeline import Runtime, process
+
+    nid, did, live, _before = _reopen_with_lease(ctx, "w-live", 0.6)
+    rt = Runtime(ctx, "w2")
+    try:
+        for _ in range(2):
+            process(rt, [nid])
+            assert notification(ctx, nid).status == "retrying"
+            due = _due(ctx, nid)
+            while time.time() < due:
+                time.sleep(0.05)
+            assert reconcile(ctx, force=True).retries_queued == 1
+            drain(ctx)  # the requeued job: the lease is still the live holder's
+            assert len(read_outbox(ctx.settings.outbox_dir)) == 1
+        assert live.renewals > 0
+    finally:
+        rt.close()
+        live.close()
+
+
+def test_high_priority_lost_job_is_found_behind_a_backlog(ctx: Context) -> None:
+    """A campaign's backlog (queued, older than the OTP, more than the search takes per round) must
+    not hide a dead worker's OTP: high priority is searched on its own, every round."""
+    seed(ctx)
+    backlog = [send(ctx, channels=["email"], recipient_id=u) for u in ("alice", "bob", "carol")]
+    jobs = {r.notification_id: notification(ctx, r.notification_id).job_id for r in backlog}
+    otp = send(ctx, channels=["email"], priority="high")
+    job_id = notification(ctx, otp.notification_id).job_id
+    ctx.redis.lrem(ctx.queue("high").key, 0, job_id)
+    ctx.redis.hset(f"rq:job:{job_id}", mapping={"status": "started", "worker_name": "killed-worker"})
+    later = time.time() + 2
+    out = reconcile(ctx, now=later, limit=2, force=True, check_lost=False)  # a round between full searches
+    assert out.recovered == 1 and out.checked_jobs == 1
+    assert notification(ctx, otp.notification_id).job_id != job_id
+    assert {n: notification(ctx, n).job_id for n in jobs} == jobs  # the backlog, alive in its queue, untouched
+    drain(ctx)
+    assert [d.status for d in deliveries(ctx, otp.notification_id)] == ["sent"]

@@ -8,7 +8,9 @@ on Redis's clock (``TIME``: no host's clock matters), ``phase`` is ``c`` (claime
 
 - **take** (one script call per batch): a delivery nobody holds is leased; one whose lease has
   *expired* is taken over — never earlier, whether or not its holder's liveness key is still
-  there. A lease taken over in phase ``f`` comes back as ``doubt:<previous holder>``: the previous
+  there; a ``busy`` delivery comes with how long its lease has left (``busy_left``), so the
+  pipeline makes it due again right then (a killed holder's OTP is resent as soon as it may be).
+  A lease taken over in phase ``f`` comes back as ``doubt:<previous holder>``: the previous
   holder may have reached the provider before it died, so the delivery is **in doubt** (it is sent
   again — at-least-once — and the pipeline records that).
 - **fence** (one script call per provider call): right before calling a provider, the batch's
@@ -54,8 +56,9 @@ _TAKE = (
     + """
 local me, keep = ARGV[1], ARGV[4]
 local lease = 'lease|' .. me .. '|' .. ARGV[2] .. '|' .. (now + tonumber(ARGV[3])) .. '|c'
-local out = {}
+local out, left = {}, {}
 for i, k in ipairs(KEYS) do
+  left[i] = 0
   -- the usual case, a delivery nobody has touched: one SET NX; else read who holds it
   if redis.call('SET', k, lease, 'EX', keep, 'NX') then
     out[i] = 'ok'
@@ -69,6 +72,7 @@ for i, k in ipairs(KEYS) do
     + """')
       if w and w ~= me and tonumber(exp) > now then
         out[i] = 'busy'
+        left[i] = tonumber(exp) - now
       else
         -- expired (or this worker's own, from a batch of its that ended): taken over
         redis.call('SET', k, lease, 'EX', keep)
@@ -77,7 +81,7 @@ for i, k in ipairs(KEYS) do
     end
   end
 end
-return out
+return {out, left}
 """
 )
 
@@ -143,6 +147,10 @@ class Claims:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # delivery id → seconds until the lease that made it ``busy`` in the last ``take`` runs out
+        # (on Redis's clock, as a duration: no host's clock matters), so that a delivery abandoned by a
+        # dead holder is tried again as soon as it can be taken over, not some rounds later
+        self.busy_left: dict[str, float] = {}
         self.renewals = 0  # renewal rounds that reached Redis (for tests and the curious)
         # (monotonic) until when the leases in hand surely hold: measured from before the last call
         # that set their expiry, so never later than Redis's own
@@ -154,15 +162,16 @@ class Claims:
 
     def take(self, delivery_ids: Sequence[str]) -> list[str]:
         """Per delivery: ``ok`` (ours to send), ``doubt:<worker>`` (ours, taken over from a holder
-        that had begun sending it), ``busy`` (another worker's unexpired lease), or ``sent:<id>``.
-        The leases taken are renewed until ``settle`` or ``drop``."""
+        that had begun sending it), ``busy`` (another worker's unexpired lease: how long it has left is
+        in ``busy_left``), or ``sent:<id>``. The leases taken are renewed until ``settle`` or ``drop``."""
         if not delivery_ids:
             return []
         token = secrets.token_hex(8)
         ks = [keys.sent(d) for d in delivery_ids]
         t0 = time.monotonic()
-        res = self._take(keys=ks, args=[self.worker, token, self.lease_ms, self.sent_ttl])
+        res, left = self._take(keys=ks, args=[self.worker, token, self.lease_ms, self.sent_ttl])
         out = [r.decode() if isinstance(r, bytes) else r for r in res]
+        self.busy_left = {d: ms / 1000 for d, ms in zip(delivery_ids, left, strict=True) if ms}
         held = [k for k, r in zip(ks, out, strict=True) if r == OK or r.startswith(DOUBT)]
         with self._lock:
             self.token = token

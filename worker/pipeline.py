@@ -529,11 +529,13 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             due = _follow_replaced_tokens(session.connection(), batch, due, fresh, updates, events, now, stats)
         sent_marks: dict[str, str] = {}
         released: list[str] = []
+        lease_waits: dict[str, datetime] = {}  # busy delivery → when its holder's lease runs out
         token_success: list[str] = []
         removed_tokens: dict[str, str] = {}
         sms_stops: set[str] = set()
         if due:
             claims = rt.claims.take([d.id for d in due])
+            taken_at = utcnow()
             doubts = [d.id for d, c in zip(due, claims, strict=True) if c.startswith(DOUBT)]
             # an in-doubt delivery's holder may have recorded its outcome in SQL after this batch loaded
             settled = _settled_in_sql(session.connection(), doubts) if doubts else {}
@@ -580,6 +582,9 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     stats.skipped += 1
                     continue
                 elif claim != OK:
+                    left = rt.claims.busy_left.get(d.id)
+                    if left is not None:  # busy: looked at again the moment its lease can be taken over
+                        lease_waits[d.id] = taken_at + timedelta(seconds=left + LEASE_MARGIN)
                     stats.skipped += 1
                     continue
                 n = by_id[d.notification_id]
@@ -771,7 +776,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                         )
                 for user_id in sms_stops:
                     session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
-                _settle_notifications(session, batch, now, secret_of)
+                _settle_notifications(session, batch, now, secret_of, lease_waits)
                 session.commit()
             except IntegrityError:
                 # Another worker wrote these new deliveries first (a takeover while their first holder,
@@ -937,6 +942,8 @@ def _follow_replaced_tokens(
     return still
 
 
+# a busy delivery is due again this long after its holder's lease runs out (clocks and rounding)
+LEASE_MARGIN = 0.1
 IN_DOUBT = "in_doubt"  # the event recorded for a delivery taken over in flight (``Claims.take``)
 
 
@@ -1312,10 +1319,16 @@ def _fill(piece: str, values: dict[str, str], tokens: tuple[str, ...]) -> str:
 
 
 def _settle_notifications(
-    session: Session, batch: _Batch, now: datetime, secret_of: Callable[[str], frozenset[str]]
+    session: Session,
+    batch: _Batch,
+    now: datetime,
+    secret_of: Callable[[str], frozenset[str]],
+    lease_waits: dict[str, datetime] | None = None,
 ) -> None:
     """Each notification's status from its deliveries; a notification whose deliveries are all
-    final has its template's secret data erased (``notifyctl.secretdata``) in the same write."""
+    final has its template's secret data erased (``notifyctl.secretdata``) in the same write.
+    ``lease_waits``: deliveries found ``busy`` (another worker's lease) and when that lease runs out."""
+    lease_waits = lease_waits or {}
     # Most rows of a batch get the same values (done, no reason): one UPDATE ... WHERE id IN (...)
     # per distinct set of values, instead of one parameter set per row.
     same: dict[tuple[tuple[str, Any], ...], list[str]] = defaultdict(list)
@@ -1336,9 +1349,18 @@ def _settle_notifications(
             status = NotificationStatus.suppressed if all_suppressed else NotificationStatus.done
             same[(("status", status), ("reason", ds[0].reason if all_suppressed else None))].append(n.id)
         else:
-            waits = [d.next_attempt_at for d in open_ if d.status == DeliveryStatus.retrying and d.next_attempt_at]
-            if waits and len(waits) == len(open_):
-                same[(("status", NotificationStatus.retrying), ("due_at", min(waits)), ("job_id", None))].append(n.id)
+            # a delivery waits for its retry time, or for the lease of the worker holding it: if that
+            # worker died (kill -9), the reconciler's due pass queues it again once the lease has run
+            # out, within a second — taken over then, never earlier (worker.claims)
+            waits = [
+                d.next_attempt_at
+                if d.status == DeliveryStatus.retrying and d.next_attempt_at
+                else lease_waits.get(d.id)
+                for d in open_
+            ]
+            if all(waits):
+                due = min(w for w in waits if w is not None)
+                same[(("status", NotificationStatus.retrying), ("due_at", due), ("job_id", None))].append(n.id)
             else:
                 # Something is held by another live worker: the reconciler looks again after its grace.
                 same[(("status", NotificationStatus.queued), ("due_at", now))].append(n.id)

@@ -320,8 +320,8 @@ class Pool:
                     break
                 if time.monotonic() >= next_reconcile:
                     try:
-                        # due work every second (campaign produce rate, retries); the search for lost
-                        # jobs every few seconds is plenty for the 30 s recovery target and costs less
+                        # due work and lost high-priority jobs every second (campaign produce rate,
+                        # retries, a killed worker's OTP); the search for all lost jobs every few seconds
                         rounds += 1
                         reconcile(ctx, check_lost=rounds % 3 == 0, paced=True)
                         outage.up()

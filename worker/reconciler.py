@@ -7,7 +7,8 @@ It runs every second in each worker pool (one at a time, under a Redis lock) and
    queued (in batches), with ``as_of`` set so the worker sends exactly what is due. SQL holds
    the schedule, so retries and scheduled sends (campaign waves) survive the loss of Redis.
 2. **Lost work.** A notification still ``queued`` ``recovery_grace`` seconds after it was due
-   has its RQ job looked at (one pipeline for all of them). The job is lost, and the
+   has its RQ job looked at (one pipeline for all of them): priority ``high`` every round and
+   first, the others when ``check_lost`` (every third round in the pool). The job is lost, and the
    notification is queued again under a new job, when the job:
    - is missing (the CLI died between the SQL commit and the enqueue, or Redis lost it);
    - has ended (finished, failed, stopped, canceled) without finishing the notification;
@@ -108,11 +109,10 @@ def reconcile(
             ctx, session, by_prio, batch_size, now, [NotificationStatus.retrying, NotificationStatus.scheduled]
         )
 
-        if not check_lost:
-            return result
-
-        # 2. lost work
-        stale = session.execute(
+        # 2. lost work. Transactional (high) notifications every round and on their own: behind a
+        # campaign's backlog (thousands queued, all older than the OTP) the search in due_at order
+        # stops at `limit` long before a dead worker's OTP, which then waited minutes for the backlog.
+        lost_q = (
             select(Notification.id, Notification.priority, Notification.job_id)
             .where(
                 Notification.status == NotificationStatus.queued,
@@ -120,7 +120,11 @@ def reconcile(
             )
             .order_by(Notification.due_at)
             .limit(limit)
-        ).all()
+        )
+        stale = list(session.execute(lost_q.where(Notification.priority == "high")).all())
+        if check_lost:
+            seen = {row[0] for row in stale}
+            stale += [row for row in session.execute(lost_q).all() if row[0] not in seen]
         if stale:
             jobs: dict[str | None, list[tuple[str, str]]] = defaultdict(list)
             for nid, prio, job_id in stale:
@@ -134,6 +138,8 @@ def reconcile(
                     for nid, prio in items:
                         lost_by_prio[prio].append(nid)
             result.recovered = _requeue(ctx, session, lost_by_prio, batch_size, now, [NotificationStatus.queued])
+        if not check_lost:
+            return result
 
         # 3. orphans: a delivery put back to 'retrying' (DLQ replay) while a job that had already
         # loaded its notification marked the notification done; wake the notification again.
