@@ -66,3 +66,14 @@ def write_lock(engine: Engine, urgent: bool = False) -> Iterator[None]:
         yield
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def close_lock_files() -> None:
+    """Close this thread's lock files (reopened when next needed). For a process that opens many
+    databases one after the other (a test session): each keeps two descriptors otherwise."""
+    files: dict[tuple[int, str], tuple[Any, Any]] | None = getattr(_lock_files, "files", None)
+    if files:
+        for pair in files.values():
+            for f in pair:
+                f.close()
+        files.clear()

@@ -18,6 +18,7 @@ from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import Settings, load_settings
+from notifyctl.sqllock import close_lock_files
 from tests.net import ClosedPort
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,13 @@ def _port_open(host: str, port: int) -> bool:
 
 
 PG_AVAILABLE = _port_open("127.0.0.1", 5432)
+
+
+@pytest.fixture(autouse=True)
+def _close_sqlite_lock_files() -> Iterator[None]:
+    """Each test's database leaves two lock files open in this thread: closed after it."""
+    yield
+    close_lock_files()
 
 
 @pytest.fixture(scope="session")

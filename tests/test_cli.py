@@ -502,9 +502,11 @@ def test_status_watch_off_a_terminal_prints_a_snapshot_per_interval(ctx: Context
     assert proc.stdout is not None
     out = b""
     deadline = time.monotonic() + 30
+    poll = select.poll()  # (not select(): descriptors may be numbered past 1023 late in a session)
+    poll.register(proc.stdout, select.POLLIN)
     try:
         while out.count(b"\n--- ") < 2 and time.monotonic() < deadline:  # three snapshots begun
-            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            ready = poll.poll(500)
             if ready:
                 chunk = os.read(proc.stdout.fileno(), 65536)
                 if not chunk:
