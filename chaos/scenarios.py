@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,6 +57,22 @@ def _apply(res: Result, t: Any) -> None:
         res.figures["duplicated_examples"] = t.dup_ids
     if t.unexpected:
         res.problems.append(f"{t.unexpected} accepted message(s) for deliveries nobody asked for")
+
+
+def _count_in_doubt_apart(world: World, res: Result, accepted: list[str | None]) -> None:
+    """A worker killed with a provider request in flight: its deliveries are sent again, as
+    at-least-once requires, and recorded in doubt (the ``in_doubt`` event). Those resends are
+    counted apart, as the multi-host faults do; any other duplicate stays a failure."""
+    counts = Counter(a for a in accepted if a)
+    with world.ctx.engine.connect() as conn:
+        rows = conn.execute(select(DeliveryEvent.delivery_id).where(DeliveryEvent.status == "in_doubt"))
+        doubt = {r[0] for r in rows}
+    resent = sum(n - 1 for d, n in counts.items() if n > 1 and d in doubt)
+    res.figures["in_doubt"] = len(doubt)
+    if resent:
+        res.duplicated -= resent
+        res.figures["resent_in_doubt"] = resent
+        res.notes.append(f"{resent} resend(s) of deliveries recorded in doubt (killed with the request in flight)")
 
 
 def _check_pool(world: World, res: Result) -> None:
@@ -250,7 +267,9 @@ def workers_killed(quick: bool) -> Result:
         expected |= set(otps.sent)
         ok = drain(world, expected, 180 if not quick else 40)
         res.seconds = round(time.monotonic() - t0, 1)
-        _apply(res, tally(expected, world.accepted_ids()))
+        accepted = world.accepted_ids()
+        _apply(res, tally(expected, accepted))
+        _count_in_doubt_apart(world, res, accepted)
         first: dict[str, float] = {}
         for m in world.tw.recorder.all():
             first.setdefault(m["delivery_id"], m["t"])
