@@ -5,6 +5,7 @@ node refused before anything is written."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -34,7 +35,7 @@ SERVICE = "notify-main"
 PASSWORD = "s3cret-pw"
 
 
-def wait_for(what: str, check, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(what: str, check, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -45,6 +46,18 @@ def wait_for(what: str, check, timeout: float = 20.0) -> None:  # type: ignore[n
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def ports_of(s: SentinelSet) -> list[int]:
+    return [s.master_port, s.replica_port, s.sentinel_port]
 
 
 class SentinelSet:
@@ -69,6 +82,10 @@ class SentinelSet:
                 f"sentinel known-replica {SERVICE} 127.0.0.1 {self.replica_port}\n"
             )
             self._start([str(SENTINEL), str(conf)], "sentinel")
+            # the ports stay held until each server listens on its own: released before, an outgoing
+            # connection of this busy test process could take one (they are ephemeral-range ports)
+            for port in ports_of(self):
+                wait_for(f"a server listening on {port}", lambda port=port: _listening(port))
         self.sentinel = redis.Redis(port=self.sentinel_port, decode_responses=True)
 
     def _server(self, name: str, port: int, *extra: str) -> None:
@@ -138,8 +155,12 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
         pytest.skip("redis-sentinel not installed (Debian package redis-sentinel): no Sentinel test")
     s = SentinelSet(tmp_path / "ha")
     try:
-        wait_for("the sentinel", lambda: s.sentinel.ping())
-        s.ready()
+        try:
+            wait_for("the sentinel", lambda: s.sentinel.ping())
+            s.ready()
+        except AssertionError as exc:  # say why: each server's last log lines (a port taken, a sync...)
+            tails = {f.name: f.read_text(errors="replace").splitlines()[-5:] for f in s.root.glob("*.log")}
+            raise AssertionError(f"{exc}; logs: {tails}") from None
         yield s
     finally:
         s.stop()
