@@ -259,6 +259,7 @@ def cluster_node(tmp_path: Path) -> Iterator[str]:
         port = ports.base
         args = [SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", ""]
         proc = subprocess.Popen([*args, "--cluster-enabled", "yes"], stdout=subprocess.DEVNULL)
+        wait_for(f"a server listening on {port}", lambda: _listening(port))  # the port held until then
     try:
         wait_for("the cluster node", lambda: redis.Redis(port=port).ping())
         yield f"redis://127.0.0.1:{port}/0"
