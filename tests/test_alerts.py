@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from notifyctl.dlq import DlqConfig
 from notifyctl.metrics import queue_stats
 from tests.conftest import ROOT, cli_env, make_settings
 from tests.test_dlq import Hook
-from tests.util import seed, send
+from tests.util import seed, send, wait_for
 from worker.circuit import CLOSED, OPEN, Circuits
 from worker.pool import run_worker
 
@@ -48,16 +47,6 @@ def actx(home: Path, redis_url: str, rclient: redis.Redis) -> Iterator[Context]:
     seed(ctx)
     yield ctx
     ctx.close()
-
-
-def wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return None
 
 
 def high_lag(ctx: Context) -> float:

@@ -29,7 +29,7 @@ from notifyctl.db import write_lock
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
 from tests.conftest import ROOT, cli_env, make_settings, run_cli
-from tests.util import deliveries, notification, seed, send
+from tests.util import deliveries, notification, seed, send, wait_for
 from worker.pool import run_worker
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
@@ -78,16 +78,6 @@ def assert_rollup_exact(ctx: Context) -> dict[tuple[str, ...], int]:
 
 def sql_status_counts(ctx: Context) -> Counter[str]:
     return Counter(d.status for d in deliveries(ctx))
-
-
-def wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return None
 
 
 def email(ctx: Context, user: str, i: int) -> str:

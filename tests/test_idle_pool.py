@@ -24,20 +24,10 @@ from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.redisconn import connect, stop_server
 from tests.conftest import ROOT, cli_env, make_settings
-from tests.util import deliveries, notification, seed, send
+from tests.util import deliveries, notification, seed, send, wait_for
 
 SOCKET_TIMEOUT = 1.0  # the setting under test: ordinary commands' socket timeout
 IDLE = 3 * SOCKET_TIMEOUT  # the idle spell must exceed it
-
-
-def _wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return None
 
 
 @pytest.mark.parametrize("server", ["embedded", "url"])
@@ -58,13 +48,13 @@ def test_otp_after_idle_spell_is_sent_at_once(
         )  # fmt: skip
     try:
         # both workers registered and listening: the idle spell starts now
-        assert _wait_for(lambda: len([w for w in Worker.all(connection=ctx.redis) if w.state == "idle"]) == 2, 30), (
+        assert wait_for(lambda: len([w for w in Worker.all(connection=ctx.redis) if w.state == "idle"]) == 2, 30), (
             log_path.read_text()
         )
         time.sleep(IDLE)
         assert pool.poll() is None, log_path.read_text()
         otp = send(ctx, template_id="otp_code", channels=["sms"], recipient_id="dave", data={"code": "1", "minutes": 5})
-        sent = _wait_for(lambda: [d for d in deliveries(ctx, otp.notification_id) if d.status == "sent"], 90)
+        sent = wait_for(lambda: [d for d in deliveries(ctx, otp.notification_id) if d.status == "sent"], 90)
         assert sent, log_path.read_text()
         created = notification(ctx, otp.notification_id).created_at
         latency = (sent[0].sent_at - created).total_seconds()

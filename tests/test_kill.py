@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,18 +17,8 @@ from rq.job import Job
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from tests.conftest import ROOT, cli_env, make_settings
-from tests.util import deliveries, notification, seed, send
+from tests.util import deliveries, notification, seed, send, wait_for
 from worker.sandbox.smtp import SmtpSandbox
-
-
-def wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return None
 
 
 def test_worker_killed_mid_send_loses_nothing_and_sends_once(home: Path, redis_url: str, rclient: redis.Redis) -> None:

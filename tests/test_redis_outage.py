@@ -21,22 +21,9 @@ from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.redisconn import ensure_server, stop_server
 from tests.conftest import ROOT, cli_env, make_settings
-from tests.util import deliveries, seed, send
+from tests.util import deliveries, seed, send, wait_for
 
 DOWN = 4.0  # longer than a heartbeat (0.5 s here), a reconciler round (1 s) and RQ's reconnect wait (1 s)
-
-
-def _wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            v = pred()
-        except (redis.ConnectionError, redis.TimeoutError):
-            v = None
-        if v:
-            return v
-        time.sleep(step)
-    return None
 
 
 def test_a_redis_outage_is_one_warning_when_it_starts_and_one_when_it_ends(
@@ -54,12 +41,12 @@ def test_a_redis_outage_is_one_warning_when_it_starts_and_one_when_it_ends(
             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
     try:
-        assert _wait_for(lambda: len([w for w in Worker.all(connection=ctx.redis) if w.state == "idle"]) == 2, 30), (
+        assert wait_for(lambda: len([w for w in Worker.all(connection=ctx.redis) if w.state == "idle"]) == 2, 30), (
             log_path.read_text()
         )
         before = send(ctx, template_id="otp_code", channels=["sms"], recipient_id="dave",
                       data={"code": "1", "minutes": 5})  # fmt: skip
-        assert _wait_for(lambda: [d for d in deliveries(ctx, before.notification_id) if d.status == "sent"], 30)
+        assert wait_for(lambda: [d for d in deliveries(ctx, before.notification_id) if d.status == "sent"], 30)
         time.sleep(1.5)  # the AOF (appendfsync everysec) has it
 
         os.kill(int((redis_dir / "redis.pid").read_text()), signal.SIGKILL)
@@ -69,11 +56,11 @@ def test_a_redis_outage_is_one_warning_when_it_starts_and_one_when_it_ends(
 
         after = send(ctx, template_id="otp_code", channels=["sms"], recipient_id="dave",
                      data={"code": "2", "minutes": 5})  # fmt: skip
-        assert _wait_for(lambda: [d for d in deliveries(ctx, after.notification_id) if d.status == "sent"], 30), (
+        assert wait_for(lambda: [d for d in deliveries(ctx, after.notification_id) if d.status == "sent"], 30), (
             log_path.read_text()
         )
         # the pool has noticed that Redis is back (its supervisor checks every second)
-        assert _wait_for(lambda: "Redis answers again" in log_path.read_text(), 10), log_path.read_text()
+        assert wait_for(lambda: "Redis answers again" in log_path.read_text(), 10), log_path.read_text()
         assert pool.poll() is None, log_path.read_text()
     finally:
         pool.send_signal(signal.SIGTERM)

@@ -128,3 +128,14 @@ class ApiServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
+    """``pred()``'s first true value within ``timeout`` seconds, polled every ``step``; None if none."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return None
