@@ -375,10 +375,10 @@ class Provider:
             return [Retry(exc.reason, exc.retry_after) for _ in messages]
         outcomes: list[Outcome | None] = [None] * len(messages)
         todo: list[tuple[int, bytes]] = []
-        body = _Bodies()
+        bodies = _Bodies()
         for i, m in enumerate(messages):
             try:
-                todo.append((i, body(m)))
+                todo.append((i, bodies(m)))
             except ValueError as exc:
                 outcomes[i] = Permanent(f"INVALID_ARGUMENT (local): {exc}")
         for attempt in (0, 1):
