@@ -57,6 +57,7 @@ from worker.providers.base import (
     lease_open,
     retry_after,
 )
+from worker.providers.skeleton import skeleton
 
 _SPACE = re.compile(r"\s")  # the same characters as str.isspace
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ MAX_SUBSTITUTION_BYTES = 10_000  # per personalization, as JSON
 #: then no key can appear in a copy other than where it was put, whatever order SendGrid
 #: replaces them in.
 KEY_OPEN = "[%sg"
+KEY_FORMAT = KEY_OPEN + "{}%]"
 _PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)(?:\.(\w+))?")
 
 
@@ -340,7 +342,7 @@ class Provider:
         subs: list[dict[str, str]] = [{} for _ in idxs]
         used = 0
         for part in parts:
-            skel, keys, values = skeleton([messages[i].content.get(part, "") for i in idxs], used)
+            skel, keys, values = skeleton([messages[i].content.get(part, "") for i in idxs], used, KEY_FORMAT)
             used += len(keys)
             content[part] = skel
             for own, vals in zip(subs, values, strict=True):
@@ -510,81 +512,3 @@ def substitutions_fit(subs: dict[str, str], limit: int = MAX_SUBSTITUTION_BYTES)
     if n * 12 <= limit:
         return True
     return len(json.dumps(subs)) <= limit
-
-
-def _common_prefix(values: list[str]) -> int:
-    lo, hi = min(values), max(values)  # every value's common prefix is that of these two
-    n = min(len(lo), len(hi))
-    if lo[:n] == hi[:n]:
-        return n
-    a, b = 0, n  # binary search on slices: C-speed comparisons, O(log n) of them
-    while a < b:
-        mid = (a + b + 1) // 2
-        if lo[:mid] == hi[:mid]:
-            a = mid
-        else:
-            b = mid - 1
-    return a
-
-
-def _common_suffix(values: list[str]) -> int:
-    return _common_prefix([v[::-1] for v in values])
-
-
-def skeleton(bodies: list[str], first_key: int = 0) -> tuple[str, list[str], list[list[str]]]:
-    """What ``bodies`` share, with a key where they differ: (skeleton, keys, each body's value per
-    key), such that replacing each key of the skeleton by a body's values gives that body back.
-
-    Linear in the total size: the bodies are compared line by line — the lines they share at the
-    start and the end, then, when their middles have as many lines, each line position (a run
-    of differing lines is one key) — and each key's values are trimmed of what they all start
-    and end with. Middles of different lengths (a loop over per-recipient items) are one key."""
-    if not bodies:
-        return "", [], []
-    lines = [b.splitlines(keepends=True) for b in bodies]  # joined back with "": exactly the body
-    shortest = min(len(ls) for ls in lines)
-    head = 0
-    for column in zip(*lines, strict=False):
-        if column.count(column[0]) != len(column):
-            break
-        head += 1
-    tail = 0
-    for column in zip(*[ls[::-1] for ls in lines], strict=False):
-        if tail >= shortest - head or column.count(column[0]) != len(column):
-            break
-        tail += 1
-    middles = [ls[head : len(ls) - tail] for ls in lines]
-    # the skeleton as pieces: shared text (str), or a run of differing lines (list: its columns,
-    # each a tuple of one line per body)
-    pieces: list[str | list[tuple[str, ...]]] = ["".join(lines[0][:head])]
-    if len({len(m) for m in middles}) == 1:
-        run: list[tuple[str, ...]] | None = None
-        for column in zip(*middles, strict=True):
-            if column.count(column[0]) == len(column):
-                run = None
-                pieces.append(column[0])
-            elif run is None:
-                run = [column]
-                pieces.append(run)
-            else:
-                run.append(column)
-    else:
-        pieces.append([tuple("".join(m) for m in middles)])
-    pieces.append("".join(lines[0][len(lines[0]) - tail :]) if tail else "")
-    out: list[str] = []
-    keys: list[str] = []
-    values: list[list[str]] = [[] for _ in bodies]
-    for piece in pieces:
-        if isinstance(piece, str):
-            out.append(piece)
-            continue
-        joined = list(piece[0]) if len(piece) == 1 else ["".join(lines) for lines in zip(*piece, strict=True)]
-        pre = _common_prefix(joined)
-        rest = [v[pre:] for v in joined]
-        post = _common_suffix(rest)
-        key = f"{KEY_OPEN}{first_key + len(keys)}%]"
-        keys.append(key)
-        out.append(joined[0][:pre] + key + rest[0][len(rest[0]) - post :])
-        for own, v in zip(values, rest, strict=True):
-            own.append(v[: len(v) - post])
-    return "".join(out), keys, values
