@@ -172,9 +172,13 @@ def test_transactional_mail_shares_a_call_only_with_identical_bodies(sandbox, pr
     assert sandbox.bulk_calls.all() == [] and len(sandbox.recorder) == 3
 
 
-def test_a_key_next_to_a_brace_falls_back_and_is_counted(sandbox, provider) -> None:
-    # the bodies share "p{" just before where they differ: {{{s0}} would mean something else to SES
-    contents = [{"subject": "Styles", "text": f"p{{{name}}}", "html": f"<style>p{{{name}}}</style>"} for name in "AB"]
+@pytest.mark.parametrize("shape", ["p{{{}}}", "{}}}", "C:\\{}"])
+def test_a_key_next_to_a_brace_or_backslash_falls_back_and_is_counted(sandbox, provider, shape: str) -> None:
+    # the bodies share "{" or "\\" just before where they differ, or "}" just after: {{{s0}}, {{s0}}}
+    # and \\{{s0}} mean something else to SES's Handlebars (the sandbox refuses or keeps them as SES)
+    contents = [
+        {"subject": "Styles", "text": shape.format(name), "html": f"<b>{shape.format(name)}</b>"} for name in "AB"
+    ]
     contents += [dict(contents[0]), dict(contents[0])]
     seen = send_and_rebuild(sandbox, provider, contents)
     assert seen["bulk_calls"] == [3]  # the identical ones still share a call
