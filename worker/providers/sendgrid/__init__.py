@@ -1,7 +1,9 @@
 """SendGrid, the whole vendor in one place (issue 16):
 
-- :mod:`.client` — Mail Send v3: the ``Provider`` (batching, skeleton + substitutions, the answers'
-  mapping to outcomes, ``check``/``describe``);
+- :mod:`.client` — Mail Send v3: the ``Provider`` (requests, the answers' mapping to outcomes,
+  ``check``/``describe``);
+- :mod:`.plan` — how a batch becomes requests (identical bodies, skeleton + substitutions, smaller
+  groups for what does not fit);
 - :mod:`.webhook` — the Signed Event Webhook: signature verification and the events' mapping to
   ``notifyctl.inbound.Event`` (matched back by the ``custom_args`` the client sends).
 
@@ -12,15 +14,8 @@ live in the vendor's package; the HTTP API (layer 3) may import downwards and on
 ``worker.sandbox.sendgrid``.
 """
 
-from worker.providers.sendgrid.client import (
-    KEY_FORMAT,
-    KEY_OPEN,
-    MAX_PERSONALIZATIONS,
-    MAX_SUBSTITUTION_BYTES,
-    Config,
-    Provider,
-    substitutions_fit,
-)
+from worker.providers.sendgrid.client import MAX_PERSONALIZATIONS, Config, Provider
+from worker.providers.sendgrid.plan import KEY_FORMAT, KEY_OPEN, MAX_SUBSTITUTION_BYTES, substitutions_fit
 from worker.providers.skeleton import skeleton
 
 __all__ = [

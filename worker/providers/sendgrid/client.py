@@ -8,7 +8,7 @@ category) share a request. What the pipeline adds per recipient (unsubscribe lin
 travels as ``substitutions`` of the personalization (``Message.shared``/``personal``), so a
 marketing batch is still one request. Bodies that differ in more than that (segment columns,
 per-recipient data, loops and conditionals over it) are still one request for the batch
-(``skeleton``): the parts every body shares are sent once as the content, with a key such as
+(a skeleton, planned by :mod:`.plan`): the parts every body shares are sent once as the content, with a key such as
 ``[%sg3%]`` where the bodies differ, and each recipient's own text for each key travels in their
 personalization's ``substitutions``, which SendGrid puts back in their copy. SendGrid allows
 10,000 bytes of substitutions per personalization: a recipient whose parts do not fit goes in a
@@ -28,7 +28,6 @@ single message; 429 → ``Retry`` with ``retry_after`` from ``Retry-After`` or `
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -57,19 +56,12 @@ from worker.providers.base import (
     lease_open,
     retry_after,
 )
-from worker.providers.skeleton import skeleton
+from worker.providers.sendgrid.plan import Request, groups
 
 _SPACE = re.compile(r"\s")  # the same characters as str.isspace
 log = logging.getLogger(__name__)
 
 MAX_PERSONALIZATIONS = 1000
-MAX_SUBSTITUTION_BYTES = 10_000  # per personalization, as JSON
-#: Keys of the substitutions that carry what differs per recipient: ``[%sg0%]``, ``[%sg1%]``...
-#: A body whose own text holds the opening ``[%sg`` is never cut into a skeleton (it goes as is):
-#: then no key can appear in a copy other than where it was put, whatever order SendGrid
-#: replaces them in.
-KEY_OPEN = "[%sg"
-KEY_FORMAT = KEY_OPEN + "{}%]"
 #: The ``custom_args`` every personalization carries; the Event Webhook echoes them in each event
 #: (:mod:`.webhook` matches events back by them).
 DELIVERY_ARG, NOTIFICATION_ARG = "delivery_id", "notification_id"
@@ -213,10 +205,10 @@ class Provider:
 
     def _plan(
         self, messages: Sequence[Message], known: dict[tuple[str, ...], tuple[Any, Any]] | None = None
-    ) -> list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]]:
+    ) -> list[Request]:
         """(indexes, skeleton or None, substitutions or None) per request; ``known``: the groups
         ``requests`` planned, used as they are where all their messages are here."""
-        plan: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
+        plan: list[Request] = []
         taken: set[int] = set()
         if known:
             at = {m.delivery_id: i for i, m in enumerate(messages)}
@@ -235,14 +227,16 @@ class Provider:
             by_category.setdefault(m.category, []).append(i)
         size = self.config.max_personalizations
         for idxs in by_category.values():
-            for group, skel, subs in self._groups(messages, idxs):
+            found, fallbacks = groups(messages, idxs)
+            self.fallbacks += fallbacks
+            for group, skel, subs in found:
                 for j in range(0, len(group), size):
                     plan.append((group[j : j + size], skel, subs[j : j + size] if subs is not None else None))
         return plan
 
     def send(self, messages: Sequence[Message]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(messages)
-        chunks: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
+        chunks: list[Request] = []
         known, self._planned = self._planned, {}
         for group, skel, subs in self._plan(messages, known):
             problem = self._precheck(messages[group[0]]) if len(group) == 1 else None
@@ -258,7 +252,7 @@ class Provider:
     def send_until_throttled(
         self,
         messages: Sequence[Message],
-        chunks: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]],
+        chunks: list[Request],
     ) -> list[list[Outcome]]:
         """One request per chunk (indexes, skeleton, substitutions), ``concurrency`` at a time; once
         SendGrid answers 429, the requests not yet made are not made (``Held``: SendGrid has said
@@ -267,7 +261,7 @@ class Provider:
             return [self._send_safely(messages, *chunks[0])]
         stop = threading.Event()
 
-        def one(chunk: tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]) -> list[Outcome]:
+        def one(chunk: Request) -> list[Outcome]:
             if stop.is_set():
                 return [Held("sendgrid: not sent after a 429 in the same batch")] * len(chunk[0])
             out = self._send_safely(messages, *chunk)
@@ -277,91 +271,6 @@ class Provider:
 
         futures = [self._pool.submit(one, chunk) for chunk in chunks]
         return [f.result() for f in futures]
-
-    def _groups(
-        self, messages: Sequence[Message], idxs: list[int]
-    ) -> list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]]:
-        """The requests for one category's messages: (indexes, skeleton content or None, each one's
-        substitutions or None). Identical bodies (``Message.shared`` when the pipeline gives it) go
-        as they are; different ones as one skeleton; what does not fit, in smaller groups."""
-        first = messages[idxs[0]].shared or messages[idxs[0]].content
-        text, html = first.get("text") or "", first.get("html") or ""
-        for i in idxs:  # (compared, not hashed: a difference shows in the first bytes, mostly)
-            body = messages[i].shared or messages[i].content
-            if (body.get("text") or "") != text or (body.get("html") or "") != html:
-                break
-        else:
-            return [(idxs, None, None)]
-        out: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
-        own: list[int] = []  # bodies that hold a key's opening: sent as they are
-        kinds: dict[tuple[bool, bool], list[int]] = {}  # a skeleton for bodies with the same parts
-        for i in idxs:
-            c = messages[i].content
-            text, html = c.get("text") or "", c.get("html") or ""
-            if KEY_OPEN in text or KEY_OPEN in html or KEY_OPEN in c["subject"]:
-                own.append(i)
-            else:
-                kinds.setdefault((bool(text), bool(html)), []).append(i)
-        left: list[int] = []
-        cut: list[int] = []
-        for kind in kinds.values():
-            cut += kind
-            left += self._skeleton_group(messages, kind, out) if len(kind) > 1 else kind
-        if left:  # smaller groups: bodies with the same line structure, then identical bodies
-            shapes: dict[tuple[int, int], list[int]] = {}  # (-1: no such part)
-            for i in left:
-                c = messages[i].content
-                text, html = c.get("text") or "", c.get("html") or ""
-                shape = (text.count("\n") if text else -1, html.count("\n") if html else -1)
-                shapes.setdefault(shape, []).append(i)
-            rest: list[int] = []
-            for group in shapes.values():
-                rest += self._skeleton_group(messages, group, out) if 1 < len(group) < len(cut) else group
-            self.fallbacks += len(left)
-            log.info(
-                "sendgrid: %d of %d different bodies did not fit one request's substitutions (%d bytes each)",
-                len(left),
-                len(cut),
-                MAX_SUBSTITUTION_BYTES,
-            )
-            own += rest
-        if own:
-            same: dict[tuple[str, str], list[int]] = {}
-            for i in own:
-                body = messages[i].shared or messages[i].content
-                same.setdefault((body.get("text") or "", body.get("html") or ""), []).append(i)
-            out += [(group, None, None) for group in same.values()]
-        return out
-
-    def _skeleton_group(
-        self,
-        messages: Sequence[Message],
-        idxs: list[int],
-        out: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]],
-    ) -> list[int]:
-        """Adds to ``out`` the request for those of ``idxs`` whose substitutions fit; returns the others."""
-        parts = [p for p in ("text", "html") if any(messages[i].content.get(p) for i in idxs)]
-        content: dict[str, str] = {}
-        subs: list[dict[str, str]] = [{} for _ in idxs]
-        used = 0
-        for part in parts:
-            skel, keys, values = skeleton([messages[i].content.get(part, "") for i in idxs], used, KEY_FORMAT)
-            used += len(keys)
-            content[part] = skel
-            for own, vals in zip(subs, values, strict=True):
-                own.update(zip(keys, vals, strict=True))
-        fit: list[int] = []
-        fit_subs: list[dict[str, str]] = []
-        left: list[int] = []
-        for i, own in zip(idxs, subs, strict=True):
-            if substitutions_fit(own):
-                fit.append(i)
-                fit_subs.append(own)
-            else:
-                left.append(i)
-        if fit:
-            out.append((fit, content, fit_subs))
-        return left
 
     def _precheck(self, m: Message) -> Outcome | None:
         if m.route != "email":
@@ -502,16 +411,3 @@ class Provider:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._client.close()
-
-
-def substitutions_fit(subs: dict[str, str], limit: int = MAX_SUBSTITUTION_BYTES) -> bool:
-    """Whether ``subs`` is within SendGrid's limit as JSON (``json.dumps``, every non-ASCII character
-    escaped: the largest way to count). Serialised only when a cheap bound does not settle it."""
-    n = 2
-    for k, v in subs.items():
-        n += len(k) + len(v) + 8
-    if n > limit:
-        return False
-    if n * 12 <= limit:
-        return True
-    return len(json.dumps(subs)) <= limit
