@@ -7,10 +7,10 @@ Event Webhook can be matched back). Messages whose bodies are identical (same te
 category) share a request. What the pipeline adds per recipient (unsubscribe link, open pixel)
 travels as ``substitutions`` of the personalization (``Message.shared``/``personal``), so a
 marketing batch is still one request. Bodies that differ in more than that (segment columns,
-per-recipient data, loops and conditionals over it) are still one request for the batch
-(a skeleton, planned by :mod:`.plan`): the parts every body shares are sent once as the content, with a key such as
-``[%sg3%]`` where the bodies differ, and each recipient's own text for each key travels in their
-personalization's ``substitutions``, which SendGrid puts back in their copy. SendGrid allows
+per-recipient data, loops and conditionals over it) are still one request for the batch (a
+skeleton, planned by :mod:`.plan`): the parts every body shares are sent once as the content, with
+a key such as ``[%sg3%]`` where the bodies differ, and each recipient's own text for each key
+travels in their personalization's ``substitutions``, which SendGrid puts back in their copy. SendGrid allows
 10,000 bytes of substitutions per personalization: a recipient whose parts do not fit goes in a
 smaller group (bodies with the same line structure, then identical bodies), counted in
 ``fallbacks`` and logged. Requests of one ``send()`` run concurrently over one pooled
