@@ -107,7 +107,7 @@ recipient = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(recipient, min_size=2, max_size=60))
 def test_every_recipient_gets_what_jinja_renders(sandbox, provider, people: list[dict[str, Any]]) -> None:
     contents = [render(i, p) for i, p in enumerate(people)]
