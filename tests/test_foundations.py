@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from notifyctl import keys
 from notifyctl.errors import TemplateError
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import RateRule, Settings, load_settings
@@ -127,6 +128,32 @@ def test_sliding_window_edges(rclient: redis.Redis) -> None:
     # other users and channels are not affected
     assert rl.check_many([Check("v", "push", "marketing", "x:push"), Check("u", "email", "transactional", "y")],
                          t0 + 3_600_001) == [True, True]  # fmt: skip
+
+
+def test_one_batch_of_checks_with_several_rule_plans_answers_each_in_order(rclient: redis.Redis) -> None:
+    # one call, checks of three plans interleaved (push: one rule; sms marketing: two; email
+    # transactional: none), a high-priority one among them: the same answers as one call per check
+    rules = [RateRule.parse(r) for r in ("push:*:1/1h", "sms:*:2/1d", "sms:marketing:1/1h")]
+    rl = RateLimiter(rclient, rules, bypass_high=True)
+    t0 = 1_000_000_000
+    batch = [
+        Check("a", "push", "marketing", "n1:push"),
+        Check("a", "sms", "marketing", "n1:sms"),
+        Check("a", "push", "transactional", "n2:push"),  # a's push window is full: refused
+        Check("b", "push", "marketing", "n3:push"),
+        Check("a", "sms", "marketing", "n2:sms"),  # a's hourly marketing SMS window is full
+        Check("a", "email", "transactional", "n1:email"),  # no rule: passes
+        Check("a", "push", "transactional", "n4:push", high=True),  # full, but high: passes, counted
+        Check("b", "sms", "transactional", "n5:sms"),
+        Check("b", "sms", "transactional", "n6:sms"),
+        Check("b", "sms", "transactional", "n7:sms"),  # b's daily SMS window (2) is full
+    ]
+    assert rl.check_many(batch, t0) == [True, True, False, True, False, True, True, True, True, False]
+    assert rclient.zcard(keys.rate("a", rules[0].key)) == 2  # n1 and the high n4
+    assert rclient.zcard(keys.rate("b", rules[1].key)) == 2
+    # the same batch again (a rerun after a crash): what was admitted is found admitted
+    assert rl.check_many(batch, t0 + 1000) == [True, True, False, True, False, True, True, True, True, False]
+    assert rclient.zcard(keys.rate("a", rules[0].key)) == 2
 
 
 def test_rate_check_is_idempotent_per_notification(rclient: redis.Redis) -> None:
