@@ -16,6 +16,7 @@ the API. The fake SES for tests is ``worker.sandbox.aws``.
 """
 
 from worker.providers.ses import client
-from worker.providers.ses.client import Config, Provider, bulk_refused, header_value, tag_value
+from worker.providers.ses.client import Config, Provider, header_value, tag_value
+from worker.providers.ses.outcomes import bulk_refused
 
 __all__ = ["Config", "Provider", "bulk_refused", "client", "header_value", "tag_value"]

@@ -2,28 +2,27 @@
 
 Two paths, chosen per message within each batch:
 
-- ``SendBulkEmail`` for messages of the batch that share the same rendered subject, text and html
-  (at least two of them; ``bulk_size``, at most 50, entries per call). The content goes inline as
-  ``DefaultContent.Template.TemplateContent`` (no stored template) with empty ``TemplateData``;
-  headers that every message of the group has with the same value go in ``Template.Headers``,
-  the others (a per-user ``List-Unsubscribe`` URL, say) in each entry's ``ReplacementHeaders``,
-  which SES applies per recipient. Each entry's ``ReplacementTags`` carry the delivery id.
-  ``BulkEmailEntryResults[i]`` maps to message i: ``SUCCESS`` -> Sent(MessageId);
-  ``ACCOUNT_THROTTLED`` -> throttled Retry; ``ACCOUNT_DAILY_QUOTA_EXCEEDED`` -> Retry in an hour;
-  ``TRANSIENT_FAILURE``, ``FAILED`` and unknown statuses -> Retry; ``INVALID_PARAMETER`` naming a bad
-  address -> InvalidAddress; the other statuses (rejected, unverified sender, paused or suspended
-  sending, missing configuration set...) -> Permanent. An error for the whole call applies to all
-  its messages, except one that names a bad address, which sends that chunk again one by one, and
-  one that refuses the operation itself (an IAM policy without ``ses:SendBulkEmail``, an endpoint
-  such as moto without it: ``bulk_refused``): the chunk goes through ``SendEmail``, one warning is
-  logged per process, and bulk is not tried again for ``bulk_reprobe`` seconds (900).
+- ``SendBulkEmail`` for the messages of a category that have the same parts (text, html): up to
+  ``bulk_size`` (at most 50) entries per call, whether their bodies are identical or differ per
+  recipient (segment columns, per-recipient data, the unsubscribe link, loops and conditionals over
+  their own values). What the bodies share goes inline as ``DefaultContent.Template.TemplateContent``
+  (no stored template) with a ``{{s0}}`` key where they differ; each entry's
+  ``ReplacementTemplateData`` holds that recipient's own rendered text for each key, which SES puts
+  back verbatim (:mod:`.bulk` plans the calls and says why this is exact). Headers that every
+  message of the call has with the same value go in ``Template.Headers``, the others (a per-user
+  ``List-Unsubscribe`` URL, say) in each entry's ``ReplacementHeaders``. Each entry's
+  ``ReplacementTags`` carry the delivery id. ``BulkEmailEntryResults[i]`` maps to message i
+  (:mod:`.outcomes`). An error for the whole call applies to all its messages, except one that names
+  a bad address, which sends that chunk again one by one, and one that refuses the operation itself
+  (an IAM policy without ``ses:SendBulkEmail``, an endpoint such as moto without it:
+  ``bulk_refused``): the chunk goes through ``SendEmail``, one warning is logged per process, and
+  bulk is not tried again for ``bulk_reprobe`` seconds (900).
 - ``SendEmail``, one call per message (``Content.Simple``: subject, text/html body, headers), for
-  everything else: content no other message of the batch shares; content or a header value that
-  contains ``{{`` (SES would read it as a template placeholder; bulk content is never escaped);
-  more than 15 headers; ``bulk`` off; or a botocore too old to know inline ``TemplateContent``
-  (bulk off) or ``Template.Headers``/``ReplacementHeaders`` (then messages with headers use
-  ``SendEmail``). Marketing mail whose footer carries a per-user unsubscribe URL therefore has
-  unique content and goes this way.
+  everything else: a message alone in its category; content or a header value that contains ``{{``
+  (SES would read it as a template placeholder); more than 15 headers; a message whose own data
+  does not fit an entry (counted in ``fallbacks``); ``bulk`` off; or a botocore too old to know
+  inline ``TemplateContent`` (bulk off) or ``Template.Headers``/``ReplacementHeaders`` (then
+  messages with headers use ``SendEmail``).
 
 Calls (bulk chunks and single sends alike) run concurrently from a thread pool over one shared,
 thread-safe boto3 client (its connection pool is sized to the concurrency). ``EmailTags`` /
@@ -52,17 +51,17 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from worker.providers.aws import (
-    AUTH_CODES,
     AwsConfig,
     build_config,
     describe_common,
     error_parts,
-    generic_outcome,
     make_client,
     run_batch,
     transport_outcome,
 )
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent
+from worker.providers.ses import bulk
+from worker.providers.ses.outcomes import bulk_refused, classify, entry_outcome
 
 log = logging.getLogger(__name__)
 
@@ -72,68 +71,18 @@ class Config(AwsConfig):
 
     from_address: str | None = Field(None, description="From address; unset = main settings email_from")
     configuration_set: str | None = Field(None, description="SES configuration set (event publishing)")
-    bulk: bool = Field(True, description="send messages of a batch with identical content through SendBulkEmail")
+    bulk: bool = Field(True, description="send the messages of a batch through SendBulkEmail (per-recipient data)")
     bulk_size: int = Field(50, ge=1, le=50, description="entries per SendBulkEmail call (SES allows 50)")
     bulk_reprobe: float = Field(
         900.0, gt=0, description="seconds before SendBulkEmail is tried again after the endpoint refused it"
     )
 
 
-#: SES says an address (a recipient, in practice) cannot be parsed.
-_BAD_ADDRESS_RE = re.compile(
-    r"illegal address|invalid email address|missing final '@domain'|missing domain|"
-    r"domain contains|local address contains|domain ends with|domain starts with|"
-    r"address contains|local part",
-    re.IGNORECASE,
-)
 _TAG_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,126}$")
-_PERMANENT_CODES = frozenset(
-    {
-        "MessageRejected",
-        "MailFromDomainNotVerifiedException",
-        "MailFromDomainNotVerified",
-        "BadRequestException",
-        "InvalidParameterValue",
-        "AccountSuspendedException",
-        "SendingPausedException",
-        "NotFoundException",
-        "ConfigurationSetDoesNotExist",
-        "ConfigurationSetSendingPausedException",
-        "AccountSendingPausedException",
-    }
-)
-
-
-#: BulkEmailStatus values (botocore's sesv2 model) other than SUCCESS, by outcome.
-BULK_RETRY_STATUSES = frozenset({"TRANSIENT_FAILURE", "FAILED"})
-BULK_PERMANENT_STATUSES = frozenset(
-    {
-        "MESSAGE_REJECTED",
-        "MAIL_FROM_DOMAIN_NOT_VERIFIED",
-        "CONFIGURATION_SET_NOT_FOUND",
-        "TEMPLATE_NOT_FOUND",
-        "ACCOUNT_SUSPENDED",
-        "INVALID_SENDING_POOL_NAME",
-        "ACCOUNT_SENDING_PAUSED",
-        "CONFIGURATION_SET_SENDING_PAUSED",
-    }
-)
 #: SES allows at most 15 headers on a message.
 MAX_HEADERS = 15
-#: Answers meaning the endpoint or the credentials do not offer SendBulkEmail at all (an IAM policy
-#: without ses:SendBulkEmail, an SES-compatible endpoint such as moto without the operation).
-_UNKNOWN_OPERATION_CODES = frozenset({"UnknownOperationException", "InvalidAction", "NotImplemented", "404", "501"})
 _warned_bulk_refused = False  # one warning per process
-
-
-def bulk_refused(code: str, message: str, status: int) -> bool:
-    """Whether a SendBulkEmail error says the operation itself is refused (not this call's content)."""
-    if code in _UNKNOWN_OPERATION_CODES or status in (405, 501):
-        return True
-    if status == 404 and code != "NotFoundException":  # NotFoundException: a configuration set or template
-        return True
-    return code in AUTH_CODES and "sendbulkemail" in message.lower()
 
 
 class _BulkRefused(Retry):
@@ -175,38 +124,39 @@ class Provider:
         self.bulk_headers = "Headers" in template and "ReplacementHeaders" in entry
         #: monotonic time until which SendBulkEmail is not tried (the endpoint refused it)
         self.bulk_refused_until = 0.0
+        #: messages that could have gone in a SendBulkEmail call but did not fit one (sent one by one)
+        self.fallbacks = 0
 
     # -- sending -----------------------------------------------------------------------------
 
     def send(self, messages: Sequence[Message]) -> list[Outcome]:
-        bulk = self.config.bulk and self.bulk_inline and time.monotonic() >= self.bulk_refused_until
-        if not bulk or len(messages) < 2:
+        use_bulk = self.config.bulk and self.bulk_inline and time.monotonic() >= self.bulk_refused_until
+        if not use_bulk or len(messages) < 2:
             return run_batch(self._pool, self._send_one, messages)
         outcomes: list[Outcome | None] = [None] * len(messages)
         singles: list[int] = []
-        groups: dict[tuple[str, str, str], list[int]] = {}
+        eligible: list[int] = []
         headers: dict[int, list[dict[str, str]]] = {}
         for i, m in enumerate(messages):
             prepared = self._headers(m)
             if not isinstance(prepared, list):
                 outcomes[i] = prepared
-                continue
-            key = self._bulk_key(m, prepared)
-            if key is None:
-                singles.append(i)
-            else:
+            elif self._bulk_ok(m, prepared):
                 headers[i] = prepared
-                groups.setdefault(key, []).append(i)
+                eligible.append(i)
+            else:
+                singles.append(i)
+        chunks, alone, fallbacks = bulk.plan(messages, eligible, self.config.bulk_size)
+        singles += alone
+        if fallbacks:
+            self.fallbacks += fallbacks
+            log.info(
+                "ses: %d of %d messages did not fit a SendBulkEmail call: sent one by one", fallbacks, len(eligible)
+            )
         tasks: list[tuple[list[int], Callable[[], list[Outcome]]]] = []
-        size = self.config.bulk_size
-        for idxs in groups.values():
-            if len(idxs) < 2:
-                singles.extend(idxs)
-                continue
-            for start in range(0, len(idxs), size):
-                chunk = idxs[start : start + size]
-                tasks.append((chunk, self._bulk_task([messages[i] for i in chunk], [headers[i] for i in chunk])))
-        for i in singles:
+        for chunk in chunks:
+            tasks.append((chunk.idxs, self._bulk_task(messages, chunk, [headers[i] for i in chunk.idxs])))
+        for i in sorted(singles):
             tasks.append(([i], self._single_task(messages[i])))
 
         def guarded(task: tuple[list[int], Callable[[], list[Outcome]]]) -> list[Outcome]:
@@ -236,8 +186,10 @@ class Provider:
     def _single_task(self, m: Message) -> Callable[[], list[Outcome]]:
         return lambda: [self._send_one(m)]
 
-    def _bulk_task(self, chunk: list[Message], headers: list[list[dict[str, str]]]) -> Callable[[], list[Outcome]]:
-        return lambda: self._send_bulk(chunk, headers)
+    def _bulk_task(
+        self, messages: Sequence[Message], chunk: bulk.Chunk, headers: list[list[dict[str, str]]]
+    ) -> Callable[[], list[Outcome]]:
+        return lambda: self._send_bulk([messages[i] for i in chunk.idxs], chunk, headers)
 
     def _headers(self, m: Message) -> list[dict[str, str]] | Outcome:
         """SES ``MessageHeader`` list of a message, or why it cannot be sent (no call made)."""
@@ -253,35 +205,29 @@ class Provider:
             headers.append({"Name": name, "Value": encoded})
         return headers
 
-    def _bulk_key(self, m: Message, headers: list[dict[str, str]]) -> tuple[str, str, str] | None:
-        """The content that identical messages share, or None when the message must use SendEmail."""
-        subject, text, html = m.content.get("subject", ""), m.content.get("text", ""), m.content.get("html", "")
-        if "{{" in subject or "{{" in text or "{{" in html:
-            return None  # SES templates would read it as a placeholder
+    def _bulk_ok(self, m: Message, headers: list[dict[str, str]]) -> bool:
+        """Whether the message may go in a SendBulkEmail call (else SendEmail)."""
+        c = m.content
+        if "{{" in c.get("subject", "") or "{{" in c.get("text", "") or "{{" in c.get("html", ""):
+            return False  # SES templates would read it as a placeholder
         if headers and (not self.bulk_headers or len(headers) > MAX_HEADERS):
-            return None
-        if any("{{" in h["Value"] for h in headers):
-            return None
-        return subject, text, html
+            return False
+        return not any("{{" in h["Value"] for h in headers)
 
-    def _bulk_request(self, chunk: list[Message], headers: list[list[dict[str, str]]]) -> dict[str, Any]:
-        first = chunk[0].content
-        content = {"Subject": first.get("subject", "")}
-        if first.get("text"):
-            content["Text"] = first["text"]
-        if first.get("html"):
-            content["Html"] = first["html"]
+    def _bulk_request(
+        self, batch: list[Message], chunk: bulk.Chunk, headers: list[list[dict[str, str]]]
+    ) -> dict[str, Any]:
         # Headers every message has with the same value go once in the template; the rest per entry.
         shared = [h for h in headers[0] if all(h in hs for hs in headers[1:])]
-        template: dict[str, Any] = {"TemplateContent": content, "TemplateData": "{}"}
+        template: dict[str, Any] = {"TemplateContent": chunk.content, "TemplateData": "{}"}
         if shared:
             template["Headers"] = shared
         entries = []
-        for m, hs in zip(chunk, headers, strict=True):
+        for m, hs, data in zip(batch, headers, chunk.data, strict=True):
             entry: dict[str, Any] = {
                 "Destination": {"ToAddresses": [m.address]},
                 "ReplacementTags": self._tags(m),
-                "ReplacementEmailContent": {"ReplacementTemplate": {"ReplacementTemplateData": "{}"}},
+                "ReplacementEmailContent": {"ReplacementTemplate": {"ReplacementTemplateData": data}},
             }
             own = [h for h in hs if h not in shared]
             if own:
@@ -296,9 +242,9 @@ class Provider:
             request["ConfigurationSetName"] = self.config.configuration_set
         return request
 
-    def _send_bulk(self, chunk: list[Message], headers: list[list[dict[str, str]]]) -> list[Outcome]:
+    def _send_bulk(self, chunk: list[Message], plan: bulk.Chunk, headers: list[list[dict[str, str]]]) -> list[Outcome]:
         try:
-            resp = self.client.send_bulk_email(**self._bulk_request(chunk, headers))
+            resp = self.client.send_bulk_email(**self._bulk_request(chunk, plan, headers))
         except ClientError as exc:
             parts = error_parts(exc)
             if bulk_refused(*parts[:3]):
@@ -313,7 +259,7 @@ class Provider:
             outcome = transport_outcome(exc)
             return [outcome for _ in chunk]
         results = list(resp.get("BulkEmailEntryResults") or [])
-        outcomes = [self.bulk_outcome(r) for r in results[: len(chunk)]]
+        outcomes = [entry_outcome(r, self.from_address) for r in results[: len(chunk)]]
         missing = len(chunk) - len(outcomes)
         return outcomes + [Retry("SES returned no result for this entry") for _ in range(missing)]
 
@@ -329,26 +275,6 @@ class Provider:
                 message,
                 self.config.bulk_reprobe,
             )
-
-    def bulk_outcome(self, result: dict[str, Any]) -> Outcome:
-        """Map one ``BulkEmailEntryResult`` {Status, Error, MessageId} to an outcome."""
-        status = str(result.get("Status") or "")
-        error = str(result.get("Error") or "")
-        reason = f"{status}: {error}".strip().rstrip(":")
-        if status == "SUCCESS":
-            if result.get("MessageId"):
-                return Sent(str(result["MessageId"]))
-            return Retry("SUCCESS without a MessageId")
-        if status == "ACCOUNT_THROTTLED":
-            return Retry(reason, None, throttled=True)
-        if status == "ACCOUNT_DAILY_QUOTA_EXCEEDED":
-            return Retry(reason, 3600.0)
-        if status in ("INVALID_PARAMETER", "FAILED") and _BAD_ADDRESS_RE.search(error):
-            if self.from_address.lower() not in error.lower():
-                return InvalidAddress(reason)
-        if status in BULK_PERMANENT_STATUSES or status == "INVALID_PARAMETER":
-            return Permanent(reason)
-        return Retry(reason or "SES bulk entry without a status")  # TRANSIENT_FAILURE, FAILED, unknown
 
     def _tags(self, m: Message) -> list[dict[str, str]]:
         return [
@@ -396,17 +322,7 @@ class Provider:
 
     def classify(self, code: str, message: str, status: int, retry_after: float | None) -> Outcome:
         """Map an SES error to an outcome."""
-        reason = f"{code or status}: {message}".strip()
-        if code in ("BadRequestException", "InvalidParameterValue") and _BAD_ADDRESS_RE.search(message):
-            if self.from_address.lower() not in message.lower():
-                return InvalidAddress(reason)
-        if "daily message quota exceeded" in message.lower():
-            return Retry(reason, retry_after if retry_after is not None else 3600.0)
-        if code == "NotFoundException":
-            return Permanent(f"{reason} (configuration set {self.config.configuration_set!r}?)")
-        if code in _PERMANENT_CODES:
-            return Permanent(reason)
-        return generic_outcome(code, message, status, retry_after)
+        return classify(code, message, status, retry_after, self.from_address, self.config.configuration_set)
 
     # -- operations --------------------------------------------------------------------------
 
