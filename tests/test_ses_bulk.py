@@ -140,6 +140,29 @@ def test_a_campaign_of_different_bodies_is_one_call_per_50(sandbox, provider) ->
     )
 
 
+LONG = _html.from_string(
+    "<h1>Hi {{ name }}</h1>\n<ul>\n{% for label in items %}<li>{{ label }}</li>\n{% endfor %}</ul>\n"
+    + "".join(f"<p>Shared paragraph {k}: " + "lorem ipsum " * 8 + "</p>\n" for k in range(40))
+    + '<p><a href="https://example.com/u/{{ uid }}">Unsubscribe</a></p>'
+)
+
+
+def test_a_loop_and_a_personal_footer_still_share_the_rest(sandbox, provider) -> None:
+    # each body has its own number of lines (the loop) and its own last line (the link): the 40
+    # shared paragraphs between them still go once per call, not once per recipient
+    contents = [
+        {"subject": "Weekly", "html": LONG.render(name=f"P{i}", items=[f"item {j}" for j in range(i % 5)], uid=i)}
+        for i in range(10)
+    ]
+    seen = send_and_rebuild(sandbox, provider, contents)
+    assert seen["bulk_calls"] == [10]
+    [call] = sandbox.bulk_calls.all()
+    assert "Shared paragraph 39" in call["request"]["DefaultContent"]["Template"]["TemplateContent"]["Html"]
+    for entry, c in zip(call["request"]["BulkEmailEntries"], contents, strict=True):
+        data = entry["ReplacementEmailContent"]["ReplacementTemplate"]["ReplacementTemplateData"]
+        assert "Shared paragraph" not in data and len(data) < len(c["html"]) / 10
+
+
 def test_transactional_mail_shares_a_call_only_with_identical_bodies(sandbox, provider) -> None:
     contents = [render(i, {"name": f"n{i}", "vip": False, "code": "", "items": []}) for i in range(3)]
     sandbox.recorder.clear()

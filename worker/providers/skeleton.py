@@ -36,7 +36,9 @@ def skeleton(
     Linear in the total size: the bodies are compared line by line — the lines they share at the
     start and the end, then, when their middles have as many lines, each line position (a run
     of differing lines is one key) — and each key's values are trimmed of what they all start
-    and end with. Middles of different lengths (a loop over per-recipient items) are one key.
+    and end with. Middles of different lengths (a loop over per-recipient items) are compared by
+    line position from their start and from their end, split where that shares the most lines,
+    and what lies between (each body's own number of lines) is one key with its neighbours.
     ``key_format``: how the n-th key is spelled (SendGrid's ``[%sg0%]``, SES's ``{{s0}}``)."""
     if not bodies:
         return "", [], []
@@ -56,19 +58,16 @@ def skeleton(
     # the skeleton as pieces: shared text (str), or a run of differing lines (list: its columns,
     # each a tuple of one line per body)
     pieces: list[str | list[tuple[str, ...]]] = ["".join(lines[0][:head])]
-    if len({len(m) for m in middles}) == 1:
-        run: list[tuple[str, ...]] | None = None
-        for column in zip(*middles, strict=True):
-            if column.count(column[0]) == len(column):
-                run = None
-                pieces.append(column[0])
-            elif run is None:
-                run = [column]
-                pieces.append(run)
-            else:
-                run.append(column)
-    else:
-        pieces.append([tuple("".join(m) for m in middles)])
+    run: list[tuple[str, ...]] | None = None
+    for column in _columns(middles):
+        if column.count(column[0]) == len(column):
+            run = None
+            pieces.append(column[0])
+        elif run is None:
+            run = [column]
+            pieces.append(run)
+        else:
+            run.append(column)
     pieces.append("".join(lines[0][len(lines[0]) - tail :]) if tail else "")
     out: list[str] = []
     keys: list[str] = []
@@ -87,3 +86,29 @@ def skeleton(
         for own, v in zip(values, rest, strict=True):
             own.append(v[: len(v) - post])
     return "".join(out), keys, values
+
+
+def _columns(middles: list[list[str]]) -> list[tuple[str, ...]]:
+    """The middles as columns, one line per body each. Of middles with as many lines, every line
+    position; otherwise the first ``f`` and the last ``t`` positions of every middle (``f + t`` the
+    shortest middle's length, split where most of those columns are shared), with one column
+    between them holding each body's remaining lines joined."""
+    short = min(len(m) for m in middles)
+    if all(len(m) == short for m in middles):
+        return list(zip(*middles, strict=True))
+    front = [c.count(c[0]) == len(c) for c in zip(*[m[:short] for m in middles], strict=True)]
+    back = [c.count(c[0]) == len(c) for c in zip(*[m[::-1][:short] for m in middles], strict=True)]
+    best, f = -1, 0
+    shared_front = 0
+    shared_back = sum(back)
+    for cut in range(short + 1):  # cut lines from the front, short - cut from the back
+        if cut:
+            shared_front += front[cut - 1]
+            shared_back -= back[short - cut]
+        if shared_front + shared_back > best:
+            best, f = shared_front + shared_back, cut
+    t = short - f
+    columns = list(zip(*[m[:f] for m in middles], strict=True))
+    columns.append(tuple("".join(m[f : len(m) - t]) for m in middles))
+    columns += list(zip(*[m[len(m) - t :] for m in middles], strict=True))
+    return columns
