@@ -113,7 +113,7 @@ async def _twilio_params(request: Request) -> dict[str, str]:
 @router.post("/twilio/status", summary="Twilio message status callback")
 async def twilio_status(request: Request) -> JSONResponse:
     params = await _twilio_params(request)
-    events = twilio.status_events(params, request.query_params.get("delivery_id"))
+    events = twilio.status_events(params, request.query_params)
     result = await run_in_threadpool(apply_events, request.app.state.ctx, events)
     result.received = 1
     return _summary("twilio", result)

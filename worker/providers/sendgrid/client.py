@@ -70,6 +70,9 @@ MAX_SUBSTITUTION_BYTES = 10_000  # per personalization, as JSON
 #: replaces them in.
 KEY_OPEN = "[%sg"
 KEY_FORMAT = KEY_OPEN + "{}%]"
+#: The ``custom_args`` every personalization carries; the Event Webhook echoes them in each event
+#: (:mod:`.webhook` matches events back by them).
+DELIVERY_ARG, NOTIFICATION_ARG = "delivery_id", "notification_id"
 _PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)(?:\.(\w+))?")
 
 
@@ -403,7 +406,7 @@ class Provider:
             p: dict[str, Any] = {
                 "to": [{"email": m.address.strip()}],
                 "subject": m.content["subject"],
-                "custom_args": {"delivery_id": m.delivery_id, "notification_id": m.notification_id},
+                "custom_args": {DELIVERY_ARG: m.delivery_id, NOTIFICATION_ARG: m.notification_id},
             }
             if m.headers:
                 p["headers"] = m.headers

@@ -21,6 +21,7 @@ from typing import Any
 
 from notifyctl.errors import ApiError
 from notifyctl.inbound import Event
+from worker.providers.sendgrid.client import DELIVERY_ARG
 
 log = logging.getLogger("notifyctl.webhooks")
 
@@ -102,7 +103,7 @@ def events(items: Any) -> list[Event]:
             raise ApiError(400, f"event {i}: missing 'event'")
         sg_mid = ev.get("sg_message_id")
         pmid = sg_mid.split(".", 1)[0] if isinstance(sg_mid, str) and sg_mid else None
-        did = ev.get("delivery_id")
+        did = ev.get(DELIVERY_ARG)
         email = ev.get("email") if isinstance(ev.get("email"), str) else None
         eid = ev.get("sg_event_id")
         e = Event(

@@ -82,6 +82,9 @@ _TAG_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,126}$")
 #: SES allows at most 15 headers on a message.
 MAX_HEADERS = 15
+#: The tag every message carries (``EmailTags``/``ReplacementTags``); SES event records echo it in
+#: ``mail.tags`` (:mod:`.webhook` matches records back by it).
+DELIVERY_TAG = "delivery_id"
 _warned_bulk_refused = False  # one warning per process
 
 
@@ -278,7 +281,7 @@ class Provider:
 
     def _tags(self, m: Message) -> list[dict[str, str]]:
         return [
-            {"Name": "delivery_id", "Value": tag_value(m.delivery_id)},
+            {"Name": DELIVERY_TAG, "Value": tag_value(m.delivery_id)},
             {"Name": "notification_id", "Value": tag_value(m.notification_id)},
             {"Name": "category", "Value": tag_value(m.category)},
         ]

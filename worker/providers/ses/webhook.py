@@ -21,6 +21,7 @@ import httpx
 from notifyctl.errors import ApiError
 from notifyctl.inbound import Event
 from notifyctl.jsonload import load_json
+from worker.providers.ses.client import DELIVERY_TAG
 from worker.providers.ses.sns_signature import sns_url_ok
 
 log = logging.getLogger("notifyctl.webhooks")
@@ -84,7 +85,7 @@ def record_events(record: dict[str, Any], sns_message_id: str) -> list[Event]:
         raise ApiError(400, "SES record lacks eventType/notificationType or mail")
     mid = mail.get("messageId") if isinstance(mail.get("messageId"), str) else None
     tags = _dict(mail.get("tags"))
-    tag = tags.get("delivery_id")
+    tag = tags.get(DELIVERY_TAG)
     did = tag[0] if isinstance(tag, list) and tag and isinstance(tag[0], str) else None
     dests = [d for d in _list(mail.get("destination")) if isinstance(d, str)]
 

@@ -21,11 +21,11 @@ from xml.sax.saxutils import escape
 
 from notifyctl.errors import ApiError
 from notifyctl.inbound import Event
+from worker.providers.twilio.client import CALLBACK_PARAM, STOP_CODE
 
 OPT_OUT_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
 OPT_IN_WORDS = frozenset({"START", "YES", "UNSTOP"})
 HELP_WORDS = frozenset({"HELP", "INFO"})
-STOP_ERROR = "21610"  # the recipient replied STOP: carrier-level opt-out
 
 _STATUS = {
     "sent": "sent",
@@ -81,8 +81,10 @@ def verified_form(
     return {k: values[0] for k, values in signed.items()}
 
 
-def status_events(params: dict[str, str], delivery_id: str | None) -> list[Event]:
-    """The event of a verified status callback (none for statuses not worth recording)."""
+def status_events(params: dict[str, str], query: Any) -> list[Event]:
+    """The event of a verified status callback (none for statuses not worth recording); ``query``:
+    the callback URL's query parameters (the client put our delivery id there)."""
+    delivery_id = query.get(CALLBACK_PARAM)
     sid = params.get("MessageSid") or params.get("SmsSid")
     status = params.get("MessageStatus") or params.get("SmsStatus")
     if not sid or not status:
@@ -101,7 +103,7 @@ def status_events(params: dict[str, str], delivery_id: str | None) -> list[Event
     if mapped == "failed":
         code = params.get("ErrorCode") or ""
         e.detail = f"{status}" + (f" (error {code})" if code else "")
-        if code == STOP_ERROR:
+        if code == str(STOP_CODE):  # the recipient replied STOP: carrier-level opt-out
             e.opt_out = ("sms", "*", "stop_reply")
     return [e]
 
