@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -26,6 +27,7 @@ from sqlalchemy import update
 from bench.common import Env, bulk_notifications, bulk_users
 from bench.harness import bulk_ios_tokens, commandstats, delta, p256_key_pem
 from bench.scenarios import KEY_ID, MIXES, PROMO, TEAM_ID, TOPIC, _platforms, _sink_service_account
+from notifyctl.context import freeze_heap
 
 
 def _cpu(pid: int) -> float:
@@ -51,6 +53,9 @@ def run(label: str, n: int, batch: int, sink: Any, profile: bool, rounds: int = 
         bulk_ios_tokens(env, ids, platforms=_platforms(n, MIXES[label]))
         rt = Runtime(env.ctx, worker_name=f"bench-push-{label}")
         rt.warm()
+        if os.environ.get("PUSH_PROFILE_NOGC"):
+            gc.disable()
+        freeze_heap()  # as a pool worker does once set up
         best: dict[str, Any] | None = None
         for r in range(rounds):
             nids = bulk_notifications(env.ctx, ids, "weekly_promo", ["push"], PROMO)

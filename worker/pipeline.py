@@ -374,7 +374,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     # A channel that only prints the recipient's variables ({{ user.first_name }}):
                     # the batch's rendering with tokens, with this recipient's values put in (for
                     # data shared by several notifications of the batch: else one render is cheaper).
-                    values = _token_values(t.direct_user_fields(channel), user_vars(user))
+                    html = "html" in t.parts.get(channel, ())  # (an HTML part: email)
+                    values = _token_values(t.direct_user_fields(channel), user_vars(user), html)
                     parts = probe(n, channel, t) if values is not None else None
                     if parts is not None:
                         probed[key] = (parts, values)  # type: ignore[assignment]
@@ -1265,12 +1266,12 @@ class _UserProbe(dict):  # type: ignore[type-arg]
         return f"{TOKEN_PREFIX}{self.kind}:{key}%%"
 
 
-def _token_values(fields: frozenset[str] | None, user: dict[str, Any]) -> dict[str, str] | None:
+def _token_values(fields: frozenset[str] | None, user: dict[str, Any], html: bool = True) -> dict[str, str] | None:
     """A recipient's values for the tokens of ``_UserProbe`` (``t:`` as text, ``h:`` escaped for
-    HTML), when the template only prints ``user`` fields (``Template.direct_user_fields``) and
-    the recipient has them all; else None (rendered the ordinary way). Putting them in the
-    probe's rendering and stripping each part is exactly what rendering gives: Jinja prints
-    ``str(value)``, escaped in the HTML part."""
+    HTML: only with ``html``, the channel that has an HTML part), when the template only prints
+    ``user`` fields (``Template.direct_user_fields``) and the recipient has them all; else None
+    (rendered the ordinary way). Putting them in the probe's rendering and stripping each part is
+    exactly what rendering gives: Jinja prints ``str(value)``, escaped in the HTML part."""
     if fields is None:
         return None
     values: dict[str, str] = {}
@@ -1283,7 +1284,8 @@ def _token_values(fields: frozenset[str] | None, user: dict[str, Any]) -> dict[s
             # a value that looks like a token, or whose edge whitespace a part's strip() could eat
             return None
         values[f"{TOKEN_PREFIX}t:{f}%%"] = text
-        values[f"{TOKEN_PREFIX}h:{f}%%"] = str(markupsafe.escape(v))
+        if html:
+            values[f"{TOKEN_PREFIX}h:{f}%%"] = str(markupsafe.escape(v))
     return values
 
 
