@@ -1,6 +1,7 @@
 """Launching a campaign: read the segment, schedule every recipient, write one ``scheduled``
 notification per recipient. The worker pool's reconciler queues them (in batches, into the
-priority queue of the campaign) as their ``due_at`` comes.
+priority queue of the campaign) as their ``due_at`` comes; those already due when written (a
+campaign sent now) are queued by the launcher itself, in the same write (``_produce_due``).
 
 A launch reads the segment twice: a *plan* pass (resolves users and time zones, counts each
 wave, checks the template against the first recipient) and a *write* pass (bulk inserts, one
@@ -16,6 +17,7 @@ marketing-SMS consent, a peek at the rate-limit windows, SMS cost) and writes no
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis
 from sqlalchemy import select, update
 from sqlmodel import Session
 
@@ -34,7 +37,7 @@ from campaigns.segments import BadRows, CsvSegment, SegmentRow, SqlSegment, chun
 from notifyctl.context import Context
 from notifyctl.db import prepare_insert, write_lock
 from notifyctl.errors import InputError
-from notifyctl.intake import user_vars
+from notifyctl.intake import enqueue, user_vars
 from notifyctl.models import (
     Campaign,
     CampaignStatus,
@@ -50,6 +53,8 @@ from notifyctl.policy import refusal
 from notifyctl.settings import CHANNELS
 from notifyctl.templates import Template
 from worker.ratelimit import RateLimiter
+
+log = logging.getLogger("notifyctl.campaigns")
 
 Progress = Callable[[str, int, int | None], None]  # (phase "plan" | "write", rows done, total or None)
 
@@ -90,7 +95,7 @@ class _Resolved:
 
 def _resolve(ctx: Context, spec: LaunchSpec, now: datetime, cfg: CampaignConfig) -> _Resolved:
     """Check every flag; InputError (exit 2) names the first bad one. Nothing is written."""
-    template = ctx.templates.get(spec.template_id)
+    template = ctx.templates.get_shared(spec.template_id)  # one every host's workers can load
     if template.priority == "high" and template.category != "marketing":
         raise InputError(
             f"--template: {template.id!r} is a high-priority {template.category} template; campaigns run at "
@@ -374,6 +379,7 @@ def _produce(
     last_due: datetime | None = None
     state = CampaignStatus.active
     canceled = False
+    batch = max(1, ctx.settings.batch_size)
     if progress:
         progress("write", 0, planned)
     with Session(ctx.engine) as session:
@@ -438,11 +444,13 @@ def _produce(
                         "dedup_key": f"campaign:{cid}:{r.user_id}",
                         "campaign_id": cid,
                         "status": row_status,
+                        "job_id": None,
                         "due_at": due,
                         "created_at": now,
                         "updated_at": now,
                     }
                 )
+            jobs = _produce_due(rows, now, batch) if row_status == NotificationStatus.scheduled else []
             # under the SQLite writer lock, so that a launch never makes the workers' and an OTP's
             # writes wait on SQLite's busy-sleep
             # parameters converted before the lock; a row the campaign already has is skipped
@@ -450,6 +458,7 @@ def _produce(
             with write_lock(ctx.engine):
                 insert_rows(session.connection())
                 session.commit()
+            _enqueue_due(ctx, res.priority, jobs)
             written += len(rows)
             if progress:
                 progress("write", seen_rows, planned)
@@ -493,6 +502,36 @@ def _produce(
             waves=camp.plan,
         )
     return summary
+
+
+def _produce_due(rows: list[dict[str, Any]], now: datetime, batch: int) -> list[tuple[str, list[str]]]:
+    """The rows already due when written (a campaign sent now; slots that passed while the segment
+    was read) are produced at once, as intake produces a notification: written ``queued`` with the
+    id of their job (``batch`` rows a job), enqueued after the commit (``_enqueue_due``). The
+    reconciler would have queued them within its next round, writing each row a second time to mark
+    it queued: for a campaign sent now (the seed's peak) the row is written once, then once by the
+    worker that finishes it. A launcher killed between the commit and the enqueue leaves jobs
+    missing, which the reconciler's search for lost work finds, as it does intake's. Rows due later
+    stay ``scheduled`` for the reconciler, at the campaign's rate. Returns ``[(job id, ids)]``."""
+    due = [row for row in rows if row["due_at"] <= now]
+    jobs: list[tuple[str, list[str]]] = []
+    for i in range(0, len(due), batch):
+        part = due[i : i + batch]
+        job_id = "job_" + new_id("l")
+        for row in part:
+            row["status"] = NotificationStatus.queued
+            row["job_id"] = job_id
+        jobs.append((job_id, [row["id"] for row in part]))
+    return jobs
+
+
+def _enqueue_due(ctx: Context, priority: str, jobs: list[tuple[str, list[str]]]) -> None:
+    """Enqueue what ``_produce_due`` marked (committed). Redis unavailable: the reconciler finds them."""
+    try:
+        for job_id, ids in jobs:
+            enqueue(ctx, priority, ids, job_id)
+    except redis.RedisError as exc:
+        log.warning("campaign rows due now not enqueued (%s): the reconciler will queue them", exc)
 
 
 def _sync_rows(session: Session, cid: str, state: str) -> None:

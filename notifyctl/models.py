@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, String, UniqueConstraint, and_, literal_column
+from sqlalchemy import JSON, Column, Index, String, Text, UniqueConstraint, and_, literal_column
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
@@ -298,6 +298,22 @@ class SharedSecret(SQLModel, table=True):
     value: str | None = Field(default=None, max_length=256)
     fingerprint: str = Field(max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class SharedTemplate(SQLModel, table=True):
+    """A template shared by every host through the database (``notifyctl templates push``): the
+    TOML file as pushed (``source``, what ``templates pull`` writes back), its channel parts,
+    ``version`` (1, then one more on every push that changes it; what each host's cache is
+    invalidated by) and ``hash`` (SHA-256 of ``source``: an unchanged push is a no-op)."""
+
+    __tablename__ = "templates"
+    name: str = Field(primary_key=True, max_length=128)
+    source: str = Field(sa_column=Column(Text, nullable=False))
+    parts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    version: int = 1
+    hash: str = Field(max_length=64)
+    pushed_by: str = Field(default="", max_length=255)  # the host that pushed it last
+    updated_at: datetime = Field(default_factory=utcnow)
 
 
 class AnalyticsHourly(SQLModel, table=True):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -60,12 +63,56 @@ def test_embedded_redis_is_shared_persistent_and_reused(tmp_path: Path) -> None:
         client.close()
         # stopped and started again: the data is still there
         assert run_cli(s, "redis", "stop", **env).stdout.strip() == "stopped"
+        try:  # "stopped" means gone: exited (a zombie until init reaps it) when the command returns
+            assert psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            pass
         url = ensure_server(home / "redis")
         client = redis.Redis.from_url(url)
         assert client.get("k") == b"v"
         client.close()
     finally:
         stop_server(home / "redis")
+
+
+def test_a_dead_servers_socket_is_asked_once_not_retried(tmp_path: Path) -> None:
+    """``ensure_server``'s ping and ``stop_server``'s SHUTDOWN connect once: redis-py's default
+    retries (with backoff) would spend seconds on a socket whose server dropped the connection.
+    Here a socket that accepts and closes at once counts the connections each call makes."""
+    d = tmp_path / "redis"
+    d.mkdir(mode=0o700)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(d / "redis.sock"))
+    srv.listen(16)
+    accepted: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            accepted.append(1)
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        assert stop_server(d) is False  # no answer to PING: nothing to stop
+        assert len(accepted) == 1, accepted
+        # no server to reuse (asked twice: before its lock and under it): a new one is started
+        url = ensure_server(d)
+        assert len(accepted) == 3, accepted
+        client = redis.Redis.from_url(url)
+        assert client.ping()
+        client.close()
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+        stop_server(d)
 
 
 # --- templates ------------------------------------------------------------------------------
