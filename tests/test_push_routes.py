@@ -141,6 +141,10 @@ def test_routes_that_share_a_provider_go_one_after_the_other(home: Path, redis_u
     assert groups(push_ios=["apns", "outbox"], push_android=["fcm", "outbox"], email=["sendgrid"], sms=["twilio"]) == [
         ["push.ios", "push.android"], ["email"], ["sms"]
     ]  # fmt: skip
+    # the SMS route's voice fallback counts as one of its providers
+    assert groups(push_ios=["apns"], push_android=["fcm"], email=["sendgrid"], sms=["sns"], voice=["sendgrid"]) == [
+        ["push.ios"], ["push.android"], ["email", "sms"]
+    ]  # fmt: skip
     assert groups(push_ios=["apns"], push_android=["fcm"], email=["sendgrid", "smtp"], sms=["twilio", "sendgrid"]) == [
         ["push.ios"], ["push.android"], ["email", "sms"]
     ]  # fmt: skip

@@ -1054,10 +1054,13 @@ THROTTLE_HOLD = 5.0  # a throttle answer asking for this many seconds or more ho
 
 def _route_groups(settings: Any, routes: list[str]) -> list[list[str]]:
     """The routes in groups that share no provider (a route's providers: ``providers_for``, in
-    failover order): routes of one group go one after the other, groups at the same time."""
+    failover order, and for SMS the voice fallback's): routes of one group go one after the other,
+    groups at the same time."""
     groups: list[tuple[set[str], list[str]]] = []
     for route in routes:
         names = set(settings.providers_for(route) or ["outbox"])
+        if route == "sms":
+            names.update(settings.providers_voice)
         joined = [g for g in groups if g[0] & names]
         for g in joined:
             groups.remove(g)
