@@ -26,6 +26,8 @@ def alive(worker_name: str) -> str:
 
 
 RECONCILE_LOCK = f"{PREFIX}reconciler:lock"
+STORE_ID = f"{PREFIX}store:id"  # this Redis's identity: a random token, set once (``notifyctl.stores``)
+HOST_STORES = f"{PREFIX}hosts:stores"  # hash: host → the database it runs on (``notifyctl.stores``)
 
 
 def queue_name(priority: str) -> str:

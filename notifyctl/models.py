@@ -316,6 +316,19 @@ class SharedTemplate(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class HostStore(SQLModel, table=True):
+    """Which Redis each host sharing the database runs on, written at its start
+    (``notifyctl.stores``): a host on its embedded Redis among hosts sharing another is warned. The
+    row whose ``host`` is empty is the database's own: its ``redis_id`` is the database's identity."""
+
+    __tablename__ = "host_stores"
+    host: str = Field(primary_key=True, max_length=255)  # "<host name> <home>"
+    name: str = Field(max_length=255)
+    redis_id: str = Field(max_length=64)  # the Redis's own identity (``keys.STORE_ID``)
+    redis_embedded: bool = False
+    seen_at: datetime = Field(default_factory=utcnow)
+
+
 class AnalyticsHourly(SQLModel, table=True):
     """The delivery rollup (``notifyctl.analytics``): how many deliveries queued in ``hour`` (UTC,
     ``YYYY-MM-DD HH``) of a template × channel × campaign are now in ``status`` (with the kind of
