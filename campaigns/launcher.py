@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ from campaigns.report import current_state
 from campaigns.schedule import Schedule, Wave, parse_hhmm, parse_quiet_hours, parse_send_at, plan_waves
 from campaigns.segments import BadRows, CsvSegment, SegmentRow, SqlSegment, chunked
 from notifyctl.context import Context
-from notifyctl.db import prepare_insert, write_lock
+from notifyctl.db import prepare_insert, rows_where_in, write_lock
 from notifyctl.errors import InputError
 from notifyctl.intake import enqueue, user_vars
 from notifyctl.models import (
@@ -51,6 +52,7 @@ from notifyctl.models import (
     new_id,
     utcnow,
 )
+from notifyctl.pgstats import analyze_grown
 from notifyctl.policy import refusal
 from notifyctl.settings import CHANNELS
 from notifyctl.templates import Template
@@ -189,7 +191,20 @@ def _stream(res: _Resolved, bad: BadRows) -> Iterator[list[SegmentRow]]:
 
 
 def _user_tz(session: Session, ids: list[str]) -> dict[str, str]:
-    return dict(session.execute(select(User.id, User.timezone).where(User.id.in_(ids))).all())  # type: ignore[attr-defined,arg-type]
+    """Each known user's time zone: the rows off the DBAPI cursor (a chunk's thousand-id ``IN`` list
+    through SQLAlchemy's expansion cost the launcher more than the query did)."""
+    return dict(rows_where_in(session.connection(), "SELECT id, timezone FROM users", "id", ids))  # type: ignore[arg-type]
+
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _already_written(session: Session, cid: str, ids: list[str]) -> set[str]:
+    """The users of ``ids`` the campaign has a notification for (a relaunch)."""
+    if not _SAFE_ID.match(cid):  # (our own ids: written into the statement)
+        raise ValueError(f"not a campaign id: {cid!r}")
+    sql = "SELECT recipient_id FROM notifications"
+    return {r[0] for r in rows_where_in(session.connection(), sql, "recipient_id", ids, f"AND campaign_id = '{cid}'")}
 
 
 def _check_template(res: _Resolved, session: Session, row: SegmentRow) -> None:
@@ -274,6 +289,7 @@ def launch(
     if dry_run:
         return _dry_run(ctx, res, progress, campaign=None)
     bad = BadRows(keep=cfg.max_reported_errors)
+    analyze_grown(ctx.engine, ("users", "notifications"))  # PostgreSQL: users imported just now, say
     plan = _plan(ctx, res, bad, progress)
     if plan.recipients == 0:
         first = f"; first: line {bad.first[0]['line']}: {bad.first[0]['message']}" if bad.first else ""
@@ -396,14 +412,7 @@ def _produce(
             row_status = NotificationStatus.paused if state == CampaignStatus.paused else NotificationStatus.scheduled
             ids = list({r.user_id for r in chunk})
             tzs = _user_tz(session, ids)
-            existing = set(
-                session.execute(
-                    select(Notification.recipient_id).where(
-                        Notification.campaign_id == cid,
-                        Notification.recipient_id.in_(ids),  # type: ignore[attr-defined]
-                    )
-                ).scalars()
-            )
+            existing = _already_written(session, cid, ids)
             now = utcnow()
             rows: list[dict[str, Any]] = []
             for r in chunk:
@@ -462,6 +471,7 @@ def _produce(
                 session.commit()
             _enqueue_due(ctx, res.priority, jobs)
             written += len(rows)
+            analyze_grown(ctx.engine, ("notifications",))  # PostgreSQL: once the table doubled
             if progress:
                 progress("write", seen_rows, planned)
         current = session.execute(select(Campaign.status).where(Campaign.id == cid)).scalar_one()

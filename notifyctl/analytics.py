@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from notifyctl.errors import InputError
+from notifyctl.pgstats import analyze_grown
 
 VERSION = "v2"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
 TRIGGERS = (f"notify_analytics_ins_{VERSION}", f"notify_analytics_upd_{VERSION}")
@@ -195,9 +196,11 @@ def _old_triggers(conn: Connection) -> list[str]:
 def compact(engine: Engine) -> int:
     """PostgreSQL: fold ``analytics_delta`` into ``analytics_hourly`` (rows in key order, so two
     compactors never deadlock; each delta row is moved by exactly one). Returns the delta rows
-    moved. A no-op on SQLite."""
+    moved. A no-op on SQLite. (The pool's periodic upkeep of PostgreSQL: the planner's statistics
+    of the tables a blast grows are refreshed here too, ``pgstats.analyze_grown``.)"""
     if engine.dialect.name != "postgresql":
         return 0
+    analyze_grown(engine)
     with engine.begin() as conn:
         res = conn.exec_driver_sql(
             f"WITH moved AS (DELETE FROM analytics_delta RETURNING {_COLS}, n), "
