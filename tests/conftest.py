@@ -37,6 +37,15 @@ PG_AVAILABLE = _port_open("127.0.0.1", 5432)
 
 
 @pytest.fixture(autouse=True)
+def _no_machine_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings root (``notifyctl.settings``) is the only reader of the environment, and each test
+    builds its own: the NOTIFY_* of the machine running the suite (but NOTIFY_TEST_*) stay out of it."""
+    for name in list(os.environ):
+        if name.startswith("NOTIFY_") and not name.startswith("NOTIFY_TEST_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
 def _close_sqlite_lock_files() -> Iterator[None]:
     """Each test's database leaves two lock files open in this thread: closed after it."""
     yield

@@ -69,11 +69,6 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     admin.dispose()
 
 
-@pytest.fixture(autouse=True)
-def _no_key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOTIFY_SECRET_KEY", raising=False)
-
-
 def homes(tmp_path: Path, redis_url: str, db_url: str) -> tuple[Settings, Settings]:
     out = []
     for name in ("a", "b"):
