@@ -172,7 +172,7 @@ def test_an_existing_loose_home_is_tightened_on_start_and_said_so(tmp_path: Path
     outside = stat.S_IMODE(tmp_path.stat().st_mode)
 
     proc = subprocess.run(
-        [sys.executable, "-m", "notifyctl.cli.main", "templates", "list", "--json"],
+        [sys.executable, "-m", "notifyctl.cli.main", "redis", "stop"],  # (touches neither Redis nor the database)
         capture_output=True,
         text=True,
         timeout=60,
@@ -195,7 +195,7 @@ def test_an_existing_loose_home_is_tightened_on_start_and_said_so(tmp_path: Path
     # the second start finds nothing to do and says nothing
     assert ensure_home(home) == home
     again = subprocess.run(
-        [sys.executable, "-m", "notifyctl.cli.main", "templates", "list", "--json"],
+        [sys.executable, "-m", "notifyctl.cli.main", "redis", "stop"],  # (touches neither Redis nor the database)
         capture_output=True,
         text=True,
         timeout=60,
