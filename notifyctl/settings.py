@@ -448,9 +448,9 @@ def provider_config(config_cls: type[M], name: str, settings: Settings) -> M:
     return settings.provider_settings(name, config_cls)
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """The settings, with the home created private (0700), or an existing one tightened
-    (``notifyctl.home.ensure_home``)."""
-    s = Settings(**overrides)
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """The settings root (from ``environ``, else the process's environment), with the home created
+    private (0700), or an existing one tightened (``notifyctl.home.ensure_home``)."""
+    s = Settings(**overrides) if environ is None else Settings.from_environ(environ, **overrides)
     ensure_home(s.home)
     return s

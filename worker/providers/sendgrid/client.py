@@ -68,7 +68,7 @@ _PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)(?:\.(\w+))?")
 
 
 class Config(BaseModel):
-    """SendGrid settings: environment ``NOTIFY_SENDGRID_*`` or ``[provider_options.sendgrid]``."""
+    """SendGrid: ``NOTIFY_SENDGRID_*``, or the config file's ``[sendgrid]`` (or ``[provider_options.sendgrid]``)."""
 
     model_config = ConfigDict(extra="ignore")
 

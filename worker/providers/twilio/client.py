@@ -66,7 +66,7 @@ _UNDELIVERABLE_CODES = {
 
 
 class Config(BaseModel):
-    """Twilio settings: environment ``NOTIFY_TWILIO_*`` or ``[provider_options.twilio]``."""
+    """Twilio settings: ``NOTIFY_TWILIO_*``, or the config file's ``[twilio]`` (``[provider_options.twilio]``)."""
 
     model_config = ConfigDict(extra="ignore")
 
