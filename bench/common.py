@@ -41,7 +41,11 @@ class Env:
         url = ensure_server(self.redis_dir)
         # NOTIFY_BENCH_DATABASE_URL (set by `bench.run --database-url`): a fresh schema per run on that server
         self._pg_schema: str | None = None
-        pg = os.environ.get("NOTIFY_BENCH_DATABASE_URL")
+        # ``bench_pg``: this Env's PostgreSQL server (a scenario run on both databases side by side);
+        # "" = SQLite whatever the environment says
+        pg = settings.pop("bench_pg", None)
+        if pg is None:
+            pg = os.environ.get("NOTIFY_BENCH_DATABASE_URL")
         if pg and "database_url" not in settings:
             import uuid
 

@@ -13,6 +13,8 @@ def test_every_bench_scenario_runs_at_tiny_size():
     email = res["email"]
     assert "error" not in email, email.get("error")
     assert email["sent"] == 300 and email["sandbox_accepted_emails"] == 300
+    # the path a user runs: `campaign launch` over a segment with per-recipient columns, one request a batch
+    assert email["mode"] == "segment" and email["launch"]["written"] == 300 and email["sandbox_requests"] == 1
     assert email["notifications_per_s"] > 0
     otp = email["otp"]
     assert otp["accepted_by_sandbox"] == otp["submitted"] == 5

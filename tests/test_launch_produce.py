@@ -1,0 +1,263 @@
+"""A campaign sent now (issue 15, item 3): the launcher writes each notification already queued, with
+its job, so the row is written once by the launcher and once by the worker that finishes it (the
+reconciler's `queued` mark, a second write of every row, is gone from that path). A launcher that
+dies between its commit and the enqueue leaves missing jobs, found by the reconciler's search for
+lost work: nothing lost, nothing sent twice. SQLite and PostgreSQL; real Redis, workers, outbox."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC
+from typing import Any
+
+from sqlalchemy import event, func, select
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from campaigns.launcher import LaunchSpec, launch
+from campaigns.report import campaign_status
+from notifyctl.context import Context
+from notifyctl.directory import import_users
+from notifyctl.models import Delivery, Notification
+from worker.pool import run_worker
+from worker.providers.outbox import read_outbox
+from worker.reconciler import reconcile
+
+N = 2500  # three chunks of the launcher (1,000 rows), three jobs of the worker (batch 1,000)
+_WRITE = re.compile(r"^\s*(UPDATE|INSERT INTO|COPY)\s+\"?(\w+\.)?notifications\b", re.I)
+
+
+@contextmanager
+def notification_writes() -> Iterator[Counter[str]]:
+    """Statements writing the notifications table, by kind, whoever runs them in this process."""
+    seen: Counter[str] = Counter()
+
+    def on_exec(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        m = _WRITE.match(statement)
+        if m:
+            seen[m.group(1).upper()] += 1
+
+    event.listen(Engine, "before_cursor_execute", on_exec)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_exec)
+
+
+def _launch_now(ctx: Context, tag: str) -> str:
+    rep = import_users(
+        ctx, io.StringIO("user_id,email\n" + "".join(f"{tag}{i},{tag}{i}@example.com\n" for i in range(N)))
+    )
+    assert rep.errors == []
+    seg = ctx.settings.home / f"{tag}.csv"
+    seg.write_text("user_id,first_name,code\n" + "".join(f"{tag}{i},Name{i},C{i:05d}\n" for i in range(N)))
+    spec = LaunchSpec("weekly_promo", channels=["email"], segment_csv=str(seg), rate=1_000_000.0, quiet_hours="off",
+                      data={"discount": 20})  # fmt: skip
+    return str(launch(ctx, spec)["campaign_id"])
+
+
+def _sent_once(ctx: Context, cid: str) -> None:
+    with Session(ctx.engine) as s:
+        sent = Counter(
+            uid
+            for (uid,) in s.execute(
+                select(Delivery.user_id)
+                .join(Notification, Notification.id == Delivery.notification_id)
+                .where(Notification.campaign_id == cid, Delivery.status == "sent")
+            ).all()
+        )
+        statuses = dict(
+            s.execute(
+                select(Notification.status, func.count())
+                .where(Notification.campaign_id == cid)
+                .group_by(Notification.status)
+            ).all()
+        )
+    assert len(sent) == N and set(sent.values()) == {1}
+    assert statuses == {"done": N}
+    outbox = [r for r in read_outbox(ctx.settings.outbox_dir, "email")]
+    per_address = Counter(r.get("address") or r.get("to") for r in outbox)
+    assert len(per_address) == N and set(per_address.values()) == {1}
+    assert campaign_status(ctx, cid)["state"] == "completed"
+
+
+def test_a_campaign_sent_now_writes_each_row_once_before_the_worker(any_db_ctx: Context) -> None:
+    ctx = any_db_ctx
+    with notification_writes() as launcher_writes:
+        cid = _launch_now(ctx, "now")
+    with Session(ctx.engine) as s:
+        rows = s.execute(select(Notification.status, Notification.job_id).where(Notification.campaign_id == cid)).all()
+    assert len(rows) == N and {st for st, _ in rows} == {"queued"}
+    jobs = Counter(job for _, job in rows)
+    assert len(jobs) == 3 and sorted(jobs.values()) == [500, 1000, 1000]
+    assert ctx.redis.llen(ctx.queue("low").key) == 3
+    assert launcher_writes["UPDATE"] == 0  # inserted queued, never updated by the launch
+
+    with notification_writes() as reconciler_writes:
+        res = reconcile(ctx, now=time.time() + ctx.settings.recovery_grace + 5, force=True, limit=100_000)
+    # nothing due, nothing lost: the jobs wait in their queue; the reconciler writes no row
+    assert (res.retries_queued, res.recovered) == (0, 0) and res.checked_jobs == 3
+    assert sum(reconciler_writes.values()) == 0
+
+    with notification_writes() as worker_writes:
+        run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
+    # each job's batch settled `done` at once (one UPDATE ... IN per 900 ids: SQLite's parameter limit)
+    assert worker_writes["UPDATE"] == sum(-(-k // 900) for k in jobs.values())
+    _sent_once(ctx, cid)
+
+
+def test_a_launcher_dead_between_commit_and_enqueue_loses_nothing(any_db_ctx: Context) -> None:
+    """The jobs of rows committed `queued` never reached Redis (the launcher killed in between): the
+    reconciler finds them missing once the grace has passed, queues them again, each is sent once."""
+    ctx = any_db_ctx
+    cid = _launch_now(ctx, "cut")
+    with Session(ctx.engine) as s:
+        job_ids = {j for (j,) in s.execute(select(Notification.job_id).where(Notification.campaign_id == cid)).all()}
+    assert len(job_ids) == 3
+    ctx.redis.delete(ctx.queue("low").key, *(f"rq:job:{j}" for j in job_ids))  # as if never enqueued
+
+    with Session(ctx.engine) as s:
+        first_due = s.execute(select(func.min(Notification.due_at)).where(Notification.campaign_id == cid)).scalar_one()
+    first = (first_due if first_due.tzinfo else first_due.replace(tzinfo=UTC)).timestamp()
+    # within the grace of the first row due: not looked at yet
+    assert reconcile(ctx, now=first + ctx.settings.recovery_grace - 0.5, force=True).recovered == 0
+    res = reconcile(ctx, now=time.time() + ctx.settings.recovery_grace + 1, force=True, limit=100_000)
+    assert res.recovered == N and res.checked_jobs == 3
+    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
+    again = reconcile(ctx, now=time.time() + ctx.settings.recovery_grace + 1, force=True, limit=100_000)
+    assert (again.retries_queued, again.recovered) == (0, 0)
+    _sent_once(ctx, cid)
+
+
+def test_a_chunk_colliding_with_rows_already_written_skips_only_those(any_db_ctx: Context) -> None:
+    """A concurrent relaunch wrote some of a chunk's recipients after the chunk was read: the chunk's
+    other rows are written, those are skipped (PostgreSQL: the direct COPY fails on the unique
+    index, its savepoint is rolled back, and the chunk goes again through ON CONFLICT DO NOTHING)."""
+    from campaigns.launcher import _insert_new
+    from notifyctl.models import new_id, utcnow
+
+    ctx = any_db_ctx
+    now = utcnow()
+
+    def rows(users: list[str]) -> list[dict[str, Any]]:
+        return [
+            {"id": new_id("n"), "recipient_id": u, "type": "weekly_promo", "template_id": "weekly_promo",
+             "category": "marketing", "priority": "low", "channels": ["email"], "data": {"discount": 1},
+             "dedup_key": f"campaign:c_x:{u}", "campaign_id": "c_x", "status": "scheduled", "job_id": None,
+             "due_at": now, "created_at": now, "updated_at": now}
+            for u in users
+        ]  # fmt: skip
+
+    def write(chunk: list[dict[str, Any]]) -> None:
+        with Session(ctx.engine) as s:
+            _insert_new(ctx.engine, chunk)(s)
+            s.commit()
+
+    first = rows(["a", "b", "c"])
+    write(first)
+    write(rows(["b", "c", "d", "e"]))
+    with Session(ctx.engine) as s:
+        got = dict(
+            s.execute(select(Notification.recipient_id, Notification.id).where(Notification.campaign_id == "c_x")).all()
+        )
+    assert sorted(got) == ["a", "b", "c", "d", "e"]
+    assert [got[u] for u in "abc"] == [r["id"] for r in first]  # the rows written first are kept
+
+
+def test_the_campaign_id_index_is_retired_on_upgrade(any_db_ctx: Context) -> None:
+    """The notifications' own campaign_id index (redundant: the unique (campaign_id, recipient_id)
+    index starts with it) is dropped by the schema upgrade; a campaign's rows are still read by index."""
+    from notifyctl.db import _existing_indexes, add_missing_columns
+
+    ctx = any_db_ctx
+    with ctx.engine.begin() as conn:  # as an earlier release left it
+        conn.exec_driver_sql("CREATE INDEX ix_notifications_campaign_id ON notifications (campaign_id)")
+    add_missing_columns(ctx.engine)
+    with ctx.engine.connect() as conn:
+        names = _existing_indexes(conn)
+        assert "ix_notifications_campaign_id" not in names and "uq_notifications_campaign_recipient" in names
+        if ctx.engine.dialect.name == "sqlite":
+            plan = str(
+                conn.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN SELECT status, count(*) FROM notifications WHERE campaign_id = 'c' GROUP BY status"
+                ).all()
+            )
+            assert "uq_notifications_campaign_recipient" in plan, plan
+
+
+def test_the_analytics_triggers_join_by_index_whatever_the_statistics(any_db_ctx: Context) -> None:
+    """PostgreSQL: the statement triggers' join of the changed deliveries to their notifications is
+    planned with hash and merge joins off (probes of the primary key), not from statistics that a
+    fresh or fast-growing table has wrong (a hash over every notification per batch); a database
+    with the previous definition gets it on start, the rollup rebuilt exact."""
+    from notifyctl import analytics
+    from notifyctl.db import write_lock
+
+    ctx = any_db_ctx
+    if ctx.engine.dialect.name != "postgresql":
+        return  # SQLite: row triggers, one primary-key lookup each
+    cid = _launch_now(ctx, "plan")
+    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
+    with ctx.engine.begin() as conn:  # as the previous release left it: v1 functions and triggers
+        for name, ddl in zip(analytics.TRIGGERS, analytics._pg_ddl()[:2], strict=True):
+            old = name.replace(analytics.VERSION, "v1")
+            conn.exec_driver_sql(ddl.replace(name, old).replace(analytics._PG_PLAN, ""))
+            conn.exec_driver_sql(f"DROP TRIGGER {name} ON deliveries")
+            kind = "INSERT" if "ins" in name else "UPDATE"
+            tables = "NEW TABLE AS new_rows" if kind == "INSERT" else "OLD TABLE AS old_rows NEW TABLE AS new_rows"
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER {old} AFTER {kind} ON deliveries REFERENCING {tables} "
+                f"FOR EACH STATEMENT EXECUTE FUNCTION {old}()"
+            )
+    assert analytics.install(ctx.engine, write_lock) is True
+    with ctx.engine.connect() as conn:
+        config = dict(
+            conn.exec_driver_sql(
+                "SELECT proname, proconfig FROM pg_proc WHERE proname LIKE 'notify_analytics_%%' "
+                "AND pronamespace = current_schema()::regnamespace"
+            ).all()
+        )
+    assert sorted(config) == sorted(analytics.TRIGGERS)  # the old functions dropped with their triggers
+    for settings in config.values():
+        assert {"enable_hashjoin=off", "enable_mergejoin=off"} <= set(settings)
+    assert analytics.rollup_counts(ctx.engine) == analytics.full_counts(ctx.engine)
+    assert sum(n for k, n in analytics.full_counts(ctx.engine).items() if k[3] == cid and k[4] == "sent") == N
+
+
+def test_statistics_follow_a_table_that_doubled(any_db_ctx: Context) -> None:
+    """PostgreSQL: a table whose rows changed since its last analysis by as many as it had then (and
+    by MIN_CHANGED at least) is analysed, once; one that did not is left alone. SQLite: nothing."""
+    from notifyctl.pgstats import MIN_CHANGED, analyze_grown
+
+    ctx = any_db_ctx
+    if ctx.engine.dialect.name != "postgresql":
+        assert analyze_grown(ctx.engine) == []
+        return
+    analyze_grown(ctx.engine)  # whatever the fixtures left
+    rep = import_users(
+        ctx, io.StringIO("user_id,email\n" + "".join(f"s{i},s{i}@example.com\n" for i in range(MIN_CHANGED + 10)))
+    )
+    assert rep.errors == []
+
+    def stats() -> tuple[float, int]:
+        with ctx.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_stat_force_next_flush()")
+            row = conn.exec_driver_sql(
+                "SELECT c.reltuples, s.n_mod_since_analyze FROM pg_class AS c JOIN pg_stat_user_tables AS s "
+                "ON s.relid = c.oid WHERE s.schemaname = current_schema() AND s.relname = 'users'"
+            ).one()
+        return float(row[0]), int(row[1])
+
+    for _ in range(50):  # the import's counts reach the shared statistics when its backend reports them
+        if stats()[1] >= MIN_CHANGED:
+            break
+        time.sleep(0.1)
+    assert "users" in analyze_grown(ctx.engine, ("users",))
+    reltuples, changed = stats()
+    assert reltuples >= MIN_CHANGED and changed == 0
+    assert analyze_grown(ctx.engine, ("users",)) == []  # nothing changed since
