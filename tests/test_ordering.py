@@ -9,12 +9,13 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
 from sqlmodel import Session
 
 from notifyctl.context import Context
@@ -22,7 +23,7 @@ from notifyctl.db import dispose_all
 from notifyctl.errors import InputError
 from notifyctl.models import OrderedNotification
 from notifyctl.settings import Settings
-from tests.conftest import ROOT, cli_env, make_settings, run_cli
+from tests.conftest import PG_AVAILABLE, PG_URL, ROOT, cli_env, make_settings, run_cli
 from tests.util import seed, send
 from worker.sandbox.smtp import SmtpSandbox
 
@@ -35,18 +36,34 @@ def smtp() -> Iterator[SmtpSandbox]:
         yield sb
 
 
-@pytest.fixture
-def octx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) -> Iterator[Context]:
-    """Email through SMTP to the sandbox, retried 1 s after a transient failure."""
+@pytest.fixture(params=["sqlite", "postgresql"])
+def octx(
+    request: pytest.FixtureRequest, home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox
+) -> Iterator[Context]:
+    """Email through SMTP to the sandbox, retried 1 s after a transient failure; on SQLite, and
+    on PostgreSQL when it answers."""
+    db: dict[str, str] = {}
+    schema = "t_" + uuid.uuid4().hex[:10]
+    if request.param == "postgresql":
+        if not PG_AVAILABLE:
+            pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
+        pytest.importorskip("psycopg2")
+        with create_engine(PG_URL).begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        db["database_url"] = f"{PG_URL}?options=-csearch_path%3D{schema}"
     ctx = Context(
         make_settings(
-            home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port, retry_delays=[1, 1]
+            home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port, retry_delays=[1, 1],
+            **db,
         )
-    )
+    )  # fmt: skip
     seed(ctx)
     yield ctx
     ctx.close()
     dispose_all()
+    if db:
+        with create_engine(PG_URL).begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
 
 
 def order_ids(smtp: SmtpSandbox, to: str) -> list[str]:
