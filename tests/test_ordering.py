@@ -185,3 +185,25 @@ def test_a_held_notification_waits_for_its_predecessors_next_attempt(octx: Conte
         assert [d.status for d in s.execute(select(Delivery).where(Delivery.notification_id == second)).scalars()] == [
             "sent"
         ]
+
+
+def test_the_api_takes_an_ordering_key(octx: Context) -> None:
+    import httpx
+
+    from notifyctl.api.auth import create_key
+    from tests.util import ApiServer
+
+    body = {
+        "recipient_id": "alice",
+        "template_id": "otp_code",
+        "channels": ["sms"],
+        "data": {"code": "1", "minutes": 2},
+    }
+    with ApiServer(octx) as server:
+        auth = {"Authorization": f"Bearer {create_key(octx, 'tests').key}"}
+        ok = httpx.post(server.url + "/v1/notify", json={**body, "ordering_key": "k"}, headers=auth, timeout=10)
+        bad = httpx.post(server.url + "/v1/notify", json={**body, "ordering_key": ""}, headers=auth, timeout=10)
+    assert ok.status_code == 202, ok.text
+    with Session(octx.engine) as s:
+        assert s.get(OrderedNotification, ok.json()["notification_id"]) is not None
+    assert bad.status_code == 422 and "ordering_key" in bad.json()["error"], bad.text
