@@ -31,7 +31,7 @@ from sqlalchemy import bindparam, insert, literal, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from notifyctl import metrics, prefs
+from notifyctl import metrics, ordering, prefs
 from notifyctl.context import Context
 from notifyctl.db import prepare_insert, rows_where_in, unindexed_in, update_where_in, write_lock
 from notifyctl.errors import TemplateError
@@ -226,7 +226,8 @@ _TT = DeviceToken.__table__  # type: ignore[attr-defined]
 # campaign batch shares one `data` and one `channels`.
 _N_SELECT = (
     "SELECT id, recipient_id, type, template_id, category, priority, dedup_key, CAST(channels AS TEXT), "
-    "CAST(data AS TEXT) FROM notifications"
+    "CAST(data AS TEXT), (SELECT 1 FROM ordered_notifications o WHERE o.notification_id = notifications.id) "
+    "FROM notifications"
 )
 # by primary key, never through the status index (see notifyctl.db.unindexed)
 _N_LOADABLE = "AND " + unindexed_in("status", [NotificationStatus.queued, NotificationStatus.retrying])
@@ -251,6 +252,7 @@ class _Note:
     channels: list[str]
     data: dict[str, Any]
     data_key: str
+    ordered: bool = False  # it carries an ordering_key (notifyctl.ordering)
 
 
 @dataclass(slots=True)
@@ -280,7 +282,7 @@ class _Batch:
 
         conn = session.connection()
         self.notifications: list[_Note] = [
-            _Note(*row[:7], load(row[7]) or [], load(row[8]) or {}, row[8] or "")
+            _Note(*row[:7], load(row[7]) or [], load(row[8]) or {}, row[8] or "", row[9] is not None)
             for row in rows_where_in(conn, _N_SELECT, "id", ids, _N_LOADABLE)
         ]
         user_ids = {n.recipient_id for n in self.notifications}
@@ -441,6 +443,10 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
 
     with Session(rt.ctx.engine, expire_on_commit=False) as session:
         batch = _Batch(session, rt.ctx.redis, ids)
+        ordered = [n.id for n in batch.notifications if n.ordered]  # with an ordering_key
+        held = ordering.hold_back(session, ordered, now) if ordered else set()
+        if held:  # an earlier one of their group is not final yet: back to the reconciler, untouched
+            batch.notifications = [n for n in batch.notifications if n.id not in held]
         stats.notifications = len(batch.notifications)
         if not batch.notifications:
             return stats
