@@ -5,9 +5,12 @@ subprocess) and reports the figures bench/RESULTS.md is built from. No figure is
 from __future__ import annotations
 
 from bench.smoke import smoke
+from tests import smoke_runs
 
 
 def test_every_bench_scenario_runs_at_tiny_size():
+    if smoke_runs.wanted:  # the chaos smoke runs beside this one (tests/smoke_runs.py)
+        smoke_runs.start_chaos()
     res = smoke(n=300, pool=2, apprise_n=10)
 
     email = res["email"]
