@@ -415,6 +415,7 @@ def _produce(
             existing = _already_written(session, cid, ids)
             now = utcnow()
             rows: list[dict[str, Any]] = []
+            floor = run_now + (now - started) - _SECOND  # (the chunk's clock: the same for its rows)
             for r in chunk:
                 tz = tzs.get(r.user_id)
                 if tz is None:
@@ -436,9 +437,8 @@ def _produce(
                 # schedule keeps its spacing, so the workers never get a backlog to produce faster than
                 # --rate. (The launch's clock: run_now may be injected; a second's slack is the
                 # reconciler's own period.)
-                floor = run_now + (now - started) - timedelta(seconds=1)
                 if due + shift < floor:
-                    shift = floor + timedelta(seconds=1) - due
+                    shift = floor + _SECOND - due
                 due = due + shift
                 first_due = due if first_due is None or due < first_due else first_due
                 last_due = due if last_due is None or due > last_due else last_due
@@ -517,6 +517,7 @@ def _produce(
 
 
 _RECIPIENT = ["campaign_id", "recipient_id"]
+_SECOND = timedelta(seconds=1)
 
 
 def _insert_new(engine: Engine, rows: list[dict[str, Any]]) -> Callable[[Session], None]:
