@@ -99,7 +99,7 @@ class _Resolved:
 
 def _resolve(ctx: Context, spec: LaunchSpec, now: datetime, cfg: CampaignConfig) -> _Resolved:
     """Check every flag; InputError (exit 2) names the first bad one. Nothing is written."""
-    template = ctx.templates.get(spec.template_id)
+    template = ctx.templates.get_shared(spec.template_id)  # one every host's workers can load
     if template.priority == "high" and template.category != "marketing":
         raise InputError(
             f"--template: {template.id!r} is a high-priority {template.category} template; campaigns run at "

@@ -20,6 +20,10 @@ from rich.table import Table
 
 from chaos.scenarios import SCENARIOS, Result
 
+# the faults by their usual duration with --quick, longest first (measured: outage ~21 s, workers
+# ~19 s, redis ~16 s, ratelimit ~15 s, launcher ~15 s, hung ~11 s at a load of 4.6 on 2 cores)
+LONGEST_FIRST = ("outage", "workers", "redis", "ratelimit", "launcher", "hung")
+
 
 def _report(err: Console, r: Result) -> None:
     err.print(f"  {r.fault}: {'ok' if r.ok else 'FAILED'} in {r.seconds}s: sent {r.sent}/{r.expected}, "
@@ -72,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parallel = args.parallel or (3 if args.quick else 1)
     t0 = time.monotonic()
     if parallel > 1 and len(names) > 1:
+        # the longest first, so that the short ones fill the gaps; results in the usual order
+        order = sorted(names, key=lambda n: LONGEST_FIRST.index(n) if n in LONGEST_FIRST else len(LONGEST_FIRST))
         with ThreadPoolExecutor(parallel) as ex:
-            results = list(ex.map(lambda n: _in_child(n, args.quick, err), names))
+            done = dict(zip(order, ex.map(lambda n: _in_child(n, args.quick, err), order), strict=True))
+        results = [done[n] for n in names]
     else:
         results = [_here(n, args.quick, err) for n in names]
     total = round(time.monotonic() - t0, 1)

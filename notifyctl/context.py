@@ -35,7 +35,7 @@ class Context:
     def templates(self) -> TemplateStore:
         from notifyctl.templates import TemplateStore
 
-        return TemplateStore.from_settings(self.settings)
+        return TemplateStore.from_settings(self.settings, lambda: self.engine)
 
     def queue(self, priority: str) -> Queue:
         from rq import Queue

@@ -136,7 +136,7 @@ def enqueue(ctx: Context, priority: str, notification_ids: list[str], job_id: st
 
 
 def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
-    template = ctx.templates.get(req.template_id)
+    template = ctx.templates.get_shared(req.template_id)  # one every host's workers can load
     category = template.category
     priority = req.priority or template.priority
     with Session(ctx.engine) as session:

@@ -25,7 +25,10 @@ def alive(worker_name: str) -> str:
     return f"{PREFIX}alive:{worker_name}"
 
 
-RECONCILE_LOCK = f"{PREFIX}reconciler:lock"
+RECONCILE_LOCK = f"{PREFIX}reconciler:lock"  # owned (a token), renewed while a round runs (``worker.reconciler``)
+RECONCILE_PACE = f"{PREFIX}reconciler:pace"  # the pools' rounds: at most one started per 0.9 s in the cluster
+STORE_ID = f"{PREFIX}store:id"  # this Redis's identity: a random token, set once (``notifyctl.stores``)
+HOST_STORES = f"{PREFIX}hosts:stores"  # hash: host → the database it runs on (``notifyctl.stores``)
 
 
 def queue_name(priority: str) -> str:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, String, UniqueConstraint, and_, literal_column
+from sqlalchemy import JSON, Column, Index, String, Text, UniqueConstraint, and_, literal_column
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
@@ -300,6 +300,35 @@ class SharedSecret(SQLModel, table=True):
     value: str | None = Field(default=None, max_length=256)
     fingerprint: str = Field(max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class SharedTemplate(SQLModel, table=True):
+    """A template shared by every host through the database (``notifyctl templates push``): the
+    TOML file as pushed (``source``, what ``templates pull`` writes back), its channel parts,
+    ``version`` (1, then one more on every push that changes it; what each host's cache is
+    invalidated by) and ``hash`` (SHA-256 of ``source``: an unchanged push is a no-op)."""
+
+    __tablename__ = "templates"
+    name: str = Field(primary_key=True, max_length=128)
+    source: str = Field(sa_column=Column(Text, nullable=False))
+    parts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    version: int = 1
+    hash: str = Field(max_length=64)
+    pushed_by: str = Field(default="", max_length=255)  # the host that pushed it last
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class HostStore(SQLModel, table=True):
+    """Which Redis each host sharing the database runs on, written at its start
+    (``notifyctl.stores``): a host on its embedded Redis among hosts sharing another is warned. The
+    row whose ``host`` is empty is the database's own: its ``redis_id`` is the database's identity."""
+
+    __tablename__ = "host_stores"
+    host: str = Field(primary_key=True, max_length=255)  # "<host name> <home>"
+    name: str = Field(max_length=255)
+    redis_id: str = Field(max_length=64)  # the Redis's own identity (``keys.STORE_ID``)
+    redis_embedded: bool = False
+    seen_at: datetime = Field(default_factory=utcnow)
 
 
 class AnalyticsHourly(SQLModel, table=True):

@@ -21,6 +21,8 @@ from typing import Any
 from urllib.parse import unquote
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from notifyctl.errors import ConfigError, one_line
@@ -53,7 +55,10 @@ def _ping(sock: Path) -> bool:
     if not sock.exists():
         return False
     try:
-        r = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=0.5, socket_timeout=0.5)
+        # no retries: redis-py's default backoff would spend seconds on a socket left by a dead server
+        r = redis.Redis(
+            unix_socket_path=str(sock), socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0)
+        )
         try:
             return bool(r.ping())
         finally:
@@ -114,16 +119,46 @@ def ensure_server(data_dir: Path, binary: str | None = None, wait: float = 10.0)
         raise ConfigError(f"embedded redis-server did not answer on {sock}; see {data_dir / 'redis.log'}")
 
 
-def stop_server(data_dir: Path) -> bool:
+def stop_server(data_dir: Path, wait: float = 10.0) -> bool:
+    """Ask the embedded server to save and exit; return once its process is gone (up to ``wait`` s).
+
+    The client has no retries: redis-py's default (3 retries, backoff) would otherwise take the
+    dropped connection SHUTDOWN answers with for an error and wait ~4 s before giving up."""
     sock = data_dir / "redis.sock"
     if not _ping(sock):
         return False
-    r = redis.Redis(unix_socket_path=str(sock))
+    try:
+        pid: int | None = int((data_dir / "redis.pid").read_text().strip())
+    except (OSError, ValueError):
+        pid = None
+    r = redis.Redis(unix_socket_path=str(sock), retry=Retry(NoBackoff(), 0))
     try:
         r.shutdown(save=True)
     except redis.ConnectionError:
         pass
+    finally:
+        r.close()
+    deadline = time.monotonic() + wait
+    while pid is not None and not _exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
     return True
+
+
+def _exited(pid: int) -> bool:
+    """The process is gone, or a zombie (it exited; its parent, init for a daemon, reaps it when it will)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # the pid now belongs to another user's process: ours is gone
+            return True
+        return False
 
 
 def redis_url(settings) -> str:  # type: ignore[no-untyped-def]

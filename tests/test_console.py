@@ -205,6 +205,9 @@ def test_dlq_flow_end_to_end(
     shot(page, tmp_path, "dlq")
     page.goto(server.url + "/console/dlq?channel=fax")
     assert "--channel: unknown channel 'fax'" in page.inner_text("#error")
+    missing = page.goto(server.url + "/console/dlq/d_nope")
+    assert missing is not None and missing.status == 404 and "no delivery 'd_nope'" in page.inner_text("main")
+    shot(page, tmp_path, "error")
 
     # One entry: its history, replayed alone (a dry run, then confirm).
     one = dead[0].id
@@ -213,6 +216,7 @@ def test_dlq_flow_end_to_end(
     shot(page, tmp_path, "dlq_entry")
     page.click("#replay-one")
     assert page.inner_text("#result") == "Dry run: would replay 1 of 1."
+    shot(page, tmp_path, "dlq_action")
     assert all(d.dead_lettered for d in deliveries(cctx))  # the dry run changed nothing
     page.click("#confirm")
     assert page.inner_text("#result").startswith("Replayed 1.")
@@ -238,6 +242,65 @@ def test_dlq_flow_end_to_end(
     reconcile(cctx, now=time.time() + 3600, force=True)
     drain(cctx)
     assert len(smtp.recorder) == 6
+
+
+def test_dlq_pages_in_the_browser(
+    browser: Any, server: ApiServer, api_key: str, cctx: Context, smtp: SmtpSandbox, tmp_path: Path
+) -> None:
+    """More entries than a page (100): "older entries" shows the rest, none twice, none missing, in
+    the order of ``notifyctl dlq list`` (whose ``--before`` gives the same page); the filter stays on
+    every page; "latest" goes back. A POST from the logged-in browser without the CSRF token is refused."""
+    smtp.faults.add(OUTAGE)
+    users = ("alice", "bob", "carol")
+    for i in range(105):
+        send(cctx, recipient_id=users[i % 3], channels=["email"], data={"order_id": f"P-{i}", "tracking_url": "u"})
+    drain(cctx)
+    dead = {d.id for d in deliveries(cctx) if d.dead_lettered}
+    assert len(dead) == 105 and len(smtp.recorder) == 0
+    runner = CliRunner()
+
+    def cli_ids(*args: str) -> list[str]:
+        r = runner.invoke(cli_app, ["dlq", "list", "--json", *args], env=cli_env(cctx.settings))
+        assert r.exit_code == 0, r.output
+        return [e["delivery_id"] for e in json.loads(r.stdout)]
+
+    def shown(page: Any) -> list[str]:
+        return [a.inner_text() for a in page.query_selector_all("#entries td a[href^='/console/dlq/d_']")]
+
+    page = login(browser, server, api_key)
+    for query in ("", "?channel=email&error=outage"):
+        page.goto(server.url + "/console/dlq" + query)
+        assert page.inner_text("#count") == "105 entries (latest 100 shown)"
+        first = shown(page)
+        if not query:
+            shot(page, tmp_path, "dlq_page1")
+        page.click("#older")
+        page.wait_for_url("**before=*")
+        assert ("channel=email" in page.url and "error=outage" in page.url) if query else "channel" not in page.url
+        assert page.inner_text("#count") == "105 entries (these 5 shown)"
+        second = shown(page)
+        if not query:
+            shot(page, tmp_path, "dlq_page2")
+        assert len(first) == 100 and len(second) == 5
+        assert not set(first) & set(second) and set(first) | set(second) == dead  # none twice, none missing
+        assert first + second == cli_ids("--limit", "200")  # latest first, as the CLI lists them
+        assert second == cli_ids("--limit", "100", "--before", first[-1])
+        assert page.query_selector("#older") is None  # the last page
+        page.click("#newest")
+        page.wait_for_url(server.url + "/console/dlq" + query)
+        assert shown(page) == first
+
+    # the browser's own session cookie, no CSRF token: refused, nothing purged (with the page's
+    # token, the same request is a dry run: the cookie went along)
+    token = page.get_attribute("#purge-filter >> xpath=.. >> input[name=csrf]", "value")
+    assert token
+    url = server.url + "/console/dlq/purge"
+    assert "Dry run: would purge 105" in page.request.post(url, form={"all": "1", "csrf": token}).text()
+    r = page.request.post(url, form={"all": "1", "confirm": "1"})
+    assert r.status == 403 and "CSRF" in r.text()
+    assert sum(d.dead_lettered for d in deliveries(cctx)) == 105
+    page.goto(server.url + "/console")
+    assert page.inner_text("h1") == "Overview"  # still logged in
 
 
 def test_purge_asks_first(server: ApiServer, api_key: str, cctx: Context, smtp: SmtpSandbox) -> None:

@@ -263,6 +263,7 @@ BAD = [
     (["list", "--older-than", "2h", "--newer-than", "1h"], "--newer-than must be longer"),
     (["list", "--limit", "0"], "--limit: must be at least 1"),
     (["list", "--error", " "], "--error: empty text"),
+    (["list", "--before", " "], "--before: empty delivery id"),
     (["replay"], "say what to replay"),
     (["replay", "d_x", "--all"], "not both"),
     (["replay", "d_x", "--channel", "email"], "not both"),
@@ -523,3 +524,41 @@ def test_dlq_index_upgrade_and_keyset_pages(any_db_ctx: Context) -> None:
     assert count_entries(ctx, sms) == 130 and len(list_entries(ctx, sms, 100, before=first[-1]["delivery_id"])) == 30
     with pytest.raises(NotFound, match="no DLQ entry 'd_nope'"):
         list_entries(ctx, f, 10, before="d_nope")
+
+
+def test_cli_list_pages_with_before_as_the_console_does(any_db_ctx: Context) -> None:
+    """``dlq list --before ID``: the page after that entry, keyset on (failed_at, id); walking the
+    pages lists every entry once, in the order of the whole list, ties of failed_at included, with a
+    filter too; the table names the next page's command; an unknown id is one line, exit 4."""
+    ctx = any_db_ctx
+    add_dead(ctx, 130, timedelta(minutes=1))  # one failed_at for all 130: the id breaks the ties
+    add_dead(ctx, 120, timedelta(hours=2), channel="email", provider="smtp")
+
+    def walk(*filters: str) -> list[list[str]]:
+        pages, before = [], None
+        while True:
+            more = ["--before", before] if before else []
+            page = [r["delivery_id"] for r in cli_json(ctx, "list", *filters, "--limit", "100", *more)]
+            if not page:
+                return pages
+            pages.append(page)
+            before = page[-1]
+
+    everything = [r["delivery_id"] for r in cli_json(ctx, "list", "--limit", "1000")]
+    with Session(ctx.engine) as s:
+        in_sql = s.execute(
+            select(Delivery.id).where(Delivery.dead_lettered.is_(True)).order_by(Delivery.failed_at.desc(), Delivery.id.desc())  # type: ignore[attr-defined,union-attr]
+        ).scalars().all()  # fmt: skip
+    assert everything == list(in_sql) and len(everything) == 250
+    pages = walk()
+    assert [len(p) for p in pages] == [100, 100, 50] and sum(pages, []) == everything
+    sms = walk("--channel", "sms")
+    assert [len(p) for p in sms] == [100, 30] and sum(sms, []) == everything[:130]
+
+    table = cli(ctx, "list", "--limit", "100", "--before", pages[0][-1])
+    assert table.exit_code == 0, table.output
+    assert "DLQ: 250 entries, showing 100 after" in table.stdout
+    assert f"--before {pages[1][-1]}" in table.stdout.replace("\n", "")  # the next page's command
+    missing = cli(ctx, "list", "--before", "d_nope")
+    assert missing.exit_code == 4 and missing.stderr.strip() == "error: no DLQ entry 'd_nope' to list from"
+    assert missing.stdout == ""

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
+from notifyctl import keys
 from notifyctl.errors import TemplateError
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import RateRule, Settings, load_settings
@@ -59,12 +63,56 @@ def test_embedded_redis_is_shared_persistent_and_reused(tmp_path: Path) -> None:
         client.close()
         # stopped and started again: the data is still there
         assert run_cli(s, "redis", "stop", **env).stdout.strip() == "stopped"
+        try:  # "stopped" means gone: exited (a zombie until init reaps it) when the command returns
+            assert psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            pass
         url = ensure_server(home / "redis")
         client = redis.Redis.from_url(url)
         assert client.get("k") == b"v"
         client.close()
     finally:
         stop_server(home / "redis")
+
+
+def test_a_dead_servers_socket_is_asked_once_not_retried(tmp_path: Path) -> None:
+    """``ensure_server``'s ping and ``stop_server``'s SHUTDOWN connect once: redis-py's default
+    retries (with backoff) would spend seconds on a socket whose server dropped the connection.
+    Here a socket that accepts and closes at once counts the connections each call makes."""
+    d = tmp_path / "redis"
+    d.mkdir(mode=0o700)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(d / "redis.sock"))
+    srv.listen(16)
+    accepted: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            accepted.append(1)
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        assert stop_server(d) is False  # no answer to PING: nothing to stop
+        assert len(accepted) == 1, accepted
+        # no server to reuse (asked twice: before its lock and under it): a new one is started
+        url = ensure_server(d)
+        assert len(accepted) == 3, accepted
+        client = redis.Redis.from_url(url)
+        assert client.ping()
+        client.close()
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+        stop_server(d)
 
 
 # --- templates ------------------------------------------------------------------------------
@@ -127,6 +175,32 @@ def test_sliding_window_edges(rclient: redis.Redis) -> None:
     # other users and channels are not affected
     assert rl.check_many([Check("v", "push", "marketing", "x:push"), Check("u", "email", "transactional", "y")],
                          t0 + 3_600_001) == [True, True]  # fmt: skip
+
+
+def test_one_batch_of_checks_with_several_rule_plans_answers_each_in_order(rclient: redis.Redis) -> None:
+    # one call, checks of three plans interleaved (push: one rule; sms marketing: two; email
+    # transactional: none), a high-priority one among them: the same answers as one call per check
+    rules = [RateRule.parse(r) for r in ("push:*:1/1h", "sms:*:2/1d", "sms:marketing:1/1h")]
+    rl = RateLimiter(rclient, rules, bypass_high=True)
+    t0 = 1_000_000_000
+    batch = [
+        Check("a", "push", "marketing", "n1:push"),
+        Check("a", "sms", "marketing", "n1:sms"),
+        Check("a", "push", "transactional", "n2:push"),  # a's push window is full: refused
+        Check("b", "push", "marketing", "n3:push"),
+        Check("a", "sms", "marketing", "n2:sms"),  # a's hourly marketing SMS window is full
+        Check("a", "email", "transactional", "n1:email"),  # no rule: passes
+        Check("a", "push", "transactional", "n4:push", high=True),  # full, but high: passes, counted
+        Check("b", "sms", "transactional", "n5:sms"),
+        Check("b", "sms", "transactional", "n6:sms"),
+        Check("b", "sms", "transactional", "n7:sms"),  # b's daily SMS window (2) is full
+    ]
+    assert rl.check_many(batch, t0) == [True, True, False, True, False, True, True, True, True, False]
+    assert rclient.zcard(keys.rate("a", rules[0].key)) == 2  # n1 and the high n4
+    assert rclient.zcard(keys.rate("b", rules[1].key)) == 2
+    # the same batch again (a rerun after a crash): what was admitted is found admitted
+    assert rl.check_many(batch, t0 + 1000) == [True, True, False, True, False, True, True, True, True, False]
+    assert rclient.zcard(keys.rate("a", rules[0].key)) == 2
 
 
 def test_rate_check_is_idempotent_per_notification(rclient: redis.Redis) -> None:

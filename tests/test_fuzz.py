@@ -33,7 +33,6 @@ from hypothesis import strategies as st
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from notifyctl.api.sns import SnsCertificates
 from notifyctl.cli.main import app as cli_app
 from notifyctl.context import Context
 from notifyctl.errors import InputError, TemplateError
@@ -46,6 +45,7 @@ from tests import fuzz_util
 from tests.conftest import cli_env
 from tests.fuzz_util import BigBytes, BigStr, count, snapshot
 from tests.util import IOS_TOKEN, ApiServer, fcm_token, seed
+from worker.providers.ses.sns_signature import SnsCertificates
 
 FUZZ = settings(
     max_examples=50,

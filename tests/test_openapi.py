@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from notifyctl.api.auth import create_key
-from notifyctl.api.sns import SnsCertificates
 from notifyctl.context import Context
 from tests.util import ApiServer, seed
+from worker.providers.ses.sns_signature import SnsCertificates
 
 # The rules no schema can state, each with the operation that applies it: there, a schema-valid
 # request may also be answered 422 (the document says why in the operation's 422 description).

@@ -194,6 +194,32 @@ def test_sandbox_speaks_apns_to_a_foreign_http2_client(sandbox: ApnsSandbox, p8:
     assert len(sandbox.recorder) == 1
 
 
+def test_payloads_of_a_batch_that_shares_its_alerts(make: Any, sandbox: ApnsSandbox) -> None:
+    # the aps part is serialised once per distinct alert: each push still gets its own data, an
+    # "aps" key of the data never replaces ours, and a push without data is the aps alone
+    shared = {"title": "Sale", "body": "10% off"}
+    msgs = [
+        msg(1, content=dict(shared), data={"notification_id": "n-1", "type": "promo"}),
+        msg(2, content=dict(shared), data={"notification_id": "n-2", "aps": {"badge": 9}}),
+        msg(3, content={"title": "Other", "body": "10% off"}, data={"notification_id": "n-3"}),
+        msg(4, content=dict(shared)),
+        msg(5, content={"title": "", "body": "Only a body"}, data={"n": 5, "list": [1, "é"]}),
+    ]
+    assert all(isinstance(o, Sent) for o in make().send(msgs))
+    got = {r["token"]: r["payload"] for r in sandbox.recorder.all()}
+    aps = {"alert": shared, "sound": "default"}
+    assert got == {
+        token(1): {"aps": aps, "notification_id": "n-1", "type": "promo"},
+        token(2): {"aps": aps, "notification_id": "n-2"},
+        token(3): {
+            "aps": {"alert": {"title": "Other", "body": "10% off"}, "sound": "default"},
+            "notification_id": "n-3",
+        },
+        token(4): {"aps": aps},
+        token(5): {"aps": {"alert": {"body": "Only a body"}, "sound": "default"}, "n": 5, "list": [1, "é"]},
+    }
+
+
 def test_invalid_token_and_oversized_payload_are_never_sent(make: Any, sandbox: ApnsSandbox) -> None:
     out = make().send([msg(1, address="not-a-token"), msg(2, content={"title": "t", "body": "x" * 5000}), msg(3)])
     assert out == [InvalidAddress("BadDeviceToken"), Permanent("PayloadTooLarge"), Sent(apns_id_for("d-3"))]

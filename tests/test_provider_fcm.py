@@ -10,11 +10,12 @@ from typing import Any
 
 import httpx
 import jwt
+import orjson
 import pytest
 
 from notifyctl.settings import Settings
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
-from worker.providers.fcm import Provider, collapse_key_for
+from worker.providers.fcm import Provider, _Bodies, build_message, collapse_key_for
 from worker.sandbox.fcm import (
     FCM_ERROR_TYPE,
     GOOGLE_TOKEN_URI,
@@ -133,6 +134,30 @@ def test_message_variants(
     assert ("notification" in m) is expect_notification
     if expect_notification:
         assert m["notification"] == content
+
+
+def test_request_bodies_are_the_message_objects_with_shared_parts_serialised_once(
+    sandbox: FcmSandbox, make_provider: Any
+) -> None:
+    # a batch sharing one notification content, and messages unlike it: each body is exactly
+    # {"message": build_message(m)}, and each message reaches FCM as built
+    shared = {"title": "Sale", "body": "10% off"}
+    msgs = [msg(i, content=dict(shared), dedup_key=f"campaign:c1:u{i}", data={"notification_id": f"n{i}"})
+            for i in range(3)]  # fmt: skip
+    msgs += [
+        msg(3, content={"body": "B", "image": "https://example.com/i.png"}, priority="high", dedup_key="k" * 100,
+            data={"delivery_id": "theirs", "n": 5, "ok": True, "none": None, "obj": {"a": [1]}}),
+        msg(4, content={}, dedup_key=None, data={}),
+    ]  # fmt: skip
+    bodies = _Bodies()
+    for m in msgs:
+        assert bodies(m) == orjson.dumps({"message": build_message(m)})
+    assert all(isinstance(o, Sent) for o in make_provider().send(msgs))
+    got = {r["message"]["token"]: r["message"] for r in sandbox.recorder.all()}
+    assert got == {m.address: build_message(m) for m in msgs}
+    assert got["token-0"]["notification"] == shared and got["token-3"]["data"]["delivery_id"] == "dlv-3"
+    with pytest.raises(ValueError, match="reserved"):
+        bodies(msg(5, data={"google.x": "1"}))
 
 
 def test_data_values_are_coerced_to_strings(sandbox: FcmSandbox, make_provider: Any) -> None:

@@ -90,7 +90,7 @@ def test_ses_on_moto_without_send_bulk_email_delivers_every_message_through_send
             "ses": {"endpoint_url": moto_server, "access_key_id": "AKIAMOTO", "secret_access_key": "x", "bulk_size": 4}
         },
     )
-    ses._warned_bulk_refused = False
+    ses.client._warned_bulk_refused = False
     provider = ses.Provider(settings)
     try:
         with caplog.at_level(logging.WARNING, logger="worker.providers.ses"):

@@ -15,7 +15,7 @@ import pytest
 from notifyctl.settings import Settings
 from tests.net import ClosedPort
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
-from worker.providers.twilio_sms import Provider, voice_twiml
+from worker.providers.twilio import Provider, voice_twiml
 from worker.sandbox.twilio import TwilioSandbox
 
 ACCOUNT_SID = "AC" + os.urandom(16).hex()

@@ -20,7 +20,7 @@ from worker.providers.base import Message, Sent
 from worker.sandbox.sendgrid import DEFAULT_API_KEY, SendgridSandbox
 
 FROM = "notifications@example.com"
-SHIPPED = Path(sendgrid.__file__).resolve().parents[2] / "notifyctl" / "templates"
+SHIPPED = Path(__file__).resolve().parents[1] / "notifyctl" / "templates"
 
 _html = jinja2.Environment(autoescape=True)
 _text = jinja2.Environment(autoescape=False)

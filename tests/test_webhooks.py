@@ -696,7 +696,7 @@ def test_sns_checks_everything_offline_before_any_fetch_and_bounds_fetches(wctx:
     """Issue 14 E2: an unauthenticated body made the server fetch first and ask questions after.
     Now nothing that fails an offline check is fetched for; a URL is fetched once; at most
     ``new_urls_per_minute`` new URLs a minute; never a 5xx."""
-    from notifyctl.api.sns import SnsCertificates
+    from worker.providers.ses.sns_signature import SnsCertificates
 
     aws = FakeAwsCerts(status=404)
     certs = SnsCertificates(httpx.Client(transport=httpx.MockTransport(aws)), new_urls_per_minute=3)
@@ -743,7 +743,7 @@ def test_sns_certificates_are_fetched_once_cached_and_bounded(sns_key: tuple[rsa
     from concurrent.futures import ThreadPoolExecutor
 
     from notifyctl.api.app import ApiConfig, ApiError
-    from notifyctl.api.sns import SnsCertificates
+    from worker.providers.ses.sns_signature import SnsCertificates
 
     cfg = ApiConfig(sns_topic_arns=[TOPIC])
     gate = threading.Event()

@@ -18,6 +18,7 @@ import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
@@ -88,6 +89,7 @@ class Runtime:
         self.circuits = Circuits(ctx.redis, self.settings.circuit_threshold, self.settings.circuit_cooldown)
         self.pacer = Pacer(ctx.redis)
         self._providers: dict[str, Provider] = {}
+        self._route_pool: ThreadPoolExecutor | None = None
         self._unsub_key: bytes | None = None
         self.metrics = metrics.Recorder()
 
@@ -96,6 +98,13 @@ class Runtime:
         if self._unsub_key is None:
             self._unsub_key = secret_key(self.settings)
         return self._unsub_key
+
+    def route_pool(self) -> ThreadPoolExecutor:
+        """Threads that send a batch's other routes while this thread sends its first
+        (``_send_routes``); made on first use, in the process that sends."""
+        if self._route_pool is None:
+            self._route_pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="route")
+        return self._route_pool
 
     def provider(self, name: str) -> Provider:
         p = self._providers.get(name)
@@ -124,6 +133,9 @@ class Runtime:
         return failed
 
     def close(self) -> None:
+        if self._route_pool is not None:
+            self._route_pool.shutdown(wait=True)
+            self._route_pool = None
         self.claims.close()
         for p in self._providers.values():
             try:
@@ -362,7 +374,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     # A channel that only prints the recipient's variables ({{ user.first_name }}):
                     # the batch's rendering with tokens, with this recipient's values put in (for
                     # data shared by several notifications of the batch: else one render is cheaper).
-                    values = _token_values(t.direct_user_fields(channel), user_vars(user))
+                    html = "html" in t.parts.get(channel, ())  # (an HTML part: email)
+                    values = _token_values(t.direct_user_fields(channel), user_vars(user), html)
                     parts = probe(n, channel, t) if values is not None else None
                     if parts is not None:
                         probed[key] = (parts, values)  # type: ignore[assignment]
@@ -625,9 +638,10 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                 )
                 to_send[d.route].append((d, msg))
 
+            # the batch's routes at the same time (iOS and Android: one network wait, not two)
+            answered = _send_routes(rt, {route: [m for _, m in items] for route, items in to_send.items()})
             for route, items in to_send.items():
-                results = _send_route(rt, route, [m for _, m in items])
-                for (d, _m), (provider_name, outcome) in zip(items, results, strict=True):
+                for (d, _m), (provider_name, outcome) in zip(items, answered[route], strict=True):
                     attempts = d.attempts + 1
                     if isinstance(outcome, Fenced):
                         # not ours any more: whoever holds the lease now sends and records it
@@ -1034,6 +1048,51 @@ def _mark(
 THROTTLE_HOLD = 5.0  # a throttle answer asking for this many seconds or more holds the provider
 
 
+def _route_groups(settings: Any, routes: list[str]) -> list[list[str]]:
+    """The routes in groups that share no provider (a route's providers: ``providers_for``, in
+    failover order): routes of one group go one after the other, groups at the same time."""
+    groups: list[tuple[set[str], list[str]]] = []
+    for route in routes:
+        names = set(settings.providers_for(route) or ["outbox"])
+        joined = [g for g in groups if g[0] & names]
+        for g in joined:
+            groups.remove(g)
+            names |= g[0]
+        groups.append((names, [r for g in joined for r in g[1]] + [route]))
+    return [g[1] for g in groups]
+
+
+def _send_routes(rt: Runtime, batches: dict[str, list[Message]]) -> dict[str, list[tuple[str, Outcome]]]:
+    """``_send_route`` for each route of a batch. Routes served by different providers are sent at
+    the same time: each group of routes (``_route_groups``) but the first in a thread of the
+    runtime's pool, the first in this one; every provider call is fenced and paced as before
+    (``_call_provider``), each provider used by one thread at a time. Returns when every route
+    has its outcomes; an error in one route is raised once all have ended (nothing left running)."""
+    routes = list(batches)
+    groups = _route_groups(rt.settings, routes) if len(routes) > 1 else [routes]
+
+    def run(group: list[str]) -> dict[str, list[tuple[str, Outcome]]]:
+        return {route: _send_route(rt, route, batches[route]) for route in group}
+
+    if len(groups) == 1:
+        return run(groups[0])
+    futures = [rt.route_pool().submit(run, g) for g in groups[1:]]
+    out: dict[str, list[tuple[str, Outcome]]] = {}
+    error: BaseException | None = None
+    try:
+        out.update(run(groups[0]))
+    except BaseException as exc:  # noqa: BLE001 - raised below, once the other routes have ended
+        error = exc
+    for f in futures:
+        try:
+            out.update(f.result())
+        except BaseException as exc:  # noqa: BLE001 - the first one is raised
+            error = error or exc
+    if error is not None:
+        raise error
+    return out
+
+
 def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[str, Outcome]]:
     """Send through the route's providers in order, skipping open circuits: what one provider
     answers "retry later" goes to the next. An OTP that every SMS provider failed becomes a
@@ -1207,12 +1266,12 @@ class _UserProbe(dict):  # type: ignore[type-arg]
         return f"{TOKEN_PREFIX}{self.kind}:{key}%%"
 
 
-def _token_values(fields: frozenset[str] | None, user: dict[str, Any]) -> dict[str, str] | None:
+def _token_values(fields: frozenset[str] | None, user: dict[str, Any], html: bool = True) -> dict[str, str] | None:
     """A recipient's values for the tokens of ``_UserProbe`` (``t:`` as text, ``h:`` escaped for
-    HTML), when the template only prints ``user`` fields (``Template.direct_user_fields``) and
-    the recipient has them all; else None (rendered the ordinary way). Putting them in the
-    probe's rendering and stripping each part is exactly what rendering gives: Jinja prints
-    ``str(value)``, escaped in the HTML part."""
+    HTML: only with ``html``, the channel that has an HTML part), when the template only prints
+    ``user`` fields (``Template.direct_user_fields``) and the recipient has them all; else None
+    (rendered the ordinary way). Putting them in the probe's rendering and stripping each part is
+    exactly what rendering gives: Jinja prints ``str(value)``, escaped in the HTML part."""
     if fields is None:
         return None
     values: dict[str, str] = {}
@@ -1225,7 +1284,8 @@ def _token_values(fields: frozenset[str] | None, user: dict[str, Any]) -> dict[s
             # a value that looks like a token, or whose edge whitespace a part's strip() could eat
             return None
         values[f"{TOKEN_PREFIX}t:{f}%%"] = text
-        values[f"{TOKEN_PREFIX}h:{f}%%"] = str(markupsafe.escape(v))
+        if html:
+            values[f"{TOKEN_PREFIX}h:{f}%%"] = str(markupsafe.escape(v))
     return values
 
 

@@ -20,48 +20,59 @@ import redis
 from notifyctl import keys
 from notifyctl.settings import RateRule
 
-# One call checks a whole batch. ARGV: now, number of checks, then per check: member, bypass flag,
-# rule count n, then n pairs (window ms, limit). KEYS: the rule keys of every check, in order.
+# One call checks a whole batch. The checks come in groups of one rule plan (the same rules: one
+# (channel, category)), so each rule's window and limit go once per group, not once per check.
+# ARGV: now, then per group: rule count n, n pairs (window ms, limit), check count c, the bypass
+# flags of the c checks as one string of '0'/'1', then the c members. KEYS: the rule keys of every
+# check, in order (n per check). Returns 1/0 per check, in that order.
 _SCRIPT = """
 local now = tonumber(ARGV[1])
-local checks = tonumber(ARGV[2])
-local a = 3
+local a = 2
 local k = 1
+local o = 1
 local out = {}
-for c = 1, checks do
-  local member = ARGV[a]
-  local bypass = ARGV[a + 1] == '1'
-  local n = tonumber(ARGV[a + 2])
-  a = a + 3
-  local ok = 1
-  -- an empty window (the usual case in a blast: a first send to this user today) holds nothing to
-  -- expire and cannot hold this member: one ZCARD instead of ZSCORE + ZREMRANGEBYSCORE + ZCARD
-  local first = redis.call('ZCARD', KEYS[k])
-  if first > 0 and redis.call('ZSCORE', KEYS[k], member) then
-    ok = 2  -- admitted before (a rerun after a crash): count nothing again
-  elseif not bypass then
-    for i = 0, n - 1 do
-      local window = tonumber(ARGV[a + 2 * i])
-      local limit = tonumber(ARGV[a + 2 * i + 1])
-      local card = first
-      if i > 0 then card = redis.call('ZCARD', KEYS[k + i]) end
-      if card > 0 then
-        card = card - redis.call('ZREMRANGEBYSCORE', KEYS[k + i], '-inf', now - window)
+local windows, limits = {}, {}
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  for i = 1, n do
+    windows[i] = tonumber(ARGV[a + 2 * i - 1])
+    limits[i] = tonumber(ARGV[a + 2 * i])
+  end
+  a = a + 2 * n + 1
+  local c = tonumber(ARGV[a])
+  local flags = ARGV[a + 1]
+  a = a + 2
+  for j = 1, c do
+    local member = ARGV[a]
+    local bypass = string.byte(flags, j) == 49
+    a = a + 1
+    local ok = 1
+    -- an empty window (the usual case in a blast: a first send to this user today) holds nothing
+    -- to expire and cannot hold this member: one ZCARD instead of ZSCORE + ZREMRANGEBYSCORE + ZCARD
+    local first = redis.call('ZCARD', KEYS[k])
+    if first > 0 and redis.call('ZSCORE', KEYS[k], member) then
+      ok = 2  -- admitted before (a rerun after a crash): count nothing again
+    elseif not bypass then
+      for i = 1, n do
+        local card = first
+        if i > 1 then card = redis.call('ZCARD', KEYS[k + i - 1]) end
+        if card > 0 then
+          card = card - redis.call('ZREMRANGEBYSCORE', KEYS[k + i - 1], '-inf', now - windows[i])
+        end
+        if card >= limits[i] then ok = 0; break end
       end
-      if card >= limit then ok = 0; break end
     end
-  end
-  if ok == 1 then
-    for i = 0, n - 1 do
-      local window = tonumber(ARGV[a + 2 * i])
-      if bypass then redis.call('ZREMRANGEBYSCORE', KEYS[k + i], '-inf', now - window) end
-      redis.call('ZADD', KEYS[k + i], now, member)
-      redis.call('PEXPIRE', KEYS[k + i], window)
+    if ok == 1 then
+      for i = 1, n do
+        if bypass then redis.call('ZREMRANGEBYSCORE', KEYS[k + i - 1], '-inf', now - windows[i]) end
+        redis.call('ZADD', KEYS[k + i - 1], now, member)
+        redis.call('PEXPIRE', KEYS[k + i - 1], windows[i])
+      end
     end
+    out[o] = ok > 0 and 1 or 0
+    o = o + 1
+    k = k + n
   end
-  out[c] = ok > 0 and 1 or 0
-  a = a + 2 * n
-  k = k + n
 end
 return out
 """
@@ -111,18 +122,31 @@ class RateLimiter:
     def check_many(self, checks: Sequence[Check], now_ms: int) -> list[bool]:
         """Admit or refuse each check, in one Redis call for the whole batch. Checks no rule covers pass."""
         results: list[bool] = [True] * len(checks)
-        ks: list[str] = []
-        args: list[int | str] = [now_ms, 0]
-        pending: list[int] = []
+        groups: dict[tuple[str, str], list[int]] = {}
         for i, c in enumerate(checks):
-            n, limits, rule_keys = self._plan(c.channel, c.category)
+            g = groups.get((c.channel, c.category))
+            if g is None:
+                g = groups[(c.channel, c.category)] = []
+            g.append(i)
+        ks: list[str] = []
+        args: list[int | str] = [now_ms]
+        pending: list[int] = []
+        bypass = self.bypass_high
+        for plan_of, idx in groups.items():
+            n, limits, rule_keys = self._plan(*plan_of)
             if not n:
                 continue
-            args += [c.member, "1" if (c.high and self.bypass_high) else "0", n, *limits]
-            ks += [keys.rate(c.user_id, k) for k in rule_keys]
-            pending.append(i)
+            group = [checks[i] for i in idx]
+            flags = "".join("1" if (c.high and bypass) else "0" for c in group)
+            args += [n, *limits, len(idx), flags]
+            args += [c.member for c in group]
+            if n == 1:  # (the usual case) the key around the user id, worked out once per group
+                head, _, tail = keys.rate("\x00", rule_keys[0]).partition("\x00")
+                ks += [head + c.user_id + tail for c in group]
+            else:
+                ks += [keys.rate(c.user_id, k) for c in group for k in rule_keys]
+            pending += idx
         if pending:
-            args[1] = len(pending)
             for i, ok in zip(pending, self._script(keys=ks, args=args), strict=True):
                 results[i] = bool(ok)
         return results

@@ -1,7 +1,12 @@
 """The reconciler: makes the SQL record and the queues agree, so that nothing accepted is lost.
 
-It runs every second in each worker pool (one at a time, under a Redis lock) and once per
-``notifyctl worker --burst`` round. Two duties:
+It runs every second in each worker pool and once per ``notifyctl worker --burst`` round, one
+round at a time in the whole cluster: under an owned Redis lock (``notifyctl.redislock``: a token,
+renewed every 2.5 s while the round runs, released by compare-and-delete at its end), which a round
+checks before each of its writing steps — one whose lock ran out (its process paused, or cut off
+from Redis for 10 s) stops there. The pools' rounds are also paced: at most one started per 0.9 s
+in the cluster; a forced round (``notifyctl reconcile``, burst workers) waits up to a minute for
+the lock instead. Two duties:
 
 1. **Due work.** Notifications in ``retrying`` or ``scheduled`` whose ``due_at`` has come are
    queued (in batches), with ``as_of`` set so the worker sends exactly what is due. SQL holds
@@ -36,8 +41,11 @@ from notifyctl.context import Context
 from notifyctl.db import unindexed_in, update_where_in, write_lock
 from notifyctl.intake import enqueue
 from notifyctl.models import Campaign, Delivery, DeliveryStatus, Notification, NotificationStatus, new_id
+from notifyctl.redislock import LockLost, OwnedLock
 
 _LIVE_STATES = {"scheduled", "deferred"}
+LOCK_TTL_MS = 10_000  # the round's lock runs out this long after its last renewal (every 2.5 s)
+FORCED_WAIT = 60.0  # seconds a forced round waits for another round to end
 _N = Notification.__table__  # type: ignore[attr-defined]
 
 
@@ -48,6 +56,7 @@ class ReconcileResult:
     checked_jobs: int = 0
     skipped_locked: bool = False
     orphans_woken: int = 0
+    lock_lost: bool = False  # the round stopped: its lock ran out (see OwnedLock)
 
 
 def _naive(ts: float) -> datetime:
@@ -65,12 +74,37 @@ def reconcile(
     """One reconciliation round. ``now`` (epoch s) can be given to act as of another time.
 
     ``paced`` (the pool's once-a-second rounds): a campaign's due notifications are queued at most
-    at its ``--rate`` per round, so a campaign that fell behind catches up without a burst."""
+    at its ``--rate`` per round, so a campaign that fell behind catches up without a burst.
+
+    Never without the lock: a round that cannot take it is skipped (``skipped_locked``; ``force``
+    waits ``FORCED_WAIT`` s for it first), one that loses it stops (``lock_lost``)."""
     result = ReconcileResult()
     r = ctx.redis
-    if not force and not r.set(keys.RECONCILE_LOCK, "1", nx=True, px=900):
+    if not force and not r.set(keys.RECONCILE_PACE, "1", nx=True, px=900):
         result.skipped_locked = True
         return result
+    lock = OwnedLock(r, keys.RECONCILE_LOCK, LOCK_TTL_MS)
+    if not lock.acquire(wait=FORCED_WAIT if force else 0):
+        result.skipped_locked = True
+        return result
+    try:
+        return _round(ctx, lock, result, now, limit, check_lost, paced)
+    except LockLost:
+        result.lock_lost = True
+        return result
+    finally:
+        lock.release()
+
+
+def _round(
+    ctx: Context,
+    lock: OwnedLock,
+    result: ReconcileResult,
+    now: float | None,
+    limit: int | None,
+    check_lost: bool,
+    paced: bool,
+) -> ReconcileResult:
     now = time.time() if now is None else now
     settings = ctx.settings
     limit = limit or settings.reconcile_limit
@@ -105,6 +139,7 @@ def reconcile(
         by_prio: dict[str, list[str]] = defaultdict(list)
         for nid, prio in due:
             by_prio[prio].append(nid)
+        lock.check()
         result.retries_queued = _requeue(
             ctx, session, by_prio, batch_size, now, [NotificationStatus.retrying, NotificationStatus.scheduled]
         )
@@ -137,6 +172,7 @@ def reconcile(
                 if job_id is None or job_id in lost:
                     for nid, prio in items:
                         lost_by_prio[prio].append(nid)
+            lock.check()
             result.recovered = _requeue(ctx, session, lost_by_prio, batch_size, now, [NotificationStatus.queued])
         if not check_lost:
             return result
@@ -153,6 +189,8 @@ def reconcile(
             .group_by(Delivery.notification_id)
             .limit(limit)
         ).all()
+        if orphans:
+            lock.check()
         for nid, next_at in orphans:
             session.execute(
                 update(Notification)

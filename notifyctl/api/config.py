@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from notifyctl.errors import ConfigError, validation_message
 from notifyctl.settings import provider_config
-from worker.providers.twilio_sms import Config as TwilioConfig
+from worker.providers.twilio import Config as TwilioConfig
 
 __all__ = ["ApiConfig", "load_api_config"]
 

@@ -27,6 +27,15 @@ def get_ctx(ctx: typer.Context) -> Context:
     return obj
 
 
+def warn_split_stores(c: Context) -> None:
+    """At ``worker``/``serve`` start: register this host's stores, print a split (``notifyctl.stores``)."""
+    from notifyctl.stores import check
+
+    warning = check(c)
+    if warning:
+        err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _default(o: Any) -> Any:
     if isinstance(o, datetime):
         return o.isoformat().replace("+00:00", "Z")

@@ -72,6 +72,12 @@ def list_(
     older_than: str | None = OlderOpt,
     newer_than: str | None = NewerOpt,
     limit: int = typer.Option(50, "--limit", "-n", help="At most this many, most recent first."),
+    before: str | None = typer.Option(
+        None,
+        "--before",
+        metavar="ID",
+        help="The page after this entry (the previous page's last delivery id): keyset paging, as the console.",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """List DLQ entries: why each failed, how many attempts, when.
@@ -80,21 +86,28 @@ def list_(
     Examples:
       notifyctl dlq list --channel email --newer-than 2h
       notifyctl dlq list --provider twilio --error 30007 --json
+      notifyctl dlq list --before d_01hx...        # the next page: older than that entry
     """
     from notifyctl.dlq import count_entries, list_entries
 
     _check_limit(limit)
+    if before is not None:
+        before = before.strip()
+        if not before:
+            raise InputError("--before: empty delivery id (give the last id of the previous page)")
     f = _filter(channel, provider, error, template, older_than, newer_than)
     c = get_ctx(ctx)
-    rows = list_entries(c, f, limit)
+    rows = list_entries(c, f, limit, before=before)
     if as_json:
         print_json(rows)
         return
-    total = count_entries(c, f) if len(rows) == limit else len(rows)
+    total = count_entries(c, f) if len(rows) == limit or before else len(rows)
     table = Table(
         title=f"DLQ: {total} entr{'y' if total == 1 else 'ies'}"
-        + (f", showing {len(rows)}" if total > len(rows) else "")
+        + (f", showing {len(rows)}" + (f" after {before}" if before else "") if total > len(rows) else "")
     )
+    if len(rows) == limit:
+        table.caption = f"next page: notifyctl dlq list --before {rows[-1]['delivery_id']} (with the same filters)"
     for col in (
         "delivery",
         "notification",

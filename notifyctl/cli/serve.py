@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from notifyctl.cli.common import err_console, get_ctx
+from notifyctl.cli.common import err_console, get_ctx, warn_split_stores
 from notifyctl.errors import InputError
 
 
@@ -46,6 +46,7 @@ def serve(
     c.engine  # noqa: B018 - fail now (one line) if the database is unusable, not on the first request
     c.redis.ping()
     check_at_start(c.settings)  # a shared database: this host signs links with the others' key, or stops
+    warn_split_stores(c)  # one line when this host's Redis or database is not the others'
     app = create_app(c)
     err_console.print(f"notifyctl API on http://{host}:{port} (docs: /docs, health: /healthz)")
     uvicorn.run(

@@ -1,8 +1,10 @@
-"""``notifyctl templates``: list, show, render and validate the TOML + Jinja2 templates."""
+"""``notifyctl templates``: list, show, render and validate the TOML + Jinja2 templates; push this
+host's files to the database every host shares, pull the database's templates to files."""
 
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import typer
@@ -11,7 +13,7 @@ from rich.table import Table
 from notifyctl.cli.common import JsonOpt, console, err_console, get_ctx, print_json
 from notifyctl.errors import InputError, NotFound, TemplateError
 from notifyctl.jsonload import load_json
-from notifyctl.templates import Template, TemplateStore
+from notifyctl.templates import Template, TemplateStore, pull, push
 
 app = typer.Typer(help="Notification templates (TOML + Jinja2).", no_args_is_help=True)
 
@@ -49,7 +51,9 @@ def list_(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
                     "priority": x.template.priority,
                     "channels": x.template.channels,
                     "description": x.template.description,
-                    "source": str(x.template.source),
+                    "source": x.template.where,
+                    "origin": x.template.origin,
+                    "version": x.template.version,
                     "error": None,
                 }
                 if x.template is not None
@@ -59,12 +63,13 @@ def list_(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
         )
     else:
         table = Table(title="Templates")
-        for col in ("id", "category", "priority", "channels", "description"):
+        for col in ("id", "category", "priority", "channels", "from", "description"):
             table.add_column(col)
         for x in loaded:
             if x.template is not None:
                 t = x.template
-                table.add_row(t.id, t.category, t.priority, ",".join(t.channels), t.description)
+                origin = f"database v{t.version}" if t.origin == "database" else t.origin
+                table.add_row(t.id, t.category, t.priority, ",".join(t.channels), origin, t.description)
         console.print(table)
         for x in loaded:
             if x.error is not None:
@@ -82,9 +87,9 @@ def show(ctx: typer.Context, template_id: str, as_json: bool = JsonOpt) -> None:
     if as_json:
         print_json({"id": t.id, "category": t.category, "priority": t.priority, "description": t.description,
                     "channels": t.channels, "data": data, "user_fields": t.user_fields(), "sample": t.sample,
-                    "parts": t.parts, "source": str(t.source)})  # fmt: skip
+                    "parts": t.parts, "source": t.where, "origin": t.origin})  # fmt: skip
         return
-    console.print(f"[bold]{t.id}[/bold]  {t.category}, priority {t.priority}  ({t.source})", highlight=False)
+    console.print(f"[bold]{t.id}[/bold]  {t.category}, priority {t.priority}  ({t.where})", highlight=False)
     if t.description:
         console.print(t.description)
     table = Table(title="data it needs")
@@ -149,7 +154,8 @@ def validate(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
                     x.template.render(c, preview)
             except TemplateError as exc:
                 error = str(exc)
-        results.append({"id": x.id, "source": str(x.path), "ok": error is None, "error": error})
+        where = x.template.where if x.template is not None else str(x.path)
+        results.append({"id": x.id, "source": where, "ok": error is None, "error": error})
     if as_json:
         print_json(results)
     else:
@@ -160,3 +166,37 @@ def validate(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
                 err_console.print(f"error  {r['id']}: {r['error']}", markup=False, highlight=False, soft_wrap=True)
     if any(not r["ok"] for r in results):
         raise typer.Exit(1)
+
+
+_IDS = typer.Argument(None, help="Template ids (default: every one).", show_default=False)
+
+
+@app.command("push")
+def push_(ctx: typer.Context, ids: list[str] | None = _IDS, as_json: bool = JsonOpt) -> None:
+    """Store this host's template files (NOTIFY_TEMPLATES_DIR, $NOTIFY_HOME/templates) in the
+    database, where every host sharing it reads them (within a second). Each file is checked first;
+    one bad file and nothing is pushed (exit 2). A pushed template wins over any host's file of the
+    same id; an unchanged file keeps its version."""
+    c = get_ctx(ctx)
+    host = c.settings.host_name or socket.gethostname()
+    done = push(c.engine, c.templates, list(ids or []), host)
+    if as_json:
+        print_json([{"id": p.id, "version": p.version, "status": p.status, "file": p.file} for p in done])
+        return
+    for p in done:
+        console.print(f"{p.status:<9} {p.id} v{p.version}  ({p.file})", markup=False)
+
+
+@app.command("pull")
+def pull_(ctx: typer.Context, ids: list[str] | None = _IDS, as_json: bool = JsonOpt) -> None:
+    """Write the database's templates (pushed by any host) to $NOTIFY_HOME/templates as the files
+    that were pushed, replacing a local file of the same id; exit 2 for an id the database lacks."""
+    c = get_ctx(ctx)
+    done = pull(c.engine, c.settings.home / "templates", list(ids or []))
+    if as_json:
+        print_json([{"id": p.id, "version": p.version, "status": p.status, "file": p.file} for p in done])
+        return
+    if not done:
+        console.print("no templates in the database (see `notifyctl templates push`)", markup=False)
+    for p in done:
+        console.print(f"{p.status:<9} {p.id} v{p.version}  ({p.file})", markup=False)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import typer
 
-from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
+from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json, warn_split_stores
 from notifyctl.errors import InputError
 from notifyctl.settings import PRIORITIES
 
@@ -42,6 +42,7 @@ def worker(
     app_ctx.redis  # noqa: B018 - start/verify Redis and the database before forking
     app_ctx.engine  # noqa: B018
     check_at_start(s)  # a shared database: this host signs links with the others' key, or stops
+    warn_split_stores(app_ctx)  # one line when this host's Redis or database is not the others'
     if burst and pool == 1:
         run_worker(app_ctx.settings, qs, burst=True, reconcile=True)
         return

@@ -41,7 +41,7 @@ REGISTRY: dict[str, str] = {
     "sendgrid": "worker.providers.sendgrid",
     "ses": "worker.providers.ses",
     "smtp": "worker.providers.smtp",
-    "twilio": "worker.providers.twilio_sms",
+    "twilio": "worker.providers.twilio",
     "sns": "worker.providers.sns",
 }
 

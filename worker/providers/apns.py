@@ -196,6 +196,7 @@ class Provider:
         )
         self._device_url = self.base_url + "/3/device/"
         self._fixed: tuple[str, list[str], list[str]] | None = None  # (jwt, headers for priority 5, for 10)
+        self._aps: dict[tuple[Any, Any], bytes] = {}  # (title, body) → b'{"aps":{...}' (``_payload``)
 
     @property
     def connects(self) -> int:
@@ -311,16 +312,29 @@ class Provider:
         return _Item(index, apns_id_for(m.delivery_id), self._device_url + token, body, collapse, priority)
 
     def _payload(self, m: Message) -> bytes:
-        aps: dict[str, Any]
-        if self.config.push_type == "background":
-            aps = {"content-available": 1}
-        else:
-            alert = {k: m.content[k] for k in ("title", "body") if m.content.get(k)}
-            aps = {"alert": alert}
-            if self.config.sound:
-                aps["sound"] = self.config.sound
-        data = {k: v for k, v in m.data.items() if k != "aps"}
-        return orjson.dumps({"aps": aps, **data})
+        """``{"aps": {...}, **data}`` as JSON: the ``aps`` part (the same for a campaign's batch) is
+        serialised once per distinct alert, then each message's data is added after it."""
+        content = m.content
+        key = (content.get("title"), content.get("body"))
+        head = self._aps.get(key)
+        if head is None:
+            aps: dict[str, Any]
+            if self.config.push_type == "background":
+                aps = {"content-available": 1}
+            else:
+                alert = {k: content[k] for k in ("title", "body") if content.get(k)}
+                aps = {"alert": alert}
+                if self.config.sound:
+                    aps["sound"] = self.config.sound
+            if len(self._aps) >= 256:  # a batch of personal alerts: keep the cache small
+                self._aps.clear()
+            head = self._aps[key] = b'{"aps":' + orjson.dumps(aps)
+        data = m.data
+        if data and "aps" in data:
+            data = {k: v for k, v in data.items() if k != "aps"}
+        if not data:
+            return head + b"}"
+        return head + b"," + orjson.dumps(data)[1:]
 
     def _fixed_headers(self, jwt_token: str, expiration: str) -> tuple[list[str], list[str]]:
         """The header lines every request of a batch shares (per priority): built once per batch."""

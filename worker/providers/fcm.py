@@ -100,19 +100,59 @@ def _as_data_value(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def build_message(m: Message) -> dict[str, Any]:
-    """The ``message`` object for one delivery. Raises ValueError for data FCM would refuse."""
+def _data(m: Message) -> dict[str, str]:
+    """The ``data`` of one delivery's message. Raises ValueError for data FCM would refuse."""
     data: dict[str, str] = {}
     for key, value in (m.data or {}).items():
-        k = str(key)
+        k = key if type(key) is str else str(key)
         if k in RESERVED_DATA_KEYS or k.startswith(RESERVED_DATA_PREFIXES):
             raise ValueError(f"data key {k!r} is reserved by FCM")
         if value is None:
             continue
-        data[k] = _as_data_value(value)
+        data[k] = value if type(value) is str else _as_data_value(value)
     data["delivery_id"] = m.delivery_id
+    return data
+
+
+def _notification(m: Message) -> dict[str, str]:
+    return {k: str(m.content[k]) for k in ("title", "body", "image") if m.content.get(k)}
+
+
+_TTL = b',"ttl":' + orjson.dumps(ANDROID_TTL)
+
+
+class _Bodies:
+    """Request bodies, exactly ``orjson.dumps({"message": build_message(m)})``, with the part a
+    batch's messages share (the notification) serialised once per distinct content."""
+
+    __slots__ = ("notifications",)
+
+    def __init__(self) -> None:
+        self.notifications: dict[tuple[Any, Any, Any], bytes] = {}
+
+    def __call__(self, m: Message) -> bytes:
+        data = orjson.dumps(_data(m))
+        c = m.content
+        key = (c.get("title"), c.get("body"), c.get("image"))
+        notification = self.notifications.get(key)
+        if notification is None:
+            if len(self.notifications) >= 256:  # personal alerts: keep it small
+                self.notifications.clear()
+            n = _notification(m)
+            notification = self.notifications[key] = b',"notification":' + orjson.dumps(n) if n else b""
+        android = b'"high"' if m.priority == "high" else b'"normal"'
+        tail = _TTL
+        if m.dedup_key:
+            tail += b',"collapse_key":' + orjson.dumps(collapse_key_for(m.dedup_key))
+        return (b'{"message":{"token":' + orjson.dumps(m.address) + notification + b',"data":' + data
+                + b',"android":{"priority":' + android + tail + b"}}}")  # fmt: skip
+
+
+def build_message(m: Message) -> dict[str, Any]:
+    """The ``message`` object for one delivery. Raises ValueError for data FCM would refuse."""
+    data = _data(m)
     message: dict[str, Any] = {"token": m.address}
-    notification = {k: str(m.content[k]) for k in ("title", "body", "image") if m.content.get(k)}
+    notification = _notification(m)
     if notification:
         message["notification"] = notification
     message["data"] = data
@@ -335,9 +375,10 @@ class Provider:
             return [Retry(exc.reason, exc.retry_after) for _ in messages]
         outcomes: list[Outcome | None] = [None] * len(messages)
         todo: list[tuple[int, bytes]] = []
+        bodies = _Bodies()
         for i, m in enumerate(messages):
             try:
-                todo.append((i, orjson.dumps({"message": build_message(m)})))
+                todo.append((i, bodies(m)))
             except ValueError as exc:
                 outcomes[i] = Permanent(f"INVALID_ARGUMENT (local): {exc}")
         for attempt in (0, 1):

@@ -130,11 +130,13 @@ class _Slot:
         self.head: list[bytes] = []
         self.body: list[bytes] = []
 
-    def on_header(self, line: bytes) -> None:
-        if line[:5] == b"HTTP/":  # a new response (a 1xx, or libcurl's own retry): start over
-            self.head.clear()
-            self.body.clear()
-        self.head.append(line)
+    def response_head(self) -> list[bytes]:
+        """The header lines of the last response received (after a 1xx, the final one's)."""
+        head = self.head
+        for i in range(len(head) - 1, 0, -1):
+            if head[i][:5] == b"HTTP/":
+                return head[i:]
+        return head[:]
 
 
 class Mux:
@@ -193,7 +195,9 @@ class Mux:
         c.setopt(pycurl.TCP_NODELAY, 1)
         if self.user_agent:
             c.setopt(pycurl.USERAGENT, self.user_agent)
-        c.setopt(pycurl.HEADERFUNCTION, slot.on_header)
+        # a builtin as the callbacks (no Python frame per header line or body chunk): a response's
+        # lines are only split from an earlier 1xx's when it is read (``_Slot.response_head``)
+        c.setopt(pycurl.HEADERFUNCTION, slot.head.append)
         c.setopt(pycurl.WRITEFUNCTION, slot.body.append)
         self._all.append(slot)
         return slot
@@ -270,7 +274,7 @@ class Mux:
             return Failure("connection", "server does not speak HTTP/2 (ALPN)")
         return Answer(
             c.getinfo(pycurl.RESPONSE_CODE),
-            slot.head[:],
+            slot.response_head(),
             b"".join(slot.body),
             2 if version == pycurl.CURL_HTTP_VERSION_2_0 else 1,
         )

@@ -22,8 +22,7 @@ from botocore.exceptions import ClientError
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from worker.providers.base import InvalidAddress, Message, Outcome, Permanent, Sent
-from worker.providers.ses import (
+from worker.providers.aws import (
     AwsConfig,
     build_config,
     describe_common,
@@ -33,6 +32,7 @@ from worker.providers.ses import (
     run_batch,
     transport_outcome,
 )
+from worker.providers.base import InvalidAddress, Message, Outcome, Permanent, Sent
 
 E164_RE = re.compile(r"^\+[1-9]\d{1,14}$")
 TRANSACTIONAL_CATEGORIES = frozenset({"transactional", "alerts"})

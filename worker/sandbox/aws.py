@@ -65,9 +65,11 @@ SES_SEND_PATH = "/v2/email/outbound-emails"
 SES_BULK_PATH = "/v2/email/outbound-bulk-emails"
 #: SES v2 accepts at most 50 entries per SendBulkEmail call.
 SES_BULK_MAX = 50
-#: Handlebars beyond simple ``{{var}}`` substitution, which SES refuses for inline template content.
-_UNSUPPORTED_TEMPLATE_RE = re.compile(r"\{\{\s*(?:[#/^>!&{~]|else\b)")
-_TEMPLATE_VAR_RE = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
+#: Handlebars beyond simple ``{{var}}`` substitution, which SES refuses for inline template content
+#: (``{{{var}}`` and ``{{var}}}`` included: Handlebars reads ``{{{``/``}}}`` as the unescaped form).
+_UNSUPPORTED_TEMPLATE_RE = re.compile(r"\{\{\s*(?:[#/^>!&{~]|else\b)|\{\{[^{}]*\}\}\}")
+#: ``{{var}}``, or ``\{{var}}``: Handlebars' escaped mustache, which stays as it is (less the ``\``).
+_TEMPLATE_VAR_RE = re.compile(r"(\\)?\{\{\s*([^{}\s]+)\s*\}\}")
 #: moto's messages for a recipient it cannot parse (SES itself: "Illegal address" and the like).
 _BAD_ADDRESS_RE = re.compile(r"illegal address|missing domain|missing final|invalid email|local address", re.I)
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "te"}
@@ -177,10 +179,13 @@ class AwsFaultPlan(FaultPlan):
 
 
 def _render(template: str, data: dict[str, Any]) -> str:
-    """SES's simple substitution: ``{{name}}`` -> the value (missing -> empty)."""
+    """SES's simple substitution: ``{{name}}`` -> the value as it is (missing -> empty; SES does not
+    escape HTML), ``\\{{name}}`` -> ``{{name}}``."""
 
     def value(m: re.Match[str]) -> str:
-        v = data.get(m.group(1), "")
+        if m.group(1):
+            return m.group(0)[1:]
+        v = data.get(m.group(2), "")
         return v if isinstance(v, str) else json.dumps(v)
 
     return _TEMPLATE_VAR_RE.sub(value, template)

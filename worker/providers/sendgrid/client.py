@@ -7,10 +7,10 @@ Event Webhook can be matched back). Messages whose bodies are identical (same te
 category) share a request. What the pipeline adds per recipient (unsubscribe link, open pixel)
 travels as ``substitutions`` of the personalization (``Message.shared``/``personal``), so a
 marketing batch is still one request. Bodies that differ in more than that (segment columns,
-per-recipient data, loops and conditionals over it) are still one request for the batch
-(``skeleton``): the parts every body shares are sent once as the content, with a key such as
-``[%sg3%]`` where the bodies differ, and each recipient's own text for each key travels in their
-personalization's ``substitutions``, which SendGrid puts back in their copy. SendGrid allows
+per-recipient data, loops and conditionals over it) are still one request for the batch (a
+skeleton, planned by :mod:`.plan`): the parts every body shares are sent once as the content, with
+a key such as ``[%sg3%]`` where the bodies differ, and each recipient's own text for each key
+travels in their personalization's ``substitutions``, which SendGrid puts back in their copy. SendGrid allows
 10,000 bytes of substitutions per personalization: a recipient whose parts do not fit goes in a
 smaller group (bodies with the same line structure, then identical bodies), counted in
 ``fallbacks`` and logged. Requests of one ``send()`` run concurrently over one pooled
@@ -28,7 +28,6 @@ single message; 429 → ``Retry`` with ``retry_after`` from ``Retry-After`` or `
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -57,17 +56,15 @@ from worker.providers.base import (
     lease_open,
     retry_after,
 )
+from worker.providers.sendgrid.plan import Request, groups
 
 _SPACE = re.compile(r"\s")  # the same characters as str.isspace
 log = logging.getLogger(__name__)
 
 MAX_PERSONALIZATIONS = 1000
-MAX_SUBSTITUTION_BYTES = 10_000  # per personalization, as JSON
-#: Keys of the substitutions that carry what differs per recipient: ``[%sg0%]``, ``[%sg1%]``...
-#: A body whose own text holds the opening ``[%sg`` is never cut into a skeleton (it goes as is):
-#: then no key can appear in a copy other than where it was put, whatever order SendGrid
-#: replaces them in.
-KEY_OPEN = "[%sg"
+#: The ``custom_args`` every personalization carries; the Event Webhook echoes them in each event
+#: (:mod:`.webhook` matches events back by them).
+DELIVERY_ARG, NOTIFICATION_ARG = "delivery_id", "notification_id"
 _PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)(?:\.(\w+))?")
 
 
@@ -208,10 +205,10 @@ class Provider:
 
     def _plan(
         self, messages: Sequence[Message], known: dict[tuple[str, ...], tuple[Any, Any]] | None = None
-    ) -> list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]]:
+    ) -> list[Request]:
         """(indexes, skeleton or None, substitutions or None) per request; ``known``: the groups
         ``requests`` planned, used as they are where all their messages are here."""
-        plan: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
+        plan: list[Request] = []
         taken: set[int] = set()
         if known:
             at = {m.delivery_id: i for i, m in enumerate(messages)}
@@ -230,14 +227,16 @@ class Provider:
             by_category.setdefault(m.category, []).append(i)
         size = self.config.max_personalizations
         for idxs in by_category.values():
-            for group, skel, subs in self._groups(messages, idxs):
+            found, fallbacks = groups(messages, idxs)
+            self.fallbacks += fallbacks
+            for group, skel, subs in found:
                 for j in range(0, len(group), size):
                     plan.append((group[j : j + size], skel, subs[j : j + size] if subs is not None else None))
         return plan
 
     def send(self, messages: Sequence[Message]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(messages)
-        chunks: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
+        chunks: list[Request] = []
         known, self._planned = self._planned, {}
         for group, skel, subs in self._plan(messages, known):
             problem = self._precheck(messages[group[0]]) if len(group) == 1 else None
@@ -253,7 +252,7 @@ class Provider:
     def send_until_throttled(
         self,
         messages: Sequence[Message],
-        chunks: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]],
+        chunks: list[Request],
     ) -> list[list[Outcome]]:
         """One request per chunk (indexes, skeleton, substitutions), ``concurrency`` at a time; once
         SendGrid answers 429, the requests not yet made are not made (``Held``: SendGrid has said
@@ -262,7 +261,7 @@ class Provider:
             return [self._send_safely(messages, *chunks[0])]
         stop = threading.Event()
 
-        def one(chunk: tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]) -> list[Outcome]:
+        def one(chunk: Request) -> list[Outcome]:
             if stop.is_set():
                 return [Held("sendgrid: not sent after a 429 in the same batch")] * len(chunk[0])
             out = self._send_safely(messages, *chunk)
@@ -272,91 +271,6 @@ class Provider:
 
         futures = [self._pool.submit(one, chunk) for chunk in chunks]
         return [f.result() for f in futures]
-
-    def _groups(
-        self, messages: Sequence[Message], idxs: list[int]
-    ) -> list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]]:
-        """The requests for one category's messages: (indexes, skeleton content or None, each one's
-        substitutions or None). Identical bodies (``Message.shared`` when the pipeline gives it) go
-        as they are; different ones as one skeleton; what does not fit, in smaller groups."""
-        first = messages[idxs[0]].shared or messages[idxs[0]].content
-        text, html = first.get("text") or "", first.get("html") or ""
-        for i in idxs:  # (compared, not hashed: a difference shows in the first bytes, mostly)
-            body = messages[i].shared or messages[i].content
-            if (body.get("text") or "") != text or (body.get("html") or "") != html:
-                break
-        else:
-            return [(idxs, None, None)]
-        out: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]] = []
-        own: list[int] = []  # bodies that hold a key's opening: sent as they are
-        kinds: dict[tuple[bool, bool], list[int]] = {}  # a skeleton for bodies with the same parts
-        for i in idxs:
-            c = messages[i].content
-            text, html = c.get("text") or "", c.get("html") or ""
-            if KEY_OPEN in text or KEY_OPEN in html or KEY_OPEN in c["subject"]:
-                own.append(i)
-            else:
-                kinds.setdefault((bool(text), bool(html)), []).append(i)
-        left: list[int] = []
-        cut: list[int] = []
-        for kind in kinds.values():
-            cut += kind
-            left += self._skeleton_group(messages, kind, out) if len(kind) > 1 else kind
-        if left:  # smaller groups: bodies with the same line structure, then identical bodies
-            shapes: dict[tuple[int, int], list[int]] = {}  # (-1: no such part)
-            for i in left:
-                c = messages[i].content
-                text, html = c.get("text") or "", c.get("html") or ""
-                shape = (text.count("\n") if text else -1, html.count("\n") if html else -1)
-                shapes.setdefault(shape, []).append(i)
-            rest: list[int] = []
-            for group in shapes.values():
-                rest += self._skeleton_group(messages, group, out) if 1 < len(group) < len(cut) else group
-            self.fallbacks += len(left)
-            log.info(
-                "sendgrid: %d of %d different bodies did not fit one request's substitutions (%d bytes each)",
-                len(left),
-                len(cut),
-                MAX_SUBSTITUTION_BYTES,
-            )
-            own += rest
-        if own:
-            same: dict[tuple[str, str], list[int]] = {}
-            for i in own:
-                body = messages[i].shared or messages[i].content
-                same.setdefault((body.get("text") or "", body.get("html") or ""), []).append(i)
-            out += [(group, None, None) for group in same.values()]
-        return out
-
-    def _skeleton_group(
-        self,
-        messages: Sequence[Message],
-        idxs: list[int],
-        out: list[tuple[list[int], dict[str, str] | None, list[dict[str, str]] | None]],
-    ) -> list[int]:
-        """Adds to ``out`` the request for those of ``idxs`` whose substitutions fit; returns the others."""
-        parts = [p for p in ("text", "html") if any(messages[i].content.get(p) for i in idxs)]
-        content: dict[str, str] = {}
-        subs: list[dict[str, str]] = [{} for _ in idxs]
-        used = 0
-        for part in parts:
-            skel, keys, values = skeleton([messages[i].content.get(part, "") for i in idxs], used)
-            used += len(keys)
-            content[part] = skel
-            for own, vals in zip(subs, values, strict=True):
-                own.update(zip(keys, vals, strict=True))
-        fit: list[int] = []
-        fit_subs: list[dict[str, str]] = []
-        left: list[int] = []
-        for i, own in zip(idxs, subs, strict=True):
-            if substitutions_fit(own):
-                fit.append(i)
-                fit_subs.append(own)
-            else:
-                left.append(i)
-        if fit:
-            out.append((fit, content, fit_subs))
-        return left
 
     def _precheck(self, m: Message) -> Outcome | None:
         if m.route != "email":
@@ -401,7 +315,7 @@ class Provider:
             p: dict[str, Any] = {
                 "to": [{"email": m.address.strip()}],
                 "subject": m.content["subject"],
-                "custom_args": {"delivery_id": m.delivery_id, "notification_id": m.notification_id},
+                "custom_args": {DELIVERY_ARG: m.delivery_id, NOTIFICATION_ARG: m.notification_id},
             }
             if m.headers:
                 p["headers"] = m.headers
@@ -497,94 +411,3 @@ class Provider:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._client.close()
-
-
-def substitutions_fit(subs: dict[str, str], limit: int = MAX_SUBSTITUTION_BYTES) -> bool:
-    """Whether ``subs`` is within SendGrid's limit as JSON (``json.dumps``, every non-ASCII character
-    escaped: the largest way to count). Serialised only when a cheap bound does not settle it."""
-    n = 2
-    for k, v in subs.items():
-        n += len(k) + len(v) + 8
-    if n > limit:
-        return False
-    if n * 12 <= limit:
-        return True
-    return len(json.dumps(subs)) <= limit
-
-
-def _common_prefix(values: list[str]) -> int:
-    lo, hi = min(values), max(values)  # every value's common prefix is that of these two
-    n = min(len(lo), len(hi))
-    if lo[:n] == hi[:n]:
-        return n
-    a, b = 0, n  # binary search on slices: C-speed comparisons, O(log n) of them
-    while a < b:
-        mid = (a + b + 1) // 2
-        if lo[:mid] == hi[:mid]:
-            a = mid
-        else:
-            b = mid - 1
-    return a
-
-
-def _common_suffix(values: list[str]) -> int:
-    return _common_prefix([v[::-1] for v in values])
-
-
-def skeleton(bodies: list[str], first_key: int = 0) -> tuple[str, list[str], list[list[str]]]:
-    """What ``bodies`` share, with a key where they differ: (skeleton, keys, each body's value per
-    key), such that replacing each key of the skeleton by a body's values gives that body back.
-
-    Linear in the total size: the bodies are compared line by line — the lines they share at the
-    start and the end, then, when their middles have as many lines, each line position (a run
-    of differing lines is one key) — and each key's values are trimmed of what they all start
-    and end with. Middles of different lengths (a loop over per-recipient items) are one key."""
-    if not bodies:
-        return "", [], []
-    lines = [b.splitlines(keepends=True) for b in bodies]  # joined back with "": exactly the body
-    shortest = min(len(ls) for ls in lines)
-    head = 0
-    for column in zip(*lines, strict=False):
-        if column.count(column[0]) != len(column):
-            break
-        head += 1
-    tail = 0
-    for column in zip(*[ls[::-1] for ls in lines], strict=False):
-        if tail >= shortest - head or column.count(column[0]) != len(column):
-            break
-        tail += 1
-    middles = [ls[head : len(ls) - tail] for ls in lines]
-    # the skeleton as pieces: shared text (str), or a run of differing lines (list: its columns,
-    # each a tuple of one line per body)
-    pieces: list[str | list[tuple[str, ...]]] = ["".join(lines[0][:head])]
-    if len({len(m) for m in middles}) == 1:
-        run: list[tuple[str, ...]] | None = None
-        for column in zip(*middles, strict=True):
-            if column.count(column[0]) == len(column):
-                run = None
-                pieces.append(column[0])
-            elif run is None:
-                run = [column]
-                pieces.append(run)
-            else:
-                run.append(column)
-    else:
-        pieces.append([tuple("".join(m) for m in middles)])
-    pieces.append("".join(lines[0][len(lines[0]) - tail :]) if tail else "")
-    out: list[str] = []
-    keys: list[str] = []
-    values: list[list[str]] = [[] for _ in bodies]
-    for piece in pieces:
-        if isinstance(piece, str):
-            out.append(piece)
-            continue
-        joined = list(piece[0]) if len(piece) == 1 else ["".join(lines) for lines in zip(*piece, strict=True)]
-        pre = _common_prefix(joined)
-        rest = [v[pre:] for v in joined]
-        post = _common_suffix(rest)
-        key = f"{KEY_OPEN}{first_key + len(keys)}%]"
-        keys.append(key)
-        out.append(joined[0][:pre] + key + rest[0][len(rest[0]) - post :])
-        for own, v in zip(values, rest, strict=True):
-            own.append(v[: len(v) - post])
-    return "".join(out), keys, values

@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -40,8 +40,6 @@ from notifyctl.errors import ApiError
 
 if TYPE_CHECKING:
     from cryptography.x509 import Certificate
-
-    from notifyctl.api.config import ApiConfig
 
 log = logging.getLogger("notifyctl.webhooks")
 
@@ -53,6 +51,14 @@ SIGNED_FIELDS = {
 }
 _SNS_HOST = re.compile(r"^sns\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$")
 _SIGNATURE_BYTES = (128, 512)  # RSA keys of 1,024 to 4,096 bits (SNS signs with 2,048)
+
+
+class SnsSettings(Protocol):
+    """What verification reads from the API's settings (``notifyctl.api.config.ApiConfig`` has them)."""
+
+    sns_topic_arns: list[str]
+    sns_cert_map: dict[str, str]
+    sns_max_age: int
 
 
 def _err(status: int, message: str, headers: dict[str, str] | None = None) -> Exception:
@@ -99,7 +105,7 @@ def parse_time(text: str) -> float | None:
     return dt.timestamp()
 
 
-def verify_sns(cfg: ApiConfig, certs: SnsCertificates, msg: dict[str, Any], now: float | None = None) -> None:
+def verify_sns(cfg: SnsSettings, certs: SnsCertificates, msg: dict[str, Any], now: float | None = None) -> None:
     """Raise a 4xx ApiError unless ``msg`` is a fresh, genuinely signed SNS message for an allowed
     topic. Everything that needs no network is checked before ``certs`` is asked."""
     from cryptography.exceptions import InvalidSignature
@@ -209,7 +215,7 @@ class SnsCertificates:
     def close(self) -> None:
         self.client.close()
 
-    def get(self, cfg: ApiConfig, url: str, now: float | None = None) -> Certificate:
+    def get(self, cfg: SnsSettings, url: str, now: float | None = None) -> Certificate:
         """The certificate at ``url`` (pinned, cached or fetched), or a 4xx ApiError."""
         pinned = cfg.sns_cert_map.get(url)
         if pinned is not None:

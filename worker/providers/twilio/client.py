@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.twilio.com"
 _TWILIO_API_ORIGIN = re.compile(r"^https://api(?:\.[a-z0-9-]+)*\.twilio\.com(?=/|$)", re.IGNORECASE)
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+#: The recipient replied STOP (the send's error and the status callback's ``ErrorCode``).
+STOP_CODE = 21610
+#: The query parameter of the status callback URL naming our delivery (:mod:`.webhook` reads it).
+CALLBACK_PARAM = "delivery_id"
 _INVALID_ADDRESS_CODES = {
     21211: "invalid 'To' phone number",
     21614: "'To' number is not a valid mobile number",
@@ -244,7 +248,9 @@ class Provider:
         text = (m.content.get("text") or "").strip()
         if not text:
             return Permanent("twilio: message has no text")
-        callback = _with_query(cfg.status_callback_url, delivery_id=m.delivery_id) if cfg.status_callback_url else None
+        callback = (
+            _with_query(cfg.status_callback_url, **{CALLBACK_PARAM: m.delivery_id}) if cfg.status_callback_url else None
+        )
         if m.route == "sms":
             kwargs: dict[str, Any] = {"to": m.address, "body": text}
             if cfg.messaging_service_sid:
@@ -275,7 +281,7 @@ class Provider:
         except (TypeError, ValueError):
             code = None
         detail = error_text(getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", ""))
-        if code == 21610:
+        if code == STOP_CODE:
             return InvalidAddress(f"twilio 21610: recipient unsubscribed (replied STOP): {detail}", kind="stopped")
         if code in _INVALID_ADDRESS_CODES:
             return InvalidAddress(f"twilio {code}: {_INVALID_ADDRESS_CODES[code]}: {detail}")

@@ -1,0 +1,73 @@
+"""``worker.providers.h2mux``: a response's own headers, also when an interim (1xx) response came
+first on the same request (the header lines are collected by a builtin callback and split when
+read)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from worker.providers.h2mux import Answer, Mux, Request
+
+INTERIM_THEN_429 = (
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"
+    b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 14\r\n\r\n"
+    b'{"error":"no"}'
+)
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    """One HTTP/1.1 server on 127.0.0.1 answering each request with ``INTERIM_THEN_429``."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
+                conn.sendall(INTERIM_THEN_429)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    srv.close()
+    t.join(5)
+
+
+def test_an_answer_after_interim_responses_has_only_its_own_headers(server: str) -> None:
+    mux = Mux(http2="never", connections=1, timeout=5)
+    try:
+        [res] = mux.run([Request(server + "/x", ["content-type: application/json", "expect:"], b"{}")])
+    finally:
+        mux.close()
+    assert isinstance(res, Answer)
+    assert res.status == 429 and res.body == b'{"error":"no"}'
+    assert res.headers == {"retry-after": "7", "content-type": "application/json", "content-length": "14"}
+    assert res.header(b"retry-after") == "7" and res.header(b"link") is None
