@@ -4,6 +4,7 @@ route's outcomes as they would be alone (sent, dead token removed)."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -140,6 +141,42 @@ def test_routes_that_share_a_provider_go_one_after_the_other(home: Path, redis_u
     assert groups(push_ios=["apns", "outbox"], push_android=["fcm", "outbox"], email=["sendgrid"], sms=["twilio"]) == [
         ["push.ios", "push.android"], ["email"], ["sms"]
     ]  # fmt: skip
+    # the SMS route's voice fallback counts as one of its providers
+    assert groups(push_ios=["apns"], push_android=["fcm"], email=["sendgrid"], sms=["sns"], voice=["sendgrid"]) == [
+        ["push.ios"], ["push.android"], ["email", "sms"]
+    ]  # fmt: skip
     assert groups(push_ios=["apns"], push_android=["fcm"], email=["sendgrid", "smtp"], sms=["twilio", "sendgrid"]) == [
         ["push.ios"], ["push.android"], ["email", "sms"]
     ]  # fmt: skip
+
+
+def test_a_campaign_push_that_prints_no_user_value_is_each_recipients_text(ctx: Context) -> None:
+    # weekly_promo's push prints `first_name | default(user.first_name | default('there'))`: with the
+    # campaign's first_name in the data, every recipient of the batch gets the same text (one
+    # rendering for all); without it, each gets their own name, or "there" when they have none
+    from notifyctl.directory import import_users
+    from worker.providers.outbox import read_outbox
+
+    rep = import_users(ctx, io.StringIO("user_id,first_name\nann,Ann\nben,Ben\ncyd,\n"))
+    assert rep.errors == []
+    for i, u in enumerate(("ann", "ben", "cyd")):
+        register_token(ctx, u, f"{i + 1:064x}", "ios")
+    promo = {"discount": 10, "code": "WEEK10"}
+    with_name = [send(ctx, recipient_id=u, template_id="weekly_promo", channels=["push"],
+                      data={**promo, "first_name": "Friend"}).notification_id for u in ("ann", "ben", "cyd")]  # fmt: skip
+    own_name = [send(ctx, recipient_id=u, template_id="weekly_promo", channels=["push"],
+                     data=promo).notification_id for u in ("ann", "ben", "cyd")]  # fmt: skip
+    rt = Runtime(ctx)
+    try:
+        assert process(rt, with_name).sent == 3
+        assert process(rt, own_name).sent == 3
+    finally:
+        rt.close()
+    bodies = {r["notification_id"]: r["content"] for r in read_outbox(ctx.settings.outbox_dir, "push.ios")}
+    title = "10% off this week"
+    assert [bodies[n] for n in with_name] == [{"title": title, "body": "Hi Friend, use WEEK10 for 10% off."}] * 3
+    assert [bodies[n]["body"] for n in own_name] == [
+        "Hi Ann, use WEEK10 for 10% off.",
+        "Hi Ben, use WEEK10 for 10% off.",
+        "Hi there, use WEEK10 for 10% off.",
+    ]

@@ -380,8 +380,12 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
                     values = _token_values(t.direct_user_fields(channel), user_vars(user), html)
                     parts = probe(n, channel, t) if values is not None else None
                     if parts is not None:
-                        probed[key] = (parts, values)  # type: ignore[assignment]
                         out = parts  # with tokens: the recipient's copy is made when sending
+                        if html or any(tokens for _p, _v, tokens in fill_plan((parts, values))):  # type: ignore[arg-type]
+                            probed[key] = (parts, values)  # type: ignore[assignment]
+                        # else (push, SMS) no user value is printed for this data (a campaign's
+                        # `first_name | default(user.first_name)`): every recipient gets the batch's
+                        # rendering as it is, no copy of their own
                 if out is None:
                     try:
                         out = t.render(channel, {**n.data, "user": user_vars(user)})
@@ -1056,10 +1060,13 @@ THROTTLE_HOLD = 5.0  # a throttle answer asking for this many seconds or more ho
 
 def _route_groups(settings: Any, routes: list[str]) -> list[list[str]]:
     """The routes in groups that share no provider (a route's providers: ``providers_for``, in
-    failover order): routes of one group go one after the other, groups at the same time."""
+    failover order, and for SMS the voice fallback's): routes of one group go one after the other,
+    groups at the same time."""
     groups: list[tuple[set[str], list[str]]] = []
     for route in routes:
         names = set(settings.providers_for(route) or ["outbox"])
+        if route == "sms":
+            names.update(settings.providers_voice)
         joined = [g for g in groups if g[0] & names]
         for g in joined:
             groups.remove(g)
