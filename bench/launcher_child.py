@@ -14,6 +14,7 @@ from pathlib import Path
 
 from campaigns.launcher import LaunchSpec, launch
 from notifyctl.context import Context
+from notifyctl.settings import load_settings
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     ap.add_argument("rate", type=float)
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args()
-    ctx = Context()
+    ctx = Context(load_settings())  # the root: this process's settings, read once
     spec = LaunchSpec(template_id="weekly_promo", channels=["email"], rate=a.rate, segment_csv=a.csv,
                       quiet_hours="off", data={"discount": 10, "code": "WEEK10", "first_name": "F"})  # fmt: skip
     summary = launch(ctx, spec, dry_run=a.dry_run)

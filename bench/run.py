@@ -268,7 +268,8 @@ def _email_label(key: str, e: dict[str, Any]) -> str:
     segment, db = EMAIL_VARIANTS[key]
     what = ("`campaign launch` over a segment CSV (unique first name and code each)" if segment
             else "user-field-only bodies, rows written in bulk")  # fmt: skip
-    return f"Email blast, {_fmt(e.get('notifications'))} notifications, {what}, {_DB[db]} → SendGrid sandbox"
+    size = f"{_fmt(e['notifications'])} notifications, " if e.get("notifications") else ""
+    return f"Email blast, {size}{what}, {_DB[db]} → SendGrid sandbox"
 
 
 _DB = {"sqlite": "SQLite", "postgresql": "PostgreSQL (server on the same cores)"}

@@ -177,7 +177,7 @@ def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 1000, expe
         stats0 = commandstats(env)
         meter = CpuMeter({"redis-server": int(env.ctx.redis.info("server")["process_id"]),
                           "SendGrid sandbox": sg.proc.pid, "Twilio sandbox": tw.proc.pid,
-                          "bench (bulk write, OTP intake, polling)": os.getpid()}, pool_pid=proc.pid,
+                          "bench (the launch or bulk write, OTP intake, polling)": os.getpid()}, pool_pid=proc.pid,
                          groups=_db_server(env))  # fmt: skip
         meter.start()
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import Any
 from bench import run, scenarios
 
 
-def smoke(n: int = 300, pool: int = 2) -> dict[str, Any]:
+def smoke(n: int = 300, pool: int = 2, apprise_n: int = 10) -> dict[str, Any]:
     res: dict[str, Any] = {
         "email": scenarios.email_blast(n, pool, otps=5, timeout=60),
         # the C sink rows and the client comparison, small; the strict sandboxes' run is the push
@@ -20,7 +20,7 @@ def smoke(n: int = 300, pool: int = 2) -> dict[str, Any]:
                                      candidates=("apns", "fcm", "aioapns"), strict=False),
         "launcher": scenarios.launcher_memory(n * 2, rounds=2, flat=False),
         "cost": scenarios.cost(n),
-        "apprise": scenarios.apprise_vs_notifyctl(30, pool),
+        "apprise": scenarios.apprise_vs_notifyctl(apprise_n, pool),  # one SMTP session per email: kept few
         "scale": 0, "pool": pool, "machine": "smoke", "date": "smoke", "total_s": 0,
     }  # fmt: skip
     res["summary_rows"] = run.summary_rows(res)

@@ -1,7 +1,8 @@
 """Launching a campaign: read the segment, schedule every recipient, write one ``scheduled``
 notification per recipient. The worker pool's reconciler queues them (in batches, into the
 priority queue of the campaign) as their ``due_at`` comes; those already due when written (a
-campaign sent now) are queued by the launcher itself, in the same write (``_produce_due``).
+campaign sent now) are queued by the launcher itself, in the same write, within the campaign's rate
+(``_produce_due``, ``_Pace``).
 
 A launch reads the segment twice: a *plan* pass (resolves users and time zones, counts each
 wave, checks the template against the first recipient) and a *write* pass (bulk inserts, one
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -398,6 +400,7 @@ def _produce(
     state = CampaignStatus.active
     canceled = False
     batch = max(1, ctx.settings.batch_size)
+    pace = _Pace(res.rate)
     if progress:
         progress("write", 0, planned)
     with Session(ctx.engine) as session:
@@ -415,6 +418,7 @@ def _produce(
             existing = _already_written(session, cid, ids)
             now = utcnow()
             rows: list[dict[str, Any]] = []
+            floor = run_now + (now - started) - _SECOND  # (the chunk's clock: the same for its rows)
             for r in chunk:
                 tz = tzs.get(r.user_id)
                 if tz is None:
@@ -436,9 +440,8 @@ def _produce(
                 # schedule keeps its spacing, so the workers never get a backlog to produce faster than
                 # --rate. (The launch's clock: run_now may be injected; a second's slack is the
                 # reconciler's own period.)
-                floor = run_now + (now - started) - timedelta(seconds=1)
                 if due + shift < floor:
-                    shift = floor + timedelta(seconds=1) - due
+                    shift = floor + _SECOND - due
                 due = due + shift
                 first_due = due if first_due is None or due < first_due else first_due
                 last_due = due if last_due is None or due > last_due else last_due
@@ -461,7 +464,7 @@ def _produce(
                         "updated_at": now,
                     }
                 )
-            jobs = _produce_due(rows, now, batch) if row_status == NotificationStatus.scheduled else []
+            jobs = _produce_due(rows, now, batch, pace) if row_status == NotificationStatus.scheduled else []
             # under the SQLite writer lock, so that a launch never makes the workers' and an OTP's
             # writes wait on SQLite's busy-sleep
             # parameters converted before the lock; a row the campaign already has is skipped
@@ -517,6 +520,7 @@ def _produce(
 
 
 _RECIPIENT = ["campaign_id", "recipient_id"]
+_SECOND = timedelta(seconds=1)
 
 
 def _insert_new(engine: Engine, rows: list[dict[str, Any]]) -> Callable[[Session], None]:
@@ -541,7 +545,34 @@ def _insert_new(engine: Engine, rows: list[dict[str, Any]]) -> Callable[[Session
     return run
 
 
-def _produce_due(rows: list[dict[str, Any]], now: datetime, batch: int) -> list[tuple[str, list[str]]]:
+class _Pace:
+    """What the launcher may queue itself without going past ``--rate``: a bucket of one second of
+    the rate (what one round of the paced reconciler releases), refilled at the rate as the write
+    pass goes on. The first chunk whose due rows do not fit (slots that passed while a long segment
+    was read, at a low rate) leaves them, and every row after, to the reconciler, which releases
+    them at the rate."""
+
+    def __init__(self, rate: float) -> None:
+        self.cap = max(1.0, rate)
+        self.rate = rate
+        self.tokens = self.cap
+        self.at = time.monotonic()
+        self.open = True
+
+    def take(self, n: int) -> bool:
+        if not self.open:
+            return False
+        t = time.monotonic()
+        self.tokens = min(self.cap, self.tokens + (t - self.at) * self.rate)
+        self.at = t
+        if n > self.tokens:
+            self.open = False
+            return False
+        self.tokens -= n
+        return True
+
+
+def _produce_due(rows: list[dict[str, Any]], now: datetime, batch: int, pace: _Pace) -> list[tuple[str, list[str]]]:
     """The rows already due when written (a campaign sent now; slots that passed while the segment
     was read) are produced at once, as intake produces a notification: written ``queued`` with the
     id of their job (``batch`` rows a job), enqueued after the commit (``_enqueue_due``). The
@@ -549,8 +580,11 @@ def _produce_due(rows: list[dict[str, Any]], now: datetime, batch: int) -> list[
     it queued: for a campaign sent now (the seed's peak) the row is written once, then once by the
     worker that finishes it. A launcher killed between the commit and the enqueue leaves jobs
     missing, which the reconciler's search for lost work finds, as it does intake's. Rows due later
-    stay ``scheduled`` for the reconciler, at the campaign's rate. Returns ``[(job id, ids)]``."""
+    stay ``scheduled`` for the reconciler, at the campaign's rate, and so do due rows past ``pace``.
+    Returns ``[(job id, ids)]``."""
     due = [row for row in rows if row["due_at"] <= now]
+    if not due or not pace.take(len(due)):
+        return []
     jobs: list[tuple[str, list[str]]] = []
     for i in range(0, len(due), batch):
         part = due[i : i + batch]

@@ -163,14 +163,9 @@ class World:
         }  # fmt: skip
         self.overrides.update(overrides or {})
         self.extra_env = dict(extra_env or {})
-        saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("NOTIFY_")}
-        try:
-            os.environ.update(self.extra_env)
-            self.settings = load_settings(home=self.dir / "home", redis_url=self.redis_url, **self.overrides)
-        finally:
-            for k in self.extra_env:
-                os.environ.pop(k, None)
-            os.environ.update(saved)
+        self.settings = load_settings(  # the harness's own environment only, not the machine's NOTIFY_*
+            self.extra_env, home=self.dir / "home", redis_url=self.redis_url, **self.overrides
+        )
         self.ctx = Context(self.settings)
         self.pool: subprocess.Popen[bytes] | None = None
         self.pool_log = self.dir / "pool.log"

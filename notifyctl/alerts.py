@@ -44,11 +44,11 @@ def _transition(r: Any, key: str, firing: bool, repeat_s: int) -> str | None:
 def check_alerts(ctx: Any, config: Any = None) -> list[AlertEvent]:
     """Look at the high queue's lag and every configured provider's circuit; notify what started
     or ended. Returns what was notified."""
-    from notifyctl.dlq import DlqConfig, _post
+    from notifyctl.dlq import _post
     from notifyctl.metrics import queue_stats
     from notifyctl.tracking import provider_circuits
 
-    cfg = config or DlqConfig()  # type: ignore[call-arg]  # (pydantic-settings: from the environment)
+    cfg = config or ctx.settings.dlq
     s = ctx.settings
     r = ctx.redis
     events: list[AlertEvent] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from notifyctl.settings import Settings, load_settings
+from notifyctl.settings import Settings
 
 if TYPE_CHECKING:
     import redis
@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 
 class Context:
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or load_settings()
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings  # the root, built once by whoever started the process (notifyctl.settings)
 
     @cached_property
     def redis(self) -> redis.Redis:

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import and_, case, func, insert, select, tuple_, update
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session
@@ -45,6 +43,7 @@ from notifyctl.models import (
     NotificationStatus,
     utcnow,
 )
+from notifyctl.settings import DlqConfig
 from notifyctl.vocabulary import CHANNELS, PROVIDERS
 
 log = logging.getLogger("notifyctl.dlq")
@@ -503,21 +502,6 @@ def stats(ctx: Context, window_min: float = 5.0, now: datetime | None = None) ->
     }
 
 
-class DlqConfig(BaseSettings):
-    """DLQ alert thresholds, from ``NOTIFY_DLQ_*`` variables. A threshold left unset is not checked."""
-
-    model_config = SettingsConfigDict(env_prefix="NOTIFY_DLQ_", extra="ignore")
-
-    alert_depth: int | None = Field(1000, description="alert when the DLQ holds at least this many entries")
-    alert_growth_per_min: float | None = Field(
-        50.0, description="alert when this many entries per minute entered over the window"
-    )
-    alert_window_min: float = Field(5.0, gt=0, description="window for the growth rate, minutes")
-    alert_webhook_url: SecretStr | None = Field(None, description="POST a JSON alert here (Slack, PagerDuty, ...)")
-    alert_repeat_s: int = Field(900, ge=0, description="while still firing, alert again after this many seconds")
-    alert_timeout_s: float = Field(5.0, gt=0, description="webhook request timeout, seconds")
-
-
 @dataclass
 class AlertResult:
     firing: bool
@@ -549,7 +533,7 @@ def check_dlq_alert(ctx: Context, config: DlqConfig | None = None, now: datetime
     when ``alert_webhook_url`` is set, a JSON POST. Call it about once a minute (any process;
     a Redis key keeps every caller from repeating an alert within ``alert_repeat_s``).
     A webhook failure is logged, never raised."""
-    cfg = config or DlqConfig()
+    cfg = config or ctx.settings.dlq
     st = stats(ctx, cfg.alert_window_min, now)
     reasons: list[str] = []
     if cfg.alert_depth is not None and st["depth"] >= cfg.alert_depth:

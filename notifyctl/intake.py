@@ -22,13 +22,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlmodel import Session
 
-from notifyctl import dedup, keys, prefs
+from notifyctl import dedup, keys, ordering, prefs
 from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.errors import InputError, validation_message
 from notifyctl.identifiers import check_user_id
 from notifyctl.jsonload import load_json  # the one JSON loader; callers also import it from here
-from notifyctl.models import Notification, NotificationStatus, User, new_id, utcnow
+from notifyctl.models import Notification, NotificationStatus, OrderedNotification, User, new_id, utcnow
 from notifyctl.policy import blocked_by
 from notifyctl.secretdata import erase
 from notifyctl.settings import CHANNELS
@@ -86,6 +86,8 @@ class NotifyRequest(BaseModel):
     channels: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
     data: Annotated[dict[str, Any], AfterValidator(storable)] = Field(default_factory=dict)
     dedup_key: str | None = Field(None, min_length=1, max_length=DEDUP_KEY_MAX)
+    # sent after every earlier notification of this recipient, priority and key (notifyctl.ordering)
+    ordering_key: str | None = Field(None, min_length=1, max_length=128)
 
     @field_validator("channels")
     @classmethod
@@ -190,6 +192,9 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
                     holder_id, until = prior
                     r.set(dkey, holder_id, ex=max(1, int((until - now).total_seconds())))  # type: ignore[arg-type]
                     return SubmitResult(holder_id, "suppressed", "duplicate", priority, channels)
+            if req.ordering_key and status == NotificationStatus.queued:
+                group, seq = ordering.assign(r, session, user.id, priority, req.ordering_key)
+                session.add(OrderedNotification(notification_id=nid, group_key=group, seq=seq))
             session.add(
                 Notification(
                     id=nid,

@@ -25,6 +25,11 @@ def alive(worker_name: str) -> str:
     return f"{PREFIX}alive:{worker_name}"
 
 
+def order(group: str) -> str:
+    """The last number given in an ordering group (``notifyctl.ordering``)."""
+    return f"{PREFIX}order:{group}"
+
+
 RECONCILE_LOCK = f"{PREFIX}reconciler:lock"  # owned (a token), renewed while a round runs (``worker.reconciler``)
 RECONCILE_PACE = f"{PREFIX}reconciler:pace"  # the pools' rounds: at most one started per 0.9 s in the cluster
 STORE_ID = f"{PREFIX}store:id"  # this Redis's identity: a random token, set once (``notifyctl.stores``)

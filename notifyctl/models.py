@@ -331,6 +331,18 @@ class HostStore(SQLModel, table=True):
     seen_at: datetime = Field(default_factory=utcnow)
 
 
+class OrderedNotification(SQLModel, table=True):
+    """A notification sent in order with the others of its group: one recipient, one priority, one
+    ``ordering_key`` (``notifyctl.ordering``). ``seq`` is the order it was accepted in; a worker
+    sends it only once every notification of the group with a lower ``seq`` is final."""
+
+    __tablename__ = "ordered_notifications"
+    __table_args__ = (Index("ix_ordered_group_seq", "group_key", "seq"),)
+    notification_id: str = Field(primary_key=True, max_length=32)
+    group_key: str = Field(max_length=64)  # a hash of recipient, priority and ordering key
+    seq: int
+
+
 class AnalyticsHourly(SQLModel, table=True):
     """The delivery rollup (``notifyctl.analytics``): how many deliveries queued in ``hour`` (UTC,
     ``YYYY-MM-DD HH``) of a template × channel × campaign are now in ``status`` (with the kind of

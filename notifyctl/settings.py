@@ -1,28 +1,49 @@
-"""Settings: one object, built once (CLI root callback or worker start) and passed down.
+"""Settings: one root object, built once (the CLI root callback, a standalone sub-app, ``serve`` or
+worker start) and passed down. This module is the only place that reads the environment: every
+component takes what it needs from the root it was given, so an environment variable changed
+later does not change a running component.
 
 Sources, highest first: keyword overrides, environment (``NOTIFY_*``), the config file
-(``NOTIFY_CONFIG``, else ``$NOTIFY_HOME/config.toml``), defaults. Nothing reads the
-environment at import time.
+(``NOTIFY_CONFIG``, else ``<home>/config.toml``), defaults. The root holds:
+
+- the main settings (``NOTIFY_<FIELD>``, top-level keys of the file);
+- the sections ``api`` (``notifyctl serve``), ``dlq`` (alerts) and ``campaign``: typed, from
+  ``NOTIFY_<SECTION>_<FIELD>`` and the file's ``[<section>]`` table (the older
+  ``[provider_options.api]`` / ``[provider_options.campaign]`` are still read, below it);
+- each provider's section: ``NOTIFY_<NAME>_<FIELD>`` over the file's ``[<name>]`` or
+  ``[provider_options.<name>]`` table, kept as given in ``provider_options`` and validated by the
+  provider's own ``Config`` class when it loads (:meth:`Settings.provider_settings`), so that a
+  provider that is not used cannot stop every command.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import types
+import typing
+from collections.abc import Mapping
+from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
+from pydantic_settings.sources.utils import parse_env_vars
 
+from notifyctl.errors import ConfigError
 from notifyctl.home import ensure_home
-from notifyctl.vocabulary import CATEGORIES, CHANNELS, PRIORITIES
+from notifyctl.vocabulary import CATEGORIES, CHANNELS, PRIORITIES, PROVIDERS
 
 __all__ = ["CATEGORIES", "CHANNELS", "PRIORITIES"]  # re-exported: long imported from here
 
@@ -54,15 +75,164 @@ class RateRule(BaseModel):
         return f"{self.channel}:{self.category}:{self.window}"
 
 
-def _config_file() -> Path:
-    explicit = os.environ.get("NOTIFY_CONFIG")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("NOTIFY_HOME", default_home())) / "config.toml"
+#: Every provider's name (``worker.providers.REGISTRY``'s keys): ``NOTIFY_<NAME>_*`` are its settings.
+PROVIDER_NAMES = PROVIDERS
+#: The typed sections of the root, each from ``NOTIFY_<SECTION>_*`` and the file's ``[<section>]``.
+SECTIONS = ("api", "dlq", "campaign")
+#: The main settings' old SMTP fields, now the ``smtp`` provider's defaults (``smtp_host`` → ``host``).
+_SMTP_FIELDS = ("host", "port", "username", "password", "starttls", "timeout")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiConfig(BaseModel):
+    """``notifyctl serve`` settings: ``NOTIFY_API_*`` or the config file's ``[api]`` table."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    public_url: str | None = Field(
+        None, description="external base URL (Twilio signs it); unset = the main public_url, else the request URL"
+    )
+    sendgrid_public_key: str | None = Field(
+        None, description="SendGrid Signed Event Webhook verification key (base64 DER, from the SendGrid console)"
+    )
+    sendgrid_max_age: int = Field(600, ge=1, description="accepted SendGrid timestamp skew, seconds (replay window)")
+    twilio_auth_token: SecretStr | None = Field(
+        None, description="Twilio auth token for X-Twilio-Signature; unset = the twilio provider's auth_token"
+    )
+    sns_topic_arns: list[str] = Field(default_factory=list, description="SNS topics whose messages are accepted")
+    sns_cert_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="SigningCertURL → PEM text or PEM file path (pinned certificates; tests use it to avoid network)",
+    )
+    sns_max_age: int = Field(3600, ge=1, description="oldest accepted SNS message Timestamp, seconds")
+    sns_auto_confirm: bool = Field(False, description="fetch the SubscribeURL of a verified SubscriptionConfirmation")
+    brand: str = Field("notifyctl", description="brand name in SMS HELP replies")
+    help_text: str = Field(
+        "Reply STOP to unsubscribe, START to resubscribe. Msg&data rates may apply.",
+        description="SMS HELP reply (add a contact: support URL or phone)",
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest accepted request body, webhooks but SendGrid's included (413 above)"
+    )
+    max_webhook_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="largest accepted SendGrid event batch, bytes (verified before parsing)"
+    )
+
+
+class DlqConfig(BaseModel):
+    """DLQ alert thresholds: ``NOTIFY_DLQ_*`` or the config file's ``[dlq]``. A threshold left unset is not checked."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    alert_depth: int | None = Field(1000, description="alert when the DLQ holds at least this many entries")
+    alert_growth_per_min: float | None = Field(
+        50.0, description="alert when this many entries per minute entered over the window"
+    )
+    alert_window_min: float = Field(5.0, gt=0, description="window for the growth rate, minutes")
+    alert_webhook_url: SecretStr | None = Field(None, description="POST a JSON alert here (Slack, PagerDuty, ...)")
+    alert_repeat_s: int = Field(900, ge=0, description="while still firing, alert again after this many seconds")
+    alert_timeout_s: float = Field(5.0, gt=0, description="webhook request timeout, seconds")
+
+
+class CampaignConfig(BaseModel):
+    """Campaign settings: ``NOTIFY_CAMPAIGN_*`` or the config file's ``[campaign]`` table."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    sms_cost_per_segment: float = Field(0.0079, ge=0, description="price of one SMS segment, for dry-run estimates")
+    currency: str = Field("USD", description="currency of sms_cost_per_segment")
+    default_quiet_hours: str | None = Field(
+        None, description="quiet hours applied to marketing campaigns without --quiet-hours, e.g. 21:00-08:00"
+    )
+    default_rate: float = Field(100.0, gt=0, description="notifications/s produced when --rate is not given")
+    chunk_size: int = Field(1000, ge=1, le=10000, description="segment rows per SQL statement")
+    max_reported_errors: int = Field(100, ge=0, description="bad rows listed (all are counted)")
+    segment_timeout: float = Field(
+        60.0, gt=0, description="seconds a --segment-sql query may work for one row (statement timeout)"
+    )
+    segment_max_value: int = Field(
+        1_000_000, ge=1000, description="longest value (bytes/characters) a --segment-sql query may return"
+    )
 
 
 def default_home() -> str:
     return str(Path.home() / ".notifyctl")
+
+
+# The environment the root being built reads: ``os.environ`` unless ``Settings.from_environ`` gave one.
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("notifyctl_settings_environ", default=None)
+
+
+def _environ() -> Mapping[str, str]:
+    env = _ENVIRON.get()
+    return os.environ if env is None else env
+
+
+def _config_file(environ: Mapping[str, str], home: object = None) -> Path:
+    """``NOTIFY_CONFIG``, else ``config.toml`` in the home (given, else ``NOTIFY_HOME``, else the default)."""
+    explicit = environ.get("NOTIFY_CONFIG")
+    if explicit:
+        return Path(explicit)
+    return Path(str(home or environ.get("NOTIFY_HOME") or default_home())) / "config.toml"
+
+
+def _is_complex(annotation: Any) -> bool:
+    """Whether an environment value for this annotation is JSON (lists, dicts, models)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_complex(a) for a in typing.get_args(annotation) if a is not type(None))
+    if origin in (list, dict, set, tuple, frozenset) or annotation in (list, dict, set, tuple, frozenset):
+        return True
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+class _Environment(EnvSettingsSource):
+    """The main settings (pydantic-settings' own rules: ``NOTIFY_<FIELD>``, JSON for lists), from the
+    environment the root is built from, plus every section's ``NOTIFY_<SECTION>_<FIELD>``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            data = super().__call__()
+        except SettingsError as exc:  # a list or table that is not JSON
+            m = re.search(r'field "(\w+)"', str(exc))
+            name = m.group(1).upper() if m else "?"
+            raise ConfigError(f"bad setting: NOTIFY_{name} is not JSON") from None
+        env = self.env_vars  # lower-case names
+        for section in SECTIONS:
+            model = self.settings_cls.model_fields[section].annotation
+            assert isinstance(model, type) and issubclass(model, BaseModel)
+            values: dict[str, Any] = {}
+            for name, field in model.model_fields.items():
+                raw = env.get(f"notify_{section}_{name}")
+                if raw is None:
+                    continue
+                if _is_complex(field.annotation):
+                    try:
+                        values[name] = json.loads(raw)
+                    except ValueError:
+                        var = f"NOTIFY_{section}_{name}".upper()
+                        raise ConfigError(f"bad setting: {var} is not JSON") from None
+                else:
+                    values[name] = raw
+            if values:
+                data[section] = {**(data.get(section) or {}), **values}
+        providers: dict[str, dict[str, str]] = {}
+        for provider in PROVIDER_NAMES:
+            prefix = f"notify_{provider}_"
+            found = {k[len(prefix) :]: v for k, v in env.items() if k.startswith(prefix) and v is not None}
+            if found:
+                providers[provider] = found
+        if providers:
+            data["provider_env"] = providers
+        return data
 
 
 class Settings(BaseSettings):
@@ -136,7 +306,21 @@ class Settings(BaseSettings):
     lag_alert_low: float = Field(600.0, gt=0, description="console threshold for the low queue's lag, seconds")
 
     provider_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="per-provider settings from the config file's [provider_options.NAME]"
+        default_factory=dict,
+        description="each provider's section as given: NOTIFY_<NAME>_* over the file's [NAME] or "
+        "[provider_options.NAME]; validated by the provider (provider_settings)",
+    )
+    api: ApiConfig = Field(
+        default_factory=lambda: ApiConfig.model_validate({}), description="notifyctl serve: NOTIFY_API_*, [api]"
+    )
+    dlq: DlqConfig = Field(
+        default_factory=lambda: DlqConfig.model_validate({}), description="DLQ alerts: NOTIFY_DLQ_*, [dlq]"
+    )
+    campaign: CampaignConfig = Field(
+        default_factory=lambda: CampaignConfig.model_validate({}), description="campaigns: NOTIFY_CAMPAIGN_*"
+    )
+    secret_key: SecretStr | None = Field(
+        None, description="signs unsubscribe links and open pixels; unset = the shared database's, else home/secret.key"
     )
 
     public_url: str | None = Field(
@@ -145,12 +329,36 @@ class Settings(BaseSettings):
     postal_address: str | None = Field(None, description="sender's postal address, added to marketing email (CAN-SPAM)")
 
     email_from: str = "notifications@example.com"
-    smtp_host: str = "127.0.0.1"
-    smtp_port: int = 25
-    smtp_username: str | None = None
-    smtp_password: SecretStr | None = None
-    smtp_starttls: bool = False
-    smtp_timeout: float = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, data: Any) -> Any:
+        """Fold the older spellings into the sections, below the newer ones: ``[provider_options.api]``
+        (``.dlq``, ``.campaign``) under ``[api]``; a provider's ``[NAME]`` table over its
+        ``[provider_options.NAME]``, and its ``NOTIFY_NAME_*`` variables over both; the main
+        ``smtp_*`` settings under the ``smtp`` provider's own."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        options = {k: dict(v) for k, v in (data.get("provider_options") or {}).items() if isinstance(v, Mapping)}
+        for section in SECTIONS:
+            old = options.pop(section, None)
+            if old:
+                current = data.get(section)
+                if isinstance(current, BaseModel):
+                    current = current.model_dump(exclude_unset=True)
+                data[section] = {**old, **(current or {})}
+        smtp_defaults = {f: data.pop(f"smtp_{f}") for f in _SMTP_FIELDS if f"smtp_{f}" in data}
+        if smtp_defaults:
+            options["smtp"] = {**smtp_defaults, **options.get("smtp", {})}
+        for name in PROVIDER_NAMES:
+            table = data.pop(name, None)
+            if isinstance(table, Mapping):
+                options[name] = {**options.get(name, {}), **table}
+        for name, values in (data.pop("provider_env", None) or {}).items():
+            options[name] = {**options.get(name, {}), **values}
+        data["provider_options"] = options
+        return data
 
     @field_validator(
         "redis_url", "database_url", "redis_server_bin", "public_url", "postal_address", "host_name", mode="before"
@@ -182,8 +390,34 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file())
-        return (init_settings, env_settings, toml)
+        environ = _environ()
+        home = init_settings.init_kwargs.get("home") if isinstance(init_settings, InitSettingsSource) else None
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file(environ, home))
+        return (init_settings, _Environment(settings_cls, environ), toml)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """The root built from ``environ`` instead of the process's environment (``NOTIFY_CONFIG`` and
+        ``NOTIFY_HOME`` in it find the config file too): ``from_environ({}, home=...)`` reads none."""
+        token = _ENVIRON.set(environ)
+        try:
+            return cls(**overrides)
+        finally:
+            _ENVIRON.reset(token)
+
+    def provider_settings(self, name: str, config_cls: type[M]) -> M:
+        """Provider ``name``'s section, validated by its own ``Config`` class (a ``ValidationError``
+        when a value is bad: the provider reports it as ``Misconfigured``). Environment values are
+        text; a list or table is JSON."""
+        values = dict(self.provider_options.get(name) or {})
+        for key, value in values.items():
+            field = config_cls.model_fields.get(key)
+            if field is not None and isinstance(value, str) and _is_complex(field.annotation):
+                try:
+                    values[key] = json.loads(value)
+                except ValueError:
+                    pass  # validation names the field
+        return config_cls.model_validate(values)
 
     @cached_property
     def rules(self) -> list[RateRule]:
@@ -209,16 +443,14 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.sqlite_path}"
 
 
-def provider_config(config_cls: type[BaseSettings], name: str, settings: Settings) -> Any:
-    """Build a provider's own settings class (env prefix ``NOTIFY_<NAME>_``): environment first,
-    then the config file's ``[provider_options.<name>]`` table, then the class defaults."""
-    from_env = config_cls().model_dump(exclude_unset=True)  # type: ignore[call-arg]
-    return config_cls(**{**settings.provider_options.get(name, {}), **from_env})
+def provider_config(config_cls: type[M], name: str, settings: Settings) -> M:
+    """Provider ``name``'s settings from the root (:meth:`Settings.provider_settings`)."""
+    return settings.provider_settings(name, config_cls)
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """The settings, with the home created private (0700), or an existing one tightened
-    (``notifyctl.home.ensure_home``)."""
-    s = Settings(**overrides)
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """The settings root (from ``environ``, else the process's environment), with the home created
+    private (0700), or an existing one tightened (``notifyctl.home.ensure_home``)."""
+    s = Settings(**overrides) if environ is None else Settings.from_environ(environ, **overrides)
     ensure_home(s.home)
     return s

@@ -56,8 +56,9 @@ def shared_database(settings: Any) -> bool:
 def secret_key(settings: Any) -> bytes:
     """The installation's signing key (see the module's docstring); ``ConfigError`` when this host's
     ``NOTIFY_SECRET_KEY`` disagrees with the key the shared database holds."""
-    env = os.environ.get("NOTIFY_SECRET_KEY")
-    configured = env.encode() if env else None
+    configured_key = getattr(settings, "secret_key", None)  # NOTIFY_SECRET_KEY, read by the settings root
+    value = configured_key.get_secret_value() if configured_key is not None else ""
+    configured = value.encode() if value else None
     if shared_database(settings):
         cache_key = (str(settings.database_url), configured)
         key = _shared.get(cache_key)

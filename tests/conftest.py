@@ -19,6 +19,7 @@ from notifyctl.db import dispose_all
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import Settings, load_settings
 from notifyctl.sqllock import close_lock_files
+from tests import smoke_runs
 from tests.net import ClosedPort
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,31 @@ def _port_open(host: str, port: int) -> bool:
 
 
 PG_AVAILABLE = _port_open("127.0.0.1", 5432)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The chaos smoke's tests come right after the bench smoke's, whose test starts the chaos run
+    in the background first: the two smokes run side by side (tests/smoke_runs.py says why)."""
+    chaos = [i for i in items if i.path.name == "test_chaos_smoke.py"]
+    bench = [i for i in items if i.path.name == "test_bench_smoke.py"]
+    smoke_runs.wanted = bool(chaos)
+    if chaos and bench:
+        rest = [i for i in items if i.path.name != "test_chaos_smoke.py"]
+        at = rest.index(bench[-1]) + 1
+        items[:] = rest[:at] + chaos + rest[at:]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    smoke_runs.stop()  # a chaos smoke run still going (its tests deselected after a failure, -x...)
+
+
+@pytest.fixture(autouse=True)
+def _no_machine_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings root (``notifyctl.settings``) is the only reader of the environment, and each test
+    builds its own: the NOTIFY_* of the machine running the suite (but NOTIFY_TEST_*) stay out of it."""
+    for name in list(os.environ):
+        if name.startswith("NOTIFY_") and not name.startswith("NOTIFY_TEST_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,14 +32,6 @@ ORDER = {"order_id": "ORD-1", "tracking_url": "https://t.example/1"}
 # the 43-byte transparent 1×1 GIF every tracking pixel serves, spelled out independently of the app
 PIXEL_GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
 PROMO = {"first_name": "Alice", "discount": 20, "code": "WEEK20"}
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith(("NOTIFY_API_", "NOTIFY_TWILIO_", "NOTIFY_SECRET_KEY")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("NOTIFY_CONFIG", str(tmp_path / "absent.toml"))
 
 
 def drain(settings: Settings) -> None:

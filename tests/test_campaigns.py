@@ -628,12 +628,12 @@ def test_sql_segment_accepts_read_only_ctes_and_refuses_writing_ones(any_db_ctx:
         assert sess.execute(select(func.count()).select_from(User)).scalar_one() == 20
 
 
-def test_sql_segment_is_bounded_in_time_and_value_size(any_db_ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sql_segment_is_bounded_in_time_and_value_size(any_db_ctx: Context) -> None:
     """``randomblob(1000000000)`` hung the launcher at 1 GB; a query that never ends hung it for
     ever. Both end in a one-line error naming the setting, nothing written."""
     ctx = any_db_ctx
     add_users(ctx, ["b1,b1@example.com,,UTC,false"])
-    monkeypatch.setenv("NOTIFY_CAMPAIGN_SEGMENT_TIMEOUT", "0.5")
+    ctx.settings.campaign.segment_timeout = 0.5  # NOTIFY_CAMPAIGN_SEGMENT_TIMEOUT=0.5, had the root read it
     pg = ctx.engine.dialect.name == "postgresql"
     forever = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
                "SELECT 'b1' AS user_id, count(*) AS n FROM c")  # fmt: skip

@@ -31,6 +31,7 @@ LAUNCHER = """
 import sys
 from campaigns.launcher import LaunchSpec, launch
 from notifyctl.context import Context
+from notifyctl.settings import load_settings
 
 def progress(phase, done, total):
     if phase == "write":
@@ -40,7 +41,7 @@ def progress(phase, done, total):
 
 spec = LaunchSpec("weekly_promo", channels=["email"], segment_csv=sys.argv[1], send_at=sys.argv[2], rate=float(sys.argv[3]),
                   name="killed", data={"discount": 5, "code": "K"})
-launch(Context(), spec, progress=progress)
+launch(Context(load_settings()), spec, progress=progress)
 print("finished", flush=True)
 """
 

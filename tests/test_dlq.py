@@ -30,6 +30,7 @@ from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.dlq import CHUNK, DlqConfig, DlqFilter, check_dlq_alert, replay, stats
 from notifyctl.models import Delivery, DeliveryEvent, Notification, new_id, utcnow
+from notifyctl.settings import Settings
 from tests.conftest import cli_env, make_settings
 from tests.net import ClosedPort
 from tests.util import deliveries, events, notification, seed, send
@@ -446,11 +447,11 @@ def test_alert_webhook_failure_is_logged_not_raised(
     assert res.notified and res.webhook_status is None and res.webhook_error
 
 
-def test_dlq_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dlq_config_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("NOTIFY_DLQ_ALERT_DEPTH", "7")
     monkeypatch.setenv("NOTIFY_DLQ_ALERT_GROWTH_PER_MIN", "0.5")
     monkeypatch.setenv("NOTIFY_DLQ_ALERT_WEBHOOK_URL", "https://hooks.example/T0KEN")
-    cfg = DlqConfig()
+    cfg = Settings(home=tmp_path).dlq  # the settings root reads them, once
     assert (cfg.alert_depth, cfg.alert_growth_per_min) == (7, 0.5)
     assert "T0KEN" not in repr(cfg)
 

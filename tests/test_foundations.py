@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from pathlib import Path
@@ -23,9 +22,6 @@ from worker.ratelimit import Check, RateLimiter
 
 
 def test_settings_from_config_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k.startswith("NOTIFY_"):
-            monkeypatch.delenv(k)
     (tmp_path / "config.toml").write_text('dedup_ttl = 60\nrate_limits = ["sms:*:2/1h"]\nbatch_size = 7\n')
     monkeypatch.setenv("NOTIFY_HOME", str(tmp_path))
     monkeypatch.setenv("NOTIFY_BATCH_SIZE", "9")

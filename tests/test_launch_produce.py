@@ -261,3 +261,41 @@ def test_statistics_follow_a_table_that_doubled(any_db_ctx: Context) -> None:
     reltuples, changed = stats()
     assert reltuples >= MIN_CHANGED and changed == 0
     assert analyze_grown(ctx.engine, ("users",)) == []  # nothing changed since
+
+
+def test_a_low_rate_campaign_behind_its_slots_is_not_produced_in_a_burst(ctx: Context) -> None:
+    """The launcher queues at most a second of --rate itself: a campaign at 100/s whose slots already
+    passed when its rows are written (its clock half a minute back: a long segment read, say) leaves
+    them all to the paced reconciler, which releases 100 a round."""
+    from datetime import datetime, timedelta
+
+    n = 1000
+    rep = import_users(ctx, io.StringIO("user_id,email\n" + "".join(f"z{i},z{i}@example.com\n" for i in range(n))))
+    assert rep.errors == []
+    seg = ctx.settings.home / "z.csv"
+    seg.write_text("user_id\n" + "".join(f"z{i}\n" for i in range(n)))
+    back = datetime.now(UTC) - timedelta(seconds=30)
+    spec = LaunchSpec("weekly_promo", channels=["email"], segment_csv=str(seg), rate=100.0, quiet_hours="off",
+                      data={"discount": 5, "code": "Z", "first_name": "Z"})  # fmt: skip
+    cid = launch(ctx, spec, now=back)["campaign_id"]
+    assert campaign_status(ctx, cid)["notifications"] == {"scheduled": n}
+    assert ctx.redis.llen(ctx.queue("low").key) == 0
+    later = time.time()
+    assert [reconcile(ctx, now=later + i, force=True, paced=True).retries_queued for i in range(3)] == [100] * 3
+
+
+def test_a_campaign_due_now_at_its_rate_is_produced_within_it(ctx: Context) -> None:
+    """At a rate the write keeps up with, the launcher queues what is due as it writes, never more
+    than a second of the rate ahead of the clock."""
+    n, rate = 3000, 1000.0
+    rep = import_users(ctx, io.StringIO("user_id,email\n" + "".join(f"y{i},y{i}@example.com\n" for i in range(n))))
+    assert rep.errors == []
+    seg = ctx.settings.home / "y.csv"
+    seg.write_text("user_id\n" + "".join(f"y{i}\n" for i in range(n)))
+    t0 = time.monotonic()
+    spec = LaunchSpec("weekly_promo", channels=["email"], segment_csv=str(seg), rate=rate, quiet_hours="off",
+                      data={"discount": 5, "code": "Y", "first_name": "Y"})  # fmt: skip
+    cid = launch(ctx, spec)["campaign_id"]
+    took = time.monotonic() - t0
+    queued = campaign_status(ctx, cid)["notifications"].get("queued", 0)
+    assert 0 < queued <= rate * (took + 1)

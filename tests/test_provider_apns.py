@@ -47,9 +47,7 @@ def sandbox(p8: str) -> Iterator[ApnsSandbox]:
 
 
 @pytest.fixture
-def make(sandbox: ApnsSandbox, p8: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for var in ("KEY", "KEY_FILE", "KEY_ID", "TEAM_ID", "TOPIC", "BASE_URL", "TOKEN_TTL", "CONNECTIONS"):
-        monkeypatch.delenv("NOTIFY_APNS_" + var, raising=False)
+def make(sandbox: ApnsSandbox, p8: str, tmp_path: Path) -> Iterator[Any]:
     made: list[Provider] = []
 
     def factory(**options: Any) -> Provider:

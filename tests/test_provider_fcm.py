@@ -47,10 +47,7 @@ def sandbox(_sandbox: FcmSandbox) -> FcmSandbox:
 
 
 @pytest.fixture
-def make_provider(sandbox: FcmSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    # Only isolate the test from NOTIFY_* variables of the machine running it.
-    for var in ("NOTIFY_CONFIG", "NOTIFY_FCM_SERVICE_ACCOUNT_FILE", "NOTIFY_FCM_SERVICE_ACCOUNT_JSON"):
-        monkeypatch.delenv(var, raising=False)
+def make_provider(sandbox: FcmSandbox, tmp_path: Path) -> Iterator[Any]:
     made: list[Provider] = []
     sa_file = sandbox.write_service_account(tmp_path / "sa.json")
 

@@ -20,14 +20,6 @@ from worker.sandbox.sendgrid import SendgridSandbox
 API_KEY = "SG.test-" + os.urandom(12).hex()
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("NOTIFY_SENDGRID_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("NOTIFY_CONFIG", str(tmp_path / "absent.toml"))
-
-
 @pytest.fixture
 def sandbox() -> Iterator[SendgridSandbox]:
     with SendgridSandbox(api_key=API_KEY) as sb:

@@ -24,23 +24,6 @@ from worker.sandbox.smtp import SmtpSandbox
 PASSWORD = "s3cret-Pa55word-xyz"
 
 
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("NOTIFY_CONFIG", str(tmp_path / "no-config.toml"))
-    for var in (
-        "HOST",
-        "PORT",
-        "USERNAME",
-        "PASSWORD",
-        "STARTTLS",
-        "SSL",
-        "TIMEOUT",
-        "FROM_ADDRESS",
-        "CA_FILE",
-    ):
-        monkeypatch.delenv(f"NOTIFY_SMTP_{var}", raising=False)
-
-
 @pytest.fixture
 def sandbox():
     with SmtpSandbox() as sb:

@@ -29,9 +29,8 @@ LANDLINE = "+15552220000"
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
-        if name.startswith(("NOTIFY_TWILIO_", "TWILIO_")):
+        if name.startswith("TWILIO_"):  # the Twilio SDK's own
             monkeypatch.delenv(name)
-    monkeypatch.setenv("NOTIFY_CONFIG", str(tmp_path / "absent.toml"))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import stat
@@ -52,13 +51,6 @@ def invoke(settings: Settings, *args: str, **env: str) -> Any:
 def sandboxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxSet]:
     with SandboxSet(tmp_path_factory.mktemp("sandbox-keys")) as sbs:
         yield sbs
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("NOTIFY_"):
-            monkeypatch.delenv(name)
 
 
 def sandbox_env(sbs: SandboxSet, inline_keys: bool = False) -> dict[str, str]:

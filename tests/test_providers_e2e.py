@@ -6,7 +6,6 @@ answer acts on our data: a dead APNs/FCM token leaves ``notifyctl tokens list``,
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,13 +37,7 @@ def sandboxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxSet]:
 
 
 @pytest.fixture(autouse=True)
-def _clean(sandboxes: SandboxSet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    # The provider settings come from provider_options only: the machine's NOTIFY_* must not leak in.
-
-    for name in list(os.environ):
-        if name.startswith("NOTIFY_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("NOTIFY_CONFIG", str(tmp_path / "absent.toml"))
+def _clean(sandboxes: SandboxSet) -> Iterator[None]:
     yield
     for sb in sandboxes.sandboxes.values():
         sb.faults.clear()

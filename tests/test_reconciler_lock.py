@@ -115,8 +115,8 @@ def test_a_long_round_is_not_run_twice_at_once(any_db_ctx: Context, rclient: red
 def test_a_round_that_lost_its_lock_stops_and_leaves_the_new_holders_lock(
     any_db_ctx: Context, rclient: redis.Redis
 ) -> None:
-    """While a round waits on the database, its lock becomes another reconciler's (it ran out):
-    the round finishes the step it was in, writes nothing more, and does not delete the other's lock."""
+    """While a round runs (waiting on the database), its lock becomes another reconciler's (it ran
+    out): the round writes nothing after the step it was in, and does not delete the other's lock."""
     ctx = any_db_ctx
     seed(ctx)
     retry, lost = lost_notifications(ctx, rclient, 2)
@@ -133,12 +133,13 @@ def test_a_round_that_lost_its_lock_stops_and_leaves_the_new_holders_lock(
             time.sleep(0.01)
         rclient.set(keys.RECONCILE_LOCK, "another-reconciler", px=30_000)  # the new holder
         t.join(60)
-    assert res[0].lock_lost and res[0].retries_queued == 1 and res[0].recovered == 0
+    # the step it was in (due retries) finished or never began, as the steal fell; nothing after it ran
+    assert res[0].lock_lost and not res[0].skipped_locked and res[0].recovered == 0
     assert rclient.get(keys.RECONCILE_LOCK) == b"another-reconciler"
     with Session(ctx.engine) as s:
         job_of_lost = s.execute(select(Notification.job_id).where(Notification.id == lost)).scalar_one()
     assert job_of_lost == f"job_{lost}"  # untouched: the lost step never ran
-    assert jobs_per_notification(ctx) == Counter({retry: 1})
+    assert jobs_per_notification(ctx) == Counter({retry: 1} if res[0].retries_queued else {})
     other.close()
 
 

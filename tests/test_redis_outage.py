@@ -23,7 +23,7 @@ from notifyctl.redisconn import ensure_server, stop_server
 from tests.conftest import ROOT, cli_env, make_settings
 from tests.util import deliveries, seed, send, wait_for
 
-DOWN = 4.0  # longer than a heartbeat (0.5 s here), a reconciler round (1 s) and RQ's reconnect wait (1 s)
+DOWN = 2.5  # longer than a heartbeat (0.5 s here), a reconciler round (1 s) and RQ's reconnect wait (1 s)
 
 
 def test_a_redis_outage_is_one_warning_when_it_starts_and_one_when_it_ends(

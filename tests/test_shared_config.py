@@ -47,11 +47,6 @@ def pg_url() -> Iterator[str]:
     admin.dispose()
 
 
-@pytest.fixture(autouse=True)
-def _no_key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOTIFY_SECRET_KEY", raising=False)
-
-
 def host_home(tmp_path: Path, name: str) -> Path:
     h = tmp_path / name
     h.mkdir(mode=0o700)

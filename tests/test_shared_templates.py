@@ -69,11 +69,6 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     admin.dispose()
 
 
-@pytest.fixture(autouse=True)
-def _no_key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOTIFY_SECRET_KEY", raising=False)
-
-
 def homes(tmp_path: Path, redis_url: str, db_url: str) -> tuple[Settings, Settings]:
     out = []
     for name in ("a", "b"):
@@ -277,3 +272,48 @@ def test_push_and_pull(tmp_path: Path, redis_url: str, rclient: redis.Redis, db_
     assert (listed["greeting"]["origin"], listed["greeting"]["version"]) == ("database", 2)
     assert listed["otp_code"]["origin"] == "shipped"
     b.close()
+
+
+def test_hosts_pushing_at_once_each_get_a_version(
+    tmp_path: Path, redis_url: str, rclient: redis.Redis, db_url: str
+) -> None:
+    """Four hosts push their own edition of one new template at the same moment: no push fails,
+    each gets a version of its own (1 to 4), and the table holds the last one."""
+    import threading
+
+    from notifyctl.templates import push
+
+    hosts = []
+    for i in range(4):
+        h = tmp_path / f"h{i}"
+        h.mkdir(mode=0o700)
+        s = make_settings(h, redis_url, database_url=db_url)
+        write_template(s, "greeting", greeting(f"edition {i}"))
+        hosts.append(Context(s))
+    for c in hosts:
+        c.engine  # noqa: B018 - the schema exists before the race
+    start = threading.Barrier(len(hosts))
+    got: dict[int, int] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            (done,) = push(hosts[i].engine, hosts[i].templates, [], f"h{i}")
+            got[i] = done.version
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(hosts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and sorted(got.values()) == [1, 2, 3, 4], (errors, got)
+    last = max(got, key=lambda i: got[i])
+    with Session(hosts[0].engine) as s:
+        row = s.get(SharedTemplate, "greeting")
+        assert row is not None and row.version == 4 and row.pushed_by == f"h{last}"
+        assert f"edition {last}" in row.source
+    for c in hosts:
+        c.close()

@@ -49,14 +49,6 @@ SG_API_KEY = "SG.webhook-tests-" + os.urandom(8).hex()
 PROMO = {"first_name": "A", "discount": 20, "code": "WEEK20"}
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith(("NOTIFY_API_", "NOTIFY_TWILIO_", "NOTIFY_SENDGRID_")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("NOTIFY_CONFIG", str(tmp_path / "absent.toml"))
-
-
 # ------------------------------------------------------------------------------ keys and certs
 
 
@@ -998,8 +990,12 @@ def test_sms_keywords_apply_in_order_and_stay_bounded(any_db_ctx: Context) -> No
 def test_twilio_signature_uses_the_public_url(wctx: Context) -> None:
     seed(wctx)
     opts = dict(wctx.settings.provider_options)
-    opts["api"] = {**opts["api"], "public_url": "https://notify.acme.example/", "twilio_auth_token": "api-token-123"}
-    c = Context(make_settings(wctx.settings.home, wctx.settings.redis_url or "", provider_options=opts))
+    api = {
+        **wctx.settings.api.model_dump(),
+        "public_url": "https://notify.acme.example/",
+        "twilio_auth_token": "api-token-123",
+    }
+    c = Context(make_settings(wctx.settings.home, wctx.settings.redis_url or "", provider_options=opts, api=api))
     with ApiServer(c) as s, httpx.Client(base_url=s.url) as http:
         params = {"MessageSid": "SM1", "From": "+14155550101", "Body": "STOP"}
         public = "https://notify.acme.example/webhooks/twilio/inbound"

@@ -1,7 +1,7 @@
 """RQ jobs: thin, importable functions taking ids. The logic lives in ``worker.pipeline``.
 
-The per-process runtime (connections, providers) is built once, on the first job, from the
-settings the worker process was configured with (``configure``) or from the environment.
+The per-process runtime (connections, providers) is built once, at worker start, from the
+settings root the worker process was given (``configure``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def configure(ctx: Context, worker_name: str | None = None, liveness: Liveness |
 def runtime() -> Runtime:
     global _runtime
     if _runtime is None:
-        _runtime = Runtime(Context())
+        raise RuntimeError("worker.jobs.configure(ctx) was not called: start workers with `notifyctl worker`")
     return _runtime
 
 

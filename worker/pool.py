@@ -267,12 +267,12 @@ class Pool:
         from notifyctl.alerts import check_alerts
         from notifyctl.analytics import compact
         from notifyctl.db import checkpoint
-        from notifyctl.dlq import DlqConfig, check_dlq_alert
+        from notifyctl.dlq import check_dlq_alert
         from worker.reconciler import reconcile
 
         ctx = Context(self.settings)
         outage = Outage(log, redis_url(self.settings))
-        dlq_config = DlqConfig()
+        dlq_config = self.settings.dlq
         probes: dict[str, Any] = {}
         next_dlq_check = time.monotonic() + 5
         freeze_heap()  # before the fork: the workers inherit it frozen

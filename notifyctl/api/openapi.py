@@ -296,6 +296,13 @@ def notify_schema(template_ids: list[str]) -> dict[str, Any]:
             },
             "data": {"type": "object", "description": "template data (null is missing)"},
             "dedup_key": _nullable({"type": "string", "pattern": stripped(255, 1)}),
+            "ordering_key": _nullable(
+                {
+                    "type": "string",
+                    "pattern": stripped(128, 1),
+                    "description": "sent after every earlier notification of this recipient, priority and key",
+                }
+            ),
         },
     }
 

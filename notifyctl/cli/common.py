@@ -18,6 +18,8 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def get_ctx(ctx: typer.Context) -> Context:
+    """The Context the root callback built. A sub-app run on its own (``notifyctl.cli.providers.app``)
+    has no root callback: its first command builds the settings root here, once."""
     root = ctx.find_root()
     obj = root.obj
     if obj is None:

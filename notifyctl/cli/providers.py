@@ -8,7 +8,6 @@ anything. A provider whose settings are incomplete is shown as ``not configured:
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterable
@@ -73,7 +72,8 @@ class Loaded:
 
 def _secret_values(settings: Any, providers: Iterable[Any]) -> list[str]:
     """Every secret value the output could echo: secret-named provider options (config file and
-    ``NOTIFY_<NAME>_*`` environment), SecretStr fields of loaded provider configs, the SMTP password."""
+    ``NOTIFY_<NAME>_*`` environment), the secrets of the settings root and its sections, SecretStr
+    fields of loaded provider configs."""
     from pydantic import SecretStr
 
     values: set[str] = set()
@@ -91,12 +91,14 @@ def _secret_values(settings: Any, providers: Iterable[Any]) -> list[str]:
     for options in (getattr(settings, "provider_options", None) or {}).values():
         for key, value in (options or {}).items():
             consider(str(key), value)
-    for key, value in os.environ.items():
-        if key.startswith("NOTIFY_") and not key.startswith("NOTIFY_PROVIDERS_"):
-            consider(key.lower(), value)
-    smtp_password = getattr(settings, "smtp_password", None)
-    if isinstance(smtp_password, SecretStr) and smtp_password.get_secret_value():
-        values.add(smtp_password.get_secret_value())
+    sections = [settings, *(getattr(settings, name, None) for name in ("api", "dlq", "campaign"))]
+    for section in sections:  # the root and its sections: SecretStr fields, and secret-named ones
+        for name in getattr(type(section), "model_fields", {}):
+            value = getattr(section, name, None)
+            if isinstance(value, SecretStr) and len(value.get_secret_value()) >= 4:
+                values.add(value.get_secret_value())
+            elif not name.startswith("providers_"):
+                consider(name, value)
     for p in providers:
         config = getattr(p, "config", None)
         if config is None or not hasattr(type(config), "model_fields"):

@@ -62,6 +62,9 @@ def send(
     data_json: str | None = typer.Option(None, "--data-json", help="Template data as a JSON object."),
     dedup_key: str | None = typer.Option(None, "--dedup-key", "-k", help="Idempotency key (24 h window)."),
     type_: str | None = typer.Option(None, "--type", help="Notification type (default: the template id)."),
+    ordering_key: str | None = typer.Option(
+        None, "--ordering-key", help="Sent after every earlier notification of this recipient, priority and key."
+    ),
     file: str | None = typer.Option(
         None, "--file", "-f", help="Read the request JSON (the POST /v1/notify body) from a file, or - for stdin."
     ),
@@ -98,6 +101,7 @@ def send(
         "priority": priority,
         "type": type_,
         "dedup_key": dedup_key,
+        "ordering_key": ordering_key,
     }
     names = {
         "recipient_id": "RECIPIENT",
@@ -106,6 +110,7 @@ def send(
         "priority": "--priority",
         "type": "--type",
         "dedup_key": "--dedup-key",
+        "ordering_key": "--ordering-key",
     }
     for key, value in flags.items():
         if value is None:

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from notifyctl import metrics
+from notifyctl import metrics, ordering
 from notifyctl.models import utcnow
 from worker.pipeline.batch import _Batch
 from worker.pipeline.claim import claim, due_now
@@ -69,6 +69,10 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
     renderer = Renderer(rt)
     with Session(rt.ctx.engine, expire_on_commit=False) as session:
         batch = _Batch(session, rt.ctx.redis, ids)  # 1
+        ordered = [n.id for n in batch.notifications if n.ordered]  # with an ordering_key
+        held = ordering.hold_back(session, ordered, now) if ordered else set()
+        if held:  # an earlier one of their group is not final yet: back to the reconciler, untouched
+            batch.notifications = [n for n in batch.notifications if n.id not in held]
         stats.notifications = len(batch.notifications)
         if not batch.notifications:
             return stats

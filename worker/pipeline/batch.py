@@ -56,7 +56,8 @@ _TT = DeviceToken.__table__  # type: ignore[attr-defined]
 # campaign batch shares one `data` and one `channels`.
 _N_SELECT = (
     "SELECT id, recipient_id, type, template_id, category, priority, dedup_key, CAST(channels AS TEXT), "
-    "CAST(data AS TEXT) FROM notifications"
+    "CAST(data AS TEXT), (SELECT 1 FROM ordered_notifications o WHERE o.notification_id = notifications.id) "
+    "FROM notifications"
 )
 # by primary key, never through the status index (see notifyctl.db.unindexed)
 _N_LOADABLE = "AND " + unindexed_in("status", [NotificationStatus.queued, NotificationStatus.retrying])
@@ -81,6 +82,7 @@ class _Note:
     channels: list[str]
     data: dict[str, Any]
     data_key: str
+    ordered: bool = False  # it carries an ordering_key (notifyctl.ordering)
 
 
 @dataclass(slots=True)
@@ -110,7 +112,7 @@ class _Batch:
 
         conn = session.connection()
         self.notifications: list[_Note] = [
-            _Note(*row[:7], load(row[7]) or [], load(row[8]) or {}, row[8] or "")
+            _Note(*row[:7], load(row[7]) or [], load(row[8]) or {}, row[8] or "", row[9] is not None)
             for row in rows_where_in(conn, _N_SELECT, "id", ids, _N_LOADABLE)
         ]
         user_ids = {n.recipient_id for n in self.notifications}

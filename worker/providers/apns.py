@@ -38,8 +38,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import orjson
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from notifyctl import keys
 from notifyctl.settings import provider_config
@@ -72,10 +71,10 @@ TOKEN_UPDATES_BACKOFF = 60.0  # seconds to wait after TooManyProviderTokenUpdate
 CHECK_TOKEN = "0" * 64
 
 
-class Config(BaseSettings):
+class Config(BaseModel):
     """APNs settings (environment ``NOTIFY_APNS_*`` or ``[provider_options.apns]``)."""
 
-    model_config = SettingsConfigDict(env_prefix="NOTIFY_APNS_", extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     key_file: Path | None = Field(None, description="the .p8 signing key file (AuthKey_XXXXXXXXXX.p8)")
     key: SecretStr | None = Field(None, description="the .p8 PEM contents (instead of key_file)")

@@ -26,8 +26,7 @@ from botocore.exceptions import (
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from notifyctl.masking import mask
 from notifyctl.settings import provider_config
@@ -78,10 +77,10 @@ AUTH_CODES = frozenset(
 )
 
 
-class AwsConfig(BaseSettings):
+class AwsConfig(BaseModel):
     """Settings common to the AWS providers (each provider subclasses it with its own env prefix)."""
 
-    model_config = SettingsConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     region: str = Field("us-east-1", description="AWS region")
     endpoint_url: str | None = Field(

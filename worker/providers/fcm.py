@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import orjson
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from notifyctl import keys
 from notifyctl.masking import mask
@@ -59,8 +58,8 @@ RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 _COLLAPSE_OK = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 
 
-class Config(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NOTIFY_FCM_", extra="ignore")
+class Config(BaseModel):
+    model_config = ConfigDict(extra="ignore")
 
     service_account_file: Path | None = None
     service_account_json: SecretStr | None = None

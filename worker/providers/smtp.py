@@ -43,19 +43,20 @@ from email.header import Header
 from email.utils import format_datetime, formataddr, parseaddr
 from typing import Any, ClassVar
 
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
+from notifyctl.errors import errors_line
 from notifyctl.settings import provider_config
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent
 
 log = logging.getLogger(__name__)
 
 
-class Config(BaseSettings):
-    """``NOTIFY_SMTP_*``. Unset connection fields fall back to the main settings (``smtp_host``...)."""
+class Config(BaseModel):
+    """``NOTIFY_SMTP_*`` or ``[smtp]`` (the main settings' older ``smtp_host``... are read as its defaults).
+    Unset: host 127.0.0.1, port 25 (465 with ``ssl``), timeout 10 s."""
 
-    model_config = SettingsConfigDict(env_prefix="NOTIFY_SMTP_", extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     host: str | None = None
     port: int | None = None
@@ -213,20 +214,17 @@ class Provider:
     routes: ClassVar[frozenset[str]] = frozenset({"email"})
 
     def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
-        self.config = cfg = provider_config(Config, "smtp", settings)
-        self.host: str = cfg.host or getattr(settings, "smtp_host", None) or ""
-        main_port = getattr(settings, "smtp_port", None)
-        if cfg.ssl and "smtp_port" not in getattr(settings, "model_fields_set", ()):
-            main_port = 465  # implicit TLS: the main default (25) does not apply
-        self.port: int = int(cfg.port or main_port or 25)
-        self.username: str | None = cfg.username or getattr(settings, "smtp_username", None)
-        pw = cfg.password if cfg.password is not None else getattr(settings, "smtp_password", None)
-        self._password: SecretStr | None = pw if isinstance(pw, SecretStr) or pw is None else SecretStr(str(pw))
-        self.starttls: bool = bool(
-            cfg.starttls if cfg.starttls is not None else getattr(settings, "smtp_starttls", False)
-        )
+        try:
+            self.config = cfg = provider_config(Config, "smtp", settings)
+        except ValidationError as exc:
+            raise Misconfigured(f"smtp: invalid settings: {errors_line(exc.errors(include_input=False))}") from None
+        self.host: str = cfg.host or "127.0.0.1"
+        self.port: int = int(cfg.port or (465 if cfg.ssl else 25))  # implicit TLS: 465
+        self.username: str | None = cfg.username
+        self._password: SecretStr | None = cfg.password
+        self.starttls: bool = bool(cfg.starttls)
         self.ssl: bool = cfg.ssl
-        self.timeout: float = float(cfg.timeout or getattr(settings, "smtp_timeout", None) or 10.0)
+        self.timeout: float = float(cfg.timeout or 10.0)
         self.from_address: str = cfg.from_address or getattr(settings, "email_from", "") or ""
         self._validate()
         self.envelope_from: str = cfg.envelope_from or parseaddr(self.from_address)[1]

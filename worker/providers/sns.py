@@ -19,8 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from botocore.exceptions import ClientError
-from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import ConfigDict, Field, field_validator
 
 from worker.providers.aws import (
     AwsConfig,
@@ -41,7 +40,7 @@ _BAD_PARAMETER_CODES = frozenset({"InvalidParameter", "ParameterValueInvalid", "
 
 
 class Config(AwsConfig):
-    model_config = SettingsConfigDict(env_prefix="NOTIFY_SNS_", extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     sender_id: str | None = Field(None, description="alphanumeric sender id (1-11 chars, countries that allow it)")
     origination_number: str | None = Field(None, description="E.164 long code / toll-free number to send from")

@@ -37,8 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import orjson
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from notifyctl.masking import mask
 from notifyctl.settings import provider_config
@@ -68,10 +67,10 @@ DELIVERY_ARG, NOTIFICATION_ARG = "delivery_id", "notification_id"
 _PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)(?:\.(\w+))?")
 
 
-class Config(BaseSettings):
-    """SendGrid settings: environment ``NOTIFY_SENDGRID_*`` or ``[provider_options.sendgrid]``."""
+class Config(BaseModel):
+    """SendGrid: ``NOTIFY_SENDGRID_*``, or the config file's ``[sendgrid]`` (or ``[provider_options.sendgrid]``)."""
 
-    model_config = SettingsConfigDict(env_prefix="NOTIFY_SENDGRID_", extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     api_key: SecretStr | None = Field(None, description="API key with the mail.send scope (SG....)")
     base_url: str = Field("https://api.sendgrid.com", description="API base URL (a sandbox URL in tests)")

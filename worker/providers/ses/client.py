@@ -47,8 +47,7 @@ from email.header import Header
 from typing import Any, ClassVar
 
 from botocore.exceptions import ClientError
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import ConfigDict, Field
 
 from worker.providers.aws import (
     AwsConfig,
@@ -67,7 +66,7 @@ log = logging.getLogger(__name__)
 
 
 class Config(AwsConfig):
-    model_config = SettingsConfigDict(env_prefix="NOTIFY_SES_", extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     from_address: str | None = Field(None, description="From address; unset = main settings email_from")
     configuration_set: str | None = Field(None, description="SES configuration set (event publishing)")

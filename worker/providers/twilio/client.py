@@ -27,8 +27,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from xml.sax.saxutils import escape
 
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from notifyctl.masking import mask
 from notifyctl.settings import provider_config
@@ -66,10 +65,10 @@ _UNDELIVERABLE_CODES = {
 }
 
 
-class Config(BaseSettings):
-    """Twilio settings: environment ``NOTIFY_TWILIO_*`` or ``[provider_options.twilio]``."""
+class Config(BaseModel):
+    """Twilio settings: ``NOTIFY_TWILIO_*``, or the config file's ``[twilio]`` (``[provider_options.twilio]``)."""
 
-    model_config = SettingsConfigDict(env_prefix="NOTIFY_TWILIO_", extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     account_sid: str | None = Field(None, description="Account SID (AC...)")
     auth_token: SecretStr | None = Field(None, description="Auth token")
