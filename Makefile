@@ -34,6 +34,7 @@ bench: $(STAMP)
 chaos: $(STAMP)
 	$(PY) -m chaos.run
 	$(PY) -m chaos.multihost
+	$(PY) -m chaos.sentinel
 
 # The suite against the newest releases pyproject.toml allows, in a venv of its own.
 test-latest:

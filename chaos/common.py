@@ -135,11 +135,19 @@ class World:
     """One scenario's private universe. ``overrides`` are Settings fields (also passed to the pool as
     ``NOTIFY_*``); ``extra_env`` are further variables for subprocesses (provider configs)."""
 
-    def __init__(self, name: str, overrides: dict[str, Any] | None = None, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        overrides: dict[str, Any] | None = None,
+        extra_env: dict[str, str] | None = None,
+        redis_url: str | None = None,
+    ):
         self.name = name
         self.dir = Path(tempfile.mkdtemp(prefix=f"notify-chaos-{name}-"))
         self.redis_dir = self.dir / "redis"
-        self.redis_url = ensure_server(self.redis_dir)
+        # an external Redis (a Sentinel URL: chaos/sentinel.py), else a private redis-server with AOF
+        self.own_redis = redis_url is None
+        self.redis_url = redis_url or ensure_server(self.redis_dir)
         self.sg = SendgridSandbox()
         self.sg.recorder = StampedRecorder()
         self.sg.start()
@@ -241,7 +249,8 @@ class World:
             pass
         dispose_all()
         try:
-            stop_server(self.redis_dir)
+            if self.own_redis:
+                stop_server(self.redis_dir)
         except Exception:  # noqa: BLE001,S110
             pass
         if not os.environ.get("NOTIFY_CHAOS_KEEP"):
