@@ -241,7 +241,7 @@ def rows_where_in(
         marks = ", ".join([mark] * len(chunk))
         res = conn.exec_driver_sql(f"{select_sql} WHERE {column} IN ({marks}) {and_sql}", chunk)
         try:
-            out += res.cursor.fetchall()  # type: ignore[union-attr]
+            out += res.cursor.fetchall()
         finally:
             res.close()
     return out
@@ -302,13 +302,22 @@ def _existing_columns(conn: Connection) -> dict[str, set[str]]:
     """Table name → its column names, in one query (this runs every time a process opens the database)."""
     dialect = conn.dialect.name
     if dialect == "sqlite":
-        rows = conn.exec_driver_sql(
-            "SELECT m.name, p.name FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS p WHERE m.type = 'table'"
-        ).all()
+        rows = (
+            conn.exec_driver_sql(
+                "SELECT m.name, p.name FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS p"
+                " WHERE m.type = 'table'"
+            )
+            .tuples()
+            .all()
+        )
     elif dialect == "postgresql":
-        rows = conn.exec_driver_sql(
-            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
-        ).all()
+        rows = (
+            conn.exec_driver_sql(
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+            )
+            .tuples()
+            .all()
+        )
     else:
         from sqlalchemy import inspect
 
