@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import console as console_bench
+from bench import funnel10m as funnel10m_bench
 from bench import scenarios
 from bench.common import machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 RAW = HERE / "results.json"
-ALL = ("email", "email_pg", "email_user_fields", "push", "launcher", "cost", "apprise", "console")
+ALL = ("email", "email_pg", "email_user_fields", "push", "launcher", "cost", "apprise", "console", "funnel10m")
 
 
 def log(msg: str) -> None:
@@ -44,6 +45,7 @@ def sizes(scale: float) -> dict[str, int]:
         "cost": max(500, int(10_000 * scale)),
         "apprise": max(100, int(2000 * scale)),
         "console": max(20_000, int(1_000_000 * scale)),
+        "funnel10m": max(20_000, int(10_000_000 * scale)),
     }
 
 
@@ -128,6 +130,7 @@ def run_all(scale: float, pool: int, only: list[str], runs: int = 3, pg_url: str
         "cost": lambda: scenarios.cost(sz["cost"], log=log),
         "apprise": lambda: scenarios.apprise_vs_notifyctl(sz["apprise"], pool, log=log),
         "console": lambda: console_bench.console_pages(sz["console"], log=log),
+        "funnel10m": lambda: funnel10m_bench.funnel10m(sz["funnel10m"], log=log),
     }
     for name in only:
         log(f"[{name}] ...")
@@ -154,6 +157,7 @@ def _headline(name: str, r: dict[str, Any]) -> str:
         "cost": [],
         "apprise": ["notifyctl_per_s", "apprise_per_s", "ratio_notifyctl_over_apprise"],
         "console": [],
+        "funnel10m": [],
     }[name]
     parts = [f"{k}={r.get(k)}" for k in keys]
     if name in EMAIL_VARIANTS:
@@ -170,6 +174,11 @@ def _headline(name: str, r: dict[str, Any]) -> str:
             d = r.get(db) or {}
             worst = max((v["median"] for v in (d.get("pages_ms") or {}).values()), default=None)
             parts.append(f"{db}: slowest page {worst} ms, funnel {d.get('funnel_ms')} {d.get('error') or ''}")
+    if name == "funnel10m":
+        for db in ("sqlite", "postgresql"):
+            d = r.get(db) or {}
+            fun = {k: v["median"] for k, v in (d.get("funnel_ms") or {}).items()}
+            parts.append(f"{db}: funnel {fun} ms, load {d.get('load_before')} {d.get('error') or ''}")
     if name == "cost":
         for ch in ("email", "push"):
             c = r.get(ch) or {}
@@ -256,11 +265,42 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         rows.append(("17", f"Writing deliveries with the analytics triggers on, {label}", "—",
                      f"{_fmt(d.get('write_us_per_row'))} µs/row (prepare_insert, 10,000 a transaction)",
                      "—"))  # fmt: skip
+    rows += _funnel10m_rows(res.get("funnel10m") or {})
     a = res.get("apprise") or {}
     if a:
         rows.append(("6", f"{_fmt(a.get('emails'))} emails to an SMTP sink: notifyctl / Apprise", "—",
                      f"{_fmt(a.get('notifyctl_per_s'))}/s vs {_fmt(a.get('apprise_per_s'))}/s = "
                      f"{_fmt(a.get('ratio_notifyctl_over_apprise'))}x", "—"))  # fmt: skip
+    return rows
+
+
+def _funnel10m_rows(f: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Issue 17's "well under a second over 10 million deliveries" (bench/funnel10m.py)."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    for db, label in (("sqlite", "SQLite"), ("postgresql", "PostgreSQL")):
+        d = f.get(db) or {}
+        if not d:
+            continue
+        n = _fmt(d.get("deliveries") or f.get("deliveries"))
+        if d.get("error"):
+            rows.append(("17", f"Funnel query, {_fmt(f.get('deliveries'))} deliveries, {label}", "well under 1 s",
+                         str(d["error"]), "—"))  # fmt: skip
+            continue
+        fun = d.get("funnel_ms") or {}
+        fworst = max((v["median"] for v in fun.values()), default=None)
+        load = f"load average {d.get('load_before', ['?'])[0]}–{d.get('load_after', ['?'])[0]}"
+        rows.append(("17", f"Funnel query (analytics.funnel, median of {f.get('runs')}), {n} deliveries "
+                     f"({_fmt(d.get('rollup_rows'))} rollup rows), {label}", "well under 1 s (met: < 500 ms)",
+                     ", ".join(f"by {k} {v['median']:g}" for k, v in fun.items()) + f" ms ({load})",
+                     _met(None if fworst is None else fworst < 500)))  # fmt: skip
+        pages = d.get("pages_ms") or {}
+        if pages:
+            rows.append(("17", f"Console Analytics page, {n} deliveries, {label}", "—",
+                         ", ".join(f"{k} {v['median']:g}" for k, v in pages.items()) + " ms", "—"))  # fmt: skip
+        rows.append(("17", f"Bulk load (SQL, no triggers) + rollup backfill (analytics.install), {label}", "—",
+                     f"load {_fmt(d.get('load_s'))} s, backfill {_fmt(d.get('backfill_s'))} s; rollup = full count "
+                     f"over {_fmt(d.get('groups_compared'))} groups: {d.get('rollup_equals_full_count')}",
+                     "—"))  # fmt: skip
     return rows
 
 

@@ -655,16 +655,16 @@ def launcher_memory(rows: int, log: Log = _noop, small_fraction: float = 0.1, ro
 
 
 _STAGES = [
-    ("load batch (SQL)", "worker.pipeline", "_Batch.__init__"),
+    ("load batch (SQL)", "worker.pipeline.batch", "_Batch.__init__"),
     ("render (jinja)", "notifyctl.templates", "Template.render"),
-    ("email per recipient: signed links, pixel, own copy", "worker.pipeline", "_EmailPlan.apply"),
+    ("email per recipient: signed links, pixel, own copy", "worker.pipeline.render", "_EmailPlan.apply"),
     ("rate limit (Redis)", "worker.ratelimit", "RateLimiter.check_many"),
     ("claim (Redis)", "worker.claims", "Claims.take"),
     ("settle send records (Redis)", "worker.claims", "Claims.settle"),
-    ("provider send", "worker.pipeline", "_send_route"),
-    ("delivery ids", "worker.pipeline", "delivery_id"),
-    ("record outcomes (Python)", "worker.pipeline", "_mark"),
-    ("bulk UPDATEs (SQL)", "worker.pipeline", "_bulk_update"),
+    ("provider send", "worker.pipeline.send", "_send_route"),
+    ("delivery ids", "worker.pipeline.fanout", "delivery_id"),
+    ("record outcomes (Python)", "worker.pipeline.record", "_mark"),
+    ("bulk UPDATEs (SQL)", "worker.pipeline.record", "_bulk_update"),
     ("SQL: Session.execute (all)", "sqlalchemy.orm.session", "Session.execute"),
     ("SQL: commit", "sqlalchemy.orm.session", "Session.commit"),
 ]

@@ -31,7 +31,8 @@ from pathlib import Path
 from time import monotonic
 from typing import Any
 
-from notifyctl.errors import InputError
+from notifyctl.db import make_engine
+from notifyctl.errors import ConfigError, InputError
 from notifyctl.identifiers import check_user_id
 
 
@@ -231,9 +232,6 @@ class SqlSegment:
     def rows(self, bad: BadRows) -> Iterator[SegmentRow]:
         from sqlalchemy import text
         from sqlalchemy.exc import ArgumentError, DBAPIError, StatementError
-
-        from notifyctl.db import make_engine
-        from notifyctl.errors import ConfigError
 
         try:
             engine = make_engine(self.url)

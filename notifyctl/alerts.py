@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from notifyctl import keys
+from notifyctl.dlq import _post
+from notifyctl.metrics import queue_stats
+from notifyctl.tracking import provider_circuits
 
 log = logging.getLogger("notifyctl.alerts")
 
@@ -44,10 +47,6 @@ def _transition(r: Any, key: str, firing: bool, repeat_s: int) -> str | None:
 def check_alerts(ctx: Any, config: Any = None) -> list[AlertEvent]:
     """Look at the high queue's lag and every configured provider's circuit; notify what started
     or ended. Returns what was notified."""
-    from notifyctl.dlq import _post
-    from notifyctl.metrics import queue_stats
-    from notifyctl.tracking import provider_circuits
-
     cfg = config or ctx.settings.dlq
     s = ctx.settings
     r = ctx.redis

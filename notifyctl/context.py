@@ -5,14 +5,18 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from notifyctl.db import engine_for
+from notifyctl.keys import queue_name
 from notifyctl.settings import Settings
+from notifyctl.templates import TemplateStore
 
 if TYPE_CHECKING:
     import redis
     from rq import Queue
     from sqlalchemy.engine import Engine
 
-    from notifyctl.templates import TemplateStore
+# Lazy imports: connections are built on first use; the Redis client (notifyctl.redisconn) is imported
+# then, so that `notifyctl --help`, which builds a Context, does not load it.
 
 
 class Context:
@@ -27,20 +31,14 @@ class Context:
 
     @cached_property
     def engine(self) -> Engine:
-        from notifyctl.db import engine_for
-
         return engine_for(self.settings)
 
     @cached_property
     def templates(self) -> TemplateStore:
-        from notifyctl.templates import TemplateStore
-
         return TemplateStore.from_settings(self.settings, lambda: self.engine)
 
     def queue(self, priority: str) -> Queue:
         from rq import Queue
-
-        from notifyctl.keys import queue_name
 
         cache = self.__dict__.setdefault("_queues", {})
         q = cache.get(priority)

@@ -16,7 +16,11 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModu
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel, create_engine
 
-from notifyctl import models  # noqa: F401  (registers every table)
+from notifyctl import (
+    analytics,
+    dedup,
+    models,  # noqa: F401  (registers every table)
+)
 from notifyctl.errors import ConfigError
 from notifyctl.home import create_private
 from notifyctl.sqllock import write_lock as write_lock  # (re-exported: most callers import it from here)
@@ -420,8 +424,6 @@ def engine_for(settings: Any) -> Engine:
                 add_missing_columns(engine)
                 if "notifications" in had and "dedup_keys" not in had:
                     _backfill_dedup_keys(engine, settings.dedup_ttl)
-                from notifyctl import analytics
-
                 analytics.install(engine, write_lock)
         except OperationalError as exc:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
@@ -432,8 +434,6 @@ def engine_for(settings: Any) -> Engine:
 def _backfill_dedup_keys(engine: Engine, ttl: int) -> None:
     """The upgrade of a database made before ``dedup_keys``: the keys its notifications hold now.
     Two processes upgrading one SQLite file at once: the second one's rows collide, and are the same."""
-    from notifyctl import dedup
-
     try:
         with engine.begin() as conn:
             dedup.backfill(conn, ttl)

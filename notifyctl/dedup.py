@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from notifyctl.models import DedupKey, utcnow
+from notifyctl.models import DedupKey, Notification, utcnow
 from notifyctl.sqllock import write_lock
 
 _K = DedupKey.__table__  # type: ignore[attr-defined]
@@ -75,8 +75,6 @@ def purge_expired(engine: Engine, now: datetime | None = None, dry_run: bool = F
 def backfill(conn: Connection, ttl: int, now: datetime | None = None) -> int:
     """Fill a new ``dedup_keys`` table from the notifications of a database made before it existed:
     each dedup key used within the window, held by its first notification. Returns rows added."""
-    from notifyctl.models import Notification
-
     n = Notification.__table__  # type: ignore[attr-defined]
     now = now or utcnow()
     since = now - timedelta(seconds=ttl)

@@ -36,9 +36,10 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlmodel import Session
 
 from notifyctl import keys
+from notifyctl.db import write_lock
 from notifyctl.directory import upsert
 from notifyctl.errors import InputError
-from notifyctl.models import STATUS_RANK, Delivery, DeliveryEvent, DeliveryStatus, OptOut, User, utcnow
+from notifyctl.models import STATUS_RANK, Delivery, DeliveryEvent, DeliveryStatus, OptOut, SmsKeyword, User, utcnow
 from notifyctl.prefs import invalidate
 
 log = logging.getLogger("notifyctl.inbound")
@@ -318,9 +319,6 @@ def apply_sms_keyword(ctx: Any, sid: str, phone: str, action: str) -> KeywordRes
     received: the users' rows are locked first (PostgreSQL; SQLite has one writer), so of a STOP
     and a START in flight together, the one that commits last is the one that stands."""
     from sqlalchemy.exc import IntegrityError
-
-    from notifyctl.db import write_lock
-    from notifyctl.models import SmsKeyword
 
     with write_lock(ctx.engine, urgent=True), Session(ctx.engine) as session:
         q = select(User.id).where(User.phone == phone).order_by(User.id)

@@ -12,6 +12,7 @@ from typing import Any
 import redis
 
 from notifyctl import keys
+from notifyctl.models import Delivery
 from notifyctl.vocabulary import PRIORITIES
 
 DELIVERIES = keys.METRICS_DELIVERIES
@@ -107,8 +108,6 @@ def collect(ctx: Any) -> list[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from sqlalchemy import func, select
     from sqlmodel import Session
-
-    from notifyctl.models import Delivery
 
     r: redis.Redis = ctx.redis
     s = ctx.settings

@@ -1,5 +1,5 @@
 """Who may receive what: the one eligibility rule, used by intake (``notifyctl.intake``), the
-pipeline's fan-out (``worker.pipeline``) and the campaign dry run (``campaigns.launcher``) alike.
+pipeline's fan-out (``worker.pipeline.fanout``) and the campaign dry run (``campaigns.launcher``) alike.
 
 For one user, one channel and the notification's category, in this order:
 
@@ -11,6 +11,9 @@ For one user, one channel and the notification's category, in this order:
 What passes is then rendered and rate-limited: the rules are ``Settings.rules`` and the windows live
 in Redis, counted by ``worker.ratelimit.RateLimiter`` (``check_many`` records a send, ``counts`` only
 looks).
+
+What an outcome means for a delivery once sent (sent, retry at, dead-letter, remove the address) is
+``worker.pipeline.outcome.decide``: it reads the providers' outcome types, a layer above this one.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from sqlmodel import Session
 
 from notifyctl.context import Context
 from notifyctl.db import unindexed, write_lock
+from notifyctl.dedup import purge_expired
 from notifyctl.errors import InputError
 from notifyctl.models import (
     Campaign,
@@ -150,8 +151,6 @@ def purge(
             _delete(ctx, ids, [*old, *over], res)
         if progress:
             progress(len(page))
-    from notifyctl.dedup import purge_expired
-
     res.dedup_keys = purge_expired(engine, now or utcnow(), dry_run=dry_run)
     return res
 

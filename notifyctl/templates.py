@@ -52,6 +52,9 @@ from notifyctl.template_env import MAX_TEXT, BoundedEnvironment, RenderLimit
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
+# Lazy imports: notifyctl.unsubscribe is imported when a store is built from settings, not when
+# `notifyctl --help` loads this module.
+
 SHIPPED = Path(__file__).parent / "templates"
 _SEP = "\x1e\x1d"  # between the parts of a channel in the combined template
 PARTS = {"push": ("title", "body"), "email": ("subject", "html", "text"), "sms": ("text",)}

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlmodel import Session
 
+from notifyctl.circuit import Circuits
 from notifyctl.context import Context
 from notifyctl.errors import NotFound, TemplateError
 from notifyctl.models import Delivery, DeliveryEvent, Notification
@@ -71,8 +72,6 @@ def provider_names(settings: Any) -> list[str]:
 
 def provider_circuits(ctx: Context) -> dict[str, dict[str, str | float]]:
     """Each configured provider's circuit: state, consecutive failing batches, seconds to a retrial."""
-    from notifyctl.circuit import Circuits
-
     s = ctx.settings
     return Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown).all_states(provider_names(s))
 

@@ -29,8 +29,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from notifyctl.db import engine_for
 from notifyctl.errors import ConfigError, InputError
 from notifyctl.home import private_dir, write_private
+from notifyctl.models import SharedSecret
 
 SIGNING_KEY = "signing_key"  # its row in shared_secrets
 _shared: dict[tuple[str, bytes | None], bytes] = {}  # (database url, NOTIFY_SECRET_KEY) → the key: read once
@@ -88,9 +90,6 @@ def fingerprint(key: bytes) -> str:
 def _shared_key(settings: Any, configured: bytes | None) -> bytes:
     from sqlalchemy import insert, select
     from sqlalchemy.exc import IntegrityError
-
-    from notifyctl.db import engine_for
-    from notifyctl.models import SharedSecret
 
     engine = engine_for(settings)
     t = SharedSecret.__table__  # type: ignore[attr-defined]

@@ -37,6 +37,7 @@ def _port_open(host: str, port: int) -> bool:
 PG_AVAILABLE = _port_open("127.0.0.1", 5432)
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the tests that will run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The chaos smoke's tests come right after the bench smoke's, whose test starts the chaos run
     in the background first: the two smokes run side by side (tests/smoke_runs.py says why)."""

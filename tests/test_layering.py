@@ -10,13 +10,18 @@ Layers, lowest first; a module may import its own layer and the ones below:
    production imports a sandbox).
 
 Every import counts, a function-level one as much as one at the top (they hide the graph from
-readers, not from this test). The allow-lists below may only shrink: a new violation fails, and so
+readers, not from this test). Imports go at the top of modules; a module that imports the project's
+modules inside functions says why in a comment ``# Lazy imports: <why>`` (start-up time of
+``notifyctl --help``, a heavy optional SDK), and the imports that run when a module is imported have
+no cycle either. The allow-lists below may only shrink: a new violation fails, and so
 does a listed one that has gone (strike it from the list).
 """
 
 from __future__ import annotations
 
 import ast
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,32 +57,61 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Each of the project's modules → the project's modules it imports (anywhere in its body)."""
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+
+
+def imports_in(source: str, name: str, package: str, mods: Iterable[str]) -> list[tuple[str, str, int]]:
+    """The project's modules that ``source`` (module ``name`` of ``package``) imports, each as
+    (module, where, line): where is ``top`` (runs when the module is imported), ``typing`` (under
+    ``if TYPE_CHECKING:``) or ``lazy`` (inside a function: runs when the function is called)."""
+    mods = set(mods)
+    found: list[tuple[str, str, int]] = []
+
+    def visit(node: ast.AST, where: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                visit(child, "lazy")
+            elif _is_type_checking(child) and where == "top":
+                visit(child, "typing")
+            elif isinstance(child, (ast.Import, ast.ImportFrom)):
+                named: set[str] = set()
+                if isinstance(child, ast.Import):
+                    named.update(alias.name for alias in child.names)
+                else:
+                    base = child.module or ""
+                    if child.level:
+                        parts = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                        base = ".".join([*parts, base] if base else parts)
+                    for alias in child.names:
+                        full = f"{base}.{alias.name}"
+                        named.add(full if full in mods else base)
+                for target in named:
+                    while (
+                        target and target not in mods
+                    ):  # `import notifyctl.x.y` where y is a name, or a foreign module
+                        target = target.rpartition(".")[0]
+                    if target and target != name:
+                        found.append((target, where, child.lineno))
+            else:
+                visit(child, where)
+
+    visit(ast.parse(source), "top")
+    return found
+
+
+def all_imports() -> dict[str, list[tuple[str, str, int]]]:
     mods = modules()
-    graph: dict[str, set[str]] = {}
-    for name, path in mods.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        named: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                named.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    base = ".".join([*parts, base] if base else parts)
-                for alias in node.names:
-                    full = f"{base}.{alias.name}"
-                    named.add(full if full in mods else base)
-        targets = set()
-        for target in named:
-            while target and target not in mods:  # `import notifyctl.x.y` where y is a name, or a foreign module
-                target = target.rpartition(".")[0]
-            if target and target != name:
-                targets.add(target)
-        graph[name] = targets
-    return graph
+    return {
+        name: imports_in(path.read_text(), name, name if path.name == "__init__.py" else name.rpartition(".")[0], mods)
+        for name, path in mods.items()
+    }
+
+
+def import_graph(where: Iterable[str] = ("top", "typing", "lazy")) -> dict[str, set[str]]:
+    """Each of the project's modules → the project's modules it imports (anywhere in its body, or only
+    ``where`` given)."""
+    return {name: {t for t, w, _ in found if w in where} for name, found in all_imports().items()}
 
 
 def upward_imports(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
@@ -151,12 +185,52 @@ def test_no_import_cycles():
     assert not gone, "cycle gone or changed, update CYCLES_ALLOWED: " + "; ".join(" ↔ ".join(sorted(c)) for c in gone)
 
 
+def test_no_import_cycles_among_top_level_imports():
+    """What runs when a module is imported: a cycle here is a partly initialised module at start."""
+    found = cycles(import_graph(where=("top",)))
+    assert not found, "import cycles at module level: " + "; ".join(" ↔ ".join(sorted(c)) for c in found)
+
+
+LAZY_REASON = re.compile(r"^# Lazy imports: \S", re.MULTILINE)
+
+
+def unexplained_lazy_imports() -> list[str]:
+    """Imports of the project's modules inside functions, in modules that do not say why (a comment
+    ``# Lazy imports: <why>``: start-up time of ``notifyctl --help``, a true cycle, a heavy optional
+    SDK); and reasons left in modules that no longer import lazily."""
+    found = []
+    paths = modules()
+    for name, imported in all_imports().items():
+        lazy = [(target, line) for target, where, line in imported if where == "lazy"]
+        explained = LAZY_REASON.search(paths[name].read_text()) is not None
+        if lazy and not explained:
+            found += [f"{name}:{line}: imports {target} inside a function" for target, line in lazy]
+        elif explained and not lazy:
+            found.append(f"{name}: says why it imports lazily, and does not (strike the comment)")
+    return found
+
+
+def test_function_level_imports_say_why():
+    assert unexplained_lazy_imports() == [], "import at the top of the module, or say why not (# Lazy imports: …)"
+
+
 def test_the_checks_catch_what_they_should():
     graph = {"notifyctl.a": {"worker.b"}, "worker.b": {"worker.c"}, "worker.c": {"worker.b"}, "worker.d": set()}
     assert upward_imports(graph) == {("notifyctl.a", "worker.b")}
     assert cycles(graph) == {frozenset({"worker.b", "worker.c"})}
     graph["worker.c"] = set()
     assert cycles(graph) == set()
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "from worker import b\n"
+        "if TYPE_CHECKING:\n    from worker.c import C\n"
+        "def f():\n    from notifyctl import a\n    import os\n"
+    )
+    assert sorted(imports_in(source, "worker.d", "worker", ["notifyctl.a", "worker.b", "worker.c", "worker.d"])) == [
+        ("notifyctl.a", "lazy", 6),
+        ("worker.b", "top", 2),
+        ("worker.c", "typing", 4),
+    ]
 
 
 def redis_key_literals() -> list[str]:

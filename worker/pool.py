@@ -20,11 +20,27 @@ import time
 from typing import Any
 
 from notifyctl import keys
+from notifyctl.alerts import check_alerts
+from notifyctl.analytics import compact
+from notifyctl.circuit import HALF_OPEN, Circuits, take_recoveries
 from notifyctl.context import Context, freeze_heap
+from notifyctl.db import checkpoint, dispose_all
+from notifyctl.dlq import DlqFilter, check_dlq_alert, replay
 from notifyctl.liveness import Liveness, unique_worker_name
-from notifyctl.redisconn import UNREACHABLE, Outage, QuietWhileUnreachable, RedisUnreachable, redis_url, unreachable
+from notifyctl.redisconn import (
+    UNREACHABLE,
+    Outage,
+    QuietWhileUnreachable,
+    RedisUnreachable,
+    connect,
+    redis_url,
+    unreachable,
+)
 from notifyctl.settings import Settings
 from notifyctl.vocabulary import PRIORITIES, ROUTES
+from worker import jobs
+from worker.providers import Misconfigured, load_provider
+from worker.reconciler import reconcile as do_reconcile
 
 log = logging.getLogger("notifyctl.worker")
 
@@ -97,11 +113,6 @@ def run_worker(
 ) -> int:
     """Run one worker in this process until stopped (or, with ``burst``, until the queues are empty)."""
     from rq import Queue
-
-    from notifyctl.db import dispose_all
-    from notifyctl.redisconn import connect
-    from worker import jobs
-    from worker.reconciler import reconcile as do_reconcile
 
     dispose_all(close=False)  # never use a parent's SQL connections after fork
     ctx = Context(settings)
@@ -187,9 +198,6 @@ def replay_after_outages(ctx: Context) -> int:
     Only transient failures ("retries exhausted") dead-lettered by that provider since the outage
     began (less the longest retry schedule) are replayed; permanent failures stay for an operator.
     """
-    from notifyctl.circuit import take_recoveries
-    from notifyctl.dlq import DlqFilter, replay
-
     s = ctx.settings
     names = sorted({n for route in ROUTES for n in s.providers_for(route)})
     total = 0
@@ -208,9 +216,6 @@ def probe_open_circuits(ctx: Context, providers: dict[str, Any]) -> list[str]:
     the circuit would stay half-open and the automatic replay would never come. For each provider
     past its cooldown, ``check()`` (keys and reachability, nothing sent) decides. Returns the
     providers whose circuit it closed."""
-    from notifyctl.circuit import HALF_OPEN, Circuits
-    from worker.providers import Misconfigured, load_provider
-
     s = ctx.settings
     names = sorted({n for route in ROUTES for n in s.providers_for(route)})
     circuits = Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown)
@@ -264,12 +269,6 @@ class Pool:
         self._started_at[i] = time.monotonic()
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
-        from notifyctl.alerts import check_alerts
-        from notifyctl.analytics import compact
-        from notifyctl.db import checkpoint
-        from notifyctl.dlq import check_dlq_alert
-        from worker.reconciler import reconcile
-
         ctx = Context(self.settings)
         outage = Outage(log, redis_url(self.settings))
         dlq_config = self.settings.dlq
@@ -323,7 +322,7 @@ class Pool:
                         # due work and lost high-priority jobs every second (campaign produce rate,
                         # retries, a killed worker's OTP); the search for all lost jobs every few seconds
                         rounds += 1
-                        reconcile(ctx, check_lost=rounds % 3 == 0, paced=True)
+                        do_reconcile(ctx, check_lost=rounds % 3 == 0, paced=True)
                         outage.up()
                     except Exception as exc:  # noqa: BLE001 - keep supervising through a blip
                         failed("reconciler round", exc)

@@ -1,20 +1,6 @@
 """The HTTP side of notifyctl: the ``/v1`` API (API keys), provider webhooks, unsubscribe and open tracking.
 
-``create_app(ctx)`` builds the FastAPI application; ``notifyctl serve`` runs it under uvicorn.
+``notifyctl.api.app.create_app(ctx)`` builds the FastAPI application; ``notifyctl serve`` runs it under
+uvicorn. This package's ``__init__`` stays empty so that the CLI's API-key commands (``notifyctl.api.auth``)
+do not load FastAPI.
 """
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-
-def create_app(ctx: Any, **kwargs: Any) -> FastAPI:
-    from notifyctl.api.app import create_app as _create
-
-    return _create(ctx, **kwargs)
-
-
-__all__ = ["create_app"]

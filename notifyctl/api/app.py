@@ -31,9 +31,14 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from notifyctl.api.auth import allows, check_key, scope_of
 from notifyctl.api.config import ApiConfig, load_api_config
 from notifyctl.api.limits import HeaderLimits, LimitedRoute
 from notifyctl.api.openapi import install as install_openapi
+from notifyctl.api.webhooks import router as webhooks_router
+from notifyctl.console import install as install_console
+from notifyctl.directory import build_user_row, list_tokens, register_device, revoke_token, show_user, upsert
+from notifyctl.directory import set_prefs as _set
 from notifyctl.errors import (
     ApiError,
     InputError,
@@ -43,7 +48,12 @@ from notifyctl.errors import (
     one_line,
     translate,
 )
-from notifyctl.intake import storable
+from notifyctl.inbound import Event, apply_events, unsubscribe, verify_open_token
+from notifyctl.intake import DEDUP_KEY_MAX, NotifyRequest, parse_request, storable, submit
+from notifyctl.metrics import render
+from notifyctl.models import Delivery, User
+from notifyctl.tracking import timeline
+from notifyctl.unsubscribe import secret_key, verify_token
 
 log = logging.getLogger("notifyctl.api")
 
@@ -69,8 +79,6 @@ def require_key(
     bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
     header_key: str | None = Security(_header_key),
 ) -> str:
-    from notifyctl.api.auth import allows, check_key, scope_of
-
     key = (bearer.credentials if bearer else None) or header_key
     challenge = {"WWW-Authenticate": "Bearer"}
     if not key:
@@ -120,8 +128,6 @@ def _ctx(request: Request) -> Any:
 
 
 def _idempotency_key(request: Request) -> str | None:
-    from notifyctl.intake import DEDUP_KEY_MAX
-
     idem = request.headers.get("idempotency-key")
     if idem is None:
         return None
@@ -165,8 +171,6 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
         responses={200: {"description": "suppressed (opted out, duplicate)"}, 202: {"description": "queued"}},
     )
     async def notify(request: Request) -> JSONResponse:
-        from notifyctl.intake import parse_request, submit
-
         payload = await request.json()
         if not isinstance(payload, dict):
             raise ApiError(400, "request: expected a JSON object")
@@ -180,9 +184,6 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
     @v1.put("/users/{user_id}", summary="Create or replace a user")
     def put_user(user_id: str, body: UserIn, request: Request) -> dict[str, Any]:
         from sqlmodel import Session
-
-        from notifyctl.directory import build_user_row, show_user, upsert
-        from notifyctl.models import User
 
         c = _ctx(request)
         s = c.settings
@@ -205,14 +206,10 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
     @v1.get("/users/{user_id}", summary="A user with opt-outs and device tokens")
     def get_user(user_id: str, request: Request) -> dict[str, Any]:
-        from notifyctl.directory import show_user
-
         return show_user(_ctx(request), user_id)
 
     @v1.post("/users/{user_id}/tokens", status_code=201, summary="Register (or re-activate) a device token")
     def post_token(user_id: str, body: TokenIn, request: Request) -> dict[str, Any]:
-        from notifyctl.directory import register_device
-
         reg = register_device(
             _ctx(request), user_id, body.token, body.platform, replaces=body.replaces, device_id=body.device_id
         )
@@ -228,8 +225,6 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
     @v1.delete("/users/{user_id}/tokens/{token}", summary="Remove a device token")
     def delete_token(user_id: str, token: str, request: Request) -> dict[str, Any]:
-        from notifyctl.directory import list_tokens, revoke_token
-
         c = _ctx(request)
         if not any(t.token in (token, token.lower()) for t in list_tokens(c, user_id)):
             raise NotFound(f"user {user_id!r} has no live token {token[:12]}…")
@@ -238,16 +233,11 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
     @v1.get("/users/{user_id}/preferences", summary="A user's opt-outs")
     def get_prefs(user_id: str, request: Request) -> dict[str, Any]:
-        from notifyctl.directory import show_user
-
         u = show_user(_ctx(request), user_id)
         return {"user_id": user_id, "opt_outs": [_opt(o) for o in u["opt_outs"]]}
 
     @v1.post("/users/{user_id}/preferences", summary="Opt out of (off) / back into (on) channels and categories")
     def set_prefs(user_id: str, body: PrefsIn, request: Request) -> dict[str, Any]:
-        from notifyctl.directory import set_prefs as _set
-        from notifyctl.directory import show_user
-
         c = _ctx(request)
         _set(c, user_id, body.off, body.on)
         u = show_user(c, user_id)
@@ -255,16 +245,11 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
     @v1.get("/notifications/{ref}", summary="A notification, its deliveries and timeline (id or dedup key)")
     def get_notification(ref: str, request: Request) -> dict[str, Any]:
-        from notifyctl.tracking import timeline
-
         return timeline(_ctx(request), ref)
 
     @v1.post("/deliveries/{delivery_id}/opened", summary="Report a push open from the app")
     def delivery_opened(delivery_id: str, request: Request) -> dict[str, Any]:
         from sqlmodel import Session
-
-        from notifyctl.inbound import Event, apply_events
-        from notifyctl.models import Delivery
 
         c = _ctx(request)
         with Session(c.engine) as session:
@@ -288,8 +273,6 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
     def metrics_endpoint(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        from notifyctl.metrics import render
-
         return Response(render(_ctx(request)), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -------------------------------------------------------------- public, token-authenticated
@@ -309,9 +292,6 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
     @app.get("/o/{token}.gif", tags=["public"], summary="Email open tracking pixel", include_in_schema=True)
     def open_pixel(token: str, request: Request) -> Response:
-        from notifyctl.inbound import Event, apply_events, verify_open_token
-        from notifyctl.unsubscribe import secret_key
-
         c = _ctx(request)
         try:
             delivery_id = verify_open_token(secret_key(c.settings), token)
@@ -327,8 +307,6 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
     @app.get("/u/{token}", tags=["public"], response_class=HTMLResponse, summary="Unsubscribe confirmation page")
     def unsubscribe_page(token: str, request: Request) -> HTMLResponse:
-        from notifyctl.unsubscribe import secret_key, verify_token
-
         c = _ctx(request)
         _user, scope = _verified(verify_token, secret_key(c.settings), token)
         what = "all email" if scope == "all" else f"{scope} email"
@@ -345,9 +323,6 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
 
     @app.post("/u/{token}", tags=["public"], response_class=HTMLResponse, summary="One-click unsubscribe (RFC 8058)")
     async def unsubscribe_post(token: str, request: Request) -> HTMLResponse:
-        from notifyctl.inbound import unsubscribe
-        from notifyctl.unsubscribe import secret_key, verify_token
-
         c = _ctx(request)
         user_id, scope = _verified(verify_token, secret_key(c.settings), token)
         body = await request.body()
@@ -363,11 +338,7 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
         page = _PAGE.format(brand=html.escape(cfg.brand), body=f"<p>You are unsubscribed from {html.escape(what)}.</p>")
         return HTMLResponse(page)
 
-    from notifyctl.api.webhooks import router as webhooks_router
-
     app.include_router(webhooks_router)
-    from notifyctl.console import install as install_console
-
     install_console(app)
     install_openapi(app, lambda: [t.id for t in ctx.templates.load_all() if t.error is None])
     return app
@@ -419,8 +390,6 @@ def _opt(o: dict[str, Any]) -> dict[str, Any]:
 
 
 def _notify_schema() -> dict[str, Any]:
-    from notifyctl.intake import NotifyRequest
-
     schema = NotifyRequest.model_json_schema()
     schema.pop("$defs", None)
     return schema

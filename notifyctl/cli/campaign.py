@@ -15,6 +15,9 @@ from notifyctl.cli.common import JsonOpt, console, err_console, fmt_time, get_ct
 from notifyctl.errors import InputError
 from notifyctl.intake import json_problem, load_json
 
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
+
 app = typer.Typer(help="Marketing campaigns: segments, timezone waves, throttled sending.", no_args_is_help=True)
 
 _REF_HELP = "Campaign id or name (e.g. weekly_promo-2026-11-25), or a prefix of either that only one campaign has."

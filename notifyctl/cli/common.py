@@ -11,6 +11,10 @@ import typer
 from rich.console import Console
 
 from notifyctl.context import Context
+from notifyctl.settings import load_settings
+
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
 
 # Wide enough for the delivery tables when output goes to a pipe or a CI log.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -23,8 +27,6 @@ def get_ctx(ctx: typer.Context) -> Context:
     root = ctx.find_root()
     obj = root.obj
     if obj is None:
-        from notifyctl.settings import load_settings
-
         obj = root.obj = Context(load_settings())
     return obj
 

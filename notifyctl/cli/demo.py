@@ -11,11 +11,15 @@ from rich.table import Table
 from notifyctl import keys
 from notifyctl.cli.common import console, short
 from notifyctl.context import Context
+from notifyctl.db import dispose_all
 from notifyctl.directory import import_users, register_token, set_prefs
 from notifyctl.errors import InputError
 from notifyctl.home import private_dir, write_private
 from notifyctl.intake import parse_request, submit
 from notifyctl.tracking import recent_deliveries
+
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
 
 MARKER = ".notifyctl-demo"
 
@@ -28,7 +32,6 @@ demo-dave,,+919876543210,Asia/Kolkata,en,Dave
 
 
 def _reset_home(ctx: Context) -> None:
-    from notifyctl.db import dispose_all
     from notifyctl.redisconn import stop_server
 
     home = ctx.settings.home

@@ -13,6 +13,9 @@ from rich.table import Table
 from notifyctl.cli.common import JsonOpt, console, err_console, fmt_time, get_ctx, print_json, short
 from notifyctl.errors import InputError
 
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
+
 app = typer.Typer(
     help="The dead-letter queue: deliveries that failed for good. Inspect, replay, purge.", no_args_is_help=True
 )

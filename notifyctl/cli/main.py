@@ -31,7 +31,9 @@ from notifyctl.cli import (
 )
 from notifyctl.cli import serve as serve_cmd
 from notifyctl.cli.common import err_console
+from notifyctl.context import Context
 from notifyctl.errors import one_line, translate
+from notifyctl.settings import load_settings
 
 
 class NotifyGroup(TyperGroup):
@@ -81,9 +83,6 @@ def root(
     ),
 ) -> None:
     """Settings come from NOTIFY_* variables and $NOTIFY_HOME/config.toml; these flags override them."""
-    from notifyctl.context import Context
-    from notifyctl.settings import load_settings
-
     overrides: dict[str, Any] = {}
     if home:
         overrides["home"] = home

@@ -5,6 +5,9 @@ import typer
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
 from notifyctl.errors import InputError
 
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
+
 app = typer.Typer(help="Per-user opt-outs, per channel and per category.", no_args_is_help=True)
 
 

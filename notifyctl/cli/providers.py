@@ -22,6 +22,9 @@ from rich.table import Table
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
 from notifyctl.vocabulary import ROUTES, VOICE_ROUTE
 
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
+
 app = typer.Typer(help="Delivery providers: what is configured per route, and whether it works.", no_args_is_help=True)
 
 MASK = "****"

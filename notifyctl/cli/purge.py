@@ -5,7 +5,11 @@ from __future__ import annotations
 import typer
 
 from notifyctl.cli.common import JsonOpt, console, err_console, fmt_time, get_ctx, print_json
+from notifyctl.cli.dlq import _progress
 from notifyctl.errors import InputError
+
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
 
 
 def purge(
@@ -31,7 +35,6 @@ def purge(
     Example crontab line (04:10 every night):
       10 4 * * *  notifyctl purge --older-than 90d --json >> /var/log/notifyctl-purge.log
     """
-    from notifyctl.cli.dlq import _progress
     from notifyctl.dlq import parse_duration
     from notifyctl.retention import check_older_than, count_old
     from notifyctl.retention import purge as run_purge

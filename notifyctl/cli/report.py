@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.table import Table
 
-from notifyctl.analytics import csv_rows, reasons_text
+from notifyctl.analytics import BY, csv_rows, funnel, parse_since, reasons_text
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
 from notifyctl.errors import InputError
 
@@ -45,8 +45,6 @@ def report(
       notifyctl report --by channel --campaign spring_sale --json
       notifyctl report --by campaign --csv > campaigns.csv
     """
-    from notifyctl.analytics import BY, funnel, parse_since
-
     if by not in BY[:4]:
         raise InputError(f"--by: expected template, channel, campaign or day, got {by!r}")
     if as_json and as_csv:

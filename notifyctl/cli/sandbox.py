@@ -36,6 +36,9 @@ from notifyctl.home import PRIVATE_DIR, private_dir, write_private
 from notifyctl.jsonload import load_json
 from worker.sandbox.base import control_headers, new_control_token
 
+# Lazy imports: each fake provider is imported when started; they pull test-only extras (aiosmtpd, moto,
+# the JWT/crypto stack) that `notifyctl --help` and the production wheel do without.
+
 #: provider name -> the sandbox that serves it
 PROVIDER_SANDBOX = {
     "apns": "apns",

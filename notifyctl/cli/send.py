@@ -9,6 +9,7 @@ import typer
 
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
 from notifyctl.errors import InputError
+from notifyctl.intake import load_json, parse_request, submit
 
 
 def _parse_data(items: list[str]) -> dict[str, Any]:
@@ -78,8 +79,6 @@ def send(
       notifyctl send alice -t otp_code -p high -c sms -d code=123456 -d minutes=10 -k otp:alice:1
       echo '{"recipient_id":"alice","template_id":"otp_code","data":{"code":"1","minutes":5}}' | notifyctl send -f -
     """
-    from notifyctl.intake import load_json, parse_request, submit
-
     payload: dict[str, Any] = {}
     if file is not None:
         if file == "-":

@@ -7,6 +7,9 @@ import typer
 from notifyctl.cli.common import err_console, get_ctx, warn_split_stores
 from notifyctl.errors import InputError
 
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
+
 
 def serve(
     ctx: typer.Context,

@@ -4,6 +4,9 @@ import typer
 
 from notifyctl.cli.common import console, get_ctx
 
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
+
 app = typer.Typer(help="The embedded Redis server (used when NOTIFY_REDIS_URL is unset).", no_args_is_help=True)
 
 

@@ -6,6 +6,9 @@ from rich.table import Table
 
 from notifyctl.cli.common import JsonOpt, console, err_console, fmt_time, get_ctx, print_json
 
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
+
 app = typer.Typer(help="Device tokens for push (APNs, FCM).", no_args_is_help=True)
 
 MAX_ROWS = 200

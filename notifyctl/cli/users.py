@@ -16,6 +16,9 @@ from rich.table import Table
 from notifyctl.cli.common import JsonOpt, console, err_console, get_ctx, print_json, short
 from notifyctl.errors import InputError
 
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
+
 app = typer.Typer(help="Import, list and inspect users.", no_args_is_help=True)
 
 

@@ -6,6 +6,9 @@ from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json, warn_spl
 from notifyctl.errors import InputError
 from notifyctl.settings import PRIORITIES
 
+# Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
+# the root needs (no worker, campaigns, API or phone-number modules).
+
 
 def _queues(text: str) -> list[str]:
     qs = [q.strip() for q in text.split(",") if q.strip()]

@@ -28,8 +28,20 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from campaigns import state
+from campaigns.models import Campaign
 from notifyctl import keys
+from notifyctl.analytics import csv_rows, funnel, parse_since
+from notifyctl.api.auth import allows, check_key, scope_of
+from notifyctl.api.models import ApiKey
+from notifyctl.circuit import Circuits
+from notifyctl.dlq import DlqFilter, count_entries, list_entries, purge, replay, show_entry
+from notifyctl.dlq import stats as dlq_stats
 from notifyctl.errors import InputError, NotFound, NotifyError, one_line
+from notifyctl.liveness import by_host, live_workers
+from notifyctl.metrics import BUCKETS, IN_DOUBT, LATENCY, SENT_PER_MIN, queue_stats
+from notifyctl.models import Notification
+from notifyctl.tracking import timeline
 
 COOKIE = "notify_console"
 LOGIN_COOKIE = "notify_console_login"
@@ -99,9 +111,6 @@ def session_of(request: Request) -> dict[str, Any] | None:
     sess: dict[str, Any] = json.loads(raw)
     from sqlmodel import Session
 
-    from notifyctl.api.auth import allows, scope_of
-    from notifyctl.api.models import ApiKey
-
     with Session(ctx.engine) as s:
         key = s.get(ApiKey, sess["key_id"])
     if key is None or key.revoked_at is not None or not allows(key, "read"):
@@ -162,11 +171,6 @@ def _to_login(request: Request) -> RedirectResponse:
 
 def overview_data(ctx: Any) -> dict[str, Any]:
     """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries)."""
-    from notifyctl.circuit import Circuits
-    from notifyctl.dlq import stats as dlq_stats
-    from notifyctl.liveness import by_host, live_workers
-    from notifyctl.metrics import BUCKETS, IN_DOUBT, LATENCY, SENT_PER_MIN, queue_stats
-
     s = ctx.settings
     r = ctx.redis
     queues = queue_stats(ctx)
@@ -278,8 +282,6 @@ def funnel_svg(groups: list[dict[str, Any]], width: int = 720) -> str:
 
 
 def _build_filter(args: dict[str, str | None], ids: list[str] | None = None) -> Any:
-    from notifyctl.dlq import DlqFilter
-
     return DlqFilter.build(
         args["channel"], args["provider"], args["error"], args["template"], args["older_than"], args["newer_than"],
         ids or (),
@@ -305,8 +307,6 @@ def router() -> APIRouter:
 
     @r.post("/login")
     async def login(request: Request) -> Response:
-        from notifyctl.api.auth import allows, check_key, scope_of
-
         form = await _form(request)
         cookie = request.cookies.get(LOGIN_COOKIE, "")
         if not cookie or not hmac.compare_digest(form.get("csrf", ""), cookie):
@@ -354,8 +354,6 @@ def router() -> APIRouter:
 
     @r.get("/dlq")
     def dlq_page(request: Request) -> Response:
-        from notifyctl.dlq import count_entries, list_entries
-
         sess = session_of(request)
         if sess is None:
             return _to_login(request)
@@ -392,8 +390,6 @@ def router() -> APIRouter:
 
     @r.get("/dlq/{delivery_id}")
     def dlq_entry(delivery_id: str, request: Request) -> Response:
-        from notifyctl.dlq import show_entry
-
         sess = session_of(request)
         if sess is None:
             return _to_login(request)
@@ -403,8 +399,6 @@ def router() -> APIRouter:
     async def dlq_action(action: str, request: Request) -> Response:
         """replay | purge, of ``ids`` (one) or the filter (``all=1`` with no filter: everything).
         Without ``confirm=1``: a dry run, shown with a form to confirm the same selection."""
-        from notifyctl.dlq import purge, replay
-
         sess = session_of(request)
         if sess is None:
             return _to_login(request)
@@ -437,8 +431,6 @@ def router() -> APIRouter:
 
     @r.post("/campaigns/{campaign_id}/{action}")
     async def campaign_action(campaign_id: str, action: str, request: Request) -> Response:
-        from campaigns import state
-
         sess = session_of(request)
         if sess is None:
             return _to_login(request)
@@ -451,8 +443,6 @@ def router() -> APIRouter:
         return RedirectResponse("/console/campaigns", status_code=303)
 
     def _funnel(request: Request) -> dict[str, Any]:
-        from notifyctl.analytics import funnel, parse_since
-
         q = request.query_params
         by = q.get("by") or "template"
         if by not in ("template", "channel", "campaign", "day"):
@@ -475,8 +465,6 @@ def router() -> APIRouter:
     def analytics_csv(request: Request) -> Response:
         import csv
         import io
-
-        from notifyctl.analytics import csv_rows
 
         if session_of(request) is None:
             return _to_login(request)
@@ -517,9 +505,6 @@ def campaign_cards(ctx: Any, limit: int = 10) -> list[dict[str, Any]]:
     from sqlalchemy import select
     from sqlmodel import Session
 
-    from campaigns.models import Campaign
-    from notifyctl.analytics import funnel
-
     with Session(ctx.engine) as s:
         camps: list[Campaign] = list(
             s.execute(select(Campaign).order_by(Campaign.created_at.desc()).limit(limit)).scalars()  # type: ignore[attr-defined]
@@ -545,8 +530,6 @@ def wave_progress(ctx: Any, campaign_id: str, waves: list[dict[str, Any]]) -> li
     from sqlalchemy import func, select
     from sqlmodel import Session
 
-    from notifyctl.models import Notification
-
     out = []
     with Session(ctx.engine) as s:
         for w in waves:
@@ -571,9 +554,6 @@ def lookup_timelines(ctx: Any, ref: str, limit: int = 20) -> list[dict[str, Any]
     ``limit`` notifications (template secret data masked, as everywhere)."""
     from sqlalchemy import select
     from sqlmodel import Session
-
-    from notifyctl.models import Notification
-    from notifyctl.tracking import timeline
 
     try:
         return [timeline(ctx, ref)]

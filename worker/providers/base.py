@@ -18,8 +18,8 @@ A provider takes a batch of rendered messages for one route (``push.ios``, ``pus
                                            unknown, bounced)
 
 The worker maps each outcome to a delivery status, a retry, or the DLQ in one place
-(``worker.pipeline``). Providers never raise for a per-message problem; an exception out of
-``send`` is treated as ``Retry`` for the whole batch. ``Misconfigured`` is raised at construction
+(``worker.pipeline.outcome.decide``). Providers never raise for a per-message problem; an exception
+out of ``send`` is treated as ``Retry`` for the whole batch. ``Misconfigured`` is raised at construction
 when settings are missing or invalid.
 """
 

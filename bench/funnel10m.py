@@ -1,0 +1,286 @@
+"""Issue 17, item 2: "the funnel over 10 million deliveries answers in well under a second on
+SQLite and PostgreSQL". The console scenario (bench/console.py) writes its 1,000,000 rows through
+the triggers; here 10,000,000 are bulk-loaded in SQL (``INSERT … SELECT`` over a generated series)
+with the analytics triggers dropped, as in a database made before analytics existed, and then the
+rollup is built by the project's own upgrade path (``analytics.install``: triggers + backfill from a
+full count). Before anything is timed, the rollup is checked against the deliveries: every group
+against a full count (``EXCEPT`` both ways, in SQL), and the totals by channel × status against a
+plain ``GROUP BY`` over ``deliveries`` that shares no SQL with the rollup's key.
+
+The spread (2 deliveries a notification, 5,000,000 notifications over 90 days):
+- 60 % transactional: 300 templates, Zipf-like (``u³``: a few templates carry most of the
+  traffic), each on its own pair of channels (email+push, email+sms or push+sms), evenly over the
+  90 days;
+- 40 % from 50 campaigns (a template of their own, email+push), each sent within 2 days of its
+  start, the starts spread over the 90 days;
+- statuses: 42 % sent, 20 % delivered, 14 % opened, 9 % failed (4 reasons, 1 in 5 of them
+  dead-lettered), 15 % suppressed (5 reasons).
+
+Figures: ``analytics.funnel`` by template, channel, campaign and day (median of ``runs`` after a
+warm-up call), and the console's Analytics page over HTTP (logged in, same median), with the load
+average before and after each database's timings. The databases are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bench.common import Env
+from bench.console import PG_URL, _pg_up, _Server
+
+TEMPLATES = 300
+CAMPAIGNS = 50
+DAYS = 90
+CHUNK = 500_000  # notifications a transaction
+
+# Per notification i: h, a 32-bit multiplicative hash of i; campaign or not, which campaign, which
+# template (u³ over 0..999 → 0..299), when (seconds after the 90-day window's start).
+_H = "((i * 2654435761) % 4294967296)"
+_CAMP = f"({_H} % 10 < 4)"
+_C = f"(({_H} / 10) % {CAMPAIGNS})"
+_U = f"(({_H} / 1000) % 1000)"
+_T = f"({_U} * {_U} * {_U} / 3336667)"
+_CAMP_SPAN = (DAYS - 4) * 86400 // CAMPAIGNS
+_OFF = f"(CASE WHEN {_CAMP} THEN {_C} * {_CAMP_SPAN} + ({_H} / 500) % 172800 ELSE i * {DAYS * 86400} / :n END)"
+_CHANNELS = (
+    f"""(CASE WHEN {_CAMP} OR {_T} % 3 = 0 THEN '["email", "push"]' WHEN {_T} % 3 = 1 """
+    """THEN '["email", "sms"]' ELSE '["push", "sms"]' END)"""
+)
+
+
+def _notifications_sql(dialect: str) -> str:
+    cols = ("id, recipient_id, type, template_id, category, priority, channels, data, dedup_key, campaign_id, "
+            "status, reason, job_id, due_at, created_at, updated_at")  # fmt: skip
+    if dialect == "sqlite":
+        at = f"datetime(:base, '+' || {_OFF} || ' seconds') || '.000000'"
+        nid = "'n' || printf('%09d', i)"
+        src = "(WITH RECURSIVE s(i) AS (SELECT :lo UNION ALL SELECT i + 1 FROM s WHERE i + 1 < :hi) SELECT i FROM s)"
+        chans, data = _CHANNELS, "'{}'"
+    else:
+        at = f"CAST(:base AS timestamp) + {_OFF} * interval '1 second'"
+        nid = "'n' || lpad(i::text, 9, '0')"
+        src = "(SELECT i::bigint AS i FROM generate_series(CAST(:lo AS bigint), CAST(:hi AS bigint) - 1) AS g(i))"
+        chans, data = f"CAST({_CHANNELS} AS json)", "CAST('{}' AS json)"
+    return (
+        f"INSERT INTO notifications ({cols}) SELECT {nid}, "
+        f"CASE WHEN {_CAMP} THEN 'r' || i ELSE 'u' || (i % 1000000) END, 'bench', "
+        f"CASE WHEN {_CAMP} THEN 'promo_' || {_C} ELSE 'tpl_' || {_T} END, "
+        f"CASE WHEN {_CAMP} THEN 'marketing' ELSE 'transactional' END, 'low', {chans}, {data}, NULL, "
+        f"CASE WHEN {_CAMP} THEN 'camp_' || {_C} END, 'done', NULL, NULL, {at}, {at}, {at} FROM {src} AS s"
+    )
+
+
+_FAILED = ("'SMTP 554: rejected'", "'provider_timeout'", "'invalid_token: unregistered'", "'HTTP 429: rate limited'")
+_SUPPRESSED = ("'opted_out'", "'quiet_hours'", "'no_address'", "'rate_limited'", "'duplicate'")
+
+
+def _deliveries_sql(dialect: str) -> str:
+    """Two deliveries per notification of the id range [:lo, :hi), one per channel of its pair."""
+    if dialect == "sqlite":
+        i = "CAST(substr(n.id, 2) AS INTEGER)"
+        ch = "json_extract(n.channels, '$[' || j.j || ']')"
+        dead = "g.g >= 760 AND g.g < 850 AND g.g % 5 = 0"
+        null_ts = "NULL"
+    else:
+        i = "CAST(substr(n.id, 2) AS bigint)"
+        ch = "(n.channels ->> j.j)"
+        dead = "(g.g >= 760 AND g.g < 850 AND g.g % 5 = 0)"
+        null_ts = "CAST(NULL AS timestamp)"
+    status = ("CASE WHEN g.g < 420 THEN 'sent' WHEN g.g < 620 THEN 'delivered' WHEN g.g < 760 THEN 'opened' "
+              "WHEN g.g < 850 THEN 'failed' ELSE 'suppressed' END")  # fmt: skip
+    failed = " ".join(f"WHEN {k} THEN {r}" for k, r in enumerate(_FAILED))
+    supp = " ".join(f"WHEN {k} THEN {r}" for k, r in enumerate(_SUPPRESSED))
+    reason = (
+        f"CASE WHEN g.g >= 760 AND g.g < 850 THEN CASE g.g % {len(_FAILED)} {failed} END "
+        f"WHEN g.g >= 850 THEN CASE g.g % {len(_SUPPRESSED)} {supp} END END"
+    )
+
+    def when(lo: int, hi: int) -> str:
+        return f"CASE WHEN g.g >= {lo} AND g.g < {hi} THEN g.due_at ELSE {null_ts} END"
+
+    cols = ("id, notification_id, user_id, channel, route, address, status, reason, provider, provider_message_id, "
+            "attempts, next_attempt_at, dead_lettered, queued_at, sent_at, delivered_at, opened_at, failed_at, "
+            "suppressed_at, updated_at")  # fmt: skip
+    return (
+        f"INSERT INTO deliveries ({cols}) SELECT 'd' || substr(g.nid, 2) || g.j, g.nid, g.user_id, g.ch, "
+        "CASE WHEN g.ch = 'push' THEN CASE WHEN g.g % 2 = 0 THEN 'push.ios' ELSE 'push.android' END ELSE g.ch END, "
+        "CASE WHEN g.ch = 'email' THEN g.user_id || '@example.com' WHEN g.ch = 'sms' THEN '+1415' || g.user_id "
+        "ELSE 'tok_' || g.user_id END, "
+        f"{status}, {reason}, "
+        "CASE WHEN g.ch = 'email' THEN 'sendgrid' WHEN g.ch = 'sms' THEN 'twilio' WHEN g.g % 2 = 0 THEN 'apns' "
+        f"ELSE 'fcm' END, NULL, 1, {null_ts}, {dead}, g.due_at, {when(0, 760)}, {when(420, 760)}, "
+        f"{when(620, 760)}, {when(760, 850)}, {when(850, 1000)}, g.due_at "
+        f"FROM (SELECT n.id AS nid, n.recipient_id AS user_id, n.due_at, j.j, {ch} AS ch, "
+        f"((({i} * 2 + j.j) * 2246822519) % 4294967296) / 4294968 AS g "
+        "FROM notifications AS n CROSS JOIN (SELECT 0 AS j UNION ALL SELECT 1) AS j "
+        "WHERE n.id >= :lo AND n.id < :hi) AS g ORDER BY g.nid, g.j"
+    )
+
+
+def _nid(i: int) -> str:
+    return f"n{i:09d}"
+
+
+def load(env: Env, deliveries: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Drop the analytics triggers, bulk-load, then ``analytics.install`` (the backfill)."""
+    from sqlalchemy import text
+
+    from notifyctl import analytics
+    from notifyctl.db import write_lock
+
+    engine = env.ctx.engine
+    dialect = engine.dialect.name
+    n = deliveries // 2
+    with engine.begin() as conn:  # a database made before analytics existed: no triggers, no rollup
+        for name in analytics.TRIGGERS:
+            conn.exec_driver_sql(f"DROP TRIGGER {name}" + (" ON deliveries" if dialect == "postgresql" else ""))
+        conn.exec_driver_sql("DELETE FROM analytics_hourly")
+        conn.exec_driver_sql("DELETE FROM analytics_delta")
+    base = (datetime.now(UTC) - timedelta(days=DAYS)).replace(minute=0, second=0, microsecond=0, tzinfo=None)
+    ins_n, ins_d = text(_notifications_sql(dialect)), text(_deliveries_sql(dialect))
+    t0 = time.perf_counter()
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        with engine.begin() as conn:
+            if dialect == "sqlite":
+                conn.exec_driver_sql("PRAGMA cache_size = -400000")
+            else:
+                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            conn.execute(ins_n, {"lo": lo, "hi": hi, "n": n, "base": base.isoformat(sep=" ")})
+            conn.execute(ins_d, {"lo": _nid(lo), "hi": _nid(hi)})
+        log(f"    {hi * 2:,} deliveries loaded, {time.perf_counter() - t0:.0f}s")
+    load_s = time.perf_counter() - t0
+    if dialect == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE notifications")
+            conn.exec_driver_sql("VACUUM ANALYZE deliveries")
+    t1 = time.perf_counter()
+    installed = analytics.install(engine, write_lock)
+    backfill_s = time.perf_counter() - t1
+    assert installed, "analytics.install did not run its backfill"
+    if dialect == "postgresql":
+        analytics.compact(engine)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE analytics_hourly")
+    with engine.connect() as conn:
+        rows = int(conn.exec_driver_sql("SELECT count(*) FROM deliveries").scalar() or 0)
+        rollup_rows = int(conn.exec_driver_sql("SELECT count(*) FROM analytics_hourly").scalar() or 0)
+        size = _size(env, conn)
+    log(f"    loaded in {load_s:.0f}s, backfill (analytics.install) {backfill_s:.0f}s: {rows:,} deliveries, "
+        f"{rollup_rows:,} rollup rows, {size} MB")  # fmt: skip
+    return {"deliveries": rows, "notifications": n, "load_s": round(load_s, 1),
+            "load_us_per_delivery": round(load_s / max(1, rows) * 1e6, 2), "backfill_s": round(backfill_s, 1),
+            "rollup_rows": rollup_rows, "database_mb": size}  # fmt: skip
+
+
+def _size(env: Env, conn: Any) -> int | None:
+    if conn.dialect.name == "postgresql":
+        return int(conn.exec_driver_sql(
+            "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace "
+            "WHERE s.nspname = current_schema() AND c.relkind = 'r'").scalar() or 0) // 2**20  # fmt: skip
+    db = env.ctx.engine.url.database
+    return sum(os.path.getsize(p) for p in (db, db + "-wal") if p and os.path.exists(p)) // 2**20 if db else None
+
+
+def check(env: Env, log: Callable[[str], None]) -> dict[str, Any]:
+    """The rollup against the deliveries, before anything is timed: every group against a full
+    count, both ways, in SQL; and channel × status totals against a plain GROUP BY."""
+    from notifyctl import analytics
+
+    engine = env.ctx.engine
+    cols = ", ".join(analytics.KEY)
+    rollup = (f"SELECT {cols}, sum(n) AS n FROM (SELECT {cols}, n FROM analytics_hourly UNION ALL "
+              f"SELECT {cols}, n FROM analytics_delta) AS r GROUP BY {cols} HAVING sum(n) <> 0")  # fmt: skip
+    t0 = time.perf_counter()
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE full_count ({cols}, n)" if engine.dialect.name == "sqlite" else
+                             "CREATE TEMPORARY TABLE full_count (hour text, template_id text, channel text, "
+                             "campaign_id text, status text, reason text, n bigint)")  # fmt: skip
+        conn.exec_driver_sql(f"INSERT INTO full_count {analytics.full_count_sql(engine.dialect.name)}")
+        groups = int(conn.exec_driver_sql("SELECT count(*) FROM full_count").scalar() or 0)
+        missing = int(conn.exec_driver_sql(
+            f"SELECT count(*) FROM (SELECT * FROM full_count EXCEPT {rollup}) AS x").scalar() or 0)  # fmt: skip
+        extra = int(conn.exec_driver_sql(
+            f"SELECT count(*) FROM ({rollup} EXCEPT SELECT * FROM full_count) AS x").scalar() or 0)  # fmt: skip
+        conn.exec_driver_sql("DROP TABLE full_count")
+        plain = {(c, s): int(k) for c, s, k in conn.exec_driver_sql(
+            "SELECT channel, status, count(*) FROM deliveries GROUP BY channel, status").all()}  # fmt: skip
+        summed = {(c, s): int(k) for c, s, k in conn.exec_driver_sql(
+            f"SELECT channel, status, sum(n) FROM ({rollup}) AS r GROUP BY channel, status").all()}  # fmt: skip
+    ok = missing == 0 and extra == 0 and plain == summed
+    res = {"groups_compared": groups, "groups_differing": missing + extra, "channel_status_totals_equal":
+           plain == summed, "rollup_equals_full_count": ok, "check_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    log(f"    check: {res}")
+    if not ok:
+        raise AssertionError(f"the rollup differs from a full count: {res}")
+    return res
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def timings(env: Env, runs: int, log: Callable[[str], None]) -> dict[str, Any]:
+    import httpx
+
+    from notifyctl.analytics import funnel
+    from notifyctl.api.auth import create_key
+
+    out: dict[str, Any] = {"load_before": _load(), "funnel_ms": {}, "pages_ms": {}}
+    for by in ("template", "channel", "campaign", "day"):
+        times, cpu = [], []
+        for _ in range(runs + 1):  # the first warms the caches
+            t, c = time.perf_counter(), time.process_time()
+            rep = funnel(env.ctx.engine, by)
+            times.append((time.perf_counter() - t) * 1000)
+            cpu.append((time.process_time() - c) * 1000)
+        out["funnel_ms"][by] = {"median": round(statistics.median(times[1:]), 1), "max": round(max(times[1:]), 1),
+                                "cpu_ms_this_process": round(statistics.median(cpu[1:]), 1),
+                                "groups": len(rep["groups"]), "total": rep["total"]["total"]}  # fmt: skip
+        log(f"    funnel by {by}: {out['funnel_ms'][by]}")
+    key = create_key(env.ctx, "bench", "admin").key
+    with _Server(env.ctx) as url, httpx.Client(base_url=url, timeout=300) as c:
+        token = re.search(r'name="csrf" value="([^"]+)"', c.get("/console/login").text).group(1)  # type: ignore[union-attr]
+        assert c.post("/console/login", data={"csrf": token, "api_key": key}).status_code == 303
+        for name, path in (("analytics_template", "/console/analytics?by=template"),
+                           ("analytics_day", "/console/analytics?by=day")):  # fmt: skip
+            times = []
+            for _ in range(runs + 1):
+                t = time.perf_counter()
+                r = c.get(path)
+                times.append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200, (path, r.status_code, r.text[:200])
+            out["pages_ms"][name] = {"median": round(statistics.median(times[1:]), 1), "max": round(max(times[1:]), 1)}
+            log(f"    {name}: {out['pages_ms'][name]}")
+    out["load_after"] = _load()
+    return out
+
+
+def funnel10m(deliveries: int = 10_000_000, runs: int = 5, log: Callable[[str], None] = print) -> dict[str, Any]:
+    res: dict[str, Any] = {"deliveries": deliveries, "runs": runs}
+    for db in ("sqlite", "postgresql"):
+        if db == "postgresql" and not _pg_up():
+            res[db] = {"error": "PostgreSQL not reachable on 127.0.0.1:5432: not measured"}
+            continue
+        log(f"  [{db}] load average {_load()}")
+        env = Env(bench_pg=(os.environ.get("NOTIFY_BENCH_DATABASE_URL") or PG_URL) if db == "postgresql" else "")
+        try:
+            info = load(env, deliveries, log)
+            res[db] = {**info, **check(env, log), **timings(env, runs, log)}
+        except Exception as exc:  # noqa: BLE001 - one database's failure must not hide the other's figures
+            import traceback
+
+            traceback.print_exc()
+            res[db] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            env.close()  # the PostgreSQL schema is dropped; the SQLite file goes with the temp dir below
+            import shutil
+
+            shutil.rmtree(env.dir, ignore_errors=True)
+    return res

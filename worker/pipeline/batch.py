@@ -1,0 +1,140 @@
+"""Stage 1, load: the rows a batch touches, one query per table (plain rows, not ORM objects), and
+the shapes the other stages work on (``_D`` a delivery, ``_Note`` a notification, ``_User`` a
+recipient)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from operator import itemgetter
+from typing import Any
+
+import orjson
+from sqlmodel import Session
+
+from notifyctl import prefs
+from notifyctl.db import rows_where_in, unindexed_in
+from notifyctl.models import Delivery, DeliveryEvent, DeviceToken, Notification, NotificationStatus
+
+
+@dataclass(slots=True)
+class _D:
+    """A delivery as the pipeline works on it: a plain object, not an ORM instance (hot path)."""
+
+    id: str
+    notification_id: str
+    user_id: str
+    channel: str
+    route: str
+    address: str
+    status: str
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    provider: str | None = None
+    reason: str | None = None
+    provider_message_id: str | None = None
+    dead_lettered: bool = False
+
+
+_D_SELECT = f"SELECT {', '.join(_D.__slots__)} FROM deliveries"  # a batch's deliveries, raw (rows_where_in)
+
+
+def _d_time(dialect: Any) -> Any:
+    """How the driver's value of ``next_attempt_at`` becomes a datetime (SQLite stores text), or None."""
+    col = Delivery.__table__.c.next_attempt_at  # type: ignore[attr-defined]
+    return col.type._cached_result_processor(dialect, None)
+
+
+_D_FIELDS = itemgetter(*_D.__slots__)  # a new delivery row (every column) → _D's fields, in order
+_N = Notification.__table__  # type: ignore[attr-defined]
+_DT = Delivery.__table__  # type: ignore[attr-defined]
+_ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
+_TT = DeviceToken.__table__  # type: ignore[attr-defined]
+# The batch loads: only the columns the pipeline reads, on the DBAPI cursor (``rows_where_in``): a
+# thousand plain tuples. The JSON columns come as text and are parsed once per distinct text: a
+# campaign batch shares one `data` and one `channels`.
+_N_SELECT = (
+    "SELECT id, recipient_id, type, template_id, category, priority, dedup_key, CAST(channels AS TEXT), "
+    "CAST(data AS TEXT), (SELECT 1 FROM ordered_notifications o WHERE o.notification_id = notifications.id) "
+    "FROM notifications"
+)
+# by primary key, never through the status index (see notifyctl.db.unindexed)
+_N_LOADABLE = "AND " + unindexed_in("status", [NotificationStatus.queued, NotificationStatus.retrying])
+_U_SELECT = "SELECT id, email, phone, timezone, locale, sms_opt_in, CAST(attributes AS TEXT) FROM users"
+# a batch's live device tokens (not through the removed_at index: every live token), oldest first
+# per user (a user's rows are in one chunk of ``rows_where_in``)
+_T_SELECT = "SELECT device_tokens.user_id, device_tokens.platform, device_tokens.token FROM device_tokens"
+_T_LIVE = "AND device_tokens.removed_at || '' IS NULL ORDER BY device_tokens.created_at"
+
+
+@dataclass(slots=True)
+class _Note:
+    """A notification as the pipeline reads it (``data_key``: its data as stored, for caching renders)."""
+
+    id: str
+    recipient_id: str
+    type: str
+    template_id: str
+    category: str
+    priority: str
+    dedup_key: str | None
+    channels: list[str]
+    data: dict[str, Any]
+    data_key: str
+    ordered: bool = False  # it carries an ordering_key (notifyctl.ordering)
+
+
+@dataclass(slots=True)
+class _User:
+    """A recipient as the pipeline reads it."""
+
+    id: str
+    email: str | None
+    phone: str | None
+    timezone: str
+    locale: str
+    sms_opt_in: bool
+    attributes: dict[str, Any]
+
+
+class _Batch:
+    """The rows a batch touches, loaded with one query per table (plain rows, not ORM objects)."""
+
+    def __init__(self, session: Session, client: Any, ids: list[str]) -> None:
+        parsed: dict[str, Any] = {}
+
+        def load(text: str | None) -> Any:
+            value = parsed.get(text)  # type: ignore[arg-type]
+            if value is None:
+                value = parsed[text] = orjson.loads(text) if text is not None else None  # type: ignore[index]
+            return value
+
+        conn = session.connection()
+        self.notifications: list[_Note] = [
+            _Note(*row[:7], load(row[7]) or [], load(row[8]) or {}, row[8] or "", row[9] is not None)
+            for row in rows_where_in(conn, _N_SELECT, "id", ids, _N_LOADABLE)
+        ]
+        user_ids = {n.recipient_id for n in self.notifications}
+        self.users: dict[str, _User] = {
+            row[0]: _User(*row[:5], bool(row[5]), orjson.loads(row[6]) if row[6] else {})
+            for row in rows_where_in(conn, _U_SELECT, "id", list(user_ids))
+        }
+        self.opt_outs = prefs.load(client, session, user_ids)
+        # a user's live device tokens, oldest first, as (platform, token): push only
+        self.tokens: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        if user_ids and any("push" in n.channels for n in self.notifications):
+            for uid, platform, token in rows_where_in(
+                conn, _T_SELECT, "device_tokens.user_id", list(user_ids), _T_LIVE
+            ):
+                self.tokens[uid].append((platform, token))
+        self.deliveries: dict[str, list[_D]] = defaultdict(list)
+        nids = [n.id for n in self.notifications]
+        if nids:  # (none, for a batch seen the first time)
+            at = _d_time(conn.dialect)
+            for row in rows_where_in(conn, _D_SELECT, "notification_id", nids):
+                d = _D(*row)
+                d.dead_lettered = bool(d.dead_lettered)
+                if at is not None and d.next_attempt_at is not None:
+                    d.next_attempt_at = at(d.next_attempt_at)
+                self.deliveries[d.notification_id].append(d)

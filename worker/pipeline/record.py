@@ -1,0 +1,341 @@
+"""Stage 6, record: each outcome onto its delivery (``outcome.decide``), then the batch's writes —
+Redis send records first (they survive a crash before the commit), then SQL in one transaction
+under the writer lock: new deliveries, status changes, events, device tokens, SMS opt-outs, each
+notification's status (``_settle_notifications``) — then the metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import redis
+from sqlalchemy import bindparam, insert, literal, or_, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from notifyctl import metrics, prefs
+from notifyctl.db import prepare_insert, update_where_in, write_lock
+from notifyctl.models import FINAL_STATUSES, DeliveryStatus, DeviceToken, NotificationStatus, OptOut
+from notifyctl.secretdata import erase
+from worker.claims import Fenced
+from worker.pipeline.batch import _D, _DT, _ET, _N, _TT, _Batch
+from worker.pipeline.outcome import decide
+from worker.pipeline.runtime import Runtime, Stats
+from worker.providers import Message, Outcome
+
+log = logging.getLogger("notifyctl.worker")
+
+IN_DOUBT = "in_doubt"  # the event recorded for a delivery taken over in flight (``Claims.take``)
+
+
+class _Updates:
+    """Where delivery changes go: merged into a row not yet written, else an UPDATE."""
+
+    def __init__(self, fresh: dict[str, dict[str, Any]]) -> None:
+        self.fresh = fresh
+        self.rows: list[dict[str, Any]] = []
+        self.amended: dict[str, dict[str, Any]] = {}
+
+    def append(self, row: dict[str, Any]) -> None:
+        if self.amended and row["id"] in self.amended:
+            row.update(self.amended.pop(row["id"]))
+        new = self.fresh.get(row["id"])
+        if new is None:
+            self.rows.append(row)
+        else:
+            new.update(row)
+
+    def amend(self, delivery_id: str, columns: dict[str, Any]) -> None:
+        """Columns that change with the delivery's next status change in this batch (its outcome)."""
+        new = self.fresh.get(delivery_id)
+        if new is None:
+            self.amended.setdefault(delivery_id, {}).update(columns)
+        else:
+            new.update(columns)
+
+
+class Record:
+    """What a batch writes at its end, gathered by the stages: new delivery rows (``fresh``: by id)
+    and changes to loaded ones (``updates``), events, Redis send records to set (``sent_marks``)
+    and leases to release, and what follows from the outcomes."""
+
+    __slots__ = (
+        "now", "new_rows", "fresh", "events", "updates", "sent_marks", "released", "lease_waits",
+        "token_success", "removed_tokens", "sms_stops",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        now: datetime,
+        new_rows: list[dict[str, Any]],
+        fresh: dict[str, dict[str, Any]],
+        events: list[dict[str, Any]],
+    ) -> None:
+        self.now = now
+        self.new_rows = new_rows
+        self.fresh = fresh
+        self.events = events
+        self.updates = _Updates(fresh)
+        self.sent_marks: dict[str, str] = {}
+        self.released: list[str] = []
+        self.lease_waits: dict[str, datetime] = {}  # busy delivery → when its holder's lease runs out
+        self.token_success: list[str] = []
+        self.removed_tokens: dict[str, str] = {}
+        self.sms_stops: set[str] = set()
+
+
+def record_outcomes(
+    rt: Runtime,
+    to_send: dict[str, list[tuple[_D, Message]]],
+    answered: dict[str, list[tuple[str, Outcome]]],
+    rec: Record,
+    stats: Stats,
+) -> None:
+    """Each delivery sent (``to_send``) to the state its provider's outcome (``answered``) decides."""
+    settings, now, updates, events = rt.settings, rec.now, rec.updates, rec.events
+    sent_marks, released, token_success = rec.sent_marks, rec.released, rec.token_success
+    for route, items in to_send.items():
+        for (d, _m), (provider_name, outcome) in zip(items, answered[route], strict=True):
+            if isinstance(outcome, Fenced):
+                # not ours any more: whoever holds the lease now sends and records it
+                stats.fenced += 1
+                stats.skipped += 1
+                continue
+            status, attempts, called, reason, wait, dead, detail, remove = decide(
+                settings, outcome, d.attempts + 1, d.channel
+            )
+            _mark(
+                d,
+                updates,
+                events,
+                status,
+                now,
+                reason=reason,
+                attempts=attempts,
+                provider=provider_name if called else None,
+                provider_message_id=outcome.provider_message_id if status == DeliveryStatus.sent else None,  # type: ignore[union-attr]
+                next_attempt_at=now + timedelta(seconds=wait) if wait is not None else None,
+                dead=dead,
+                detail=detail,
+            )
+            if status == DeliveryStatus.sent:
+                sent_marks[d.id] = outcome.provider_message_id  # type: ignore[union-attr]
+                if d.channel == "push":
+                    token_success.append(d.address)
+                stats.sent += 1
+                continue
+            released.append(d.id)
+            if status == DeliveryStatus.retrying:
+                stats.retrying += 1
+            else:
+                stats.failed += 1
+            if remove == "dead_token":
+                rec.removed_tokens[d.address] = f"{provider_name}: {outcome.reason}"  # type: ignore[union-attr]
+            elif remove == "stopped":
+                rec.sms_stops.add(d.user_id)
+
+
+def write(
+    rt: Runtime, session: Session, batch: _Batch, rec: Record, secret_of: Callable[[str], frozenset[str]]
+) -> None:
+    """The batch's writes (see the module docstring)."""
+    now, new_rows, events, updates, sent_marks = rec.now, rec.new_rows, rec.events, rec.updates, rec.sent_marks
+    token_success, removed_tokens, sms_stops = rec.token_success, rec.removed_tokens, rec.sms_stops
+    try:
+        rt.claims.settle(sent_marks, rec.released)
+        settle_error: Exception | None = None
+    except redis.RedisError as exc:
+        # Redis went away after the provider accepted: the SQL record of what was sent must still
+        # be written, or a rerun would find only a stale claim and send again.
+        settle_error = exc
+    # parameters converted before the writer lock is taken: inside it, only the statements run
+    insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows)
+    insert_events = prepare_insert(rt.ctx.engine, _ET, events)
+    urgent = any(n.priority == "high" for n in batch.notifications)
+    with write_lock(rt.ctx.engine, urgent=urgent):  # one SQLite writer at a time; OTPs first
+        try:
+            conn = session.connection()
+            insert_deliveries(conn)
+            if updates.rows:
+                # only from the states this job saw: a webhook may have moved a delivery on meanwhile
+                _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
+            insert_events(conn)
+            if token_success:  # by primary key, raw: a thousand-value IN list costs SQLAlchemy more than SQLite
+                update_where_in(conn, _TT, {"last_success_at": now}, "token", token_success)
+            if removed_tokens:
+                for token, reason in removed_tokens.items():
+                    session.execute(
+                        update(DeviceToken)
+                        .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
+                        .values(removed_at=now, removed_reason=reason)
+                    )
+            for user_id in sms_stops:
+                session.merge(OptOut(user_id=user_id, channel="sms", category="*", reason="stop_reply"))
+            _settle_notifications(session, batch, now, secret_of, rec.lease_waits)
+            session.commit()
+        except IntegrityError:
+            # Another worker wrote these new deliveries first (a takeover while their first holder,
+            # cut off from Redis, was still sending): the caller reloads and goes on. What this
+            # attempt sent and took over in doubt must stay on record all the same.
+            session.rollback()
+            _keep_record(rt, events, sent_marks)
+            raise
+    if sms_stops:
+        prefs.invalidate(rt.ctx.redis, sms_stops)
+    if settle_error is not None:
+        raise settle_error
+    for row in new_rows:
+        rt.metrics.outcome(row["status"], row["channel"], row.get("reason"))
+    channel_of = {d.id: d.channel for ds in batch.deliveries.values() for d in ds}
+    for row in updates.rows:
+        rt.metrics.outcome(row["status"], channel_of.get(row["id"], ""), row.get("reason"))
+    try:
+        pipe = rt.ctx.redis.pipeline(transaction=False)
+        rt.metrics.flush(pipe)
+        pipe.execute()
+    except redis.RedisError:
+        log.warning("metrics not recorded: Redis unavailable")
+
+
+def _bulk_update(session: Session, table: Any, rows: list[dict[str, Any]], only_from: list[str] | None = None) -> None:
+    """UPDATE ... WHERE id = ? as Core executemany, one statement per distinct set of columns."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[tuple(sorted(r))].append(r)
+    for cols, items in groups.items():
+        stmt = update(table).where(table.c.id == bindparam("_id"))
+        if only_from:  # (an IN list is an "expanding" parameter, which executemany cannot take)
+            stmt = stmt.where(or_(*[table.c.status == literal(v) for v in only_from]))
+        stmt = stmt.values({c: bindparam(c) for c in cols if c != "id"})
+        session.execute(stmt, [{**r, "_id": r["id"]} for r in items])
+
+
+def _keep_record(rt: Runtime, events: list[dict[str, Any]], sent_marks: dict[str, str]) -> None:
+    """The events of an attempt whose writes are rolled back that must not be lost: its in-doubt
+    takeovers and its sends (the provider accepted them)."""
+    keep = [
+        {**e, "detail": f"{e['detail']} (also recorded by another worker)"} if e["status"] == DeliveryStatus.sent else e
+        for e in events
+        if e["status"] == IN_DOUBT or (e["status"] == DeliveryStatus.sent and e["delivery_id"] in sent_marks)
+    ]
+    if keep:
+        with rt.ctx.engine.begin() as conn:
+            conn.execute(insert(_ET), keep)
+        try:
+            pipe = rt.ctx.redis.pipeline(transaction=False)
+            rt.metrics.flush(pipe)  # (the in-doubt counts)
+            pipe.execute()
+        except redis.RedisError:
+            log.warning("metrics not recorded: Redis unavailable")
+        rt.metrics = metrics.Recorder()
+
+
+def _mark(
+    d: _D,
+    updates: _Updates,
+    events: list[dict[str, Any]],
+    status: str,
+    now: datetime,
+    *,
+    reason: str | None = None,
+    attempts: int | None = None,
+    provider: str | None = None,
+    provider_message_id: str | None = None,
+    next_attempt_at: datetime | None = None,
+    dead: bool = False,
+    detail: str | None = None,
+) -> None:
+    row: dict[str, Any] = {"id": d.id, "status": status, "updated_at": now}
+    d.status = status
+    if attempts is not None:
+        row["attempts"] = d.attempts = attempts
+    if provider is not None:
+        row["provider"] = d.provider = provider
+    if reason is not None:
+        row["reason"] = d.reason = reason
+    if provider_message_id is not None:
+        row["provider_message_id"] = d.provider_message_id = provider_message_id
+    row["next_attempt_at"] = d.next_attempt_at = next_attempt_at
+    if status == DeliveryStatus.sent:
+        row["sent_at"] = now
+    elif status == DeliveryStatus.failed:
+        row["failed_at"] = now
+        row["dead_lettered"] = d.dead_lettered = dead
+    updates.append(row)
+    # Every outcome, sent included, at INFO: `worker -v` shows them all. The hot path pays one
+    # cached level check when nobody reads them.
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "delivery %s%s",
+            status,
+            f": {reason}" if reason else "",
+            extra={"notification_id": d.notification_id, "delivery_id": d.id, "provider": provider, "route": d.route},
+        )
+    events.append(
+        {
+            "notification_id": d.notification_id,
+            "delivery_id": d.id,
+            "status": status,
+            "detail": detail or reason or (f"{provider}: {provider_message_id}" if provider_message_id else None),
+            "at": now,
+        }
+    )
+
+
+def _settle_notifications(
+    session: Session,
+    batch: _Batch,
+    now: datetime,
+    secret_of: Callable[[str], frozenset[str]],
+    lease_waits: dict[str, datetime] | None = None,
+) -> None:
+    """Each notification's status from its deliveries; a notification whose deliveries are all
+    final has its template's secret data erased (``notifyctl.secretdata``) in the same write.
+    ``lease_waits``: deliveries found ``busy`` (another worker's lease) and when that lease runs out."""
+    lease_waits = lease_waits or {}
+    # Most rows of a batch get the same values (done, no reason): one UPDATE ... WHERE id IN (...)
+    # per distinct set of values, instead of one parameter set per row.
+    same: dict[tuple[tuple[str, Any], ...], list[str]] = defaultdict(list)
+    erased: list[dict[str, Any]] = []
+    for n in batch.notifications:
+        ds = batch.deliveries.get(n.id, [])
+        open_ = [d for d in ds if d.status not in FINAL_STATUSES]
+        if not open_:
+            secret = secret_of(n.template_id)  # (empty for most templates: nothing more to do)
+            if secret:
+                data = erase(n.data, secret)
+                if data is not None:
+                    erased.append({"_id": n.id, "data": data})
+        if not ds:
+            same[(("status", NotificationStatus.done), ("reason", "no deliveries"))].append(n.id)
+        elif not open_:
+            all_suppressed = all(d.status == DeliveryStatus.suppressed for d in ds)
+            status = NotificationStatus.suppressed if all_suppressed else NotificationStatus.done
+            same[(("status", status), ("reason", ds[0].reason if all_suppressed else None))].append(n.id)
+        else:
+            # a delivery waits for its retry time, or for the lease of the worker holding it: if that
+            # worker died (kill -9), the reconciler's due pass queues it again once the lease has run
+            # out, within a second — taken over then, never earlier (worker.claims)
+            waits = [
+                d.next_attempt_at
+                if d.status == DeliveryStatus.retrying and d.next_attempt_at
+                else lease_waits.get(d.id)
+                for d in open_
+            ]
+            if all(waits):
+                due = min(w for w in waits if w is not None)
+                same[(("status", NotificationStatus.retrying), ("due_at", due), ("job_id", None))].append(n.id)
+            else:
+                # Something is held by another live worker: the reconciler looks again after its grace.
+                same[(("status", NotificationStatus.queued), ("due_at", now))].append(n.id)
+    conn = session.connection()
+    for values, ids in same.items():
+        update_where_in(conn, _N, {**dict(values), "updated_at": now}, "id", ids)
+    if erased:
+        session.execute(_ERASE, erased)
+
+
+_ERASE = update(_N).where(_N.c.id == bindparam("_id")).values(data=bindparam("data", type_=_N.c.data.type))

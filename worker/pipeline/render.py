@@ -1,0 +1,278 @@
+"""Stage 3, render: each notification's content per channel, once per batch where it can be shared.
+
+``Renderer`` holds one batch's caches: templates, renderings per (notification, channel), renders
+that do not read ``user`` per data, and — for a channel that only prints the recipient's own
+fields (``{{ user.first_name }}``) — the batch's rendering with tokens (``_UserProbe``) and each
+recipient's values for them (``_token_values``), put in when the message is built (``claim``).
+For email, ``_EmailPlan`` works out once per body what every recipient shares (footer, headers,
+the body with tokens) and ``apply`` does what differs per recipient.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import Counter
+from typing import Any
+
+import markupsafe
+
+from notifyctl.errors import TemplateError
+from notifyctl.inbound import pixel_url
+from notifyctl.intake import user_vars
+from notifyctl.secretdata import ERASED_KEY, erased_fields, erased_reason
+from notifyctl.templates import Template
+from notifyctl.unsubscribe import unsubscribe_url
+from worker.pipeline.batch import _D, _Note
+from worker.pipeline.runtime import Runtime
+
+
+class Renderer:
+    """One batch's renderings (see the module docstring). Its dicts live as long as the batch: the
+    ``id()`` of a rendering is a key of ``fill_plan`` and ``email_plan``."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+        self.templates: dict[str, Template | TemplateError] = {}
+        self.rendered: dict[tuple[str, str], dict[str, str] | str] = {}  # (notification id, channel) → content or error
+        self.by_data: dict[tuple[str, str, str], dict[str, str] | str] = {}  # renders that do not read `user`
+        # (notification id, channel) → (the batch's rendering with tokens, this recipient's token values)
+        self.probed: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}
+        self.probes: dict[tuple[str, str, str], dict[str, str] | None] = {}
+        self.shared_data: Counter[str] = Counter()  # notifications of the batch per data (filled once loaded)
+        self.fills: dict[int, list[tuple[str, str, tuple[str, ...]]]] = {}
+        self.plans: dict[tuple[int, bool], _EmailPlan] = {}
+        self.footers: dict[bool, tuple[bool, bool, dict[str, str]]] = {}
+
+    def loaded(self, notifications: list[_Note]) -> None:
+        """The batch is loaded: count the notifications sharing each data."""
+        self.shared_data.update(n.data_key for n in notifications)
+
+    def template_for(self, tid: str) -> Template | TemplateError:
+        t = self.templates.get(tid)
+        if t is None:
+            try:
+                t = self.rt.ctx.templates.get(tid)
+            except TemplateError as exc:
+                t = exc
+            self.templates[tid] = t
+        return t
+
+    def secret_of(self, tid: str) -> frozenset[str]:
+        t = self.template_for(tid)
+        return frozenset() if isinstance(t, TemplateError) else t.secret
+
+    def render(self, n: Any, channel: str, user: Any) -> dict[str, str] | str:
+        key = (n.id, channel)
+        out = self.rendered.get(key)
+        if out is None:
+            t = self.template_for(n.template_id)
+            if isinstance(t, TemplateError):
+                out = f"template_error: {t}"
+            elif t.secret and ERASED_KEY in n.data:  # a DLQ replay after the code was erased
+                out = erased_reason(t.id, erased_fields(n.data))
+            else:
+                # A channel that never reads `user` gives the same result for the same data: a
+                # campaign batch (one data for all) renders it once.
+                names = t.variables(channel)
+                shared = None
+                if names is not None and "user" not in names:
+                    shared = (n.template_id, channel, n.data_key)
+                    out = self.by_data.get(shared)
+                elif user is not None and self.shared_data[n.data_key] > 1:
+                    # A channel that only prints the recipient's variables ({{ user.first_name }}):
+                    # the batch's rendering with tokens, with this recipient's values put in (for
+                    # data shared by several notifications of the batch: else one render is cheaper).
+                    html = "html" in t.parts.get(channel, ())  # (an HTML part: email)
+                    values = _token_values(t.direct_user_fields(channel), user_vars(user), html)
+                    parts = self.probe(n, channel, t) if values is not None else None
+                    if parts is not None:
+                        out = parts  # with tokens: the recipient's copy is made when sending
+                        if html or any(tokens for _p, _v, tokens in self.fill_plan((parts, values))):  # type: ignore[arg-type]
+                            self.probed[key] = (parts, values)  # type: ignore[assignment]
+                        # else (push, SMS) no user value is printed for this data (a campaign's
+                        # `first_name | default(user.first_name)`): every recipient gets the batch's
+                        # rendering as it is, no copy of their own
+                if out is None:
+                    try:
+                        out = t.render(channel, {**n.data, "user": user_vars(user)})
+                    except TemplateError as exc:
+                        out = f"template_error: {exc}"
+                    if shared is not None:
+                        self.by_data[shared] = out
+            self.rendered[key] = out
+        return out
+
+    def probe(self, n: Any, channel: str, t: Template) -> dict[str, str] | None:
+        """The channel rendered with tokens for the recipient's variables (``_UserProbe``), once
+        per template and data: what a provider with substitutions sends to a whole batch."""
+        probes = self.probes
+        key = (n.template_id, channel, n.data_key)
+        if key not in probes:
+            if TOKEN_PREFIX in n.data_key or any(TOKEN_PREFIX in src for src in t.parts[channel].values()):
+                probes[key] = None  # text that looks like a token: no substitutions for this one
+                return None
+            try:
+                parts = t.render(channel, {**n.data, "user": _UserProbe("t")})
+                if "html" in parts:
+                    parts["html"] = t.render(channel, {**n.data, "user": _UserProbe("h")})["html"]
+                probes[key] = parts
+            except TemplateError:
+                probes[key] = None
+        return probes[key]
+
+    def fill_plan(self, pv: tuple[dict[str, str], dict[str, str]]) -> list[tuple[str, str, tuple[str, ...]]]:
+        """Per part of a rendering with tokens: (part, text, the tokens it holds), once per rendering
+        (``pv[0]`` lives as long as the batch)."""
+        plan = self.fills.get(id(pv[0]))
+        if plan is None:
+            plan = self.fills[id(pv[0])] = [(part, v, tuple(t for t in pv[1] if t in v)) for part, v in pv[0].items()]
+        return plan
+
+    def email_plan(self, content: dict[str, str], values: dict[str, str] | None, marketing: bool) -> _EmailPlan:
+        """One plan per distinct body in the batch (``content`` objects live as long as the batch);
+        ``values``: a recipient's token values, when ``content`` is a rendering with tokens."""
+        key = (id(content), marketing)
+        plan = self.plans.get(key)
+        if plan is None:
+            footer = self.footers.get(marketing)
+            if footer is None:
+                footer = self.footers[marketing] = _EmailPlan.footer(self.settings, marketing)
+            plan = self.plans[key] = _EmailPlan(self.settings, content, tuple(values or ()), marketing, footer)
+        return plan
+
+
+# Tokens for what differs per recipient in an email (see Message.shared): the recipient's
+# template variables (``%%notifyctl:t:first_name%%`` as text, ``h:`` as escaped HTML) and what the
+# pipeline adds (unsubscribe link, open pixel).
+TOKEN_PREFIX = "%%notifyctl:"
+UNSUBSCRIBE_TEXT = TOKEN_PREFIX + "unsubscribe%%"
+UNSUBSCRIBE_HTML = TOKEN_PREFIX + "unsubscribe_html%%"
+OPEN_PIXEL = TOKEN_PREFIX + "open_pixel%%"
+_FOOTER_TOKENS = (UNSUBSCRIBE_TEXT, UNSUBSCRIBE_HTML, OPEN_PIXEL)
+
+
+class _UserProbe(dict):  # type: ignore[type-arg]
+    """Stands in for ``user`` when a template is rendered once for a batch: any variable read from
+    it (``user.first_name``, ``user["plan"]``) renders as a token. Used only for channels that do
+    nothing else with ``user`` (``Template.direct_user_fields``; see ``_token_values``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def __missing__(self, key: str) -> str:
+        return f"{TOKEN_PREFIX}{self.kind}:{key}%%"
+
+
+def _token_values(fields: frozenset[str] | None, user: dict[str, Any], html: bool = True) -> dict[str, str] | None:
+    """A recipient's values for the tokens of ``_UserProbe`` (``t:`` as text, ``h:`` escaped for
+    HTML: only with ``html``, the channel that has an HTML part), when the template only prints
+    ``user`` fields (``Template.direct_user_fields``) and the recipient has them all; else None
+    (rendered the ordinary way). Putting them in the probe's rendering and stripping each part is
+    exactly what rendering gives: Jinja prints ``str(value)``, escaped in the HTML part."""
+    if fields is None:
+        return None
+    values: dict[str, str] = {}
+    for f in fields:
+        v = user.get(f)
+        if v is None or (type(v) is float and not math.isfinite(v)):
+            return None  # missing or null (which templates treat as missing): rendered the ordinary way
+        text = v if type(v) is str else str(v)
+        if TOKEN_PREFIX in text or text != text.strip():
+            # a value that looks like a token, or whose edge whitespace a part's strip() could eat
+            return None
+        values[f"{TOKEN_PREFIX}t:{f}%%"] = text
+        if html:
+            values[f"{TOKEN_PREFIX}h:{f}%%"] = str(markupsafe.escape(v))
+    return values
+
+
+class _EmailPlan:
+    """What every recipient of one email body in a batch shares, worked out once: for marketing,
+    RFC 8058 one-click unsubscribe headers and a footer (unsubscribe link, postal address —
+    CAN-SPAM); the open-tracking pixel when a public URL is set; the body with tokens where each
+    recipient's parts go (``Message.shared``). ``apply`` then does only what differs per
+    recipient: the signed links, the token values, and the recipient's own copy of the body."""
+
+    __slots__ = ("pieces", "shared", "tokens", "unsub", "pixel", "substitute")
+
+    def __init__(
+        self,
+        settings: Any,
+        content: dict[str, str],
+        tokens: tuple[str, ...],
+        marketing: bool,
+        footer: tuple[bool, bool, dict[str, str]] | None = None,
+    ) -> None:
+        """``content``: the body, with ``tokens`` (from ``_token_values``) where the recipient's fields go.
+        ``footer``: ``_EmailPlan.footer(settings, marketing)``, when the caller keeps it for a batch."""
+        self.unsub, self.pixel, adds = footer or _EmailPlan.footer(settings, marketing)
+        # a body whose own text looks like a token must not be rewritten: it goes as it is, in full
+        self.substitute = bool(tokens) or not any(TOKEN_PREFIX in v for v in content.values())
+        # per part: (the template's piece, its tokens, the footer's piece, its tokens)
+        self.pieces: dict[str, tuple[str, tuple[str, ...], str, tuple[str, ...]]] = {}
+        for part in {**content, **adds}:
+            piece, add = content.get(part, ""), adds.get(part, "")
+            own = tuple(t for t in tokens if t in piece)
+            self.pieces[part] = (piece, own, add, tuple(t for t in _FOOTER_TOKENS if t in add))
+        self.tokens = tuple(dict.fromkeys(t for p in self.pieces.values() for t in p[1] + p[3]))
+        self.shared = {part: piece + add for part, (piece, _o, add, _a) in self.pieces.items()}
+
+    @staticmethod
+    def footer(settings: Any, marketing: bool) -> tuple[bool, bool, dict[str, str]]:
+        """(unsubscribe link?, open pixel?, what each part gets at its end, with tokens): the same
+        for every body of a batch."""
+        marketing = marketing and bool(settings.public_url or settings.postal_address)
+        unsub = marketing and bool(settings.public_url)
+        pixel = bool(settings.public_url)
+        text_footer: list[str] = []
+        html_footer: list[str] = []
+        if unsub:
+            text_footer.append(f"Unsubscribe: {UNSUBSCRIBE_TEXT}")
+            html_footer.append(f'<a href="{UNSUBSCRIBE_HTML}">Unsubscribe</a>')
+        if marketing and settings.postal_address:
+            text_footer.append(settings.postal_address)
+            html_footer.append(html.escape(settings.postal_address))
+        text_add = html_add = ""
+        if text_footer:
+            text_add = "\n\n--\n" + "\n".join(text_footer)
+            html_add = '\n<p style="font-size:small;color:#666">' + " · ".join(html_footer) + "</p>"
+        if pixel:
+            html_add += f'\n<img src="{OPEN_PIXEL}" width="1" height="1" alt="">'
+        return unsub, pixel, ({"text": text_add, "html": html_add} if (marketing or pixel) else {})
+
+    def apply(
+        self, rt: Runtime, d: _D, values: dict[str, str] | None
+    ) -> tuple[dict[str, str], dict[str, str] | None, dict[str, str], dict[str, str]]:
+        """(content, shared, personal, headers) for one recipient: ``content`` as they get it and,
+        when something differs per recipient, ``shared`` with tokens and ``personal`` their values."""
+        personal = dict(values) if values else {}
+        headers: dict[str, str] = {}
+        if self.unsub:
+            url = unsubscribe_url(rt.settings, rt.unsub_key, d.user_id, "marketing") or ""
+            headers = {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+            personal[UNSUBSCRIBE_TEXT] = url
+            personal[UNSUBSCRIBE_HTML] = html.escape(url)
+        if self.pixel:
+            personal[OPEN_PIXEL] = html.escape(pixel_url(rt.settings, rt.unsub_key, d.id) or "")
+        content: dict[str, str] = {}
+        for part, (piece, own, add, extra) in self.pieces.items():
+            for t in own:
+                piece = piece.replace(t, personal[t])
+            for t in extra:
+                add = add.replace(t, personal[t])
+            content[part] = (piece.strip() if own else piece) + add
+        if not self.tokens or not self.substitute:
+            return content, None, {}, headers
+        if len(personal) != len(self.tokens):  # only the tokens the body has (tokens ⊆ personal)
+            personal = {t: personal[t] for t in self.tokens}
+        return content, self.shared, personal, headers
+
+
+def _fill(piece: str, values: dict[str, str], tokens: tuple[str, ...]) -> str:
+    """``piece`` with the ``tokens`` it holds replaced by their ``values``, stripped as a rendering is."""
+    for token in tokens:
+        piece = piece.replace(token, values[token])
+    return piece.strip()

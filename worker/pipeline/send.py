@@ -1,0 +1,220 @@
+"""Stage 5, send: a batch's messages per route through the route's providers — routes that share
+no provider at the same time (``route_groups``), each provider in failover order behind its circuit
+(``worker.circuit``), at its pace (``notifyctl.pacing``), every call fenced by this worker's leases
+(``worker.claims``); an OTP that every SMS provider failed becomes a voice call."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+
+from worker.circuit import OPEN, THROTTLED
+from worker.claims import Fenced
+from worker.pipeline.runtime import Runtime
+from worker.providers import Held, Message, Misconfigured, Outcome, Provider, Retry, Sent
+
+log = logging.getLogger("notifyctl.worker")
+
+
+THROTTLE_HOLD = 5.0  # a throttle answer asking for this many seconds or more holds the provider
+
+
+def route_groups(settings: Any, routes: list[str]) -> list[list[str]]:
+    """The routes in groups that share no provider (a route's providers: ``providers_for``, in
+    failover order, and for SMS the voice fallback's): routes of one group go one after the other,
+    groups at the same time."""
+    groups: list[tuple[set[str], list[str]]] = []
+    for route in routes:
+        names = set(settings.providers_for(route) or ["outbox"])
+        if route == "sms":
+            names.update(settings.providers_voice)
+        joined = [g for g in groups if g[0] & names]
+        for g in joined:
+            groups.remove(g)
+            names |= g[0]
+        groups.append((names, [r for g in joined for r in g[1]] + [route]))
+    return [g[1] for g in groups]
+
+
+def send_routes(rt: Runtime, batches: dict[str, list[Message]]) -> dict[str, list[tuple[str, Outcome]]]:
+    """``_send_route`` for each route of a batch. Routes served by different providers are sent at
+    the same time: each group of routes (``route_groups``) but the first in a thread of the
+    runtime's pool, the first in this one; every provider call is fenced and paced as before
+    (``_call_provider``), each provider used by one thread at a time. Returns when every route
+    has its outcomes; an error in one route is raised once all have ended (nothing left running)."""
+    routes = list(batches)
+    groups = route_groups(rt.settings, routes) if len(routes) > 1 else [routes]
+
+    def run(group: list[str]) -> dict[str, list[tuple[str, Outcome]]]:
+        return {route: _send_route(rt, route, batches[route]) for route in group}
+
+    if len(groups) == 1:
+        return run(groups[0])
+    futures = [rt.route_pool().submit(run, g) for g in groups[1:]]
+    out: dict[str, list[tuple[str, Outcome]]] = {}
+    error: BaseException | None = None
+    try:
+        out.update(run(groups[0]))
+    except BaseException as exc:  # noqa: BLE001 - raised below, once the other routes have ended
+        error = exc
+    for f in futures:
+        try:
+            out.update(f.result())
+        except BaseException as exc:  # noqa: BLE001 - the first one is raised
+            error = error or exc
+    if error is not None:
+        raise error
+    return out
+
+
+def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[str, Outcome]]:
+    """Send through the route's providers in order, skipping open circuits: what one provider
+    answers "retry later" goes to the next. An OTP that every SMS provider failed becomes a
+    voice call when a voice provider is configured. Returns (provider, outcome) per message."""
+    names = rt.settings.providers_for(route) or ["outbox"]
+    states = rt.circuits.states(names)
+    usable = [n for n in names if states[n][0] not in (OPEN, THROTTLED)]
+    results: list[tuple[str, Outcome] | None] = [None] * len(messages)
+    if not usable:
+        # No provider is called: the delivery waits for the first circuit that may close (or
+        # throttle that ends) without using an attempt, or a long outage would drain its attempts
+        # with no call made.
+        wait = max(1.0, min(until for _, until in states.values()) - time.time())
+        if any(state == THROTTLED for state, _ in states.values()):
+            why = f"every {route} provider is throttling or down"
+        else:
+            why = f"every {route} provider's circuit is open"
+        return [(names[0], Held(why, retry_after=wait)) for _ in messages]
+    pending = list(range(len(messages)))
+    for name in usable:
+        outcomes = _call_provider(rt, name, [messages[i] for i in pending])
+        called = [o for o in outcomes if not isinstance(o, (Fenced, Held))]  # (these never reached it)
+        accepted = any(isinstance(o, Sent) for o in called)
+        retries = [o for o in called if isinstance(o, Retry)]
+        throttled = [o for o in retries if o.throttled]
+        provider_down = not accepted and len(retries) == len(called) and not throttled
+        try:  # bookkeeping after the provider answered: a Redis failure here must not lose the answers
+            if called:
+                rt.circuits.record(name, ok=not provider_down, was=states[name][0])
+            longest = max((o.retry_after or 1.0) for o in throttled) if throttled else 0.0
+            if longest >= THROTTLE_HOLD and not accepted:
+                # a long wait is a quota, not a rate (APNs' token updates, a daily cap): every
+                # worker holds off the provider; a short one only lowers its pace (notifyctl.pacing)
+                rt.circuits.throttle(name, longest)
+        except redis.RedisError:
+            log.warning("circuit state of %s not recorded: Redis unavailable", name)
+        still: list[int] = []
+        for i, o in zip(pending, outcomes, strict=True):
+            results[i] = (name, o)
+            if isinstance(o, Retry):
+                still.append(i)
+        pending = still
+        if not pending:
+            break
+    if pending and route == "sms" and rt.settings.providers_voice:
+        otps = [i for i in pending if messages[i].priority == "high" and messages[i].category == "transactional"]
+        for i, (name, o) in zip(otps, _send_voice(rt, [messages[i] for i in otps]), strict=True):
+            if isinstance(o, (Sent, Fenced)):
+                results[i] = (f"{name}:voice", o)
+    return [r for r in results if r is not None]
+
+
+def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome]]:
+    if not messages:
+        return []
+    name = rt.settings.providers_voice[0]
+    calls = [
+        Message(delivery_id=m.delivery_id, notification_id=m.notification_id, channel="sms", route="voice",
+                address=m.address, content=m.content, category=m.category, priority=m.priority,
+                dedup_key=m.dedup_key, user_id=m.user_id)
+        for m in messages
+    ]  # fmt: skip
+    return [(name, o) for o in _call_provider(rt, name, calls)]
+
+
+def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outcome]:
+    """Send through one provider at its pace (``notifyctl.pacing``), request by request group: what
+    the pace lets go now (after waiting at most ``pace_max_wait`` s in all), until the provider
+    throttles us; the rest is ``Held`` (no attempt used), spread over the time the pace needs.
+    Each call is fenced (``_fenced_send``) right before it is made."""
+    try:
+        provider = rt.provider(name)
+    except Misconfigured as exc:
+        return [Retry(f"{name} misconfigured: {exc}") for _ in messages]
+    plan = getattr(provider, "requests", None)
+    groups: list[list[int]] = plan(messages) if plan is not None else [[i] for i in range(len(messages))]
+    outcomes: list[Outcome | None] = [None] * len(messages)
+    pos, slept, why = 0, 0.0, f"{name}: paced"
+    while pos < len(groups):
+        granted, wait = rt.pacer.take(name, len(groups) - pos)
+        if not granted:
+            if slept + wait > rt.settings.pace_max_wait:
+                break
+            time.sleep(wait)
+            slept += wait
+            continue
+        part = groups[pos : pos + granted]
+        pos += granted
+        idx = [i for g in part for i in g]
+        answers = _fenced_send(rt, provider, name, [messages[i] for i in idx])
+        accepted = throttled = off = 0
+        for g in part:
+            first = answers[off]
+            for i in g:
+                outcomes[i] = answers[off]
+                off += 1
+            if isinstance(first, Sent):
+                accepted += 1
+            elif isinstance(first, Retry) and first.throttled:
+                throttled += 1
+        try:
+            rt.pacer.record(name, accepted, throttled)
+        except redis.RedisError:
+            log.debug("pace of %s not recorded: Redis unavailable", name)
+        if throttled:  # stop at the first throttle answer: the rest waits for the (lowered) pace
+            why = f"{name}: paced (it throttled this batch)"
+            break
+    if pos < len(groups):
+        try:
+            rate = rt.pacer.rate(name) or 1.0
+        except redis.RedisError:
+            rate = 1.0
+        for k, g in enumerate(groups[pos:]):
+            held = Held(why, retry_after=(k + 1) / rate)
+            for i in g:
+                outcomes[i] = held
+    return [o if o is not None else Retry(f"{name}: no outcome") for o in outcomes]
+
+
+def _fenced_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> list[Outcome]:
+    """The provider's outcomes, for the messages whose lease this worker still holds (checked and
+    marked in flight in one Redis call right before the call: ``Claims.fence``); ``Fenced`` for
+    the others, which are not sent."""
+    ours = rt.claims.fence([m.delivery_id for m in messages])
+    if all(ours):
+        return _provider_send(rt, provider, name, messages)
+    out: list[Outcome] = [Fenced() for _ in messages]
+    kept = [i for i, ok in enumerate(ours) if ok]
+    if kept:
+        for i, o in zip(kept, _provider_send(rt, provider, name, [messages[i] for i in kept]), strict=True):
+            out[i] = o
+    return out
+
+
+def _provider_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> list[Outcome]:
+    # a provider that makes several requests per call asks before each whether the lease still
+    # covers one more (``worker.providers.base.lease_open``)
+    provider.may_start = rt.claims.may_start  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    try:
+        outcomes = provider.send(messages)
+        rt.metrics.latency(name, time.perf_counter() - t0, len(messages))
+    except Exception as exc:  # noqa: BLE001 - a provider bug must not lose the batch: retry it
+        log.exception("provider %s failed on a batch of %d", name, len(messages))
+        return [Retry(f"{name} error: {type(exc).__name__}: {exc}") for _ in messages]
+    if len(outcomes) != len(messages):
+        return [Retry(f"{name} answered {len(outcomes)} outcomes for {len(messages)}") for _ in messages]
+    return outcomes
