@@ -115,7 +115,11 @@ def prepare_insert(
 
             ins = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(table)
             stmt = ins.on_conflict_do_nothing(index_elements=skip_conflicts_on)
-        return lambda conn: conn.execute(stmt, rows) and None
+
+        def run_insert(conn: Connection) -> None:
+            conn.execute(stmt, rows)
+
+        return run_insert
     dialect = engine.dialect
     params = _driver_rows(dialect, table, cols, rows)
     q = dialect.identifier_preparer
@@ -125,7 +129,11 @@ def prepare_insert(
     )
     if skip_conflicts_on:
         sql += f" ON CONFLICT ({', '.join(q.quote(c) for c in skip_conflicts_on)}) DO NOTHING"
-    return lambda conn: conn.exec_driver_sql(sql, params) and None
+
+    def run_driver_sql(conn: Connection) -> None:
+        conn.exec_driver_sql(sql, params)
+
+    return run_driver_sql
 
 
 def _driver_rows(dialect: Any, table: Table, cols: list[str], rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
