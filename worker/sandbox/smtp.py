@@ -355,7 +355,7 @@ class SmtpSandbox:
         return AuthResult(success=False, handled=False)
 
     def _factory(self) -> _SMTP:
-        proto_cls = type("_SandboxSMTP", (_SMTP,), {"sandbox": self})
+        proto_cls: type[_SMTP] = type("_SandboxSMTP", (_SMTP,), {"sandbox": self})
         return proto_cls(
             _Handler(self),
             hostname=self.hostname,
