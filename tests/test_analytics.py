@@ -55,7 +55,7 @@ def actx(any_db_ctx: Context, smtp: SmtpSandbox) -> Iterator[Context]:
     yield ctx
     from worker import jobs
 
-    jobs.runtime().close()
+    jobs.close()
     ctx.close()
 
 

@@ -68,7 +68,7 @@ def cctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) ->
     yield ctx
     from worker import jobs
 
-    jobs.runtime().close()
+    jobs.close()
     ctx.close()
 
 

@@ -457,7 +457,7 @@ def apns_ctx(home: Path, redis_url: str, rclient: Any, tmp_path: Path) -> Iterat
         yield c, sb
         from worker import jobs
 
-        jobs.runtime().close()
+        jobs.close()
         c.close()
         dispose_all()
 

@@ -85,7 +85,7 @@ def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) ->
     yield ctx
     from worker import jobs
 
-    jobs.runtime().close()
+    jobs.close()
     ctx.close()
     dispose_all()
 

@@ -56,7 +56,7 @@ def _cleanup(aws: AwsSandbox) -> Iterator[None]:
     aws.recorder.clear()
     aws.faults.clear()
     yield
-    jobs.runtime().close()
+    jobs.close()
     dispose_all()
 
 

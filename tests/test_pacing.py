@@ -101,6 +101,6 @@ def test_a_rate_limited_provider_is_paced_not_hammered(
         assert rep["providers"]["sendgrid"]["paced_at_per_s"] == round(rate, 1)
         assert f"paced_at={round(rate, 1)}" in " ".join(plain_lines(rep))
     finally:
-        jobs.runtime().close()
+        jobs.close()
         ctx.close()
         dispose_all()

@@ -80,7 +80,7 @@ def rctx(any_db_ctx: Context, smtp: SmtpSandbox) -> Iterator[Context]:
     yield ctx
     from worker import jobs
 
-    jobs.runtime().close()
+    jobs.close()
     ctx.close()
 
 

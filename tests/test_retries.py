@@ -40,7 +40,7 @@ def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) ->
     yield ctx
     from worker import jobs
 
-    jobs.runtime().close()
+    jobs.close()
     ctx.close()
     dispose_all()
 
@@ -123,7 +123,7 @@ def test_provider_down_retries_then_delivers_once(
     # the provider comes back (here: the settings now point at a live server)
     from worker import jobs
 
-    jobs.runtime().close()
+    jobs.close()
     ctx2 = Context(make_settings(home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port))
     assert reconcile(ctx2, now=time.time() + 31, force=True).retries_queued == 3
     drain(ctx2)
@@ -133,7 +133,7 @@ def test_provider_down_retries_then_delivers_once(
         "bob@example.com",
         "carol@example.com",
     ]
-    jobs.runtime().close()
+    jobs.close()
     ctx.close()
     ctx2.close()
     dispose_all()

@@ -185,7 +185,7 @@ def test_sentinel_url_send_failover_send_nothing_lost_nothing_twice(sentinels: S
 
         a = send(ctx, channels=["email", "sms"])
         run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=True)
-        jobs.runtime().close()
+        jobs.close()
         assert {d.status for d in deliveries(ctx, a.notification_id)} == {"sent"}
 
         b = send(ctx, channels=["email", "sms"])  # queued on the old master, not yet sent
@@ -210,7 +210,7 @@ def test_sentinel_url_send_failover_send_nothing_lost_nothing_twice(sentinels: S
         full = run_cli(settings, "redis", "url", "--show-password")
         assert full.stdout.strip() == sentinels.url()
     finally:
-        jobs.runtime().close()
+        jobs.close()
         ctx.close()
         dispose_all()
 

@@ -197,7 +197,7 @@ def fctx(home: Path, redis_url: str, rclient: redis.Redis, fcm: FcmSandbox, tmp_
     yield ctx
     from worker import jobs
 
-    jobs.runtime().close()
+    jobs.close()
     ctx.close()
     dispose_all()
 

@@ -31,6 +31,14 @@ def runtime() -> Runtime:
     return _runtime
 
 
+def close() -> None:
+    """Close this process's runtime if one was configured (a test's teardown, a clean shutdown)."""
+    global _runtime
+    if _runtime is not None:
+        _runtime.close()
+        _runtime = None
+
+
 def process(notification_ids: list[str], as_of: float | None = None) -> dict[str, Any]:
     """Enrich, rate-limit and send a batch of notifications (idempotent)."""
     return _process(runtime(), notification_ids, as_of).to_dict()
