@@ -1,5 +1,5 @@
 """Test fixtures: a private real redis-server per test session (flushed per test), a fresh SQLite
-database per test, and PostgreSQL when 127.0.0.1:5432 answers."""
+database per test, PostgreSQL when 127.0.0.1:5432 answers, and the sandboxes more than one file uses."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from notifyctl.settings import Settings, load_settings
 from notifyctl.sqllock import close_lock_files
 from tests import smoke_runs
 from tests.net import ClosedPort
+from worker.sandbox.smtp import SmtpSandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("NOTIFY_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -177,3 +178,10 @@ def closed_port() -> Iterator[ClosedPort]:
     """A 127.0.0.1 port this test holds bound but not listening: connecting to it is refused."""
     with ClosedPort() as p:
         yield p
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSandbox]:
+    """A fresh SMTP sandbox (a real SMTP server on 127.0.0.1) for this test; its recorder holds what it took."""
+    with SmtpSandbox() as sb:
+        yield sb

@@ -29,16 +29,9 @@ from notifyctl.db import write_lock
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
 from tests.conftest import ROOT, cli_env, make_settings, run_cli
-from tests.util import deliveries, notification, seed, send, wait_for
-from worker.pool import run_worker
+from tests.util import deliveries, drain, notification, seed, send, wait_for
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpSandbox]:
-    with SmtpSandbox() as sb:
-        yield sb
 
 
 @pytest.fixture
@@ -64,10 +57,6 @@ runner = CliRunner()
 
 def cli(ctx: Context, *args: str) -> Result:
     return runner.invoke(app, list(args), env=cli_env(ctx.settings))
-
-
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def assert_rollup_exact(ctx: Context) -> dict[tuple[str, ...], int]:

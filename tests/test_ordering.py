@@ -30,12 +30,6 @@ from worker.sandbox.smtp import SmtpSandbox
 N = 6  # enough for three workers to take out-of-order ones at once; each waits ~1 s for its predecessor
 
 
-@pytest.fixture
-def smtp() -> Iterator[SmtpSandbox]:
-    with SmtpSandbox() as sb:
-        yield sb
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def octx(
     request: pytest.FixtureRequest, home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox
