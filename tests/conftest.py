@@ -4,12 +4,14 @@ database per test, PostgreSQL when 127.0.0.1:5432 answers, and the sandboxes mor
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -171,6 +173,26 @@ def run_cli(
         env=cli_env(settings, **env),
         cwd=ROOT,
     )
+
+
+def start_pool(env: dict[str, str], *args: str, stdout: Any, stderr: Any) -> subprocess.Popen[str]:
+    """``notifyctl worker --pool ARGS`` as a real subprocess (from the repo root, with ``env``); stop it
+    with ``stop_pool``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", *args],
+        env=env, cwd=ROOT, stdout=stdout, stderr=stderr, text=True,
+    )  # fmt: skip
+
+
+def stop_pool(pool: subprocess.Popen[str], timeout: float = 20) -> None:
+    """Waits on the pool's exit: SIGTERM, then up to ``timeout`` seconds for it to finish and leave;
+    a pool still running after that is killed and reaped."""
+    pool.send_signal(signal.SIGTERM)
+    try:
+        pool.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pool.kill()
+        pool.wait()
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
-from tests.conftest import ROOT, cli_env, make_settings, run_cli
+from tests.conftest import ROOT, cli_env, make_settings, run_cli, start_pool, stop_pool
 from tests.util import deliveries, drain, notification, seed, send, wait_for
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
@@ -132,10 +132,7 @@ def test_rollup_equals_full_count_through_every_kind_of_status_change(actx: Cont
         NOTIFY_SMTP_PORT=str(smtp.port), NOTIFY_WORKER_ALIVE_TTL="2", NOTIFY_WORKER_HEARTBEAT="0.5",
         NOTIFY_CIRCUIT_THRESHOLD="1000",
     )  # fmt: skip
-    pool = subprocess.Popen(
-        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "2"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    pool = start_pool(env, "2", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         first = email(ctx, "alice", 30)
         rest = [email(ctx, u, 30) for u in ("bob", "carol")]
@@ -152,12 +149,7 @@ def test_rollup_equals_full_count_through_every_kind_of_status_change(actx: Cont
         ids = [first, *rest]
         assert wait_for(lambda: {d.status for n in ids for d in deliveries(ctx, n)} == {"sent"}, 30, 0.2)
     finally:
-        pool.send_signal(signal.SIGTERM)
-        try:
-            pool.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pool.kill()
-            pool.wait()
+        stop_pool(pool)
     full = assert_rollup_exact(ctx)
     # (the pool compacted the PostgreSQL deltas on its way: still exact, as checked)
 

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from rq import Worker
 from sqlalchemy import select
 from sqlmodel import Session
 
@@ -137,6 +138,11 @@ def drain(target: Context | Settings, *, reconcile: bool = False) -> None:
     until all three are empty (with ``reconcile``, its reconciler runs too and may queue more)."""
     settings = target.settings if isinstance(target, Context) else target
     run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=reconcile)
+
+
+def idle_workers(ctx: Context) -> int:
+    """How many rq workers registered in ``ctx``'s Redis are idle (listening on their queues)."""
+    return len([w for w in Worker.all(connection=ctx.redis) if w.state == "idle"])
 
 
 def wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
