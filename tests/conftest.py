@@ -10,11 +10,13 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import create_engine, text
 
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
@@ -120,32 +122,63 @@ def ctx(settings: Settings) -> Iterator[Context]:
     dispose_all()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_db_ctx(request: pytest.FixtureRequest, home: Path, redis_url: str, rclient: redis.Redis) -> Iterator[Context]:
-    """A context on SQLite, and again on PostgreSQL when the server answers."""
-    if request.param == "postgresql":
-        if not PG_AVAILABLE:
-            pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
-        pytest.importorskip("psycopg2")
-        from sqlalchemy import create_engine, text
-
-        schema = "t_" + uuid.uuid4().hex[:10]
-        admin = create_engine(PG_URL)
-        with admin.begin() as conn:
-            conn.execute(text(f"CREATE SCHEMA {schema}"))
-        url = f"{PG_URL}?options=-csearch_path%3D{schema}"
-        c = Context(make_settings(home, redis_url, database_url=url))
-        yield c
-        c.close()
+@contextmanager
+def pg_schema() -> Iterator[str]:
+    """A fresh schema in the test PostgreSQL database, as a database URL whose search_path is that
+    schema; the engines are disposed of and the schema dropped on the way out."""
+    schema = "t_" + uuid.uuid4().hex[:10]
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
         dispose_all()
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def _need_pg() -> None:
+    if not PG_AVAILABLE:
+        pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
+    pytest.importorskip("psycopg2")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_ctx(request: pytest.FixtureRequest, home: Path, redis_url: str, rclient: redis.Redis) -> Iterator[Context]:
+    """A context on SQLite, and again on PostgreSQL when the server answers."""
+    if request.param == "postgresql":
+        _need_pg()
+        with pg_schema() as url:
+            c = Context(make_settings(home, redis_url, database_url=url))
+            yield c
+            c.close()
     else:
         c = Context(make_settings(home, redis_url))
         yield c
         c.close()
         dispose_all()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL database URL of a fresh schema (skips when the server does not answer)."""
+    _need_pg()
+    with pg_schema() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """One database for several homes: a SQLite file in none of them, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shared.db'}"
+        dispose_all()
+        return
+    _need_pg()
+    with pg_schema() as url:
+        yield url
 
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
