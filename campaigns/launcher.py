@@ -32,7 +32,7 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from campaigns.config import CampaignConfig, campaign_config
 from campaigns.names import check_name, default_name, find_campaign, taken
@@ -148,12 +148,24 @@ def _resolve(ctx: Context, spec: LaunchSpec, now: datetime, cfg: CampaignConfig)
     if spec.segment_csv:
         segment = CsvSegment(spec.segment_csv)
     elif spec.segment_sql:
-        bounds = {"timeout": cfg.segment_timeout, "max_value": cfg.segment_max_value}
         if spec.segment_db:
-            segment = SqlSegment(spec.segment_sql, spec.segment_db, cfg.chunk_size, **bounds)
+            segment = SqlSegment(
+                spec.segment_sql,
+                spec.segment_db,
+                cfg.chunk_size,
+                timeout=cfg.segment_timeout,
+                max_value=cfg.segment_max_value,
+            )
         else:
             url = ctx.settings.effective_database_url()
-            segment = SqlSegment(spec.segment_sql, url, cfg.chunk_size, label="tracking database", **bounds)
+            segment = SqlSegment(
+                spec.segment_sql,
+                url,
+                cfg.chunk_size,
+                label="tracking database",
+                timeout=cfg.segment_timeout,
+                max_value=cfg.segment_max_value,
+            )
     else:
         raise InputError("segment: give --segment-csv FILE or --segment-sql QUERY")
     if not isinstance(spec.data, dict):
@@ -195,7 +207,7 @@ def _stream(res: _Resolved, bad: BadRows) -> Iterator[list[SegmentRow]]:
 def _user_tz(session: Session, ids: list[str]) -> dict[str, str]:
     """Each known user's time zone: the rows off the DBAPI cursor (a chunk's thousand-id ``IN`` list
     through SQLAlchemy's expansion cost the launcher more than the query did)."""
-    return dict(rows_where_in(session.connection(), "SELECT id, timezone FROM users", "id", ids))  # type: ignore[arg-type]
+    return dict(rows_where_in(session.connection(), "SELECT id, timezone FROM users", "id", ids))
 
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_]+$")
@@ -397,7 +409,7 @@ def _produce(
     written = skipped = seen_rows = 0
     first_due: datetime | None = None
     last_due: datetime | None = None
-    state = CampaignStatus.active
+    state: str = CampaignStatus.active
     canceled = False
     batch = max(1, ctx.settings.batch_size)
     pace = _Pace(res.rate)
@@ -405,7 +417,7 @@ def _produce(
         progress("write", 0, planned)
     with Session(ctx.engine) as session:
         for chunk in _stream(res, bad):
-            current = session.execute(select(Campaign.status).where(Campaign.id == cid)).scalar_one()
+            current = session.scalars(select(col(Campaign.status)).where(col(Campaign.id) == cid)).one()
             if current != state:
                 state = current
                 _sync_rows(session, cid, state)
@@ -477,7 +489,7 @@ def _produce(
             analyze_grown(ctx.engine, ("notifications",))  # PostgreSQL: once the table doubled
             if progress:
                 progress("write", seen_rows, planned)
-        current = session.execute(select(Campaign.status).where(Campaign.id == cid)).scalar_one()
+        current = session.scalars(select(col(Campaign.status)).where(col(Campaign.id) == cid)).one()
         if current != state:
             _sync_rows(session, cid, current)
             canceled = canceled or current == CampaignStatus.canceled
@@ -501,7 +513,7 @@ def _produce(
         finished = utcnow()
         session.execute(
             update(Campaign)
-            .where(Campaign.id == cid)
+            .where(col(Campaign.id) == cid)
             .values(launched_at=None if canceled else finished, summary=summary, updated_at=finished)
         )
         session.commit()
@@ -615,7 +627,7 @@ def _sync_rows(session: Session, cid: str, state: str) -> None:
         return
     session.execute(
         update(Notification)
-        .where(Notification.campaign_id == cid, Notification.status.in_(src))  # type: ignore[attr-defined]
+        .where(col(Notification.campaign_id) == cid, col(Notification.status).in_(src))
         .values(status=dst, updated_at=utcnow())
     )
     session.commit()
@@ -711,30 +723,30 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
         for chunk in _stream(res, bad):
             plan.rows += len(chunk)
             ids = list({x.user_id for x in chunk})
-            users = {u.id: u for u in session.execute(select(User).where(User.id.in_(ids))).scalars()}  # type: ignore[attr-defined]
+            users = {u.id: u for u in session.scalars(select(User).where(col(User.id).in_(ids)))}
             opt: dict[str, set[tuple[str, str]]] = defaultdict(set)
-            for o in session.execute(select(OptOut).where(OptOut.user_id.in_(ids))).scalars():  # type: ignore[attr-defined]
+            for o in session.scalars(select(OptOut).where(col(OptOut.user_id).in_(ids))):
                 opt[o.user_id].add((o.channel, o.category))
             tokens: Counter[str] = Counter()
             if "push" in res.channels:
                 tokens.update(
-                    session.execute(
-                        select(DeviceToken.user_id).where(
-                            DeviceToken.user_id.in_(ids),  # type: ignore[attr-defined]
-                            DeviceToken.removed_at.is_(None),  # type: ignore[union-attr]
+                    session.scalars(
+                        select(col(DeviceToken.user_id)).where(
+                            col(DeviceToken.user_id).in_(ids),
+                            col(DeviceToken.removed_at).is_(None),
                         )
-                    ).scalars()
+                    )
                 )
             repeats = seen.duplicates([x for x in chunk if x.user_id in users])
             existing: set[str] = set()
             if campaign is not None:
                 existing = set(
-                    session.execute(
-                        select(Notification.recipient_id).where(
-                            Notification.campaign_id == campaign.id,
-                            Notification.recipient_id.in_(ids),  # type: ignore[attr-defined]
+                    session.scalars(
+                        select(col(Notification.recipient_id)).where(
+                            col(Notification.campaign_id) == campaign.id,
+                            col(Notification.recipient_id).in_(ids),
                         )
-                    ).scalars()
+                    )
                 )
             # the sliding windows as they stand (nothing recorded): one round trip per chunk
             now_ms = int(utcnow().timestamp() * 1000)

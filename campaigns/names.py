@@ -12,7 +12,7 @@ import re
 from datetime import datetime
 
 from sqlalchemy import or_, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from notifyctl.errors import InputError, NotFound
 from notifyctl.models import Campaign
@@ -33,14 +33,14 @@ def check_name(name: str) -> str:
 
 
 def taken(session: Session, name: str) -> Campaign | None:
-    return session.execute(select(Campaign).where(Campaign.name == name)).scalars().first()
+    return session.scalars(select(Campaign).where(col(Campaign.name) == name)).first()
 
 
 def default_name(session: Session, template_id: str, now: datetime) -> str:
     """``<template>-<UTC date>``, with ``-2``, ``-3``... when that day already has one."""
     base = f"{template_id}-{now:%Y-%m-%d}"
-    same_day = or_(Campaign.name == base, Campaign.name.startswith(base + "-", autoescape=True))  # type: ignore[attr-defined]
-    used = set(session.execute(select(Campaign.name).where(same_day)).scalars())
+    same_day = or_(col(Campaign.name) == base, col(Campaign.name).startswith(base + "-", autoescape=True))
+    used = set(session.scalars(select(col(Campaign.name)).where(same_day)))
     if base not in used:
         return base
     n = 2
@@ -58,21 +58,21 @@ def find_campaign(session: Session, ref: str) -> Campaign:
     c = session.get(Campaign, ref)
     if c is not None:
         return c
-    exact = list(session.execute(select(Campaign).where(Campaign.name == ref)).scalars())
+    exact = list(session.scalars(select(Campaign).where(col(Campaign.name) == ref)))
     if len(exact) == 1:
         return exact[0]
     candidates = exact or list(
-        session.execute(
+        session.scalars(
             select(Campaign)
             .where(
                 or_(
-                    Campaign.id.startswith(ref, autoescape=True),  # type: ignore[attr-defined]
-                    Campaign.name.startswith(ref, autoescape=True),  # type: ignore[attr-defined]
+                    col(Campaign.id).startswith(ref, autoescape=True),
+                    col(Campaign.name).startswith(ref, autoescape=True),
                 )
             )
-            .order_by(Campaign.created_at.desc())  # type: ignore[attr-defined]
+            .order_by(col(Campaign.created_at).desc())
             .limit(_SHOWN + 1)
-        ).scalars()
+        )
     )
     if len(candidates) == 1:
         return candidates[0]

@@ -10,7 +10,7 @@ from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import case, func, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from campaigns.names import find_campaign
 from notifyctl.context import Context
@@ -33,8 +33,8 @@ def _state(camp: Campaign, by_status: dict[str, int]) -> str:
 
 
 def _counts(session: Session, cid: str) -> dict[str, int]:
-    q = select(Notification.status, func.count()).where(Notification.campaign_id == cid)
-    return dict(session.execute(q.group_by(Notification.status)).all())  # type: ignore[arg-type]
+    q = select(col(Notification.status), func.count()).where(col(Notification.campaign_id) == cid)
+    return dict(session.execute(q.group_by(col(Notification.status))).tuples().all())
 
 
 def current_state(session: Session, camp: Campaign) -> str:
@@ -47,18 +47,22 @@ def campaign_status(ctx: Context, ref: str) -> dict[str, Any]:
         camp = find_campaign(session, ref)
         by_status = _counts(session, camp.id)
         due = session.execute(
-            select(func.min(Notification.due_at), func.max(Notification.due_at)).where(
-                Notification.campaign_id == camp.id,
-                Notification.status.in_([NotificationStatus.scheduled, NotificationStatus.paused]),  # type: ignore[attr-defined]
+            select(func.min(col(Notification.due_at)), func.max(col(Notification.due_at))).where(
+                col(Notification.campaign_id) == camp.id,
+                col(Notification.status).in_([NotificationStatus.scheduled, NotificationStatus.paused]),
             )
         ).one()
-        reason = case((Delivery.status == DeliveryStatus.suppressed, Delivery.reason), else_=None)
-        drows = session.execute(
-            select(Delivery.channel, Delivery.status, reason, func.count())
-            .join(Notification, Notification.id == Delivery.notification_id)
-            .where(Notification.campaign_id == camp.id)
-            .group_by(Delivery.channel, Delivery.status, reason)
-        ).all()
+        reason = case((col(Delivery.status) == DeliveryStatus.suppressed, col(Delivery.reason)), else_=None)
+        drows = (
+            session.execute(
+                select(col(Delivery.channel), col(Delivery.status), reason, func.count())
+                .join(Notification, col(Notification.id) == col(Delivery.notification_id))
+                .where(col(Notification.campaign_id) == camp.id)
+                .group_by(col(Delivery.channel), col(Delivery.status), reason)
+            )
+            .tuples()
+            .all()
+        )
     produced = sum(n for s, n in by_status.items() if s not in _UNPRODUCED)
     channels: dict[str, dict[str, Any]] = {}
     for ch in camp.channels:
@@ -121,16 +125,18 @@ def campaign_status(ctx: Context, ref: str) -> dict[str, Any]:
 
 def list_campaigns(ctx: Context, limit: int = 50) -> list[dict[str, Any]]:
     with Session(ctx.engine) as session:
-        camps = list(
-            session.execute(select(Campaign).order_by(Campaign.created_at.desc()).limit(limit)).scalars()  # type: ignore[attr-defined]
-        )
+        camps = list(session.scalars(select(Campaign).order_by(col(Campaign.created_at).desc()).limit(limit)))
         counts: dict[str, dict[str, int]] = defaultdict(dict)
         if camps:
-            for cid, status, n in session.execute(
-                select(Notification.campaign_id, Notification.status, func.count())
-                .where(Notification.campaign_id.in_([c.id for c in camps]))  # type: ignore[union-attr]
-                .group_by(Notification.campaign_id, Notification.status)
-            ).all():
+            for cid, status, n in (
+                session.execute(
+                    select(col(Notification.campaign_id), col(Notification.status), func.count())
+                    .where(col(Notification.campaign_id).in_([c.id for c in camps]))
+                    .group_by(col(Notification.campaign_id), col(Notification.status))
+                )
+                .tuples()
+                .all()
+            ):
                 counts[cid][status] = n
     out = []
     for c in camps:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from campaigns.names import find_campaign
 from campaigns.report import current_state
@@ -25,14 +25,14 @@ def _aware(dt: datetime) -> datetime:
 def _produced(session: Session, cid: str) -> int:
     return session.execute(
         select(func.count()).where(
-            Notification.campaign_id == cid,
-            Notification.status.not_in(_UNPRODUCED),  # type: ignore[attr-defined]
+            col(Notification.campaign_id) == cid,
+            col(Notification.status).not_in(_UNPRODUCED),
         )
     ).scalar_one()
 
 
 def _set_status(session: Session, camp: Campaign, status: str) -> None:
-    session.execute(update(Campaign).where(Campaign.id == camp.id).values(status=status, updated_at=utcnow()))
+    session.execute(update(Campaign).where(col(Campaign.id) == camp.id).values(status=status, updated_at=utcnow()))
 
 
 def pause(ctx: Context, ref: str) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def pause(ctx: Context, ref: str) -> dict[str, Any]:
         _set_status(session, camp, CampaignStatus.paused)
         res = session.execute(
             update(Notification)
-            .where(Notification.campaign_id == camp.id, Notification.status == NotificationStatus.scheduled)
+            .where(col(Notification.campaign_id) == camp.id, col(Notification.status) == NotificationStatus.scheduled)
             .values(status=NotificationStatus.paused, updated_at=utcnow())
         )
         session.commit()
@@ -63,8 +63,8 @@ def cancel(ctx: Context, ref: str) -> dict[str, Any]:
         res = session.execute(
             update(Notification)
             .where(
-                Notification.campaign_id == camp.id,
-                Notification.status.in_([NotificationStatus.scheduled, NotificationStatus.paused]),  # type: ignore[attr-defined]
+                col(Notification.campaign_id) == camp.id,
+                col(Notification.status).in_([NotificationStatus.scheduled, NotificationStatus.paused]),
             )
             .values(status=NotificationStatus.canceled, reason="campaign canceled", updated_at=utcnow())
         )
@@ -92,16 +92,20 @@ def resume(ctx: Context, ref: str, now: datetime | None = None, page: int = 1000
         cursor = now
         moved = 0
         while True:  # pages in due_at order; each moved row leaves 'paused', so the next page starts after it
-            rows = session.execute(
-                select(Notification.id, Notification.due_at)
-                .where(
-                    Notification.campaign_id == camp.id,
-                    Notification.status == NotificationStatus.paused,
-                    Notification.due_at < cursor,
+            rows = (
+                session.execute(
+                    select(col(Notification.id), col(Notification.due_at))
+                    .where(
+                        col(Notification.campaign_id) == camp.id,
+                        col(Notification.status) == NotificationStatus.paused,
+                        col(Notification.due_at) < cursor,
+                    )
+                    .order_by(col(Notification.due_at), col(Notification.id))
+                    .limit(page)
                 )
-                .order_by(Notification.due_at, Notification.id)
-                .limit(page)
-            ).all()
+                .tuples()
+                .all()
+            )
             updates = []
             for nid, due in rows:
                 if _aware(due) >= cursor:
@@ -115,7 +119,7 @@ def resume(ctx: Context, ref: str, now: datetime | None = None, page: int = 1000
             moved += len(updates)
         res = session.execute(
             update(Notification)
-            .where(Notification.campaign_id == camp.id, Notification.status == NotificationStatus.paused)
+            .where(col(Notification.campaign_id) == camp.id, col(Notification.status) == NotificationStatus.paused)
             .values(status=NotificationStatus.scheduled, updated_at=utcnow())
         )
         _set_status(session, camp, CampaignStatus.active)

@@ -1,15 +1,16 @@
 """``python -m chaos.sentinel [--quick] [--only kill|failover] [--json]`` (part of ``make chaos``):
 Redis Sentinel failing over mid-blast (issue 18, item 4).
 
-A real ``redis-sentinel`` (Debian's package) watches a primary and one replica (each a
-``redis-server`` with AOF on held 127.0.0.1 ports). ``notifyctl worker --pool 2`` and the
+Three real ``redis-sentinel`` processes (Debian's package; quorum 2) watch a primary and one
+replica (each a ``redis-server`` with AOF, on held 127.0.0.1 ports). ``notifyctl worker --pool 2`` and the
 harness's own sends (a campaign queued by the reconciler, OTPs submitted through intake) all go
 through a ``redis+sentinel://`` URL; the SendGrid sandbox holds every request 0.3 s, so batches are
 at the provider when the fault strikes:
 
-- **kill**: the primary is killed (SIGKILL) while sends are in flight. Just before, the replica
-  is frozen (SIGSTOP) and its link cut (``CLIENT KILL TYPE replica``) and OTPs are submitted: the
-  primary acknowledges them, never replicates them, and dies. Their queue jobs are gone from the
+- **kill**: the primary is killed (SIGKILL) while sends are in flight, and with it the first
+  sentinel the URL names (as when their host dies). Just before, the replica is frozen (SIGSTOP)
+  and its link cut (``CLIENT KILL TYPE replica``) and OTPs are submitted: the primary acknowledges
+  them, never replicates them, and dies. Their queue jobs are gone from the
   new primary (counted on it); the reconciler finds their notifications ``queued`` in SQL with a
   job that no longer exists and queues them again — SQL is the source of truth.
 - **failover**: ``SENTINEL FAILOVER`` is forced while sends are in flight: the replica is promoted,
@@ -60,31 +61,37 @@ def _listening(port: int) -> bool:
 
 
 class SentinelSet:
-    """A primary and one replica (AOF on, as a production Redis), one sentinel (quorum 1)."""
+    """A primary and one replica (AOF on, as a production Redis), three sentinels (quorum 2), as the
+    README advises: a failover needs two sentinels to agree the primary is down and a majority to
+    elect the one that carries it out."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sentinels: int = 3) -> None:
         self.root = root
         root.mkdir(parents=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        with ReservedPorts(3) as ports:
-            self.primary_port, self.replica_port, self.sentinel_port = ports.base, ports.base + 1, ports.base + 2
+        with ReservedPorts(2 + sentinels) as ports:
+            self.primary_port, self.replica_port = ports.base, ports.base + 1
+            self.sentinel_ports = [ports.base + 2 + i for i in range(sentinels)]
             self._server("primary", self.primary_port)
             self._server("replica", self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port))
-            conf = root / "sentinel.conf"
-            conf.write_text(
-                f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {root}\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 1\n"
-                f"sentinel down-after-milliseconds {SERVICE} 1000\n"
-                f"sentinel failover-timeout {SERVICE} 10000\n"
-                f"sentinel known-replica {SERVICE} 127.0.0.1 {self.replica_port}\n"
-            )
-            self._start("sentinel", [str(SENTINEL), str(conf)])
+            for i, port in enumerate(self.sentinel_ports):
+                conf = root / f"sentinel{i}.conf"  # each its own: a sentinel rewrites its file
+                conf.write_text(
+                    f"port {port}\nbind 127.0.0.1\ndir {root}\n"
+                    f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} {sentinels // 2 + 1}\n"
+                    f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                    f"sentinel failover-timeout {SERVICE} 10000\n"
+                    f"sentinel known-replica {SERVICE} 127.0.0.1 {self.replica_port}\n"
+                )
+                self._start(f"sentinel{i}", [str(SENTINEL), str(conf)])
             # held until each listens: released before, an outgoing connection could take one
-            for port in (self.primary_port, self.replica_port, self.sentinel_port):
+            for port in (self.primary_port, self.replica_port, *self.sentinel_ports):
                 if not wait_until(lambda port=port: _listening(port), 30, 0.05):
                     raise RuntimeError(f"nothing listening on {port}: {self.logs()}")
-        self.sentinel = redis.Redis(port=self.sentinel_port, decode_responses=True)
-        self.url = f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{SERVICE}/0"
+        # the harness asks the last one: the kill fault takes the first one down with the primary
+        self.sentinel = redis.Redis(port=self.sentinel_ports[-1], decode_responses=True)
+        where = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        self.url = f"redis+sentinel://{where}/{SERVICE}/0"
 
     def _server(self, name: str, port: int, *extra: str) -> None:
         d = self.root / name
@@ -116,14 +123,22 @@ class SentinelSet:
                 reps = self.sentinel.sentinel_slaves(SERVICE)
             except redis.RedisError:
                 return False
-            return any(r["is_slave"] and not r["is_sdown"] and r["master-link-status"] == "ok" for r in reps)
+            if not any(r["is_slave"] and not r["is_sdown"] and r["master-link-status"] == "ok" for r in reps):
+                return False
+            # the sentinels found each other (hello messages through the primary, every 2 s)
+            others = len(self.sentinel_ports) - 1
+            for port in self.sentinel_ports:
+                state = redis.Redis(port=port, decode_responses=True).sentinel_masters()[SERVICE]
+                if int(state["num-other-sentinels"]) < others:
+                    return False
+            return True
 
-        return wait_until(ok, 60, 0.05)
+        return wait_until(ok, 60, 0.1)
 
     def switched_to(self, port: int) -> bool:
         """The sentinel names ``port`` as the primary, not down, and that server is a master."""
         try:
-            state = self.sentinel.sentinel_masters()[SERVICE]
+            state = self.sentinel.sentinel_masters()[SERVICE]  # one of three: all agree by then
             if state["port"] != port or state["is_sdown"] or state["is_odown"]:
                 return False
             return bool(self.client(port).info("replication")["role"] == "master")
@@ -189,7 +204,10 @@ def _window_otps(world: World, ss: SentinelSet, otps: OtpStream, users: list[str
 
 
 def sentinel_fault(mode: str, quick: bool) -> Result:
-    title = {"kill": "primary killed (SIGKILL) mid-blast", "failover": "SENTINEL FAILOVER forced mid-blast"}[mode]
+    title = {
+        "kill": "primary + 1 sentinel killed (SIGKILL) mid-blast",
+        "failover": "SENTINEL FAILOVER forced mid-blast",
+    }[mode]
     res = Result(f"sentinel: {title}")
     n, rate = (300, 100.0) if quick else (3000, 150.0)
     root = Path(os.environ.get("TMPDIR", "/tmp")) / f"notify-chaos-sentinel-{mode}-{os.getpid()}"
@@ -219,8 +237,11 @@ def sentinel_fault(mode: str, quick: bool) -> Result:
         window_jobs: dict[str, str] = {}
         if mode == "kill":
             window_jobs = _window_otps(world, ss, otps, window_users, res)
-            ss.procs["primary"].kill()
-            ss.procs["primary"].wait()
+            # the primary's host dies, and the sentinel on it (the first the URL names): the other
+            # two still make the quorum and a majority
+            for name in ("primary", "sentinel0"):
+                ss.procs[name].kill()
+                ss.procs[name].wait()
             ss.procs["replica"].send_signal(signal.SIGCONT)
         else:
             ss.sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)

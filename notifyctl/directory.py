@@ -7,13 +7,13 @@ import io
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import phonenumbers
 import pytz
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from notifyctl.context import Context
 from notifyctl.db import write_lock
@@ -100,7 +100,7 @@ def decoded_lines(stream: Any, bad: dict[int, str]) -> Iterator[str]:
     UTF-8 line by line: a line that is not UTF-8 is noted in ``bad`` (by line number) instead of
     ending the file, and a byte-order mark (Excel's UTF-8) is dropped."""
     if isinstance(stream, io.BufferedIOBase | io.RawIOBase):
-        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        text = io.TextIOWrapper(cast(BinaryIO, stream), encoding="utf-8-sig", errors="surrogateescape", newline="")
         for n, line in enumerate(text, 1):
             try:
                 line.encode("utf-8")  # fails only on the surrogates that stand for undecodable bytes
@@ -114,8 +114,11 @@ def decoded_lines(stream: Any, bad: dict[int, str]) -> Iterator[str]:
         yield line.lstrip("\ufeff") if n == 1 else line
 
 
-def iter_csv(stream: io.TextIOBase | Iterable[str]) -> Iterator[tuple[int, dict[str, str | None]]]:
-    reader = csv.DictReader(stream)  # type: ignore[arg-type]
+def iter_csv(
+    stream: io.TextIOBase | Iterable[str],
+) -> Iterator[tuple[int, dict[str, str | None], list[str] | None]]:
+    """(line number, row, the fields beyond the header or None) for each row after the header."""
+    reader = csv.DictReader(stream)
     if reader.fieldnames is None:
         raise InputError("CSV is empty: expected a header line with user_id")
     fields = [f.strip() if f else f for f in reader.fieldnames]
@@ -128,7 +131,8 @@ def iter_csv(stream: io.TextIOBase | Iterable[str]) -> Iterator[tuple[int, dict[
     if missing:
         raise InputError(f"CSV header lacks column {', '.join(missing)} (has: {', '.join(f for f in fields if f)})")
     for row in reader:
-        yield reader.line_num, row
+        extra = cast("list[str] | None", row.pop(None, None))  # DictReader's restkey holds a list
+        yield reader.line_num, row, extra
 
 
 def import_users(
@@ -146,14 +150,14 @@ def import_users(
     previous = 1
     with Session(ctx.engine) as session:
         try:
-            for line, raw in iter_csv(decoded_lines(stream, bad_lines)):
+            for line, raw, extra in iter_csv(decoded_lines(stream, bad_lines)):
                 first, previous = previous + 1, line
                 bad = next((bad_lines[n] for n in range(first, line + 1) if n in bad_lines), None)
                 if bad:
                     report.errors.append((line, bad))
                     continue
-                if None in raw:
-                    report.errors.append((line, f"{len(raw[None]) if raw[None] else 0} more fields than the header"))  # type: ignore[index]
+                if extra is not None:
+                    report.errors.append((line, f"{len(extra) if extra else 0} more fields than the header"))
                     continue
                 try:
                     row = build_user_row(raw, s.default_region, s.default_timezone)
@@ -228,7 +232,9 @@ def set_prefs(ctx: Context, user_id: str, off: list[str], on: list[str], reason:
         get_user(session, user_id)
         for ch, cat in ons:
             session.execute(
-                delete(OptOut).where(OptOut.user_id == user_id, OptOut.channel == ch, OptOut.category == cat)
+                delete(OptOut).where(
+                    col(OptOut.user_id) == user_id, col(OptOut.channel) == ch, col(OptOut.category) == cat
+                )
             )
         upsert(
             session,
@@ -244,17 +250,17 @@ def set_prefs(ctx: Context, user_id: str, off: list[str], on: list[str], reason:
         invalidate(ctx.redis, [user_id])
         return [
             (o.channel, o.category)
-            for o in session.execute(
-                select(OptOut).where(OptOut.user_id == user_id).order_by(OptOut.channel, OptOut.category)
-            ).scalars()
+            for o in session.scalars(
+                select(OptOut).where(col(OptOut.user_id) == user_id).order_by(col(OptOut.channel), col(OptOut.category))
+            )
         ]
 
 
 def show_user(ctx: Context, user_id: str) -> dict[str, Any]:
     with Session(ctx.engine) as session:
         u = get_user(session, user_id)
-        opt = session.execute(select(OptOut).where(OptOut.user_id == user_id)).scalars().all()
-        toks = session.execute(select(DeviceToken).where(DeviceToken.user_id == user_id)).scalars().all()
+        opt = session.scalars(select(OptOut).where(col(OptOut.user_id) == user_id)).all()
+        toks = session.scalars(select(DeviceToken).where(col(DeviceToken.user_id) == user_id)).all()
         return {
             "user": u.model_dump(),
             "opt_outs": [o.model_dump() for o in opt],
@@ -284,48 +290,48 @@ def list_users(
     takes it: ``marketing``, ``sms``, ``email:marketing``)."""
     if not 1 <= limit <= MAX_LIST:
         raise InputError(f"--limit: must be between 1 and {MAX_LIST}, got {limit}")
-    q = select(User).order_by(User.id).limit(limit)
+    q = select(User).order_by(col(User.id)).limit(limit)
     if after is not None:
-        q = q.where(User.id > after)
+        q = q.where(col(User.id) > after)
     if search:
         pattern = "%" + search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         q = q.where(
             or_(
-                func.lower(User.id).like(pattern, escape="\\"),
-                func.lower(func.coalesce(User.email, "")).like(pattern, escape="\\"),
+                func.lower(col(User.id)).like(pattern, escape="\\"),
+                func.lower(func.coalesce(col(User.email), "")).like(pattern, escape="\\"),
             )
         )
     if timezone:
-        q = q.where(User.timezone == check_timezone(timezone))
+        q = q.where(col(User.timezone) == check_timezone(timezone))
     if locale:
-        q = q.where(User.locale == locale)
-    live_token = select(DeviceToken.user_id).where(DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
+        q = q.where(col(User.locale) == locale)
+    live_token = select(col(DeviceToken.user_id)).where(col(DeviceToken.removed_at).is_(None))
     if push is True:
-        q = q.where(User.id.in_(live_token))  # type: ignore[attr-defined]
+        q = q.where(col(User.id).in_(live_token))
     elif push is False:
-        q = q.where(User.id.not_in(live_token))  # type: ignore[attr-defined]
+        q = q.where(col(User.id).not_in(live_token))
     if opted_out:
         ch, cat = parse_pref(opted_out)
         q = q.where(
-            User.id.in_(select(OptOut.user_id).where(OptOut.channel == ch, OptOut.category == cat))  # type: ignore[attr-defined]
+            col(User.id).in_(select(col(OptOut.user_id)).where(col(OptOut.channel) == ch, col(OptOut.category) == cat))
         )
     with Session(ctx.engine) as session:
-        users = list(session.execute(q).scalars())
+        users = list(session.scalars(q))
         ids = [u.id for u in users]
         tokens: dict[str, int] = {}
         opts: dict[str, list[str]] = {}
         if ids:
             tokens = dict(
-                session.execute(  # type: ignore[arg-type]
-                    select(DeviceToken.user_id, func.count())
-                    .where(DeviceToken.user_id.in_(ids), DeviceToken.removed_at.is_(None))  # type: ignore[attr-defined,union-attr]
-                    .group_by(DeviceToken.user_id)
+                session.execute(
+                    select(col(DeviceToken.user_id), func.count())
+                    .where(col(DeviceToken.user_id).in_(ids), col(DeviceToken.removed_at).is_(None))
+                    .group_by(col(DeviceToken.user_id))
                 ).all()
             )
             for o in session.execute(
-                select(OptOut.user_id, OptOut.channel, OptOut.category)
-                .where(OptOut.user_id.in_(ids))  # type: ignore[attr-defined]
-                .order_by(OptOut.user_id, OptOut.channel, OptOut.category)
+                select(col(OptOut.user_id), col(OptOut.channel), col(OptOut.category))
+                .where(col(OptOut.user_id).in_(ids))
+                .order_by(col(OptOut.user_id), col(OptOut.channel), col(OptOut.category))
             ):
                 opts.setdefault(o.user_id, []).append(f"{o.channel}:{o.category}")
         return [{**u.model_dump(), "push_tokens": tokens.get(u.id, 0), "opt_outs": opts.get(u.id, [])} for u in users]
@@ -369,20 +375,20 @@ def register_device(
     # Two registrations racing for one device must not each miss the other's new token: one per
     # user at a time (PostgreSQL: the user's row locked; SQLite: the writer lock, reads included).
     with write_lock(ctx.engine), Session(ctx.engine, expire_on_commit=False) as session:
-        if session.execute(select(User.id).where(User.id == user_id).with_for_update()).first() is None:
+        if session.execute(select(col(User.id)).where(col(User.id) == user_id).with_for_update()).first() is None:
             raise NotFound(f"no user {user_id!r}")
         token = check_token(token, platform)
         dev = check_text_id(device_id, "device_id") if device_id is not None else None
         retire: set[str] = set()
         replaces_unknown = False
         if platform == "ios":  # the same APNs token stored in another case (as given, before): same device
-            for variant in session.execute(
+            for variant in session.scalars(
                 select(DeviceToken).where(
-                    DeviceToken.user_id == user_id,
-                    func.lower(DeviceToken.token) == token,
-                    DeviceToken.token != token,
+                    col(DeviceToken.user_id) == user_id,
+                    func.lower(col(DeviceToken.token)) == token,
+                    col(DeviceToken.token) != token,
                 )
-            ).scalars():
+            ):
                 retire.add(variant.token)
                 dev = dev or variant.device_id
         if replaces is not None:
@@ -412,28 +418,28 @@ def register_device(
             t.user_id, t.platform, t.removed_at, t.removed_reason, t.replaced_by = user_id, platform, None, None, None
             t.device_id = dev or t.device_id
         session.flush()
-        live = DeviceToken.removed_at.is_(None)  # type: ignore[union-attr]
+        live = col(DeviceToken.removed_at).is_(None)
         now = utcnow()
         retired: list[str] = []
         if retire:
-            retired += session.execute(
+            retired += session.scalars(
                 update(DeviceToken)
-                .where(DeviceToken.token.in_(sorted(retire)), live)  # type: ignore[attr-defined]
+                .where(col(DeviceToken.token).in_(sorted(retire)), live)
                 .values(removed_at=now, removed_reason="replaced", replaced_by=token)
-                .returning(DeviceToken.token)
-            ).scalars()
+                .returning(col(DeviceToken.token))
+            )
         if t.device_id:
-            retired += session.execute(
+            retired += session.scalars(
                 update(DeviceToken)
                 .where(
-                    DeviceToken.user_id == user_id,
-                    DeviceToken.device_id == t.device_id,
-                    DeviceToken.token != token,
+                    col(DeviceToken.user_id) == user_id,
+                    col(DeviceToken.device_id) == t.device_id,
+                    col(DeviceToken.token) != token,
                     live,
                 )
                 .values(removed_at=now, removed_reason="replaced", replaced_by=token)
-                .returning(DeviceToken.token)
-            ).scalars()
+                .returning(col(DeviceToken.token))
+            )
         session.commit()
         return Registration(t, sorted(set(retired)), replaces_unknown)
 
@@ -445,12 +451,12 @@ def register_token(ctx: Context, user_id: str, token: str, platform: str) -> Dev
 
 def list_tokens(ctx: Context, user_id: str | None = None, include_removed: bool = False) -> list[DeviceToken]:
     with Session(ctx.engine) as session:
-        q = select(DeviceToken).order_by(DeviceToken.user_id, DeviceToken.created_at)
+        q = select(DeviceToken).order_by(col(DeviceToken.user_id), col(DeviceToken.created_at))
         if user_id:
-            q = q.where(DeviceToken.user_id == user_id)
+            q = q.where(col(DeviceToken.user_id) == user_id)
         if not include_removed:
-            q = q.where(DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
-        return list(session.execute(q).scalars())
+            q = q.where(col(DeviceToken.removed_at).is_(None))
+        return list(session.scalars(q))
 
 
 def revoke_token(ctx: Context, token: str, reason: str = "revoked by operator") -> None:
@@ -459,8 +465,8 @@ def revoke_token(ctx: Context, token: str, reason: str = "revoked by operator") 
         res = session.execute(
             update(DeviceToken)
             .where(
-                DeviceToken.token.in_({token, token.lower()}),  # type: ignore[attr-defined]  # APNs tokens are kept lower-case
-                DeviceToken.removed_at.is_(None),  # type: ignore[union-attr]
+                col(DeviceToken.token).in_({token, token.lower()}),  # APNs tokens are kept lower-case
+                col(DeviceToken.removed_at).is_(None),
             )
             .values(removed_at=utcnow(), removed_reason=reason)
         )

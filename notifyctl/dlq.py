@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy import and_, case, func, insert, select, tuple_, update
 from sqlalchemy.sql.elements import ColumnElement
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from notifyctl import keys
 from notifyctl.context import Context
@@ -113,20 +113,20 @@ class DlqFilter:
     def where(self, now: datetime) -> list[ColumnElement[bool]]:
         conds: list[ColumnElement[bool]] = [DLQ_WHERE]  # failed and dead-lettered: ix_deliveries_dlq
         if self.ids:
-            conds.append(Delivery.id.in_(self.ids))  # type: ignore[attr-defined]
+            conds.append(col(Delivery.id).in_(self.ids))
         if self.channel:
-            conds.append(Delivery.channel == self.channel)  # type: ignore[arg-type]
+            conds.append(col(Delivery.channel) == self.channel)
         if self.provider:
-            conds.append(Delivery.provider == self.provider)  # type: ignore[arg-type]
+            conds.append(col(Delivery.provider) == self.provider)
         if self.error:
             esc = self.error.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            conds.append(Delivery.reason.ilike(f"%{esc}%", escape="\\"))  # type: ignore[union-attr]
+            conds.append(col(Delivery.reason).ilike(f"%{esc}%", escape="\\"))
         if self.template:
-            conds.append(Notification.template_id == self.template)  # type: ignore[arg-type]
+            conds.append(col(Notification.template_id) == self.template)
         if self.older_than is not None:
-            conds.append(Delivery.failed_at <= now - timedelta(seconds=self.older_than))  # type: ignore[operator]
+            conds.append(col(Delivery.failed_at) <= now - timedelta(seconds=self.older_than))
         if self.newer_than is not None:
-            conds.append(Delivery.failed_at >= now - timedelta(seconds=self.newer_than))  # type: ignore[operator]
+            conds.append(col(Delivery.failed_at) >= now - timedelta(seconds=self.newer_than))
         return conds
 
 
@@ -149,7 +149,7 @@ def _entry(d: Delivery, template_id: str | None) -> dict[str, Any]:
 def _base_query(cols: Any, f: DlqFilter, now: datetime, join: bool = True) -> Any:
     q = select(*cols).select_from(Delivery)
     if join:
-        q = q.join(Notification, Notification.id == Delivery.notification_id)
+        q = q.join(Notification, col(Notification.id) == col(Delivery.notification_id))
     return q.where(and_(*f.where(now)))
 
 
@@ -159,17 +159,17 @@ def list_entries(ctx: Context, f: DlqFilter, limit: int | None = 50, before: str
     one of the previous page) continues after it: keyset pagination on (failed_at, id)."""
     with Session(ctx.engine) as session:
         q = _base_query((Delivery, Notification.template_id), f, utcnow()).order_by(
-            Delivery.failed_at.desc(),  # type: ignore[union-attr]
-            Delivery.id.desc(),  # type: ignore[attr-defined]
+            col(Delivery.failed_at).desc(),
+            col(Delivery.id).desc(),
         )
         if before is not None:
-            at = session.execute(select(Delivery.failed_at).where(Delivery.id == before)).first()  # type: ignore[arg-type]
+            at = session.execute(select(col(Delivery.failed_at)).where(col(Delivery.id) == before)).first()
             if at is None or at[0] is None:
                 raise NotFound(f"no DLQ entry {before!r} to list from")
             q = q.where(tuple_(Delivery.failed_at, Delivery.id) < tuple_(at[0], before))
         if limit:
             q = q.limit(limit)
-        return [_entry(d, t) for d, t in session.execute(q).all()]
+        return [_entry(d, t) for d, t in session.execute(q).tuples().all()]
 
 
 def count_entries(ctx: Context, f: DlqFilter) -> int:
@@ -187,11 +187,11 @@ def show_entry(ctx: Context, delivery_id: str) -> dict[str, Any]:
         if d is None:
             raise NotFound(f"no delivery {delivery_id!r}")
         n = session.get(Notification, d.notification_id)
-        evs = session.execute(
+        evs = session.scalars(
             select(DeliveryEvent)
-            .where(DeliveryEvent.notification_id == d.notification_id, DeliveryEvent.delivery_id == d.id)
-            .order_by(DeliveryEvent.id)  # type: ignore[arg-type]
-        ).scalars()
+            .where(col(DeliveryEvent.notification_id) == d.notification_id, col(DeliveryEvent.delivery_id) == d.id)
+            .order_by(col(DeliveryEvent.id))
+        )
         delivery = d.model_dump()
         delivery["address"] = mask_address(d.address)
         return {
@@ -221,8 +221,8 @@ def _pages(ctx: Context, f: DlqFilter, limit: int | None, now: datetime) -> Iter
         with Session(ctx.engine) as session:
             rows = session.execute(
                 _base_query((Delivery.id, Delivery.notification_id, Delivery.reason), f, now)
-                .where(Delivery.id > last)  # type: ignore[arg-type]
-                .order_by(Delivery.id)
+                .where(col(Delivery.id) > last)
+                .order_by(col(Delivery.id))
                 .limit(size)
             ).all()
         if not rows:
@@ -258,7 +258,7 @@ def _require_ids_found(ctx: Context, f: DlqFilter) -> None:
     with Session(ctx.engine) as session:
         rows = dict(
             session.execute(
-                select(Delivery.id, Delivery.dead_lettered).where(Delivery.id.in_(f.ids))  # type: ignore[attr-defined]
+                select(col(Delivery.id), col(Delivery.dead_lettered)).where(col(Delivery.id).in_(f.ids))
             ).all()
         )
     for i in f.ids:
@@ -315,23 +315,27 @@ def _replay_chunk(
     reasons = {p[0]: p[2] for p in todo}
     with Session(ctx.engine) as session:
         if todo:
-            rows = session.execute(
-                update(Delivery)
-                .where(
-                    Delivery.id.in_([p[0] for p in todo]),  # type: ignore[attr-defined]
-                    Delivery.dead_lettered.is_(True),  # type: ignore[attr-defined]
-                    Delivery.status == DeliveryStatus.failed,  # type: ignore[arg-type]
+            rows = (
+                session.execute(
+                    update(Delivery)
+                    .where(
+                        col(Delivery.id).in_([p[0] for p in todo]),
+                        col(Delivery.dead_lettered).is_(True),
+                        col(Delivery.status) == DeliveryStatus.failed,
+                    )
+                    .values(
+                        status=DeliveryStatus.retrying,
+                        attempts=0,
+                        next_attempt_at=now,
+                        dead_lettered=False,
+                        reason=None,
+                        updated_at=now,
+                    )
+                    .returning(col(Delivery.id), col(Delivery.notification_id))
                 )
-                .values(
-                    status=DeliveryStatus.retrying,
-                    attempts=0,
-                    next_attempt_at=now,
-                    dead_lettered=False,
-                    reason=None,
-                    updated_at=now,
-                )
-                .returning(Delivery.id, Delivery.notification_id)
-            ).all()
+                .tuples()
+                .all()
+            )
             for did, nid in rows:
                 replayed.append(did)
                 notif_ids.add(nid)
@@ -347,12 +351,16 @@ def _replay_chunk(
                 )
         if sent:
             # Sent meanwhile: the send record is the proof. Record it, as the worker would, and leave the DLQ.
-            still = session.execute(
-                select(Delivery.id, Delivery.notification_id).where(
-                    Delivery.id.in_(list(sent)),  # type: ignore[attr-defined]
-                    Delivery.dead_lettered.is_(True),  # type: ignore[attr-defined]
+            still = (
+                session.execute(
+                    select(col(Delivery.id), col(Delivery.notification_id)).where(
+                        col(Delivery.id).in_(list(sent)),
+                        col(Delivery.dead_lettered).is_(True),
+                    )
                 )
-            ).all()
+                .tuples()
+                .all()
+            )
             if still:
                 session.execute(
                     update(Delivery),
@@ -385,8 +393,8 @@ def _replay_chunk(
             session.execute(
                 update(Notification)
                 .where(
-                    Notification.id.in_(notif_ids),  # type: ignore[attr-defined]
-                    Notification.status.notin_(  # type: ignore[attr-defined]
+                    col(Notification.id).in_(notif_ids),
+                    col(Notification.status).notin_(
                         [NotificationStatus.canceled, NotificationStatus.paused, NotificationStatus.scheduled]
                     ),
                 )
@@ -425,18 +433,26 @@ def purge(
         res.matched += len(page)
         with Session(ctx.engine) as session:
             if dry_run:
-                rows = session.execute(
-                    select(Delivery.id, Delivery.notification_id, Delivery.channel).where(
-                        Delivery.id.in_([p[0] for p in page])  # type: ignore[attr-defined]
+                rows = (
+                    session.execute(
+                        select(col(Delivery.id), col(Delivery.notification_id), col(Delivery.channel)).where(
+                            col(Delivery.id).in_([p[0] for p in page])
+                        )
                     )
-                ).all()
+                    .tuples()
+                    .all()
+                )
             else:
-                rows = session.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_([p[0] for p in page]), Delivery.dead_lettered.is_(True))  # type: ignore[attr-defined]
-                    .values(dead_lettered=False, updated_at=utcnow())
-                    .returning(Delivery.id, Delivery.notification_id, Delivery.channel)
-                ).all()
+                rows = (
+                    session.execute(
+                        update(Delivery)
+                        .where(col(Delivery.id).in_([p[0] for p in page]), col(Delivery.dead_lettered).is_(True))
+                        .values(dead_lettered=False, updated_at=utcnow())
+                        .returning(col(Delivery.id), col(Delivery.notification_id), col(Delivery.channel))
+                    )
+                    .tuples()
+                    .all()
+                )
                 if rows:
                     session.execute(
                         insert(DeliveryEvent),
@@ -471,17 +487,21 @@ def stats(ctx: Context, window_min: float = 5.0, now: datetime | None = None) ->
     since = now - timedelta(minutes=window_min)
     dead = DLQ_WHERE  # read from ix_deliveries_dlq alone (it holds channel, provider, failed_at)
     with Session(ctx.engine) as session:
-        by = session.execute(
-            select(
-                Delivery.channel,
-                Delivery.provider,
-                func.count(Delivery.id),
-                func.sum(case((Delivery.failed_at >= since, 1), else_=0)),  # type: ignore[operator]
-                func.min(Delivery.failed_at),
+        by = (
+            session.execute(
+                select(
+                    col(Delivery.channel),
+                    col(Delivery.provider),
+                    func.count(col(Delivery.id)),
+                    func.sum(case((col(Delivery.failed_at) >= since, 1), else_=0)),
+                    func.min(col(Delivery.failed_at)),
+                )
+                .where(dead)
+                .group_by(col(Delivery.channel), col(Delivery.provider))
             )
-            .where(dead)
-            .group_by(Delivery.channel, Delivery.provider)
-        ).all()
+            .tuples()
+            .all()
+        )
     depth = sum(int(c) for _, _, c, _, _ in by)
     recent = sum(int(n or 0) for _, _, _, n, _ in by)
     oldest = min((o for *_, o in by if o is not None), default=None)

@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from notifyctl import keys
 from notifyctl.db import write_lock
@@ -145,18 +145,18 @@ def apply_events(ctx: Any, events: Sequence[Event], now: datetime | None = None)
         for part_ids, part_pm in _paired_chunks(ids, pmids):
             conds = []
             if part_ids:
-                conds.append(Delivery.id.in_(part_ids))  # type: ignore[attr-defined]
+                conds.append(col(Delivery.id).in_(part_ids))
             if part_pm:
-                conds.append(Delivery.provider_message_id.in_(part_pm))  # type: ignore[union-attr]
+                conds.append(col(Delivery.provider_message_id).in_(part_pm))
             q = select(Delivery).where(or_(*conds))
             if locking:
                 q = q.with_for_update()
-            for d in session.execute(q).scalars():
-                found[d.id] = d
+            for hit in session.scalars(q):
+                found[hit.id] = hit
         by_pm: dict[str, list[Delivery]] = defaultdict(list)
-        for d in found.values():
-            if d.provider_message_id:
-                by_pm[d.provider_message_id].append(d)
+        for hit in found.values():
+            if hit.provider_message_id:
+                by_pm[hit.provider_message_id].append(hit)
 
         steps: dict[str, list[Event]] = defaultdict(list)
         opt_rows: dict[tuple[str, str, str], str] = {}
@@ -218,11 +218,15 @@ def apply_events(ctx: Any, events: Sequence[Event], now: datetime | None = None)
             owners_email: dict[str, list[str]] = defaultdict(list)
             owners_phone: dict[str, list[str]] = defaultdict(list)
             for part in _chunks(emails):
-                q = select(User.id, func.lower(User.email)).where(func.lower(User.email).in_(part))
-                for uid, em in session.execute(q).all():
+                q = select(col(User.id), func.lower(col(User.email))).where(func.lower(col(User.email)).in_(part))
+                for uid, em in session.execute(q).tuples().all():
                     owners_email[em].append(uid)
             for part in _chunks(phones):
-                for uid, ph in session.execute(select(User.id, User.phone).where(User.phone.in_(part))).all():  # type: ignore[union-attr]
+                for uid, ph in (
+                    session.execute(select(col(User.id), col(User.phone)).where(col(User.phone).in_(part)))
+                    .tuples()
+                    .all()
+                ):
                     owners_phone[ph].append(uid)
             for addr, e in addr_opts:
                 ch, cat, reason = e.opt_out  # type: ignore[misc]
@@ -287,7 +291,7 @@ def _match(e: Event, found: dict[str, Delivery], by_pm: dict[str, list[Delivery]
 
 
 def set_opt_out(ctx: Any, user_ids: Iterable[str], channel: str, category: str, reason: str) -> int:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"user_id": u, "channel": channel, "category": category, "reason": reason, "created_at": utcnow()}
         for u in dict.fromkeys(user_ids)
     ]
@@ -321,10 +325,10 @@ def apply_sms_keyword(ctx: Any, sid: str, phone: str, action: str) -> KeywordRes
     from sqlalchemy.exc import IntegrityError
 
     with write_lock(ctx.engine, urgent=True), Session(ctx.engine) as session:
-        q = select(User.id).where(User.phone == phone).order_by(User.id)
+        q = select(col(User.id)).where(col(User.phone) == phone).order_by(col(User.id))
         if session.get_bind().dialect.name == "postgresql":
             q = q.with_for_update()
-        users = list(session.execute(q).scalars())
+        users = list(session.scalars(q))
         session.add(SmsKeyword(sid=sid, phone=phone, action=action, received_at=utcnow()))
         try:
             session.flush()
@@ -343,21 +347,19 @@ def apply_sms_keyword(ctx: Any, sid: str, phone: str, action: str) -> KeywordRes
         elif users and action == "start":
             res = session.execute(
                 delete(OptOut).where(
-                    OptOut.user_id.in_(users),  # type: ignore[attr-defined]
-                    OptOut.channel == "sms",
-                    OptOut.category == "*",
+                    col(OptOut.user_id).in_(users),
+                    col(OptOut.channel) == "sms",
+                    col(OptOut.category) == "*",
                 )
             )
             changed = int(res.rowcount or 0)  # type: ignore[attr-defined]
         kept = (
-            select(SmsKeyword.sid)
-            .where(SmsKeyword.phone == phone)
-            .order_by(SmsKeyword.received_at.desc())  # type: ignore[attr-defined]
+            select(col(SmsKeyword.sid))
+            .where(col(SmsKeyword.phone) == phone)
+            .order_by(col(SmsKeyword.received_at).desc())
             .limit(KEYWORDS_KEPT)
         )
-        session.execute(
-            delete(SmsKeyword).where(SmsKeyword.phone == phone, SmsKeyword.sid.not_in(kept))  # type: ignore[attr-defined]
-        )
+        session.execute(delete(SmsKeyword).where(col(SmsKeyword.phone) == phone, col(SmsKeyword.sid).not_in(kept)))
         session.commit()
     if changed:
         invalidate(ctx.redis, users)

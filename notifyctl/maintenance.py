@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from notifyctl.context import Context
 from notifyctl.errors import InputError
@@ -63,21 +63,21 @@ def cleanup_stale_tokens(
     cutoff = now - timedelta(days=stale_days)
     reason = stale_reason(stale_days)
     res = CleanupResult(stale_days=stale_days, cutoff=cutoff, dry_run=dry_run)
-    last_seen = func.coalesce(DeviceToken.last_success_at, DeviceToken.created_at)
-    live_and_stale = (DeviceToken.removed_at.is_(None), last_seen < cutoff)  # type: ignore[union-attr]
+    last_seen = func.coalesce(col(DeviceToken.last_success_at), col(DeviceToken.created_at))
+    live_and_stale = (col(DeviceToken.removed_at).is_(None), last_seen < cutoff)
     after = ""
     while True:
         with Session(ctx.engine) as session:
             rows = session.execute(
                 select(
-                    DeviceToken.token,
-                    DeviceToken.user_id,
-                    DeviceToken.platform,
-                    DeviceToken.created_at,
-                    DeviceToken.last_success_at,
+                    col(DeviceToken.token),
+                    col(DeviceToken.user_id),
+                    col(DeviceToken.platform),
+                    col(DeviceToken.created_at),
+                    col(DeviceToken.last_success_at),
                 )
-                .where(*live_and_stale, DeviceToken.token > after)
-                .order_by(DeviceToken.token)
+                .where(*live_and_stale, col(DeviceToken.token) > after)
+                .order_by(col(DeviceToken.token))
                 .limit(chunk)
             ).all()
             if not rows:
@@ -88,12 +88,12 @@ def cleanup_stale_tokens(
                 gone = set(tokens)
             else:
                 gone = set(
-                    session.execute(
+                    session.scalars(
                         update(DeviceToken)
-                        .where(DeviceToken.token.in_(tokens), *live_and_stale)  # type: ignore[attr-defined]
+                        .where(col(DeviceToken.token).in_(tokens), *live_and_stale)
                         .values(removed_at=now, removed_reason=reason)
-                        .returning(DeviceToken.token)
-                    ).scalars()
+                        .returning(col(DeviceToken.token))
+                    )
                 )
                 session.commit()
         for token, user_id, platform, created_at, last_success_at in rows:

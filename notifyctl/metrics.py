@@ -107,7 +107,7 @@ def collect(ctx: Any) -> list[Any]:
     histograms, the queues) and one indexed SQL count (the DLQ), as ``prometheus_client`` objects."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from sqlalchemy import func, select
-    from sqlmodel import Session
+    from sqlmodel import Session, col
 
     r: redis.Redis = ctx.redis
     s = ctx.settings
@@ -171,9 +171,9 @@ def collect(ctx: Any) -> list[Any]:
     out.append(circuit)
 
     with Session(ctx.engine) as session:
-        dlq = session.execute(
-            select(func.count()).select_from(Delivery).where(Delivery.dead_lettered.is_(True))  # type: ignore[attr-defined]
-        ).scalar_one()
+        dlq = session.scalars(
+            select(func.count()).select_from(Delivery).where(col(Delivery.dead_lettered).is_(True))
+        ).one()
     out.append(GaugeMetricFamily("notify_dlq_depth", "Dead-lettered deliveries.", value=dlq))
     return out
 

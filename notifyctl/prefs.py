@@ -48,7 +48,7 @@ def load(client: redis.Redis, session: Session, user_ids: Iterable[str]) -> dict
         if raw is None:
             misses.append(uid)
         else:
-            out[uid] = {tuple(item.split(":", 1)) for item in raw.decode().split(",") if item}  # type: ignore[misc]
+            out[uid] = {tuple(item.split(":", 1)) for item in raw.decode().split(",") if item}
     if misses:
         found = _from_sql(session, misses)
         pipe = client.pipeline(transaction=False)
@@ -64,6 +64,6 @@ def _from_sql(session: Session, ids: list[str]) -> dict[str, set[tuple[str, str]
     """The users among ``ids`` that have opt-outs (a user without any is left out)."""
     o: Any = OptOut.__table__.c  # type: ignore[attr-defined]
     found: dict[str, set[tuple[str, str]]] = {}
-    for uid, ch, cat in session.execute(select(o.user_id, o.channel, o.category).where(o.user_id.in_(ids))):
+    for uid, ch, cat in session.execute(select(o.user_id, o.channel, o.category).where(o.user_id.in_(ids))).tuples():
         found.setdefault(uid, set()).add((ch, cat))
     return found

@@ -135,9 +135,13 @@ def purge(
     after = ""
     while True:
         with Session(engine) as session:
-            page = session.execute(
-                select(_N.c.id, and_(*over)).where(_N.c.id > after, *old).order_by(_N.c.id).limit(chunk)
-            ).all()
+            page = (
+                session.execute(
+                    select(_N.c.id, and_(*over)).where(_N.c.id > after, *old).order_by(_N.c.id).limit(chunk)
+                )
+                .tuples()
+                .all()
+            )
             if not page:
                 break
             after = page[-1][0]
@@ -164,7 +168,7 @@ def _delete(ctx: Context, ids: list[str], conds: list[Any], res: PurgeResult) ->
     """One short transaction: the notifications that still qualify, then their deliveries and events."""
     with write_lock(ctx.engine), Session(ctx.engine) as session:
         t0 = time.perf_counter()
-        gone = list(session.execute(delete(_N).where(_N.c.id.in_(ids), *conds).returning(_N.c.id)).scalars())
+        gone: list[str] = list(session.scalars(delete(_N).where(_N.c.id.in_(ids), *conds).returning(_N.c.id)))
         if gone:
             res.events += session.execute(delete(_E).where(_E.c.notification_id.in_(gone))).rowcount  # type: ignore[attr-defined]
             res.deliveries += session.execute(delete(_D).where(_D.c.notification_id.in_(gone))).rowcount  # type: ignore[attr-defined]

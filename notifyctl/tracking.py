@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from notifyctl.circuit import Circuits
 from notifyctl.context import Context
@@ -21,7 +21,9 @@ def find_notification(session: Session, ref: str) -> Notification:
     if n is None:
         n = (
             session.execute(
-                select(Notification).where(Notification.dedup_key == ref).order_by(Notification.created_at.desc())  # type: ignore[attr-defined]
+                select(Notification)
+                .where(col(Notification.dedup_key) == ref)
+                .order_by(col(Notification.created_at).desc())
             )
             .scalars()
             .first()
@@ -42,20 +44,14 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
     """A notification (its template's secret data shown as ``"***"``), its deliveries and events."""
     with Session(ctx.engine) as session:
         n = find_notification(session, ref)
-        deliveries = (
-            session.execute(
-                select(Delivery).where(Delivery.notification_id == n.id).order_by(Delivery.channel, Delivery.queued_at)
-            )
-            .scalars()
-            .all()
-        )
-        events = (
-            session.execute(
-                select(DeliveryEvent).where(DeliveryEvent.notification_id == n.id).order_by(DeliveryEvent.id)
-            )
-            .scalars()
-            .all()
-        )
+        deliveries = session.scalars(
+            select(Delivery)
+            .where(col(Delivery.notification_id) == n.id)
+            .order_by(col(Delivery.channel), col(Delivery.queued_at))
+        ).all()
+        events = session.scalars(
+            select(DeliveryEvent).where(col(DeliveryEvent.notification_id) == n.id).order_by(col(DeliveryEvent.id))
+        ).all()
         notification = n.model_dump()
         notification["data"] = redact(n.data, _secret_fields(ctx, n.template_id))
         return {
@@ -78,10 +74,14 @@ def provider_circuits(ctx: Context) -> dict[str, dict[str, str | float]]:
 
 def recent_deliveries(ctx: Context, limit: int = 50) -> list[dict[str, Any]]:
     with Session(ctx.engine) as session:
-        rows = session.execute(
-            select(Delivery, Notification.template_id, Notification.priority)
-            .join(Notification, Notification.id == Delivery.notification_id)
-            .order_by(Delivery.queued_at.desc(), Delivery.id.desc())  # type: ignore[attr-defined]
-            .limit(limit)
-        ).all()
+        rows = (
+            session.execute(
+                select(Delivery, col(Notification.template_id), col(Notification.priority))
+                .join(Notification, col(Notification.id) == col(Delivery.notification_id))
+                .order_by(col(Delivery.queued_at).desc(), col(Delivery.id).desc())
+                .limit(limit)
+            )
+            .tuples()
+            .all()
+        )
         return [{**d.model_dump(), "template_id": t, "priority": p} for d, t, p in rows]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from notifyctl import keys
 from notifyctl.context import Context
@@ -112,30 +112,34 @@ def _round(
     with Session(ctx.engine) as session:
         # 1. due retries and scheduled sends
         rates = _campaign_rates(session) if paced else {}
-        q = select(Notification.id, Notification.priority).where(
-            Notification.status.in_([NotificationStatus.retrying, NotificationStatus.scheduled]),  # type: ignore[attr-defined]
-            Notification.due_at <= _naive(now),
+        q = select(col(Notification.id), col(Notification.priority)).where(
+            col(Notification.status).in_([NotificationStatus.retrying, NotificationStatus.scheduled]),
+            col(Notification.due_at) <= _naive(now),
         )
         if rates:  # paced campaigns are taken below, at their own rate
             q = q.where(
-                (Notification.campaign_id.is_(None))  # type: ignore[union-attr]
-                | (Notification.status == NotificationStatus.retrying)
-                | Notification.campaign_id.not_in(list(rates))  # type: ignore[union-attr]
+                (col(Notification.campaign_id).is_(None))
+                | (col(Notification.status) == NotificationStatus.retrying)
+                | col(Notification.campaign_id).not_in(list(rates))
             )
-        due = list(session.execute(q.order_by(Notification.due_at).limit(limit)).all())
+        due = list(session.execute(q.order_by(col(Notification.due_at)).limit(limit)).tuples().all())
         for cid, rate in rates.items():
             # A campaign behind its schedule (workers were down, the launcher was slow) catches up at
             # its --rate, never faster: the pool reconciles once a second, so `rate` per round.
-            due += session.execute(
-                select(Notification.id, Notification.priority)
-                .where(
-                    Notification.campaign_id == cid,
-                    Notification.status == NotificationStatus.scheduled,
-                    Notification.due_at <= _naive(now),
+            due += (
+                session.execute(
+                    select(col(Notification.id), col(Notification.priority))
+                    .where(
+                        col(Notification.campaign_id) == cid,
+                        col(Notification.status) == NotificationStatus.scheduled,
+                        col(Notification.due_at) <= _naive(now),
+                    )
+                    .order_by(col(Notification.due_at))
+                    .limit(max(1, math.ceil(rate)))
                 )
-                .order_by(Notification.due_at)
-                .limit(max(1, math.ceil(rate)))
-            ).all()
+                .tuples()
+                .all()
+            )
         by_prio: dict[str, list[str]] = defaultdict(list)
         for nid, prio in due:
             by_prio[prio].append(nid)
@@ -148,18 +152,18 @@ def _round(
         # campaign's backlog (thousands queued, all older than the OTP) the search in due_at order
         # stops at `limit` long before a dead worker's OTP, which then waited minutes for the backlog.
         lost_q = (
-            select(Notification.id, Notification.priority, Notification.job_id)
+            select(col(Notification.id), col(Notification.priority), col(Notification.job_id))
             .where(
-                Notification.status == NotificationStatus.queued,
-                Notification.due_at <= _naive(now) - timedelta(seconds=settings.recovery_grace),
+                col(Notification.status) == NotificationStatus.queued,
+                col(Notification.due_at) <= _naive(now) - timedelta(seconds=settings.recovery_grace),
             )
-            .order_by(Notification.due_at)
+            .order_by(col(Notification.due_at))
             .limit(limit)
         )
-        stale = list(session.execute(lost_q.where(Notification.priority == "high")).all())
+        stale = list(session.execute(lost_q.where(col(Notification.priority) == "high")).tuples().all())
         if check_lost:
             seen = {row[0] for row in stale}
-            stale += [row for row in session.execute(lost_q).all() if row[0] not in seen]
+            stale += [row for row in session.execute(lost_q).tuples().all() if row[0] not in seen]
         if stale:
             jobs: dict[str | None, list[tuple[str, str]]] = defaultdict(list)
             for nid, prio, job_id in stale:
@@ -179,22 +183,26 @@ def _round(
 
         # 3. orphans: a delivery put back to 'retrying' (DLQ replay) while a job that had already
         # loaded its notification marked the notification done; wake the notification again.
-        orphans = session.execute(
-            select(Delivery.notification_id, func.min(Delivery.next_attempt_at))
-            .join(Notification, Notification.id == Delivery.notification_id)
-            .where(
-                Delivery.status.in_([DeliveryStatus.queued, DeliveryStatus.retrying]),  # type: ignore[attr-defined]
-                Notification.status.in_([NotificationStatus.done, NotificationStatus.suppressed]),  # type: ignore[attr-defined]
+        orphans = (
+            session.execute(
+                select(col(Delivery.notification_id), func.min(col(Delivery.next_attempt_at)))
+                .join(Notification, col(Notification.id) == col(Delivery.notification_id))
+                .where(
+                    col(Delivery.status).in_([DeliveryStatus.queued, DeliveryStatus.retrying]),
+                    col(Notification.status).in_([NotificationStatus.done, NotificationStatus.suppressed]),
+                )
+                .group_by(col(Delivery.notification_id))
+                .limit(limit)
             )
-            .group_by(Delivery.notification_id)
-            .limit(limit)
-        ).all()
+            .tuples()
+            .all()
+        )
         if orphans:
             lock.check()
         for nid, next_at in orphans:
             session.execute(
                 update(Notification)
-                .where(Notification.id == nid)
+                .where(col(Notification.id) == nid)
                 .values(status=NotificationStatus.retrying, due_at=next_at or _naive(now))
             )
         if orphans:
@@ -205,7 +213,11 @@ def _round(
 
 def _campaign_rates(session: Session) -> dict[str, float]:
     """Active campaigns and their --rate."""
-    rows = session.execute(select(Campaign.id, Campaign.spec).where(Campaign.status == "active")).all()
+    rows = (
+        session.execute(select(col(Campaign.id), col(Campaign.spec)).where(col(Campaign.status) == "active"))
+        .tuples()
+        .all()
+    )
     return {cid: float(spec.get("rate") or 0) for cid, spec in rows if float(spec.get("rate") or 0) > 0}
 
 

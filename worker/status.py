@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from notifyctl import metrics
 from notifyctl.circuit import Circuits
@@ -41,14 +41,20 @@ def status_report(ctx: Context) -> dict[str, Any]:
         since = utcnow() - timedelta(seconds=60)
         sent_last_min = dict(
             session.execute(
-                select(Delivery.channel, func.count()).where(Delivery.sent_at >= since).group_by(Delivery.channel)  # type: ignore[operator]
+                select(col(Delivery.channel), func.count())
+                .where(col(Delivery.sent_at) >= since)
+                .group_by(col(Delivery.channel))
             ).all()
         )
-        n_status = dict(session.execute(select(Notification.status, func.count()).group_by(Notification.status)).all())
-        d_status = dict(session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
-        dlq = session.execute(
-            select(func.count()).select_from(Delivery).where(Delivery.dead_lettered.is_(True))  # type: ignore[attr-defined]
-        ).scalar_one()
+        n_status = dict(
+            session.execute(select(col(Notification.status), func.count()).group_by(col(Notification.status))).all()
+        )
+        d_status = dict(
+            session.execute(select(col(Delivery.status), func.count()).group_by(col(Delivery.status))).all()
+        )
+        dlq = session.scalars(
+            select(func.count()).select_from(Delivery).where(col(Delivery.dead_lettered).is_(True))
+        ).one()
     return {
         "queues": queues,
         "workers": workers,

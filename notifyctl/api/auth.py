@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import or_, select, update
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from notifyctl.errors import InputError, NotFound
 from notifyctl.models import ApiKey, new_id, utcnow
@@ -71,10 +71,10 @@ def create_key(ctx: Any, name: str, scope: str = "admin") -> CreatedKey:
 
 def list_keys(ctx: Any, include_revoked: bool = True) -> list[ApiKey]:
     with Session(ctx.engine, expire_on_commit=False) as session:
-        q = select(ApiKey).order_by(ApiKey.created_at)
+        q = select(ApiKey).order_by(col(ApiKey.created_at))
         if not include_revoked:
-            q = q.where(ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
-        return list(session.execute(q).scalars())
+            q = q.where(col(ApiKey.revoked_at).is_(None))
+        return list(session.scalars(q))
 
 
 def revoke_key(ctx: Any, ref: str) -> ApiKey:
@@ -84,12 +84,12 @@ def revoke_key(ctx: Any, ref: str) -> ApiKey:
         raise InputError("key: give a key id or prefix")
     with Session(ctx.engine, expire_on_commit=False) as session:
         rows = list(
-            session.execute(
+            session.scalars(
                 select(ApiKey).where(
-                    ApiKey.revoked_at.is_(None),  # type: ignore[union-attr]
-                    or_(ApiKey.id == ref, ApiKey.prefix == ref),
+                    col(ApiKey.revoked_at).is_(None),
+                    or_(col(ApiKey.id) == ref, col(ApiKey.prefix) == ref),
                 )
-            ).scalars()
+            )
         )
         if not rows:
             raise NotFound(f"no live API key {ref!r}")
@@ -97,7 +97,7 @@ def revoke_key(ctx: Any, ref: str) -> ApiKey:
             raise InputError(f"{ref!r} matches {len(rows)} keys: give the key id")
         row = rows[0]
         row.revoked_at = utcnow()
-        session.execute(update(ApiKey).where(ApiKey.id == row.id).values(revoked_at=row.revoked_at))
+        session.execute(update(ApiKey).where(col(ApiKey.id) == row.id).values(revoked_at=row.revoked_at))
         session.commit()
         return row
 
@@ -108,5 +108,5 @@ def check_key(ctx: Any, key: str | None) -> ApiKey | None:
         return None
     with Session(ctx.engine) as session:
         return session.execute(
-            select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
+            select(ApiKey).where(col(ApiKey.key_hash) == hash_key(key), col(ApiKey.revoked_at).is_(None))
         ).scalar_one_or_none()
