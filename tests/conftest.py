@@ -1,18 +1,22 @@
 """Test fixtures: a private real redis-server per test session (flushed per test), a fresh SQLite
-database per test, and PostgreSQL when 127.0.0.1:5432 answers."""
+database per test, PostgreSQL when 127.0.0.1:5432 answers, and the sandboxes more than one file uses."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import create_engine, text
 
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
@@ -21,6 +25,7 @@ from notifyctl.settings import Settings, load_settings
 from notifyctl.sqllock import close_lock_files
 from tests import smoke_runs
 from tests.net import ClosedPort
+from worker.sandbox.smtp import SmtpSandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("NOTIFY_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -117,32 +122,63 @@ def ctx(settings: Settings) -> Iterator[Context]:
     dispose_all()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_db_ctx(request: pytest.FixtureRequest, home: Path, redis_url: str, rclient: redis.Redis) -> Iterator[Context]:
-    """A context on SQLite, and again on PostgreSQL when the server answers."""
-    if request.param == "postgresql":
-        if not PG_AVAILABLE:
-            pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
-        pytest.importorskip("psycopg2")
-        from sqlalchemy import create_engine, text
-
-        schema = "t_" + uuid.uuid4().hex[:10]
-        admin = create_engine(PG_URL)
-        with admin.begin() as conn:
-            conn.execute(text(f"CREATE SCHEMA {schema}"))
-        url = f"{PG_URL}?options=-csearch_path%3D{schema}"
-        c = Context(make_settings(home, redis_url, database_url=url))
-        yield c
-        c.close()
+@contextmanager
+def pg_schema() -> Iterator[str]:
+    """A fresh schema in the test PostgreSQL database, as a database URL whose search_path is that
+    schema; the engines are disposed of and the schema dropped on the way out."""
+    schema = "t_" + uuid.uuid4().hex[:10]
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
         dispose_all()
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def _need_pg() -> None:
+    if not PG_AVAILABLE:
+        pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
+    pytest.importorskip("psycopg2")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_ctx(request: pytest.FixtureRequest, home: Path, redis_url: str, rclient: redis.Redis) -> Iterator[Context]:
+    """A context on SQLite, and again on PostgreSQL when the server answers."""
+    if request.param == "postgresql":
+        _need_pg()
+        with pg_schema() as url:
+            c = Context(make_settings(home, redis_url, database_url=url))
+            yield c
+            c.close()
     else:
         c = Context(make_settings(home, redis_url))
         yield c
         c.close()
         dispose_all()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL database URL of a fresh schema (skips when the server does not answer)."""
+    _need_pg()
+    with pg_schema() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """One database for several homes: a SQLite file in none of them, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shared.db'}"
+        dispose_all()
+        return
+    _need_pg()
+    with pg_schema() as url:
+        yield url
 
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -172,8 +208,35 @@ def run_cli(
     )
 
 
+def start_pool(env: dict[str, str], *args: str, stdout: Any, stderr: Any) -> subprocess.Popen[str]:
+    """``notifyctl worker --pool ARGS`` as a real subprocess (from the repo root, with ``env``); stop it
+    with ``stop_pool``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", *args],
+        env=env, cwd=ROOT, stdout=stdout, stderr=stderr, text=True,
+    )  # fmt: skip
+
+
+def stop_pool(pool: subprocess.Popen[str], timeout: float = 20) -> None:
+    """Waits on the pool's exit: SIGTERM, then up to ``timeout`` seconds for it to finish and leave;
+    a pool still running after that is killed and reaped."""
+    pool.send_signal(signal.SIGTERM)
+    try:
+        pool.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pool.kill()
+        pool.wait()
+
+
 @pytest.fixture
 def closed_port() -> Iterator[ClosedPort]:
     """A 127.0.0.1 port this test holds bound but not listening: connecting to it is refused."""
     with ClosedPort() as p:
         yield p
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSandbox]:
+    """A fresh SMTP sandbox (a real SMTP server on 127.0.0.1) for this test; its recorder holds what it took."""
+    with SmtpSandbox() as sb:
+        yield sb

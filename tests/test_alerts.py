@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from notifyctl.alerts import check_alerts
 from notifyctl.context import Context
 from notifyctl.dlq import DlqConfig
 from notifyctl.metrics import queue_stats
-from tests.conftest import ROOT, cli_env, make_settings
+from tests.conftest import ROOT, cli_env, make_settings, start_pool
 from tests.test_dlq import Hook
 from tests.util import seed, send, wait_for
 from worker.circuit import CLOSED, OPEN, Circuits
@@ -92,10 +91,7 @@ def test_circuit_opening_alerts_once_then_closing(actx: Context, hook: Hook) -> 
 def test_the_pool_alerts_by_itself(actx: Context, hook: Hook) -> None:
     """A pool serving only normal and low: an OTP waits; the pool's own rounds send the alert."""
     env = cli_env(actx.settings, NOTIFY_LAG_ALERT_HIGH="0.3", NOTIFY_DLQ_ALERT_WEBHOOK_URL=hook.url)
-    pool = subprocess.Popen(
-        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "1", "--queues", "normal,low"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    pool = start_pool(env, "1", "--queues", "normal,low", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         send(actx, **OTP)
         assert wait_for(lambda: hook.bodies, 30, 0.1), "the pool sent no alert"

@@ -28,17 +28,10 @@ from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
-from tests.conftest import ROOT, cli_env, make_settings, run_cli
-from tests.util import deliveries, notification, seed, send, wait_for
-from worker.pool import run_worker
+from tests.conftest import ROOT, cli_env, make_settings, run_cli, start_pool, stop_pool
+from tests.util import deliveries, drain, notification, seed, send, wait_for
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpSandbox]:
-    with SmtpSandbox() as sb:
-        yield sb
 
 
 @pytest.fixture
@@ -64,10 +57,6 @@ runner = CliRunner()
 
 def cli(ctx: Context, *args: str) -> Result:
     return runner.invoke(app, list(args), env=cli_env(ctx.settings))
-
-
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def assert_rollup_exact(ctx: Context) -> dict[tuple[str, ...], int]:
@@ -143,10 +132,7 @@ def test_rollup_equals_full_count_through_every_kind_of_status_change(actx: Cont
         NOTIFY_SMTP_PORT=str(smtp.port), NOTIFY_WORKER_ALIVE_TTL="2", NOTIFY_WORKER_HEARTBEAT="0.5",
         NOTIFY_CIRCUIT_THRESHOLD="1000",
     )  # fmt: skip
-    pool = subprocess.Popen(
-        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "2"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    pool = start_pool(env, "2", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         first = email(ctx, "alice", 30)
         rest = [email(ctx, u, 30) for u in ("bob", "carol")]
@@ -163,12 +149,7 @@ def test_rollup_equals_full_count_through_every_kind_of_status_change(actx: Cont
         ids = [first, *rest]
         assert wait_for(lambda: {d.status for n in ids for d in deliveries(ctx, n)} == {"sent"}, 30, 0.2)
     finally:
-        pool.send_signal(signal.SIGTERM)
-        try:
-            pool.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pool.kill()
-            pool.wait()
+        stop_pool(pool)
     full = assert_rollup_exact(ctx)
     # (the pool compacted the PostgreSQL deltas on its way: still exact, as checked)
 

@@ -20,22 +20,17 @@ from notifyctl.api.auth import create_key
 from notifyctl.cli import apikeys
 from notifyctl.context import Context
 from notifyctl.models import OptOut
-from notifyctl.settings import Settings
 from notifyctl.tracking import timeline
 from notifyctl.unsubscribe import make_token, secret_key
 from tests.conftest import cli_env, run_cli
 from tests.net import ServeProcess
-from tests.util import IOS_TOKEN, ApiServer, deliveries, pixel_token, seed
+from tests.util import IOS_TOKEN, ApiServer, deliveries, drain, pixel_token, seed
 from worker.pool import run_worker
 
 ORDER = {"order_id": "ORD-1", "tracking_url": "https://t.example/1"}
 # the 43-byte transparent 1×1 GIF every tracking pixel serves, spelled out independently of the app
 PIXEL_GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
 PROMO = {"first_name": "Alice", "discount": 20, "code": "WEEK20"}
-
-
-def drain(settings: Settings) -> None:
-    run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def one_line_error(resp: httpx.Response) -> str:
@@ -545,7 +540,6 @@ def test_serve_command_smoke(ctx: Context) -> None:
 def test_prometheus_metrics(ctx: Context, client: httpx.Client, anon: httpx.Client) -> None:
     from notifyctl.directory import set_prefs
     from tests.util import send
-    from worker.pool import run_worker
 
     seed(ctx)
     set_prefs(ctx, "bob", off=["email"], on=[])

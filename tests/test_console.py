@@ -28,8 +28,7 @@ from notifyctl.cli.main import app as cli_app
 from notifyctl.context import Context
 from notifyctl.inbound import Event, apply_events
 from tests.conftest import cli_env, make_settings
-from tests.util import ApiServer, deliveries, seed, send
-from worker.pool import run_worker
+from tests.util import ApiServer, deliveries, drain, seed, send
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
 
@@ -48,12 +47,6 @@ def browser() -> Iterator[Any]:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield b
         b.close()
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpSandbox]:
-    with SmtpSandbox() as sb:
-        yield sb
 
 
 @pytest.fixture
@@ -81,10 +74,6 @@ def server(cctx: Context) -> Iterator[ApiServer]:
 @pytest.fixture
 def api_key(cctx: Context) -> str:
     return create_key(cctx, "console-test").key
-
-
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def login(browser: Any, server: ApiServer, key: str) -> Any:

@@ -38,8 +38,17 @@ from notifyctl.identifiers import check_email, check_token, check_user_id
 from notifyctl.models import DeviceToken, User, utcnow
 from notifyctl.settings import Settings
 from tests.conftest import cli_env, make_settings
-from tests.util import ANDROID_TOKEN, IOS_TOKEN, ApiServer, count_notifications, deliveries, fcm_token, seed, send
-from worker.pool import run_worker
+from tests.util import (
+    ANDROID_TOKEN,
+    IOS_TOKEN,
+    ApiServer,
+    count_notifications,
+    deliveries,
+    drain,
+    fcm_token,
+    seed,
+    send,
+)
 
 runner = CliRunner()
 OLD = "0a" * 32
@@ -65,10 +74,6 @@ def token_rows(ctx: Context) -> dict[str, DeviceToken]:
 
 def live_tokens(ctx: Context, user_id: str) -> set[str]:
     return {t for t, row in token_rows(ctx).items() if row.user_id == user_id and row.removed_at is None}
-
-
-def drain(settings: Settings) -> None:
-    run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def outbox(settings: Settings, route: str = "push.ios") -> list[dict[str, Any]]:

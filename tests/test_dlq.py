@@ -33,8 +33,7 @@ from notifyctl.models import Delivery, DeliveryEvent, Notification, new_id, utcn
 from notifyctl.settings import Settings
 from tests.conftest import cli_env, make_settings
 from tests.net import ClosedPort
-from tests.util import deliveries, events, notification, seed, send
-from worker.pool import run_worker
+from tests.util import deliveries, drain, events, notification, seed, send
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
 
@@ -63,12 +62,6 @@ def cli_json(ctx: Context, *args: str) -> Any:
 
 
 @pytest.fixture
-def smtp() -> Iterator[SmtpSandbox]:
-    with SmtpSandbox() as sb:
-        yield sb
-
-
-@pytest.fixture
 def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) -> Iterator[Context]:
     ctx = Context(
         make_settings(
@@ -88,10 +81,6 @@ def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) ->
     jobs.close()
     ctx.close()
     dispose_all()
-
-
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def sent_counts(sb: SmtpSandbox) -> Counter[str]:

@@ -14,10 +14,9 @@ import redis
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from tests.conftest import make_settings
-from tests.util import deliveries, events, seed, send
+from tests.util import deliveries, drain, events, seed, send
 from worker import jobs
 from worker.circuit import Circuits
-from worker.pool import run_worker
 from worker.sandbox.aws import AwsSandbox
 from worker.sandbox.twilio import TwilioSandbox
 
@@ -58,10 +57,6 @@ def _cleanup(aws: AwsSandbox) -> Iterator[None]:
     yield
     jobs.close()
     dispose_all()
-
-
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def dead_letter_through_trials(ctx: Context, ids: list[str], cooldown: float = 0.5) -> None:

@@ -19,7 +19,7 @@ from notifyctl import keys, metrics
 from notifyctl.context import Context
 from notifyctl.models import DeliveryEvent
 from tests.conftest import make_settings
-from tests.util import deliveries, seed, send
+from tests.util import deliveries, seed, send, wait_for
 from worker.claims import BUSY, DOUBT, OK, Claims
 from worker.pipeline import Runtime, delivery_id, process
 from worker.sandbox.sendgrid import SendgridSandbox
@@ -28,21 +28,11 @@ from worker.status import status_report
 API_KEY = "SG.fencing-test-key"
 
 
-def wait_for(pred, timeout: float = 10, step: float = 0.02):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return None
-
-
 def expire(c: Claims, did: str, other: Claims) -> str:
     """Wait until ``c``'s lease on ``did`` has run out (Redis's clock), as seen by ``other``; returns
     what ``other.take`` answered then."""
     c.drop()
-    got = wait_for(lambda: (r := other.take([did])[0]) != BUSY and r)
+    got = wait_for(lambda: (r := other.take([did])[0]) != BUSY and r, 10, 0.02)
     assert got, "the lease never expired"
     return got
 
@@ -67,7 +57,7 @@ def test_a_lease_taken_over_in_flight_is_in_doubt(rclient: redis.Redis) -> None:
         assert a.take(["d1", "d2"]) == [OK, OK]
         assert a.fence(["d1"]) == [True]  # A calls the provider for d1 only, then dies
         a.drop()  # (killed: no more renewal)
-        got = wait_for(lambda: (r := b.take(["d1", "d2"]))[0] != BUSY and r)
+        got = wait_for(lambda: (r := b.take(["d1", "d2"]))[0] != BUSY and r, 10, 0.02)
         assert got == [DOUBT + "host-a-1", OK]  # taken over once expired; only d1 had been in flight
         # A, back, is fenced off: its lease on d1 is B's now
         assert a.fence(["d1", "d2"]) == [False, False]
@@ -89,7 +79,7 @@ def test_leases_are_renewed_while_held(rclient: redis.Redis) -> None:
     a, b = Claims(rclient, "host-a-1", 0.3, 60), Claims(rclient, "host-b-1", 0.3, 60)
     try:
         assert a.take(["d1"]) == [OK]
-        assert wait_for(lambda: a.renewals >= 6)  # > 3 lease lengths later
+        assert wait_for(lambda: a.renewals >= 6, 10, 0.02)  # > 3 lease lengths later
         assert b.take(["d1"]) == [BUSY]
         assert a.fence(["d1"]) == [True]
         assert expire(a, "d1", b) == DOUBT + "host-a-1"
@@ -137,7 +127,7 @@ def test_lease_outlives_a_slow_provider_call(
     try:
         t = threading.Thread(target=process, args=(a, [res.notification_id]))
         t.start()
-        assert wait_for(lambda: sandbox.faults.pending() == 0), "the request never reached the sandbox"
+        assert wait_for(lambda: sandbox.faults.pending() == 0, 10, 0.02), "the request never reached the sandbox"
         time.sleep(0.6)  # two lease lengths into the call: only renewal keeps it
         stats = process(b, [res.notification_id])
         t.join(timeout=30)
@@ -162,7 +152,7 @@ def test_a_delivery_left_in_flight_is_sent_again_and_recorded_in_doubt(
     dead.close()
     rt = Runtime(ctx, "host-b-1")
     try:
-        assert wait_for(lambda: process(rt, [res.notification_id]).sent == 1), "never sent"
+        assert wait_for(lambda: process(rt, [res.notification_id]).sent == 1, 10, 0.02), "never sent"
         (d,) = deliveries(ctx, res.notification_id)
         assert d.status == "sent"
         with Session(ctx.engine) as s:
@@ -187,7 +177,7 @@ def test_no_request_starts_that_could_outlast_the_lease(rclient: redis.Redis) ->
         assert c.take(["d1"]) == [OK]
         assert c.may_start(0.2) and c.may_start(5.0)  # a timeout as long as the lease is never judged
         c.drop()  # renewals stop, as when Redis is unreachable
-        assert wait_for(lambda: not c.may_start(0.2), 5)
+        assert wait_for(lambda: not c.may_start(0.2), 5, 0.02)
         assert c.may_start(5.0)
     finally:
         c.close()

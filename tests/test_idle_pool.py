@@ -10,21 +10,18 @@ pool logged no ERROR."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from rq import Worker
 
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.redisconn import connect, stop_server
-from tests.conftest import ROOT, cli_env, make_settings
-from tests.util import deliveries, notification, seed, send, wait_for
+from tests.conftest import cli_env, make_settings, start_pool, stop_pool
+from tests.util import deliveries, idle_workers, notification, seed, send, wait_for
 
 SOCKET_TIMEOUT = 1.0  # the setting under test: ordinary commands' socket timeout
 IDLE = 3 * SOCKET_TIMEOUT  # the idle spell must exceed it
@@ -42,15 +39,10 @@ def test_otp_after_idle_spell_is_sent_at_once(
     env = cli_env(settings, NOTIFY_REDIS_SOCKET_TIMEOUT=str(SOCKET_TIMEOUT))
     log_path = tmp_path / "pool.log"
     with open(log_path, "w") as log:
-        pool = subprocess.Popen(
-            [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "2"],
-            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+        pool = start_pool(env, "2", stdout=log, stderr=subprocess.STDOUT)
     try:
         # both workers registered and listening: the idle spell starts now
-        assert wait_for(lambda: len([w for w in Worker.all(connection=ctx.redis) if w.state == "idle"]) == 2, 30), (
-            log_path.read_text()
-        )
+        assert wait_for(lambda: idle_workers(ctx) == 2, 30), log_path.read_text()
         time.sleep(IDLE)
         assert pool.poll() is None, log_path.read_text()
         otp = send(ctx, template_id="otp_code", channels=["sms"], recipient_id="dave", data={"code": "1", "minutes": 5})
@@ -59,12 +51,7 @@ def test_otp_after_idle_spell_is_sent_at_once(
         created = notification(ctx, otp.notification_id).created_at
         latency = (sent[0].sent_at - created).total_seconds()
     finally:
-        pool.send_signal(signal.SIGTERM)
-        try:
-            pool.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pool.kill()
-            pool.wait()
+        stop_pool(pool)
         ctx.close()
         dispose_all()
         if server == "embedded":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from rq.job import Job
 
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
-from tests.conftest import ROOT, cli_env, make_settings
+from tests.conftest import cli_env, make_settings, start_pool, stop_pool
 from tests.util import deliveries, notification, seed, send, wait_for
 from worker.sandbox.smtp import SmtpSandbox
 
@@ -40,10 +39,7 @@ def test_worker_killed_mid_send_loses_nothing_and_sends_once(home: Path, redis_u
             NOTIFY_WORKER_HEARTBEAT="0.5",
             NOTIFY_CLAIM_TTL="3",
         )
-        pool = subprocess.Popen(
-            [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "2"],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        pool = start_pool(env, "2", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             first = send(ctx, channels=["email"], data={"order_id": "O-0", "tracking_url": "u"})
             users = ["bob", "carol", "alice"]
@@ -86,12 +82,7 @@ def test_worker_killed_mid_send_loses_nothing_and_sends_once(home: Path, redis_u
                 (d.address, d.status, d.reason) for n in all_ids for d in deliveries(ctx, n)
             ]
         finally:
-            pool.send_signal(signal.SIGTERM)
-            try:
-                pool.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pool.kill()
-                pool.wait()
+            stop_pool(pool)
         ids = [m["headers"]["X-Notify-Delivery-Id"] for m in smtp.recorder.all()]
         dupes = {k: v for k, v in Counter(ids).items() if v > 1}
         assert dupes == {}, f"sent twice: {dupes}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,17 +22,11 @@ from notifyctl.db import dispose_all
 from notifyctl.errors import InputError
 from notifyctl.models import OrderedNotification
 from notifyctl.settings import Settings
-from tests.conftest import PG_AVAILABLE, PG_URL, ROOT, cli_env, make_settings, run_cli
+from tests.conftest import PG_AVAILABLE, PG_URL, cli_env, make_settings, run_cli, start_pool
 from tests.util import seed, send
 from worker.sandbox.smtp import SmtpSandbox
 
 N = 6  # enough for three workers to take out-of-order ones at once; each waits ~1 s for its predecessor
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpSandbox]:
-    with SmtpSandbox() as sb:
-        yield sb
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -75,10 +68,7 @@ def order_ids(smtp: SmtpSandbox, to: str) -> list[str]:
 
 
 def pool(settings: Settings, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "4"],
-        env=cli_env(settings, **env), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return start_pool(cli_env(settings, **env), "4", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def test_one_users_ordered_notifications_go_out_in_the_order_accepted(octx: Context, smtp: SmtpSandbox) -> None:

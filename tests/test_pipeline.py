@@ -7,13 +7,8 @@ import time
 from notifyctl.context import Context
 from notifyctl.directory import set_prefs
 from notifyctl.models import DeliveryStatus
-from tests.util import IOS_TOKEN, count_notifications, deliveries, events, notification, queue_depths, seed, send
-from worker.pool import run_worker
+from tests.util import IOS_TOKEN, count_notifications, deliveries, drain, events, notification, queue_depths, seed, send
 from worker.providers.outbox import read_outbox
-
-
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=True)
 
 
 def test_send_to_outbox_tracked_end_to_end(any_db_ctx: Context) -> None:
@@ -22,7 +17,7 @@ def test_send_to_outbox_tracked_end_to_end(any_db_ctx: Context) -> None:
     res = send(ctx, channels=["all"], dedup_key="order_shipped:ORD-1")
     assert res.status == "queued" and res.channels == ["push", "email", "sms"]
     assert queue_depths(ctx)["normal"] == 1
-    drain(ctx)
+    drain(ctx, reconcile=True)
     ds = deliveries(ctx, res.notification_id)
     assert sorted((d.route, d.address, d.status) for d in ds) == [
         ("email", "alice@example.com", "sent"),
@@ -48,7 +43,7 @@ def test_send_to_outbox_tracked_end_to_end(any_db_ctx: Context) -> None:
 def test_email_html_is_autoescaped_and_text_is_not(ctx: Context) -> None:
     seed(ctx)
     res = send(ctx, channels=["email"], data={"order_id": "<b>x</b>", "tracking_url": "https://t/?a=1&b=2"})
-    drain(ctx)
+    drain(ctx, reconcile=True)
     d = deliveries(ctx, res.notification_id)[0]
     rec = next(r for r in read_outbox(ctx.settings.outbox_dir) if r["delivery_id"] == d.id)
     assert "&lt;b&gt;x&lt;/b&gt;" in rec["content"]["html"]
@@ -61,7 +56,7 @@ def test_opt_out_per_channel(ctx: Context) -> None:
     set_prefs(ctx, "alice", off=["email"], on=[])
     res = send(ctx, channels=["push", "email"])
     assert res.status == "queued"
-    drain(ctx)
+    drain(ctx, reconcile=True)
     by = {d.channel: d for d in deliveries(ctx, res.notification_id)}
     assert by["push"].status == "sent"
     assert by["email"].status == "suppressed" and by["email"].reason == "opted_out:email:*"
@@ -81,7 +76,7 @@ def test_opt_out_per_category_spares_other_categories(ctx: Context) -> None:
     assert notification(ctx, promo.notification_id).status == "suppressed"
     order = send(ctx, channels=["email"])
     assert order.status == "queued"
-    drain(ctx)
+    drain(ctx, reconcile=True)
     assert [d.status for d in deliveries(ctx, order.notification_id)] == ["sent"]
     assert deliveries(ctx, promo.notification_id) == []
 
@@ -92,7 +87,7 @@ def test_opt_out_channel_and_category_combined(ctx: Context) -> None:
     res = send(
         ctx, template_id="weekly_promo", channels=["sms", "email"], data={"first_name": "A", "discount": 5, "code": "C"}
     )
-    drain(ctx)
+    drain(ctx, reconcile=True)
     by = {d.channel: d for d in deliveries(ctx, res.notification_id)}
     assert by["sms"].status == "suppressed" and by["sms"].reason == "opted_out:sms:marketing"
     assert by["email"].status == "sent"
@@ -102,7 +97,7 @@ def test_opt_out_set_after_queueing_still_applies(ctx: Context) -> None:
     seed(ctx)
     res = send(ctx, channels=["sms"])
     set_prefs(ctx, "alice", off=["sms"], on=[])
-    drain(ctx)
+    drain(ctx, reconcile=True)
     assert [(d.status, d.reason) for d in deliveries(ctx, res.notification_id)] == [("suppressed", "opted_out:sms:*")]
 
 
@@ -145,13 +140,13 @@ def test_rate_limit_suppresses_over_the_window(ctx: Context) -> None:
     }
     first = send(ctx, **promo)
     second = send(ctx, **promo)
-    drain(ctx)
+    drain(ctx, reconcile=True)
     assert [d.status for d in deliveries(ctx, first.notification_id)] == ["sent"]
     d2 = deliveries(ctx, second.notification_id)
     assert [(d.status, d.reason) for d in d2] == [("suppressed", "rate_limited:email")]
     # transactional email is not under the marketing email rule
     order = send(ctx, channels=["email"])
-    drain(ctx)
+    drain(ctx, reconcile=True)
     assert [d.status for d in deliveries(ctx, order.notification_id)] == ["sent"]
 
 
@@ -163,7 +158,7 @@ def test_push_limit_counts_per_notification_not_per_device(ctx: Context) -> None
     ids = [
         send(ctx, channels=["push"], data={"order_id": f"O{i}", "tracking_url": "u"}).notification_id for i in range(4)
     ]
-    drain(ctx)
+    drain(ctx, reconcile=True)
     statuses = [sorted(d.status for d in deliveries(ctx, n)) for n in ids]
     assert statuses[:3] == [["sent", "sent"]] * 3
     assert statuses[3] == ["suppressed"]
@@ -173,10 +168,10 @@ def test_high_priority_is_never_held_back_but_is_counted(ctx: Context) -> None:
     seed(ctx)
     otp = {"template_id": "otp_code", "channels": ["push"], "data": {"code": "1", "minutes": 5}}
     ids = [send(ctx, **otp).notification_id for _ in range(4)]  # 4 > push limit 3/h
-    drain(ctx)
+    drain(ctx, reconcile=True)
     assert all(deliveries(ctx, n)[0].status == "sent" for n in ids)
     normal = send(ctx, channels=["push"])
-    drain(ctx)
+    drain(ctx, reconcile=True)
     assert deliveries(ctx, normal.notification_id)[0].reason == "rate_limited:push"
 
 
@@ -185,7 +180,7 @@ def test_priority_order_high_before_normal_before_low(ctx: Context) -> None:
     low = send(ctx, template_id="weekly_promo", channels=["sms"], data={"first_name": "A", "discount": 1, "code": "c"})
     normal = send(ctx, channels=["sms"], recipient_id="carol")
     high = send(ctx, template_id="otp_code", channels=["sms"], recipient_id="dave", data={"code": "1", "minutes": 1})
-    drain(ctx)
+    drain(ctx, reconcile=True)
     order = [r["notification_id"] for r in read_outbox(ctx.settings.outbox_dir, "sms")]
     assert order == [high.notification_id, normal.notification_id, low.notification_id]
 
@@ -193,7 +188,7 @@ def test_priority_order_high_before_normal_before_low(ctx: Context) -> None:
 def test_no_address_and_unknown_channel_content(ctx: Context) -> None:
     seed(ctx)
     res = send(ctx, recipient_id="dave", channels=["push", "email", "sms"])
-    drain(ctx)
+    drain(ctx, reconcile=True)
     by = {d.channel: (d.status, d.reason) for d in deliveries(ctx, res.notification_id)}
     assert by == {
         "push": ("suppressed", "no_address:push"),
@@ -249,7 +244,7 @@ def test_marketing_sms_needs_opt_in_transactional_does_not(ctx: Context) -> None
     bob_promo = send(ctx, recipient_id="bob", **promo)
     alice_promo = send(ctx, recipient_id="alice", **promo)
     bob_order = send(ctx, recipient_id="bob", channels=["sms"])
-    drain(ctx)
+    drain(ctx, reconcile=True)
     assert [(d.status, d.reason) for d in deliveries(ctx, bob_promo.notification_id)] == [
         ("suppressed", "no_sms_opt_in")
     ]
@@ -266,7 +261,7 @@ def test_marketing_email_carries_one_click_unsubscribe(home, redis_url, rclient)
     promo = send(ctx, template_id="weekly_promo", channels=["email"],
                  data={"first_name": "A", "discount": 5, "code": "C"})  # fmt: skip
     order = send(ctx, channels=["email"], recipient_id="bob")
-    drain(ctx)
+    drain(ctx, reconcile=True)
     box = {r["notification_id"]: r for r in read_outbox(ctx.settings.outbox_dir, "email")}
     h = box[promo.notification_id]["headers"]
     assert h["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
@@ -405,7 +400,7 @@ def test_reconciler_queues_scheduled_work_on_each_database(any_db_ctx: Context) 
             .where(Notification.id == later.notification_id)
             .values(status="scheduled", job_id=None, due_at=utcnow() - timedelta(minutes=1))
         )
-    drain(ctx)  # the burst worker's reconciler queues it, the worker sends it
+    drain(ctx, reconcile=True)  # the burst worker's reconciler queues it, the worker sends it
     assert sorted((d.route, d.status) for d in deliveries(ctx, later.notification_id)) == [
         ("email", "sent"),
         ("push.android", "sent"),

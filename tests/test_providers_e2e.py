@@ -23,8 +23,7 @@ from notifyctl.db import dispose_all
 from notifyctl.models import OptOut
 from notifyctl.settings import Settings
 from tests.conftest import cli_env, make_settings
-from tests.util import ANDROID_TOKEN, IOS_TOKEN, deliveries, notification, seed, send
-from worker.pool import run_worker
+from tests.util import ANDROID_TOKEN, IOS_TOKEN, deliveries, drain, notification, seed, send
 
 ALICE_PHONE = "+14155550101"
 BOB_ANDROID = ANDROID_TOKEN
@@ -68,10 +67,6 @@ def contexts(home: Path, redis_url: str, rclient: Any) -> Iterator[Any]:
     for c in made:
         c.close()
     dispose_all()
-
-
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def tokens_json(settings: Settings, *args: str) -> list[dict[str, Any]]:

@@ -7,15 +7,11 @@ import time
 from datetime import UTC
 
 from notifyctl.context import Context
-from tests.util import deliveries, events, notification, queue_depths, seed, send
+from tests.util import deliveries, drain, events, notification, queue_depths, seed, send
 from worker.claims import Claims
-from worker.pool import queue_sets, run_worker
+from worker.pool import queue_sets
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
-
-
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def test_notification_whose_enqueue_never_happened_is_recovered(ctx: Context) -> None:

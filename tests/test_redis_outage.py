@@ -10,18 +10,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import redis
-from rq import Worker
 
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.redisconn import ensure_server, stop_server
-from tests.conftest import ROOT, cli_env, make_settings
-from tests.util import deliveries, seed, send, wait_for
+from tests.conftest import cli_env, make_settings, start_pool, stop_pool
+from tests.util import deliveries, idle_workers, seed, send, wait_for
 
 DOWN = 2.5  # longer than a heartbeat (0.5 s here), a reconciler round (1 s) and RQ's reconnect wait (1 s)
 
@@ -36,14 +34,9 @@ def test_a_redis_outage_is_one_warning_when_it_starts_and_one_when_it_ends(
     env = cli_env(settings, NOTIFY_WORKER_HEARTBEAT="0.5", NOTIFY_REDIS_SOCKET_TIMEOUT="2")
     log_path = tmp_path / "pool.log"
     with open(log_path, "w") as log:
-        pool = subprocess.Popen(
-            [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "2"],
-            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+        pool = start_pool(env, "2", stdout=log, stderr=subprocess.STDOUT)
     try:
-        assert wait_for(lambda: len([w for w in Worker.all(connection=ctx.redis) if w.state == "idle"]) == 2, 30), (
-            log_path.read_text()
-        )
+        assert wait_for(lambda: idle_workers(ctx) == 2, 30), log_path.read_text()
         before = send(ctx, template_id="otp_code", channels=["sms"], recipient_id="dave",
                       data={"code": "1", "minutes": 5})  # fmt: skip
         assert wait_for(lambda: [d for d in deliveries(ctx, before.notification_id) if d.status == "sent"], 30)
@@ -63,12 +56,7 @@ def test_a_redis_outage_is_one_warning_when_it_starts_and_one_when_it_ends(
         assert wait_for(lambda: "Redis answers again" in log_path.read_text(), 10), log_path.read_text()
         assert pool.poll() is None, log_path.read_text()
     finally:
-        pool.send_signal(signal.SIGTERM)
-        try:
-            pool.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pool.kill()
-            pool.wait()
+        stop_pool(pool)
         ctx.close()
         dispose_all()
         stop_server(redis_dir)

@@ -22,8 +22,7 @@ from notifyctl.context import Context
 from notifyctl.models import Delivery, DeliveryEvent, Notification, utcnow
 from notifyctl.retention import PurgeResult, purge
 from tests.conftest import cli_env, make_settings
-from tests.util import deliveries, notification, seed, send
-from worker.pool import run_worker
+from tests.util import deliveries, drain, notification, seed, send
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
@@ -43,10 +42,6 @@ def tick() -> datetime:
             return now
 
 
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
-
-
 def rows(ctx: Context, nids: list[str]) -> tuple[int, int, int]:
     """(notifications, deliveries, events) still stored for these notifications."""
     with Session(ctx.engine) as s:
@@ -54,12 +49,6 @@ def rows(ctx: Context, nids: list[str]) -> tuple[int, int, int]:
         d = s.execute(select(func.count()).where(Delivery.notification_id.in_(nids))).scalar_one()  # type: ignore[attr-defined]
         e = s.execute(select(func.count()).where(DeliveryEvent.notification_id.in_(nids))).scalar_one()  # type: ignore[arg-type]
     return n, d, e
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpSandbox]:
-    with SmtpSandbox() as sb:
-        yield sb
 
 
 @pytest.fixture

@@ -14,18 +14,11 @@ from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from tests.conftest import make_settings
 from tests.net import ClosedPort
-from tests.util import deliveries, events, notification, seed, send
+from tests.util import deliveries, drain, events, notification, seed, send
 from worker.pipeline import retry_delay
-from worker.pool import run_worker
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpSandbox]:
-    with SmtpSandbox() as sb:
-        yield sb
 
 
 @pytest.fixture
@@ -43,10 +36,6 @@ def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) ->
     jobs.close()
     ctx.close()
     dispose_all()
-
-
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def secs_from_now(dt: datetime | None) -> float:

@@ -27,18 +27,13 @@ from notifyctl.secretdata import ERASED_KEY, REDACTED, erase, redact
 from notifyctl.settings import Settings
 from notifyctl.templates import TemplateStore, parse_template
 from tests.conftest import cli_env, make_settings
-from tests.util import ApiServer, deliveries, notification, seed, send
-from worker.pool import run_worker
+from tests.util import ApiServer, deliveries, drain, notification, seed, send
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
 
 CODE = "739146"  # unique enough to search every byte for
 OTP = {"template_id": "otp_code", "priority": "high", "data": {"code": CODE, "minutes": 5}}
-
-
-def drain(ctx: Context) -> None:
-    run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
 
 
 def redis_keys_holding(r: redis.Redis, needle: bytes) -> list[str]:
@@ -139,12 +134,6 @@ def test_suppressed_by_the_worker_is_erased(ctx: Context) -> None:
 
 
 # -- retries keep it, a replay after the erase says why it cannot send -----------------------------
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpSandbox]:
-    with SmtpSandbox() as sb:
-        yield sb
 
 
 @pytest.fixture

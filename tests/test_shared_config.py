@@ -11,8 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,29 +20,14 @@ from sqlalchemy import create_engine, select, text
 from sqlmodel import Session
 
 from notifyctl.context import Context
-from notifyctl.db import dispose_all
 from notifyctl.models import DeliveryEvent, OptOut
-from tests.conftest import PG_AVAILABLE, PG_URL, ROOT, cli_env, make_settings
+from tests.conftest import PG_AVAILABLE, ROOT, cli_env, make_settings
 from tests.util import seed, send
 from worker.pool import run_worker
 from worker.providers.outbox import read_outbox
 
 pytestmark = pytest.mark.skipif(not PG_AVAILABLE, reason="PostgreSQL not reachable on 127.0.0.1:5432")
 PUBLIC = "https://notify.example.com"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    pytest.importorskip("psycopg2")
-    schema = "t_" + uuid.uuid4().hex[:10]
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    dispose_all()
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
 
 
 def host_home(tmp_path: Path, name: str) -> Path:

@@ -10,25 +10,22 @@ import json
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 from sqlmodel import Session
 from typer.testing import CliRunner
 
 from notifyctl.api.auth import create_key
 from notifyctl.cli.main import app
 from notifyctl.context import Context
-from notifyctl.db import dispose_all
 from notifyctl.errors import TemplateError
 from notifyctl.models import Notification, SharedTemplate
 from notifyctl.settings import Settings
-from tests.conftest import PG_AVAILABLE, PG_URL, ROOT, cli_env, make_settings, run_cli
+from tests.conftest import ROOT, cli_env, make_settings, run_cli
 from tests.util import ApiServer, seed, send
 from worker.providers.outbox import read_outbox
 
@@ -46,27 +43,6 @@ text = "Hello {{ name }}"
 
 def greeting(edition: str) -> str:
     return GREETING.replace("EDITION", edition)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """One database for both homes: a SQLite file in neither home, or a PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared.db'}"
-        dispose_all()
-        return
-    if not PG_AVAILABLE:
-        pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
-    pytest.importorskip("psycopg2")
-    schema = "t_" + uuid.uuid4().hex[:10]
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    dispose_all()
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
 
 
 def homes(tmp_path: Path, redis_url: str, db_url: str) -> tuple[Settings, Settings]:

@@ -7,39 +7,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import create_engine, text
 
-from notifyctl.db import dispose_all
 from notifyctl.redisconn import stop_server
 from notifyctl.settings import Settings
-from tests.conftest import PG_AVAILABLE, PG_URL, ROOT, cli_env, make_settings
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The hosts' shared database: a SQLite file of no home, or a PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared.db'}"
-        dispose_all()
-        return
-    if not PG_AVAILABLE:
-        pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
-    pytest.importorskip("psycopg2")
-    schema = "t_" + uuid.uuid4().hex[:10]
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    dispose_all()
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+from tests.conftest import ROOT, cli_env, make_settings
 
 
 @pytest.fixture(autouse=True)

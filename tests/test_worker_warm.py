@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -66,11 +65,10 @@ def test_bulk_workers_run_sched_batch_and_the_high_worker_does_not(settings: Set
     from rq import Worker
 
     from notifyctl.context import Context
-    from tests.conftest import ROOT, cli_env
+    from tests.conftest import cli_env, start_pool, stop_pool
 
     ctx = Context(settings)
-    pool = subprocess.Popen([sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", "3"],
-                            env=cli_env(settings), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    pool = start_pool(cli_env(settings), "3", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while len(Worker.all(connection=ctx.redis)) < 3 and time.monotonic() < deadline:
@@ -86,10 +84,5 @@ def test_bulk_workers_run_sched_batch_and_the_high_worker_does_not(settings: Set
         assert high == [(os.SCHED_OTHER, 0)], seen
         assert bulk == [(os.SCHED_BATCH, 0)] * 2, seen
     finally:
-        pool.send_signal(signal.SIGTERM)
-        try:
-            pool.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pool.kill()
-            pool.wait()
+        stop_pool(pool, timeout=30)
         ctx.close()

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from rq import Worker
 from sqlalchemy import select
 from sqlmodel import Session
 
@@ -17,6 +18,8 @@ from notifyctl.context import Context
 from notifyctl.directory import import_users, register_token
 from notifyctl.intake import SubmitResult, parse_request, submit
 from notifyctl.models import Delivery, DeliveryEvent, Notification
+from notifyctl.settings import Settings
+from worker.pool import run_worker
 
 USERS = """user_id,email,phone,timezone,locale,sms_opt_in,first_name
 alice,alice@example.com,+14155550101,America/Los_Angeles,en,true,Alice
@@ -128,6 +131,18 @@ class ApiServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def drain(target: Context | Settings, *, reconcile: bool = False) -> None:
+    """Waits on the queues: one burst worker in this process takes every job on high, normal and low
+    until all three are empty (with ``reconcile``, its reconciler runs too and may queue more)."""
+    settings = target.settings if isinstance(target, Context) else target
+    run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=reconcile)
+
+
+def idle_workers(ctx: Context) -> int:
+    """How many rq workers registered in ``ctx``'s Redis are idle (listening on their queues)."""
+    return len([w for w in Worker.all(connection=ctx.redis) if w.state == "idle"])
 
 
 def wait_for(pred, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
