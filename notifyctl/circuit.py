@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import redis
 
 from notifyctl import keys
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
 
 CLOSED, OPEN, HALF_OPEN, THROTTLED = "closed", "open", "half_open", "throttled"
 
@@ -65,7 +69,7 @@ class Circuits:
         pipe.hset(key, "last_failure", now)
         fails = pipe.execute()[0]
         if was == HALF_OPEN or fails >= self.threshold:
-            mapping: dict[str, float] = {"open_until": now + self.cooldown}
+            mapping: dict[FieldT, EncodableT] = {"open_until": now + self.cooldown}
             if was == CLOSED:
                 mapping["opened_at"] = now
             self.client.hset(key, mapping=mapping)

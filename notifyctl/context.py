@@ -40,7 +40,7 @@ class Context:
     def queue(self, priority: str) -> Queue:
         from rq import Queue
 
-        cache = self.__dict__.setdefault("_queues", {})
+        cache: dict[str, Queue] = self.__dict__.setdefault("_queues", {})
         q = cache.get(priority)
         if q is None:
             q = cache[priority] = Queue(queue_name(priority), connection=self.redis)

@@ -115,7 +115,11 @@ def prepare_insert(
 
             ins = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(table)
             stmt = ins.on_conflict_do_nothing(index_elements=skip_conflicts_on)
-        return lambda conn: conn.execute(stmt, rows) and None
+
+        def run_insert(conn: Connection) -> None:
+            conn.execute(stmt, rows)
+
+        return run_insert
     dialect = engine.dialect
     params = _driver_rows(dialect, table, cols, rows)
     q = dialect.identifier_preparer
@@ -125,7 +129,11 @@ def prepare_insert(
     )
     if skip_conflicts_on:
         sql += f" ON CONFLICT ({', '.join(q.quote(c) for c in skip_conflicts_on)}) DO NOTHING"
-    return lambda conn: conn.exec_driver_sql(sql, params) and None
+
+    def run_driver_sql(conn: Connection) -> None:
+        conn.exec_driver_sql(sql, params)
+
+    return run_driver_sql
 
 
 def _driver_rows(dialect: Any, table: Table, cols: list[str], rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -241,7 +249,7 @@ def rows_where_in(
         marks = ", ".join([mark] * len(chunk))
         res = conn.exec_driver_sql(f"{select_sql} WHERE {column} IN ({marks}) {and_sql}", chunk)
         try:
-            out += res.cursor.fetchall()  # type: ignore[union-attr]
+            out += res.cursor.fetchall()
         finally:
             res.close()
     return out
@@ -302,13 +310,22 @@ def _existing_columns(conn: Connection) -> dict[str, set[str]]:
     """Table name → its column names, in one query (this runs every time a process opens the database)."""
     dialect = conn.dialect.name
     if dialect == "sqlite":
-        rows = conn.exec_driver_sql(
-            "SELECT m.name, p.name FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS p WHERE m.type = 'table'"
-        ).all()
+        rows = (
+            conn.exec_driver_sql(
+                "SELECT m.name, p.name FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS p"
+                " WHERE m.type = 'table'"
+            )
+            .tuples()
+            .all()
+        )
     elif dialect == "postgresql":
-        rows = conn.exec_driver_sql(
-            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
-        ).all()
+        rows = (
+            conn.exec_driver_sql(
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+            )
+            .tuples()
+            .all()
+        )
     else:
         from sqlalchemy import inspect
 

@@ -60,7 +60,7 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def open_private(path: Path | str, flags: int) -> int:
+def open_private(path: str | os.PathLike[str], flags: int) -> int:
     """``os.open`` creating the file 0600 when it does not exist (``flags`` gets ``O_CREAT``)."""
     fd = os.open(path, flags | os.O_CREAT, PRIVATE_FILE)
     try:
@@ -75,7 +75,7 @@ def create_private(path: Path | str) -> None:
     os.close(open_private(path, os.O_WRONLY))
 
 
-def write_private(path: Path | str, data: bytes) -> Path:
+def write_private(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` (replacing its content), the file 0600 even if it existed before."""
     fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
     with os.fdopen(fd, "wb") as fh:

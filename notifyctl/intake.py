@@ -17,7 +17,7 @@ Order matters for "nothing lost, nothing twice":
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlmodel import Session
@@ -177,7 +177,7 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
         # Layer 1, Redis: claim the key, marked pending until the SQL commit. A key that names a
         # committed notification answers "duplicate" here, without a SQL statement.
         if not r.set(dkey, marker, nx=True, ex=ttl):
-            held = r.get(dkey)
+            held = cast("bytes | None", r.get(dkey))  # the client does not decode responses
             if held is not None and not held.startswith(PENDING.encode()):
                 return SubmitResult(held.decode(), "suppressed", "duplicate", priority, channels)
             # pending (another intake is committing it, or died doing so) or just expired: SQL decides

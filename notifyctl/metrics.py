@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 import redis
 
@@ -116,7 +117,9 @@ def collect(ctx: Any) -> list[Any]:
     deliveries = CounterMetricFamily(
         "notify_deliveries", "Delivery outcomes by status, channel and reason.", labels=["status", "channel", "reason"]
     )
-    for field, n in sorted((k.decode(), int(v)) for k, v in r.hgetall(DELIVERIES).items()):
+    # the client does not decode responses (notifyctl.redisconn): keys and values are bytes
+    delivered = cast("dict[bytes, bytes]", r.hgetall(DELIVERIES))
+    for field, n in sorted((k.decode(), int(v)) for k, v in delivered.items()):
         status, channel, reason = (field.split("|") + ["", ""])[:3]
         deliveries.add_metric([status, channel, reason], n)
     out.append(deliveries)
@@ -126,7 +129,8 @@ def collect(ctx: Any) -> list[Any]:
         "Deliveries whose worker stopped with the provider call under way, sent again (they may have arrived twice).",
         labels=["channel"],
     )
-    for channel, n in sorted((k.decode(), int(v)) for k, v in r.hgetall(IN_DOUBT).items()):
+    in_doubt = cast("dict[bytes, bytes]", r.hgetall(IN_DOUBT))
+    for channel, n in sorted((k.decode(), int(v)) for k, v in in_doubt.items()):
         doubt.add_metric([channel], n)
     out.append(doubt)
 
@@ -147,9 +151,10 @@ def collect(ctx: Any) -> list[Any]:
     latency = HistogramMetricFamily(
         "notify_provider_latency_seconds", "Time a provider took to answer a batch, per message.", labels=["provider"]
     )
-    for key in sorted(k.decode() for k in r.scan_iter(match=keys.METRICS_LATENCY_PATTERN, count=100)):
+    latency_keys = cast("Iterator[bytes]", r.scan_iter(match=keys.METRICS_LATENCY_PATTERN, count=100))
+    for key in sorted(k.decode() for k in latency_keys):
         provider = key[len(LATENCY) :]
-        h = {k.decode(): v for k, v in r.hgetall(key).items()}
+        h = {k.decode(): v for k, v in cast("dict[bytes, bytes]", r.hgetall(key)).items()}
         cum = 0
         buckets = []
         for b in (*(str(b) for b in BUCKETS), "+Inf"):

@@ -460,7 +460,7 @@ def _bounded_concat(markup: bool) -> Callable[[Iterable[Any]], str]:
                 size += 1
             if size > MAX_TEXT:
                 raise RenderLimit(f"~ would make a string longer than {MAX_TEXT:,} characters")
-        return join(seq)  # type: ignore[no-any-return]
+        return join(seq)
 
     return concat
 
@@ -501,7 +501,7 @@ class _CodeGenerator(CodeGenerator):
     def _output_child_to_const(self, node: nodes.Expr, frame: Frame, finalize: Any) -> str:
         if self.count_output and not isinstance(node, nodes.TemplateData):
             raise nodes.Impossible()  # printed at run time, so that it is counted
-        return super()._output_child_to_const(node, frame, finalize)  # type: ignore[no-any-return]
+        return super()._output_child_to_const(node, frame, finalize)
 
     def _output_child_pre(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
         if self.count_output:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from jinja2 import Template as JinjaTemplate
 from jinja2 import TemplateSyntaxError, UndefinedError, meta, nodes
-from jinja2.sandbox import SecurityError
+from jinja2.exceptions import SecurityError
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -70,7 +70,7 @@ SAMPLE_USER = {"id": "sample-user", "email": "sample@example.com", "locale": "en
 
 def _run(tmpl: JinjaTemplate, data: dict[str, Any]) -> str:
     # Template.render without its copy of the data and traceback rewriting (we report messages)
-    return "".join(tmpl.root_render_func(tmpl.new_context(data)))  # type: ignore[attr-defined]
+    return "".join(tmpl.root_render_func(tmpl.new_context(data)))
 
 
 def _parse(src: str) -> nodes.Template | None:

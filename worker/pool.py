@@ -299,7 +299,8 @@ class Pool:
                         alive += 1
                     elif not self.burst:
                         alive += 1
-                        if self._restart_at[i] is None:
+                        restart_at = self._restart_at[i]
+                        if restart_at is None:
                             # a worker that dies soon after starting (Redis down, say) is restarted
                             # with growing delays, not in a tight loop
                             quick = now - self._started_at[i] < 5
@@ -310,8 +311,8 @@ class Pool:
                                 log.debug("worker %s exited with %s; restarting in %.1fs", p.name, p.exitcode, delay)
                             else:
                                 log.warning("worker %s exited with %s; restarting in %.1fs", p.name, p.exitcode, delay)
-                            self._restart_at[i] = now + delay
-                        if now >= self._restart_at[i]:
+                            restart_at = self._restart_at[i] = now + delay
+                        if now >= restart_at:
                             self._restart_at[i] = None
                             self.restarts += 1
                             self._start(i)

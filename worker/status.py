@@ -6,7 +6,7 @@ It lives in the worker layer because it reads the workers' own state (liveness k
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, select
 from sqlmodel import Session, col
@@ -28,7 +28,8 @@ def status_report(ctx: Context) -> dict[str, Any]:
     # from notifyctl's own liveness keys (not RQ's registry, which keeps a killed worker for
     # minutes): a worker that stopped beating is gone within worker_alive_ttl, whatever host it ran on
     workers = live_workers(r)
-    in_doubt = {k.decode(): int(v) for k, v in r.hgetall(metrics.IN_DOUBT).items()}
+    # the client does not decode responses (notifyctl.redisconn): keys and values are bytes
+    in_doubt = {k.decode(): int(v) for k, v in cast("dict[bytes, bytes]", r.hgetall(metrics.IN_DOUBT)).items()}
     s = ctx.settings
     names = sorted({n for route in ROUTES for n in s.providers_for(route)}
                    | set(s.providers_voice))  # fmt: skip

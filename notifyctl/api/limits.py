@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
@@ -96,7 +96,7 @@ def is_json(content_type: str | None) -> bool:
 class LimitedRoute(APIRoute):
     """The route class of every router: its handler sees a :class:`LimitedRequest`."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         takes_json = self.body_field is not None
 

@@ -48,7 +48,8 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"], route_class=LimitedRou
 
 
 def _config(request: Request) -> ApiConfig:
-    return request.app.state.api_config
+    config: ApiConfig = request.app.state.api_config
+    return config
 
 
 def sns_certificates(request: Request) -> SnsCertificates:

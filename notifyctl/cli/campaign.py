@@ -13,7 +13,8 @@ from rich.table import Table
 
 from notifyctl.cli.common import JsonOpt, console, err_console, fmt_time, get_ctx, print_json
 from notifyctl.errors import InputError
-from notifyctl.intake import json_problem, load_json
+from notifyctl.intake import json_problem
+from notifyctl.jsonload import load_json
 
 # Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
 # the root needs (no worker, campaigns, API or phone-number modules).

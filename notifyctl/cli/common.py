@@ -25,7 +25,7 @@ def get_ctx(ctx: typer.Context) -> Context:
     """The Context the root callback built. A sub-app run on its own (``notifyctl.cli.providers.app``)
     has no root callback: its first command builds the settings root here, once."""
     root = ctx.find_root()
-    obj = root.obj
+    obj: Context | None = root.obj
     if obj is None:
         obj = root.obj = Context(load_settings())
     return obj

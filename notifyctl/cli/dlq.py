@@ -175,7 +175,11 @@ def show(
     console.print(ev)
 
 
-def _select(ids: list[str] | None, all_: bool, filters: tuple[Any, ...], verb: str) -> Any:
+# channel, provider, error, template, older_than, newer_than: _filter's positional arguments
+_Filters = tuple[str | None, str | None, str | None, str | None, str | None, str | None]
+
+
+def _select(ids: list[str] | None, all_: bool, filters: _Filters, verb: str) -> Any:
     f = _filter(*filters, ids=ids)
     if ids and not f.ids:
         raise InputError("ID: empty delivery id")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import typer
 from rich.markup import escape
@@ -245,6 +245,16 @@ def list_(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
     console.print(table)
 
 
+class _CheckRow(TypedDict):
+    """One provider's line in ``providers check``."""
+
+    provider: str
+    routes: list[str]
+    ok: bool
+    problem: str | None
+    seconds: float
+
+
 @app.command("check")
 def check(
     ctx: typer.Context,
@@ -270,7 +280,7 @@ def check(
         secrets = _secret_values(settings, [e.provider for e in entries if e.provider is not None])
     finally:
         _close(loaded)
-    rows = [
+    rows: list[_CheckRow] = [
         {
             "provider": e.name,
             "routes": e.routes,
@@ -288,7 +298,7 @@ def check(
         for col in ("provider", "routes", "result", "time"):
             table.add_column(col, overflow="fold")
         for r in rows:
-            result = "[green]ok[/green]" if r["ok"] else f"[red]FAIL[/red] {escape(r['problem'])}"
+            result = "[green]ok[/green]" if r["ok"] else f"[red]FAIL[/red] {escape(r['problem'] or '')}"
             table.add_row(r["provider"], ", ".join(r["routes"]), result, f"{r['seconds']:.2f}s")
         console.print(table)
         console.print(f"{len(rows) - len(failed)} ok, {len(failed)} failed")

@@ -9,7 +9,8 @@ import typer
 
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
 from notifyctl.errors import InputError
-from notifyctl.intake import load_json, parse_request, submit
+from notifyctl.intake import parse_request, submit
+from notifyctl.jsonload import load_json
 
 
 def _parse_data(items: list[str]) -> dict[str, Any]:

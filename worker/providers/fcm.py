@@ -313,7 +313,7 @@ def _load_account_info(cfg: Config) -> dict[str, Any]:
     else:
         raise Misconfigured("fcm: set NOTIFY_FCM_SERVICE_ACCOUNT_FILE or NOTIFY_FCM_SERVICE_ACCOUNT_JSON")
     try:
-        info = json.loads(raw)
+        info: dict[str, Any] = json.loads(raw)
     except ValueError:
         raise Misconfigured(f"fcm: {source} is not valid JSON") from None
     return info

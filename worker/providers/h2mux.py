@@ -54,8 +54,8 @@ def system_ca() -> tuple[str | None, str | None]:
     store for a real APNs or FCM. The libcurl in pycurl's wheels looks for a bundle where Red Hat
     keeps it (``/etc/pki/tls/certs/ca-bundle.crt``), which Debian has not: it is told where."""
     paths = ssl.get_default_verify_paths()
-    cafile = os.environ.get(paths.openssl_cafile_env) or paths.cafile
-    capath = os.environ.get(paths.openssl_capath_env) or paths.capath
+    cafile: str | None = os.environ.get(paths.openssl_cafile_env) or paths.cafile
+    capath: str | None = os.environ.get(paths.openssl_capath_env) or paths.capath
     cafile = cafile if cafile and os.path.isfile(cafile) else None
     capath = capath if capath and os.path.isdir(capath) else None
     if cafile is None and capath is None:

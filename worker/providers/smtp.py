@@ -434,7 +434,7 @@ class Provider:
                 raise _Stale from None
             return Retry(f"SMTP connection lost during {stage.upper()}: {_text(str(exc)) or exc.__class__.__name__}")
 
-    def _rejected(self, conn: _Conn, stage: str, code: int, resp: bytes) -> Outcome:
+    def _rejected(self, conn: _Conn, stage: str, code: int, resp: bytes | str) -> Outcome:
         if code == 421:
             conn.broken = True
         else:

@@ -313,7 +313,7 @@ class AwsSandbox(HttpSandbox):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> AwsSandbox:
-        from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
@@ -557,7 +557,8 @@ class AwsSandbox(HttpSandbox):
 
     def _moto_data(self) -> dict[str, Any]:
         resp = self._upstream.request("GET", "/moto-api/data.json", headers=self._upstream_headers)
-        return json.loads(resp.data)
+        data: dict[str, Any] = json.loads(resp.data)
+        return data
 
     def sent_emails(self) -> list[dict[str, Any]]:
         """Emails moto accepted: ``id``, ``source``, ``subject``, ``destinations`` and ``body``

@@ -252,7 +252,7 @@ def validate_message(msg: Any) -> None:
 
 
 class FcmHandler(SandboxHandler):
-    sandbox: FcmSandbox  # type: ignore[assignment]
+    sandbox: FcmSandbox
 
     def setup(self) -> None:
         super().setup()

@@ -43,7 +43,8 @@ import time
 from email.header import decode_header, make_header
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
+from aiosmtpd.smtp import Session as SmtpSession
 
 from worker.sandbox.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
 
@@ -142,7 +143,9 @@ class _Handler:
             return reply
         return None
 
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
+    async def handle_MAIL(  # noqa: N802
+        self, server: SMTP, session: SmtpSession, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
         if self.sb.auth and not session.authenticated:
             return "530 5.7.0 Authentication required"
         reply = await self._fault(server, "mail", address)
@@ -152,7 +155,9 @@ class _Handler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+    async def handle_RCPT(  # noqa: N802
+        self, server: SMTP, session: SmtpSession, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
         reply = await self._fault(server, "rcpt", address)
         if reply:
             return reply
@@ -160,7 +165,7 @@ class _Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:  # noqa: N802
         reply = await self._fault(server, "data", " ".join(envelope.rcpt_tos))
         if reply:
             return reply
@@ -213,7 +218,7 @@ class _SMTP(SMTP):
 class _ControlHandler(SandboxHandler):
     """Only the control API (the SMTP side is the real protocol); adds ``GET /_sandbox/stats``."""
 
-    sandbox: _ControlServer  # type: ignore[assignment]
+    sandbox: _ControlServer
 
     def _dispatch(self, method: str) -> None:
         body = self._read_body()
@@ -350,7 +355,7 @@ class SmtpSandbox:
         return AuthResult(success=False, handled=False)
 
     def _factory(self) -> _SMTP:
-        proto_cls = type("_SandboxSMTP", (_SMTP,), {"sandbox": self})
+        proto_cls: type[_SMTP] = type("_SandboxSMTP", (_SMTP,), {"sandbox": self})
         return proto_cls(
             _Handler(self),
             hostname=self.hostname,
