@@ -14,7 +14,7 @@ from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from tests.conftest import make_settings
 from tests.net import ClosedPort
-from tests.util import deliveries, drain, events, notification, seed, send
+from tests.util import close_worker_runtime, deliveries, drain, events, notification, seed, send
 from worker.pipeline import retry_delay
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
@@ -31,9 +31,7 @@ def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) ->
     )
     seed(ctx)
     yield ctx
-    from worker import jobs
-
-    jobs.close()
+    close_worker_runtime()
     ctx.close()
     dispose_all()
 
