@@ -29,7 +29,8 @@ from notifyctl.db import write_lock
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
 from tests.conftest import ROOT, cli_env, make_settings, run_cli, start_pool, stop_pool
-from tests.util import close_worker_runtime, deliveries, drain, notification, seed, send, wait_for
+from tests.util import deliveries, drain, notification, seed, send, wait_for
+from worker import jobs
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
 
@@ -46,7 +47,7 @@ def actx(any_db_ctx: Context, smtp: SmtpSandbox) -> Iterator[Context]:
     )  # fmt: skip
     seed(ctx)
     yield ctx
-    close_worker_runtime()
+    jobs.close()
     ctx.close()
 
 

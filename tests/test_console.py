@@ -28,7 +28,8 @@ from notifyctl.cli.main import app as cli_app
 from notifyctl.context import Context
 from notifyctl.inbound import Event, apply_events
 from tests.conftest import cli_env, make_settings
-from tests.util import ApiServer, close_worker_runtime, deliveries, drain, seed, send
+from tests.util import ApiServer, deliveries, drain, seed, send
+from worker import jobs
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
 
@@ -59,7 +60,7 @@ def cctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) ->
     )  # fmt: skip
     seed(ctx)
     yield ctx
-    close_worker_runtime()
+    jobs.close()
     ctx.close()
 
 

@@ -33,7 +33,8 @@ from notifyctl.models import Delivery, DeliveryEvent, Notification, new_id, utcn
 from notifyctl.settings import Settings
 from tests.conftest import cli_env, make_settings
 from tests.net import ClosedPort
-from tests.util import close_worker_runtime, deliveries, drain, events, notification, seed, send
+from tests.util import deliveries, drain, events, notification, seed, send
+from worker import jobs
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
 
@@ -76,7 +77,7 @@ def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) ->
     )
     seed(ctx)
     yield ctx
-    close_worker_runtime()
+    jobs.close()
     ctx.close()
     dispose_all()
 

@@ -22,7 +22,8 @@ from notifyctl.context import Context
 from notifyctl.models import Delivery, DeliveryEvent, Notification, utcnow
 from notifyctl.retention import PurgeResult, purge
 from tests.conftest import cli_env, make_settings
-from tests.util import close_worker_runtime, deliveries, drain, notification, seed, send
+from tests.util import deliveries, drain, notification, seed, send
+from worker import jobs
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
@@ -67,7 +68,7 @@ def rctx(any_db_ctx: Context, smtp: SmtpSandbox) -> Iterator[Context]:
         )
     )
     yield ctx
-    close_worker_runtime()
+    jobs.close()
     ctx.close()
 
 

@@ -14,7 +14,8 @@ from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from tests.conftest import make_settings
 from tests.net import ClosedPort
-from tests.util import close_worker_runtime, deliveries, drain, events, notification, seed, send
+from tests.util import deliveries, drain, events, notification, seed, send
+from worker import jobs
 from worker.pipeline import retry_delay
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
@@ -31,7 +32,7 @@ def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) ->
     )
     seed(ctx)
     yield ctx
-    close_worker_runtime()
+    jobs.close()
     ctx.close()
     dispose_all()
 
@@ -108,8 +109,6 @@ def test_provider_down_retries_then_delivers_once(
     drain(ctx)
     assert {d.status for n in ids for d in deliveries(ctx, n)} == {"retrying"}
     # the provider comes back (here: the settings now point at a live server)
-    from worker import jobs
-
     jobs.close()
     ctx2 = Context(make_settings(home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port))
     assert reconcile(ctx2, now=time.time() + 31, force=True).retries_queued == 3

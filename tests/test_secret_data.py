@@ -27,7 +27,8 @@ from notifyctl.secretdata import ERASED_KEY, REDACTED, erase, redact
 from notifyctl.settings import Settings
 from notifyctl.templates import TemplateStore, parse_template
 from tests.conftest import cli_env, make_settings
-from tests.util import ApiServer, close_worker_runtime, deliveries, drain, notification, seed, send
+from tests.util import ApiServer, deliveries, drain, notification, seed, send
+from worker import jobs
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
 from worker.sandbox.smtp import SmtpSandbox
@@ -143,7 +144,7 @@ def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) ->
     ctx = Context(settings)
     seed(ctx)
     yield ctx
-    close_worker_runtime()
+    jobs.close()
     ctx.close()
     dispose_all()
 

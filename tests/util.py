@@ -19,7 +19,6 @@ from notifyctl.directory import import_users, register_token
 from notifyctl.intake import SubmitResult, parse_request, submit
 from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.settings import Settings
-from worker import jobs
 from worker.pool import run_worker
 
 USERS = """user_id,email,phone,timezone,locale,sms_opt_in,first_name
@@ -132,12 +131,6 @@ class ApiServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-
-
-def close_worker_runtime() -> None:
-    """Closes the in-process worker runtime (its connections and providers) that ``drain`` built;
-    nothing to do when no drain ran in this process."""
-    jobs.close()
 
 
 def drain(target: Context | Settings, *, reconcile: bool = False) -> None:
