@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from notifyctl.settings import Settings
-from notifyctl.templates import TemplateStore
+from notifyctl.template_store import TemplateStore
 from sandboxes.sendgrid import DEFAULT_API_KEY, SendgridSandbox
 from worker.providers import sendgrid
 from worker.providers.base import Message, Sent
