@@ -155,21 +155,27 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self._guarded_control(method, body)
             return
         fault = self.sandbox.faults.take(self.path + body.decode("utf-8", "replace"))
-        if fault:
-            if fault.get("delay"):
-                time.sleep(float(fault["delay"]))
-            if fault.get("drop"):
-                self.close_connection = True
-                self.connection.close()
-                return
-            if fault.get("status"):
-                fbody = fault.get("body", "")
-                raw = fbody.encode() if isinstance(fbody, str) else json.dumps(fbody).encode()
-                headers = {"Content-Type": "application/json", **fault.get("headers", {})}
-                self._reply(int(fault["status"]), headers, raw)
-                return
+        if fault and self._answer_fault(fault):
+            return
         status, headers, out = self.handle_api(method, self.path, body)
         self._reply(status, headers, out)
+
+    def _answer_fault(self, fault: dict[str, Any]) -> bool:
+        """Act on the fault taken for this request: wait its ``delay``, then drop the connection or
+        answer with its ``status``. True when the request is dealt with (else the API answers it)."""
+        if fault.get("delay"):
+            time.sleep(float(fault["delay"]))
+        if fault.get("drop"):
+            self.close_connection = True
+            self.connection.close()
+            return True
+        if fault.get("status"):
+            fbody = fault.get("body", "")
+            raw = fbody.encode() if isinstance(fbody, str) else json.dumps(fbody).encode()
+            headers = {"Content-Type": "application/json", **fault.get("headers", {})}
+            self._reply(int(fault["status"]), headers, raw)
+            return True
+        return False
 
     def control_authorized(self) -> bool:
         """Whether the request carries the sandbox's control token (``Authorization: Bearer``)."""
