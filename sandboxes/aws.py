@@ -322,7 +322,8 @@ class AwsSandbox(HttpSandbox):
         if self._moto is not None:
             self._moto.shutdown()
             self._moto.server_close()
-            self._moto_thread.join(timeout=5)
+            if self._moto_thread is not None:
+                self._moto_thread.join(timeout=5)
             self._moto = None
 
     def __enter__(self) -> AwsSandbox:

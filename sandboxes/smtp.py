@@ -368,7 +368,7 @@ class SmtpSandbox(SeparateControl):
         for p in protos:
             # abort, not close: a TLS close would wait for the peer's close_notify
             for t in (p.transport, getattr(p, "_original_transport", None)):
-                if t is not None:
+                if isinstance(t, asyncio.Transport):
                     t.abort()
         deadline = time.monotonic() + 2
         while self.open_connections and time.monotonic() < deadline:
