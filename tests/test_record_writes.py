@@ -23,12 +23,12 @@ from notifyctl.dlq import show_entry
 from notifyctl.models import DeliveryEvent
 from notifyctl.secretdata import erased_fields
 from notifyctl.tracking import implied_events, timeline
+from sandboxes.smtp import SmtpSandbox
 from tests.conftest import make_settings
 from tests.util import deliveries, drain, notification, seed, send
 from worker import jobs
 from worker.pool import _worker_class
 from worker.reconciler import reconcile
-from worker.sandbox.smtp import SmtpSandbox
 
 
 def stored(ctx: Context, nid: str) -> list[tuple[str | None, str, str | None]]:
