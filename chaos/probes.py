@@ -14,6 +14,7 @@ from chaos.common import World, expected_delivery_id
 from notifyctl import keys
 from notifyctl.intake import parse_request, submit
 from notifyctl.models import Notification, User
+from worker.claims import holder as lease_holder
 
 
 class OtpStream:
@@ -90,19 +91,19 @@ class ResumeTrace:
                 js = r.hget(keys.rq_job(job), "status") if job else None
             except Exception:  # noqa: BLE001 - a trace, best effort
                 continue
-            lease_s = lease.decode() if lease else ""
+            record = lease.decode() if lease else ""
+            held = lease_holder(r, self.did) if record.startswith("lease:") else None
             if not alive and seen.get("alive", True):
                 self._note("liveness key gone")
             seen["alive"] = bool(alive)
-            parts = lease_s.split("|")
-            holder = parts[1] if lease_s.startswith("lease|") else lease_s[:5]
+            holder = held[0] if held else record[:5]
             if holder != seen.get("holder"):
-                if lease_s.startswith("lease|"):
-                    exp = int(parts[3]) / 1000 - self.t0
+                if held:
+                    exp = held[1] - self.t0
                     self._note(f"lease {'of the killed worker' if holder == self.worker else 'taken by ' + holder}"
                                f" (expires at +{exp:.1f})")  # fmt: skip
                 else:
-                    self._note(f"send record {lease_s[:5] or 'gone'}")
+                    self._note(f"send record {record[:5] or 'gone'}")
                 seen["holder"] = holder
             state = (row.status, job, js.decode() if js else None)
             if state != seen.get("state"):
