@@ -161,7 +161,7 @@ def test_a_delivery_left_in_flight_is_sent_again_and_recorded_in_doubt(
         assert len(doubt) == 1 and "host-a-dead" in (doubt[0].detail or "")
         assert status_report(ctx)["in_doubt"] == {"email": 1}
         assert 'notify_in_doubt_total{channel="email"} 1.0' in metrics.render(ctx).decode()
-        from notifyctl.console import overview_data
+        from notifyctl.console.data import overview_data
 
         assert overview_data(ctx)["in_doubt"] == {"email": 1}
     finally:
