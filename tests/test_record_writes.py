@@ -18,7 +18,7 @@ from sqlmodel import Session
 
 from notifyctl import keys
 from notifyctl.context import Context
-from notifyctl.db import dispose_all
+from notifyctl.db import dispose_all, rows_where_in
 from notifyctl.dlq import show_entry
 from notifyctl.models import DeliveryEvent
 from notifyctl.secretdata import erased_fields
@@ -195,3 +195,26 @@ def test_rq_heartbeat_refreshes_the_worker_key_once_in_a_while(ctx: Context, mon
         jobs.close()
     assert len(deliveries(ctx)) == 8 and all(d.status == "sent" for d in deliveries(ctx))
     assert alone.count(None) <= 2, alone  # 8 jobs: 24 refreshes before
+
+
+def test_loads_by_id_prepared_once_per_connection(any_db_ctx: Context) -> None:
+    """``rows_where_in(prepared=True)``: the same rows as an IN list; on PostgreSQL one PREPARE per
+    server session (again after a reconnect), then only EXECUTEs."""
+    ctx = any_db_ctx
+    seed(ctx)
+    seen, on_exec = _sql_statements(ctx)
+    try:
+        for _ in range(2):
+            with ctx.engine.connect() as conn:
+                for _ in range(2):
+                    got = rows_where_in(conn, "SELECT id, email FROM users", "id", ["bob", "alice", "zoe"], "", True)
+                    assert sorted(got) == [("alice", "alice@example.com"), ("bob", "bob@example.com")]
+                assert rows_where_in(conn, "SELECT id FROM users", "id", [], "", True) == []
+                if ctx.engine.dialect.name == "postgresql":
+                    conn.invalidate()  # a new server session: its statements must be prepared again
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_exec)
+    if ctx.engine.dialect.name == "postgresql":
+        assert [s.split()[0] for s in seen] == ["PREPARE", "EXECUTE", "EXECUTE"] * 2, seen
+    else:
+        assert seen == ["SELECT id,"] * 4, seen
