@@ -19,7 +19,8 @@ from notifyctl.cli.main import app
 from notifyctl.context import Context
 from notifyctl.errors import TemplateError
 from notifyctl.settings import Settings
-from notifyctl.templates import SHIPPED, Template, TemplateStore, parse_template
+from notifyctl.template_store import SHIPPED, TemplateStore
+from notifyctl.templates import Template, parse_template
 from tests.capped import CappedRenderer
 from tests.conftest import cli_env, run_cli
 from tests.fuzz_util import snapshot

@@ -3,7 +3,7 @@ over TCP on 127.0.0.1, built on aiosmtpd and run in a background thread.
 
 Every accepted message is parsed and recorded (envelope, From/To/Subject, text and html parts,
 all headers, ``X-Notify-Delivery-Id``). Faults come from a :class:`SmtpFaultPlan` (a
-:class:`~worker.sandbox.base.FaultPlan`); a fault is a dict with any of:
+:class:`~sandboxes.base.FaultPlan`); a fault is a dict with any of:
 
 - ``stage``: ``"connect"`` (greeting), ``"mail"``, ``"rcpt"`` (default) or ``"data"`` (after the
   message body, before the final reply)
@@ -46,7 +46,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
 from aiosmtpd.smtp import Session as SmtpSession
 
-from worker.sandbox.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, SeparateControl
 
 STAGES = ("connect", "mail", "rcpt", "data")
 
@@ -237,6 +237,7 @@ class _ControlHandler(SandboxHandler):
 
 class _ControlServer(HttpSandbox):
     handler_cls = _ControlHandler
+    poll_interval = 0.01  # stop() (shutdown) returns in ~10 ms, not 0.5 s
 
     def __init__(self, smtp: SmtpSandbox, port: int, host: str) -> None:
         super().__init__(port=port, host=host)
@@ -244,19 +245,8 @@ class _ControlServer(HttpSandbox):
         self.faults = smtp.faults
         self.recorder = smtp.recorder
 
-    def start(self) -> _ControlServer:
-        # a short poll interval so stop() (shutdown) returns in ~10 ms, not 0.5 s
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.01},
-            name="smtp-sandbox-control",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
 
-
-class SmtpSandbox:
+class SmtpSandbox(SeparateControl):
     """An SMTP server on ``host:port`` (0 = a free port) plus its HTTP control API on ``control_port``."""
 
     def __init__(
@@ -298,23 +288,6 @@ class SmtpSandbox:
     @property
     def port(self) -> int:
         return int(self._sock.getsockname()[1])
-
-    @property
-    def control_url(self) -> str:
-        return self._control.url
-
-    @property
-    def control_token(self) -> str:
-        """The control API's token (see :mod:`worker.sandbox.base`)."""
-        return self._control.control_token
-
-    @control_token.setter
-    def control_token(self, token: str) -> None:
-        self._control.control_token = token
-
-    @property
-    def control_headers(self) -> dict[str, str]:
-        return self._control.control_headers
 
     @property
     def connections(self) -> int:

@@ -10,7 +10,7 @@ must be the team id (when given), and a token whose ``iat`` is older than one ho
 ``403 ExpiredProviderToken``. A certificate for 127.0.0.1/localhost is made at startup by a
 throwaway CA whose PEM is written to ``.ca_file`` (give it to the provider as ``ca_file``).
 
-Faults (``FaultPlan`` from :mod:`worker.sandbox.base`, matched against path + body, so a device
+Faults (``FaultPlan`` from :mod:`sandboxes.base`, matched against path + body, so a device
 token works as ``match``):
 
 - ``{"status": 410, "reason": "Unregistered"}``: answer this status with that reason
@@ -29,12 +29,12 @@ id or team id (403 ``InvalidProviderToken``) from a good one without delivering 
 ``token_update_interval`` (Apple's is 1200 s), a new provider token of a team and key that comes
 sooner than that after the previous one is answered ``429 TooManyProviderTokenUpdates``
 (``tokens_seen`` lists every well-signed token presented). Accepted pushes are recorded
-in ``recorder``. The control API of :class:`~worker.sandbox.base.HttpSandbox` runs on a plain
+in ``recorder``. The control API of :class:`~sandboxes.base.HttpSandbox` runs on a plain
 HTTP side port (``control_url``), with one more endpoint: ``POST /_sandbox/unregistered``
 (JSON list of tokens) / ``DELETE /_sandbox/unregistered``.
 
 Run it: ``ApnsSandbox(keys={key_id: p8_pem}, topic="com.example.app").start()`` or
-``python -m worker.sandbox.apns --key-file AuthKey_ABC123DEFG.p8 --key-id ABC123DEFG``.
+``python -m sandboxes.apns --key-file AuthKey_ABC123DEFG.p8 --key-id ABC123DEFG``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from worker.sandbox.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, SeparateControl
 
 _TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}$")
 _PUSH_TYPES = {"alert", "background", "location", "voip", "complication", "fileprovider", "mdm", "liveactivity"}
@@ -178,16 +178,11 @@ class _ControlHandler(SandboxHandler):
 
 class _ControlSandbox(HttpSandbox):
     handler_cls = _ControlHandler
+    poll_interval = 0.05  # stop() returns quickly
 
     def __init__(self, apns: ApnsSandbox, port: int = 0) -> None:
         super().__init__(port)
         self.apns = apns
-
-    def start(self) -> _ControlSandbox:
-        # a short poll interval so stop() returns quickly
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
 
 
 class _ServerConn(asyncio.Protocol):
@@ -348,7 +343,7 @@ class _ServerConn(asyncio.Protocol):
         self.last_answered = max(self.last_answered, stream_id)
 
 
-class ApnsSandbox:
+class ApnsSandbox(SeparateControl):
     """The local APNs. ``keys``: key id -> P-256 key (the .p8 PEM, a public PEM or a key object).
 
     ``url`` is the base URL for the provider's ``base_url``; ``ca_file`` the CA to trust;
@@ -471,23 +466,6 @@ class ApnsSandbox:
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def control_url(self) -> str:
-        return self._control.url
-
-    @property
-    def control_token(self) -> str:
-        """The control API's token (see :mod:`worker.sandbox.base`)."""
-        return self._control.control_token
-
-    @control_token.setter
-    def control_token(self, token: str) -> None:
-        self._control.control_token = token
-
-    @property
-    def control_headers(self) -> dict[str, str]:
-        return self._control.control_headers
 
     def add_key(self, key_id: str, key: Any) -> None:
         self.keys[key_id] = _public_key(key)

@@ -12,7 +12,7 @@ with the sandbox's access key pair. moto requires a verified sender for SES:
 ``sandbox.verify_identity("notifications@example.com")`` (an address or a whole domain).
 
 Faults (``sandbox.faults.add(...)`` or ``POST /_sandbox/faults``) take the keys of
-:mod:`worker.sandbox.base` plus ``code`` and ``message``: with a ``code`` the proxy answers the
+:mod:`sandboxes.base` plus ``code`` and ``message``: with a ``code`` the proxy answers the
 service's own error shape with ``status`` (default 400), i.e. for SES v2 (rest-json)
 ``x-amzn-ErrorType: <code>`` and ``{"__type": code, "message": ...}``, and for SNS (query) an
 ``<ErrorResponse><Error><Type>Sender|Receiver</Type><Code>..</Code><Message>..</Message></Error>``
@@ -59,7 +59,7 @@ from xml.sax.saxutils import escape
 
 import urllib3
 
-from worker.sandbox.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
 
 SES_SEND_PATH = "/v2/email/outbound-emails"
 SES_BULK_PATH = "/v2/email/outbound-bulk-emails"
@@ -219,39 +219,23 @@ class AwsProxyHandler(SandboxHandler):
             super()._dispatch(method)
             return
         sb = self.sandbox
-        body = self._read_body()
         sb._enter()
         try:
-            fault = sb.faults.take(self.path + body.decode("utf-8", "replace"))
-            if fault:
-                if fault.get("delay"):
-                    time.sleep(float(fault["delay"]))
-                if fault.get("drop"):
-                    self.close_connection = True
-                    self.connection.close()
-                    return
-                if fault.get("code"):
-                    status, headers, out = aws_error(
-                        self.path,
-                        int(fault.get("status") or 400),
-                        str(fault["code"]),
-                        fault.get("message", ""),
-                    )
-                    self._reply(status, {**headers, **fault.get("headers", {})}, out)
-                    return
-                if fault.get("status"):
-                    fbody = fault.get("body", "")
-                    raw = fbody.encode() if isinstance(fbody, str) else json.dumps(fbody).encode()
-                    self._reply(
-                        int(fault["status"]),
-                        {"Content-Type": "application/json", **fault.get("headers", {})},
-                        raw,
-                    )
-                    return
-            status, headers, out = self.handle_api(method, self.path, body)
-            self._reply(status, headers, out)
+            super()._dispatch(method)
         finally:
             sb._leave()
+
+    def _answer_fault(self, fault: dict[str, Any]) -> bool:
+        """The base faults, plus ``code`` (and ``message``): an error in the AWS API's own shape."""
+        if not fault.get("code") or fault.get("drop"):
+            return super()._answer_fault(fault)
+        if fault.get("delay"):
+            time.sleep(float(fault["delay"]))
+        status, headers, out = aws_error(
+            self.path, int(fault.get("status") or 400), str(fault["code"]), fault.get("message", "")
+        )
+        self._reply(status, {**headers, **fault.get("headers", {})}, out)
+        return True
 
     def handle_api(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         sb = self.sandbox
