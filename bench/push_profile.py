@@ -3,7 +3,11 @@ pipeline's own CPU per push, apart from the pool, RQ and the other workers (issu
 
     python -m bench.push_profile                       # iOS, Android and the mix, 20,000 each
     python -m bench.push_profile --only mix --n 10000 --profile   # + cProfile's top functions
-    python -m bench.push_profile --pyspy out.txt        # py-spy (if installed) over the runs
+    python -m bench.push_profile --pyspy out.txt        # py-spy (if installed) over the runs, summarised
+
+``--pyspy`` samples this process (``pip install py-spy``; found next to this Python, else on PATH,
+else ``$PYSPY``) and prints, for the samples taken inside ``worker.pipeline.process`` only (not the
+set-up), each function's share of them: its own, and with what it calls (``pyspy_summary``).
 
 Per row: pushes/s in one process, CPU µs per push of this process (every thread: the lease
 renewal too), of redis-server and of nginx, and Redis commands per push (INFO commandstats).
@@ -35,6 +39,48 @@ def _cpu(pid: int) -> float:
 
     t = psutil.Process(pid).cpu_times()
     return t.user + t.system
+
+
+# a sample is the pipeline's when its stack holds process(), or the route pool's thread sending a
+# batch's other routes (send_routes' run, in a thread of its own: the mix)
+_PIPELINE_FRAMES = ("process (worker/pipeline/__init__", "send_routes.<locals>.run (worker/pipeline/send")
+
+
+def pyspy_summary(path: str, top: int = 30) -> list[str]:
+    """Lines of a summary of a py-spy raw file: of the samples inside ``worker.pipeline.process``
+    (and the route pool's threads),
+    the share of each function's own (the innermost frame) and of its cumulative (anywhere in the
+    stack), line numbers dropped."""
+    import re
+    from collections import Counter
+
+    own: Counter[str] = Counter()
+    cum: Counter[str] = Counter()
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            frames = stack.split(";")
+            if not count.isdigit() or not any(x.startswith(_PIPELINE_FRAMES) for x in frames):
+                continue
+            n = int(count)
+            total += n
+            names = [re.sub(r":\d+\)$", ")", re.sub(r"/\S*site-packages/", "", x)) for x in frames]
+            own[names[-1]] += n
+            for name in set(names):
+                cum[name] += n
+    if not total:
+        return ["py-spy: no sample inside worker.pipeline.process"]
+    out = [f"py-spy: {total} samples in the pipeline (its route threads too); own share:"]
+    out += [f"  {v / total * 100:5.1f} %  {k}" for k, v in own.most_common(top)]
+    out.append("cumulative share:")
+    out += [f"  {v / total * 100:5.1f} %  {k}" for k, v in cum.most_common(top + 10)]
+    return out
+
+
+def _pyspy_exe() -> str:
+    near = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return os.environ.get("PYSPY") or (near if os.path.exists(near) else "py-spy")
 
 
 def run(label: str, n: int, batch: int, sink: Any, profile: bool, rounds: int = 1) -> dict[str, Any]:
@@ -130,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"push_profile: {hint}")
     spy = None
     if args.pyspy:
-        spy = subprocess.Popen([os.environ.get("PYSPY", "py-spy"), "record", "-p", str(os.getpid()), "-f", "raw",
+        spy = subprocess.Popen([_pyspy_exe(), "record", "-p", str(os.getpid()), "-f", "raw",
                                 "-r", "250", "-o", args.pyspy, "--nonblocking"])  # fmt: skip
     with open("/proc/loadavg") as f:
         print("load before:", f.read().split()[:3], flush=True)
@@ -153,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         if spy is not None:
             spy.send_signal(2)
             spy.wait(timeout=30)
+            for line in pyspy_summary(args.pyspy):
+                print(line)
     with open("/proc/loadavg") as f:
         print("load after:", f.read().split()[:3], flush=True)
 
