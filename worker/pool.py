@@ -21,12 +21,12 @@ import time
 from typing import Any
 
 from notifyctl import keys
-from notifyctl.alerts import check_alerts
+from notifyctl.alerts import check_alerts, check_dlq_alert
 from notifyctl.analytics import compact
 from notifyctl.circuit import HALF_OPEN, Circuits, take_recoveries
 from notifyctl.context import Context, freeze_heap
 from notifyctl.db import checkpoint, dispose_all
-from notifyctl.dlq import DlqFilter, check_dlq_alert, replay
+from notifyctl.dlq import DlqFilter, replay
 from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.redisconn import (
     UNREACHABLE,
