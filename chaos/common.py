@@ -202,7 +202,7 @@ class World:
             env=self.env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
         log.close()
-        if not wait_until(lambda: len(self.worker_pids()) >= size and self.alive_workers() >= size, 30, 0.1):
+        if not wait_until(lambda: len(self.worker_pids()) >= size and self.alive_workers() >= size, 120, 0.1):
             raise RuntimeError(f"worker pool did not start; see {self.pool_log}:\n{self.pool_tail()}")
         return self.pool
 

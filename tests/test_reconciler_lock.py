@@ -110,6 +110,14 @@ def in_thread(fn: Callable[[], ReconcileResult]) -> tuple[threading.Thread, list
     return t, out, took
 
 
+def lock_taken(rclient: redis.Redis) -> None:
+    """Waits on the reconciler's lock key: a round (started in a thread) holds it."""
+    deadline = time.monotonic() + 60
+    while rclient.get(keys.RECONCILE_LOCK) is None:
+        assert time.monotonic() < deadline, "no round took the lock"
+        time.sleep(0.01)
+
+
 def test_a_long_round_is_not_run_twice_at_once(scene: Scene, rclient: redis.Redis) -> None:
     """Two reconcilers (two pools, each with its own connections): the second one's round comes
     1.2 s after the first began — past the old lock's 0.9 s — while the first is still waiting on
@@ -120,6 +128,7 @@ def test_a_long_round_is_not_run_twice_at_once(scene: Scene, rclient: redis.Redi
     first_ctx, second_ctx = scene.reconciler(), scene.reconciler()
     with database_held(ctx, 3.0):
         first, first_res, first_took = in_thread(lambda: reconcile(first_ctx, now=later))
+        lock_taken(rclient)  # (a loaded machine may start the thread late)
         time.sleep(1.2)
         assert first.is_alive()  # waiting on the database, lock held
         second_res = reconcile(second_ctx, now=later)
@@ -147,10 +156,7 @@ def test_a_round_that_lost_its_lock_stops_and_leaves_the_new_holders_lock(scene:
     other = scene.reconciler()
     with database_held(ctx, 2.0):
         t, res, _ = in_thread(lambda: reconcile(other, now=later))
-        deadline = time.monotonic() + 10
-        while rclient.get(keys.RECONCILE_LOCK) is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        lock_taken(rclient)
         rclient.set(keys.RECONCILE_LOCK, "another-reconciler", px=30_000)  # the new holder
         t.join(60)
     # the step it was in (due retries) finished or never began, as the steal fell; nothing after it ran
@@ -170,7 +176,7 @@ def test_a_forced_round_waits_for_the_running_one(scene: Scene) -> None:
     pool_ctx, cli_ctx = scene.reconciler(), scene.reconciler()
     with database_held(ctx, 2.0):
         t, res, _ = in_thread(lambda: reconcile(pool_ctx, now=later))
-        time.sleep(0.3)
+        lock_taken(scene.rclient)  # the pool's round runs (not a fixed sleep: a loaded machine starts it late)
         forced = reconcile(cli_ctx, now=later, force=True)  # blocks until the pool's round is over
         t.join(60)
     assert res[0].recovered == 5 and not forced.skipped_locked and forced.recovered == 0

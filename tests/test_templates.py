@@ -184,6 +184,13 @@ def test_hostile_templates_end_in_one_line_errors_within_bounds() -> None:
     part; none of them grows the process past a few tens of megabytes."""
     with CappedRenderer() as child:
         results = [child.render(src) for src, _ in HOSTILE]
+        for i, (src, want) in enumerate(HOSTILE):
+            # work is bounded by a count and by time: on a loaded machine the clock may stop a render
+            # before the bound under test does; rendered again (at most 3 times) the bound must show
+            for _ in range(3):
+                if want == "too much work" or "took longer than 1 s" not in (results[i]["error"] or ""):
+                    break
+                results[i] = child.render(src)
     for (src, want), res in zip(HOSTILE, results, strict=True):
         err = res["error"]
         assert err is not None, f"rendered: {src[:80]}"
