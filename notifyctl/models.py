@@ -262,12 +262,14 @@ RETIRED_INDEXES = ("ix_deliveries_dead_lettered", "ix_notifications_campaign_id"
 
 
 class DeliveryEvent(SQLModel, table=True):
-    """The timeline: one row per transition of a delivery (the seed's ``notification_events``)."""
+    """The timeline: one row per transition of a delivery (the seed's ``notification_events``), but
+    for the ``queued`` of a delivery its first batch sends or sets to retry, which that outcome
+    implies (``notifyctl.tracking.implied_events``: every reader shows it)."""
 
     __tablename__ = "delivery_events"
     id: int | None = Field(default=None, primary_key=True)
     notification_id: str = Field(index=True, max_length=32)
-    # Not indexed: an index on it cost as much as the rest of the row's insert (two events per
+    # Not indexed: an index on it cost as much as the rest of the row's insert (an event or two per
     # delivery). A delivery's events are found through its notification's (a handful of rows),
     # ``notification_id = ? AND delivery_id = ?``.
     delivery_id: str | None = Field(default=None, max_length=32)
