@@ -23,8 +23,12 @@ from typing import Any
 
 from bench import console as console_bench
 from bench import funnel10m as funnel10m_bench
-from bench import scenarios
+from bench.apprise_compare import apprise_vs_notifyctl
 from bench.common import machine
+from bench.cost import cost
+from bench.email_blast import email_blast
+from bench.launcher_memory import launcher_memory
+from bench.push_blast import push_blast
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -93,7 +97,7 @@ def email_runs(n: int, runs: int, pool: int, otps: int, segment: bool = True,
     the machine's speed during each run)."""
     done: list[dict[str, Any]] = []
     for i in range(runs):
-        r = scenarios.email_blast(n, pool, otps=otps, log=log, segment=segment, bench_pg=bench_pg)
+        r = email_blast(n, pool, otps=otps, log=log, segment=segment, bench_pg=bench_pg)
         done.append(r)
         if runs > 1:
             log(f"  run {i + 1}/{runs}: {r.get('notifications_per_s')}/s")
@@ -137,10 +141,10 @@ def run_all(scale: float, pool: int, only: list[str], runs: int = 3, pg_url: str
         # push: one more worker than the email blast's pool: a worker waits on the network for part
         # of each batch, and the third low-queue worker fills that gap (measured: pool 3 7.9k/s,
         # pool 4 8.6k/s, pool 5 8.3k/s on the same run's machine)
-        "push": lambda: scenarios.push_blast(sz["push"], max(pool, 4), log=log, otps=max(20, sz["otps"] // 5)),
-        "launcher": lambda: scenarios.launcher_memory(sz["launcher"], log=log),
-        "cost": lambda: scenarios.cost(sz["cost"], log=log),
-        "apprise": lambda: scenarios.apprise_vs_notifyctl(sz["apprise"], pool, log=log),
+        "push": lambda: push_blast(sz["push"], max(pool, 4), log=log, otps=max(20, sz["otps"] // 5)),
+        "launcher": lambda: launcher_memory(sz["launcher"], log=log),
+        "cost": lambda: cost(sz["cost"], log=log),
+        "apprise": lambda: apprise_vs_notifyctl(sz["apprise"], pool, log=log),
         "console": lambda: console_bench.console_pages(sz["console"], log=log),
         "funnel1m": lambda: funnel10m_bench.funnel10m(sz["funnel1m"], log=log),
         "funnel10m": lambda: funnel10m_bench.funnel10m(sz["funnel10m"], log=log),

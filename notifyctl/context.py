@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from notifyctl.db import engine_for
 from notifyctl.keys import queue_name
 from notifyctl.settings import Settings
-from notifyctl.templates import TemplateStore
+from notifyctl.template_store import TemplateStore
 
 if TYPE_CHECKING:
     import redis
