@@ -137,7 +137,8 @@ def drain(target: Context | Settings, *, reconcile: bool = False) -> None:
     """Waits on the queues: one burst worker in this process takes every job on high, normal and low
     until all three are empty (with ``reconcile``, its reconciler runs too and may queue more)."""
     settings = target.settings if isinstance(target, Context) else target
-    run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=reconcile)
+    for shard in range(len(settings.redis_shards) or 1):  # (with Redis shards: each one's queues in turn)
+        run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=reconcile, shard=shard)
 
 
 def idle_workers(ctx: Context) -> int:
