@@ -5,6 +5,7 @@ module starts."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -17,13 +18,17 @@ from pathlib import Path
 import pytest
 import redis
 from pydantic import ValidationError
+from rq.job import Job
 from sqlalchemy import select
 from sqlmodel import Session
 
+from campaigns.launcher import LaunchSpec, launch
 from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
+from notifyctl.directory import import_users
 from notifyctl.errors import ConfigError
+from notifyctl.liveness import Liveness
 from notifyctl.models import Notification
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import Settings
@@ -33,6 +38,7 @@ from tests.util import deliveries, drain, seed, send
 from worker.pool import worker_plan
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
+from worker.status import status_report
 
 # with two shards (crc32 mod 2): alice and carol on shard 1, bob and dave on shard 0
 SHARD_OF = {"alice": 1, "bob": 0, "carol": 1, "dave": 0}
@@ -256,3 +262,76 @@ def test_a_worker_refuses_a_shard_that_does_not_exist(sctx: Context, shard_urls:
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 2 and "--shards: unknown shard '2'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_campaign_is_queued_per_shard_and_status_reads_every_shard(sctx: Context, tmp_path: Path) -> None:
+    """The launcher splits each chunk's due rows by shard: a job holds one shard's users, on that
+    shard; the dry run counts each user's rate windows on that user's shard; `status` adds up the
+    queues of both shards and lists the workers of both."""
+    ctx = sctx
+    users = [f"u{i}" for i in range(200)]
+    rep = import_users(ctx, io.StringIO("user_id,email\n" + "".join(f"{u},{u}@example.com\n" for u in users)))
+    assert rep.errors == []
+    seg = tmp_path / "seg.csv"
+    seg.write_text("user_id\n" + "\n".join(users) + "\n")
+    # u0 was sent a marketing email today (a window on its shard): the dry run finds it over the limit
+    r_u0 = ctx.redis_for("u0")
+    rule = next(r for r in ctx.settings.rules if r.applies("email", "marketing"))
+    now_ms = int(time.time() * 1000)
+    r_u0.zadd(keys.rate("u0", rule.key), {"earlier": now_ms - 1000})
+    spec = LaunchSpec(
+        "weekly_promo", channels=["email"], segment_csv=str(seg), rate=100_000, data={"discount": 5, "code": "X"}
+    )
+    dry = launch(ctx, spec, dry_run=True)
+    assert dry["per_channel"]["email"]["suppressed"].get("rate_limited") == 1, dry
+    r_u0.delete(keys.rate("u0", rule.key))
+
+    summary = launch(ctx, spec)
+    assert summary["written"] == 200
+    by_shard = {0: set(), 1: set()}
+    for shard in (0, 1):
+        r = ctx.shard_redis(shard)
+        for job_id in r.lrange(keys.rq_queue("notify-low"), 0, -1) + r.lrange(keys.rq_queue("notify-normal"), 0, -1):
+            (ids,) = Job.fetch(job_id.decode(), connection=r).args
+            with Session(ctx.engine) as s:
+                owners = {
+                    n.recipient_id for n in s.execute(select(Notification).where(Notification.id.in_(ids))).scalars()
+                }  # type: ignore[attr-defined]
+            assert {shard_of(u, 2) for u in owners} == {shard}
+            by_shard[shard] |= owners
+    assert by_shard[0] | by_shard[1] == set(users) and by_shard[0] and by_shard[1]
+    report = status_report(ctx)
+    queued = sum(q["depth"] for q in report["queues"])
+    per_shard = [sum(q["shards"][i]["depth"] for q in report["queues"]) for i in (0, 1)]
+    assert queued == sum(per_shard) and all(per_shard)
+    # a worker on each shard, both listed
+    lives = [Liveness(ctx.shard_redis(i), f"w{i}", 30, ["notify-normal"], host="h") for i in (0, 1)]
+    for live in lives:
+        live.beat()
+    assert sorted((w["name"], w["shard"]) for w in status_report(ctx)["workers"]) == [("w0", 0), ("w1", 1)]
+    for live in lives:
+        live.clear()
+    drain(ctx, reconcile=True)
+    box = Counter(rec["to"] for rec in read_outbox(ctx.settings.outbox_dir))
+    assert box == Counter(f"{u}@example.com" for u in users), box  # each once
+
+
+def test_redis_shards_lists_them_and_a_host_with_another_list_does_not_start(
+    sctx: Context, shard_urls: list[str]
+) -> None:
+    sharded = cli_env(sctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(shard_urls))
+    r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "redis", "shards"], env=sharded, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"shard 0  {shard_urls[0]}  id ") and lines[1].startswith(f"shard 1  {shard_urls[1]}")
+    assert lines[2] == "the shared database agrees"
+    # the same database, the shards swapped: refused at start, one line, exit 3, nothing run
+    swapped = cli_env(sctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(shard_urls[::-1]), NOTIFY_REDIS_URL="")
+    r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "worker", "--burst"], env=swapped, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 3 and "differ from those of the hosts sharing this database" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "redis", "shards", "--reset"], env=swapped,
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "shard list forgotten" in r.stdout, r.stderr
