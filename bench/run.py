@@ -24,12 +24,24 @@ from typing import Any
 from bench import console as console_bench
 from bench import funnel10m as funnel10m_bench
 from bench import scenarios
+from bench import shards as shards_bench
 from bench.common import machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 RAW = HERE / "results.json"
-ALL = ("email", "email_pg", "email_user_fields", "push", "launcher", "cost", "apprise", "console", "funnel10m")
+ALL = (
+    "email",
+    "email_pg",
+    "email_user_fields",
+    "push",
+    "launcher",
+    "cost",
+    "apprise",
+    "console",
+    "funnel10m",
+    "shards",
+)
 
 
 def log(msg: str) -> None:
@@ -46,6 +58,7 @@ def sizes(scale: float) -> dict[str, int]:
         "apprise": max(100, int(2000 * scale)),
         "console": max(20_000, int(1_000_000 * scale)),
         "funnel10m": max(20_000, int(10_000_000 * scale)),
+        "shards": max(300, int(100_000 * scale)),
     }
 
 
@@ -131,6 +144,8 @@ def run_all(scale: float, pool: int, only: list[str], runs: int = 3, pg_url: str
         "apprise": lambda: scenarios.apprise_vs_notifyctl(sz["apprise"], pool, log=log),
         "console": lambda: console_bench.console_pages(sz["console"], log=log),
         "funnel10m": lambda: funnel10m_bench.funnel10m(sz["funnel10m"], log=log),
+        # 4 workers: with 4 shards, one on each
+        "shards": lambda: shards_bench.email_shards(sz["shards"], pool=max(pool, 4), log=log),
     }
     for name in only:
         log(f"[{name}] ...")
@@ -158,6 +173,7 @@ def _headline(name: str, r: dict[str, Any]) -> str:
         "apprise": ["notifyctl_per_s", "apprise_per_s", "ratio_notifyctl_over_apprise"],
         "console": [],
         "funnel10m": [],
+        "shards": ["paper"],
     }[name]
     parts = [f"{k}={r.get(k)}" for k in keys]
     if name in EMAIL_VARIANTS:
@@ -266,6 +282,7 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      f"{_fmt(d.get('write_us_per_row'))} µs/row (prepare_insert, 10,000 a transaction)",
                      "—"))  # fmt: skip
     rows += _funnel10m_rows(res.get("funnel10m") or {})
+    rows += shards_bench.rows(res.get("shards") or {})
     a = res.get("apprise") or {}
     if a:
         rows.append(("6", f"{_fmt(a.get('emails'))} emails to an SMTP sink: notifyctl / Apprise", "—",
@@ -439,6 +456,7 @@ def _details(res: dict[str, Any]) -> list[str]:
                 f"- reconciler rounds after the launch (notifications queued per 1 s round): {lm.get('reconciler_rounds')}",  # noqa: E501
                 "",
             ]
+    out += shards_bench.details(res.get("shards") or {})
     c = res.get("cost")
     if c:
         out += ["### 5. Cost per notification (`worker.pipeline.process` in the bench process)", ""]

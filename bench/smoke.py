@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import run, scenarios
+from bench import run, scenarios, shards
 
 
 def smoke(n: int = 300, pool: int = 2, apprise_n: int = 10) -> dict[str, Any]:
@@ -21,6 +21,7 @@ def smoke(n: int = 300, pool: int = 2, apprise_n: int = 10) -> dict[str, Any]:
         "launcher": scenarios.launcher_memory(n * 2, rounds=2, flat=False),
         "cost": scenarios.cost(n),
         "apprise": scenarios.apprise_vs_notifyctl(apprise_n, pool),  # one SMTP session per email: kept few
+        "shards": shards.email_shards(n, counts=(1, 2), pool=2),
         "scale": 0, "pool": pool, "machine": "smoke", "date": "smoke", "total_s": 0,
     }  # fmt: skip
     res["summary_rows"] = run.summary_rows(res)
