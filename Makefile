@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	# the checkout's own top-level packages (sandboxes/ for `notifyctl sandbox`, bench/, chaos/) are not
+	# in the wheel; the venv finds them here, whatever the working directory
+	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], \
+	    "notifyctl-checkout.pth").write_text("$(CURDIR)\n")'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -49,14 +53,14 @@ test-latest:
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check 'uv>=0.9,<1'
-	.venv-lock/bin/uv pip compile pyproject.toml --extra test --extra bench --generate-hashes \
+	.venv-lock/bin/uv pip compile pyproject.toml --extra sandbox --extra test --extra bench --generate-hashes \
 	    --python-version 3.11 --universal --custom-compile-command "make lock" --upgrade -o $(LOCK)
 
 # ruff (checks, then the tree as `ruff format` writes it), then mypy as a ratchet: no module may gain
 # type errors (tests/typecheck.py, baseline beside it).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check notifyctl worker campaigns tests
-	$(VENV)/bin/ruff format --check notifyctl worker campaigns tests
+	$(VENV)/bin/ruff check notifyctl worker campaigns sandboxes tests bench chaos
+	$(VENV)/bin/ruff format --check notifyctl worker campaigns sandboxes tests bench chaos
 	$(PY) tests/typecheck.py
 
 clean:

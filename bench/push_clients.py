@@ -84,8 +84,8 @@ def run_provider(kind: str, url: str, ca: str, n: int, batch: int) -> tuple[int,
         provider: Any = Provider(Settings(home=home, provider_options={"apns": opts}))
         msgs = bare_apns_messages(n)
     else:
+        from sandboxes.fcm import make_service_account
         from worker.providers.fcm import Provider as Fcm
-        from worker.sandbox.fcm import make_service_account
 
         sa = make_service_account(url + "/token", "bench")
         opts = {"service_account_json": json.dumps(sa), "base_url": url, "ca_file": ca, "token_url": url + "/token"}

@@ -26,7 +26,7 @@ OTP_RE = re.compile(r"^(\d{6}) is your sign-in code")
 
 
 class LightRecorder:
-    """Drop-in for ``worker.sandbox.base.Recorder``: counts, and time-stamps OTPs. A SendGrid
+    """Drop-in for ``sandboxes.base.Recorder``: counts, and time-stamps OTPs. A SendGrid
     request's recipients are only counted (``add_batch`` never builds their rendered copies, which
     would be thrown away here; the sandbox still validates the whole request)."""
 
@@ -68,28 +68,32 @@ def _child(argv: list[str]) -> None:
     ap.add_argument("--key-id", default="")
     ap.add_argument("--team-id", default="")
     ap.add_argument("--topic", default="com.example.app")
-    ap.add_argument("--token-update-interval", type=float, default=0.0,
-                    help="APNs: refuse a new provider token this soon after the last (strict: 1200)")
+    ap.add_argument(
+        "--token-update-interval",
+        type=float,
+        default=0.0,
+        help="APNs: refuse a new provider token this soon after the last (strict: 1200)",
+    )
     a = ap.parse_args(argv)
     rec = LightRecorder()
     info: dict[str, Any]
     sb: Any
     if a.kind == "sendgrid":
-        from worker.sandbox.sendgrid import DEFAULT_API_KEY, SendgridSandbox
+        from sandboxes.sendgrid import DEFAULT_API_KEY, SendgridSandbox
 
         sb = SendgridSandbox(port=0)
         sb.recorder = rec
         sb.start()
         info = {"url": sb.url, "api_key": DEFAULT_API_KEY}
     elif a.kind == "twilio":
-        from worker.sandbox.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, TwilioSandbox
+        from sandboxes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, TwilioSandbox
 
         sb = TwilioSandbox(port=0)
         sb.recorder = rec
         sb.start()
         info = {"url": sb.url, "account_sid": DEFAULT_ACCOUNT_SID, "auth_token": DEFAULT_AUTH_TOKEN}
     elif a.kind == "apns":
-        from worker.sandbox.apns import ApnsSandbox
+        from sandboxes.apns import ApnsSandbox
 
         keys = {a.key_id: a.key_file.read_bytes()} if a.key_file else {}
         sb = ApnsSandbox(keys, topic=a.topic, team_id=a.team_id or None, token_update_interval=a.token_update_interval)
@@ -97,14 +101,14 @@ def _child(argv: list[str]) -> None:
         sb.start()
         info = {"url": sb.url, "ca_file": str(sb.ca_file)}
     elif a.kind == "fcm":
-        from worker.sandbox.fcm import FcmSandbox
+        from sandboxes.fcm import FcmSandbox
 
         sb = FcmSandbox(port=0)
         sb.recorder = rec
         sb.start()
         info = {"url": sb.url, "service_account": sb.service_account}
     else:
-        from worker.sandbox.smtp import SmtpSandbox
+        from sandboxes.smtp import SmtpSandbox
 
         sb = SmtpSandbox(port=0)
         sb.recorder = rec  # type: ignore[assignment]

@@ -547,7 +547,7 @@ def push_blast(n: int, pool: int = 4, batch: int = 1000, log: Log = _noop, timeo
 
 
 def _sink_service_account(url: str) -> dict[str, Any]:
-    from worker.sandbox.fcm import make_service_account
+    from sandboxes.fcm import make_service_account
 
     return make_service_account(url + "/token", "bench")
 

@@ -36,9 +36,9 @@ from notifyctl.db import dispose_all
 from notifyctl.models import Delivery, Notification, User, new_id, utcnow
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import load_settings
-from worker.sandbox.base import FaultPlan, Recorder
-from worker.sandbox.sendgrid import SendgridSandbox
-from worker.sandbox.twilio import TwilioSandbox
+from sandboxes.base import FaultPlan, Recorder
+from sandboxes.sendgrid import SendgridSandbox
+from sandboxes.twilio import TwilioSandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMO = {"discount": 10, "code": "WEEK10", "first_name": "F"}

@@ -52,8 +52,8 @@ from notifyctl.liveness import running_key
 from notifyctl.models import DeliveryEvent, Notification, User, new_id, utcnow
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import load_settings
+from sandboxes.sendgrid import SendgridSandbox
 from worker.pipeline import delivery_id
-from worker.sandbox.sendgrid import SendgridSandbox
 
 PG_URL = os.environ.get("NOTIFY_CHAOS_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 PROVIDER_DELAY = 2.0

@@ -23,9 +23,9 @@ from notifyctl.db import dispose_all
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import Settings, load_settings
 from notifyctl.sqllock import close_lock_files
+from sandboxes.smtp import SmtpSandbox
 from tests import smoke_runs
 from tests.net import ClosedPort
-from worker.sandbox.smtp import SmtpSandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("NOTIFY_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")

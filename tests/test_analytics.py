@@ -28,11 +28,11 @@ from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
+from sandboxes.smtp import SmtpSandbox
 from tests.conftest import ROOT, cli_env, make_settings, run_cli, start_pool, stop_pool
 from tests.util import deliveries, drain, notification, seed, send, wait_for
 from worker import jobs
 from worker.reconciler import reconcile
-from worker.sandbox.smtp import SmtpSandbox
 
 
 @pytest.fixture

@@ -27,11 +27,11 @@ from notifyctl.api.auth import create_key, revoke_key
 from notifyctl.cli.main import app as cli_app
 from notifyctl.context import Context
 from notifyctl.inbound import Event, apply_events
+from sandboxes.smtp import SmtpSandbox
 from tests.conftest import cli_env, make_settings
 from tests.util import ApiServer, deliveries, drain, seed, send
 from worker import jobs
 from worker.reconciler import reconcile
-from worker.sandbox.smtp import SmtpSandbox
 
 CHROMIUM = "/usr/bin/chromium"
 OUTAGE = {"smtp_code": 554, "smtp_message": "5.3.0 outage", "stage": "data", "count": -1}

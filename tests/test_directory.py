@@ -448,7 +448,7 @@ KEY_ID, TEAM_ID, TOPIC = "ABC123DEFG", "TEAM123456", "com.example.app"
 
 @pytest.fixture
 def apns_ctx(home: Path, redis_url: str, rclient: Any, tmp_path: Path) -> Iterator[tuple[Context, Any]]:
-    from worker.sandbox.apns import ApnsSandbox
+    from sandboxes.apns import ApnsSandbox
 
     p8 = (
         ec.generate_private_key(ec.SECP256R1())

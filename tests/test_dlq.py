@@ -31,12 +31,12 @@ from notifyctl.db import dispose_all
 from notifyctl.dlq import CHUNK, DlqConfig, DlqFilter, check_dlq_alert, replay, stats
 from notifyctl.models import Delivery, DeliveryEvent, Notification, new_id, utcnow
 from notifyctl.settings import Settings
+from sandboxes.smtp import SmtpSandbox
 from tests.conftest import cli_env, make_settings
 from tests.net import ClosedPort
 from tests.util import deliveries, drain, events, notification, seed, send
 from worker import jobs
 from worker.reconciler import reconcile
-from worker.sandbox.smtp import SmtpSandbox
 
 # The noun as main.py will mount it: errors become one line + exit code through NotifyGroup.
 root = typer.Typer(cls=NotifyGroup, pretty_exceptions_enable=False)

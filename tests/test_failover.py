@@ -13,12 +13,12 @@ import redis
 
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
+from sandboxes.aws import AwsSandbox
+from sandboxes.twilio import TwilioSandbox
 from tests.conftest import make_settings
 from tests.util import deliveries, drain, events, seed, send
 from worker import jobs
 from worker.circuit import Circuits
-from worker.sandbox.aws import AwsSandbox
-from worker.sandbox.twilio import TwilioSandbox
 
 SID = "AC" + os.urandom(16).hex()
 TOKEN = os.urandom(16).hex()

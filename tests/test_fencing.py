@@ -18,11 +18,11 @@ from sqlmodel import Session
 from notifyctl import keys, metrics
 from notifyctl.context import Context
 from notifyctl.models import DeliveryEvent
+from sandboxes.sendgrid import SendgridSandbox
 from tests.conftest import make_settings
 from tests.util import deliveries, seed, send, wait_for
 from worker.claims import BUSY, DOUBT, OK, Claims
 from worker.pipeline import Runtime, delivery_id, process
-from worker.sandbox.sendgrid import SendgridSandbox
 from worker.status import status_report
 
 API_KEY = "SG.fencing-test-key"

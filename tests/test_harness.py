@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from sandboxes.base import HttpSandbox
 from tests.net import ClosedPort, ReservedPorts
-from worker.sandbox.base import HttpSandbox
 
 
 def _request_threads() -> list[threading.Thread]:

@@ -96,7 +96,7 @@ def test_cli_entry_points_use_the_loader(ctx: Context, tmp_path: Path) -> None:
 def test_sandbox_fault_json_uses_the_loader(text: str, needle: str) -> None:
     """`notifyctl sandbox --fault SANDBOX:JSON`: a 5,000-digit number was an AttributeError, deep
     nesting a RecursionError."""
-    from notifyctl.cli.sandbox import parse_fault
+    from sandboxes.sandbox_set import parse_fault
 
     with pytest.raises(InputError) as err:
         parse_fault("apns:" + text)

@@ -15,9 +15,9 @@ from rq.job import Job
 
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
+from sandboxes.smtp import SmtpSandbox
 from tests.conftest import cli_env, make_settings, start_pool, stop_pool
 from tests.util import deliveries, notification, seed, send, wait_for
-from worker.sandbox.smtp import SmtpSandbox
 
 
 def test_worker_killed_mid_send_loses_nothing_and_sends_once(home: Path, redis_url: str, rclient: redis.Redis) -> None:

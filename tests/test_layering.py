@@ -3,11 +3,12 @@
 Layers, lowest first; a module may import its own layer and the ones below:
 
 0. the foundation: ``notifyctl.*`` except ``notifyctl.cli``, ``notifyctl.api`` and ``notifyctl.console``;
-1. ``worker`` (its ``sandbox`` excepted);
+1. ``worker``;
 2. ``campaigns``;
 3. ``notifyctl.api`` and the console it serves, ``notifyctl.console``;
-4. the entry points: ``notifyctl.cli`` and the fake providers ``worker.sandbox`` (nothing that runs in
-   production imports a sandbox).
+4. the entry points: ``notifyctl.cli`` and the fake providers ``sandboxes`` (a top-level package of
+   the checkout, not of the wheel: nothing that runs in production imports a sandbox; the
+   ``notifyctl sandbox`` noun loads them when it runs).
 
 Every import counts, a function-level one as much as one at the top (they hide the graph from
 readers, not from this test). Imports go at the top of modules; a module that imports the project's
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import ast
 import re
+import tomllib
 from collections.abc import Iterable
+from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("notifyctl", "worker", "campaigns")
+PACKAGES = ("notifyctl", "worker", "campaigns", "sandboxes")
 
 # (importer, imported) — never added to.
 UPWARD_ALLOWED: set[tuple[str, str]] = set()
@@ -35,7 +38,7 @@ CYCLES_ALLOWED: set[frozenset[str]] = set()
 
 
 def layer(module: str) -> int:
-    if module.startswith(("notifyctl.cli", "worker.sandbox")):
+    if module.startswith(("notifyctl.cli", "sandboxes")):
         return 4
     if module.startswith(("notifyctl.api", "notifyctl.console")):
         return 3
@@ -233,11 +236,21 @@ def test_the_checks_catch_what_they_should():
     ]
 
 
+def test_the_fake_providers_stay_out_of_the_wheel():
+    """``sandboxes`` is a package of the checkout (its deps the ``[sandbox]`` extra), not of the wheel."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    shipped = [m for m in modules() if any(fnmatch(m, pattern) for pattern in include)]
+    assert "notifyctl.cli.sandbox" in shipped and "worker.pipeline" in shipped
+    assert [m for m in shipped if m.startswith("sandboxes")] == []
+    assert "sandbox" in pyproject["project"]["optional-dependencies"]
+
+
 def redis_key_literals() -> list[str]:
     """Where a module other than ``notifyctl.keys`` spells a Redis key (``notif:…``, ``rq:…``)."""
     found = []
     for name, path in modules().items():
-        if name == "notifyctl.keys" or name.startswith("worker.sandbox"):
+        if name == "notifyctl.keys" or name.startswith("sandboxes"):
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):

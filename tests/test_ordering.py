@@ -22,9 +22,9 @@ from notifyctl.db import dispose_all
 from notifyctl.errors import InputError
 from notifyctl.models import OrderedNotification
 from notifyctl.settings import Settings
+from sandboxes.smtp import SmtpSandbox
 from tests.conftest import PG_AVAILABLE, PG_URL, cli_env, make_settings, run_cli, start_pool
 from tests.util import seed, send
-from worker.sandbox.smtp import SmtpSandbox
 
 N = 6  # enough for three workers to take out-of-order ones at once; each waits ~1 s for its predecessor
 

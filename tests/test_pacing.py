@@ -18,11 +18,11 @@ from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.models import Notification, new_id, utcnow
 from notifyctl.pacing import Pacer
+from sandboxes.sendgrid import SendgridSandbox
 from tests.conftest import make_settings
 from tests.util import deliveries, seed
 from worker import jobs
 from worker.pool import run_worker
-from worker.sandbox.sendgrid import SendgridSandbox
 from worker.status import status_report
 
 API_KEY = "SG.pacing-test-key-0001"

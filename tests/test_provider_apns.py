@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from notifyctl.settings import Settings
+from sandboxes.apns import ApnsSandbox
 from tests.net import ClosedPort
 from worker.providers.apns import CHECK_TOKEN, Provider, apns_id_for, collapse_id_for
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
-from worker.sandbox.apns import ApnsSandbox
 
 KEY_ID = "ABC123DEFG"
 TEAM_ID = "TEAM123456"

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from notifyctl.settings import Settings
+from sandboxes.aws import AwsSandbox
 from worker.providers import ses, sns
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
-from worker.sandbox.aws import AwsSandbox
 
 KEY_ID = "AKIASANDBOXTEST0001"
 SECRET = "sandbox-secret-Zq9vX2"

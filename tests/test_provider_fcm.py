@@ -14,9 +14,7 @@ import orjson
 import pytest
 
 from notifyctl.settings import Settings
-from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
-from worker.providers.fcm import Provider, _Bodies, build_message, collapse_key_for
-from worker.sandbox.fcm import (
+from sandboxes.fcm import (
     FCM_ERROR_TYPE,
     GOOGLE_TOKEN_URI,
     FcmSandbox,
@@ -24,6 +22,8 @@ from worker.sandbox.fcm import (
     fcm_fault,
     make_service_account,
 )
+from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
+from worker.providers.fcm import Provider, _Bodies, build_message, collapse_key_for
 
 PROJECT = "notifyctl-sandbox"
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from notifyctl.settings import Settings
+from sandboxes.aws import AwsSandbox
+from sandboxes.sendgrid import DEFAULT_API_KEY, SendgridSandbox
 from worker.providers import sendgrid, ses
 from worker.providers.base import Message, Permanent, Retry, Sent, error_text
-from worker.sandbox.aws import AwsSandbox
-from worker.sandbox.sendgrid import DEFAULT_API_KEY, SendgridSandbox
 
 FROM = "notifications@example.com"
 HTML_404 = (

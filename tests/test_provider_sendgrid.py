@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from notifyctl.settings import Settings
+from sandboxes.sendgrid import SendgridSandbox
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
 from worker.providers.sendgrid import Provider
-from worker.sandbox.sendgrid import SendgridSandbox
 
 API_KEY = "SG.test-" + os.urandom(12).hex()
 

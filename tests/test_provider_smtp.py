@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from notifyctl.settings import Settings
+from sandboxes.smtp import SmtpSandbox
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
 from worker.providers.smtp import Provider
-from worker.sandbox.smtp import SmtpSandbox
 
 PASSWORD = "s3cret-Pa55word-xyz"
 

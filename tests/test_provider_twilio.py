@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from notifyctl.settings import Settings
+from sandboxes.twilio import TwilioSandbox
 from tests.net import ClosedPort
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Permanent, Retry, Sent
 from worker.providers.twilio import Provider, voice_twiml
-from worker.sandbox.twilio import TwilioSandbox
 
 ACCOUNT_SID = "AC" + os.urandom(16).hex()
 AUTH_TOKEN = os.urandom(16).hex()

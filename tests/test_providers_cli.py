@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from notifyctl.cli import providers
 from notifyctl.cli import sandbox as sandbox_cli
 from notifyctl.cli.main import NotifyGroup
-from notifyctl.cli.sandbox import PORT_OFFSETS, SandboxSet, parse_fault, parse_only
 from notifyctl.settings import Settings
+from sandboxes.sandbox_set import PORT_OFFSETS, SandboxSet, parse_fault, parse_only
 from tests.conftest import ROOT, cli_env
 from tests.net import ClosedPort, ReservedPorts
 
@@ -302,6 +302,45 @@ def test_sandbox_bad_input_is_one_line_exit_2(settings: Settings, args: list[str
     assert res.exit_code == 2, res.output
     assert message in res.output and len(res.output.strip().splitlines()) == 1
     assert not (settings.home / "sandbox").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize(
+    ("unload", "absent", "args", "message"),
+    [
+        # the wheel: no sandboxes/ at all
+        ([], ["sandboxes", "sandboxes.sandbox_set"], [], "runs the fake providers of a source checkout"),
+        # the checkout without the [sandbox] extra: aiosmtpd is missed when the set loads, moto when AWS starts
+        (
+            ["sandboxes.sandbox_set", "sandboxes.smtp"],
+            ["aiosmtpd", "aiosmtpd.smtp"],
+            [],
+            "needs aiosmtpd, from the [sandbox] extra",
+        ),
+        (
+            [],
+            ["moto", "moto.moto_server", "moto.moto_server.werkzeug_app"],
+            ["--only", "ses"],
+            "needs moto, from the [sandbox] extra",
+        ),
+    ],
+)
+def test_sandbox_without_its_package_or_extra_says_what_to_install(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    unload: list[str],
+    absent: list[str],
+    args: list[str],
+    message: str,
+) -> None:
+    for name in unload:  # imported again by the command, and failing on what is absent
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in absent:  # None in sys.modules: importing it raises ModuleNotFoundError, as if not installed
+        monkeypatch.setitem(sys.modules, name, None)
+    res = invoke(settings, "sandbox", *args)
+    assert res.exit_code == 3, res.output
+    assert message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert "pip install -e '.[sandbox]'" in res.output
+    assert not any((settings.home / "sandbox").glob("*.p8"))  # nothing left running or half-written
 
 
 def test_parsers() -> None:

@@ -17,11 +17,11 @@ from sqlmodel import Session
 from typer.testing import CliRunner
 
 import notifyctl.cli.tokens
-from notifyctl.cli.sandbox import SandboxSet
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.models import OptOut
 from notifyctl.settings import Settings
+from sandboxes.sandbox_set import SandboxSet
 from tests.conftest import cli_env, make_settings
 from tests.util import ANDROID_TOKEN, IOS_TOKEN, deliveries, drain, notification, seed, send
 

@@ -22,11 +22,11 @@ from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.directory import register_token
 from notifyctl.models import DeviceToken
+from sandboxes.apns import ApnsSandbox
+from sandboxes.fcm import FcmSandbox
 from tests.conftest import make_settings
 from tests.util import ANDROID_TOKEN, IOS_TOKEN, deliveries, fcm_token, seed, send
 from worker.pipeline import Runtime, _route_groups, process
-from worker.sandbox.apns import ApnsSandbox
-from worker.sandbox.fcm import FcmSandbox
 
 KEY_ID, TEAM_ID, TOPIC = "ROUTESKEY1", "ROUTESTEAM", "com.example.app"
 CAROL_IOS = "cd" * 32

@@ -23,6 +23,8 @@ from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.settings import Settings
+from sandboxes.apns import ApnsSandbox
+from sandboxes.fcm import FcmSandbox
 from tests.conftest import make_settings
 from tests.util import IOS_TOKEN, deliveries, seed, send
 from worker.circuit import Circuits
@@ -30,8 +32,6 @@ from worker.pool import run_worker
 from worker.providers import load_provider
 from worker.providers.base import Message, Permanent, Sent
 from worker.reconciler import reconcile
-from worker.sandbox.apns import ApnsSandbox
-from worker.sandbox.fcm import FcmSandbox
 
 KEY_ID, TEAM_ID, TOPIC = "SHAREDKEY1", "SHAREDTEAM", "com.example.app"
 ROOT = Path(__file__).resolve().parent.parent

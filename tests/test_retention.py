@@ -21,12 +21,12 @@ from notifyctl.cli.main import app
 from notifyctl.context import Context
 from notifyctl.models import Delivery, DeliveryEvent, Notification, utcnow
 from notifyctl.retention import PurgeResult, purge
+from sandboxes.smtp import SmtpSandbox
 from tests.conftest import cli_env, make_settings
 from tests.util import deliveries, drain, notification, seed, send
 from worker import jobs
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
-from worker.sandbox.smtp import SmtpSandbox
 
 DEDUP_TTL = 60  # the window; purges below are "older than" it
 DEDUP_TTL_DEFAULT = 86400

@@ -12,6 +12,7 @@ import redis
 
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
+from sandboxes.smtp import SmtpSandbox
 from tests.conftest import make_settings
 from tests.net import ClosedPort
 from tests.util import deliveries, drain, events, notification, seed, send
@@ -19,7 +20,6 @@ from worker import jobs
 from worker.pipeline import retry_delay
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
-from worker.sandbox.smtp import SmtpSandbox
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from notifyctl.cli.sandbox import TOKEN_ENV, SandboxSet
+from sandboxes.sandbox_set import TOKEN_ENV, SandboxSet
 
 
 @pytest.fixture(scope="module")

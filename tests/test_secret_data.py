@@ -26,12 +26,12 @@ from notifyctl.errors import TemplateError
 from notifyctl.secretdata import ERASED_KEY, REDACTED, erase, redact
 from notifyctl.settings import Settings
 from notifyctl.templates import TemplateStore, parse_template
+from sandboxes.smtp import SmtpSandbox
 from tests.conftest import cli_env, make_settings
 from tests.util import ApiServer, deliveries, drain, notification, seed, send
 from worker import jobs
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
-from worker.sandbox.smtp import SmtpSandbox
 
 CODE = "739146"  # unique enough to search every byte for
 OTP = {"template_id": "otp_code", "priority": "high", "data": {"code": CODE, "minutes": 5}}

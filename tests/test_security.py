@@ -104,8 +104,8 @@ def _sql_dump(ctx: Context) -> str:
 
 @pytest.fixture
 def secret_env(monkeypatch: pytest.MonkeyPatch, closed_port: ClosedPort) -> Iterator[dict[str, str]]:
-    from worker.sandbox.sendgrid import SendgridSandbox
-    from worker.sandbox.twilio import TwilioSandbox
+    from sandboxes.sendgrid import SendgridSandbox
+    from sandboxes.twilio import TwilioSandbox
 
     # the sandboxes know other keys: every send fails on authentication
     with SendgridSandbox(api_key="SG.the-right-key") as sg, TwilioSandbox(auth_token="the-right-token") as tw:

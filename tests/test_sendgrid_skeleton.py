@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from notifyctl.settings import Settings
 from notifyctl.templates import TemplateStore
+from sandboxes.sendgrid import DEFAULT_API_KEY, SendgridSandbox
 from worker.providers import sendgrid
 from worker.providers.base import Message, Sent
-from worker.sandbox.sendgrid import DEFAULT_API_KEY, SendgridSandbox
 
 FROM = "notifications@example.com"
 SHIPPED = Path(__file__).resolve().parents[1] / "notifyctl" / "templates"

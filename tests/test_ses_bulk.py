@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from notifyctl.settings import Settings
+from sandboxes.aws import AwsSandbox
 from tests.test_provider_reasons import moto_server  # noqa: F401 - the fixture
 from worker.providers import ses
 from worker.providers.base import Message, Sent
 from worker.providers.ses import bulk
-from worker.sandbox.aws import AwsSandbox
 
 KEY_ID = "AKIASANDBOXTEST0003"
 SECRET = "sandbox-secret-Pq3"

@@ -23,10 +23,10 @@ from notifyctl.db import dispose_all
 from notifyctl.directory import register_token
 from notifyctl.maintenance import cleanup_stale_tokens
 from notifyctl.models import DeviceToken, utcnow
+from sandboxes.fcm import FcmSandbox
 from tests.conftest import cli_env, make_settings
 from tests.util import ANDROID_TOKEN, IOS_TOKEN, deliveries, fcm_token, seed, send
 from worker.pool import run_worker
-from worker.sandbox.fcm import FcmSandbox
 
 root = typer.Typer(cls=NotifyGroup, pretty_exceptions_enable=False)
 root.add_typer(tokens_cli.app, name="tokens")

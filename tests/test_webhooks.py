@@ -37,11 +37,11 @@ from notifyctl.db import dispose_all
 from notifyctl.models import Delivery, DeliveryEvent, OptOut, utcnow
 from notifyctl.settings import Settings
 from notifyctl.tracking import timeline
+from sandboxes.sendgrid import SendgridSandbox
+from sandboxes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, TwilioSandbox
 from tests.conftest import make_settings, run_cli
 from tests.test_api import ApiServer, drain, one_line_error
 from tests.util import deliveries, seed, send
-from worker.sandbox.sendgrid import SendgridSandbox
-from worker.sandbox.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, TwilioSandbox
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"
 CERT_URL = f"https://sns.us-east-1.amazonaws.com/SimpleNotificationService-{uuid.uuid4().hex}.pem"

@@ -12,327 +12,62 @@ and SMTP on their control port. The control API reads what was sent (staged OTPs
 faults: it needs ``Authorization: Bearer $NOTIFY_SANDBOX_TOKEN``, a token made at start, shared by
 every sandbox of the set and written with the other settings (env file 0600).
 
-:class:`SandboxSet` is the same thing as a library (the end-to-end tests use it).
+The sandboxes are the top-level package ``sandboxes`` of a source checkout (``sandboxes/sandbox_set.py``
+is the library this command runs), not part of the wheel; they need the ``[sandbox]`` extra. Without
+them the command says so in one line (exit 3).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 import shlex
 import signal
-import string
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from notifyctl.cli.common import console, get_ctx
 from notifyctl.errors import ConfigError, InputError
-from notifyctl.home import PRIVATE_DIR, private_dir, write_private
-from notifyctl.jsonload import load_json
-from worker.sandbox.base import control_headers, new_control_token
+from notifyctl.home import write_private
 
-# Lazy imports: each fake provider is imported when started; they pull test-only extras (aiosmtpd, moto,
-# the JWT/crypto stack) that `notifyctl --help` and the production wheel do without.
+if TYPE_CHECKING:
+    from sandboxes.sandbox_set import SandboxSet
 
-#: provider name -> the sandbox that serves it
-PROVIDER_SANDBOX = {
-    "apns": "apns",
-    "fcm": "fcm",
-    "sendgrid": "sendgrid",
-    "twilio": "twilio",
-    "smtp": "smtp",
-    "ses": "aws",
-    "sns": "aws",
-}
-PROVIDERS = tuple(PROVIDER_SANDBOX)
-SANDBOXES = ("apns", "fcm", "sendgrid", "twilio", "smtp", "aws")
-PORT_OFFSETS = {
-    "apns": 0,
-    "apns_control": 1,
-    "fcm": 2,
-    "sendgrid": 3,
-    "twilio": 4,
-    "smtp": 5,
-    "smtp_control": 6,
-    "aws": 7,
-}
-APNS_TOPIC = "com.example.app"
-TWILIO_FROM = "+15005550006"  # Twilio's "valid sender" test number
-AWS_REGION = "us-east-1"
-TOKEN_ENV = "NOTIFY_SANDBOX_TOKEN"  # the control API's token (Authorization: Bearer ...)
+# Lazy imports: the fake providers (``sandboxes``, a package of the source checkout, not of the wheel)
+# and the test-only extras they pull (aiosmtpd, moto) load when the command runs, so that the rest of
+# the CLI works without them and this one says what to install.
+
+INSTALL_HINT = (
+    "notifyctl sandbox runs the fake providers of a source checkout (sandboxes/, not in the wheel): "
+    "run `make install` there, or `pip install -e '.[sandbox]'` and run it from the checkout"
+)
 
 
-def parse_only(text: str | None) -> list[str]:
-    """``apns,fcm,...`` -> provider names (``aws`` = ses + sns); all when empty."""
-    if not text or not text.strip():
-        return list(PROVIDERS)
-    chosen: list[str] = []
-    for raw in text.split(","):
-        name = raw.strip().lower()
-        if not name:
-            continue
-        names = ["ses", "sns"] if name == "aws" else [name]
-        for n in names:
-            if n not in PROVIDER_SANDBOX:
-                raise InputError(f"--only: unknown sandbox {raw.strip()!r} (known: {', '.join(PROVIDERS)}, aws)")
-            if n not in chosen:
-                chosen.append(n)
-    if not chosen:
-        raise InputError("--only: name at least one sandbox")
-    return chosen
+@contextmanager
+def _needs_sandboxes() -> Iterator[None]:
+    """A missing ``sandboxes`` package or extra becomes one line saying what to install."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "a module").partition(".")[0]
+        if missing == "sandboxes":
+            raise ConfigError(INSTALL_HINT) from None
+        raise ConfigError(
+            f"notifyctl sandbox needs {missing}, from the [sandbox] extra: "
+            "`pip install -e '.[sandbox]'` in the checkout"
+        ) from None
 
 
-def parse_fault(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """``SANDBOX:JSON`` -> (sandbox name, faults). The JSON is one fault object or a list of them."""
-    name, sep, raw = text.partition(":")
-    name = name.strip().lower()
-    if not sep:
-        raise InputError(f"--fault {text!r}: expected SANDBOX:JSON such as apns:'{{\"status\": 410}}'")
-    if name in ("ses", "sns"):
-        name = "aws"
-    if name not in SANDBOXES:
-        raise InputError(f"--fault: unknown sandbox {name!r} (known: {', '.join(SANDBOXES)})")
-    value = load_json(raw, f"--fault {name}")
-    faults = value if isinstance(value, list) else [value]
-    if not faults or not all(isinstance(f, dict) for f in faults):
-        raise InputError(f"--fault {name}: expected a JSON object (or a list of objects)")
-    for f in faults:
-        count = f.get("count", 1)
-        if not isinstance(count, int) or isinstance(count, bool) or (count < 1 and count != -1):
-            raise InputError(f"--fault {name}: count must be a positive integer or -1")
-    return name, faults
+def _sandbox_set() -> ModuleType:
+    with _needs_sandboxes():
+        import sandboxes.sandbox_set
 
-
-def _random_id(n: int) -> str:
-    alphabet = string.ascii_uppercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(n))
-
-
-class SandboxSet:
-    """Start the sandboxes serving ``providers`` with fresh credentials under ``directory``.
-
-    After :meth:`start`: ``sandboxes`` (sandbox name -> server), ``provider_options`` (provider ->
-    options for ``Settings.provider_options``), ``routes`` (route -> ordered provider list) and
-    :meth:`env` (the same as ``NOTIFY_*`` variables). ``control_token`` / ``control_headers``:
-    what every sandbox's control API wants.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        providers: list[str] | None = None,
-        base_port: int = 0,
-        email_from: str = "notifications@example.com",
-        voice: bool = False,
-    ) -> None:
-        self.directory = Path(directory)
-        self.providers = list(providers or PROVIDERS)
-        self.base_port = base_port
-        self.email_from = email_from
-        self.voice = voice
-        self.sandboxes: dict[str, Any] = {}
-        self.provider_options: dict[str, dict[str, Any]] = {}
-        self.routes: dict[str, list[str]] = {}
-        self.control_token = new_control_token()
-
-    @property
-    def control_headers(self) -> dict[str, str]:
-        return control_headers(self.control_token)
-
-    def _port(self, what: str) -> int:
-        return self.base_port + PORT_OFFSETS[what] if self.base_port else 0
-
-    @property
-    def needed(self) -> list[str]:
-        return [s for s in SANDBOXES if any(PROVIDER_SANDBOX[p] == s for p in self.providers)]
-
-    def start(self) -> SandboxSet:
-        private_dir(self.directory)
-        os.chmod(self.directory, PRIVATE_DIR)  # an existing one too: it holds keys
-        try:
-            for name in self.needed:
-                getattr(self, "_start_" + name)()
-                self.sandboxes[name].control_token = self.control_token
-        except BaseException as exc:
-            self.stop()
-            if isinstance(exc, OSError):
-                raise ConfigError(f"cannot start the {name} sandbox: {exc.strerror or exc}") from None
-            raise
-        self._routes()
-        return self
-
-    def stop(self) -> None:
-        for sb in reversed(list(self.sandboxes.values())):
-            try:
-                sb.stop()
-            except Exception:  # noqa: BLE001, S110 - best effort on the way out
-                pass
-        self.sandboxes.clear()
-
-    def __enter__(self) -> SandboxSet:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- one method per sandbox ------------------------------------------------------------------
-
-    def _start_apns(self) -> None:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-
-        from worker.sandbox.apns import ApnsSandbox
-
-        key_id, team_id = _random_id(10), _random_id(10)
-        pem = (
-            ec.generate_private_key(ec.SECP256R1())
-            .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-            .decode()
-        )
-        key_file = write_private(self.directory / f"AuthKey_{key_id}.p8", pem.encode())
-        sb = ApnsSandbox(
-            {key_id: pem},
-            topic=APNS_TOPIC,
-            team_id=team_id,
-            port=self._port("apns"),
-            control_port=self._port("apns_control"),
-        )
-        sb.start()
-        self.sandboxes["apns"] = sb
-        ca_file = self.directory / "apns-ca.pem"
-        write_private(ca_file, Path(sb.ca_file).read_bytes())
-        self.provider_options["apns"] = {
-            "base_url": sb.url,
-            "key_file": str(key_file),
-            "key_id": key_id,
-            "team_id": team_id,
-            "topic": APNS_TOPIC,
-            "ca_file": str(ca_file),
-        }
-
-    def _start_fcm(self) -> None:
-        from worker.sandbox.fcm import FcmSandbox
-
-        sb = FcmSandbox(port=self._port("fcm"))
-        sb.start()
-        self.sandboxes["fcm"] = sb
-        sa_file = sb.write_service_account(self.directory / "fcm-service-account.json")
-        self.provider_options["fcm"] = {"service_account_file": str(sa_file), "base_url": sb.url}
-
-    def _start_sendgrid(self) -> None:
-        from worker.sandbox.sendgrid import SendgridSandbox
-
-        api_key = "SG." + secrets.token_urlsafe(16) + "." + secrets.token_urlsafe(24)
-        sb = SendgridSandbox(port=self._port("sendgrid"), api_key=api_key)
-        sb.start()
-        self.sandboxes["sendgrid"] = sb
-        self.provider_options["sendgrid"] = {"api_key": api_key, "base_url": sb.url}
-
-    def _start_twilio(self) -> None:
-        from worker.sandbox.twilio import TwilioSandbox
-
-        sid, token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
-        sb = TwilioSandbox(port=self._port("twilio"), account_sid=sid, auth_token=token)
-        sb.start()
-        self.sandboxes["twilio"] = sb
-        self.provider_options["twilio"] = {
-            "account_sid": sid,
-            "auth_token": token,
-            "from_number": TWILIO_FROM,
-            "base_url": sb.url,
-        }
-
-    def _start_smtp(self) -> None:
-        from worker.sandbox.smtp import SmtpSandbox
-
-        sb = SmtpSandbox(port=self._port("smtp"), control_port=self._port("smtp_control"))
-        sb.start()
-        self.sandboxes["smtp"] = sb
-        self.provider_options["smtp"] = {"host": sb.host, "port": sb.port}
-
-    def _start_aws(self) -> None:
-        from worker.sandbox.aws import AwsSandbox
-
-        key_id, secret = "AKIA" + _random_id(16), secrets.token_urlsafe(30)
-        sb = AwsSandbox(port=self._port("aws"), access_key_id=key_id, secret_access_key=secret, region=AWS_REGION)
-        sb.start()
-        self.sandboxes["aws"] = sb
-        address = self.email_from.rsplit("<", 1)[-1].rstrip(">").strip()
-        if "ses" in self.providers and "@" in address:
-            sb.verify_identity(address.rsplit("@", 1)[1])  # the whole domain may send
-        common = {"endpoint_url": sb.url, "access_key_id": key_id, "secret_access_key": secret, "region": AWS_REGION}
-        for name in ("ses", "sns"):
-            if name in self.providers:
-                self.provider_options[name] = dict(common)
-
-    def _routes(self) -> None:
-        chosen = [p for p in PROVIDERS if p in self.providers]
-
-        def pick(*names: str) -> list[str]:
-            return [n for n in names if n in chosen]
-
-        routes = {
-            "push.ios": pick("apns"),
-            "push.android": pick("fcm"),
-            "email": pick("sendgrid", "ses", "smtp"),
-            "sms": pick("twilio", "sns"),
-        }
-        if self.voice:
-            routes["voice"] = pick("twilio")
-        self.routes = {r: names for r, names in routes.items() if names}
-
-    # -- views -----------------------------------------------------------------------------------
-
-    def env(self) -> dict[str, str]:
-        """The ``NOTIFY_*`` variables that point notifyctl at these sandboxes."""
-        out: dict[str, str] = {}
-        for route, names in self.routes.items():
-            out["NOTIFY_PROVIDERS_" + route.replace(".", "_").upper()] = json.dumps(names)
-        for name in PROVIDERS:
-            for key, value in self.provider_options.get(name, {}).items():
-                out[f"NOTIFY_{name.upper()}_{key.upper()}"] = str(value)
-        out[TOKEN_ENV] = self.control_token
-        return out
-
-    def env_lines(self) -> list[str]:
-        return [f"{k}={shlex.quote(v)}" for k, v in self.env().items()]
-
-    def control_url(self, sandbox: str) -> str:
-        sb = self.sandboxes[sandbox]
-        return str(getattr(sb, "control_url", None) or sb.url)
-
-    def endpoint(self, provider: str) -> str:
-        sb = self.sandboxes[PROVIDER_SANDBOX[provider]]
-        if provider == "smtp":
-            return f"smtp://{sb.host}:{sb.port}"
-        return str(sb.url)
-
-    def counts(self) -> dict[str, int]:
-        """Messages accepted so far, per provider."""
-        out: dict[str, int] = {}
-        for p in self.providers:
-            sb = self.sandboxes.get(PROVIDER_SANDBOX[p])
-            if sb is None:
-                continue
-            if p in ("ses", "sns"):
-                out[p] = sum(1 for r in sb.recorder.all() if r.get("service") == p)
-            else:
-                out[p] = len(sb.recorder)
-        return out
-
-    def add_faults(self, sandbox: str, faults: list[dict[str, Any]]) -> None:
-        sb = self.sandboxes.get(sandbox)
-        if sb is None:
-            raise InputError(f"--fault {sandbox}: that sandbox is not started (see --only)")
-        try:
-            sb.faults.add(faults)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"--fault {sandbox}: {exc}") from None
+    return sandboxes.sandbox_set
 
 
 def _table(sbs: SandboxSet, started_at: float) -> Any:
@@ -343,7 +78,7 @@ def _table(sbs: SandboxSet, started_at: float) -> Any:
         table.add_column(col)
     counts = sbs.counts()
     for p in sbs.providers:
-        table.add_row(p, sbs.endpoint(p), sbs.control_url(PROVIDER_SANDBOX[p]), str(counts.get(p, 0)))
+        table.add_row(p, sbs.endpoint(p), sbs.control_url(sbs.provider_sandbox[p]), str(counts.get(p, 0)))
     return table
 
 
@@ -361,12 +96,13 @@ def sandbox(
     ),
 ) -> None:
     """Run local provider sandboxes (real wire protocols) and print the settings that use them."""
-    providers = parse_only(only)
-    faults = [parse_fault(f) for f in fault]  # all input checked before anything starts
+    ss = _sandbox_set()
+    providers = ss.parse_only(only)
+    faults = [ss.parse_fault(f) for f in fault]  # all input checked before anything starts
     if base_port and base_port < 1024:
         raise InputError("--base-port: use a port >= 1024 (or 0 for free ports)")
     settings = get_ctx(ctx).settings
-    sbs = SandboxSet(
+    sbs = ss.SandboxSet(
         Path(settings.home) / "sandbox",
         providers,
         base_port=base_port,
@@ -376,7 +112,8 @@ def sandbox(
     for name, _ in faults:
         if name not in sbs.needed:
             raise InputError(f"--fault {name}: that sandbox is not started (see --only)")
-    sbs.start()
+    with _needs_sandboxes():  # moto loads when the AWS sandbox starts
+        sbs.start()
     previous = None
     try:
         try:

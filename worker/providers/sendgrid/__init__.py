@@ -11,7 +11,7 @@ Why here and not in ``notifyctl.api``: the send side (layer 1, ``worker``) and t
 agree on what the client puts in a request (``custom_args``, the message id it records), so both
 live in the vendor's package; the HTTP API (layer 3) may import downwards and only dispatches to
 :mod:`.webhook`, while the worker never imports the API. The fake SendGrid for tests is
-``worker.sandbox.sendgrid``.
+``sandboxes.sendgrid``.
 """
 
 from worker.providers.sendgrid.client import MAX_PERSONALIZATIONS, Config, Provider

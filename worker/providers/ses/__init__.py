@@ -12,7 +12,7 @@
 Why here and not in ``notifyctl.api``: the send side (layer 1, ``worker``) and the webhook side must
 agree on what the client tags a message with, so both live in the vendor's package; the HTTP API
 (layer 3) may import downwards and only dispatches to :mod:`.webhook`, while the worker never imports
-the API. The fake SES for tests is ``worker.sandbox.aws``.
+the API. The fake SES for tests is ``sandboxes.aws``.
 """
 
 from worker.providers.ses import client

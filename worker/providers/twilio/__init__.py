@@ -9,7 +9,7 @@
 Why here and not in ``notifyctl.api``: the send side (layer 1, ``worker``) and the webhook side must
 agree on the callback URL and the error codes, so both live in the vendor's package; the HTTP API
 (layer 3) may import downwards and only dispatches to :mod:`.webhook`, while the worker never imports
-the API. The fake Twilio for tests is ``worker.sandbox.twilio``.
+the API. The fake Twilio for tests is ``sandboxes.twilio``.
 """
 
 from worker.providers.twilio.client import Config, Provider, voice_twiml

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from worker.sandbox.base import HttpSandbox, SandboxHandler
+from sandboxes.base import HttpSandbox, SandboxHandler
 
 DEFAULT_API_KEY = "SG.sandbox.notifyctl-local-key"
 MAX_BODY_BYTES = 30 * 1024 * 1024

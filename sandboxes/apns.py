@@ -10,7 +10,7 @@ must be the team id (when given), and a token whose ``iat`` is older than one ho
 ``403 ExpiredProviderToken``. A certificate for 127.0.0.1/localhost is made at startup by a
 throwaway CA whose PEM is written to ``.ca_file`` (give it to the provider as ``ca_file``).
 
-Faults (``FaultPlan`` from :mod:`worker.sandbox.base`, matched against path + body, so a device
+Faults (``FaultPlan`` from :mod:`sandboxes.base`, matched against path + body, so a device
 token works as ``match``):
 
 - ``{"status": 410, "reason": "Unregistered"}``: answer this status with that reason
@@ -29,12 +29,12 @@ id or team id (403 ``InvalidProviderToken``) from a good one without delivering 
 ``token_update_interval`` (Apple's is 1200 s), a new provider token of a team and key that comes
 sooner than that after the previous one is answered ``429 TooManyProviderTokenUpdates``
 (``tokens_seen`` lists every well-signed token presented). Accepted pushes are recorded
-in ``recorder``. The control API of :class:`~worker.sandbox.base.HttpSandbox` runs on a plain
+in ``recorder``. The control API of :class:`~sandboxes.base.HttpSandbox` runs on a plain
 HTTP side port (``control_url``), with one more endpoint: ``POST /_sandbox/unregistered``
 (JSON list of tokens) / ``DELETE /_sandbox/unregistered``.
 
 Run it: ``ApnsSandbox(keys={key_id: p8_pem}, topic="com.example.app").start()`` or
-``python -m worker.sandbox.apns --key-file AuthKey_ABC123DEFG.p8 --key-id ABC123DEFG``.
+``python -m sandboxes.apns --key-file AuthKey_ABC123DEFG.p8 --key-id ABC123DEFG``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from worker.sandbox.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
 
 _TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}$")
 _PUSH_TYPES = {"alert", "background", "location", "voip", "complication", "fileprovider", "mdm", "liveactivity"}
@@ -478,7 +478,7 @@ class ApnsSandbox:
 
     @property
     def control_token(self) -> str:
-        """The control API's token (see :mod:`worker.sandbox.base`)."""
+        """The control API's token (see :mod:`sandboxes.base`)."""
         return self._control.control_token
 
     @control_token.setter

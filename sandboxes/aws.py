@@ -12,7 +12,7 @@ with the sandbox's access key pair. moto requires a verified sender for SES:
 ``sandbox.verify_identity("notifications@example.com")`` (an address or a whole domain).
 
 Faults (``sandbox.faults.add(...)`` or ``POST /_sandbox/faults``) take the keys of
-:mod:`worker.sandbox.base` plus ``code`` and ``message``: with a ``code`` the proxy answers the
+:mod:`sandboxes.base` plus ``code`` and ``message``: with a ``code`` the proxy answers the
 service's own error shape with ``status`` (default 400), i.e. for SES v2 (rest-json)
 ``x-amzn-ErrorType: <code>`` and ``{"__type": code, "message": ...}``, and for SNS (query) an
 ``<ErrorResponse><Error><Type>Sender|Receiver</Type><Code>..</Code><Message>..</Message></Error>``
@@ -59,7 +59,7 @@ from xml.sax.saxutils import escape
 
 import urllib3
 
-from worker.sandbox.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
 
 SES_SEND_PATH = "/v2/email/outbound-emails"
 SES_BULK_PATH = "/v2/email/outbound-bulk-emails"

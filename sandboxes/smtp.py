@@ -3,7 +3,7 @@ over TCP on 127.0.0.1, built on aiosmtpd and run in a background thread.
 
 Every accepted message is parsed and recorded (envelope, From/To/Subject, text and html parts,
 all headers, ``X-Notify-Delivery-Id``). Faults come from a :class:`SmtpFaultPlan` (a
-:class:`~worker.sandbox.base.FaultPlan`); a fault is a dict with any of:
+:class:`~sandboxes.base.FaultPlan`); a fault is a dict with any of:
 
 - ``stage``: ``"connect"`` (greeting), ``"mail"``, ``"rcpt"`` (default) or ``"data"`` (after the
   message body, before the final reply)
@@ -46,7 +46,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
 from aiosmtpd.smtp import Session as SmtpSession
 
-from worker.sandbox.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
 
 STAGES = ("connect", "mail", "rcpt", "data")
 
@@ -305,7 +305,7 @@ class SmtpSandbox:
 
     @property
     def control_token(self) -> str:
-        """The control API's token (see :mod:`worker.sandbox.base`)."""
+        """The control API's token (see :mod:`sandboxes.base`)."""
         return self._control.control_token
 
     @control_token.setter

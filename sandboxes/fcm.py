@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from notifyctl.home import write_private
-from worker.sandbox.base import HttpSandbox, SandboxHandler
+from sandboxes.base import HttpSandbox, SandboxHandler
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 JWT_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"

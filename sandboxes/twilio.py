@@ -35,7 +35,7 @@ from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-from worker.sandbox.base import HttpSandbox, SandboxHandler
+from sandboxes.base import HttpSandbox, SandboxHandler
 
 DEFAULT_ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 DEFAULT_AUTH_TOKEN = "sandbox-auth-token-0123456789abcd"
