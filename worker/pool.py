@@ -6,6 +6,10 @@ workers, the first listens to ``high`` alone, so an OTP never waits behind a mar
 (and that worker gets RQ's crash-safe single-queue dequeue). Every worker refreshes a liveness
 key every ``worker_heartbeat`` seconds; the reconciler treats a job whose worker went silent
 for ``worker_alive_ttl`` seconds as abandoned and queues its notifications again.
+
+With several Redis shards (``notifyctl.shards``), each worker serves one shard (``worker_plan``:
+its RQ connection, jobs, users' keys and liveness key are that shard's), and the supervisor's
+reconciler runs a round per shard served.
 """
 
 from __future__ import annotations

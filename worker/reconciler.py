@@ -21,6 +21,11 @@ the lock instead. Two duties:
    - is marked queued but is no longer in its queue (popped by a worker that then died —
      RQ's dequeue from several queues is not crash-safe).
 
+With several Redis shards (``notifyctl.shards``) a round is one per shard: each takes that shard's
+lock and pace key (on that shard), reads the candidates from SQL, keeps its own users', checks
+their jobs and the workers' liveness keys on that shard and queues them there. A pool runs the
+rounds of the shards it serves.
+
 Requeueing can at worst process a notification twice, and processing is idempotent
 (``worker.pipeline``), so recovery never sends twice what was sent.
 """
