@@ -145,7 +145,7 @@ def run_all(scale: float, pool: int, only: list[str], runs: int = 3, pg_url: str
         "console": lambda: console_bench.console_pages(sz["console"], log=log),
         "funnel10m": lambda: funnel10m_bench.funnel10m(sz["funnel10m"], log=log),
         # 4 workers: with 4 shards, one on each
-        "shards": lambda: shards_bench.email_shards(sz["shards"], pool=max(pool, 4), log=log),
+        "shards": lambda: shards_bench.email_shards(sz["shards"], pool=max(pool, 4), log=log, repeats=runs),
     }
     for name in only:
         log(f"[{name}] ...")

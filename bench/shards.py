@@ -223,16 +223,33 @@ def paper_figure(runs: dict[str, dict[str, Any]], target: float = TARGET) -> dic
     }
 
 
-def email_shards(n: int, counts: tuple[int, ...] = (1, 2, 4), pool: int = 4, log: Log = _noop) -> dict[str, Any]:
-    """The blast on each shard count in ``counts``, then the paper figure."""
+def email_shards(
+    n: int, counts: tuple[int, ...] = (1, 2, 4), pool: int = 4, log: Log = _noop, repeats: int = 1
+) -> dict[str, Any]:
+    """The blast on each shard count in ``counts``, ``repeats`` times each (in rounds: 1, 2, 4, 1, 2,
+    4...), then the paper figure. Of a count's runs, the one whose Redis spent the most per
+    notification is kept whole (the conservative one, for the paper figure); every run's rate and
+    per-shard costs are listed under ``repeats``."""
+    all_runs: dict[str, list[dict[str, Any]]] = {str(k): [] for k in counts}
+    for i in range(repeats):
+        for k in counts:
+            log(f"  email blast on {k} Redis shard(s), {n} recipients, --pool {pool} (run {i + 1} of {repeats})")
+            try:
+                all_runs[str(k)].append(shard_run(n, k, pool=pool, log=log))
+            except Exception as exc:  # noqa: BLE001 - reported, the other counts still run
+                all_runs[str(k)].append({"shards": k, "error": f"{type(exc).__name__}: {exc}"})
     runs: dict[str, dict[str, Any]] = {}
-    for k in counts:
-        log(f"  email blast on {k} Redis shard(s), {n} recipients, --pool {pool}")
-        try:
-            runs[str(k)] = shard_run(n, k, pool=pool, log=log)
-        except Exception as exc:  # noqa: BLE001 - reported, the other counts still run
-            runs[str(k)] = {"shards": k, "error": f"{type(exc).__name__}: {exc}"}
-    return {"notifications": n, "pool": pool, "runs": runs, "paper": paper_figure(runs)}
+    for k, rs in all_runs.items():
+        ok = [r for r in rs if r.get("per_shard") and not r.get("error")]
+        runs[k] = dict(max(ok, key=lambda r: r["redis_main_us_per_notification_all_shards"]) if ok else rs[-1])
+        runs[k]["repeats"] = [
+            {
+                "notifications_per_s": r.get("notifications_per_s"),
+                "redis_main_us_per_notification": [p["redis_main_us_per_notification"] for p in r["per_shard"]],
+            }
+            for r in ok
+        ]
+    return {"notifications": n, "pool": pool, "repeats": repeats, "runs": runs, "paper": paper_figure(runs)}
 
 
 def rows(s: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
@@ -242,13 +259,16 @@ def rows(s: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         if r.get("error") and not r.get("per_shard"):
             out.append(("18", f"Email blast on {k} Redis shard(s)", "—", str(r["error"]), "—"))
             continue
-        per = ", ".join(
-            f"{p['redis_main_us_per_notification']:g}" + (" (+ shared)" if p["shard"] == 0 and int(k) > 1 else "")
-            for p in r["per_shard"]
-        )
-        out.append(("18", f"Email blast, {_n(r.get('sent'))} recipients, {k} Redis shard(s), --pool {r.get('pool')}: "
-                    "rate; Redis main-thread CPU per notification of each shard's users (shard 0 first)", "—",
-                    f"{r.get('notifications_per_s'):,.0f}/s; {per} µs", "—"))  # fmt: skip
+        reps = r.get("repeats") or [{"notifications_per_s": r.get("notifications_per_s"),
+                                     "redis_main_us_per_notification": [p["redis_main_us_per_notification"]
+                                                                        for p in r["per_shard"]]}]  # fmt: skip
+        rates = "–".join(sorted({f"{x['notifications_per_s']:,.0f}" for x in reps}))
+        per = "; ".join(", ".join(f"{v:g}" for v in x["redis_main_us_per_notification"]) for x in reps)
+        share = ", ".join(f"{p['redis_main_thread_cpu_s'] / max(1, r['sent']) * 1e6:.1f}" for p in r["per_shard"])
+        out.append(("18", f"Email blast, {_n(r.get('sent'))} recipients, {k} Redis shard(s), --pool {r.get('pool')} "
+                    f"({len(reps)} run(s)): rate; each shard's Redis main-thread CPU per notification of its users "
+                    "(shard 0 first; per run); each shard's per notification of the whole blast", "—",
+                    f"{rates}/s; {per} µs; {share} µs", "—"))  # fmt: skip
     p = s.get("paper") or {}
     if p.get("shards_needed"):
         out.append(("18", f"Paper figure: {p['target_per_s']:,.0f} emails/s", "—",
@@ -281,8 +301,11 @@ def details(s: dict[str, Any]) -> list[str]:
                 f"pool CPU {r.get('pool_cpu_us_per_notification')} µs/notification; Redis main thread "
                 f"{r.get('redis_main_us_per_notification_all_shards')} µs/notification over all shards; CPU by process "
                 f"{(r.get('cpu') or {}).get('cpu_s')}"]  # fmt: skip
+        for x in r.get("repeats") or []:
+            out += [f"  - run: {_n(x['notifications_per_s'])}/s, µs per notification of each shard's users "
+                    f"{x['redis_main_us_per_notification']}"]  # fmt: skip
         for p in r["per_shard"]:
-            out += [f"  - shard {p['shard']}: {_n(p['recipients'])} recipients, main thread {p['redis_main_thread_cpu_s']} s "  # noqa: E501
+            out += [f"  - (the run kept) shard {p['shard']}: {_n(p['recipients'])} recipients, main thread {p['redis_main_thread_cpu_s']} s "  # noqa: E501
                     f"({p['main_thread_busy']:.0%} busy), process {p['redis_process_cpu_s']} s, "
                     f"{p['redis_main_us_per_notification']} µs and {p['redis_commands_per_notification']} commands "
                     "per notification of its users"]  # fmt: skip

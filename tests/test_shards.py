@@ -264,11 +264,21 @@ def test_a_worker_refuses_a_shard_that_does_not_exist(sctx: Context, shard_urls:
     assert r.returncode == 2 and "--shards: unknown shard '2'" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_a_campaign_is_queued_per_shard_and_status_reads_every_shard(sctx: Context, tmp_path: Path) -> None:
+@pytest.fixture
+def small_chunks_ctx(home: Path, shard_urls: list[str]) -> Iterator[Context]:
+    c = Context(
+        make_settings(home, shard_urls[0], redis_shards=shard_urls, batch_size=150, campaign={"chunk_size": 100})
+    )
+    yield c
+    c.close()
+    dispose_all()
+
+
+def test_a_campaign_is_queued_per_shard_and_status_reads_every_shard(small_chunks_ctx: Context, tmp_path: Path) -> None:
     """The launcher splits each chunk's due rows by shard: a job holds one shard's users, on that
     shard; the dry run counts each user's rate windows on that user's shard; `status` adds up the
     queues of both shards and lists the workers of both."""
-    ctx = sctx
+    ctx = small_chunks_ctx
     users = [f"u{i}" for i in range(200)]
     rep = import_users(ctx, io.StringIO("user_id,email\n" + "".join(f"{u},{u}@example.com\n" for u in users)))
     assert rep.errors == []
@@ -291,7 +301,10 @@ def test_a_campaign_is_queued_per_shard_and_status_reads_every_shard(sctx: Conte
     by_shard = {0: set(), 1: set()}
     for shard in (0, 1):
         r = ctx.shard_redis(shard)
-        for job_id in r.lrange(keys.rq_queue("notify-low"), 0, -1) + r.lrange(keys.rq_queue("notify-normal"), 0, -1):
+        jobs = r.lrange(keys.rq_queue("notify-low"), 0, -1) + r.lrange(keys.rq_queue("notify-normal"), 0, -1)
+        # chunks of 100 rows, but the write pass over 2 shards reads 200: each shard's ~100 fill one job
+        assert len(jobs) == 1, jobs
+        for job_id in jobs:
             (ids,) = Job.fetch(job_id.decode(), connection=r).args
             with Session(ctx.engine) as s:
                 owners = {
