@@ -16,9 +16,19 @@ The spread (2 deliveries a notification, 5,000,000 notifications over 90 days):
 - statuses: 42 % sent, 20 % delivered, 14 % opened, 9 % failed (4 reasons, 1 in 5 of them
   dead-lettered), 15 % suppressed (5 reasons).
 
-Figures: ``analytics.funnel`` by template, channel, campaign and day (median of ``runs`` after a
-warm-up call), and the console's Analytics page over HTTP (logged in, same median), with the load
-average before and after each database's timings. The databases are deleted afterwards.
+The coarse tiers (``analytics_total``, ``analytics_daily``: what the funnel reads) are checked the
+same way, each against the full count summed to its key.
+
+Figures: ``analytics.funnel`` by template, channel, campaign and day, all time and ``--since`` 7
+and 30 days back (what ``notifyctl report --by … --since …`` runs; median of ``runs`` after a
+warm-up call), each answer compared with the same funnel over the hourly rollup alone
+(``tier="hourly"``, the pre-coarse read, timed once); then late status changes (``LATE``
+deliveries of the first weeks opened in one transaction, as a day of webhooks would) timed before
+the next fold (read = folded days + the changed hourly rows) and after it, with the fold's time;
+and the console's Analytics page over HTTP (logged in, same median), with the load average before
+and after each database's timings. The databases are deleted afterwards.
+
+Run alone: ``python -m bench.funnel10m --deliveries 1000000`` (``--db sqlite``, ``--runs``, ``--json``).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ TEMPLATES = 300
 CAMPAIGNS = 50
 DAYS = 90
 CHUNK = 500_000  # notifications a transaction
+LATE = 20_000  # late status changes (sent deliveries of the first days opened) in one transaction
 
 # Per notification i: h, a 32-bit multiplicative hash of i; campaign or not, which campaign, which
 # template (u³ over 0..999 → 0..299), when (seconds after the 90-day window's start).
@@ -208,48 +219,152 @@ def check(env: Env, log: Callable[[str], None]) -> dict[str, Any]:
             f"SELECT count(*) FROM (SELECT * FROM full_count EXCEPT {rollup}) AS x").scalar() or 0)  # fmt: skip
         extra = int(conn.exec_driver_sql(
             f"SELECT count(*) FROM ({rollup} EXCEPT SELECT * FROM full_count) AS x").scalar() or 0)  # fmt: skip
+        coarse_differing = _check_coarse(conn)
         conn.exec_driver_sql("DROP TABLE full_count")
         plain = {(c, s): int(k) for c, s, k in conn.exec_driver_sql(
             "SELECT channel, status, count(*) FROM deliveries GROUP BY channel, status").all()}  # fmt: skip
         summed = {(c, s): int(k) for c, s, k in conn.exec_driver_sql(
             f"SELECT channel, status, sum(n) FROM ({rollup}) AS r GROUP BY channel, status").all()}  # fmt: skip
-    ok = missing == 0 and extra == 0 and plain == summed
+    ok = missing == 0 and extra == 0 and plain == summed and not any(coarse_differing.values())
     res = {"groups_compared": groups, "groups_differing": missing + extra, "channel_status_totals_equal":
-           plain == summed, "rollup_equals_full_count": ok, "check_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+           plain == summed, "coarse_rows_differing": coarse_differing, "rollup_equals_full_count": ok,
+           "check_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
     log(f"    check: {res}")
     if not ok:
         raise AssertionError(f"the rollup differs from a full count: {res}")
     return res
 
 
+def _check_coarse(conn: Any) -> dict[str, int]:
+    """Each coarse tier (+ what is not folded yet) against the temporary ``full_count`` summed to
+    its key, both ways (``EXCEPT``): the rows that differ, per tier."""
+    from notifyctl import analytics
+
+    pg = conn.dialect.name == "postgresql"
+    total = "template_id, channel, campaign_id, status, reason"
+    out: dict[str, int] = {}
+
+    def pending(cols: str) -> str:
+        sql = f"SELECT {cols}, n - folded FROM analytics_hourly WHERE n <> folded"
+        return sql + (f" UNION ALL SELECT {cols}, n FROM analytics_delta" if pg else "")
+
+    def differ(name: str, cols: str, read: str, expected: str) -> None:
+        got = f"SELECT {cols}, sum(n) AS n FROM ({read}) AS r({cols}, n) GROUP BY {cols} HAVING sum(n) <> 0"
+        want = f"SELECT {cols}, sum(n) AS n FROM ({expected}) AS e({cols}, n) GROUP BY {cols}"
+        if not pg:  # SQLite names a subquery's columns by its first SELECT
+            got = got.replace(f" AS r({cols}, n)", " AS r")
+            want = want.replace(f" AS e({cols}, n)", " AS e")
+        out[name] = sum(int(conn.exec_driver_sql(f"SELECT count(*) FROM ({a} EXCEPT {b}) AS x").scalar() or 0)
+                        for a, b in ((got, want), (want, got)))  # fmt: skip
+
+    differ("total", total, f"SELECT {total}, n FROM analytics_total UNION ALL {pending(total)}",
+           f"SELECT {total}, n FROM full_count")  # fmt: skip
+    daily = "dim, day, value, status, reason"
+    for dim, col in analytics.DIMS.items():
+        cols = f"'{dim}' AS dim, substr(hour, 1, 10) AS day, {col} AS value, status, reason"
+        differ(f"daily {dim or 'all'}", daily,
+               f"SELECT {daily}, n FROM analytics_daily WHERE dim = '{dim}' UNION ALL {pending(cols)}",
+               f"SELECT {cols}, n FROM full_count")  # fmt: skip
+    return out
+
+
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def timings(env: Env, runs: int, log: Callable[[str], None]) -> dict[str, Any]:
+def _timed(engine: Any, runs: int, by: str, since: str | None, tier: str = "coarse") -> tuple[dict[str, Any], Any]:
+    from notifyctl.analytics import funnel
+
+    times, cpu = [], []
+    for _ in range(runs + 1):  # the first warms the caches
+        t, c = time.perf_counter(), time.process_time()
+        rep = funnel(engine, by, since, tier=tier)
+        times.append((time.perf_counter() - t) * 1000)
+        cpu.append((time.process_time() - c) * 1000)
+    kept = times[1:] or times
+    return {"median": round(statistics.median(kept), 1), "max": round(max(kept), 1),
+            "cpu_ms_this_process": round(statistics.median(cpu[1:] or cpu), 1), "groups": len(rep["groups"]),
+            "total": rep["total"]["total"]}, rep  # fmt: skip
+
+
+SINCE = {"all": None, "7d": "7d", "30d": "30d"}
+
+
+def _funnels(env: Env, runs: int, log: Callable[[str], None], hourly: bool) -> dict[str, Any]:
+    """The funnel by each grouping and ``--since``: coarse (median of ``runs``), and, with
+    ``hourly``, the same over the hourly rollup alone (timed once), the two answers compared."""
+    from notifyctl.analytics import parse_since
+
+    out: dict[str, Any] = {"funnel_ms": {}, "hourly_ms": {}, "equal_to_hourly": True}
+    for by in ("template", "channel", "campaign", "day"):
+        for label, since in SINCE.items():
+            name = by if label == "all" else f"{by} since {label}"
+            at = parse_since(since)
+            out["funnel_ms"][name], rep = _timed(env.ctx.engine, runs, by, at)
+            if hourly:
+                out["hourly_ms"][name], slow = _timed(env.ctx.engine, 0, by, at, "hourly")
+                if slow != rep:
+                    out["equal_to_hourly"] = False
+                    log(f"    !! {name}: the coarse funnel differs from the hourly one")
+            log(f"    funnel by {name}: {out['funnel_ms'][name]}" + (
+                f", hourly {out['hourly_ms'][name]['median']} ms" if hourly else ""))  # fmt: skip
+    return out
+
+
+def late_changes(env: Env, runs: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """``LATE`` sent deliveries of the first days opened now, in one transaction (their hours are
+    long folded): the funnel timed before the fold (it reads, besides the coarse tiers, the
+    changed hourly rows on SQLite, the deltas on PostgreSQL), the fold (``analytics.compact``)
+    timed, the funnel timed again; each answer equal to the hourly rollup's."""
+    from sqlalchemy import text
+
+    from notifyctl import analytics
+    from notifyctl.db import write_lock
+
+    engine = env.ctx.engine
+    t0 = time.perf_counter()
+    ids = [f"d{i:09d}{i % 2}" for i in range(0, LATE * 10, 10)]  # notifications of the first days (_OFF)
+    with write_lock(engine), engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TEMPORARY TABLE late_ids (id TEXT PRIMARY KEY)")
+        conn.execute(text("INSERT INTO late_ids (id) VALUES (:id)"), [{"id": i} for i in ids])
+        changed = conn.exec_driver_sql(
+            "UPDATE deliveries SET status = 'opened' WHERE id IN (SELECT id FROM late_ids) AND status = 'sent'"
+        ).rowcount
+        conn.exec_driver_sql("DROP TABLE late_ids")
+    write_s = time.perf_counter() - t0
+    pending = analytics.unfolded(engine)
+    out: dict[str, Any] = {"late_changes": changed, "late_write_s": round(write_s, 1), "unfolded_rows": pending}
+    before, equal = {}, True
+    for by in ("template", "day"):
+        before[by], rep = _timed(engine, runs, by, None)
+        equal &= rep == analytics.funnel(engine, by, None, tier="hourly")
+    t1 = time.perf_counter()
+    folded = analytics.compact(engine)
+    out["fold_s"] = round(time.perf_counter() - t1, 2)
+    out["folded_rows"] = folded
+    after = {}
+    for by in ("template", "day"):
+        after[by], rep = _timed(engine, runs, by, None)
+        equal &= rep == analytics.funnel(engine, by, None, tier="hourly")
+    out.update({"funnel_ms_unfolded": before, "funnel_ms_after_fold": after, "late_equal_to_hourly": equal})
+    log(f"    late changes: {out}")
+    return out
+
+
+def timings(env: Env, runs: int, log: Callable[[str], None], hourly: bool = True) -> dict[str, Any]:
     import httpx
 
-    from notifyctl.analytics import funnel
     from notifyctl.api.auth import create_key
 
-    out: dict[str, Any] = {"load_before": _load(), "funnel_ms": {}, "pages_ms": {}}
-    for by in ("template", "channel", "campaign", "day"):
-        times, cpu = [], []
-        for _ in range(runs + 1):  # the first warms the caches
-            t, c = time.perf_counter(), time.process_time()
-            rep = funnel(env.ctx.engine, by)
-            times.append((time.perf_counter() - t) * 1000)
-            cpu.append((time.process_time() - c) * 1000)
-        out["funnel_ms"][by] = {"median": round(statistics.median(times[1:]), 1), "max": round(max(times[1:]), 1),
-                                "cpu_ms_this_process": round(statistics.median(cpu[1:]), 1),
-                                "groups": len(rep["groups"]), "total": rep["total"]["total"]}  # fmt: skip
-        log(f"    funnel by {by}: {out['funnel_ms'][by]}")
+    out: dict[str, Any] = {"load_before": _load(), **_funnels(env, runs, log, hourly)}
+    out["pages_ms"] = {}
     key = create_key(env.ctx, "bench", "admin").key
     with _Server(env.ctx) as url, httpx.Client(base_url=url, timeout=300) as c:
         token = re.search(r'name="csrf" value="([^"]+)"', c.get("/console/login").text).group(1)  # type: ignore[union-attr]
         assert c.post("/console/login", data={"csrf": token, "api_key": key}).status_code == 303
         for name, path in (("analytics_template", "/console/analytics?by=template"),
-                           ("analytics_day", "/console/analytics?by=day")):  # fmt: skip
+                           ("analytics_day", "/console/analytics?by=day"),
+                           ("analytics_campaign_7d", "/console/analytics?by=campaign&since=7d")):  # fmt: skip
             times = []
             for _ in range(runs + 1):
                 t = time.perf_counter()
@@ -258,13 +373,20 @@ def timings(env: Env, runs: int, log: Callable[[str], None]) -> dict[str, Any]:
                 assert r.status_code == 200, (path, r.status_code, r.text[:200])
             out["pages_ms"][name] = {"median": round(statistics.median(times[1:]), 1), "max": round(max(times[1:]), 1)}
             log(f"    {name}: {out['pages_ms'][name]}")
+    out.update(late_changes(env, runs, log))
     out["load_after"] = _load()
     return out
 
 
-def funnel10m(deliveries: int = 10_000_000, runs: int = 5, log: Callable[[str], None] = print) -> dict[str, Any]:
+def funnel10m(
+    deliveries: int = 10_000_000,
+    runs: int = 5,
+    log: Callable[[str], None] = print,
+    dbs: tuple[str, ...] = ("sqlite", "postgresql"),
+    hourly: bool = True,
+) -> dict[str, Any]:
     res: dict[str, Any] = {"deliveries": deliveries, "runs": runs}
-    for db in ("sqlite", "postgresql"):
+    for db in dbs:
         if db == "postgresql" and not _pg_up():
             res[db] = {"error": "PostgreSQL not reachable on 127.0.0.1:5432: not measured"}
             continue
@@ -272,7 +394,7 @@ def funnel10m(deliveries: int = 10_000_000, runs: int = 5, log: Callable[[str], 
         env = Env(bench_pg=(os.environ.get("NOTIFY_BENCH_DATABASE_URL") or PG_URL) if db == "postgresql" else "")
         try:
             info = load(env, deliveries, log)
-            res[db] = {**info, **check(env, log), **timings(env, runs, log)}
+            res[db] = {**info, **check(env, log), **timings(env, runs, log, hourly)}
         except Exception as exc:  # noqa: BLE001 - one database's failure must not hide the other's figures
             import traceback
 
@@ -284,3 +406,21 @@ def funnel10m(deliveries: int = 10_000_000, runs: int = 5, log: Callable[[str], 
 
             shutil.rmtree(env.dir, ignore_errors=True)
     return res
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--deliveries", type=int, default=10_000_000)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--db", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
+    ap.add_argument("--no-hourly", action="store_true", help="skip the hourly-rollup comparison reads")
+    ap.add_argument("--json", help="write the figures to this file")
+    a = ap.parse_args()
+    out = funnel10m(a.deliveries, a.runs, dbs=tuple(a.db.split(",")), hourly=not a.no_hourly)
+    print(json.dumps(out, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)

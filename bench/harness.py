@@ -194,3 +194,30 @@ class CpuMeter:
         total = sum(used.values())
         return {"wall_s": round(wall, 2), "cpu_s": used, "cpu_total_s": round(total, 2),
                 "cores_busy": round(total / wall, 2) if wall else None}  # fmt: skip
+
+
+# --- shared by the scenarios (bench/email_blast.py, push_blast.py, launcher_memory.py, cost.py,
+# apprise_compare.py) ------------------------------------------------------------------------------
+
+PROMO = {"discount": 10, "code": "WEEK10", "first_name": "F"}
+TWILIO_FROM = "+15005550006"
+
+Log = Any  # callable(str) -> None
+
+
+def noop(_msg: str) -> None:
+    pass
+
+
+def db_server(env: Env) -> dict[str, str]:
+    """A PostgreSQL server on this machine shares its cores: its backends' CPU counts too."""
+    url = env.settings.database_url or ""
+    local = "@127.0.0.1" in url or "@localhost" in url or "@/" in url
+    return {"PostgreSQL server (all its processes)": "postgres"} if url.startswith("postgresql") and local else {}
+
+
+def dist(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "p50": round(percentile(values, 50), 1), "p99": round(percentile(values, 99), 1),
+            "max": round(max(values), 1)}  # fmt: skip

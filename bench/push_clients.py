@@ -67,7 +67,7 @@ def run_provider(kind: str, url: str, ca: str, n: int, batch: int) -> tuple[int,
     from pathlib import Path
     from tempfile import mkdtemp
 
-    from bench.scenarios import bare_apns_messages, bare_fcm_messages
+    from bench.push_blast import bare_apns_messages, bare_fcm_messages
     from notifyctl.settings import Settings
 
     home = Path(mkdtemp(prefix="bench-client-"))

@@ -25,8 +25,8 @@ from typing import Any
 from sqlalchemy import update
 
 from bench.common import Env, bulk_notifications, bulk_users
-from bench.harness import bulk_ios_tokens, commandstats, delta, p256_key_pem
-from bench.scenarios import KEY_ID, MIXES, PROMO, TEAM_ID, TOPIC, _platforms, _sink_service_account
+from bench.harness import PROMO, bulk_ios_tokens, commandstats, delta, p256_key_pem
+from bench.push_blast import KEY_ID, MIXES, TEAM_ID, TOPIC, device_platforms, sink_service_account
 from notifyctl.context import freeze_heap
 
 
@@ -43,14 +43,14 @@ def run(label: str, n: int, batch: int, sink: Any, profile: bool, rounds: int = 
 
     apns = {"key": p256_key_pem().decode(), "key_id": KEY_ID, "team_id": TEAM_ID, "topic": TOPIC,
             "base_url": sink.url, "ca_file": sink.ca_file}  # fmt: skip
-    fcm = {"service_account_json": json.dumps(_sink_service_account(sink.url)), "base_url": sink.url,
+    fcm = {"service_account_json": json.dumps(sink_service_account(sink.url)), "base_url": sink.url,
            "ca_file": sink.ca_file, "token_url": sink.url + "/token"}  # fmt: skip
     env = Env(providers_push_ios=["apns"], providers_push_android=["fcm"], batch_size=batch,
               provider_options={"apns": apns, "fcm": fcm})  # fmt: skip
     out: dict[str, Any] = {"pushes": n, "batch": batch}
     try:
         ids = bulk_users(env.ctx, n)
-        bulk_ios_tokens(env, ids, platforms=_platforms(n, MIXES[label]))
+        bulk_ios_tokens(env, ids, platforms=device_platforms(n, MIXES[label]))
         rt = Runtime(env.ctx, worker_name=f"bench-push-{label}")
         rt.warm()
         if os.environ.get("PUSH_PROFILE_NOGC"):

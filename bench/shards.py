@@ -19,9 +19,9 @@ import time
 from typing import Any
 
 from bench.common import Env, bulk_users, start_pool
+from bench.email_blast import SEGMENT_DATA, SEGMENT_PROMO_ID, write_segment_csv
 from bench.harness import CpuMeter, count_sent, sent_counter, settings_env, stop_pool
 from bench.sandboxes import SandboxProcess
-from bench.scenarios import SEGMENT_DATA, SEGMENT_PROMO_ID, write_segment_csv
 from campaigns.launcher import LaunchSpec, launch
 from notifyctl import keys
 from notifyctl.context import Context

@@ -6,6 +6,9 @@ Email goes to the SendGrid sandbox (each accepted personalization records our
 ``custom_args.delivery_id``); SMS goes to the Twilio sandbox with a status callback URL, to which
 the provider appends ``delivery_id`` (recorded as ``status_callback``). So every accepted message
 names the delivery it belongs to, and duplicates are counted exactly.
+
+``Result`` is what a fault came to; ``run_each`` is the loop every entry point (``chaos.run``,
+``chaos.multihost``, ``chaos.sentinel``) runs its faults in.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlparse
 
 import psutil
@@ -197,7 +202,7 @@ class World:
             env=self.env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
         log.close()
-        if not wait_until(lambda: len(self.worker_pids()) >= size and self.alive_workers() >= size, 30, 0.1):
+        if not wait_until(lambda: len(self.worker_pids()) >= size and self.alive_workers() >= size, 120, 0.1):
             raise RuntimeError(f"worker pool did not start; see {self.pool_log}:\n{self.pool_tail()}")
         return self.pool
 
@@ -364,3 +369,60 @@ class Ticker:
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(timeout=10)
+
+
+@dataclass
+class Result:
+    """What one fault came to: the providers' tally by delivery id (sent, lost, duplicated), notes,
+    problems (anything that must not happen) and figures."""
+
+    fault: str
+    sent: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    expected: int = 0
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # findings: anything that must not happen
+    figures: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.duplicated == 0 and not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    def summary(self) -> str:
+        """One line: how the fault ended."""
+        line = (
+            f"{self.fault}: {'ok' if self.ok else 'FAILED'} in {self.seconds}s: sent {self.sent}/{self.expected}, "
+            f"lost {self.lost}, duplicated {self.duplicated}"
+        )
+        if "resent_in_doubt" in self.figures:
+            line += f", resent in doubt {self.figures['resent_in_doubt']}"
+        return line
+
+
+R = TypeVar("R", bound=Result)
+
+
+def run_each(label: str, names: Iterable[str], run: Callable[[str], R], crashed: Callable[[str], R]) -> list[R]:
+    """Run the scenarios ``names`` one after the other, each by ``run(name)``, saying on stderr what
+    runs and how it ended (``label: name ...``, then sent, lost, duplicated). A scenario that raises
+    is a result, not a stop: ``crashed(name)`` with the exception as its problem and the traceback
+    in its figures. Each result gets its ``seconds``."""
+    results = []
+    for name in names:
+        print(f"{label}: {name} ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            r = run(name)
+        except Exception as exc:  # noqa: BLE001 - a crashed scenario is a result, not a stop
+            r = crashed(name)
+            r.problems.append(f"scenario crashed: {type(exc).__name__}: {exc}")
+            r.figures["traceback"] = traceback.format_exc()[-2000:]
+        r.seconds = round(time.monotonic() - t0, 1)
+        print("  " + r.summary(), file=sys.stderr, flush=True)
+        results.append(r)
+    return results

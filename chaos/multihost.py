@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from typing import Any
 from sqlalchemy import create_engine, insert, select, text
 
 from bench.common import wait_until
-from chaos.common import PROMO, ROOT, StampedRecorder, tally
+from chaos.common import PROMO, ROOT, Result, StampedRecorder, run_each, tally
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.liveness import running_key
@@ -144,21 +144,18 @@ def _close(s: socket.socket) -> None:
 
 
 @dataclass
-class Result:
-    fault: str
-    expected: int = 0
-    sent: int = 0
-    lost: int = 0
-    duplicated: int = 0
+class HostResult(Result):
+    """A multi-host fault's result: a resend of a delivery recorded in doubt is allowed (counted in
+    ``in_doubt``), so only a problem fails it."""
+
     in_doubt: int = 0
-    notes: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    figures: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def summary(self) -> str:
+        return super().summary() + f", in doubt {self.in_doubt}"
 
 
 class Cluster:
@@ -308,7 +305,7 @@ class Cluster:
         self.admin.dispose()
 
 
-def _count(res: Result, c: Cluster, expected: set[str]) -> set[str]:
+def _count(res: HostResult, c: Cluster, expected: set[str]) -> set[str]:
     # what the workers record comes after the sandbox accepted: wait until every batch is written
     if not wait_until(c.settled, 120, 0.5):
         res.problems.append("notifications still open 120 s after the sandbox accepted everything")
@@ -324,7 +321,7 @@ def _count(res: Result, c: Cluster, expected: set[str]) -> set[str]:
     return {d for d, k in counts.items() if k > 1}
 
 
-def _status_check(res: Result, c: Cluster, ask: str, live: list[str], dead: list[str]) -> None:
+def _status_check(res: HostResult, c: Cluster, ask: str, live: list[str], dead: list[str]) -> None:
     """``status`` on host ``ask`` lists every live host's workers and none of a dead host's."""
     deadline = time.monotonic() + 30  # a dead worker's liveness key lasts worker_alive_ttl (10 s)
     while True:
@@ -339,8 +336,8 @@ def _status_check(res: Result, c: Cluster, ask: str, live: list[str], dead: list
         time.sleep(1)
 
 
-def kill_scenario(n: int) -> Result:
-    res = Result("host A's pool killed (kill -9) mid-batch")
+def kill_scenario(n: int) -> HostResult:
+    res = HostResult("host A's pool killed (kill -9) mid-batch")
     c = Cluster("kill")
     try:
         c.start_host("host-a")
@@ -372,8 +369,8 @@ def kill_scenario(n: int) -> Result:
         c.close()
 
 
-def partition_scenario(n: int) -> Result:
-    res = Result(f"host A cut off from Redis for {PARTITION:g}s mid-send")
+def partition_scenario(n: int) -> HostResult:
+    res = HostResult(f"host A cut off from Redis for {PARTITION:g}s mid-send")
     # a batch keeps its worker at the provider longer than the lease (100 requests, 8 at a time, 2 s
     # each: 26 s): without fencing, B would take over and send what A is still sending
     c = Cluster("partition", batch_size=100)
@@ -428,23 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     if not _pg_reachable():
         print(f"chaos.multihost: PostgreSQL not reachable at {PG_URL}; skipped", file=sys.stderr)
         return 0
-    results = []
-    for name in args.only or list(SCENARIOS):
-        t0 = time.monotonic()
-        print(f"multihost: {name} ...", file=sys.stderr, flush=True)
-        try:
-            r = SCENARIOS[name](args.messages)
-        except Exception as exc:  # noqa: BLE001 - a crashed scenario is a result
-            r = Result(name, problems=[f"scenario crashed: {type(exc).__name__}: {exc}"])
-        r.seconds = round(time.monotonic() - t0, 1)
-        results.append(r)
-        print(
-            f"  {r.fault}: {'ok' if r.ok else 'FAILED'} in {r.seconds}s: sent {r.sent}/{r.expected}, "
-            f"lost {r.lost}, duplicated {r.duplicated}, in doubt {r.in_doubt}",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
+    results = run_each("multihost", args.only or list(SCENARIOS), lambda n: SCENARIOS[n](args.messages), HostResult)
     if args.json:
-        print(json.dumps([{**asdict(r), "ok": r.ok} for r in results], indent=2, default=str))
+        print(json.dumps([r.to_dict() for r in results], indent=2, default=str))
     else:
         print(f"{'fault':48} {'sent':>9} {'lost':>5} {'duplicated':>10} {'in doubt':>8}")
         for r in results:

@@ -12,39 +12,21 @@ import logging
 import subprocess
 import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from rich.console import Console
 from rich.table import Table
 
-from chaos.scenarios import SCENARIOS, Result
+from chaos.common import Result, run_each
+from chaos.scenarios import SCENARIOS
 
 # the faults by their usual duration with --quick, longest first (measured: outage ~21 s, workers
 # ~19 s, redis ~16 s, ratelimit ~15 s, launcher ~15 s, hung ~11 s at a load of 4.6 on 2 cores)
 LONGEST_FIRST = ("outage", "workers", "redis", "ratelimit", "launcher", "hung")
 
 
-def _report(err: Console, r: Result) -> None:
-    err.print(f"  {r.fault}: {'ok' if r.ok else 'FAILED'} in {r.seconds}s: sent {r.sent}/{r.expected}, "
-              f"lost {r.lost}, duplicated {r.duplicated}")  # fmt: skip
-
-
-def _here(name: str, quick: bool, err: Console) -> Result:
-    err.print(f"[bold]chaos[/bold]: {name} ...")
-    t = time.monotonic()
-    try:
-        r = SCENARIOS[name](quick)
-    except Exception as exc:  # noqa: BLE001 - a crashed scenario is a result, not a stop
-        r = Result(name, problems=[f"scenario crashed: {type(exc).__name__}: {exc}"])
-        r.figures["traceback"] = traceback.format_exc()[-2000:]
-    r.seconds = round(time.monotonic() - t, 1)
-    _report(err, r)
-    return r
-
-
-def _in_child(name: str, quick: bool, err: Console) -> Result:
-    err.print(f"[bold]chaos[/bold]: {name} (own process) ...")
+def _in_child(name: str, quick: bool) -> Result:
+    print(f"chaos: {name} (own process) ...", file=sys.stderr, flush=True)
     t = time.monotonic()
     cmd = [sys.executable, "-m", "chaos.run", "--only", name, "--json"] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -56,7 +38,7 @@ def _in_child(name: str, quick: bool, err: Console) -> Result:
         r = Result(name, problems=[f"scenario process failed (exit {proc.returncode})"])
         r.figures["traceback"] = proc.stderr[-2000:]
     r.seconds = round(time.monotonic() - t, 1)
-    _report(err, r)
+    print("  " + r.summary(), file=sys.stderr, flush=True)
     return r
 
 
@@ -71,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    err = Console(stderr=True)
     names = [n for n in SCENARIOS if not args.only or n in args.only]
     parallel = args.parallel or (3 if args.quick else 1)
     t0 = time.monotonic()
@@ -79,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         # the longest first, so that the short ones fill the gaps; results in the usual order
         order = sorted(names, key=lambda n: LONGEST_FIRST.index(n) if n in LONGEST_FIRST else len(LONGEST_FIRST))
         with ThreadPoolExecutor(parallel) as ex:
-            done = dict(zip(order, ex.map(lambda n: _in_child(n, args.quick, err), order), strict=True))
+            done = dict(zip(order, ex.map(lambda n: _in_child(n, args.quick), order), strict=True))
         results = [done[n] for n in names]
     else:
-        results = [_here(n, args.quick, err) for n in names]
+        results = run_each("chaos", names, lambda n: SCENARIOS[n](args.quick), Result)
     total = round(time.monotonic() - t0, 1)
     if args.json:
         print(json.dumps({"quick": args.quick, "seconds": total, "results": [r.to_dict() for r in results]},

@@ -1,5 +1,9 @@
 """The six faults of issue 8. Each scenario builds its own ``World`` and returns a ``Result``: what
-the provider sandboxes accepted, counted by our delivery id (sent, lost, duplicated), plus notes."""
+the provider sandboxes accepted, counted by our delivery id (sent, lost, duplicated), plus notes.
+
+The six are kept in one module (over 400 lines), a section each, so that they read side by side;
+what they share is ``chaos.common`` (the world, the tally, ``Result``), ``chaos.checks`` (what is
+checked after a fault) and ``chaos.probes`` (OTP streams and traces running during one)."""
 
 from __future__ import annotations
 
@@ -10,201 +14,21 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rq import Worker
 from sqlalchemy import func, select
 
-from chaos.common import ROOT, RateLimitPlan, Ticker, World, drain, expected_delivery_id, tally, wait_until
-from notifyctl.intake import parse_request, submit
+from chaos.checks import apply_tally, check_pool, count_in_doubt_apart, pct, restarts
+from chaos.common import ROOT, RateLimitPlan, Result, Ticker, World, drain, tally, wait_until
+from chaos.probes import OtpStream, ResumeTrace
 from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.pacing import Pacer
 from notifyctl.redisconn import ensure_server
 from worker.circuit import Circuits
 
 POOL = 3
-
-
-@dataclass
-class Result:
-    fault: str
-    sent: int = 0
-    lost: int = 0
-    duplicated: int = 0
-    expected: int = 0
-    notes: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # findings: anything that must not happen
-    figures: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0 and not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
-
-
-def _apply(res: Result, t: Any) -> None:
-    res.sent, res.lost, res.duplicated, res.expected = t.sent, t.lost, t.duplicated, t.expected
-    if t.lost_ids:
-        res.figures["lost_examples"] = t.lost_ids
-    if t.dup_ids:
-        res.figures["duplicated_examples"] = t.dup_ids
-    if t.unexpected:
-        res.problems.append(f"{t.unexpected} accepted message(s) for deliveries nobody asked for")
-
-
-def _count_in_doubt_apart(world: World, res: Result, accepted: list[str | None]) -> None:
-    """A worker killed with a provider request in flight: its deliveries are sent again, as
-    at-least-once requires, and recorded in doubt (the ``in_doubt`` event). Those resends are
-    counted apart, as the multi-host faults do; any other duplicate stays a failure."""
-    counts = Counter(a for a in accepted if a)
-    with world.ctx.engine.connect() as conn:
-        rows = conn.execute(select(DeliveryEvent.delivery_id).where(DeliveryEvent.status == "in_doubt"))
-        doubt = {r[0] for r in rows}
-    resent = sum(n - 1 for d, n in counts.items() if n > 1 and d in doubt)
-    res.figures["in_doubt"] = len(doubt)
-    if resent:
-        res.duplicated -= resent
-        res.figures["resent_in_doubt"] = resent
-        res.notes.append(f"{resent} resend(s) of deliveries recorded in doubt (killed with the request in flight)")
-
-
-def _check_pool(world: World, res: Result) -> None:
-    if not world.pool_alive():
-        res.problems.append(f"the worker pool died (exit {world.pool.returncode if world.pool else None})")
-        res.figures["pool_log_tail"] = world.pool_tail()
-    text = world.pool_tail(200000)
-    tb = text.count("Traceback")
-    if tb:
-        res.figures["pool_log_tracebacks"] = tb
-        at = text.rfind("\n", 0, text.index("Traceback"))
-        res.figures["pool_log_first_traceback"] = text[at + 1 : at + 1 + 2500]
-        res.figures["pool_log_problem_lines"] = sorted(
-            {ln[24:200] for ln in text.splitlines() if " ERROR " in ln or " CRITICAL " in ln}
-        )[:20]
-
-
-def _restarts(world: World) -> int:
-    return world.pool_tail(10**7).count("restarting")
-
-
-class OtpStream:
-    """Submits OTPs (priority high, SMS) through intake every ``every`` s until stopped."""
-
-    def __init__(self, world: World, users: list[str], every: float) -> None:
-        self.world, self.users, self.every = world, users, every
-        self.sent: dict[str, tuple[str, float]] = {}  # delivery id -> (notification id, submitted at)
-        self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        with world.ctx.engine.connect() as conn:
-            from notifyctl.models import User
-
-            self.phones = dict(conn.execute(select(User.id, User.phone).where(User.id.in_(users))).all())  # type: ignore[attr-defined]
-
-    def one(self, uid: str, code: str) -> tuple[str, str]:
-        req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
-                             "data": {"code": code, "minutes": 5}})  # fmt: skip
-        r = submit(self.world.ctx, req)
-        did = expected_delivery_id(r.notification_id, "sms", self.phones[uid])
-        self.sent[did] = (r.notification_id, time.time())
-        return r.notification_id, did
-
-    def _run(self) -> None:
-        for i, uid in enumerate(self.users):
-            if self._stop.wait(self.every):
-                return
-            try:
-                self.one(uid, f"{i:06d}")
-            except Exception:  # noqa: BLE001 - counted (e.g. Redis down: not accepted)
-                self.errors += 1
-
-    def start(self) -> OtpStream:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def latencies(self, world: World) -> list[float]:
-        first: dict[str, float] = {}
-        for m in world.tw.recorder.all():
-            first.setdefault(m["delivery_id"], m["t"])
-        return sorted(first[d] - t for d, (_n, t) in self.sent.items() if d in first)
-
-
-class ResumeTrace:
-    """What became of one abandoned OTP after its worker was killed, polled every 0.1 s: when the
-    worker's liveness key went, when its lease ran out (and on whose clock), each requeue by the
-    reconciler, each job state, the first send. Seconds after the kill, for RESULTS.md."""
-
-    def __init__(self, world: World, worker: str, nid: str, did: str, killed_at: float) -> None:
-        self.world, self.worker, self.nid, self.did, self.t0 = world, worker, nid, did, killed_at
-        self.events: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _note(self, what: str) -> None:
-        self.events.append((round(time.time() - self.t0, 1), what))
-
-    def _run(self) -> None:
-        from notifyctl import keys
-
-        r = self.world.ctx.redis
-        seen: dict[str, Any] = {}
-        deadline = time.time() + 180
-        while not self._stop.wait(0.1) and time.time() < deadline:
-            try:
-                alive, lease = r.exists(keys.alive(self.worker)), r.get(keys.sent(self.did))
-                with self.world.ctx.engine.connect() as conn:
-                    row = conn.execute(
-                        select(Notification.status, Notification.job_id).where(Notification.id == self.nid)
-                    ).one()
-                job = row.job_id
-                js = r.hget(keys.rq_job(job), "status") if job else None
-            except Exception:  # noqa: BLE001 - a trace, best effort
-                continue
-            lease_s = lease.decode() if lease else ""
-            if not alive and seen.get("alive", True):
-                self._note("liveness key gone")
-            seen["alive"] = bool(alive)
-            parts = lease_s.split("|")
-            holder = parts[1] if lease_s.startswith("lease|") else lease_s[:5]
-            if holder != seen.get("holder"):
-                if lease_s.startswith("lease|"):
-                    exp = int(parts[3]) / 1000 - self.t0
-                    self._note(f"lease {'of the killed worker' if holder == self.worker else 'taken by ' + holder}"
-                               f" (expires at +{exp:.1f})")  # fmt: skip
-                else:
-                    self._note(f"send record {lease_s[:5] or 'gone'}")
-                seen["holder"] = holder
-            state = (row.status, job, js.decode() if js else None)
-            if state != seen.get("state"):
-                prev = seen.get("state")
-                if prev and prev[1] != job:
-                    self._note(f"requeued as {job}" if job else "job cleared: due again later")
-                self._note(f"notification {row.status}, job {state[2]}")
-                seen["state"] = state
-            if any(m["delivery_id"] == self.did for m in self.world.tw.recorder.all()):
-                self._note("sent")
-                return
-
-    def stop(self) -> list[tuple[float, str]]:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        return self.events
-
-
-def _pct(xs: list[float], p: float) -> float:
-    return round(xs[min(len(xs) - 1, int(p * len(xs)))], 2) if xs else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- 1
@@ -272,8 +96,8 @@ def workers_killed(quick: bool) -> Result:
         ok = drain(world, expected, 180 if not quick else 40)
         res.seconds = round(time.monotonic() - t0, 1)
         accepted = world.accepted_ids()
-        _apply(res, tally(expected, accepted))
-        _count_in_doubt_apart(world, res, accepted)
+        apply_tally(res, tally(expected, accepted))
+        count_in_doubt_apart(world, res, accepted)
         first: dict[str, float] = {}
         for m in world.tw.recorder.all():
             first.setdefault(m["delivery_id"], m["t"])
@@ -282,18 +106,18 @@ def workers_killed(quick: bool) -> Result:
         lat = otps.latencies(world)
         res.figures["abandoned_otp_traces"] = [t.stop() for t in traces]
         res.figures.update(
-            kills=len(kills), otp_kills=sum(1 for k in kills if k["kind"] == "otp"), restarts=_restarts(world),
-            abandoned_otp_resume_s=resumes, otps=len(otps.sent), otp_latency_p50_s=_pct(lat, 0.5),
-            otp_latency_p99_s=_pct(lat, 0.99), drained=ok,
+            kills=len(kills), otp_kills=sum(1 for k in kills if k["kind"] == "otp"), restarts=restarts(world),
+            abandoned_otp_resume_s=resumes, otps=len(otps.sent), otp_latency_p50_s=pct(lat, 0.5),
+            otp_latency_p99_s=pct(lat, 0.99), drained=ok,
         )  # fmt: skip
         worst = max(resumes) if resumes else None
         res.notes.append(
             f"{n} campaign emails (SendGrid) + {len(otps.sent)} OTPs (Twilio); {len(kills)} kill -9 every {every:g}s, "
-            f"{_restarts(world)} restarts; abandoned OTP jobs resumed in max {worst}s (target < 30s)"
+            f"{restarts(world)} restarts; abandoned OTP jobs resumed in max {worst}s (target < 30s)"
         )
         if worst is None or worst >= 30:
             res.problems.append(f"abandoned transactional jobs resumed in {worst}s (target < 30s)")
-        _check_pool(world, res)
+        check_pool(world, res)
     finally:
         world.close()
     return res
@@ -355,7 +179,7 @@ def launcher_killed(quick: bool) -> Result:
         drain_ok = wait_until(lambda: expected <= {m["to"] for m in world.sg.recorder.all()}, 120 if not quick else 40)
         time.sleep(2)
         res.seconds = round(time.monotonic() - t0, 1)
-        _apply(res, tally(expected, [m["to"] for m in world.sg.recorder.all()]))
+        apply_tally(res, tally(expected, [m["to"] for m in world.sg.recorder.all()]))
         res.figures.update(
             killed_after_rows=at_kill, relaunch_written=summary.get("written"),
             relaunch_skipped_existing=summary.get("skipped_existing"), drained=drain_ok,
@@ -364,7 +188,7 @@ def launcher_killed(quick: bool) -> Result:
             f"{n} recipients; launcher killed after {at_kill} rows, relaunch --resume wrote "
             f"{summary.get('written')} and skipped {summary.get('skipped_existing')}; counted per address"
         )
-        _check_pool(world, res)
+        check_pool(world, res)
     finally:
         world.close()
     return res
@@ -395,11 +219,11 @@ def redis_killed(quick: bool) -> Result:
         expected |= set(otps.sent)
         ok = drain(world, expected, 180 if not quick else 60)
         res.seconds = round(time.monotonic() - t0, 1)
-        _apply(res, tally(expected, world.accepted_ids()))
+        apply_tally(res, tally(expected, world.accepted_ids()))
         after = [m["t"] for m in world.accepted() if m["t"] > t_up]
         res.figures.update(
             accepted_before_crash=before, otps=len(otps.sent), otp_submit_errors=otps.errors,
-            pool_survived_outage=pool_survived_outage, restarts=_restarts(world), drained=ok,
+            pool_survived_outage=pool_survived_outage, restarts=restarts(world), drained=ok,
             first_accept_after_restart_s=round(min(after) - t_up, 2) if after else None,
         )  # fmt: skip
         log_text = world.pool_tail(10**7)
@@ -408,7 +232,7 @@ def redis_killed(quick: bool) -> Result:
         res.figures.update(pool_log_outage_lines=len(warned), pool_log_tracebacks=tracebacks)
         res.notes.append(
             f"{n} emails + {len(otps.sent)} OTPs accepted; kill -9 at {kill_at:g}s ({before} already sent), "
-            f"down {down:g}s, restarted from AOF; {_restarts(world)} worker restarts; the pool logged the outage "
+            f"down {down:g}s, restarted from AOF; {restarts(world)} worker restarts; the pool logged the outage "
             f"in {len(warned)} lines, {tracebacks} tracebacks"
         )
         if not after:
@@ -417,7 +241,7 @@ def redis_killed(quick: bool) -> Result:
             res.problems.append(f"{tracebacks} tracebacks in the pool's log for a Redis outage it survived")
         if len(warned) != 2:
             res.problems.append(f"the outage took {len(warned)} warning lines in the pool's log, not 2 (start, end)")
-        _check_pool(world, res)
+        check_pool(world, res)
     finally:
         world.close()
     return res
@@ -459,7 +283,7 @@ def provider_outage(quick: bool) -> Result:
         recovered_in = round(time.monotonic() - t_rec, 1)
         ticker.stop()
         res.seconds = round(time.monotonic() - t0, 1)
-        _apply(res, tally(expected, world.accepted_ids()))
+        apply_tally(res, tally(expected, world.accepted_ids()))
         final = circuits.all_states(["sendgrid"])["sendgrid"]["state"]
         with world.ctx.engine.connect() as conn:
             max_attempts = conn.execute(select(func.max(Delivery.attempts))).scalar_one()
@@ -488,7 +312,7 @@ def provider_outage(quick: bool) -> Result:
             res.problems.append(f"the circuit is {final} after recovery")
         if world.dead_lettered():
             res.problems.append(f"{world.dead_lettered()} deliveries still dead-lettered after recovery")
-        _check_pool(world, res)
+        check_pool(world, res)
     finally:
         world.close()
     return res
@@ -513,7 +337,7 @@ def rate_limited(quick: bool) -> Result:
         expected = set(world.campaign_rows(camp, 10000.0, personal=True))  # all due at once: demand >> allowed rate
         ok = drain(world, expected, 150 if not quick else 50)
         res.seconds = round(time.monotonic() - t0, 1)
-        _apply(res, tally(expected, world.accepted_ids()))
+        apply_tally(res, tally(expected, world.accepted_ids()))
         ts = sorted(m["t"] for m in world.sg.recorder.all())
         span = (ts[-1] - ts[0]) if len(ts) > 1 else float("nan")
         got_rate = round(len(ts) / span, 1) if span and span == span else float("nan")
@@ -544,7 +368,7 @@ def rate_limited(quick: bool) -> Result:
             res.problems.append(f"accepted {got_rate}/s, under 80 % of the {allowed:g}/s SendGrid allows")
         if not quick and share_429 > 0.10:
             res.problems.append(f"{share_429:.1%} of requests were answered 429 (more than 10 %): not paced")
-        _check_pool(world, res)
+        check_pool(world, res)
     finally:
         world.close()
     return res
@@ -584,15 +408,15 @@ def hung_provider(quick: bool) -> Result:
         recovered_in = round(time.monotonic() - t_rec, 1)
         ticker.stop()
         res.seconds = round(time.monotonic() - t0, 1)
-        _apply(res, tally(expected, world.accepted_ids()))
+        apply_tally(res, tally(expected, world.accepted_ids()))
         res.figures.update(
-            min_alive_workers_during=seen["min_alive"], restarts=_restarts(world), dlq=world.dead_lettered(),
+            min_alive_workers_during=seen["min_alive"], restarts=restarts(world), dlq=world.dead_lettered(),
             requests_hung=hung,
             all_delivered_after_recovery_s=recovered_in, drained=ok, queues_empty=world.queues_empty(),
         )  # fmt: skip
         res.notes.append(
             f"{n} emails; SendGrid hangs 5s then drops (timeout 2s) for {window:g}s: workers alive throughout "
-            f"(min {seen['min_alive']}/{POOL} heartbeats), {_restarts(world)} restarts, all sent {recovered_in}s "
+            f"(min {seen['min_alive']}/{POOL} heartbeats), {restarts(world)} restarts, all sent {recovered_in}s "
             f"after recovery, DLQ {world.dead_lettered()}"
         )
         if not hung:
@@ -601,7 +425,7 @@ def hung_provider(quick: bool) -> Result:
             res.problems.append(f"a worker stopped heartbeating during the hang ({seen['min_alive']}/{POOL} alive)")
         if not world.queues_empty():
             res.problems.append("queues not empty after recovery")
-        _check_pool(world, res)
+        check_pool(world, res)
     finally:
         world.close()
     return res

@@ -39,8 +39,9 @@ from pathlib import Path
 import redis
 from sqlalchemy import func, select
 
-from chaos.common import World, tally, wait_until
-from chaos.scenarios import OtpStream, Result, _apply, _check_pool, _count_in_doubt_apart
+from chaos.checks import apply_tally, check_pool, count_in_doubt_apart
+from chaos.common import Result, World, run_each, tally, wait_until
+from chaos.probes import OtpStream
 from notifyctl import keys
 from notifyctl.models import Notification
 from tests.net import ReservedPorts
@@ -281,8 +282,8 @@ def sentinel_fault(mode: str, quick: bool) -> Result:
         time.sleep(max(0.0, PROVIDER_DELAY * 3 - (time.monotonic() - t_all)))  # late duplicates, if any
         res.seconds = round(time.monotonic() - t0, 1)
         accepted = world.accepted_ids()
-        _apply(res, tally(expected, accepted))
-        _count_in_doubt_apart(world, res, accepted)
+        apply_tally(res, tally(expected, accepted))
+        count_in_doubt_apart(world, res, accepted)
         if not settled():
             res.problems.append("notifications still open in SQL after every send was accepted")
         if window_jobs:
@@ -339,7 +340,7 @@ def sentinel_fault(mode: str, quick: bool) -> Result:
         )
         if mode == "kill" and not res.figures.get("window_jobs_lost_at_failover"):
             res.problems.append("no acknowledged write was lost at the failover: the recovery was not exercised")
-        _check_pool(world, res)
+        check_pool(world, res)
         return res
     finally:
         if world is not None:
@@ -362,21 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     if not SERVER or not SENTINEL:
         print("chaos.sentinel: redis-sentinel not installed (Debian package redis-sentinel); skipped", file=sys.stderr)
         return 0
-    results = []
-    for name in args.only or list(SCENARIOS):
-        t0 = time.monotonic()
-        print(f"sentinel: {name} ...", file=sys.stderr, flush=True)
-        try:
-            r = SCENARIOS[name](args.quick)
-        except Exception as exc:  # noqa: BLE001 - a crashed scenario is a result
-            r = Result(f"sentinel: {name}", problems=[f"scenario crashed: {type(exc).__name__}: {exc}"])
-        r.seconds = round(time.monotonic() - t0, 1)
-        results.append(r)
-        print(
-            f"  {r.fault}: {'ok' if r.ok else 'FAILED'} in {r.seconds}s: sent {r.sent}/{r.expected}, lost {r.lost}, "
-            f"duplicated {r.duplicated}, resent in doubt {r.figures.get('resent_in_doubt', 0)}",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
+    results = run_each(
+        "sentinel", args.only or list(SCENARIOS), lambda n: SCENARIOS[n](args.quick), lambda n: Result(f"sentinel: {n}")
+    )
     if args.json:
         print(json.dumps({"quick": args.quick, "results": [r.to_dict() for r in results]}, indent=2, default=str))
     else:

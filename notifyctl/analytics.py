@@ -9,8 +9,17 @@ the old row to the new one, a rolled-back one (a worker killed mid-batch) moves 
 - SQLite (one writer at a time): row triggers upsert the rollup directly.
 - PostgreSQL: statement triggers append what each statement changed, aggregated, to
   ``analytics_delta`` (appends: concurrent workers never wait on each other's rollup row);
-  ``compact`` folds it into the rollup (the worker pool does so every few seconds). Reads sum
-  both, so they are exact whenever they run.
+  ``compact`` folds it into the rollup (the worker pool does so every few seconds).
+
+The coarse tiers, for reads that stay instant at 10,000,000 deliveries (the hourly rollup then
+holds millions of rows): ``analytics_total`` (the rollup without time) and ``analytics_daily``
+(per day, for one dimension at a time: template, channel, campaign, or all). ``compact`` folds
+into them what changed in the rollup since the last fold, off the status changes' path: on
+SQLite the hourly rows whose ``n`` moved past ``folded`` (a partial index holds them), on
+PostgreSQL the deltas as it moves them. A late change (an open days after the send) moves a count
+in an hour long folded: it is read from the hourly row until the next fold, then from its day.
+The funnel reads a tier and what is not folded into it yet, in one statement, so it is exact
+whenever it runs (``_plan``).
 
 The rollup is the analytics store: ``notifyctl purge`` (retention) deletes deliveries but not
 what they counted, so reports cover more than the raw rows kept.
@@ -32,9 +41,10 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from notifyctl.errors import InputError
-from notifyctl.pgstats import analyze_grown
+from notifyctl.pgstats import HOT_TABLES, analyze_grown
+from notifyctl.sqllock import write_lock
 
-VERSION = "v2"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
+VERSION = "v3"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
 TRIGGERS = (f"notify_analytics_ins_{VERSION}", f"notify_analytics_upd_{VERSION}")
 KEY = ("hour", "template_id", "channel", "campaign_id", "status", "reason")
 BY = ("template", "channel", "campaign", "day", "hour")
@@ -68,6 +78,10 @@ def _pg_key(d: str) -> str:
 
 _COLS = ", ".join(KEY)
 _UPSERT = f"ON CONFLICT ({_COLS}) DO UPDATE SET n = analytics_hourly.n + excluded.n"
+_TOTAL = "template_id, channel, campaign_id, status, reason"
+_DAILY = "dim, day, value, status, reason"
+# The coarse daily tier's dimensions: dim → its column in analytics_hourly ("" → all deliveries).
+DIMS = {"": "''", "template": "template_id", "channel": "channel", "campaign": "campaign_id"}
 
 
 def _sqlite_ddl() -> list[str]:
@@ -75,7 +89,7 @@ def _sqlite_ddl() -> list[str]:
 
     def bump(row: str, n: int) -> str:
         return (
-            f"INSERT INTO analytics_hourly ({_COLS}, n) SELECT {_sqlite_key(row)}, {n} "
+            f"INSERT INTO analytics_hourly ({_COLS}, n, folded) SELECT {_sqlite_key(row)}, {n}, 0 "
             f"FROM (SELECT 1) LEFT JOIN notifications AS n ON n.id = {row}.notification_id WHERE true {_UPSERT};"
         )
 
@@ -130,11 +144,11 @@ END $$""",
     ]
 
 
-def full_count_sql(dialect: str) -> str:
+def full_count_sql(dialect: str, also: str = "") -> str:
     """The rollup as a full count over ``deliveries`` (what the triggers keep it equal to)."""
     key = _pg_key("d") if dialect == "postgresql" else _sqlite_key("d")
     return (
-        f"SELECT {key}, count(*) FROM deliveries AS d LEFT JOIN notifications AS n ON n.id = d.notification_id "
+        f"SELECT {key}, count(*){also} FROM deliveries AS d LEFT JOIN notifications AS n ON n.id = d.notification_id "
         "GROUP BY 1, 2, 3, 4, 5, 6"
     )
 
@@ -176,9 +190,15 @@ def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManage
                 conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {name}()")
         for ddl in _sqlite_ddl() if dialect == "sqlite" else _pg_ddl():
             conn.exec_driver_sql(ddl)
-        conn.exec_driver_sql("DELETE FROM analytics_hourly")
-        conn.exec_driver_sql("DELETE FROM analytics_delta")
-        conn.exec_driver_sql(f"INSERT INTO analytics_hourly ({_COLS}, n) {full_count_sql(dialect)}")
+        if dialect == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_FOLD_LOCK})")  # no compaction meanwhile
+        for table in ("analytics_hourly", "analytics_delta", "analytics_total", "analytics_daily"):
+            conn.exec_driver_sql(f"DELETE FROM {table}")
+        conn.exec_driver_sql(
+            f"INSERT INTO analytics_hourly ({_COLS}, n, folded) {full_count_sql(dialect, ', count(*)')}"
+        )
+        for sql in _fold_sql("n", ""):  # the coarse tiers from the whole rollup, folded as written
+            conn.exec_driver_sql(sql)
         conn.commit()
     return True
 
@@ -193,22 +213,73 @@ def _old_triggers(conn: Connection) -> list[str]:
     return [r[0] for r in conn.exec_driver_sql(sql).all() if r[0] not in TRIGGERS]
 
 
-def compact(engine: Engine) -> int:
-    """PostgreSQL: fold ``analytics_delta`` into ``analytics_hourly`` (rows in key order, so two
-    compactors never deadlock; each delta row is moved by exactly one). Returns the delta rows
-    moved. A no-op on SQLite. (The pool's periodic upkeep of PostgreSQL: the planner's statistics
-    of the tables a blast grows are refreshed here too, ``pgstats.analyze_grown``.)"""
-    if engine.dialect.name != "postgresql":
-        return 0
-    analyze_grown(engine)
-    with engine.begin() as conn:
-        res = conn.exec_driver_sql(
-            f"WITH moved AS (DELETE FROM analytics_delta RETURNING {_COLS}, n), "
-            f"summed AS (SELECT {_COLS}, sum(n) AS n, count(*) AS rows FROM moved GROUP BY {_COLS}), "
-            f"ins AS (INSERT INTO analytics_hourly ({_COLS}, n) SELECT {_COLS}, n FROM summed ORDER BY {_COLS} "
-            f"{_UPSERT}) SELECT coalesce(sum(rows), 0) FROM summed"
+_FOLD_LOCK = 0x616E6C79  # PostgreSQL advisory lock of compaction and install ("anly")
+
+
+def _fold_sql(amount: str, where: str, table: str = "analytics_hourly") -> list[str]:
+    """Add ``amount`` (an expression over ``table``'s rows, the hourly rollup's key) of the rows
+    matching ``where`` into the coarse tiers: the total, then each dimension's days (rows in key order)."""
+    src = f"FROM {table} {where}"
+    out = [
+        f"INSERT INTO analytics_total ({_TOTAL}, n) SELECT {_TOTAL}, sum({amount}) {src} GROUP BY {_TOTAL} "
+        f"HAVING sum({amount}) <> 0 ORDER BY {_TOTAL} "
+        f"ON CONFLICT ({_TOTAL}) DO UPDATE SET n = analytics_total.n + excluded.n"
+    ]
+    for dim, col in DIMS.items():
+        key = "substr(hour, 1, 10), " + ("" if dim == "" else f"{col}, ") + "status, reason"  # no constant
+        out.append(
+            f"INSERT INTO analytics_daily ({_DAILY}, n) SELECT '{dim}', substr(hour, 1, 10), {col}, status, reason, "
+            f"sum({amount}) {src} GROUP BY {key} HAVING sum({amount}) <> 0 "
+            f"ORDER BY 2, 3, 4, 5 ON CONFLICT ({_DAILY}) DO UPDATE SET n = analytics_daily.n + excluded.n"
         )
-        return int(res.scalar() or 0)
+    return out
+
+
+_UNFOLDED = "WHERE n <> folded"  # the partial index ix_analytics_hourly_unfolded's condition
+
+
+def compact(engine: Engine) -> int:
+    """The rollup's upkeep, off the status changes' path (the worker pool runs it every few
+    seconds). Returns the rollup rows folded.
+
+    - SQLite: ``fold``: what changed in the hourly rows since they were last folded (``n -
+      folded``, the rows the partial index ``ix_analytics_hourly_unfolded`` holds) is added to the
+      coarse tiers (``analytics_total``, ``analytics_daily``) and marked folded, in one transaction
+      under the write lock.
+    - PostgreSQL: ``analytics_delta`` moved, summed, into the hourly rows and the coarse tiers at
+      once (one statement): its hourly rows are never left unfolded, and the coarse tiers are read
+      with the deltas alone. Compactions run one at a time (an advisory lock): each delta row is
+      moved by exactly one. (The planner's statistics of the tables a blast grows, the coarse
+      tiers among them, are refreshed here too, ``pgstats.analyze_grown``.)
+
+    Either way readers see each change once: in the hourly rows or deltas not yet folded, or in
+    the coarse tiers."""
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        analyze_grown(engine, (*HOT_TABLES, "analytics_total", "analytics_daily"))
+        ctes = [
+            f"moved AS (DELETE FROM analytics_delta RETURNING {_COLS}, n)",
+            f"summed AS (SELECT {_COLS}, sum(n) AS n FROM moved GROUP BY {_COLS} HAVING sum(n) <> 0)",
+            f"hourly AS (INSERT INTO analytics_hourly ({_COLS}, n, folded) SELECT {_COLS}, n, n FROM summed "
+            f"ORDER BY {_COLS} {_UPSERT}, folded = analytics_hourly.folded + excluded.n)",
+            *(f"coarse{i} AS ({sql})" for i, sql in enumerate(_fold_sql("n", "", "summed"))),
+        ]
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_FOLD_LOCK})")
+            return int(conn.exec_driver_sql(f"WITH {', '.join(ctes)} SELECT count(*) FROM summed").scalar() or 0)
+    if dialect != "sqlite":
+        return 0
+    with write_lock(engine), engine.connect() as conn:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        folded = _fold(conn)
+        conn.commit()
+        return folded
+
+
+def _fold(conn: Connection) -> int:
+    for sql in _fold_sql("n - folded", _UNFOLDED):
+        conn.exec_driver_sql(sql)
+    return int(conn.exec_driver_sql(f"UPDATE analytics_hourly SET folded = n {_UNFOLDED}").rowcount or 0)
 
 
 # ── reading ───────────────────────────────────────────────────────────────────────────────────
@@ -288,6 +359,121 @@ _GROUP = {
 }
 
 
+def _day_after(hour: str) -> str | None:
+    """The first hour of the day after ``hour``'s (``YYYY-MM-DD HH``), None when not such an hour."""
+    try:
+        at = datetime.strptime(hour, "%Y-%m-%d %H")
+    except ValueError:
+        return None
+    return (at.replace(hour=0) + timedelta(days=1)).strftime("%Y-%m-%d %H")
+
+
+def _nearer_first(since: str, span: tuple[str | None, str | None]) -> bool:
+    """Whether ``since``'s day is nearer the rollup's first day than its last (``span``)."""
+    first, last = span
+    if first is None or last is None:
+        return False
+    try:
+        day, lo, hi = (datetime.strptime(d[:10], "%Y-%m-%d") for d in (since, first, last))
+    except ValueError:
+        return False
+    return day <= hi and (day - lo) < (hi - day)
+
+
+def _plan(
+    dialect: str,
+    mark: str,
+    by: str,
+    since: str | None,
+    filters: dict[str, str],
+    tier: str,
+    span: tuple[str | None, str | None] = (None, None),
+) -> tuple[list[str], list[Any]]:
+    """The sources of the funnel's rows ``(k, status, reason, n)``, UNION ALL'd, and their parameters.
+
+    - ``hourly`` (``by=hour``, ``tier="hourly"``, or filters on two dimensions with ``--since`` or
+      ``by=day``): the hourly rollup (and PostgreSQL's pending deltas) from ``since``.
+    - no ``since``, by template / channel / campaign: ``analytics_total`` + what is not folded yet.
+    - otherwise one dimension's days (the one grouped by or filtered on; ``""`` when none), from
+      the first whole day at or after ``since``, + the hours of ``since``'s day before it, read
+      whole from the hourly rollup, + what is not folded yet of the later hours. When ``since`` is
+      nearer the first day of the rollup (``span``: its first and last day) than the last, by
+      template / channel / campaign: the same as everything (the total tier) less what came
+      before ``since`` (the days before its day, and its hours before it): fewer days read.
+    What is not folded yet (the changes since the last ``compact``): on SQLite ``n - folded`` of
+    the hourly rows marked so (the partial index holds them), on PostgreSQL the deltas."""
+    group = _GROUP[by]
+
+    def add(sql: str, conds: list[str], cond_params: list[Any], filtered: bool = True) -> None:
+        conds, p = list(conds), list(cond_params)
+        for col, value in filters.items() if filtered else ():
+            conds.append(f"{col} = {mark}")
+            p.append(value)
+        sources.append(sql + (f" WHERE {' AND '.join(conds)}" if conds else ""))
+        params.extend(p)
+
+    def hourly(amount: str, conds: list[str], cond_params: list[Any], table: str = "analytics_hourly") -> None:
+        if "n <> folded" in conds and dialect == "postgresql":
+            return  # its hourly rows are folded as they are written (compact)
+        add(f"SELECT {group} AS k, status, reason, {amount} AS n FROM {table}", conds, cond_params)
+
+    def deltas() -> None:  # PostgreSQL: the changes not yet compacted into the hourly rollup
+        if dialect == "postgresql":
+            hourly("n", *from_since, "analytics_delta")
+
+    sources: list[str] = []
+    params: list[Any] = []
+    from_since: tuple[list[str], list[Any]] = ([], []) if since is None else ([f"hour >= {mark}"], [since])
+    used = set(filters) | ({group} if by in ("template", "channel", "campaign") else set())
+    first_day = None if since is None else (since if since.endswith(" 00") else _day_after(since))
+    if tier == "hourly" or by == "hour" or (since is not None and first_day is None):
+        hourly("n", *from_since)
+        deltas()
+        return sources, params
+    if since is None and by != "day":
+        add(f"SELECT {group} AS k, status, reason, n FROM analytics_total", [], [])
+        hourly("n - folded", ["n <> folded"], [])
+        deltas()
+        return sources, params
+    if len(used) > 1:  # no daily tier crosses two dimensions
+        hourly("n", *from_since)
+        deltas()
+        return sources, params
+    col = next(iter(used), "")
+    dim = next((d for d, c in DIMS.items() if c == col), "")
+    conds, p = [f"dim = {mark}"], [dim]
+    if since is not None and by != "day" and _nearer_first(since, span):
+        day0 = since[:10] + " 00"
+        add(f"SELECT {group} AS k, status, reason, n FROM analytics_total", [], [])
+        hourly("n - folded", ["n <> folded"], [])
+        conds.append(f"day < {mark}")
+        p.append(since[:10])
+        if col in filters:
+            conds.append(f"value = {mark}")
+            p.append(filters[col])
+        add("SELECT value AS k, status, reason, -n AS n FROM analytics_daily", conds, p, False)
+        hourly("-(n - folded)", ["n <> folded", f"hour < {mark}"], [day0])
+        if since != day0:
+            hourly("-n", [f"hour >= {mark}", f"hour < {mark}"], [day0, since])
+        deltas()
+        return sources, params
+    if first_day is not None:
+        conds.append(f"day >= {mark}")
+        p.append(first_day[:10])
+    if col in filters:
+        conds.append(f"value = {mark}")
+        p.append(filters[col])
+    add(f"SELECT {'day' if by == 'day' else 'value'} AS k, status, reason, n FROM analytics_daily", conds, p, False)
+    if since is not None and first_day is not None and since != first_day:
+        hourly("n", [f"hour >= {mark}", f"hour < {mark}"], [since, first_day])  # since's day, before first_day
+    if first_day is None:
+        hourly("n - folded", ["n <> folded"], [])
+    else:
+        hourly("n - folded", ["n <> folded", f"hour >= {mark}"], [first_day])
+    deltas()
+    return sources, params
+
+
 def funnel(
     engine: Engine,
     by: str = "template",
@@ -296,31 +482,29 @@ def funnel(
     template: str | None = None,
     channel: str | None = None,
     campaign: str | None = None,
+    tier: str = "coarse",
 ) -> dict[str, Any]:
     """The funnel per ``by`` group (template, channel, campaign, day or hour), from ``since`` (a
     rollup hour, ``parse_since``), optionally for one template / channel / campaign (``""`` is
     "no campaign"). ``{"by", "since", "groups": [Funnel dicts], "total": Funnel dict}``, groups in
-    key order. One query over the rollup (and PostgreSQL's pending deltas)."""
+    key order. One query, over the coarse tiers and what is not folded into them yet (``_plan``;
+    ``tier="hourly"``: over the hourly rollup alone, the same numbers, slower at scale)."""
     if by not in _GROUP:
         raise InputError(f"--by: expected one of {', '.join(BY)}, got {by!r}")
     mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-    conds: list[str] = []
-    params: list[Any] = []
-    for col, value in (("hour", since), ("template_id", template), ("channel", channel), ("campaign_id", campaign)):
-        if value is not None:
-            conds.append(f"{col} {'>=' if col == 'hour' else '='} {mark}")
-            params.append(value)
-    where = f"WHERE {' AND '.join(conds)}" if conds else ""
-    group = _GROUP[by]
-    sources = [f"SELECT {_COLS}, n FROM analytics_hourly {where}"]
-    if engine.dialect.name == "postgresql":
-        sources.append(f"SELECT {_COLS}, n FROM analytics_delta {where}")
-        params = params * 2
-    sql = (
-        f"SELECT {group} AS k, status, reason, sum(n) FROM ({' UNION ALL '.join(sources)}) AS r "
-        f"GROUP BY {group}, status, reason"
-    )
+    filters = {
+        col: value
+        for col, value in (("template_id", template), ("channel", channel), ("campaign_id", campaign))
+        if value is not None
+    }
+    sql = "SELECT k, status, reason, sum(n) FROM ({}) AS r GROUP BY k, status, reason"
     with engine.connect() as conn:
+        span: tuple[str | None, str | None] = (None, None)
+        if since is not None and tier != "hourly" and by in ("template", "channel", "campaign"):
+            first, last = conn.exec_driver_sql("SELECT min(day), max(day) FROM analytics_daily WHERE dim = ''").one()
+            span = (None if first is None else str(first), None if last is None else str(last))
+        sources, params = _plan(engine.dialect.name, mark, by, since, filters, tier, span)
+        sql = sql.format(" UNION ALL ".join(sources))
         rows: list[tuple[Any, ...]] = [tuple(r) for r in conn.exec_driver_sql(sql, tuple(params)).all()]
     groups: dict[str, Funnel] = defaultdict(lambda: Funnel(""))
     total = Funnel("total")
@@ -346,6 +530,47 @@ def rollup_counts(engine: Engine) -> dict[tuple[str, ...], int]:
     with engine.connect() as conn:
         rows = conn.exec_driver_sql(f"SELECT {_COLS}, sum(n) FROM ({sources}) AS r GROUP BY {_COLS}").all()
     return {tuple(r[:6]): int(r[6]) for r in rows if int(r[6])}
+
+
+def coarse_counts(engine: Engine) -> dict[tuple[str, ...], int]:
+    """The coarse tiers as the funnel reads them — each tier plus what is not folded into it yet
+    (hourly ``n - folded``, PostgreSQL's deltas) — as ``{("total", template, channel, campaign,
+    status, reason) | ("day", dim, day, value, status, reason): count}`` (zero rows left out).
+    Equal to ``coarse_of(full_counts(engine))`` whenever it runs (tests and checks)."""
+    pending = "SELECT {cols}, n - folded AS n FROM analytics_hourly WHERE n <> folded"
+    if engine.dialect.name == "postgresql":
+        pending += " UNION ALL SELECT {cols}, n FROM analytics_delta"
+    total = f"SELECT {_TOTAL}, n FROM analytics_total UNION ALL {pending.format(cols=_TOTAL)}"
+    daily = [f"SELECT {_DAILY}, n FROM analytics_daily"]
+    for dim, col in DIMS.items():
+        cols = f"'{dim}' AS dim, substr(hour, 1, 10) AS day, {col} AS value, status, reason"
+        daily.append(pending.format(cols=cols))
+    out: dict[tuple[str, ...], int] = {}
+    with engine.connect() as conn:
+        for kind, cols, sql in (("total", _TOTAL, total), ("day", _DAILY, " UNION ALL ".join(daily))):
+            for r in conn.exec_driver_sql(f"SELECT {cols}, sum(n) FROM ({sql}) AS r GROUP BY {cols}").all():
+                if int(r[5]):
+                    out[(kind, *(str(x) for x in r[:5]))] = int(r[5])
+    return out
+
+
+def coarse_of(counts: dict[tuple[str, ...], int]) -> dict[tuple[str, ...], int]:
+    """What the coarse tiers must hold for hourly ``counts`` (``rollup_counts``/``full_counts``)."""
+    out: dict[tuple[str, ...], int] = defaultdict(int)
+    for (hour, template, channel, campaign, status, reason), n in counts.items():
+        out[("total", template, channel, campaign, status, reason)] += n
+        for dim, value in (("", ""), ("template", template), ("channel", channel), ("campaign", campaign)):
+            out[("day", dim, hour[:10], value, status, reason)] += n
+    return {k: v for k, v in out.items() if v}
+
+
+def unfolded(engine: Engine) -> int:
+    """How many hourly rows (and PostgreSQL deltas) wait for the next ``compact``."""
+    sql = "SELECT count(*) FROM analytics_hourly WHERE n <> folded"
+    if engine.dialect.name == "postgresql":
+        sql = f"SELECT ({sql}) + (SELECT count(*) FROM analytics_delta)"
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql(sql).scalar() or 0)
 
 
 def full_counts(engine: Engine) -> dict[tuple[str, ...], int]:

@@ -9,7 +9,7 @@ from notifyctl.db import engine_for
 from notifyctl.keys import queue_name
 from notifyctl.settings import Settings
 from notifyctl.shards import shard_of
-from notifyctl.templates import TemplateStore
+from notifyctl.template_store import TemplateStore
 
 if TYPE_CHECKING:
     import redis

@@ -44,6 +44,7 @@ from notifyctl.models import (
     utcnow,
 )
 from notifyctl.settings import DlqConfig
+from notifyctl.tracking import implied_events
 from notifyctl.vocabulary import CHANNELS, PROVIDERS
 
 log = logging.getLogger("notifyctl.dlq")
@@ -205,7 +206,10 @@ def show_entry(ctx: Context, delivery_id: str) -> dict[str, Any]:
                 "category": n.category if n else None,
                 "status": n.status if n else None,
             },
-            "events": [{"at": e.at, "status": e.status, "detail": e.detail} for e in evs],
+            "events": [
+                {"at": e["at"], "status": e["status"], "detail": e["detail"]}
+                for e in implied_events([e.model_dump() for e in evs], {d.id: d.queued_at})
+            ],
         }
 
 

@@ -11,8 +11,18 @@ def dedup(key: str) -> str:
 
 
 def sent(delivery_id: str) -> str:
-    """Per-delivery send record (layer 3): ``claim:<worker>`` while sending, ``sent:<provider id>`` after."""
+    """Per-delivery send record (layer 3): ``lease:<lease id>:<index>`` while a worker holds it
+    (``worker.claims``), ``sent:<provider id>`` after."""
     return f"{PREFIX}sent:{delivery_id}"
+
+
+LEASE_PREFIX = f"{PREFIX}lease:"
+
+
+def lease(lease_id: str) -> str:
+    """One batch's lease (``worker.claims``): ``<worker>|<expires ms>|<flags>|<in-flight bitmap>``.
+    Named by the send records of the batch's deliveries, so it lives on their Redis server."""
+    return f"{LEASE_PREFIX}{lease_id}"
 
 
 def rate(user_id: str, rule_key: str) -> str:

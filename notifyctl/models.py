@@ -350,12 +350,54 @@ class AnalyticsHourly(SQLModel, table=True):
     same transaction as every status change: a transition moves one count to another row."""
 
     __tablename__ = "analytics_hourly"
+    # The rows whose count changed since they were last folded into the coarse tiers
+    # (``analytics.fold``): a handful, whatever the table's size.
+    __table_args__ = (
+        Index(
+            "ix_analytics_hourly_unfolded",
+            "hour",
+            sqlite_where=literal_column("n <> folded"),
+            postgresql_where=literal_column("n <> folded"),
+        ),
+    )
     hour: str = Field(primary_key=True, max_length=13)
     template_id: str = Field(primary_key=True, max_length=128)
     channel: str = Field(primary_key=True, max_length=16)
     campaign_id: str = Field(primary_key=True, max_length=64)  # "" when none
     status: str = Field(primary_key=True, max_length=16)
     reason: str = Field(primary_key=True, max_length=64)  # "" unless failed or suppressed
+    n: int = 0
+    # How much of ``n`` the coarse tiers already count (nullable only so that an existing database
+    # gains the column; ``analytics.install`` rebuilds the rollup with it set).
+    folded: int | None = 0
+
+
+class AnalyticsTotal(SQLModel, table=True):
+    """The coarse tier without time (``notifyctl.analytics``): ``analytics_hourly`` summed over
+    every hour, as far as it is folded. The funnel without ``--since`` reads it."""
+
+    __tablename__ = "analytics_total"
+    template_id: str = Field(primary_key=True, max_length=128)
+    channel: str = Field(primary_key=True, max_length=16)
+    campaign_id: str = Field(primary_key=True, max_length=64)
+    status: str = Field(primary_key=True, max_length=16)
+    reason: str = Field(primary_key=True, max_length=64)
+    n: int = 0
+
+
+class AnalyticsDaily(SQLModel, table=True):
+    """The coarse daily tier (``notifyctl.analytics``): per day (UTC, ``YYYY-MM-DD``, the day the
+    deliveries were queued), per one dimension — ``dim`` is ``template``, ``channel`` or
+    ``campaign`` and ``value`` its value, or ``dim = value = ""`` for all deliveries — the counts
+    by status (and kind of reason), as far as ``analytics_hourly`` is folded."""
+
+    __tablename__ = "analytics_daily"
+    __table_args__ = (Index("ix_analytics_daily_value", "dim", "value", "day"),)
+    dim: str = Field(primary_key=True, max_length=16)
+    day: str = Field(primary_key=True, max_length=10)
+    value: str = Field(primary_key=True, max_length=128)
+    status: str = Field(primary_key=True, max_length=16)
+    reason: str = Field(primary_key=True, max_length=64)
     n: int = 0
 
 

@@ -1,8 +1,14 @@
 """Reading the tracking record: a notification's timeline, the configured providers and their
-circuits, the latest deliveries. (The system's status is :func:`worker.status.status_report`.)"""
+circuits, the latest deliveries. (The system's status is :func:`worker.status.status_report`.)
+
+A delivery created and sent (or set to retry) by one batch stores one event, its outcome
+(``worker.pipeline.record.one_event_when_sent``); its ``queued`` event is implied, at its
+``queued_at``, and every reader of the timeline shows it (``implied_events``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -11,9 +17,45 @@ from sqlmodel import Session, col
 from notifyctl.circuit import Circuits
 from notifyctl.context import Context
 from notifyctl.errors import NotFound, TemplateError
-from notifyctl.models import Delivery, DeliveryEvent, Notification
+from notifyctl.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
 from notifyctl.secretdata import redact
 from notifyctl.vocabulary import ROUTES
+
+IMPLIED_FIRST = frozenset({DeliveryStatus.sent, DeliveryStatus.retrying})
+"""A delivery whose first stored event has one of these statuses was created ``queued`` by the batch
+that stored that event: its ``queued`` event is implied (no delivery starts otherwise)."""
+
+
+def implied_events(events: Iterable[dict[str, Any]], queued_at: Mapping[str, datetime]) -> list[dict[str, Any]]:
+    """``events`` (one notification's or one delivery's, in the order stored: dicts with
+    ``delivery_id``, ``status``, ``at``) with the implied ``queued`` event of each delivery whose
+    first stored event is in ``IMPLIED_FIRST``: at its ``queued_at`` (``queued_at``: delivery id →
+    its ``queued_at``), before the first event at or after that time — where the batch that created
+    the delivery wrote its events — and always before the delivery's own first event. The implied
+    events have ``id`` None and no detail."""
+    events = list(events)
+    first: dict[str, str] = {}
+    for e in events:
+        did = e["delivery_id"]
+        if did is not None and did not in first:
+            first[did] = e["status"]
+    pending = sorted(
+        (queued_at[did], did) for did, status in first.items() if status in IMPLIED_FIRST and did in queued_at
+    )
+    if not pending:
+        return events
+    nid = next(iter(events))["notification_id"]
+    out: list[dict[str, Any]] = []
+
+    def implied(at: datetime, did: str) -> dict[str, Any]:
+        return {"id": None, "notification_id": nid, "delivery_id": did, "status": DeliveryStatus.queued.value,
+                "detail": None, "at": at}  # fmt: skip
+
+    for e in events:
+        while pending and (pending[0][0] <= e["at"] or any(did == e["delivery_id"] for _, did in pending)):
+            out.append(implied(*pending.pop(0)))
+        out.append(e)
+    return out
 
 
 def find_notification(session: Session, ref: str) -> Notification:
@@ -57,7 +99,7 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
         return {
             "notification": notification,
             "deliveries": [d.model_dump() for d in deliveries],
-            "events": [e.model_dump() for e in events],
+            "events": implied_events([e.model_dump() for e in events], {d.id: d.queued_at for d in deliveries}),
         }
 
 

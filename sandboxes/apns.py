@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, SeparateControl, serve_until_interrupted
 
 _TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}$")
 _PUSH_TYPES = {"alert", "background", "location", "voip", "complication", "fileprovider", "mdm", "liveactivity"}
@@ -178,16 +178,11 @@ class _ControlHandler(SandboxHandler):
 
 class _ControlSandbox(HttpSandbox):
     handler_cls = _ControlHandler
+    poll_interval = 0.05  # stop() returns quickly
 
     def __init__(self, apns: ApnsSandbox, port: int = 0) -> None:
         super().__init__(port)
         self.apns = apns
-
-    def start(self) -> _ControlSandbox:
-        # a short poll interval so stop() returns quickly
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
 
 
 class _ServerConn(asyncio.Protocol):
@@ -348,7 +343,7 @@ class _ServerConn(asyncio.Protocol):
         self.last_answered = max(self.last_answered, stream_id)
 
 
-class ApnsSandbox:
+class ApnsSandbox(SeparateControl):
     """The local APNs. ``keys``: key id -> P-256 key (the .p8 PEM, a public PEM or a key object).
 
     ``url`` is the base URL for the provider's ``base_url``; ``ca_file`` the CA to trust;
@@ -471,23 +466,6 @@ class ApnsSandbox:
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def control_url(self) -> str:
-        return self._control.url
-
-    @property
-    def control_token(self) -> str:
-        """The control API's token (see :mod:`sandboxes.base`)."""
-        return self._control.control_token
-
-    @control_token.setter
-    def control_token(self, token: str) -> None:
-        self._control.control_token = token
-
-    @property
-    def control_headers(self) -> dict[str, str]:
-        return self._control.control_headers
 
     def add_key(self, key_id: str, key: Any) -> None:
         self.keys[key_id] = _public_key(key)
@@ -648,13 +626,12 @@ def main(port: int = 2197, control_port: int = 0, argv: list[str] | None = None)
     args = ap.parse_args(argv)
     keys = {args.key_id: args.key_file.read_bytes()} if args.key_file and args.key_id else {}
     sb = ApnsSandbox(keys, topic=args.topic, team_id=args.team_id, port=args.port, control_port=args.control_port)
-    with sb:
-        print(f"APNs sandbox on {sb.url} (CA: {sb.ca_file}); control API on {sb.control_url}", flush=True)
-        print(f"  control API token (Authorization: Bearer ...): {sb.control_token}", flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+    sb.start()
+    serve_until_interrupted(
+        sb,
+        f"APNs sandbox on {sb.url} (CA: {sb.ca_file}); control API on {sb.control_url}",
+        f"  control API token (Authorization: Bearer ...): {sb.control_token}",
+    )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from xml.sax.saxutils import escape
 
 import urllib3
 
-from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, serve_until_interrupted
 
 SES_SEND_PATH = "/v2/email/outbound-emails"
 SES_BULK_PATH = "/v2/email/outbound-bulk-emails"
@@ -219,39 +219,23 @@ class AwsProxyHandler(SandboxHandler):
             super()._dispatch(method)
             return
         sb = self.sandbox
-        body = self._read_body()
         sb._enter()
         try:
-            fault = sb.faults.take(self.path + body.decode("utf-8", "replace"))
-            if fault:
-                if fault.get("delay"):
-                    time.sleep(float(fault["delay"]))
-                if fault.get("drop"):
-                    self.close_connection = True
-                    self.connection.close()
-                    return
-                if fault.get("code"):
-                    status, headers, out = aws_error(
-                        self.path,
-                        int(fault.get("status") or 400),
-                        str(fault["code"]),
-                        fault.get("message", ""),
-                    )
-                    self._reply(status, {**headers, **fault.get("headers", {})}, out)
-                    return
-                if fault.get("status"):
-                    fbody = fault.get("body", "")
-                    raw = fbody.encode() if isinstance(fbody, str) else json.dumps(fbody).encode()
-                    self._reply(
-                        int(fault["status"]),
-                        {"Content-Type": "application/json", **fault.get("headers", {})},
-                        raw,
-                    )
-                    return
-            status, headers, out = self.handle_api(method, self.path, body)
-            self._reply(status, headers, out)
+            super()._dispatch(method)
         finally:
             sb._leave()
+
+    def _answer_fault(self, fault: dict[str, Any]) -> bool:
+        """The base faults, plus ``code`` (and ``message``): an error in the AWS API's own shape."""
+        if not fault.get("code") or fault.get("drop"):
+            return super()._answer_fault(fault)
+        if fault.get("delay"):
+            time.sleep(float(fault["delay"]))
+        status, headers, out = aws_error(
+            self.path, int(fault.get("status") or 400), str(fault["code"]), fault.get("message", "")
+        )
+        self._reply(status, {**headers, **fault.get("headers", {})}, out)
+        return True
 
     def handle_api(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         sb = self.sandbox
@@ -338,7 +322,8 @@ class AwsSandbox(HttpSandbox):
         if self._moto is not None:
             self._moto.shutdown()
             self._moto.server_close()
-            self._moto_thread.join(timeout=5)
+            if self._moto_thread is not None:
+                self._moto_thread.join(timeout=5)
             self._moto = None
 
     def __enter__(self) -> AwsSandbox:
@@ -579,11 +564,8 @@ def main(port: int = 4566, identities: tuple[str, ...] = ("notifications@example
     sandbox = AwsSandbox(port).start()
     for identity in identities:
         sandbox.verify_identity(identity)
-    print(f"AWS sandbox (SES v2 + SNS) on {sandbox.url}  access key: testing / testing  region: us-east-1")
-    print(f"  control API token (Authorization: Bearer ...): {sandbox.control_token}")
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sandbox.stop()
+    serve_until_interrupted(
+        sandbox,
+        f"AWS sandbox (SES v2 + SNS) on {sandbox.url}  access key: testing / testing  region: us-east-1",
+        f"  control API token (Authorization: Bearer ...): {sandbox.control_token}",
+    )

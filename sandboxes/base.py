@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 
 def new_control_token() -> str:
@@ -155,21 +155,27 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self._guarded_control(method, body)
             return
         fault = self.sandbox.faults.take(self.path + body.decode("utf-8", "replace"))
-        if fault:
-            if fault.get("delay"):
-                time.sleep(float(fault["delay"]))
-            if fault.get("drop"):
-                self.close_connection = True
-                self.connection.close()
-                return
-            if fault.get("status"):
-                fbody = fault.get("body", "")
-                raw = fbody.encode() if isinstance(fbody, str) else json.dumps(fbody).encode()
-                headers = {"Content-Type": "application/json", **fault.get("headers", {})}
-                self._reply(int(fault["status"]), headers, raw)
-                return
+        if fault and self._answer_fault(fault):
+            return
         status, headers, out = self.handle_api(method, self.path, body)
         self._reply(status, headers, out)
+
+    def _answer_fault(self, fault: dict[str, Any]) -> bool:
+        """Act on the fault taken for this request: wait its ``delay``, then drop the connection or
+        answer with its ``status``. True when the request is dealt with (else the API answers it)."""
+        if fault.get("delay"):
+            time.sleep(float(fault["delay"]))
+        if fault.get("drop"):
+            self.close_connection = True
+            self.connection.close()
+            return True
+        if fault.get("status"):
+            fbody = fault.get("body", "")
+            raw = fbody.encode() if isinstance(fbody, str) else json.dumps(fbody).encode()
+            headers = {"Content-Type": "application/json", **fault.get("headers", {})}
+            self._reply(int(fault["status"]), headers, raw)
+            return True
+        return False
 
     def control_authorized(self) -> bool:
         """Whether the request carries the sandbox's control token (``Authorization: Bearer``)."""
@@ -243,6 +249,7 @@ class HttpSandbox:
     """
 
     handler_cls: type[SandboxHandler] = SandboxHandler
+    poll_interval = 0.5  # seconds between the server's looks for shutdown: how long stop() may take
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self.faults = FaultPlan()
@@ -269,8 +276,10 @@ class HttpSandbox:
         """The header a control API request needs."""
         return control_headers(self.control_token)
 
-    def start(self) -> HttpSandbox:
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+    def start(self) -> Self:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": self.poll_interval}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -280,8 +289,99 @@ class HttpSandbox:
         if self._thread:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> HttpSandbox:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SeparateControl:
+    """For a sandbox whose own protocol is not HTTP (APNs' HTTP/2, SMTP): its control API is an
+    ``HttpSandbox`` of its own (``_control``), on a port of its own."""
+
+    _control: HttpSandbox
+
+    @property
+    def control_url(self) -> str:
+        return self._control.url
+
+    @property
+    def control_token(self) -> str:
+        """The control API's token (see :mod:`sandboxes.base`)."""
+        return self._control.control_token
+
+    @control_token.setter
+    def control_token(self, token: str) -> None:
+        self._control.control_token = token
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        return self._control.control_headers
+
+
+class ApiHandler(SandboxHandler):
+    """Hands each API request (not the control API's) to the sandbox's ``api(method, path, headers,
+    body)``, counted by ``ApiSandbox``."""
+
+    sandbox: ApiSandbox
+
+    def _dispatch(self, method: str) -> None:
+        if self.path.startswith("/_sandbox/"):
+            super()._dispatch(method)
+            return
+        sb = self.sandbox
+        sb._enter(self.client_address)
+        try:
+            super()._dispatch(method)
+        finally:
+            sb._leave()
+
+    def handle_api(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        return self.sandbox.api(method, path, dict(self.headers.items()), body)
+
+
+class ApiSandbox(HttpSandbox):
+    """An ``HttpSandbox`` whose API is one method, ``api(method, path, headers, body)``, and which
+    counts its API requests: ``api_requests`` (faulted ones too), ``connections`` (the client
+    addresses seen), ``in_flight`` and ``max_in_flight`` (the most at once, as a client had them).
+    Its server polls for shutdown every 50 ms, so that ``stop()`` returns quickly."""
+
+    handler_cls: type[SandboxHandler] = ApiHandler
+    poll_interval = 0.05
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        super().__init__(port, host)
+        self.api_requests = 0
+        self.connections: set[tuple[str, int]] = set()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._stats_lock = threading.Lock()
+
+    def _enter(self, client: tuple[str, int]) -> None:
+        with self._stats_lock:
+            self.api_requests += 1
+            self.connections.add(client)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._stats_lock:
+            self.in_flight -= 1
+
+    def api(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """``(status, headers, body)`` for one API request."""
+        raise NotImplementedError
+
+
+def serve_until_interrupted(sb: Any, *lines: str) -> None:
+    """For a sandbox run in the foreground: ``sb`` (started) says where it is (``lines``), serves
+    until Ctrl-C, then stops."""
+    try:
+        for line in lines:
+            print(line, flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sb.stop()

@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-from sandboxes.base import HttpSandbox, SandboxHandler
+from sandboxes.base import ApiSandbox, serve_until_interrupted
 
 DEFAULT_API_KEY = "SG.sandbox.notifyctl-local-key"
 MAX_BODY_BYTES = 30 * 1024 * 1024
@@ -42,26 +41,7 @@ def _type_name(v: Any) -> str:
     return {bool: "boolean", int: "integer", float: "number", list: "array", dict: "object"}.get(type(v), "string")
 
 
-class SendgridHandler(SandboxHandler):
-    def _dispatch(self, method: str) -> None:
-        if self.path.startswith("/_sandbox/"):
-            super()._dispatch(method)
-            return
-        sb: SendgridSandbox = self.sandbox  # type: ignore[assignment]
-        sb._enter(self.client_address)
-        try:
-            super()._dispatch(method)
-        finally:
-            sb._leave()
-
-    def handle_api(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        sb: SendgridSandbox = self.sandbox  # type: ignore[assignment]
-        return sb.api(method, path, dict(self.headers.items()), body)
-
-
-class SendgridSandbox(HttpSandbox):
-    handler_cls = SendgridHandler
-
+class SendgridSandbox(ApiSandbox):
     def __init__(
         self,
         port: int = 0,
@@ -75,33 +55,6 @@ class SendgridSandbox(HttpSandbox):
         self.scopes = tuple(scopes)
         self.max_body_bytes = max_body_bytes
         self.accepted_requests: list[int] = []  # personalizations per accepted request
-        self.api_requests = 0  # every API request, including faulted ones
-        self.connections: set[tuple[str, int]] = set()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self._stats_lock = threading.Lock()
-
-    def start(self) -> SendgridSandbox:
-        """As ``HttpSandbox.start``, polling for shutdown every 50 ms so ``stop()`` returns quickly."""
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
-
-    def __enter__(self) -> SendgridSandbox:
-        return self.start()
-
-    # ----------------------------------------------------------------- statistics
-
-    def _enter(self, client: tuple[str, int]) -> None:
-        with self._stats_lock:
-            self.api_requests += 1
-            self.connections.add(client)
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-
-    def _leave(self) -> None:
-        with self._stats_lock:
-            self.in_flight -= 1
 
     # ----------------------------------------------------------------- API
 
@@ -362,13 +315,9 @@ def validate_mail(mail: dict[str, Any]) -> list[dict[str, Any]]:
 def serve(port: int = 0, host: str = "127.0.0.1", api_key: str = DEFAULT_API_KEY) -> None:
     """Run the sandbox in the foreground until interrupted."""
     sb = SendgridSandbox(port=port, host=host, api_key=api_key).start()
-    print(f"sendgrid sandbox on {sb.url} (NOTIFY_SENDGRID_BASE_URL={sb.url}, NOTIFY_SENDGRID_API_KEY={api_key})")
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sb.stop()
+    serve_until_interrupted(
+        sb, f"sendgrid sandbox on {sb.url} (NOTIFY_SENDGRID_BASE_URL={sb.url}, NOTIFY_SENDGRID_API_KEY={api_key})"
+    )
 
 
 main = serve

@@ -46,7 +46,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
 from aiosmtpd.smtp import Session as SmtpSession
 
-from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, SeparateControl, serve_until_interrupted
 
 STAGES = ("connect", "mail", "rcpt", "data")
 
@@ -237,6 +237,7 @@ class _ControlHandler(SandboxHandler):
 
 class _ControlServer(HttpSandbox):
     handler_cls = _ControlHandler
+    poll_interval = 0.01  # stop() (shutdown) returns in ~10 ms, not 0.5 s
 
     def __init__(self, smtp: SmtpSandbox, port: int, host: str) -> None:
         super().__init__(port=port, host=host)
@@ -244,19 +245,8 @@ class _ControlServer(HttpSandbox):
         self.faults = smtp.faults
         self.recorder = smtp.recorder
 
-    def start(self) -> _ControlServer:
-        # a short poll interval so stop() (shutdown) returns in ~10 ms, not 0.5 s
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.01},
-            name="smtp-sandbox-control",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
 
-
-class SmtpSandbox:
+class SmtpSandbox(SeparateControl):
     """An SMTP server on ``host:port`` (0 = a free port) plus its HTTP control API on ``control_port``."""
 
     def __init__(
@@ -298,23 +288,6 @@ class SmtpSandbox:
     @property
     def port(self) -> int:
         return int(self._sock.getsockname()[1])
-
-    @property
-    def control_url(self) -> str:
-        return self._control.url
-
-    @property
-    def control_token(self) -> str:
-        """The control API's token (see :mod:`sandboxes.base`)."""
-        return self._control.control_token
-
-    @control_token.setter
-    def control_token(self, token: str) -> None:
-        self._control.control_token = token
-
-    @property
-    def control_headers(self) -> dict[str, str]:
-        return self._control.control_headers
 
     @property
     def connections(self) -> int:
@@ -395,7 +368,7 @@ class SmtpSandbox:
         for p in protos:
             # abort, not close: a TLS close would wait for the peer's close_notify
             for t in (p.transport, getattr(p, "_original_transport", None)):
-                if t is not None:
+                if isinstance(t, asyncio.Transport):
                     t.abort()
         deadline = time.monotonic() + 2
         while self.open_connections and time.monotonic() < deadline:
@@ -436,14 +409,12 @@ class SmtpSandbox:
 
 def main(port: int = 2525, control_port: int = 8025, host: str = "127.0.0.1") -> None:
     """Run the SMTP sandbox in the foreground until interrupted."""
-    with SmtpSandbox(port=port, host=host, control_port=control_port) as sb:
-        print(f"SMTP sandbox on {sb.host}:{sb.port}, control API at {sb.control_url}/_sandbox/", flush=True)
-        print(f"  control API token (Authorization: Bearer ...): {sb.control_token}", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    sb = SmtpSandbox(port=port, host=host, control_port=control_port).start()
+    serve_until_interrupted(
+        sb,
+        f"SMTP sandbox on {sb.host}:{sb.port}, control API at {sb.control_url}/_sandbox/",
+        f"  control API token (Authorization: Bearer ...): {sb.control_token}",
+    )
 
 
 if __name__ == "__main__":

@@ -29,13 +29,12 @@ import binascii
 import json
 import re
 import secrets
-import threading
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-from sandboxes.base import HttpSandbox, SandboxHandler
+from sandboxes.base import ApiSandbox, serve_until_interrupted
 
 DEFAULT_ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 DEFAULT_AUTH_TOKEN = "sandbox-auth-token-0123456789abcd"
@@ -71,26 +70,7 @@ def _now() -> str:
     return format_datetime(datetime.now(UTC).replace(microsecond=0))
 
 
-class TwilioHandler(SandboxHandler):
-    def _dispatch(self, method: str) -> None:
-        if self.path.startswith("/_sandbox/"):
-            super()._dispatch(method)
-            return
-        sb: TwilioSandbox = self.sandbox  # type: ignore[assignment]
-        sb._enter(self.client_address)
-        try:
-            super()._dispatch(method)
-        finally:
-            sb._leave()
-
-    def handle_api(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        sb: TwilioSandbox = self.sandbox  # type: ignore[assignment]
-        return sb.api(method, path, dict(self.headers.items()), body)
-
-
-class TwilioSandbox(HttpSandbox):
-    handler_cls = TwilioHandler
-
+class TwilioSandbox(ApiSandbox):
     def __init__(
         self,
         port: int = 0,
@@ -105,11 +85,6 @@ class TwilioSandbox(HttpSandbox):
         self.auth_token = auth_token
         self.stopped: set[str] = set(stopped or ())
         self.landlines: set[str] = set(landlines or ())
-        self.api_requests = 0
-        self.connections: set[tuple[str, int]] = set()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self._stats_lock = threading.Lock()
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -118,28 +93,6 @@ class TwilioSandbox(HttpSandbox):
     @property
     def calls(self) -> list[dict[str, Any]]:
         return [r for r in self.recorder.all() if r["resource"] == "Call"]
-
-    def start(self) -> TwilioSandbox:
-        """As ``HttpSandbox.start``, polling for shutdown every 50 ms so ``stop()`` returns quickly."""
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
-
-    def __enter__(self) -> TwilioSandbox:
-        return self.start()
-
-    # ----------------------------------------------------------------- statistics
-
-    def _enter(self, client: tuple[str, int]) -> None:
-        with self._stats_lock:
-            self.api_requests += 1
-            self.connections.add(client)
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-
-    def _leave(self) -> None:
-        with self._stats_lock:
-            self.in_flight -= 1
 
     # ----------------------------------------------------------------- API
 
@@ -332,16 +285,11 @@ def serve(
 ) -> None:
     """Run the sandbox in the foreground until interrupted."""
     sb = TwilioSandbox(port=port, host=host, account_sid=account_sid, auth_token=auth_token).start()
-    print(
+    serve_until_interrupted(
+        sb,
         f"twilio sandbox on {sb.url} (NOTIFY_TWILIO_BASE_URL={sb.url}, "
-        f"NOTIFY_TWILIO_ACCOUNT_SID={account_sid}, NOTIFY_TWILIO_AUTH_TOKEN={auth_token})"
+        f"NOTIFY_TWILIO_ACCOUNT_SID={account_sid}, NOTIFY_TWILIO_AUTH_TOKEN={auth_token})",
     )
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sb.stop()
 
 
 main = serve

@@ -1,7 +1,9 @@
 """The analytics rollup equals a full count over the deliveries after everything that moves a
 status — a blast (the worker), retries (the reconciler), an outage into the DLQ and its replay,
 webhooks, a worker killed with SIGKILL mid-send and a process killed inside its SQL transaction —
-on SQLite and PostgreSQL; `notifyctl report` reads the same numbers."""
+on SQLite and PostgreSQL; so do the coarse tiers (total and daily per dimension) folded from it,
+folded or not, through late status changes to folded days and folds racing writers;
+`notifyctl report` reads the same numbers."""
 
 from __future__ import annotations
 
@@ -12,14 +14,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
 from rq import Worker
+from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
 from notifyctl import analytics
@@ -58,9 +63,33 @@ def cli(ctx: Context, *args: str) -> Result:
     return runner.invoke(app, list(args), env=cli_env(ctx.settings))
 
 
+# The funnel's questions: every grouping, with and without --since (a whole day, and an hour inside
+# one), with filters on one dimension (the daily tier) and two (the hourly rollup).
+QUERIES: list[tuple[str, str | None, dict[str, str]]] = [
+    (by, since, {})
+    for by in ("template", "channel", "campaign", "day")
+    for since in (None, "7d", "3d", "2d", "70h", "30h", "1h")
+] + [
+    ("template", "70h", {"template": "order_shipped_v2"}),  # nearer the first day: all less the days before
+    ("campaign", "2d", {}),
+    ("day", "7d", {"channel": "email"}),
+    ("template", None, {"channel": "email", "campaign": ""}),
+    ("channel", "7d", {"template": "order_shipped_v2"}),
+    ("channel", "7d", {"template": "order_shipped_v2", "campaign": ""}),
+    ("day", None, {"campaign": ""}),
+]
+
+
 def assert_rollup_exact(ctx: Context) -> dict[tuple[str, ...], int]:
+    """The hourly rollup, the coarse tiers (as the funnel reads them) and the funnel's answers
+    from the coarse tiers and from the hourly rollup alone, all equal to full counts."""
     full = analytics.full_counts(ctx.engine)
     assert analytics.rollup_counts(ctx.engine) == full
+    assert analytics.coarse_counts(ctx.engine) == analytics.coarse_of(full)
+    for by, since, filters in QUERIES:
+        at = analytics.parse_since(since)
+        coarse = analytics.funnel(ctx.engine, by, at, **filters)
+        assert coarse == analytics.funnel(ctx.engine, by, at, tier="hourly", **filters), (by, since, filters)
     return full
 
 
@@ -84,6 +113,9 @@ def test_rollup_equals_full_count_through_every_kind_of_status_change(actx: Cont
     drain(ctx)
     full = assert_rollup_exact(ctx)
     assert {k[4] for k in full} >= {"sent", "suppressed"}
+    assert analytics.compact(ctx.engine) > 0  # folded into the coarse tiers; what follows changes folded rows
+    assert analytics.unfolded(ctx.engine) == 0
+    assert_rollup_exact(ctx)
 
     # 2. Retries: two attempts fail (451), the reconciler brings them back, the third goes out.
     smtp.faults.add({"smtp_code": 451, "smtp_message": "4.3.0 try later", "count": 2})
@@ -243,3 +275,103 @@ def test_report_cli_table_csv_since_and_bad_input(ctx: Context, rclient: redis.R
     ):
         bad = cli(ctx, "report", *args)
         assert bad.exit_code == 2 and msg in bad.stderr and bad.stdout == "", bad.output
+
+
+def move_to_days_ago(ctx: Context, ids: list[str], days: int, hour: int) -> None:
+    """Deliveries queued ``days`` ago at ``hour`` UTC (the triggers move their counts there)."""
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:
+        at = (datetime.now(UTC) - timedelta(days=days)).replace(hour=hour, minute=5, tzinfo=None)
+        for nid in ids:
+            conn.execute(text("UPDATE deliveries SET queued_at = :at WHERE notification_id = :n"), {"at": at, "n": nid})
+
+
+def test_coarse_tiers_stay_exact_through_late_changes_to_folded_days(any_db_ctx: Context) -> None:
+    """Deliveries of three days ago, folded into the daily tier, then delivered and opened today
+    (webhooks), and one dead-lettered: the funnel is exact before the next fold and after it."""
+    ctx = any_db_ctx
+    seed(ctx)
+    old = [send(ctx, recipient_id=u, channels=["email", "sms"]).notification_id for u in ("alice", "bob", "carol")]
+    recent = [send(ctx, recipient_id="alice", channels=["email"]).notification_id]
+    drain(ctx)
+    move_to_days_ago(ctx, old[:2], 3, 5)
+    move_to_days_ago(ctx, old[2:], 1, 20)  # inside a --since 30h window's partial day
+    assert_rollup_exact(ctx)
+    assert analytics.compact(ctx.engine) > 0 and analytics.unfolded(ctx.engine) == 0
+    full = assert_rollup_exact(ctx)
+    day = (datetime.now(UTC) - timedelta(days=3)).strftime("%Y-%m-%d")
+    assert {k[0][:10] for k in full} >= {day}
+    by_day = {g["key"]: g for g in analytics.funnel(ctx.engine, "day", analytics.parse_since("7d"))["groups"]}
+    assert by_day[day]["sent"] == 4 and by_day[day]["opened"] == 0  # 2 notifications × email + sms
+    mails = [d for n in old for d in deliveries(ctx, n) if d.channel == "email"]
+    evs = [Event("sendgrid", "delivered", delivery_id=mails[0].id, event_id=f"dl-{mails[0].id}")]
+    evs += [Event("sendgrid", "opened", delivery_id=mails[0].id, event_id=f"op-{mails[0].id}")]
+    evs += [Event("sendgrid", "failed", delivery_id=mails[1].id, event_id="bounce-1", detail="550 no such user")]
+    assert apply_events(ctx, evs).transitions == 3
+    assert analytics.unfolded(ctx.engine) > 0  # folded days changed: the change waits for the next fold
+    assert_rollup_exact(ctx)
+    by_day = {g["key"]: g for g in analytics.funnel(ctx.engine, "day", analytics.parse_since("7d"))["groups"]}
+    assert (by_day[day]["sent"], by_day[day]["delivered"], by_day[day]["opened"]) == (3, 1, 1)
+    assert by_day[day]["failed_by_reason"] == {"sendgrid": 1}
+    analytics.compact(ctx.engine)
+    assert analytics.unfolded(ctx.engine) == 0
+    assert_rollup_exact(ctx)
+    # the same counts from the CLI, whose reads cross the coarse tiers
+    for args in (("--by", "day", "--since", "7d"), ("--by", "template"), ("--by", "channel", "--since", "30h")):
+        r = cli(ctx, "report", *args, "--json")
+        assert r.exit_code == 0, r.output
+        rep = json.loads(r.stdout)
+        since = analytics.parse_since(args[3]) if len(args) > 2 else None
+        assert rep == json.loads(json.dumps(analytics.funnel(ctx.engine, args[1], since, tier="hourly")))
+    assert analytics.funnel(ctx.engine, "template")["total"]["total"] == len(deliveries(ctx)) == 7
+    assert recent
+
+
+def test_folds_racing_writers_lose_and_double_no_count(any_db_ctx: Context) -> None:
+    """Writers move statuses (and queued hours, across days) in many small transactions while two
+    threads fold over and over: at the end every tier equals a full count."""
+    ctx = any_db_ctx
+    seed(ctx)
+    ids = [send(ctx, recipient_id=u, channels=["email", "sms"]).notification_id for u in ("alice", "bob", "carol")] * 1
+    ids += [send(ctx, recipient_id="dave", channels=["push"]).notification_id for _ in range(6)]
+    drain(ctx)
+    dids = [d.id for d in deliveries(ctx)]
+    assert len(dids) >= 10
+    stop = threading.Event()
+    folds: list[int] = []
+    errors: list[BaseException] = []
+
+    def folder() -> None:
+        try:
+            while not stop.is_set():
+                folds.append(analytics.compact(ctx.engine))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=folder) for _ in range(2)]
+    for t in threads:
+        t.start()
+    statuses = ("sent", "delivered", "opened", "failed", "suppressed", "retrying")
+    reasons = ("SMTP 554: no", "opted_out", None)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    try:
+        for i in range(300):
+            with write_lock(ctx.engine), ctx.engine.begin() as conn:
+                for j in range(3):
+                    k = (i * 7 + j * 3) % len(dids)
+                    conn.execute(
+                        text("UPDATE deliveries SET status = :s, reason = :r, queued_at = :q WHERE id = :id"),
+                        {"s": statuses[(i + j) % len(statuses)], "r": reasons[(i * j) % 3],
+                         "q": now - timedelta(hours=(i * 5 + j) % 80), "id": dids[k]},
+                    )  # fmt: skip
+            if i % 50 == 0:
+                apply_events(ctx, [Event("sendgrid", "opened", delivery_id=dids[i % len(dids)], event_id=f"o{i}")])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    assert sum(1 for f in folds if f) >= 2, folds  # the folds did run while the writers wrote
+    assert_rollup_exact(ctx)
+    analytics.compact(ctx.engine)
+    assert analytics.unfolded(ctx.engine) == 0
+    assert_rollup_exact(ctx)

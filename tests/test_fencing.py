@@ -21,7 +21,7 @@ from notifyctl.models import DeliveryEvent
 from sandboxes.sendgrid import SendgridSandbox
 from tests.conftest import make_settings
 from tests.util import deliveries, seed, send, wait_for
-from worker.claims import BUSY, DOUBT, OK, Claims
+from worker.claims import BUSY, DOUBT, OK, Claims, holder
 from worker.pipeline import Runtime, delivery_id, process
 from worker.status import status_report
 
@@ -64,7 +64,7 @@ def test_a_lease_taken_over_in_flight_is_in_doubt(rclient: redis.Redis) -> None:
         assert b.fence(["d1", "d2"]) == [True, True]
         # A's cleanup releases only its own leases (compare-and-delete): B's stay
         a.settle({}, ["d1", "d2"])
-        assert rclient.get(keys.sent("d1")).startswith(b"lease|host-b-1|")
+        assert (holder(rclient, "d1") or ("",))[0] == "host-b-1"
         # what A's provider accepted is still recorded (the truth), and B's fence then refuses to send it
         a.settle({"d2": "pm-a"}, [])
         assert b.fence(["d2"]) == [False]
@@ -161,7 +161,7 @@ def test_a_delivery_left_in_flight_is_sent_again_and_recorded_in_doubt(
         assert len(doubt) == 1 and "host-a-dead" in (doubt[0].detail or "")
         assert status_report(ctx)["in_doubt"] == {"email": 1}
         assert 'notify_in_doubt_total{channel="email"} 1.0' in metrics.render(ctx).decode()
-        from notifyctl.console import overview_data
+        from notifyctl.console.data import overview_data
 
         assert overview_data(ctx)["in_doubt"] == {"email": 1}
     finally:
@@ -205,3 +205,188 @@ def test_sendgrid_sends_nothing_once_the_lease_is_running_out(tmp_path: Path, sa
         assert len(p.send(msgs)) == 3 and len(sandbox.recorder) == 3
     finally:
         p.close()
+
+
+# ------------------------------------------------------------------ one lease per batch
+
+
+def test_a_batch_lease_is_taken_over_only_once_expired(rclient: redis.Redis) -> None:
+    """The whole batch hangs on one lease key: while it holds, every delivery is busy (with the time
+    the lease has left); once it has run out, every one is taken over, and the old holder can
+    neither renew it nor pass a fence."""
+    a, b = Claims(rclient, "host-a-1", 0.4, 60), Claims(rclient, "host-b-1", 0.4, 60)
+    ids = [f"d{i}" for i in range(5)]
+    try:
+        assert a.take(ids) == [OK] * 5
+        a.drop()  # no renewal: the lease runs for 0.4 s
+        assert b.take(ids) == [BUSY] * 5
+        assert set(b.busy_left) == set(ids) and all(0 < s <= 0.4 for s in b.busy_left.values())
+        got = wait_for(lambda: (r := b.take(ids))[0] != BUSY and r, 10, 0.02)
+        assert got == [OK] * 5  # never in flight: not in doubt
+        assert a.fence(ids) == [False] * 5
+        a._held = 5  # (as if A's renewal thread were still running)
+        assert a.renew() == 5  # an expired lease is never renewed again
+        assert b.fence(ids) == [True] * 5
+    finally:
+        a.close()
+        b.close()
+
+
+def test_in_doubt_is_exactly_what_was_fenced(rclient: redis.Redis) -> None:
+    """A batch whose provider calls went out in several fences (route groups, paced requests): only
+    the deliveries of those calls are in doubt for the taker, across the bitmap's bytes."""
+    a, b = Claims(rclient, "host-a-1", 0.3, 60), Claims(rclient, "host-b-1", 0.3, 60)
+    ids = [f"d{i}" for i in range(1000)]
+    flown = [3, 4, 8, 999]
+    try:
+        assert a.take(ids) == [OK] * 1000
+        assert a.fence([ids[3], ids[999]]) == [True, True]
+        assert a.fence([ids[8], ids[4]]) == [True, True]  # a second call adds to the first, not over it
+        a.drop()  # killed
+        got = wait_for(lambda: (r := b.take(ids))[0] != BUSY and r, 10, 0.02)
+        assert got
+        assert [i for i, r in enumerate(got) if r != OK] == flown
+        assert all(got[i] == DOUBT + "host-a-1" for i in flown)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_concurrent_fences_keep_every_bit(rclient: redis.Redis) -> None:
+    """Two routes of one batch fence at the same time from two threads: both calls' deliveries
+    stay marked in flight."""
+    a, b = Claims(rclient, "host-a-1", 0.3, 60), Claims(rclient, "host-b-1", 0.3, 60)
+    ids = [f"d{i}" for i in range(64)]
+    try:
+        assert a.take(ids) == [OK] * 64
+        halves = [ids[0::2], ids[1::2]]
+        outs: list[list[bool]] = []
+        ts = [threading.Thread(target=lambda h=h: outs.append(a.fence(h))) for h in halves for _ in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert outs == [[True] * 32] * 6
+        a.drop()
+        got = wait_for(lambda: (r := b.take(ids))[0] != BUSY and r, 10, 0.02)
+        assert got == [DOUBT + "host-a-1"] * 64
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_send_record_blocks_a_new_claim_and_a_settled_lease_frees_the_rest(rclient: redis.Redis) -> None:
+    a, b = Claims(rclient, "host-a-1", 30, 60), Claims(rclient, "host-b-1", 30, 60)
+    try:
+        assert a.take(["d1", "d2", "d3"]) == [OK] * 3
+        assert a.fence(["d1", "d2", "d3"]) == [True] * 3
+        a.settle({"d1": "pm-1"}, ["d2", "d3"])  # d2, d3: a retry and a failure, recorded in SQL
+        assert rclient.exists(keys.lease(a.token)) == 0
+        assert rclient.exists(keys.sent("d2"), keys.sent("d3")) == 0  # released: no record kept
+        # long before A's 30 s lease would have run out: d1 is sent, the others are free and not in doubt
+        assert b.take(["d1", "d2", "d3"]) == ["sent:pm-1", OK, OK]
+        assert b.fence(["d1", "d2", "d3"]) == [False, True, True]  # never a provider call for d1
+        assert rclient.ttl(keys.sent("d1")) > 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_lease_flagged_by_an_earlier_holder_checks_each_delivery(rclient: redis.Redis) -> None:
+    """A, cut off past its lease, comes back and records a send B had taken over: B's fence refuses
+    that delivery and keeps the others."""
+    a, b = Claims(rclient, "host-a-1", 0.3, 60), Claims(rclient, "host-b-1", 30, 60)
+    try:
+        assert a.take(["d1", "d2", "d3"]) == [OK] * 3
+        assert a.fence(["d1", "d2", "d3"]) == [True] * 3
+        a.drop()  # cut off: no renewal
+        got = wait_for(lambda: (r := b.take(["d1", "d2", "d3"]))[0] != BUSY and r, 10, 0.02)
+        assert got == [DOUBT + "host-a-1"] * 3
+        a.settle({"d2": "pm-a"}, ["d1", "d3"])  # A's provider had accepted d2 before the cut
+        assert b.fence(["d1", "d2", "d3"]) == [True, False, True]
+        assert b.fence(["d3"]) == [True]
+        b.settle({"d1": "pm-b1", "d3": "pm-b3"}, ["d2"])
+        assert rclient.mget([keys.sent(d) for d in ("d1", "d2", "d3")]) == [b"sent:pm-b1", b"sent:pm-a", b"sent:pm-b3"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_lease_of_the_per_delivery_format_is_still_honoured(rclient: redis.Redis) -> None:
+    """A send record left by a worker of the previous version (one lease per delivery) is busy until
+    it expires, then taken over in doubt if it was in flight."""
+    (sec, us) = rclient.time()
+    now_ms = sec * 1000 + us // 1000
+    rclient.set(keys.sent("d1"), f"lease|old-1|tok|{now_ms + 300}|f", ex=60)
+    rclient.set(keys.sent("d2"), f"lease|old-1|tok|{now_ms + 300}|c", ex=60)
+    b = Claims(rclient, "host-b-1", 30, 60)
+    try:
+        assert b.take(["d1", "d2"]) == [BUSY, BUSY]
+        got = wait_for(lambda: (r := b.take(["d1", "d2"]))[0] != BUSY and r, 10, 0.02)
+        assert got == [DOUBT + "old-1", OK]
+    finally:
+        b.close()
+
+
+def test_lease_costs_two_writes_per_delivery(rclient: redis.Redis) -> None:
+    """Take, fence (three provider calls), renew and settle a batch of 500: every Redis command run,
+    the scripts' own included (INFO commandstats), is at most two per delivery (its take, then its send
+    record or its release) plus a few per call."""
+
+    def calls() -> dict[str, int]:
+        return {k: v["calls"] for k, v in rclient.info("commandstats").items()}
+
+    ids = [f"d{i}" for i in range(500)]
+    a = Claims(rclient, "host-a-1", 30, 60)
+    try:
+        a.take(ids)  # loads the scripts before counting
+        a.settle({}, ids)
+        rclient.delete(*[keys.sent(d) for d in ids])
+        before = calls()
+        assert a.take(ids) == [OK] * 500
+        for part in (ids[:100], ids[100:300], ids[300:]):
+            assert a.fence(part) == [True] * len(part)
+        a.renew()
+        a.settle({d: f"pm-{d}" for d in ids[:450]}, ids[450:])
+        after = calls()
+    finally:
+        a.close()
+    ran = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    ran.pop("cmdstat_info", None)
+    assert ran.get("cmdstat_set", 0) <= 500 + 450 + 5, ran  # a take and a send record, one lease write per call
+    assert ran.get("cmdstat_del", 0) <= 50 + 1, ran  # the released records, the lease
+    assert sum(ran.values()) <= 500 + 500 + 30, ran
+
+
+def test_a_worker_fenced_out_of_its_batch_calls_no_provider(
+    home: Path, redis_url: str, rclient: redis.Redis, sandbox: SendgridSandbox
+) -> None:
+    """A's batch lease ran out (cut off) and B took the batch over: A's provider call sends nothing
+    (every message ``Fenced``), B's sends each message once."""
+    from worker.pipeline.send import _fenced_send
+    from worker.providers import Message
+    from worker.providers.base import Fenced
+
+    ctx = sendgrid_ctx(home, redis_url, sandbox, claim_ttl=0.3)
+    a, b = Runtime(ctx, "host-a-1"), Runtime(ctx, "host-b-1")
+    msgs = [
+        Message(delivery_id=f"d{i}", notification_id=f"n{i}", channel="email", route="email",
+                address=f"u{i}@example.com", content={"subject": "s", "text": f"hello {i}"}, category="transactional",
+                priority="normal")
+        for i in range(4)
+    ]  # fmt: skip
+    ids = [m.delivery_id for m in msgs]
+    try:
+        assert a.claims.take(ids) == [OK] * 4
+        a.claims.drop()  # cut off from Redis: no renewal
+        assert wait_for(lambda: b.claims.take(ids) == [OK] * 4, 10, 0.02)
+        out = _fenced_send(a, a.provider("sendgrid"), "sendgrid", msgs)
+        assert all(isinstance(o, Fenced) for o in out)
+        assert len(sandbox.recorder) == 0 and sandbox.api_requests == 0
+        out = _fenced_send(b, b.provider("sendgrid"), "sendgrid", msgs)
+        assert not any(isinstance(o, Fenced) for o in out)
+        assert sent_ids(sandbox) == Counter({d: 1 for d in ids})
+    finally:
+        a.close()
+        b.close()
+        ctx.close()

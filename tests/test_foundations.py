@@ -14,7 +14,8 @@ from notifyctl import keys
 from notifyctl.errors import TemplateError
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import RateRule, Settings, load_settings
-from notifyctl.templates import TemplateStore, parse_template
+from notifyctl.template_store import TemplateStore
+from notifyctl.templates import parse_template
 from tests.conftest import run_cli
 from worker.ratelimit import Check, RateLimiter
 

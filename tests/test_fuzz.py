@@ -40,7 +40,8 @@ from notifyctl.identifiers import check_token, refused_char
 from notifyctl.intake import NotifyRequest, parse_request
 from notifyctl.models import DeviceToken, User
 from notifyctl.settings import Settings
-from notifyctl.templates import SHIPPED, Template, parse_template
+from notifyctl.template_store import SHIPPED
+from notifyctl.templates import Template, parse_template
 from tests import fuzz_util
 from tests.conftest import cli_env
 from tests.fuzz_util import BigBytes, BigStr, count, snapshot
@@ -459,7 +460,7 @@ def hostile_template(draw: st.DrawFn) -> str:
 def test_fuzz_template_resource_limits() -> None:
     """Whatever a template does with sizes, loops and recursion: a rendering within the part limit
     or a one-line TemplateError, in bounded time, and the process stays small."""
-    from notifyctl.template_env import MAX_TEXT
+    from notifyctl.template_limits import MAX_TEXT
     from tests.capped import CappedRenderer
 
     with CappedRenderer() as child:

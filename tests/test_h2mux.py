@@ -57,8 +57,10 @@ def server() -> Iterator[str]:
     t.start()
     yield f"http://127.0.0.1:{srv.getsockname()[1]}"
     stop.set()
+    srv.shutdown(socket.SHUT_RDWR)  # wakes the accept() the thread waits in (close() alone does not)
     srv.close()
     t.join(5)
+    assert not t.is_alive()
 
 
 def test_an_answer_after_interim_responses_has_only_its_own_headers(server: str) -> None:

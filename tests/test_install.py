@@ -36,11 +36,15 @@ def _lock_entries() -> dict[str, tuple[str, Marker | None, list[str]]]:
 
 
 def _project_requirements() -> list[Requirement]:
+    """The dependencies and the extras the lock is made with (`make lock`); an extra that names the
+    project's own (``notifyctl[sandbox]`` in ``test``) is not a package: its extra is listed here too."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = [Requirement(r) for r in project["dependencies"]]
-    for extra in ("test", "bench"):
+    for extra in ("sandbox", "test", "bench"):
         reqs += [Requirement(r) for r in project["optional-dependencies"][extra]]
-    return reqs
+    own = canonicalize_name(project["name"])
+    assert all(r.extras <= {"sandbox", "test", "bench"} for r in reqs if canonicalize_name(r.name) == own)
+    return [r for r in reqs if canonicalize_name(r.name) != own]
 
 
 def test_lock_pins_every_package_with_hashes() -> None:

@@ -292,7 +292,7 @@ def test_preferences_cache_is_invalidated_on_change(ctx: Context) -> None:
 def test_batch_renders_per_recipient_only_what_reads_user(home, redis_url, rclient, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A batch renders a channel once per distinct data when the template never reads ``user``;
     one that does (``{{ user.first_name }}``) is rendered for each recipient."""
-    from notifyctl.templates import TemplateStore
+    from notifyctl.template_store import TemplateStore
     from tests.conftest import make_settings
     from worker.pipeline import Runtime, process
 
@@ -420,7 +420,7 @@ def test_printing_user_fields_renders_once_per_batch_exactly_as_jinja_would(home
     from notifyctl.directory import import_users
     from notifyctl.intake import user_vars
     from notifyctl.models import User
-    from notifyctl.templates import TemplateStore
+    from notifyctl.template_store import TemplateStore
     from tests.conftest import make_settings
     from worker.pipeline import Runtime, process
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.scenarios import strict_push_run
+from bench.push_blast import strict_push_run
 
 
 def test_pushes_through_the_pipeline_to_the_strict_sandboxes(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import pytest
 import redis
 from sqlalchemy import create_engine, select, text, update
 from sqlmodel import Session
@@ -54,12 +55,37 @@ def database_held(ctx: Context, seconds: float) -> Iterator[threading.Event]:
         t.join()
 
 
-def lost_notifications(ctx: Context, rclient: redis.Redis, n: int) -> list[str]:
-    """``n`` notifications accepted as queued whose jobs Redis lost (as after a crash)."""
-    nids = [send(ctx).notification_id for _ in range(n)]
-    for k in rclient.scan_iter("rq:*"):
-        rclient.delete(k)
-    return nids
+class Scene:
+    """A seeded database (``any_db_ctx``) where notifications get lost, and reconcilers of their own."""
+
+    def __init__(self, ctx: Context, rclient: redis.Redis) -> None:
+        self.ctx, self.rclient = ctx, rclient
+        self.later = 0.0
+        self.contexts: list[Context] = []
+
+    def lost(self, n: int) -> list[str]:
+        """``n`` notifications accepted as queued whose jobs Redis lost (as after a crash); ``later``
+        becomes a time past their recovery grace."""
+        nids = [send(self.ctx).notification_id for _ in range(n)]
+        for k in self.rclient.scan_iter("rq:*"):
+            self.rclient.delete(k)
+        self.later = time.time() + self.ctx.settings.recovery_grace + 1
+        return nids
+
+    def reconciler(self) -> Context:
+        """A Context of its own (its own connections), as another pool or the CLI has."""
+        c = Context(self.ctx.settings)
+        self.contexts.append(c)
+        return c
+
+
+@pytest.fixture
+def scene(any_db_ctx: Context, rclient: redis.Redis) -> Iterator[Scene]:
+    seed(any_db_ctx)
+    sc = Scene(any_db_ctx, rclient)
+    yield sc
+    for c in sc.contexts:
+        c.close()
 
 
 def jobs_per_notification(ctx: Context) -> Counter[str]:
@@ -84,17 +110,25 @@ def in_thread(fn: Callable[[], ReconcileResult]) -> tuple[threading.Thread, list
     return t, out, took
 
 
-def test_a_long_round_is_not_run_twice_at_once(any_db_ctx: Context, rclient: redis.Redis) -> None:
+def lock_taken(rclient: redis.Redis) -> None:
+    """Waits on the reconciler's lock key: a round (started in a thread) holds it."""
+    deadline = time.monotonic() + 60
+    while rclient.get(keys.RECONCILE_LOCK) is None:
+        assert time.monotonic() < deadline, "no round took the lock"
+        time.sleep(0.01)
+
+
+def test_a_long_round_is_not_run_twice_at_once(scene: Scene, rclient: redis.Redis) -> None:
     """Two reconcilers (two pools, each with its own connections): the second one's round comes
     1.2 s after the first began — past the old lock's 0.9 s — while the first is still waiting on
     the database. It is skipped, and every lost notification is queued again exactly once."""
-    ctx = any_db_ctx
-    seed(ctx)
-    nids = lost_notifications(ctx, rclient, 30)
-    later = time.time() + ctx.settings.recovery_grace + 1
-    first_ctx, second_ctx = Context(ctx.settings), Context(ctx.settings)
+    ctx = scene.ctx
+    nids = scene.lost(30)
+    later = scene.later
+    first_ctx, second_ctx = scene.reconciler(), scene.reconciler()
     with database_held(ctx, 3.0):
         first, first_res, first_took = in_thread(lambda: reconcile(first_ctx, now=later))
+        lock_taken(rclient)  # (a loaded machine may start the thread late)
         time.sleep(1.2)
         assert first.is_alive()  # waiting on the database, lock held
         second_res = reconcile(second_ctx, now=later)
@@ -108,29 +142,21 @@ def test_a_long_round_is_not_run_twice_at_once(any_db_ctx: Context, rclient: red
     time.sleep(0.95)
     again = reconcile(second_ctx, now=later)
     assert not again.skipped_locked and again.recovered == 0
-    first_ctx.close()
-    second_ctx.close()
 
 
-def test_a_round_that_lost_its_lock_stops_and_leaves_the_new_holders_lock(
-    any_db_ctx: Context, rclient: redis.Redis
-) -> None:
+def test_a_round_that_lost_its_lock_stops_and_leaves_the_new_holders_lock(scene: Scene, rclient: redis.Redis) -> None:
     """While a round runs (waiting on the database), its lock becomes another reconciler's (it ran
     out): the round writes nothing after the step it was in, and does not delete the other's lock."""
-    ctx = any_db_ctx
-    seed(ctx)
-    retry, lost = lost_notifications(ctx, rclient, 2)
+    ctx = scene.ctx
+    retry, lost = scene.lost(2)
     with Session(ctx.engine) as s:
         s.execute(update(Notification).where(Notification.id == retry).values(status=NotificationStatus.retrying))
         s.commit()
-    later = time.time() + ctx.settings.recovery_grace + 1
-    other = Context(ctx.settings)
+    later = scene.later
+    other = scene.reconciler()
     with database_held(ctx, 2.0):
         t, res, _ = in_thread(lambda: reconcile(other, now=later))
-        deadline = time.monotonic() + 10
-        while rclient.get(keys.RECONCILE_LOCK) is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        lock_taken(rclient)
         rclient.set(keys.RECONCILE_LOCK, "another-reconciler", px=30_000)  # the new holder
         t.join(60)
     # the step it was in (due retries) finished or never began, as the steal fell; nothing after it ran
@@ -140,22 +166,18 @@ def test_a_round_that_lost_its_lock_stops_and_leaves_the_new_holders_lock(
         job_of_lost = s.execute(select(Notification.job_id).where(Notification.id == lost)).scalar_one()
     assert job_of_lost == f"job_{lost}"  # untouched: the lost step never ran
     assert jobs_per_notification(ctx) == Counter({retry: 1} if res[0].retries_queued else {})
-    other.close()
 
 
-def test_a_forced_round_waits_for_the_running_one(any_db_ctx: Context, rclient: redis.Redis) -> None:
+def test_a_forced_round_waits_for_the_running_one(scene: Scene) -> None:
     """`notifyctl reconcile` (force) during a pool's long round: it waits for the lock, then runs."""
-    ctx = any_db_ctx
-    seed(ctx)
-    nids = lost_notifications(ctx, rclient, 5)
-    later = time.time() + ctx.settings.recovery_grace + 1
-    pool_ctx, cli_ctx = Context(ctx.settings), Context(ctx.settings)
+    ctx = scene.ctx
+    nids = scene.lost(5)
+    later = scene.later
+    pool_ctx, cli_ctx = scene.reconciler(), scene.reconciler()
     with database_held(ctx, 2.0):
         t, res, _ = in_thread(lambda: reconcile(pool_ctx, now=later))
-        time.sleep(0.3)
+        lock_taken(scene.rclient)  # the pool's round runs (not a fixed sleep: a loaded machine starts it late)
         forced = reconcile(cli_ctx, now=later, force=True)  # blocks until the pool's round is over
         t.join(60)
     assert res[0].recovered == 5 and not forced.skipped_locked and forced.recovered == 0
     assert jobs_per_notification(ctx) == Counter({nid: 1 for nid in nids})
-    pool_ctx.close()
-    cli_ctx.close()

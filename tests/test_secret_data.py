@@ -25,7 +25,8 @@ from notifyctl.dlq import DlqFilter, replay
 from notifyctl.errors import TemplateError
 from notifyctl.secretdata import ERASED_KEY, REDACTED, erase, redact
 from notifyctl.settings import Settings
-from notifyctl.templates import TemplateStore, parse_template
+from notifyctl.template_store import TemplateStore
+from notifyctl.templates import parse_template
 from sandboxes.smtp import SmtpSandbox
 from tests.conftest import cli_env, make_settings
 from tests.util import ApiServer, deliveries, drain, notification, seed, send

@@ -8,32 +8,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from notifyctl.settings import Settings
-from notifyctl.templates import TemplateStore
+from notifyctl.template_store import TemplateStore
 from sandboxes.sendgrid import DEFAULT_API_KEY, SendgridSandbox
+from tests.bulk_email import TEXT, html, message, recipients
 from worker.providers import sendgrid
-from worker.providers.base import Message, Sent
+from worker.providers.base import Sent
 
 FROM = "notifications@example.com"
 SHIPPED = Path(__file__).resolve().parents[1] / "notifyctl" / "templates"
 
-_html = jinja2.Environment(autoescape=True)
-_text = jinja2.Environment(autoescape=False)
-HTML = _html.from_string(
-    "<h1>Hi {{ name }}</h1>\n{% if vip %}<p class=vip>VIP: {{ code }}</p>\n{% endif %}"
-    "<ul>\n{% for label, price in items %}<li>{{ label }} — {{ '%.2f'|format(price) }}</li>\n{% endfor %}</ul>\n"
-    "<p>{{ items|length }} item(s){% if not items %}: nothing yet{% endif %}.</p>\n"
-    "<p>Footer shared by everyone.</p>\n"
-)
-TEXT = _text.from_string(
-    "Hi {{ name }},\n{% for label, price in items %}- {{ label }}: {{ price }}\n{% endfor %}"
-    "{% if vip %}Your code: {{ code }}{% else %}No code this week{% endif %}\nBye"
-)
+HTML = html("<p>Footer shared by everyone.</p>\n")
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +42,6 @@ def provider(sandbox, tmp_path_factory):
     p.close()
 
 
-def message(i: int, content: dict[str, str], category: str = "marketing") -> Message:
-    return Message(
-        delivery_id=f"d-{i}",
-        notification_id=f"n-{i}",
-        channel="email",
-        route="email",
-        address=f"user{i}@example.org",
-        content=content,
-        category=category,
-        priority="low",
-    )
-
-
 def send_and_rebuild(sandbox: SendgridSandbox, provider: Any, contents: list[dict[str, str]]) -> dict[str, Any]:
     sandbox.recorder.clear()
     before = len(sandbox.accepted_requests)
@@ -80,15 +56,7 @@ def send_and_rebuild(sandbox: SendgridSandbox, provider: Any, contents: list[dic
     return {"requests": sandbox.accepted_requests[before:]}
 
 
-words = st.text(alphabet=st.sampled_from("ab <>&\"'é€\n[%sg0]{}"), min_size=0, max_size=12)
-recipient = st.fixed_dictionaries(
-    {
-        "name": words,
-        "vip": st.booleans(),
-        "code": words,
-        "items": st.lists(st.tuples(words, st.floats(0, 1000, allow_nan=False)), max_size=4),
-    }
-)
+recipient = recipients("ab <>&\"'é€\n[%sg0]{}", max_size=12)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from notifyctl.settings import Settings
 from sandboxes.aws import AwsSandbox
+from tests import bulk_email
+from tests.bulk_email import TEXT, html, recipients
 from tests.test_provider_reasons import moto_server  # noqa: F401 - the fixture
 from worker.providers import ses
 from worker.providers.base import Message, Sent
@@ -29,16 +31,7 @@ FROM = "notifications@example.com"
 _html = jinja2.Environment(autoescape=True)
 _text = jinja2.Environment(autoescape=False)
 SUBJECT = _text.from_string("{{ name }}, {% if vip %}your code {{ code }}{% else %}this week{% endif %}")
-HTML = _html.from_string(
-    "<h1>Hi {{ name }}</h1>\n{% if vip %}<p class=vip>VIP: {{ code }}</p>\n{% endif %}"
-    "<ul>\n{% for label, price in items %}<li>{{ label }} — {{ '%.2f'|format(price) }}</li>\n{% endfor %}</ul>\n"
-    "<p>{{ items|length }} item(s){% if not items %}: nothing yet{% endif %}.</p>\n"
-    '<p>Footer shared by everyone. <a href="https://example.com/u/{{ uid }}">Unsubscribe</a></p>\n'
-)
-TEXT = _text.from_string(
-    "Hi {{ name }},\n{% for label, price in items %}- {{ label }}: {{ price }}\n{% endfor %}"
-    "{% if vip %}Your code: {{ code }}{% else %}No code this week{% endif %}\nBye"
-)
+HTML = html('<p>Footer shared by everyone. <a href="https://example.com/u/{{ uid }}">Unsubscribe</a></p>\n')
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +51,7 @@ def provider(sandbox, tmp_path_factory):
 
 
 def message(i: int, content: dict[str, str], category: str = "marketing") -> Message:
-    return Message(
-        delivery_id=f"d-{i}",
-        notification_id=f"n-{i}",
-        channel="email",
-        route="email",
-        address=f"user{i}@example.org",
-        content=content,
-        category=category,
-        priority="low",
-        headers={"List-Unsubscribe": f"<https://example.com/u/{i}>"},
-    )
+    return bulk_email.message(i, content, category, headers={"List-Unsubscribe": f"<https://example.com/u/{i}>"})
 
 
 def render(i: int, person: dict[str, Any]) -> dict[str, str]:
@@ -96,15 +79,7 @@ def send_and_rebuild(sandbox: AwsSandbox, provider: Any, contents: list[dict[str
     }
 
 
-words = st.text(alphabet=st.sampled_from("ab <>&\"'é€\n{}\\"), min_size=0, max_size=10)
-recipient = st.fixed_dictionaries(
-    {
-        "name": words,
-        "vip": st.booleans(),
-        "code": words,
-        "items": st.lists(st.tuples(words, st.floats(0, 1000, allow_nan=False)), max_size=4),
-    }
-)
+recipient = recipients("ab <>&\"'é€\n{}\\", max_size=10)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -257,7 +257,7 @@ def test_hosts_pushing_at_once_each_get_a_version(
     each gets a version of its own (1 to 4), and the table holds the last one."""
     import threading
 
-    from notifyctl.templates import push
+    from notifyctl.template_store import push
 
     hosts = []
     for i in range(4):

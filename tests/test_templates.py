@@ -19,7 +19,8 @@ from notifyctl.cli.main import app
 from notifyctl.context import Context
 from notifyctl.errors import TemplateError
 from notifyctl.settings import Settings
-from notifyctl.templates import SHIPPED, Template, TemplateStore, parse_template
+from notifyctl.template_store import SHIPPED, TemplateStore
+from notifyctl.templates import Template, parse_template
 from tests.capped import CappedRenderer
 from tests.conftest import cli_env, run_cli
 from tests.fuzz_util import snapshot
@@ -183,6 +184,13 @@ def test_hostile_templates_end_in_one_line_errors_within_bounds() -> None:
     part; none of them grows the process past a few tens of megabytes."""
     with CappedRenderer() as child:
         results = [child.render(src) for src, _ in HOSTILE]
+        for i, (src, want) in enumerate(HOSTILE):
+            # work is bounded by a count and by time: on a loaded machine the clock may stop a render
+            # before the bound under test does; rendered again (at most 3 times) the bound must show
+            for _ in range(3):
+                if want == "too much work" or "took longer than 1 s" not in (results[i]["error"] or ""):
+                    break
+                results[i] = child.render(src)
     for (src, want), res in zip(HOSTILE, results, strict=True):
         err = res["error"]
         assert err is not None, f"rendered: {src[:80]}"

@@ -19,7 +19,9 @@ from notifyctl.directory import import_users, register_token
 from notifyctl.intake import SubmitResult, parse_request, submit
 from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.settings import Settings
+from notifyctl.tracking import implied_events
 from worker.pool import run_worker
+from worker.reconciler import reconcile as reconcile_round
 
 USERS = """user_id,email,phone,timezone,locale,sms_opt_in,first_name
 alice,alice@example.com,+14155550101,America/Los_Angeles,en,true,Alice
@@ -84,11 +86,16 @@ def notification(ctx: Context, nid: str) -> Notification:
 
 
 def events(ctx: Context, nid: str) -> list[tuple[str | None, str]]:
+    """A notification's timeline as (delivery id, status): its stored events and the ``queued``
+    events they imply (``notifyctl.tracking.implied_events``), as ``notifyctl events`` shows them."""
     with Session(ctx.engine) as s:
         rows = s.execute(
             select(DeliveryEvent).where(DeliveryEvent.notification_id == nid).order_by(DeliveryEvent.id)
         ).scalars()
-        return [(e.delivery_id, e.status) for e in rows]
+        queued_at = dict(
+            s.execute(select(Delivery.id, Delivery.queued_at).where(Delivery.notification_id == nid)).tuples().all()
+        )
+        return [(e["delivery_id"], e["status"]) for e in implied_events([e.model_dump() for e in rows], queued_at)]
 
 
 def count_notifications(ctx: Context) -> int:
@@ -133,12 +140,26 @@ class ApiServer:
         self.thread.join(10)
 
 
-def drain(target: Context | Settings, *, reconcile: bool = False) -> None:
+def drain(target: Context | Settings, *, reconcile: bool = False, due_by: float | None = None) -> None:
     """Waits on the queues: one burst worker in this process takes every job on high, normal and low
-    until all three are empty (with ``reconcile``, its reconciler runs too and may queue more)."""
+    until all three are empty (with ``reconcile``, its reconciler runs too and may queue more).
+
+    With ``due_by`` (a time, ``target`` a Context): everything due by then goes too — rounds of a
+    forced reconcile at that time (retries, scheduled sends) and a burst worker, until a round
+    queues nothing (ten at most)."""
     settings = target.settings if isinstance(target, Context) else target
-    for shard in range(len(settings.redis_shards) or 1):  # (with Redis shards: each one's queues in turn)
-        run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=reconcile, shard=shard)
+    shards = range(len(settings.redis_shards) or 1)  # (with Redis shards: each one's queues in turn)
+    if due_by is None:
+        for shard in shards:
+            run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=reconcile, shard=shard)
+        return
+    assert isinstance(target, Context)
+    for _ in range(10):
+        res = reconcile_round(target, now=due_by, force=True, limit=100_000)
+        for shard in shards:
+            run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=False, shard=shard)
+        if not res.retries_queued and not res.recovered:
+            return
 
 
 def idle_workers(ctx: Context) -> int:

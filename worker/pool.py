@@ -15,6 +15,7 @@ reconciler runs a round per shard served.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -83,6 +84,9 @@ def _heartbeat(live: Liveness, every: float, stop: threading.Event) -> None:
         stop.wait(every)
 
 
+RQ_HEARTBEAT_EVERY = 5.0  # seconds: RQ's own worker-key refresh, at most this often on its own
+
+
 def _worker_class(dequeue_timeout: int = 60) -> type:
     from rq import SimpleWorker
 
@@ -103,15 +107,31 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
         def dequeue_timeout(self) -> int:
             return dequeue_timeout
 
+        _beat_at = -math.inf  # (monotonic) this worker's last heartbeat
+
         def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+            # RQ refreshes its worker key (minutes of TTL: worker_ttl + 60 s) three round trips at a
+            # time, three times around every job: an OTP's job paid 9 of its ~30 round trips for it.
+            # The default refresh on its own is skipped within RQ_HEARTBEAT_EVERY s of the last one;
+            # those with a TTL of their own, or inside one of RQ's pipelines, always go.
+            at = time.monotonic()
+            if timeout is None and pipeline is None and at - self._beat_at < RQ_HEARTBEAT_EVERY:
+                return
             # RQ refreshes its worker key outside its reconnect loop too (after a dequeue, after a
             # job): a Redis gone at that moment would make the worker quit; the key can wait
             try:
                 super().heartbeat(timeout, pipeline)
+                self._beat_at = at
             except UNREACHABLE:
                 if pipeline is not None:
                     raise
                 log.debug("RQ heartbeat: Redis unreachable")
+
+        def set_state(self, state: str, pipeline: Any = None) -> None:
+            # RQ sets "idle" after each job and again before each dequeue: one round trip for nothing
+            if pipeline is None and state == self._state:
+                return
+            super().set_state(state, pipeline)
 
         def subscribe(self) -> None:
             if self.burst_mode:
@@ -119,7 +139,7 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
                 return
             self.pubsub = self.connection.pubsub()
             self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
-            self.pubsub_thread = self.pubsub.run_in_thread(
+            self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]  # RQ types it as None
                 sleep_time=0.2, daemon=True, exception_handler=self._pubsub_exception_handler
             )
 

@@ -13,7 +13,8 @@ from rich.table import Table
 from notifyctl.cli.common import JsonOpt, console, err_console, get_ctx, print_json
 from notifyctl.errors import InputError, NotFound, TemplateError
 from notifyctl.jsonload import load_json
-from notifyctl.templates import Template, TemplateStore, pull, push
+from notifyctl.template_store import TemplateStore, pull, push
+from notifyctl.templates import Template
 
 app = typer.Typer(help="Notification templates (TOML + Jinja2).", no_args_is_help=True)
 

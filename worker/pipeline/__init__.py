@@ -4,7 +4,7 @@
 2. ``fanout``   one delivery per channel and address (``notifyctl.policy``: who may receive what;
                 rate limits); a due push follows its device's replaced token;
 3. ``render``   the content per notification and channel, shared across the batch where it can be;
-4. ``claim``    a lease per due delivery (``worker.claims``), and its message for this recipient;
+4. ``claim``    the due deliveries under one lease (``worker.claims``), a message per recipient;
 5. ``send``     per route: providers in failover order behind circuits, paced, fenced;
 6. ``record``   each outcome's decision (``outcome.decide``: sent, retry at, dead-letter, remove the
                 address) onto its delivery, then one write: Redis send records, then SQL.

@@ -52,8 +52,9 @@ _DT = Delivery.__table__  # type: ignore[attr-defined]
 _ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
 _TT = DeviceToken.__table__  # type: ignore[attr-defined]
 # The batch loads: only the columns the pipeline reads, on the DBAPI cursor (``rows_where_in``): a
-# thousand plain tuples. The JSON columns come as text and are parsed once per distinct text: a
-# campaign batch shares one `data` and one `channels`.
+# thousand plain tuples (on PostgreSQL, statements prepared once per connection). The JSON columns
+# come as text and are parsed once per distinct text: a campaign batch shares one `data` and one
+# `channels`.
 _N_SELECT = (
     "SELECT id, recipient_id, type, template_id, category, priority, dedup_key, CAST(channels AS TEXT), "
     "CAST(data AS TEXT), (SELECT 1 FROM ordered_notifications o WHERE o.notification_id = notifications.id) "
@@ -113,26 +114,26 @@ class _Batch:
         conn = session.connection()
         self.notifications: list[_Note] = [
             _Note(*row[:7], load(row[7]) or [], load(row[8]) or {}, row[8] or "", row[9] is not None)
-            for row in rows_where_in(conn, _N_SELECT, "id", ids, _N_LOADABLE)
+            for row in rows_where_in(conn, _N_SELECT, "id", ids, _N_LOADABLE, prepared=True)
         ]
         user_ids = {n.recipient_id for n in self.notifications}
         self.users: dict[str, _User] = {
             row[0]: _User(*row[:5], bool(row[5]), orjson.loads(row[6]) if row[6] else {})
-            for row in rows_where_in(conn, _U_SELECT, "id", list(user_ids))
+            for row in rows_where_in(conn, _U_SELECT, "id", list(user_ids), prepared=True)
         }
         self.opt_outs = prefs.load(client, session, user_ids)
         # a user's live device tokens, oldest first, as (platform, token): push only
         self.tokens: dict[str, list[tuple[str, str]]] = defaultdict(list)
         if user_ids and any("push" in n.channels for n in self.notifications):
             for uid, platform, token in rows_where_in(
-                conn, _T_SELECT, "device_tokens.user_id", list(user_ids), _T_LIVE
+                conn, _T_SELECT, "device_tokens.user_id", list(user_ids), _T_LIVE, prepared=True
             ):
                 self.tokens[uid].append((platform, token))
         self.deliveries: dict[str, list[_D]] = defaultdict(list)
         nids = [n.id for n in self.notifications]
         if nids:  # (none, for a batch seen the first time)
             at = _d_time(conn.dialect)
-            for row in rows_where_in(conn, _D_SELECT, "notification_id", nids):
+            for row in rows_where_in(conn, _D_SELECT, "notification_id", nids, prepared=True):
                 d = _D(*row)
                 d.dead_lettered = bool(d.dead_lettered)
                 if at is not None and d.next_attempt_at is not None:

@@ -1,7 +1,8 @@
-"""Stage 4, claim: the deliveries due now are claimed (``worker.claims``: a lease each, so that no
-two workers send one) and each one this worker holds becomes a ``Message`` with this recipient's
-content (``render``): what another worker holds, or what was already sent, is skipped; what a dead
-worker was sending (in doubt) is sent again and recorded as such."""
+"""Stage 4, claim: the deliveries due now are claimed (``worker.claims``: one lease for the batch,
+named by each delivery's send record, so that no two workers send one) and each one this worker
+holds becomes a ``Message`` with this recipient's content (``render``): what another worker holds,
+or what was already sent, is skipped; what a dead worker was sending (in doubt) is sent again and
+recorded as such."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from notifyctl import metrics, prefs
 from notifyctl.db import prepare_insert, update_where_in, write_lock
 from notifyctl.models import FINAL_STATUSES, DeliveryStatus, DeviceToken, NotificationStatus, OptOut
 from notifyctl.secretdata import erase
+from notifyctl.tracking import IMPLIED_FIRST
 from worker.claims import Fenced
 from worker.pipeline.batch import _D, _DT, _ET, _N, _TT, _Batch
 from worker.pipeline.outcome import decide
@@ -151,6 +152,7 @@ def write(
         # Redis went away after the provider accepted: the SQL record of what was sent must still
         # be written, or a rerun would find only a stale claim and send again.
         settle_error = exc
+    events = rec.events = one_event_when_sent(events, rec.fresh)
     # parameters converted before the writer lock is taken: inside it, only the statements run
     insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows)
     insert_events = prepare_insert(rt.ctx.engine, _ET, events)
@@ -198,6 +200,31 @@ def write(
         pipe.execute()
     except redis.RedisError:
         log.warning("metrics not recorded: Redis unavailable")
+
+
+def one_event_when_sent(events: list[dict[str, Any]], fresh: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``events`` less the ``queued`` event of each delivery created in this batch whose next event
+    is its outcome ``sent`` or ``retrying``: that outcome is then the delivery's first stored event,
+    which no delivery has otherwise (every other one starts ``queued``, ``suppressed`` or
+    ``failed``), and the timeline shows the ``queued`` it implies at the delivery's ``queued_at``
+    (``notifyctl.tracking.implied_events``). One event row per delivery on the common path (created,
+    sent) instead of two; every other history is stored as it happened."""
+    if not fresh:
+        return events
+    queued_at: dict[str, int] = {}  # a fresh delivery → the index of its queued event, while it is its last
+    drop: set[int] = set()
+    for i, e in enumerate(events):
+        did = e["delivery_id"]
+        if did not in fresh:
+            continue
+        j = queued_at.pop(did, None)
+        if e["status"] == DeliveryStatus.queued and e["detail"] is None:
+            queued_at[did] = i
+        elif j is not None and e["status"] in IMPLIED_FIRST:
+            drop.add(j)
+    if not drop:
+        return events
+    return [e for i, e in enumerate(events) if i not in drop]
 
 
 def _bulk_update(session: Session, table: Any, rows: list[dict[str, Any]], only_from: list[str] | None = None) -> None:
@@ -297,24 +324,20 @@ def _settle_notifications(
     ``lease_waits``: deliveries found ``busy`` (another worker's lease) and when that lease runs out."""
     lease_waits = lease_waits or {}
     # Most rows of a batch get the same values (done, no reason): one UPDATE ... WHERE id IN (...)
-    # per distinct set of values, instead of one parameter set per row.
+    # per distinct set of values, instead of one parameter set per row. A notification whose secret
+    # data is erased gets its status and its erased data in one UPDATE of its own (an OTP: one write).
     same: dict[tuple[tuple[str, Any], ...], list[str]] = defaultdict(list)
     erased: list[dict[str, Any]] = []
     for n in batch.notifications:
         ds = batch.deliveries.get(n.id, [])
         open_ = [d for d in ds if d.status not in FINAL_STATUSES]
-        if not open_:
-            secret = secret_of(n.template_id)  # (empty for most templates: nothing more to do)
-            if secret:
-                data = erase(n.data, secret)
-                if data is not None:
-                    erased.append({"_id": n.id, "data": data})
+        values: tuple[tuple[str, Any], ...]
         if not ds:
-            same[(("status", NotificationStatus.done), ("reason", "no deliveries"))].append(n.id)
+            values = (("status", NotificationStatus.done), ("reason", "no deliveries"))
         elif not open_:
             all_suppressed = all(d.status == DeliveryStatus.suppressed for d in ds)
             status = NotificationStatus.suppressed if all_suppressed else NotificationStatus.done
-            same[(("status", status), ("reason", ds[0].reason if all_suppressed else None))].append(n.id)
+            values = (("status", status), ("reason", ds[0].reason if all_suppressed else None))
         else:
             # a delivery waits for its retry time, or for the lease of the worker holding it: if that
             # worker died (kill -9), the reconciler's due pass queues it again once the lease has run
@@ -327,15 +350,31 @@ def _settle_notifications(
             ]
             if all(waits):
                 due = min(w for w in waits if w is not None)
-                same[(("status", NotificationStatus.retrying), ("due_at", due), ("job_id", None))].append(n.id)
+                values = (("status", NotificationStatus.retrying), ("due_at", due), ("job_id", None))
             else:
                 # Something is held by another live worker: the reconciler looks again after its grace.
-                same[(("status", NotificationStatus.queued), ("due_at", now))].append(n.id)
+                values = (("status", NotificationStatus.queued), ("due_at", now))
+        if not open_:
+            secret = secret_of(n.template_id)  # (empty for most templates: nothing more to do)
+            data = erase(n.data, secret) if secret else None
+            if data is not None:
+                erased.append({"_id": n.id, **dict(values), "updated_at": now, "data": data})
+                continue
+        same[values].append(n.id)
     conn = session.connection()
     for values, ids in same.items():
         update_where_in(conn, _N, {**dict(values), "updated_at": now}, "id", ids)
     if erased:
-        session.execute(_ERASE, erased)
+        session.execute(_SETTLE_ERASED, erased)
 
 
-_ERASE = update(_N).where(_N.c.id == bindparam("_id")).values(data=bindparam("data", type_=_N.c.data.type))
+_SETTLE_ERASED = (
+    update(_N)
+    .where(_N.c.id == bindparam("_id"))
+    .values(
+        status=bindparam("status"),
+        reason=bindparam("reason"),
+        updated_at=bindparam("updated_at"),
+        data=bindparam("data", type_=_N.c.data.type),
+    )
+)

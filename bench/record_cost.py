@@ -1,0 +1,301 @@
+"""CPU per notification of the worker's whole batch path, in this process, per process involved:
+``worker.pipeline.process`` over batches of marketing email (SendGrid sandbox) and of push (the C
+HTTP/2 sink, iOS and Android half each), and single high-priority SMS jobs (OTPs: Twilio sandbox)
+run by an RQ ``SimpleWorker`` in burst mode as a pool worker runs them — on SQLite and on PostgreSQL
+(issue 15 item 3, issue 20).
+
+    python -m bench.record_cost                         # SQLite and PostgreSQL, email, push, otp
+    python -m bench.record_cost --db pg --only otp --profile   # + cProfile's top functions
+
+Per row: CPU µs per notification of this process (the worker: every thread), of the PostgreSQL
+backends this process's engine connected to (their own CPU, found by ``pg_backend_pid()``), of
+redis-server and of the sandbox or sink; SQL statements and their rows per batch; Redis commands per
+notification. The load average before and after is printed: on a shared machine, compare runs made
+side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import event, update
+
+from bench.common import Env, bulk_notifications, bulk_users
+from bench.harness import bulk_ios_tokens, commandstats, delta, p256_key_pem, phone_users
+from bench.sandboxes import SandboxProcess
+from bench.scenarios import KEY_ID, PROMO, TEAM_ID, TOPIC, TWILIO_FROM, _platforms, _sink_service_account
+
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+def _cpu(pid: int) -> float:
+    import psutil
+
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system
+
+
+class _Meter:
+    """CPU of this process, the PostgreSQL backends of ``engine``, redis-server and ``others``."""
+
+    def __init__(self, env: Env, others: dict[str, int]) -> None:
+        self.env, self.others = env, others
+        self.backends: set[int] = set()
+        engine = env.ctx.engine
+        if engine.dialect.name == "postgresql":
+
+            def on_connect(dbapi_conn: Any, _rec: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("SELECT pg_backend_pid()")
+                self.backends.add(cur.fetchone()[0])
+                cur.close()
+
+            event.listen(engine, "connect", on_connect)
+            engine.dispose()
+        self.redis_pid = int(env.ctx.redis.info("server")["process_id"])
+
+    def read(self) -> dict[str, float]:
+        t = os.times()
+        out = {"worker (this process)": t.user + t.system, "redis-server": _cpu(self.redis_pid)}
+        if self.backends:
+            out["PostgreSQL backends"] = sum(_cpu(p) for p in self.backends)
+        for name, pid in self.others.items():
+            out[name] = _cpu(pid)
+        return out
+
+
+class _Sql:
+    """Statements (verb and table) and their parameter sets, by a ``before_cursor_execute`` listener."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.statements: Counter[str] = Counter()
+        self.rows = 0
+
+    def on_exec(self, _c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, many: bool) -> None:
+        words = statement.split(None, 3)
+        verb = words[0].upper() if words else "?"
+        table = ""
+        if verb == "SELECT":
+            low = statement.lower()
+            j = low.find(" from ")
+            table = low[j + 6 :].split(None, 1)[0] if j >= 0 else ""
+        elif verb in ("INSERT", "DELETE") and len(words) >= 3:
+            table = words[2]
+        elif verb in ("UPDATE", "COPY") and len(words) >= 2:
+            table = words[1]
+        self.statements[f"{verb} {table}".strip()] += 1
+        self.rows += len(params) if many else 1
+
+    def __enter__(self) -> _Sql:
+        event.listen(self.engine, "before_cursor_execute", self.on_exec)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self.on_exec)
+
+
+def _queued(env: Env, nids: list[str]) -> None:
+    from notifyctl.models import Notification
+
+    with env.ctx.engine.begin() as conn:
+        for i in range(0, len(nids), 5000):
+            conn.execute(update(Notification).where(Notification.id.in_(nids[i : i + 5000])).values(status="queued"))
+    env.ctx.redis.delete(*[k for k in env.ctx.redis.scan_iter("notif:rate:*")] or ["-"])
+
+
+def _report(label: str, k: int, c0: dict[str, float], c1: dict[str, float], wall: float, sql: _Sql,
+            batches: int, cmds: dict[str, int], prof: cProfile.Profile | None) -> dict[str, Any]:  # fmt: skip
+    us = {name: round((c1[name] - c0[name]) / k * 1e6, 1) for name in c0}
+    res = {
+        "what": label,
+        "n": k,
+        "per_s_one_process": round(k / wall, 1),
+        "cpu_us_per_notification": us,
+        "cpu_us_total": round(sum(us.values()), 1),
+        "sql_per_batch": round(sum(sql.statements.values()) / batches, 2),
+        "sql_rows_per_notification": round(sql.rows / k, 2),
+        "sql": dict(sql.statements.most_common()),
+        "redis_per_notification": round(sum(cmds.values()) / k, 2),
+        "redis": dict(sorted(cmds.items(), key=lambda kv: -kv[1])[:8]),
+    }
+    if prof is not None:
+        st = pstats.Stats(prof)
+        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:25]  # type: ignore[attr-defined]
+        res["top_own"] = [f"{v[2] / k * 1e6:8.1f} µs own {v[3] / k * 1e6:8.1f} cum {v[1]:7d} calls  "
+                          f"{f[0].split('/')[-1]}:{f[1]}({f[2]})" for f, v in rows]  # fmt: skip
+        crow = sorted(st.stats.items(), key=lambda kv: -kv[1][3])[:45]  # type: ignore[attr-defined]
+        res["top_cum"] = [f"{v[3] / k * 1e6:8.1f} µs cum  {f[0].split('/')[-1]}:{f[1]}({f[2]})" for f, v in crow]
+    return res
+
+
+def _batches(env: Env, meter: _Meter, label: str, nids: list[str], batch: int, profile: bool) -> dict[str, Any]:
+    from worker.pipeline import Runtime, process
+
+    rt = Runtime(env.ctx, worker_name=f"bench-cost-{label}")
+    rt.warm()
+    _queued(env, nids)
+    stats0 = commandstats(env)
+    prof = cProfile.Profile(time.thread_time) if profile else None
+    sent = 0
+    with _Sql(env.ctx.engine) as sql:
+        c0, t0 = meter.read(), time.perf_counter()
+        if prof:
+            prof.enable()
+        for i in range(0, len(nids), batch):
+            sent += process(rt, nids[i : i + batch]).sent
+        if prof:
+            prof.disable()
+        wall, c1 = time.perf_counter() - t0, meter.read()
+    rt.close()
+    assert sent == len(nids), f"{label}: sent {sent} of {len(nids)}"
+    return _report(label, sent, c0, c1, wall, sql, -(-len(nids) // batch), delta(stats0, commandstats(env)), prof)
+
+
+def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
+    """n OTPs submitted (``intake.submit``: a job each), then drained by an RQ SimpleWorker in burst
+    mode in this process, set up as ``worker.pool.run_worker`` sets one up: the worker's CPU per job."""
+    from rq import Queue
+
+    from notifyctl import keys
+    from notifyctl.intake import parse_request, submit
+    from notifyctl.redisconn import connect
+    from worker import jobs
+    from worker.pool import _worker_class
+
+    users = phone_users(env, n)
+    for i, uid in enumerate(users):
+        submit(env.ctx, parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
+                                       "data": {"code": f"{i:06d}", "minutes": 10}}))  # fmt: skip
+    rq_conn = connect(env.settings, dequeue=True)
+    w = _worker_class(1)([Queue(keys.queue_name("high"), connection=rq_conn)], connection=rq_conn, name="bench-otp")
+    rt = jobs.configure(env.ctx, worker_name="bench-otp")
+    rt.warm()
+    stats0 = commandstats(env)
+    prof = cProfile.Profile(time.thread_time) if profile else None
+    with _Sql(env.ctx.engine) as sql:
+        c0, t0 = meter.read(), time.perf_counter()
+        if prof:
+            prof.enable()
+        w.work(burst=True, logging_level="WARNING")
+        if prof:
+            prof.disable()
+        wall, c1 = time.perf_counter() - t0, meter.read()
+    jobs.close()
+    rq_conn.close()
+    from sqlalchemy import func, select
+
+    from notifyctl.models import Delivery
+
+    with env.ctx.engine.connect() as conn:
+        sent = conn.execute(select(func.count()).where(Delivery.status == "sent", Delivery.channel == "sms")).scalar()
+    assert sent == n, f"otp: sent {sent} of {n}"
+    return _report("otp", n, c0, c1, wall, sql, n, delta(stats0, commandstats(env)), prof)
+
+
+def run(db: str, only: list[str], n: int, batch: int, otps: int, profile: bool, sink: Any) -> list[dict[str, Any]]:
+    os.environ.pop("NOTIFY_BENCH_DATABASE_URL", None)
+    sg = SandboxProcess("sendgrid")
+    tw = SandboxProcess("twilio")
+    opts: dict[str, Any] = {
+        "sendgrid": {"api_key": sg.info["api_key"], "base_url": sg.info["url"]},
+        "twilio": {"account_sid": tw.info["account_sid"], "auth_token": tw.info["auth_token"],
+                   "from_number": TWILIO_FROM, "base_url": tw.info["url"]},
+    }  # fmt: skip
+    if sink is not None:
+        opts["apns"] = {"key": p256_key_pem().decode(), "key_id": KEY_ID, "team_id": TEAM_ID, "topic": TOPIC,
+                        "base_url": sink.url, "ca_file": sink.ca_file}  # fmt: skip
+        opts["fcm"] = {"service_account_json": json.dumps(_sink_service_account(sink.url)), "base_url": sink.url,
+                       "ca_file": sink.ca_file, "token_url": sink.url + "/token"}  # fmt: skip
+    env = Env(bench_pg=PG_URL if db == "pg" else "", providers_email=["sendgrid"], providers_sms=["twilio"],
+              providers_push_ios=["apns"], providers_push_android=["fcm"], batch_size=batch,
+              provider_options=opts)  # fmt: skip
+    out: list[dict[str, Any]] = []
+    try:
+        others = {"SendGrid sandbox": sg.proc.pid, "Twilio sandbox": tw.proc.pid}
+        if sink is not None:
+            others.update({k: p for k, p in sink.pids.items() if k != "nginx master"})
+        meter = _Meter(env, others)
+        ids = bulk_users(env.ctx, n)
+        if "push" in only and sink is not None:
+            bulk_ios_tokens(env, ids, platforms=_platforms(n, 0.5))
+        for what in only:
+            if what == "otp":
+                r = _otp_jobs(env, meter, otps, profile)
+            elif what == "push" and sink is None:
+                continue
+            else:
+                channel = "email" if what == "email" else "push"
+                nids = bulk_notifications(env.ctx, ids, "weekly_promo", [channel], PROMO)
+                r = _batches(env, meter, what, nids, batch, profile)
+            r["db"] = db
+            out.append(r)
+            _print(r)
+    finally:
+        sg.stop()
+        tw.stop()
+        env.close()
+    return out
+
+
+def _print(r: dict[str, Any]) -> None:
+    print(f"{r['db']:6} {r['what']:5} n={r['n']} {r['per_s_one_process']}/s  CPU µs/notification "
+          f"{r['cpu_us_total']} {r['cpu_us_per_notification']}", flush=True)  # fmt: skip
+    print(f"       SQL {r['sql_per_batch']}/batch, {r['sql_rows_per_notification']} rows/notification {r['sql']}")
+    print(f"       Redis {r['redis_per_notification']}/notification {r['redis']}", flush=True)
+    for key in ("top_own", "top_cum"):
+        for line in r.get(key, []):
+            print("      ", line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench import sinks
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--db", default="sqlite,pg", help="sqlite, pg or both (comma-separated)")
+    ap.add_argument("--only", default="email,push,otp")
+    ap.add_argument("--n", type=int, default=5000, help="notifications per email or push row")
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--otps", type=int, default=200, help="OTP jobs in the otp row")
+    ap.add_argument(
+        "--profile", action="store_true", help="cProfile each row on thread CPU time (slower: compare unprofiled runs)"
+    )
+    ap.add_argument("--json", help="also write the rows to this file")
+    a = ap.parse_args(argv)
+    only = [s for s in a.only.split(",") if s]
+    sink = None
+    if "push" in only:
+        hint = sinks.missing()
+        if hint:
+            print(f"push skipped: {hint}", file=sys.stderr)
+        else:
+            sink = sinks.NginxSink()
+    with open("/proc/loadavg") as f:
+        print("load before:", " ".join(f.read().split()[:3]), flush=True)
+    rows: list[dict[str, Any]] = []
+    try:
+        for db in a.db.split(","):
+            rows += run(db, only, a.n, a.batch, a.otps, a.profile, sink)
+    finally:
+        if sink is not None:
+            sink.stop()
+    with open("/proc/loadavg") as f:
+        print("load after:", " ".join(f.read().split()[:3]), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

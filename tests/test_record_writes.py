@@ -1,0 +1,241 @@
+"""What a batch's record stage writes: the exact rows a delivery leaves behind, the histories the
+readers show from them (``notifyctl events``, the API, ``dlq show``), and the writes of an OTP's job."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from rq import Queue
+from rq.worker.base import BaseWorker
+from sqlalchemy import event, select
+from sqlalchemy.dialects.postgresql.psycopg2 import EXECUTEMANY_VALUES_PLUS_BATCH
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from notifyctl import keys
+from notifyctl.context import Context
+from notifyctl.db import dispose_all, rows_where_in
+from notifyctl.dlq import show_entry
+from notifyctl.models import DeliveryEvent
+from notifyctl.secretdata import erased_fields
+from notifyctl.tracking import implied_events, timeline
+from sandboxes.smtp import SmtpSandbox
+from tests.conftest import make_settings
+from tests.util import deliveries, drain, notification, seed, send
+from worker import jobs
+from worker.pipeline.batch import _DT
+from worker.pipeline.record import _bulk_update
+from worker.pool import _worker_class
+from worker.reconciler import reconcile
+
+
+def stored(ctx: Context, nid: str) -> list[tuple[str | None, str, str | None]]:
+    """The event rows of a notification as stored: (delivery id, status, detail)."""
+    with Session(ctx.engine) as s:
+        rows = s.execute(
+            select(DeliveryEvent).where(DeliveryEvent.notification_id == nid).order_by(DeliveryEvent.id)
+        ).scalars()
+        return [(e.delivery_id, e.status, e.detail) for e in rows]
+
+
+def test_a_delivery_sent_by_its_first_batch_leaves_one_event_row(any_db_ctx: Context) -> None:
+    ctx = any_db_ctx
+    seed(ctx)
+    res = send(ctx, channels=["push", "email", "sms"])
+    drain(ctx)
+    ds = sorted(deliveries(ctx, res.notification_id), key=lambda d: d.channel)
+    assert [(d.channel, d.status) for d in ds] == [("email", "sent"), ("push", "sent"), ("sms", "sent")]
+    rows = stored(ctx, res.notification_id)
+    # one row per delivery: its outcome, with the provider's message id
+    assert sorted((did, status) for did, status, _ in rows) == sorted((d.id, "sent") for d in ds)
+    for did, _status, detail in rows:
+        d = next(x for x in ds if x.id == did)
+        assert detail == f"outbox: {d.provider_message_id}"
+    # every reader shows the queued event it implies, at the delivery's queued_at, before its outcome
+    t = timeline(ctx, res.notification_id)
+    assert [e["status"] for e in t["events"]] == ["queued", "queued", "queued", "sent", "sent", "sent"]
+    for d in ds:
+        mine = [e for e in t["events"] if e["delivery_id"] == d.id]
+        assert [(e["status"], e["at"]) for e in mine] == [("queued", d.queued_at), ("sent", d.sent_at)]
+        assert mine[0]["id"] is None and mine[0]["detail"] is None
+    shown = show_entry(ctx, ds[0].id)
+    assert [e["status"] for e in shown["events"]] == ["queued", "sent"]
+
+
+def test_suppressed_at_fan_out_stays_one_row_with_nothing_implied(any_db_ctx: Context) -> None:
+    ctx = any_db_ctx
+    seed(ctx)
+    res = send(ctx, recipient_id="carol", channels=["push", "email"])  # carol has no device token
+    drain(ctx)
+    rows = stored(ctx, res.notification_id)
+    assert sorted(status for _, status, _ in rows) == ["sent", "suppressed"]
+    statuses = [e["status"] for e in timeline(ctx, res.notification_id)["events"]]
+    assert sorted(statuses) == ["queued", "sent", "suppressed"]
+    assert statuses.index("queued") < statuses.index("sent")
+
+
+@pytest.fixture
+def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) -> Iterator[Context]:
+    """Email through SMTP to the sandbox (faults on demand); the other channels to the outbox."""
+    ctx = Context(
+        make_settings(
+            home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port, smtp_timeout=5
+        )
+    )
+    seed(ctx)
+    yield ctx
+    jobs.close()
+    ctx.close()
+    dispose_all()
+
+
+def test_a_first_failure_keeps_its_queued_row(mctx: Context, smtp: SmtpSandbox) -> None:
+    """A delivery created and failed by one batch: both rows stay (a first stored ``failed`` is a
+    delivery refused at fan-out, which never was queued)."""
+    smtp.faults.add({"smtp_code": 550, "smtp_message": "5.1.1 no such user", "match": "alice@", "count": -1})
+    res = send(mctx, channels=["email"])
+    drain(mctx)
+    (d,) = deliveries(mctx, res.notification_id)
+    assert d.status == "failed"
+    assert [(did, status) for did, status, _ in stored(mctx, res.notification_id)] == [
+        (d.id, "queued"),
+        (d.id, "failed"),
+    ]
+    assert [e["status"] for e in timeline(mctx, res.notification_id)["events"]] == ["queued", "failed"]
+
+
+def test_retried_then_sent(mctx: Context, smtp: SmtpSandbox) -> None:
+    smtp.faults.add({"smtp_code": 451, "smtp_message": "4.3.0 try later", "match": "alice@", "count": 1})
+    res = send(mctx, channels=["email"])
+    drain(mctx)
+    (d,) = deliveries(mctx, res.notification_id)
+    assert d.status == "retrying"
+    assert [status for _, status, _ in stored(mctx, res.notification_id)] == ["retrying"]
+    assert reconcile(mctx, now=time.time() + 31, force=True).retries_queued == 1
+    drain(mctx)
+    (d,) = deliveries(mctx, res.notification_id)
+    assert d.status == "sent"
+    assert [status for _, status, _ in stored(mctx, res.notification_id)] == ["retrying", "sent"]
+    t = timeline(mctx, res.notification_id)["events"]
+    assert [e["status"] for e in t] == ["queued", "retrying", "sent"]
+    assert t[0]["at"] == d.queued_at and t[0]["at"] <= t[1]["at"]
+
+
+def test_implied_events_order() -> None:
+    """The implied ``queued`` goes before the first event at or after its time, and before the
+    delivery's own first event whatever the clocks said; older histories are left as they are."""
+    from datetime import UTC, datetime
+
+    t0, t1, t2 = (datetime(2026, 1, 1, 0, 0, s, tzinfo=UTC) for s in (0, 1, 2))
+
+    def ev(did: str, status: str, at: datetime) -> dict[str, Any]:
+        return {"id": 1, "notification_id": "n", "delivery_id": did, "status": status, "detail": None, "at": at}
+
+    got = implied_events([ev("a", "suppressed", t1), ev("b", "sent", t1), ev("b", "opened", t2)], {"a": t1, "b": t1})
+    assert [(e["delivery_id"], e["status"]) for e in got] == [("b", "queued"), ("a", "suppressed"), ("b", "sent"),
+                                                             ("b", "opened")]  # fmt: skip
+    skewed = implied_events([ev("b", "sent", t0)], {"b": t2})
+    assert [(e["status"], e["at"]) for e in skewed] == [("queued", t2), ("sent", t0)]
+    old = [ev("b", "queued", t0), ev("b", "sent", t1)]
+    assert implied_events(old, {"b": t0}) == old
+    assert implied_events([], {}) == []
+
+
+def _sql_statements(ctx: Context) -> tuple[list[str], Any]:
+    seen: list[str] = []
+
+    def on_exec(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        seen.append(" ".join(statement.split()[:2]))
+
+    event.listen(Engine, "before_cursor_execute", on_exec)  # (the worker makes its own engine)
+    return seen, on_exec
+
+
+def test_an_otp_job_writes_its_notification_once(any_db_ctx: Context) -> None:
+    """Status and erased secret data in one UPDATE; the delivery and its one event row in one
+    INSERT each."""
+    ctx = any_db_ctx
+    seed(ctx)
+    res = send(ctx, template_id="otp_code", channels=["sms"], data={"code": "482913", "minutes": 10})
+    seen, on_exec = _sql_statements(ctx)
+    try:
+        drain(ctx)
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_exec)
+    n = notification(ctx, res.notification_id)
+    assert n.status == "done" and "code" not in n.data and erased_fields(n.data) == ["code"]
+    assert seen.count("UPDATE notifications") == 1, seen
+    (d,) = deliveries(ctx, res.notification_id)
+    assert d.status == "sent"
+    assert [status for _, status, _ in stored(ctx, res.notification_id)] == ["sent"]
+
+
+def test_rq_heartbeat_refreshes_the_worker_key_once_in_a_while(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RQ's default worker-key refresh runs at most once per RQ_HEARTBEAT_EVERY seconds on its own
+    (it ran three times around every job)."""
+    seed(ctx)
+    for i in range(8):
+        send(ctx, template_id="otp_code", channels=["sms"], data={"code": f"{i:06d}", "minutes": 10})
+    alone: list[int | None] = []
+    real = BaseWorker.heartbeat
+
+    def counted(self: BaseWorker, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is None:
+            alone.append(timeout)
+        real(self, timeout, pipeline)
+
+    monkeypatch.setattr(BaseWorker, "heartbeat", counted)
+    w = _worker_class(1)([Queue(keys.queue_name("high"), connection=ctx.redis)], connection=ctx.redis, name="hb")
+    jobs.configure(ctx, worker_name="hb")
+    try:
+        assert w.work(burst=True, logging_level="WARNING")
+    finally:
+        jobs.close()
+    assert len(deliveries(ctx)) == 8 and all(d.status == "sent" for d in deliveries(ctx))
+    assert alone.count(None) <= 2, alone  # 8 jobs: 24 refreshes before
+
+
+def test_loads_by_id_prepared_once_per_connection(any_db_ctx: Context) -> None:
+    """``rows_where_in(prepared=True)``: the same rows as an IN list; on PostgreSQL one PREPARE per
+    server session (again after a reconnect), then only EXECUTEs."""
+    ctx = any_db_ctx
+    seed(ctx)
+    seen, on_exec = _sql_statements(ctx)
+    try:
+        for _ in range(2):
+            with ctx.engine.connect() as conn:
+                for _ in range(2):
+                    got = rows_where_in(conn, "SELECT id, email FROM users", "id", ["bob", "alice", "zoe"], "", True)
+                    assert sorted(got) == [("alice", "alice@example.com"), ("bob", "bob@example.com")]
+                assert rows_where_in(conn, "SELECT id FROM users", "id", [], "", True) == []
+                if ctx.engine.dialect.name == "postgresql":
+                    conn.invalidate()  # a new server session: its statements must be prepared again
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_exec)
+    if ctx.engine.dialect.name == "postgresql":
+        assert [s.split()[0] for s in seen] == ["PREPARE", "EXECUTE", "EXECUTE"] * 2, seen
+    else:
+        assert seen == ["SELECT id,"] * 4, seen
+
+
+def test_retried_deliveries_updated_in_batches_on_postgresql(any_db_ctx: Context) -> None:
+    """A batch's updates to deliveries already in SQL (an executemany UPDATE): on PostgreSQL through
+    psycopg2's execute_batch (one round trip per 100, not one per row); the rows end as written."""
+    ctx = any_db_ctx
+    seed(ctx)
+    if ctx.engine.dialect.name == "postgresql":
+        assert ctx.engine.dialect.executemany_mode is EXECUTEMANY_VALUES_PLUS_BATCH  # type: ignore[attr-defined]
+    res = [send(ctx, recipient_id=u, channels=["email"]) for u in ("alice", "bob", "carol")]
+    drain(ctx)
+    ds = [d for r in res for d in deliveries(ctx, r.notification_id)]
+    with Session(ctx.engine) as s:
+        rows = [{"id": d.id, "status": "retrying", "attempts": 5, "reason": f"r{i}"} for i, d in enumerate(ds)]
+        _bulk_update(s, _DT, rows, only_from=["sent"])
+        s.commit()
+    got = {d.id: (d.status, d.attempts, d.reason) for r in res for d in deliveries(ctx, r.notification_id)}
+    assert got == {d.id: ("retrying", 5, f"r{i}") for i, d in enumerate(ds)}
