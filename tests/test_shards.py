@@ -127,6 +127,13 @@ def test_each_user_lives_on_its_shard_and_each_notification_is_sent_once(sctx: C
         "duplicate",
         results["alice"].notification_id,
     )
+    # a dedup key holds one notification whoever the recipient: bob's shard has no copy, SQL decides
+    other = send(ctx, recipient_id="bob", channels=["all"], dedup_key="order:alice")
+    assert (other.status, other.reason, other.notification_id) == (
+        "suppressed",
+        "duplicate",
+        results["alice"].notification_id,
+    )
 
     drain(ctx, reconcile=True)
     ds = deliveries(ctx)
