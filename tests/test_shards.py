@@ -30,10 +30,11 @@ from notifyctl.directory import import_users
 from notifyctl.errors import ConfigError
 from notifyctl.liveness import Liveness
 from notifyctl.models import Notification
-from notifyctl.redisconn import ensure_server, stop_server
+from notifyctl.redisconn import RedisUnreachable, ensure_server, stop_server
 from notifyctl.settings import Settings
 from notifyctl.shards import check, parse_list, reset, shard_of, split
 from tests.conftest import ROOT, cli_env, make_settings, start_pool, stop_pool
+from tests.net import ClosedPort
 from tests.util import deliveries, drain, seed, send
 from worker.pool import worker_plan
 from worker.providers.outbox import read_outbox
@@ -355,3 +356,43 @@ def test_redis_shards_lists_them_and_a_host_with_another_list_does_not_start(
     r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "redis", "shards", "--reset"], env=swapped,
                        cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0 and "shard list forgotten" in r.stdout, r.stderr
+
+
+def test_a_worker_serves_only_the_shards_it_is_given(sctx: Context, shard_urls: list[str]) -> None:
+    """`worker --burst --shards 1` runs shard 1's jobs (alice's) and its reconciler queues nothing of
+    shard 0's: bob's notification waits for a worker of shard 0."""
+    ctx = sctx
+    seed(ctx)
+    alice = send(ctx, recipient_id="alice", channels=["email"]).notification_id
+    bob = send(ctx, recipient_id="bob", channels=["email"]).notification_id
+    env = cli_env(ctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(shard_urls))
+    r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "worker", "--burst", "--shards", "1"], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    with Session(ctx.engine) as s:
+        status = {n.id: n.status for n in s.execute(select(Notification)).scalars()}
+    assert status[alice] == "done" and status[bob] == "queued"
+    assert ctx.shard_redis(0).llen(keys.rq_queue("notify-normal")) == 1
+    drain(ctx)
+    with Session(ctx.engine) as s:
+        done = s.get(Notification, bob)
+        assert done is not None and done.status == "done"
+
+
+def test_a_shard_down_stops_only_its_users(
+    home: Path, redis_url: str, rclient: redis.Redis, closed_port: ClosedPort
+) -> None:
+    """Shard 1 unreachable: a send to bob (shard 0) is queued as ever; one to alice (shard 1) fails
+    with one line before anything is recorded."""
+    down = closed_port.url("redis") + "/0"
+    ctx = Context(make_settings(home, redis_url, redis_shards=[redis_url, down], redis_socket_timeout=1))
+    try:
+        seed(ctx)
+        assert send(ctx, recipient_id="bob", channels=["email"]).status == "queued"
+        with pytest.raises(RedisUnreachable, match="cannot reach Redis at redis://127.0.0.1"):
+            send(ctx, recipient_id="alice", channels=["email"])
+        with Session(ctx.engine) as s:
+            assert [n.recipient_id for n in s.execute(select(Notification)).scalars()] == ["bob"]
+    finally:
+        ctx.close()
+        dispose_all()
