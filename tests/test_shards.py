@@ -396,3 +396,20 @@ def test_a_shard_down_stops_only_its_users(
     finally:
         ctx.close()
         dispose_all()
+
+
+def test_a_shard_down_does_not_stop_the_other_shards_rounds(sctx: Context, shard_urls: list[str], home: Path,
+                                                            closed_port: ClosedPort) -> None:  # fmt: skip
+    ctx = sctx
+    seed(ctx)
+    alice = send(ctx, recipient_id="alice", channels=["email"]).notification_id  # shard 1
+    ctx.shard_redis(1).flushall()  # its job lost
+    down = closed_port.url("redis") + "/0"
+    broken = Context(make_settings(home, down, redis_shards=[down, shard_urls[1]], redis_socket_timeout=1))
+    try:
+        with pytest.raises(RedisUnreachable):  # shard 0's round: reported, after shard 1's
+            reconcile(broken, now=time.time() + 60, force=True)
+    finally:
+        broken.close()
+    job = _job_of(ctx, alice)
+    assert job != f"job_{alice}" and ctx.shard_redis(1).exists(keys.rq_job(job))

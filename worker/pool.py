@@ -325,7 +325,8 @@ class Pool:
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
         ctx = Context(self.settings)
-        outage = Outage(log, redis_url(self.settings))
+        # (with shards, which one is out is in each warning's reason)
+        outage = Outage(log, "" if self.settings.redis_shards else redis_url(self.settings))
         dlq_config = self.settings.dlq
         probes: dict[str, Any] = {}
         next_dlq_check = time.monotonic() + 5

@@ -47,6 +47,7 @@ from notifyctl.context import Context
 from notifyctl.db import unindexed_in, update_where_in, write_lock
 from notifyctl.intake import enqueue
 from notifyctl.models import Campaign, Delivery, DeliveryStatus, Notification, NotificationStatus, new_id
+from notifyctl.redisconn import unreachable
 from notifyctl.redislock import LockLost, OwnedLock
 from notifyctl.shards import shard_of
 
@@ -102,8 +103,16 @@ def reconcile(
     if ctx.shard_count == 1:
         return _reconcile_shard(ctx, 0, now, limit, force, check_lost, paced)
     total = ReconcileResult(skipped_locked=True)
+    down: list[BaseException] = []
     for shard in range(ctx.shard_count) if shards is None else shards:
-        total.add(_reconcile_shard(ctx, shard, now, limit, force, check_lost, paced))
+        try:
+            total.add(_reconcile_shard(ctx, shard, now, limit, force, check_lost, paced))
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            down.append(exc)  # that shard's Redis is out: the others' rounds still run
+    if down:
+        raise down[0]  # (the pool reports the outage)
     return total
 
 
