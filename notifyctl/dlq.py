@@ -231,6 +231,18 @@ def _pages(ctx: Context, f: DlqFilter, limit: int | None, now: datetime) -> Iter
         yield [(r[0], r[1], r[2]) for r in rows]
 
 
+def _send_records(ctx: Context, ks: list[str]) -> list[Any]:
+    """The send records of ``ks`` (``keys.sent``): each is on its user's Redis shard and on no other
+    (``notifyctl.shards``), so with several shards each shard is asked and what one has is taken."""
+    if ctx.shard_count == 1:
+        return list(ctx.redis.mget(ks))
+    found: list[Any] = [None] * len(ks)
+    for i in range(ctx.shard_count):
+        for j, rec in enumerate(ctx.shard_redis(i).mget(ks)):
+            found[j] = found[j] or rec
+    return found
+
+
 @dataclass
 class ReplayResult:
     matched: int = 0
@@ -278,10 +290,9 @@ def replay(
     _require_ids_found(ctx, f)
     res = ReplayResult(dry_run=dry_run)
     now = utcnow()
-    r = ctx.redis
     for page in _pages(ctx, f, limit, now):
         res.matched += len(page)
-        records = r.mget([keys.sent(p[0]) for p in page])
+        records = _send_records(ctx, [keys.sent(p[0]) for p in page])
         sent: dict[str, str] = {}
         todo: list[tuple[str, str, str | None]] = []
         for p, rec in zip(page, records, strict=True):
