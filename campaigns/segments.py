@@ -249,6 +249,7 @@ class SqlSegment:
                     elif dialect == "sqlite":
                         conn.exec_driver_sql("PRAGMA query_only = ON")
                         raw = conn.connection.driver_connection
+                        assert isinstance(raw, sqlite3.Connection)  # the sqlite dialect's DBAPI connection
                         raw.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.max_value)
                         raw.set_progress_handler(clock.expired, 1000)
                     clock.start()

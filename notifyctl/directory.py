@@ -149,6 +149,12 @@ def import_users(
     bad_lines: dict[int, str] = {}
     previous = 1
     with Session(ctx.engine) as session:
+
+        def write() -> None:
+            upsert(session, User, list(rows.values()), ["id"], USER_UPDATE_COLS)
+            report.imported += len(rows)
+            rows.clear()
+
         try:
             for line, raw, extra in iter_csv(decoded_lines(stream, bad_lines)):
                 first, previous = previous + 1, line
@@ -170,27 +176,12 @@ def import_users(
                     continue
                 rows[row["id"]] = row
                 if len(rows) >= batch:
-                    upsert(
-                        session,
-                        User,
-                        list(rows.values()),
-                        ["id"],
-                        USER_UPDATE_COLS,
-                    )
-                    report.imported += len(rows)
-                    rows.clear()
+                    write()
                     if progress is not None:
                         progress(report.imported + len(report.errors))
         except csv.Error as exc:
             report.errors.append((-1, f"malformed CSV: {exc}; rest of the file skipped"))
-        upsert(
-            session,
-            User,
-            list(rows.values()),
-            ["id"],
-            USER_UPDATE_COLS,
-        )
-        report.imported += len(rows)
+        write()
         session.commit()
     if progress is not None:
         progress(report.imported + len(report.errors))

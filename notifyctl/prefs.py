@@ -9,7 +9,7 @@ its commit and the invalidation.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import redis
 from sqlalchemy import select
@@ -48,7 +48,8 @@ def load(client: redis.Redis, session: Session, user_ids: Iterable[str]) -> dict
         if raw is None:
             misses.append(uid)
         else:
-            out[uid] = {tuple(item.split(":", 1)) for item in raw.decode().split(",") if item}
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            out[uid] = {cast(tuple[str, str], tuple(item.split(":", 1))) for item in text.split(",") if item}
     if misses:
         found = _from_sql(session, misses)
         pipe = client.pipeline(transaction=False)

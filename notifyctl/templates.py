@@ -206,6 +206,8 @@ class Template:
             for src in parts.values():
                 tree = _parse(src)
                 for node in tree.find_all((nodes.Getattr, nodes.Getitem)) if tree is not None else ():
+                    if not isinstance(node, (nodes.Getattr, nodes.Getitem)):
+                        continue  # never: what find_all was asked for (it is typed as any Node)
                     if isinstance(node.node, nodes.Name) and node.node.name == "user":
                         name = _field_name(node)
                         if name is not None:

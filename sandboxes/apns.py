@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, SeparateControl
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, SeparateControl, serve_until_interrupted
 
 _TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}$")
 _PUSH_TYPES = {"alert", "background", "location", "voip", "complication", "fileprovider", "mdm", "liveactivity"}
@@ -626,13 +626,12 @@ def main(port: int = 2197, control_port: int = 0, argv: list[str] | None = None)
     args = ap.parse_args(argv)
     keys = {args.key_id: args.key_file.read_bytes()} if args.key_file and args.key_id else {}
     sb = ApnsSandbox(keys, topic=args.topic, team_id=args.team_id, port=args.port, control_port=args.control_port)
-    with sb:
-        print(f"APNs sandbox on {sb.url} (CA: {sb.ca_file}); control API on {sb.control_url}", flush=True)
-        print(f"  control API token (Authorization: Bearer ...): {sb.control_token}", flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+    sb.start()
+    serve_until_interrupted(
+        sb,
+        f"APNs sandbox on {sb.url} (CA: {sb.ca_file}); control API on {sb.control_url}",
+        f"  control API token (Authorization: Bearer ...): {sb.control_token}",
+    )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from xml.sax.saxutils import escape
 
 import urllib3
 
-from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, serve_until_interrupted
 
 SES_SEND_PATH = "/v2/email/outbound-emails"
 SES_BULK_PATH = "/v2/email/outbound-bulk-emails"
@@ -322,7 +322,8 @@ class AwsSandbox(HttpSandbox):
         if self._moto is not None:
             self._moto.shutdown()
             self._moto.server_close()
-            self._moto_thread.join(timeout=5)
+            if self._moto_thread is not None:
+                self._moto_thread.join(timeout=5)
             self._moto = None
 
     def __enter__(self) -> AwsSandbox:
@@ -563,11 +564,8 @@ def main(port: int = 4566, identities: tuple[str, ...] = ("notifications@example
     sandbox = AwsSandbox(port).start()
     for identity in identities:
         sandbox.verify_identity(identity)
-    print(f"AWS sandbox (SES v2 + SNS) on {sandbox.url}  access key: testing / testing  region: us-east-1")
-    print(f"  control API token (Authorization: Bearer ...): {sandbox.control_token}")
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sandbox.stop()
+    serve_until_interrupted(
+        sandbox,
+        f"AWS sandbox (SES v2 + SNS) on {sandbox.url}  access key: testing / testing  region: us-east-1",
+        f"  control API token (Authorization: Bearer ...): {sandbox.control_token}",
+    )

@@ -372,3 +372,16 @@ class ApiSandbox(HttpSandbox):
     def api(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         """``(status, headers, body)`` for one API request."""
         raise NotImplementedError
+
+
+def serve_until_interrupted(sb: Any, *lines: str) -> None:
+    """For a sandbox run in the foreground: ``sb`` (started) says where it is (``lines``), serves
+    until Ctrl-C, then stops."""
+    try:
+        for line in lines:
+            print(line, flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sb.stop()

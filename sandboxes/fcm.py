@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from notifyctl.home import write_private
-from sandboxes.base import HttpSandbox, SandboxHandler
+from sandboxes.base import HttpSandbox, SandboxHandler, serve_until_interrupted
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 JWT_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -477,16 +477,13 @@ def main(port: int = 8792, service_account_file: str | None = None, project_id: 
     sandbox = FcmSandbox(port, project_id=project_id)
     path = sandbox.write_service_account(service_account_file or f"fcm-sandbox-{project_id}.json")
     sandbox.start()
-    print(f"FCM sandbox on {sandbox.url} (project {project_id})")
-    print(f"  NOTIFY_FCM_SERVICE_ACCOUNT_FILE={path.resolve()}")
-    print(f"  NOTIFY_FCM_BASE_URL={sandbox.url}")
-    print(f"  control API token (Authorization: Bearer ...): {sandbox.control_token}")
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sandbox.stop()
+    serve_until_interrupted(
+        sandbox,
+        f"FCM sandbox on {sandbox.url} (project {project_id})",
+        f"  NOTIFY_FCM_SERVICE_ACCOUNT_FILE={path.resolve()}",
+        f"  NOTIFY_FCM_BASE_URL={sandbox.url}",
+        f"  control API token (Authorization: Bearer ...): {sandbox.control_token}",
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-from sandboxes.base import ApiSandbox
+from sandboxes.base import ApiSandbox, serve_until_interrupted
 
 DEFAULT_API_KEY = "SG.sandbox.notifyctl-local-key"
 MAX_BODY_BYTES = 30 * 1024 * 1024
@@ -316,13 +315,9 @@ def validate_mail(mail: dict[str, Any]) -> list[dict[str, Any]]:
 def serve(port: int = 0, host: str = "127.0.0.1", api_key: str = DEFAULT_API_KEY) -> None:
     """Run the sandbox in the foreground until interrupted."""
     sb = SendgridSandbox(port=port, host=host, api_key=api_key).start()
-    print(f"sendgrid sandbox on {sb.url} (NOTIFY_SENDGRID_BASE_URL={sb.url}, NOTIFY_SENDGRID_API_KEY={api_key})")
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sb.stop()
+    serve_until_interrupted(
+        sb, f"sendgrid sandbox on {sb.url} (NOTIFY_SENDGRID_BASE_URL={sb.url}, NOTIFY_SENDGRID_API_KEY={api_key})"
+    )
 
 
 main = serve

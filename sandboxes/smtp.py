@@ -46,7 +46,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
 from aiosmtpd.smtp import Session as SmtpSession
 
-from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, SeparateControl
+from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, SeparateControl, serve_until_interrupted
 
 STAGES = ("connect", "mail", "rcpt", "data")
 
@@ -368,7 +368,7 @@ class SmtpSandbox(SeparateControl):
         for p in protos:
             # abort, not close: a TLS close would wait for the peer's close_notify
             for t in (p.transport, getattr(p, "_original_transport", None)):
-                if t is not None:
+                if isinstance(t, asyncio.Transport):
                     t.abort()
         deadline = time.monotonic() + 2
         while self.open_connections and time.monotonic() < deadline:
@@ -409,14 +409,12 @@ class SmtpSandbox(SeparateControl):
 
 def main(port: int = 2525, control_port: int = 8025, host: str = "127.0.0.1") -> None:
     """Run the SMTP sandbox in the foreground until interrupted."""
-    with SmtpSandbox(port=port, host=host, control_port=control_port) as sb:
-        print(f"SMTP sandbox on {sb.host}:{sb.port}, control API at {sb.control_url}/_sandbox/", flush=True)
-        print(f"  control API token (Authorization: Bearer ...): {sb.control_token}", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    sb = SmtpSandbox(port=port, host=host, control_port=control_port).start()
+    serve_until_interrupted(
+        sb,
+        f"SMTP sandbox on {sb.host}:{sb.port}, control API at {sb.control_url}/_sandbox/",
+        f"  control API token (Authorization: Bearer ...): {sb.control_token}",
+    )
 
 
 if __name__ == "__main__":

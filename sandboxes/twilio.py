@@ -29,13 +29,12 @@ import binascii
 import json
 import re
 import secrets
-import threading
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-from sandboxes.base import ApiSandbox
+from sandboxes.base import ApiSandbox, serve_until_interrupted
 
 DEFAULT_ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 DEFAULT_AUTH_TOKEN = "sandbox-auth-token-0123456789abcd"
@@ -286,16 +285,11 @@ def serve(
 ) -> None:
     """Run the sandbox in the foreground until interrupted."""
     sb = TwilioSandbox(port=port, host=host, account_sid=account_sid, auth_token=auth_token).start()
-    print(
+    serve_until_interrupted(
+        sb,
         f"twilio sandbox on {sb.url} (NOTIFY_TWILIO_BASE_URL={sb.url}, "
-        f"NOTIFY_TWILIO_ACCOUNT_SID={account_sid}, NOTIFY_TWILIO_AUTH_TOKEN={auth_token})"
+        f"NOTIFY_TWILIO_ACCOUNT_SID={account_sid}, NOTIFY_TWILIO_AUTH_TOKEN={auth_token})",
     )
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sb.stop()
 
 
 main = serve

@@ -27,7 +27,7 @@ from notifyctl.errors import InputError
 from notifyctl.models import Campaign, Delivery, Notification, User
 from notifyctl.settings import Settings
 from tests.conftest import cli_env
-from tests.util import fcm_token
+from tests.util import drain, fcm_token
 from worker.pool import run_worker
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
@@ -47,14 +47,6 @@ def notifications(ctx: Context, cid: str) -> list[Notification]:
 
 def utc(dt: datetime) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
-
-
-def drain(ctx: Context, far: float) -> None:
-    for _ in range(10):
-        res = reconcile(ctx, now=far, force=True, limit=100_000)
-        run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
-        if not res.retries_queued and not res.recovered:
-            return
 
 
 # ------------------------------------------------------------------------------------------------ segments
@@ -387,7 +379,7 @@ def test_dry_run_counts_equal_what_a_real_run_sends(ctx: Context) -> None:
 
     real = launch(ctx, spec)
     assert real["written"] == 120 and real["duplicates"] == 1 and real["bad_rows"] == dry["bad_rows"]
-    drain(ctx, far=datetime.now(UTC).timestamp() + 3 * 86400)
+    drain(ctx, due_by=datetime.now(UTC).timestamp() + 3 * 86400)
     with Session(ctx.engine) as s:
         got = s.execute(
             select(Delivery.channel, Delivery.status, Delivery.reason, func.count())
@@ -546,7 +538,7 @@ def test_readme_campaign_commands_work_as_written(ctx: Context, settings: Settin
     listed = json.loads(invoke(settings, "list", "--json").stdout)
     assert [(c["name"], c["state"]) for c in listed] == [(f"{name}-2", "sending"), (name, "sending")]
     # the workers render it: the user's own first_name, else "there"
-    drain(ctx, far=datetime.now(UTC).timestamp() + 3 * 86400)
+    drain(ctx, due_by=datetime.now(UTC).timestamp() + 3 * 86400)
     box = {r["to"]: r["content"] for r in read_outbox(settings.outbox_dir)}
     assert box["ann@example.com"]["text"].startswith("This week: 20% off.\nHi Ann, use the code WEEK20")
     assert "Hi there, use the code WEEK20" in box["bo@example.com"]["text"]

@@ -100,8 +100,9 @@ def test_status_watch_shows_queues_oldest_age_workers_sent_last_minute_and_circu
     waiting = send(ctx, channels=["email"], dedup_key="watch-waiting")
     after_send = time.time()
     assert waiting.status == "queued"
-    # one provider's circuit open, as failing batches leave it
-    circuits = Circuits(ctx.redis, ctx.settings.circuit_threshold, ctx.settings.circuit_cooldown)
+    # one provider's circuit open, as failing batches leave it; for an hour, so that it is still open
+    # however long the machine takes to get to the snapshots (the default 30 s ran out under load)
+    circuits = Circuits(ctx.redis, ctx.settings.circuit_threshold, 3600)
     for _ in range(ctx.settings.circuit_threshold):
         circuits.record("outbox", ok=False, was="closed")
     # a live worker that serves only `low`, so the normal job stays waiting

@@ -13,12 +13,13 @@ import redis
 from rq import Queue
 from rq.worker.base import BaseWorker
 from sqlalchemy import event, select
+from sqlalchemy.dialects.postgresql.psycopg2 import EXECUTEMANY_VALUES_PLUS_BATCH
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from notifyctl import keys
 from notifyctl.context import Context
-from notifyctl.db import dispose_all
+from notifyctl.db import dispose_all, rows_where_in
 from notifyctl.dlq import show_entry
 from notifyctl.models import DeliveryEvent
 from notifyctl.secretdata import erased_fields
@@ -27,6 +28,8 @@ from sandboxes.smtp import SmtpSandbox
 from tests.conftest import make_settings
 from tests.util import deliveries, drain, notification, seed, send
 from worker import jobs
+from worker.pipeline.batch import _DT
+from worker.pipeline.record import _bulk_update
 from worker.pool import _worker_class
 from worker.reconciler import reconcile
 
@@ -195,3 +198,44 @@ def test_rq_heartbeat_refreshes_the_worker_key_once_in_a_while(ctx: Context, mon
         jobs.close()
     assert len(deliveries(ctx)) == 8 and all(d.status == "sent" for d in deliveries(ctx))
     assert alone.count(None) <= 2, alone  # 8 jobs: 24 refreshes before
+
+
+def test_loads_by_id_prepared_once_per_connection(any_db_ctx: Context) -> None:
+    """``rows_where_in(prepared=True)``: the same rows as an IN list; on PostgreSQL one PREPARE per
+    server session (again after a reconnect), then only EXECUTEs."""
+    ctx = any_db_ctx
+    seed(ctx)
+    seen, on_exec = _sql_statements(ctx)
+    try:
+        for _ in range(2):
+            with ctx.engine.connect() as conn:
+                for _ in range(2):
+                    got = rows_where_in(conn, "SELECT id, email FROM users", "id", ["bob", "alice", "zoe"], "", True)
+                    assert sorted(got) == [("alice", "alice@example.com"), ("bob", "bob@example.com")]
+                assert rows_where_in(conn, "SELECT id FROM users", "id", [], "", True) == []
+                if ctx.engine.dialect.name == "postgresql":
+                    conn.invalidate()  # a new server session: its statements must be prepared again
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_exec)
+    if ctx.engine.dialect.name == "postgresql":
+        assert [s.split()[0] for s in seen] == ["PREPARE", "EXECUTE", "EXECUTE"] * 2, seen
+    else:
+        assert seen == ["SELECT id,"] * 4, seen
+
+
+def test_retried_deliveries_updated_in_batches_on_postgresql(any_db_ctx: Context) -> None:
+    """A batch's updates to deliveries already in SQL (an executemany UPDATE): on PostgreSQL through
+    psycopg2's execute_batch (one round trip per 100, not one per row); the rows end as written."""
+    ctx = any_db_ctx
+    seed(ctx)
+    if ctx.engine.dialect.name == "postgresql":
+        assert ctx.engine.dialect.executemany_mode is EXECUTEMANY_VALUES_PLUS_BATCH  # type: ignore[attr-defined]
+    res = [send(ctx, recipient_id=u, channels=["email"]) for u in ("alice", "bob", "carol")]
+    drain(ctx)
+    ds = [d for r in res for d in deliveries(ctx, r.notification_id)]
+    with Session(ctx.engine) as s:
+        rows = [{"id": d.id, "status": "retrying", "attempts": 5, "reason": f"r{i}"} for i, d in enumerate(ds)]
+        _bulk_update(s, _DT, rows, only_from=["sent"])
+        s.commit()
+    got = {d.id: (d.status, d.attempts, d.reason) for r in res for d in deliveries(ctx, r.notification_id)}
+    assert got == {d.id: ("retrying", 5, f"r{i}") for i, d in enumerate(ds)}

@@ -21,6 +21,7 @@ from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.settings import Settings
 from notifyctl.tracking import implied_events
 from worker.pool import run_worker
+from worker.reconciler import reconcile as reconcile_round
 
 USERS = """user_id,email,phone,timezone,locale,sms_opt_in,first_name
 alice,alice@example.com,+14155550101,America/Los_Angeles,en,true,Alice
@@ -139,11 +140,23 @@ class ApiServer:
         self.thread.join(10)
 
 
-def drain(target: Context | Settings, *, reconcile: bool = False) -> None:
+def drain(target: Context | Settings, *, reconcile: bool = False, due_by: float | None = None) -> None:
     """Waits on the queues: one burst worker in this process takes every job on high, normal and low
-    until all three are empty (with ``reconcile``, its reconciler runs too and may queue more)."""
+    until all three are empty (with ``reconcile``, its reconciler runs too and may queue more).
+
+    With ``due_by`` (a time, ``target`` a Context): everything due by then goes too — rounds of a
+    forced reconcile at that time (retries, scheduled sends) and a burst worker, until a round
+    queues nothing (ten at most)."""
     settings = target.settings if isinstance(target, Context) else target
-    run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=reconcile)
+    if due_by is None:
+        run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=reconcile)
+        return
+    assert isinstance(target, Context)
+    for _ in range(10):
+        res = reconcile_round(target, now=due_by, force=True, limit=100_000)
+        run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=False)
+        if not res.retries_queued and not res.recovered:
+            return
 
 
 def idle_workers(ctx: Context) -> int:

@@ -7,8 +7,7 @@ Redis's clock (``TIME``: no host's clock matters), ``in flight`` a bitmap (hex) 
 deliveries whose provider call has begun, ``flags`` ``x`` once an earlier holder recorded a send
 of one of them (see settle). Each delivery's ``notif:sent:<delivery id>`` names the lease that
 holds it, ``lease:<lease id>:<index in the batch>``, and once the provider accepted it holds
-``sent:<provider message id>``. So a delivery costs two Redis writes (its take and its send
-record); checking, renewing and marking in flight cost one key per batch.
+``sent:<provider message id>``. Checking, renewing and marking in flight cost one key per batch.
 
 - **take** (one script call per batch): a delivery nobody holds is leased (one SET NX); one whose
   lease has *expired* (or is gone: settled) is taken over — never earlier, whether or not its
@@ -28,8 +27,10 @@ record); checking, renewing and marking in flight cost one key per batch.
   quarter of the lease) — through the provider wait too. A worker that dies, or is cut off from
   Redis, stops renewing: its lease expires and only then can another worker take its deliveries.
 - **settle** (one script call per batch): ``sent:`` records are written whatever the lease (the
-  provider accepted: that is the truth), and the lease key is deleted: the batch's other
-  deliveries (outcome recorded in SQL: retry, failure, fenced) are free to take, not in doubt.
+  provider accepted: that is the truth), the records of the batch's other deliveries (outcome
+  recorded in SQL: retry, failure, fenced) are removed where they still name this lease, and the
+  lease key is deleted: those deliveries are free to take, not in doubt. So a delivery costs at
+  most two writes: its take, and its send record or its release.
 
 Every key a script touches is a delivery's send record or a lease named by one, all written by
 batches of those deliveries: they live on one Redis server (with Redis shards by user, the user's).
@@ -178,29 +179,40 @@ return res
 """
 )
 
-# KEYS: the lease, then the send records of the deliveries sent. ARGV: worker, sent ttl, lease key
-# prefix, lease id, provider ids...
+# KEYS: the lease, the send records of the deliveries sent, then of those released. ARGV: worker,
+# sent ttl, lease key prefix, lease id, number sent, provider ids...
 _SETTLE = (
     _NOW
     + """
 local v = redis.call('GET', KEYS[1])
-local ours = false
+local ours, clean = false, false
 if v then
-  local o, e = string.match(v, '"""
+  local o, e, f = string.match(v, '"""
     + _LEASE
     + """')
   ours = o == ARGV[1] and tonumber(e) > now
+  clean = ours and f == ''
 end
-local ttl, prefix, id = ARGV[2], ARGV[3], ARGV[4]
+local ttl, prefix, id, nsent = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local mine = 'lease:' .. id .. ':'
 local others = {}
-for i = 2, #KEYS do
+for i = 2, nsent + 1 do
   if not ours then
     -- this lease expired: a delivery may be another worker's now, whose fence must then see it sent
     local dv = redis.call('GET', KEYS[i])
     local lid = dv and string.match(dv, '^lease:(%x+):%d+$')
     if lid and lid ~= id then others[lid] = true end
   end
-  redis.call('SET', KEYS[i], 'sent:' .. ARGV[3 + i], 'EX', ttl)
+  redis.call('SET', KEYS[i], 'sent:' .. ARGV[4 + i], 'EX', ttl)
+end
+for i = nsent + 2, #KEYS do
+  -- released: its record goes (no memory kept for it), but never another's lease or a send record
+  if clean then
+    redis.call('DEL', KEYS[i])
+  else
+    local dv = redis.call('GET', KEYS[i])
+    if dv and string.sub(dv, 1, #mine) == mine then redis.call('DEL', KEYS[i]) end
+  end
 end
 for lid in pairs(others) do
   local lv = redis.call('GET', prefix .. lid)
@@ -356,8 +368,9 @@ class Claims:
         return held
 
     def settle(self, sent: dict[str, str], released: Sequence[str]) -> None:
-        """Record accepted sends (delivery id → provider id) and end the batch's lease, in one call:
-        the others (``released``: their outcome is in SQL) are free to take, not in doubt."""
+        """Record accepted sends (delivery id → provider id), remove the records of the others that
+        are still this lease's (``released``: their outcome is in SQL; free to take, not in doubt),
+        and end the batch's lease, in one call."""
         with self._lock:
             token = self.token
         self.drop()
@@ -365,7 +378,9 @@ class Claims:
             return
         ks = [keys.lease(token)]
         ks += [keys.sent(d) for d in sent]
-        self._settle(keys=ks, args=[self.worker, self.sent_ttl, keys.LEASE_PREFIX, token, *sent.values()])
+        ks += [keys.sent(d) for d in released]
+        args: list[str | int] = [self.worker, self.sent_ttl, keys.LEASE_PREFIX, token, len(sent), *sent.values()]
+        self._settle(keys=ks, args=args)
 
     def drop(self) -> None:
         """Stop renewing the batch's lease (it expires on its own)."""

@@ -121,7 +121,7 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
                 return
             self.pubsub = self.connection.pubsub()
             self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
-            self.pubsub_thread = self.pubsub.run_in_thread(
+            self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]  # RQ types it as None
                 sleep_time=0.2, daemon=True, exception_handler=self._pubsub_exception_handler
             )
 

@@ -98,7 +98,7 @@ def _make_http_client(base_url: str, timeout: float, pool_size: int) -> Any:
     from twilio.http import HttpClient
     from twilio.http.response import Response
 
-    class RoutedHttpClient(HttpClient):
+    class RoutedHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no types: HttpClient is Any
         """A ``twilio.http.HttpClient``: pooled ``requests`` session, Twilio's API origin rewritten to
         ``base_url``, and the last response's headers kept per thread (for ``Retry-After``)."""
 
@@ -120,7 +120,7 @@ def _make_http_client(base_url: str, timeout: float, pool_size: int) -> Any:
             self,
             method: str,
             uri: str,
-            params: dict[str, object] | None = None,
+            params: dict[str, Any] | None = None,
             data: dict[str, object] | None = None,
             headers: dict[str, str] | None = None,
             auth: tuple[str, str] | None = None,
