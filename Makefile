@@ -14,12 +14,12 @@ LATEST := .venv-latest
 
 .PHONY: install demo test test-latest lock lint chaos bench clean
 
+# The venv also finds the checkout's own top-level packages, which are not in the wheel (sandboxes/
+# for `notifyctl sandbox`, bench/, chaos/), whatever the working directory: a .pth file naming it.
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
-	# the checkout's own top-level packages (sandboxes/ for `notifyctl sandbox`, bench/, chaos/) are not
-	# in the wheel; the venv finds them here, whatever the working directory
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], \
 	    "notifyctl-checkout.pth").write_text("$(CURDIR)\n")'
 	touch $(STAMP)

@@ -178,7 +178,8 @@ def load(env: Env, deliveries: int, log: Callable[[str], None]) -> dict[str, Any
     if dialect == "postgresql":
         analytics.compact(engine)
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.exec_driver_sql("VACUUM ANALYZE analytics_hourly")
+            for table in ("analytics_hourly", "analytics_total", "analytics_daily"):
+                conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
     with engine.connect() as conn:
         rows = int(conn.exec_driver_sql("SELECT count(*) FROM deliveries").scalar() or 0)
         rollup_rows = int(conn.exec_driver_sql("SELECT count(*) FROM analytics_hourly").scalar() or 0)

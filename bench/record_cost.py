@@ -29,9 +29,9 @@ from typing import Any
 from sqlalchemy import event, update
 
 from bench.common import Env, bulk_notifications, bulk_users
-from bench.harness import bulk_ios_tokens, commandstats, delta, p256_key_pem, phone_users
+from bench.harness import PROMO, TWILIO_FROM, bulk_ios_tokens, commandstats, delta, p256_key_pem, phone_users
+from bench.push_blast import KEY_ID, TEAM_ID, TOPIC, device_platforms, sink_service_account
 from bench.sandboxes import SandboxProcess
-from bench.scenarios import KEY_ID, PROMO, TEAM_ID, TOPIC, TWILIO_FROM, _platforms, _sink_service_account
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
@@ -216,7 +216,7 @@ def run(db: str, only: list[str], n: int, batch: int, otps: int, profile: bool, 
     if sink is not None:
         opts["apns"] = {"key": p256_key_pem().decode(), "key_id": KEY_ID, "team_id": TEAM_ID, "topic": TOPIC,
                         "base_url": sink.url, "ca_file": sink.ca_file}  # fmt: skip
-        opts["fcm"] = {"service_account_json": json.dumps(_sink_service_account(sink.url)), "base_url": sink.url,
+        opts["fcm"] = {"service_account_json": json.dumps(sink_service_account(sink.url)), "base_url": sink.url,
                        "ca_file": sink.ca_file, "token_url": sink.url + "/token"}  # fmt: skip
     env = Env(bench_pg=PG_URL if db == "pg" else "", providers_email=["sendgrid"], providers_sms=["twilio"],
               providers_push_ios=["apns"], providers_push_android=["fcm"], batch_size=batch,
@@ -229,7 +229,7 @@ def run(db: str, only: list[str], n: int, batch: int, otps: int, profile: bool, 
         meter = _Meter(env, others)
         ids = bulk_users(env.ctx, n)
         if "push" in only and sink is not None:
-            bulk_ios_tokens(env, ids, platforms=_platforms(n, 0.5))
+            bulk_ios_tokens(env, ids, platforms=device_platforms(n, 0.5))
         for what in only:
             if what == "otp":
                 r = _otp_jobs(env, meter, otps, profile)

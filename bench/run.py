@@ -23,6 +23,7 @@ from typing import Any
 
 from bench import console as console_bench
 from bench import funnel10m as funnel10m_bench
+from bench import shards as shards_bench
 from bench.apprise_compare import apprise_vs_notifyctl
 from bench.common import machine
 from bench.cost import cost
@@ -44,6 +45,7 @@ ALL = (
     "console",
     "funnel1m",
     "funnel10m",
+    "shards",
 )
 
 
@@ -62,6 +64,7 @@ def sizes(scale: float) -> dict[str, int]:
         "console": max(20_000, int(1_000_000 * scale)),
         "funnel1m": max(20_000, int(1_000_000 * scale)),
         "funnel10m": max(20_000, int(10_000_000 * scale)),
+        "shards": max(300, int(100_000 * scale)),
     }
 
 
@@ -148,6 +151,8 @@ def run_all(scale: float, pool: int, only: list[str], runs: int = 3, pg_url: str
         "console": lambda: console_bench.console_pages(sz["console"], log=log),
         "funnel1m": lambda: funnel10m_bench.funnel10m(sz["funnel1m"], log=log),
         "funnel10m": lambda: funnel10m_bench.funnel10m(sz["funnel10m"], log=log),
+        # 4 workers: with 4 shards, one on each
+        "shards": lambda: shards_bench.email_shards(sz["shards"], pool=max(pool, 4), log=log, repeats=runs),
     }
     for name in only:
         log(f"[{name}] ...")
@@ -176,6 +181,7 @@ def _headline(name: str, r: dict[str, Any]) -> str:
         "console": [],
         "funnel1m": [],
         "funnel10m": [],
+        "shards": ["paper"],
     }[name]
     parts = [f"{k}={r.get(k)}" for k in keys]
     if name in EMAIL_VARIANTS:
@@ -285,6 +291,7 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      "—"))  # fmt: skip
     rows += _funnel10m_rows(res.get("funnel1m") or {}, 100)
     rows += _funnel10m_rows(res.get("funnel10m") or {}, 500)
+    rows += shards_bench.rows(res.get("shards") or {})
     a = res.get("apprise") or {}
     if a:
         rows.append(("6", f"{_fmt(a.get('emails'))} emails to an SMTP sink: notifyctl / Apprise", "—",
@@ -481,6 +488,7 @@ def _details(res: dict[str, Any]) -> list[str]:
                 f"- reconciler rounds after the launch (notifications queued per 1 s round): {lm.get('reconciler_rounds')}",  # noqa: E501
                 "",
             ]
+    out += shards_bench.details(res.get("shards") or {})
     c = res.get("cost")
     if c:
         out += ["### 5. Cost per notification (`worker.pipeline.process` in the bench process)", ""]

@@ -81,7 +81,7 @@ class NginxSink:
     ``ca_file``). ``url`` is its base URL; ``pids`` its master and worker, for CPU accounting."""
 
     def __init__(self) -> None:
-        from sandboxes.apns import make_certificates
+        from sandboxes.tls import make_certificates
 
         binary = _binary("nginx")
         if binary is None:

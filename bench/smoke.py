@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import run
+from bench import run, shards
 from bench.apprise_compare import apprise_vs_notifyctl
 from bench.cost import cost
 from bench.email_blast import email_blast
@@ -26,6 +26,7 @@ def smoke(n: int = 300, pool: int = 2, apprise_n: int = 10) -> dict[str, Any]:
         "launcher": launcher_memory(n * 2, rounds=2, flat=False),
         "cost": cost(n),
         "apprise": apprise_vs_notifyctl(apprise_n, pool),  # one SMTP session per email: kept few
+        "shards": shards.email_shards(n, counts=(1, 2), pool=2),
         "scale": 0, "pool": pool, "machine": "smoke", "date": "smoke", "total_s": 0,
     }  # fmt: skip
     res["summary_rows"] = run.summary_rows(res)

@@ -57,6 +57,7 @@ from notifyctl.models import (
 from notifyctl.pgstats import analyze_grown
 from notifyctl.policy import refusal
 from notifyctl.settings import CHANNELS
+from notifyctl.shards import split
 from notifyctl.templates import Template
 from worker.ratelimit import RateLimiter
 
@@ -200,8 +201,11 @@ def _resolve(ctx: Context, spec: LaunchSpec, now: datetime, cfg: CampaignConfig)
     return _Resolved(norm, template, channels, template.category, priority, float(rate), schedule, segment, cfg)
 
 
-def _stream(res: _Resolved, bad: BadRows) -> Iterator[list[SegmentRow]]:
-    return chunked(res.segment.rows(bad), res.cfg.chunk_size)
+def _stream(res: _Resolved, bad: BadRows, shards: int = 1) -> Iterator[list[SegmentRow]]:
+    """The segment in chunks of ``chunk_size`` rows; the write pass over N Redis shards reads N times
+    that, so that each shard's share of a chunk still fills a job (``_produce_due``): jobs of a
+    quarter of a batch cost every shard their per-job Redis commands four times as often."""
+    return chunked(res.segment.rows(bad), res.cfg.chunk_size * shards)
 
 
 def _user_tz(session: Session, ids: list[str]) -> dict[str, str]:
@@ -416,7 +420,7 @@ def _produce(
     if progress:
         progress("write", 0, planned)
     with Session(ctx.engine) as session:
-        for chunk in _stream(res, bad):
+        for chunk in _stream(res, bad, ctx.shard_count):
             current = session.scalars(select(col(Campaign.status)).where(col(Campaign.id) == cid)).one()
             if current != state:
                 state = current
@@ -476,7 +480,11 @@ def _produce(
                         "updated_at": now,
                     }
                 )
-            jobs = _produce_due(rows, now, batch, pace) if row_status == NotificationStatus.scheduled else []
+            jobs = (
+                _produce_due(rows, now, batch, pace, ctx.shard_count)
+                if row_status == NotificationStatus.scheduled
+                else []
+            )
             # under the SQLite writer lock, so that a launch never makes the workers' and an OTP's
             # writes wait on SQLite's busy-sleep
             # parameters converted before the lock; a row the campaign already has is skipped
@@ -584,7 +592,9 @@ class _Pace:
         return True
 
 
-def _produce_due(rows: list[dict[str, Any]], now: datetime, batch: int, pace: _Pace) -> list[tuple[str, list[str]]]:
+def _produce_due(
+    rows: list[dict[str, Any]], now: datetime, batch: int, pace: _Pace, shards: int = 1
+) -> list[tuple[str, list[str], int]]:
     """The rows already due when written (a campaign sent now; slots that passed while the segment
     was read) are produced at once, as intake produces a notification: written ``queued`` with the
     id of their job (``batch`` rows a job), enqueued after the commit (``_enqueue_due``). The
@@ -593,26 +603,33 @@ def _produce_due(rows: list[dict[str, Any]], now: datetime, batch: int, pace: _P
     worker that finishes it. A launcher killed between the commit and the enqueue leaves jobs
     missing, which the reconciler's search for lost work finds, as it does intake's. Rows due later
     stay ``scheduled`` for the reconciler, at the campaign's rate, and so do due rows past ``pace``.
-    Returns ``[(job id, ids)]``."""
+    With Redis shards (``notifyctl.shards``), a job holds one shard's recipients: the chunk's due
+    rows are split by shard first. Returns ``[(job id, ids, shard)]``."""
     due = [row for row in rows if row["due_at"] <= now]
     if not due or not pace.take(len(due)):
         return []
-    jobs: list[tuple[str, list[str]]] = []
-    for i in range(0, len(due), batch):
-        part = due[i : i + batch]
-        job_id = "job_" + new_id("l")
-        for row in part:
-            row["status"] = NotificationStatus.queued
-            row["job_id"] = job_id
-        jobs.append((job_id, [row["id"] for row in part]))
+    jobs: list[tuple[str, list[str], int]] = []
+    for shard, of_shard in split(due, _recipient, shards).items():
+        for i in range(0, len(of_shard), batch):
+            part = of_shard[i : i + batch]
+            job_id = "job_" + new_id("l")
+            for row in part:
+                row["status"] = NotificationStatus.queued
+                row["job_id"] = job_id
+            jobs.append((job_id, [row["id"] for row in part], shard))
     return jobs
 
 
-def _enqueue_due(ctx: Context, priority: str, jobs: list[tuple[str, list[str]]]) -> None:
-    """Enqueue what ``_produce_due`` marked (committed). Redis unavailable: the reconciler finds them."""
+def _recipient(row: dict[str, Any]) -> str:
+    return str(row["recipient_id"])
+
+
+def _enqueue_due(ctx: Context, priority: str, jobs: list[tuple[str, list[str], int]]) -> None:
+    """Enqueue what ``_produce_due`` marked (committed), each job on its shard. Redis unavailable:
+    the reconciler finds them."""
     try:
-        for job_id, ids in jobs:
-            enqueue(ctx, priority, ids, job_id)
+        for job_id, ids, shard in jobs:
+            enqueue(ctx, priority, ids, job_id, shard=shard)
     except redis.RedisError as exc:
         log.warning("campaign rows due now not enqueued (%s): the reconciler will queue them", exc)
 
@@ -715,7 +732,11 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
     seen = _SeenSet()  # exact in-segment dedup on disk
     duplicates = already = audience = 0
     sms_parts = sms_recipients = 0
-    limiter = RateLimiter(ctx.redis, settings.rules, settings.rate_limit_bypass_high)
+    # one limiter per Redis shard (notifyctl.shards): each user's windows are on that user's shard
+    limiters = [
+        RateLimiter(ctx.shard_redis(i), settings.rules, settings.rate_limit_bypass_high) for i in range(ctx.shard_count)
+    ]
+    limiter = limiters[0]
     rules = [r for r in settings.rules if any(r.applies(c, res.category) for c in res.channels)]
     bypass = res.priority == "high" and limiter.bypass_high
     checked = False
@@ -750,7 +771,9 @@ def _dry_run(ctx: Context, res: _Resolved, progress: Progress | None, campaign: 
                 )
             # the sliding windows as they stand (nothing recorded): one round trip per chunk
             now_ms = int(utcnow().timestamp() * 1000)
-            window = limiter.counts([u for u in ids if u in users], rules, now_ms)
+            window: dict[tuple[str, str], int] = {}
+            for shard, of_shard in split([u for u in ids if u in users], str, ctx.shard_count).items():
+                window.update(limiters[shard].counts(of_shard, rules, now_ms))
             for row in chunk:
                 user = users.get(row.user_id)
                 if user is None:

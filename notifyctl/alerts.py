@@ -1,26 +1,112 @@
-"""The pool's operational alerts, besides the DLQ's (``notifyctl.dlq.check_dlq_alert``): the
-high-priority queue's lag above ``NOTIFY_LAG_ALERT_HIGH`` (1 s by default: an OTP waiting), and a
-provider's circuit opening. Each is one warning log line and, when ``NOTIFY_DLQ_ALERT_WEBHOOK_URL``
-is set, a JSON POST there (the same webhook as the DLQ's), once when it starts — again every
-``NOTIFY_DLQ_ALERT_REPEAT_S`` while it lasts — and once when it is over. A Redis key per alert
-keeps several pools (hosts) from repeating each other. The pool calls ``check_alerts`` every
-second; a webhook failure is logged, never raised.
+"""The pool's operational alerts: the DLQ's depth and growth (``check_dlq_alert``, over
+``notifyctl.dlq.stats``), the high-priority queue's lag above ``NOTIFY_LAG_ALERT_HIGH`` (1 s by
+default: an OTP waiting), and a provider's circuit opening (``check_alerts``). Each is one warning
+log line and, when ``NOTIFY_DLQ_ALERT_WEBHOOK_URL`` is set, a JSON POST there (``post_webhook``),
+once when it starts — again every ``NOTIFY_DLQ_ALERT_REPEAT_S`` while it lasts — and once when it
+is over. A Redis key per alert keeps several pools (hosts) from repeating each other. The pool
+calls ``check_alerts`` every second and ``check_dlq_alert`` about once a minute; a webhook failure
+is logged, never raised.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from notifyctl import keys
-from notifyctl.dlq import _post
+from notifyctl.context import Context
+from notifyctl.dlq import stats
 from notifyctl.metrics import queue_stats
+from notifyctl.settings import DlqConfig
 from notifyctl.tracking import provider_circuits
 
 log = logging.getLogger("notifyctl.alerts")
+dlq_log = logging.getLogger("notifyctl.dlq")  # the DLQ alert's lines, under the DLQ's name as before
+
+
+@dataclass
+class AlertResult:
+    firing: bool
+    reasons: list[str]
+    stats: dict[str, Any]
+    notified: bool = False  # a log line + webhook went out this time (not suppressed as a repeat)
+    resolved: bool = False  # it was firing and no longer is
+    webhook_status: int | None = None
+    webhook_error: str | None = None
+
+
+def post_webhook(url: str, body: dict[str, Any], timeout: float) -> tuple[int | None, str | None]:
+    """POST ``body`` as JSON to the alert webhook: (HTTP status, error), never raising."""
+    data = json.dumps(body, default=lambda o: o.isoformat() if isinstance(o, datetime) else str(o)).encode()
+    req = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json", "User-Agent": "notifyctl-dlq"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - an operator-configured URL
+            return resp.status, None
+    except urllib.error.HTTPError as exc:
+        return exc.code, f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return None, f"{type(exc).__name__}: {reason}"
+
+
+def check_dlq_alert(ctx: Context, config: DlqConfig | None = None, now: datetime | None = None) -> AlertResult:
+    """Compare DLQ depth and growth with the thresholds; on crossing, one warning log line and,
+    when ``alert_webhook_url`` is set, a JSON POST. Call it about once a minute (any process;
+    a Redis key keeps every caller from repeating an alert within ``alert_repeat_s``).
+    A webhook failure is logged, never raised."""
+    cfg = config or ctx.settings.dlq
+    st = stats(ctx, cfg.alert_window_min, now)
+    reasons: list[str] = []
+    if cfg.alert_depth is not None and st["depth"] >= cfg.alert_depth:
+        reasons.append(f"depth {st['depth']} >= {cfg.alert_depth}")
+    if cfg.alert_growth_per_min is not None and st["growth_per_min"] >= cfg.alert_growth_per_min:
+        reasons.append(f"growth {st['growth_per_min']:g}/min >= {cfg.alert_growth_per_min:g}/min")
+    res = AlertResult(firing=bool(reasons), reasons=reasons, stats=st)
+    r = ctx.redis
+    if reasons:
+        last = r.get(keys.DLQ_ALERT)
+        if last is None or time.time() - float(last) >= cfg.alert_repeat_s:
+            r.set(keys.DLQ_ALERT, str(time.time()), ex=cfg.alert_repeat_s + 86400)
+            res.notified = True
+        if res.notified:
+            dlq_log.warning(
+                "DLQ alert: %s (depth %d, growth %g/min over %g min)",
+                "; ".join(reasons),
+                st["depth"],
+                st["growth_per_min"],
+                cfg.alert_window_min,
+            )
+    elif r.delete(keys.DLQ_ALERT):
+        res.resolved = res.notified = True
+        dlq_log.warning("DLQ alert resolved: depth %d, growth %g/min", st["depth"], st["growth_per_min"])
+    if res.notified and cfg.alert_webhook_url is not None:
+        url = cfg.alert_webhook_url.get_secret_value()
+        body = {
+            "event": "dlq_alert" if reasons else "dlq_alert_resolved",
+            "firing": bool(reasons),
+            "reasons": reasons,
+            "depth": st["depth"],
+            "growth_per_min": st["growth_per_min"],
+            "window_min": cfg.alert_window_min,
+            "thresholds": {"depth": cfg.alert_depth, "growth_per_min": cfg.alert_growth_per_min},
+            "by_channel": st["by_channel"],
+            "by_provider": st["by_provider"],
+            "at": st["at"],
+        }
+        res.webhook_status, res.webhook_error = post_webhook(url, body, cfg.alert_timeout_s)
+        if res.webhook_error:
+            host = urllib.parse.urlsplit(url).hostname or "?"  # never the full URL: it often holds a token
+            dlq_log.warning("DLQ alert webhook to %s failed: %s", host, res.webhook_error)
+    return res
 
 
 @dataclass
@@ -91,7 +177,7 @@ def check_alerts(ctx: Any, config: Any = None) -> list[AlertEvent]:
             url = cfg.alert_webhook_url.get_secret_value()
             body = {"event": e.event, "firing": not e.event.endswith(("_resolved", "_closed")),
                     "subject": e.subject, "message": e.message, **e.details, "at": time.time()}  # fmt: skip
-            _status, err = _post(url, body, cfg.alert_timeout_s)
+            _status, err = post_webhook(url, body, cfg.alert_timeout_s)
             if err:
                 host = urllib.parse.urlsplit(url).hostname or "?"  # never the full URL: it often holds a token
                 log.warning("alert webhook to %s failed: %s", host, err)

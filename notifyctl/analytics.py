@@ -45,6 +45,7 @@ from notifyctl.pgstats import HOT_TABLES, analyze_grown
 from notifyctl.sqllock import write_lock
 
 VERSION = "v3"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
+SAME_KEY = ("v1", "v2")  # earlier definitions whose rollup install keeps (the same key; no coarse tiers)
 TRIGGERS = (f"notify_analytics_ins_{VERSION}", f"notify_analytics_upd_{VERSION}")
 KEY = ("hour", "template_id", "channel", "campaign_id", "status", "reason")
 BY = ("template", "channel", "campaign", "day", "hour")
@@ -166,7 +167,11 @@ def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManage
     transaction (a database made before analytics existed, or by an older definition), under
     ``write_lock`` (``notifyctl.db.write_lock``, passed in: db calls this, so no import cycle). Writers
     wait meanwhile (SQLite's write lock; PostgreSQL ``LOCK TABLE deliveries``), so no change is
-    counted twice or missed. Returns whether it installed them. Other databases: nothing."""
+    counted twice or missed. Returns whether it installed them. Other databases: nothing.
+
+    Triggers of a definition with the same key (``SAME_KEY``: v1 and v2, before the coarse tiers)
+    keep their rollup — it counts what ``purge`` deleted since, which a full count cannot: its
+    pending deltas are moved in, and the coarse tiers filled from it, all marked folded."""
     dialect = engine.dialect.name
     if dialect not in ("sqlite", "postgresql"):
         return False
@@ -192,11 +197,21 @@ def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManage
             conn.exec_driver_sql(ddl)
         if dialect == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_FOLD_LOCK})")  # no compaction meanwhile
-        for table in ("analytics_hourly", "analytics_delta", "analytics_total", "analytics_daily"):
+        for table in ("analytics_total", "analytics_daily"):
             conn.exec_driver_sql(f"DELETE FROM {table}")
-        conn.exec_driver_sql(
-            f"INSERT INTO analytics_hourly ({_COLS}, n, folded) {full_count_sql(dialect, ', count(*)')}"
-        )
+        if old and all(name.rsplit("_", 1)[-1] in SAME_KEY for name in old):
+            if dialect == "postgresql":
+                conn.exec_driver_sql(
+                    f"WITH moved AS (DELETE FROM analytics_delta RETURNING {_COLS}, n) "
+                    f"INSERT INTO analytics_hourly ({_COLS}, n, folded) SELECT {_COLS}, sum(n), 0 FROM moved "
+                    f"GROUP BY {_COLS} ORDER BY {_COLS} {_UPSERT}"
+                )
+            conn.exec_driver_sql("UPDATE analytics_hourly SET folded = n")
+        else:
+            conn.exec_driver_sql("DELETE FROM analytics_hourly")
+            conn.exec_driver_sql("DELETE FROM analytics_delta")
+            full = full_count_sql(dialect, ", count(*)")
+            conn.exec_driver_sql(f"INSERT INTO analytics_hourly ({_COLS}, n, folded) {full}")
         for sql in _fold_sql("n", ""):  # the coarse tiers from the whole rollup, folded as written
             conn.exec_driver_sql(sql)
         conn.commit()

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING
 from notifyctl.db import engine_for
 from notifyctl.keys import queue_name
 from notifyctl.settings import Settings
+from notifyctl.shards import shard_of
 from notifyctl.template_store import TemplateStore
 
 if TYPE_CHECKING:
     import redis
+    from redis import Redis  # (inside the class, ``redis`` is the property)
     from rq import Queue
     from sqlalchemy.engine import Engine
 
@@ -20,14 +22,45 @@ if TYPE_CHECKING:
 
 
 class Context:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, shard: int = 0) -> None:
         self.settings = settings  # the root, built once by whoever started the process (notifyctl.settings)
+        self.shard = shard  # the shard a worker process serves (notifyctl.shards); 0 elsewhere
 
     @cached_property
     def redis(self) -> redis.Redis:
+        """Shard 0: with one Redis, the only one; with shards, also what every host shares
+        (circuits, pacing, provider tokens, metrics)."""
         from notifyctl.redisconn import connect
 
         return connect(self.settings)
+
+    @cached_property
+    def shard_count(self) -> int:
+        return len(self.settings.redis_shards) or 1
+
+    def shard_redis(self, shard: int) -> Redis:
+        """The client of one shard (0 is ``redis``)."""
+        if shard == 0:
+            return self.redis
+        from notifyctl.redisconn import connect
+
+        cache: dict[int, Redis] = self.__dict__.setdefault("_shards", {})
+        r = cache.get(shard)
+        if r is None:
+            r = cache[shard] = connect(self.settings, shard=shard)
+        return r
+
+    def shard_of(self, user_id: str) -> int:
+        return shard_of(user_id, self.shard_count)
+
+    def redis_for(self, user_id: str) -> Redis:
+        """The shard holding ``user_id``'s keys (``redis`` when there is one Redis)."""
+        return self.redis if self.shard_count == 1 else self.shard_redis(self.shard_of(user_id))
+
+    @property
+    def served(self) -> Redis:
+        """The shard this process serves (a worker's: its jobs' users' keys, its liveness)."""
+        return self.shard_redis(self.shard)
 
     @cached_property
     def engine(self) -> Engine:
@@ -37,16 +70,20 @@ class Context:
     def templates(self) -> TemplateStore:
         return TemplateStore.from_settings(self.settings, lambda: self.engine)
 
-    def queue(self, priority: str) -> Queue:
+    def queue(self, priority: str, shard: int = 0) -> Queue:
+        """The RQ queue of ``priority`` on ``shard``."""
         from rq import Queue
 
-        cache: dict[str, Queue] = self.__dict__.setdefault("_queues", {})
-        q = cache.get(priority)
+        cache: dict[tuple[str, int], Queue] = self.__dict__.setdefault("_queues", {})
+        q = cache.get((priority, shard))
         if q is None:
-            q = cache[priority] = Queue(queue_name(priority), connection=self.redis)
+            q = cache[priority, shard] = Queue(queue_name(priority), connection=self.shard_redis(shard))
         return q
 
     def close(self) -> None:
+        self.__dict__.pop("_queues", None)
+        for r in self.__dict__.pop("_shards", {}).values():
+            r.close()
         r = self.__dict__.pop("redis", None)
         if r is not None:
             r.close()

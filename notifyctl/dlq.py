@@ -9,18 +9,13 @@ SQL is the DLQ: nothing lives in Redis but the per-delivery send records the wor
   Entries whose send record says ``sent:`` were sent meanwhile: they are skipped (and recorded
   as sent). Batched: per chunk one MGET, one UPDATE … RETURNING, one INSERT of events.
 - ``purge``: out of the DLQ (``dead_lettered`` false, event ``purged``); status and history stay.
-- ``stats`` (depth, growth per minute) and ``check_dlq_alert`` (log line + optional webhook).
+- ``stats``: depth, growth per minute (what the DLQ alert of ``notifyctl.alerts`` watches).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +38,6 @@ from notifyctl.models import (
     NotificationStatus,
     utcnow,
 )
-from notifyctl.settings import DlqConfig
 from notifyctl.tracking import implied_events
 from notifyctl.vocabulary import CHANNELS, PROVIDERS
 
@@ -237,6 +231,18 @@ def _pages(ctx: Context, f: DlqFilter, limit: int | None, now: datetime) -> Iter
         yield [(r[0], r[1], r[2]) for r in rows]
 
 
+def _send_records(ctx: Context, ks: list[str]) -> list[Any]:
+    """The send records of ``ks`` (``keys.sent``): each is on its user's Redis shard and on no other
+    (``notifyctl.shards``), so with several shards each shard is asked and what one has is taken."""
+    if ctx.shard_count == 1:
+        return list(ctx.redis.mget(ks))
+    found: list[Any] = [None] * len(ks)
+    for i in range(ctx.shard_count):
+        for j, rec in enumerate(ctx.shard_redis(i).mget(ks)):
+            found[j] = found[j] or rec
+    return found
+
+
 @dataclass
 class ReplayResult:
     matched: int = 0
@@ -284,10 +290,9 @@ def replay(
     _require_ids_found(ctx, f)
     res = ReplayResult(dry_run=dry_run)
     now = utcnow()
-    r = ctx.redis
     for page in _pages(ctx, f, limit, now):
         res.matched += len(page)
-        records = r.mget([keys.sent(p[0]) for p in page])
+        records = _send_records(ctx, [keys.sent(p[0]) for p in page])
         sent: dict[str, str] = {}
         todo: list[tuple[str, str, str | None]] = []
         for p, rec in zip(page, records, strict=True):
@@ -480,7 +485,7 @@ def purge(
     return res
 
 
-# ── depth, growth, alerts ─────────────────────────────────────────────────────────────────────
+# ── depth, growth ───────────────────────────────────────────────────────────────────────────
 
 
 def stats(ctx: Context, window_min: float = 5.0, now: datetime | None = None) -> dict[str, Any]:
@@ -524,80 +529,3 @@ def stats(ctx: Context, window_min: float = 5.0, now: datetime | None = None) ->
         "by_provider": dict(by_provider),
         "at": now,
     }
-
-
-@dataclass
-class AlertResult:
-    firing: bool
-    reasons: list[str]
-    stats: dict[str, Any]
-    notified: bool = False  # a log line + webhook went out this time (not suppressed as a repeat)
-    resolved: bool = False  # it was firing and no longer is
-    webhook_status: int | None = None
-    webhook_error: str | None = None
-
-
-def _post(url: str, body: dict[str, Any], timeout: float) -> tuple[int | None, str | None]:
-    data = json.dumps(body, default=lambda o: o.isoformat() if isinstance(o, datetime) else str(o)).encode()
-    req = urllib.request.Request(
-        url, data=data, method="POST", headers={"Content-Type": "application/json", "User-Agent": "notifyctl-dlq"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - an operator-configured URL
-            return resp.status, None
-    except urllib.error.HTTPError as exc:
-        return exc.code, f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return None, f"{type(exc).__name__}: {reason}"
-
-
-def check_dlq_alert(ctx: Context, config: DlqConfig | None = None, now: datetime | None = None) -> AlertResult:
-    """Compare DLQ depth and growth with the thresholds; on crossing, one warning log line and,
-    when ``alert_webhook_url`` is set, a JSON POST. Call it about once a minute (any process;
-    a Redis key keeps every caller from repeating an alert within ``alert_repeat_s``).
-    A webhook failure is logged, never raised."""
-    cfg = config or ctx.settings.dlq
-    st = stats(ctx, cfg.alert_window_min, now)
-    reasons: list[str] = []
-    if cfg.alert_depth is not None and st["depth"] >= cfg.alert_depth:
-        reasons.append(f"depth {st['depth']} >= {cfg.alert_depth}")
-    if cfg.alert_growth_per_min is not None and st["growth_per_min"] >= cfg.alert_growth_per_min:
-        reasons.append(f"growth {st['growth_per_min']:g}/min >= {cfg.alert_growth_per_min:g}/min")
-    res = AlertResult(firing=bool(reasons), reasons=reasons, stats=st)
-    r = ctx.redis
-    if reasons:
-        last = r.get(keys.DLQ_ALERT)
-        if last is None or time.time() - float(last) >= cfg.alert_repeat_s:
-            r.set(keys.DLQ_ALERT, str(time.time()), ex=cfg.alert_repeat_s + 86400)
-            res.notified = True
-        if res.notified:
-            log.warning(
-                "DLQ alert: %s (depth %d, growth %g/min over %g min)",
-                "; ".join(reasons),
-                st["depth"],
-                st["growth_per_min"],
-                cfg.alert_window_min,
-            )
-    elif r.delete(keys.DLQ_ALERT):
-        res.resolved = res.notified = True
-        log.warning("DLQ alert resolved: depth %d, growth %g/min", st["depth"], st["growth_per_min"])
-    if res.notified and cfg.alert_webhook_url is not None:
-        url = cfg.alert_webhook_url.get_secret_value()
-        body = {
-            "event": "dlq_alert" if reasons else "dlq_alert_resolved",
-            "firing": bool(reasons),
-            "reasons": reasons,
-            "depth": st["depth"],
-            "growth_per_min": st["growth_per_min"],
-            "window_min": cfg.alert_window_min,
-            "thresholds": {"depth": cfg.alert_depth, "growth_per_min": cfg.alert_growth_per_min},
-            "by_channel": st["by_channel"],
-            "by_provider": st["by_provider"],
-            "at": st["at"],
-        }
-        res.webhook_status, res.webhook_error = _post(url, body, cfg.alert_timeout_s)
-        if res.webhook_error:
-            host = urllib.parse.urlsplit(url).hostname or "?"  # never the full URL: it often holds a token
-            log.warning("DLQ alert webhook to %s failed: %s", host, res.webhook_error)
-    return res

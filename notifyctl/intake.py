@@ -124,8 +124,16 @@ class SubmitResult:
         return asdict(self)
 
 
-def enqueue(ctx: Context, priority: str, notification_ids: list[str], job_id: str, as_of: float | None = None) -> None:
-    ctx.queue(priority).enqueue(
+def enqueue(
+    ctx: Context,
+    priority: str,
+    notification_ids: list[str],
+    job_id: str,
+    as_of: float | None = None,
+    shard: int = 0,
+) -> None:
+    """Queue one job of ``notification_ids``, whose recipients are all on ``shard`` (``notifyctl.shards``)."""
+    ctx.queue(priority, shard).enqueue(
         JOB_FUNC,
         args=(notification_ids,),
         kwargs={"as_of": as_of} if as_of is not None else {},
@@ -145,7 +153,9 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
         user = session.get(User, req.recipient_id)
         if user is None:
             raise InputError(f"recipient_id: unknown user {req.recipient_id!r}")
-        opt_outs = prefs.load(ctx.redis, session, [user.id]).get(user.id, set())
+        shard = ctx.shard_of(user.id)  # the user's Redis: dedup key, opt-out cache, ordering, queue
+        r = ctx.shard_redis(shard)
+        opt_outs = prefs.load(r, session, [user.id]).get(user.id, set())
 
     if req.channels == ["all"]:
         channels = template.channels
@@ -169,7 +179,6 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
         status, reason = NotificationStatus.suppressed, "opted_out"
         data = erase(data, template.secret) or data  # never sent: its secret data is never kept
 
-    r = ctx.redis
     ttl = ctx.settings.dedup_ttl
     dkey = keys.dedup(req.dedup_key) if req.dedup_key else None
     marker = PENDING + nid
@@ -222,7 +231,7 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
     if dkey:
         r.set(dkey, nid, ex=ttl)  # committed: repeats are answered by Redis alone from now on
     if status == NotificationStatus.queued:
-        enqueue(ctx, priority, [nid], job_id)
+        enqueue(ctx, priority, [nid], job_id, shard=shard)
         return SubmitResult(nid, "queued", None, priority, channels)
     return SubmitResult(nid, "suppressed", reason, priority, channels)
 

@@ -111,6 +111,16 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     return out
 
 
+def live_workers_of(ctx: Any) -> list[dict[str, Any]]:
+    """``live_workers`` of every Redis shard (``notifyctl.shards``: a worker's liveness key is on the
+    shard it serves, beside its jobs), each worker with its ``shard`` when there are several."""
+    if ctx.shard_count == 1:
+        return live_workers(ctx.redis)
+    out = [{**w, "shard": i} for i in range(ctx.shard_count) for w in live_workers(ctx.shard_redis(i))]
+    out.sort(key=lambda w: (w["host"], w["name"]))
+    return out
+
+
 def by_host(workers: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     hosts: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for w in workers:

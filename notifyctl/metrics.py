@@ -70,12 +70,34 @@ class Recorder:
 
 
 def queue_stats(ctx: Any) -> list[dict[str, Any]]:
-    """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis)."""
-    r = ctx.redis
+    """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis). With Redis
+    shards (``notifyctl.shards``), over every shard: depths and counts added up, the oldest job's
+    age the oldest of all, and each shard's own rows under ``shards``."""
+    if ctx.shard_count == 1:
+        return _queue_stats(ctx, 0)
+    per = [_queue_stats(ctx, i) for i in range(ctx.shard_count)]
+    out = []
+    for rows in zip(*per, strict=True):
+        ages = [q["oldest_age_s"] for q in rows if q["oldest_age_s"] is not None]
+        out.append(
+            {
+                **rows[0],
+                "depth": sum(q["depth"] for q in rows),
+                "oldest_age_s": max(ages) if ages else None,
+                "started": sum(q["started"] for q in rows),
+                "failed_jobs": sum(q["failed_jobs"] for q in rows),
+                "shards": [{k: q[k] for k in ("depth", "oldest_age_s", "started", "failed_jobs")} for q in rows],
+            }
+        )
+    return out
+
+
+def _queue_stats(ctx: Any, shard: int) -> list[dict[str, Any]]:
+    r = ctx.shard_redis(shard)
     now = time.time()
     queues = []
     for p in PRIORITIES:
-        q = ctx.queue(p)
+        q = ctx.queue(p, shard)
         pipe = r.pipeline(transaction=False)
         pipe.llen(q.key)
         pipe.lindex(q.key, 0)

@@ -262,12 +262,14 @@ RETIRED_INDEXES = ("ix_deliveries_dead_lettered", "ix_notifications_campaign_id"
 
 
 class DeliveryEvent(SQLModel, table=True):
-    """The timeline: one row per transition of a delivery (the seed's ``notification_events``)."""
+    """The timeline: one row per transition of a delivery (the seed's ``notification_events``), but
+    for the ``queued`` of a delivery its first batch sends or sets to retry, which that outcome
+    implies (``notifyctl.tracking.implied_events``: every reader shows it)."""
 
     __tablename__ = "delivery_events"
     id: int | None = Field(default=None, primary_key=True)
     notification_id: str = Field(index=True, max_length=32)
-    # Not indexed: an index on it cost as much as the rest of the row's insert (two events per
+    # Not indexed: an index on it cost as much as the rest of the row's insert (an event or two per
     # delivery). A delivery's events are found through its notification's (a handful of rows),
     # ``notification_id = ? AND delivery_id = ?``.
     delivery_id: str | None = Field(default=None, max_length=32)
@@ -374,9 +376,13 @@ class AnalyticsHourly(SQLModel, table=True):
 
 class AnalyticsTotal(SQLModel, table=True):
     """The coarse tier without time (``notifyctl.analytics``): ``analytics_hourly`` summed over
-    every hour, as far as it is folded. The funnel without ``--since`` reads it."""
+    every hour, as far as it is folded. The funnel without ``--since`` reads it. On SQLite a
+    ``WITHOUT ROWID`` table, as ``analytics_daily``: its rows are its primary key's B-tree, so a
+    read of a range of keys reads their counts with them (measured: 2.5× less CPU over 160,000
+    rows than a rowid table's index scan and a row lookup each)."""
 
     __tablename__ = "analytics_total"
+    __table_args__ = {"sqlite_with_rowid": False}
     template_id: str = Field(primary_key=True, max_length=128)
     channel: str = Field(primary_key=True, max_length=16)
     campaign_id: str = Field(primary_key=True, max_length=64)
@@ -392,7 +398,7 @@ class AnalyticsDaily(SQLModel, table=True):
     by status (and kind of reason), as far as ``analytics_hourly`` is folded."""
 
     __tablename__ = "analytics_daily"
-    __table_args__ = (Index("ix_analytics_daily_value", "dim", "value", "day"),)
+    __table_args__ = (Index("ix_analytics_daily_value", "dim", "value", "day"), {"sqlite_with_rowid": False})
     dim: str = Field(primary_key=True, max_length=16)
     day: str = Field(primary_key=True, max_length=10)
     value: str = Field(primary_key=True, max_length=128)

@@ -17,6 +17,7 @@ from sqlmodel import Session
 
 from notifyctl import keys
 from notifyctl.models import OptOut
+from notifyctl.shards import split
 
 PREFS_TTL = 300
 
@@ -25,6 +26,16 @@ def invalidate(client: redis.Redis, user_ids: Iterable[str]) -> None:
     ks = [keys.prefs(u) for u in dict.fromkeys(user_ids)]
     if ks:
         client.delete(*ks)
+
+
+def invalidate_users(ctx: Any, user_ids: Iterable[str]) -> None:
+    """``invalidate`` on each user's shard (``notifyctl.shards``): one command per shard touched."""
+    ids = list(dict.fromkeys(user_ids))
+    if ctx.shard_count == 1:
+        invalidate(ctx.redis, ids)
+        return
+    for shard, group in split(ids, str, ctx.shard_count).items():
+        invalidate(ctx.shard_redis(shard), group)
 
 
 CACHE_BELOW = 50  # batches of this many users or more read SQL directly: one IN query beats a key per user

@@ -162,9 +162,19 @@ def _exited(pid: int) -> bool:
 
 
 def redis_url(settings) -> str:  # type: ignore[no-untyped-def]
+    """The URL of shard 0: ``redis_url``, the first of ``redis_shards``, or the embedded server."""
     if settings.redis_url:
         return str(settings.redis_url)
+    if settings.redis_shards:
+        return str(settings.redis_shards[0])
     return ensure_server(settings.home / "redis", settings.redis_server_bin)
+
+
+def shard_urls(settings) -> list[str]:  # type: ignore[no-untyped-def]
+    """Every shard's URL, shard 0 first (``notifyctl.shards``); one Redis is one shard."""
+    if settings.redis_shards:
+        return [str(u) for u in settings.redis_shards]
+    return [redis_url(settings)]
 
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -270,8 +280,9 @@ def _client(url: str, read_timeout: float, timeout: float) -> redis.Redis:
     return client
 
 
-def connect(settings, dequeue: bool = False) -> redis.Redis:  # type: ignore[no-untyped-def]
-    """A client for the configured Redis (starting the embedded one if needed), version-checked.
+def connect(settings, dequeue: bool = False, shard: int = 0) -> redis.Redis:  # type: ignore[no-untyped-def]
+    """A client for the configured Redis (starting the embedded one if needed), version-checked;
+    ``shard``: the one of ``redis_shards`` (0, the default, is ``redis_url``).
 
     Every client has explicit timeouts, whatever redis-py's defaults of the day (redis-py 8 made
     ``socket_timeout`` 5 s): an ordinary command or a connect fails after
@@ -283,7 +294,7 @@ def connect(settings, dequeue: bool = False) -> redis.Redis:  # type: ignore[no-
     ``redis+sentinel://`` URLs connect to the master that Redis Sentinel names. A Redis Cluster is
     refused here, before anything is written anywhere: notifyctl's scripts and RQ's transactions
     touch several keys of one user or job, which Cluster spreads over slots (CROSSSLOT)."""
-    url = redis_url(settings)
+    url = shard_urls(settings)[shard] if shard else redis_url(settings)
     timeout = float(settings.redis_socket_timeout)
     read_timeout = float(settings.worker_dequeue_timeout + 10) if dequeue else timeout
     client = _client(url, read_timeout, timeout)

@@ -248,6 +248,11 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path(default_home()), description="data directory")
     redis_url: str | None = Field(None, description="external Redis (>= 6.2); unset = embedded server")
+    redis_shards: list[str] = Field(
+        default_factory=list,
+        description="several Redis servers, users sharded over them (notifyctl.shards); the first is shard 0 "
+        "(redis_url, unset or the same); empty = one Redis, redis_url",
+    )
     database_url: str | None = Field(None, description="SQL database; unset = SQLite under home")
     redis_server_bin: str | None = Field(None, description="redis-server binary for the embedded server")
     templates_dir: Path | None = Field(None, description="extra template directory (overrides shipped ones)")
@@ -372,6 +377,25 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("redis_shards")
+    @classmethod
+    def _check_shards(cls, v: list[str]) -> list[str]:
+        v = [u.strip() for u in v]
+        if any(not u for u in v):
+            raise ValueError("an empty URL in the list")
+        if len(set(v)) != len(v):
+            raise ValueError("a Redis URL given twice")
+        return v
+
+    @model_validator(mode="after")
+    def _shard_zero(self) -> Settings:
+        if self.redis_shards and self.redis_url and self.redis_url.strip() != self.redis_shards[0]:
+            raise ValueError(
+                "redis_url must be unset or the first of redis_shards (shard 0, which also holds the "
+                "keys every host shares: circuits, pacing, provider tokens, metrics)"
+            )
+        return self
 
     @field_validator("rate_limits")
     @classmethod

@@ -40,96 +40,28 @@ Run it: ``ApnsSandbox(keys={key_id: p8_pem}, topic="com.example.app").start()`` 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
 import json
 import re
-import socket
 import ssl
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from sandboxes.apns_conn import ApnsConnection
 from sandboxes.base import FaultPlan, HttpSandbox, Recorder, SandboxHandler, SeparateControl, serve_until_interrupted
+from sandboxes.tls import make_certificates
 
 _TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}$")
 _PUSH_TYPES = {"alert", "background", "location", "voip", "complication", "fileprovider", "mdm", "liveactivity"}
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 TOKEN_MAX_AGE = 3600  # Apple: a provider token older than one hour is rejected
 NO_DEVICE = "0" * 64  # a well-formed device token that no device has
-
-
-def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 / localhost: (ca_file, cert_file, key_file)."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "notifyctl APNs sandbox CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_file, cert_file, key_file = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
-    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_file.chmod(0o600)
-    return ca_file, cert_file, key_file
 
 
 def _public_key(key: Any) -> Any:
@@ -185,164 +117,6 @@ class _ControlSandbox(HttpSandbox):
         self.apns = apns
 
 
-class _ServerConn(asyncio.Protocol):
-    """One client connection: an h2 server state machine fed from the socket."""
-
-    def __init__(self, sandbox: ApnsSandbox) -> None:
-        self.sb = sandbox
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, tuple[dict[str, str], bytearray]] = {}
-        self.closed = False
-        self.last_answered = 0
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.sb._conns.add(self)
-        self.h2.initiate_connection()
-        self.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.sb.max_streams})
-        self._flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.sb._conns.discard(self)
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def _flush(self) -> None:
-        if not self.closed and self.transport is not None:
-            data = self.h2.data_to_send()
-            if data:
-                self.transport.write(data)
-
-    def data_received(self, data: bytes) -> None:
-        if self.closed:
-            return
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            self._flush()
-            self.abort()
-            return
-        for ev in events:
-            if self.closed:
-                return
-            if isinstance(ev, h2.events.RequestReceived):
-                self.streams[ev.stream_id] = (dict(ev.headers or []), bytearray())  # type: ignore[arg-type]
-            elif isinstance(ev, h2.events.DataReceived):
-                entry = self.streams.get(ev.stream_id)
-                if entry is not None:
-                    entry[1].extend(ev.data or b"")
-                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, h2.events.StreamEnded):
-                entry = self.streams.pop(ev.stream_id, None)
-                if entry is not None:
-                    self._request(ev.stream_id, entry[0], bytes(entry[1]))
-            elif isinstance(ev, h2.events.StreamReset):
-                self.streams.pop(ev.stream_id, None)
-            elif isinstance(ev, h2.events.ConnectionTerminated):
-                self.closed = True
-                if self.transport:
-                    self.transport.close()
-                return
-        self._flush()
-
-    def abort(self) -> None:
-        """TCP reset: answers still in flight may be lost, as on a real network."""
-        self._flush()
-        self.closed = True
-        if self.transport:
-            self.transport.abort()
-
-    def cut(self) -> None:
-        """The server goes away: what it already wrote still arrives, then FIN (no GOAWAY, no
-        TLS close_notify) and nothing more is read or answered."""
-        self._flush()
-        self.closed = True
-        if self.transport is None:
-            return
-        sock = self.transport.get_extra_info("socket")
-        try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.transport.abort()
-            return
-        asyncio.get_running_loop().call_later(2.0, self.transport.abort)  # if the peer never closes
-
-    def goaway(self, reason: str) -> None:
-        self.h2.close_connection(
-            last_stream_id=self.last_answered, additional_data=json.dumps({"reason": reason}).encode()
-        )
-        self.cut()
-
-    def _request(self, stream_id: int, headers: dict[str, str], body: bytes) -> None:
-        self.sb.requests.append(headers.get(":path", ""))
-        self.sb.request_auth.append(headers.get("authorization", ""))
-        fault = self.sb.faults.take(headers.get(":path", "") + body.decode("utf-8", "replace"))
-        if fault and fault.get("delay"):
-            self.sb.held += 1
-            self.sb.peak_held = max(self.sb.peak_held, self.sb.held)
-            asyncio.get_running_loop().call_later(
-                float(fault["delay"]), self._answer_later, stream_id, headers, body, fault
-            )
-            return
-        self._answer(stream_id, headers, body, fault)
-
-    def _answer_later(self, stream_id: int, headers: dict[str, str], body: bytes, fault: Any) -> None:
-        self.sb.held -= 1
-        if not self.closed:
-            self._answer(stream_id, headers, body, fault)
-            self._flush()
-
-    def _answer(self, stream_id: int, headers: dict[str, str], body: bytes, fault: dict[str, Any] | None) -> None:
-        if fault and fault.get("drop"):
-            if fault["drop"] == "reset":
-                self.abort()
-            else:
-                self.cut()
-            return
-        if fault and fault.get("goaway"):
-            reason = fault["goaway"] if isinstance(fault["goaway"], str) else "Shutdown"
-            self.goaway(reason)
-            return
-        extra: dict[str, str] = {}
-        if fault and fault.get("status"):
-            status, reason = int(fault["status"]), str(fault.get("reason") or "InternalServerError")
-            extra = {str(k).lower(): str(v) for k, v in (fault.get("headers") or {}).items()}
-            fbody = fault.get("body")
-            if fbody is not None:
-                raw = fbody.encode() if isinstance(fbody, str) else json.dumps(fbody).encode()
-                self._respond(stream_id, status, headers, raw, extra)
-                return
-        else:
-            status, reason = self.sb._check(headers, body)
-        if status == 200:
-            apns_id = headers.get("apns-id") or str(uuid.uuid4()).upper()
-            self.sb._record(headers, body, apns_id)
-            self._respond(stream_id, 200, headers, b"", {"apns-id": apns_id, **extra})
-            return
-        err: dict[str, Any] = {"reason": reason}
-        if status == 410:
-            err["timestamp"] = int(time.time() * 1000)
-        self._respond(stream_id, status, headers, json.dumps(err).encode(), extra)
-
-    def _respond(self, stream_id: int, status: int, req: dict[str, str], body: bytes, extra: dict[str, str]) -> None:
-        out = [(":status", str(status))]
-        if "apns-id" not in extra:
-            out.append(("apns-id", req.get("apns-id") or str(uuid.uuid4()).upper()))
-        out += list(extra.items())
-        if body:
-            out += [("content-type", "application/json; charset=utf-8"), ("content-length", str(len(body)))]
-        try:
-            self.h2.send_headers(stream_id, out, end_stream=not body)
-            if body:
-                self.h2.send_data(stream_id, body, end_stream=True)
-        except h2.exceptions.ProtocolError:
-            return  # the client reset that stream meanwhile
-        self.last_answered = max(self.last_answered, stream_id)
-
-
 class ApnsSandbox(SeparateControl):
     """The local APNs. ``keys``: key id -> P-256 key (the .p8 PEM, a public PEM or a key object).
 
@@ -395,7 +169,7 @@ class ApnsSandbox(SeparateControl):
         self._ssl.load_cert_chain(cert_file, key_file)
         self._ssl.set_alpn_protocols(["h2"])
         self._port = port
-        self._conns: set[_ServerConn] = set()
+        self._conns: set[ApnsConnection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -411,7 +185,7 @@ class ApnsSandbox(SeparateControl):
             self._loop = loop
             try:
                 self._server = loop.run_until_complete(
-                    loop.create_server(lambda: _ServerConn(self), "127.0.0.1", self._port, ssl=self._ssl)
+                    loop.create_server(lambda: ApnsConnection(self), "127.0.0.1", self._port, ssl=self._ssl)
                 )
             except BaseException as exc:  # noqa: BLE001 - reported to start()
                 errors.append(exc)

@@ -44,7 +44,11 @@ def recipients(alphabet: str, max_size: int) -> st.SearchStrategy[dict[str, Any]
 
 
 def message(
-    i: int, content: dict[str, str], category: str = "marketing", headers: dict[str, str] | None = None
+    i: int,
+    content: dict[str, str],
+    category: str = "marketing",
+    headers: dict[str, str] | None = None,
+    priority: str = "low",
 ) -> Message:
     """Recipient ``i``'s email (``user{i}@example.org``) with ``content``."""
     return Message(
@@ -55,6 +59,6 @@ def message(
         address=f"user{i}@example.org",
         content=content,
         category=category,
-        priority="low",
+        priority=priority,
         headers=dict(headers or {}),
     )

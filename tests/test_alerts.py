@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from notifyctl import metrics
 from notifyctl.alerts import check_alerts
 from notifyctl.context import Context
-from notifyctl.dlq import DlqConfig
 from notifyctl.metrics import queue_stats
+from notifyctl.settings import DlqConfig
 from tests.conftest import ROOT, cli_env, make_settings, start_pool
 from tests.test_dlq import Hook
 from tests.util import seed, send, wait_for

@@ -253,6 +253,54 @@ def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> Non
     assert_rollup_exact(ctx)
 
 
+def test_an_upgrade_from_v2_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Context) -> None:
+    """A database of the previous definition (v2 triggers, no coarse tiers, ``folded`` just added,
+    deltas pending on PostgreSQL, deliveries purged since they were counted): install keeps its
+    rollup — a full count would forget the purged ones — and builds the coarse tiers from it."""
+    ctx = any_db_ctx
+    pg = ctx.engine.dialect.name == "postgresql"
+    seed(ctx)
+    first = send(ctx, recipient_id="alice", channels=["email", "sms"]).notification_id
+    second = send(ctx, recipient_id="bob", channels=["email"]).notification_id
+    drain(ctx)
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:  # as the previous release left it
+        for name, ddl in zip(
+            analytics.TRIGGERS, (analytics._pg_ddl() if pg else analytics._sqlite_ddl()), strict=False
+        ):
+            old = name.replace(analytics.VERSION, "v2")
+            conn.exec_driver_sql(f"DROP TRIGGER {name}" + (" ON deliveries" if pg else ""))
+            if pg:
+                conn.exec_driver_sql(ddl.replace(name, old))
+                kind = "INSERT" if "ins" in name else "UPDATE"
+                tables = "NEW TABLE AS new_rows" if kind == "INSERT" else "OLD TABLE AS old_rows NEW TABLE AS new_rows"
+                conn.exec_driver_sql(f"CREATE TRIGGER {old} AFTER {kind} ON deliveries REFERENCING {tables} "
+                                     f"FOR EACH STATEMENT EXECUTE FUNCTION {old}()")  # fmt: skip
+            else:  # v2's row triggers knew no ``folded``
+                conn.exec_driver_sql(
+                    ddl.replace(name, old).replace(", n, folded)", ", n)").replace(", 0 FROM", " FROM")
+                )
+        conn.exec_driver_sql("UPDATE analytics_hourly SET folded = NULL")
+        conn.exec_driver_sql("DELETE FROM analytics_total")
+        conn.exec_driver_sql("DELETE FROM analytics_daily")
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:  # counted by the v2 triggers (no other process
+        # opens the database meanwhile: it would upgrade it)
+        conn.execute(text("UPDATE deliveries SET status = 'opened' WHERE notification_id = :n"), {"n": second})
+        # purged (retention): deliveries gone, their counts kept
+        conn.execute(text("DELETE FROM deliveries WHERE notification_id = :n"), {"n": first})
+    before = analytics.rollup_counts(ctx.engine)
+    assert sum(before.values()) == 3 and len(deliveries(ctx)) == 1
+    assert analytics.install(ctx.engine, write_lock) is True
+    assert analytics.rollup_counts(ctx.engine) == before != analytics.full_counts(ctx.engine)
+    assert analytics.unfolded(ctx.engine) == 0
+    assert analytics.coarse_counts(ctx.engine) == analytics.coarse_of(before)
+    for by, since, filters in QUERIES:
+        at = analytics.parse_since(since)
+        coarse = analytics.funnel(ctx.engine, by, at, **filters)
+        assert coarse == analytics.funnel(ctx.engine, by, at, tier="hourly", **filters), (by, since, filters)
+    assert analytics.funnel(ctx.engine, "channel")["total"]["total"] == 3
+    assert analytics.funnel(ctx.engine, "channel")["total"]["opened"] == 1
+
+
 def test_report_cli_table_csv_since_and_bad_input(ctx: Context, rclient: redis.Redis) -> None:
     seed(ctx)
     for user in ("alice", "bob", "dave"):

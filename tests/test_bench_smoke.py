@@ -52,5 +52,13 @@ def test_every_bench_scenario_runs_at_tiny_size():
     if "error" not in app:  # apprise is the optional `bench` extra
         assert app["apprise_sent"] == 10 and app["sink_accepted"] == 20
 
+    for k in ("1", "2"):  # the blast on one and two Redis shards (issue 18)
+        run = res["shards"]["runs"][k]
+        assert "error" not in run, run.get("error")
+        assert run["sent"] == 300 and len(run["per_shard"]) == int(k)
+        assert sum(p["recipients"] for p in run["per_shard"]) == 300
+        assert all(p["redis_commands"] > 0 and p["redis_main_thread_cpu_s"] >= 0 for p in run["per_shard"])
+    assert res["shards"]["paper"].get("shards_needed") or res["shards"]["paper"].get("error")
+
     figures = {row[0] for row in res["summary_rows"]}
-    assert figures >= {"1", "3", "4", "5", "6"}
+    assert figures >= {"1", "3", "4", "5", "6", "18"}

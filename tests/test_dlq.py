@@ -24,13 +24,14 @@ from sqlmodel import Session
 from typer.testing import CliRunner
 
 from notifyctl import keys
+from notifyctl.alerts import check_dlq_alert
 from notifyctl.cli import dlq as dlq_cli
 from notifyctl.cli.main import NotifyGroup
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
-from notifyctl.dlq import CHUNK, DlqConfig, DlqFilter, check_dlq_alert, replay, stats
+from notifyctl.dlq import CHUNK, DlqFilter, replay, stats
 from notifyctl.models import Delivery, DeliveryEvent, Notification, new_id, utcnow
-from notifyctl.settings import Settings
+from notifyctl.settings import DlqConfig, Settings
 from sandboxes.smtp import SmtpSandbox
 from tests.conftest import cli_env, make_settings
 from tests.net import ClosedPort

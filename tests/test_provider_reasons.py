@@ -13,6 +13,7 @@ import pytest
 from notifyctl.settings import Settings
 from sandboxes.aws import AwsSandbox
 from sandboxes.sendgrid import DEFAULT_API_KEY, SendgridSandbox
+from tests.bulk_email import message
 from worker.providers import sendgrid, ses
 from worker.providers.base import Message, Permanent, Retry, Sent, error_text
 
@@ -41,17 +42,9 @@ def test_error_text_is_one_short_line(raw: Any, expected: str) -> None:
 
 
 def email(i: int, body: str = "same body") -> Message:
-    return Message(
-        delivery_id=f"d-{i}",
-        notification_id=f"n-{i}",
-        channel="email",
-        route="email",
-        address=f"user{i}@example.org",
-        content={"subject": "Weekly", "text": body, "html": f"<p>{body}</p>"},
-        category="marketing",
-        priority="normal",
-        headers={"List-Unsubscribe": f"<https://example.com/u/{i}>"},
-    )
+    content = {"subject": "Weekly", "text": body, "html": f"<p>{body}</p>"}
+    headers = {"List-Unsubscribe": f"<https://example.com/u/{i}>"}
+    return message(i, content, "marketing", headers=headers, priority="normal")
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import pytest
 import redis
 
 from campaigns.config import campaign_config
+from notifyctl.alerts import check_dlq_alert
 from notifyctl.api.app import create_app
 from notifyctl.context import Context
-from notifyctl.dlq import check_dlq_alert
 from notifyctl.settings import PROVIDER_NAMES, Settings
 from notifyctl.unsubscribe import secret_key
 from tests.conftest import make_settings, run_cli

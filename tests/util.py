@@ -148,13 +148,16 @@ def drain(target: Context | Settings, *, reconcile: bool = False, due_by: float 
     forced reconcile at that time (retries, scheduled sends) and a burst worker, until a round
     queues nothing (ten at most)."""
     settings = target.settings if isinstance(target, Context) else target
+    shards = range(len(settings.redis_shards) or 1)  # (with Redis shards: each one's queues in turn)
     if due_by is None:
-        run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=reconcile)
+        for shard in shards:
+            run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=reconcile, shard=shard)
         return
     assert isinstance(target, Context)
     for _ in range(10):
         res = reconcile_round(target, now=due_by, force=True, limit=100_000)
-        run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=False)
+        for shard in shards:
+            run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=False, shard=shard)
         if not res.retries_queued and not res.recovered:
             return
 

@@ -6,6 +6,10 @@ workers, the first listens to ``high`` alone, so an OTP never waits behind a mar
 (and that worker gets RQ's crash-safe single-queue dequeue). Every worker refreshes a liveness
 key every ``worker_heartbeat`` seconds; the reconciler treats a job whose worker went silent
 for ``worker_alive_ttl`` seconds as abandoned and queues its notifications again.
+
+With several Redis shards (``notifyctl.shards``), each worker serves one shard (``worker_plan``:
+its RQ connection, jobs, users' keys and liveness key are that shard's), and the supervisor's
+reconciler runs a round per shard served.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ import time
 from typing import Any
 
 from notifyctl import keys
-from notifyctl.alerts import check_alerts
+from notifyctl.alerts import check_alerts, check_dlq_alert
 from notifyctl.analytics import compact
 from notifyctl.circuit import HALF_OPEN, Circuits, take_recoveries
 from notifyctl.context import Context, freeze_heap
 from notifyctl.db import checkpoint, dispose_all
-from notifyctl.dlq import DlqFilter, check_dlq_alert, replay
+from notifyctl.dlq import DlqFilter, replay
 from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.redisconn import (
     UNREACHABLE,
@@ -52,6 +56,20 @@ def queue_sets(queues: list[str], pool: int) -> list[list[str]]:
     if pool >= 2 and "high" in ordered and len(ordered) > 1:
         return [["high"]] + [ordered for _ in range(pool - 1)]
     return [ordered for _ in range(pool)]
+
+
+def worker_plan(queues: list[str], pool: int, shards: list[int]) -> list[tuple[int, list[str]]]:
+    """The shard and queues of each of ``pool`` workers: worker ``i`` serves shard
+    ``shards[i % len(shards)]`` (one RQ connection, that shard's), and the workers of one shard
+    share its queues as ``queue_sets`` says (with two or more, one serves ``high`` alone)."""
+    if pool < len(shards):
+        raise ValueError(f"--pool {pool} is fewer workers than the {len(shards)} shards served: each needs one")
+    of_shard = {s: [i for i in range(pool) if shards[i % len(shards)] == s] for s in shards}
+    plan: list[tuple[int, list[str]]] = [(0, [])] * pool
+    for shard, workers in of_shard.items():
+        for i, qs in zip(workers, queue_sets(queues, len(workers)), strict=True):
+            plan[i] = (shard, qs)
+    return plan
 
 
 def _heartbeat(live: Liveness, every: float, stop: threading.Event) -> None:
@@ -129,20 +147,26 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
 
 
 def run_worker(
-    settings: Settings, priorities: list[str], burst: bool, name: str | None = None, reconcile: bool = False
+    settings: Settings,
+    priorities: list[str],
+    burst: bool,
+    name: str | None = None,
+    reconcile: bool = False,
+    shard: int = 0,
 ) -> int:
-    """Run one worker in this process until stopped (or, with ``burst``, until the queues are empty)."""
+    """Run one worker in this process until stopped (or, with ``burst``, until the queues are empty),
+    on the queues of ``shard`` (``notifyctl.shards``; 0 when there is one Redis)."""
     from rq import Queue
 
     dispose_all(close=False)  # never use a parent's SQL connections after fork
-    ctx = Context(settings)
+    ctx = Context(settings, shard=shard)
     name = name or unique_worker_name(f"notify-{settings.host_name or socket.gethostname()}-{os.getpid()}")
-    # RQ's own connection, for its blocking dequeue (long reads); the jobs use ctx.redis (short ones)
-    rq_conn = connect(settings, dequeue=True)
+    # RQ's own connection, for its blocking dequeue (long reads); the jobs use ctx.served (short ones)
+    rq_conn = connect(settings, dequeue=True, shard=shard)
     queues = [Queue(keys.queue_name(p), connection=rq_conn) for p in priorities]
     w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name)
     w.burst_mode = burst
-    live = Liveness(ctx.redis, name, settings.worker_alive_ttl, [q.name for q in queues], host=settings.host_name)
+    live = Liveness(ctx.served, name, settings.worker_alive_ttl, [q.name for q in queues], host=settings.host_name)
     rt = jobs.configure(ctx, worker_name=name, liveness=live)
     rt.warm()  # before the first job (an OTP must not wait for imports), and into the frozen heap
     freeze_heap()
@@ -158,7 +182,7 @@ def run_worker(
         processed = 0
         while True:
             if reconcile:
-                res = do_reconcile(ctx, force=True)
+                res = do_reconcile(ctx, force=True, shards=[shard])
                 if res.retries_queued or res.recovered:
                     log.info("reconciler queued %d retries, recovered %d", res.retries_queued, res.recovered)
             did = w.work(burst=True, logging_level="WARNING")
@@ -176,7 +200,9 @@ def run_worker(
         rq_conn.close()
 
 
-def _child(settings: Settings, priorities: list[str], burst: bool, name: str, bulk: bool = False) -> None:
+def _child(
+    settings: Settings, priorities: list[str], burst: bool, name: str, bulk: bool = False, shard: int = 0
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM = warm shutdown
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if bulk:
@@ -184,7 +210,7 @@ def _child(settings: Settings, priorities: list[str], burst: bool, name: str, bu
     # RQ's "could not connect ... retrying" every second of an outage: the supervisor reports it
     logging.getLogger("rq.worker").addFilter(QuietWhileUnreachable())
     try:
-        code = run_worker(settings, priorities, burst, name)
+        code = run_worker(settings, priorities, burst, name, shard=shard)
     except RedisUnreachable as exc:  # Redis unreachable at start: the supervisor starts it again later
         log.debug("worker not started: %s", exc)
         code = EXIT_NO_REDIS
@@ -260,9 +286,15 @@ def probe_open_circuits(ctx: Context, providers: dict[str, Any]) -> list[str]:
 
 
 class Pool:
-    def __init__(self, settings: Settings, queues: list[str], size: int, burst: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, queues: list[str], size: int, burst: bool = False, shards: list[int] | None = None
+    ) -> None:
         self.settings = settings
-        self.sets = queue_sets(queues, size)
+        # the shards this pool serves (notifyctl.shards): all by default; one Redis is shard 0
+        self.shards = list(range(len(settings.redis_shards) or 1)) if shards is None else shards
+        plan = worker_plan(queues, size, self.shards)
+        self.shard_of = [shard for shard, _ in plan]
+        self.sets = [qs for _, qs in plan]
         self.burst = burst
         self.procs: list[Any] = [None] * size
         host = settings.host_name or socket.gethostname()
@@ -276,11 +308,14 @@ class Pool:
         self._restart_at: list[float | None] = [None] * size
 
     def _start(self, i: int) -> None:
-        dedicated = ["high"] in self.sets
+        # a bulk worker beside its shard's dedicated high worker
+        dedicated = any(
+            qs == ["high"] and sh == self.shard_of[i] for sh, qs in zip(self.shard_of, self.sets, strict=True)
+        )
         bulk = dedicated and self.sets[i] != ["high"]
         p = self._mp.Process(
             target=_child,
-            args=(self.settings, self.sets[i], self.burst, f"{self.names[i]}.{self.restarts}", bulk),
+            args=(self.settings, self.sets[i], self.burst, f"{self.names[i]}.{self.restarts}", bulk, self.shard_of[i]),
             name=self.names[i],
             daemon=False,
         )
@@ -290,7 +325,8 @@ class Pool:
 
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
         ctx = Context(self.settings)
-        outage = Outage(log, redis_url(self.settings))
+        # (with shards, which one is out is in each warning's reason)
+        outage = Outage(log, "" if self.settings.redis_shards else redis_url(self.settings))
         dlq_config = self.settings.dlq
         probes: dict[str, Any] = {}
         next_dlq_check = time.monotonic() + dlq_config.check_s / 2
@@ -343,7 +379,7 @@ class Pool:
                         # due work and lost high-priority jobs every second (campaign produce rate,
                         # retries, a killed worker's OTP); the search for all lost jobs every few seconds
                         rounds += 1
-                        do_reconcile(ctx, check_lost=rounds % 3 == 0, paced=True)
+                        do_reconcile(ctx, check_lost=rounds % 3 == 0, paced=True, shards=self.shards)
                         outage.up()
                     except Exception as exc:  # noqa: BLE001 - keep supervising through a blip
                         failed("reconciler round", exc)

@@ -21,6 +21,11 @@ the lock instead. Two duties:
    - is marked queued but is no longer in its queue (popped by a worker that then died —
      RQ's dequeue from several queues is not crash-safe).
 
+With several Redis shards (``notifyctl.shards``) a round is one per shard: each takes that shard's
+lock and pace key (on that shard), reads the candidates from SQL, keeps its own users', checks
+their jobs and the workers' liveness keys on that shard and queues them there. A pool runs the
+rounds of the shards it serves.
+
 Requeueing can at worst process a notification twice, and processing is idempotent
 (``worker.pipeline``), so recovery never sends twice what was sent.
 """
@@ -32,6 +37,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlmodel import Session, col
@@ -41,7 +47,9 @@ from notifyctl.context import Context
 from notifyctl.db import unindexed_in, update_where_in, write_lock
 from notifyctl.intake import enqueue
 from notifyctl.models import Campaign, Delivery, DeliveryStatus, Notification, NotificationStatus, new_id
+from notifyctl.redisconn import unreachable
 from notifyctl.redislock import LockLost, OwnedLock
+from notifyctl.shards import shard_of
 
 _LIVE_STATES = {"scheduled", "deferred"}
 LOCK_TTL_MS = 10_000  # the round's lock runs out this long after its last renewal (every 2.5 s)
@@ -58,6 +66,15 @@ class ReconcileResult:
     orphans_woken: int = 0
     lock_lost: bool = False  # the round stopped: its lock ran out (see OwnedLock)
 
+    def add(self, other: ReconcileResult) -> None:
+        """Fold one shard's round into the total: counts add up; skipped when every shard's was."""
+        self.retries_queued += other.retries_queued
+        self.recovered += other.recovered
+        self.checked_jobs += other.checked_jobs
+        self.orphans_woken += other.orphans_woken
+        self.skipped_locked = self.skipped_locked and other.skipped_locked
+        self.lock_lost = self.lock_lost or other.lock_lost
+
 
 def _naive(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
@@ -70,16 +87,41 @@ def reconcile(
     force: bool = False,
     check_lost: bool = True,
     paced: bool = False,
+    shards: list[int] | None = None,
 ) -> ReconcileResult:
     """One reconciliation round. ``now`` (epoch s) can be given to act as of another time.
+
+    With several Redis shards (``notifyctl.shards``), a round per shard of ``shards`` (default:
+    all), each under that shard's own lock (on that shard) and queueing only that shard's users'
+    notifications, on that shard; the result is their total.
 
     ``paced`` (the pool's once-a-second rounds): a campaign's due notifications are queued at most
     at its ``--rate`` per round, so a campaign that fell behind catches up without a burst.
 
     Never without the lock: a round that cannot take it is skipped (``skipped_locked``; ``force``
     waits ``FORCED_WAIT`` s for it first), one that loses it stops (``lock_lost``)."""
+    if ctx.shard_count == 1:
+        return _reconcile_shard(ctx, 0, now, limit, force, check_lost, paced)
+    total = ReconcileResult(skipped_locked=True)
+    down: list[BaseException] = []
+    for shard in range(ctx.shard_count) if shards is None else shards:
+        try:
+            total.add(_reconcile_shard(ctx, shard, now, limit, force, check_lost, paced))
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            down.append(exc)  # that shard's Redis is out: the others' rounds still run
+    if down:
+        raise down[0]  # (the pool reports the outage)
+    return total
+
+
+def _reconcile_shard(
+    ctx: Context, shard: int, now: float | None, limit: int | None, force: bool, check_lost: bool, paced: bool
+) -> ReconcileResult:
+    """One shard's round, under that shard's lock (on that shard's Redis)."""
     result = ReconcileResult()
-    r = ctx.redis
+    r = ctx.shard_redis(shard)
     if not force and not r.set(keys.RECONCILE_PACE, "1", nx=True, px=900):
         result.skipped_locked = True
         return result
@@ -88,7 +130,7 @@ def reconcile(
         result.skipped_locked = True
         return result
     try:
-        return _round(ctx, lock, result, now, limit, check_lost, paced)
+        return _round(ctx, shard, lock, result, now, limit, check_lost, paced)
     except LockLost:
         result.lock_lost = True
         return result
@@ -98,6 +140,7 @@ def reconcile(
 
 def _round(
     ctx: Context,
+    shard: int,
     lock: OwnedLock,
     result: ReconcileResult,
     now: float | None,
@@ -109,10 +152,15 @@ def _round(
     settings = ctx.settings
     limit = limit or settings.reconcile_limit
     batch_size = max(1, settings.batch_size)
+    n = ctx.shard_count
+
+    def mine(user_id: str) -> bool:  # this shard's user (one shard: everyone)
+        return n == 1 or shard_of(user_id, n) == shard
+
     with Session(ctx.engine) as session:
         # 1. due retries and scheduled sends
         rates = _campaign_rates(session) if paced else {}
-        q = select(col(Notification.id), col(Notification.priority)).where(
+        q = select(col(Notification.id), col(Notification.priority), col(Notification.recipient_id)).where(
             col(Notification.status).in_([NotificationStatus.retrying, NotificationStatus.scheduled]),
             col(Notification.due_at) <= _naive(now),
         )
@@ -128,7 +176,7 @@ def _round(
             # its --rate, never faster: the pool reconciles once a second, so `rate` per round.
             due += (
                 session.execute(
-                    select(col(Notification.id), col(Notification.priority))
+                    select(col(Notification.id), col(Notification.priority), col(Notification.recipient_id))
                     .where(
                         col(Notification.campaign_id) == cid,
                         col(Notification.status) == NotificationStatus.scheduled,
@@ -141,18 +189,24 @@ def _round(
                 .all()
             )
         by_prio: dict[str, list[str]] = defaultdict(list)
-        for nid, prio in due:
-            by_prio[prio].append(nid)
+        for nid, prio, user_id in due:
+            if mine(user_id):
+                by_prio[prio].append(nid)
         lock.check()
         result.retries_queued = _requeue(
-            ctx, session, by_prio, batch_size, now, [NotificationStatus.retrying, NotificationStatus.scheduled]
+            ctx, session, by_prio, batch_size, now, [NotificationStatus.retrying, NotificationStatus.scheduled], shard
         )
 
         # 2. lost work. Transactional (high) notifications every round and on their own: behind a
         # campaign's backlog (thousands queued, all older than the OTP) the search in due_at order
         # stops at `limit` long before a dead worker's OTP, which then waited minutes for the backlog.
         lost_q = (
-            select(col(Notification.id), col(Notification.priority), col(Notification.job_id))
+            select(
+                col(Notification.id),
+                col(Notification.priority),
+                col(Notification.job_id),
+                col(Notification.recipient_id),
+            )
             .where(
                 col(Notification.status) == NotificationStatus.queued,
                 col(Notification.due_at) <= _naive(now) - timedelta(seconds=settings.recovery_grace),
@@ -164,20 +218,21 @@ def _round(
         if check_lost:
             seen = {row[0] for row in stale}
             stale += [row for row in session.execute(lost_q).tuples().all() if row[0] not in seen]
+        stale = [row for row in stale if mine(row[3])]
         if stale:
             jobs: dict[str | None, list[tuple[str, str]]] = defaultdict(list)
-            for nid, prio, job_id in stale:
+            for nid, prio, job_id, _user in stale:
                 jobs[job_id].append((nid, prio))
             job_ids = [j for j in jobs if j]
             result.checked_jobs = len(job_ids)
-            lost = set(_lost_jobs(ctx, job_ids))
+            lost = set(_lost_jobs(ctx.shard_redis(shard), job_ids))
             lost_by_prio: dict[str, list[str]] = defaultdict(list)
             for job_id, items in jobs.items():
                 if job_id is None or job_id in lost:
                     for nid, prio in items:
                         lost_by_prio[prio].append(nid)
             lock.check()
-            result.recovered = _requeue(ctx, session, lost_by_prio, batch_size, now, [NotificationStatus.queued])
+            result.recovered = _requeue(ctx, session, lost_by_prio, batch_size, now, [NotificationStatus.queued], shard)
         if not check_lost:
             return result
 
@@ -185,21 +240,26 @@ def _round(
         # loaded its notification marked the notification done; wake the notification again.
         orphans = (
             session.execute(
-                select(col(Delivery.notification_id), func.min(col(Delivery.next_attempt_at)))
+                select(
+                    col(Delivery.notification_id),
+                    func.min(col(Delivery.next_attempt_at)),
+                    col(Notification.recipient_id),
+                )
                 .join(Notification, col(Notification.id) == col(Delivery.notification_id))
                 .where(
                     col(Delivery.status).in_([DeliveryStatus.queued, DeliveryStatus.retrying]),
                     col(Notification.status).in_([NotificationStatus.done, NotificationStatus.suppressed]),
                 )
-                .group_by(col(Delivery.notification_id))
+                .group_by(col(Delivery.notification_id), col(Notification.recipient_id))
                 .limit(limit)
             )
             .tuples()
             .all()
         )
+        orphans = [row for row in orphans if mine(row[2])]
         if orphans:
             lock.check()
-        for nid, next_at in orphans:
+        for nid, next_at, _user in orphans:
             session.execute(
                 update(Notification)
                 .where(col(Notification.id) == nid)
@@ -221,10 +281,10 @@ def _campaign_rates(session: Session) -> dict[str, float]:
     return {cid: float(spec.get("rate") or 0) for cid, spec in rows if float(spec.get("rate") or 0) > 0}
 
 
-def _lost_jobs(ctx: Context, job_ids: list[str]) -> list[str]:
+def _lost_jobs(r: Any, job_ids: list[str]) -> list[str]:
+    """Which of ``job_ids`` (jobs on the shard ``r``, whose workers' liveness keys are there too) are lost."""
     if not job_ids:
         return []
-    r = ctx.redis
     pipe = r.pipeline(transaction=False)
     for j in job_ids:
         pipe.hmget(keys.rq_job(j), "status", "worker_name", "origin")
@@ -255,7 +315,13 @@ def _lost_jobs(ctx: Context, job_ids: list[str]) -> list[str]:
 
 
 def _requeue(
-    ctx: Context, session: Session, by_prio: dict[str, list[str]], batch_size: int, now: float, from_status: list[str]
+    ctx: Context,
+    session: Session,
+    by_prio: dict[str, list[str]],
+    batch_size: int,
+    now: float,
+    from_status: list[str],
+    shard: int = 0,
 ) -> int:
     count = 0
     for prio, nids in by_prio.items():
@@ -274,6 +340,6 @@ def _requeue(
                 )
                 session.commit()
             if changed:
-                enqueue(ctx, prio, chunk, job_id, as_of=now)
+                enqueue(ctx, prio, chunk, job_id, as_of=now, shard=shard)
                 count += len(chunk)
     return count

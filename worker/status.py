@@ -14,7 +14,7 @@ from sqlmodel import Session, col
 from notifyctl import metrics
 from notifyctl.circuit import Circuits
 from notifyctl.context import Context
-from notifyctl.liveness import live_workers
+from notifyctl.liveness import live_workers_of
 from notifyctl.metrics import queue_stats
 from notifyctl.models import Delivery, Notification, utcnow
 from notifyctl.pacing import Pacer
@@ -27,7 +27,7 @@ def status_report(ctx: Context) -> dict[str, Any]:
     queues = queue_stats(ctx)
     # from notifyctl's own liveness keys (not RQ's registry, which keeps a killed worker for
     # minutes): a worker that stopped beating is gone within worker_alive_ttl, whatever host it ran on
-    workers = live_workers(r)
+    workers = live_workers_of(ctx)
     # the client does not decode responses (notifyctl.redisconn): keys and values are bytes
     in_doubt = {k.decode(): int(v) for k, v in cast("dict[bytes, bytes]", r.hgetall(metrics.IN_DOUBT)).items()}
     s = ctx.settings

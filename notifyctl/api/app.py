@@ -285,7 +285,8 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
         try:
             with c.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
-            c.redis.ping()
+            for shard in range(c.shard_count):  # every Redis shard (one Redis: shard 0, c.redis)
+                c.shard_redis(shard).ping()
         except Exception as exc:  # noqa: BLE001 - health reports, never raises
             return _error(503, f"unhealthy: {type(exc).__name__}")
         return JSONResponse({"ok": True})

@@ -16,6 +16,7 @@ from notifyctl.directory import import_users, register_token, set_prefs
 from notifyctl.errors import InputError
 from notifyctl.home import private_dir, write_private
 from notifyctl.intake import parse_request, submit
+from notifyctl.shards import split
 from notifyctl.tracking import recent_deliveries
 
 # Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
@@ -54,10 +55,10 @@ def run_demo(ctx: Context, keep: bool = False) -> None:
         ctx = Context(ctx.settings)
     settings = ctx.settings
     run = str(int(time.time()))
-    r = ctx.redis
     demo_users = ["demo-alice", "demo-bob", "demo-carol", "demo-dave"]
-    # With an external Redis, clear the demo users' rate windows left by an earlier run.
-    r.delete(*[keys.rate(u, rule.key) for u in demo_users for rule in settings.rules])
+    # With an external Redis, clear the demo users' rate windows left by an earlier run (each on its shard).
+    for shard, users in split(demo_users, str, ctx.shard_count).items():
+        ctx.shard_redis(shard).delete(*[keys.rate(u, rule.key) for u in users for rule in settings.rules])
 
     console.rule("1. users, devices, preferences")
     report = import_users(ctx, io.StringIO(USERS_CSV))
@@ -159,7 +160,8 @@ def run_demo(ctx: Context, keep: bool = False) -> None:
 
     console.rule("3. notifyctl worker --burst")
     t0 = time.perf_counter()
-    run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=True)
+    for shard in range(ctx.shard_count):
+        run_worker(settings, ["high", "normal", "low"], burst=True, reconcile=True, shard=shard)
     console.print(f"workers drained the queues in {time.perf_counter() - t0:.2f}s")
 
     console.rule("4. deliveries")

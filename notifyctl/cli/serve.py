@@ -35,6 +35,7 @@ def serve(
     from notifyctl import logs
     from notifyctl.api.app import create_app
     from notifyctl.api.limits import UVICORN_OPTIONS
+    from notifyctl.shards import check as shard_check
     from notifyctl.unsubscribe import check_at_start
 
     if not 0 <= port <= 65535:
@@ -49,6 +50,7 @@ def serve(
     c.engine  # noqa: B018 - fail now (one line) if the database is unusable, not on the first request
     c.redis.ping()
     check_at_start(c.settings)  # a shared database: this host signs links with the others' key, or stops
+    shard_check(c)  # the same Redis shard list as the hosts sharing the database, or stop
     warn_split_stores(c)  # one line when this host's Redis or database is not the others'
     app = create_app(c)
     err_console.print(f"notifyctl API on http://{host}:{port} (docs: /docs, health: /healthz)")

@@ -7,7 +7,10 @@ from notifyctl.cli.common import console, get_ctx
 # Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
 # the root needs (no worker, campaigns, API or phone-number modules).
 
-app = typer.Typer(help="The embedded Redis server (used when NOTIFY_REDIS_URL is unset).", no_args_is_help=True)
+app = typer.Typer(
+    help="The Redis server: the embedded one (used when NOTIFY_REDIS_URL is unset), the URL, the shards.",
+    no_args_is_help=True,
+)
 
 
 @app.command("stop")
@@ -43,3 +46,37 @@ def url(
 
     real = redis_url(get_ctx(ctx).settings)
     typer.echo(real if show_password else _safe(real))
+
+
+@app.command("shards")
+def shards_cmd(
+    ctx: typer.Context,
+    reset: bool = typer.Option(
+        False,
+        "--reset",
+        help="Forget the shard list the shared database recorded: after a drain, before every host starts "
+        "on a new NOTIFY_REDIS_SHARDS.",
+    ),
+) -> None:
+    """The Redis shards (NOTIFY_REDIS_SHARDS): each one's URL (password masked), identity and queue
+    depth, and whether the shared database agrees with this host's list."""
+    from notifyctl import keys
+    from notifyctl import shards as sharding
+    from notifyctl.errors import ConfigError
+    from notifyctl.redisconn import _safe, shard_urls
+
+    c = get_ctx(ctx)
+    if reset:
+        console.print("shard list forgotten" if sharding.reset(c.engine) else "no shard list recorded")
+        return
+    ids = sharding.layout(c)
+    for i, (u, ident) in enumerate(zip(shard_urls(c.settings), ids, strict=True)):
+        r = c.shard_redis(i)
+        depth = sum(int(r.llen(keys.rq_queue(keys.queue_name(p)))) for p in ("high", "normal", "low"))
+        console.print(f"shard {i}  {_safe(u)}  id {ident[:8]}  queued jobs {depth}", markup=False, highlight=False)
+    try:
+        sharding.check(c)
+        console.print("the shared database agrees", markup=False)
+    except ConfigError as exc:
+        console.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(3) from None

@@ -23,6 +23,11 @@ def worker(
     queues: str = typer.Option("high,normal,low", "--queues", "-q", help="Priority queues to serve, comma-separated."),
     burst: bool = typer.Option(False, "--burst", "-b", help="Drain the queues (and due retries), then exit."),
     pool: int = typer.Option(1, "--pool", "-n", min=1, max=64, help="Number of worker processes."),
+    shards: str | None = typer.Option(
+        None,
+        "--shards",
+        help="Redis shards to serve, e.g. 0,1 (NOTIFY_REDIS_SHARDS; default: all), a worker each at least.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every delivery outcome (INFO)."),
     log_json: bool = typer.Option(
         False, "--log-json", help="Log one JSON object per line (or NOTIFY_LOG_FORMAT=json)."
@@ -35,6 +40,7 @@ def worker(
     queues due retries and recovers the work of killed workers.
     """
     from notifyctl import logs
+    from notifyctl import shards as sharding
     from notifyctl.unsubscribe import check_at_start
     from worker.pool import Pool, run_worker
 
@@ -42,22 +48,35 @@ def worker(
     s = app_ctx.settings
     logs.setup("INFO" if verbose else s.log_level.upper(), json_lines=log_json or s.log_format == "json")
     qs = _queues(queues)
-    app_ctx.redis  # noqa: B018 - start/verify Redis and the database before forking
+    served = list(range(app_ctx.shard_count))
+    if shards is not None:
+        try:
+            served = sharding.parse_list(shards, app_ctx.shard_count)
+        except ValueError as exc:
+            raise InputError(f"--shards: {exc}") from None
+    if pool < len(served) and not (burst and pool == 1):
+        raise InputError(f"--pool {pool}: fewer workers than the {len(served)} shards served (one each at least)")
+    for shard in served:
+        app_ctx.shard_redis(shard)  # start/verify Redis (each shard) and the database before forking
     app_ctx.engine  # noqa: B018
     check_at_start(s)  # a shared database: this host signs links with the others' key, or stops
+    sharding.check(app_ctx)  # the same shard list as the hosts sharing the database, or stop
     warn_split_stores(app_ctx)  # one line when this host's Redis or database is not the others'
     if burst and pool == 1:
-        run_worker(app_ctx.settings, qs, burst=True, reconcile=True)
+        for shard in served:
+            run_worker(app_ctx.settings, qs, burst=True, reconcile=True, shard=shard)
         return
     if not burst:
-        console.print(f"notifyctl worker: {pool} process(es) on queues {', '.join(qs)}; Ctrl-C to stop")
-    Pool(app_ctx.settings, qs, pool, burst=burst).run()
+        on = f" on shards {', '.join(map(str, served))}" if app_ctx.shard_count > 1 else ""
+        console.print(f"notifyctl worker: {pool} process(es){on} on queues {', '.join(qs)}; Ctrl-C to stop")
+    Pool(app_ctx.settings, qs, pool, burst=burst, shards=served).run()
     if burst:
         from worker.reconciler import reconcile
 
-        res = reconcile(app_ctx, force=True)
+        res = reconcile(app_ctx, force=True, shards=served)
         if res.retries_queued or res.recovered:
-            run_worker(app_ctx.settings, qs, burst=True, reconcile=True)
+            for shard in served:
+                run_worker(app_ctx.settings, qs, burst=True, reconcile=True, shard=shard)
 
 
 def reconcile_cmd(ctx: typer.Context, as_json: bool = JsonOpt) -> None:

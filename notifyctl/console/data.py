@@ -17,7 +17,7 @@ from notifyctl.analytics import funnel
 from notifyctl.circuit import Circuits
 from notifyctl.dlq import stats as dlq_stats
 from notifyctl.errors import NotFound
-from notifyctl.liveness import by_host, live_workers
+from notifyctl.liveness import by_host, live_workers_of
 from notifyctl.metrics import BUCKETS, IN_DOUBT, LATENCY, SENT_PER_MIN, queue_stats
 from notifyctl.models import Notification
 from notifyctl.tracking import timeline
@@ -64,7 +64,7 @@ def overview_data(ctx: Any) -> dict[str, Any]:
                 "p99": _quantile(h, BUCKETS, 0.99),
             }
         )
-    hosts = {h: len(ws) for h, ws in by_host(live_workers(r)).items()}
+    hosts = {h: len(ws) for h, ws in by_host(live_workers_of(ctx)).items()}
     return {
         "queues": queues,
         "sent_per_min": minutes,

@@ -162,7 +162,7 @@ def follow_replaced_tokens(
     if not push:
         return due
     sql = "SELECT token, platform, removed_at, replaced_by, user_id FROM device_tokens"
-    known = {r[0]: r for r in rows_where_in(conn, sql, "token", push, "AND replaced_by IS NOT NULL")}
+    known = {r[0]: r for r in rows_where_in(conn, sql, "token", push, "AND replaced_by IS NOT NULL", prepared=True)}
     if not known:
         return due
     for _ in range(_REPLACED_HOPS):

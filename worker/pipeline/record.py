@@ -186,7 +186,7 @@ def write(
             _keep_record(rt, events, sent_marks)
             raise
     if sms_stops:
-        prefs.invalidate(rt.ctx.redis, sms_stops)
+        prefs.invalidate(rt.ctx.served, sms_stops)  # (the batch's users: the shard served)
     if settle_error is not None:
         raise settle_error
     for row in new_rows:

@@ -31,10 +31,12 @@ class Runtime:
         self.ctx = ctx
         self.settings = ctx.settings
         self.worker_name = worker_name or unique_worker_name(f"{socket.gethostname()}-{os.getpid()}")
-        self.limiter = RateLimiter(ctx.redis, self.settings.rules, self.settings.rate_limit_bypass_high)
-        self.claims = Claims(ctx.redis, self.worker_name, self.settings.claim_ttl, self.settings.sent_marker_ttl)
+        # the shard this process serves holds its users' keys and its liveness (notifyctl.shards); shard
+        # 0 (ctx.redis) what every host shares: circuits, pacing, provider tokens, metrics
+        self.limiter = RateLimiter(ctx.served, self.settings.rules, self.settings.rate_limit_bypass_high)
+        self.claims = Claims(ctx.served, self.worker_name, self.settings.claim_ttl, self.settings.sent_marker_ttl)
         self.liveness = liveness or Liveness(
-            ctx.redis, self.worker_name, self.settings.worker_alive_ttl, host=self.settings.host_name
+            ctx.served, self.worker_name, self.settings.worker_alive_ttl, host=self.settings.host_name
         )
         self.circuits = Circuits(ctx.redis, self.settings.circuit_threshold, self.settings.circuit_cooldown)
         self.pacer = Pacer(ctx.redis)

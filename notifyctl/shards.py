@@ -1,0 +1,123 @@
+"""Sharding by user: several Redis servers (``NOTIFY_REDIS_SHARDS``), each user on one of them.
+
+A user's shard is ``crc32(user id, UTF-8) mod N`` (``shard_of``): stable across processes, hosts
+and Python versions (never Python's salted ``hash``). The shard of a user holds everything
+notifyctl keeps per user — the queues and jobs of that user's notifications, the dedup keys of
+requests to that user, rate windows, opt-out cache, ordering counters, send records and leases —
+and the liveness keys of the workers that serve that shard (the reconciler of a shard reads them
+beside the shard's jobs). So no operation ever spans two shards: a job holds notifications of one
+shard's users only (intake and the campaign launcher route each notification, the reconciler
+requeues per shard), and a worker serves one shard (``notifyctl worker --shards``).
+
+Shard 0 (``NOTIFY_REDIS_URL``, which must then be unset or the first URL of the list) also holds
+what every host shares whatever the user: circuits, provider pacing, provider tokens, metrics,
+alert stamps, console sessions, the stores' identities. Each pool's reconciler rounds take a lock
+per shard (on that shard).
+
+With one Redis (no ``NOTIFY_REDIS_SHARDS``) there is one shard, 0, and nothing changes: the same
+keys, the same round trips.
+
+Changing the number of shards moves users: a user's queued jobs, dedup keys, rate windows and
+send records would be on the old shard while new work goes to the new one. Drain first (stop
+intake and campaign launches, let the queues empty and retries end), then restart every host
+with the new list. The shared database records the shard layout (each shard's Redis identity,
+``notifyctl.stores.redis_id``) at the first start of a sharded host; a host with another list
+refuses to start (``check``), as a host with another signing key does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from notifyctl.errors import ConfigError
+from notifyctl.models import SharedSecret
+from notifyctl.stores import redis_id
+
+T = TypeVar("T")
+LAYOUT = "redis_shards"  # the shared_secrets row that records the shard layout (not a secret)
+
+
+def shard_of(user_id: str, n: int) -> int:
+    """The shard of ``user_id`` among ``n``: crc32 of its UTF-8 bytes, mod ``n``."""
+    if n <= 1:
+        return 0
+    return zlib.crc32(user_id.encode()) % n
+
+
+def split(items: Iterable[T], user_of: Callable[[T], str], n: int) -> dict[int, list[T]]:
+    """``items`` grouped by the shard of their user, in their order within each shard."""
+    if n <= 1:
+        return {0: list(items)}
+    out: dict[int, list[T]] = defaultdict(list)
+    for item in items:
+        out[zlib.crc32(user_of(item).encode()) % n].append(item)
+    return dict(out)
+
+
+def parse_list(text: str, n: int) -> list[int]:
+    """``0,2`` → ``[0, 2]``: shard numbers below ``n``; an InputError-worthy ValueError else."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit() or int(part) >= n:
+            raise ValueError(f"unknown shard {part!r} (there {'is' if n == 1 else 'are'} {n}: 0-{n - 1})")
+        out.append(int(part))
+    if not out:
+        raise ValueError("no shard given")
+    return list(dict.fromkeys(out))
+
+
+def layout(ctx: Any) -> list[str]:
+    """Each shard's Redis identity, shard 0 first."""
+    return [redis_id(ctx.shard_redis(i)) for i in range(ctx.shard_count)]
+
+
+def _fingerprint(ids: list[str]) -> str:
+    return hashlib.sha256(",".join(ids).encode()).hexdigest()
+
+
+def check(ctx: Any) -> None:
+    """At ``worker``/``serve`` start: this host's shard list agrees with the one the shared database
+    records (the first sharded host records it), or ``ConfigError``. A one-Redis host records
+    nothing (nothing changes for it), but refuses a database whose hosts shard."""
+    t = SharedSecret.__table__  # type: ignore[attr-defined]
+    engine = ctx.engine
+    n = ctx.shard_count
+    mine = layout(ctx) if n > 1 else []
+    if mine:
+        proposal = {"name": LAYOUT, "value": ",".join(i[:8] for i in mine), "fingerprint": _fingerprint(mine)}
+        try:
+            with engine.begin() as conn:  # the first sharded host's INSERT wins
+                conn.execute(insert(t).values(**proposal))
+        except IntegrityError:
+            pass
+    with engine.connect() as conn:
+        row = conn.execute(select(t.c.value, t.c.fingerprint).where(t.c.name == LAYOUT)).first()
+    if row is None:
+        return
+    value, stored = str(row[0] or ""), str(row[1])
+    if mine and stored == _fingerprint(mine):
+        return
+    count = len(value.split(",")) if value else 0
+    raise ConfigError(
+        f"this host's Redis shards ({n}: {','.join(i[:8] for i in mine) or 'one Redis, unsharded'}) differ from "
+        f"those of the hosts sharing this database ({count}: {value}): users would be looked for on the wrong "
+        "shard; set the same NOTIFY_REDIS_SHARDS, in the same order, on every host (changing them needs a "
+        "drain, then `notifyctl redis shards --reset`)"
+    )
+
+
+def reset(engine: Any) -> bool:
+    """Forget the recorded layout (after a drain, before the hosts start on a new shard list)."""
+    t = SharedSecret.__table__  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        return bool(conn.execute(delete(t).where(t.c.name == LAYOUT)).rowcount)
