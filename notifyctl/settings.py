@@ -133,6 +133,12 @@ class DlqConfig(BaseModel):
     alert_webhook_url: SecretStr | None = Field(None, description="POST a JSON alert here (Slack, PagerDuty, ...)")
     alert_repeat_s: int = Field(900, ge=0, description="while still firing, alert again after this many seconds")
     alert_timeout_s: float = Field(5.0, gt=0, description="webhook request timeout, seconds")
+    check_s: float = Field(
+        10.0,
+        gt=0,
+        description="the pool checks the DLQ (alert, replay after an outage, probe of open circuits) this often, "
+        "seconds; the first check half of it after start",
+    )
 
 
 class CampaignConfig(BaseModel):

@@ -20,6 +20,7 @@ from notifyctl.context import Context
 from notifyctl.models import DeliveryEvent
 from sandboxes.sendgrid import SendgridSandbox
 from tests.conftest import make_settings
+from tests.net import ClosedPort
 from tests.util import deliveries, seed, send, wait_for
 from worker.claims import BUSY, DOUBT, OK, Claims, holder
 from worker.pipeline import Runtime, delivery_id, process
@@ -88,8 +89,9 @@ def test_leases_are_renewed_while_held(rclient: redis.Redis) -> None:
         b.close()
 
 
-def test_fence_refuses_when_redis_is_gone(rclient: redis.Redis) -> None:
-    gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)  # nothing listens on port 1
+def test_fence_refuses_when_redis_is_gone(rclient: redis.Redis, closed_port: ClosedPort) -> None:
+    # a port held bound and never listening (tests/net.py): refused at once
+    gone = redis.Redis(host="127.0.0.1", port=closed_port.port, socket_connect_timeout=0.2)
     c = Claims(gone, "host-a-1", 5, 60)
     assert c.fence(["d1", "d2"]) == [False, False]
 

@@ -205,6 +205,7 @@ def test_the_pool_posts_the_dlq_alert_to_the_webhook_by_itself(ctx: Context) -> 
             NOTIFY_DLQ_ALERT_DEPTH="3",
             NOTIFY_DLQ_ALERT_GROWTH_PER_MIN="1000",
             NOTIFY_DLQ_ALERT_WEBHOOK_URL=hook.url,
+            NOTIFY_DLQ_CHECK_S="0.5",  # (default 10 s: the first check 5 s after start)
         ) as pool:
             wait_for(lambda: hook.bodies, 90, "the pool's DLQ alert at the webhook")
         [body] = hook.bodies

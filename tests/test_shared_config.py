@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +20,7 @@ from sqlmodel import Session
 from notifyctl.context import Context
 from notifyctl.models import DeliveryEvent, OptOut
 from tests.conftest import PG_AVAILABLE, ROOT, cli_env, make_settings
+from tests.net import ServeProcess
 from tests.util import seed, send
 from worker.pool import run_worker
 from worker.providers.outbox import read_outbox
@@ -34,12 +33,6 @@ def host_home(tmp_path: Path, name: str) -> Path:
     h = tmp_path / name
     h.mkdir(mode=0o700)
     return h
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_worker(settings, **env: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
@@ -63,29 +56,11 @@ def test_a_link_signed_on_host_a_works_on_host_b(
     unsub = mail["headers"]["List-Unsubscribe"].strip("<>").removeprefix(PUBLIC)
     pixel = re.search(r'<img src="' + re.escape(PUBLIC) + r'(/o/[^"]+)"', mail["content"]["html"]).group(1)  # type: ignore[union-attr]
 
-    port = free_port()
-    api = subprocess.Popen(
-        [sys.executable, "-m", "notifyctl.cli.main", "serve", "--port", str(port)],
-        env=cli_env(b_settings, NOTIFY_PUBLIC_URL=PUBLIC), cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert api.poll() is None and time.monotonic() < deadline, api.stderr.read() if api.stderr else ""
-            time.sleep(0.1)
-        assert httpx.get(base + pixel).status_code == 200
-        r = httpx.post(base + unsub, data={"List-Unsubscribe": "One-Click"})
+    # host B's API, a real `notifyctl serve` on a port it picks itself (tests/net.py)
+    with ServeProcess(cli_env(b_settings, NOTIFY_PUBLIC_URL=PUBLIC)) as api:
+        assert httpx.get(api.url + pixel).status_code == 200
+        r = httpx.post(api.url + unsub, data={"List-Unsubscribe": "One-Click"})
         assert r.status_code == 200, r.text
-    finally:
-        api.terminate()
-        api.wait(timeout=20)
     with Session(a.engine) as s:
         opted = s.execute(select(OptOut.channel, OptOut.category).where(OptOut.user_id == "alice")).all()
         opened = s.execute(select(DeliveryEvent.status).where(DeliveryEvent.notification_id == promo.notification_id))

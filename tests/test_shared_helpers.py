@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import socket
 import time
 from email.utils import formatdate
 from pathlib import Path
@@ -24,6 +23,7 @@ from notifyctl.masking import mask
 from notifyctl.policy import refusal
 from notifyctl.settings import RateRule, Settings
 from notifyctl.vocabulary import PROVIDERS, ROUTES
+from tests.net import ClosedPort
 from worker.providers import REGISTRY, apns, fcm, sns
 from worker.providers.base import InvalidAddress, retry_after
 from worker.ratelimit import Check, RateLimiter
@@ -70,14 +70,8 @@ def test_each_error_knows_its_exit_code_and_http_status() -> None:
     assert ApiError(502, "upstream").exit_code == 1
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nobody listens once it is closed
-
-
-def test_translate_turns_foreign_errors_into_one_line_ours(tmp_path: Path) -> None:
-    port = _closed_port()
+def test_translate_turns_foreign_errors_into_one_line_ours(tmp_path: Path, closed_port: ClosedPort) -> None:
+    port = closed_port.port  # held bound, never listening: refused
     with pytest.raises(redis.ConnectionError) as down:
         redis.Redis(port=port, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)).ping()  # no retries: one refusal
     err = translate(down.value)

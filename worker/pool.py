@@ -329,7 +329,7 @@ class Pool:
         outage = Outage(log, "" if self.settings.redis_shards else redis_url(self.settings))
         dlq_config = self.settings.dlq
         probes: dict[str, Any] = {}
-        next_dlq_check = time.monotonic() + 5
+        next_dlq_check = time.monotonic() + dlq_config.check_s / 2
         freeze_heap()  # before the fork: the workers inherit it frozen
         for i in range(len(self.procs)):
             self._start(i)
@@ -404,7 +404,7 @@ class Pool:
                         check_dlq_alert(ctx, dlq_config)
                     except Exception as exc:  # noqa: BLE001 - an alert must never stop the pool
                         failed("DLQ check", exc)
-                    next_dlq_check = time.monotonic() + 10
+                    next_dlq_check = time.monotonic() + dlq_config.check_s
                 if on_tick:
                     on_tick(self)
                 time.sleep(0.2)
