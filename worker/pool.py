@@ -393,7 +393,9 @@ class Pool:
                         failed("alert check", exc)
                     if rounds % 5 == 0:
                         try:
-                            compact(ctx.engine)  # PostgreSQL: the analytics deltas into the hourly rollup
+                            compact(
+                                ctx.engine
+                            )  # the analytics: deltas (PostgreSQL) and changed hours folded into the coarse tiers
                         except Exception as exc:  # noqa: BLE001 - reports read the deltas meanwhile
                             failed("analytics compaction", exc)
                     next_reconcile = time.monotonic() + reconcile_every

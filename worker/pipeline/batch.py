@@ -113,12 +113,24 @@ class _Batch:
 
         conn = session.connection()
         self.notifications: list[_Note] = [
-            _Note(*row[:7], load(row[7]) or [], load(row[8]) or {}, row[8] or "", row[9] is not None)
+            _Note(
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                row[6],
+                load(row[7]) or [],
+                load(row[8]) or {},
+                row[8] or "",
+                row[9] is not None,
+            )
             for row in rows_where_in(conn, _N_SELECT, "id", ids, _N_LOADABLE, prepared=True)
         ]
         user_ids = {n.recipient_id for n in self.notifications}
         self.users: dict[str, _User] = {
-            row[0]: _User(*row[:5], bool(row[5]), orjson.loads(row[6]) if row[6] else {})
+            row[0]: _User(row[0], row[1], row[2], row[3], row[4], bool(row[5]), orjson.loads(row[6]) if row[6] else {})
             for row in rows_where_in(conn, _U_SELECT, "id", list(user_ids), prepared=True)
         }
         self.opt_outs = prefs.load(client, session, user_ids)

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from sqlalchemy import bindparam, insert, literal, or_, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from notifyctl import metrics, prefs
 from notifyctl.db import prepare_insert, update_where_in, write_lock
@@ -171,7 +171,7 @@ def write(
                 for token, reason in removed_tokens.items():
                     session.execute(
                         update(DeviceToken)
-                        .where(DeviceToken.token == token, DeviceToken.removed_at.is_(None))  # type: ignore[union-attr]
+                        .where(col(DeviceToken.token) == token, col(DeviceToken.removed_at).is_(None))
                         .values(removed_at=now, removed_reason=reason)
                     )
             for user_id in sms_stops:
