@@ -287,8 +287,8 @@ def compact(engine: Engine) -> int:
 
     - SQLite: ``fold``: what changed in the hourly rows since they were last folded (``n -
       folded``, the rows the partial index ``ix_analytics_hourly_unfolded`` holds) is added to the
-      coarse tiers (``analytics_total``, ``analytics_daily``) and marked folded, in one transaction
-      under the write lock.
+      coarse tiers (``analytics_total``, ``analytics_daily``, ``analytics_weekly``) and marked
+      folded, in one transaction under the write lock.
     - PostgreSQL: ``analytics_delta`` moved, summed, into the hourly rows and the coarse tiers at
       once (one statement): its hourly rows are never left unfolded, and the coarse tiers are read
       with the deltas alone. Compactions run one at a time (an advisory lock): each delta row is
