@@ -16,6 +16,8 @@ token works as ``match``):
 - ``{"status": 410, "reason": "Unregistered"}``: answer this status with that reason
   (``headers`` such as ``{"retry-after": "3"}`` are added, ``body`` replaces the JSON)
 - ``{"delay": 0.5}``: answer that much later (other streams keep flowing)
+- ``"jwt": token`` beside any fault: it applies only to requests presenting that provider token
+  (an expired or revoked token is refused whoever presents it, and a new one is not)
 - ``{"drop": true}``: the server vanishes: answers already written still arrive, then the
   connection ends (FIN, no GOAWAY, no TLS close_notify); this and later streams get no answer.
   ``{"drop": "reset"}``: a TCP reset instead (answers in flight may be lost, as on a real network)

@@ -112,7 +112,11 @@ class ApnsConnection(asyncio.Protocol):
     def _request(self, stream_id: int, headers: dict[str, str], body: bytes) -> None:
         self.sb.requests.append(headers.get(":path", ""))
         self.sb.request_auth.append(headers.get("authorization", ""))
-        fault = self.sb.faults.take(headers.get(":path", "") + body.decode("utf-8", "replace"))
+        auth = headers.get("authorization", "")
+        fault = self.sb.faults.take(
+            headers.get(":path", "") + body.decode("utf-8", "replace"),
+            lambda f: "jwt" not in f or auth == f"bearer {f['jwt']}",
+        )
         if fault and fault.get("delay"):
             self.sb.held += 1
             self.sb.peak_held = max(self.sb.peak_held, self.sb.held)
