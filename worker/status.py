@@ -36,7 +36,10 @@ def status_report(ctx: Context) -> dict[str, Any]:
     # from notifyctl's own liveness keys (not RQ's registry, which keeps a killed worker for
     # minutes): a worker that stopped beating is gone within worker_alive_ttl, whatever host it ran on
     if sharded:
-        per, gone = each(ctx, lambda i: [{**w, "shard": i} for w in live_workers(ctx.shard_redis(i))])
+        # a shard found down above is not asked again (a silent one would cost another timeout)
+        per, gone = each(
+            ctx, lambda i: [] if i in down else [{**w, "shard": i} for w in live_workers(ctx.shard_redis(i))]
+        )
         down.update(gone)
         workers = sorted((w for ws in per.values() for w in ws), key=lambda w: (w["host"], w["name"]))
     else:
