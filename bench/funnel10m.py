@@ -16,8 +16,8 @@ The spread (2 deliveries a notification, 5,000,000 notifications over 90 days):
 - statuses: 42 % sent, 20 % delivered, 14 % opened, 9 % failed (4 reasons, 1 in 5 of them
   dead-lettered), 15 % suppressed (5 reasons).
 
-The coarse tiers (``analytics_total``, ``analytics_daily``: what the funnel reads) are checked the
-same way, each against the full count summed to its key.
+The coarse tiers (``analytics_total``, ``analytics_daily``, ``analytics_weekly``: what the funnel
+reads) are checked the same way, each against the full count summed to its key.
 
 Figures: ``analytics.funnel`` by template, channel, campaign and day, all time and ``--since`` 7
 and 30 days back (what ``notifyctl report --by … --since …`` runs; median of ``runs`` after a
@@ -178,7 +178,7 @@ def load(env: Env, deliveries: int, log: Callable[[str], None]) -> dict[str, Any
     if dialect == "postgresql":
         analytics.compact(engine)
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            for table in ("analytics_hourly", "analytics_total", "analytics_daily"):
+            for table in ("analytics_hourly", "analytics_total", "analytics_daily", "analytics_weekly"):
                 conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
     with engine.connect() as conn:
         rows = int(conn.exec_driver_sql("SELECT count(*) FROM deliveries").scalar() or 0)
@@ -265,6 +265,13 @@ def _check_coarse(conn: Any) -> dict[str, int]:
         cols = f"'{dim}' AS dim, substr(hour, 1, 10) AS day, {col} AS value, status, reason"
         differ(f"daily {dim or 'all'}", daily,
                f"SELECT {daily}, n FROM analytics_daily WHERE dim = '{dim}' UNION ALL {pending(cols)}",
+               f"SELECT {cols}, n FROM full_count")  # fmt: skip
+    weekly = "dim, week, value, status, reason"
+    for dim in analytics.WEEK_DIMS:
+        week = analytics.week_sql(conn.dialect.name)
+        cols = f"'{dim}' AS dim, {week} AS week, {analytics.DIMS[dim]} AS value, status, reason"
+        differ(f"weekly {dim}", weekly,
+               f"SELECT {weekly}, n FROM analytics_weekly WHERE dim = '{dim}' UNION ALL {pending(cols)}",
                f"SELECT {cols}, n FROM full_count")  # fmt: skip
     return out
 

@@ -12,9 +12,12 @@ the old row to the new one, a rolled-back one (a worker killed mid-batch) moves 
   ``compact`` folds it into the rollup (the worker pool does so every few seconds).
 
 The coarse tiers, for reads that stay instant at 10,000,000 deliveries (the hourly rollup then
-holds millions of rows): ``analytics_total`` (the rollup without time) and ``analytics_daily``
-(per day, for one dimension at a time: template, channel, campaign, or all). ``compact`` folds
-into them what changed in the rollup since the last fold, off the status changes' path: on
+holds millions of rows): ``analytics_total`` (the rollup without time), ``analytics_daily``
+(per day, for one dimension at a time: template, channel, campaign, or all) and
+``analytics_weekly`` (per ISO week, for template, channel or campaign: a ``--since 30d`` read by
+template takes its whole weeks from here and at most six edge days from the daily tier, measured
+at 1,000,000 deliveries on SQLite 73 → 21 ms). ``compact`` folds into them what changed in the
+rollup since the last fold, off the status changes' path: on
 SQLite the hourly rows whose ``n`` moved past ``folded`` (a partial index holds them), on
 PostgreSQL the deltas as it moves them. A late change (an open days after the send) moves a count
 in an hour long folded: it is read from the hourly row until the next fold, then from its day.
@@ -44,8 +47,8 @@ from notifyctl.errors import InputError
 from notifyctl.pgstats import HOT_TABLES, analyze_grown
 from notifyctl.sqllock import write_lock
 
-VERSION = "v3"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
-SAME_KEY = ("v1", "v2")  # earlier definitions whose rollup install keeps (the same key; no coarse tiers)
+VERSION = "v4"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
+SAME_KEY = ("v1", "v2", "v3")  # earlier definitions whose rollup install keeps (the same key; v3: no weekly tier)
 TRIGGERS = (f"notify_analytics_ins_{VERSION}", f"notify_analytics_upd_{VERSION}")
 KEY = ("hour", "template_id", "channel", "campaign_id", "status", "reason")
 BY = ("template", "channel", "campaign", "day", "hour")
@@ -83,6 +86,22 @@ _TOTAL = "template_id, channel, campaign_id, status, reason"
 _DAILY = "dim, day, value, status, reason"
 # The coarse daily tier's dimensions: dim → its column in analytics_hourly ("" → all deliveries).
 DIMS = {"": "''", "template": "template_id", "channel": "channel", "campaign": "campaign_id"}
+_WEEKLY = "dim, week, value, status, reason"
+# The weekly tier's dimensions (the ones a ``--since`` read groups by).
+WEEK_DIMS = ("template", "channel", "campaign")
+
+
+def week_sql(dialect: str) -> str:
+    """The Monday (``YYYY-MM-DD``) of the ISO week of an hourly row's ``hour``."""
+    if dialect == "postgresql":
+        return "to_char(date_trunc('week', substr(hour, 1, 10)::date), 'YYYY-MM-DD')"
+    return "date(substr(hour, 1, 10), '-6 days', 'weekday 1')"
+
+
+def week_of(day: str) -> str:
+    """The Monday (``YYYY-MM-DD``) of ``day``'s ISO week (``YYYY-MM-DD…``)."""
+    d = datetime.strptime(day[:10], "%Y-%m-%d")
+    return (d - timedelta(days=d.weekday())).strftime("%Y-%m-%d")
 
 
 def _sqlite_ddl() -> list[str]:
@@ -197,7 +216,7 @@ def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManage
             conn.exec_driver_sql(ddl)
         if dialect == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_FOLD_LOCK})")  # no compaction meanwhile
-        for table in ("analytics_total", "analytics_daily"):
+        for table in ("analytics_total", "analytics_daily", "analytics_weekly"):
             conn.exec_driver_sql(f"DELETE FROM {table}")
         if old and all(name.rsplit("_", 1)[-1] in SAME_KEY for name in old):
             if dialect == "postgresql":
@@ -212,7 +231,7 @@ def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManage
             conn.exec_driver_sql("DELETE FROM analytics_delta")
             full = full_count_sql(dialect, ", count(*)")
             conn.exec_driver_sql(f"INSERT INTO analytics_hourly ({_COLS}, n, folded) {full}")
-        for sql in _fold_sql("n", ""):  # the coarse tiers from the whole rollup, folded as written
+        for sql in _fold_sql(dialect, "n", ""):  # the coarse tiers from the whole rollup, folded as written
             conn.exec_driver_sql(sql)
         conn.commit()
     return True
@@ -231,9 +250,10 @@ def _old_triggers(conn: Connection) -> list[str]:
 _FOLD_LOCK = 0x616E6C79  # PostgreSQL advisory lock of compaction and install ("anly")
 
 
-def _fold_sql(amount: str, where: str, table: str = "analytics_hourly") -> list[str]:
+def _fold_sql(dialect: str, amount: str, where: str, table: str = "analytics_hourly") -> list[str]:
     """Add ``amount`` (an expression over ``table``'s rows, the hourly rollup's key) of the rows
-    matching ``where`` into the coarse tiers: the total, then each dimension's days (rows in key order)."""
+    matching ``where`` into the coarse tiers: the total, then each dimension's days, then its weeks
+    (rows in key order)."""
     src = f"FROM {table} {where}"
     out = [
         f"INSERT INTO analytics_total ({_TOTAL}, n) SELECT {_TOTAL}, sum({amount}) {src} GROUP BY {_TOTAL} "
@@ -246,6 +266,14 @@ def _fold_sql(amount: str, where: str, table: str = "analytics_hourly") -> list[
             f"INSERT INTO analytics_daily ({_DAILY}, n) SELECT '{dim}', substr(hour, 1, 10), {col}, status, reason, "
             f"sum({amount}) {src} GROUP BY {key} HAVING sum({amount}) <> 0 "
             f"ORDER BY 2, 3, 4, 5 ON CONFLICT ({_DAILY}) DO UPDATE SET n = analytics_daily.n + excluded.n"
+        )
+    week = week_sql(dialect)
+    for dim in WEEK_DIMS:
+        col = DIMS[dim]
+        out.append(
+            f"INSERT INTO analytics_weekly ({_WEEKLY}, n) SELECT '{dim}', {week}, {col}, status, reason, "
+            f"sum({amount}) {src} GROUP BY {week}, {col}, status, reason HAVING sum({amount}) <> 0 "
+            f"ORDER BY 2, 3, 4, 5 ON CONFLICT ({_WEEKLY}) DO UPDATE SET n = analytics_weekly.n + excluded.n"
         )
     return out
 
@@ -271,13 +299,13 @@ def compact(engine: Engine) -> int:
     the coarse tiers."""
     dialect = engine.dialect.name
     if dialect == "postgresql":
-        analyze_grown(engine, (*HOT_TABLES, "analytics_total", "analytics_daily"))
+        analyze_grown(engine, (*HOT_TABLES, "analytics_total", "analytics_daily", "analytics_weekly"))
         ctes = [
             f"moved AS (DELETE FROM analytics_delta RETURNING {_COLS}, n)",
             f"summed AS (SELECT {_COLS}, sum(n) AS n FROM moved GROUP BY {_COLS} HAVING sum(n) <> 0)",
             f"hourly AS (INSERT INTO analytics_hourly ({_COLS}, n, folded) SELECT {_COLS}, n, n FROM summed "
             f"ORDER BY {_COLS} {_UPSERT}, folded = analytics_hourly.folded + excluded.n)",
-            *(f"coarse{i} AS ({sql})" for i, sql in enumerate(_fold_sql("n", "", "summed"))),
+            *(f"coarse{i} AS ({sql})" for i, sql in enumerate(_fold_sql(dialect, "n", "", "summed"))),
         ]
         with engine.begin() as conn:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_FOLD_LOCK})")
@@ -292,7 +320,7 @@ def compact(engine: Engine) -> int:
 
 
 def _fold(conn: Connection) -> int:
-    for sql in _fold_sql("n - folded", _UNFOLDED):
+    for sql in _fold_sql(conn.dialect.name, "n - folded", _UNFOLDED):
         conn.exec_driver_sql(sql)
     return int(conn.exec_driver_sql(f"UPDATE analytics_hourly SET folded = n {_UNFOLDED}").rowcount or 0)
 
@@ -411,7 +439,10 @@ def _plan(
     - no ``since``, by template / channel / campaign: ``analytics_total`` + what is not folded yet.
     - otherwise one dimension's days (the one grouped by or filtered on; ``""`` when none), from
       the first whole day at or after ``since``, + the hours of ``since``'s day before it, read
-      whole from the hourly rollup, + what is not folded yet of the later hours. When ``since`` is
+      whole from the hourly rollup, + what is not folded yet of the later hours. By template /
+      channel / campaign the days stop at the first whole ISO week (Monday) on or after that day:
+      that week and the later ones are read from ``analytics_weekly`` (30 days: at most 6 days
+      and 5 weeks read instead of 30 days). When ``since`` is
       nearer the first day of the rollup (``span``: its first and last day) than the last, by
       template / channel / campaign: the same as everything (the total tier) less what came
       before ``since`` (the days before its day, and its hours before it): fewer days read.
@@ -475,10 +506,22 @@ def _plan(
     if first_day is not None:
         conds.append(f"day >= {mark}")
         p.append(first_day[:10])
+    first_week = None
+    if first_day is not None and by != "day" and dim in WEEK_DIMS:  # whole weeks from the weekly tier
+        day = datetime.strptime(first_day[:10], "%Y-%m-%d")
+        first_week = (day + timedelta(days=-day.weekday() % 7)).strftime("%Y-%m-%d")
+        conds.append(f"day < {mark}")
+        p.append(first_week)
     if col in filters:
         conds.append(f"value = {mark}")
         p.append(filters[col])
     add(f"SELECT {'day' if by == 'day' else 'value'} AS k, status, reason, n FROM analytics_daily", conds, p, False)
+    if first_week is not None:
+        wconds, wp = [f"dim = {mark}", f"week >= {mark}"], [dim, first_week]
+        if col in filters:
+            wconds.append(f"value = {mark}")
+            wp.append(filters[col])
+        add("SELECT value AS k, status, reason, n FROM analytics_weekly", wconds, wp, False)
     if since is not None and first_day is not None and since != first_day:
         hourly("n", [f"hour >= {mark}", f"hour < {mark}"], [since, first_day])  # since's day, before first_day
     if first_day is None:
@@ -550,7 +593,8 @@ def rollup_counts(engine: Engine) -> dict[tuple[str, ...], int]:
 def coarse_counts(engine: Engine) -> dict[tuple[str, ...], int]:
     """The coarse tiers as the funnel reads them — each tier plus what is not folded into it yet
     (hourly ``n - folded``, PostgreSQL's deltas) — as ``{("total", template, channel, campaign,
-    status, reason) | ("day", dim, day, value, status, reason): count}`` (zero rows left out).
+    status, reason) | ("day", dim, day, value, status, reason) | ("week", dim, monday, value, status,
+    reason): count}`` (zero rows left out).
     Equal to ``coarse_of(full_counts(engine))`` whenever it runs (tests and checks)."""
     pending = "SELECT {cols}, n - folded AS n FROM analytics_hourly WHERE n <> folded"
     if engine.dialect.name == "postgresql":
@@ -560,9 +604,17 @@ def coarse_counts(engine: Engine) -> dict[tuple[str, ...], int]:
     for dim, col in DIMS.items():
         cols = f"'{dim}' AS dim, substr(hour, 1, 10) AS day, {col} AS value, status, reason"
         daily.append(pending.format(cols=cols))
+    weekly = [f"SELECT {_WEEKLY}, n FROM analytics_weekly"]
+    for dim in WEEK_DIMS:
+        cols = f"'{dim}' AS dim, {week_sql(engine.dialect.name)} AS week, {DIMS[dim]} AS value, status, reason"
+        weekly.append(pending.format(cols=cols))
     out: dict[tuple[str, ...], int] = {}
     with engine.connect() as conn:
-        for kind, cols, sql in (("total", _TOTAL, total), ("day", _DAILY, " UNION ALL ".join(daily))):
+        for kind, cols, sql in (
+            ("total", _TOTAL, total),
+            ("day", _DAILY, " UNION ALL ".join(daily)),
+            ("week", _WEEKLY, " UNION ALL ".join(weekly)),
+        ):
             for r in conn.exec_driver_sql(f"SELECT {cols}, sum(n) FROM ({sql}) AS r GROUP BY {cols}").all():
                 if int(r[5]):
                     out[(kind, *(str(x) for x in r[:5]))] = int(r[5])
@@ -576,6 +628,8 @@ def coarse_of(counts: dict[tuple[str, ...], int]) -> dict[tuple[str, ...], int]:
         out[("total", template, channel, campaign, status, reason)] += n
         for dim, value in (("", ""), ("template", template), ("channel", channel), ("campaign", campaign)):
             out[("day", dim, hour[:10], value, status, reason)] += n
+            if dim in WEEK_DIMS:
+                out[("week", dim, week_of(hour), value, status, reason)] += n
     return {k: v for k, v in out.items() if v}
 
 

@@ -409,6 +409,22 @@ class AnalyticsDaily(SQLModel, table=True):
     n: int = 0
 
 
+class AnalyticsWeekly(SQLModel, table=True):
+    """The coarse weekly tier (``notifyctl.analytics``): ``analytics_daily`` summed per ISO week
+    (``week`` is its Monday, ``YYYY-MM-DD``) for the template, channel and campaign dimensions, as
+    far as ``analytics_hourly`` is folded. ``--since`` reads by template / channel / campaign take
+    the whole weeks from here and only the days before the first whole week from the daily tier."""
+
+    __tablename__ = "analytics_weekly"
+    __table_args__ = {"sqlite_with_rowid": False}
+    dim: str = Field(primary_key=True, max_length=16)
+    week: str = Field(primary_key=True, max_length=10)
+    value: str = Field(primary_key=True, max_length=128)
+    status: str = Field(primary_key=True, max_length=16)
+    reason: str = Field(primary_key=True, max_length=64)
+    n: int = 0
+
+
 class AnalyticsDelta(SQLModel, table=True):
     """PostgreSQL: what each statement on ``deliveries`` changed in the rollup, appended (no row
     lock shared between concurrent workers), folded into ``analytics_hourly`` by

@@ -253,10 +253,12 @@ def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> Non
     assert_rollup_exact(ctx)
 
 
-def test_an_upgrade_from_v2_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Context) -> None:
-    """A database of the previous definition (v2 triggers, no coarse tiers, ``folded`` just added,
-    deltas pending on PostgreSQL, deliveries purged since they were counted): install keeps its
-    rollup — a full count would forget the purged ones — and builds the coarse tiers from it."""
+@pytest.mark.parametrize("old_version", ["v2", "v3"])
+def test_an_upgrade_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Context, old_version: str) -> None:
+    """A database of a previous definition (v2 triggers, no coarse tiers, ``folded`` just added; v3
+    triggers, total and daily tiers, no weekly one), deltas pending on PostgreSQL, deliveries purged
+    since they were counted: install keeps its rollup — a full count would forget the purged ones —
+    and builds the coarse tiers from it."""
     ctx = any_db_ctx
     pg = ctx.engine.dialect.name == "postgresql"
     seed(ctx)
@@ -267,7 +269,7 @@ def test_an_upgrade_from_v2_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Co
         for name, ddl in zip(
             analytics.TRIGGERS, (analytics._pg_ddl() if pg else analytics._sqlite_ddl()), strict=False
         ):
-            old = name.replace(analytics.VERSION, "v2")
+            old = name.replace(analytics.VERSION, old_version)
             conn.exec_driver_sql(f"DROP TRIGGER {name}" + (" ON deliveries" if pg else ""))
             if pg:
                 conn.exec_driver_sql(ddl.replace(name, old))
@@ -275,14 +277,18 @@ def test_an_upgrade_from_v2_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Co
                 tables = "NEW TABLE AS new_rows" if kind == "INSERT" else "OLD TABLE AS old_rows NEW TABLE AS new_rows"
                 conn.exec_driver_sql(f"CREATE TRIGGER {old} AFTER {kind} ON deliveries REFERENCING {tables} "
                                      f"FOR EACH STATEMENT EXECUTE FUNCTION {old}()")  # fmt: skip
-            else:  # v2's row triggers knew no ``folded``
+            elif old_version == "v2":  # v2's row triggers knew no ``folded``
                 conn.exec_driver_sql(
                     ddl.replace(name, old).replace(", n, folded)", ", n)").replace(", 0 FROM", " FROM")
                 )
-        conn.exec_driver_sql("UPDATE analytics_hourly SET folded = NULL")
-        conn.exec_driver_sql("DELETE FROM analytics_total")
-        conn.exec_driver_sql("DELETE FROM analytics_daily")
-    with write_lock(ctx.engine), ctx.engine.begin() as conn:  # counted by the v2 triggers (no other process
+            else:
+                conn.exec_driver_sql(ddl.replace(name, old))
+        conn.exec_driver_sql("DELETE FROM analytics_weekly")
+        if old_version == "v2":
+            conn.exec_driver_sql("UPDATE analytics_hourly SET folded = NULL")
+            conn.exec_driver_sql("DELETE FROM analytics_total")
+            conn.exec_driver_sql("DELETE FROM analytics_daily")
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:  # counted by the old triggers (no other process
         # opens the database meanwhile: it would upgrade it)
         conn.execute(text("UPDATE deliveries SET status = 'opened' WHERE notification_id = :n"), {"n": second})
         # purged (retention): deliveries gone, their counts kept
@@ -423,3 +429,59 @@ def test_folds_racing_writers_lose_and_double_no_count(any_db_ctx: Context) -> N
     analytics.compact(ctx.engine)
     assert analytics.unfolded(ctx.engine) == 0
     assert_rollup_exact(ctx)
+
+
+def test_weekly_tier_stays_exact_across_week_boundaries(any_db_ctx: Context) -> None:
+    """Deliveries spread over five weeks, folded into the daily and weekly tiers: a ``--since`` of
+    every day of the last three weeks (whole, and from an hour inside it), whichever weekday it
+    falls on, reads the edge days from the daily tier and the whole weeks from the weekly one and
+    answers as the hourly rollup does; late changes to a folded week, before the fold and after."""
+    ctx = any_db_ctx
+    seed(ctx)
+    ago = (1, 3, 6, 7, 8, 9, 13, 15, 20, 34)
+    users = ("alice", "bob", "carol")
+    ids = [send(ctx, recipient_id=users[i % 3], channels=["email", "sms"]).notification_id for i in range(len(ago))]
+    drain(ctx)
+    for nid, days in zip(ids, ago, strict=True):
+        move_to_days_ago(ctx, [nid], days, 9)
+    assert analytics.compact(ctx.engine) > 0 and analytics.unfolded(ctx.engine) == 0
+    full = assert_rollup_exact(ctx)
+    weeks = {analytics.week_of(k[0]) for k in full}
+    assert len(weeks) >= 4, weeks  # the tier crosses week boundaries (whichever weekday today is)
+    with ctx.engine.connect() as conn:
+        stored = {r[0] for r in conn.exec_driver_sql("SELECT DISTINCT week FROM analytics_weekly").all()}
+    assert stored == weeks
+
+    now = datetime.now(UTC)
+
+    def every_since() -> None:
+        for days in range(22):
+            for hour in ("00", "13"):
+                at = (now - timedelta(days=days)).strftime("%Y-%m-%d ") + hour
+                for by, filters in (
+                    ("template", {}),
+                    ("channel", {}),
+                    ("campaign", {}),
+                    ("channel", {"channel": "sms"}),
+                ):
+                    coarse = analytics.funnel(ctx.engine, by, at, **filters)
+                    assert coarse == analytics.funnel(ctx.engine, by, at, tier="hourly", **filters), (by, at, filters)
+
+    every_since()
+    # late changes to deliveries of a folded week: read from the hourly rows until the next fold
+    mails = [d for d in deliveries(ctx, ids[4]) + deliveries(ctx, ids[5]) if d.channel == "email"]
+    evs = [Event("sendgrid", "opened", delivery_id=mails[0].id, event_id=f"op-{mails[0].id}")]
+    evs += [Event("sendgrid", "failed", delivery_id=mails[1].id, event_id="bounce-w", detail="550 no such user")]
+    assert apply_events(ctx, evs).transitions == 2
+    assert analytics.unfolded(ctx.engine) > 0
+    assert_rollup_exact(ctx)
+    every_since()
+    analytics.compact(ctx.engine)
+    assert analytics.unfolded(ctx.engine) == 0
+    assert_rollup_exact(ctx)
+    every_since()
+    # the weekly tier is what those reads used: without it, a read over whole weeks is short
+    at = (now - timedelta(days=16)).strftime("%Y-%m-%d 13")
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM analytics_weekly")
+    assert analytics.funnel(ctx.engine, "template", at) != analytics.funnel(ctx.engine, "template", at, tier="hourly")
