@@ -14,6 +14,7 @@ import redis
 
 from notifyctl import keys
 from notifyctl.models import Delivery
+from notifyctl.shards import each
 from notifyctl.vocabulary import PRIORITIES
 
 DELIVERIES = keys.METRICS_DELIVERIES
@@ -80,8 +81,6 @@ def queue_stats(ctx: Any, down: dict[int, Any] | None = None) -> list[dict[str, 
     if down is None:
         per = dict(enumerate(_queue_stats(ctx, i) for i in range(ctx.shard_count)))
     else:
-        from notifyctl.shards import each
-
         per, gone = each(ctx, lambda i: _queue_stats(ctx, i))
         down.update(gone)
     out = []

@@ -36,8 +36,9 @@ from typing import Any, NamedTuple, TypeVar
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from notifyctl.errors import ConfigError
+from notifyctl.errors import ConfigError, one_line
 from notifyctl.models import SharedSecret
+from notifyctl.redisconn import RedisUnreachable, _safe, shard_urls, unreachable
 from notifyctl.stores import redis_id
 
 T = TypeVar("T")
@@ -136,9 +137,6 @@ def each(ctx: Any, fn: Callable[[int], T]) -> tuple[dict[int, T], dict[int, Shar
     not be reached (refused, reset, silent), so that one shard down hides nothing of the others
     (``status``, ``/metrics``, ``/healthz``). Every shard down raises, as one Redis down does;
     any other error raises too."""
-    from notifyctl.errors import one_line
-    from notifyctl.redisconn import RedisUnreachable, _safe, shard_urls, unreachable
-
     got: dict[int, T] = {}
     down: dict[int, ShardDown] = {}
     first: BaseException | None = None
