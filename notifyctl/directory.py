@@ -1,4 +1,7 @@
-"""Users, their preferences (opt-outs) and device tokens."""
+"""One module: the recipient directory, every write of who a user is and how to reach them (users and
+their CSV import, opt-outs, device tokens), under one set of checks; ~470 lines.
+
+Users, their preferences (opt-outs) and device tokens."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The dead-letter queue: deliveries that failed for good (``status = failed``, ``dead_lettered``).
+"""One module: the dead-letter queue's operations (list, show, replay, purge, stats) share one filter,
+one query and the send records replay reads; ~530 lines.
+
+The dead-letter queue: deliveries that failed for good (``status = failed``, ``dead_lettered``).
 
 SQL is the DLQ: nothing lives in Redis but the per-delivery send records the worker writes
 (``notif:sent:<delivery id>``), which replay reads to never send twice.

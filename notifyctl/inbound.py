@@ -1,4 +1,7 @@
-"""What providers and recipients tell us after a send: status events and opt-outs.
+"""One module: what comes back after a send (provider events, opt-outs, SMS keywords, unsubscribes,
+signed opens) all lands on the deliveries and opt-outs written here; ~420 lines.
+
+What providers and recipients tell us after a send: status events and opt-outs.
 
 Webhook handlers (``notifyctl.api.webhooks``) verify a request, turn it into :class:`Event` values and
 hand a whole batch to :func:`apply_events`, which:

@@ -14,6 +14,7 @@ import redis
 
 from notifyctl import keys
 from notifyctl.models import Delivery
+from notifyctl.shards import each
 from notifyctl.vocabulary import PRIORITIES
 
 DELIVERIES = keys.METRICS_DELIVERIES
@@ -69,16 +70,23 @@ class Recorder:
             pipe.hincrbyfloat(key, "sum", seconds * n)
 
 
-def queue_stats(ctx: Any) -> list[dict[str, Any]]:
+def queue_stats(ctx: Any, down: dict[int, Any] | None = None) -> list[dict[str, Any]]:
     """Per priority: depth, oldest job's age (lag), running and failed jobs (from Redis). With Redis
     shards (``notifyctl.shards``), over every shard: depths and counts added up, the oldest job's
-    age the oldest of all, and each shard's own rows under ``shards``."""
+    age the oldest of all, and each shard's own rows under ``shards``. Given ``down`` (a dict), a
+    shard that cannot be reached is left out of the sums, its row under ``shards`` None, and it is
+    added to ``down`` (``shards.each``); without it, any shard down raises."""
     if ctx.shard_count == 1:
         return _queue_stats(ctx, 0)
-    per = [_queue_stats(ctx, i) for i in range(ctx.shard_count)]
+    if down is None:
+        per = dict(enumerate(_queue_stats(ctx, i) for i in range(ctx.shard_count)))
+    else:
+        per, gone = each(ctx, lambda i: _queue_stats(ctx, i))
+        down.update(gone)
     out = []
-    for rows in zip(*per, strict=True):
+    for rows in zip(*per.values(), strict=True):
         ages = [q["oldest_age_s"] for q in rows if q["oldest_age_s"] is not None]
+        mine = dict(zip(per, rows, strict=True))
         out.append(
             {
                 **rows[0],
@@ -86,7 +94,10 @@ def queue_stats(ctx: Any) -> list[dict[str, Any]]:
                 "oldest_age_s": max(ages) if ages else None,
                 "started": sum(q["started"] for q in rows),
                 "failed_jobs": sum(q["failed_jobs"] for q in rows),
-                "shards": [{k: q[k] for k in ("depth", "oldest_age_s", "started", "failed_jobs")} for q in rows],
+                "shards": [
+                    {k: mine[i][k] for k in ("depth", "oldest_age_s", "started", "failed_jobs")} if i in mine else None
+                    for i in range(ctx.shard_count)
+                ],
             }
         )
     return out
@@ -132,29 +143,38 @@ def collect(ctx: Any) -> list[Any]:
     from sqlalchemy import func, select
     from sqlmodel import Session, col
 
-    r: redis.Redis = ctx.redis
     s = ctx.settings
     out: list[Any] = []
+    # with shards, one shard down leaves out its figures only: the queues of the others, and (shard 0
+    # down) the counters, histograms and circuits that shard 0 holds; notify_redis_shard_up says which
+    down: dict[int, Any] = {}
+    queues = queue_stats(ctx, down) if ctx.shard_count > 1 else queue_stats(ctx)
+    shared = 0 not in down
+    r: redis.Redis = ctx.redis if shared else None  # type: ignore[assignment]
 
-    deliveries = CounterMetricFamily(
-        "notify_deliveries", "Delivery outcomes by status, channel and reason.", labels=["status", "channel", "reason"]
-    )
-    # the client does not decode responses (notifyctl.redisconn): keys and values are bytes
-    delivered = cast("dict[bytes, bytes]", r.hgetall(DELIVERIES))
-    for field, n in sorted((k.decode(), int(v)) for k, v in delivered.items()):
-        status, channel, reason = (field.split("|") + ["", ""])[:3]
-        deliveries.add_metric([status, channel, reason], n)
-    out.append(deliveries)
+    if shared:
+        deliveries = CounterMetricFamily(
+            "notify_deliveries",
+            "Delivery outcomes by status, channel and reason.",
+            labels=["status", "channel", "reason"],
+        )
+        # the client does not decode responses (notifyctl.redisconn): keys and values are bytes
+        delivered = cast("dict[bytes, bytes]", r.hgetall(DELIVERIES))
+        for field, n in sorted((k.decode(), int(v)) for k, v in delivered.items()):
+            status, channel, reason = (field.split("|") + ["", ""])[:3]
+            deliveries.add_metric([status, channel, reason], n)
+        out.append(deliveries)
 
-    doubt = CounterMetricFamily(
-        "notify_in_doubt",
-        "Deliveries whose worker stopped with the provider call under way, sent again (they may have arrived twice).",
-        labels=["channel"],
-    )
-    in_doubt = cast("dict[bytes, bytes]", r.hgetall(IN_DOUBT))
-    for channel, n in sorted((k.decode(), int(v)) for k, v in in_doubt.items()):
-        doubt.add_metric([channel], n)
-    out.append(doubt)
+        doubt = CounterMetricFamily(
+            "notify_in_doubt",
+            "Deliveries whose worker stopped with the provider call under way, sent again "
+            "(they may have arrived twice).",
+            labels=["channel"],
+        )
+        in_doubt = cast("dict[bytes, bytes]", r.hgetall(IN_DOUBT))
+        for channel, n in sorted((k.decode(), int(v)) for k, v in in_doubt.items()):
+            doubt.add_metric([channel], n)
+        out.append(doubt)
 
     depth = GaugeMetricFamily("notify_queue_depth", "Jobs waiting per priority queue.", labels=["priority"])
     lag = GaugeMetricFamily("notify_queue_lag_seconds", "Age of the oldest waiting job per priority queue.",
@@ -164,38 +184,47 @@ def collect(ctx: Any) -> list[Any]:
         "The lag each priority queue is held to (NOTIFY_LAG_ALERT_*): the pool alerts above the high one.",
         labels=["priority"],
     )
-    for q in queue_stats(ctx):
+    for q in queues:
         depth.add_metric([q["priority"]], q["depth"])
         lag.add_metric([q["priority"]], round(q["oldest_age_s"] or 0.0, 3))
         threshold.add_metric([q["priority"]], float(getattr(s, f"lag_alert_{q['priority']}")))
     out += [depth, lag, threshold]
 
-    latency = HistogramMetricFamily(
-        "notify_provider_latency_seconds", "Time a provider took to answer a batch, per message.", labels=["provider"]
-    )
-    latency_keys = cast("Iterator[bytes]", r.scan_iter(match=keys.METRICS_LATENCY_PATTERN, count=100))
-    for key in sorted(k.decode() for k in latency_keys):
-        provider = key[len(LATENCY) :]
-        h = {k.decode(): v for k, v in cast("dict[bytes, bytes]", r.hgetall(key)).items()}
-        cum = 0
-        buckets = []
-        for b in (*(str(b) for b in BUCKETS), "+Inf"):
-            cum += int(h.get(b, 0))
-            buckets.append((b, cum))
-        latency.add_metric([provider], buckets, float(h.get("sum", 0)))
-    out.append(latency)
+    if shared:
+        latency = HistogramMetricFamily(
+            "notify_provider_latency_seconds",
+            "Time a provider took to answer a batch, per message.",
+            labels=["provider"],
+        )
+        latency_keys = cast("Iterator[bytes]", r.scan_iter(match=keys.METRICS_LATENCY_PATTERN, count=100))
+        for key in sorted(k.decode() for k in latency_keys):
+            provider = key[len(LATENCY) :]
+            h = {k.decode(): v for k, v in cast("dict[bytes, bytes]", r.hgetall(key)).items()}
+            cum = 0
+            buckets = []
+            for b in (*(str(b) for b in BUCKETS), "+Inf"):
+                cum += int(h.get(b, 0))
+                buckets.append((b, cum))
+            latency.add_metric([provider], buckets, float(h.get("sum", 0)))
+        out.append(latency)
 
-    routes = ("push.ios", "push.android", "email", "sms")
-    names = sorted({n for route in routes for n in s.providers_for(route)} | set(s.providers_voice))
-    circuit = GaugeMetricFamily("notify_circuit_open", "1 while a provider's circuit is open.", labels=["provider"])
-    pipe = r.pipeline(transaction=False)
-    for name in names:
-        pipe.hget(keys.circuit(name), "open_until")
-    now = time.time()
-    for name, until in zip(names, pipe.execute(), strict=True):
-        # open while open_until is ahead (notifyctl.circuit's OPEN; half-open after it, until a batch succeeds)
-        circuit.add_metric([name], 1.0 if until and float(until) > now else 0.0)
-    out.append(circuit)
+        routes = ("push.ios", "push.android", "email", "sms")
+        names = sorted({n for route in routes for n in s.providers_for(route)} | set(s.providers_voice))
+        circuit = GaugeMetricFamily("notify_circuit_open", "1 while a provider's circuit is open.", labels=["provider"])
+        pipe = r.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(keys.circuit(name), "open_until")
+        now = time.time()
+        for name, until in zip(names, pipe.execute(), strict=True):
+            # open while open_until is ahead (notifyctl.circuit's OPEN; half-open after it, until a batch succeeds)
+            circuit.add_metric([name], 1.0 if until and float(until) > now else 0.0)
+        out.append(circuit)
+
+    up = GaugeMetricFamily("notify_redis_shard_up", "1 while a Redis shard answers, 0 while it cannot be reached.",
+                           labels=["shard"])  # fmt: skip
+    for i in range(ctx.shard_count):
+        up.add_metric([str(i)], 0.0 if i in down else 1.0)
+    out.append(up)
 
     with Session(ctx.engine) as session:
         dlq = session.scalars(

@@ -1,5 +1,5 @@
 """Who may receive what: the one eligibility rule, used by intake (``notifyctl.intake``), the
-pipeline's fan-out (``worker.pipeline.fanout``) and the campaign dry run (``campaigns.launcher``) alike.
+pipeline's fan-out (``worker.pipeline.fanout``) and the campaign dry run (``campaigns.dryrun``) alike.
 
 For one user, one channel and the notification's category, in this order:
 

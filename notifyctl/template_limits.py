@@ -1,4 +1,7 @@
-"""The limits a template render is held to (a template author cannot take a worker or ``send``
+"""One module: the render limits and every check that enforces them, kept together so that a new filter
+or method is bounded in the same place; ~400 lines.
+
+The limits a template render is held to (a template author cannot take a worker or ``send``
 down with them), and the checks that enforce them; ``notifyctl.template_env`` builds the
 environment that calls them. Per render:
 

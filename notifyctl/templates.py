@@ -1,4 +1,6 @@
-"""Templates: one TOML file per template id, holding its category, default priority, sample data
+"""One module: one template format: parsing, the variables a template needs, and rendering; ~410 lines.
+
+Templates: one TOML file per template id, holding its category, default priority, sample data
 and one table per channel::
 
     id = "order_shipped_v2"

@@ -1,4 +1,7 @@
-"""A local APNs: the HTTP/2 provider API over TLS on 127.0.0.1, speaking Apple's wire protocol.
+"""One module: one fake APNs: the HTTP/2 server, its JWT check and its control endpoint share the
+sandbox's state; ~410 lines.
+
+A local APNs: the HTTP/2 provider API over TLS on 127.0.0.1, speaking Apple's wire protocol.
 
 ``POST /3/device/<hex token>`` with ``authorization: bearer <ES256 JWT>``, ``apns-topic``,
 ``apns-push-type``, ``apns-priority``, ``apns-expiration``, ``apns-collapse-id``, ``apns-id``.

@@ -1,4 +1,7 @@
-"""AWS sandbox: moto's server (SES v2 and SNS, real wire protocols) behind a small fault proxy.
+"""One module: the fake AWS endpoint in front of moto: its SigV4 check, fault plan and recorder act on
+the same proxied request; ~570 lines.
+
+AWS sandbox: moto's server (SES v2 and SNS, real wire protocols) behind a small fault proxy.
 
 ::
 

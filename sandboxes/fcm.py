@@ -1,4 +1,7 @@
-"""A local FCM HTTP v1 sandbox: Google's OAuth2 token endpoint and ``messages:send``.
+"""One module: one fake FCM: the token endpoint mints the access tokens messages:send checks, and both
+answer in Google's error shapes; ~490 lines.
+
+A local FCM HTTP v1 sandbox: Google's OAuth2 token endpoint and ``messages:send``.
 
 - ``POST /token``: the service-account JWT grant. The RS256 assertion is verified with the public
   key of a known service account (iss, aud, iat/exp at most 1 h apart, scope); answers an opaque

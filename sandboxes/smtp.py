@@ -1,4 +1,7 @@
-"""A local SMTP server for the ``smtp`` provider: real SMTP (ESMTP, STARTTLS, implicit TLS, AUTH)
+"""One module: one fake SMTP server: its protocol handler, fault plan, message parsing and control
+endpoint share the sandbox's recorder and faults; ~420 lines.
+
+A local SMTP server for the ``smtp`` provider: real SMTP (ESMTP, STARTTLS, implicit TLS, AUTH)
 over TCP on 127.0.0.1, built on aiosmtpd and run in a background thread.
 
 Every accepted message is parsed and recorded (envelope, From/To/Subject, text and html parts,

@@ -138,7 +138,7 @@ def test_a_chunk_colliding_with_rows_already_written_skips_only_those(any_db_ctx
     """A concurrent relaunch wrote some of a chunk's recipients after the chunk was read: the chunk's
     other rows are written, those are skipped (PostgreSQL: the direct COPY fails on the unique
     index, its savepoint is rolled back, and the chunk goes again through ON CONFLICT DO NOTHING)."""
-    from campaigns.launcher import _insert_new
+    from campaigns.produce import _insert_new
     from notifyctl.models import new_id, utcnow
 
     ctx = any_db_ctx

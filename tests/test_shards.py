@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from pydantic import ValidationError
@@ -29,13 +30,14 @@ from notifyctl.db import dispose_all
 from notifyctl.directory import import_users
 from notifyctl.errors import ConfigError
 from notifyctl.liveness import Liveness
+from notifyctl.metrics import render
 from notifyctl.models import Notification
 from notifyctl.redisconn import RedisUnreachable, ensure_server, stop_server
 from notifyctl.settings import Settings
 from notifyctl.shards import check, parse_list, reset, shard_of, split
 from tests.conftest import ROOT, cli_env, make_settings, start_pool, stop_pool
 from tests.net import ClosedPort
-from tests.util import deliveries, drain, seed, send
+from tests.util import ApiServer, deliveries, drain, seed, send
 from worker.pool import worker_plan
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
@@ -413,3 +415,90 @@ def test_a_shard_down_does_not_stop_the_other_shards_rounds(sctx: Context, shard
         broken.close()
     job = _job_of(ctx, alice)
     assert job != f"job_{alice}" and ctx.shard_redis(1).exists(keys.rq_job(job))
+
+
+def test_status_metrics_and_healthz_with_a_shard_down(
+    home: Path, redis_url: str, redis_url2: str, rclient: redis.Redis, closed_port: ClosedPort
+) -> None:
+    """Shard 1 unreachable (a port this test holds closed, its URL with a password): `status` shows
+    shard 0's figures and shard 1 as unreachable with its error, without the password, and exits 5
+    (`--json` too, with `ok`/`error` per shard); /metrics serves shard 0's series and
+    notify_redis_shard_up; /healthz answers 503 naming shard 1. Shard 0 down: the queues of shard 1,
+    without what shard 0 holds. Both down: exit 3, as one Redis down."""
+    down = f"redis://:s3cret@127.0.0.1:{closed_port.port}/0"
+    shards = [redis_url, down]
+    ctx = Context(make_settings(home, redis_url, redis_shards=shards, redis_socket_timeout=1))
+    try:
+        seed(ctx)
+        assert send(ctx, recipient_id="bob", channels=["email"]).status == "queued"  # shard 0
+        rep = status_report(ctx)
+        normal = next(q for q in rep["queues"] if q["priority"] == "normal")
+        assert normal["depth"] == 1 and normal["shards"][0]["depth"] == 1 and normal["shards"][1] is None
+        assert rep["providers"] and rep["notifications"] == {"queued": 1}
+        up, gone = rep["redis_shards"]
+        assert up == {"shard": 0, "url": redis_url, "ok": True, "error": None}
+        assert (gone["shard"], gone["ok"], gone["url"]) == (1, False, f"redis://***@127.0.0.1:{closed_port.port}/0")
+        assert f"127.0.0.1:{closed_port.port}" in gone["error"] and "\n" not in gone["error"]
+        assert "s3cret" not in json.dumps(rep)
+
+        env = cli_env(ctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(shards), COLUMNS="250")
+        r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "status"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 5, r.stderr
+        assert "s3cret" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+        row = next(line for line in r.stdout.splitlines() if f"127.0.0.1:{closed_port.port}" in line)
+        assert "unreachable: " in row and "Connection refused" in row, r.stdout
+        assert "notify-normal" in r.stdout
+        r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "status", "--json"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 5, r.stderr
+        out = json.loads(r.stdout)
+        assert [(x["shard"], x["ok"], x["error"] is None) for x in out["redis_shards"]] == [(0, True, True),
+                                                                                             (1, False, False)]  # fmt: skip
+        assert sum(q["depth"] for q in out["queues"]) == 1
+
+        text = render(ctx).decode()
+        assert 'notify_redis_shard_up{shard="0"} 1.0' in text and 'notify_redis_shard_up{shard="1"} 0.0' in text
+        assert 'notify_queue_depth{priority="normal"} 1.0' in text and "notify_circuit_open{" in text
+        with ApiServer(ctx) as server:
+            h = httpx.get(f"{server.url}/healthz", timeout=10)
+        assert h.status_code == 503 and h.json() == {
+            "error": "unhealthy: Redis shard 1 of 2 unreachable",
+            "shards_down": [1],
+        }, h.text
+    finally:
+        ctx.close()
+        dispose_all()
+
+    # shard 0 down: shard 1's queues and workers; what shard 0 holds for every host is left out
+    first = [down.replace(":s3cret@", ""), redis_url2]
+    ctx = Context(make_settings(home, first[0], redis_shards=first, redis_socket_timeout=1))
+    try:
+        ctx.shard_redis(1).rpush(keys.rq_queue("notify-low"), b"job_x")
+        rep = status_report(ctx)
+        assert [x["ok"] for x in rep["redis_shards"]] == [False, True]
+        low = next(q for q in rep["queues"] if q["priority"] == "low")
+        assert low["depth"] == 1 and low["shards"] == [None, {**low["shards"][1], "depth": 1}]
+        assert rep["providers"] == {} and rep["in_doubt"] == {}
+        text = render(ctx).decode()
+        assert 'notify_redis_shard_up{shard="0"} 0.0' in text and 'notify_queue_depth{priority="low"} 1.0' in text
+        assert "notify_circuit_open{" not in text and "notify_dlq_depth" in text
+    finally:
+        ctx.close()
+        dispose_all()
+
+    # every shard down: as one Redis down
+    both = [first[0], closed_port.url("redis") + "/1"]
+    ctx = Context(make_settings(home, both[0], redis_shards=both, redis_socket_timeout=1))
+    try:
+        with pytest.raises(RedisUnreachable):
+            status_report(ctx)
+        with ApiServer(ctx) as server:
+            assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 503
+    finally:
+        ctx.close()
+        dispose_all()
+    env = cli_env(ctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(both))
+    r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "status"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 3 and "cannot reach Redis" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -1,4 +1,7 @@
-"""The worker pool: N non-forking RQ workers (``SimpleWorker``: no fork per job), a supervisor
+"""One module: the worker pool's processes: the workers, the supervisor that restarts them and the
+reconciler loop share one lifecycle; ~430 lines.
+
+The worker pool: N non-forking RQ workers (``SimpleWorker``: no fork per job), a supervisor
 that restarts the ones that die, and the reconciler loop.
 
 Queue layout: workers take queues in priority order (high, normal, low). With two or more

@@ -52,6 +52,7 @@ from notifyctl.inbound import Event, apply_events, unsubscribe, verify_open_toke
 from notifyctl.intake import DEDUP_KEY_MAX, NotifyRequest, parse_request, storable, submit
 from notifyctl.metrics import render
 from notifyctl.models import Delivery, User
+from notifyctl.shards import each
 from notifyctl.tracking import timeline
 from notifyctl.unsubscribe import secret_key, verify_token
 
@@ -285,10 +286,24 @@ def create_app(ctx: Any, config: ApiConfig | None = None) -> FastAPI:
         try:
             with c.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
-            for shard in range(c.shard_count):  # every Redis shard (one Redis: shard 0, c.redis)
-                c.shard_redis(shard).ping()
+            if c.shard_count == 1:
+                c.redis.ping()
+                return JSONResponse({"ok": True})
+            # every Redis shard, each answering or not: the answer names the shards down (by
+            # number: their hosts are no business of an HTTP client; `notifyctl status` shows them)
+            _, down = each(c, lambda i: c.shard_redis(i).ping())
         except Exception as exc:  # noqa: BLE001 - health reports, never raises
             return _error(503, f"unhealthy: {type(exc).__name__}")
+        if down:
+            names = ", ".join(str(i) for i in sorted(down))
+            return JSONResponse(
+                {
+                    "error": f"unhealthy: Redis shard{'s' if len(down) > 1 else ''} {names} of {c.shard_count} "
+                    "unreachable",
+                    "shards_down": sorted(down),
+                },
+                status_code=503,
+            )
         return JSONResponse({"ok": True})
 
     @app.get("/o/{token}.gif", tags=["public"], summary="Email open tracking pixel", include_in_schema=True)

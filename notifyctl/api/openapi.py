@@ -1,4 +1,7 @@
-"""The OpenAPI document (``/openapi.json``, ``/docs``): as strict as the validation, with every answer.
+"""One module: the OpenAPI document is one artefact: its schemas and the tightening that applies them
+to every operation; ~450 lines.
+
+The OpenAPI document (``/openapi.json``, ``/docs``): as strict as the validation, with every answer.
 
 FastAPI drafts it from the routes and the pydantic models; :func:`install` makes ``app.openapi``
 return that draft with, for every operation:

@@ -9,9 +9,18 @@ import typer
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
 from worker.status import status_report
+
+# some Redis shards unreachable: the figures shown are the other shards' (every shard or the one
+# Redis down is exit 3, as for every command)
+SHARD_DOWN = 5
+
+
+def _down(rep: dict) -> list[dict]:  # type: ignore[type-arg]
+    return [x for x in rep.get("redis_shards", []) if not x["ok"]]
 
 
 def _render(rep: dict) -> Group:  # type: ignore[type-arg]
@@ -51,7 +60,17 @@ def _render(rep: dict) -> Group:  # type: ignore[type-arg]
             str(c["retry_in_s"] or ""),
             "" if c.get("paced_at_per_s") is None else f"{c['paced_at_per_s']:g}",
         )
-    return Group(qt, wt, st, pt)
+    if "redis_shards" not in rep:
+        return Group(qt, wt, st, pt)
+    # a line per shard: a shard down with its error
+    lines = [Text("Redis shards", style="italic", justify="center")]
+    for x in rep["redis_shards"]:
+        state = Text("ok", style="green") if x["ok"] else Text("unreachable", style="bold red")
+        said = (x["error"] or "").removeprefix(f"cannot reach Redis at {x['url']}: ")  # the URL is just before
+        lines.append(Text.assemble(f"shard {x['shard']}  {x['url']}  ", state, f": {said}" if said else ""))
+    if any(x["shard"] == 0 and not x["ok"] for x in rep["redis_shards"]):
+        pt.title = "Providers (unknown: shard 0, which holds the circuits, is unreachable)"
+    return Group(*lines, qt, wt, st, pt)
 
 
 def plain_lines(rep: dict) -> list[str]:  # type: ignore[type-arg]
@@ -61,6 +80,8 @@ def plain_lines(rep: dict) -> list[str]:  # type: ignore[type-arg]
         return " ".join(f"{k}={v}" for k, v in sorted(d.items())) or "-"
 
     lines = [f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} status"]
+    for x in rep.get("redis_shards", []):
+        lines.append(f"redis shard {x['shard']} {x['url']}: " + ("ok" if x["ok"] else f"unreachable: {x['error']}"))
     for q in rep["queues"]:
         age = "-" if q["oldest_age_s"] is None else f"{q['oldest_age_s']:.1f}s"
         lines.append(
@@ -102,6 +123,9 @@ def status(
     """Queue depth and oldest job age per priority, live workers per host, delivery counts, DLQ
     depth, and deliveries sent again because their worker died mid-send (in doubt).
 
+    With Redis shards, a shard that cannot be reached is listed as unreachable with its error, the
+    figures are the other shards', and the exit code is 5 (every shard down: 3, as for one Redis).
+
     \b
     Examples:
       notifyctl status --watch                         # a live view on a terminal
@@ -110,12 +134,16 @@ def status(
     """
     app_ctx = get_ctx(ctx)
     if not watch:
+        once = status_report(app_ctx)
         if as_json:
-            print_json(status_report(app_ctx))
+            print_json(once)
         else:
-            console.print(_render(status_report(app_ctx)))
+            console.print(_render(once))
+        if _down(once):
+            raise typer.Exit(SHARD_DOWN)
         return
     shown = 0
+    rep: dict = {}  # type: ignore[type-arg]
     try:
         if as_json or not console.is_terminal:
             while True:
@@ -127,15 +155,20 @@ def status(
                 sys.stdout.flush()
                 shown += 1
                 if count is not None and shown >= count:
-                    return
+                    break
                 time.sleep(interval)
-        with Live(_render(status_report(app_ctx)), console=console, refresh_per_second=2) as live:
-            shown = 1
-            while count is None or shown < count:
-                time.sleep(interval)
-                live.update(_render(status_report(app_ctx)))
-                shown += 1
+        else:
+            rep = status_report(app_ctx)
+            with Live(_render(rep), console=console, refresh_per_second=2) as live:
+                shown = 1
+                while count is None or shown < count:
+                    time.sleep(interval)
+                    rep = status_report(app_ctx)
+                    live.update(_render(rep))
+                    shown += 1
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:  # `status --watch | head`: the reader is gone; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if _down(rep):  # the last snapshot's
+        raise typer.Exit(SHARD_DOWN)

@@ -1,4 +1,7 @@
-"""APNs (iOS push) over the HTTP/2 provider API, with token (``.p8`` / ES256 JWT) auth.
+"""One module: one vendor in one place: APNs' JWT, request building over shared HTTP/2 connections and
+outcome mapping; ~460 lines.
+
+APNs (iOS push) over the HTTP/2 provider API, with token (``.p8`` / ES256 JWT) auth.
 
 ``send()`` puts a whole batch on the wire at once: one request per push, as concurrent streams over
 ``connections`` long-lived HTTP/2 connections (Apple treats rapid connect/disconnect as abuse), up

@@ -1,4 +1,7 @@
-"""Firebase Cloud Messaging, HTTP v1 API (route ``push.android``).
+"""One module: one vendor in one place: FCM's message building, OAuth2 token source and outcome
+mapping; ~470 lines.
+
+Firebase Cloud Messaging, HTTP v1 API (route ``push.android``).
 
 One ``POST {base_url}/v1/projects/{project_id}/messages:send`` per message (the v1 API has no
 batch endpoint); a whole batch goes at once as concurrent HTTP/2 streams over a few connections

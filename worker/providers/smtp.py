@@ -1,4 +1,7 @@
-"""The SMTP provider (route ``email``): any SMTP relay or submission server, stdlib ``smtplib``.
+"""One module: the SMTP provider's connection pool, its outcome mapping and its check share one
+connection state; ~540 lines.
+
+The SMTP provider (route ``email``): any SMTP relay or submission server, stdlib ``smtplib``.
 
 Each message is its own SMTP transaction (``MAIL`` / ``RCPT`` / ``DATA``) on a pooled connection,
 so one refused recipient never affects the others. Connections are kept open between ``send()``

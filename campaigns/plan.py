@@ -1,0 +1,100 @@
+"""The plan pass of a launch: reads the segment once, resolves users and time zones, counts each
+wave, checks the template against the first recipient; ``SeenSet`` finds the users a segment
+repeats.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlmodel import Session
+
+from campaigns.resolve import Progress, Resolved, check_template, stream, user_tz
+from campaigns.segments import BadRows, SegmentRow
+from notifyctl.context import Context
+
+
+@dataclass
+class Plan:
+    rows: int = 0  # segment rows read (good and bad)
+    recipients: int = 0  # rows with a known user (duplicates included: each holds a schedule slot)
+    counts: dict[datetime, int] = field(default_factory=lambda: defaultdict(int))
+    zones: dict[datetime, set[str]] = field(default_factory=lambda: defaultdict(set))
+    duplicates: BadRows = field(default_factory=BadRows)  # rows of a user already in the segment
+
+
+def mark_duplicate(bad: BadRows, row: SegmentRow, first_line: int) -> None:
+    bad.add(row.line, "duplicate", f"user {row.user_id!r} is also on line {first_line}; that first row is kept")
+
+
+def plan_pass(ctx: Context, res: Resolved, bad: BadRows, progress: Progress | None) -> Plan:
+    plan = Plan(duplicates=BadRows(keep=bad.keep))
+    checked = False
+    seen = SeenSet()
+    try:
+        with Session(ctx.engine) as session:
+            for chunk in stream(res, bad):
+                plan.rows += len(chunk)
+                tzs = user_tz(session, list({r.user_id for r in chunk}))
+                repeats = seen.duplicates([r for r in chunk if r.user_id in tzs])
+                for r in chunk:
+                    tz = tzs.get(r.user_id)
+                    if tz is None:
+                        bad.add(r.line, "unknown_user", f"unknown user {r.user_id!r}")
+                        continue
+                    if id(r) in repeats:
+                        mark_duplicate(plan.duplicates, r, repeats[id(r)])
+                    elif not checked:
+                        check_template(res, session, r)
+                        checked = True
+                    instant, used = res.schedule.instant(tz)
+                    plan.counts[instant] += 1
+                    plan.zones[instant].add(used)
+                    plan.recipients += 1
+                if progress:
+                    progress("plan", plan.rows, None)
+    finally:
+        seen.close()
+    return plan
+
+
+class SeenSet:
+    """The user ids of a segment read so far, with the line each was first on: an exact set that
+    keeps memory flat whatever the segment size (a throwaway SQLite table in a temporary file,
+    asked and filled once per chunk)."""
+
+    def __init__(self) -> None:
+        import sqlite3
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="notify-segment-")
+        self._db = sqlite3.connect(f"{self._dir.name}/seen.db")
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE seen (user_id TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
+
+    def duplicates(self, rows: list[SegmentRow]) -> dict[int, int]:
+        """``{id(row): line of the user's first row}`` for the rows (of one chunk, in segment order)
+        whose user came earlier in the segment; records the others."""
+        ids = list({r.user_id for r in rows})
+        first: dict[str, int] = {}
+        for i in range(0, len(ids), 900):
+            part = ids[i : i + 900]
+            q = f"SELECT user_id, line FROM seen WHERE user_id IN ({','.join('?' * len(part))})"
+            first.update(self._db.execute(q, part))
+        out: dict[int, int] = {}
+        new: dict[str, int] = {}
+        for r in rows:
+            line = first.get(r.user_id) or new.get(r.user_id)
+            if line is None:
+                new[r.user_id] = r.line
+            else:
+                out[id(r)] = line
+        self._db.executemany("INSERT INTO seen VALUES (?, ?)", new.items())
+        return out
+
+    def close(self) -> None:
+        self._db.close()
+        self._dir.cleanup()
