@@ -1,4 +1,7 @@
-"""Delivery analytics: an hourly rollup kept up as statuses change, and the funnel read from it.
+"""One module: the rollup's triggers, its coarse tiers' fold and the funnel read over them must
+agree on one set of keys and tiers, so they change together; ~675 lines.
+
+Delivery analytics: an hourly rollup kept up as statuses change, and the funnel read from it.
 
 ``analytics_hourly`` counts deliveries by the hour they were queued (UTC) × template × channel ×
 campaign × status (× the kind of reason, for ``failed`` and ``suppressed``). Triggers on

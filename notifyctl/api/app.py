@@ -1,4 +1,7 @@
-"""The FastAPI application: ``create_app(ctx)``.
+"""One module: the HTTP API's routes share one error translation, one auth dependency and one
+context; the webhooks and the console live apart; ~440 lines.
+
+The FastAPI application: ``create_app(ctx)``.
 
 Routes (all answers JSON; errors are ``{"error": "<one line>"}``):
 
