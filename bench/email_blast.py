@@ -25,9 +25,9 @@ from bench.harness import (
     dist,
     noop,
     phone_users,
-    sent_counter,
     settings_env,
     stop_pool,
+    wait_sent,
     wait_workers,
 )
 from bench.sandboxes import SandboxProcess
@@ -176,21 +176,9 @@ def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 1000, expe
         else:
             bulk_notifications(env.ctx, ids, PERSONAL_PROMO_ID, ["email"], PROMO)
         out["write_s"] = round(time.perf_counter() - t0, 2)
-        last, last_t = -1, time.perf_counter()
-        while True:
-            sent = sent_counter(env, "email")  # cheap; confirmed by a SQL count below
-            now = time.perf_counter()
-            if sent >= n:
-                break
-            if sent != last:
-                last, last_t = sent, now
-            elif now - last_t > 60:
-                out["error"] = f"stalled at {sent}/{n} sent emails"
-                break
-            if now - t0 > timeout:
-                out["error"] = f"timeout at {sent}/{n} sent emails"
-                break
-            time.sleep(0.05)
+        error = wait_sent(env, "email", n, t0, timeout, "emails")  # cheap; confirmed by a SQL count below
+        if error:
+            out["error"] = error
         t_end = time.perf_counter()
         blast_running.clear()
         out["cpu"] = meter.stop()

@@ -83,6 +83,24 @@ def sent_counter(env: Env, channel: str) -> int:
     return sum(int(v) for k, v in env.ctx.redis.hgetall(DELIVERIES).items() if k.startswith(prefix))
 
 
+def wait_sent(env: Env, channel: str, n: int, t0: float, timeout: float, what: str) -> str | None:
+    """Poll :func:`sent_counter` until ``n`` are sent on ``channel``: None, or the one-line error of a
+    run that stalled (no progress for 60 s) or ran past ``timeout`` seconds after ``t0``."""
+    last, last_t = -1, time.perf_counter()
+    while True:
+        sent = sent_counter(env, channel)
+        now = time.perf_counter()
+        if sent >= n:
+            return None
+        if sent != last:
+            last, last_t = sent, now
+        elif now - last_t > 60:
+            return f"stalled at {sent}/{n} sent {what}"
+        if now - t0 > timeout:
+            return f"timeout at {sent}/{n} sent {what}"
+        time.sleep(0.05)
+
+
 def wait_workers(env: Env, n: int, timeout: float = 60) -> float:
     """Seconds until ``n`` workers have announced themselves alive."""
     t0 = time.perf_counter()

@@ -33,6 +33,7 @@ from bench.harness import (
     sent_counter,
     settings_env,
     stop_pool,
+    wait_sent,
     wait_workers,
 )
 from bench.sandboxes import SandboxProcess
@@ -166,18 +167,9 @@ def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[st
             probe = _OtpProbe(env, otp_ids, (n / expect_rate) / otps)
         bulk_notifications(env.ctx, ids, "weekly_promo", ["push"], PROMO)
         out["write_s"] = round(time.perf_counter() - t0, 2)
-        last, last_t = -1, t0
-        while True:
-            sent = sent_counter(env, "push")
-            now = time.perf_counter()
-            if sent >= n:
-                break
-            if sent != last:
-                last, last_t = sent, now
-            elif now - last_t > 60 or now - t0 > timeout:
-                out["error"] = f"stalled at {sent}/{n} sent pushes"
-                break
-            time.sleep(0.05)
+        error = wait_sent(env, "push", n, t0, timeout, "pushes")
+        if error:
+            out["error"] = error
         t_end = time.perf_counter()
         out["cpu"] = meter.stop()
         if probe is not None:
