@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from sqlmodel import Session
 from typer.testing import CliRunner
 
 from notifyctl import analytics
@@ -133,13 +134,24 @@ def _session(server: ApiServer, key: str) -> Iterator[httpx.Client]:
 def test_posts_without_the_csrf_token_are_refused(
     server: ApiServer, api_key: str, cctx: Context, smtp: SmtpSandbox
 ) -> None:
+    from campaigns.launcher import LaunchSpec, launch
+    from campaigns.models import Campaign
+
     smtp.faults.add(OUTAGE)
     send(cctx, channels=["email"])
     drain(cctx)
+    later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    cid = launch(
+        cctx,
+        LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users", send_at=later,
+                   data={"discount": 15, "code": "SPRING"}, name="csrf-sale"),
+    )["campaign_id"]  # fmt: skip
     with _session(server, api_key) as c:
         for path, data in (
             ("/console/dlq/replay", {"all": "1", "confirm": "1"}),
             ("/console/dlq/purge", {"all": "1", "confirm": "1", "csrf": "forged"}),
+            (f"/console/campaigns/{cid}/pause", {}),
+            (f"/console/campaigns/{cid}/cancel", {"csrf": "forged"}),
             ("/console/logout", {}),
         ):
             r = c.post(path, data=data)
@@ -147,6 +159,9 @@ def test_posts_without_the_csrf_token_are_refused(
         assert c.get("/console").status_code == 200  # still logged in: the logout was refused
     (d,) = deliveries(cctx)
     assert d.dead_lettered  # nothing was replayed or purged
+    with Session(cctx.engine) as s:
+        camp = s.get(Campaign, cid)
+        assert camp is not None and camp.status == "active"  # nor paused nor canceled
     with httpx.Client(base_url=server.url) as anon:  # the login form has its own token
         r = anon.post("/console/login", data={"api_key": api_key})
         assert r.status_code == 403 and "notify_console" not in r.cookies
