@@ -326,6 +326,7 @@ def test_purge_asks_first(server: ApiServer, api_key: str, cctx: Context, smtp: 
 
 def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cctx: Context, tmp_path: Path) -> None:
     from campaigns.launcher import LaunchSpec, launch
+    from campaigns.report import campaign_status
 
     later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
     s = launch(
@@ -356,6 +357,17 @@ def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cc
     page.click(f"{section} button.resume")
     page.wait_for_url(server.url + "/console/campaigns")
     assert page.inner_text(f"{section} .state") == before and states() == {"scheduled"}
+    assert before == campaign_status(cctx, cid)["state"] == "sending"  # the CLI's word for it
+
+    # a campaign sent now: "completed", as the CLI says; one canceled: "canceled"
+    done = launch(cctx, LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users",
+                                   data={"discount": 5, "code": "NOW"}, name="now-sale"))["campaign_id"]  # fmt: skip
+    reconcile(cctx, now=time.time() + 3600, force=True)  # those paced a little later too
+    drain(cctx)
+    page.click(f"{section} button.cancel")
+    page.wait_for_url(server.url + "/console/campaigns")
+    for c, word in ((done, "completed"), (cid, "canceled")):
+        assert page.inner_text(f"#c-{c} .state") == campaign_status(cctx, c)["state"] == word, c
 
 
 def test_funnel_equals_report_json_and_sql(

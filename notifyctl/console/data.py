@@ -140,7 +140,7 @@ def campaign_cards(ctx: Any, limit: int = 10) -> list[dict[str, Any]]:
     for c in camps:
         waves = wave_progress(ctx, c.id, c.plan or [])
         waiting = sum(w["waiting"] for w in waves)
-        state = c.status if c.status != "active" else ("sending" if waiting else "sent")
+        state = _campaign_state(ctx, c, waiting)
         per_channel = {g["key"]: g for g in funnel(ctx.engine, "channel", campaign=c.id)["groups"]}
         out.append({
             "campaign_id": c.id, "name": c.name, "state": state, "template_id": c.template_id, "channels": c.channels,
@@ -148,6 +148,26 @@ def campaign_cards(ctx: Any, limit: int = 10) -> list[dict[str, Any]]:
             "wave_progress": waves, "per_channel": per_channel,
         })  # fmt: skip
     return out
+
+
+def _campaign_state(ctx: Any, c: Campaign, waiting: int) -> str:
+    """The state ``notifyctl campaign status`` shows (``campaigns.report.STATES``), without its count
+    of every notification: launching, sending (some still scheduled or paused in a wave, or queued or
+    retrying: the first found on the (status, due_at) index), paused, canceled, completed."""
+    if c.status != "active":
+        return str(c.status)
+    if c.launched_at is None:
+        return "launching"
+    if waiting:
+        return "sending"
+    with Session(ctx.engine) as s:
+        in_flight = s.execute(
+            select(Notification.id)  # type: ignore[call-overload]
+            .where(Notification.status.in_(["scheduled", "queued", "retrying"]))  # type: ignore[attr-defined]
+            .where(Notification.campaign_id == c.id)
+            .limit(1)
+        ).first()
+    return "sending" if in_flight else "completed"
 
 
 def wave_progress(ctx: Any, campaign_id: str, waves: list[dict[str, Any]]) -> list[dict[str, Any]]:
