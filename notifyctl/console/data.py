@@ -153,18 +153,23 @@ def campaign_cards(ctx: Any, limit: int = 10) -> list[dict[str, Any]]:
 def _campaign_state(ctx: Any, c: Campaign, waiting: int) -> str:
     """The state ``notifyctl campaign status`` shows (``campaigns.report.STATES``), without its count
     of every notification: launching, sending (some still scheduled or paused in a wave, or queued or
-    retrying: the first found on the (status, due_at) index), paused, canceled, completed."""
+    retrying), paused, canceled, completed."""
     if c.status != "active":
         return str(c.status)
     if c.launched_at is None:
         return "launching"
     if waiting:
         return "sending"
+    # the first of its notifications in flight, on the (status, due_at) index: what is in flight is
+    # little beside a campaign's rows. coalesce() keeps the planner off the (campaign_id, recipient_id)
+    # index, which SQLite would pick and walk through every notification of a completed campaign.
+    # Its scheduled or paused rows are in its waves (counted above) when it has a plan.
+    statuses = ["queued", "retrying"] + ([] if c.plan else ["scheduled", "paused"])
     with Session(ctx.engine) as s:
         in_flight = s.execute(
             select(Notification.id)  # type: ignore[call-overload]
-            .where(Notification.status.in_(["scheduled", "queued", "retrying"]))  # type: ignore[attr-defined]
-            .where(Notification.campaign_id == c.id)
+            .where(Notification.status.in_(statuses))  # type: ignore[attr-defined]
+            .where(func.coalesce(Notification.campaign_id, "") == c.id)
             .limit(1)
         ).first()
     return "sending" if in_flight else "completed"
