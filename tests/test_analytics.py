@@ -483,3 +483,47 @@ def test_weekly_tier_stays_exact_across_week_boundaries(any_db_ctx: Context) -> 
     with write_lock(ctx.engine), ctx.engine.begin() as conn:
         conn.exec_driver_sql("DELETE FROM analytics_weekly")
     assert read.funnel(ctx.engine, "template", at) != read.funnel(ctx.engine, "template", at, tier="hourly")
+
+
+def test_since_near_the_first_day_reads_whole_weeks_from_the_weekly_tier(any_db_ctx: Context) -> None:
+    """A ``--since`` nearer the rollup's first day than its last reads everything less what came
+    before it: the whole weeks before its week from the weekly tier, and only the days of its own
+    week from the daily tier. Its answers equal the hourly rollup's from every day of the older
+    half; with every daily row outside since's week gone they still do (the days are read only at
+    the edge), and without the weekly tier they do not (the weeks are read from it)."""
+    ctx = any_db_ctx
+    seed(ctx)
+    ago = (1, 4, 9, 16, 23, 30, 37, 41, 44, 45, 52)
+    users = ("alice", "bob", "carol")
+    ids = [send(ctx, recipient_id=users[i % 3], channels=["email", "sms"]).notification_id for i in range(len(ago))]
+    drain(ctx)
+    for nid, days in zip(ids, ago, strict=True):
+        move_to_days_ago(ctx, [nid], days, 9)
+    assert fold.compact(ctx.engine) > 0 and checks.unfolded(ctx.engine) == 0
+    assert_rollup_exact(ctx)
+    now = datetime.now(UTC)
+    reads = (("template", {}), ("channel", {}), ("campaign", {}), ("channel", {"channel": "sms"}))
+
+    def equal_to_hourly(at: str) -> bool:
+        return all(
+            read.funnel(ctx.engine, by, at, **filters) == read.funnel(ctx.engine, by, at, tier="hourly", **filters)
+            for by, filters in reads
+        )
+
+    for days in range(27, 54):  # the rollup spans 52 days: each of these is nearer its first day
+        for hour in ("00", "13"):
+            at = (now - timedelta(days=days)).strftime("%Y-%m-%d ") + hour
+            assert equal_to_hourly(at), at
+    at = (now - timedelta(days=44)).strftime("%Y-%m-%d 13")
+    assert read.funnel(ctx.engine, "template", at)["total"]["total"] == 2 * sum(1 for d in ago if d < 44)
+    monday = datetime.strptime(rollup.week_of(at), "%Y-%m-%d")
+    week = {"monday": f"{monday:%Y-%m-%d}", "next": f"{monday + timedelta(days=7):%Y-%m-%d}"}
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:  # every day outside since's week
+        gone = conn.execute(
+            text("DELETE FROM analytics_daily WHERE dim <> '' AND (day < :monday OR day >= :next)"), week
+        ).rowcount
+    assert gone > 0
+    assert equal_to_hourly(at)
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM analytics_weekly")
+    assert read.funnel(ctx.engine, "template", at) != read.funnel(ctx.engine, "template", at, tier="hourly")

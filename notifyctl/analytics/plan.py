@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from notifyctl.analytics.rollup import DIMS, WEEK_DIMS
+from notifyctl.analytics.rollup import DIMS, WEEK_DIMS, week_of
 
 GROUP = {
     "template": "template_id",
@@ -60,7 +60,9 @@ def plan(
       and 5 weeks read instead of 30 days). When ``since`` is
       nearer the first day of the rollup (``span``: its first and last day) than the last, by
       template / channel / campaign: the same as everything (the total tier) less what came
-      before ``since`` (the days before its day, and its hours before it): fewer days read.
+      before ``since``: the whole weeks before its week from the weekly tier, the days of its
+      week before its day from the daily tier (at most 6), its hours before it from the hourly
+      rollup. Either way whole weeks come from the weekly tier, days and hours only at the edge.
     What is not folded yet (the changes since the last ``compact``): on SQLite ``n - folded`` of
     the hourly rows marked so (the partial index holds them), on PostgreSQL the deltas."""
     group = GROUP[by]
@@ -103,16 +105,19 @@ def plan(
     col = next(iter(used), "")
     dim = next((d for d, c in DIMS.items() if c == col), "")
     conds, p = [f"dim = {mark}"], [dim]
-    if since is not None and by != "day" and _nearer_first(since, span):
-        day0 = since[:10] + " 00"
+    value: tuple[list[str], list[Any]] = ([f"value = {mark}"], [filters[col]]) if col in filters else ([], [])
+    if since is not None and by != "day" and dim in WEEK_DIMS and _nearer_first(since, span):
+        day0, monday = since[:10] + " 00", week_of(since)
         add(f"SELECT {group} AS k, status, reason, n FROM analytics_total", [], [])
         hourly("n - folded", ["n <> folded"], [])
-        conds.append(f"day < {mark}")
-        p.append(since[:10])
-        if col in filters:
-            conds.append(f"value = {mark}")
-            p.append(filters[col])
-        add("SELECT value AS k, status, reason, -n AS n FROM analytics_daily", conds, p, False)
+        # less what came before since: the whole weeks before its week, its week's days before its
+        # day, its day's hours before it
+        wconds, wp = [f"dim = {mark}", f"week < {mark}", *value[0]], [dim, monday, *value[1]]
+        add("SELECT value AS k, status, reason, -n AS n FROM analytics_weekly", wconds, wp, False)
+        if monday < since[:10]:
+            conds += [f"day >= {mark}", f"day < {mark}", *value[0]]
+            p += [monday, since[:10], *value[1]]
+            add("SELECT value AS k, status, reason, -n AS n FROM analytics_daily", conds, p, False)
         hourly("-(n - folded)", ["n <> folded", f"hour < {mark}"], [day0])
         if since != day0:
             hourly("-n", [f"hour >= {mark}", f"hour < {mark}"], [day0, since])
@@ -127,15 +132,11 @@ def plan(
         first_week = (day + timedelta(days=-day.weekday() % 7)).strftime("%Y-%m-%d")
         conds.append(f"day < {mark}")
         p.append(first_week)
-    if col in filters:
-        conds.append(f"value = {mark}")
-        p.append(filters[col])
+    conds += value[0]
+    p += value[1]
     add(f"SELECT {'day' if by == 'day' else 'value'} AS k, status, reason, n FROM analytics_daily", conds, p, False)
     if first_week is not None:
-        wconds, wp = [f"dim = {mark}", f"week >= {mark}"], [dim, first_week]
-        if col in filters:
-            wconds.append(f"value = {mark}")
-            wp.append(filters[col])
+        wconds, wp = [f"dim = {mark}", f"week >= {mark}", *value[0]], [dim, first_week, *value[1]]
         add("SELECT value AS k, status, reason, n FROM analytics_weekly", wconds, wp, False)
     if since is not None and first_day is not None and since != first_day:
         hourly("n", [f"hour >= {mark}", f"hour < {mark}"], [since, first_day])  # since's day, before first_day
