@@ -22,8 +22,8 @@ import redis
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from notifyctl import analytics
-from notifyctl.analytics import csv_rows
+from notifyctl.analytics import read
+from notifyctl.analytics.export import csv_rows
 from notifyctl.api.auth import create_key, revoke_key
 from notifyctl.cli.main import app as cli_app
 from notifyctl.context import Context
@@ -410,7 +410,7 @@ def test_funnel_equals_report_json_and_sql(
         r = c.get("/console/analytics.csv?by=channel")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
         assert list(csv.reader(io.StringIO(r.text))) == [
-            [str(v) for v in row] for row in csv_rows(analytics.funnel(cctx.engine, "channel"))
+            [str(v) for v in row] for row in csv_rows(read.funnel(cctx.engine, "channel"))
         ]
         assert c.get("/console/analytics?by=user").status_code == 422
 

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from campaigns.models import Campaign
-from notifyctl.analytics import funnel
+from notifyctl.analytics.read import funnel
 from notifyctl.circuit import Circuits
 from notifyctl.dlq import stats as dlq_stats
 from notifyctl.errors import NotFound

@@ -21,7 +21,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, Response
 
 from campaigns import state
-from notifyctl.analytics import csv_rows, funnel, parse_since
+from notifyctl.analytics.export import csv_rows
+from notifyctl.analytics.read import funnel, parse_since
 from notifyctl.api.auth import allows, check_key, scope_of
 from notifyctl.console.data import campaign_cards, lookup_timelines, overview_data, probe, shards_down
 from notifyctl.console.render import bars_svg, funnel_svg, page, to_login
