@@ -312,7 +312,7 @@ def console_pages(deliveries: int = 1_000_000, runs: int = 5, log: Callable[[str
             os.environ.pop("NOTIFY_BENCH_DATABASE_URL", None)
         env = Env()
         try:
-            cost = wave_trigger_cost(env, log)
+            cost = wave_trigger_cost(env, log, rows=min(20_000, max(2_000, deliveries // 50)))
             info = {**fill(env, deliveries, log), "wave_trigger_cpu_us": cost}
             res[db] = {**info, **measure(env, info, runs, log)}
         except Exception as exc:  # noqa: BLE001 - one database's failure must not hide the other's figures
