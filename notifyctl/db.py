@@ -20,10 +20,10 @@ from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel, create_engine
 
 from notifyctl import (
-    analytics,
     dedup,
     models,  # noqa: F401  (registers every table)
 )
+from notifyctl.analytics.triggers import install as install_analytics
 from notifyctl.errors import ConfigError
 from notifyctl.home import create_private
 from notifyctl.sqllock import write_lock as write_lock  # (re-exported: most callers import it from here)
@@ -509,7 +509,7 @@ def engine_for(settings: Any) -> Engine:
                 add_missing_columns(engine)
                 if "notifications" in had and "dedup_keys" not in had:
                     _backfill_dedup_keys(engine, settings.dedup_ttl)
-                analytics.install(engine, write_lock)
+                install_analytics(engine, write_lock)
         except OperationalError as exc:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
         _engines[url] = engine

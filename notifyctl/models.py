@@ -372,7 +372,7 @@ class AnalyticsHourly(SQLModel, table=True):
     reason: str = Field(primary_key=True, max_length=64)  # "" unless failed or suppressed
     n: int = 0
     # How much of ``n`` the coarse tiers already count (nullable only so that an existing database
-    # gains the column; ``analytics.install`` rebuilds the rollup with it set).
+    # gains the column; ``analytics.triggers.install`` rebuilds the rollup with it set).
     folded: int | None = 0
 
 
@@ -428,7 +428,7 @@ class AnalyticsWeekly(SQLModel, table=True):
 class AnalyticsDelta(SQLModel, table=True):
     """PostgreSQL: what each statement on ``deliveries`` changed in the rollup, appended (no row
     lock shared between concurrent workers), folded into ``analytics_hourly`` by
-    ``analytics.compact``. Read together with it. Unused on SQLite (one writer at a time: its
+    ``analytics.fold.compact``. Read together with it. Unused on SQLite (one writer at a time: its
     triggers update the rollup directly)."""
 
     __tablename__ = "analytics_delta"
