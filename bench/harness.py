@@ -1,5 +1,6 @@
 """Bench helpers on top of bench.common: settings for worker subprocesses, bulk device tokens and
-phone users, waiting for workers, counting tracked rows, Redis command statistics."""
+phone users, waiting for workers, counting tracked rows, Redis command statistics, SQL statement
+counts, the pipeline run in this process over batches."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import json
 import signal
 import subprocess
 import time
+from collections import Counter
+from cProfile import Profile
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import event, func, insert, select, update
 
 from bench.common import Env
 from notifyctl import keys
-from notifyctl.models import Delivery, DeviceToken, User, utcnow
+from notifyctl.models import Delivery, DeviceToken, Notification, User, utcnow
 
 
 def settings_env(overrides: dict[str, Any]) -> dict[str, str]:
@@ -239,3 +242,60 @@ def dist(values: list[float]) -> dict[str, float]:
         return {"n": 0}
     return {"n": len(values), "p50": round(percentile(values, 50), 1), "p99": round(percentile(values, 99), 1),
             "max": round(max(values), 1)}  # fmt: skip
+
+
+class SqlCounter:
+    """SQL statements by verb and table (``statements``), their parameter sets (``rows``: each
+    executemany's sets, 1 for a plain execute; ``many_rows``: the executemany's alone), counted by a
+    ``before_cursor_execute`` listener inside ``with``."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.statements: Counter[str] = Counter()
+        self.rows = 0
+        self.many_rows = 0
+
+    def on_exec(self, _c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, many: bool) -> None:
+        words = statement.split(None, 3)
+        verb = words[0].upper() if words else "?"
+        table = ""
+        if verb == "SELECT":
+            low = statement.lower()
+            j = low.find(" from ")
+            table = low[j + 6 :].split(None, 1)[0] if j >= 0 else ""
+        elif verb in ("INSERT", "DELETE") and len(words) >= 3:
+            table = words[2]
+        elif verb in ("UPDATE", "COPY") and len(words) >= 2:
+            table = words[1]
+        self.statements[f"{verb} {table}".strip()] += 1
+        self.rows += len(params) if many else 1
+        self.many_rows += len(params) if many else 0
+
+    def __enter__(self) -> SqlCounter:
+        event.listen(self.engine, "before_cursor_execute", self.on_exec)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self.on_exec)
+
+
+def mark_queued(env: Env, nids: list[str]) -> None:
+    """The notifications ``nids`` queued again (to run them through ``process`` once more)."""
+    with env.ctx.engine.begin() as conn:
+        for i in range(0, len(nids), 5000):
+            conn.execute(update(Notification).where(Notification.id.in_(nids[i : i + 5000])).values(status="queued"))
+
+
+def process_batches(rt: Any, nids: list[str], batch: int, prof: Profile | None = None) -> int:
+    """``worker.pipeline.process`` in this process over ``nids`` in batches of ``batch`` (profiled
+    by ``prof`` when given, and only the batches): how many were sent."""
+    from worker.pipeline import process  # Lazy: the bench's settings are in place before the worker loads
+
+    sent = 0
+    if prof:
+        prof.enable()
+    for i in range(0, len(nids), batch):
+        sent += process(rt, nids[i : i + batch]).sent
+    if prof:
+        prof.disable()
+    return sent
