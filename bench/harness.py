@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from cProfile import Profile
@@ -16,7 +17,9 @@ from sqlalchemy import event, func, insert, select, update
 
 from bench.common import Env
 from notifyctl import keys
+from notifyctl.intake import parse_request, submit
 from notifyctl.models import Delivery, DeviceToken, Notification, User, utcnow
+from worker.pipeline import process
 
 
 def settings_env(overrides: dict[str, Any]) -> dict[str, str]:
@@ -289,8 +292,6 @@ def mark_queued(env: Env, nids: list[str]) -> None:
 def process_batches(rt: Any, nids: list[str], batch: int, prof: Profile | None = None) -> int:
     """``worker.pipeline.process`` in this process over ``nids`` in batches of ``batch`` (profiled
     by ``prof`` when given, and only the batches): how many were sent."""
-    from worker.pipeline import process  # Lazy: the bench's settings are in place before the worker loads
-
     sent = 0
     if prof:
         prof.enable()
@@ -299,3 +300,56 @@ def process_batches(rt: Any, nids: list[str], batch: int, prof: Profile | None =
     if prof:
         prof.disable()
     return sent
+
+
+class OtpProbe:
+    """OTP SMS (codes 000000, 000001, ...) submitted through intake at an even pace, on a thread of
+    their own, while a blast runs: one to each of ``users``, ``interval`` seconds apart from
+    ``start`` (a ``perf_counter`` time; now by default). ``submitted``: code → (when, whether the
+    blast still ran); ``submit_ms``: how long each intake call took; ``errors``. ``blast_over()``
+    marks the blast done; with ``stop_with_blast`` the rest are then not sent."""
+
+    def __init__(
+        self, env: Env, users: list[str], interval: float, start: float | None = None, stop_with_blast: bool = True
+    ) -> None:
+        self.submitted: dict[str, tuple[float, bool]] = {}
+        self.submit_ms: list[float] = []
+        self.errors: list[str] = []
+        self.blast = threading.Event()
+        self.blast.set()
+        t0 = time.perf_counter() if start is None else start
+
+        def loop() -> None:
+            for i, uid in enumerate(users):
+                if stop_with_blast and not self.blast.is_set():
+                    break
+                wait = t0 + i * interval - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                code = f"{i:06d}"
+                req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
+                                     "data": {"code": code, "minutes": 10}})  # fmt: skip
+                during = self.blast.is_set()
+                ts = time.time()
+                try:
+                    submit(env.ctx, req)
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                self.submit_ms.append((time.time() - ts) * 1000)
+                self.submitted[code] = (ts, during)
+
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+
+    def blast_over(self) -> None:
+        self.blast.clear()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout=timeout)
+
+    def latencies_ms(self, stamps: dict[str, float], during_only: bool = False) -> list[float]:
+        """Submit to the Twilio sandbox's acceptance (``stamps``: code → time), per OTP it accepted."""
+        return [
+            (stamps[c] - ts) * 1000 for c, (ts, d) in self.submitted.items() if c in stamps and (d or not during_only)
+        ]
