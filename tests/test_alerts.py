@@ -124,10 +124,23 @@ def test_metrics_come_from_prometheus_client_and_cover_rules_and_dashboard(actx:
 
 
 def test_rules_pass_promtool() -> None:
+    """The rules are valid, and fire as their unit tests say (notifyctl.rules.test.yml: a Redis shard
+    down past its 30 s, high-priority lag over its threshold, a circuit opening; each resolves)."""
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian: apt-get install prometheus): the rules are not checked")
     r = subprocess.run([promtool, "check", "rules", str(DEPLOY / "prometheus" / "notifyctl.rules.yml")],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 6 rules found" in r.stdout
+    assert "SUCCESS: 7 rules found" in r.stdout
+    r = subprocess.run([promtool, "test", "rules", "notifyctl.rules.test.yml"], cwd=DEPLOY / "prometheus",
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_redis_shard_down_has_a_rule_and_a_panel() -> None:
+    rules = (DEPLOY / "prometheus" / "notifyctl.rules.yml").read_text()
+    (rule,) = re.findall(r"- alert: NotifyRedisShardDown\n(?:\s+#.*\n)*\s+expr: (.+)\n\s+for: (\d+)s", rules)
+    assert rule[0] == "notify_redis_shard_up == 0" and int(rule[1]) <= 60, rule
+    dash = json.loads((DEPLOY / "grafana" / "notifyctl-dashboard.json").read_text())
+    assert [p["title"] for p in dash["panels"] if any(t["expr"] == "notify_redis_shard_up" for t in p["targets"])]

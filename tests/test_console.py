@@ -407,3 +407,78 @@ def test_lookup_by_id_dedup_key_and_user(
     assert int(page.inner_text("#sent-hour")) == 2  # the two emails, from the workers' per-minute counter
     page.goto(server.url + "/console/lookup?q=nobody-here")
     assert "nothing found for 'nobody-here'" in page.inner_text("#error")
+
+
+def test_every_page_opens_with_a_redis_shard_down(home: Path, redis_url: str, rclient: redis.Redis,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    """Two Redis shards, the second a redis-server of this test's, stopped while the console is open:
+    every page still answers 200 with what it can show, under a banner naming shard 1 (its URL and
+    error, as `notifyctl status` does); the Overview's queues are shard 0's; a replay is refused
+    before anything (it needs each entry's send record on its user's shard), a purge's dry run is
+    not. Shard 0 down (it holds the sessions): each page is a 503 naming shard 0."""
+    import re
+
+    from notifyctl.db import dispose_all
+    from notifyctl.redisconn import ensure_server, stop_server
+
+    d1 = tmp_path / "redis-shard1"
+    url1 = ensure_server(d1)
+    ctx = Context(make_settings(home, redis_url, redis_shards=[redis_url, url1], redis_socket_timeout=1))
+    try:
+        seed(ctx)
+        assert ctx.shard_of("bob") == 0 and ctx.shard_of("alice") == 1
+        send(ctx, recipient_id="bob", channels=["email"])
+        alice = send(ctx, recipient_id="alice", channels=["email"]).notification_id
+        key = create_key(ctx, "shards").key
+        pages = ("/console", "/console/dlq", "/console/campaigns", "/console/analytics?by=channel",
+                 f"/console/lookup?q={alice}", "/console/lookup?q=bob")  # fmt: skip
+
+        def depth(html: str, priority: str) -> int:
+            m = re.search(rf'<tr><td>{priority}</td><td class="n">(\d+)</td>', html)
+            assert m, html
+            return int(m.group(1))
+
+        with ApiServer(ctx) as server, _session(server, key) as c:
+            up = c.get("/console")
+            assert up.status_code == 200 and 'id="shards-down"' not in up.text and depth(up.text, "normal") == 2
+            csrf = re.search(r'name="csrf" value="([^"]+)"', up.text).group(1)  # type: ignore[union-attr]
+            assert "Dry run: would replay 0" in c.post("/console/dlq/replay", data={"csrf": csrf, "all": "1"}).text
+
+            assert stop_server(d1)
+            for path in pages:
+                r = c.get(path)
+                assert r.status_code == 200, (path, r.text)
+                banner = r.text.split('id="shards-down"', 1)[1].split("</div>", 1)[0]
+                assert f"shard 1 <code>{url1}</code>" in banner and "shard 0" not in banner, (path, banner)
+            overview = c.get("/console").text
+            assert depth(overview, "normal") == 1  # bob's job, on shard 0
+            assert alice in c.get(f"/console/lookup?q={alice}").text  # from SQL, whatever its shard
+            refused = c.post("/console/dlq/replay", data={"csrf": csrf, "all": "1", "confirm": "1"})
+            assert refused.status_code == 503 and "Redis shard 1 of 2 unreachable" in refused.text
+            dry = c.post("/console/dlq/purge", data={"csrf": csrf, "all": "1"})
+            assert dry.status_code == 200 and "Dry run: would purge 0" in dry.text and 'id="shards-down"' in dry.text
+            assert c.get("/console/analytics.csv?by=channel").status_code == 200
+    finally:
+        stop_server(d1)
+        ctx.close()
+        dispose_all()
+
+    # shard 0 down: no session can be read; each page says so (the login form itself opens)
+    d0 = tmp_path / "redis-shard0"
+    url0 = ensure_server(d0)
+    ctx = Context(make_settings(home, url0, redis_shards=[url0, redis_url], redis_socket_timeout=1))
+    try:
+        key = create_key(ctx, "shards0").key
+        with ApiServer(ctx) as server, _session(server, key) as c:
+            assert c.get("/console").status_code == 200
+            assert stop_server(d0)
+            for path in pages:
+                r = c.get(path)
+                assert r.status_code == 503 and "<html" in r.text, (path, r.text)
+                assert "Redis shard 0 of 2, which holds the console&#39;s sessions, is unreachable" in r.text, r.text
+                assert url0 not in r.text
+            assert httpx.get(server.url + "/console/login").status_code == 200  # no session cookie
+    finally:
+        stop_server(d0)
+        ctx.close()
+        dispose_all()

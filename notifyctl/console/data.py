@@ -17,17 +17,49 @@ from notifyctl.analytics.read import funnel
 from notifyctl.circuit import Circuits
 from notifyctl.dlq import stats as dlq_stats
 from notifyctl.errors import NotFound
-from notifyctl.liveness import by_host, live_workers_of
+from notifyctl.liveness import by_host, live_workers, live_workers_of
 from notifyctl.metrics import BUCKETS, IN_DOUBT, LATENCY, SENT_PER_MIN, queue_stats
 from notifyctl.models import Notification
+from notifyctl.redisconn import _safe, shard_urls
+from notifyctl.shards import ShardDown, each
 from notifyctl.tracking import timeline
 
 
+def probe(ctx: Any) -> dict[int, ShardDown]:
+    """The Redis shards that do not answer a ping (none with one Redis)."""
+    if ctx.shard_count == 1:
+        return {}
+    return each(ctx, lambda i: ctx.shard_redis(i).ping())[1]
+
+
+def shards_down(ctx: Any, known: dict[int, ShardDown] | None = None) -> list[dict[str, Any]]:
+    """The Redis shards that cannot be reached, for the banner on every page (``notifyctl status``'s
+    lines): each with its number, URL (no password) and error in one line. ``known``: what a page
+    found while reading (``overview_data``), so that no shard is asked twice (a silent one would cost
+    another timeout); without it each shard is pinged. One Redis, unsharded: nothing to say (its
+    outage is every page's error, as for every command)."""
+    if ctx.shard_count == 1:
+        return []
+    if known is None:
+        known = probe(ctx)
+    urls = shard_urls(ctx.settings)
+    out = []
+    for i in sorted(known):
+        url = _safe(urls[i])
+        out.append({"shard": i, "url": url, "error": known[i].error.removeprefix(f"cannot reach Redis at {url}: ")})
+    return out
+
+
 def overview_data(ctx: Any) -> dict[str, Any]:
-    """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries)."""
+    """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries).
+
+    With Redis shards, one shard down hides nothing of the others (``notifyctl.shards.each``): the
+    queues and live workers are those of the shards that answered, and ``down`` names the others.
+    Shard 0 holds the sessions: without it no page opens (``notifyctl.console.session``)."""
     s = ctx.settings
     r = ctx.redis
-    queues = queue_stats(ctx)
+    down: dict[int, ShardDown] = {}
+    queues = queue_stats(ctx, down) if ctx.shard_count > 1 else queue_stats(ctx)
     for q in queues:
         q["threshold_s"] = float(getattr(s, f"lag_alert_{q['priority']}"))
         q["over"] = q["oldest_age_s"] is not None and q["oldest_age_s"] > q["threshold_s"]
@@ -64,8 +96,16 @@ def overview_data(ctx: Any) -> dict[str, Any]:
                 "p99": _quantile(h, BUCKETS, 0.99),
             }
         )
-    hosts = {h: len(ws) for h, ws in by_host(live_workers_of(ctx)).items()}
+    if ctx.shard_count > 1:
+        # a shard found down above is not asked again
+        per, gone = each(ctx, lambda i: [] if i in down else live_workers(ctx.shard_redis(i)))
+        down.update(gone)
+        workers = [w for ws in per.values() for w in ws]
+    else:
+        workers = live_workers_of(ctx)
+    hosts = {h: len(ws) for h, ws in by_host(workers).items()}
     return {
+        "down": down,
         "queues": queues,
         "sent_per_min": minutes,
         "sent_last_hour": sum(n for _, n in minutes),
