@@ -176,6 +176,52 @@ def _driver_rows(dialect: Any, table: Table, cols: list[str], rows: list[dict[st
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_SPECIAL = ("\\", "\t", "\n", "\r")
+_COPY_NULL = "\\N"
+_PLAIN = {str, type(None)}
+_MISSING: Any = object()  # (a memo's "not there yet": None is a value)
+
+
+def _copy_value(v: Any) -> str:
+    """A driver value (not None) as COPY's text format writes it, before escaping."""
+    if type(v) is str:
+        return v
+    if isinstance(v, bool):
+        return "t" if v else "f"
+    if isinstance(v, datetime):
+        return v.isoformat()
+    return str(v)
+
+
+def _copy_column(values: list[Any], proc: Callable[[Any], Any] | None) -> list[str]:
+    """One column's values as COPY text, a column at a time: a column of plain strings (most of
+    them) costs a scan for its NULLs and one of its joined text for the four characters that need
+    escaping (almost never there), instead of a function call per value. Values that convert
+    (datetimes, booleans, JSON through the column's bind processor) are converted once per
+    distinct value (JSON's dicts and lists by identity: a campaign's rows share one)."""
+    texts: list[str | None]
+    if proc is None and set(map(type, values)) <= _PLAIN:
+        texts = values
+    else:
+        by_value: dict[Any, str | None] = {}
+        by_id: dict[int, str | None] = {}
+        texts = []
+        for v in values:
+            if v is None:
+                texts.append(None)
+                continue
+            memo, key = (by_id, id(v)) if isinstance(v, dict | list) else (by_value, v)
+            t = memo.get(key, _MISSING)
+            if t is _MISSING:
+                w = proc(v) if proc is not None else v
+                t = memo[key] = None if w is None else _copy_value(w)
+            texts.append(t)
+    has_null = None in texts
+    present: list[str] = [t for t in texts if t is not None] if has_null else texts  # type: ignore[assignment]
+    joined = "\x00".join(present)
+    if any(c in joined for c in _COPY_SPECIAL):
+        texts = [t.translate(_COPY_ESCAPES) if t is not None else None for t in texts]
+    return [_COPY_NULL if t is None else t for t in texts] if has_null else texts  # type: ignore[return-value]
 
 
 def _copy_in(
@@ -190,26 +236,9 @@ def _copy_in(
     import io
     import uuid
 
-    memo: dict[int, str] = {}  # a memoised driver value is one object: its text is made once
-
-    def text(v: Any) -> str:  # a driver value as COPY's text format writes it
-        if type(v) is str:
-            return v.translate(_COPY_ESCAPES)
-        if v is None:
-            return "\\N"
-        out = memo.get(id(v))
-        if out is None:
-            if isinstance(v, bool):
-                out = "t" if v else "f"
-            elif isinstance(v, datetime):
-                out = v.isoformat()
-            else:
-                out = str(v).translate(_COPY_ESCAPES)
-            memo[id(v)] = out
-        return out
-
     dialect = engine.dialect
-    data = "".join("\t".join([text(v) for v in vals]) + "\n" for vals in _driver_rows(dialect, table, cols, rows))
+    columns = [_copy_column([r[c] for r in rows], table.c[c].type._cached_bind_processor(dialect)) for c in cols]
+    data = "\n".join(map("\t".join, zip(*columns, strict=True))) + "\n"
     q = dialect.identifier_preparer
     names = ", ".join(q.quote(c) for c in cols)
     target = q.format_table(table)

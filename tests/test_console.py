@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from sqlmodel import Session
 from typer.testing import CliRunner
 
 from notifyctl.analytics import read
@@ -133,13 +134,24 @@ def _session(server: ApiServer, key: str) -> Iterator[httpx.Client]:
 def test_posts_without_the_csrf_token_are_refused(
     server: ApiServer, api_key: str, cctx: Context, smtp: SmtpSandbox
 ) -> None:
+    from campaigns.launcher import LaunchSpec, launch
+    from campaigns.models import Campaign
+
     smtp.faults.add(OUTAGE)
     send(cctx, channels=["email"])
     drain(cctx)
+    later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    cid = launch(
+        cctx,
+        LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users", send_at=later,
+                   data={"discount": 15, "code": "SPRING"}, name="csrf-sale"),
+    )["campaign_id"]  # fmt: skip
     with _session(server, api_key) as c:
         for path, data in (
             ("/console/dlq/replay", {"all": "1", "confirm": "1"}),
             ("/console/dlq/purge", {"all": "1", "confirm": "1", "csrf": "forged"}),
+            (f"/console/campaigns/{cid}/pause", {}),
+            (f"/console/campaigns/{cid}/cancel", {"csrf": "forged"}),
             ("/console/logout", {}),
         ):
             r = c.post(path, data=data)
@@ -147,6 +159,9 @@ def test_posts_without_the_csrf_token_are_refused(
         assert c.get("/console").status_code == 200  # still logged in: the logout was refused
     (d,) = deliveries(cctx)
     assert d.dead_lettered  # nothing was replayed or purged
+    with Session(cctx.engine) as s:
+        camp = s.get(Campaign, cid)
+        assert camp is not None and camp.status == "active"  # nor paused nor canceled
     with httpx.Client(base_url=server.url) as anon:  # the login form has its own token
         r = anon.post("/console/login", data={"api_key": api_key})
         assert r.status_code == 403 and "notify_console" not in r.cookies
@@ -311,6 +326,7 @@ def test_purge_asks_first(server: ApiServer, api_key: str, cctx: Context, smtp: 
 
 def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cctx: Context, tmp_path: Path) -> None:
     from campaigns.launcher import LaunchSpec, launch
+    from campaigns.report import campaign_status
 
     later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
     s = launch(
@@ -341,6 +357,17 @@ def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cc
     page.click(f"{section} button.resume")
     page.wait_for_url(server.url + "/console/campaigns")
     assert page.inner_text(f"{section} .state") == before and states() == {"scheduled"}
+    assert before == campaign_status(cctx, cid)["state"] == "sending"  # the CLI's word for it
+
+    # a campaign sent now: "completed", as the CLI says; one canceled: "canceled"
+    done = launch(cctx, LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users",
+                                   data={"discount": 5, "code": "NOW"}, name="now-sale"))["campaign_id"]  # fmt: skip
+    reconcile(cctx, now=time.time() + 3600, force=True)  # those paced a little later too
+    drain(cctx)
+    page.click(f"{section} button.cancel")
+    page.wait_for_url(server.url + "/console/campaigns")
+    for c, word in ((done, "completed"), (cid, "canceled")):
+        assert page.inner_text(f"#c-{c} .state") == campaign_status(cctx, c)["state"] == word, c
 
 
 def test_funnel_equals_report_json_and_sql(

@@ -312,6 +312,49 @@ def test_prepared_insert_stores_what_core_would_and_skips_conflicts(tmp_path: Pa
     engine.dispose()
 
 
+def test_copy_insert_stores_what_core_would(pg_url: str) -> None:
+    """PostgreSQL: ``prepare_insert`` writes by COPY, its text made a column at a time; every value
+    must read back as Core's own insert stores it: the four characters COPY escapes (in plain and
+    JSON columns), NULLs beside them, a text that looks like COPY's NULL marker, str enums,
+    booleans, integers, datetimes and JSON shared by several rows."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import insert, select
+    from sqlmodel import SQLModel
+
+    from notifyctl.db import make_engine, prepare_insert
+    from notifyctl.models import Delivery, DeliveryStatus
+
+    engine = make_engine(pg_url)
+    SQLModel.metadata.create_all(engine)
+    t = Delivery.__table__  # type: ignore[attr-defined]
+    now = datetime(2026, 3, 29, 1, 30, 15, 123456, tzinfo=UTC)
+    odd = ["plain", "tab\there", "back\\slash", "new\nline", "cr\rreturn", "\\N", "", "ü é"]
+
+    def row(i: int, prefix: str) -> dict[str, object]:
+        return {"id": f"{prefix}{i}", "notification_id": f"{prefix}n{i}", "user_id": odd[i % len(odd)], "channel": "email",
+                "route": "email", "address": f"{odd[(i + 3) % len(odd)]}@x", "status": DeliveryStatus.sent,
+                "reason": None if i % 2 else odd[i % len(odd)], "attempts": i, "dead_lettered": i % 3 == 0,
+                "queued_at": now, "updated_at": now + timedelta(seconds=i), "provider": None,
+                "provider_message_id": odd[i % len(odd)] if i % 3 else None, "next_attempt_at": None,
+                "sent_at": now if i % 2 else None, "suppressed_at": None, "failed_at": None}  # fmt: skip
+
+    k = 2 * len(odd)
+    with engine.begin() as conn:
+        conn.execute(insert(t), [row(i, "core") for i in range(k)])
+        prepare_insert(engine, t, [row(i, "copy") for i in range(k)])(conn)
+    with engine.connect() as conn:
+        got = {r.id: r._asdict() for r in conn.execute(select(t))}
+    assert len(got) == 2 * k
+    for i in range(k):
+        a, b = got.pop(f"core{i}"), got.pop(f"copy{i}")
+        for r in (a, b):
+            r.pop("id"), r.pop("notification_id")
+        assert a == b, i
+        assert a["user_id"] == odd[i % len(odd)] and a["status"] == "sent"
+    engine.dispose()
+
+
 def test_ids_are_time_ordered_crockford_base32() -> None:
     """Notification ids sort by creation time (the SQL primary key grows at its end) and carry
     50 random bits; the time part is the millisecond clock in Crockford base32."""

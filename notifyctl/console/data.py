@@ -140,7 +140,7 @@ def campaign_cards(ctx: Any, limit: int = 10) -> list[dict[str, Any]]:
     for c in camps:
         waves = wave_progress(ctx, c.id, c.plan or [])
         waiting = sum(w["waiting"] for w in waves)
-        state = c.status if c.status != "active" else ("sending" if waiting else "sent")
+        state = _campaign_state(ctx, c, waiting)
         per_channel = {g["key"]: g for g in funnel(ctx.engine, "channel", campaign=c.id)["groups"]}
         out.append({
             "campaign_id": c.id, "name": c.name, "state": state, "template_id": c.template_id, "channels": c.channels,
@@ -148,6 +148,31 @@ def campaign_cards(ctx: Any, limit: int = 10) -> list[dict[str, Any]]:
             "wave_progress": waves, "per_channel": per_channel,
         })  # fmt: skip
     return out
+
+
+def _campaign_state(ctx: Any, c: Campaign, waiting: int) -> str:
+    """The state ``notifyctl campaign status`` shows (``campaigns.report.STATES``), without its count
+    of every notification: launching, sending (some still scheduled or paused in a wave, or queued or
+    retrying), paused, canceled, completed."""
+    if c.status != "active":
+        return str(c.status)
+    if c.launched_at is None:
+        return "launching"
+    if waiting:
+        return "sending"
+    # the first of its notifications in flight, on the (status, due_at) index: what is in flight is
+    # little beside a campaign's rows. coalesce() keeps the planner off the (campaign_id, recipient_id)
+    # index, which SQLite would pick and walk through every notification of a completed campaign.
+    # Its scheduled or paused rows are in its waves (counted above) when it has a plan.
+    statuses = ["queued", "retrying"] + ([] if c.plan else ["scheduled", "paused"])
+    with Session(ctx.engine) as s:
+        in_flight = s.execute(
+            select(Notification.id)  # type: ignore[call-overload]
+            .where(Notification.status.in_(statuses))  # type: ignore[attr-defined]
+            .where(func.coalesce(Notification.campaign_id, "") == c.id)
+            .limit(1)
+        ).first()
+    return "sending" if in_flight else "completed"
 
 
 def wave_progress(ctx: Any, campaign_id: str, waves: list[dict[str, Any]]) -> list[dict[str, Any]]:
