@@ -91,7 +91,7 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      met(None if fworst is None else fworst < 100)))  # fmt: skip
         w = d.get("waves_ms") or {}
         if w:
-            rows.append(("17", f"Campaigns page's per-wave numbers, a campaign of {_fmt(d.get('campaign_deliveries'))} "
+            rows.append(("17", f"Campaigns page's per-wave numbers, a campaign of {fmt(d.get('campaign_deliveries'))} "
                          f"deliveries in 3 waves, {label}: wave_counts / grouped count over its deliveries", "—",
                          f"{w['wave_counts']['median']:g} / {w['grouped_count']['median']:g} ms", "—"))  # fmt: skip
         c = d.get("wave_trigger_cpu_us") or {}
