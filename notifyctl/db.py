@@ -24,6 +24,7 @@ from notifyctl import (
     models,  # noqa: F401  (registers every table)
 )
 from notifyctl.analytics.triggers import install as install_analytics
+from notifyctl.analytics.triggers import sqlite_connected
 from notifyctl.errors import ConfigError
 from notifyctl.home import create_private
 from notifyctl.sqllock import write_lock as write_lock  # (re-exported: most callers import it from here)
@@ -32,7 +33,7 @@ _engines: dict[str, Engine] = {}
 WAL_AUTOCHECKPOINT_PAGES = 16384
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -48,6 +49,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+    sqlite_connected(dbapi_conn, record)  # the analytics insert trigger's gate (counted_insert)
 
 
 def _create_private_sqlite(engine: Engine) -> None:

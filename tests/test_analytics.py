@@ -24,15 +24,17 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Worker
-from sqlalchemy import text
+from sqlalchemy import insert, text
+from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner, Result
 
 from notifyctl.analytics import checks, fold, read, rollup, triggers
 from notifyctl.cli.main import app
 from notifyctl.context import Context
-from notifyctl.db import write_lock
+from notifyctl.db import prepare_insert, write_lock
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
+from notifyctl.models import Delivery
 from sandboxes.smtp import SmtpSandbox
 from tests.conftest import ROOT, cli_env, make_settings, run_cli, start_pool, stop_pool
 from tests.util import deliveries, drain, notification, seed, send, wait_for
@@ -231,6 +233,38 @@ with ctx.engine.connect() as conn:
     assert {d.status for d in deliveries(ctx, nid)} == {"sent"}
 
 
+def test_a_counted_insert_counts_its_rows_once_and_leaves_the_row_trigger_on(any_db_ctx: Context) -> None:
+    """The worker's insert (``triggers.counted_insert``): on SQLite the row trigger skips its rows and
+    one grouped upsert counts them; a batch of several channels and statuses counts each row once; an
+    insert that fails (a duplicate) counts nothing and leaves the row trigger on for the next plain
+    insert on the same connection; PostgreSQL's statement trigger counts as before."""
+    ctx = any_db_ctx
+    seed(ctx)
+    ids = [send(ctx, recipient_id=u, channels=["email", "sms"]).notification_id for u in ("alice", "bob")]
+    drain(ctx)
+    before = assert_rollup_exact(ctx)
+    assert sum(before.values()) == 4
+    rows = [
+        {**d.model_dump(), "id": d.id + "x", "address": d.address + "x", "status": status}
+        for d, status in zip(deliveries(ctx, ids[0]) + deliveries(ctx, ids[1]), ("queued", "failed", "sent", "sent"), strict=True)
+    ]  # fmt: skip
+    table = Delivery.__table__  # type: ignore[attr-defined]
+    with ctx.engine.connect() as conn:
+        triggers.counted_insert(conn, prepare_insert(ctx.engine, table, rows), len(rows))
+        conn.commit()
+        assert sum(checks.rollup_counts(ctx.engine).values()) == 8
+        assert_rollup_exact(ctx)
+        with pytest.raises(IntegrityError):  # the same ids again: nothing written, nothing counted
+            triggers.counted_insert(conn, prepare_insert(ctx.engine, table, rows[:1]), 1)
+        conn.rollback()
+        conn.execute(
+            insert(table), [{**rows[0], "id": "d_plain", "address": "plain"}]
+        )  # a plain insert: the row trigger counts it
+        conn.commit()
+    assert sum(checks.rollup_counts(ctx.engine).values()) == 9
+    assert_rollup_exact(ctx)
+
+
 def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> None:
     ctx = any_db_ctx
     seed(ctx)
@@ -253,7 +287,7 @@ def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> Non
     assert_rollup_exact(ctx)
 
 
-@pytest.mark.parametrize("old_version", ["v2", "v3"])
+@pytest.mark.parametrize("old_version", ["v2", "v3", "v4"])
 def test_an_upgrade_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Context, old_version: str) -> None:
     """A database of a previous definition (v2 triggers, no coarse tiers, ``folded`` just added; v3
     triggers, total and daily tiers, no weekly one), deltas pending on PostgreSQL, deliveries purged

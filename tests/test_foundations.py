@@ -355,6 +355,53 @@ def test_copy_insert_stores_what_core_would(pg_url: str) -> None:
     engine.dispose()
 
 
+def test_upgrade_moves_dedup_keys_to_the_partial_index(db_url: str) -> None:
+    """A database made with the full ``ix_notifications_dedup_key``: the first process to open it
+    drops it (``RETIRED_INDEXES``) and builds ``ix_notifications_dedup_direct``, which holds intake's
+    keys only (a campaign's rows are found by their unique index); lookups by key still answer."""
+    from sqlalchemy import insert
+    from sqlmodel import Session, SQLModel
+
+    from notifyctl.db import _existing_indexes, add_missing_columns, make_engine
+    from notifyctl.models import Notification, utcnow
+    from notifyctl.tracking import find_notification
+
+    legacy = make_engine(db_url)
+    SQLModel.metadata.create_all(legacy)
+    now = utcnow()
+
+    def row(nid: str, key: str | None, campaign: str | None) -> dict[str, object]:
+        return {"id": nid, "recipient_id": "u1", "type": "t", "template_id": "t", "category": "marketing",
+                "priority": "low", "channels": ["email"], "data": {}, "dedup_key": key, "campaign_id": campaign,
+                "status": "done", "due_at": now, "created_at": now, "updated_at": now}  # fmt: skip
+
+    with legacy.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ix_notifications_dedup_direct")
+        conn.exec_driver_sql("CREATE INDEX ix_notifications_dedup_key ON notifications (dedup_key)")
+        conn.execute(
+            insert(Notification.__table__),  # type: ignore[attr-defined]
+            [row("n_a", "order:1", None), row("n_b", "campaign:c_1:u1", "c_1"), row("n_c", None, None)],
+        )
+    legacy.dispose()
+    engine = make_engine(db_url)
+    try:
+        add_missing_columns(engine)
+        with engine.connect() as conn:
+            indexes = _existing_indexes(conn)
+            assert "ix_notifications_dedup_key" not in indexes and "ix_notifications_dedup_direct" in indexes
+            if engine.dialect.name == "sqlite":  # what the index holds: the direct key alone
+                held = conn.exec_driver_sql(
+                    "SELECT id FROM notifications INDEXED BY ix_notifications_dedup_direct "
+                    "WHERE dedup_key IS NOT NULL AND campaign_id IS NULL"
+                ).all()
+                assert [r[0] for r in held] == ["n_a"]
+        with Session(engine) as session:
+            assert find_notification(session, "order:1").id == "n_a"
+            assert find_notification(session, "campaign:c_1:u1").id == "n_b"
+    finally:
+        engine.dispose()
+
+
 def test_ids_are_time_ordered_crockford_base32() -> None:
     """Notification ids sort by creation time (the SQL primary key grows at its end) and carry
     50 random bits; the time part is the millisecond clock in Crockford base32."""

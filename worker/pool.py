@@ -88,6 +88,21 @@ def _heartbeat(live: Liveness, every: float, stop: threading.Event) -> None:
 
 
 RQ_HEARTBEAT_EVERY = 5.0  # seconds: RQ's own worker-key refresh, at most this often on its own
+SUSPENSION_CHECK_EVERY = 1.0  # seconds: `rq suspend` is honoured within this
+
+
+def _queue_class() -> type:
+    from rq import Queue
+
+    class NotifyQueue(Queue):
+        """RQ's queue, less the read of a finished job's dependents: notifyctl enqueues no job with
+        ``depends_on``, so the set is always empty, and RQ read it (SMEMBERS) after every job —
+        one of an OTP's round trips."""
+
+        def move_dependents_to_ready(self, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
+            return {}
+
+    return NotifyQueue
 
 
 def _worker_class(dequeue_timeout: int = 60) -> type:
@@ -130,6 +145,17 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
                     raise
                 log.debug("RQ heartbeat: Redis unreachable")
 
+        _suspension_checked = -math.inf  # (monotonic) this worker's last look at `rq suspend`
+
+        def check_for_suspension(self, burst: bool) -> None:
+            # RQ looks (with a worker-key heartbeat, one round trip) before every job; an OTP
+            # behind a stream of jobs paid it each time: at most once a second is soon enough
+            at = time.monotonic()
+            if at - self._suspension_checked < SUSPENSION_CHECK_EVERY:
+                return
+            self._suspension_checked = at
+            super().check_for_suspension(burst)
+
         def set_state(self, state: str, pipeline: Any = None) -> None:
             # RQ sets "idle" after each job and again before each dequeue: one round trip for nothing
             if pipeline is None and state == self._state:
@@ -159,15 +185,14 @@ def run_worker(
 ) -> int:
     """Run one worker in this process until stopped (or, with ``burst``, until the queues are empty),
     on the queues of ``shard`` (``notifyctl.shards``; 0 when there is one Redis)."""
-    from rq import Queue
-
     dispose_all(close=False)  # never use a parent's SQL connections after fork
     ctx = Context(settings, shard=shard)
     name = name or unique_worker_name(f"notify-{settings.host_name or socket.gethostname()}-{os.getpid()}")
     # RQ's own connection, for its blocking dequeue (long reads); the jobs use ctx.served (short ones)
     rq_conn = connect(settings, dequeue=True, shard=shard)
-    queues = [Queue(keys.queue_name(p), connection=rq_conn) for p in priorities]
-    w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name)
+    queue_class = _queue_class()
+    queues = [queue_class(keys.queue_name(p), connection=rq_conn) for p in priorities]
+    w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name, queue_class=queue_class)
     w.burst_mode = burst
     live = Liveness(ctx.served, name, settings.worker_alive_ttl, [q.name for q in queues], host=settings.host_name)
     rt = jobs.configure(ctx, worker_name=name, liveness=live)

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
 from notifyctl.analytics.fold import FOLD_LOCK, fold_sql
 from notifyctl.analytics.rollup import COLS, UPSERT, full_count_sql, pg_key, sqlite_key
 
-VERSION = "v4"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
-SAME_KEY = ("v1", "v2", "v3")  # earlier definitions whose rollup install keeps (the same key; v3: no weekly tier)
+VERSION = "v5"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
+# earlier definitions whose rollup install keeps (the same key; v3: no weekly tier; v4: SQLite's insert
+# trigger counted every row, whoever inserted)
+SAME_KEY = ("v1", "v2", "v3", "v4")
 TRIGGERS = (f"notify_analytics_ins_{VERSION}", f"notify_analytics_upd_{VERSION}")
+# SQLite: the function the insert trigger asks whether to count its row (every connection
+# ``notifyctl.db`` opens has it, answering yes; ``counted_insert`` says no for its statement).
+ROW_GATE = "notify_rollup_by_row"
 
 
 def _sqlite_ddl() -> list[str]:
@@ -29,10 +35,45 @@ def _sqlite_ddl() -> list[str]:
         f"OLD.{c} IS NOT NEW.{c}" for c in ("status", "reason", "channel", "queued_at", "notification_id")
     )
     return [
-        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON deliveries BEGIN {bump('NEW', 1)} END",
+        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON deliveries WHEN {ROW_GATE}() BEGIN {bump('NEW', 1)} END",
         f"CREATE TRIGGER IF NOT EXISTS {upd} AFTER UPDATE ON deliveries WHEN {changed} "
         f"BEGIN {bump('OLD', -1)} {bump('NEW', 1)} END",
     ]
+
+
+def sqlite_connected(dbapi_conn: Any, record: Any) -> None:
+    """Every SQLite connection (``notifyctl.db``'s connect hook): the function the insert trigger
+    asks (``ROW_GATE``), answering yes until ``counted_insert`` turns it off for its statement."""
+    gate = record.info[ROW_GATE] = [1]
+    dbapi_conn.create_function(ROW_GATE, 0, lambda: gate[0])
+
+
+# The rows one statement inserted, counted in one statement: on SQLite every new row's rowid is the
+# largest one + 1 (a rowid table without AUTOINCREMENT), and within the writing transaction nobody
+# else inserts, so a statement's k rows are the k rowids up to last_insert_rowid().
+_SQLITE_COUNT_LAST = (
+    f"INSERT INTO analytics_hourly ({COLS}, n, folded) SELECT {sqlite_key('d')}, count(*), 0 "
+    "FROM deliveries AS d LEFT JOIN notifications AS n ON n.id = d.notification_id "
+    f"WHERE d.rowid > last_insert_rowid() - ? GROUP BY 1, 2, 3, 4, 5, 6 {UPSERT}"
+)
+
+
+def counted_insert(conn: Connection, insert: Callable[[Connection], None], rows: int) -> None:
+    """Run ``insert`` (``rows`` new rows into ``deliveries``, all or none) with the rollup kept up.
+    PostgreSQL: its statement trigger does. SQLite, whose row trigger upserts the rollup once a row
+    (measured, 1,000-row inserts, load 7: 24.0 µs a row with it, 11.3 without), has the trigger
+    skip this statement's rows and counts them after it in one grouped upsert, in the same
+    transaction."""
+    gate = conn.connection.info.get(ROW_GATE) if conn.dialect.name == "sqlite" else None
+    if gate is None or rows == 0:
+        insert(conn)
+        return
+    gate[0] = 0
+    try:
+        insert(conn)
+    finally:
+        gate[0] = 1
+    conn.exec_driver_sql(_SQLITE_COUNT_LAST, (rows,))
 
 
 # The statement triggers join the changed rows to their notifications by primary key: a handful to
