@@ -101,6 +101,7 @@ class _OtpProbe:
         from notifyctl.intake import parse_request, submit
 
         self.submitted: dict[str, float] = {}
+        self.submit_ms: list[float] = []  # the intake call alone (SQLite commit, enqueue)
         self.errors: list[str] = []
         self.running = threading.Event()
         self.running.set()
@@ -116,12 +117,13 @@ class _OtpProbe:
                 code = f"{i:06d}"
                 req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
                                      "data": {"code": code, "minutes": 10}})  # fmt: skip
-                ts = time.time()
+                ts, t0 = time.time(), time.perf_counter()
                 try:
                     submit(env.ctx, req)
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     self.errors.append(f"{type(exc).__name__}: {exc}")
                     continue
+                self.submit_ms.append((time.perf_counter() - t0) * 1000)
                 self.submitted[code] = ts
 
         self.thread = threading.Thread(target=loop, daemon=True)
@@ -135,7 +137,7 @@ class _OtpProbe:
         stamps = twilio_stats.get("stamps", {})
         lat = [(stamps[c] - ts) * 1000 for c, ts in self.submitted.items() if c in stamps]
         return {"submitted": len(self.submitted), "accepted_by_sandbox": len(lat), "during_blast_ms": dist(lat),
-                "errors": self.errors[:3]}  # fmt: skip
+                "submit_call_ms": dist(self.submit_ms), "errors": self.errors[:3]}  # fmt: skip
 
 
 def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[str, Any], fcm: dict[str, Any],
