@@ -99,7 +99,7 @@ def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_
             ins_d(conn)
     wrote = time.perf_counter() - t0
     log(f"  {deliveries:,} deliveries written in {wrote:.1f}s ({wrote / deliveries * 1e6:.1f} µs/row, triggers on)")
-    from notifyctl.analytics import compact
+    from notifyctl.analytics.fold import compact
 
     if engine.dialect.name == "postgresql":
         with engine.begin() as conn:
@@ -139,7 +139,7 @@ class _Server:
 def measure(env: Env, info: dict[str, Any], runs: int, log: Callable[[str], None]) -> dict[str, Any]:
     import httpx
 
-    from notifyctl.analytics import funnel, parse_since
+    from notifyctl.analytics.read import funnel, parse_since
     from notifyctl.api.auth import create_key
 
     key = create_key(env.ctx, "bench", "admin").key

@@ -2,7 +2,7 @@
 SQLite and PostgreSQL". The console scenario (bench/console.py) writes its 1,000,000 rows through
 the triggers; here 10,000,000 are bulk-loaded in SQL (``INSERT … SELECT`` over a generated series)
 with the analytics triggers dropped, as in a database made before analytics existed, and then the
-rollup is built by the project's own upgrade path (``analytics.install``: triggers + backfill from a
+rollup is built by the project's own upgrade path (``analytics.triggers.install``: triggers + backfill from a
 full count). Before anything is timed, the rollup is checked against the deliveries: every group
 against a full count (``EXCEPT`` both ways, in SQL), and the totals by channel × status against a
 plain ``GROUP BY`` over ``deliveries`` that shares no SQL with the rollup's key.
@@ -19,7 +19,7 @@ The spread (2 deliveries a notification, 5,000,000 notifications over 90 days):
 The coarse tiers (``analytics_total``, ``analytics_daily``, ``analytics_weekly``: what the funnel
 reads) are checked the same way, each against the full count summed to its key.
 
-Figures: ``analytics.funnel`` by template, channel, campaign and day, all time and ``--since`` 7
+Figures: ``analytics.read.funnel`` by template, channel, campaign and day, all time and ``--since`` 7
 and 30 days back (what ``notifyctl report --by … --since …`` runs; median of ``runs`` after a
 warm-up call), each answer compared with the same funnel over the hourly rollup alone
 (``tier="hourly"``, the pre-coarse read, timed once); then late status changes (``LATE``
@@ -139,17 +139,17 @@ def _nid(i: int) -> str:
 
 
 def load(env: Env, deliveries: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Drop the analytics triggers, bulk-load, then ``analytics.install`` (the backfill)."""
+    """Drop the analytics triggers, bulk-load, then ``analytics.triggers.install`` (the backfill)."""
     from sqlalchemy import text
 
-    from notifyctl import analytics
+    from notifyctl.analytics import fold, triggers
     from notifyctl.db import write_lock
 
     engine = env.ctx.engine
     dialect = engine.dialect.name
     n = deliveries // 2
     with engine.begin() as conn:  # a database made before analytics existed: no triggers, no rollup
-        for name in analytics.TRIGGERS:
+        for name in triggers.TRIGGERS:
             conn.exec_driver_sql(f"DROP TRIGGER {name}" + (" ON deliveries" if dialect == "postgresql" else ""))
         conn.exec_driver_sql("DELETE FROM analytics_hourly")
         conn.exec_driver_sql("DELETE FROM analytics_delta")
@@ -172,11 +172,11 @@ def load(env: Env, deliveries: int, log: Callable[[str], None]) -> dict[str, Any
             conn.exec_driver_sql("VACUUM ANALYZE notifications")
             conn.exec_driver_sql("VACUUM ANALYZE deliveries")
     t1 = time.perf_counter()
-    installed = analytics.install(engine, write_lock)
+    installed = triggers.install(engine, write_lock)
     backfill_s = time.perf_counter() - t1
-    assert installed, "analytics.install did not run its backfill"
+    assert installed, "analytics.triggers.install did not run its backfill"
     if dialect == "postgresql":
-        analytics.compact(engine)
+        fold.compact(engine)
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             for table in ("analytics_hourly", "analytics_total", "analytics_daily", "analytics_weekly"):
                 conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
@@ -184,7 +184,7 @@ def load(env: Env, deliveries: int, log: Callable[[str], None]) -> dict[str, Any
         rows = int(conn.exec_driver_sql("SELECT count(*) FROM deliveries").scalar() or 0)
         rollup_rows = int(conn.exec_driver_sql("SELECT count(*) FROM analytics_hourly").scalar() or 0)
         size = _size(env, conn)
-    log(f"    loaded in {load_s:.0f}s, backfill (analytics.install) {backfill_s:.0f}s: {rows:,} deliveries, "
+    log(f"    loaded in {load_s:.0f}s, backfill (analytics.triggers.install) {backfill_s:.0f}s: {rows:,} deliveries, "
         f"{rollup_rows:,} rollup rows, {size} MB")  # fmt: skip
     return {"deliveries": rows, "notifications": n, "load_s": round(load_s, 1),
             "load_us_per_delivery": round(load_s / max(1, rows) * 1e6, 2), "backfill_s": round(backfill_s, 1),
@@ -203,10 +203,10 @@ def _size(env: Env, conn: Any) -> int | None:
 def check(env: Env, log: Callable[[str], None]) -> dict[str, Any]:
     """The rollup against the deliveries, before anything is timed: every group against a full
     count, both ways, in SQL; and channel × status totals against a plain GROUP BY."""
-    from notifyctl import analytics
+    from notifyctl.analytics.rollup import KEY, full_count_sql
 
     engine = env.ctx.engine
-    cols = ", ".join(analytics.KEY)
+    cols = ", ".join(KEY)
     rollup = (f"SELECT {cols}, sum(n) AS n FROM (SELECT {cols}, n FROM analytics_hourly UNION ALL "
               f"SELECT {cols}, n FROM analytics_delta) AS r GROUP BY {cols} HAVING sum(n) <> 0")  # fmt: skip
     t0 = time.perf_counter()
@@ -214,7 +214,7 @@ def check(env: Env, log: Callable[[str], None]) -> dict[str, Any]:
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE full_count ({cols}, n)" if engine.dialect.name == "sqlite" else
                              "CREATE TEMPORARY TABLE full_count (hour text, template_id text, channel text, "
                              "campaign_id text, status text, reason text, n bigint)")  # fmt: skip
-        conn.exec_driver_sql(f"INSERT INTO full_count {analytics.full_count_sql(engine.dialect.name)}")
+        conn.exec_driver_sql(f"INSERT INTO full_count {full_count_sql(engine.dialect.name)}")
         groups = int(conn.exec_driver_sql("SELECT count(*) FROM full_count").scalar() or 0)
         missing = int(conn.exec_driver_sql(
             f"SELECT count(*) FROM (SELECT * FROM full_count EXCEPT {rollup}) AS x").scalar() or 0)  # fmt: skip
@@ -239,7 +239,7 @@ def check(env: Env, log: Callable[[str], None]) -> dict[str, Any]:
 def _check_coarse(conn: Any) -> dict[str, int]:
     """Each coarse tier (+ what is not folded yet) against the temporary ``full_count`` summed to
     its key, both ways (``EXCEPT``): the rows that differ, per tier."""
-    from notifyctl import analytics
+    from notifyctl.analytics import rollup
 
     pg = conn.dialect.name == "postgresql"
     total = "template_id, channel, campaign_id, status, reason"
@@ -261,15 +261,15 @@ def _check_coarse(conn: Any) -> dict[str, int]:
     differ("total", total, f"SELECT {total}, n FROM analytics_total UNION ALL {pending(total)}",
            f"SELECT {total}, n FROM full_count")  # fmt: skip
     daily = "dim, day, value, status, reason"
-    for dim, col in analytics.DIMS.items():
+    for dim, col in rollup.DIMS.items():
         cols = f"'{dim}' AS dim, substr(hour, 1, 10) AS day, {col} AS value, status, reason"
         differ(f"daily {dim or 'all'}", daily,
                f"SELECT {daily}, n FROM analytics_daily WHERE dim = '{dim}' UNION ALL {pending(cols)}",
                f"SELECT {cols}, n FROM full_count")  # fmt: skip
     weekly = "dim, week, value, status, reason"
-    for dim in analytics.WEEK_DIMS:
-        week = analytics.week_sql(conn.dialect.name)
-        cols = f"'{dim}' AS dim, {week} AS week, {analytics.DIMS[dim]} AS value, status, reason"
+    for dim in rollup.WEEK_DIMS:
+        week = rollup.week_sql(conn.dialect.name)
+        cols = f"'{dim}' AS dim, {week} AS week, {rollup.DIMS[dim]} AS value, status, reason"
         differ(f"weekly {dim}", weekly,
                f"SELECT {weekly}, n FROM analytics_weekly WHERE dim = '{dim}' UNION ALL {pending(cols)}",
                f"SELECT {cols}, n FROM full_count")  # fmt: skip
@@ -281,7 +281,7 @@ def _load() -> list[float]:
 
 
 def _timed(engine: Any, runs: int, by: str, since: str | None, tier: str = "coarse") -> tuple[dict[str, Any], Any]:
-    from notifyctl.analytics import funnel
+    from notifyctl.analytics.read import funnel
 
     times, cpu = [], []
     for _ in range(runs + 1):  # the first warms the caches
@@ -301,7 +301,7 @@ SINCE = {"all": None, "7d": "7d", "30d": "30d"}
 def _funnels(env: Env, runs: int, log: Callable[[str], None], hourly: bool) -> dict[str, Any]:
     """The funnel by each grouping and ``--since``: coarse (median of ``runs``), and, with
     ``hourly``, the same over the hourly rollup alone (timed once), the two answers compared."""
-    from notifyctl.analytics import parse_since
+    from notifyctl.analytics.read import parse_since
 
     out: dict[str, Any] = {"funnel_ms": {}, "hourly_ms": {}, "equal_to_hourly": True}
     for by in ("template", "channel", "campaign", "day"):
@@ -322,11 +322,11 @@ def _funnels(env: Env, runs: int, log: Callable[[str], None], hourly: bool) -> d
 def late_changes(env: Env, runs: int, log: Callable[[str], None]) -> dict[str, Any]:
     """``LATE`` sent deliveries of the first days opened now, in one transaction (their hours are
     long folded): the funnel timed before the fold (it reads, besides the coarse tiers, the
-    changed hourly rows on SQLite, the deltas on PostgreSQL), the fold (``analytics.compact``)
+    changed hourly rows on SQLite, the deltas on PostgreSQL), the fold (``analytics.fold.compact``)
     timed, the funnel timed again; each answer equal to the hourly rollup's."""
     from sqlalchemy import text
 
-    from notifyctl import analytics
+    from notifyctl.analytics import checks, fold, read
     from notifyctl.db import write_lock
 
     engine = env.ctx.engine
@@ -340,20 +340,20 @@ def late_changes(env: Env, runs: int, log: Callable[[str], None]) -> dict[str, A
         ).rowcount
         conn.exec_driver_sql("DROP TABLE late_ids")
     write_s = time.perf_counter() - t0
-    pending = analytics.unfolded(engine)
+    pending = checks.unfolded(engine)
     out: dict[str, Any] = {"late_changes": changed, "late_write_s": round(write_s, 1), "unfolded_rows": pending}
     before, equal = {}, True
     for by in ("template", "day"):
         before[by], rep = _timed(engine, runs, by, None)
-        equal &= rep == analytics.funnel(engine, by, None, tier="hourly")
+        equal &= rep == read.funnel(engine, by, None, tier="hourly")
     t1 = time.perf_counter()
-    folded = analytics.compact(engine)
+    folded = fold.compact(engine)
     out["fold_s"] = round(time.perf_counter() - t1, 2)
     out["folded_rows"] = folded
     after = {}
     for by in ("template", "day"):
         after[by], rep = _timed(engine, runs, by, None)
-        equal &= rep == analytics.funnel(engine, by, None, tier="hourly")
+        equal &= rep == read.funnel(engine, by, None, tier="hourly")
     out.update({"funnel_ms_unfolded": before, "funnel_ms_after_fold": after, "late_equal_to_hourly": equal})
     log(f"    late changes: {out}")
     return out

@@ -20,10 +20,12 @@ from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel, create_engine
 
 from notifyctl import (
-    analytics,
     dedup,
     models,  # noqa: F401  (registers every table)
 )
+from notifyctl.analytics.triggers import install as install_analytics
+from notifyctl.analytics.triggers import sqlite_connected
+from notifyctl.analytics.waves import install as install_waves
 from notifyctl.errors import ConfigError
 from notifyctl.home import create_private
 from notifyctl.sqllock import write_lock as write_lock  # (re-exported: most callers import it from here)
@@ -32,7 +34,7 @@ _engines: dict[str, Engine] = {}
 WAL_AUTOCHECKPOINT_PAGES = 16384
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -48,6 +50,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+    sqlite_connected(dbapi_conn, record)  # the analytics insert trigger's gate (counted_insert)
 
 
 def _create_private_sqlite(engine: Engine) -> None:
@@ -176,6 +179,52 @@ def _driver_rows(dialect: Any, table: Table, cols: list[str], rows: list[dict[st
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_SPECIAL = ("\\", "\t", "\n", "\r")
+_COPY_NULL = "\\N"
+_PLAIN = {str, type(None)}
+_MISSING: Any = object()  # (a memo's "not there yet": None is a value)
+
+
+def _copy_value(v: Any) -> str:
+    """A driver value (not None) as COPY's text format writes it, before escaping."""
+    if type(v) is str:
+        return v
+    if isinstance(v, bool):
+        return "t" if v else "f"
+    if isinstance(v, datetime):
+        return v.isoformat()
+    return str(v)
+
+
+def _copy_column(values: list[Any], proc: Callable[[Any], Any] | None) -> list[str]:
+    """One column's values as COPY text, a column at a time: a column of plain strings (most of
+    them) costs a scan for its NULLs and one of its joined text for the four characters that need
+    escaping (almost never there), instead of a function call per value. Values that convert
+    (datetimes, booleans, JSON through the column's bind processor) are converted once per
+    distinct value (JSON's dicts and lists by identity: a campaign's rows share one)."""
+    texts: list[str | None]
+    if proc is None and set(map(type, values)) <= _PLAIN:
+        texts = values
+    else:
+        by_value: dict[Any, str | None] = {}
+        by_id: dict[int, str | None] = {}
+        texts = []
+        for v in values:
+            if v is None:
+                texts.append(None)
+                continue
+            memo, key = (by_id, id(v)) if isinstance(v, dict | list) else (by_value, v)
+            t = memo.get(key, _MISSING)
+            if t is _MISSING:
+                w = proc(v) if proc is not None else v
+                t = memo[key] = None if w is None else _copy_value(w)
+            texts.append(t)
+    has_null = None in texts
+    present: list[str] = [t for t in texts if t is not None] if has_null else texts  # type: ignore[assignment]
+    joined = "\x00".join(present)
+    if any(c in joined for c in _COPY_SPECIAL):
+        texts = [t.translate(_COPY_ESCAPES) if t is not None else None for t in texts]
+    return [_COPY_NULL if t is None else t for t in texts] if has_null else texts  # type: ignore[return-value]
 
 
 def _copy_in(
@@ -190,26 +239,9 @@ def _copy_in(
     import io
     import uuid
 
-    memo: dict[int, str] = {}  # a memoised driver value is one object: its text is made once
-
-    def text(v: Any) -> str:  # a driver value as COPY's text format writes it
-        if type(v) is str:
-            return v.translate(_COPY_ESCAPES)
-        if v is None:
-            return "\\N"
-        out = memo.get(id(v))
-        if out is None:
-            if isinstance(v, bool):
-                out = "t" if v else "f"
-            elif isinstance(v, datetime):
-                out = v.isoformat()
-            else:
-                out = str(v).translate(_COPY_ESCAPES)
-            memo[id(v)] = out
-        return out
-
     dialect = engine.dialect
-    data = "".join("\t".join([text(v) for v in vals]) + "\n" for vals in _driver_rows(dialect, table, cols, rows))
+    columns = [_copy_column([r[c] for r in rows], table.c[c].type._cached_bind_processor(dialect)) for c in cols]
+    data = "\n".join(map("\t".join, zip(*columns, strict=True))) + "\n"
     q = dialect.identifier_preparer
     names = ", ".join(q.quote(c) for c in cols)
     target = q.format_table(table)
@@ -281,17 +313,22 @@ def rows_where_in(
     return out
 
 
-def _pg_prepared(conn: Connection, sql: str) -> str:
-    """``EXECUTE`` of ``sql`` (one ``%s``: a text array) prepared on this connection, preparing it
-    the first time. The names live in the pool's record of the DBAPI connection (``info``), which
-    SQLAlchemy clears when it reconnects: a new server session prepares again."""
+def _pg_prepared(conn: Connection, sql: str, types: str = "text[]") -> str:
+    """``EXECUTE`` of ``sql`` prepared on this connection, preparing it the first time: ``sql``'s
+    ``%s`` marks become ``$1``, ``$2``, ... (``types``: their types, or "" to let PostgreSQL infer
+    them). The names live in the pool's record of the DBAPI connection (``info``), which SQLAlchemy
+    clears when it reconnects: a new server session prepares again."""
     names: dict[str, str] = conn.connection.info.setdefault("notify_prepared", {})
     name = names.get(sql)
+    marks = sql.count("%s")
     if name is None:
         name = f"notify_rows_{len(names)}"
-        conn.exec_driver_sql(f"PREPARE {name}(text[]) AS {sql.replace('%s', '$1')}")
+        numbered = sql
+        for i in range(1, marks + 1):
+            numbered = numbered.replace("%s", f"${i}", 1)
+        conn.exec_driver_sql(f"PREPARE {name}{f'({types})' if types else ''} AS {numbered}")
         names[sql] = name
-    return f"EXECUTE {name}(%s)"
+    return f"EXECUTE {name}({', '.join(['%s'] * marks)})"
 
 
 def update_where_in(
@@ -301,7 +338,11 @@ def update_where_in(
     chunks of 900 (SQLite's bound-parameter limit): the values through their columns' bind
     processors, and none of SQLAlchemy's per-call work on a thousand-element ``IN`` list (for the
     worker's settle of a batch, that work cost as much as the UPDATE itself). Returns the rows
-    updated."""
+    updated.
+
+    On PostgreSQL, one statement whatever the number of keys, ``<column> = ANY(<text array>)``,
+    prepared once per connection and statement shape (``_pg_prepared``): the server neither parses
+    nor plans a thousand-element list each time (``and_sql``: constants only)."""
     dialect = conn.dialect
     q = dialect.identifier_preparer
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
@@ -310,6 +351,11 @@ def update_where_in(
         proc = table.c[name].type._cached_bind_processor(dialect)
         params.append(proc(v) if proc is not None and v is not None else v)
     sets = ", ".join(f"{q.quote(c)} = {mark}" for c in values)
+    if dialect.name == "postgresql" and dialect.paramstyle == "pyformat":
+        if not keys:
+            return 0
+        sql = f"UPDATE {q.format_table(table)} SET {sets} WHERE {q.quote(column)} = ANY(%s::text[]) {and_sql}"
+        return int(conn.exec_driver_sql(_pg_prepared(conn, sql, types=""), (*params, list(keys))).rowcount)
     head = f"UPDATE {q.format_table(table)} SET {sets} WHERE {q.quote(column)} IN "
     count = 0
     for i in range(0, len(keys), 900):
@@ -480,7 +526,8 @@ def engine_for(settings: Any) -> Engine:
                 add_missing_columns(engine)
                 if "notifications" in had and "dedup_keys" not in had:
                     _backfill_dedup_keys(engine, settings.dedup_ttl)
-                analytics.install(engine, write_lock)
+                install_analytics(engine, write_lock)
+                install_waves(engine, write_lock)
         except OperationalError as exc:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
         _engines[url] = engine

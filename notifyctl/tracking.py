@@ -59,13 +59,28 @@ def implied_events(events: Iterable[dict[str, Any]], queued_at: Mapping[str, dat
 
 
 def find_notification(session: Session, ref: str) -> Notification:
+    """By id, else by dedup key: a key given at intake (``ix_notifications_dedup_direct``), else a
+    campaign row's ``campaign:<campaign id>:<user id>`` (by the campaign's unique index)."""
     n = session.get(Notification, ref)
     if n is None:
         n = (
             session.execute(
                 select(Notification)
-                .where(col(Notification.dedup_key) == ref)
+                .where(col(Notification.dedup_key) == ref, col(Notification.campaign_id).is_(None))
                 .order_by(col(Notification.created_at).desc())
+            )
+            .scalars()
+            .first()
+        )
+    if n is None and ref.startswith("campaign:") and ref.count(":") >= 2:
+        _, campaign_id, user_id = ref.split(":", 2)
+        n = (
+            session.execute(
+                select(Notification).where(
+                    col(Notification.campaign_id) == campaign_id,
+                    col(Notification.recipient_id) == user_id,
+                    col(Notification.dedup_key) == ref,
+                )
             )
             .scalars()
             .first()

@@ -24,15 +24,17 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Worker
-from sqlalchemy import text
+from sqlalchemy import insert, text
+from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner, Result
 
-from notifyctl import analytics
+from notifyctl.analytics import checks, fold, read, rollup, triggers
 from notifyctl.cli.main import app
 from notifyctl.context import Context
-from notifyctl.db import write_lock
+from notifyctl.db import prepare_insert, write_lock
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
+from notifyctl.models import Delivery
 from sandboxes.smtp import SmtpSandbox
 from tests.conftest import ROOT, cli_env, make_settings, run_cli, start_pool, stop_pool
 from tests.util import deliveries, drain, notification, seed, send, wait_for
@@ -83,13 +85,13 @@ QUERIES: list[tuple[str, str | None, dict[str, str]]] = [
 def assert_rollup_exact(ctx: Context) -> dict[tuple[str, ...], int]:
     """The hourly rollup, the coarse tiers (as the funnel reads them) and the funnel's answers
     from the coarse tiers and from the hourly rollup alone, all equal to full counts."""
-    full = analytics.full_counts(ctx.engine)
-    assert analytics.rollup_counts(ctx.engine) == full
-    assert analytics.coarse_counts(ctx.engine) == analytics.coarse_of(full)
+    full = checks.full_counts(ctx.engine)
+    assert checks.rollup_counts(ctx.engine) == full
+    assert checks.coarse_counts(ctx.engine) == checks.coarse_of(full)
     for by, since, filters in QUERIES:
-        at = analytics.parse_since(since)
-        coarse = analytics.funnel(ctx.engine, by, at, **filters)
-        assert coarse == analytics.funnel(ctx.engine, by, at, tier="hourly", **filters), (by, since, filters)
+        at = read.parse_since(since)
+        coarse = read.funnel(ctx.engine, by, at, **filters)
+        assert coarse == read.funnel(ctx.engine, by, at, tier="hourly", **filters), (by, since, filters)
     return full
 
 
@@ -113,8 +115,8 @@ def test_rollup_equals_full_count_through_every_kind_of_status_change(actx: Cont
     drain(ctx)
     full = assert_rollup_exact(ctx)
     assert {k[4] for k in full} >= {"sent", "suppressed"}
-    assert analytics.compact(ctx.engine) > 0  # folded into the coarse tiers; what follows changes folded rows
-    assert analytics.unfolded(ctx.engine) == 0
+    assert fold.compact(ctx.engine) > 0  # folded into the coarse tiers; what follows changes folded rows
+    assert checks.unfolded(ctx.engine) == 0
     assert_rollup_exact(ctx)
 
     # 2. Retries: two attempts fail (451), the reconciler brings them back, the third goes out.
@@ -135,7 +137,7 @@ def test_rollup_equals_full_count_through_every_kind_of_status_change(actx: Cont
     assert {d.status for n in dead for d in deliveries(ctx, n)} == {"failed"}
     full = assert_rollup_exact(ctx)
     assert {k[5]: v for k, v in full.items() if k[4] == "failed"} == {"SMTP 554 5.3.0 outage": 3}  # kind of reason
-    analytics.compact(ctx.engine)  # PostgreSQL: folded into the rollup meanwhile; nothing changes
+    fold.compact(ctx.engine)  # PostgreSQL: folded into the rollup meanwhile; nothing changes
     assert_rollup_exact(ctx)
     smtp.faults.clear()
     assert len(replay(ctx, DlqFilter.build(None, None, None, None, None, None, ())).replayed) == 3
@@ -186,7 +188,7 @@ def test_rollup_equals_full_count_through_every_kind_of_status_change(actx: Cont
 
     # The report reads the same numbers as SQL counts over the deliveries, on the CLI too.
     st = sql_status_counts(ctx)
-    total = analytics.funnel(ctx.engine, "channel")["total"]
+    total = read.funnel(ctx.engine, "channel")["total"]
     assert total["sent"] == st["sent"] + st["delivered"] + st["opened"]
     assert (total["delivered"], total["opened"]) == (st["delivered"] + st["opened"], st["opened"])
     assert (total["failed"], total["suppressed"]) == (st["failed"], st["suppressed"])
@@ -194,8 +196,8 @@ def test_rollup_equals_full_count_through_every_kind_of_status_change(actx: Cont
     for by in ("template", "channel", "campaign", "day"):
         r = cli(ctx, "report", "--by", by, "--json")
         assert r.exit_code == 0, r.output
-        assert json.loads(r.stdout) == json.loads(json.dumps(analytics.funnel(ctx.engine, by)))
-    by_channel = {g["key"]: g for g in analytics.funnel(ctx.engine, "channel")["groups"]}
+        assert json.loads(r.stdout) == json.loads(json.dumps(read.funnel(ctx.engine, by)))
+    by_channel = {g["key"]: g for g in read.funnel(ctx.engine, "channel")["groups"]}
     assert by_channel["email"]["failed_by_reason"] == {"sendgrid": 1}  # the bounce, by its kind
     assert by_channel["email"]["suppressed_by_reason"] == {"no_address": 3}
 
@@ -231,6 +233,38 @@ with ctx.engine.connect() as conn:
     assert {d.status for d in deliveries(ctx, nid)} == {"sent"}
 
 
+def test_a_counted_insert_counts_its_rows_once_and_leaves_the_row_trigger_on(any_db_ctx: Context) -> None:
+    """The worker's insert (``triggers.counted_insert``): on SQLite the row trigger skips its rows and
+    one grouped upsert counts them; a batch of several channels and statuses counts each row once; an
+    insert that fails (a duplicate) counts nothing and leaves the row trigger on for the next plain
+    insert on the same connection; PostgreSQL's statement trigger counts as before."""
+    ctx = any_db_ctx
+    seed(ctx)
+    ids = [send(ctx, recipient_id=u, channels=["email", "sms"]).notification_id for u in ("alice", "bob")]
+    drain(ctx)
+    before = assert_rollup_exact(ctx)
+    assert sum(before.values()) == 4
+    rows = [
+        {**d.model_dump(), "id": d.id + "x", "address": d.address + "x", "status": status}
+        for d, status in zip(deliveries(ctx, ids[0]) + deliveries(ctx, ids[1]), ("queued", "failed", "sent", "sent"), strict=True)
+    ]  # fmt: skip
+    table = Delivery.__table__  # type: ignore[attr-defined]
+    with ctx.engine.connect() as conn:
+        triggers.counted_insert(conn, prepare_insert(ctx.engine, table, rows), len(rows))
+        conn.commit()
+        assert sum(checks.rollup_counts(ctx.engine).values()) == 8
+        assert_rollup_exact(ctx)
+        with pytest.raises(IntegrityError):  # the same ids again: nothing written, nothing counted
+            triggers.counted_insert(conn, prepare_insert(ctx.engine, table, rows[:1]), 1)
+        conn.rollback()
+        conn.execute(
+            insert(table), [{**rows[0], "id": "d_plain", "address": "plain"}]
+        )  # a plain insert: the row trigger counts it
+        conn.commit()
+    assert sum(checks.rollup_counts(ctx.engine).values()) == 9
+    assert_rollup_exact(ctx)
+
+
 def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> None:
     ctx = any_db_ctx
     seed(ctx)
@@ -238,22 +272,22 @@ def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> Non
     drain(ctx)
     expected = assert_rollup_exact(ctx)
     with ctx.engine.begin() as conn:  # as a database made before analytics existed: no triggers, no rollup
-        for name in analytics.TRIGGERS:
+        for name in triggers.TRIGGERS:
             conn.exec_driver_sql(
                 f"DROP TRIGGER {name}" + (" ON deliveries" if ctx.engine.dialect.name == "postgresql" else "")
             )
         conn.exec_driver_sql("DELETE FROM analytics_hourly")
         conn.exec_driver_sql("DELETE FROM analytics_delta")
-    assert analytics.rollup_counts(ctx.engine) == {}
-    assert analytics.install(ctx.engine, write_lock) is True
-    assert analytics.install(ctx.engine, write_lock) is False
-    assert analytics.rollup_counts(ctx.engine) == expected
+    assert checks.rollup_counts(ctx.engine) == {}
+    assert triggers.install(ctx.engine, write_lock) is True
+    assert triggers.install(ctx.engine, write_lock) is False
+    assert checks.rollup_counts(ctx.engine) == expected
     send(ctx, recipient_id="bob", channels=["email"])
     drain(ctx)
     assert_rollup_exact(ctx)
 
 
-@pytest.mark.parametrize("old_version", ["v2", "v3"])
+@pytest.mark.parametrize("old_version", ["v2", "v3", "v4"])
 def test_an_upgrade_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Context, old_version: str) -> None:
     """A database of a previous definition (v2 triggers, no coarse tiers, ``folded`` just added; v3
     triggers, total and daily tiers, no weekly one), deltas pending on PostgreSQL, deliveries purged
@@ -266,10 +300,8 @@ def test_an_upgrade_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Context, o
     second = send(ctx, recipient_id="bob", channels=["email"]).notification_id
     drain(ctx)
     with write_lock(ctx.engine), ctx.engine.begin() as conn:  # as the previous release left it
-        for name, ddl in zip(
-            analytics.TRIGGERS, (analytics._pg_ddl() if pg else analytics._sqlite_ddl()), strict=False
-        ):
-            old = name.replace(analytics.VERSION, old_version)
+        for name, ddl in zip(triggers.TRIGGERS, (triggers._pg_ddl() if pg else triggers._sqlite_ddl()), strict=False):
+            old = name.replace(triggers.VERSION, old_version)
             conn.exec_driver_sql(f"DROP TRIGGER {name}" + (" ON deliveries" if pg else ""))
             if pg:
                 conn.exec_driver_sql(ddl.replace(name, old))
@@ -293,18 +325,18 @@ def test_an_upgrade_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Context, o
         conn.execute(text("UPDATE deliveries SET status = 'opened' WHERE notification_id = :n"), {"n": second})
         # purged (retention): deliveries gone, their counts kept
         conn.execute(text("DELETE FROM deliveries WHERE notification_id = :n"), {"n": first})
-    before = analytics.rollup_counts(ctx.engine)
+    before = checks.rollup_counts(ctx.engine)
     assert sum(before.values()) == 3 and len(deliveries(ctx)) == 1
-    assert analytics.install(ctx.engine, write_lock) is True
-    assert analytics.rollup_counts(ctx.engine) == before != analytics.full_counts(ctx.engine)
-    assert analytics.unfolded(ctx.engine) == 0
-    assert analytics.coarse_counts(ctx.engine) == analytics.coarse_of(before)
+    assert triggers.install(ctx.engine, write_lock) is True
+    assert checks.rollup_counts(ctx.engine) == before != checks.full_counts(ctx.engine)
+    assert checks.unfolded(ctx.engine) == 0
+    assert checks.coarse_counts(ctx.engine) == checks.coarse_of(before)
     for by, since, filters in QUERIES:
-        at = analytics.parse_since(since)
-        coarse = analytics.funnel(ctx.engine, by, at, **filters)
-        assert coarse == analytics.funnel(ctx.engine, by, at, tier="hourly", **filters), (by, since, filters)
-    assert analytics.funnel(ctx.engine, "channel")["total"]["total"] == 3
-    assert analytics.funnel(ctx.engine, "channel")["total"]["opened"] == 1
+        at = read.parse_since(since)
+        coarse = read.funnel(ctx.engine, by, at, **filters)
+        assert coarse == read.funnel(ctx.engine, by, at, tier="hourly", **filters), (by, since, filters)
+    assert read.funnel(ctx.engine, "channel")["total"]["total"] == 3
+    assert read.funnel(ctx.engine, "channel")["total"]["opened"] == 1
 
 
 def test_report_cli_table_csv_since_and_bad_input(ctx: Context, rclient: redis.Redis) -> None:
@@ -350,33 +382,33 @@ def test_coarse_tiers_stay_exact_through_late_changes_to_folded_days(any_db_ctx:
     move_to_days_ago(ctx, old[:2], 3, 5)
     move_to_days_ago(ctx, old[2:], 1, 20)  # inside a --since 30h window's partial day
     assert_rollup_exact(ctx)
-    assert analytics.compact(ctx.engine) > 0 and analytics.unfolded(ctx.engine) == 0
+    assert fold.compact(ctx.engine) > 0 and checks.unfolded(ctx.engine) == 0
     full = assert_rollup_exact(ctx)
     day = (datetime.now(UTC) - timedelta(days=3)).strftime("%Y-%m-%d")
     assert {k[0][:10] for k in full} >= {day}
-    by_day = {g["key"]: g for g in analytics.funnel(ctx.engine, "day", analytics.parse_since("7d"))["groups"]}
+    by_day = {g["key"]: g for g in read.funnel(ctx.engine, "day", read.parse_since("7d"))["groups"]}
     assert by_day[day]["sent"] == 4 and by_day[day]["opened"] == 0  # 2 notifications × email + sms
     mails = [d for n in old for d in deliveries(ctx, n) if d.channel == "email"]
     evs = [Event("sendgrid", "delivered", delivery_id=mails[0].id, event_id=f"dl-{mails[0].id}")]
     evs += [Event("sendgrid", "opened", delivery_id=mails[0].id, event_id=f"op-{mails[0].id}")]
     evs += [Event("sendgrid", "failed", delivery_id=mails[1].id, event_id="bounce-1", detail="550 no such user")]
     assert apply_events(ctx, evs).transitions == 3
-    assert analytics.unfolded(ctx.engine) > 0  # folded days changed: the change waits for the next fold
+    assert checks.unfolded(ctx.engine) > 0  # folded days changed: the change waits for the next fold
     assert_rollup_exact(ctx)
-    by_day = {g["key"]: g for g in analytics.funnel(ctx.engine, "day", analytics.parse_since("7d"))["groups"]}
+    by_day = {g["key"]: g for g in read.funnel(ctx.engine, "day", read.parse_since("7d"))["groups"]}
     assert (by_day[day]["sent"], by_day[day]["delivered"], by_day[day]["opened"]) == (3, 1, 1)
     assert by_day[day]["failed_by_reason"] == {"sendgrid": 1}
-    analytics.compact(ctx.engine)
-    assert analytics.unfolded(ctx.engine) == 0
+    fold.compact(ctx.engine)
+    assert checks.unfolded(ctx.engine) == 0
     assert_rollup_exact(ctx)
     # the same counts from the CLI, whose reads cross the coarse tiers
     for args in (("--by", "day", "--since", "7d"), ("--by", "template"), ("--by", "channel", "--since", "30h")):
         r = cli(ctx, "report", *args, "--json")
         assert r.exit_code == 0, r.output
         rep = json.loads(r.stdout)
-        since = analytics.parse_since(args[3]) if len(args) > 2 else None
-        assert rep == json.loads(json.dumps(analytics.funnel(ctx.engine, args[1], since, tier="hourly")))
-    assert analytics.funnel(ctx.engine, "template")["total"]["total"] == len(deliveries(ctx)) == 7
+        since = read.parse_since(args[3]) if len(args) > 2 else None
+        assert rep == json.loads(json.dumps(read.funnel(ctx.engine, args[1], since, tier="hourly")))
+    assert read.funnel(ctx.engine, "template")["total"]["total"] == len(deliveries(ctx)) == 7
     assert recent
 
 
@@ -397,7 +429,7 @@ def test_folds_racing_writers_lose_and_double_no_count(any_db_ctx: Context) -> N
     def folder() -> None:
         try:
             while not stop.is_set():
-                folds.append(analytics.compact(ctx.engine))
+                folds.append(fold.compact(ctx.engine))
         except BaseException as exc:  # noqa: BLE001 - reported by the test thread
             errors.append(exc)
 
@@ -426,9 +458,22 @@ def test_folds_racing_writers_lose_and_double_no_count(any_db_ctx: Context) -> N
     assert not errors, errors
     assert sum(1 for f in folds if f) >= 2, folds  # the folds did run while the writers wrote
     assert_rollup_exact(ctx)
-    analytics.compact(ctx.engine)
-    assert analytics.unfolded(ctx.engine) == 0
+    fold.compact(ctx.engine)
+    assert checks.unfolded(ctx.engine) == 0
     assert_rollup_exact(ctx)
+
+
+def spread_over_days(ctx: Context, ago: tuple[int, ...]) -> list[str]:
+    """One notification (email and SMS) queued at 09:00 UTC of each of ``ago`` days back, sent, and
+    folded into the coarse tiers; their ids."""
+    seed(ctx)
+    users = ("alice", "bob", "carol")
+    ids = [send(ctx, recipient_id=users[i % 3], channels=["email", "sms"]).notification_id for i in range(len(ago))]
+    drain(ctx)
+    for nid, days in zip(ids, ago, strict=True):
+        move_to_days_ago(ctx, [nid], days, 9)
+    assert fold.compact(ctx.engine) > 0 and checks.unfolded(ctx.engine) == 0
+    return ids
 
 
 def test_weekly_tier_stays_exact_across_week_boundaries(any_db_ctx: Context) -> None:
@@ -437,16 +482,9 @@ def test_weekly_tier_stays_exact_across_week_boundaries(any_db_ctx: Context) -> 
     falls on, reads the edge days from the daily tier and the whole weeks from the weekly one and
     answers as the hourly rollup does; late changes to a folded week, before the fold and after."""
     ctx = any_db_ctx
-    seed(ctx)
-    ago = (1, 3, 6, 7, 8, 9, 13, 15, 20, 34)
-    users = ("alice", "bob", "carol")
-    ids = [send(ctx, recipient_id=users[i % 3], channels=["email", "sms"]).notification_id for i in range(len(ago))]
-    drain(ctx)
-    for nid, days in zip(ids, ago, strict=True):
-        move_to_days_ago(ctx, [nid], days, 9)
-    assert analytics.compact(ctx.engine) > 0 and analytics.unfolded(ctx.engine) == 0
+    ids = spread_over_days(ctx, (1, 3, 6, 7, 8, 9, 13, 15, 20, 34))
     full = assert_rollup_exact(ctx)
-    weeks = {analytics.week_of(k[0]) for k in full}
+    weeks = {rollup.week_of(k[0]) for k in full}
     assert len(weeks) >= 4, weeks  # the tier crosses week boundaries (whichever weekday today is)
     with ctx.engine.connect() as conn:
         stored = {r[0] for r in conn.exec_driver_sql("SELECT DISTINCT week FROM analytics_weekly").all()}
@@ -464,8 +502,8 @@ def test_weekly_tier_stays_exact_across_week_boundaries(any_db_ctx: Context) -> 
                     ("campaign", {}),
                     ("channel", {"channel": "sms"}),
                 ):
-                    coarse = analytics.funnel(ctx.engine, by, at, **filters)
-                    assert coarse == analytics.funnel(ctx.engine, by, at, tier="hourly", **filters), (by, at, filters)
+                    coarse = read.funnel(ctx.engine, by, at, **filters)
+                    assert coarse == read.funnel(ctx.engine, by, at, tier="hourly", **filters), (by, at, filters)
 
     every_since()
     # late changes to deliveries of a folded week: read from the hourly rows until the next fold
@@ -473,15 +511,53 @@ def test_weekly_tier_stays_exact_across_week_boundaries(any_db_ctx: Context) -> 
     evs = [Event("sendgrid", "opened", delivery_id=mails[0].id, event_id=f"op-{mails[0].id}")]
     evs += [Event("sendgrid", "failed", delivery_id=mails[1].id, event_id="bounce-w", detail="550 no such user")]
     assert apply_events(ctx, evs).transitions == 2
-    assert analytics.unfolded(ctx.engine) > 0
+    assert checks.unfolded(ctx.engine) > 0
     assert_rollup_exact(ctx)
     every_since()
-    analytics.compact(ctx.engine)
-    assert analytics.unfolded(ctx.engine) == 0
+    fold.compact(ctx.engine)
+    assert checks.unfolded(ctx.engine) == 0
     assert_rollup_exact(ctx)
     every_since()
     # the weekly tier is what those reads used: without it, a read over whole weeks is short
     at = (now - timedelta(days=16)).strftime("%Y-%m-%d 13")
     with write_lock(ctx.engine), ctx.engine.begin() as conn:
         conn.exec_driver_sql("DELETE FROM analytics_weekly")
-    assert analytics.funnel(ctx.engine, "template", at) != analytics.funnel(ctx.engine, "template", at, tier="hourly")
+    assert read.funnel(ctx.engine, "template", at) != read.funnel(ctx.engine, "template", at, tier="hourly")
+
+
+def test_since_near_the_first_day_reads_whole_weeks_from_the_weekly_tier(any_db_ctx: Context) -> None:
+    """A ``--since`` nearer the rollup's first day than its last reads everything less what came
+    before it: the whole weeks before its week from the weekly tier, and only the days of its own
+    week from the daily tier. Its answers equal the hourly rollup's from every day of the older
+    half; with every daily row outside since's week gone they still do (the days are read only at
+    the edge), and without the weekly tier they do not (the weeks are read from it)."""
+    ctx = any_db_ctx
+    ago = (1, 4, 9, 16, 23, 30, 37, 41, 44, 45, 52)
+    spread_over_days(ctx, ago)
+    assert_rollup_exact(ctx)
+    now = datetime.now(UTC)
+    reads = (("template", {}), ("channel", {}), ("campaign", {}), ("channel", {"channel": "sms"}))
+
+    def equal_to_hourly(at: str) -> bool:
+        return all(
+            read.funnel(ctx.engine, by, at, **filters) == read.funnel(ctx.engine, by, at, tier="hourly", **filters)
+            for by, filters in reads
+        )
+
+    for days in range(27, 54):  # the rollup spans 52 days: each of these is nearer its first day
+        for hour in ("00", "13"):
+            at = (now - timedelta(days=days)).strftime("%Y-%m-%d ") + hour
+            assert equal_to_hourly(at), at
+    at = (now - timedelta(days=44)).strftime("%Y-%m-%d 13")
+    assert read.funnel(ctx.engine, "template", at)["total"]["total"] == 2 * sum(1 for d in ago if d < 44)
+    monday = datetime.strptime(rollup.week_of(at), "%Y-%m-%d")
+    week = {"monday": f"{monday:%Y-%m-%d}", "next": f"{monday + timedelta(days=7):%Y-%m-%d}"}
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:  # every day outside since's week
+        gone = conn.execute(
+            text("DELETE FROM analytics_daily WHERE dim <> '' AND (day < :monday OR day >= :next)"), week
+        ).rowcount
+    assert gone > 0
+    assert equal_to_hourly(at)
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM analytics_weekly")
+    assert read.funnel(ctx.engine, "template", at) != read.funnel(ctx.engine, "template", at, tier="hourly")

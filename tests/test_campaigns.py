@@ -23,9 +23,10 @@ from notifyctl.cli import campaign as campaign_cli
 from notifyctl.cli.main import NotifyGroup
 from notifyctl.context import Context
 from notifyctl.directory import import_users, register_token, set_prefs
-from notifyctl.errors import InputError
+from notifyctl.errors import InputError, NotFound
 from notifyctl.models import Campaign, Delivery, Notification, User
 from notifyctl.settings import Settings
+from notifyctl.tracking import timeline
 from tests.conftest import cli_env
 from tests.util import drain, fcm_token
 from worker.pool import run_worker
@@ -83,6 +84,12 @@ def test_csv_segment_with_bad_rows(any_db_ctx: Context, tmp_path: Path) -> None:
     n7 = next(n for n in rows if n.recipient_id == "u7")
     assert n7.data == {"discount": 15, "code": "SPRING", "first_name": "Name7", "tier": "gold"}
     assert n7.dedup_key == f"campaign:{s['campaign_id']}:u7"
+    # `notifyctl status campaign:<id>:<user>` finds it (through the campaign's own index: campaign
+    # rows are kept out of the dedup key index); a key that only looks like one is not found
+    assert timeline(ctx, n7.dedup_key)["notification"]["id"] == n7.id
+    for ref in (f"campaign:{s['campaign_id']}:ghost", "campaign:c_other:u7", "campaign:"):
+        with pytest.raises(NotFound):
+            timeline(ctx, ref)
     assert (n7.category, n7.priority, n7.channels) == ("marketing", "low", ["email"])
     # due from now at 1000/s: those already due when written are queued by the launcher, the rest scheduled
     assert {n.status for n in rows} <= {"scheduled", "queued"}

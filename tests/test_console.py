@@ -19,10 +19,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from sqlmodel import Session
 from typer.testing import CliRunner
 
-from notifyctl import analytics
-from notifyctl.analytics import csv_rows
+from notifyctl.analytics import read
+from notifyctl.analytics.export import csv_rows
 from notifyctl.api.auth import create_key, revoke_key
 from notifyctl.cli.main import app as cli_app
 from notifyctl.context import Context
@@ -133,13 +134,24 @@ def _session(server: ApiServer, key: str) -> Iterator[httpx.Client]:
 def test_posts_without_the_csrf_token_are_refused(
     server: ApiServer, api_key: str, cctx: Context, smtp: SmtpSandbox
 ) -> None:
+    from campaigns.launcher import LaunchSpec, launch
+    from campaigns.models import Campaign
+
     smtp.faults.add(OUTAGE)
     send(cctx, channels=["email"])
     drain(cctx)
+    later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    cid = launch(
+        cctx,
+        LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users", send_at=later,
+                   data={"discount": 15, "code": "SPRING"}, name="csrf-sale"),
+    )["campaign_id"]  # fmt: skip
     with _session(server, api_key) as c:
         for path, data in (
             ("/console/dlq/replay", {"all": "1", "confirm": "1"}),
             ("/console/dlq/purge", {"all": "1", "confirm": "1", "csrf": "forged"}),
+            (f"/console/campaigns/{cid}/pause", {}),
+            (f"/console/campaigns/{cid}/cancel", {"csrf": "forged"}),
             ("/console/logout", {}),
         ):
             r = c.post(path, data=data)
@@ -147,6 +159,9 @@ def test_posts_without_the_csrf_token_are_refused(
         assert c.get("/console").status_code == 200  # still logged in: the logout was refused
     (d,) = deliveries(cctx)
     assert d.dead_lettered  # nothing was replayed or purged
+    with Session(cctx.engine) as s:
+        camp = s.get(Campaign, cid)
+        assert camp is not None and camp.status == "active"  # nor paused nor canceled
     with httpx.Client(base_url=server.url) as anon:  # the login form has its own token
         r = anon.post("/console/login", data={"api_key": api_key})
         assert r.status_code == 403 and "notify_console" not in r.cookies
@@ -311,6 +326,7 @@ def test_purge_asks_first(server: ApiServer, api_key: str, cctx: Context, smtp: 
 
 def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cctx: Context, tmp_path: Path) -> None:
     from campaigns.launcher import LaunchSpec, launch
+    from campaigns.report import campaign_status
 
     later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
     s = launch(
@@ -323,7 +339,7 @@ def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cc
     page.goto(server.url + "/console/campaigns")
     section = f"#c-{cid}"
     before = page.inner_text(f"{section} .state")
-    assert before != "paused" and f"scheduled={s['written']}" in page.inner_text(f"{section} .waves")
+    assert before != "paused" and page.inner_text(f"{section} .waves td.scheduled") == str(s["written"])
     shot(page, tmp_path, "campaigns")
     page.click(f"{section} button.pause")
     page.wait_for_url(server.url + "/console/campaigns")
@@ -341,6 +357,17 @@ def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cc
     page.click(f"{section} button.resume")
     page.wait_for_url(server.url + "/console/campaigns")
     assert page.inner_text(f"{section} .state") == before and states() == {"scheduled"}
+    assert before == campaign_status(cctx, cid)["state"] == "sending"  # the CLI's word for it
+
+    # a campaign sent now: "completed", as the CLI says; one canceled: "canceled"
+    done = launch(cctx, LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users",
+                                   data={"discount": 5, "code": "NOW"}, name="now-sale"))["campaign_id"]  # fmt: skip
+    reconcile(cctx, now=time.time() + 3600, force=True)  # those paced a little later too
+    drain(cctx)
+    page.click(f"{section} button.cancel")
+    page.wait_for_url(server.url + "/console/campaigns")
+    for c, word in ((done, "completed"), (cid, "canceled")):
+        assert page.inner_text(f"#c-{c} .state") == campaign_status(cctx, c)["state"] == word, c
 
 
 def test_funnel_equals_report_json_and_sql(
@@ -383,7 +410,7 @@ def test_funnel_equals_report_json_and_sql(
         r = c.get("/console/analytics.csv?by=channel")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
         assert list(csv.reader(io.StringIO(r.text))) == [
-            [str(v) for v in row] for row in csv_rows(analytics.funnel(cctx.engine, "channel"))
+            [str(v) for v in row] for row in csv_rows(read.funnel(cctx.engine, "channel"))
         ]
         assert c.get("/console/analytics?by=user").status_code == 422
 
@@ -407,3 +434,112 @@ def test_lookup_by_id_dedup_key_and_user(
     assert int(page.inner_text("#sent-hour")) == 2  # the two emails, from the workers' per-minute counter
     page.goto(server.url + "/console/lookup?q=nobody-here")
     assert "nothing found for 'nobody-here'" in page.inner_text("#error")
+
+
+def test_every_page_opens_with_a_redis_shard_down(home: Path, redis_url: str, rclient: redis.Redis,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    """Two Redis shards, the second a redis-server of this test's, stopped while the console is open:
+    every page still answers 200 with what it can show, under a banner naming shard 1 (its URL and
+    error, as `notifyctl status` does); the Overview's queues are shard 0's; a replay is refused
+    before anything (it needs each entry's send record on its user's shard), a purge's dry run is
+    not. Shard 0 down (it holds the sessions): each page is a 503 naming shard 0."""
+    import re
+
+    from notifyctl.db import dispose_all
+    from notifyctl.redisconn import ensure_server, stop_server
+
+    d1 = tmp_path / "redis-shard1"
+    url1 = ensure_server(d1)
+    ctx = Context(make_settings(home, redis_url, redis_shards=[redis_url, url1], redis_socket_timeout=1))
+    try:
+        seed(ctx)
+        assert ctx.shard_of("bob") == 0 and ctx.shard_of("alice") == 1
+        send(ctx, recipient_id="bob", channels=["email"])
+        alice = send(ctx, recipient_id="alice", channels=["email"]).notification_id
+        key = create_key(ctx, "shards").key
+        pages = ("/console", "/console/dlq", "/console/campaigns", "/console/analytics?by=channel",
+                 f"/console/lookup?q={alice}", "/console/lookup?q=bob")  # fmt: skip
+
+        def depth(html: str, priority: str) -> int:
+            m = re.search(rf'<tr><td>{priority}</td><td class="n">(\d+)</td>', html)
+            assert m, html
+            return int(m.group(1))
+
+        with ApiServer(ctx) as server, _session(server, key) as c:
+            up = c.get("/console")
+            assert up.status_code == 200 and 'id="shards-down"' not in up.text and depth(up.text, "normal") == 2
+            csrf = re.search(r'name="csrf" value="([^"]+)"', up.text).group(1)  # type: ignore[union-attr]
+            assert "Dry run: would replay 0" in c.post("/console/dlq/replay", data={"csrf": csrf, "all": "1"}).text
+
+            assert stop_server(d1)
+            for path in pages:
+                r = c.get(path)
+                assert r.status_code == 200, (path, r.text)
+                banner = r.text.split('id="shards-down"', 1)[1].split("</div>", 1)[0]
+                assert f"shard 1 <code>{url1}</code>" in banner and "shard 0" not in banner, (path, banner)
+            overview = c.get("/console").text
+            assert depth(overview, "normal") == 1  # bob's job, on shard 0
+            assert alice in c.get(f"/console/lookup?q={alice}").text  # from SQL, whatever its shard
+            refused = c.post("/console/dlq/replay", data={"csrf": csrf, "all": "1", "confirm": "1"})
+            assert refused.status_code == 503 and "Redis shard 1 of 2 unreachable" in refused.text
+            dry = c.post("/console/dlq/purge", data={"csrf": csrf, "all": "1"})
+            assert dry.status_code == 200 and "Dry run: would purge 0" in dry.text and 'id="shards-down"' in dry.text
+            assert c.get("/console/analytics.csv?by=channel").status_code == 200
+    finally:
+        stop_server(d1)
+        ctx.close()
+        dispose_all()
+
+    # shard 0 down: no session can be read; each page says so (the login form itself opens)
+    d0 = tmp_path / "redis-shard0"
+    url0 = ensure_server(d0)
+    ctx = Context(make_settings(home, url0, redis_shards=[url0, redis_url], redis_socket_timeout=1))
+    try:
+        key = create_key(ctx, "shards0").key
+        with ApiServer(ctx) as server, _session(server, key) as c:
+            assert c.get("/console").status_code == 200
+            assert stop_server(d0)
+            for path in pages:
+                r = c.get(path)
+                assert r.status_code == 503 and "<html" in r.text, (path, r.text)
+                assert "Redis shard 0 of 2, which holds the console&#39;s sessions, is unreachable" in r.text, r.text
+                assert url0 not in r.text
+            assert httpx.get(server.url + "/console/login").status_code == 200  # no session cookie
+    finally:
+        stop_server(d0)
+        ctx.close()
+        dispose_all()
+
+
+def _wave_rows(html: str, cid: str) -> dict[int, dict[str, Any]]:
+    """The per-wave table of campaign ``cid`` on the Campaigns page, as numbers."""
+    import re
+
+    section = html[html.index(f'id="c-{cid}"') :]
+    table = section[section.index('<table class="waves">') : section.index("</table>")]
+    out: dict[int, dict[str, Any]] = {}
+    for wave, row in re.findall(r'<tr data-wave="(\d+)">(.*?)</tr>', table, re.S):
+        cells = dict(re.findall(r'<td class="n (\w+)">(\d+)</td>', row))
+        out[int(wave)] = {
+            **{k: int(v) for k, v in cells.items() if k != "recipients"},
+            **{
+                f"{kind}_by_reason": {r: int(n) for r, n in re.findall(rf'class="{kind}-reason" data-reason="([^"]*)">{kind} [^=]*=(\d+)', row)}
+                for kind in ("failed", "suppressed")
+            },
+        }  # fmt: skip
+    return out
+
+
+def test_campaign_waves_page_equals_cli(server: ApiServer, api_key: str, cctx: Context) -> None:
+    """The Campaigns page's per-wave progress (scheduled, sent, failed and suppressed by reason)
+    equals ``notifyctl campaign status --json``'s, which equals SQL counts over each wave's
+    deliveries (``tests/test_campaigns_waves.py``)."""
+    from tests.test_campaigns_waves import KEYS, cli_status, sql_counts, staggered_campaign
+
+    cid = staggered_campaign(cctx)
+    with _session(server, api_key) as c:
+        page = _wave_rows(c.get("/console/campaigns").text, cid)
+    cli = {int(w["wave"]): {k: w[k] for k in KEYS} for w in cli_status(cctx, cid)["wave_progress"]}
+    assert page == cli == sql_counts(cctx, cid)
+    assert len(page) == 3 and page[0]["sent"] and page[2]["scheduled"]
+    assert any(w["failed_by_reason"] for w in page.values()) and any(w["suppressed_by_reason"] for w in page.values())

@@ -365,6 +365,133 @@ def test_prepared_insert_stores_what_core_would_and_skips_conflicts(tmp_path: Pa
     engine.dispose()
 
 
+def test_copy_insert_stores_what_core_would(pg_url: str) -> None:
+    """PostgreSQL: ``prepare_insert`` writes by COPY, its text made a column at a time; every value
+    must read back as Core's own insert stores it: the four characters COPY escapes (in plain and
+    JSON columns), NULLs beside them, a text that looks like COPY's NULL marker, str enums,
+    booleans, integers, datetimes and JSON shared by several rows."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import insert, select
+    from sqlmodel import SQLModel
+
+    from notifyctl.db import make_engine, prepare_insert
+    from notifyctl.models import Delivery, DeliveryStatus
+
+    engine = make_engine(pg_url)
+    SQLModel.metadata.create_all(engine)
+    t = Delivery.__table__  # type: ignore[attr-defined]
+    now = datetime(2026, 3, 29, 1, 30, 15, 123456, tzinfo=UTC)
+    odd = ["plain", "tab\there", "back\\slash", "new\nline", "cr\rreturn", "\\N", "", "ü é"]
+
+    def row(i: int, prefix: str) -> dict[str, object]:
+        return {"id": f"{prefix}{i}", "notification_id": f"{prefix}n{i}", "user_id": odd[i % len(odd)], "channel": "email",
+                "route": "email", "address": f"{odd[(i + 3) % len(odd)]}@x", "status": DeliveryStatus.sent,
+                "reason": None if i % 2 else odd[i % len(odd)], "attempts": i, "dead_lettered": i % 3 == 0,
+                "queued_at": now, "updated_at": now + timedelta(seconds=i), "provider": None,
+                "provider_message_id": odd[i % len(odd)] if i % 3 else None, "next_attempt_at": None,
+                "sent_at": now if i % 2 else None, "suppressed_at": None, "failed_at": None}  # fmt: skip
+
+    k = 2 * len(odd)
+    with engine.begin() as conn:
+        conn.execute(insert(t), [row(i, "core") for i in range(k)])
+        prepare_insert(engine, t, [row(i, "copy") for i in range(k)])(conn)
+    with engine.connect() as conn:
+        got = {r.id: r._asdict() for r in conn.execute(select(t))}
+    assert len(got) == 2 * k
+    for i in range(k):
+        a, b = got.pop(f"core{i}"), got.pop(f"copy{i}")
+        for r in (a, b):
+            r.pop("id"), r.pop("notification_id")
+        assert a == b, i
+        assert a["user_id"] == odd[i % len(odd)] and a["status"] == "sent"
+    engine.dispose()
+
+
+def test_upgrade_moves_dedup_keys_to_the_partial_index(db_url: str) -> None:
+    """A database made with the full ``ix_notifications_dedup_key``: the first process to open it
+    drops it (``RETIRED_INDEXES``) and builds ``ix_notifications_dedup_direct``, which holds intake's
+    keys only (a campaign's rows are found by their unique index); lookups by key still answer."""
+    from sqlalchemy import insert
+    from sqlmodel import Session, SQLModel
+
+    from notifyctl.db import _existing_indexes, add_missing_columns, make_engine
+    from notifyctl.models import Notification, utcnow
+    from notifyctl.tracking import find_notification
+
+    legacy = make_engine(db_url)
+    SQLModel.metadata.create_all(legacy)
+    now = utcnow()
+
+    def row(nid: str, key: str | None, campaign: str | None) -> dict[str, object]:
+        return {"id": nid, "recipient_id": "u1", "type": "t", "template_id": "t", "category": "marketing",
+                "priority": "low", "channels": ["email"], "data": {}, "dedup_key": key, "campaign_id": campaign,
+                "status": "done", "due_at": now, "created_at": now, "updated_at": now}  # fmt: skip
+
+    with legacy.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ix_notifications_dedup_direct")
+        conn.exec_driver_sql("CREATE INDEX ix_notifications_dedup_key ON notifications (dedup_key)")
+        conn.execute(
+            insert(Notification.__table__),  # type: ignore[attr-defined]
+            [row("n_a", "order:1", None), row("n_b", "campaign:c_1:u1", "c_1"), row("n_c", None, None)],
+        )
+    legacy.dispose()
+    engine = make_engine(db_url)
+    try:
+        add_missing_columns(engine)
+        with engine.connect() as conn:
+            indexes = _existing_indexes(conn)
+            assert "ix_notifications_dedup_key" not in indexes and "ix_notifications_dedup_direct" in indexes
+            if engine.dialect.name == "sqlite":  # what the index holds: the direct key alone
+                held = conn.exec_driver_sql(
+                    "SELECT id FROM notifications INDEXED BY ix_notifications_dedup_direct "
+                    "WHERE dedup_key IS NOT NULL AND campaign_id IS NULL"
+                ).all()
+                assert [r[0] for r in held] == ["n_a"]
+        with Session(engine) as session:
+            assert find_notification(session, "order:1").id == "n_a"
+            assert find_notification(session, "campaign:c_1:u1").id == "n_b"
+    finally:
+        engine.dispose()
+
+
+def test_update_where_in_counts_what_it_changed(db_url: str) -> None:
+    """``update_where_in`` over more keys than one SQLite chunk (900), with an extra condition: the
+    rows changed and their count; on PostgreSQL one prepared statement per shape, reused (the
+    second call) and kept apart from another shape's (the third)."""
+    from sqlalchemy import insert, select
+    from sqlmodel import SQLModel
+
+    from notifyctl.db import make_engine, unindexed_in, update_where_in
+    from notifyctl.models import Notification, utcnow
+
+    engine = make_engine(db_url)
+    SQLModel.metadata.create_all(engine)
+    t = Notification.__table__  # type: ignore[attr-defined]
+    now = utcnow()
+    ids = [f"n_{i:05d}" for i in range(2000)]
+    rows = [{"id": nid, "recipient_id": "u", "type": "t", "template_id": "t", "category": "c", "priority": "low",
+             "channels": [], "data": {}, "dedup_key": None, "campaign_id": None,
+             "status": "queued" if i % 4 else "scheduled", "due_at": now, "created_at": now, "updated_at": now}
+            for i, nid in enumerate(ids)]  # fmt: skip
+    queued = "AND " + unindexed_in("status", ["queued"])
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(t), rows)
+        with engine.begin() as conn:
+            assert update_where_in(conn, t, {"status": "done", "reason": None}, "id", ids[:1500], queued) == 1125
+            assert update_where_in(conn, t, {"status": "done", "reason": None}, "id", ids[1500:], queued) == 375
+            assert update_where_in(conn, t, {"job_id": "j", "updated_at": now}, "id", ids[:10]) == 10
+            assert update_where_in(conn, t, {"status": "done"}, "id", []) == 0
+        with engine.connect() as conn:
+            got = dict(conn.execute(select(t.c.id, t.c.status)).tuples().all())
+            jobs = conn.execute(select(t.c.id).where(t.c.job_id == "j")).scalars().all()
+        assert [nid for nid in ids if got[nid] != "done"] == ids[::4]
+        assert sorted(jobs) == ids[:10]
+    finally:
+        engine.dispose()
+
+
 def test_ids_are_time_ordered_crockford_base32() -> None:
     """Notification ids sort by creation time (the SQL primary key grows at its end) and carry
     50 random bits; the time part is the millisecond clock in Crockford base32."""

@@ -195,7 +195,7 @@ def test_the_analytics_triggers_join_by_index_whatever_the_statistics(any_db_ctx
     planned with hash and merge joins off (probes of the primary key), not from statistics that a
     fresh or fast-growing table has wrong (a hash over every notification per batch); a database
     with the previous definition gets it on start, the rollup rebuilt exact."""
-    from notifyctl import analytics
+    from notifyctl.analytics import checks, triggers
     from notifyctl.db import write_lock
 
     ctx = any_db_ctx
@@ -204,9 +204,9 @@ def test_the_analytics_triggers_join_by_index_whatever_the_statistics(any_db_ctx
     cid = _launch_now(ctx, "plan")
     run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
     with ctx.engine.begin() as conn:  # as the previous release left it: v1 functions and triggers
-        for name, ddl in zip(analytics.TRIGGERS, analytics._pg_ddl()[:2], strict=True):
-            old = name.replace(analytics.VERSION, "v1")
-            conn.exec_driver_sql(ddl.replace(name, old).replace(analytics._PG_PLAN, ""))
+        for name, ddl in zip(triggers.TRIGGERS, triggers._pg_ddl()[:2], strict=True):
+            old = name.replace(triggers.VERSION, "v1")
+            conn.exec_driver_sql(ddl.replace(name, old).replace(triggers._PG_PLAN, ""))
             conn.exec_driver_sql(f"DROP TRIGGER {name} ON deliveries")
             kind = "INSERT" if "ins" in name else "UPDATE"
             tables = "NEW TABLE AS new_rows" if kind == "INSERT" else "OLD TABLE AS old_rows NEW TABLE AS new_rows"
@@ -214,7 +214,7 @@ def test_the_analytics_triggers_join_by_index_whatever_the_statistics(any_db_ctx
                 f"CREATE TRIGGER {old} AFTER {kind} ON deliveries REFERENCING {tables} "
                 f"FOR EACH STATEMENT EXECUTE FUNCTION {old}()"
             )
-    assert analytics.install(ctx.engine, write_lock) is True
+    assert triggers.install(ctx.engine, write_lock) is True
     with ctx.engine.connect() as conn:
         config = dict(
             conn.exec_driver_sql(
@@ -222,11 +222,11 @@ def test_the_analytics_triggers_join_by_index_whatever_the_statistics(any_db_ctx
                 "AND pronamespace = current_schema()::regnamespace"
             ).all()
         )
-    assert sorted(config) == sorted(analytics.TRIGGERS)  # the old functions dropped with their triggers
+    assert sorted(config) == sorted(triggers.TRIGGERS)  # the old functions dropped with their triggers
     for settings in config.values():
         assert {"enable_hashjoin=off", "enable_mergejoin=off"} <= set(settings)
-    assert analytics.rollup_counts(ctx.engine) == analytics.full_counts(ctx.engine)
-    assert sum(n for k, n in analytics.full_counts(ctx.engine).items() if k[3] == cid and k[4] == "sent") == N
+    assert checks.rollup_counts(ctx.engine) == checks.full_counts(ctx.engine)
+    assert sum(n for k, n in checks.full_counts(ctx.engine).items() if k[3] == cid and k[4] == "sent") == N
 
 
 def test_statistics_follow_a_table_that_doubled(any_db_ctx: Context) -> None:

@@ -20,7 +20,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 from rq.job import Job
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlmodel import Session
 
 from campaigns.launcher import LaunchSpec, launch
@@ -184,6 +184,38 @@ def test_the_reconciler_works_each_shard_under_its_own_lock(sctx: Context) -> No
     alice = _job_of(ctx, lost["alice"])
     assert r1.exists(keys.rq_job(alice)) and not r0.exists(keys.rq_job(alice))
     assert r1.lrange(keys.rq_queue("notify-normal"), 0, -1) == [alice.encode()]
+
+
+def test_a_round_reads_sql_once_whatever_the_number_of_shards(sctx: Context) -> None:
+    """One round over both shards makes the SQL reads of a one-shard round, not one set per shard,
+    and queues each shard's due work on its own shard."""
+    ctx = sctx
+    seed(ctx)
+    due = {u: send(ctx, recipient_id=u, channels=["email"]).notification_id for u in SHARD_OF}
+    for s in (0, 1):
+        ctx.shard_redis(s).flushall()  # every job lost: each shard's round has work
+    selects: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    later = time.time() + 60
+    event.listen(ctx.engine, "before_cursor_execute", count)
+    try:
+        reconcile(ctx, now=later, force=True, shards=[0])
+        one = len(selects)
+        selects.clear()
+        res = reconcile(ctx, now=later, force=True, shards=[0, 1])
+        both = len(selects)
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", count)
+    assert res.recovered == 2 and one > 0
+    assert both == one, f"a two-shard round made {both} SELECTs, a one-shard round {one}"
+    for user, nid in due.items():
+        job = _job_of(ctx, nid)
+        assert ctx.shard_redis(SHARD_OF[user]).exists(keys.rq_job(job))
+        assert not ctx.shard_redis(1 - SHARD_OF[user]).exists(keys.rq_job(job))
 
 
 def _job_of(ctx: Context, nid: str) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 from notifyctl import keys
 from notifyctl.alerts import check_alerts, check_dlq_alert
-from notifyctl.analytics import compact
+from notifyctl.analytics.fold import compact
 from notifyctl.circuit import HALF_OPEN, Circuits, take_recoveries
 from notifyctl.context import Context, freeze_heap
 from notifyctl.db import checkpoint, dispose_all

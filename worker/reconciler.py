@@ -21,10 +21,11 @@ the lock instead. Two duties:
    - is marked queued but is no longer in its queue (popped by a worker that then died —
      RQ's dequeue from several queues is not crash-safe).
 
-With several Redis shards (``notifyctl.shards``) a round is one per shard: each takes that shard's
-lock and pace key (on that shard), reads the candidates from SQL, keeps its own users', checks
-their jobs and the workers' liveness keys on that shard and queues them there. A pool runs the
-rounds of the shards it serves.
+With several Redis shards (``notifyctl.shards``) a round takes the pace key and the lock of each
+shard it serves (each on its shard), reads the candidates from SQL once for all of them, and works
+each shard's users' part under that shard's lock: their jobs and the workers' liveness keys are
+checked on that shard, and they are queued there. Each due row is read once per round, however
+many shards (two pools that each took some of the shards in the same instant both read it).
 
 Requeueing can at worst process a notification twice, and processing is idempotent
 (``worker.pipeline``), so recovery never sends twice what was sent.
@@ -35,9 +36,11 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select, update
 from sqlmodel import Session, col
@@ -54,6 +57,7 @@ from notifyctl.shards import shard_of
 _LIVE_STATES = {"scheduled", "deferred"}
 LOCK_TTL_MS = 10_000  # the round's lock runs out this long after its last renewal (every 2.5 s)
 FORCED_WAIT = 60.0  # seconds a forced round waits for another round to end
+T = TypeVar("T")
 _N = Notification.__table__  # type: ignore[attr-defined]
 
 
@@ -65,15 +69,6 @@ class ReconcileResult:
     skipped_locked: bool = False
     orphans_woken: int = 0
     lock_lost: bool = False  # the round stopped: its lock ran out (see OwnedLock)
-
-    def add(self, other: ReconcileResult) -> None:
-        """Fold one shard's round into the total: counts add up; skipped when every shard's was."""
-        self.retries_queued += other.retries_queued
-        self.recovered += other.recovered
-        self.checked_jobs += other.checked_jobs
-        self.orphans_woken += other.orphans_woken
-        self.skipped_locked = self.skipped_locked and other.skipped_locked
-        self.lock_lost = self.lock_lost or other.lock_lost
 
 
 def _naive(ts: float) -> datetime:
@@ -91,57 +86,59 @@ def reconcile(
 ) -> ReconcileResult:
     """One reconciliation round. ``now`` (epoch s) can be given to act as of another time.
 
-    With several Redis shards (``notifyctl.shards``), a round per shard of ``shards`` (default:
-    all), each under that shard's own lock (on that shard) and queueing only that shard's users'
-    notifications, on that shard; the result is their total.
+    With several Redis shards (``notifyctl.shards``): the round takes the pace key and the lock of
+    each shard of ``shards`` (default: all) it can, each on its own shard, then reads SQL once for
+    all of them and queues each shard's users' notifications on that shard, under that shard's
+    lock. A shard whose lock another round holds is that round's; one whose Redis is out is
+    reported (raised) after the others' work is done.
 
     ``paced`` (the pool's once-a-second rounds): a campaign's due notifications are queued at most
     at its ``--rate`` per round, so a campaign that fell behind catches up without a burst.
 
-    Never without the lock: a round that cannot take it is skipped (``skipped_locked``; ``force``
-    waits ``FORCED_WAIT`` s for it first), one that loses it stops (``lock_lost``)."""
-    if ctx.shard_count == 1:
-        return _reconcile_shard(ctx, 0, now, limit, force, check_lost, paced)
-    total = ReconcileResult(skipped_locked=True)
+    Never without the lock: a round that cannot take any is skipped (``skipped_locked``; ``force``
+    waits ``FORCED_WAIT`` s for each first), a shard whose lock is lost is dropped from the round
+    (``lock_lost``)."""
+    n = ctx.shard_count
+    wanted = [0] if n == 1 else sorted(set(range(n) if shards is None else shards))
+    result = ReconcileResult()
+    locks: dict[int, OwnedLock] = {}
     down: list[BaseException] = []
-    for shard in range(ctx.shard_count) if shards is None else shards:
-        try:
-            total.add(_reconcile_shard(ctx, shard, now, limit, force, check_lost, paced))
-        except Exception as exc:
-            if not unreachable(exc):
-                raise
-            down.append(exc)  # that shard's Redis is out: the others' rounds still run
+    try:
+        for shard in wanted:  # in ascending order in every pool: a forced round never deadlocks
+            try:
+                lock = _take(ctx, shard, force)
+            except Exception as exc:
+                if n == 1 or not unreachable(exc):
+                    raise
+                down.append(exc)  # that shard's Redis is out: the others' work still runs
+                continue
+            if lock is not None:
+                locks[shard] = lock
+        if locks:
+            _round(ctx, locks, down, result, now, limit, check_lost, paced)
+        else:
+            result.skipped_locked = True
+    finally:
+        for lock in locks.values():
+            lock.release()
     if down:
         raise down[0]  # (the pool reports the outage)
-    return total
+    return result
 
 
-def _reconcile_shard(
-    ctx: Context, shard: int, now: float | None, limit: int | None, force: bool, check_lost: bool, paced: bool
-) -> ReconcileResult:
-    """One shard's round, under that shard's lock (on that shard's Redis)."""
-    result = ReconcileResult()
+def _take(ctx: Context, shard: int, force: bool) -> OwnedLock | None:
+    """That shard's pace key (unless ``force``) and lock, on that shard's Redis; None when taken."""
     r = ctx.shard_redis(shard)
     if not force and not r.set(keys.RECONCILE_PACE, "1", nx=True, px=900):
-        result.skipped_locked = True
-        return result
+        return None
     lock = OwnedLock(r, keys.RECONCILE_LOCK, LOCK_TTL_MS)
-    if not lock.acquire(wait=FORCED_WAIT if force else 0):
-        result.skipped_locked = True
-        return result
-    try:
-        return _round(ctx, shard, lock, result, now, limit, check_lost, paced)
-    except LockLost:
-        result.lock_lost = True
-        return result
-    finally:
-        lock.release()
+    return lock if lock.acquire(wait=FORCED_WAIT if force else 0) else None
 
 
 def _round(
     ctx: Context,
-    shard: int,
-    lock: OwnedLock,
+    locks: dict[int, OwnedLock],
+    down: list[BaseException],
     result: ReconcileResult,
     now: float | None,
     limit: int | None,
@@ -153,9 +150,29 @@ def _round(
     limit = limit or settings.reconcile_limit
     batch_size = max(1, settings.batch_size)
     n = ctx.shard_count
+    live = dict(locks)  # the shards this round still works: a lost lock or an unreachable shard leaves
 
-    def mine(user_id: str) -> bool:  # this shard's user (one shard: everyone)
-        return n == 1 or shard_of(user_id, n) == shard
+    def held(user_id: str) -> int | None:  # the user's shard, when this round holds it
+        s = 0 if n == 1 else shard_of(user_id, n)
+        return s if s in live else None
+
+    def on(shard: int, step: Callable[[], T], write: bool = True) -> T | None:
+        """``step()`` for ``shard``, after checking its lock when it writes; None, and the shard
+        dropped from the round, when its lock is lost or (sharded) its Redis unreachable."""
+        if shard not in live:
+            return None
+        try:
+            if write:
+                live[shard].check()
+            return step()
+        except LockLost:
+            result.lock_lost = True
+        except Exception as exc:
+            if n == 1 or not unreachable(exc):
+                raise
+            down.append(exc)
+        live.pop(shard, None)
+        return None
 
     with Session(ctx.engine) as session:
         # 1. due retries and scheduled sends
@@ -188,14 +205,16 @@ def _round(
                 .tuples()
                 .all()
             )
-        by_prio: dict[str, list[str]] = defaultdict(list)
+        by_shard: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         for nid, prio, user_id in due:
-            if mine(user_id):
-                by_prio[prio].append(nid)
-        lock.check()
-        result.retries_queued = _requeue(
-            ctx, session, by_prio, batch_size, now, [NotificationStatus.retrying, NotificationStatus.scheduled], shard
-        )
+            if (s := held(user_id)) is not None:
+                by_shard[s][prio].append(nid)
+        from_due: list[str] = [NotificationStatus.retrying, NotificationStatus.scheduled]
+        for s, by_prio in by_shard.items():
+            queued = on(s, partial(_requeue, ctx, session, by_prio, batch_size, now, from_due, s))
+            result.retries_queued += queued or 0
+        if not live:  # every lock lost (or every shard out): stop here
+            return result
 
         # 2. lost work. Transactional (high) notifications every round and on their own: behind a
         # campaign's backlog (thousands queued, all older than the OTP) the search in due_at order
@@ -218,22 +237,26 @@ def _round(
         if check_lost:
             seen = {row[0] for row in stale}
             stale += [row for row in session.execute(lost_q).tuples().all() if row[0] not in seen]
-        stale = [row for row in stale if mine(row[3])]
-        if stale:
-            jobs: dict[str | None, list[tuple[str, str]]] = defaultdict(list)
-            for nid, prio, job_id, _user in stale:
-                jobs[job_id].append((nid, prio))
+        stale_by_shard: dict[int, dict[str | None, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
+        for nid, prio, job_id, user_id in stale:
+            if (s := held(user_id)) is not None:
+                stale_by_shard[s][job_id].append((nid, prio))
+        for s, jobs in stale_by_shard.items():
             job_ids = [j for j in jobs if j]
-            result.checked_jobs = len(job_ids)
-            lost = set(_lost_jobs(ctx.shard_redis(shard), job_ids))
+            result.checked_jobs += len(job_ids)
+            found = on(s, partial(_lost_jobs, ctx.shard_redis(s), job_ids), write=False)
+            if found is None:
+                continue
+            lost = set(found)
             lost_by_prio: dict[str, list[str]] = defaultdict(list)
             for job_id, items in jobs.items():
                 if job_id is None or job_id in lost:
                     for nid, prio in items:
                         lost_by_prio[prio].append(nid)
-            lock.check()
-            result.recovered = _requeue(ctx, session, lost_by_prio, batch_size, now, [NotificationStatus.queued], shard)
-        if not check_lost:
+            from_queued: list[str] = [NotificationStatus.queued]
+            recovered = on(s, partial(_requeue, ctx, session, lost_by_prio, batch_size, now, from_queued, s))
+            result.recovered += recovered or 0
+        if not check_lost or not live:
             return result
 
         # 3. orphans: a delivery put back to 'retrying' (DLQ replay) while a job that had already
@@ -256,18 +279,21 @@ def _round(
             .tuples()
             .all()
         )
-        orphans = [row for row in orphans if mine(row[2])]
-        if orphans:
-            lock.check()
-        for nid, next_at, _user in orphans:
-            session.execute(
-                update(Notification)
-                .where(col(Notification.id) == nid)
-                .values(status=NotificationStatus.retrying, due_at=next_at or _naive(now))
-            )
-        if orphans:
+        orphans_by_shard: dict[int, list[tuple[str, datetime | None]]] = defaultdict(list)
+        for nid, next_at, user_id in orphans:
+            if (s := held(user_id)) is not None:
+                orphans_by_shard[s].append((nid, next_at))
+        for s, rows in orphans_by_shard.items():
+            if on(s, lambda: True):  # its lock still ours
+                for nid, next_at in rows:
+                    session.execute(
+                        update(Notification)
+                        .where(col(Notification.id) == nid)
+                        .values(status=NotificationStatus.retrying, due_at=next_at or _naive(now))
+                    )
+                result.orphans_woken += len(rows)
+        if result.orphans_woken:
             session.commit()
-        result.orphans_woken = len(orphans)
     return result
 
 

@@ -9,7 +9,8 @@ import sys
 import typer
 from rich.table import Table
 
-from notifyctl.analytics import BY, csv_rows, funnel, parse_since, reasons_text
+from notifyctl.analytics.export import csv_rows, reasons_text
+from notifyctl.analytics.read import BY, funnel, parse_since
 from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json
 from notifyctl.errors import InputError
 

@@ -6,28 +6,60 @@ timelines. The pages themselves are ``notifyctl.console.routes``.
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlmodel import Session
 
 from campaigns.models import Campaign
-from notifyctl.analytics import funnel
+from notifyctl.analytics.read import funnel
+from notifyctl.analytics.waves import wave_progress
 from notifyctl.circuit import Circuits
 from notifyctl.dlq import stats as dlq_stats
 from notifyctl.errors import NotFound
-from notifyctl.liveness import by_host, live_workers_of
+from notifyctl.liveness import by_host, live_workers, live_workers_of
 from notifyctl.metrics import BUCKETS, IN_DOUBT, LATENCY, SENT_PER_MIN, queue_stats
 from notifyctl.models import Notification
+from notifyctl.redisconn import _safe, shard_urls
+from notifyctl.shards import ShardDown, each
 from notifyctl.tracking import timeline
 
 
+def probe(ctx: Any) -> dict[int, ShardDown]:
+    """The Redis shards that do not answer a ping (none with one Redis)."""
+    if ctx.shard_count == 1:
+        return {}
+    return each(ctx, lambda i: ctx.shard_redis(i).ping())[1]
+
+
+def shards_down(ctx: Any, known: dict[int, ShardDown] | None = None) -> list[dict[str, Any]]:
+    """The Redis shards that cannot be reached, for the banner on every page (``notifyctl status``'s
+    lines): each with its number, URL (no password) and error in one line. ``known``: what a page
+    found while reading (``overview_data``), so that no shard is asked twice (a silent one would cost
+    another timeout); without it each shard is pinged. One Redis, unsharded: nothing to say (its
+    outage is every page's error, as for every command)."""
+    if ctx.shard_count == 1:
+        return []
+    if known is None:
+        known = probe(ctx)
+    urls = shard_urls(ctx.settings)
+    out = []
+    for i in sorted(known):
+        url = _safe(urls[i])
+        out.append({"shard": i, "url": url, "error": known[i].error.removeprefix(f"cannot reach Redis at {url}: ")})
+    return out
+
+
 def overview_data(ctx: Any) -> dict[str, Any]:
-    """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries)."""
+    """Everything the Overview shows, from Redis and a few indexed SQL queries (no scan of deliveries).
+
+    With Redis shards, one shard down hides nothing of the others (``notifyctl.shards.each``): the
+    queues and live workers are those of the shards that answered, and ``down`` names the others.
+    Shard 0 holds the sessions: without it no page opens (``notifyctl.console.session``)."""
     s = ctx.settings
     r = ctx.redis
-    queues = queue_stats(ctx)
+    down: dict[int, ShardDown] = {}
+    queues = queue_stats(ctx, down) if ctx.shard_count > 1 else queue_stats(ctx)
     for q in queues:
         q["threshold_s"] = float(getattr(s, f"lag_alert_{q['priority']}"))
         q["over"] = q["oldest_age_s"] is not None and q["oldest_age_s"] > q["threshold_s"]
@@ -64,8 +96,16 @@ def overview_data(ctx: Any) -> dict[str, Any]:
                 "p99": _quantile(h, BUCKETS, 0.99),
             }
         )
-    hosts = {h: len(ws) for h, ws in by_host(live_workers_of(ctx)).items()}
+    if ctx.shard_count > 1:
+        # a shard found down above is not asked again
+        per, gone = each(ctx, lambda i: [] if i in down else live_workers(ctx.shard_redis(i)))
+        down.update(gone)
+        workers = [w for ws in per.values() for w in ws]
+    else:
+        workers = live_workers_of(ctx)
+    hosts = {h: len(ws) for h, ws in by_host(workers).items()}
     return {
+        "down": down,
         "queues": queues,
         "sent_per_min": minutes,
         "sent_last_hour": sum(n for _, n in minutes),
@@ -91,16 +131,17 @@ def _quantile(h: dict[str, float], buckets: tuple[float, ...], q: float) -> str:
 
 def campaign_cards(ctx: Any, limit: int = 10) -> list[dict[str, Any]]:
     """The latest campaigns, each read without counting its rows: deliveries per channel from the
-    analytics rollup, each wave's notifications still waiting through the (status, due_at) index."""
+    analytics rollup, each wave's from its counts (``analytics.waves``: sent, failed and suppressed
+    by reason, ...) with its notifications still waiting (the (status, due_at) index)."""
     with Session(ctx.engine) as s:
         camps: list[Campaign] = list(
             s.execute(select(Campaign).order_by(Campaign.created_at.desc()).limit(limit)).scalars()  # type: ignore[attr-defined]
         )
     out = []
     for c in camps:
-        waves = wave_progress(ctx, c.id, c.plan or [])
-        waiting = sum(w["waiting"] for w in waves)
-        state = c.status if c.status != "active" else ("sending" if waiting else "sent")
+        waves = wave_progress(ctx.engine, c.id, c.plan or [])
+        waiting = sum(w["scheduled"] + w["paused"] for w in waves)
+        state = _campaign_state(ctx, c, waiting)
         per_channel = {g["key"]: g for g in funnel(ctx.engine, "channel", campaign=c.id)["groups"]}
         out.append({
             "campaign_id": c.id, "name": c.name, "state": state, "template_id": c.template_id, "channels": c.channels,
@@ -110,27 +151,29 @@ def campaign_cards(ctx: Any, limit: int = 10) -> list[dict[str, Any]]:
     return out
 
 
-def wave_progress(ctx: Any, campaign_id: str, waves: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each time-zone wave of a campaign (its plan) with how many of its notifications still wait
-    (scheduled, or paused) and how many went out (the rest of its recipients): one query per
-    wave on the (status, due_at) index, which holds only what is still to go."""
-    out = []
+def _campaign_state(ctx: Any, c: Campaign, waiting: int) -> str:
+    """The state ``notifyctl campaign status`` shows (``campaigns.report.STATES``), without its count
+    of every notification: launching, sending (some still scheduled or paused in a wave, or queued or
+    retrying), paused, canceled, completed."""
+    if c.status != "active":
+        return str(c.status)
+    if c.launched_at is None:
+        return "launching"
+    if waiting:
+        return "sending"
+    # the first of its notifications in flight, on the (status, due_at) index: what is in flight is
+    # little beside a campaign's rows. coalesce() keeps the planner off the (campaign_id, recipient_id)
+    # index, which SQLite would pick and walk through every notification of a completed campaign.
+    # Its scheduled or paused rows are in its waves (counted above) when it has a plan.
+    statuses = ["queued", "retrying"] + ([] if c.plan else ["scheduled", "paused"])
     with Session(ctx.engine) as s:
-        for w in waves:
-            start = datetime.fromisoformat(w["start"])
-            end = datetime.fromisoformat(w["end"])
-            rows = s.execute(
-                select(Notification.status, func.count())  # type: ignore[call-overload]
-                .where(Notification.status.in_(["scheduled", "paused"]))  # type: ignore[attr-defined]
-                .where(Notification.due_at >= start, Notification.due_at <= end)
-                .where(Notification.campaign_id == campaign_id)
-                .group_by(Notification.status)
-            ).all()
-            by_status = {str(st): int(str(n)) for st, n in rows}
-            waiting = sum(by_status.values())
-            produced = max(0, int(w.get("recipients", 0)) - waiting)
-            out.append({**w, "by_status": {**by_status, "produced": produced}, "waiting": waiting})
-    return out
+        in_flight = s.execute(
+            select(Notification.id)  # type: ignore[call-overload]
+            .where(Notification.status.in_(statuses))  # type: ignore[attr-defined]
+            .where(func.coalesce(Notification.campaign_id, "") == c.id)
+            .limit(1)
+        ).first()
+    return "sending" if in_flight else "completed"
 
 
 def lookup_timelines(ctx: Any, ref: str, limit: int = 20) -> list[dict[str, Any]]:

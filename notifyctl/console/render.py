@@ -14,6 +14,8 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from markupsafe import escape
 
+from notifyctl.console.data import shards_down
+
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
     autoescape=True,
@@ -40,8 +42,12 @@ _env.filters["pct"] = _pct
 
 
 def page(request: Request, name: str, sess: dict[str, Any] | None, status: int = 200, **values: Any) -> HTMLResponse:
+    """A console page; for a logged-in session, under a banner naming each Redis shard that cannot
+    be reached (``shards_down``: those the page met while reading, in ``request.state.shards_down``,
+    or else each shard pinged)."""
+    down = shards_down(request.app.state.ctx, getattr(request.state, "shards_down", None)) if sess else []
     html = _env.get_template(name).render(
-        request_path=request.url.path, csrf=sess["csrf"] if sess else "", session=sess, **values
+        request_path=request.url.path, csrf=sess["csrf"] if sess else "", session=sess, shards_down=down, **values
     )
     return HTMLResponse(
         html,

@@ -21,9 +21,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, Response
 
 from campaigns import state
-from notifyctl.analytics import csv_rows, funnel, parse_since
+from notifyctl.analytics.export import csv_rows
+from notifyctl.analytics.read import funnel, parse_since
 from notifyctl.api.auth import allows, check_key, scope_of
-from notifyctl.console.data import campaign_cards, lookup_timelines, overview_data
+from notifyctl.console.data import campaign_cards, lookup_timelines, overview_data, probe, shards_down
 from notifyctl.console.render import bars_svg, funnel_svg, page, to_login
 from notifyctl.console.session import (
     COOKIE,
@@ -34,6 +35,7 @@ from notifyctl.console.session import (
     read_form,
     require_operate,
     session_of,
+    sessions,
     set_cookie,
     sid_key,
 )
@@ -51,6 +53,21 @@ def _build_filter(args: dict[str, str | None], ids: list[str] | None = None) -> 
 def _dlq_filter_args(q: dict[str, str]) -> dict[str, str | None]:
     names = ("channel", "provider", "error", "template", "older_than", "newer_than")
     return {k: (q.get(k) or "").strip() or None for k in names}
+
+
+def _replay_needs_every_shard(ctx: Any, known: dict[int, Any]) -> None:
+    """A replay reads each entry's send record on its user's shard (so that nothing sent meanwhile
+    is sent twice): with a shard down it is refused before anything, naming the shard (a purge,
+    SQL only, still works)."""
+    down = shards_down(ctx, known)
+    if down:
+        names = ", ".join(str(x["shard"]) for x in down)
+        raise Refused(
+            503,
+            f"cannot replay: Redis shard{'s' if len(down) > 1 else ''} {names} of {ctx.shard_count} unreachable "
+            "(a replay checks each entry's send record on its user's shard, so that nothing is sent twice); "
+            "try again once it is back",
+        )
 
 
 def router() -> APIRouter:
@@ -87,7 +104,7 @@ def router() -> APIRouter:
         sid = secrets.token_urlsafe(32)
         assert row is not None
         sess = {"key_id": row.id, "key_name": row.name, "csrf": secrets.token_urlsafe(32), "at": time.time()}
-        ctx.redis.set(sid_key(sid), json.dumps(sess), ex=SESSION_TTL)
+        sessions(ctx, lambda r: r.set(sid_key(sid), json.dumps(sess), ex=SESSION_TTL))
         redirect = RedirectResponse("/console", status_code=303)
         set_cookie(request, redirect, COOKIE, sid, SESSION_TTL)
         redirect.delete_cookie(LOGIN_COOKIE, path="/console")
@@ -99,7 +116,7 @@ def router() -> APIRouter:
         if sess is None:
             return to_login(request)
         await checked_form(request, sess)
-        request.app.state.ctx.redis.delete(sid_key(sess["sid"]))
+        sessions(request.app.state.ctx, lambda r: r.delete(sid_key(sess["sid"])))
         resp = RedirectResponse("/console/login", status_code=303)
         resp.delete_cookie(COOKIE, path="/console")
         return resp
@@ -110,6 +127,7 @@ def router() -> APIRouter:
         if sess is None:
             return to_login(request)
         data = overview_data(request.app.state.ctx)
+        request.state.shards_down = data["down"]  # the banner's: asked already
         return page(request, "overview.html", sess, d=data, chart=bars_svg(data["sent_per_min"]))
 
     @r.get("/dlq")
@@ -173,6 +191,9 @@ def router() -> APIRouter:
             raise InputError("choose entries: one id, a filter, or all")
         f = _build_filter(args, ids)
         confirm = form.get("confirm") == "1"
+        request.state.shards_down = await run_in_threadpool(probe, ctx)  # off the event loop; the banner's too
+        if action == "replay":
+            _replay_needs_every_shard(ctx, request.state.shards_down)
         fn = replay if action == "replay" else purge
         res = await run_in_threadpool(lambda: fn(ctx, f, dry_run=not confirm))
         hidden = {k: v for k, v in args.items() if v}

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from fastapi import Request
@@ -20,6 +21,9 @@ from sqlmodel import Session
 from notifyctl import keys
 from notifyctl.api.auth import allows, scope_of
 from notifyctl.api.models import ApiKey
+from notifyctl.redisconn import RedisUnreachable, unreachable
+
+T = TypeVar("T")
 
 COOKIE = "notify_console"
 LOGIN_COOKIE = "notify_console_login"
@@ -49,20 +53,35 @@ def set_cookie(request: Request, resp: Response, name: str, value: str, max_age:
     )
 
 
+def sessions(ctx: Any, fn: Callable[[Any], T]) -> T:
+    """``fn`` on the sessions' Redis (shard 0 with Redis shards). Unreachable: ``Refused`` (503) naming
+    it, on every page, as no session can be read without it (the other shards down, the pages
+    open and name them: ``notifyctl.console.data.shards_down``)."""
+    try:
+        return fn(ctx.redis)
+    except Exception as exc:
+        if not (isinstance(exc, RedisUnreachable) or unreachable(exc)):
+            raise
+        where = f"Redis shard 0 of {ctx.shard_count}" if ctx.shard_count > 1 else "Redis"
+        raise Refused(
+            503, f"{where}, which holds the console's sessions, is unreachable: no page opens until it is back"
+        ) from None
+
+
 def session_of(request: Request) -> dict[str, Any] | None:
     """The logged-in session (``key_id``, ``key_name``, ``csrf``), or None."""
     sid = request.cookies.get(COOKIE)
     if not sid or len(sid) > 128:
         return None
     ctx = request.app.state.ctx
-    raw = ctx.redis.get(sid_key(sid))
+    raw = sessions(ctx, lambda r: r.get(sid_key(sid)))
     if raw is None:
         return None
     sess: dict[str, Any] = json.loads(raw)
     with Session(ctx.engine) as s:
         key = s.get(ApiKey, sess["key_id"])
     if key is None or key.revoked_at is not None or not allows(key, "read"):
-        ctx.redis.delete(sid_key(sid))
+        sessions(ctx, lambda r: r.delete(sid_key(sid)))
         return None
     sess["sid"] = sid
     sess["scope"] = scope_of(key)

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 from notifyctl import metrics, prefs
+from notifyctl.analytics.triggers import counted_insert
 from notifyctl.db import prepare_insert, update_where_in, write_lock
 from notifyctl.models import FINAL_STATUSES, DeliveryStatus, DeviceToken, NotificationStatus, OptOut
 from notifyctl.secretdata import erase
@@ -160,7 +161,7 @@ def write(
     with write_lock(rt.ctx.engine, urgent=urgent):  # one SQLite writer at a time; OTPs first
         try:
             conn = session.connection()
-            insert_deliveries(conn)
+            counted_insert(conn, insert_deliveries, len(new_rows))  # (the analytics rollup in one statement)
             if updates.rows:
                 # only from the states this job saw: a webhook may have moved a delivery on meanwhile
                 _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
