@@ -25,6 +25,7 @@ from notifyctl import (
 )
 from notifyctl.analytics.triggers import install as install_analytics
 from notifyctl.analytics.triggers import sqlite_connected
+from notifyctl.analytics.waves import install as install_waves
 from notifyctl.errors import ConfigError
 from notifyctl.home import create_private
 from notifyctl.sqllock import write_lock as write_lock  # (re-exported: most callers import it from here)
@@ -312,17 +313,22 @@ def rows_where_in(
     return out
 
 
-def _pg_prepared(conn: Connection, sql: str) -> str:
-    """``EXECUTE`` of ``sql`` (one ``%s``: a text array) prepared on this connection, preparing it
-    the first time. The names live in the pool's record of the DBAPI connection (``info``), which
-    SQLAlchemy clears when it reconnects: a new server session prepares again."""
+def _pg_prepared(conn: Connection, sql: str, types: str = "text[]") -> str:
+    """``EXECUTE`` of ``sql`` prepared on this connection, preparing it the first time: ``sql``'s
+    ``%s`` marks become ``$1``, ``$2``, ... (``types``: their types, or "" to let PostgreSQL infer
+    them). The names live in the pool's record of the DBAPI connection (``info``), which SQLAlchemy
+    clears when it reconnects: a new server session prepares again."""
     names: dict[str, str] = conn.connection.info.setdefault("notify_prepared", {})
     name = names.get(sql)
+    marks = sql.count("%s")
     if name is None:
         name = f"notify_rows_{len(names)}"
-        conn.exec_driver_sql(f"PREPARE {name}(text[]) AS {sql.replace('%s', '$1')}")
+        numbered = sql
+        for i in range(1, marks + 1):
+            numbered = numbered.replace("%s", f"${i}", 1)
+        conn.exec_driver_sql(f"PREPARE {name}{f'({types})' if types else ''} AS {numbered}")
         names[sql] = name
-    return f"EXECUTE {name}(%s)"
+    return f"EXECUTE {name}({', '.join(['%s'] * marks)})"
 
 
 def update_where_in(
@@ -332,7 +338,11 @@ def update_where_in(
     chunks of 900 (SQLite's bound-parameter limit): the values through their columns' bind
     processors, and none of SQLAlchemy's per-call work on a thousand-element ``IN`` list (for the
     worker's settle of a batch, that work cost as much as the UPDATE itself). Returns the rows
-    updated."""
+    updated.
+
+    On PostgreSQL, one statement whatever the number of keys, ``<column> = ANY(<text array>)``,
+    prepared once per connection and statement shape (``_pg_prepared``): the server neither parses
+    nor plans a thousand-element list each time (``and_sql``: constants only)."""
     dialect = conn.dialect
     q = dialect.identifier_preparer
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
@@ -341,6 +351,11 @@ def update_where_in(
         proc = table.c[name].type._cached_bind_processor(dialect)
         params.append(proc(v) if proc is not None and v is not None else v)
     sets = ", ".join(f"{q.quote(c)} = {mark}" for c in values)
+    if dialect.name == "postgresql" and dialect.paramstyle == "pyformat":
+        if not keys:
+            return 0
+        sql = f"UPDATE {q.format_table(table)} SET {sets} WHERE {q.quote(column)} = ANY(%s::text[]) {and_sql}"
+        return int(conn.exec_driver_sql(_pg_prepared(conn, sql, types=""), (*params, list(keys))).rowcount)
     head = f"UPDATE {q.format_table(table)} SET {sets} WHERE {q.quote(column)} IN "
     count = 0
     for i in range(0, len(keys), 900):
@@ -512,6 +527,7 @@ def engine_for(settings: Any) -> Engine:
                 if "notifications" in had and "dedup_keys" not in had:
                     _backfill_dedup_keys(engine, settings.dedup_ttl)
                 install_analytics(engine, write_lock)
+                install_waves(engine, write_lock)
         except OperationalError as exc:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
         _engines[url] = engine

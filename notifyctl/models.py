@@ -191,6 +191,10 @@ class Notification(SQLModel, table=True):
     # no index of its own: uq_notifications_campaign_recipient starts with it (a second one cost every
     # insert, and every status change on PostgreSQL, one more index entry: ~1.5 µs a row each)
     campaign_id: str | None = Field(default=None, max_length=64)
+    # A campaign notification's time-zone wave: its index in ``Campaign.plan``, written at launch
+    # (``campaigns.produce``); the wave counts (``analytics.waves``) are kept per wave by it. None
+    # outside campaigns (and for campaigns launched before waves were counted).
+    wave: int | None = None
     status: str = Field(default=NotificationStatus.queued, max_length=16)
     reason: str | None = Field(default=None, max_length=255)
     job_id: str | None = Field(default=None, max_length=64)
@@ -472,6 +476,39 @@ class AnalyticsDelta(SQLModel, table=True):
     template_id: str = Field(max_length=128)
     channel: str = Field(max_length=16)
     campaign_id: str = Field(max_length=64)
+    status: str = Field(max_length=16)
+    reason: str = Field(max_length=64)
+    n: int = 0
+
+
+class WaveCount(SQLModel, table=True):
+    """Per campaign wave (``Notification.wave``): how many of its deliveries on ``channel`` are now
+    in ``status`` (with the kind of their ``reason`` when failed or suppressed), the campaigns
+    page's per-wave progress (``notifyctl.analytics.waves``). Kept up by triggers on
+    ``deliveries`` in the same transaction as every write, as ``analytics_hourly``; on PostgreSQL
+    through ``wave_delta``. A few rows a wave, whatever the number of deliveries."""
+
+    __tablename__ = "wave_counts"
+    __table_args__ = {"sqlite_with_rowid": False}
+    campaign_id: str = Field(primary_key=True, max_length=64)
+    wave: int = Field(primary_key=True)
+    channel: str = Field(primary_key=True, max_length=16)
+    status: str = Field(primary_key=True, max_length=16)
+    reason: str = Field(primary_key=True, max_length=64)
+    n: int = 0
+
+
+class WaveDelta(SQLModel, table=True):
+    """PostgreSQL: what each statement on ``deliveries`` changed in ``wave_counts``, appended (as
+    ``analytics_delta``: concurrent workers share no row lock), folded by ``analytics.fold.compact``
+    and read together with it. Unused on SQLite."""
+
+    __tablename__ = "wave_delta"
+    __table_args__ = (Index("ix_wave_delta_campaign", "campaign_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    campaign_id: str = Field(max_length=64)
+    wave: int
+    channel: str = Field(max_length=16)
     status: str = Field(max_length=16)
     reason: str = Field(max_length=64)
     n: int = 0

@@ -339,7 +339,7 @@ def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cc
     page.goto(server.url + "/console/campaigns")
     section = f"#c-{cid}"
     before = page.inner_text(f"{section} .state")
-    assert before != "paused" and f"scheduled={s['written']}" in page.inner_text(f"{section} .waves")
+    assert before != "paused" and page.inner_text(f"{section} .waves td.scheduled") == str(s["written"])
     shot(page, tmp_path, "campaigns")
     page.click(f"{section} button.pause")
     page.wait_for_url(server.url + "/console/campaigns")
@@ -509,3 +509,37 @@ def test_every_page_opens_with_a_redis_shard_down(home: Path, redis_url: str, rc
         stop_server(d0)
         ctx.close()
         dispose_all()
+
+
+def _wave_rows(html: str, cid: str) -> dict[int, dict[str, Any]]:
+    """The per-wave table of campaign ``cid`` on the Campaigns page, as numbers."""
+    import re
+
+    section = html[html.index(f'id="c-{cid}"') :]
+    table = section[section.index('<table class="waves">') : section.index("</table>")]
+    out: dict[int, dict[str, Any]] = {}
+    for wave, row in re.findall(r'<tr data-wave="(\d+)">(.*?)</tr>', table, re.S):
+        cells = dict(re.findall(r'<td class="n (\w+)">(\d+)</td>', row))
+        out[int(wave)] = {
+            **{k: int(v) for k, v in cells.items() if k != "recipients"},
+            **{
+                f"{kind}_by_reason": {r: int(n) for r, n in re.findall(rf'class="{kind}-reason" data-reason="([^"]*)">{kind} [^=]*=(\d+)', row)}
+                for kind in ("failed", "suppressed")
+            },
+        }  # fmt: skip
+    return out
+
+
+def test_campaign_waves_page_equals_cli(server: ApiServer, api_key: str, cctx: Context) -> None:
+    """The Campaigns page's per-wave progress (scheduled, sent, failed and suppressed by reason)
+    equals ``notifyctl campaign status --json``'s, which equals SQL counts over each wave's
+    deliveries (``tests/test_campaigns_waves.py``)."""
+    from tests.test_campaigns_waves import KEYS, cli_status, sql_counts, staggered_campaign
+
+    cid = staggered_campaign(cctx)
+    with _session(server, api_key) as c:
+        page = _wave_rows(c.get("/console/campaigns").text, cid)
+    cli = {int(w["wave"]): {k: w[k] for k in KEYS} for w in cli_status(cctx, cid)["wave_progress"]}
+    assert page == cli == sql_counts(cctx, cid)
+    assert len(page) == 3 and page[0]["sent"] and page[2]["scheduled"]
+    assert any(w["failed_by_reason"] for w in page.values()) and any(w["suppressed_by_reason"] for w in page.values())

@@ -402,6 +402,43 @@ def test_upgrade_moves_dedup_keys_to_the_partial_index(db_url: str) -> None:
         engine.dispose()
 
 
+def test_update_where_in_counts_what_it_changed(db_url: str) -> None:
+    """``update_where_in`` over more keys than one SQLite chunk (900), with an extra condition: the
+    rows changed and their count; on PostgreSQL one prepared statement per shape, reused (the
+    second call) and kept apart from another shape's (the third)."""
+    from sqlalchemy import insert, select
+    from sqlmodel import SQLModel
+
+    from notifyctl.db import make_engine, unindexed_in, update_where_in
+    from notifyctl.models import Notification, utcnow
+
+    engine = make_engine(db_url)
+    SQLModel.metadata.create_all(engine)
+    t = Notification.__table__  # type: ignore[attr-defined]
+    now = utcnow()
+    ids = [f"n_{i:05d}" for i in range(2000)]
+    rows = [{"id": nid, "recipient_id": "u", "type": "t", "template_id": "t", "category": "c", "priority": "low",
+             "channels": [], "data": {}, "dedup_key": None, "campaign_id": None,
+             "status": "queued" if i % 4 else "scheduled", "due_at": now, "created_at": now, "updated_at": now}
+            for i, nid in enumerate(ids)]  # fmt: skip
+    queued = "AND " + unindexed_in("status", ["queued"])
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(t), rows)
+        with engine.begin() as conn:
+            assert update_where_in(conn, t, {"status": "done", "reason": None}, "id", ids[:1500], queued) == 1125
+            assert update_where_in(conn, t, {"status": "done", "reason": None}, "id", ids[1500:], queued) == 375
+            assert update_where_in(conn, t, {"job_id": "j", "updated_at": now}, "id", ids[:10]) == 10
+            assert update_where_in(conn, t, {"status": "done"}, "id", []) == 0
+        with engine.connect() as conn:
+            got = dict(conn.execute(select(t.c.id, t.c.status)).tuples().all())
+            jobs = conn.execute(select(t.c.id).where(t.c.job_id == "j")).scalars().all()
+        assert [nid for nid in ids if got[nid] != "done"] == ids[::4]
+        assert sorted(jobs) == ids[:10]
+    finally:
+        engine.dispose()
+
+
 def test_ids_are_time_ordered_crockford_base32() -> None:
     """Notification ids sort by creation time (the SQL primary key grows at its end) and carry
     50 random bits; the time part is the millisecond clock in Crockford base32."""
