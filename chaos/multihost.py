@@ -502,6 +502,12 @@ def sentinel_scenario(n: int, mode: str) -> HostResult:
         t_fault = time.monotonic()
         if not strike(ss, mode, res):
             return res
+        if mode == "failover":
+            # until the sentinels demote it, the old primary is a master too, and whatever a client
+            # still connected to it writes there (leases, send records, job states) is lost then
+            old = ss.client(ss.primary_port)
+            demoted = wait_until(lambda: old.info("replication")["role"] != "master", 60, 0.1)
+            res.figures["old_primary_master_s_after_fault"] = round(time.monotonic() - t_fault, 1) if demoted else None
         ok = wait_until(lambda: expected <= {m["delivery_id"] for m in c.sg.recorder.all()}, 240, 0.5)
         res.figures["all_sent_s_after_fault"] = round(time.monotonic() - t_fault, 1) if ok else None
         _status_check(res, c, "host-b", ["host-a", "host-b"], [])
