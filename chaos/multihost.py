@@ -479,7 +479,7 @@ def sentinel_scenario(n: int, mode: str) -> HostResult:
     three sentinels); the fault ``mode`` (``chaos.sentinel.FAULTS``: the primary and a sentinel
     killed, or a forced failover) strikes once a quarter of the campaign is accepted, with requests
     at the provider."""
-    res = HostResult(f"sentinel, 2 hosts: {FAULTS[mode]}")
+    res = HostResult(f"sentinel: {FAULTS[mode]}")
     if not SENTINEL:
         res.notes.append("redis-sentinel not installed (Debian package redis-sentinel): skipped")
         return res
@@ -556,9 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2, default=str))
     else:
-        print(f"{'fault':52} {'sent':>9} {'lost':>5} {'duplicated':>10} {'in doubt':>8}")
+        print(f"{'fault':60} {'sent':>9} {'lost':>5} {'duplicated':>10} {'in doubt':>8}")
         for r in results:
-            print(f"{r.fault:52} {f'{r.sent}/{r.expected}':>9} {r.lost:>5} {r.duplicated:>10} {r.in_doubt:>8}")
+            print(f"{r.fault:60} {f'{r.sent}/{r.expected}':>9} {r.lost:>5} {r.duplicated:>10} {r.in_doubt:>8}")
             for note in r.notes:
                 print(f"    {note}")
             for p in r.problems:
