@@ -155,7 +155,8 @@ def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[st
     if probe is not None:
         lat = probe.latencies_ms(tw_stats.get("stamps", {}))
         out["otp"] = {"submitted": len(probe.submitted), "accepted_by_sandbox": len(lat),
-                      "during_blast_ms": dist(lat), "errors": probe.errors[:3]}  # fmt: skip
+                      "during_blast_ms": dist(lat), "submit_call_ms": dist(probe.submit_ms),
+                      "errors": probe.errors[:3]}  # fmt: skip
     log(f"  {out.get('push_per_s')}/s ({n} pushes, android share {android_share})")
     return out
 

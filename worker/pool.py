@@ -111,6 +111,7 @@ def _queue_class() -> type:
 
 def _worker_class(dequeue_timeout: int = 60) -> type:
     from rq import SimpleWorker
+    from rq.utils import now as rq_now
 
     class NotifyWorker(SimpleWorker):
         """SimpleWorker (no fork per job) whose command channel wakes often, so that stopping
@@ -148,6 +149,14 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
                 if pipeline is not None:
                     raise
                 log.debug("RQ heartbeat: Redis unreachable")
+
+        def handle_execution_ended(self, job: Any, queue: Any, heartbeat_ttl: int) -> None:
+            # RQ refreshes the job's heartbeat here (one round trip) to cover the success or
+            # failure callback that follows; notifyctl enqueues none
+            if job.success_callback is None and job.failure_callback is None:
+                job.ended_at = rq_now()
+                return
+            super().handle_execution_ended(job, queue, heartbeat_ttl)
 
         _suspension_checked = -math.inf  # (monotonic) this worker's last look at `rq suspend`
 
