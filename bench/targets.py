@@ -89,6 +89,16 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         rows.append(("17", f"Funnel query (analytics.funnel), {n} deliveries, {label}", "< 100 ms",
                      ", ".join(f"by {k} {v['median']:g}" for k, v in fun.items()) + " ms",
                      met(None if fworst is None else fworst < 100)))  # fmt: skip
+        w = d.get("waves_ms") or {}
+        if w:
+            rows.append(("17", f"Campaigns page's per-wave numbers, a campaign of {fmt(d.get('campaign_deliveries'))} "
+                         f"deliveries in 3 waves, {label}: wave_counts / grouped count over its deliveries", "—",
+                         f"{w['wave_counts']['median']:g} / {w['grouped_count']['median']:g} ms", "—"))  # fmt: skip
+        c = d.get("wave_trigger_cpu_us") or {}
+        if c:
+            rows.append(("17", f"Per-wave triggers (analytics.waves), CPU per campaign delivery, {label}", "—",
+                         f"insert {c['on insert']:g} vs {c['off insert']:g} µs without, status change "
+                         f"{c['on update']:g} vs {c['off update']:g} µs (load {c['load_avg']:g})", "—"))  # fmt: skip
         rows.append(("17", f"Writing deliveries with the analytics triggers on, {label}", "—",
                      f"{fmt(d.get('write_us_per_row'))} µs/row (prepare_insert, 10,000 a transaction)",
                      "—"))  # fmt: skip

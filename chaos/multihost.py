@@ -22,6 +22,11 @@ Faults (issue 18):
 - **shards-kill**, **shards-partition-1**, **shards-partition-both**: the same over two shards:
   host A's pool killed; host A cut off from shard 1 only (its shard-0 workers go on sending) while
   its shard-1 worker is at the provider; host A cut off from both shards.
+- **sentinel-kill**, **sentinel-failover**: both hosts on one Sentinel-managed Redis (a primary, a
+  replica, three sentinels: ``chaos.sentinel``), through a ``redis+sentinel://`` URL; mid-blast the
+  primary and one sentinel are killed (SIGKILL), or ``SENTINEL FAILOVER`` is forced. Deliveries
+  whose worker lost its lease with the request at the provider are in doubt: duplicates only
+  among them.
 
 Prints, per fault: sent / lost / duplicated / in doubt (by our delivery id, at the sandbox), and
 checks that ``notifyctl status`` on host B lists each live host's workers and none of the dead
@@ -54,6 +59,7 @@ from sqlalchemy import create_engine, insert, select, text
 
 from bench.common import wait_until
 from chaos.common import PROMO, ROOT, Result, StampedRecorder, run_each, tally
+from chaos.sentinel import FAULTS, SENTINEL, SentinelSet, strike
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.liveness import running_key
@@ -171,11 +177,14 @@ class Cluster:
     """One Redis (or ``shards`` of them), one PostgreSQL schema, the SendGrid sandbox, and hosts
     started on demand."""
 
-    def __init__(self, name: str, batch_size: int = 40, shards: int = 1) -> None:
+    def __init__(self, name: str, batch_size: int = 40, shards: int = 1, sentinel: bool = False) -> None:
         self.batch_size = batch_size
         self.dir = Path(tempfile.mkdtemp(prefix=f"notify-multihost-{name}-"))
-        self.redis_dirs = [self.dir / f"redis{i}" for i in range(shards)]
-        self.redis_urls = [ensure_server(d) for d in self.redis_dirs]
+        # with ``sentinel``: one Sentinel-managed Redis (chaos.sentinel's set), which every host and
+        # the harness reach through its redis+sentinel:// URL (no proxy: the faults are the Redis's)
+        self.sentinel = SentinelSet(self.dir / "sentinel") if sentinel else None
+        self.redis_dirs = [] if sentinel else [self.dir / f"redis{i}" for i in range(shards)]
+        self.redis_urls = [self.sentinel.url] if self.sentinel else [ensure_server(d) for d in self.redis_dirs]
         self.redis_url = self.redis_urls[0]
         self.schema = "chaos_" + uuid.uuid4().hex[:10]
         self.admin = create_engine(PG_URL)
@@ -206,7 +215,7 @@ class Cluster:
         e.update(
             NOTIFY_HOME=str(self.dir / host),
             NOTIFY_HOST_NAME=host,
-            NOTIFY_REDIS_URL=self.proxies[host][0].url,
+            NOTIFY_REDIS_URL=self.proxies[host][0].url if self.proxies[host] else self.redis_url,
             NOTIFY_DATABASE_URL=self.db_url,
             NOTIFY_PROVIDERS_EMAIL='["sendgrid"]',
             NOTIFY_PROVIDER_OPTIONS=json.dumps(self.options),
@@ -220,7 +229,7 @@ class Cluster:
         return e
 
     def start_host(self, host: str, pool: int = 3) -> None:
-        self.proxies[host] = [RedisProxy(url.removeprefix("unix://")) for url in self.redis_urls]
+        self.proxies[host] = [] if self.sentinel else [RedisProxy(u.removeprefix("unix://")) for u in self.redis_urls]
         log = open(self.dir / f"{host}.log", "ab")  # noqa: SIM115 - the child owns it
         self.pools[host] = subprocess.Popen(
             [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", str(pool)],
@@ -330,6 +339,8 @@ class Cluster:
         dispose_all()
         for d in self.redis_dirs:
             stop_server(d)
+        if self.sentinel:
+            self.sentinel.stop()
         if os.environ.get("NOTIFY_CHAOS_KEEP"):
             print(f"kept: {self.dir}, schema {self.schema}", file=sys.stderr)
         else:
@@ -353,6 +364,18 @@ def _count(res: HostResult, c: Cluster, expected: set[str]) -> set[str]:
         res.problems.append(f"{t.unexpected} accepted for deliveries nobody asked for")
     counts = Counter(m["delivery_id"] for m in c.sg.recorder.all())
     return {d for d, k in counts.items() if k > 1}
+
+
+def _dups_only_in_doubt(res: HostResult, c: Cluster, dups: set[str]) -> None:
+    """A fault that can kill a request in flight: a delivery sent twice must be one recorded in doubt."""
+    outside = dups - c.in_doubt()
+    if outside:
+        res.problems.append(f"{len(outside)} duplicate(s) not marked in doubt (e.g. {sorted(outside)[:3]})")
+    res.notes.append(
+        f"{res.duplicated} duplicate(s), all among the {res.in_doubt} deliveries marked in doubt"
+        if not outside
+        else f"{len(outside)} duplicate(s) outside the in-doubt set"
+    )
 
 
 def _status_check(res: HostResult, c: Cluster, ask: str, live: list[str], dead: list[str]) -> None:
@@ -394,15 +417,7 @@ def kill_scenario(n: int, shards: int = 1) -> HostResult:
         ok = wait_until(lambda: expected <= {m["delivery_id"] for m in c.sg.recorder.all()}, 240, 0.5)
         res.figures["all_sent_s_after_kill"] = round(time.monotonic() - t_kill, 1) if ok else None
         time.sleep(PROVIDER_DELAY + 1)  # late duplicates, if any
-        dups = _count(res, c, expected)
-        outside = dups - c.in_doubt()
-        if outside:
-            res.problems.append(f"{len(outside)} duplicate(s) not marked in doubt (e.g. {sorted(outside)[:3]})")
-        res.notes.append(
-            f"{res.duplicated} duplicate(s), all among the {res.in_doubt} deliveries marked in doubt"
-            if not outside
-            else f"{len(outside)} duplicate(s) outside the in-doubt set"
-        )
+        _dups_only_in_doubt(res, c, _count(res, c, expected))
         return res
     finally:
         c.close()
@@ -459,6 +474,53 @@ def partition_scenario(n: int, shards: int = 1, cut: tuple[int, ...] = (0,)) -> 
         c.close()
 
 
+def sentinel_scenario(n: int, mode: str) -> HostResult:
+    """Both hosts on one Sentinel-managed Redis (``chaos.sentinel``'s set: a primary, a replica,
+    three sentinels); the fault ``mode`` (``chaos.sentinel.FAULTS``: the primary and a sentinel
+    killed, or a forced failover) strikes once a quarter of the campaign is accepted, with requests
+    at the provider."""
+    res = HostResult(f"sentinel: {FAULTS[mode]}")
+    if not SENTINEL:
+        res.notes.append("redis-sentinel not installed (Debian package redis-sentinel): skipped")
+        return res
+    c = Cluster(f"sentinel-{mode}", sentinel=True)
+    ss = c.sentinel
+    assert ss is not None
+    try:
+        if not ss.ready():
+            res.problems.append(f"the sentinel never saw a healthy replica: {ss.logs()}")
+            return res
+        c.start_host("host-a")
+        c.start_host("host-b")
+        expected = c.campaign(n)
+        if not wait_until(lambda: c.sg.in_flight > 0 and len(c.sg.recorder) >= n // 4, 120, 0.05):
+            res.problems.append(f"{n // 4} sends did not reach the provider within 120 s")
+            return res
+        res.notes.append(
+            f"{c.redis_url}; struck with {c.sg.in_flight} request(s) in flight, {len(c.sg.recorder)} accepted before"
+        )
+        t_fault = time.monotonic()
+        if not strike(ss, mode, res):
+            return res
+        if mode == "failover":
+            # until the sentinels demote it, the old primary is a master too, and whatever a client
+            # still connected to it writes there (leases, send records, job states) is lost then
+            old = ss.client(ss.primary_port)
+            demoted = wait_until(lambda: old.info("replication")["role"] != "master", 60, 0.1)
+            res.figures["old_primary_master_s_after_fault"] = round(time.monotonic() - t_fault, 1) if demoted else None
+        ok = wait_until(lambda: expected <= {m["delivery_id"] for m in c.sg.recorder.all()}, 240, 0.5)
+        res.figures["all_sent_s_after_fault"] = round(time.monotonic() - t_fault, 1) if ok else None
+        _status_check(res, c, "host-b", ["host-a", "host-b"], [])
+        time.sleep(PROVIDER_DELAY + 1)  # late duplicates, if any
+        _dups_only_in_doubt(res, c, _count(res, c, expected))
+        for host, p in c.pools.items():
+            if p.poll() is not None:
+                res.problems.append(f"{host}'s pool exited ({p.returncode}): {c.log_tail(host)}")
+        return res
+    finally:
+        c.close()
+
+
 SCENARIOS: dict[str, Callable[[int], HostResult]] = {
     "kill": kill_scenario,
     "partition": partition_scenario,
@@ -466,6 +528,9 @@ SCENARIOS: dict[str, Callable[[int], HostResult]] = {
     "shards-kill": partial(kill_scenario, shards=2),
     "shards-partition-1": partial(partition_scenario, shards=2, cut=(1,)),
     "shards-partition-both": partial(partition_scenario, shards=2, cut=(0, 1)),
+    # one Sentinel-managed Redis failing over under both hosts
+    "sentinel-kill": partial(sentinel_scenario, mode="kill"),
+    "sentinel-failover": partial(sentinel_scenario, mode="failover"),
 }
 
 
@@ -491,9 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2, default=str))
     else:
-        print(f"{'fault':52} {'sent':>9} {'lost':>5} {'duplicated':>10} {'in doubt':>8}")
+        print(f"{'fault':60} {'sent':>9} {'lost':>5} {'duplicated':>10} {'in doubt':>8}")
         for r in results:
-            print(f"{r.fault:52} {f'{r.sent}/{r.expected}':>9} {r.lost:>5} {r.duplicated:>10} {r.in_doubt:>8}")
+            print(f"{r.fault:60} {f'{r.sent}/{r.expected}':>9} {r.lost:>5} {r.duplicated:>10} {r.in_doubt:>8}")
             for note in r.notes:
                 print(f"    {note}")
             for p in r.problems:

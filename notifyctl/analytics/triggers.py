@@ -10,16 +10,14 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from notifyctl.analytics.fold import FOLD_LOCK, fold_sql
-from notifyctl.analytics.rollup import COLS, UPSERT, full_count_sql, pg_key, sqlite_key
+from notifyctl.analytics.rollup import COLS, ROW_GATE, UPSERT, full_count_sql, pg_key, sqlite_key
+from notifyctl.analytics.waves import SQLITE_COUNT_LAST as WAVES_COUNT_LAST
 
 VERSION = "v5"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
 # earlier definitions whose rollup install keeps (the same key; v3: no weekly tier; v4: SQLite's insert
 # trigger counted every row, whoever inserted)
 SAME_KEY = ("v1", "v2", "v3", "v4")
 TRIGGERS = (f"notify_analytics_ins_{VERSION}", f"notify_analytics_upd_{VERSION}")
-# SQLite: the function the insert trigger asks whether to count its row (every connection
-# ``notifyctl.db`` opens has it, answering yes; ``counted_insert`` says no for its statement).
-ROW_GATE = "notify_rollup_by_row"
 
 
 def _sqlite_ddl() -> list[str]:
@@ -59,11 +57,11 @@ _SQLITE_COUNT_LAST = (
 
 
 def counted_insert(conn: Connection, insert: Callable[[Connection], None], rows: int) -> None:
-    """Run ``insert`` (``rows`` new rows into ``deliveries``, all or none) with the rollup kept up.
-    PostgreSQL: its statement trigger does. SQLite, whose row trigger upserts the rollup once a row
-    (measured, 1,000-row inserts, load 7: 24.0 µs a row with it, 11.3 without), has the trigger
-    skip this statement's rows and counts them after it in one grouped upsert, in the same
-    transaction."""
+    """Run ``insert`` (``rows`` new rows into ``deliveries``, all or none) with the rollup (and the
+    campaigns' wave counts, ``analytics.waves``) kept up. PostgreSQL: its statement triggers do.
+    SQLite, whose row trigger upserts the rollup once a row (measured, 1,000-row inserts, load 7:
+    24.0 µs a row with it, 11.3 without), has the triggers skip this statement's rows and counts
+    them after it in one grouped upsert each, in the same transaction."""
     gate = conn.connection.info.get(ROW_GATE) if conn.dialect.name == "sqlite" else None
     if gate is None or rows == 0:
         insert(conn)
@@ -73,6 +71,9 @@ def counted_insert(conn: Connection, insert: Callable[[Connection], None], rows:
         insert(conn)
     finally:
         gate[0] = 1
+    # the campaigns' wave counts first: an insert into wave_counts (WITHOUT ROWID) leaves
+    # last_insert_rowid() as it is, which the rollup's count then reads
+    conn.exec_driver_sql(WAVES_COUNT_LAST, (rows,))
     conn.exec_driver_sql(_SQLITE_COUNT_LAST, (rows,))
 
 

@@ -25,9 +25,11 @@ from sqlalchemy.engine import Connection, Engine
 
 from notifyctl.analytics.fold import FOLD_LOCK
 from notifyctl.analytics.read import Funnel
-from notifyctl.analytics.rollup import WAVE_COLS, WAVE_UPSERT, reason_sql
+from notifyctl.analytics.rollup import ROW_GATE, WAVE_COLS, WAVE_UPSERT, reason_sql
 
-VERSION = "v1"  # in the trigger names: a new definition replaces the old one, and the counts are rebuilt
+# in the trigger names: a new definition replaces the old one, and the counts are rebuilt (v2: SQLite's
+# insert trigger gated as the rollup's, for ``triggers.counted_insert``)
+VERSION = "v2"
 TRIGGERS = (f"notify_waves_ins_{VERSION}", f"notify_waves_upd_{VERSION}")
 _PG_PLAN = "SET enable_hashjoin = off SET enable_mergejoin = off"  # (as the rollup's: triggers.py)
 
@@ -48,10 +50,19 @@ def _sqlite_ddl() -> list[str]:
 
     changed = " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in ("status", "reason", "channel", "notification_id"))
     return [
-        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON deliveries BEGIN {bump('NEW', 1)} END",
+        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON deliveries WHEN {ROW_GATE}() BEGIN {bump('NEW', 1)} END",
         f"CREATE TRIGGER IF NOT EXISTS {upd} AFTER UPDATE ON deliveries WHEN {changed} "
         f"BEGIN {bump('OLD', -1)} {bump('NEW', 1)} END",
     ]
+
+
+# The rows one statement inserted with the insert trigger gated off (``triggers.counted_insert``,
+# which runs this), counted in one statement: the k rowids up to last_insert_rowid() (as the rollup's).
+SQLITE_COUNT_LAST = (
+    f"INSERT INTO wave_counts ({WAVE_COLS}, n) SELECT {_key('sqlite', 'd')}, count(*) FROM deliveries AS d "
+    "JOIN notifications AS n ON n.id = d.notification_id "
+    f"WHERE d.rowid > last_insert_rowid() - ? AND n.wave IS NOT NULL GROUP BY 1, 2, 3, 4, 5 {WAVE_UPSERT}"
+)
 
 
 def _pg_ddl() -> list[str]:
