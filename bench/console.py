@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from bench.common import Env
@@ -32,6 +32,24 @@ def _pg_up() -> bool:
             return True
     except OSError:
         return False
+
+
+def _notification(nid: str, user: str, template: str, cid: str | None, wave: int | None, status: str,
+                  due: datetime, at: datetime) -> dict[str, Any]:  # fmt: skip
+    return {"id": nid, "recipient_id": user, "type": "t", "template_id": template, "category": "marketing",
+            "priority": "low", "channels": ["email", "sms"], "data": {}, "dedup_key": None, "campaign_id": cid,
+            "wave": wave, "status": status, "reason": None, "job_id": None, "due_at": due, "created_at": at,
+            "updated_at": at}  # fmt: skip
+
+
+def _delivery(did: str, nid: str, user: str, ch: str, address: str, st: str, reason: str | None, dead: bool,
+              at: datetime) -> dict[str, Any]:  # fmt: skip
+    return {"id": did, "notification_id": nid, "user_id": user, "channel": ch, "route": ch, "address": address,
+            "status": st, "reason": reason, "provider": "smtp" if ch == "email" else "twilio",
+            "provider_message_id": None, "attempts": 1, "next_attempt_at": None, "dead_lettered": dead,
+            "queued_at": at, "sent_at": at if st in ("sent", "delivered", "opened") else None, "delivered_at": None,
+            "opened_at": None, "failed_at": at if st == "failed" else None, "suppressed_at": None,
+            "updated_at": at}  # fmt: skip
 
 
 def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_000) -> dict[str, Any]:
@@ -70,11 +88,9 @@ def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_
             cid = camps[i % 4] if i % 4 < 2 else None
             at = now - timedelta(minutes=(n_notifs - i) % (60 * 24 * 14))  # two weeks of history
             user = f"u{i % 50_000:06d}" if cid is None else f"c{i:07d}"  # one notification per campaign recipient
-            nrows.append({"id": nid, "recipient_id": user, "type": "t", "template_id":
-                          TEMPLATES[i % len(TEMPLATES)] if cid is None else "weekly_promo",
-                          "category": "marketing", "priority": "low", "channels": ["email", "sms"], "data": {},
-                          "dedup_key": None, "campaign_id": cid, "status": "done", "reason": None,
-                          "job_id": None, "due_at": at, "created_at": at, "updated_at": at})  # fmt: skip
+            template = TEMPLATES[i % len(TEMPLATES)] if cid is None else "weekly_promo"
+            wave = None if cid is None else (i // 4) % 3
+            nrows.append(_notification(nid, user, template, cid, wave, "done", at, at))
             for j, ch in enumerate(("email", "sms")):
                 st = statuses[(i * 7 + j * 3) % len(statuses)]
                 dl = st == "failed" and i % 5 == 0
@@ -82,16 +98,9 @@ def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_
                 did = derived_id("d", nid, ch, f"a{i}")
                 if dl and first_dead is None:
                     first_dead = did
-                drows.append({"id": did, "notification_id": nid, "user_id": user, "channel": ch,
-                              "route": ch,
-                              "address": f"a{i}@example.com" if ch == "email" else f"+1415555{i % 10000:04d}",
-                              "status": st, "reason": "SMTP 554 rejected" if st == "failed" else
-                              ("opted_out" if st == "suppressed" else None), "provider": "smtp" if ch == "email"
-                              else "twilio", "provider_message_id": None, "attempts": 1, "next_attempt_at": None,
-                              "dead_lettered": dl, "queued_at": at, "sent_at": at if st in ("sent", "delivered",
-                              "opened") else None, "delivered_at": None, "opened_at": None,
-                              "failed_at": at if st == "failed" else None, "suppressed_at": None,
-                              "updated_at": at})  # fmt: skip
+                address = f"a{i}@example.com" if ch == "email" else f"+1415555{i % 10000:04d}"
+                reason = {"failed": "SMTP 554 rejected", "suppressed": "opted_out"}.get(st)
+                drows.append(_delivery(did, nid, user, ch, address, st, reason, dl, at))
         ins_n = prepare_insert(engine, Notification.__table__, nrows)  # type: ignore[attr-defined]
         ins_d = prepare_insert(engine, Delivery.__table__, drows)  # type: ignore[attr-defined]
         with write_lock(engine), engine.begin() as conn:
@@ -99,6 +108,14 @@ def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_
             ins_d(conn)
     wrote = time.perf_counter() - t0
     log(f"  {deliveries:,} deliveries written in {wrote:.1f}s ({wrote / deliveries * 1e6:.1f} µs/row, triggers on)")
+    # the first campaign's last wave not produced yet: notifications still scheduled (no deliveries)
+    waiting = max(1, n_notifs // 20)
+    srows = [_notification(new_id("n"), f"s{i:07d}", "weekly_promo", camps[0], 2, "scheduled",
+                           now + timedelta(hours=3, seconds=i / 1000), now) for i in range(waiting)]  # fmt: skip
+    for start in range(0, waiting, chunk):
+        ins_s = prepare_insert(engine, Notification.__table__, srows[start : start + chunk])  # type: ignore[attr-defined]
+        with write_lock(engine), engine.begin() as conn:
+            ins_s(conn)
     from notifyctl.analytics.fold import compact
 
     if engine.dialect.name == "postgresql":
@@ -111,8 +128,76 @@ def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_
     fold_s = time.perf_counter() - t1
     log(f"  compact (the fold into the coarse tiers): {folded:,} rows in {fold_s:.1f}s")
     return {"deliveries": deliveries, "dead_lettered": dead, "first_dead": first_dead, "write_s": round(wrote, 1),
+            "campaign": camps[0], "campaign_deliveries": deliveries // 4, "scheduled": waiting, "plan": plan,
             "write_us_per_row": round(wrote / deliveries * 1e6, 1), "fold_rows": folded,
             "fold_s": round(fold_s, 2)}  # fmt: skip
+
+
+def _cpu_now(conn: Any) -> float:
+    """CPU seconds so far of this process and, on PostgreSQL, of ``conn``'s backend (psutil)."""
+    t = time.process_time()
+    if conn.dialect.name == "postgresql":
+        import psutil
+
+        pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar())
+        c = psutil.Process(pid).cpu_times()
+        t += c.user + c.system
+    return t
+
+
+def wave_trigger_cost(env: Env, log: Callable[[str], None], rows: int = 20_000, chunk: int = 1_000) -> dict[str, Any]:
+    """What the per-wave triggers (``analytics.waves``) cost a delivery: campaign deliveries
+    written (``prepare_insert``, ``chunk`` a transaction) then moved sent → delivered (one UPDATE a
+    chunk, as a webhook batch), with the wave triggers on and dropped, alternately, twice each: CPU
+    µs a row of this process and, on PostgreSQL, of the connection's backend (``_cpu_now``)."""
+    from notifyctl.analytics import waves
+    from notifyctl.db import prepare_insert, write_lock
+    from notifyctl.models import Delivery, Notification, derived_id, new_id, utcnow
+
+    engine = env.ctx.engine
+    now = utcnow()
+    on_pg = engine.dialect.name == "postgresql"
+    times: dict[str, list[float]] = {"on insert": [], "on update": [], "off insert": [], "off update": []}
+    for round_ in range(4):
+        mode = "on" if round_ % 2 == 0 else "off"
+        if mode == "off":
+            with engine.begin() as conn:
+                for name in waves.TRIGGERS:
+                    conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}" + (" ON deliveries" if on_pg else ""))
+        ids: list[list[str]] = []
+        t_ins = 0.0
+        for start in range(0, rows, chunk):
+            nrows, drows = [], []
+            for i in range(start, start + chunk):
+                nid = new_id("n")
+                user = f"w{round_}-{i}"
+                nrows.append(_notification(nid, user, "weekly_promo", f"cost{round_}", i % 3, "done", now, now))
+                did = derived_id("d", nid, "email", user)
+                drows.append(_delivery(did, nid, user, "email", f"{user}@example.com", "sent", None, False, now))
+            with write_lock(engine), engine.begin() as conn:
+                prepare_insert(engine, Notification.__table__, nrows)(conn)  # type: ignore[attr-defined]
+            ins = prepare_insert(engine, Delivery.__table__, drows)  # type: ignore[attr-defined]
+            with write_lock(engine), engine.begin() as conn:
+                t = _cpu_now(conn)
+                ins(conn)
+                t_ins += _cpu_now(conn) - t
+            ids.append([d["id"] for d in drows])
+        t_upd = 0.0
+        for part in ids:
+            marks = ", ".join("?" if engine.dialect.paramstyle == "qmark" else "%s" for _ in part)
+            with write_lock(engine), engine.begin() as conn:
+                t = _cpu_now(conn)
+                conn.exec_driver_sql(f"UPDATE deliveries SET status = 'delivered' WHERE id IN ({marks})", tuple(part))
+                t_upd += _cpu_now(conn) - t
+        times[f"{mode} insert"].append(t_ins / rows * 1e6)
+        times[f"{mode} update"].append(t_upd / rows * 1e6)
+        if mode == "off":
+            waves.install(engine, write_lock)  # back on (and the counts rebuilt from the rows)
+    out = {k: round(statistics.median(v), 1) for k, v in times.items()}
+    out["rows"] = rows
+    out["load_avg"] = round(os.getloadavg()[0], 1)
+    log(f"  wave triggers, CPU µs a campaign delivery (median of 2): {out}")
+    return out
 
 
 class _Server:
@@ -176,6 +261,40 @@ def measure(env: Env, info: dict[str, Any], runs: int, log: Callable[[str], None
         times = times[1:]
         out["funnel_ms"][by] = {"median": round(statistics.median(times), 2), "max": round(max(times), 2)}
     log(f"  funnel: {out['funnel_ms']}")
+    out["waves_ms"] = _waves(env, info, runs)
+    log(f"  per-wave progress of a campaign of {info['campaign_deliveries']:,} deliveries: {out['waves_ms']}")
+    return out
+
+
+def _waves(env: Env, info: dict[str, Any], runs: int) -> dict[str, Any]:
+    """The Campaigns page's per-wave numbers of the first campaign (a quarter of the deliveries,
+    three waves, the last one's notifications still scheduled): read from ``wave_counts``
+    (``analytics.waves.wave_progress``, what the page runs) and, for comparison, as a grouped
+    count over the campaign's deliveries on the indexes (the join by notification id) — the
+    other way the page could count them."""
+    from notifyctl.analytics.waves import wave_progress
+
+    engine = env.ctx.engine
+    mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+    grouped = (
+        "SELECT n.wave, d.status, d.reason, count(*) FROM notifications AS n JOIN deliveries AS d "
+        f"ON d.notification_id = n.id WHERE n.campaign_id = {mark} GROUP BY n.wave, d.status, d.reason"
+    )
+
+    def count() -> None:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(grouped, (info["campaign"],)).all()
+
+    out: dict[str, Any] = {}
+    for name, read in (("wave_counts", lambda: wave_progress(engine, info["campaign"], info["plan"])),
+                       ("grouped_count", count)):  # fmt: skip
+        times = []
+        for _ in range(runs + 1 if name == "wave_counts" else 2):  # the grouped count: once warm
+            t = time.perf_counter()
+            read()
+            times.append((time.perf_counter() - t) * 1000)
+        times = times[1:]
+        out[name] = {"median": round(statistics.median(times), 1), "max": round(max(times), 1)}
     return out
 
 
@@ -193,7 +312,8 @@ def console_pages(deliveries: int = 1_000_000, runs: int = 5, log: Callable[[str
             os.environ.pop("NOTIFY_BENCH_DATABASE_URL", None)
         env = Env()
         try:
-            info = fill(env, deliveries, log)
+            cost = wave_trigger_cost(env, log, rows=min(20_000, max(2_000, deliveries // 50)))
+            info = {**fill(env, deliveries, log), "wave_trigger_cpu_us": cost}
             res[db] = {**info, **measure(env, info, runs, log)}
         except Exception as exc:  # noqa: BLE001 - one database's failure must not hide the other's figures
             import traceback

@@ -6,20 +6,20 @@ from __future__ import annotations
 import cProfile
 import pstats
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
-
-from sqlalchemy import event, update
 
 from bench.common import Env, bulk_notifications, bulk_users
 from bench.harness import (
     PROMO,
     Log,
+    SqlCounter,
     bulk_ios_tokens,
     commandstats,
     delta,
+    mark_queued,
     noop,
+    process_batches,
 )
 from bench.push_blast import apns_setup
 from bench.sandboxes import SandboxProcess
@@ -84,46 +84,18 @@ def _top_functions(prof: cProfile.Profile, k: int = 12) -> list[dict[str, Any]]:
 
 
 def _process_in_process(env: Env, nids: list[str], batch: int, profile: bool) -> dict[str, Any]:
-    from worker.pipeline import Runtime, process
+    from worker.pipeline import Runtime
 
-    with env.ctx.engine.begin() as conn:
-        from notifyctl.models import Notification
-
-        for i in range(0, len(nids), 5000):
-            conn.execute(update(Notification).where(Notification.id.in_(nids[i : i + 5000])).values(status="queued"))
-    statements: Counter[str] = Counter()
-    rows_affected = {"executemany_rows": 0}
-
-    def on_exec(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, executemany: bool) -> None:
-        words = statement.split(None, 3)
-        verb = words[0].upper() if words else "?"
-        table = ""
-        if verb in ("SELECT",):
-            low = statement.lower()
-            j = low.find(" from ")
-            table = low[j + 6 :].split(None, 1)[0] if j >= 0 else ""
-        elif verb in ("INSERT", "UPDATE", "DELETE") and len(words) >= 3:
-            table = words[2] if verb != "UPDATE" else words[1]
-        statements[f"{verb} {table}".strip()] += 1
-        if executemany:
-            rows_affected["executemany_rows"] += len(params)
-
+    mark_queued(env, nids)
     rt = Runtime(env.ctx, worker_name="bench-inproc")
     stats0 = commandstats(env)
-    event.listen(env.ctx.engine, "before_cursor_execute", on_exec)
     prof = cProfile.Profile() if profile else None
-    sent = 0
     try:
-        t0 = time.perf_counter()
-        if prof:
-            prof.enable()
-        for i in range(0, len(nids), batch):
-            sent += process(rt, nids[i : i + batch]).sent
-        if prof:
-            prof.disable()
-        elapsed = time.perf_counter() - t0
+        with SqlCounter(env.ctx.engine) as sql:
+            t0 = time.perf_counter()
+            sent = process_batches(rt, nids, batch, prof)
+            elapsed = time.perf_counter() - t0
     finally:
-        event.remove(env.ctx.engine, "before_cursor_execute", on_exec)
         rt.close()
     cmds = delta(stats0, commandstats(env))
     n = max(1, sent)
@@ -133,10 +105,10 @@ def _process_in_process(env: Env, nids: list[str], batch: int, profile: bool) ->
         "batches": -(-len(nids) // batch),
         "elapsed_s": round(elapsed, 3),
         "per_s_one_process": round(sent / elapsed, 1),
-        "sql_statements": dict(statements.most_common()),
-        "sql_statements_per_notification": round(sum(statements.values()) / n, 4),
-        "sql_statements_per_batch": round(sum(statements.values()) / max(1, -(-len(nids) // batch)), 1),
-        "sql_executemany_rows_per_notification": round(rows_affected["executemany_rows"] / n, 2),
+        "sql_statements": dict(sql.statements.most_common()),
+        "sql_statements_per_notification": round(sum(sql.statements.values()) / n, 4),
+        "sql_statements_per_batch": round(sum(sql.statements.values()) / max(1, -(-len(nids) // batch)), 1),
+        "sql_executemany_rows_per_notification": round(sql.many_rows / n, 2),
         "redis_commands": cmds,
         "redis_commands_per_notification": round(sum(cmds.values()) / n, 2),
     }

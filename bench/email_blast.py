@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from bench.harness import (
     TWILIO_FROM,
     CpuMeter,
     Log,
+    OtpProbe,
     commandstats,
     count_sent,
     db_server,
@@ -110,9 +110,8 @@ def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 1000, expe
     proc = None
     sg_stats: dict[str, Any] = {}
     tw_stats: dict[str, Any] = {}
-    submitted: dict[str, tuple[float, bool]] = {}  # code -> (submit time, during the blast)
+    probe: OtpProbe | None = None
     idle_codes: dict[str, float] = {}
-    submit_s: list[float] = []
     t0_wall = time.time()
     try:
         t = time.perf_counter()
@@ -122,28 +121,6 @@ def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 1000, expe
         log(f"  {n} users written in {time.perf_counter() - t:.1f}s ({out['mode']}, {out['database']})")
         proc = start_pool(env, pool, settings_env(overrides))
         out["pool_start_s"] = round(wait_workers(env, pool), 2)
-        blast_running = threading.Event()
-        blast_running.set()
-        otp_errors: list[str] = []
-
-        def otp_loop(t_start: float, interval: float) -> None:
-            for i, uid in enumerate(otp_ids):
-                wait = t_start + i * interval - time.perf_counter()
-                if wait > 0:
-                    time.sleep(wait)
-                code = f"{i:06d}"
-                req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
-                                     "data": {"code": code, "minutes": 10}})  # fmt: skip
-                during = blast_running.is_set()
-                ts = time.time()
-                try:
-                    submit(env.ctx, req)
-                except Exception as exc:  # noqa: BLE001 - counted and reported
-                    otp_errors.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                submit_s.append((time.time() - ts) * 1000)
-                submitted[code] = (ts, during)
-
         # idle baseline: a few OTPs with nothing else running
         for i in range(min(20, otps)):
             code = f"9{i:05d}"
@@ -165,8 +142,7 @@ def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 1000, expe
         t0_wall = time.time()
         # the OTPs start with the blast, its produce phase included (while the campaign's rows are
         # written), at an even pace
-        otp_thread = threading.Thread(target=otp_loop, args=(t0, (n / expect_rate) / max(1, otps)), daemon=True)
-        otp_thread.start()
+        probe = OtpProbe(env, otp_ids, (n / expect_rate) / max(1, otps), start=t0, stop_with_blast=False)
         if csv_path is not None:
             # --rate above any throughput: the schedule puts everyone due now, the workers set the pace
             spec = LaunchSpec(template_id=SEGMENT_PROMO_ID, channels=["email"], rate=1_000_000.0,
@@ -180,23 +156,23 @@ def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 1000, expe
         if error:
             out["error"] = error
         t_end = time.perf_counter()
-        blast_running.clear()
+        probe.blast_over()
         out["cpu"] = meter.stop()
         stats1 = commandstats(env)
         sent = count_sent(env, "email")  # the tracked rows in SQL
         out["sent"] = sent
         out["elapsed_s"] = round(t_end - t0, 2)
         out["notifications_per_s"] = round(sent / (t_end - t0), 1)
-        otp_thread.join(timeout=120)
+        probe.join(120)
         deadline = time.perf_counter() + 60
-        while count_sent(env, "sms") < len(submitted) + len(idle_codes) and time.perf_counter() < deadline:
+        while count_sent(env, "sms") < len(probe.submitted) + len(idle_codes) and time.perf_counter() < deadline:
             time.sleep(0.1)
         cmds = delta(stats0, stats1)
         out["redis_commands"] = cmds
         out["redis_commands_per_notification"] = round(sum(cmds.values()) / max(1, sent), 2)
-        if otp_errors:
-            out["otp_errors"] = otp_errors[:5]
-            out["otp_error_count"] = len(otp_errors)
+        if probe.errors:
+            out["otp_errors"] = probe.errors[:5]
+            out["otp_error_count"] = len(probe.errors)
     finally:
         if proc is not None:
             err = stop_pool(proc)
@@ -207,22 +183,22 @@ def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 1000, expe
         env.close()
     out["sandbox_accepted_emails"] = sg_stats.get("count")
     out["sandbox_requests"] = sg_stats.get("requests")
+    assert probe is not None
     stamps = tw_stats.get("stamps", {})
-    lat_all = [(stamps[c] - ts) * 1000 for c, (ts, _d) in submitted.items() if c in stamps]
-    lat = [(stamps[c] - ts) * 1000 for c, (ts, d) in submitted.items() if d and c in stamps]
+    lat_all = probe.latencies_ms(stamps)
     out["otp"] = {
-        "submitted": len(submitted),
-        "submitted_during_blast": sum(1 for _ts, d in submitted.values() if d),
+        "submitted": len(probe.submitted),
+        "submitted_during_blast": sum(1 for _ts, d in probe.submitted.values() if d),
         "accepted_by_sandbox": len(lat_all),
-        "during_blast_ms": dist(lat),
+        "during_blast_ms": dist(probe.latencies_ms(stamps, during_only=True)),
         "all_ms": dist(lat_all),
-        "intake_submit_call_ms": dist(submit_s),
+        "intake_submit_call_ms": dist(probe.submit_ms),
         "idle_ms": dist([(stamps[c] - ts) * 1000 for c, ts in idle_codes.items() if c in stamps]),
         # the slowest during the blast, as (seconds into the blast, ms): when the tail happens
         "slowest_during_blast": sorted(
             (
                 (round(ts - t0_wall, 1), round((stamps[c] - ts) * 1000, 1))
-                for c, (ts, d) in submitted.items()
+                for c, (ts, d) in probe.submitted.items()
                 if d and c in stamps
             ),
             key=lambda x: -x[1],

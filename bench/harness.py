@@ -1,19 +1,25 @@
 """Bench helpers on top of bench.common: settings for worker subprocesses, bulk device tokens and
-phone users, waiting for workers, counting tracked rows, Redis command statistics."""
+phone users, waiting for workers, counting tracked rows, Redis command statistics, SQL statement
+counts, the pipeline run in this process over batches."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
+import threading
 import time
+from collections import Counter
+from cProfile import Profile
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import event, func, insert, select, update
 
 from bench.common import Env
 from notifyctl import keys
-from notifyctl.models import Delivery, DeviceToken, User, utcnow
+from notifyctl.intake import parse_request, submit
+from notifyctl.models import Delivery, DeviceToken, Notification, User, utcnow
+from worker.pipeline import process
 
 
 def settings_env(overrides: dict[str, Any]) -> dict[str, str]:
@@ -239,3 +245,111 @@ def dist(values: list[float]) -> dict[str, float]:
         return {"n": 0}
     return {"n": len(values), "p50": round(percentile(values, 50), 1), "p99": round(percentile(values, 99), 1),
             "max": round(max(values), 1)}  # fmt: skip
+
+
+class SqlCounter:
+    """SQL statements by verb and table (``statements``), their parameter sets (``rows``: each
+    executemany's sets, 1 for a plain execute; ``many_rows``: the executemany's alone), counted by a
+    ``before_cursor_execute`` listener inside ``with``."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.statements: Counter[str] = Counter()
+        self.rows = 0
+        self.many_rows = 0
+
+    def on_exec(self, _c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, many: bool) -> None:
+        words = statement.split(None, 3)
+        verb = words[0].upper() if words else "?"
+        table = ""
+        if verb == "SELECT":
+            low = statement.lower()
+            j = low.find(" from ")
+            table = low[j + 6 :].split(None, 1)[0] if j >= 0 else ""
+        elif verb in ("INSERT", "DELETE") and len(words) >= 3:
+            table = words[2]
+        elif verb in ("UPDATE", "COPY") and len(words) >= 2:
+            table = words[1]
+        self.statements[f"{verb} {table}".strip()] += 1
+        self.rows += len(params) if many else 1
+        self.many_rows += len(params) if many else 0
+
+    def __enter__(self) -> SqlCounter:
+        event.listen(self.engine, "before_cursor_execute", self.on_exec)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self.on_exec)
+
+
+def mark_queued(env: Env, nids: list[str]) -> None:
+    """The notifications ``nids`` queued again (to run them through ``process`` once more)."""
+    with env.ctx.engine.begin() as conn:
+        for i in range(0, len(nids), 5000):
+            conn.execute(update(Notification).where(Notification.id.in_(nids[i : i + 5000])).values(status="queued"))
+
+
+def process_batches(rt: Any, nids: list[str], batch: int, prof: Profile | None = None) -> int:
+    """``worker.pipeline.process`` in this process over ``nids`` in batches of ``batch`` (profiled
+    by ``prof`` when given, and only the batches): how many were sent."""
+    sent = 0
+    if prof:
+        prof.enable()
+    for i in range(0, len(nids), batch):
+        sent += process(rt, nids[i : i + batch]).sent
+    if prof:
+        prof.disable()
+    return sent
+
+
+class OtpProbe:
+    """OTP SMS (codes 000000, 000001, ...) submitted through intake at an even pace, on a thread of
+    their own, while a blast runs: one to each of ``users``, ``interval`` seconds apart from
+    ``start`` (a ``perf_counter`` time; now by default). ``submitted``: code → (when, whether the
+    blast still ran); ``submit_ms``: how long each intake call took; ``errors``. ``blast_over()``
+    marks the blast done; with ``stop_with_blast`` the rest are then not sent."""
+
+    def __init__(
+        self, env: Env, users: list[str], interval: float, start: float | None = None, stop_with_blast: bool = True
+    ) -> None:
+        self.submitted: dict[str, tuple[float, bool]] = {}
+        self.submit_ms: list[float] = []
+        self.errors: list[str] = []
+        self.blast = threading.Event()
+        self.blast.set()
+        t0 = time.perf_counter() if start is None else start
+
+        def loop() -> None:
+            for i, uid in enumerate(users):
+                if stop_with_blast and not self.blast.is_set():
+                    break
+                wait = t0 + i * interval - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                code = f"{i:06d}"
+                req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
+                                     "data": {"code": code, "minutes": 10}})  # fmt: skip
+                during = self.blast.is_set()
+                ts = time.time()
+                try:
+                    submit(env.ctx, req)
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                self.submit_ms.append((time.time() - ts) * 1000)
+                self.submitted[code] = (ts, during)
+
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+
+    def blast_over(self) -> None:
+        self.blast.clear()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout=timeout)
+
+    def latencies_ms(self, stamps: dict[str, float], during_only: bool = False) -> list[float]:
+        """Submit to the Twilio sandbox's acceptance (``stamps``: code → time), per OTP it accepted."""
+        return [
+            (stamps[c] - ts) * 1000 for c, (ts, d) in self.submitted.items() if c in stamps and (d or not during_only)
+        ]

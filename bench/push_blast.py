@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from bench.harness import (
     TWILIO_FROM,
     CpuMeter,
     Log,
+    OtpProbe,
     android_token,
     bulk_ios_tokens,
     commandstats,
@@ -93,51 +93,6 @@ def _push_overrides(batch: int, apns: dict[str, Any], fcm: dict[str, Any], twili
                            "from_number": TWILIO_FROM, "base_url": twilio.info["url"]}}}  # fmt: skip
 
 
-class _OtpProbe:
-    """OTP SMS submitted through intake at an even pace while a blast runs; their latency, submit to
-    acceptance by the Twilio sandbox, from the sandbox's time stamps (``finish`` with its stats)."""
-
-    def __init__(self, env: Env, users: list[str], interval: float) -> None:
-        from notifyctl.intake import parse_request, submit
-
-        self.submitted: dict[str, float] = {}
-        self.errors: list[str] = []
-        self.running = threading.Event()
-        self.running.set()
-
-        def loop() -> None:
-            t0 = time.perf_counter()
-            for i, uid in enumerate(users):
-                if not self.running.is_set():
-                    break
-                wait = t0 + i * interval - time.perf_counter()
-                if wait > 0:
-                    time.sleep(wait)
-                code = f"{i:06d}"
-                req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
-                                     "data": {"code": code, "minutes": 10}})  # fmt: skip
-                ts = time.time()
-                try:
-                    submit(env.ctx, req)
-                except Exception as exc:  # noqa: BLE001 - counted and reported
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                self.submitted[code] = ts
-
-        self.thread = threading.Thread(target=loop, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.running.clear()
-        self.thread.join(timeout=60)
-
-    def finish(self, twilio_stats: dict[str, Any]) -> dict[str, Any]:
-        stamps = twilio_stats.get("stamps", {})
-        lat = [(stamps[c] - ts) * 1000 for c, ts in self.submitted.items() if c in stamps]
-        return {"submitted": len(self.submitted), "accepted_by_sandbox": len(lat), "during_blast_ms": dist(lat),
-                "errors": self.errors[:3]}  # fmt: skip
-
-
 def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[str, Any], fcm: dict[str, Any],
               sink_pids: dict[str, int], log: Log, timeout: float, otps: int = 0,
               expect_rate: float = 10_000.0) -> dict[str, Any]:  # fmt: skip
@@ -149,7 +104,7 @@ def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[st
     env = Env(**overrides)
     out: dict[str, Any] = {"pushes": n, "android_share": android_share}
     proc = None
-    probe: _OtpProbe | None = None
+    probe: OtpProbe | None = None
     tw_stats: dict[str, Any] = {}
     try:
         ids = bulk_users(env.ctx, n)
@@ -164,7 +119,7 @@ def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[st
         meter.start()
         t0 = time.perf_counter()
         if otps:
-            probe = _OtpProbe(env, otp_ids, (n / expect_rate) / otps)
+            probe = OtpProbe(env, otp_ids, (n / expect_rate) / otps)
         bulk_notifications(env.ctx, ids, "weekly_promo", ["push"], PROMO)
         out["write_s"] = round(time.perf_counter() - t0, 2)
         error = wait_sent(env, "push", n, t0, timeout, "pushes")
@@ -173,7 +128,8 @@ def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[st
         t_end = time.perf_counter()
         out["cpu"] = meter.stop()
         if probe is not None:
-            probe.stop()
+            probe.blast_over()
+            probe.join(60)
         sent = count_sent(env, "push")
         out["sent"] = sent
         out["elapsed_s"] = round(t_end - t0, 2)
@@ -188,7 +144,8 @@ def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[st
                 time.sleep(0.1)
     finally:
         if probe is not None:
-            probe.stop()
+            probe.blast_over()
+            probe.join(60)
         if proc is not None:
             err = stop_pool(proc)
             if "Traceback" in err:
@@ -196,7 +153,10 @@ def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[st
         tw_stats = tw.stop()
         env.close()
     if probe is not None:
-        out["otp"] = probe.finish(tw_stats)
+        lat = probe.latencies_ms(tw_stats.get("stamps", {}))
+        out["otp"] = {"submitted": len(probe.submitted), "accepted_by_sandbox": len(lat),
+                      "during_blast_ms": dist(lat), "submit_call_ms": dist(probe.submit_ms),
+                      "errors": probe.errors[:3]}  # fmt: skip
     log(f"  {out.get('push_per_s')}/s ({n} pushes, android share {android_share})")
     return out
 

@@ -23,13 +23,23 @@ import os
 import pstats
 import sys
 import time
-from collections import Counter
 from typing import Any
 
-from sqlalchemy import event, update
+from sqlalchemy import event
 
 from bench.common import Env, bulk_notifications, bulk_users
-from bench.harness import PROMO, TWILIO_FROM, bulk_ios_tokens, commandstats, delta, p256_key_pem, phone_users
+from bench.harness import (
+    PROMO,
+    TWILIO_FROM,
+    SqlCounter,
+    bulk_ios_tokens,
+    commandstats,
+    delta,
+    mark_queued,
+    p256_key_pem,
+    phone_users,
+    process_batches,
+)
 from bench.push_blast import KEY_ID, TEAM_ID, TOPIC, device_platforms, sink_service_account
 from bench.sandboxes import SandboxProcess
 
@@ -75,47 +85,12 @@ class _Meter:
         return out
 
 
-class _Sql:
-    """Statements (verb and table) and their parameter sets, by a ``before_cursor_execute`` listener."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.statements: Counter[str] = Counter()
-        self.rows = 0
-
-    def on_exec(self, _c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, many: bool) -> None:
-        words = statement.split(None, 3)
-        verb = words[0].upper() if words else "?"
-        table = ""
-        if verb == "SELECT":
-            low = statement.lower()
-            j = low.find(" from ")
-            table = low[j + 6 :].split(None, 1)[0] if j >= 0 else ""
-        elif verb in ("INSERT", "DELETE") and len(words) >= 3:
-            table = words[2]
-        elif verb in ("UPDATE", "COPY") and len(words) >= 2:
-            table = words[1]
-        self.statements[f"{verb} {table}".strip()] += 1
-        self.rows += len(params) if many else 1
-
-    def __enter__(self) -> _Sql:
-        event.listen(self.engine, "before_cursor_execute", self.on_exec)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self.on_exec)
-
-
 def _queued(env: Env, nids: list[str]) -> None:
-    from notifyctl.models import Notification
-
-    with env.ctx.engine.begin() as conn:
-        for i in range(0, len(nids), 5000):
-            conn.execute(update(Notification).where(Notification.id.in_(nids[i : i + 5000])).values(status="queued"))
+    mark_queued(env, nids)
     env.ctx.redis.delete(*[k for k in env.ctx.redis.scan_iter("notif:rate:*")] or ["-"])
 
 
-def _report(label: str, k: int, c0: dict[str, float], c1: dict[str, float], wall: float, sql: _Sql,
+def _report(label: str, k: int, c0: dict[str, float], c1: dict[str, float], wall: float, sql: SqlCounter,
             batches: int, cmds: dict[str, int], prof: cProfile.Profile | None) -> dict[str, Any]:  # fmt: skip
     us = {name: round((c1[name] - c0[name]) / k * 1e6, 1) for name in c0}
     res = {
@@ -141,22 +116,16 @@ def _report(label: str, k: int, c0: dict[str, float], c1: dict[str, float], wall
 
 
 def _batches(env: Env, meter: _Meter, label: str, nids: list[str], batch: int, profile: bool) -> dict[str, Any]:
-    from worker.pipeline import Runtime, process
+    from worker.pipeline import Runtime
 
     rt = Runtime(env.ctx, worker_name=f"bench-cost-{label}")
     rt.warm()
     _queued(env, nids)
     stats0 = commandstats(env)
     prof = cProfile.Profile(time.thread_time) if profile else None
-    sent = 0
-    with _Sql(env.ctx.engine) as sql:
+    with SqlCounter(env.ctx.engine) as sql:
         c0, t0 = meter.read(), time.perf_counter()
-        if prof:
-            prof.enable()
-        for i in range(0, len(nids), batch):
-            sent += process(rt, nids[i : i + batch]).sent
-        if prof:
-            prof.disable()
+        sent = process_batches(rt, nids, batch, prof)
         wall, c1 = time.perf_counter() - t0, meter.read()
     rt.close()
     assert sent == len(nids), f"{label}: sent {sent} of {len(nids)}"
@@ -184,7 +153,7 @@ def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
     rt.warm()
     stats0 = commandstats(env)
     prof = cProfile.Profile(time.thread_time) if profile else None
-    with _Sql(env.ctx.engine) as sql:
+    with SqlCounter(env.ctx.engine) as sql:
         c0, t0 = meter.read(), time.perf_counter()
         if prof:
             prof.enable()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import run, shards
+from bench import shards, targets
 from bench.apprise_compare import apprise_vs_notifyctl
 from bench.cost import cost
 from bench.email_blast import email_blast
@@ -29,7 +29,7 @@ def smoke(n: int = 300, pool: int = 2, apprise_n: int = 10) -> dict[str, Any]:
         "shards": shards.email_shards(n, counts=(1, 2), pool=2),
         "scale": 0, "pool": pool, "machine": "smoke", "date": "smoke", "total_s": 0,
     }  # fmt: skip
-    res["summary_rows"] = run.summary_rows(res)
+    res["summary_rows"] = targets.summary_rows(res)
     return res
 
 

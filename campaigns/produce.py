@@ -63,6 +63,7 @@ def produce(
     bad = BadRows(keep=res.cfg.max_reported_errors)
     res.schedule.fallbacks = 0  # counted again by this pass
     by_instant = {w.instant: w for w in waves}
+    wave_of = {w.instant: i for i, w in enumerate(waves)}  # Notification.wave: the index in the plan
     slot: Counter[datetime] = Counter()
     started = utcnow()
     shift = timedelta(0)
@@ -103,6 +104,7 @@ def produce(
                 w = by_instant.get(instant)
                 if w is None:  # the segment changed since the plan: a wave of its own
                     w = by_instant[instant] = Wave(instant, instant, 0, res.rate)
+                    wave_of[instant] = len(wave_of)
                 due = w.due(slot[instant])
                 slot[instant] += 1
                 if r.user_id in existing:
@@ -131,6 +133,7 @@ def produce(
                         "data": {**data0, **r.extras} if r.extras else data0,
                         "dedup_key": f"campaign:{cid}:{r.user_id}",
                         "campaign_id": cid,
+                        "wave": wave_of[instant],
                         "status": row_status,
                         "job_id": None,
                         "due_at": due,

@@ -13,6 +13,7 @@ from sqlalchemy import case, func, select
 from sqlmodel import Session, col
 
 from campaigns.names import find_campaign
+from notifyctl.analytics.waves import wave_progress
 from notifyctl.context import Context
 from notifyctl.models import Campaign, CampaignStatus, Delivery, DeliveryStatus, Notification, NotificationStatus
 
@@ -120,6 +121,8 @@ def campaign_status(ctx: Context, ref: str) -> dict[str, Any]:
         "last_due": due[1],
         "per_channel": channels,
         "waves": camp.plan,
+        # each wave's progress, the console's Campaigns page's very numbers (``analytics.waves``)
+        "wave_progress": wave_progress(ctx.engine, camp.id, camp.plan or []),
     }
 
 

@@ -1,11 +1,14 @@
-"""``python -m chaos.multihost`` (part of ``make chaos``): several hosts, one Redis, one PostgreSQL.
+"""``python -m chaos.multihost`` (part of ``make chaos``): several hosts, one or two Redis, one PostgreSQL.
 
 Each host is a ``notifyctl worker --pool 3`` process tree with a home of its own
 (``NOTIFY_HOME``, ``NOTIFY_HOST_NAME``), reaching the shared Redis through a small TCP proxy of its
 own, which the harness can cut — that host alone loses Redis, as in a network partition. The
+sharded faults run the same hosts (``--pool 4``: two workers per shard) over two Redis servers
+(``NOTIFY_REDIS_SHARDS``, the same two servers for every host, each through that host's own proxy),
+users spread over them by ``notifyctl.shards``. The
 database is a fresh schema in the PostgreSQL at ``NOTIFY_CHAOS_PG_URL`` (default the test server,
 ``postgresql+psycopg2://postgres@127.0.0.1:5432/test``). The SendGrid sandbox answers every
-request in 2 s, and every message is its own request (a first name per recipient), so a worker's
+request in 2 s, and every message is its own request (``max_personalizations`` 1), so a worker's
 batch keeps it at the provider for several seconds.
 
 Faults (issue 18):
@@ -16,6 +19,14 @@ Faults (issue 18):
 - **partition**: host A is cut off from Redis for 30 s (longer than the 20 s lease) while it is
   sending. A stops at its next provider request; B takes over once A's leases have expired and
   reads the database before sending what A might have sent: 0 duplicates.
+- **shards-kill**, **shards-partition-1**, **shards-partition-both**: the same over two shards:
+  host A's pool killed; host A cut off from shard 1 only (its shard-0 workers go on sending) while
+  its shard-1 worker is at the provider; host A cut off from both shards.
+- **sentinel-kill**, **sentinel-failover**: both hosts on one Sentinel-managed Redis (a primary, a
+  replica, three sentinels: ``chaos.sentinel``), through a ``redis+sentinel://`` URL; mid-blast the
+  primary and one sentinel are killed (SIGKILL), or ``SENTINEL FAILOVER`` is forced. Deliveries
+  whose worker lost its lease with the request at the provider are in doubt: duplicates only
+  among them.
 
 Prints, per fault: sent / lost / duplicated / in doubt (by our delivery id, at the sandbox), and
 checks that ``notifyctl status`` on host B lists each live host's workers and none of the dead
@@ -37,8 +48,10 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +59,14 @@ from sqlalchemy import create_engine, insert, select, text
 
 from bench.common import wait_until
 from chaos.common import PROMO, ROOT, Result, StampedRecorder, run_each, tally
+from chaos.sentinel import FAULTS, SENTINEL, SentinelSet, strike
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.liveness import running_key
 from notifyctl.models import DeliveryEvent, Notification, User, new_id, utcnow
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import load_settings
+from notifyctl.shards import shard_of
 from sandboxes.sendgrid import SendgridSandbox
 from worker.pipeline import delivery_id
 
@@ -159,13 +174,18 @@ class HostResult(Result):
 
 
 class Cluster:
-    """One Redis, one PostgreSQL schema, the SendGrid sandbox, and hosts started on demand."""
+    """One Redis (or ``shards`` of them), one PostgreSQL schema, the SendGrid sandbox, and hosts
+    started on demand."""
 
-    def __init__(self, name: str, batch_size: int = 40) -> None:
+    def __init__(self, name: str, batch_size: int = 40, shards: int = 1, sentinel: bool = False) -> None:
         self.batch_size = batch_size
         self.dir = Path(tempfile.mkdtemp(prefix=f"notify-multihost-{name}-"))
-        self.redis_dir = self.dir / "redis"
-        self.redis_url = ensure_server(self.redis_dir)
+        # with ``sentinel``: one Sentinel-managed Redis (chaos.sentinel's set), which every host and
+        # the harness reach through its redis+sentinel:// URL (no proxy: the faults are the Redis's)
+        self.sentinel = SentinelSet(self.dir / "sentinel") if sentinel else None
+        self.redis_dirs = [] if sentinel else [self.dir / f"redis{i}" for i in range(shards)]
+        self.redis_urls = [self.sentinel.url] if self.sentinel else [ensure_server(d) for d in self.redis_dirs]
+        self.redis_url = self.redis_urls[0]
         self.schema = "chaos_" + uuid.uuid4().hex[:10]
         self.admin = create_engine(PG_URL)
         with self.admin.begin() as conn:
@@ -175,13 +195,19 @@ class Cluster:
         self.sg.recorder = StampedRecorder()
         self.sg.faults.add({"delay": PROVIDER_DELAY, "count": 10**9})  # every request: 2 s at the provider
         self.sg.start()
-        self.options = {"sendgrid": {"api_key": self.sg.api_key, "base_url": self.sg.url}}
+        # one message per request: SendGrid's skeleton would send a whole personalised batch as one
+        # 2 s request, shorter than the lease, and the faults below need a batch at the provider
+        # for longer than that (a request each, 8 at a time)
+        self.options = {"sendgrid": {"api_key": self.sg.api_key, "base_url": self.sg.url, "max_personalizations": 1}}
         self.settings = load_settings(
             home=self.dir / "harness", redis_url=self.redis_url, database_url=self.db_url,
             providers_email=["sendgrid"], provider_options=self.options,
+            redis_shards=self.redis_urls if shards > 1 else [],
         )  # fmt: skip
         self.ctx = Context(self.settings)
-        self.proxies: dict[str, RedisProxy] = {}
+        self.rs = [self.ctx.shard_redis(i) for i in range(shards)]
+        self.proxies: dict[str, list[RedisProxy]] = {}  # a host's proxy to each shard
+        self.user_of: dict[str, str] = {}  # delivery id → user (campaign)
         self.pools: dict[str, subprocess.Popen[bytes]] = {}
 
     def env(self, host: str, **extra: str) -> dict[str, str]:
@@ -189,7 +215,7 @@ class Cluster:
         e.update(
             NOTIFY_HOME=str(self.dir / host),
             NOTIFY_HOST_NAME=host,
-            NOTIFY_REDIS_URL=self.proxies[host].url,
+            NOTIFY_REDIS_URL=self.proxies[host][0].url if self.proxies[host] else self.redis_url,
             NOTIFY_DATABASE_URL=self.db_url,
             NOTIFY_PROVIDERS_EMAIL='["sendgrid"]',
             NOTIFY_PROVIDER_OPTIONS=json.dumps(self.options),
@@ -197,11 +223,13 @@ class Cluster:
             NOTIFY_RECOVERY_GRACE="2",
             NOTIFY_LOG_LEVEL="WARNING",
         )
+        if len(self.rs) > 1:
+            e["NOTIFY_REDIS_SHARDS"] = json.dumps([px.url for px in self.proxies[host]])
         e.update(extra)
         return e
 
     def start_host(self, host: str, pool: int = 3) -> None:
-        self.proxies[host] = RedisProxy(self.redis_url.removeprefix("unix://"))
+        self.proxies[host] = [] if self.sentinel else [RedisProxy(u.removeprefix("unix://")) for u in self.redis_urls]
         log = open(self.dir / f"{host}.log", "ab")  # noqa: SIM115 - the child owns it
         self.pools[host] = subprocess.Popen(
             [sys.executable, "-m", "notifyctl.cli.main", "worker", "--pool", str(pool)],
@@ -211,14 +239,19 @@ class Cluster:
         if not wait_until(lambda: len(self.workers(host)) >= pool, 60, 0.2):
             raise RuntimeError(f"host {host} did not start: {self.log_tail(host)}")
 
-    def workers(self, host: str) -> list[str]:
-        found = self.ctx.redis.scan_iter(match=f"notif:alive:notify-{host}-*")
-        return [k.decode()[len("notif:alive:") :] for k in found]
+    def workers(self, host: str, shard: int | None = None) -> list[tuple[int, str]]:
+        """``host``'s live workers (each with its shard, where its liveness key is), of ``shard`` or all."""
+        out = []
+        for i, r in enumerate(self.rs):
+            if shard is None or shard == i:
+                found = r.scan_iter(match=f"notif:alive:notify-{host}-*")
+                out += [(i, k.decode()[len("notif:alive:") :]) for k in found]
+        return out
 
-    def busy_at_provider(self, host: str) -> bool:
-        """A worker of ``host`` is running a job while the sandbox has requests in flight."""
-        for name in self.workers(host):
-            if self.ctx.redis.scard(running_key(name)):
+    def busy_at_provider(self, host: str, shard: int | None = None) -> bool:
+        """A worker of ``host`` (serving ``shard``) is running a job while the sandbox has requests in flight."""
+        for i, name in self.workers(host, shard):
+            if self.rs[i].scard(running_key(name)):
                 return self.sg.in_flight > 0
         return False
 
@@ -255,7 +288,9 @@ class Cluster:
             rows = []
             for i, u in enumerate(ids):
                 nid = new_id("n")
-                expected.add(delivery_id(nid, "email", f"{u}@example.com"))
+                did = delivery_id(nid, "email", f"{u}@example.com")
+                expected.add(did)
+                self.user_of[did] = u
                 rows.append({"id": nid, "recipient_id": u, "type": "weekly_promo", "template_id": "weekly_promo",
                              "category": "marketing", "priority": "low", "channels": ["email"],
                              "data": {**PROMO, "first_name": u}, "dedup_key": f"mh:{u}", "status": "scheduled",
@@ -264,13 +299,19 @@ class Cluster:
             conn.execute(insert(Notification), rows)
         return expected
 
+    def accepted_per_shard(self, since: int = 0) -> dict[int, int]:
+        """Requests the sandbox accepted (from the ``since``-th on), per shard of their user."""
+        n = len(self.rs)
+        got = Counter(shard_of(self.user_of.get(m["delivery_id"], ""), n) for m in self.sg.recorder.all()[since:])
+        return dict(sorted(got.items()))
+
     def settled(self) -> bool:
         """Every notification final and no worker running a job."""
         with self.ctx.engine.connect() as conn:
             open_ = conn.execute(
                 text("SELECT count(*) FROM notifications WHERE status NOT IN ('done', 'suppressed')")
             ).scalar_one()
-        busy = any(self.ctx.redis.scard(running_key(n)) for h in self.pools for n in self.workers(h))
+        busy = any(self.rs[i].scard(running_key(n)) for h in self.pools for i, n in self.workers(h))
         return open_ == 0 and not busy
 
     def in_doubt(self) -> set[str]:
@@ -290,12 +331,16 @@ class Cluster:
                     except ProcessLookupError:
                         pass
                     p.wait()
-        for px in self.proxies.values():
-            px.close()
+        for pxs in self.proxies.values():
+            for px in pxs:
+                px.close()
         self.sg.stop()
         self.ctx.close()
         dispose_all()
-        stop_server(self.redis_dir)
+        for d in self.redis_dirs:
+            stop_server(d)
+        if self.sentinel:
+            self.sentinel.stop()
         if os.environ.get("NOTIFY_CHAOS_KEEP"):
             print(f"kept: {self.dir}, schema {self.schema}", file=sys.stderr)
         else:
@@ -321,6 +366,18 @@ def _count(res: HostResult, c: Cluster, expected: set[str]) -> set[str]:
     return {d for d, k in counts.items() if k > 1}
 
 
+def _dups_only_in_doubt(res: HostResult, c: Cluster, dups: set[str]) -> None:
+    """A fault that can kill a request in flight: a delivery sent twice must be one recorded in doubt."""
+    outside = dups - c.in_doubt()
+    if outside:
+        res.problems.append(f"{len(outside)} duplicate(s) not marked in doubt (e.g. {sorted(outside)[:3]})")
+    res.notes.append(
+        f"{res.duplicated} duplicate(s), all among the {res.in_doubt} deliveries marked in doubt"
+        if not outside
+        else f"{len(outside)} duplicate(s) outside the in-doubt set"
+    )
+
+
 def _status_check(res: HostResult, c: Cluster, ask: str, live: list[str], dead: list[str]) -> None:
     """``status`` on host ``ask`` lists every live host's workers and none of a dead host's."""
     deadline = time.monotonic() + 30  # a dead worker's liveness key lasts worker_alive_ttl (10 s)
@@ -336,12 +393,17 @@ def _status_check(res: HostResult, c: Cluster, ask: str, live: list[str], dead: 
         time.sleep(1)
 
 
-def kill_scenario(n: int) -> HostResult:
-    res = HostResult("host A's pool killed (kill -9) mid-batch")
-    c = Cluster("kill")
+def _pool(shards: int) -> int:
+    return 3 if shards == 1 else 2 * shards  # per shard: one worker for `high`, one for the rest
+
+
+def kill_scenario(n: int, shards: int = 1) -> HostResult:
+    over = "" if shards == 1 else f", {shards} shards"
+    res = HostResult(f"host A's pool killed (kill -9) mid-batch{over}")
+    c = Cluster("kill", shards=shards)
     try:
-        c.start_host("host-a")
-        c.start_host("host-b")
+        c.start_host("host-a", _pool(shards))
+        c.start_host("host-b", _pool(shards))
         expected = c.campaign(n)
         if not wait_until(lambda: c.busy_at_provider("host-a"), 60, 0.05):
             res.problems.append("host A never got to the provider")
@@ -355,40 +417,48 @@ def kill_scenario(n: int) -> HostResult:
         ok = wait_until(lambda: expected <= {m["delivery_id"] for m in c.sg.recorder.all()}, 240, 0.5)
         res.figures["all_sent_s_after_kill"] = round(time.monotonic() - t_kill, 1) if ok else None
         time.sleep(PROVIDER_DELAY + 1)  # late duplicates, if any
-        dups = _count(res, c, expected)
-        outside = dups - c.in_doubt()
-        if outside:
-            res.problems.append(f"{len(outside)} duplicate(s) not marked in doubt (e.g. {sorted(outside)[:3]})")
-        res.notes.append(
-            f"{res.duplicated} duplicate(s), all among the {res.in_doubt} deliveries marked in doubt"
-            if not outside
-            else f"{len(outside)} duplicate(s) outside the in-doubt set"
-        )
+        _dups_only_in_doubt(res, c, _count(res, c, expected))
         return res
     finally:
         c.close()
 
 
-def partition_scenario(n: int) -> HostResult:
-    res = HostResult(f"host A cut off from Redis for {PARTITION:g}s mid-send")
+def partition_scenario(n: int, shards: int = 1, cut: tuple[int, ...] = (0,)) -> HostResult:
+    """Host A cut off from the shards ``cut`` (with one Redis: from it) for ``PARTITION`` s, while a
+    worker of A serving the first of them is at the provider."""
+    if shards == 1:
+        name = f"host A cut off from Redis for {PARTITION:g}s mid-send"
+    elif len(cut) == shards:
+        name = f"host A cut off from all {shards} shards {PARTITION:g}s"
+    else:
+        name = f"host A cut off from shard {','.join(map(str, cut))} of {shards} {PARTITION:g}s"
+    res = HostResult(name)
     # a batch keeps its worker at the provider longer than the lease (100 requests, 8 at a time, 2 s
     # each: 26 s): without fencing, B would take over and send what A is still sending
-    c = Cluster("partition", batch_size=100)
+    c = Cluster("partition", batch_size=100, shards=shards)
     try:
-        c.start_host("host-a")
-        c.start_host("host-b")
+        c.start_host("host-a", _pool(shards))
+        c.start_host("host-b", _pool(shards))
         expected = c.campaign(n)
-        if not wait_until(lambda: c.busy_at_provider("host-a"), 60, 0.05):
+        watched = None if shards == 1 else cut[0]
+        if not wait_until(lambda: c.busy_at_provider("host-a", watched), 60, 0.05):
             res.problems.append("host A never got to the provider")
             return res
         time.sleep(PROVIDER_DELAY / 2)
-        c.proxies["host-a"].cut()
+        for i in cut:
+            c.proxies["host-a"][i].cut()
         t_cut = time.monotonic()
+        accepted_before = len(c.sg.recorder)
         res.notes.append(f"cut with {c.sg.in_flight} request(s) in flight; lease {LEASE}s")
         while time.monotonic() - t_cut < PARTITION:
             time.sleep(0.5)
-        c.proxies["host-a"].heal()
-        res.figures["connections_refused_during_cut"] = c.proxies["host-a"].refused
+        for i in cut:
+            c.proxies["host-a"][i].heal()
+        res.figures["connections_refused_during_cut"] = sum(c.proxies["host-a"][i].refused for i in cut)
+        if shards == 1:
+            res.figures["accepted_during_cut"] = len(c.sg.recorder) - accepted_before
+        else:  # a shard A is not cut off from goes on sending
+            res.figures["accepted_during_cut_per_shard"] = c.accepted_per_shard(accepted_before)
         _status_check(res, c, "host-b", ["host-a", "host-b"], [])
         ok = wait_until(lambda: expected <= {m["delivery_id"] for m in c.sg.recorder.all()}, 240, 0.5)
         res.figures["all_sent_s_after_heal"] = round(time.monotonic() - t_cut - PARTITION, 1) if ok else None
@@ -404,7 +474,58 @@ def partition_scenario(n: int) -> HostResult:
         c.close()
 
 
-SCENARIOS = {"kill": kill_scenario, "partition": partition_scenario}
+def sentinel_scenario(n: int, mode: str) -> HostResult:
+    """Both hosts on one Sentinel-managed Redis (``chaos.sentinel``'s set: a primary, a replica,
+    three sentinels); the fault ``mode`` (``chaos.sentinel.FAULTS``: the primary and a sentinel
+    killed, or a forced failover) strikes once a quarter of the campaign is accepted, with requests
+    at the provider."""
+    res = HostResult(f"sentinel, 2 hosts: {FAULTS[mode]}")
+    if not SENTINEL:
+        res.notes.append("redis-sentinel not installed (Debian package redis-sentinel): skipped")
+        return res
+    c = Cluster(f"sentinel-{mode}", sentinel=True)
+    ss = c.sentinel
+    assert ss is not None
+    try:
+        if not ss.ready():
+            res.problems.append(f"the sentinel never saw a healthy replica: {ss.logs()}")
+            return res
+        c.start_host("host-a")
+        c.start_host("host-b")
+        expected = c.campaign(n)
+        if not wait_until(lambda: c.sg.in_flight > 0 and len(c.sg.recorder) >= n // 4, 120, 0.05):
+            res.problems.append(f"{n // 4} sends did not reach the provider within 120 s")
+            return res
+        res.notes.append(
+            f"{c.redis_url}; struck with {c.sg.in_flight} request(s) in flight, {len(c.sg.recorder)} accepted before"
+        )
+        t_fault = time.monotonic()
+        if not strike(ss, mode, res):
+            return res
+        ok = wait_until(lambda: expected <= {m["delivery_id"] for m in c.sg.recorder.all()}, 240, 0.5)
+        res.figures["all_sent_s_after_fault"] = round(time.monotonic() - t_fault, 1) if ok else None
+        _status_check(res, c, "host-b", ["host-a", "host-b"], [])
+        time.sleep(PROVIDER_DELAY + 1)  # late duplicates, if any
+        _dups_only_in_doubt(res, c, _count(res, c, expected))
+        for host, p in c.pools.items():
+            if p.poll() is not None:
+                res.problems.append(f"{host}'s pool exited ({p.returncode}): {c.log_tail(host)}")
+        return res
+    finally:
+        c.close()
+
+
+SCENARIOS: dict[str, Callable[[int], HostResult]] = {
+    "kill": kill_scenario,
+    "partition": partition_scenario,
+    # the same faults over two Redis shards
+    "shards-kill": partial(kill_scenario, shards=2),
+    "shards-partition-1": partial(partition_scenario, shards=2, cut=(1,)),
+    "shards-partition-both": partial(partition_scenario, shards=2, cut=(0, 1)),
+    # one Sentinel-managed Redis failing over under both hosts
+    "sentinel-kill": partial(sentinel_scenario, mode="kill"),
+    "sentinel-failover": partial(sentinel_scenario, mode="failover"),
+}
 
 
 def _pg_reachable() -> bool:
@@ -429,9 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2, default=str))
     else:
-        print(f"{'fault':48} {'sent':>9} {'lost':>5} {'duplicated':>10} {'in doubt':>8}")
+        print(f"{'fault':52} {'sent':>9} {'lost':>5} {'duplicated':>10} {'in doubt':>8}")
         for r in results:
-            print(f"{r.fault:48} {f'{r.sent}/{r.expected}':>9} {r.lost:>5} {r.duplicated:>10} {r.in_doubt:>8}")
+            print(f"{r.fault:52} {f'{r.sent}/{r.expected}':>9} {r.lost:>5} {r.duplicated:>10} {r.in_doubt:>8}")
             for note in r.notes:
                 print(f"    {note}")
             for p in r.problems:

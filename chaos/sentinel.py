@@ -162,6 +162,34 @@ class SentinelSet:
                 p.wait()
 
 
+FAULTS = {
+    "kill": "primary + 1 sentinel killed (SIGKILL) mid-blast",
+    "failover": "SENTINEL FAILOVER forced mid-blast",
+}
+
+
+def strike(ss: SentinelSet, mode: str, res: Result) -> bool:
+    """The fault ``mode`` (``FAULTS``), then wait until the sentinel names the replica as the primary:
+    its seconds in ``res.figures["failover_s"]``; False (and a problem) if it did not within 60 s.
+
+    - ``kill``: the primary's host dies, and the sentinel on it (the first the URL names): the other
+      two still make the quorum and a majority. (A replica frozen before is thawed.)
+    - ``failover``: ``SENTINEL FAILOVER``: the replica is promoted, the old primary demoted."""
+    if mode == "kill":
+        for name in ("primary", "sentinel0"):
+            ss.procs[name].kill()
+            ss.procs[name].wait()
+        ss.procs["replica"].send_signal(signal.SIGCONT)
+    else:
+        ss.sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+    t_fault = time.monotonic()
+    switched = wait_until(lambda: ss.switched_to(ss.replica_port), 60, 0.05)
+    res.figures["failover_s"] = round(time.monotonic() - t_fault, 2) if switched else None
+    if not switched:
+        res.problems.append(f"the sentinel did not switch to the replica within 60 s: {ss.logs()}")
+    return switched
+
+
 class _Otps(OtpStream):
     """OtpStream that also keeps what each refused submit raised (while no primary is named)."""
 
@@ -205,10 +233,7 @@ def _window_otps(world: World, ss: SentinelSet, otps: OtpStream, users: list[str
 
 
 def sentinel_fault(mode: str, quick: bool) -> Result:
-    title = {
-        "kill": "primary + 1 sentinel killed (SIGKILL) mid-blast",
-        "failover": "SENTINEL FAILOVER forced mid-blast",
-    }[mode]
+    title = FAULTS[mode]
     res = Result(f"sentinel: {title}")
     n, rate = (300, 100.0) if quick else (3000, 150.0)
     root = Path(os.environ.get("TMPDIR", "/tmp")) / f"notify-chaos-sentinel-{mode}-{os.getpid()}"
@@ -238,19 +263,8 @@ def sentinel_fault(mode: str, quick: bool) -> Result:
         window_jobs: dict[str, str] = {}
         if mode == "kill":
             window_jobs = _window_otps(world, ss, otps, window_users, res)
-            # the primary's host dies, and the sentinel on it (the first the URL names): the other
-            # two still make the quorum and a majority
-            for name in ("primary", "sentinel0"):
-                ss.procs[name].kill()
-                ss.procs[name].wait()
-            ss.procs["replica"].send_signal(signal.SIGCONT)
-        else:
-            ss.sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
-        t_fault, t_fault_wall = time.monotonic(), time.time()
-        switched = wait_until(lambda: ss.switched_to(new), 60, 0.05)
-        res.figures["failover_s"] = round(time.monotonic() - t_fault, 2) if switched else None
-        if not switched:
-            res.problems.append(f"the sentinel did not switch to the replica within 60 s: {ss.logs()}")
+        t_fault_wall = time.time()
+        if not strike(ss, mode, res):
             return res
         if window_jobs:
             newp = ss.client(new)

@@ -1,7 +1,8 @@
 """The pool's operational alerts: the DLQ's depth and growth (``check_dlq_alert``, over
 ``notifyctl.dlq.stats``), the high-priority queue's lag above ``NOTIFY_LAG_ALERT_HIGH`` (1 s by
-default: an OTP waiting), and a provider's circuit opening (``check_alerts``). Each is one warning
-log line and, when ``NOTIFY_DLQ_ALERT_WEBHOOK_URL`` is set, a JSON POST there (``post_webhook``),
+default: an OTP waiting), a provider's circuit opening, and a Redis shard unreachable
+(``check_alerts``). Each is one warning log line and, when ``NOTIFY_DLQ_ALERT_WEBHOOK_URL`` is
+set, a JSON POST there (``post_webhook``),
 once when it starts — again every ``NOTIFY_DLQ_ALERT_REPEAT_S`` while it lasts — and once when it
 is over. A Redis key per alert keeps several pools (hosts) from repeating each other. The pool
 calls ``check_alerts`` every second and ``check_dlq_alert`` about once a minute; a webhook failure
@@ -111,8 +112,9 @@ def check_dlq_alert(ctx: Context, config: DlqConfig | None = None, now: datetime
 
 @dataclass
 class AlertEvent:
-    event: str  # lag_alert | lag_alert_resolved | circuit_open | circuit_closed
-    subject: str  # "high" or the provider
+    # lag_alert | lag_alert_resolved | circuit_open | circuit_closed | redis_shard_down | redis_shard_down_resolved
+    event: str
+    subject: str  # "high", the provider, or the shard's number
     message: str
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -131,14 +133,30 @@ def _transition(r: Any, key: str, firing: bool, repeat_s: int) -> str | None:
 
 
 def check_alerts(ctx: Any, config: Any = None) -> list[AlertEvent]:
-    """Look at the high queue's lag and every configured provider's circuit; notify what started
-    or ended. Returns what was notified."""
+    """Look at the high queue's lag, every configured provider's circuit and (with Redis shards)
+    every shard; notify what started or ended. Returns what was notified."""
     cfg = config or ctx.settings.dlq
     s = ctx.settings
     r = ctx.redis
     events: list[AlertEvent] = []
 
-    high = next(q for q in queue_stats(ctx) if q["priority"] == "high")
+    # with Redis shards, one shard down hides nothing of the others' lag (notifyctl.shards.each), and
+    # is an alert of its own; shard 0 down (it holds the alert stamps) raises: the pool logs it as
+    # a Redis outage
+    down: dict[int, Any] = {}
+    queues = queue_stats(ctx, down) if ctx.shard_count > 1 else queue_stats(ctx)
+    for i in range(ctx.shard_count if ctx.shard_count > 1 else 0):
+        what = _transition(r, keys.alert(f"shard:{i}"), i in down, cfg.alert_repeat_s)
+        if what == "fire":
+            url = down[i].url  # without its password
+            err = down[i].error.removeprefix(f"cannot reach Redis at {url}: ")
+            events.append(AlertEvent("redis_shard_down", str(i), f"Redis shard {i} {url} unreachable: {err}",
+                                     {"shard": i, "url": url, "error": err}))  # fmt: skip
+        elif what == "resolve":
+            events.append(AlertEvent("redis_shard_down_resolved", str(i), f"Redis shard {i} answers again",
+                                     {"shard": i}))  # fmt: skip
+
+    high = next(q for q in queues if q["priority"] == "high")
     lag = high["oldest_age_s"] or 0.0
     threshold = float(s.lag_alert_high)
     what = _transition(r, keys.alert("lag:high"), lag > threshold, cfg.alert_repeat_s)

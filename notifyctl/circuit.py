@@ -31,15 +31,19 @@ class Circuits:
         self.client = client
         self.threshold = max(1, threshold)
         self.cooldown = cooldown
+        # name → its consecutive failing batches as this process's last ``states`` read them: a
+        # success then resets the count without reading it again (``record``)
+        self._fails_seen: dict[str, int] = {}
 
     def states(self, names: Sequence[str], now: float | None = None) -> dict[str, tuple[str, float]]:
         """``name -> (state, open_until)`` for each provider."""
         now = time.time() if now is None else now
         pipe = self.client.pipeline(transaction=False)
         for n in names:
-            pipe.hmget(keys.circuit(n), "open_until", "throttled_until")
+            pipe.hmget(keys.circuit(n), "open_until", "throttled_until", "fails")
         out: dict[str, tuple[str, float]] = {}
-        for n, (raw, thr) in zip(names, pipe.execute(), strict=True):
+        for n, (raw, thr, fails) in zip(names, pipe.execute(), strict=True):
+            self._fails_seen[n] = int(fails or 0)
             until = float(raw) if raw else 0.0
             throttled = float(thr) if thr else 0.0
             if throttled > now and not until > now:
@@ -54,14 +58,17 @@ class Circuits:
         self.client.hset(keys.circuit(name), "throttled_until", now + max(0.5, seconds))
 
     def record(self, name: str, ok: bool, was: str, now: float | None = None) -> str:
-        """Record one batch's result; returns the new state."""
+        """Record one batch's result; returns the new state. A success after ``states`` read the
+        provider's failure count resets it from that read (no round trip when it was 0: a failure
+        another worker recorded in between is reset by the next success that reads it)."""
         now = time.time() if now is None else now
         key = keys.circuit(name)
+        seen = self._fails_seen.pop(name, None)
         if ok:
             if was != CLOSED:
                 # closed after an outage: mark it, so the pool replays what the outage dead-lettered
                 self.client.hset(key, mapping={"fails": 0, "open_until": "", "recovered_at": now})
-            elif self.client.hget(key, "fails") not in (None, b"0"):
+            elif seen if seen is not None else self.client.hget(key, "fails") not in (None, b"0"):
                 self.client.hset(key, mapping={"fails": 0})
             return CLOSED
         pipe = self.client.pipeline(transaction=False)

@@ -25,6 +25,7 @@ from notifyctl import (
 )
 from notifyctl.analytics.triggers import install as install_analytics
 from notifyctl.analytics.triggers import sqlite_connected
+from notifyctl.analytics.waves import install as install_waves
 from notifyctl.errors import ConfigError
 from notifyctl.home import create_private
 from notifyctl.sqllock import write_lock as write_lock  # (re-exported: most callers import it from here)
@@ -526,6 +527,7 @@ def engine_for(settings: Any) -> Engine:
                 if "notifications" in had and "dedup_keys" not in had:
                     _backfill_dedup_keys(engine, settings.dedup_ttl)
                 install_analytics(engine, write_lock)
+                install_waves(engine, write_lock)
         except OperationalError as exc:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
         _engines[url] = engine

@@ -85,8 +85,8 @@ def webhook_seen(provider: str, event_id: str) -> str:
 
 
 def alert(what: str) -> str:
-    """When the pool last alerted on ``what`` (``lag:high``, ``circuit:<provider>``), epoch seconds
-    (``notifyctl.alerts``)."""
+    """When the pool last alerted on ``what`` (``lag:high``, ``circuit:<provider>``, ``shard:<n>``),
+    epoch seconds (``notifyctl.alerts``)."""
     return f"{PREFIX}alert:{what}"
 
 

@@ -56,9 +56,19 @@ class Liveness:
             }
         )
         self._delete = client.register_script(_DELETE_MINE)
+        self._beat_at = -float("inf")  # (monotonic) this process's last beat of the key
 
     def beat(self, pipe: Any = None) -> None:
         (pipe or self.client).set(self.key, self.value, ex=self.ttl)
+        if pipe is None:
+            self._beat_at = time.monotonic()
+
+    def beat_unless_recent(self, within: float = 1.0) -> None:
+        """``beat``, unless this process beat less than ``within`` seconds ago (the key then has at
+        least ``ttl - within`` seconds left): a batch's start needs a live key, not one more round
+        trip — an OTP's batch paid one of its ~11 for it while the heartbeat thread beat anyway."""
+        if time.monotonic() - self._beat_at >= within:
+            self.beat()
 
     def clear(self) -> bool:
         """Delete the key if it is still this worker's; True when it was."""

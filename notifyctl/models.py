@@ -21,7 +21,18 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, String, Text, UniqueConstraint, and_, literal_column, text
+from sqlalchemy import (
+    JSON,
+    Column,
+    Index,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    literal_column,
+    text,
+)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
@@ -180,6 +191,10 @@ class Notification(SQLModel, table=True):
     # no index of its own: uq_notifications_campaign_recipient starts with it (a second one cost every
     # insert, and every status change on PostgreSQL, one more index entry: ~1.5 µs a row each)
     campaign_id: str | None = Field(default=None, max_length=64)
+    # A campaign notification's time-zone wave: its index in ``Campaign.plan``, written at launch
+    # (``campaigns.produce``); the wave counts (``analytics.waves``) are kept per wave by it. None
+    # outside campaigns (and for campaigns launched before waves were counted).
+    wave: int | None = None
     status: str = Field(default=NotificationStatus.queued, max_length=16)
     reason: str | None = Field(default=None, max_length=255)
     job_id: str | None = Field(default=None, max_length=64)
@@ -357,16 +372,43 @@ class OrderedNotification(SQLModel, table=True):
     seq: int
 
 
-class AnalyticsHourly(SQLModel, table=True):
+class _RollupCount(SQLModel):
+    """What every analytics rollup row ends with: a status, the kind of reason, how many. A
+    base's fields come first in a table's columns, so each table below names its primary key's
+    column order (the order its reads' key ranges need) in ``__table_args__``."""
+
+    status: str = Field(primary_key=True, max_length=16)
+    reason: str = Field(primary_key=True, max_length=64)  # "" unless failed or suppressed
+    n: int = 0
+
+
+class _ByDelivery(_RollupCount):
+    """A row of the rollup per template × channel × campaign (``notifyctl.analytics``)."""
+
+    template_id: str = Field(primary_key=True, max_length=128)
+    channel: str = Field(primary_key=True, max_length=16)
+    campaign_id: str = Field(primary_key=True, max_length=64)  # "" when none
+
+
+class _ByDimension(_RollupCount):
+    """A coarse tier's row per one dimension: ``dim`` is ``template``, ``channel`` or ``campaign``
+    and ``value`` its value (the daily tier also has ``dim = value = ""``: all deliveries)."""
+
+    dim: str = Field(primary_key=True, max_length=16)
+    value: str = Field(primary_key=True, max_length=128)
+
+
+class AnalyticsHourly(_ByDelivery, table=True):
     """The delivery rollup (``notifyctl.analytics``): how many deliveries queued in ``hour`` (UTC,
     ``YYYY-MM-DD HH``) of a template × channel × campaign are now in ``status`` (with the kind of
     their ``reason`` when failed or suppressed). Kept up by triggers on ``deliveries``, in the
     same transaction as every status change: a transition moves one count to another row."""
 
     __tablename__ = "analytics_hourly"
-    # The rows whose count changed since they were last folded into the coarse tiers
-    # (``analytics.fold``): a handful, whatever the table's size.
     __table_args__ = (
+        PrimaryKeyConstraint("hour", "template_id", "channel", "campaign_id", "status", "reason"),
+        # The rows whose count changed since they were last folded into the coarse tiers
+        # (``analytics.fold``): a handful, whatever the table's size.
         Index(
             "ix_analytics_hourly_unfolded",
             "hour",
@@ -375,18 +417,12 @@ class AnalyticsHourly(SQLModel, table=True):
         ),
     )
     hour: str = Field(primary_key=True, max_length=13)
-    template_id: str = Field(primary_key=True, max_length=128)
-    channel: str = Field(primary_key=True, max_length=16)
-    campaign_id: str = Field(primary_key=True, max_length=64)  # "" when none
-    status: str = Field(primary_key=True, max_length=16)
-    reason: str = Field(primary_key=True, max_length=64)  # "" unless failed or suppressed
-    n: int = 0
     # How much of ``n`` the coarse tiers already count (nullable only so that an existing database
     # gains the column; ``analytics.triggers.install`` rebuilds the rollup with it set).
     folded: int | None = 0
 
 
-class AnalyticsTotal(SQLModel, table=True):
+class AnalyticsTotal(_ByDelivery, table=True):
     """The coarse tier without time (``notifyctl.analytics``): ``analytics_hourly`` summed over
     every hour, as far as it is folded. The funnel without ``--since`` reads it. On SQLite a
     ``WITHOUT ROWID`` table, as ``analytics_daily``: its rows are its primary key's B-tree, so a
@@ -394,45 +430,38 @@ class AnalyticsTotal(SQLModel, table=True):
     rows than a rowid table's index scan and a row lookup each)."""
 
     __tablename__ = "analytics_total"
-    __table_args__ = {"sqlite_with_rowid": False}
-    template_id: str = Field(primary_key=True, max_length=128)
-    channel: str = Field(primary_key=True, max_length=16)
-    campaign_id: str = Field(primary_key=True, max_length=64)
-    status: str = Field(primary_key=True, max_length=16)
-    reason: str = Field(primary_key=True, max_length=64)
-    n: int = 0
+    __table_args__ = (
+        PrimaryKeyConstraint("template_id", "channel", "campaign_id", "status", "reason"),
+        {"sqlite_with_rowid": False},
+    )
 
 
-class AnalyticsDaily(SQLModel, table=True):
+class AnalyticsDaily(_ByDimension, table=True):
     """The coarse daily tier (``notifyctl.analytics``): per day (UTC, ``YYYY-MM-DD``, the day the
-    deliveries were queued), per one dimension — ``dim`` is ``template``, ``channel`` or
-    ``campaign`` and ``value`` its value, or ``dim = value = ""`` for all deliveries — the counts
-    by status (and kind of reason), as far as ``analytics_hourly`` is folded."""
+    deliveries were queued), per one dimension (or all deliveries), the counts by status (and
+    kind of reason), as far as ``analytics_hourly`` is folded."""
 
     __tablename__ = "analytics_daily"
-    __table_args__ = (Index("ix_analytics_daily_value", "dim", "value", "day"), {"sqlite_with_rowid": False})
-    dim: str = Field(primary_key=True, max_length=16)
+    __table_args__ = (
+        PrimaryKeyConstraint("dim", "day", "value", "status", "reason"),
+        Index("ix_analytics_daily_value", "dim", "value", "day"),
+        {"sqlite_with_rowid": False},
+    )
     day: str = Field(primary_key=True, max_length=10)
-    value: str = Field(primary_key=True, max_length=128)
-    status: str = Field(primary_key=True, max_length=16)
-    reason: str = Field(primary_key=True, max_length=64)
-    n: int = 0
 
 
-class AnalyticsWeekly(SQLModel, table=True):
+class AnalyticsWeekly(_ByDimension, table=True):
     """The coarse weekly tier (``notifyctl.analytics``): ``analytics_daily`` summed per ISO week
     (``week`` is its Monday, ``YYYY-MM-DD``) for the template, channel and campaign dimensions, as
     far as ``analytics_hourly`` is folded. ``--since`` reads by template / channel / campaign take
-    the whole weeks from here and only the days before the first whole week from the daily tier."""
+    the whole weeks from here and only the days at the window's edge from the daily tier."""
 
     __tablename__ = "analytics_weekly"
-    __table_args__ = {"sqlite_with_rowid": False}
-    dim: str = Field(primary_key=True, max_length=16)
+    __table_args__ = (
+        PrimaryKeyConstraint("dim", "week", "value", "status", "reason"),
+        {"sqlite_with_rowid": False},
+    )
     week: str = Field(primary_key=True, max_length=10)
-    value: str = Field(primary_key=True, max_length=128)
-    status: str = Field(primary_key=True, max_length=16)
-    reason: str = Field(primary_key=True, max_length=64)
-    n: int = 0
 
 
 class AnalyticsDelta(SQLModel, table=True):
@@ -447,6 +476,39 @@ class AnalyticsDelta(SQLModel, table=True):
     template_id: str = Field(max_length=128)
     channel: str = Field(max_length=16)
     campaign_id: str = Field(max_length=64)
+    status: str = Field(max_length=16)
+    reason: str = Field(max_length=64)
+    n: int = 0
+
+
+class WaveCount(SQLModel, table=True):
+    """Per campaign wave (``Notification.wave``): how many of its deliveries on ``channel`` are now
+    in ``status`` (with the kind of their ``reason`` when failed or suppressed), the campaigns
+    page's per-wave progress (``notifyctl.analytics.waves``). Kept up by triggers on
+    ``deliveries`` in the same transaction as every write, as ``analytics_hourly``; on PostgreSQL
+    through ``wave_delta``. A few rows a wave, whatever the number of deliveries."""
+
+    __tablename__ = "wave_counts"
+    __table_args__ = {"sqlite_with_rowid": False}
+    campaign_id: str = Field(primary_key=True, max_length=64)
+    wave: int = Field(primary_key=True)
+    channel: str = Field(primary_key=True, max_length=16)
+    status: str = Field(primary_key=True, max_length=16)
+    reason: str = Field(primary_key=True, max_length=64)
+    n: int = 0
+
+
+class WaveDelta(SQLModel, table=True):
+    """PostgreSQL: what each statement on ``deliveries`` changed in ``wave_counts``, appended (as
+    ``analytics_delta``: concurrent workers share no row lock), folded by ``analytics.fold.compact``
+    and read together with it. Unused on SQLite."""
+
+    __tablename__ = "wave_delta"
+    __table_args__ = (Index("ix_wave_delta_campaign", "campaign_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    campaign_id: str = Field(max_length=64)
+    wave: int
+    channel: str = Field(max_length=16)
     status: str = Field(max_length=16)
     reason: str = Field(max_length=64)
     n: int = 0

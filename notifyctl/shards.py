@@ -22,7 +22,9 @@ send records would be on the old shard while new work goes to the new one. Drain
 intake and campaign launches, let the queues empty and retries end), then restart every host
 with the new list. The shared database records the shard layout (each shard's Redis identity,
 ``notifyctl.stores.redis_id``) at the first start of a sharded host; a host with another list
-refuses to start (``check``), as a host with another signing key does.
+refuses to start (``check``), as a host with another signing key does. A shard down at start
+does not stop a host: it serves the shards that answer and each down shard once it answers and
+agrees with the record (a worker's supervisor asks every few seconds).
 """
 
 from __future__ import annotations
@@ -86,14 +88,24 @@ def _fingerprint(ids: list[str]) -> str:
     return hashlib.sha256(",".join(ids).encode()).hexdigest()
 
 
-def check(ctx: Any) -> None:
+def check(ctx: Any) -> dict[int, ShardDown]:
     """At ``worker``/``serve`` start: this host's shard list agrees with the one the shared database
     records (the first sharded host records it), or ``ConfigError``. A one-Redis host records
-    nothing (nothing changes for it), but refuses a database whose hosts shard."""
+    nothing (nothing changes for it), but refuses a database whose hosts shard.
+
+    A shard that does not answer cannot disagree, but it cannot be verified either: it is returned
+    (``ShardDown``), the shards that answer are checked against the record one by one, and the
+    caller calls ``check`` again once it answers, before serving it (``worker.pool``). Every shard
+    down raises, as one Redis down does. The record is written only by a host that reaches every
+    shard."""
     t = SharedSecret.__table__  # type: ignore[attr-defined]
     engine = ctx.engine
     n = ctx.shard_count
-    mine = layout(ctx) if n > 1 else []
+    ids: dict[int, str] = {}
+    down: dict[int, ShardDown] = {}
+    if n > 1:
+        ids, down = each(ctx, lambda i: redis_id(ctx.shard_redis(i)))
+    mine = [ids[i] for i in range(n)] if n > 1 and not down else []
     if mine:
         proposal = {"name": LAYOUT, "value": ",".join(i[:8] for i in mine), "fingerprint": _fingerprint(mine)}
         try:
@@ -104,15 +116,18 @@ def check(ctx: Any) -> None:
     with engine.connect() as conn:
         row = conn.execute(select(t.c.value, t.c.fingerprint).where(t.c.name == LAYOUT)).first()
     if row is None:
-        return
+        return down
     value, stored = str(row[0] or ""), str(row[1])
     if mine and stored == _fingerprint(mine):
-        return
-    count = len(value.split(",")) if value else 0
+        return down
+    recorded = value.split(",") if value else []
+    if down and len(recorded) == n and all(recorded[i] == ident[:8] for i, ident in ids.items()):
+        return down  # (the record keeps 8 characters of each identity: enough to tell two Redis apart)
+    ours = ",".join(ids[i][:8] if i in ids else "down" for i in range(n)) if n > 1 else "one Redis, unsharded"
     raise ConfigError(
-        f"this host's Redis shards ({n}: {','.join(i[:8] for i in mine) or 'one Redis, unsharded'}) differ from "
-        f"those of the hosts sharing this database ({count}: {value}): users would be looked for on the wrong "
-        "shard; set the same NOTIFY_REDIS_SHARDS, in the same order, on every host (changing them needs a "
+        f"this host's Redis shards ({n}: {ours}) differ from "
+        f"those of the hosts sharing this database ({len(recorded)}: {value}): users would be looked for on the "
+        "wrong shard; set the same NOTIFY_REDIS_SHARDS, in the same order, on every host (changing them needs a "
         "drain, then `notifyctl redis shards --reset`)"
     )
 

@@ -26,6 +26,8 @@ from notifyctl.sqllock import close_lock_files
 from sandboxes.smtp import SmtpSandbox
 from tests import smoke_runs
 from tests.net import ClosedPort
+from tests.util import seed
+from worker import jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("NOTIFY_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -240,3 +242,27 @@ def smtp() -> Iterator[SmtpSandbox]:
     """A fresh SMTP sandbox (a real SMTP server on 127.0.0.1) for this test; its recorder holds what it took."""
     with SmtpSandbox() as sb:
         yield sb
+
+
+@contextmanager
+def smtp_context(home: Path, redis_url: str, smtp: SmtpSandbox, **kw: object) -> Iterator[Context]:
+    """A seeded Context sending email through SMTP to the sandbox ``smtp`` (the other channels to the
+    outbox), with settings ``kw`` besides; closed (jobs' runtime, engines) after."""
+    settings = make_settings(
+        home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port, smtp_timeout=5, **kw
+    )
+    ctx = Context(settings)
+    seed(ctx)
+    try:
+        yield ctx
+    finally:
+        jobs.close()
+        ctx.close()
+        dispose_all()
+
+
+@pytest.fixture
+def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) -> Iterator[Context]:
+    """Email through SMTP to the sandbox (faults on demand: ``smtp.faults``); the other channels to the outbox."""
+    with smtp_context(home, redis_url, smtp) as ctx:
+        yield ctx

@@ -103,8 +103,9 @@ class ServeProcess:
     stderr is collected in ``stderr_text()`` (a thread drains it, so the server never blocks on a
     full pipe). ``wait_for_stderr(text)`` waits for a line, for log assertions."""
 
-    def __init__(self, env: Mapping[str, str], *args: str, start_timeout: float = 60) -> None:
+    def __init__(self, env: Mapping[str, str], *args: str, start_timeout: float = 60, health: int = 200) -> None:
         self.env = dict(env)
+        self.health = health  # what /healthz answers once serving (503 with a Redis shard down)
         self.args = args
         self.start_timeout = start_timeout
         self.url = ""
@@ -158,7 +159,7 @@ class ServeProcess:
             self.port = int(self.wait_for_stderr(_LISTENING.pattern, self.start_timeout).group(1))
             self.url = f"http://127.0.0.1:{self.port}"
             # listening is not serving yet only in theory; one request proves it
-            assert httpx.get(f"{self.url}/healthz", timeout=30).status_code == 200
+            assert httpx.get(f"{self.url}/healthz", timeout=30).status_code == self.health
         except BaseException:
             self.__exit__()
             raise

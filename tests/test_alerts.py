@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from notifyctl import metrics
 from notifyctl.alerts import check_alerts
 from notifyctl.context import Context
+from notifyctl.db import dispose_all
 from notifyctl.metrics import queue_stats
+from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import DlqConfig
 from tests.conftest import ROOT, cli_env, make_settings, start_pool
+from tests.net import ClosedPort
 from tests.test_dlq import Hook
 from tests.util import seed, send, wait_for
 from worker.circuit import CLOSED, OPEN, Circuits
@@ -88,6 +92,44 @@ def test_circuit_opening_alerts_once_then_closing(actx: Context, hook: Hook) -> 
     assert [(b["event"], b["provider"]) for b in hook.bodies] == [("circuit_open", "smtp"), ("circuit_closed", "smtp")]
 
 
+def test_a_redis_shard_down_alerts_and_hides_no_lag(home: Path, redis_url: str, rclient: redis.Redis, hook: Hook,
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    """Two shards, the second a redis-server of this test's, stopped: one redis_shard_down alert
+    naming it (log + webhook), and the high-priority lag of shard 0 still alerts; started again:
+    resolved once."""
+    d1 = tmp_path / "redis-shard1"
+    url1 = ensure_server(d1)
+    ctx = Context(make_settings(home, redis_url, redis_shards=[redis_url, url1], redis_socket_timeout=1,
+                                lag_alert_high=0.3, providers_email=["smtp"]))  # fmt: skip
+    cfg = DlqConfig(alert_webhook_url=hook.url, alert_repeat_s=3600)
+    try:
+        seed(ctx)
+        assert ctx.shard_of("dave") == 0
+        assert check_alerts(ctx, cfg) == []
+        assert stop_server(d1)
+        (down,) = check_alerts(ctx, cfg)
+        assert (down.event, down.subject) == ("redis_shard_down", "1") and url1 in down.message
+        assert check_alerts(ctx, cfg) == []  # still down: no repeat within alert_repeat_s
+        send(ctx, **OTP)  # no worker: it waits in shard 0's high queue
+        assert wait_for(lambda: (next(q for q in queue_stats(ctx, {}) if q["priority"] == "high")["oldest_age_s"]
+                                 or 0.0) > 0.3, 10)  # fmt: skip
+        (lag,) = check_alerts(ctx, cfg)  # shard 0's lag, shard 1 still down (not again)
+        assert lag.event == "lag_alert" and lag.details["depth"] == 1
+        ensure_server(d1)
+        (up,) = check_alerts(ctx, cfg)
+        assert (up.event, up.subject) == ("redis_shard_down_resolved", "1")
+        assert [(b["event"], b["subject"], b["firing"]) for b in hook.bodies] == [
+            ("redis_shard_down", "1", True),
+            ("lag_alert", "high", True),
+            ("redis_shard_down_resolved", "1", False),
+        ]
+        assert hook.bodies[0]["shard"] == 1 and hook.bodies[0]["url"] == url1 and hook.bodies[0]["error"]
+    finally:
+        stop_server(d1)
+        ctx.close()
+        dispose_all()
+
+
 def test_the_pool_alerts_by_itself(actx: Context, hook: Hook) -> None:
     """A pool serving only normal and low: an OTP waits; the pool's own rounds send the alert."""
     env = cli_env(actx.settings, NOTIFY_LAG_ALERT_HIGH="0.3", NOTIFY_DLQ_ALERT_WEBHOOK_URL=hook.url)
@@ -100,6 +142,26 @@ def test_the_pool_alerts_by_itself(actx: Context, hook: Hook) -> None:
         _, err = pool.communicate(timeout=30)
     assert hook.bodies[0]["event"] == "lag_alert"
     assert "alert lag_alert: high-priority lag" in err
+
+
+def test_the_pool_alerts_on_a_circuit_opening(actx: Context, hook: Hook, closed_port: ClosedPort) -> None:
+    """The pool's workers meet an SMTP server that refuses connections: two failing batches open the
+    circuit (threshold 2), and the pool's own rounds send circuit_open to the webhook, once."""
+    env = cli_env(actx.settings, NOTIFY_PROVIDERS_EMAIL='["smtp"]', NOTIFY_SMTP_HOST="127.0.0.1",
+                  NOTIFY_SMTP_PORT=str(closed_port.port), NOTIFY_SMTP_TIMEOUT="2", NOTIFY_CIRCUIT_THRESHOLD="2",
+                  NOTIFY_DLQ_ALERT_WEBHOOK_URL=hook.url)  # fmt: skip
+    pool = start_pool(env, "1", "--queues", "high,normal,low", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for user in ("alice", "bob"):  # two jobs: two batches, each failing
+            send(actx, recipient_id=user, channels=["email"])
+        assert wait_for(lambda: any(b["event"] == "circuit_open" for b in hook.bodies), 60, 0.1), hook.bodies
+        time.sleep(2)  # two more of the pool's rounds: no repeat while it stays open
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        _, err = pool.communicate(timeout=30)
+    opened = [b for b in hook.bodies if b["event"] == "circuit_open"]
+    assert [(b["provider"], b["firing"]) for b in opened] == [("smtp", True)], hook.bodies
+    assert "alert circuit_open: provider smtp's circuit is open" in err, err
 
 
 def _exprs() -> list[str]:

@@ -463,20 +463,26 @@ def test_folds_racing_writers_lose_and_double_no_count(any_db_ctx: Context) -> N
     assert_rollup_exact(ctx)
 
 
-def test_weekly_tier_stays_exact_across_week_boundaries(any_db_ctx: Context) -> None:
-    """Deliveries spread over five weeks, folded into the daily and weekly tiers: a ``--since`` of
-    every day of the last three weeks (whole, and from an hour inside it), whichever weekday it
-    falls on, reads the edge days from the daily tier and the whole weeks from the weekly one and
-    answers as the hourly rollup does; late changes to a folded week, before the fold and after."""
-    ctx = any_db_ctx
+def spread_over_days(ctx: Context, ago: tuple[int, ...]) -> list[str]:
+    """One notification (email and SMS) queued at 09:00 UTC of each of ``ago`` days back, sent, and
+    folded into the coarse tiers; their ids."""
     seed(ctx)
-    ago = (1, 3, 6, 7, 8, 9, 13, 15, 20, 34)
     users = ("alice", "bob", "carol")
     ids = [send(ctx, recipient_id=users[i % 3], channels=["email", "sms"]).notification_id for i in range(len(ago))]
     drain(ctx)
     for nid, days in zip(ids, ago, strict=True):
         move_to_days_ago(ctx, [nid], days, 9)
     assert fold.compact(ctx.engine) > 0 and checks.unfolded(ctx.engine) == 0
+    return ids
+
+
+def test_weekly_tier_stays_exact_across_week_boundaries(any_db_ctx: Context) -> None:
+    """Deliveries spread over five weeks, folded into the daily and weekly tiers: a ``--since`` of
+    every day of the last three weeks (whole, and from an hour inside it), whichever weekday it
+    falls on, reads the edge days from the daily tier and the whole weeks from the weekly one and
+    answers as the hourly rollup does; late changes to a folded week, before the fold and after."""
+    ctx = any_db_ctx
+    ids = spread_over_days(ctx, (1, 3, 6, 7, 8, 9, 13, 15, 20, 34))
     full = assert_rollup_exact(ctx)
     weeks = {rollup.week_of(k[0]) for k in full}
     assert len(weeks) >= 4, weeks  # the tier crosses week boundaries (whichever weekday today is)
@@ -526,14 +532,8 @@ def test_since_near_the_first_day_reads_whole_weeks_from_the_weekly_tier(any_db_
     half; with every daily row outside since's week gone they still do (the days are read only at
     the edge), and without the weekly tier they do not (the weeks are read from it)."""
     ctx = any_db_ctx
-    seed(ctx)
     ago = (1, 4, 9, 16, 23, 30, 37, 41, 44, 45, 52)
-    users = ("alice", "bob", "carol")
-    ids = [send(ctx, recipient_id=users[i % 3], channels=["email", "sms"]).notification_id for i in range(len(ago))]
-    drain(ctx)
-    for nid, days in zip(ids, ago, strict=True):
-        move_to_days_ago(ctx, [nid], days, 9)
-    assert fold.compact(ctx.engine) > 0 and checks.unfolded(ctx.engine) == 0
+    spread_over_days(ctx, ago)
     assert_rollup_exact(ctx)
     now = datetime.now(UTC)
     reads = (("template", {}), ("channel", {}), ("campaign", {}), ("channel", {"channel": "sms"}))

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from sqlmodel import Session
 from typer.testing import CliRunner
 
 from notifyctl.analytics import read
@@ -133,13 +134,24 @@ def _session(server: ApiServer, key: str) -> Iterator[httpx.Client]:
 def test_posts_without_the_csrf_token_are_refused(
     server: ApiServer, api_key: str, cctx: Context, smtp: SmtpSandbox
 ) -> None:
+    from campaigns.launcher import LaunchSpec, launch
+    from campaigns.models import Campaign
+
     smtp.faults.add(OUTAGE)
     send(cctx, channels=["email"])
     drain(cctx)
+    later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    cid = launch(
+        cctx,
+        LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users", send_at=later,
+                   data={"discount": 15, "code": "SPRING"}, name="csrf-sale"),
+    )["campaign_id"]  # fmt: skip
     with _session(server, api_key) as c:
         for path, data in (
             ("/console/dlq/replay", {"all": "1", "confirm": "1"}),
             ("/console/dlq/purge", {"all": "1", "confirm": "1", "csrf": "forged"}),
+            (f"/console/campaigns/{cid}/pause", {}),
+            (f"/console/campaigns/{cid}/cancel", {"csrf": "forged"}),
             ("/console/logout", {}),
         ):
             r = c.post(path, data=data)
@@ -147,6 +159,9 @@ def test_posts_without_the_csrf_token_are_refused(
         assert c.get("/console").status_code == 200  # still logged in: the logout was refused
     (d,) = deliveries(cctx)
     assert d.dead_lettered  # nothing was replayed or purged
+    with Session(cctx.engine) as s:
+        camp = s.get(Campaign, cid)
+        assert camp is not None and camp.status == "active"  # nor paused nor canceled
     with httpx.Client(base_url=server.url) as anon:  # the login form has its own token
         r = anon.post("/console/login", data={"api_key": api_key})
         assert r.status_code == 403 and "notify_console" not in r.cookies
@@ -311,6 +326,7 @@ def test_purge_asks_first(server: ApiServer, api_key: str, cctx: Context, smtp: 
 
 def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cctx: Context, tmp_path: Path) -> None:
     from campaigns.launcher import LaunchSpec, launch
+    from campaigns.report import campaign_status
 
     later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
     s = launch(
@@ -323,7 +339,7 @@ def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cc
     page.goto(server.url + "/console/campaigns")
     section = f"#c-{cid}"
     before = page.inner_text(f"{section} .state")
-    assert before != "paused" and f"scheduled={s['written']}" in page.inner_text(f"{section} .waves")
+    assert before != "paused" and page.inner_text(f"{section} .waves td.scheduled") == str(s["written"])
     shot(page, tmp_path, "campaigns")
     page.click(f"{section} button.pause")
     page.wait_for_url(server.url + "/console/campaigns")
@@ -341,6 +357,17 @@ def test_campaign_pause_resume(browser: Any, server: ApiServer, api_key: str, cc
     page.click(f"{section} button.resume")
     page.wait_for_url(server.url + "/console/campaigns")
     assert page.inner_text(f"{section} .state") == before and states() == {"scheduled"}
+    assert before == campaign_status(cctx, cid)["state"] == "sending"  # the CLI's word for it
+
+    # a campaign sent now: "completed", as the CLI says; one canceled: "canceled"
+    done = launch(cctx, LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users",
+                                   data={"discount": 5, "code": "NOW"}, name="now-sale"))["campaign_id"]  # fmt: skip
+    reconcile(cctx, now=time.time() + 3600, force=True)  # those paced a little later too
+    drain(cctx)
+    page.click(f"{section} button.cancel")
+    page.wait_for_url(server.url + "/console/campaigns")
+    for c, word in ((done, "completed"), (cid, "canceled")):
+        assert page.inner_text(f"#c-{c} .state") == campaign_status(cctx, c)["state"] == word, c
 
 
 def test_funnel_equals_report_json_and_sql(
@@ -482,3 +509,37 @@ def test_every_page_opens_with_a_redis_shard_down(home: Path, redis_url: str, rc
         stop_server(d0)
         ctx.close()
         dispose_all()
+
+
+def _wave_rows(html: str, cid: str) -> dict[int, dict[str, Any]]:
+    """The per-wave table of campaign ``cid`` on the Campaigns page, as numbers."""
+    import re
+
+    section = html[html.index(f'id="c-{cid}"') :]
+    table = section[section.index('<table class="waves">') : section.index("</table>")]
+    out: dict[int, dict[str, Any]] = {}
+    for wave, row in re.findall(r'<tr data-wave="(\d+)">(.*?)</tr>', table, re.S):
+        cells = dict(re.findall(r'<td class="n (\w+)">(\d+)</td>', row))
+        out[int(wave)] = {
+            **{k: int(v) for k, v in cells.items() if k != "recipients"},
+            **{
+                f"{kind}_by_reason": {r: int(n) for r, n in re.findall(rf'class="{kind}-reason" data-reason="([^"]*)">{kind} [^=]*=(\d+)', row)}
+                for kind in ("failed", "suppressed")
+            },
+        }  # fmt: skip
+    return out
+
+
+def test_campaign_waves_page_equals_cli(server: ApiServer, api_key: str, cctx: Context) -> None:
+    """The Campaigns page's per-wave progress (scheduled, sent, failed and suppressed by reason)
+    equals ``notifyctl campaign status --json``'s, which equals SQL counts over each wave's
+    deliveries (``tests/test_campaigns_waves.py``)."""
+    from tests.test_campaigns_waves import KEYS, cli_status, sql_counts, staggered_campaign
+
+    cid = staggered_campaign(cctx)
+    with _session(server, api_key) as c:
+        page = _wave_rows(c.get("/console/campaigns").text, cid)
+    cli = {int(w["wave"]): {k: w[k] for k in KEYS} for w in cli_status(cctx, cid)["wave_progress"]}
+    assert page == cli == sql_counts(cctx, cid)
+    assert len(page) == 3 and page[0]["sent"] and page[2]["scheduled"]
+    assert any(w["failed_by_reason"] for w in page.values()) and any(w["suppressed_by_reason"] for w in page.values())

@@ -28,15 +28,13 @@ from notifyctl.alerts import check_dlq_alert
 from notifyctl.cli import dlq as dlq_cli
 from notifyctl.cli.main import NotifyGroup
 from notifyctl.context import Context
-from notifyctl.db import dispose_all
 from notifyctl.dlq import CHUNK, DlqFilter, replay, stats
 from notifyctl.models import Delivery, DeliveryEvent, Notification, new_id, utcnow
 from notifyctl.settings import DlqConfig, Settings
 from sandboxes.smtp import SmtpSandbox
-from tests.conftest import cli_env, make_settings
+from tests.conftest import cli_env, smtp_context
 from tests.net import ClosedPort
-from tests.util import deliveries, drain, events, notification, seed, send
-from worker import jobs
+from tests.util import deliveries, drain, events, notification, send
 from worker.reconciler import reconcile
 
 # The noun as main.py will mount it: errors become one line + exit code through NotifyGroup.
@@ -65,22 +63,9 @@ def cli_json(ctx: Context, *args: str) -> Any:
 
 @pytest.fixture
 def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) -> Iterator[Context]:
-    ctx = Context(
-        make_settings(
-            home,
-            redis_url,
-            providers_email=["smtp"],
-            smtp_host=smtp.host,
-            smtp_port=smtp.port,
-            smtp_timeout=5,
-            circuit_threshold=1000,  # these tests are about the DLQ: keep the provider's circuit closed
-        )
-    )
-    seed(ctx)
-    yield ctx
-    jobs.close()
-    ctx.close()
-    dispose_all()
+    # these tests are about the DLQ: keep the provider's circuit closed
+    with smtp_context(home, redis_url, smtp, circuit_threshold=1000) as ctx:
+        yield ctx
 
 
 def sent_counts(sb: SmtpSandbox) -> Counter[str]:

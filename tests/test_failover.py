@@ -149,6 +149,17 @@ def test_otp_escalates_to_a_voice_call_when_every_sms_provider_failed(
     assert deliveries(ctx, normal)[0].status == "retrying"
 
 
+def twilio_outage(home: Path, redis_url: str, twilio: TwilioSandbox, aws: AwsSandbox) -> tuple[Context, list[str]]:
+    """Twilio (the only SMS provider) answering 503 until its faults are cleared, its circuit opening at
+    the first failure (cooldown 0.5 s), one retry: an SMS each to alice and bob, tried once."""
+    twilio.faults.add({"status": 503, "body": {"code": 20500, "message": "down", "status": 503}, "count": -1})
+    ctx = make_ctx(home, redis_url, twilio, aws, providers_sms=["twilio"], retry_delays=[1], circuit_threshold=1,
+                   circuit_cooldown=0.5)  # fmt: skip
+    ids = [send(ctx, channels=["sms"], recipient_id=u).notification_id for u in ("alice", "bob")]
+    drain(ctx)
+    return ctx, ids
+
+
 def test_dlq_entries_of_an_outage_are_replayed_once_the_circuit_closes(
     home: Path, redis_url: str, rclient: redis.Redis, twilio: TwilioSandbox, aws: AwsSandbox
 ) -> None:
@@ -157,11 +168,7 @@ def test_dlq_entries_of_an_outage_are_replayed_once_the_circuit_closes(
     from worker.pool import replay_after_outages
     from worker.reconciler import reconcile
 
-    twilio.faults.add({"status": 503, "body": {"code": 20500, "message": "down", "status": 503}, "count": -1})
-    ctx = make_ctx(home, redis_url, twilio, aws, providers_sms=["twilio"], retry_delays=[1], circuit_threshold=1,
-                   circuit_cooldown=0.5)  # fmt: skip
-    ids = [send(ctx, channels=["sms"], recipient_id=u).notification_id for u in ("alice", "bob")]
-    drain(ctx)  # attempt 1 fails, the circuit opens
+    ctx, ids = twilio_outage(home, redis_url, twilio, aws)  # attempt 1 fails, the circuit opens
     assert reconcile(ctx, now=time.time() + 2, force=True).retries_queued == 2
     dead_letter_through_trials(ctx, ids)
     ds = [d for n in ids for d in deliveries(ctx, n)]
@@ -217,11 +224,7 @@ def test_after_an_outage_with_no_traffic_left_a_probe_closes_the_circuit_and_rep
     from worker.pool import probe_open_circuits, replay_after_outages
     from worker.reconciler import reconcile
 
-    twilio.faults.add({"status": 503, "body": {"code": 20500, "message": "down", "status": 503}, "count": -1})
-    ctx = make_ctx(home, redis_url, twilio, aws, providers_sms=["twilio"], retry_delays=[1], circuit_threshold=1,
-                   circuit_cooldown=0.5)  # fmt: skip
-    ids = [send(ctx, channels=["sms"], recipient_id=u).notification_id for u in ("alice", "bob")]
-    drain(ctx)
+    ctx, ids = twilio_outage(home, redis_url, twilio, aws)
     reconcile(ctx, now=time.time() + 2, force=True)
     dead_letter_through_trials(ctx, ids)
     assert all(d.dead_lettered for n in ids for d in deliveries(ctx, n))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from pathlib import Path
@@ -267,6 +268,58 @@ def test_urgent_sqlite_writer_is_not_starved_by_a_stream_of_bulk_writes(tmp_path
     b.join(120)
     # counted in the bulk writes that went first once it asked, not in seconds
     assert "otp" in order and order.index("otp") - asked_after < 50, (order.index("otp"), asked_after)
+    engine.dispose()
+
+
+def _flock_waiters(path: str) -> int:
+    """Processes' and threads' flock requests blocked on ``path`` (``/proc/locks``: ``->`` lines)."""
+    ino = f":{os.stat(path).st_ino} "
+    with open("/proc/locks") as f:
+        return sum(1 for line in f if "->" in line and "FLOCK" in line and ino in line)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="reads the kernel's table of waiting locks (Linux)")
+def test_urgent_sqlite_writer_goes_before_the_bulk_writes_already_queued(tmp_path: Path) -> None:
+    """An OTP's write waits for the write under way, not for the bulk writes queued at the lock
+    before it came (a pool's other workers, a push batch each): the first bulk writer to get the
+    lock after it gives it back."""
+    from notifyctl.db import make_engine, write_lock
+    from tests.util import wait_for
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'lock.db'}")
+    lock_file = str(tmp_path / "lock.db") + ".writelock"
+    order: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with write_lock(engine):
+            holding.set()
+            release.wait(60)
+            order.append("holder")
+
+    def bulk(i: int) -> None:
+        with write_lock(engine):
+            order.append(f"bulk{i}")
+
+    def otp() -> None:
+        with write_lock(engine, urgent=True):
+            order.append("otp")
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    assert holding.wait(60)
+    for i in range(3):  # three bulk writers queued at the lock (each thread has its own lock files)
+        threads.append(threading.Thread(target=bulk, args=(i,)))
+        threads[-1].start()
+    assert wait_for(lambda: _flock_waiters(lock_file) == 3, 30), _flock_waiters(lock_file)
+    threads.append(threading.Thread(target=otp))
+    threads[-1].start()
+    assert wait_for(lambda: _flock_waiters(lock_file) == 4, 30), _flock_waiters(lock_file)
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert order[:2] == ["holder", "otp"], order
+    assert sorted(order[2:]) == ["bulk0", "bulk1", "bulk2"]
     engine.dispose()
 
 

@@ -171,15 +171,8 @@ def test_an_existing_loose_home_is_tightened_on_start_and_said_so(tmp_path: Path
     (home / "link").symlink_to(tmp_path)
     outside = stat.S_IMODE(tmp_path.stat().st_mode)
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "notifyctl.cli.main", "redis", "stop"],  # (touches neither Redis nor the database)
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env(home, NOTIFY_REDIS_URL="redis://127.0.0.1:1/0"),
-        cwd=ROOT,
-        umask=0o022,
-    )
+    # `redis stop` touches neither Redis nor the database
+    proc = _cli(home, "redis", "stop", NOTIFY_REDIS_URL="redis://127.0.0.1:1/0")
     assert proc.returncode == 0, proc.stderr
     assert "entries were readable by other users, now private" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -194,12 +187,5 @@ def test_an_existing_loose_home_is_tightened_on_start_and_said_so(tmp_path: Path
 
     # the second start finds nothing to do and says nothing
     assert ensure_home(home) == home
-    again = subprocess.run(
-        [sys.executable, "-m", "notifyctl.cli.main", "redis", "stop"],  # (touches neither Redis nor the database)
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env(home, NOTIFY_REDIS_URL="redis://127.0.0.1:1/0"),
-        cwd=ROOT,
-    )
+    again = _cli(home, "redis", "stop", NOTIFY_REDIS_URL="redis://127.0.0.1:1/0")
     assert again.returncode == 0 and again.stderr == ""

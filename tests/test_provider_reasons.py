@@ -49,6 +49,8 @@ def email(i: int, body: str = "same body") -> Message:
 
 @pytest.fixture
 def moto_server():
+    """moto's own server (SES v2 without SendBulkEmail), reset, with example.com verified (the From)."""
+    import boto3
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(port=0, verbose=False)
@@ -59,6 +61,14 @@ def moto_server():
     import httpx
 
     httpx.post(f"http://{host}:{port}/moto-api/reset").raise_for_status()
+    moto = boto3.client(
+        "sesv2",
+        region_name="us-east-1",
+        endpoint_url=f"http://{host}:{port}",
+        aws_access_key_id="AKIAMOTO",
+        aws_secret_access_key="x",
+    )
+    moto.create_email_identity(EmailIdentity="example.com")
     yield f"http://{host}:{port}"
     server.stop()
 
@@ -66,16 +76,6 @@ def moto_server():
 def test_ses_on_moto_without_send_bulk_email_delivers_every_message_through_send_email(
     moto_server: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import boto3
-
-    moto = boto3.client(
-        "sesv2",
-        region_name="us-east-1",
-        endpoint_url=moto_server,
-        aws_access_key_id="AKIAMOTO",
-        aws_secret_access_key="x",
-    )
-    moto.create_email_identity(EmailIdentity="example.com")
     settings = Settings(
         home=tmp_path,
         email_from=FROM,

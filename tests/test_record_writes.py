@@ -4,12 +4,9 @@ readers show from them (``notifyctl events``, the API, ``dlq show``), and the wr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from rq import Queue
 from rq.worker.base import BaseWorker
 from sqlalchemy import event, select
@@ -19,13 +16,12 @@ from sqlmodel import Session
 
 from notifyctl import keys
 from notifyctl.context import Context
-from notifyctl.db import dispose_all, rows_where_in
+from notifyctl.db import rows_where_in
 from notifyctl.dlq import show_entry
 from notifyctl.models import DeliveryEvent
 from notifyctl.secretdata import erased_fields
 from notifyctl.tracking import implied_events, timeline
 from sandboxes.smtp import SmtpSandbox
-from tests.conftest import make_settings
 from tests.util import deliveries, drain, notification, seed, send
 from worker import jobs
 from worker.pipeline.batch import _DT
@@ -77,21 +73,6 @@ def test_suppressed_at_fan_out_stays_one_row_with_nothing_implied(any_db_ctx: Co
     statuses = [e["status"] for e in timeline(ctx, res.notification_id)["events"]]
     assert sorted(statuses) == ["queued", "sent", "suppressed"]
     assert statuses.index("queued") < statuses.index("sent")
-
-
-@pytest.fixture
-def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) -> Iterator[Context]:
-    """Email through SMTP to the sandbox (faults on demand); the other channels to the outbox."""
-    ctx = Context(
-        make_settings(
-            home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port, smtp_timeout=5
-        )
-    )
-    seed(ctx)
-    yield ctx
-    jobs.close()
-    ctx.close()
-    dispose_all()
 
 
 def test_a_first_failure_keeps_its_queued_row(mctx: Context, smtp: SmtpSandbox) -> None:

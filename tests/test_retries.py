@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 import redis
 
 from notifyctl.context import Context
@@ -20,21 +18,6 @@ from worker import jobs
 from worker.pipeline import retry_delay
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
-
-
-@pytest.fixture
-def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) -> Iterator[Context]:
-    """Email through SMTP to the sandbox; the other channels to the outbox."""
-    ctx = Context(
-        make_settings(
-            home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port, smtp_timeout=5
-        )
-    )
-    seed(ctx)
-    yield ctx
-    jobs.close()
-    ctx.close()
-    dispose_all()
 
 
 def secs_from_now(dt: datetime | None) -> float:

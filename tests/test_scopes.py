@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -15,6 +16,8 @@ from sqlalchemy import update
 from sqlmodel import Session
 from typer.testing import CliRunner
 
+from campaigns.launcher import LaunchSpec, launch
+from campaigns.models import Campaign
 from notifyctl.api.auth import create_key
 from notifyctl.api.models import ApiKey
 from notifyctl.cli.main import app as cli_app
@@ -85,6 +88,13 @@ def test_each_scope_in_the_console(ctx: Context, server: ApiServer) -> None:
         s.execute(update(Delivery).where(Delivery.id == d.id).values(status="failed", dead_lettered=True, reason="x"))
         s.commit()
 
+    later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    cid = launch(
+        ctx,
+        LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users", send_at=later,
+                   data={"discount": 15, "code": "SPRING"}, name="csrf-sale"),
+    )["campaign_id"]  # fmt: skip
+
     with console(server, create_key(ctx, "svc", "send").key) as (c, r):
         assert r.status_code == 403 and "scope (send) cannot open the console" in r.text
         assert "notify_console" not in c.cookies
@@ -96,6 +106,12 @@ def test_each_scope_in_the_console(ctx: Context, server: ApiServer) -> None:
         refused = c.post("/console/dlq/replay", data={"csrf": csrf, "all": "1", "confirm": "1"})
         assert refused.status_code == 403 and "scope (read) does not allow this" in refused.text
         assert deliveries(ctx, nid)[0].dead_lettered
+        campaigns = c.get("/console/campaigns").text
+        assert "csrf-sale" in campaigns and 'class="pause"' not in campaigns  # no action offered
+        refused = c.post(f"/console/campaigns/{cid}/pause", data={"csrf": csrf})
+        assert refused.status_code == 403 and "scope (read) does not allow this" in refused.text
+        with Session(ctx.engine) as s:
+            assert s.get(Campaign, cid).status == "active"  # type: ignore[union-attr]
     with console(server, create_key(ctx, "oncall", "operate").key) as (c, r):
         assert r.status_code == 303
         csrf = re.search(r'name="csrf" value="([^"]+)"', c.get("/console/dlq").text).group(1)  # type: ignore[union-attr]

@@ -8,7 +8,6 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -28,9 +27,8 @@ from notifyctl.settings import Settings
 from notifyctl.template_store import TemplateStore
 from notifyctl.templates import parse_template
 from sandboxes.smtp import SmtpSandbox
-from tests.conftest import cli_env, make_settings
+from tests.conftest import cli_env
 from tests.util import ApiServer, deliveries, drain, notification, seed, send
-from worker import jobs
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
 
@@ -136,18 +134,6 @@ def test_suppressed_by_the_worker_is_erased(ctx: Context) -> None:
 
 
 # -- retries keep it, a replay after the erase says why it cannot send -----------------------------
-
-
-@pytest.fixture
-def mctx(home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox) -> Iterator[Context]:
-    """Email through SMTP to the sandbox; SMS to the outbox."""
-    settings = make_settings(home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port)
-    ctx = Context(settings)
-    seed(ctx)
-    yield ctx
-    jobs.close()
-    ctx.close()
-    dispose_all()
 
 
 def test_a_retry_still_has_the_code_and_it_is_erased_after(mctx: Context, smtp: SmtpSandbox) -> None:

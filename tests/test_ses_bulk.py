@@ -170,16 +170,6 @@ def test_an_entry_over_ses_replacement_data_limit_goes_alone(sandbox, provider) 
 
 
 def test_moto_without_send_bulk_email_delivers_every_personal_message(moto_server: str, tmp_path: Any) -> None:  # noqa: F811
-    import boto3
-
-    moto = boto3.client(
-        "sesv2",
-        region_name="us-east-1",
-        endpoint_url=moto_server,
-        aws_access_key_id="AKIAMOTO",
-        aws_secret_access_key="x",
-    )
-    moto.create_email_identity(EmailIdentity="example.com")
     opts = {"endpoint_url": moto_server, "access_key_id": "AKIAMOTO", "secret_access_key": "x", "bulk_size": 5}
     provider = ses.Provider(Settings(home=tmp_path, email_from=FROM, provider_options={"ses": opts}))
     people = [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -36,9 +37,9 @@ from notifyctl.redisconn import RedisUnreachable, ensure_server, stop_server
 from notifyctl.settings import Settings
 from notifyctl.shards import check, parse_list, reset, shard_of, split
 from tests.conftest import ROOT, cli_env, make_settings, start_pool, stop_pool
-from tests.net import ClosedPort
-from tests.util import ApiServer, deliveries, drain, seed, send
-from worker.pool import worker_plan
+from tests.net import ClosedPort, ServeProcess
+from tests.util import ApiServer, deliveries, drain, seed, send, wait_for
+from worker.pool import Pool, worker_plan
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
 from worker.status import status_report
@@ -534,3 +535,67 @@ def test_status_metrics_and_healthz_with_a_shard_down(
     r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "status"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 3 and "cannot reach Redis" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_shard_down_at_start_is_served_once_it_answers_as_the_recorded_one(
+    sctx: Context, shard_urls: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shard 1 (a redis-server of this test's) stopped: `serve` starts and answers 503 naming it;
+        `worker --pool 2` starts, says so in one line, sends bob's (shard 0) and, once shard 1 is
+        started again (its AOF: the same Redis the database records), alice's. A host whose live shard
+        is not the recorded one is refused even with another shard down; a shard back as another Redis
+    is never served."""
+    d = tmp_path / "shard1"
+    urls = [shard_urls[0], ensure_server(d)]
+    ctx = Context(make_settings(sctx.settings.home, urls[0], redis_shards=urls, redis_socket_timeout=1))
+    pool = None
+    try:
+        assert check(ctx) == {}  # records the layout
+        seed(ctx)
+        bob = send(ctx, recipient_id="bob", channels=["email"]).notification_id
+        alice = send(ctx, recipient_id="alice", channels=["email"]).notification_id
+        stop_server(d)
+        (gone,) = check(ctx).values()  # cannot disagree, cannot be verified: returned, not raised
+        assert gone.shard == 1 and gone.url == urls[1]
+        swapped = Context(make_settings(ctx.settings.home, urls[1], redis_shards=urls[::-1], redis_socket_timeout=1))
+        with pytest.raises(ConfigError, match=r"\(2: down,[0-9a-f]{8}\) differ from those of the hosts"):
+            check(swapped)  # shard 1 answers, and is shard 0's Redis
+        swapped.close()
+
+        env = cli_env(ctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(urls), NOTIFY_REDIS_SOCKET_TIMEOUT="1")
+        pool = start_pool(env, "2", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with ServeProcess(env, health=503) as api:
+            assert f"Redis shard 1 ({urls[1]}) does not answer" in api.stderr_text()
+            assert httpx.get(f"{api.url}/healthz", timeout=10).json()["shards_down"] == [1]
+
+        def status(nid: str) -> str:
+            with ctx.engine.connect() as conn:
+                return str(conn.execute(select(Notification.status).where(Notification.id == nid)).scalar_one())
+
+        assert wait_for(lambda: status(bob) == "done", 30, 0.1)
+        assert status(alice) == "queued" and pool.poll() is None
+        ensure_server(d)  # back, with its data
+        assert wait_for(lambda: status(alice) == "done", 30, 0.1)
+        stop_pool(pool)
+        assert pool.stderr is not None
+        err = pool.stderr.read()
+        assert err.count("does not answer") == 1 and "Redis shard 1 answers and is the one" in err, err
+        assert "Traceback" not in err, err
+        box = Counter(rec["to"] for rec in read_outbox(ctx.settings.outbox_dir))
+        assert box == Counter(["bob@example.com", "alice@example.com"]), box
+
+        # shard 1 back as another Redis (its data gone): a supervisor waiting for it never serves it
+        ctx.shard_redis(1).flushall()
+        waiting = Pool(ctx.settings, ["high", "normal", "low"], 2, shards=[0, 1], pending=[1])
+        with caplog.at_level(logging.ERROR, logger="notifyctl.worker"):
+            waiting._pick_up(ctx)
+            waiting._pick_up(ctx)
+        assert waiting.pending == {1} and waiting.procs == [None, None]
+        (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]  # said once
+        assert line.startswith("not serving Redis shard(s) 1: this host's Redis shards (2: "), line
+    finally:
+        if pool is not None and pool.poll() is None:
+            stop_pool(pool)
+        ctx.close()
+        dispose_all()
+        stop_server(d)

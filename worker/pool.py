@@ -1,5 +1,5 @@
 """One module: the worker pool's processes: the workers, the supervisor that restarts them and the
-reconciler loop share one lifecycle; ~430 lines.
+reconciler loop share one lifecycle; ~480 lines.
 
 The worker pool: N non-forking RQ workers (``SimpleWorker``: no fork per job), a supervisor
 that restarts the ones that die, and the reconciler loop.
@@ -12,7 +12,10 @@ for ``worker_alive_ttl`` seconds as abandoned and queues its notifications again
 
 With several Redis shards (``notifyctl.shards``), each worker serves one shard (``worker_plan``:
 its RQ connection, jobs, users' keys and liveness key are that shard's), and the supervisor's
-reconciler runs a round per shard served.
+reconciler runs a round per shard served. A shard down when the pool starts (``pending``) gets its
+workers and rounds once it answers and ``notifyctl.shards.check`` finds it the Redis the shared
+database records (the supervisor asks every ``PICK_UP_EVERY`` seconds); one that comes back as
+another Redis is never served, and said so once, as an error.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from notifyctl import keys
@@ -88,10 +92,26 @@ def _heartbeat(live: Liveness, every: float, stop: threading.Event) -> None:
 
 
 RQ_HEARTBEAT_EVERY = 5.0  # seconds: RQ's own worker-key refresh, at most this often on its own
+SUSPENSION_CHECK_EVERY = 1.0  # seconds: `rq suspend` is honoured within this
+
+
+def _queue_class() -> type:
+    from rq import Queue
+
+    class NotifyQueue(Queue):
+        """RQ's queue, less the read of a finished job's dependents: notifyctl enqueues no job with
+        ``depends_on``, so the set is always empty, and RQ read it (SMEMBERS) after every job —
+        one of an OTP's round trips."""
+
+        def move_dependents_to_ready(self, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
+            return {}
+
+    return NotifyQueue
 
 
 def _worker_class(dequeue_timeout: int = 60) -> type:
     from rq import SimpleWorker
+    from rq.utils import now as rq_now
 
     class NotifyWorker(SimpleWorker):
         """SimpleWorker (no fork per job) whose command channel wakes often, so that stopping
@@ -130,6 +150,25 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
                     raise
                 log.debug("RQ heartbeat: Redis unreachable")
 
+        def handle_execution_ended(self, job: Any, queue: Any, heartbeat_ttl: int) -> None:
+            # RQ refreshes the job's heartbeat here (one round trip) to cover the success or
+            # failure callback that follows; notifyctl enqueues none
+            if job.success_callback is None and job.failure_callback is None:
+                job.ended_at = rq_now()
+                return
+            super().handle_execution_ended(job, queue, heartbeat_ttl)
+
+        _suspension_checked = -math.inf  # (monotonic) this worker's last look at `rq suspend`
+
+        def check_for_suspension(self, burst: bool) -> None:
+            # RQ looks (with a worker-key heartbeat, one round trip) before every job; an OTP
+            # behind a stream of jobs paid it each time: at most once a second is soon enough
+            at = time.monotonic()
+            if at - self._suspension_checked < SUSPENSION_CHECK_EVERY:
+                return
+            self._suspension_checked = at
+            super().check_for_suspension(burst)
+
         def set_state(self, state: str, pipeline: Any = None) -> None:
             # RQ sets "idle" after each job and again before each dequeue: one round trip for nothing
             if pipeline is None and state == self._state:
@@ -159,15 +198,14 @@ def run_worker(
 ) -> int:
     """Run one worker in this process until stopped (or, with ``burst``, until the queues are empty),
     on the queues of ``shard`` (``notifyctl.shards``; 0 when there is one Redis)."""
-    from rq import Queue
-
     dispose_all(close=False)  # never use a parent's SQL connections after fork
     ctx = Context(settings, shard=shard)
     name = name or unique_worker_name(f"notify-{settings.host_name or socket.gethostname()}-{os.getpid()}")
     # RQ's own connection, for its blocking dequeue (long reads); the jobs use ctx.served (short ones)
     rq_conn = connect(settings, dequeue=True, shard=shard)
-    queues = [Queue(keys.queue_name(p), connection=rq_conn) for p in priorities]
-    w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name)
+    queue_class = _queue_class()
+    queues = [queue_class(keys.queue_name(p), connection=rq_conn) for p in priorities]
+    w = _worker_class(settings.worker_dequeue_timeout)(queues, connection=rq_conn, name=name, queue_class=queue_class)
     w.burst_mode = burst
     live = Liveness(ctx.served, name, settings.worker_alive_ttl, [q.name for q in queues], host=settings.host_name)
     rt = jobs.configure(ctx, worker_name=name, liveness=live)
@@ -225,6 +263,7 @@ def _child(
     raise SystemExit(code)
 
 
+PICK_UP_EVERY = 2.0  # seconds between two looks at the shards down since the start
 EXIT_NO_REDIS = 75  # (EX_TEMPFAIL) a worker that could not reach Redis: restarted without a word
 
 
@@ -290,11 +329,20 @@ def probe_open_circuits(ctx: Context, providers: dict[str, Any]) -> list[str]:
 
 class Pool:
     def __init__(
-        self, settings: Settings, queues: list[str], size: int, burst: bool = False, shards: list[int] | None = None
+        self,
+        settings: Settings,
+        queues: list[str],
+        size: int,
+        burst: bool = False,
+        shards: list[int] | None = None,
+        pending: Iterable[int] = (),
     ) -> None:
         self.settings = settings
         # the shards this pool serves (notifyctl.shards): all by default; one Redis is shard 0
         self.shards = list(range(len(settings.redis_shards) or 1)) if shards is None else shards
+        # of those, the ones down at start: served once they answer and agree with the database
+        self.pending = set(pending) & set(self.shards)
+        self._refused: str | None = None  # the last disagreement logged
         plan = worker_plan(queues, size, self.shards)
         self.shard_of = [shard for shard, _ in plan]
         self.sets = [qs for _, qs in plan]
@@ -326,6 +374,32 @@ class Pool:
         self.procs[i] = p
         self._started_at[i] = time.monotonic()
 
+    def _pick_up(self, ctx: Context) -> None:
+        """Start the workers of each pending shard that answers now and is the Redis the shared
+        database records (``notifyctl.shards.check``); a shard that is another Redis stays unserved."""
+        from notifyctl import shards as sharding
+        from notifyctl.errors import ConfigError
+
+        try:
+            down = sharding.check(ctx)
+        except RedisUnreachable:
+            return  # every shard down: the reconciler rounds report the outage
+        except ConfigError as exc:
+            if str(exc) != self._refused:
+                self._refused = str(exc)
+                log.error("not serving Redis shard(s) %s: %s", ", ".join(map(str, sorted(self.pending))), exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - look again in a moment
+            if not unreachable(exc):
+                log.warning("shard check failed", exc_info=True)
+            return
+        for shard in sorted(self.pending - set(down)):
+            self.pending.discard(shard)
+            log.warning("Redis shard %d answers and is the one the shared database records: serving it", shard)
+            for i, sh in enumerate(self.shard_of):
+                if sh == shard:
+                    self._start(i)
+
     def run(self, reconcile_every: float = 1.0, on_tick: Any = None) -> int:
         ctx = Context(self.settings)
         # (with shards, which one is out is in each warning's reason)
@@ -335,7 +409,9 @@ class Pool:
         next_dlq_check = time.monotonic() + dlq_config.check_s / 2
         freeze_heap()  # before the fork: the workers inherit it frozen
         for i in range(len(self.procs)):
-            self._start(i)
+            if self.shard_of[i] not in self.pending:
+                self._start(i)
+        next_pick_up = time.monotonic() + PICK_UP_EVERY
 
         def _stop(signum: int, _frame: Any) -> None:
             self._stopping = True
@@ -354,6 +430,8 @@ class Pool:
                 alive = 0
                 now = time.monotonic()
                 for i, p in enumerate(self.procs):
+                    if p is None:  # a worker of a shard down since the start
+                        continue
                     if p.is_alive():
                         alive += 1
                     elif not self.burst:
@@ -377,12 +455,17 @@ class Pool:
                             self._start(i)
                 if self.burst and alive == 0:
                     break
+                if self.pending and now >= next_pick_up:
+                    self._pick_up(ctx)
+                    next_pick_up = time.monotonic() + PICK_UP_EVERY
                 if time.monotonic() >= next_reconcile:
                     try:
                         # due work and lost high-priority jobs every second (campaign produce rate,
                         # retries, a killed worker's OTP); the search for all lost jobs every few seconds
                         rounds += 1
-                        do_reconcile(ctx, check_lost=rounds % 3 == 0, paced=True, shards=self.shards)
+                        served = [shard for shard in self.shards if shard not in self.pending]
+                        if served:
+                            do_reconcile(ctx, check_lost=rounds % 3 == 0, paced=True, shards=served)
                         outage.up()
                     except Exception as exc:  # noqa: BLE001 - keep supervising through a blip
                         failed("reconciler round", exc)

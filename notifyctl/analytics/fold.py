@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Connection, Engine
 
+from notifyctl.analytics import rollup as r
 from notifyctl.analytics.rollup import COLS, DAILY, DIMS, TOTAL, UPSERT, WEEK_DIMS, WEEKLY, week_sql
 from notifyctl.pgstats import HOT_TABLES, analyze_grown
 from notifyctl.sqllock import write_lock
@@ -68,6 +69,10 @@ def compact(engine: Engine) -> int:
             f"hourly AS (INSERT INTO analytics_hourly ({COLS}, n, folded) SELECT {COLS}, n, n FROM summed "
             f"ORDER BY {COLS} {UPSERT}, folded = analytics_hourly.folded + excluded.n)",
             *(f"coarse{i} AS ({sql})" for i, sql in enumerate(fold_sql(dialect, "n", "", "summed"))),
+            # the campaigns' per-wave counts (``analytics.waves``): their deltas moved the same way
+            f"wmoved AS (DELETE FROM wave_delta RETURNING {r.WAVE_COLS}, n)",
+            f"waves AS (INSERT INTO wave_counts ({r.WAVE_COLS}, n) SELECT {r.WAVE_COLS}, sum(n) FROM wmoved "
+            f"GROUP BY {r.WAVE_COLS} HAVING sum(n) <> 0 ORDER BY {r.WAVE_COLS} {r.WAVE_UPSERT})",
         ]
         with engine.begin() as conn:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({FOLD_LOCK})")

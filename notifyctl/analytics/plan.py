@@ -62,7 +62,10 @@ def plan(
       template / channel / campaign: the same as everything (the total tier) less what came
       before ``since``: the whole weeks before its week from the weekly tier, the days of its
       week before its day from the daily tier (at most 6), its hours before it from the hourly
-      rollup. Either way whole weeks come from the weekly tier, days and hours only at the edge.
+      rollup. Either way whole weeks come from the weekly tier, days and hours only at the edge
+      (measured over 90 days of 300,000 deliveries, ``bench.funnel10m``'s spread: by template
+      ``--since`` 60d and 50d read 20,359 and 25,811 tier rows, 38,168 and 48,045 when the days
+      before ``since`` came from the daily tier).
     What is not folded yet (the changes since the last ``compact``): on SQLite ``n - folded`` of
     the hourly rows marked so (the partial index holds them), on PostgreSQL the deltas."""
     group = GROUP[by]

@@ -10,27 +10,33 @@ KEY = ("hour", "template_id", "channel", "campaign_id", "status", "reason")
 REASON_CHARS = 64
 
 
-def sqlite_key(d: str) -> str:
-    """The rollup key of deliveries row ``d`` (``NEW``/``OLD``/an alias) joined to notification ``n``."""
+def reason_sql(dialect: str, d: str) -> str:
+    """The kind of reason of deliveries row ``d`` as the rollup keeps it: the text before the first
+    ``:``, trimmed, when failed or suppressed; ``""`` otherwise."""
+    if dialect == "postgresql":
+        return (
+            f"CASE WHEN {d}.status IN ('failed', 'suppressed') "
+            f"THEN left(trim(split_part(coalesce({d}.reason, ''), ':', 1)), {REASON_CHARS}) ELSE '' END"
+        )
     r = f"coalesce({d}.reason, '')"
-    reason = (
+    return (
         f"CASE WHEN {d}.status IN ('failed', 'suppressed') THEN substr(trim(CASE WHEN instr({r}, ':') > 0 "
         f"THEN substr({r}, 1, instr({r}, ':') - 1) ELSE {r} END), 1, {REASON_CHARS}) ELSE '' END"
     )
+
+
+def sqlite_key(d: str) -> str:
+    """The rollup key of deliveries row ``d`` (``NEW``/``OLD``/an alias) joined to notification ``n``."""
     return (
         f"replace(substr({d}.queued_at, 1, 13), 'T', ' '), coalesce(n.template_id, ''), {d}.channel, "
-        f"coalesce(n.campaign_id, ''), {d}.status, {reason}"
+        f"coalesce(n.campaign_id, ''), {d}.status, {reason_sql('sqlite', d)}"
     )
 
 
 def pg_key(d: str) -> str:
-    reason = (
-        f"CASE WHEN {d}.status IN ('failed', 'suppressed') "
-        f"THEN left(trim(split_part(coalesce({d}.reason, ''), ':', 1)), {REASON_CHARS}) ELSE '' END"
-    )
     return (
         f"to_char({d}.queued_at, 'YYYY-MM-DD HH24'), coalesce(n.template_id, ''), {d}.channel, "
-        f"coalesce(n.campaign_id, ''), {d}.status, {reason}"
+        f"coalesce(n.campaign_id, ''), {d}.status, {reason_sql('postgresql', d)}"
     )
 
 
@@ -41,6 +47,9 @@ DAILY = "dim, day, value, status, reason"
 # The coarse daily tier's dimensions: dim → its column in analytics_hourly ("" → all deliveries).
 DIMS = {"": "''", "template": "template_id", "channel": "channel", "campaign": "campaign_id"}
 WEEKLY = "dim, week, value, status, reason"
+# The per-wave counts of campaigns' deliveries (``analytics.waves``).
+WAVE_COLS = "campaign_id, wave, channel, status, reason"
+WAVE_UPSERT = f"ON CONFLICT ({WAVE_COLS}) DO UPDATE SET n = wave_counts.n + excluded.n"
 # The weekly tier's dimensions (the ones a ``--since`` read groups by).
 WEEK_DIMS = ("template", "channel", "campaign")
 

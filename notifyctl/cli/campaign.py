@@ -264,6 +264,29 @@ def status_cmd(
             sup += " (" + ", ".join(f"{k} {v}" for k, v in c["suppressed_by_reason"].items()) + ")"
         t.add_row(ch, *(str(c[k]) for k in ("produced", "pending", "sent", "delivered", "opened", "failed")), sup)
     console.print(t)
+    if s["wave_progress"]:
+        console.print(_progress_table(s["wave_progress"]))
+
+
+def _progress_table(waves: list[dict[str, Any]]) -> Table:
+    """Each wave's progress, as the console's Campaigns page shows it."""
+    t = Table(title="per wave")
+    for col in ("wave", "from (UTC)", "recipients", "scheduled", "paused", "pending", "sent", "failed", "suppressed"):
+        t.add_column(col, justify="left" if col in ("wave", "from (UTC)") else "right")
+    for w in waves[:50]:
+        t.add_row(
+            "-" if w["wave"] is None else f"{w['wave'] + 1} {', '.join(w['timezones'])}".strip(),
+            (w["start"] or "")[:16].replace("T", " "), "-" if w["recipients"] is None else str(w["recipients"]),
+            *(str(w[k]) for k in ("scheduled", "paused", "pending", "sent")),
+            _by_reason(w["failed"], w["failed_by_reason"]), _by_reason(w["suppressed"], w["suppressed_by_reason"]),
+        )  # fmt: skip
+    if len(waves) > 50:
+        t.caption = f"… {len(waves) - 50} more waves (--json lists them all)"
+    return t
+
+
+def _by_reason(n: int, by: dict[str, int]) -> str:
+    return str(n) + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(by.items())) + ")" if by else "")
 
 
 @app.command("pause")

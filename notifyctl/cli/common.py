@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
 from notifyctl.context import Context
 from notifyctl.settings import load_settings
+
+if TYPE_CHECKING:
+    from notifyctl.shards import ShardDown
 
 # Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
 # the root needs (no worker, campaigns, API or phone-number modules).
@@ -38,6 +42,15 @@ def warn_split_stores(c: Context) -> None:
     warning = check(c)
     if warning:
         err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+
+
+def warn_shards_down(down: Iterable[ShardDown], then: str) -> None:
+    """At ``worker``/``serve`` start: one line per Redis shard down (``notifyctl.shards.check``)."""
+    for d in down:
+        err_console.print(
+            f"warning: Redis shard {d.shard} ({d.url}) does not answer ({d.error}): {then}",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
 
 
 def _default(o: Any) -> Any:

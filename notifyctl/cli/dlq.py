@@ -193,6 +193,20 @@ def _select(ids: list[str] | None, all_: bool, filters: _Filters, verb: str) -> 
     return f
 
 
+def _chosen(
+    ctx: typer.Context, ids: list[str] | None, all_: bool, filters: _Filters, limit: int | None, verb: str
+) -> tuple[Any, Any, int]:
+    """What ``replay`` / ``purge`` act on: the context, the filter, and how many entries (at most
+    ``limit``)."""
+    from notifyctl.dlq import count_entries
+
+    _check_limit(limit)
+    f = _select(ids, all_, filters, verb)
+    c = get_ctx(ctx)
+    total = count_entries(c, f)
+    return c, f, min(total, limit) if limit else total
+
+
 @app.command("replay")
 def replay_cmd(
     ctx: typer.Context,
@@ -218,14 +232,9 @@ def replay_cmd(
       notifyctl dlq replay --provider smtp --newer-than 1h --dry-run
       notifyctl dlq replay --all
     """
-    from notifyctl.dlq import count_entries, list_entries, replay
+    from notifyctl.dlq import list_entries, replay
 
-    _check_limit(limit)
-    f = _select(ids, all_, (channel, provider, error, template, older_than, newer_than), "replay")
-    c = get_ctx(ctx)
-    total = count_entries(c, f)
-    if limit:
-        total = min(total, limit)
+    c, f, total = _chosen(ctx, ids, all_, (channel, provider, error, template, older_than, newer_than), limit, "replay")
     with _progress(total, "dry run" if dry_run else "replaying", not as_json) as cb:
         res = replay(c, f, limit=limit, dry_run=dry_run, progress=cb)
     if as_json:
@@ -283,14 +292,9 @@ def purge_cmd(
       notifyctl dlq purge --older-than 30d --yes
       notifyctl dlq purge --error "invalid recipient"
     """
-    from notifyctl.dlq import count_entries, purge
+    from notifyctl.dlq import purge
 
-    _check_limit(limit)
-    f = _select(ids, all_, (channel, provider, error, template, older_than, newer_than), "purge")
-    c = get_ctx(ctx)
-    total = count_entries(c, f)
-    if limit:
-        total = min(total, limit)
+    c, f, total = _chosen(ctx, ids, all_, (channel, provider, error, template, older_than, newer_than), limit, "purge")
     if total and not yes and not dry_run:
         typer.confirm(
             f"Purge {total} DLQ entr{'y' if total == 1 else 'ies'}? They will not be retried", abort=True, err=True

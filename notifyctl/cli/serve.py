@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from notifyctl.cli.common import err_console, get_ctx, warn_split_stores
+from notifyctl.cli.common import err_console, get_ctx, warn_shards_down, warn_split_stores
 from notifyctl.errors import InputError
 
 # Lazy imports: a CLI noun imports its work when it runs, so that `notifyctl --help` loads only what
@@ -48,9 +48,11 @@ def serve(
     # level as uvicorn's; without this only warnings would reach stderr
     logs.setup(log_level.upper(), json_lines=c.settings.log_format == "json")
     c.engine  # noqa: B018 - fail now (one line) if the database is unusable, not on the first request
-    c.redis.ping()
+    c.redis.ping()  # (shard 0, with shards: it holds what every host shares, sessions among them)
     check_at_start(c.settings)  # a shared database: this host signs links with the others' key, or stops
-    shard_check(c)  # the same Redis shard list as the hosts sharing the database, or stop
+    # the same Redis shard list as the hosts sharing the database, or stop; a shard down is served
+    # degraded (503 naming it), as when it goes down later
+    warn_shards_down(shard_check(c).values(), "its users' requests are refused (503) until it answers")
     warn_split_stores(c)  # one line when this host's Redis or database is not the others'
     app = create_app(c)
     err_console.print(f"notifyctl API on http://{host}:{port} (docs: /docs, health: /healthz)")

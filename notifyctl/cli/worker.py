@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import typer
 
-from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json, warn_split_stores
+from notifyctl.cli.common import JsonOpt, console, get_ctx, print_json, warn_shards_down, warn_split_stores
 from notifyctl.errors import InputError
 from notifyctl.settings import PRIORITIES
 
@@ -56,26 +56,30 @@ def worker(
             raise InputError(f"--shards: {exc}") from None
     if pool < len(served) and not (burst and pool == 1):
         raise InputError(f"--pool {pool}: fewer workers than the {len(served)} shards served (one each at least)")
-    for shard in served:
-        app_ctx.shard_redis(shard)  # start/verify Redis (each shard) and the database before forking
+    # start/verify Redis and the database before forking; shard 0 must answer (it holds what every
+    # host shares: circuits, pacing, metrics), another shard may be down
+    app_ctx.redis  # noqa: B018
     app_ctx.engine  # noqa: B018
     check_at_start(s)  # a shared database: this host signs links with the others' key, or stops
-    sharding.check(app_ctx)  # the same shard list as the hosts sharing the database, or stop
+    # the same shard list as the hosts sharing the database, or stop; a shard down waits
+    down = {shard: d for shard, d in sharding.check(app_ctx).items() if shard in served}
+    warn_shards_down(down.values(), "its workers start when it answers and agrees with the shared database")
     warn_split_stores(app_ctx)  # one line when this host's Redis or database is not the others'
     if burst and pool == 1:
-        for shard in served:
+        for shard in (shard for shard in served if shard not in down):
             run_worker(app_ctx.settings, qs, burst=True, reconcile=True, shard=shard)
         return
     if not burst:
         on = f" on shards {', '.join(map(str, served))}" if app_ctx.shard_count > 1 else ""
         console.print(f"notifyctl worker: {pool} process(es){on} on queues {', '.join(qs)}; Ctrl-C to stop")
-    Pool(app_ctx.settings, qs, pool, burst=burst, shards=served).run()
-    if burst:
+    Pool(app_ctx.settings, qs, pool, burst=burst, shards=served, pending=down).run()
+    live = [shard for shard in served if shard not in down]
+    if burst and live:
         from worker.reconciler import reconcile
 
-        res = reconcile(app_ctx, force=True, shards=served)
+        res = reconcile(app_ctx, force=True, shards=live)
         if res.retries_queued or res.recovered:
-            for shard in served:
+            for shard in live:
                 run_worker(app_ctx.settings, qs, burst=True, reconcile=True, shard=shard)
 
 

@@ -6,7 +6,6 @@ timelines. The pages themselves are ``notifyctl.console.routes``.
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -14,6 +13,7 @@ from sqlmodel import Session
 
 from campaigns.models import Campaign
 from notifyctl.analytics.read import funnel
+from notifyctl.analytics.waves import wave_progress
 from notifyctl.circuit import Circuits
 from notifyctl.dlq import stats as dlq_stats
 from notifyctl.errors import NotFound
@@ -131,16 +131,17 @@ def _quantile(h: dict[str, float], buckets: tuple[float, ...], q: float) -> str:
 
 def campaign_cards(ctx: Any, limit: int = 10) -> list[dict[str, Any]]:
     """The latest campaigns, each read without counting its rows: deliveries per channel from the
-    analytics rollup, each wave's notifications still waiting through the (status, due_at) index."""
+    analytics rollup, each wave's from its counts (``analytics.waves``: sent, failed and suppressed
+    by reason, ...) with its notifications still waiting (the (status, due_at) index)."""
     with Session(ctx.engine) as s:
         camps: list[Campaign] = list(
             s.execute(select(Campaign).order_by(Campaign.created_at.desc()).limit(limit)).scalars()  # type: ignore[attr-defined]
         )
     out = []
     for c in camps:
-        waves = wave_progress(ctx, c.id, c.plan or [])
-        waiting = sum(w["waiting"] for w in waves)
-        state = c.status if c.status != "active" else ("sending" if waiting else "sent")
+        waves = wave_progress(ctx.engine, c.id, c.plan or [])
+        waiting = sum(w["scheduled"] + w["paused"] for w in waves)
+        state = _campaign_state(ctx, c, waiting)
         per_channel = {g["key"]: g for g in funnel(ctx.engine, "channel", campaign=c.id)["groups"]}
         out.append({
             "campaign_id": c.id, "name": c.name, "state": state, "template_id": c.template_id, "channels": c.channels,
@@ -150,27 +151,29 @@ def campaign_cards(ctx: Any, limit: int = 10) -> list[dict[str, Any]]:
     return out
 
 
-def wave_progress(ctx: Any, campaign_id: str, waves: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each time-zone wave of a campaign (its plan) with how many of its notifications still wait
-    (scheduled, or paused) and how many went out (the rest of its recipients): one query per
-    wave on the (status, due_at) index, which holds only what is still to go."""
-    out = []
+def _campaign_state(ctx: Any, c: Campaign, waiting: int) -> str:
+    """The state ``notifyctl campaign status`` shows (``campaigns.report.STATES``), without its count
+    of every notification: launching, sending (some still scheduled or paused in a wave, or queued or
+    retrying), paused, canceled, completed."""
+    if c.status != "active":
+        return str(c.status)
+    if c.launched_at is None:
+        return "launching"
+    if waiting:
+        return "sending"
+    # the first of its notifications in flight, on the (status, due_at) index: what is in flight is
+    # little beside a campaign's rows. coalesce() keeps the planner off the (campaign_id, recipient_id)
+    # index, which SQLite would pick and walk through every notification of a completed campaign.
+    # Its scheduled or paused rows are in its waves (counted above) when it has a plan.
+    statuses = ["queued", "retrying"] + ([] if c.plan else ["scheduled", "paused"])
     with Session(ctx.engine) as s:
-        for w in waves:
-            start = datetime.fromisoformat(w["start"])
-            end = datetime.fromisoformat(w["end"])
-            rows = s.execute(
-                select(Notification.status, func.count())  # type: ignore[call-overload]
-                .where(Notification.status.in_(["scheduled", "paused"]))  # type: ignore[attr-defined]
-                .where(Notification.due_at >= start, Notification.due_at <= end)
-                .where(Notification.campaign_id == campaign_id)
-                .group_by(Notification.status)
-            ).all()
-            by_status = {str(st): int(str(n)) for st, n in rows}
-            waiting = sum(by_status.values())
-            produced = max(0, int(w.get("recipients", 0)) - waiting)
-            out.append({**w, "by_status": {**by_status, "produced": produced}, "waiting": waiting})
-    return out
+        in_flight = s.execute(
+            select(Notification.id)  # type: ignore[call-overload]
+            .where(Notification.status.in_(statuses))  # type: ignore[attr-defined]
+            .where(func.coalesce(Notification.campaign_id, "") == c.id)
+            .limit(1)
+        ).first()
+    return "sending" if in_flight else "completed"
 
 
 def lookup_timelines(ctx: Any, ref: str, limit: int = 20) -> list[dict[str, Any]]:

@@ -46,7 +46,7 @@ def process(rt: Runtime, notification_ids: Iterable[str], as_of: float | None = 
     """Process a batch; ``as_of`` (epoch s) is the time up to which scheduled retries are due."""
     ids = list(dict.fromkeys(notification_ids))
     stats = Stats()
-    rt.liveness.beat()
+    rt.liveness.beat_unless_recent()
     try:
         for attempt in range(3):
             try:

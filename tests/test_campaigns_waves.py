@@ -1,0 +1,155 @@
+"""A campaign's progress per time-zone wave (``notifyctl.analytics.waves``): after a staggered
+campaign with sends, failures, suppressions and a wave still to come, each wave's numbers equal
+SQL counts over its deliveries (SQLite and PostgreSQL, before and after compaction), and
+``notifyctl campaign status --json`` shows the same."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import typer
+from sqlalchemy import func, select
+from sqlmodel import Session
+from typer.testing import CliRunner
+
+from campaigns.launcher import LaunchSpec, launch
+from campaigns.report import campaign_status
+from notifyctl.analytics.fold import compact
+from notifyctl.analytics.waves import wave_progress
+from notifyctl.cli import campaign as campaign_cli
+from notifyctl.cli.main import NotifyGroup
+from notifyctl.context import Context
+from notifyctl.directory import import_users, set_prefs
+from notifyctl.inbound import Event, apply_events
+from notifyctl.models import Campaign, Delivery, Notification
+from tests.conftest import cli_env
+from tests.util import drain
+
+ZONES = ("Europe/Paris", "Asia/Kolkata", "America/New_York")
+
+
+def staggered_campaign(ctx: Context, users: int = 30) -> str:
+    """A campaign to users ``w0``… in three time zones at 10:00 local (three waves, tomorrow at the
+    latest): every wave but the last sent (some without an email address, some opted out:
+    suppressed), a few sent ones then bounced (failed); the last wave still scheduled."""
+    rows = [f"w{i},{'' if i % 5 == 1 else f'w{i}@example.com'},,{ZONES[i % 3]},false" for i in range(users)]
+    rep = import_users(ctx, io.StringIO("user_id,email,phone,timezone,sms_opt_in\n" + "\n".join(rows) + "\n"))
+    assert rep.errors == []
+    for i in range(3, users, 7):
+        set_prefs(ctx, f"w{i}", ["email:marketing"], [])
+    s = launch(
+        ctx,
+        LaunchSpec("weekly_promo", channels=["email"], segment_sql="SELECT id AS user_id FROM users WHERE id LIKE 'w%'",
+                   stagger_tz=True, local_time="10:00", rate=100, data={"discount": 15, "code": "SPRING"},
+                   name="waves"),
+    )  # fmt: skip
+    cid = str(s["campaign_id"])
+    assert len(s["waves"]) == 3
+    with Session(ctx.engine) as ses:  # as written, a notification is due within its wave's span in the plan
+        for n in ses.execute(select(Notification).where(Notification.campaign_id == cid)).scalars():
+            assert n.wave is not None
+            lo, hi = (datetime.fromisoformat(s["waves"][n.wave][k]) for k in ("start", "end"))
+            assert lo <= n.due_at.replace(tzinfo=UTC) <= hi
+    last = datetime.fromisoformat(s["waves"][-1]["start"])
+    drain(ctx, due_by=last.timestamp() - 1)
+    with Session(ctx.engine) as ses:
+        sent = list(
+            ses.execute(
+                select(Delivery.id, Delivery.provider)
+                .join(Notification, Notification.id == Delivery.notification_id)
+                .where(Notification.campaign_id == cid, Delivery.status == "sent")
+                .order_by(Delivery.id)
+            ).all()
+        )
+    assert len(sent) > 6
+    bounced = [
+        Event(provider=str(p), status="failed", delivery_id=d, detail="bounced: mailbox full" if k % 2 else "blocked")
+        for k, (d, p) in enumerate(sent[::3])
+    ]
+    assert apply_events(ctx, bounced).transitions == len(bounced)
+    return cid
+
+
+def sql_counts(ctx: Context, cid: str) -> dict[int, dict[str, Any]]:
+    """Each wave's numbers counted over its notifications and deliveries."""
+    out: dict[int, dict[str, Any]] = defaultdict(
+        lambda: {"scheduled": 0, "paused": 0, "pending": 0, "sent": 0, "failed": 0, "suppressed": 0,
+                 "failed_by_reason": Counter(), "suppressed_by_reason": Counter()}
+    )  # fmt: skip
+    with Session(ctx.engine) as s:
+        for wave, status, n in s.execute(
+            select(Notification.wave, Notification.status, func.count())
+            .where(Notification.campaign_id == cid)
+            .group_by(Notification.wave, Notification.status)
+        ).all():
+            if status in ("scheduled", "paused"):
+                out[wave][status] += n
+        for wave, status, reason, n in s.execute(
+            select(Notification.wave, Delivery.status, Delivery.reason, func.count())
+            .join(Notification, Notification.id == Delivery.notification_id)
+            .where(Notification.campaign_id == cid)
+            .group_by(Notification.wave, Delivery.status, Delivery.reason)
+        ).all():
+            w = out[wave]
+            kind = {"queued": "pending", "retrying": "pending", "delivered": "sent", "opened": "sent"}.get(
+                status, status
+            )
+            w[kind] += n
+            if status in ("failed", "suppressed"):
+                w[f"{status}_by_reason"][(reason or "").split(":")[0].strip() or "-"] += n
+    return {w: {**c, "failed_by_reason": dict(c["failed_by_reason"]),
+                "suppressed_by_reason": dict(c["suppressed_by_reason"])} for w, c in out.items()}  # fmt: skip
+
+
+KEYS = ("scheduled", "paused", "pending", "sent", "failed", "suppressed", "failed_by_reason", "suppressed_by_reason")
+
+
+def numbers(progress: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {w["wave"]: {k: w[k] for k in KEYS} for w in progress}
+
+
+root = typer.Typer(cls=NotifyGroup)
+root.add_typer(campaign_cli.app, name="campaign")
+
+
+@root.callback()
+def _root() -> None:
+    pass
+
+
+def cli_status(ctx: Context, cid: str) -> dict[str, Any]:
+    r = CliRunner().invoke(root, ["campaign", "status", cid, "--json"], env=cli_env(ctx.settings))
+    assert r.exit_code == 0, r.output
+    return dict(json.loads(r.output))
+
+
+def test_wave_progress_equals_sql_counts(any_db_ctx: Context) -> None:
+    ctx = any_db_ctx
+    cid = staggered_campaign(ctx)
+    with Session(ctx.engine) as s:
+        camp = s.get(Campaign, cid)
+        assert camp is not None
+        plan = camp.plan
+    expected = sql_counts(ctx, cid)
+    got = numbers(wave_progress(ctx.engine, cid, plan))
+    assert got == expected
+    # every kind of number is there: sends and failures (two reasons) in the first waves, suppressions
+    # (two reasons), the last wave still scheduled
+    assert got[0]["sent"] and got[1]["sent"] and got[2]["scheduled"] == plan[2]["recipients"]
+    assert sum(len(w["failed_by_reason"]) for w in got.values()) >= 2
+    assert {r for w in got.values() for r in w["suppressed_by_reason"]} >= {"no_address", "opted_out"}, got
+    assert not got[2]["sent"] and sum(w["failed"] for w in got.values()) > 0
+    compact(ctx.engine)  # PostgreSQL: the deltas folded into wave_counts; the same numbers
+    assert numbers(wave_progress(ctx.engine, cid, plan)) == expected
+    # the CLI shows the very same numbers
+    status = cli_status(ctx, cid)
+    assert {int(w["wave"]): {k: w[k] for k in KEYS} for w in status["wave_progress"]} == expected
+    assert status["wave_progress"] == json.loads(json.dumps(campaign_status(ctx, cid)["wave_progress"]))
+    # the last wave goes out: its counts move from scheduled to sent
+    drain(ctx, due_by=datetime.now(UTC).timestamp() + 3 * 86400)
+    after = numbers(wave_progress(ctx.engine, cid, plan))
+    assert after == sql_counts(ctx, cid) and after[2]["scheduled"] == 0 and after[2]["sent"] > 0
