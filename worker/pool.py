@@ -32,12 +32,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from notifyctl import keys
+from notifyctl import shards as sharding
 from notifyctl.alerts import check_alerts, check_dlq_alert
 from notifyctl.analytics.fold import compact
 from notifyctl.circuit import HALF_OPEN, Circuits, take_recoveries
 from notifyctl.context import Context, freeze_heap
 from notifyctl.db import checkpoint, dispose_all
 from notifyctl.dlq import DlqFilter, replay
+from notifyctl.errors import ConfigError
 from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.redisconn import (
     UNREACHABLE,
@@ -377,9 +379,6 @@ class Pool:
     def _pick_up(self, ctx: Context) -> None:
         """Start the workers of each pending shard that answers now and is the Redis the shared
         database records (``notifyctl.shards.check``); a shard that is another Redis stays unserved."""
-        from notifyctl import shards as sharding
-        from notifyctl.errors import ConfigError
-
         try:
             down = sharding.check(ctx)
         except RedisUnreachable:

@@ -47,8 +47,16 @@ DAILY = "dim, day, value, status, reason"
 # The coarse daily tier's dimensions: dim → its column in analytics_hourly ("" → all deliveries).
 DIMS = {"": "''", "template": "template_id", "channel": "channel", "campaign": "campaign_id"}
 WEEKLY = "dim, week, value, status, reason"
+# SQLite: the function the insert triggers (the rollup's and the waves') ask whether to count their
+# row (every connection ``notifyctl.db`` opens has it, answering yes; ``triggers.counted_insert``
+# says no for its statement, and counts its rows after it).
+ROW_GATE = "notify_rollup_by_row"
 # The per-wave counts of campaigns' deliveries (``analytics.waves``).
 WAVE_COLS = "campaign_id, wave, channel, status, reason"
+# SQLite: the function the insert triggers (rollup and waves) ask whether to count their row: every
+# connection ``notifyctl.db`` opens has it, answering yes; ``triggers.counted_insert`` says no for its
+# statement and counts its rows itself.
+ROW_GATE = "notify_rollup_by_row"
 WAVE_UPSERT = f"ON CONFLICT ({WAVE_COLS}) DO UPDATE SET n = wave_counts.n + excluded.n"
 # The weekly tier's dimensions (the ones a ``--since`` read groups by).
 WEEK_DIMS = ("template", "channel", "campaign")

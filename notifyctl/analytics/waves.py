@@ -25,9 +25,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from notifyctl.analytics.fold import FOLD_LOCK
 from notifyctl.analytics.read import Funnel
-from notifyctl.analytics.rollup import WAVE_COLS, WAVE_UPSERT, reason_sql
+from notifyctl.analytics.rollup import ROW_GATE, WAVE_COLS, WAVE_UPSERT, reason_sql
 
-VERSION = "v1"  # in the trigger names: a new definition replaces the old one, and the counts are rebuilt
+VERSION = "v2"  # in the trigger names: a new definition replaces the old one, and the counts are rebuilt
 TRIGGERS = (f"notify_waves_ins_{VERSION}", f"notify_waves_upd_{VERSION}")
 _PG_PLAN = "SET enable_hashjoin = off SET enable_mergejoin = off"  # (as the rollup's: triggers.py)
 
@@ -48,10 +48,19 @@ def _sqlite_ddl() -> list[str]:
 
     changed = " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in ("status", "reason", "channel", "notification_id"))
     return [
-        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON deliveries BEGIN {bump('NEW', 1)} END",
+        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON deliveries WHEN {ROW_GATE}() BEGIN {bump('NEW', 1)} END",
         f"CREATE TRIGGER IF NOT EXISTS {upd} AFTER UPDATE ON deliveries WHEN {changed} "
         f"BEGIN {bump('OLD', -1)} {bump('NEW', 1)} END",
     ]
+
+
+# SQLite: the rows of one insert into deliveries (rowids above the parameter), counted in one
+# grouped upsert (``triggers.counted_insert``, whose statement the row trigger skips).
+SQLITE_COUNT_SINCE = (
+    f"INSERT INTO wave_counts ({WAVE_COLS}, n) SELECT {_key('sqlite', 'd')}, count(*) FROM deliveries AS d "
+    "JOIN notifications AS n ON n.id = d.notification_id WHERE d.rowid > ? AND n.wave IS NOT NULL "
+    f"GROUP BY 1, 2, 3, 4, 5 {WAVE_UPSERT}"
+)
 
 
 def _pg_ddl() -> list[str]:
