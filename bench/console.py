@@ -163,7 +163,7 @@ def wave_trigger_cost(env: Env, log: Callable[[str], None], rows: int = 20_000, 
     for round_ in range(4):
         mode = "on" if round_ % 2 == 0 else "off"
         # off: the wave triggers dropped, and SQLite's grouped count after a counted insert a no-op
-        triggers.WAVES_COUNT_LAST = waves.SQLITE_COUNT_LAST if mode == "on" else "SELECT ?"
+        triggers.WAVES_COUNT_SINCE = waves.SQLITE_COUNT_SINCE if mode == "on" else "SELECT ?"
         if mode == "off":
             with engine.begin() as conn:
                 for name in waves.TRIGGERS:
@@ -197,7 +197,7 @@ def wave_trigger_cost(env: Env, log: Callable[[str], None], rows: int = 20_000, 
         times[f"{mode} update"].append(t_upd / rows * 1e6)
         if mode == "off":
             waves.install(engine, write_lock)  # back on (and the counts rebuilt from the rows)
-    triggers.WAVES_COUNT_LAST = waves.SQLITE_COUNT_LAST
+    triggers.WAVES_COUNT_SINCE = waves.SQLITE_COUNT_SINCE
     out = {k: round(statistics.median(v), 1) for k, v in times.items()}
     out["rows"] = rows
     out["load_avg"] = round(os.getloadavg()[0], 1)

@@ -53,6 +53,10 @@ def write_lock(engine: Engine, urgent: bool = False) -> Iterator[None]:
     if engine.dialect.name != "sqlite" or not engine.url.database or engine.url.database == ":memory:":
         yield
         return
+    held: set[str] = _lock_files.__dict__.setdefault("held", set())
+    if engine.url.database in held:  # nested in this thread's own write: the lock is already ours
+        yield
+        return
     lock, gate = _lock_pair(engine.url.database)
     if urgent:
         fcntl.flock(gate, fcntl.LOCK_SH)
@@ -72,9 +76,11 @@ def write_lock(engine: Engine, urgent: bool = False) -> Iterator[None]:
                 continue
             fcntl.flock(gate, fcntl.LOCK_UN)
             break
+    held.add(engine.url.database)
     try:
         yield
     finally:
+        held.discard(engine.url.database)
         fcntl.flock(lock, fcntl.LOCK_UN)
 
 

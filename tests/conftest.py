@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Any
 
 import pytest
 import redis
+import typer
+import typer.main
+import typer.testing
 from sqlalchemy import create_engine, text
 
 from notifyctl.context import Context
@@ -42,6 +46,24 @@ def _port_open(host: str, port: int) -> bool:
 
 
 PG_AVAILABLE = _port_open("127.0.0.1", 5432)
+
+
+# typer's CliRunner.invoke builds the app's click command anew on every call (typer.main.get_command:
+# every parameter of every command read from its function's signature, ~17 ms for our root app), a
+# third of the CPU of a fuzzed CLI case. The apps are built at import and never change afterwards,
+# so each is built once per session here; an app made by a test (a new object) gets its own entry.
+_built: weakref.WeakKeyDictionary[typer.Typer, Any] = weakref.WeakKeyDictionary()
+
+
+def _get_command_once(app: typer.Typer) -> Any:
+    cmd = _built.get(app)
+    if cmd is None:
+        cmd = _built[app] = typer.main.get_command(app)
+    return cmd
+
+
+assert hasattr(typer.testing, "_get_command"), "typer.testing changed: drop _get_command_once"
+typer.testing._get_command = _get_command_once  # type: ignore[attr-defined,assignment]
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the tests that will run

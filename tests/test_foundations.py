@@ -323,6 +323,33 @@ def test_urgent_sqlite_writer_goes_before_the_bulk_writes_already_queued(tmp_pat
     engine.dispose()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="reads the kernel's table of waiting locks (Linux)")
+def test_a_write_lock_nested_in_the_same_thread_keeps_the_outer_one(tmp_path: Path) -> None:
+    """A write inside this thread's own write (nested ``write_lock``) neither waits for itself nor,
+    on its way out, lets go of the lock the outer write still holds."""
+    from notifyctl.db import make_engine, write_lock
+    from tests.util import wait_for
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'lock.db'}")
+    lock_file = str(tmp_path / "lock.db") + ".writelock"
+    got: list[str] = []
+
+    def other() -> None:
+        with write_lock(engine):
+            got.append("other")
+
+    with write_lock(engine):
+        with write_lock(engine, urgent=True):
+            pass
+        t = threading.Thread(target=other)
+        t.start()
+        assert wait_for(lambda: _flock_waiters(lock_file) == 1, 30)  # still ours: the other thread waits
+        assert got == []
+    t.join(60)
+    assert got == ["other"]
+    engine.dispose()
+
+
 def test_prepared_insert_stores_what_core_would_and_skips_conflicts(tmp_path: Path) -> None:
     """``prepare_insert`` converts values itself on SQLite: the rows must read back exactly as the
     ones Core inserts (datetimes compare in SQL, JSON and booleans round-trip)."""

@@ -53,6 +53,10 @@ WEEKLY = "dim, week, value, status, reason"
 ROW_GATE = "notify_rollup_by_row"
 # The per-wave counts of campaigns' deliveries (``analytics.waves``).
 WAVE_COLS = "campaign_id, wave, channel, status, reason"
+# SQLite: the function the insert triggers (rollup and waves) ask whether to count their row: every
+# connection ``notifyctl.db`` opens has it, answering yes; ``triggers.counted_insert`` says no for its
+# statement and counts its rows itself.
+ROW_GATE = "notify_rollup_by_row"
 WAVE_UPSERT = f"ON CONFLICT ({WAVE_COLS}) DO UPDATE SET n = wave_counts.n + excluded.n"
 # The weekly tier's dimensions (the ones a ``--since`` read groups by).
 WEEK_DIMS = ("template", "channel", "campaign")

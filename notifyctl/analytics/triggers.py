@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from notifyctl.analytics.fold import FOLD_LOCK, fold_sql
 from notifyctl.analytics.rollup import COLS, ROW_GATE, UPSERT, full_count_sql, pg_key, sqlite_key
-from notifyctl.analytics.waves import SQLITE_COUNT_LAST as WAVES_COUNT_LAST
+from notifyctl.analytics.waves import SQLITE_COUNT_SINCE as WAVES_COUNT_SINCE
 
 VERSION = "v5"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
 # earlier definitions whose rollup install keeps (the same key; v3: no weekly tier; v4: SQLite's insert
@@ -48,20 +48,21 @@ def sqlite_connected(dbapi_conn: Any, record: Any) -> None:
 
 # The rows one statement inserted, counted in one statement: on SQLite every new row's rowid is the
 # largest one + 1 (a rowid table without AUTOINCREMENT), and within the writing transaction nobody
-# else inserts, so a statement's k rows are the k rowids up to last_insert_rowid().
-_SQLITE_COUNT_LAST = (
+# else inserts, so a statement's k rows are the k rowids up to last_insert_rowid() (read before the
+# counts, which insert rows of their own).
+_SQLITE_COUNT_SINCE = (
     f"INSERT INTO analytics_hourly ({COLS}, n, folded) SELECT {sqlite_key('d')}, count(*), 0 "
     "FROM deliveries AS d LEFT JOIN notifications AS n ON n.id = d.notification_id "
-    f"WHERE d.rowid > last_insert_rowid() - ? GROUP BY 1, 2, 3, 4, 5, 6 {UPSERT}"
+    f"WHERE d.rowid > ? GROUP BY 1, 2, 3, 4, 5, 6 {UPSERT}"
 )
 
 
 def counted_insert(conn: Connection, insert: Callable[[Connection], None], rows: int) -> None:
-    """Run ``insert`` (``rows`` new rows into ``deliveries``, all or none) with the rollup (and the
-    campaigns' wave counts, ``analytics.waves``) kept up. PostgreSQL: its statement triggers do.
-    SQLite, whose row trigger upserts the rollup once a row (measured, 1,000-row inserts, load 7:
-    24.0 µs a row with it, 11.3 without), has the triggers skip this statement's rows and counts
-    them after it in one grouped upsert each, in the same transaction."""
+    """Run ``insert`` (``rows`` new rows into ``deliveries``, all or none) with the rollup and the
+    waves' counts kept up. PostgreSQL: its statement triggers do. SQLite, whose row triggers upsert
+    them once a row (measured for the rollup's, 1,000-row inserts, load 7: 24.0 µs a row with it,
+    11.3 without), has both skip this statement's rows and counts them after it in one grouped
+    upsert each, in the same transaction."""
     gate = conn.connection.info.get(ROW_GATE) if conn.dialect.name == "sqlite" else None
     if gate is None or rows == 0:
         insert(conn)
@@ -71,10 +72,9 @@ def counted_insert(conn: Connection, insert: Callable[[Connection], None], rows:
         insert(conn)
     finally:
         gate[0] = 1
-    # the campaigns' wave counts first: an insert into wave_counts (WITHOUT ROWID) leaves
-    # last_insert_rowid() as it is, which the rollup's count then reads
-    conn.exec_driver_sql(WAVES_COUNT_LAST, (rows,))
-    conn.exec_driver_sql(_SQLITE_COUNT_LAST, (rows,))
+    since = int(conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()) - rows
+    conn.exec_driver_sql(_SQLITE_COUNT_SINCE, (since,))
+    conn.exec_driver_sql(WAVES_COUNT_SINCE, (since,))  # (a campaign's waves: notifyctl.analytics.waves)
 
 
 # The statement triggers join the changed rows to their notifications by primary key: a handful to

@@ -27,9 +27,7 @@ from notifyctl.analytics.fold import FOLD_LOCK
 from notifyctl.analytics.read import Funnel
 from notifyctl.analytics.rollup import ROW_GATE, WAVE_COLS, WAVE_UPSERT, reason_sql
 
-# in the trigger names: a new definition replaces the old one, and the counts are rebuilt (v2: SQLite's
-# insert trigger gated as the rollup's, for ``triggers.counted_insert``)
-VERSION = "v2"
+VERSION = "v2"  # in the trigger names: a new definition replaces the old one, and the counts are rebuilt
 TRIGGERS = (f"notify_waves_ins_{VERSION}", f"notify_waves_upd_{VERSION}")
 _PG_PLAN = "SET enable_hashjoin = off SET enable_mergejoin = off"  # (as the rollup's: triggers.py)
 
@@ -56,12 +54,12 @@ def _sqlite_ddl() -> list[str]:
     ]
 
 
-# The rows one statement inserted with the insert trigger gated off (``triggers.counted_insert``,
-# which runs this), counted in one statement: the k rowids up to last_insert_rowid() (as the rollup's).
-SQLITE_COUNT_LAST = (
+# SQLite: the rows of one insert into deliveries (rowids above the parameter), counted in one
+# grouped upsert (``triggers.counted_insert``, whose statement the row trigger skips).
+SQLITE_COUNT_SINCE = (
     f"INSERT INTO wave_counts ({WAVE_COLS}, n) SELECT {_key('sqlite', 'd')}, count(*) FROM deliveries AS d "
-    "JOIN notifications AS n ON n.id = d.notification_id "
-    f"WHERE d.rowid > last_insert_rowid() - ? AND n.wave IS NOT NULL GROUP BY 1, 2, 3, 4, 5 {WAVE_UPSERT}"
+    "JOIN notifications AS n ON n.id = d.notification_id WHERE d.rowid > ? AND n.wave IS NOT NULL "
+    f"GROUP BY 1, 2, 3, 4, 5 {WAVE_UPSERT}"
 )
 
 
