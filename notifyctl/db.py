@@ -7,6 +7,7 @@ SQLAlchemy URL (PostgreSQL in production) when ``NOTIFY_DATABASE_URL`` is set.""
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -32,7 +33,8 @@ from notifyctl.home import create_private
 from notifyctl.sqllock import write_lock as write_lock  # (re-exported: most callers import it from here)
 
 _engines: dict[str, Engine] = {}
-_opened_by: dict[str, int] = {}  # the process that made each engine (``dispose_all`` after a fork)
+# every engine made, with the process that made it, registered or not (``dispose_all``)
+_made_by: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
 WAL_AUTOCHECKPOINT_PAGES = 16384
 
 
@@ -533,7 +535,7 @@ def engine_for(settings: Any) -> Engine:
         except OperationalError as exc:
             raise ConfigError(f"cannot open database: {str(exc.orig).splitlines()[0]}") from None
         _engines[url] = engine
-        _opened_by[url] = os.getpid()
+        _made_by[engine] = os.getpid()
     return engine
 
 
@@ -551,13 +553,17 @@ def dispose_all(close: bool = True) -> None:
     """Forget every engine, closing their idle connections. ``close=False`` is for a forked child:
     the connections it inherited are the parent's sessions, dropped without a word to the server
     (closing them would end the parent's); those this process opened itself are closed all the
-    same. Dropped, they would stay open for the life of the process: a worker freezes its heap
+    same, also in the engines forgotten before that a ``Context`` still holds (its ``engine`` is
+    cached). Left open, they stayed for the life of the process: a worker freezes its heap
     (``context.freeze_heap``), so the collector never frees them, and a process that runs burst
     workers one after another (``notifyctl worker --burst`` in a script, the tests' ``drain``) held
-    a pool's worth of idle PostgreSQL connections per run, until the server refused new ones
+    a pool's worth of idle PostgreSQL connections more per run, until the server refused new ones
     ("too many clients")."""
     me = os.getpid()
-    for url, engine in _engines.items():
-        engine.dispose(close=close or _opened_by.get(url) == me)
+    for engine, pid in list(_made_by.items()):
+        if pid == me:
+            engine.dispose()
+    for engine in _engines.values():
+        if _made_by.get(engine) != me:
+            engine.dispose(close=close)
     _engines.clear()
-    _opened_by.clear()
