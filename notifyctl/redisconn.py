@@ -202,6 +202,16 @@ def is_sentinel(url: str) -> bool:
     return url.split("://", 1)[0].lower() in SENTINEL_SCHEMES
 
 
+def replica_acks(settings, shard: int = 0) -> int:  # type: ignore[no-untyped-def]
+    """How many replicas must hold a batch's lease before it is sent (``worker.claims``):
+    ``redis_replica_acks``, else 1 for a shard reached through Sentinel, else 0."""
+    if settings.redis_replica_acks is not None:
+        return int(settings.redis_replica_acks)
+    urls = settings.redis_shards or ([settings.redis_url] if settings.redis_url else [])
+    url = urls[shard] if shard < len(urls) else ""
+    return 1 if url and is_sentinel(str(url)) else 0
+
+
 def parse_sentinel_url(url: str) -> SentinelURL:
     """``redis+sentinel://[[user]:password@]host1[:26379],host2[:26379]/service_name[/db]``; a
     malformed one is a ConfigError naming what is wrong (and never showing the password)."""

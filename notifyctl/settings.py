@@ -287,6 +287,17 @@ class Settings(BaseSettings):
     sent_marker_ttl: int = Field(7 * 86400, description="how long Redis remembers a sent delivery, seconds")
     reconcile_limit: int = Field(20000, description="notifications the reconciler queues or checks per round (1/s)")
     recovery_grace: int = Field(5, description="seconds before an unfinished notification is checked")
+    redis_replica_acks: int | None = Field(
+        None,
+        ge=0,
+        description="Redis replicas that must hold a batch's lease before it is sent (WAIT, once per batch); "
+        "unset = 1 for a redis+sentinel:// URL, else 0. A failover discards what the replicas had not "
+        "received: without this a batch leased on the old primary could be sent again, in no doubt. The "
+        "price: with fewer replicas connected, sends pause (and are retried) rather than risk a duplicate",
+    )
+    redis_replica_ack_timeout: float = Field(
+        0.5, gt=0, description="seconds a batch waits for its replicas' acknowledgement before it is put back"
+    )
     redis_socket_timeout: float = Field(
         10.0, gt=0, description="seconds a Redis command (or connecting) may take before it fails"
     )

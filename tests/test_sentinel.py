@@ -5,6 +5,7 @@ node refused before anything is written."""
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -17,15 +18,17 @@ import redis
 from sqlalchemy import func, select
 from sqlmodel import Session
 
+from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.errors import ConfigError
 from notifyctl.models import Notification
-from notifyctl.redisconn import SentinelURL, _safe, connect, parse_sentinel_url
+from notifyctl.redisconn import SentinelURL, _safe, connect, parse_sentinel_url, replica_acks
 from tests.conftest import make_settings, run_cli
 from tests.net import ReservedPorts
 from tests.util import deliveries, seed, send
 from worker import jobs
+from worker.claims import OK, Claims
 from worker.pool import run_worker
 from worker.providers.outbox import read_outbox
 
@@ -171,7 +174,10 @@ def outbox_counts(ctx: Context) -> Counter[str]:
 
 
 def test_sentinel_url_send_failover_send_nothing_lost_nothing_twice(sentinels: SentinelSet, home: Path) -> None:
-    settings = make_settings(home, sentinels.url())
+    # the set's only replica becomes the master: none is left to acknowledge a batch's lease, and by
+    # default (redis_replica_acks 1 with Sentinel) sends would pause until one is back; this test is
+    # about the URL and the switch, with nothing in flight at the kill
+    settings = make_settings(home, sentinels.url(), redis_replica_acks=0)
     ctx = Context(settings)
     try:
         seed(ctx)
@@ -194,7 +200,7 @@ def test_sentinel_url_send_failover_send_nothing_lost_nothing_twice(sentinels: S
         assert ctx.redis.info("server")["tcp_port"] == sentinels.replica_port
 
         # a worker through the CLI, as an operator runs it: drains b and c from the new master
-        done = run_cli(settings, "worker", "--burst")
+        done = run_cli(settings, "worker", "--burst", NOTIFY_REDIS_REPLICA_ACKS="0")
         assert done.returncode == 0, done.stderr
         ids = [a.notification_id, b.notification_id, c.notification_id]
         ds = [d for n in ids for d in deliveries(ctx, n)]
@@ -303,3 +309,80 @@ def test_redis_cluster_refused_before_any_sql_row(
     finally:
         ctx.close()
         dispose_all()
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[redis.Redis, redis.Redis, subprocess.Popen[bytes]]]:
+    """A primary and one replica (no sentinel: nothing fails over), each a real redis-server."""
+    if not SERVER:
+        pytest.skip("redis-server not installed")
+    procs: list[subprocess.Popen[bytes]] = []
+    with ReservedPorts(2) as ports:
+        for name, port, extra in (
+            ("primary", ports.base, []),
+            ("replica", ports.base + 1, ["--replicaof", "127.0.0.1", str(ports.base)]),
+        ):
+            d = tmp_path / name
+            d.mkdir()
+            args = [str(SERVER), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "", *extra]
+            log = open(d / "log", "wb")  # noqa: SIM115 - the process keeps it
+            procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
+        primary = redis.Redis(port=ports.base, decode_responses=True, socket_timeout=5)
+        replica = redis.Redis(port=ports.base + 1, decode_responses=True, socket_timeout=5)
+    try:
+        wait_for("the replica's link", lambda: replica.info("replication")["master_link_status"] == "up", 10)
+        wait_for("the primary to see it", lambda: primary.info("replication")["connected_slaves"] == 1, 10)
+        yield primary, replica, procs[1]
+    finally:
+        procs[1].send_signal(signal.SIGCONT)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+
+
+def test_fence_needs_a_replica_ack_when_replicated(
+    replicated: tuple[redis.Redis, redis.Redis, subprocess.Popen[bytes]],
+) -> None:
+    """A fence only the primary holds would vanish at a failover (and the new primary would hand the
+    batch to another worker as free): with replica_acks, a batch is sent only once a replica holds
+    its fence — and its take, written before it; else it is refused like a lost lease."""
+    primary, replica, replica_proc = replicated
+    claims = Claims(primary, "w-a", ttl=5, sent_ttl=60, replica_acks=1, ack_timeout=0.3)
+    assert claims.take(["d1", "d2"]) == [OK, OK]
+    assert claims.fence(["d1", "d2"]) == [True, True]
+    # acknowledged means there: the replica holds the lease with both deliveries in flight, and their records
+    lease = replica.get(keys.lease(claims.token))
+    assert lease is not None and lease.startswith("w-a|") and lease.endswith("|03")
+    assert replica.get(keys.sent("d1")) == f"lease:{claims.token}:0"
+
+    replica_proc.send_signal(signal.SIGSTOP)  # the replica stops acknowledging (as one cut off)
+    try:
+        other = Claims(primary, "w-b", ttl=5, sent_ttl=60, replica_acks=1, ack_timeout=0.3)
+        assert other.take(["d3"]) == [OK]
+        t0 = time.monotonic()
+        assert other.fence(["d3"]) == [False]  # the primary alone said yes: not enough
+        assert time.monotonic() - t0 >= 0.29 and other.unacked == 1
+        # the same fence without the requirement passes: the refusal above is the replicas' doing
+        bare = Claims(primary, "w-c", ttl=5, sent_ttl=60)
+        assert bare.take(["d4"]) == [OK] and bare.fence(["d4"]) == [True]
+        # a renewal the replica does not hold does not extend how long the lease is surely ours
+        before = claims.valid_until
+        assert claims.renew() == 0 and claims.valid_until == before
+    finally:
+        replica_proc.send_signal(signal.SIGCONT)
+    wait_for("the replica to catch up", lambda: replica.get(keys.sent("d4")) is not None, 5)
+    assert other.fence(["d3"]) == [True]  # acknowledged again: sent
+    assert other.unacked == 1
+    for c in (claims, other, bare):
+        c.close()
+
+
+def test_replica_acks_default_follows_the_url(home: Path) -> None:
+    sentinel_url = f"redis+sentinel://:{PASSWORD}@127.0.0.1:26379/{SERVICE}/0"
+    assert replica_acks(make_settings(home, sentinel_url)) == 1
+    assert replica_acks(make_settings(home, "redis://127.0.0.1:6379/0")) == 0
+    assert replica_acks(make_settings(home, "redis://127.0.0.1:6379/0", redis_replica_acks=2)) == 2
+    assert replica_acks(make_settings(home, sentinel_url, redis_replica_acks=0)) == 0
+    shards = ["redis://127.0.0.1:6379/0", sentinel_url]
+    assert [replica_acks(make_settings(home, shards[0], redis_shards=shards), i) for i in (0, 1)] == [0, 1]

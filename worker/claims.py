@@ -38,6 +38,16 @@ holds it, ``lease:<lease id>:<index in the batch>``, and once the provider accep
 Every key a script touches is a delivery's send record or a lease named by one, all written by
 batches of those deliveries: they live on one Redis server (with Redis shards by user, the user's).
 
+**Replicated Redis (Sentinel).** A primary's writes reach its replicas a little later, and a
+failover discards what had not: a fence known only to a demoted primary leaves the new one without
+the lease, and another worker would take its deliveries as free and send them again, in no doubt.
+So with ``replica_acks`` (``redis_replica_acks``: 1 by default for a ``redis+sentinel://`` URL) the
+fence is sent with ``WAIT`` in one pipeline (one round trip per batch, not per notification), and a
+batch is sent only once that many replicas hold its fence — and so its take; else it is ``Fenced``.
+Renewals wait too, and only acknowledged ones extend ``may_start``'s horizon. A settle lost at a
+failover costs nothing twice: the new primary holds the fenced lease with its in-flight bits, a
+taker after its expiry finds those deliveries in doubt, and reads their outcome in SQL first.
+
 The guarantee: while Redis is reachable no two workers call a provider for one delivery, and a
 worker cut off from Redis stops at its next provider call; a call already on its way when the
 cut came ends within the lease as long as the provider's timeout is shorter than the lease
@@ -262,10 +272,23 @@ class Claims:
     """The leases of one worker: one at a time, the batch's. ``ttl``: the lease, seconds;
     ``sent_ttl``: how long a ``sent:`` record (and a lease left by a dead holder) stays."""
 
-    def __init__(self, client: redis.Redis, worker: str, ttl: float, sent_ttl: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        worker: str,
+        ttl: float,
+        sent_ttl: int,
+        replica_acks: int = 0,
+        ack_timeout: float = 0.5,
+    ) -> None:
         if "|" in worker:
             raise ValueError(f"worker name {worker!r} must not contain '|'")
         self.client = client
+        # with a replicated Redis (Sentinel), how many replicas must hold a fence before its batch is
+        # sent, and how long to wait for them (``_fence_call``); 0: the primary's word is enough
+        self.replica_acks = max(0, int(replica_acks))
+        self.ack_timeout_ms = max(1, int(ack_timeout * 1000))  # WAIT's 0 would wait for ever
+        self.unacked = 0  # fences refused because too few replicas acknowledged them (tests, metrics)
         self.worker = worker
         self.ttl = float(ttl)
         self.sent_ttl = sent_ttl
@@ -330,11 +353,23 @@ class Claims:
         args: list[str | int] = [self.worker, self.lease_ms, _bits(mine), token]
         t0 = time.monotonic()
         try:
-            res = self._fence(keys=[lease], args=args)
+            res, acked = self._fence_call([lease], args)
             if res == -1:  # an earlier holder recorded sends in this batch: each delivery is checked
-                res = self._fence(keys=[lease] + [keys.sent(d) for d in delivery_ids], args=args)
+                res, acked = self._fence_call([lease] + [keys.sent(d) for d in delivery_ids], args)
         except redis.RedisError as exc:
             log.warning("lease check failed (%s): %d message(s) not sent", exc, len(delivery_ids))
+            return [False] * len(delivery_ids)
+        if not acked:
+            # the fence (and the take before it) may exist on this primary only: after a failover the
+            # new primary would not know the lease, and another worker would take these deliveries as
+            # free. Not sent, exactly as a lost lease: released, retried later, no attempt used
+            self.unacked += 1
+            log.warning(
+                "lease not confirmed by %d Redis replica(s) within %d ms: %d message(s) not sent",
+                self.replica_acks,
+                self.ack_timeout_ms,
+                len(delivery_ids),
+            )
             return [False] * len(delivery_ids)
         if isinstance(res, list):
             ours = [bool(r) and i is not None for r, i in zip(res, at, strict=True)]
@@ -343,6 +378,21 @@ class Claims:
         if any(ours):
             self.valid_until = max(self.valid_until, t0 + self.ttl)
         return ours
+
+    def _fence_call(self, ks: list[str], args: list[str | int]) -> tuple[object, bool]:
+        """The fence script's answer, and whether enough replicas hold its write. With
+        ``replica_acks``, the script and ``WAIT <acks> <timeout>`` go in one pipeline on one
+        connection: WAIT then counts the replicas that have the fence's write — and, the replication
+        stream being in order, every write before it (the batch's take). One round trip per batch."""
+        if not self.replica_acks:
+            return self._fence(keys=ks, args=args), True
+        pipe = self.client.pipeline(transaction=False)
+        self._fence(keys=ks, args=args, client=pipe)
+        pipe.execute_command("WAIT", self.replica_acks, self.ack_timeout_ms)  # type: ignore[no-untyped-call]
+        res, n = pipe.execute()
+        if res == 0 or res == -1:  # nothing written: the answer stands whatever the replicas
+            return res, True
+        return res, int(n) >= self.replica_acks
 
     def may_start(self, timeout: float) -> bool:
         """Whether a provider request that may take ``timeout`` seconds ends before the lease in hand
@@ -358,13 +408,16 @@ class Claims:
         if not held:
             return 0
         t0 = time.monotonic()
-        ok = self._fence(keys=[keys.lease(token)], args=[self.worker, self.lease_ms, "", token])
+        ok, acked = self._fence_call([keys.lease(token)], [self.worker, self.lease_ms, "", token])
         self.renewals += 1
         with self._lock:
             if self.token != token or not self._held:
                 return 0  # settled or dropped meanwhile: nothing was lost
             if ok:
-                self.valid_until = max(self.valid_until, t0 + self.ttl)
+                # a renewal the replicas do not hold may vanish at a failover: the lease is then only
+                # sure until the last one they acknowledged (``may_start`` holds further requests back)
+                if acked:
+                    self.valid_until = max(self.valid_until, t0 + self.ttl)
                 return 0
             self._held = 0
         log.warning("lease of %d deliveries lost to expiry", held)

@@ -15,6 +15,7 @@ from notifyctl import metrics
 from notifyctl.context import Context
 from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.pacing import Pacer
+from notifyctl.redisconn import replica_acks
 from notifyctl.unsubscribe import secret_key
 from worker.circuit import Circuits
 from worker.claims import Claims
@@ -34,7 +35,14 @@ class Runtime:
         # the shard this process serves holds its users' keys and its liveness (notifyctl.shards); shard
         # 0 (ctx.redis) what every host shares: circuits, pacing, provider tokens, metrics
         self.limiter = RateLimiter(ctx.served, self.settings.rules, self.settings.rate_limit_bypass_high)
-        self.claims = Claims(ctx.served, self.worker_name, self.settings.claim_ttl, self.settings.sent_marker_ttl)
+        self.claims = Claims(
+            ctx.served,
+            self.worker_name,
+            self.settings.claim_ttl,
+            self.settings.sent_marker_ttl,
+            replica_acks=replica_acks(self.settings, ctx.shard),
+            ack_timeout=self.settings.redis_replica_ack_timeout,
+        )
         self.liveness = liveness or Liveness(
             ctx.served, self.worker_name, self.settings.worker_alive_ttl, host=self.settings.host_name
         )
