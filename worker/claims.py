@@ -192,6 +192,27 @@ return res
 """
 )
 
+# KEYS: the lease. ARGV: worker, in-flight bits to clear (hex): those a fence marked that too few
+# replicas acknowledged (nothing was sent), so that the next take does not find them in doubt.
+_UNMARK = (
+    """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local o, e, f, h = string.match(v, '"""
+    + _LEASE
+    + """')
+if o ~= ARGV[1] then return 0 end
+local clr, parts = ARGV[2], {}
+for p = 1, #h do
+  local a = tonumber(string.sub(h, p, p), 16) or 0
+  local b = tonumber(string.sub(clr, p, p), 16) or 0
+  parts[p] = string.format('%x', bit.band(a, 15 - b))
+end
+redis.call('SET', KEYS[1], o .. '|' .. e .. '|' .. f .. '|' .. table.concat(parts), 'KEEPTTL')
+return 1
+"""
+)
+
 # KEYS: the lease, the send records of the deliveries sent, then of those released. ARGV: worker,
 # sent ttl, lease key prefix, lease id, number sent, provider ids...
 _SETTLE = (
@@ -295,6 +316,8 @@ class Claims:
         self._take = client.register_script(_TAKE)
         self._fence = client.register_script(_FENCE)
         self._settle = client.register_script(_SETTLE)
+        self._unmark = client.register_script(_UNMARK)
+        self._flying: set[int] = set()  # places in the lease in hand marked in flight by an acknowledged fence
         self.token = ""  # the lease id of the batch in hand (the owner token)
         self._index: dict[str, int] = {}  # delivery id → its place in the lease, for those held
         self._held = 0  # deliveries held by the lease in hand (0: nothing to renew)
@@ -332,6 +355,7 @@ class Claims:
             self.token = token
             self._index = index
             self._held = len(index)
+            self._flying = set()
             self.valid_until = t0 + self.ttl
         if index:
             self._start_renewing()
@@ -364,6 +388,13 @@ class Claims:
             # new primary would not know the lease, and another worker would take these deliveries as
             # free. Not sent, exactly as a lost lease: released, retried later, no attempt used
             self.unacked += 1
+            # nothing is sent: the bits this fence set go (not those of an acknowledged one before)
+            fresh = [i for i in mine if i not in self._flying]
+            if fresh:
+                try:
+                    self._unmark(keys=[lease], args=[self.worker, _bits(fresh)])
+                except redis.RedisError:
+                    pass  # the deliveries stay marked: at worst counted in doubt, as before
             log.warning(
                 "lease not confirmed by %d Redis replica(s) within %d ms: %d message(s) not sent",
                 self.replica_acks,
@@ -371,6 +402,7 @@ class Claims:
                 len(delivery_ids),
             )
             return [False] * len(delivery_ids)
+        self._flying.update(mine)
         if isinstance(res, list):
             ours = [bool(r) and i is not None for r, i in zip(res, at, strict=True)]
         else:
