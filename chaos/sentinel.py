@@ -62,19 +62,27 @@ def _listening(port: int) -> bool:
 
 
 class SentinelSet:
-    """A primary and one replica (AOF on, as a production Redis), three sentinels (quorum 2), as the
-    README advises: a failover needs two sentinels to agree the primary is down and a majority to
-    elect the one that carries it out."""
+    """A primary and two replicas (AOF on, as a production Redis; the second never promoted), three
+    sentinels (quorum 2), as the README advises: a failover needs two sentinels to agree the primary
+    is down and a majority to elect the one that carries it out."""
 
     def __init__(self, root: Path, sentinels: int = 3) -> None:
         self.root = root
         root.mkdir(parents=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        with ReservedPorts(2 + sentinels) as ports:
-            self.primary_port, self.replica_port = ports.base, ports.base + 1
-            self.sentinel_ports = [ports.base + 2 + i for i in range(sentinels)]
+        with ReservedPorts(3 + sentinels) as ports:
+            self.primary_port, self.replica_port, self.replica2_port = ports.base, ports.base + 1, ports.base + 2
+            self.sentinel_ports = [ports.base + 3 + i for i in range(sentinels)]
             self._server("primary", self.primary_port)
             self._server("replica", self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port))
+            # a second replica, never promoted (priority 0: the faults' new primary is always the
+            # first), so that one still acknowledges a batch's lease (worker.claims: WAIT) once its
+            # primary is killed or demoted; with one replica, sends would pause until it is back
+            self._server(
+                "replica2",
+                self.replica2_port,
+                *("--replicaof", "127.0.0.1", str(self.primary_port), "--replica-priority", "0"),
+            )
             for i, port in enumerate(self.sentinel_ports):
                 conf = root / f"sentinel{i}.conf"  # each its own: a sentinel rewrites its file
                 conf.write_text(
@@ -83,10 +91,11 @@ class SentinelSet:
                     f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                     f"sentinel failover-timeout {SERVICE} 10000\n"
                     f"sentinel known-replica {SERVICE} 127.0.0.1 {self.replica_port}\n"
+                    f"sentinel known-replica {SERVICE} 127.0.0.1 {self.replica2_port}\n"
                 )
                 self._start(f"sentinel{i}", [str(SENTINEL), str(conf)])
             # held until each listens: released before, an outgoing connection could take one
-            for port in (self.primary_port, self.replica_port, *self.sentinel_ports):
+            for port in (self.primary_port, self.replica_port, self.replica2_port, *self.sentinel_ports):
                 if not wait_until(lambda port=port: _listening(port), 30, 0.05):
                     raise RuntimeError(f"nothing listening on {port}: {self.logs()}")
         # the harness asks the last one: the kill fault takes the first one down with the primary
