@@ -16,10 +16,20 @@ LATEST := .venv-latest
 
 # The venv also finds the checkout's own top-level packages, which are not in the wheel (sandboxes/
 # for `notifyctl sandbox`, bench/, chaos/), whatever the working directory: a .pth file naming it.
+# uv installs the same hashed lock as pip would, in ~10 s instead of ~60 s (the install counts in
+# `make test`'s 10-minute budget); UV=pip falls back to pip alone.
+UV ?= uv
+UV_VERSION := 0.9.9
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
+ifeq ($(UV),pip)
 	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+else
+	$(PY) -m pip install --quiet --disable-pip-version-check 'uv==$(UV_VERSION)'
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --require-hashes -r $(LOCK)
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
+endif
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], \
 	    "notifyctl-checkout.pth").write_text("$(CURDIR)\n")'
 	touch $(STAMP)
