@@ -160,6 +160,16 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
                 return
             super().handle_execution_ended(job, queue, heartbeat_ttl)
 
+        def handle_exception(self, job: Any, *exc_info: Any) -> None:
+            # Redis gone while RQ records a job's end (its finished/failed registries): no traceback
+            # for the log (the supervisor reports the outage once); the error leaves perform_job as
+            # it did when the skipped job-heartbeat above raised it first, and the worker's
+            # reconnect loop takes over (the job's notification is already recorded in SQL)
+            if isinstance(exc_info[1], UNREACHABLE):
+                log.debug("job %s: Redis unreachable while RQ recorded its end", job.id)
+                raise exc_info[1]
+            super().handle_exception(job, *exc_info)
+
         _suspension_checked = -math.inf  # (monotonic) this worker's last look at `rq suspend`
 
         def check_for_suspension(self, burst: bool) -> None:
