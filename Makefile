@@ -27,7 +27,7 @@ ifeq ($(UV),pip)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 else
 	$(PY) -m pip install --quiet --disable-pip-version-check 'uv==$(UV_VERSION)'
-	$(VENV)/bin/uv pip install --quiet --python $(PY) --require-hashes -r $(LOCK)
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) --require-hashes -r $(LOCK)
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
 endif
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], \
