@@ -10,7 +10,15 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from notifyctl.analytics.fold import FOLD_LOCK, fold_sql
-from notifyctl.analytics.rollup import COLS, ROW_GATE, UPSERT, full_count_sql, pg_key, sqlite_key
+from notifyctl.analytics.rollup import (
+    COLS,
+    ROW_GATE,
+    UPSERT,
+    full_count_sql,
+    pg_key,
+    pg_statement_triggers,
+    sqlite_key,
+)
 from notifyctl.analytics.waves import SQLITE_COUNT_SINCE as WAVES_COUNT_SINCE
 
 VERSION = "v5"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
@@ -77,17 +85,6 @@ def counted_insert(conn: Connection, insert: Callable[[Connection], None], rows:
     conn.exec_driver_sql(WAVES_COUNT_SINCE, (since,))  # (a campaign's waves: notifyctl.analytics.waves)
 
 
-# The statement triggers join the changed rows to their notifications by primary key: a handful to
-# a thousand index probes. Planned from the table's statistics, that join became a hash join over
-# every notification whenever the statistics said the table was small — a fresh database, or any
-# table that grew faster than autovacuum analysed it (a first campaign): each worker batch's insert
-# then read the whole table (measured, 1,000-row batches: 11 µs a delivery at 10,000
-# notifications, 27 µs at 80,000, growing with the table; 7 µs of it the join). The functions
-# plan with hash and merge joins off, so the join is always the probes (~1 µs a delivery), whatever
-# the statistics say.
-_PG_PLAN = "SET enable_hashjoin = off SET enable_mergejoin = off"
-
-
 def _pg_ddl() -> list[str]:
     ins, upd = TRIGGERS
 
@@ -97,25 +94,11 @@ def _pg_ddl() -> list[str]:
         )
 
     grouped = "GROUP BY 1, 2, 3, 4, 5, 6"
-    return [
-        f"""CREATE OR REPLACE FUNCTION {ins}() RETURNS trigger LANGUAGE plpgsql {_PG_PLAN} AS $$
-BEGIN
-  INSERT INTO analytics_delta ({COLS}, n)
-  SELECT {pg_key("d")}, count(*) FROM new_rows AS d LEFT JOIN notifications AS n ON n.id = d.notification_id {grouped};
-  RETURN NULL;
-END $$""",
-        f"""CREATE OR REPLACE FUNCTION {upd}() RETURNS trigger LANGUAGE plpgsql {_PG_PLAN} AS $$
-BEGIN
-  INSERT INTO analytics_delta ({COLS}, n)
-  SELECT {COLS}, sum(n) FROM ({side("old_rows", -1)} UNION ALL {side("new_rows", 1)}) AS x({COLS}, n)
-  {grouped} HAVING sum(n) <> 0;
-  RETURN NULL;
-END $$""",
-        f"CREATE OR REPLACE TRIGGER {ins} AFTER INSERT ON deliveries REFERENCING NEW TABLE AS new_rows "
-        f"FOR EACH STATEMENT EXECUTE FUNCTION {ins}()",
-        f"CREATE OR REPLACE TRIGGER {upd} AFTER UPDATE ON deliveries REFERENCING OLD TABLE AS old_rows "
-        f"NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {upd}()",
-    ]
+    insert = (
+        f"SELECT {pg_key('d')}, count(*) FROM new_rows AS d LEFT JOIN notifications AS n "
+        f"ON n.id = d.notification_id {grouped}"
+    )
+    return pg_statement_triggers(TRIGGERS, "analytics_delta", COLS, grouped, insert, side)
 
 
 def _installed(conn: Connection) -> bool:

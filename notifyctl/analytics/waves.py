@@ -25,11 +25,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from notifyctl.analytics.fold import FOLD_LOCK
 from notifyctl.analytics.read import Funnel
-from notifyctl.analytics.rollup import ROW_GATE, WAVE_COLS, WAVE_UPSERT, reason_sql
+from notifyctl.analytics.rollup import ROW_GATE, WAVE_COLS, WAVE_UPSERT, pg_statement_triggers, reason_sql
 
 VERSION = "v2"  # in the trigger names: a new definition replaces the old one, and the counts are rebuilt
 TRIGGERS = (f"notify_waves_ins_{VERSION}", f"notify_waves_upd_{VERSION}")
-_PG_PLAN = "SET enable_hashjoin = off SET enable_mergejoin = off"  # (as the rollup's: triggers.py)
 
 
 def _key(dialect: str, d: str) -> str:
@@ -73,25 +72,8 @@ def _pg_ddl() -> list[str]:
         )
 
     grouped = "GROUP BY 1, 2, 3, 4, 5"
-    return [
-        f"""CREATE OR REPLACE FUNCTION {ins}() RETURNS trigger LANGUAGE plpgsql {_PG_PLAN} AS $$
-BEGIN
-  INSERT INTO wave_delta ({WAVE_COLS}, n)
-  SELECT {WAVE_COLS}, sum(n) FROM ({side("new_rows", 1)}) AS x({WAVE_COLS}, n) {grouped};
-  RETURN NULL;
-END $$""",
-        f"""CREATE OR REPLACE FUNCTION {upd}() RETURNS trigger LANGUAGE plpgsql {_PG_PLAN} AS $$
-BEGIN
-  INSERT INTO wave_delta ({WAVE_COLS}, n)
-  SELECT {WAVE_COLS}, sum(n) FROM ({side("old_rows", -1)} UNION ALL {side("new_rows", 1)}) AS x({WAVE_COLS}, n)
-  {grouped} HAVING sum(n) <> 0;
-  RETURN NULL;
-END $$""",
-        f"CREATE OR REPLACE TRIGGER {ins} AFTER INSERT ON deliveries REFERENCING NEW TABLE AS new_rows "
-        f"FOR EACH STATEMENT EXECUTE FUNCTION {ins}()",
-        f"CREATE OR REPLACE TRIGGER {upd} AFTER UPDATE ON deliveries REFERENCING OLD TABLE AS old_rows "
-        f"NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {upd}()",
-    ]
+    insert = f"SELECT {WAVE_COLS}, sum(n) FROM ({side('new_rows', 1)}) AS x({WAVE_COLS}, n) {grouped}"
+    return pg_statement_triggers(TRIGGERS, "wave_delta", WAVE_COLS, grouped, insert, side)
 
 
 def _triggers(conn: Connection) -> list[str]:
