@@ -202,7 +202,7 @@ def test_the_analytics_triggers_join_by_index_whatever_the_statistics(any_db_ctx
     planned with hash and merge joins off (probes of the primary key), not from statistics that a
     fresh or fast-growing table has wrong (a hash over every notification per batch); a database
     with the previous definition gets it on start, the rollup rebuilt exact."""
-    from notifyctl.analytics import checks, triggers
+    from notifyctl.analytics import checks, rollup, triggers
     from notifyctl.db import write_lock
 
     ctx = any_db_ctx
@@ -213,7 +213,7 @@ def test_the_analytics_triggers_join_by_index_whatever_the_statistics(any_db_ctx
     with ctx.engine.begin() as conn:  # as the previous release left it: v1 functions and triggers
         for name, ddl in zip(triggers.TRIGGERS, triggers._pg_ddl()[:2], strict=True):
             old = name.replace(triggers.VERSION, "v1")
-            conn.exec_driver_sql(ddl.replace(name, old).replace(triggers._PG_PLAN, ""))
+            conn.exec_driver_sql(ddl.replace(name, old).replace(rollup.PG_PLAN, ""))
             conn.exec_driver_sql(f"DROP TRIGGER {name} ON deliveries")
             kind = "INSERT" if "ins" in name else "UPDATE"
             tables = "NEW TABLE AS new_rows" if kind == "INSERT" else "OLD TABLE AS old_rows NEW TABLE AS new_rows"
