@@ -128,7 +128,7 @@ class SentinelSet:
 
         def ok() -> bool:
             try:
-                if self.client(self.replica_port).info("replication")["master_link_status"] != "up":
+                if self.client(self.replica_port).info("replication").get("master_link_status") != "up":
                     return False
                 reps = self.sentinel.sentinel_slaves(SERVICE)
             except redis.RedisError:
