@@ -5,6 +5,9 @@ the funnel read over them. One module a job, in the order a count travels:
   tiers' columns and dimensions, ISO weeks), and the rollup as a full count over ``deliveries``;
 - ``triggers``: the triggers that keep the rollup up, and ``install`` (create them, backfill, upgrade
   an older definition);
+- ``install``: what installing a set of triggers takes (the rollup's and the waves' alike): writers
+  held off, the older definition dropped, the new one created and its counts filled, in one
+  transaction;
 - ``fold``: ``compact``, the coarse tiers' upkeep off the status changes' path;
 - ``plan``: which tiers a funnel read takes its rows from (``--since``, filters, grouping);
 - ``read``: ``funnel()``, the read itself, and ``parse_since``;

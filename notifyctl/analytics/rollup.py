@@ -4,7 +4,7 @@ full count (what the triggers keep it equal to)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 KEY = ("hour", "template_id", "channel", "campaign_id", "status", "reason")
@@ -48,10 +48,6 @@ DAILY = "dim, day, value, status, reason"
 # The coarse daily tier's dimensions: dim → its column in analytics_hourly ("" → all deliveries).
 DIMS = {"": "''", "template": "template_id", "channel": "channel", "campaign": "campaign_id"}
 WEEKLY = "dim, week, value, status, reason"
-# SQLite: the function the insert triggers (the rollup's and the waves') ask whether to count their
-# row (every connection ``notifyctl.db`` opens has it, answering yes; ``triggers.counted_insert``
-# says no for its statement, and counts its rows after it).
-ROW_GATE = "notify_rollup_by_row"
 # The per-wave counts of campaigns' deliveries (``analytics.waves``).
 WAVE_COLS = "campaign_id, wave, channel, status, reason"
 # SQLite: the function the insert triggers (rollup and waves) ask whether to count their row: every
@@ -122,4 +118,18 @@ END $$""",
         f"FOR EACH STATEMENT EXECUTE FUNCTION {ins}()",
         f"CREATE OR REPLACE TRIGGER {upd} AFTER UPDATE ON deliveries REFERENCING OLD TABLE AS old_rows "
         f"NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {upd}()",
+    ]
+
+
+def sqlite_row_triggers(names: tuple[str, str], bump: Callable[[str, int], str], changed: Iterable[str]) -> list[str]:
+    """The SQLite row triggers on ``deliveries`` that keep a count up: ``bump(row, n)`` (a statement
+    adding ``n`` for ``NEW`` or ``OLD``) on an insert, when ``ROW_GATE`` says so (not for
+    ``triggers.counted_insert``'s statement), and ``OLD`` out, ``NEW`` in on an update that changes
+    one of the ``changed`` columns. Used by the rollup (``triggers``) and the wave counts (``waves``)."""
+    ins, upd = names
+    when = " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in changed)
+    return [
+        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON deliveries WHEN {ROW_GATE}() BEGIN {bump('NEW', 1)} END",
+        f"CREATE TRIGGER IF NOT EXISTS {upd} AFTER UPDATE ON deliveries WHEN {when} "
+        f"BEGIN {bump('OLD', -1)} {bump('NEW', 1)} END",
     ]

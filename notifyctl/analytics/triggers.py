@@ -9,7 +9,8 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from notifyctl.analytics.fold import FOLD_LOCK, fold_sql
+from notifyctl.analytics.fold import fold_sql
+from notifyctl.analytics.install import replace_triggers
 from notifyctl.analytics.rollup import (
     COLS,
     ROW_GATE,
@@ -18,6 +19,7 @@ from notifyctl.analytics.rollup import (
     pg_key,
     pg_statement_triggers,
     sqlite_key,
+    sqlite_row_triggers,
 )
 from notifyctl.analytics.waves import SQLITE_COUNT_SINCE as WAVES_COUNT_SINCE
 
@@ -25,26 +27,18 @@ VERSION = "v5"  # in the trigger names: a new definition replaces the old one, a
 # earlier definitions whose rollup install keeps (the same key; v3: no weekly tier; v4: SQLite's insert
 # trigger counted every row, whoever inserted)
 SAME_KEY = ("v1", "v2", "v3", "v4")
-TRIGGERS = (f"notify_analytics_ins_{VERSION}", f"notify_analytics_upd_{VERSION}")
+PREFIX = "notify_analytics_"  # every definition's trigger names start so
+TRIGGERS = (f"{PREFIX}ins_{VERSION}", f"{PREFIX}upd_{VERSION}")
 
 
 def _sqlite_ddl() -> list[str]:
-    ins, upd = TRIGGERS
-
     def bump(row: str, n: int) -> str:
         return (
             f"INSERT INTO analytics_hourly ({COLS}, n, folded) SELECT {sqlite_key(row)}, {n}, 0 "
             f"FROM (SELECT 1) LEFT JOIN notifications AS n ON n.id = {row}.notification_id WHERE true {UPSERT};"
         )
 
-    changed = " OR ".join(
-        f"OLD.{c} IS NOT NEW.{c}" for c in ("status", "reason", "channel", "queued_at", "notification_id")
-    )
-    return [
-        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON deliveries WHEN {ROW_GATE}() BEGIN {bump('NEW', 1)} END",
-        f"CREATE TRIGGER IF NOT EXISTS {upd} AFTER UPDATE ON deliveries WHEN {changed} "
-        f"BEGIN {bump('OLD', -1)} {bump('NEW', 1)} END",
-    ]
+    return sqlite_row_triggers(TRIGGERS, bump, ("status", "reason", "channel", "queued_at", "notification_id"))
 
 
 def sqlite_connected(dbapi_conn: Any, record: Any) -> None:
@@ -101,49 +95,19 @@ def _pg_ddl() -> list[str]:
     return pg_statement_triggers(TRIGGERS, "analytics_delta", COLS, grouped, insert, side)
 
 
-def _installed(conn: Connection) -> bool:
-    if conn.dialect.name == "sqlite":
-        sql = "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN (?, ?)"
-    else:
-        sql = "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'deliveries'::regclass AND tgname IN (%s, %s)"
-    return conn.exec_driver_sql(sql, TRIGGERS).scalar() == 2
-
-
 def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManager[None]]) -> bool:
     """Create the triggers when missing, and fill the rollup from a full count in the same
-    transaction (a database made before analytics existed, or by an older definition), under
-    ``write_lock`` (``notifyctl.db.write_lock``, passed in: db calls this, so no import cycle). Writers
-    wait meanwhile (SQLite's write lock; PostgreSQL ``LOCK TABLE deliveries``), so no change is
-    counted twice or missed. Returns whether it installed them. Other databases: nothing.
+    transaction (a database made before analytics existed, or by an older definition), writers
+    waiting meanwhile, so no change is counted twice or missed (``install.replace_triggers``, under
+    ``write_lock``: ``notifyctl.db.write_lock``). Returns whether it installed them. Other
+    databases: nothing.
 
-    Triggers of a definition with the same key (``SAME_KEY``: v1 and v2, before the coarse tiers)
-    keep their rollup — it counts what ``purge`` deleted since, which a full count cannot: its
-    pending deltas are moved in, and the coarse tiers filled from it, all marked folded."""
-    dialect = engine.dialect.name
-    if dialect not in ("sqlite", "postgresql"):
-        return False
-    with engine.connect() as conn:
-        if _installed(conn):
-            return False
-    with write_lock(engine), engine.connect() as conn:
-        if dialect == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("LOCK TABLE deliveries IN SHARE ROW EXCLUSIVE MODE")
-        if _installed(conn):  # another process did it while this one waited
-            conn.rollback()
-            return False
-        old = _old_triggers(conn)
-        for name in old:
-            conn.exec_driver_sql(
-                f"DROP TRIGGER IF EXISTS {name}" + (" ON deliveries" if dialect == "postgresql" else "")
-            )
-            if dialect == "postgresql":
-                conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {name}()")
-        for ddl in _sqlite_ddl() if dialect == "sqlite" else _pg_ddl():
-            conn.exec_driver_sql(ddl)
-        if dialect == "postgresql":
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({FOLD_LOCK})")  # no compaction meanwhile
+    Triggers of an earlier definition with the same key (``SAME_KEY``) keep their rollup — it
+    counts what ``purge`` deleted since, which a full count cannot: its pending deltas are moved
+    in, and the coarse tiers filled from it, all marked folded."""
+
+    def fill(conn: Connection, old: list[str]) -> None:
+        dialect = conn.dialect.name
         for table in ("analytics_total", "analytics_daily", "analytics_weekly"):
             conn.exec_driver_sql(f"DELETE FROM {table}")
         if old and all(name.rsplit("_", 1)[-1] in SAME_KEY for name in old):
@@ -161,15 +125,7 @@ def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManage
             conn.exec_driver_sql(f"INSERT INTO analytics_hourly ({COLS}, n, folded) {full}")
         for sql in fold_sql(dialect, "n", ""):  # the coarse tiers from the whole rollup, folded as written
             conn.exec_driver_sql(sql)
-        conn.commit()
-    return True
 
-
-def _old_triggers(conn: Connection) -> list[str]:
-    if conn.dialect.name == "sqlite":
-        sql = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'notify_analytics_%'"
-    else:
-        sql = (
-            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'deliveries'::regclass AND tgname LIKE 'notify_analytics_%%'"
-        )
-    return [r[0] for r in conn.exec_driver_sql(sql).all() if r[0] not in TRIGGERS]
+    return replace_triggers(
+        engine, write_lock, TRIGGERS, PREFIX, lambda d: _sqlite_ddl() if d == "sqlite" else _pg_ddl(), fill
+    )

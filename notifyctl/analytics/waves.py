@@ -23,12 +23,13 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from notifyctl.analytics.fold import FOLD_LOCK
+from notifyctl.analytics.install import replace_triggers
 from notifyctl.analytics.read import Funnel
-from notifyctl.analytics.rollup import ROW_GATE, WAVE_COLS, WAVE_UPSERT, pg_statement_triggers, reason_sql
+from notifyctl.analytics.rollup import WAVE_COLS, WAVE_UPSERT, pg_statement_triggers, reason_sql, sqlite_row_triggers
 
 VERSION = "v2"  # in the trigger names: a new definition replaces the old one, and the counts are rebuilt
-TRIGGERS = (f"notify_waves_ins_{VERSION}", f"notify_waves_upd_{VERSION}")
+PREFIX = "notify_waves_"  # every definition's trigger names start so
+TRIGGERS = (f"{PREFIX}ins_{VERSION}", f"{PREFIX}upd_{VERSION}")
 
 
 def _key(dialect: str, d: str) -> str:
@@ -37,20 +38,13 @@ def _key(dialect: str, d: str) -> str:
 
 
 def _sqlite_ddl() -> list[str]:
-    ins, upd = TRIGGERS
-
     def bump(row: str, n: int) -> str:
         return (
             f"INSERT INTO wave_counts ({WAVE_COLS}, n) SELECT {_key('sqlite', row)}, {n} FROM notifications AS n "
             f"WHERE n.id = {row}.notification_id AND n.wave IS NOT NULL {WAVE_UPSERT};"
         )
 
-    changed = " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in ("status", "reason", "channel", "notification_id"))
-    return [
-        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON deliveries WHEN {ROW_GATE}() BEGIN {bump('NEW', 1)} END",
-        f"CREATE TRIGGER IF NOT EXISTS {upd} AFTER UPDATE ON deliveries WHEN {changed} "
-        f"BEGIN {bump('OLD', -1)} {bump('NEW', 1)} END",
-    ]
+    return sqlite_row_triggers(TRIGGERS, bump, ("status", "reason", "channel", "notification_id"))
 
 
 # SQLite: the rows of one insert into deliveries (rowids above the parameter), counted in one
@@ -76,14 +70,6 @@ def _pg_ddl() -> list[str]:
     return pg_statement_triggers(TRIGGERS, "wave_delta", WAVE_COLS, grouped, insert, side)
 
 
-def _triggers(conn: Connection) -> list[str]:
-    if conn.dialect.name == "sqlite":
-        sql = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'notify_waves_%'"
-    else:
-        sql = "SELECT tgname FROM pg_trigger WHERE tgrelid = 'deliveries'::regclass AND tgname LIKE 'notify_waves_%%'"
-    return [str(r[0]) for r in conn.exec_driver_sql(sql).all()]
-
-
 def full_count_sql(dialect: str, where: str = "") -> str:
     """``wave_counts`` as a full count over the campaigns' deliveries (install's backfill)."""
     return (
@@ -94,36 +80,17 @@ def full_count_sql(dialect: str, where: str = "") -> str:
 
 def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManager[None]]) -> bool:
     """Create the triggers when missing and fill ``wave_counts`` from a full count in the same
-    transaction, writers waiting meanwhile (as ``triggers.install``). Returns whether it did."""
-    dialect = engine.dialect.name
-    if dialect not in ("sqlite", "postgresql"):
-        return False
-    with engine.connect() as conn:
-        if set(TRIGGERS) <= set(_triggers(conn)):
-            return False
-    with write_lock(engine), engine.connect() as conn:
-        if dialect == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("LOCK TABLE deliveries IN SHARE ROW EXCLUSIVE MODE")
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({FOLD_LOCK})")  # no compaction meanwhile
-        present = _triggers(conn)
-        if set(TRIGGERS) <= set(present):  # another process did it while this one waited
-            conn.rollback()
-            return False
-        for name in present:
-            conn.exec_driver_sql(
-                f"DROP TRIGGER IF EXISTS {name}" + (" ON deliveries" if dialect == "postgresql" else "")
-            )
-            if dialect == "postgresql":
-                conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {name}()")
-        for ddl in _sqlite_ddl() if dialect == "sqlite" else _pg_ddl():
-            conn.exec_driver_sql(ddl)
+    transaction, writers waiting meanwhile (``install.replace_triggers``, as ``triggers.install``).
+    Returns whether it did."""
+
+    def fill(conn: Connection, old: list[str]) -> None:
         conn.exec_driver_sql("DELETE FROM wave_counts")
         conn.exec_driver_sql("DELETE FROM wave_delta")
-        conn.exec_driver_sql(f"INSERT INTO wave_counts ({WAVE_COLS}, n) {full_count_sql(dialect)}")
-        conn.commit()
-    return True
+        conn.exec_driver_sql(f"INSERT INTO wave_counts ({WAVE_COLS}, n) {full_count_sql(conn.dialect.name)}")
+
+    return replace_triggers(
+        engine, write_lock, TRIGGERS, PREFIX, lambda d: _sqlite_ddl() if d == "sqlite" else _pg_ddl(), fill
+    )
 
 
 def wave_counts(engine: Engine, campaign_id: str) -> dict[int, Funnel]:
