@@ -92,6 +92,7 @@ class Template:
     _combined: dict[str, Any] = field(default_factory=dict, repr=False)
     _names: dict[str, frozenset[str] | None] = field(default_factory=dict, repr=False)
     _direct: dict[str, frozenset[str] | None] = field(default_factory=dict, repr=False)
+    _direct_data: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
 
     @property
     def channels(self) -> list[str]:
@@ -181,6 +182,33 @@ class Template:
                     break
             self._direct[channel] = frozenset(found) if found is not None else None
         return self._direct[channel]
+
+    def direct_data_names(self, channel: str) -> frozenset[str]:
+        """The data names (``user`` aside) a channel only prints: every use of the name, in every
+        part, is ``{{ name }}`` or a fallback chain around it (``{{ name | default(...) }}``, also
+        as another's fallback), outside any block that captures or transforms what it prints
+        (macros, call/filter/set blocks, ``{% autoescape %}``). For such a name, a rendering with a
+        token as its value and the recipient's value put in place of the token (``str``, escaped in
+        the HTML part) is the recipient's rendering: what a batch of per-recipient data renders
+        once (``worker.pipeline.render``). Empty when the channel has none, or does not parse."""
+        found = self._direct_data.get(channel)
+        if found is None:
+            names: set[str] = set()
+            loose: set[str] = set()  # names used some other way
+            for src in self.parts.get(channel, {}).values():
+                tree = _parse(src)
+                if tree is None or any(True for _ in tree.find_all(_CAPTURING)):
+                    names, loose = set(), set()
+                    break
+                used: set[int] = set()
+                for out in tree.find_all(nodes.Output):
+                    for node in out.nodes:
+                        _printed_names(node, used)
+                for n in tree.find_all(nodes.Name):
+                    if n.ctx == "load" and n.name != "user":
+                        (names if id(n) in used else loose).add(n.name)
+            found = self._direct_data[channel] = frozenset(names - loose)
+        return found
 
     def needs(self) -> list[Need]:
         """The data the template reads (every channel, ``user`` aside), required ones first."""
@@ -332,6 +360,28 @@ def _printed_user_fields(node: nodes.Node, used: set[int]) -> set[str] | None:
     ):
         return set()
     return None
+
+
+# blocks whose output is captured or transformed (or escaped otherwise) before it is printed
+_CAPTURING = (
+    nodes.Macro,
+    nodes.CallBlock,
+    nodes.FilterBlock,
+    nodes.AssignBlock,
+    nodes.EvalContextModifier,  # (and ScopedEvalContextModifier, its subclass: {% autoescape %})
+)
+
+
+def _printed_names(node: nodes.Node, used: set[int]) -> None:
+    """Adds to ``used`` the ids of the ``Name`` nodes an output expression prints as they are:
+    the expression itself, or the value and fallback of a ``default`` chain (see
+    ``direct_data_names``)."""
+    if isinstance(node, nodes.Name) and node.ctx == "load":
+        used.add(id(node))
+    elif _is_fallback(node):
+        assert isinstance(node, nodes.Filter) and node.node is not None
+        for sub in (node.node, *node.args):
+            _printed_names(sub, used)
 
 
 def _guarded_names(tree: nodes.Template) -> set[int]:

@@ -139,3 +139,23 @@ def test_send_of_whole_planned_groups_makes_exactly_those_requests(sandbox, prov
         assert sandbox.accepted_requests[before:] == [len(group)]
         got = {m["to"]: m["content"]["text/plain"] for m in sandbox.recorder.all()}
         assert got == {msgs[i].address: contents[i]["text"] for i in group}
+
+
+def test_values_too_big_for_substitutions_go_alone_as_their_copy(sandbox, provider) -> None:
+    """A body the pipeline cut already (``Message.shared``, each one's values in ``personal``) is one
+    request; a recipient whose values would pass SendGrid's 10,000 bytes goes alone, with their copy."""
+    from dataclasses import replace
+
+    shared = {"subject": "s", "text": "Hi %%v%%, shared"}
+    names = ["Ann", "z" * 11_000, "Bob"]
+    msgs = [
+        replace(message(i, {"subject": "s", "text": f"Hi {v}, shared"}), shared=shared, personal={"%%v%%": v})
+        for i, v in enumerate(names)
+    ]
+    sandbox.recorder.clear()
+    before, fallbacks = len(sandbox.accepted_requests), provider.fallbacks
+    assert all(isinstance(o, Sent) for o in provider.send(msgs))
+    assert sorted(sandbox.accepted_requests[before:]) == [1, 2]
+    assert provider.fallbacks - fallbacks == 1
+    got = {m["to"]: m["content"]["text/plain"] for m in sandbox.recorder.all()}
+    assert got == {f"user{i}@example.org": f"Hi {v}, shared" for i, v in enumerate(names)}

@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Any
 
 import markupsafe
+import orjson
 
 from notifyctl.errors import TemplateError
 from notifyctl.inbound import pixel_url
@@ -40,7 +41,9 @@ class Renderer:
         # (notification id, channel) → (the batch's rendering with tokens, this recipient's token values)
         self.probed: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}
         self.probes: dict[tuple[str, str, str], dict[str, str] | None] = {}
+        self.data_probes: dict[tuple[str, str, tuple[str, ...], bytes], dict[str, str] | None] = {}
         self.shared_data: Counter[str] = Counter()  # notifications of the batch per data (filled once loaded)
+        self.templates_in_batch: Counter[str] = Counter()  # notifications of the batch per template
         self.fills: dict[int, list[tuple[str, str, tuple[str, ...]]]] = {}
         self.plans: dict[tuple[int, bool], _EmailPlan] = {}
         self.footers: dict[bool, tuple[bool, bool, dict[str, str]]] = {}
@@ -48,6 +51,7 @@ class Renderer:
     def loaded(self, notifications: list[_Note]) -> None:
         """The batch is loaded: count the notifications sharing each data."""
         self.shared_data.update(n.data_key for n in notifications)
+        self.templates_in_batch.update(n.template_id for n in notifications)
 
     def template_for(self, tid: str) -> Template | TemplateError:
         t = self.templates.get(tid)
@@ -94,6 +98,18 @@ class Renderer:
                         # else (push, SMS) no user value is printed for this data (a campaign's
                         # `first_name | default(user.first_name)`): every recipient gets the batch's
                         # rendering as it is, no copy of their own
+                if (
+                    out is None
+                    and user is not None
+                    and self.shared_data[n.data_key] == 1
+                    and self.templates_in_batch[n.template_id] > 1
+                ):
+                    # Data of its own (a segment's columns): the batch's rendering with a token for each
+                    # value the channel only prints, once per template and remaining data
+                    pv = self.data_probe(n, channel, t, user)
+                    if pv is not None:
+                        out = pv[0]
+                        self.probed[key] = pv
                 if out is None:
                     try:
                         out = t.render(channel, {**n.data, "user": user_vars(user)})
@@ -121,6 +137,60 @@ class Renderer:
             except TemplateError:
                 probes[key] = None
         return probes[key]
+
+    def data_probe(self, n: Any, channel: str, t: Template, user: Any) -> tuple[dict[str, str], dict[str, str]] | None:
+        """(the channel rendered with a token for each of ``n``'s data values that it only prints
+        — ``Template.direct_data_names`` — and for the user fields it prints, this recipient's
+        values for those tokens), or None when nothing is left to share or a value cannot stand
+        in as a token (rendered the ordinary way). One rendering per template, channel, the
+        names turned into tokens, and the rest of the data."""
+        direct = t.direct_data_names(channel)
+        if not direct or t.secret or TOKEN_PREFIX in n.data_key:  # (data that looks like a token: as it is)
+            return None
+        tokenized: dict[str, str] = {}
+        rest: dict[str, Any] = {}
+        for k, v in n.data.items():
+            if k in direct and (text := _token_text(v)) is not None:
+                tokenized[k] = text
+            else:
+                rest[k] = v
+        if not tokenized:
+            return None
+        ufields: frozenset[str] | None = frozenset()
+        if "user" in (t.variables(channel) or ()):
+            ufields = t.direct_user_fields(channel)
+            if ufields is None or any("%" in f for f in ufields):
+                return None  # (a field name could hold a token's text)
+        html = "html" in t.parts.get(channel, ())
+        values = _token_values(ufields, user_vars(user), html) if ufields else {}
+        if values is None:
+            return None
+        try:
+            key = (t.id, channel, tuple(tokenized), orjson.dumps(rest, option=orjson.OPT_SORT_KEYS))
+        except TypeError:  # (what JSON did not give: rendered the ordinary way)
+            return None
+        probes = self.data_probes
+        if key in probes:
+            parts = probes[key]
+        else:
+            parts = None
+            if not any(TOKEN_PREFIX in src for src in t.parts[channel].values()):
+                try:
+                    data = {**rest, **{k: f"{TOKEN_PREFIX}dt:{k}%%" for k in tokenized}}
+                    parts = t.render(channel, {**data, "user": _UserProbe("t")})
+                    if "html" in parts:
+                        data = {**rest, **{k: f"{TOKEN_PREFIX}dh:{k}%%" for k in tokenized}}
+                        parts["html"] = t.render(channel, {**data, "user": _UserProbe("h")})["html"]
+                except TemplateError:
+                    parts = None
+            probes[key] = parts
+        if parts is None:
+            return None
+        for k, text in tokenized.items():
+            values[f"{TOKEN_PREFIX}dt:{k}%%"] = text
+            if html:
+                values[f"{TOKEN_PREFIX}dh:{k}%%"] = str(markupsafe.escape(n.data[k]))
+        return parts, values
 
     def fill_plan(self, pv: tuple[dict[str, str], dict[str, str]]) -> list[tuple[str, str, tuple[str, ...]]]:
         """Per part of a rendering with tokens: (part, text, the tokens it holds), once per rendering
@@ -164,6 +234,23 @@ class _UserProbe(dict):  # type: ignore[type-arg]
 
     def __missing__(self, key: str) -> str:
         return f"{TOKEN_PREFIX}{self.kind}:{key}%%"
+
+
+# a value put in place of a token: at most this long, so that a recipient's values stay well within
+# a provider's substitutions (SendGrid: 10,000 bytes a recipient) and a rendering's size limit
+_MAX_TOKEN_VALUE = 1000
+
+
+def _token_text(v: Any) -> str | None:
+    """What Jinja prints for a data value that a token may stand for (a string or a number; not
+    null, not too long, no token look-alike, no edge whitespace a part's strip() could eat), else None."""
+    t = type(v)
+    if not (t is str or t is int or (t is float and math.isfinite(v))):
+        return None
+    text = str(v)
+    if len(text) > _MAX_TOKEN_VALUE or TOKEN_PREFIX in text or text != text.strip():
+        return None
+    return text
 
 
 def _token_values(fields: frozenset[str] | None, user: dict[str, Any], html: bool = True) -> dict[str, str] | None:

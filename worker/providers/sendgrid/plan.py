@@ -41,7 +41,16 @@ def groups(messages: Sequence[Message], idxs: list[int]) -> tuple[list[Request],
         if (body.get("text") or "") != text or (body.get("html") or "") != html:
             break
     else:
-        return [(idxs, None, None)], 0
+        # one body for all, each recipient's values as their substitutions: those whose values do
+        # not fit go on their own, their copy as it is
+        big = [i for i in idxs if messages[i].shared is not None and not substitutions_fit(messages[i].personal)]
+        if not big:
+            return [(idxs, None, None)], 0
+        log.info("sendgrid: %d recipients' values did not fit their substitutions: sent one by one", len(big))
+        too_big = set(big)
+        fit = [i for i in idxs if i not in too_big]
+        alone: list[Request] = [([i], messages[i].content, [{}]) for i in big]
+        return ([(fit, None, None)] if fit else []) + alone, len(big)
     out: list[Request] = []
     own: list[int] = []  # bodies that hold a key's opening: sent as they are
     kinds: dict[tuple[bool, bool], list[int]] = {}  # a skeleton for bodies with the same parts

@@ -1,0 +1,178 @@
+"""Issue 15: a batch whose notifications each carry data of their own (a segment's columns) renders
+each template once, with a token for every value the channel only prints
+(``Template.direct_data_names``), and puts each recipient's values in — one SendGrid request
+with the values as substitutions. Every recipient, as the SendGrid sandbox rebuilds their copy,
+must get exactly what Jinja renders for their data, whatever the values and whatever else the
+template does with them (conditions, loops, filters, blocks)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from notifyctl.context import Context
+from notifyctl.directory import import_users
+from notifyctl.errors import TemplateError
+from notifyctl.intake import user_vars
+from notifyctl.models import User
+from notifyctl.template_store import TemplateStore
+from sandboxes.sendgrid import DEFAULT_API_KEY, SendgridSandbox
+from tests.conftest import make_settings
+from tests.util import send
+from worker.pipeline import Runtime, process
+
+# what each recipient's data may hold: HTML specials, unicode, numbers, booleans, edge whitespace,
+# the pipeline's and SendGrid's token look-alikes, the template separator, empty, long, null
+VALUES: list[Any] = [
+    'Dan & <Co> "q"',
+    "Zoë 🎉",
+    42,
+    3.5,
+    True,
+    "  padded ",
+    "%%notifyctl:dt:code%%",
+    "%%notifyctl:t:first_name%%",
+    "[%sg0%]",
+    "a\x1e\x1db",
+    "",
+    "x" * 1500,
+    "y" * 900,
+    None,
+    "plain",
+]
+
+TEMPLATES = {
+    # the shipped weekly_promo's shape: printed fields with fallbacks to the data and to `user`
+    "promo": '''category = "marketing"
+[email]
+subject = "{{ first_name | default(user.first_name | default('Hello')) }}, {{ discount }}% off"
+html = """
+<h1>{{ discount }}% off</h1>
+<p>Hi {{ first_name | default(user.first_name | default('there')) }}, code <strong>{{ code }}</strong>.</p>
+<a href="https://shop.example/?c={{ code }}">{{ note | default('') }}</a>
+"""
+text = """
+{{ discount }}% off.
+Hi {{ first_name | default(user.first_name | default('there')) }}, use {{ code }}.
+{{ note | default('') }}
+"""
+''',
+    # what may not be tokenized: a condition, a loop, a filter, a filter block, an autoescape block,
+    # a macro and a set block, beside fields printed as they are
+    "mixed": '''category = "marketing"
+[email]
+subject = "{{ code }} {{ first_name | upper if first_name is string else first_name }}"
+html = """
+{% if vip %}<b>VIP {{ code }}</b>{% endif %}
+<ul>{% for item in items %}<li>{{ item }} {{ code }}</li>{% endfor %}</ul>
+{% filter upper %}{{ note | default('-') }}{% endfilter %}
+{% autoescape false %}{{ raw | default('') }}{% endautoescape %}
+{% macro m(x) %}[{{ x }}]{% endmacro %}{{ m(code) | lower }}
+{% set box %}{{ first_name }}{% endset %}{{ box | length }}
+"""
+text = """{{ code }}{% for item in items %} {{ item }}{% endfor %} {{ first_name }}"""
+''',
+}
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SendgridSandbox]:
+    sb = SendgridSandbox(api_key=DEFAULT_API_KEY).start()
+    yield sb
+    sb.stop()
+
+
+def _data(i: int) -> dict[str, Any]:
+    v = VALUES[i % len(VALUES)]
+    w = VALUES[(i * 7 + 3) % len(VALUES)]
+    data: dict[str, Any] = {"discount": 20, "code": f"C{i:03d}<&>", "vip": i % 2 == 0, "items": [f"i{i}", w]}
+    if v is not None:
+        data["first_name"] = v
+    if w is not None:
+        data["note"] = w
+        data["raw"] = w
+    return data
+
+
+@pytest.mark.parametrize("template_id", sorted(TEMPLATES))
+def test_each_recipient_gets_exactly_what_jinja_renders(
+    home: Path, redis_url: str, rclient: Any, tmp_path: Path, sandbox: SendgridSandbox, template_id: str
+) -> None:
+    tdir = tmp_path / "tpl"
+    tdir.mkdir()
+    for tid, src in TEMPLATES.items():
+        (tdir / f"{tid}.toml").write_text(src)
+    opts = {"api_key": DEFAULT_API_KEY, "base_url": sandbox.url}
+    settings = make_settings(home, redis_url, templates_dir=tdir, rate_limits=[], public_url="https://n.example",
+                             postal_address="1 Main St", providers_email=["sendgrid"],
+                             provider_options={"sendgrid": opts})  # fmt: skip
+    ctx = Context(settings)
+    n = 2 * len(VALUES)
+    csv = "user_id,email,first_name\n" + "".join(f"r{i},r{i}@example.com,U{i}\n" for i in range(n))
+    assert import_users(ctx, io.StringIO(csv)).errors == []
+    t = TemplateStore([tdir]).get(template_id)
+    datas = {f"r{i}": _data(i) for i in range(n)}
+    nids = []
+    for uid, d in list(datas.items()):
+        try:
+            nids.append(
+                send(ctx, recipient_id=uid, template_id=template_id, channels=["email"], data=d).notification_id
+            )
+        except TemplateError:  # intake renders the data once: what cannot render is refused there
+            del datas[uid]
+    n = len(datas)
+    sandbox.recorder.clear()
+    stats = process(Runtime(ctx), nids)
+    got = {m["to"]: m for m in sandbox.recorder.all()}
+    with ctx.engine.connect() as conn:
+        users = {u.id: u for u in conn.execute(User.__table__.select())}  # type: ignore[attr-defined]
+    renders = 0
+    for uid, data in datas.items():
+        try:
+            want = t.render("email", {**data, "user": user_vars(users[uid])})
+        except TemplateError:  # (a null loop item, a missing name): failed, not sent
+            assert f"{uid}@example.com" not in got
+            continue
+        renders += 1
+        mail = got[f"{uid}@example.com"]
+        assert mail["subject"] == want["subject"], (uid, data)
+        # the pipeline appends the unsubscribe footer and the open pixel
+        text = mail["content"]["text/plain"].split("\n\n--\nUnsubscribe: ")[0]
+        html = mail["content"]["text/html"].split('\n<p style="font-size:small;color:#666"><a href=')[0]
+        assert (text, html) == (want["text"], want["html"]), (uid, data)
+    assert stats.sent == renders == len(got) and stats.failed == n - renders
+    assert renders > n // 2
+    ctx.close()
+
+
+def test_a_segment_batch_is_one_request(home: Path, redis_url: str, rclient: Any, sandbox: SendgridSandbox) -> None:
+    """The bench's shape: the shipped weekly_promo, each recipient a name and a code of their own
+    (the segment's columns), the campaign's discount for all: one request for the batch, each
+    copy exactly the template's rendering."""
+    opts = {"api_key": DEFAULT_API_KEY, "base_url": sandbox.url}
+    settings = make_settings(home, redis_url, rate_limits=[], public_url="https://n.example", postal_address="1 Main St",
+                             providers_email=["sendgrid"], provider_options={"sendgrid": opts})  # fmt: skip
+    ctx = Context(settings)
+    n = 40
+    csv = "user_id,email\n" + "".join(f"s{i},s{i}@example.com\n" for i in range(n))
+    assert import_users(ctx, io.StringIO(csv)).errors == []
+    datas = {f"s{i}": {"discount": 20, "first_name": f"Name{i} & <b>", "code": f"C{i:07d}Z"} for i in range(n)}
+    nids = [send(ctx, recipient_id=uid, template_id="weekly_promo", channels=["email"], data=d).notification_id
+            for uid, d in datas.items()]  # fmt: skip
+    before = len(sandbox.accepted_requests)
+    sandbox.recorder.clear()
+    assert process(Runtime(ctx), nids).sent == n
+    assert sandbox.accepted_requests[before:] == [n]
+    t = ctx.templates.get("weekly_promo")
+    got = {m["to"]: m for m in sandbox.recorder.all()}
+    for uid, data in datas.items():
+        want = t.render("email", {**data, "user": {}})
+        mail = got[f"{uid}@example.com"]
+        assert mail["subject"] == want["subject"]
+        assert mail["content"]["text/plain"].startswith(want["text"] + "\n\n--\nUnsubscribe: https://n.example/u/")
+        assert mail["content"]["text/html"].startswith(want["html"] + '\n<p style="font-size:small;color:#666">')
+    ctx.close()
