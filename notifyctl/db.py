@@ -440,6 +440,13 @@ def _existing_indexes(conn: Connection) -> set[str]:
     return {str(i["name"]) for t in insp.get_table_names() for i in insp.get_indexes(t) if i["name"]}
 
 
+def _pg_partial_indexes(conn: Connection) -> dict[str, bool]:
+    """PostgreSQL: each index of this schema → whether it is partial (has a WHERE)."""
+    sql = "SELECT c.relname, i.indpred IS NOT NULL FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+    sql += " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema()"
+    return {str(name): bool(partial) for name, partial in conn.exec_driver_sql(sql)}
+
+
 def add_missing_columns(engine: Engine) -> list[str]:
     """The schema-upgrade step: add the model's columns that an existing table lacks.
 
@@ -450,13 +457,17 @@ def add_missing_columns(engine: Engine) -> list[str]:
     naming the column. Idempotent, and safe when two processes upgrade at once (PostgreSQL ``IF NOT
     EXISTS``; on SQLite the loser's duplicate-column error is ignored). It also builds the model's
     indexes an existing table lacks (``CREATE INDEX IF NOT EXISTS``: once, on the first start after
-    the upgrade) and drops those it retired (``models.RETIRED_INDEXES``).
+    the upgrade) and drops those it retired (``models.RETIRED_INDEXES``). On PostgreSQL, a
+    non-unique index that became partial (``postgresql_where``: ``ix_notifications_status_due``
+    holds only the open rows) or stopped being one is built anew under its name, once (a changed
+    predicate of an index already partial needs a new name instead).
     Returns ``table.column`` of each column added."""
     added: list[str] = []
     q = engine.dialect.identifier_preparer
     with engine.begin() as conn:
         existing = _existing_columns(conn)
         indexes = _existing_indexes(conn)
+        partial = _pg_partial_indexes(conn) if engine.dialect.name == "postgresql" else {}
         for table in SQLModel.metadata.sorted_tables:
             have = existing.get(table.name)
             if not have:
@@ -486,6 +497,13 @@ def add_missing_columns(engine: Engine) -> list[str]:
                 new_col = any(c.name not in have for c in index.columns)
                 if index.name not in indexes and (new_col or not index.unique):
                     conn.execute(CreateIndex(index, if_not_exists=True))
+                elif (
+                    index.name in partial
+                    and not index.unique
+                    and partial[index.name] != (index.dialect_options["postgresql"]["where"] is not None)
+                ):
+                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {q.quote(str(index.name))}")
+                    conn.execute(CreateIndex(index))
         for name in models.RETIRED_INDEXES:
             if name in indexes:
                 conn.exec_driver_sql(f"DROP INDEX IF EXISTS {q.quote(name)}")

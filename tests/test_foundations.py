@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -480,6 +481,73 @@ def test_upgrade_moves_dedup_keys_to_the_partial_index(db_url: str) -> None:
             assert find_notification(session, "campaign:c_1:u1").id == "n_b"
     finally:
         engine.dispose()
+
+
+def test_status_due_index_holds_open_rows_and_serves_its_readers(any_db_ctx: Any) -> None:
+    """``ix_notifications_status_due`` on PostgreSQL holds the open rows only (the done UPDATE adds
+    no entry to it): a database made with the full index gets the partial one on the schema upgrade,
+    and every statement the reconciler's round runs on notifications' status, and the waves'
+    waiting count, can still read it (their plans with sequential scans off name it); the round
+    finds every due retry and scheduled send and every lost queued row. SQLite keeps the full index."""
+    from datetime import timedelta
+
+    from sqlalchemy import event, insert
+
+    from notifyctl.analytics.waves import waiting
+    from notifyctl.db import _pg_partial_indexes, add_missing_columns
+    from notifyctl.models import OPEN_NOTIFICATION_STATUSES, Notification, NotificationStatus, utcnow
+    from worker.reconciler import reconcile
+
+    ctx = any_db_ctx
+    pg = ctx.engine.dialect.name == "postgresql"
+    assert set(NotificationStatus) - set(OPEN_NOTIFICATION_STATUSES) == {"done", "suppressed", "canceled"}
+    with ctx.engine.begin() as conn:  # as an earlier release left it
+        conn.exec_driver_sql("DROP INDEX ix_notifications_status_due")
+        conn.exec_driver_sql("CREATE INDEX ix_notifications_status_due ON notifications (status, due_at)")
+    add_missing_columns(ctx.engine)
+    with ctx.engine.connect() as conn:
+        if pg:
+            assert _pg_partial_indexes(conn)["ix_notifications_status_due"] is True
+        else:
+            sql = conn.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE name = 'ix_notifications_status_due'"
+            ).scalar_one()
+            assert "WHERE" not in sql.upper()
+    add_missing_columns(ctx.engine)  # once: the second start finds it partial already
+    now = utcnow()
+    old = now - timedelta(minutes=5)
+    rows = []
+    for i, status in enumerate(sorted(NotificationStatus) * 3):
+        rows.append({"id": f"n_{i:03d}", "recipient_id": f"u{i}", "type": "t", "template_id": "t",
+                     "category": "marketing", "priority": "low", "channels": ["email"], "data": {},
+                     "dedup_key": None, "campaign_id": "c_1", "wave": 0, "status": status, "job_id": None,
+                     "due_at": old, "created_at": old, "updated_at": old})  # fmt: skip
+    with ctx.engine.begin() as conn:
+        conn.execute(insert(Notification.__table__), rows)  # type: ignore[attr-defined]
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "notifications.status" in statement:
+            seen.append((statement, params))
+
+    event.listen(ctx.engine, "before_cursor_execute", capture)
+    try:
+        res = reconcile(ctx, force=True)
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", capture)
+    assert res.retries_queued == 6 and res.recovered == 3, res  # retrying + scheduled; queued, its job lost
+    with ctx.engine.connect() as conn:
+        assert waiting(conn, "c_1") == {0: {"paused": 3}}  # the scheduled ones were queued just now
+        if pg:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            mark = "%s"
+            readers = [(s, p) for s, p in seen if "JOIN" not in s.upper()]  # (the orphans' join reads deliveries)
+            readers.append((f"SELECT wave, status, count(*) FROM notifications WHERE status IN ('scheduled', "
+                            f"'paused') AND coalesce(campaign_id, '') = {mark} GROUP BY wave, status", ("c_1",)))  # fmt: skip
+            assert len(readers) >= 4, seen  # due, lost (high and all), the waves' count
+            for statement, params in readers:
+                plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
+                assert "ix_notifications_status_due" in plan, (statement, plan)
 
 
 def test_update_where_in_counts_what_it_changed(db_url: str) -> None:
