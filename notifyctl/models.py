@@ -124,6 +124,10 @@ OPEN_NOTIFICATION_STATUSES = (
     NotificationStatus.retrying,
 )
 OPEN_WHERE = text(f"status IN ({', '.join(repr(str(s)) for s in OPEN_NOTIFICATION_STATUSES)})")
+# A delivery still to go (queued, or retrying at next_attempt_at): the rows ``ix_deliveries_status``
+# holds on PostgreSQL. Every other status is final (``FINAL_STATUSES``).
+OPEN_DELIVERY_STATUSES = (DeliveryStatus.queued, DeliveryStatus.retrying)
+OPEN_DELIVERY_WHERE = text(f"status IN ({', '.join(repr(str(s)) for s in OPEN_DELIVERY_STATUSES)})")
 
 
 class User(SQLModel, table=True):
@@ -242,7 +246,14 @@ class Delivery(SQLModel, table=True):
     """One notification × channel × address (device token, email address, phone number)."""
 
     __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("notification_id", "channel", "address", name="uq_delivery"),)
+    __table_args__ = (
+        UniqueConstraint("notification_id", "channel", "address", name="uq_delivery"),
+        # The deliveries still to go (the reconciler's orphans pass). On PostgreSQL the open ones
+        # only (``OPEN_DELIVERY_WHERE``): a delivery the worker inserts already ``sent`` (every
+        # email of a batch) and each webhook's ``delivered``/``opened`` then add no entry to it.
+        # SQLite keeps the full index (as ``ix_notifications_status_due``).
+        Index("ix_deliveries_status", "status", postgresql_where=OPEN_DELIVERY_WHERE),
+    )
     id: str = Field(primary_key=True, max_length=32)  # derived_id: sorts with its notification's
     # no index of its own: uq_delivery starts with it, and a second one cost ~0.8 µs a row
     notification_id: str = Field(max_length=32)
@@ -250,7 +261,7 @@ class Delivery(SQLModel, table=True):
     channel: str = Field(max_length=16)
     route: str = Field(max_length=16)  # push.ios, push.android, email, sms
     address: str = Field(max_length=512)
-    status: str = Field(default=DeliveryStatus.queued, index=True, max_length=16)
+    status: str = Field(default=DeliveryStatus.queued, max_length=16)  # indexed by ix_deliveries_status
     reason: str | None = Field(default=None, max_length=512)
     provider: str | None = Field(default=None, max_length=32)
     provider_message_id: str | None = Field(default=None, index=True, max_length=255)

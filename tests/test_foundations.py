@@ -483,19 +483,21 @@ def test_upgrade_moves_dedup_keys_to_the_partial_index(db_url: str) -> None:
         engine.dispose()
 
 
-def test_status_due_index_holds_open_rows_and_serves_its_readers(any_db_ctx: Any) -> None:
-    """``ix_notifications_status_due`` on PostgreSQL holds the open rows only (the done UPDATE adds
-    no entry to it): a database made with the full index gets the partial one on the schema upgrade,
-    and every statement the reconciler's round runs on notifications' status, and the waves'
-    waiting count, can still read it (their plans with sequential scans off name it); the round
-    finds every due retry and scheduled send and every lost queued row. SQLite keeps the full index."""
+def test_status_indexes_hold_open_rows_and_serve_their_readers(any_db_ctx: Any) -> None:
+    """``ix_notifications_status_due`` and ``ix_deliveries_status`` on PostgreSQL hold the open rows
+    only (the done UPDATE, a delivery inserted ``sent``, add no entry to them): a database made with
+    the full indexes gets the partial ones on the schema upgrade, and every statement the
+    reconciler's round runs on a status, and the waves' waiting count, can still read them (their
+    plans with sequential scans off name them); the round finds every due retry and scheduled send,
+    every lost queued row and the orphan (a retrying delivery of a done notification). SQLite
+    keeps the full indexes."""
     from datetime import timedelta
 
     from sqlalchemy import event, insert
 
     from notifyctl.analytics.waves import waiting
     from notifyctl.db import _pg_partial_indexes, add_missing_columns
-    from notifyctl.models import OPEN_NOTIFICATION_STATUSES, Notification, NotificationStatus, utcnow
+    from notifyctl.models import OPEN_NOTIFICATION_STATUSES, Delivery, Notification, NotificationStatus, utcnow
     from worker.reconciler import reconcile
 
     ctx = any_db_ctx
@@ -504,15 +506,17 @@ def test_status_due_index_holds_open_rows_and_serves_its_readers(any_db_ctx: Any
     with ctx.engine.begin() as conn:  # as an earlier release left it
         conn.exec_driver_sql("DROP INDEX ix_notifications_status_due")
         conn.exec_driver_sql("CREATE INDEX ix_notifications_status_due ON notifications (status, due_at)")
+        conn.exec_driver_sql("DROP INDEX ix_deliveries_status")
+        conn.exec_driver_sql("CREATE INDEX ix_deliveries_status ON deliveries (status)")
     add_missing_columns(ctx.engine)
+    names = ("ix_notifications_status_due", "ix_deliveries_status")
     with ctx.engine.connect() as conn:
         if pg:
-            assert _pg_partial_indexes(conn)["ix_notifications_status_due"] is True
+            assert [_pg_partial_indexes(conn)[n] for n in names] == [True, True]
         else:
-            sql = conn.exec_driver_sql(
-                "SELECT sql FROM sqlite_master WHERE name = 'ix_notifications_status_due'"
-            ).scalar_one()
-            assert "WHERE" not in sql.upper()
+            for n in names:
+                sql = conn.exec_driver_sql(f"SELECT sql FROM sqlite_master WHERE name = '{n}'").scalar_one()
+                assert "WHERE" not in sql.upper(), sql
     add_missing_columns(ctx.engine)  # once: the second start finds it partial already
     now = utcnow()
     old = now - timedelta(minutes=5)
@@ -524,6 +528,13 @@ def test_status_due_index_holds_open_rows_and_serves_its_readers(any_db_ctx: Any
                      "due_at": old, "created_at": old, "updated_at": old})  # fmt: skip
     with ctx.engine.begin() as conn:
         conn.execute(insert(Notification.__table__), rows)  # type: ignore[attr-defined]
+        done = next(r["id"] for r in rows if r["status"] == "done")
+        conn.execute(
+            insert(Delivery.__table__),  # type: ignore[attr-defined]
+            [{"id": "d_1", "notification_id": done, "user_id": "u", "channel": "email", "route": "email",
+              "address": "a@example.com", "status": "retrying", "attempts": 1, "next_attempt_at": old,
+              "dead_lettered": False, "queued_at": old, "updated_at": old}],
+        )  # fmt: skip
     seen: list[tuple[str, Any]] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_args: Any) -> None:
@@ -535,19 +546,22 @@ def test_status_due_index_holds_open_rows_and_serves_its_readers(any_db_ctx: Any
         res = reconcile(ctx, force=True)
     finally:
         event.remove(ctx.engine, "before_cursor_execute", capture)
-    assert res.retries_queued == 6 and res.recovered == 3, res  # retrying + scheduled; queued, its job lost
+    # retrying + scheduled; queued, its job lost; the done one with a retrying delivery
+    assert (res.retries_queued, res.recovered, res.orphans_woken) == (6, 3, 1), res
     with ctx.engine.connect() as conn:
         assert waiting(conn, "c_1") == {0: {"paused": 3}}  # the scheduled ones were queued just now
         if pg:
             conn.exec_driver_sql("SET enable_seqscan = off")
             mark = "%s"
-            readers = [(s, p) for s, p in seen if "JOIN" not in s.upper()]  # (the orphans' join reads deliveries)
+            readers = list(seen)
             readers.append((f"SELECT wave, status, count(*) FROM notifications WHERE status IN ('scheduled', "
                             f"'paused') AND coalesce(campaign_id, '') = {mark} GROUP BY wave, status", ("c_1",)))  # fmt: skip
-            assert len(readers) >= 4, seen  # due, lost (high and all), the waves' count
+            assert len(readers) >= 5, seen  # due, lost (high and all), orphans, the waves' count
             for statement, params in readers:
                 plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
-                assert "ix_notifications_status_due" in plan, (statement, plan)
+                # the orphans' join starts from the open deliveries; the others read the open notifications
+                name = "ix_deliveries_status" if " JOIN " in statement.upper() else "ix_notifications_status_due"
+                assert name in plan, (statement, plan)
 
 
 def test_update_where_in_counts_what_it_changed(db_url: str) -> None:
