@@ -17,6 +17,8 @@ from bench.harness import (
     wait_workers,
 )
 from bench.sandboxes import SandboxProcess
+from notifyctl.intake import user_vars
+from notifyctl.models import User
 
 
 def apprise_available() -> bool:
@@ -32,8 +34,6 @@ def apprise_available() -> bool:
 def apprise_vs_notifyctl(n: int, pool: int = 3, batch: int = 500, log: Log = noop) -> dict[str, Any]:
     """(6) the same n emails to the same SMTP sink (aiosmtpd, separate process): Apprise (one
     notify per recipient, as its API goes) vs notifyctl's pool with providers_email=["smtp"]."""
-    from notifyctl.models import User
-
     smtp = SandboxProcess("smtp")
     overrides = {
         "providers_email": ["smtp"],
@@ -66,8 +66,6 @@ def apprise_vs_notifyctl(n: int, pool: int = 3, batch: int = 500, log: Log = noo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             import apprise
-
-        from notifyctl.intake import user_vars
 
         tpl = env.ctx.templates.get("weekly_promo")
         mails = []

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import insert
 
 from notifyctl.context import Context
-from notifyctl.db import prepare_insert, write_lock
+from notifyctl.db import dispose_all, prepare_insert, write_lock
 from notifyctl.models import Notification, User, new_id, utcnow
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import load_settings
@@ -74,8 +74,6 @@ class Env:
         stop_server(self.redis_dir)
         if self._pg_schema:
             from sqlalchemy import create_engine, text
-
-            from notifyctl.db import dispose_all
 
             dispose_all()
             admin = create_engine(self._pg_base)

@@ -19,6 +19,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from bench.common import Env
+from campaigns.models import Campaign
+from notifyctl.analytics import triggers, waves
+from notifyctl.analytics.fold import compact
+from notifyctl.analytics.read import funnel, parse_since
+from notifyctl.analytics.triggers import counted_insert
+from notifyctl.analytics.waves import wave_progress
+from notifyctl.api.app import create_app
+from notifyctl.api.auth import create_key
+from notifyctl.db import prepare_insert, write_lock
+from notifyctl.models import Delivery, Notification, derived_id, new_id, utcnow
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 TEMPLATES = ("order_shipped_v2", "weekly_promo", "otp_code", "password_reset", "welcome")
@@ -55,10 +65,6 @@ def _delivery(did: str, nid: str, user: str, ch: str, address: str, st: str, rea
 def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_000) -> dict[str, Any]:
     """``deliveries`` rows (two per notification: email and sms), two campaigns of a quarter of
     them each with three time-zone waves, ~1 % of the failed ones dead-lettered."""
-    from campaigns.models import Campaign
-    from notifyctl.db import prepare_insert, write_lock
-    from notifyctl.models import Delivery, Notification, derived_id, new_id, utcnow
-
     ctx = env.ctx
     engine = ctx.engine
     now = utcnow()
@@ -116,7 +122,6 @@ def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_
         ins_s = prepare_insert(engine, Notification.__table__, srows[start : start + chunk])  # type: ignore[attr-defined]
         with write_lock(engine), engine.begin() as conn:
             ins_s(conn)
-    from notifyctl.analytics.fold import compact
 
     if engine.dialect.name == "postgresql":
         with engine.begin() as conn:
@@ -151,11 +156,6 @@ def wave_trigger_cost(env: Env, log: Callable[[str], None], rows: int = 20_000, 
     transaction), then moved sent → delivered (one UPDATE a chunk, as a webhook batch), with the
     wave triggers on and off, alternately, twice each: CPU µs a row of this process and, on
     PostgreSQL, of the connection's backend (``_cpu_now``)."""
-    from notifyctl.analytics import triggers, waves
-    from notifyctl.analytics.triggers import counted_insert
-    from notifyctl.db import prepare_insert, write_lock
-    from notifyctl.models import Delivery, Notification, derived_id, new_id, utcnow
-
     engine = env.ctx.engine
     now = utcnow()
     on_pg = engine.dialect.name == "postgresql"
@@ -209,8 +209,6 @@ class _Server:
     def __init__(self, ctx: Any) -> None:
         import uvicorn
 
-        from notifyctl.api.app import create_app
-
         self.server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=0, log_level="critical",
                                                     lifespan="off"))  # fmt: skip
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -228,9 +226,6 @@ class _Server:
 
 def measure(env: Env, info: dict[str, Any], runs: int, log: Callable[[str], None]) -> dict[str, Any]:
     import httpx
-
-    from notifyctl.analytics.read import funnel, parse_since
-    from notifyctl.api.auth import create_key
 
     key = create_key(env.ctx, "bench", "admin").key
     pages = {
@@ -277,8 +272,6 @@ def _waves(env: Env, info: dict[str, Any], runs: int) -> dict[str, Any]:
     (``analytics.waves.wave_progress``, what the page runs) and, for comparison, as a grouped
     count over the campaign's deliveries on the indexes (the join by notification id) — the
     other way the page could count them."""
-    from notifyctl.analytics.waves import wave_progress
-
     engine = env.ctx.engine
     mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
     grouped = (

@@ -15,6 +15,7 @@ from bench.harness import (
     Log,
     SqlCounter,
     bulk_ios_tokens,
+    clear_rate_windows,
     commandstats,
     delta,
     mark_queued,
@@ -23,6 +24,7 @@ from bench.harness import (
 )
 from bench.push_blast import apns_setup
 from bench.sandboxes import SandboxProcess
+from worker.pipeline import Runtime
 
 _STAGES = [
     ("load batch (SQL)", "worker.pipeline.batch", "_Batch.__init__"),
@@ -84,8 +86,6 @@ def _top_functions(prof: cProfile.Profile, k: int = 12) -> list[dict[str, Any]]:
 
 
 def _process_in_process(env: Env, nids: list[str], batch: int, profile: bool) -> dict[str, Any]:
-    from worker.pipeline import Runtime
-
     mark_queued(env, nids)
     rt = Runtime(env.ctx, worker_name="bench-inproc")
     stats0 = commandstats(env)
@@ -139,11 +139,11 @@ def cost(n: int, batch: int = 1000, log: Log = noop) -> dict[str, Any]:
         bulk_ios_tokens(env, ids)
         for label, channel in (("email", "email"), ("push", "push")):
             plain = bulk_notifications(env.ctx, ids, "weekly_promo", [channel], PROMO)
-            env.ctx.redis.delete(*[k for k in env.ctx.redis.scan_iter("notif:rate:*")] or ["-"])
+            clear_rate_windows(env)
             out[label] = _process_in_process(env, plain, batch, profile=False)
             log(f"  {label}: {out[label]['per_s_one_process']}/s in one process (no profiler); profiling...")
             profiled = bulk_notifications(env.ctx, ids, "weekly_promo", [channel], PROMO)
-            env.ctx.redis.delete(*[k for k in env.ctx.redis.scan_iter("notif:rate:*")] or ["-"])
+            clear_rate_windows(env)
             prof = _process_in_process(env, profiled, batch, profile=True)
             out[label]["profiled_elapsed_s"] = prof["elapsed_s"]
             out[label]["stages"] = prof.get("stages")

@@ -31,6 +31,8 @@ from bench.harness import (
     wait_workers,
 )
 from bench.sandboxes import SandboxProcess
+from campaigns.launcher import LaunchSpec, launch
+from notifyctl.intake import parse_request, submit
 
 # The email blast's campaign greets each recipient by name, as a real one does (the shipped
 # weekly_promo takes first_name from the campaign data, the same for everyone).
@@ -79,9 +81,6 @@ def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 1000, expe
     user-field-only case: the campaign's rows written in bulk as the launcher writes them, bodies
     varying only by ``{{ user.first_name }}``. ``bench_pg``: a PostgreSQL server URL (a fresh schema),
     "" for SQLite whatever ``NOTIFY_BENCH_DATABASE_URL`` says, None to follow it."""
-    from campaigns.launcher import LaunchSpec, launch
-    from notifyctl.intake import parse_request, submit
-
     sg = SandboxProcess("sendgrid")
     tw = SandboxProcess("twilio")
     overrides: dict[str, Any] = {

@@ -1,4 +1,7 @@
-"""Issue 17, item 2: "the funnel over 10 million deliveries answers in well under a second on
+"""One module: one benchmark: the 10,000,000-row load, the checks of the rollup against it and the
+timed reads share the database it builds; ~420 lines.
+
+Issue 17, item 2: "the funnel over 10 million deliveries answers in well under a second on
 SQLite and PostgreSQL". The console scenario (bench/console.py) writes its 1,000,000 rows through
 the triggers; here 10,000,000 are bulk-loaded in SQL (``INSERT … SELECT`` over a generated series)
 with the analytics triggers dropped, as in a database made before analytics existed, and then the
@@ -43,6 +46,11 @@ from typing import Any
 
 from bench.common import Env
 from bench.console import PG_URL, _pg_up, _Server
+from notifyctl.analytics import checks, fold, read, rollup, triggers
+from notifyctl.analytics.read import funnel, parse_since
+from notifyctl.analytics.rollup import KEY, full_count_sql
+from notifyctl.api.auth import create_key
+from notifyctl.db import write_lock
 
 TEMPLATES = 300
 CAMPAIGNS = 50
@@ -142,9 +150,6 @@ def load(env: Env, deliveries: int, log: Callable[[str], None]) -> dict[str, Any
     """Drop the analytics triggers, bulk-load, then ``analytics.triggers.install`` (the backfill)."""
     from sqlalchemy import text
 
-    from notifyctl.analytics import fold, triggers
-    from notifyctl.db import write_lock
-
     engine = env.ctx.engine
     dialect = engine.dialect.name
     n = deliveries // 2
@@ -203,8 +208,6 @@ def _size(env: Env, conn: Any) -> int | None:
 def check(env: Env, log: Callable[[str], None]) -> dict[str, Any]:
     """The rollup against the deliveries, before anything is timed: every group against a full
     count, both ways, in SQL; and channel × status totals against a plain GROUP BY."""
-    from notifyctl.analytics.rollup import KEY, full_count_sql
-
     engine = env.ctx.engine
     cols = ", ".join(KEY)
     rollup = (f"SELECT {cols}, sum(n) AS n FROM (SELECT {cols}, n FROM analytics_hourly UNION ALL "
@@ -239,8 +242,6 @@ def check(env: Env, log: Callable[[str], None]) -> dict[str, Any]:
 def _check_coarse(conn: Any) -> dict[str, int]:
     """Each coarse tier (+ what is not folded yet) against the temporary ``full_count`` summed to
     its key, both ways (``EXCEPT``): the rows that differ, per tier."""
-    from notifyctl.analytics import rollup
-
     pg = conn.dialect.name == "postgresql"
     total = "template_id, channel, campaign_id, status, reason"
     out: dict[str, int] = {}
@@ -281,8 +282,6 @@ def _load() -> list[float]:
 
 
 def _timed(engine: Any, runs: int, by: str, since: str | None, tier: str = "coarse") -> tuple[dict[str, Any], Any]:
-    from notifyctl.analytics.read import funnel
-
     times, cpu = [], []
     for _ in range(runs + 1):  # the first warms the caches
         t, c = time.perf_counter(), time.process_time()
@@ -301,8 +300,6 @@ SINCE = {"all": None, "7d": "7d", "30d": "30d"}
 def _funnels(env: Env, runs: int, log: Callable[[str], None], hourly: bool) -> dict[str, Any]:
     """The funnel by each grouping and ``--since``: coarse (median of ``runs``), and, with
     ``hourly``, the same over the hourly rollup alone (timed once), the two answers compared."""
-    from notifyctl.analytics.read import parse_since
-
     out: dict[str, Any] = {"funnel_ms": {}, "hourly_ms": {}, "equal_to_hourly": True}
     for by in ("template", "channel", "campaign", "day"):
         for label, since in SINCE.items():
@@ -325,9 +322,6 @@ def late_changes(env: Env, runs: int, log: Callable[[str], None]) -> dict[str, A
     changed hourly rows on SQLite, the deltas on PostgreSQL), the fold (``analytics.fold.compact``)
     timed, the funnel timed again; each answer equal to the hourly rollup's."""
     from sqlalchemy import text
-
-    from notifyctl.analytics import checks, fold, read
-    from notifyctl.db import write_lock
 
     engine = env.ctx.engine
     t0 = time.perf_counter()
@@ -361,8 +355,6 @@ def late_changes(env: Env, runs: int, log: Callable[[str], None]) -> dict[str, A
 
 def timings(env: Env, runs: int, log: Callable[[str], None], hourly: bool = True) -> dict[str, Any]:
     import httpx
-
-    from notifyctl.api.auth import create_key
 
     out: dict[str, Any] = {"load_before": _load(), **_funnels(env, runs, log, hourly)}
     out["pages_ms"] = {}

@@ -18,6 +18,7 @@ from sqlalchemy import event, func, insert, select, update
 from bench.common import Env
 from notifyctl import keys
 from notifyctl.intake import parse_request, submit
+from notifyctl.metrics import DELIVERIES
 from notifyctl.models import Delivery, DeviceToken, Notification, User, utcnow
 from worker.pipeline import process
 
@@ -83,8 +84,6 @@ def sent_counter(env: Env, channel: str) -> int:
     """Deliveries the workers have counted as sent on ``channel`` (the Prometheus counter in Redis).
     A worker adds to it after its SQL commit, so when it reads n, n rows are tracked in SQL: a cheap
     progress probe for a run, confirmed by one SQL count at the end."""
-    from notifyctl.metrics import DELIVERIES
-
     prefix = f"sent|{channel}|".encode()
     return sum(int(v) for k, v in env.ctx.redis.hgetall(DELIVERIES).items() if k.startswith(prefix))
 
@@ -280,6 +279,11 @@ class SqlCounter:
 
     def __exit__(self, *exc: object) -> None:
         event.remove(self.engine, "before_cursor_execute", self.on_exec)
+
+
+def clear_rate_windows(env: Env) -> None:
+    """Forget every user's rate-limit window, so that a run does not suppress what the last one sent."""
+    env.ctx.redis.delete(*list(env.ctx.redis.scan_iter(keys.RATE_PATTERN)) or ["-"])
 
 
 def mark_queued(env: Env, nids: list[str]) -> None:

@@ -18,14 +18,8 @@ from bench.harness import (
     Log,
     noop,
 )
-
-
-def launcher_available() -> bool:
-    try:
-        from campaigns.launcher import LaunchSpec, launch  # noqa: F401
-    except Exception:  # noqa: BLE001 - anything means "not ready"
-        return False
-    return True
+from notifyctl.models import Notification
+from worker.reconciler import reconcile
 
 
 def _run_launcher(env: Env, csv_path: Path, rate: float, dry_run: bool) -> dict[str, Any]:
@@ -56,10 +50,6 @@ def launcher_memory(rows: int, log: Log = noop, small_fraction: float = 0.1, rou
     """(4) peak RSS of the launcher over a CSV segment of ``rows`` users (dry run and real), the same at
     a tenth of the size (flatness), and the produce rate against --rate: scheduled (due_at span of the
     written rows) and realized (notifications the reconciler queued per second after the launch)."""
-    if not launcher_available():
-        return {"error": "not measured: launcher not available"}
-    from worker.reconciler import reconcile
-
     env = Env()
     out: dict[str, Any] = {"rows": rows}
     try:
@@ -87,8 +77,6 @@ def launcher_memory(rows: int, log: Log = noop, small_fraction: float = 0.1, rou
         # the small campaign is due first: let its rows go before the measured one is queued
         env.ctx.engine.dispose()
         with env.ctx.engine.begin() as conn:
-            from notifyctl.models import Notification
-
             conn.execute(update(Notification).where(Notification.status == "scheduled").values(status="canceled"))
         out["real"] = _run_launcher(env, paths["full"], rate, False)
         s = out["real"].get("summary") or {}

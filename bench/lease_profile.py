@@ -23,6 +23,8 @@ from pathlib import Path
 
 import redis
 
+from worker.claims import Claims
+
 
 def _redis_cpu(r: redis.Redis) -> float:
     info = r.info("cpu")
@@ -34,8 +36,6 @@ def _calls(r: redis.Redis) -> dict[str, int]:
 
 
 def run(r: redis.Redis, batches: int, size: int, fences: int) -> dict[str, object]:
-    from worker.claims import Claims
-
     c = Claims(r, "bench-lease-1", 20, 3600)
     warm = [f"warm-{i}" for i in range(size)]
     c.take(warm)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import push_clients, sinks
 from bench.common import Env, bulk_notifications, bulk_users, start_pool
 from bench.harness import (
     PROMO,
@@ -19,7 +20,6 @@ from bench.harness import (
     CpuMeter,
     Log,
     OtpProbe,
-    android_token,
     bulk_ios_tokens,
     commandstats,
     count_sent,
@@ -37,6 +37,7 @@ from bench.harness import (
     wait_workers,
 )
 from bench.sandboxes import SandboxProcess
+from sandboxes.fcm import make_service_account
 
 KEY_ID, TEAM_ID, TOPIC = "BENCHKEY01", "BENCHTEAM1", "com.example.app"
 
@@ -49,32 +50,6 @@ def apns_setup(tmp: Path) -> tuple[SandboxProcess, dict[str, Any]]:
     opts = {"key": pem.decode(), "key_id": KEY_ID, "team_id": TEAM_ID, "topic": TOPIC,
             "base_url": sb.info["url"], "ca_file": sb.info["ca_file"]}  # fmt: skip
     return sb, opts
-
-
-def bare_apns_messages(n: int, tag: str = "bare") -> list[Any]:
-    from worker.providers import Message
-
-    t = {"title": "10% off this week", "body": "Hi F, use WEEK10 for 10% off."}
-    return [
-        Message(delivery_id=f"d_{tag}{i:07d}", notification_id=f"n_{tag}{i:07d}", channel="push", route="push.ios",
-                address=ios_token(i), content=dict(t), category="marketing", priority="low",
-                dedup_key=f"campaign:c_{tag}:u{i:07d}", data={"notification_id": f"n_{tag}{i:07d}", "type": "weekly_promo"},  # noqa: E501
-                user_id=f"u{i:07d}")
-        for i in range(n)
-    ]  # fmt: skip
-
-
-def bare_fcm_messages(n: int, tag: str = "bare") -> list[Any]:
-    from worker.providers import Message
-
-    t = {"title": "10% off this week", "body": "Hi F, use WEEK10 for 10% off."}
-    return [
-        Message(delivery_id=f"d_{tag}{i:07d}", notification_id=f"n_{tag}{i:07d}", channel="push",
-                route="push.android", address=android_token(i), content=dict(t), category="marketing",
-                priority="low", dedup_key=f"campaign:c_{tag}:u{i:07d}",
-                data={"notification_id": f"n_{tag}{i:07d}", "type": "weekly_promo"}, user_id=f"u{i:07d}")
-        for i in range(n)
-    ]  # fmt: skip
 
 
 MIXES = {"ios": 0.0, "android": 1.0, "mix": 0.5}  # share of Android devices
@@ -224,8 +199,6 @@ def push_blast(n: int, pool: int = 4, batch: int = 1000, log: Log = noop, timeou
     h2load on the same sink; then correctness against the strict sandboxes."""
     import tempfile
 
-    from bench import push_clients, sinks
-
     out: dict[str, Any] = {"pushes": n, "pool": pool, "batch": batch, "rows": {}}
     hint = sinks.missing()
     if hint is None:
@@ -260,6 +233,4 @@ def push_blast(n: int, pool: int = 4, batch: int = 1000, log: Log = noop, timeou
 
 
 def sink_service_account(url: str) -> dict[str, Any]:
-    from sandboxes.fcm import make_service_account
-
     return make_service_account(url + "/token", "bench")

@@ -34,6 +34,9 @@ import time
 import uuid
 from typing import Any
 
+# Lazy imports: each candidate runs in a process of its own whose CPU is measured, and loads only
+# its own client (ours: the provider and its settings; the others: their libraries alone).
+
 TOPIC = "com.example.app"
 BODY = (b'{"aps":{"alert":{"title":"10% off this week","body":"Hi F, use WEEK10 for 10% off."},'
         b'"sound":"default"},"notification_id":"n_bare0000001","type":"weekly_promo"}')  # fmt: skip
@@ -63,11 +66,27 @@ def _apns_headers(i: int, jwt_token: str) -> list[tuple[str, str]]:
 # -- our providers ------------------------------------------------------------------------------
 
 
+def bare_messages(route: str, n: int, tag: str = "bare") -> list[Any]:
+    """``n`` pushes of a weekly promo for ``route`` (``push.ios`` or ``push.android``), built as the
+    pipeline builds them, for the bare provider loops."""
+    from bench.harness import android_token, ios_token
+    from worker.providers import Message
+
+    token = ios_token if route == "push.ios" else android_token
+    t = {"title": "10% off this week", "body": "Hi F, use WEEK10 for 10% off."}
+    return [
+        Message(delivery_id=f"d_{tag}{i:07d}", notification_id=f"n_{tag}{i:07d}", channel="push", route=route,
+                address=token(i), content=dict(t), category="marketing", priority="low",
+                dedup_key=f"campaign:c_{tag}:u{i:07d}",
+                data={"notification_id": f"n_{tag}{i:07d}", "type": "weekly_promo"}, user_id=f"u{i:07d}")
+        for i in range(n)
+    ]  # fmt: skip
+
+
 def run_provider(kind: str, url: str, ca: str, n: int, batch: int) -> tuple[int, float, float]:
     from pathlib import Path
     from tempfile import mkdtemp
 
-    from bench.push_blast import bare_apns_messages, bare_fcm_messages
     from notifyctl.settings import Settings
 
     home = Path(mkdtemp(prefix="bench-client-"))
@@ -82,7 +101,7 @@ def run_provider(kind: str, url: str, ca: str, n: int, batch: int) -> tuple[int,
         opts = {"key": pem, "key_id": "BENCHKEY01", "team_id": "BENCHTEAM1", "topic": TOPIC, "base_url": url,
                 "ca_file": ca}  # fmt: skip
         provider: Any = Provider(Settings(home=home, provider_options={"apns": opts}))
-        msgs = bare_apns_messages(n)
+        msgs = bare_messages("push.ios", n)
     else:
         from sandboxes.fcm import make_service_account
         from worker.providers.fcm import Provider as Fcm
@@ -90,7 +109,7 @@ def run_provider(kind: str, url: str, ca: str, n: int, batch: int) -> tuple[int,
         sa = make_service_account(url + "/token", "bench")
         opts = {"service_account_json": json.dumps(sa), "base_url": url, "ca_file": ca, "token_url": url + "/token"}
         provider = Fcm(Settings(home=home, provider_options={"fcm": opts}))
-        msgs = bare_fcm_messages(n)
+        msgs = bare_messages("push.android", n)
     try:
         provider.send(msgs[:1])  # connect and sign (fetch the token) before the clock starts
         t0, c0 = time.perf_counter(), time.process_time()

@@ -28,10 +28,13 @@ from typing import Any
 
 from sqlalchemy import update
 
+from bench import sinks
 from bench.common import Env, bulk_notifications, bulk_users
-from bench.harness import PROMO, bulk_ios_tokens, commandstats, delta, p256_key_pem
+from bench.harness import PROMO, bulk_ios_tokens, clear_rate_windows, commandstats, delta, p256_key_pem
 from bench.push_blast import KEY_ID, MIXES, TEAM_ID, TOPIC, device_platforms, sink_service_account
 from notifyctl.context import freeze_heap
+from notifyctl.models import Notification
+from worker.pipeline import Runtime, process
 
 
 def _cpu(pid: int) -> float:
@@ -84,9 +87,6 @@ def _pyspy_exe() -> str:
 
 
 def run(label: str, n: int, batch: int, sink: Any, profile: bool, rounds: int = 1) -> dict[str, Any]:
-    from notifyctl.models import Notification
-    from worker.pipeline import Runtime, process
-
     apns = {"key": p256_key_pem().decode(), "key_id": KEY_ID, "team_id": TEAM_ID, "topic": TOPIC,
             "base_url": sink.url, "ca_file": sink.ca_file}  # fmt: skip
     fcm = {"service_account_json": json.dumps(sink_service_account(sink.url)), "base_url": sink.url,
@@ -105,7 +105,7 @@ def run(label: str, n: int, batch: int, sink: Any, profile: bool, rounds: int = 
         best: dict[str, Any] | None = None
         for r in range(rounds):
             nids = bulk_notifications(env.ctx, ids, "weekly_promo", ["push"], PROMO)
-            env.ctx.redis.delete(*[k for k in env.ctx.redis.scan_iter("notif:rate:*")] or ["-"])
+            clear_rate_windows(env)
             with env.ctx.engine.begin() as conn:
                 for i in range(0, len(nids), 5000):
                     conn.execute(update(Notification).where(Notification.id.in_(nids[i : i + 5000]))
@@ -161,8 +161,6 @@ def run(label: str, n: int, batch: int, sink: Any, profile: bool, rounds: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench import sinks
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=1000)

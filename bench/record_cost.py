@@ -27,12 +27,14 @@ from typing import Any
 
 from sqlalchemy import event
 
+from bench import sinks
 from bench.common import Env, bulk_notifications, bulk_users
 from bench.harness import (
     PROMO,
     TWILIO_FROM,
     SqlCounter,
     bulk_ios_tokens,
+    clear_rate_windows,
     commandstats,
     delta,
     mark_queued,
@@ -42,6 +44,13 @@ from bench.harness import (
 )
 from bench.push_blast import KEY_ID, TEAM_ID, TOPIC, device_platforms, sink_service_account
 from bench.sandboxes import SandboxProcess
+from notifyctl import keys
+from notifyctl.intake import parse_request, submit
+from notifyctl.models import Delivery
+from notifyctl.redisconn import connect
+from worker import jobs
+from worker.pipeline import Runtime
+from worker.pool import _worker_class
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
@@ -87,7 +96,7 @@ class _Meter:
 
 def _queued(env: Env, nids: list[str]) -> None:
     mark_queued(env, nids)
-    env.ctx.redis.delete(*[k for k in env.ctx.redis.scan_iter("notif:rate:*")] or ["-"])
+    clear_rate_windows(env)
 
 
 def _report(label: str, k: int, c0: dict[str, float], c1: dict[str, float], wall: float, sql: SqlCounter,
@@ -116,8 +125,6 @@ def _report(label: str, k: int, c0: dict[str, float], c1: dict[str, float], wall
 
 
 def _batches(env: Env, meter: _Meter, label: str, nids: list[str], batch: int, profile: bool) -> dict[str, Any]:
-    from worker.pipeline import Runtime
-
     rt = Runtime(env.ctx, worker_name=f"bench-cost-{label}")
     rt.warm()
     _queued(env, nids)
@@ -136,12 +143,6 @@ def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
     """n OTPs submitted (``intake.submit``: a job each), then drained by an RQ SimpleWorker in burst
     mode in this process, set up as ``worker.pool.run_worker`` sets one up: the worker's CPU per job."""
     from rq import Queue
-
-    from notifyctl import keys
-    from notifyctl.intake import parse_request, submit
-    from notifyctl.redisconn import connect
-    from worker import jobs
-    from worker.pool import _worker_class
 
     users = phone_users(env, n)
     for i, uid in enumerate(users):
@@ -164,8 +165,6 @@ def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
     jobs.close()
     rq_conn.close()
     from sqlalchemy import func, select
-
-    from notifyctl.models import Delivery
 
     with env.ctx.engine.connect() as conn:
         sent = conn.execute(select(func.count()).where(Delivery.status == "sent", Delivery.channel == "sms")).scalar()
@@ -229,8 +228,6 @@ def _print(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench import sinks
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", default="sqlite,pg", help="sqlite, pg or both (comma-separated)")
     ap.add_argument("--only", default="email,push,otp")

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Lazy imports: a sandbox process loads only its own kind's sandbox (and its test extras: moto,
+# aiosmtpd, h2), and the parent side, which every bench imports, none of them.
+
 OTP_RE = re.compile(r"^(\d{6}) is your sign-in code")
 
 

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sandboxes.tls import make_certificates
+
 INSTALL_HINT = "apt-get install -y nginx nghttp2-client"
 
 _CONF = """worker_processes 1;
@@ -81,8 +83,6 @@ class NginxSink:
     ``ca_file``). ``url`` is its base URL; ``pids`` its master and worker, for CPU accounting."""
 
     def __init__(self) -> None:
-        from sandboxes.tls import make_certificates
-
         binary = _binary("nginx")
         if binary is None:
             raise RuntimeError(f"nginx not found: {INSTALL_HINT}")

@@ -117,18 +117,6 @@ class Schedule:
         if zone(self.default_tz) is None:
             raise InputError(f"default_timezone {self.default_tz!r}: not an IANA time zone")
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], now: datetime, default_tz: str) -> Schedule:
-        q = spec.get("quiet_hours")
-        return cls(
-            now=now,
-            default_tz=default_tz,
-            send_at=datetime.fromisoformat(spec["send_at"]) if spec.get("send_at") else None,
-            local_time=parse_hhmm(spec["local_time"], "--local-time") if spec.get("stagger_tz") else None,
-            if_passed=spec.get("if_passed") or "tomorrow",
-            quiet=parse_quiet_hours(q) if q else None,
-        )
-
     def instant(self, tz_name: str | None) -> tuple[datetime, str]:
         """(nominal instant, the zone actually used) for a recipient whose zone is ``tz_name``."""
         hit = self._cache.get(tz_name)

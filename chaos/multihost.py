@@ -1,4 +1,7 @@
-"""``python -m chaos.multihost`` (part of ``make chaos``): several hosts, one or two Redis, one PostgreSQL.
+"""One module: the hosts (pools, proxies, the shared Redis and PostgreSQL) and the faults played on
+them share the hosts' world, as ``chaos.scenarios`` does for one host; ~580 lines.
+
+``python -m chaos.multihost`` (part of ``make chaos``): several hosts, one or two Redis, one PostgreSQL.
 
 Each host is a ``notifyctl worker --pool 3`` process tree with a home of its own
 (``NOTIFY_HOME``, ``NOTIFY_HOST_NAME``), reaching the shared Redis through a small TCP proxy of its
@@ -60,6 +63,7 @@ from sqlalchemy import create_engine, insert, select, text
 from bench.common import wait_until
 from chaos.common import PROMO, ROOT, Result, StampedRecorder, run_each, tally
 from chaos.sentinel import FAULTS, SENTINEL, SentinelSet, strike
+from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.liveness import running_key
@@ -245,8 +249,8 @@ class Cluster:
         out = []
         for i, r in enumerate(self.rs):
             if shard is None or shard == i:
-                found = r.scan_iter(match=f"notif:alive:notify-{host}-*")
-                out += [(i, k.decode()[len("notif:alive:") :]) for k in found]
+                found = r.scan_iter(match=keys.alive(f"notify-{host}-*"))
+                out += [(i, k.decode()[len(keys.alive("")) :]) for k in found]
         return out
 
     def busy_at_provider(self, host: str, shard: int | None = None) -> bool:

@@ -1,9 +1,9 @@
 """The six faults of issue 8. Each scenario builds its own ``World`` and returns a ``Result``: what
 the provider sandboxes accepted, counted by our delivery id (sent, lost, duplicated), plus notes.
 
-The six are kept in one module (over 400 lines), a section each, so that they read side by side;
-what they share is ``chaos.common`` (the world, the tally, ``Result``), ``chaos.checks`` (what is
-checked after a fault) and ``chaos.probes`` (OTP streams and traces running during one)."""
+One module: the six, a section each, read side by side (~440 lines); what they share is
+``chaos.common`` (the world, the tally, ``Result``), ``chaos.checks`` (what is checked after a
+fault) and ``chaos.probes`` (OTP streams and traces running during one)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from chaos.checks import apply_tally, check_pool, count_in_doubt_apart, pct, restarts
 from chaos.common import ROOT, RateLimitPlan, Result, Ticker, World, drain, tally, wait_until
 from chaos.probes import OtpStream, ResumeTrace
-from notifyctl.models import Delivery, DeliveryEvent, Notification
+from notifyctl.models import Campaign, Delivery, DeliveryEvent, Notification
 from notifyctl.pacing import Pacer
 from notifyctl.redisconn import ensure_server
 from worker.circuit import Circuits
@@ -127,8 +127,6 @@ def workers_killed(quick: bool) -> Result:
 
 
 def launcher_killed(quick: bool) -> Result:
-    from notifyctl.models import Campaign
-
     res = Result("2. campaign launcher killed")
     n = 900 if quick else 5000
     world = World("launcher")

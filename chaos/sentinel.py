@@ -1,4 +1,7 @@
-"""``python -m chaos.sentinel [--quick] [--only kill|failover] [--json]`` (part of ``make chaos``):
+"""One module: the Sentinel set (primary, replicas, sentinels) and the two faults played on it share
+its processes and ports; ~410 lines.
+
+``python -m chaos.sentinel [--quick] [--only kill|failover] [--json]`` (part of ``make chaos``):
 Redis Sentinel failing over mid-blast (issue 18, item 4).
 
 Three real ``redis-sentinel`` processes (Debian's package; quorum 2) watch a primary and one
@@ -30,7 +33,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,22 +45,14 @@ from chaos.checks import apply_tally, check_pool, count_in_doubt_apart
 from chaos.common import Result, World, run_each, tally, wait_until
 from chaos.probes import OtpStream
 from notifyctl import keys
-from notifyctl.models import Notification
-from tests.net import ReservedPorts
+from notifyctl.models import Notification, User
+from tests.net import ReservedPorts, listening
 
 SERVER = shutil.which("redis-server")
 SENTINEL = shutil.which("redis-sentinel")
 SERVICE = "notify-chaos"
 POOL = 2
 PROVIDER_DELAY = 0.3
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 class SentinelSet:
@@ -96,7 +90,7 @@ class SentinelSet:
                 self._start(f"sentinel{i}", [str(SENTINEL), str(conf)])
             # held until each listens: released before, an outgoing connection could take one
             for port in (self.primary_port, self.replica_port, self.replica2_port, *self.sentinel_ports):
-                if not wait_until(lambda port=port: _listening(port), 30, 0.05):
+                if not wait_until(lambda port=port: listening(port), 30, 0.05):
                     raise RuntimeError(f"nothing listening on {port}: {self.logs()}")
         # the harness asks the last one: the kill fault takes the first one down with the primary
         self.sentinel = redis.Redis(port=self.sentinel_ports[-1], decode_responses=True)
@@ -119,9 +113,6 @@ class SentinelSet:
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, decode_responses=True, socket_timeout=5)
-
-    def primary_now(self) -> int:
-        return int(self.sentinel.sentinel_get_master_addr_by_name(SERVICE)[1])
 
     def ready(self) -> bool:
         """The replica in sync and known to the sentinel as healthy (a failover needs one)."""
@@ -219,8 +210,6 @@ def _window_otps(world: World, ss: SentinelSet, otps: OtpStream, users: list[str
     """Freeze the replica and cut its link, then submit OTPs: the primary acknowledges them and never
     replicates them. Returns notification id -> RQ job id (read from SQL), to look for on the new
     primary."""
-    from notifyctl.models import User
-
     with world.ctx.engine.connect() as conn:
         otps.phones.update(conn.execute(select(User.id, User.phone).where(User.id.in_(users))).all())  # type: ignore[attr-defined,arg-type]
     replica = ss.procs["replica"]

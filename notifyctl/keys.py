@@ -30,6 +30,9 @@ def rate(user_id: str, rule_key: str) -> str:
     return f"{PREFIX}rate:{user_id}:{rule_key}"
 
 
+RATE_PATTERN = f"{PREFIX}rate:*"  # every rate window (benchmarks clear them between runs)
+
+
 def alive(worker_name: str) -> str:
     """Worker liveness, refreshed every few seconds by each worker process."""
     return f"{PREFIX}alive:{worker_name}"

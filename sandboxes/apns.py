@@ -246,9 +246,6 @@ class ApnsSandbox(SeparateControl):
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def add_key(self, key_id: str, key: Any) -> None:
-        self.keys[key_id] = _public_key(key)
-
     def drop_connections(self) -> None:
         """Cut every open client connection (as a network failure would)."""
         loop = self._loop

@@ -7,6 +7,7 @@
   hand to a server that must be told its port in advance (``sandbox --base-port``). A server that
   binds with ``SO_REUSEADDR`` (ours, uvicorn, asyncio) can listen on them; no one else is given
   them while they are held.
+- ``listening(port)``: whether something accepts connections on 127.0.0.1:``port``.
 - ``ServeProcess``: ``notifyctl serve --port 0`` as a real subprocess; its port is the one uvicorn
   reports it is listening on, so no port is ever guessed.
 """
@@ -26,6 +27,15 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"Uvicorn running on http://[^:]+:(\d+)")
+
+
+def listening(port: int) -> bool:
+    """Whether a server accepts connections on 127.0.0.1:``port`` now."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 class ClosedPort:

@@ -8,7 +8,9 @@ Layers, lowest first; a module may import its own layer and the ones below:
 3. ``notifyctl.api`` and the console it serves, ``notifyctl.console``;
 4. the entry points: ``notifyctl.cli`` and the fake providers ``sandboxes`` (a top-level package of
    the checkout, not of the wheel: nothing that runs in production imports a sandbox; the
-   ``notifyctl sandbox`` noun loads them when it runs).
+   ``notifyctl sandbox`` noun loads them when it runs);
+5. the checkout's harnesses, ``bench`` and ``chaos``: they drive the product from outside (and
+   start the sandboxes); nothing below imports them.
 
 Every import counts, a function-level one as much as one at the top (they hide the graph from
 readers, not from this test). Imports go at the top of modules; a module that imports the project's
@@ -28,7 +30,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("notifyctl", "worker", "campaigns", "sandboxes")
+PACKAGES = ("notifyctl", "worker", "campaigns", "sandboxes", "bench", "chaos")
 
 # (importer, imported) — never added to.
 UPWARD_ALLOWED: set[tuple[str, str]] = set()
@@ -38,6 +40,8 @@ CYCLES_ALLOWED: set[frozenset[str]] = set()
 
 
 def layer(module: str) -> int:
+    if module.startswith(("bench", "chaos")):
+        return 5
     if module.startswith(("notifyctl.cli", "sandboxes")):
         return 4
     if module.startswith(("notifyctl.api", "notifyctl.console")):
@@ -292,3 +296,33 @@ def test_a_long_module_says_why_it_is_one_module() -> None:
     assert not offenders, f"over {LONG_MODULE} lines with no '{ONE_MODULE} <why>' line in the docstring: {missing}"
     gone = sorted(m for m in LONG_WITHOUT_REASON_ALLOWED if m not in modules() or m in says_why)
     assert not gone, f"strike from LONG_WITHOUT_REASON_ALLOWED (gone, or says why now): {gone}"
+
+
+def paths_the_readme_draws() -> list[str]:
+    """The paths (with a ``/``) the README's Development section names in backticks, ``<vendor>``
+    standing for any one package."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## Development") :]
+    section = section[: section.find("\n## ", 1)]
+    drawn = set(re.findall(r"`((?:[\w.-]+|<vendor>)/[\w./<>-]*)`", section))
+    block = section[section.index("```\nnotifyctl/") : section.index("\n```", section.index("```\nnotifyctl/") + 3)]
+    for line in block.splitlines()[1:]:  # the layout drawing: its first column names the folders
+        first = re.match(r"(\S.*?)(?:\s{2,}|$)", line)
+        if first:
+            drawn.update(p.strip() for p in first.group(1).split(","))
+    return sorted(drawn)
+
+
+def test_the_readme_draws_files_that_exist() -> None:
+    """The layout and the path of one notification name files and folders that are there (a
+    renamed module fails here until the drawing follows it); ``formerly …`` names are history."""
+    drawn = paths_the_readme_draws()
+    assert "worker/pipeline/__init__.py" in drawn and "worker/providers/<vendor>/webhook.py" in drawn
+    missing = [p for p in drawn if not list(ROOT.glob(p.replace("<vendor>", "*").rstrip("/")))]
+    text = (ROOT / "README.md").read_text()
+    path = text[text.index("### The path of one notification") :]
+    path = path[: path.find("\n#", 5) % (len(path) + 1)]  # to the next heading, or the end
+    bare = set(re.findall(r"`(\w+\.py)`", path))  # the stages, named within worker/pipeline/
+    assert {"batch.py", "record.py"} <= bare
+    missing += [p for p in sorted(bare) if not (ROOT / "worker" / "pipeline" / p).exists()]
+    assert missing == ["worker/sandbox/"], f"the README's Development section names what is not there: {missing}"

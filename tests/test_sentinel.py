@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ from notifyctl.errors import ConfigError
 from notifyctl.models import Notification
 from notifyctl.redisconn import SentinelURL, _safe, connect, parse_sentinel_url, replica_acks
 from tests.conftest import make_settings, run_cli
-from tests.net import ReservedPorts
+from tests.net import ReservedPorts, listening
 from tests.util import deliveries, seed, send
 from worker import jobs
 from worker.claims import OK, Claims
@@ -49,14 +48,6 @@ def wait_for(what: str, check, timeout: float = 60.0) -> None:  # type: ignore[n
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def ports_of(s: SentinelSet) -> list[int]:
@@ -88,7 +79,7 @@ class SentinelSet:
             # the ports stay held until each server listens on its own: released before, an outgoing
             # connection of this busy test process could take one (they are ephemeral-range ports)
             for port in ports_of(self):
-                wait_for(f"a server listening on {port}", lambda port=port: _listening(port))
+                wait_for(f"a server listening on {port}", lambda port=port: listening(port))
         self.sentinel = redis.Redis(port=self.sentinel_port, decode_responses=True)
 
     def _server(self, name: str, port: int, *extra: str) -> None:
@@ -265,7 +256,7 @@ def cluster_node(tmp_path: Path) -> Iterator[str]:
         port = ports.base
         args = [SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", ""]
         proc = subprocess.Popen([*args, "--cluster-enabled", "yes"], stdout=subprocess.DEVNULL)
-        wait_for(f"a server listening on {port}", lambda: _listening(port))  # the port held until then
+        wait_for(f"a server listening on {port}", lambda: listening(port))  # the port held until then
     try:
         wait_for("the cluster node", lambda: redis.Redis(port=port).ping())
         yield f"redis://127.0.0.1:{port}/0"

@@ -1,5 +1,5 @@
 """One module: one class, the send records and the fenced batch lease, whose Lua scripts read each
-other's keys; ~410 lines.
+other's keys; ~500 lines.
 
 Layer 3 of dedup: a per-delivery send record in Redis, and one fenced lease per batch while a
 worker sends it.

@@ -304,7 +304,7 @@ def pause_cmd(ctx: typer.Context, campaign: str = typer.Argument(..., help=_REF_
 @app.command("resume")
 def resume_cmd(
     ctx: typer.Context, campaign: str = typer.Argument(..., help=_REF_HELP), as_json: bool = JsonOpt
-) -> None:  # noqa: E501
+) -> None:
     """Release a paused campaign; notifications whose time passed are spaced from now at the campaign's rate."""
     from campaigns.state import resume
 
@@ -319,7 +319,7 @@ def resume_cmd(
 @app.command("cancel")
 def cancel_cmd(
     ctx: typer.Context, campaign: str = typer.Argument(..., help=_REF_HELP), as_json: bool = JsonOpt
-) -> None:  # noqa: E501
+) -> None:
     """Cancel every notification not yet produced (those already queued still go out)."""
     from campaigns.state import cancel
 
