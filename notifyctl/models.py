@@ -1,4 +1,4 @@
-"""One module: every table of the SQL record, the source of truth, in one place; ~570 lines.
+"""One module: every table of the SQL record, the source of truth, in one place; ~600 lines.
 
 The SQL record. It is the source of truth: Redis holds queues, dedup keys, rate-limit windows
 and sent markers, all of which can be rebuilt from here (see ``worker.reconciler``).

@@ -1,4 +1,4 @@
-"""One module: one template format: parsing, the variables a template needs, and rendering; ~410 lines.
+"""One module: one template format: parsing, the variables a template needs, and rendering; ~460 lines.
 
 Templates: one TOML file per template id, holding its category, default priority, sample data
 and one table per channel::
