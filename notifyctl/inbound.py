@@ -25,7 +25,6 @@ Also here: signed email-open pixel tokens (``/o/<token>.gif``) and the one-click
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import logging
 import re
@@ -44,6 +43,7 @@ from notifyctl.directory import upsert
 from notifyctl.errors import InputError
 from notifyctl.models import STATUS_RANK, Delivery, DeliveryEvent, DeliveryStatus, OptOut, SmsKeyword, User, utcnow
 from notifyctl.prefs import invalidate_users
+from notifyctl.signing import hmac_sha256
 
 log = logging.getLogger("notifyctl.inbound")
 
@@ -390,7 +390,7 @@ def _unb64(text: str) -> bytes:
 
 
 def _open_sig(key: bytes, delivery_id: str) -> str:
-    return _b64(hmac.new(key, f"open\x00{delivery_id}".encode(), hashlib.sha256).digest()[:16])
+    return _b64(hmac_sha256(key, f"open\x00{delivery_id}".encode())[:16])
 
 
 def open_token(key: bytes, delivery_id: str) -> str:

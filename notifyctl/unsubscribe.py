@@ -33,6 +33,7 @@ from notifyctl.db import engine_for
 from notifyctl.errors import ConfigError, InputError
 from notifyctl.home import private_dir, write_private
 from notifyctl.models import SharedSecret
+from notifyctl.signing import hmac_sha256
 
 SIGNING_KEY = "signing_key"  # its row in shared_secrets
 _shared: dict[tuple[str, bytes | None], bytes] = {}  # (database url, NOTIFY_SECRET_KEY) → the key: read once
@@ -145,7 +146,7 @@ def _local_key(settings: Any) -> bytes:
 
 
 def _sign(key: bytes, user_id: str, scope: str) -> str:
-    mac = hmac.new(key, f"unsubscribe\x00{user_id}\x00{scope}".encode(), hashlib.sha256).digest()
+    mac = hmac_sha256(key, f"unsubscribe\x00{user_id}\x00{scope}".encode())
     return _b64(mac[:20])
 
 
