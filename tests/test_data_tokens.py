@@ -8,11 +8,14 @@ template does with them (conditions, loops, filters, blocks)."""
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from notifyctl.context import Context
 from notifyctl.directory import import_users
@@ -20,10 +23,13 @@ from notifyctl.errors import TemplateError
 from notifyctl.intake import user_vars
 from notifyctl.models import User
 from notifyctl.template_store import TemplateStore
+from notifyctl.templates import parse_text
 from sandboxes.sendgrid import DEFAULT_API_KEY, SendgridSandbox
 from tests.conftest import make_settings
 from tests.util import send
 from worker.pipeline import Runtime, process
+from worker.pipeline.batch import _Note, _User
+from worker.pipeline.render import Renderer, _fill
 
 # what each recipient's data may hold: HTML specials, unicode, numbers, booleans, edge whitespace,
 # the pipeline's and SendGrid's token look-alikes, the template separator, empty, long, null
@@ -176,3 +182,53 @@ def test_a_segment_batch_is_one_request(home: Path, redis_url: str, rclient: Any
         assert mail["content"]["text/plain"].startswith(want["text"] + "\n\n--\nUnsubscribe: https://n.example/u/")
         assert mail["content"]["text/html"].startswith(want["html"] + '\n<p style="font-size:small;color:#666">')
     ctx.close()
+
+
+# templates that print data as it is, and do other things with it (a value printed one way and
+# tested, filtered, looped over, captured or escaped otherwise elsewhere)
+SOURCES = [
+    ("{{ a }}, {{ b | default('-') }}", "<p>{{ a }}</p><i>{{ c | default(b | default(user.first_name)) }}</i>"),
+    ("{% if a %}{{ a }}{% endif %} {{ b }}", "{{ a | default('') }}{% for x in c %}[{{ x }}]{% endfor %}{{ b }}"),
+    ("{{ a | upper if a is string else a }} {{ b }}", "{% filter lower %}{{ b }}{% endfilter %}{{ a }}"),
+    (
+        "{% set s %}{{ a }}{% endset %}{{ s | length }} {{ b }}",
+        "{% autoescape false %}{{ a }}{% endautoescape %}{{ b }}",
+    ),
+    ("{% macro m(v) %}<{{ v }}>{% endmacro %}{{ m(a) }} {{ b }}", "{{ a ~ b }} {{ b }}"),
+    ("  {{ a }}\n{{ b }}  ", "\n{{ b }} {{ a }} {{ b }}\n"),
+]
+value = st.one_of(
+    st.none(),
+    st.text(alphabet=st.sampled_from("ab <>&\"'é\x1e\x1d%"), max_size=8),
+    st.sampled_from(["%%notifyctl:dt:b%%", "%%notifyctl:t:first_name%%", "x" * 1001, " pad "]),
+    st.integers(-5, 10**20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.lists(st.text(max_size=3), max_size=3),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(range(len(SOURCES))), st.lists(st.fixed_dictionaries({}, optional={"a": value, "b": value, "c": value}), min_size=1, max_size=6))  # fmt: skip
+def test_the_batch_rendering_with_tokens_is_each_recipients_rendering(ctx: Context, which: int, datas: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Whatever the values: each recipient's copy from the batch's rendering with tokens is exactly
+    Jinja's rendering of their data, and where Jinja refuses their data no copy is made."""
+    text, html = SOURCES[which]
+    t = parse_text(
+        f"category = 'marketing'\n[email]\nsubject = 's'\nhtml = '''{html}'''\ntext = '''{text}'''\n", "t", "t"
+    )
+    renderer = Renderer(Runtime(ctx, "w-tokens"))
+    notes = [_Note(f"n{i}", "u", "t", "t", "marketing", "low", None, ["email"], d, json.dumps(d) + str(i))
+             for i, d in enumerate(datas)]  # fmt: skip
+    renderer.loaded(notes)
+    user = _User("u", "u@example.com", None, "UTC", "en", False, {"first_name": "Ann & <Co>"})
+    for n in notes:
+        try:
+            want: dict[str, str] | None = t.render("email", {**n.data, "user": user_vars(user)})  # type: ignore[arg-type]
+        except TemplateError:
+            want = None
+        pv = renderer.data_probe(n, "email", t, user)
+        if pv is None:
+            continue  # rendered the ordinary way
+        got = {part: _fill(piece, pv[1], tuple(k for k in pv[1] if k in piece)) for part, piece in pv[0].items()}
+        assert got == want, (n.data, pv)
