@@ -490,7 +490,8 @@ def test_status_indexes_hold_open_rows_and_serve_their_readers(any_db_ctx: Any) 
     reconciler's round runs on a status, and the waves' waiting count, can still read them (their
     plans with sequential scans off name them); the round finds every due retry and scheduled send,
     every lost queued row and the orphan (a retrying delivery of a done notification). SQLite
-    keeps the full indexes."""
+    keeps the full indexes. The round's every-second look for lost high-priority rows reads their
+    own partial index (``ix_notifications_lost_high``) on both databases, not the queued backlog."""
     from datetime import timedelta
 
     from sqlalchemy import event, insert
@@ -527,6 +528,8 @@ def test_status_indexes_hold_open_rows_and_serve_their_readers(any_db_ctx: Any) 
                      "dedup_key": None, "campaign_id": "c_1", "wave": 0, "status": status, "job_id": None,
                      "due_at": old, "created_at": old, "updated_at": old})  # fmt: skip
     with ctx.engine.begin() as conn:
+        rows.append({**rows[0], "id": "n_otp", "recipient_id": "u_otp", "campaign_id": None, "wave": None,
+                     "priority": "high", "status": "queued", "job_id": "job_gone"})  # fmt: skip
         conn.execute(insert(Notification.__table__), rows)  # type: ignore[attr-defined]
         done = next(r["id"] for r in rows if r["status"] == "done")
         conn.execute(
@@ -547,9 +550,14 @@ def test_status_indexes_hold_open_rows_and_serve_their_readers(any_db_ctx: Any) 
     finally:
         event.remove(ctx.engine, "before_cursor_execute", capture)
     # retrying + scheduled; queued, its job lost; the done one with a retrying delivery
-    assert (res.retries_queued, res.recovered, res.orphans_woken) == (6, 3, 1), res
+    assert (res.retries_queued, res.recovered, res.orphans_woken) == (6, 3 + 1, 1), res
+    high = [(st, p) for st, p in seen if "priority = 'high'" in st]
+    assert len(high) == 1, seen
     with ctx.engine.connect() as conn:
         assert waiting(conn, "c_1") == {0: {"paused": 3}}  # the scheduled ones were queued just now
+        if not pg:
+            plan = str(conn.exec_driver_sql("EXPLAIN QUERY PLAN " + high[0][0], high[0][1]).all())
+            assert "ix_notifications_lost_high" in plan, plan
         if pg:
             conn.exec_driver_sql("SET enable_seqscan = off")
             mark = "%s"
@@ -561,6 +569,7 @@ def test_status_indexes_hold_open_rows_and_serve_their_readers(any_db_ctx: Any) 
                 plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
                 # the orphans' join starts from the open deliveries; the others read the open notifications
                 name = "ix_deliveries_status" if " JOIN " in statement.upper() else "ix_notifications_status_due"
+                name = "ix_notifications_lost_high" if "priority = 'high'" in statement else name
                 assert name in plan, (statement, plan)
 
 

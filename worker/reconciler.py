@@ -49,7 +49,15 @@ from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.db import unindexed_in, update_where_in, write_lock
 from notifyctl.intake import enqueue
-from notifyctl.models import Campaign, Delivery, DeliveryStatus, Notification, NotificationStatus, new_id
+from notifyctl.models import (
+    LOST_HIGH_WHERE,
+    Campaign,
+    Delivery,
+    DeliveryStatus,
+    Notification,
+    NotificationStatus,
+    new_id,
+)
 from notifyctl.redisconn import unreachable
 from notifyctl.redislock import LockLost, OwnedLock
 from notifyctl.shards import shard_of
@@ -233,7 +241,8 @@ def _round(
             .order_by(col(Notification.due_at))
             .limit(limit)
         )
-        stale = list(session.execute(lost_q.where(col(Notification.priority) == "high")).tuples().all())
+        # (the high rows' own partial index: its WHERE repeated as is, so SQLite uses it too)
+        stale = list(session.execute(lost_q.where(LOST_HIGH_WHERE)).tuples().all())
         if check_lost:
             seen = {row[0] for row in stale}
             stale += [row for row in session.execute(lost_q).tuples().all() if row[0] not in seen]
