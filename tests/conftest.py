@@ -21,9 +21,10 @@ import typer
 import typer.main
 import typer.testing
 from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from notifyctl.context import Context
-from notifyctl.db import dispose_all
+from notifyctl.db import dispose_all, engine_for
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import Settings, load_settings
 from notifyctl.sqllock import close_lock_files
@@ -77,6 +78,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         rest = [i for i in items if i.path.name != "test_chaos_smoke.py"]
         at = rest.index(bench[-1]) + 1
         items[:] = rest[:at] + chaos + rest[at:]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fresh_pg_schema: on PostgreSQL, a fresh empty schema for this test (DDL, migrations)"
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -163,6 +170,137 @@ def pg_schema() -> Iterator[str]:
         admin.dispose()
 
 
+# What a schema is made of besides its rows: relations (tables, indexes, sequences, views; logged or
+# not), columns, constraints, triggers (and whether enabled), functions (and their settings), and the
+# planner statistics ANALYZE leaves (which TRUNCATE keeps). Equal before and after a test: the test
+# changed no DDL and left no statistics, so emptying the tables gives back the freshly migrated schema.
+_PG_SHAPE = """
+SELECT md5(coalesce(string_agg(x, ';' ORDER BY x), '')) FROM (
+  SELECT 'r ' || c.relname || ' ' || c.relkind::text || c.relpersistence::text || coalesce(array_to_string(c.reloptions, ','), '')
+    FROM pg_class c WHERE c.relnamespace = current_schema()::regnamespace
+  UNION ALL SELECT 'c ' || table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable || ' '
+    || coalesce(column_default, '') FROM information_schema.columns WHERE table_schema = current_schema()
+  UNION ALL SELECT 'i ' || indexdef FROM pg_indexes WHERE schemaname = current_schema()
+  UNION ALL SELECT 'k ' || conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+    WHERE connamespace = current_schema()::regnamespace
+  UNION ALL SELECT 't ' || tgname || ' ' || tgenabled::text || ' ' || tgrelid::regclass::text FROM pg_trigger t
+    JOIN pg_class c ON c.oid = t.tgrelid WHERE c.relnamespace = current_schema()::regnamespace AND NOT tgisinternal
+  UNION ALL SELECT 'f ' || p.oid::regprocedure::text || ' ' || md5(p.prosrc) || coalesce(array_to_string(p.proconfig, ','), '')
+    FROM pg_proc p WHERE p.pronamespace = current_schema()::regnamespace
+  UNION ALL SELECT 's ' || count(*) FROM pg_statistic s JOIN pg_class c ON c.oid = s.starelid
+    WHERE c.relnamespace = current_schema()::regnamespace
+) AS shape(x)
+"""
+
+# Empties a schema of the shape given (else raises): one TRUNCATE ... RESTART IDENTITY CASCADE of the
+# tables that ever held a row since they were made or last emptied (a non-empty heap file: rows
+# deleted since count too), then any sequence that was read from all the same is restarted.
+_PG_EMPTY = """
+DO $$
+DECLARE
+  dirty text;
+  seq text;
+BEGIN
+  IF ({shape}) <> '{want}' THEN
+    RAISE EXCEPTION 'schema shape changed';
+  END IF;
+  SELECT string_agg(format('%I', c.relname), ', ') INTO dirty FROM pg_class c
+    WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r' AND pg_relation_size(c.oid) > 0;
+  IF dirty IS NOT NULL THEN
+    EXECUTE 'TRUNCATE ' || dirty || ' RESTART IDENTITY CASCADE';
+  END IF;
+  FOR seq IN SELECT sequencename FROM pg_sequences WHERE schemaname = current_schema() AND last_value IS NOT NULL LOOP
+    EXECUTE format('ALTER SEQUENCE %I RESTART', seq);
+  END LOOP;
+END $$
+"""
+
+
+class SharedPgSchema:
+    """One PostgreSQL schema for the session, migrated once (``engine_for``: tables, indexes,
+    triggers) and handed to one test after another, emptied between them (``_PG_EMPTY``): what the
+    tests see is the schema a fresh database gets on its first start, for a fraction of the cost of
+    creating, migrating and dropping one per test (~0.7 s). A test that changed the schema's shape
+    (DDL, or ANALYZE's statistics) gets it replaced by a freshly migrated one; tests about DDL and
+    migrations (``@pytest.mark.fresh_pg_schema``) get a fresh empty schema of their own instead."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.schema = ""
+        self.shape = ""
+        self.admin = create_engine(PG_URL, poolclass=NullPool)
+
+    @property
+    def url(self) -> str:
+        return f"{PG_URL}?options=-csearch_path%3D{self.schema}"
+
+    def _migrate(self) -> None:
+        self.schema = "t_" + uuid.uuid4().hex[:10]
+        with self.admin.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {self.schema}"))
+        engine_for(load_settings(home=self.home, database_url=self.url))
+        dispose_all()
+        with self.admin.begin() as conn:
+            conn.execute(text(f"SET LOCAL search_path TO {self.schema}"))
+            self.shape = conn.exec_driver_sql(_PG_SHAPE).scalar_one()
+
+    def _drop(self) -> None:
+        try:
+            with self.admin.begin() as conn:
+                conn.execute(text("SET LOCAL lock_timeout = '30s'"))
+                conn.execute(text(f"DROP SCHEMA {self.schema} CASCADE"))
+        except Exception as exc:  # held by a process a test left running: left behind, named
+            print(f"conftest: PostgreSQL schema {self.schema} left behind: {exc}", file=sys.stderr)
+        self.schema = ""
+
+    @contextmanager
+    def lend(self) -> Iterator[str]:
+        if not self.schema:
+            self._migrate()
+        try:
+            yield self.url
+        finally:
+            dispose_all()
+            self._empty()
+
+    def _empty(self) -> None:
+        try:
+            with self.admin.begin() as conn:
+                conn.execute(text(f"SET LOCAL search_path TO {self.schema}"))
+                conn.execute(text("SET LOCAL lock_timeout = '30s'"))
+                conn.exec_driver_sql(
+                    _PG_EMPTY.format(shape=_PG_SHAPE, want=self.shape).replace("%", "%%")
+                )  # (no parameters)
+        except Exception:  # its shape changed (or it could not be emptied): the next test gets a new one
+            self._drop()
+
+    def close(self) -> None:
+        if self.schema:
+            self._drop()
+        self.admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def _shared_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedPgSchema]:
+    shared = SharedPgSchema(tmp_path_factory.mktemp("pg-migrate"))
+    yield shared
+    shared.close()
+
+
+@contextmanager
+def pg_test_schema(request: pytest.FixtureRequest) -> Iterator[str]:
+    """This test's PostgreSQL schema (a URL): the session's shared one, emptied, or with
+    ``@pytest.mark.fresh_pg_schema`` a fresh empty one."""
+    _need_pg()
+    if request.node.get_closest_marker("fresh_pg_schema"):
+        with pg_schema() as url:
+            yield url
+        return
+    shared: SharedPgSchema = request.getfixturevalue("_shared_pg")
+    with shared.lend() as url:
+        yield url
+
+
 def _need_pg() -> None:
     if not PG_AVAILABLE:
         pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
@@ -171,10 +309,10 @@ def _need_pg() -> None:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_db_ctx(request: pytest.FixtureRequest, home: Path, redis_url: str, rclient: redis.Redis) -> Iterator[Context]:
-    """A context on SQLite, and again on PostgreSQL when the server answers."""
+    """A context on SQLite, and again on PostgreSQL when the server answers (the session's migrated
+    schema, emptied; see ``pg_test_schema``)."""
     if request.param == "postgresql":
-        _need_pg()
-        with pg_schema() as url:
+        with pg_test_schema(request) as url:
             c = Context(make_settings(home, redis_url, database_url=url))
             yield c
             c.close()
@@ -195,13 +333,13 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """One database for several homes: a SQLite file in none of them, or a PostgreSQL schema."""
+    """One database for several homes: a SQLite file in none of them, or a PostgreSQL schema (as
+    ``any_db_ctx``'s)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'shared.db'}"
         dispose_all()
         return
-    _need_pg()
-    with pg_schema() as url:
+    with pg_test_schema(request) as url:
         yield url
 
 

@@ -265,6 +265,7 @@ def test_a_counted_insert_counts_its_rows_once_and_leaves_the_row_trigger_on(any
     assert_rollup_exact(ctx)
 
 
+@pytest.mark.fresh_pg_schema
 def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> None:
     ctx = any_db_ctx
     seed(ctx)
@@ -287,6 +288,7 @@ def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> Non
     assert_rollup_exact(ctx)
 
 
+@pytest.mark.fresh_pg_schema
 @pytest.mark.parametrize("old_version", ["v2", "v3", "v4"])
 def test_an_upgrade_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Context, old_version: str) -> None:
     """A database of a previous definition (v2 triggers, no coarse tiers, ``folded`` just added; v3

@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import typer
 from sqlalchemy import func, select
 from sqlmodel import Session
@@ -159,6 +160,7 @@ def test_wave_progress_equals_sql_counts(any_db_ctx: Context) -> None:
     assert after == sql_counts(ctx, cid) and after[2]["scheduled"] == 0 and after[2]["sent"] > 0
 
 
+@pytest.mark.fresh_pg_schema
 def test_install_backfills_the_wave_counts(any_db_ctx: Context) -> None:
     """A database whose wave triggers are missing (made before them, or by an older definition):
     install creates them and counts what is there; then the triggers keep counting."""

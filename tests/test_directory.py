@@ -515,6 +515,7 @@ LEGACY_INDEXES = [
 ]
 
 
+@pytest.mark.fresh_pg_schema
 def test_database_from_before_device_ids_is_upgraded_in_place(any_db_ctx: Context) -> None:
     ctx = any_db_ctx
     url = ctx.settings.effective_database_url()

@@ -458,6 +458,7 @@ def test_replay_is_batched_over_chunks(any_db_ctx: Context, rclient: redis.Redis
     assert n_status == {"retrying": 1202, "done": 1}
 
 
+@pytest.mark.fresh_pg_schema
 def test_dlq_index_upgrade_and_keyset_pages(any_db_ctx: Context) -> None:
     """A database made before ix_deliveries_dlq gets it (and loses the plain dead_lettered index) on
     the schema upgrade; the list reads it (SQLite's plan names it), and keyset pages on (failed_at,

@@ -436,6 +436,7 @@ def test_copy_insert_stores_what_core_would(pg_url: str) -> None:
     engine.dispose()
 
 
+@pytest.mark.fresh_pg_schema
 def test_upgrade_moves_dedup_keys_to_the_partial_index(db_url: str) -> None:
     """A database made with the full ``ix_notifications_dedup_key``: the first process to open it
     drops it (``RETIRED_INDEXES``) and builds ``ix_notifications_dedup_direct``, which holds intake's

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC
 from typing import Any
 
+import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -176,6 +177,7 @@ def test_a_chunk_colliding_with_rows_already_written_skips_only_those(any_db_ctx
     assert [got[u] for u in "abc"] == [r["id"] for r in first]  # the rows written first are kept
 
 
+@pytest.mark.fresh_pg_schema
 def test_the_campaign_id_index_is_retired_on_upgrade(any_db_ctx: Context) -> None:
     """The notifications' own campaign_id index (redundant: the unique (campaign_id, recipient_id)
     index starts with it) is dropped by the schema upgrade; a campaign's rows are still read by index."""
@@ -197,6 +199,7 @@ def test_the_campaign_id_index_is_retired_on_upgrade(any_db_ctx: Context) -> Non
             assert "uq_notifications_campaign_recipient" in plan, plan
 
 
+@pytest.mark.fresh_pg_schema
 def test_the_analytics_triggers_join_by_index_whatever_the_statistics(any_db_ctx: Context) -> None:
     """PostgreSQL: the statement triggers' join of the changed deliveries to their notifications is
     planned with hash and merge joins off (probes of the primary key), not from statistics that a
@@ -236,6 +239,7 @@ def test_the_analytics_triggers_join_by_index_whatever_the_statistics(any_db_ctx
     assert sum(n for k, n in checks.full_counts(ctx.engine).items() if k[3] == cid and k[4] == "sent") == N
 
 
+@pytest.mark.fresh_pg_schema
 def test_statistics_follow_a_table_that_doubled(any_db_ctx: Context) -> None:
     """PostgreSQL: a table whose rows changed since its last analysis by as many as it had then (and
     by MIN_CHANGED at least) is analysed, once; one that did not is left alone. SQLite: nothing."""

@@ -464,6 +464,7 @@ def test_sql_segments_refuse_writes(any_db_ctx: Context, sql: str) -> None:
         assert s.execute(select(OptOut)).first() is None
 
 
+@pytest.mark.fresh_pg_schema
 def test_sql_segment_transaction_is_read_only_even_past_the_checker(any_db_ctx: Context) -> None:
     """A SELECT that writes through a function gets past the text check; the read-only transaction stops it."""
     ctx = any_db_ctx
