@@ -106,6 +106,19 @@ def _close_sqlite_lock_files() -> Iterator[None]:
     close_lock_files()
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """A burst worker run in this process (the tests' ``drain``) installs rq's SIGINT/SIGTERM
+    handlers and leaves them: afterwards Ctrl-C or a CI timeout's SIGTERM asked that finished worker
+    for a warm shutdown (an HSET on the session's Redis) instead of stopping pytest, and with that
+    Redis gone pytest ended in an INTERNALERROR. Each test leaves the handlers it found."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        if signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
+
+
 @pytest.fixture(scope="session")
 def redis_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = tmp_path_factory.mktemp("redis")

@@ -6,6 +6,7 @@ database" in whatever test came next)."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import psutil
@@ -14,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
+from notifyctl.settings import Settings
 from tests.conftest import PG_URL, make_settings
 from tests.util import drain, seed, send
 
@@ -47,3 +49,16 @@ def test_burst_workers_in_one_process_keep_no_connection_of_the_runs_before(
         assert held() == before
     finally:
         ctx.close()
+
+
+def test_a_burst_worker_run_in_the_test_process(settings: Settings) -> None:
+    """(With the next test.) rq's worker installs its SIGINT/SIGTERM handlers in this process."""
+    drain(settings)
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+
+
+def test_leaves_pytest_its_own_signal_handlers() -> None:
+    """After the test before, Ctrl-C interrupts the run and SIGTERM ends it (conftest restores the
+    handlers a test changed): not a warm shutdown of that finished worker on the session's Redis."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
