@@ -36,7 +36,7 @@ from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
 from notifyctl.models import Delivery
 from sandboxes.smtp import SmtpSandbox
-from tests.conftest import ROOT, cli_env, make_settings, run_cli, start_pool, stop_pool
+from tests.conftest import ROOT, cli_env, invoke_cli, make_settings, start_pool, stop_pool
 from tests.util import deliveries, drain, notification, seed, send, wait_for
 from worker import jobs
 from worker.reconciler import reconcile
@@ -346,7 +346,7 @@ def test_report_cli_table_csv_since_and_bad_input(ctx: Context, rclient: redis.R
     for user in ("alice", "bob", "dave"):
         send(ctx, recipient_id=user, channels=["email"])
     drain(ctx)
-    table = run_cli(ctx.settings, "report", "--by", "channel")
+    table = invoke_cli(ctx.settings, "report", "--by", "channel")
     assert table.returncode == 0, table.stderr
     assert "Delivery funnel by channel" in table.stdout and "email" in table.stdout
     assert "suppressed by reason: no_address=1" in table.stdout

@@ -22,7 +22,7 @@ from notifyctl.context import Context
 from notifyctl.models import OptOut
 from notifyctl.tracking import timeline
 from notifyctl.unsubscribe import make_token, secret_key
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, invoke_cli
 from tests.net import ServeProcess
 from tests.util import IOS_TOKEN, ApiServer, deliveries, drain, pixel_token, seed
 from worker.pool import run_worker
@@ -155,7 +155,9 @@ def test_notify_queues_and_answers_like_send(ctx: Context, client: httpx.Client)
         r = client.post("/v1/notify", json=payload)
         assert r.status_code == status, (payload, r.text)
         assert needle in one_line_error(r)
-    cli = run_cli(ctx.settings, "send", "-f", "-", input=httpx.Request("POST", "/", json=cases[2][0]).content.decode())
+    cli = invoke_cli(
+        ctx.settings, "send", "-f", "-", input=httpx.Request("POST", "/", json=cases[2][0]).content.decode()
+    )
     assert cli.returncode == 2
     api_msg = client.post("/v1/notify", json=cases[2][0]).json()["error"]
     assert api_msg in cli.stderr
@@ -206,7 +208,7 @@ def test_bad_json_is_a_400_naming_the_problem_on_every_v1_route(ctx: Context, cl
             assert needle in one_line_error(r), (path, r.text)
     assert snapshot(ctx) == before
     # the same text through `notifyctl send -f -` is the same one line, exit 2
-    cli = run_cli(ctx.settings, "send", "-f", "-", input=BAD_JSON[2][0])
+    cli = invoke_cli(ctx.settings, "send", "-f", "-", input=BAD_JSON[2][0])
     assert cli.returncode == 2 and BAD_JSON[2][1] in cli.stderr and len(cli.stderr.splitlines()) == 1
     # JSON within the bounds is fine: 32 levels in all (the request, its data, 30 more)
     deep: dict[str, Any] = {"x": 1}

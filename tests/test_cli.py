@@ -24,7 +24,7 @@ from notifyctl.context import Context
 from notifyctl.models import Notification
 from notifyctl.redisconn import redis_server_binary
 from notifyctl.settings import Settings
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, invoke_cli, run_cli
 from tests.util import ANDROID_TOKEN, count_notifications, queue_depths, seed
 
 runner = CliRunner()
@@ -451,7 +451,7 @@ def test_users_import_shows_progress_on_a_terminal_only(ctx: Context, settings: 
     assert code == 0, out
     assert "importing users" in out and "3,000 rows" in out and "imported 3000 user(s)" in out, out
     # not a terminal: the one line and nothing else
-    r = run_cli(settings, "users", "import", str(f))
+    r = invoke_cli(settings, "users", "import", str(f))
     assert r.returncode == 0 and r.stdout == "imported 3000 user(s)\n" and r.stderr == "", (r.stdout, r.stderr)
     # --json on a terminal: only the JSON
     code, out = _pty_run(settings, "users", "import", str(f), "--json")
@@ -521,7 +521,7 @@ def test_status_watch_off_a_terminal_prints_a_snapshot_per_interval(ctx: Context
     assert "queue notify-high: depth=0 oldest=- running=0 failed_jobs=0" in first and "dlq depth: 0" in first, first
     assert not any("\x1b" in ln or "┃" in ln for ln in seen)  # plain lines, no terminal codes or boxes
 
-    r = run_cli(settings, "status", "--watch", "--json", "--interval", "0.1", "--count", "2")
+    r = invoke_cli(settings, "status", "--watch", "--json", "--interval", "0.1", "--count", "2")
     snaps = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert r.returncode == 0 and len(snaps) == 2 and all(s["dlq_depth"] == 0 for s in snaps), r.stdout
 
@@ -550,20 +550,20 @@ def test_redis_url_show_password_feeds_rq_info(settings: Settings, tmp_path: Pat
                 time.sleep(0.05)
         seed(Context(settings))  # users in this test's database (the default Redis for that)
         env = {"NOTIFY_REDIS_URL": url}
-        sent = run_cli(settings, "send", "alice", "-t", "otp_code", "-c", "sms", "-d", "code=1", "-d", "minutes=2",
-                       **env)  # fmt: skip
+        sent = invoke_cli(settings, "send", "alice", "-t", "otp_code", "-c", "sms", "-d", "code=1", "-d", "minutes=2",
+                          **env)  # fmt: skip
         assert sent.returncode == 0, sent.stderr
 
-        masked = run_cli(settings, "redis", "url", **env)
+        masked = invoke_cli(settings, "redis", "url", **env)
         assert masked.returncode == 0 and password not in masked.stdout and "***" in masked.stdout
-        shown = run_cli(settings, "redis", "url", "--show-password", **env)
+        shown = invoke_cli(settings, "redis", "url", "--show-password", **env)
         assert shown.returncode == 0 and shown.stdout == url + "\n"
         rq = str(Path(sys.executable).parent / "rq")
         ok = subprocess.run([rq, "info", "--url", shown.stdout.strip()], capture_output=True, text=True, timeout=60)
         assert ok.returncode == 0 and "notify-high" in ok.stdout, (ok.stdout, ok.stderr)
         bad = subprocess.run([rq, "info", "--url", masked.stdout.strip()], capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0
-        assert "--show-password" in run_cli(settings, "redis", "url", "--help").stdout
+        assert "--show-password" in invoke_cli(settings, "redis", "url", "--help").stdout
     finally:
         server.terminate()
         server.wait(10)

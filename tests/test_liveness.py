@@ -12,7 +12,7 @@ from rq import Worker
 from notifyctl import keys
 from notifyctl.context import Context
 from notifyctl.liveness import Liveness, live_workers, unique_worker_name
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 from worker.status import status_report
 
 
@@ -51,7 +51,7 @@ def test_status_lists_live_workers_per_host_and_no_dead_one(ctx: Context) -> Non
     while r.exists(keys.alive("w-b1")) and time.monotonic() < deadline:  # its 1 s TTL runs out
         time.sleep(0.05)
     assert [w["name"] for w in live_workers(r)] == ["w-a1", "w-a2"]
-    out = run_cli(ctx.settings, "status", "--json")
+    out = invoke_cli(ctx.settings, "status", "--json")
     assert out.returncode == 0, out.stderr
     assert [w["host"] for w in json.loads(out.stdout)["workers"]] == ["host-a", "host-a"]
 

@@ -23,7 +23,7 @@ from notifyctl.errors import InputError
 from notifyctl.models import OrderedNotification
 from notifyctl.settings import Settings
 from sandboxes.smtp import SmtpSandbox
-from tests.conftest import PG_AVAILABLE, PG_URL, cli_env, make_settings, run_cli, start_pool
+from tests.conftest import PG_AVAILABLE, PG_URL, cli_env, invoke_cli, make_settings, start_pool
 from tests.util import seed, send
 
 N = 6  # enough for three workers to take out-of-order ones at once; each waits ~1 s for its predecessor
@@ -129,8 +129,8 @@ def test_the_order_number_follows_acceptance_and_survives_a_lost_counter(octx: C
     assert plain not in rows
     with pytest.raises(InputError, match="ordering_key"):
         send(octx, channels=["email"], data=data, ordering_key="x" * 129)
-    r = run_cli(octx.settings, "send", "alice", "-t", "otp_code", "-c", "sms", "-d", "code=1", "-d", "minutes=2",
-                "--ordering-key", "k", "--json")  # fmt: skip
+    r = invoke_cli(octx.settings, "send", "alice", "-t", "otp_code", "-c", "sms", "-d", "code=1", "-d", "minutes=2",
+                   "--ordering-key", "k", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     nid = json.loads(r.stdout)["notification_id"]
     with Session(octx.engine) as s:

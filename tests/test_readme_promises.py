@@ -32,7 +32,7 @@ from twilio.request_validator import RequestValidator
 
 from notifyctl.context import Context
 from notifyctl.settings import Settings
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, invoke_cli, run_cli
 from tests.net import ServeProcess
 from tests.test_dlq import Hook, add_dead
 from tests.test_webhooks import _der_b64, _self_signed, sns_sign
@@ -154,7 +154,7 @@ def test_rq_info_sees_the_three_queues_by_name(ctx: Context) -> None:
     for i in range(3):
         send(ctx, channels=["email"], dedup_key=f"rq-info-low-{i}", priority="low")
     assert queue_depths(ctx) == {"high": 1, "normal": 2, "low": 3}
-    url = run_cli(ctx.settings, "redis", "url", "--show-password")
+    url = invoke_cli(ctx.settings, "redis", "url", "--show-password")
     assert url.returncode == 0, url.stderr
     rq = shutil.which("rq", path=str(Path(sys.executable).parent))
     assert rq, "the rq command is installed with notifyctl"

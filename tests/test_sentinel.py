@@ -23,7 +23,7 @@ from notifyctl.db import dispose_all
 from notifyctl.errors import ConfigError
 from notifyctl.models import Notification
 from notifyctl.redisconn import SentinelURL, _safe, connect, parse_sentinel_url, replica_acks
-from tests.conftest import make_settings, run_cli
+from tests.conftest import invoke_cli, make_settings, run_cli
 from tests.net import ReservedPorts, listening
 from tests.util import deliveries, seed, send
 from worker import jobs
@@ -238,7 +238,7 @@ def test_sentinel_url_parsing() -> None:
 def test_bad_redis_urls_are_one_line_exit_3(home: Path) -> None:
     settings = make_settings(home, "redis+sentinel://:hush@h1:26379,h2:x/mymaster")
     for url in (settings.redis_url, "memcached://h1:11211"):
-        r = run_cli(settings, "status", NOTIFY_REDIS_URL=str(url))
+        r = invoke_cli(settings, "status", NOTIFY_REDIS_URL=str(url))
         assert r.returncode == 3, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in r.stderr and "hush" not in r.stderr

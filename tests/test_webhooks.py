@@ -39,7 +39,7 @@ from notifyctl.settings import Settings
 from notifyctl.tracking import timeline
 from sandboxes.sendgrid import SendgridSandbox
 from sandboxes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, TwilioSandbox
-from tests.conftest import make_settings, run_cli
+from tests.conftest import invoke_cli, make_settings
 from tests.test_api import ApiServer, drain, one_line_error
 from tests.util import deliveries, seed, send
 
@@ -240,7 +240,7 @@ def test_sendgrid_sandbox_send_reaches_delivered_and_opened_from_webhooks_alone(
     assert [e["status"] for e in ta["events"]] == ["queued", "sent", "delivered", "opened"]
     assert ta["deliveries"][0]["status"] == "opened" and ta["deliveries"][0]["delivered_at"] is not None
     assert [d.status for d in deliveries(wctx, b.notification_id)] == ["opened"]
-    cli = run_cli(wctx.settings, "events", a.notification_id, "--json")
+    cli = invoke_cli(wctx.settings, "events", a.notification_id, "--json")
     assert cli.returncode == 0 and [e["status"] for e in json.loads(cli.stdout)["events"]][-2:] == [
         "delivered",
         "opened",
