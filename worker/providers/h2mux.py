@@ -21,15 +21,26 @@ What the providers build on:
 - ``connects``: connections opened so far (a connection cut while idle is reopened on the next
   request; libcurl checks a connection is alive before reusing it).
 
+Writes are coalesced (Linux): libcurl frames and ``send``s each request on its own (one TLS
+record, and uncorked one TCP segment and one wake-up of the server per request); the
+connections' sockets are corked (``TCP_CORK``) and uncorked after each round of libcurl's work, so
+a round's requests leave as full segments, none later than the end of its round. 20,000 APNs
+requests to nginx: the server's ``epoll_wait`` calls 7,282 → 170, ``read`` 16,607 → 1,460; nginx
+CPU per request 21.5 → 13.0 µs (best of 5, load ~6). A connection the server closed between runs
+is shut down before the next (``Mux._shut_closed``), so that libcurl opens another.
+
 One ``Mux`` is used by one thread at a time (``run`` holds a lock); the providers own theirs.
 """
 
 from __future__ import annotations
 
 import os
+import select
+import socket
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +57,9 @@ _CONNECT_ERRORS = frozenset(
     }
 )
 _TIMEOUT = pycurl.E_OPERATION_TIMEDOUT
+_SOCKOPT_OK: int = pycurl.SOCKOPT_OK
 _IDLE_REUSE_S = 3600  # keep idle connections (libcurl's default drops them after 118 s idle)
+_TCP_CORK: int = getattr(socket, "TCP_CORK", 0)  # Linux (with select.POLLRDHUP); 0: none
 
 
 def system_ca() -> tuple[str | None, str | None]:
@@ -65,9 +78,21 @@ def system_ca() -> tuple[str | None, str | None]:
     return cafile, capath
 
 
+@contextmanager
+def _fd_socket(fd: int) -> Iterator[socket.socket]:
+    """A socket object over libcurl's descriptor, for a ``setsockopt``; never closes it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
 @dataclass(slots=True)
 class Request:
-    """One POST. ``headers``: ``"name: value"`` lines (lower-case names for HTTP/2)."""
+    """One POST. ``headers``: ``"name: value"`` lines (lower-case names for HTTP/2). Requests may
+    share one ``headers`` list (FCM: the whole batch), which must not change once given to ``run``:
+    a handle whose last request had the very same list (or URL) does not set it again."""
 
     url: str
     headers: list[str]
@@ -122,17 +147,22 @@ Result = Answer | Failure
 class _Slot:
     """A reusable easy handle and what its current transfer has received."""
 
-    __slots__ = ("curl", "index", "head", "body")
+    __slots__ = ("curl", "index", "head", "body", "url", "headers")
 
     def __init__(self, curl: Any) -> None:
         self.curl = curl
         self.index = 0
         self.head: list[bytes] = []
         self.body: list[bytes] = []
+        # what the handle was last given (libcurl keeps options from one transfer to the next)
+        self.url: str | None = None
+        self.headers: list[str] | None = None
 
     def response_head(self) -> list[bytes]:
         """The header lines of the last response received (after a 1xx, the final one's)."""
         head = self.head
+        if not head or head[0][head[0].find(b" ") + 1 :][:1] != b"1":
+            return head[:]  # no interim response (nearly always): the lines are the answer's own
         for i in range(len(head) - 1, 0, -1):
             if head[i][:5] == b"HTTP/":
                 return head[i:]
@@ -154,6 +184,7 @@ class Mux:
         connect_timeout: float = 10.0,
         http2: str = "required",
         user_agent: str | None = None,
+        cork: bool = True,
     ) -> None:
         # ``ca_file``: the only CA trusted (a local sandbox's); else the system's trust store
         self.ca_file, self.ca_path = (ca_file, None) if ca_file else system_ca()
@@ -175,6 +206,9 @@ class Mux:
         self._free: list[_Slot] = []
         self._all: list[_Slot] = []
         self._closed = False
+        # the connections' sockets, corked (``_flush``): descriptor → inode, while libcurl has them
+        self.cork = cork and _TCP_CORK != 0 and hasattr(select, "POLLRDHUP")
+        self._socks: dict[int, int] = {}
 
     def _slot(self) -> _Slot:
         if self._free:
@@ -199,6 +233,8 @@ class Mux:
         # lines are only split from an earlier 1xx's when it is read (``_Slot.response_head``)
         c.setopt(pycurl.HEADERFUNCTION, slot.head.append)
         c.setopt(pycurl.WRITEFUNCTION, slot.body.append)
+        if self.cork:
+            c.setopt(pycurl.SOCKOPTFUNCTION, self._opened)
         self._all.append(slot)
         return slot
 
@@ -214,26 +250,39 @@ class Mux:
         results: list[Result | None] = [None] * len(requests)
         by_curl: dict[int, _Slot] = {}
         left = 0
+        free = self._free
+        if self._socks:
+            self._shut_closed()
         try:
             for i, r in enumerate(requests):
-                slot = self._slot()
+                slot = free.pop() if free else self._slot()
                 slot.index = i
                 slot.head.clear()
                 slot.body.clear()
                 c = slot.curl
                 try:
-                    c.setopt(pycurl.URL, r.url)
-                    c.setopt(pycurl.HTTPHEADER, r.headers)
+                    # an APNs batch differs in every URL and header list; an FCM batch shares both
+                    if r.url != slot.url:
+                        slot.url = None
+                        c.setopt(pycurl.URL, r.url)
+                        slot.url = r.url
+                    if r.headers is not slot.headers:
+                        slot.headers = None
+                        c.setopt(pycurl.HTTPHEADER, r.headers)
+                        slot.headers = r.headers
                     c.setopt(pycurl.POSTFIELDS, r.body)
                 except (pycurl.error, TypeError, ValueError) as exc:  # one request we cannot frame
                     results[i] = Failure("invalid", f"{type(exc).__name__}: {exc}")
-                    self._free.append(slot)
+                    free.append(slot)
                     continue
                 multi.add_handle(c)
                 by_curl[id(c)] = slot
                 left += 1
+            socks = self._socks
             while left:
                 _ret, running = multi.perform()
+                if socks:
+                    self._flush()  # what this round framed goes out now, together
                 while True:
                     queued, done, failed = multi.info_read()
                     for c in done:
@@ -257,6 +306,48 @@ class Mux:
                         results[slot.index] = Failure("connection", "interrupted")
                         self._release(slot)
         return results  # type: ignore[return-value]
+
+    def _opened(self, fd: int, purpose: int) -> int:
+        """libcurl's socket-option callback: a connection's socket is corked (``_flush``)."""
+        if purpose == pycurl.SOCKTYPE_IPCXN:
+            with _fd_socket(fd) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+            self._socks[fd] = os.fstat(fd).st_ino
+        return _SOCKOPT_OK
+
+    def _flush(self) -> None:
+        """Send what libcurl has written to the corked sockets, as full segments: libcurl writes
+        each request as it frames it (one TLS record, one ``send``), and uncorked each would go as
+        a segment of its own, with a wake-up of the server for each (nginx: epoll_wait 7,282 →
+        170, read 16,607 → 1,460, for 20,000 requests). A socket libcurl has closed since (its
+        descriptor gone, or another socket's now: another inode) is forgotten, never touched."""
+        for fd, ino in list(self._socks.items()):
+            try:
+                if os.fstat(fd).st_ino != ino:
+                    raise FileNotFoundError
+                with _fd_socket(fd) as sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)  # uncorking sends what waits
+                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+            except OSError:
+                del self._socks[fd]
+
+    def _shut_closed(self) -> None:
+        """Shut down the connections the server has closed since the last ``run`` (an idle
+        connection cut with a FIN, no GOAWAY), so that libcurl's check before reuse finds them
+        dead and opens others. libcurl sees only a readable socket and would frame a whole round
+        of streams onto it, corked, none of them answered; uncorked, the first ``send`` had the
+        server's reset back before the next."""
+        for fd, ino in list(self._socks.items()):
+            try:
+                if os.fstat(fd).st_ino != ino:
+                    raise FileNotFoundError
+                poll = select.poll()
+                poll.register(fd, select.POLLRDHUP)
+                if poll.poll(0):
+                    with _fd_socket(fd) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                del self._socks[fd]
 
     def _release(self, slot: _Slot) -> None:
         c = slot.curl
