@@ -76,9 +76,9 @@ def fill(env: Env, deliveries: int, log: Callable[[str], None], chunk: int = 10_
         for h, tz in enumerate(("Europe/Paris", "America/New_York", "Asia/Tokyo"))
     ]  # fmt: skip
     with engine.begin() as conn:
-        for i, cid in enumerate(camps):
+        for i, camp in enumerate(camps):
             conn.execute(Campaign.__table__.insert(), [{  # type: ignore[attr-defined]
-                "id": cid, "name": f"bench-{i}", "template_id": "weekly_promo", "category": "marketing",
+                "id": camp, "name": f"bench-{i}", "template_id": "weekly_promo", "category": "marketing",
                 "priority": "low", "channels": ["email", "sms"], "status": "active", "spec": {"rate": 1000},
                 "plan": plan, "summary": {}, "reference_at": now, "launched_at": now, "created_at": now,
                 "updated_at": now}])  # fmt: skip
@@ -163,7 +163,7 @@ def wave_trigger_cost(env: Env, log: Callable[[str], None], rows: int = 20_000, 
     for round_ in range(4):
         mode = "on" if round_ % 2 == 0 else "off"
         # off: the wave triggers dropped, and SQLite's grouped count after a counted insert a no-op
-        triggers.WAVES_COUNT_SINCE = waves.SQLITE_COUNT_SINCE if mode == "on" else "SELECT ?"
+        triggers.WAVES_COUNT_SINCE = waves.SQLITE_COUNT_SINCE if mode == "on" else "SELECT ?"  # type: ignore[attr-defined]
         if mode == "off":
             with engine.begin() as conn:
                 for name in waves.TRIGGERS:
@@ -197,7 +197,7 @@ def wave_trigger_cost(env: Env, log: Callable[[str], None], rows: int = 20_000, 
         times[f"{mode} update"].append(t_upd / rows * 1e6)
         if mode == "off":
             waves.install(engine, write_lock)  # back on (and the counts rebuilt from the rows)
-    triggers.WAVES_COUNT_SINCE = waves.SQLITE_COUNT_SINCE
+    triggers.WAVES_COUNT_SINCE = waves.SQLITE_COUNT_SINCE  # type: ignore[attr-defined]
     out = {k: round(statistics.median(v), 1) for k, v in times.items()}
     out["rows"] = rows
     out["load_avg"] = round(os.getloadavg()[0], 1)

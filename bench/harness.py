@@ -14,6 +14,7 @@ from cProfile import Profile
 from typing import Any
 
 from sqlalchemy import event, func, insert, select, update
+from sqlmodel import col
 
 from bench.common import Env
 from notifyctl import keys
@@ -73,9 +74,9 @@ def bulk_ios_tokens(env: Env, user_ids: list[str], chunk: int = 5000, platforms:
 
 
 def count_sent(env: Env, channel: str | None = None) -> int:
-    q = select(func.count()).select_from(Delivery).where(Delivery.status == "sent")
+    q = select(func.count()).select_from(Delivery).where(col(Delivery.status) == "sent")
     if channel:
-        q = q.where(Delivery.channel == channel)
+        q = q.where(col(Delivery.channel) == channel)
     with env.ctx.engine.connect() as conn:
         return int(conn.execute(q).scalar_one())
 
@@ -85,7 +86,8 @@ def sent_counter(env: Env, channel: str) -> int:
     A worker adds to it after its SQL commit, so when it reads n, n rows are tracked in SQL: a cheap
     progress probe for a run, confirmed by one SQL count at the end."""
     prefix = f"sent|{channel}|".encode()
-    return sum(int(v) for k, v in env.ctx.redis.hgetall(DELIVERIES).items() if k.startswith(prefix))
+    counts: dict[Any, Any] = env.ctx.redis.hgetall(DELIVERIES)
+    return sum(int(v) for k, v in counts.items() if k.startswith(prefix))
 
 
 def wait_sent(env: Env, channel: str, n: int, t0: float, timeout: float, what: str) -> str | None:
@@ -198,7 +200,7 @@ class CpuMeter:
     def _cpu(self, pid: int) -> float:
         try:
             t = self._psutil.Process(pid).cpu_times()
-            return t.user + t.system
+            return float(t.user + t.system)
         except self._psutil.NoSuchProcess:
             return 0.0
 
@@ -290,7 +292,9 @@ def mark_queued(env: Env, nids: list[str]) -> None:
     """The notifications ``nids`` queued again (to run them through ``process`` once more)."""
     with env.ctx.engine.begin() as conn:
         for i in range(0, len(nids), 5000):
-            conn.execute(update(Notification).where(Notification.id.in_(nids[i : i + 5000])).values(status="queued"))
+            conn.execute(
+                update(Notification).where(col(Notification.id).in_(nids[i : i + 5000])).values(status="queued")
+            )
 
 
 def process_batches(rt: Any, nids: list[str], batch: int, prof: Profile | None = None) -> int:

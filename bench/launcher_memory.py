@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import update
+from sqlmodel import col
 
 from bench.common import Env, bulk_users
 from bench.harness import (
@@ -77,7 +78,7 @@ def launcher_memory(rows: int, log: Log = noop, small_fraction: float = 0.1, rou
         # the small campaign is due first: let its rows go before the measured one is queued
         env.ctx.engine.dispose()
         with env.ctx.engine.begin() as conn:
-            conn.execute(update(Notification).where(Notification.status == "scheduled").values(status="canceled"))
+            conn.execute(update(Notification).where(col(Notification.status) == "scheduled").values(status="canceled"))
         out["real"] = _run_launcher(env, paths["full"], rate, False)
         s = out["real"].get("summary") or {}
         if s.get("first_due") and s.get("last_due") and s.get("written", 0) > 1:

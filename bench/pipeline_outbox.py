@@ -12,7 +12,7 @@ import signal
 import time
 
 from sqlalchemy import func, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from bench.common import Env, bulk_notifications, bulk_users, start_pool, wait_until
 from notifyctl.models import Delivery
@@ -31,7 +31,9 @@ def run(users: int, pool: int, batch: int) -> dict[str, float]:
         def done() -> bool:
             with Session(env.ctx.engine) as s:
                 return (
-                    s.execute(select(func.count()).select_from(Delivery).where(Delivery.status == "sent")).scalar_one()
+                    s.execute(
+                        select(func.count()).select_from(Delivery).where(col(Delivery.status) == "sent")
+                    ).scalar_one()
                     >= users
                 )
 

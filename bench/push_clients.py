@@ -87,7 +87,7 @@ def run_provider(kind: str, url: str, ca: str, n: int, batch: int) -> tuple[int,
     from pathlib import Path
     from tempfile import mkdtemp
 
-    from notifyctl.settings import Settings
+    from notifyctl.settings import load_settings
 
     home = Path(mkdtemp(prefix="bench-client-"))
     if kind == "apns":
@@ -100,7 +100,7 @@ def run_provider(kind: str, url: str, ca: str, n: int, batch: int) -> tuple[int,
                                 serialization.NoEncryption()).decode()  # fmt: skip
         opts = {"key": pem, "key_id": "BENCHKEY01", "team_id": "BENCHTEAM1", "topic": TOPIC, "base_url": url,
                 "ca_file": ca}  # fmt: skip
-        provider: Any = Provider(Settings(home=home, provider_options={"apns": opts}))
+        provider: Any = Provider(load_settings(home=home, provider_options={"apns": opts}))
         msgs = bare_messages("push.ios", n)
     else:
         from sandboxes.fcm import make_service_account
@@ -108,7 +108,7 @@ def run_provider(kind: str, url: str, ca: str, n: int, batch: int) -> tuple[int,
 
         sa = make_service_account(url + "/token", "bench")
         opts = {"service_account_json": json.dumps(sa), "base_url": url, "ca_file": ca, "token_url": url + "/token"}
-        provider = Fcm(Settings(home=home, provider_options={"fcm": opts}))
+        provider = Fcm(load_settings(home=home, provider_options={"fcm": opts}))
         msgs = bare_messages("push.android", n)
     try:
         provider.send(msgs[:1])  # connect and sign (fetch the token) before the clock starts
@@ -182,7 +182,7 @@ def run_h2(module: str, validate: bool, url: str, ca: str, n: int, batch: int) -
             fut = asyncio.get_running_loop().create_future()
             self.pending[sid] = fut
             self.transport.write(self.h2.data_to_send())
-            return await fut
+            return int(await fut)
 
     async def main() -> tuple[int, float, float]:
         ctx = ssl.create_default_context(cafile=ca)
@@ -190,7 +190,7 @@ def run_h2(module: str, validate: bool, url: str, ca: str, n: int, batch: int) -
         loop = asyncio.get_running_loop()
         conns = []
         for _ in range(2):
-            _t, c = await loop.create_connection(Conn, parts.hostname, parts.port, ssl=ctx,
+            _t, c = await loop.create_connection(Conn, parts.hostname or "", parts.port or 443, ssl=ctx,
                                                  server_hostname=parts.hostname)  # fmt: skip
             await c.ready
             conns.append(c)

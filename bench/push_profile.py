@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from sqlalchemy import update
+from sqlmodel import col
 
 from bench import sinks
 from bench.common import Env, bulk_notifications, bulk_users
@@ -41,7 +42,7 @@ def _cpu(pid: int) -> float:
     import psutil
 
     t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
+    return float(t.user + t.system)
 
 
 # a sample is the pipeline's when its stack holds process(), or the route pool's thread sending a
@@ -108,7 +109,7 @@ def run(label: str, n: int, batch: int, sink: Any, profile: bool, rounds: int = 
             clear_rate_windows(env)
             with env.ctx.engine.begin() as conn:
                 for i in range(0, len(nids), 5000):
-                    conn.execute(update(Notification).where(Notification.id.in_(nids[i : i + 5000]))
+                    conn.execute(update(Notification).where(col(Notification.id).in_(nids[i : i + 5000]))
                                  .values(status="queued"))  # fmt: skip
             redis_pid = int(env.ctx.redis.info("server")["process_id"])
             nginx_pids = [p for k, p in sink.pids.items() if k != "nginx master"]

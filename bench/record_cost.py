@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from sqlalchemy import event
+from sqlmodel import col
 
 from bench import sinks
 from bench.common import Env, bulk_notifications, bulk_users
@@ -62,7 +63,7 @@ def _cpu(pid: int) -> float:
         t = psutil.Process(pid).cpu_times()
     except psutil.Error:
         return 0.0
-    return t.user + t.system
+    return float(t.user + t.system)
 
 
 class _Meter:
@@ -167,7 +168,9 @@ def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     with env.ctx.engine.connect() as conn:
-        sent = conn.execute(select(func.count()).where(Delivery.status == "sent", Delivery.channel == "sms")).scalar()
+        sent = conn.execute(
+            select(func.count()).where(col(Delivery.status) == "sent", col(Delivery.channel) == "sms")
+        ).scalar()
     assert sent == n, f"otp: sent {sent} of {n}"
     return _report("otp", n, c0, c1, wall, sql, n, delta(stats0, commandstats(env)), prof)
 

@@ -114,7 +114,7 @@ def _child(argv: list[str]) -> None:
         from sandboxes.smtp import SmtpSandbox
 
         sb = SmtpSandbox(port=0)
-        sb.recorder = rec  # type: ignore[assignment]
+        sb.recorder = rec
         sb.start()
         info = {"host": sb.host, "port": sb.port}
     stop = threading.Event()

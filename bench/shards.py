@@ -227,10 +227,10 @@ def email_shards(
             except Exception as exc:  # noqa: BLE001 - reported, the other counts still run
                 all_runs[str(k)].append({"shards": k, "error": f"{type(exc).__name__}: {exc}"})
     runs: dict[str, dict[str, Any]] = {}
-    for k, rs in all_runs.items():
+    for key, rs in all_runs.items():
         ok = [r for r in rs if r.get("per_shard") and not r.get("error")]
-        runs[k] = dict(max(ok, key=lambda r: r["redis_main_us_per_notification_all_shards"]) if ok else rs[-1])
-        runs[k]["repeats"] = [
+        runs[key] = dict(max(ok, key=lambda r: r["redis_main_us_per_notification_all_shards"]) if ok else rs[-1])
+        runs[key]["repeats"] = [
             {
                 "notifications_per_s": r.get("notifications_per_s"),
                 "redis_main_us_per_notification": [p["redis_main_us_per_notification"] for p in r["per_shard"]],

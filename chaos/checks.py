@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 from sqlalchemy import select
+from sqlmodel import col
 
 from chaos.common import Result, World
 from notifyctl.models import DeliveryEvent
@@ -28,7 +29,7 @@ def count_in_doubt_apart(world: World, res: Result, accepted: list[str | None]) 
     counted apart, as the multi-host faults do; any other duplicate stays a failure."""
     counts = Counter(a for a in accepted if a)
     with world.ctx.engine.connect() as conn:
-        rows = conn.execute(select(DeliveryEvent.delivery_id).where(DeliveryEvent.status == "in_doubt"))
+        rows = conn.execute(select(col(DeliveryEvent.delivery_id)).where(col(DeliveryEvent.status) == "in_doubt"))
         doubt = {r[0] for r in rows}
     resent = sum(n - 1 for d, n in counts.items() if n > 1 and d in doubt)
     res.figures["in_doubt"] = len(doubt)

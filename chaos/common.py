@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, urlparse
 
 import psutil
 from sqlalchemy import func, insert, select
+from sqlmodel import col
 
 from bench.common import wait_until
 from notifyctl import keys
@@ -92,7 +93,7 @@ class RateLimitPlan(FaultPlan):
         self.refused = 0
         self.active = True
 
-    def take(self, text: str = "") -> dict[str, Any] | None:
+    def take(self, text: str = "", where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
         with self._lock:
             if not self.active or text.startswith("/_sandbox"):
                 return None
@@ -311,11 +312,13 @@ class World:
         """Expected delivery ids of notifications, from the users' addresses (not from Delivery rows)."""
         with self.ctx.engine.connect() as conn:
             rows = conn.execute(
-                select(Notification.id, User.email, User.phone).join(User, User.id == Notification.recipient_id)
-                .where(Notification.id.in_(nids))  # type: ignore[attr-defined]
+                select(col(Notification.id), col(User.email), col(User.phone))
+                .join(User, col(User.id) == col(Notification.recipient_id))
+                .where(col(Notification.id).in_(nids))
             ).all()  # fmt: skip
         return {
-            expected_delivery_id(nid, channel, email if channel == "email" else phone) for nid, email, phone in rows
+            expected_delivery_id(nid, channel, (email if channel == "email" else phone) or "")
+            for nid, email, phone in rows
         }
 
     def accepted(self) -> list[dict[str, Any]]:
@@ -328,8 +331,8 @@ class World:
         with self.ctx.engine.connect() as conn:
             return int(
                 conn.execute(
-                    select(func.count()).select_from(Delivery).where(Delivery.dead_lettered.is_(True))
-                ).scalar_one()  # type: ignore[attr-defined]
+                    select(func.count()).select_from(Delivery).where(col(Delivery.dead_lettered).is_(True))
+                ).scalar_one()
             )
 
     def queues_empty(self) -> bool:

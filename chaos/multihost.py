@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, insert, select, text
+from sqlmodel import col
 
 from bench.common import wait_until
 from chaos.common import PROMO, ROOT, Result, StampedRecorder, run_each, tally
@@ -317,7 +318,7 @@ class Cluster:
         worker's running-set entry on the new primary until it expires (job_timeout + 60 s) though
         the job ended; SQL, which every outcome reaches, and the queues tell the truth there."""
         with self.ctx.engine.connect() as conn:
-            open_ = conn.execute(
+            open_: int = conn.execute(
                 text("SELECT count(*) FROM notifications WHERE status NOT IN ('done', 'suppressed')")
             ).scalar_one()
         if open_ or any(self.ctx.queue(p, i).count for i in range(len(self.rs)) for p in PRIORITIES):
@@ -330,8 +331,10 @@ class Cluster:
 
     def in_doubt(self) -> set[str]:
         with self.ctx.engine.connect() as conn:
-            rows = conn.execute(select(DeliveryEvent.delivery_id).where(DeliveryEvent.status == "in_doubt")).all()
-        return {r[0] for r in rows}
+            rows = conn.execute(
+                select(col(DeliveryEvent.delivery_id)).where(col(DeliveryEvent.status) == "in_doubt")
+            ).all()
+        return {str(r[0]) for r in rows}
 
     def close(self) -> None:
         for p in self.pools.values():

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import select
+from sqlmodel import col
 
 from chaos.common import World, expected_delivery_id
 from notifyctl import keys
@@ -27,7 +28,8 @@ class OtpStream:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         with world.ctx.engine.connect() as conn:
-            self.phones = dict(conn.execute(select(User.id, User.phone).where(User.id.in_(users))).all())  # type: ignore[attr-defined]
+            rows = conn.execute(select(col(User.id), col(User.phone)).where(col(User.id).in_(users))).all()
+            self.phones: dict[str, Any] = {uid: phone for uid, phone in rows}
 
     def one(self, uid: str, code: str) -> tuple[str, str]:
         req = parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
@@ -46,7 +48,7 @@ class OtpStream:
             except Exception:  # noqa: BLE001 - counted (e.g. Redis down: not accepted)
                 self.errors += 1
 
-    def start(self) -> OtpStream:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -85,13 +87,15 @@ class ResumeTrace:
                 alive, lease = r.exists(keys.alive(self.worker)), r.get(keys.sent(self.did))
                 with self.world.ctx.engine.connect() as conn:
                     row = conn.execute(
-                        select(Notification.status, Notification.job_id).where(Notification.id == self.nid)
+                        select(col(Notification.status), col(Notification.job_id)).where(
+                            col(Notification.id) == self.nid
+                        )
                     ).one()
                 job = row.job_id
                 js = r.hget(keys.rq_job(job), "status") if job else None
             except Exception:  # noqa: BLE001 - a trace, best effort
                 continue
-            record = lease.decode() if lease else ""
+            record = lease.decode() if isinstance(lease, bytes) else lease or ""
             held = lease_holder(r, self.did) if record.startswith("lease:") else None
             if not alive and seen.get("alive", True):
                 self._note("liveness key gone")
@@ -105,7 +109,7 @@ class ResumeTrace:
                 else:
                     self._note(f"send record {record[:5] or 'gone'}")
                 seen["holder"] = holder
-            state = (row.status, job, js.decode() if js else None)
+            state = (row.status, job, js.decode() if isinstance(js, bytes) else js)
             if state != seen.get("state"):
                 prev = seen.get("state")
                 if prev and prev[1] != job:

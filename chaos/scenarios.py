@@ -18,10 +18,13 @@ import time
 from typing import Any
 
 from rq import Worker
+from rq.worker.base import BaseWorker
 from sqlalchemy import func, select
+from sqlmodel import col
 
+from bench.common import wait_until
 from chaos.checks import apply_tally, check_pool, count_in_doubt_apart, pct, restarts
-from chaos.common import ROOT, RateLimitPlan, Result, Ticker, World, drain, tally, wait_until
+from chaos.common import ROOT, RateLimitPlan, Result, Ticker, World, drain, tally
 from chaos.probes import OtpStream, ResumeTrace
 from notifyctl.models import Campaign, Delivery, DeliveryEvent, Notification
 from notifyctl.pacing import Pacer
@@ -66,9 +69,11 @@ def workers_killed(quick: bool) -> Result:
                 otps.phones[uid] = phone
                 nid, did = otps.one(uid, f"9{trap_i:05d}")
                 with world.ctx.engine.connect() as conn:
-                    job = conn.execute(select(Notification.job_id).where(Notification.id == nid)).scalar_one()
+                    job: str | None = conn.execute(
+                        select(col(Notification.job_id)).where(col(Notification.id) == nid)
+                    ).scalar_one()
 
-                def holder(job: str = job) -> Worker | None:
+                def holder(job: str | None = job) -> BaseWorker | None:
                     for w in Worker.all(connection=world.ctx.redis):
                         if w.get_current_job_id() == job and w.pid in world.worker_pids():
                             return w
@@ -83,6 +88,7 @@ def workers_killed(quick: bool) -> Result:
                 if not wait_until(lambda: world.tw.faults.pending() == 0, 5, 0.02):
                     res.notes.append("a trap OTP did not reach the sandbox within 5 s")
                 time.sleep(0.1)
+                assert victim.pid is not None  # a live worker has its process id
                 os.kill(victim.pid, signal.SIGKILL)
                 kills.append({"kind": "otp", "at": time.time(), "delivery_id": did})
                 traces.append(ResumeTrace(world, victim.name, nid, did, kills[-1]["at"]))
@@ -157,7 +163,7 @@ def launcher_killed(quick: bool) -> Result:
         out, err = proc.communicate()
         at_kill = written()
         with world.ctx.engine.connect() as conn:
-            cid = conn.execute(select(Campaign.id)).scalar_one()
+            cid: str = conn.execute(select(col(Campaign.id))).scalar_one()
         if not killed:
             res.problems.append(f"the launcher finished before it could be killed (exit {proc.returncode})")
         r2 = subprocess.run(base + ["--resume", cid, "--json"], env=env, cwd=ROOT, capture_output=True, text=True)
@@ -167,7 +173,7 @@ def launcher_killed(quick: bool) -> Result:
         else:
             summary = json.loads(r2.stdout)
         with world.ctx.engine.connect() as conn:
-            rows = conn.execute(select(Notification.id, Notification.recipient_id)).all()
+            rows = conn.execute(select(col(Notification.id), col(Notification.recipient_id))).all()
         recipients = [r for _n, r in rows]
         skipped = set(users) - set(recipients)
         twice = len(recipients) - len(set(recipients))
@@ -340,7 +346,9 @@ def rate_limited(quick: bool) -> Result:
         span = (ts[-1] - ts[0]) if len(ts) > 1 else float("nan")
         got_rate = round(len(ts) / span, 1) if span and span == span else float("nan")
         with world.ctx.engine.connect() as conn:
-            attempts = dict(conn.execute(select(Delivery.attempts, func.count()).group_by(Delivery.attempts)).all())
+            attempts: dict[int, int] = dict(
+                conn.execute(select(col(Delivery.attempts), func.count()).group_by(col(Delivery.attempts))).all()
+            )
         dlq = world.dead_lettered()
         requests = plan.allowed + plan.refused
         share_429 = round(plan.refused / requests, 3) if requests else 0.0

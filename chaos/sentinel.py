@@ -37,12 +37,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from sqlalchemy import func, select
+from sqlmodel import col
 
+from bench.common import wait_until
 from chaos.checks import apply_tally, check_pool, count_in_doubt_apart
-from chaos.common import Result, World, run_each, tally, wait_until
+from chaos.common import Result, World, run_each, tally
 from chaos.probes import OtpStream
 from notifyctl import keys
 from notifyctl.models import Notification, User
@@ -53,6 +56,13 @@ SENTINEL = shutil.which("redis-sentinel")
 SERVICE = "notify-chaos"
 POOL = 2
 PROVIDER_DELAY = 0.3
+
+
+def _master(sentinel: redis.Redis) -> dict[str, Any]:
+    """What a sentinel knows of the service's primary (redis-py answers ``SENTINEL MASTERS`` as a
+    dict by name, though its stubs say a list)."""
+    masters: dict[str, dict[str, Any]] = sentinel.sentinel_masters()  # type: ignore[assignment]
+    return masters[SERVICE]
 
 
 class SentinelSet:
@@ -129,7 +139,7 @@ class SentinelSet:
             # the sentinels found each other (hello messages through the primary, every 2 s)
             others = len(self.sentinel_ports) - 1
             for port in self.sentinel_ports:
-                state = redis.Redis(port=port, decode_responses=True).sentinel_masters()[SERVICE]
+                state = _master(redis.Redis(port=port, decode_responses=True))
                 if int(state["num-other-sentinels"]) < others:
                     return False
             return True
@@ -139,7 +149,7 @@ class SentinelSet:
     def switched_to(self, port: int) -> bool:
         """The sentinel names ``port`` as the primary, not down, and that server is a master."""
         try:
-            state = self.sentinel.sentinel_masters()[SERVICE]  # one of three: all agree by then
+            state = _master(self.sentinel)  # one of three: all agree by then
             if state["port"] != port or state["is_sdown"] or state["is_odown"]:
                 return False
             return bool(self.client(port).info("replication")["role"] == "master")
@@ -181,7 +191,7 @@ def strike(ss: SentinelSet, mode: str, res: Result) -> bool:
             ss.procs[name].wait()
         ss.procs["replica"].send_signal(signal.SIGCONT)
     else:
-        ss.sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        ss.sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)  # type: ignore[no-untyped-call]
     t_fault = time.monotonic()
     switched = wait_until(lambda: ss.switched_to(ss.replica_port), 60, 0.05)
     res.figures["failover_s"] = round(time.monotonic() - t_fault, 2) if switched else None
@@ -211,7 +221,8 @@ def _window_otps(world: World, ss: SentinelSet, otps: OtpStream, users: list[str
     replicates them. Returns notification id -> RQ job id (read from SQL), to look for on the new
     primary."""
     with world.ctx.engine.connect() as conn:
-        otps.phones.update(conn.execute(select(User.id, User.phone).where(User.id.in_(users))).all())  # type: ignore[attr-defined,arg-type]
+        rows = conn.execute(select(col(User.id), col(User.phone)).where(col(User.id).in_(users))).all()
+        otps.phones.update({uid: phone for uid, phone in rows})
     replica = ss.procs["replica"]
     replica.send_signal(signal.SIGSTOP)
     primary = ss.client(ss.primary_port)
@@ -226,8 +237,10 @@ def _window_otps(world: World, ss: SentinelSet, otps: OtpStream, users: list[str
     offsets = primary.info("replication")
     res.figures["primary_repl_offset_at_kill"] = offsets.get("master_repl_offset")
     with world.ctx.engine.connect() as conn:
-        rows = conn.execute(select(Notification.id, Notification.job_id).where(Notification.id.in_(nids))).all()  # type: ignore[attr-defined]
-    return {nid: job for nid, job in rows if job}
+        got = conn.execute(
+            select(col(Notification.id), col(Notification.job_id)).where(col(Notification.id).in_(nids))
+        ).all()
+    return {nid: job for nid, job in got if job}
 
 
 def sentinel_fault(mode: str, quick: bool) -> Result:
@@ -277,7 +290,9 @@ def sentinel_fault(mode: str, quick: bool) -> Result:
         # expected: every notification SQL accepted (an OTP refused during the failover was never
         # committed, or was: then it must be sent too), from the users' addresses
         with world.ctx.engine.connect() as conn:
-            nids = [r[0] for r in conn.execute(select(Notification.id).where(Notification.campaign_id.is_(None)))]  # type: ignore[union-attr]
+            nids = [
+                r[0] for r in conn.execute(select(col(Notification.id)).where(col(Notification.campaign_id).is_(None)))
+            ]
         expected = expected_campaign | world.expected_for(nids, "sms")
         ok = wait_until(lambda: expected <= set(world.accepted_ids()), 180 if not quick else 60, 0.25)
         t_all = time.monotonic()
@@ -302,10 +317,10 @@ def sentinel_fault(mode: str, quick: bool) -> Result:
             # recovered how: each lost job's notification queued again under a new job id (the
             # reconciler's search for queued notifications whose job is gone), and sent once
             with world.ctx.engine.connect() as conn:
-                now_jobs = dict(
+                now_jobs: dict[str, str | None] = dict(
                     conn.execute(
-                        select(Notification.id, Notification.job_id)
-                        .where(Notification.id.in_(list(window_jobs)))  # type: ignore[attr-defined]
+                        select(col(Notification.id), col(Notification.job_id))
+                        .where(col(Notification.id).in_(list(window_jobs)))
                     ).all()
                 )  # fmt: skip
             first: dict[str, float] = {}

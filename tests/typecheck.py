@@ -1,7 +1,7 @@
 """mypy as a ratchet (``make lint``): each module's error count may only go down.
 
-mypy runs strict over notifyctl/, worker/, campaigns/ and sandboxes/ (``[tool.mypy]`` in
-pyproject.toml). The errors it finds today are counted per module in
+mypy runs strict over notifyctl/, worker/, campaigns/, sandboxes/, bench/ and chaos/
+(``[tool.mypy]`` in pyproject.toml). The errors it finds today are counted per module in
 tests/typecheck_baseline.json; a module with more errors than its count (or a module not listed, with any) fails, naming the new errors. A module
 with fewer passes and says so: run ``python tests/typecheck.py --update`` to lower the baseline
 in the same commit. Never raise a count by hand. Once the baseline is empty (``{}``), any mypy error
