@@ -104,11 +104,24 @@ def test_a_campaign_sent_now_writes_each_row_once_before_the_worker(any_db_ctx: 
     assert ctx.redis.llen(ctx.queue("low").key) == 3
     assert launcher_writes["UPDATE"] == 0  # inserted queued, never updated by the launch
 
-    with notification_writes() as reconciler_writes:
-        res = reconcile(ctx, now=time.time() + ctx.settings.recovery_grace + 5, force=True, limit=100_000)
-    # nothing due, nothing lost: the jobs wait in their queue; the reconciler writes no row
+    row_reads: list[str] = []  # statements that read queued notification rows (not the high-priority look)
+
+    def reads(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        lost_pass = "notifications.status IN" not in statement and "priority = 'high'" not in statement
+        if statement.lstrip().startswith("SELECT notifications.id") and lost_pass:
+            row_reads.append(statement)
+
+    event.listen(ctx.engine, "before_cursor_execute", reads)
+    try:
+        with notification_writes() as reconciler_writes:
+            res = reconcile(ctx, now=time.time() + ctx.settings.recovery_grace + 5, force=True, limit=100_000)
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", reads)
+    # nothing due, nothing lost: the jobs wait in their queue; the reconciler writes no row, and
+    # reads the backlog's jobs (one row each), never its 2,500 rows
     assert (res.retries_queued, res.recovered) == (0, 0) and res.checked_jobs == 3
     assert sum(reconciler_writes.values()) == 0
+    assert row_reads == []
 
     with notification_writes() as worker_writes:
         run_worker(ctx.settings, ["high", "normal", "low"], burst=True, reconcile=False)
