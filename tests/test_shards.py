@@ -36,7 +36,7 @@ from notifyctl.models import Notification
 from notifyctl.redisconn import RedisUnreachable, ensure_server, stop_server
 from notifyctl.settings import Settings
 from notifyctl.shards import check, parse_list, reset, shard_of, split
-from tests.conftest import ROOT, cli_env, make_settings, start_pool, stop_pool
+from tests.conftest import ROOT, cli_env, invoke_cli, make_settings, start_pool, stop_pool
 from tests.net import ClosedPort, ServeProcess
 from tests.util import ApiServer, deliveries, drain, seed, send, wait_for
 from worker.pool import Pool, worker_plan
@@ -375,21 +375,17 @@ def test_a_campaign_is_queued_per_shard_and_status_reads_every_shard(small_chunk
 def test_redis_shards_lists_them_and_a_host_with_another_list_does_not_start(
     sctx: Context, shard_urls: list[str]
 ) -> None:
-    sharded = cli_env(sctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(shard_urls))
-    r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "redis", "shards"], env=sharded, cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = invoke_cli(sctx.settings, "redis", "shards", NOTIFY_REDIS_SHARDS=json.dumps(shard_urls))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith(f"shard 0  {shard_urls[0]}  id ") and lines[1].startswith(f"shard 1  {shard_urls[1]}")
     assert lines[2] == "the shared database agrees"
     # the same database, the shards swapped: refused at start, one line, exit 3, nothing run
-    swapped = cli_env(sctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(shard_urls[::-1]), NOTIFY_REDIS_URL="")
-    r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "worker", "--burst"], env=swapped, cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    swapped = {"NOTIFY_REDIS_SHARDS": json.dumps(shard_urls[::-1]), "NOTIFY_REDIS_URL": ""}
+    r = invoke_cli(sctx.settings, "worker", "--burst", **swapped)
     assert r.returncode == 3 and "differ from those of the hosts sharing this database" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "redis", "shards", "--reset"], env=swapped,
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = invoke_cli(sctx.settings, "redis", "shards", "--reset", **swapped)
     assert r.returncode == 0 and "shard list forgotten" in r.stdout, r.stderr
 
 
@@ -400,9 +396,7 @@ def test_a_worker_serves_only_the_shards_it_is_given(sctx: Context, shard_urls: 
     seed(ctx)
     alice = send(ctx, recipient_id="alice", channels=["email"]).notification_id
     bob = send(ctx, recipient_id="bob", channels=["email"]).notification_id
-    env = cli_env(ctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(shard_urls))
-    r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "worker", "--burst", "--shards", "1"], env=env,
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = invoke_cli(ctx.settings, "worker", "--burst", "--shards", "1", NOTIFY_REDIS_SHARDS=json.dumps(shard_urls))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     with Session(ctx.engine) as s:
         status = {n.id: n.status for n in s.execute(select(Notification)).scalars()}
@@ -474,16 +468,14 @@ def test_status_metrics_and_healthz_with_a_shard_down(
         assert f"127.0.0.1:{closed_port.port}" in gone["error"] and "\n" not in gone["error"]
         assert "s3cret" not in json.dumps(rep)
 
-        env = cli_env(ctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(shards), COLUMNS="250")
-        r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "status"], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        env = {"NOTIFY_REDIS_SHARDS": json.dumps(shards), "COLUMNS": "250"}
+        r = invoke_cli(ctx.settings, "status", **env)
         assert r.returncode == 5, r.stderr
         assert "s3cret" not in r.stdout + r.stderr and "Traceback" not in r.stderr
         row = next(line for line in r.stdout.splitlines() if f"127.0.0.1:{closed_port.port}" in line)
         assert "unreachable: " in row and "Connection refused" in row, r.stdout
         assert "notify-normal" in r.stdout
-        r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "status", "--json"], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        r = invoke_cli(ctx.settings, "status", "--json", **env)
         assert r.returncode == 5, r.stderr
         out = json.loads(r.stdout)
         assert [(x["shard"], x["ok"], x["error"] is None) for x in out["redis_shards"]] == [(0, True, True),
@@ -531,9 +523,7 @@ def test_status_metrics_and_healthz_with_a_shard_down(
     finally:
         ctx.close()
         dispose_all()
-    env = cli_env(ctx.settings, NOTIFY_REDIS_SHARDS=json.dumps(both))
-    r = subprocess.run([sys.executable, "-m", "notifyctl.cli.main", "status"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = invoke_cli(ctx.settings, "status", NOTIFY_REDIS_SHARDS=json.dumps(both))
     assert r.returncode == 3 and "cannot reach Redis" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -25,7 +25,7 @@ from notifyctl.context import Context
 from notifyctl.errors import TemplateError
 from notifyctl.models import Notification, SharedTemplate
 from notifyctl.settings import Settings
-from tests.conftest import ROOT, cli_env, make_settings, run_cli
+from tests.conftest import ROOT, cli_env, invoke_cli, make_settings
 from tests.util import ApiServer, seed, send
 from worker.providers.outbox import read_outbox
 
@@ -96,7 +96,7 @@ def test_a_template_pushed_on_host_a_is_sent_by_a_worker_of_host_b(
     with pytest.raises(TemplateError, match="unknown template 'greeting'"):  # host B has no such file
         send(b, template_id="greeting", channels=["email"], data={"name": "Ada"})
 
-    r = run_cli(a_settings, "templates", "push")
+    r = invoke_cli(a_settings, "templates", "push")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[:3] == ["pushed", "greeting", "v1"], r.stdout
 
@@ -112,7 +112,7 @@ def test_a_template_pushed_on_host_a_is_sent_by_a_worker_of_host_b(
     # by version, not for ever.
     assert b.templates.get("greeting").version == 1
     write_template(a_settings, "greeting", greeting("second"))
-    r = run_cli(a_settings, "templates", "push", "greeting", "--json")
+    r = invoke_cli(a_settings, "templates", "push", "greeting", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == [
         {"id": "greeting", "version": 2, "status": "pushed", "file": str(a_settings.home / "templates/greeting.toml")}
@@ -151,11 +151,11 @@ def test_an_unknown_template_is_refused_at_intake(
     if shared:
         refusing.append((a_settings, "template 'greeting' is only in this host's files"))
     for settings, message in refusing:
-        r = run_cli(settings, "send", "alice", "-t", "greeting", "-c", "email", "-d", "name=Ada")
+        r = invoke_cli(settings, "send", "alice", "-t", "greeting", "-c", "email", "-d", "name=Ada")
         assert r.returncode == 2 and message in one_error_line(r.stderr), r.stderr
         if settings is a_settings:
             assert "notifyctl templates push greeting" in r.stderr
-        r = run_cli(settings, "campaign", "launch", "-t", "greeting", "--segment-csv", str(seg), "-d", "name=Ada")
+        r = invoke_cli(settings, "campaign", "launch", "-t", "greeting", "--segment-csv", str(seg), "-d", "name=Ada")
         assert r.returncode == 2 and message in one_error_line(r.stderr), r.stderr
         ctx = Context(settings)
         with ApiServer(ctx) as server:
