@@ -109,8 +109,8 @@ def test_status_watch_shows_queues_oldest_age_workers_sent_last_minute_and_circu
     with WorkerProcess(ctx.settings, "--queues", "low"):
         wait_for(lambda: rq_workers(ctx), 60, "the worker to register")
         started = time.time()
-        plain = run_cli(ctx.settings, "status", "--watch", "--interval", "0.2", "--count", "2")
-        as_json = run_cli(ctx.settings, "status", "--watch", "--json", "--interval", "0.2", "--count", "2")
+        plain = invoke_cli(ctx.settings, "status", "--watch", "--interval", "0.2", "--count", "2")
+        as_json = invoke_cli(ctx.settings, "status", "--watch", "--json", "--interval", "0.2", "--count", "2")
         finished = time.time()
         [worker] = rq_workers(ctx)
     assert plain.returncode == 0 and as_json.returncode == 0, plain.stderr + as_json.stderr
