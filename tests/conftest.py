@@ -3,6 +3,7 @@ database per test, PostgreSQL when 127.0.0.1:5432 answers, and the sandboxes mor
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -392,7 +393,16 @@ def invoke_cli(
     answered as ``run_cli`` answers: for tests about exit codes and output, not about the process
     (signals, kill, umask, a second process), without ``run_cli``'s ~0.75 s of CPU for the imports.
     An exception the CLI let through is in ``stderr`` as its traceback, as a process would print it."""
-    r = typer.testing.CliRunner().invoke(cli_app, list(args), input=input, env=cli_env(settings, **env))
+    # what a command sets up for its process (``notifyctl.logs.setup``: the root logger's handlers on
+    # the runner's stream, closed afterwards; rq's logger) is put back as it was for the next test
+    loggers = [logging.getLogger(), logging.getLogger("rq.worker")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.filters[:]) for lg in loggers]
+    try:
+        r = typer.testing.CliRunner().invoke(cli_app, list(args), input=input, env=cli_env(settings, **env))
+    finally:
+        for lg, handlers, level, filters in saved:
+            lg.handlers[:], lg.filters[:] = handlers, filters
+            lg.setLevel(level)
     stderr = r.stderr
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         stderr += "".join(traceback.format_exception(r.exception))
