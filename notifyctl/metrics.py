@@ -208,8 +208,7 @@ def collect(ctx: Any) -> list[Any]:
             latency.add_metric([provider], buckets, float(h.get("sum", 0)))
         out.append(latency)
 
-        routes = ("push.ios", "push.android", "email", "sms")
-        names = sorted({n for route in routes for n in s.providers_for(route)} | set(s.providers_voice))
+        names = s.provider_names()
         circuit = GaugeMetricFamily("notify_circuit_open", "1 while a provider's circuit is open.", labels=["provider"])
         pipe = r.pipeline(transaction=False)
         for name in names:

@@ -46,7 +46,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from notifyctl.errors import ConfigError
 from notifyctl.home import ensure_home
-from notifyctl.vocabulary import CATEGORIES, CHANNELS, PRIORITIES, PROVIDERS
+from notifyctl.vocabulary import CATEGORIES, CHANNELS, PRIORITIES, PROVIDERS, ROUTES
 
 __all__ = ["CATEGORIES", "CHANNELS", "PRIORITIES"]  # re-exported: long imported from here
 
@@ -474,6 +474,11 @@ class Settings(BaseSettings):
     def providers_for(self, route: str) -> list[str]:
         """Ordered provider names for a route: ``push.ios``, ``push.android``, ``email``, ``sms``."""
         return list(getattr(self, "providers_" + route.replace(".", "_")))
+
+    def provider_names(self, voice: bool = True) -> list[str]:
+        """Every provider a route is configured with (and voice's, unless ``voice`` is false), sorted."""
+        names = {n for route in ROUTES for n in self.providers_for(route)}
+        return sorted(names | set(self.providers_voice) if voice else names)
 
     @property
     def sqlite_path(self) -> Path:

@@ -19,7 +19,6 @@ from notifyctl.context import Context
 from notifyctl.errors import NotFound, TemplateError
 from notifyctl.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
 from notifyctl.secretdata import redact
-from notifyctl.vocabulary import ROUTES
 
 IMPLIED_FIRST = frozenset({DeliveryStatus.sent, DeliveryStatus.retrying})
 """A delivery whose first stored event has one of these statuses was created ``queued`` by the batch
@@ -118,15 +117,10 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
         }
 
 
-def provider_names(settings: Any) -> list[str]:
-    """Every provider a route is configured with (voice included), sorted."""
-    return sorted({n for route in ROUTES for n in settings.providers_for(route)} | set(settings.providers_voice))
-
-
 def provider_circuits(ctx: Context) -> dict[str, dict[str, str | float]]:
     """Each configured provider's circuit: state, consecutive failing batches, seconds to a retrial."""
     s = ctx.settings
-    return Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown).all_states(provider_names(s))
+    return Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown).all_states(s.provider_names())
 
 
 def recent_deliveries(ctx: Context, limit: int = 50) -> list[dict[str, Any]]:

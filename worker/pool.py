@@ -51,7 +51,7 @@ from notifyctl.redisconn import (
     unreachable,
 )
 from notifyctl.settings import Settings
-from notifyctl.vocabulary import PRIORITIES, ROUTES
+from notifyctl.vocabulary import PRIORITIES
 from worker import jobs
 from worker.providers import Misconfigured, load_provider
 from worker.reconciler import reconcile as do_reconcile
@@ -299,7 +299,7 @@ def replay_after_outages(ctx: Context) -> int:
     began (less the longest retry schedule) are replayed; permanent failures stay for an operator.
     """
     s = ctx.settings
-    names = sorted({n for route in ROUTES for n in s.providers_for(route)})
+    names = s.provider_names(voice=False)
     total = 0
     for name, opened_at in take_recoveries(ctx.redis, names).items():
         window = time.time() - opened_at + sum(s.retry_delays) + 60
@@ -317,7 +317,7 @@ def probe_open_circuits(ctx: Context, providers: dict[str, Any]) -> list[str]:
     past its cooldown, ``check()`` (keys and reachability, nothing sent) decides. Returns the
     providers whose circuit it closed."""
     s = ctx.settings
-    names = sorted({n for route in ROUTES for n in s.providers_for(route)})
+    names = s.provider_names(voice=False)
     circuits = Circuits(ctx.redis, s.circuit_threshold, s.circuit_cooldown)
     closed = []
     for name, (state, _until) in circuits.states(names).items():

@@ -20,7 +20,6 @@ from notifyctl.models import Delivery, Notification, utcnow
 from notifyctl.pacing import Pacer
 from notifyctl.redisconn import _safe, shard_urls
 from notifyctl.shards import ShardDown, each
-from notifyctl.vocabulary import ROUTES
 
 
 def status_report(ctx: Context) -> dict[str, Any]:
@@ -51,8 +50,7 @@ def status_report(ctx: Context) -> dict[str, Any]:
         # the client does not decode responses (notifyctl.redisconn): keys and values are bytes
         in_doubt = {k.decode(): int(v) for k, v in cast("dict[bytes, bytes]", r.hgetall(metrics.IN_DOUBT)).items()}
         s = ctx.settings
-        names = sorted({n for route in ROUTES for n in s.providers_for(route)}
-                       | set(s.providers_voice))  # fmt: skip
+        names = s.provider_names()
         paced = Pacer(r).rates(names)  # requests/s learned from its 429s; None = unpaced
         circuits = {
             name: {**c, "paced_at_per_s": round(paced[name] or 0.0, 1) or None}

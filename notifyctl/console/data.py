@@ -69,8 +69,7 @@ def overview_data(ctx: Any) -> dict[str, Any]:
     for hour in hours:
         pipe.hgetall(SENT_PER_MIN + hour)
     pipe.hgetall(IN_DOUBT)
-    names = sorted({n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)}
-                   | set(s.providers_voice))  # fmt: skip
+    names = s.provider_names()
     for n in names:
         pipe.hgetall(LATENCY + n)
     res = pipe.execute()

@@ -17,6 +17,7 @@ from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.pacing import Pacer
 from notifyctl.redisconn import replica_acks
 from notifyctl.unsubscribe import secret_key
+from notifyctl.vocabulary import ROUTES
 from worker.circuit import Circuits
 from worker.claims import Claims
 from worker.providers import Provider, load_provider
@@ -78,7 +79,7 @@ class Runtime:
         Twilio SDK's imports alone took 0.3-4 s; each worker paid them on its first SMS). Nothing is
         sent. A provider that cannot load is left for the send path to report; returns their names."""
         s = self.settings
-        names = [n for route in ("push.ios", "push.android", "email", "sms") for n in s.providers_for(route)]
+        names = [n for route in ROUTES for n in s.providers_for(route)]
         failed: list[str] = []
         for name in dict.fromkeys([*names, *s.providers_voice]):
             try:
