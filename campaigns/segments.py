@@ -95,14 +95,13 @@ class CsvSegment:
     def rows(self, bad: BadRows) -> Iterator[SegmentRow]:
         uid_at = self.header.index("user_id")
         width = len(self.header)
-        names = self.header
-        state = {"line": 0}
+        keep = [(i, k) for i, k in enumerate(self.header) if k and k != "user_id"]  # the columns a row's data takes
+        at = [0]  # the line the reader is on
 
         def lines(f: Iterable[bytes]) -> Iterator[str]:
-            for i, raw in enumerate(f, start=1):
-                state["line"] = i
-                if i == 1:
-                    continue  # the header, checked in __init__
+            next(iter(f), None)  # the header, checked in __init__
+            for i, raw in enumerate(f, start=2):
+                at[0] = i
                 try:
                     yield raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -116,20 +115,21 @@ class CsvSegment:
                 except StopIteration:
                     return
                 except csv.Error as exc:
-                    bad.add(state["line"], "malformed", f"malformed CSV: {exc}")
+                    bad.add(at[0], "malformed", f"malformed CSV: {exc}")
                     continue
-                line = state["line"]
-                if not rec or not any(v.strip() for v in rec):
-                    continue  # blank line
-                if len(rec) != width:
-                    bad.add(line, "malformed", f"{len(rec)} fields, the header has {width}")
-                    continue
+                line = at[0]
+                if len(rec) != width or not rec[uid_at].strip():  # (a row as it should be skips these checks)
+                    if not rec or not any(v.strip() for v in rec):
+                        continue  # blank line
+                    if len(rec) != width:
+                        bad.add(line, "malformed", f"{len(rec)} fields, the header has {width}")
+                        continue
                 try:
                     uid = check_user_id(rec[uid_at])
                 except InputError as exc:
                     bad.add(line, "malformed", str(exc))
                     continue
-                yield SegmentRow(line, uid, {k: v for k, v in zip(names, rec, strict=True) if k and k != "user_id"})
+                yield SegmentRow(line, uid, {k: rec[i] for i, k in keep})
 
 
 _LITERALS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$\$.*?\$\$", re.S)
