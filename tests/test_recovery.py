@@ -225,3 +225,37 @@ def test_high_priority_lost_job_is_found_behind_a_backlog(ctx: Context) -> None:
     assert {n: notification(ctx, n).job_id for n in jobs} == jobs  # the backlog, alive in its queue, untouched
     drain(ctx)
     assert [d.status for d in deliveries(ctx, otp.notification_id)] == ["sent"]
+
+
+def test_a_lost_pass_over_more_jobs_than_one_chunk(any_db_ctx: Context) -> None:
+    """More lost jobs than one chunk of job ids (900: SQLite's bound-parameter limit before 3.32),
+    and rows that never had a job: the lost pass reads the backlog's jobs, then the lost jobs' rows,
+    and queues every notification again once; a job alive in its queue keeps its rows."""
+    from datetime import timedelta
+
+    from sqlalchemy import insert, select
+    from sqlmodel import Session
+
+    from notifyctl.models import Notification, utcnow
+
+    ctx = any_db_ctx
+    old = utcnow() - timedelta(minutes=5)
+    rows = [
+        {"id": f"n_{i:04d}", "recipient_id": f"u{i}", "type": "t", "template_id": "t", "category": "marketing",
+         "priority": "low", "channels": ["email"], "data": {}, "status": "queued",
+         "job_id": None if i % 100 == 0 else f"job_gone_{i}", "due_at": old, "created_at": old, "updated_at": old}
+        for i in range(1900)
+    ]  # fmt: skip
+    rows[1]["job_id"] = "job_alive"
+    ctx.redis.hset("rq:job:job_alive", mapping={"status": "queued", "origin": ctx.queue("low").name})
+    ctx.redis.rpush(ctx.queue("low").key, "job_alive")
+    with ctx.engine.begin() as conn:
+        conn.execute(insert(Notification.__table__), rows)  # type: ignore[attr-defined]
+    out = reconcile(ctx, force=True)
+    assert (out.recovered, out.checked_jobs) == (1899, 1900 - 19), out
+    with Session(ctx.engine) as s:
+        jobs = dict(s.execute(select(Notification.id, Notification.job_id)).tuples().all())
+    assert jobs["n_0001"] == "job_alive"
+    assert not any(j is None or j.startswith("job_gone") for n, j in jobs.items() if n != "n_0001")
+    again = reconcile(ctx, force=True)
+    assert again.recovered == 0

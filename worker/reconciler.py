@@ -265,14 +265,20 @@ def _round(
             lost = set(found) | ({None} & jobs)
             if not lost:
                 continue
+            lost_rows: Iterable[tuple[Any, ...]]
             if check_lost:  # the lost jobs' rows (rare: after a crash), whatever their priority
-                named = [j for j in lost if j]
-                which = [col(Notification.job_id).in_(named)] if named else []
+                named = sorted(j for j in lost if j)
+                # chunks of 900 job ids (SQLite's bound-parameter limit before 3.32), the jobless rows with the first
+                which = [[col(Notification.job_id).in_(named[i : i + 900])] for i in range(0, len(named), 900)] or [[]]
                 if None in lost:
-                    which.append(col(Notification.job_id).is_(None))
-                lost_rows: Iterable[tuple[Any, ...]] = session.execute(
-                    select(*row_cols).where(*overdue, or_(*which)).order_by(col(Notification.due_at)).limit(limit)
-                ).tuples()
+                    which[0].append(col(Notification.job_id).is_(None))
+                lost_rows = [
+                    row
+                    for terms in which
+                    for row in session.execute(
+                        select(*row_cols).where(*overdue, or_(*terms)).order_by(col(Notification.due_at)).limit(limit)
+                    ).tuples()
+                ]
             else:
                 lost_rows = ((nid, prio, user_id) for nid, prio, user_id, job_id in high if job_id in lost)
             lost_by_prio: dict[str, list[str]] = defaultdict(list)
