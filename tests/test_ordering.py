@@ -8,13 +8,13 @@ import json
 import re
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 from sqlmodel import Session
 
 from notifyctl.context import Context
@@ -23,7 +23,7 @@ from notifyctl.errors import InputError
 from notifyctl.models import OrderedNotification
 from notifyctl.settings import Settings
 from sandboxes.smtp import SmtpSandbox
-from tests.conftest import PG_AVAILABLE, PG_URL, cli_env, invoke_cli, make_settings, start_pool
+from tests.conftest import cli_env, invoke_cli, make_settings, pg_test_schema, start_pool
 from tests.util import seed, send
 
 N = 6  # enough for three workers to take out-of-order ones at once; each waits ~1 s for its predecessor
@@ -34,29 +34,21 @@ def octx(
     request: pytest.FixtureRequest, home: Path, redis_url: str, rclient: redis.Redis, smtp: SmtpSandbox
 ) -> Iterator[Context]:
     """Email through SMTP to the sandbox, retried 1 s after a transient failure; on SQLite, and
-    on PostgreSQL when it answers."""
-    db: dict[str, str] = {}
-    schema = "t_" + uuid.uuid4().hex[:10]
-    if request.param == "postgresql":
-        if not PG_AVAILABLE:
-            pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
-        pytest.importorskip("psycopg2")
-        with create_engine(PG_URL).begin() as conn:
-            conn.execute(text(f"CREATE SCHEMA {schema}"))
-        db["database_url"] = f"{PG_URL}?options=-csearch_path%3D{schema}"
-    ctx = Context(
-        make_settings(
-            home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port, retry_delays=[1, 1],
-            **db,
-        )
-    )  # fmt: skip
-    seed(ctx)
-    yield ctx
-    ctx.close()
-    dispose_all()
-    if db:
-        with create_engine(PG_URL).begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    on PostgreSQL when it answers (the session's schema, emptied: conftest ``pg_test_schema``)."""
+    with ExitStack() as stack:
+        db: dict[str, str] = {}
+        if request.param == "postgresql":
+            db["database_url"] = stack.enter_context(pg_test_schema(request))
+        ctx = Context(
+            make_settings(
+                home, redis_url, providers_email=["smtp"], smtp_host=smtp.host, smtp_port=smtp.port,
+                retry_delays=[1, 1], **db,
+            )
+        )  # fmt: skip
+        seed(ctx)
+        yield ctx
+        ctx.close()
+        dispose_all()
 
 
 def order_ids(smtp: SmtpSandbox, to: str) -> list[str]:
