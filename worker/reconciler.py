@@ -1,4 +1,7 @@
-"""The reconciler: makes the SQL record and the queues agree, so that nothing accepted is lost.
+"""One module: the reconciler's passes (due, lost, orphans, lost high priority) share one locked round and its
+budget; ~400 lines.
+
+The reconciler: makes the SQL record and the queues agree, so that nothing accepted is lost.
 
 It runs every second in each worker pool and once per ``notifyctl worker --burst`` round, one
 round at a time in the whole cluster: under an owned Redis lock (``notifyctl.redislock``: a token,
