@@ -176,6 +176,28 @@ def test_sliding_window_edges(rclient: redis.Redis) -> None:
                          t0 + 3_600_001) == [True, True]  # fmt: skip
 
 
+def test_expired_members_kept_under_the_limit_still_make_room_at_it(rclient: redis.Redis) -> None:
+    # a window under its limit is not trimmed (no ZREMRANGEBYSCORE): its expired members stay until
+    # the set reaches the limit, and then the trim must count only those still in the window
+    rl = RateLimiter(rclient, [RateRule.parse("push:*:2/1h")])
+    key = keys.rate("u", "push:*:3600")
+    t0 = 1_000_000_000
+    assert rl.check_many([Check("u", "push", "promo", "a:push")], t0) == [True]
+    assert rl.check_many([Check("u", "push", "promo", "b:push")], t0 + 3_600_000) == [True]  # a has left the hour
+    assert rclient.zcard(key) == 2  # a kept: the set was under its limit
+    # at its limit (2 members), the oldest just aged out: trimmed, room for one, not two
+    c, d = Check("u", "push", "promo", "c:push"), Check("u", "push", "promo", "d:push")
+    assert rl.check_many([c, d], t0 + 3_600_001) == [True, False]
+    assert rclient.zrange(key, 0, -1) == [b"b:push", b"c:push"]
+    assert rl.check_many([c, d], t0 + 3_600_002) == [True, False]  # a rerun: c found, d still refused
+    # a second rule whose set at its limit holds only expired members: room again, nothing lost
+    rl2 = RateLimiter(rclient, [RateRule.parse("sms:marketing:5/1d"), RateRule.parse("sms:*:1/1h")])
+    assert rl2.check_many([Check("v", "sms", "promo", "s1")], t0) == [True]
+    assert rl2.check_many([Check("v", "sms", "marketing", "s2")], t0 + 3_599_999) == [False]
+    assert rl2.check_many([Check("v", "sms", "marketing", "s2")], t0 + 3_600_000) == [True]
+    assert rclient.zcard(keys.rate("v", "sms:*:3600")) == 1  # s1 trimmed, s2 counted
+
+
 def test_one_batch_of_checks_with_several_rule_plans_answers_each_in_order(rclient: redis.Redis) -> None:
     # one call, checks of three plans interleaved (push: one rule; sms marketing: two; email
     # transactional: none), a high-priority one among them: the same answers as one call per check

@@ -98,9 +98,11 @@ _TAKE = (
 local me, id, keep, prefix = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
 local until_ = now + tonumber(ARGV[3])
 local out, left, leases, held = {}, {}, {}, 0
+local pre = 'lease:' .. id .. ':'
 for i = 2, #KEYS do
   local k, j = KEYS[i], i - 1
-  local mine = 'lease:' .. id .. ':' .. (j - 1)
+  -- '%d', not `..` on a number: that formats a float ('%.14g'), the dearest part of a take
+  local mine = pre .. string.format('%d', j - 1)
   left[j] = 0
   -- the usual case, a delivery nobody has touched: one SET NX; else read who holds it
   if redis.call('SET', k, mine, 'EX', keep, 'NX') then

@@ -26,16 +26,20 @@ from notifyctl.settings import RateRule
 # flags of the c checks as one string of '0'/'1', then the c members. KEYS: the rule keys of every
 # check, in order (n per check). Returns 1/0 per check, in that order.
 _SCRIPT = """
-local now = tonumber(ARGV[1])
+-- numbers handed to redis.call are formatted with '%.14g' (a float printf, the dearest part of a
+-- check in a profile): the score and the TTLs go as the strings they came in as (nowa, wins)
+local nowa = ARGV[1]
+local now = tonumber(nowa)
 local a = 2
 local k = 1
 local o = 1
 local out = {}
-local windows, limits = {}, {}
+local windows, wins, limits = {}, {}, {}
 while a <= #ARGV do
   local n = tonumber(ARGV[a])
   for i = 1, n do
-    windows[i] = tonumber(ARGV[a + 2 * i - 1])
+    wins[i] = ARGV[a + 2 * i - 1]
+    windows[i] = tonumber(wins[i])
     limits[i] = tonumber(ARGV[a + 2 * i])
   end
   a = a + 2 * n + 1
@@ -56,7 +60,10 @@ while a <= #ARGV do
       for i = 1, n do
         local card = first
         if i > 1 then card = redis.call('ZCARD', KEYS[k + i - 1]) end
-        if card > 0 then
+        -- fewer members than the limit, expired or not: room, whatever the window holds. Only a set
+        -- at its limit is trimmed (its expired members may make room); one under it keeps them a
+        -- while (it stays bounded: it is trimmed when it reaches the limit, and the key expires)
+        if card >= limits[i] then
           card = card - redis.call('ZREMRANGEBYSCORE', KEYS[k + i - 1], '-inf', now - windows[i])
         end
         if card >= limits[i] then ok = 0; break end
@@ -65,8 +72,8 @@ while a <= #ARGV do
     if ok == 1 then
       for i = 1, n do
         if bypass then redis.call('ZREMRANGEBYSCORE', KEYS[k + i - 1], '-inf', now - windows[i]) end
-        redis.call('ZADD', KEYS[k + i - 1], now, member)
-        redis.call('PEXPIRE', KEYS[k + i - 1], windows[i])
+        redis.call('ZADD', KEYS[k + i - 1], nowa, member)
+        redis.call('PEXPIRE', KEYS[k + i - 1], wins[i])
       end
     end
     out[o] = ok > 0 and 1 or 0
