@@ -158,7 +158,7 @@ class Provider:
         self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="sendgrid")
         #: recipients whose different body did not fit one request's substitutions (smaller groups)
         self.fallbacks = 0
-        self._planned: dict[tuple[str, ...], tuple[Any, Any]] = {}  # skeletons ``requests`` worked out
+        self._planned: dict[tuple[str, ...], tuple[Any, Any]] = {}  # the groups ``requests`` worked out
 
     # ------------------------------------------------------------------ display / checks
 
@@ -198,11 +198,9 @@ class Provider:
         """How ``send`` groups ``messages`` into requests (indexes; a message that fails its
         checks is a request of its own that is never made): the unit of the pace
         (``notifyctl.pacing``). ``send`` of a run of whole groups makes exactly these requests: the
-        skeletons worked out here are kept for it."""
+        groups worked out here (with their skeletons) are kept for it: not worked out twice."""
         plan = self._plan(messages)
-        self._planned = {
-            tuple(messages[i].delivery_id for i in group): (skel, subs) for group, skel, subs in plan if skel
-        }
+        self._planned = {tuple(messages[i].delivery_id for i in group): (skel, subs) for group, skel, subs in plan}
         return [group for group, _s, _v in plan]
 
     def _plan(
