@@ -89,29 +89,28 @@ end
 """
 
 # KEYS: the new lease, then the deliveries' send records. ARGV: worker, lease id, lease ms, keep
-# (s), the lease key prefix. Returns {per delivery: ok | busy | doubt:<worker> | sent:<id>,
-# per delivery: ms the busy lease has left}.
+# (s), the lease key prefix. Returns, for each delivery that is not plainly ``ok`` (none, in a
+# blast: an answer per delivery cost ~1 us of redis-server CPU each, a sixth of the take), three
+# values: its place (1-based), busy | doubt:<worker> | sent:<id>, and the ms a busy lease has left.
 _TAKE = (
     _NOW
     + _BIT
     + """
 local me, id, keep, prefix = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
 local until_ = now + tonumber(ARGV[3])
-local out, left, leases, held = {}, {}, {}, 0
+local out, leases, held = {}, {}, 0
 local pre = 'lease:' .. id .. ':'
 for i = 2, #KEYS do
   local k, j = KEYS[i], i - 1
   -- '%d', not `..` on a number: that formats a float ('%.14g'), the dearest part of a take
   local mine = pre .. string.format('%d', j - 1)
-  left[j] = 0
   -- the usual case, a delivery nobody has touched: one SET NX; else read who holds it
   if redis.call('SET', k, mine, 'EX', keep, 'NX') then
-    out[j] = 'ok'
     held = held + 1
   else
     local v = redis.call('GET', k)
     if string.sub(v, 1, 5) == 'sent:' then
-      out[j] = v
+      out[#out + 1] = j; out[#out + 1] = v; out[#out + 1] = 0
     else
       -- its holder, the holder's expiry, and whether the holder had begun sending it
       local w, exp, flying = '?', 0, true
@@ -140,19 +139,18 @@ for i = 2, #KEYS do
         if ow then w, exp, flying = ow, tonumber(oe), ph ~= 'c' end
       end
       if w ~= me and exp > now then
-        out[j] = 'busy'
-        left[j] = exp - now
+        out[#out + 1] = j; out[#out + 1] = 'busy'; out[#out + 1] = exp - now
       else
         -- expired, settled (or this worker's own, from a batch of its that ended): taken over
         redis.call('SET', k, mine, 'EX', keep)
         held = held + 1
-        if flying then out[j] = 'doubt:' .. w else out[j] = 'ok' end
+        if flying then out[#out + 1] = j; out[#out + 1] = 'doubt:' .. w; out[#out + 1] = 0 end
       end
     end
   end
 end
 if held > 0 then redis.call('SET', KEYS[1], me .. '|' .. until_ .. '||', 'EX', keep) end
-return {out, left}
+return out
 """
 )
 
@@ -349,9 +347,15 @@ class Claims:
         ks = [keys.lease(token)]
         ks += [keys.sent(d) for d in delivery_ids]
         t0 = time.monotonic()
-        res, left = self._take(keys=ks, args=[self.worker, token, self.lease_ms, self.sent_ttl, keys.LEASE_PREFIX])
-        out = [r.decode() if isinstance(r, bytes) else r for r in res]
-        self.busy_left = {d: ms / 1000 for d, ms in zip(delivery_ids, left, strict=True) if ms}
+        res = self._take(keys=ks, args=[self.worker, token, self.lease_ms, self.sent_ttl, keys.LEASE_PREFIX])
+        out = [OK] * len(delivery_ids)  # the script names only the others
+        busy_left: dict[str, float] = {}
+        for p in range(0, len(res), 3):
+            j, r, ms = int(res[p]) - 1, res[p + 1], int(res[p + 2])
+            out[j] = r.decode() if isinstance(r, bytes) else r
+            if ms:
+                busy_left[delivery_ids[j]] = ms / 1000
+        self.busy_left = busy_left
         index = {d: i for i, (d, r) in enumerate(zip(delivery_ids, out, strict=True)) if r == OK or r.startswith(DOUBT)}
         with self._lock:
             self.token = token
