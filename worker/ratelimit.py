@@ -26,8 +26,8 @@ from notifyctl.settings import RateRule
 # flags of the c checks as one string of '0'/'1', then the c members. KEYS: the rule keys of every
 # check, in order (n per check). Returns 1/0 per check, in that order.
 _SCRIPT = """
--- numbers handed to redis.call are formatted with '%.14g' (a float printf, the dearest part of a
--- check in a profile): the score and the TTLs go as the strings they came in as (nowa, wins)
+-- the score and the TTLs go to redis.call as the strings they came in as (nowa, wins), not
+-- converted back from numbers on every call
 local nowa = ARGV[1]
 local now = tonumber(nowa)
 local a = 2
