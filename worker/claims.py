@@ -102,7 +102,9 @@ local out, leases, held = {}, {}, 0
 local pre = 'lease:' .. id .. ':'
 for i = 2, #KEYS do
   local k, j = KEYS[i], i - 1
-  local mine = pre .. (j - 1)
+  -- '%d', not `..` on a number: Lua formats that as a float ('%.14g' printf); callgrind: ~2% of
+  -- redis-server's instructions for a take + fence + settle
+  local mine = pre .. string.format('%d', j - 1)
   -- the usual case, a delivery nobody has touched: one SET NX; else read who holds it
   if redis.call('SET', k, mine, 'EX', keep, 'NX') then
     held = held + 1

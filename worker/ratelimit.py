@@ -26,8 +26,9 @@ from notifyctl.settings import RateRule
 # flags of the c checks as one string of '0'/'1', then the c members. KEYS: the rule keys of every
 # check, in order (n per check). Returns 1/0 per check, in that order.
 _SCRIPT = """
--- the score and the TTLs go to redis.call as the strings they came in as (nowa, wins), not
--- converted back from numbers on every call
+-- Lua numbers handed to redis.call are formatted with '%.17g' (a float printf; a fifth of a
+-- check's redis-server instructions, by callgrind): the score and the TTLs go as the strings they
+-- came in as (nowa, wins)
 local nowa = ARGV[1]
 local now = tonumber(nowa)
 local a = 2
