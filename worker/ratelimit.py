@@ -35,12 +35,12 @@ local a = 2
 local k = 1
 local o = 1
 local out = {}
-local windows, wins, limits = {}, {}, {}
+local wins, limits, cuts = {}, {}, {}
 while a <= #ARGV do
   local n = tonumber(ARGV[a])
   for i = 1, n do
     wins[i] = ARGV[a + 2 * i - 1]
-    windows[i] = tonumber(wins[i])
+    cuts[i] = string.format('%d', now - tonumber(wins[i]))  -- the trim bound, formatted once per group
     limits[i] = tonumber(ARGV[a + 2 * i])
   end
   a = a + 2 * n + 1
@@ -65,14 +65,14 @@ while a <= #ARGV do
         -- at its limit is trimmed (its expired members may make room); one under it keeps them a
         -- while (it stays bounded: it is trimmed when it reaches the limit, and the key expires)
         if card >= limits[i] then
-          card = card - redis.call('ZREMRANGEBYSCORE', KEYS[k + i - 1], '-inf', now - windows[i])
+          card = card - redis.call('ZREMRANGEBYSCORE', KEYS[k + i - 1], '-inf', cuts[i])
         end
         if card >= limits[i] then ok = 0; break end
       end
     end
     if ok == 1 then
       for i = 1, n do
-        if bypass then redis.call('ZREMRANGEBYSCORE', KEYS[k + i - 1], '-inf', now - windows[i]) end
+        if bypass then redis.call('ZREMRANGEBYSCORE', KEYS[k + i - 1], '-inf', cuts[i]) end
         redis.call('ZADD', KEYS[k + i - 1], nowa, member)
         redis.call('PEXPIRE', KEYS[k + i - 1], wins[i])
       end
