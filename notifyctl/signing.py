@@ -1,30 +1,22 @@
 """HMAC-SHA256 for the links every marketing email carries (unsubscribe, open pixel): two per
-recipient, so the key's padded inner and outer hashes are worked out once per key and copied for
-each message, which is the same digest as ``hmac.new(key, msg, sha256)`` at a fraction of its cost."""
+recipient, so each key's ``hmac.HMAC`` (its padded inner and outer hashes) is built once and copied
+for each message: the same digest as ``hmac.new(key, msg, sha256)`` at about two thirds of its cost."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import hmac
 
-_BLOCK = 64  # SHA-256's block size
-_keyed: dict[bytes, tuple[Any, Any]] = {}  # key → (inner, outer) hashes with the padded key fed in
+_keyed: dict[bytes, hmac.HMAC] = {}  # key → its HMAC with nothing fed in yet
 
 
 def hmac_sha256(key: bytes, msg: bytes) -> bytes:
-    """``hmac.new(key, msg, hashlib.sha256).digest()`` (RFC 2104)."""
-    pads = _keyed.get(key)
-    if pads is None:
-        k = hashlib.sha256(key).digest() if len(key) > _BLOCK else key
-        k = k.ljust(_BLOCK, b"\0")
+    """``hmac.new(key, msg, hashlib.sha256).digest()``."""
+    base = _keyed.get(key)
+    if base is None:
         if len(_keyed) > 16:  # (a few keys per process: the installation's, tests')
             _keyed.clear()
-        pads = _keyed[key] = (
-            hashlib.sha256(bytes(b ^ 0x36 for b in k)),
-            hashlib.sha256(bytes(b ^ 0x5C for b in k)),
-        )
-    inner = pads[0].copy()
-    inner.update(msg)
-    outer = pads[1].copy()
-    outer.update(inner.digest())
-    return outer.digest()
+        base = _keyed[key] = hmac.new(key, digestmod=hashlib.sha256)
+    h = base.copy()
+    h.update(msg)
+    return h.digest()
