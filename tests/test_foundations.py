@@ -639,7 +639,7 @@ def test_ids_are_time_ordered_crockford_base32() -> None:
     import re
     import time
 
-    from notifyctl.models import _B32, new_id
+    from notifyctl.ids import _B32, new_id
 
     before = int(time.time() * 1000)
     first = new_id("n")
