@@ -90,9 +90,7 @@ def _fd_socket(fd: int) -> Iterator[socket.socket]:
 
 @dataclass(slots=True)
 class Request:
-    """One POST. ``headers``: ``"name: value"`` lines (lower-case names for HTTP/2). Requests may
-    share one ``headers`` list (FCM: the whole batch), which must not change once given to ``run``:
-    a handle whose last request had the very same list (or URL) does not set it again."""
+    """One POST. ``headers``: ``"name: value"`` lines (lower-case names for HTTP/2)."""
 
     url: str
     headers: list[str]
@@ -147,16 +145,13 @@ Result = Answer | Failure
 class _Slot:
     """A reusable easy handle and what its current transfer has received."""
 
-    __slots__ = ("curl", "index", "head", "body", "url", "headers")
+    __slots__ = ("curl", "index", "head", "body")
 
     def __init__(self, curl: Any) -> None:
         self.curl = curl
         self.index = 0
         self.head: list[bytes] = []
         self.body: list[bytes] = []
-        # what the handle was last given (libcurl keeps options from one transfer to the next)
-        self.url: str | None = None
-        self.headers: list[str] | None = None
 
     def response_head(self) -> list[bytes]:
         """The header lines of the last response received (after a 1xx, the final one's)."""
@@ -261,15 +256,8 @@ class Mux:
                 slot.body.clear()
                 c = slot.curl
                 try:
-                    # an APNs batch differs in every URL and header list; an FCM batch shares both
-                    if r.url != slot.url:
-                        slot.url = None
-                        c.setopt(pycurl.URL, r.url)
-                        slot.url = r.url
-                    if r.headers is not slot.headers:
-                        slot.headers = None
-                        c.setopt(pycurl.HTTPHEADER, r.headers)
-                        slot.headers = r.headers
+                    c.setopt(pycurl.URL, r.url)
+                    c.setopt(pycurl.HTTPHEADER, r.headers)
                     c.setopt(pycurl.POSTFIELDS, r.body)
                 except (pycurl.error, TypeError, ValueError) as exc:  # one request we cannot frame
                     results[i] = Failure("invalid", f"{type(exc).__name__}: {exc}")
