@@ -30,9 +30,9 @@ from sqlmodel import Session
 from campaigns.config import campaign_config
 from campaigns.dryrun import dry_run_summary
 from campaigns.names import check_name, default_name, find_campaign, taken
-from campaigns.plan import plan_pass
+from campaigns.plan import Plan, plan_pass
 from campaigns.produce import produce
-from campaigns.resolve import LaunchSpec, Progress, reresolve, resolve
+from campaigns.resolve import LaunchSpec, Progress, Resolved, reresolve, resolve
 from campaigns.schedule import Wave, plan_waves
 from campaigns.segments import BadRows
 from notifyctl.context import Context
@@ -67,6 +67,17 @@ def launch(
     bad = BadRows(keep=cfg.max_reported_errors)
     analyze_grown(ctx.engine, ("users", "notifications"))  # PostgreSQL: users imported just now, say
     plan = plan_pass(ctx, res, bad, progress)
+    assert plan.seen is not None
+    try:
+        return _launch_planned(ctx, res, plan, bad, now, progress)
+    finally:
+        plan.seen.close()
+
+
+def _launch_planned(
+    ctx: Context, res: Resolved, plan: Plan, bad: BadRows, now: datetime, progress: Progress | None
+) -> dict[str, Any]:
+    """The campaign row, with its plan, then the write pass."""
     if plan.recipients == 0:
         first = f"; first: line {bad.first[0]['line']}: {bad.first[0]['message']}" if bad.first else ""
         raise InputError(f"segment: no recipient to send to ({bad.count} bad row(s){first})")
@@ -92,7 +103,8 @@ def launch(
     with Session(ctx.engine) as session:
         session.add(camp)
         session.commit()
-    return produce(ctx, cid, res, waves, plan.recipients, run_now=now, progress=progress, duplicates=plan.duplicates)
+    planned, dups = plan.recipients, plan.duplicates
+    return produce(ctx, cid, res, waves, planned, run_now=now, progress=progress, duplicates=dups, fresh=plan.seen)
 
 
 def resume_launch(

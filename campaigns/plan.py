@@ -23,6 +23,7 @@ class Plan:
     counts: dict[datetime, int] = field(default_factory=lambda: defaultdict(int))
     zones: dict[datetime, set[str]] = field(default_factory=lambda: defaultdict(set))
     duplicates: BadRows = field(default_factory=BadRows)  # rows of a user already in the segment
+    seen: SeenSet | None = None  # the pass's users and duplicates, for the write pass (its caller closes it)
 
 
 def mark_duplicate(bad: BadRows, row: SegmentRow, first_line: int) -> None:
@@ -30,6 +31,8 @@ def mark_duplicate(bad: BadRows, row: SegmentRow, first_line: int) -> None:
 
 
 def plan_pass(ctx: Context, res: Resolved, bad: BadRows, progress: Progress | None) -> Plan:
+    """The plan; its ``seen`` (open) holds the rows found repeating a user, which the write pass
+    skips (``produce``): the caller closes it."""
     plan = Plan(duplicates=BadRows(keep=bad.keep))
     checked = False
     seen = SeenSet()
@@ -39,6 +42,8 @@ def plan_pass(ctx: Context, res: Resolved, bad: BadRows, progress: Progress | No
                 plan.rows += len(chunk)
                 tzs = user_tz(session, list({r.user_id for r in chunk}))
                 repeats = seen.duplicates([r for r in chunk if r.user_id in tzs])
+                if repeats:
+                    seen.keep_duplicates([r for r in chunk if id(r) in repeats])
                 for r in chunk:
                     tz = tzs.get(r.user_id)
                     if tz is None:
@@ -55,15 +60,18 @@ def plan_pass(ctx: Context, res: Resolved, bad: BadRows, progress: Progress | No
                     plan.recipients += 1
                 if progress:
                     progress("plan", plan.rows, None)
-    finally:
+    except BaseException:
         seen.close()
+        raise
+    plan.seen = seen
     return plan
 
 
 class SeenSet:
     """The user ids of a segment read so far, with the line each was first on: an exact set that
     keeps memory flat whatever the segment size (a throwaway SQLite table in a temporary file,
-    asked and filled once per chunk)."""
+    asked and filled once per chunk); and, for a launch's write pass, the rows found repeating a
+    user (``keep_duplicates``, ``repeated``)."""
 
     def __init__(self) -> None:
         import sqlite3
@@ -74,26 +82,42 @@ class SeenSet:
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute("CREATE TABLE seen (user_id TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
+        self._db.execute("CREATE TABLE dups (line INTEGER PRIMARY KEY, user_id TEXT)")
 
     def duplicates(self, rows: list[SegmentRow]) -> dict[int, int]:
         """``{id(row): line of the user's first row}`` for the rows (of one chunk, in segment order)
-        whose user came earlier in the segment; records the others."""
-        ids = list({r.user_id for r in rows})
-        first: dict[str, int] = {}
-        for i in range(0, len(ids), 900):
-            part = ids[i : i + 900]
-            q = f"SELECT user_id, line FROM seen WHERE user_id IN ({','.join('?' * len(part))})"
-            first.update(self._db.execute(q, part))
+        whose user came earlier in the segment; records the others. One ``INSERT OR IGNORE`` a
+        chunk: only when it skipped some (a user of an earlier chunk) are their lines read."""
         out: dict[int, int] = {}
         new: dict[str, int] = {}
         for r in rows:
-            line = first.get(r.user_id) or new.get(r.user_id)
-            if line is None:
-                new[r.user_id] = r.line
-            else:
+            line = new.setdefault(r.user_id, r.line)
+            if line != r.line:
                 out[id(r)] = line
-        self._db.executemany("INSERT INTO seen VALUES (?, ?)", new.items())
+        before = self._db.total_changes
+        self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", new.items())
+        if self._db.total_changes - before == len(new):
+            return out
+        ids = list(new)
+        earlier: dict[str, int] = {}
+        for i in range(0, len(ids), 900):
+            part = ids[i : i + 900]
+            q = f"SELECT user_id, line FROM seen WHERE user_id IN ({','.join('?' * len(part))})"
+            earlier.update((u, line) for u, line in self._db.execute(q, part) if line != new[u])
+        for r in rows:
+            first = earlier.get(r.user_id)
+            if first is not None:
+                out[id(r)] = first
         return out
+
+    def keep_duplicates(self, rows: list[SegmentRow]) -> None:
+        """Record rows found repeating a user (``repeated``)."""
+        self._db.executemany("INSERT INTO dups VALUES (?, ?)", [(r.line, r.user_id) for r in rows])
+
+    def repeated(self, first: int, last: int) -> set[tuple[int, str]]:
+        """The (line, user id) of the duplicates recorded between lines ``first`` and ``last``."""
+        q = "SELECT line, user_id FROM dups WHERE line BETWEEN ? AND ?"
+        return {(line, u) for line, u in self._db.execute(q, (first, last))}
 
     def close(self) -> None:
         self._db.close()

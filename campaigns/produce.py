@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 import redis
@@ -20,12 +21,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
+from campaigns.plan import SeenSet
 from campaigns.report import current_state
 from campaigns.resolve import Progress, Resolved, stream, user_tz
 from campaigns.schedule import Wave
 from campaigns.segments import BadRows
 from notifyctl.context import Context
-from notifyctl.db import prepare_insert, rows_where_in, write_lock
+from notifyctl.db import prepare_counted_insert, rows_where_in, write_lock
+from notifyctl.ids import new_ids
 from notifyctl.intake import enqueue
 from notifyctl.models import Campaign, CampaignStatus, Notification, NotificationStatus, new_id, utcnow
 from notifyctl.pgstats import analyze_grown
@@ -57,9 +60,14 @@ def produce(
     run_now: datetime,
     progress: Progress | None,
     duplicates: BadRows | None = None,
+    fresh: SeenSet | None = None,
 ) -> dict[str, Any]:
     """Write the recipients not written yet. ``duplicates``: the rows the plan pass found to repeat
-    a user (reported with the bad rows; like rows already written, they are skipped here)."""
+    a user (reported with the bad rows; like rows already written, they are skipped here).
+    ``fresh``: a first launch's plan pass (``plan.SeenSet``), of a campaign made just before this
+    pass and so without rows yet: the rows to skip are the duplicates it recorded, and the
+    campaign's rows are not looked up (a relaunch looks them up a chunk at a time). A row written
+    meanwhile all the same (a relaunch run beside the launch) is skipped by the unique index."""
     bad = BadRows(keep=res.cfg.max_reported_errors)
     res.schedule.fallbacks = 0  # counted again by this pass
     by_instant = {w.instant: w for w in waves}
@@ -90,10 +98,17 @@ def produce(
             row_status = NotificationStatus.paused if state == CampaignStatus.paused else NotificationStatus.scheduled
             ids = list({r.user_id for r in chunk})
             tzs = user_tz(session, ids)
-            existing = _already_written(session, cid, ids)
+            repeated: set[tuple[int, str]] = set()
+            if fresh is None:
+                existing = _already_written(session, cid, ids)
+            else:
+                existing = set()
+                if duplicates is not None and duplicates.count:
+                    repeated = fresh.repeated(chunk[0].line, chunk[-1].line)
             now = utcnow()
             rows: list[dict[str, Any]] = []
             floor = run_now + (now - started) - _SECOND  # (the chunk's clock: the same for its rows)
+            next_id = iter(new_ids("n", len(chunk))).__next__
             for r in chunk:
                 tz = tzs.get(r.user_id)
                 if tz is None:
@@ -105,9 +120,9 @@ def produce(
                 if w is None:  # the segment changed since the plan: a wave of its own
                     w = by_instant[instant] = Wave(instant, instant, 0, res.rate)
                     wave_of[instant] = len(wave_of)
-                due = w.due(slot[instant])
+                nominal = w.due(slot[instant])
                 slot[instant] += 1
-                if r.user_id in existing:
+                if r.user_id in existing or (repeated and (r.line, r.user_id) in repeated):
                     skipped += 1
                     continue
                 existing.add(r.user_id)
@@ -116,14 +131,13 @@ def produce(
                 # schedule keeps its spacing, so the workers never get a backlog to produce faster than
                 # --rate. (The launch's clock: run_now may be injected; a second's slack is the
                 # reconciler's own period.)
-                if due + shift < floor:
-                    shift = floor + _SECOND - due
-                due = due + shift
-                first_due = due if first_due is None or due < first_due else first_due
-                last_due = due if last_due is None or due > last_due else last_due
+                due = nominal + shift if shift else nominal
+                if due < floor:
+                    shift = floor + _SECOND - nominal
+                    due = nominal + shift
                 rows.append(
                     {
-                        "id": new_id("n"),
+                        "id": next_id(),
                         "recipient_id": r.user_id,
                         "type": res.template.id,
                         "template_id": res.template.id,
@@ -141,6 +155,11 @@ def produce(
                         "updated_at": now,
                     }
                 )
+            if rows:
+                dues = list(map(itemgetter("due_at"), rows))
+                lo, hi = min(dues), max(dues)
+                first_due = lo if first_due is None or lo < first_due else first_due
+                last_due = hi if last_due is None or hi > last_due else last_due
             jobs = (
                 _produce_due(rows, now, batch, pace, ctx.shard_count)
                 if row_status == NotificationStatus.scheduled
@@ -151,10 +170,12 @@ def produce(
             # parameters converted before the lock; a row the campaign already has is skipped
             insert_rows = _insert_new(ctx.engine, rows)
             with write_lock(ctx.engine):
-                insert_rows(session)
+                inserted = insert_rows(session)
                 session.commit()
             _enqueue_due(ctx, res.priority, jobs)
-            written += len(rows)
+            inserted = len(rows) if inserted < 0 else inserted
+            written += inserted
+            skipped += len(rows) - inserted  # rows another writer had written meanwhile: the unique index skipped them
             if time.monotonic() >= next_analyze:  # PostgreSQL: once the table doubled (looked at once a second:
                 # each look is a pg_stat query and a connection checkout, measured ~1 µs a row per 1,000-row chunk)
                 analyze_grown(ctx.engine, ("notifications",))
@@ -207,24 +228,25 @@ _RECIPIENT = ["campaign_id", "recipient_id"]
 _SECOND = timedelta(seconds=1)
 
 
-def _insert_new(engine: Engine, rows: list[dict[str, Any]]) -> Callable[[Session], None]:
+def _insert_new(engine: Engine, rows: list[dict[str, Any]]) -> Callable[[Session], int]:
     """The chunk's rows, parameters converted now; a row the campaign already has (a concurrent
     relaunch: the chunk was filtered of the rows existing when read) is skipped. On PostgreSQL the
     rows go by COPY straight into the table, under a savepoint; only when one collides (rare) is
     the chunk written again through a staging table and ``ON CONFLICT DO NOTHING`` (measured,
     1,000-row chunks: the staging table's create, fill and ``INSERT ... SELECT`` cost the server
-    ~3 µs a row more). SQLite: one ``INSERT ... ON CONFLICT DO NOTHING``."""
+    ~3 µs a row more). SQLite: one ``INSERT ... ON CONFLICT DO NOTHING``. Returns the rows written
+    (-1: the driver did not say)."""
     if engine.dialect.name != "postgresql":
-        skipping = prepare_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT)
+        skipping = prepare_counted_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT)
         return lambda session: skipping(session.connection())
-    plain = prepare_insert(engine, _NT, rows)
+    plain = prepare_counted_insert(engine, _NT, rows)
 
-    def run(session: Session) -> None:
+    def run(session: Session) -> int:
         try:
             with session.begin_nested():
-                plain(session.connection())
+                return plain(session.connection())
         except IntegrityError:
-            prepare_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT)(session.connection())
+            return prepare_counted_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT)(session.connection())
 
     return run
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import time
 from datetime import UTC, datetime
 
@@ -28,6 +29,18 @@ def new_id(prefix: str) -> str:
     t = f"{p[(ms >> 40) & 1023]}{p[(ms >> 30) & 1023]}{p[(ms >> 20) & 1023]}{p[(ms >> 10) & 1023]}{p[ms & 1023]}"
     rnd = f"{p[r & 1023]}{p[(r >> 10) & 1023]}{p[(r >> 20) & 1023]}{p[(r >> 30) & 1023]}{p[(r >> 40) & 1023]}"
     return f"{prefix}_{t}{rnd}"
+
+
+def new_ids(prefix: str, n: int) -> list[str]:
+    """``n`` ids as ``new_id(prefix)`` makes them, for a launcher's chunk: one clock read (the time
+    part is the chunk's millisecond) and one ``urandom`` call for all (50 random bits each, from 64
+    read), where ``new_id`` pays a syscall and the time's five lookups per id."""
+    head = new_id(prefix)[: len(prefix) + 11]  # the prefix, "_" and the time part
+    p = _PAIRS
+    return [
+        f"{head}{p[r & 1023]}{p[(r >> 10) & 1023]}{p[(r >> 20) & 1023]}{p[(r >> 30) & 1023]}{p[(r >> 40) & 1023]}"
+        for r in struct.unpack(f">{n}Q", os.urandom(8 * n))
+    ]
 
 
 def id_floor(prefix: str, at: datetime) -> str:

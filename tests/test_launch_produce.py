@@ -323,3 +323,109 @@ def test_a_campaign_due_now_at_its_rate_is_produced_within_it(ctx: Context) -> N
     took = time.monotonic() - t0
     queued = campaign_status(ctx, cid)["notifications"].get("queued", 0)
     assert 0 < queued <= rate * (took + 1)
+
+
+def _with_chunks(ctx: Context, rows: int) -> Context:
+    """``ctx``'s settings (same database and Redis) with segment chunks of ``rows`` rows."""
+    s = ctx.settings
+    return Context(s.model_copy(update={"campaign": s.campaign.model_copy(update={"chunk_size": rows})}))
+
+
+def _dup_segment(tag: str, users: int) -> str:
+    """A segment of ``tag``0..``users``-1 (first_name Name<i>) with five rows repeating a user, lines
+    given for chunks of 10 rows (line 1 the header): a repeat of a user of an earlier chunk (32), two
+    of one user in one later chunk (41, 42), one of a user of the chunk before (65), and one of a
+    user two lines before, in its own chunk (66)."""
+    lines = [f"{tag}{i},Name{i}" for i in range(30)] + [f"{tag}5,Dup"]
+    lines += [f"{tag}{i},Name{i}" for i in range(30, 38)] + [f"{tag}12,Dup", f"{tag}12,Dup"]
+    lines += [f"{tag}{i},Name{i}" for i in range(38, users)] + [f"{tag}40,Dup", f"{tag}{users - 1},Dup"]
+    return "user_id,first_name\n" + "\n".join(lines) + "\n"
+
+
+def _first_names(ctx: Context, cid: str) -> Counter[tuple[str, str]]:
+    with Session(ctx.engine) as s:
+        rows = s.execute(select(Notification.recipient_id, Notification.data).where(Notification.campaign_id == cid))
+        return Counter((uid, str(data["first_name"])) for uid, data in rows.all())
+
+
+def test_a_first_launch_skips_its_planned_duplicates_without_reading_its_rows(any_db_ctx: Context) -> None:
+    """A campaign's first launch has no rows yet: the write pass skips the rows the plan pass found
+    repeating a user (across chunks and within one) and never reads the campaign's rows back; each
+    user is written once, with their first row's data; the counts are the plan's."""
+    base = any_db_ctx
+    users = 60
+    rep = import_users(base, io.StringIO("user_id,email\n" + "".join(f"k{i},k{i}@example.com\n" for i in range(users))))
+    assert rep.errors == []
+    seg = base.settings.home / "dups.csv"
+    seg.write_text(_dup_segment("k", users))
+    ctx = _with_chunks(base, 10)
+    lookups: list[str] = []
+    offered = 0  # rows given to SQLite's INSERT (PostgreSQL's COPY is not an event)
+    retried: list[str] = []  # PostgreSQL: a chunk's COPY refused by the unique index, rolled back
+
+    def on_exec(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, many: bool) -> None:
+        nonlocal offered
+        if re.match(r"\s*SELECT recipient_id FROM notifications\b", statement):
+            lookups.append(statement)
+        if re.match(r"\s*INSERT INTO notifications\b", statement):
+            offered += len(params) if many else 1
+        if statement.startswith("ROLLBACK TO SAVEPOINT"):
+            retried.append(statement)
+
+    spec = LaunchSpec("weekly_promo", channels=["email"], segment_csv=str(seg), rate=1_000_000.0, quiet_hours="off",
+                      data={"discount": 20, "code": "C"})  # fmt: skip
+    event.listen(Engine, "before_cursor_execute", on_exec)
+    try:
+        s = launch(ctx, spec)
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_exec)
+        ctx.close()
+    assert lookups == [] and retried == []
+    assert offered == (users if ctx.engine.dialect.name == "sqlite" else 0)  # the repeats never reach the database
+    assert (s["written"], s["recipients"], s["duplicates"], s["skipped_existing"]) == (users, users, 5, 0)
+    assert {(b["line"], b["kind"]) for b in s["bad_rows"]["first"]} == {(n, "duplicate") for n in (32, 41, 42, 65, 66)}
+    assert _first_names(base, s["campaign_id"]) == Counter((f"k{i}", f"Name{i}") for i in range(users))
+
+
+def test_a_segment_changed_between_the_passes_still_writes_each_user_once(any_db_ctx: Context) -> None:
+    """The segment file is rewritten after the plan pass: a new first row (a user the plan never saw)
+    moves every line by one, so the duplicates the plan recorded (by line and user) match no row of
+    the write pass. Every user is written, once, with their first row's data (the repeats are
+    skipped by the unique index: PostgreSQL's COPY of such a chunk fails and goes again through ON
+    CONFLICT DO NOTHING), and ``written`` counts the rows the database took."""
+    base = any_db_ctx
+    users = 60
+    rep = import_users(
+        base, io.StringIO("user_id,email\n" + "".join(f"m{i},m{i}@example.com\n" for i in range(users + 1)))
+    )
+    assert rep.errors == []
+    seg = base.settings.home / "moving.csv"
+    seg.write_text(_dup_segment("m", users))
+    ctx = _with_chunks(base, 10)
+
+    def progress(phase: str, done: int, _total: int | None) -> None:
+        if phase == "write" and done == 0:  # between the passes
+            body = _dup_segment("m", users).split("\n", 1)[1]
+            seg.write_text(f"user_id,first_name\nm{users},Name{users}\n{body}")
+
+    spec = LaunchSpec("weekly_promo", channels=["email"], segment_csv=str(seg), rate=1_000_000.0, quiet_hours="off",
+                      data={"discount": 20, "code": "C"})  # fmt: skip
+    retried: list[str] = []
+
+    def on_exec(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("ROLLBACK TO SAVEPOINT"):
+            retried.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", on_exec)
+    try:
+        s = launch(ctx, spec, progress=progress)
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_exec)
+        ctx.close()
+    # PostgreSQL: the chunks holding a repeat of an earlier chunk's user (lines 33, 42-43, 66) went again
+    assert len(retried) == (3 if ctx.engine.dialect.name == "postgresql" else 0)
+    assert _first_names(base, s["campaign_id"]) == Counter((f"m{i}", f"Name{i}") for i in range(users + 1))
+    assert s["written"] == users + 1
+    with Session(base.engine) as session:
+        n = session.execute(select(func.count()).where(Notification.campaign_id == s["campaign_id"])).scalar_one()
+    assert n == users + 1

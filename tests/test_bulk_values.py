@@ -1,0 +1,139 @@
+"""The bulk writers' own value conversion (``notifyctl.db``: SQLite's parameters, PostgreSQL's COPY
+text) gives what each column's bind processor gives, value for value; ``new_ids`` makes ids as
+``new_id`` does. (The rows these make, written and read back, are compared with Core's own insert in
+test_foundations.)"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy.dialects import postgresql, sqlite
+
+from notifyctl import db
+from notifyctl.ids import _B32, new_ids
+from notifyctl.models import Delivery, Notification
+
+_T = Notification.__table__  # type: ignore[attr-defined]
+_ZONES = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8)), ZoneInfo("Europe/Paris")]
+# every year for UTC (the text's year is always 4 digits); other zones away from the calendar's ends
+_AWARE = st.one_of(
+    st.datetimes(timezones=st.just(UTC)),
+    st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.sampled_from(_ZONES)),
+)
+
+
+def _processors(dialect: Any, column: str) -> tuple[Any, Any]:
+    col_type = _T.c[column].type
+    return col_type, col_type._cached_bind_processor(dialect)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_AWARE)
+def test_sqlite_datetime_text_is_the_bind_processors(v: datetime) -> None:
+    col_type, proc = _processors(sqlite.dialect(), "due_at")
+    assert db._fast_bind(col_type, sqlite.dialect(), proc)(v) == proc(v)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_AWARE)
+def test_copy_datetime_text_is_the_bind_processors(v: datetime) -> None:
+    dialect = postgresql.psycopg2.dialect()  # type: ignore[attr-defined]
+    col_type, proc = _processors(dialect, "due_at")
+    assert db._copy_text(col_type, proc)(v) == db._copy_value(proc(v))
+
+
+def test_a_naive_datetime_is_refused_as_the_bind_processor_refuses_it() -> None:
+    naive = datetime(2026, 3, 29, 1, 30)
+    for dialect in (sqlite.dialect(), postgresql.psycopg2.dialect()):  # type: ignore[attr-defined]
+        col_type, proc = _processors(dialect, "due_at")
+        fast = db._fast_bind(col_type, dialect, proc) if dialect.name == "sqlite" else db._copy_text(col_type, proc)
+        with pytest.raises(ValueError, match="timezone"):
+            proc(naive)
+        with pytest.raises(ValueError, match="timezone"):
+            fast(naive)
+
+
+_SHARED = {"k": [1, 2]}
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.sampled_from([1.0, 0.0]),
+    st.sampled_from([datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 5, 30, tzinfo=_ZONES[1])]),
+    st.just(_SHARED),  # one object in many rows (a campaign's data)
+    st.dictionaries(st.sampled_from("ab"), st.integers(0, 2), max_size=2),  # equal dicts, distinct objects
+    st.text(max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_VALUES, max_size=200), st.booleans())
+def test_convert_gives_one_call_per_value_results(values: list[Any], one_kind: bool) -> None:
+    """Memoised or not, each value gets what its own call would give: ``True`` is not ``1``, equal
+    dicts in distinct objects each converted. (A memo by value takes equal values to convert alike,
+    as the bind processors do: the same instant in two zones is one UTC text.)"""
+    if one_kind:  # a column of one type, repeating (a batch's timestamps)
+        values = [v for v in values if type(v) is bool] * 3
+    calls: list[Any] = []
+
+    def conv(v: Any) -> str:
+        calls.append(v)
+        return f"{type(v).__name__}:{v.astimezone(UTC).isoformat() if isinstance(v, datetime) else v!r}"
+
+    got = db._convert(values, conv)
+    assert got == [None if v is None else conv(v) for v in values]
+
+
+def test_convert_memoises_a_repeating_column_and_not_a_distinct_one() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    seen: list[Any] = []
+
+    def conv(v: Any) -> str:
+        seen.append(v)
+        return str(v)
+
+    db._convert([now] * 1000, conv)
+    assert len(seen) == 1
+    seen.clear()
+    db._convert([now + timedelta(microseconds=i) for i in range(1000)], conv)
+    assert len(seen) == 1000
+
+
+def test_copy_column_escapes_and_nulls() -> None:
+    """A JSON column's text (a processor's), a text column with COPY's four special characters and
+    NULLs, and a text that reads like COPY's NULL marker."""
+    engine = db.make_engine("postgresql+psycopg2://nobody@127.0.0.1:1/none")  # (never connects)
+    try:
+        dt = Delivery.__table__  # type: ignore[attr-defined]
+        reason = dt.c.reason.type
+        texts = db._copy_column(["a\tb", None, "\\N", "x\\y", "n\nl", "c\rr"], reason, None)
+        assert texts == ["a\\tb", "\\N", "\\\\N", "x\\\\y", "n\\nl", "c\\rr"]
+        data = _T.c.data.type
+        proc = data._cached_bind_processor(engine.dialect)
+        texts = db._copy_column([{"a": "t\tb"}, _SHARED, _SHARED], data, proc)
+        assert texts == ['{"a":"t\\\\tb"}', '{"k":[1,2]}', '{"k":[1,2]}']
+    finally:
+        engine.dispose()
+
+
+def test_new_ids_are_new_id_s() -> None:
+    """``new_ids``: the format of ``new_id`` (prefix, 10 characters of the millisecond clock, 10
+    random), all distinct, their time part the clock's when they were made."""
+    before = int(time.time() * 1000)
+    ids = new_ids("n", 5000)
+    after = int(time.time() * 1000)
+    assert len(ids) == 5000 == len(set(ids)) == len({i[12:] for i in ids})
+    assert all(re.fullmatch(r"n_[0-9a-hjkmnp-tv-z]{20}", i) for i in ids)
+    ms = 0
+    for ch in ids[0][2:12]:
+        ms = ms * 32 + _B32.index(ch)
+    assert before <= ms <= after and {i[:12] for i in ids} == {ids[0][:12]}
+    assert new_ids("job_l", 1)[0].startswith("job_l_") and len(new_ids("job_l", 1)[0]) == 26
+    assert new_ids("n", 0) == []
