@@ -13,8 +13,9 @@ the funnel read over them. One module a job, in the order a count travels:
 - ``read``: ``funnel()``, the read itself, and ``parse_since``;
 - ``export``: the report as CSV rows (the CLI's ``--csv`` and the console's export);
 - ``checks``: the tiers counted from scratch and compared (tests, benchmarks);
-- ``waves``: beside the rollup, a campaign's counts per time-zone wave (``wave_counts``, its own
-  triggers, folded by ``compact`` on PostgreSQL), what the console's Campaigns page and ``campaign
+- ``waves``: beside the rollup, a campaign's counts per time-zone wave (``wave_counts``: new
+  deliveries counted by the rollup's insert trigger, status changes by an update trigger of its
+  own; folded by ``compact`` on PostgreSQL), what the console's Campaigns page and ``campaign
   status`` show.
 
 ``analytics_hourly`` counts deliveries by the hour they were queued (UTC) × template × channel ×

@@ -9,36 +9,46 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
+from notifyctl.analytics import waves
 from notifyctl.analytics.fold import fold_sql
-from notifyctl.analytics.install import replace_triggers
+from notifyctl.analytics.install import present, replace_triggers
 from notifyctl.analytics.rollup import (
     COLS,
     ROW_GATE,
     UPSERT,
+    WAVE_COLS,
     full_count_sql,
+    pg_function,
     pg_key,
-    pg_statement_triggers,
+    pg_trigger,
+    pg_update_body,
+    reason_sql,
+    sqlite_insert_trigger,
     sqlite_key,
-    sqlite_row_triggers,
+    sqlite_update_trigger,
 )
-from notifyctl.analytics.waves import SQLITE_COUNT_SINCE as WAVES_COUNT_SINCE
 
-VERSION = "v5"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
+VERSION = "v6"  # in the trigger names: a new definition replaces the old one, and the rollup is rebuilt
 # earlier definitions whose rollup install keeps (the same key; v3: no weekly tier; v4: SQLite's insert
-# trigger counted every row, whoever inserted)
-SAME_KEY = ("v1", "v2", "v3", "v4")
+# trigger counted every row, whoever inserted; v5: the waves' inserts counted by a trigger of their own)
+SAME_KEY = ("v1", "v2", "v3", "v4", "v5")
 PREFIX = "notify_analytics_"  # every definition's trigger names start so
 TRIGGERS = (f"{PREFIX}ins_{VERSION}", f"{PREFIX}upd_{VERSION}")
 
 
 def _sqlite_ddl() -> list[str]:
+    ins, upd = TRIGGERS
+
     def bump(row: str, n: int) -> str:
         return (
             f"INSERT INTO analytics_hourly ({COLS}, n, folded) SELECT {sqlite_key(row)}, {n}, 0 "
             f"FROM (SELECT 1) LEFT JOIN notifications AS n ON n.id = {row}.notification_id WHERE true {UPSERT};"
         )
 
-    return sqlite_row_triggers(TRIGGERS, bump, ("status", "reason", "channel", "queued_at", "notification_id"))
+    return [
+        sqlite_insert_trigger(ins, f"{bump('NEW', 1)} {waves.sqlite_bump('NEW', 1)}"),  # (and the wave counts)
+        sqlite_update_trigger(upd, bump, ("status", "reason", "channel", "queued_at", "notification_id")),
+    ]
 
 
 def sqlite_connected(dbapi_conn: Any, record: Any) -> None:
@@ -76,7 +86,24 @@ def counted_insert(conn: Connection, insert: Callable[[Connection], None], rows:
         gate[0] = 1
     since = int(conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()) - rows
     conn.exec_driver_sql(_SQLITE_COUNT_SINCE, (since,))
-    conn.exec_driver_sql(WAVES_COUNT_SINCE, (since,))  # (a campaign's waves: notifyctl.analytics.waves)
+    conn.exec_driver_sql(waves.SQLITE_COUNT_SINCE, (since,))  # (a campaign's waves: notifyctl.analytics.waves)
+
+
+# PostgreSQL: an insert's rows counted for the rollup and for the campaigns' waves (``waves``) in one
+# statement: the new rows joined to their notifications once, grouped once by every column either
+# count needs (the hour as a timestamp: ``to_char`` then runs once a group, not once a row, and
+# gives the rollup's ``pg_key`` hour), then each count summed from those groups. Measured against
+# the two triggers it replaces (50,000 deliveries in 1,000-row COPYs, the server's CPU by
+# /proc/<pid>/schedstat, load ~4): 5.6 → 4.6 µs a delivery, 2.6 → 1.6 of it the counting.
+_PG_INSERT = (
+    f"WITH x AS (SELECT date_trunc('hour', d.queued_at) AS hour, n.template_id, d.channel, n.campaign_id, n.wave, "
+    f"d.status, {reason_sql('postgresql', 'd')} AS reason, count(*) AS k FROM new_rows AS d "
+    "LEFT JOIN notifications AS n ON n.id = d.notification_id GROUP BY 1, 2, 3, 4, 5, 6, 7), "
+    f"waves AS (INSERT INTO wave_delta ({WAVE_COLS}, n) SELECT {WAVE_COLS}, sum(k) FROM x "
+    "WHERE wave IS NOT NULL GROUP BY 1, 2, 3, 4, 5) "
+    f"INSERT INTO analytics_delta ({COLS}, n) SELECT to_char(hour, 'YYYY-MM-DD HH24'), coalesce(template_id, ''), "
+    "channel, coalesce(campaign_id, ''), status, reason, sum(k) FROM x GROUP BY 1, 2, 3, 4, 5, 6"
+)
 
 
 def _pg_ddl() -> list[str]:
@@ -87,12 +114,9 @@ def _pg_ddl() -> list[str]:
             f"SELECT {pg_key('d')}, {n} AS n FROM {rows} AS d LEFT JOIN notifications AS n ON n.id = d.notification_id"
         )
 
-    grouped = "GROUP BY 1, 2, 3, 4, 5, 6"
-    insert = (
-        f"SELECT {pg_key('d')}, count(*) FROM new_rows AS d LEFT JOIN notifications AS n "
-        f"ON n.id = d.notification_id {grouped}"
-    )
-    return pg_statement_triggers(TRIGGERS, "analytics_delta", COLS, grouped, insert, side)
+    update = pg_update_body("analytics_delta", COLS, "GROUP BY 1, 2, 3, 4, 5, 6", side)
+    functions = [pg_function(ins, _PG_INSERT), pg_function(upd, update)]
+    return [*functions, pg_trigger(ins, "INSERT"), pg_trigger(upd, "UPDATE")]
 
 
 def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManager[None]]) -> bool:
@@ -104,7 +128,11 @@ def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManage
 
     Triggers of an earlier definition with the same key (``SAME_KEY``) keep their rollup — it
     counts what ``purge`` deleted since, which a full count cannot: its pending deltas are moved
-    in, and the coarse tiers filled from it, all marked folded."""
+    in, and the coarse tiers filled from it, all marked folded.
+
+    The insert trigger also counts the campaigns' waves (``waves``): when the waves' own triggers
+    are current, ``wave_counts`` is counted anew here too (``waves.refill``); when they are not,
+    ``waves.install`` (run after this one: ``db.engine_for``) does it."""
 
     def fill(conn: Connection, old: list[str]) -> None:
         dialect = conn.dialect.name
@@ -125,6 +153,11 @@ def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManage
             conn.exec_driver_sql(f"INSERT INTO analytics_hourly ({COLS}, n, folded) {full}")
         for sql in fold_sql(dialect, "n", ""):  # the coarse tiers from the whole rollup, folded as written
             conn.exec_driver_sql(sql)
+        if set(waves.TRIGGERS) <= set(present(conn, waves.PREFIX)):
+            # The insert trigger counts the waves' new deliveries too: with no rollup triggers (or
+            # ones that did not), they went uncounted until now. (Otherwise ``waves.install``, which
+            # runs next, counts them anew: not twice over on a large table.)
+            waves.refill(conn)
 
     return replace_triggers(
         engine, write_lock, TRIGGERS, PREFIX, lambda d: _sqlite_ddl() if d == "sqlite" else _pg_ddl(), fill
