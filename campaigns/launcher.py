@@ -125,7 +125,7 @@ def _launch_planned(
         session.add(camp)
         session.commit()
     planned, dups = plan.recipients, plan.duplicates
-    return produce(ctx, cid, res, waves, planned, run_now=now, progress=progress, duplicates=dups, fresh=plan.seen)
+    return produce(ctx, cid, res, waves, planned, run_now=now, progress=progress, duplicates=dups, fresh=plan)
 
 
 def resume_launch(

@@ -23,17 +23,25 @@ class Plan:
     counts: dict[datetime, int] = field(default_factory=lambda: defaultdict(int))
     zones: dict[datetime, set[str]] = field(default_factory=lambda: defaultdict(set))
     duplicates: BadRows = field(default_factory=BadRows)  # rows of a user already in the segment
-    seen: SeenSet | None = None  # the pass's users and duplicates, for the write pass (its caller closes it)
+    # for the write pass of the same launch (``produce``): the rows to skip (unknown users and
+    # duplicates, in ``seen``, which its caller closes), and the segment as it was before this pass
+    seen: SeenSet | None = None
+    skips: int = 0
+    segment_state: tuple[int, ...] | None = None
+
+
+UNKNOWN = "unknown_user"  # the kinds of rows a write pass skips (``SeenSet.skips``)
+DUPLICATE = "duplicate"
 
 
 def mark_duplicate(bad: BadRows, row: SegmentRow, first_line: int) -> None:
-    bad.add(row.line, "duplicate", f"user {row.user_id!r} is also on line {first_line}; that first row is kept")
+    bad.add(row.line, DUPLICATE, f"user {row.user_id!r} is also on line {first_line}; that first row is kept")
 
 
 def plan_pass(ctx: Context, res: Resolved, bad: BadRows, progress: Progress | None) -> Plan:
-    """The plan; its ``seen`` (open) holds the rows found repeating a user, which the write pass
-    skips (``produce``): the caller closes it."""
-    plan = Plan(duplicates=BadRows(keep=bad.keep))
+    """The plan; its ``seen`` (open) holds the rows of unknown users and those repeating a user,
+    which the write pass skips (``produce``): the caller closes it."""
+    plan = Plan(duplicates=BadRows(keep=bad.keep), segment_state=res.segment.state())
     checked = False
     seen = SeenSet()
     try:
@@ -42,12 +50,15 @@ def plan_pass(ctx: Context, res: Resolved, bad: BadRows, progress: Progress | No
                 plan.rows += len(chunk)
                 tzs = user_tz(session, list({r.user_id for r in chunk}))
                 repeats = seen.duplicates([r for r in chunk if r.user_id in tzs])
-                if repeats:
-                    seen.keep_duplicates([r for r in chunk if id(r) in repeats])
+                skips = [(r.line, r.user_id, UNKNOWN if r.user_id not in tzs else DUPLICATE)
+                         for r in chunk if r.user_id not in tzs or id(r) in repeats]  # fmt: skip
+                if skips:
+                    seen.keep_skips(skips)
+                    plan.skips += len(skips)
                 for r in chunk:
                     tz = tzs.get(r.user_id)
                     if tz is None:
-                        bad.add(r.line, "unknown_user", f"unknown user {r.user_id!r}")
+                        bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
                         continue
                     if id(r) in repeats:
                         mark_duplicate(plan.duplicates, r, repeats[id(r)])
@@ -70,8 +81,8 @@ def plan_pass(ctx: Context, res: Resolved, bad: BadRows, progress: Progress | No
 class SeenSet:
     """The user ids of a segment read so far, with the line each was first on: an exact set that
     keeps memory flat whatever the segment size (a throwaway SQLite table in a temporary file,
-    asked and filled once per chunk); and, for a launch's write pass, the rows found repeating a
-    user (``keep_duplicates``, ``repeated``)."""
+    asked and filled once per chunk); and, for a launch's write pass, the rows it is to skip
+    (``keep_skips``, ``skips``)."""
 
     def __init__(self) -> None:
         import sqlite3
@@ -82,7 +93,7 @@ class SeenSet:
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute("CREATE TABLE seen (user_id TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
-        self._db.execute("CREATE TABLE dups (line INTEGER PRIMARY KEY, user_id TEXT)")
+        self._db.execute("CREATE TABLE skips (line INTEGER PRIMARY KEY, user_id TEXT, kind TEXT)")
 
     def duplicates(self, rows: list[SegmentRow]) -> dict[int, int]:
         """``{id(row): line of the user's first row}`` for the rows (of one chunk, in segment order)
@@ -110,14 +121,14 @@ class SeenSet:
                 out[id(r)] = first
         return out
 
-    def keep_duplicates(self, rows: list[SegmentRow]) -> None:
-        """Record rows found repeating a user (``repeated``)."""
-        self._db.executemany("INSERT INTO dups VALUES (?, ?)", [(r.line, r.user_id) for r in rows])
+    def keep_skips(self, rows: list[tuple[int, str, str]]) -> None:
+        """Record rows to skip, as (line, user id, ``UNKNOWN`` or ``DUPLICATE``)."""
+        self._db.executemany("INSERT INTO skips VALUES (?, ?, ?)", rows)
 
-    def repeated(self, first: int, last: int) -> set[tuple[int, str]]:
-        """The (line, user id) of the duplicates recorded between lines ``first`` and ``last``."""
-        q = "SELECT line, user_id FROM dups WHERE line BETWEEN ? AND ?"
-        return {(line, u) for line, u in self._db.execute(q, (first, last))}
+    def skips(self, first: int, last: int) -> dict[int, tuple[str, str]]:
+        """The rows to skip recorded between lines ``first`` and ``last``: {line: (user id, kind)}."""
+        q = "SELECT line, user_id, kind FROM skips WHERE line BETWEEN ? AND ?"
+        return {line: (u, kind) for line, u, kind in self._db.execute(q, (first, last))}
 
     def close(self) -> None:
         self._db.close()

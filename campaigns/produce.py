@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 import redis
 from sqlalchemy import select, update
@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
-from campaigns.plan import SeenSet
+from campaigns.plan import DUPLICATE, UNKNOWN, Plan
 from campaigns.report import current_state
 from campaigns.resolve import Progress, Resolved, stream, user_tz
 from campaigns.schedule import Wave
@@ -60,16 +60,23 @@ def produce(
     run_now: datetime,
     progress: Progress | None,
     duplicates: BadRows | None = None,
-    fresh: SeenSet | None = None,
+    fresh: Plan | None = None,
 ) -> dict[str, Any]:
     """Write the recipients not written yet. ``duplicates``: the rows the plan pass found to repeat
     a user (reported with the bad rows; like rows already written, they are skipped here).
-    ``fresh``: a first launch's plan pass (``plan.SeenSet``), of a campaign made just before this
-    pass and so without rows yet: the rows to skip are the duplicates it recorded, and the
-    campaign's rows are not looked up (a relaunch looks them up a chunk at a time). A row written
-    meanwhile all the same (a relaunch run beside the launch) is skipped by the unique index."""
+
+    ``fresh``: a first launch's plan pass, for a campaign made just before this pass and so without
+    rows yet: the rows to skip are the duplicates it recorded, and the campaign's rows are not
+    looked up (a relaunch looks them up a chunk at a time). A row written meanwhile all the same (a
+    relaunch run beside the launch) is skipped by the unique index. When, besides, every
+    recipient's instant is the same whatever their zone (``Schedule.fixed_instant``) and the segment
+    file is as the plan pass found it once this pass has read its first chunk (``CsvSegment.state``),
+    the users are not looked up again either: the plan's unknown users are the rows it recorded, its
+    time-zone fallbacks its count. (A file written while this pass reads it is not read as it was
+    planned either way; a user it adds unknown would be suppressed by the worker as unknown_user.)"""
     bad = BadRows(keep=res.cfg.max_reported_errors)
-    res.schedule.fallbacks = 0  # counted again by this pass
+    fixed = res.schedule.fixed_instant()
+    planned_users: bool | None = None  # decided once the first chunk is read
     by_instant = {w.instant: w for w in waves}
     wave_of = {w.instant: i for i, w in enumerate(waves)}  # Notification.wave: the index in the plan
     slot: Counter[datetime] = Counter()
@@ -96,33 +103,54 @@ def produce(
                 canceled = True
                 break
             row_status = NotificationStatus.paused if state == CampaignStatus.paused else NotificationStatus.scheduled
-            ids = list({r.user_id for r in chunk})
-            tzs = user_tz(session, ids)
-            repeated: set[tuple[int, str]] = set()
+            if planned_users is None:  # (the file is open: what it read is what this finds, or it changed)
+                planned_users = (
+                    fresh is not None
+                    and fixed is not None
+                    and fresh.segment_state is not None
+                    and res.segment.state() == fresh.segment_state
+                )
+                if not planned_users:
+                    res.schedule.fallbacks = 0  # counted again by this pass
+            skips: dict[int, tuple[str, str]] = {}
+            tzs: dict[str, str] | None = None
             if fresh is None:
+                ids = list({r.user_id for r in chunk})
+                tzs = user_tz(session, ids)
                 existing = _already_written(session, cid, ids)
             else:
                 existing = set()
-                if duplicates is not None and duplicates.count:
-                    repeated = fresh.repeated(chunk[0].line, chunk[-1].line)
+                if fresh.skips and fresh.seen is not None:
+                    skips = fresh.seen.skips(chunk[0].line, chunk[-1].line)
+                if not planned_users:
+                    tzs = user_tz(session, list({r.user_id for r in chunk}))
             now = utcnow()
             rows: list[dict[str, Any]] = []
             floor = run_now + (now - started) - _SECOND  # (the chunk's clock: the same for its rows)
             next_id = iter(new_ids("n", len(chunk))).__next__
             for r in chunk:
-                tz = tzs.get(r.user_id)
-                if tz is None:
-                    bad.add(r.line, "unknown_user", f"unknown user {r.user_id!r}")
-                    continue
+                skip = skips.get(r.line) if skips else None
+                if skip is not None and skip[0] != r.user_id:  # (the segment changed: the row is another)
+                    skip = None
+                if tzs is None:  # (planned_users)
+                    if skip is not None and skip[1] == UNKNOWN:
+                        bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
+                        continue
+                    instant = cast(datetime, fixed)
+                else:
+                    tz = tzs.get(r.user_id)
+                    if tz is None:
+                        bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
+                        continue
+                    instant, _used = res.schedule.instant(tz)
                 seen_rows += 1
-                instant, _used = res.schedule.instant(tz)
                 w = by_instant.get(instant)
                 if w is None:  # the segment changed since the plan: a wave of its own
                     w = by_instant[instant] = Wave(instant, instant, 0, res.rate)
                     wave_of[instant] = len(wave_of)
                 nominal = w.due(slot[instant])
                 slot[instant] += 1
-                if r.user_id in existing or (repeated and (r.line, r.user_id) in repeated):
+                if r.user_id in existing or (skip is not None and skip[1] == DUPLICATE):
                     skipped += 1
                     continue
                 existing.add(r.user_id)

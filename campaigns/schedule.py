@@ -130,6 +130,13 @@ class Schedule:
             self.fallbacks += 1
         return hit
 
+    def fixed_instant(self) -> datetime | None:
+        """Every recipient's instant when it does not depend on their zone (no ``--stagger-tz``, no
+        quiet hours: ``--send-at`` or now), else None."""
+        if self.local_time is None and self.quiet is None:
+            return self.send_at or self.now
+        return None
+
     def _compute(self, tz: ZoneInfo) -> datetime:
         if self.local_time is not None:
             today = self.now.astimezone(tz).date()

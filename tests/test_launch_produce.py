@@ -335,10 +335,10 @@ def _dup_segment(tag: str, users: int) -> str:
     """A segment of ``tag``0..``users``-1 (first_name Name<i>) with five rows repeating a user, lines
     given for chunks of 10 rows (line 1 the header): a repeat of a user of an earlier chunk (32), two
     of one user in one later chunk (41, 42), one of a user of the chunk before (65), and one of a
-    user two lines before, in its own chunk (66)."""
+    user two lines before, in its own chunk (66); then a user nobody imported (67)."""
     lines = [f"{tag}{i},Name{i}" for i in range(30)] + [f"{tag}5,Dup"]
     lines += [f"{tag}{i},Name{i}" for i in range(30, 38)] + [f"{tag}12,Dup", f"{tag}12,Dup"]
-    lines += [f"{tag}{i},Name{i}" for i in range(38, users)] + [f"{tag}40,Dup", f"{tag}{users - 1},Dup"]
+    lines += [f"{tag}{i},Name{i}" for i in range(38, users)] + [f"{tag}40,Dup", f"{tag}{users - 1},Dup", "nobody,N"]
     return "user_id,first_name\n" + "\n".join(lines) + "\n"
 
 
@@ -351,7 +351,9 @@ def _first_names(ctx: Context, cid: str) -> Counter[tuple[str, str]]:
 def test_a_first_launch_skips_its_planned_duplicates_without_reading_its_rows(any_db_ctx: Context) -> None:
     """A campaign's first launch has no rows yet: the write pass skips the rows the plan pass found
     repeating a user (across chunks and within one) and never reads the campaign's rows back; each
-    user is written once, with their first row's data; the counts are the plan's."""
+    user is written once, with their first row's data; the counts are the plan's. Sent now (every
+    recipient's instant the same) from a segment file as the plan read it, the write pass does not
+    look the users up again: the plan's unknown user is reported all the same."""
     base = any_db_ctx
     users = 60
     rep = import_users(base, io.StringIO("user_id,email\n" + "".join(f"k{i},k{i}@example.com\n" for i in range(users))))
@@ -360,11 +362,13 @@ def test_a_first_launch_skips_its_planned_duplicates_without_reading_its_rows(an
     seg.write_text(_dup_segment("k", users))
     ctx = _with_chunks(base, 10)
     lookups: list[str] = []
+    user_reads = 0
     offered = 0  # rows given to SQLite's INSERT (PostgreSQL's COPY is not an event)
     retried: list[str] = []  # PostgreSQL: a chunk's COPY refused by the unique index, rolled back
 
     def on_exec(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, many: bool) -> None:
-        nonlocal offered
+        nonlocal offered, user_reads
+        user_reads += statement.startswith("SELECT id, timezone FROM users")
         if re.match(r"\s*SELECT recipient_id FROM notifications\b", statement):
             lookups.append(statement)
         if re.match(r"\s*INSERT INTO notifications\b", statement):
@@ -381,9 +385,12 @@ def test_a_first_launch_skips_its_planned_duplicates_without_reading_its_rows(an
         event.remove(Engine, "before_cursor_execute", on_exec)
         ctx.close()
     assert lookups == [] and retried == []
+    assert user_reads == 7  # the plan pass's chunks of 10 of the 66 rows; none by the write pass
     assert offered == (users if ctx.engine.dialect.name == "sqlite" else 0)  # the repeats never reach the database
     assert (s["written"], s["recipients"], s["duplicates"], s["skipped_existing"]) == (users, users, 5, 0)
-    assert {(b["line"], b["kind"]) for b in s["bad_rows"]["first"]} == {(n, "duplicate") for n in (32, 41, 42, 65, 66)}
+    bad = {(b["line"], b["kind"]) for b in s["bad_rows"]["first"]}
+    assert bad == {(n, "duplicate") for n in (32, 41, 42, 65, 66)} | {(67, "unknown_user")}
+    assert s["timezone_fallbacks"] == 0
     assert _first_names(base, s["campaign_id"]) == Counter((f"k{i}", f"Name{i}") for i in range(users))
 
 
@@ -426,6 +433,9 @@ def test_a_segment_changed_between_the_passes_still_writes_each_user_once(any_db
     assert len(retried) == (3 if ctx.engine.dialect.name == "postgresql" else 0)
     assert _first_names(base, s["campaign_id"]) == Counter((f"m{i}", f"Name{i}") for i in range(users + 1))
     assert s["written"] == users + 1
+    # the users looked up again (the file changed): the unknown one found on its new line
+    bad = {(b["line"], b["kind"]) for b in s["bad_rows"]["first"]}
+    assert bad == {(n, "duplicate") for n in (32, 41, 42, 65, 66)} | {(68, "unknown_user")}
     with Session(base.engine) as session:
         n = session.execute(select(func.count()).where(Notification.campaign_id == s["campaign_id"])).scalar_one()
     assert n == users + 1
