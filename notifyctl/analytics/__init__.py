@@ -25,7 +25,8 @@ batch, a webhook, a DLQ replay, the reconciler: a committed status change moves 
 the old row to the new one, a rolled-back one (a worker killed mid-batch) moves nothing.
 
 - SQLite (one writer at a time): row triggers upsert the rollup directly; the worker's batch
-  insert has its rows counted in one grouped upsert instead (``triggers.counted_insert``).
+  insert skips them, and its rows are counted from the rows themselves instead, one upsert per
+  group (``triggers.counted_insert``).
 - PostgreSQL: statement triggers append what each statement changed, aggregated, to
   ``analytics_delta`` (appends: concurrent workers never wait on each other's rollup row);
   ``compact`` folds it into the rollup (the worker pool does so every few seconds).

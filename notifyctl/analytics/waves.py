@@ -73,6 +73,10 @@ SQLITE_COUNT_SINCE = (
 )
 
 
+# SQLite: counts added by key (``triggers.counted_insert`` with the rows' origins).
+SQLITE_ADD = f"INSERT INTO wave_counts ({WAVE_COLS}, n) VALUES (?, ?, ?, ?, ?, ?) {WAVE_UPSERT}"
+
+
 def _pg_ddl() -> list[str]:
     (upd,) = TRIGGERS
 

@@ -61,7 +61,7 @@ _TT = DeviceToken.__table__  # type: ignore[attr-defined]
 _N_SELECT = (
     "SELECT id, recipient_id, type, template_id, category, priority, dedup_key, CAST(channels AS TEXT), "
     "CAST(data AS TEXT), CASE WHEN campaign_id IS NULL THEN "
-    "(SELECT 1 FROM ordered_notifications o WHERE o.notification_id = notifications.id) END "
+    "(SELECT 1 FROM ordered_notifications o WHERE o.notification_id = notifications.id) END, campaign_id, wave "
     "FROM notifications"
 )
 # by primary key, never through the status index (see notifyctl.db.unindexed)
@@ -88,6 +88,8 @@ class _Note:
     data: dict[str, Any]
     data_key: str
     ordered: bool = False  # it carries an ordering_key (notifyctl.ordering)
+    campaign_id: str | None = None
+    wave: int | None = None  # its campaign's time-zone wave (the analytics count by it)
 
 
 @dataclass(slots=True)
@@ -129,6 +131,8 @@ class _Batch:
                 load(row[8]) or {},
                 row[8] or "",
                 row[9] is not None,
+                row[10],
+                row[11],
             )
             for row in rows_where_in(conn, _N_SELECT, "id", ids, _N_LOADABLE, prepared=True)
         ]
