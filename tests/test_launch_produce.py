@@ -21,10 +21,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from campaigns.launcher import LaunchSpec, launch
-from campaigns.report import campaign_status
+from campaigns.report import campaign_status, current_state
 from notifyctl.context import Context
 from notifyctl.directory import import_users
-from notifyctl.models import Delivery, Notification
+from notifyctl.models import Campaign, Delivery, Notification
 from worker.pool import run_worker
 from worker.providers.outbox import read_outbox
 from worker.reconciler import reconcile
@@ -89,7 +89,15 @@ def _sent_once(ctx: Context, cid: str) -> None:
     outbox = [r for r in read_outbox(ctx.settings.outbox_dir, "email")]
     per_address = Counter(r.get("address") or r.get("to") for r in outbox)
     assert len(per_address) == N and set(per_address.values()) == {1}
-    assert campaign_status(ctx, cid)["state"] == "completed"
+    assert campaign_status(ctx, cid)["state"] == "completed" == _current_state(ctx, cid)
+
+
+def _current_state(ctx: Context, cid: str) -> str:
+    """``report.current_state`` (one open row looked for), to compare with the counts' state."""
+    with Session(ctx.engine) as s:
+        camp = s.get(Campaign, cid)
+        assert camp is not None
+        return current_state(s, camp)
 
 
 def test_a_campaign_sent_now_writes_each_row_once_before_the_worker(any_db_ctx: Context) -> None:
@@ -99,6 +107,7 @@ def test_a_campaign_sent_now_writes_each_row_once_before_the_worker(any_db_ctx: 
     with Session(ctx.engine) as s:
         rows = s.execute(select(Notification.status, Notification.job_id).where(Notification.campaign_id == cid)).all()
     assert len(rows) == N and {st for st, _ in rows} == {"queued"}
+    assert campaign_status(ctx, cid)["state"] == "sending" == _current_state(ctx, cid)
     jobs = Counter(job for _, job in rows)
     assert len(jobs) == 3 and sorted(jobs.values()) == [500, 1000, 1000]
     assert ctx.redis.llen(ctx.queue("low").key) == 3
