@@ -93,7 +93,9 @@ def produce(
     next_analyze = 0.0
     if progress:
         progress("write", 0, planned)
-    with Session(ctx.engine) as session:
+    # one connection for the whole pass (a Session on the engine gave its connection back at each
+    # commit and checked one out again for the next chunk: PostgreSQL's pre-ping, a round trip, a chunk)
+    with ctx.engine.connect() as conn, Session(bind=conn) as session:
         for chunk in stream(res, bad, ctx.shard_count):
             current = session.scalars(select(col(Campaign.status)).where(col(Campaign.id) == cid)).one()
             if current != state:
