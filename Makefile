@@ -39,8 +39,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	NOTIFY_HOME=$(DEMO_HOME) $(VENV)/bin/notifyctl demo
 
+# Two pytest-xdist workers (TEST_WORKERS=1 for one): while one waits on a subprocess, a socket or a
+# sleep, the other runs. Every session-scoped thing is per worker (tests/conftest.py); tests that
+# must share one process (an ordered pair, the two smokes) carry an xdist_group mark (loadgroup).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -315,7 +315,8 @@ class OtpProbe:
     their own, while a blast runs: one to each of ``users``, ``interval`` seconds apart from
     ``start`` (a ``perf_counter`` time; now by default). ``submitted``: code → (when, whether the
     blast still ran); ``submit_ms``: how long each intake call took; ``errors``. ``blast_over()``
-    marks the blast done; with ``stop_with_blast`` the rest are then not sent."""
+    marks the blast done; with ``stop_with_blast`` the rest are then not sent. ``cpu_s``: the CPU
+    the submits took in this process (the probe's own thread), for a blast's CPU per part."""
 
     def __init__(
         self, env: Env, users: list[str], interval: float, start: float | None = None, stop_with_blast: bool = True
@@ -323,11 +324,13 @@ class OtpProbe:
         self.submitted: dict[str, tuple[float, bool]] = {}
         self.submit_ms: list[float] = []
         self.errors: list[str] = []
+        self.cpu_s = 0.0  # this thread's CPU (the submits), up to its last submit
         self.blast = threading.Event()
         self.blast.set()
         t0 = time.perf_counter() if start is None else start
 
         def loop() -> None:
+            cpu0 = time.thread_time()
             for i, uid in enumerate(users):
                 if stop_with_blast and not self.blast.is_set():
                     break
@@ -346,6 +349,7 @@ class OtpProbe:
                     continue
                 self.submit_ms.append((time.time() - ts) * 1000)
                 self.submitted[code] = (ts, during)
+                self.cpu_s = time.thread_time() - cpu0
 
         self.thread = threading.Thread(target=loop, daemon=True)
         self.thread.start()

@@ -149,6 +149,10 @@ def _push_details(p: dict[str, Any]) -> list[str]:
                 f"push: {r.get('cpu_us_per_push')}" + (f"; error: {r['error']}" if r.get("error") else "")]  # fmt: skip
         if r.get("otp"):
             out += [f"  - OTPs during it: {r['otp']}"]
+        if r.get("otp_cpu_us_per_push"):
+            out += [f"  - of the CPU per push, the OTPs beside the pushes: {r['otp_cpu_us_per_push']}; the "
+                    f"pushes' total without them: {fmt(r.get('cpu_us_per_push_total_without_otps'))} µs (a bulk "
+                    "worker's OTPs and redis-server's share stay in it)"]  # fmt: skip
     c = p.get("clients") or {}
     if c.get("candidates"):
         out += ["", f"HTTP/2 clients side by side on the same sink (`bench/push_clients.py`): {fmt(c.get('n'))} "

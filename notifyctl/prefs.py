@@ -12,11 +12,10 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 import redis
-from sqlalchemy import select
 from sqlmodel import Session
 
 from notifyctl import keys
-from notifyctl.models import OptOut
+from notifyctl.db import rows_where_in
 from notifyctl.shards import split
 
 PREFS_TTL = 300
@@ -72,10 +71,17 @@ def load(client: redis.Redis, session: Session, user_ids: Iterable[str]) -> dict
     return out
 
 
+# A batch's opt-outs, raw (``db.rows_where_in``): a thousand ids through SQLAlchemy's expanding IN
+# cost the worker more Python than the query (1,000-user loads: 1.1 -> 0.35 us a user on SQLite,
+# 1.9 -> 0.7 on PostgreSQL). Not prepared on PostgreSQL: planned each time from the table's
+# statistics, a table of few opt-outs is read whole (server 0.55 us a user, as the IN list was),
+# where a generic plan probed the index once per id (2.9 us).
+_SELECT = "SELECT user_id, channel, category FROM opt_outs"
+
+
 def _from_sql(session: Session, ids: list[str]) -> dict[str, set[tuple[str, str]]]:
     """The users among ``ids`` that have opt-outs (a user without any is left out)."""
-    o: Any = OptOut.__table__.c  # type: ignore[attr-defined]
     found: dict[str, set[tuple[str, str]]] = {}
-    for uid, ch, cat in session.execute(select(o.user_id, o.channel, o.category).where(o.user_id.in_(ids))).tuples():
+    for uid, ch, cat in rows_where_in(session.connection(), _SELECT, "user_id", ids):
         found.setdefault(uid, set()).add((ch, cat))
     return found

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -263,6 +263,66 @@ def test_a_counted_insert_counts_its_rows_once_and_leaves_the_row_trigger_on(any
         conn.commit()
     assert sum(checks.rollup_counts(ctx.engine).values()) == 9
     assert_rollup_exact(ctx)
+
+
+REASONS = [None, "bounced: mailbox full", "  spaced  : x", "\ttab\t: y", "no colon at all", "é" * 80 + ": long",
+           ":leading colon", "opted_out", " a:b:c ", ""]  # fmt: skip
+
+
+@pytest.mark.parametrize("statuses", [("failed", "suppressed", "sent", "queued")])
+def test_counts_made_from_the_rows_equal_the_sql_count(any_db_ctx: Context, statuses: tuple[str, ...]) -> None:
+    """``counted_insert`` given the rows and their notifications' origins (the worker's path on
+    SQLite: counted in Python, no join): the rollup and the wave counts equal full SQL counts, for
+    reasons with colons, spaces, tabs, long and non-ASCII text, none; a row whose notification is
+    gone (not in ``origins``) keys as the SQL's LEFT JOIN finds none; queued_at in any time zone."""
+    from notifyctl.analytics import waves
+
+    ctx = any_db_ctx
+    seed(ctx)
+    ids = [send(ctx, recipient_id=u, channels=["email"]).notification_id for u in ("alice", "bob", "carol")]
+    drain(ctx)
+    with ctx.engine.begin() as conn:  # the first two: a campaign's, one with a wave
+        conn.execute(text("UPDATE notifications SET campaign_id = 'c1', wave = 2 WHERE id = :n"), {"n": ids[0]})
+        conn.execute(text("UPDATE notifications SET campaign_id = 'c1' WHERE id = :n"), {"n": ids[1]})
+        conn.execute(text("DELETE FROM analytics_hourly"))
+        conn.execute(text("DELETE FROM analytics_delta"))
+        conn.execute(text("DELETE FROM wave_counts"))
+        conn.execute(text("DELETE FROM wave_delta"))
+        conn.execute(text("DELETE FROM deliveries"))
+        origins = {
+            str(r[0]): (str(r[1]), r[2], r[3])
+            for r in conn.execute(text("SELECT id, template_id, campaign_id, wave FROM notifications")).all()
+        }
+    at = datetime(2026, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
+    east = timezone(timedelta(hours=5, minutes=30))  # (stored in UTC: its hour is UTC's)
+    rows = [
+        {"id": f"d{k}", "notification_id": [*ids, "n_gone"][k % 4], "user_id": "u", "channel": ("email", "sms")[k % 2],
+         "route": "email", "address": f"a{k}", "status": statuses[k % len(statuses)],
+         "reason": REASONS[k % len(REASONS)], "attempts": 0, "dead_lettered": False,
+         "queued_at": (at + timedelta(hours=k % 2)).astimezone(east if k % 3 else UTC), "updated_at": at}
+        for k in range(120)
+    ]  # fmt: skip
+    table = Delivery.__table__  # type: ignore[attr-defined]
+    with ctx.engine.connect() as conn:
+        triggers.counted_insert(conn, prepare_insert(ctx.engine, table, rows), rows, origins)
+        conn.commit()
+    assert sum(checks.rollup_counts(ctx.engine).values()) == 120
+    assert checks.rollup_counts(ctx.engine) == checks.full_counts(ctx.engine)
+    assert len({k[5] for k in checks.rollup_counts(ctx.engine)}) >= 8  # (the kinds of reason kept apart)
+    with ctx.engine.connect() as conn:
+        counted = Counter(
+            {tuple(r[:5]): int(r[5]) for r in conn.exec_driver_sql(f"{waves.full_count_sql(ctx.engine.dialect.name)}")}
+        )
+        got = Counter()
+        for src in ("wave_counts", "wave_delta"):
+            for r in conn.exec_driver_sql(f"SELECT {rollup.WAVE_COLS}, n FROM {src}"):
+                got[tuple(r[:5])] += int(r[5])
+    assert +got == counted and sum(counted.values()) == 30
+    assert (
+        triggers.sqlite_hour("2026-03-04 05:06:07.890123")
+        == triggers.sqlite_hour(at.astimezone(east))
+        == "2026-03-04 05"
+    )
 
 
 @pytest.mark.fresh_pg_schema

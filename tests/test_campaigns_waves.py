@@ -205,3 +205,88 @@ def test_cli_status_prints_each_wave(ctx: Context) -> None:
             *by_reason,
         ]
     assert progress[0]["suppressed"] and progress[0]["failed"] and progress[2]["scheduled"]
+
+
+@pytest.mark.fresh_pg_schema
+@pytest.mark.parametrize("rollup_first", [True, False], ids=["rollup-first", "waves-first"])
+def test_an_upgrade_from_the_waves_own_insert_trigger_counts_each_delivery_once(
+    any_db_ctx: Context, rollup_first: bool
+) -> None:
+    """A database of the previous definition (the rollup's v5 triggers beside the waves' own v2
+    insert and update triggers), upgraded in either order with the last wave sent between the two
+    installs — counted twice meanwhile (rollup first: both insert triggers count it) or not at all
+    (waves first: neither does): after the second install the wave counts equal SQL counts, only the
+    new triggers are left, and a delivery inserted afterwards counts once."""
+    from notifyctl.analytics import install, triggers, waves
+    from notifyctl.analytics.rollup import (
+        COLS,
+        WAVE_COLS,
+        pg_function,
+        pg_key,
+        pg_trigger,
+        reason_sql,
+        sqlite_insert_trigger,
+    )
+    from notifyctl.db import write_lock
+
+    ctx = any_db_ctx
+    pg = ctx.engine.dialect.name == "postgresql"
+    cid = staggered_campaign(ctx)
+    with Session(ctx.engine) as s:
+        camp = s.get(Campaign, cid)
+        assert camp is not None
+        plan = camp.plan
+    rollup_ins, rollup_upd = (name.replace(triggers.VERSION, "v5") for name in triggers.TRIGGERS)
+    waves_ins, waves_upd = "notify_waves_ins_v2", "notify_waves_upd_v2"
+    if pg:
+        join = "FROM new_rows AS d {} JOIN notifications AS n ON n.id = d.notification_id"
+        old = [
+            pg_function(rollup_ins, f"INSERT INTO analytics_delta ({COLS}, n) SELECT {pg_key('d')}, count(*) "
+                        f"{join.format('LEFT')} GROUP BY 1, 2, 3, 4, 5, 6"),
+            pg_function(waves_ins, f"INSERT INTO wave_delta ({WAVE_COLS}, n) SELECT n.campaign_id, n.wave, d.channel, "
+                        f"d.status, {reason_sql('postgresql', 'd')}, count(*) {join.format('')} "
+                        "WHERE n.wave IS NOT NULL GROUP BY 1, 2, 3, 4, 5"),
+            triggers._pg_ddl()[1].replace(triggers.TRIGGERS[1], rollup_upd),
+            waves._pg_ddl()[0].replace(waves.TRIGGERS[0], waves_upd),
+            pg_trigger(rollup_ins, "INSERT"), pg_trigger(waves_ins, "INSERT"),
+            pg_trigger(rollup_upd, "UPDATE"), pg_trigger(waves_upd, "UPDATE"),
+        ]  # fmt: skip
+    else:
+        ins, upd = triggers._sqlite_ddl()
+        old = [
+            ins.replace(" " + waves.sqlite_bump("NEW", 1), "").replace(triggers.TRIGGERS[0], rollup_ins),
+            sqlite_insert_trigger(waves_ins, waves.sqlite_bump("NEW", 1)),
+            upd.replace(triggers.TRIGGERS[1], rollup_upd),
+            waves._sqlite_ddl()[0].replace(waves.TRIGGERS[0], waves_upd),
+        ]
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:  # as the previous release left it
+        for name in (*triggers.TRIGGERS, *waves.TRIGGERS):
+            conn.exec_driver_sql(f"DROP TRIGGER {name}" + (" ON deliveries" if pg else ""))
+            if pg:
+                conn.exec_driver_sql(f"DROP FUNCTION {name}()")
+        for statement in old:
+            conn.exec_driver_sql(statement)
+    table = Delivery.__table__  # type: ignore[attr-defined]
+
+    def insert_copies(tag: str) -> None:
+        """Three deliveries more, copies of sent ones with new addresses, inserted as any writer may."""
+        with ctx.engine.begin() as conn:
+            rows = conn.execute(select(table).where(table.c.status == "sent").limit(3)).mappings().all()
+            conn.execute(table.insert(), [{**r, "id": f"d_{tag}{i}", "address": f"{tag}{i}@example.com"}
+                                          for i, r in enumerate(rows)])  # fmt: skip
+
+    insert_copies("old")
+    assert numbers(wave_progress(ctx.engine, cid, plan)) == sql_counts(ctx, cid)  # (the old definition counts)
+    first, second = (triggers, waves) if rollup_first else (waves, triggers)
+    assert first.install(ctx.engine, write_lock) is True
+    insert_copies("between")  # counted twice (rollup first) or not at all (waves first) for now
+    assert numbers(wave_progress(ctx.engine, cid, plan)) != sql_counts(ctx, cid)
+    assert second.install(ctx.engine, write_lock) is True
+    with ctx.engine.connect() as conn:
+        assert sorted(install.present(conn, "notify_")) == sorted((*triggers.TRIGGERS, *waves.TRIGGERS))
+    assert numbers(wave_progress(ctx.engine, cid, plan)) == sql_counts(ctx, cid)
+    insert_copies("after")  # counted once, by the one insert trigger
+    drain(ctx, due_by=datetime.now(UTC).timestamp() + 3 * 86400)  # the last wave: the worker's insert
+    after = numbers(wave_progress(ctx.engine, cid, plan))
+    assert after == sql_counts(ctx, cid) and after[2]["sent"] > 0
+    assert checks.rollup_counts(ctx.engine) == checks.full_counts(ctx.engine)

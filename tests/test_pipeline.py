@@ -289,6 +289,32 @@ def test_preferences_cache_is_invalidated_on_change(ctx: Context) -> None:
         assert prefs_cache.load(ctx.redis, s, ["alice"]) == {"alice": {("push", "*")}}
 
 
+def test_a_large_batch_reads_its_opt_outs_from_sql_and_caches_none(any_db_ctx: Context) -> None:
+    """A batch of ``CACHE_BELOW`` users or more (a campaign's) reads every opt-out of its users in
+    one query — several per user, ``*`` included, other users' left out — and writes no cache key."""
+    import io
+
+    from sqlmodel import Session
+
+    from notifyctl import prefs as prefs_cache
+    from notifyctl.directory import import_users
+
+    ctx = any_db_ctx
+    users = [f"p{i:03d}" for i in range(prefs_cache.CACHE_BELOW + 10)]
+    rep = import_users(
+        ctx, io.StringIO("user_id,email\n" + "".join(f"{u},{u}@example.com\n" for u in [*users, "p999"]))
+    )
+    assert rep.errors == []
+    set_prefs(ctx, users[0], off=["email:marketing", "sms"], on=[])
+    set_prefs(ctx, users[7], off=["all"], on=[])
+    set_prefs(ctx, "p999", off=["push"], on=[])  # not in the batch
+    ctx.redis.flushdb()
+    with Session(ctx.engine) as s:
+        got = prefs_cache.load(ctx.redis, s, [*users, users[0]])  # (a repeated id counts once)
+    assert got == {users[0]: {("email", "marketing"), ("sms", "*")}, users[7]: {("*", "*")}}
+    assert ctx.redis.keys("notif:prefs:*") == []
+
+
 def test_batch_renders_per_recipient_only_what_reads_user(home, redis_url, rclient, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A batch renders a channel once per distinct data when the template never reads ``user``;
     one that does (``{{ user.first_name }}``) is rendered for each recipient."""

@@ -13,8 +13,9 @@ the funnel read over them. One module a job, in the order a count travels:
 - ``read``: ``funnel()``, the read itself, and ``parse_since``;
 - ``export``: the report as CSV rows (the CLI's ``--csv`` and the console's export);
 - ``checks``: the tiers counted from scratch and compared (tests, benchmarks);
-- ``waves``: beside the rollup, a campaign's counts per time-zone wave (``wave_counts``, its own
-  triggers, folded by ``compact`` on PostgreSQL), what the console's Campaigns page and ``campaign
+- ``waves``: beside the rollup, a campaign's counts per time-zone wave (``wave_counts``: new
+  deliveries counted by the rollup's insert trigger, status changes by an update trigger of its
+  own; folded by ``compact`` on PostgreSQL), what the console's Campaigns page and ``campaign
   status`` show.
 
 ``analytics_hourly`` counts deliveries by the hour they were queued (UTC) × template × channel ×
@@ -24,7 +25,8 @@ batch, a webhook, a DLQ replay, the reconciler: a committed status change moves 
 the old row to the new one, a rolled-back one (a worker killed mid-batch) moves nothing.
 
 - SQLite (one writer at a time): row triggers upsert the rollup directly; the worker's batch
-  insert has its rows counted in one grouped upsert instead (``triggers.counted_insert``).
+  insert skips them, and its rows are counted from the rows themselves instead, one upsert per
+  group (``triggers.counted_insert``).
 - PostgreSQL: statement triggers append what each statement changed, aggregated, to
   ``analytics_delta`` (appends: concurrent workers never wait on each other's rollup row);
   ``compact`` folds it into the rollup (the worker pool does so every few seconds).

@@ -92,44 +92,51 @@ def full_count_sql(dialect: str, also: str = "") -> str:
 PG_PLAN = "SET enable_hashjoin = off SET enable_mergejoin = off"
 
 
-def pg_statement_triggers(
-    names: tuple[str, str], delta: str, cols: str, grouped: str, insert_select: str, side: Callable[[str, int], str]
-) -> list[str]:
-    """The PostgreSQL statement triggers (and their functions) on ``deliveries`` that add a change's
-    counts to ``delta`` (``cols`` + n): ``insert_select`` counts an insert's ``new_rows``; an update
-    counts ``side("old_rows", -1)`` against ``side("new_rows", 1)``, keeping the groups that changed.
-    Used by the rollup (``triggers``) and the campaigns' wave counts (``waves``)."""
-    ins, upd = names
-    return [
-        f"""CREATE OR REPLACE FUNCTION {ins}() RETURNS trigger LANGUAGE plpgsql {PG_PLAN} AS $$
+def pg_function(name: str, body: str) -> str:
+    """A PostgreSQL trigger function running ``body`` (statements), planned with ``PG_PLAN``."""
+    return f"""CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql {PG_PLAN} AS $$
 BEGIN
-  INSERT INTO {delta} ({cols}, n)
-  {insert_select};
+  {body};
   RETURN NULL;
-END $$""",
-        f"""CREATE OR REPLACE FUNCTION {upd}() RETURNS trigger LANGUAGE plpgsql {PG_PLAN} AS $$
-BEGIN
-  INSERT INTO {delta} ({cols}, n)
-  SELECT {cols}, sum(n) FROM ({side("old_rows", -1)} UNION ALL {side("new_rows", 1)}) AS x({cols}, n)
-  {grouped} HAVING sum(n) <> 0;
-  RETURN NULL;
-END $$""",
-        f"CREATE OR REPLACE TRIGGER {ins} AFTER INSERT ON deliveries REFERENCING NEW TABLE AS new_rows "
-        f"FOR EACH STATEMENT EXECUTE FUNCTION {ins}()",
-        f"CREATE OR REPLACE TRIGGER {upd} AFTER UPDATE ON deliveries REFERENCING OLD TABLE AS old_rows "
-        f"NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {upd}()",
-    ]
+END $$"""
 
 
-def sqlite_row_triggers(names: tuple[str, str], bump: Callable[[str, int], str], changed: Iterable[str]) -> list[str]:
-    """The SQLite row triggers on ``deliveries`` that keep a count up: ``bump(row, n)`` (a statement
-    adding ``n`` for ``NEW`` or ``OLD``) on an insert, when ``ROW_GATE`` says so (not for
-    ``triggers.counted_insert``'s statement), and ``OLD`` out, ``NEW`` in on an update that changes
-    one of the ``changed`` columns. Used by the rollup (``triggers``) and the wave counts (``waves``)."""
-    ins, upd = names
+def pg_trigger(name: str, kind: str) -> str:
+    """The statement trigger on ``deliveries`` (``kind``: INSERT or UPDATE) running function ``name``,
+    with the transition tables ``new_rows`` (and ``old_rows`` for an update)."""
+    tables = "NEW TABLE AS new_rows" if kind == "INSERT" else "OLD TABLE AS old_rows NEW TABLE AS new_rows"
+    return (
+        f"CREATE OR REPLACE TRIGGER {name} AFTER {kind} ON deliveries REFERENCING {tables} "
+        f"FOR EACH STATEMENT EXECUTE FUNCTION {name}()"
+    )
+
+
+def pg_update_body(delta: str, cols: str, grouped: str, side: Callable[[str, int], str]) -> str:
+    """An update trigger's statement adding its changes' counts to ``delta`` (``cols`` + n):
+    ``side("old_rows", -1)`` against ``side("new_rows", 1)``, keeping the groups that changed. Used
+    by the rollup (``triggers``) and the campaigns' wave counts (``waves``); their inserts are
+    counted together, by ``triggers``' insert trigger."""
+    return (
+        f"INSERT INTO {delta} ({cols}, n)\n"
+        f"  SELECT {cols}, sum(n) FROM ({side('old_rows', -1)} UNION ALL {side('new_rows', 1)}) AS x({cols}, n)\n"
+        f"  {grouped} HAVING sum(n) <> 0"
+    )
+
+
+def sqlite_insert_trigger(name: str, body: str) -> str:
+    """The SQLite row trigger on ``deliveries`` running ``body`` (statements for ``NEW``) on an
+    insert, when ``ROW_GATE`` says so (not for ``triggers.counted_insert``'s statement, which
+    counts its rows itself). One for the rollup and the wave counts together: each row trigger a
+    row fires costs its insert ~0.5 µs even when its gate says no."""
+    return f"CREATE TRIGGER IF NOT EXISTS {name} AFTER INSERT ON deliveries WHEN {ROW_GATE}() BEGIN {body} END"
+
+
+def sqlite_update_trigger(name: str, bump: Callable[[str, int], str], changed: Iterable[str]) -> str:
+    """The SQLite row trigger on ``deliveries`` that keeps a count up on an update that changes one
+    of the ``changed`` columns: ``bump(row, n)`` (a statement adding ``n`` for ``NEW`` or ``OLD``),
+    ``OLD`` out, ``NEW`` in. Used by the rollup (``triggers``) and the wave counts (``waves``)."""
     when = " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in changed)
-    return [
-        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON deliveries WHEN {ROW_GATE}() BEGIN {bump('NEW', 1)} END",
-        f"CREATE TRIGGER IF NOT EXISTS {upd} AFTER UPDATE ON deliveries WHEN {when} "
-        f"BEGIN {bump('OLD', -1)} {bump('NEW', 1)} END",
-    ]
+    return (
+        f"CREATE TRIGGER IF NOT EXISTS {name} AFTER UPDATE ON deliveries WHEN {when} "
+        f"BEGIN {bump('OLD', -1)} {bump('NEW', 1)} END"
+    )

@@ -10,6 +10,10 @@ one nothing. Deliveries of notifications without a wave (not a campaign's) cost 
 primary-key probe of ``notifications`` and nothing else. On PostgreSQL the statement triggers
 append to ``wave_delta``, which ``fold.compact`` moves into ``wave_counts`` (reads take both).
 
+New deliveries are counted by the rollup's insert trigger (``triggers``), which joins them to their
+notifications once for both counts; the update trigger here counts status changes. Installing
+either definition counts ``wave_counts`` anew (``refill``), so whichever runs last leaves it exact.
+
 A wave is read by key (a few rows), whatever the campaign's size: the page stays instant at
 1,000,000 deliveries, where a grouped count over the campaign's deliveries would read them all
 (``bench/console.py`` measures both).
@@ -25,11 +29,21 @@ from sqlalchemy.engine import Connection, Engine
 
 from notifyctl.analytics.install import replace_triggers
 from notifyctl.analytics.read import Funnel
-from notifyctl.analytics.rollup import WAVE_COLS, WAVE_UPSERT, pg_statement_triggers, reason_sql, sqlite_row_triggers
+from notifyctl.analytics.rollup import (
+    WAVE_COLS,
+    WAVE_UPSERT,
+    pg_function,
+    pg_trigger,
+    pg_update_body,
+    reason_sql,
+    sqlite_update_trigger,
+)
 
-VERSION = "v2"  # in the trigger names: a new definition replaces the old one, and the counts are rebuilt
+# In the trigger names: a new definition replaces the old one, and the counts are rebuilt. v3: no
+# insert trigger of its own (v2's ``ins``), the rollup's counts new deliveries for both.
+VERSION = "v3"
 PREFIX = "notify_waves_"  # every definition's trigger names start so
-TRIGGERS = (f"{PREFIX}ins_{VERSION}", f"{PREFIX}upd_{VERSION}")
+TRIGGERS = (f"{PREFIX}upd_{VERSION}",)
 
 
 def _key(dialect: str, d: str) -> str:
@@ -37,14 +51,17 @@ def _key(dialect: str, d: str) -> str:
     return f"n.campaign_id, n.wave, {d}.channel, {d}.status, {reason_sql(dialect, d)}"
 
 
-def _sqlite_ddl() -> list[str]:
-    def bump(row: str, n: int) -> str:
-        return (
-            f"INSERT INTO wave_counts ({WAVE_COLS}, n) SELECT {_key('sqlite', row)}, {n} FROM notifications AS n "
-            f"WHERE n.id = {row}.notification_id AND n.wave IS NOT NULL {WAVE_UPSERT};"
-        )
+def sqlite_bump(row: str, n: int) -> str:
+    """SQLite: the statement adding ``n`` to the wave count of deliveries row ``row`` (``NEW``/``OLD``),
+    for a campaign's notification (a wave); nothing for any other."""
+    return (
+        f"INSERT INTO wave_counts ({WAVE_COLS}, n) SELECT {_key('sqlite', row)}, {n} FROM notifications AS n "
+        f"WHERE n.id = {row}.notification_id AND n.wave IS NOT NULL {WAVE_UPSERT};"
+    )
 
-    return sqlite_row_triggers(TRIGGERS, bump, ("status", "reason", "channel", "notification_id"))
+
+def _sqlite_ddl() -> list[str]:
+    return [sqlite_update_trigger(TRIGGERS[0], sqlite_bump, ("status", "reason", "channel", "notification_id"))]
 
 
 # SQLite: the rows of one insert into deliveries (rowids above the parameter), counted in one
@@ -56,8 +73,12 @@ SQLITE_COUNT_SINCE = (
 )
 
 
+# SQLite: counts added by key (``triggers.counted_insert`` with the rows' origins).
+SQLITE_ADD = f"INSERT INTO wave_counts ({WAVE_COLS}, n) VALUES (?, ?, ?, ?, ?, ?) {WAVE_UPSERT}"
+
+
 def _pg_ddl() -> list[str]:
-    ins, upd = TRIGGERS
+    (upd,) = TRIGGERS
 
     def side(rows: str, n: int) -> str:
         return (
@@ -65,9 +86,8 @@ def _pg_ddl() -> list[str]:
             "JOIN notifications AS n ON n.id = d.notification_id WHERE n.wave IS NOT NULL"
         )
 
-    grouped = "GROUP BY 1, 2, 3, 4, 5"
-    insert = f"SELECT {WAVE_COLS}, sum(n) FROM ({side('new_rows', 1)}) AS x({WAVE_COLS}, n) {grouped}"
-    return pg_statement_triggers(TRIGGERS, "wave_delta", WAVE_COLS, grouped, insert, side)
+    body = pg_update_body("wave_delta", WAVE_COLS, "GROUP BY 1, 2, 3, 4, 5", side)
+    return [pg_function(upd, body), pg_trigger(upd, "UPDATE")]
 
 
 def full_count_sql(dialect: str, where: str = "") -> str:
@@ -83,14 +103,23 @@ def install(engine: Engine, write_lock: Callable[[Engine], AbstractContextManage
     transaction, writers waiting meanwhile (``install.replace_triggers``, as ``triggers.install``).
     Returns whether it did."""
 
-    def fill(conn: Connection, old: list[str]) -> None:
-        conn.exec_driver_sql("DELETE FROM wave_counts")
-        conn.exec_driver_sql("DELETE FROM wave_delta")
-        conn.exec_driver_sql(f"INSERT INTO wave_counts ({WAVE_COLS}, n) {full_count_sql(conn.dialect.name)}")
-
     return replace_triggers(
-        engine, write_lock, TRIGGERS, PREFIX, lambda d: _sqlite_ddl() if d == "sqlite" else _pg_ddl(), fill
+        engine,
+        write_lock,
+        TRIGGERS,
+        PREFIX,
+        lambda d: _sqlite_ddl() if d == "sqlite" else _pg_ddl(),
+        lambda conn, _old: refill(conn),
     )
+
+
+def refill(conn: Connection) -> None:
+    """``wave_counts`` counted anew from the deliveries (its pending deltas dropped), in the caller's
+    transaction: what installing this module's triggers or the rollup's (whose insert trigger
+    counts new deliveries here) does, with writers held off."""
+    conn.exec_driver_sql("DELETE FROM wave_counts")
+    conn.exec_driver_sql("DELETE FROM wave_delta")
+    conn.exec_driver_sql(f"INSERT INTO wave_counts ({WAVE_COLS}, n) {full_count_sql(conn.dialect.name)}")
 
 
 def wave_counts(engine: Engine, campaign_id: str) -> dict[int, Funnel]:

@@ -54,10 +54,14 @@ _TT = DeviceToken.__table__  # type: ignore[attr-defined]
 # The batch loads: only the columns the pipeline reads, on the DBAPI cursor (``rows_where_in``): a
 # thousand plain tuples (on PostgreSQL, statements prepared once per connection). The JSON columns
 # come as text and are parsed once per distinct text: a campaign batch shares one `data` and one
-# `channels`.
+# `channels`. Whether a notification is ordered is looked up for those outside campaigns only: an
+# ordering key comes with a request to intake (``notifyctl.ordering``), which writes no campaign_id;
+# a campaign's rows skip the probe of ``ordered_notifications`` (PostgreSQL's CPU per notification
+# loaded, 1,000 a batch: 3.4 -> 2.9 µs).
 _N_SELECT = (
     "SELECT id, recipient_id, type, template_id, category, priority, dedup_key, CAST(channels AS TEXT), "
-    "CAST(data AS TEXT), (SELECT 1 FROM ordered_notifications o WHERE o.notification_id = notifications.id) "
+    "CAST(data AS TEXT), CASE WHEN campaign_id IS NULL THEN "
+    "(SELECT 1 FROM ordered_notifications o WHERE o.notification_id = notifications.id) END, campaign_id, wave "
     "FROM notifications"
 )
 # by primary key, never through the status index (see notifyctl.db.unindexed)
@@ -84,6 +88,8 @@ class _Note:
     data: dict[str, Any]
     data_key: str
     ordered: bool = False  # it carries an ordering_key (notifyctl.ordering)
+    campaign_id: str | None = None
+    wave: int | None = None  # its campaign's time-zone wave (the analytics count by it)
 
 
 @dataclass(slots=True)
@@ -125,6 +131,8 @@ class _Batch:
                 load(row[8]) or {},
                 row[8] or "",
                 row[9] is not None,
+                row[10],
+                row[11],
             )
             for row in rows_where_in(conn, _N_SELECT, "id", ids, _N_LOADABLE, prepared=True)
         ]

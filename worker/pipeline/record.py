@@ -157,11 +157,17 @@ def write(
     # parameters converted before the writer lock is taken: inside it, only the statements run
     insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows)
     insert_events = prepare_insert(rt.ctx.engine, _ET, events)
+    # SQLite counts the new rows for the analytics from the rows themselves (``counted_insert``)
+    origins = (
+        {n.id: (n.template_id, n.campaign_id, n.wave) for n in batch.notifications}
+        if new_rows and rt.ctx.engine.dialect.name == "sqlite"
+        else None
+    )
     urgent = any(n.priority == "high" for n in batch.notifications)
     with write_lock(rt.ctx.engine, urgent=urgent):  # one SQLite writer at a time; OTPs first
         try:
             conn = session.connection()
-            counted_insert(conn, insert_deliveries, len(new_rows))  # (the analytics rollup in one statement)
+            counted_insert(conn, insert_deliveries, new_rows, origins)  # (and the analytics counts)
             if updates.rows:
                 # only from the states this job saw: a webhook may have moved a delivery on meanwhile
                 _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
