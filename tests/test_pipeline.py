@@ -591,6 +591,13 @@ def test_prepared_insert_stores_what_an_insert_would(any_db_ctx: Context) -> Non
         assert back.next_attempt_at == row["next_attempt_at"]
     assert (n.data, n.channels, n.due_at) == (data, ["email", "sms"], at)
     assert details == odd
+    for i, t in enumerate(odd):  # one value down a whole column (PostgreSQL: converted and escaped once)
+        same = [{"notification_id": "n1", "delivery_id": f"s{i}", "status": "sent", "detail": t, "at": at}] * 3
+        with ctx.engine.begin() as conn:
+            prepare_insert(ctx.engine, DeliveryEvent.__table__, same)(conn)
+        with ctx.engine.connect() as conn:
+            back = conn.execute(select(DeliveryEvent.__table__).where(DeliveryEvent.delivery_id == f"s{i}")).all()  # type: ignore[arg-type]
+        assert [(r.detail, r.at) for r in back] == [(t, at)] * 3
     again = [dict(deliveries[0], id="d_new"), deliveries[1]]  # the second one exists
     with pytest.raises(IntegrityError), ctx.engine.begin() as conn:
         prepare_insert(ctx.engine, Delivery.__table__, again)(conn)
