@@ -1,12 +1,10 @@
 """A host on its embedded Redis, or a SQLite database of its own, while the hosts it shares the
 other store with use another one (issue 18, item 2): `worker` and `serve` say so at start, in one
-line, naming the other hosts; hosts that share both stores say nothing. Hosts are real processes
-with homes of their own."""
+line, naming the other hosts; hosts that share both stores say nothing. Hosts have homes of their
+own; each start is `notifyctl worker --burst` run in this process (``invoke_cli``)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import redis
 
 from notifyctl.redisconn import stop_server
 from notifyctl.settings import Settings
-from tests.conftest import ROOT, cli_env, make_settings
+from tests.conftest import invoke_cli, make_settings
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +28,12 @@ def host(tmp_path: Path, name: str, redis_url: str | None, db_url: str | None) -
 
 
 def start(settings: Settings) -> list[str]:
-    """`notifyctl worker --burst` on this host; its warning lines."""
-    env = cli_env(settings, NOTIFY_HOST_NAME=str(settings.host_name))
+    """`notifyctl worker --burst` on this host (in this process: what is checked is its output); its
+    warning lines."""
+    env = {"NOTIFY_HOST_NAME": str(settings.host_name)}
     if not settings.redis_url:
         env["NOTIFY_REDIS_URL"] = ""  # the embedded server under the home
-    r = subprocess.run(
-        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--burst"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    r = invoke_cli(settings, "worker", "--burst", **env)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     return [ln for ln in r.stderr.splitlines() if "warning" in ln]
