@@ -1,7 +1,8 @@
 """Several hosts, one database (issue 18, item 2): the key that signs unsubscribe links and open
 pixels lives in the shared database, so a link mailed by one host works on every other; a host
-configured with a different key refuses to start. Hosts are real processes with homes of their
-own, on one PostgreSQL database."""
+configured with a different key refuses to start. Hosts have homes of their own, on one PostgreSQL
+database; the API and the racing first hosts are real processes, the workers' starts run in this
+process (``invoke_cli``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sqlmodel import Session
 
 from notifyctl.context import Context
 from notifyctl.models import DeliveryEvent, OptOut
-from tests.conftest import PG_AVAILABLE, ROOT, cli_env, make_settings
+from tests.conftest import PG_AVAILABLE, ROOT, cli_env, invoke_cli, make_settings
 from tests.net import ServeProcess
 from tests.util import seed, send
 from worker.pool import run_worker
@@ -36,10 +37,8 @@ def host_home(tmp_path: Path, name: str) -> Path:
 
 
 def start_worker(settings, **env: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run(
-        [sys.executable, "-m", "notifyctl.cli.main", "worker", "--burst"],
-        env=cli_env(settings, **env), cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    """`notifyctl worker --burst` on this host, in this process (its exit code and output are checked)."""
+    return invoke_cli(settings, "worker", "--burst", **env)
 
 
 def test_a_link_signed_on_host_a_works_on_host_b(
