@@ -32,7 +32,7 @@ from twilio.request_validator import RequestValidator
 
 from notifyctl.context import Context
 from notifyctl.settings import Settings
-from tests.conftest import ROOT, cli_env, invoke_cli, run_cli
+from tests.conftest import ROOT, cli_env, invoke_cli
 from tests.net import ServeProcess
 from tests.test_dlq import Hook, add_dead
 from tests.test_webhooks import _der_b64, _self_signed, sns_sign
@@ -263,13 +263,13 @@ def test_default_sms_rule_and_high_priority_bypass_switched_off(ctx: Context) ->
 
     otp_default = six("alice", **OTP)
     normal_sms = six("carol", template_id="order_shipped_v2", channels=["sms"])
-    worker = run_cli(ctx.settings, "worker", "--burst")  # the defaults: no NOTIFY_RATE_* set
+    worker = invoke_cli(ctx.settings, "worker", "--burst")  # the defaults: no NOTIFY_RATE_* set
     assert worker.returncode == 0, worker.stderr
     assert statuses(otp_default) == {"sent:": 6}  # high priority: counted, never held back
     assert statuses(normal_sms) == {"sent:": 5, "suppressed:rate_limited:sms": 1}  # sms:*:5/1d
 
     otp_held = six("bob", **OTP)
-    worker = run_cli(ctx.settings, "worker", "--burst", NOTIFY_RATE_LIMIT_BYPASS_HIGH="false")
+    worker = invoke_cli(ctx.settings, "worker", "--burst", NOTIFY_RATE_LIMIT_BYPASS_HIGH="false")
     assert worker.returncode == 0, worker.stderr
     assert statuses(otp_held) == {"sent:": 5, "suppressed:rate_limited:sms": 1}
 
