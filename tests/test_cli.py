@@ -396,11 +396,11 @@ def test_worker_verbose_logs_every_outcome_sent_included(ctx: Context, settings:
     assert opted.exit_code == 0
     blocked = invoke(settings, "send", "bob", "-t", "otp_code", "-c", "email,sms", "-d", "code=1", "-d", "minutes=2")
     assert blocked.exit_code == 0, blocked.output
-    quiet = run_cli(settings, "worker", "--burst")
+    quiet = invoke_cli(settings, "worker", "--burst")
     assert quiet.returncode == 0 and "delivery" not in quiet.stderr, quiet.stderr  # default: problems only
     sent2 = invoke(settings, "send", "alice", "-t", "otp_code", "-c", "sms", "-d", "code=2", "-d", "minutes=2")
     nid2 = sent2.stdout.split()[0]
-    r = run_cli(settings, "worker", "--burst", "-v")
+    r = invoke_cli(settings, "worker", "--burst", "-v")
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if "delivery sent" in ln]
     assert len(lines) == 1 and f"notification_id={nid2}" in lines[0] and "provider=outbox" in lines[0], r.stderr
@@ -412,7 +412,7 @@ def test_worker_verbose_logs_suppressed_outcomes_too(ctx: Context, settings: Set
     assert invoke(settings, "prefs", "set", "bob", "--off", "email").exit_code == 0
     r = invoke(settings, "send", "bob", "-t", "otp_code", "-c", "email,sms", "-d", "code=1", "-d", "minutes=2")
     assert r.exit_code == 0, r.output
-    w = run_cli(settings, "worker", "--burst", "-v")
+    w = invoke_cli(settings, "worker", "--burst", "-v")
     assert "delivery suppressed: opted_out:email:*" in w.stderr and "delivery sent" in w.stderr, w.stderr
 
 

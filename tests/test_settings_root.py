@@ -15,7 +15,7 @@ from notifyctl.api.app import create_app
 from notifyctl.context import Context
 from notifyctl.settings import PROVIDER_NAMES, Settings
 from notifyctl.unsubscribe import secret_key
-from tests.conftest import make_settings, run_cli
+from tests.conftest import invoke_cli, make_settings
 from worker.providers import REGISTRY, load_provider
 
 FIRST = {
@@ -155,6 +155,6 @@ def test_config_file_tables_old_and_new(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_section_value_is_one_line(settings: Settings, var: str, value: str, message: str) -> None:
-    r = run_cli(settings, "dlq", "list", **{var: value})
+    r = invoke_cli(settings, "dlq", "list", **{var: value})
     assert r.returncode == 3, r.stderr
     assert r.stderr.startswith("error: " + message) and r.stderr.count("\n") == 1, r.stderr
