@@ -41,10 +41,12 @@ demo: $(STAMP)
 
 # Two pytest-xdist workers (TEST_WORKERS=1 for one): while one waits on a subprocess, a socket or a
 # sleep, the other runs. Every session-scoped thing is per worker (tests/conftest.py); tests that
-# must share one process (an ordered pair, the two smokes) carry an xdist_group mark (loadgroup).
+# must share one process (an ordered pair, the two smokes) go whole to one worker (XDIST_GROUPS).
+# PYTEST_ARGS for more (e.g. PYTEST_ARGS=--basetemp=/tmp/mine beside other runs on one machine).
 TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
