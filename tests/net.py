@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,20 @@ def listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def interrupt(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Ctrl-C's SIGINT to ``proc``, then its output once it has exited. A process still running
+    ``timeout`` seconds later fails the test, killed and reaped first: never left running after it."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"still running {timeout:g} s after SIGINT (killed):\n{out[-2000:]}\n{err[-2000:]}"
+        ) from None
 
 
 class ClosedPort:

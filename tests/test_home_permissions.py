@@ -8,7 +8,6 @@ file 0600; an existing home with looser modes is tightened on start, and nothing
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import psutil
 
 from notifyctl.home import ensure_home
 from tests.conftest import ROOT
+from tests.net import interrupt
 from tests.util import IOS_TOKEN, USERS
 
 
@@ -96,8 +96,7 @@ def test_a_real_run_under_umask_022_leaves_every_dir_0700_and_every_file_0600(tm
             else:
                 raise AssertionError(sb.communicate())
         finally:
-            sb.send_signal(signal.SIGINT)
-            sb.communicate(timeout=30)
+            interrupt(sb, timeout=30)
         assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     finally:
         subprocess.run(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from notifyctl.cli.main import NotifyGroup
 from notifyctl.settings import Settings
 from sandboxes.sandbox_set import PORT_OFFSETS, SandboxSet, parse_fault, parse_only
 from tests.conftest import ROOT, cli_env
-from tests.net import ClosedPort, ReservedPorts
+from tests.net import ClosedPort, ReservedPorts, interrupt
 
 APNS_PEM_MARKER = "-----BEGIN PRIVATE KEY-----"
 
@@ -409,8 +408,7 @@ def test_sandbox_command_runs_until_interrupted(settings: Settings, tmp_path: Pa
         second = invoke(settings, "providers", "check", "--json", **env)
         assert second.exit_code == 0, second.output
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        out, err = interrupt(proc, timeout=20)
     assert proc.returncode == 0, err
     assert "NOTIFY_SENDGRID_API_KEY=" in out and "sandboxes stopped" in out
     assert "Traceback" not in err
