@@ -1,5 +1,5 @@
 """One module: the engine and the statements it runs in bulk (insert and COPY, IN lists, schema upkeep)
-share its per-dialect setup and drivers; ~590 lines.
+share its per-dialect setup and drivers; ~650 lines.
 
 The one place that owns the SQL engine. SQLite (WAL, busy timeout) by default, any
 SQLAlchemy URL (PostgreSQL in production) when ``NOTIFY_DATABASE_URL`` is set."""
