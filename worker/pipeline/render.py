@@ -42,6 +42,8 @@ class Renderer:
         self.probed: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}
         self.probes: dict[tuple[str, str, str], dict[str, str] | None] = {}
         self.data_probes: dict[tuple[str, str, tuple[str, ...], bytes], dict[str, str] | None] = {}
+        self.data_shapes: dict[tuple[str, str], tuple[frozenset[str], frozenset[str] | None, bool]] = {}
+        self.data_tokens: dict[str, tuple[str, str]] = {}  # data name → its (text, HTML) tokens
         self.shared_data: Counter[str] = Counter()  # notifications of the batch per data (filled once loaded)
         self.templates_in_batch: Counter[str] = Counter()  # notifications of the batch per template
         self.fills: dict[int, list[tuple[str, str, tuple[str, ...]]]] = {}
@@ -144,8 +146,11 @@ class Renderer:
         values for those tokens), or None when nothing is left to share or a value cannot stand
         in as a token (rendered the ordinary way). One rendering per template, channel, the
         names turned into tokens, and the rest of the data."""
-        direct = t.direct_data_names(channel)
-        if not direct or t.secret or TOKEN_PREFIX in n.data_key:  # (data that looks like a token: as it is)
+        shape = self.data_shapes.get((t.id, channel))
+        if shape is None:
+            shape = self.data_shapes[(t.id, channel)] = _data_shape(t, channel)
+        direct, ufields, html = shape
+        if not direct or TOKEN_PREFIX in n.data_key:  # (data that looks like a token: as it is)
             return None
         tokenized: dict[str, str] = {}
         rest: dict[str, Any] = {}
@@ -154,14 +159,8 @@ class Renderer:
                 tokenized[k] = text
             else:
                 rest[k] = v
-        if not tokenized:
+        if not tokenized or ufields is None:
             return None
-        ufields: frozenset[str] | None = frozenset()
-        if "user" in (t.variables(channel) or ()):
-            ufields = t.direct_user_fields(channel)
-            if ufields is None or any("%" in f for f in ufields):
-                return None  # (a field name could hold a token's text)
-        html = "html" in t.parts.get(channel, ())
         values = _token_values(ufields, user_vars(user), html) if ufields else {}
         if values is None:
             return None
@@ -186,10 +185,14 @@ class Renderer:
             probes[key] = parts
         if parts is None:
             return None
+        names = self.data_tokens
         for k, text in tokenized.items():
-            values[f"{TOKEN_PREFIX}dt:{k}%%"] = text
+            pair = names.get(k)
+            if pair is None:
+                pair = names[k] = (f"{TOKEN_PREFIX}dt:{k}%%", f"{TOKEN_PREFIX}dh:{k}%%")
+            values[pair[0]] = text
             if html:
-                values[f"{TOKEN_PREFIX}dh:{k}%%"] = str(markupsafe.escape(n.data[k]))
+                values[pair[1]] = _escaped(text, n.data[k])
         return parts, values
 
     def fill_plan(self, pv: tuple[dict[str, str], dict[str, str]]) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -253,6 +256,32 @@ def _token_text(v: Any) -> str | None:
     return text
 
 
+def _data_shape(t: Template, channel: str) -> tuple[frozenset[str], frozenset[str] | None, bool]:
+    """What ``Renderer.data_probe`` asks of a template's channel, once per batch: (the data names
+    it only prints — empty when none, or when the template holds secrets —, the ``user`` fields it
+    prints — empty when it reads no ``user``, None when it does more with ``user`` than print
+    fields or a field's name could hold a token's text —, whether it has an HTML part)."""
+    direct = frozenset() if t.secret else t.direct_data_names(channel)
+    ufields: frozenset[str] | None = frozenset()
+    if "user" in (t.variables(channel) or ()):
+        ufields = t.direct_user_fields(channel)
+        if ufields is not None and any("%" in f for f in ufields):
+            ufields = None
+    return direct, ufields, "html" in t.parts.get(channel, ())
+
+
+def _escaped(text: str, value: Any) -> str:
+    """``str(markupsafe.escape(value))`` (what Jinja prints for ``value`` in an HTML part), where
+    ``text`` is ``str(value)``: ``text`` itself for a string or number with nothing to escape
+    (most names and codes), without a ``Markup`` per value."""
+    t = type(value)
+    if (t is str or t is int or t is float) and not (
+        "&" in text or "<" in text or ">" in text or "'" in text or '"' in text
+    ):
+        return text
+    return str(markupsafe.escape(value))
+
+
 def _token_values(fields: frozenset[str] | None, user: dict[str, Any], html: bool = True) -> dict[str, str] | None:
     """A recipient's values for the tokens of ``_UserProbe`` (``t:`` as text, ``h:`` escaped for
     HTML: only with ``html``, the channel that has an HTML part), when the template only prints
@@ -272,7 +301,7 @@ def _token_values(fields: frozenset[str] | None, user: dict[str, Any], html: boo
             return None
         values[f"{TOKEN_PREFIX}t:{f}%%"] = text
         if html:
-            values[f"{TOKEN_PREFIX}h:{f}%%"] = str(markupsafe.escape(v))
+            values[f"{TOKEN_PREFIX}h:{f}%%"] = _escaped(text, v)
     return values
 
 
