@@ -271,9 +271,8 @@ def _data_shape(t: Template, channel: str) -> tuple[frozenset[str], frozenset[st
 
 
 def _escaped(text: str, value: Any) -> str:
-    """``str(markupsafe.escape(value))`` (what Jinja prints for ``value`` in an HTML part), where
-    ``text`` is ``str(value)``: ``text`` itself for a string or number with nothing to escape
-    (most names and codes), without a ``Markup`` per value."""
+    """``str(markupsafe.escape(value))`` (Jinja's HTML print) where ``text`` is ``str(value)``: ``text``
+    itself for a string or number with nothing to escape (most names and codes), no ``Markup``."""
     t = type(value)
     if (t is str or t is int or t is float) and not (
         "&" in text or "<" in text or ">" in text or "'" in text or '"' in text
@@ -312,7 +311,7 @@ class _EmailPlan:
     recipient's parts go (``Message.shared``). ``apply`` then does only what differs per
     recipient: the signed links, the token values, and the recipient's own copy of the body."""
 
-    __slots__ = ("pieces", "shared", "tokens", "unsub", "pixel", "substitute")
+    __slots__ = ("pieces", "shared", "tokens", "values", "unsub", "pixel", "substitute")
 
     def __init__(
         self,
@@ -334,6 +333,7 @@ class _EmailPlan:
             own = tuple(t for t in tokens if t in piece)
             self.pieces[part] = (piece, own, add, tuple(t for t in _FOOTER_TOKENS if t in add))
         self.tokens = tuple(dict.fromkeys(t for p in self.pieces.values() for t in p[1] + p[3]))
+        self.values = tuple(t for t in self.tokens if t in tokens)  # the recipient's values the body takes
         self.shared = {part: piece + add for part, (piece, _o, add, _a) in self.pieces.items()}
 
     @staticmethod
@@ -364,15 +364,15 @@ class _EmailPlan:
     ) -> tuple[dict[str, str], dict[str, str] | None, dict[str, str], dict[str, str]]:
         """(content, shared, personal, headers) for one recipient: ``content`` as they get it and,
         when something differs per recipient, ``shared`` with tokens and ``personal`` their values."""
-        personal = dict(values) if values else {}
+        personal = {t: values[t] for t in self.values} if values else {}
         headers: dict[str, str] = {}
         if self.unsub:
             url = unsubscribe_url(rt.settings, rt.unsub_key, d.user_id, "marketing") or ""
             headers = {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
             personal[UNSUBSCRIBE_TEXT] = url
-            personal[UNSUBSCRIBE_HTML] = html.escape(url)
+            personal[UNSUBSCRIBE_HTML] = _escaped_url(url)
         if self.pixel:
-            personal[OPEN_PIXEL] = html.escape(pixel_url(rt.settings, rt.unsub_key, d.id) or "")
+            personal[OPEN_PIXEL] = _escaped_url(pixel_url(rt.settings, rt.unsub_key, d.id) or "")
         content: dict[str, str] = {}
         for part, (piece, own, add, extra) in self.pieces.items():
             for t in own:
@@ -382,9 +382,14 @@ class _EmailPlan:
             content[part] = (piece.strip() if own else piece) + add
         if not self.tokens or not self.substitute:
             return content, None, {}, headers
-        if len(personal) != len(self.tokens):  # only the tokens the body has (tokens ⊆ personal)
-            personal = {t: personal[t] for t in self.tokens}
         return content, self.shared, personal, headers
+
+
+def _escaped_url(url: str) -> str:
+    """``html.escape(url)``: a signed link (base64url under the public URL) has nothing to escape."""
+    if "&" in url or "<" in url or ">" in url or '"' in url or "'" in url:
+        return html.escape(url)
+    return url
 
 
 def _fill(piece: str, values: dict[str, str], tokens: tuple[str, ...]) -> str:
