@@ -87,6 +87,9 @@ class SentinelSet:
                 self.replica2_port,
                 *("--replicaof", "127.0.0.1", str(self.primary_port), "--replica-priority", "0"),
             )
+            # the sentinels start once the servers answer: started with them, on a loaded machine a
+            # sentinel could find the primary not yet listening and fail over before the run began
+            self._wait_listening([self.primary_port, self.replica_port, self.replica2_port])
             for i, port in enumerate(self.sentinel_ports):
                 conf = root / f"sentinel{i}.conf"  # each its own: a sentinel rewrites its file
                 conf.write_text(
@@ -99,13 +102,16 @@ class SentinelSet:
                 )
                 self._start(f"sentinel{i}", [str(SENTINEL), str(conf)])
             # held until each listens: released before, an outgoing connection could take one
-            for port in (self.primary_port, self.replica_port, self.replica2_port, *self.sentinel_ports):
-                if not wait_until(lambda port=port: listening(port), 30, 0.05):
-                    raise RuntimeError(f"nothing listening on {port}: {self.logs()}")
+            self._wait_listening(self.sentinel_ports)
         # the harness asks the last one: the kill fault takes the first one down with the primary
         self.sentinel = redis.Redis(port=self.sentinel_ports[-1], decode_responses=True)
         where = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         self.url = f"redis+sentinel://{where}/{SERVICE}/0"
+
+    def _wait_listening(self, ports: list[int]) -> None:
+        for port in ports:
+            if not wait_until(lambda port=port: listening(port), 30, 0.05):
+                raise RuntimeError(f"nothing listening on {port}: {self.logs()}")
 
     def _server(self, name: str, port: int, *extra: str) -> None:
         d = self.root / name
