@@ -294,6 +294,27 @@ def test_a_send_record_blocks_a_new_claim_and_a_settled_lease_frees_the_rest(rcl
         b.close()
 
 
+def test_settle_writes_each_send_its_provider_id_whether_shared_or_not(rclient: redis.Redis) -> None:
+    """One provider id for a whole request (SendGrid's) goes to Redis once: every delivery's record
+    still holds it; ids that differ, even by one, go one per delivery."""
+    ids = [f"d{i}" for i in range(300)]
+    a = Claims(rclient, "host-a-1", 30, 60)
+    try:
+        assert a.take(ids) == [OK] * 300
+        a.settle({d: "pm-shared" for d in ids[:250]}, ids[250:])
+        assert rclient.mget([keys.sent(d) for d in ids[:250]]) == [b"sent:pm-shared"] * 250
+        assert rclient.exists(*[keys.sent(d) for d in ids[250:]]) == 0
+        rclient.delete(*[keys.sent(d) for d in ids])
+        assert a.take(ids[:3]) == [OK] * 3
+        a.settle({"d0": "pm-a", "d1": "pm-a", "d2": "pm-b"}, [])
+        assert rclient.mget([keys.sent(d) for d in ids[:3]]) == [b"sent:pm-a", b"sent:pm-a", b"sent:pm-b"]
+        assert a.take(ids[3:4]) == [OK]
+        a.settle({"d3": "pm-c"}, [])
+        assert rclient.get(keys.sent("d3")) == b"sent:pm-c"
+    finally:
+        a.close()
+
+
 def test_a_lease_flagged_by_an_earlier_holder_checks_each_delivery(rclient: redis.Redis) -> None:
     """A, cut off past its lease, comes back and records a send B had taken over: B's fence refuses
     that delivery and keeps the others."""

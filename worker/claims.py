@@ -230,6 +230,8 @@ if v then
 end
 local ttl, prefix, id, nsent = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local mine = 'lease:' .. id .. ':'
+-- one provider id for every send (a SendGrid request's): given once
+local one = nsent > 1 and #ARGV == 6 and ('sent:' .. ARGV[6]) or nil
 local others = {}
 for i = 2, nsent + 1 do
   if not ours then
@@ -238,7 +240,7 @@ for i = 2, nsent + 1 do
     local lid = dv and string.match(dv, '^lease:(%x+):%d+$')
     if lid and lid ~= id then others[lid] = true end
   end
-  redis.call('SET', KEYS[i], 'sent:' .. ARGV[4 + i], 'EX', ttl)
+  redis.call('SET', KEYS[i], one or ('sent:' .. ARGV[4 + i]), 'EX', ttl)
 end
 for i = nsent + 2, #KEYS do
   -- released: its record goes (no memory kept for it), but never another's lease or a send record
@@ -474,7 +476,10 @@ class Claims:
         ks = [keys.lease(token)]
         ks += [keys.sent(d) for d in sent]
         ks += [keys.sent(d) for d in released]
-        args: list[str | int] = [self.worker, self.sent_ttl, keys.LEASE_PREFIX, token, len(sent), *sent.values()]
+        pmids = list(sent.values())
+        if len(pmids) > 1 and pmids.count(pmids[0]) == len(pmids):
+            pmids = pmids[:1]  # one provider id for all (a SendGrid request's): sent once, not a thousand times
+        args: list[str | int] = [self.worker, self.sent_ttl, keys.LEASE_PREFIX, token, len(sent), *pmids]
         self._settle(keys=ks, args=args)
 
     def drop(self) -> None:
