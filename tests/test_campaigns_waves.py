@@ -61,17 +61,20 @@ def staggered_campaign(ctx: Context, users: int = 30) -> str:
     with Session(ctx.engine) as ses:
         sent = list(
             ses.execute(
-                select(Delivery.id)
+                select(Delivery.id, Notification.wave)
                 .join(Notification, Notification.id == Delivery.notification_id)
                 .where(Notification.campaign_id == cid, Delivery.status == "sent")
-                .order_by(Delivery.id)
+                .order_by(Notification.wave, Delivery.id)
             ).all()
         )
     assert len(sent) > 6
-    # two kinds of failure reason (a webhook's failure reads "<provider>: <detail>")
+    # every third sent delivery of each wave bounced (the first of each included, so every sent wave
+    # has a failure whatever order the ids of one millisecond take); two kinds of failure reason (a
+    # webhook's failure reads "<provider>: <detail>")
+    picked = [d for w in {w for _, w in sent} for d in [d for d, w2 in sent if w2 == w][::3]]
     bounced = [
         Event(provider="sendgrid" if k % 2 else "ses", status="failed", delivery_id=d, detail="bounced: mailbox full")
-        for k, (d,) in enumerate(sent[::3])
+        for k, d in enumerate(picked)
     ]
     assert apply_events(ctx, bounced).transitions == len(bounced)
     return cid
