@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import bindparam, select
 from sqlmodel import Session
 
 from notifyctl import dedup, keys, ordering, prefs
@@ -37,6 +38,10 @@ JOB_FUNC = "worker.jobs.process"
 PENDING = "?"  # a Redis dedup claim whose SQL commit is in flight: "?<notification id>"
 DEDUP_KEY_MAX = 255  # characters; the API's Idempotency-Key header names the same limit
 _INSERT_NOTIFICATION = Notification.__table__.insert()  # type: ignore[attr-defined]
+_U = User.__table__  # type: ignore[attr-defined]
+_SELECT_USER = select(_U.c.id, _U.c.email, _U.c.locale, _U.c.timezone, _U.c.attributes).where(
+    _U.c.id == bindparam("id")
+)
 
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what the JSON columns' serializer (orjson) stores
@@ -160,7 +165,10 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
     category = template.category
     priority = req.priority or template.priority
     with Session(ctx.engine) as session:
-        user = session.get(User, req.recipient_id)
+        # a Core row, not an ORM object (identity map, instance state): read-only, the columns
+        # ``user_vars`` reads, by the same attribute names
+        row = session.connection().execute(_SELECT_USER, {"id": req.recipient_id}).first()
+        user = cast("User | None", row)
         if user is None:
             raise InputError(f"recipient_id: unknown user {req.recipient_id!r}")
         shard = ctx.shard_of(user.id)  # the user's Redis: dedup key, opt-out cache, ordering, queue

@@ -2,8 +2,8 @@
 
 Uses the official ``twilio`` SDK so its real request building and error parsing run. The SDK
 hardcodes ``https://api.twilio.com``; ``RoutedHttpClient`` (a ``twilio.http.HttpClient``) rewrites
-that origin to ``base_url`` (the sandbox in tests) and keeps one pooled ``requests`` session, so
-connections are reused across messages. Twilio has no batch send: a batch is sent concurrently
+that origin to ``base_url`` (the sandbox in tests) and keeps one ``urllib3`` pool, so connections
+are reused across messages. Twilio has no batch send: a batch is sent concurrently
 on a thread pool (``concurrency``, default 16).
 
 SMS: ``messages.create(to, from_ | messaging_service_sid, body, status_callback)`` → ``Sent(SM...)``.
@@ -92,29 +92,69 @@ def voice_twiml(text: str) -> str:
     return f"<Response><Say>{escape(spoken)}</Say></Response>"
 
 
+def _form(data: Any) -> list[tuple[str, str]]:
+    """A form body's fields as ``requests`` encodes a dict: a list value repeats its key, None drops."""
+    out: list[tuple[str, str]] = []
+    for k, v in (data or {}).items():
+        for item in v if isinstance(v, (list, tuple)) else (v,):
+            if item is not None:
+                out.append((k, item))
+    return out
+
+
 def _make_http_client(base_url: str, timeout: float, pool_size: int) -> Any:
-    import requests
-    from requests.adapters import HTTPAdapter
+    import base64
+    import json
+    import os
+    import urllib.request
+
+    import certifi
+    import urllib3
     from twilio.http import HttpClient
     from twilio.http.response import Response
 
     class RoutedHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no types: HttpClient is Any
-        """A ``twilio.http.HttpClient``: pooled ``requests`` session, Twilio's API origin rewritten to
-        ``base_url``, and the last response's headers kept per thread (for ``Retry-After``)."""
+        """A ``twilio.http.HttpClient`` on one ``urllib3`` pool (connections reused across messages),
+        Twilio's API origin rewritten to ``base_url``, and the last response's headers kept per
+        thread (for ``Retry-After``).
+
+        Not ``requests``: its session re-read the proxy and CA settings from the environment and
+        prepared each request through hooks, cookies and adapters — ~350 µs of CPU a message, more
+        than the request itself (urllib3: ~230 µs, measured against the Twilio sandbox). What it
+        gave is kept, read once here: the environment's proxy for ``base_url`` (``HTTPS_PROXY``,
+        ``NO_PROXY``...), ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` else certifi's CA bundle,
+        form bodies encoded as ``requests`` encodes a dict, gzip accepted, no redirects followed."""
 
         def __init__(self) -> None:
             super().__init__(logging.getLogger("worker.providers.twilio.http"), False, timeout)
             self.base_url = base_url.rstrip("/")
-            self.session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0, pool_block=False)
-            self.session.mount("https://", adapter)
-            self.session.mount("http://", adapter)
+            target = DEFAULT_BASE_URL if self.base_url == DEFAULT_BASE_URL else self.base_url
+            ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+            kw: dict[str, Any] = {"num_pools": 2, "maxsize": pool_size, "block": False, "retries": False}
+            if target.startswith("https://"):
+                kw["ca_certs"] = ca
+            proxies = urllib.request.getproxies()
+            host = urlsplit(target).netloc
+            scheme = urlsplit(target).scheme
+            proxy = proxies.get(scheme) or proxies.get("all")
+            if proxy and not urllib.request.proxy_bypass(host):
+                self.pool: Any = urllib3.ProxyManager(proxy, **kw)
+            else:
+                self.pool = urllib3.PoolManager(**kw)
+            self._auth: dict[tuple[str, str], str] = {}
             self._local = threading.local()
 
         def route(self, url: str) -> str:
             if self.base_url == DEFAULT_BASE_URL:
                 return url
             return _TWILIO_API_ORIGIN.sub(self.base_url, url, count=1)
+
+        def _basic(self, auth: tuple[str, str]) -> str:
+            header = self._auth.get(auth)
+            if header is None:
+                token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode("latin1")).decode()
+                header = self._auth[auth] = "Basic " + token
+            return header
 
         def request(
             self,
@@ -128,30 +168,37 @@ def _make_http_client(base_url: str, timeout: float, pool_size: int) -> Any:
             allow_redirects: bool = False,
         ) -> Response:
             self._local.headers = None
-            kwargs: dict[str, Any] = {}
-            if headers and headers.get("Content-Type") in ("application/json", "application/scim+json"):
-                kwargs["json"] = data
-            else:
-                kwargs["data"] = data
-            resp = self.session.request(
+            hdrs = {"Accept-Encoding": "gzip, deflate", **(headers or {})}
+            if auth is not None:
+                hdrs["Authorization"] = self._basic(auth)
+            url = self.route(uri)
+            if params:
+                url += ("&" if "?" in url else "?") + urlencode(_form(params))
+            body: str | None = None
+            if data:  # as requests: an empty form sends no body
+                if hdrs.get("Content-Type") in ("application/json", "application/scim+json"):
+                    body = json.dumps(data)
+                else:
+                    body = urlencode(_form(data))
+                    hdrs.setdefault("Content-Type", "application/x-www-form-urlencoded")
+            resp = self.pool.request(
                 method.upper(),
-                self.route(uri),
-                params=params,
-                headers=headers,
-                auth=auth,
+                url,
+                body=body,
+                headers=hdrs,
                 timeout=timeout if timeout is not None else self.timeout,
-                allow_redirects=allow_redirects,
-                **kwargs,
+                redirect=allow_redirects,
+                retries=False,
             )
             self._local.headers = resp.headers
-            return Response(int(resp.status_code), resp.text, resp.headers)
+            return Response(int(resp.status), resp.data.decode("utf-8", "replace"), resp.headers)
 
         def last_headers(self) -> Any:
             """Headers of the last response received by the calling thread."""
             return getattr(self._local, "headers", None)
 
         def close(self) -> None:
-            self.session.close()
+            self.pool.clear()
 
     return RoutedHttpClient()
 
@@ -161,7 +208,9 @@ class Provider:
     routes: ClassVar[frozenset[str]] = frozenset({"sms", "voice"})
 
     def __init__(self, settings: Any, redis: Any | None = None) -> None:  # no state shared between workers
-        import requests
+        import http.client
+
+        import urllib3
         from twilio.base.exceptions import TwilioRestException, TwilioServiceException
         from twilio.rest import Client
 
@@ -179,7 +228,13 @@ class Provider:
         if not cfg.base_url.startswith(("http://", "https://")):
             raise Misconfigured(f"twilio: base_url must be an http(s) URL, got {cfg.base_url!r}")
         self._rest_errors = (TwilioRestException, TwilioServiceException)
-        self._network_errors = (requests.RequestException,)
+        # urllib3 raises its own errors (a refused connection, a timeout, a dropped one) unwrapped
+        # (``retries=False``); the others are what a socket or http.client can still raise
+        self._network_errors: tuple[type[BaseException], ...] = (
+            urllib3.exceptions.HTTPError,
+            http.client.HTTPException,
+            OSError,
+        )
         self._http = _make_http_client(cfg.base_url, cfg.timeout, cfg.concurrency)
         self._client = Client(
             username=cfg.account_sid,
