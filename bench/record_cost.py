@@ -51,7 +51,7 @@ from notifyctl.models import Delivery
 from notifyctl.redisconn import connect
 from worker import jobs
 from worker.pipeline import Runtime
-from worker.pool import _worker_class
+from worker.pool import _queue_class, _worker_class
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
@@ -142,15 +142,19 @@ def _batches(env: Env, meter: _Meter, label: str, nids: list[str], batch: int, p
 
 def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
     """n OTPs submitted (``intake.submit``: a job each), then drained by an RQ SimpleWorker in burst
-    mode in this process, set up as ``worker.pool.run_worker`` sets one up: the worker's CPU per job."""
-    from rq import Queue
-
+    mode in this process, set up as ``worker.pool.run_worker`` sets one up (its queue class too): the
+    worker's CPU per job. The submits' own CPU (this thread: parse_request + intake.submit, as
+    ``notifyctl send`` and the API run them) is reported apart, ``intake_cpu_us_per_otp``."""
     users = phone_users(env, n)
+    cpu0, wall0 = time.thread_time(), time.perf_counter()
     for i, uid in enumerate(users):
         submit(env.ctx, parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
                                        "data": {"code": f"{i:06d}", "minutes": 10}}))  # fmt: skip
+    intake_cpu, intake_wall = time.thread_time() - cpu0, time.perf_counter() - wall0
     rq_conn = connect(env.settings, dequeue=True)
-    w = _worker_class(1)([Queue(keys.queue_name("high"), connection=rq_conn)], connection=rq_conn, name="bench-otp")
+    queue_class = _queue_class()
+    w = _worker_class(1)([queue_class(keys.queue_name("high"), connection=rq_conn)], connection=rq_conn,
+                         name="bench-otp", queue_class=queue_class)  # fmt: skip
     rt = jobs.configure(env.ctx, worker_name="bench-otp")
     rt.warm()
     stats0 = commandstats(env)
@@ -172,7 +176,10 @@ def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
             select(func.count()).where(col(Delivery.status) == "sent", col(Delivery.channel) == "sms")
         ).scalar()
     assert sent == n, f"otp: sent {sent} of {n}"
-    return _report("otp", n, c0, c1, wall, sql, n, delta(stats0, commandstats(env)), prof)
+    res = _report("otp", n, c0, c1, wall, sql, n, delta(stats0, commandstats(env)), prof)
+    res["intake_cpu_us_per_otp"] = round(intake_cpu / n * 1e6, 1)
+    res["intake_ms_per_otp"] = round(intake_wall / n * 1e3, 2)
+    return res
 
 
 def run(db: str, only: list[str], n: int, batch: int, otps: int, profile: bool, sink: Any) -> list[dict[str, Any]]:
@@ -223,6 +230,9 @@ def run(db: str, only: list[str], n: int, batch: int, otps: int, profile: bool, 
 def _print(r: dict[str, Any]) -> None:
     print(f"{r['db']:6} {r['what']:5} n={r['n']} {r['per_s_one_process']}/s  CPU µs/notification "
           f"{r['cpu_us_total']} {r['cpu_us_per_notification']}", flush=True)  # fmt: skip
+    if "intake_cpu_us_per_otp" in r:
+        cpu, ms = r["intake_cpu_us_per_otp"], r["intake_ms_per_otp"]
+        print(f"       intake (submit, this thread): {cpu} µs CPU, {ms} ms per OTP")
     print(f"       SQL {r['sql_per_batch']}/batch, {r['sql_rows_per_notification']} rows/notification {r['sql']}")
     print(f"       Redis {r['redis_per_notification']}/notification {r['redis']}", flush=True)
     for key in ("top_own", "top_cum"):
