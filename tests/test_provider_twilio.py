@@ -360,3 +360,81 @@ def test_sandbox_wire_format(sandbox: TwilioSandbox) -> None:
         r = c.post(f"/2010-04-01/Accounts/{other}/Messages.json", data={"To": "+15550001111", "Body": "x"}, auth=auth)
         assert r.status_code == 404 and r.json()["code"] == 20404
     assert len(sandbox.messages) == 1
+
+
+# --------------------------------------------------------------------------- proxy from the environment
+
+
+class _ForwardProxy:
+    """A plain-HTTP forward proxy on a real socket: takes requests for absolute URIs (as a client
+    configured with ``HTTP_PROXY`` sends them), records each, and relays it to its origin."""
+
+    def __init__(self) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []  # type: list[str]
+
+        class Handler(BaseHTTPRequestHandler):
+            def _relay(self) -> None:
+                seen.append(f"{self.command} {self.path}")
+                u = urlsplit(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=10)
+                hdrs = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "connection")}
+                conn.request(self.command, u.path + (f"?{u.query}" if u.query else ""), body=body or None, headers=hdrs)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = _relay
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("bypass", [False, True], ids=["proxied", "no_proxy"])
+def test_proxy_from_the_environment(
+    tmp_path: Path, sandbox: TwilioSandbox, monkeypatch: pytest.MonkeyPatch, bypass: bool
+) -> None:
+    """The SDK's requests go through the proxy the environment names for the API's scheme
+    (``HTTP_PROXY`` here, the sandbox being plain HTTP; ``HTTPS_PROXY`` for Twilio's own API), as
+    ``requests`` did, and straight to the API when ``NO_PROXY`` names its host."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    proxy = _ForwardProxy()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        if bypass:
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        p = make_provider(tmp_path, sandbox.url)
+        try:
+            (out,) = p.send([sms(11)])
+        finally:
+            p.close()
+        assert isinstance(out, Sent)
+        if bypass:
+            assert proxy.seen == []
+        else:
+            assert len(proxy.seen) == 1
+            assert proxy.seen[0].startswith(f"POST {sandbox.url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json")
+    finally:
+        proxy.close()
