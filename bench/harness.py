@@ -140,6 +140,17 @@ def stop_pool(proc: subprocess.Popen[str], timeout: float = 60) -> str:
     return (err or "")[-2000:]
 
 
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user + system) process ``pid`` has spent; 0 once it is gone."""
+    import psutil
+
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -198,11 +209,7 @@ class CpuMeter:
         return pids
 
     def _cpu(self, pid: int) -> float:
-        try:
-            t = self._psutil.Process(pid).cpu_times()
-            return float(t.user + t.system)
-        except self._psutil.NoSuchProcess:
-            return 0.0
+        return process_cpu(pid)
 
     def start(self) -> None:
         self._labels = self._pids()

@@ -27,19 +27,10 @@ from sqlalchemy import event
 
 from bench.common import Env, bulk_users
 from bench.email_blast import SEGMENT_DATA, SEGMENT_PROMO_ID, write_segment_csv
+from bench.harness import process_cpu
 from campaigns.launcher import LaunchSpec, launch
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-
-
-def _cpu(pid: int) -> float:
-    import psutil
-
-    try:
-        t = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(t.user + t.system)
 
 
 def _backends(env: Env) -> set[int]:
@@ -70,14 +61,14 @@ def one(db: str, rows: int) -> dict[str, Any]:
                           segment_csv=str(csv_path), quiet_hours="off", data=dict(SEGMENT_DATA))  # fmt: skip
         load = os.getloadavg()[0]
         young = gc.get_stats()[0]["collections"]
-        r0, b0 = _cpu(redis_pid), {p: _cpu(p) for p in backends}
+        r0, b0 = process_cpu(redis_pid), {p: process_cpu(p) for p in backends}
         c0, t0 = time.process_time(), time.perf_counter()
         summary = launch(env.ctx, spec)
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-        server = sum(_cpu(p) - b0.get(p, 0.0) for p in backends)  # (a backend started by the launch: from 0)
+        server = sum(process_cpu(p) - b0.get(p, 0.0) for p in backends)  # (a backend started by the launch: from 0)
         out = {"database": db, "rows": rows, "written": summary["written"], "load_1m": round(load, 2),
                "wall_s": round(wall, 2), "launcher_us": round(cpu / rows * 1e6, 1),
-               "redis_us": round((_cpu(redis_pid) - r0) / rows * 1e6, 2),
+               "redis_us": round((process_cpu(redis_pid) - r0) / rows * 1e6, 2),
                "young_collections": gc.get_stats()[0]["collections"] - young}  # fmt: skip
         if db == "postgresql":
             out["pg_backends_us"] = round(server / rows * 1e6, 1)

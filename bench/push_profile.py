@@ -31,19 +31,11 @@ from sqlmodel import col
 
 from bench import sinks
 from bench.common import Env, bulk_notifications, bulk_users
-from bench.harness import PROMO, bulk_ios_tokens, clear_rate_windows, commandstats, delta, p256_key_pem
+from bench.harness import PROMO, bulk_ios_tokens, clear_rate_windows, commandstats, delta, p256_key_pem, process_cpu
 from bench.push_blast import KEY_ID, MIXES, TEAM_ID, TOPIC, device_platforms, sink_service_account
 from notifyctl.context import freeze_heap
 from notifyctl.models import Notification
 from worker.pipeline import Runtime, process
-
-
-def _cpu(pid: int) -> float:
-    import psutil
-
-    t = psutil.Process(pid).cpu_times()
-    return float(t.user + t.system)
-
 
 # a sample is the pipeline's when its stack holds process(), or the route pool's thread sending a
 # batch's other routes (send_routes' run, in a thread of its own: the mix)
@@ -115,7 +107,7 @@ def run(label: str, n: int, batch: int, sink: Any, profile: bool, rounds: int = 
             nginx_pids = [p for k, p in sink.pids.items() if k != "nginx master"]
             stats0 = commandstats(env)
             prof = cProfile.Profile() if profile and r == rounds - 1 else None
-            c0, r0, g0 = os.times(), _cpu(redis_pid), sum(_cpu(p) for p in nginx_pids)
+            c0, r0, g0 = os.times(), process_cpu(redis_pid), sum(process_cpu(p) for p in nginx_pids)
             t0 = time.perf_counter()
             sent = 0
             if prof:
@@ -125,7 +117,7 @@ def run(label: str, n: int, batch: int, sink: Any, profile: bool, rounds: int = 
             if prof:
                 prof.disable()
             wall = time.perf_counter() - t0
-            c1, r1, g1 = os.times(), _cpu(redis_pid), sum(_cpu(p) for p in nginx_pids)
+            c1, r1, g1 = os.times(), process_cpu(redis_pid), sum(process_cpu(p) for p in nginx_pids)
             cmds = delta(stats0, commandstats(env))
             k = max(1, sent)
             res = {

@@ -42,6 +42,7 @@ from bench.harness import (
     p256_key_pem,
     phone_users,
     process_batches,
+    process_cpu,
 )
 from bench.push_blast import KEY_ID, TEAM_ID, TOPIC, device_platforms, sink_service_account
 from bench.sandboxes import SandboxProcess
@@ -54,16 +55,6 @@ from worker.pipeline import Runtime
 from worker.pool import _queue_class, _worker_class
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-
-
-def _cpu(pid: int) -> float:
-    import psutil
-
-    try:
-        t = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(t.user + t.system)
 
 
 class _Meter:
@@ -87,11 +78,11 @@ class _Meter:
 
     def read(self) -> dict[str, float]:
         t = os.times()
-        out = {"worker (this process)": t.user + t.system, "redis-server": _cpu(self.redis_pid)}
+        out = {"worker (this process)": t.user + t.system, "redis-server": process_cpu(self.redis_pid)}
         if self.backends:
-            out["PostgreSQL backends"] = sum(_cpu(p) for p in self.backends)
+            out["PostgreSQL backends"] = sum(process_cpu(p) for p in self.backends)
         for name, pid in self.others.items():
-            out[name] = _cpu(pid)
+            out[name] = process_cpu(pid)
         return out
 
 
