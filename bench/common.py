@@ -12,8 +12,9 @@ from typing import Any
 
 from sqlalchemy import insert
 
+from notifyctl.bulk import prepare_insert
 from notifyctl.context import Context
-from notifyctl.db import dispose_all, prepare_insert, write_lock
+from notifyctl.db import dispose_all, write_lock
 from notifyctl.models import Notification, User, new_id, utcnow
 from notifyctl.redisconn import ensure_server, stop_server
 from notifyctl.settings import load_settings

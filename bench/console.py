@@ -27,7 +27,8 @@ from notifyctl.analytics.triggers import counted_insert
 from notifyctl.analytics.waves import wave_progress
 from notifyctl.api.app import create_app
 from notifyctl.api.auth import create_key
-from notifyctl.db import prepare_insert, write_lock
+from notifyctl.bulk import prepare_insert
+from notifyctl.db import write_lock
 from notifyctl.models import Delivery, Notification, derived_id, new_id, utcnow
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"

@@ -26,8 +26,9 @@ from campaigns.report import current_state
 from campaigns.resolve import Progress, Resolved, stream, user_tz
 from campaigns.schedule import Wave
 from campaigns.segments import BadRows
+from notifyctl.bulk import prepare_counted_insert, rows_where_in
 from notifyctl.context import Context
-from notifyctl.db import prepare_counted_insert, rows_where_in, write_lock
+from notifyctl.db import write_lock
 from notifyctl.ids import new_ids
 from notifyctl.intake import enqueue
 from notifyctl.models import Campaign, CampaignStatus, Notification, NotificationStatus, new_id, utcnow

@@ -16,8 +16,8 @@ from sqlmodel import Session
 from campaigns.config import CampaignConfig, campaign_config
 from campaigns.schedule import Schedule, parse_hhmm, parse_quiet_hours, parse_send_at
 from campaigns.segments import BadRows, CsvSegment, SegmentRow, SqlSegment, chunked
+from notifyctl.bulk import rows_where_in
 from notifyctl.context import Context
-from notifyctl.db import rows_where_in
 from notifyctl.errors import InputError
 from notifyctl.intake import user_vars
 from notifyctl.models import Campaign, User

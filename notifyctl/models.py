@@ -256,7 +256,7 @@ class Delivery(SQLModel, table=True):
 
 class sqlite_unindexed(FunctionElement[str]):
     """The column itself, written ``column || ''`` on SQLite: the same value, in a term no index
-    lookup can use (see ``db.unindexed``), where SQLite's planner, without statistics, would pick a
+    lookup can use (see ``bulk.unindexed``), where SQLite's planner, without statistics, would pick a
     column's index over a better one. PostgreSQL plans from statistics: the plain column."""
 
     type = String()

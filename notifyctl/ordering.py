@@ -25,7 +25,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from notifyctl import keys
-from notifyctl.db import rows_where_in, write_lock
+from notifyctl.bulk import rows_where_in
+from notifyctl.db import write_lock
 from notifyctl.models import Notification, NotificationStatus, OrderedNotification
 
 HOLD = 0.5  # seconds a notification waiting for its predecessors is put back for

@@ -13,7 +13,7 @@ least as many as it had then (it doubled, or was rewritten) and by at least ``MI
 few analyses while a table grows from nothing to a campaign's size (each samples at most 30,000
 rows, tens of milliseconds), none in a steady state. The launcher calls it before reading a
 segment and as it writes; the worker pool every few seconds (with ``analytics.fold.compact``). A no-op
-on SQLite (its planner has no statistics to go stale here: ``notifyctl.db.unindexed``)."""
+on SQLite (its planner has no statistics to go stale here: ``notifyctl.bulk.unindexed``)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import redis
 from sqlmodel import Session
 
 from notifyctl import keys
-from notifyctl.db import rows_where_in
+from notifyctl.bulk import rows_where_in
 from notifyctl.shards import split
 
 PREFS_TTL = 300
@@ -71,7 +71,7 @@ def load(client: redis.Redis, session: Session, user_ids: Iterable[str]) -> dict
     return out
 
 
-# A batch's opt-outs, raw (``db.rows_where_in``): a thousand ids through SQLAlchemy's expanding IN
+# A batch's opt-outs, raw (``bulk.rows_where_in``): a thousand ids through SQLAlchemy's expanding IN
 # cost the worker more Python than the query (1,000-user loads: 1.1 -> 0.35 us a user on SQLite,
 # 1.9 -> 0.7 on PostgreSQL). Not prepared on PostgreSQL: planned each time from the table's
 # statistics, a table of few opt-outs is read whole (server 0.55 us a user, as the IN list was),

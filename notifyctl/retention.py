@@ -32,8 +32,9 @@ from typing import Any
 from sqlalchemy import and_, delete, exists, func, or_, select
 from sqlmodel import Session
 
+from notifyctl.bulk import unindexed
 from notifyctl.context import Context
-from notifyctl.db import unindexed, write_lock
+from notifyctl.db import write_lock
 from notifyctl.dedup import purge_expired
 from notifyctl.errors import InputError
 from notifyctl.models import (

@@ -29,9 +29,10 @@ from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner, Result
 
 from notifyctl.analytics import checks, fold, read, rollup, triggers
+from notifyctl.bulk import prepare_insert
 from notifyctl.cli.main import app
 from notifyctl.context import Context
-from notifyctl.db import prepare_insert, write_lock
+from notifyctl.db import write_lock
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.inbound import Event, apply_events
 from notifyctl.models import Delivery

@@ -1,4 +1,4 @@
-"""The bulk writers' own value conversion (``notifyctl.db``: SQLite's parameters, PostgreSQL's COPY
+"""The bulk writers' own value conversion (``notifyctl.bulk``: SQLite's parameters, PostgreSQL's COPY
 text) gives what each column's bind processor gives, value for value; ``new_ids`` makes ids as
 ``new_id`` does. (The rows these make, written and read back, are compared with Core's own insert in
 test_foundations.)"""
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects import postgresql, sqlite
 
-from notifyctl import db
+from notifyctl import bulk, db
 from notifyctl.ids import _B32, new_ids
 from notifyctl.models import Delivery, Notification
 
@@ -38,7 +38,7 @@ def _processors(dialect: Any, column: str) -> tuple[Any, Any]:
 @given(_AWARE)
 def test_sqlite_datetime_text_is_the_bind_processors(v: datetime) -> None:
     col_type, proc = _processors(sqlite.dialect(), "due_at")
-    assert db._fast_bind(col_type, sqlite.dialect(), proc)(v) == proc(v)
+    assert bulk._fast_bind(col_type, sqlite.dialect(), proc)(v) == proc(v)
 
 
 @settings(max_examples=400, deadline=None)
@@ -46,14 +46,14 @@ def test_sqlite_datetime_text_is_the_bind_processors(v: datetime) -> None:
 def test_copy_datetime_text_is_the_bind_processors(v: datetime) -> None:
     dialect = postgresql.psycopg2.dialect()  # type: ignore[attr-defined]
     col_type, proc = _processors(dialect, "due_at")
-    assert db._copy_text(col_type, proc)(v) == db._copy_value(proc(v))
+    assert bulk._copy_text(col_type, proc)(v) == bulk._copy_value(proc(v))
 
 
 def test_a_naive_datetime_is_refused_as_the_bind_processor_refuses_it() -> None:
     naive = datetime(2026, 3, 29, 1, 30)
     for dialect in (sqlite.dialect(), postgresql.psycopg2.dialect()):  # type: ignore[attr-defined]
         col_type, proc = _processors(dialect, "due_at")
-        fast = db._fast_bind(col_type, dialect, proc) if dialect.name == "sqlite" else db._copy_text(col_type, proc)
+        fast = bulk._fast_bind(col_type, dialect, proc) if dialect.name == "sqlite" else bulk._copy_text(col_type, proc)
         with pytest.raises(ValueError, match="timezone"):
             proc(naive)
         with pytest.raises(ValueError, match="timezone"):
@@ -87,7 +87,7 @@ def test_convert_gives_one_call_per_value_results(values: list[Any], one_kind: b
         calls.append(v)
         return f"{type(v).__name__}:{v.astimezone(UTC).isoformat() if isinstance(v, datetime) else v!r}"
 
-    got = db._convert(values, conv)
+    got = bulk._convert(values, conv)
     assert got == [None if v is None else conv(v) for v in values]
 
 
@@ -99,10 +99,10 @@ def test_convert_memoises_a_repeating_column_and_not_a_distinct_one() -> None:
         seen.append(v)
         return str(v)
 
-    db._convert([now] * 1000, conv)
+    bulk._convert([now] * 1000, conv)
     assert len(seen) == 1
     seen.clear()
-    db._convert([now + timedelta(microseconds=i) for i in range(1000)], conv)
+    bulk._convert([now + timedelta(microseconds=i) for i in range(1000)], conv)
     assert len(seen) == 1000
 
 
@@ -113,11 +113,11 @@ def test_copy_column_escapes_and_nulls() -> None:
     try:
         dt = Delivery.__table__  # type: ignore[attr-defined]
         reason = dt.c.reason.type
-        texts = db._copy_column(["a\tb", None, "\\N", "x\\y", "n\nl", "c\rr"], reason, None)
+        texts = bulk._copy_column(["a\tb", None, "\\N", "x\\y", "n\nl", "c\rr"], reason, None)
         assert texts == ["a\\tb", "\\N", "\\\\N", "x\\\\y", "n\\nl", "c\\rr"]
         data = _T.c.data.type
         proc = data._cached_bind_processor(engine.dialect)
-        texts = db._copy_column([{"a": "t\tb"}, _SHARED, _SHARED], data, proc)
+        texts = bulk._copy_column([{"a": "t\tb"}, _SHARED, _SHARED], data, proc)
         assert texts == ['{"a":"t\\\\tb"}', '{"k":[1,2]}', '{"k":[1,2]}']
     finally:
         engine.dispose()

@@ -381,7 +381,8 @@ def test_prepared_insert_stores_what_core_would_and_skips_conflicts(tmp_path: Pa
     from sqlalchemy import insert, select
     from sqlmodel import SQLModel
 
-    from notifyctl.db import make_engine, prepare_insert
+    from notifyctl.bulk import prepare_insert
+    from notifyctl.db import make_engine
     from notifyctl.models import Notification
 
     engine = make_engine(f"sqlite:///{tmp_path / 'p.db'}")
@@ -425,7 +426,8 @@ def test_copy_insert_stores_what_core_would(pg_url: str) -> None:
     from sqlalchemy import insert, select
     from sqlmodel import SQLModel
 
-    from notifyctl.db import make_engine, prepare_insert
+    from notifyctl.bulk import prepare_insert
+    from notifyctl.db import make_engine
     from notifyctl.models import Delivery, DeliveryStatus
 
     engine = make_engine(pg_url)
@@ -603,7 +605,8 @@ def test_update_where_in_counts_what_it_changed(db_url: str) -> None:
     from sqlalchemy import insert, select
     from sqlmodel import SQLModel
 
-    from notifyctl.db import make_engine, unindexed_in, update_where_in
+    from notifyctl.bulk import unindexed_in, update_where_in
+    from notifyctl.db import make_engine
     from notifyctl.models import Notification, utcnow
 
     engine = make_engine(db_url)

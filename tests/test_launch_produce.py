@@ -41,7 +41,7 @@ def notification_writes() -> Iterator[Counter[str]]:
 
     def on_exec(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         run = _EXECUTE.match(statement)
-        if run:  # a statement prepared on this connection (notifyctl.db._pg_prepared): the one it runs
+        if run:  # a statement prepared on this connection (notifyctl.bulk._pg_prepared): the one it runs
             prepared = {name: sql for sql, name in conn.connection.info.get("notify_prepared", {}).items()}
             statement = prepared[run.group(1)]
         m = _WRITE.match(statement)

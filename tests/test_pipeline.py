@@ -515,7 +515,7 @@ def test_raw_batch_update_converts_values_and_keeps_its_condition(any_db_ctx: Co
     import pytest
     from sqlalchemy import insert, select
 
-    from notifyctl.db import unindexed_in, update_where_in
+    from notifyctl.bulk import unindexed_in, update_where_in
     from notifyctl.models import Notification, utcnow
 
     ctx = any_db_ctx
@@ -555,7 +555,7 @@ def test_prepared_insert_stores_what_an_insert_would(any_db_ctx: Context) -> Non
     from sqlalchemy import select
     from sqlalchemy.exc import IntegrityError
 
-    from notifyctl.db import prepare_insert
+    from notifyctl.bulk import prepare_insert
     from notifyctl.models import Delivery, DeliveryEvent, Notification
 
     ctx = any_db_ctx

@@ -15,8 +15,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from notifyctl import keys
+from notifyctl.bulk import rows_where_in
 from notifyctl.context import Context
-from notifyctl.db import rows_where_in
 from notifyctl.dlq import show_entry
 from notifyctl.models import DeliveryEvent
 from notifyctl.secretdata import erased_fields

@@ -49,8 +49,9 @@ from sqlalchemy import func, or_, select, update
 from sqlmodel import Session, col
 
 from notifyctl import keys
+from notifyctl.bulk import unindexed_in, update_where_in
 from notifyctl.context import Context
-from notifyctl.db import unindexed_in, update_where_in, write_lock
+from notifyctl.db import write_lock
 from notifyctl.intake import enqueue
 from notifyctl.models import (
     LOST_HIGH_WHERE,

@@ -14,7 +14,7 @@ import orjson
 from sqlmodel import Session
 
 from notifyctl import prefs
-from notifyctl.db import rows_where_in, unindexed_in
+from notifyctl.bulk import rows_where_in, unindexed_in
 from notifyctl.models import Delivery, DeliveryEvent, DeviceToken, Notification, NotificationStatus
 
 
@@ -64,7 +64,7 @@ _N_SELECT = (
     "(SELECT 1 FROM ordered_notifications o WHERE o.notification_id = notifications.id) END, campaign_id, wave "
     "FROM notifications"
 )
-# by primary key, never through the status index (see notifyctl.db.unindexed)
+# by primary key, never through the status index (see notifyctl.bulk.unindexed)
 _N_LOADABLE = "AND " + unindexed_in("status", [NotificationStatus.queued, NotificationStatus.retrying])
 _U_SELECT = "SELECT id, email, phone, timezone, locale, sms_opt_in, CAST(attributes AS TEXT) FROM users"
 # a batch's live device tokens (not through the removed_at index: every live token), oldest first

@@ -11,7 +11,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from notifyctl.db import rows_where_in
+from notifyctl.bulk import rows_where_in
 from notifyctl.models import DeliveryStatus, utcnow
 from notifyctl.secretdata import SECRET_ERASED
 from worker.claims import DOUBT, OK

@@ -11,7 +11,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from notifyctl.db import rows_where_in
+from notifyctl.bulk import rows_where_in
 from notifyctl.models import DeliveryStatus, derived_id
 from notifyctl.policy import refusal
 from worker.pipeline.batch import _D, _D_FIELDS, _Batch, _Note

@@ -18,7 +18,8 @@ from sqlmodel import Session, col
 
 from notifyctl import metrics, prefs
 from notifyctl.analytics.triggers import counted_insert
-from notifyctl.db import prepare_insert, update_where_in, write_lock
+from notifyctl.bulk import prepare_insert, update_where_in
+from notifyctl.db import write_lock
 from notifyctl.models import FINAL_STATUSES, DeliveryStatus, DeviceToken, NotificationStatus, OptOut
 from notifyctl.secretdata import erase
 from notifyctl.tracking import IMPLIED_FIRST
