@@ -8,7 +8,7 @@ recorded as such.
 
 Send (``send_routes``): the messages per route through the route's providers — routes that share
 no provider at the same time (``route_groups``), each provider in failover order behind its circuit
-(``worker.circuit``), at its pace (``notifyctl.pacing``), every call fenced by this worker's leases
+(``notifyctl.circuit``), at its pace (``notifyctl.pacing``), every call fenced by this worker's leases
 (``worker.claims``); an OTP that every SMS provider failed becomes a voice call."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import redis
 
 from notifyctl.bulk import rows_where_in
+from notifyctl.circuit import OPEN, THROTTLED
 from notifyctl.models import DeliveryStatus, utcnow
 from notifyctl.secretdata import SECRET_ERASED
-from worker.circuit import OPEN, THROTTLED
 from worker.claims import DOUBT, OK, Fenced
 from worker.pipeline.batch import _D, _Batch
 from worker.pipeline.record import IN_DOUBT, Record, _mark
