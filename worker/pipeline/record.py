@@ -212,19 +212,13 @@ def write(
 
 def one_event_when_sent(events: list[dict[str, Any]], fresh: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The events to store: ``events`` less those the rows of the deliveries created in this batch
-    imply (``notifyctl.tracking.implied_events`` shows them, from the row):
-
-    - a delivery's ``queued`` event whose next event is its outcome ``sent`` or ``retrying``: that
-      outcome is then the delivery's first event, which no delivery has otherwise (every other one
-      starts ``queued``, ``suppressed`` or ``failed``), so it implies the ``queued`` at the row's
-      ``queued_at``;
-    - and that ``sent`` too when it is a plain send: at the row's ``sent_at``, with the detail its
-      ``provider`` and ``provider_message_id`` give (``tracking.sent_detail``). A delivery with a
-      ``sent_at`` and no stored ``sent`` event implies it (every other write of ``sent_at`` stores one).
-
-    The common path (created, sent) stores no event row at all (was two, then one: a row less per
-    delivery to write, ~3.5 µs of a worker's CPU on SQLite and ~5.7 µs on PostgreSQL counting the
-    server's, in 1,000-email batches); every other history is stored as it happened."""
+    imply (``notifyctl.tracking.implied_events`` shows them): a ``queued`` event whose next event is
+    its outcome ``sent`` or ``retrying`` (the delivery's first event then, which no delivery has
+    otherwise: every other one starts ``queued``, ``suppressed`` or ``failed``), and that ``sent`` too
+    when it is a plain send — the row's ``sent_at``, the detail its ``provider`` and
+    ``provider_message_id`` give (``tracking.sent_detail``): a delivery with a ``sent_at`` and no
+    stored ``sent`` implies it (every other write of ``sent_at`` stores one). So the common path
+    (created, sent) stores no event row; every other history is stored as it happened."""
     if not fresh:
         return events
     queued_at: dict[str, int] = {}  # a fresh delivery → the index of its queued event, while it is its last
