@@ -12,6 +12,12 @@ reads the segment again, gives every recipient the same ``due_at`` as the first 
 and skips, by the unique index on (campaign_id, recipient_id), those already written.
 Nobody is skipped, nobody is written twice.
 
+A launch whose recipients all share one instant (sent now or ``--send-at``; no ``--stagger-tz``, no
+quiet hours) has one wave whatever its size, starting at that instant: it reads the segment once,
+each chunk planned as it is written (``OnePass``), and the campaign row, made with the first chunk
+that has a recipient, holds the plan so far (``counting`` in its summary) until the launch ends. Its
+relaunch counts the plan anew as it goes.
+
 ``dry_run`` does the plan pass with the full audience analysis (opt-outs, dedup, addresses,
 marketing-SMS consent, a peek at the rate-limit windows, SMS cost) and writes nothing.
 
@@ -33,7 +39,7 @@ from sqlmodel import Session
 from campaigns.config import campaign_config
 from campaigns.dryrun import dry_run_summary
 from campaigns.names import check_name, default_name, find_campaign, taken
-from campaigns.plan import Plan, plan_pass
+from campaigns.plan import OnePass, Plan, plan_pass
 from campaigns.produce import produce
 from campaigns.resolve import LaunchSpec, Progress, Resolved, reresolve, resolve
 from campaigns.schedule import Wave, plan_waves
@@ -71,6 +77,8 @@ def launch(
     bad = BadRows(keep=cfg.max_reported_errors)
     analyze_grown(ctx.engine, ("users", "notifications"))  # PostgreSQL: users imported just now, say
     with fewer_collections():
+        if res.schedule.fixed_instant() is not None:
+            return _launch_one_pass(ctx, res, bad, now, progress)
         plan = plan_pass(ctx, res, bad, progress)
         assert plan.seen is not None
         try:
@@ -100,9 +108,37 @@ def _launch_planned(
 ) -> dict[str, Any]:
     """The campaign row, with its plan, then the write pass."""
     if plan.recipients == 0:
-        first = f"; first: line {bad.first[0]['line']}: {bad.first[0]['message']}" if bad.first else ""
-        raise InputError(f"segment: no recipient to send to ({bad.count} bad row(s){first})")
+        _no_recipient(bad)
     waves = plan_waves(plan.counts, plan.zones, res.rate)
+    cid = _new_campaign(ctx, res, waves, {"planned": plan.recipients}, now)
+    planned, dups = plan.recipients, plan.duplicates
+    return produce(ctx, cid, res, waves, planned, run_now=now, progress=progress, duplicates=dups, fresh=plan)
+
+
+def _launch_one_pass(
+    ctx: Context, res: Resolved, bad: BadRows, now: datetime, progress: Progress | None
+) -> dict[str, Any]:
+    """A launch of one instant: the segment read once, each chunk planned as it is written
+    (``OnePass``); the campaign row made once a chunk has a recipient."""
+    one = OnePass(res, bad, ctx.shard_count)
+    try:
+        if not one.start(ctx, progress):
+            _no_recipient(bad)
+        waves = one.waves()
+        cid = _new_campaign(ctx, res, waves, {"planned": one.plan.recipients, "counting": True}, now)
+        dups = one.plan.duplicates
+        return produce(ctx, cid, res, waves, one.plan.recipients, run_now=now, progress=progress, duplicates=dups,
+                       one_pass=one)  # fmt: skip
+    finally:
+        one.close()
+
+
+def _no_recipient(bad: BadRows) -> None:
+    first = f"; first: line {bad.first[0]['line']}: {bad.first[0]['message']}" if bad.first else ""
+    raise InputError(f"segment: no recipient to send to ({bad.count} bad row(s){first})")
+
+
+def _new_campaign(ctx: Context, res: Resolved, waves: list[Wave], summary: dict[str, Any], now: datetime) -> str:
     cid = new_id("c")
     with Session(ctx.engine) as session:
         name = res.spec["name"] or default_name(session, res.template.id, now)
@@ -116,7 +152,7 @@ def _launch_planned(
         status=CampaignStatus.active,
         spec=res.spec,
         plan=[w.to_dict() for w in waves],
-        summary={"planned": plan.recipients},
+        summary=summary,
         reference_at=now,
         created_at=now,
         updated_at=now,
@@ -124,8 +160,7 @@ def _launch_planned(
     with Session(ctx.engine) as session:
         session.add(camp)
         session.commit()
-    planned, dups = plan.recipients, plan.duplicates
-    return produce(ctx, cid, res, waves, planned, run_now=now, progress=progress, duplicates=dups, fresh=plan)
+    return cid
 
 
 def resume_launch(
@@ -148,5 +183,7 @@ def resume_launch(
             return dry_run_summary(ctx, res, progress, campaign=camp)
     waves = [Wave.from_dict(w, res.rate) for w in camp.plan]
     planned = int(camp.summary.get("planned") or sum(w.recipients for w in waves))
+    recount = bool(camp.summary.get("counting"))  # a launch of one instant cut short: its plan counted anew
     with fewer_collections():
-        return produce(ctx, camp.id, res, waves, planned, run_now=(now or utcnow()).astimezone(UTC), progress=progress)
+        run_now = (now or utcnow()).astimezone(UTC)
+        return produce(ctx, camp.id, res, waves, planned, run_now=run_now, progress=progress, recount=recount)

@@ -1,17 +1,21 @@
 """The plan pass of a launch: reads the segment once, resolves users and time zones, counts each
-wave, checks the template against the first recipient; ``SeenSet`` finds the users a segment
-repeats.
+wave, checks the template against the first recipient (``plan_pass``; ``OnePass``, the same a chunk
+at a time inside the write pass, for a launch of one instant); ``SeenSet`` finds the users a
+segment repeats.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import orjson
 from sqlmodel import Session
 
 from campaigns.resolve import Progress, Resolved, check_template, stream, user_tz
+from campaigns.schedule import Wave, plan_waves
 from campaigns.segments import BadRows, SegmentRow
 from notifyctl.context import Context
 
@@ -28,6 +32,7 @@ class Plan:
     seen: SeenSet | None = None
     skips: int = 0
     segment_state: tuple[int, ...] | None = None
+    checked: bool = False  # the first recipient's rendering was checked
 
 
 UNKNOWN = "unknown_user"  # the kinds of rows a write pass skips (``SeenSet.skips``)
@@ -42,33 +47,14 @@ def plan_pass(ctx: Context, res: Resolved, bad: BadRows, progress: Progress | No
     """The plan; its ``seen`` (open) holds the rows of unknown users and those repeating a user,
     which the write pass skips (``produce``): the caller closes it."""
     plan = Plan(duplicates=BadRows(keep=bad.keep), segment_state=res.segment.state())
-    checked = False
     seen = SeenSet()
     try:
         with Session(ctx.engine) as session:
             for chunk in stream(res, bad):
-                plan.rows += len(chunk)
-                tzs = user_tz(session, list({r.user_id for r in chunk}))
-                repeats = seen.duplicates([r for r in chunk if r.user_id in tzs])
-                skips = [(r.line, r.user_id, UNKNOWN if r.user_id not in tzs else DUPLICATE)
-                         for r in chunk if r.user_id not in tzs or id(r) in repeats]  # fmt: skip
+                skips = plan_chunk(session, res, plan, seen, bad, chunk)
                 if skips:
-                    seen.keep_skips(skips)
+                    seen.keep_skips([(line, u, kind) for line, (u, kind) in skips.items()])
                     plan.skips += len(skips)
-                for r in chunk:
-                    tz = tzs.get(r.user_id)
-                    if tz is None:
-                        bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
-                        continue
-                    if id(r) in repeats:
-                        mark_duplicate(plan.duplicates, r, repeats[id(r)])
-                    elif not checked:
-                        check_template(res, session, r)
-                        checked = True
-                    instant, used = res.schedule.instant(tz)
-                    plan.counts[instant] += 1
-                    plan.zones[instant].add(used)
-                    plan.recipients += 1
                 if progress:
                     progress("plan", plan.rows, None)
     except BaseException:
@@ -76,6 +62,84 @@ def plan_pass(ctx: Context, res: Resolved, bad: BadRows, progress: Progress | No
         raise
     plan.seen = seen
     return plan
+
+
+def plan_chunk(
+    session: Session, res: Resolved, plan: Plan, seen: SeenSet, bad: BadRows, chunk: list[SegmentRow]
+) -> dict[int, tuple[str, str]]:
+    """One chunk of the plan, counted into ``plan``; the first recipient's rendering checked. Returns
+    the chunk's rows to skip, ``{line: (user id, UNKNOWN or DUPLICATE)}`` (unknown users also go to
+    ``bad``, repeats to ``plan.duplicates``)."""
+    plan.rows += len(chunk)
+    tzs = user_tz(session, list({r.user_id for r in chunk}))
+    repeats = seen.duplicates([r for r in chunk if r.user_id in tzs])
+    skips = {r.line: (r.user_id, UNKNOWN if r.user_id not in tzs else DUPLICATE)
+             for r in chunk if r.user_id not in tzs or id(r) in repeats}  # fmt: skip
+    for r in chunk:
+        tz = tzs.get(r.user_id)
+        if tz is None:
+            bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
+            continue
+        if id(r) in repeats:
+            mark_duplicate(plan.duplicates, r, repeats[id(r)])
+        elif not plan.checked:
+            check_template(res, session, r)
+            plan.checked = True
+        instant, used = res.schedule.instant(tz)
+        plan.counts[instant] += 1
+        plan.zones[instant].add(used)
+        plan.recipients += 1
+    return skips
+
+
+class OnePass:
+    """The plan of a first launch whose recipients all share one instant (``Schedule.fixed_instant``:
+    sent now or ``--send-at``, no ``--stagger-tz``, no quiet hours), made a chunk at a time as the
+    write pass reads the segment, instead of a pass of its own over it: its single wave does not
+    depend on how many it holds. ``start`` reads (and plans) until a chunk has a recipient, so that
+    the campaign row is made only for a segment with one; ``chunks`` gives that chunk, then the
+    rest, each planned by ``skips`` with the write pass's session. Close ``seen``."""
+
+    def __init__(self, res: Resolved, bad: BadRows, shards: int) -> None:
+        self.res = res
+        self.bad = bad
+        self.plan = Plan(duplicates=BadRows(keep=bad.keep))
+        self.seen = SeenSet()
+        self._rest = stream(res, bad, shards)
+        self._first: tuple[list[SegmentRow], dict[int, tuple[str, str]]] | None = None
+
+    def start(self, ctx: Context, progress: Progress | None) -> bool:
+        """Plan chunks until one holds a recipient (False: the segment has none)."""
+        for chunk in self._rest:
+            with Session(ctx.engine) as session:  # (a read transaction per chunk, not held)
+                skips = plan_chunk(session, self.res, self.plan, self.seen, self.bad, chunk)
+            if progress:
+                progress("plan", self.plan.rows, None)
+            if self.plan.recipients:
+                self._first = (chunk, skips)
+                return True
+        return False
+
+    def chunks(self) -> Iterator[list[SegmentRow]]:
+        if self._first is not None:
+            yield self._first[0]
+        yield from self._rest
+
+    def skips(self, session: Session, chunk: list[SegmentRow]) -> dict[int, tuple[str, str]]:
+        if self._first is not None and chunk is self._first[0]:
+            skips = self._first[1]
+            self._first = None
+            return skips
+        return plan_chunk(session, self.res, self.plan, self.seen, self.bad, chunk)
+
+    def waves(self) -> list[Wave]:
+        return plan_waves(self.plan.counts, self.plan.zones, self.res.rate)
+
+    def close(self) -> None:
+        close = getattr(self._rest, "close", None)  # (the segment file, when a launch stops before its end)
+        if close is not None:
+            close()
+        self.seen.close()
 
 
 class SeenSet:
@@ -98,7 +162,9 @@ class SeenSet:
     def duplicates(self, rows: list[SegmentRow]) -> dict[int, int]:
         """``{id(row): line of the user's first row}`` for the rows (of one chunk, in segment order)
         whose user came earlier in the segment; records the others. One ``INSERT OR IGNORE`` a
-        chunk: only when it skipped some (a user of an earlier chunk) are their lines read."""
+        chunk, its rows one JSON object (``json_each``: 0.9 -> 0.35 µs a row against an
+        ``executemany`` of pairs): only when it skipped some (a user of an earlier chunk) are their
+        lines read."""
         out: dict[int, int] = {}
         new: dict[str, int] = {}
         for r in rows:
@@ -106,7 +172,8 @@ class SeenSet:
             if line != r.line:
                 out[id(r)] = line
         before = self._db.total_changes
-        self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", new.items())
+        pairs = orjson.dumps(new).decode()  # {user id: line}
+        self._db.execute("INSERT OR IGNORE INTO seen SELECT key, value FROM json_each(?)", (pairs,))
         if self._db.total_changes - before == len(new):
             return out
         ids = list(new)

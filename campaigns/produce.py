@@ -21,10 +21,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
-from campaigns.plan import DUPLICATE, UNKNOWN, Plan
+from campaigns.plan import DUPLICATE, UNKNOWN, OnePass, Plan
 from campaigns.report import current_state
 from campaigns.resolve import Progress, Resolved, stream, user_tz
-from campaigns.schedule import Wave
+from campaigns.schedule import Wave, plan_waves
 from campaigns.segments import BadRows
 from notifyctl.bulk import prepare_counted_insert, rows_where_in
 from notifyctl.context import Context
@@ -62,6 +62,8 @@ def produce(
     progress: Progress | None,
     duplicates: BadRows | None = None,
     fresh: Plan | None = None,
+    one_pass: OnePass | None = None,
+    recount: bool = False,
 ) -> dict[str, Any]:
     """Write the recipients not written yet. ``duplicates``: the rows the plan pass found to repeat
     a user (reported with the bad rows; like rows already written, they are skipped here).
@@ -74,8 +76,13 @@ def produce(
     file is as the plan pass found it once this pass has read its first chunk (``CsvSegment.state``),
     the users are not looked up again either: the plan's unknown users are the rows it recorded, its
     time-zone fallbacks its count. (A file written while this pass reads it is not read as it was
-    planned either way; a user it adds unknown would be suppressed by the worker as unknown_user.)"""
-    bad = BadRows(keep=res.cfg.max_reported_errors)
+    planned either way; a user it adds unknown would be suppressed by the worker as unknown_user.)
+
+    ``one_pass``: a first launch of one instant, planned here a chunk at a time (``OnePass``): the
+    campaign's plan and planned count are those written so far, marked ``counting`` in its summary,
+    until the pass ends. ``recount``: the relaunch of such a launch cut short counts them anew."""
+    bad = one_pass.bad if one_pass is not None else BadRows(keep=res.cfg.max_reported_errors)
+    count = one_pass.plan if one_pass is not None else Plan() if recount else None
     fixed = res.schedule.fixed_instant()
     planned_users: bool | None = None  # decided once the first chunk is read
     by_instant = {w.instant: w for w in waves}
@@ -92,12 +99,13 @@ def produce(
     batch = max(1, ctx.settings.batch_size)
     pace = _Pace(res.rate)
     next_analyze = 0.0
+    total = None if one_pass is not None else planned
     if progress:
-        progress("write", 0, planned)
+        progress("write", 0, total)
     # one connection for the whole pass (a Session on the engine gave its connection back at each
     # commit and checked one out again for the next chunk: PostgreSQL's pre-ping, a round trip, a chunk)
     with ctx.engine.connect() as conn, Session(bind=conn) as session:
-        for chunk in stream(res, bad, ctx.shard_count):
+        for chunk in one_pass.chunks() if one_pass is not None else stream(res, bad, ctx.shard_count):
             current = session.scalars(select(col(Campaign.status)).where(col(Campaign.id) == cid)).one()
             if current != state:
                 state = current
@@ -107,7 +115,7 @@ def produce(
                 break
             row_status = NotificationStatus.paused if state == CampaignStatus.paused else NotificationStatus.scheduled
             if planned_users is None:  # (the file is open: what it read is what this finds, or it changed)
-                planned_users = (
+                planned_users = one_pass is not None or (
                     fresh is not None
                     and fixed is not None
                     and fresh.segment_state is not None
@@ -117,7 +125,10 @@ def produce(
                     res.schedule.fallbacks = 0  # counted again by this pass
             skips: dict[int, tuple[str, str]] = {}
             tzs: dict[str, str] | None = None
-            if fresh is None:
+            if one_pass is not None:
+                existing = set()
+                skips = one_pass.skips(session, chunk)  # (its unknown users reported there)
+            elif fresh is None:
                 ids = list({r.user_id for r in chunk})
                 tzs = user_tz(session, ids)
                 existing = _already_written(session, cid, ids)
@@ -137,7 +148,8 @@ def produce(
                     skip = None
                 if tzs is None:  # (planned_users)
                     if skip is not None and skip[1] == UNKNOWN:
-                        bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
+                        if one_pass is None:
+                            bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
                         continue
                     instant = cast(datetime, fixed)
                 else:
@@ -145,7 +157,10 @@ def produce(
                     if tz is None:
                         bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
                         continue
-                    instant, _used = res.schedule.instant(tz)
+                    instant, used = res.schedule.instant(tz)
+                    if recount and count is not None:
+                        count.counts[instant] += 1
+                        count.zones[instant].add(used)
                 seen_rows += 1
                 w = by_instant.get(instant)
                 if w is None:  # the segment changed since the plan: a wave of its own
@@ -202,6 +217,10 @@ def produce(
             insert_rows = _insert_new(ctx.engine, rows)
             with write_lock(ctx.engine):
                 inserted = insert_rows(session)
+                if one_pass is not None:  # the plan so far, as its rows
+                    so_far = {"plan": [w.to_dict() for w in one_pass.waves()],
+                              "summary": {"planned": one_pass.plan.recipients, "counting": True}}  # fmt: skip
+                    session.execute(update(Campaign).where(col(Campaign.id) == cid).values(**so_far))
                 session.commit()
             _enqueue_due(ctx, res.priority, jobs)
             inserted = len(rows) if inserted < 0 else inserted
@@ -212,7 +231,7 @@ def produce(
                 analyze_grown(ctx.engine, ("notifications",))
                 next_analyze = time.monotonic() + 1.0
             if progress:
-                progress("write", seen_rows, planned)
+                progress("write", seen_rows, total)
         current = session.scalars(select(col(Campaign.status)).where(col(Campaign.id) == cid)).one()
         if current != state:
             _sync_rows(session, cid, current)
@@ -220,6 +239,8 @@ def produce(
         dups = duplicates.count if duplicates is not None else 0
         if duplicates is not None:
             bad.merge(duplicates)
+        if count is not None:
+            planned = count.recipients = seen_rows  # (every known row: repeats too hold a slot)
         summary = {
             "campaign_id": cid,
             "planned": planned,
@@ -235,10 +256,12 @@ def produce(
             "timezone_fallbacks": res.schedule.fallbacks,
         }
         finished = utcnow()
+        waves = plan_waves(count.counts, count.zones, res.rate) if count is not None else waves
+        counted = {} if count is None else {"plan": [w.to_dict() for w in waves]}
         session.execute(
             update(Campaign)
             .where(col(Campaign.id) == cid)
-            .values(launched_at=None if canceled else finished, summary=summary, updated_at=finished)
+            .values(launched_at=None if canceled else finished, summary=summary, updated_at=finished, **counted)
         )
         session.commit()
         camp = session.get(Campaign, cid)

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -377,7 +377,7 @@ def test_a_first_launch_skips_its_planned_duplicates_without_reading_its_rows(an
 
     def on_exec(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, many: bool) -> None:
         nonlocal offered, user_reads
-        user_reads += statement.startswith("SELECT id, timezone FROM users")
+        user_reads += bool(re.match(r"SELECT (u\.)?id, (u\.)?timezone FROM (users|json_each)", statement))
         if re.match(r"\s*SELECT recipient_id FROM notifications\b", statement):
             lookups.append(statement)
         if re.match(r"\s*INSERT INTO notifications\b", statement):
@@ -408,7 +408,8 @@ def test_a_segment_changed_between_the_passes_still_writes_each_user_once(any_db
     moves every line by one, so the duplicates the plan recorded (by line and user) match no row of
     the write pass. Every user is written, once, with their first row's data (the repeats are
     skipped by the unique index: PostgreSQL's COPY of such a chunk fails and goes again through ON
-    CONFLICT DO NOTHING), and ``written`` counts the rows the database took."""
+    CONFLICT DO NOTHING), and ``written`` counts the rows the database took. (Staggered by zone, at
+    00:00 already passed everywhere: one instant for all, planned in a pass of its own.)"""
     base = any_db_ctx
     users = 60
     rep = import_users(
@@ -425,7 +426,7 @@ def test_a_segment_changed_between_the_passes_still_writes_each_user_once(any_db
             seg.write_text(f"user_id,first_name\nm{users},Name{users}\n{body}")
 
     spec = LaunchSpec("weekly_promo", channels=["email"], segment_csv=str(seg), rate=1_000_000.0, quiet_hours="off",
-                      data={"discount": 20, "code": "C"})  # fmt: skip
+                      stagger_tz=True, local_time="00:00", if_passed="now", data={"discount": 20, "code": "C"})  # fmt: skip
     retried: list[str] = []
 
     def on_exec(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
@@ -481,3 +482,89 @@ def test_a_launch_runs_few_garbage_collections_and_leaves_the_threshold_as_it_wa
         assert gc.get_threshold() == before
     finally:
         gc.set_threshold(*process)
+
+
+def test_a_launch_of_one_instant_reads_its_segment_once_and_a_relaunch_counts_its_plan_anew(
+    any_db_ctx: Context,
+) -> None:
+    """Sent now, every recipient has one instant: the launch reads its segment file once (opened
+    twice in all: the header when the flags are checked, then the rows), planning each chunk as it
+    writes it. While it runs, the campaign's plan is what it has written so far (``counting``); at
+    its end, the whole plan. A launch stopped after a few chunks and relaunched ends with the plan,
+    the counts and the schedule an uninterrupted launch of the same segment has: every recipient
+    at the same offset from the wave's start, repeats and an unknown user reported on their lines."""
+    import sys
+
+    base = any_db_ctx
+    users = 60
+    zones = ["Europe/Paris", "America/New_York", "Asia/Kolkata", ""]
+    body = "".join(f"k{i},k{i}@example.com,{zones[i % 4]}\n" for i in range(users))
+    assert import_users(base, io.StringIO("user_id,email,timezone\n" + body)).errors == []
+    seg = base.settings.home / "once.csv"
+    seg.write_text(_dup_segment("k", users))
+    ctx = _with_chunks(base, 10)
+    opened: list[str] = []
+    watching = [True]
+
+    def on_audit(name: str, args: tuple[Any, ...]) -> None:
+        if watching[0] and name == "open" and str(args[0]) == str(seg):
+            opened.append(name)
+
+    sys.addaudithook(on_audit)
+    during: list[tuple[int, Any, Any]] = []
+    stop_after = [0]  # chunks written before the launch is stopped (0: never)
+
+    def progress(phase: str, done: int, _total: int | None) -> None:
+        if phase == "write" and done:
+            with Session(base.engine) as session:
+                camp = session.scalars(select(Campaign).order_by(Campaign.created_at.desc())).first()  # type: ignore[attr-defined]
+                assert camp is not None
+                during.append((done, camp.summary, camp.plan[0]["recipients"]))
+            if stop_after[0] and len(during) >= stop_after[0]:
+                raise KeyboardInterrupt  # as a launcher killed between two chunks
+
+    def spec(name: str) -> LaunchSpec:
+        return LaunchSpec("weekly_promo", channels=["email"], segment_csv=str(seg), rate=100.0, quiet_hours="off",
+                          name=name, data={"discount": 20, "code": "C"})  # fmt: skip
+
+    try:
+        whole = launch(ctx, spec("whole"), progress=progress)
+        watching[0] = False
+        assert len(opened) == 2, opened
+        # the plan so far after each chunk (its known rows, repeats included), marked as counting
+        assert [d[1] for d in during] == [{"planned": d[0], "counting": True} for d in during]
+        assert [d[0] for d in during] == [d[2] for d in during] == [10, 20, 30, 40, 50, 60, 65]
+        during.clear()
+        stop_after[0] = 3
+        with pytest.raises(KeyboardInterrupt):
+            launch(ctx, spec("stopped"), progress=progress)
+        stop_after[0] = 0
+        assert campaign_status(ctx, "stopped")["state"] == "launching"
+        from campaigns.launcher import resume_launch
+
+        again = resume_launch(ctx, "stopped")
+    finally:
+        watching[0] = False
+        ctx.close()
+    # (a relaunch counts the repeats with the rows it already had: it does not look for them)
+    assert whole["written"] == again["written"] + 30 == users and again["skipped_existing"] == 30 + 5
+    keys = ("planned", "timezone_fallbacks")
+    assert {k: whole[k] for k in keys} == {k: again[k] for k in keys} and whole["planned"] == 65
+    assert {(b["line"], b["kind"]) for b in whole["bad_rows"]["first"]} == {
+        (n, "duplicate") for n in (32, 41, 42, 65, 66)} | {(67, "unknown_user")}  # fmt: skip
+    assert {(b["line"], b["kind"]) for b in again["bad_rows"]["first"]} == {(67, "unknown_user")}
+    with Session(base.engine) as session:
+        camps = {c.name: c for c in session.scalars(select(Campaign))}
+        for c in camps.values():
+            assert c.summary["planned"] == 65 and "counting" not in c.summary
+        plans = [[{k: w[k] for k in ("recipients", "timezones")} for w in camps[n].plan] for n in ("whole", "stopped")]
+        assert plans[0] == plans[1] and plans[0][0]["recipients"] == 65
+        assert {"Europe/Paris", "America/New_York", "Asia/Kolkata"} <= set(plans[0][0]["timezones"])
+        offsets = []
+        for n in ("whole", "stopped"):
+            start = datetime.fromisoformat(camps[n].plan[0]["start"])
+            rows = session.execute(
+                select(Notification.recipient_id, Notification.due_at).where(Notification.campaign_id == camps[n].id)
+            ).all()
+            offsets.append({u: (d if d.tzinfo else d.replace(tzinfo=UTC)) - start for u, d in rows})
+    assert offsets[0] == offsets[1] and len(offsets[0]) == users
