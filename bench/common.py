@@ -99,19 +99,22 @@ def bulk_users(ctx: Context, n: int, prefix: str = "u", chunk: int = 5000) -> li
     return ids
 
 
-def bulk_notifications(ctx: Context, user_ids: list[str], template_id: str, channels: list[str], data: dict[str, Any],
-                       priority: str = "low", category: str = "marketing", chunk: int = 5000) -> list[str]:  # fmt: skip
-    """Write notifications as a campaign launcher does: status scheduled, due now."""
+def bulk_notifications(ctx: Context, user_ids: list[str], template_id: str, channels: list[str],
+                       data: dict[str, Any] | list[dict[str, Any]], priority: str = "low", category: str = "marketing",
+                       chunk: int = 5000) -> list[str]:  # fmt: skip
+    """Write notifications as a campaign launcher does: status scheduled, due now. ``data``: the same
+    for every recipient, or one per recipient (a segment's columns)."""
     now = utcnow()
     campaign = new_id("c")
     nids: list[str] = []
     for i in range(0, len(user_ids), chunk):
         rows = []
-        for uid in user_ids[i : i + chunk]:
+        for j, uid in enumerate(user_ids[i : i + chunk], i):
             nid = new_id("n")
             nids.append(nid)
             rows.append({"id": nid, "recipient_id": uid, "type": template_id, "template_id": template_id,
-                         "category": category, "priority": priority, "channels": channels, "data": data,
+                         "category": category, "priority": priority, "channels": channels,
+                         "data": data if isinstance(data, dict) else data[j],
                          "dedup_key": f"campaign:{campaign}:{uid}", "campaign_id": campaign, "status": "scheduled",
                          "due_at": now, "created_at": now, "updated_at": now})  # fmt: skip
         # one transaction per chunk, under the SQLite writer lock, as the campaign launcher writes

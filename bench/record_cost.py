@@ -6,6 +6,7 @@ run by an RQ ``SimpleWorker`` in burst mode as a pool worker runs them — on SQ
 
     python -m bench.record_cost                         # SQLite and PostgreSQL, email, push, otp
     python -m bench.record_cost --db pg --only otp --profile   # + cProfile's top functions
+    python -m bench.record_cost --only segment          # email, each recipient's own data (the blast's)
 
 Per row: CPU µs per notification of this process (the worker: every thread), of the PostgreSQL
 backends this process's engine connected to (their own CPU, found by ``pg_backend_pid()``), of
@@ -30,6 +31,7 @@ from sqlmodel import col
 
 from bench import sinks
 from bench.common import Env, bulk_notifications, bulk_users
+from bench.email_blast import SEGMENT_DATA
 from bench.harness import (
     PROMO,
     TWILIO_FROM,
@@ -47,6 +49,7 @@ from bench.harness import (
 from bench.push_blast import KEY_ID, TEAM_ID, TOPIC, device_platforms, sink_service_account
 from bench.sandboxes import SandboxProcess
 from notifyctl import keys
+from notifyctl.context import freeze_heap
 from notifyctl.intake import parse_request, submit
 from notifyctl.models import Delivery
 from notifyctl.redisconn import connect
@@ -119,6 +122,7 @@ def _report(label: str, k: int, c0: dict[str, float], c1: dict[str, float], wall
 def _batches(env: Env, meter: _Meter, label: str, nids: list[str], batch: int, profile: bool) -> dict[str, Any]:
     rt = Runtime(env.ctx, worker_name=f"bench-cost-{label}")
     rt.warm()
+    freeze_heap()  # as a pool worker does once set up (its collector's threshold too)
     _queued(env, nids)
     stats0 = commandstats(env)
     prof = cProfile.Profile(time.thread_time) if profile else None
@@ -205,8 +209,14 @@ def run(db: str, only: list[str], n: int, batch: int, otps: int, profile: bool, 
             elif what == "push" and sink is None:
                 continue
             else:
-                channel = "email" if what == "email" else "push"
-                nids = bulk_notifications(env.ctx, ids, "weekly_promo", [channel], PROMO)
+                channel = "push" if what == "push" else "email"
+                # segment: each recipient's own first name and code, as the headline blast's segment CSV
+                data = (
+                    [{**SEGMENT_DATA, "first_name": f"Name{i}", "code": f"C{i:07d}Z"} for i in range(n)]
+                    if what == "segment"
+                    else PROMO
+                )
+                nids = bulk_notifications(env.ctx, ids, "weekly_promo", [channel], data)
                 r = _batches(env, meter, what, nids, batch, profile)
             r["db"] = db
             out.append(r)
