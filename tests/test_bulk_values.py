@@ -50,6 +50,34 @@ def test_copy_datetime_text_is_the_bind_processors(v: datetime) -> None:
     assert bulk._copy_text(col_type, proc)(v) == bulk._copy_value(proc(v))
 
 
+def _one_converter_each(values: list[datetime]) -> None:
+    """One converter over the column (a statement's): each value's text its own processor's."""
+    for dialect in (sqlite.dialect(), postgresql.psycopg2.dialect()):  # type: ignore[attr-defined]
+        col_type, proc = _processors(dialect, "due_at")
+        if dialect.name == "sqlite":
+            conv = bulk._fast_bind(col_type, dialect, proc)
+            assert list(map(conv, values)) == list(map(proc, values))
+        else:
+            conv = bulk._copy_text(col_type, proc)
+            assert list(map(conv, values)) == [bulk._copy_value(proc(v)) for v in values]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_AWARE, max_size=10), st.lists(st.integers(-2_000_000, 2_000_000), max_size=20))
+def test_one_converter_over_many_datetimes_gives_each_its_processors_text(
+    starts: list[datetime], steps: list[int]
+) -> None:
+    """A converter makes a datetime's text to the second once per second: values in one second with
+    other microseconds (zero among them), in other seconds, before 1970, each its processor's text."""
+    lo, hi = datetime.min.replace(tzinfo=UTC) + timedelta(days=2), datetime.max.replace(tzinfo=UTC) - timedelta(days=2)
+    _one_converter_each([v for s in starts for d in steps if lo < (v := s + timedelta(microseconds=d)) < hi])
+
+
+def test_one_converter_over_more_seconds_than_it_remembers() -> None:
+    now = datetime(2026, 12, 6, 11, 0, tzinfo=UTC)
+    _one_converter_each([now + timedelta(microseconds=k * 250_000) for k in range(20_000)])  # 5,000 s, 4 a second
+
+
 def test_a_naive_datetime_is_refused_as_the_bind_processor_refuses_it() -> None:
     naive = datetime(2026, 3, 29, 1, 30)
     for dialect in (sqlite.dialect(), postgresql.psycopg2.dialect()):  # type: ignore[attr-defined]
