@@ -256,6 +256,12 @@ def produce(
 
 
 _RECIPIENT = ["campaign_id", "recipient_id"]
+# a chunk's columns of one value, written into SQLite's statement (``prepare_counted_insert``): none
+# holds a secret or an address (a statement's text shows in its errors; recipients and data stay bound)
+_CONSTANTS = frozenset(
+    ("type", "template_id", "category", "priority", "channels", "campaign_id", "wave", "status", "job_id")
+    + ("due_at", "created_at", "updated_at")
+)
 _SECOND = timedelta(seconds=1)
 
 
@@ -265,10 +271,11 @@ def _insert_new(engine: Engine, rows: list[dict[str, Any]]) -> Callable[[Session
     rows go by COPY straight into the table, under a savepoint; only when one collides (rare) is
     the chunk written again through a staging table and ``ON CONFLICT DO NOTHING`` (measured,
     1,000-row chunks: the staging table's create, fill and ``INSERT ... SELECT`` cost the server
-    ~3 µs a row more). SQLite: one ``INSERT ... ON CONFLICT DO NOTHING``. Returns the rows written
+    ~3 µs a row more). SQLite: one ``INSERT ... ON CONFLICT DO NOTHING``, the chunk's constant columns
+    (template, campaign, status, job, timestamps) written in as literals. Returns the rows written
     (-1: the driver did not say)."""
     if engine.dialect.name != "postgresql":
-        skipping = prepare_counted_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT)
+        skipping = prepare_counted_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT, inline=_CONSTANTS)
         return lambda session: skipping(session.connection())
     plain = prepare_counted_insert(engine, _NT, rows)
 

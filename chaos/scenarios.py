@@ -26,10 +26,10 @@ from bench.common import wait_until
 from chaos.checks import apply_tally, check_pool, count_in_doubt_apart, pct, restarts
 from chaos.common import ROOT, RateLimitPlan, Result, Ticker, World, drain, tally
 from chaos.probes import OtpStream, ResumeTrace
+from notifyctl.circuit import Circuits
 from notifyctl.models import Campaign, Delivery, DeliveryEvent, Notification
 from notifyctl.pacing import Pacer
 from notifyctl.redisconn import ensure_server
-from worker.circuit import Circuits
 
 POOL = 3
 

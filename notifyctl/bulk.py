@@ -6,7 +6,7 @@ converted to driver values a column at a time before the writer lock is taken (`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
@@ -30,7 +30,12 @@ def prepare_insert(
 
 
 def prepare_counted_insert(
-    engine: Engine, table: Table, rows: list[dict[str, Any]], skip_conflicts_on: list[str] | None = None
+    engine: Engine,
+    table: Table,
+    rows: list[dict[str, Any]],
+    skip_conflicts_on: list[str] | None = None,
+    *,
+    inline: Collection[str] = (),
 ) -> Callable[[Connection], int]:
     """An executemany INSERT of ``rows`` (all with the same keys), with the parameters converted
     to driver values now, so that the write itself — ``prepared(connection)`` inside the writer
@@ -45,6 +50,14 @@ def prepare_counted_insert(
 
     ``skip_conflicts_on``: rows that collide with an existing one on these columns (a unique
     index) are skipped (``ON CONFLICT (...) DO NOTHING``), as a relaunched campaign needs.
+
+    ``inline`` (SQLite): columns that, when they hold one value down all the rows (a launch chunk's
+    template, category, campaign, status, job and timestamps), go into the statement as a literal
+    (``_sqlite_literal``) instead of a parameter bound on every row: measured on the campaign
+    launcher's 16-column rows, 1,000 a statement, SQLite's own work 5.5 -> 4.7 µs a row. Name no
+    column that may hold a secret or an address: a statement's text shows in its errors, its
+    parameters never do (``hide_parameters``). The text then changes from one call to the next
+    (its timestamps): for large inserts only, whose one prepare is spread over many rows.
     """
     if not rows:
         return lambda _conn: 0
@@ -65,12 +78,17 @@ def prepare_counted_insert(
 
         return run_insert
     dialect = engine.dialect
-    params = _driver_rows(dialect, table, cols, rows)
+    columns = _driver_columns(dialect, table, cols, rows)
+    marks = ["?"] * len(cols)
+    if inline:
+        for i, values in enumerate(columns):
+            literal = _sqlite_literal(values) if cols[i] in inline else None
+            if literal is not None and len(marks) - marks.count("?") < len(cols) - 1:  # (one stays bound)
+                marks[i] = literal
+        columns = [values for values, mark in zip(columns, marks, strict=True) if mark == "?"]
+    params = list(zip(*columns, strict=True))
     q = dialect.identifier_preparer
-    sql = (
-        f"INSERT INTO {q.format_table(table)} ({', '.join(q.quote(c) for c in cols)}) "
-        f"VALUES ({', '.join('?' for _ in cols)})"
-    )
+    sql = f"INSERT INTO {q.format_table(table)} ({', '.join(q.quote(c) for c in cols)}) VALUES ({', '.join(marks)})"
     if skip_conflicts_on:
         sql += f" ON CONFLICT ({', '.join(q.quote(c) for c in skip_conflicts_on)}) DO NOTHING"
 
@@ -80,15 +98,38 @@ def prepare_counted_insert(
     return run_driver_sql
 
 
-def _driver_rows(dialect: Any, table: Table, cols: list[str], rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    """``rows`` as the driver takes them: a tuple of ``cols`` each, each value through its column's
-    own bind processor (or ``_fast_bind``'s equal), made a column at a time (``_convert``)."""
+def _driver_columns(dialect: Any, table: Table, cols: list[str], rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """``rows`` as the driver takes them, a list per column of ``cols``: each value through its
+    column's own bind processor (or ``_fast_bind``'s equal), made a column at a time (``_convert``)."""
     columns: list[list[Any]] = []
     for c in cols:
         values = list(map(itemgetter(c), rows))
         proc = table.c[c].type._cached_bind_processor(dialect)
         columns.append(values if proc is None else _convert(values, _fast_bind(table.c[c].type, dialect, proc)))
-    return list(zip(*columns, strict=True))
+    return columns
+
+
+def _sqlite_literal(values: list[Any]) -> str | None:
+    """SQLite's literal for a column's driver values when they are one value of one type — a text (a
+    str enum's too), an integer, NULL — storing what binding it on every row stores (a literal
+    takes the column's affinity as a bound value does); else None. Text with a NUL (which SQL text
+    cannot hold) or beyond ASCII (a lone surrogate, which binding refuses) stays bound."""
+    if not values:
+        return None
+    v = values[0]
+    kind = type(v)
+    if not (kind in (int, type(None)) or isinstance(v, str)) or values.count(v) != len(values):
+        return None
+    if len(set(map(type, values))) != 1:
+        return None  # (one type: True == 1 and 1 == 1.0, but they are stored apart)
+    if v is None:
+        return "NULL"
+    if kind is int:
+        return str(v)
+    v = str.__str__(v)  # a str enum's value, as the driver binds it
+    if "\x00" in v or not v.isascii():
+        return None
+    return "'" + v.replace("'", "''") + "'"
 
 
 def _sqlite_utc(proc: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel, create_engine
 
-from notifyctl import (
-    dedup,
-    models,  # noqa: F401  (registers every table)
-)
+from notifyctl import models  # (also registers every table)
 from notifyctl.analytics.triggers import install as install_analytics
 from notifyctl.analytics.triggers import sqlite_connected
 from notifyctl.analytics.waves import install as install_waves
@@ -276,9 +274,36 @@ def _backfill_dedup_keys(engine: Engine, ttl: int) -> None:
     Two processes upgrading one SQLite file at once: the second one's rows collide, and are the same."""
     try:
         with engine.begin() as conn:
-            dedup.backfill(conn, ttl)
+            backfill_dedup_keys(conn, ttl)
     except IntegrityError:
         pass
+
+
+def backfill_dedup_keys(conn: Connection, ttl: int, now: datetime | None = None) -> int:
+    """Fill a new ``dedup_keys`` table (intake's SQL dedup layer) from the notifications of a database
+    made before it existed: each dedup key used within the window, held by its first notification.
+    Returns rows added."""
+    n = models.Notification.__table__  # type: ignore[attr-defined]
+    now = now or models.utcnow()
+    since = now - timedelta(seconds=ttl)
+    rows: Sequence[Any] = conn.execute(
+        select(n.c.dedup_key, func.min(n.c.id), func.min(n.c.created_at))
+        .where(n.c.dedup_key.is_not(None), n.c.created_at > since)
+        .group_by(n.c.dedup_key)
+    ).all()
+    if rows:
+        conn.execute(
+            models.DedupKey.__table__.insert(),  # type: ignore[attr-defined]
+            [
+                {"key": k, "notification_id": nid, "expires_at": _aware(at) + timedelta(seconds=ttl)}
+                for k, nid, at in rows
+            ],
+        )
+    return len(rows)
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def dispose_all(close: bool = True) -> None:

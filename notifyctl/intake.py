@@ -6,9 +6,9 @@ Order matters for "nothing lost, nothing twice":
    channels, template data) — a rejected request leaves nothing behind;
 2. the dedup key is claimed in Redis (``SET NX``, value ``?<notification id>`` while pending, the
    id once committed: a committed holder answers ``duplicate`` at once), then in SQL
-   (``notifyctl.dedup``: a table whose primary key admits one holder per key), which decides when
-   Redis lost the key or holds a claim still pending — two intakes racing on one key cannot both
-   commit, on SQLite or PostgreSQL;
+   (``claim_dedup_key``: the ``dedup_keys`` table, whose primary key admits one holder per key),
+   which decides when Redis lost the key or holds a claim still pending — two intakes racing on one
+   key cannot both commit, on SQLite or PostgreSQL;
 3. the notification row is committed (status ``queued``, with the id of the RQ job to come);
 4. the RQ job is enqueued. If the process dies between 3 and 4, the reconciler finds the
    row with no job behind it and queues it: the answer ``queued`` is only given after 3.
@@ -17,19 +17,22 @@ Order matters for "nothing lost, nothing twice":
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, delete, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from notifyctl import dedup, keys, ordering, prefs
+from notifyctl import keys, ordering, prefs
 from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.errors import InputError, validation_message
 from notifyctl.identifiers import check_user_id
 from notifyctl.jsonload import load_json  # the one JSON loader; callers also import it from here
-from notifyctl.models import Notification, NotificationStatus, OrderedNotification, User, new_id, utcnow
+from notifyctl.models import DedupKey, Notification, NotificationStatus, OrderedNotification, User, new_id, utcnow
 from notifyctl.policy import blocked_by
 from notifyctl.secretdata import erase
 from notifyctl.settings import CHANNELS
@@ -214,7 +217,7 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
             if req.dedup_key:
                 # Layer 2, SQL: one holder per key, enforced by the table's primary key. It decides
                 # whether Redis lost the key, or holds another intake's pending claim.
-                prior = dedup.claim(session, req.dedup_key, nid, now, ttl)
+                prior = claim_dedup_key(session, req.dedup_key, nid, now, ttl)
                 if prior is not None:
                     holder_id, until = prior
                     r.set(dkey, holder_id, ex=max(1, int((until - now).total_seconds())))  # type: ignore[arg-type]
@@ -273,3 +276,46 @@ def _release(r: Any, dkey: str, marker: str) -> None:
 
 def user_vars(user: User) -> dict[str, Any]:
     return {"id": user.id, "email": user.email, "locale": user.locale, "timezone": user.timezone, **user.attributes}
+
+
+# Dedup, layer 2: the SQL record of who holds a dedup key (``models.DedupKey``). Layer 1 is Redis
+# (``submit``): a fast ``SET NX`` that answers most repeats without a SQL statement. It can lose a
+# key (a restart without persistence, an eviction), and its answer while the first request is still
+# committing is only "pending": this table decides. Its primary key lets one row per key exist, so
+# two intakes racing on one key — two processes, two hosts, SQLite or PostgreSQL — cannot both
+# commit a notification: the second one's insert fails (on PostgreSQL it waits for the first
+# transaction, then fails or, if that one rolled back, succeeds) and it answers ``duplicate`` with
+# the holder's id. The holds whose window has ended are purged by ``notifyctl.retention``; a
+# database made before the table gets it filled by ``notifyctl.db``.
+
+_K = DedupKey.__table__  # type: ignore[attr-defined]
+CLAIM_TRIES = 5  # a holder that rolls back between our insert and our read: try again
+
+
+def dedup_key_holder(session: Session | Connection, key: str, now: datetime) -> tuple[str, datetime] | None:
+    """The notification id holding ``key`` at ``now`` and when its hold ends, or None."""
+    row = session.execute(
+        select(_K.c.notification_id, _K.c.expires_at).where(_K.c.key == key, _K.c.expires_at > now)
+    ).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def claim_dedup_key(
+    session: Session, key: str, notification_id: str, now: datetime, ttl: int
+) -> tuple[str, datetime] | None:
+    """Take ``key`` for ``notification_id`` in the session's transaction (nothing else may be pending
+    in it: a lost race rolls it back). None when taken — the caller adds its notification and
+    commits, which makes the hold final — else the current holder's id and the end of its hold."""
+    for _ in range(CLAIM_TRIES):
+        session.execute(delete(_K).where(_K.c.key == key, _K.c.expires_at <= now))  # an expired hold is over
+        session.add(DedupKey(key=key, notification_id=notification_id, expires_at=now + timedelta(seconds=ttl)))
+        try:
+            session.flush()
+            return None
+        except IntegrityError:
+            session.rollback()
+        found = dedup_key_holder(session, key, now)
+        session.rollback()  # end the read: the caller's transaction starts afresh
+        if found is not None:
+            return found
+    raise RuntimeError(f"dedup key {key!r}: could not be claimed nor its holder read after {CLAIM_TRIES} tries")

@@ -210,7 +210,7 @@ class Notification(SQLModel, table=True):
 class DedupKey(SQLModel, table=True):
     """A dedup key held by the notification that took it, until ``expires_at`` (``NOTIFY_DEDUP_TTL``
     after). The primary key makes the database itself refuse a second holder, whatever races at
-    intake (``notifyctl.dedup``); an expired key is taken over by the next request that names it,
+    intake (``notifyctl.intake``); an expired key is taken over by the next request that names it,
     and ``notifyctl purge`` deletes the expired ones."""
 
     __tablename__ = "dedup_keys"

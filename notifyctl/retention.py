@@ -30,15 +30,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, exists, func, or_, select
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from notifyctl.bulk import unindexed
 from notifyctl.context import Context
 from notifyctl.db import write_lock
-from notifyctl.dedup import purge_expired
 from notifyctl.errors import InputError
 from notifyctl.models import (
     Campaign,
+    DedupKey,
     Delivery,
     DeliveryEvent,
     DeliveryStatus,
@@ -55,6 +56,7 @@ OVER = [NotificationStatus.done, NotificationStatus.suppressed, NotificationStat
 _N = Notification.__table__  # type: ignore[attr-defined]
 _D = Delivery.__table__  # type: ignore[attr-defined]
 _E = DeliveryEvent.__table__  # type: ignore[attr-defined]
+_K = DedupKey.__table__  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -66,7 +68,7 @@ class PurgeResult:
     deliveries: int = 0
     events: int = 0
     kept: int = 0  # old enough, but in flight, in the DLQ or of an unfinished campaign launch
-    dedup_keys: int = 0  # dedup holds whose window has ended (``notifyctl.dedup``)
+    dedup_keys: int = 0  # dedup holds whose window has ended (``purge_dedup_keys``)
     batches: int = 0
     longest_batch_ms: float = 0.0  # the longest delete transaction (on SQLite: the writer lock held)
 
@@ -156,7 +158,7 @@ def purge(
             _delete(ctx, ids, [*old, *over], res)
         if progress:
             progress(len(page))
-    res.dedup_keys = purge_expired(engine, now or utcnow(), dry_run=dry_run)
+    res.dedup_keys = purge_dedup_keys(engine, now or utcnow(), dry_run=dry_run)
     return res
 
 
@@ -178,3 +180,22 @@ def _delete(ctx: Context, ids: list[str], conds: list[Any], res: PurgeResult) ->
     res.notifications += len(gone)
     res.kept += len(ids) - len(gone)
     res.batches += 1
+
+
+def purge_dedup_keys(engine: Engine, now: datetime | None = None, dry_run: bool = False, chunk: int = 5000) -> int:
+    """Delete the dedup holds that have ended (``notifyctl.intake``'s SQL layer; or count them,
+    ``dry_run``), in short transactions of at most ``chunk`` rows (on SQLite under the writer lock,
+    not urgent). Returns how many."""
+
+    now = now or utcnow()
+    if dry_run:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(_K).where(_K.c.expires_at <= now)).scalar_one())
+    total = 0
+    while True:
+        with write_lock(engine), engine.begin() as conn:
+            page = select(_K.c.key).where(_K.c.expires_at <= now).limit(chunk)
+            n = conn.execute(delete(_K).where(_K.c.key.in_(page), _K.c.expires_at <= now)).rowcount
+        total += n
+        if n < chunk:
+            return total

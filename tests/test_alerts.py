@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from notifyctl import metrics
 from notifyctl.alerts import check_alerts
+from notifyctl.circuit import CLOSED, OPEN, Circuits
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.metrics import queue_stats
@@ -30,7 +31,6 @@ from tests.conftest import ROOT, cli_env, make_settings, start_pool
 from tests.net import ClosedPort
 from tests.test_dlq import Hook
 from tests.util import seed, send, wait_for
-from worker.circuit import CLOSED, OPEN, Circuits
 from worker.pool import run_worker
 
 DEPLOY = ROOT / "deploy"

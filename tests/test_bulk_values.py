@@ -14,11 +14,12 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 
 from notifyctl import bulk, db
 from notifyctl.ids import _B32, new_ids
-from notifyctl.models import Delivery, Notification
+from notifyctl.models import Delivery, Notification, NotificationStatus
 
 _T = Notification.__table__  # type: ignore[attr-defined]
 _ZONES = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8)), ZoneInfo("Europe/Paris")]
@@ -137,3 +138,66 @@ def test_new_ids_are_new_id_s() -> None:
     assert before <= ms <= after and {i[:12] for i in ids} == {ids[0][:12]}
     assert new_ids("job_l", 1)[0].startswith("job_l_") and len(new_ids("job_l", 1)[0]) == 26
     assert new_ids("n", 0) == []
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=6)  # (a lone surrogate: refused either way)
+_ONE_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    _TEXT,
+    st.sampled_from(["it's", "'", "''", "\x00", "a\x00b", "é'ü", "?", "NULL", "123", "1e3", " 7 "]),
+    st.sampled_from(list(NotificationStatus)),
+)
+_INLINE = ("recipient_id", "type", "template_id", "category", "priority", "channels", "dedup_key", "wave", "status",
+           "reason", "job_id", "due_at", "created_at", "updated_at")  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(_ONE_VALUE, _ONE_VALUE, st.integers(1, 4))
+def test_inlined_constants_store_what_bound_values_store(a: Any, b: Any, n: int) -> None:
+    """``prepare_counted_insert(inline=...)`` on SQLite: a column of one value written in the
+    statement as a literal stores what binding it on every row stores — its value and its storage
+    class (the JSON and DATETIME columns' numeric affinity turns a text like "123" into an integer,
+    for a literal as for a bound text) — whatever the text (quotes, NUL, "?", non-ASCII); a
+    column not named stays bound (campaign_id, data)."""
+    got: dict[bool, Any] = {}
+    for inline in (False, True):
+        rows = [{"id": f"n{i}", "recipient_id": a, "type": b, "template_id": "t", "category": "c",
+                 "priority": "low", "channels": ["email"], "data": {"i": 1}, "dedup_key": a, "campaign_id": f"c{i}",
+                 "wave": a, "status": b, "reason": None, "job_id": a, "due_at": datetime(2026, 1, 1, tzinfo=UTC),
+                 "created_at": datetime(2026, 1, 1, tzinfo=UTC), "updated_at": datetime(2026, 1, 1, tzinfo=UTC)}
+                for i in range(n)]  # fmt: skip
+        engine = db.make_engine("sqlite://")
+        try:
+            _T.create(engine)
+            seen: list[str] = []
+            with engine.connect() as conn:
+                event.listen(conn, "before_cursor_execute", lambda *args, seen=seen: seen.append(args[2]))
+                try:
+                    with conn.begin():
+                        bulk.prepare_counted_insert(engine, _T, rows, inline=_INLINE if inline else ())(conn)
+                except Exception as exc:  # noqa: BLE001 - what a bound value refuses, a literal refuses alike
+                    got[inline] = type(exc).__name__
+                    continue
+            if inline and n > 1:  # written in: the constants named; bound: id, data, campaign_id
+                assert "'t', 'c', 'low', '[\"email\"]', ?" in seen[-1] and seen[-1].count("?") >= 3, seen[-1]
+            cols = [c.name for c in _T.c]
+            with engine.connect() as conn:
+                sql = f"SELECT {', '.join(f'{c}, typeof({c})' for c in cols)} FROM notifications"
+                got[inline] = sorted(map(tuple, conn.exec_driver_sql(sql).all()))
+        finally:
+            engine.dispose()
+    assert got[True] == got[False]
+
+
+def test_a_literal_only_for_one_value_of_one_type() -> None:
+    """Equal values of two types (``1 == True == 1.0``) are stored apart: they stay bound; so do
+    booleans, floats, bytes and texts SQL cannot hold."""
+    lit = bulk._sqlite_literal
+    assert (lit([1, 1]), lit(["it's"] * 2), lit([None] * 3), lit([NotificationStatus.queued] * 2)) == (
+        "1", "'it''s'", "NULL", "'queued'")  # fmt: skip
+    bound = [[1, True], [1, 1.0], [True, True], [0.5, 0.5], [b"x", b"x"], ["a", "b"], ["\x00"], ["\ud800"], ["é"], []]
+    for values in bound:
+        assert lit(values) is None, values

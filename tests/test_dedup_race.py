@@ -21,14 +21,17 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select, text
-from sqlmodel import Session
+import pytest
+from sqlalchemy import func, insert, select, text
+from sqlmodel import Session, SQLModel
 
-from notifyctl import dedup
 from notifyctl.api.auth import create_key
 from notifyctl.context import Context
+from notifyctl.db import dispose_all, engine_for, make_engine
+from notifyctl.intake import claim_dedup_key, dedup_key_holder
 from notifyctl.models import DedupKey, Notification, utcnow
 from notifyctl.retention import purge
+from notifyctl.settings import Settings
 from tests.conftest import ROOT, cli_env
 from tests.net import ServeProcess
 from tests.util import queue_depths, seed, send
@@ -205,12 +208,12 @@ def test_the_database_refuses_a_second_holder_until_the_window_ends(any_db_ctx: 
         except IntegrityError:
             s.rollback()
     with Session(ctx.engine) as s:
-        assert dedup.claim(s, "k", "n_c", now, 60) is not None  # held: the holder is answered
-        assert dedup.claim(s, "k", "n_c", now + timedelta(seconds=61), 60) is None  # over: taken
+        assert claim_dedup_key(s, "k", "n_c", now, 60) is not None  # held: the holder is answered
+        assert claim_dedup_key(s, "k", "n_c", now + timedelta(seconds=61), 60) is None  # over: taken
         s.commit()
     later = now + timedelta(seconds=200)
     with Session(ctx.engine) as s:
-        held = dedup.holder(s, "k", now + timedelta(seconds=62))
+        held = dedup_key_holder(s, "k", now + timedelta(seconds=62))
         assert held is not None and held[0] == "n_c"
     res = purge(ctx, ctx.settings.dedup_ttl, dry_run=True, now=later + timedelta(seconds=ctx.settings.dedup_ttl))
     assert res.dedup_keys == 1
@@ -238,3 +241,35 @@ def test_a_database_from_before_dedup_keys_is_upgraded_with_the_keys_it_holds(ct
         ]
     again = send(ctx, data=ORDER, dedup_key="from-before")
     assert (again.status, again.reason, again.notification_id) == ("suppressed", "duplicate", first.notification_id)
+
+
+@pytest.mark.fresh_pg_schema
+def test_upgrade_fills_dedup_keys_from_the_notifications_of_the_window(db_url: str) -> None:
+    """A database made before ``dedup_keys``: the first process to open it fills the table with each
+    dedup key used within the window, held by its first notification; older keys and notifications
+    without one add nothing."""
+    legacy = make_engine(db_url)
+    SQLModel.metadata.create_all(legacy)
+    now = utcnow()
+
+    def row(nid: str, key: str | None, age: float) -> dict[str, object]:
+        at = now - timedelta(seconds=age)
+        return {"id": nid, "recipient_id": "u1", "type": "t", "template_id": "t", "category": "marketing",
+                "priority": "low", "channels": ["email"], "data": {}, "dedup_key": key, "campaign_id": None,
+                "status": "done", "due_at": at, "created_at": at, "updated_at": at}  # fmt: skip
+
+    with legacy.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE dedup_keys")
+        conn.execute(
+            insert(Notification.__table__),  # type: ignore[attr-defined]
+            [row("n_a", "k1", 10), row("n_b", "k1", 5), row("n_c", "k2", 7200), row("n_d", None, 1)],
+        )
+    legacy.dispose()
+    dispose_all()
+    try:
+        engine = engine_for(Settings(database_url=db_url, dedup_ttl=3600))
+        with engine.connect() as conn:
+            held = conn.execute(select(DedupKey.key, DedupKey.notification_id)).all()  # type: ignore[call-overload]
+        assert [tuple(r) for r in held] == [("k1", "n_a")]
+    finally:
+        dispose_all()

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from notifyctl import keys
+from notifyctl.circuit import Circuits
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from sandboxes.aws import AwsSandbox
@@ -19,7 +20,6 @@ from sandboxes.twilio import TwilioSandbox
 from tests.conftest import make_settings
 from tests.util import deliveries, drain, events, seed, send
 from worker import jobs
-from worker.circuit import Circuits
 
 SID = "AC" + os.urandom(16).hex()
 TOKEN = os.urandom(16).hex()

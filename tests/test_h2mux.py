@@ -1,10 +1,12 @@
 """``worker.providers.h2mux``: a response's own headers, also when an interim (1xx) response came
 first on the same request (the header lines are collected by a builtin callback and split when
 read); requests written to corked sockets go out with each round, and a connection the server
-closed between runs is not used again."""
+closed between runs is not used again; a handle's upload buffer is libcurl's smallest, and a
+body larger than it still goes whole."""
 
 from __future__ import annotations
 
+import resource
 import socket
 import threading
 import time
@@ -94,3 +96,30 @@ def test_corked_requests_go_out_after_each_round(server: str) -> None:
     finally:
         mux.close()
     assert elapsed < 3.0, f"20 requests took {elapsed:.2f}s"  # ~0.1 s here, loaded
+
+
+def test_handles_take_the_smallest_upload_buffer(server: str) -> None:
+    """Each handle's first body makes libcurl allocate its upload buffer: 64 KiB by default (16 pages
+    touched), 16 KiB as set. 100 handles' first requests, measured here: 11.5-13.4 page faults a
+    request with the default, 4.2-5.9 with 16 KiB."""
+    mux = Mux(http2="never", connections=100, timeout=30, connect_timeout=30)
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        results = mux.run([Request(server + "/x", ["expect:"], b"{}") for _ in range(100)])
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    finally:
+        mux.close()
+    assert all(isinstance(r, Answer) and r.status == 429 for r in results), [
+        r for r in results if not isinstance(r, Answer)
+    ]
+    assert faults / 100 < 8.5, f"{faults / 100:.1f} page faults a request"
+
+
+def test_a_body_larger_than_the_upload_buffer_goes_whole(server: str) -> None:
+    """The server answers once it has read Content-Length bytes: a body cut short would time out."""
+    mux = Mux(http2="never", connections=1, timeout=10)
+    try:
+        [res] = mux.run([Request(server + "/x", ["expect:"], b"x" * 200_000)])
+    finally:
+        mux.close()
+    assert isinstance(res, Answer) and res.status == 429

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from notifyctl import keys
+from notifyctl.circuit import Circuits
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
 from notifyctl.settings import Settings
@@ -27,7 +28,6 @@ from sandboxes.apns import ApnsSandbox
 from sandboxes.fcm import FcmSandbox
 from tests.conftest import make_settings
 from tests.util import IOS_TOKEN, deliveries, seed, send
-from worker.circuit import Circuits
 from worker.pool import run_worker
 from worker.providers import load_provider
 from worker.providers.base import Message, Permanent, Sent

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from rq.job import Job, JobStatus
 from twilio.request_validator import RequestValidator
 
+from notifyctl.circuit import Circuits
 from notifyctl.context import Context
 from notifyctl.settings import Settings
 from tests.conftest import ROOT, cli_env, invoke_cli
@@ -37,7 +38,6 @@ from tests.net import ServeProcess
 from tests.test_dlq import Hook, add_dead
 from tests.test_webhooks import _der_b64, _self_signed, sns_sign
 from tests.util import ApiServer, deliveries, notification, queue_depths, seed, send
-from worker.circuit import Circuits
 from worker.pool import run_worker
 from worker.reconciler import reconcile
 

@@ -2,6 +2,10 @@
 
 The per-process runtime (connections, providers) is built once, at worker start, from the
 settings root the worker process was given (``configure``).
+
+A module of its own, not ``worker.pipeline``'s: every queued job stores its function's name,
+``worker.jobs.process`` (``notifyctl.intake.JOB_FUNC``), so that name stays put for the jobs
+queued before an upgrade to run after it.
 """
 
 from __future__ import annotations

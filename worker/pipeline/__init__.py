@@ -4,9 +4,10 @@
 2. ``fanout``   one delivery per channel and address (``notifyctl.policy``: who may receive what;
                 rate limits); a due push follows its device's replaced token;
 3. ``render``   the content per notification and channel, shared across the batch where it can be;
-4. ``claim``    the due deliveries under one lease (``worker.claims``), a message per recipient;
-5. ``send``     per route: providers in failover order behind circuits, paced, fenced;
-6. ``record``   each outcome's decision (``outcome.decide``: sent, retry at, dead-letter, remove the
+4. ``send``     the due deliveries claimed under one lease (``worker.claims``), a message per
+                recipient, then sent per route: providers in failover order behind circuits,
+                paced, fenced;
+5. ``record``   each outcome's decision (``outcome.decide``: sent, retry at, dead-letter, remove the
                 address) onto its delivery, then one write: Redis send records, then SQL.
 
 Every stage works on the whole batch: a fixed number of SQL statements and Redis round trips per
@@ -29,13 +30,12 @@ from sqlmodel import Session
 from notifyctl import metrics, ordering
 from notifyctl.models import utcnow
 from worker.pipeline.batch import _Batch
-from worker.pipeline.claim import claim, due_now
 from worker.pipeline.fanout import delivery_id, fan_out, follow_replaced_tokens
 from worker.pipeline.outcome import decide, retry_delay
 from worker.pipeline.record import Record, record_outcomes, write
 from worker.pipeline.render import Renderer
 from worker.pipeline.runtime import Runtime, Stats
-from worker.pipeline.send import route_groups, send_routes
+from worker.pipeline.send import claim, due_now, route_groups, send_routes
 
 _route_groups = route_groups  # (its name before the split, as tests import it)
 
@@ -85,8 +85,8 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
             due = follow_replaced_tokens(session.connection(), batch, due, fresh, rec.updates, events, now, stats)
         if due:
             to_send = claim(rt, session.connection(), batch, due, renderer, rec, stats)  # 4 (and 3)
-            # 5: the batch's routes at the same time (iOS and Android: one network wait, not two)
+            # 4: the batch's routes at the same time (iOS and Android: one network wait, not two)
             answered = send_routes(rt, {route: [m for _, m in items] for route, items in to_send.items()})
-            record_outcomes(rt, to_send, answered, rec, stats)  # 6
+            record_outcomes(rt, to_send, answered, rec, stats)  # 5
         write(rt, session, batch, rec, renderer.secret_of)
     return stats

@@ -1,4 +1,4 @@
-"""Stage 6, record: each outcome onto its delivery (``outcome.decide``), then the batch's writes —
+"""Stage 5, record: each outcome onto its delivery (``outcome.decide``), then the batch's writes —
 Redis send records first (they survive a crash before the commit), then SQL in one transaction
 under the writer lock: new deliveries, status changes, events, device tokens, SMS opt-outs, each
 notification's status (``_settle_notifications``) — then the metrics."""

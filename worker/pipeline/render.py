@@ -3,7 +3,7 @@
 ``Renderer`` holds one batch's caches: templates, renderings per (notification, channel), renders
 that do not read ``user`` per data, and — for a channel that only prints the recipient's own
 fields (``{{ user.first_name }}``) — the batch's rendering with tokens (``_UserProbe``) and each
-recipient's values for them (``_token_values``), put in when the message is built (``claim``).
+recipient's values for them (``_token_values``), put in when the message is built (``send.claim``).
 For email, ``_EmailPlan`` works out once per body what every recipient shares (footer, headers,
 the body with tokens) and ``apply`` does what differs per recipient.
 """

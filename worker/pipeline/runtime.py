@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from notifyctl import metrics
+from notifyctl.circuit import Circuits
 from notifyctl.context import Context
 from notifyctl.liveness import Liveness, unique_worker_name
 from notifyctl.pacing import Pacer
 from notifyctl.redisconn import replica_acks
 from notifyctl.unsubscribe import secret_key
 from notifyctl.vocabulary import ROUTES
-from worker.circuit import Circuits
 from worker.claims import Claims
 from worker.providers import Provider, load_provider
 from worker.ratelimit import RateLimiter

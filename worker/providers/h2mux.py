@@ -60,6 +60,12 @@ _TIMEOUT = pycurl.E_OPERATION_TIMEDOUT
 _SOCKOPT_OK: int = pycurl.SOCKOPT_OK
 _IDLE_REUSE_S = 3600  # keep idle connections (libcurl's default drops them after 118 s idle)
 _TCP_CORK: int = getattr(socket, "TCP_CORK", 0)  # Linux (with select.POLLRDHUP); 0: none
+# libcurl gives every handle a 64 KiB upload buffer (its default) once it first sends a body: for
+# a batch's 1,000 handles 64 MB, touched page by page, for bodies of at most a few KiB. Its minimum,
+# 16 KiB, takes a body of any size all the same (in more pieces). First batch of 1,000 APNs
+# requests to nginx: page faults 16,033 -> 6,032, peak RSS 161 -> 122 MB, CPU 68 -> 51 ms, per Mux
+# (a pool worker of the mix has two); later batches unchanged (bare loop A/B).
+_UPLOAD_BUFFER = 16 * 1024
 
 
 def system_ca() -> tuple[str | None, str | None]:
@@ -222,6 +228,7 @@ class Mux:
         c.setopt(pycurl.CONNECTTIMEOUT_MS, self.connect_timeout_ms)
         c.setopt(pycurl.MAXAGE_CONN, _IDLE_REUSE_S)
         c.setopt(pycurl.TCP_NODELAY, 1)
+        c.setopt(pycurl.UPLOAD_BUFFERSIZE, _UPLOAD_BUFFER)
         if self.user_agent:
             c.setopt(pycurl.USERAGENT, self.user_agent)
         # a builtin as the callbacks (no Python frame per header line or body chunk): a response's
