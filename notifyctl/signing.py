@@ -27,4 +27,4 @@ def hmac_sha256(key: bytes, msg: bytes) -> bytes:
         base = _keyed[key] = getattr(h, "_hmac", None) or h
     c = base.copy()
     c.update(msg)
-    return c.digest()  # type: ignore[no-any-return]
+    return c.digest()
