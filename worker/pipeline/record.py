@@ -6,7 +6,7 @@ notification's status (``_settle_notifications``) — then the metrics."""
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -189,11 +189,13 @@ def write(
         prefs.invalidate(rt.ctx.served, sms_stops)  # (the batch's users: the shard served)
     if settle_error is not None:
         raise settle_error
-    for row in new_rows:
-        rt.metrics.outcome(row["status"], row["channel"], row.get("reason"))
-    channel_of = {d.id: d.channel for ds in batch.deliveries.values() for d in ds}
-    for row in updates.rows:
-        rt.metrics.outcome(row["status"], channel_of.get(row["id"], ""), row.get("reason"))
+    # counted per distinct outcome (a blast's batch: one), not once a row
+    outcomes = Counter((row["status"], row["channel"], row.get("reason")) for row in new_rows)
+    if updates.rows:
+        channel_of = {d.id: d.channel for ds in batch.deliveries.values() for d in ds}
+        outcomes.update((row["status"], channel_of.get(row["id"], ""), row.get("reason")) for row in updates.rows)
+    for (status, channel, reason), k in outcomes.items():
+        rt.metrics.outcome(status, channel, reason, k)
     try:
         pipe = rt.ctx.redis.pipeline(transaction=False)
         rt.metrics.flush(pipe)
