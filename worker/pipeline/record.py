@@ -190,12 +190,14 @@ def write(
     if settle_error is not None:
         raise settle_error
     # counted per distinct outcome (a blast's batch: one), not once a row
-    outcomes = Counter((row["status"], row["channel"], row.get("reason")) for row in new_rows)
+    outcomes: Counter[tuple[str, str, str | None]] = Counter(
+        (row["status"], row["channel"], row.get("reason")) for row in new_rows
+    )
     if updates.rows:
         channel_of = {d.id: d.channel for ds in batch.deliveries.values() for d in ds}
         outcomes.update((row["status"], channel_of.get(row["id"], ""), row.get("reason")) for row in updates.rows)
-    for (status, channel, reason), k in outcomes.items():
-        rt.metrics.outcome(status, channel, reason, k)
+    for (to, channel, why), k in outcomes.items():
+        rt.metrics.outcome(to, channel, why, k)
     try:
         pipe = rt.ctx.redis.pipeline(transaction=False)
         rt.metrics.flush(pipe)
