@@ -54,6 +54,9 @@ Hi {{ user.first_name }}, use the code {{ code }} at checkout.
 '''
 
 
+# as a compliant campaign goes out: each email with its own unsubscribe link (RFC 8058 headers +
+# footer), the sender's postal address, and an open-tracking pixel
+COMPLIANT = {"public_url": "https://notify.example.com", "postal_address": "1 Main St, Springfield"}
 SEGMENT_PROMO_ID = "weekly_promo"  # the shipped template: first_name and code from the segment's columns
 SEGMENT_DATA = {"discount": 20}  # the campaign's --data, the same for everyone
 
@@ -87,10 +90,7 @@ def email_blast(n: int, pool: int = 3, otps: int = 1000, batch: int = 1000, expe
         "providers_email": ["sendgrid"],
         "providers_sms": ["twilio"],
         "batch_size": batch,
-        # as a compliant campaign goes out: each email with its own unsubscribe link (RFC 8058
-        # headers + footer), the sender's postal address, and an open-tracking pixel
-        "public_url": "https://notify.example.com",
-        "postal_address": "1 Main St, Springfield",
+        **COMPLIANT,
         "provider_options": {
             "sendgrid": {"api_key": sg.info["api_key"], "base_url": sg.info["url"]},
             "twilio": {"account_sid": tw.info["account_sid"], "auth_token": tw.info["auth_token"],

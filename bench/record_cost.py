@@ -8,11 +8,12 @@ run by an RQ ``SimpleWorker`` in burst mode as a pool worker runs them — on SQ
     python -m bench.record_cost --db pg --only otp --profile   # + cProfile's top functions
     python -m bench.record_cost --only segment          # email, each recipient's own data (the blast's)
 
-Per row: CPU µs per notification of this process (the worker: every thread), of the PostgreSQL
-backends this process's engine connected to (their own CPU, found by ``pg_backend_pid()``), of
-redis-server and of the sandbox or sink; SQL statements and their rows per batch; Redis commands per
-notification. The load average before and after is printed: on a shared machine, compare runs made
-side by side.
+The emails go out as the headline blast's do (``email_blast.COMPLIANT``: an unsubscribe link, the
+postal address and an open pixel each). Per row: CPU µs per notification of this process (the
+worker: every thread), of the PostgreSQL backends this process's engine connected to (their own
+CPU, found by ``pg_backend_pid()``), of redis-server and of the sandbox or sink; SQL statements and
+their rows per batch; Redis commands per notification. The load average before and after is
+printed: on a shared machine, compare runs made side by side.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sqlmodel import col
 
 from bench import sinks
 from bench.common import Env, bulk_notifications, bulk_users
-from bench.email_blast import SEGMENT_DATA
+from bench.email_blast import COMPLIANT, SEGMENT_DATA
 from bench.harness import (
     PROMO,
     TWILIO_FROM,
@@ -193,7 +194,7 @@ def run(db: str, only: list[str], n: int, batch: int, otps: int, profile: bool, 
                        "ca_file": sink.ca_file, "token_url": sink.url + "/token"}  # fmt: skip
     env = Env(bench_pg=PG_URL if db == "pg" else "", providers_email=["sendgrid"], providers_sms=["twilio"],
               providers_push_ios=["apns"], providers_push_android=["fcm"], batch_size=batch,
-              provider_options=opts)  # fmt: skip
+              provider_options=opts, **COMPLIANT)  # fmt: skip
     out: list[dict[str, Any]] = []
     try:
         others = {"SendGrid sandbox": sg.proc.pid, "Twilio sandbox": tw.proc.pid}

@@ -44,10 +44,11 @@ class Recorder:
     def in_doubt(self, channel: str) -> None:
         self.doubts[channel] += 1
 
-    def outcome(self, status: str, channel: str, reason: str | None = None) -> None:
-        self.outcomes[f"{status}|{channel}|{reason_label(reason)}"] += 1
+    def outcome(self, status: str, channel: str, reason: str | None = None, n: int = 1) -> None:
+        """``n`` deliveries reached ``status`` (on ``channel``, for ``reason``)."""
+        self.outcomes[f"{status}|{channel}|{reason_label(reason)}"] += n
         if status == "sent":
-            self.sent += 1
+            self.sent += n
 
     def latency(self, provider: str, seconds: float, messages: int) -> None:
         self.latencies.append((provider, seconds, messages))

@@ -617,3 +617,24 @@ def test_prepared_insert_stores_what_an_insert_would(any_db_ctx: Context) -> Non
     with ctx.engine.connect() as conn:
         ids = conn.execute(select(Notification.id).where(Notification.campaign_id == "camp")).scalars().all()
     assert sorted(ids) == ["c0", "c1", "c2"]
+
+
+def test_a_batchs_outcomes_counted_in_the_metrics_once_each(ctx: Context) -> None:
+    """One batch of several deliveries of the same outcome: each counted (``notify_deliveries_total``,
+    sent per minute), the batch's counts added up per distinct outcome."""
+    from notifyctl import keys
+    from worker.pipeline import Runtime, process
+
+    seed(ctx)
+    ids = [send(ctx, recipient_id=u, channels=["email"]).notification_id for u in ("alice", "bob", "carol")]
+    ids.append(send(ctx, recipient_id="dave", channels=["email"]).notification_id)  # dave has no email
+    ctx.redis.delete(keys.METRICS_DELIVERIES, *ctx.redis.keys(keys.metrics_sent_per_minute("*")))
+    rt = Runtime(ctx, "w-metrics")
+    try:
+        assert process(rt, ids).sent == 3
+    finally:
+        rt.close()
+    counts = {k.decode(): int(v) for k, v in ctx.redis.hgetall(keys.METRICS_DELIVERIES).items()}
+    assert counts == {"sent|email|": 3, "suppressed|email|no_address": 1}
+    per_minute = [ctx.redis.hgetall(k) for k in ctx.redis.keys(keys.metrics_sent_per_minute("*"))]
+    assert sum(int(v) for h in per_minute for v in h.values()) == 3

@@ -6,7 +6,7 @@ notification's status (``_settle_notifications``) — then the metrics."""
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -70,17 +70,9 @@ class Record:
         "token_success", "removed_tokens", "sms_stops",
     )  # fmt: skip
 
-    def __init__(
-        self,
-        now: datetime,
-        new_rows: list[dict[str, Any]],
-        fresh: dict[str, dict[str, Any]],
-        events: list[dict[str, Any]],
-    ) -> None:
-        self.now = now
-        self.new_rows = new_rows
-        self.fresh = fresh
-        self.events = events
+    def __init__(self, now: datetime, new_rows: list[dict[str, Any]], fresh: dict[str, dict[str, Any]],
+                 events: list[dict[str, Any]]) -> None:  # fmt: skip
+        self.now, self.new_rows, self.fresh, self.events = now, new_rows, fresh, events
         self.updates = _Updates(fresh)
         self.sent_marks: dict[str, str] = {}
         self.released: list[str] = []
@@ -197,11 +189,15 @@ def write(
         prefs.invalidate(rt.ctx.served, sms_stops)  # (the batch's users: the shard served)
     if settle_error is not None:
         raise settle_error
-    for row in new_rows:
-        rt.metrics.outcome(row["status"], row["channel"], row.get("reason"))
-    channel_of = {d.id: d.channel for ds in batch.deliveries.values() for d in ds}
-    for row in updates.rows:
-        rt.metrics.outcome(row["status"], channel_of.get(row["id"], ""), row.get("reason"))
+    # counted per distinct outcome (a blast's batch: one), not once a row
+    outcomes: Counter[tuple[str, str, str | None]] = Counter(
+        (row["status"], row["channel"], row.get("reason")) for row in new_rows
+    )
+    if updates.rows:
+        channel_of = {d.id: d.channel for ds in batch.deliveries.values() for d in ds}
+        outcomes.update((row["status"], channel_of.get(row["id"], ""), row.get("reason")) for row in updates.rows)
+    for (to, channel, why), k in outcomes.items():
+        rt.metrics.outcome(to, channel, why, k)
     try:
         pipe = rt.ctx.redis.pipeline(transaction=False)
         rt.metrics.flush(pipe)
@@ -319,15 +315,8 @@ def _mark(
             f": {reason}" if reason else "",
             extra={"notification_id": d.notification_id, "delivery_id": d.id, "provider": provider, "route": d.route},
         )
-    events.append(
-        {
-            "notification_id": d.notification_id,
-            "delivery_id": d.id,
-            "status": status,
-            "detail": detail or reason or sent_detail(provider, provider_message_id),
-            "at": now,
-        }
-    )
+    events.append({"notification_id": d.notification_id, "delivery_id": d.id, "status": status,
+                   "detail": detail or reason or sent_detail(provider, provider_message_id), "at": now})  # fmt: skip
 
 
 def _settle_notifications(
@@ -341,13 +330,24 @@ def _settle_notifications(
     final has its template's secret data erased (``notifyctl.secretdata``) in the same write.
     ``lease_waits``: deliveries found ``busy`` (another worker's lease) and when that lease runs out."""
     lease_waits = lease_waits or {}
-    # Most rows of a batch get the same values (done, no reason): one UPDATE ... WHERE id IN (...)
-    # per distinct set of values, instead of one parameter set per row. A notification whose secret
-    # data is erased gets its status and its erased data in one UPDATE of its own (an OTP: one write).
+    # Most rows of a batch get the same values (done, no reason; ``done``: one delivery, sent, no
+    # secret data: no more to look at): one UPDATE ... WHERE id IN (...) per distinct set of values.
+    # A notification whose secret data is erased gets its status and its erased data in one UPDATE
+    # of its own (an OTP: one write).
     same: dict[tuple[tuple[str, Any], ...], list[str]] = defaultdict(list)
     erased: list[dict[str, Any]] = []
+    secrets: dict[str, frozenset[str]] = {}  # template → its secret fields, once per batch
+    done: list[str] = []
+    deliveries = batch.deliveries
     for n in batch.notifications:
-        ds = batch.deliveries.get(n.id, [])
+        ds = deliveries.get(n.id, ())
+        if len(ds) == 1 and ds[0].status == DeliveryStatus.sent:
+            secret = secrets.get(n.template_id)
+            if secret is None:
+                secret = secrets[n.template_id] = secret_of(n.template_id)
+            if not secret:
+                done.append(n.id)
+                continue
         open_ = [d for d in ds if d.status not in FINAL_STATUSES]
         values: tuple[tuple[str, Any], ...]
         if not ds:
@@ -360,12 +360,8 @@ def _settle_notifications(
             # a delivery waits for its retry time, or for the lease of the worker holding it: if that
             # worker died (kill -9), the reconciler's due pass queues it again once the lease has run
             # out, within a second — taken over then, never earlier (worker.claims)
-            waits = [
-                d.next_attempt_at
-                if d.status == DeliveryStatus.retrying and d.next_attempt_at
-                else lease_waits.get(d.id)
-                for d in open_
-            ]
+            waits = [d.next_attempt_at if d.status == DeliveryStatus.retrying and d.next_attempt_at
+                     else lease_waits.get(d.id) for d in open_]  # fmt: skip
             if all(waits):
                 due = min(w for w in waits if w is not None)
                 values = (("status", NotificationStatus.retrying), ("due_at", due), ("job_id", None))
@@ -379,12 +375,16 @@ def _settle_notifications(
                 erased.append({"_id": n.id, **dict(values), "updated_at": now, "data": data})
                 continue
         same[values].append(n.id)
+    if done:
+        same[_DONE].extend(done)
     conn = session.connection()
     for values, ids in same.items():
         update_where_in(conn, _N, {**dict(values), "updated_at": now}, "id", ids)
     if erased:
         session.execute(_SETTLE_ERASED, erased)
 
+
+_DONE = (("status", NotificationStatus.done), ("reason", None))  # all final, not all suppressed
 
 _SETTLE_ERASED = (
     update(_N)
