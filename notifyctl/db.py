@@ -270,36 +270,28 @@ def engine_for(settings: Any) -> Engine:
 
 
 def _backfill_dedup_keys(engine: Engine, ttl: int) -> None:
-    """The upgrade of a database made before ``dedup_keys``: the keys its notifications hold now.
-    Two processes upgrading one SQLite file at once: the second one's rows collide, and are the same."""
+    """The upgrade of a database made before ``dedup_keys`` (intake's SQL dedup layer): each dedup
+    key its notifications used within the window, held by its first notification. Two processes
+    upgrading one SQLite file at once: the second one's rows collide, and are the same."""
+    n = models.Notification.__table__  # type: ignore[attr-defined]
+    since = models.utcnow() - timedelta(seconds=ttl)
     try:
         with engine.begin() as conn:
-            backfill_dedup_keys(conn, ttl)
+            rows: Sequence[Any] = conn.execute(
+                select(n.c.dedup_key, func.min(n.c.id), func.min(n.c.created_at))
+                .where(n.c.dedup_key.is_not(None), n.c.created_at > since)
+                .group_by(n.c.dedup_key)
+            ).all()
+            if rows:
+                conn.execute(
+                    models.DedupKey.__table__.insert(),  # type: ignore[attr-defined]
+                    [
+                        {"key": k, "notification_id": nid, "expires_at": _aware(at) + timedelta(seconds=ttl)}
+                        for k, nid, at in rows
+                    ],
+                )
     except IntegrityError:
         pass
-
-
-def backfill_dedup_keys(conn: Connection, ttl: int, now: datetime | None = None) -> int:
-    """Fill a new ``dedup_keys`` table (intake's SQL dedup layer) from the notifications of a database
-    made before it existed: each dedup key used within the window, held by its first notification.
-    Returns rows added."""
-    n = models.Notification.__table__  # type: ignore[attr-defined]
-    now = now or models.utcnow()
-    since = now - timedelta(seconds=ttl)
-    rows: Sequence[Any] = conn.execute(
-        select(n.c.dedup_key, func.min(n.c.id), func.min(n.c.created_at))
-        .where(n.c.dedup_key.is_not(None), n.c.created_at > since)
-        .group_by(n.c.dedup_key)
-    ).all()
-    if rows:
-        conn.execute(
-            models.DedupKey.__table__.insert(),  # type: ignore[attr-defined]
-            [
-                {"key": k, "notification_id": nid, "expires_at": _aware(at) + timedelta(seconds=ttl)}
-                for k, nid, at in rows
-            ],
-        )
-    return len(rows)
 
 
 def _aware(at: datetime) -> datetime:

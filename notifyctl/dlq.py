@@ -41,7 +41,7 @@ from notifyctl.models import (
     NotificationStatus,
     utcnow,
 )
-from notifyctl.tracking import implied_events
+from notifyctl.tracking import implied_events, implied_marks
 from notifyctl.vocabulary import CHANNELS, PROVIDERS
 
 log = logging.getLogger("notifyctl.dlq")
@@ -205,7 +205,7 @@ def show_entry(ctx: Context, delivery_id: str) -> dict[str, Any]:
             },
             "events": [
                 {"at": e["at"], "status": e["status"], "detail": e["detail"]}
-                for e in implied_events([e.model_dump() for e in evs], {d.id: d.queued_at})
+                for e in implied_events([e.model_dump() for e in evs], *implied_marks([d]))
             ],
         }
 

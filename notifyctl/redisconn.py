@@ -310,8 +310,12 @@ def _packer() -> HiredisPacker | None:
         return None
     if _pack_command is None:
         return None
-    encode = Encoder("utf-8", "strict", False).encode  # type: ignore[no-untyped-call]
-    return HiredisPacker(HiredisRespSerializer(PythonRespSerializer(6000, encode).pack, encode).pack)  # type: ignore[no-untyped-call]
+    try:
+        encode = Encoder("utf-8", "strict", False).encode  # type: ignore[no-untyped-call]
+        fallback = HiredisRespSerializer(PythonRespSerializer(6000, encode).pack, encode).pack  # type: ignore[no-untyped-call]
+    except TypeError:  # a redis-py whose private constructors changed: its own packer, as before
+        return None
+    return HiredisPacker(fallback)
 
 
 def _client(url: str, read_timeout: float, timeout: float) -> redis.Redis:

@@ -1,9 +1,10 @@
 """Reading the tracking record: a notification's timeline, the configured providers and their
 circuits, the latest deliveries. (The system's status is :func:`worker.status.status_report`.)
 
-A delivery created and sent (or set to retry) by one batch stores one event, its outcome
-(``worker.pipeline.record.one_event_when_sent``); its ``queued`` event is implied, at its
-``queued_at``, and every reader of the timeline shows it (``implied_events``)."""
+A delivery created and sent by one batch stores no event: its ``queued`` and ``sent`` events are
+implied by its row (``queued_at``; ``sent_at``, ``provider``, ``provider_message_id``); one created
+and set to retry stores its outcome, its ``queued`` implied (``worker.pipeline.record.one_event_when_sent``).
+Every reader of the timeline shows them (``implied_events``)."""
 
 from __future__ import annotations
 
@@ -25,14 +26,60 @@ IMPLIED_FIRST = frozenset({DeliveryStatus.sent, DeliveryStatus.retrying})
 that stored that event: its ``queued`` event is implied (no delivery starts otherwise)."""
 
 
-def implied_events(events: Iterable[dict[str, Any]], queued_at: Mapping[str, datetime]) -> list[dict[str, Any]]:
+def sent_detail(provider: str | None, provider_message_id: str | None) -> str | None:
+    """The detail of a ``sent`` event the worker records for a plain send (``record._mark``), and
+    of the one a reader implies for a delivery sent by the batch that created it."""
+    return f"{provider}: {provider_message_id}" if provider_message_id else None
+
+
+def implied_marks(deliveries: Iterable[Any]) -> tuple[dict[str, datetime], dict[str, tuple[str, datetime, str | None]]]:
+    """``implied_events``' two mappings from a notification's deliveries (rows with ``id``,
+    ``notification_id``, ``queued_at``, ``sent_at``, ``provider``, ``provider_message_id``)."""
+    queued_at: dict[str, datetime] = {}
+    sent: dict[str, tuple[str, datetime, str | None]] = {}
+    for d in deliveries:
+        queued_at[d.id] = d.queued_at
+        if d.sent_at is not None:
+            sent[d.id] = (d.notification_id, d.sent_at, sent_detail(d.provider, d.provider_message_id))
+    return queued_at, sent
+
+
+def implied_events(
+    events: Iterable[dict[str, Any]],
+    queued_at: Mapping[str, datetime],
+    sent: Mapping[str, tuple[str, datetime, str | None]] | None = None,
+) -> list[dict[str, Any]]:
     """``events`` (one notification's or one delivery's, in the order stored: dicts with
-    ``delivery_id``, ``status``, ``at``) with the implied ``queued`` event of each delivery whose
-    first stored event is in ``IMPLIED_FIRST``: at its ``queued_at`` (``queued_at``: delivery id →
-    its ``queued_at``), before the first event at or after that time — where the batch that created
-    the delivery wrote its events — and always before the delivery's own first event. The implied
-    events have ``id`` None and no detail."""
+    ``delivery_id``, ``status``, ``at``) with the events the deliveries' rows imply (``implied_marks``
+    makes the two mappings from them):
+
+    - ``sent``: delivery id → (notification id, ``sent_at``, detail) of each delivery sent: one that
+      has no stored ``sent`` event was sent by the batch that created it, which stored nothing for
+      it; its ``sent`` event is implied at its ``sent_at`` with the detail the worker gives a plain
+      send (``sent_detail``), before the first event after that time and before the delivery's own
+      first stored event (a webhook's, later).
+    - ``queued_at``: delivery id → its ``queued_at``; a delivery whose first event (stored or implied
+      above) is in ``IMPLIED_FIRST`` has its ``queued`` event implied at that time, before the first
+      event at or after it — where the batch that created the delivery wrote its events — and
+      always before the delivery's own first event.
+
+    The implied events have ``id`` None; an implied ``queued`` has no detail."""
     events = list(events)
+    if sent:
+        has_sent = {e["delivery_id"] for e in events if e["status"] == DeliveryStatus.sent}
+        extra = sorted((at, did, nid, detail) for did, (nid, at, detail) in sent.items() if did not in has_sent)
+        if extra:
+
+            def sent_event(at: datetime, did: str, nid: str, detail: str | None) -> dict[str, Any]:
+                return {"id": None, "notification_id": nid, "delivery_id": did, "status": DeliveryStatus.sent.value,
+                        "detail": detail, "at": at}  # fmt: skip
+
+            merged: list[dict[str, Any]] = []
+            for e in events:
+                while extra and (extra[0][0] < e["at"] or any(did == e["delivery_id"] for _, did, _n, _d in extra)):
+                    merged.append(sent_event(*extra.pop(0)))
+                merged.append(e)
+            events = merged + [sent_event(*x) for x in extra]
     first: dict[str, str] = {}
     for e in events:
         did = e["delivery_id"]
@@ -113,7 +160,7 @@ def timeline(ctx: Context, ref: str) -> dict[str, Any]:
         return {
             "notification": notification,
             "deliveries": [d.model_dump() for d in deliveries],
-            "events": implied_events([e.model_dump() for e in events], {d.id: d.queued_at for d in deliveries}),
+            "events": implied_events([e.model_dump() for e in events], *implied_marks(deliveries)),
         }
 
 

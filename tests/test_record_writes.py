@@ -3,6 +3,7 @@ readers show from them (``notifyctl events``, the API, ``dlq show``), and the wr
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -18,12 +19,13 @@ from notifyctl import keys
 from notifyctl.bulk import rows_where_in
 from notifyctl.context import Context
 from notifyctl.dlq import show_entry
-from notifyctl.models import DeliveryEvent
+from notifyctl.models import Delivery, DeliveryEvent, utcnow
 from notifyctl.secretdata import erased_fields
 from notifyctl.tracking import implied_events, timeline
 from sandboxes.smtp import SmtpSandbox
 from tests.util import deliveries, drain, notification, seed, send
 from worker import jobs
+from worker.pipeline import Runtime, delivery_id, process
 from worker.pipeline.batch import _DT
 from worker.pipeline.record import _bulk_update
 from worker.pool import _worker_class
@@ -39,28 +41,30 @@ def stored(ctx: Context, nid: str) -> list[tuple[str | None, str, str | None]]:
         return [(e.delivery_id, e.status, e.detail) for e in rows]
 
 
-def test_a_delivery_sent_by_its_first_batch_leaves_one_event_row(any_db_ctx: Context) -> None:
+def test_a_delivery_sent_by_its_first_batch_leaves_no_event_row(any_db_ctx: Context) -> None:
     ctx = any_db_ctx
     seed(ctx)
     res = send(ctx, channels=["push", "email", "sms"])
     drain(ctx)
     ds = sorted(deliveries(ctx, res.notification_id), key=lambda d: d.channel)
     assert [(d.channel, d.status) for d in ds] == [("email", "sent"), ("push", "sent"), ("sms", "sent")]
-    rows = stored(ctx, res.notification_id)
-    # one row per delivery: its outcome, with the provider's message id
-    assert sorted((did, status) for did, status, _ in rows) == sorted((d.id, "sent") for d in ds)
-    for did, _status, detail in rows:
-        d = next(x for x in ds if x.id == did)
-        assert detail == f"outbox: {d.provider_message_id}"
-    # every reader shows the queued event it implies, at the delivery's queued_at, before its outcome
+    # no row: the delivery's own row says when it was queued and sent, by which provider, under which id
+    assert stored(ctx, res.notification_id) == []
+    # every reader shows the events it implies: queued at the delivery's queued_at, then sent at its
+    # sent_at with the provider's message id, as the worker recorded them before
     t = timeline(ctx, res.notification_id)
     assert [e["status"] for e in t["events"]] == ["queued", "queued", "queued", "sent", "sent", "sent"]
     for d in ds:
         mine = [e for e in t["events"] if e["delivery_id"] == d.id]
         assert [(e["status"], e["at"]) for e in mine] == [("queued", d.queued_at), ("sent", d.sent_at)]
         assert mine[0]["id"] is None and mine[0]["detail"] is None
+        assert mine[1]["id"] is None and mine[1]["detail"] == f"outbox: {d.provider_message_id}"
+        assert mine[1]["notification_id"] == res.notification_id
     shown = show_entry(ctx, ds[0].id)
-    assert [e["status"] for e in shown["events"]] == ["queued", "sent"]
+    assert [(e["status"], e["detail"]) for e in shown["events"]] == [
+        ("queued", None),
+        ("sent", f"outbox: {ds[0].provider_message_id}"),
+    ]
 
 
 def test_suppressed_at_fan_out_stays_one_row_with_nothing_implied(any_db_ctx: Context) -> None:
@@ -69,7 +73,7 @@ def test_suppressed_at_fan_out_stays_one_row_with_nothing_implied(any_db_ctx: Co
     res = send(ctx, recipient_id="carol", channels=["push", "email"])  # carol has no device token
     drain(ctx)
     rows = stored(ctx, res.notification_id)
-    assert sorted(status for _, status, _ in rows) == ["sent", "suppressed"]
+    assert [status for _, status, _ in rows] == ["suppressed"]  # (the email's sent: implied)
     statuses = [e["status"] for e in timeline(ctx, res.notification_id)["events"]]
     assert sorted(statuses) == ["queued", "sent", "suppressed"]
     assert statuses.index("queued") < statuses.index("sent")
@@ -107,6 +111,38 @@ def test_retried_then_sent(mctx: Context, smtp: SmtpSandbox) -> None:
     assert t[0]["at"] == d.queued_at and t[0]["at"] <= t[1]["at"]
 
 
+def test_a_send_whose_rows_another_worker_wrote_first_stays_on_record(mctx: Context, smtp: SmtpSandbox) -> None:
+    """A batch's new deliveries collide with the rows another worker committed while this one was
+    sending (a takeover): its writes roll back, and its send — which left no event of its own to
+    write, the row implying it — is recorded as an event all the same, then it reloads and goes on."""
+    seed(mctx)
+    smtp.faults.add({"stage": "data", "delay": 1.5, "match": "alice@", "count": 1})
+    res = send(mctx, channels=["email"])
+    did = delivery_id(res.notification_id, "email", "alice@example.com")
+    rt = Runtime(mctx, "w-slow")
+    done: list[Any] = []
+    worker = threading.Thread(target=lambda: done.append(process(rt, [res.notification_id])))
+    worker.start()
+    try:
+        time.sleep(0.5)  # the worker is in its provider call: another one records the delivery first
+        now = utcnow()
+        with Session(mctx.engine) as s:
+            s.add(Delivery(id=did, notification_id=res.notification_id, user_id="alice", channel="email", route="email",
+                           address="alice@example.com", status="sent", provider="smtp", provider_message_id="other",
+                           attempts=1, queued_at=now, sent_at=now, updated_at=now))  # fmt: skip
+            s.commit()
+        worker.join(20)
+    finally:
+        rt.close()
+    assert done, "process did not return"
+    (d,) = deliveries(mctx, res.notification_id)
+    assert (d.status, d.provider_message_id) == ("sent", "other")  # the other worker's record stands
+    rows = stored(mctx, res.notification_id)
+    assert [(x, status) for x, status, _ in rows] == [(did, "sent")]
+    assert (rows[0][2] or "").endswith("(also recorded by another worker)"), rows
+    assert notification(mctx, res.notification_id).status == "done"
+
+
 def test_implied_events_order() -> None:
     """The implied ``queued`` goes before the first event at or after its time, and before the
     delivery's own first event whatever the clocks said; older histories are left as they are."""
@@ -125,6 +161,17 @@ def test_implied_events_order() -> None:
     old = [ev("b", "queued", t0), ev("b", "sent", t1)]
     assert implied_events(old, {"b": t0}) == old
     assert implied_events([], {}) == []
+    # a delivery sent by the batch that created it: its queued and sent from its row, the sent before
+    # its webhooks' events, after what was stored at the same time
+    got = implied_events(
+        [ev("a", "suppressed", t1), ev("b", "opened", t2)], {"a": t1, "b": t0}, {"b": ("n", t1, "p: m")}
+    )
+    assert [(e["delivery_id"], e["status"], e["detail"], e["at"]) for e in got] == [
+        ("b", "queued", None, t0), ("a", "suppressed", None, t1), ("b", "sent", "p: m", t1), ("b", "opened", None, t2)]  # fmt: skip
+    assert got[2]["id"] is None and got[2]["notification_id"] == "n"
+    only = implied_events([], {"b": t0}, {"b": ("n", t1, "p: m")})  # nothing stored at all
+    assert [(e["status"], e["at"]) for e in only] == [("queued", t0), ("sent", t1)]
+    assert implied_events(old, {"b": t0}, {"b": ("n", t1, "x")}) == old  # a stored sent: nothing implied
 
 
 def _sql_statements(ctx: Context) -> tuple[list[str], Any]:
@@ -138,8 +185,8 @@ def _sql_statements(ctx: Context) -> tuple[list[str], Any]:
 
 
 def test_an_otp_job_writes_its_notification_once(any_db_ctx: Context) -> None:
-    """Status and erased secret data in one UPDATE; the delivery and its one event row in one
-    INSERT each."""
+    """Status and erased secret data in one UPDATE; the delivery in one INSERT, and no event row
+    (its queued and sent are implied by the delivery's row)."""
     ctx = any_db_ctx
     seed(ctx)
     res = send(ctx, template_id="otp_code", channels=["sms"], data={"code": "482913", "minutes": 10})
@@ -153,7 +200,8 @@ def test_an_otp_job_writes_its_notification_once(any_db_ctx: Context) -> None:
     assert seen.count("UPDATE notifications") == 1, seen
     (d,) = deliveries(ctx, res.notification_id)
     assert d.status == "sent"
-    assert [status for _, status, _ in stored(ctx, res.notification_id)] == ["sent"]
+    assert stored(ctx, res.notification_id) == []
+    assert [e["status"] for e in timeline(ctx, res.notification_id)["events"]] == ["queued", "sent"]
 
 
 def test_rq_heartbeat_refreshes_the_worker_key_once_in_a_while(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from notifyctl.directory import import_users, register_token
 from notifyctl.intake import SubmitResult, parse_request, submit
 from notifyctl.models import Delivery, DeliveryEvent, Notification
 from notifyctl.settings import Settings
-from notifyctl.tracking import implied_events
+from notifyctl.tracking import implied_events, implied_marks
 from worker.pool import run_worker
 from worker.reconciler import reconcile as reconcile_round
 
@@ -87,15 +87,14 @@ def notification(ctx: Context, nid: str) -> Notification:
 
 def events(ctx: Context, nid: str) -> list[tuple[str | None, str]]:
     """A notification's timeline as (delivery id, status): its stored events and the ``queued``
-    events they imply (``notifyctl.tracking.implied_events``), as ``notifyctl events`` shows them."""
+    events their deliveries imply (``notifyctl.tracking.implied_events``), as ``notifyctl events`` shows them."""
     with Session(ctx.engine) as s:
         rows = s.execute(
             select(DeliveryEvent).where(DeliveryEvent.notification_id == nid).order_by(DeliveryEvent.id)
         ).scalars()
-        queued_at = dict(
-            s.execute(select(Delivery.id, Delivery.queued_at).where(Delivery.notification_id == nid)).tuples().all()
-        )
-        return [(e["delivery_id"], e["status"]) for e in implied_events([e.model_dump() for e in rows], queued_at)]
+        ds = s.execute(select(Delivery).where(Delivery.notification_id == nid)).scalars().all()
+        marks = implied_marks(ds)
+        return [(e["delivery_id"], e["status"]) for e in implied_events([e.model_dump() for e in rows], *marks)]
 
 
 def count_notifications(ctx: Context) -> int:

@@ -22,7 +22,7 @@ from notifyctl.bulk import prepare_insert, update_where_in
 from notifyctl.db import write_lock
 from notifyctl.models import FINAL_STATUSES, DeliveryStatus, DeviceToken, NotificationStatus, OptOut
 from notifyctl.secretdata import erase
-from notifyctl.tracking import IMPLIED_FIRST
+from notifyctl.tracking import IMPLIED_FIRST, sent_detail
 from worker.claims import Fenced
 from worker.pipeline.batch import _D, _DT, _ET, _N, _TT, _Batch
 from worker.pipeline.outcome import decide
@@ -154,10 +154,10 @@ def write(
         # Redis went away after the provider accepted: the SQL record of what was sent must still
         # be written, or a rerun would find only a stale claim and send again.
         settle_error = exc
-    events = rec.events = one_event_when_sent(events, rec.fresh)
+    stored = rec.events = one_event_when_sent(events, rec.fresh)
     # parameters converted before the writer lock is taken: inside it, only the statements run
     insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows)
-    insert_events = prepare_insert(rt.ctx.engine, _ET, events)
+    insert_events = prepare_insert(rt.ctx.engine, _ET, stored)
     # SQLite counts the new rows for the analytics from the rows themselves (``counted_insert``)
     origins = (
         {n.id: (n.template_id, n.campaign_id, n.wave) for n in batch.notifications}
@@ -191,7 +191,7 @@ def write(
             # cut off from Redis, was still sending): the caller reloads and goes on. What this
             # attempt sent and took over in doubt must stay on record all the same.
             session.rollback()
-            _keep_record(rt, events, sent_marks)
+            _keep_record(rt, events, sent_marks)  # (all of them: the sends it left implied too)
             raise
     if sms_stops:
         prefs.invalidate(rt.ctx.served, sms_stops)  # (the batch's users: the shard served)
@@ -211,25 +211,35 @@ def write(
 
 
 def one_event_when_sent(events: list[dict[str, Any]], fresh: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """``events`` less the ``queued`` event of each delivery created in this batch whose next event
-    is its outcome ``sent`` or ``retrying``: that outcome is then the delivery's first stored event,
-    which no delivery has otherwise (every other one starts ``queued``, ``suppressed`` or
-    ``failed``), and the timeline shows the ``queued`` it implies at the delivery's ``queued_at``
-    (``notifyctl.tracking.implied_events``). One event row per delivery on the common path (created,
-    sent) instead of two; every other history is stored as it happened."""
+    """The events to store: ``events`` less those the rows of the deliveries created in this batch
+    imply (``notifyctl.tracking.implied_events`` shows them): a ``queued`` event whose next event is
+    its outcome ``sent`` or ``retrying`` (the delivery's first event then, which no delivery has
+    otherwise: every other one starts ``queued``, ``suppressed`` or ``failed``), and that ``sent`` too
+    when it is a plain send — the row's ``sent_at``, the detail its ``provider`` and
+    ``provider_message_id`` give (``tracking.sent_detail``): a delivery with a ``sent_at`` and no
+    stored ``sent`` implies it (every other write of ``sent_at`` stores one). So the common path
+    (created, sent) stores no event row; every other history is stored as it happened."""
     if not fresh:
         return events
     queued_at: dict[str, int] = {}  # a fresh delivery → the index of its queued event, while it is its last
     drop: set[int] = set()
     for i, e in enumerate(events):
         did = e["delivery_id"]
-        if did not in fresh:
+        row = fresh.get(did)
+        if row is None:
             continue
         j = queued_at.pop(did, None)
-        if e["status"] == DeliveryStatus.queued and e["detail"] is None:
+        status = e["status"]
+        if status == DeliveryStatus.queued and e["detail"] is None:
             queued_at[did] = i
-        elif j is not None and e["status"] in IMPLIED_FIRST:
+        elif j is not None and status in IMPLIED_FIRST:
             drop.add(j)
+            if (
+                status == DeliveryStatus.sent
+                and e["at"] == row["sent_at"]
+                and e["detail"] == sent_detail(row["provider"], row["provider_message_id"])
+            ):
+                drop.add(i)
     if not drop:
         return events
     return [e for i, e in enumerate(events) if i not in drop]
@@ -314,7 +324,7 @@ def _mark(
             "notification_id": d.notification_id,
             "delivery_id": d.id,
             "status": status,
-            "detail": detail or reason or (f"{provider}: {provider_message_id}" if provider_message_id else None),
+            "detail": detail or reason or sent_detail(provider, provider_message_id),
             "at": now,
         }
     )
