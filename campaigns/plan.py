@@ -28,10 +28,9 @@ class Plan:
     zones: dict[datetime, set[str]] = field(default_factory=lambda: defaultdict(set))
     duplicates: BadRows = field(default_factory=BadRows)  # rows of a user already in the segment
     # for the write pass of the same launch (``produce``): the rows to skip (unknown users and
-    # duplicates, in ``seen``, which its caller closes), and the segment as it was before this pass
+    # duplicates, in ``seen``, which its caller closes)
     seen: SeenSet | None = None
     skips: int = 0
-    segment_state: tuple[int, ...] | None = None
     checked: bool = False  # the first recipient's rendering was checked
 
 
@@ -46,7 +45,7 @@ def mark_duplicate(bad: BadRows, row: SegmentRow, first_line: int) -> None:
 def plan_pass(ctx: Context, res: Resolved, bad: BadRows, progress: Progress | None) -> Plan:
     """The plan; its ``seen`` (open) holds the rows of unknown users and those repeating a user,
     which the write pass skips (``produce``): the caller closes it."""
-    plan = Plan(duplicates=BadRows(keep=bad.keep), segment_state=res.segment.state())
+    plan = Plan(duplicates=BadRows(keep=bad.keep))
     seen = SeenSet()
     try:
         with Session(ctx.engine) as session:
@@ -98,7 +97,7 @@ class OnePass:
     write pass reads the segment, instead of a pass of its own over it: its single wave does not
     depend on how many it holds. ``start`` reads (and plans) until a chunk has a recipient, so that
     the campaign row is made only for a segment with one; ``chunks`` gives that chunk, then the
-    rest, each planned by ``skips`` with the write pass's session. Close ``seen``."""
+    rest, each planned by ``skips`` with the write pass's session. ``close`` it."""
 
     def __init__(self, res: Resolved, bad: BadRows, shards: int) -> None:
         self.res = res

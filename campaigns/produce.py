@@ -16,7 +16,7 @@ from operator import itemgetter
 from typing import Any, cast
 
 import redis
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
@@ -26,7 +26,7 @@ from campaigns.report import current_state
 from campaigns.resolve import Progress, Resolved, stream, user_tz
 from campaigns.schedule import Wave, plan_waves
 from campaigns.segments import BadRows
-from notifyctl.bulk import prepare_counted_insert, rows_where_in
+from notifyctl.bulk import prepare_counted_insert, rows_where_in, update_where_in
 from notifyctl.context import Context
 from notifyctl.db import write_lock
 from notifyctl.ids import new_ids
@@ -38,6 +38,7 @@ from notifyctl.shards import split
 log = logging.getLogger("notifyctl.campaigns")
 
 _NT = Notification.__table__  # type: ignore[attr-defined]
+_CT = Campaign.__table__  # type: ignore[attr-defined]
 
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_]+$")
@@ -71,12 +72,7 @@ def produce(
     ``fresh``: a first launch's plan pass, for a campaign made just before this pass and so without
     rows yet: the rows to skip are the duplicates it recorded, and the campaign's rows are not
     looked up (a relaunch looks them up a chunk at a time). A row written meanwhile all the same (a
-    relaunch run beside the launch) is skipped by the unique index. When, besides, every
-    recipient's instant is the same whatever their zone (``Schedule.fixed_instant``) and the segment
-    file is as the plan pass found it once this pass has read its first chunk (``CsvSegment.state``),
-    the users are not looked up again either: the plan's unknown users are the rows it recorded, its
-    time-zone fallbacks its count. (A file written while this pass reads it is not read as it was
-    planned either way; a user it adds unknown would be suppressed by the worker as unknown_user.)
+    relaunch run beside the launch) is skipped by the unique index.
 
     ``one_pass``: a first launch of one instant, planned here a chunk at a time (``OnePass``): the
     campaign's plan and planned count are those written so far, marked ``counting`` in its summary,
@@ -84,7 +80,7 @@ def produce(
     bad = one_pass.bad if one_pass is not None else BadRows(keep=res.cfg.max_reported_errors)
     count = one_pass.plan if one_pass is not None else Plan() if recount else None
     fixed = res.schedule.fixed_instant()
-    planned_users: bool | None = None  # decided once the first chunk is read
+    first_chunk = True
     by_instant = {w.instant: w for w in waves}
     wave_of = {w.instant: i for i, w in enumerate(waves)}  # Notification.wave: the index in the plan
     slot: Counter[datetime] = Counter()
@@ -106,7 +102,7 @@ def produce(
     # commit and checked one out again for the next chunk: PostgreSQL's pre-ping, a round trip, a chunk)
     with ctx.engine.connect() as conn, Session(bind=conn) as session:
         for chunk in one_pass.chunks() if one_pass is not None else stream(res, bad, ctx.shard_count):
-            current = session.scalars(select(col(Campaign.status)).where(col(Campaign.id) == cid)).one()
+            current = _status(session, cid)
             if current != state:
                 state = current
                 _sync_rows(session, cid, state)
@@ -114,15 +110,9 @@ def produce(
                 canceled = True
                 break
             row_status = NotificationStatus.paused if state == CampaignStatus.paused else NotificationStatus.scheduled
-            if planned_users is None:  # (the file is open: what it read is what this finds, or it changed)
-                planned_users = one_pass is not None or (
-                    fresh is not None
-                    and fixed is not None
-                    and fresh.segment_state is not None
-                    and res.segment.state() == fresh.segment_state
-                )
-                if not planned_users:
-                    res.schedule.fallbacks = 0  # counted again by this pass
+            if first_chunk and one_pass is None:
+                res.schedule.fallbacks = 0  # counted again by this pass
+            first_chunk = False
             skips: dict[int, tuple[str, str]] = {}
             tzs: dict[str, str] | None = None
             if one_pass is not None:
@@ -136,8 +126,7 @@ def produce(
                 existing = set()
                 if fresh.skips and fresh.seen is not None:
                     skips = fresh.seen.skips(chunk[0].line, chunk[-1].line)
-                if not planned_users:
-                    tzs = user_tz(session, list({r.user_id for r in chunk}))
+                tzs = user_tz(session, list({r.user_id for r in chunk}))
             now = utcnow()
             rows: list[dict[str, Any]] = []
             floor = run_now + (now - started) - _SECOND  # (the chunk's clock: the same for its rows)
@@ -146,7 +135,7 @@ def produce(
                 skip = skips.get(r.line) if skips else None
                 if skip is not None and skip[0] != r.user_id:  # (the segment changed: the row is another)
                     skip = None
-                if tzs is None:  # (planned_users)
+                if tzs is None:  # (one_pass: planned with its users)
                     if skip is not None and skip[1] == UNKNOWN:
                         if one_pass is None:
                             bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
@@ -220,7 +209,7 @@ def produce(
                 if one_pass is not None:  # the plan so far, as its rows
                     so_far = {"plan": [w.to_dict() for w in one_pass.waves()],
                               "summary": {"planned": one_pass.plan.recipients, "counting": True}}  # fmt: skip
-                    session.execute(update(Campaign).where(col(Campaign.id) == cid).values(**so_far))
+                    update_where_in(session.connection(), _CT, so_far, "id", [cid])
                 session.commit()
             _enqueue_due(ctx, res.priority, jobs)
             inserted = len(rows) if inserted < 0 else inserted
@@ -232,7 +221,7 @@ def produce(
                 next_analyze = time.monotonic() + 1.0
             if progress:
                 progress("write", seen_rows, total)
-        current = session.scalars(select(col(Campaign.status)).where(col(Campaign.id) == cid)).one()
+        current = _status(session, cid)
         if current != state:
             _sync_rows(session, cid, current)
             canceled = canceled or current == CampaignStatus.canceled
@@ -379,6 +368,11 @@ def _enqueue_due(ctx: Context, priority: str, jobs: list[tuple[str, list[str], i
             enqueue(ctx, priority, ids, job_id, shard=shard)
     except redis.RedisError as exc:
         log.warning("campaign rows due now not enqueued (%s): the reconciler will queue them", exc)
+
+
+def _status(session: Session, cid: str) -> str:
+    """The campaign's state, read once a chunk: raw (~20 µs; ~150 through the ORM)."""
+    return str(rows_where_in(session.connection(), "SELECT status FROM campaigns", "id", [cid], prepared=True)[0][0])
 
 
 def _sync_rows(session: Session, cid: str, state: str) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 import sqlite3
 from collections import Counter
@@ -92,12 +91,6 @@ class CsvSegment:
 
     def describe(self) -> str:
         return str(self.path)
-
-    def state(self) -> tuple[int, ...] | None:
-        """The file's device, inode, size and modification time: equal twice, the file was not
-        replaced or written in between (as far as the file system's clock tells)."""
-        st = os.stat(self.path)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def rows(self, bad: BadRows) -> Iterator[SegmentRow]:
         uid_at = self.header.index("user_id")
@@ -223,10 +216,6 @@ class SqlSegment:
 
     def describe(self) -> str:
         return f"{self.label}: {self.sql}"
-
-    def state(self) -> tuple[int, ...] | None:
-        """None: a query's rows can change between two reads, and nothing here tells."""
-        return None
 
     def _problem(self, exc: Exception, clock: _Clock) -> str:
         """What went wrong, in the user's terms: the time or size bound, else the database's words."""
