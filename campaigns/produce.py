@@ -87,6 +87,9 @@ def produce(
     started = utcnow()
     shift = timedelta(0)
     data0 = res.spec["data"]
+    # a row's columns of one value for the whole launch (and its chunk's timestamps), given once
+    shared = {"type": res.template.id, "template_id": res.template.id, "category": res.category,
+              "priority": res.priority, "channels": res.channels, "campaign_id": cid}  # fmt: skip
     written = skipped = seen_rows = 0
     first_due: datetime | None = None
     last_due: datetime | None = None
@@ -174,20 +177,12 @@ def produce(
                     {
                         "id": next_id(),
                         "recipient_id": r.user_id,
-                        "type": res.template.id,
-                        "template_id": res.template.id,
-                        "category": res.category,
-                        "priority": res.priority,
-                        "channels": res.channels,
                         "data": {**data0, **r.extras} if r.extras else data0,
                         "dedup_key": f"campaign:{cid}:{r.user_id}",
-                        "campaign_id": cid,
                         "wave": wave_of[instant],
                         "status": row_status,
                         "job_id": None,
                         "due_at": due,
-                        "created_at": now,
-                        "updated_at": now,
                     }
                 )
             if rows:
@@ -203,7 +198,7 @@ def produce(
             # under the SQLite writer lock, so that a launch never makes the workers' and an OTP's
             # writes wait on SQLite's busy-sleep
             # parameters converted before the lock; a row the campaign already has is skipped
-            insert_rows = _insert_new(ctx.engine, rows)
+            insert_rows = _insert_new(ctx.engine, rows, {**shared, "created_at": now, "updated_at": now})
             with write_lock(ctx.engine):
                 inserted = insert_rows(session)
                 if one_pass is not None:  # the plan so far, as its rows
@@ -277,26 +272,29 @@ _CONSTANTS = frozenset(
 _SECOND = timedelta(seconds=1)
 
 
-def _insert_new(engine: Engine, rows: list[dict[str, Any]]) -> Callable[[Session], int]:
+def _insert_new(
+    engine: Engine, rows: list[dict[str, Any]], shared: dict[str, Any] | None = None
+) -> Callable[[Session], int]:
     """The chunk's rows, parameters converted now; a row the campaign already has (a concurrent
     relaunch: the chunk was filtered of the rows existing when read) is skipped. On PostgreSQL the
     rows go by COPY straight into the table, under a savepoint; only when one collides (rare) is
     the chunk written again through a staging table and ``ON CONFLICT DO NOTHING`` (measured,
     1,000-row chunks: the staging table's create, fill and ``INSERT ... SELECT`` cost the server
     ~3 µs a row more). SQLite: one ``INSERT ... ON CONFLICT DO NOTHING``, the chunk's constant columns
-    (template, campaign, status, job, timestamps) written in as literals. Returns the rows written
-    (-1: the driver did not say)."""
+    (template, campaign, status, job, timestamps) written in as literals. ``shared``: the columns of
+    one value for the whole chunk, given once. Returns the rows written (-1: the driver did not say)."""
     if engine.dialect.name != "postgresql":
-        skipping = prepare_counted_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT, inline=_CONSTANTS)
+        skipping = prepare_counted_insert(engine, _NT, rows, _RECIPIENT, inline=_CONSTANTS, shared=shared)
         return lambda session: skipping(session.connection())
-    plain = prepare_counted_insert(engine, _NT, rows)
+    plain = prepare_counted_insert(engine, _NT, rows, shared=shared)
 
     def run(session: Session) -> int:
         try:
             with session.begin_nested():
                 return plain(session.connection())
         except IntegrityError:
-            return prepare_counted_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT)(session.connection())
+            again = prepare_counted_insert(engine, _NT, rows, skip_conflicts_on=_RECIPIENT, shared=shared)
+            return again(session.connection())
 
     return run
 

@@ -679,3 +679,52 @@ def test_delivery_ids_are_deterministic_and_sort_with_their_notification() -> No
     assert delivery_id(nids[0], "email", "a@example.com") != delivery_id(nids[0], "email", "a@example.co")
     foreign = {delivery_id(n, "email", "x@example.com") for n in ("n1", "n2", "order-77")}
     assert len(foreign) == 3 and all(re.fullmatch(r"d_[0-9a-f]{28}", i) for i in foreign)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_prepared_insert_of_shared_columns_stores_what_whole_rows_store(
+    dialect: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """``prepare_counted_insert(shared=...)``: columns given once for every row store what the same
+    values in each row store (SQLite's parameters and literals, PostgreSQL's COPY, and again through
+    its ``ON CONFLICT`` staging table), NULLs, JSON and datetimes included."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+    from sqlmodel import SQLModel
+
+    from notifyctl.bulk import prepare_counted_insert
+    from notifyctl.db import make_engine
+    from notifyctl.models import Notification
+
+    url = f"sqlite:///{tmp_path / 's.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    t = Notification.__table__  # type: ignore[attr-defined]
+    now = datetime(2026, 3, 29, 1, 30, 15, 123456, tzinfo=UTC)
+    shared = {"type": "t'x", "template_id": "t", "category": "marketing", "priority": "low",
+              "channels": ["email", "sms"], "campaign_id": None, "created_at": now, "updated_at": now}  # fmt: skip
+
+    def own(i: int, tag: str) -> dict[str, object]:
+        return {"id": f"{tag}{i}", "recipient_id": f"{tag}u{i}", "data": {"i": i, "é": "\t"}, "dedup_key": None,
+                "status": "scheduled", "due_at": now}  # fmt: skip
+
+    try:
+        with engine.begin() as conn:
+            assert prepare_counted_insert(engine, t, [{**own(i, "w"), **shared} for i in range(3)])(conn) == 3
+            assert prepare_counted_insert(engine, t, [own(i, "s") for i in range(3)], shared=shared)(conn) == 3
+            again = prepare_counted_insert(engine, t, [own(i, "k") for i in range(3)], ["campaign_id", "recipient_id"],
+                                           inline=list(shared), shared=shared)  # fmt: skip
+            assert again(conn) == 3
+        with engine.connect() as conn:
+            got = {r.id: r._asdict() for r in conn.execute(select(t))}
+        for i in range(3):
+            rows = [got[f"{tag}{i}"] for tag in "wsk"]
+            for r in rows:
+                r.pop("id"), r.pop("recipient_id")
+            assert rows[0] == rows[1] == rows[2], i
+            assert (
+                rows[0]["channels"] == ["email", "sms"] and rows[0]["type"] == "t'x" and rows[0]["campaign_id"] is None
+            )
+    finally:
+        engine.dispose()
