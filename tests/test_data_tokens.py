@@ -67,6 +67,14 @@ Hi {{ first_name | default(user.first_name | default('there')) }}, use {{ code }
 {{ note | default('') }}
 """
 ''',
+    # values at a part's very start and end: SendGrid puts a substitution back as it is, where
+    # rendering strips each part, so a value with edge whitespace is never a token there
+    "edge": '''category = "marketing"
+[email]
+subject = "{{ code }}"
+html = """{{ first_name | default('x') }} <b>{{ code }}</b> {{ note | default('') }}"""
+text = """{{ first_name | default('x') }} {{ code }}"""
+''',
     # what may not be tokenized: a condition, a loop, a filter, a filter block, an autoescape block,
     # a macro and a set block, beside fields printed as they are
     "mixed": '''category = "marketing"

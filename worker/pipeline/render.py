@@ -155,17 +155,21 @@ class Renderer:
         tokenized: dict[str, str] = {}
         rest: dict[str, Any] = {}
         for k, v in n.data.items():
-            if k in direct and (text := _token_text(v)) is not None:
-                tokenized[k] = text
-            else:
-                rest[k] = v
+            if k in direct:  # (a string: _token_text's own test without the call, the usual value)
+                if type(v) is str and len(v) <= _MAX_TOKEN_VALUE and TOKEN_PREFIX not in v and v == v.strip():
+                    tokenized[k] = v
+                    continue
+                if (text := _token_text(v)) is not None:
+                    tokenized[k] = text
+                    continue
+            rest[k] = v
         if not tokenized or ufields is None:
             return None
         values = _token_values(ufields, user_vars(user), html) if ufields else {}
         if values is None:
             return None
         try:
-            key = (t.id, channel, tuple(tokenized), orjson.dumps(rest, option=orjson.OPT_SORT_KEYS))
+            key = (t.id, channel, tuple(tokenized), orjson.dumps(rest, option=orjson.OPT_SORT_KEYS) if rest else b"{}")
         except TypeError:  # (what JSON did not give: rendered the ordinary way)
             return None
         probes = self.data_probes
@@ -313,14 +317,8 @@ class _EmailPlan:
 
     __slots__ = ("pieces", "shared", "tokens", "values", "unsub", "pixel", "substitute")
 
-    def __init__(
-        self,
-        settings: Any,
-        content: dict[str, str],
-        tokens: tuple[str, ...],
-        marketing: bool,
-        footer: tuple[bool, bool, dict[str, str]] | None = None,
-    ) -> None:
+    def __init__(self, settings: Any, content: dict[str, str], tokens: tuple[str, ...], marketing: bool,
+                 footer: tuple[bool, bool, dict[str, str]] | None = None) -> None:  # fmt: skip
         """``content``: the body, with ``tokens`` (from ``_token_values``) where the recipient's fields go.
         ``footer``: ``_EmailPlan.footer(settings, marketing)``, when the caller keeps it for a batch."""
         self.unsub, self.pixel, adds = footer or _EmailPlan.footer(settings, marketing)
