@@ -164,20 +164,27 @@ def enqueue(
 
 
 def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
+    # One Core connection for the request (an ORM Session around its statements cost more than they
+    # did): its reads, then, for a request without dedup or ordering key (an OTP's case), its row, in
+    # the reads' transaction. On PostgreSQL one checkout (one pre-ping) and no ROLLBACK and BEGIN
+    # between the reads and the write; on SQLite the reads take no lock (no BEGIN before a SELECT).
+    with ctx.engine.connect() as conn:
+        return _submit(ctx, req, conn)
+
+
+def _submit(ctx: Context, req: NotifyRequest, conn: Connection) -> SubmitResult:
     template = ctx.templates.get_shared(req.template_id)  # one every host's workers can load
     category = template.category
     priority = req.priority or template.priority
-    # the reads on a Core connection: an ORM Session around them cost more than they did
-    with ctx.engine.connect() as conn:
-        # a Core row, not an ORM object (identity map, instance state): read-only, the columns
-        # ``user_vars`` reads, by the same attribute names
-        row = conn.execute(_SELECT_USER, {"id": req.recipient_id}).first()
-        user = cast("User | None", row)
-        if user is None:
-            raise InputError(f"recipient_id: unknown user {req.recipient_id!r}")
-        shard = ctx.shard_of(user.id)  # the user's Redis: dedup key, opt-out cache, ordering, queue
-        r = ctx.shard_redis(shard)
-        opt_outs = prefs.load(r, conn, [user.id]).get(user.id, set())
+    # a Core row, not an ORM object (identity map, instance state): read-only, the columns
+    # ``user_vars`` reads, by the same attribute names
+    row = conn.execute(_SELECT_USER, {"id": req.recipient_id}).first()
+    user = cast("User | None", row)
+    if user is None:
+        raise InputError(f"recipient_id: unknown user {req.recipient_id!r}")
+    shard = ctx.shard_of(user.id)  # the user's Redis: dedup key, opt-out cache, ordering, queue
+    r = ctx.shard_redis(shard)
+    opt_outs = prefs.load(r, conn, [user.id]).get(user.id, set())
 
     if req.channels == ["all"]:
         channels = template.channels
@@ -236,10 +243,8 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
     try:
         with write_lock(ctx.engine, urgent=priority == "high"):
             if not req.dedup_key and not ordered:
-                # the row alone (an OTP's case): a Core INSERT in a Core transaction; an ORM Session
-                # around it cost the intake more than the statement (SQLite ~70 µs, PostgreSQL ~100)
-                with ctx.engine.begin() as conn:
-                    conn.execute(_INSERT_NOTIFICATION, values)
+                conn.execute(_INSERT_NOTIFICATION, values)  # the row alone
+                conn.commit()
             else:
                 with Session(ctx.engine) as session:
                     if req.dedup_key:
