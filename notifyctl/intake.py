@@ -164,19 +164,27 @@ def enqueue(
 
 
 def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
+    # One Core connection for the request (an ORM Session around its statements cost more than they
+    # did): its reads, then, for a request without dedup or ordering key (an OTP's case), its row, in
+    # the reads' transaction. On PostgreSQL one checkout (one pre-ping) and no ROLLBACK and BEGIN
+    # between the reads and the write; on SQLite the reads take no lock (no BEGIN before a SELECT).
+    with ctx.engine.connect() as conn:
+        return _submit(ctx, req, conn)
+
+
+def _submit(ctx: Context, req: NotifyRequest, conn: Connection) -> SubmitResult:
     template = ctx.templates.get_shared(req.template_id)  # one every host's workers can load
     category = template.category
     priority = req.priority or template.priority
-    with Session(ctx.engine) as session:
-        # a Core row, not an ORM object (identity map, instance state): read-only, the columns
-        # ``user_vars`` reads, by the same attribute names
-        row = session.connection().execute(_SELECT_USER, {"id": req.recipient_id}).first()
-        user = cast("User | None", row)
-        if user is None:
-            raise InputError(f"recipient_id: unknown user {req.recipient_id!r}")
-        shard = ctx.shard_of(user.id)  # the user's Redis: dedup key, opt-out cache, ordering, queue
-        r = ctx.shard_redis(shard)
-        opt_outs = prefs.load(r, session, [user.id]).get(user.id, set())
+    # a Core row, not an ORM object (identity map, instance state): read-only, the columns
+    # ``user_vars`` reads, by the same attribute names
+    row = conn.execute(_SELECT_USER, {"id": req.recipient_id}).first()
+    user = cast("User | None", row)
+    if user is None:
+        raise InputError(f"recipient_id: unknown user {req.recipient_id!r}")
+    shard = ctx.shard_of(user.id)  # the user's Redis: dedup key, opt-out cache, ordering, queue
+    r = ctx.shard_redis(shard)
+    opt_outs = prefs.load(r, conn, [user.id]).get(user.id, set())
 
     if req.channels == ["all"]:
         channels = template.channels
@@ -212,43 +220,47 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
                 return SubmitResult(held.decode(), "suppressed", "duplicate", priority, channels)
             # pending (another intake is committing it, or died doing so) or just expired: SQL decides
     job_id = f"job_{nid}"
+    values = {
+        "id": nid,
+        "recipient_id": user.id,
+        "type": req.type or template.id,
+        "template_id": template.id,
+        "category": category,
+        "priority": priority,
+        "channels": channels,
+        "data": data,
+        "dedup_key": req.dedup_key,
+        "campaign_id": None,
+        "wave": None,
+        "status": status.value,
+        "reason": reason,
+        "job_id": job_id if status == NotificationStatus.queued else None,
+        "due_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+    ordered = bool(req.ordering_key) and status == NotificationStatus.queued
     try:
-        with write_lock(ctx.engine, urgent=priority == "high"), Session(ctx.engine) as session:
-            if req.dedup_key:
-                # Layer 2, SQL: one holder per key, enforced by the table's primary key. It decides
-                # whether Redis lost the key, or holds another intake's pending claim.
-                prior = claim_dedup_key(session, req.dedup_key, nid, now, ttl)
-                if prior is not None:
-                    holder_id, until = prior
-                    r.set(dkey, holder_id, ex=max(1, int((until - now).total_seconds())))  # type: ignore[arg-type]
-                    return SubmitResult(holder_id, "suppressed", "duplicate", priority, channels)
-            if req.ordering_key and status == NotificationStatus.queued:
-                group, seq = ordering.assign(r, session, user.id, priority, req.ordering_key)
-                session.add(OrderedNotification(notification_id=nid, group_key=group, seq=seq))
-            # a Core INSERT: the ORM's unit of work cost the intake more than the statement itself
-            session.connection().execute(
-                _INSERT_NOTIFICATION,
-                {
-                    "id": nid,
-                    "recipient_id": user.id,
-                    "type": req.type or template.id,
-                    "template_id": template.id,
-                    "category": category,
-                    "priority": priority,
-                    "channels": channels,
-                    "data": data,
-                    "dedup_key": req.dedup_key,
-                    "campaign_id": None,
-                    "wave": None,
-                    "status": status.value,
-                    "reason": reason,
-                    "job_id": job_id if status == NotificationStatus.queued else None,
-                    "due_at": now,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            session.commit()
+        with write_lock(ctx.engine, urgent=priority == "high"):
+            if not req.dedup_key and not ordered:
+                conn.execute(_INSERT_NOTIFICATION, values)  # the row alone
+                conn.commit()
+            else:
+                with Session(ctx.engine) as session:
+                    if req.dedup_key:
+                        # Layer 2, SQL: one holder per key, enforced by the table's primary key. It
+                        # decides whether Redis lost the key, or holds another intake's pending claim.
+                        prior = claim_dedup_key(session, req.dedup_key, nid, now, ttl)
+                        if prior is not None:
+                            holder_id, until = prior
+                            r.set(dkey, holder_id, ex=max(1, int((until - now).total_seconds())))  # type: ignore[arg-type]
+                            return SubmitResult(holder_id, "suppressed", "duplicate", priority, channels)
+                    if req.ordering_key and ordered:
+                        group, seq = ordering.assign(r, session, user.id, priority, req.ordering_key)
+                        session.add(OrderedNotification(notification_id=nid, group_key=group, seq=seq))
+                    # a Core INSERT: the ORM's unit of work cost the intake more than the statement itself
+                    session.connection().execute(_INSERT_NOTIFICATION, values)
+                    session.commit()
     except BaseException:
         if dkey:
             _release(r, dkey, marker)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 import redis
+from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
 from notifyctl import keys
@@ -40,7 +41,9 @@ def invalidate_users(ctx: Any, user_ids: Iterable[str]) -> None:
 CACHE_BELOW = 50  # batches of this many users or more read SQL directly: one IN query beats a key per user
 
 
-def load(client: redis.Redis, session: Session, user_ids: Iterable[str]) -> dict[str, set[tuple[str, str]]]:
+def load(
+    client: redis.Redis, session: Session | Connection, user_ids: Iterable[str]
+) -> dict[str, set[tuple[str, str]]]:
     """Opt-outs per user (a user without any may be left out: read with ``.get(uid, set())``).
 
     Small batches (single sends: the latency-sensitive path) read through the cache: one MGET,
@@ -79,9 +82,10 @@ def load(client: redis.Redis, session: Session, user_ids: Iterable[str]) -> dict
 _SELECT = "SELECT user_id, channel, category FROM opt_outs"
 
 
-def _from_sql(session: Session, ids: list[str]) -> dict[str, set[tuple[str, str]]]:
+def _from_sql(session: Session | Connection, ids: list[str]) -> dict[str, set[tuple[str, str]]]:
     """The users among ``ids`` that have opt-outs (a user without any is left out)."""
     found: dict[str, set[tuple[str, str]]] = {}
-    for uid, ch, cat in rows_where_in(session.connection(), _SELECT, "user_id", ids):
+    conn = session if isinstance(session, Connection) else session.connection()
+    for uid, ch, cat in rows_where_in(conn, _SELECT, "user_id", ids):
         found.setdefault(uid, set()).add((ch, cat))
     return found
