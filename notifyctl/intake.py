@@ -36,6 +36,7 @@ from notifyctl.models import DedupKey, Notification, NotificationStatus, Ordered
 from notifyctl.policy import blocked_by
 from notifyctl.secretdata import erase
 from notifyctl.settings import CHANNELS
+from notifyctl.templates import Template
 
 JOB_FUNC = "worker.jobs.process"
 PENDING = "?"  # a Redis dedup claim whose SQL commit is in flight: "?<notification id>"
@@ -168,12 +169,15 @@ def submit(ctx: Context, req: NotifyRequest) -> SubmitResult:
     # did): its reads, then, for a request without dedup or ordering key (an OTP's case), its row, in
     # the reads' transaction. On PostgreSQL one checkout (one pre-ping) and no ROLLBACK and BEGIN
     # between the reads and the write; on SQLite the reads take no lock (no BEGIN before a SELECT).
-    with ctx.engine.connect() as conn:
-        return _submit(ctx, req, conn)
-
-
-def _submit(ctx: Context, req: NotifyRequest, conn: Connection) -> SubmitResult:
+    # The template first: its store may read SQL on a connection of its own, and a request never
+    # holds two at once (with a pool's every connection held by a request waiting for a second, none
+    # would go on).
     template = ctx.templates.get_shared(req.template_id)  # one every host's workers can load
+    with ctx.engine.connect() as conn:
+        return _submit(ctx, req, template, conn)
+
+
+def _submit(ctx: Context, req: NotifyRequest, template: Template, conn: Connection) -> SubmitResult:
     category = template.category
     priority = req.priority or template.priority
     # a Core row, not an ORM object (identity map, instance state): read-only, the columns
@@ -246,6 +250,7 @@ def _submit(ctx: Context, req: NotifyRequest, conn: Connection) -> SubmitResult:
                 conn.execute(_INSERT_NOTIFICATION, values)  # the row alone
                 conn.commit()
             else:
+                conn.close()  # the reads' connection back to the pool first: never two at once
                 with Session(ctx.engine) as session:
                     if req.dedup_key:
                         # Layer 2, SQL: one holder per key, enforced by the table's primary key. It

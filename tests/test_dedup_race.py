@@ -273,3 +273,34 @@ def test_upgrade_fills_dedup_keys_from_the_notifications_of_the_window(db_url: s
         assert [tuple(r) for r in held] == [("k1", "n_a")]
     finally:
         dispose_all()
+
+
+def test_a_request_never_holds_two_pooled_connections(any_db_ctx: Context) -> None:
+    """Intake reads on one connection and, for a request with a dedup or ordering key, writes through
+    a Session: the reads' connection must be back in the pool before the Session takes one. A request
+    holding one while waiting for a second would, with every pooled connection held that way by
+    concurrent requests (PostgreSQL: 15), wait for the pool's timeout and fail."""
+    from sqlalchemy import event
+
+    ctx = any_db_ctx
+    seed(ctx)
+    held: list[int] = [0, 0]  # now, most at once
+
+    def checkout(*_: Any) -> None:
+        held[0] += 1
+        held[1] = max(held[1], held[0])
+
+    def checkin(*_: Any) -> None:
+        held[0] -= 1
+
+    event.listen(ctx.engine, "checkout", checkout)
+    event.listen(ctx.engine, "checkin", checkin)
+    try:
+        for payload in ({}, {"dedup_key": "two-conns"}, {"dedup_key": "two-conns"}, {"ordering_key": "o-1"}):
+            held[:] = [0, 0]
+            res = send(ctx, data=ORDER, **payload)
+            assert res.status in ("queued", "suppressed")
+            assert held == [0, 1], (payload, held)
+    finally:
+        event.remove(ctx.engine, "checkout", checkout)
+        event.remove(ctx.engine, "checkin", checkin)
