@@ -38,12 +38,15 @@ def _transactions(commands: list[str]) -> tuple[list[list[str]], list[str]]:
     return blocks, alone
 
 
-def _monitor(ctx: Context, into: list[str], ready: threading.Event, stop: threading.Event) -> None:
+END = "ECHO rq-round-trips-end"  # sent once the worker is done: everything before it has been seen
+
+
+def _monitor(ctx: Context, into: list[str], ready: threading.Event) -> None:
     client = redis.Redis(connection_pool=ctx.redis.connection_pool)
     with client.monitor() as m:
         ready.set()
         for event in m.listen():
-            if stop.is_set():
+            if event["command"] == END:
                 return
             if event.get("client_type") != "lua":  # (commands run by scripts are not round trips)
                 into.append(event["command"])
@@ -62,8 +65,8 @@ def test_a_job_start_is_one_transaction_and_idle_goes_with_its_end(ctx: Context)
     )
     w.burst_mode = True
     seen: list[str] = []
-    ready, stop = threading.Event(), threading.Event()
-    mon = threading.Thread(target=_monitor, args=(ctx, seen, ready, stop), daemon=True)
+    ready = threading.Event()
+    mon = threading.Thread(target=_monitor, args=(ctx, seen, ready), daemon=True)
     mon.start()
     assert ready.wait(10)
     jobs.configure(ctx, worker_name="rt")
@@ -71,9 +74,9 @@ def test_a_job_start_is_one_transaction_and_idle_goes_with_its_end(ctx: Context)
         assert w.work(burst=True, logging_level="WARNING")
     finally:
         jobs.close()
-        stop.set()
-        ctx.redis.ping()  # (wakes the monitor)
+        ctx.redis.echo(END.split()[1])
         mon.join(10)
+    assert not mon.is_alive()
     assert [d.status for r in otps for d in deliveries(ctx, r.notification_id)] == ["sent"] * 3
     blocks, alone = _transactions(seen)
     worker_key = w.key
