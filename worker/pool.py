@@ -1,5 +1,5 @@
 """One module: the worker pool's processes: the workers, the supervisor that restarts them and the
-reconciler loop share one lifecycle; ~565 lines.
+reconciler loop share one lifecycle; ~520 lines.
 
 The worker pool: N non-forking RQ workers (``SimpleWorker``: no fork per job), a supervisor
 that restarts the ones that die, and the reconciler loop.
@@ -113,9 +113,7 @@ def _queue_class() -> type:
 
 def _worker_class(dequeue_timeout: int = 60) -> type:
     from rq import SimpleWorker
-    from rq.executions import Execution
     from rq.utils import now as rq_now
-    from rq.worker import WorkerStatus
 
     class NotifyWorker(SimpleWorker):
         """SimpleWorker (no fork per job) whose command channel wakes often, so that stopping
@@ -188,48 +186,6 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
             if pipeline is None and state == self._state:
                 return
             super().set_state(state, pipeline)
-
-        # RQ writes a job's end (counts, status, result, registries) in one transaction, then the
-        # worker's "idle" in a round trip of its own: here "idle" goes in that transaction (RQ's
-        # own set_state after it then finds the state set and sends nothing, above)
-        def increment_successful_job_count(self, pipeline: Any = None) -> None:
-            super().increment_successful_job_count(pipeline)
-            if pipeline is not None:
-                self.set_state(WorkerStatus.IDLE, pipeline)
-
-        def increment_failed_job_count(self, pipeline: Any = None) -> None:
-            super().increment_failed_job_count(pipeline)
-            if pipeline is not None:
-                self.set_state(WorkerStatus.IDLE, pipeline)
-
-        _start: Any = None  # the execution record's commands, sent with the job's start
-
-        def prepare_execution(self, job: Any) -> Any:
-            # RQ records an execution (and the worker's "busy") in one transaction, then, back to
-            # back, the job's start (heartbeats, status "started", its removal from the
-            # intermediate queue) in another: here both go in one, sent by prepare_job_execution
-            pipe = self.connection.pipeline()
-            execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name)
-            self.executions[execution.id] = execution
-            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
-            self._start = pipe
-            return execution
-
-        def prepare_job_execution(self, job: Any, remove_from_intermediate_queue: bool = False) -> None:
-            pipe, self._start = self._start, None
-            if pipe is None:  # (not through prepare_execution above)
-                super().prepare_job_execution(job, remove_from_intermediate_queue)
-                return
-            with pipe:  # RQ's prepare_job_execution, in the execution's transaction
-                heartbeat_ttl = self.get_heartbeat_ttl(job)
-                self.heartbeat(heartbeat_ttl, pipeline=pipe)
-                job.heartbeat(rq_now(), heartbeat_ttl, pipeline=pipe)
-                job.prepare_for_execution(self.name, pipeline=pipe)
-                pipe.persist(job.key)
-                if remove_from_intermediate_queue:
-                    queue = self.queue_class(job.origin, connection=self.connection)
-                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-                pipe.execute()
 
         def subscribe(self) -> None:
             if self.burst_mode:
