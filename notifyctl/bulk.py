@@ -91,7 +91,8 @@ def prepare_counted_insert(
     marks = ["?"] * len(cols)
     if inline:
         for i, values in enumerate(columns):
-            literal = _sqlite_literal(values) if cols[i] in inline else None
+            # (a shared column is one value repeated: its first tells)
+            literal = _sqlite_literal(values[:1] if cols[i] in shared else values) if cols[i] in inline else None
             if literal is not None and len(marks) - marks.count("?") < len(cols) - 1:  # (one stays bound)
                 marks[i] = literal
         columns = [values for values, mark in zip(columns, marks, strict=True) if mark == "?"]

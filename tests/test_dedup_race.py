@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import event, func, insert, select, text
 from sqlmodel import Session, SQLModel
 
 from notifyctl.api.auth import create_key
@@ -280,8 +280,6 @@ def test_a_request_never_holds_two_pooled_connections(any_db_ctx: Context) -> No
     a Session: the reads' connection must be back in the pool before the Session takes one. A request
     holding one while waiting for a second would, with every pooled connection held that way by
     concurrent requests (PostgreSQL: 15), wait for the pool's timeout and fail."""
-    from sqlalchemy import event
-
     ctx = any_db_ctx
     seed(ctx)
     held: list[int] = [0, 0]  # now, most at once
