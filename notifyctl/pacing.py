@@ -5,12 +5,20 @@ limit anew with every request, each provider has one pace in Redis (``keys.pace`
 every worker and host, learned from those answers (AIMD):
 
 - unpaced until the first throttle answer: nothing is held back;
-- on a throttle answer the rate drops to what the provider accepted over the last second (95 %
-  of it, and at most 85 % of the current rate), at most once a second (the answers of one
-  overshoot arrive together); the first time, this starts the pace;
-- every request accepted while the pace held something back raises the rate: quickly after a
-  start (+0.5 req/s per request: +50 % a second), then slowly (+5 % a second), until the next
-  throttle answer; a pace the provider has not throttled for ``memory`` seconds is forgotten.
+- the first throttle answer starts the pace at what the provider accepted over the last second
+  (95 % of it; the pool's other answers to the same overshoot can only raise it). That is what one
+  burst got through, not yet a rate: every request accepted while the pace held something back
+  then adds 1 req/s (+100 % a second), until the next throttle answer;
+- a later throttle answer (at most one a second: the answers of one overshoot arrive together)
+  marks the rate it came at: the *ceiling*, what the provider accepted over the last second (at
+  most the current rate; at least half of it the first time, 90 % after). The rate drops to 95 %
+  of it and, while the pace holds requests back, returns to 97 % of it (+10 % a second);
+- after the first ceiling the rate creeps up (+5 % a second) until the next throttle answer,
+  which confirms it; after that it stays at 97 % of the ceiling for ``quiet`` seconds after the
+  last throttle answer, and only then creeps up again (a provider that raised its limit). So a
+  paced pool keeps just under what the provider allows instead of overshooting it every few
+  seconds (each overshoot costs 429s, and each throttled request waits its ``Retry-After``);
+- a pace the provider has not throttled for ``memory`` seconds is forgotten.
 
 Requests take tokens from a bucket refilled at the rate (holding ``burst`` seconds of it): one
 Lua call takes as many as a batch may use now and says how long until the next. Both scripts
@@ -50,15 +58,17 @@ redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now)
 return {g, tostring(wait)}
 """
 
-# KEYS[1] the pace; ARGV: requests accepted, requests throttled, lowest rate, memory (s).
+# KEYS[1] the pace; ARGV: requests accepted, requests throttled, lowest rate, memory (s), quiet (s).
 # Returns the rate (string; '0' = unpaced).
 _RECORD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ok, thr = tonumber(ARGV[1]), tonumber(ARGV[2])
-local h = redis.call('HMGET', KEYS[1], 'rate', 'win', 'cnt', 'prev', 'limited', 'last_drop', 'phase')
+local h = redis.call('HMGET', KEYS[1], 'rate', 'win', 'cnt', 'prev', 'limited', 'last_drop', 'phase', 'ceil')
 local rate = tonumber(h[1] or '') or 0
 local win, cnt, prev = tonumber(h[2] or '') or 0, tonumber(h[3] or '') or 0, tonumber(h[4] or '') or 0
+local last_drop = tonumber(h[6] or '') or 0
+local ceil = tonumber(h[8] or '') or 0
 local sec = math.floor(now)
 if win ~= sec then
   if win == sec - 1 then prev = cnt else prev = 0 end
@@ -66,24 +76,39 @@ if win ~= sec then
 end
 cnt = cnt + ok
 if ok > 0 and rate > 0 and now - (tonumber(h[5] or '') or 0) < 1 then
-  local step = 0.05
-  if h[7] == 'start' then step = 0.5 end
-  rate = rate + step * ok
+  if h[7] == 'start' then
+    rate = rate + ok
+  elseif rate < 0.97 * ceil then
+    rate = math.min(0.97 * ceil, rate + 0.1 * ok)
+  elseif h[7] == 'probe' or now - last_drop >= tonumber(ARGV[5]) then
+    rate = rate + 0.05 * ok
+  end
 end
 local fields = {'win', win, 'cnt', cnt, 'prev', prev}
 if thr > 0 then
-  local seen = math.max(prev, cnt)
-  if now - (tonumber(h[6] or '') or 0) >= 1 then
-    local was = rate
+  -- accepted over the last second: this second's count and the part of the last one still in it
+  local seen = cnt + prev * (1 - (now - sec))
+  if now - last_drop >= 1 then
     if rate <= 0 then
-      rate = 0.95 * seen
+      -- (a burst's count, which the steps above soon correct: the larger reading of the two)
+      rate = 0.95 * math.max(seen, prev)
       table.insert(fields, 'phase') table.insert(fields, 'start')
     else
-      rate = math.min(rate * 0.85, math.max(0.95 * seen, rate * 0.5))
-      table.insert(fields, 'phase') table.insert(fields, 'steady')
+      -- a second the pool partly idled in (a stalled worker, then a burst) reads low: once the
+      -- ceiling was confirmed it is trusted down to 90 % of the rate (a drop is then 5-15 %; a
+      -- provider that halved its limit takes 5 drops), the first one down to half
+      local low, phase = 0.9, 'steady'
+      if h[7] == 'start' then low, phase = 0.5, 'probe' end
+      ceil = math.max(math.min(seen, rate), low * rate)
+      rate = 0.95 * ceil
+      table.insert(fields, 'phase') table.insert(fields, phase)
+      table.insert(fields, 'ceil') table.insert(fields, ceil)
     end
     rate = math.max(tonumber(ARGV[3]), rate)
     table.insert(fields, 'last_drop') table.insert(fields, now)
+  elseif h[7] == 'start' then
+    -- the pool's answers to the first overshoot: the first one counted only what came before it
+    rate = math.max(rate, 0.95 * math.max(seen, prev))
   end
   table.insert(fields, 'tokens') table.insert(fields, 0)
   table.insert(fields, 'ts') table.insert(fields, now)
@@ -103,11 +128,14 @@ return tostring(rate)
 class Pacer:
     """The shared pace of each provider (see the module's docstring)."""
 
-    def __init__(self, client: redis.Redis, burst: float = 0.25, floor: float = 0.5, memory: int = 3600) -> None:
+    def __init__(
+        self, client: redis.Redis, burst: float = 0.25, floor: float = 0.5, memory: int = 3600, quiet: float = 30.0
+    ) -> None:
         self.client = client
         self.burst = burst
         self.floor = floor
         self.memory = memory
+        self.quiet = quiet
         self._take = client.register_script(_TAKE)
         self._record = client.register_script(_RECORD)
 
@@ -118,7 +146,7 @@ class Pacer:
 
     def record(self, provider: str, accepted: int, throttled: int) -> float:
         """What the provider answered to the requests of one call; returns the rate (0 = unpaced)."""
-        rate = self._record(keys=[keys.pace(provider)], args=[accepted, throttled, self.floor, self.memory])
+        rate = self._record(keys=[keys.pace(provider)], args=[accepted, throttled, self.floor, self.memory, self.quiet])
         return float(rate)
 
     def rate(self, provider: str) -> float | None:

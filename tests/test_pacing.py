@@ -47,6 +47,56 @@ def test_the_pace_starts_at_the_first_throttle_and_drops_once_per_overshoot(rcli
     assert rclient.ttl("notif:pace:sg") > 0  # forgotten after a while without 429s
 
 
+def test_the_pools_answers_to_the_first_overshoot_start_the_pace_together(rclient: redis.Redis) -> None:
+    p = Pacer(rclient)
+    # three workers' batches met the provider's first 429s: the first to report knew only its own 5
+    first = p.record("sg", accepted=5, throttled=1)
+    assert first == pytest.approx(0.95 * 5)
+    p.record("sg", accepted=4, throttled=1)
+    assert p.record("sg", accepted=6, throttled=1) == pytest.approx(0.95 * 15)  # what the provider let through
+
+
+def drive(p: Pacer, plan: RateLimitPlan, seconds: float, demand: int = 10) -> list[tuple[float, bool]]:
+    """A pool with more to send than the provider allows, paced by ``p``: each call takes what the
+    pace grants (up to ``demand``), sends it to ``plan`` until its first 429 and records the
+    answers. Returns (monotonic time, accepted) per request."""
+    log: list[tuple[float, bool]] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        granted, wait = p.take("sg", demand)
+        if not granted:
+            time.sleep(min(wait, 0.05))
+            continue
+        ok = throttled = 0
+        for _ in range(granted):
+            accepted = plan.take("/v3/mail/send") is None
+            log.append((time.monotonic(), accepted))
+            if not accepted:
+                throttled += 1
+                break
+            ok += 1
+        p.record("sg", accepted=ok, throttled=throttled)
+    return log
+
+
+def test_a_learned_pace_stays_just_under_the_limit_without_overshooting_it(rclient: redis.Redis) -> None:
+    """Once the pace has learned the provider's limit it keeps just under it: close to all the
+    provider allows, and no 429 (each costs its request the Retry-After) — not a sawtooth that
+    overshoots the limit every few seconds."""
+    allowed = 40.0
+    plan = RateLimitPlan(allowed, burst=10, retry_after=2)
+    log = drive(Pacer(rclient), plan, 14.0)
+    t0 = log[0][0]
+    learning = [ok for t, ok in log if t - t0 < 7.0]  # (measured: its last 429 within 3-5.5 s)
+    assert not all(learning)  # the limit was met and learned from
+    settled = [(t, ok) for t, ok in log if t - t0 >= 7.0]
+    span = settled[-1][0] - settled[0][0]
+    assert span > 6.0
+    assert sum(1 for _t, ok in settled if not ok) == 0, "429s after the pace had learned the limit"
+    rate = sum(1 for _t, ok in settled if ok) / span
+    assert 0.9 * allowed <= rate <= allowed + plan.burst / span, rate
+
+
 @pytest.fixture
 def sendgrid() -> Iterator[SendgridSandbox]:
     with SendgridSandbox(api_key=API_KEY) as sb:
