@@ -41,6 +41,11 @@ def invalidate_users(ctx: Any, user_ids: Iterable[str]) -> None:
 CACHE_BELOW = 50  # batches of this many users or more read SQL directly: one IN query beats a key per user
 
 
+def parse(text: str) -> set[tuple[str, str]]:
+    """A user's opt-outs from their cached form: ``channel:category`` items joined by commas."""
+    return {cast(tuple[str, str], tuple(item.split(":", 1))) for item in text.split(",") if item}
+
+
 def load(
     client: redis.Redis, session: Session | Connection, user_ids: Iterable[str]
 ) -> dict[str, set[tuple[str, str]]]:
@@ -61,8 +66,7 @@ def load(
         if raw is None:
             misses.append(uid)
         else:
-            text = raw.decode() if isinstance(raw, bytes) else raw
-            out[uid] = {cast(tuple[str, str], tuple(item.split(":", 1))) for item in text.split(",") if item}
+            out[uid] = parse(raw.decode() if isinstance(raw, bytes) else raw)
     if misses:
         found = _from_sql(session, misses)
         pipe = client.pipeline(transaction=False)

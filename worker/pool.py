@@ -1,5 +1,5 @@
 """One module: the worker pool's processes: the workers, the supervisor that restarts them and the
-reconciler loop share one lifecycle; ~520 lines.
+reconciler loop share one lifecycle; ~540 lines.
 
 The worker pool: N non-forking RQ workers (``SimpleWorker``: no fork per job), a supervisor
 that restarts the ones that die, and the reconciler loop.
@@ -159,6 +159,32 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
                 job.ended_at = rq_now()
                 return
             super().handle_execution_ended(job, queue, heartbeat_ttl)
+
+        def handle_job_success(self, job: Any, queue: Any, started_job_registry: Any, execution: Any) -> None:
+            # RQ WATCHes the job's dependents (a round trip of its own, with a connection checkout)
+            # before its end's transaction, so that a dependent added meanwhile moves too; notifyctl
+            # enqueues none (NotifyQueue above): the same transaction, sent alone. Anything RQ does
+            # there that notifyctl never asks for (repeats, rate-limited or grouped jobs) goes to RQ.
+            if job.repeats_left or job.has_rate_limit or job.group_id:
+                super().handle_job_success(job, queue, started_job_registry, execution)
+                return
+            with self.connection.pipeline() as pipe:
+                self.increment_successful_job_count(pipeline=pipe)
+                self.increment_total_working_time(job.ended_at - job.started_at, pipe)
+                ttl = job.get_result_ttl(self.default_result_ttl)
+                if ttl != 0:
+                    job._handle_success(
+                        ttl,
+                        pipeline=pipe,
+                        worker_name=self.name,
+                        execution_id=execution.id,
+                        execution_started_at=execution.created_at,
+                        execution_ended_at=job.ended_at,
+                    )
+                job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                pipe.execute()
+            log.debug("job %s finished in %s", job.id, job.ended_at - job.started_at)
 
         def handle_exception(self, job: Any, *exc_info: Any) -> None:
             # Redis gone while RQ records a job's end (its finished/failed registries): no traceback
