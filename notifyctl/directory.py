@@ -23,7 +23,6 @@ from notifyctl.db import write_lock
 from notifyctl.errors import InputError, NotFound
 from notifyctl.identifiers import check_email, check_platform, check_text_id, check_token, check_user_id
 from notifyctl.models import DeviceToken, OptOut, User, utcnow
-from notifyctl.prefs import invalidate_users
 from notifyctl.settings import CATEGORIES, CHANNELS
 
 REQUIRED_COLUMNS = ("user_id",)
@@ -241,7 +240,6 @@ def set_prefs(ctx: Context, user_id: str, off: list[str], on: list[str], reason:
             [],
         )
         session.commit()
-        invalidate_users(ctx, [user_id])
         return [
             (o.channel, o.category)
             for o in session.scalars(

@@ -42,7 +42,6 @@ from notifyctl.db import write_lock
 from notifyctl.directory import upsert
 from notifyctl.errors import InputError
 from notifyctl.models import STATUS_RANK, Delivery, DeliveryEvent, DeliveryStatus, OptOut, SmsKeyword, User, utcnow
-from notifyctl.prefs import invalidate_users
 from notifyctl.signing import hmac_sha256
 
 log = logging.getLogger("notifyctl.inbound")
@@ -249,8 +248,6 @@ def apply_events(ctx: Any, events: Sequence[Event], now: datetime | None = None)
             )
             result.opt_outs = len(opt_rows)
         session.commit()
-    if opt_rows:
-        invalidate_users(ctx, {u for (u, _c, _k) in opt_rows})
 
     # 5. Remember the applied event ids (after the commit: a failed commit lets the provider retry).
     if batch_keys:
@@ -303,7 +300,6 @@ def set_opt_out(ctx: Any, user_ids: Iterable[str], channel: str, category: str, 
     with Session(ctx.engine) as session:
         upsert(session, OptOut, rows, ["user_id", "channel", "category"], ["reason"])
         session.commit()
-    invalidate_users(ctx, [row["user_id"] for row in rows])
     return len(rows)
 
 
@@ -364,8 +360,6 @@ def apply_sms_keyword(ctx: Any, sid: str, phone: str, action: str) -> KeywordRes
         )
         session.execute(delete(SmsKeyword).where(col(SmsKeyword.phone) == phone, col(SmsKeyword.sid).not_in(kept)))
         session.commit()
-    if changed:
-        invalidate_users(ctx, users)
     return KeywordResult(fresh=True, users=len(users), changed=changed)
 
 

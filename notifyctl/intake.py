@@ -43,9 +43,10 @@ PENDING = "?"  # a Redis dedup claim whose SQL commit is in flight: "?<notificat
 DEDUP_KEY_MAX = 255  # characters; the API's Idempotency-Key header names the same limit
 _INSERT_NOTIFICATION = Notification.__table__.insert()  # type: ignore[attr-defined]
 _U = User.__table__  # type: ignore[attr-defined]
-_SELECT_USER = select(_U.c.id, _U.c.email, _U.c.locale, _U.c.timezone, _U.c.attributes).where(
-    _U.c.id == bindparam("id")
-)
+# the user's columns ``user_vars`` reads, and their opt-outs (``notifyctl.prefs``) in the same statement
+_SELECT_USER = select(
+    _U.c.id, _U.c.email, _U.c.locale, _U.c.timezone, _U.c.attributes, prefs.as_text(_U.c.id).label("opt_outs")
+).where(_U.c.id == bindparam("id"))
 
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what the JSON columns' serializer (orjson) stores
@@ -186,9 +187,9 @@ def _submit(ctx: Context, req: NotifyRequest, template: Template, conn: Connecti
     user = cast("User | None", row)
     if user is None:
         raise InputError(f"recipient_id: unknown user {req.recipient_id!r}")
-    shard = ctx.shard_of(user.id)  # the user's Redis: dedup key, opt-out cache, ordering, queue
+    opt_outs = prefs.parse(row.opt_outs or "")  # type: ignore[union-attr]
+    shard = ctx.shard_of(user.id)  # the user's Redis: dedup key, ordering, queue
     r = ctx.shard_redis(shard)
-    opt_outs = prefs.load(r, conn, [user.id]).get(user.id, set())
 
     if req.channels == ["all"]:
         channels = template.channels

@@ -65,11 +65,6 @@ def pace(provider: str) -> str:
     return f"{PREFIX}pace:{provider}"
 
 
-def prefs(user_id: str) -> str:
-    """Cached opt-outs of one user (see ``notifyctl.prefs``)."""
-    return f"{PREFIX}prefs:{user_id}"
-
-
 def provider_token(provider: str, ident: str) -> str:
     """A provider credential shared by every worker and host (``worker.providers.shared_token``):
     the APNs JWT of one team, key id and key; the FCM access token of one service account.

@@ -3,7 +3,7 @@
 A user's shard is ``crc32(user id, UTF-8) mod N`` (``shard_of``): stable across processes, hosts
 and Python versions (never Python's salted ``hash``). The shard of a user holds everything
 notifyctl keeps per user — the queues and jobs of that user's notifications, the dedup keys of
-requests to that user, rate windows, opt-out cache, ordering counters, send records and leases —
+requests to that user, rate windows, ordering counters, send records and leases —
 and the liveness keys of the workers that serve that shard (the reconciler of a shard reads them
 beside the shard's jobs). So no operation ever spans two shards: a job holds notifications of one
 shard's users only (intake and the campaign launcher route each notification, the reconciler

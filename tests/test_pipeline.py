@@ -274,24 +274,29 @@ def test_marketing_email_carries_one_click_unsubscribe(home, redis_url, rclient)
     assert box[order.notification_id]["headers"] == {}
 
 
-def test_preferences_cache_is_invalidated_on_change(ctx: Context) -> None:
+def test_a_preference_change_is_read_at_once(ctx: Context) -> None:
+    """Opt-outs are read from SQL (no cache): a change holds for the next request and the next batch."""
     from sqlmodel import Session
 
-    from notifyctl import prefs as prefs_cache
+    from notifyctl import prefs as prefs_sql
 
     seed(ctx)
     with Session(ctx.engine) as s:
-        assert prefs_cache.load(ctx.redis, s, ["alice"]) == {"alice": set()}
-    assert ctx.redis.get("notif:prefs:alice") == b""  # cached
+        assert prefs_sql.load(s, ["alice"]) == {}
+    first = send(ctx, channels=["push"])
     set_prefs(ctx, "alice", off=["push"], on=[])
-    assert ctx.redis.get("notif:prefs:alice") is None  # invalidated by the change
     with Session(ctx.engine) as s:
-        assert prefs_cache.load(ctx.redis, s, ["alice"]) == {"alice": {("push", "*")}}
+        assert prefs_sql.load(s, ["alice"]) == {"alice": {("push", "*")}}
+    assert send(ctx, channels=["push"]).reason == "opted_out"  # intake
+    drain(ctx)  # the first, queued before the change: suppressed by its batch
+    assert [(d.status, d.reason) for d in deliveries(ctx, first.notification_id)] == [
+        ("suppressed", "opted_out:push:*")
+    ]
 
 
-def test_a_large_batch_reads_its_opt_outs_from_sql_and_caches_none(any_db_ctx: Context) -> None:
-    """A batch of ``CACHE_BELOW`` users or more (a campaign's) reads every opt-out of its users in
-    one query — several per user, ``*`` included, other users' left out — and writes no cache key."""
+def test_a_large_batch_reads_its_opt_outs_in_one_query(any_db_ctx: Context) -> None:
+    """A batch of many users (a campaign's) reads every opt-out of its users in one query — several
+    per user, ``*`` included, other users' left out."""
     import io
 
     from sqlmodel import Session
@@ -300,7 +305,7 @@ def test_a_large_batch_reads_its_opt_outs_from_sql_and_caches_none(any_db_ctx: C
     from notifyctl.directory import import_users
 
     ctx = any_db_ctx
-    users = [f"p{i:03d}" for i in range(prefs_cache.CACHE_BELOW + 10)]
+    users = [f"p{i:03d}" for i in range(60)]
     rep = import_users(
         ctx, io.StringIO("user_id,email\n" + "".join(f"{u},{u}@example.com\n" for u in [*users, "p999"]))
     )
@@ -308,11 +313,9 @@ def test_a_large_batch_reads_its_opt_outs_from_sql_and_caches_none(any_db_ctx: C
     set_prefs(ctx, users[0], off=["email:marketing", "sms"], on=[])
     set_prefs(ctx, users[7], off=["all"], on=[])
     set_prefs(ctx, "p999", off=["push"], on=[])  # not in the batch
-    ctx.redis.flushdb()
     with Session(ctx.engine) as s:
-        got = prefs_cache.load(ctx.redis, s, [*users, users[0]])  # (a repeated id counts once)
+        got = prefs_cache.load(s, [*users, users[0]])  # (a repeated id counts once)
     assert got == {users[0]: {("email", "marketing"), ("sms", "*")}, users[7]: {("*", "*")}}
-    assert ctx.redis.keys("notif:prefs:*") == []
 
 
 def test_batch_renders_per_recipient_only_what_reads_user(home, redis_url, rclient, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -68,7 +68,7 @@ def _process(rt: Runtime, ids: list[str], as_of: float | None, stats: Stats) -> 
     due_by = datetime.fromtimestamp(as_of, UTC) if as_of is not None else now
     renderer = Renderer(rt)
     with Session(rt.ctx.engine, expire_on_commit=False) as session:
-        batch = _Batch(session, rt.ctx.served, ids)  # 1 (its users' shard)
+        batch = _Batch(session, ids)  # 1
         ordered = [n.id for n in batch.notifications if n.ordered]  # with an ordering_key
         held = ordering.hold_back(session, ordered, now) if ordered else set()
         if held:  # an earlier one of their group is not final yet: back to the reconciler, untouched

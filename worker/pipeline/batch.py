@@ -73,11 +73,11 @@ _T_SELECT = "SELECT device_tokens.user_id, device_tokens.platform, device_tokens
 _T_LIVE = "AND device_tokens.removed_at || '' IS NULL ORDER BY device_tokens.created_at"
 # A small batch (an OTP's: a job of one notification) loads in one statement what the four loads
 # above and the opt-out read read in five round trips: each notification with its user's columns,
-# its user's opt-outs as ``channel:category`` items joined by commas (``notifyctl.prefs``' cached
-# form: read from SQL, the truth, without the cache's round trip), and whether it has deliveries yet
+# its user's opt-outs as ``channel:category`` items joined by commas (``notifyctl.prefs.as_text``),
+# and whether it has deliveries yet
 # (only those are read: none, for a notification's first batch). Batches of ``SMALL`` or more (a
 # campaign's) keep one query per table, whose per-row costs were measured table by table.
-SMALL = prefs.CACHE_BELOW
+SMALL = 50
 _AGG = {"postgresql": "string_agg"}  # (else SQLite's group_concat)
 
 
@@ -146,7 +146,7 @@ def _user(row: Any, i: int) -> _User:
 class _Batch:
     """The rows a batch touches, loaded with one query per table (plain rows, not ORM objects)."""
 
-    def __init__(self, session: Session, client: Any, ids: list[str]) -> None:
+    def __init__(self, session: Session, ids: list[str]) -> None:
         parsed: dict[str, Any] = {}
 
         def load(text: str | None) -> Any:
@@ -195,7 +195,7 @@ class _Batch:
             self.users = {
                 row[0]: _user(row, 0) for row in rows_where_in(conn, _U_SELECT, "id", list(user_ids), prepared=True)
             }
-            self.opt_outs = prefs.load(client, session, user_ids)
+            self.opt_outs = prefs.load(session, user_ids)
         # a user's live device tokens, oldest first, as (platform, token): push only
         self.tokens: dict[str, list[tuple[str, str]]] = defaultdict(list)
         if user_ids and any("push" in n.channels for n in self.notifications):

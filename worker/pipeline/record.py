@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, insert, literal, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
-from notifyctl import metrics, prefs
+from notifyctl import metrics
 from notifyctl.analytics.triggers import counted_insert
 from notifyctl.bulk import prepare_insert, update_where_in
 from notifyctl.db import write_lock
@@ -185,8 +185,6 @@ def write(
             session.rollback()
             _keep_record(rt, events, sent_marks)  # (all of them: the sends it left implied too)
             raise
-    if sms_stops:
-        prefs.invalidate(rt.ctx.served, sms_stops)  # (the batch's users: the shard served)
     if settle_error is not None:
         raise settle_error
     # counted per distinct outcome (a blast's batch: one), not once a row
