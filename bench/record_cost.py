@@ -142,13 +142,18 @@ def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
     worker's CPU per job, and of its thread how much was the pipeline's ``process()`` and how much RQ's
     bookkeeping around it (``worker_thread_us_per_otp``). The submits' own CPU (this thread:
     parse_request + intake.submit, as ``notifyctl send`` and the API run them) is reported apart,
-    ``intake_cpu_us_per_otp``."""
+    ``intake_cpu_us_per_otp``, with its SQL statements and Redis commands per OTP (``intake_sql``,
+    ``intake_redis``)."""
     users = phone_users(env, n)
-    cpu0, wall0 = time.thread_time(), time.perf_counter()
-    for i, uid in enumerate(users):
-        submit(env.ctx, parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
-                                       "data": {"code": f"{i:06d}", "minutes": 10}}))  # fmt: skip
-    intake_cpu, intake_wall = time.thread_time() - cpu0, time.perf_counter() - wall0
+    intake_cmds0 = commandstats(env)
+    with SqlCounter(env.ctx.engine) as intake_sql:
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        for i, uid in enumerate(users):
+            submit(env.ctx, parse_request({"recipient_id": uid, "template_id": "otp_code", "channels": ["sms"],
+                                           "data": {"code": f"{i:06d}", "minutes": 10}}))  # fmt: skip
+        intake_cpu, intake_wall = time.thread_time() - cpu0, time.perf_counter() - wall0
+    intake_cmds = delta(intake_cmds0, commandstats(env))
+    intake_cmds.pop("info", None)  # (commandstats' own)
     rq_conn = connect(env.settings, dequeue=True)
     queue_class = _queue_class()
     w = _worker_class(1)([queue_class(keys.queue_name("high"), connection=rq_conn)], connection=rq_conn,
@@ -194,6 +199,8 @@ def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
     res["worker_thread_us_per_otp"] = {"process()": round(in_process[0] / n * 1e6, 1),
                                        "RQ (the rest)": round((thread - in_process[0]) / n * 1e6, 1)}  # fmt: skip
     res["intake_ms_per_otp"] = round(intake_wall / n * 1e3, 2)
+    res["intake_sql"] = {k: round(v / n, 2) for k, v in intake_sql.statements.most_common()}
+    res["intake_redis"] = {k: round(v / n, 2) for k, v in intake_cmds.items() if v}
     return res
 
 
@@ -254,6 +261,7 @@ def _print(r: dict[str, Any]) -> None:
     if "intake_cpu_us_per_otp" in r:
         cpu, ms = r["intake_cpu_us_per_otp"], r["intake_ms_per_otp"]
         print(f"       intake (submit, this thread): {cpu} µs CPU, {ms} ms per OTP")
+        print(f"       intake per OTP: SQL {r['intake_sql']}, Redis {r['intake_redis']}")
         print(f"       worker thread CPU µs per OTP job: {r['worker_thread_us_per_otp']}")
     print(f"       SQL {r['sql_per_batch']}/batch, {r['sql_rows_per_notification']} rows/notification {r['sql']}")
     print(f"       Redis {r['redis_per_notification']}/notification {r['redis']}", flush=True)
