@@ -266,6 +266,49 @@ def test_a_counted_insert_counts_its_rows_once_and_leaves_the_row_trigger_on(any
     assert_rollup_exact(ctx)
 
 
+@pytest.mark.fresh_pg_schema
+def test_the_worker_counts_its_rows_once_whichever_pg_insert_trigger_is_present(any_db_ctx: Context) -> None:
+    """PostgreSQL: the worker's insert (``counted_insert`` given the rows' origins) counts its rows
+    itself and the insert trigger skips that statement; a plain insert after it in the same
+    transaction is counted by the trigger (the gate closed again); with an older definition's insert
+    trigger in place (put back by an older release's process), which knows no gate, the worker's
+    rows are counted once all the same, by that trigger."""
+    ctx = any_db_ctx
+    if ctx.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's statement trigger (SQLite: the tests above)")
+    seed(ctx)
+    nid = send(ctx, recipient_id="alice", channels=["email"]).notification_id
+    drain(ctx)
+    assert sum(assert_rollup_exact(ctx).values()) == 1
+    with ctx.engine.connect() as conn:
+        origins = {str(r[0]): (str(r[1]), r[2], r[3])
+                   for r in conn.exec_driver_sql("SELECT id, template_id, campaign_id, wave FROM notifications")}  # fmt: skip
+    (d,) = deliveries(ctx, nid)
+    table = Delivery.__table__  # type: ignore[attr-defined]
+
+    def rows(tag: str, k: int) -> list[dict[str, object]]:
+        return [{**d.model_dump(), "id": f"{d.id}{tag}{i}", "address": f"{tag}{i}", "status": "sent"} for i in range(k)]
+
+    with ctx.engine.connect() as conn:
+        new = rows("w", 3)
+        triggers.counted_insert(conn, prepare_insert(ctx.engine, table, new), new, origins)
+        assert conn.exec_driver_sql(f"SELECT current_setting('{triggers.PG_GATE}', true)").scalar() == "off"
+        conn.execute(insert(table), rows("p", 1))  # a plain insert: the trigger counts it
+        conn.commit()
+    assert sum(assert_rollup_exact(ctx).values()) == 5
+    ins = triggers.TRIGGERS[0]
+    old = ins.replace(triggers.VERSION, "v6")
+    with write_lock(ctx.engine), ctx.engine.begin() as conn:  # the v6 insert trigger: no gate
+        conn.exec_driver_sql(f"DROP TRIGGER {ins} ON deliveries")
+        conn.exec_driver_sql(rollup.pg_function(old, triggers._PG_INSERT))
+        conn.exec_driver_sql(rollup.pg_trigger(old, "INSERT"))
+    with ctx.engine.connect() as conn:
+        new = rows("o", 4)
+        triggers.counted_insert(conn, prepare_insert(ctx.engine, table, new), new, origins)
+        conn.commit()
+    assert sum(assert_rollup_exact(ctx).values()) == 9
+
+
 REASONS = [None, "bounced: mailbox full", "  spaced  : x", "\ttab\t: y", "no colon at all", "é" * 80 + ": long",
            ":leading colon", "opted_out", " a:b:c ", ""]  # fmt: skip
 
@@ -350,7 +393,7 @@ def test_install_backfills_an_existing_database_once(any_db_ctx: Context) -> Non
 
 
 @pytest.mark.fresh_pg_schema
-@pytest.mark.parametrize("old_version", ["v2", "v3", "v4"])
+@pytest.mark.parametrize("old_version", ["v2", "v3", "v4", "v6"])
 def test_an_upgrade_keeps_the_rollup_of_purged_deliveries(any_db_ctx: Context, old_version: str) -> None:
     """A database of a previous definition (v2 triggers, no coarse tiers, ``folded`` just added; v3
     triggers, total and daily tiers, no weekly one), deltas pending on PostgreSQL, deliveries purged

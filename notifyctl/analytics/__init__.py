@@ -29,7 +29,9 @@ the old row to the new one, a rolled-back one (a worker killed mid-batch) moves 
   group (``triggers.counted_insert``).
 - PostgreSQL: statement triggers append what each statement changed, aggregated, to
   ``analytics_delta`` (appends: concurrent workers never wait on each other's rollup row);
-  ``compact`` folds it into the rollup (the worker pool does so every few seconds).
+  ``compact`` folds it into the rollup (the worker pool does so every few seconds). The worker's
+  batch insert tells the insert trigger to skip it (a transaction-local setting), and appends its
+  rows' counts itself, grouped from the rows (``triggers.counted_insert``).
 
 The coarse tiers, for reads that stay instant at 10,000,000 deliveries (the hourly rollup then
 holds millions of rows): ``analytics_total`` (the rollup without time), ``analytics_daily``

@@ -150,12 +150,8 @@ def write(
     # parameters converted before the writer lock is taken: inside it, only the statements run
     insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows)
     insert_events = prepare_insert(rt.ctx.engine, _ET, stored)
-    # SQLite counts the new rows for the analytics from the rows themselves (``counted_insert``)
-    origins = (
-        {n.id: (n.template_id, n.campaign_id, n.wave) for n in batch.notifications}
-        if new_rows and rt.ctx.engine.dialect.name == "sqlite"
-        else None
-    )
+    # the new rows counted for the analytics from the rows themselves (``counted_insert``)
+    origins = {n.id: (n.template_id, n.campaign_id, n.wave) for n in batch.notifications} if new_rows else None
     urgent = any(n.priority == "high" for n in batch.notifications)
     with write_lock(rt.ctx.engine, urgent=urgent):  # one SQLite writer at a time; OTPs first
         try:
