@@ -18,7 +18,7 @@ from sqlmodel import Session, col
 from notifyctl.circuit import Circuits
 from notifyctl.context import Context
 from notifyctl.errors import NotFound, TemplateError
-from notifyctl.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
+from notifyctl.models import Campaign, Delivery, DeliveryEvent, DeliveryStatus, Notification
 from notifyctl.secretdata import redact
 
 IMPLIED_FIRST = frozenset({DeliveryStatus.sent, DeliveryStatus.retrying})
@@ -134,6 +134,21 @@ def find_notification(session: Session, ref: str) -> Notification:
     if n is None:
         raise NotFound(f"no notification with id or dedup key {ref!r}")
     return n
+
+
+def latest_of_user(session: Session, user_id: str, limit: int) -> list[str]:
+    """The ids of ``user_id``'s latest ``limit`` notifications, newest first, both read by the unique
+    (campaign_id, recipient_id) index: those outside campaigns (``campaign_id IS NULL``), then the
+    campaigns', a probe a campaign."""
+    created = col(Notification.created_at)
+    of_user = col(Notification.recipient_id) == user_id
+    direct = select(col(Notification.id), created).where(of_user, col(Notification.campaign_id).is_(None))
+    campaigns = select(col(Notification.id), created).where(
+        col(Notification.campaign_id).in_(select(col(Campaign.id))), of_user
+    )
+    rows = [r for q in (direct, campaigns) for r in session.execute(q.order_by(created.desc()).limit(limit)).tuples()]
+    rows.sort(key=lambda r: r[1], reverse=True)
+    return [str(r[0]) for r in rows[:limit]]
 
 
 def _secret_fields(ctx: Context, template_id: str) -> frozenset[str]:

@@ -508,6 +508,81 @@ def test_upgrade_moves_dedup_keys_to_the_partial_index(db_url: str) -> None:
         engine.dispose()
 
 
+@pytest.mark.fresh_pg_schema
+def test_upgrade_retires_the_recipient_index_and_user_lookups_read_the_unique_one(db_url: str) -> None:
+    """A database made with the plain ``ix_notifications_recipient_id``: the first process to open it
+    drops it (``RETIRED_INDEXES``); a user's latest notifications (the console's lookup) are still all
+    found, campaign rows and direct ones, newest first, both queries reading the unique
+    (campaign_id, recipient_id) index."""
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+    from sqlmodel import Session, SQLModel
+
+    from notifyctl.db import _existing_indexes, add_missing_columns, make_engine
+    from notifyctl.models import Campaign, Notification, utcnow
+    from notifyctl.tracking import latest_of_user
+
+    legacy = make_engine(db_url)
+    SQLModel.metadata.create_all(legacy)
+    now = utcnow()
+
+    def row(nid: str, user: str, campaign: str | None, minutes: int) -> dict[str, object]:
+        at = now + timedelta(minutes=minutes)
+        return {"id": nid, "recipient_id": user, "type": "t", "template_id": "t", "category": "marketing",
+                "priority": "low", "channels": ["email"], "data": {}, "dedup_key": None, "campaign_id": campaign,
+                "status": "done", "due_at": at, "created_at": at, "updated_at": at}  # fmt: skip
+
+    with legacy.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_notifications_recipient_id ON notifications (recipient_id)")
+        for cid in ("c_1", "c_2"):
+            conn.execute(
+                insert(Campaign.__table__),  # type: ignore[attr-defined]
+                [{"id": cid, "name": cid, "template_id": "t", "category": "marketing", "priority": "low",
+                  "channels": ["email"], "spec": {}, "plan": [], "summary": {}, "reference_at": now,
+                  "created_at": now, "updated_at": now}],
+            )  # fmt: skip
+        conn.execute(
+            insert(Notification.__table__),  # type: ignore[attr-defined]
+            [row("n_a", "u1", None, 1), row("n_b", "u1", "c_1", 3), row("n_c", "u2", None, 2),
+             row("n_d", "u1", "c_2", 2), row("n_e", "u2", "c_1", 4), row("n_f", "u1", None, 5)],
+        )  # fmt: skip
+    legacy.dispose()
+    engine = make_engine(db_url)
+    try:
+        add_missing_columns(engine)
+        with engine.connect() as conn:
+            indexes = _existing_indexes(conn)
+            assert "ix_notifications_recipient_id" not in indexes and "uq_notifications_campaign_recipient" in indexes
+        with Session(engine) as session:
+            assert latest_of_user(session, "u1", 20) == ["n_f", "n_b", "n_d", "n_a"]
+            assert latest_of_user(session, "u1", 2) == ["n_f", "n_b"]
+            assert latest_of_user(session, "u2", 20) == ["n_e", "n_c"]
+            assert latest_of_user(session, "nobody", 20) == []
+        plans: list[tuple[str, Any]] = []
+
+        def explain(_conn: object, _cursor: object, statement: str, parameters: Any, *_a: object) -> None:
+            if statement.startswith("SELECT notifications.id"):
+                plans.append((statement, parameters))
+
+        from sqlalchemy import event
+
+        event.listen(engine, "before_cursor_execute", explain)
+        with Session(engine) as session:
+            latest_of_user(session, "u1", 20)
+        event.remove(engine, "before_cursor_execute", explain)
+        assert len(plans) == 2
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET enable_seqscan = off")
+            for sql, params in plans:
+                prefix = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+                plan = str(conn.exec_driver_sql(prefix + sql, params).all())
+                assert "uq_notifications_campaign_recipient" in plan, plan
+    finally:
+        engine.dispose()
+
+
 def test_status_indexes_hold_open_rows_and_serve_their_readers(any_db_ctx: Any) -> None:
     """``ix_notifications_status_due`` and ``ix_deliveries_status`` on PostgreSQL hold the open rows
     only (the done UPDATE, a delivery inserted ``sent``, add no entry to them): a database made with

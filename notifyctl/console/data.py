@@ -22,7 +22,7 @@ from notifyctl.metrics import BUCKETS, IN_DOUBT, LATENCY, SENT_PER_MIN, queue_st
 from notifyctl.models import Notification
 from notifyctl.redisconn import _safe, shard_urls
 from notifyctl.shards import ShardDown, each
-from notifyctl.tracking import timeline
+from notifyctl.tracking import latest_of_user, timeline
 
 
 def probe(ctx: Any) -> dict[int, ShardDown]:
@@ -183,12 +183,5 @@ def lookup_timelines(ctx: Any, ref: str, limit: int = 20) -> list[dict[str, Any]
     except NotFound:
         pass
     with Session(ctx.engine) as s:
-        ids: list[str] = list(
-            s.execute(
-                select(Notification.id)  # type: ignore[call-overload]
-                .where(Notification.recipient_id == ref)
-                .order_by(Notification.created_at.desc())  # type: ignore[attr-defined]
-                .limit(limit)
-            ).scalars()
-        )
+        ids = latest_of_user(s, ref, limit)
     return [timeline(ctx, i) for i in ids]
