@@ -263,13 +263,23 @@ def produce(
 
 
 _RECIPIENT = ["campaign_id", "recipient_id"]
-# a chunk's columns of one value, written into SQLite's statement (``prepare_counted_insert``): none
-# holds a secret or an address (a statement's text shows in its errors; recipients and data stay bound)
-_CONSTANTS = frozenset(
-    ("type", "template_id", "category", "priority", "channels", "campaign_id", "wave", "status", "job_id")
-    + ("due_at", "created_at", "updated_at")
-)
+# a row's columns that often hold one value down a chunk (its wave, status, job; its due time at no
+# rate): then given once with the chunk's shared columns, which SQLite's statement takes as literals
+# (``prepare_counted_insert``). None holds a secret or an address (a statement's text shows in its
+# errors): recipients, data and dedup keys stay bound.
+_MAYBE_SHARED = ("wave", "status", "job_id", "due_at")
 _SECOND = timedelta(seconds=1)
+
+
+def _hoisted(rows: list[dict[str, Any]], shared: dict[str, Any]) -> dict[str, Any]:
+    """``shared`` with the columns of ``_MAYBE_SHARED`` that the rows have and that hold one value
+    (of one type) down all of them (a shared column's value is taken there: the rows' own is not read)."""
+    out = dict(shared)
+    for c in [c for c in _MAYBE_SHARED if c in rows[0]] if rows else ():
+        values = list(map(itemgetter(c), rows))
+        if values.count(values[0]) == len(values) and len(set(map(type, values))) == 1:  # (True == 1)
+            out[c] = values[0]
+    return out
 
 
 def _insert_new(
@@ -284,7 +294,7 @@ def _insert_new(
     (template, campaign, status, job, timestamps) written in as literals. ``shared``: the columns of
     one value for the whole chunk, given once. Returns the rows written (-1: the driver did not say)."""
     if engine.dialect.name != "postgresql":
-        skipping = prepare_counted_insert(engine, _NT, rows, _RECIPIENT, inline=_CONSTANTS, shared=shared)
+        skipping = prepare_counted_insert(engine, _NT, rows, _RECIPIENT, shared=_hoisted(rows, shared or {}))
         return lambda session: skipping(session.connection())
     plain = prepare_counted_insert(engine, _NT, rows, shared=shared)
 

@@ -9,7 +9,7 @@ made a column at a time, the same values as its bind processor's, which the test
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
@@ -38,7 +38,6 @@ def prepare_counted_insert(
     rows: list[dict[str, Any]],
     skip_conflicts_on: list[str] | None = None,
     *,
-    inline: Collection[str] = (),
     shared: dict[str, Any] | None = None,
 ) -> Callable[[Connection], int]:
     """An executemany INSERT of ``rows`` (all with the same keys), with the parameters converted
@@ -55,16 +54,15 @@ def prepare_counted_insert(
     ``skip_conflicts_on``: rows that collide with an existing one on these columns (a unique
     index) are skipped (``ON CONFLICT (...) DO NOTHING``), as a relaunched campaign needs.
 
-    ``inline`` (SQLite): columns that, when they hold one value down all the rows (a launch chunk's
-    template, category, campaign, status, job and timestamps), go into the statement as a literal
-    (``_sqlite_literal``) instead of a parameter bound on every row: measured on the campaign
-    launcher's 16-column rows, 1,000 a statement, SQLite's own work 5.5 -> 4.7 µs a row. Name no
-    column that may hold a secret or an address: a statement's text shows in its errors, its
-    parameters never do (``hide_parameters``). The text then changes from one call to the next
-    (its timestamps): for large inserts only, whose one prepare is spread over many rows.
-
     ``shared``: columns with one value for every row, given once here instead of in each row (a
-    launch chunk's template, campaign and timestamps: rows half the size, converted once).
+    launch chunk's template, campaign, status, job and timestamps: rows half the size, converted
+    once); a column named there takes its value there, whatever the rows hold. On SQLite each goes
+    into the statement as a literal (``_sqlite_literal``, where it can store what binding it
+    stores) instead of a parameter bound on every row: measured on the campaign launcher's
+    16-column rows, 1,000 a statement, SQLite's own work 5.5 -> 4.7 µs a row. So a shared value
+    must never be a secret or an address: a statement's text shows in its errors, its parameters
+    never do (``hide_parameters``). The text then changes from one call to the next (a chunk's
+    timestamps): for large inserts, whose one prepare is spread over many rows.
     """
     if not rows:
         return lambda _conn: 0
@@ -89,13 +87,12 @@ def prepare_counted_insert(
     dialect = engine.dialect
     columns = _driver_columns(dialect, table, cols, rows, shared)
     marks = ["?"] * len(cols)
-    if inline:
-        for i, values in enumerate(columns):
-            # (a shared column is one value repeated: its first tells)
-            literal = _sqlite_literal(values[:1] if cols[i] in shared else values) if cols[i] in inline else None
-            if literal is not None and len(marks) - marks.count("?") < len(cols) - 1:  # (one stays bound)
+    for i, values in enumerate(columns):
+        if cols[i] in shared and len(marks) - marks.count("?") < len(cols) - 1:  # (one stays bound)
+            literal = _sqlite_literal(values[:1])  # (one value repeated: its first tells)
+            if literal is not None:
                 marks[i] = literal
-        columns = [values for values, mark in zip(columns, marks, strict=True) if mark == "?"]
+    columns = [values for values, mark in zip(columns, marks, strict=True) if mark == "?"]
     params = list(zip(*columns, strict=True))
     q = dialect.identifier_preparer
     sql = f"INSERT INTO {q.format_table(table)} ({', '.join(q.quote(c) for c in cols)}) VALUES ({', '.join(marks)})"

@@ -29,7 +29,7 @@ import hmac
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -42,7 +42,7 @@ from notifyctl.db import write_lock
 from notifyctl.directory import upsert
 from notifyctl.errors import InputError
 from notifyctl.models import STATUS_RANK, Delivery, DeliveryEvent, DeliveryStatus, OptOut, SmsKeyword, User, utcnow
-from notifyctl.signing import hmac_sha256
+from notifyctl.signing import b64url, hmac_sha256, signer
 
 log = logging.getLogger("notifyctl.inbound")
 
@@ -375,8 +375,7 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]+")  # unpadded base64url: what open_token w
 _MAX_OPEN_TOKEN = 256  # a delivery id is 32 characters
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+_b64 = b64url
 
 
 def _unb64(text: str) -> bytes:
@@ -413,3 +412,19 @@ def pixel_url(settings: Any, key: bytes, delivery_id: str) -> str | None:
     if not base:
         return None
     return f"{base.rstrip('/')}/o/{open_token(key, delivery_id)}.gif"
+
+
+def pixel_maker(settings: Any, key: bytes) -> Callable[[str], str] | None:
+    """``pixel_url(settings, key, delivery_id)`` as a function of ``delivery_id``, for a batch: the
+    base URL and the keyed HMAC worked out once (tests compare the URLs). None when no public URL
+    is configured."""
+    base = getattr(settings, "public_url", None)
+    if not base:
+        return None
+    head, sign = f"{base.rstrip('/')}/o/", signer(key)
+
+    def url(delivery_id: str) -> str:
+        did = delivery_id.encode()
+        return head + b64url(did) + "." + b64url(sign(b"open\x00" + did)[:16]) + ".gif"
+
+    return url

@@ -26,6 +26,7 @@ import hmac
 import os
 import secrets
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from notifyctl.db import engine_for
 from notifyctl.errors import ConfigError, InputError
 from notifyctl.home import private_dir, write_private
 from notifyctl.models import SharedSecret
-from notifyctl.signing import hmac_sha256
+from notifyctl.signing import b64url, hmac_sha256, signer
 
 SIGNING_KEY = "signing_key"  # its row in shared_secrets
 _shared: dict[tuple[str, bytes | None], bytes] = {}  # (database url, NOTIFY_SECRET_KEY) → the key: read once
@@ -42,8 +43,7 @@ _shared_lock = threading.Lock()
 _SCOPES = ("marketing", "alerts", "transactional", "all")
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+_b64 = b64url
 
 
 def _unb64(text: str) -> bytes:
@@ -174,3 +174,22 @@ def unsubscribe_url(settings: Any, key: bytes, user_id: str, scope: str = "marke
     if not base:
         return None
     return f"{base.rstrip('/')}/u/{make_token(key, user_id, scope)}"
+
+
+def link_maker(settings: Any, key: bytes, scope: str = "marketing") -> Callable[[str], str] | None:
+    """``unsubscribe_url(settings, key, user_id, scope)`` as a function of ``user_id``, for a batch
+    of recipients: the base URL, the scope's check and text and the keyed HMAC worked out once
+    (tests compare the links). None when no public URL is configured."""
+    base = getattr(settings, "public_url", None)
+    if not base:
+        return None
+    if scope not in _SCOPES:
+        raise ValueError(f"unknown unsubscribe scope {scope!r}")
+    head, tail, sign = f"{base.rstrip('/')}/u/", f"\x00{scope}".encode(), signer(key)
+    mid = f".{scope}."
+
+    def url(user_id: str) -> str:
+        uid = user_id.encode()
+        return head + b64url(uid) + mid + b64url(sign(b"unsubscribe\x00" + uid + tail)[:20])
+
+    return url

@@ -178,25 +178,27 @@ _ONE_VALUE = st.one_of(
     st.sampled_from(["it's", "'", "''", "\x00", "a\x00b", "é'ü", "?", "NULL", "123", "1e3", " 7 "]),
     st.sampled_from(list(NotificationStatus)),
 )
-_INLINE = ("recipient_id", "type", "template_id", "category", "priority", "channels", "dedup_key", "wave", "status",
+_CONSTANT_COLUMNS = ("recipient_id", "type", "template_id", "category", "priority", "channels", "dedup_key", "wave", "status",
            "reason", "job_id", "due_at", "created_at", "updated_at")  # fmt: skip
 
 
 @settings(max_examples=150, deadline=None)
 @given(_ONE_VALUE, _ONE_VALUE, st.integers(1, 4))
-def test_inlined_constants_store_what_bound_values_store(a: Any, b: Any, n: int) -> None:
-    """``prepare_counted_insert(inline=...)`` on SQLite: a column of one value written in the
-    statement as a literal stores what binding it on every row stores — its value and its storage
-    class (the JSON and DATETIME columns' numeric affinity turns a text like "123" into an integer,
-    for a literal as for a bound text) — whatever the text (quotes, NUL, "?", non-ASCII); a
-    column not named stays bound (campaign_id, data)."""
+def test_shared_constants_store_what_bound_values_store(a: Any, b: Any, n: int) -> None:
+    """``prepare_counted_insert(shared=...)`` on SQLite: columns given once, written in the
+    statement as literals, store what binding the same values on every row stores — its value and
+    its storage class (the JSON and DATETIME columns' numeric affinity turns a text like "123" into
+    an integer, for a literal as for a bound text) — whatever the text (quotes, NUL, "?",
+    non-ASCII); the rows' own columns stay bound (id, data, campaign_id)."""
     got: dict[bool, Any] = {}
-    for inline in (False, True):
+    for as_shared in (False, True):
         rows = [{"id": f"n{i}", "recipient_id": a, "type": b, "template_id": "t", "category": "c",
                  "priority": "low", "channels": ["email"], "data": {"i": 1}, "dedup_key": a, "campaign_id": f"c{i}",
                  "wave": a, "status": b, "reason": None, "job_id": a, "due_at": datetime(2026, 1, 1, tzinfo=UTC),
                  "created_at": datetime(2026, 1, 1, tzinfo=UTC), "updated_at": datetime(2026, 1, 1, tzinfo=UTC)}
                 for i in range(n)]  # fmt: skip
+        shared = {c: rows[0][c] for c in _CONSTANT_COLUMNS} if as_shared else {}
+        own = [{c: v for c, v in row.items() if c not in shared} for row in rows]
         engine = db.make_engine("sqlite://")
         try:
             _T.create(engine)
@@ -205,16 +207,16 @@ def test_inlined_constants_store_what_bound_values_store(a: Any, b: Any, n: int)
                 event.listen(conn, "before_cursor_execute", lambda *args, seen=seen: seen.append(args[2]))
                 try:
                     with conn.begin():
-                        bulk.prepare_counted_insert(engine, _T, rows, inline=_INLINE if inline else ())(conn)
+                        bulk.prepare_counted_insert(engine, _T, own, shared=shared)(conn)
                 except Exception as exc:  # noqa: BLE001 - what a bound value refuses, a literal refuses alike
-                    got[inline] = type(exc).__name__
+                    got[as_shared] = type(exc).__name__
                     continue
-            if inline and n > 1:  # written in: the constants named; bound: id, data, campaign_id
-                assert "'t', 'c', 'low', '[\"email\"]', ?" in seen[-1] and seen[-1].count("?") >= 3, seen[-1]
+            if as_shared:  # written in: the shared constants; bound: id, data, campaign_id
+                assert "VALUES (?, ?, ?, " in seen[-1] and "'t', 'c', 'low', '[\"email\"]'" in seen[-1], seen[-1]
             cols = [c.name for c in _T.c]
             with engine.connect() as conn:
                 sql = f"SELECT {', '.join(f'{c}, typeof({c})' for c in cols)} FROM notifications"
-                got[inline] = sorted(map(tuple, conn.exec_driver_sql(sql).all()))
+                got[as_shared] = sorted(map(tuple, conn.exec_driver_sql(sql).all()))
         finally:
             engine.dispose()
     assert got[True] == got[False]

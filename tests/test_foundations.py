@@ -789,7 +789,7 @@ def test_prepared_insert_of_shared_columns_stores_what_whole_rows_store(
             assert prepare_counted_insert(engine, t, [{**own(i, "w"), **shared} for i in range(3)])(conn) == 3
             assert prepare_counted_insert(engine, t, [own(i, "s") for i in range(3)], shared=shared)(conn) == 3
             again = prepare_counted_insert(engine, t, [own(i, "k") for i in range(3)], ["campaign_id", "recipient_id"],
-                                           inline=list(shared), shared=shared)  # fmt: skip
+                                           shared=shared)  # fmt: skip
             assert again(conn) == 3
         with engine.connect() as conn:
             got = {r.id: r._asdict() for r in conn.execute(select(t))}

@@ -522,3 +522,35 @@ def test_every_api_route_but_public_ones_requires_a_key(ctx: Context) -> None:
                 assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
         with Session(ctx.engine) as s:
             assert s.execute(select(Notification)).first() is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
+    st.sampled_from(["https://n.example.com", "https://n.example.com/", "http://h:8080/base//"]),
+    st.binary(min_size=1, max_size=40),
+)
+def test_batch_link_makers_make_the_links_of_one_call(ident: str, public_url: str, key: bytes) -> None:
+    """``link_maker`` and ``pixel_maker`` (what the worker's email plan uses for a batch) give the
+    links ``unsubscribe_url`` and ``pixel_url`` give, for any id (non-ASCII, empty, dots), key and
+    base URL; and the links verify. ``b64url`` is ``base64.urlsafe_b64encode`` unpadded."""
+    from types import SimpleNamespace
+
+    from notifyctl.inbound import pixel_maker, pixel_url, verify_open_token
+    from notifyctl.signing import b64url
+    from notifyctl.unsubscribe import link_maker, unsubscribe_url
+
+    conf = SimpleNamespace(public_url=public_url)
+    for scope in ("marketing", "all"):
+        make = link_maker(conf, key, scope)
+        assert make is not None and make(ident) == unsubscribe_url(conf, key, ident, scope)
+        assert verify_token(key, make(ident).rsplit("/u/", 1)[1]) == (ident, scope)
+    pixel = pixel_maker(conf, key)
+    assert pixel is not None and pixel(ident) == pixel_url(conf, key, ident)
+    if ident:
+        assert verify_open_token(key, pixel(ident).rsplit("/o/", 1)[1].removesuffix(".gif")) == ident
+    assert link_maker(SimpleNamespace(public_url=""), key) is None and pixel_maker(SimpleNamespace(), key) is None
+    with pytest.raises(ValueError):
+        link_maker(conf, key, "everything")
+    raw = ident.encode()
+    assert b64url(raw) == base64.urlsafe_b64encode(raw).rstrip(b"=").decode()

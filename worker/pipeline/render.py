@@ -13,17 +13,18 @@ from __future__ import annotations
 import html
 import math
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import markupsafe
 import orjson
 
 from notifyctl.errors import TemplateError
-from notifyctl.inbound import pixel_url
+from notifyctl.inbound import pixel_maker
 from notifyctl.intake import user_vars
 from notifyctl.secretdata import ERASED_KEY, erased_fields, erased_reason
 from notifyctl.templates import Template
-from notifyctl.unsubscribe import unsubscribe_url
+from notifyctl.unsubscribe import link_maker
 from worker.pipeline.batch import _D, _Note
 from worker.pipeline.runtime import Runtime
 
@@ -315,7 +316,7 @@ class _EmailPlan:
     recipient's parts go (``Message.shared``). ``apply`` then does only what differs per
     recipient: the signed links, the token values, and the recipient's own copy of the body."""
 
-    __slots__ = ("pieces", "shared", "tokens", "values", "unsub", "pixel", "substitute")
+    __slots__ = ("pieces", "shared", "tokens", "values", "unsub", "pixel", "substitute", "links")
 
     def __init__(self, settings: Any, content: dict[str, str], tokens: tuple[str, ...], marketing: bool,
                  footer: tuple[bool, bool, dict[str, str]] | None = None) -> None:  # fmt: skip
@@ -333,6 +334,9 @@ class _EmailPlan:
         self.tokens = tuple(dict.fromkeys(t for p in self.pieces.values() for t in p[1] + p[3]))
         self.values = tuple(t for t in self.tokens if t in tokens)  # the recipient's values the body takes
         self.shared = {part: piece + add for part, (piece, _o, add, _a) in self.pieces.items()}
+        # (a recipient's unsubscribe link, a delivery's pixel URL: both set when they are, with a
+        # public URL — ``footer``): made for the first recipient
+        self.links: tuple[Callable[[str], str] | None, Callable[[str], str] | None] | None = None
 
     @staticmethod
     def footer(settings: Any, marketing: bool) -> tuple[bool, bool, dict[str, str]]:
@@ -364,13 +368,19 @@ class _EmailPlan:
         when something differs per recipient, ``shared`` with tokens and ``personal`` their values."""
         personal = {t: values[t] for t in self.values} if values else {}
         headers: dict[str, str] = {}
-        if self.unsub:
-            url = unsubscribe_url(rt.settings, rt.unsub_key, d.user_id, "marketing") or ""
+        links = self.links
+        if links is None:
+            key = rt.unsub_key if self.unsub or self.pixel else b""
+            links = self.links = (link_maker(rt.settings, key, "marketing") if self.unsub else None,
+                                  pixel_maker(rt.settings, key) if self.pixel else None)  # fmt: skip
+        unsub, pixel = links
+        if unsub is not None:
+            url = unsub(d.user_id)
             headers = {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
             personal[UNSUBSCRIBE_TEXT] = url
             personal[UNSUBSCRIBE_HTML] = _escaped_url(url)
-        if self.pixel:
-            personal[OPEN_PIXEL] = _escaped_url(pixel_url(rt.settings, rt.unsub_key, d.id) or "")
+        if pixel is not None:
+            personal[OPEN_PIXEL] = _escaped_url(pixel(d.id))
         content: dict[str, str] = {}
         for part, (piece, own, add, extra) in self.pieces.items():
             for t in own:
