@@ -25,6 +25,8 @@ def _reads(ctx: Context) -> tuple[list[str], Any]:
         words = statement.split()
         if words[0] == "PREPARE":
             prepared[words[1].split("(")[0]] = words[words.index("AS") + 1]
+        elif statement.startswith("SELECT set_config("):
+            pass  # PostgreSQL's transaction-local setting for the analytics trigger: a write, not a read
         elif words[0] == "SELECT" or (words[0] == "EXECUTE" and prepared[words[1].split("(")[0]] == "SELECT"):
             seen.append(statement)
 

@@ -6,6 +6,9 @@ fields (``{{ user.first_name }}``) — the batch's rendering with tokens (``_Use
 recipient's values for them (``_token_values``), put in when the message is built (``send.claim``).
 For email, ``_EmailPlan`` works out once per body what every recipient shares (footer, headers,
 the body with tokens) and ``apply`` does what differs per recipient.
+
+One module: the caches, the per-recipient tokens and the email plan are one batch's rendering
+state, read together by ``send`` for every message; split apart they would pass that state around.
 """
 
 from __future__ import annotations
