@@ -240,3 +240,22 @@ def test_the_batch_rendering_with_tokens_is_each_recipients_rendering(ctx: Conte
             continue  # rendered the ordinary way
         got = {part: _fill(piece, pv[1], tuple(k for k in pv[1] if k in piece)) for part, piece in pv[0].items()}
         assert got == want, (n.data, pv)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["id", "email", "locale", "timezone", "phone", "first_name", "plan"]),
+                    st.one_of(st.none(), st.text(max_size=5), st.integers()), max_size=4),
+    st.one_of(st.none(), st.text(max_size=5)),
+)  # fmt: skip
+def test_a_recipients_field_is_the_one_user_vars_gives(attributes: dict[str, Any], email: str | None) -> None:
+    """``render._user_field`` (a printed field, read without making ``user_vars``' dict) is
+    ``user_vars(user).get(name)`` for every name: the user's columns, attributes of the same name
+    (which win), names neither has."""
+    from worker.pipeline.render import _user_field
+
+    user = _User(id="u1", email=email, phone="+15550001", timezone="Europe/Paris", locale="fr",
+                 sms_opt_in=True, attributes=attributes)  # fmt: skip
+    want = user_vars(user)  # type: ignore[arg-type]
+    for name in ("id", "email", "locale", "timezone", "phone", "sms_opt_in", "first_name", "plan", "attributes"):
+        assert _user_field(user, name) == want.get(name), name

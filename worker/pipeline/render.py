@@ -95,7 +95,7 @@ class Renderer:
                     # the batch's rendering with tokens, with this recipient's values put in (for
                     # data shared by several notifications of the batch: else one render is cheaper).
                     html = "html" in t.parts.get(channel, ())  # (an HTML part: email)
-                    values = _token_values(t.direct_user_fields(channel), user_vars(user), html)
+                    values = _token_values(t.direct_user_fields(channel), user, html)
                     parts = self.probe(n, channel, t) if values is not None else None
                     if parts is not None:
                         out = parts  # with tokens: the recipient's copy is made when sending
@@ -169,7 +169,7 @@ class Renderer:
             rest[k] = v
         if not tokenized or ufields is None:
             return None
-        values = _token_values(ufields, user_vars(user), html) if ufields else {}
+        values = _token_values(ufields, user, html) if ufields else {}
         if values is None:
             return None
         try:
@@ -199,8 +199,8 @@ class Renderer:
             if pair is None:
                 pair = names[k] = (f"{TOKEN_PREFIX}dt:{k}%%", f"{TOKEN_PREFIX}dh:{k}%%")
             values[pair[0]] = text
-            if html:
-                values[pair[1]] = _escaped(text, n.data[k])
+            if html:  # (letters and digits: nothing to escape, the usual name or code)
+                values[pair[1]] = text if text.isalnum() else _escaped(text, n.data[k])
         return parts, values
 
     def fill_plan(self, pv: tuple[dict[str, str], dict[str, str]]) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -289,7 +289,19 @@ def _escaped(text: str, value: Any) -> str:
     return str(markupsafe.escape(value))
 
 
-def _token_values(fields: frozenset[str] | None, user: dict[str, Any], html: bool = True) -> dict[str, str] | None:
+# ``intake.user_vars``' own keys, under the user's attributes (which win on the same name)
+_USER_COLUMNS = frozenset(("id", "email", "locale", "timezone"))
+
+
+def _user_field(user: Any, name: str) -> Any:
+    """``user_vars(user).get(name)`` without making the dict (a recipient's few printed fields)."""
+    attrs = user.attributes
+    if name in attrs:
+        return attrs[name]
+    return getattr(user, name) if name in _USER_COLUMNS else None
+
+
+def _token_values(fields: frozenset[str] | None, user: Any, html: bool = True) -> dict[str, str] | None:
     """A recipient's values for the tokens of ``_UserProbe`` (``t:`` as text, ``h:`` escaped for
     HTML: only with ``html``, the channel that has an HTML part), when the template only prints
     ``user`` fields (``Template.direct_user_fields``) and the recipient has them all; else None
@@ -299,7 +311,7 @@ def _token_values(fields: frozenset[str] | None, user: dict[str, Any], html: boo
         return None
     values: dict[str, str] = {}
     for f in fields:
-        v = user.get(f)
+        v = _user_field(user, f)
         if v is None or (type(v) is float and not math.isfinite(v)):
             return None  # missing or null (which templates treat as missing): rendered the ordinary way
         text = v if type(v) is str else str(v)
@@ -369,7 +381,12 @@ class _EmailPlan:
     ) -> tuple[dict[str, str], dict[str, str] | None, dict[str, str], dict[str, str]]:
         """(content, shared, personal, headers) for one recipient: ``content`` as they get it and,
         when something differs per recipient, ``shared`` with tokens and ``personal`` their values."""
-        personal = {t: values[t] for t in self.values} if values else {}
+        if not values:
+            personal: dict[str, str] = {}
+        elif len(values) == len(self.values):  # (the body takes them all: self.values are values' keys)
+            personal = dict(values)
+        else:
+            personal = {t: values[t] for t in self.values}
         headers: dict[str, str] = {}
         links = self.links
         if links is None:
