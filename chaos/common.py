@@ -82,7 +82,9 @@ class StampedRecorder(Recorder):
 
 class RateLimitPlan(FaultPlan):
     """A provider that allows ``rate`` requests/s (token bucket, burst ``burst``) and answers 429 with
-    ``Retry-After`` beyond. Counts what it allowed and refused."""
+    ``Retry-After`` beyond. Counts what it allowed and refused, when it refused (``refused_at``,
+    epoch s) and the allowance nobody used: what the full bucket could not hold (``unused``: epoch s
+    of the request that found it so, requests' worth)."""
 
     def __init__(self, rate: float, burst: int, retry_after: int) -> None:
         super().__init__()
@@ -91,20 +93,31 @@ class RateLimitPlan(FaultPlan):
         self.last = time.monotonic()
         self.allowed = 0
         self.refused = 0
+        self.refused_at: list[float] = []
+        self.unused: list[tuple[float, float]] = []
         self.active = True
+
+    def unused_between(self, t0: float, t1: float) -> float:
+        """Seconds of the allowance nobody used from ``t0`` to ``t1`` (epoch s): the requests the
+        provider would have taken while none came (its bucket full), over its rate."""
+        return sum(n for t, n in self.unused if t0 < t <= t1) / self.rate
 
     def take(self, text: str = "", where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
         with self._lock:
             if not self.active or text.startswith("/_sandbox"):
                 return None
             now = time.monotonic()
-            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+            refilled = self.tokens + (now - self.last) * self.rate
+            if refilled > self.burst:
+                self.unused.append((time.time(), refilled - self.burst))
+            self.tokens = min(self.burst, refilled)
             self.last = now
             if self.tokens >= 1:
                 self.tokens -= 1
                 self.allowed += 1
                 return None
             self.refused += 1
+            self.refused_at.append(time.time())
             return {
                 "status": 429,
                 "headers": {"Retry-After": str(self.retry_after)},

@@ -18,6 +18,10 @@ every worker and host, learned from those answers (AIMD):
   last throttle answer, and only then creeps up again (a provider that raised its limit). So a
   paced pool keeps just under what the provider allows instead of overshooting it every few
   seconds (each overshoot costs 429s, and each throttled request waits its ``Retry-After``);
+- a lone throttle answer while the rate holds under a confirmed ceiling (requests that reached
+  the provider bunched together: a stalled network or host) lowers the rate 5 % but keeps the
+  ceiling, so the rate returns to it; only a second one within 3 s lowers the ceiling, or a
+  loaded host's jitter would ratchet the pace down with nothing to bring it back up;
 - a pace the provider has not throttled for ``memory`` seconds is forgotten.
 
 Requests take tokens from a bucket refilled at the rate (holding ``burst`` seconds of it): one
@@ -99,8 +103,14 @@ if thr > 0 then
       -- provider that halved its limit takes 5 drops), the first one down to half
       local low, phase = 0.9, 'steady'
       if h[7] == 'start' then low, phase = 0.5, 'probe' end
-      ceil = math.max(math.min(seen, rate), low * rate)
-      rate = 0.95 * ceil
+      if h[7] == 'steady' and rate <= 0.97 * ceil * 1.0001 and now - last_drop >= 3 then
+        -- a lone answer under a confirmed ceiling (requests that reached the provider bunched
+        -- together): the rate drops, the ceiling stays; a second one within 3 s lowers it too
+        rate = 0.95 * rate
+      else
+        ceil = math.max(math.min(seen, rate), low * rate)
+        rate = 0.95 * ceil
+      end
       table.insert(fields, 'phase') table.insert(fields, phase)
       table.insert(fields, 'ceil') table.insert(fields, ceil)
     end

@@ -3,9 +3,11 @@ crashes is a result that fails, not the end of the run."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from chaos.common import Result, run_each
+from chaos.common import RateLimitPlan, Result, run_each
 from chaos.multihost import HostResult
 
 
@@ -41,3 +43,19 @@ def test_the_results_say_what_failed_them() -> None:
     assert host.to_dict()["ok"] is True and host.to_dict()["in_doubt"] == 1
     host.problems.append("lost 1")
     assert not host.ok
+
+
+def test_the_rate_limit_plan_counts_the_allowance_nobody_used() -> None:
+    plan = RateLimitPlan(rate=10.0, burst=2, retry_after=2)
+    t0 = time.time()
+    assert plan.take("/v3/mail/send") is None and plan.take("/v3/mail/send") is None  # the burst
+    refused = plan.take("/v3/mail/send")
+    assert refused is not None and refused["status"] == 429 and refused["headers"]["Retry-After"] == "2"
+    assert plan.unused_between(t0, time.time()) < 0.01  # every token taken as it came
+    time.sleep(0.5)  # 5 tokens' worth: the bucket holds 2, 3 go unused (0.3 s of the allowance)
+    assert plan.take("/v3/mail/send") is None
+    slept = time.time() - t0
+    lost = plan.unused_between(t0, time.time())
+    assert 0.3 - 0.05 <= lost <= slept - 0.2 + 0.01, (lost, slept)
+    assert (plan.allowed, plan.refused, len(plan.refused_at)) == (3, 1, 1)
+    assert t0 <= plan.refused_at[0] <= time.time()

@@ -13,6 +13,7 @@ import redis
 from sqlalchemy import insert
 
 from chaos.common import RateLimitPlan
+from notifyctl import keys
 from notifyctl.cli.status import plain_lines
 from notifyctl.context import Context
 from notifyctl.db import dispose_all
@@ -95,6 +96,24 @@ def test_a_learned_pace_stays_just_under_the_limit_without_overshooting_it(rclie
     assert sum(1 for _t, ok in settled if not ok) == 0, "429s after the pace had learned the limit"
     rate = sum(1 for _t, ok in settled if ok) / span
     assert 0.9 * allowed <= rate <= allowed + plan.burst / span, rate
+
+
+def test_a_lone_429_under_a_confirmed_ceiling_keeps_it_a_second_one_lowers_it(rclient: redis.Redis) -> None:
+    """Requests that reach the provider bunched together (a stalled host or network) can earn a 429
+    under the limit: the pace steps back and returns, not ratchets down with each one."""
+    p = Pacer(rclient)
+    now = float(rclient.time()[0])
+    # a pace that confirmed a ceiling of 40/s ten seconds ago and holds at 97 % of it
+    rclient.hset(keys.pace("sg"), mapping={"rate": 38.8, "ceil": 40.0, "phase": "steady", "last_drop": now - 10})
+    rate = p.record("sg", accepted=0, throttled=1)
+    assert rate == pytest.approx(0.95 * 38.8)
+    assert float(rclient.hget(keys.pace("sg"), "ceil") or 0) == 40.0  # kept
+    assert p.take("sg", 100)[0] == 0  # the 429 emptied the bucket: held back, so the pace may grow
+    assert p.record("sg", accepted=10, throttled=0) == pytest.approx(0.95 * 38.8 + 1.0)  # back up: +10 %/s
+    time.sleep(1.05)  # (one drop a second at most)
+    lowered = p.record("sg", accepted=0, throttled=1)  # a second one within 3 s: the ceiling too
+    assert float(rclient.hget(keys.pace("sg"), "ceil") or 0) < 40.0
+    assert lowered < rate
 
 
 @pytest.fixture
