@@ -15,13 +15,14 @@ every worker and host, learned from those answers (AIMD):
   of it and, while the pace holds requests back, returns to 97 % of it (+10 % a second);
 - after the first ceiling the rate creeps up (+5 % a second) until the next throttle answer,
   which confirms it; after that it stays at 97 % of the ceiling for ``quiet`` seconds after the
-  last throttle answer, and only then creeps up again (a provider that raised its limit). So a
+  ceiling was last set, and only then creeps up again (a provider that raised its limit). So a
   paced pool keeps just under what the provider allows instead of overshooting it every few
   seconds (each overshoot costs 429s, and each throttled request waits its ``Retry-After``);
 - a lone throttle answer while the rate holds under a confirmed ceiling (requests that reached
   the provider bunched together: a stalled network or host) lowers the rate 5 % but keeps the
-  ceiling, so the rate returns to it; only a second one within 3 s lowers the ceiling, or a
-  loaded host's jitter would ratchet the pace down with nothing to bring it back up;
+  ceiling, so the rate returns to it; only a second one within 3 s lowers the ceiling, by 5 %
+  (a loaded host's jitter must not ratchet the pace down; what it does lower, the creep after
+  ``quiet`` seconds brings back);
 - a pace the provider has not throttled for ``memory`` seconds is forgotten.
 
 Requests take tokens from a bucket refilled at the rate (holding ``burst`` seconds of it): one
@@ -68,11 +69,12 @@ _RECORD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ok, thr = tonumber(ARGV[1]), tonumber(ARGV[2])
-local h = redis.call('HMGET', KEYS[1], 'rate', 'win', 'cnt', 'prev', 'limited', 'last_drop', 'phase', 'ceil')
+local h = redis.call('HMGET', KEYS[1], 'rate', 'win', 'cnt', 'prev', 'limited', 'last_drop', 'phase', 'ceil', 'ceil_at')
 local rate = tonumber(h[1] or '') or 0
 local win, cnt, prev = tonumber(h[2] or '') or 0, tonumber(h[3] or '') or 0, tonumber(h[4] or '') or 0
 local last_drop = tonumber(h[6] or '') or 0
 local ceil = tonumber(h[8] or '') or 0
+local ceil_at = tonumber(h[9] or '') or 0
 local sec = math.floor(now)
 if win ~= sec then
   if win == sec - 1 then prev = cnt else prev = 0 end
@@ -84,7 +86,7 @@ if ok > 0 and rate > 0 and now - (tonumber(h[5] or '') or 0) < 1 then
     rate = rate + ok
   elseif rate < 0.97 * ceil then
     rate = math.min(0.97 * ceil, rate + 0.1 * ok)
-  elseif h[7] == 'probe' or now - last_drop >= tonumber(ARGV[5]) then
+  elseif h[7] == 'probe' or now - ceil_at >= tonumber(ARGV[5]) then
     rate = rate + 0.05 * ok
   end
 end
@@ -103,13 +105,19 @@ if thr > 0 then
       -- provider that halved its limit takes 5 drops), the first one down to half
       local low, phase = 0.9, 'steady'
       if h[7] == 'start' then low, phase = 0.5, 'probe' end
-      if h[7] == 'steady' and rate <= 0.97 * ceil * 1.0001 and now - last_drop >= 3 then
+      local under = h[7] == 'steady' and rate <= 0.97 * ceil * 1.0001
+      if under and now - last_drop >= 3 then
         -- a lone answer under a confirmed ceiling (requests that reached the provider bunched
-        -- together): the rate drops, the ceiling stays; a second one within 3 s lowers it too
+        -- together): the rate drops, the ceiling stays; a second one within 3 s lowers it 5 %
         rate = 0.95 * rate
       else
-        ceil = math.max(math.min(seen, rate), low * rate)
+        if under then
+          ceil = math.max(math.min(seen, rate), 0.95 * ceil)
+        else
+          ceil = math.max(math.min(seen, rate), low * rate)
+        end
         rate = 0.95 * ceil
+        table.insert(fields, 'ceil_at') table.insert(fields, now)
       end
       table.insert(fields, 'phase') table.insert(fields, phase)
       table.insert(fields, 'ceil') table.insert(fields, ceil)
