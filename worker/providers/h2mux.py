@@ -194,8 +194,9 @@ def run_together(jobs: Sequence[tuple[Mux, Sequence[Request]]]) -> list[list[Res
     """Each Mux's requests (one Mux once at most), all under way at the same time and driven by
     this thread alone: one libcurl round per Mux in turn, then one wait on all their sockets.
     A batch's iOS and Android pushes go together this way, with no second thread (two threads
-    each driving their own Mux cost ~8 µs of CPU more per push, contending for the GIL in
-    libcurl's callbacks). One result list per job, in order."""
+    each driving their own Mux, as before, took 3-9 µs more CPU per push in the send alone: 500
+    APNs + 500 FCM requests a batch to nginx, medians of 8-16 alternating rounds, load 5-7; the
+    threads contend for the GIL in libcurl's callbacks). One result list per job, in order."""
     muxes = [mux for mux, _ in jobs]
     if len({id(m) for m in muxes}) != len(muxes):
         raise ValueError("run_together: one Mux appears twice")
@@ -486,7 +487,10 @@ def drive(steps: Steps[T]) -> T:
 def drive_together(all_steps: Sequence[Steps[T]]) -> list[T]:
     """Run several providers' steps at once (each on Muxes of its own): the next round of every
     one still going is sent together (``run_together``), until each has returned; their values,
-    in order. An error in one is raised once the others have ended (nothing left under way)."""
+    in order. A round ends when all of its requests have: a provider's second round (a resend
+    after a GOAWAY or a refused token) waits for the other providers' first (at most their
+    ``timeout``), where the batch as a whole waits for them anyway. An error in one is raised
+    once the others have ended (nothing left under way)."""
     values: list[Any] = [None] * len(all_steps)
     error: BaseException | None = None
     pending: dict[int, tuple[Mux, Sequence[Request]]] = {}
