@@ -202,3 +202,33 @@ def test_drive_together_finishes_every_steps_before_raising_one_error(server: st
     finally:
         mux.close()
         other.close()
+
+
+def test_a_steps_next_round_waits_for_no_other_steps_round(server: str) -> None:
+    """``drive_together`` gives each steps its results as soon as its own round has ended: A's second
+    round goes while B's first is still under way (B's server answers only once A's second request
+    has come: with one round for all at a time, it would have waited for nothing, 5 s, then
+    answered ``alone``)."""
+    a_second, done, b_got = threading.Event(), threading.Event(), threading.Event()
+    done.set()
+    (s2, t2), (sb, tb) = _gated_server(a_second, done), _gated_server(b_got, a_second)
+    a, b = Mux(http2="never", connections=1, timeout=10), Mux(http2="never", connections=1, timeout=10)
+
+    def steps_a() -> Steps[list[bytes]]:
+        [first] = yield a, [Request(server + "/x", ["expect:"], b"{}")]
+        [second] = yield a, [Request(f"http://127.0.0.1:{s2.getsockname()[1]}/a2", ["expect:"], b"{}")]
+        return [r.body if isinstance(r, Answer) else b"" for r in (first, second)]
+
+    def steps_b() -> Steps[list[bytes]]:
+        [only] = yield b, [Request(f"http://127.0.0.1:{sb.getsockname()[1]}/b", ["expect:"], b"{}")]
+        return [only.body if isinstance(only, Answer) else b""]
+
+    try:
+        got_a, got_b = drive_together([steps_a(), steps_b()])
+    finally:
+        a.close()
+        b.close()
+        for s, t in ((s2, t2), (sb, tb)):
+            s.close()
+            t.join(5)
+    assert got_a == [b'{"error":"no"}', b"together"] and got_b == [b"together"]

@@ -1,5 +1,5 @@
 """One module: the push providers' HTTP/2 transport, one job: many requests at once over a few
-multiplexed connections, and several providers' batches driven together by one thread; ~520 lines.
+multiplexed connections, and several providers' batches driven together by one thread; ~550 lines.
 
 Many HTTP requests at once over a few multiplexed HTTP/2 connections, for the push providers.
 
@@ -485,20 +485,21 @@ def drive(steps: Steps[T]) -> T:
 
 
 def drive_together(all_steps: Sequence[Steps[T]]) -> list[T]:
-    """Run several providers' steps at once (each on Muxes of its own): the next round of every
-    one still going is sent together (``run_together``), until each has returned; their values,
-    in order. A round ends when all of its requests have: a provider's second round (a resend
-    after a GOAWAY or a refused token) waits for the other providers' first (at most their
-    ``timeout``), where the batch as a whole waits for them anyway. An error in one is raised
-    once the others have ended (nothing left under way)."""
+    """Run several providers' steps at once (each on Muxes of its own), driven by this thread
+    alone: each one's round of requests is put under way as soon as it is yielded, beside the
+    others' (as ``run_together``), and its results are given back as soon as that round has
+    ended, so that its next round (a resend after a GOAWAY or a refused token) waits for no
+    other provider's. Their values, in order. A Mux yielded by two steps serves them one after
+    the other. An error in one is raised once the others have ended (nothing left under way)."""
     values: list[Any] = [None] * len(all_steps)
     error: BaseException | None = None
-    pending: dict[int, tuple[Mux, Sequence[Request]]] = {}
+    waiting: dict[int, tuple[Mux, Sequence[Request]]] = {}  # yielded, not under way yet
+    active: dict[int, _Run] = {}  # under way, its Mux's lock held
 
     def advance(i: int, results: list[Result] | None) -> None:
         nonlocal error
         try:
-            pending[i] = next(all_steps[i]) if results is None else all_steps[i].send(results)
+            waiting[i] = next(all_steps[i]) if results is None else all_steps[i].send(results)
         except StopIteration as stop:
             values[i] = stop.value
         except BaseException as exc:  # noqa: BLE001 - the first one is raised once all have ended
@@ -506,22 +507,47 @@ def drive_together(all_steps: Sequence[Steps[T]]) -> list[T]:
 
     for i in range(len(all_steps)):
         advance(i, None)
-    while pending:
-        order: list[int] = []
-        seen: set[int] = set()
-        for i, (mux, _) in pending.items():  # a Mux twice (one provider in two steps): one at a time
-            if id(mux) not in seen:
-                seen.add(id(mux))
-                order.append(i)
-        jobs = [pending.pop(i) for i in order]
-        try:
-            answers = run_together(jobs)
-        except BaseException as exc:  # noqa: BLE001 - every step still going is told, then raised
-            for i in order:
-                all_steps[i].close()
-            raise exc
-        for i, results in zip(order, answers, strict=True):
-            advance(i, results)
+    try:
+        while waiting or active:
+            busy = {id(run.mux) for run in active.values()}
+            for i, (mux, requests) in list(waiting.items()):
+                # a Mux under way, or in another thread's hands while ours go on: its turn comes later
+                if id(mux) in busy or not mux._lock.acquire(blocking=not active):
+                    continue
+                del waiting[i]
+                try:
+                    if mux._closed:
+                        raise RuntimeError("closed")
+                    active[i] = mux._start(requests)
+                except BaseException:
+                    mux._lock.release()
+                    raise
+                busy.add(id(mux))
+            running: list[_Run] = []
+            ended = False
+            for i, run in list(active.items()):
+                still = run.mux._step(run) if run.left else False
+                if run.left:
+                    if still:
+                        running.append(run)
+                    continue
+                del active[i]
+                run.mux._lock.release()
+                advance(i, run.results)  # type: ignore[arg-type]  # (every one set) next round: at once
+                ended = True
+            if ended or len(running) < len(active):
+                continue  # something to start, or libcurl has more to do at once
+            if len(running) == 1:
+                running[0].mux._multi.select(1.0)
+            elif running:
+                _wait(running)
+    except BaseException:
+        for run in active.values():  # interrupted: leave no transfer behind, every step told
+            run.mux._abandon(run)
+            run.mux._lock.release()
+        for i in [*active, *waiting]:
+            all_steps[i].close()
+        raise
     if error is not None:
         raise error
     return values
