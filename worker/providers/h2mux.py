@@ -193,10 +193,11 @@ class _Run:
 def run_together(jobs: Sequence[tuple[Mux, Sequence[Request]]]) -> list[list[Result]]:
     """Each Mux's requests (one Mux once at most), all under way at the same time and driven by
     this thread alone: one libcurl round per Mux in turn, then one wait on all their sockets.
-    A batch's iOS and Android pushes go together this way, with no second thread (two threads
-    each driving their own Mux, as before, took 3-9 µs more CPU per push in the send alone: 500
-    APNs + 500 FCM requests a batch to nginx, medians of 8-16 alternating rounds, load 5-7; the
-    threads contend for the GIL in libcurl's callbacks). One result list per job, in order."""
+    A batch's iOS and Android pushes go together this way, with no second thread contending for
+    the GIL in libcurl's callbacks (the send alone, 500 APNs + 500 FCM requests a batch to nginx,
+    alternating rounds on a shared machine at load 5-18: two threads took +2.7, +2.2 and -1.7 µs
+    of CPU per push against one, within the noise, and sent each batch slower). One result list
+    per job, in order."""
     muxes = [mux for mux, _ in jobs]
     if len({id(m) for m in muxes}) != len(muxes):
         raise ValueError("run_together: one Mux appears twice")
