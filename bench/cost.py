@@ -33,7 +33,7 @@ _STAGES = [
     ("rate limit (Redis)", "worker.ratelimit", "RateLimiter.check_many"),
     ("claim (Redis)", "worker.claims", "Claims.take"),
     ("settle send records (Redis)", "worker.claims", "Claims.settle"),
-    ("provider send", "worker.pipeline.send", "_send_route"),
+    ("provider send", "worker.pipeline.send", "send_routes"),
     ("delivery ids", "worker.pipeline.fanout", "delivery_id"),
     ("record outcomes (Python)", "worker.pipeline.record", "_mark"),
     ("bulk UPDATEs (SQL)", "worker.pipeline.record", "_bulk_update"),

@@ -389,6 +389,7 @@ def test_a_worker_fenced_out_of_its_batch_calls_no_provider(
     from worker.pipeline.send import _fenced_send
     from worker.providers import Message
     from worker.providers.base import Fenced
+    from worker.providers.h2mux import drive
 
     ctx = sendgrid_ctx(home, redis_url, sandbox, claim_ttl=0.3)
     a, b = Runtime(ctx, "host-a-1"), Runtime(ctx, "host-b-1")
@@ -403,10 +404,10 @@ def test_a_worker_fenced_out_of_its_batch_calls_no_provider(
         assert a.claims.take(ids) == [OK] * 4
         a.claims.drop()  # cut off from Redis: no renewal
         assert wait_for(lambda: b.claims.take(ids) == [OK] * 4, 10, 0.02)
-        out = _fenced_send(a, a.provider("sendgrid"), "sendgrid", msgs)
+        out = drive(_fenced_send(a, a.provider("sendgrid"), "sendgrid", msgs))
         assert all(isinstance(o, Fenced) for o in out)
         assert len(sandbox.recorder) == 0 and sandbox.api_requests == 0
-        out = _fenced_send(b, b.provider("sendgrid"), "sendgrid", msgs)
+        out = drive(_fenced_send(b, b.provider("sendgrid"), "sendgrid", msgs))
         assert not any(isinstance(o, Fenced) for o in out)
         assert sent_ids(sandbox) == Counter({d: 1 for d in ids})
     finally:

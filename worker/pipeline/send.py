@@ -1,4 +1,7 @@
-"""Stage 4, send: the batch's due deliveries are claimed and sent.
+"""One module: stage 4 of the pipeline, the claim and the send of a batch's due deliveries, one
+stage as the pipeline's other four are; ~400 lines.
+
+Stage 4, send: the batch's due deliveries are claimed and sent.
 
 Claim (``claim``): the deliveries due now are claimed (``worker.claims``: one lease for the batch,
 named by each delivery's send record, so that no two workers send one) and each one this worker
@@ -31,6 +34,7 @@ from worker.pipeline.record import IN_DOUBT, Record, _mark
 from worker.pipeline.render import Renderer, _fill
 from worker.pipeline.runtime import Runtime, Stats
 from worker.providers import Held, Message, Misconfigured, Outcome, Provider, Retry, Sent
+from worker.providers.h2mux import Steps, drive, drive_together
 
 log = logging.getLogger("notifyctl.worker")
 
@@ -179,23 +183,42 @@ def route_groups(settings: Any, routes: list[str]) -> list[list[str]]:
 
 def send_routes(rt: Runtime, batches: dict[str, list[Message]]) -> dict[str, list[tuple[str, Outcome]]]:
     """``_send_route`` for each route of a batch. Routes served by different providers are sent at
-    the same time: each group of routes (``route_groups``) but the first in a thread of the
-    runtime's pool, the first in this one; every provider call is fenced and paced as before
-    (``_call_provider``), each provider used by one thread at a time. Returns when every route
-    has its outcomes; an error in one route is raised once all have ended (nothing left running)."""
+    the same time (each group of routes of ``route_groups`` one after the other within it): the
+    groups whose providers send their requests as steps over HTTP/2 (``Provider.steps``: APNs,
+    FCM) in this thread, all their requests under way together (``h2mux.drive_together``: a
+    mix's iOS and Android pushes without a second thread), each other group in a thread of the
+    runtime's pool (or in this one when it is the only one); every provider call is fenced and
+    paced as before (``_call_provider``), each provider used by one thread at a time. Returns
+    when every route has its outcomes; an error in one route is raised once all have ended
+    (nothing left running)."""
     routes = list(batches)
     groups = route_groups(rt.settings, routes) if len(routes) > 1 else [routes]
 
+    def steps(group: list[str]) -> Steps[dict[str, list[tuple[str, Outcome]]]]:
+        out: dict[str, list[tuple[str, Outcome]]] = {}
+        for route in group:
+            out[route] = yield from _route_steps(rt, route, batches[route])
+        return out
+
     def run(group: list[str]) -> dict[str, list[tuple[str, Outcome]]]:
-        return {route: _send_route(rt, route, batches[route]) for route in group}
+        return drive(steps(group))
 
     if len(groups) == 1:
         return run(groups[0])
-    futures = [rt.route_pool().submit(run, g) for g in groups[1:]]
+    stepped: list[list[str]] = []
+    threaded: list[list[str]] = []
+    for g in groups:
+        (stepped if _steps_only(rt, g) else threaded).append(g)
+    here = [] if stepped or not threaded else [threaded.pop(0)]
+    futures = [rt.route_pool().submit(run, g) for g in threaded]
     out: dict[str, list[tuple[str, Outcome]]] = {}
     error: BaseException | None = None
     try:
-        out.update(run(groups[0]))
+        if stepped:
+            for part in drive_together([steps(g) for g in stepped]):
+                out.update(part)
+        for g in here:
+            out.update(run(g))
     except BaseException as exc:  # noqa: BLE001 - raised below, once the other routes have ended
         error = exc
     for f in futures:
@@ -208,7 +231,29 @@ def send_routes(rt: Runtime, batches: dict[str, list[Message]]) -> dict[str, lis
     return out
 
 
+def _steps_only(rt: Runtime, group: list[str]) -> bool:
+    """Whether every provider of these routes sends as steps (``Provider.steps``); one that cannot
+    load is answered at once without a call (``_call_provider``), so it does not count."""
+    for route in group:
+        names = rt.settings.providers_for(route) or ["outbox"]
+        if route == "sms":
+            names = [*names, *rt.settings.providers_voice]
+        for name in names:
+            try:
+                provider = rt.provider(name)
+            except Misconfigured:
+                continue
+            if getattr(provider, "steps", None) is None:
+                return False
+    return True
+
+
 def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[str, Outcome]]:
+    """``_route_steps`` run to its end in this thread."""
+    return drive(_route_steps(rt, route, messages))
+
+
+def _route_steps(rt: Runtime, route: str, messages: list[Message]) -> Steps[list[tuple[str, Outcome]]]:
     """Send through the route's providers in order, skipping open circuits: what one provider
     answers "retry later" goes to the next. An OTP that every SMS provider failed becomes a
     voice call when a voice provider is configured. Returns (provider, outcome) per message."""
@@ -228,7 +273,7 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
         return [(names[0], Held(why, retry_after=wait)) for _ in messages]
     pending = list(range(len(messages)))
     for name in usable:
-        outcomes = _call_provider(rt, name, [messages[i] for i in pending])
+        outcomes = yield from _call_provider(rt, name, [messages[i] for i in pending])
         called = [o for o in outcomes if not isinstance(o, (Fenced, Held))]  # (these never reached it)
         accepted = any(isinstance(o, Sent) for o in called)
         retries = [o for o in called if isinstance(o, Retry)]
@@ -254,13 +299,14 @@ def _send_route(rt: Runtime, route: str, messages: list[Message]) -> list[tuple[
             break
     if pending and route == "sms" and rt.settings.providers_voice:
         otps = [i for i in pending if messages[i].priority == "high" and messages[i].category == "transactional"]
-        for i, (name, o) in zip(otps, _send_voice(rt, [messages[i] for i in otps]), strict=True):
+        voiced = yield from _send_voice(rt, [messages[i] for i in otps])
+        for i, (name, o) in zip(otps, voiced, strict=True):
             if isinstance(o, (Sent, Fenced)):
                 results[i] = (f"{name}:voice", o)
     return [r for r in results if r is not None]
 
 
-def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome]]:
+def _send_voice(rt: Runtime, messages: list[Message]) -> Steps[list[tuple[str, Outcome]]]:
     if not messages:
         return []
     name = rt.settings.providers_voice[0]
@@ -270,10 +316,11 @@ def _send_voice(rt: Runtime, messages: list[Message]) -> list[tuple[str, Outcome
                 dedup_key=m.dedup_key, user_id=m.user_id)
         for m in messages
     ]  # fmt: skip
-    return [(name, o) for o in _call_provider(rt, name, calls)]
+    outcomes = yield from _call_provider(rt, name, calls)
+    return [(name, o) for o in outcomes]
 
 
-def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outcome]:
+def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> Steps[list[Outcome]]:
     """Send through one provider at its pace (``notifyctl.pacing``), request by request group: what
     the pace lets go now (after waiting at most ``pace_max_wait`` s in all), until the provider
     throttles us; the rest is ``Held`` (no attempt used), spread over the time the pace needs.
@@ -297,7 +344,7 @@ def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outc
         part = groups[pos : pos + granted]
         pos += granted
         idx = [i for g in part for i in g]
-        answers = _fenced_send(rt, provider, name, [messages[i] for i in idx])
+        answers = yield from _fenced_send(rt, provider, name, [messages[i] for i in idx])
         accepted = throttled = off = 0
         for g in part:
             first = answers[off]
@@ -327,28 +374,32 @@ def _call_provider(rt: Runtime, name: str, messages: list[Message]) -> list[Outc
     return [o if o is not None else Retry(f"{name}: no outcome") for o in outcomes]
 
 
-def _fenced_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> list[Outcome]:
+def _fenced_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> Steps[list[Outcome]]:
     """The provider's outcomes, for the messages whose lease this worker still holds (checked and
     marked in flight in one Redis call right before the call: ``Claims.fence``); ``Fenced`` for
     the others, which are not sent."""
     ours = rt.claims.fence([m.delivery_id for m in messages])
     if all(ours):
-        return _provider_send(rt, provider, name, messages)
+        return (yield from _provider_send(rt, provider, name, messages))
     out: list[Outcome] = [Fenced() for _ in messages]
     kept = [i for i, ok in enumerate(ours) if ok]
     if kept:
-        for i, o in zip(kept, _provider_send(rt, provider, name, [messages[i] for i in kept]), strict=True):
+        sent = yield from _provider_send(rt, provider, name, [messages[i] for i in kept])
+        for i, o in zip(kept, sent, strict=True):
             out[i] = o
     return out
 
 
-def _provider_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> list[Outcome]:
+def _provider_send(rt: Runtime, provider: Provider, name: str, messages: list[Message]) -> Steps[list[Outcome]]:
+    """The provider's outcomes: its ``send``, or its ``steps`` (each round's requests yielded, sent
+    by the caller, with other providers' at the same time: ``send_routes``)."""
     # a provider that makes several requests per call asks before each whether the lease still
     # covers one more (``worker.providers.base.lease_open``)
     provider.may_start = rt.claims.may_start  # type: ignore[attr-defined]
+    stepped = getattr(provider, "steps", None)
     t0 = time.perf_counter()
     try:
-        outcomes = provider.send(messages)
+        outcomes = (yield from stepped(messages)) if stepped is not None else provider.send(messages)
         rt.metrics.latency(name, time.perf_counter() - t0, len(messages))
     except Exception as exc:  # noqa: BLE001 - a provider bug must not lose the batch: retry it
         log.exception("provider %s failed on a batch of %d", name, len(messages))

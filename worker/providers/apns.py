@@ -56,7 +56,7 @@ from worker.providers.base import (
     error_text,
 )
 from worker.providers.base import retry_after as parse_retry_after
-from worker.providers.h2mux import Failure, Mux, Request
+from worker.providers.h2mux import Failure, Mux, Request, Result, Steps, drive
 from worker.providers.shared_token import Minted, SharedToken
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,11 @@ class Provider:
         return f"APNs refused a check push: {result.status} {reason}"
 
     def send(self, messages: Sequence[Message]) -> list[Outcome]:
+        return drive(self.steps(messages))
+
+    def steps(self, messages: Sequence[Message]) -> Steps[list[Outcome]]:
+        """``send`` as steps (``worker.providers.h2mux.Steps``): each round's requests are yielded
+        with this provider's Mux, so that a batch's other pushes can go at the same time."""
         if not messages:
             return []
         outcomes: list[Outcome | None] = [None] * len(messages)
@@ -294,7 +299,11 @@ class Provider:
             for item in todo:
                 item.jwt = jwt_token
         while todo:
-            todo = self._round(todo, outcomes)
+            cfg = self.config
+            expiration = str(int(time.time()) + cfg.ttl) if cfg.ttl else "0"
+            fixed: dict[str, tuple[list[str], list[str]]] = {}
+            results = yield self._mux, [self._request(item, expiration, fixed) for item in todo]
+            todo = self._round(todo, results, outcomes)
         return outcomes  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -363,15 +372,11 @@ class Provider:
             headers.append(item.collapse)  # type: ignore[arg-type]
         return Request(item.path, headers, item.body)
 
-    def _round(self, todo: list[_Item], outcomes: list[Outcome | None]) -> list[_Item]:
-        """Send ``todo`` once; settle what is final and answer what goes again (each once at most):
-        streams a dead connection never answered, and pushes refused for a token that has been
-        replaced since (``ExpiredProviderToken``; ``TooManyProviderTokenUpdates`` when the shared
-        token is another than ours)."""
-        cfg = self.config
-        expiration = str(int(time.time()) + cfg.ttl) if cfg.ttl else "0"
-        fixed: dict[str, tuple[list[str], list[str]]] = {}
-        results = self._mux.run([self._request(item, expiration, fixed) for item in todo])
+    def _round(self, todo: list[_Item], results: list[Result], outcomes: list[Outcome | None]) -> list[_Item]:
+        """``todo`` was sent once, with these ``results``: settle what is final and answer what goes
+        again (each once at most): streams a dead connection never answered, and pushes refused for
+        a token that has been replaced since (``ExpiredProviderToken``;
+        ``TooManyProviderTokenUpdates`` when the shared token is another than ours)."""
         again: list[_Item] = []
         expired: list[_Item] = []
         invalid: set[str] = set()

@@ -44,7 +44,7 @@ from notifyctl.masking import mask
 from notifyctl.settings import provider_config
 from worker.providers.base import InvalidAddress, Message, Misconfigured, Outcome, Permanent, Retry, Sent, error_text
 from worker.providers.base import retry_after as parse_retry_after
-from worker.providers.h2mux import Answer, Failure, Mux, Request
+from worker.providers.h2mux import Answer, Failure, Mux, Request, Steps, drive
 from worker.providers.shared_token import Minted, SharedToken
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
@@ -369,6 +369,11 @@ class Provider:
         return [f"authorization: Bearer {token}", "content-type: application/json; UTF-8", "accept:", "expect:"]
 
     def send(self, messages: Sequence[Message]) -> list[Outcome]:
+        return drive(self.steps(messages))
+
+    def steps(self, messages: Sequence[Message]) -> Steps[list[Outcome]]:
+        """``send`` as steps (``worker.providers.h2mux.Steps``): each round's requests are yielded
+        with this provider's Mux, so that a batch's other pushes can go at the same time."""
         if not messages:
             return []
         try:
@@ -387,7 +392,7 @@ class Provider:
             if not todo:
                 break
             headers = self._headers(token)
-            results = self._mux.run([Request(self.send_url, headers, body) for _, body in todo])
+            results = yield self._mux, [Request(self.send_url, headers, body) for _, body in todo]
             again: list[tuple[int, bytes]] = []
             for (i, body), res in zip(todo, results, strict=True):
                 if isinstance(res, Failure) and res.kind == "invalid":
