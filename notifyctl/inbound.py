@@ -42,7 +42,7 @@ from notifyctl.db import write_lock
 from notifyctl.directory import upsert
 from notifyctl.errors import InputError
 from notifyctl.models import STATUS_RANK, Delivery, DeliveryEvent, DeliveryStatus, OptOut, SmsKeyword, User, utcnow
-from notifyctl.signing import b64url, hmac_sha256, signer
+from notifyctl.signing import b64url, signer
 
 log = logging.getLogger("notifyctl.inbound")
 
@@ -375,20 +375,25 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]+")  # unpadded base64url: what open_token w
 _MAX_OPEN_TOKEN = 256  # a delivery id is 32 characters
 
 
-_b64 = b64url
-
-
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _open_sig(key: bytes, delivery_id: str) -> str:
-    return _b64(hmac_sha256(key, f"open\x00{delivery_id}".encode())[:16])
+def open_token_maker(key: bytes) -> Callable[[str], str]:
+    """``open_token(key, delivery_id)`` as a function of ``delivery_id``: the keyed HMAC looked up
+    once — the one place the token's form is written."""
+    sign = signer(key)
+
+    def token(delivery_id: str) -> str:
+        did = delivery_id.encode()
+        return b64url(did) + "." + b64url(sign(b"open\x00" + did)[:16])
+
+    return token
 
 
 def open_token(key: bytes, delivery_id: str) -> str:
     """``<delivery id, base64>.<HMAC>``, signed with the installation secret (``unsubscribe.secret_key``)."""
-    return f"{_b64(delivery_id.encode())}.{_open_sig(key, delivery_id)}"
+    return open_token_maker(key)(delivery_id)
 
 
 def verify_open_token(key: bytes, token: str) -> str:
@@ -401,30 +406,26 @@ def verify_open_token(key: bytes, token: str) -> str:
         delivery_id = _unb64(did_b64).decode()
     except (ValueError, UnicodeDecodeError):
         raise InputError("open pixel: malformed") from None
-    if not delivery_id or not hmac.compare_digest(sig, _open_sig(key, delivery_id)):
+    if not delivery_id or not hmac.compare_digest(sig, open_token(key, delivery_id).rpartition(".")[2]):
         raise InputError("open pixel: invalid signature")
     return delivery_id
 
 
 def pixel_url(settings: Any, key: bytes, delivery_id: str) -> str | None:
     """The tracking pixel URL for an email delivery, or None when no public URL is configured."""
-    base = getattr(settings, "public_url", None)
-    if not base:
-        return None
-    return f"{base.rstrip('/')}/o/{open_token(key, delivery_id)}.gif"
+    url = pixel_maker(settings, key)
+    return url(delivery_id) if url else None
 
 
 def pixel_maker(settings: Any, key: bytes) -> Callable[[str], str] | None:
     """``pixel_url(settings, key, delivery_id)`` as a function of ``delivery_id``, for a batch: the
-    base URL and the keyed HMAC worked out once (tests compare the URLs). None when no public URL
-    is configured."""
+    base URL and ``open_token_maker`` worked out once. None when no public URL is configured."""
     base = getattr(settings, "public_url", None)
     if not base:
         return None
-    head, sign = f"{base.rstrip('/')}/o/", signer(key)
+    head, token = f"{base.rstrip('/')}/o/", open_token_maker(key)
 
     def url(delivery_id: str) -> str:
-        did = delivery_id.encode()
-        return head + b64url(did) + "." + b64url(sign(b"open\x00" + did)[:16]) + ".gif"
+        return head + token(delivery_id) + ".gif"
 
     return url

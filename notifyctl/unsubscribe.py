@@ -34,16 +34,13 @@ from notifyctl.db import engine_for
 from notifyctl.errors import ConfigError, InputError
 from notifyctl.home import private_dir, write_private
 from notifyctl.models import SharedSecret
-from notifyctl.signing import b64url, hmac_sha256, signer
+from notifyctl.signing import b64url, signer
 
 SIGNING_KEY = "signing_key"  # its row in shared_secrets
 _shared: dict[tuple[str, bytes | None], bytes] = {}  # (database url, NOTIFY_SECRET_KEY) → the key: read once
 _shared_lock = threading.Lock()
 
 _SCOPES = ("marketing", "alerts", "transactional", "all")
-
-
-_b64 = b64url
 
 
 def _unb64(text: str) -> bytes:
@@ -145,15 +142,22 @@ def _local_key(settings: Any) -> bytes:
     return key
 
 
-def _sign(key: bytes, user_id: str, scope: str) -> str:
-    mac = hmac_sha256(key, f"unsubscribe\x00{user_id}\x00{scope}".encode())
-    return _b64(mac[:20])
+def token_maker(key: bytes, scope: str = "marketing") -> Callable[[str], str]:
+    """``make_token(key, user_id, scope)`` as a function of ``user_id``: the scope's check and text
+    and the keyed HMAC worked out once — the one place the token's form is written."""
+    if scope not in _SCOPES:
+        raise ValueError(f"unknown unsubscribe scope {scope!r}")
+    sign, mid, tail = signer(key), f".{scope}.", f"\x00{scope}".encode()
+
+    def token(user_id: str) -> str:
+        uid = user_id.encode()
+        return b64url(uid) + mid + b64url(sign(b"unsubscribe\x00" + uid + tail)[:20])
+
+    return token
 
 
 def make_token(key: bytes, user_id: str, scope: str = "marketing") -> str:
-    if scope not in _SCOPES:
-        raise ValueError(f"unknown unsubscribe scope {scope!r}")
-    return f"{_b64(user_id.encode())}.{scope}.{_sign(key, user_id, scope)}"
+    return token_maker(key, scope)(user_id)
 
 
 def verify_token(key: bytes, token: str) -> tuple[str, str]:
@@ -163,33 +167,29 @@ def verify_token(key: bytes, token: str) -> tuple[str, str]:
         user_id = _unb64(uid_b64).decode()
     except (ValueError, UnicodeDecodeError):
         raise InputError("unsubscribe link: malformed") from None
-    if scope not in _SCOPES or not sig.isascii() or not hmac.compare_digest(sig, _sign(key, user_id, scope)):
+    if scope not in _SCOPES or not sig.isascii():
+        raise InputError("unsubscribe link: invalid signature")
+    if not hmac.compare_digest(sig, make_token(key, user_id, scope).rpartition(".")[2]):
         raise InputError("unsubscribe link: invalid signature")
     return user_id, scope
 
 
 def unsubscribe_url(settings: Any, key: bytes, user_id: str, scope: str = "marketing") -> str | None:
     """The one-click link for a user, or None when no public URL is configured."""
-    base = getattr(settings, "public_url", None)
-    if not base:
-        return None
-    return f"{base.rstrip('/')}/u/{make_token(key, user_id, scope)}"
+    url = link_maker(settings, key, scope)
+    return url(user_id) if url else None
 
 
 def link_maker(settings: Any, key: bytes, scope: str = "marketing") -> Callable[[str], str] | None:
     """``unsubscribe_url(settings, key, user_id, scope)`` as a function of ``user_id``, for a batch
-    of recipients: the base URL, the scope's check and text and the keyed HMAC worked out once
-    (tests compare the links). None when no public URL is configured."""
+    of recipients: the base URL and ``token_maker`` worked out once. None when no public URL is
+    configured."""
     base = getattr(settings, "public_url", None)
     if not base:
         return None
-    if scope not in _SCOPES:
-        raise ValueError(f"unknown unsubscribe scope {scope!r}")
-    head, tail, sign = f"{base.rstrip('/')}/u/", f"\x00{scope}".encode(), signer(key)
-    mid = f".{scope}."
+    head, token = f"{base.rstrip('/')}/u/", token_maker(key, scope)
 
     def url(user_id: str) -> str:
-        uid = user_id.encode()
-        return head + b64url(uid) + mid + b64url(sign(b"unsubscribe\x00" + uid + tail)[:20])
+        return head + token(user_id)
 
     return url

@@ -32,7 +32,8 @@ from notifyctl.errors import InputError, TemplateError
 from notifyctl.intake import parse_request, submit
 from notifyctl.models import Delivery, DeliveryEvent, Notification, OptOut
 from notifyctl.settings import Settings
-from notifyctl.unsubscribe import _b64, make_token, verify_token
+from notifyctl.signing import b64url
+from notifyctl.unsubscribe import make_token, verify_token
 from tests.conftest import cli_env, make_settings, run_cli
 from tests.net import ClosedPort
 from tests.util import seed
@@ -373,7 +374,7 @@ def test_unsubscribe_tokens_cannot_be_forged() -> None:
     assert verify_token(KEY, good) == ("alice", "marketing")
     uid, scope, sig = good.split(".")
     forgeries = {
-        "other user": f"{_b64(b'bob')}.{scope}.{sig}",
+        "other user": f"{b64url(b'bob')}.{scope}.{sig}",
         "other scope": f"{uid}.all.{sig}",
         "signature of another user": f"{uid}.{scope}.{make_token(KEY, 'bob', 'marketing').split('.')[2]}",
         "signature of another scope": f"{uid}.{scope}.{make_token(KEY, 'alice', 'alerts').split('.')[2]}",
@@ -413,7 +414,7 @@ def test_unsubscribe_token_for_one_user_never_verifies_as_another(
     assert verify_token(KEY, token) == (user, scope)
     uid, sc, sig = token.split(".")
     if other != user:
-        for forged in (f"{_b64(other.encode())}.{sc}.{sig}", make_token(KEY, other, scope)):
+        for forged in (f"{b64url(other.encode())}.{sc}.{sig}", make_token(KEY, other, scope)):
             try:
                 got = verify_token(KEY, forged)
             except InputError:
@@ -537,7 +538,6 @@ def test_batch_link_makers_make_the_links_of_one_call(ident: str, public_url: st
     from types import SimpleNamespace
 
     from notifyctl.inbound import pixel_maker, pixel_url, verify_open_token
-    from notifyctl.signing import b64url
     from notifyctl.unsubscribe import link_maker, unsubscribe_url
 
     conf = SimpleNamespace(public_url=public_url)
