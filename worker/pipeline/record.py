@@ -9,6 +9,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 import redis
@@ -148,7 +149,7 @@ def write(
         settle_error = exc
     stored = rec.events = one_event_when_sent(events, rec.fresh)
     # parameters converted before the writer lock is taken: inside it, only the statements run
-    insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows)
+    insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows, shared=_constant_columns(rt.ctx.engine, new_rows))
     insert_events = prepare_insert(rt.ctx.engine, _ET, stored)
     # the new rows counted for the analytics from the rows themselves (``counted_insert``)
     origins = {n.id: (n.template_id, n.campaign_id, n.wave) for n in batch.notifications} if new_rows else None
@@ -198,6 +199,31 @@ def write(
         pipe.execute()
     except redis.RedisError:
         log.warning("metrics not recorded: Redis unavailable")
+
+
+# A new delivery's columns that hold code's own values (statuses, routes, providers, counts, flags,
+# the batch's timestamps), never an address or a recipient's data (a statement's text shows in its
+# errors): on SQLite, where a batch's rows hold one value down the column (a blast's: all but ids,
+# users, addresses and provider message ids), it is written into the statement once
+# (``prepare_counted_insert(shared=...)``) instead of bound on each row.
+_MAYBE_SHARED = ("channel", "route", "status", "reason", "attempts", "dead_lettered", "queued_at", "updated_at",
+                 "provider", "next_attempt_at", "sent_at", "suppressed_at", "failed_at")  # fmt: skip
+_SHARED_FROM = 50  # rows: a smaller insert (an OTP's one row) keeps one statement text, cached by the driver
+
+
+def _constant_columns(engine: Any, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Of ``_MAYBE_SHARED``, the columns holding one value (of one type: ``True == 1``) in every
+    row, with that value; None on PostgreSQL (its COPY writes such a column's text once already)
+    and for fewer than ``_SHARED_FROM`` rows."""
+    if len(rows) < _SHARED_FROM or engine.dialect.name != "sqlite":
+        return None
+    out: dict[str, Any] = {}
+    for c in _MAYBE_SHARED:
+        values = list(map(itemgetter(c), rows))
+        v = values[0]
+        if values.count(v) == len(values) and len(set(map(type, values))) == 1:
+            out[c] = v
+    return out
 
 
 def one_event_when_sent(events: list[dict[str, Any]], fresh: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
