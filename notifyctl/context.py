@@ -74,10 +74,15 @@ class Context:
         """The RQ queue of ``priority`` on ``shard``."""
         from rq import Queue
 
+        from notifyctl.rqjob import NotifyJob
+
         cache: dict[tuple[str, int], Queue] = self.__dict__.setdefault("_queues", {})
         q = cache.get((priority, shard))
         if q is None:
-            q = cache[priority, shard] = Queue(queue_name(priority), connection=self.shard_redis(shard))
+            # (its jobs' data compressed once, cheaply: notifyctl.rqjob)
+            q = cache[priority, shard] = Queue(
+                queue_name(priority), connection=self.shard_redis(shard), job_class=NotifyJob
+            )
         return q
 
     def close(self) -> None:

@@ -100,10 +100,14 @@ SUSPENSION_CHECK_EVERY = 1.0  # seconds: `rq suspend` is honoured within this
 def _queue_class() -> type:
     from rq import Queue
 
+    from notifyctl.rqjob import NotifyJob
+
     class NotifyQueue(Queue):
         """RQ's queue, less the read of a finished job's dependents: notifyctl enqueues no job with
         ``depends_on``, so the set is always empty, and RQ read it (SMEMBERS) after every job —
-        one of an OTP's round trips."""
+        one of an OTP's round trips. Its jobs are ``NotifyJob``s (``notifyctl.rqjob``)."""
+
+        job_class = NotifyJob
 
         def move_dependents_to_ready(self, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
             return {}
@@ -114,6 +118,8 @@ def _queue_class() -> type:
 def _worker_class(dequeue_timeout: int = 60) -> type:
     from rq import SimpleWorker
     from rq.utils import now as rq_now
+
+    from notifyctl.rqjob import NotifyJob
 
     class NotifyWorker(SimpleWorker):
         """SimpleWorker (no fork per job) whose command channel wakes often, so that stopping
@@ -127,6 +133,7 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
 
         burst_mode = False
         max_connection_wait_time = 1.0
+        job_class = NotifyJob  # a finished job's save compresses nothing (notifyctl.rqjob)
 
         @property
         def dequeue_timeout(self) -> int:
