@@ -45,6 +45,8 @@ class Renderer:
         # (notification id, channel) → (the batch's rendering with tokens, this recipient's token values)
         self.probed: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}
         self.probes: dict[tuple[str, str, str], dict[str, str] | None] = {}
+        # of those, the renderings with no token (a channel with no HTML part): no user value printed
+        self.bare: dict[tuple[str, str, str], dict[str, str]] = {}
         self.data_probes: dict[tuple[str, str, tuple[str, ...], bytes], dict[str, str] | None] = {}
         self.data_shapes: dict[tuple[str, str], tuple[frozenset[str], frozenset[str] | None, bool]] = {}
         self.data_tokens: dict[str, tuple[str, str]] = {}  # data name → its (text, HTML) tokens
@@ -94,16 +96,24 @@ class Renderer:
                     # A channel that only prints the recipient's variables ({{ user.first_name }}):
                     # the batch's rendering with tokens, with this recipient's values put in (for
                     # data shared by several notifications of the batch: else one render is cheaper).
-                    html = "html" in t.parts.get(channel, ())  # (an HTML part: email)
-                    values = _token_values(t.direct_user_fields(channel), user, html)
-                    parts = self.probe(n, channel, t) if values is not None else None
-                    if parts is not None:
-                        out = parts  # with tokens: the recipient's copy is made when sending
-                        if html or any(tokens for _p, _v, tokens in self.fill_plan((parts, values))):  # type: ignore[arg-type]
-                            self.probed[key] = (parts, values)  # type: ignore[assignment]
-                        # else (push, SMS) no user value is printed for this data (a campaign's
-                        # `first_name | default(user.first_name)`): every recipient gets the batch's
-                        # rendering as it is, no copy of their own
+                    fields = t.direct_user_fields(channel)
+                    bare = self.bare.get((n.template_id, channel, n.data_key))
+                    if bare is not None:
+                        # (push, SMS) no user value is printed for this data (a campaign's
+                        # `first_name | default(user.first_name)`): every recipient who has the
+                        # fields gets the batch's rendering as it is, no copy of their own
+                        if _has_token_values(fields, user):
+                            out = bare
+                    else:
+                        html = "html" in t.parts.get(channel, ())  # (an HTML part: email)
+                        values = _token_values(fields, user, html)
+                        parts = self.probe(n, channel, t) if values is not None else None
+                        if parts is not None:
+                            out = parts  # with tokens: the recipient's copy is made when sending
+                            if html or any(tokens for _p, _v, tokens in self.fill_plan((parts, values))):  # type: ignore[arg-type]
+                                self.probed[key] = (parts, values)  # type: ignore[assignment]
+                            else:  # (the same for every recipient with values: their names are the fields')
+                                self.bare[(n.template_id, channel, n.data_key)] = parts
                 if (
                     out is None
                     and user is not None
@@ -301,6 +311,29 @@ def _user_field(user: Any, name: str) -> Any:
     return getattr(user, name) if name in _USER_COLUMNS else None
 
 
+def _token_text_of(user: Any, field: str) -> tuple[str, Any] | None:
+    """(the text a token stands for, the value) of a recipient's field, or None when it cannot
+    stand in (missing or null, a value that looks like a token or has edge whitespace)."""
+    v = _user_field(user, field)
+    if v is None or (type(v) is float and not math.isfinite(v)):
+        return None  # missing or null (which templates treat as missing): rendered the ordinary way
+    text = v if type(v) is str else str(v)
+    if TOKEN_PREFIX in text or text != text.strip():
+        # a value that looks like a token, or whose edge whitespace a part's strip() could eat
+        return None
+    return text, v
+
+
+def _has_token_values(fields: frozenset[str] | None, user: Any) -> bool:
+    """Whether ``_token_values(fields, user)`` gives values (not None), without making them."""
+    if fields is None:
+        return False
+    for f in fields:
+        if _token_text_of(user, f) is None:
+            return False
+    return True
+
+
 def _token_values(fields: frozenset[str] | None, user: Any, html: bool = True) -> dict[str, str] | None:
     """A recipient's values for the tokens of ``_UserProbe`` (``t:`` as text, ``h:`` escaped for
     HTML: only with ``html``, the channel that has an HTML part), when the template only prints
@@ -311,13 +344,10 @@ def _token_values(fields: frozenset[str] | None, user: Any, html: bool = True) -
         return None
     values: dict[str, str] = {}
     for f in fields:
-        v = _user_field(user, f)
-        if v is None or (type(v) is float and not math.isfinite(v)):
-            return None  # missing or null (which templates treat as missing): rendered the ordinary way
-        text = v if type(v) is str else str(v)
-        if TOKEN_PREFIX in text or text != text.strip():
-            # a value that looks like a token, or whose edge whitespace a part's strip() could eat
+        tv = _token_text_of(user, f)
+        if tv is None:
             return None
+        text, v = tv
         values[f"{TOKEN_PREFIX}t:{f}%%"] = text
         if html:
             values[f"{TOKEN_PREFIX}h:{f}%%"] = _escaped(text, v)
