@@ -86,10 +86,17 @@ def test_a_job_start_and_end_are_one_transaction_each_without_a_watch(ctx: Conte
         assert any(c.startswith(f"DEL rq:execution:{job_id}:") for c in block), block
         assert any(c.startswith(f"ZREM rq:wip:{q.name} {job_id}:") for c in block), block
         assert f"HSET {worker_key} state idle" in block, block  # the worker idle again, in the same transaction
+        # the job's times, not all of it again (its arguments were written when it was queued)
+        ended = [c for c in block if c.startswith(f"HSET {job_key} ") and " status " not in c]
+        assert len(ended) == 1 and " ended_at " in ended[0] and " data " not in ended[0], block
         job = Job.fetch(job_id, connection=ctx.redis)
         assert job.get_status() == JobStatus.FINISHED
         assert 0 < ctx.redis.ttl(job_key) <= 300
         assert job.ended_at is not None and job.worker_name == "end"
+        assert job.started_at is not None and job.enqueued_at is not None
+        assert job.enqueued_at <= job.started_at <= job.ended_at
+        assert job.func_name == JOB_FUNC and job.args == ([job_id.removeprefix("job_")],) and job.origin == q.name
+        assert job.latest_result() is not None and job.latest_result().return_value["sent"] == 1
     assert sorted(FinishedJobRegistry(q.name, connection=ctx.redis).get_job_ids()) == sorted(job_ids)
     assert StartedJobRegistry(q.name, connection=ctx.redis).get_job_ids() == []
     assert int(ctx.redis.hget(worker_key, "successful_job_count") or 0) == 3
