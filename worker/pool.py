@@ -20,6 +20,8 @@ another Redis is never served, and said so once, as an error.
 
 from __future__ import annotations
 
+# Lazy imports: rq (and notifyctl.rqjob, its Job) load when a queue or worker class is made, not when
+# the pool module is imported (a CLI noun that reads the pool's names pays nothing for them).
 import logging
 import math
 import multiprocessing as mp
