@@ -1,5 +1,5 @@
 """One module: the worker pool's processes: the workers, the supervisor that restarts them and the
-reconciler loop share one lifecycle; ~540 lines.
+reconciler loop share one lifecycle; ~610 lines.
 
 The worker pool: N non-forking RQ workers (``SimpleWorker``: no fork per job), a supervisor
 that restarts the ones that die, and the reconciler loop.
