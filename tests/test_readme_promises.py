@@ -232,7 +232,8 @@ def test_reconciler_requeues_a_job_rq_ended_without_finishing_it(ctx: Context, e
     kept_job = notification(ctx, kept.notification_id).job_id
     assert old_job and old_job != kept_job
     # RQ took the job off its queue and ended it, but the notification never got done
-    job = Job.fetch(old_job, connection=ctx.redis)
+    job = ctx.queue("normal").fetch_job(old_job)  # (the queue's job class: notifyctl.rqjob.NotifyJob)
+    assert job is not None
     ctx.queue("normal").remove(job)
     job.set_status(ended)
     assert notification(ctx, lost.notification_id).status == "queued"
