@@ -161,7 +161,7 @@ class Renderer:
         rest: dict[str, Any] = {}
         for k, v in n.data.items():
             if k in direct:  # (a string: _token_text's own test without the call, the usual value)
-                if type(v) is str and len(v) <= _MAX_TOKEN_VALUE and TOKEN_PREFIX not in v and v == v.strip():
+                if type(v) is str and v and len(v) <= _MAX_TOKEN_VALUE and TOKEN_PREFIX not in v and v == v.strip():
                     tokenized[k] = v
                     continue
                 if (text := _token_text(v)) is not None:
@@ -255,12 +255,14 @@ _MAX_TOKEN_VALUE = 1000
 
 def _token_text(v: Any) -> str | None:
     """What Jinja prints for a data value that a token may stand for (a string or a number; not
-    null, not too long, no token look-alike, no edge whitespace a part's strip() could eat), else None."""
+    null, not empty, not too long, no token look-alike, no edge whitespace a part's strip() could
+    eat: an empty value beside a part's edge would leave the whitespace next to it, which rendering
+    strips and SendGrid's substitution does not), else None."""
     t = type(v)
     if not (t is str or t is int or (t is float and math.isfinite(v))):
         return None
     text = str(v)
-    if len(text) > _MAX_TOKEN_VALUE or TOKEN_PREFIX in text or text != text.strip():
+    if not text or len(text) > _MAX_TOKEN_VALUE or TOKEN_PREFIX in text or text != text.strip():
         return None
     return text
 
@@ -316,8 +318,9 @@ def _token_values(fields: frozenset[str] | None, user: Any, html: bool = True) -
         if v is None or (type(v) is float and not math.isfinite(v)):
             return None  # missing or null (which templates treat as missing): rendered the ordinary way
         text = v if type(v) is str else str(v)
-        if TOKEN_PREFIX in text or text != text.strip():
-            # a value that looks like a token, or whose edge whitespace a part's strip() could eat
+        if not text or TOKEN_PREFIX in text or text != text.strip():
+            # a value that looks like a token, whose edge whitespace a part's strip() could eat, or
+            # an empty one (which could leave the whitespace beside it at the part's edge)
             return None
         values[f"{TOKEN_PREFIX}t:{f}%%"] = text
         if html:
