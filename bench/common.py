@@ -101,9 +101,10 @@ def bulk_users(ctx: Context, n: int, prefix: str = "u", chunk: int = 5000) -> li
 
 def bulk_notifications(ctx: Context, user_ids: list[str], template_id: str, channels: list[str],
                        data: dict[str, Any] | list[dict[str, Any]], priority: str = "low", category: str = "marketing",
-                       chunk: int = 5000) -> list[str]:  # fmt: skip
-    """Write notifications as a campaign launcher does: status scheduled, due now. ``data``: the same
-    for every recipient, or one per recipient (a segment's columns)."""
+                       chunk: int = 5000, status: str = "scheduled") -> list[str]:  # fmt: skip
+    """Write notifications as a campaign launcher does: status scheduled (or ``status``: ``queued``, as
+    it writes the rows it queues itself), due now. ``data``: the same for every recipient, or one per
+    recipient (a segment's columns)."""
     now = utcnow()
     campaign = new_id("c")
     nids: list[str] = []
@@ -115,7 +116,7 @@ def bulk_notifications(ctx: Context, user_ids: list[str], template_id: str, chan
             rows.append({"id": nid, "recipient_id": uid, "type": template_id, "template_id": template_id,
                          "category": category, "priority": priority, "channels": channels,
                          "data": data if isinstance(data, dict) else data[j],
-                         "dedup_key": f"campaign:{campaign}:{uid}", "campaign_id": campaign, "status": "scheduled",
+                         "dedup_key": f"campaign:{campaign}:{uid}", "campaign_id": campaign, "status": status,
                          "due_at": now, "created_at": now, "updated_at": now})  # fmt: skip
         # one transaction per chunk, under the SQLite writer lock, as the campaign launcher writes
         insert_rows = prepare_insert(ctx.engine, Notification.__table__, rows, ["campaign_id", "recipient_id"])  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ them; the bare messages the push client comparison (bench/push_clients.py) sends
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -37,6 +38,7 @@ from bench.harness import (
     wait_workers,
 )
 from bench.sandboxes import SandboxProcess
+from campaigns.launcher import LaunchSpec, launch
 from sandboxes.fcm import make_service_account
 
 KEY_ID, TEAM_ID, TOPIC = "BENCHKEY01", "BENCHTEAM1", "com.example.app"
@@ -68,12 +70,30 @@ def _push_overrides(batch: int, apns: dict[str, Any], fcm: dict[str, Any], twili
                            "from_number": TWILIO_FROM, "base_url": twilio.info["url"]}}}  # fmt: skip
 
 
+def write_user_csv(path: Path, user_ids: list[str]) -> Path:
+    """A segment of user ids only: every recipient gets the campaign's ``--data`` (``PROMO``), as the
+    notifications written in bulk carry it."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id"])
+        w.writerows([uid] for uid in user_ids)
+    return path
+
+
 def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[str, Any], fcm: dict[str, Any],
               sink_pids: dict[str, int], log: Log, timeout: float, otps: int = 0,
               expect_rate: float = 10_000.0) -> dict[str, Any]:  # fmt: skip
     """One push blast through the whole pipeline: n devices (one token each, ``android_share`` of them
-    Android), a pool of ``pool`` workers, timed from the first bulk write to the last tracked ``sent``
-    row; CPU per part; OTPs during it when ``otps``."""
+    Android), a pool of ``pool`` workers, timed from the launch to the last tracked ``sent`` row; CPU
+    per part; OTPs during it when ``otps``.
+
+    The path a user runs for a push campaign sent now, as the email blast's: ``campaigns.launcher.launch``
+    (what ``campaign launch`` calls) over a segment of the user ids, the same data for everyone. Its
+    rows due at once are written ``queued`` and enqueued by the launcher itself (``campaigns.produce``),
+    each row written once before its worker's ``done``. (Rows written ``scheduled`` in bulk, as this
+    blast wrote them before, are queued by the pool's reconciler instead — a second write a row and
+    the supervisor's CPU: the path of a campaign's later waves, measured by ``strict_push_run`` here
+    and by the email blast's user-field row.)"""
     tw = SandboxProcess("twilio")
     overrides = _push_overrides(batch, apns, fcm, tw)
     env = Env(**overrides)
@@ -85,17 +105,22 @@ def _push_run(n: int, pool: int, batch: int, android_share: float, apns: dict[st
         ids = bulk_users(env.ctx, n)
         bulk_ios_tokens(env, ids, platforms=device_platforms(n, android_share))
         otp_ids = phone_users(env, otps)
+        csv_path = write_user_csv(env.dir / "segment.csv", ids)
         proc = start_pool(env, pool, settings_env(overrides))
         out["pool_start_s"] = round(wait_workers(env, pool), 2)
         stats0 = commandstats(env)
         meter = CpuMeter({"redis-server": int(env.ctx.redis.info("server")["process_id"]), **sink_pids,
-                          "Twilio sandbox": tw.proc.pid, "bench (bulk write, polling)": os.getpid()},
+                          "Twilio sandbox": tw.proc.pid, "bench (the launch, polling)": os.getpid()},
                          pool_pid=proc.pid, groups=db_server(env))  # fmt: skip
         meter.start()
         t0 = time.perf_counter()
         if otps:
             probe = OtpProbe(env, otp_ids, (n / expect_rate) / otps)
-        bulk_notifications(env.ctx, ids, "weekly_promo", ["push"], PROMO)
+        # --rate above any throughput: everyone due now, the workers set the pace
+        spec = LaunchSpec(template_id="weekly_promo", channels=["push"], rate=1_000_000.0,
+                          segment_csv=str(csv_path), quiet_hours="off", data=dict(PROMO))  # fmt: skip
+        summary = launch(env.ctx, spec)
+        out["launch"] = {k: summary.get(k) for k in ("campaign_id", "written", "recipients", "state")}
         out["write_s"] = round(time.perf_counter() - t0, 2)
         error = wait_sent(env, "push", n, t0, timeout, "pushes")
         if error:

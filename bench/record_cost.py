@@ -14,6 +14,11 @@ worker: every thread), of the PostgreSQL backends this process's engine connecte
 CPU, found by ``pg_backend_pid()``), of redis-server and of the sandbox or sink; SQL statements and
 their rows per batch; Redis commands per notification. The load average before and after is
 printed: on a shared machine, compare runs made side by side.
+
+``--statements`` (PostgreSQL) also splits the backends' CPU by statement: each statement's
+backend's on-CPU time (``/proc/<pid>/schedstat``, nanoseconds) read before and after it, µs per
+notification; a prepared ``EXECUTE`` is named by the statement it runs. What runs outside a
+statement event (COPY, COMMIT) is the rest.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import cProfile
 import json
 import os
 import pstats
+import re
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 from sqlalchemy import event
@@ -41,7 +48,6 @@ from bench.harness import (
     clear_rate_windows,
     commandstats,
     delta,
-    mark_queued,
     p256_key_pem,
     phone_users,
     process_batches,
@@ -70,10 +76,12 @@ class _Meter:
         engine = env.ctx.engine
         if engine.dialect.name == "postgresql":
 
-            def on_connect(dbapi_conn: Any, _rec: Any) -> None:
+            def on_connect(dbapi_conn: Any, rec: Any) -> None:
                 cur = dbapi_conn.cursor()
                 cur.execute("SELECT pg_backend_pid()")
-                self.backends.add(cur.fetchone()[0])
+                pid = cur.fetchone()[0]
+                self.backends.add(pid)
+                rec.info["bench_backend_pid"] = pid
                 cur.close()
 
             event.listen(engine, "connect", on_connect)
@@ -90,9 +98,54 @@ class _Meter:
         return out
 
 
-def _queued(env: Env, nids: list[str]) -> None:
-    mark_queued(env, nids)
-    clear_rate_windows(env)
+def _on_cpu_us(pid: int) -> float:
+    """Process ``pid``'s time on a CPU so far, µs (the scheduler's own count, in nanoseconds)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split(None, 1)[0]) / 1e3
+
+
+class StatementCpu:
+    """The PostgreSQL backend's CPU per statement (``--statements``): µs by statement (its first
+    words; an ``EXECUTE`` of a prepared statement by that statement's), from the connection's
+    backend's schedstat before and after each execute, inside ``with``."""
+
+    _EXECUTE = re.compile(r"EXECUTE (\w+)")
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.us: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    @staticmethod
+    def label(statement: str, prepared: dict[str, str]) -> str:
+        m = StatementCpu._EXECUTE.match(statement)
+        if m:
+            statement = next((sql for sql, name in prepared.items() if name == m.group(1)), statement)
+        words = re.sub(r"\s+", " ", statement).strip()
+        return words if len(words) <= 90 else words[:87] + "..."
+
+    def before(self, conn: Any, _cur: Any, statement: str, _p: Any, context: Any, _many: bool) -> None:
+        pid = conn.connection.info.get("bench_backend_pid")
+        if pid is not None:
+            context._bench_cpu = (pid, _on_cpu_us(pid))
+
+    def after(self, conn: Any, _cur: Any, statement: str, _p: Any, context: Any, _many: bool) -> None:
+        start = getattr(context, "_bench_cpu", None)
+        if start is None:
+            return
+        pid, t0 = start
+        what = self.label(statement, conn.connection.info.get("notify_prepared", {}))
+        self.us[what] += _on_cpu_us(pid) - t0
+        self.calls[what] += 1
+
+    def __enter__(self) -> StatementCpu:
+        event.listen(self.engine, "before_cursor_execute", self.before)
+        event.listen(self.engine, "after_cursor_execute", self.after)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self.before)
+        event.remove(self.engine, "after_cursor_execute", self.after)
 
 
 def _report(label: str, k: int, c0: dict[str, float], c1: dict[str, float], wall: float, sql: SqlCounter,
@@ -120,20 +173,34 @@ def _report(label: str, k: int, c0: dict[str, float], c1: dict[str, float], wall
     return res
 
 
-def _batches(env: Env, meter: _Meter, label: str, nids: list[str], batch: int, profile: bool) -> dict[str, Any]:
+def _batches(env: Env, meter: _Meter, label: str, nids: list[str], batch: int, profile: bool,
+             statements: bool = False) -> dict[str, Any]:  # fmt: skip
     rt = Runtime(env.ctx, worker_name=f"bench-cost-{label}")
     rt.warm()
     freeze_heap()  # as a pool worker does once set up (its collector's threshold too)
-    _queued(env, nids)
+    clear_rate_windows(env)
     stats0 = commandstats(env)
     prof = cProfile.Profile(time.thread_time) if profile else None
+    per = StatementCpu(env.ctx.engine) if statements and meter.backends else None
     with SqlCounter(env.ctx.engine) as sql:
+        if per is not None:
+            per.__enter__()
         c0, t0 = meter.read(), time.perf_counter()
         sent = process_batches(rt, nids, batch, prof)
         wall, c1 = time.perf_counter() - t0, meter.read()
+        if per is not None:
+            per.__exit__()
     rt.close()
     assert sent == len(nids), f"{label}: sent {sent} of {len(nids)}"
-    return _report(label, sent, c0, c1, wall, sql, -(-len(nids) // batch), delta(stats0, commandstats(env)), prof)
+    res = _report(label, sent, c0, c1, wall, sql, -(-len(nids) // batch), delta(stats0, commandstats(env)), prof)
+    if per is not None:
+        k = max(1, sent)
+        by = {what: round(us / k, 2) for what, us in per.us.most_common()}
+        by["(the rest: COPY, COMMIT, ...)"] = round(
+            res["cpu_us_per_notification"]["PostgreSQL backends"] - sum(per.us.values()) / k, 2
+        )
+        res["pg_us_per_statement"] = by
+    return res
 
 
 def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
@@ -204,7 +271,8 @@ def _otp_jobs(env: Env, meter: _Meter, n: int, profile: bool) -> dict[str, Any]:
     return res
 
 
-def run(db: str, only: list[str], n: int, batch: int, otps: int, profile: bool, sink: Any) -> list[dict[str, Any]]:
+def run(db: str, only: list[str], n: int, batch: int, otps: int, profile: bool, sink: Any,
+        statements: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     os.environ.pop("NOTIFY_BENCH_DATABASE_URL", None)
     sg = SandboxProcess("sendgrid")
     tw = SandboxProcess("twilio")
@@ -243,8 +311,10 @@ def run(db: str, only: list[str], n: int, batch: int, otps: int, profile: bool, 
                     if what == "segment"
                     else PROMO
                 )
-                nids = bulk_notifications(env.ctx, ids, "weekly_promo", [channel], data)
-                r = _batches(env, meter, what, nids, batch, profile)
+                # written queued, as the launcher writes the rows due now (a row's writes on PostgreSQL
+                # as in the blast: the insert, then the worker's done)
+                nids = bulk_notifications(env.ctx, ids, "weekly_promo", [channel], data, status="queued")
+                r = _batches(env, meter, what, nids, batch, profile, statements)
             r["db"] = db
             out.append(r)
             _print(r)
@@ -265,6 +335,8 @@ def _print(r: dict[str, Any]) -> None:
         print(f"       worker thread CPU µs per OTP job: {r['worker_thread_us_per_otp']}")
     print(f"       SQL {r['sql_per_batch']}/batch, {r['sql_rows_per_notification']} rows/notification {r['sql']}")
     print(f"       Redis {r['redis_per_notification']}/notification {r['redis']}", flush=True)
+    for what, us in r.get("pg_us_per_statement", {}).items():
+        print(f"       PostgreSQL {us:7.2f} µs/notification  {what}")
     for key in ("top_own", "top_cum"):
         for line in r.get(key, []):
             print("      ", line)
@@ -279,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--otps", type=int, default=200, help="OTP jobs in the otp row")
     ap.add_argument(
         "--profile", action="store_true", help="cProfile each row on thread CPU time (slower: compare unprofiled runs)"
+    )
+    ap.add_argument(
+        "--statements", action="store_true", help="PostgreSQL: the backends' CPU split by statement (schedstat)"
     )
     ap.add_argument("--json", help="also write the rows to this file")
     a = ap.parse_args(argv)
@@ -295,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     try:
         for db in a.db.split(","):
-            rows += run(db, only, a.n, a.batch, a.otps, a.profile, sink)
+            rows += run(db, only, a.n, a.batch, a.otps, a.profile, sink, a.statements)
     finally:
         if sink is not None:
             sink.stop()

@@ -140,7 +140,9 @@ def _push_details(p: dict[str, Any]) -> list[str]:
     out += [f"- {fmt(p.get('pushes'))} devices per row, one token each, pool of {p.get('pool')} (worker 1 on `high` "
             f"only), batch {p.get('batch')}; the C sink is nginx (Debian's, TLS + HTTP/2, "
             "`http2_max_concurrent_streams 1000`, `return 200`), started and stopped by the bench "
-            "(`bench/sinks.py`). Timed from the first bulk write to the last tracked `sent` row."]  # fmt: skip
+            "(`bench/sinks.py`). Launched as `campaign launch` launches (`campaigns.launcher.launch` over a "
+            "segment of the user ids, sent now: the launcher queues the rows itself), timed from the launch to "
+            "the last tracked `sent` row."]  # fmt: skip
     if p.get("sink_skipped"):
         out += [f"- C sink rows skipped: {p['sink_skipped']}"]
     for key, r in (p.get("rows") or {}).items():

@@ -21,10 +21,15 @@ from sqlmodel.sql.sqltypes import UTCDateTime
 
 
 def prepare_insert(
-    engine: Engine, table: Table, rows: list[dict[str, Any]], skip_conflicts_on: list[str] | None = None
+    engine: Engine,
+    table: Table,
+    rows: list[dict[str, Any]],
+    skip_conflicts_on: list[str] | None = None,
+    *,
+    shared: dict[str, Any] | None = None,
 ) -> Callable[[Connection], None]:
     """``prepare_counted_insert``, its count left out."""
-    counted = prepare_counted_insert(engine, table, rows, skip_conflicts_on)
+    counted = prepare_counted_insert(engine, table, rows, skip_conflicts_on, shared=shared)
 
     def run(conn: Connection) -> None:
         counted(conn)

@@ -159,6 +159,20 @@ def _pg_partial_indexes(conn: Connection) -> dict[str, bool]:
     return {str(name): bool(partial) for name, partial in conn.exec_driver_sql(sql)}
 
 
+def _pg_set_fillfactors(conn: Connection) -> None:
+    """PostgreSQL: ``models.PG_FILLFACTOR`` on each of its tables and indexes in this schema that has
+    no fillfactor yet (``ALTER ... SET``: pages written from now on; it takes a lock that lets reads
+    and writes go on)."""
+    sql = "SELECT relname, relkind, reloptions FROM pg_class WHERE relnamespace = current_schema()::regnamespace"
+    q = conn.dialect.identifier_preparer
+    rows = conn.exec_driver_sql(sql + " AND relname = ANY(%s)", (list(models.PG_FILLFACTOR),)).tuples()
+    for name, kind, options in rows:
+        if any(str(o).startswith("fillfactor=") for o in list(options or ())):
+            continue
+        what, rel = "INDEX" if kind == "i" else "TABLE", str(name)
+        conn.exec_driver_sql(f"ALTER {what} {q.quote(rel)} SET (fillfactor = {int(models.PG_FILLFACTOR[rel])})")
+
+
 def add_missing_columns(engine: Engine) -> list[str]:
     """The schema-upgrade step: add the model's columns that an existing table lacks.
 
@@ -169,7 +183,8 @@ def add_missing_columns(engine: Engine) -> list[str]:
     naming the column. Idempotent, and safe when two processes upgrade at once (PostgreSQL ``IF NOT
     EXISTS``; on SQLite the loser's duplicate-column error is ignored). It also builds the model's
     indexes an existing table lacks (``CREATE INDEX IF NOT EXISTS``: once, on the first start after
-    the upgrade) and drops those it retired (``models.RETIRED_INDEXES``). On PostgreSQL, a
+    the upgrade) and drops those it retired (``models.RETIRED_INDEXES``). On PostgreSQL it sets the
+    notifications' fillfactors (``models.PG_FILLFACTOR``) where none is set, and a
     non-unique index that became partial (``postgresql_where``: ``ix_notifications_status_due``
     holds only the open rows) or stopped being one is built anew under its name, once (a changed
     predicate of an index already partial needs a new name instead).
@@ -219,6 +234,8 @@ def add_missing_columns(engine: Engine) -> list[str]:
         for name in models.RETIRED_INDEXES:
             if name in indexes:
                 conn.exec_driver_sql(f"DROP INDEX IF EXISTS {q.quote(name)}")
+        if engine.dialect.name == "postgresql":
+            _pg_set_fillfactors(conn)
     return added
 
 

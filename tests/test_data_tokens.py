@@ -336,3 +336,40 @@ def test_an_emails_own_copy_is_made_only_when_read(home: Path, redis_url: str, r
     check()
     assert lazy[0] > 0  # (some bodies did go shared)
     ctx.close()
+
+
+_PUSH_PROMO = parse_text(
+    "category = 'marketing'\n[push]\ntitle = '{{ discount }}% off'\n"
+    "body = \"Hi {{ first_name | default(user.first_name | default('there')) }}, use {{ code }}.\"\n",
+    "promo_push",
+    "promo_push",
+)
+_FIRST_NAMES = st.one_of(st.none(), st.sampled_from(["Ann", " pad ", "%%notifyctl:t:first_name%%", "", 7, 2.5]))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from([{"discount": 10, "code": "W10", "first_name": "F"}, {"discount": 10, "code": "W10"}]),
+       st.lists(st.tuples(st.booleans(), _FIRST_NAMES), min_size=2, max_size=8))  # fmt: skip
+def test_a_shared_push_rendering_is_each_recipients_rendering(
+    ctx: Context, data: dict[str, Any], recipients: list[tuple[bool, Any]]
+) -> None:
+    """A batch sharing one data, a push that prints a user field only as a fallback: where the data
+    has the field, the batch's one rendering (no token in it) goes to every recipient who has the
+    field, whatever their order; where it has not, each recipient's copy is filled in. Either way
+    every recipient gets exactly what Jinja renders for them."""
+    renderer = Renderer(Runtime(ctx, "w-push-tokens"))
+    key = json.dumps(data)
+    notes = [_Note(f"n{i}", f"u{i}", "t", "promo_push", "marketing", "low", None, ["push"], data, key)
+             for i in range(len(recipients))]  # fmt: skip
+    renderer.loaded(notes)
+    renderer.templates["promo_push"] = _PUSH_PROMO
+    for n, (has, name) in zip(notes, recipients, strict=True):
+        attributes = {"first_name": name} if has else {}
+        user = _User(n.recipient_id, None, None, "UTC", "en", False, attributes)
+        want = _PUSH_PROMO.render("push", {**data, "user": user_vars(user)})  # type: ignore[arg-type]
+        got = renderer.render(n, "push", user)
+        assert isinstance(got, dict)
+        pv = renderer.probed.get((n.id, "push"))
+        if pv is not None:
+            got = {part: _fill(piece, pv[1], tokens) for part, piece, tokens in renderer.fill_plan(pv)}
+        assert got == want, (data, attributes)

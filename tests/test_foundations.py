@@ -583,6 +583,72 @@ def test_upgrade_retires_the_recipient_index_and_user_lookups_read_the_unique_on
         engine.dispose()
 
 
+@pytest.mark.fresh_pg_schema
+def test_upgrade_leaves_room_on_the_notifications_pages_for_their_done_version(db_url: str) -> None:
+    """PostgreSQL: the notifications' heap and their two unique indexes are filled half by inserts
+    (``models.PG_FILLFACTOR``). A database made before gets the fillfactors on the upgrade, once; an
+    operator's own fillfactor stays. Then each row of a launcher's COPY, marked done by the
+    worker's UPDATE, has its new version on its own page. SQLite: the upgrade leaves the schema as
+    it was."""
+    from sqlmodel import Session, SQLModel
+
+    from campaigns.produce import _NT, _insert_new
+    from notifyctl.bulk import update_where_in
+    from notifyctl.db import add_missing_columns, make_engine
+    from notifyctl.models import PG_FILLFACTOR, utcnow
+
+    legacy = make_engine(db_url)
+    SQLModel.metadata.create_all(legacy)  # as an earlier release made it: no storage parameters
+    pg = legacy.dialect.name == "postgresql"
+    shape = "SELECT name, sql FROM sqlite_master ORDER BY name"
+    with legacy.begin() as conn:
+        if pg:  # an operator's own choice for one of them
+            conn.exec_driver_sql("ALTER INDEX uq_notifications_campaign_recipient SET (fillfactor = 80)")
+            before = None
+        else:
+            before = conn.exec_driver_sql(shape).all()
+    legacy.dispose()
+    engine = make_engine(db_url)
+    try:
+        add_missing_columns(engine)
+        add_missing_columns(engine)  # a second start: nothing more to do
+        with engine.connect() as conn:
+            if not pg:
+                assert conn.exec_driver_sql(shape).all() == before
+                return
+            options = dict(
+                conn.exec_driver_sql(
+                    "SELECT relname, reloptions FROM pg_class WHERE relnamespace = current_schema()::regnamespace"
+                    " AND relname = ANY(%s)",
+                    (list(PG_FILLFACTOR),),
+                ).all()
+            )
+        assert options == {
+            "notifications": ["fillfactor=50"],
+            "notifications_pkey": ["fillfactor=50"],
+            "uq_notifications_campaign_recipient": ["fillfactor=80"],
+        }
+        now = utcnow()
+        rows = [{"id": f"n_{i:05d}", "recipient_id": f"u{i:05d}", "data": {"first_name": f"Name{i}", "code": "C" * 40},
+                 "dedup_key": f"campaign:c_1:u{i:05d}", "wave": 0, "status": "queued", "job_id": "job_1",
+                 "due_at": now} for i in range(400)]  # fmt: skip
+        shared = {"type": "t", "template_id": "t", "category": "marketing", "priority": "low",
+                  "channels": ["email"], "campaign_id": "c_1", "created_at": now, "updated_at": now}  # fmt: skip
+        pages = "SELECT id, (ctid::text::point)[0] FROM notifications ORDER BY id"
+        with engine.connect() as conn, Session(bind=conn) as session:
+            _insert_new(engine, rows, shared)(session)
+            session.commit()
+            written = conn.exec_driver_sql(pages).all()
+            assert len({page for _id, page in written}) >= 4  # (the rows span several pages)
+            ids = [r["id"] for r in rows]
+            values = {"status": "done", "reason": None, "updated_at": utcnow()}
+            assert update_where_in(session.connection(), _NT, values, "id", ids) == 400  # the worker's done
+            session.commit()
+            assert conn.exec_driver_sql(pages).all() == written
+    finally:
+        engine.dispose()
+
+
 def test_status_indexes_hold_open_rows_and_serve_their_readers(any_db_ctx: Any) -> None:
     """``ix_notifications_status_due`` and ``ix_deliveries_status`` on PostgreSQL hold the open rows
     only (the done UPDATE, a delivery inserted ``sent``, add no entry to them): a database made with

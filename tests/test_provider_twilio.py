@@ -300,6 +300,23 @@ def test_concurrency(tmp_path: Path, sandbox: TwilioSandbox, concurrency: int) -
         p.close()
 
 
+def test_messages_and_calls_reuse_one_connection(provider: Provider, sandbox: TwilioSandbox) -> None:
+    """One request after another goes over one kept-alive connection: each URL's origin pool and
+    request target looked up once (``RoutedHttpClient._target``), a message's and a call's URL
+    sharing their origin's pool."""
+    out = [provider.send([sms(i)])[0] for i in range(3)]
+    out += provider.send([sms(3, route="voice")])
+    assert all(isinstance(o, Sent) for o in out), out
+    assert len(sandbox.messages) == 3 and len(sandbox.calls) == 1
+    assert sandbox.api_requests == 4 and len(sandbox.connections) == 1
+    targets = provider._http._targets
+    assert sorted(t for _pool, t in targets.values()) == [
+        f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls.json",
+        f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json",
+    ]
+    assert len({id(pool) for pool, _t in targets.values()}) == 1
+
+
 # --------------------------------------------------------------------------- configuration
 
 

@@ -23,7 +23,7 @@ from notifyctl.models import Delivery, DeliveryEvent, utcnow
 from notifyctl.secretdata import erased_fields
 from notifyctl.tracking import implied_events, timeline
 from sandboxes.smtp import SmtpSandbox
-from tests.util import deliveries, drain, notification, seed, send
+from tests.util import IOS_TOKEN, deliveries, drain, notification, seed, send
 from worker import jobs
 from worker.pipeline import Runtime, delivery_id, process
 from worker.pipeline.batch import _DT
@@ -268,3 +268,62 @@ def test_retried_deliveries_updated_in_batches_on_postgresql(any_db_ctx: Context
         s.commit()
     got = {d.id: (d.status, d.attempts, d.reason) for r in res for d in deliveries(ctx, r.notification_id)}
     assert got == {d.id: ("retrying", 5, f"r{i}") for i, d in enumerate(ds)}
+
+
+_TIMES = ("queued_at", "updated_at", "sent_at", "suppressed_at", "failed_at", "next_attempt_at")
+
+
+def _stored_deliveries(ctx: Context, nids: list[str]) -> set[tuple[Any, ...]]:
+    """These notifications' deliveries as SQLite stores them: every column's value and storage
+    class (``typeof``), less the ids and the provider's message id, and for a time its length (two
+    batches' times differ)."""
+    cols = [c.name for c in _DT.c if c.name not in ("id", "notification_id", "provider_message_id")]
+    sql = f"SELECT {', '.join(f'{c}, typeof({c})' for c in cols)} FROM deliveries"
+    with ctx.engine.connect() as conn:
+        rows = rows_where_in(conn, sql, "notification_id", nids)
+    assert len(rows) == len(nids)
+    return {
+        tuple(
+            (c, len(r[2 * i]) if c in _TIMES and r[2 * i] is not None else r[2 * i], r[2 * i + 1])
+            for i, c in enumerate(cols)
+        )  # fmt: skip
+        for r in rows
+    }
+
+
+def test_a_batchs_constant_delivery_columns_store_what_bound_ones_store(ctx: Context) -> None:
+    """A batch of 50 or more new deliveries on SQLite: the columns with one value down the batch
+    (its channel, flags, times) are written into the INSERT's text, never an address or a user id,
+    and store exactly what the same rows bound on each row (a smaller batch's) store — value and
+    storage class; columns whose values differ (status, route) stay bound."""
+    seed(ctx)  # alice has an iOS token, carol none (her push is suppressed); high: past the rate limits
+    users = ["alice", "carol"] * 30
+    big = [send(ctx, recipient_id=u, channels=["push"], priority="high").notification_id for u in users]
+    small = [send(ctx, recipient_id=u, channels=["push"], priority="high").notification_id for u in users[:10]]
+    seen: list[str] = []
+
+    def on_exec(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if statement.startswith("INSERT INTO deliveries"):
+            seen.append(statement)
+
+    rt = Runtime(ctx, worker_name="w-constant")
+    event.listen(Engine, "before_cursor_execute", on_exec)
+    try:
+        assert (lambda s: (s.sent, s.suppressed))(process(rt, big)) == (30, 30)
+        assert (lambda s: (s.sent, s.suppressed))(process(rt, small)) == (5, 5)
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_exec)
+        rt.close()
+    assert len(seen) == 2
+    marks: list[dict[str, str]] = []
+    for statement in seen:
+        head, values = statement.split(" VALUES ")
+        columns = [c.strip().strip('"') for c in head.split("(", 1)[1].rstrip(")").split(",")]
+        marks.append(dict(zip(columns, [m.strip() for m in values.strip()[1:-1].split(",")], strict=True)))
+    written = {c: m for c, m in marks[0].items() if m != "?"}
+    assert written["channel"] == "'push'" and written["dead_lettered"] == "0" and written["failed_at"] == "NULL"
+    assert {"queued_at", "updated_at", "next_attempt_at"} <= set(written)
+    assert not {"id", "notification_id", "user_id", "address", "status", "route", "sent_at"} & set(written)
+    assert IOS_TOKEN not in seen[0] and "alice" not in seen[0]
+    assert set(marks[1].values()) == {"?"}  # (fewer than 50 rows: all bound)
+    assert _stored_deliveries(ctx, big) == _stored_deliveries(ctx, small)

@@ -1,5 +1,5 @@
 """One module: the worker pool's processes: the workers, the supervisor that restarts them and the
-reconciler loop share one lifecycle; ~540 lines.
+reconciler loop share one lifecycle; ~610 lines.
 
 The worker pool: N non-forking RQ workers (``SimpleWorker``: no fork per job), a supervisor
 that restarts the ones that die, and the reconciler loop.
@@ -20,6 +20,8 @@ another Redis is never served, and said so once, as an error.
 
 from __future__ import annotations
 
+# Lazy imports: rq (and notifyctl.rqjob, its Job) load when a queue or worker class is made, not when
+# the pool module is imported (a CLI noun that reads the pool's names pays nothing for them).
 import logging
 import math
 import multiprocessing as mp
@@ -36,7 +38,7 @@ from notifyctl import shards as sharding
 from notifyctl.alerts import check_alerts, check_dlq_alert
 from notifyctl.analytics.fold import compact
 from notifyctl.circuit import HALF_OPEN, Circuits, take_recoveries
-from notifyctl.context import Context, freeze_heap
+from notifyctl.context import Context, freeze_heap, rq_serializer
 from notifyctl.db import checkpoint, dispose_all
 from notifyctl.dlq import DlqFilter, replay
 from notifyctl.errors import ConfigError
@@ -100,10 +102,19 @@ SUSPENSION_CHECK_EVERY = 1.0  # seconds: `rq suspend` is honoured within this
 def _queue_class() -> type:
     from rq import Queue
 
+    from notifyctl.rqjob import NotifyJob
+
     class NotifyQueue(Queue):
         """RQ's queue, less the read of a finished job's dependents: notifyctl enqueues no job with
         ``depends_on``, so the set is always empty, and RQ read it (SMEMBERS) after every job —
-        one of an OTP's round trips."""
+        one of an OTP's round trips. Its jobs are ``NotifyJob``s (``notifyctl.rqjob``); its serializer
+        ``notifyctl.context.rq_serializer`` (RQ's pickle, checked faster) unless one is given."""
+
+        job_class = NotifyJob
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("serializer", rq_serializer())
+            super().__init__(*args, **kwargs)
 
         def move_dependents_to_ready(self, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
             return {}
@@ -113,7 +124,14 @@ def _queue_class() -> type:
 
 def _worker_class(dequeue_timeout: int = 60) -> type:
     from rq import SimpleWorker
+    from rq.executions import Execution
+    from rq.job import JobStatus
+    from rq.results import Result
     from rq.utils import now as rq_now
+    from rq.utils import utcformat
+    from rq.worker.base import WorkerStatus
+
+    from notifyctl.rqjob import NotifyJob
 
     class NotifyWorker(SimpleWorker):
         """SimpleWorker (no fork per job) whose command channel wakes often, so that stopping
@@ -127,6 +145,13 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
 
         burst_mode = False
         max_connection_wait_time = 1.0
+        job_class = NotifyJob  # a finished job's save compresses nothing (notifyctl.rqjob)
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # RQ's pickle, checked faster (``notifyctl.context.rq_serializer``): the worker hands it to
+            # every queue, job, registry and result it builds
+            kwargs.setdefault("serializer", rq_serializer())
+            super().__init__(*args, **kwargs)
 
         @property
         def dequeue_timeout(self) -> int:
@@ -152,6 +177,37 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
                     raise
                 log.debug("RQ heartbeat: Redis unreachable")
 
+        _prepared: str | None = None  # the job whose start prepare_execution sent whole
+
+        def prepare_execution(self, job: Any) -> Any:
+            # RQ starts a job in two transactions, two round trips: the execution's record with the
+            # worker's state "busy" (prepare_execution), then the worker's heartbeat, the job's
+            # status "started" (with its last heartbeat, which RQ's job.heartbeat wrote once more just
+            # before) and its removal from the intermediate queue (prepare_job_execution, the first
+            # thing perform_job does, nothing in between). Here both go in one transaction, in
+            # RQ's order; prepare_job_execution then has nothing left to send.
+            with self.connection.pipeline() as pipe:
+                ttl = self.get_heartbeat_ttl(job)
+                execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+                self.executions[execution.id] = execution
+                self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+                self.heartbeat(ttl, pipeline=pipe)
+                job.prepare_for_execution(self.name, pipeline=pipe)
+                pipe.persist(job.key)
+                if len(self.queues) == 1:  # (as perform_job decides: RQ's crash-safe single-queue dequeue)
+                    origin = next((q for q in self.queues if q.name == job.origin), None)
+                    origin = origin or self.queue_class(job.origin, connection=self.connection)
+                    pipe.lrem(origin.intermediate_queue_key, 1, job.id)
+                pipe.execute()
+            self._prepared = job.id
+            return execution
+
+        def prepare_job_execution(self, job: Any, remove_from_intermediate_queue: bool = False) -> None:
+            if self._prepared is not None and self._prepared == job.id:
+                self._prepared = None  # sent with its execution's record (prepare_execution above)
+                return
+            super().prepare_job_execution(job, remove_from_intermediate_queue)
+
         def handle_execution_ended(self, job: Any, queue: Any, heartbeat_ttl: int) -> None:
             # RQ refreshes the job's heartbeat here (one round trip) to cover the success or
             # failure callback that follows; notifyctl enqueues none
@@ -173,17 +229,33 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
                 self.increment_total_working_time(job.ended_at - job.started_at, pipe)
                 ttl = job.get_result_ttl(self.default_result_ttl)
                 if ttl != 0:
-                    job._handle_success(
-                        ttl,
-                        pipeline=pipe,
+                    # RQ's job._handle_success, less its full save of the job (job.save: every field,
+                    # the arguments compressed again, ~75 µs of CPU an OTP job): of those fields only
+                    # the times have changed since the start's transaction wrote the job (perform_job
+                    # sets started_at again; the end sets ended_at), the status is set here
+                    job.set_status(JobStatus.FINISHED, pipeline=pipe)
+                    pipe.hset(
+                        job.key, mapping={"started_at": utcformat(job.started_at), "ended_at": utcformat(job.ended_at)}
+                    )
+                    Result.create(
+                        job,
+                        Result.Type.SUCCESSFUL,
+                        return_value=job._result,
+                        ttl=ttl,
                         worker_name=self.name,
+                        pipeline=pipe,
                         execution_id=execution.id,
                         execution_started_at=execution.created_at,
                         execution_ended_at=job.ended_at,
                     )
+                    job.finished_job_registry.add(job, ttl, pipe)
                 job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                # the worker "idle" again in the same transaction (SimpleWorker set it right after,
+                # a round trip of its own; our set_state then skips it: the state is the same)
+                pipe.hset(self.key, "state", WorkerStatus.IDLE)
                 pipe.execute()
+            self._state = WorkerStatus.IDLE  # (once written: a failed transaction leaves it to RQ's own)
             log.debug("job %s finished in %s", job.id, job.ended_at - job.started_at)
 
         def handle_exception(self, job: Any, *exc_info: Any) -> None:

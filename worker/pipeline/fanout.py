@@ -12,9 +12,9 @@ from datetime import datetime
 from typing import Any
 
 from notifyctl.bulk import rows_where_in
-from notifyctl.models import DeliveryStatus, derived_id
+from notifyctl.models import derived_id
 from notifyctl.policy import refusal
-from worker.pipeline.batch import _D, _D_FIELDS, _Batch, _Note
+from worker.pipeline.batch import _D, _D_FIELDS, _FAILED, _QUEUED, _SUPPRESSED, _Batch, _Note
 from worker.pipeline.record import _mark, _Updates
 from worker.pipeline.render import Renderer
 from worker.pipeline.runtime import Runtime, Stats
@@ -68,19 +68,19 @@ def fan_out(
             "provider_message_id": None,
             "next_attempt_at": None,
             "sent_at": None,
-            "suppressed_at": now if status == DeliveryStatus.suppressed else None,
-            "failed_at": now if status == DeliveryStatus.failed else None,
+            "suppressed_at": now if status == _SUPPRESSED else None,
+            "failed_at": now if status == _FAILED else None,
         }
         new_rows.append(row)
         events.append(
             {"notification_id": n.id, "delivery_id": row["id"], "status": status, "detail": reason, "at": now}
         )
-        if status == DeliveryStatus.suppressed:
+        if status == _SUPPRESSED:
             stats.suppressed += 1
             stats.by_reason[(reason or "").split(":")[0]] += 1
-        elif status == DeliveryStatus.failed:
+        elif status == _FAILED:
             stats.failed += 1
-        if status != DeliveryStatus.queued and log.isEnabledFor(logging.INFO):  # an outcome already
+        if status != _QUEUED and log.isEnabledFor(logging.INFO):  # an outcome already
             log.info(
                 "delivery %s: %s",
                 status,
@@ -97,7 +97,7 @@ def fan_out(
         user = batch.users.get(n.recipient_id)
         if user is None:
             for channel in n.channels:
-                add_delivery(n, channel, channel, "-", DeliveryStatus.suppressed, "unknown_user")
+                add_delivery(n, channel, channel, "-", _SUPPRESSED, "unknown_user")
             continue
         opt_outs = batch.opt_outs.get(user.id)  # (most users have none)
         for channel in n.channels:
@@ -106,12 +106,12 @@ def fan_out(
             route0 = addrs[0][0] if addrs else channel
             no = refusal(channel, n.category, opt_outs, bool(addrs), user.sms_opt_in)
             if no is not None:
-                add_delivery(n, channel, route0, first, DeliveryStatus.suppressed, no.reason)
+                add_delivery(n, channel, route0, first, _SUPPRESSED, no.reason)
             else:
                 content = render(n, channel, user)
                 if isinstance(content, str):
                     for route, addr in addrs:
-                        add_delivery(n, channel, route, addr, DeliveryStatus.failed, content)
+                        add_delivery(n, channel, route, addr, _FAILED, content)
                     continue
                 checks.append(Check(user.id, channel, n.category, f"{n.id}:{channel}", n.priority == "high"))
                 pending.append((n, channel, addrs))
@@ -120,9 +120,9 @@ def fan_out(
         for (n, channel, addrs), ok in zip(pending, admitted, strict=True):
             for route, addr in addrs if ok else addrs[:1]:
                 if ok:
-                    add_delivery(n, channel, route, addr, DeliveryStatus.queued)
+                    add_delivery(n, channel, route, addr, _QUEUED)
                 else:
-                    add_delivery(n, channel, route, addr, DeliveryStatus.suppressed, f"rate_limited:{channel}")
+                    add_delivery(n, channel, route, addr, _SUPPRESSED, f"rate_limited:{channel}")
     # New delivery rows are written once, at the end, in their final state. Their ids are derived
     # from (notification, channel, address), so a crash before that write is harmless: the rerun
     # computes the same ids and finds their Redis send records.
@@ -198,7 +198,7 @@ def follow_replaced_tokens(
                 d,
                 updates,
                 events,
-                DeliveryStatus.suppressed,
+                _SUPPRESSED,
                 now,
                 reason="token_replaced",
                 detail=f"token replaced: {why}",

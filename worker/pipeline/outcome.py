@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from notifyctl.models import DeliveryStatus
+from worker.pipeline.batch import _FAILED, _RETRYING, _SENT
 from worker.providers import Held, InvalidAddress, Outcome, Permanent, Retry, Sent
 
 # (status, attempts after this one or None when it used none, provider recorded, reason, seconds until
@@ -44,25 +44,25 @@ def decide(settings: Any, outcome: Outcome, attempts: int, channel: str) -> Deci
     - ``Permanent``: failed and dead-lettered.
     """
     if isinstance(outcome, Sent):
-        return DeliveryStatus.sent, attempts, True, None, None, False, None, None
+        return _SENT, attempts, True, None, None, False, None, None
     if isinstance(outcome, Held):
         wait = max(0.5, outcome.retry_after) * (1 + random.random() / 4)
         detail = f"held: {outcome.reason}; next in {wait:.1f}s"
-        return DeliveryStatus.retrying, None, False, outcome.reason, wait, False, detail, None
+        return _RETRYING, None, False, outcome.reason, wait, False, detail, None
     if isinstance(outcome, Retry) and outcome.throttled:
         wait = max(1.0, outcome.retry_after or 1.0) * (1 + random.random() / 2)
         detail = f"throttled: {outcome.reason}; next in {wait:.1f}s"
-        return DeliveryStatus.retrying, None, True, outcome.reason, wait, False, detail, None
+        return _RETRYING, None, True, outcome.reason, wait, False, detail, None
     if isinstance(outcome, Retry):
         delay = retry_delay(settings, attempts, outcome.retry_after)
         if delay is None:
             reason = f"retries exhausted: {outcome.reason}"
-            return DeliveryStatus.failed, attempts, True, reason, None, True, None, None
+            return _FAILED, attempts, True, reason, None, True, None, None
         detail = f"attempt {attempts} failed: {outcome.reason}; next in {delay:g}s"
-        return DeliveryStatus.retrying, attempts, True, outcome.reason, delay, False, detail, None
+        return _RETRYING, attempts, True, outcome.reason, delay, False, detail, None
     if isinstance(outcome, InvalidAddress):
         kind = outcome.kind
         remove = kind if kind == "dead_token" or (kind == "stopped" and channel == "sms") else None
-        return DeliveryStatus.failed, attempts, True, f"invalid_address: {outcome.reason}", None, False, None, remove
+        return _FAILED, attempts, True, f"invalid_address: {outcome.reason}", None, False, None, remove
     assert isinstance(outcome, Permanent)
-    return DeliveryStatus.failed, attempts, True, outcome.reason, None, True, None, None
+    return _FAILED, attempts, True, outcome.reason, None, True, None, None

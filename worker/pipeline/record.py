@@ -1,7 +1,10 @@
 """Stage 5, record: each outcome onto its delivery (``outcome.decide``), then the batch's writes —
 Redis send records first (they survive a crash before the commit), then SQL in one transaction
 under the writer lock: new deliveries, status changes, events, device tokens, SMS opt-outs, each
-notification's status (``_settle_notifications``) — then the metrics."""
+notification's status (``_settle_notifications``) — then the metrics.
+
+One module: stage 5, as each other stage is one; the outcomes it records and the write that
+stores them share the batch's ``Record``; ~400 lines."""
 
 from __future__ import annotations
 
@@ -20,11 +23,24 @@ from notifyctl import metrics
 from notifyctl.analytics.triggers import counted_insert
 from notifyctl.bulk import prepare_insert, update_where_in
 from notifyctl.db import write_lock
-from notifyctl.models import FINAL_STATUSES, DeliveryStatus, DeviceToken, NotificationStatus, OptOut
+from notifyctl.models import FINAL_STATUSES, DeviceToken, NotificationStatus, OptOut
 from notifyctl.secretdata import erase
 from notifyctl.tracking import IMPLIED_FIRST, sent_detail
 from worker.claims import Fenced
-from worker.pipeline.batch import _D, _DT, _ET, _N, _TT, _Batch
+from worker.pipeline.batch import (
+    _D,
+    _DT,
+    _ET,
+    _FAILED,
+    _N,
+    _QUEUED,
+    _RETRYING,
+    _SENT,
+    _SUPPRESSED,
+    _TT,
+    _Batch,
+    _constant_columns,
+)
 from worker.pipeline.outcome import decide
 from worker.pipeline.runtime import Runtime, Stats
 from worker.providers import Message, Outcome
@@ -111,19 +127,19 @@ def record_outcomes(
                 reason=reason,
                 attempts=attempts,
                 provider=provider_name if called else None,
-                provider_message_id=outcome.provider_message_id if status == DeliveryStatus.sent else None,  # type: ignore[union-attr]
+                provider_message_id=outcome.provider_message_id if status == _SENT else None,  # type: ignore[union-attr]
                 next_attempt_at=now + timedelta(seconds=wait) if wait is not None else None,
                 dead=dead,
                 detail=detail,
             )
-            if status == DeliveryStatus.sent:
+            if status == _SENT:
                 sent_marks[d.id] = outcome.provider_message_id  # type: ignore[union-attr]
                 if d.channel == "push":
                     token_success.append(d.address)
                 stats.sent += 1
                 continue
             released.append(d.id)
-            if status == DeliveryStatus.retrying:
+            if status == _RETRYING:
                 stats.retrying += 1
             else:
                 stats.failed += 1
@@ -148,7 +164,7 @@ def write(
         settle_error = exc
     stored = rec.events = one_event_when_sent(events, rec.fresh)
     # parameters converted before the writer lock is taken: inside it, only the statements run
-    insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows)
+    insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows, shared=_constant_columns(rt.ctx.engine, new_rows))
     insert_events = prepare_insert(rt.ctx.engine, _ET, stored)
     # the new rows counted for the analytics from the rows themselves (``counted_insert``)
     origins = {n.id: (n.template_id, n.campaign_id, n.wave) for n in batch.notifications} if new_rows else None
@@ -159,7 +175,7 @@ def write(
             counted_insert(conn, insert_deliveries, new_rows, origins)  # (and the analytics counts)
             if updates.rows:
                 # only from the states this job saw: a webhook may have moved a delivery on meanwhile
-                _bulk_update(session, _DT, updates.rows, only_from=[DeliveryStatus.queued, DeliveryStatus.retrying])
+                _bulk_update(session, _DT, updates.rows, only_from=[_QUEUED, _RETRYING])
             insert_events(conn)
             if token_success:  # by primary key, raw: a thousand-value IN list costs SQLAlchemy more than SQLite
                 update_where_in(conn, _TT, {"last_success_at": now}, "token", token_success)
@@ -220,12 +236,12 @@ def one_event_when_sent(events: list[dict[str, Any]], fresh: dict[str, dict[str,
             continue
         j = queued_at.pop(did, None)
         status = e["status"]
-        if status == DeliveryStatus.queued and e["detail"] is None:
+        if status == _QUEUED and e["detail"] is None:
             queued_at[did] = i
         elif j is not None and status in IMPLIED_FIRST:
             drop.add(j)
             if (
-                status == DeliveryStatus.sent
+                status == _SENT
                 and e["at"] == row["sent_at"]
                 and e["detail"] == sent_detail(row["provider"], row["provider_message_id"])
             ):
@@ -252,9 +268,9 @@ def _keep_record(rt: Runtime, events: list[dict[str, Any]], sent_marks: dict[str
     """The events of an attempt whose writes are rolled back that must not be lost: its in-doubt
     takeovers and its sends (the provider accepted them)."""
     keep = [
-        {**e, "detail": f"{e['detail']} (also recorded by another worker)"} if e["status"] == DeliveryStatus.sent else e
+        {**e, "detail": f"{e['detail']} (also recorded by another worker)"} if e["status"] == _SENT else e
         for e in events
-        if e["status"] == IN_DOUBT or (e["status"] == DeliveryStatus.sent and e["delivery_id"] in sent_marks)
+        if e["status"] == IN_DOUBT or (e["status"] == _SENT and e["delivery_id"] in sent_marks)
     ]
     if keep:
         with rt.ctx.engine.begin() as conn:
@@ -294,9 +310,9 @@ def _mark(
     if provider_message_id is not None:
         row["provider_message_id"] = d.provider_message_id = provider_message_id
     row["next_attempt_at"] = d.next_attempt_at = next_attempt_at
-    if status == DeliveryStatus.sent:
+    if status == _SENT:
         row["sent_at"] = now
-    elif status == DeliveryStatus.failed:
+    elif status == _FAILED:
         row["failed_at"] = now
         row["dead_lettered"] = d.dead_lettered = dead
     updates.append(row)
@@ -335,7 +351,7 @@ def _settle_notifications(
     deliveries = batch.deliveries
     for n in batch.notifications:
         ds = deliveries.get(n.id, ())
-        if len(ds) == 1 and ds[0].status == DeliveryStatus.sent:
+        if len(ds) == 1 and ds[0].status == _SENT:
             secret = secrets.get(n.template_id)
             if secret is None:
                 secret = secrets[n.template_id] = secret_of(n.template_id)
@@ -347,14 +363,14 @@ def _settle_notifications(
         if not ds:
             values = (("status", NotificationStatus.done), ("reason", "no deliveries"))
         elif not open_:
-            all_suppressed = all(d.status == DeliveryStatus.suppressed for d in ds)
+            all_suppressed = all(d.status == _SUPPRESSED for d in ds)
             status = NotificationStatus.suppressed if all_suppressed else NotificationStatus.done
             values = (("status", status), ("reason", ds[0].reason if all_suppressed else None))
         else:
             # a delivery waits for its retry time, or for the lease of the worker holding it: if that
             # worker died (kill -9), the reconciler's due pass queues it again once the lease has run
             # out, within a second — taken over then, never earlier (worker.claims)
-            waits = [d.next_attempt_at if d.status == DeliveryStatus.retrying and d.next_attempt_at
+            waits = [d.next_attempt_at if d.status == _RETRYING and d.next_attempt_at
                      else lease_waits.get(d.id) for d in open_]  # fmt: skip
             if all(waits):
                 due = min(w for w in waits if w is not None)

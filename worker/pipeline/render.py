@@ -46,6 +46,8 @@ class Renderer:
         # (notification id, channel) → (the batch's rendering with tokens, this recipient's token values)
         self.probed: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {}
         self.probes: dict[tuple[str, str, str], dict[str, str] | None] = {}
+        # of those, the renderings with no token (a channel with no HTML part): no user value printed
+        self.bare: dict[tuple[str, str, str], dict[str, str]] = {}
         self.data_probes: dict[tuple[str, str, tuple[str, ...], bytes], dict[str, str] | None] = {}
         self.data_shapes: dict[tuple[str, str], tuple[frozenset[str], frozenset[str] | None, bool]] = {}
         self.data_tokens: dict[str, tuple[str, str]] = {}  # data name → its (text, HTML) tokens
@@ -95,16 +97,24 @@ class Renderer:
                     # A channel that only prints the recipient's variables ({{ user.first_name }}):
                     # the batch's rendering with tokens, with this recipient's values put in (for
                     # data shared by several notifications of the batch: else one render is cheaper).
-                    html = "html" in t.parts.get(channel, ())  # (an HTML part: email)
-                    values = _token_values(t.direct_user_fields(channel), user, html)
-                    parts = self.probe(n, channel, t) if values is not None else None
-                    if parts is not None:
-                        out = parts  # with tokens: the recipient's copy is made when sending
-                        if html or any(tokens for _p, _v, tokens in self.fill_plan((parts, values))):  # type: ignore[arg-type]
-                            self.probed[key] = (parts, values)  # type: ignore[assignment]
-                        # else (push, SMS) no user value is printed for this data (a campaign's
-                        # `first_name | default(user.first_name)`): every recipient gets the batch's
-                        # rendering as it is, no copy of their own
+                    fields = t.direct_user_fields(channel)
+                    bare = self.bare.get((n.template_id, channel, n.data_key))
+                    if bare is not None:
+                        # (push, SMS) no user value is printed for this data (a campaign's
+                        # `first_name | default(user.first_name)`): every recipient who has the
+                        # fields gets the batch's rendering as it is, no copy of their own
+                        if _has_token_values(fields, user):
+                            out = bare
+                    else:
+                        html = "html" in t.parts.get(channel, ())  # (an HTML part: email)
+                        values = _token_values(fields, user, html)
+                        parts = self.probe(n, channel, t) if values is not None else None
+                        if parts is not None:
+                            out = parts  # with tokens: the recipient's copy is made when sending
+                            if html or any(tokens for _p, _v, tokens in self.fill_plan((parts, values))):  # type: ignore[arg-type]
+                                self.probed[key] = (parts, values)  # type: ignore[assignment]
+                            else:  # (the same for every recipient with values: their names are the fields')
+                                self.bare[(n.template_id, channel, n.data_key)] = parts
                 if (
                     out is None
                     and user is not None
@@ -161,10 +171,11 @@ class Renderer:
         rest: dict[str, Any] = {}
         for k, v in n.data.items():
             if k in direct:  # (a string: _token_text's own test without the call, the usual value)
-                if type(v) is str and v and len(v) <= _MAX_TOKEN_VALUE and TOKEN_PREFIX not in v and v == v.strip():
-                    tokenized[k] = v
-                    continue
-                if (text := _token_text(v)) is not None:
+                if type(v) is str and len(v) <= _MAX_TOKEN_VALUE and TOKEN_PREFIX not in v and v == v.strip():
+                    if v or not html:  # (an empty one in an email: see _token_text)
+                        tokenized[k] = v
+                        continue
+                if (text := _token_text(v)) is not None and (text or not html):  # (see _token_text)
                     tokenized[k] = text
                     continue
             rest[k] = v
@@ -255,14 +266,14 @@ _MAX_TOKEN_VALUE = 1000
 
 def _token_text(v: Any) -> str | None:
     """What Jinja prints for a data value that a token may stand for (a string or a number; not
-    null, not empty, not too long, no token look-alike, no edge whitespace a part's strip() could
-    eat: an empty value beside a part's edge would leave the whitespace next to it, which rendering
-    strips and SendGrid's substitution does not), else None."""
+    null, not too long, no token look-alike, no edge whitespace a part's strip() could eat), else
+    None. In an email (``html``) not an empty one either: beside a part's edge it would leave the
+    whitespace next to it in what SendGrid's substitution gives, where rendering strips it."""
     t = type(v)
     if not (t is str or t is int or (t is float and math.isfinite(v))):
         return None
     text = str(v)
-    if not text or len(text) > _MAX_TOKEN_VALUE or TOKEN_PREFIX in text or text != text.strip():
+    if len(text) > _MAX_TOKEN_VALUE or TOKEN_PREFIX in text or text != text.strip():
         return None
     return text
 
@@ -304,6 +315,29 @@ def _user_field(user: Any, name: str) -> Any:
     return getattr(user, name) if name in _USER_COLUMNS else None
 
 
+def _token_text_of(user: Any, field: str) -> tuple[str, Any] | None:
+    """(the text a token stands for, the value) of a recipient's field, or None when it cannot
+    stand in (missing or null, a value that looks like a token or has edge whitespace)."""
+    v = _user_field(user, field)
+    if v is None or (type(v) is float and not math.isfinite(v)):
+        return None  # missing or null (which templates treat as missing): rendered the ordinary way
+    text = v if type(v) is str else str(v)
+    if TOKEN_PREFIX in text or text != text.strip():
+        # a value that looks like a token, or whose edge whitespace a part's strip() could eat
+        return None
+    return text, v
+
+
+def _has_token_values(fields: frozenset[str] | None, user: Any) -> bool:
+    """Whether ``_token_values(fields, user)`` gives values (not None), without making them."""
+    if fields is None:
+        return False
+    for f in fields:
+        if _token_text_of(user, f) is None:
+            return False
+    return True
+
+
 def _token_values(fields: frozenset[str] | None, user: Any, html: bool = True) -> dict[str, str] | None:
     """A recipient's values for the tokens of ``_UserProbe`` (``t:`` as text, ``h:`` escaped for
     HTML: only with ``html``, the channel that has an HTML part), when the template only prints
@@ -314,14 +348,12 @@ def _token_values(fields: frozenset[str] | None, user: Any, html: bool = True) -
         return None
     values: dict[str, str] = {}
     for f in fields:
-        v = _user_field(user, f)
-        if v is None or (type(v) is float and not math.isfinite(v)):
-            return None  # missing or null (which templates treat as missing): rendered the ordinary way
-        text = v if type(v) is str else str(v)
-        if not text or TOKEN_PREFIX in text or text != text.strip():
-            # a value that looks like a token, whose edge whitespace a part's strip() could eat, or
-            # an empty one (which could leave the whitespace beside it at the part's edge)
+        tv = _token_text_of(user, f)
+        if tv is None or (html and not tv[0]):
+            # (an empty value in an email: beside a part's edge it would leave the whitespace next
+            # to it in what SendGrid's substitution gives, where rendering strips it)
             return None
+        text, v = tv
         values[f"{TOKEN_PREFIX}t:{f}%%"] = text
         if html:
             values[f"{TOKEN_PREFIX}h:{f}%%"] = _escaped(text, v)

@@ -26,10 +26,10 @@ import redis
 
 from notifyctl.bulk import rows_where_in
 from notifyctl.circuit import OPEN, THROTTLED
-from notifyctl.models import DeliveryStatus, utcnow
+from notifyctl.models import utcnow
 from notifyctl.secretdata import SECRET_ERASED
 from worker.claims import DOUBT, OK, Fenced
-from worker.pipeline.batch import _D, _Batch
+from worker.pipeline.batch import _D, _DELIVERED, _FAILED, _OPENED, _QUEUED, _RETRYING, _SENT, _Batch
 from worker.pipeline.record import IN_DOUBT, Record, _mark
 from worker.pipeline.render import Renderer, _EmailMessage, _fill
 from worker.pipeline.runtime import Runtime, Stats
@@ -48,8 +48,7 @@ def due_now(batch: _Batch, due_by: datetime) -> list[_D]:
         d
         for n in batch.notifications
         for d in batch.deliveries.get(n.id, [])
-        if d.status in (DeliveryStatus.queued, DeliveryStatus.retrying)
-        and (d.next_attempt_at is None or d.next_attempt_at <= due_by)
+        if d.status in (_QUEUED, _RETRYING) and (d.next_attempt_at is None or d.next_attempt_at <= due_by)
     ]
 
 
@@ -71,7 +70,7 @@ def claim(
     for d, lease in zip(due, claims, strict=True):
         if d.id in settled:
             d.status, pmid = settled[d.id]
-            if pmid and d.status in (DeliveryStatus.sent, DeliveryStatus.delivered, DeliveryStatus.opened):
+            if pmid and d.status in (_SENT, _DELIVERED, _OPENED):
                 sent_marks[d.id] = pmid
             else:
                 released.append(d.id)
@@ -102,7 +101,7 @@ def claim(
                 d,
                 updates,
                 events,
-                DeliveryStatus.sent,
+                _SENT,
                 now,
                 provider_message_id=lease[5:],
                 detail="recovered from send record",
@@ -121,7 +120,7 @@ def claim(
         if isinstance(content, str):
             # not back to the DLQ what can never be sent: its secret data is gone
             dead = not content.startswith(SECRET_ERASED)
-            _mark(d, updates, events, DeliveryStatus.failed, now, reason=content, dead=dead)
+            _mark(d, updates, events, _FAILED, now, reason=content, dead=dead)
             released.append(d.id)
             stats.failed += 1
             continue

@@ -102,6 +102,9 @@ def _form(data: Any) -> list[tuple[str, str]]:
     return out
 
 
+_URL_METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS"})  # (urllib3's ``_encode_url_methods``)
+
+
 def _make_http_client(base_url: str, timeout: float, pool_size: int) -> Any:
     import base64
     import json
@@ -141,8 +144,23 @@ def _make_http_client(base_url: str, timeout: float, pool_size: int) -> Any:
                 self.pool: Any = urllib3.ProxyManager(proxy, **kw)
             else:
                 self.pool = urllib3.PoolManager(**kw)
+            # without a proxy, a request goes straight to its origin's connection pool (``_target``)
+            self._direct = not isinstance(self.pool, urllib3.ProxyManager)
+            self._targets: dict[str, tuple[Any, str]] = {}
             self._auth: dict[tuple[str, str], str] = {}
             self._local = threading.local()
+
+        def _target(self, url: str) -> tuple[Any, str]:
+            """The connection pool of ``url``'s origin and its request target, as ``PoolManager``
+            finds them for each request (``parse_url``, then the pool by scheme, host and port):
+            here once per URL (a message's is the same for every message)."""
+            got = self._targets.get(url)
+            if got is None:
+                if len(self._targets) >= 64:  # (URLs with a query: a check's, a fetch's)
+                    self._targets.clear()
+                u = urllib3.util.parse_url(url)
+                got = self._targets[url] = (self.pool.connection_from_host(u.host, u.port, u.scheme), u.request_uri)
+            return got
 
         def route(self, url: str) -> str:
             if self.base_url == DEFAULT_BASE_URL:
@@ -181,15 +199,27 @@ def _make_http_client(base_url: str, timeout: float, pool_size: int) -> Any:
                 else:
                     body = urlencode(_form(data))
                     hdrs.setdefault("Content-Type", "application/x-www-form-urlencoded")
-            resp = self.pool.request(
-                method.upper(),
-                url,
-                body=body,
-                headers=hdrs,
-                timeout=timeout if timeout is not None else self.timeout,
-                redirect=allow_redirects,
-                retries=False,
-            )
+            method = method.upper()
+            timeout = timeout if timeout is not None else self.timeout
+            if self._direct and not allow_redirects:
+                # what ``PoolManager.request`` does, less its per-request URL parse and pool lookup
+                # (~50 µs of a message's CPU, measured against the Twilio sandbox): the headers as
+                # its ``request_encode_body`` (a body's methods) or ``request_encode_url`` pass them
+                pool, target = self._target(url)
+                resp = pool.urlopen(
+                    method,
+                    target,
+                    body=body,
+                    headers=hdrs if method in _URL_METHODS else urllib3.HTTPHeaderDict(hdrs),
+                    timeout=timeout,
+                    redirect=False,
+                    retries=False,
+                    assert_same_host=False,
+                )
+            else:
+                resp = self.pool.request(
+                    method, url, body=body, headers=hdrs, timeout=timeout, redirect=allow_redirects, retries=False
+                )
             self._local.headers = resp.headers
             return Response(int(resp.status), resp.data.decode("utf-8", "replace"), resp.headers)
 
@@ -198,6 +228,7 @@ def _make_http_client(base_url: str, timeout: float, pool_size: int) -> Any:
             return getattr(self._local, "headers", None)
 
         def close(self) -> None:
+            self._targets.clear()
             self.pool.clear()
 
     return RoutedHttpClient()
