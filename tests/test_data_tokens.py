@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from notifyctl.context import Context
@@ -259,6 +259,83 @@ def test_a_recipients_field_is_the_one_user_vars_gives(attributes: dict[str, Any
     want = user_vars(user)  # type: ignore[arg-type]
     for name in ("id", "email", "locale", "timezone", "phone", "sms_opt_in", "first_name", "plan", "attributes"):
         assert _user_field(user, name) == want.get(name), name
+
+
+def test_an_emails_own_copy_is_made_only_when_read(home: Path, redis_url: str, rclient: Any) -> None:
+    """A recipient's email whose body goes shared, with their values as substitutions (SendGrid),
+    is made only when read (``_EmailMessage``): its subject and whether it has a text or an HTML
+    part are there without it, and its content, once read, is exactly Jinja's rendering of their
+    data with the footer (the unsubscribe link, the postal address, the open pixel) — whatever the
+    values, for marketing and for not."""
+    from notifyctl.inbound import pixel_url
+    from notifyctl.unsubscribe import unsubscribe_url
+    from worker.pipeline.batch import _D
+    from worker.pipeline.render import _CONTENT, _EmailMessage
+    from worker.providers import Message
+
+    conf = make_settings(home, redis_url, public_url="https://n.example", postal_address="1 Main & Co")
+    ctx = Context(conf)
+    rt = Runtime(ctx, "w-lazy")
+    user = _User("u", "u@example.com", None, "UTC", "en", False, {"first_name": "Ann & <Co>"})
+    lazy = [0]
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.sampled_from(range(len(SOURCES))), st.lists(st.fixed_dictionaries({}, optional={"a": value, "b": value, "c": value}), min_size=1, max_size=6), st.booleans())  # fmt: skip
+    @example(5, [{"a": "", "b": ""}, {"a": "x", "b": ""}], False)  # (a text part that values leave empty)
+    def check(which: int, datas: list[dict[str, Any]], marketing: bool) -> None:
+        text, html = SOURCES[which]
+        src = f"category = 'marketing'\n[email]\nsubject = '{{{{ b | default(\"s\") }}}}'\nhtml = '''{html}'''\ntext = '''{text}'''\n"
+        t = parse_text(src, "t", "t")
+        renderer = Renderer(rt)
+        renderer.templates["t"] = t
+        notes = [_Note(f"n{i}", "u", "t", "t", "marketing" if marketing else "transactional", "low", None,
+                       ["email"], d, json.dumps(d) + str(i)) for i, d in enumerate(datas)]  # fmt: skip
+        renderer.loaded(notes)
+        for i, n in enumerate(notes):
+            try:
+                want = t.render("email", {**n.data, "user": user_vars(user)})  # type: ignore[arg-type]
+            except TemplateError:
+                continue
+            content = renderer.render(n, "email", user)
+            assert not isinstance(content, str)
+            pv = renderer.probed.get((n.id, "email"))
+            values = pv[1] if pv else None
+            plan = renderer.email_plan(pv[0] if pv else content, values, marketing)
+            d = _D(f"d{i}", n.id, "u", "email", "email", "u@example.com", "queued")
+            own, shared, personal, headers = plan.apply(rt, d, values)
+            pixel = pixel_url(conf, rt.unsub_key, d.id)
+            assert pixel is not None
+            foot = {"text": "", "html": f'\n<img src="{pixel}" width="1" height="1" alt="">'}
+            if marketing:
+                url = unsubscribe_url(conf, rt.unsub_key, "u")
+                assert url is not None and headers["List-Unsubscribe"] == f"<{url}>"
+                foot["text"] = f"\n\n--\nUnsubscribe: {url}\n1 Main & Co"
+                foot["html"] = f'\n<p style="font-size:small;color:#666"><a href="{url}">Unsubscribe</a> · 1 Main &amp; Co</p>' + foot["html"]  # fmt: skip
+            expected = {part: want[part] + foot.get(part, "") for part in ("subject", "text", "html")}
+            if own is not None:  # nothing shared: made as it is
+                assert shared is None and own == expected
+                continue
+            lazy[0] += 1
+            msg = _EmailMessage(delivery_id=d.id, notification_id=n.id, channel="email", route="email",
+                                address="u@example.com", content=None, category="marketing", priority="low",
+                                shared=shared, personal=personal)  # type: ignore[arg-type]  # fmt: skip
+            msg.plan = plan
+            for part in ("subject", "text", "html", "title"):
+                assert msg.part(part) == expected.get(part, "")
+                assert msg.has(part) == bool(expected.get(part))
+            assert _CONTENT.__get__(msg, Message) is None  # not made yet
+            assert msg.content == expected
+            assert _CONTENT.__get__(msg, Message) is msg.content  # made once, kept
+            assert msg.part("text") == expected["text"] and msg.has("html")
+            # what SendGrid sends them: each token of the shared body replaced by its value, as it is
+            for part, piece in shared.items():
+                for token, v in personal.items():
+                    piece = piece.replace(token, v)
+                assert piece == expected[part]
+
+    check()
+    assert lazy[0] > 0  # (some bodies did go shared)
+    ctx.close()
 
 
 _PUSH_PROMO = parse_text(

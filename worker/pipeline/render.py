@@ -30,6 +30,7 @@ from notifyctl.templates import Template
 from notifyctl.unsubscribe import link_maker
 from worker.pipeline.batch import _D, _Note
 from worker.pipeline.runtime import Runtime
+from worker.providers.base import Message
 
 
 class Renderer:
@@ -171,9 +172,10 @@ class Renderer:
         for k, v in n.data.items():
             if k in direct:  # (a string: _token_text's own test without the call, the usual value)
                 if type(v) is str and len(v) <= _MAX_TOKEN_VALUE and TOKEN_PREFIX not in v and v == v.strip():
-                    tokenized[k] = v
-                    continue
-                if (text := _token_text(v)) is not None:
+                    if v or not html:  # (an empty one in an email: see _token_text)
+                        tokenized[k] = v
+                        continue
+                if (text := _token_text(v)) is not None and (text or not html):  # (see _token_text)
                     tokenized[k] = text
                     continue
             rest[k] = v
@@ -264,7 +266,9 @@ _MAX_TOKEN_VALUE = 1000
 
 def _token_text(v: Any) -> str | None:
     """What Jinja prints for a data value that a token may stand for (a string or a number; not
-    null, not too long, no token look-alike, no edge whitespace a part's strip() could eat), else None."""
+    null, not too long, no token look-alike, no edge whitespace a part's strip() could eat), else
+    None. In an email (``html``) not an empty one either: beside a part's edge it would leave the
+    whitespace next to it in what SendGrid's substitution gives, where rendering strips it."""
     t = type(v)
     if not (t is str or t is int or (t is float and math.isfinite(v))):
         return None
@@ -345,7 +349,9 @@ def _token_values(fields: frozenset[str] | None, user: Any, html: bool = True) -
     values: dict[str, str] = {}
     for f in fields:
         tv = _token_text_of(user, f)
-        if tv is None:
+        if tv is None or (html and not tv[0]):
+            # (an empty value in an email: beside a part's edge it would leave the whitespace next
+            # to it in what SendGrid's substitution gives, where rendering strips it)
             return None
         text, v = tv
         values[f"{TOKEN_PREFIX}t:{f}%%"] = text
@@ -361,7 +367,7 @@ class _EmailPlan:
     recipient's parts go (``Message.shared``). ``apply`` then does only what differs per
     recipient: the signed links, the token values, and the recipient's own copy of the body."""
 
-    __slots__ = ("pieces", "shared", "tokens", "values", "unsub", "pixel", "substitute", "links")
+    __slots__ = ("pieces", "shared", "tokens", "values", "unsub", "pixel", "substitute", "links", "full")
 
     def __init__(self, settings: Any, content: dict[str, str], tokens: tuple[str, ...], marketing: bool,
                  footer: tuple[bool, bool, dict[str, str]] | None = None) -> None:  # fmt: skip
@@ -379,6 +385,12 @@ class _EmailPlan:
         self.tokens = tuple(dict.fromkeys(t for p in self.pieces.values() for t in p[1] + p[3]))
         self.values = tuple(t for t in self.tokens if t in tokens)  # the recipient's values the body takes
         self.shared = {part: piece + add for part, (piece, _o, add, _a) in self.pieces.items()}
+        # the parts no recipient's values can leave empty: text of their own besides the tokens
+        self.full = frozenset(
+            part
+            for part, (piece, own, add, extra) in self.pieces.items()
+            if _fill(piece, dict.fromkeys(own, ""), own) or _fill(add, dict.fromkeys(extra, ""), extra)
+        )
         # (a recipient's unsubscribe link, a delivery's pixel URL: both set when they are, with a
         # public URL — ``footer``): made for the first recipient
         self.links: tuple[Callable[[str], str] | None, Callable[[str], str] | None] | None = None
@@ -408,9 +420,11 @@ class _EmailPlan:
 
     def apply(
         self, rt: Runtime, d: _D, values: dict[str, str] | None
-    ) -> tuple[dict[str, str], dict[str, str] | None, dict[str, str], dict[str, str]]:
+    ) -> tuple[dict[str, str] | None, dict[str, str] | None, dict[str, str], dict[str, str]]:
         """(content, shared, personal, headers) for one recipient: ``content`` as they get it and,
-        when something differs per recipient, ``shared`` with tokens and ``personal`` their values."""
+        when something differs per recipient, ``shared`` with tokens and ``personal`` their values;
+        then ``content`` is None: made only if read (``_EmailMessage``, ``content``), as a
+        provider that sends ``shared`` with ``personal`` as substitutions never reads it whole."""
         if not values:
             personal: dict[str, str] = {}
         elif len(values) == len(self.values):  # (the body takes them all: self.values are values' keys)
@@ -431,16 +445,66 @@ class _EmailPlan:
             personal[UNSUBSCRIBE_HTML] = _escaped_url(url)
         if pixel is not None:
             personal[OPEN_PIXEL] = _escaped_url(pixel(d.id))
-        content: dict[str, str] = {}
-        for part, (piece, own, add, extra) in self.pieces.items():
-            for t in own:
-                piece = piece.replace(t, personal[t])
-            for t in extra:
-                add = add.replace(t, personal[t])
-            content[part] = (piece.strip() if own else piece) + add
         if not self.tokens or not self.substitute:
-            return content, None, {}, headers
-        return content, self.shared, personal, headers
+            return self.content(personal), None, {}, headers
+        return None, self.shared, personal, headers
+
+    def part(self, name: str, personal: dict[str, str]) -> str:
+        """The part ``name`` of the content of the recipient whose values are ``personal`` ("" when none)."""
+        pieces = self.pieces.get(name)
+        if pieces is None:
+            return ""
+        piece, own, add, extra = pieces
+        for t in own:
+            piece = piece.replace(t, personal[t])
+        for t in extra:
+            add = add.replace(t, personal[t])
+        return (piece.strip() if own else piece) + add
+
+    def content(self, personal: dict[str, str]) -> dict[str, str]:
+        """The content of the recipient whose values are ``personal``: every part (``part``)."""
+        return {name: self.part(name, personal) for name in self.pieces}
+
+    def has(self, name: str, personal: dict[str, str]) -> bool:
+        """Whether that recipient's part ``name`` is not empty (made only when values could empty it)."""
+        return name in self.full or (name in self.pieces and bool(self.part(name, personal)))
+
+
+_CONTENT = Message.__dict__["content"]  # (the slot of Message's dataclass field, under the property)
+
+
+class _EmailMessage(Message):
+    """An email whose ``content`` is made from its ``plan`` and ``personal`` when it is first read
+    (``_EmailPlan.content``, exactly what ``apply`` would have made), and kept. SendGrid sends
+    ``shared`` with ``personal`` as the substitutions and reads only the subject (``part``) and
+    whether a body is there (``has``): a batch of them is sent without a copy per recipient."""
+
+    __slots__ = ("plan",)  # (set once made: made as a Message is, with None as its content)
+    plan: _EmailPlan
+
+    @property
+    def content(self) -> dict[str, str]:
+        content: dict[str, str] | None = _CONTENT.__get__(self, Message)
+        if content is None:
+            content = self.plan.content(self.personal)
+            _CONTENT.__set__(self, content)
+        return content
+
+    @content.setter
+    def content(self, value: dict[str, str]) -> None:
+        _CONTENT.__set__(self, value)
+
+    def part(self, name: str) -> str:
+        content: dict[str, str] | None = _CONTENT.__get__(self, Message)
+        if content is not None:
+            return content.get(name) or ""
+        return self.plan.part(name, self.personal)
+
+    def has(self, name: str) -> bool:
+        content: dict[str, str] | None = _CONTENT.__get__(self, Message)
+        if content is not None:
+            return bool(content.get(name))
+        return self.plan.has(name, self.personal)
 
 
 def _escaped_url(url: str) -> str:

@@ -31,7 +31,7 @@ from notifyctl.secretdata import SECRET_ERASED
 from worker.claims import DOUBT, OK, Fenced
 from worker.pipeline.batch import _D, _DELIVERED, _FAILED, _OPENED, _QUEUED, _RETRYING, _SENT, _Batch
 from worker.pipeline.record import IN_DOUBT, Record, _mark
-from worker.pipeline.render import Renderer, _fill
+from worker.pipeline.render import Renderer, _EmailMessage, _fill
 from worker.pipeline.runtime import Runtime, Stats
 from worker.providers import Held, Message, Misconfigured, Outcome, Provider, Retry, Sent
 from worker.providers.h2mux import Steps, drive, drive_together
@@ -127,20 +127,25 @@ def claim(
         headers: dict[str, str] = {}
         shared: dict[str, str] | None = None
         personal: dict[str, str] = {}
+        cls: type[Message] = Message
         pv = probed.get((n.id, d.channel))  # the batch's rendering with tokens, this recipient's values
         if d.channel == "email":
             values = pv[1] if pv else None
             plan = email_plan(pv[0] if pv else content, values, n.category == "marketing")
-            content, shared, personal, headers = plan.apply(rt, d, values)
+            own, shared, personal, headers = plan.apply(rt, d, values)
+            if own is None:  # a shared body with this recipient's values: their copy made only if read
+                cls = _EmailMessage
+            else:
+                content = own
         elif pv is not None:
             content = {part: _fill(piece, pv[1], tokens) for part, piece, tokens in fill_plan(pv)}
-        msg = Message(
+        msg = cls(
             delivery_id=d.id,
             notification_id=n.id,
             channel=d.channel,
             route=d.route,
             address=d.address,
-            content=content,
+            content=content if cls is Message else None,  # type: ignore[arg-type]
             category=n.category,
             priority=n.priority,
             dedup_key=n.dedup_key or n.id,
@@ -150,6 +155,8 @@ def claim(
             shared=shared,
             personal=personal,
         )
+        if cls is _EmailMessage:
+            msg.plan = plan  # type: ignore[attr-defined]
         to_send[d.route].append((d, msg))
     return to_send
 

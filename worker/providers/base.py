@@ -63,7 +63,9 @@ class Message:
     same content with ``personal``'s tokens in place of the parts that differ per recipient (the
     unsubscribe link, the open pixel), so that a provider with per-recipient substitutions
     (SendGrid) sends one body for a whole batch: replacing each token of ``shared`` by its value
-    gives ``content`` exactly.
+    gives ``content`` exactly. Such a provider reads the rest through ``part`` and ``has``: the
+    pipeline's email message (``worker.pipeline.render._EmailMessage``) makes its ``content``
+    only when it is first read, and a part on its own without it.
     """
 
     delivery_id: str
@@ -80,6 +82,14 @@ class Message:
     user_id: str | None = None
     shared: dict[str, str] | None = None
     personal: dict[str, str] = field(default_factory=dict)
+
+    def part(self, name: str) -> str:
+        """``content``'s part ``name``, "" when it has none."""
+        return self.content.get(name) or ""
+
+    def has(self, name: str) -> bool:
+        """Whether ``content`` has a part ``name`` that is not empty."""
+        return bool(self.content.get(name))
 
 
 @dataclass(slots=True, frozen=True)

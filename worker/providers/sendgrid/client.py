@@ -278,9 +278,9 @@ class Provider:
         addr = m.address.strip()
         if addr.count("@") != 1 or addr.startswith("@") or addr.endswith("@") or _SPACE.search(addr):
             return InvalidAddress(f"not an email address: {m.address!r}")
-        if not (m.content.get("subject") or "").strip():
+        if not m.part("subject").strip():
             return Permanent("email has no subject")
-        if not (m.content.get("text") or m.content.get("html")):
+        if not (m.has("text") or m.has("html")):
             return Permanent("email has neither a text nor an html body")
         return None
 
@@ -314,7 +314,7 @@ class Provider:
         for k, m in enumerate(batch):  # hot: one dict per recipient, serialised as is (orjson)
             p: dict[str, Any] = {
                 "to": [{"email": m.address.strip()}],
-                "subject": m.content["subject"],
+                "subject": m.part("subject"),  # (only this part: not the copy of a shared body)
                 "custom_args": {DELIVERY_ARG: m.delivery_id, NOTIFICATION_ARG: m.notification_id},
             }
             if m.headers:

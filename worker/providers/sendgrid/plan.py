@@ -121,9 +121,7 @@ def _skeleton_group(messages: Sequence[Message], idxs: list[int], out: list[Requ
 def substitutions_fit(subs: dict[str, str], limit: int = MAX_SUBSTITUTION_BYTES) -> bool:
     """Whether ``subs`` is within SendGrid's limit as JSON (``json.dumps``, every non-ASCII character
     escaped: the largest way to count). Serialised only when a cheap bound does not settle it."""
-    n = 2
-    for k, v in subs.items():
-        n += len(k) + len(v) + 8
+    n = 2 + 8 * len(subs) + sum(map(len, subs)) + sum(map(len, subs.values()))
     if n > limit:
         return False
     if n * 12 <= limit:
