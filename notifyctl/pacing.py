@@ -13,11 +13,18 @@ every worker and host, learned from those answers (AIMD):
   marks the rate it came at: the *ceiling*, what the provider accepted over the last second (at
   most the current rate; at least half of it the first time, 90 % after). The rate drops to 95 %
   of it and, while the pace holds requests back, returns to 97 % of it (+10 % a second);
-- after the first ceiling the rate creeps up (+5 % a second) until the next throttle answer,
-  which confirms it; after that it stays at 97 % of the ceiling for ``quiet`` seconds after the
-  ceiling was last set, and only then creeps up again (a provider that raised its limit). So a
-  paced pool keeps just under what the provider allows instead of overshooting it every few
-  seconds (each overshoot costs 429s, and each throttled request waits its ``Retry-After``);
+- what the provider accepted over a second counts, besides its rate, what its bucket held at the
+  start of that second: up to its burst (what the first answers got through). The slow start
+  ended a second after the pace was under the provider's rate, its bucket full: the first
+  ceiling is that second's count less the burst (a floor: an overshooting first ceiling costs a
+  429 a second until a later one finds the rate);
+- after the first ceiling the rate creeps up (+10 % a second) until the next throttle answer,
+  which confirms it: the provider's bucket was empty at both answers, so what it accepted between
+  them is its rate (at most the last second's count; the creep's overshoot does not count); after
+  that it stays at 97 % of the ceiling for ``quiet`` seconds after the ceiling was last set, and
+  only then creeps up again (a provider that raised its limit). So a paced pool keeps just under
+  what the provider allows instead of overshooting it every few seconds (each overshoot costs
+  429s, and each throttled request waits its ``Retry-After``);
 - a lone throttle answer while the rate holds under a confirmed ceiling (requests that reached
   the provider bunched together: a stalled network or host) lowers the rate 5 % but keeps the
   ceiling, so the rate returns to it; only a second one within 3 s lowers the ceiling, by 5 %
@@ -69,12 +76,15 @@ _RECORD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ok, thr = tonumber(ARGV[1]), tonumber(ARGV[2])
-local h = redis.call('HMGET', KEYS[1], 'rate', 'win', 'cnt', 'prev', 'limited', 'last_drop', 'phase', 'ceil', 'ceil_at')
+local h = redis.call('HMGET', KEYS[1], 'rate', 'win', 'cnt', 'prev', 'limited', 'last_drop', 'phase', 'ceil', 'ceil_at',
+                     'burst', 'p_at', 'p_cnt')
 local rate = tonumber(h[1] or '') or 0
 local win, cnt, prev = tonumber(h[2] or '') or 0, tonumber(h[3] or '') or 0, tonumber(h[4] or '') or 0
 local last_drop = tonumber(h[6] or '') or 0
 local ceil = tonumber(h[8] or '') or 0
 local ceil_at = tonumber(h[9] or '') or 0
+local burst = tonumber(h[10] or '') or 0
+local p_at, p_cnt = tonumber(h[11] or '') or 0, (tonumber(h[12] or '') or 0) + ok
 local sec = math.floor(now)
 if win ~= sec then
   if win == sec - 1 then prev = cnt else prev = 0 end
@@ -84,13 +94,17 @@ cnt = cnt + ok
 if ok > 0 and rate > 0 and now - (tonumber(h[5] or '') or 0) < 1 then
   if h[7] == 'start' then
     rate = rate + ok
+  elseif h[7] == 'probe' then
+    -- (from a first ceiling that is a floor: what it overshoots the next answer does not count)
+    rate = rate + 0.1 * ok
   elseif rate < 0.97 * ceil then
     rate = math.min(0.97 * ceil, rate + 0.1 * ok)
-  elseif h[7] == 'probe' or now - ceil_at >= tonumber(ARGV[5]) then
+  elseif now - ceil_at >= tonumber(ARGV[5]) then
     rate = rate + 0.05 * ok
   end
 end
 local fields = {'win', win, 'cnt', cnt, 'prev', prev}
+if h[7] == 'probe' then table.insert(fields, 'p_cnt') table.insert(fields, p_cnt) end
 if thr > 0 then
   -- accepted over the last second: this second's count and the part of the last one still in it
   local seen = cnt + prev * (1 - (now - sec))
@@ -99,6 +113,7 @@ if thr > 0 then
       -- (a burst's count, which the steps above soon correct: the larger reading of the two)
       rate = 0.95 * math.max(seen, prev)
       table.insert(fields, 'phase') table.insert(fields, 'start')
+      table.insert(fields, 'burst') table.insert(fields, math.max(seen, prev))
     else
       -- a second the pool partly idled in (a stalled worker, then a burst) reads low: once the
       -- ceiling was confirmed it is trusted down to 90 % of the rate (a drop is then 5-15 %; a
@@ -113,6 +128,20 @@ if thr > 0 then
       else
         if under then
           ceil = math.max(math.min(seen, rate), 0.95 * ceil)
+        elseif h[7] == 'start' then
+          -- the end of the slow start: the second before it began with the provider's bucket full
+          -- (the pace was under its rate), so what it accepted then counts that bucket once more
+          -- than its rate: the burst the first answers revealed comes off
+          ceil = math.max(math.min(seen - burst, rate), low * rate)
+          table.insert(fields, 'p_at') table.insert(fields, now)
+          table.insert(fields, 'p_cnt') table.insert(fields, 0)
+        elseif h[7] == 'probe' and p_at > 0 and now - p_at >= 1 then
+          -- the end of the probe: the provider's bucket was empty at its start (a throttle answer)
+          -- and is again, so what it accepted in between is its rate over that time (less what the
+          -- pool left unused); the last second's count, which also counts what the bucket held when
+          -- that second began, is no lower (an idle second reads low: the larger one, 90 % of it)
+          local est = p_cnt / (now - p_at)
+          ceil = math.max(math.min(est, seen, rate), low * math.min(math.max(est, seen), rate))
         else
           ceil = math.max(math.min(seen, rate), low * rate)
         end
@@ -127,6 +156,7 @@ if thr > 0 then
   elseif h[7] == 'start' then
     -- the pool's answers to the first overshoot: the first one counted only what came before it
     rate = math.max(rate, 0.95 * math.max(seen, prev))
+    table.insert(fields, 'burst') table.insert(fields, math.max(burst, seen, prev))
   end
   table.insert(fields, 'tokens') table.insert(fields, 0)
   table.insert(fields, 'ts') table.insert(fields, now)

@@ -57,6 +57,45 @@ def test_the_pools_answers_to_the_first_overshoot_start_the_pace_together(rclien
     assert p.record("sg", accepted=6, throttled=1) == pytest.approx(0.95 * 15)  # what the provider let through
 
 
+def _early_in_a_second(client: redis.Redis) -> float:
+    """Redis' clock, read early in a second (the pace counts what was accepted per second of it):
+    the calls that follow run in the same second, even on a loaded host."""
+    while True:
+        sec, usec = client.time()
+        if usec < 100_000:
+            return sec + usec / 1e6
+        time.sleep((1_000_000 - usec) / 1e6)
+
+
+def test_the_first_ceilings_count_the_providers_bucket_once(rclient: redis.Redis) -> None:
+    """What a provider accepted over a second is its rate and what its bucket held when that second
+    began: the slow start's last second began with it full (the burst the first answers revealed),
+    the probe's overshoot after an empty one (a throttle answer) — not the provider's rate."""
+    p = Pacer(rclient)
+    pace = keys.pace("sg")
+    now = _early_in_a_second(rclient)
+    # the slow start at 50/s, whose first answers got a burst of 8 through; 38 accepted this second
+    rclient.hset(pace, mapping={"rate": 50.0, "phase": "start", "burst": 8, "last_drop": now - 2,
+                                "win": int(now), "cnt": 38, "prev": 0})  # fmt: skip
+    p.record("sg", accepted=0, throttled=1)
+    assert float(rclient.hget(pace, "ceil") or 0) == pytest.approx(38 - 8)  # not 38: the bucket came off
+    assert rclient.hget(pace, "phase") == b"probe"
+    assert p.rate("sg") == pytest.approx(0.95 * 30)
+    p.record("sg", accepted=5, throttled=0)
+    p.record("sg", accepted=7, throttled=0)
+    assert int(rclient.hget(pace, "p_cnt") or 0) == 12  # the probe counts what was accepted from its start
+    # five seconds on (as if): 199 accepted since, the creep at 46/s meets a throttle answer. The
+    # last second's count (44) held part of what the bucket refilled while the pace was under the rate
+    now = _early_in_a_second(rclient)
+    rclient.hset(pace, mapping={"rate": 46.0, "p_at": now - 5, "p_cnt": 199, "last_drop": now - 5,
+                                "win": int(now), "cnt": 43, "prev": 0})  # fmt: skip
+    p.record("sg", accepted=1, throttled=1)
+    ceil = float(rclient.hget(pace, "ceil") or 0)
+    assert ceil == pytest.approx(200 / 5, rel=0.01)  # what it accepted between the two empty buckets
+    assert rclient.hget(pace, "phase") == b"steady"
+    assert p.rate("sg") == pytest.approx(0.95 * ceil)
+
+
 def drive(p: Pacer, plan: RateLimitPlan, seconds: float, demand: int = 10) -> list[tuple[float, bool]]:
     """A pool with more to send than the provider allows, paced by ``p``: each call takes what the
     pace grants (up to ``demand``), sends it to ``plan`` until its first 429 and records the
@@ -165,10 +204,13 @@ def test_a_rate_limited_provider_is_paced_not_hammered(
         assert len(got) == n and max(got.values()) == 1
         # the provider was throttled, learned from, and paced: few requests refused. Measured here:
         # the sawtooth pace refused 8 of 108, the pace that starts together and doubles to the ceiling
-        # (chaos 429 fault: 36.0 -> 38.7/s) 12 of 112, every run; a pool without a pace sends its
-        # first round at once, of which the provider takes its burst of 8.
+        # (chaos 429 fault: 36.0 -> 38.7/s) 12 of 112, every run (its first ceiling counted the
+        # provider's burst: 3 more 429s before the next one found the rate); with the burst taken off,
+        # 6-9 of 106-109 in 11 runs at a load of 8-13: the first round's 5-8 (a pool without a pace
+        # sends it at once, of which the provider takes its burst of 8; SendGrid's 8 requests in
+        # flight meet the 429s) and the slow start's overshoot, one every run.
         assert plan.refused >= 1
-        assert plan.refused <= 0.15 * (plan.allowed + plan.refused), (plan.refused, plan.allowed)
+        assert plan.refused <= 0.10 * (plan.allowed + plan.refused), (plan.refused, plan.allowed)
         rate = Pacer(ctx.redis).rate("sendgrid")
         assert rate is not None and 0.5 * allowed <= rate <= 1.5 * allowed
         # `notifyctl status` shows it
