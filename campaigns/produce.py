@@ -80,6 +80,7 @@ def produce(
     bad = one_pass.bad if one_pass is not None else BadRows(keep=res.cfg.max_reported_errors)
     count = one_pass.plan if one_pass is not None else Plan() if recount else None
     fixed = res.schedule.fixed_instant()
+    fixed_at = cast(datetime, fixed)  # (a one-pass launch's instant, set whenever its rows read it)
     first_chunk = True
     by_instant = {w.instant: w for w in waves}
     wave_of = {w.instant: i for i, w in enumerate(waves)}  # Notification.wave: the index in the plan
@@ -143,7 +144,7 @@ def produce(
                         if one_pass is None:
                             bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
                         continue
-                    instant = cast(datetime, fixed)
+                    instant = fixed_at
                 else:
                     tz = tzs.get(r.user_id)
                     if tz is None:
