@@ -159,8 +159,10 @@ def produce(
                 if w is None:  # the segment changed since the plan: a wave of its own
                     w = by_instant[instant] = Wave(instant, instant, 0, res.rate)
                     wave_of[instant] = len(wave_of)
-                nominal = w.due(slot[instant])
-                slot[instant] += 1
+                k = slot[instant]
+                slot[instant] = k + 1
+                # Wave.due(k), its arithmetic as is (a relaunch must give each row the same due_at), inline
+                nominal = w.start + timedelta(seconds=k / w.rate) if w.rate else w.start
                 if r.user_id in existing or (skip is not None and skip[1] == DUPLICATE):
                     skipped += 1
                     continue
