@@ -6,7 +6,7 @@ segment repeats.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -74,6 +74,7 @@ def plan_chunk(
     repeats = seen.duplicates([r for r in chunk if r.user_id in tzs])
     skips = {r.line: (r.user_id, UNKNOWN if r.user_id not in tzs else DUPLICATE)
              for r in chunk if r.user_id not in tzs or id(r) in repeats}  # fmt: skip
+    zones: list[str] = []  # the known rows' zones (repeats too hold a slot), counted per zone below
     for r in chunk:
         tz = tzs.get(r.user_id)
         if tz is None:
@@ -84,10 +85,12 @@ def plan_chunk(
         elif not plan.checked:
             check_template(res, session, r)
             plan.checked = True
-        instant, used = res.schedule.instant(tz)
-        plan.counts[instant] += 1
+        zones.append(tz)
+    for tz, k in Counter(zones).items():  # (in the order the zones came: the instants' too)
+        instant, used = res.schedule.instant(tz, k)
+        plan.counts[instant] += k
         plan.zones[instant].add(used)
-        plan.recipients += 1
+    plan.recipients += len(zones)
     return skips
 
 

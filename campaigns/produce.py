@@ -80,6 +80,7 @@ def produce(
     bad = one_pass.bad if one_pass is not None else BadRows(keep=res.cfg.max_reported_errors)
     count = one_pass.plan if one_pass is not None else Plan() if recount else None
     fixed = res.schedule.fixed_instant()
+    fixed_at = cast(datetime, fixed)  # (a one-pass launch's instant, set whenever its rows read it)
     first_chunk = True
     by_instant = {w.instant: w for w in waves}
     wave_of = {w.instant: i for i, w in enumerate(waves)}  # Notification.wave: the index in the plan
@@ -143,7 +144,7 @@ def produce(
                         if one_pass is None:
                             bad.add(r.line, UNKNOWN, f"unknown user {r.user_id!r}")
                         continue
-                    instant = cast(datetime, fixed)
+                    instant = fixed_at
                 else:
                     tz = tzs.get(r.user_id)
                     if tz is None:
@@ -158,8 +159,10 @@ def produce(
                 if w is None:  # the segment changed since the plan: a wave of its own
                     w = by_instant[instant] = Wave(instant, instant, 0, res.rate)
                     wave_of[instant] = len(wave_of)
-                nominal = w.due(slot[instant])
-                slot[instant] += 1
+                k = slot[instant]
+                slot[instant] = k + 1
+                # Wave.due(k), its arithmetic as is (a relaunch must give each row the same due_at), inline
+                nominal = w.start + timedelta(seconds=k / w.rate) if w.rate else w.start
                 if r.user_id in existing or (skip is not None and skip[1] == DUPLICATE):
                     skipped += 1
                     continue

@@ -117,8 +117,8 @@ class Schedule:
         if zone(self.default_tz) is None:
             raise InputError(f"default_timezone {self.default_tz!r}: not an IANA time zone")
 
-    def instant(self, tz_name: str | None) -> tuple[datetime, str]:
-        """(nominal instant, the zone actually used) for a recipient whose zone is ``tz_name``."""
+    def instant(self, tz_name: str | None, recipients: int = 1) -> tuple[datetime, str]:
+        """(nominal instant, the zone actually used) for ``recipients`` whose zone is ``tz_name``."""
         hit = self._cache.get(tz_name)
         if hit is None:
             tz = zone(tz_name)
@@ -127,7 +127,7 @@ class Schedule:
             assert tz is not None
             hit = self._cache[tz_name] = (self._compute(tz), str(used))
         if hit[1] != tz_name:
-            self.fallbacks += 1
+            self.fallbacks += recipients
         return hit
 
     def fixed_instant(self) -> datetime | None:
