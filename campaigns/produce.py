@@ -2,6 +2,9 @@
 the recipients a campaign already has (a relaunch); the rows already due are queued by the
 launcher itself, enqueued after the commit, within the campaign's rate (``_produce_due``, ``_Pace``),
 one job per Redis shard.
+
+One module: a chunk's insert, its commit and the enqueue of its due rows are one ordered step
+(committed before enqueued, so a crash between them loses nothing), with the pace that spaces them.
 """
 
 from __future__ import annotations
