@@ -4,7 +4,7 @@ under the writer lock: new deliveries, status changes, events, device tokens, SM
 notification's status (``_settle_notifications``) — then the metrics.
 
 One module: stage 5, as each other stage is one; the outcomes it records and the write that
-stores them share the batch's ``Record``; ~450 lines."""
+stores them share the batch's ``Record``; ~480 lines."""
 
 from __future__ import annotations
 
@@ -121,9 +121,9 @@ def record_outcomes(
                 continue
             if isinstance(outcome, Sent):  # (``decide``'s first case, without its call)
                 pmid = outcome.provider_message_id
-                if d.id in fresh:  # its event, most often implied, is left to ``one_event_when_sent``
-                    _mark(d, updates, None, _SENT, now, attempts=d.attempts + 1, provider=provider_name,
-                          provider_message_id=pmid)  # fmt: skip
+                row = fresh.get(d.id)
+                if row is not None:  # its event, most often implied, is left to ``one_event_when_sent``
+                    _mark_sent_fresh(d, row, updates, now, d.attempts + 1, provider_name, pmid)
                     fresh_sent.append((d, provider_name, pmid))
                 else:
                     _mark(d, updates, events, _SENT, now, attempts=d.attempts + 1, provider=provider_name,
@@ -371,6 +371,31 @@ def _mark(
         detail = detail or reason or sent_detail(provider, provider_message_id)
         events.append({"notification_id": d.notification_id, "delivery_id": d.id, "status": status,
                        "detail": detail, "at": now})  # fmt: skip
+
+
+def _mark_sent_fresh(
+    d: _D, row: dict[str, Any], updates: _Updates, now: datetime, attempts: int, provider: str, pmid: str
+) -> None:
+    """``_mark(d, updates, None, _SENT, now, attempts=attempts, provider=provider,
+    provider_message_id=pmid)`` for a delivery created by this batch, ``row`` its new row: the
+    columns set on it in place (the row ``_mark`` builds is merged into it, ``_Updates.append``)."""
+    d.status = row["status"] = _SENT
+    row["updated_at"] = now
+    row["attempts"] = d.attempts = attempts
+    row["provider"] = d.provider = provider
+    if pmid is not None:
+        row["provider_message_id"] = d.provider_message_id = pmid
+    row["next_attempt_at"] = d.next_attempt_at = None
+    row["sent_at"] = now
+    if updates.amended and d.id in updates.amended:
+        row.update(updates.amended.pop(d.id))
+    if log.isEnabledFor(logging.INFO):  # as ``_mark`` logs it
+        log.info(
+            "delivery %s%s",
+            _SENT,
+            "",
+            extra={"notification_id": d.notification_id, "delivery_id": d.id, "provider": provider, "route": d.route},
+        )
 
 
 def _settle_notifications(
