@@ -25,6 +25,7 @@ from notifyctl.tracking import implied_events, timeline
 from sandboxes.smtp import SmtpSandbox
 from tests.util import IOS_TOKEN, deliveries, drain, notification, seed, send
 from worker import jobs
+from worker.claims import OK, Claims
 from worker.pipeline import Runtime, delivery_id, process
 from worker.pipeline.batch import _DT
 from worker.pipeline.record import _bulk_update
@@ -109,6 +110,32 @@ def test_retried_then_sent(mctx: Context, smtp: SmtpSandbox) -> None:
     t = timeline(mctx, res.notification_id)["events"]
     assert [e["status"] for e in t] == ["queued", "retrying", "sent"]
     assert t[0]["at"] == d.queued_at and t[0]["at"] <= t[1]["at"]
+
+
+def test_a_first_send_in_doubt_keeps_all_its_rows(mctx: Context, smtp: SmtpSandbox) -> None:
+    """A delivery created by a batch that finds its send record held by a dead worker: sent again,
+    in doubt — nothing is implied, its three events are stored in order, the ``sent`` one with the
+    detail a plain send's row implies (``Record.fresh_sent``'s event, built because it is stored)."""
+    res = send(mctx, channels=["email"])
+    did = delivery_id(res.notification_id, "email", "alice@example.com")
+    dead = Claims(mctx.redis, "host-a-dead", 0.3, 60)  # a worker killed inside its provider call
+    assert dead.take([did]) == [OK] and dead.fence([did]) == [True]
+    dead.close()
+    time.sleep(0.5)  # its lease ran out: the first batch to see the notification takes it over
+    rt = Runtime(mctx, "host-b-1")
+    try:
+        stats = process(rt, [res.notification_id])
+    finally:
+        rt.close()
+    assert (stats.created, stats.in_doubt, stats.sent) == (1, 1, 1)  # one batch: created, in doubt, sent
+    (d,) = deliveries(mctx, res.notification_id)
+    assert d.status == "sent" and d.provider_message_id
+    rows = stored(mctx, res.notification_id)
+    assert [(x, status) for x, status, _ in rows] == [(did, "queued"), (did, "in_doubt"), (did, "sent")]
+    assert rows[0][2] is None and "host-a-dead" in (rows[1][2] or "")
+    assert rows[2][2] == f"smtp: {d.provider_message_id}"
+    t = timeline(mctx, res.notification_id)["events"]
+    assert [e["status"] for e in t] == ["queued", "in_doubt", "sent"]
 
 
 def test_a_send_whose_rows_another_worker_wrote_first_stays_on_record(mctx: Context, smtp: SmtpSandbox) -> None:

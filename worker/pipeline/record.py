@@ -4,7 +4,7 @@ under the writer lock: new deliveries, status changes, events, device tokens, SM
 notification's status (``_settle_notifications``) — then the metrics.
 
 One module: stage 5, as each other stage is one; the outcomes it records and the write that
-stores them share the batch's ``Record``; ~400 lines."""
+stores them share the batch's ``Record``; ~480 lines."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from worker.pipeline.batch import (
 )
 from worker.pipeline.outcome import decide
 from worker.pipeline.runtime import Runtime, Stats
-from worker.providers import Message, Outcome
+from worker.providers import Message, Outcome, Sent
 
 log = logging.getLogger("notifyctl.worker")
 
@@ -83,7 +83,7 @@ class Record:
 
     __slots__ = (
         "now", "new_rows", "fresh", "events", "updates", "sent_marks", "released", "lease_waits",
-        "token_success", "removed_tokens", "sms_stops",
+        "token_success", "removed_tokens", "sms_stops", "fresh_sent",
     )  # fmt: skip
 
     def __init__(self, now: datetime, new_rows: list[dict[str, Any]], fresh: dict[str, dict[str, Any]],
@@ -96,6 +96,9 @@ class Record:
         self.token_success: list[str] = []
         self.removed_tokens: dict[str, str] = {}
         self.sms_stops: set[str] = set()
+        # deliveries created by this batch and sent, plainly: (delivery, provider, provider message
+        # id); their ``sent`` event is built only when it is stored (``one_event_when_sent``)
+        self.fresh_sent: list[tuple[_D, str, str]] = []
 
 
 def record_outcomes(
@@ -108,12 +111,27 @@ def record_outcomes(
     """Each delivery sent (``to_send``) to the state its provider's outcome (``answered``) decides."""
     settings, now, updates, events = rt.settings, rec.now, rec.updates, rec.events
     sent_marks, released, token_success = rec.sent_marks, rec.released, rec.token_success
+    fresh, fresh_sent = rec.fresh, rec.fresh_sent
     for route, items in to_send.items():
         for (d, _m), (provider_name, outcome) in zip(items, answered[route], strict=True):
             if isinstance(outcome, Fenced):
                 # not ours any more: whoever holds the lease now sends and records it
                 stats.fenced += 1
                 stats.skipped += 1
+                continue
+            if isinstance(outcome, Sent):  # (``decide``'s first case, without its call)
+                pmid = outcome.provider_message_id
+                row = fresh.get(d.id)
+                if row is not None:  # its event, most often implied, is left to ``one_event_when_sent``
+                    _mark_sent_fresh(d, row, updates, now, d.attempts + 1, provider_name, pmid)
+                    fresh_sent.append((d, provider_name, pmid))
+                else:
+                    _mark(d, updates, events, _SENT, now, attempts=d.attempts + 1, provider=provider_name,
+                          provider_message_id=pmid)  # fmt: skip
+                sent_marks[d.id] = pmid
+                if d.channel == "push":
+                    token_success.append(d.address)
+                stats.sent += 1
                 continue
             status, attempts, called, reason, wait, dead, detail, remove = decide(
                 settings, outcome, d.attempts + 1, d.channel
@@ -144,7 +162,7 @@ def record_outcomes(
             else:
                 stats.failed += 1
             if remove == "dead_token":
-                rec.removed_tokens[d.address] = f"{provider_name}: {outcome.reason}"  # type: ignore[union-attr]
+                rec.removed_tokens[d.address] = f"{provider_name}: {outcome.reason}"
             elif remove == "stopped":
                 rec.sms_stops.add(d.user_id)
 
@@ -162,7 +180,7 @@ def write(
         # Redis went away after the provider accepted: the SQL record of what was sent must still
         # be written, or a rerun would find only a stale claim and send again.
         settle_error = exc
-    stored = rec.events = one_event_when_sent(events, rec.fresh)
+    stored = rec.events = one_event_when_sent(events, rec.fresh, rec.fresh_sent)
     # parameters converted before the writer lock is taken: inside it, only the statements run
     insert_deliveries = prepare_insert(rt.ctx.engine, _DT, new_rows, shared=_constant_columns(rt.ctx.engine, new_rows))
     insert_events = prepare_insert(rt.ctx.engine, _ET, stored)
@@ -195,7 +213,8 @@ def write(
             # cut off from Redis, was still sending): the caller reloads and goes on. What this
             # attempt sent and took over in doubt must stay on record all the same.
             session.rollback()
-            _keep_record(rt, events, sent_marks)  # (all of them: the sends it left implied too)
+            # (all of them: the sends it left implied too)
+            _keep_record(rt, events + _sent_events(rec.fresh_sent, rec.fresh), sent_marks)
             raise
     if settle_error is not None:
         raise settle_error
@@ -216,15 +235,22 @@ def write(
         log.warning("metrics not recorded: Redis unavailable")
 
 
-def one_event_when_sent(events: list[dict[str, Any]], fresh: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The events to store: ``events`` less those the rows of the deliveries created in this batch
+def one_event_when_sent(
+    events: list[dict[str, Any]],
+    fresh: dict[str, dict[str, Any]],
+    fresh_sent: list[tuple[_D, str, str]] | None = None,
+) -> list[dict[str, Any]]:
+    """The events to store: ``events`` and the ``sent`` events of ``fresh_sent`` (deliveries created in
+    this batch and sent, plainly, their events not yet built: each would be its delivery's last
+    event) less those the rows of the deliveries created in this batch
     imply (``notifyctl.tracking.implied_events`` shows them): a ``queued`` event whose next event is
     its outcome ``sent`` or ``retrying`` (the delivery's first event then, which no delivery has
     otherwise: every other one starts ``queued``, ``suppressed`` or ``failed``), and that ``sent`` too
     when it is a plain send — the row's ``sent_at``, the detail its ``provider`` and
     ``provider_message_id`` give (``tracking.sent_detail``): a delivery with a ``sent_at`` and no
     stored ``sent`` implies it (every other write of ``sent_at`` stores one). So the common path
-    (created, sent) stores no event row; every other history is stored as it happened."""
+    (created, sent) stores no event row, and builds none for its ``sent``; every other history is
+    stored as it happened (a ``fresh_sent`` event that is stored: after the others)."""
     if not fresh:
         return events
     queued_at: dict[str, int] = {}  # a fresh delivery → the index of its queued event, while it is its last
@@ -246,9 +272,25 @@ def one_event_when_sent(events: list[dict[str, Any]], fresh: dict[str, dict[str,
                 and e["detail"] == sent_detail(row["provider"], row["provider_message_id"])
             ):
                 drop.add(i)
-    if not drop:
-        return events
-    return [e for i, e in enumerate(events) if i not in drop]
+    late: list[tuple[_D, str, str]] = []  # sent after something other than their queued event
+    for sent in fresh_sent or ():
+        j = queued_at.get(sent[0].id)
+        if j is None:
+            late.append(sent)
+        else:  # its queued event was its last: both implied (the row's sent_at is now, as the event's)
+            drop.add(j)
+    if drop:
+        events = [e for i, e in enumerate(events) if i not in drop]
+    return events + _sent_events(late, fresh) if late else events
+
+
+def _sent_events(fresh_sent: list[tuple[_D, str, str]], fresh: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``sent`` events of ``Record.fresh_sent``, as ``_mark`` builds them."""
+    return [
+        {"notification_id": d.notification_id, "delivery_id": d.id, "status": _SENT,
+         "detail": sent_detail(provider, pmid), "at": fresh[d.id]["sent_at"]}
+        for d, provider, pmid in fresh_sent
+    ]  # fmt: skip
 
 
 def _bulk_update(session: Session, table: Any, rows: list[dict[str, Any]], only_from: list[str] | None = None) -> None:
@@ -287,7 +329,7 @@ def _keep_record(rt: Runtime, events: list[dict[str, Any]], sent_marks: dict[str
 def _mark(
     d: _D,
     updates: _Updates,
-    events: list[dict[str, Any]],
+    events: list[dict[str, Any]] | None,
     status: str,
     now: datetime,
     *,
@@ -325,8 +367,35 @@ def _mark(
             f": {reason}" if reason else "",
             extra={"notification_id": d.notification_id, "delivery_id": d.id, "provider": provider, "route": d.route},
         )
-    events.append({"notification_id": d.notification_id, "delivery_id": d.id, "status": status,
-                   "detail": detail or reason or sent_detail(provider, provider_message_id), "at": now})  # fmt: skip
+    if events is not None:  # (None: the caller keeps what builds it, ``Record.fresh_sent``)
+        detail = detail or reason or sent_detail(provider, provider_message_id)
+        events.append({"notification_id": d.notification_id, "delivery_id": d.id, "status": status,
+                       "detail": detail, "at": now})  # fmt: skip
+
+
+def _mark_sent_fresh(
+    d: _D, row: dict[str, Any], updates: _Updates, now: datetime, attempts: int, provider: str, pmid: str
+) -> None:
+    """``_mark(d, updates, None, _SENT, now, attempts=attempts, provider=provider,
+    provider_message_id=pmid)`` for a delivery created by this batch, ``row`` its new row: the
+    columns set on it in place (the row ``_mark`` builds is merged into it, ``_Updates.append``)."""
+    d.status = row["status"] = _SENT
+    row["updated_at"] = now
+    row["attempts"] = d.attempts = attempts
+    row["provider"] = d.provider = provider
+    if pmid is not None:
+        row["provider_message_id"] = d.provider_message_id = pmid
+    row["next_attempt_at"] = d.next_attempt_at = None
+    row["sent_at"] = now
+    if updates.amended and d.id in updates.amended:
+        row.update(updates.amended.pop(d.id))
+    if log.isEnabledFor(logging.INFO):  # as ``_mark`` logs it
+        log.info(
+            "delivery %s%s",
+            _SENT,
+            "",
+            extra={"notification_id": d.notification_id, "delivery_id": d.id, "provider": provider, "route": d.route},
+        )
 
 
 def _settle_notifications(
