@@ -3,9 +3,10 @@ jobs (``Context.queue``) and the pool's workers (``worker.pool``) use it.
 
 RQ stores a job's data (the pickled call: a bulk job's 1,000 notification ids, ~25 kB) zlib-compressed
 at zlib's default level 6, and compresses it again each time the job is saved whole: when enqueued, and
-once more by the worker when the job finishes (``Job._handle_success`` saves it to record the end).
-Here the data is compressed at level 1 when the job is made, and a job read back from Redis keeps
-the bytes it was stored as: the worker's save writes them back as they were, compressing nothing.
+by a worker whenever it saves a job it read (RQ's end of a job, a failure, a retry; the pool's end of a
+finished job writes only its times, ``worker.pool``). Here the data is compressed at level 1 when the
+job is made, and a job read back from Redis keeps the bytes it was stored as: a save writes them back
+as they were, compressing nothing.
 RQ reads any level (``zlib.decompress``), and data stored uncompressed as it is. Measured on 1,000-id
 jobs: level 6 took 170-194 µs of CPU a job, level 1 93-101 µs, for 4 % more bytes (8,470 against
 8,125); callgrind, 20 such jobs enqueued and run by the pool's worker class: zlib's compress 4,457

@@ -25,6 +25,18 @@ INTERIM_THEN_429 = (
 )
 
 
+def _read_head(conn: socket.socket) -> bytes | None:
+    """What ``conn`` sent up to the end of a request's head (and what came with it), or None when it
+    closed before."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
 @pytest.fixture
 def server() -> Iterator[str]:
     """One HTTP/1.1 server on 127.0.0.1 answering each request with ``INTERIM_THEN_429``."""
@@ -38,12 +50,9 @@ def server() -> Iterator[str]:
             except OSError:
                 return
             with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = _read_head(conn)
+                if data is None:  # closed before its head ended
+                    continue
                 head, _, body = data.partition(b"\r\n\r\n")
                 length = next(
                     (
@@ -136,12 +145,8 @@ def _gated_server(mine: threading.Event, other: threading.Event) -> tuple[socket
         except OSError:
             return
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            if _read_head(conn) is None:
+                return
             mine.set()
             body = b"together" if other.wait(5) else b"alone"
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))

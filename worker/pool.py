@@ -145,7 +145,7 @@ def _worker_class(dequeue_timeout: int = 60) -> type:
 
         burst_mode = False
         max_connection_wait_time = 1.0
-        job_class = NotifyJob  # a finished job's save compresses nothing (notifyctl.rqjob)
+        job_class = NotifyJob  # a job it saves whole (a failure, a retry) compresses nothing (notifyctl.rqjob)
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             # RQ's pickle, checked faster (``notifyctl.context.rq_serializer``): the worker hands it to

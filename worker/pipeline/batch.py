@@ -59,31 +59,6 @@ _DT = Delivery.__table__  # type: ignore[attr-defined]
 _ET = DeliveryEvent.__table__  # type: ignore[attr-defined]
 _TT = DeviceToken.__table__  # type: ignore[attr-defined]
 
-# A new delivery's columns that hold code's own values (statuses, routes, providers, counts, flags,
-# the batch's timestamps), never an address or a recipient's data (a statement's text shows in its
-# errors): on SQLite, where a batch's rows hold one value down the column (a blast's: all but ids,
-# users, addresses and provider message ids), it is written into the statement once
-# (``prepare_counted_insert(shared=...)``) instead of bound on each row.
-_MAYBE_SHARED = ("channel", "route", "status", "reason", "attempts", "dead_lettered", "queued_at", "updated_at",
-                 "provider", "next_attempt_at", "sent_at", "suppressed_at", "failed_at")  # fmt: skip
-_SHARED_FROM = 50  # rows: a smaller insert (an OTP's one row) keeps one statement text, cached by the driver
-
-
-def _constant_columns(engine: Any, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Of ``_MAYBE_SHARED``, the columns holding one value (of one type: ``True == 1``) in every
-    row, with that value; None on PostgreSQL (its COPY writes such a column's text once already)
-    and for fewer than ``_SHARED_FROM`` rows."""
-    if len(rows) < _SHARED_FROM or engine.dialect.name != "sqlite":
-        return None
-    out: dict[str, Any] = {}
-    for c in _MAYBE_SHARED:
-        values = list(map(itemgetter(c), rows))
-        v = values[0]
-        if values.count(v) == len(values) and len(set(map(type, values))) == 1:
-            out[c] = v
-    return out
-
-
 # The batch loads: only the columns the pipeline reads, on the DBAPI cursor (``rows_where_in``): a
 # thousand plain tuples (on PostgreSQL, statements prepared once per connection). The JSON columns
 # come as text and are parsed once per distinct text: a campaign batch shares one `data` and one

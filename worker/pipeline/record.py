@@ -4,7 +4,7 @@ under the writer lock: new deliveries, status changes, events, device tokens, SM
 notification's status (``_settle_notifications``) — then the metrics.
 
 One module: stage 5, as each other stage is one; the outcomes it records and the write that
-stores them share the batch's ``Record``; ~480 lines."""
+stores them share the batch's ``Record``; ~500 lines."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 import redis
@@ -39,13 +40,37 @@ from worker.pipeline.batch import (
     _SUPPRESSED,
     _TT,
     _Batch,
-    _constant_columns,
 )
 from worker.pipeline.outcome import decide
 from worker.pipeline.runtime import Runtime, Stats
 from worker.providers import Message, Outcome, Sent
 
 log = logging.getLogger("notifyctl.worker")
+
+# A new delivery's columns that hold code's own values (statuses, routes, providers, counts, flags,
+# the batch's timestamps), never an address or a recipient's data (a statement's text shows in its
+# errors): on SQLite, where a batch's rows hold one value down the column (a blast's: all but ids,
+# users, addresses and provider message ids), it is written into the statement once
+# (``prepare_insert(shared=...)``) instead of bound on each row.
+_MAYBE_SHARED = ("channel", "route", "status", "reason", "attempts", "dead_lettered", "queued_at", "updated_at",
+                 "provider", "next_attempt_at", "sent_at", "suppressed_at", "failed_at")  # fmt: skip
+_SHARED_FROM = 50  # rows: a smaller insert (an OTP's one row) keeps one statement text, cached by the driver
+
+
+def _constant_columns(engine: Any, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Of ``_MAYBE_SHARED``, the columns holding one value (of one type: ``True == 1``) in every
+    row, with that value; None on PostgreSQL (its COPY writes such a column's text once already)
+    and for fewer than ``_SHARED_FROM`` rows."""
+    if len(rows) < _SHARED_FROM or engine.dialect.name != "sqlite":
+        return None
+    out: dict[str, Any] = {}
+    for c in _MAYBE_SHARED:
+        values = list(map(itemgetter(c), rows))
+        v = values[0]
+        if values.count(v) == len(values) and len(set(map(type, values))) == 1:
+            out[c] = v
+    return out
+
 
 IN_DOUBT = "in_doubt"  # the event recorded for a delivery taken over in flight (``Claims.take``)
 
@@ -329,7 +354,7 @@ def _keep_record(rt: Runtime, events: list[dict[str, Any]], sent_marks: dict[str
 def _mark(
     d: _D,
     updates: _Updates,
-    events: list[dict[str, Any]] | None,
+    events: list[dict[str, Any]],
     status: str,
     now: datetime,
     *,
@@ -367,18 +392,17 @@ def _mark(
             f": {reason}" if reason else "",
             extra={"notification_id": d.notification_id, "delivery_id": d.id, "provider": provider, "route": d.route},
         )
-    if events is not None:  # (None: the caller keeps what builds it, ``Record.fresh_sent``)
-        detail = detail or reason or sent_detail(provider, provider_message_id)
-        events.append({"notification_id": d.notification_id, "delivery_id": d.id, "status": status,
-                       "detail": detail, "at": now})  # fmt: skip
+    events.append({"notification_id": d.notification_id, "delivery_id": d.id, "status": status,
+                   "detail": detail or reason or sent_detail(provider, provider_message_id), "at": now})  # fmt: skip
 
 
 def _mark_sent_fresh(
     d: _D, row: dict[str, Any], updates: _Updates, now: datetime, attempts: int, provider: str, pmid: str
 ) -> None:
-    """``_mark(d, updates, None, _SENT, now, attempts=attempts, provider=provider,
-    provider_message_id=pmid)`` for a delivery created by this batch, ``row`` its new row: the
-    columns set on it in place (the row ``_mark`` builds is merged into it, ``_Updates.append``)."""
+    """``_mark``'s plain send (``_SENT``, ``attempts``, ``provider``, ``pmid``) for a delivery created
+    by this batch, ``row`` its new row: the columns set on it in place (where ``_Updates.append``
+    would merge ``_mark``'s row into it), and no event: its caller keeps what builds one
+    (``Record.fresh_sent``, ``one_event_when_sent``)."""
     d.status = row["status"] = _SENT
     row["updated_at"] = now
     row["attempts"] = d.attempts = attempts
@@ -391,9 +415,8 @@ def _mark_sent_fresh(
         row.update(updates.amended.pop(d.id))
     if log.isEnabledFor(logging.INFO):  # as ``_mark`` logs it
         log.info(
-            "delivery %s%s",
+            "delivery %s",
             _SENT,
-            "",
             extra={"notification_id": d.notification_id, "delivery_id": d.id, "provider": provider, "route": d.route},
         )
 
